@@ -1,0 +1,126 @@
+"""V4 attention: one code path for window-only, CSA and HCA layers (v4-architecture §3).
+
+Shared single K=V head (MQA) with partial interleaved RoPE; each query attends, in one softmax with a
+per-head sink, to the raw KV of the last `window_size` positions plus compressed entries: all visible
+ones (HCA) or the indexer's top-k (CSA). The output is de-roped and projected by a grouped low-rank
+projection (wo_a per head group, then wo_b).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from .. import ops
+from ..config import ModelConfig
+from .compressor import Compressor, CompressorState, quantize_entries
+from .indexer import Indexer
+from .norm import RMSNorm, rms_unweighted
+from .rope import apply_rope, rope_angles, rope_frequencies
+
+
+class AttentionCache(Protocol):
+    """What an attention layer needs from an inference cache (implemented in dsv4.cache)."""
+    compressor_state: CompressorState | None
+    indexer_state: CompressorState | None
+
+    def window(self, batch: int) -> torch.Tensor: ...                       # raw KV rows just before this chunk
+    def compressed(self, batch: int) -> torch.Tensor | None: ...            # all earlier compressed entries
+    def index_keys(self, batch: int) -> torch.Tensor | None: ...            # all earlier indexer keys
+    def append(self, kv: torch.Tensor, entries: torch.Tensor | None, keys: torch.Tensor | None) -> None: ...
+
+
+def window_indices(n_queries: int, n_prior: int, window: int, device) -> torch.Tensor:
+    """[S, W] rows of [prior rows | chunk rows] each query sees: positions p-W+1..p, -1 before position 0
+    or before the first prior row. Query i sits at row n_prior + i."""
+    i = torch.arange(n_queries, device=device).unsqueeze(1)
+    rows = n_prior + i - torch.arange(window, device=device)
+    return torch.where(rows >= 0, rows, -1)
+
+
+def visible_entries(n_visible: torch.Tensor, n_entries: int) -> torch.Tensor:
+    """HCA: every entry j < n_visible[b, s] (-1 elsewhere): [B, S, n_entries]."""
+    j = torch.arange(n_entries, device=n_visible.device)
+    return torch.where(j < n_visible.unsqueeze(-1), j, -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
+        self.window_size, self.eps, self.n_groups = cfg.window_size, cfg.norm_eps, cfg.o_groups
+        self.o_lora_rank = cfg.o_lora_rank
+        self.ratio = cfg.compress_ratios[layer_id]
+        self.kind = "window" if self.ratio == 0 else ("csa" if self.ratio == cfg.csa_ratio else "hca")
+        self.softmax_scale = cfg.head_dim ** -0.5
+        self.quant_sim = False
+
+        self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
+        self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wkv = nn.Linear(cfg.dim, cfg.head_dim, bias=False)
+        self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.wo_a = nn.Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
+        if self.ratio:
+            self.compressor = Compressor(cfg.dim, cfg.head_dim, cfg.rope_head_dim, self.ratio,
+                                         overlap=self.kind == "csa", rotate=False, eps=cfg.norm_eps)
+        if self.kind == "csa":
+            self.indexer = Indexer(cfg.dim, cfg.q_lora_rank, cfg.index_n_heads, cfg.index_head_dim,
+                                   cfg.rope_head_dim, self.ratio, cfg.index_topk, cfg.norm_eps)
+        # compressed layers (and their raw window) use compress_rope_theta + YaRN, window-only plain RoPE
+        if self.ratio:
+            self._rope = (cfg.rope_head_dim, cfg.compress_rope_theta, cfg.rope_factor, cfg.original_seq_len,
+                          cfg.beta_fast, cfg.beta_slow)
+        else:
+            self._rope = (cfg.rope_head_dim, cfg.rope_theta)
+        self.register_buffer("freqs", rope_frequencies(*self._rope), persistent=False)
+
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE frequencies (after building on the meta device)."""
+        self.freqs = rope_frequencies(*self._rope).to(self.wkv.weight.device)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None) -> torch.Tensor:
+        """x: [B, S, C] (attn_norm output) at positions start_pos.. -> [B, S, C]."""
+        B, S, _ = x.shape
+        H, D = self.n_heads, self.head_dim
+        pos = start_pos + torch.arange(S, device=x.device)
+        cos, sin = (t.unsqueeze(0) for t in rope_angles(pos, self.freqs))   # [1, S, rd/2]
+
+        qr = self.q_norm(self.wq_a(x))                                        # [B, S, q_lora]
+        q = rms_unweighted(self.wq_b(qr).view(B, S, H, D), self.eps)
+        q = apply_rope(q, cos, sin)                                           # [B, S, H, D]
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                  # [B, S, D]
+        if self.quant_sim:
+            kv = quantize_entries(kv, self.rope_dim, rotate=False)
+
+        prior = cache.window(B) if cache is not None else kv[:, :0]           # [B, w, D]
+        rows = torch.cat((prior, kv), dim=1)
+        idx = window_indices(S, prior.shape[1], self.window_size, x.device).expand(B, S, -1)
+        new_entries = new_keys = None
+        if self.ratio:
+            n_visible = ((pos + 1) // self.ratio).expand(B, S)                 # entries j < n_visible are complete
+            state = cache.compressor_state if cache is not None else None
+            new_entries = self.compressor(x, start_pos, self.freqs, self.quant_sim, state)
+            past = cache.compressed(B) if cache is not None else None
+            entries = new_entries if past is None else torch.cat((past, new_entries), dim=1)
+            if self.kind == "csa":
+                cidx, new_keys = self.indexer(
+                    x, qr, start_pos, cos, sin, self.freqs, n_visible, self.quant_sim,
+                    cache.index_keys(B) if cache is not None else None,
+                    cache.indexer_state if cache is not None else None)
+            else:
+                cidx = visible_entries(n_visible, entries.shape[1])
+            idx = torch.cat((idx, torch.where(cidx >= 0, cidx + rows.shape[1], -1)), dim=-1)
+            rows = torch.cat((rows, entries), dim=1)
+        if cache is not None:
+            cache.append(kv, new_entries, new_keys)
+
+        o = ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)  # [B, S, H, D]
+        o = apply_rope(o, cos, sin, inverse=True)  # V = K carries RoPE: rotate the output back
+        o = o.reshape(B, S, self.n_groups, H * D // self.n_groups)
+        wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
+        o = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))               # [B, S, G, o_lora]
+        return self.wo_b(o.flatten(2))

@@ -1,0 +1,43 @@
+"""The lightning indexer of CSA layers (v4-architecture §3.5): picks, per query, the top-k compressed
+entries by  I(s, j) = sum_h w_h(s) * ReLU(q_h(s) . K_j)  over the entries visible to s.
+
+It owns a compressor of its own (Dc = index_head_dim) and reuses the attention's low-rank query latent.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import ops
+from .compressor import Compressor, CompressorState, quantize_entries
+from .rope import apply_rope
+
+
+class Indexer(nn.Module):
+    def __init__(self, dim: int, q_lora_rank: int, n_heads: int, head_dim: int, rope_dim: int, ratio: int,
+                 topk: int, eps: float):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim, self.topk = n_heads, head_dim, rope_dim, topk
+        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        self.compressor = Compressor(dim, head_dim, rope_dim, ratio, overlap=True, rotate=True, eps=eps)
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                quant_sim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indexer queries [B, S, Hi, Di] and head weights [B, S, Hi] (fp32, scaled by Di^-0.5 * Hi^-0.5)."""
+        B, S, _ = x.shape
+        q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos, sin)
+        if quant_sim:
+            q = quantize_entries(q, self.rope_dim, rotate=True)
+        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+        return q, w
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
+                freqs: torch.Tensor, n_visible: torch.Tensor, quant_sim: bool,
+                past_keys: torch.Tensor | None = None, state: CompressorState | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (top-k entry indices [B, S, k] with -1 pads, this chunk's new indexer keys [B, n, Di])."""
+        new_keys = self.compressor(x, start_pos, freqs, quant_sim, state)
+        keys = new_keys if past_keys is None else torch.cat((past_keys, new_keys), dim=1)
+        q, w = self.queries(x, qr, cos, sin, quant_sim)
+        return ops.indexer_topk(q, w, keys, n_visible, self.topk), new_keys

@@ -1,0 +1,65 @@
+"""Manifold-constrained hyper-connections (mHC, v4-architecture §4).
+
+The residual stream is R = hc_mult lanes [B, S, R, C]. Around each sublayer:
+  pre:  y = sum_i pre_i * lane_i                       (collapses the lanes into the sublayer input)
+  post: lane'_k = post_k * f(y) + sum_j comb[j, k] * lane_j
+pre/post/comb are computed from the (RMS-normalised, flattened) lanes; comb is projected towards the
+doubly-stochastic matrices by Sinkhorn-Knopp, so the residual mixing cannot amplify the stream.
+Lanes are stored in the activation dtype; all mixing math is fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+
+def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened fp32 lanes [B, S, R*C] and their projected logits fn . x / rms(x)."""
+    xf = x.flatten(2).float()
+    rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return xf, F.linear(xf, fn.float()) * rs
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
+           norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [B, S, R, C] -> (sublayer input [B, S, C] in x.dtype, post [B, S, R], comb [B, S, R, R])."""
+    R = x.shape[2]
+    xf, mixes = _mixes(x, fn, norm_eps)
+    pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, R, iters, hc_eps)
+    y = (pre.unsqueeze(-1) * xf.view(x.shape)).sum(dim=2)
+    return y.to(x.dtype), post, comb
+
+
+def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """f: [B, S, C] sublayer output, residual: [B, S, R, C] -> new lanes [B, S, R, C] (comb^T mixes lanes)."""
+    y = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("bsjk,bsjc->bskc", comb, residual.float())
+    return y.to(f.dtype)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
+            hc_eps: float) -> torch.Tensor:
+    """Final collapse of the lanes: [B, S, R, C] -> [B, S, C], sigmoid weights, no Sinkhorn."""
+    xf, mixes = _mixes(x, fn, norm_eps)
+    pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
+    return (pre.unsqueeze(-1) * xf.view(x.shape)).sum(dim=2).to(x.dtype)
+
+
+def init_hc_params(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int,
+                   generator: torch.Generator | None = None) -> None:
+    """Start close to a plain pre-norm residual (documented choice; V4 only says "alpha small"):
+    pre = sigmoid(-ln 3) = 1/4 (the collapse of R identical lanes is their mean), post = 2*sigmoid(0) = 1,
+    comb logits with a diagonal gap of 4 (after Sinkhorn ~0.9 on the diagonal), small dynamic part
+    (fn ~ N(0, 0.02), scales alpha = 0.01). With identical lanes the block is then exactly x + f(x)."""
+    with torch.no_grad():
+        fn.normal_(0.0, 0.02, generator=generator)
+        scale.fill_(0.01)
+        if base.numel() == hc:  # hc_head: only pre weights
+            base.fill_(-math.log(hc - 1) if hc > 1 else 10.0)
+            return
+        base.zero_()
+        base[:hc] = -math.log(hc - 1) if hc > 1 else 10.0
+        base[2 * hc:] = 4.0 * torch.eye(hc).flatten()

@@ -1,0 +1,89 @@
+"""DeepSeekMoE as V4 computes it (v4-architecture §5): one shared expert plus top-k routed experts.
+
+Affinities s = sqrt(softplus(x W^T)) in fp32. Selection: top-k of s + bias (the aux-loss-free balancing
+bias steers selection only), or a fixed token-id -> experts table in the first `n_hash_layers` layers.
+Routing weights: the selected s, normalised to sum 1, times `route_scale`. Experts are SwiGLU with
+the gate clamped above and the up projection clamped both ways at `swiglu_limit`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..ops.reference.experts import swiglu
+
+
+class Gate(nn.Module):
+    def __init__(self, dim: int, n_experts: int, topk: int, route_scale: float, vocab_size: int, hashed: bool):
+        super().__init__()
+        self.topk, self.route_scale, self.hashed = topk, route_scale, hashed
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(vocab_size, topk, dtype=torch.long))
+        else:
+            self.bias = nn.Parameter(torch.zeros(n_experts), requires_grad=False)  # nudged, not trained
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Affinities sqrt(softplus(x W^T)) [N, E] fp32."""
+        return F.softplus(F.linear(x.float(), self.weight.float())).sqrt()
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: [N, C] -> (routing weights [N, k] fp32, expert ids [N, k], affinities [N, E])."""
+        s = self.scores(x)
+        if self.hashed:
+            if token_ids is None:
+                raise ValueError("hash-routed MoE layers need the token ids")
+            idx = self.tid2eid[token_ids.flatten()]
+        else:
+            idx = (s + self.bias.float()).topk(self.topk, dim=-1).indices
+        w = s.gather(1, idx)
+        return w / w.sum(-1, keepdim=True) * self.route_scale, idx, s
+
+
+class Expert(nn.Module):
+    """The shared expert (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, dim: int, inter_dim: int, swiglu_limit: float):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.swiglu_limit = swiglu_limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.swiglu_limit).to(x.dtype))
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts stacked ([E, F, C] / [E, C, F]) so they can run as one grouped GEMM and be
+    orthogonalised in one batched call; the checkpoint's per-expert tensors map onto slices."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+
+class MoE(nn.Module):
+    def __init__(self, layer_id: int, cfg) -> None:
+        super().__init__()
+        self.swiglu_limit = cfg.swiglu_limit
+        self.gate = Gate(cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts, cfg.route_scale,
+                         cfg.vocab_size, hashed=cfg.is_hash_layer(layer_id))
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit)
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (expert ids, affinities), for training
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, S, C] (ffn_norm output) -> [B, S, C]."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx, scores = self.gate(flat, token_ids)
+        self.last_routing = (idx, scores)
+        e = self.experts
+        y = ops.moe_experts(flat, e.w1, e.w2, e.w3, idx, weights, self.swiglu_limit)   # fp32
+        y = y + self.shared_experts(flat).float()
+        return y.to(x.dtype).view(shape)

@@ -1,0 +1,194 @@
+"""Block, MTP block and the whole DeepSeek-V4 Transformer (v4-architecture §2, §9).
+
+embedding -> hc_mult identical residual lanes -> blocks (mHC around attention and MoE) -> hc_head collapse
+-> final RMSNorm -> LM head in fp32. Parameter names are the official checkpoint names, except that the
+routed experts are stacked (`ffn.experts.w1` is [E, F, C]; the checkpoint has `ffn.experts.{e}.w1.weight`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import Attention
+from .mhc import hc_head, hc_post, hc_pre, init_hc_params
+from .moe import MoE
+from .norm import RMSNorm
+
+# Parameters the reference keeps in fp32 whatever the model dtype (v4-architecture §7 "Stays BF16 / FP32").
+FP32_PARAM_SUFFIXES = ("norm.weight", "attn_sink", "ape", "compressor.wkv.weight", "compressor.wgate.weight",
+                       "gate.bias", "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base",
+                       "hc_ffn_scale", "hc_head_fn", "hc_head_base", "hc_head_scale", "head.weight")
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.layer_id = layer_id
+        self.norm_eps, self.hc_eps, self.hc_iters = cfg.norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters
+        self.attn = Attention(layer_id, cfg)
+        self.ffn = MoE(layer_id, cfg)
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        mix, width = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.dim
+        for site in ("attn", "ffn"):
+            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.empty(mix, width)))
+            self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(mix)))
+            self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3)))
+
+    def _hc_pre(self, x: torch.Tensor, site: str):
+        return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                      getattr(self, f"hc_{site}_base"), self.hc_iters, self.norm_eps, self.hc_eps)
+
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None, start_pos: int = 0, cache=None) -> torch.Tensor:
+        """x: [B, S, R, C] lanes -> [B, S, R, C]."""
+        y, post, comb = self._hc_pre(x, "attn")
+        x = hc_post(self.attn(self.attn_norm(y), start_pos, cache), x, post, comb)
+        y, post, comb = self._hc_pre(x, "ffn")
+        return hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction: combines the main model's lanes at position t with the embedding of token t+1
+    (the caller passes those shifted ids) and predicts token t+2 through a window-only block and its own
+    hc_head, sharing the embedding and LM head with the main model."""
+
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__(layer_id, cfg)
+        self.e_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.h_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.empty(cfg.hc_mult, cfg.hc_mult * cfg.dim))
+        self.hc_head_base = nn.Parameter(torch.empty(cfg.hc_mult))
+        self.hc_head_scale = nn.Parameter(torch.empty(1))
+
+    def forward(self, h: torch.Tensor, embedded: torch.Tensor, token_ids: torch.Tensor, start_pos: int = 0,
+                cache=None) -> torch.Tensor:
+        """h: [B, S, R, C] lanes of the previous depth; embedded: [B, S, C] embedding of the ids -> new lanes."""
+        x = self.e_proj(self.enorm(embedded)).unsqueeze(2) + self.h_proj(self.hnorm(h))
+        return super().forward(x, token_ids, start_pos, cache)
+
+    def collapse(self, h: torch.Tensor) -> torch.Tensor:
+        return self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm_eps,
+                                 self.hc_eps))
+
+
+class Transformer(nn.Module):
+    """The whole model. `model(tokens)` -> fp32 logits [B, T, vocab] for every position; position t depends
+    only on tokens <= t. With a cache (dsv4.cache) the tokens continue the cached sequence."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.hc_head_fn = nn.Parameter(torch.empty(cfg.hc_mult, cfg.hc_mult * cfg.dim))
+        self.hc_head_base = nn.Parameter(torch.empty(cfg.hc_mult))
+        self.hc_head_scale = nn.Parameter(torch.empty(1))
+        self.mtp = nn.ModuleList(MTPBlock(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp_layers))
+
+    # ------------------------------------------------------------------ configuration switches
+    def set_quant_sim(self, enabled: bool) -> "Transformer":
+        """Reproduce the reference's inference-time QAT simulation: FP8 (1x64, pow2 scales) on the KV nope
+        dims and Hadamard + FP4 (1x32) on indexer queries/keys. Off by default (and for parity with
+        transformers, which does not simulate it)."""
+        for m in self.modules():
+            if hasattr(m, "quant_sim"):
+                m.quant_sim = enabled
+        return self
+
+    def to_dtype(self, dtype: torch.dtype) -> "Transformer":
+        """Cast to `dtype`, keeping in fp32 what the reference keeps in fp32 (norms, mHC, sinks, ape, head...)."""
+        for name, p in self.named_parameters():
+            p.data = p.data.to(torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
+        return self
+
+    def reset_buffers(self) -> "Transformer":
+        """Recompute derived (non-checkpoint) buffers, e.g. after `to_empty` from the meta device."""
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.reset_buffers()
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # ------------------------------------------------------------------ forward
+    def _check_tokens(self, tokens: torch.Tensor) -> None:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be an int tensor [batch, seq], got "
+                             f"{getattr(tokens, 'shape', type(tokens).__name__)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"tokens must be int64 (or int32), got {tokens.dtype}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got range "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+    def hidden(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        """Lanes after the last block [B, S, R, C] (the input of hc_head, and of the MTP blocks)."""
+        self._check_tokens(tokens)
+        start_pos = 0 if cache is None else cache.begin(tokens.shape)
+        h = self.embed(tokens)
+        h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, tokens, start_pos, None if cache is None else cache.layer(i))
+        if cache is not None:
+            cache.end(tokens.shape[1])
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Lanes [B, S, R, C] -> fp32 logits [B, S, vocab]."""
+        cfg = self.config
+        y = self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.norm_eps, cfg.hc_eps))
+        return F.linear(y.float(), self.head.weight.float())
+
+    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
+        return self.logits(self.hidden(tokens, cache))
+
+    def mtp_logits(self, h: torch.Tensor, next_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Chain the MTP blocks: depth k pairs the lanes of position t with token t+k+1 (`next_tokens[k]`,
+        [B, S], the caller's shifted ids) and returns logits for token t+k+2 at every position."""
+        out = []
+        for block, ids in zip(self.mtp, next_tokens):
+            h = block(h, self.embed(ids), ids)
+            out.append(F.linear(block.collapse(h).float(), self.head.weight.float()))
+        return out
+
+    # ------------------------------------------------------------------ initialisation
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "Transformer":
+        """Random init for training from scratch. Output projections (wo_b, w2) are scaled by
+        1/sqrt(2 * n_layers) as in GPT-2; mHC starts near a plain residual (see mhc.init_hc_params)."""
+        g = torch.Generator().manual_seed(seed)
+        cfg = self.config
+        out_std = std / math.sqrt(2 * cfg.n_layers)
+        for name, p in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif leaf in ("attn_sink", "ape", "bias"):
+                p.zero_()
+            elif "hc_" in leaf:
+                continue  # below, per (fn, base, scale) triple
+            else:
+                s = out_std if name.endswith(("wo_b.weight", "experts.w2", "shared_experts.w2.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=g) * s)
+        for owner, prefix in [(b, "hc_attn") for b in list(self.layers) + list(self.mtp)] + \
+                             [(b, "hc_ffn") for b in list(self.layers) + list(self.mtp)] + \
+                             [(m, "hc_head") for m in [self] + list(self.mtp)]:
+            init_hc_params(getattr(owner, f"{prefix}_fn"), getattr(owner, f"{prefix}_base"),
+                           getattr(owner, f"{prefix}_scale"), cfg.hc_mult, g)
+        for m in self.modules():
+            if getattr(m, "hashed", False):  # a fixed random token -> distinct experts table
+                m.tid2eid.copy_(torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g)
+                                .argsort(-1)[:, :cfg.n_activated_experts])
+        return self

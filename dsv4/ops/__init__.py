@@ -1,0 +1,8 @@
+"""The swappable math of V4: attention over index lists, indexer top-k, compressor pooling, Sinkhorn,
+routed experts. Model code calls only these names; `dispatch` picks an implementation per call
+(explicit `backend=` argument, then the DSV4_BACKEND environment variable, then the best available).
+`reference/` holds the plain-PyTorch spec of each op."""
+from .dispatch import available_backends, compress_pool, hc_split_sinkhorn, indexer_topk, moe_experts, sparse_attn
+
+__all__ = ["sparse_attn", "indexer_topk", "compress_pool", "hc_split_sinkhorn", "moe_experts",
+           "available_backends"]

@@ -1,0 +1,72 @@
+"""Per-op backend choice: `backend=` argument > $DSV4_BACKEND > default ('reference' until kernels register)."""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+
+from .reference import attention as _ref_attn
+from .reference import experts as _ref_experts
+from .reference import pooling as _ref_pool
+from .reference import sinkhorn as _ref_sinkhorn
+
+# op name -> backend name -> (implementation, predicate saying whether it can run these arguments)
+_REGISTRY: dict[str, dict[str, tuple[Callable, Callable[..., bool]]]] = {}
+
+
+def register(op: str, backend: str, fn: Callable, supports: Callable[..., bool] = lambda *a, **k: True) -> None:
+    _REGISTRY.setdefault(op, {})[backend] = (fn, supports)
+
+
+def available_backends(op: str) -> list[str]:
+    return sorted(_REGISTRY.get(op, {}))
+
+
+def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
+    choice = backend or os.environ.get("DSV4_BACKEND") or "auto"
+    impls = _REGISTRY[op]
+    if choice == "auto":
+        for name in ("triton", "reference"):
+            if name in impls and impls[name][1](*args, **kwargs):
+                return impls[name][0]
+        raise RuntimeError(f"no backend of {op} supports these inputs")
+    if choice not in impls:
+        raise ValueError(f"backend {choice!r} has no {op}; available: {sorted(impls)}")
+    return impls[choice][0]
+
+
+register("sparse_attn", "reference", _ref_attn.sparse_attn)
+register("indexer_topk", "reference", _ref_attn.indexer_topk)
+register("compress_pool", "reference", _ref_pool.compress_pool)
+register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
+register("moe_experts", "reference", _ref_experts.moe_experts)
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                *, backend: str | None = None) -> torch.Tensor:
+    """o[b,s,h] = softmax-with-sink over kv[b, idx[b,s,:]] (idx -1 = masked). See reference.attention."""
+    return _pick("sparse_attn", backend, q, kv, sink, idx, scale)(q, kv, sink, idx, scale)
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor, k: int,
+                 *, backend: str | None = None) -> torch.Tensor:
+    """Top-k of sum_h w_h relu(q_h . key) over the first n_visible keys (-1 pads). See reference.attention."""
+    return _pick("indexer_topk", backend, q, weights, keys, n_visible, k)(q, weights, keys, n_visible, k)
+
+
+def compress_pool(kv: torch.Tensor, score: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Per-channel softmax-gated pooling over candidates: [B, G, n, D] -> [B, G, D] (fp32)."""
+    return _pick("compress_pool", backend, kv, score)(kv, score)
+
+
+def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+                      eps: float, *, backend: str | None = None):
+    """mHC logits [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (Sinkhorn-projected)."""
+    return _pick("hc_split_sinkhorn", backend, mixes)(mixes, scale, base, hc, iters, eps)
+
+
+def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
+                weights: torch.Tensor, swiglu_limit: float, *, backend: str | None = None) -> torch.Tensor:
+    """Routed SwiGLU experts: y[n] = sum_j weights[n,j] * expert_{idx[n,j]}(x[n]) (fp32 [N, C])."""
+    return _pick("moe_experts", backend, x)(x, w1, w2, w3, idx, weights, swiglu_limit)

@@ -1,0 +1,71 @@
+"""Sparse attention over index lists, and the lightning indexer's top-k (v4-architecture §3.2, §3.5).
+
+One op serves window-only, CSA and HCA layers: the caller lists, per query, which rows of a shared
+K=V tensor it sees (window rows and compressed rows alike); -1 marks an unused slot.
+"""
+from __future__ import annotations
+
+import torch
+
+# Queries are processed in chunks so the gathered [chunk, K, D] keys stay around this many elements.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(n_queries: int, per_query: int):
+    step = max(1, _CHUNK_ELEMENTS // max(per_query, 1))
+    for s in range(0, n_queries, step):
+        yield slice(s, min(s + step, n_queries))
+
+
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
+                scale: float) -> torch.Tensor:
+    """Attention of each query over the K=V rows it indexes, with a per-head sink in the softmax.
+
+    q: [B, S, H, D]; kv: [B, N, D] (one shared head, used as key and value); sink: [H] fp32 logits;
+    idx: [B, S, K] int, rows of kv, -1 = masked. Returns [B, S, H, D] in q.dtype.
+    o = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sink_h}),  s_j = scale * q . k_j   (fp32 math).
+    """
+    B, S, H, D = q.shape
+    out = []
+    for sl in _chunks(S, idx.shape[-1] * D):
+        ix = idx[:, sl]                                                    # [B, s, K]
+        valid = ix >= 0
+        rows = torch.gather(kv.float(), 1, ix.clamp(min=0).flatten(1).unsqueeze(-1).expand(-1, -1, D))
+        rows = rows.view(B, ix.shape[1], ix.shape[2], D)                   # [B, s, K, D]
+        scores = torch.einsum("bshd,bskd->bshk", q[:, sl].float(), rows) * scale
+        scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
+        sinks = sink.float().view(1, 1, H, 1).expand(B, ix.shape[1], H, 1)
+        probs = torch.softmax(torch.cat((scores, sinks), dim=-1), dim=-1)[..., :-1]
+        out.append(torch.einsum("bshk,bskd->bshd", probs, rows))
+    return torch.cat(out, dim=1).to(q.dtype)
+
+
+def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """I[b,s,t] = sum_h weights[b,s,h] * relu(q[b,s,h] . keys[b,t]) in fp32.
+
+    q: [B, S, Hi, Di]; weights: [B, S, Hi] (already scaled by Di^-0.5 * Hi^-0.5); keys: [B, T, Di].
+    """
+    dots = torch.einsum("bshd,btd->bsht", q.float(), keys.float())
+    return torch.einsum("bsht,bsh->bst", dots.relu(), weights.float())
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
+                 k: int) -> torch.Tensor:
+    """Indices of the top-k indexer scores among keys[:, :n_visible[b,s]], -1 where fewer are visible.
+
+    n_visible: [B, S] int (a compressed entry j is visible to the query iff j < n_visible).
+    Returns [B, S, min(k, T)] int64.
+    """
+    B, S = q.shape[:2]
+    T = keys.shape[1]
+    k = min(k, T)
+    if k == 0:
+        return torch.empty(B, S, 0, dtype=torch.long, device=q.device)
+    cols = torch.arange(T, device=q.device)
+    out = []
+    for sl in _chunks(S, T * q.shape[2]):
+        scores = index_scores(q[:, sl], weights[:, sl], keys)              # [B, s, T]
+        hidden = cols >= n_visible[:, sl].unsqueeze(-1)
+        top = scores.masked_fill(hidden, float("-inf")).topk(k, dim=-1).indices
+        out.append(torch.where(top >= n_visible[:, sl].unsqueeze(-1), -1, top))
+    return torch.cat(out, dim=1)

@@ -1,0 +1,92 @@
+"""FP8 e4m3 / FP4 e2m1 / UE8M0 storage formats and exact dequantisation (v4-architecture §7).
+
+* UE8M0 scale byte b encodes 2**(b - 127) (255 is NaN); stored as torch.float8_e8m0fnu or uint8.
+* FP4 e2m1 codes: bit 3 sign, bits 0-2 index into (0, .5, 1, 1.5, 2, 3, 4, 6); two codes per byte,
+  the low nibble holds the even (first) element.
+* FP8 weights carry one scale per 128x128 block; FP4 experts one scale per 1x32 block along K.
+"""
+from __future__ import annotations
+
+import torch
+
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """Raw bytes of a 1-byte tensor (fp8, fp4x2, int8, uint8) as uint8, without changing values."""
+    if t.element_size() != 1:
+        raise TypeError(f"expected a 1-byte dtype, got {t.dtype}")
+    return t.view(torch.uint8) if t.dtype != torch.uint8 else t
+
+
+def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
+    """UE8M0 -> fp32, exactly (2**(b-127); byte 255 -> NaN)."""
+    b = _bytes(scale).to(torch.int32)
+    out = torch.ldexp(torch.ones_like(b, dtype=torch.float32), b - 127)
+    return torch.where(b == 255, torch.full_like(out, float("nan")), out)
+
+
+def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
+    """Power-of-two fp32 -> UE8M0 bytes (uint8). Raises if a value is not an exact power of two in range."""
+    mant, exp = torch.frexp(x.float())
+    if not bool(((mant == 0.5) & (exp - 1 >= -127) & (exp - 1 <= 127)).all()):
+        raise ValueError("float_to_e8m0 needs positive powers of two in [2**-127, 2**127]")
+    return (exp - 1 + 127).to(torch.uint8)
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest e2m1 value (ties to the even mantissa), saturating at +-6. Same dtype as x."""
+    a = x.abs().float().clamp(max=6.0)
+    # Midpoints between neighbours; at a tie the even-mantissa neighbour wins: 0.25->0, 0.75->1, 1.25->1,
+    # 1.75->2, 2.5->2, 3.5->4, 5->4. `>=` moves a tie up, `>` keeps it down.
+    idx = ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int()
+           + (a > 2.5).int() + (a >= 3.5).int() + (a > 5.0).int())
+    mag = E2M1_VALUES[:8].to(x.device)[idx]
+    return torch.where(x < 0, -mag, mag).to(x.dtype)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., K/2] bytes (int8 / uint8 / float4_e2m1fn_x2) -> [..., K] fp32 e2m1 values."""
+    b = _bytes(packed)
+    codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2).long()
+    return E2M1_VALUES.to(packed.device)[codes]
+
+
+def pack_fp4(values: torch.Tensor) -> torch.Tensor:
+    """[..., K] exact e2m1 values -> [..., K/2] int8 (low nibble = even element). Inverse of unpack_fp4."""
+    if values.shape[-1] % 2:
+        raise ValueError(f"pack_fp4 needs an even last dim, got {values.shape[-1]}")
+    v = values.float()
+    mag = E2M1_VALUES[:8].to(v.device)
+    idx = (v.abs().unsqueeze(-1) == mag).float().argmax(-1)
+    if not bool((mag[idx] == v.abs()).all()):
+        raise ValueError("pack_fp4 got values that are not e2m1")
+    codes = (idx | (torch.signbit(v).long() << 3)).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).view(torch.int8)
+
+
+def dequant_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """FP8 e4m3 [O, I] with one scale per block x block tile -> fp32 [O, I]: W[o,i] = q[o,i] * S[o//128, i//128]."""
+    o, i = weight.shape
+    want = ((o + block - 1) // block, (i + block - 1) // block)
+    if tuple(scale.shape) != want:
+        raise ValueError(f"fp8 weight {tuple(weight.shape)} needs a scale of shape {want}, got {tuple(scale.shape)}")
+    s = _scale_float(scale)
+    s = s.repeat_interleave(block, 0)[:o].repeat_interleave(block, 1)[:, :i]
+    return weight.view(torch.float8_e4m3fn).float() * s
+
+
+def dequant_fp4_blocks(packed: torch.Tensor, scale: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """FP4 e2m1 packed [O, I/2] with one scale per 1 x block along I -> fp32 [O, I]."""
+    o, half = packed.shape
+    want = (o, 2 * half // block)
+    if tuple(scale.shape) != want:
+        raise ValueError(f"fp4 weight {(o, 2 * half)} needs a scale of shape {want}, got {tuple(scale.shape)}")
+    return unpack_fp4(packed) * _scale_float(scale).repeat_interleave(block, 1)
+
+
+def _scale_float(scale: torch.Tensor) -> torch.Tensor:
+    if scale.element_size() == 1:  # ue8m0
+        return e8m0_to_float(scale)
+    return scale.float()
