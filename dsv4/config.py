@@ -341,12 +341,12 @@ def tiny() -> ModelConfig:
 
 
 def small() -> ModelConfig:
-    """~200M total / ~60M active: a real trainable V4 on one GPU, Flash-like layer pattern and ratios."""
+    """~230M total / ~90M active: a real trainable V4 on one GPU, Flash-like layer pattern and ratios."""
     return ModelConfig(
-        vocab_size=32768, dim=768, n_layers=12, n_heads=12, head_dim=128, rope_head_dim=32, q_lora_rank=384,
-        o_groups=4, o_lora_rank=384, window_size=128, compress_ratios=(0, 0) + (4, 128) * 5 + (0,),
+        vocab_size=32768, dim=768, n_layers=10, n_heads=12, head_dim=128, rope_head_dim=32, q_lora_rank=384,
+        o_groups=4, o_lora_rank=384, window_size=128, compress_ratios=(0, 0) + (4, 128) * 4 + (0,),
         index_n_heads=16, index_head_dim=64, index_topk=256, original_seq_len=4096, rope_factor=16.0,
-        n_routed_experts=32, n_activated_experts=4, moe_inter_dim=384, n_hash_layers=2, route_scale=1.5,
+        n_routed_experts=16, n_activated_experts=4, moe_inter_dim=384, n_hash_layers=2, route_scale=1.5,
         max_seq_len=65536)
 
 

@@ -72,11 +72,18 @@ class Compressor(nn.Module):
             score = torch.cat((state.score[:B, off:off + pending], score), dim=1)
         n = kv.shape[1] // m
         first_group = start_pos // m
+        prev = None  # group (first_group - 1), whose A-half the first new entry pools (overlap only)
+        if self.overlap and state is not None and first_group > 0:
+            prev = state.kv[:B, :m, :d].clone(), state.score[:B, :m, :d].clone()
+        if state is not None:
+            self._update_state(state, kv, score, n)
+        if n == 0:
+            return x.new_zeros(B, 0, d)
         groups_kv = kv[:, :n * m].unflatten(1, (n, m))                     # [B, n, m, coff*Dc]
         groups_sc = score[:, :n * m].unflatten(1, (n, m))
         if self.overlap:
-            if state is not None and first_group > 0:
-                prev_kv, prev_sc = state.kv[:B, :m, :d], state.score[:B, :m, :d]
+            if prev is not None:
+                prev_kv, prev_sc = prev
             else:
                 prev_kv = kv.new_zeros(B, m, d)
                 prev_sc = kv.new_full((B, m, d), float("-inf"))
@@ -87,10 +94,6 @@ class Compressor(nn.Module):
             cand_sc = torch.cat((a_sc, groups_sc[..., d:]), dim=2)
         else:
             cand_kv, cand_sc = groups_kv, groups_sc
-        if state is not None:
-            self._update_state(state, kv, score, n)
-        if n == 0:
-            return x.new_zeros(B, 0, d)
         pooled = ops.compress_pool(cand_kv, cand_sc)                       # [B, n, Dc] fp32
         entries = self.norm(pooled.to(x.dtype))
         cos, sin = rope_angles((first_group + torch.arange(n, device=x.device)) * m, freqs)

@@ -58,8 +58,9 @@ def _sylvester(n: int, device: str) -> torch.Tensor:
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal Sylvester-ordered Walsh-Hadamard transform over the last dim (a power of two); fp32 math."""
+    """Orthonormal Sylvester-ordered Walsh-Hadamard transform over the last dim (a power of two); >= fp32 math."""
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"hadamard needs a power-of-two last dim, got {n}")
-    return (x.float() @ _sylvester(n, str(x.device))).to(x.dtype)
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(dt) @ _sylvester(n, str(x.device)).to(dt)).to(x.dtype)

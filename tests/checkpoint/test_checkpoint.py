@@ -1,0 +1,145 @@
+"""Checkpoint loading: official FP8/FP4 storage dequantised exactly, sharding, and every error path."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsv4
+from dsv4 import CheckpointError
+from dsv4.quant import E2M1_VALUES, e2m1_round, float_to_e8m0, pack_fp4
+
+FP8_SUFFIXES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
+                "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight",
+                "indexer.wq_b.weight", "e_proj.weight", "h_proj.weight")
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=5)
+    dsv4.save_model(model, path, dtype=torch.float32)
+    return path, model
+
+
+def _copy(src, dst, edit):
+    dst.mkdir()
+    (dst / "config.json").write_text((src / "config.json").read_text())
+    tensors = load_file(src / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, dst / "model.safetensors")
+    return dst
+
+
+def _fp8(w: torch.Tensor, g):
+    """Quantise to e4m3 with random power-of-two 128x128 block scales; returns (q, scale bytes, dequantised)."""
+    O, I = w.shape
+    exps = torch.randint(-12, -4, ((O + 127) // 128, (I + 127) // 128), generator=g).float()
+    s = torch.exp2(exps).repeat_interleave(128, 0)[:O].repeat_interleave(128, 1)[:, :I]
+    q = (w / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return q, float_to_e8m0(torch.exp2(exps)).view(torch.float8_e8m0fnu), q.float() * s
+
+
+def _fp4(w: torch.Tensor, g):
+    O, I = w.shape
+    exps = torch.randint(-9, -5, (O, I // 32), generator=g).float()
+    s = torch.exp2(exps).repeat_interleave(32, 1)
+    v = e2m1_round((w / s).clamp(-6, 6))
+    return pack_fp4(v), float_to_e8m0(torch.exp2(exps)).view(torch.float8_e8m0fnu), v * s
+
+
+def test_fp8_fp4_official_checkpoint_dequantised_exactly(saved, tmp_path):
+    path, _ = saved
+    g = torch.Generator().manual_seed(0)
+    expected = {}
+
+    def quantise(t):
+        for name in list(t):
+            if name.endswith(FP8_SUFFIXES):
+                t[name], t[name[:-6] + "scale"], expected[name] = _fp8(t[name], g)
+            elif ".ffn.experts." in name:
+                t[name], t[name[:-6] + "scale"], expected[name] = _fp4(t[name], g)
+    _copy(path, tmp_path / "q", quantise)
+    stored = load_file(tmp_path / "q" / "model.safetensors")
+    assert stored["layers.1.attn.wq_b.weight"].dtype == torch.float8_e4m3fn
+    assert stored["layers.1.ffn.experts.3.w2.weight"].dtype == torch.int8
+    model = dsv4.load_model(tmp_path / "q", dtype=torch.float32)
+    params = dict(model.named_parameters())
+    for name, want in expected.items():
+        if ".ffn.experts." in name:
+            layer, rest = name.split(".ffn.experts.")
+            e, w = rest.split(".")[:2]
+            got = params[f"{layer}.ffn.experts.{w}"][int(e)]
+        else:
+            got = params[name]
+        assert torch.equal(got, want), name
+    assert len(expected) > 50
+
+
+def test_sharded_round_trip_and_dtypes(tmp_path):
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=2)
+    with torch.no_grad():  # bf16-representable values, so that saving in bf16 is lossless
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16))
+    dsv4.save_model(model, tmp_path, dtype=torch.bfloat16, max_shard_bytes=1 << 20)
+    index = json.load(open(tmp_path / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) > 2
+    assert "layers.0.ffn.experts.7.w3.weight" in index["weight_map"] and "mtp.0.e_proj.weight" in index["weight_map"]
+    loaded = dsv4.load_model(tmp_path, dtype=torch.bfloat16)
+    p = dict(loaded.named_parameters())
+    assert p["layers.1.attn.wq_a.weight"].dtype == torch.bfloat16
+    assert p["layers.1.hc_attn_fn"].dtype == torch.float32 and p["head.weight"].dtype == torch.float32
+    ref = model.to_dtype(torch.bfloat16)
+    tokens = torch.randint(0, 2048, (1, 20))
+    assert torch.equal(loaded(tokens), ref(tokens))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.pop("layers.2.attn.compressor.ape"), r"missing tensor 'layers.2.attn.compressor.ape' \(expected shape \(16, 64\)\)"),
+    (lambda t: t.pop("layers.1.ffn.experts.5.w2.weight"), r"experts \[5\]"),
+    (lambda t: t.__setitem__("layers.0.attn.bogus.weight", torch.zeros(3)), "unexpected tensor 'layers.0.attn.bogus.weight'"),
+    (lambda t: t.__setitem__("layers.1.ffn.experts.8.w1.weight", torch.zeros(128, 128)), "expert 8 >= n_routed_experts=8"),
+    (lambda t: t.__setitem__("layers.1.attn.wkv.weight", torch.zeros(64, 100)),
+     r"'layers.1.attn.wkv.weight' has shape \(64, 100\), expected \(64, 128\)"),
+    (lambda t: t.__setitem__("layers.1.attn.wkv.weight", torch.zeros(64, 128, dtype=torch.float8_e4m3fn)), "FP8 but has no '.scale'"),
+])
+def test_mismatch_errors_name_the_tensor(saved, tmp_path, edit, message):
+    path, _ = saved
+    bad = _copy(path, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=message):
+        dsv4.load_model(bad, dtype=torch.float32)
+
+
+def test_truncated_and_corrupt_files(saved, tmp_path):
+    path, _ = saved
+    data = (path / "model.safetensors").read_bytes()
+    for name, blob, message in [("truncated", data[: len(data) - 1000], "truncated"),
+                                ("empty", b"", "truncated"),
+                                ("header", b"\xff" * 8 + data[8:], "corrupt or truncated safetensors header"),
+                                ("garbage", data[:8] + b"{nonsense" + data[17:], "corrupt safetensors header")]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text((path / "config.json").read_text())
+        (d / "model.safetensors").write_bytes(blob)
+        with pytest.raises(CheckpointError, match=message):
+            dsv4.load_model(d)
+
+
+def test_missing_shard_and_no_weights(saved, tmp_path):
+    path, _ = saved
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="no \\*.safetensors"):
+        dsv4.load_model(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"embed.weight": "gone.safetensors"}}))
+    with pytest.raises(CheckpointError, match="gone.safetensors"):
+        dsv4.load_model(tmp_path)
+
+
+def test_checkpoint_without_mtp_loads_without_it(saved, tmp_path):
+    path, model = saved
+    d = _copy(path, tmp_path / "nomtp", lambda t: [t.pop(k) for k in list(t) if k.startswith("mtp.")])
+    loaded = dsv4.load_model(d, dtype=torch.float32)
+    assert len(loaded.mtp) == 0
+    tokens = torch.randint(0, 2048, (1, 33))
+    assert torch.equal(loaded(tokens), model(tokens))

@@ -1,0 +1,58 @@
+"""Shared test helpers: tiny random `transformers` DeepseekV4 checkpoints (the parity oracle) and
+tensor comparisons that name the tensor that failed."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def assert_rel_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> float:
+    """Relative max error max|got - want| / max|want| <= tol; returns the error."""
+    err = ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30)).item()
+    assert err <= tol, f"{name}: relative max error {err:.3e} > {tol:.1e}"
+    return err
+
+
+def hf_config(layer_types, csa_rate=4, hca_rate=8, yarn=True, **kw):
+    from transformers import DeepseekV4Config
+    base = dict(vocab_size=97, hidden_size=64, moe_intermediate_size=32, num_attention_heads=4, head_dim=32,
+                q_lora_rank=24, num_experts_per_tok=2, n_routed_experts=6, o_groups=2, o_lora_rank=16,
+                index_n_heads=16, index_head_dim=16, index_topk=3, sliding_window=8, partial_rotary_factor=0.25,
+                num_hash_layers=1, max_position_embeddings=4096)
+    base.update(kw)
+    if yarn:
+        base["rope_scaling"] = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 64,
+                                "beta_fast": 32, "beta_slow": 1}
+    return DeepseekV4Config(num_hidden_layers=len(layer_types), layer_types=list(layer_types),
+                            compress_rates={"compressed_sparse_attention": csa_rate,
+                                            "heavily_compressed_attention": hca_rate}, **base)
+
+
+def randomize_hf(model, seed: int = 0) -> None:
+    """Non-trivial random weights (not the default init): every tensor gets its own random values."""
+    g = torch.Generator().manual_seed(seed)
+    n_experts = model.config.n_routed_experts
+    with torch.no_grad():
+        for n, p in list(model.named_parameters()) + list(model.named_buffers()):
+            if "inv_freq" in n:
+                continue
+            if n.endswith("tid2eid"):
+                p.copy_(torch.rand(p.shape[0], n_experts, generator=g).argsort(-1)[:, : p.shape[1]])
+            elif n.endswith(("hc_fn", ".fn")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            elif p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+            elif "norm" in n:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            else:  # sinks, biases, hc base/scale, position_bias
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.fixture(scope="session")
+def hf_available():
+    return pytest.importorskip("transformers")

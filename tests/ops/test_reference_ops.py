@@ -1,0 +1,109 @@
+"""The reference ops against independent float64 formulations."""
+import math
+
+import pytest
+import torch
+
+from dsv4 import ops
+
+
+def test_sinkhorn_doubly_stochastic():
+    g = torch.Generator().manual_seed(0)
+    hc = 4
+    mixes = torch.randn(1000, (2 + hc) * hc, generator=g)
+    scale, base = torch.ones(3), torch.zeros((2 + hc) * hc)  # logits of std 1 (moderate, as the oracle needs)
+    pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, hc, 20, 1e-6)
+    assert (comb >= 0).all()
+    assert (comb.sum(-2) - 1).abs().max() < 1e-5        # the last step normalises columns
+    assert (comb.sum(-1) - 1).abs().max() < 1e-3        # rows converge for moderate logits
+    assert torch.linalg.matrix_norm(comb.double(), ord=2).max() < 1 + 1e-3   # non-expansive
+    assert ((pre > 0) & (pre < 1 + 1e-6 + 1e-7)).all() and ((post > 0) & (post < 2)).all()
+
+
+def test_sinkhorn_layout_and_transpose_convention():
+    """Logit 2*hc + hc*j + k is comb[j, k]; a dominant permutation moves lane j to lane pi(j) under hc_post."""
+    from dsv4.model.mhc import hc_post
+    hc = 4
+    perm = [2, 0, 3, 1]
+    base = torch.zeros((2 + hc) * hc)
+    for j, k in enumerate(perm):
+        base[2 * hc + hc * j + k] = 30.0
+    _, post, comb = ops.hc_split_sinkhorn(torch.zeros(1, 1, (2 + hc) * hc), torch.ones(3), base, hc, 20, 1e-6)
+    lanes = torch.arange(hc, dtype=torch.float32).view(1, 1, hc, 1).expand(1, 1, hc, 3)
+    out = hc_post(torch.zeros(1, 1, 3), lanes, post * 0, comb)
+    for j, k in enumerate(perm):
+        assert torch.allclose(out[0, 0, k], torch.full((3,), float(j)), atol=1e-4)
+
+
+def _dense_attention_f64(q, kv, sink, idx, scale):
+    B, S, H, D = q.shape
+    out = torch.zeros(B, S, H, D, dtype=torch.float64)
+    for b in range(B):
+        for s in range(S):
+            rows = [int(j) for j in idx[b, s] if j >= 0]
+            k = kv[b, rows].double()
+            logits = q[b, s].double() @ k.T * scale                       # [H, K]
+            m = torch.maximum(logits.max(-1).values, sink.double())
+            e = torch.exp(logits - m[:, None])
+            out[b, s] = (e @ k) / (e.sum(-1) + torch.exp(sink.double() - m))[:, None]
+    return out
+
+
+def test_sparse_attn_matches_f64():
+    g = torch.Generator().manual_seed(0)
+    B, S, H, D, N, K = 2, 7, 3, 16, 20, 9
+    q, kv = torch.randn(B, S, H, D, generator=g), torch.randn(B, N, D, generator=g)
+    sink = torch.randn(H, generator=g)
+    idx = torch.randint(0, N, (B, S, K), generator=g)
+    idx[torch.rand(B, S, K, generator=g) < 0.3] = -1
+    idx[..., 0] = torch.arange(S)  # every query sees at least one row
+    got = ops.sparse_attn(q, kv, sink, idx, D ** -0.5)
+    want = _dense_attention_f64(q, kv, sink, idx, D ** -0.5)
+    assert (got.double() - want).abs().max() < 1e-5
+
+
+def test_indexer_topk_matches_bruteforce():
+    g = torch.Generator().manual_seed(1)
+    B, S, Hi, Di, T, k = 2, 6, 16, 8, 12, 4
+    q, keys = torch.randn(B, S, Hi, Di, generator=g), torch.randn(B, T, Di, generator=g)
+    w = torch.randn(B, S, Hi, generator=g)
+    n_visible = torch.tensor([[0, 1, 3, 4, 8, 12]] * B)
+    got = ops.indexer_topk(q, w, keys, n_visible, k)
+    assert got.shape == (B, S, k)
+    for b in range(B):
+        for s in range(S):
+            nv = int(n_visible[b, s])
+            scores = [(float(sum(w[b, s, h] * torch.relu(q[b, s, h] @ keys[b, t]) for h in range(Hi))), t)
+                      for t in range(nv)]
+            want = {t for _, t in sorted(scores, reverse=True)[:k]}
+            sel = {int(t) for t in got[b, s] if t >= 0}
+            assert sel == want and (got[b, s] >= 0).sum() == min(k, nv)
+
+
+def test_compress_pool_is_per_channel_softmax():
+    g = torch.Generator().manual_seed(2)
+    kv, score = torch.randn(2, 3, 8, 5, generator=g), torch.randn(2, 3, 8, 5, generator=g)
+    score[:, :, :2] = float("-inf")  # padded candidates get zero weight
+    got = ops.compress_pool(kv, score)
+    w = torch.exp(score.double() - score.double().amax(2, keepdim=True))
+    want = (w * kv.double()).sum(2) / w.sum(2)
+    assert (got.double() - want).abs().max() < 1e-6
+
+
+def test_moe_experts_matches_per_token_loop():
+    g = torch.Generator().manual_seed(3)
+    N, C, F, E, k = 11, 8, 6, 5, 2
+    x = torch.randn(N, C, generator=g)
+    w1, w3, w2 = torch.randn(E, F, C, generator=g), torch.randn(E, F, C, generator=g), torch.randn(E, C, F, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    wt = torch.rand(N, k, generator=g)
+    limit = 2.0
+    got = ops.moe_experts(x, w1, w2, w3, idx, wt, limit)
+    for n in range(N):
+        want = torch.zeros(C, dtype=torch.float64)
+        for j in range(k):
+            e = int(idx[n, j])
+            gate = (w1[e].double() @ x[n].double()).clamp(max=limit)
+            up = (w3[e].double() @ x[n].double()).clamp(-limit, limit)
+            want += w2[e].double() @ (torch.nn.functional.silu(gate) * up * wt[n, j])
+        assert (got[n].double() - want).abs().max() < 1e-4 * want.abs().max()

@@ -1,0 +1,84 @@
+import json
+import os
+
+import pytest
+
+from dsv4 import ConfigError, ModelConfig
+from dsv4.config import PRESETS
+
+from conftest import FIXTURES
+
+
+@pytest.mark.parametrize("name", ["flash", "pro"])
+def test_preset_matches_official_configs(name):
+    preset = ModelConfig.preset(name)
+    hub = ModelConfig.from_pretrained(os.path.join(FIXTURES, f"deepseek-v4-{name}", "config.json"))
+    inference = ModelConfig.from_pretrained(os.path.join(FIXTURES, f"deepseek-v4-{name}", "inference", "config.json"))
+    for cfg in (hub, inference):
+        assert cfg.to_dict() == preset.to_dict(), {k: (v, preset.to_dict()[k]) for k, v in cfg.to_dict().items()
+                                                   if preset.to_dict()[k] != v}
+
+
+def test_official_values_flash():
+    cfg = ModelConfig.preset("flash")
+    assert (cfg.dim, cfg.n_layers, cfg.n_heads, cfg.index_topk, cfg.route_scale) == (4096, 43, 64, 512, 1.5)
+    kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
+    assert kinds[:2] == ["window", "window"] and kinds.count("csa") == 21 and kinds.count("hca") == 20
+    assert cfg.compress_ratios[-1] == 0  # the MTP block is window-only
+
+
+def test_official_values_pro():
+    cfg = ModelConfig.preset("pro")
+    kinds = [cfg.layer_kind(i) for i in range(cfg.n_layers)]
+    assert kinds.count("csa") == 30 and kinds.count("hca") == 31 and "window" not in kinds
+    assert (cfg.dim, cfg.n_heads, cfg.index_topk, cfg.route_scale, cfg.o_groups) == (7168, 128, 1024, 2.5, 16)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_hub_dialect_round_trip(name, tmp_path):
+    cfg = ModelConfig.preset(name)
+    cfg.save(tmp_path)
+    assert ModelConfig.from_pretrained(tmp_path).to_dict() == cfg.to_dict()
+
+
+def test_reads_transformers_dialect(hf_available, tmp_path):
+    from conftest import hf_config
+    hf = hf_config(["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+                   csa_rate=2, hca_rate=16)
+    hf.save_pretrained(tmp_path)
+    d = json.load(open(tmp_path / "config.json"))
+    assert "layer_types" in d and "rope_parameters" in d and "compress_ratios" not in d
+    cfg = ModelConfig.from_pretrained(tmp_path)
+    assert cfg.compress_ratios == (0, 2, 16, 0) and cfg.csa_ratio == 2
+    assert [cfg.layer_kind(i) for i in range(3)] == ["window", "csa", "hca"]
+    assert (cfg.rope_factor, cfg.original_seq_len, cfg.compress_rope_theta) == (4, 64, 160000.0)
+    assert cfg.rope_head_dim == 8 and cfg.n_hash_layers == 1
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(n_heads=6, o_groups=4), "o_groups"),
+    (dict(rope_head_dim=7), "rope_head_dim"),
+    (dict(n_activated_experts=9, n_routed_experts=8), "n_activated_experts"),
+    (dict(compress_ratios=(0, 4)), "compress_ratios"),
+    (dict(dim=0), "dim"),
+    (dict(score_func="softmax"), "score_func"),
+    (dict(index_head_dim=48), "index_head_dim"),
+])
+def test_bad_config_names_field(change, field):
+    with pytest.raises(ConfigError, match=field):
+        ModelConfig.preset("tiny").replace(**change)
+
+
+def test_unknown_key_and_bad_json(tmp_path):
+    d = ModelConfig.preset("tiny").to_dict()
+    d["n_layerz"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="n_layerz"):
+        ModelConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match="no config.json"):
+        ModelConfig.from_pretrained(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="unknown preset"):
+        ModelConfig.preset("huge")
