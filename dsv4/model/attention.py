@@ -14,29 +14,33 @@ from torch import nn
 
 from .. import ops
 from ..config import ModelConfig
-from .compressor import Compressor, CompressorState, quantize_entries
+from .compressor import Compressed, Compressor, CompressorState, quantize_entries
 from .indexer import Indexer
 from .norm import RMSNorm, rms_unweighted
 from .rope import apply_rope, rope_angles, rope_frequencies
 
 
 class AttentionCache(Protocol):
-    """What an attention layer needs from an inference cache (implemented in dsv4.cache)."""
+    """What an attention layer needs from an inference cache (implemented by dsv4.cache.LayerCache)."""
     compressor_state: CompressorState | None
     indexer_state: CompressorState | None
 
-    def window(self, batch: int) -> torch.Tensor: ...                       # raw KV rows just before this chunk
-    def compressed(self, batch: int) -> torch.Tensor | None: ...            # all earlier compressed entries
-    def index_keys(self, batch: int) -> torch.Tensor | None: ...            # all earlier indexer keys
-    def append(self, kv: torch.Tensor, entries: torch.Tensor | None, keys: torch.Tensor | None) -> None: ...
+    def window(self, pos0: torch.Tensor) -> torch.Tensor: ...      # raw KV of the W-1 positions before pos0
+    def write_window(self, pos0: torch.Tensor, kv: torch.Tensor) -> None: ...
+    def add_entries(self, c: Compressed) -> None: ...
+    def entries(self) -> torch.Tensor: ...                          # all entries visible by the chunk's end
+    def add_keys(self, c: Compressed) -> None: ...
+    def keys(self) -> torch.Tensor: ...
 
 
-def window_indices(n_queries: int, n_prior: int, window: int, device) -> torch.Tensor:
-    """[S, W] rows of [prior rows | chunk rows] each query sees: positions p-W+1..p, -1 before position 0
-    or before the first prior row. Query i sits at row n_prior + i."""
-    i = torch.arange(n_queries, device=device).unsqueeze(1)
-    rows = n_prior + i - torch.arange(window, device=device)
-    return torch.where(rows >= 0, rows, -1)
+def window_indices(pos0: torch.Tensor, n_queries: int, n_prior: int, window: int) -> torch.Tensor:
+    """[B, S, W]: rows of [n_prior earlier rows | chunk rows] that query i (position pos0 + i) sees, i.e.
+    positions p-W+1 .. p; -1 for positions before 0. Query i's own row is n_prior + i."""
+    i = torch.arange(n_queries, device=pos0.device).unsqueeze(1)
+    back = torch.arange(window, device=pos0.device)
+    rows = (n_prior + i - back).expand(pos0.shape[0], -1, -1)
+    ok = (pos0.view(-1, 1, 1) + i - back >= 0) & (rows >= 0)
+    return torch.where(ok, rows, -1)
 
 
 def visible_entries(n_visible: torch.Tensor, n_entries: int) -> torch.Tensor:
@@ -82,12 +86,15 @@ class Attention(nn.Module):
         """Recompute the RoPE frequencies (after building on the meta device)."""
         self.freqs = rope_frequencies(*self._rope).to(self.wkv.weight.device)
 
-    def forward(self, x: torch.Tensor, start_pos: int = 0, cache: AttentionCache | None = None) -> torch.Tensor:
-        """x: [B, S, C] (attn_norm output) at positions start_pos.. -> [B, S, C]."""
+    def forward(self, x: torch.Tensor, pos0: torch.Tensor | None = None,
+                cache: AttentionCache | None = None) -> torch.Tensor:
+        """x: [B, S, C] (attn_norm output); row b holds positions pos0[b].. (None: 0) -> [B, S, C]."""
         B, S, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        pos = start_pos + torch.arange(S, device=x.device)
-        cos, sin = (t.unsqueeze(0) for t in rope_angles(pos, self.freqs))   # [1, S, rd/2]
+        if pos0 is None:
+            pos0 = torch.zeros(B, dtype=torch.long, device=x.device)
+        pos = pos0.unsqueeze(1) + torch.arange(S, device=x.device)         # [B, S]
+        cos, sin = rope_angles(pos, self.freqs)                             # [B, S, rd/2]
 
         qr = self.q_norm(self.wq_a(x))                                        # [B, S, q_lora]
         q = rms_unweighted(self.wq_b(qr).view(B, S, H, D), self.eps)
@@ -96,27 +103,24 @@ class Attention(nn.Module):
         if self.quant_sim:
             kv = quantize_entries(kv, self.rope_dim, rotate=False)
 
-        prior = cache.window(B) if cache is not None else kv[:, :0]           # [B, w, D]
-        rows = torch.cat((prior, kv), dim=1)
-        idx = window_indices(S, prior.shape[1], self.window_size, x.device).expand(B, S, -1)
-        new_entries = new_keys = None
+        rows = kv if cache is None else torch.cat((cache.window(pos0), kv), dim=1)
+        idx = window_indices(pos0, S, rows.shape[1] - S, self.window_size)  # [B, S, W]
+        if cache is not None:
+            cache.write_window(pos0, kv)
         if self.ratio:
-            n_visible = ((pos + 1) // self.ratio).expand(B, S)                 # entries j < n_visible are complete
-            state = cache.compressor_state if cache is not None else None
-            new_entries = self.compressor(x, start_pos, self.freqs, self.quant_sim, state)
-            past = cache.compressed(B) if cache is not None else None
-            entries = new_entries if past is None else torch.cat((past, new_entries), dim=1)
+            n_visible = (pos + 1) // self.ratio                                 # entries j < n_visible are complete
+            new = self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state if cache else None)
+            if cache is None:
+                entries = new.entries
+            else:
+                cache.add_entries(new)
+                entries = cache.entries()
             if self.kind == "csa":
-                cidx, new_keys = self.indexer(
-                    x, qr, start_pos, cos, sin, self.freqs, n_visible, self.quant_sim,
-                    cache.index_keys(B) if cache is not None else None,
-                    cache.indexer_state if cache is not None else None)
+                cidx = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, self.quant_sim, cache)
             else:
                 cidx = visible_entries(n_visible, entries.shape[1])
             idx = torch.cat((idx, torch.where(cidx >= 0, cidx + rows.shape[1], -1)), dim=-1)
             rows = torch.cat((rows, entries), dim=1)
-        if cache is not None:
-            cache.append(kv, new_entries, new_keys)
 
         o = ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)  # [B, S, H, D]
         o = apply_rope(o, cos, sin, inverse=True)  # V = K carries RoPE: rotate the output back

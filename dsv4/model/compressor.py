@@ -6,8 +6,8 @@ group (i-1)'s A-half, 2m candidates, stride m. Entries are normalised, roped at 
 the quantisation simulation on) FP8-rounded (main) or Hadamard+FP4-rounded (indexer).
 
 `CompressorState` carries what crosses a chunk boundary: the unfinished group's tokens and, for
-overlap, the last complete group. With no state the chunk must start at position 0 and its unfinished
-tail is dropped (a plain forward over a whole sequence).
+overlap, the last complete group. Rows of a batch may sit at different positions. With no state the
+chunk starts at position 0 and its unfinished tail is dropped (a plain forward over whole sequences).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from .rope import apply_rope, rope_angles
 class CompressorState:
     """fp32 buffers [B, coff*m, coff*Dc] in the reference layout: with overlap, rows 0..m-1 hold the previous
     complete group and rows m..2m-1 the unfinished one; without, rows 0..m-1 hold the unfinished group.
-    Scores already include `ape`; empty rows have kv 0 and score -inf."""
+    Scores already include `ape`; empty rows have kv 0 and score -inf (so a fresh state means "position 0")."""
     kv: torch.Tensor
     score: torch.Tensor
 
@@ -36,6 +36,21 @@ class CompressorState:
         rows = ratio * (2 if overlap else 1)
         return cls(torch.zeros(batch, rows, width, device=device),
                    torch.full((batch, rows, width), float("-inf"), device=device))
+
+    def reset(self) -> None:
+        self.kv.zero_()
+        self.score.fill_(float("-inf"))
+
+    def select(self, rows: slice) -> "CompressorState":
+        return CompressorState(self.kv[rows], self.score[rows])
+
+
+@dataclass
+class Compressed:
+    """Entries a chunk completed: entries[b, g] is group first_group[b] + g, real where valid[b, g]."""
+    entries: torch.Tensor       # [B, n, Dc]
+    first_group: torch.Tensor   # [B] int64
+    valid: torch.Tensor | None  # [B, n] bool; None means all valid
 
 
 class Compressor(nn.Module):
@@ -50,69 +65,85 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
         self.norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x: torch.Tensor, start_pos: int, freqs: torch.Tensor, quant_sim: bool,
-                state: CompressorState | None = None) -> torch.Tensor:
-        """x: [B, S, C] (attn_norm output) for positions start_pos.. -> the entries completed here [B, n, Dc].
+    def forward(self, x: torch.Tensor, pos0: torch.Tensor, freqs: torch.Tensor, quant_sim: bool,
+                state: CompressorState | None = None) -> Compressed:
+        """x: [B, S, C] (attn_norm output), row b at positions pos0[b].. -> the groups this chunk completes.
 
-        Updates `state` in place (when given). Entry g of the output covers group start_pos // m + g.
+        Without state every row starts at position 0. With state, `state` is updated in place.
         """
         B, S, _ = x.shape
         m, d = self.ratio, self.head_dim
-        pos = start_pos + torch.arange(S, device=x.device)
         xf = x.float()  # compression runs in fp32 (scores are exponentiated)
         kv = F.linear(xf, self.wkv.weight.float())                          # [B, S, coff*Dc]
-        score = F.linear(xf, self.wgate.weight.float()) + self.ape.float()[pos % m]
-        pending = start_pos % m
+        score = F.linear(xf, self.wgate.weight.float())
+        score = score + self.ape.float()[(pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m]
         if state is None:
-            if pending:
-                raise ValueError(f"a compressor without state must start at a group boundary, got {start_pos}")
-        else:  # prepend the unfinished group's tokens kept from earlier chunks
-            off = m if self.overlap else 0
-            kv = torch.cat((state.kv[:B, off:off + pending], kv), dim=1)
-            score = torch.cat((state.score[:B, off:off + pending], score), dim=1)
-        n = kv.shape[1] // m
-        first_group = start_pos // m
-        prev = None  # group (first_group - 1), whose A-half the first new entry pools (overlap only)
-        if self.overlap and state is not None and first_group > 0:
-            prev = state.kv[:B, :m, :d].clone(), state.score[:B, :m, :d].clone()
-        if state is not None:
-            self._update_state(state, kv, score, n)
+            n, first_group, valid = S // m, torch.zeros_like(pos0), None
+            prev = None
+        else:
+            kv, score, n, valid, prev = self._with_state(kv, score, pos0, state)
+            first_group = pos0 // m
         if n == 0:
-            return x.new_zeros(B, 0, d)
+            return Compressed(x.new_zeros(B, 0, d), first_group, valid[:, :0] if valid is not None else None)
         groups_kv = kv[:, :n * m].unflatten(1, (n, m))                     # [B, n, m, coff*Dc]
         groups_sc = score[:, :n * m].unflatten(1, (n, m))
         if self.overlap:
-            if prev is not None:
-                prev_kv, prev_sc = prev
-            else:
-                prev_kv = kv.new_zeros(B, m, d)
-                prev_sc = kv.new_full((B, m, d), float("-inf"))
+            if prev is None:
+                prev = kv.new_zeros(B, m, d), kv.new_full((B, m, d), float("-inf"))
             # candidates of entry i: group i-1's A-half (rows 0..m-1), then group i's B-half (rows m..2m-1)
-            a_kv = torch.cat((prev_kv.unsqueeze(1), groups_kv[:, :-1, :, :d]), dim=1)
-            a_sc = torch.cat((prev_sc.unsqueeze(1), groups_sc[:, :-1, :, :d]), dim=1)
-            cand_kv = torch.cat((a_kv, groups_kv[..., d:]), dim=2)
-            cand_sc = torch.cat((a_sc, groups_sc[..., d:]), dim=2)
-        else:
-            cand_kv, cand_sc = groups_kv, groups_sc
-        pooled = ops.compress_pool(cand_kv, cand_sc)                       # [B, n, Dc] fp32
+            a_kv = torch.cat((prev[0].unsqueeze(1), groups_kv[:, :-1, :, :d]), dim=1)
+            a_sc = torch.cat((prev[1].unsqueeze(1), groups_sc[:, :-1, :, :d]), dim=1)
+            groups_kv = torch.cat((a_kv, groups_kv[..., d:]), dim=2)
+            groups_sc = torch.cat((a_sc, groups_sc[..., d:]), dim=2)
+        pooled = ops.compress_pool(groups_kv, groups_sc)                   # [B, n, Dc] fp32
+        if valid is not None:  # groups a row has not completed pool only padding (NaN): zero them
+            pooled = torch.where(valid.unsqueeze(-1), pooled, 0.0)
         entries = self.norm(pooled.to(x.dtype))
-        cos, sin = rope_angles((first_group + torch.arange(n, device=x.device)) * m, freqs)
-        entries = apply_rope(entries, cos.unsqueeze(0), sin.unsqueeze(0))
+        starts = (first_group.unsqueeze(1) + torch.arange(n, device=x.device)) * m
+        cos, sin = rope_angles(starts, freqs)                               # rope at each group's first token
+        entries = apply_rope(entries, cos, sin)
         if quant_sim:
             entries = quantize_entries(entries, self.rope_dim, self.rotate)
-        return entries
+        return Compressed(entries, first_group, valid)
 
-    def _update_state(self, state: CompressorState, kv: torch.Tensor, score: torch.Tensor, n: int) -> None:
-        B, m = kv.shape[0], self.ratio
+    def _with_state(self, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, state: CompressorState):
+        """Align each row's tokens to its group boundary (prepending the unfinished group kept in `state`),
+        say which groups complete, and update `state` (previous group, new unfinished tail)."""
+        B, S, width = kv.shape
+        m, d = self.ratio, self.head_dim
         off = m if self.overlap else 0
-        if self.overlap and n > 0:  # the last complete group becomes the "previous" rows
-            state.kv[:B, :m] = kv[:, (n - 1) * m:n * m]
-            state.score[:B, :m] = score[:, (n - 1) * m:n * m]
-        rest = kv.shape[1] - n * m
-        state.kv[:B, off:off + m] = 0
-        state.score[:B, off:off + m] = float("-inf")
-        state.kv[:B, off:off + rest] = kv[:, n * m:]
-        state.score[:B, off:off + rest] = score[:, n * m:]
+        r0 = pos0 % m                                                      # tokens already pending per row
+        L = S + m - 1
+        j = torch.arange(m - 1, device=kv.device)
+        keep = (j < r0.unsqueeze(1)).unsqueeze(-1)                          # [B, m-1, 1]
+        buf_kv = torch.cat((torch.where(keep, state.kv[:B, off:off + m - 1], 0.0), kv.new_zeros(B, S, width)), 1)
+        buf_sc = torch.cat((torch.where(keep, state.score[:B, off:off + m - 1], float("-inf")),
+                            kv.new_full((B, S, width), float("-inf"))), 1)
+        at = (r0.unsqueeze(1) + torch.arange(S, device=kv.device)).unsqueeze(-1).expand(-1, -1, width)
+        buf_kv = buf_kv.scatter(1, at, kv)                                 # [B, L, width], group-aligned
+        buf_sc = buf_sc.scatter(1, at, score)
+        total = r0 + S
+        n = L // m
+        valid = (torch.arange(n, device=kv.device) + 1) * m <= total.unsqueeze(1)   # [B, n]
+        prev = None
+        if self.overlap:
+            prev = state.kv[:B, :m, :d].clone(), state.score[:B, :m, :d].clone()
+        # new state: the last complete group (overlap) and the tokens after it
+        done = total // m                                                   # complete groups per row
+        rest = total - done * m
+        rows = torch.arange(m, device=kv.device)
+
+        def take(buf: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+            idx = (start.unsqueeze(1) + rows).clamp(0, L - 1).unsqueeze(-1).expand(-1, -1, width)
+            return buf.gather(1, idx)
+        if self.overlap:
+            has = (done > 0).view(B, 1, 1)
+            state.kv[:B, :m] = torch.where(has, take(buf_kv, (done - 1) * m), state.kv[:B, :m])
+            state.score[:B, :m] = torch.where(has, take(buf_sc, (done - 1) * m), state.score[:B, :m])
+        live = (rows < rest.unsqueeze(1)).unsqueeze(-1)
+        state.kv[:B, off:off + m] = torch.where(live, take(buf_kv, done * m), 0.0)
+        state.score[:B, off:off + m] = torch.where(live, take(buf_sc, done * m), float("-inf"))
+        return buf_kv, buf_sc, n, valid, prev
 
 
 def quantize_entries(x: torch.Tensor, rope_dim: int, rotate: bool) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .compressor import Compressor, CompressorState, quantize_entries
+from .compressor import Compressor, quantize_entries
 from .rope import apply_rope
 
 
@@ -32,12 +32,14 @@ class Indexer(nn.Module):
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         return q, w
 
-    def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, cos: torch.Tensor, sin: torch.Tensor,
-                freqs: torch.Tensor, n_visible: torch.Tensor, quant_sim: bool,
-                past_keys: torch.Tensor | None = None, state: CompressorState | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (top-k entry indices [B, S, k] with -1 pads, this chunk's new indexer keys [B, n, Di])."""
-        new_keys = self.compressor(x, start_pos, freqs, quant_sim, state)
-        keys = new_keys if past_keys is None else torch.cat((past_keys, new_keys), dim=1)
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, pos0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                freqs: torch.Tensor, n_visible: torch.Tensor, quant_sim: bool, cache=None) -> torch.Tensor:
+        """Top-k entry indices [B, S, k] (-1 pads) among the entries each query sees (n_visible [B, S])."""
+        new = self.compressor(x, pos0, freqs, quant_sim, cache.indexer_state if cache is not None else None)
+        if cache is None:
+            keys = new.entries
+        else:
+            cache.add_keys(new)
+            keys = cache.keys()
         q, w = self.queries(x, qr, cos, sin, quant_sim)
-        return ops.indexer_topk(q, w, keys, n_visible, self.topk), new_keys
+        return ops.indexer_topk(q, w, keys, n_visible, self.topk)

@@ -44,10 +44,11 @@ class Block(nn.Module):
         return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
                       getattr(self, f"hc_{site}_base"), self.hc_iters, self.norm_eps, self.hc_eps)
 
-    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None, start_pos: int = 0, cache=None) -> torch.Tensor:
-        """x: [B, S, R, C] lanes -> [B, S, R, C]."""
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None, pos0: torch.Tensor | None = None,
+                cache=None) -> torch.Tensor:
+        """x: [B, S, R, C] lanes, row b at positions pos0[b].. (None: 0) -> [B, S, R, C]."""
         y, post, comb = self._hc_pre(x, "attn")
-        x = hc_post(self.attn(self.attn_norm(y), start_pos, cache), x, post, comb)
+        x = hc_post(self.attn(self.attn_norm(y), pos0, cache), x, post, comb)
         y, post, comb = self._hc_pre(x, "ffn")
         return hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
 
@@ -68,11 +69,11 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.empty(cfg.hc_mult))
         self.hc_head_scale = nn.Parameter(torch.empty(1))
 
-    def forward(self, h: torch.Tensor, embedded: torch.Tensor, token_ids: torch.Tensor, start_pos: int = 0,
-                cache=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, embedded: torch.Tensor, token_ids: torch.Tensor,
+                pos0: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """h: [B, S, R, C] lanes of the previous depth; embedded: [B, S, C] embedding of the ids -> new lanes."""
         x = self.e_proj(self.enorm(embedded)).unsqueeze(2) + self.h_proj(self.hnorm(h))
-        return super().forward(x, token_ids, start_pos, cache)
+        return super().forward(x, token_ids, pos0, cache)
 
     def collapse(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm_eps,
@@ -111,6 +112,13 @@ class Transformer(nn.Module):
             p.data = p.data.to(torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
         return self
 
+    def new_cache(self, batch_size: int, max_seq_len: int, kv_dtype: str = "auto", index_dtype: str = "auto"):
+        """An empty inference cache on the model's device. kv_dtype: auto (the model dtype), fp32, bf16 or
+        fp8 (the official 584-byte serving record); index_dtype: auto, fp32, bf16, fp8 or fp4."""
+        from ..cache import KVCache
+        return KVCache(self.config, batch_size, max_seq_len, kv_dtype, index_dtype, self.dtype,
+                       self.embed.weight.device)
+
     def reset_buffers(self) -> "Transformer":
         """Recompute derived (non-checkpoint) buffers, e.g. after `to_empty` from the meta device."""
         for m in self.modules():
@@ -136,11 +144,11 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         """Lanes after the last block [B, S, R, C] (the input of hc_head, and of the MTP blocks)."""
         self._check_tokens(tokens)
-        start_pos = 0 if cache is None else cache.begin(tokens.shape)
+        pos0 = None if cache is None else cache.begin(tokens.shape)
         h = self.embed(tokens)
         h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
         for i, layer in enumerate(self.layers):
-            h = layer(h, tokens, start_pos, None if cache is None else cache.layer(i))
+            h = layer(h, tokens, pos0, None if cache is None else cache.layer(i))
         if cache is not None:
             cache.end(tokens.shape[1])
         return h

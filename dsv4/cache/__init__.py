@@ -1,0 +1,5 @@
+"""Inference cache: window rings, compressed entries, indexer keys and compressor state per layer."""
+from .kv_cache import KVCache, LayerCache
+from .layout import FORMATS, RowStore, record_bytes
+
+__all__ = ["KVCache", "LayerCache", "RowStore", "record_bytes", "FORMATS"]

@@ -1,0 +1,193 @@
+"""The V4 inference cache: per layer only what the reference keeps (v4-architecture §6).
+
+  * a `window_size`-slot ring of raw KV rows (slot = position % window), every layer;
+  * compressed KV entries, one row per completed group (row = group index), CSA and HCA layers;
+  * lightning-indexer keys, one row per completed group, CSA layers;
+  * the fp32 compressor state: the unfinished group, and for CSA the previous group (main and indexer).
+Never T x dim raw KV. Rows of a batch keep their own positions, so sequences of different lengths share
+a batch: prefill each row (or equal-length rows together) through `select(...)`, then decode all rows
+one token each at their own positions.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+from ..model.compressor import Compressed, CompressorState
+from .layout import RowStore
+
+
+class LayerCache:
+    """One layer's cache. The attention calls: window(), write_window(), add_entries()/entries(),
+    add_keys()/keys(); `compressor_state`/`indexer_state` are updated by the compressors in place."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, batch: int, max_seq_len: int, kv_format: str,
+                 index_format: str, dtype: torch.dtype, device, _views: dict | None = None):
+        self.window_size = cfg.window_size
+        self.ratio = cfg.compress_ratios[layer_id]
+        self.kind = cfg.layer_kind(layer_id)
+        self.end_max = 0  # set by KVCache.begin: the largest position + 1 any row reaches in this chunk
+        if _views is not None:
+            self.__dict__.update(_views)
+            return
+        D, rd, m = cfg.head_dim, cfg.rope_head_dim, self.ratio
+        self.window_rows = RowStore(kv_format, batch, cfg.window_size, D, rd, "kv", dtype, device)
+        self.entry_rows = self.key_rows = self.compressor_state = self.indexer_state = None
+        if m:
+            self.entry_rows = RowStore(kv_format, batch, max_seq_len // m, D, rd, "kv", dtype, device)
+            overlap = self.kind == "csa"
+            self.compressor_state = CompressorState.empty(batch, m, (2 if overlap else 1) * D, overlap, device)
+        if self.kind == "csa":
+            Di = cfg.index_head_dim
+            self.key_rows = RowStore(index_format, batch, max_seq_len // m, Di, rd, "index", dtype, device)
+            self.indexer_state = CompressorState.empty(batch, m, 2 * Di, True, device)
+
+    def stores(self) -> list:
+        return [s for s in (self.window_rows, self.entry_rows, self.key_rows) if s is not None]
+
+    def states(self) -> list[CompressorState]:
+        return [s for s in (self.compressor_state, self.indexer_state) if s is not None]
+
+    def select(self, rows: slice) -> "LayerCache":
+        views = {"window_rows": self.window_rows.select(rows),
+                 "entry_rows": self.entry_rows.select(rows) if self.entry_rows else None,
+                 "key_rows": self.key_rows.select(rows) if self.key_rows else None,
+                 "compressor_state": self.compressor_state.select(rows) if self.compressor_state else None,
+                 "indexer_state": self.indexer_state.select(rows) if self.indexer_state else None}
+        out = object.__new__(LayerCache)
+        out.__dict__.update(window_size=self.window_size, ratio=self.ratio, kind=self.kind, end_max=0, **views)
+        return out
+
+    def reset(self) -> None:
+        for s in self.states():
+            s.reset()
+
+    # ------------------------------------------------------------------ the attention's interface
+    def window(self, pos0: torch.Tensor) -> torch.Tensor:
+        """Raw KV of positions pos0-W+1 .. pos0-1 per row: [B, W-1, D] (rows before position 0 are junk)."""
+        W = self.window_size
+        pos = pos0.unsqueeze(1) - (W - 1) + torch.arange(W - 1, device=pos0.device)
+        return self.window_rows.gather(pos % W)
+
+    def write_window(self, pos0: torch.Tensor, kv: torch.Tensor) -> None:
+        """Put the chunk's raw KV [B, S, D] in the ring (only its last W rows can matter)."""
+        W, S = self.window_size, kv.shape[1]
+        keep = min(S, W)
+        pos = pos0.unsqueeze(1) + torch.arange(S - keep, S, device=kv.device)
+        self.window_rows.write(pos % W, kv[:, S - keep:])
+
+    def add_entries(self, c: Compressed) -> None:
+        self._add(self.entry_rows, c)
+
+    def add_keys(self, c: Compressed) -> None:
+        self._add(self.key_rows, c)
+
+    def entries(self) -> torch.Tensor:
+        """Every compressed entry any row can see by the end of this chunk: [B, end_max // ratio, D]."""
+        return self.entry_rows.read(self.end_max // self.ratio)
+
+    def keys(self) -> torch.Tensor:
+        return self.key_rows.read(self.end_max // self.ratio)
+
+    @staticmethod
+    def _add(store: RowStore, c: Compressed) -> None:
+        n = c.entries.shape[1]
+        if n == 0:
+            return
+        index = c.first_group.unsqueeze(1) + torch.arange(n, device=c.entries.device)
+        if c.valid is not None:
+            index = torch.where(c.valid, index, 0)
+        store.write(index, c.entries, c.valid)
+
+
+class KVCache:
+    """Model-level cache: one LayerCache per main layer plus each row's position.
+
+    `model(tokens, cache=cache)` appends tokens [B, S] to every row (row b at `positions[b]`) and returns
+    their logits. `select(slice)` gives a view of some rows (shared storage) to prefill them apart.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, kv_dtype: str = "auto",
+                 index_dtype: str = "auto", dtype: torch.dtype = torch.float32, device=None):
+        if batch_size <= 0 or max_seq_len <= 0:
+            raise ValueError(f"batch_size={batch_size} and max_seq_len={max_seq_len} must be positive")
+        auto = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+        self.kv_dtype = auto if kv_dtype == "auto" else kv_dtype
+        self.index_dtype = auto if index_dtype == "auto" else index_dtype
+        self.config, self.max_seq_len, self.dtype = cfg, max_seq_len, dtype
+        self.layers = [LayerCache(cfg, i, batch_size, max_seq_len, self.kv_dtype, self.index_dtype, dtype, device)
+                       for i in range(cfg.n_layers)]
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self._host = [0] * batch_size  # host mirror of positions: shapes never need a device sync
+
+    @property
+    def batch_size(self) -> int:
+        return len(self._host)
+
+    def lengths(self) -> list[int]:
+        return list(self._host)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for layer in self.layers for s in layer.stores()) + \
+            sum(st.kv.nbytes + st.score.nbytes for layer in self.layers for st in layer.states())
+
+    def select(self, rows: slice | int) -> "KVCache":
+        """A view of some rows sharing this cache's storage (writes through)."""
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        out = object.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        out.layers = [layer.select(rows) for layer in self.layers]
+        out.positions = self.positions[rows]
+        out._host = _HostView(self._host, range(len(self._host))[rows])
+        return out
+
+    def reset(self) -> "KVCache":
+        """Start new sequences in every row of this (view of the) cache."""
+        for layer in self.layers:
+            layer.reset()
+        self.positions.zero_()
+        for i in range(len(self._host)):
+            self._host[i] = 0
+        return self
+
+    # ------------------------------------------------------------------ called by Transformer.hidden
+    def begin(self, shape: torch.Size) -> torch.Tensor:
+        B, S = shape
+        if B != self.batch_size:
+            raise ValueError(f"tokens have batch {B}, the cache holds {self.batch_size} rows "
+                             "(use cache.select(rows) for a subset)")
+        end = max(self._host) + S
+        if end > self.max_seq_len:
+            raise ValueError(f"cache full: a row would reach position {end} > max_seq_len={self.max_seq_len}")
+        for layer in self.layers:
+            layer.end_max = end
+        return self.positions.clone()
+
+    def end(self, n_tokens: int) -> None:
+        self.positions += n_tokens
+        for i in range(len(self._host)):
+            self._host[i] += n_tokens
+
+    def layer(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+
+class _HostView:
+    """A list-like window onto some entries of the parent cache's host positions."""
+
+    def __init__(self, base: list[int], rows: range):
+        self.base, self.rows = base, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> int:
+        return self.base[self.rows[i]]
+
+    def __setitem__(self, i: int, v: int) -> None:
+        self.base[self.rows[i]] = v
+
+    def __iter__(self):
+        return (self.base[r] for r in self.rows)

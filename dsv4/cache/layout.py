@@ -1,0 +1,121 @@
+"""How cached rows are stored: one fixed-size record per window token, compressed entry or indexer key.
+
+Formats (bytes per record for V4's D = 512, rope 64, indexer Di = 128):
+  * "fp32"/"bf16" (or the model dtype): D values, 2048 / 1024 B;
+  * "fp8" (attention KV, the official serving layout, vLLM/SGLang `fp8_ds_mla`): 448 e4m3 nope values,
+    64 bf16 rope values, one UE8M0 scale per 64 nope values, padded to a multiple of 8: 584 B;
+  * "fp8" (indexer keys): Di e4m3 values + one fp32 scale (amax / 448): 132 B;
+  * "fp4" (indexer keys): Di/2 bytes of packed e2m1 + one UE8M0 scale per 32 values: 68 B.
+FP8 KV uses the same power-of-two 1x64 scales as the model's QAT simulation and FP4 keys the same 1x32
+scales, so with `set_quant_sim(True)` storing them is lossless; without it they are approximations.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..quant import e2m1_round, e8m0_to_float, float_to_e8m0, pack_fp4, unpack_fp4
+
+FORMATS = ("fp32", "bf16", "fp16", "fp8", "fp4")
+_FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def record_bytes(fmt: str, dim: int, rope_dim: int, role: str) -> int:
+    """Bytes one stored row takes. role: 'kv' (attention window/entries) or 'index' (indexer keys)."""
+    if fmt in _FLOAT:
+        return dim * _FLOAT[fmt].itemsize
+    if fmt == "fp8" and role == "kv":
+        nope = dim - rope_dim
+        raw = nope + 2 * rope_dim + -(-nope // 64)
+        return -(-raw // 8) * 8
+    if fmt == "fp8":
+        return dim + 4
+    if fmt == "fp4" and role == "index":
+        return dim // 2 + dim // 32
+    raise ValueError(f"storage format {fmt!r} is not available for {role} rows; choose from "
+                     f"{list(_FLOAT) + ['fp8'] + (['fp4'] if role == 'index' else [])}")
+
+
+class RowStore:
+    """[B, R, dim] rows kept as records of `fmt`; reads dequantise to `dtype`."""
+
+    def __init__(self, fmt: str, batch: int, rows: int, dim: int, rope_dim: int, role: str, dtype: torch.dtype,
+                 device=None, _buf: torch.Tensor | None = None):
+        self.fmt, self.dim, self.rope_dim, self.role, self.dtype = fmt, dim, rope_dim, role, dtype
+        self.rec = record_bytes(fmt, dim, rope_dim, role)
+        if fmt == "fp8" and role == "kv" and (dim - rope_dim) % 2:
+            raise ValueError(f"fp8 KV records need an even number of nope dims, got {dim - rope_dim}")
+        if fmt == "fp4" and dim % 32:
+            raise ValueError(f"fp4 index keys need a multiple of 32 dims, got {dim}")
+        if _buf is None:
+            if fmt in _FLOAT:
+                _buf = torch.zeros(batch, rows, dim, dtype=_FLOAT[fmt], device=device)
+            else:
+                _buf = torch.zeros(batch, rows, self.rec, dtype=torch.uint8, device=device)
+        self.buf = _buf
+
+    @property
+    def nbytes(self) -> int:
+        return self.buf.numel() * self.buf.element_size()
+
+    def select(self, rows: slice) -> "RowStore":
+        return RowStore(self.fmt, 0, 0, self.dim, self.rope_dim, self.role, self.dtype, _buf=self.buf[rows])
+
+    # ------------------------------------------------------------------ encode / decode
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt in _FLOAT:
+            return x.to(self.buf.dtype)
+        out = x.new_zeros(*x.shape[:-1], self.rec, dtype=torch.uint8)
+        xf = x.float()
+        if self.fmt == "fp8" and self.role == "kv":
+            nope, rd = self.dim - self.rope_dim, self.rope_dim
+            pad = -nope % 64
+            blocks = torch.nn.functional.pad(xf[..., :nope], (0, pad)).unflatten(-1, (-1, 64))
+            s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448)))
+            q = (blocks / s).clamp(-448, 448).to(torch.float8_e4m3fn).flatten(-2)[..., :nope]
+            out[..., :nope] = q.view(torch.uint8)
+            out[..., nope:nope + 2 * rd] = xf[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
+            out[..., nope + 2 * rd:nope + 2 * rd + s.shape[-2]] = float_to_e8m0(s.squeeze(-1))
+        elif self.fmt == "fp8":
+            s = (xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448)
+            out[..., :self.dim] = (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+            out[..., self.dim:] = s.contiguous().view(torch.uint8)
+        else:  # fp4 index keys, 1x32 power-of-two scales
+            blocks = xf.unflatten(-1, (-1, 32))
+            s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=6 * 2.0 ** -126) / 6)))
+            out[..., :self.dim // 2] = pack_fp4(e2m1_round(blocks / s).flatten(-2)).view(torch.uint8)
+            out[..., self.dim // 2:] = float_to_e8m0(s.squeeze(-1))
+        return out
+
+    def _decode(self, rec: torch.Tensor) -> torch.Tensor:
+        if self.fmt in _FLOAT:
+            return rec.to(self.dtype)
+        if self.fmt == "fp8" and self.role == "kv":
+            nope, rd = self.dim - self.rope_dim, self.rope_dim
+            n_s = -(-nope // 64)
+            s = e8m0_to_float(rec[..., nope + 2 * rd:nope + 2 * rd + n_s]).repeat_interleave(64, -1)[..., :nope]
+            q = rec[..., :nope].contiguous().view(torch.float8_e4m3fn).float() * s
+            rope = rec[..., nope:nope + 2 * rd].contiguous().view(torch.bfloat16).float()
+            return torch.cat((q, rope), -1).to(self.dtype)
+        if self.fmt == "fp8":
+            s = rec[..., self.dim:].contiguous().view(torch.float32)
+            return (rec[..., :self.dim].contiguous().view(torch.float8_e4m3fn).float() * s).to(self.dtype)
+        s = e8m0_to_float(rec[..., self.dim // 2:]).repeat_interleave(32, -1)
+        return (unpack_fp4(rec[..., :self.dim // 2]) * s).to(self.dtype)
+
+    # ------------------------------------------------------------------ access
+    def write(self, index: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """rows[b, index[b, i]] = values[b, i] where mask[b, i] (index: [B, n] int, distinct per row)."""
+        enc = self._encode(values)
+        if mask is not None:
+            b, i = mask.nonzero(as_tuple=True)
+            self.buf[b, index[b, i]] = enc[b, i]
+            return
+        self.buf.scatter_(1, index.unsqueeze(-1).expand(-1, -1, self.buf.shape[2]), enc)
+
+    def read(self, n: int) -> torch.Tensor:
+        """The first n rows, dequantised: [B, n, dim]."""
+        return self._decode(self.buf[:, :n])
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        """rows[b, index[b, i]] dequantised: [B, n, dim]."""
+        return self._decode(self.buf.gather(1, index.unsqueeze(-1).expand(-1, -1, self.buf.shape[2])))
