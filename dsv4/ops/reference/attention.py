@@ -52,6 +52,7 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
                  k: int) -> torch.Tensor:
     """Indices of the top-k indexer scores among keys[:, :n_visible[b,s]], -1 where fewer are visible.
+    Equal scores are broken towards the lower index.
 
     n_visible: [B, S] int (a compressed entry j is visible to the query iff j < n_visible).
     Returns [B, S, min(k, T)] int64.
@@ -66,6 +67,8 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_v
     for sl in _chunks(S, T * q.shape[2]):
         scores = index_scores(q[:, sl], weights[:, sl], keys)              # [B, s, T]
         hidden = cols >= n_visible[:, sl].unsqueeze(-1)
-        top = scores.masked_fill(hidden, float("-inf")).topk(k, dim=-1).indices
+        # a stable sort breaks ties (e.g. all-zero ReLU scores) towards the older entry, so the choice
+        # never depends on how many entries exist beyond those visible
+        top = scores.masked_fill(hidden, float("-inf")).sort(dim=-1, descending=True, stable=True).indices[..., :k]
         out.append(torch.where(top >= n_visible[:, sl].unsqueeze(-1), -1, top))
     return torch.cat(out, dim=1)
