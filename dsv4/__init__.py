@@ -2,6 +2,8 @@
 from .config import ConfigError, ModelConfig
 from .model import Transformer
 from .checkpoint import CheckpointError, load_model, save_model
+from .generate import Tokenizer, generate, generate_stream
 
-__all__ = ["ModelConfig", "ConfigError", "Transformer", "load_model", "save_model", "CheckpointError"]
+__all__ = ["ModelConfig", "ConfigError", "Transformer", "load_model", "save_model", "CheckpointError",
+           "generate", "generate_stream", "Tokenizer"]
 __version__ = "0.1.0"

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import info
+from . import info, kv
 
-_COMMANDS = {"info": info}
+_COMMANDS = {"info": info, "kv": kv}
 
 
 def main(argv: list[str] | None = None) -> int:

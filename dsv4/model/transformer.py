@@ -159,8 +159,10 @@ class Transformer(nn.Module):
         y = self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.norm_eps, cfg.hc_eps))
         return F.linear(y.float(), self.head.weight.float())
 
-    def forward(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
-        return self.logits(self.hidden(tokens, cache))
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, S] int64 -> fp32 logits [B, S, vocab] ([B, 1, vocab] with last_only)."""
+        h = self.hidden(tokens, cache)
+        return self.logits(h[:, -1:] if last_only else h)
 
     def mtp_logits(self, h: torch.Tensor, next_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Chain the MTP blocks: depth k pairs the lanes of position t with token t+k+1 (`next_tokens[k]`,

@@ -1,0 +1,6 @@
+"""Generation: sampling, the cached decode loop, the tokenizer and the V4 chat format."""
+from .engine import generate, generate_stream
+from .sampling import SamplingConfig, sample
+from .tokenizer import Tokenizer
+
+__all__ = ["generate", "generate_stream", "SamplingConfig", "sample", "Tokenizer"]

@@ -1,0 +1,82 @@
+"""Generation with the compressed cache: ragged prompts, streaming, greedy or sampled.
+
+Each prompt is prefilled on its own row of one batch cache (chunked, so long prompts never materialise
+T x vocab logits), then all rows decode together one token per step at their own positions. A prompt's
+greedy output therefore does not depend on the other prompts in the batch.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .sampling import SamplingConfig, sample
+
+PREFILL_CHUNK = 4096
+
+
+def _prefill(model, cache, tokens: list[int], chunk: int, progress: bool) -> torch.Tensor:
+    """Run a prompt through the cache; return the logits [1, vocab] after its last token."""
+    device = model.embed.weight.device
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    bar = tqdm(total=len(tokens), desc="prefill", unit="tok", disable=not progress or len(tokens) <= chunk)
+    for s in range(0, len(tokens), chunk):
+        logits = model(ids[:, s:s + chunk], cache=cache, last_only=True)
+        bar.update(min(chunk, len(tokens) - s))
+    bar.close()
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, *,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                    stop_tokens: Sequence[int] = (), kv_dtype: str = "auto", index_dtype: str = "auto",
+                    prefill_chunk: int = PREFILL_CHUNK, progress: bool = False) -> Iterator[list[int | None]]:
+    """Yield, per decoding step, one new token per prompt (None once that prompt has stopped).
+
+    A prompt stops after emitting a stop token (which is yielded) or max_new_tokens tokens.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    if max_new_tokens <= 0:
+        return
+    cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+    device = model.embed.weight.device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    stops = set(int(t) for t in stop_tokens)
+    B = len(prompts)
+    cache = model.new_cache(B, max(len(p) for p in prompts) + max_new_tokens, kv_dtype, index_dtype)
+    last = torch.cat([_prefill(model, cache.select(r), list(p), prefill_chunk, progress)
+                      for r, p in enumerate(prompts)])                     # [B, vocab]
+    done = [False] * B
+    for step in range(max_new_tokens):
+        nxt = sample(last, cfg, gen)
+        out = []
+        for r in range(B):
+            if done[r]:
+                out.append(None)
+                continue
+            t = int(nxt[r])
+            out.append(t)
+            done[r] = t in stops or step == max_new_tokens - 1
+        yield out
+        if all(done):
+            return
+        last = model(nxt.view(B, 1), cache=cache)[:, -1]
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, *, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop_tokens: Sequence[int] = (),
+             on_token: Callable[[int, int], None] | None = None, **kwargs) -> list[list[int]]:
+    """Generate continuations of token-id prompts (ragged batch). Returns the new tokens of each prompt;
+    `on_token(row, token)` streams them as they are produced. See generate_stream for the options."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, stop_tokens=stop_tokens, **kwargs):
+        for r, t in enumerate(step):
+            if t is not None:
+                outs[r].append(t)
+                if on_token is not None:
+                    on_token(r, t)
+    return outs
