@@ -16,14 +16,25 @@ from .sampling import SamplingConfig, sample
 PREFILL_CHUNK = 4096
 
 
-def _prefill(model, cache, tokens: list[int], chunk: int, progress: bool) -> torch.Tensor:
-    """Run a prompt through the cache; return the logits [1, vocab] after its last token."""
+def _prefill(model, cache, tokens: list[int], chunk: int, progress: bool, store=None) -> torch.Tensor:
+    """Run a prompt through a one-row cache; return the logits [1, vocab] after its last token.
+
+    With a prefix store, the longest stored prefix is loaded first and the state is saved at the store's
+    boundaries on the way (every `store.block` tokens and at the end of the prompt)."""
     device = model.embed.weight.device
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    bar = tqdm(total=len(tokens), desc="prefill", unit="tok", disable=not progress or len(tokens) <= chunk)
-    for s in range(0, len(tokens), chunk):
-        logits = model(ids[:, s:s + chunk], cache=cache, last_only=True)
-        bar.update(min(chunk, len(tokens) - s))
+    start = store.load(cache, tokens) if store is not None else 0
+    stops = sorted(set(range(start + chunk, len(tokens), chunk)) |
+                   {b for b in (store.boundaries(len(tokens)) if store is not None else []) if b > start} |
+                   {len(tokens)})
+    bar = tqdm(total=len(tokens) - start, desc="prefill", unit="tok",
+               disable=not progress or len(tokens) - start <= chunk)
+    for stop in stops:
+        logits = model(ids[:, start:stop], cache=cache, last_only=True)
+        if store is not None and stop in store.boundaries(len(tokens)):
+            store.save(cache, tokens[:stop])
+        bar.update(stop - start)
+        start = stop
     bar.close()
     return logits[:, -1]
 
@@ -32,10 +43,12 @@ def _prefill(model, cache, tokens: list[int], chunk: int, progress: bool) -> tor
 def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, *,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                     stop_tokens: Sequence[int] = (), kv_dtype: str = "auto", index_dtype: str = "auto",
-                    prefill_chunk: int = PREFILL_CHUNK, progress: bool = False) -> Iterator[list[int | None]]:
+                    prefill_chunk: int = PREFILL_CHUNK, progress: bool = False,
+                    prefix_store=None) -> Iterator[list[int | None]]:
     """Yield, per decoding step, one new token per prompt (None once that prompt has stopped).
 
-    A prompt stops after emitting a stop token (which is yielded) or max_new_tokens tokens.
+    A prompt stops after emitting a stop token (which is yielded) or max_new_tokens tokens. With a
+    `dsv4.cache.PrefixStore`, stored prefixes of the prompts are reused and new ones saved.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -47,7 +60,7 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     stops = set(int(t) for t in stop_tokens)
     B = len(prompts)
     cache = model.new_cache(B, max(len(p) for p in prompts) + max_new_tokens, kv_dtype, index_dtype)
-    last = torch.cat([_prefill(model, cache.select(r), list(p), prefill_chunk, progress)
+    last = torch.cat([_prefill(model, cache.select(r), list(p), prefill_chunk, progress, prefix_store)
                       for r, p in enumerate(prompts)])                     # [B, vocab]
     done = [False] * B
     for step in range(max_new_tokens):
