@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import info, kv
+from . import chat, generate, info, kv
 
-_COMMANDS = {"info": info, "kv": kv}
+_COMMANDS = {"info": info, "kv": kv, "generate": generate, "chat": chat}
 
 
 def main(argv: list[str] | None = None) -> int:

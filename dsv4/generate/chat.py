@@ -1,15 +1,12 @@
-"""DeepSeek-V4 chat prompts: OpenAI-style messages -> prompt text, and completion text -> message.
+"""DeepSeek-V4 chat format: OpenAI-style messages -> prompt text, completion text -> message.
 
-Behaves like DeepSeek's reference `encoding/encoding_dsv4.py` (MIT): the same messages give the
-byte-identical prompt, and a completion parses to the same dict. Only the wire-format strings below
-are taken from it. Input is checked up front, so problems the reference reports late (or, for
-messages it never renders, not at all) raise ValueError here before anything is encoded.
-
-Model-visible rules worth knowing:
-  * there is no tool turn: tool results join the user turn before them as <tool_result> blocks,
-    ordered like the calls of the latest assistant turn that made calls;
-  * in thinking mode the assistant's reasoning is shown only for turns after the last user turn,
-    unless `drop_thinking=False` or some message carries `tools`; earlier developer turns are dropped;
+Matches DeepSeek's reference `encoding/encoding_dsv4.py` (MIT) byte for byte; only the wire-format
+strings are taken from it. Input is validated up front: bad roles/tasks raise ValueError even where
+the reference would silently skip the message. Rules the model was trained with:
+  * no tool turn: tool results join the preceding user turn as <tool_result> blocks, ordered like
+    the calls of the latest assistant turn that made calls;
+  * in thinking mode, reasoning is shown only after the last user turn unless `drop_thinking=False`
+    or a message carries `tools`; developer turns before the last user turn are dropped then;
   * a turn followed by another non-assistant turn gets no `<｜Assistant｜>` opener.
 """
 from __future__ import annotations
@@ -21,14 +18,10 @@ from typing import Any
 __all__ = ["encode_chat", "parse_completion", "BOS", "EOS", "USER", "ASSISTANT", "LATEST_REMINDER",
            "THINK_START", "THINK_END", "DSML", "TASK_TOKENS", "ROLES", "REASONING_EFFORTS"]
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-USER = "<｜User｜>"
-ASSISTANT = "<｜Assistant｜>"
-LATEST_REMINDER = "<｜latest_reminder｜>"
-THINK_START = "<think>"
-THINK_END = "</think>"
-DSML = "｜DSML｜"
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+USER, ASSISTANT, LATEST_REMINDER = "<｜User｜>", "<｜Assistant｜>", "<｜latest_reminder｜>"
+THINK_START, THINK_END = "<think>", "</think>"
+DSML = "｜DSML｜"   # prefix of the tool-call markup tags
 TASK_TOKENS = {t: f"<｜{t}｜>" for t in ("action", "query", "authority", "domain", "title", "read_url")}
 ROLES = ("system", "user", "developer", "assistant", "tool", "latest_reminder")
 REASONING_EFFORTS = (None, "high", "max")   # only "max" changes the prompt (thinking mode only)
@@ -41,10 +34,9 @@ _PARAM_OPEN, _PARAM_CLOSE_TAIL = f"<{DSML}parameter", f"/{DSML}parameter"
 _MAX_EFFORT = (
     "Reasoning Effort: Absolute maximum with no shortcuts permitted.\n"
     "You MUST be very thorough in your thinking and comprehensively decompose the problem to resolve the root cause, rigorously stress-testing your logic against all potential paths, edge cases, and adversarial scenarios.\n"
-    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n"
-)
+    "Explicitly write out your entire deliberation process, documenting every intermediate step, considered alternative, and rejected hypothesis to ensure absolutely no assumption is left unchecked.\n\n")
 _RESPONSE_FORMAT = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
-_TOOLS_HEAD = """## Tools
+_TOOLS = """## Tools
 
 You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "<｜DSML｜tool_calls>" block like the following:
 
@@ -66,15 +58,15 @@ Otherwise, output directly after </think> with tool calls or final response.
 
 ### Available Tool Schemas
 
+{schemas}
+
+You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
 """
-_TOOLS_TAIL = "\n\nYou MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.\n"
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
-
-# ---------------------------------------------------------------- encoding
 
 def _check(messages: list[dict], thinking: bool, reasoning_effort: str | None) -> None:
     """Reject bad options and messages before encoding, naming what is wrong."""
@@ -92,42 +84,38 @@ def _check(messages: list[dict], thinking: bool, reasoning_effort: str | None) -
             raise ValueError(f"message {i}: a developer message needs non-empty content")
 
 
-def _tool_result(content: Any) -> str:
-    if isinstance(content, list):   # content parts: only text is representable
-        content = "\n\n".join(p.get("text", "") if p.get("type") == "text" else f"[Unsupported {p.get('type')}]"
-                              for p in content)
-    return f"<tool_result>{content}</tool_result>"
-
-
 def _fold_tool_turns(messages: list[dict]) -> list[dict]:
-    """V4 has no tool role: tool results, and consecutive user texts, pile into one user turn.
+    """Tool results, and consecutive user texts, pile into one user turn (V4 has no tool role).
 
-    A user turn becomes {"role": "user", "blocks": [(is_tool_result, call_id, text)], "task": ...}; a text
-    starts a new turn only after a non-user turn or a user turn with a task. Other user keys are
-    ignored, as in the reference.
+    User turns become {"role": "user", "blocks": [(is_tool_result, call_id, text)], "task": ...}; a
+    user text opens a new turn unless the previous turn is a user turn without a task. Other keys of
+    user messages (tools, response_format) are ignored, as in the reference.
     """
     out: list[dict] = []
     for m in messages:
-        role, prev = m["role"], out[-1] if out else {}
-        if role == "tool":
-            block = (True, m.get("tool_call_id", ""), _tool_result(m.get("content", "")))
-            if prev.get("role") == "user":
-                prev["blocks"].append(block)
-            else:
-                out.append({"role": "user", "blocks": [block], "task": None})
-        elif role == "user":
+        prev = out[-1] if out else {}
+        if m["role"] == "tool":
+            c = m.get("content", "")
+            if isinstance(c, list):   # content parts: only text is representable
+                c = "\n\n".join(p.get("text", "") if p.get("type") == "text" else f"[Unsupported {p.get('type')}]"
+                                for p in c)
+            block = (True, m.get("tool_call_id", ""), f"<tool_result>{c}</tool_result>")
+            opens, task = prev.get("role") != "user", None
+        elif m["role"] == "user":
             block = (False, None, f"{m.get('content') or ''}")
-            if prev.get("role") == "user" and prev["task"] is None:
-                prev["blocks"].append(block)
-            else:
-                out.append({"role": "user", "blocks": [block], "task": m.get("task")})
+            opens, task = prev.get("role") != "user" or prev["task"] is not None, m.get("task")
         else:
             out.append(m)
+            continue
+        if opens:
+            out.append({"role": "user", "blocks": [block], "task": task})
+        else:
+            prev["blocks"].append(block)
     return out
 
 
 def _order_tool_results(turns: list[dict]) -> list[dict]:
-    """Put a turn's tool results in the order of the latest assistant tool calls (unknown ids first)."""
+    """Order a turn's tool results like the latest assistant tool calls (unknown ids rank as the first)."""
     rank: dict[Any, int] = {}
     out = []
     for t in turns:
@@ -148,24 +136,15 @@ def _last_user(turns: list[dict]) -> int:
 def _forget_history(turns: list[dict]) -> list[dict]:
     """Before the last user/developer turn: strip assistant reasoning and drop developer turns."""
     last = _last_user(turns)
-    out = []
-    for i, t in enumerate(turns):
-        if t["role"] == "assistant" and i < last:
-            t = {k: v for k, v in t.items() if k != "reasoning_content"}
-        elif t["role"] == "developer" and i < last:
-            continue
-        out.append(t)
-    return out
+    return [{k: v for k, v in t.items() if k != "reasoning_content"} if t["role"] == "assistant" and i < last
+            else t for i, t in enumerate(turns) if not (t["role"] == "developer" and i < last)]
 
 
 def _extras(m: dict) -> str:
     """Tool schemas and the reply schema a system/developer turn can carry."""
-    out = ""
-    if m.get("tools"):
-        out += "\n\n" + _TOOLS_HEAD + "\n".join(_json(t["function"]) for t in m["tools"]) + _TOOLS_TAIL
-    if m.get("response_format"):
-        out += "\n\n" + _RESPONSE_FORMAT + _json(m["response_format"])
-    return out
+    schemas = "\n".join(_json(t["function"]) for t in m.get("tools") or ())
+    tools = "\n\n" + _TOOLS.replace("{schemas}", schemas) if m.get("tools") else ""
+    return tools + ("\n\n" + _RESPONSE_FORMAT + _json(m["response_format"]) if m.get("response_format") else "")
 
 
 def _dsml_arguments(arguments: Any) -> str:
@@ -180,11 +159,9 @@ def _dsml_arguments(arguments: Any) -> str:
 
 
 def _dsml_calls(calls: list[dict] | None) -> str:
-    if not calls:
-        return ""
-    invokes = [f'{_INVOKE_OPEN} name="{c["function"]["name"]}">\n{_dsml_arguments(c["function"]["arguments"])}\n'
-               f'{_INVOKE_CLOSE}>' for c in calls]
-    return f"\n\n{_CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{_CALLS_CLOSE}"
+    invokes = "\n".join(f'{_INVOKE_OPEN} name="{c["function"]["name"]}">\n'
+                        f'{_dsml_arguments(c["function"]["arguments"])}\n{_INVOKE_CLOSE}>' for c in calls or ())
+    return f"\n\n{_CALLS_OPEN}\n{invokes}\n{_CALLS_CLOSE}" if calls else ""
 
 
 def _render(i: int, turns: list[dict], last_user: int, thinking: bool, keep_reasoning: bool,
@@ -241,41 +218,30 @@ def encode_chat(messages: list[dict], thinking: bool = False, *, context: list[d
                             for i in range(start, len(turns)))
 
 
-# ---------------------------------------------------------------- parsing
-
 class _Cursor:
     """Walks a completion, jumping to the earliest of several markers."""
 
     def __init__(self, text: str) -> None:
         self.text, self.pos = text, 0
 
-    def done(self) -> bool:
-        return self.pos >= len(self.text)
-
     def skip_to(self, *markers: str) -> tuple[str, str | None]:
-        """Consume through the first marker found; return (text before it, marker). At no marker,
-        consume everything and return marker None."""
-        hits = [(p, k, m) for k, m in enumerate(markers) if (p := self.text.find(m, self.pos)) >= 0]
-        start = self.pos
-        if not hits:
-            self.pos = len(self.text)
-            return self.text[start:], None
-        p, _, m = min(hits)
-        self.pos = p + len(m)
-        return self.text[start:p], m
+        """Consume through the earliest marker; return (text before it, marker), or (rest, None)."""
+        hits = [(p, k) for k, m in enumerate(markers) if (p := self.text.find(m, self.pos)) >= 0]
+        end, k = min(hits, default=(len(self.text), -1))
+        chunk, mark = self.text[self.pos:end], markers[k] if hits else None
+        self.pos = end + len(mark or "")
+        return chunk, mark
 
 
 def _parse_invokes(cur: _Cursor) -> list[dict]:
     """Invokes after the tool-calls opener, until its closing tag (or the end of the text)."""
     calls = []
-    while not cur.done():
+    while cur.pos < len(cur.text):
         gap, mark = cur.skip_to(_INVOKE_OPEN, _CALLS_CLOSE)
-        if gap != ">\n":
-            raise ValueError(f"malformed tool calls: expected '>\\n' before the next tag, got {gap!r}")
+        if gap != ">\n" or mark is None:
+            raise ValueError(f"malformed tool calls: expected '>\\n' and a tag, got {gap!r}")
         if mark == _CALLS_CLOSE:
             break
-        if mark is None:
-            raise ValueError("malformed tool calls: the block is not closed")
         head, mark = cur.skip_to(_PARAM_OPEN, _INVOKE_CLOSE)
         name = re.match(r'\s*name="(.*?)">\n$', head, flags=re.DOTALL)
         if name is None:
@@ -302,8 +268,9 @@ def parse_completion(text: str, thinking: bool = False) -> dict:
     """The assistant message a completion encodes (text generated after the assistant opener,
     through EOS): {"role", "content", "reasoning_content", "tool_calls" (OpenAI format)}.
 
-    Raises ValueError when the text does not follow the format. Tool-call argument values marked
-    string="false" are copied into the arguments JSON verbatim, unchecked.
+    Raises ValueError when the text does not follow the format. As in the reference, values marked
+    string="false" go into the arguments JSON unchecked, and a tool-call block cut short (no closing
+    tags, no EOS) still parses.
     """
     if not isinstance(thinking, bool):
         raise ValueError(f"thinking must be True or False, got {thinking!r}")
@@ -320,7 +287,7 @@ def parse_completion(text: str, thinking: bool = False) -> dict:
             raise ValueError(f"text after the tool calls: {trailing!r}")
     elif mark is None:
         raise ValueError("completion does not end with EOS")
-    if not cur.done():
+    if cur.pos < len(text):
         raise ValueError(f"text after EOS: {text[cur.pos:]!r}")
     for token in (BOS, EOS, THINK_START, THINK_END, DSML):
         if token in content or token in reasoning:

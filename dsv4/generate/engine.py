@@ -62,6 +62,14 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     cache = model.new_cache(B, max(len(p) for p in prompts) + max_new_tokens, kv_dtype, index_dtype)
     last = torch.cat([_prefill(model, cache.select(r), list(p), prefill_chunk, progress, prefix_store)
                       for r, p in enumerate(prompts)])                     # [B, vocab]
+    yield from decode_loop(model, cache, last, max_new_tokens, cfg, gen, stops)
+
+
+def decode_loop(model, cache, last: torch.Tensor, max_new_tokens: int, cfg: SamplingConfig,
+                gen: torch.Generator, stops: set[int]) -> Iterator[list[int | None]]:
+    """Sample from `last` [B, vocab], feed the tokens back through `cache`, repeat. The final token of each
+    row is yielded but not fed (the caller feeds it if the sequence continues)."""
+    B = last.shape[0]
     done = [False] * B
     for step in range(max_new_tokens):
         nxt = sample(last, cfg, gen)
