@@ -59,6 +59,10 @@ class Attention(nn.Module):
         self.kind = "window" if self.ratio == 0 else ("csa" if self.ratio == cfg.csa_ratio else "hca")
         self.softmax_scale = cfg.head_dim ** -0.5
         self.quant_sim = False
+        # training stages (v4-architecture §3.5): CSA attends to the indexer's top-k (`sparse`) or, during the
+        # warm-ups, to every visible entry; `indexer_loss` computes the indexer's KL loss into `indexer_kl`
+        self.sparse, self.indexer_loss = True, False
+        self.indexer_kl: torch.Tensor | None = None
 
         self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
         self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
@@ -103,28 +107,73 @@ class Attention(nn.Module):
         if self.quant_sim:
             kv = quantize_entries(kv, self.rope_dim, rotate=False)
 
-        rows = kv if cache is None else torch.cat((cache.window(pos0), kv), dim=1)
-        idx = window_indices(pos0, S, rows.shape[1] - S, self.window_size)  # [B, S, W]
-        if cache is not None:
-            cache.write_window(pos0, kv)
-        if self.ratio:
-            n_visible = (pos + 1) // self.ratio                                 # entries j < n_visible are complete
-            new = self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state if cache else None)
-            if cache is None:
-                entries = new.entries
-            else:
-                cache.add_entries(new)
-                entries = cache.entries()
-            if self.kind == "csa":
-                cidx = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, self.quant_sim, cache)
-            else:
-                cidx = visible_entries(n_visible, entries.shape[1])
-            idx = torch.cat((idx, torch.where(cidx >= 0, cidx + rows.shape[1], -1)), dim=-1)
-            rows = torch.cat((rows, entries), dim=1)
-
-        o = ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)  # [B, S, H, D]
+        if cache is None:
+            o = self._sequence(x, qr, q, kv, pos, cos, sin)
+        else:
+            o = self._cached(x, qr, q, kv, pos0, pos, cos, sin, cache)
         o = apply_rope(o, cos, sin, inverse=True)  # V = K carries RoPE: rotate the output back
         o = o.reshape(B, S, self.n_groups, H * D // self.n_groups)
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
         o = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))               # [B, S, G, o_lora]
         return self.wo_b(o.flatten(2))
+
+    def _sequence(self, x, qr, q, kv, pos, cos, sin) -> torch.Tensor:
+        """Whole sequences from position 0: block-local window + masked dense compressed entries."""
+        entries = mask = scores = None
+        if self.ratio:
+            zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            entries = self.compressor(x, zeros, self.freqs, self.quant_sim).entries    # [B, N, D]
+            j = torch.arange(entries.shape[1], device=x.device)
+            mask = j < ((pos + 1) // self.ratio).unsqueeze(-1)                          # [B, S, N] visible
+            if self.kind == "csa" and (self.sparse or self.indexer_loss):
+                # the indexer learns only from its KL loss: its inputs are detached
+                inputs = (x.detach(), qr.detach()) if self.indexer_loss else (x, qr)
+                with torch.set_grad_enabled(self.indexer_loss and torch.is_grad_enabled()):
+                    scores = self.indexer.sequence_scores(*inputs, cos, sin, self.freqs, self.quant_sim)
+                if self.sparse:
+                    mask = mask & topk_mask(scores.detach(), mask, self.indexer.topk)
+        want = scores is not None and self.indexer_loss
+        o, p_ent = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
+                                     return_entry_probs=want)
+        self.indexer_kl = indexer_kl(scores, p_ent, mask) if want else None
+        return o
+
+    def _cached(self, x, qr, q, kv, pos0, pos, cos, sin, cache) -> torch.Tensor:
+        """Continue cached sequences: index lists into [earlier window rows | chunk rows | entries]."""
+        rows = torch.cat((cache.window(pos0), kv), dim=1)
+        idx = window_indices(pos0, x.shape[1], rows.shape[1] - x.shape[1], self.window_size)   # [B, S, W]
+        cache.write_window(pos0, kv)
+        if self.ratio:
+            n_visible = (pos + 1) // self.ratio                                 # entries j < n_visible are complete
+            cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
+            entries = cache.entries()
+            cidx = visible_entries(n_visible, entries.shape[1])
+            if self.kind == "csa":  # the indexer's cache advances even while attention is dense
+                top = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, self.quant_sim, cache)
+                cidx = top if self.sparse else cidx
+            idx = torch.cat((idx, torch.where(cidx >= 0, cidx + rows.shape[1], -1)), dim=-1)
+            rows = torch.cat((rows, entries), dim=1)
+        return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)
+
+
+def topk_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, S, N] bool: the k best visible entries per query (ties to the older entry, as ops.indexer_topk)."""
+    k = min(k, scores.shape[-1])
+    order = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
+    return torch.zeros_like(visible).scatter(-1, order[..., :k], True) & visible
+
+
+def indexer_kl(scores: torch.Tensor, entry_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """KL(target || softmax(indexer scores)) over the entries a query attends to (v4-architecture §3.5).
+
+    target: the main attention's probability on those entries within its joint softmax, summed over heads and
+    normalised (no gradient). Queries that attend to no entry are skipped."""
+    target = entry_probs.detach().sum(2) * mask                                      # [B, S, N]
+    mass = target.sum(-1, keepdim=True)
+    live = mass.squeeze(-1) > 0
+    if not bool(live.any()):
+        return scores.sum() * 0.0
+    target = target / mass.clamp(min=1e-30)
+    logq = torch.log_softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    kl = (target * (torch.log(target.clamp(min=1e-30)) - logq.masked_fill(~mask, 0.0))).sum(-1)
+    return kl[live].mean()

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops.reference.attention import index_scores
 from .compressor import Compressor, quantize_entries
 from .rope import apply_rope
 
@@ -43,3 +44,11 @@ class Indexer(nn.Module):
             keys = cache.keys()
         q, w = self.queries(x, qr, cos, sin, quant_sim)
         return ops.indexer_topk(q, w, keys, n_visible, self.topk)
+
+    def sequence_scores(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        freqs: torch.Tensor, quant_sim: bool) -> torch.Tensor:
+        """Scores I[b, s, j] of every query against every compressed entry of whole sequences (position 0..)."""
+        zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        keys = self.compressor(x, zeros, freqs, quant_sim).entries
+        q, w = self.queries(x, qr, cos, sin, quant_sim)
+        return index_scores(q, w, keys)

@@ -9,6 +9,7 @@ import torch
 from .reference import attention as _ref_attn
 from .reference import experts as _ref_experts
 from .reference import pooling as _ref_pool
+from .reference import sequence_attn as _ref_seq
 from .reference import sinkhorn as _ref_sinkhorn
 
 # op name -> backend name -> (implementation, predicate saying whether it can run these arguments)
@@ -37,6 +38,7 @@ def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
 
 
 register("sparse_attn", "reference", _ref_attn.sparse_attn)
+register("sequence_attn", "reference", _ref_seq.sequence_attn)
 register("indexer_topk", "reference", _ref_attn.indexer_topk)
 register("compress_pool", "reference", _ref_pool.compress_pool)
 register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
@@ -47,6 +49,15 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
                 *, backend: str | None = None) -> torch.Tensor:
     """o[b,s,h] = softmax-with-sink over kv[b, idx[b,s,:]] (idx -1 = masked). See reference.attention."""
     return _pick("sparse_attn", backend, q, kv, sink, idx, scale)(q, kv, sink, idx, scale)
+
+
+def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, entry_mask: torch.Tensor | None,
+                  sink: torch.Tensor, scale: float, window: int, return_entry_probs: bool = False,
+                  *, backend: str | None = None):
+    """Whole-sequence attention: last `window` positions + masked compressed entries, sink in the softmax.
+    Returns (o, entry probabilities or None). See reference.sequence_attn."""
+    fn = _pick("sequence_attn", backend, q, kv, entries, entry_mask, sink, scale, window, return_entry_probs)
+    return fn(q, kv, entries, entry_mask, sink, scale, window, return_entry_probs)
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor, k: int,

@@ -107,3 +107,21 @@ def test_moe_experts_matches_per_token_loop():
             up = (w3[e].double() @ x[n].double()).clamp(-limit, limit)
             want += w2[e].double() @ (torch.nn.functional.silu(gate) * up * wt[n, j])
         assert (got[n].double() - want).abs().max() < 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("S, W", [(1, 4), (7, 4), (20, 8), (13, 32)])
+def test_sequence_attn_equals_sparse_attn(S, W):
+    """The whole-sequence form (block-local window + masked entries) is the same math as index lists."""
+    g = torch.Generator().manual_seed(S)
+    B, H, D, N = 2, 3, 8, 5
+    q, kv, ent = torch.randn(B, S, H, D, generator=g), torch.randn(B, S, D, generator=g), torch.randn(B, N, D, generator=g)
+    sink = torch.randn(H, generator=g)
+    mask = torch.rand(B, S, N, generator=g) < 0.5
+    o, p = ops.sequence_attn(q, kv, ent, mask, sink, 0.3, W, return_entry_probs=True)
+    i = torch.arange(S).view(S, 1)
+    widx = i - torch.arange(W)
+    widx = torch.where(widx >= 0, widx, -1).expand(B, S, W)
+    eidx = torch.where(mask, torch.arange(N) + S, -1)
+    want = ops.sparse_attn(q, torch.cat((kv, ent), 1), sink, torch.cat((widx, eidx), -1), 0.3)
+    assert (o - want).abs().max() < 1e-5
+    assert p.shape == (B, S, H, N) and (p[~mask.unsqueeze(2).expand_as(p)] == 0).all()
