@@ -65,6 +65,7 @@ class ModelConfig:
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
+    hc_mode: str = "mhc"              # "mhc" (V4); ablations: "hc" (unconstrained mixing), "none" (plain residual)
     # multi-token prediction
     n_mtp_layers: int = 1
     # storage format of the official checkpoint (informational; weights are dequantised on load)
@@ -108,6 +109,8 @@ class ModelConfig:
         need(self.rope_theta > 0 and self.compress_rope_theta > 0, "rope_theta", "RoPE bases must be > 0")
         need(self.rope_factor >= 1, "rope_factor", "must be >= 1")
         need(self.expert_dtype in (None, "fp4", "fp8", "bf16"), "expert_dtype", "must be one of None/'fp4'/'fp8'/'bf16'")
+        need(self.hc_mode in ("mhc", "hc", "none"), "hc_mode", "must be 'mhc', 'hc' or 'none'")
+        need(self.hc_mode != "none" or self.hc_mult == 1, "hc_mult", "must be 1 with hc_mode='none' (one residual lane)")
         want = self.n_layers + self.n_mtp_layers
         need(len(self.compress_ratios) == want, "compress_ratios",
              f"needs n_layers + n_mtp_layers = {want} entries (or n_layers), got {len(self.compress_ratios)}")
@@ -223,6 +226,7 @@ class ModelConfig:
             n_hash_layers=n_hash, score_func=get("scoring_func", "sqrtsoftplus"),
             route_scale=float(get("routed_scaling_factor", 1.0)), swiglu_limit=float(get("swiglu_limit", 0.0)),
             hc_mult=get("hc_mult", 4), hc_sinkhorn_iters=get("hc_sinkhorn_iters", 20), hc_eps=get("hc_eps", 1e-6),
+            hc_mode=d.get("hc_mode", "mhc"),
             n_mtp_layers=n_mtp, expert_dtype=d.get("expert_dtype"),
             bos_token_id=_first(get("bos_token_id", 0)), eos_token_id=_first(get("eos_token_id", 1)),
         )
@@ -264,12 +268,14 @@ class ModelConfig:
                                  "original_max_position_embeddings": self.original_seq_len}
         if self.expert_dtype:
             d["expert_dtype"] = self.expert_dtype
+        if self.hc_mode != "mhc":
+            d["hc_mode"] = self.hc_mode
         return d
 
     def hub_compatible(self) -> bool:
         """Whether `transformers`' DeepseekV4 can express this config (one CSA ratio, one HCA ratio)."""
         main = self.compress_ratios[: self.n_layers]
-        return len({r for r in main if r and r != self.csa_ratio}) <= 1
+        return self.hc_mode == "mhc" and len({r for r in main if r and r != self.csa_ratio}) <= 1
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":

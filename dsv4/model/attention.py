@@ -58,7 +58,7 @@ class Attention(nn.Module):
         self.ratio = cfg.compress_ratios[layer_id]
         self.kind = "window" if self.ratio == 0 else ("csa" if self.ratio == cfg.csa_ratio else "hca")
         self.softmax_scale = cfg.head_dim ** -0.5
-        self.quant_sim = False
+        self.quant_sim = False  # FP8 round trip of the KV nope dims (raw and compressed), as the reference
         # training stages (v4-architecture §3.5): CSA attends to the indexer's top-k (`sparse`) or, during the
         # warm-ups, to every visible entry; `indexer_loss` computes the indexer's KL loss into `indexer_kl`
         self.sparse, self.indexer_loss = True, False
@@ -129,7 +129,7 @@ class Attention(nn.Module):
                 # the indexer learns only from its KL loss: its inputs are detached
                 inputs = (x.detach(), qr.detach()) if self.indexer_loss else (x, qr)
                 with torch.set_grad_enabled(self.indexer_loss and torch.is_grad_enabled()):
-                    scores = self.indexer.sequence_scores(*inputs, cos, sin, self.freqs, self.quant_sim)
+                    scores = self.indexer.sequence_scores(*inputs, cos, sin, self.freqs)
                 if self.sparse:
                     mask = mask & topk_mask(scores.detach(), mask, self.indexer.topk)
         want = scores is not None and self.indexer_loss
@@ -149,7 +149,7 @@ class Attention(nn.Module):
             entries = cache.entries()
             cidx = visible_entries(n_visible, entries.shape[1])
             if self.kind == "csa":  # the indexer's cache advances even while attention is dense
-                top = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, self.quant_sim, cache)
+                top = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, cache)
                 cidx = top if self.sparse else cidx
             idx = torch.cat((idx, torch.where(cidx >= 0, cidx + rows.shape[1], -1)), dim=-1)
             rows = torch.cat((rows, entries), dim=1)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..quant import fp4_fake_quant, fp8_fake_quant, hadamard
+from ..quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through
 from .norm import RMSNorm
 from .rope import apply_rope, rope_angles
 
@@ -148,7 +148,10 @@ class Compressor(nn.Module):
 
 def quantize_entries(x: torch.Tensor, rope_dim: int, rotate: bool) -> torch.Tensor:
     """The reference's QAT round trip of a cached row: Hadamard + FP4 (indexer keys/queries, all dims),
-    or FP8 on the nope dims only (attention KV; the rope dims stay in the activation dtype)."""
+    or FP8 on the nope dims only (attention KV; the rope dims stay in the activation dtype). Gradients pass
+    straight through (quantisation-aware training)."""
     if rotate:
-        return fp4_fake_quant(hadamard(x), 32)
-    return torch.cat((fp8_fake_quant(x[..., :-rope_dim], 64), x[..., -rope_dim:]), dim=-1)
+        x = hadamard(x)
+        return straight_through(x, fp4_fake_quant(x, 32))
+    q = torch.cat((fp8_fake_quant(x[..., :-rope_dim], 64), x[..., -rope_dim:]), dim=-1)
+    return straight_through(x, q)

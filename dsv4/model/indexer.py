@@ -22,33 +22,34 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
         self.weights_proj = nn.Linear(dim, n_heads, bias=False)
         self.compressor = Compressor(dim, head_dim, rope_dim, ratio, overlap=True, rotate=True, eps=eps)
+        self.fp4 = False  # Hadamard + FP4 round trip of queries and keys (QAT, and the reference's inference)
 
-    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                quant_sim: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indexer queries [B, S, Hi, Di] and head weights [B, S, Hi] (fp32, scaled by Di^-0.5 * Hi^-0.5)."""
         B, S, _ = x.shape
         q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos, sin)
-        if quant_sim:
+        if self.fp4:
             q = quantize_entries(q, self.rope_dim, rotate=True)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
         return q, w
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, pos0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                freqs: torch.Tensor, n_visible: torch.Tensor, quant_sim: bool, cache=None) -> torch.Tensor:
+                freqs: torch.Tensor, n_visible: torch.Tensor, cache=None) -> torch.Tensor:
         """Top-k entry indices [B, S, k] (-1 pads) among the entries each query sees (n_visible [B, S])."""
-        new = self.compressor(x, pos0, freqs, quant_sim, cache.indexer_state if cache is not None else None)
+        new = self.compressor(x, pos0, freqs, self.fp4, cache.indexer_state if cache is not None else None)
         if cache is None:
             keys = new.entries
         else:
             cache.add_keys(new)
             keys = cache.keys()
-        q, w = self.queries(x, qr, cos, sin, quant_sim)
+        q, w = self.queries(x, qr, cos, sin)
         return ops.indexer_topk(q, w, keys, n_visible, self.topk)
 
     def sequence_scores(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        freqs: torch.Tensor, quant_sim: bool) -> torch.Tensor:
+                        freqs: torch.Tensor) -> torch.Tensor:
         """Scores I[b, s, j] of every query against every compressed entry of whole sequences (position 0..)."""
         zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        keys = self.compressor(x, zeros, freqs, quant_sim).entries
-        q, w = self.queries(x, qr, cos, sin, quant_sim)
+        keys = self.compressor(x, zeros, freqs, self.fp4).entries
+        q, w = self.queries(x, qr, cos, sin)
         return index_scores(q, w, keys)

@@ -25,11 +25,18 @@ def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor,
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
-           norm_eps: float, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: [B, S, R, C] -> (sublayer input [B, S, C] in x.dtype, post [B, S, R], comb [B, S, R, R])."""
+           norm_eps: float, hc_eps: float, constrained: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: [B, S, R, C] -> (sublayer input [B, S, C] in x.dtype, post [B, S, R], comb [B, S, R, R]).
+
+    `constrained=False` is the unconstrained hyper-connection ablation: comb is the raw affine map of the
+    logits (no softmax, no Sinkhorn), so nothing keeps the residual mixing from amplifying."""
     R = x.shape[2]
     xf, mixes = _mixes(x, fn, norm_eps)
-    pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, R, iters, hc_eps)
+    if constrained:
+        pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, R, iters, hc_eps)
+    else:
+        pre, post, _ = ops.hc_split_sinkhorn(mixes, scale, base, R, 1, hc_eps)
+        comb = (mixes[..., 2 * R:] * scale[2] + base[2 * R:]).unflatten(-1, (R, R))
     y = (pre.unsqueeze(-1) * xf.view(x.shape)).sum(dim=2)
     return y.to(x.dtype), post, comb
 
@@ -49,10 +56,11 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
 
 
 def init_hc_params(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int,
-                   generator: torch.Generator | None = None) -> None:
+                   generator: torch.Generator | None = None, constrained: bool = True) -> None:
     """Start close to a plain pre-norm residual (documented choice; V4 only says "alpha small"):
     pre = sigmoid(-ln 3) = 1/4 (the collapse of R identical lanes is their mean), post = 2*sigmoid(0) = 1,
-    comb logits with a diagonal gap of 4 (after Sinkhorn ~0.9 on the diagonal), small dynamic part
+    comb logits with a diagonal gap of 4 (after Sinkhorn ~0.9 on the diagonal; the identity when unconstrained),
+    small dynamic part
     (fn ~ N(0, 0.02), scales alpha = 0.01). With identical lanes the block is then exactly x + f(x)."""
     with torch.no_grad():
         fn.normal_(0.0, 0.02, generator=generator)
@@ -62,4 +70,19 @@ def init_hc_params(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc
             return
         base.zero_()
         base[:hc] = -math.log(hc - 1) if hc > 1 else 10.0
-        base[2 * hc:] = 4.0 * torch.eye(hc).flatten()
+        base[2 * hc:] = (4.0 if constrained else 1.0) * torch.eye(hc).flatten()  # unconstrained: comb = I
+
+
+def residual_gain(combs: list[torch.Tensor]) -> float:
+    """Amax gain of the composed residual mixing over the given sublayers (in order): the largest absolute row
+    or column sum of prod_l comb_l^T, maximised over tokens. 1 for a doubly-stochastic chain; unconstrained
+    hyper-connections can drift far from it (mHC paper, Fig. 7)."""
+    m = None
+    for c in combs:                                    # lanes_new = comb^T lanes
+        ct = c.float().transpose(-1, -2)
+        m = ct if m is None else ct @ m
+    if m is None:
+        return 1.0
+    rows = m.abs().sum(-1).amax(-1)
+    cols = m.abs().sum(-2).amax(-1)
+    return float(torch.maximum(rows, cols).max())

@@ -13,6 +13,13 @@ from torch import nn
 
 from .. import ops
 from ..ops.reference.experts import swiglu
+from ..quant import fp4_fake_quant, straight_through
+
+
+def fp4_weights(w: torch.Tensor) -> torch.Tensor:
+    """Expert weights as the FP4 checkpoint stores them (e2m1, one power-of-two scale per 32 inputs), with the
+    gradient passed straight to the full-precision master weight (V4's FP4 QAT)."""
+    return straight_through(w, fp4_fake_quant(w, 32))
 
 
 class Gate(nn.Module):
@@ -76,6 +83,7 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
         self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit)
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (expert ids, affinities), for training
+        self.qat = False  # FP4 (MXFP4, 1x32) fake quantisation of the routed experts with a straight-through grad
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         """x: [B, S, C] (ffn_norm output) -> [B, S, C]."""
@@ -84,6 +92,7 @@ class MoE(nn.Module):
         weights, idx, scores = self.gate(flat, token_ids)
         self.last_routing = (idx, scores)
         e = self.experts
-        y = ops.moe_experts(flat, e.w1, e.w2, e.w3, idx, weights, self.swiglu_limit)   # fp32
+        w1, w2, w3 = (fp4_weights(w) if self.qat else w for w in (e.w1, e.w2, e.w3))
+        y = ops.moe_experts(flat, w1, w2, w3, idx, weights, self.swiglu_limit)   # fp32
         y = y + self.shared_experts(flat).float()
         return y.to(x.dtype).view(shape)

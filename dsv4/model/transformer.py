@@ -30,27 +30,42 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.norm_eps, self.hc_eps, self.hc_iters = cfg.norm_eps, cfg.hc_eps, cfg.hc_sinkhorn_iters
+        self.hc_mode = cfg.hc_mode
         self.attn = Attention(layer_id, cfg)
         self.ffn = MoE(layer_id, cfg)
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        mix, width = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.dim
-        for site in ("attn", "ffn"):
-            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.empty(mix, width)))
-            self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(mix)))
-            self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3)))
+        self.record_hc = False  # keep the last comb matrices (for the residual-gain metric)
+        self.last_combs: list[torch.Tensor] = []
+        if self.hc_mode != "none":
+            mix, width = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.dim
+            for site in ("attn", "ffn"):
+                self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.empty(mix, width)))
+                self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.empty(mix)))
+                self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.empty(3)))
 
     def _hc_pre(self, x: torch.Tensor, site: str):
-        return hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
-                      getattr(self, f"hc_{site}_base"), self.hc_iters, self.norm_eps, self.hc_eps)
+        if self.hc_mode == "none":
+            return x[:, :, 0], None, None
+        y, post, comb = hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
+                               getattr(self, f"hc_{site}_base"), self.hc_iters, self.norm_eps, self.hc_eps,
+                               constrained=self.hc_mode == "mhc")
+        if self.record_hc:
+            self.last_combs.append(comb.detach())
+        return y, post, comb
+
+    @staticmethod
+    def _hc_post(f: torch.Tensor, x: torch.Tensor, post, comb) -> torch.Tensor:
+        return x + f.unsqueeze(2) if post is None else hc_post(f, x, post, comb)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None, pos0: torch.Tensor | None = None,
                 cache=None) -> torch.Tensor:
         """x: [B, S, R, C] lanes, row b at positions pos0[b].. (None: 0) -> [B, S, R, C]."""
+        self.last_combs = []
         y, post, comb = self._hc_pre(x, "attn")
-        x = hc_post(self.attn(self.attn_norm(y), pos0, cache), x, post, comb)
+        x = self._hc_post(self.attn(self.attn_norm(y), pos0, cache), x, post, comb)
         y, post, comb = self._hc_pre(x, "ffn")
-        return hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
+        return self._hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
 
 
 class MTPBlock(Block):
@@ -65,9 +80,7 @@ class MTPBlock(Block):
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.hc_head_fn = nn.Parameter(torch.empty(cfg.hc_mult, cfg.hc_mult * cfg.dim))
-        self.hc_head_base = nn.Parameter(torch.empty(cfg.hc_mult))
-        self.hc_head_scale = nn.Parameter(torch.empty(1))
+        _add_hc_head(self, cfg)
 
     def forward(self, h: torch.Tensor, embedded: torch.Tensor, token_ids: torch.Tensor,
                 pos0: torch.Tensor | None = None, cache=None) -> torch.Tensor:
@@ -76,8 +89,21 @@ class MTPBlock(Block):
         return super().forward(x, token_ids, pos0, cache)
 
     def collapse(self, h: torch.Tensor) -> torch.Tensor:
-        return self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm_eps,
-                                 self.hc_eps))
+        return self.norm(_collapse(self, h, self.norm_eps, self.hc_eps))
+
+
+def _add_hc_head(owner: nn.Module, cfg: ModelConfig) -> None:
+    """The final lane collapse's parameters (none with a single plain residual lane)."""
+    if cfg.hc_mode != "none":
+        owner.hc_head_fn = nn.Parameter(torch.empty(cfg.hc_mult, cfg.hc_mult * cfg.dim))
+        owner.hc_head_base = nn.Parameter(torch.empty(cfg.hc_mult))
+        owner.hc_head_scale = nn.Parameter(torch.empty(1))
+
+
+def _collapse(owner: nn.Module, h: torch.Tensor, norm_eps: float, hc_eps: float) -> torch.Tensor:
+    if not hasattr(owner, "hc_head_fn"):
+        return h[:, :, 0]
+    return hc_head(h, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base, norm_eps, hc_eps)
 
 
 class Transformer(nn.Module):
@@ -91,9 +117,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.hc_head_fn = nn.Parameter(torch.empty(cfg.hc_mult, cfg.hc_mult * cfg.dim))
-        self.hc_head_base = nn.Parameter(torch.empty(cfg.hc_mult))
-        self.hc_head_scale = nn.Parameter(torch.empty(1))
+        _add_hc_head(self, cfg)
         self.mtp = nn.ModuleList(MTPBlock(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp_layers))
 
     # ------------------------------------------------------------------ configuration switches
@@ -101,9 +125,24 @@ class Transformer(nn.Module):
         """Reproduce the reference's inference-time QAT simulation: FP8 (1x64, pow2 scales) on the KV nope
         dims and Hadamard + FP4 (1x32) on indexer queries/keys. Off by default (and for parity with
         transformers, which does not simulate it)."""
+        self._quant_sim = enabled
+        return self._set_numerics()
+
+    def set_qat(self, enabled: bool) -> "Transformer":
+        """FP4 quantisation-aware training (V4 §3.4): routed-expert weights and the indexer's query/key path
+        run through MXFP4 round trips in the forward pass; gradients pass straight through."""
+        self._qat = enabled
+        return self._set_numerics()
+
+    def _set_numerics(self) -> "Transformer":
+        sim, qat = getattr(self, "_quant_sim", False), getattr(self, "_qat", False)
         for m in self.modules():
-            if hasattr(m, "quant_sim"):
-                m.quant_sim = enabled
+            if isinstance(m, Attention):
+                m.quant_sim = sim
+                if hasattr(m, "indexer"):
+                    m.indexer.fp4 = sim or qat
+            elif isinstance(m, MoE):
+                m.qat = qat
         return self
 
     def to_dtype(self, dtype: torch.dtype) -> "Transformer":
@@ -155,8 +194,7 @@ class Transformer(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Lanes [B, S, R, C] -> fp32 logits [B, S, vocab]."""
-        cfg = self.config
-        y = self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, cfg.norm_eps, cfg.hc_eps))
+        y = self.norm(_collapse(self, h, self.config.norm_eps, self.config.hc_eps))
         return F.linear(y.float(), self.head.weight.float())
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
@@ -195,8 +233,9 @@ class Transformer(nn.Module):
         for owner, prefix in [(b, "hc_attn") for b in list(self.layers) + list(self.mtp)] + \
                              [(b, "hc_ffn") for b in list(self.layers) + list(self.mtp)] + \
                              [(m, "hc_head") for m in [self] + list(self.mtp)]:
-            init_hc_params(getattr(owner, f"{prefix}_fn"), getattr(owner, f"{prefix}_base"),
-                           getattr(owner, f"{prefix}_scale"), cfg.hc_mult, g)
+            if hasattr(owner, f"{prefix}_fn"):
+                init_hc_params(getattr(owner, f"{prefix}_fn"), getattr(owner, f"{prefix}_base"),
+                               getattr(owner, f"{prefix}_scale"), cfg.hc_mult, g, constrained=cfg.hc_mode == "mhc")
         for m in self.modules():
             if getattr(m, "hashed", False):  # a fixed random token -> distinct experts table
                 m.tid2eid.copy_(torch.rand(cfg.vocab_size, cfg.n_routed_experts, generator=g)

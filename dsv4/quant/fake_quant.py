@@ -64,3 +64,22 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"hadamard needs a power-of-two last dim, got {n}")
     dt = torch.promote_types(x.dtype, torch.float32)
     return (x.to(dt) @ _sylvester(n, str(x.device)).to(dt)).to(x.dtype)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly the quantised value; backward: the gradient passes to the unquantised input."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def straight_through(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """q in the forward pass, identity gradient to x (the STE of quantisation-aware training)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return q
+    return _StraightThrough.apply(x, q)
