@@ -14,12 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
 from ..quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through
-from .norm import RMSNorm
+from .norm import RMSNorm, linear_fp32
 from .rope import apply_rope, rope_angles
 
 
@@ -74,8 +73,8 @@ class Compressor(nn.Module):
         B, S, _ = x.shape
         m, d = self.ratio, self.head_dim
         xf = x.float()  # compression runs in fp32 (scores are exponentiated)
-        kv = F.linear(xf, self.wkv.weight.float())                          # [B, S, coff*Dc]
-        score = F.linear(xf, self.wgate.weight.float())
+        kv = linear_fp32(xf, self.wkv.weight)                               # [B, S, coff*Dc]
+        score = linear_fp32(xf, self.wgate.weight)
         score = score + self.ape.float()[(pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m]
         if state is None:
             n, first_group, valid = S // m, torch.zeros_like(pos0), None

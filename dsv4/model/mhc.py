@@ -12,16 +12,16 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
+from .norm import linear_fp32
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Flattened fp32 lanes [B, S, R*C] and their projected logits fn . x / rms(x)."""
     xf = x.flatten(2).float()
     rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return xf, F.linear(xf, fn.float()) * rs
+    return xf, linear_fp32(xf, fn) * rs
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,

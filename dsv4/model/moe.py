@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import ops
 from ..ops.reference.experts import swiglu
+from .norm import linear_fp32
 from ..quant import fp4_fake_quant, straight_through
 
 
@@ -34,7 +35,7 @@ class Gate(nn.Module):
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """Affinities sqrt(softplus(x W^T)) [N, E] fp32."""
-        return F.softplus(F.linear(x.float(), self.weight.float())).sqrt()
+        return F.softplus(linear_fp32(x, self.weight)).sqrt()
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, C] -> (routing weights [N, k] fp32, expert ids [N, k], affinities [N, E])."""

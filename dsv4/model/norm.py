@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -12,7 +13,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = x.float()  # (elementwise ops stay fp32 under autocast)
         xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * xf).to(x.dtype)
 
@@ -20,3 +21,9 @@ class RMSNorm(nn.Module):
 def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS normalisation in x's own dtype (the reference's per-head q norm does no fp32 upcast)."""
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T in fp32 even under autocast: where V4 needs fp32 (compressor scores, router, mHC mixes, head)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), w.float())

@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from .attention import Attention
 from .mhc import hc_head, hc_post, hc_pre, init_hc_params
 from .moe import MoE
-from .norm import RMSNorm
+from .norm import RMSNorm, linear_fp32
 
 # Parameters the reference keeps in fp32 whatever the model dtype (v4-architecture §7 "Stays BF16 / FP32").
 FP32_PARAM_SUFFIXES = ("norm.weight", "attn_sink", "ape", "compressor.wkv.weight", "compressor.wgate.weight",
@@ -195,7 +195,7 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Lanes [B, S, R, C] -> fp32 logits [B, S, vocab]."""
         y = self.norm(_collapse(self, h, self.config.norm_eps, self.config.hc_eps))
-        return F.linear(y.float(), self.head.weight.float())
+        return linear_fp32(y, self.head.weight)
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] int64 -> fp32 logits [B, S, vocab] ([B, 1, vocab] with last_only)."""
@@ -208,7 +208,7 @@ class Transformer(nn.Module):
         out = []
         for block, ids in zip(self.mtp, next_tokens):
             h = block(h, self.embed(ids), ids)
-            out.append(F.linear(block.collapse(h).float(), self.head.weight.float()))
+            out.append(linear_fp32(block.collapse(h), self.head.weight))
         return out
 
     # ------------------------------------------------------------------ initialisation

@@ -30,11 +30,22 @@ def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
     if choice == "auto":
         for name in ("triton", "reference"):
             if name in impls and impls[name][1](*args, **kwargs):
-                return impls[name][0]
+                return _outside_autocast(impls[name][0])
         raise RuntimeError(f"no backend of {op} supports these inputs")
     if choice not in impls:
         raise ValueError(f"backend {choice!r} has no {op}; available: {sorted(impls)}")
-    return impls[choice][0]
+    return _outside_autocast(impls[choice][0])
+
+
+def _outside_autocast(fn: Callable) -> Callable:
+    """Ops choose their own precision (the references compute in fp32): never let autocast re-cast inside."""
+    def run(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if not torch.is_autocast_enabled(dev):
+            return fn(*args, **kwargs)
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+    return run
 
 
 register("sparse_attn", "reference", _ref_attn.sparse_attn)

@@ -90,3 +90,54 @@ def _scale_float(scale: torch.Tensor) -> torch.Tensor:
     if scale.element_size() == 1:  # ue8m0
         return e8m0_to_float(scale)
     return scale.float()
+
+
+def quantize_fp4_blocks(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp [O, I] -> (packed e2m1 int8 [O, I/2], UE8M0 scales uint8 [O, I/block]) with the power-of-two scale
+    rule of the model's FP4 fake quantisation, so a QAT-trained weight is stored exactly."""
+    from .fake_quant import FP4_MAX
+    O, I = w.shape
+    blocks = w.float().view(O, I // block, block)
+    s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126)
+                                          / FP4_MAX)))
+    return pack_fp4(e2m1_round((blocks / s).clamp(-FP4_MAX, FP4_MAX)).view(O, I)), float_to_e8m0(s.squeeze(-1))
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp [O, I] -> (e4m3 [O, I], UE8M0 scales uint8 [ceil(O/128), ceil(I/128)]): power-of-two block scales
+    2^ceil(log2(amax/448)), as the official FP8 weights."""
+    O, I = w.shape
+    po, pi = -O % block, -I % block
+    t = torch.nn.functional.pad(w.float(), (0, pi, 0, po)).view((O + po) // block, block, (I + pi) // block, block)
+    amax = t.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-30)
+    s = torch.exp2(torch.ceil(torch.log2(amax / 448)))
+    q = (t / s).clamp(-448, 448).to(torch.float8_e4m3fn).view(O + po, I + pi)[:O, :I]
+    return q, float_to_e8m0(s.view(s.shape[0], s.shape[2]))
+
+
+def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lossless FP4 -> FP8 conversion of the V4 report: FP4 [O, I/2] with 1x32 UE8M0 scales -> e4m3 [O, I]
+    with one power-of-two scale per block x block tile, equal value for value.
+
+    Tile scale 2^k with k = (largest sub-block exponent in the tile) - 6: each e2m1 value times 2^(e_i - k)
+    is then at most 6 * 64 = 384 < 448 and exact in e4m3 as long as e_i - k >= -8, i.e. the tile's non-zero
+    sub-block scales span at most 2^14. A tile beyond that raises ValueError naming it."""
+    O, half = packed.shape
+    I = 2 * half
+    vals = unpack_fp4(packed)                                            # [O, I]
+    exps = (_bytes(scale).to(torch.int32) - 127).repeat_interleave(32, 1)  # per element
+    nonzero = vals != 0
+    to, ti = -(-O // block), -(-I // block)
+    ex = torch.where(nonzero, exps, torch.iinfo(torch.int32).min)
+    pad = torch.nn.functional.pad(ex, (0, ti * block - I, 0, to * block - O), value=torch.iinfo(torch.int32).min)
+    tmax = pad.view(to, block, ti, block).amax(dim=(1, 3))                # [to, ti]
+    tmax = torch.where(tmax == torch.iinfo(torch.int32).min, 0, tmax)
+    k = tmax - 6
+    shift = exps - k.repeat_interleave(block, 0)[:O].repeat_interleave(block, 1)[:, :I]
+    bad = nonzero & (shift < -8)
+    if bool(bad.any()):
+        o, i = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"FP4 -> FP8 is not lossless for tile ({o // block}, {i // block}): its sub-block "
+                         f"scales span more than 2**14")
+    q = (vals * torch.exp2(shift.float())).to(torch.float8_e4m3fn)
+    return q, (k + 127).to(torch.uint8)

@@ -88,3 +88,41 @@ def test_hadamard_is_orthonormal_sylvester():
     assert torch.allclose(h @ h.T, torch.eye(8, dtype=torch.float64))
     assert torch.allclose(h[1] * 8 ** 0.5, torch.tensor([1, -1, 1, -1, 1, -1, 1, -1], dtype=torch.float64))
     assert torch.allclose(hadamard(hadamard(x)), x)
+
+
+def test_fp4_to_fp8_is_bit_exact_within_span_14():
+    from dsv4.quant.formats import dequant_fp8_blocks, fp4_to_fp8
+    g = torch.Generator().manual_seed(3)
+    O, I = 256, 320  # 2 x 3 tiles, the last one partial
+    vals = torch.tensor(ALL_FP4)[torch.randint(0, 16, (O, I), generator=g)]
+    base = torch.randint(-20, 20, (1,), generator=g).item()
+    exps = base + torch.randint(-14, 1, (O, I // 32), generator=g)    # span exactly up to 14
+    exps[:128, :4] = base                                               # make the span reach 14 in a tile
+    exps[:128, 4:8] = base - 14
+    scale = float_to_e8m0(torch.exp2(exps.float()))
+    q, tile = fp4_to_fp8(pack_fp4(vals), scale)
+    assert q.dtype == torch.float8_e4m3fn and tile.shape == (2, 3)
+    assert torch.equal(dequant_fp8_blocks(q, tile), dequant_fp4_blocks(pack_fp4(vals), scale))
+    # every e2m1 value times 2^s is exact in e4m3 exactly for s in [-8, 6]
+    v = torch.tensor(ALL_FP4)
+    for s in range(-10, 9):
+        exact = bool(((v * 2.0 ** s).to(torch.float8_e4m3fn).float() == v * 2.0 ** s).all())
+        assert exact == (-8 <= s <= 6), s
+
+
+def test_fp4_to_fp8_detects_span_15():
+    from dsv4.quant.formats import fp4_to_fp8
+    vals = torch.full((128, 64), 0.5)
+    exps = torch.tensor([[0, -15]] * 128)
+    with pytest.raises(ValueError, match=r"tile \(0, 0\)"):
+        fp4_to_fp8(pack_fp4(vals), float_to_e8m0(torch.exp2(exps.float())))
+
+
+def test_weight_quantisers_match_fake_quant():
+    from dsv4.quant.formats import quantize_fp4_blocks, quantize_fp8_blocks
+    w = torch.randn(200, 96) * torch.exp2(torch.randint(-6, 3, (200, 1)).float())
+    packed, s = quantize_fp4_blocks(w)
+    assert torch.equal(dequant_fp4_blocks(packed, s), fp4_fake_quant(w, 32))
+    q, s8 = quantize_fp8_blocks(w)
+    back = dequant_fp8_blocks(q, s8)
+    assert ((back - w).abs() <= w.abs().amax() * 2 ** -4).all()

@@ -1,0 +1,1 @@
+"""Training: tokenizer training, data pipeline."""

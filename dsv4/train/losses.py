@@ -1,0 +1,101 @@
+"""Training objectives of the V4 recipe and the aux-loss-free expert balancing.
+
+  * next-token cross-entropy;
+  * MTP: depth k predicts token t+k+1 from the lanes at t and the embedding of token t+k (weight `mtp_weight`);
+  * the lightning indexer's KL loss (each CSA layer's `indexer_kl`, averaged over layers);
+  * a small sequence-wise balance loss (DeepSeek-V3 style): per sequence sum_e f_e * P_e, with f_e the
+    expert's share of the sequence's selections (scaled so uniform = 1) and P_e its mean normalised affinity;
+  * after each optimizer step, aux-loss-free balancing nudges each expert's selection bias by
+    `speed * sign(mean load - load)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import Transformer
+from ..model.attention import Attention
+from ..model.moe import MoE
+
+
+@dataclass(kw_only=True)
+class LossWeights:
+    mtp: float = 0.3
+    indexer_kl: float = 1.0
+    balance: float = 1e-4
+
+
+def routed_layers(model: Transformer) -> list[MoE]:
+    """MoE layers whose selection is learned (hash layers route by a fixed table)."""
+    return [m for m in model.modules() if isinstance(m, MoE) and not m.gate.hashed]
+
+
+def balance_loss(moe: MoE, batch: int) -> torch.Tensor:
+    idx, scores = moe.last_routing                                       # [B*S, k], [B*S, E]
+    E, k = scores.shape[1], idx.shape[1]
+    counts = torch.zeros(batch, idx.shape[0] // batch, E, device=idx.device)
+    counts.scatter_add_(2, idx.view(batch, -1, k), torch.ones_like(idx, dtype=counts.dtype).view(batch, -1, k))
+    f = counts.sum(1) * E / (k * counts.shape[1])                         # [B, E], 1 when uniform
+    p = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, E).mean(1)  # [B, E]
+    return (f * p).sum(-1).mean()
+
+
+def compute_loss(model: Transformer, tokens: torch.Tensor, weights: LossWeights, *, lm: bool = True
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """tokens: [B, T + 1 + n_mtp]. Returns the total loss and its parts (floats, for logging).
+
+    lm=False is the indexer warm-up stage: only the indexer KL loss (whose gradient reaches only the indexer)."""
+    n_mtp = len(model.mtp)
+    T = tokens.shape[1] - 1 - n_mtp
+    inputs = tokens[:, :T]
+    for m in routed_layers(model):
+        m.last_routing = None
+    h = model.hidden(inputs)
+    parts: dict[str, float] = {}
+    total = tokens.new_zeros((), dtype=torch.float32)
+    if lm:
+        ce = F.cross_entropy(model.logits(h).flatten(0, 1), tokens[:, 1:T + 1].flatten())
+        parts["lm"] = float(ce)
+        total = total + ce
+        if n_mtp and weights.mtp:
+            shifted = [tokens[:, k + 1:T + k + 1] for k in range(n_mtp)]
+            mtp = [F.cross_entropy(lg.flatten(0, 1), tokens[:, k + 2:T + k + 2].flatten())
+                   for k, lg in enumerate(model.mtp_logits(h, shifted))]
+            mtp_loss = torch.stack(mtp).mean()
+            parts["mtp"] = float(mtp_loss)
+            total = total + weights.mtp * mtp_loss
+        moes = [m for m in routed_layers(model) if m.last_routing is not None]
+        if moes and weights.balance:
+            bal = torch.stack([balance_loss(m, tokens.shape[0]) for m in moes]).mean()
+            parts["balance"] = float(bal)
+            total = total + weights.balance * bal
+    kls = [a.indexer_kl for a in model.modules() if isinstance(a, Attention) and a.indexer_kl is not None]
+    if kls:
+        kl = torch.stack(kls).mean()
+        parts["indexer_kl"] = float(kl)
+        total = total + weights.indexer_kl * kl
+    parts["loss"] = float(total)
+    return total, parts
+
+
+@torch.no_grad()
+def expert_loads(model: Transformer) -> list[torch.Tensor]:
+    """Tokens routed to each expert in the last forward pass, per learned-routing MoE layer."""
+    return [torch.bincount(m.last_routing[0].flatten(), minlength=m.gate.weight.shape[0]).float()
+            if m.last_routing is not None else torch.zeros(m.gate.weight.shape[0], device=m.gate.weight.device)
+            for m in routed_layers(model)]
+
+
+@torch.no_grad()
+def update_expert_bias(model: Transformer, loads: list[torch.Tensor], speed: float) -> float:
+    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones. Returns the
+    mean max/mean load ratio (1 = perfectly balanced), for logging."""
+    ratios = []
+    for moe, load in zip(routed_layers(model), loads):
+        if load.sum() == 0:
+            continue
+        moe.gate.bias.add_(speed * torch.sign(load.mean() - load).to(moe.gate.bias.device))
+        ratios.append(float(load.max() / load.mean().clamp(min=1e-9)))
+    return sum(ratios) / max(len(ratios), 1)
