@@ -341,7 +341,7 @@ def tiny() -> ModelConfig:
     return ModelConfig(
         vocab_size=2048, dim=128, n_layers=4, n_heads=4, head_dim=64, rope_head_dim=16, q_lora_rank=64,
         o_groups=2, o_lora_rank=64, window_size=32, compress_ratios=(0, 4, 16, 4, 0),
-        index_n_heads=8, index_head_dim=32, index_topk=8, original_seq_len=256, rope_factor=4.0,
+        index_n_heads=16, index_head_dim=32, index_topk=8, original_seq_len=256, rope_factor=4.0,
         n_routed_experts=8, n_activated_experts=2, moe_inter_dim=128, n_hash_layers=1, route_scale=1.5,
         max_seq_len=4096)
 

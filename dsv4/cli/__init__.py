@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, generate, info, kv
+from . import chat, compare, generate, info, kv, train
 
-_COMMANDS = {"info": info, "kv": kv, "generate": generate, "chat": chat}
+_COMMANDS = {"train": train, "generate": generate, "chat": chat, "info": info, "kv": kv, "compare": compare}
 
 
 def main(argv: list[str] | None = None) -> int:

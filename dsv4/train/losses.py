@@ -57,26 +57,26 @@ def compute_loss(model: Transformer, tokens: torch.Tensor, weights: LossWeights,
     total = tokens.new_zeros((), dtype=torch.float32)
     if lm:
         ce = F.cross_entropy(model.logits(h).flatten(0, 1), tokens[:, 1:T + 1].flatten())
-        parts["lm"] = float(ce)
+        parts["lm"] = float(ce.detach())
         total = total + ce
         if n_mtp and weights.mtp:
             shifted = [tokens[:, k + 1:T + k + 1] for k in range(n_mtp)]
             mtp = [F.cross_entropy(lg.flatten(0, 1), tokens[:, k + 2:T + k + 2].flatten())
                    for k, lg in enumerate(model.mtp_logits(h, shifted))]
             mtp_loss = torch.stack(mtp).mean()
-            parts["mtp"] = float(mtp_loss)
+            parts["mtp"] = float(mtp_loss.detach())
             total = total + weights.mtp * mtp_loss
         moes = [m for m in routed_layers(model) if m.last_routing is not None]
         if moes and weights.balance:
             bal = torch.stack([balance_loss(m, tokens.shape[0]) for m in moes]).mean()
-            parts["balance"] = float(bal)
+            parts["balance"] = float(bal.detach())
             total = total + weights.balance * bal
     kls = [a.indexer_kl for a in model.modules() if isinstance(a, Attention) and a.indexer_kl is not None]
     if kls:
         kl = torch.stack(kls).mean()
-        parts["indexer_kl"] = float(kl)
+        parts["indexer_kl"] = float(kl.detach())
         total = total + weights.indexer_kl * kl
-    parts["loss"] = float(total)
+    parts["loss"] = float(total.detach())
     return total, parts
 
 
