@@ -52,6 +52,7 @@ class TrainConfig:
     mtp: int | None = None                  # number of MTP blocks (None: the preset's; 0 disables MTP)
     # bookkeeping
     out: str = "runs/default"
+    data_cache: str | None = None           # where tokenized streams are cached (default: OUT/data_cache)
     eval_interval: int = 50
     eval_batches: int = 8
     save_interval: int = 100

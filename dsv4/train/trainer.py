@@ -75,7 +75,7 @@ def _prepare_data(cfg: TrainConfig, out: str):
         vocab = cfg.model().vocab_size
         log.info("training a %d-entry byte-level BPE on %d documents", vocab, len(train_docs))
         tok = train_bpe((d.text for d in train_docs), vocab, tok_dir)
-    cache = os.path.join(out, "data_cache")
+    cache = cfg.data_cache or os.path.join(out, "data_cache")
     return tok, tok_dir, cached_tokens(train_docs, tok, cache), cached_tokens(val_docs, tok, cache)
 
 

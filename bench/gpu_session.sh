@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One device call: environment, GPU tests, then the requested benchmarks; results under $OUT.
+#   bash bench/gpu_session.sh tests ablations e2e kernels
+set -u
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || export PYTHONPATH=$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv;
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda)"; } | tee "$OUT/env.txt"
+for stage in "$@"; do
+  echo "=== $stage"; t0=$(date +%s)
+  case $stage in
+    tests) python3 -m pytest -q -x tests/gpu tests/ops 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    ablations) timeout ${ABL_TIMEOUT:-480} python3 bench/train_ablations.py --out /tmp/abl --steps ${ABL_STEPS:-120} \
+                 --batch-size 16 --seq-len 512 2>&1 | tail -30 | tee "$OUT/ablations.txt";
+               cp /tmp/abl/summary.json "$OUT/ablations.json"; cp /tmp/abl/compare.png "$OUT/ablations.png" ;;
+    kernels) python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tail -40 | tee "$OUT/kernels.txt" ;;
+    e2e) timeout ${E2E_TIMEOUT:-400} python3 bench/e2e.py --json "$OUT/e2e.json" 2>&1 | tail -40 | tee "$OUT/e2e.txt" ;;
+  esac
+  echo "=== $stage took $(( $(date +%s) - t0 )) s"
+done
