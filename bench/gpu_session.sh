@@ -16,7 +16,7 @@ for stage in "$@"; do
   echo "=== $stage"; t0=$(date +%s)
   case $stage in
     tests) python3 -m pytest -q -x tests/gpu tests/ops 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
-    ablations) timeout ${ABL_TIMEOUT:-480} python3 bench/train_ablations.py --out /tmp/abl --steps ${ABL_STEPS:-120} \
+    ablations) rm -rf /tmp/abl; timeout ${ABL_TIMEOUT:-480} python3 bench/train_ablations.py --out /tmp/abl --steps ${ABL_STEPS:-120} --parallel ${ABL_PAR:-1} \
                  --batch-size 16 --seq-len 512 2>&1 | tail -30 | tee "$OUT/ablations.txt";
                cp /tmp/abl/summary.json "$OUT/ablations.json"; cp /tmp/abl/compare.png "$OUT/ablations.png" ;;
     kernels) python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tail -40 | tee "$OUT/kernels.txt" ;;

@@ -38,6 +38,30 @@ def tokens_to_reach(rows: list[dict], target: float) -> float | None:
     return None
 
 
+def _launch(name: str, a, common: list[str], procs: dict, tok: str) -> None:
+    out = os.path.join(a.out, name)
+    extra = [x for k, v in SETTINGS[name].items() for x in ("--" + k.replace("_", "-"), str(v))]
+    if name != "v4" and os.path.isfile(tok):
+        extra += ["--tokenizer", os.path.dirname(tok)]  # every setting sees the same tokens
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // max(a.parallel, 1))))
+    log = open(os.path.join(a.out, f"{name}.log"), "w")
+    procs[name] = (subprocess.Popen([sys.executable, "-m", "dsv4", "train", *common, *extra, "--out", out],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
+
+
+def _wait(procs: dict, a, keep: int) -> None:
+    """Wait until at most `keep` runs are still going."""
+    while len(procs) > keep:
+        for name, (p, t0) in list(procs.items()):
+            if p.poll() is not None:
+                print(f"{name}: exit {p.returncode} in {time.time() - t0:.0f} s", flush=True)
+                if p.returncode:
+                    with open(os.path.join(a.out, f"{name}.log")) as f:
+                        print(f.read()[-1500:], flush=True)
+                del procs[name]
+        time.sleep(0.5)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/ablations")
@@ -48,6 +72,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--corpus-bytes", type=int, default=12_000_000)
     p.add_argument("--only", nargs="*", help="a subset of the settings")
+    p.add_argument("--parallel", type=int, default=1, help="settings trained at once on the GPU (tok/s then shared)")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     common = ["--preset", a.preset, "--steps", str(a.steps), "--batch-size", str(a.batch_size),
@@ -55,30 +80,30 @@ def main() -> None:
               "--eval-interval", str(max(a.steps // 6, 1)), "--eval-batches", "16", "--save-interval",
               str(a.steps), "--log-interval", "5", "--warmup", str(max(a.steps // 10, 1)), "--sample-tokens", "0",
               "--data-cache", os.path.join(a.out, "data_cache")]
+    procs: dict[str, tuple[subprocess.Popen, float]] = {}
+    pending = [n for n in SETTINGS if not a.only or n in a.only]
+    tok = os.path.join(a.out, "v4", "tokenizer", "tokenizer.json")
+    if "v4" in pending and not os.path.isfile(tok):  # the first run trains the tokenizer every setting shares
+        _launch("v4", a, common, procs, tok)
+        _wait(procs, a, 0)
+        pending.remove("v4")
+    for name in pending:
+        _launch(name, a, common, procs, tok)
+        _wait(procs, a, a.parallel - 1)
+    _wait(procs, a, 0)
     runs = {}
-    for name, flags in SETTINGS.items():
-        if a.only and name not in a.only:
-            continue
-        out = os.path.join(a.out, name)
-        extra = [x for k, v in flags.items() for x in ("--" + k.replace("_", "-"), str(v))]
-        tok = os.path.join(a.out, "v4", "tokenizer")
-        if name != "v4" and os.path.isfile(os.path.join(tok, "tokenizer.json")):
-            extra += ["--tokenizer", tok]  # every setting sees the same tokens
-        t0 = time.time()
-        r = subprocess.run([sys.executable, "-m", "dsv4", "train", *common, *extra, "--out", out],
-                           capture_output=True, text=True)
-        print(f"{name}: exit {r.returncode} in {time.time() - t0:.0f} s", flush=True)
-        if r.returncode:
-            print(r.stderr[-3000:], flush=True)
-            continue
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            runs[name] = [json.loads(line) for line in f]
+    for name in SETTINGS:
+        path = os.path.join(a.out, name, "metrics.jsonl")
+        if os.path.isfile(os.path.join(a.out, name, "result.json")):
+            with open(path) as f:
+                runs[name] = [json.loads(line) for line in f]
     from dsv4.cli.compare import summarize
     from dsv4.train.plots import plot_losses
     table = [summarize(os.path.join(a.out, n))[0] for n in runs]
     plot_losses(runs, os.path.join(a.out, "compare.png"))
     summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-               "torch": torch.__version__, "settings": SETTINGS, "args": vars(a), "table": table}
+               "torch": torch.__version__, "settings": SETTINGS, "args": vars(a), "table": table,
+               "note": "tok/s of runs trained concurrently share one GPU" if a.parallel > 1 else ""}
     if "v4" in runs and "adamw" in runs:
         target = table[[t["run"] for t in table].index("adamw")]["val_loss"]
         need = tokens_to_reach(runs["v4"], target)

@@ -55,6 +55,15 @@ register("compress_pool", "reference", _ref_pool.compress_pool)
 register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
 register("moe_experts", "reference", _ref_experts.moe_experts)
 
+try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
+    from .triton import indexer as _tri_indexer
+    from .triton import sparse_attn as _tri_attn
+except ImportError:  # no Triton on this machine: the references serve every call
+    pass
+else:
+    register("sparse_attn", "triton", _tri_attn.sparse_attn, _tri_attn.supports)
+    register("indexer_topk", "triton", _tri_indexer.indexer_topk, _tri_indexer.supports)
+
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                 *, backend: str | None = None) -> torch.Tensor:

@@ -138,8 +138,12 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         rec = {"step": 0, "tokens": 0, "val_loss": evaluate(model, val, device, autocast)}
         history.append(rec)
         _write_metrics(metrics_path, [rec], append=True)
+    has_indexer = any(hasattr(a, "indexer") for a in model.modules() if isinstance(a, Attention))
+    last_val = float("nan")
     while step < cfg.steps:
         stage = stage_at(cfg, step)
+        if stage == "indexer" and not has_indexer:  # nothing to warm up (e.g. the dense-attention ablation)
+            stage = "sparse"
         set_stage(model, stage)
         lr = lr_at(step, cfg.steps, cfg.lr, warmup=min(cfg.warmup, cfg.steps), schedule=cfg.schedule,
                    min_ratio=cfg.min_lr_ratio)
@@ -182,14 +186,15 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             if device.type == "cuda":
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                rec["val_loss"] = evaluate(model, val, device, autocast)
+                rec["val_loss"] = last_val = evaluate(model, val, device, autocast)
             history.append(rec)
             _write_metrics(metrics_path, [rec], append=True)
             bar.set_postfix(loss=f"{parts_sum.get('lm', parts_sum['loss']):.3f}",
-                            val=f"{rec.get('val_loss', float('nan')):.3f}", tok_s=f"{rec['tok_per_s']:.0f}")
+                            val=f"{last_val:.3f}", tok_s=f"{rec['tok_per_s']:.0f}")
             t_last, tokens_since = time.perf_counter(), 0
         elif step % cfg.eval_interval == 0:
-            rec = {"step": step, "tokens": step * tokens_per_step, "val_loss": evaluate(model, val, device, autocast)}
+            last_val = evaluate(model, val, device, autocast)
+            rec = {"step": step, "tokens": step * tokens_per_step, "val_loss": last_val}
             history.append(rec)
             _write_metrics(metrics_path, [rec], append=True)
         if step % cfg.save_interval == 0 or step == cfg.steps:

@@ -19,7 +19,8 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     """y[n] = sum_j weights[n,j] * w2_e(swiglu(w1_e x[n], w3_e x[n])), e = idx[n,j]; fp32 [N, C].
 
     x: [N, C]; w1, w3: [E, F, C]; w2: [E, C, F]; idx: [N, k] int; weights: [N, k] fp32.
-    The routing weight multiplies the hidden activation before w2, as the reference does.
+    The routing weight multiplies the hidden activation before w2, as the reference does. Matmuls run in
+    x's dtype (bf16 activations meet bf16 copies of fp32 master weights, as autocast would give).
     """
     y = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     flat = idx.flatten()
@@ -33,6 +34,7 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
         start += n
         tok = sel // idx.shape[1]
         xe = x[tok]
-        h = swiglu(F.linear(xe, w1[e]), F.linear(xe, w3[e]), swiglu_limit) * weights.flatten()[sel, None].float()
-        y = y.index_add(0, tok, F.linear(h.to(x.dtype), w2[e]).float())
+        h = swiglu(F.linear(xe, w1[e].to(x.dtype)), F.linear(xe, w3[e].to(x.dtype)), swiglu_limit)
+        h = h * weights.flatten()[sel, None].float()
+        y = y.index_add(0, tok, F.linear(h.to(x.dtype), w2[e].to(x.dtype)).float())
     return y

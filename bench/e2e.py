@@ -1,0 +1,188 @@
+"""End to end on one GPU, dsv4 next to transformers' DeepseekV4ForCausalLM in the same process: a V4-Flash
+geometry cut to 4 layers (CSA, HCA, CSA, HCA; 64 heads x 512, window 128, indexer 64x128 top-512, 16 experts
+top-6 + 1 shared, expert dim 2048, hidden 4096, vocab 32768), bf16, random weights.
+
+    python bench/e2e.py [--json out.json] [--skip-peer] [--contexts 4096 8192 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import dsv4
+
+
+def flash4(vocab: int = 32768) -> dsv4.ModelConfig:
+    return dsv4.ModelConfig.preset("flash").replace(
+        n_layers=4, compress_ratios=(4, 128, 4, 128), n_routed_experts=16, vocab_size=vocab, n_hash_layers=0,
+        n_mtp_layers=0)
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+
+
+def guard(name: str, fn, results: list, **info):
+    """Run one measurement; an out-of-memory or other failure is recorded, not fatal."""
+    try:
+        rec = fn()
+    except torch.OutOfMemoryError:
+        rec = {"error": "out of memory"}
+    except Exception as e:  # noqa: BLE001 - a benchmark row, not program logic
+        rec = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    torch.cuda.empty_cache()
+    rec = {"name": name, **info, **rec}
+    results.append(rec)
+    print(json.dumps(rec), flush=True)
+
+
+@torch.no_grad()
+def dsv4_prefill(model, n: int, chunk: int) -> dict:
+    tokens = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
+    cache = model.new_cache(1, n + 64)
+    def run():
+        for s in range(0, n, chunk):
+            model(tokens[:, s:s + chunk], cache=cache, last_only=True)
+    _, secs, peak = timed(run)
+    return {"seconds": secs, "tok_per_s": n / secs, "peak_gb": peak, "cache_gb": cache.nbytes / 2**30}
+
+
+@torch.no_grad()
+def dsv4_decode(model, ctx: int, steps: int = 32, batch: int = 1) -> dict:
+    cache = model.new_cache(batch, ctx + steps + 8)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, ctx), device="cuda")
+    for r in range(batch):
+        c = cache.select(r)
+        for s in range(0, ctx, 8192):
+            model(tokens[r:r + 1, s:s + 8192], cache=c, last_only=True)
+    nxt = tokens[:, -1:]
+    model(nxt, cache=cache)  # warm-up step
+    def run():
+        t = nxt
+        for _ in range(steps):
+            t = model(t, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    _, secs, peak = timed(run)
+    return {"tok_per_s": batch * steps / secs, "ms_per_step": 1000 * secs / steps, "peak_gb": peak}
+
+
+def dsv4_train_step(model, n: int, batch: int = 1) -> dict:
+    model.train()
+    tokens = torch.randint(0, model.config.vocab_size, (batch, n + 1), device="cuda")
+    def step():
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+    step()  # warm-up
+    model.zero_grad(set_to_none=True)
+    _, secs, peak = timed(step)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return {"tok_per_s": batch * n / secs, "seconds": secs, "peak_gb": peak}
+
+
+def peer_model(cfg: dsv4.ModelConfig):
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+    hub = cfg.to_hub_dict()
+    hub.pop("compress_ratios")
+    hub.pop("architectures"), hub.pop("model_type")
+    hcfg = DeepseekV4Config(**hub)
+    with torch.device("cuda"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = DeepseekV4ForCausalLM(hcfg).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    return model
+
+
+@torch.no_grad()
+def peer_prefill(model, n: int) -> dict:
+    tokens = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
+    _, secs, peak = timed(lambda: model(tokens, use_cache=True, logits_to_keep=1))
+    return {"seconds": secs, "tok_per_s": n / secs, "peak_gb": peak}
+
+
+@torch.no_grad()
+def peer_decode(model, ctx: int, steps: int = 16) -> dict:
+    tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda")
+    out = model(tokens, use_cache=True, logits_to_keep=1)
+    past = out.past_key_values
+    t = out.logits[:, -1:].argmax(-1)
+    out = model(t, past_key_values=past, use_cache=True)
+    def run():
+        nonlocal out
+        for _ in range(steps):
+            out = model(out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+    _, secs, peak = timed(run)
+    return {"tok_per_s": steps / secs, "ms_per_step": 1000 * secs / steps, "peak_gb": peak}
+
+
+def peer_train_step(model, n: int) -> dict:
+    model.train()
+    tokens = torch.randint(0, model.config.vocab_size, (1, n + 1), device="cuda")
+    def step():
+        out = model(tokens[:, :-1], use_cache=False)
+        torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+    step()
+    model.zero_grad(set_to_none=True)
+    _, secs, peak = timed(step)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return {"tok_per_s": n / secs, "seconds": secs, "peak_gb": peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json")
+    p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--prefill", type=int, nargs="*", default=[4096, 8192, 16384, 65536])
+    p.add_argument("--decode", type=int, nargs="*", default=[1024, 4096, 32768])
+    p.add_argument("--chunk", type=int, default=8192)
+    a = p.parse_args()
+    cfg = flash4()
+    res: list[dict] = []
+    with torch.device("cuda"):
+        model = dsv4.Transformer(cfg).to_dtype(torch.bfloat16).eval()
+    with torch.no_grad():
+        for n, p_ in model.named_parameters():
+            if p_.dim() >= 2:
+                p_.normal_(0, 0.02)
+        model.reset_buffers()
+    print(f"dsv4 model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+    for n in a.prefill:
+        guard("dsv4 prefill", lambda: dsv4_prefill(model, n, a.chunk), res, tokens=n)
+    for ctx in a.decode:
+        guard("dsv4 decode b1", lambda: dsv4_decode(model, ctx), res, context=ctx)
+    guard("dsv4 train fwd+bwd", lambda: dsv4_train_step(model, 4096), res, tokens=4096)
+    if not a.skip_peer:
+        del model
+        torch.cuda.empty_cache()
+        peer = peer_model(cfg)
+        for n in [x for x in a.prefill if x <= 16384]:
+            guard("transformers prefill", lambda: peer_prefill(peer, n), res, tokens=n)
+        for ctx in [x for x in a.decode if x <= 16384]:
+            guard("transformers decode b1", lambda: peer_decode(peer, ctx), res, context=ctx)
+        guard("transformers train fwd+bwd", lambda: peer_train_step(peer, 4096), res, tokens=4096)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": res}, f, indent=2)
+    print(f"{'measurement':<28}{'size':>8}{'tok/s':>12}{'seconds':>10}{'peak GB':>9}")
+    for r in res:
+        size = r.get("tokens", r.get("context"))
+        if "error" in r:
+            print(f"{r['name']:<28}{size:>8}   {r['error']}")
+        else:
+            print(f"{r['name']:<28}{size:>8}{r['tok_per_s']:>12,.1f}{r.get('seconds', r.get('ms_per_step', 0) / 1000):>10.3f}"
+                  f"{r['peak_gb']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()

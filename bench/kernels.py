@@ -1,0 +1,106 @@
+"""Kernel benchmarks at V4-Flash shapes, side by side with what a PyTorch user would otherwise run, against
+ceilings measured in the same run (a large bf16 matmul, a large device copy).
+
+    python bench/kernels.py [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from dsv4.ops.reference import attention as ref
+from dsv4.ops.triton import indexer as tri_idx
+from dsv4.ops.triton import sparse_attn as tri_attn
+
+
+def bench(fn, reps: int = 20) -> float:
+    """Median milliseconds (L2 flushed between runs by do_bench)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=reps * 5, return_mode="median")
+
+
+def ceilings() -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    ms = bench(lambda: a @ a)
+    x = torch.empty(1 << 29, device="cuda", dtype=torch.uint8)  # 512 MiB
+    y = torch.empty_like(x)
+    cms = bench(lambda: y.copy_(x))
+    return {"bf16_matmul_tflops": 2 * 8192 ** 3 / ms / 1e9, "copy_gbps": 2 * x.numel() / cms / 1e6}
+
+
+def attn_case(name: str, B: int, S: int, H: int, D: int, K: int, N: int, ceil: dict) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    sink = torch.randn(H, device="cuda")
+    idx = torch.randint(0, N, (B, S, K), device="cuda", generator=g, dtype=torch.int32)
+    t_tri = bench(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5))
+    out = {"case": name, "B": B, "S": S, "H": H, "D": D, "K": K, "triton_ms": t_tri}
+    flops = 4 * B * S * H * K * D                        # QK^T and PV
+    rows_bytes = B * S * K * D * 2 + 2 * q.numel() * 2   # gathered rows (each query's own) + q + o
+    out["triton_tflops"] = flops / t_tri / 1e9
+    out["triton_gbps"] = rows_bytes / t_tri / 1e6
+    out["frac_copy_bw"] = out["triton_gbps"] / ceil["copy_gbps"]
+    out["frac_matmul"] = out["triton_tflops"] / ceil["bf16_matmul_tflops"]
+    if B * S * K * D <= (1 << 28):
+        out["reference_ms"] = bench(lambda: ref.sparse_attn(q, kv, sink, idx, D ** -0.5), reps=5)
+        # what a user would write: gather the rows, then SDPA with the heads folded into the query axis
+        def sdpa():
+            rows = torch.gather(kv, 1, idx.long().clamp(min=0).flatten(1).unsqueeze(-1).expand(-1, -1, D))
+            rows = rows.view(B * S, 1, K, D)
+            return F.scaled_dot_product_attention(q.reshape(B * S, 1, H, D), rows, rows)
+        out["gather_sdpa_ms"] = bench(sdpa, reps=5)
+    return out
+
+
+def indexer_case(name: str, B: int, S: int, T: int, ceil: dict, HI: int = 64, DI: int = 128, k: int = 512) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q = torch.randn(B, S, HI, DI, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(B, S, HI, device="cuda", generator=g)
+    keys = torch.randn(B, T, DI, device="cuda", dtype=torch.bfloat16, generator=g)
+    nv = torch.full((B, S), T, device="cuda")
+    t_scores = bench(lambda: tri_idx.index_scores_masked(q, w, keys, nv))
+    t_topk = bench(lambda: tri_idx.indexer_topk(q, w, keys, nv, k))
+    key_bytes = B * T * DI * 2
+    out = {"case": name, "B": B, "S": S, "T": T, "scores_ms": t_scores, "scores_plus_topk_ms": t_topk,
+           "scores_gbps": key_bytes / t_scores / 1e6, "frac_copy_bw": key_bytes / t_scores / 1e6 / ceil["copy_gbps"],
+           "scores_tflops": 2 * B * S * T * HI * DI / t_scores / 1e9}
+    if B * S * T * HI <= (1 << 28):
+        out["reference_ms"] = bench(lambda: ref.indexer_topk(q, w, keys, nv, k), reps=5)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json")
+    a = p.parse_args()
+    ceil = ceilings()
+    print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, device copy {ceil['copy_gbps']:.0f} GB/s")
+    attn = [attn_case("CSA decode 128K b64", 64, 1, 64, 512, 128 + 512, 128 + 32768 // 16, ceil),
+            attn_case("HCA decode 128K b64", 64, 1, 64, 512, 128 + 1024, 128 + 1024, ceil),
+            attn_case("CSA decode b1", 1, 1, 64, 512, 640, 4096, ceil),
+            attn_case("CSA prefill 4K", 1, 4096, 64, 512, 640, 4096 + 1024, ceil),
+            attn_case("HCA prefill 4K", 1, 4096, 64, 512, 128 + 32, 4096 + 32, ceil)]
+    idx = [indexer_case("indexer decode 128K b64", 64, 1, 32768, ceil),
+           indexer_case("indexer decode 128K b1", 1, 1, 32768, ceil),
+           indexer_case("indexer prefill 4K", 1, 4096, 1024, ceil)]
+    print(f"{'attention case':<24}{'triton ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}{'gather+SDPA':>12}")
+    for r in attn:
+        print(f"{r['case']:<24}{r['triton_ms']:>10.3f}{r['triton_tflops']:>9.1f}{r['triton_gbps']:>8.0f}"
+              f"{100 * r['frac_copy_bw']:>6.0f}%{r.get('reference_ms', float('nan')):>9.2f}"
+              f"{r.get('gather_sdpa_ms', float('nan')):>12.3f}")
+    print(f"{'indexer case':<26}{'scores ms':>10}{'+topk ms':>9}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}")
+    for r in idx:
+        print(f"{r['case']:<26}{r['scores_ms']:>10.3f}{r['scores_plus_topk_ms']:>9.3f}{r['scores_gbps']:>8.0f}"
+              f"{100 * r['frac_copy_bw']:>6.0f}%{r.get('reference_ms', float('nan')):>9.2f}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "ceilings": ceil, "attention": attn, "indexer": idx}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

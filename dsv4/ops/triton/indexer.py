@@ -1,0 +1,76 @@
+"""Lightning-indexer scores fused with the head reduction: I[b,s,t] = sum_h w[b,s,h] relu(q[b,s,h] . k[b,t])
+for the visible t, -inf elsewhere; the [B, S, Hi, T] per-head dot products never reach memory. Top-k then
+runs on the scores (zero-score ties go to the older entry, as in the reference), queries in chunks."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI,
+                         sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_t, so_b, so_s,
+                         DI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = pid_t // S
+    s = pid_t % S
+    heads = tl.arange(0, BLOCK_H)
+    hmask = heads < HI
+    d = tl.arange(0, DI)
+    q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + d[None, :], mask=hmask[:, None], other=0.0)
+    w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32)
+    ts = pid_n * BLOCK_T + tl.arange(0, BLOCK_T)
+    n_vis = tl.load(nv_ptr + pid_t)
+    k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
+    dots = tl.maximum(tl.dot(q, tl.trans(k)).to(tl.float32), 0.0)                  # [BLOCK_H, BLOCK_T]
+    score = tl.sum(dots * w[:, None], 0)
+    # exact zeros (every head's ReLU at 0) would tie: order them by age, older first, as the reference's stable
+    # sort does, so the cheaper unstable top-k picks the same entries
+    score = tl.where(score == 0.0, -(ts + 1).to(tl.float32) * 1e-30, score)
+    score = tl.where(ts < n_vis, score, float("-inf"))
+    tl.store(out_ptr + b * so_b + s * so_s + ts, score, mask=ts < T)
+
+
+def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                        n_visible: torch.Tensor) -> torch.Tensor:
+    """[B, S, T] fp32 scores, -inf for t >= n_visible[b, s]."""
+    B, S, HI, DI = q.shape
+    T = keys.shape[1]
+    if keys.dtype != q.dtype:
+        keys = keys.to(q.dtype)
+    q, keys = q.contiguous(), keys.contiguous()
+    weights = weights.float().contiguous()
+    nv = n_visible.to(torch.int32).contiguous()
+    out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
+    block_t = 64
+    _index_scores_kernel[(B * S, triton.cdiv(T, block_t))](
+        q, weights, keys, nv, out, S, T, HI, q.stride(0), q.stride(1), q.stride(2), weights.stride(0),
+        weights.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
+        DI=DI, BLOCK_H=max(16, triton.next_power_of_2(HI)), BLOCK_T=block_t, num_warps=4)
+    return out
+
+
+def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
+                 k: int) -> torch.Tensor:
+    """Same contract as ops.reference.attention.indexer_topk."""
+    B, S = q.shape[:2]
+    T = keys.shape[1]
+    k = min(k, T)
+    if k == 0:
+        return torch.empty(B, S, 0, dtype=torch.long, device=q.device)
+    step = max(1, (1 << 28) // max(T * B, 1))  # bound the fp32 score buffer to ~1 GB
+    out = []
+    for s0 in range(0, S, step):
+        sl = slice(s0, min(S, s0 + step))
+        scores = index_scores_masked(q[:, sl], weights[:, sl], keys, n_visible[:, sl])
+        top = scores.topk(k, dim=-1).indices
+        out.append(torch.where(top >= n_visible[:, sl].unsqueeze(-1), -1, top))
+    return torch.cat(out, dim=1)
+
+
+def supports(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor, k: int) -> bool:
+    DI = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and DI >= 16 and not DI & (DI - 1) \
+        and q.shape[2] <= 128
