@@ -25,7 +25,7 @@ class TrainConfig:
     tokenizer: str | None = None            # an existing tokenizer.json (default: train a byte-level BPE)
     val_fraction: float = 0.05
     # batch
-    steps: int = 200
+    steps: int = 160
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
@@ -53,7 +53,7 @@ class TrainConfig:
     # bookkeeping
     out: str = "runs/default"
     data_cache: str | None = None           # where tokenized streams are cached (default: OUT/data_cache)
-    eval_interval: int = 50
+    eval_interval: int = 40
     eval_batches: int = 8
     save_interval: int = 100
     log_interval: int = 10

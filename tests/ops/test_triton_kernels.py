@@ -48,6 +48,8 @@ def _run(dev, dt, attn_shapes, idx_shapes, tol, agree, env):
     assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively (test below); Triton 3.6's "
+                    "interpreter, installed beside CUDA there, lacks pieces the kernels use")
 def test_kernels_interpreted_on_cpu():
     env = dict(os.environ, TRITON_INTERPRET="1")
     _run("cpu", "torch.float32", [(2, 3, 4, 32, 20, 19), (1, 2, 20, 64, 50, 70)],
