@@ -1,9 +1,10 @@
 """A chat conversation on one persistent cache.
 
-Every turn re-encodes the whole conversation in the official V4 format (so earlier reasoning is dropped
-exactly as the model was trained), then feeds only the tokens the cache does not already hold. If the
-new encoding does not extend what the cache holds (e.g. thinking was dropped from an earlier turn), the
-cache restarts from a fresh prefill: correctness first, reuse when possible.
+Chat mode is append-only in the official V4 format, so a new turn feeds only its own tokens: the end of
+the previous assistant turn (its last sampled token, EOS), then the new user turn rendered with the
+conversation as context. The model's own reply stays in the cache exactly as it was generated (never
+re-tokenised). Thinking mode drops earlier reasoning from the prompt, so each turn re-encodes the whole
+conversation and reuses the cache only as far as it still matches (else a fresh prefill).
 """
 from __future__ import annotations
 
@@ -27,22 +28,29 @@ class ChatSession:
         self.gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
         self.cache = model.new_cache(1, max_seq_len, kv_dtype, index_dtype)
         self.fed: list[int] = []          # exactly the tokens the cache holds
+        self.pending: list[int] = []      # sampled but not yet fed (the end of the last assistant turn)
         self.reused = 0                   # prompt tokens not recomputed in the last turn
+        self.last_prompt: list[int] = []  # the whole token sequence the last reply was generated from
 
     @torch.no_grad()
     def send(self, text: str, max_new_tokens: int = 512, on_text: Callable[[str], None] | None = None) -> dict:
         """Add a user turn, generate the assistant turn (streamed to on_text) and return it as a message."""
         self.messages.append({"role": "user", "content": text})
-        ids = self.tok.encode(encode_chat(self.messages, thinking=self.thinking))
+        if self.thinking or not self.fed:
+            ids = self.tok.encode(encode_chat(self.messages, thinking=self.thinking))
+        else:
+            turn = encode_chat(self.messages[-1:], thinking=False, context=self.messages[:-1])
+            ids = self.fed + self.pending + self.tok.encode(turn)
         if len(ids) + max_new_tokens > self.cache.max_seq_len:
             raise ValueError(f"conversation of {len(ids)} tokens + {max_new_tokens} new exceeds the cache "
                              f"({self.cache.max_seq_len}); start a new session with a larger max_seq_len")
-        if len(ids) > len(self.fed) and ids[:len(self.fed)] == self.fed:
+        if self.fed and len(ids) > len(self.fed) and ids[:len(self.fed)] == self.fed:
             new = ids[len(self.fed):]
         else:
             self.cache.reset()
             self.fed, new = [], ids
         self.reused = len(self.fed)
+        self.last_prompt = list(ids)
         last = _prefill(self.model, self.cache, new, 4096, progress=len(new) > 4096)
         self.fed = list(ids)
         out: list[int] = []
@@ -54,7 +62,12 @@ class ChatSession:
             if on_text is not None and not visible.endswith("\ufffd"):
                 on_text(visible[len(shown):])
                 shown = visible
+        if on_text is not None:  # whatever the stream still held back (an unfinished character)
+            visible = self.tok.decode([t for t in out if t not in stops])
+            if visible != shown:
+                on_text(visible[len(shown):])
         self.fed += out[:-1]  # the last token was sampled but not fed
+        self.pending = out[-1:] if out[-1:] == [self.tok.eos_id] else out[-1:] + [self.tok.eos_id]
         completion = self.tok.decode(out)
         if not completion.endswith(EOS):
             completion += EOS  # cut by max_new_tokens: close the turn as the format requires

@@ -33,11 +33,11 @@ def test_second_turn_reuses_cache_and_matches_cold(setup, thinking):
     history = list(session.messages)
     streamed = []
     reply = session.send("What is the capital of France?", max_new_tokens=12, on_text=streamed.append)
-    if not thinking:  # chat mode is append-only: the whole first turn stays cached
+    if not thinking:  # chat mode is append-only: the whole first turn stays cached, as generated
         assert session.reused > 0
-    ids = tok.encode(encode_chat(history + [{"role": "user", "content": "What is the capital of France?"}],
-                                 thinking=thinking))
-    cold = dsv4.generate(model, [ids], 12, stop_tokens=[tok.eos_id])[0]
+        turn = encode_chat(history + [{"role": "user", "content": "What is the capital of France?"}], thinking=False)
+        assert tok.decode(session.last_prompt) == turn  # the official text, with the model's own reply tokens
+    cold = dsv4.generate(model, [session.last_prompt], 12, stop_tokens=[tok.eos_id])[0]
     assert tok.decode([t for t in cold if t != tok.eos_id]) == "".join(streamed)
     assert reply["role"] == "assistant"
 

@@ -71,8 +71,9 @@ def _muon_groups(model: nn.Module, muon: list[torch.Tensor]) -> list[dict]:
 def build_optimizers(model: nn.Module, lr: float, *, optimizer: str = "muon", weight_decay: float = 0.1,
                      update_rms: float = 0.18, momentum: float = 0.95,
                      betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                     ns_dtype: torch.dtype | None = None) -> list[torch.optim.Optimizer]:
-    """[Muon, AdamW] (optimizer="muon") or [AdamW] (optimizer="adamw") over the trainable parameters."""
+                     ns_dtype: torch.dtype | None = None, muon_cls: type = Muon) -> list[torch.optim.Optimizer]:
+    """[Muon, AdamW] (optimizer="muon") or [AdamW] (optimizer="adamw") over the trainable parameters.
+    `muon_cls`: dsv4.distributed.DistributedMuon for FSDP-sharded models."""
     if optimizer not in ("muon", "adamw"):
         raise ValueError(f"optimizer must be 'muon' or 'adamw', got {optimizer!r}")
     muon = split_params(model)[0] if optimizer == "muon" else []
@@ -84,7 +85,7 @@ def build_optimizers(model: nn.Module, lr: float, *, optimizer: str = "muon", we
     adamw_groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
     opts: list[torch.optim.Optimizer] = []
     if muon:
-        opts.append(Muon(_muon_groups(model, muon), lr, momentum=momentum,
+        opts.append(muon_cls(_muon_groups(model, muon), lr, momentum=momentum,
                          weight_decay=weight_decay, update_rms=update_rms, ns_dtype=ns_dtype))
     if adamw_groups:
         opts.append(torch.optim.AdamW(adamw_groups, lr, betas=betas, eps=eps))
