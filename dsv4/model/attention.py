@@ -7,7 +7,7 @@ projection (wo_a per head group, then wo_b).
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -63,6 +63,8 @@ class Attention(nn.Module):
         # warm-ups, to every visible entry; `indexer_loss` computes the indexer's KL loss into `indexer_kl`
         self.sparse, self.indexer_loss = True, False
         self.indexer_kl: torch.Tensor | None = None
+        # placement hook (dsv4.distributed): sums the output projection over tensor-parallel head shards
+        self.output_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
         self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
         self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
@@ -115,7 +117,8 @@ class Attention(nn.Module):
         o = o.reshape(B, S, self.n_groups, H * D // self.n_groups)
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
         o = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))               # [B, S, G, o_lora]
-        return self.wo_b(o.flatten(2))
+        out = self.wo_b(o.flatten(2))
+        return out if self.output_reduce is None else self.output_reduce(out)
 
     def _sequence(self, x, qr, q, kv, pos, cos, sin) -> torch.Tensor:
         """Whole sequences from position 0: block-local window + masked dense compressed entries."""

@@ -7,6 +7,8 @@ the gate clamped above and the up projection clamped both ways at `swiglu_limit`
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,11 @@ from .. import ops
 from ..ops.reference.experts import swiglu
 from .norm import linear_fp32
 from ..quant import fp4_fake_quant, straight_through
+
+
+def _local(w: torch.Tensor) -> torch.Tensor:
+    """The locally held part of a parameter (a sharded DTensor's shard, or the tensor itself)."""
+    return w.to_local() if hasattr(w, "to_local") else w
 
 
 def fp4_weights(w: torch.Tensor) -> torch.Tensor:
@@ -85,6 +92,15 @@ class MoE(nn.Module):
         self.shared_experts = Expert(cfg.dim, cfg.moe_inter_dim, cfg.swiglu_limit)
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (expert ids, affinities), for training
         self.qat = False  # FP4 (MXFP4, 1x32) fake quantisation of the routed experts with a straight-through grad
+        # placement hook (dsv4.distributed): computes the routed sum when the experts live on several ranks
+        self.dispatch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+    def routed(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
+               expert_offset: int = 0) -> torch.Tensor:
+        """The routed experts this module holds, for tokens whose expert ids are local (global id - offset)."""
+        e = self.experts
+        w1, w2, w3 = (fp4_weights(_local(w)) if self.qat else _local(w) for w in (e.w1, e.w2, e.w3))
+        return ops.moe_experts(x, w1, w2, w3, idx - expert_offset, weights, self.swiglu_limit)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         """x: [B, S, C] (ffn_norm output) -> [B, S, C]."""
@@ -92,8 +108,6 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         weights, idx, scores = self.gate(flat, token_ids)
         self.last_routing = (idx, scores)
-        e = self.experts
-        w1, w2, w3 = (fp4_weights(w) if self.qat else w for w in (e.w1, e.w2, e.w3))
-        y = ops.moe_experts(flat, w1, w2, w3, idx, weights, self.swiglu_limit)   # fp32
+        y = (self.dispatch or self.routed)(flat, idx, weights)                   # fp32
         y = y + self.shared_experts(flat).float()
         return y.to(x.dtype).view(shape)

@@ -1,0 +1,121 @@
+"""Worker programs for the distributed tests, launched with torchrun (gloo on CPU):
+
+    torchrun --nproc_per_node N tests/distributed/workers.py CASE OUT_DIR
+
+Each writes what the test compares to OUT_DIR/CASE-rank{r}.pt.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+import dsv4
+from dsv4.distributed import (DistributedMuon, export_official, finish_expert_grads, global_expert_loads,
+                              init_distributed, load_distributed, load_sharded, parallelize, save_distributed,
+                              shard_experts)
+from dsv4.model.moe import MoE
+from dsv4.train.losses import LossWeights, compute_loss, expert_loads, update_expert_bias
+from dsv4.train.optim import build_optimizers
+
+
+def tiny_model(seed: int = 0) -> dsv4.Transformer:
+    cfg = dsv4.ModelConfig.preset("tiny")   # 8 routed experts: divisible by 2 and 4 ranks
+    return dsv4.Transformer(cfg).init_weights(seed=seed)
+
+
+def global_batch(step: int, batch: int = 8, seq: int = 40) -> torch.Tensor:
+    return torch.randint(0, 2048, (batch, seq + 2), generator=torch.Generator().manual_seed(100 + step))
+
+
+def train_steps(model, opts, steps: range, rank: int, world: int, distributed: bool) -> list[float]:
+    """The V4 step as the single-process trainer does it, on this rank's rows of the global batch."""
+    losses = []
+    for step in steps:
+        batch = global_batch(step)
+        rows = batch[rank::world] if distributed else batch
+        loss, parts = compute_loss(model, rows, LossWeights())
+        loss.backward()
+        loads = expert_loads(model)
+        if distributed:
+            finish_expert_grads(model, world)
+            loads = global_expert_loads(loads)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        update_expert_bias(model, loads, 1e-3)
+        total = torch.tensor([parts["loss"]])
+        if distributed:
+            dist.all_reduce(total)
+            total /= world
+        losses.append(float(total))
+    return losses
+
+
+def case_ep_dispatch(out: str, rank: int, world: int, mesh) -> dict:
+    """Tokens differ per rank (training): all-to-all. Tokens equal on all ranks (inference): all-reduce."""
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(13 + rank, 128, generator=g)        # a different number of tokens on each rank
+    same = torch.randn(9, 128, generator=torch.Generator().manual_seed(7))
+    errs = {}
+    for mode, tokens in (("all_to_all", x), ("all_reduce", same)):
+        model = tiny_model()
+        moe = model.layers[1].ffn
+        w, idx, _ = moe.gate(tokens, None)
+        want = moe.routed(tokens, idx, w)                 # every expert, locally
+        shard_experts(model, mesh, mode=mode)
+        assert moe.experts.w1.to_local().shape[0] == 8 // world
+        errs[mode] = float((moe.dispatch(tokens, idx, w) - want).abs().max() / want.abs().max())
+    return errs
+
+
+def case_train(out: str, rank: int, world: int, mesh) -> dict:
+    model = parallelize(tiny_model(), mesh)
+    opts = build_optimizers(model, 3e-3, muon_cls=DistributedMuon)
+    losses = train_steps(model, opts, range(3), rank, world, distributed=True)
+    from dsv4.distributed.checkpoint import full_state_dict
+    sd = full_state_dict(model)
+    return {"losses": losses, "state": sd if rank == 0 else None}
+
+
+def case_save(out: str, rank: int, world: int, mesh) -> dict:
+    model = parallelize(tiny_model(), mesh)
+    opts = build_optimizers(model, 3e-3, muon_cls=DistributedMuon)
+    train_steps(model, opts, range(2), rank, world, distributed=True)
+    save_distributed(os.path.join(out, "dcp"), model, opts, extra={"step": 2})
+    export_official(os.path.join(out, "official"), model, dtype=torch.float32)
+    losses = train_steps(model, opts, range(2, 4), rank, world, distributed=True)  # the uninterrupted run
+    return {"continued": losses}
+
+
+def case_load(out: str, rank: int, world: int, mesh) -> dict:
+    model = parallelize(tiny_model(seed=9), mesh)            # different init: everything must come from disk
+    opts = build_optimizers(model, 3e-3, muon_cls=DistributedMuon)
+    extra = load_distributed(os.path.join(out, "dcp"), model, opts)
+    losses = train_steps(model, opts, range(2, 4), rank, world, distributed=True)
+    return {"step": extra["step"], "resumed": losses}
+
+
+def case_sharded_inference(out: str, rank: int, world: int, mesh) -> dict:
+    model = load_sharded(os.path.join(out, "ckpt"), mesh, dtype=torch.float32)
+    tokens = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(2, 128)
+        inc = torch.cat([model(tokens[:, :50], cache=cache)] + [model(tokens[:, i:i + 1], cache=cache)
+                                                                 for i in range(50, 70)], 1)
+    return {"logits": full, "incremental": inc}
+
+
+if __name__ == "__main__":
+    case, out = sys.argv[1], sys.argv[2]
+    mesh = init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    result = globals()[f"case_{case}"](out, rank, world, mesh)
+    torch.save(result, os.path.join(out, f"{case}-rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
