@@ -13,7 +13,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
@@ -74,15 +74,15 @@ def _all_to_all(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, *, mo
     dist.all_to_all_single(recv, send, group=group)
     send_l, recv_l = send.tolist(), recv.tolist()
     tok = order // k
-    rows = dist_fn.all_to_all_single(_empty(recv_l, x), x[tok].contiguous(), recv_l, send_l, group=group)
-    w = dist_fn.all_to_all_single(_empty(recv_l, weights.flatten()), weights.flatten()[order].contiguous(),
-                                  recv_l, send_l, group=group)
+    rows = _exchange(x[tok].contiguous(), recv_l, send_l, group)
+    w = _exchange(weights.flatten()[order].contiguous(), recv_l, send_l, group)
     ids = torch.empty(sum(recv_l), dtype=flat.dtype, device=flat.device)
     dist.all_to_all_single(ids, flat[order].contiguous(), recv_l, send_l, group=group)
     out = moe.routed(rows, ids.unsqueeze(1), w.unsqueeze(1), expert_offset=offset)   # [received, C] fp32
-    back = dist_fn.all_to_all_single(_empty(send_l, out), out.contiguous(), send_l, recv_l, group=group)
+    back = _exchange(out.contiguous(), send_l, recv_l, group)
     return torch.zeros(N, x.shape[1], dtype=torch.float32, device=x.device).index_add(0, tok, back)
 
 
-def _empty(splits: list[int], like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty((sum(splits), *like.shape[1:]))
+def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Differentiable all-to-all (the backward sends gradients the reverse way)."""
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(t, out_splits, in_splits, group))

@@ -77,3 +77,26 @@ def test_sharded_inference_equals_one_process(tmp_path, n):
     for res in torchrun("sharded_inference", n, tmp_path):
         assert_rel_close("sharded logits", res["logits"], ref, 1e-5)
         assert_rel_close("sharded incremental logits", res["incremental"], ref, 1e-5)
+
+
+def test_torchrun_training_entry_point_and_resume_on_fewer_ranks(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    from dsv4.train.data import stdlib_sources
+    for doc in stdlib_sources(200_000)[:20]:
+        (corpus / doc.name.replace("/", "_")).write_text(doc.text)
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
+
+    def launch(n, *args):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "dsv4.distributed.train", *args]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-4000:]
+    launch(2, "--data", str(corpus), "--steps", "3", "--batch-size", "4", "--seq-len", "48", "--save-interval", "2",
+           "--log-interval", "1", "--out", str(out))
+    assert sorted(os.listdir(out / "dcp")) == ["step_0000002", "step_0000003"]
+    launch(1, "--resume", str(out), "--steps", "4")
+    rows = [__import__("json").loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["world"] for r in rows] == [2, 2, 2, 1]
+    assert dsv4.load_model(out / "final", dtype=torch.float32).config.n_layers == 4
