@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ModelConfig", "ConfigError", "PRESETS"]

@@ -1,7 +1,5 @@
 """On-disk prefix reuse: same logits as a cold run; corrupt, truncated or mismatched files are ignored."""
 import logging
-import os
-import shutil
 
 import pytest
 import torch

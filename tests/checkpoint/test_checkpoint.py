@@ -1,6 +1,5 @@
 """Checkpoint loading: official FP8/FP4 storage dequantised exactly, sharding, and every error path."""
 import json
-import os
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import dsv4
 from dsv4 import CheckpointError
-from dsv4.quant import E2M1_VALUES, e2m1_round, float_to_e8m0, pack_fp4
+from dsv4.quant import e2m1_round, float_to_e8m0, pack_fp4
 
 FP8_SUFFIXES = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
                 "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight",

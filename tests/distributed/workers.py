@@ -16,7 +16,6 @@ import dsv4
 from dsv4.distributed import (DistributedMuon, export_official, finish_expert_grads, global_expert_loads,
                               init_distributed, load_distributed, load_sharded, parallelize, save_distributed,
                               shard_experts)
-from dsv4.model.moe import MoE
 from dsv4.train.losses import LossWeights, compute_loss, expert_loads, update_expert_bias
 from dsv4.train.optim import build_optimizers
 

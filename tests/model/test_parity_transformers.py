@@ -5,7 +5,6 @@ run: indexer top-k smaller than the visible entries, the window wrapping, many c
 batch > 1, YaRN. >= 16 indexer heads so ReLU scores do not tie at zero (ties make top-k arbitrary).
 """
 import json
-import os
 import shutil
 
 import pytest

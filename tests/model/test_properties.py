@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import dsv4
-from dsv4.model.mhc import hc_post, hc_pre
+from dsv4.model.mhc import hc_post
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """The reference ops against independent float64 formulations."""
-import math
 
 import pytest
 import torch

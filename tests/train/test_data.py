@@ -2,7 +2,6 @@
 the resumable loader."""
 from __future__ import annotations
 
-import json
 import logging
 import sys
 
