@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from . import gathered_experts as _gathered
 from .reference import attention as _ref_attn
 from .reference import experts as _ref_experts
 from .reference import pooling as _ref_pool
@@ -28,7 +29,7 @@ def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
     choice = backend or os.environ.get("DSV4_BACKEND") or "auto"
     impls = _REGISTRY[op]
     if choice == "auto":
-        for name in ("triton", "reference"):
+        for name in ("triton", "gathered", "reference"):
             if name in impls and impls[name][1](*args, **kwargs):
                 return _outside_autocast(impls[name][0])
         raise RuntimeError(f"no backend of {op} supports these inputs")
@@ -54,15 +55,19 @@ register("indexer_topk", "reference", _ref_attn.indexer_topk)
 register("compress_pool", "reference", _ref_pool.compress_pool)
 register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
 register("moe_experts", "reference", _ref_experts.moe_experts)
+register("moe_experts", "gathered", _gathered.moe_experts,
+         lambda x, w1, w2, w3, idx, *a: _gathered.supports(x) and _gathered.fits(idx))
 
 try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
     from .triton import indexer as _tri_indexer
+    from .triton import sinkhorn as _tri_sinkhorn
     from .triton import sparse_attn as _tri_attn
 except ImportError:  # no Triton on this machine: the references serve every call
     pass
 else:
     register("sparse_attn", "triton", _tri_attn.sparse_attn, _tri_attn.supports)
     register("indexer_topk", "triton", _tri_indexer.indexer_topk, _tri_indexer.supports)
+    register("hc_split_sinkhorn", "triton", _tri_sinkhorn.hc_split_sinkhorn, _tri_sinkhorn.supports)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
@@ -100,4 +105,4 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
                 weights: torch.Tensor, swiglu_limit: float, *, backend: str | None = None) -> torch.Tensor:
     """Routed SwiGLU experts: y[n] = sum_j weights[n,j] * expert_{idx[n,j]}(x[n]) (fp32 [N, C])."""
-    return _pick("moe_experts", backend, x)(x, w1, w2, w3, idx, weights, swiglu_limit)
+    return _pick("moe_experts", backend, x, w1, w2, w3, idx)(x, w1, w2, w3, idx, weights, swiglu_limit)

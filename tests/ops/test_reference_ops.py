@@ -124,3 +124,15 @@ def test_sequence_attn_equals_sparse_attn(S, W):
     want = ops.sparse_attn(q, torch.cat((kv, ent), 1), sink, torch.cat((widx, eidx), -1), 0.3)
     assert (o - want).abs().max() < 1e-5
     assert p.shape == (B, S, H, N) and (p[~mask.unsqueeze(2).expand_as(p)] == 0).all()
+
+
+def test_gathered_experts_equal_reference():
+    from dsv4.ops.gathered_experts import moe_experts as gathered
+    from dsv4.ops.reference.experts import moe_experts as ref
+    g = torch.Generator().manual_seed(4)
+    N, C, F, E, k = 5, 16, 12, 8, 3
+    x = torch.randn(N, C, generator=g)
+    w1, w3, w2 = torch.randn(E, F, C, generator=g), torch.randn(E, F, C, generator=g), torch.randn(E, C, F, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(N)])
+    wt = torch.rand(N, k, generator=g)
+    assert (gathered(x, w1, w2, w3, idx, wt, 3.0) - ref(x, w1, w2, w3, idx, wt, 3.0)).abs().max() < 1e-4

@@ -14,6 +14,8 @@ import torch
 from dsv4.ops.reference.attention import indexer_topk as ref_top, sparse_attn as ref_attn
 from dsv4.ops.triton.indexer import indexer_topk as tri_top
 from dsv4.ops.triton.sparse_attn import sparse_attn as tri_attn
+from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn as tri_hc
+from dsv4.ops.reference.sinkhorn import hc_split_sinkhorn as ref_hc
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
 worst = 0.0
@@ -38,6 +40,11 @@ for B, S, HI, DI, T, k in {idx_shapes}:
     a, b = tri_top(q, w, keys, nv, k), ref_top(q.float(), w, keys.float(), nv, k)
     agree = (torch.sort(a, -1).values == torch.sort(b, -1).values).float().mean().item()
     assert agree > {agree}, agree
+for n in (1, 37, 130):
+    m = torch.randn(n, 24, generator=g).to(dev); sc = (torch.rand(3, generator=g) + 0.5).to(dev)
+    b = torch.randn(24, generator=g).to(dev)
+    for a, r in zip(tri_hc(m, sc, b, 4, 20, 1e-6), ref_hc(m, sc, b, 4, 20, 1e-6)):
+        assert (a - r).abs().max() < 1e-5, (a - r).abs().max()
 print("ok", worst)
 '''
 
