@@ -33,18 +33,13 @@ class DistributedMuon(Muon):
         return cache[key]
 
     def _step_group(self, group: dict) -> None:
-        mu, owners = group["momentum"], self._owners(group)
+        owners = self._owners(group)
         local_items: dict[tuple[int, int], list] = defaultdict(list)   # (target, update) to orthogonalise here
         gathered: list[tuple[Tensor, int, tuple[int, int]]] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)
-            u = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
+            u = self._momentum(p, group)              # elementwise: works on each rank's shard
             n, m = _matrix_shape(p, group["matrix_shape"])
             if isinstance(p, DTensor) and p.ndim == 2:           # FSDP row shard: the owner needs it whole
                 full = u.full_tensor()

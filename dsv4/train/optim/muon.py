@@ -88,18 +88,21 @@ class Muon(torch.optim.Optimizer):
             self._step_group(group)
         return loss
 
+    def _momentum(self, p: Tensor, group: dict) -> Tensor:
+        """Update the momentum buffer with p.grad; return what gets orthogonalised (Nesterov: G + mu M)."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        return p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+
     def _step_group(self, group: dict) -> None:
-        mu = group["momentum"]
         by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is None:
                 continue
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p)
-            buf = state["momentum_buffer"]
-            buf.mul_(mu).add_(p.grad)
-            u = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
+            u = self._momentum(p, group)
             n, m = _matrix_shape(p, group["matrix_shape"])
             by_shape[(n, m)].append((p, u.reshape(-1, n, m)))
         ns_dtype = group["ns_dtype"] or torch.float32
