@@ -271,11 +271,6 @@ class ModelConfig:
             d["hc_mode"] = self.hc_mode
         return d
 
-    def hub_compatible(self) -> bool:
-        """Whether `transformers`' DeepseekV4 can express this config (one CSA ratio, one HCA ratio)."""
-        main = self.compress_ratios[: self.n_layers]
-        return self.hc_mode == "mhc" and len({r for r in main if r and r != self.csa_ratio}) <= 1
-
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
         """Read `config.json` (or `inference/config.json`) from a checkpoint directory or a JSON file path."""

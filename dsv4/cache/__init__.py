@@ -1,6 +1,6 @@
 """Inference cache: window rings, compressed entries, indexer keys and compressor state per layer."""
 from .kv_cache import KVCache, LayerCache
-from .layout import FORMATS, RowStore, record_bytes
+from .layout import RowStore, record_bytes
 from .prefix_store import PrefixStore
 
-__all__ = ["KVCache", "LayerCache", "RowStore", "record_bytes", "FORMATS", "PrefixStore"]
+__all__ = ["KVCache", "LayerCache", "RowStore", "record_bytes", "PrefixStore"]

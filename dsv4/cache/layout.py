@@ -15,7 +15,6 @@ import torch
 
 from ..quant import e2m1_round, e8m0_to_float, float_to_e8m0, pack_fp4, unpack_fp4
 
-FORMATS = ("fp32", "bf16", "fp16", "fp8", "fp4")
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -42,10 +42,10 @@ def train_distributed(cfg: TrainConfig, resume: bool = False) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.batch_size % world:
         raise ValueError(f"--batch-size {cfg.batch_size} (global) must be divisible by the {world} ranks")
-    if rank == 0:  # one rank trains the tokenizer and tokenises; the others read its caches
-        _prepare_data(cfg, cfg.out)
+    # one rank trains the tokenizer and tokenises; the others then read its caches
+    prepared = _prepare_data(cfg, cfg.out) if rank == 0 else None
     dist.barrier()
-    tok, tok_dir, train_stream, _ = _prepare_data(cfg, cfg.out)
+    tok, tok_dir, train_stream, _ = prepared or _prepare_data(cfg, cfg.out)
     mcfg = cfg.model(vocab_size=max(tok.vocab_size, cfg.model().vocab_size))
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     model = Transformer(mcfg).init_weights(seed=cfg.seed).to(device).train().set_qat(cfg.qat == "fp4")

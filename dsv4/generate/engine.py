@@ -24,14 +24,13 @@ def _prefill(model, cache, tokens: list[int], chunk: int, progress: bool, store=
     device = model.embed.weight.device
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     start = store.load(cache, tokens) if store is not None else 0
-    stops = sorted(set(range(start + chunk, len(tokens), chunk)) |
-                   {b for b in (store.boundaries(len(tokens)) if store is not None else []) if b > start} |
-                   {len(tokens)})
+    saves = set(store.boundaries(len(tokens))) if store is not None else set()
+    stops = sorted(set(range(start + chunk, len(tokens), chunk)) | {b for b in saves if b > start} | {len(tokens)})
     bar = tqdm(total=len(tokens) - start, desc="prefill", unit="tok",
                disable=not progress or len(tokens) - start <= chunk)
     for stop in stops:
         logits = model(ids[:, start:stop], cache=cache, last_only=True)
-        if store is not None and stop in store.boundaries(len(tokens)):
+        if stop in saves:
             store.save(cache, tokens[:stop])
         bar.update(stop - start)
         start = stop
