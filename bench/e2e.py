@@ -2,7 +2,12 @@
 geometry cut to 4 layers (CSA, HCA, CSA, HCA; 64 heads x 512, window 128, indexer 64x128 top-512, 16 experts
 top-6 + 1 shared, expert dim 2048, hidden 4096, vocab 32768), bf16, random weights.
 
-    python bench/e2e.py [--json out.json] [--skip-peer] [--contexts 4096 8192 ...]
+    python bench/e2e.py [--json out.json] [--skip-peer] [--prefill 8192 ...] [--decode 1024 ...]
+                        [--decode-b64 32768] [--profile DIR]
+
+dsv4 decodes through a captured CUDA graph (dsv4.generate.graphs.GraphDecoder); the batch-64 rows share one
+prefilled context (copied row to row, which costs the same to read as 64 different ones) and decode different
+tokens, so their experts differ as in real batches.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import time
 import torch
 
 import dsv4
+from dsv4.generate.graphs import GraphDecoder
 
 
 def flash4(vocab: int = 32768) -> dsv4.ModelConfig:
@@ -56,21 +62,25 @@ def dsv4_prefill(model, n: int, chunk: int) -> dict:
 
 
 @torch.no_grad()
-def dsv4_decode(model, ctx: int, steps: int = 32, batch: int = 1) -> dict:
+def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool = True) -> dict:
     cache = model.new_cache(batch, ctx + steps + 8)
-    tokens = torch.randint(0, model.config.vocab_size, (batch, ctx), device="cuda")
-    for r in range(batch):
-        c = cache.select(r)
-        for s in range(0, ctx, 8192):
-            model(tokens[r:r + 1, s:s + 8192], cache=c, last_only=True)
-    nxt = tokens[:, -1:]
-    model(nxt, cache=cache)  # warm-up step
+    tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda")
+    row = cache.select(0)
+    for s in range(0, ctx, 8192):
+        model(tokens[:, s:s + 8192], cache=row, last_only=True)
+    if batch > 1:
+        cache.broadcast_row(0)
+    step = GraphDecoder(model, cache) if graphs else (lambda t: model(t.view(-1, 1), cache=cache)[:, -1])
+    nxt = torch.randint(0, model.config.vocab_size, (batch,), device="cuda")
+    for _ in range(3):  # eager warm-up steps, then the capture
+        nxt = step(nxt).argmax(-1)
     def run():
         t = nxt
         for _ in range(steps):
-            t = model(t, cache=cache)[:, -1].argmax(-1, keepdim=True)
+            t = step(t).argmax(-1)
     _, secs, peak = timed(run)
-    return {"tok_per_s": batch * steps / secs, "ms_per_step": 1000 * secs / steps, "peak_gb": peak}
+    return {"tok_per_s": batch * steps / secs, "ms_per_step": 1000 * secs / steps, "peak_gb": peak,
+            "cuda_graph": graphs and not getattr(step, "eager", True)}
 
 
 def dsv4_train_step(model, n: int, batch: int = 1) -> dict:
@@ -139,13 +149,52 @@ def peer_train_step(model, n: int) -> dict:
     return {"tok_per_s": n / secs, "seconds": secs, "peak_gb": peak}
 
 
+def train_step(model, tokens: torch.Tensor) -> None:
+    with torch.enable_grad():
+        model.train()
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def profile(model, out_dir: str) -> None:
+    """Per-kernel GPU time of an 8K prefill chunk and of one eager decode step at 32K (tables in out_dir)."""
+    import os
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    os.makedirs(out_dir, exist_ok=True)
+    tokens = torch.randint(0, model.config.vocab_size, (1, 32768), device="cuda")
+    with torch.no_grad():
+        cache = model.new_cache(1, 32768 + 16)
+        for s in range(0, 16384, 8192):
+            model(tokens[:, s:s + 8192], cache=cache, last_only=True)
+        # the prefill job runs twice (warm-up, profiled): chunks at 16K and 24K, then decode steps at 32K
+        jobs = {"prefill_8k_chunk_at_24k": lambda: model(tokens[:, -8192:], cache=cache, last_only=True),
+                "decode_step_at_32k": lambda: model(tokens[:, :1], cache=cache),
+                "train_fwd_bwd_4k": lambda: train_step(model, tokens[:, :4097])}
+        for name, fn in jobs.items():
+            fn()
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+            with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
+                f.write(table)
+            print(name, "\n", table, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--prefill", type=int, nargs="*", default=[4096, 8192, 16384, 65536])
-    p.add_argument("--decode", type=int, nargs="*", default=[1024, 4096, 32768])
+    p.add_argument("--decode", type=int, nargs="*", default=[1024, 4096, 32768, 131072])
+    p.add_argument("--decode-b64", type=int, nargs="*", default=[32768])
+    p.add_argument("--train", type=int, nargs="*", default=[4096])
     p.add_argument("--chunk", type=int, default=8192)
+    p.add_argument("--profile", help="write per-kernel profiles to this folder")
     a = p.parse_args()
     cfg = flash4()
     res: list[dict] = []
@@ -157,20 +206,28 @@ def main() -> None:
                 p_.normal_(0, 0.02)
         model.reset_buffers()
     print(f"dsv4 model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
+    dsv4_prefill(model, 2 * a.chunk, a.chunk)  # warm-up: kernels compile
     for n in a.prefill:
         guard("dsv4 prefill", lambda: dsv4_prefill(model, n, a.chunk), res, tokens=n)
     for ctx in a.decode:
         guard("dsv4 decode b1", lambda: dsv4_decode(model, ctx), res, context=ctx)
-    guard("dsv4 train fwd+bwd", lambda: dsv4_train_step(model, 4096), res, tokens=4096)
+    for ctx in a.decode_b64:
+        guard("dsv4 decode b64", lambda: dsv4_decode(model, ctx, steps=32, batch=64), res, context=ctx)
+    for n in a.train:
+        guard("dsv4 train fwd+bwd", lambda: dsv4_train_step(model, n), res, tokens=n)
+    if a.profile:
+        profile(model, a.profile)
     if not a.skip_peer:
         del model
         torch.cuda.empty_cache()
         peer = peer_model(cfg)
+        peer_prefill(peer, 1024)  # warm-up
         for n in [x for x in a.prefill if x <= 16384]:
             guard("transformers prefill", lambda: peer_prefill(peer, n), res, tokens=n)
         for ctx in [x for x in a.decode if x <= 16384]:
             guard("transformers decode b1", lambda: peer_decode(peer, ctx), res, context=ctx)
-        guard("transformers train fwd+bwd", lambda: peer_train_step(peer, 4096), res, tokens=4096)
+        for n in [x for x in a.train if x <= 8192]:
+            guard("transformers train fwd+bwd", lambda: peer_train_step(peer, n), res, tokens=n)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": res}, f, indent=2)

@@ -56,6 +56,36 @@ def attn_case(name: str, B: int, S: int, H: int, D: int, K: int, N: int, ceil: d
     return out
 
 
+def attn_sweep(name: str, B: int, K: int, N: int, ceil: dict, H: int = 64, D: int = 512) -> list[dict]:
+    """Decode configurations of the sparse-attention kernel (split-K slices, heads per program, warps)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    kv = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    sink = torch.randn(H, device="cuda")
+    idx = torch.randint(0, N, (B, 1, K), device="cuda", generator=g, dtype=torch.int32)
+    rows_bytes = B * K * D * 2 + 2 * q.numel() * 2
+    out = []
+    for splits in (None, 1, 2, 4, 8, 16):
+        for block_h, warps in ((32, 8), (64, 8), (64, 16), (16, 4)):
+            try:
+                ms = bench(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits, block_h, warps))
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a failure
+                out.append({"case": name, "splits": splits, "block_h": block_h, "warps": warps,
+                            "error": str(e)[:100]})
+                continue
+            out.append({"case": name, "splits": splits, "block_h": block_h, "warps": warps, "ms": ms,
+                        "gbps": rows_bytes / ms / 1e6, "frac_copy_bw": rows_bytes / ms / 1e6 / ceil["copy_gbps"]})
+    return out
+
+
+def topk_case(rows: int, T: int, k: int = 512) -> dict:
+    """torch.topk over whole rows vs the two-stage top-k the indexer uses for decode."""
+    s = torch.randn(rows, T, device="cuda")
+    return {"rows": rows, "T": T, "k": k, "torch_topk_ms": bench(lambda: s.topk(k, dim=-1)),
+            "two_stage_ms": bench(lambda: tri_idx.topk_indices(s, k)),
+            "sort_ms": bench(lambda: s.sort(dim=-1, descending=True))}
+
+
 def indexer_case(name: str, B: int, S: int, T: int, ceil: dict, HI: int = 64, DI: int = 128, k: int = 512) -> dict:
     g = torch.Generator(device="cuda").manual_seed(1)
     q = torch.randn(B, S, HI, DI, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -87,6 +117,21 @@ def main() -> None:
     idx = [indexer_case("indexer decode 128K b64", 64, 1, 32768, ceil),
            indexer_case("indexer decode 128K b1", 1, 1, 32768, ceil),
            indexer_case("indexer prefill 4K", 1, 4096, 1024, ceil)]
+    sweep = (attn_sweep("CSA decode 32K b64", 64, 128 + 512, 128 + 8192, ceil)
+             + attn_sweep("HCA decode 32K b64", 64, 128 + 256, 128 + 256, ceil)
+             + attn_sweep("CSA decode 128K b1", 1, 128 + 512, 128 + 32768, ceil)
+             + attn_sweep("HCA decode 128K b1", 1, 128 + 1024, 128 + 1024, ceil))
+    topk = [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
+    print(f"{'decode sweep':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'ms':>8}{'GB/s':>8}{'%copy':>7}")
+    for r in sweep:
+        if "error" in r:
+            print(f"{r['case']:<22}{str(r['splits']):>7}{r['block_h']:>6}{r['warps']:>6}  {r['error']}")
+        else:
+            print(f"{r['case']:<22}{str(r['splits']):>7}{r['block_h']:>6}{r['warps']:>6}{r['ms']:>8.3f}"
+                  f"{r['gbps']:>8.0f}{100 * r['frac_copy_bw']:>6.0f}%")
+    for r in topk:
+        print(f"top-{r['k']} of {r['rows']} x {r['T']}: torch.topk {r['torch_topk_ms']:.3f} ms, two-stage "
+              f"{r['two_stage_ms']:.3f} ms, full sort {r['sort_ms']:.3f} ms")
     print(f"{'attention case':<24}{'triton ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}{'gather+SDPA':>12}")
     for r in attn:
         print(f"{r['case']:<24}{r['triton_ms']:>10.3f}{r['triton_tflops']:>9.1f}{r['triton_gbps']:>8.0f}"
@@ -99,7 +144,8 @@ def main() -> None:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "ceilings": ceil, "attention": attn, "indexer": idx}, f, indent=2)
+                       "triton": triton.__version__, "ceilings": ceil, "attention": attn, "indexer": idx,
+                       "decode_sweep": sweep, "topk": topk}, f, indent=2)
 
 
 if __name__ == "__main__":

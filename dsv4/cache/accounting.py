@@ -3,7 +3,8 @@
 The dsv4 numbers come from the same record sizes and row counts `KVCache` allocates (a test checks the
 equality), per sequence, main layers only (the MTP block decodes without a cache here).
   * per-token part: compressed entries (1 per `ratio` tokens) and, for CSA, indexer keys;
-  * constant part: each layer's `window_size`-slot ring and the fp32 compressor state.
+  * constant part: each layer's `window_size`-slot ring, the fp32 compressor state and one scratch record
+    per compressed store (it absorbs masked writes).
 Baselines, per token: DeepSeek-V3.2 keeps 61 MLA layers of a 576-dim latent (FP8 serving record 656 B:
 512 e4m3 + 4 fp32 scales + 64 bf16 rope; BF16 1152 B) plus 128-dim indexer keys (FP8 132 B, BF16 256 B);
 the GQA baseline keeps K and V of 8 heads x 128 dims in BF16 in as many layers as the model has.
@@ -29,11 +30,11 @@ def layer_bytes(cfg: ModelConfig, layer_id: int, context: int, kv_dtype: str, in
     if m:
         coff = 2 if cfg.layer_kind(layer_id) == "csa" else 1
         out["entries"] = (context // m) * kv_rec
-        out["state"] = 2 * (coff * m) * (coff * D) * 4               # kv + score, fp32
+        out["state"] = 2 * (coff * m) * (coff * D) * 4 + kv_rec      # kv + score, fp32; + a scratch record
     if cfg.layer_kind(layer_id) == "csa":
         Di = cfg.index_head_dim
         out["index_keys"] = (context // m) * record_bytes(index_dtype, Di, rd, "index")
-        out["state"] += 2 * (2 * m) * (2 * Di) * 4
+        out["state"] += 2 * (2 * m) * (2 * Di) * 4 + record_bytes(index_dtype, Di, rd, "index")
     return out
 
 

@@ -27,6 +27,7 @@ class LayerCache:
         self.ratio = cfg.compress_ratios[layer_id]
         self.kind = cfg.layer_kind(layer_id)
         self.end_max = 0  # set by KVCache.begin: the largest position + 1 any row reaches in this chunk
+        self.fixed_shapes = False  # read every stored row (masked by position), so shapes never change
         if _views is not None:
             self.__dict__.update(_views)
             return
@@ -34,12 +35,13 @@ class LayerCache:
         self.window_rows = RowStore(kv_format, batch, cfg.window_size, D, rd, "kv", dtype, device)
         self.entry_rows = self.key_rows = self.compressor_state = self.indexer_state = None
         if m:
-            self.entry_rows = RowStore(kv_format, batch, max_seq_len // m, D, rd, "kv", dtype, device)
+            self.entry_rows = RowStore(kv_format, batch, max_seq_len // m, D, rd, "kv", dtype, device, scratch=True)
             overlap = self.kind == "csa"
             self.compressor_state = CompressorState.empty(batch, m, (2 if overlap else 1) * D, overlap, device)
         if self.kind == "csa":
             Di = cfg.index_head_dim
-            self.key_rows = RowStore(index_format, batch, max_seq_len // m, Di, rd, "index", dtype, device)
+            self.key_rows = RowStore(index_format, batch, max_seq_len // m, Di, rd, "index", dtype, device,
+                                     scratch=True)
             self.indexer_state = CompressorState.empty(batch, m, 2 * Di, True, device)
 
     def stores(self) -> list:
@@ -55,7 +57,8 @@ class LayerCache:
                  "compressor_state": self.compressor_state.select(rows) if self.compressor_state else None,
                  "indexer_state": self.indexer_state.select(rows) if self.indexer_state else None}
         out = object.__new__(LayerCache)
-        out.__dict__.update(window_size=self.window_size, ratio=self.ratio, kind=self.kind, end_max=0, **views)
+        out.__dict__.update(window_size=self.window_size, ratio=self.ratio, kind=self.kind, end_max=0,
+                            fixed_shapes=self.fixed_shapes, **views)
         return out
 
     def reset(self) -> None:
@@ -83,11 +86,15 @@ class LayerCache:
         self._add(self.key_rows, c)
 
     def entries(self) -> torch.Tensor:
-        """Every compressed entry any row can see by the end of this chunk: [B, end_max // ratio, D]."""
-        return self.entry_rows.read(self.end_max // self.ratio)
+        """Every compressed entry any row can see by the end of this chunk: [B, end_max // ratio, D]
+        (all rows with fixed_shapes; the callers mask by position)."""
+        return self.entry_rows.read(self._n_rows())
 
     def keys(self) -> torch.Tensor:
-        return self.key_rows.read(self.end_max // self.ratio)
+        return self.key_rows.read(self._n_rows())
+
+    def _n_rows(self) -> int:
+        return self.entry_rows.rows if self.fixed_shapes else self.end_max // self.ratio
 
     @staticmethod
     def _add(store: RowStore, c: Compressed) -> None:
@@ -95,8 +102,6 @@ class LayerCache:
         if n == 0:
             return
         index = c.first_group.unsqueeze(1) + torch.arange(n, device=c.entries.device)
-        if c.valid is not None:
-            index = torch.where(c.valid, index, 0)
         store.write(index, c.entries, c.valid)
 
 
@@ -143,6 +148,24 @@ class KVCache:
         out._host = _HostView(self._host, range(len(self._host))[rows])
         return out
 
+    def broadcast_row(self, src: int) -> "KVCache":
+        """Give every row row `src`'s state (its context and position): prefill a prompt once, then decode
+        several continuations of it in one batch."""
+        for layer in self.layers:
+            for t in [s.buf for s in layer.stores()] + [x for st in layer.states() for x in (st.kv, st.score)]:
+                t.copy_(t[src:src + 1].expand_as(t))
+        self.positions.fill_(self._host[src])
+        for i in range(len(self._host)):
+            self._host[i] = self._host[src]
+        return self
+
+    def set_fixed_shapes(self, enabled: bool = True) -> "KVCache":
+        """Make every step read all stored rows (masked by position) instead of the rows reached so far: more
+        bytes read, but the same shapes every step, as a captured CUDA graph needs."""
+        for layer in self.layers:
+            layer.fixed_shapes = enabled
+        return self
+
     def reset(self) -> "KVCache":
         """Start new sequences in every row of this (view of the) cache."""
         for layer in self.layers:
@@ -158,15 +181,23 @@ class KVCache:
         if B != self.batch_size:
             raise ValueError(f"tokens have batch {B}, the cache holds {self.batch_size} rows "
                              "(use cache.select(rows) for a subset)")
-        end = max(self._host) + S
-        if end > self.max_seq_len:
-            raise ValueError(f"cache full: a row would reach position {end} > max_seq_len={self.max_seq_len}")
+        end = self.check_room(S)
         for layer in self.layers:
             layer.end_max = end
         return self.positions.clone()
 
-    def end(self, n_tokens: int) -> None:
-        self.positions += n_tokens
+    def check_room(self, n_tokens: int) -> int:
+        """Raise unless every row can take n_tokens more; return the largest end position."""
+        end = max(self._host) + n_tokens
+        if end > self.max_seq_len:
+            raise ValueError(f"cache full: a row would reach position {end} > max_seq_len={self.max_seq_len}")
+        return end
+
+    def end(self, n_tokens: int, device: bool = True) -> None:
+        """Advance every row by n_tokens (device=False: only the host mirror, when a replayed graph advances
+        the device positions itself)."""
+        if device:
+            self.positions += n_tokens
         for i in range(len(self._host)):
             self._host[i] += n_tokens
 

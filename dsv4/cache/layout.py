@@ -35,17 +35,22 @@ def record_bytes(fmt: str, dim: int, rope_dim: int, role: str) -> int:
 
 
 class RowStore:
-    """[B, R, dim] rows kept as records of `fmt`; reads dequantise to `dtype`."""
+    """[B, R, dim] rows kept as records of `fmt`; reads dequantise to `dtype`.
+
+    With `scratch`, one extra record per batch row takes masked-out writes, so a masked write is a plain
+    scatter: no host synchronisation, the same kernels every step (CUDA-graph capturable)."""
 
     def __init__(self, fmt: str, batch: int, rows: int, dim: int, rope_dim: int, role: str, dtype: torch.dtype,
-                 device=None, _buf: torch.Tensor | None = None):
+                 device=None, scratch: bool = False, _buf: torch.Tensor | None = None):
         self.fmt, self.dim, self.rope_dim, self.role, self.dtype = fmt, dim, rope_dim, role, dtype
         self.rec = record_bytes(fmt, dim, rope_dim, role)
         if fmt == "fp8" and role == "kv" and (dim - rope_dim) % 2:
             raise ValueError(f"fp8 KV records need an even number of nope dims, got {dim - rope_dim}")
         if fmt == "fp4" and dim % 32:
             raise ValueError(f"fp4 index keys need a multiple of 32 dims, got {dim}")
+        self.scratch = scratch
         if _buf is None:
+            rows += scratch
             if fmt in _FLOAT:
                 _buf = torch.zeros(batch, rows, dim, dtype=_FLOAT[fmt], device=device)
             else:
@@ -53,11 +58,17 @@ class RowStore:
         self.buf = _buf
 
     @property
+    def rows(self) -> int:
+        """Rows that hold data (the scratch record excluded)."""
+        return self.buf.shape[1] - self.scratch
+
+    @property
     def nbytes(self) -> int:
         return self.buf.numel() * self.buf.element_size()
 
     def select(self, rows: slice) -> "RowStore":
-        return RowStore(self.fmt, 0, 0, self.dim, self.rope_dim, self.role, self.dtype, _buf=self.buf[rows])
+        return RowStore(self.fmt, 0, 0, self.dim, self.rope_dim, self.role, self.dtype, scratch=self.scratch,
+                        _buf=self.buf[rows])
 
     # ------------------------------------------------------------------ encode / decode
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,12 +114,13 @@ class RowStore:
 
     # ------------------------------------------------------------------ access
     def write(self, index: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-        """rows[b, index[b, i]] = values[b, i] where mask[b, i] (index: [B, n] int, distinct per row)."""
+        """rows[b, index[b, i]] = values[b, i] where mask[b, i] (index: [B, n] int, distinct per row where
+        mask; a mask needs the scratch record)."""
         enc = self._encode(values)
         if mask is not None:
-            b, i = mask.nonzero(as_tuple=True)
-            self.buf[b, index[b, i]] = enc[b, i]
-            return
+            if not self.scratch:
+                raise ValueError("masked writes need a RowStore built with scratch=True")
+            index = torch.where(mask, index, self.rows)
         self.buf.scatter_(1, index.unsqueeze(-1).expand(-1, -1, self.buf.shape[2]), enc)
 
     def read(self, n: int) -> torch.Tensor:

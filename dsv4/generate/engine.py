@@ -11,6 +11,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .graphs import GraphDecoder
 from .sampling import SamplingConfig, sample
 
 PREFILL_CHUNK = 4096
@@ -43,11 +44,12 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                     stop_tokens: Sequence[int] = (), kv_dtype: str = "auto", index_dtype: str = "auto",
                     prefill_chunk: int = PREFILL_CHUNK, progress: bool = False,
-                    prefix_store=None) -> Iterator[list[int | None]]:
+                    prefix_store=None, cuda_graphs: bool = True) -> Iterator[list[int | None]]:
     """Yield, per decoding step, one new token per prompt (None once that prompt has stopped).
 
     A prompt stops after emitting a stop token (which is yielded) or max_new_tokens tokens. With a
-    `dsv4.cache.PrefixStore`, stored prefixes of the prompts are reused and new ones saved.
+    `dsv4.cache.PrefixStore`, stored prefixes of the prompts are reused and new ones saved. On a GPU the
+    decode steps replay a captured CUDA graph (`cuda_graphs=False`: eager steps; same tokens).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -61,16 +63,22 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     cache = model.new_cache(B, max(len(p) for p in prompts) + max_new_tokens, kv_dtype, index_dtype)
     last = torch.cat([_prefill(model, cache.select(r), list(p), prefill_chunk, progress, prefix_store)
                       for r, p in enumerate(prompts)])                     # [B, vocab]
-    yield from decode_loop(model, cache, last, max_new_tokens, cfg, gen, stops)
+    step = GraphDecoder(model, cache) if cuda_graphs and cache.positions.is_cuda else None
+    yield from decode_loop(model, cache, last, max_new_tokens, cfg, gen, stops, step)
 
 
 def decode_loop(model, cache, last: torch.Tensor, max_new_tokens: int, cfg: SamplingConfig,
-                gen: torch.Generator, stops: set[int]) -> Iterator[list[int | None]]:
+                gen: torch.Generator, stops: set[int],
+                step: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[list[int | None]]:
     """Sample from `last` [B, vocab], feed the tokens back through `cache`, repeat. The final token of each
-    row is yielded but not fed (the caller feeds it if the sequence continues)."""
+    row is yielded but not fed (the caller feeds it if the sequence continues). `step(tokens [B]) -> logits
+    [B, vocab]` runs one decode step: the eager model on `cache` by default, or e.g. a GraphDecoder."""
     B = last.shape[0]
+    if step is None:
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            return model(tokens.view(B, 1), cache=cache)[:, -1]
     done = [False] * B
-    for step in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample(last, cfg, gen)
         out = []
         for r in range(B):
@@ -79,11 +87,11 @@ def decode_loop(model, cache, last: torch.Tensor, max_new_tokens: int, cfg: Samp
                 continue
             t = int(nxt[r])
             out.append(t)
-            done[r] = t in stops or step == max_new_tokens - 1
+            done[r] = t in stops or i == max_new_tokens - 1
         yield out
         if all(done):
             return
-        last = model(nxt.view(B, 1), cache=cache)[:, -1]
+        last = step(nxt)
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 128, *, temperature: float = 0.0,

@@ -175,6 +175,8 @@ class Transformer(nn.Module):
                              f"{getattr(tokens, 'shape', type(tokens).__name__)}")
         if tokens.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"tokens must be int64 (or int32), got {tokens.dtype}")
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return  # no host sync inside a CUDA graph (the decoder checks the ids it feeds before replay)
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got range "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")

@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 
 from . import gathered_experts as _gathered
+from . import grouped_experts as _grouped
 from .reference import attention as _ref_attn
 from .reference import experts as _ref_experts
 from .reference import pooling as _ref_pool
@@ -29,7 +30,7 @@ def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
     choice = backend or os.environ.get("DSV4_BACKEND") or "auto"
     impls = _REGISTRY[op]
     if choice == "auto":
-        for name in ("triton", "gathered", "reference"):
+        for name in ("triton", "gathered", "grouped", "reference"):
             if name in impls and impls[name][1](*args, **kwargs):
                 return _outside_autocast(impls[name][0])
         raise RuntimeError(f"no backend of {op} supports these inputs")
@@ -57,6 +58,8 @@ register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
 register("moe_experts", "reference", _ref_experts.moe_experts)
 register("moe_experts", "gathered", _gathered.moe_experts,
          lambda x, w1, w2, w3, idx, *a: _gathered.supports(x) and _gathered.fits(idx))
+if hasattr(torch, "_grouped_mm"):
+    register("moe_experts", "grouped", _grouped.moe_experts, _grouped.supports)
 
 try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
     from .triton import indexer as _tri_indexer

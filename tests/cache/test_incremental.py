@@ -116,3 +116,33 @@ def test_cache_errors(model):
         model(_tokens(7), cache=cache)
     with pytest.raises(ValueError, match="fp4"):
         model.new_cache(1, 16, kv_dtype="fp4")
+
+
+def test_fixed_shape_decode_equals_dynamic(model):
+    """Fixed-shape mode (what CUDA-graph decoding captures: every stored row read, masked by position)
+    gives the same logits as reading only the rows reached so far, for ragged rows and a long decode."""
+    tokens = _tokens(90, b=2, seed=7)
+    outs = []
+    with torch.no_grad():
+        for fixed in (False, True):
+            cache = model.new_cache(2, 128).set_fixed_shapes(fixed)
+            model(tokens[:1, :37], cache=cache.select(0))
+            model(tokens[1:, :50], cache=cache.select(1))  # rows at different positions
+            outs.append(torch.cat([model(tokens[:, i:i + 1], cache=cache) for i in range(50, 90)], 1))
+    assert_rel_close("fixed vs dynamic shapes", outs[1], outs[0], TOL)
+
+
+def test_broadcast_row_continues_like_the_source(model):
+    """A prompt prefilled in one row and broadcast to all rows decodes in each row as in the source row."""
+    tokens = _tokens(60, b=1, seed=3)
+    nxt = _tokens(5, b=3, seed=4)
+    with torch.no_grad():
+        cache = model.new_cache(3, 80)
+        model(tokens, cache=cache.select(1))
+        cache.broadcast_row(1)
+        assert cache.lengths() == [60] * 3 and cache.positions.tolist() == [60] * 3
+        got = model(nxt, cache=cache)
+        for r in range(3):
+            alone = model.new_cache(1, 80)
+            model(tokens, cache=alone)
+            assert_rel_close(f"row {r}", got[r:r + 1], model(nxt[r:r + 1], cache=alone), TOL)

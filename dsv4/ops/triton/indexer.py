@@ -52,6 +52,24 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     return out
 
 
+def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores along the last dim (distinct scores: the kernel breaks zero ties).
+
+    For a few long rows (decode: one query against up to 256K keys at 1M context) one torch.topk runs in a
+    single thread block; cutting each row into blocks, taking each block's top-k in parallel and then the
+    top-k of the survivors selects the same set with the whole GPU working."""
+    T = scores.shape[-1]
+    blocks = T // (4 * k)
+    if blocks < 4 or scores[..., 0].numel() * blocks > 4096:
+        return scores.topk(k, dim=-1).indices
+    width = -(-T // blocks)
+    padded = torch.nn.functional.pad(scores, (0, blocks * width - T), value=float("-inf"))
+    vals, idx = padded.unflatten(-1, (blocks, width)).topk(k, dim=-1)          # [..., blocks, k]
+    idx = idx + torch.arange(0, blocks * width, width, device=scores.device).unsqueeze(-1)
+    best = vals.flatten(-2).topk(k, dim=-1).indices
+    return idx.flatten(-2).gather(-1, best)
+
+
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
                  k: int) -> torch.Tensor:
     """Same contract as ops.reference.attention.indexer_topk."""
@@ -65,7 +83,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_v
     for s0 in range(0, S, step):
         sl = slice(s0, min(S, s0 + step))
         scores = index_scores_masked(q[:, sl], weights[:, sl], keys, n_visible[:, sl])
-        top = scores.topk(k, dim=-1).indices
+        top = topk_indices(scores, k)
         out.append(torch.where(top >= n_visible[:, sl].unsqueeze(-1), -1, top))
     return torch.cat(out, dim=1)
 

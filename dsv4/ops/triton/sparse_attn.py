@@ -1,8 +1,11 @@
 """Sparse attention over index lists with a per-head sink (forward; decode and prefill).
 
-One program = one query token x a block of heads. It walks the query's index list in chunks of BLOCK_K,
-gathers those K=V rows once for all heads of the block, and keeps an online softmax in fp32; the sink
-joins the denominator at the end. Masked slots (index -1) contribute nothing. Rows are bf16 or fp32.
+One program = one query token x a block of heads x a slice of the index list. It walks its slice in chunks of
+BLOCK_K, gathers those K=V rows once for all heads of the block, and keeps an online softmax in fp32; the
+sink joins the denominator at the end. Masked slots (index -1) contribute nothing. Rows are bf16 or fp32.
+With one slice per query (prefill: many queries fill the GPU) the program normalises and writes the output;
+with several (decode: few queries, long lists) each writes its partial max / sum / accumulator and a
+combine step merges them (split-K, "flash decoding").
 """
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, scale,
-                        S, H, K, N,
+def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, scale,
+                        S, H, K, N, k_per_split,
                         sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
-                        D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+                        D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
     pid_t = tl.program_id(0)            # token: b * S + s
     pid_h = tl.program_id(1)
+    pid_k = tl.program_id(2)
     b = pid_t // S
     s = pid_t % S
     heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -27,9 +31,11 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, scale,
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(K, k_lo + k_per_split)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        rows = tl.load(idx_ptr + b * si_b + s * si_s + ks, mask=ks < K, other=-1).to(tl.int64)
+        rows = tl.load(idx_ptr + b * si_b + s * si_s + ks, mask=ks < k_hi, other=-1).to(tl.int64)
         valid = rows >= 0
         kv = tl.load(kv_ptr + b * skv_b + tl.where(valid, rows, 0)[:, None] * skv_n + d[None, :],
                      mask=valid[:, None], other=0.0)                                  # [BLOCK_K, D]
@@ -42,17 +48,27 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, scale,
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
         m = m_new
-    sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0).to(tl.float32)
-    m_fin = tl.maximum(m, sink)
-    corr = tl.exp(m - m_fin)
-    den = l * corr + tl.exp(sink - m_fin)
-    out = acc * (corr / den)[:, None]
-    tl.store(o_ptr + b * so_b + s * so_s + heads[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=hmask[:, None])
+    if SPLIT:  # partial results: [tokens, splits, H] max and sum, [tokens, splits, H, D] unnormalised output
+        part = (pid_t * tl.num_programs(2) + pid_k) * H + heads
+        tl.store(m_ptr + part, m, mask=hmask)
+        tl.store(l_ptr + part, l, mask=hmask)
+        tl.store(o_ptr + part[:, None] * D + d[None, :], acc, mask=hmask[:, None])
+    else:
+        sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0).to(tl.float32)
+        m_fin = tl.maximum(m, sink)
+        corr = tl.exp(m - m_fin)
+        den = l * corr + tl.exp(sink - m_fin)
+        out = acc * (corr / den)[:, None]
+        tl.store(o_ptr + b * so_b + s * so_s + heads[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=hmask[:, None])
 
 
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float) -> torch.Tensor:
-    """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K]."""
+def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                splits: int | None = None, block_h: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K].
+
+    splits: index-list slices per query (default: enough programs to fill the GPU); block_h / num_warps:
+    heads per program and warps (defaults tuned on H100 for D = 512)."""
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"triton sparse_attn needs a power-of-two head dim >= 16, got {D}")
@@ -61,18 +77,39 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     q = q.contiguous()
     kv = kv.contiguous()
     idx = idx.to(torch.int32).contiguous()
-    o = torch.empty_like(q)
     K = idx.shape[-1]
     # [BLOCK_H, D] fp32 accumulators must stay in registers: fewer heads per program for wide heads
-    block_h = max(16, min(triton.next_power_of_2(H), 32 if D >= 256 else 64))
+    block_h = block_h or max(16, min(triton.next_power_of_2(H), 32 if D >= 256 else 64))
     block_k = 32 if D >= 256 else 64
-    grid = (B * S, triton.cdiv(H, block_h))
-    _sparse_attn_kernel[grid](q, kv, sink.float().contiguous(), idx, o, scale, S, H, K, kv.shape[1],
-                              q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
-                              idx.stride(0), idx.stride(1), o.stride(0), o.stride(1), o.stride(2),
-                              D=D, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=8 if D >= 256 else 4,
-                              num_stages=2)
-    return o
+    n_h = triton.cdiv(H, block_h)
+    if splits is None:  # split the lists until there are ~2 programs per SM, keeping >= 4 chunks per slice
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        splits = max(1, min(triton.cdiv(2 * sms, B * S * n_h), K // (4 * block_k)))
+    per = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
+    splits = triton.cdiv(K, per) if K else 1
+    T = B * S
+    if splits > 1:
+        o_part = torch.empty(T, splits, H, D, dtype=torch.float32, device=q.device)
+        m_part = torch.empty(T, splits, H, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        o, m_ptr, l_ptr = o_part, m_part, l_part
+    else:
+        o = torch.empty_like(q)
+        m_ptr = l_ptr = o
+    _sparse_attn_kernel[(T, n_h, splits)](
+        q, kv, sink.float().contiguous(), idx, o, m_ptr, l_ptr, scale, S, H, K, kv.shape[1], per,
+        q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
+        o.stride(0), o.stride(1), o.stride(2), D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
+        num_warps=num_warps or (8 if D >= 256 else 4), num_stages=2)
+    if splits == 1:
+        return o
+    # merge the slices: each slice's sum and output rescaled to the common max, the sink in the denominator
+    sink = sink.float().view(1, 1, H)
+    m_all = torch.maximum(m_part.amax(1, keepdim=True), sink)                       # [T, 1, H]
+    w = torch.exp(m_part - m_all)                                                   # 0 for empty slices
+    den = (l_part * w).sum(1) + torch.exp(sink - m_all).squeeze(1)                  # [T, H]
+    out = (o_part * w.unsqueeze(-1)).sum(1) / den.unsqueeze(-1)
+    return out.view(B, S, H, D).to(q.dtype)
 
 
 def supports(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float) -> bool:

@@ -1,0 +1,35 @@
+"""Routed experts as grouped GEMMs (`torch._grouped_mm`): (token, slot) pairs sorted by expert, one GEMM per
+projection over all experts at once. Each expert's weights are read once, empty experts cost nothing, the
+group sizes stay on the device (no host sync, so it runs inside CUDA graphs) and autograd works, so the same
+path serves prefill, batched decode and training."""
+from __future__ import annotations
+
+import torch
+
+from .reference.experts import swiglu
+
+
+def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
+                weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
+    """Same contract as ops.reference.experts.moe_experts."""
+    N, k = idx.shape
+    E = w1.shape[0]
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)                                       # pairs grouped by expert
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offs = counts.cumsum(0, dtype=torch.int32)                              # end row of each expert's group
+    dt = x.dtype
+    xs = x[order // k]                                                      # [N*k, C]
+    gate = torch._grouped_mm(xs, w1.to(dt).transpose(1, 2), offs=offs)      # [N*k, F]
+    up = torch._grouped_mm(xs, w3.to(dt).transpose(1, 2), offs=offs)
+    h = swiglu(gate, up, swiglu_limit) * weights.flatten()[order].unsqueeze(-1).float()
+    y = torch._grouped_mm(h.to(dt), w2.to(dt).transpose(1, 2), offs=offs).float()   # [N*k, C]
+    return y[order.argsort()].view(N, k, -1).sum(1)
+
+
+def supports(x: torch.Tensor, w1: torch.Tensor, *args) -> bool:
+    """CUDA bf16 on Hopper or newer (the CUTLASS kernels), with 16-byte aligned rows."""
+    return (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0)
+            and x.shape[-1] % 8 == 0 and w1.shape[1] % 8 == 0)
