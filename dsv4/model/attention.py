@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from .compressor import Compressed, Compressor, CompressorState, quantize_entries
 from .indexer import Indexer
 from .norm import RMSNorm, rms_unweighted
-from .rope import apply_rope, rope_angles, rope_frequencies
+from .rope import apply_rope_, rope_angles, rope_frequencies
 
 
 class AttentionCache(Protocol):
@@ -104,8 +104,8 @@ class Attention(nn.Module):
 
         qr = self.q_norm(self.wq_a(x))                                        # [B, S, q_lora]
         q = rms_unweighted(self.wq_b(qr).view(B, S, H, D), self.eps)
-        q = apply_rope(q, cos, sin)                                           # [B, S, H, D]
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                  # [B, S, D]
+        q = apply_rope_(q, cos, sin)                                           # [B, S, H, D]
+        kv = apply_rope_(self.kv_norm(self.wkv(x)), cos, sin)                  # [B, S, D]
         if self.quant_sim:
             kv = quantize_entries(kv, self.rope_dim, rotate=False)
 
@@ -113,7 +113,7 @@ class Attention(nn.Module):
             o = self._sequence(x, qr, q, kv, pos, cos, sin)
         else:
             o = self._cached(x, qr, q, kv, pos0, pos, cos, sin, cache)
-        o = apply_rope(o, cos, sin, inverse=True)  # V = K carries RoPE: rotate the output back
+        o = apply_rope_(o, cos, sin, inverse=True)  # V = K carries RoPE: rotate the output back
         o = o.reshape(B, S, self.n_groups, H * D // self.n_groups)
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
         o = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))               # [B, S, G, o_lora]

@@ -19,7 +19,7 @@ from torch import nn
 from .. import ops
 from ..quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through
 from .norm import RMSNorm, linear_fp32
-from .rope import apply_rope, rope_angles
+from .rope import apply_rope_, rope_angles
 
 
 @dataclass
@@ -100,7 +100,7 @@ class Compressor(nn.Module):
         entries = self.norm(pooled.to(x.dtype))
         starts = (first_group.unsqueeze(1) + torch.arange(n, device=x.device)) * m
         cos, sin = rope_angles(starts, freqs)                               # rope at each group's first token
-        entries = apply_rope(entries, cos, sin)
+        entries = apply_rope_(entries, cos, sin)
         if quant_sim:
             entries = quantize_entries(entries, self.rope_dim, self.rotate)
         return Compressed(entries, first_group, valid)

@@ -11,7 +11,7 @@ from torch import nn
 from .. import ops
 from ..ops.reference.attention import index_scores
 from .compressor import Compressor, quantize_entries
-from .rope import apply_rope
+from .rope import apply_rope_
 
 
 class Indexer(nn.Module):
@@ -28,7 +28,7 @@ class Indexer(nn.Module):
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Indexer queries [B, S, Hi, Di] and head weights [B, S, Hi] (fp32, scaled by Di^-0.5 * Hi^-0.5)."""
         B, S, _ = x.shape
-        q = apply_rope(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos, sin)
+        q = apply_rope_(self.wq_b(qr).view(B, S, self.n_heads, self.head_dim), cos, sin)
         if self.fp4:
             q = quantize_entries(q, self.rope_dim, rotate=True)
         w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)

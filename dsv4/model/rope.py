@@ -40,13 +40,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     x: [B, S, ..., D]; cos/sin: [B or 1, S, rope_dim // 2], broadcast over the middle (head) dims.
     `inverse` rotates by the negative angle (V4 de-rotates the attention output, since V = K carries RoPE).
     """
+    return torch.cat((x[..., :-2 * cos.shape[-1]], _rotated(x, cos, sin, inverse)), dim=-1)
+
+
+def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """apply_rope writing into x's rope channels when autograd does not track x (inference): the other 7/8 of
+    the tensor is not copied (on a prefill's [S, 64, 512] queries that copy costs more than the rotation).
+    Returns the rotated tensor (x itself, or a new tensor when x requires grad)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return apply_rope(x, cos, sin, inverse)
+    x[..., -2 * cos.shape[-1]:] = _rotated(x, cos, sin, inverse)
+    return x
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The trailing rope channels of x, rotated, in x.dtype."""
     half = cos.shape[-1]
-    rd = 2 * half
     for _ in range(x.dim() - cos.dim()):
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     if inverse:
         sin = -sin
-    nope, rope = x[..., :-rd], x[..., -rd:].float().unflatten(-1, (half, 2))
+    rope = x[..., -2 * half:].float().unflatten(-1, (half, 2))
     a, b = rope[..., 0], rope[..., 1]
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-    return torch.cat((nope, rotated.to(x.dtype)), dim=-1)
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)

@@ -62,6 +62,7 @@ if hasattr(torch, "_grouped_mm"):
     register("moe_experts", "grouped", _grouped.moe_experts, _grouped.supports)
 
 try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
+    from .triton import experts as _tri_experts
     from .triton import indexer as _tri_indexer
     from .triton import sinkhorn as _tri_sinkhorn
     from .triton import sparse_attn as _tri_attn
@@ -71,6 +72,7 @@ else:
     register("sparse_attn", "triton", _tri_attn.sparse_attn, _tri_attn.supports)
     register("indexer_topk", "triton", _tri_indexer.indexer_topk, _tri_indexer.supports)
     register("hc_split_sinkhorn", "triton", _tri_sinkhorn.hc_split_sinkhorn, _tri_sinkhorn.supports)
+    register("moe_experts", "triton", _tri_experts.moe_experts, _tri_experts.supports)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,

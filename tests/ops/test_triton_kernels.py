@@ -16,6 +16,8 @@ from dsv4.ops.triton.indexer import indexer_topk as tri_top
 from dsv4.ops.triton.sparse_attn import sparse_attn as tri_attn
 from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn as tri_hc
 from dsv4.ops.reference.sinkhorn import hc_split_sinkhorn as ref_hc
+from dsv4.ops.triton.experts import moe_experts as tri_moe
+from dsv4.ops.reference.experts import moe_experts as ref_moe
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
 worst = 0.0
@@ -45,6 +47,16 @@ for n in (1, 37, 130):
     b = torch.randn(24, generator=g).to(dev)
     for a, r in zip(tri_hc(m, sc, b, 4, 20, 1e-6), ref_hc(m, sc, b, 4, 20, 1e-6)):
         assert (a - r).abs().max() < 1e-5, (a - r).abs().max()
+for N, C, F, E, k, limit in ((1, 64, 48, 8, 6, 7.0), (3, 40, 96, 5, 2, 0.0)):  # decode-sized expert batches
+    x = torch.randn(N, C, generator=g).to(dev, dt)
+    w1, w3 = (torch.randn(E, F, C, generator=g).div(C ** 0.5).to(dev, dt) for _ in range(2))
+    w2 = torch.randn(E, C, F, generator=g).div(F ** 0.5).to(dev, dt)
+    idx = torch.rand(N, E, generator=g).argsort(-1)[:, :k].to(dev)
+    rw = torch.rand(N, k, generator=g).to(dev)
+    a = tri_moe(x, w1, w2, w3, idx, rw, limit)
+    r = ref_moe(x.double(), w1.double(), w2.double(), w3.double(), idx, rw.double(), limit)
+    err = ((a.double() - r).norm() / r.norm()).item()
+    assert err < {tol} * 10, err
 print("ok", worst)
 '''
 

@@ -9,4 +9,7 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
     Candidates padded with score -inf (and kv 0) get weight 0.
     """
-    return (kv.float() * torch.softmax(score.float(), dim=2)).sum(dim=2)
+    # the softmax written out: torch.softmax over a middle dim runs a slow "spatial" kernel on small inputs
+    score = score.float()
+    w = torch.exp(score - score.amax(dim=2, keepdim=True))
+    return (kv.float() * w).sum(dim=2) / w.sum(dim=2)

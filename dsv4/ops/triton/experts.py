@@ -1,0 +1,85 @@
+"""Routed experts for decode-sized batches: matrix-vector products that read each selected expert's weights in
+place (forward only).
+
+A decode step routes a handful of tokens to k experts each; the work is reading those experts' weights once.
+One program computes a block of output rows of one (token, slot) pair, streaming the rows of the pair's
+expert. The first kernel fuses the gate and up projections with the clamped SwiGLU and the routing weight;
+the second applies the down projection. No gather copies the weights, no host sync, two launches.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PAIRS = 16  # (token, slot) pairs; beyond, several pairs share experts and grouped GEMMs read less
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, e_ptr, rw_ptr, h_ptr, F, C, k, limit,
+                    sw_e, sw_f, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, CLAMP: tl.constexpr):
+    p = tl.program_id(0)                       # pair = token * k + slot
+    rows = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    rmask = rows < F
+    e = tl.load(e_ptr + p).to(tl.int64)
+    g = tl.zeros([BLOCK_F], tl.float32)
+    u = tl.zeros([BLOCK_F], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cmask = cs < C
+        xv = tl.load(x_ptr + (p // k) * C + cs, mask=cmask, other=0.0).to(tl.float32)
+        off = e * sw_e + rows[:, None] * sw_f + cs[None, :]
+        m2 = rmask[:, None] & cmask[None, :]
+        g += tl.sum(tl.load(w1_ptr + off, mask=m2, other=0.0).to(tl.float32) * xv[None, :], 1)
+        u += tl.sum(tl.load(w3_ptr + off, mask=m2, other=0.0).to(tl.float32) * xv[None, :], 1)
+    # the reference rounds the projections to the activation dtype before the fp32 SwiGLU
+    g = g.to(h_ptr.dtype.element_ty).to(tl.float32)
+    u = u.to(h_ptr.dtype.element_ty).to(tl.float32)
+    if CLAMP:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+    h = g / (1.0 + tl.exp(-g)) * u * tl.load(rw_ptr + p)
+    tl.store(h_ptr + p * F + rows, h.to(h_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _down_kernel(h_ptr, w2_ptr, e_ptr, y_ptr, C, F, sw_e, sw_c,
+                 BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+    p = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < C
+    e = tl.load(e_ptr + p).to(tl.int64)
+    acc = tl.zeros([BLOCK_R], tl.float32)
+    for f0 in range(0, F, BLOCK_F):
+        fs = f0 + tl.arange(0, BLOCK_F)
+        fmask = fs < F
+        hv = tl.load(h_ptr + p * F + fs, mask=fmask, other=0.0).to(tl.float32)
+        w = tl.load(w2_ptr + e * sw_e + rows[:, None] * sw_c + fs[None, :], mask=rmask[:, None] & fmask[None, :],
+                    other=0.0)
+        acc += tl.sum(w.to(tl.float32) * hv[None, :], 1)
+    tl.store(y_ptr + p * C + rows, acc, mask=rmask)
+
+
+def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
+                weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
+    """Same contract as ops.reference.experts.moe_experts."""
+    N, k = idx.shape
+    E, F, C = w1.shape
+    x = x.contiguous()
+    w1, w2, w3 = (w.to(x.dtype).contiguous() for w in (w1, w2, w3))
+    e = idx.reshape(-1).to(torch.int32).contiguous()
+    rw = weights.reshape(-1).float().contiguous()
+    P = N * k
+    h = torch.empty(P, F, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(P, triton.cdiv(F, 32))](x, w1, w3, e, rw, h, F, C, k, float(swiglu_limit),
+                                              w1.stride(0), w1.stride(1), BLOCK_F=32, BLOCK_C=256,
+                                              CLAMP=swiglu_limit > 0, num_warps=4)
+    y = torch.empty(P, C, dtype=torch.float32, device=x.device)
+    _down_kernel[(P, triton.cdiv(C, 32))](h, w2, e, y, C, F, w2.stride(0), w2.stride(1),
+                                          BLOCK_R=32, BLOCK_F=256, num_warps=4)
+    return y.view(N, k, C).sum(1)
+
+
+def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, *a) -> bool:
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and idx.numel() <= MAX_PAIRS
+            and not (torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)))
