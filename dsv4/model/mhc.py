@@ -17,11 +17,11 @@ from .. import ops
 from .norm import linear_fp32
 
 
-def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flattened fp32 lanes [B, S, R*C] and their projected logits fn . x / rms(x)."""
+def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """The projected logits fn . x / rms(x) of the flattened lanes [B, S, R*C] (fp32)."""
     xf = x.flatten(2).float()
     rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return xf, linear_fp32(xf, fn) * rs
+    return linear_fp32(xf, fn) * rs
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
@@ -31,28 +31,26 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     `constrained=False` is the unconstrained hyper-connection ablation: comb is the raw affine map of the
     logits (no softmax, no Sinkhorn), so nothing keeps the residual mixing from amplifying."""
     R = x.shape[2]
-    xf, mixes = _mixes(x, fn, norm_eps)
+    mixes = _mixes(x, fn, norm_eps)
     if constrained:
         pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, R, iters, hc_eps)
     else:
         pre, post, _ = ops.hc_split_sinkhorn(mixes, scale, base, R, 1, hc_eps)
         comb = (mixes[..., 2 * R:] * scale[2] + base[2 * R:]).unflatten(-1, (R, R))
-    y = (pre.unsqueeze(-1) * xf.view(x.shape)).sum(dim=2)
-    return y.to(x.dtype), post, comb
+    return ops.hc_collapse(x, pre), post, comb
 
 
 def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """f: [B, S, C] sublayer output, residual: [B, S, R, C] -> new lanes [B, S, R, C] (comb^T mixes lanes)."""
-    y = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("bsjk,bsjc->bskc", comb, residual.float())
-    return y.to(f.dtype)
+    return ops.hc_post(f, residual, post, comb)
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
             hc_eps: float) -> torch.Tensor:
     """Final collapse of the lanes: [B, S, R, C] -> [B, S, C], sigmoid weights, no Sinkhorn."""
-    xf, mixes = _mixes(x, fn, norm_eps)
+    mixes = _mixes(x, fn, norm_eps)
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
-    return (pre.unsqueeze(-1) * xf.view(x.shape)).sum(dim=2).to(x.dtype)
+    return ops.hc_collapse(x, pre)
 
 
 def init_hc_params(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc: int,

@@ -10,6 +10,7 @@ from . import gathered_experts as _gathered
 from . import grouped_experts as _grouped
 from .reference import attention as _ref_attn
 from .reference import experts as _ref_experts
+from .reference import mhc as _ref_mhc
 from .reference import pooling as _ref_pool
 from .reference import sequence_attn as _ref_seq
 from .reference import sinkhorn as _ref_sinkhorn
@@ -56,6 +57,8 @@ register("indexer_topk", "reference", _ref_attn.indexer_topk)
 register("compress_pool", "reference", _ref_pool.compress_pool)
 register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
 register("moe_experts", "reference", _ref_experts.moe_experts)
+register("hc_collapse", "reference", _ref_mhc.hc_collapse)
+register("hc_post", "reference", _ref_mhc.hc_post)
 register("moe_experts", "gathered", _gathered.moe_experts,
          lambda x, w1, w2, w3, idx, *a: _gathered.supports(x) and _gathered.fits(idx))
 if hasattr(torch, "_grouped_mm"):
@@ -64,6 +67,7 @@ if hasattr(torch, "_grouped_mm"):
 try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
     from .triton import experts as _tri_experts
     from .triton import indexer as _tri_indexer
+    from .triton import mhc as _tri_mhc
     from .triton import sinkhorn as _tri_sinkhorn
     from .triton import sparse_attn as _tri_attn
 except ImportError:  # no Triton on this machine: the references serve every call
@@ -73,6 +77,8 @@ else:
     register("indexer_topk", "triton", _tri_indexer.indexer_topk, _tri_indexer.supports)
     register("hc_split_sinkhorn", "triton", _tri_sinkhorn.hc_split_sinkhorn, _tri_sinkhorn.supports)
     register("moe_experts", "triton", _tri_experts.moe_experts, _tri_experts.supports)
+    register("hc_collapse", "triton", _tri_mhc.hc_collapse, _tri_mhc.supports)
+    register("hc_post", "triton", _tri_mhc.hc_post, _tri_mhc.supports)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
@@ -105,6 +111,17 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
                       eps: float, *, backend: str | None = None):
     """mHC logits [..., (2+hc)*hc] -> pre [..., hc], post [..., hc], comb [..., hc, hc] (Sinkhorn-projected)."""
     return _pick("hc_split_sinkhorn", backend, mixes)(mixes, scale, base, hc, iters, eps)
+
+
+def hc_collapse(x: torch.Tensor, weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """mHC lanes [..., R, C] -> sum_i weights[..., i] * lane_i [..., C] (fp32 math, x.dtype result)."""
+    return _pick("hc_collapse", backend, x, weights)(x, weights)
+
+
+def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+            *, backend: str | None = None) -> torch.Tensor:
+    """mHC post mix: lane'_k = post_k * f + sum_j comb[j, k] * lane_j (fp32 math, f.dtype result)."""
+    return _pick("hc_post", backend, f, residual, post, comb)(f, residual, post, comb)
 
 
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,

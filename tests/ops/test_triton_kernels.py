@@ -18,6 +18,8 @@ from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn as tri_hc
 from dsv4.ops.reference.sinkhorn import hc_split_sinkhorn as ref_hc
 from dsv4.ops.triton.experts import moe_experts as tri_moe
 from dsv4.ops.reference.experts import moe_experts as ref_moe
+from dsv4.ops.triton import mhc as tri_mhc
+from dsv4.ops.reference import mhc as ref_mhc
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
 worst = 0.0
@@ -57,6 +59,13 @@ for N, C, F, E, k, limit in ((1, 64, 48, 8, 6, 7.0), (3, 40, 96, 5, 2, 0.0)):  #
     r = ref_moe(x.double(), w1.double(), w2.double(), w3.double(), idx, rw.double(), limit)
     err = ((a.double() - r).norm() / r.norm()).item()
     assert err < {tol} * 10, err
+for lead, R, C in (((1, 1), 4, 96), ((2, 5), 3, 1500)):  # mHC collapse and post mix
+    x = torch.randn(*lead, R, C, generator=g).to(dev, dt); f = torch.randn(*lead, C, generator=g).to(dev, dt)
+    w = torch.rand(*lead, R, generator=g).to(dev); comb = torch.rand(*lead, R, R, generator=g).to(dev)
+    for a, r in ((tri_mhc.hc_collapse(x, w), ref_mhc.hc_collapse(x, w)),
+                 (tri_mhc.hc_post(f, x, w, comb), ref_mhc.hc_post(f, x, w, comb))):
+        assert a.shape == r.shape and a.dtype == r.dtype
+        assert (a.double() - r.double()).abs().max() <= {tol} * 10 * r.double().abs().max(), (a - r).abs().max()
 print("ok", worst)
 '''
 
