@@ -83,19 +83,15 @@ def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool =
             "cuda_graph": graphs and not getattr(step, "eager", True)}
 
 
-def dsv4_train_step(model, n: int, batch: int = 1) -> dict:
-    model.train()
+def dsv4_train_step(model, n: int, batch: int = 1, checkpointing: bool = False) -> dict:
     tokens = torch.randint(0, model.config.vocab_size, (batch, n + 1), device="cuda")
-    def step():
-        logits = model(tokens[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-    step()  # warm-up
-    model.zero_grad(set_to_none=True)
-    _, secs, peak = timed(step)
-    model.zero_grad(set_to_none=True)
-    model.eval()
-    return {"tok_per_s": batch * n / secs, "seconds": secs, "peak_gb": peak}
+    model.set_activation_checkpointing(checkpointing)
+    try:
+        train_step(model, tokens)  # warm-up
+        _, secs, peak = timed(lambda: train_step(model, tokens))
+    finally:
+        model.set_activation_checkpointing(False)
+    return {"tok_per_s": batch * n / secs, "seconds": secs, "peak_gb": peak, "activation_checkpointing": checkpointing}
 
 
 def peer_model(cfg: dsv4.ModelConfig):
@@ -150,12 +146,15 @@ def peer_train_step(model, n: int) -> dict:
 
 
 def train_step(model, tokens: torch.Tensor) -> None:
+    """One fwd+bwd of the bf16 model (as the peer's), fp32 matmuls on TF32 tensor cores as `dsv4 train` sets."""
+    torch.backends.cuda.matmul.allow_tf32 = True
     with torch.enable_grad():
         model.train()
         logits = model(tokens[:, :-1])
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         model.zero_grad(set_to_none=True)
         model.eval()
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def profile(model, out_dir: str) -> None:
@@ -193,6 +192,8 @@ def main() -> None:
     p.add_argument("--decode", type=int, nargs="*", default=[1024, 4096, 32768, 131072])
     p.add_argument("--decode-b64", type=int, nargs="*", default=[32768])
     p.add_argument("--train", type=int, nargs="*", default=[4096])
+    p.add_argument("--train-checkpointed", type=int, nargs="*", default=[65536],
+                   help="training steps with activation checkpointing (long sequences)")
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--profile", help="write per-kernel profiles to this folder")
     a = p.parse_args()
@@ -215,6 +216,9 @@ def main() -> None:
         guard("dsv4 decode b64", lambda: dsv4_decode(model, ctx, steps=32, batch=64), res, context=ctx)
     for n in a.train:
         guard("dsv4 train fwd+bwd", lambda: dsv4_train_step(model, n), res, tokens=n)
+    for n in a.train_checkpointed:
+        guard("dsv4 train fwd+bwd (block recompute)", lambda: dsv4_train_step(model, n, checkpointing=True), res,
+              tokens=n)
     if a.profile:
         profile(model, a.profile)
     if not a.skip_peer:

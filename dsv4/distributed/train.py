@@ -48,7 +48,10 @@ def train_distributed(cfg: TrainConfig, resume: bool = False) -> dict:
     tok, tok_dir, train_stream, _ = prepared or _prepare_data(cfg, cfg.out)
     mcfg = cfg.model(vocab_size=max(tok.vocab_size, cfg.model().vocab_size))
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":  # as dsv4 train: the fp32 islands on TF32 tensor cores unless asked otherwise
+        torch.backends.cuda.matmul.allow_tf32 = cfg.fp32_matmul == "tf32"
     model = Transformer(mcfg).init_weights(seed=cfg.seed).to(device).train().set_qat(cfg.qat == "fp4")
+    model.set_activation_checkpointing(cfg.activation_checkpointing == "block")
     model = parallelize(model, mesh, bf16=device.type == "cuda")
     opts = build_optimizers(model, cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                             update_rms=cfg.update_rms,

@@ -136,9 +136,9 @@ class Attention(nn.Module):
                 if self.sparse:
                     mask = mask & topk_mask(scores.detach(), mask, self.indexer.topk)
         want = scores is not None and self.indexer_loss
-        o, p_ent = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
-                                     return_entry_probs=want)
-        self.indexer_kl = indexer_kl(scores, p_ent, mask) if want else None
+        o, mass = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
+                                    return_entry_probs=want)
+        self.indexer_kl = indexer_kl(scores, mass, mask) if want else None
         return o
 
     def _cached(self, x, qr, q, kv, pos0, pos, cos, sin, cache) -> torch.Tensor:
@@ -166,12 +166,12 @@ def topk_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tens
     return torch.zeros_like(visible).scatter(-1, order[..., :k], True) & visible
 
 
-def indexer_kl(scores: torch.Tensor, entry_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def indexer_kl(scores: torch.Tensor, entry_mass: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """KL(target || softmax(indexer scores)) over the entries a query attends to (v4-architecture §3.5).
 
-    target: the main attention's probability on those entries within its joint softmax, summed over heads and
-    normalised (no gradient). Queries that attend to no entry are skipped."""
-    target = entry_probs.detach().sum(2) * mask                                      # [B, S, N]
+    target: the main attention's probability on those entries within its joint softmax, summed over heads
+    (`entry_mass` [B, S, N]) and normalised (no gradient). Queries that attend to no entry are skipped."""
+    target = entry_mass.detach() * mask                                              # [B, S, N]
     mass = target.sum(-1, keepdim=True)
     live = mass.squeeze(-1) > 0
     if not bool(live.any()):

@@ -46,6 +46,9 @@ class TrainConfig:
     dense_warmup_frac: float = 0.1          # CSA attends to every visible entry, indexer idle
     indexer_warmup_frac: float = 0.05       # dense attention, only the indexer trains (KL loss)
     qat: str = "none"                       # "none" | "fp4" (experts and indexer q/k, straight-through)
+    activation_checkpointing: str = "none"  # "none" | "block": recompute each block in backward (long sequences)
+    fp32_matmul: str = "tf32"               # GPU fp32 matmuls (attention, compressor, mHC, router, head): "tf32"
+                                            # tensor cores (exact on bf16 inputs, fp32 accumulate) | "ieee"
     # ablations (each swaps one V4 ingredient for its usual baseline)
     attention: str = "v4"                   # "v4" (window/CSA/HCA) | "dense" (full causal attention)
     residual: str = "mhc"                   # "mhc" | "hc" (unconstrained hyper-connections) | "none"
@@ -64,6 +67,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"optimizer": ("muon", "adamw"), "schedule": ("cosine", "wsd"), "qat": ("none", "fp4"),
+                   "fp32_matmul": ("tf32", "ieee"), "activation_checkpointing": ("none", "block"),
                    "attention": ("v4", "dense"), "residual": ("mhc", "hc", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

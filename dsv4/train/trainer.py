@@ -100,11 +100,14 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     cfg.save(out)
     device = _device(cfg)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    if device.type == "cuda":  # the fp32 islands' operands come from bf16 activations: TF32 keeps them exact
+        torch.backends.cuda.matmul.allow_tf32 = cfg.fp32_matmul == "tf32"
     torch.manual_seed(cfg.seed)
 
     tok, tok_dir, train_stream, val_stream = _prepare_data(cfg, out)
     mcfg = cfg.model(vocab_size=max(tok.vocab_size, cfg.model().vocab_size))
     model = Transformer(mcfg).init_weights(seed=cfg.seed).to(device).train().set_qat(cfg.qat == "fp4")
+    model.set_activation_checkpointing(cfg.activation_checkpointing == "block")
     opts = build_optimizers(model, cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                             update_rms=cfg.update_rms)
     extra = 1 + mcfg.n_mtp_layers

@@ -123,3 +123,23 @@ def test_token_validation(tiny):
         tiny(torch.zeros(1, 4))
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         tiny(torch.zeros(4, dtype=torch.long))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Recomputing blocks in the backward pass changes memory, not the gradients (incl. MTP and indexer KL)."""
+    cfg = dsv4.ModelConfig.preset("tiny")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        model = dsv4.Transformer(cfg).init_weights(seed=3).train().set_activation_checkpointing(ckpt)
+        for m in model.modules():
+            if getattr(m, "kind", None) == "csa":
+                m.indexer_loss = True
+        h = model.hidden(tokens)
+        loss = model.logits(h).logsumexp(-1).mean() + model.mtp_logits(h, [tokens])[0].logsumexp(-1).mean()
+        loss = loss + sum(m.indexer_kl for m in model.modules() if getattr(m, "indexer_kl", None) is not None)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n

@@ -123,7 +123,27 @@ def test_sequence_attn_equals_sparse_attn(S, W):
     eidx = torch.where(mask, torch.arange(N) + S, -1)
     want = ops.sparse_attn(q, torch.cat((kv, ent), 1), sink, torch.cat((widx, eidx), -1), 0.3)
     assert (o - want).abs().max() < 1e-5
-    assert p.shape == (B, S, H, N) and (p[~mask.unsqueeze(2).expand_as(p)] == 0).all()
+    assert p.shape == (B, S, N) and (p[~mask] == 0).all() and not p.requires_grad
+
+
+def test_sequence_attn_chunked_and_checkpointed(monkeypatch):
+    """Query chunks (each starting on a window block, with the previous block's rows) and their checkpointed
+    backward give the one-shot result and gradients."""
+    from dsv4.ops.reference import sequence_attn as mod
+    g = torch.Generator().manual_seed(9)
+    B, S, H, D, N, W = 2, 45, 3, 8, 6, 4
+    leaves = [torch.randn(B, S, H, D, generator=g), torch.randn(B, S, D, generator=g),
+              torch.randn(B, N, D, generator=g), torch.randn(H, generator=g)]
+    mask = torch.rand(B, S, N, generator=g) < 0.6
+    results = []
+    for elements in (1 << 28, 2 * W * H * (2 * W + N + 1)):    # one chunk; chunks of two window blocks
+        monkeypatch.setattr(mod, "CHUNK_ELEMENTS", elements)
+        xs = [t.clone().requires_grad_(True) for t in leaves]
+        o, mass = mod.sequence_attn(xs[0], xs[1], xs[2], mask, xs[3], 0.3, W, return_entry_probs=True)
+        (o * torch.linspace(-1, 1, o.numel()).view(o.shape)).sum().backward()
+        results.append([o.detach(), mass] + [t.grad for t in xs])
+    for a, b in zip(*results):
+        assert (a - b).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("impl", ["gathered", "grouped"])
