@@ -178,10 +178,12 @@ def profile(model, out_dir: str) -> None:
             with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
                 fn()
                 torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
-            with open(os.path.join(out_dir, f"{name}.txt"), "w") as f:
-                f.write(table)
-            print(name, "\n", table, flush=True)
+            events = prof.key_averages()
+            n_kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
+            table = events.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
+            with open(os.path.join(out_dir, "profile.txt"), "a") as f:
+                f.write(f"== {name}: {n_kernels} GPU kernels/copies\n{table}\n")
+            print(name, n_kernels, "GPU kernels", flush=True)
 
 
 def main() -> None:

@@ -160,10 +160,12 @@ class Attention(nn.Module):
 
 
 def topk_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, S, N] bool: the k best visible entries per query (ties to the older entry, as ops.indexer_topk)."""
+    """[B, S, N] bool: the k best visible entries per query. Exact-zero scores (every head's ReLU at 0) tie; they
+    go to the older entry, as in ops.indexer_topk, by ranking them by a vanishing age penalty."""
     k = min(k, scores.shape[-1])
-    order = scores.masked_fill(~visible, float("-inf")).sort(dim=-1, descending=True, stable=True).indices
-    return torch.zeros_like(visible).scatter(-1, order[..., :k], True) & visible
+    age = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
+    ranked = torch.where(scores == 0, -(age + 1) * 1e-30, scores).masked_fill(~visible, float("-inf"))
+    return torch.zeros_like(visible).scatter(-1, ranked.topk(k, dim=-1).indices, True) & visible
 
 
 def indexer_kl(scores: torch.Tensor, entry_mass: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops.reference.attention import index_scores
 from .compressor import Compressor, quantize_entries
 from .rope import apply_rope_
 
@@ -52,4 +51,4 @@ class Indexer(nn.Module):
         zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         keys = self.compressor(x, zeros, freqs, self.fp4).entries
         q, w = self.queries(x, qr, cos, sin)
-        return index_scores(q, w, keys)
+        return ops.index_scores(q, w, keys)

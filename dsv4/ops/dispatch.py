@@ -54,6 +54,7 @@ def _outside_autocast(fn: Callable) -> Callable:
 register("sparse_attn", "reference", _ref_attn.sparse_attn)
 register("sequence_attn", "reference", _ref_seq.sequence_attn)
 register("indexer_topk", "reference", _ref_attn.indexer_topk)
+register("index_scores", "reference", _ref_attn.index_scores)
 register("compress_pool", "reference", _ref_pool.compress_pool)
 register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
 register("moe_experts", "reference", _ref_experts.moe_experts)
@@ -75,6 +76,7 @@ except ImportError:  # no Triton on this machine: the references serve every cal
 else:
     register("sparse_attn", "triton", _tri_attn.sparse_attn, _tri_attn.supports)
     register("indexer_topk", "triton", _tri_indexer.indexer_topk, _tri_indexer.supports)
+    register("index_scores", "triton", _tri_indexer.index_scores, _tri_indexer.supports_scores)
     register("hc_split_sinkhorn", "triton", _tri_sinkhorn.hc_split_sinkhorn, _tri_sinkhorn.supports)
     register("moe_experts", "triton", _tri_experts.moe_experts, _tri_experts.supports)
     register("hc_collapse", "triton", _tri_mhc.hc_collapse, _tri_mhc.supports)
@@ -100,6 +102,12 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_v
                  *, backend: str | None = None) -> torch.Tensor:
     """Top-k of sum_h w_h relu(q_h . key) over the first n_visible keys (-1 pads). See reference.attention."""
     return _pick("indexer_topk", backend, q, weights, keys, n_visible, k)(q, weights, keys, n_visible, k)
+
+
+def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, backend: str | None = None
+                 ) -> torch.Tensor:
+    """All indexer scores sum_h w_h relu(q_h . key) [B, S, T] fp32 (whole sequences). See reference.attention."""
+    return _pick("index_scores", backend, q, weights, keys)(q, weights, keys)
 
 
 def compress_pool(kv: torch.Tensor, score: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -6,6 +6,7 @@ K=V tensor it sees (window rows and compressed rows alike); -1 marks an unused s
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 # Queries are processed in chunks so the gathered [chunk, K, D] keys stay around this many elements.
 _CHUNK_ELEMENTS = 1 << 24
@@ -44,7 +45,20 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> 
     """I[b,s,t] = sum_h weights[b,s,h] * relu(q[b,s,h] . keys[b,t]) in fp32.
 
     q: [B, S, Hi, Di]; weights: [B, S, Hi] (already scaled by Di^-0.5 * Hi^-0.5); keys: [B, T, Di].
+    Queries run in chunks so the per-head products [chunk, Hi, T] stay bounded; under autograd each chunk
+    is checkpointed (recomputed in backward), so a long sequence never holds [S, Hi, T] at once.
     """
+    out = []
+    for sl in _chunks(q.shape[1], q.shape[2] * keys.shape[1]):
+        args = (q[:, sl], weights[:, sl], keys)
+        if torch.is_grad_enabled() and sl.stop - sl.start < q.shape[1]:
+            out.append(checkpoint(_index_scores, *args, use_reentrant=False))
+        else:
+            out.append(_index_scores(*args))
+    return out[0] if len(out) == 1 else torch.cat(out, dim=1)
+
+
+def _index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     dots = torch.einsum("bshd,btd->bsht", q.float(), keys.float())
     return torch.einsum("bsht,bsh->bst", dots.relu(), weights.float())
 

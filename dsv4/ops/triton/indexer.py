@@ -52,6 +52,20 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     return out
 
 
+def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Same contract as ops.reference.attention.index_scores (exact-zero scores become vanishing negative
+    values ordered by age, which changes no top-k choice; the caller masks visibility)."""
+    B, S = q.shape[:2]
+    full = torch.full((B, S), keys.shape[1], dtype=torch.int32, device=q.device)
+    return index_scores_masked(q, weights, keys, full)
+
+
+def supports_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Forward only: the sparse training stage selects with it; the indexer's KL loss needs the reference."""
+    return supports(q, weights, keys, None, 0) and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (q, weights, keys)))
+
+
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores along the last dim (distinct scores: the kernel breaks zero ties).
 
