@@ -76,6 +76,12 @@ class Compressor(nn.Module):
         kv = linear_fp32(xf, self.wkv.weight)                               # [B, S, coff*Dc]
         score = linear_fp32(xf, self.wgate.weight)
         score = score + self.ape.float()[(pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m]
+        if state is not None and S == 1:  # decode: one fused state update + pooling + norm + rope per row
+            entries = ops.compress_step(kv[:, 0], score[:, 0], state.kv[:B], state.score[:B], pos0, m,
+                                        self.overlap, self.norm.weight, self.norm.eps, freqs, x.dtype)
+            if quant_sim:
+                entries = quantize_entries(entries, self.rope_dim, self.rotate)
+            return Compressed(entries.unsqueeze(1), pos0 // m, (pos0 % m == m - 1).unsqueeze(1))
         if state is None:
             n, first_group, valid = S // m, torch.zeros_like(pos0), None
             prev = None

@@ -10,6 +10,9 @@ import math
 
 import torch
 
+from .. import ops
+from ..ops.reference.rope import rotated
+
 
 def rope_frequencies(rope_dim: int, theta: float, factor: float = 1.0, original_seq_len: int = 0,
                      beta_fast: int = 32, beta_slow: int = 1) -> torch.Tensor:
@@ -40,7 +43,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     x: [B, S, ..., D]; cos/sin: [B or 1, S, rope_dim // 2], broadcast over the middle (head) dims.
     `inverse` rotates by the negative angle (V4 de-rotates the attention output, since V = K carries RoPE).
     """
-    return torch.cat((x[..., :-2 * cos.shape[-1]], _rotated(x, cos, sin, inverse)), dim=-1)
+    return torch.cat((x[..., :-2 * cos.shape[-1]], rotated(x, cos, sin, inverse)), dim=-1)
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -49,17 +52,4 @@ def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: 
     Returns the rotated tensor (x itself, or a new tensor when x requires grad)."""
     if x.requires_grad and torch.is_grad_enabled():
         return apply_rope(x, cos, sin, inverse)
-    x[..., -2 * cos.shape[-1]:] = _rotated(x, cos, sin, inverse)
-    return x
-
-
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """The trailing rope channels of x, rotated, in x.dtype."""
-    half = cos.shape[-1]
-    for _ in range(x.dim() - cos.dim()):
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    if inverse:
-        sin = -sin
-    rope = x[..., -2 * half:].float().unflatten(-1, (half, 2))
-    a, b = rope[..., 0], rope[..., 1]
-    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+    return ops.rope_(x, cos, sin, inverse)

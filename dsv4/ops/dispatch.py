@@ -12,6 +12,7 @@ from .reference import attention as _ref_attn
 from .reference import experts as _ref_experts
 from .reference import mhc as _ref_mhc
 from .reference import pooling as _ref_pool
+from .reference import rope as _ref_rope
 from .reference import sequence_attn as _ref_seq
 from .reference import sinkhorn as _ref_sinkhorn
 
@@ -56,6 +57,8 @@ register("sequence_attn", "reference", _ref_seq.sequence_attn)
 register("indexer_topk", "reference", _ref_attn.indexer_topk)
 register("index_scores", "reference", _ref_attn.index_scores)
 register("compress_pool", "reference", _ref_pool.compress_pool)
+register("compress_step", "reference", _ref_pool.compress_step)
+register("rope_", "reference", _ref_rope.rope_)
 register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
 register("moe_experts", "reference", _ref_experts.moe_experts)
 register("hc_collapse", "reference", _ref_mhc.hc_collapse)
@@ -66,9 +69,11 @@ if hasattr(torch, "_grouped_mm"):
     register("moe_experts", "grouped", _grouped.moe_experts, _grouped.supports)
 
 try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
+    from .triton import compressor as _tri_compressor
     from .triton import experts as _tri_experts
     from .triton import indexer as _tri_indexer
     from .triton import mhc as _tri_mhc
+    from .triton import rope as _tri_rope
     from .triton import sinkhorn as _tri_sinkhorn
     from .triton import sparse_attn as _tri_attn
 except ImportError:  # no Triton on this machine: the references serve every call
@@ -79,6 +84,8 @@ else:
     register("index_scores", "triton", _tri_indexer.index_scores, _tri_indexer.supports_scores)
     register("hc_split_sinkhorn", "triton", _tri_sinkhorn.hc_split_sinkhorn, _tri_sinkhorn.supports)
     register("moe_experts", "triton", _tri_experts.moe_experts, _tri_experts.supports)
+    register("compress_step", "triton", _tri_compressor.compress_step, _tri_compressor.supports)
+    register("rope_", "triton", _tri_rope.rope_, _tri_rope.supports)
     register("hc_collapse", "triton", _tri_mhc.hc_collapse, _tri_mhc.supports)
     register("hc_post", "triton", _tri_mhc.hc_post, _tri_mhc.supports)
 
@@ -113,6 +120,20 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, 
 def compress_pool(kv: torch.Tensor, score: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Per-channel softmax-gated pooling over candidates: [B, G, n, D] -> [B, G, D] (fp32)."""
     return _pick("compress_pool", backend, kv, score)(kv, score)
+
+
+def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+                  pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
+                  freqs: torch.Tensor, out_dtype: torch.dtype, *, backend: str | None = None) -> torch.Tensor:
+    """One decode token per row through a compressor: state update, pooling, norm, RoPE -> entries [B, d]."""
+    args = (kv, score, state_kv, state_score, pos0, ratio, overlap, norm_weight, eps, freqs, out_dtype)
+    return _pick("compress_step", backend, *args)(*args)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
+          *, backend: str | None = None) -> torch.Tensor:
+    """Rotate x's trailing rope channels in place (partial interleaved RoPE); returns x."""
+    return _pick("rope_", backend, x, cos, sin)(x, cos, sin, inverse)
 
 
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,

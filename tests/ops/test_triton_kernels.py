@@ -19,6 +19,10 @@ from dsv4.ops.reference.sinkhorn import hc_split_sinkhorn as ref_hc
 from dsv4.ops.triton.experts import moe_experts as tri_moe
 from dsv4.ops.reference.experts import moe_experts as ref_moe
 from dsv4.ops.triton import mhc as tri_mhc
+from dsv4.ops.triton.compressor import compress_step as tri_step
+from dsv4.ops.reference.pooling import compress_step as ref_step
+from dsv4.ops.triton.rope import rope_ as tri_rope
+from dsv4.ops.reference.rope import rope_ as ref_rope
 from dsv4.ops.reference import mhc as ref_mhc
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
@@ -66,6 +70,27 @@ for lead, R, C in (((1, 1), 4, 96), ((2, 5), 3, 1500)):  # mHC collapse and post
                  (tri_mhc.hc_post(f, x, w, comb), ref_mhc.hc_post(f, x, w, comb))):
         assert a.shape == r.shape and a.dtype == r.dtype
         assert (a.double() - r.double()).abs().max() <= {tol} * 10 * r.double().abs().max(), (a - r).abs().max()
+for B, m, d, overlap in ((3, 4, 48, True), (2, 8, 64, False), (1, 3, 32, True)):  # compressor decode steps
+    W2 = (2 if overlap else 1) * d
+    R = (2 if overlap else 1) * m
+    states = []
+    for _ in range(2):
+        states.append([torch.zeros(B, R, W2).to(dev), torch.full((B, R, W2), float("-inf")).to(dev)])
+    w = (torch.rand(d, generator=g) + 0.5).to(dev); fr = torch.rand(8, generator=g).to(dev)
+    pos = torch.randint(0, 50, (B,), generator=g).to(dev)
+    for step in range(2 * m + 1):  # through group completions; rows at different phases
+        kv = torch.randn(B, W2, generator=g).to(dev); sc = torch.randn(B, W2, generator=g).to(dev)
+        a = tri_step(kv, sc, *states[0], pos, m, overlap, w, 1e-6, fr, dt)
+        r = ref_step(kv, sc, *states[1], pos, m, overlap, w, 1e-6, fr, dt)
+        assert (a.float() - r.float()).abs().max() <= {tol} * 10 * r.float().abs().max() + 1e-2 * (dt != torch.float32), step
+        for x, y in zip(*states):
+            assert torch.equal(x.isinf(), y.isinf()) and (x.nan_to_num(0, 0, 0) - y.nan_to_num(0, 0, 0)).abs().max() < 1e-5
+        pos = pos + 1
+for shape, half, inverse in (((2, 5, 3, 64), 8, False), ((1, 4, 32), 16, True), ((3, 1, 70, 16), 4, True)):
+    x = torch.randn(*shape, generator=g).to(dev, dt)
+    cos, sin = (torch.randn(shape[0], shape[1], half, generator=g).to(dev) for _ in range(2))
+    a, r = tri_rope(x.clone(), cos, sin, inverse), ref_rope(x.clone(), cos, sin, inverse)
+    assert (a.float() - r.float()).abs().max() <= {tol} * 10 * r.float().abs().max(), (shape, (a - r).abs().max())
 print("ok", worst)
 '''
 

@@ -13,3 +13,45 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     score = score.float()
     w = torch.exp(score - score.amax(dim=2, keepdim=True))
     return (kv.float() * w).sum(dim=2) / w.sum(dim=2)
+
+
+def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+                  pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
+                  freqs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """One decode token per row through a compressor (v4-architecture §3.4), state updated in place.
+
+    kv, score: [B, coff*d] fp32 projections of the token (score includes ape); state_kv/score: [B, coff*m,
+    coff*d] (CompressorState layout); pos0: [B] the token's position. Returns the entry of the group the token
+    belongs to, normalised and roped at the group's first position, [B, d] in out_dtype: a finished entry
+    where the token completes its group (pos0 % ratio == ratio - 1), a partial one (to be ignored) elsewhere.
+    """
+    m, W2 = ratio, kv.shape[-1]
+    d = W2 // 2 if overlap else W2
+    off = m if overlap else 0
+    r0 = pos0 % m
+    slot = (torch.arange(state_kv.shape[1], device=kv.device) == (off + r0).unsqueeze(1)).unsqueeze(-1)
+    skv = torch.where(slot, kv.unsqueeze(1), state_kv)
+    ssc = torch.where(slot, score.unsqueeze(1), state_score)
+    if overlap:  # previous group's A-half with this group's B-half
+        cand_kv = torch.cat((skv[:, :m, :d], skv[:, m:, d:]), 1)
+        cand_sc = torch.cat((ssc[:, :m, :d], ssc[:, m:, d:]), 1)
+    else:
+        cand_kv, cand_sc = skv, ssc
+    pooled = compress_pool(cand_kv.unsqueeze(1), cand_sc.unsqueeze(1))[:, 0]          # [B, d] fp32
+    done = (r0 == m - 1).view(-1, 1, 1)
+    if overlap:  # a completed group becomes the previous group; the unfinished half empties
+        nxt_kv = torch.cat((skv[:, m:], torch.zeros_like(skv[:, m:])), 1)
+        nxt_sc = torch.cat((ssc[:, m:], torch.full_like(ssc[:, m:], float("-inf"))), 1)
+    else:
+        nxt_kv, nxt_sc = torch.zeros_like(skv), torch.full_like(ssc, float("-inf"))
+    state_kv.copy_(torch.where(done, nxt_kv, skv))
+    state_score.copy_(torch.where(done, nxt_sc, ssc))
+    # RMSNorm of the entry in out_dtype (fp32 math), then RoPE of its trailing dims at the group's first position
+    e = pooled.to(out_dtype).float()
+    e = (norm_weight.float() * (e * torch.rsqrt(e.square().mean(-1, keepdim=True) + eps))).to(out_dtype).float()
+    half = freqs.shape[0]
+    angle = ((pos0 // m) * m).float().unsqueeze(-1) * freqs.float()
+    cos, sin = angle.cos(), angle.sin()
+    a, b = e[:, -2 * half::2], e[:, -2 * half + 1::2]
+    rot = torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
+    return torch.cat((e[:, :-2 * half], rot), -1).to(out_dtype)

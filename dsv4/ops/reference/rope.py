@@ -1,0 +1,24 @@
+"""Partial interleaved RoPE (v4-architecture §3.4): the trailing 2*half channels rotate in pairs (2i, 2i+1)."""
+from __future__ import annotations
+
+import torch
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The trailing rope channels of x rotated by the angles (fp32 math), in x.dtype.
+
+    x: [B, S, ..., D]; cos/sin: [B or 1, S, half] fp32, broadcast over the middle (head) dims."""
+    half = cos.shape[-1]
+    for _ in range(x.dim() - cos.dim()):
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    if inverse:
+        sin = -sin
+    rope = x[..., -2 * half:].float().unflatten(-1, (half, 2))
+    a, b = rope[..., 0], rope[..., 1]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate x's rope channels in place; returns x."""
+    x[..., -2 * cos.shape[-1]:] = rotated(x, cos, sin, inverse)
+    return x

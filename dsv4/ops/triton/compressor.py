@@ -1,0 +1,123 @@
+"""The compressor's decode step in two kernels (forward only): one token per row into the fp32 state, the
+softmax-gated pooling of its group, the state shift when the group completes; then the entry's RMSNorm and
+RoPE. The reference spells this as ~50 small tensor ops per compressor per step (six compressors per
+CSA+HCA layer pair), which at batch 1 cost more in launches than in work."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _state_pool_kernel(kv_ptr, sc_ptr, skv_ptr, ssc_ptr, pos_ptr, pooled_ptr, d, m, R, W2,
+                       OVERLAP: tl.constexpr, MP: tl.constexpr, BLOCK_C: tl.constexpr):
+    b = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cs < d
+    r0 = tl.load(pos_ptr + b) % m
+    done = r0 == m - 1
+    rows = tl.arange(0, MP)
+    rm = rows < m
+    mask = rm[:, None] & cm[None, :]
+    base = b * R * W2
+    new = rows[:, None] == r0
+    if OVERLAP:
+        cur = base + (m + rows[:, None]) * W2                       # the unfinished group (rows m..2m-1)
+        prv = base + rows[:, None] * W2                             # the previous group (rows 0..m-1)
+        a_kv = tl.load(skv_ptr + cur + cs[None, :], mask=mask, other=0.0)
+        a_sc = tl.load(ssc_ptr + cur + cs[None, :], mask=mask, other=float("-inf"))
+        b_kv = tl.load(skv_ptr + cur + d + cs[None, :], mask=mask, other=0.0)
+        b_sc = tl.load(ssc_ptr + cur + d + cs[None, :], mask=mask, other=float("-inf"))
+        a_kv = tl.where(new, tl.load(kv_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], a_kv)
+        a_sc = tl.where(new, tl.load(sc_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], a_sc)
+        b_kv = tl.where(new, tl.load(kv_ptr + b * W2 + d + cs, mask=cm, other=0.0)[None, :], b_kv)
+        b_sc = tl.where(new, tl.load(sc_ptr + b * W2 + d + cs, mask=cm, other=0.0)[None, :], b_sc)
+        p_kv = tl.load(skv_ptr + prv + cs[None, :], mask=mask, other=0.0)
+        p_sc = tl.load(ssc_ptr + prv + cs[None, :], mask=mask, other=float("-inf"))
+        p_sc = tl.where(rm[:, None], p_sc, float("-inf"))
+        b_sc = tl.where(rm[:, None], b_sc, float("-inf"))
+        mx = tl.maximum(tl.max(p_sc, 0), tl.max(b_sc, 0))
+        wp = tl.exp(p_sc - mx[None, :])
+        wb = tl.exp(b_sc - mx[None, :])
+        pooled = (tl.sum(wp * p_kv, 0) + tl.sum(wb * b_kv, 0)) / (tl.sum(wp, 0) + tl.sum(wb, 0))
+        if done:  # the group becomes the previous one, the unfinished rows empty
+            tl.store(skv_ptr + prv + cs[None, :], a_kv, mask=mask)
+            tl.store(ssc_ptr + prv + cs[None, :], a_sc, mask=mask)
+            tl.store(skv_ptr + prv + d + cs[None, :], b_kv, mask=mask)
+            tl.store(ssc_ptr + prv + d + cs[None, :], b_sc, mask=mask)
+            zero = tl.zeros([MP, BLOCK_C], tl.float32)
+            tl.store(skv_ptr + cur + cs[None, :], zero, mask=mask)
+            tl.store(ssc_ptr + cur + cs[None, :], zero - float("inf"), mask=mask)
+            tl.store(skv_ptr + cur + d + cs[None, :], zero, mask=mask)
+            tl.store(ssc_ptr + cur + d + cs[None, :], zero - float("inf"), mask=mask)
+        else:
+            tl.store(skv_ptr + cur + cs[None, :], a_kv, mask=mask)
+            tl.store(ssc_ptr + cur + cs[None, :], a_sc, mask=mask)
+            tl.store(skv_ptr + cur + d + cs[None, :], b_kv, mask=mask)
+            tl.store(ssc_ptr + cur + d + cs[None, :], b_sc, mask=mask)
+    else:
+        cur = base + rows[:, None] * W2
+        c_kv = tl.load(skv_ptr + cur + cs[None, :], mask=mask, other=0.0)
+        c_sc = tl.load(ssc_ptr + cur + cs[None, :], mask=mask, other=float("-inf"))
+        c_kv = tl.where(new, tl.load(kv_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], c_kv)
+        c_sc = tl.where(new, tl.load(sc_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], c_sc)
+        c_sc = tl.where(rm[:, None], c_sc, float("-inf"))
+        mx = tl.max(c_sc, 0)
+        w = tl.exp(c_sc - mx[None, :])
+        pooled = tl.sum(w * c_kv, 0) / tl.sum(w, 0)
+        if done:
+            zero = tl.zeros([MP, BLOCK_C], tl.float32)
+            tl.store(skv_ptr + cur + cs[None, :], zero, mask=mask)
+            tl.store(ssc_ptr + cur + cs[None, :], zero - float("inf"), mask=mask)
+        else:
+            tl.store(skv_ptr + cur + cs[None, :], c_kv, mask=mask)
+            tl.store(ssc_ptr + cur + cs[None, :], c_sc, mask=mask)
+    tl.store(pooled_ptr + b * d + cs, pooled, mask=cm)
+
+
+@triton.jit
+def _norm_rope_kernel(pooled_ptr, w_ptr, pos_ptr, freqs_ptr, out_ptr, d, m, eps, half,
+                      D: tl.constexpr):
+    b = tl.program_id(0)
+    c = tl.arange(0, D)
+    cm = c < d
+    dt = out_ptr.dtype.element_ty
+    e = tl.load(pooled_ptr + b * d + c, mask=cm, other=0.0).to(dt).to(tl.float32)
+    rs = 1.0 / tl.sqrt(tl.sum(e * e, 0) / d + eps)
+    e = (tl.load(w_ptr + c, mask=cm, other=0.0) * (e * rs)).to(dt).to(tl.float32)
+    a, bb = tl.split(tl.reshape(e, (D // 2, 2)))                   # channel pairs (2j, 2j+1)
+    j = tl.arange(0, D // 2)
+    i = j - (d // 2 - half)                                          # rope pair index (>= 0 on the rope dims)
+    rope = (i >= 0) & (2 * j < d)
+    start = ((tl.load(pos_ptr + b) // m) * m).to(tl.float32)
+    ang = start * tl.load(freqs_ptr + tl.where(rope, i, 0), mask=rope, other=0.0)
+    cos, sin = tl.cos(ang), tl.sin(ang)
+    a2 = tl.where(rope, a * cos - bb * sin, a)
+    b2 = tl.where(rope, a * sin + bb * cos, bb)
+    out = tl.reshape(tl.join(a2, b2), (D,))
+    tl.store(out_ptr + b * d + c, out.to(dt), mask=cm)
+
+
+def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+                  pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
+                  freqs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Same contract as ops.reference.pooling.compress_step."""
+    B, W2 = kv.shape
+    d = W2 // 2 if overlap else W2
+    kv, score = kv.float().contiguous(), score.float().contiguous()
+    pos = pos0.contiguous()
+    pooled = torch.empty(B, d, dtype=torch.float32, device=kv.device)
+    mp = triton.next_power_of_2(ratio)
+    block = max(16, min(128, 4096 // mp))                             # [MP, BLOCK_C] tiles stay in registers
+    _state_pool_kernel[(B, triton.cdiv(d, block))](kv, score, state_kv, state_score, pos, pooled, d, ratio,
+                                                   state_kv.shape[1], W2, OVERLAP=overlap, MP=mp, BLOCK_C=block,
+                                                   num_warps=4)
+    out = torch.empty(B, d, dtype=out_dtype, device=kv.device)
+    _norm_rope_kernel[(B,)](pooled, norm_weight.float().contiguous(), pos, freqs.float().contiguous(), out, d,
+                            ratio, eps, freqs.shape[0], D=triton.next_power_of_2(d), num_warps=4)
+    return out
+
+
+def supports(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, *args) -> bool:
+    return kv.is_cuda and state_kv.is_contiguous() and state_kv.dtype == torch.float32
