@@ -13,10 +13,11 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..ops import invariant_mode as bi
 from ..config import ModelConfig
 from .compressor import Compressed, Compressor, CompressorState, quantize_entries
 from .indexer import Indexer
-from .norm import RMSNorm, rms_unweighted
+from .norm import Linear, RMSNorm, rms_unweighted
 from .rope import apply_rope_, rope_angles, rope_frequencies
 
 
@@ -67,13 +68,13 @@ class Attention(nn.Module):
         self.output_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
         self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
-        self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+        self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-        self.wq_b = nn.Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wkv = nn.Linear(cfg.dim, cfg.head_dim, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wkv = Linear(cfg.dim, cfg.head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.wo_a = nn.Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
-        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
+        self.wo_a = Linear(cfg.n_heads * cfg.head_dim // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, cfg.dim, bias=False)
         if self.ratio:
             self.compressor = Compressor(cfg.dim, cfg.head_dim, cfg.rope_head_dim, self.ratio,
                                          overlap=self.kind == "csa", rotate=False, eps=cfg.norm_eps)
@@ -116,7 +117,10 @@ class Attention(nn.Module):
         o = apply_rope_(o, cos, sin, inverse=True)  # V = K carries RoPE: rotate the output back
         o = o.reshape(B, S, self.n_groups, H * D // self.n_groups)
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
-        o = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))               # [B, S, G, o_lora]
+        if bi.active(o):  # per-group GEMMs with the fixed-configuration kernel
+            o = bi.linear(o.permute(2, 0, 1, 3).flatten(1, 2), wo_a).unflatten(1, (B, S)).permute(1, 2, 0, 3)
+        else:
+            o = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))           # [B, S, G, o_lora]
         out = self.wo_b(o.flatten(2))
         return out if self.output_reduce is None else self.output_reduce(out)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through
-from .norm import RMSNorm, linear_fp32
+from .norm import Linear, RMSNorm, linear_fp32
 from .rope import apply_rope_, rope_angles
 
 
@@ -59,8 +59,8 @@ class Compressor(nn.Module):
         self.head_dim, self.rope_dim, self.ratio = head_dim, rope_dim, ratio
         self.overlap, self.rotate = overlap, rotate
         coff = 2 if overlap else 1
-        self.wkv = nn.Linear(dim, coff * head_dim, bias=False)
-        self.wgate = nn.Linear(dim, coff * head_dim, bias=False)
+        self.wkv = Linear(dim, coff * head_dim, bias=False)
+        self.wgate = Linear(dim, coff * head_dim, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim))
         self.norm = RMSNorm(head_dim, eps)
 

@@ -10,6 +10,7 @@ from torch import nn
 
 from .. import ops
 from .compressor import Compressor, quantize_entries
+from .norm import Linear
 from .rope import apply_rope_
 
 
@@ -18,8 +19,8 @@ class Indexer(nn.Module):
                  topk: int, eps: float):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_dim, self.topk = n_heads, head_dim, rope_dim, topk
-        self.wq_b = nn.Linear(q_lora_rank, n_heads * head_dim, bias=False)
-        self.weights_proj = nn.Linear(dim, n_heads, bias=False)
+        self.wq_b = Linear(q_lora_rank, n_heads * head_dim, bias=False)
+        self.weights_proj = Linear(dim, n_heads, bias=False)
         self.compressor = Compressor(dim, head_dim, rope_dim, ratio, overlap=True, rotate=True, eps=eps)
         self.fp4 = False  # Hadamard + FP4 round trip of queries and keys (QAT, and the reference's inference)
 

@@ -14,14 +14,13 @@ import math
 import torch
 
 from .. import ops
-from .norm import linear_fp32
+from .norm import linear_fp32, rsqrt_mean_square
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """The projected logits fn . x / rms(x) of the flattened lanes [B, S, R*C] (fp32)."""
     xf = x.flatten(2).float()
-    rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
-    return linear_fp32(xf, fn) * rs
+    return linear_fp32(xf, fn) * rsqrt_mean_square(xf, eps)
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,

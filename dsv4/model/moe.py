@@ -15,7 +15,7 @@ from torch import nn
 
 from .. import ops
 from ..ops.reference.experts import swiglu
-from .norm import linear_fp32
+from .norm import Linear, linear_fp32
 from ..quant import fp4_fake_quant, straight_through
 
 
@@ -62,9 +62,9 @@ class Expert(nn.Module):
 
     def __init__(self, dim: int, inter_dim: int, swiglu_limit: float):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)
+        self.w1 = Linear(dim, inter_dim, bias=False)
+        self.w2 = Linear(inter_dim, dim, bias=False)
+        self.w3 = Linear(dim, inter_dim, bias=False)
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

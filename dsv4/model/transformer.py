@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from .attention import Attention
 from .mhc import hc_head, hc_post, hc_pre, init_hc_params
 from .moe import MoE
-from .norm import RMSNorm, linear_fp32
+from .norm import Linear, RMSNorm, linear_fp32
 
 # Parameters the reference keeps in fp32 whatever the model dtype (v4-architecture §7 "Stays BF16 / FP32").
 FP32_PARAM_SUFFIXES = ("norm.weight", "attn_sink", "ape", "compressor.wkv.weight", "compressor.wgate.weight",
@@ -75,8 +75,8 @@ class MTPBlock(Block):
 
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__(layer_id, cfg)
-        self.e_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
-        self.h_proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.e_proj = Linear(cfg.dim, cfg.dim, bias=False)
+        self.h_proj = Linear(cfg.dim, cfg.dim, bias=False)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -116,7 +116,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(i, cfg) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         _add_hc_head(self, cfg)
         self.mtp = nn.ModuleList(MTPBlock(cfg.n_layers + k, cfg) for k in range(cfg.n_mtp_layers))
 

@@ -111,3 +111,27 @@ def test_bf16_model_on_gpu_matches_fp32_cpu(models):
     for name, got in (("full", full), ("cached", inc)):  # bf16 rounding (and rare top-k flips): norm-relative
         err = ((got.cpu().double() - want.double()).norm() / want.double().norm()).item()
         assert err < 3e-2, f"bf16 gpu {name} vs fp32 cpu: {err:.3e}"
+
+
+def test_batch_invariant_mode_bitwise():
+    """In batch-invariant mode a sequence's logits (prefill and decode) are bitwise identical whether it runs
+    alone or beside other sequences, in any row, and across runs."""
+    cfg = dsv4.ModelConfig.preset("small").replace(n_layers=4, compress_ratios=(0, 4, 128, 4), n_hash_layers=1,
+                                                   n_mtp_layers=0)
+    model = dsv4.Transformer(cfg).init_weights(seed=0).eval().to_dtype(torch.bfloat16).cuda()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=g).cuda() for n in (300, 77, 150, 5, 260)]
+    feed = torch.randint(0, cfg.vocab_size, (5, 12), generator=g).cuda()
+
+    def run(rows: list[int]) -> list[torch.Tensor]:
+        cache = model.new_cache(len(rows), 512)
+        outs = [model(prompts[r][None], cache=cache.select(i))[0, -1:] for i, r in enumerate(rows)]
+        steps = [model(feed[rows, i:i + 1], cache=cache)[:, 0] for i in range(feed.shape[1])]
+        return [torch.cat([outs[i]] + [s[i:i + 1] for s in steps]) for i in range(len(rows))]
+
+    with torch.no_grad(), dsv4.ops.batch_invariant():
+        alone = {r: run([r])[0] for r in range(5)}
+        for rows in ([0, 1, 2, 3, 4], [3, 0, 4], [2, 2, 1]):
+            for got, r in zip(run(rows), rows):
+                assert torch.equal(got, alone[r]), f"row {r} in batch {rows}"
+        assert torch.equal(run([1])[0], alone[1])  # and across runs

@@ -23,6 +23,7 @@ from dsv4.ops.triton.compressor import compress_step as tri_step
 from dsv4.ops.reference.pooling import compress_step as ref_step
 from dsv4.ops.triton.rope import rope_ as tri_rope
 from dsv4.ops.reference.rope import rope_ as ref_rope
+from dsv4.ops.triton.invariant import matmul_nt, rms_rsqrt
 from dsv4.ops.reference import mhc as ref_mhc
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
@@ -91,6 +92,17 @@ for shape, half, inverse in (((2, 5, 3, 64), 8, False), ((1, 4, 32), 16, True), 
     cos, sin = (torch.randn(shape[0], shape[1], half, generator=g).to(dev) for _ in range(2))
     a, r = tri_rope(x.clone(), cos, sin, inverse), ref_rope(x.clone(), cos, sin, inverse)
     assert (a.float() - r.float()).abs().max() <= {tol} * 10 * r.float().abs().max(), (shape, (a - r).abs().max())
+for M, N, K in ((1, 70, 130), (67, 33, 64)):  # fixed-configuration matmul and row reduction
+    a = torch.randn(M, K, generator=g).to(dev, dt); w = torch.randn(N, K, generator=g).to(dev, dt)
+    c = matmul_nt(a, w)
+    r = a.double() @ w.double().T
+    assert ((c.double() - r).norm() / r.norm()).item() < {tol} * 10
+    assert torch.equal(matmul_nt(a[:1], w), c[:1])  # a row's result does not depend on the other rows
+    a3 = torch.randn(3, M, K, generator=g).to(dev, dt); w3 = torch.randn(3, N, K, generator=g).to(dev, dt)
+    r3 = a3.double() @ w3.double().transpose(1, 2)
+    assert ((matmul_nt(a3, w3).double() - r3).norm() / r3.norm()).item() < {tol} * 10
+    rr = rms_rsqrt(a, 1e-6)
+    assert ((rr.double() - torch.rsqrt(a.double().square().mean(-1, keepdim=True) + 1e-6)).abs().max() < 1e-3 * rr.max())
 print("ok", worst)
 '''
 

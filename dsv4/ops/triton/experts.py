@@ -4,13 +4,16 @@ place (forward only).
 A decode step routes a handful of tokens to k experts each; the work is reading those experts' weights once.
 One program computes a block of output rows of one (token, slot) pair, streaming the rows of the pair's
 expert. The first kernel fuses the gate and up projections with the clamped SwiGLU and the routing weight;
-the second applies the down projection. No gather copies the weights, no host sync, two launches.
+the second applies the down projection and sums each token's slots. No gather copies the weights, no host
+sync, two launches; each token's arithmetic is independent of the batch (batch-invariant mode uses it always).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .. import invariant_mode
 
 MAX_PAIRS = 16  # (token, slot) pairs; beyond, several pairs share experts and grouped GEMMs read less
 
@@ -43,21 +46,23 @@ def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, e_ptr, rw_ptr, h_ptr, F, C, k, limit,
 
 
 @triton.jit
-def _down_kernel(h_ptr, w2_ptr, e_ptr, y_ptr, C, F, sw_e, sw_c,
+def _down_kernel(h_ptr, w2_ptr, e_ptr, y_ptr, C, F, k, sw_e, sw_c,
                  BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
-    p = tl.program_id(0)
+    n = tl.program_id(0)                       # token: its k slots are summed here, in slot order
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < C
-    e = tl.load(e_ptr + p).to(tl.int64)
     acc = tl.zeros([BLOCK_R], tl.float32)
-    for f0 in range(0, F, BLOCK_F):
-        fs = f0 + tl.arange(0, BLOCK_F)
-        fmask = fs < F
-        hv = tl.load(h_ptr + p * F + fs, mask=fmask, other=0.0).to(tl.float32)
-        w = tl.load(w2_ptr + e * sw_e + rows[:, None] * sw_c + fs[None, :], mask=rmask[:, None] & fmask[None, :],
-                    other=0.0)
-        acc += tl.sum(w.to(tl.float32) * hv[None, :], 1)
-    tl.store(y_ptr + p * C + rows, acc, mask=rmask)
+    for j in range(k):
+        p = n * k + j
+        e = tl.load(e_ptr + p).to(tl.int64)
+        for f0 in range(0, F, BLOCK_F):
+            fs = f0 + tl.arange(0, BLOCK_F)
+            fmask = fs < F
+            hv = tl.load(h_ptr + p * F + fs, mask=fmask, other=0.0).to(tl.float32)
+            w = tl.load(w2_ptr + e * sw_e + rows[:, None] * sw_c + fs[None, :],
+                        mask=rmask[:, None] & fmask[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * hv[None, :], 1)
+    tl.store(y_ptr + n * C + rows, acc, mask=rmask)
 
 
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
@@ -74,12 +79,13 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     _gate_up_kernel[(P, triton.cdiv(F, 32))](x, w1, w3, e, rw, h, F, C, k, float(swiglu_limit),
                                               w1.stride(0), w1.stride(1), BLOCK_F=32, BLOCK_C=256,
                                               CLAMP=swiglu_limit > 0, num_warps=4)
-    y = torch.empty(P, C, dtype=torch.float32, device=x.device)
-    _down_kernel[(P, triton.cdiv(C, 32))](h, w2, e, y, C, F, w2.stride(0), w2.stride(1),
+    y = torch.empty(N, C, dtype=torch.float32, device=x.device)
+    _down_kernel[(N, triton.cdiv(C, 32))](h, w2, e, y, C, F, k, w2.stride(0), w2.stride(1),
                                           BLOCK_R=32, BLOCK_F=256, num_warps=4)
-    return y.view(N, k, C).sum(1)
+    return y
 
 
 def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, *a) -> bool:
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and idx.numel() <= MAX_PAIRS
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and (idx.numel() <= MAX_PAIRS or invariant_mode.enabled())  # per pair: the same for any batch
             and not (torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)))

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import invariant_mode
+
 
 @triton.jit
 def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, scale,
@@ -82,6 +84,8 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     block_h = block_h or max(16, min(triton.next_power_of_2(H), 32 if D >= 256 else 64))
     block_k = 32 if D >= 256 else 64
     n_h = triton.cdiv(H, block_h)
+    if splits is None and invariant_mode.enabled():
+        splits = 1  # how the lists split must not depend on how many queries share the launch
     if splits is None:  # split the lists until there are ~2 programs per SM, keeping >= 4 chunks per slice
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         splits = max(1, min(triton.cdiv(2 * sms, B * S * n_h), K // (4 * block_k)))
