@@ -22,6 +22,17 @@ def bench(fn, reps: int = 20) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=reps * 5, return_mode="median")
 
 
+def bench_graph(fn, reps: int = 20) -> float:
+    """Median milliseconds of `fn` replayed from a CUDA graph: kernel time without Python launch overhead (how
+    the decode loop runs it)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench(g.replay, reps)
+
+
 def ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms = bench(lambda: a @ a)
@@ -53,28 +64,51 @@ def attn_case(name: str, B: int, S: int, H: int, D: int, K: int, N: int, ceil: d
             rows = rows.view(B * S, 1, K, D)
             return F.scaled_dot_product_attention(q.reshape(B * S, 1, H, D), rows, rows)
         out["gather_sdpa_ms"] = bench(sdpa, reps=5)
+    if S > 1:
+        out.update(flex_case(q, kv, idx))
     return out
 
 
-def attn_sweep(name: str, B: int, K: int, N: int, ceil: dict, H: int = 64, D: int = 512) -> list[dict]:
-    """Decode configurations of the sparse-attention kernel (split-K slices, heads per program, warps)."""
+def flex_case(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor) -> dict:
+    """What a PyTorch user would otherwise write for a prefill over index lists: FlexAttention (compiled) over
+    all rows with the lists as a dense mask (one shared K=V head, GQA). No sink (FlexAttention has none)."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        B, S, H, D = q.shape
+        N = kv.shape[1]
+        allowed = torch.zeros(B, S, N, dtype=torch.bool, device=q.device)
+        allowed.scatter_(2, idx.long().clamp(min=0), True)
+        block_mask = create_block_mask(lambda b, h, qi, ki: allowed[b, qi, ki], B, None, S, N, device="cuda")
+        flex = torch.compile(flex_attention, dynamic=False)
+        qt, kt = q.transpose(1, 2), kv.unsqueeze(1)
+        ms = bench(lambda: flex(qt, kt, kt, block_mask=block_mask, enable_gqa=True), reps=5)
+        return {"flex_ms": ms}
+    except Exception as e:  # noqa: BLE001 - e.g. a head dim FlexAttention does not support: report it
+        return {"flex_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+
+
+def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 64, D: int = 512) -> list[dict]:
+    """Configurations of the sparse-attention kernel (split-K slices, heads per program, warps), timed as CUDA
+    graph replays."""
     g = torch.Generator(device="cuda").manual_seed(2)
-    q = torch.randn(B, 1, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
     kv = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
     sink = torch.randn(H, device="cuda")
-    idx = torch.randint(0, N, (B, 1, K), device="cuda", generator=g, dtype=torch.int32)
-    rows_bytes = B * K * D * 2 + 2 * q.numel() * 2
+    idx = torch.randint(0, N, (B, S, K), device="cuda", generator=g, dtype=torch.int32)
+    rows_bytes = B * S * K * D * 2 + 2 * q.numel() * 2
+    flops = 4 * B * S * H * K * D
     out = []
-    for splits in (None, 1, 2, 4, 8, 16):
-        for block_h, warps in ((32, 8), (64, 8), (64, 16), (16, 4)):
+    for splits in ((None, 1, 4) if S == 1 else (1,)):
+        for block_h, warps in ((16, 4), (32, 8), (64, 8)):
             try:
-                ms = bench(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits, block_h, warps))
+                ms = bench_graph(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits, block_h, warps))
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a failure
                 out.append({"case": name, "splits": splits, "block_h": block_h, "warps": warps,
                             "error": str(e)[:100]})
                 continue
             out.append({"case": name, "splits": splits, "block_h": block_h, "warps": warps, "ms": ms,
-                        "gbps": rows_bytes / ms / 1e6, "frac_copy_bw": rows_bytes / ms / 1e6 / ceil["copy_gbps"]})
+                        "gbps": rows_bytes / ms / 1e6, "frac_copy_bw": rows_bytes / ms / 1e6 / ceil["copy_gbps"],
+                        "tflops": flops / ms / 1e9})
     return out
 
 
@@ -117,12 +151,13 @@ def main() -> None:
     idx = [indexer_case("indexer decode 128K b64", 64, 1, 32768, ceil),
            indexer_case("indexer decode 128K b1", 1, 1, 32768, ceil),
            indexer_case("indexer prefill 4K", 1, 4096, 1024, ceil)]
-    sweep = (attn_sweep("CSA decode 32K b64", 64, 128 + 512, 128 + 8192, ceil)
-             + attn_sweep("HCA decode 32K b64", 64, 128 + 256, 128 + 256, ceil)
-             + attn_sweep("CSA decode 128K b1", 1, 128 + 512, 128 + 32768, ceil)
-             + attn_sweep("HCA decode 128K b1", 1, 128 + 1024, 128 + 1024, ceil))
+    sweep = (attn_sweep("CSA decode 32K b64", 64, 1, 128 + 512, 128 + 8192, ceil)
+             + attn_sweep("HCA decode 32K b64", 64, 1, 128 + 256, 128 + 256, ceil)
+             + attn_sweep("CSA decode 128K b1", 1, 1, 128 + 512, 128 + 32768, ceil)
+             + attn_sweep("HCA decode 128K b1", 1, 1, 128 + 1024, 128 + 1024, ceil)
+             + attn_sweep("CSA prefill 4K", 1, 4096, 640, 4096 + 1024, ceil))
     topk = [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
-    print(f"{'decode sweep':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'ms':>8}{'GB/s':>8}{'%copy':>7}")
+    print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'ms':>8}{'GB/s':>8}{'%copy':>7}")
     for r in sweep:
         if "error" in r:
             print(f"{r['case']:<22}{str(r['splits']):>7}{r['block_h']:>6}{r['warps']:>6}  {r['error']}")
@@ -132,11 +167,13 @@ def main() -> None:
     for r in topk:
         print(f"top-{r['k']} of {r['rows']} x {r['T']}: torch.topk {r['torch_topk_ms']:.3f} ms, two-stage "
               f"{r['two_stage_ms']:.3f} ms, full sort {r['sort_ms']:.3f} ms")
-    print(f"{'attention case':<24}{'triton ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}{'gather+SDPA':>12}")
+    print(f"{'attention case':<24}{'triton ms':>10}{'TFLOP/s':>9}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}{'gather+SDPA':>12}"
+          f"{'flex ms':>9}")
     for r in attn:
         print(f"{r['case']:<24}{r['triton_ms']:>10.3f}{r['triton_tflops']:>9.1f}{r['triton_gbps']:>8.0f}"
               f"{100 * r['frac_copy_bw']:>6.0f}%{r.get('reference_ms', float('nan')):>9.2f}"
-              f"{r.get('gather_sdpa_ms', float('nan')):>12.3f}")
+              f"{r.get('gather_sdpa_ms', float('nan')):>12.3f}{r.get('flex_ms', float('nan')):>9.3f}"
+              + (f"  flex: {r['flex_error']}" if "flex_error" in r else ""))
     print(f"{'indexer case':<26}{'scores ms':>10}{'+topk ms':>9}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}")
     for r in idx:
         print(f"{r['case']:<26}{r['scores_ms']:>10.3f}{r['scores_plus_topk_ms']:>9.3f}{r['scores_gbps']:>8.0f}"
