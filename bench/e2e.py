@@ -19,6 +19,7 @@ import torch
 
 import dsv4
 from dsv4.generate.graphs import GraphDecoder
+from dsv4.train.losses import lm_loss
 
 
 def flash4(vocab: int = 32768) -> dsv4.ModelConfig:
@@ -150,8 +151,7 @@ def train_step(model, tokens: torch.Tensor) -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     with torch.enable_grad():
         model.train()
-        logits = model(tokens[:, :-1])
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        lm_loss(model, model.hidden(tokens[:, :-1]), tokens[:, 1:]).backward()
         model.zero_grad(set_to_none=True)
         model.eval()
     torch.backends.cuda.matmul.allow_tf32 = False

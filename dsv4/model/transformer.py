@@ -37,6 +37,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.record_hc = False  # keep the last comb matrices (for the residual-gain metric)
         self.last_combs: list[torch.Tensor] = []
+        self._combs_done = False  # set once a forward has recorded them (a backward recompute must not add more)
         if self.hc_mode != "none":
             mix, width = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.dim
             for site in ("attn", "ffn"):
@@ -50,7 +51,7 @@ class Block(nn.Module):
         y, post, comb = hc_pre(x, getattr(self, f"hc_{site}_fn"), getattr(self, f"hc_{site}_scale"),
                                getattr(self, f"hc_{site}_base"), self.hc_iters, self.norm_eps, self.hc_eps,
                                constrained=self.hc_mode == "mhc")
-        if self.record_hc:
+        if self.record_hc and not self._combs_done:
             self.last_combs.append(comb.detach())
         return y, post, comb
 
@@ -61,11 +62,49 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None, pos0: torch.Tensor | None = None,
                 cache=None) -> torch.Tensor:
         """x: [B, S, R, C] lanes, row b at positions pos0[b].. (None: 0) -> [B, S, R, C]."""
-        self.last_combs = []
+        self.last_combs, self._combs_done = [], False
+        return self._ffn_half(self._attn_half(x, pos0, cache), token_ids)
+
+    def _attn_half(self, x: torch.Tensor, pos0: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         y, post, comb = self._hc_pre(x, "attn")
-        x = self._hc_post(self.attn(self.attn_norm(y), pos0, cache), x, post, comb)
+        return self._hc_post(self.attn(self.attn_norm(y), pos0, cache), x, post, comb)
+
+    def _ffn_half(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         y, post, comb = self._hc_pre(x, "ffn")
         return self._hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
+
+    def forward_recomputed(self, x: torch.Tensor, token_ids: torch.Tensor | None, *args,
+                           chunk: int = 8192) -> torch.Tensor:
+        """forward for training with activation checkpointing: the attention half is recomputed whole in the
+        backward pass, the per-token FFN half (mHC, MoE) in chunks of `chunk` tokens, so a long sequence
+        never holds all its MoE activations at once. Same values and gradients as forward."""
+        self.last_combs, self._combs_done = [], False
+        x = checkpoint(self._attn_half, x, *args, use_reentrant=False)
+        outs, routes = [], []
+        for s in range(0, x.shape[1], chunk):
+            ids = None if token_ids is None else token_ids[:, s:s + chunk]
+            out, *route = checkpoint(self._ffn_chunk, x[:, s:s + chunk], ids, use_reentrant=False)
+            outs.append(out)
+            routes.append(route)
+        # routing of the whole batch in [B*S] order (balance loss, expert loads)
+        B = x.shape[0]
+        self.ffn.last_routing = tuple(torch.cat([t.unflatten(0, (B, -1)) for t in parts], 1).flatten(0, 1)
+                                      for parts in zip(*routes))
+        if len(self.last_combs) > 2:  # the FFN site's chunks, joined along the sequence
+            self.last_combs = [self.last_combs[0], torch.cat(self.last_combs[1:], 1)]
+        self._combs_done = True
+        return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    def _ffn_chunk(self, x: torch.Tensor, token_ids: torch.Tensor | None):
+        """The FFN half returning its routing as outputs; the MoE's record is left as it was, so the recompute
+        in the backward pass cannot overwrite the whole-batch routing."""
+        kept = self.ffn.last_routing
+        try:  # (a recompute may stop early, by an exception, once it has what the backward needs)
+            out = self._ffn_half(x, token_ids)
+            route = self.ffn.last_routing
+        finally:
+            self.ffn.last_routing = kept
+        return (out, *route)
 
 
 class MTPBlock(Block):
@@ -85,8 +124,14 @@ class MTPBlock(Block):
     def forward(self, h: torch.Tensor, embedded: torch.Tensor, token_ids: torch.Tensor,
                 pos0: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         """h: [B, S, R, C] lanes of the previous depth; embedded: [B, S, C] embedding of the ids -> new lanes."""
-        x = self.e_proj(self.enorm(embedded)).unsqueeze(2) + self.h_proj(self.hnorm(h))
-        return super().forward(x, token_ids, pos0, cache)
+        return super().forward(self._combine(h, embedded), token_ids, pos0, cache)
+
+    def forward_recomputed(self, h: torch.Tensor, embedded: torch.Tensor, token_ids: torch.Tensor, *args,
+                           chunk: int = 8192) -> torch.Tensor:
+        return super().forward_recomputed(self._combine(h, embedded), token_ids, *args, chunk=chunk)
+
+    def _combine(self, h: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        return self.e_proj(self.enorm(embedded)).unsqueeze(2) + self.h_proj(self.hnorm(h))
 
     def collapse(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(_collapse(self, h, self.norm_eps, self.hc_eps))
@@ -147,14 +192,17 @@ class Transformer(nn.Module):
 
     def set_activation_checkpointing(self, enabled: bool) -> "Transformer":
         """Training memory for long sequences: keep only each block's input lanes and recompute the block in the
-        backward pass (one extra forward, ~1/3 more compute)."""
+        backward pass (one extra forward, ~1/3 more compute), its per-token half in token chunks."""
         self._checkpoint_blocks = enabled
         return self
 
+    @property
+    def recomputes(self) -> bool:
+        """Whether this forward pass trades compute for memory (activation checkpointing while training)."""
+        return getattr(self, "_checkpoint_blocks", False) and torch.is_grad_enabled() and self.training
+
     def _run_block(self, block: nn.Module, *args) -> torch.Tensor:
-        if getattr(self, "_checkpoint_blocks", False) and torch.is_grad_enabled() and self.training:
-            return checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+        return block.forward_recomputed(*args) if self.recomputes else block(*args)
 
     def to_dtype(self, dtype: torch.dtype) -> "Transformer":
         """Cast to `dtype`, keeping in fp32 what the reference keeps in fp32 (norms, mHC, sinks, ape, head...)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from ..model import Transformer
 from ..model.attention import Attention
@@ -42,6 +43,20 @@ def balance_loss(moe: MoE, batch: int) -> torch.Tensor:
     return (f * p).sum(-1).mean()
 
 
+def lm_loss(model: Transformer, h: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Mean next-token cross-entropy of the lanes h [B, T, R, C] against targets [B, T]. With activation
+    checkpointing (long sequences) the head and loss run in checkpointed token chunks: the fp32 logits
+    (T x vocab, 8.6 GB at 64K tokens and a 32K vocabulary) never exist whole."""
+    if not model.recomputes or h.shape[1] <= chunk:
+        return F.cross_entropy(model.logits(h).flatten(0, 1), targets.flatten())
+
+    def part(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(model.logits(hc).flatten(0, 1), tc.flatten(), reduction="sum")
+    total = sum(checkpoint(part, h[:, s:s + chunk], targets[:, s:s + chunk], use_reentrant=False)
+                for s in range(0, h.shape[1], chunk))
+    return total / targets.numel()
+
+
 def compute_loss(model: Transformer, tokens: torch.Tensor, weights: LossWeights, *, lm: bool = True
                  ) -> tuple[torch.Tensor, dict[str, float]]:
     """tokens: [B, T + 1 + n_mtp]. Returns the total loss and its parts (floats, for logging).
@@ -56,7 +71,7 @@ def compute_loss(model: Transformer, tokens: torch.Tensor, weights: LossWeights,
     parts: dict[str, float] = {}
     total = tokens.new_zeros((), dtype=torch.float32)
     if lm:
-        ce = F.cross_entropy(model.logits(h).flatten(0, 1), tokens[:, 1:T + 1].flatten())
+        ce = lm_loss(model, h, tokens[:, 1:T + 1])
         parts["lm"] = float(ce.detach())
         total = total + ce
         if n_mtp and weights.mtp:

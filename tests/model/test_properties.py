@@ -1,4 +1,5 @@
 """Properties of the forward pass that hold for any weights."""
+import functools
 import pytest
 import torch
 
@@ -129,9 +130,12 @@ def test_activation_checkpointing_gives_the_same_gradients():
     """Recomputing blocks in the backward pass changes memory, not the gradients (incl. MTP and indexer KL)."""
     cfg = dsv4.ModelConfig.preset("tiny")
     tokens = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0))
-    grads = []
+    grads, routes = [], []
     for ckpt in (False, True):
         model = dsv4.Transformer(cfg).init_weights(seed=3).train().set_activation_checkpointing(ckpt)
+        for b in list(model.layers) + list(model.mtp):  # several token chunks per block
+            b.forward_recomputed = functools.partial(b.forward_recomputed, chunk=16)
+            b.record_hc = True
         for m in model.modules():
             if getattr(m, "kind", None) == "csa":
                 m.indexer_loss = True
@@ -140,6 +144,10 @@ def test_activation_checkpointing_gives_the_same_gradients():
         loss = loss + sum(m.indexer_kl for m in model.modules() if getattr(m, "indexer_kl", None) is not None)
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        routes.append([torch.cat(b.ffn.last_routing[0:1] + (b.ffn.last_routing[1],), 1) for b in model.layers]
+                      + [c for b in model.layers for c in b.last_combs])  # and the mHC record, after backward
+    for a, b in zip(*routes):  # routing recorded in [B*S] order either way (balance loss, expert loads)
+        assert torch.allclose(a, b)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n

@@ -80,8 +80,9 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
                                               w1.stride(0), w1.stride(1), BLOCK_F=32, BLOCK_C=256,
                                               CLAMP=swiglu_limit > 0, num_warps=4)
     y = torch.empty(N, C, dtype=torch.float32, device=x.device)
-    _down_kernel[(N, triton.cdiv(C, 32))](h, w2, e, y, C, F, k, w2.stride(0), w2.stride(1),
-                                          BLOCK_R=32, BLOCK_F=256, num_warps=4)
+    # one token's slots are summed in one program: small row blocks keep hundreds of programs streaming weights
+    _down_kernel[(N, triton.cdiv(C, 8))](h, w2, e, y, C, F, k, w2.stride(0), w2.stride(1),
+                                         BLOCK_R=8, BLOCK_F=512, num_warps=4)
     return y
 
 

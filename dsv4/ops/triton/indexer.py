@@ -40,7 +40,9 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     T = keys.shape[1]
     if keys.dtype != q.dtype:
         keys = keys.to(q.dtype)
-    q, keys = q.contiguous(), keys.contiguous()
+    q = q.contiguous()
+    if keys.stride(-1) != 1:  # rows may be strided (a cache's prefix view), channels must be contiguous
+        keys = keys.contiguous()
     weights = weights.float().contiguous()
     nv = n_visible.to(torch.int32).contiguous()
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
@@ -78,7 +80,7 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
         return scores.topk(k, dim=-1).indices
     width = -(-T // blocks)
     padded = torch.nn.functional.pad(scores, (0, blocks * width - T), value=float("-inf"))
-    vals, idx = padded.unflatten(-1, (blocks, width)).topk(k, dim=-1)          # [..., blocks, k]
+    vals, idx = padded.unflatten(-1, (blocks, width)).topk(k, dim=-1, sorted=False)   # [..., blocks, k]
     idx = idx + torch.arange(0, blocks * width, width, device=scores.device).unsqueeze(-1)
     best = vals.flatten(-2).topk(k, dim=-1).indices
     return idx.flatten(-2).gather(-1, best)

@@ -77,14 +77,15 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     if kv.dtype != q.dtype:
         kv = kv.to(q.dtype)
     q = q.contiguous()
-    kv = kv.contiguous()
+    if kv.stride(-1) != 1:
+        kv = kv.contiguous()
     idx = idx.to(torch.int32).contiguous()
     K = idx.shape[-1]
     T = B * S
-    # [BLOCK_H, D] fp32 accumulators must stay in registers: fewer heads per program for wide heads. Decode
-    # (few queries) prefers more, smaller programs: 16 heads x 4 warps measured fastest on H100 at D = 512
+    # measured on H100 at D = 512 (bench/kernels.py sweep): decode (few queries) runs fastest as many small
+    # programs (16 heads x 4 warps), prefill with all 64 heads of a query per program (rows read once, 8 warps)
     few = T <= 256
-    block_h = block_h or max(16, min(triton.next_power_of_2(H), 16 if few else (32 if D >= 256 else 64)))
+    block_h = block_h or max(16, min(triton.next_power_of_2(H), 16 if few else 64))
     num_warps = num_warps or (4 if few or D < 256 else 8)
     block_k = 32 if D >= 256 else 64
     n_h = triton.cdiv(H, block_h)
