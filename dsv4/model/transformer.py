@@ -63,48 +63,62 @@ class Block(nn.Module):
                 cache=None) -> torch.Tensor:
         """x: [B, S, R, C] lanes, row b at positions pos0[b].. (None: 0) -> [B, S, R, C]."""
         self.last_combs, self._combs_done = [], False
-        return self._ffn_half(self._attn_half(x, pos0, cache), token_ids)
-
-    def _attn_half(self, x: torch.Tensor, pos0: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         y, post, comb = self._hc_pre(x, "attn")
-        return self._hc_post(self.attn(self.attn_norm(y), pos0, cache), x, post, comb)
-
-    def _ffn_half(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
+        x = self._hc_post(self._attention(y, pos0, cache), x, post, comb)
         y, post, comb = self._hc_pre(x, "ffn")
         return self._hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
 
     def forward_recomputed(self, x: torch.Tensor, token_ids: torch.Tensor | None, *args,
                            chunk: int = 8192) -> torch.Tensor:
-        """forward for training with activation checkpointing: the attention half is recomputed whole in the
-        backward pass, the per-token FFN half (mHC, MoE) in chunks of `chunk` tokens, so a long sequence
-        never holds all its MoE activations at once. Same values and gradients as forward."""
-        self.last_combs, self._combs_done = [], False
-        x = checkpoint(self._attn_half, x, *args, use_reentrant=False)
-        outs, routes = [], []
-        for s in range(0, x.shape[1], chunk):
-            ids = None if token_ids is None else token_ids[:, s:s + chunk]
-            out, *route = checkpoint(self._ffn_chunk, x[:, s:s + chunk], ids, use_reentrant=False)
+        """forward for training with activation checkpointing: everything is recomputed in the backward pass,
+        in segments that are each small at long context: the attention whole (it mixes positions), everything
+        per token (mHC pre/post, norms, the MoE) in chunks of `chunk` tokens. Same values and gradients as
+        forward; the MoE's routing and the mHC record cover the whole batch as after forward."""
+        spans = [slice(s, s + chunk) for s in range(0, x.shape[1], chunk)]
+        self._combs_done = True  # recorded below from the chunks' outputs, not by the (re)computations
+        y, post, comb = _cat_seq([_ckpt(self._hc_pre, x[:, sl], "attn") for sl in spans])
+        f = _ckpt(self._attention, y, *args)
+        x = torch.cat([_ckpt(self._hc_post, f[:, sl], x[:, sl], _seq(post, sl), _seq(comb, sl)) for sl in spans], 1)
+        outs, ffn_combs, routes = [], [], []
+        for sl in spans:
+            out, ffn_comb, *route = _ckpt(self._ffn_chunk, x[:, sl], None if token_ids is None else token_ids[:, sl])
             outs.append(out)
+            ffn_combs.append(ffn_comb)
             routes.append(route)
-        # routing of the whole batch in [B*S] order (balance loss, expert loads)
-        B = x.shape[0]
+        B = x.shape[0]  # routing of the whole batch in [B*S] order (balance loss, expert loads)
         self.ffn.last_routing = tuple(torch.cat([t.unflatten(0, (B, -1)) for t in parts], 1).flatten(0, 1)
                                       for parts in zip(*routes))
-        if len(self.last_combs) > 2:  # the FFN site's chunks, joined along the sequence
-            self.last_combs = [self.last_combs[0], torch.cat(self.last_combs[1:], 1)]
-        self._combs_done = True
+        if self.record_hc and comb is not None:
+            self.last_combs = [comb.detach(), torch.cat(ffn_combs, 1).detach()]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
+    def _attention(self, y: torch.Tensor, pos0: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        return self.attn(self.attn_norm(y), pos0, cache)
+
     def _ffn_chunk(self, x: torch.Tensor, token_ids: torch.Tensor | None):
-        """The FFN half returning its routing as outputs; the MoE's record is left as it was, so the recompute
-        in the backward pass cannot overwrite the whole-batch routing."""
+        """The FFN half returning its mHC comb and routing as outputs; the MoE's record is left as it was, so a
+        recompute in the backward pass cannot overwrite the whole-batch routing."""
         kept = self.ffn.last_routing
         try:  # (a recompute may stop early, by an exception, once it has what the backward needs)
-            out = self._ffn_half(x, token_ids)
+            y, post, comb = self._hc_pre(x, "ffn")
+            out = self._hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
             route = self.ffn.last_routing
         finally:
             self.ffn.last_routing = kept
-        return (out, *route)
+        return (out, comb, *route)
+
+
+def _ckpt(fn, *args):
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def _seq(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:
+    return None if t is None else t[:, sl]
+
+
+def _cat_seq(parts: list[tuple]) -> tuple:
+    """Join per-chunk tuples of tensors (or None) along the sequence."""
+    return tuple(None if ts[0] is None else torch.cat(ts, 1) for ts in zip(*parts))
 
 
 class MTPBlock(Block):
