@@ -157,20 +157,22 @@ def train_step(model, tokens: torch.Tensor) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def profile(model, out_dir: str) -> None:
-    """Per-kernel GPU time of an 8K prefill chunk and of one eager decode step at 32K (tables in out_dir)."""
+def profile(model, out_dir: str, context: int = 32768) -> None:
+    """Per-kernel GPU time of an 8K prefill chunk and of one eager decode step (fixed shapes, as the CUDA graph
+    runs it) at `context` tokens, and of a 4K training step (tables in out_dir/profile.txt)."""
     import os
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     os.makedirs(out_dir, exist_ok=True)
-    tokens = torch.randint(0, model.config.vocab_size, (1, 32768), device="cuda")
+    tokens = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
     with torch.no_grad():
-        cache = model.new_cache(1, 32768 + 16)
-        for s in range(0, 16384, 8192):
+        cache = model.new_cache(1, context + 16)
+        for s in range(0, context - 16384, 8192):
             model(tokens[:, s:s + 8192], cache=cache, last_only=True)
-        # the prefill job runs twice (warm-up, profiled): chunks at 16K and 24K, then decode steps at 32K
-        jobs = {"prefill_8k_chunk_at_24k": lambda: model(tokens[:, -8192:], cache=cache, last_only=True),
-                "decode_step_at_32k": lambda: model(tokens[:, :1], cache=cache),
+        # the prefill job runs twice (warm-up, profiled): the last two 8K chunks, then decode steps
+        k = context // 1024
+        jobs = {f"prefill_8k_chunk_at_{k - 8}k": lambda: model(tokens[:, -8192:], cache=cache, last_only=True),
+                f"decode_step_at_{k}k": lambda: model(tokens[:, :1], cache=cache.set_fixed_shapes(True)),
                 "train_fwd_bwd_4k": lambda: train_step(model, tokens[:, :4097])}
         for name, fn in jobs.items():
             fn()
@@ -198,6 +200,7 @@ def main() -> None:
                    help="training steps with activation checkpointing (long sequences)")
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--profile", help="write per-kernel profiles to this folder")
+    p.add_argument("--profile-context", type=int, default=32768)
     a = p.parse_args()
     cfg = flash4()
     res: list[dict] = []
@@ -222,7 +225,7 @@ def main() -> None:
         guard("dsv4 train fwd+bwd (block recompute)", lambda: dsv4_train_step(model, n, checkpointing=True), res,
               tokens=n)
     if a.profile:
-        profile(model, a.profile)
+        profile(model, a.profile, a.profile_context)
     if not a.skip_peer:
         del model
         torch.cuda.empty_cache()

@@ -48,10 +48,15 @@ def test_training_matches_one_process(tmp_path):
     for a, b in zip(dist_res[0]["losses"], losses):
         assert abs(a - b) < 1e-5 * abs(b)
     state = dist_res[0]["state"]
+    lr, steps = 3e-3, 3
     for name, p in model.state_dict().items():
         if p.is_floating_point():
-            # AdamW's first steps are sign-like: ulp differences in tiny gradients move a weight by up to lr
-            assert (state[name] - p).abs().max() < 3e-4, name
+            # AdamW's first steps are sign-like (m / sqrt(v) = +-1): an ulp of difference in a near-zero gradient
+            # (reduced in another order across ranks) can flip an element's step, up to lr per step. So: almost
+            # every element agrees to 1e-4, and none is further apart than those flips allow.
+            diff = (state[name] - p).abs()
+            assert diff.max() <= 2 * lr * steps, name
+            assert (diff > 1e-4).float().mean() < 1e-4, (name, float(diff.max()))
     assert dist_res[0]["losses"] == dist_res[1]["losses"]
 
 
