@@ -101,7 +101,8 @@ def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 6
     for splits in ((None, 1, 4) if S == 1 else (1,)):
         for block_h, warps in ((16, 4), (32, 8), (64, 8)):
             try:
-                ms = bench_graph(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits, block_h, warps))
+                ms = bench_graph(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits=splits,
+                                                              block_h=block_h, num_warps=warps))
             except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a failure
                 out.append({"case": name, "splits": splits, "block_h": block_h, "warps": warps,
                             "error": str(e)[:100]})

@@ -90,6 +90,12 @@ class LayerCache:
         (all rows with fixed_shapes; the callers mask by position)."""
         return self.entry_rows.read(self._n_rows())
 
+    def entry_records(self) -> torch.Tensor | None:
+        """The entries() rows as stored when they are FP8 serving records (uint8 [B, n, 584]), else None."""
+        if self.entry_rows.fmt == "fp8":
+            return self.entry_rows.records(self._n_rows())
+        return None
+
     def keys(self) -> torch.Tensor:
         return self.key_rows.read(self._n_rows())
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import e2m1_round, e8m0_to_float, float_to_e8m0, pack_fp4, unpack_fp4
+from ..quant import decode_fp8_kv, e2m1_round, e8m0_to_float, float_to_e8m0, pack_fp4, unpack_fp4
 
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -84,7 +84,7 @@ class RowStore:
             q = (blocks / s).clamp(-448, 448).to(torch.float8_e4m3fn).flatten(-2)[..., :nope]
             out[..., :nope] = q.view(torch.uint8)
             out[..., nope:nope + 2 * rd] = xf[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
-            out[..., nope + 2 * rd:nope + 2 * rd + s.shape[-2]] = float_to_e8m0(s.squeeze(-1))
+            out[..., nope + 2 * rd:nope + 2 * rd + s.shape[-2]] = float_to_e8m0(s.squeeze(-1), check=False)
         elif self.fmt == "fp8":
             s = (xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448)
             out[..., :self.dim] = (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
@@ -92,20 +92,15 @@ class RowStore:
         else:  # fp4 index keys, 1x32 power-of-two scales
             blocks = xf.unflatten(-1, (-1, 32))
             s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=6 * 2.0 ** -126) / 6)))
-            out[..., :self.dim // 2] = pack_fp4(e2m1_round(blocks / s).flatten(-2)).view(torch.uint8)
-            out[..., self.dim // 2:] = float_to_e8m0(s.squeeze(-1))
+            out[..., :self.dim // 2] = pack_fp4(e2m1_round(blocks / s).flatten(-2), check=False).view(torch.uint8)
+            out[..., self.dim // 2:] = float_to_e8m0(s.squeeze(-1), check=False)
         return out
 
     def _decode(self, rec: torch.Tensor) -> torch.Tensor:
         if self.fmt in _FLOAT:
             return rec.to(self.dtype)
         if self.fmt == "fp8" and self.role == "kv":
-            nope, rd = self.dim - self.rope_dim, self.rope_dim
-            n_s = -(-nope // 64)
-            s = e8m0_to_float(rec[..., nope + 2 * rd:nope + 2 * rd + n_s]).repeat_interleave(64, -1)[..., :nope]
-            q = rec[..., :nope].contiguous().view(torch.float8_e4m3fn).float() * s
-            rope = rec[..., nope:nope + 2 * rd].contiguous().view(torch.bfloat16).float()
-            return torch.cat((q, rope), -1).to(self.dtype)
+            return decode_fp8_kv(rec, self.dim, self.rope_dim, self.dtype)
         if self.fmt == "fp8":
             s = rec[..., self.dim:].contiguous().view(torch.float32)
             return (rec[..., :self.dim].contiguous().view(torch.float8_e4m3fn).float() * s).to(self.dtype)
@@ -126,6 +121,11 @@ class RowStore:
     def read(self, n: int) -> torch.Tensor:
         """The first n rows, dequantised: [B, n, dim]."""
         return self._decode(self.buf[:, :n])
+
+    def records(self, n: int) -> torch.Tensor:
+        """The first n rows as stored (uint8 records, or floats): [B, n, record]; kernels that read the format
+        themselves take these instead of a dequantised copy."""
+        return self.buf[:, :n]
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
         """rows[b, index[b, i]] dequantised: [B, n, dim]."""

@@ -30,6 +30,7 @@ class AttentionCache(Protocol):
     def write_window(self, pos0: torch.Tensor, kv: torch.Tensor) -> None: ...
     def add_entries(self, c: Compressed) -> None: ...
     def entries(self) -> torch.Tensor: ...                          # all entries visible by the chunk's end
+    def entry_records(self) -> torch.Tensor | None: ...             # the same as stored FP8 records, if they are
     def add_keys(self, c: Compressed) -> None: ...
     def keys(self) -> torch.Tensor: ...
 
@@ -153,13 +154,16 @@ class Attention(nn.Module):
         if self.ratio:
             n_visible = (pos + 1) // self.ratio                                 # entries j < n_visible are complete
             cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
-            entries = cache.entries()
-            cidx = visible_entries(n_visible, entries.shape[1])
+            records = cache.entry_records()  # FP8 records go to the attention as stored (no dequantised copy)
+            entries = cache.entries() if records is None else None
+            cidx = visible_entries(n_visible, (entries if records is None else records).shape[1])
             if self.kind == "csa":  # the indexer's cache advances even while attention is dense
                 top = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, cache)
                 cidx = top if self.sparse else cidx
             idx = torch.cat((idx, torch.where(cidx >= 0, cidx + rows.shape[1], -1)), dim=-1)
-            rows = torch.cat((rows, entries), dim=1)
+            if records is None:
+                rows = torch.cat((rows, entries), dim=1)
+            return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale, records, self.rope_dim)
         return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)
 
 

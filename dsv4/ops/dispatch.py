@@ -91,9 +91,12 @@ else:
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                fp8_entries: torch.Tensor | None = None, rope_dim: int = 0,
                 *, backend: str | None = None) -> torch.Tensor:
-    """o[b,s,h] = softmax-with-sink over kv[b, idx[b,s,:]] (idx -1 = masked). See reference.attention."""
-    return _pick("sparse_attn", backend, q, kv, sink, idx, scale)(q, kv, sink, idx, scale)
+    """o[b,s,h] = softmax-with-sink over rows[b, idx[b,s,:]] (idx -1 = masked), rows = kv followed by the FP8
+    serving records `fp8_entries` if given. See reference.attention."""
+    args = (q, kv, sink, idx, scale, fp8_entries, rope_dim)
+    return _pick("sparse_attn", backend, *args)(*args)
 
 
 def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, entry_mask: torch.Tensor | None,

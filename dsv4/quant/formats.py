@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
@@ -27,12 +29,19 @@ def e8m0_to_float(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(b == 255, torch.full_like(out, float("nan")), out)
 
 
-def float_to_e8m0(x: torch.Tensor) -> torch.Tensor:
-    """Power-of-two fp32 -> UE8M0 bytes (uint8). Raises if a value is not an exact power of two in range."""
+def float_to_e8m0(x: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """Power-of-two fp32 -> UE8M0 bytes (uint8). Raises if a value is not an exact power of two in range
+    (`check=False` skips that test, a host sync, for callers whose scales are powers of two by construction)."""
     mant, exp = torch.frexp(x.float())
-    if not bool(((mant == 0.5) & (exp - 1 >= -127) & (exp - 1 <= 127)).all()):
+    if check and not bool(((mant == 0.5) & (exp - 1 >= -127) & (exp - 1 <= 127)).all()):
         raise ValueError("float_to_e8m0 needs positive powers of two in [2**-127, 2**127]")
     return (exp - 1 + 127).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _e2m1_table(device: torch.device) -> torch.Tensor:
+    """E2M1_VALUES on a device, copied once (no host-to-device copy per call: decode steps are graph-captured)."""
+    return E2M1_VALUES.to(device)
 
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +51,7 @@ def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     # 1.75->2, 2.5->2, 3.5->4, 5->4. `>=` moves a tie up, `>` keeps it down.
     idx = ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int()
            + (a > 2.5).int() + (a >= 3.5).int() + (a > 5.0).int())
-    mag = E2M1_VALUES[:8].to(x.device)[idx]
+    mag = _e2m1_table(x.device)[:8][idx]
     return torch.where(x < 0, -mag, mag).to(x.dtype)
 
 
@@ -50,17 +59,18 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """[..., K/2] bytes (int8 / uint8 / float4_e2m1fn_x2) -> [..., K] fp32 e2m1 values."""
     b = _bytes(packed)
     codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2).long()
-    return E2M1_VALUES.to(packed.device)[codes]
+    return _e2m1_table(packed.device)[codes]
 
 
-def pack_fp4(values: torch.Tensor) -> torch.Tensor:
-    """[..., K] exact e2m1 values -> [..., K/2] int8 (low nibble = even element). Inverse of unpack_fp4."""
+def pack_fp4(values: torch.Tensor, check: bool = True) -> torch.Tensor:
+    """[..., K] exact e2m1 values -> [..., K/2] int8 (low nibble = even element). Inverse of unpack_fp4.
+    `check=False` skips verifying that the values are e2m1 (a host sync) for callers that just rounded them."""
     if values.shape[-1] % 2:
         raise ValueError(f"pack_fp4 needs an even last dim, got {values.shape[-1]}")
     v = values.float()
-    mag = E2M1_VALUES[:8].to(v.device)
+    mag = _e2m1_table(v.device)[:8]
     idx = (v.abs().unsqueeze(-1) == mag).float().argmax(-1)
-    if not bool((mag[idx] == v.abs()).all()):
+    if check and not bool((mag[idx] == v.abs()).all()):
         raise ValueError("pack_fp4 got values that are not e2m1")
     codes = (idx | (torch.signbit(v).long() << 3)).to(torch.uint8)
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).view(torch.int8)
@@ -141,3 +151,14 @@ def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, block: int = 128) -> t
                          f"scales span more than 2**14")
     q = (vals * torch.exp2(shift.float())).to(torch.float8_e4m3fn)
     return q, (k + 127).to(torch.uint8)
+
+
+def decode_fp8_kv(rec: torch.Tensor, dim: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The FP8 KV serving record (uint8 [..., bytes]: `dim - rope_dim` e4m3 values, `rope_dim` bf16 values, one
+    UE8M0 scale per 64 e4m3 values) -> [..., dim] in dtype."""
+    nope = dim - rope_dim
+    n_s = -(-nope // 64)
+    s = e8m0_to_float(rec[..., nope + 2 * rope_dim:nope + 2 * rope_dim + n_s]).repeat_interleave(64, -1)[..., :nope]
+    q = rec[..., :nope].contiguous().view(torch.float8_e4m3fn).float() * s
+    rope = rec[..., nope:nope + 2 * rope_dim].contiguous().view(torch.bfloat16).float()
+    return torch.cat((q, rope), -1).to(dtype)

@@ -135,3 +135,21 @@ def test_batch_invariant_mode_bitwise():
             for got, r in zip(run(rows), rows):
                 assert torch.equal(got, alone[r]), f"row {r} in batch {rows}"
         assert torch.equal(run([1])[0], alone[1])  # and across runs
+
+
+def test_fp8_cache_read_in_place_matches_bf16_cache(models):
+    """FP8 KV records (read by the attention kernel as stored) and FP4 indexer keys, decoded through a captured
+    CUDA graph, give the logits of a bf16 cache: with the quantisation simulation on, storing is lossless."""
+    from dsv4.generate.graphs import GraphDecoder
+    gpu = dsv4.Transformer(models[1].config).init_weights(seed=4).eval().to_dtype(torch.bfloat16).cuda()
+    gpu.set_quant_sim(True)
+    tokens = torch.randint(0, 2048, (2, 190), generator=torch.Generator().manual_seed(6)).cuda()
+    outs = []
+    with torch.no_grad():
+        for kv, index in (("bf16", "bf16"), ("fp8", "fp4")):
+            cache = gpu.new_cache(2, 256, kv_dtype=kv, index_dtype=index)
+            first = gpu(tokens[:, :150], cache=cache)[:, -1]
+            step = GraphDecoder(gpu, cache)
+            outs.append(torch.stack([first] + [step(tokens[:, i]).clone() for i in range(150, 190)], 1))
+            assert step.graph is not None and not step.eager
+    assert_rel_close("fp8/fp4 cache vs bf16 cache", outs[1], outs[0], 1e-2)

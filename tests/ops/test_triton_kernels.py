@@ -103,6 +103,19 @@ for M, N, K in ((1, 70, 130), (67, 33, 64)):  # fixed-configuration matmul and r
     assert ((matmul_nt(a3, w3).double() - r3).norm() / r3.norm()).item() < {tol} * 10
     rr = rms_rsqrt(a, 1e-6)
     assert ((rr.double() - torch.rsqrt(a.double().square().mean(-1, keepdim=True) + 1e-6)).abs().max() < 1e-3 * rr.max())
+from dsv4.cache.layout import RowStore
+for B, S, H, D, rd, N1, N2, K in ((2, 3, 4, 64, 16, 10, 30, 24), (1, 2, 16, 128, 64, 5, 40, 33)):
+    # entries stored as FP8 serving records, read by the kernel as stored (rows N1.. of the index space)
+    q = torch.randn(B, S, H, D, generator=g).to(dev, dt); kv = torch.randn(B, N1, D, generator=g).to(dev, dt)
+    store = RowStore("fp8", B, N2, D, rd, "kv", dt, dev)
+    store.write(torch.arange(N2, device=dev).expand(B, N2), torch.randn(B, N2, D, generator=g).to(dev) * 3)
+    sink = torch.randn(H, generator=g).to(dev)
+    idx = torch.randint(-1, N1 + N2, (B, S, K), generator=g).to(dev)
+    for splits in (None, 2):
+        a = tri_attn(q, kv, sink, idx, D ** -0.5, store.records(N2), rd, splits=splits)
+        r = ref_attn(q.double(), torch.cat((kv, store.read(N2)), 1).double(), sink.double(), idx, D ** -0.5)
+        err = ((a.double() - r).norm() / r.norm()).item()
+        assert err < {tol}, ("fp8 entries", D, splits, err)
 print("ok", worst)
 '''
 

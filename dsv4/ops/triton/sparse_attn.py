@@ -20,7 +20,9 @@ from .. import invariant_mode
 def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, scale,
                         S, H, K, N, k_per_split,
                         sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
-                        D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+                        e8_ptr, e16_ptr, se_b, se_n, se16_b, se16_n,
+                        D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
+                        FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
     pid_t = tl.program_id(0)            # token: b * S + s
     pid_h = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -39,8 +41,23 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
         ks = k0 + tl.arange(0, BLOCK_K)
         rows = tl.load(idx_ptr + b * si_b + s * si_s + ks, mask=ks < k_hi, other=-1).to(tl.int64)
         valid = rows >= 0
-        kv = tl.load(kv_ptr + b * skv_b + tl.where(valid, rows, 0)[:, None] * skv_n + d[None, :],
-                     mask=valid[:, None], other=0.0)                                  # [BLOCK_K, D]
+        if FP8:  # rows >= N are FP8 serving records (e4m3 nope + bf16 rope + UE8M0 scales), read as stored
+            near = valid & (rows < N)
+            far = valid & (rows >= N)
+            kv = tl.load(kv_ptr + b * skv_b + tl.where(near, rows, 0)[:, None] * skv_n + d[None, :],
+                         mask=near[:, None], other=0.0)
+            r2 = tl.where(far, rows - N, 0)[:, None]
+            is_nope = d[None, :] < NOPE
+            m8 = far[:, None] & is_nope
+            q8 = tl.load(e8_ptr + b * se_b + r2 * se_n + d[None, :], mask=m8, other=0)
+            sc = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_OFF + d[None, :] // 64, mask=m8, other=127)
+            nope = q8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.exp2(sc.to(tl.float32) - 127.0)
+            rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (d[None, :] - NOPE),
+                           mask=far[:, None] & ~is_nope, other=0.0).to(tl.float32)
+            kv = tl.where(far[:, None], tl.where(is_nope, nope, rope).to(kv.dtype), kv)
+        else:
+            kv = tl.load(kv_ptr + b * skv_b + tl.where(valid, rows, 0)[:, None] * skv_n + d[None, :],
+                         mask=valid[:, None], other=0.0)                              # [BLOCK_K, D]
         sc = tl.dot(q, tl.trans(kv)).to(tl.float32) * scale                          # [BLOCK_H, BLOCK_K]
         sc = tl.where(valid[None, :], sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -66,8 +83,10 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+                fp8_entries: torch.Tensor | None = None, rope_dim: int = 0,
                 splits: int | None = None, block_h: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K].
+    """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K];
+    fp8_entries [B, n, record] (uint8 FP8 serving records) are rows N.. read in their stored format.
 
     splits: index-list slices per query (default: enough programs to fill the GPU); block_h / num_warps:
     heads per program and warps (defaults tuned on H100 for D = 512)."""
@@ -104,11 +123,19 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     else:
         o = torch.empty_like(q)
         m_ptr = l_ptr = o
+    fp8 = fp8_entries is not None
+    if fp8:
+        e8 = fp8_entries if fp8_entries.stride(-1) == 1 else fp8_entries.contiguous()
+        e16 = e8.view(torch.bfloat16)  # the same bytes, for the bf16 rope values (a prefix view: no copy)
+        ent = (e8, e16, e8.stride(0), e8.stride(1), e16.stride(0), e16.stride(1))
+        nope = D - rope_dim
+    else:
+        ent, nope = (kv, kv, 0, 0, 0, 0), 0
     _sparse_attn_kernel[(T, n_h, splits)](
         q, kv, sink.float().contiguous(), idx, o, m_ptr, l_ptr, scale, S, H, K, kv.shape[1], per,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
-        o.stride(0), o.stride(1), o.stride(2), D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
-        num_warps=num_warps, num_stages=2)
+        o.stride(0), o.stride(1), o.stride(2), *ent, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
+        FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim, num_warps=num_warps, num_stages=2)
     if splits == 1:
         return o
     # merge the slices: each slice's sum and output rescaled to the common max, the sink in the denominator
@@ -120,6 +147,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     return out.view(B, S, H, D).to(q.dtype)
 
 
-def supports(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float) -> bool:
+def supports(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
+             fp8_entries: torch.Tensor | None = None, rope_dim: int = 0) -> bool:
     D = q.shape[-1]
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and D >= 16 and not D & (D - 1) and D <= 512
