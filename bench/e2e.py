@@ -63,8 +63,9 @@ def dsv4_prefill(model, n: int, chunk: int) -> dict:
 
 
 @torch.no_grad()
-def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool = True) -> dict:
-    cache = model.new_cache(batch, ctx + steps + 8)
+def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool = True, kv_dtype: str = "auto",
+                index_dtype: str = "auto") -> dict:
+    cache = model.new_cache(batch, ctx + steps + 8, kv_dtype, index_dtype)
     tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda")
     row = cache.select(0)
     for s in range(0, ctx, 8192):
@@ -195,6 +196,8 @@ def main() -> None:
     p.add_argument("--prefill", type=int, nargs="*", default=[4096, 8192, 16384, 65536])
     p.add_argument("--decode", type=int, nargs="*", default=[1024, 4096, 32768, 131072])
     p.add_argument("--decode-b64", type=int, nargs="*", default=[32768])
+    p.add_argument("--decode-fp8", type=int, nargs="*", default=[131072],
+                   help="batch-1 decode with the official FP8 KV records and FP4 indexer keys")
     p.add_argument("--train", type=int, nargs="*", default=[4096])
     p.add_argument("--train-checkpointed", type=int, nargs="*", default=[65536],
                    help="training steps with activation checkpointing (long sequences)")
@@ -217,6 +220,9 @@ def main() -> None:
         guard("dsv4 prefill", lambda: dsv4_prefill(model, n, a.chunk), res, tokens=n)
     for ctx in a.decode:
         guard("dsv4 decode b1", lambda: dsv4_decode(model, ctx), res, context=ctx)
+    for ctx in a.decode_fp8:
+        guard("dsv4 decode b1 fp8 KV + fp4 keys", lambda: dsv4_decode(model, ctx, kv_dtype="fp8", index_dtype="fp4"),
+              res, context=ctx)
     for ctx in a.decode_b64:
         guard("dsv4 decode b64", lambda: dsv4_decode(model, ctx, steps=32, batch=64), res, context=ctx)
     for n in a.train:
