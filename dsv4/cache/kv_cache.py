@@ -97,6 +97,10 @@ class LayerCache:
         return None
 
     def keys(self) -> torch.Tensor:
+        """Indexer keys of every entry any row can see: floats, or the FP4 records as stored (the indexer
+        kernels read those in place)."""
+        if self.key_rows.fmt == "fp4":
+            return self.key_rows.records(self._n_rows())
         return self.key_rows.read(self._n_rows())
 
     def _n_rows(self) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..quant import decode_fp8_kv, e2m1_round, e8m0_to_float, float_to_e8m0, pack_fp4, unpack_fp4
+from ..quant import decode_fp4_keys, decode_fp8_kv, e2m1_round, float_to_e8m0, pack_fp4
 
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -104,8 +104,7 @@ class RowStore:
         if self.fmt == "fp8":
             s = rec[..., self.dim:].contiguous().view(torch.float32)
             return (rec[..., :self.dim].contiguous().view(torch.float8_e4m3fn).float() * s).to(self.dtype)
-        s = e8m0_to_float(rec[..., self.dim // 2:]).repeat_interleave(32, -1)
-        return (unpack_fp4(rec[..., :self.dim // 2]) * s).to(self.dtype)
+        return decode_fp4_keys(rec, self.dim, self.dtype)
 
     # ------------------------------------------------------------------ access
     def write(self, index: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:

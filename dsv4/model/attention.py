@@ -32,7 +32,7 @@ class AttentionCache(Protocol):
     def entries(self) -> torch.Tensor: ...                          # all entries visible by the chunk's end
     def entry_records(self) -> torch.Tensor | None: ...             # the same as stored FP8 records, if they are
     def add_keys(self, c: Compressed) -> None: ...
-    def keys(self) -> torch.Tensor: ...
+    def keys(self) -> torch.Tensor: ...                             # indexer keys (floats or FP4 records)
 
 
 def window_indices(pos0: torch.Tensor, n_queries: int, n_prior: int, window: int) -> torch.Tensor:

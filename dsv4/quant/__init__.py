@@ -1,8 +1,8 @@
 """Number formats of the V4 checkpoints and of its quantisation-aware numerics (v4-architecture §7)."""
-from .formats import (E2M1_VALUES, decode_fp8_kv, dequant_fp4_blocks, dequant_fp8_blocks, e2m1_round,
+from .formats import (E2M1_VALUES, decode_fp4_keys, decode_fp8_kv, dequant_fp4_blocks, dequant_fp8_blocks, e2m1_round,
                       e8m0_to_float, float_to_e8m0, pack_fp4, unpack_fp4)
 from .fake_quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through
 
-__all__ = ["E2M1_VALUES", "decode_fp8_kv", "e2m1_round", "e8m0_to_float", "float_to_e8m0", "pack_fp4", "unpack_fp4",
+__all__ = ["E2M1_VALUES", "decode_fp4_keys", "decode_fp8_kv", "e2m1_round", "e8m0_to_float", "float_to_e8m0", "pack_fp4", "unpack_fp4",
            "dequant_fp8_blocks", "dequant_fp4_blocks", "fp8_fake_quant", "fp4_fake_quant", "hadamard",
            "straight_through"]

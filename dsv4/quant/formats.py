@@ -162,3 +162,10 @@ def decode_fp8_kv(rec: torch.Tensor, dim: int, rope_dim: int, dtype: torch.dtype
     q = rec[..., :nope].contiguous().view(torch.float8_e4m3fn).float() * s
     rope = rec[..., nope:nope + 2 * rope_dim].contiguous().view(torch.bfloat16).float()
     return torch.cat((q, rope), -1).to(dtype)
+
+
+def decode_fp4_keys(rec: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """The FP4 indexer-key record (uint8 [..., dim/2 + dim/32]: packed e2m1, low nibble first, then one UE8M0
+    scale per 32 values) -> [..., dim] in dtype."""
+    s = e8m0_to_float(rec[..., dim // 2:]).repeat_interleave(32, -1)
+    return (unpack_fp4(rec[..., :dim // 2]) * s).to(dtype)

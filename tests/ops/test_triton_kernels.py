@@ -116,6 +116,15 @@ for B, S, H, D, rd, N1, N2, K in ((2, 3, 4, 64, 16, 10, 30, 24), (1, 2, 16, 128,
         r = ref_attn(q.double(), torch.cat((kv, store.read(N2)), 1).double(), sink.double(), idx, D ** -0.5)
         err = ((a.double() - r).norm() / r.norm()).item()
         assert err < {tol}, ("fp8 entries", D, splits, err)
+for B, S, HI, DI, T, k in ((2, 3, 16, 64, 50, 8), (1, 2, 8, 128, 70, 16)):  # FP4 key records read in place
+    q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
+    keys = RowStore("fp4", B, T, DI, 16, "index", dt, dev)
+    keys.write(torch.arange(T, device=dev).expand(B, T), torch.randn(B, T, DI, generator=g).to(dev))
+    nv = torch.randint(0, T + 1, (B, S), generator=g).to(dev)
+    a = tri_top(q, w, keys.records(T), nv, k)
+    r = ref_top(q, w, keys.read(T), nv, k)
+    agree = (torch.sort(a, -1).values == torch.sort(r, -1).values).float().mean().item()
+    assert agree > {agree}, ("fp4 keys", agree)
 print("ok", worst)
 '''
 

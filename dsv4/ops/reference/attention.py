@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ...quant.formats import decode_fp8_kv
+from ...quant.formats import decode_fp4_keys, decode_fp8_kv
 
 # Queries are processed in chunks so the gathered [chunk, K, D] keys stay around this many elements.
 _CHUNK_ELEMENTS = 1 << 24
@@ -75,9 +75,12 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_v
     Equal scores are broken towards the lower index.
 
     n_visible: [B, S] int (a compressed entry j is visible to the query iff j < n_visible).
+    keys may also be the cache's FP4 records (uint8 [B, T, Di/2 + Di/32]), dequantised to q.dtype here.
     Returns [B, S, min(k, T)] int64.
     """
     B, S = q.shape[:2]
+    if keys.dtype == torch.uint8:
+        keys = decode_fp4_keys(keys, q.shape[-1], q.dtype)
     T = keys.shape[1]
     k = min(k, T)
     if k == 0:

@@ -9,9 +9,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _e2m1(c):
+    """e2m1 codes (int32 0..15: sign, 2-bit exponent, 1-bit mantissa) -> fp32 values."""
+    e = (c >> 1) & 3
+    m = (c & 1).to(tl.float32)
+    mag = tl.where(e == 0, 0.5 * m, (1.0 + 0.5 * m) * tl.exp2((e - 1).to(tl.float32)))
+    return tl.where((c >> 3) & 1 == 1, -mag, mag)
+
+
+@triton.jit
 def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI,
                          sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_t, so_b, so_s,
-                         DI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+                         DI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, FP4: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_n = tl.program_id(1)
     b = pid_t // S
@@ -23,7 +32,15 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI,
     w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32)
     ts = pid_n * BLOCK_T + tl.arange(0, BLOCK_T)
     n_vis = tl.load(nv_ptr + pid_t)
-    k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
+    if FP4:  # keys as the cache stores them: packed e2m1 (low nibble = even channel), a UE8M0 scale per 32
+        j = tl.arange(0, DI // 2)
+        rec = k_ptr + b * sk_b + ts[:, None] * sk_t
+        packed = tl.load(rec + j[None, :], mask=(ts < T)[:, None], other=0).to(tl.int32)
+        vals = tl.reshape(tl.join(_e2m1(packed & 15), _e2m1(packed >> 4)), (BLOCK_T, DI))
+        sc = tl.load(rec + DI // 2 + d[None, :] // 32, mask=(ts < T)[:, None], other=127).to(tl.float32)
+        k = (vals * tl.exp2(sc - 127.0)).to(q.dtype)
+    else:
+        k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
     dots = tl.maximum(tl.dot(q, tl.trans(k)).to(tl.float32), 0.0)                  # [BLOCK_H, BLOCK_T]
     score = tl.sum(dots * w[:, None], 0)
     # exact zeros (every head's ReLU at 0) would tie: order them by age, older first, as the reference's stable
@@ -35,10 +52,12 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI,
 
 def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
                         n_visible: torch.Tensor) -> torch.Tensor:
-    """[B, S, T] fp32 scores, -inf for t >= n_visible[b, s]."""
+    """[B, S, T] fp32 scores, -inf for t >= n_visible[b, s]. keys: [B, T, DI] floats, or the cache's FP4 records
+    (uint8 [B, T, DI/2 + DI/32]) read as stored."""
     B, S, HI, DI = q.shape
     T = keys.shape[1]
-    if keys.dtype != q.dtype:
+    fp4 = keys.dtype == torch.uint8
+    if not fp4 and keys.dtype != q.dtype:
         keys = keys.to(q.dtype)
     q = q.contiguous()
     if keys.stride(-1) != 1:  # rows may be strided (a cache's prefix view), channels must be contiguous
@@ -50,7 +69,7 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     _index_scores_kernel[(B * S, triton.cdiv(T, block_t))](
         q, weights, keys, nv, out, S, T, HI, q.stride(0), q.stride(1), q.stride(2), weights.stride(0),
         weights.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
-        DI=DI, BLOCK_H=max(16, triton.next_power_of_2(HI)), BLOCK_T=block_t, num_warps=4)
+        DI=DI, BLOCK_H=max(16, triton.next_power_of_2(HI)), BLOCK_T=block_t, FP4=fp4, num_warps=4)
     return out
 
 
