@@ -32,7 +32,7 @@ def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
     choice = backend or os.environ.get("DSV4_BACKEND") or "auto"
     impls = _REGISTRY[op]
     if choice == "auto":
-        for name in ("triton", "gathered", "grouped", "reference"):
+        for name in ("triton", "grouped", "gathered", "reference"):
             if name in impls and impls[name][1](*args, **kwargs):
                 return _outside_autocast(impls[name][0])
         raise RuntimeError(f"no backend of {op} supports these inputs")

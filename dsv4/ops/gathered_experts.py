@@ -1,6 +1,6 @@
-"""Routed experts for a handful of tokens (decoding): gather each (token, slot)'s expert matrices and run them
-as batched matmuls. Reads exactly the selected experts' weights, launches a fixed number of kernels and never
-synchronises with the host (the reference loops over experts after a bincount, which does)."""
+"""Routed experts for a handful of tokens (decoding) where neither the Triton kernel nor grouped GEMMs apply
+(e.g. fp32 on a GPU): gather each (token, slot)'s expert matrices and run them as batched matmuls. A fixed
+number of kernels and no host synchronisation (the reference loops over experts after a bincount, which does)."""
 from __future__ import annotations
 
 import torch
