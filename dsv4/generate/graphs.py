@@ -40,22 +40,25 @@ class GraphDecoder:
         self.tokens.copy_(tokens)
         self.calls += 1
         if self.eager or (self.graph is None and self.calls <= self.warmup):
-            return self.model(self.tokens, cache=self.cache)[:, -1]
+            return self._step()
         if self.graph is None:
             # capturing runs no kernel but does advance the host's positions (cache.begin/end run as Python),
             # so the first replay is exactly this step
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    self.logits = self.model(self.tokens, cache=self.cache)[:, -1]
+                    self.logits = self._step()
             except RuntimeError as e:  # nothing ran; the positions advance only at the end of a step
                 warnings.warn(f"decode step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
                               "decoding eagerly")
                 self.eager = True
-                return self.model(self.tokens, cache=self.cache)[:, -1]
+                return self._step()
             self.graph = graph
         else:
             self.cache.check_room(1)
             self.cache.end(1, device=False)  # the graph advances the device positions itself
         self.graph.replay()
         return self.logits
+
+    def _step(self) -> torch.Tensor:
+        return self.model(self.tokens, cache=self.cache)[:, -1]

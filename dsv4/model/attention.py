@@ -155,13 +155,13 @@ class Attention(nn.Module):
             n_visible = (pos + 1) // self.ratio                                 # entries j < n_visible are complete
             cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
             records = cache.entry_records()  # FP8 records go to the attention as stored (no dequantised copy)
-            entries = cache.entries() if records is None else None
-            cidx = visible_entries(n_visible, (entries if records is None else records).shape[1])
+            entries = cache.entries() if records is None else records
+            cidx = visible_entries(n_visible, entries.shape[1])
             if self.kind == "csa":  # the indexer's cache advances even while attention is dense
                 top = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, cache)
                 cidx = top if self.sparse else cidx
             idx = torch.cat((idx, torch.where(cidx >= 0, cidx + rows.shape[1], -1)), dim=-1)
-            if records is None:
+            if records is None:  # dequantised (or float) entries join the rows
                 rows = torch.cat((rows, entries), dim=1)
             return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale, records, self.rope_dim)
         return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)

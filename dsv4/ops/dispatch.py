@@ -21,7 +21,7 @@ _REGISTRY: dict[str, dict[str, tuple[Callable, Callable[..., bool]]]] = {}
 
 
 def register(op: str, backend: str, fn: Callable, supports: Callable[..., bool] = lambda *a, **k: True) -> None:
-    _REGISTRY.setdefault(op, {})[backend] = (fn, supports)
+    _REGISTRY.setdefault(op, {})[backend] = (_outside_autocast(fn), supports)
 
 
 def available_backends(op: str) -> list[str]:
@@ -34,11 +34,11 @@ def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
     if choice == "auto":
         for name in ("triton", "grouped", "gathered", "reference"):
             if name in impls and impls[name][1](*args, **kwargs):
-                return _outside_autocast(impls[name][0])
+                return impls[name][0]
         raise RuntimeError(f"no backend of {op} supports these inputs")
     if choice not in impls:
         raise ValueError(f"backend {choice!r} has no {op}; available: {sorted(impls)}")
-    return _outside_autocast(impls[choice][0])
+    return impls[choice][0]
 
 
 def _outside_autocast(fn: Callable) -> Callable:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from .rope import rope_
+
 
 def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """c[b,g,ch] = sum_t softmax_t(score[b,g,:,ch]) * kv[b,g,t,ch].  kv, score: [B, G, n, D] -> [B, G, D] fp32.
@@ -48,10 +50,6 @@ def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor,
     state_score.copy_(torch.where(done, nxt_sc, ssc))
     # RMSNorm of the entry in out_dtype (fp32 math), then RoPE of its trailing dims at the group's first position
     e = pooled.to(out_dtype).float()
-    e = (norm_weight.float() * (e * torch.rsqrt(e.square().mean(-1, keepdim=True) + eps))).to(out_dtype).float()
-    half = freqs.shape[0]
-    angle = ((pos0 // m) * m).float().unsqueeze(-1) * freqs.float()
-    cos, sin = angle.cos(), angle.sin()
-    a, b = e[:, -2 * half::2], e[:, -2 * half + 1::2]
-    rot = torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
-    return torch.cat((e[:, :-2 * half], rot), -1).to(out_dtype)
+    e = (norm_weight.float() * (e * torch.rsqrt(e.square().mean(-1, keepdim=True) + eps))).to(out_dtype)
+    angle = ((pos0 // m) * m).float().view(-1, 1, 1) * freqs.float()                  # [B, 1, half]
+    return rope_(e.unsqueeze(1), angle.cos(), angle.sin())[:, 0]
