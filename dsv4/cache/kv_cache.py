@@ -14,6 +14,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model.compressor import Compressed, CompressorState
+from ..model.step_memo import shared
 from .layout import RowStore
 
 
@@ -69,15 +70,17 @@ class LayerCache:
     def window(self, pos0: torch.Tensor) -> torch.Tensor:
         """Raw KV of positions pos0-W+1 .. pos0-1 per row: [B, W-1, D] (rows before position 0 are junk)."""
         W = self.window_size
-        pos = pos0.unsqueeze(1) - (W - 1) + torch.arange(W - 1, device=pos0.device)
-        return self.window_rows.gather(pos % W)
+        slots = shared(pos0, ("window_slots", W), lambda: (pos0.unsqueeze(1) - (W - 1)
+                                                           + torch.arange(W - 1, device=pos0.device)) % W)
+        return self.window_rows.gather(slots)
 
     def write_window(self, pos0: torch.Tensor, kv: torch.Tensor) -> None:
         """Put the chunk's raw KV [B, S, D] in the ring (only its last W rows can matter)."""
         W, S = self.window_size, kv.shape[1]
         keep = min(S, W)
-        pos = pos0.unsqueeze(1) + torch.arange(S - keep, S, device=kv.device)
-        self.window_rows.write(pos % W, kv[:, S - keep:])
+        slots = shared(pos0, ("write_slots", S, W),
+                       lambda: (pos0.unsqueeze(1) + torch.arange(S - keep, S, device=kv.device)) % W)
+        self.window_rows.write(slots, kv[:, S - keep:])
 
     def add_entries(self, c: Compressed) -> None:
         self._add(self.entry_rows, c)
@@ -111,7 +114,8 @@ class LayerCache:
         n = c.entries.shape[1]
         if n == 0:
             return
-        index = c.first_group.unsqueeze(1) + torch.arange(n, device=c.entries.device)
+        index = shared(c.first_group, ("rows", n), lambda: c.first_group.unsqueeze(1)
+                       + torch.arange(n, device=c.entries.device))
         store.write(index, c.entries, c.valid)
 
 

@@ -19,6 +19,7 @@ from .compressor import Compressed, Compressor, CompressorState, quantize_entrie
 from .indexer import Indexer
 from .norm import Linear, RMSNorm, rms_unweighted
 from .rope import apply_rope_, rope_angles, rope_frequencies
+from .step_memo import shared
 
 
 class AttentionCache(Protocol):
@@ -101,8 +102,8 @@ class Attention(nn.Module):
         H, D = self.n_heads, self.head_dim
         if pos0 is None:
             pos0 = torch.zeros(B, dtype=torch.long, device=x.device)
-        pos = pos0.unsqueeze(1) + torch.arange(S, device=x.device)         # [B, S]
-        cos, sin = rope_angles(pos, self.freqs)                             # [B, S, rd/2]
+        pos = shared(pos0, ("pos", S), lambda: pos0.unsqueeze(1) + torch.arange(S, device=x.device))  # [B, S]
+        cos, sin = shared(pos0, ("rope", S, self._rope), lambda: rope_angles(pos, self.freqs))  # [B, S, rd/2]
 
         qr = self.q_norm(self.wq_a(x))                                        # [B, S, q_lora]
         q = rms_unweighted(self.wq_b(qr).view(B, S, H, D), self.eps)
@@ -148,19 +149,25 @@ class Attention(nn.Module):
 
     def _cached(self, x, qr, q, kv, pos0, pos, cos, sin, cache) -> torch.Tensor:
         """Continue cached sequences: index lists into [earlier window rows | chunk rows | entries]."""
+        S, W = x.shape[1], self.window_size
         rows = torch.cat((cache.window(pos0), kv), dim=1)
-        idx = window_indices(pos0, x.shape[1], rows.shape[1] - x.shape[1], self.window_size)   # [B, S, W]
+        n_prior = rows.shape[1] - S
+        idx = shared(pos0, ("window_idx", S, n_prior, W), lambda: window_indices(pos0, S, n_prior, W))  # [B, S, W]
         cache.write_window(pos0, kv)
         if self.ratio:
-            n_visible = (pos + 1) // self.ratio                                 # entries j < n_visible are complete
+            n_visible = shared(pos0, ("n_visible", S, self.ratio), lambda: (pos + 1) // self.ratio)  # j < n complete
             cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
             records = cache.entry_records()  # FP8 records go to the attention as stored (no dequantised copy)
             entries = cache.entries() if records is None else records
-            cidx = visible_entries(n_visible, entries.shape[1])
+            n_rows, n_entries = rows.shape[1], entries.shape[1]
+            top = None
             if self.kind == "csa":  # the indexer's cache advances even while attention is dense
                 top = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, cache)
-                cidx = top if self.sparse else cidx
-            idx = torch.cat((idx, torch.where(cidx >= 0, cidx + rows.shape[1], -1)), dim=-1)
+            if top is not None and self.sparse:
+                idx = torch.cat((idx, torch.where(top >= 0, top + n_rows, -1)), dim=-1)
+            else:  # every visible entry: the same list in every such layer of the step
+                idx = shared(pos0, ("dense_idx", S, self.ratio, n_prior, W, n_entries), lambda: torch.cat(
+                    (idx, torch.where((c := visible_entries(n_visible, n_entries)) >= 0, c + n_rows, -1)), dim=-1))
             if records is None:  # dequantised (or float) entries join the rows
                 rows = torch.cat((rows, entries), dim=1)
             return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale, records, self.rope_dim)

@@ -20,6 +20,7 @@ from .. import ops
 from ..quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through
 from .norm import Linear, RMSNorm, linear_fp32
 from .rope import apply_rope_, rope_angles
+from .step_memo import shared
 
 
 @dataclass
@@ -75,13 +76,15 @@ class Compressor(nn.Module):
         xf = x.float()  # compression runs in fp32 (scores are exponentiated)
         kv = linear_fp32(xf, self.wkv.weight)                               # [B, S, coff*Dc]
         score = linear_fp32(xf, self.wgate.weight)
-        score = score + self.ape.float()[(pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m]
+        phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
+        score = score + self.ape.float()[phase]
         if state is not None and S == 1:  # decode: one fused state update + pooling + norm + rope per row
             entries = ops.compress_step(kv[:, 0], score[:, 0], state.kv[:B], state.score[:B], pos0, m,
                                         self.overlap, self.norm.weight, self.norm.eps, freqs, x.dtype)
             if quant_sim:
                 entries = quantize_entries(entries, self.rope_dim, self.rotate)
-            return Compressed(entries.unsqueeze(1), pos0 // m, (pos0 % m == m - 1).unsqueeze(1))
+            group, done = shared(pos0, ("decode_group", m), lambda: (pos0 // m, (pos0 % m == m - 1).unsqueeze(1)))
+            return Compressed(entries.unsqueeze(1), group, done)
         if state is None:
             n, first_group, valid = S // m, torch.zeros_like(pos0), None
             prev = None

@@ -14,11 +14,14 @@ import math
 import torch
 
 from .. import ops
+from ..ops import invariant_mode as bi
 from .norm import linear_fp32, rsqrt_mean_square
 
 
 def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """The projected logits fn . x / rms(x) of the flattened lanes [B, S, R*C] (fp32)."""
+    """The projected logits fn . x / rms(x) of the lanes [B, S, R, C] (fp32)."""
+    if not bi.active(x):
+        return ops.hc_mixes(x, fn, eps)
     xf = x.flatten(2).float()
     return linear_fp32(xf, fn) * rsqrt_mean_square(xf, eps)
 

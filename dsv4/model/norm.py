@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..ops import invariant_mode as bi
 
 
@@ -16,9 +17,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()  # (elementwise ops stay fp32 under autocast)
-        xf = xf * rsqrt_mean_square(xf, self.eps)
-        return (self.weight.float() * xf).to(x.dtype)
+        if bi.active(x):
+            xf = x.float()
+            return (self.weight.float() * (xf * rsqrt_mean_square(xf, self.eps))).to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rsqrt_mean_square(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,7 +43,7 @@ class Linear(nn.Linear):
 
 def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Weightless RMS normalisation in x's own dtype (the reference's per-head q norm does no fp32 upcast)."""
-    return x * rsqrt_mean_square(x, eps)
+    return x * rsqrt_mean_square(x, eps) if bi.active(x) else ops.rms_norm(x, None, eps)
 
 
 def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

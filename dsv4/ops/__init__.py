@@ -3,9 +3,10 @@ lane collapse, post mix), routed experts. Model code calls only these names; `di
 implementation per call (explicit `backend=` argument, then the DSV4_BACKEND environment variable, then the
 best available). `reference/` holds the plain-PyTorch spec of each op."""
 from .invariant_mode import batch_invariant, set_batch_invariant
-from .dispatch import (available_backends, compress_pool, compress_step, hc_collapse, hc_post, hc_split_sinkhorn, index_scores,
-                       indexer_topk, moe_experts, rope_, sequence_attn, sparse_attn)
+from .dispatch import (available_backends, compress_pool, compress_step, hc_collapse, hc_mixes, hc_post,
+                       hc_split_sinkhorn, index_scores, indexer_topk, moe_experts, rms_norm, rope_, sequence_attn,
+                       sparse_attn)
 
 __all__ = ["sparse_attn", "sequence_attn", "indexer_topk", "index_scores", "compress_pool", "compress_step", "hc_split_sinkhorn",
-           "hc_collapse", "hc_post", "moe_experts", "rope_", "available_backends",
+           "hc_collapse", "hc_post", "hc_mixes", "rms_norm", "moe_experts", "rope_", "available_backends",
            "batch_invariant", "set_batch_invariant"]

@@ -11,6 +11,7 @@ from . import grouped_experts as _grouped
 from .reference import attention as _ref_attn
 from .reference import experts as _ref_experts
 from .reference import mhc as _ref_mhc
+from .reference import norm as _ref_norm
 from .reference import pooling as _ref_pool
 from .reference import rope as _ref_rope
 from .reference import sequence_attn as _ref_seq
@@ -63,6 +64,8 @@ register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
 register("moe_experts", "reference", _ref_experts.moe_experts)
 register("hc_collapse", "reference", _ref_mhc.hc_collapse)
 register("hc_post", "reference", _ref_mhc.hc_post)
+register("hc_mixes", "reference", _ref_mhc.hc_mixes)
+register("rms_norm", "reference", _ref_norm.rms_norm)
 register("moe_experts", "gathered", _gathered.moe_experts,
          lambda x, w1, w2, w3, idx, *a: _gathered.supports(x) and _gathered.fits(idx))
 if hasattr(torch, "_grouped_mm"):
@@ -73,6 +76,7 @@ try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable 
     from .triton import experts as _tri_experts
     from .triton import indexer as _tri_indexer
     from .triton import mhc as _tri_mhc
+    from .triton import norm as _tri_norm
     from .triton import rope as _tri_rope
     from .triton import sinkhorn as _tri_sinkhorn
     from .triton import sparse_attn as _tri_attn
@@ -88,6 +92,8 @@ else:
     register("rope_", "triton", _tri_rope.rope_, _tri_rope.supports)
     register("hc_collapse", "triton", _tri_mhc.hc_collapse, _tri_mhc.supports)
     register("hc_post", "triton", _tri_mhc.hc_post, _tri_mhc.supports)
+    register("hc_mixes", "triton", _tri_mhc.hc_mixes, _tri_mhc.supports_mixes)
+    register("rms_norm", "triton", _tri_norm.rms_norm, _tri_norm.supports)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
@@ -160,3 +166,13 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
                 weights: torch.Tensor, swiglu_limit: float, *, backend: str | None = None) -> torch.Tensor:
     """Routed SwiGLU experts: y[n] = sum_j weights[n,j] * expert_{idx[n,j]}(x[n]) (fp32 [N, C])."""
     return _pick("moe_experts", backend, x, w1, w2, w3, idx)(x, w1, w2, w3, idx, weights, swiglu_limit)
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float, *, backend: str | None = None) -> torch.Tensor:
+    """mHC mixing logits (fn . x) / rms(x) of the flattened lanes [..., R, C] -> [..., M] fp32."""
+    return _pick("hc_mixes", backend, x, fn)(x, fn, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, backend: str | None = None) -> torch.Tensor:
+    """x / rms(x) over the last dim in x.dtype: times an fp32 weight in fp32 math, or unweighted in x.dtype math."""
+    return _pick("rms_norm", backend, x, weight)(x, weight, eps)

@@ -125,6 +125,22 @@ for B, S, HI, DI, T, k in ((2, 3, 16, 64, 50, 8), (1, 2, 8, 128, 70, 16)):  # FP
     r = ref_top(q, w, keys.read(T), nv, k)
     agree = (torch.sort(a, -1).values == torch.sort(r, -1).values).float().mean().item()
     assert agree > {agree}, ("fp4 keys", agree)
+from dsv4.ops.triton.norm import rms_norm as tri_norm
+from dsv4.ops.reference.norm import rms_norm as ref_norm
+for shape, weighted in (((3, 5, 96), True), ((2, 7, 64), False), ((1, 1, 4096), True), ((4, 64, 512), False)):
+    x = torch.randn(*shape, generator=g).to(dev, dt) * 3
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dev) if weighted else None
+    a, r = tri_norm(x, w, 1e-6), ref_norm(x, w, 1e-6)
+    assert a.shape == r.shape and a.dtype == r.dtype
+    # one rounding of the result (bf16: 1 ulp where the fp32 sums round differently; the CPU interpreter
+    # truncates instead of rounding)
+    assert (a.float() - r.float()).abs().max() <= ({tol} * 1e-2 + 2 * (dt != torch.float32) * 2 ** -8) * r.float().abs().max() + 1e-6
+for lead, R, C, M in (((1, 1), 4, 64, 24), ((2, 3), 4, 96, 24), ((1, 70), 2, 64, 4), ((1, 300), 4, 128, 24)):
+    x = torch.randn(*lead, R, C, generator=g).to(dev, torch.bfloat16)  # mHC lanes (bf16 inference)
+    fn = torch.randn(M, R * C, generator=g).to(dev)
+    a, r = tri_mhc.hc_mixes(x, fn, 1e-6), ref_mhc.hc_mixes(x.double(), fn.double(), 1e-6)
+    assert a.shape == r.shape and a.dtype == torch.float32
+    assert ((a.double() - r).abs().max() / r.abs().max()).item() < 1e-5  # fp32-exact products, fp32 sums
 print("ok", worst)
 '''
 

@@ -15,3 +15,10 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     f: [B, S, C]; residual: [B, S, R, C]; post: [B, S, R]; comb: [B, S, R, R]."""
     y = post.unsqueeze(-1) * f.float().unsqueeze(-2) + torch.einsum("bsjk,bsjc->bskc", comb, residual.float())
     return y.to(f.dtype)
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """The mHC mixing logits of the flattened lanes, (fn . x) / rms(x) in fp32: x [..., R, C], fn [M, R*C] ->
+    [..., M]."""
+    xf = x.flatten(-2).float()
+    return torch.nn.functional.linear(xf, fn.float()) * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)

@@ -16,12 +16,12 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, heads, D, sign, sc_tok,
     tok = rows // heads
     cos = tl.load(cos_ptr + tok[:, None] * sc_tok + i[None, :], mask=rm[:, None], other=1.0)
     sin = sign * tl.load(sin_ptr + tok[:, None] * sc_tok + i[None, :], mask=rm[:, None], other=0.0)
-    base = x_ptr + rows.to(tl.int64)[:, None] * D + (D - 2 * HALF) + 2 * i[None, :]
-    a = tl.load(base, mask=rm[:, None], other=0.0)
-    b = tl.load(base + 1, mask=rm[:, None], other=0.0)
-    af, bf = a.to(tl.float32), b.to(tl.float32)
-    tl.store(base, (af * cos - bf * sin).to(a.dtype), mask=rm[:, None])
-    tl.store(base + 1, (af * sin + bf * cos).to(a.dtype), mask=rm[:, None])
+    # the row's rope channels are read and written as one contiguous run (vectorised), split into pairs in registers
+    offs = rows.to(tl.int64)[:, None] * D + (D - 2 * HALF) + tl.arange(0, 2 * HALF)[None, :]
+    x = tl.load(x_ptr + offs, mask=rm[:, None], other=0.0)
+    a, b = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_R, HALF, 2)))
+    y = tl.reshape(tl.join(a * cos - b * sin, a * sin + b * cos), (BLOCK_R, 2 * HALF))
+    tl.store(x_ptr + offs, y.to(x.dtype), mask=rm[:, None])
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
