@@ -158,7 +158,7 @@ class Attention(nn.Module):
             n_visible = shared(pos0, ("n_visible", S, self.ratio), lambda: (pos + 1) // self.ratio)  # j < n complete
             cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
             records = cache.entry_records()  # FP8 records go to the attention as stored (no dequantised copy)
-            entries = cache.entries() if records is None else records
+            entries = cache.entries() if records is None else records  # a second source of rows: no cat copy
             n_rows, n_entries = rows.shape[1], entries.shape[1]
             top = None
             if self.kind == "csa":  # the indexer's cache advances even while attention is dense
@@ -168,9 +168,7 @@ class Attention(nn.Module):
             else:  # every visible entry: the same list in every such layer of the step
                 idx = shared(pos0, ("dense_idx", S, self.ratio, n_prior, W, n_entries), lambda: torch.cat(
                     (idx, torch.where((c := visible_entries(n_visible, n_entries)) >= 0, c + n_rows, -1)), dim=-1))
-            if records is None:  # dequantised (or float) entries join the rows
-                rows = torch.cat((rows, entries), dim=1)
-            return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale, records, self.rope_dim)
+            return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale, entries, self.rope_dim)
         return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..ops import invariant_mode as bi
 from ..ops.reference.experts import swiglu
 from .norm import Linear, linear_fp32
 from ..quant import fp4_fake_quant, straight_through
@@ -40,21 +40,15 @@ class Gate(nn.Module):
         else:
             self.bias = nn.Parameter(torch.zeros(n_experts), requires_grad=False)  # nudged, not trained
 
-    def scores(self, x: torch.Tensor) -> torch.Tensor:
-        """Affinities sqrt(softplus(x W^T)) [N, E] fp32."""
-        return F.softplus(linear_fp32(x, self.weight)).sqrt()
-
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, C] -> (routing weights [N, k] fp32, expert ids [N, k], affinities [N, E])."""
-        s = self.scores(x)
+        fixed = None
         if self.hashed:
             if token_ids is None:
                 raise ValueError("hash-routed MoE layers need the token ids")
-            idx = self.tid2eid[token_ids.flatten()]
-        else:
-            idx = (s + self.bias.float()).topk(self.topk, dim=-1).indices
-        w = s.gather(1, idx)
-        return w / w.sum(-1, keepdim=True) * self.route_scale, idx, s
+            fixed = self.tid2eid[token_ids.flatten()]
+        return ops.moe_route(linear_fp32(x, self.weight), None if self.hashed else self.bias, fixed, self.topk,
+                             self.route_scale)
 
 
 class Expert(nn.Module):
@@ -68,7 +62,9 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(self.w1(x), self.w3(x), self.swiglu_limit).to(x.dtype))
+        if bi.active(x) and x.shape[0] > 16:  # (the fused decode kernel is batch-invariant up to 16 tokens)
+            return self.w2(swiglu(self.w1(x), self.w3(x), self.swiglu_limit).to(x.dtype))
+        return ops.swiglu_expert(x, self.w1.weight, self.w2.weight, self.w3.weight, self.swiglu_limit)
 
 
 class RoutedExperts(nn.Module):

@@ -12,6 +12,7 @@ from .reference import attention as _ref_attn
 from .reference import experts as _ref_experts
 from .reference import mhc as _ref_mhc
 from .reference import norm as _ref_norm
+from .reference import routing as _ref_routing
 from .reference import pooling as _ref_pool
 from .reference import rope as _ref_rope
 from .reference import sequence_attn as _ref_seq
@@ -66,6 +67,8 @@ register("hc_collapse", "reference", _ref_mhc.hc_collapse)
 register("hc_post", "reference", _ref_mhc.hc_post)
 register("hc_mixes", "reference", _ref_mhc.hc_mixes)
 register("rms_norm", "reference", _ref_norm.rms_norm)
+register("moe_route", "reference", _ref_routing.moe_route)
+register("swiglu_expert", "reference", _ref_experts.swiglu_expert)
 register("moe_experts", "gathered", _gathered.moe_experts,
          lambda x, w1, w2, w3, idx, *a: _gathered.supports(x) and _gathered.fits(idx))
 if hasattr(torch, "_grouped_mm"):
@@ -77,6 +80,7 @@ try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable 
     from .triton import indexer as _tri_indexer
     from .triton import mhc as _tri_mhc
     from .triton import norm as _tri_norm
+    from .triton import routing as _tri_routing
     from .triton import rope as _tri_rope
     from .triton import sinkhorn as _tri_sinkhorn
     from .triton import sparse_attn as _tri_attn
@@ -94,14 +98,16 @@ else:
     register("hc_post", "triton", _tri_mhc.hc_post, _tri_mhc.supports)
     register("hc_mixes", "triton", _tri_mhc.hc_mixes, _tri_mhc.supports_mixes)
     register("rms_norm", "triton", _tri_norm.rms_norm, _tri_norm.supports)
+    register("moe_route", "triton", _tri_routing.moe_route, _tri_routing.supports)
+    register("swiglu_expert", "triton", _tri_experts.swiglu_expert, _tri_experts.supports_dense)
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                fp8_entries: torch.Tensor | None = None, rope_dim: int = 0,
+                entries: torch.Tensor | None = None, rope_dim: int = 0,
                 *, backend: str | None = None) -> torch.Tensor:
-    """o[b,s,h] = softmax-with-sink over rows[b, idx[b,s,:]] (idx -1 = masked), rows = kv followed by the FP8
-    serving records `fp8_entries` if given. See reference.attention."""
-    args = (q, kv, sink, idx, scale, fp8_entries, rope_dim)
+    """o[b,s,h] = softmax-with-sink over rows[b, idx[b,s,:]] (idx -1 = masked), rows = kv followed by `entries`
+    (float rows or FP8 serving records) if given. See reference.attention."""
+    args = (q, kv, sink, idx, scale, entries, rope_dim)
     return _pick("sparse_attn", backend, *args)(*args)
 
 
@@ -176,3 +182,15 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float, *, backend: str | No
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, backend: str | None = None) -> torch.Tensor:
     """x / rms(x) over the last dim in x.dtype: times an fp32 weight in fp32 math, or unweighted in x.dtype math."""
     return _pick("rms_norm", backend, x, weight)(x, weight, eps)
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, fixed_idx: torch.Tensor | None, k: int,
+              route_scale: float, *, backend: str | None = None):
+    """Router logits [N, E] -> (weights [N, k], expert ids [N, k], affinities sqrt(softplus) [N, E])."""
+    return _pick("moe_route", backend, logits)(logits, bias, fixed_idx, k, route_scale)
+
+
+def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, swiglu_limit: float,
+                  *, backend: str | None = None) -> torch.Tensor:
+    """One SwiGLU expert on every token (the shared expert): w2(swiglu(w1 x, w3 x)) in x.dtype."""
+    return _pick("swiglu_expert", backend, x, w1)(x, w1, w2, w3, swiglu_limit)

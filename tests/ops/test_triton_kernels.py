@@ -116,6 +116,11 @@ for B, S, H, D, rd, N1, N2, K in ((2, 3, 4, 64, 16, 10, 30, 24), (1, 2, 16, 128,
         r = ref_attn(q.double(), torch.cat((kv, store.read(N2)), 1).double(), sink.double(), idx, D ** -0.5)
         err = ((a.double() - r).norm() / r.norm()).item()
         assert err < {tol}, ("fp8 entries", D, splits, err)
+        ent = torch.randn(B, N2, D, generator=g).to(dev, dt)  # float entries: the same second source, no copy
+        a = tri_attn(q, kv, sink, idx, D ** -0.5, ent, splits=splits)
+        r = ref_attn(q.double(), torch.cat((kv, ent), 1).double(), sink.double(), idx, D ** -0.5)
+        err = ((a.double() - r).norm() / r.norm()).item()
+        assert err < {tol}, ("float entries", D, splits, err)
 for B, S, HI, DI, T, k in ((2, 3, 16, 64, 50, 8), (1, 2, 8, 128, 70, 16)):  # FP4 key records read in place
     q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
     keys = RowStore("fp4", B, T, DI, 16, "index", dt, dev)
@@ -141,6 +146,25 @@ for lead, R, C, M in (((1, 1), 4, 64, 24), ((2, 3), 4, 96, 24), ((1, 70), 2, 64,
     a, r = tri_mhc.hc_mixes(x, fn, 1e-6), ref_mhc.hc_mixes(x.double(), fn.double(), 1e-6)
     assert a.shape == r.shape and a.dtype == torch.float32
     assert ((a.double() - r).abs().max() / r.abs().max()).item() < 1e-5  # fp32-exact products, fp32 sums
+from dsv4.ops.triton.routing import moe_route as tri_route
+from dsv4.ops.reference.routing import moe_route as ref_route
+for N, E, k in ((1, 16, 6), (37, 256, 8), (5, 7, 3)):
+    logits = torch.randn(N, E, generator=g).to(dev) * 3
+    logits[0, :2] = torch.tensor([30.0, -40.0])  # softplus's linear and tiny tails
+    bias = torch.randn(E, generator=g).to(dev) * 0.1
+    fixed = torch.rand(N, E, generator=g).argsort(-1)[:, :k].to(dev)
+    for fx in (None, fixed):
+        (wa, ia, sa), (wr, ir, sr) = tri_route(logits, bias, fx, k, 2.5), ref_route(logits.double(), bias, fx, k, 2.5)
+        assert torch.equal(ia, ir), (ia, ir)  # same experts in the same (descending) order
+        assert (wa.double() - wr).abs().max() < 1e-6 and ((sa.double() - sr).abs() / sr).max() < 1e-6
+from dsv4.ops.triton.experts import swiglu_expert as tri_dense
+from dsv4.ops.reference.experts import swiglu_expert as ref_dense
+for N, C, F, limit in ((1, 64, 48, 7.0), (3, 40, 96, 0.0)):
+    x = torch.randn(N, C, generator=g).to(dev, dt)
+    w1, w3 = (torch.randn(F, C, generator=g).div(C ** 0.5).to(dev, dt) for _ in range(2))
+    w2 = torch.randn(C, F, generator=g).div(F ** 0.5).to(dev, dt)
+    a, r = tri_dense(x, w1, w2, w3, limit), ref_dense(x, w1, w2, w3, limit)
+    assert a.dtype == x.dtype and ((a.double() - r.double()).norm() / r.double().norm()).item() < {tol} * 10
 print("ok", worst)
 '''
 

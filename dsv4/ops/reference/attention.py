@@ -21,18 +21,20 @@ def _chunks(n_queries: int, per_query: int):
 
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
-                scale: float, fp8_entries: torch.Tensor | None = None, rope_dim: int = 0) -> torch.Tensor:
+                scale: float, entries: torch.Tensor | None = None, rope_dim: int = 0) -> torch.Tensor:
     """Attention of each query over the K=V rows it indexes, with a per-head sink in the softmax.
 
     q: [B, S, H, D]; kv: [B, N, D] (one shared head, used as key and value); sink: [H] fp32 logits;
     idx: [B, S, K] int, rows of kv, -1 = masked. Returns [B, S, H, D] in q.dtype.
     o = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sink_h}),  s_j = scale * q . k_j   (fp32 math).
-    fp8_entries: optional uint8 FP8 serving records [B, n, record] (rope_dim bf16 rope values), rows N..N+n-1
-    after kv, dequantised to q.dtype (kernels read them in place).
+    entries: optional second source of rows N..N+n-1 after kv, [B, n, D] floats or uint8 FP8 serving records
+    [B, n, record] (rope_dim bf16 rope values) dequantised to q.dtype (kernels read both in place: the cached
+    compressed entries need no copy next to the window rows).
     """
     B, S, H, D = q.shape
-    if fp8_entries is not None:
-        kv = torch.cat((kv.to(q.dtype), decode_fp8_kv(fp8_entries, D, rope_dim, q.dtype)), 1)
+    if entries is not None:
+        more = decode_fp8_kv(entries, D, rope_dim, q.dtype) if entries.dtype == torch.uint8 else entries
+        kv = torch.cat((kv.to(q.dtype), more.to(q.dtype)), 1)
     out = []
     for sl in _chunks(S, idx.shape[-1] * D):
         ix = idx[:, sl]                                                    # [B, s, K]

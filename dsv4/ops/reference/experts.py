@@ -14,6 +14,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """A dense SwiGLU expert (the shared expert) on every token: w1, w3 [F, C], w2 [C, F]; x.dtype matmuls."""
+    h = swiglu(F.linear(x, w1.to(x.dtype)), F.linear(x, w3.to(x.dtype)), limit).to(x.dtype)
+    return F.linear(h, w2.to(x.dtype))
+
+
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
                 weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
     """y[n] = sum_j weights[n,j] * w2_e(swiglu(w1_e x[n], w3_e x[n])), e = idx[n,j]; fp32 [N, C].

@@ -20,11 +20,12 @@ MAX_PAIRS = 16  # (token, slot) pairs; beyond, several pairs share experts and g
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, e_ptr, rw_ptr, h_ptr, F, C, k, limit,
-                    sw_e, sw_f, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, CLAMP: tl.constexpr):
+                    sw_e, sw_f, BLOCK_F: tl.constexpr, BLOCK_C: tl.constexpr, CLAMP: tl.constexpr,
+                    DENSE: tl.constexpr):
     p = tl.program_id(0)                       # pair = token * k + slot
     rows = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
     rmask = rows < F
-    e = tl.load(e_ptr + p).to(tl.int64)
+    e = 0 if DENSE else tl.load(e_ptr + p).to(tl.int64)  # DENSE: one expert, weight 1, every token
     g = tl.zeros([BLOCK_F], tl.float32)
     u = tl.zeros([BLOCK_F], tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -41,20 +42,22 @@ def _gate_up_kernel(x_ptr, w1_ptr, w3_ptr, e_ptr, rw_ptr, h_ptr, F, C, k, limit,
     if CLAMP:
         g = tl.minimum(g, limit)
         u = tl.minimum(tl.maximum(u, -limit), limit)
-    h = g / (1.0 + tl.exp(-g)) * u * tl.load(rw_ptr + p)
+    h = g / (1.0 + tl.exp(-g)) * u
+    if not DENSE:
+        h = h * tl.load(rw_ptr + p)
     tl.store(h_ptr + p * F + rows, h.to(h_ptr.dtype.element_ty), mask=rmask)
 
 
 @triton.jit
 def _down_kernel(h_ptr, w2_ptr, e_ptr, y_ptr, C, F, k, sw_e, sw_c,
-                 BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr):
+                 BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, DENSE: tl.constexpr):
     n = tl.program_id(0)                       # token: its k slots are summed here, in slot order
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < C
     acc = tl.zeros([BLOCK_R], tl.float32)
     for j in range(k):
         p = n * k + j
-        e = tl.load(e_ptr + p).to(tl.int64)
+        e = 0 if DENSE else tl.load(e_ptr + p).to(tl.int64)
         for f0 in range(0, F, BLOCK_F):
             fs = f0 + tl.arange(0, BLOCK_F)
             fmask = fs < F
@@ -62,7 +65,7 @@ def _down_kernel(h_ptr, w2_ptr, e_ptr, y_ptr, C, F, k, sw_e, sw_c,
             w = tl.load(w2_ptr + e * sw_e + rows[:, None] * sw_c + fs[None, :],
                         mask=rmask[:, None] & fmask[None, :], other=0.0)
             acc += tl.sum(w.to(tl.float32) * hv[None, :], 1)
-    tl.store(y_ptr + n * C + rows, acc, mask=rmask)
+    tl.store(y_ptr + n * C + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
@@ -78,12 +81,34 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
     _gate_up_kernel[(P, triton.cdiv(F, 32))](x, w1, w3, e, rw, h, F, C, k, float(swiglu_limit),
                                               w1.stride(0), w1.stride(1), BLOCK_F=32, BLOCK_C=256,
-                                              CLAMP=swiglu_limit > 0, num_warps=4)
+                                              CLAMP=swiglu_limit > 0, DENSE=False, num_warps=4)
     y = torch.empty(N, C, dtype=torch.float32, device=x.device)
     # one token's slots are summed in one program: small row blocks keep hundreds of programs streaming weights
     _down_kernel[(N, triton.cdiv(C, 8))](h, w2, e, y, C, F, k, w2.stride(0), w2.stride(1),
-                                         BLOCK_R=8, BLOCK_F=512, num_warps=4)
+                                         BLOCK_R=8, BLOCK_F=512, DENSE=False, num_warps=4)
     return y
+
+
+def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """Same contract as ops.reference.experts.swiglu_expert: the routed kernels with one expert of weight 1 (the
+    shared expert at decode: two launches instead of three matrix-vector products and ~6 elementwise kernels)."""
+    N, C = x.shape
+    F = w1.shape[0]
+    x = x.contiguous()
+    w1, w2, w3 = (w.to(x.dtype).contiguous() for w in (w1, w2, w3))
+    h = torch.empty(N, F, dtype=x.dtype, device=x.device)
+    _gate_up_kernel[(N, triton.cdiv(F, 32))](x, w1, w3, x, x, h, F, C, 1, float(limit), 0, w1.stride(0),
+                                              BLOCK_F=32, BLOCK_C=256, CLAMP=limit > 0, DENSE=True, num_warps=4)
+    y = torch.empty(N, C, dtype=x.dtype, device=x.device)
+    _down_kernel[(N, triton.cdiv(C, 8))](h, w2, x, y, C, F, 1, 0, w2.stride(0), BLOCK_R=8, BLOCK_F=512, DENSE=True,
+                                         num_warps=4)
+    return y
+
+
+def supports_dense(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    return (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
+            and (x.shape[0] <= MAX_PAIRS or invariant_mode.enabled())
+            and not (torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)))
 
 
 def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, *a) -> bool:

@@ -22,7 +22,7 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
                         sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
                         e8_ptr, e16_ptr, se_b, se_n, se16_b, se16_n,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-                        FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
+                        SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
     pid_t = tl.program_id(0)            # token: b * S + s
     pid_h = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -41,20 +41,24 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
         ks = k0 + tl.arange(0, BLOCK_K)
         rows = tl.load(idx_ptr + b * si_b + s * si_s + ks, mask=ks < k_hi, other=-1).to(tl.int64)
         valid = rows >= 0
-        if FP8:  # rows >= N are FP8 serving records (e4m3 nope + bf16 rope + UE8M0 scales), read as stored
+        if SECOND:  # rows >= N come from the second source: float rows, or FP8 serving records read as stored
             near = valid & (rows < N)
             far = valid & (rows >= N)
             kv = tl.load(kv_ptr + b * skv_b + tl.where(near, rows, 0)[:, None] * skv_n + d[None, :],
                          mask=near[:, None], other=0.0)
             r2 = tl.where(far, rows - N, 0)[:, None]
-            is_nope = d[None, :] < NOPE
-            m8 = far[:, None] & is_nope
-            q8 = tl.load(e8_ptr + b * se_b + r2 * se_n + d[None, :], mask=m8, other=0)
-            sc = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_OFF + d[None, :] // 64, mask=m8, other=127)
-            nope = q8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.exp2(sc.to(tl.float32) - 127.0)
-            rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (d[None, :] - NOPE),
-                           mask=far[:, None] & ~is_nope, other=0.0).to(tl.float32)
-            kv = tl.where(far[:, None], tl.where(is_nope, nope, rope).to(kv.dtype), kv)
+            if FP8:  # e4m3 nope values + bf16 rope values + one UE8M0 scale per 64 nope values
+                is_nope = d[None, :] < NOPE
+                m8 = far[:, None] & is_nope
+                q8 = tl.load(e8_ptr + b * se_b + r2 * se_n + d[None, :], mask=m8, other=0)
+                sc = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_OFF + d[None, :] // 64, mask=m8, other=127)
+                nope = q8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.exp2(sc.to(tl.float32) - 127.0)
+                rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (d[None, :] - NOPE),
+                               mask=far[:, None] & ~is_nope, other=0.0).to(tl.float32)
+                far_kv = tl.where(is_nope, nope, rope)
+            else:
+                far_kv = tl.load(e16_ptr + b * se16_b + r2 * se16_n + d[None, :], mask=far[:, None], other=0.0)
+            kv = tl.where(far[:, None], far_kv.to(kv.dtype), kv)
         else:
             kv = tl.load(kv_ptr + b * skv_b + tl.where(valid, rows, 0)[:, None] * skv_n + d[None, :],
                          mask=valid[:, None], other=0.0)                              # [BLOCK_K, D]
@@ -82,11 +86,34 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
                  mask=hmask[:, None])
 
 
+@triton.jit
+def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, SPLITS: tl.constexpr, D: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
+    """Merge a query's slices: each slice's sum and output rescaled to the common max, the sink in the denominator."""
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = heads < H
+    d = tl.arange(0, D)
+    sink = tl.load(sink_ptr + heads, mask=hm, other=0.0)
+    m_all = sink
+    for s in range(SPLITS):
+        m_all = tl.maximum(m_all, tl.load(m_ptr + (t * SPLITS + s) * H + heads, mask=hm, other=float("-inf")))
+    den = tl.exp(sink - m_all)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    for s in range(SPLITS):
+        part = (t * SPLITS + s) * H + heads
+        w = tl.exp(tl.load(m_ptr + part, mask=hm, other=float("-inf")) - m_all)     # 0 for empty slices
+        den += tl.load(l_ptr + part, mask=hm, other=0.0) * w
+        acc += tl.load(o_ptr + part[:, None] * D + d[None, :], mask=hm[:, None], other=0.0) * w[:, None]
+    tl.store(out_ptr + (t * H + heads[:, None]) * D + d[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
+             mask=hm[:, None])
+
+
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-                fp8_entries: torch.Tensor | None = None, rope_dim: int = 0,
+                entries: torch.Tensor | None = None, rope_dim: int = 0,
                 splits: int | None = None, block_h: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K];
-    fp8_entries [B, n, record] (uint8 FP8 serving records) are rows N.. read in their stored format.
+    entries ([B, n, D] floats or [B, n, record] uint8 FP8 serving records) are rows N.., read where they are.
 
     splits: index-list slices per query (default: enough programs to fill the GPU); block_h / num_warps:
     heads per program and warps (defaults tuned on H100 for D = 512)."""
@@ -123,31 +150,31 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     else:
         o = torch.empty_like(q)
         m_ptr = l_ptr = o
-    fp8 = fp8_entries is not None
-    if fp8:
-        e8 = fp8_entries if fp8_entries.stride(-1) == 1 else fp8_entries.contiguous()
-        e16 = e8.view(torch.bfloat16)  # the same bytes, for the bf16 rope values (a prefix view: no copy)
-        ent = (e8, e16, e8.stride(0), e8.stride(1), e16.stride(0), e16.stride(1))
-        nope = D - rope_dim
+    fp8 = entries is not None and entries.dtype == torch.uint8
+    nope = D - rope_dim if fp8 else 0
+    if entries is None:
+        ent = (kv, kv, 0, 0, 0, 0)
     else:
-        ent, nope = (kv, kv, 0, 0, 0, 0), 0
+        e8 = entries if entries.stride(-1) == 1 else entries.contiguous()
+        if not fp8 and e8.dtype != q.dtype:
+            e8 = e8.to(q.dtype)
+        # FP8 records: the same bytes viewed as bf16 for the rope values (a prefix view: no copy)
+        e16 = e8.view(torch.bfloat16) if fp8 else e8
+        ent = (e8, e16, e8.stride(0), e8.stride(1), e16.stride(0), e16.stride(1))
     _sparse_attn_kernel[(T, n_h, splits)](
         q, kv, sink.float().contiguous(), idx, o, m_ptr, l_ptr, scale, S, H, K, kv.shape[1], per,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         o.stride(0), o.stride(1), o.stride(2), *ent, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
-        FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim, num_warps=num_warps, num_stages=2)
+        SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim, num_warps=num_warps, num_stages=2)
     if splits == 1:
         return o
-    # merge the slices: each slice's sum and output rescaled to the common max, the sink in the denominator
-    sink = sink.float().view(1, 1, H)
-    m_all = torch.maximum(m_part.amax(1, keepdim=True), sink)                       # [T, 1, H]
-    w = torch.exp(m_part - m_all)                                                   # 0 for empty slices
-    den = (l_part * w).sum(1) + torch.exp(sink - m_all).squeeze(1)                  # [T, H]
-    out = (o_part * w.unsqueeze(-1)).sum(1) / den.unsqueeze(-1)
-    return out.view(B, S, H, D).to(q.dtype)
+    out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
+    _merge_kernel[(T, triton.cdiv(H, 16))](o_part, m_part, l_part, sink.float().contiguous(), out, H, SPLITS=splits,
+                                           D=D, BLOCK_H=16, num_warps=4)
+    return out
 
 
 def supports(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
-             fp8_entries: torch.Tensor | None = None, rope_dim: int = 0) -> bool:
+             entries: torch.Tensor | None = None, rope_dim: int = 0) -> bool:
     D = q.shape[-1]
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and D >= 16 and not D & (D - 1) and D <= 512
