@@ -73,9 +73,8 @@ class Compressor(nn.Module):
         """
         B, S, _ = x.shape
         m, d = self.ratio, self.head_dim
-        xf = x.float()  # compression runs in fp32 (scores are exponentiated)
-        kv = linear_fp32(xf, self.wkv.weight)                               # [B, S, coff*Dc]
-        score = linear_fp32(xf, self.wgate.weight)
+        kv = linear_fp32(x, self.wkv.weight)  # [B, S, coff*Dc]; compression runs in fp32 (scores are exponentiated)
+        score = linear_fp32(x, self.wgate.weight)
         phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
         score = score + self.ape.float()[phase]
         if state is not None and S == 1:  # decode: one fused state update + pooling + norm + rope per row

@@ -50,5 +50,4 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x @ w^T in fp32 even under autocast: where V4 needs fp32 (compressor scores, router, mHC mixes, head)."""
     if bi.active(x):
         return bi.linear(x.float(), w.float())
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.float(), w.float())
+    return ops.linear_fp32(x, w)

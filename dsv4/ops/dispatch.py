@@ -11,6 +11,7 @@ from . import grouped_experts as _grouped
 from .reference import attention as _ref_attn
 from .reference import experts as _ref_experts
 from .reference import mhc as _ref_mhc
+from .reference import linear as _ref_linear
 from .reference import norm as _ref_norm
 from .reference import routing as _ref_routing
 from .reference import pooling as _ref_pool
@@ -67,6 +68,7 @@ register("hc_collapse", "reference", _ref_mhc.hc_collapse)
 register("hc_post", "reference", _ref_mhc.hc_post)
 register("hc_mixes", "reference", _ref_mhc.hc_mixes)
 register("rms_norm", "reference", _ref_norm.rms_norm)
+register("linear_fp32", "reference", _ref_linear.linear_fp32)
 register("moe_route", "reference", _ref_routing.moe_route)
 register("swiglu_expert", "reference", _ref_experts.swiglu_expert)
 register("moe_experts", "gathered", _gathered.moe_experts,
@@ -79,6 +81,7 @@ try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable 
     from .triton import experts as _tri_experts
     from .triton import indexer as _tri_indexer
     from .triton import mhc as _tri_mhc
+    from .triton import linear as _tri_linear
     from .triton import norm as _tri_norm
     from .triton import routing as _tri_routing
     from .triton import rope as _tri_rope
@@ -98,6 +101,7 @@ else:
     register("hc_post", "triton", _tri_mhc.hc_post, _tri_mhc.supports)
     register("hc_mixes", "triton", _tri_mhc.hc_mixes, _tri_mhc.supports_mixes)
     register("rms_norm", "triton", _tri_norm.rms_norm, _tri_norm.supports)
+    register("linear_fp32", "triton", _tri_linear.linear_fp32, _tri_linear.supports)
     register("moe_route", "triton", _tri_routing.moe_route, _tri_routing.supports)
     register("swiglu_expert", "triton", _tri_experts.swiglu_expert, _tri_experts.supports_dense)
 
@@ -194,3 +198,8 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
                   *, backend: str | None = None) -> torch.Tensor:
     """One SwiGLU expert on every token (the shared expert): w2(swiglu(w1 x, w3 x)) in x.dtype."""
     return _pick("swiglu_expert", backend, x, w1)(x, w1, w2, w3, swiglu_limit)
+
+
+def linear_fp32(x: torch.Tensor, w: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """x @ w^T with fp32 products and output (V4's fp32 projections): [..., K] x [N, K] -> [..., N] fp32."""
+    return _pick("linear_fp32", backend, x, w)(x, w)

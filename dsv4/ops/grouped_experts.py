@@ -8,6 +8,11 @@ import torch
 
 from .reference.experts import swiglu
 
+try:
+    from .triton.experts import slot_sum, swiglu_rows
+except ImportError:  # no Triton: the eager elementwise path below
+    slot_sum = swiglu_rows = None
+
 
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
                 weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
@@ -23,7 +28,12 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     xs = x[order // k]                                                      # [N*k, C]
     gate = torch._grouped_mm(xs, w1.to(dt).transpose(1, 2), offs=offs)      # [N*k, F]
     up = torch._grouped_mm(xs, w3.to(dt).transpose(1, 2), offs=offs)
-    h = swiglu(gate, up, swiglu_limit) * weights.flatten()[order].unsqueeze(-1).float()
+    rw = weights.flatten()[order]
+    if swiglu_rows is not None and not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, w1, w2, w3, weights))):  # inference: fused passes, no fp32 copies
+        y = torch._grouped_mm(swiglu_rows(gate, up, rw, swiglu_limit), w2.to(dt).transpose(1, 2), offs=offs)
+        return slot_sum(y, order.argsort().to(torch.int32), k)
+    h = swiglu(gate, up, swiglu_limit) * rw.unsqueeze(-1).float()
     y = torch._grouped_mm(h.to(dt), w2.to(dt).transpose(1, 2), offs=offs).float()   # [N*k, C]
     return y[order.argsort()].view(N, k, -1).sum(1)
 

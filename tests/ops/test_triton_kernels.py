@@ -165,6 +165,34 @@ for N, C, F, limit in ((1, 64, 48, 7.0), (3, 40, 96, 0.0)):
     w2 = torch.randn(C, F, generator=g).div(F ** 0.5).to(dev, dt)
     a, r = tri_dense(x, w1, w2, w3, limit), ref_dense(x, w1, w2, w3, limit)
     assert a.dtype == x.dtype and ((a.double() - r.double()).norm() / r.double().norm()).item() < {tol} * 10
+from dsv4.ops.triton.experts import slot_sum, swiglu_rows
+from dsv4.ops.reference.experts import swiglu
+gate, up = (torch.randn(13, 40, generator=g).to(dev, dt) * 4 for _ in range(2))
+rw = torch.rand(13, generator=g).to(dev)
+for limit in (0.0, 3.0):
+    a, r = swiglu_rows(gate, up, rw, limit), (swiglu(gate, up, limit) * rw[:, None]).to(dt)
+    assert a.dtype == dt and (a.float() - r.float()).abs().max() <= 1e-2 * (dt != torch.float32) * r.float().abs().max() + 1e-5
+y = torch.randn(12, 40, generator=g).to(dev, dt)
+at = torch.randperm(12, generator=g).to(dev)
+assert (slot_sum(y, at, 3) - y.float()[at].view(4, 3, 40).sum(1)).abs().max() < 1e-5
+from dsv4.ops.triton.linear import linear_fp32 as tri_lin
+for M, N, K, bf16_w in ((3, 70, 64, True), (130, 24, 128, False), (200, 300, 96, False)):
+    x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16)
+    w = torch.randn(N, K, generator=g).to(dev)
+    w = w.bfloat16().float() if bf16_w else w  # bf16-valued weights take one part
+    a, r = tri_lin(x, w), x.double() @ w.double().T
+    assert a.dtype == torch.float32 and ((a.double() - r).abs().max() / r.abs().max()).item() < 1e-5
+from dsv4.ops.triton.indexer import index_scores_masked
+from dsv4.ops.reference.attention import index_scores as ref_scores
+for B, S, HI, DI, T in ((1, 70, 20, 64, 150), (2, 130, 64, 32, 600)):  # prefill: query blocks x key tiles
+    q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
+    keys = torch.randn(B, T, DI, generator=g).to(dev, dt)
+    nv = torch.randint(0, T + 1, (B, S), generator=g).to(dev)
+    nv[0, :3] = 0  # queries that see nothing
+    a, r = index_scores_masked(q, w, keys, nv), ref_scores(q.float(), w, keys.float())
+    vis = torch.arange(T, device=dev) < nv.unsqueeze(-1)
+    assert torch.isinf(a[~vis]).all() and (a[~vis] < 0).all()
+    assert ((a[vis] - r[vis]).abs().max() / r.abs().max()).item() < {tol} * 10
 print("ok", worst)
 '''
 

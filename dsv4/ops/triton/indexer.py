@@ -50,6 +50,38 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI,
     tl.store(out_ptr + b * so_b + s * so_s + ts, score, mask=ts < T)
 
 
+@triton.jit
+def _index_scores_tiled_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t_per_prog,
+                               sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_t, so_b, so_s,
+                               DI: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Many queries (prefill): a program holds QB queries x all heads as one [QB*HP, DI] tile and streams key
+    tiles past it, so each key tile feeds QB*HP rows of one tensor-core product and q is read once."""
+    n_qb = tl.cdiv(S, QB)
+    b = tl.program_id(0) // n_qb
+    s0 = (tl.program_id(0) % n_qb) * QB
+    r = tl.arange(0, QB * HP)
+    qi, h = s0 + r // HP, r % HP
+    rmask = (qi < S) & (h < HI)
+    d = tl.arange(0, DI)
+    q = tl.load(q_ptr + b * sq_b + qi[:, None] * sq_s + h[:, None] * sq_h + d[None, :], mask=rmask[:, None], other=0.0)
+    w = tl.load(w_ptr + b * sw_b + qi * sw_s + h, mask=rmask, other=0.0).to(tl.float32)
+    qs = s0 + tl.arange(0, QB)
+    n_vis = tl.load(nv_ptr + b * S + qs, mask=qs < S, other=0)
+    most = tl.max(n_vis, 0)
+    t_lo = tl.program_id(1) * t_per_prog
+    for t0 in range(t_lo, tl.minimum(T, t_lo + t_per_prog), BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        if t0 < most:
+            k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
+            dots = tl.maximum(tl.dot(q, tl.trans(k)).to(tl.float32), 0.0) * w[:, None]     # [QB*HP, BLOCK_T]
+            score = tl.sum(tl.reshape(dots, (QB, HP, BLOCK_T)), 1)                          # [QB, BLOCK_T]
+            score = tl.where(score == 0.0, -(ts[None, :] + 1).to(tl.float32) * 1e-30, score)
+            score = tl.where(ts[None, :] < n_vis[:, None], score, float("-inf"))
+        else:  # no query of the block sees these keys yet
+            score = tl.full([QB, BLOCK_T], float("-inf"), tl.float32)
+        tl.store(out_ptr + b * so_b + qs[:, None] * so_s + ts[None, :], score, mask=(qs < S)[:, None] & (ts < T)[None, :])
+
+
 def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
                         n_visible: torch.Tensor) -> torch.Tensor:
     """[B, S, T] fp32 scores, -inf for t >= n_visible[b, s]. keys: [B, T, DI] floats, or the cache's FP4 records
@@ -65,6 +97,15 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     weights = weights.float().contiguous()
     nv = n_visible.to(torch.int32).contiguous()
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
+    HP = max(16, triton.next_power_of_2(HI))
+    if S >= 64 and not fp4 and HP <= 128:  # prefill: query blocks against streamed key tiles
+        qb, bt = max(1, 128 // HP), 64
+        per = bt * 8
+        _index_scores_tiled_kernel[(B * triton.cdiv(S, qb), triton.cdiv(T, per))](
+            q, weights, keys, nv, out, S, T, HI, per, q.stride(0), q.stride(1), q.stride(2), weights.stride(0),
+            weights.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
+            DI=DI, HP=HP, QB=qb, BLOCK_T=bt, num_warps=8, num_stages=2)
+        return out
     block_t = 64
     _index_scores_kernel[(B * S, triton.cdiv(T, block_t))](
         q, weights, keys, nv, out, S, T, HI, q.stride(0), q.stride(1), q.stride(2), weights.stride(0),

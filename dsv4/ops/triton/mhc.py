@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .linear import bf16_parts
+
 
 @triton.jit
 def _collapse_kernel(x_ptr, w_ptr, y_ptr, C, R: tl.constexpr, RP: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -82,22 +84,6 @@ def _mixes_reduce_kernel(part_ptr, ss_ptr, out_ptr, N, K, eps, SPLIT: tl.constex
     tl.store(out_ptr + rows[:, None] * M + ms[None, :], acc * r[:, None], mask=rm[:, None] & (ms[None, :] < M))
 
 
-def _bf16_parts(fn: torch.Tensor, rows: int) -> torch.Tensor:
-    """fn (fp32 [M, K]) as hi + mid + lo bf16 parts [3, rows, K] (zero rows beyond M): their sum is fn exactly
-    (8 + 8 + 8 significand bits). Kept on the tensor until fn changes in place."""
-    key = (fn._version, fn.data_ptr(), rows)
-    cached = getattr(fn, "_dsv4_bf16_parts", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    parts = torch.zeros(3, rows, fn.shape[1], dtype=torch.bfloat16, device=fn.device)
-    rest = fn.detach().float()
-    for p in range(3):
-        parts[p, :fn.shape[0]] = rest.to(torch.bfloat16)
-        rest = rest - parts[p, :fn.shape[0]].float()
-    fn._dsv4_bf16_parts = (key, parts)
-    return parts
-
-
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     """Same contract as ops.reference.mhc.hc_mixes (x bf16 lanes [..., R, C], fn fp32 [M, R*C])."""
     *lead, R, C = x.shape
@@ -105,7 +91,7 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
     x2 = x.reshape(-1, K)
     N = x2.shape[0]
     MP = max(16, triton.next_power_of_2(M))
-    parts = _bf16_parts(fn, MP)
+    parts = bf16_parts(fn, MP)
     out = torch.empty(N, M, dtype=torch.float32, device=x.device)
     block_n, block_k = (16, 128) if N <= 64 else (64, 64)
     n_blocks = triton.cdiv(N, block_n)

@@ -150,6 +150,9 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     else:
         o = torch.empty_like(q)
         m_ptr = l_ptr = o
+    if entries is not None and entries.dtype != torch.uint8 and T > 256:
+        # many queries: a second masked gather per chunk costs more than one copy of the entries next to the rows
+        kv, entries = torch.cat((kv, entries.to(kv.dtype)), 1), None
     fp8 = entries is not None and entries.dtype == torch.uint8
     nope = D - rope_dim if fp8 else 0
     if entries is None:
