@@ -213,6 +213,8 @@ def main() -> None:
         for n, p_ in model.named_parameters():
             if p_.dim() >= 2:
                 p_.normal_(0, 0.02)
+        # the official checkpoint stores the LM head in bf16 (the reference widens it to fp32 on load)
+        model.head.weight.copy_(model.head.weight.bfloat16())
         model.reset_buffers()
     print(f"dsv4 model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
     dsv4_prefill(model, 2 * a.chunk, a.chunk)  # warm-up: kernels compile

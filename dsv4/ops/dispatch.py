@@ -6,6 +6,7 @@ from typing import Callable
 
 import torch
 
+from . import compiled as _compiled
 from . import gathered_experts as _gathered
 from . import grouped_experts as _grouped
 from .reference import attention as _ref_attn
@@ -35,7 +36,7 @@ def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
     choice = backend or os.environ.get("DSV4_BACKEND") or "auto"
     impls = _REGISTRY[op]
     if choice == "auto":
-        for name in ("triton", "grouped", "gathered", "reference"):
+        for name in ("triton", "grouped", "gathered", "compiled", "reference"):
             if name in impls and impls[name][1](*args, **kwargs):
                 return impls[name][0]
         raise RuntimeError(f"no backend of {op} supports these inputs")
@@ -75,6 +76,9 @@ register("moe_experts", "gathered", _gathered.moe_experts,
          lambda x, w1, w2, w3, idx, *a: _gathered.supports(x) and _gathered.fits(idx))
 if hasattr(torch, "_grouped_mm"):
     register("moe_experts", "grouped", _grouped.moe_experts, _grouped.supports)
+
+for _op, _fn in _compiled.OPS.items():  # training on a GPU: the references compiled (fused fwd and bwd)
+    register(_op, "compiled", _fn, _compiled.training_on_gpu)
 
 try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
     from .triton import compressor as _tri_compressor

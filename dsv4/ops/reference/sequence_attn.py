@@ -18,13 +18,15 @@ CHUNK_ELEMENTS = 1 << 28
 
 
 def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, entry_mask: torch.Tensor | None,
-                  sink: torch.Tensor, scale: float, window: int, return_entry_probs: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  sink: torch.Tensor, scale: float, window: int, return_entry_probs: bool = False,
+                  *, chunk_fn=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q: [B, S, H, D] at positions 0..S-1; kv: [B, S, D]; entries: [B, N, D]; entry_mask: [B, S, N] bool.
 
     Returns o [B, S, H, D] (q.dtype) and, if asked, each entry's softmax probability within the joint window +
     entries + sink softmax, summed over heads: [B, S, N] fp32, detached (the indexer's KL target).
+    chunk_fn: what computes one chunk (default `chunk_attn`; ops.compiled passes its compiled form).
     """
+    chunk_fn = chunk_fn or chunk_attn
     B, S, H, D = q.shape
     W = min(window, S)
     N = 0 if entries is None else entries.shape[1]
@@ -38,9 +40,9 @@ def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | Non
         args = (q[:, s0:s1], kv[:, s0:s1], prev, entries, None if entry_mask is None else entry_mask[:, s0:s1],
                 sink, scale, W, return_entry_probs)
         if torch.is_grad_enabled() and chunk < S:
-            o, mass = checkpoint(_chunk_attn, *args, use_reentrant=False)
+            o, mass = checkpoint(chunk_fn, *args, use_reentrant=False)
         else:
-            o, mass = _chunk_attn(*args)
+            o, mass = chunk_fn(*args)
         outs.append(o)
         masses.append(mass)
     o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
@@ -50,7 +52,7 @@ def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | Non
     return o, mass
 
 
-def _chunk_attn(q: torch.Tensor, kv: torch.Tensor, prev: torch.Tensor | None, entries: torch.Tensor | None,
+def chunk_attn(q: torch.Tensor, kv: torch.Tensor, prev: torch.Tensor | None, entries: torch.Tensor | None,
                 entry_mask: torch.Tensor | None, sink: torch.Tensor, scale: float, W: int, want_mass: bool):
     """Queries of one chunk (starting on a window-block boundary); `prev` holds the W rows before it (None at 0)."""
     B, S, H, D = q.shape

@@ -68,6 +68,15 @@ def _down_kernel(h_ptr, w2_ptr, e_ptr, y_ptr, C, F, k, sw_e, sw_c,
     tl.store(y_ptr + n * C + rows, acc.to(y_ptr.dtype.element_ty), mask=rmask)
 
 
+def _block_f(pairs: int, F: int) -> int:
+    """Rows of w1/w3 per program: 32, fewer when that leaves the GPU under-filled (the shared expert at batch 1
+    is one pair: 64 programs of 32 rows stream its 2 x 16 MB at half the bandwidth of 256 programs of 8)."""
+    bf = 32
+    while bf > 8 and pairs * triton.cdiv(F, bf) < 512:
+        bf //= 2
+    return bf
+
+
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
                 weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
     """Same contract as ops.reference.experts.moe_experts."""
@@ -79,8 +88,9 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     rw = weights.reshape(-1).float().contiguous()
     P = N * k
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(P, triton.cdiv(F, 32))](x, w1, w3, e, rw, h, F, C, k, float(swiglu_limit),
-                                              w1.stride(0), w1.stride(1), BLOCK_F=32, BLOCK_C=256,
+    bf = _block_f(P, F)
+    _gate_up_kernel[(P, triton.cdiv(F, bf))](x, w1, w3, e, rw, h, F, C, k, float(swiglu_limit),
+                                              w1.stride(0), w1.stride(1), BLOCK_F=bf, BLOCK_C=256,
                                               CLAMP=swiglu_limit > 0, DENSE=False, num_warps=4)
     y = torch.empty(N, C, dtype=torch.float32, device=x.device)
     # one token's slots are summed in one program: small row blocks keep hundreds of programs streaming weights
@@ -97,8 +107,9 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
     x = x.contiguous()
     w1, w2, w3 = (w.to(x.dtype).contiguous() for w in (w1, w2, w3))
     h = torch.empty(N, F, dtype=x.dtype, device=x.device)
-    _gate_up_kernel[(N, triton.cdiv(F, 32))](x, w1, w3, x, x, h, F, C, 1, float(limit), 0, w1.stride(0),
-                                              BLOCK_F=32, BLOCK_C=256, CLAMP=limit > 0, DENSE=True, num_warps=4)
+    bf = _block_f(N, F)
+    _gate_up_kernel[(N, triton.cdiv(F, bf))](x, w1, w3, x, x, h, F, C, 1, float(limit), 0, w1.stride(0),
+                                              BLOCK_F=bf, BLOCK_C=256, CLAMP=limit > 0, DENSE=True, num_warps=4)
     y = torch.empty(N, C, dtype=x.dtype, device=x.device)
     _down_kernel[(N, triton.cdiv(C, 8))](h, w2, x, y, C, F, 1, 0, w2.stride(0), BLOCK_R=8, BLOCK_F=512, DENSE=True,
                                          num_warps=4)

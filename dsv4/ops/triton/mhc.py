@@ -71,17 +71,15 @@ def _mixes_kernel(x_ptr, w_ptr, part_ptr, ss_ptr, out_ptr, N, K, k_split, eps, M
 
 @triton.jit
 def _mixes_reduce_kernel(part_ptr, ss_ptr, out_ptr, N, K, eps, SPLIT: tl.constexpr, M: tl.constexpr,
-                         MP: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = rows < N
+                         MP: tl.constexpr):
+    row = tl.program_id(0)
+    sp = tl.arange(0, SPLIT)
     ms = tl.arange(0, MP)
-    acc = tl.zeros([BLOCK_N, MP], tl.float32)
-    ss = tl.zeros([BLOCK_N], tl.float32)
-    for s in range(SPLIT):  # fixed order: the result does not depend on the batch
-        acc += tl.load(part_ptr + (s * N + rows[:, None]) * MP + ms[None, :], mask=rm[:, None], other=0.0)
-        ss += tl.load(ss_ptr + s * N + rows, mask=rm, other=0.0)
+    # all parts in one load, summed in a fixed order: the result does not depend on the batch
+    acc = tl.sum(tl.load(part_ptr + (sp[:, None] * N + row) * MP + ms[None, :]), 0)
+    ss = tl.sum(tl.load(ss_ptr + sp * N + row), 0)
     r = 1.0 / tl.sqrt(ss / K + eps)
-    tl.store(out_ptr + rows[:, None] * M + ms[None, :], acc * r[:, None], mask=rm[:, None] & (ms[None, :] < M))
+    tl.store(out_ptr + row * M + ms, acc * r, mask=ms < M)
 
 
 def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
@@ -106,8 +104,7 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
         part = torch.empty(split, N, MP, dtype=torch.float32, device=x.device)
         ss = torch.empty(split, N, dtype=torch.float32, device=x.device)
         _mixes_kernel[(n_blocks, split)](x2, parts, part, ss, out, N, K, K // split, eps, FINAL=False, **common)
-        _mixes_reduce_kernel[(n_blocks,)](part, ss, out, N, K, eps, SPLIT=split, M=M, MP=MP, BLOCK_N=block_n,
-                                          num_warps=4)
+        _mixes_reduce_kernel[(N,)](part, ss, out, N, K, eps, SPLIT=split, M=M, MP=MP, num_warps=4)
     return out.view(*lead, M)
 
 
