@@ -98,18 +98,22 @@ def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 6
     rows_bytes = B * S * K * D * 2 + 2 * q.numel() * 2
     flops = 4 * B * S * H * K * D
     out = []
-    for splits in ((None, 1, 4) if S == 1 else (1,)):
-        for block_h, warps in ((16, 4), (32, 8), (64, 8)):
-            try:
-                ms = bench_graph(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits=splits,
-                                                              block_h=block_h, num_warps=warps))
-            except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a failure
-                out.append({"case": name, "splits": splits, "block_h": block_h, "warps": warps,
-                            "error": str(e)[:100]})
-                continue
-            out.append({"case": name, "splits": splits, "block_h": block_h, "warps": warps, "ms": ms,
-                        "gbps": rows_bytes / ms / 1e6, "frac_copy_bw": rows_bytes / ms / 1e6 / ceil["copy_gbps"],
-                        "tflops": flops / ms / 1e9})
+    configs = [(splits, bh, w, 32, 2) for splits in ((None, 1, 4) if S == 1 else (1,))
+               for bh, w in ((16, 4), (32, 8), (64, 8))]
+    if S == 1 and B > 1:  # batched decode: deeper pipelines and longer steps over the gathered rows
+        configs += [(splits, bh, w, bk, st) for splits in (1, 2) for bh, w in ((16, 4), (64, 8))
+                    for bk, st in ((32, 3), (32, 4), (64, 2), (64, 3), (16, 4))]
+    for splits, block_h, warps, block_k, stages in configs:
+        cfg = {"case": name, "splits": splits, "block_h": block_h, "warps": warps, "block_k": block_k,
+               "stages": stages}
+        try:
+            ms = bench_graph(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits=splits, block_h=block_h,
+                                                          num_warps=warps, block_k=block_k, num_stages=stages))
+        except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a failure
+            out.append({**cfg, "error": str(e)[:100]})
+            continue
+        out.append({**cfg, "ms": ms, "gbps": rows_bytes / ms / 1e6,
+                    "frac_copy_bw": rows_bytes / ms / 1e6 / ceil["copy_gbps"], "tflops": flops / ms / 1e9})
     return out
 
 
@@ -158,13 +162,14 @@ def main() -> None:
              + attn_sweep("HCA decode 128K b1", 1, 1, 128 + 1024, 128 + 1024, ceil)
              + attn_sweep("CSA prefill 4K", 1, 4096, 640, 4096 + 1024, ceil))
     topk = [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
-    print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'ms':>8}{'GB/s':>8}{'%copy':>7}")
+    print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'ms':>8}{'GB/s':>8}"
+          f"{'%copy':>7}")
     for r in sweep:
+        head = f"{r['case']:<22}{str(r['splits']):>7}{r['block_h']:>6}{r['warps']:>6}{r['block_k']:>6}{r['stages']:>4}"
         if "error" in r:
-            print(f"{r['case']:<22}{str(r['splits']):>7}{r['block_h']:>6}{r['warps']:>6}  {r['error']}")
+            print(f"{head}  {r['error']}")
         else:
-            print(f"{r['case']:<22}{str(r['splits']):>7}{r['block_h']:>6}{r['warps']:>6}{r['ms']:>8.3f}"
-                  f"{r['gbps']:>8.0f}{100 * r['frac_copy_bw']:>6.0f}%")
+            print(f"{head}{r['ms']:>8.3f}{r['gbps']:>8.0f}{100 * r['frac_copy_bw']:>6.0f}%")
     for r in topk:
         print(f"top-{r['k']} of {r['rows']} x {r['T']}: torch.topk {r['torch_topk_ms']:.3f} ms, two-stage "
               f"{r['two_stage_ms']:.3f} ms, full sort {r['sort_ms']:.3f} ms")

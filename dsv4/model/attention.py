@@ -66,6 +66,7 @@ class Attention(nn.Module):
         # warm-ups, to every visible entry; `indexer_loss` computes the indexer's KL loss into `indexer_kl`
         self.sparse, self.indexer_loss = True, False
         self.indexer_kl: torch.Tensor | None = None
+        self.recomputed = False  # set by Transformer.set_activation_checkpointing
         # placement hook (dsv4.distributed): sums the output projection over tensor-parallel head shards
         self.output_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -142,8 +143,10 @@ class Attention(nn.Module):
                 if self.sparse:
                     mask = mask & topk_mask(scores.detach(), mask, self.indexer.topk)
         want = scores is not None and self.indexer_loss
+        # inside a recomputed block (long sequences: hundreds of chunk shapes) the eager reference, not the
+        # compiled one: a recomputation must save exactly what its forward saved
         o, mass = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
-                                    return_entry_probs=want)
+                                    return_entry_probs=want, backend="reference" if self.recomputed else None)
         self.indexer_kl = indexer_kl(scores, mass, mask) if want else None
         return o
 

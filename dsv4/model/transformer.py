@@ -208,6 +208,9 @@ class Transformer(nn.Module):
         """Training memory for long sequences: keep only each block's input lanes and recompute the block in the
         backward pass (one extra forward, ~1/3 more compute), its per-token half in token chunks."""
         self._checkpoint_blocks = enabled
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.recomputed = enabled
         return self
 
     @property

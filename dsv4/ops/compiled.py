@@ -24,7 +24,10 @@ def lazily_compiled(fn: Callable) -> Callable:
         nonlocal compiled
         if compiled is None:
             compiled = torch.compile(fn, dynamic=None)
-        return compiled(*args, **kwargs)
+        # a training run meets a handful of shapes per op (sequence chunks, layer kinds): room for them all, so no
+        # call falls back to eager (a recomputation must run the same graph as its forward)
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return compiled(*args, **kwargs)
     return run
 
 

@@ -111,12 +111,14 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, SPLITS: tl.constexp
 
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                 entries: torch.Tensor | None = None, rope_dim: int = 0,
-                splits: int | None = None, block_h: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                splits: int | None = None, block_h: int | None = None, num_warps: int | None = None,
+                block_k: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K];
     entries ([B, n, D] floats or [B, n, record] uint8 FP8 serving records) are rows N.., read where they are.
 
     splits: index-list slices per query (default: enough programs to fill the GPU); block_h / num_warps:
-    heads per program and warps (defaults tuned on H100 for D = 512)."""
+    heads per program and warps, block_k / num_stages: index-list rows per step and pipeline depth (defaults
+    tuned on H100 for D = 512)."""
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"triton sparse_attn needs a power-of-two head dim >= 16, got {D}")
@@ -133,7 +135,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     few = T <= 256
     block_h = block_h or max(16, min(triton.next_power_of_2(H), 16 if few else 64))
     num_warps = num_warps or (4 if few or D < 256 else 8)
-    block_k = 32 if D >= 256 else 64
+    block_k = block_k or (32 if D >= 256 else 64)
     n_h = triton.cdiv(H, block_h)
     if splits is None and invariant_mode.enabled():
         splits = 1  # how the lists split must not depend on how many queries share the launch
@@ -168,7 +170,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         q, kv, sink.float().contiguous(), idx, o, m_ptr, l_ptr, scale, S, H, K, kv.shape[1], per,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         o.stride(0), o.stride(1), o.stride(2), *ent, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
-        SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim, num_warps=num_warps, num_stages=2)
+        SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim, num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return o
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
