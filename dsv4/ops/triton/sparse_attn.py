@@ -130,12 +130,16 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     idx = idx.to(torch.int32).contiguous()
     K = idx.shape[-1]
     T = B * S
-    # measured on H100 at D = 512 (bench/kernels.py sweep): decode (few queries) runs fastest as many small
-    # programs (16 heads x 4 warps), prefill with all 64 heads of a query per program (rows read once, 8 warps)
-    few = T <= 256
+    # measured on H100 at D = 512 (bench/kernels.py sweep): batch-1 decode runs fastest as many small programs
+    # (16 heads x 4 warps, 32 rows per step, split-K); batched decode (16-256 queries) and prefill with all 64
+    # heads of a query per program (each gathered row read once, 8 warps), batched decode in 64-row steps
+    few = T < 16
+    batched = 16 <= T <= 256 and D >= 256
+    if invariant_mode.enabled():  # one configuration whatever the number of queries in the launch
+        few, batched = False, False
     block_h = block_h or max(16, min(triton.next_power_of_2(H), 16 if few else 64))
     num_warps = num_warps or (4 if few or D < 256 else 8)
-    block_k = block_k or (32 if D >= 256 else 64)
+    block_k = block_k or (64 if batched or D < 256 else 32)
     n_h = triton.cdiv(H, block_h)
     if splits is None and invariant_mode.enabled():
         splits = 1  # how the lists split must not depend on how many queries share the launch
