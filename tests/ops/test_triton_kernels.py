@@ -104,7 +104,10 @@ for M, N, K in ((1, 70, 130), (67, 33, 64)):  # fixed-configuration matmul and r
     rr = rms_rsqrt(a, 1e-6)
     assert ((rr.double() - torch.rsqrt(a.double().square().mean(-1, keepdim=True) + 1e-6)).abs().max() < 1e-3 * rr.max())
 from dsv4.cache.layout import RowStore
-for B, S, H, D, rd, N1, N2, K in ((2, 3, 4, 64, 16, 10, 30, 24), (1, 2, 16, 128, 64, 5, 40, 33)):
+fp8_shapes = [(2, 3, 4, 64, 16, 10, 30, 24), (1, 2, 16, 128, 64, 5, 40, 33)]
+if dev == "cuda":  # batched decode (its own kernel configuration), V4 sizes
+    fp8_shapes.append((32, 1, 64, 512, 64, 128, 600, 640))
+for B, S, H, D, rd, N1, N2, K in fp8_shapes:
     # entries stored as FP8 serving records, read by the kernel as stored (rows N1.. of the index space)
     q = torch.randn(B, S, H, D, generator=g).to(dev, dt); kv = torch.randn(B, N1, D, generator=g).to(dev, dt)
     store = RowStore("fp8", B, N2, D, rd, "kv", dt, dev)

@@ -139,7 +139,8 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         few, batched = False, False
     block_h = block_h or max(16, min(triton.next_power_of_2(H), 16 if few else 64))
     num_warps = num_warps or (4 if few or D < 256 else 8)
-    block_k = block_k or (64 if batched or D < 256 else 32)
+    # (64-row steps of two sources, a second masked gather for the cached entries, exceed the shared memory)
+    block_k = block_k or (64 if (batched and entries is None) or D < 256 else 32)
     n_h = triton.cdiv(H, block_h)
     if splits is None and invariant_mode.enabled():
         splits = 1  # how the lists split must not depend on how many queries share the launch
