@@ -17,7 +17,7 @@ def bf16_parts(w: torch.Tensor, rows: int | None = None, trim: bool = False) -> 
     """w (fp32 [N, K]) as bf16 parts [P, rows, K] summing to w exactly (zero rows beyond N). trim: drop trailing
     parts that are all zero (one host check, once). Kept on the tensor until w changes in place."""
     rows = rows or w.shape[0]
-    key = (w._version, w.data_ptr(), rows, trim)
+    key = (_version(w), w.data_ptr(), rows, trim)
     cached = getattr(w, "_dsv4_bf16_parts", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -32,6 +32,14 @@ def bf16_parts(w: torch.Tensor, rows: int | None = None, trim: bool = False) -> 
     out[:, :w.shape[0]] = torch.stack(parts)
     w._dsv4_bf16_parts = (key, out)
     return out
+
+
+def _version(w: torch.Tensor) -> int:
+    """w's in-place version; tensors made under torch.inference_mode keep none (-1: assumed unchanged)."""
+    try:
+        return w._version
+    except RuntimeError:
+        return -1
 
 
 @triton.jit
