@@ -166,11 +166,13 @@ class Attention(nn.Module):
             top = None
             if self.kind == "csa":  # the indexer's cache advances even while attention is dense
                 top = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, cache)
+            def with_entries(cidx: torch.Tensor) -> torch.Tensor:  # entry j is row n_rows + j
+                return torch.cat((idx, torch.where(cidx >= 0, cidx + n_rows, -1)), dim=-1)
             if top is not None and self.sparse:
-                idx = torch.cat((idx, torch.where(top >= 0, top + n_rows, -1)), dim=-1)
+                idx = with_entries(top)
             else:  # every visible entry: the same list in every such layer of the step
-                idx = shared(pos0, ("dense_idx", S, self.ratio, n_prior, W, n_entries), lambda: torch.cat(
-                    (idx, torch.where((c := visible_entries(n_visible, n_entries)) >= 0, c + n_rows, -1)), dim=-1))
+                idx = shared(pos0, ("dense_idx", S, self.ratio, n_prior, W, n_entries),
+                             lambda: with_entries(visible_entries(n_visible, n_entries)))
             return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale, entries, self.rope_dim)
         return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)
 

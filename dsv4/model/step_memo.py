@@ -1,7 +1,8 @@
 """Values that every layer of one forward step computes alike from the rows' start positions (positions, RoPE
 angles, window slots, index lists, compressor group numbers). A cached step's `pos0` tensor is made once per
-step (KVCache.begin), so it carries the memo: a decode step would otherwise spend ~150 of its ~800 kernels
-recomputing the same tiny tensors in every layer. Consumers must not modify what they get."""
+step (KVCache.begin), so it carries the memo (as does any tensor memoised from it, e.g. the compressors' group
+numbers): a decode step would otherwise spend ~150 of its ~800 kernels recomputing the same tiny tensors in
+every layer. Consumers must not modify what they get."""
 from __future__ import annotations
 
 from typing import Callable, Hashable, TypeVar
@@ -11,9 +12,9 @@ import torch
 T = TypeVar("T")
 
 
-def shared(pos0: torch.Tensor, key: Hashable, make: Callable[[], T]) -> T:
-    """make(), computed once per step (per pos0 tensor) and key."""
-    memo = pos0.__dict__.setdefault("_dsv4_step_memo", {})
+def shared(owner: torch.Tensor, key: Hashable, make: Callable[[], T]) -> T:
+    """make(), computed once per per-step tensor `owner` (pos0, or a tensor memoised from it) and key."""
+    memo = owner.__dict__.setdefault("_dsv4_step_memo", {})
     if key not in memo:
         memo[key] = make()
     return memo[key]

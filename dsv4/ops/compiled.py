@@ -39,12 +39,7 @@ def training_on_gpu(*args, **kwargs) -> bool:
     return bool(tensors) and tensors[0].is_cuda and any(t.requires_grad for t in tensors)
 
 
-def weighted_swiglu(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, limit: float) -> torch.Tensor:
-    """swiglu(gate, up) * weights[:, None] in gate.dtype (the grouped experts' hidden activation)."""
-    return (experts.swiglu(gate, up, limit) * weights.unsqueeze(-1).float()).to(gate.dtype)
-
-
-weighted_swiglu_compiled = lazily_compiled(weighted_swiglu)
+weighted_swiglu = lazily_compiled(experts.weighted_swiglu)
 
 OPS: dict[str, Callable] = {
     "rms_norm": lazily_compiled(norm.rms_norm),

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .compiled import training_on_gpu, weighted_swiglu, weighted_swiglu_compiled
+from . import compiled
+from .reference.experts import weighted_swiglu
 
 try:
     from .triton.experts import slot_sum, swiglu_rows
@@ -33,7 +34,7 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
             t.requires_grad for t in (x, w1, w2, w3, weights))):  # inference: fused passes, no fp32 copies
         y = torch._grouped_mm(swiglu_rows(gate, up, rw, swiglu_limit), w2.to(dt).transpose(1, 2), offs=offs)
         return slot_sum(y, order.argsort().to(torch.int32), k)
-    h = (weighted_swiglu_compiled if training_on_gpu(gate) else weighted_swiglu)(gate, up, rw, swiglu_limit)
+    h = (compiled.weighted_swiglu if compiled.training_on_gpu(gate) else weighted_swiglu)(gate, up, rw, swiglu_limit)
     y = torch._grouped_mm(h, w2.to(dt).transpose(1, 2), offs=offs).float()          # [N*k, C]
     return y[order.argsort()].view(N, k, -1).sum(1)
 

@@ -14,6 +14,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def weighted_swiglu(gate: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, limit: float) -> torch.Tensor:
+    """swiglu(gate, up) * weights[:, None] in gate.dtype (the grouped experts' hidden activation)."""
+    return (swiglu(gate, up, limit) * weights.unsqueeze(-1).float()).to(gate.dtype)
+
+
 def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
     """A dense SwiGLU expert (the shared expert) on every token: w1, w3 [F, C], w2 [C, F]; x.dtype matmuls."""
     h = swiglu(F.linear(x, w1.to(x.dtype)), F.linear(x, w3.to(x.dtype)), limit).to(x.dtype)

@@ -69,8 +69,8 @@ def _down_kernel(h_ptr, w2_ptr, e_ptr, y_ptr, C, F, k, sw_e, sw_c,
 
 
 def _block_f(pairs: int, F: int) -> int:
-    """Rows of w1/w3 per program: 32, fewer when that leaves the GPU under-filled (the shared expert at batch 1
-    is one pair: 64 programs of 32 rows stream its 2 x 16 MB at half the bandwidth of 256 programs of 8)."""
+    """Rows of w1/w3 per program: 32, fewer when that would leave the GPU under-filled (the shared expert at
+    batch 1 is one pair: 32-row programs would be 64 streams for 132 SMs)."""
     bf = 32
     while bf > 8 and pairs * triton.cdiv(F, bf) < 512:
         bf //= 2
