@@ -49,14 +49,19 @@ def test_training_matches_one_process(tmp_path):
         assert abs(a - b) < 1e-5 * abs(b)
     state = dist_res[0]["state"]
     lr, steps = 3e-3, 3
+    # AdamW's first steps are sign-like (m / sqrt(v) = +-1): an ulp of difference in a near-zero gradient (reduced
+    # in another order across ranks, which depends on the CPU's vector width) can move an element's step by up to
+    # lr per step. So none is further apart than those flips allow, and across the whole model almost every
+    # element agrees to 1e-4. Counted over the model, not per tensor: a 24-element tensor with one such element
+    # would otherwise fail on one CPU and pass on another.
+    far, total = 0, 0
     for name, p in model.state_dict().items():
         if p.is_floating_point():
-            # AdamW's first steps are sign-like (m / sqrt(v) = +-1): an ulp of difference in a near-zero gradient
-            # (reduced in another order across ranks) can flip an element's step, up to lr per step. So: almost
-            # every element agrees to 1e-4, and none is further apart than those flips allow.
             diff = (state[name] - p).abs()
             assert diff.max() <= 2 * lr * steps, name
-            assert (diff > 1e-4).float().mean() < 1e-4, (name, float(diff.max()))
+            far += int((diff > 1e-4).sum())
+            total += diff.numel()
+    assert far < 1e-4 * total, (far, total)
     assert dist_res[0]["losses"] == dist_res[1]["losses"]
 
 
