@@ -12,7 +12,9 @@ tokens, so their experts differ as in real batches.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import time
 
 import torch
@@ -98,6 +100,20 @@ def dsv4_train_step(model, n: int, batch: int = 1, checkpointing: bool = False) 
     return {"tok_per_s": batch * n / secs, "seconds": secs, "peak_gb": peak, "activation_checkpointing": checkpointing}
 
 
+@contextlib.contextmanager
+def env_flag(name: str, on: bool):
+    """Set environment flag `name` to 1 (on) or unset it, for the duration."""
+    before = os.environ.pop(name, None)
+    if on:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
+        if before is not None:
+            os.environ[name] = before
+
+
 def peer_model(cfg: dsv4.ModelConfig):
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
     hub = cfg.to_hub_dict()
@@ -163,7 +179,6 @@ def train_step(model, tokens: torch.Tensor) -> None:
 def profile(model, out_dir: str, context: int = 32768) -> None:
     """Per-kernel GPU time of an 8K prefill chunk and of one eager decode step (fixed shapes, as the CUDA graph
     runs it) at `context` tokens, and of a 4K training step (tables in out_dir/profile.txt)."""
-    import os
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     os.makedirs(out_dir, exist_ok=True)
@@ -229,11 +244,14 @@ def main() -> None:
               res, context=ctx)
     for ctx in a.decode_b64:
         guard("dsv4 decode b64", lambda: dsv4_decode(model, ctx, steps=32, batch=64), res, context=ctx)
-    for n in a.train:
-        guard("dsv4 train fwd+bwd", lambda: dsv4_train_step(model, n), res, tokens=n)
-    for n in a.train_checkpointed:
-        guard("dsv4 train fwd+bwd (block recompute)", lambda: dsv4_train_step(model, n, checkpointing=True), res,
-              tokens=n)
+    for triton_attn in (False, True):  # training attention: compiled reference, then the fused Triton kernels
+        tag = " (triton attn)" if triton_attn else ""
+        with env_flag("DSV4_TRITON_SEQUENCE_ATTN", triton_attn):
+            for n in a.train:
+                guard("dsv4 train fwd+bwd" + tag, lambda: dsv4_train_step(model, n), res, tokens=n)
+            for n in a.train_checkpointed:
+                guard("dsv4 train fwd+bwd (block recompute)" + tag,
+                      lambda: dsv4_train_step(model, n, checkpointing=True), res, tokens=n)
     if a.profile:
         profile(model, a.profile, a.profile_context)
     if not a.skip_peer:

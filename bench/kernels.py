@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from dsv4.ops import compiled
 from dsv4.ops.reference import attention as ref
+from dsv4.ops.reference import sequence_attn as ref_seq
 from dsv4.ops.triton import indexer as tri_idx
+from dsv4.ops.triton import sequence_attn as tri_seq
 from dsv4.ops.triton import sparse_attn as tri_attn
 
 
@@ -85,6 +88,62 @@ def flex_case(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor) -> dict:
         return {"flex_ms": ms}
     except Exception as e:  # noqa: BLE001 - e.g. a head dim FlexAttention does not support: report it
         return {"flex_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+
+
+def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict, H: int = 64, D: int = 512,
+                    W: int = 128) -> dict:
+    """Training attention, forward + backward at one sequence: the Triton kernels, the reference as training
+    otherwise runs it (torch.compile'd chunks), eager, and FlexAttention (compiled; all rows with the window and
+    entry mask as a block mask, one shared K=V head, no sink)."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    N = S // ratio
+    leaves = [torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g),
+              torch.randn(1, S, D, device="cuda", dtype=torch.bfloat16, generator=g),
+              torch.randn(1, N, D, device="cuda", dtype=torch.bfloat16, generator=g),
+              torch.randn(H, device="cuda", generator=g)]
+    leaves = [x.requires_grad_(True) for x in leaves]
+    pos = torch.arange(S, device="cuda")
+    mask = (torch.arange(N, device="cuda") < ((pos + 1) // ratio).unsqueeze(-1)).unsqueeze(0)
+    if topk:  # the indexer's selection: top-k of random scores among the visible entries
+        sc = torch.rand(1, S, N, device="cuda", generator=g).masked_fill(~mask, -1)
+        sel = torch.zeros_like(mask).scatter_(2, sc.topk(min(topk, N), -1).indices, True)
+        mask = mask & sel
+    do = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def fwd_bwd(fn):
+        def run():
+            o, _ = fn(*leaves[:3], mask, leaves[3], D ** -0.5, W)
+            o.backward(do)
+        return run
+    visible = int(mask.sum()) + S * min(W, S)                 # (query, row) pairs each kernel computes
+    flops = 4 * H * D * visible * 3.5                         # QK and PV forward, 2.5x that backward (with recompute)
+    out = {"case": name, "S": S, "N": N}
+    impls = {"triton": tri_seq.sequence_attn, "compiled_reference": compiled.OPS["sequence_attn"],
+             "eager_reference": ref_seq.sequence_attn}
+    for impl, fn in impls.items():
+        try:
+            out[f"{impl}_ms"] = bench(fwd_bwd(fn), reps=5)
+        except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
+            out[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    if "triton_ms" in out:
+        out["triton_tflops"] = flops / out["triton_ms"] / 1e9
+        out["frac_matmul"] = out["triton_tflops"] / ceil["bf16_matmul_tflops"]
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        allowed = torch.cat((torch.zeros(1, S, S, dtype=torch.bool, device="cuda"), mask), -1)
+        i, j = pos.view(S, 1), pos.view(1, S)
+        allowed[:, :, :S] = (j <= i) & (j > i - W)
+        block_mask = create_block_mask(lambda b, h, qi, ki: allowed[b, qi, ki], 1, None, S, S + N, device="cuda")
+        flex = torch.compile(flex_attention, dynamic=False)
+        qt = leaves[0].transpose(1, 2)
+
+        def flex_run():
+            rows = torch.cat((leaves[1], leaves[2]), 1).unsqueeze(1)
+            flex(qt, rows, rows, block_mask=block_mask, enable_gqa=True).backward(do.transpose(1, 2))
+        out["flex_ms"] = bench(flex_run, reps=5)
+    except Exception as e:  # noqa: BLE001 - e.g. a head dim FlexAttention does not support: report it
+        out["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    return out
 
 
 def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 64, D: int = 512) -> list[dict]:
@@ -161,6 +220,7 @@ def main() -> None:
              + attn_sweep("CSA decode 128K b1", 1, 1, 128 + 512, 128 + 32768, ceil)
              + attn_sweep("HCA decode 128K b1", 1, 1, 128 + 1024, 128 + 1024, ceil)
              + attn_sweep("CSA prefill 4K", 1, 4096, 640, 4096 + 1024, ceil))
+    train = [train_attn_case("CSA train 4K", 4096, 4, 512, ceil), train_attn_case("HCA train 4K", 4096, 128, None, ceil)]
     topk = [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
     print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'ms':>8}{'GB/s':>8}"
           f"{'%copy':>7}")
@@ -184,11 +244,19 @@ def main() -> None:
     for r in idx:
         print(f"{r['case']:<26}{r['scores_ms']:>10.3f}{r['scores_plus_topk_ms']:>9.3f}{r['scores_gbps']:>8.0f}"
               f"{100 * r['frac_copy_bw']:>6.0f}%{r.get('reference_ms', float('nan')):>9.2f}")
+    print(f"{'training attention (fwd+bwd)':<30}{'triton ms':>10}{'TFLOP/s':>9}{'compiled ref':>13}{'eager ref':>10}"
+          f"{'flex ms':>9}")
+    for r in train:
+        print(f"{r['case']:<30}{r.get('triton_ms', float('nan')):>10.2f}{r.get('triton_tflops', float('nan')):>9.1f}"
+              f"{r.get('compiled_reference_ms', float('nan')):>13.2f}{r.get('eager_reference_ms', float('nan')):>10.2f}"
+              f"{r.get('flex_ms', float('nan')):>9.2f}"
+              + "".join(f"  {k}: {v}" for k, v in r.items() if k.endswith("_error")))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "ceilings": ceil, "attention": attn, "indexer": idx,
-                       "decode_sweep": sweep, "topk": topk}, f, indent=2)
+                       "decode_sweep": sweep, "topk": topk,
+                       "train_attention": train}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -143,10 +143,8 @@ class Attention(nn.Module):
                 if self.sparse:
                     mask = mask & topk_mask(scores.detach(), mask, self.indexer.topk)
         want = scores is not None and self.indexer_loss
-        # inside a recomputed block (long sequences: hundreds of chunk shapes) the eager reference, not the
-        # compiled one: a recomputation must save exactly what its forward saved
         o, mass = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
-                                    return_entry_probs=want, backend="reference" if self.recomputed else None)
+                                    return_entry_probs=want, recomputed=self.recomputed)
         self.indexer_kl = indexer_kl(scores, mass, mask) if want else None
         return o
 

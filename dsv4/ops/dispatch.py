@@ -32,12 +32,12 @@ def available_backends(op: str) -> list[str]:
     return sorted(_REGISTRY.get(op, {}))
 
 
-def _pick(op: str, backend: str | None, *args, **kwargs) -> Callable:
+def _pick(op: str, backend: str | None, *args, exclude: tuple[str, ...] = (), **kwargs) -> Callable:
     choice = backend or os.environ.get("DSV4_BACKEND") or "auto"
     impls = _REGISTRY[op]
     if choice == "auto":
         for name in ("triton", "grouped", "gathered", "compiled", "reference"):
-            if name in impls and impls[name][1](*args, **kwargs):
+            if name in impls and name not in exclude and impls[name][1](*args, **kwargs):
                 return impls[name][0]
         raise RuntimeError(f"no backend of {op} supports these inputs")
     if choice not in impls:
@@ -90,11 +90,13 @@ try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable 
     from .triton import routing as _tri_routing
     from .triton import rope as _tri_rope
     from .triton import sinkhorn as _tri_sinkhorn
+    from .triton import sequence_attn as _tri_seq
     from .triton import sparse_attn as _tri_attn
 except ImportError:  # no Triton on this machine: the references serve every call
     pass
 else:
     register("sparse_attn", "triton", _tri_attn.sparse_attn, _tri_attn.supports)
+    register("sequence_attn", "triton", _tri_seq.sequence_attn, _tri_seq.supports)
     register("indexer_topk", "triton", _tri_indexer.indexer_topk, _tri_indexer.supports)
     register("index_scores", "triton", _tri_indexer.index_scores, _tri_indexer.supports_scores)
     register("hc_split_sinkhorn", "triton", _tri_sinkhorn.hc_split_sinkhorn, _tri_sinkhorn.supports)
@@ -121,10 +123,13 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
 
 def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, entry_mask: torch.Tensor | None,
                   sink: torch.Tensor, scale: float, window: int, return_entry_probs: bool = False,
-                  *, backend: str | None = None):
+                  *, backend: str | None = None, recomputed: bool = False):
     """Whole-sequence attention: last `window` positions + masked compressed entries, sink in the softmax.
-    Returns (o, entry probabilities or None). See reference.sequence_attn."""
-    fn = _pick("sequence_attn", backend, q, kv, entries, entry_mask, sink, scale, window, return_entry_probs)
+    Returns (o, entry probabilities or None). See reference.sequence_attn.
+    recomputed: inside an activation-checkpointed block, never the compiled backend (a long sequence meets
+    hundreds of chunk shapes, and a recomputation must save exactly what its forward saved)."""
+    fn = _pick("sequence_attn", backend, q, kv, entries, entry_mask, sink, scale, window, return_entry_probs,
+               exclude=("compiled",) if recomputed else ())
     return fn(q, kv, entries, entry_mask, sink, scale, window, return_entry_probs)
 
 

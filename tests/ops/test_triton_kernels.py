@@ -222,6 +222,84 @@ def test_kernels_on_gpu_bf16():
          [(2, 3, 64, 128, 3000, 512), (1, 2, 64, 128, 800, 1024)], 2e-2, 0.97, dict(os.environ))
 
 
+SEQUENCE_CHECK = r"""
+import torch
+from dsv4.ops.reference.sequence_attn import sequence_attn as ref
+from dsv4.ops.triton.sequence_attn import sequence_attn as tri
+dev, dt = "{dev}", {dt}
+g = torch.Generator().manual_seed(0)
+for B, S, H, D, N, W in {shapes}:
+    q = torch.randn(B, S, H, D, generator=g).to(dev, dt); kv = torch.randn(B, S, D, generator=g).to(dev, dt)
+    ent = torch.randn(B, N, D, generator=g).to(dev, dt) if N else None
+    sink = torch.randn(H, generator=g).to(dev)
+    mask = None
+    if N:  # causal visibility of the entries (ratio S // N), a random selection among them (the indexer's top-k)
+        vis = torch.arange(N).view(1, N) < ((torch.arange(S) + 1) // (S // N)).view(S, 1)
+        mask = (vis & (torch.rand(B, S, N, generator=g) < 0.6)).to(dev)
+    do = torch.randn(B, S, H, D, generator=g).to(dev, dt)
+    leaves = [x for x in (q, kv, ent, sink) if x is not None]
+    r = [x.detach().double().requires_grad_(True) for x in leaves]
+    args = lambda xs: (xs[0], xs[1], xs[2] if N else None, mask, xs[-1], D ** -0.5, W, True)
+    o_r, m_r = ref(*args(r))
+    (o_r * do.double()).sum().backward()
+    for splits in (None, 3):  # the row gradients summed over one or several token ranges
+        a = [x.detach().clone().requires_grad_(True) for x in leaves]
+        o_a, m_a = tri(*args(a), splits=splits)
+        (o_a.float() * do.float()).sum().backward()
+        err = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
+        assert err(o_a, o_r) < {tol}, ("o", B, S, H, D, N, err(o_a, o_r))
+        assert (m_a is None) == (N == 0) and (N == 0 or err(m_a, m_r) < {tol}), "entry probabilities"
+        for name, x, y in zip(("q", "kv", "entries", "sink") if N else ("q", "kv", "sink"), a, r):
+            assert x.grad.dtype == x.dtype and err(x.grad, y.grad) < 2 * {tol}, (name, splits, err(x.grad, y.grad))
+print("ok")
+"""
+
+
+def _run_sequence(dev, dt, shapes, tol, env):
+    code = SEQUENCE_CHECK.format(dev=dev, dt=dt, shapes=shapes, tol=tol)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively (test below)")
+def test_sequence_attn_kernels_interpreted_on_cpu():
+    """Training attention (forward, entry probabilities, gradients of q, kv, entries and sink) against the
+    float64 reference: window only, entries with a selection, several head blocks (70 heads)."""
+    _run_sequence("cpu", "torch.float32", [(2, 37, 4, 32, 9, 8), (1, 20, 20, 16, 0, 4), (1, 12, 70, 16, 3, 4)],
+                  1e-5, dict(os.environ, TRITON_INTERPRET="1"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sequence_attn_kernels_on_gpu_bf16():
+    # V4 sizes (64 heads x 512, window 128, CSA and HCA entry counts) and Pro's 128 heads
+    _run_sequence("cuda", "torch.bfloat16", [(1, 700, 64, 512, 175, 128), (2, 300, 128, 512, 75, 128),
+                                             (1, 513, 16, 128, 4, 64)], 2e-2, dict(os.environ))
+
+
+def test_sequence_attn_launch_falls_back_to_a_smaller_configuration():
+    """A configuration that exceeds the GPU's resources is skipped, and the one that fits is remembered."""
+    from triton.runtime.errors import OutOfResources
+    from dsv4.ops.triton import sequence_attn as mod
+
+    class Kernel:
+        class fn:
+            __name__ = "fake_kernel"
+        calls = []
+
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_H, **kw):
+                self.calls.append(BLOCK_H)
+                if BLOCK_H > 32:
+                    raise OutOfResources(300000, 232448, "shared memory")
+            return run
+
+    k = Kernel()
+    assert mod._launch(k, lambda bh, bk: ((1,), (), bh), 64, 512) == 32
+    assert mod._launch(k, lambda bh, bk: ((1,), (), bh), 64, 512) == 32
+    assert k.calls == [64, 64, 32, 32]  # the second launch starts at the configuration that fit
+
+
 @pytest.mark.parametrize("T, rows", [(32768, 1), (100000, 3), (5000, 2), (2048, 4)])
 def test_two_stage_topk_selects_the_same_set(T, rows):
     """Decode-sized top-k over long rows runs in blocks, then over the survivors: the same set as torch.topk

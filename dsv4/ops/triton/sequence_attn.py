@@ -1,0 +1,292 @@
+"""Whole-sequence V4 attention for training: fused forward and backward kernels (FlashAttention-style).
+
+Same contract as ops.reference.sequence_attn: each query sees the K=V rows of its last `window` positions and
+the compressed entries its mask row allows, in one softmax with a per-head sink. The reference builds fp32
+scores [queries, heads, window + all entries] and differentiates through them; here nothing of that size
+exists. Forward: one program = one query token x a block of heads (MQA: all heads share the rows, so each row
+is read once per token for the whole block), an online softmax over the window rows then the entries up to
+the token's last visible one; it keeps the log-sum-exp for the backward. Backward (the usual recomputation):
+  dQ   one program per token x head block, the same walk as the forward;
+  dKV  one program per block of rows (window rows, then entries) walking the tokens that can see them, summing
+       P^T dO + scale * dS^T Q over tokens and heads (K = V: both terms land on the same row); long token
+       ranges are split over several programs whose fp32 partial sums are added afterwards (no atomics: the
+       result does not depend on scheduling);
+  sink the sink is one more logit in each softmax: d sink_h = -sum_tokens p_sink * delta.
+Products take bf16 operands with fp32 accumulation; P and dS are rounded to bf16 for the second products, as in
+FlashAttention. The entry probabilities summed over heads (the indexer's KL target) come from a second pass
+over the entries once the log-sum-exp is known.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.errors import OutOfResources
+
+
+@triton.jit
+def _scores(q, rows, ok, scale):
+    """[BLOCK_H, BLOCK_K] fp32 scores of a head block against a chunk of rows; -inf where a row is not visible."""
+    sc = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale
+    return tl.where(ok[None, :], sc, float("-inf"))
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, kv_ptr, e_ptr, mask_ptr, nhi_ptr, sink_ptr, o_ptr, lse_ptr, mass_ptr, scale, S, H, N, W,
+                D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_E: tl.constexpr,
+                WANT_MASS: tl.constexpr):
+    t = tl.program_id(0)                # token: b * S + s
+    pid_h = tl.program_id(1)
+    b = t // S
+    s = t % S
+    heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = heads < H
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (t * H + heads[:, None]) * D + d[None, :], mask=hm[:, None], other=0.0)
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    for j0 in range(tl.maximum(s - W + 1, 0), s + 1, BLOCK_K):      # the window: positions s-W+1 .. s
+        js = j0 + tl.arange(0, BLOCK_K)
+        ok = js <= s
+        rows = tl.load(kv_ptr + (b * S + js)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        sc = _scores(q, rows, ok, scale)
+        m_new = tl.maximum(m, tl.max(sc, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(sc - m_safe[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows).to(tl.float32)
+        m = m_new
+    n_hi = 0
+    if HAS_E:
+        n_hi = tl.load(nhi_ptr + t)                                  # entries past the last visible one: skipped
+        for n0 in range(0, n_hi, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K)
+            ok = tl.load(mask_ptr + t * N + ns, mask=ns < n_hi, other=0) != 0
+            rows = tl.load(e_ptr + (b * N + ns)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            sc = _scores(q, rows, ok, scale)
+            m_new = tl.maximum(m, tl.max(sc, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(sc - m_safe[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows).to(tl.float32)
+            m = m_new
+    sink = tl.load(sink_ptr + heads, mask=hm, other=0.0)
+    m_fin = tl.maximum(m, sink)
+    corr = tl.exp(m - m_fin)
+    den = l * corr + tl.exp(sink - m_fin)
+    tl.store(o_ptr + (t * H + heads[:, None]) * D + d[None, :], (acc * (corr / den)[:, None]).to(o_ptr.dtype.element_ty),
+             mask=hm[:, None])
+    lse = m_fin + tl.log(den)
+    tl.store(lse_ptr + t * H + heads, lse, mask=hm)
+    if WANT_MASS:  # each entry's probability summed over this block's heads: [head blocks, B*S, N]
+        for n0 in range(0, n_hi, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K)
+            ok = tl.load(mask_ptr + t * N + ns, mask=ns < n_hi, other=0) != 0
+            rows = tl.load(e_ptr + (b * N + ns)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            p = tl.exp(_scores(q, rows, ok, scale) - lse[:, None])
+            p = tl.where(hm[:, None], p, 0.0)
+            tl.store(mass_ptr + (pid_h * tl.num_programs(0) + t) * N + ns, tl.sum(p, 0), mask=ns < n_hi)
+
+
+@triton.jit
+def _dq_kernel(q_ptr, kv_ptr, e_ptr, mask_ptr, nhi_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, scale, S, H, N, W,
+               D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_E: tl.constexpr):
+    t = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = t // S
+    s = t % S
+    hm = heads < H
+    d = tl.arange(0, D)
+    at = (t * H + heads[:, None]) * D + d[None, :]
+    q = tl.load(q_ptr + at, mask=hm[:, None], other=0.0)
+    do = tl.load(do_ptr + at, mask=hm[:, None], other=0.0)
+    lse = tl.load(lse_ptr + t * H + heads, mask=hm, other=0.0)
+    delta = tl.load(delta_ptr + t * H + heads, mask=hm, other=0.0)
+    dq = tl.zeros([BLOCK_H, D], tl.float32)
+    for j0 in range(tl.maximum(s - W + 1, 0), s + 1, BLOCK_K):
+        js = j0 + tl.arange(0, BLOCK_K)
+        ok = js <= s
+        rows = tl.load(kv_ptr + (b * S + js)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        p = tl.exp(_scores(q, rows, ok, scale) - lse[:, None])
+        ds = p * (tl.dot(do, tl.trans(rows)).to(tl.float32) - delta[:, None])
+        dq += tl.dot(ds.to(rows.dtype), rows).to(tl.float32)
+    if HAS_E:
+        n_hi = tl.load(nhi_ptr + t)
+        for n0 in range(0, n_hi, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K)
+            ok = tl.load(mask_ptr + t * N + ns, mask=ns < n_hi, other=0) != 0
+            rows = tl.load(e_ptr + (b * N + ns)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            p = tl.exp(_scores(q, rows, ok, scale) - lse[:, None])
+            ds = p * (tl.dot(do, tl.trans(rows)).to(tl.float32) - delta[:, None])
+            dq += tl.dot(ds.to(rows.dtype), rows).to(tl.float32)
+    tl.store(dq_ptr + at, (dq * scale).to(dq_ptr.dtype.element_ty), mask=hm[:, None])
+
+
+@triton.jit
+def _drows_kernel(q_ptr, rows_ptr, mask_ptr, first_ptr, do_ptr, lse_ptr, delta_ptr, out_ptr, scale, S, H, R, W,
+                  D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, ENTRIES: tl.constexpr):
+    """d(rows) of one block of rows (window rows, or entries) summed over the tokens of this program's split."""
+    n_blocks = tl.cdiv(R, BLOCK_K)
+    b = tl.program_id(0) // n_blocks
+    r0 = (tl.program_id(0) % n_blocks) * BLOCK_K
+    rs = r0 + tl.arange(0, BLOCK_K)
+    rm = rs < R
+    d = tl.arange(0, D)
+    rows = tl.load(rows_ptr + (b * R + rs)[:, None] * D + d[None, :], mask=rm[:, None], other=0.0)
+    if ENTRIES:  # tokens from the first that sees any entry of the block
+        s_lo = tl.min(tl.load(first_ptr + b * R + rs, mask=rm, other=S))
+        s_hi = S
+    else:        # the window: row j is seen by tokens j .. j+W-1
+        s_lo = r0
+        s_hi = tl.minimum(S, r0 + BLOCK_K - 1 + W)
+    per = tl.cdiv(tl.maximum(s_hi - s_lo, 0), tl.num_programs(1))
+    s_a = s_lo + tl.program_id(1) * per
+    s_b = tl.minimum(s_hi, s_a + per)
+    acc = tl.zeros([BLOCK_K, D], tl.float32)
+    for s in range(s_a, s_b):
+        t = b * S + s
+        if ENTRIES:
+            vis = tl.load(mask_ptr + t * R + rs, mask=rm, other=0) != 0
+        else:
+            vis = rm & (rs <= s) & (rs > s - W)
+        for h0 in range(0, H, BLOCK_H):
+            heads = h0 + tl.arange(0, BLOCK_H)
+            hm = heads < H
+            at = (t * H + heads[:, None]) * D + d[None, :]
+            q = tl.load(q_ptr + at, mask=hm[:, None], other=0.0)
+            do = tl.load(do_ptr + at, mask=hm[:, None], other=0.0)
+            lse = tl.load(lse_ptr + t * H + heads, mask=hm, other=0.0)
+            delta = tl.load(delta_ptr + t * H + heads, mask=hm, other=0.0)
+            sc = tl.dot(rows, tl.trans(q)).to(tl.float32) * scale                          # [BLOCK_K, BLOCK_H]
+            p = tl.where(vis[:, None] & hm[None, :], tl.exp(sc - lse[None, :]), 0.0)
+            ds = p * (tl.dot(rows, tl.trans(do)).to(tl.float32) - delta[None, :]) * scale
+            acc += tl.dot(p.to(rows.dtype), do).to(tl.float32) + tl.dot(ds.to(rows.dtype), q).to(tl.float32)
+    tl.store(out_ptr + ((tl.program_id(1) * (R * (tl.num_programs(0) // n_blocks))) + b * R + rs)[:, None] * D
+             + d[None, :], acc, mask=rm[:, None])
+
+
+# (heads per program, rows per step, warps, pipeline stages), largest first: all heads of a token up to 64 (rows
+# read once per token). A launch that exceeds the GPU's shared memory or registers falls back to the next one.
+_CONFIGS = ((64, 32, 8, 2), (64, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1))
+_chosen: dict[tuple, int] = {}
+
+
+def _launch(kernel, launch, H: int, D: int, **flags):
+    """Run `kernel` with the first configuration (from the remembered one on) that fits this GPU.
+    launch(heads per program, rows per step) -> (grid, arguments, result); returns that result."""
+    key = (kernel.fn.__name__, H, D, tuple(sorted(flags.items())))
+    first = max(16, min(64, triton.next_power_of_2(H)))
+    start = _chosen.get(key, next(i for i, c in enumerate(_CONFIGS) if c[0] <= first))
+    for i in range(start, len(_CONFIGS)):
+        block_h, block_k, warps, stages = _CONFIGS[i]
+        grid, args, result = launch(block_h, block_k)
+        try:
+            kernel[grid](*args, D=D, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **flags)
+        except OutOfResources:
+            continue
+        _chosen[key] = i
+        return result
+    raise RuntimeError(f"triton sequence_attn: no configuration of {key[0]} fits this GPU (H={H}, D={D})")
+
+
+def _splits(programs: int, tokens: int, device: torch.device, splits: int | None) -> int:
+    """Token-range splits of the row-gradient programs: enough programs for two waves on the GPU."""
+    if splits is not None:
+        return splits
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(-(-2 * sms // max(programs, 1)), tokens // 64, 32))
+
+
+def _row_grads(q, rows, mask_u8, first, do, lse, delta, scale, S, H, W, entries: bool, splits: int | None):
+    B, R, D = rows.shape
+    n_split = _splits(B * triton.cdiv(R, 32), S, q.device, splits)
+    part = torch.empty(n_split, B, R, D, dtype=torch.float32, device=q.device)
+    _launch(_drows_kernel, lambda bh, bk: ((B * triton.cdiv(R, bk), n_split),
+            (q, rows, mask_u8, first, do, lse, delta, part, scale, S, H, R, W), None), H, D, ENTRIES=entries)
+    return part.sum(0) if n_split > 1 else part[0]
+
+
+class _SequenceAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, entries, entry_mask, sink, scale, window, want_mass, splits):
+        B, S, H, D = q.shape
+        has_e = entries is not None and entries.shape[1] > 0
+        q, kv = q.contiguous(), kv.to(q.dtype).contiguous()
+        N = entries.shape[1] if has_e else 0
+        if has_e:
+            entries = entries.to(q.dtype).contiguous()
+            mask_u8 = entry_mask.contiguous().view(torch.uint8)
+            ar = torch.arange(1, N + 1, device=q.device, dtype=torch.int32)
+            n_hi = (entry_mask * ar).amax(-1).to(torch.int32).contiguous()              # last visible entry + 1
+            seen = entry_mask.any(1)
+            first = torch.where(seen, entry_mask.to(torch.uint8).argmax(1), S).to(torch.int32).contiguous()  # [B, N]
+        else:
+            entries = mask_u8 = n_hi = first = kv  # unused (HAS_E = False)
+        o = torch.empty_like(q)
+        lse = torch.empty(B, S, H, dtype=torch.float32, device=q.device)
+        want_mass = want_mass and has_e
+        sink32 = sink.float().contiguous()
+
+        def launch(bh: int, bk: int):  # entry probabilities: one partial sum per head block
+            n_h = triton.cdiv(H, bh)
+            mass = torch.zeros(n_h, B * S, N, dtype=torch.float32, device=q.device) if want_mass else lse
+            return (B * S, n_h), (q, kv, entries, mask_u8, n_hi, sink32, o, lse, mass, scale, S, H, N, window), mass
+        mass = _launch(_fwd_kernel, launch, H, D, HAS_E=has_e, WANT_MASS=want_mass)
+        ctx.save_for_backward(q, kv, entries if has_e else None, mask_u8 if has_e else None,
+                              n_hi if has_e else None, first if has_e else None, sink32, o, lse)
+        ctx.scale, ctx.window, ctx.splits, ctx.sink_dtype = scale, window, splits, sink.dtype
+        if not want_mass:
+            return o, None
+        mass = (mass.sum(0) if mass.shape[0] > 1 else mass[0]).view(B, S, N)
+        ctx.mark_non_differentiable(mass)
+        return o, mass
+
+    @staticmethod
+    def backward(ctx, do, _dmass):
+        q, kv, entries, mask_u8, n_hi, first, sink, o, lse = ctx.saved_tensors
+        B, S, H, D = q.shape
+        has_e = entries is not None
+        N = entries.shape[1] if has_e else 0
+        do = do.to(q.dtype).contiguous()
+        delta = (do.float() * o.float()).sum(-1).contiguous()                          # [B, S, H]
+        dq = torch.empty_like(q)
+        e_args = (entries, mask_u8, n_hi) if has_e else (kv, kv, kv)
+        _launch(_dq_kernel, lambda bh, bk: ((B * S, triton.cdiv(H, bh)),
+                (q, kv, *e_args, do, lse, delta, dq, ctx.scale, S, H, N, ctx.window), None), H, D, HAS_E=has_e)
+        dkv = _row_grads(q, kv, kv, kv, do, lse, delta, ctx.scale, S, H, ctx.window, False, ctx.splits)
+        de = None
+        if has_e:
+            de = _row_grads(q, entries, mask_u8, first, do, lse, delta, ctx.scale, S, H, ctx.window, True,
+                            ctx.splits).to(entries.dtype)
+        dsink = -(torch.exp(sink - lse) * delta).sum((0, 1)).to(ctx.sink_dtype)
+        return dq, dkv.to(kv.dtype), de, None, dsink, None, None, None, None
+
+
+def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, entry_mask: torch.Tensor | None,
+                  sink: torch.Tensor, scale: float, window: int, return_entry_probs: bool = False,
+                  splits: int | None = None):
+    """Same contract as ops.reference.sequence_attn (o [B,S,H,D], entry probabilities [B,S,N] or None), with
+    gradients for q, kv, entries and sink. splits: token-range splits of the row-gradient programs (default:
+    enough programs to fill the GPU)."""
+    B, S, H, D = q.shape
+    if D & (D - 1) or D < 16 or D > 512:
+        raise ValueError(f"triton sequence_attn needs a power-of-two head dim in [16, 512], got {D}")
+    if entries is not None and entry_mask is None:
+        raise ValueError("sequence_attn: entries need an entry_mask [B, S, N]")
+    window = min(window, S)
+    o, mass = _SequenceAttn.apply(q, kv, entries, entry_mask, sink, scale, window, return_entry_probs, splits)
+    return o, mass
+
+
+def supports(q: torch.Tensor, kv: torch.Tensor, entries, entry_mask, sink, scale, window,
+             return_entry_probs=False) -> bool:
+    """CUDA bf16/fp16, power-of-two head dim <= 512; opted into with DSV4_TRITON_SEQUENCE_ATTN=1 until its speed
+    against the compiled reference has been measured on a GPU (bench/e2e.py measures both)."""
+    D = q.shape[-1]
+    return (os.environ.get("DSV4_TRITON_SEQUENCE_ATTN") == "1" and q.is_cuda
+            and q.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 512 and not D & (D - 1))
