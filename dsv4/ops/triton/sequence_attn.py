@@ -14,7 +14,8 @@ the token's last visible one; it keeps the log-sum-exp for the backward. Backwar
   sink the sink is one more logit in each softmax: d sink_h = -sum_tokens p_sink * delta.
 Products take bf16 operands with fp32 accumulation; P and dS are rounded to bf16 for the second products, as in
 FlashAttention. The entry probabilities summed over heads (the indexer's KL target) come from a second pass
-over the entries once the log-sum-exp is known.
+over the entries once the log-sum-exp is known. The walks are dense over the visible entries (masked), which
+suits sequences up to ~8K tokens (see MAX_QUERY_ENTRY_PAIRS).
 """
 from __future__ import annotations
 
@@ -211,6 +212,17 @@ def _row_grads(q, rows, mask_u8, first, do, lse, delta, scale, S, H, W, entries:
     return part.sum(0) if n_split > 1 else part[0]
 
 
+def _visibility_bounds(mask_u8: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """From the entry mask [B, S, N]: each token's last visible entry + 1 [B, S] (the forward's and dQ's walk
+    stops there) and each entry's first token that sees it, S if none [B, N] (where its gradient walk starts).
+    In steps of query rows, so no [B, S, N] temporary wider than the mask exists at long contexts."""
+    B, S, N = mask_u8.shape
+    ar = torch.arange(1, N + 1, device=mask_u8.device, dtype=torch.int32)
+    n_hi = torch.cat([(mask_u8[:, a:a + rows_per_step] * ar).amax(-1) for a in range(0, S, rows_per_step)], 1)
+    first = torch.where(mask_u8.amax(1) > 0, mask_u8.argmax(1), S)
+    return n_hi.to(torch.int32).contiguous(), first.to(torch.int32).contiguous()
+
+
 class _SequenceAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, entries, entry_mask, sink, scale, window, want_mass, splits):
@@ -221,10 +233,7 @@ class _SequenceAttn(torch.autograd.Function):
         if has_e:
             entries = entries.to(q.dtype).contiguous()
             mask_u8 = entry_mask.contiguous().view(torch.uint8)
-            ar = torch.arange(1, N + 1, device=q.device, dtype=torch.int32)
-            n_hi = (entry_mask * ar).amax(-1).to(torch.int32).contiguous()              # last visible entry + 1
-            seen = entry_mask.any(1)
-            first = torch.where(seen, entry_mask.to(torch.uint8).argmax(1), S).to(torch.int32).contiguous()  # [B, N]
+            n_hi, first = _visibility_bounds(mask_u8)
         else:
             entries = mask_u8 = n_hi = first = kv  # unused (HAS_E = False)
         o = torch.empty_like(q)
@@ -283,10 +292,21 @@ def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | Non
     return o, mass
 
 
+# (query, entry) pairs above which the kernels leave a sequence to the reference: each token's program streams
+# every entry up to its last visible one, and each block of entries re-reads every later token's q and dO (64
+# heads x 512 dims: 128 KB per token). At 4K-8K tokens that traffic stays in L2; at 64K (16K CSA entries) it
+# would be terabytes, where the reference's GEMMs reuse their tiles. Long CSA sequences need index lists and
+# scattered entry gradients instead (not built yet).
+MAX_QUERY_ENTRY_PAIRS = 1 << 25
+
+
 def supports(q: torch.Tensor, kv: torch.Tensor, entries, entry_mask, sink, scale, window,
              return_entry_probs=False) -> bool:
-    """CUDA bf16/fp16, power-of-two head dim <= 512; opted into with DSV4_TRITON_SEQUENCE_ATTN=1 until its speed
-    against the compiled reference has been measured on a GPU (bench/e2e.py measures both)."""
-    D = q.shape[-1]
+    """CUDA bf16/fp16, power-of-two head dim <= 512, at most MAX_QUERY_ENTRY_PAIRS; opted into with
+    DSV4_TRITON_SEQUENCE_ATTN=1 until its speed against the compiled reference has been measured on a GPU
+    (bench/kernels.py and bench/e2e.py measure both)."""
+    B, S, H, D = q.shape
+    N = 0 if entries is None else entries.shape[1]
     return (os.environ.get("DSV4_TRITON_SEQUENCE_ATTN") == "1" and q.is_cuda
-            and q.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 512 and not D & (D - 1))
+            and q.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 512 and not D & (D - 1)
+            and S * N <= MAX_QUERY_ENTRY_PAIRS)
