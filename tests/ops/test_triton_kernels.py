@@ -242,15 +242,16 @@ for B, S, H, D, N, W in {shapes}:
     args = lambda xs: (xs[0], xs[1], xs[2] if N else None, mask, xs[-1], D ** -0.5, W, True)
     o_r, m_r = ref(*args(r))
     (o_r * do.double()).sum().backward()
-    for splits in (None, 3):  # the row gradients summed over one or several token ranges
+    # dense masked walks with the row gradients summed over one or several token ranges; per-token entry lists
+    for splits, lists in ((None, False), (3, False), (None, True)):
         a = [x.detach().clone().requires_grad_(True) for x in leaves]
-        o_a, m_a = tri(*args(a), splits=splits)
+        o_a, m_a = tri(*args(a), splits=splits, lists=lists)
         (o_a.float() * do.float()).sum().backward()
         err = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
         assert err(o_a, o_r) < {tol}, ("o", B, S, H, D, N, err(o_a, o_r))
         assert (m_a is None) == (N == 0) and (N == 0 or err(m_a, m_r) < {tol}), "entry probabilities"
         for name, x, y in zip(("q", "kv", "entries", "sink") if N else ("q", "kv", "sink"), a, r):
-            assert x.grad.dtype == x.dtype and err(x.grad, y.grad) < 2 * {tol}, (name, splits, err(x.grad, y.grad))
+            assert x.grad.dtype == x.dtype and err(x.grad, y.grad) < 2 * {tol}, (name, lists, splits, err(x.grad, y.grad))
 print("ok")
 """
 

@@ -14,8 +14,8 @@ the token's last visible one; it keeps the log-sum-exp for the backward. Backwar
   sink the sink is one more logit in each softmax: d sink_h = -sum_tokens p_sink * delta.
 Products take bf16 operands with fp32 accumulation; P and dS are rounded to bf16 for the second products, as in
 FlashAttention. The entry probabilities summed over heads (the indexer's KL target) come from a second pass
-over the entries once the log-sum-exp is known. The walks are dense over the visible entries (masked), which
-suits sequences up to ~8K tokens (see MAX_QUERY_ENTRY_PAIRS).
+over the entries once the log-sum-exp is known. Up to ~8K tokens the entries are walked densely with the mask;
+longer sequences walk each token's list of visible entries instead (see DENSE_WALK_PAIRS).
 """
 from __future__ import annotations
 
@@ -35,9 +35,47 @@ def _scores(q, rows, ok, scale):
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, kv_ptr, e_ptr, mask_ptr, nhi_ptr, sink_ptr, o_ptr, lse_ptr, mass_ptr, scale, S, H, N, W,
+def _online(q, rows, ok, scale, m, l, acc):
+    """One chunk of rows into a running softmax: max m, sum l, unnormalised output acc."""
+    sc = _scores(q, rows, ok, scale)
+    m_new = tl.maximum(m, tl.max(sc, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    p = tl.exp(sc - m_safe[:, None])
+    return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows).to(tl.float32)
+
+
+@triton.jit
+def _window_chunk(kv_ptr, b, s, S, j0, D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Window rows j0 .. j0+BLOCK_K-1 of sequence b for the query at s: (visible, rows)."""
+    js = j0 + tl.arange(0, BLOCK_K)
+    ok = js <= s
+    d = tl.arange(0, D)
+    return ok, tl.load(kv_ptr + (b * S + js)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
+def _entry_chunk(e_ptr, sel_ptr, t, b, n0, n_hi, N, K, D: tl.constexpr, BLOCK_K: tl.constexpr, LISTS: tl.constexpr):
+    """The token's entries at walk positions n0 .. n0+BLOCK_K-1: (entry ids, visible, rows). The walk runs over
+    all entries up to the last visible one with the mask row (sel = mask [B, S, N]), or over the token's list
+    of visible entries (sel = lists [B, S, K], -1 padded)."""
+    slots = n0 + tl.arange(0, BLOCK_K)
+    live = slots < n_hi
+    if LISTS:
+        ids = tl.load(sel_ptr + t * K + slots, mask=live, other=-1)
+        ok = ids >= 0
+    else:
+        ids = slots
+        ok = tl.load(sel_ptr + t * N + slots, mask=live, other=0) != 0
+    d = tl.arange(0, D)
+    rows = tl.load(e_ptr + (b * N + tl.where(ok, ids, 0))[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    return ids, ok, rows
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, kv_ptr, e_ptr, sel_ptr, nhi_ptr, sink_ptr, o_ptr, lse_ptr, mass_ptr, scale, S, H, N, K, W,
                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_E: tl.constexpr,
-                WANT_MASS: tl.constexpr):
+                LISTS: tl.constexpr, WANT_MASS: tl.constexpr):
     t = tl.program_id(0)                # token: b * S + s
     pid_h = tl.program_id(1)
     b = t // S
@@ -50,32 +88,14 @@ def _fwd_kernel(q_ptr, kv_ptr, e_ptr, mask_ptr, nhi_ptr, sink_ptr, o_ptr, lse_pt
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
     for j0 in range(tl.maximum(s - W + 1, 0), s + 1, BLOCK_K):      # the window: positions s-W+1 .. s
-        js = j0 + tl.arange(0, BLOCK_K)
-        ok = js <= s
-        rows = tl.load(kv_ptr + (b * S + js)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-        sc = _scores(q, rows, ok, scale)
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        p = tl.exp(sc - m_safe[:, None])
-        l = l * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows).to(tl.float32)
-        m = m_new
+        ok, rows = _window_chunk(kv_ptr, b, s, S, j0, D, BLOCK_K)
+        m, l, acc = _online(q, rows, ok, scale, m, l, acc)
     n_hi = 0
     if HAS_E:
-        n_hi = tl.load(nhi_ptr + t)                                  # entries past the last visible one: skipped
+        n_hi = tl.load(nhi_ptr + t)                                  # the walk's length for this token
         for n0 in range(0, n_hi, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K)
-            ok = tl.load(mask_ptr + t * N + ns, mask=ns < n_hi, other=0) != 0
-            rows = tl.load(e_ptr + (b * N + ns)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-            sc = _scores(q, rows, ok, scale)
-            m_new = tl.maximum(m, tl.max(sc, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(sc - m_safe[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(rows.dtype), rows).to(tl.float32)
-            m = m_new
+            _, ok, rows = _entry_chunk(e_ptr, sel_ptr, t, b, n0, n_hi, N, K, D, BLOCK_K, LISTS)
+            m, l, acc = _online(q, rows, ok, scale, m, l, acc)
     sink = tl.load(sink_ptr + heads, mask=hm, other=0.0)
     m_fin = tl.maximum(m, sink)
     corr = tl.exp(m - m_fin)
@@ -86,17 +106,16 @@ def _fwd_kernel(q_ptr, kv_ptr, e_ptr, mask_ptr, nhi_ptr, sink_ptr, o_ptr, lse_pt
     tl.store(lse_ptr + t * H + heads, lse, mask=hm)
     if WANT_MASS:  # each entry's probability summed over this block's heads: [head blocks, B*S, N]
         for n0 in range(0, n_hi, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K)
-            ok = tl.load(mask_ptr + t * N + ns, mask=ns < n_hi, other=0) != 0
-            rows = tl.load(e_ptr + (b * N + ns)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-            p = tl.exp(_scores(q, rows, ok, scale) - lse[:, None])
-            p = tl.where(hm[:, None], p, 0.0)
-            tl.store(mass_ptr + (pid_h * tl.num_programs(0) + t) * N + ns, tl.sum(p, 0), mask=ns < n_hi)
+            ids, ok, rows = _entry_chunk(e_ptr, sel_ptr, t, b, n0, n_hi, N, K, D, BLOCK_K, LISTS)
+            p = tl.where(hm[:, None], tl.exp(_scores(q, rows, ok, scale) - lse[:, None]), 0.0)
+            tl.store(mass_ptr + (pid_h * tl.num_programs(0) + t) * N + ids, tl.sum(p, 0), mask=ok)
 
 
 @triton.jit
-def _dq_kernel(q_ptr, kv_ptr, e_ptr, mask_ptr, nhi_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, scale, S, H, N, W,
-               D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_E: tl.constexpr):
+def _dq_kernel(q_ptr, kv_ptr, e_ptr, sel_ptr, nhi_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, de_ptr, scale,
+               S, H, N, K, W, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, HAS_E: tl.constexpr,
+               LISTS: tl.constexpr):
+    """dQ of a token's head block; with lists, also its share of the entries' gradient (atomic fp32 adds)."""
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     b = t // S
@@ -110,21 +129,21 @@ def _dq_kernel(q_ptr, kv_ptr, e_ptr, mask_ptr, nhi_ptr, do_ptr, lse_ptr, delta_p
     delta = tl.load(delta_ptr + t * H + heads, mask=hm, other=0.0)
     dq = tl.zeros([BLOCK_H, D], tl.float32)
     for j0 in range(tl.maximum(s - W + 1, 0), s + 1, BLOCK_K):
-        js = j0 + tl.arange(0, BLOCK_K)
-        ok = js <= s
-        rows = tl.load(kv_ptr + (b * S + js)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        ok, rows = _window_chunk(kv_ptr, b, s, S, j0, D, BLOCK_K)
         p = tl.exp(_scores(q, rows, ok, scale) - lse[:, None])
         ds = p * (tl.dot(do, tl.trans(rows)).to(tl.float32) - delta[:, None])
         dq += tl.dot(ds.to(rows.dtype), rows).to(tl.float32)
     if HAS_E:
         n_hi = tl.load(nhi_ptr + t)
         for n0 in range(0, n_hi, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K)
-            ok = tl.load(mask_ptr + t * N + ns, mask=ns < n_hi, other=0) != 0
-            rows = tl.load(e_ptr + (b * N + ns)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+            ids, ok, rows = _entry_chunk(e_ptr, sel_ptr, t, b, n0, n_hi, N, K, D, BLOCK_K, LISTS)
             p = tl.exp(_scores(q, rows, ok, scale) - lse[:, None])
             ds = p * (tl.dot(do, tl.trans(rows)).to(tl.float32) - delta[:, None])
             dq += tl.dot(ds.to(rows.dtype), rows).to(tl.float32)
+            if LISTS:  # K = V: P^T dO + scale * dS^T Q onto the listed rows
+                de = tl.dot(tl.trans(p).to(rows.dtype), do).to(tl.float32) \
+                    + tl.dot(tl.trans(ds * scale).to(rows.dtype), q).to(tl.float32)
+                tl.atomic_add(de_ptr + (b * N + tl.where(ok, ids, 0))[:, None] * D + d[None, :], de, mask=ok[:, None])
     tl.store(dq_ptr + at, (dq * scale).to(dq_ptr.dtype.element_ty), mask=hm[:, None])
 
 
@@ -223,19 +242,44 @@ def _visibility_bounds(mask_u8: torch.Tensor, rows_per_step: int = 4096) -> tupl
     return n_hi.to(torch.int32).contiguous(), first.to(torch.int32).contiguous()
 
 
+def _entry_lists(mask: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's visible entries as a list [B, S, K] int32 (ascending, -1 padded; K = the most any token
+    sees) and the list lengths [B, S]. In steps of query rows, so nonzero's index triples stay small."""
+    B, S, N = mask.shape
+    counts = mask.sum(-1, dtype=torch.int32)
+    K = max(int(counts.max()), 1)
+    lists = torch.full((B, S, K), -1, dtype=torch.int32, device=mask.device)
+    for a in range(0, S, rows_per_step):
+        part = mask[:, a:a + rows_per_step]
+        b, s, n = part.nonzero(as_tuple=True)                       # row-major: each row's entries in order
+        c = counts[:, a:a + rows_per_step].flatten()
+        row = b * part.shape[1] + s
+        slot = torch.arange(n.numel(), device=mask.device) - (torch.cumsum(c, 0) - c)[row]
+        lists[b, a + s, slot] = n.to(torch.int32)
+    return lists, counts
+
+
 class _SequenceAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, kv, entries, entry_mask, sink, scale, window, want_mass, splits):
+    def forward(ctx, q, kv, entries, entry_mask, sink, scale, window, want_mass, splits, lists):
         B, S, H, D = q.shape
         has_e = entries is not None and entries.shape[1] > 0
         q, kv = q.contiguous(), kv.to(q.dtype).contiguous()
         N = entries.shape[1] if has_e else 0
+        if lists is None:
+            lists = S * N > DENSE_WALK_PAIRS
+        lists = lists and has_e
+        K, first = 0, None
         if has_e:
             entries = entries.to(q.dtype).contiguous()
-            mask_u8 = entry_mask.contiguous().view(torch.uint8)
-            n_hi, first = _visibility_bounds(mask_u8)
+            if lists:
+                sel, n_hi = _entry_lists(entry_mask)
+                K = sel.shape[-1]
+            else:
+                sel = entry_mask.contiguous().view(torch.uint8)
+                n_hi, first = _visibility_bounds(sel)
         else:
-            entries = mask_u8 = n_hi = first = kv  # unused (HAS_E = False)
+            entries = sel = n_hi = kv  # unused (HAS_E = False)
         o = torch.empty_like(q)
         lse = torch.empty(B, S, H, dtype=torch.float32, device=q.device)
         want_mass = want_mass and has_e
@@ -244,11 +288,11 @@ class _SequenceAttn(torch.autograd.Function):
         def launch(bh: int, bk: int):  # entry probabilities: one partial sum per head block
             n_h = triton.cdiv(H, bh)
             mass = torch.zeros(n_h, B * S, N, dtype=torch.float32, device=q.device) if want_mass else lse
-            return (B * S, n_h), (q, kv, entries, mask_u8, n_hi, sink32, o, lse, mass, scale, S, H, N, window), mass
-        mass = _launch(_fwd_kernel, launch, H, D, HAS_E=has_e, WANT_MASS=want_mass)
-        ctx.save_for_backward(q, kv, entries if has_e else None, mask_u8 if has_e else None,
-                              n_hi if has_e else None, first if has_e else None, sink32, o, lse)
-        ctx.scale, ctx.window, ctx.splits, ctx.sink_dtype = scale, window, splits, sink.dtype
+            return (B * S, n_h), (q, kv, entries, sel, n_hi, sink32, o, lse, mass, scale, S, H, N, K, window), mass
+        mass = _launch(_fwd_kernel, launch, H, D, HAS_E=has_e, LISTS=lists, WANT_MASS=want_mass)
+        ctx.save_for_backward(q, kv, entries if has_e else None, sel if has_e else None,
+                              n_hi if has_e else None, first, sink32, o, lse)
+        ctx.scale, ctx.window, ctx.splits, ctx.sink_dtype, ctx.lists = scale, window, splits, sink.dtype, lists
         if not want_mass:
             return o, None
         mass = (mass.sum(0) if mass.shape[0] > 1 else mass[0]).view(B, S, N)
@@ -257,56 +301,56 @@ class _SequenceAttn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, _dmass):
-        q, kv, entries, mask_u8, n_hi, first, sink, o, lse = ctx.saved_tensors
+        q, kv, entries, sel, n_hi, first, sink, o, lse = ctx.saved_tensors
         B, S, H, D = q.shape
-        has_e = entries is not None
+        has_e, lists = entries is not None, ctx.lists
         N = entries.shape[1] if has_e else 0
+        K = sel.shape[-1] if lists else 0
         do = do.to(q.dtype).contiguous()
         delta = (do.float() * o.float()).sum(-1).contiguous()                          # [B, S, H]
         dq = torch.empty_like(q)
-        e_args = (entries, mask_u8, n_hi) if has_e else (kv, kv, kv)
-        _launch(_dq_kernel, lambda bh, bk: ((B * S, triton.cdiv(H, bh)),
-                (q, kv, *e_args, do, lse, delta, dq, ctx.scale, S, H, N, ctx.window), None), H, D, HAS_E=has_e)
+        de = torch.zeros(B, N, D, dtype=torch.float32, device=q.device) if lists else None
+        e_args = (entries, sel, n_hi) if has_e else (kv, kv, kv)
+        _launch(_dq_kernel, lambda bh, bk: ((B * S, triton.cdiv(H, bh)), (
+                q, kv, *e_args, do, lse, delta, dq, dq if de is None else de, ctx.scale, S, H, N, K, ctx.window),
+                None), H, D, HAS_E=has_e, LISTS=lists)
         dkv = _row_grads(q, kv, kv, kv, do, lse, delta, ctx.scale, S, H, ctx.window, False, ctx.splits)
-        de = None
-        if has_e:
-            de = _row_grads(q, entries, mask_u8, first, do, lse, delta, ctx.scale, S, H, ctx.window, True,
-                            ctx.splits).to(entries.dtype)
+        if has_e and not lists:
+            de = _row_grads(q, entries, sel, first, do, lse, delta, ctx.scale, S, H, ctx.window, True, ctx.splits)
         dsink = -(torch.exp(sink - lse) * delta).sum((0, 1)).to(ctx.sink_dtype)
-        return dq, dkv.to(kv.dtype), de, None, dsink, None, None, None, None
+        return (dq, dkv.to(kv.dtype), None if de is None else de.to(entries.dtype), None, dsink,
+                None, None, None, None, None)
 
 
 def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | None, entry_mask: torch.Tensor | None,
                   sink: torch.Tensor, scale: float, window: int, return_entry_probs: bool = False,
-                  splits: int | None = None):
+                  splits: int | None = None, lists: bool | None = None):
     """Same contract as ops.reference.sequence_attn (o [B,S,H,D], entry probabilities [B,S,N] or None), with
     gradients for q, kv, entries and sink. splits: token-range splits of the row-gradient programs (default:
-    enough programs to fill the GPU)."""
+    enough programs to fill the GPU). lists: walk each token's list of visible entries, their gradients added
+    atomically (default: beyond DENSE_WALK_PAIRS (query, entry) pairs), instead of the masked dense walk."""
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16 or D > 512:
         raise ValueError(f"triton sequence_attn needs a power-of-two head dim in [16, 512], got {D}")
-    if entries is not None and entry_mask is None:
-        raise ValueError("sequence_attn: entries need an entry_mask [B, S, N]")
+    if entries is not None and (entry_mask is None or entry_mask.shape != (B, S, entries.shape[1])):
+        raise ValueError(f"sequence_attn: entries {tuple(entries.shape)} need an entry_mask [B, S, N], got "
+                         f"{None if entry_mask is None else tuple(entry_mask.shape)}")
     window = min(window, S)
-    o, mass = _SequenceAttn.apply(q, kv, entries, entry_mask, sink, scale, window, return_entry_probs, splits)
-    return o, mass
+    return _SequenceAttn.apply(q, kv, entries, entry_mask, sink, scale, window, return_entry_probs, splits, lists)
 
 
-# (query, entry) pairs above which the kernels leave a sequence to the reference: each token's program streams
-# every entry up to its last visible one, and each block of entries re-reads every later token's q and dO (64
-# heads x 512 dims: 128 KB per token). At 4K-8K tokens that traffic stays in L2; at 64K (16K CSA entries) it
-# would be terabytes, where the reference's GEMMs reuse their tiles. Long CSA sequences need index lists and
-# scattered entry gradients instead (not built yet).
-MAX_QUERY_ENTRY_PAIRS = 1 << 25
+# (query, entry) pairs up to which the entries are walked densely with the mask (deterministic gradients): each
+# token's program streams every entry up to its last visible one, and each block of entries re-reads every later
+# token's q and dO (64 heads x 512 dims: 128 KB per token), traffic that stays in L2 at 4K-8K tokens. Beyond,
+# each token walks its list of visible entries (CSA: its top-k) and adds its share of their gradients atomically:
+# work linear in the sequence, gradient sums in a run-dependent order (fp32 rounding differences only).
+DENSE_WALK_PAIRS = 1 << 25
 
 
 def supports(q: torch.Tensor, kv: torch.Tensor, entries, entry_mask, sink, scale, window,
              return_entry_probs=False) -> bool:
-    """CUDA bf16/fp16, power-of-two head dim <= 512, at most MAX_QUERY_ENTRY_PAIRS; opted into with
-    DSV4_TRITON_SEQUENCE_ATTN=1 until its speed against the compiled reference has been measured on a GPU
-    (bench/kernels.py and bench/e2e.py measure both)."""
-    B, S, H, D = q.shape
-    N = 0 if entries is None else entries.shape[1]
+    """CUDA bf16/fp16, power-of-two head dim <= 512; opted into with DSV4_TRITON_SEQUENCE_ATTN=1 until its speed
+    against the compiled reference has been measured on a GPU (bench/kernels.py and bench/e2e.py measure both)."""
+    D = q.shape[-1]
     return (os.environ.get("DSV4_TRITON_SEQUENCE_ATTN") == "1" and q.is_cuda
-            and q.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 512 and not D & (D - 1)
-            and S * N <= MAX_QUERY_ENTRY_PAIRS)
+            and q.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 512 and not D & (D - 1))
