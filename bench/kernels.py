@@ -91,10 +91,11 @@ def flex_case(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor) -> dict:
 
 
 def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict, H: int = 64, D: int = 512,
-                    W: int = 128) -> dict:
+                    W: int = 128, long: bool = False) -> dict:
     """Training attention, forward + backward at one sequence: the Triton kernels, the reference as training
     otherwise runs it (torch.compile'd chunks), eager, and FlexAttention (compiled; all rows with the window and
-    entry mask as a block mask, one shared K=V head, no sink)."""
+    entry mask as a block mask, one shared K=V head, no sink). long: the Triton kernels' list walk against the
+    eager reference only (what recomputed blocks run)."""
     g = torch.Generator(device="cuda").manual_seed(3)
     N = S // ratio
     leaves = [torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g),
@@ -115,11 +116,13 @@ def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict,
             o, _ = fn(*leaves[:3], mask, leaves[3], D ** -0.5, W)
             o.backward(do)
         return run
-    visible = int(mask.sum()) + S * min(W, S)                 # (query, row) pairs each kernel computes
+    visible = int(mask.sum()) + S * min(W, S)                 # (query, row) pairs attended: the useful work
     flops = 4 * H * D * visible * 3.5                         # QK and PV forward, 2.5x that backward (with recompute)
     out = {"case": name, "S": S, "N": N}
     impls = {"triton": tri_seq.sequence_attn, "compiled_reference": compiled.OPS["sequence_attn"],
              "eager_reference": ref_seq.sequence_attn}
+    if long:
+        del impls["compiled_reference"]
     for impl, fn in impls.items():
         try:
             out[f"{impl}_ms"] = bench(fwd_bwd(fn), reps=5)
@@ -128,6 +131,8 @@ def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict,
     if "triton_ms" in out:
         out["triton_tflops"] = flops / out["triton_ms"] / 1e9
         out["frac_matmul"] = out["triton_tflops"] / ceil["bf16_matmul_tflops"]
+    if long:
+        return out
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
         allowed = torch.cat((torch.zeros(1, S, S, dtype=torch.bool, device="cuda"), mask), -1)
@@ -220,7 +225,8 @@ def main() -> None:
              + attn_sweep("CSA decode 128K b1", 1, 1, 128 + 512, 128 + 32768, ceil)
              + attn_sweep("HCA decode 128K b1", 1, 1, 128 + 1024, 128 + 1024, ceil)
              + attn_sweep("CSA prefill 4K", 1, 4096, 640, 4096 + 1024, ceil))
-    train = [train_attn_case("CSA train 4K", 4096, 4, 512, ceil), train_attn_case("HCA train 4K", 4096, 128, None, ceil)]
+    train = [train_attn_case("CSA train 4K", 4096, 4, 512, ceil), train_attn_case("HCA train 4K", 4096, 128, None, ceil),
+             train_attn_case("CSA train 64K (lists)", 65536, 4, 512, ceil, long=True)]
     topk = [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
     print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'ms':>8}{'GB/s':>8}"
           f"{'%copy':>7}")
