@@ -62,11 +62,11 @@ def _entry_chunk(e_ptr, sel_ptr, t, b, n0, n_hi, N, K, D: tl.constexpr, BLOCK_K:
     slots = n0 + tl.arange(0, BLOCK_K)
     live = slots < n_hi
     if LISTS:
-        ids = tl.load(sel_ptr + t * K + slots, mask=live, other=-1)
+        ids = tl.load(sel_ptr + t.to(tl.int64) * K + slots, mask=live, other=-1)
         ok = ids >= 0
     else:
         ids = slots
-        ok = tl.load(sel_ptr + t * N + slots, mask=live, other=0) != 0
+        ok = tl.load(sel_ptr + t.to(tl.int64) * N + slots, mask=live, other=0) != 0
     d = tl.arange(0, D)
     rows = tl.load(e_ptr + (b * N + tl.where(ok, ids, 0))[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
     return ids, ok, rows
@@ -83,7 +83,8 @@ def _fwd_kernel(q_ptr, kv_ptr, e_ptr, sel_ptr, nhi_ptr, sink_ptr, o_ptr, lse_ptr
     heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = heads < H
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + (t * H + heads[:, None]) * D + d[None, :], mask=hm[:, None], other=0.0)
+    at = (t.to(tl.int64) * H + heads[:, None]) * D + d[None, :]     # int64: B*S*H*D passes 2^31 at 64K tokens
+    q = tl.load(q_ptr + at, mask=hm[:, None], other=0.0)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
@@ -100,15 +101,14 @@ def _fwd_kernel(q_ptr, kv_ptr, e_ptr, sel_ptr, nhi_ptr, sink_ptr, o_ptr, lse_ptr
     m_fin = tl.maximum(m, sink)
     corr = tl.exp(m - m_fin)
     den = l * corr + tl.exp(sink - m_fin)
-    tl.store(o_ptr + (t * H + heads[:, None]) * D + d[None, :], (acc * (corr / den)[:, None]).to(o_ptr.dtype.element_ty),
-             mask=hm[:, None])
+    tl.store(o_ptr + at, (acc * (corr / den)[:, None]).to(o_ptr.dtype.element_ty), mask=hm[:, None])
     lse = m_fin + tl.log(den)
     tl.store(lse_ptr + t * H + heads, lse, mask=hm)
     if WANT_MASS:  # each entry's probability summed over this block's heads: [head blocks, B*S, N]
         for n0 in range(0, n_hi, BLOCK_K):
             ids, ok, rows = _entry_chunk(e_ptr, sel_ptr, t, b, n0, n_hi, N, K, D, BLOCK_K, LISTS)
             p = tl.where(hm[:, None], tl.exp(_scores(q, rows, ok, scale) - lse[:, None]), 0.0)
-            tl.store(mass_ptr + (pid_h * tl.num_programs(0) + t) * N + ids, tl.sum(p, 0), mask=ok)
+            tl.store(mass_ptr + (pid_h * tl.num_programs(0) + t).to(tl.int64) * N + ids, tl.sum(p, 0), mask=ok)
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _dq_kernel(q_ptr, kv_ptr, e_ptr, sel_ptr, nhi_ptr, do_ptr, lse_ptr, delta_pt
     s = t % S
     hm = heads < H
     d = tl.arange(0, D)
-    at = (t * H + heads[:, None]) * D + d[None, :]
+    at = (t.to(tl.int64) * H + heads[:, None]) * D + d[None, :]
     q = tl.load(q_ptr + at, mask=hm[:, None], other=0.0)
     do = tl.load(do_ptr + at, mask=hm[:, None], other=0.0)
     lse = tl.load(lse_ptr + t * H + heads, mask=hm, other=0.0)
@@ -143,7 +143,8 @@ def _dq_kernel(q_ptr, kv_ptr, e_ptr, sel_ptr, nhi_ptr, do_ptr, lse_ptr, delta_pt
             if LISTS:  # K = V: P^T dO + scale * dS^T Q onto the listed rows
                 de = tl.dot(tl.trans(p).to(rows.dtype), do).to(tl.float32) \
                     + tl.dot(tl.trans(ds * scale).to(rows.dtype), q).to(tl.float32)
-                tl.atomic_add(de_ptr + (b * N + tl.where(ok, ids, 0))[:, None] * D + d[None, :], de, mask=ok[:, None])
+                tl.atomic_add(de_ptr + (b * N + tl.where(ok, ids, 0))[:, None] * D + d[None, :], de, mask=ok[:, None],
+                              sem="relaxed")
     tl.store(dq_ptr + at, (dq * scale).to(dq_ptr.dtype.element_ty), mask=hm[:, None])
 
 
@@ -171,13 +172,13 @@ def _drows_kernel(q_ptr, rows_ptr, mask_ptr, first_ptr, do_ptr, lse_ptr, delta_p
     for s in range(s_a, s_b):
         t = b * S + s
         if ENTRIES:
-            vis = tl.load(mask_ptr + t * R + rs, mask=rm, other=0) != 0
+            vis = tl.load(mask_ptr + t.to(tl.int64) * R + rs, mask=rm, other=0) != 0
         else:
             vis = rm & (rs <= s) & (rs > s - W)
         for h0 in range(0, H, BLOCK_H):
             heads = h0 + tl.arange(0, BLOCK_H)
             hm = heads < H
-            at = (t * H + heads[:, None]) * D + d[None, :]
+            at = (t.to(tl.int64) * H + heads[:, None]) * D + d[None, :]
             q = tl.load(q_ptr + at, mask=hm[:, None], other=0.0)
             do = tl.load(do_ptr + at, mask=hm[:, None], other=0.0)
             lse = tl.load(lse_ptr + t * H + heads, mask=hm, other=0.0)
@@ -264,6 +265,7 @@ class _SequenceAttn(torch.autograd.Function):
     def forward(ctx, q, kv, entries, entry_mask, sink, scale, window, want_mass, splits, lists):
         B, S, H, D = q.shape
         has_e = entries is not None and entries.shape[1] > 0
+        ctx.dtypes = kv.dtype, None if entries is None else entries.dtype, sink.dtype  # of the gradients
         q, kv = q.contiguous(), kv.to(q.dtype).contiguous()
         N = entries.shape[1] if has_e else 0
         if lists is None:
@@ -292,7 +294,7 @@ class _SequenceAttn(torch.autograd.Function):
         mass = _launch(_fwd_kernel, launch, H, D, HAS_E=has_e, LISTS=lists, WANT_MASS=want_mass)
         ctx.save_for_backward(q, kv, entries if has_e else None, sel if has_e else None,
                               n_hi if has_e else None, first, sink32, o, lse)
-        ctx.scale, ctx.window, ctx.splits, ctx.sink_dtype, ctx.lists = scale, window, splits, sink.dtype, lists
+        ctx.scale, ctx.window, ctx.splits, ctx.lists = scale, window, splits, lists
         if not want_mass:
             return o, None
         mass = (mass.sum(0) if mass.shape[0] > 1 else mass[0]).view(B, S, N)
@@ -317,8 +319,9 @@ class _SequenceAttn(torch.autograd.Function):
         dkv = _row_grads(q, kv, kv, kv, do, lse, delta, ctx.scale, S, H, ctx.window, False, ctx.splits)
         if has_e and not lists:
             de = _row_grads(q, entries, sel, first, do, lse, delta, ctx.scale, S, H, ctx.window, True, ctx.splits)
-        dsink = -(torch.exp(sink - lse) * delta).sum((0, 1)).to(ctx.sink_dtype)
-        return (dq, dkv.to(kv.dtype), None if de is None else de.to(entries.dtype), None, dsink,
+        dsink = -(torch.exp(sink - lse) * delta).sum((0, 1))
+        kv_dtype, e_dtype, sink_dtype = ctx.dtypes
+        return (dq, dkv.to(kv_dtype), None if de is None else de.to(e_dtype), None, dsink.to(sink_dtype),
                 None, None, None, None, None)
 
 
