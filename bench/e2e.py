@@ -244,9 +244,9 @@ def main() -> None:
               res, context=ctx)
     for ctx in a.decode_b64:
         guard("dsv4 decode b64", lambda: dsv4_decode(model, ctx, steps=32, batch=64), res, context=ctx)
-    for triton_attn in (False, True):  # training attention: compiled reference, then the fused Triton kernels
-        tag = " (triton attn)" if triton_attn else ""
-        with env_flag("DSV4_TRITON_SEQUENCE_ATTN", triton_attn):
+    for triton_train in (False, True):  # training: compiled references, then the Triton training kernels
+        tag = " (triton train)" if triton_train else ""
+        with env_flag("DSV4_TRITON_TRAIN", triton_train):
             for n in a.train:
                 guard("dsv4 train fwd+bwd" + tag, lambda: dsv4_train_step(model, n), res, tokens=n)
             for n in a.train_checkpointed:

@@ -180,10 +180,10 @@ def test_compiled_training_ops_match_reference(monkeypatch):
         assert_rel_close(f"grad {n}", g1[n], g0[n], 1e-3)
 
 
-def test_triton_training_attention_matches_compiled(monkeypatch):
-    """The fused Triton training attention (DSV4_TRITON_SEQUENCE_ATTN=1) in a bf16 model: the loss, the indexer
-    KL and every gradient agree with the compiled reference path within bf16 noise, with and without block
-    recomputation."""
+def test_triton_training_kernels_match_compiled(monkeypatch):
+    """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes) in a bf16 model: the loss, the
+    indexer KL and every gradient agree with the compiled reference path within bf16 noise, with and without
+    block recomputation, with the attention's masked walk and its list walk."""
     from dsv4.model.attention import Attention
     from dsv4.train.losses import LossWeights, compute_loss
     model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).to_dtype(torch.bfloat16).cuda()
@@ -192,9 +192,12 @@ def test_triton_training_attention_matches_compiled(monkeypatch):
         if isinstance(m, Attention):
             m.indexer_loss = True
     tokens = torch.randint(0, 2048, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    from dsv4.ops.triton import sequence_attn as tri_seq
     runs = []
-    for flag, recompute in (("0", False), ("1", False), ("1", True)):
-        monkeypatch.setenv("DSV4_TRITON_SEQUENCE_ATTN", flag)
+    for flag, recompute, dense_pairs in (("0", False, None), ("1", False, None), ("1", True, None), ("1", False, 0)):
+        monkeypatch.setenv("DSV4_TRITON_TRAIN", flag)
+        if dense_pairs is not None:  # every sequence through the list walk
+            monkeypatch.setattr(tri_seq, "DENSE_WALK_PAIRS", dense_pairs)
         model.set_activation_checkpointing(recompute)
         model.zero_grad(set_to_none=True)
         loss, parts = compute_loss(model, tokens, LossWeights())

@@ -149,6 +149,14 @@ for lead, R, C, M in (((1, 1), 4, 64, 24), ((2, 3), 4, 96, 24), ((1, 70), 2, 64,
     a, r = tri_mhc.hc_mixes(x, fn, 1e-6), ref_mhc.hc_mixes(x.double(), fn.double(), 1e-6)
     assert a.shape == r.shape and a.dtype == torch.float32
     assert ((a.double() - r).abs().max() / r.abs().max()).item() < 1e-5  # fp32-exact products, fp32 sums
+    # training: the backward kernels (d fn in fp32, dx rounded once to the lanes' bf16) against float64 autograd
+    xa, fa = x.clone().requires_grad_(True), fn.clone().requires_grad_(True)
+    xr, fr = x.double().requires_grad_(True), fn.double().requires_grad_(True)
+    dout = torch.randn(*lead, M, generator=g).to(dev)
+    (tri_mhc.hc_mixes(xa, fa, 1e-6) * dout).sum().backward()
+    (ref_mhc.hc_mixes(xr, fr, 1e-6) * dout.double()).sum().backward()
+    assert ((fa.grad.double() - fr.grad).norm() / fr.grad.norm()).item() < 1e-5
+    assert xa.grad.dtype == torch.bfloat16 and ((xa.grad.double() - xr.grad).abs() <= 2 ** -7 * xr.grad.abs() + 1e-12).all()
 from dsv4.ops.triton.routing import moe_route as tri_route
 from dsv4.ops.reference.routing import moe_route as ref_route
 for N, E, k in ((1, 16, 6), (37, 256, 8), (5, 7, 3)):

@@ -1,3 +1,11 @@
 """Triton kernels for dsv4.ops (same signatures as ops/reference). Registered with the dispatcher when Triton
 imports; `auto` picks them for CUDA tensors they support. Under TRITON_INTERPRET=1 they also run on the CPU
 (slowly), which is how CI checks their logic."""
+import os
+
+
+def training_kernels_opted_in() -> bool:
+    """DSV4_TRITON_TRAIN=1: the Triton training kernels (whole-sequence attention, mHC mixes; forward and
+    backward) replace the compiled references. Opt-in until their speed has been measured on a GPU
+    (bench/kernels.py and bench/e2e.py time both)."""
+    return os.environ.get("DSV4_TRITON_TRAIN") == "1"

@@ -1,8 +1,10 @@
-"""mHC lane arithmetic in one pass over the lanes (forward only, inference): the collapse sum_i w_i lane_i and
+"""mHC lane arithmetic in one pass over the lanes (inference): the collapse sum_i w_i lane_i and
 the post mix post_k f + sum_j comb[j, k] lane_j. The reference materialises fp32 copies of all R lanes several
 times per call (on a prefill chunk, gigabytes per sublayer); here each lane element is read once, mixed in fp32
 registers and written once in the activation dtype. `hc_mixes` computes the mixing logits fn . x / rms(x) from
-the bf16 lanes directly, with exact fp32 products on the tensor cores (fn split into three bf16 parts)."""
+the bf16 lanes directly, with exact fp32 products on the tensor cores (fn split into three bf16 parts), and has
+a backward for training: two passes over the lanes instead of the skinny fp32 GEMMs ([tokens, 16384] x
+[16384, 24]) that cuBLAS runs on CUDA cores with little parallelism."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import training_kernels_opted_in
 from .linear import bf16_parts
 
 
@@ -42,7 +45,7 @@ def _post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, C, R: tl.constexpr, 
 
 
 @triton.jit
-def _mixes_kernel(x_ptr, w_ptr, part_ptr, ss_ptr, out_ptr, N, K, k_split, eps, M: tl.constexpr, MP: tl.constexpr,
+def _mixes_kernel(x_ptr, w_ptr, part_ptr, ss_ptr, out_ptr, r_ptr, N, K, k_split, eps, M: tl.constexpr, MP: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
@@ -64,13 +67,14 @@ def _mixes_kernel(x_ptr, w_ptr, part_ptr, ss_ptr, out_ptr, N, K, k_split, eps, M
     if FINAL:
         r = 1.0 / tl.sqrt(ss / K + eps)
         tl.store(out_ptr + rows[:, None] * M + ms[None, :], acc * r[:, None], mask=rm[:, None] & (ms[None, :] < M))
+        tl.store(r_ptr + rows, r, mask=rm)
     else:
         tl.store(part_ptr + (split * N + rows[:, None]) * MP + ms[None, :], acc, mask=rm[:, None])
         tl.store(ss_ptr + split * N + rows, ss, mask=rm)
 
 
 @triton.jit
-def _mixes_reduce_kernel(part_ptr, ss_ptr, out_ptr, N, K, eps, SPLIT: tl.constexpr, M: tl.constexpr,
+def _mixes_reduce_kernel(part_ptr, ss_ptr, out_ptr, r_ptr, N, K, eps, SPLIT: tl.constexpr, M: tl.constexpr,
                          MP: tl.constexpr):
     row = tl.program_id(0)
     sp = tl.arange(0, SPLIT)
@@ -80,36 +84,118 @@ def _mixes_reduce_kernel(part_ptr, ss_ptr, out_ptr, N, K, eps, SPLIT: tl.constex
     ss = tl.sum(tl.load(ss_ptr + sp * N + row), 0)
     r = 1.0 / tl.sqrt(ss / K + eps)
     tl.store(out_ptr + row * M + ms, acc * r, mask=ms < M)
+    tl.store(r_ptr + row, r)
 
 
-def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """Same contract as ops.reference.mhc.hc_mixes (x bf16 lanes [..., R, C], fn fp32 [M, R*C])."""
-    *lead, R, C = x.shape
-    K, M = R * C, fn.shape[0]
-    x2 = x.reshape(-1, K)
-    N = x2.shape[0]
+def _mixes_forward(x2: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [N, K] bf16, fn [M, K] fp32 -> (mixes [N, M] fp32, 1/rms per row [N] fp32)."""
+    N, K = x2.shape
+    M = fn.shape[0]
     MP = max(16, triton.next_power_of_2(M))
     parts = bf16_parts(fn, MP)
-    out = torch.empty(N, M, dtype=torch.float32, device=x.device)
+    out = torch.empty(N, M, dtype=torch.float32, device=x2.device)
+    r = torch.empty(N, dtype=torch.float32, device=x2.device)
     block_n, block_k = (16, 128) if N <= 64 else (64, 64)
     n_blocks = triton.cdiv(N, block_n)
     split = 1
     while split < 64 and n_blocks * split < 128 and (K // block_k) % (2 * split) == 0:
         split *= 2  # few rows (decode): spread K over the GPU, then sum the parts in a fixed order
-    common = dict(M=M, MP=MP, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=os.environ.get("TRITON_INTERPRET") == "1",
-                  num_warps=4)
+    common = dict(M=M, MP=MP, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=_interpreted(), num_warps=4)
     if split == 1:
-        _mixes_kernel[(n_blocks, 1)](x2, parts, out, out, out, N, K, K, eps, FINAL=True, **common)
+        _mixes_kernel[(n_blocks, 1)](x2, parts, out, out, out, r, N, K, K, eps, FINAL=True, **common)
     else:
-        part = torch.empty(split, N, MP, dtype=torch.float32, device=x.device)
-        ss = torch.empty(split, N, dtype=torch.float32, device=x.device)
-        _mixes_kernel[(n_blocks, split)](x2, parts, part, ss, out, N, K, K // split, eps, FINAL=False, **common)
-        _mixes_reduce_kernel[(N,)](part, ss, out, N, K, eps, SPLIT=split, M=M, MP=MP, num_warps=4)
-    return out.view(*lead, M)
+        part = torch.empty(split, N, MP, dtype=torch.float32, device=x2.device)
+        ss = torch.empty(split, N, dtype=torch.float32, device=x2.device)
+        _mixes_kernel[(n_blocks, split)](x2, parts, part, ss, out, r, N, K, K // split, eps, FINAL=False, **common)
+        _mixes_reduce_kernel[(N,)](part, ss, out, r, N, K, eps, SPLIT=split, M=M, MP=MP, num_warps=4)
+    return out, r
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _mixes_dfn_kernel(dy_ptr, x_ptr, part_ptr, N, K, n_per_split, M: tl.constexpr, MP: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial d fn = dy^T x over one split of the rows, for one block of columns: [MP, BLOCK_K] fp32."""
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    split = tl.program_id(1)
+    ms = tl.arange(0, MP)
+    acc = tl.zeros([MP, BLOCK_K], tl.float32)
+    n_hi = tl.minimum(N, (split + 1) * n_per_split)
+    for n0 in range(split * n_per_split, n_hi, BLOCK_N):
+        rows = n0 + tl.arange(0, BLOCK_N)
+        rm = rows < n_hi
+        dy = tl.load(dy_ptr + rows[None, :] * M + ms[:, None], mask=rm[None, :] & (ms[:, None] < M), other=0.0)
+        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + ks[None, :], mask=rm[:, None], other=0.0)
+        acc = tl.dot(dy, x.to(tl.float32), acc, input_precision="ieee")     # fp32 FMAs: tiny FLOPs, exact
+    tl.store(part_ptr + (split * MP + ms[:, None]) * K + ks[None, :], acc)
+
+
+@triton.jit
+def _mixes_dx_kernel(dy_ptr, fn_ptr, x_ptr, c_ptr, dx_ptr, N, K, M: tl.constexpr, MP: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dx = dy fn - c * x for a tile of rows x columns (c: the 1/rms term per row), in x's dtype."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm = rows < N
+    ms = tl.arange(0, MP)
+    dy = tl.load(dy_ptr + rows[:, None] * M + ms[None, :], mask=rm[:, None] & (ms[None, :] < M), other=0.0)
+    fn = tl.load(fn_ptr + ms[:, None] * K + ks[None, :], mask=ms[:, None] < M, other=0.0)
+    at = rows.to(tl.int64)[:, None] * K + ks[None, :]
+    x = tl.load(x_ptr + at, mask=rm[:, None], other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + rows, mask=rm, other=0.0)
+    dx = tl.dot(dy, fn, input_precision="ieee") - c[:, None] * x
+    tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=rm[:, None])
+
+
+class _Mixes(torch.autograd.Function):
+    """Training: the forward kernel above, and a backward in two passes over the lanes. With mixes = (x fn^T) r,
+    r = 1/rms(x) and dy = dmixes * r: d fn = dy^T x, dx = dy fn - (sum_m dmixes * mixes) r^2 / K * x."""
+
+    @staticmethod
+    def forward(ctx, x2, fn, eps):
+        out, r = _mixes_forward(x2, fn, eps)
+        ctx.save_for_backward(x2, fn, out, r)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, fn, out, r = ctx.saved_tensors
+        N, K = x2.shape
+        M = fn.shape[0]
+        MP = max(16, triton.next_power_of_2(M))
+        dout = dout.float().contiguous()
+        dy = (dout * r[:, None]).contiguous()
+        c = ((dout * out).sum(-1) * r * r / K).contiguous()
+        fn32 = fn.float().contiguous()
+        block_k = 64
+        splits = max(1, min(32, N // 256))
+        per = triton.cdiv(N, splits)
+        part = torch.empty(splits, MP, K, dtype=torch.float32, device=x2.device)
+        _mixes_dfn_kernel[(triton.cdiv(K, block_k), splits)](dy, x2, part, N, K, per, M=M, MP=MP, BLOCK_N=32,
+                                                              BLOCK_K=block_k, num_warps=4)
+        dfn = part.sum(0)[:M]
+        dx = torch.empty_like(x2)
+        _mixes_dx_kernel[(triton.cdiv(N, 32), triton.cdiv(K, 128))](dy, fn32, x2, c, dx, N, K, M=M, MP=MP,
+                                                                    BLOCK_N=32, BLOCK_K=128, num_warps=4)
+        return dx, dfn.to(fn.dtype), None
+
+
+def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
+    """Same contract as ops.reference.mhc.hc_mixes (x bf16 lanes [..., R, C], fn fp32 [M, R*C]); differentiable."""
+    *lead, R, C = x.shape
+    x2 = x.reshape(-1, R * C)
+    if torch.is_grad_enabled() and (x.requires_grad or fn.requires_grad):
+        return _Mixes.apply(x2, fn, eps).view(*lead, fn.shape[0])
+    return _mixes_forward(x2, fn, eps)[0].view(*lead, fn.shape[0])
 
 
 def supports_mixes(x: torch.Tensor, fn: torch.Tensor, *args) -> bool:
-    return (supports(x, fn) and x.dtype == torch.bfloat16 and x.is_contiguous()
+    """Inference; training too (a backward of its own) when the Triton training kernels are opted into."""
+    training = torch.is_grad_enabled() and (x.requires_grad or fn.requires_grad)
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous() and (not training or training_kernels_opted_in())
             and (x.shape[-1] * x.shape[-2]) % 128 == 0 and fn.shape[0] <= 64 and x.numel() > 0)
 
 

@@ -19,12 +19,12 @@ longer sequences walk each token's list of visible entries instead (see DENSE_WA
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
+
+from . import training_kernels_opted_in
 
 
 @triton.jit
@@ -352,8 +352,7 @@ DENSE_WALK_PAIRS = 1 << 25
 
 def supports(q: torch.Tensor, kv: torch.Tensor, entries, entry_mask, sink, scale, window,
              return_entry_probs=False) -> bool:
-    """CUDA bf16/fp16, power-of-two head dim <= 512; opted into with DSV4_TRITON_SEQUENCE_ATTN=1 until its speed
-    against the compiled reference has been measured on a GPU (bench/kernels.py and bench/e2e.py measure both)."""
+    """CUDA bf16/fp16, power-of-two head dim <= 512, when the Triton training kernels are opted into."""
     D = q.shape[-1]
-    return (os.environ.get("DSV4_TRITON_SEQUENCE_ATTN") == "1" and q.is_cuda
-            and q.dtype in (torch.bfloat16, torch.float16) and 16 <= D <= 512 and not D & (D - 1))
+    return (training_kernels_opted_in() and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and 16 <= D <= 512 and not D & (D - 1))
