@@ -140,10 +140,10 @@ def _dq_kernel(q_ptr, kv_ptr, e_ptr, sel_ptr, nhi_ptr, do_ptr, lse_ptr, delta_pt
             p = tl.exp(_scores(q, rows, ok, scale) - lse[:, None])
             ds = p * (tl.dot(do, tl.trans(rows)).to(tl.float32) - delta[:, None])
             dq += tl.dot(ds.to(rows.dtype), rows).to(tl.float32)
-            if LISTS:  # K = V: P^T dO + scale * dS^T Q onto the listed rows
-                de = tl.dot(tl.trans(p).to(rows.dtype), do).to(tl.float32) \
-                    + tl.dot(tl.trans(ds * scale).to(rows.dtype), q).to(tl.float32)
-                tl.atomic_add(de_ptr + (b * N + tl.where(ok, ids, 0))[:, None] * D + d[None, :], de, mask=ok[:, None],
+            if LISTS:  # K = V: (P^T dO + scale * dS^T Q) onto the listed rows, computed transposed [D, BLOCK_K]
+                de = tl.dot(tl.trans(do), p.to(rows.dtype)).to(tl.float32) \
+                    + tl.dot(tl.trans(q), (ds * scale).to(rows.dtype)).to(tl.float32)
+                tl.atomic_add(de_ptr + (b * N + tl.where(ok, ids, 0))[None, :] * D + d[:, None], de, mask=ok[None, :],
                               sem="relaxed")
     tl.store(dq_ptr + at, (dq * scale).to(dq_ptr.dtype.element_ty), mask=hm[:, None])
 
@@ -168,7 +168,9 @@ def _drows_kernel(q_ptr, rows_ptr, mask_ptr, first_ptr, do_ptr, lse_ptr, delta_p
     per = tl.cdiv(tl.maximum(s_hi - s_lo, 0), tl.num_programs(1))
     s_a = s_lo + tl.program_id(1) * per
     s_b = tl.minimum(s_hi, s_a + per)
-    acc = tl.zeros([BLOCK_K, D], tl.float32)
+    # the gradient accumulates transposed, [D, BLOCK_K]: every product then has the heads (BLOCK_H) or the
+    # head dim (D) as its M side, sizes the Hopper tensor-core instructions take
+    acc = tl.zeros([D, BLOCK_K], tl.float32)
     for s in range(s_a, s_b):
         t = b * S + s
         if ENTRIES:
@@ -183,12 +185,13 @@ def _drows_kernel(q_ptr, rows_ptr, mask_ptr, first_ptr, do_ptr, lse_ptr, delta_p
             do = tl.load(do_ptr + at, mask=hm[:, None], other=0.0)
             lse = tl.load(lse_ptr + t * H + heads, mask=hm, other=0.0)
             delta = tl.load(delta_ptr + t * H + heads, mask=hm, other=0.0)
-            sc = tl.dot(rows, tl.trans(q)).to(tl.float32) * scale                          # [BLOCK_K, BLOCK_H]
-            p = tl.where(vis[:, None] & hm[None, :], tl.exp(sc - lse[None, :]), 0.0)
-            ds = p * (tl.dot(rows, tl.trans(do)).to(tl.float32) - delta[None, :]) * scale
-            acc += tl.dot(p.to(rows.dtype), do).to(tl.float32) + tl.dot(ds.to(rows.dtype), q).to(tl.float32)
-    tl.store(out_ptr + ((tl.program_id(1) * (R * (tl.num_programs(0) // n_blocks))) + b * R + rs)[:, None] * D
-             + d[None, :], acc, mask=rm[:, None])
+            sc = tl.dot(q, tl.trans(rows)).to(tl.float32) * scale                          # [BLOCK_H, BLOCK_K]
+            p = tl.where(hm[:, None] & vis[None, :], tl.exp(sc - lse[:, None]), 0.0)
+            ds = p * (tl.dot(do, tl.trans(rows)).to(tl.float32) - delta[:, None]) * scale
+            acc += tl.dot(tl.trans(do), p.to(rows.dtype)).to(tl.float32) \
+                + tl.dot(tl.trans(q), ds.to(rows.dtype)).to(tl.float32)
+    at = ((tl.program_id(1) * (R * (tl.num_programs(0) // n_blocks))) + b * R + rs)[None, :] * D + d[:, None]
+    tl.store(out_ptr + at, acc, mask=rm[None, :])
 
 
 # (heads per program, rows per step, warps, pipeline stages), largest first: all heads of a token up to 64 (rows
