@@ -178,7 +178,8 @@ def train_step(model, tokens: torch.Tensor) -> None:
 
 def profile(model, out_dir: str, context: int = 32768) -> None:
     """Per-kernel GPU time of an 8K prefill chunk and of one eager decode step (fixed shapes, as the CUDA graph
-    runs it) at `context` tokens, and of a 4K training step (tables in out_dir/profile.txt)."""
+    runs it) at `context` tokens, and of a 4K training step with the compiled references and with the Triton
+    training kernels (tables in out_dir/profile.txt)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     os.makedirs(out_dir, exist_ok=True)
@@ -191,13 +192,15 @@ def profile(model, out_dir: str, context: int = 32768) -> None:
         k = context // 1024
         jobs = {f"prefill_8k_chunk_at_{k - 8}k": lambda: model(tokens[:, -8192:], cache=cache, last_only=True),
                 f"decode_step_at_{k}k": lambda: model(tokens[:, :1], cache=cache.set_fixed_shapes(True)),
-                "train_fwd_bwd_4k": lambda: train_step(model, tokens[:, :4097])}
+                "train_fwd_bwd_4k": lambda: train_step(model, tokens[:, :4097]),
+                "train_fwd_bwd_4k_triton_train": lambda: train_step(model, tokens[:, :4097])}
         for name, fn in jobs.items():
-            fn()
-            torch.cuda.synchronize()
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            with env_flag("DSV4_TRITON_TRAIN", name.endswith("triton_train")):
                 fn()
                 torch.cuda.synchronize()
+                with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    fn()
+                    torch.cuda.synchronize()
             events = prof.key_averages()
             n_kernels = sum(e.count for e in events if e.device_type.name == "CUDA")
             table = events.table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=90)
