@@ -307,18 +307,3 @@ def test_sequence_attn_launch_falls_back_to_a_smaller_configuration():
     assert mod._launch(k, lambda bh, bk: ((1,), (), bh), 64, 512) == 32
     assert mod._launch(k, lambda bh, bk: ((1,), (), bh), 64, 512) == 32
     assert k.calls == [64, 64, 32, 32]  # the second launch starts at the configuration that fit
-
-
-@pytest.mark.parametrize("T, rows", [(32768, 1), (100000, 3), (5000, 2), (2048, 4)])
-def test_two_stage_topk_selects_the_same_set(T, rows):
-    """Decode-sized top-k over long rows runs in blocks, then over the survivors: the same set as torch.topk
-    (scores are distinct; -inf marks entries a query cannot see)."""
-    from dsv4.ops.triton.indexer import topk_indices
-    s = torch.randn(rows, T, generator=torch.Generator().manual_seed(T))
-    s[:, T // 3:] = float("-inf") if T < 10000 else s[:, T // 3:]
-    got, want = topk_indices(s, 512), s.topk(512).indices
-    assert got.shape == want.shape
-    for r in range(rows):  # the finite part of the selection is identical
-        a = set(got[r].tolist()) & set(torch.nonzero(s[r].isfinite()).flatten().tolist())
-        b = set(want[r].tolist()) & set(torch.nonzero(s[r].isfinite()).flatten().tolist())
-        assert a == b

@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import invariant_mode
+
 
 @triton.jit
 def _e2m1(c):
@@ -131,19 +133,11 @@ def supports_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores along the last dim (distinct scores: the kernel breaks zero ties).
 
-    For a few long rows (decode: one query against up to 256K keys at 1M context) one torch.topk runs in a
-    single thread block; cutting each row into blocks, taking each block's top-k in parallel and then the
-    top-k of the survivors selects the same set with the whole GPU working."""
-    T = scores.shape[-1]
-    blocks = T // (4 * k)
-    if blocks < 4 or scores[..., 0].numel() * blocks > 4096:
-        return scores.topk(k, dim=-1).indices
-    width = -(-T // blocks)
-    padded = torch.nn.functional.pad(scores, (0, blocks * width - T), value=float("-inf"))
-    vals, idx = padded.unflatten(-1, (blocks, width)).topk(k, dim=-1, sorted=False)   # [..., blocks, k]
-    idx = idx + torch.arange(0, blocks * width, width, device=scores.device).unsqueeze(-1)
-    best = vals.flatten(-2).topk(k, dim=-1).indices
-    return idx.flatten(-2).gather(-1, best)
+    Unsorted: the attention sums over the selection in any order, and sorting the k results was a separate
+    radix-sort kernel per CSA layer in the decode profile (~20 us). Batch-invariant mode keeps them sorted by
+    score, an order that cannot depend on which top-k algorithm the batch size picks. (A two-stage top-k over
+    row blocks was measured slower than one torch.topk on the H100 and was dropped.)"""
+    return scores.topk(k, dim=-1, sorted=invariant_mode.enabled()).indices
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
