@@ -1,0 +1,49 @@
+"""bench/targets.py: the issue's targets from benchmark JSON (synthetic runs)."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+import targets  # noqa: E402
+
+
+def _write(tmp_path, name, results):
+    path = tmp_path / name
+    path.write_text(json.dumps({"device": "test", "results": results}))
+    return str(path)
+
+
+def test_ratios_pair_measurements_of_one_run_and_training_takes_the_faster_path(tmp_path):
+    first = _write(tmp_path, "a.json", [
+        {"name": "dsv4 prefill", "tokens": 8192, "tok_per_s": 90.0, "seconds": 1, "peak_gb": 1},
+        {"name": "transformers prefill", "tokens": 8192, "tok_per_s": 10.0, "seconds": 1, "peak_gb": 1},
+        {"name": "dsv4 train fwd+bwd", "tokens": 4096, "tok_per_s": 25.0, "seconds": 1, "peak_gb": 1},
+        {"name": "dsv4 train fwd+bwd (triton train)", "tokens": 4096, "tok_per_s": 31.0, "seconds": 1, "peak_gb": 1},
+        {"name": "transformers train fwd+bwd", "tokens": 4096, "tok_per_s": 10.0, "seconds": 1, "peak_gb": 1},
+        {"name": "dsv4 decode b1", "context": 131072, "tok_per_s": 390.0, "ms_per_step": 2.6, "peak_gb": 1}])
+    # a later run without the peer: its prefill is not paired with the first run's peer
+    second = _write(tmp_path, "b.json", [
+        {"name": "dsv4 prefill", "tokens": 8192, "tok_per_s": 500.0, "seconds": 1, "peak_gb": 1},
+        {"name": "dsv4 decode b1", "context": 131072, "tok_per_s": 410.0, "ms_per_step": 2.4, "peak_gb": 1},
+        {"name": "dsv4 train fwd+bwd (block recompute)", "tokens": 65536, "error": "out of memory"}])
+    rows = {r.target: r for r in targets.e2e_rows(targets.load_runs([first, second]))}
+    assert rows["prefill 8K >= 8x the peer"].status == "met" and "9.0x" in rows["prefill 8K >= 8x the peer"].measured
+    train = rows["training fwd+bwd at 4K >= 3x the peer"]
+    assert train.status == "met" and "3.10x" in train.measured and "triton train" in train.measured
+    assert rows["decode batch 1 at 128K >= 400 tok/s"].status == "met"          # the later run
+    assert rows["a training step at 64K fits on one GPU"].status == "missing"   # an error is not a fit
+    assert rows["prefill a 1M-token prompt on one GPU"].status == "missing"
+    assert rows["decode batch 1 at 128K >= 400 tok/s"].measured.startswith("410")
+    only_first = {r.target: r for r in targets.e2e_rows(targets.load_runs([first]))}
+    assert only_first["decode batch 1 at 128K >= 400 tok/s"].status == "not met"
+
+
+def test_kernel_bandwidth_rows():
+    kernels = {"ceilings": {"copy_gbps": 1000.0},
+               "attention": [{"case": "CSA decode b64", "S": 1, "B": 64, "triton_gbps": 750.0, "frac_copy_bw": 0.75},
+                             {"case": "CSA prefill", "S": 4096, "B": 1, "triton_gbps": 10.0, "frac_copy_bw": 0.01}],
+               "indexer": [{"case": "indexer decode b64", "S": 1, "B": 64, "scores_gbps": 500.0, "frac_copy_bw": 0.5}]}
+    rows = targets.kernel_rows(kernels)
+    assert [(r.target.split(":")[0], r.status) for r in rows] == [("CSA decode b64", "met"),
+                                                                  ("indexer decode b64", "not met")]
+    assert targets.table(rows).count("\n") == len(rows) + 1
