@@ -167,6 +167,8 @@ def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 6
     if S == 1 and B > 1:  # batched decode: deeper pipelines and longer steps over the gathered rows
         configs += [(splits, bh, w, bk, st) for splits in (1, 2) for bh, w in ((16, 4), (64, 8))
                     for bk, st in ((32, 3), (32, 4), (64, 2), (64, 3), (16, 4))]
+        # longer steps still (more gathered bytes in flight per program: the sweep's trend so far), one stage
+        configs += [(splits, bh, w, 128, 1) for splits in (1, 2) for bh, w in ((16, 4), (32, 8), (64, 8))]
     for splits, block_h, warps, block_k, stages in configs:
         cfg = {"case": name, "splits": splits, "block_h": block_h, "warps": warps, "block_k": block_k,
                "stages": stages}
