@@ -307,3 +307,24 @@ def test_sequence_attn_launch_falls_back_to_a_smaller_configuration():
     assert mod._launch(k, lambda bh, bk: ((1,), (), bh), 64, 512) == 32
     assert mod._launch(k, lambda bh, bk: ((1,), (), bh), 64, 512) == 32
     assert k.calls == [64, 64, 32, 32]  # the second launch starts at the configuration that fit
+
+
+def test_sequence_attn_walk_bounds_and_lists_in_row_steps():
+    """What the training attention's walks start from, computed in steps of query rows (as at long contexts):
+    each token's last visible entry + 1, each entry's first token, and each token's ascending entry list."""
+    from dsv4.ops.triton.sequence_attn import _entry_lists, _visibility_bounds
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(2, 23, 11, generator=g) < 0.3
+    mask[0, 4] = False        # a token that sees nothing
+    mask[1, :, 7] = False     # an entry nobody sees
+    n_hi, first = _visibility_bounds(mask.view(torch.uint8), rows_per_step=4)
+    lists, counts = _entry_lists(mask, rows_per_step=4)
+    for b in range(2):
+        for s in range(23):
+            seen = torch.nonzero(mask[b, s]).flatten()
+            assert n_hi[b, s] == (int(seen.max()) + 1 if len(seen) else 0)
+            assert counts[b, s] == len(seen)
+            assert lists[b, s, :len(seen)].tolist() == seen.tolist() and (lists[b, s, len(seen):] == -1).all()
+        for n in range(11):
+            seers = torch.nonzero(mask[b, :, n]).flatten()
+            assert first[b, n] == (int(seers.min()) if len(seers) else 23)
