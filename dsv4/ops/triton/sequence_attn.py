@@ -10,7 +10,8 @@ the token's last visible one; it keeps the log-sum-exp for the backward. Backwar
   dKV  one program per block of rows (window rows, then entries) walking the tokens that can see them, summing
        P^T dO + scale * dS^T Q over tokens and heads (K = V: both terms land on the same row); long token
        ranges are split over several programs whose fp32 partial sums are added afterwards (no atomics: the
-       result does not depend on scheduling);
+       result does not depend on scheduling). With entry lists (long sequences) the entries' share is added
+       atomically by the dQ programs instead;
   sink the sink is one more logit in each softmax: d sink_h = -sum_tokens p_sink * delta.
 Products take bf16 operands with fp32 accumulation; P and dS are rounded to bf16 for the second products, as in
 FlashAttention. The entry probabilities summed over heads (the indexer's KL target) come from a second pass
