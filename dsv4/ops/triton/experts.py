@@ -84,7 +84,7 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     E, F, C = w1.shape
     x = x.contiguous()
     w1, w2, w3 = (w.to(x.dtype).contiguous() for w in (w1, w2, w3))
-    e = idx.reshape(-1).to(torch.int32).contiguous()
+    e = idx.reshape(-1).contiguous()  # int32 or int64, read as they are
     rw = weights.reshape(-1).float().contiguous()
     P = N * k
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)

@@ -97,7 +97,7 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     if keys.stride(-1) != 1:  # rows may be strided (a cache's prefix view), channels must be contiguous
         keys = keys.contiguous()
     weights = weights.float().contiguous()
-    nv = n_visible.to(torch.int32).contiguous()
+    nv = n_visible.contiguous()  # int32 or int64, read as they are
     out = torch.empty(B, S, T, dtype=torch.float32, device=q.device)
     HP = max(16, triton.next_power_of_2(HI))
     if S >= 64 and not fp4 and HP <= 128:  # prefill: query blocks against streamed key tiles

@@ -127,7 +127,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     q = q.contiguous()
     if kv.stride(-1) != 1:
         kv = kv.contiguous()
-    idx = idx.to(torch.int32).contiguous()
+    idx = idx.contiguous()  # int32 or int64 lists are read as they are (a cast is one more kernel per layer)
     K = idx.shape[-1]
     T = B * S
     # measured on H100 at D = 512 (bench/kernels.py sweep): batch-1 decode runs fastest as many small programs
