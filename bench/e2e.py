@@ -114,6 +114,9 @@ def env_flag(name: str, on: bool):
             os.environ[name] = before
 
 
+BF16_STORED_FP32_PARAMS = ("head.weight", "compressor.wkv.weight", "compressor.wgate.weight")
+
+
 def peer_model(cfg: dsv4.ModelConfig):
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
     hub = cfg.to_hub_dict()
@@ -233,8 +236,11 @@ def main() -> None:
         for n, p_ in model.named_parameters():
             if p_.dim() >= 2:
                 p_.normal_(0, 0.02)
-        # the official checkpoint stores the LM head in bf16 (the reference widens it to fp32 on load)
-        model.head.weight.copy_(model.head.weight.bfloat16())
+        # fp32 parameters the official checkpoint stores in bf16 (the reference widens them on load): the LM head and
+        # the compressors' wkv / wgate. Their values are bf16 values, which the fp32 projections read as one part.
+        for n, p_ in model.named_parameters():
+            if n.endswith(BF16_STORED_FP32_PARAMS):
+                p_.copy_(p_.bfloat16())
         model.reset_buffers()
     print(f"dsv4 model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
     dsv4_prefill(model, 2 * a.chunk, a.chunk)  # warm-up: kernels compile
