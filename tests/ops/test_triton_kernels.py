@@ -187,10 +187,10 @@ y = torch.randn(12, 40, generator=g).to(dev, dt)
 at = torch.randperm(12, generator=g).to(dev)
 assert (slot_sum(y, at, 3) - y.float()[at].view(4, 3, 40).sum(1)).abs().max() < 1e-5
 from dsv4.ops.triton.linear import linear_fp32 as tri_lin
-for M, N, K, bf16_w in ((3, 70, 64, True), (130, 24, 128, False), (200, 300, 96, False)):
+for M, N, K, bf16_w in ((3, 70, 64, True), (130, 24, 128, False), (200, 300, 96, False), (2, 16, 64, "bf16")):
     x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16)
     w = torch.randn(N, K, generator=g).to(dev)
-    w = w.bfloat16().float() if bf16_w else w  # bf16-valued weights take one part
+    w = w.bfloat16().float() if bf16_w is True else w.bfloat16() if bf16_w else w  # bf16 values take one part
     a, r = tri_lin(x, w), x.double() @ w.double().T
     assert a.dtype == torch.float32 and ((a.double() - r).abs().max() / r.abs().max()).item() < 1e-5
 from dsv4.ops.triton.indexer import index_scores_masked

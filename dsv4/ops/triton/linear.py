@@ -69,7 +69,7 @@ def _split_mm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, P: tl.constexpr, BLOCK_M: t
 
 
 def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Same contract as ops.reference.linear.linear_fp32 (x bf16 [..., K], w fp32 [N, K] -> fp32 [..., N])."""
+    """Same contract as ops.reference.linear.linear_fp32 (x bf16 [..., K], w fp32 or bf16 [N, K] -> fp32 [..., N])."""
     K, N = x.shape[-1], w.shape[0]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
@@ -86,9 +86,10 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def supports(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """bf16 activations on a GPU, no autograd; few rows (decode) only where w needs one part (else the fp32
-    matrix-vector product reads fewer bytes than three bf16 parts)."""
-    if not (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.float32 and w.dim() == 2 and x.numel()
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+    """bf16 activations on a GPU, no autograd, fp32 weights or bf16 ones (the router's: one part, no fp32 copies of
+    x and w per call); few rows (decode) only where w needs one part (else the fp32 matrix-vector product reads
+    fewer bytes than three bf16 parts)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype in (torch.float32, torch.bfloat16) and w.dim() == 2
+            and x.numel() and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
         return False
     return x.numel() // x.shape[-1] >= 64 or bf16_parts(w, trim=True).shape[0] == 1
