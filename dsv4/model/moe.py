@@ -96,7 +96,8 @@ class MoE(nn.Module):
         """The routed experts this module holds, for tokens whose expert ids are local (global id - offset)."""
         e = self.experts
         w1, w2, w3 = (fp4_weights(_local(w)) if self.qat else _local(w) for w in (e.w1, e.w2, e.w3))
-        return ops.moe_experts(x, w1, w2, w3, idx - expert_offset, weights, self.swiglu_limit)
+        local = idx - expert_offset if expert_offset else idx  # (a subtraction of 0 is one more kernel per step)
+        return ops.moe_experts(x, w1, w2, w3, local, weights, self.swiglu_limit)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:
         """x: [B, S, C] (ffn_norm output) -> [B, S, C]."""
@@ -105,5 +106,7 @@ class MoE(nn.Module):
         weights, idx, scores = self.gate(flat, token_ids)
         self.last_routing = (idx, scores)
         y = (self.dispatch or self.routed)(flat, idx, weights)                   # fp32
-        y = y + self.shared_experts(flat).float()
+        shared = self.shared_experts(flat)
+        # the same fp32 sum; without autograd in place (one kernel instead of a widening copy and an add)
+        y = y + shared.float() if torch.is_grad_enabled() else y.add_(shared)
         return y.to(x.dtype).view(shape)
