@@ -74,6 +74,11 @@ class LayerCache:
                                                            + torch.arange(W - 1, device=pos0.device)) % W)
         return self.window_rows.gather(slots)
 
+    def window_ring(self) -> torch.Tensor | None:
+        """The ring itself [B, W, D] when it holds float rows (slot = position % W), else None: after
+        write_window, a decode step's attention reads it in place instead of a gathered copy."""
+        return None if self.window_rows.fmt == "fp8" else self.window_rows.buf
+
     def write_window(self, pos0: torch.Tensor, kv: torch.Tensor) -> None:
         """Put the chunk's raw KV [B, S, D] in the ring (only its last W rows can matter)."""
         W, S = self.window_size, kv.shape[1]

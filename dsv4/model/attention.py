@@ -46,6 +46,12 @@ def window_indices(pos0: torch.Tensor, n_queries: int, n_prior: int, window: int
     return torch.where(ok, rows, -1)
 
 
+def ring_indices(pos0: torch.Tensor, window: int) -> torch.Tensor:
+    """[B, 1, W]: the ring slots (position % W) of positions pos0-W+1 .. pos0, oldest first; -1 before 0."""
+    p = pos0.unsqueeze(1) - (window - 1) + torch.arange(window, device=pos0.device)
+    return torch.where(p >= 0, p % window, -1).unsqueeze(1)
+
+
 def visible_entries(n_visible: torch.Tensor, n_entries: int) -> torch.Tensor:
     """HCA: every entry j < n_visible[b, s] (-1 elsewhere): [B, S, n_entries]."""
     j = torch.arange(n_entries, device=n_visible.device)
@@ -149,12 +155,20 @@ class Attention(nn.Module):
         return o
 
     def _cached(self, x, qr, q, kv, pos0, pos, cos, sin, cache) -> torch.Tensor:
-        """Continue cached sequences: index lists into [earlier window rows | chunk rows | entries]."""
+        """Continue cached sequences: index lists into [earlier window rows | chunk rows | entries], or for one
+        token per row into [the window ring | entries]."""
         S, W = x.shape[1], self.window_size
-        rows = torch.cat((cache.window(pos0), kv), dim=1)
-        n_prior = rows.shape[1] - S
-        idx = shared(pos0, ("window_idx", S, n_prior, W), lambda: window_indices(pos0, S, n_prior, W))  # [B, S, W]
-        cache.write_window(pos0, kv)
+        ring = cache.window_ring() if S == 1 else None
+        if ring is not None and ring.dtype == q.dtype:  # decode: the token into the ring, then the ring in place
+            cache.write_window(pos0, kv)
+            rows, window_key = ring, ("ring_idx", W)
+            idx = shared(pos0, window_key, lambda: ring_indices(pos0, W))                        # [B, 1, W]
+        else:  # a chunk: the ring's earlier rows gathered in front of the chunk's rows
+            rows = torch.cat((cache.window(pos0), kv), dim=1)
+            n_prior = rows.shape[1] - S
+            window_key = ("window_idx", S, n_prior, W)
+            idx = shared(pos0, window_key, lambda: window_indices(pos0, S, n_prior, W))           # [B, S, W]
+            cache.write_window(pos0, kv)
         if self.ratio:
             n_visible = shared(pos0, ("n_visible", S, self.ratio), lambda: (pos + 1) // self.ratio)  # j < n complete
             cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
@@ -169,7 +183,7 @@ class Attention(nn.Module):
             if top is not None and self.sparse:
                 idx = with_entries(top)
             else:  # every visible entry: the same list in every such layer of the step
-                idx = shared(pos0, ("dense_idx", S, self.ratio, n_prior, W, n_entries),
+                idx = shared(pos0, ("dense_idx", self.ratio, n_entries) + window_key,
                              lambda: with_entries(visible_entries(n_visible, n_entries)))
             return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale, entries, self.rope_dim)
         return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)
