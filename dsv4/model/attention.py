@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import invariant_mode as bi
+from ..ops.reference.attention import with_prefix
 from ..config import ModelConfig
 from .compressor import Compressed, Compressor, CompressorState, quantize_entries
 from .indexer import Indexer
@@ -174,17 +175,14 @@ class Attention(nn.Module):
             cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
             records = cache.entry_records()  # FP8 records go to the attention as stored (no dequantised copy)
             entries = cache.entries() if records is None else records  # a second source of rows: no cat copy
-            n_rows, n_entries = rows.shape[1], entries.shape[1]
-            top = None
-            if self.kind == "csa":  # the indexer's cache advances even while attention is dense
-                top = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, cache)
-            def with_entries(cidx: torch.Tensor) -> torch.Tensor:  # entry j is row n_rows + j
-                return torch.cat((idx, torch.where(cidx >= 0, cidx + n_rows, -1)), dim=-1)
-            if top is not None and self.sparse:
-                idx = with_entries(top)
+            n_rows, n_entries = rows.shape[1], entries.shape[1]  # entry j is row n_rows + j
+            if self.kind == "csa" and self.sparse:  # the window list, then the selected entries
+                idx = self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, cache, prefix=idx, offset=n_rows)
             else:  # every visible entry: the same list in every such layer of the step
+                if self.kind == "csa":  # the indexer's cache advances even while attention is dense
+                    self.indexer(x, qr, pos0, cos, sin, self.freqs, n_visible, cache)
                 idx = shared(pos0, ("dense_idx", self.ratio, n_entries) + window_key,
-                             lambda: with_entries(visible_entries(n_visible, n_entries)))
+                             lambda: with_prefix(visible_entries(n_visible, n_entries), idx, n_rows))
             return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale, entries, self.rope_dim)
         return ops.sparse_attn(q, rows, self.attn_sink, idx, self.softmax_scale)
 

@@ -35,8 +35,10 @@ class Indexer(nn.Module):
         return q, w
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, pos0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                freqs: torch.Tensor, n_visible: torch.Tensor, cache=None) -> torch.Tensor:
-        """Top-k entry indices [B, S, k] (-1 pads) among the entries each query sees (n_visible [B, S])."""
+                freqs: torch.Tensor, n_visible: torch.Tensor, cache=None, prefix: torch.Tensor | None = None,
+                offset: int = 0) -> torch.Tensor:
+        """Top-k entry indices [B, S, k] (-1 pads) among the entries each query sees (n_visible [B, S]); with
+        `prefix`, the attention's index list [prefix | entries + offset] (see ops.indexer_topk)."""
         new = self.compressor(x, pos0, freqs, self.fp4, cache.indexer_state if cache is not None else None)
         if cache is None:
             keys = new.entries
@@ -44,7 +46,7 @@ class Indexer(nn.Module):
             cache.add_keys(new)
             keys = cache.keys()
         q, w = self.queries(x, qr, cos, sin)
-        return ops.indexer_topk(q, w, keys, n_visible, self.topk)
+        return ops.indexer_topk(q, w, keys, n_visible, self.topk, prefix, offset)
 
     def sequence_scores(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         freqs: torch.Tensor) -> torch.Tensor:

@@ -134,9 +134,11 @@ def sequence_attn(q: torch.Tensor, kv: torch.Tensor, entries: torch.Tensor | Non
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor, k: int,
-                 *, backend: str | None = None) -> torch.Tensor:
-    """Top-k of sum_h w_h relu(q_h . key) over the first n_visible keys (-1 pads). See reference.attention."""
-    return _pick("indexer_topk", backend, q, weights, keys, n_visible, k)(q, weights, keys, n_visible, k)
+                 prefix: torch.Tensor | None = None, offset: int = 0, *, backend: str | None = None) -> torch.Tensor:
+    """Top-k of sum_h w_h relu(q_h . key) over the first n_visible keys (-1 pads); with `prefix`, the
+    attention's list [prefix | entries + offset]. See reference.attention."""
+    fn = _pick("indexer_topk", backend, q, weights, keys, n_visible, k)
+    return fn(q, weights, keys, n_visible, k, prefix, offset)
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, backend: str | None = None

@@ -49,6 +49,20 @@ for B, S, HI, DI, T, k in {idx_shapes}:
     a, b = tri_top(q, w, keys, nv, k), ref_top(q.float(), w, keys.float(), nv, k)
     agree = (torch.sort(a, -1).values == torch.sort(b, -1).values).float().mean().item()
     assert agree > {agree}, agree
+import dsv4.ops.triton.indexer as tri_indexer_mod
+for B, S, HI, DI, T, k, P, chunk in ((2, 5, 16, 32, 40, 6, 3, 2), (1, 3, 8, 64, 20, 30, 0, 1 << 28)):
+    # the attention's list from the indexer: [prefix | entries + offset], in query chunks (as at long contexts)
+    tri_indexer_mod.SCORE_BUFFER_ELEMENTS = chunk * T * B
+    q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
+    keys = torch.randn(B, T, DI, generator=g).to(dev, dt)
+    nv = torch.randint(0, T + 1, (B, S), generator=g).to(dev)
+    pre = torch.randint(-1, 50, (B, S, P), generator=g).to(dev)
+    a = tri_top(q, w, keys, nv, k, pre, 100)
+    r = ref_top(q.float(), w, keys.float(), nv, k, pre, 100)
+    assert a.shape == r.shape == (B, S, P + min(k, T)) and torch.equal(a[..., :P], pre)
+    agree = (torch.sort(a[..., P:], -1).values == torch.sort(r[..., P:], -1).values).float().mean().item()
+    assert agree > {agree}, ("indexer lists", agree)
+    tri_indexer_mod.SCORE_BUFFER_ELEMENTS = 1 << 28
 for n in (1, 37, 130):
     m = torch.randn(n, 24, generator=g).to(dev); sc = (torch.rand(3, generator=g) + 0.5).to(dev)
     b = torch.randn(24, generator=g).to(dev)

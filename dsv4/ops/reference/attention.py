@@ -72,14 +72,26 @@ def _index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) ->
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
-                 k: int) -> torch.Tensor:
+                 k: int, prefix: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
     """Indices of the top-k indexer scores among keys[:, :n_visible[b,s]], -1 where fewer are visible.
     Equal scores are broken towards the lower index.
 
     n_visible: [B, S] int (a compressed entry j is visible to the query iff j < n_visible).
     keys may also be the cache's FP4 records (uint8 [B, T, Di/2 + Di/32]), dequantised to q.dtype here.
-    Returns [B, S, min(k, T)] int64.
+    Returns [B, S, min(k, T)] int64; with `prefix` [B, S, P], the attention's index list instead:
+    [prefix | selected entries + offset (-1 stays -1)] [B, S, P + min(k, T)].
     """
+    top = _indexer_topk(q, weights, keys, n_visible, k)
+    return top if prefix is None else with_prefix(top, prefix, offset)
+
+
+def with_prefix(top: torch.Tensor, prefix: torch.Tensor, offset: int) -> torch.Tensor:
+    """[prefix | top + offset where top >= 0, else -1] along the last dim (int64)."""
+    return torch.cat((prefix.long(), torch.where(top >= 0, top + offset, -1)), dim=-1)
+
+
+def _indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
+                  k: int) -> torch.Tensor:
     B, S = q.shape[:2]
     if keys.dtype == torch.uint8:
         keys = decode_fp4_keys(keys, q.shape[-1], q.dtype)

@@ -140,22 +140,43 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.topk(k, dim=-1, sorted=invariant_mode.enabled()).indices
 
 
+SCORE_BUFFER_ELEMENTS = 1 << 28  # queries run in chunks whose fp32 scores [B, chunk, T] stay within ~1 GB
+
+
+@triton.jit
+def _finish_lists_kernel(top_ptr, nv_ptr, pre_ptr, out_ptr, n, S, s0, K, P, offset, BLOCK: tl.constexpr):
+    """One query's list: its prefix, then its top-k entries + offset where visible (j < n_visible), else -1.
+    top: this chunk's [B, n, K]; n_visible, prefix and out: whole [B, S, ...] (the chunk starts at s0)."""
+    t = tl.program_id(0)
+    row = ((t // n) * S + s0 + t % n).to(tl.int64)
+    j = tl.arange(0, BLOCK)
+    for c in range(0, P, BLOCK):
+        tl.store(out_ptr + row * (P + K) + c + j, tl.load(pre_ptr + row * P + c + j, mask=c + j < P), mask=c + j < P)
+    n_vis = tl.load(nv_ptr + row)
+    for c in range(0, K, BLOCK):
+        top = tl.load(top_ptr + t.to(tl.int64) * K + c + j, mask=c + j < K, other=0)
+        tl.store(out_ptr + row * (P + K) + P + c + j, tl.where(top < n_vis, top + offset, -1), mask=c + j < K)
+
+
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
-                 k: int) -> torch.Tensor:
-    """Same contract as ops.reference.attention.indexer_topk."""
+                 k: int, prefix: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """Same contract as ops.reference.attention.indexer_topk. The visibility mask, the offset and the prefix
+    are applied by one kernel (each was its own kernel per CSA layer and decode step)."""
     B, S = q.shape[:2]
     T = keys.shape[1]
     k = min(k, T)
-    if k == 0:
-        return torch.empty(B, S, 0, dtype=torch.long, device=q.device)
-    step = max(1, (1 << 28) // max(T * B, 1))  # bound the fp32 score buffer to ~1 GB
-    out = []
+    P = 0 if prefix is None else prefix.shape[-1]
+    out = torch.empty(B, S, P + k, dtype=torch.long, device=q.device)
+    pre = out if prefix is None else prefix.expand(B, S, P).contiguous()
+    nv = n_visible.contiguous()
+    step = max(1, SCORE_BUFFER_ELEMENTS // max(T * B, 1))
     for s0 in range(0, S, step):
-        sl = slice(s0, min(S, s0 + step))
-        scores = index_scores_masked(q[:, sl], weights[:, sl], keys, n_visible[:, sl])
-        top = topk_indices(scores, k)
-        out.append(torch.where(top >= n_visible[:, sl].unsqueeze(-1), -1, top))
-    return torch.cat(out, dim=1)
+        n = min(S, s0 + step) - s0
+        sl = slice(s0, s0 + n)
+        top = topk_indices(index_scores_masked(q[:, sl], weights[:, sl], keys, nv[:, sl]), k).contiguous() if k \
+            else out
+        _finish_lists_kernel[(B * n,)](top, nv, pre, out, n, S, s0, k, P, offset, BLOCK=128, num_warps=4)
+    return out
 
 
 def supports(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor, k: int) -> bool:
