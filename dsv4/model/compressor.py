@@ -75,15 +75,15 @@ class Compressor(nn.Module):
         m, d = self.ratio, self.head_dim
         kv = linear_fp32(x, self.wkv.weight)  # [B, S, coff*Dc]; compression runs in fp32 (scores are exponentiated)
         score = linear_fp32(x, self.wgate.weight)
-        phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
-        score = score + self.ape.float()[phase]
-        if state is not None and S == 1:  # decode: one fused state update + pooling + norm + rope per row
+        if state is not None and S == 1:  # decode: position bias, state update, pooling, norm, rope: one op
             entries = ops.compress_step(kv[:, 0], score[:, 0], state.kv[:B], state.score[:B], pos0, m,
-                                        self.overlap, self.norm.weight, self.norm.eps, freqs, x.dtype)
+                                        self.overlap, self.norm.weight, self.norm.eps, freqs, x.dtype, self.ape)
             if quant_sim:
                 entries = quantize_entries(entries, self.rope_dim, self.rotate)
             group, done = shared(pos0, ("decode_group", m), lambda: (pos0 // m, (pos0 % m == m - 1).unsqueeze(1)))
             return Compressed(entries.unsqueeze(1), group, done)
+        phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
+        score = score + self.ape.float()[phase]
         if state is None:
             n, first_group, valid = S // m, torch.zeros_like(pos0), None
             prev = None

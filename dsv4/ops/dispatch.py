@@ -154,9 +154,11 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor, *, backend: str | None 
 
 def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
-                  freqs: torch.Tensor, out_dtype: torch.dtype, *, backend: str | None = None) -> torch.Tensor:
-    """One decode token per row through a compressor: state update, pooling, norm, RoPE -> entries [B, d]."""
-    args = (kv, score, state_kv, state_score, pos0, ratio, overlap, norm_weight, eps, freqs, out_dtype)
+                  freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None,
+                  *, backend: str | None = None) -> torch.Tensor:
+    """One decode token per row through a compressor: position bias (ape), state update, pooling, norm, RoPE ->
+    entries [B, d]."""
+    args = (kv, score, state_kv, state_score, pos0, ratio, overlap, norm_weight, eps, freqs, out_dtype, ape)
     return _pick("compress_step", backend, *args)(*args)
 
 

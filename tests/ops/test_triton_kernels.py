@@ -93,10 +93,11 @@ for B, m, d, overlap in ((3, 4, 48, True), (2, 8, 64, False), (1, 3, 32, True)):
         states.append([torch.zeros(B, R, W2).to(dev), torch.full((B, R, W2), float("-inf")).to(dev)])
     w = (torch.rand(d, generator=g) + 0.5).to(dev); fr = torch.rand(8, generator=g).to(dev)
     pos = torch.randint(0, 50, (B,), generator=g).to(dev)
+    ape = torch.randn(m, W2, generator=g).to(dev) if overlap else None  # the position bias, added in the op
     for step in range(2 * m + 1):  # through group completions; rows at different phases
         kv = torch.randn(B, W2, generator=g).to(dev); sc = torch.randn(B, W2, generator=g).to(dev)
-        a = tri_step(kv, sc, *states[0], pos, m, overlap, w, 1e-6, fr, dt)
-        r = ref_step(kv, sc, *states[1], pos, m, overlap, w, 1e-6, fr, dt)
+        a = tri_step(kv, sc, *states[0], pos, m, overlap, w, 1e-6, fr, dt, ape)
+        r = ref_step(kv, sc, *states[1], pos, m, overlap, w, 1e-6, fr, dt, ape)
         assert (a.float() - r.float()).abs().max() <= {tol} * 10 * r.float().abs().max() + 1e-2 * (dt != torch.float32), step
         for x, y in zip(*states):
             assert torch.equal(x.isinf(), y.isinf()) and (x.nan_to_num(0, 0, 0) - y.nan_to_num(0, 0, 0)).abs().max() < 1e-5

@@ -19,10 +19,11 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
 def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
-                  freqs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+                  freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None) -> torch.Tensor:
     """One decode token per row through a compressor (v4-architecture §3.4), state updated in place.
 
-    kv, score: [B, coff*d] fp32 projections of the token (score includes ape); state_kv/score: [B, coff*m,
+    kv, score: [B, coff*d] fp32 projections of the token; ape [m, coff*d]: the position bias added to score at
+    the token's phase pos0 % m (None: score includes it already); state_kv/score: [B, coff*m,
     coff*d] (CompressorState layout); pos0: [B] the token's position. Returns the entry of the group the token
     belongs to, normalised and roped at the group's first position, [B, d] in out_dtype: a finished entry
     where the token completes its group (pos0 % ratio == ratio - 1), a partial one (to be ignored) elsewhere.
@@ -31,6 +32,8 @@ def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor,
     d = W2 // 2 if overlap else W2
     off = m if overlap else 0
     r0 = pos0 % m
+    if ape is not None:
+        score = score + ape.float()[r0]
     slot = (torch.arange(state_kv.shape[1], device=kv.device) == (off + r0).unsqueeze(1)).unsqueeze(-1)
     skv = torch.where(slot, kv.unsqueeze(1), state_kv)
     ssc = torch.where(slot, score.unsqueeze(1), state_score)

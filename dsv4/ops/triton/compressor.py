@@ -10,8 +10,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _state_pool_kernel(kv_ptr, sc_ptr, skv_ptr, ssc_ptr, pos_ptr, pooled_ptr, d, m, R, W2,
-                       OVERLAP: tl.constexpr, MP: tl.constexpr, BLOCK_C: tl.constexpr):
+def _new_score(sc_ptr, ape_ptr, b, r0, W2, at, cm, HAS_APE: tl.constexpr):
+    """The token's gate scores at channels `at`, plus the position bias of its phase r0."""
+    s = tl.load(sc_ptr + b * W2 + at, mask=cm, other=0.0)
+    if HAS_APE:
+        s += tl.load(ape_ptr + r0 * W2 + at, mask=cm, other=0.0)
+    return s
+
+
+@triton.jit
+def _state_pool_kernel(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, pos_ptr, pooled_ptr, d, m, R, W2,
+                       OVERLAP: tl.constexpr, HAS_APE: tl.constexpr, MP: tl.constexpr, BLOCK_C: tl.constexpr):
     b = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cs < d
@@ -30,9 +39,9 @@ def _state_pool_kernel(kv_ptr, sc_ptr, skv_ptr, ssc_ptr, pos_ptr, pooled_ptr, d,
         b_kv = tl.load(skv_ptr + cur + d + cs[None, :], mask=mask, other=0.0)
         b_sc = tl.load(ssc_ptr + cur + d + cs[None, :], mask=mask, other=float("-inf"))
         a_kv = tl.where(new, tl.load(kv_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], a_kv)
-        a_sc = tl.where(new, tl.load(sc_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], a_sc)
+        a_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, r0, W2, cs, cm, HAS_APE)[None, :], a_sc)
         b_kv = tl.where(new, tl.load(kv_ptr + b * W2 + d + cs, mask=cm, other=0.0)[None, :], b_kv)
-        b_sc = tl.where(new, tl.load(sc_ptr + b * W2 + d + cs, mask=cm, other=0.0)[None, :], b_sc)
+        b_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, r0, W2, d + cs, cm, HAS_APE)[None, :], b_sc)
         p_kv = tl.load(skv_ptr + prv + cs[None, :], mask=mask, other=0.0)
         p_sc = tl.load(ssc_ptr + prv + cs[None, :], mask=mask, other=float("-inf"))
         p_sc = tl.where(rm[:, None], p_sc, float("-inf"))
@@ -61,7 +70,7 @@ def _state_pool_kernel(kv_ptr, sc_ptr, skv_ptr, ssc_ptr, pos_ptr, pooled_ptr, d,
         c_kv = tl.load(skv_ptr + cur + cs[None, :], mask=mask, other=0.0)
         c_sc = tl.load(ssc_ptr + cur + cs[None, :], mask=mask, other=float("-inf"))
         c_kv = tl.where(new, tl.load(kv_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], c_kv)
-        c_sc = tl.where(new, tl.load(sc_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], c_sc)
+        c_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, r0, W2, cs, cm, HAS_APE)[None, :], c_sc)
         c_sc = tl.where(rm[:, None], c_sc, float("-inf"))
         mx = tl.max(c_sc, 0)
         w = tl.exp(c_sc - mx[None, :])
@@ -101,8 +110,8 @@ def _norm_rope_kernel(pooled_ptr, w_ptr, pos_ptr, freqs_ptr, out_ptr, d, m, eps,
 
 def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
-                  freqs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Same contract as ops.reference.pooling.compress_step."""
+                  freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as ops.reference.pooling.compress_step (the position bias added in the kernel)."""
     B, W2 = kv.shape
     d = W2 // 2 if overlap else W2
     kv, score = kv.float().contiguous(), score.float().contiguous()
@@ -110,9 +119,10 @@ def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor,
     pooled = torch.empty(B, d, dtype=torch.float32, device=kv.device)
     mp = triton.next_power_of_2(ratio)
     block = max(16, min(128, 4096 // mp))                             # [MP, BLOCK_C] tiles stay in registers
-    _state_pool_kernel[(B, triton.cdiv(d, block))](kv, score, state_kv, state_score, pos, pooled, d, ratio,
-                                                   state_kv.shape[1], W2, OVERLAP=overlap, MP=mp, BLOCK_C=block,
-                                                   num_warps=4)
+    ape_f = ape.float().contiguous() if ape is not None else score
+    _state_pool_kernel[(B, triton.cdiv(d, block))](kv, score, ape_f, state_kv, state_score, pos, pooled, d, ratio,
+                                                   state_kv.shape[1], W2, OVERLAP=overlap, HAS_APE=ape is not None,
+                                                   MP=mp, BLOCK_C=block, num_warps=4)
     out = torch.empty(B, d, dtype=out_dtype, device=kv.device)
     _norm_rope_kernel[(B,)](pooled, norm_weight.float().contiguous(), pos, freqs.float().contiguous(), out, d,
                             ratio, eps, freqs.shape[0], D=triton.next_power_of_2(d), num_warps=4)
