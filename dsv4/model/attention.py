@@ -114,9 +114,12 @@ class Attention(nn.Module):
         cos, sin = shared(pos0, ("rope", S, self._rope), lambda: rope_angles(pos, self.freqs))  # [B, S, rd/2]
 
         qr = self.q_norm(self.wq_a(x))                                        # [B, S, q_lora]
-        q = rms_unweighted(self.wq_b(qr).view(B, S, H, D), self.eps)
-        q = apply_rope_(q, cos, sin)                                           # [B, S, H, D]
-        kv = apply_rope_(self.kv_norm(self.wkv(x)), cos, sin)                  # [B, S, D]
+        if bi.active(x) or torch.is_grad_enabled():  # training, batch-invariant mode: norm, then rope
+            q = apply_rope_(rms_unweighted(self.wq_b(qr).view(B, S, H, D), self.eps), cos, sin)
+            kv = apply_rope_(self.kv_norm(self.wkv(x)), cos, sin)
+        else:  # inference: each norm with its rope in one op
+            q = ops.rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps, rope=(cos, sin))   # [B, S, H, D]
+            kv = ops.rms_norm(self.wkv(x), self.kv_norm.weight, self.kv_norm.eps, rope=(cos, sin))  # [B, S, D]
         if self.quant_sim:
             kv = quantize_entries(kv, self.rope_dim, rotate=False)
 

@@ -196,9 +196,11 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float, *, backend: str | No
     return _pick("hc_mixes", backend, x, fn)(x, fn, eps)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, *, backend: str | None = None) -> torch.Tensor:
-    """x / rms(x) over the last dim in x.dtype: times an fp32 weight in fp32 math, or unweighted in x.dtype math."""
-    return _pick("rms_norm", backend, x, weight)(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
+             rope: tuple[torch.Tensor, torch.Tensor] | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """x / rms(x) over the last dim in x.dtype: times an fp32 weight in fp32 math, or unweighted in x.dtype math;
+    with rope (cos, sin [B, S, half]) the result's trailing rope channels rotated too (inference: one kernel)."""
+    return _pick("rms_norm", backend, x, weight)(x, weight, eps, rope)
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, fixed_idx: torch.Tensor | None, k: int,

@@ -150,6 +150,14 @@ for B, S, HI, DI, T, k in ((2, 3, 16, 64, 50, 8), (1, 2, 8, 128, 70, 16)):  # FP
     assert agree > {agree}, ("fp4 keys", agree)
 from dsv4.ops.triton.norm import rms_norm as tri_norm
 from dsv4.ops.reference.norm import rms_norm as ref_norm
+for shape, half, weighted in (((2, 3, 4, 64), 8, False), ((1, 5, 96), 16, True), ((3, 1, 2, 32), 4, True)):
+    # the norm with the rope of its result's trailing channels (the attention's q: per head; kv: per token)
+    x = torch.randn(*shape, generator=g).to(dev, dt) * 3
+    w = (torch.rand(shape[-1], generator=g) + 0.5).to(dev) if weighted else None
+    cos, sin = (torch.randn(shape[0], shape[1], half, generator=g).to(dev) for _ in range(2))
+    a, r = tri_norm(x, w, 1e-6, (cos, sin)), ref_norm(x, w, 1e-6, (cos, sin))
+    assert a.shape == r.shape and a.dtype == r.dtype
+    assert (a.float() - r.float()).abs().max() <= ({tol} * 1e-2 + 4 * (dt != torch.float32) * 2 ** -8) * r.float().abs().max() + 1e-5
 for shape, weighted in (((3, 5, 96), True), ((2, 7, 64), False), ((1, 1, 4096), True), ((4, 64, 512), False)):
     x = torch.randn(*shape, generator=g).to(dev, dt) * 3
     w = (torch.rand(shape[-1], generator=g) + 0.5).to(dev) if weighted else None
@@ -171,7 +179,9 @@ for lead, R, C, M in (((1, 1), 4, 64, 24), ((2, 3), 4, 96, 24), ((1, 70), 2, 64,
     (tri_mhc.hc_mixes(xa, fa, 1e-6) * dout).sum().backward()
     (ref_mhc.hc_mixes(xr, fr, 1e-6) * dout.double()).sum().backward()
     assert ((fa.grad.double() - fr.grad).norm() / fr.grad.norm()).item() < 1e-5
-    assert xa.grad.dtype == torch.bfloat16 and ((xa.grad.double() - xr.grad).abs() <= 2 ** -7 * xr.grad.abs() + 1e-12).all()
+    # (one rounding to bf16 of an fp32 sum: within a bf16 ulp, plus fp32 error where the two terms cancel)
+    bound = 2 ** -7 * xr.grad.abs() + 1e-5 * xr.grad.abs().max()
+    assert xa.grad.dtype == torch.bfloat16 and ((xa.grad.double() - xr.grad).abs() <= bound).all()
 from dsv4.ops.triton.routing import moe_route as tri_route
 from dsv4.ops.reference.routing import moe_route as ref_route
 for N, E, k in ((1, 16, 6), (37, 256, 8), (5, 7, 3)):
