@@ -11,8 +11,11 @@ scales, so with `set_quant_sim(True)` storing them is lossless; without it they 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
+from ..ops.compiled import lazily_compiled
 from ..quant import decode_fp4_keys, decode_fp8_kv, e2m1_round, float_to_e8m0, pack_fp4
 
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -32,6 +35,53 @@ def record_bytes(fmt: str, dim: int, rope_dim: int, role: str) -> int:
         return dim // 2 + dim // 32
     raise ValueError(f"storage format {fmt!r} is not available for {role} rows; choose from "
                      f"{list(_FLOAT) + ['fp8'] + (['fp4'] if role == 'index' else [])}")
+
+
+def encode_records(x: torch.Tensor, fmt: str, role: str, dim: int, rope_dim: int, rec: int) -> torch.Tensor:
+    """Rows [..., dim] as `fmt` records [..., rec] uint8 (see the module docstring for the layouts)."""
+    out = x.new_zeros(*x.shape[:-1], rec, dtype=torch.uint8)
+    xf = x.float()
+    if fmt == "fp8" and role == "kv":
+        nope = dim - rope_dim
+        pad = -nope % 64
+        blocks = torch.nn.functional.pad(xf[..., :nope], (0, pad)).unflatten(-1, (-1, 64))
+        s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448)))
+        q = (blocks / s).clamp(-448, 448).to(torch.float8_e4m3fn).flatten(-2)[..., :nope]
+        out[..., :nope] = q.view(torch.uint8)
+        out[..., nope:nope + 2 * rope_dim] = xf[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
+        out[..., nope + 2 * rope_dim:nope + 2 * rope_dim + s.shape[-2]] = float_to_e8m0(s.squeeze(-1), check=False)
+    elif fmt == "fp8":
+        s = (xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448)
+        out[..., :dim] = (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+        out[..., dim:] = s.contiguous().view(torch.uint8)
+    else:  # fp4 index keys, 1x32 power-of-two scales
+        blocks = xf.unflatten(-1, (-1, 32))
+        s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=6 * 2.0 ** -126) / 6)))
+        out[..., :dim // 2] = pack_fp4(e2m1_round(blocks / s).flatten(-2), check=False).view(torch.uint8)
+        out[..., dim // 2:] = float_to_e8m0(s.squeeze(-1), check=False)
+    return out
+
+
+def decode_records(rec: torch.Tensor, fmt: str, role: str, dim: int, rope_dim: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """`fmt` records [..., rec] uint8 -> rows [..., dim] in dtype."""
+    if fmt == "fp8" and role == "kv":
+        return decode_fp8_kv(rec, dim, rope_dim, dtype)
+    if fmt == "fp8":
+        s = rec[..., dim:].contiguous().view(torch.float32)
+        return (rec[..., :dim].contiguous().view(torch.float8_e4m3fn).float() * s).to(dtype)
+    return decode_fp4_keys(rec, dim, dtype)
+
+
+_COMPILED = {encode_records: lazily_compiled(encode_records), decode_records: lazily_compiled(decode_records)}
+
+
+def _codec(fn, t: torch.Tensor):
+    """fn, or its torch.compile'd form at inference on a GPU: eager, one FP8 record write is ~25 small kernels
+    and an FP4 key write ~57, several per layer and decode step; compiled, a few (DSV4_COMPILE=0: eager)."""
+    if t.is_cuda and not torch.is_grad_enabled() and os.environ.get("DSV4_COMPILE", "1") != "0":
+        return _COMPILED[fn]
+    return fn
 
 
 class RowStore:
@@ -74,37 +124,12 @@ class RowStore:
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         if self.fmt in _FLOAT:
             return x.to(self.buf.dtype)
-        out = x.new_zeros(*x.shape[:-1], self.rec, dtype=torch.uint8)
-        xf = x.float()
-        if self.fmt == "fp8" and self.role == "kv":
-            nope, rd = self.dim - self.rope_dim, self.rope_dim
-            pad = -nope % 64
-            blocks = torch.nn.functional.pad(xf[..., :nope], (0, pad)).unflatten(-1, (-1, 64))
-            s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448)))
-            q = (blocks / s).clamp(-448, 448).to(torch.float8_e4m3fn).flatten(-2)[..., :nope]
-            out[..., :nope] = q.view(torch.uint8)
-            out[..., nope:nope + 2 * rd] = xf[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
-            out[..., nope + 2 * rd:nope + 2 * rd + s.shape[-2]] = float_to_e8m0(s.squeeze(-1), check=False)
-        elif self.fmt == "fp8":
-            s = (xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448)
-            out[..., :self.dim] = (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
-            out[..., self.dim:] = s.contiguous().view(torch.uint8)
-        else:  # fp4 index keys, 1x32 power-of-two scales
-            blocks = xf.unflatten(-1, (-1, 32))
-            s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=6 * 2.0 ** -126) / 6)))
-            out[..., :self.dim // 2] = pack_fp4(e2m1_round(blocks / s).flatten(-2), check=False).view(torch.uint8)
-            out[..., self.dim // 2:] = float_to_e8m0(s.squeeze(-1), check=False)
-        return out
+        return _codec(encode_records, x)(x, self.fmt, self.role, self.dim, self.rope_dim, self.rec)
 
     def _decode(self, rec: torch.Tensor) -> torch.Tensor:
         if self.fmt in _FLOAT:
             return rec.to(self.dtype)
-        if self.fmt == "fp8" and self.role == "kv":
-            return decode_fp8_kv(rec, self.dim, self.rope_dim, self.dtype)
-        if self.fmt == "fp8":
-            s = rec[..., self.dim:].contiguous().view(torch.float32)
-            return (rec[..., :self.dim].contiguous().view(torch.float8_e4m3fn).float() * s).to(self.dtype)
-        return decode_fp4_keys(rec, self.dim, self.dtype)
+        return _codec(decode_records, rec)(rec, self.fmt, self.role, self.dim, self.rope_dim, self.dtype)
 
     # ------------------------------------------------------------------ access
     def write(self, index: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
