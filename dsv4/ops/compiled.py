@@ -3,7 +3,8 @@ compiled by torch.compile. Their fp32 chains (mHC mixing and its 20 Sinkhorn rou
 masks and softmax of the attention) run eagerly as hundreds of memory-bound kernels forward and backward;
 Inductor fuses each chain into a few kernels and derives the matching fused backward. Same math as the
 references (the tests compare gradients). Chosen by `auto` for CUDA tensors under autograd; DSV4_COMPILE=0
-turns it off (e.g. to debug, or where compilation is unavailable)."""
+turns it off (e.g. to debug, or where compilation is unavailable). `lazily_compiled` also serves the cache's
+FP8/FP4 record codecs at inference (dsv4.cache.layout)."""
 from __future__ import annotations
 
 import functools
