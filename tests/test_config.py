@@ -82,3 +82,16 @@ def test_unknown_key_and_bad_json(tmp_path):
         ModelConfig.from_pretrained(tmp_path / "missing")
     with pytest.raises(ConfigError, match="unknown preset"):
         ModelConfig.preset("huge")
+
+
+def test_train_config_gpu_kernels(monkeypatch):
+    """--gpu-kernels: a bad choice names the field; "triton" turns the Triton training kernels on."""
+    from dsv4.ops.triton import training_kernels_opted_in
+    from dsv4.train.config import TrainConfig, use_gpu_kernels
+    with pytest.raises(ConfigError, match="gpu_kernels"):
+        TrainConfig(gpu_kernels="cuda")
+    monkeypatch.setenv("DSV4_TRITON_TRAIN", "0")  # (restored after the test, whatever use_gpu_kernels sets)
+    use_gpu_kernels(TrainConfig().gpu_kernels)
+    assert not training_kernels_opted_in()
+    use_gpu_kernels(TrainConfig(gpu_kernels="triton").gpu_kernels)
+    assert training_kernels_opted_in()

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..model import Transformer
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, use_gpu_kernels
 from ..train.losses import LossWeights, compute_loss, expert_loads, update_expert_bias
 from ..train.optim import build_optimizers, lr_at
 from ..train.trainer import _prepare_data, set_stage, stage_at
@@ -50,6 +50,7 @@ def train_distributed(cfg: TrainConfig, resume: bool = False) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":  # as dsv4 train: the fp32 islands on TF32 tensor cores unless asked otherwise
         torch.backends.cuda.matmul.allow_tf32 = cfg.fp32_matmul == "tf32"
+    use_gpu_kernels(cfg.gpu_kernels)
     model = Transformer(mcfg).init_weights(seed=cfg.seed).to(device).train().set_qat(cfg.qat == "fp4")
     model.set_activation_checkpointing(cfg.activation_checkpointing == "block")
     model = parallelize(model, mesh, bf16=device.type == "cuda")

@@ -49,6 +49,8 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # "none" | "block": recompute each block in backward (long sequences)
     fp32_matmul: str = "tf32"               # GPU fp32 matmuls (attention, compressor, mHC, router, head): "tf32"
                                             # tensor cores (exact on bf16 inputs, fp32 accumulate) | "ieee"
+    gpu_kernels: str = "compiled"           # GPU training ops: "compiled" (torch.compile'd references) | "triton"
+                                            # (fused attention / mHC-mixes kernels, DSV4_TRITON_TRAIN; not yet timed)
     # ablations (each swaps one V4 ingredient for its usual baseline)
     attention: str = "v4"                   # "v4" (window/CSA/HCA) | "dense" (full causal attention)
     residual: str = "mhc"                   # "mhc" | "hc" (unconstrained hyper-connections) | "none"
@@ -68,6 +70,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"optimizer": ("muon", "adamw"), "schedule": ("cosine", "wsd"), "qat": ("none", "fp4"),
                    "fp32_matmul": ("tf32", "ieee"), "activation_checkpointing": ("none", "block"),
+                   "gpu_kernels": ("compiled", "triton"),
                    "attention": ("v4", "dense"), "residual": ("mhc", "hc", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -113,3 +116,10 @@ class TrainConfig:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "train_config.json"), "w") as f:
             json.dump(self.to_dict(), f, indent=2)
+
+
+def use_gpu_kernels(choice: str) -> None:
+    """gpu_kernels="triton" turns the Triton training kernels on for this process (they read DSV4_TRITON_TRAIN,
+    which also works on its own)."""
+    if choice == "triton":
+        os.environ["DSV4_TRITON_TRAIN"] = "1"

@@ -23,7 +23,7 @@ from ..model import Transformer
 from ..model.attention import Attention
 from ..model.mhc import residual_gain
 from .checkpointing import export, latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, use_gpu_kernels
 from .data import TokenLoader, cached_tokens, eval_batches, read_documents, split_documents, stdlib_sources
 from .losses import LossWeights, compute_loss, expert_loads, update_expert_bias
 from .optim import build_optimizers, lr_at
@@ -102,6 +102,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
     if device.type == "cuda":  # the fp32 islands' operands come from bf16 activations: TF32 keeps them exact
         torch.backends.cuda.matmul.allow_tf32 = cfg.fp32_matmul == "tf32"
+    use_gpu_kernels(cfg.gpu_kernels)
     torch.manual_seed(cfg.seed)
 
     tok, tok_dir, train_stream, val_stream = _prepare_data(cfg, out)
