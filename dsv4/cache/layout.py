@@ -11,11 +11,9 @@ scales, so with `set_quant_sim(True)` storing them is lossless; without it they 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ..ops.compiled import lazily_compiled
+from ..ops.compiled import compile_enabled, lazily_compiled
 from ..quant import decode_fp4_keys, decode_fp8_kv, e2m1_round, float_to_e8m0, pack_fp4
 
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,7 +77,7 @@ _COMPILED = {encode_records: lazily_compiled(encode_records), decode_records: la
 def _codec(fn, t: torch.Tensor):
     """fn, or its torch.compile'd form at inference on a GPU: eager, one FP8 record write is ~25 small kernels
     and an FP4 key write ~57, several per layer and decode step; compiled, a few (DSV4_COMPILE=0: eager)."""
-    if t.is_cuda and not torch.is_grad_enabled() and os.environ.get("DSV4_COMPILE", "1") != "0":
+    if t.is_cuda and not torch.is_grad_enabled() and compile_enabled():
         return _COMPILED[fn]
     return fn
 

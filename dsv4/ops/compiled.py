@@ -32,9 +32,14 @@ def lazily_compiled(fn: Callable) -> Callable:
     return run
 
 
+def compile_enabled() -> bool:
+    """DSV4_COMPILE=0 keeps everything eager (e.g. to debug, or where compilation is unavailable)."""
+    return os.environ.get("DSV4_COMPILE", "1") != "0"
+
+
 def training_on_gpu(*args, **kwargs) -> bool:
     """CUDA tensors that autograd tracks (a training forward), unless DSV4_COMPILE=0."""
-    if os.environ.get("DSV4_COMPILE", "1") == "0" or not torch.is_grad_enabled():
+    if not compile_enabled() or not torch.is_grad_enabled():
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     return bool(tensors) and tensors[0].is_cuda and any(t.requires_grad for t in tensors)

@@ -6,11 +6,12 @@ GEMMs on tensor cores several times faster. Weights that hold bf16 values (the L
 one part: half the bytes of the fp32 weight, which is what a decode step's matrix-vector product is bound by."""
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from . import interpreted
 
 
 def bf16_parts(w: torch.Tensor, rows: int | None = None, trim: bool = False) -> torch.Tensor:
@@ -80,7 +81,7 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bk = 64 if M >= 128 else 128
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
     _split_mm_kernel[grid](x2, parts, out, M, N, K, P=parts.shape[0], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                           IEEE=os.environ.get("TRITON_INTERPRET") == "1", num_warps=8 if M >= 128 else 4,
+                           IEEE=interpreted(), num_warps=8 if M >= 128 else 4,
                            num_stages=3)
     return out.view(*x.shape[:-1], N)
 

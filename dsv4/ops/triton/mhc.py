@@ -7,13 +7,12 @@ a backward for training: two passes over the lanes instead of the skinny fp32 GE
 [16384, 24]) that cuBLAS runs on CUDA cores with little parallelism."""
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from . import training_kernels_opted_in
+from . import interpreted, training_kernels_opted_in
 from .linear import bf16_parts
 
 
@@ -100,7 +99,7 @@ def _mixes_forward(x2: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torc
     split = 1
     while split < 64 and n_blocks * split < 128 and (K // block_k) % (2 * split) == 0:
         split *= 2  # few rows (decode): spread K over the GPU, then sum the parts in a fixed order
-    common = dict(M=M, MP=MP, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=_interpreted(), num_warps=4)
+    common = dict(M=M, MP=MP, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=interpreted(), num_warps=4)
     if split == 1:
         _mixes_kernel[(n_blocks, 1)](x2, parts, out, out, out, r, N, K, K, eps, FINAL=True, **common)
     else:
@@ -109,10 +108,6 @@ def _mixes_forward(x2: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torc
         _mixes_kernel[(n_blocks, split)](x2, parts, part, ss, out, r, N, K, K // split, eps, FINAL=False, **common)
         _mixes_reduce_kernel[(N,)](part, ss, out, r, N, K, eps, SPLIT=split, M=M, MP=MP, num_warps=4)
     return out, r
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

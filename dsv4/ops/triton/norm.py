@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .rope import token_angles
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, cos_ptr, sin_ptr, n_rows, D, eps, rows_per_token, half,
@@ -54,7 +56,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float,
     per_token, half = 1, 0
     if rope is not None:
         half = rope[0].shape[-1]
-        cos, sin = (t.float().expand(x.shape[0], x.shape[1], half).contiguous() for t in rope)
+        cos, sin = token_angles(*rope, x)
         per_token = n // (x.shape[0] * x.shape[1])
     _rms_norm_kernel[(triton.cdiv(n, block_r),)](x2, w, out, cos, sin, n, D, eps, per_token, half,
                                                  WEIGHTED=weight is not None, ROPE=rope is not None,

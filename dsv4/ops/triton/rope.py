@@ -24,14 +24,19 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, n_rows, heads, D, sign, sc_tok,
     tl.store(x_ptr + offs, y.to(x.dtype), mask=rm[:, None])
 
 
+def token_angles(cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B or 1, S, half] as contiguous fp32 [B, S, half] for x [B, S, ...]: one row per token."""
+    shape = (x.shape[0], x.shape[1], cos.shape[-1])
+    return cos.float().expand(shape).contiguous(), sin.float().expand(shape).contiguous()
+
+
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Same contract as ops.reference.rope.rope_ (x contiguous; cos/sin [B, S, half] for x [B, S, ..., D])."""
     half = cos.shape[-1]
     D = x.shape[-1]
     tokens = x.shape[0] * x.shape[1]
     heads = x.numel() // (tokens * D)
-    cos = cos.float().expand(x.shape[0], x.shape[1], half).contiguous()
-    sin = sin.float().expand(x.shape[0], x.shape[1], half).contiguous()
+    cos, sin = token_angles(cos, sin, x)
     n_rows = tokens * heads
     block = 64
     _rope_kernel[(triton.cdiv(n_rows, block),)](x, cos, sin, n_rows, heads, D, -1.0 if inverse else 1.0, half,
