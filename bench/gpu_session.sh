@@ -15,11 +15,11 @@ fi
 for stage in "$@"; do
   echo "=== $stage"; t0=$(date +%s)
   case $stage in
-    tests) python3 -m pytest -q -x tests/gpu tests/ops 2>&1 | tail -15 | tee "$OUT/tests.txt" ;;
+    tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -q -rf tests/gpu tests/ops 2>&1 | tail -40 | tee "$OUT/tests.txt" ;;
     ablations) rm -rf /tmp/abl; timeout ${ABL_TIMEOUT:-480} python3 bench/train_ablations.py --out /tmp/abl --steps ${ABL_STEPS:-120} --parallel ${ABL_PAR:-1} \
                  --batch-size 16 --seq-len 512 2>&1 | tail -30 | tee "$OUT/ablations.txt";
                cp /tmp/abl/summary.json "$OUT/ablations.json"; cp /tmp/abl/compare.png "$OUT/ablations.png" ;;
-    kernels) python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tail -40 | tee "$OUT/kernels.txt" ;;
+    kernels) timeout ${KERNELS_TIMEOUT:-420} python3 bench/kernels.py --json "$OUT/kernels.json" 2>&1 | tail -40 | tee "$OUT/kernels.txt" ;;
     e2e) timeout ${E2E_TIMEOUT:-540} python3 bench/e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | tail -150 | tee "$OUT/e2e.txt" ;;
     long) timeout ${LONG_TIMEOUT:-400} python3 bench/e2e.py --json "$OUT/e2e_1m.json" --skip-peer --prefill 1048576 \
             --decode ${LONG_DECODE:-} --decode-b64 --train ${LONG_TRAIN:-} 2>&1 | tail -20 | tee "$OUT/e2e_1m.txt" ;;
