@@ -11,6 +11,8 @@ scales, so with `set_quant_sim(True)` storing them is lossless; without it they 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..ops.compiled import compile_enabled, lazily_compiled
@@ -71,7 +73,25 @@ def decode_records(rec: torch.Tensor, fmt: str, role: str, dim: int, rope_dim: i
     return decode_fp4_keys(rec, dim, dtype)
 
 
-_COMPILED = {encode_records: lazily_compiled(encode_records), decode_records: lazily_compiled(decode_records)}
+def _compiled_or_eager(fn):
+    """fn torch.compile'd; if compiling it fails (an unsupported PyTorch build, say), a warning and fn from then
+    on: the codecs are an optimisation, never a reason a decode cannot run."""
+    compiled, failed = lazily_compiled(fn), []
+
+    def run(*args):
+        if not failed:
+            try:
+                return compiled(*args)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: say so once, then run eager
+                failed.append(e)
+                warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]}); running it eagerly")
+        return fn(*args)
+    run.failed = failed
+    return run
+
+
+_COMPILED = {encode_records: _compiled_or_eager(encode_records), decode_records: _compiled_or_eager(decode_records)}
 
 
 def _codec(fn, t: torch.Tensor):

@@ -7,8 +7,6 @@
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
@@ -38,28 +36,33 @@ def float_to_e8m0(x: torch.Tensor, check: bool = True) -> torch.Tensor:
     return (exp - 1 + 127).to(torch.uint8)
 
 
-@functools.lru_cache(maxsize=None)
-def _e2m1_table(device: torch.device) -> torch.Tensor:
-    """E2M1_VALUES on a device, copied once (no host-to-device copy per call: decode steps are graph-captured)."""
-    return E2M1_VALUES.to(device)
+def _e2m1_magnitude(idx: torch.Tensor) -> torch.Tensor:
+    """Magnitude index 0-7 -> (0, .5, 1, 1.5, 2, 3, 4, 6) in fp32, by arithmetic rather than a table lookup: a
+    table is a host tensor that torch.compile would copy to the device on every call (the cache codecs are
+    compiled and graph-captured in decode steps)."""
+    i = idx.float()
+    return torch.where(i <= 4, i * 0.5, torch.where(i == 7, 6.0, i - 2))
+
+
+def _e2m1_index(a: torch.Tensor) -> torch.Tensor:
+    """|x| (fp32, <= 6) -> the magnitude index of its nearest e2m1 value (ties to the even mantissa: 0.25->0,
+    0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4; `>=` moves a tie up, `>` keeps it down)."""
+    return ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int()
+            + (a > 2.5).int() + (a >= 3.5).int() + (a > 5.0).int())
 
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest e2m1 value (ties to the even mantissa), saturating at +-6. Same dtype as x."""
-    a = x.abs().float().clamp(max=6.0)
-    # Midpoints between neighbours; at a tie the even-mantissa neighbour wins: 0.25->0, 0.75->1, 1.25->1,
-    # 1.75->2, 2.5->2, 3.5->4, 5->4. `>=` moves a tie up, `>` keeps it down.
-    idx = ((a > 0.25).int() + (a >= 0.75).int() + (a > 1.25).int() + (a >= 1.75).int()
-           + (a > 2.5).int() + (a >= 3.5).int() + (a > 5.0).int())
-    mag = _e2m1_table(x.device)[:8][idx]
+    mag = _e2m1_magnitude(_e2m1_index(x.abs().float().clamp(max=6.0)))
     return torch.where(x < 0, -mag, mag).to(x.dtype)
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     """[..., K/2] bytes (int8 / uint8 / float4_e2m1fn_x2) -> [..., K] fp32 e2m1 values."""
     b = _bytes(packed)
-    codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2).long()
-    return _e2m1_table(packed.device)[codes]
+    codes = torch.stack((b & 0xF, b >> 4), dim=-1).flatten(-2)
+    mag = _e2m1_magnitude(codes & 7)
+    return torch.where(codes >= 8, -mag, mag)
 
 
 def pack_fp4(values: torch.Tensor, check: bool = True) -> torch.Tensor:
@@ -68,11 +71,10 @@ def pack_fp4(values: torch.Tensor, check: bool = True) -> torch.Tensor:
     if values.shape[-1] % 2:
         raise ValueError(f"pack_fp4 needs an even last dim, got {values.shape[-1]}")
     v = values.float()
-    mag = _e2m1_table(v.device)[:8]
-    idx = (v.abs().unsqueeze(-1) == mag).float().argmax(-1)
-    if check and not bool((mag[idx] == v.abs()).all()):
+    idx = _e2m1_index(v.abs())
+    if check and not bool((_e2m1_magnitude(idx) == v.abs()).all()):
         raise ValueError("pack_fp4 got values that are not e2m1")
-    codes = (idx | (torch.signbit(v).long() << 3)).to(torch.uint8)
+    codes = (idx | (torch.signbit(v).int() << 3)).to(torch.uint8)
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).view(torch.int8)
 
 

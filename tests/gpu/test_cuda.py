@@ -233,3 +233,4 @@ def test_compiled_record_codecs_match_eager():
                 assert torch.equal(got, want), (fmt, role, shape)
                 rows = [f(want, fmt, role, dim, rd, torch.bfloat16) for f in (_COMPILED[decode_records], decode_records)]
                 assert torch.equal(rows[0], rows[1]), (fmt, role, shape)
+    assert not any(f.failed for f in _COMPILED.values()), [f.failed for f in _COMPILED.values()]
