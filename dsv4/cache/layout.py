@@ -37,6 +37,15 @@ def record_bytes(fmt: str, dim: int, rope_dim: int, role: str) -> int:
                      f"{list(_FLOAT) + ['fp8'] + (['fp4'] if role == 'index' else [])}")
 
 
+def _le_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """Integer bit patterns [..., n] (int16/int32) -> their little-endian bytes [..., n * size] uint8. A view of
+    the values as bytes does the same, but torch.compile cannot lower a view to a smaller element size when the
+    shapes are symbolic."""
+    size = bits.element_size()
+    b = bits.to(torch.int32).unsqueeze(-1) >> (8 * torch.arange(size, device=bits.device, dtype=torch.int32))
+    return (b & 0xFF).to(torch.uint8).flatten(-2)
+
+
 def encode_records(x: torch.Tensor, fmt: str, role: str, dim: int, rope_dim: int, rec: int) -> torch.Tensor:
     """Rows [..., dim] as `fmt` records [..., rec] uint8 (see the module docstring for the layouts)."""
     out = x.new_zeros(*x.shape[:-1], rec, dtype=torch.uint8)
@@ -48,12 +57,12 @@ def encode_records(x: torch.Tensor, fmt: str, role: str, dim: int, rope_dim: int
         s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=1e-4) / 448)))
         q = (blocks / s).clamp(-448, 448).to(torch.float8_e4m3fn).flatten(-2)[..., :nope]
         out[..., :nope] = q.view(torch.uint8)
-        out[..., nope:nope + 2 * rope_dim] = xf[..., nope:].to(torch.bfloat16).contiguous().view(torch.uint8)
+        out[..., nope:nope + 2 * rope_dim] = _le_bytes(xf[..., nope:].to(torch.bfloat16).view(torch.int16))
         out[..., nope + 2 * rope_dim:nope + 2 * rope_dim + s.shape[-2]] = float_to_e8m0(s.squeeze(-1), check=False)
     elif fmt == "fp8":
         s = (xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / 448)
         out[..., :dim] = (xf / s).clamp(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
-        out[..., dim:] = s.contiguous().view(torch.uint8)
+        out[..., dim:] = _le_bytes(s.view(torch.int32))
     else:  # fp4 index keys, 1x32 power-of-two scales
         blocks = xf.unflatten(-1, (-1, 32))
         s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=6 * 2.0 ** -126) / 6)))

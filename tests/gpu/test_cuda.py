@@ -185,37 +185,48 @@ def test_compiled_training_ops_match_reference(monkeypatch):
 
 
 def test_triton_training_kernels_match_compiled(monkeypatch):
-    """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes) in a bf16 model: the loss, the
-    indexer KL and every gradient agree with the compiled reference path within bf16 noise, with and without
-    block recomputation, with the attention's masked walk and its list walk."""
+    """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes) in a bf16 model, with and without
+    block recomputation, with the attention's masked walk and its list walk: the loss and every gradient are as
+    close to an fp32 model's as the compiled reference path's bf16 ones are (within bf16 noise). Some gradients
+    are sums that cancel to ~1e-6 (the head's mHC weights), where bf16 alone is ~100% off, so each gradient is
+    held to the reference path's own error on it rather than to one fixed tolerance."""
     from dsv4.model.attention import Attention
-    from dsv4.train.losses import LossWeights, compute_loss
-    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).to_dtype(torch.bfloat16).cuda()
-    model.train()
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.indexer_loss = True
-    tokens = torch.randint(0, 2048, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     from dsv4.ops.triton import sequence_attn as tri_seq
-    runs = []
-    for flag, recompute, dense_pairs in (("0", False, None), ("1", False, None), ("1", True, None), ("1", False, 0)):
+    from dsv4.train.losses import LossWeights, compute_loss
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tokens = torch.randint(0, 2048, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+
+    def model_in(dtype):
+        model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).to_dtype(dtype).cuda().train()
+        for m in model.modules():
+            if isinstance(m, Attention):
+                m.indexer_loss = True
+        return model
+
+    def run(model, flag, recompute=False, dense_pairs=None):
         monkeypatch.setenv("DSV4_TRITON_TRAIN", flag)
         if dense_pairs is not None:  # every sequence through the list walk
             monkeypatch.setattr(tri_seq, "DENSE_WALK_PAIRS", dense_pairs)
         model.set_activation_checkpointing(recompute)
         model.zero_grad(set_to_none=True)
-        loss, parts = compute_loss(model, tokens, LossWeights())
+        loss, _ = compute_loss(model, tokens, LossWeights())
         loss.backward()
-        runs.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()
-                                             if p.grad is not None}))
-    model.set_activation_checkpointing(False)
-    (l0, g0) = runs[0]
-    for l1, g1 in runs[1:]:
-        assert_rel_close("loss triton vs compiled", l1, l0, 1e-2)
-        assert g1.keys() == g0.keys()
-        for n in g0:
-            err = ((g1[n] - g0[n]).norm() / g0[n].norm().clamp(min=1e-30)).item()
-            assert err < 5e-2, (n, err)
+        model.set_activation_checkpointing(False)
+        return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+    l32, g32 = run(model_in(torch.float32), "0")
+    bf16 = model_in(torch.bfloat16)
+    l_ref, g_ref = run(bf16, "0")
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+    for case in (dict(), dict(recompute=True), dict(dense_pairs=0)):
+        l_tri, g_tri = run(bf16, "1", **case)
+        assert abs(l_tri - l32) <= 2 * abs(l_ref - l32) + 1e-3 * abs(l32), (case, l_tri, l_ref, l32)
+        assert g_tri.keys() == g_ref.keys() == g32.keys()
+        for n in g32:
+            e_tri, e_ref = rel(g_tri[n], g32[n]), rel(g_ref[n], g32[n])
+            assert e_tri <= 1.5 * e_ref + 2e-2, (case, n, e_tri, e_ref)
 
 
 def test_compiled_record_codecs_match_eager():
