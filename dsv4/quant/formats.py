@@ -54,7 +54,9 @@ def _e2m1_index(a: torch.Tensor) -> torch.Tensor:
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     """Round to the nearest e2m1 value (ties to the even mantissa), saturating at +-6. Same dtype as x."""
     mag = _e2m1_magnitude(_e2m1_index(x.abs().float().clamp(max=6.0)))
-    return torch.where(x < 0, -mag, mag).to(x.dtype)
+    # a negative that rounds to zero gives +0, not -0: one canonical code whether or not this runs compiled
+    # (eager negation keeps -0, inductor's generated code did not: the packed bytes differed)
+    return torch.where((x < 0) & (mag > 0), -mag, mag).to(x.dtype)
 
 
 def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
