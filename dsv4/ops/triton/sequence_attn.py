@@ -198,6 +198,7 @@ def _drows_kernel(q_ptr, rows_ptr, mask_ptr, first_ptr, do_ptr, lse_ptr, delta_p
 # (heads per program, rows per step, warps, pipeline stages), largest first: all heads of a token up to 64 (rows
 # read once per token). A launch that exceeds the GPU's shared memory or registers falls back to the next one.
 _CONFIGS = ((64, 32, 8, 2), (64, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1))
+CONFIGS = {"_fwd_kernel": _CONFIGS, "_dq_kernel": _CONFIGS, "_drows_kernel": _CONFIGS}  # per kernel (sweeps set)
 _chosen: dict[tuple, int] = {}
 
 
@@ -205,10 +206,11 @@ def _launch(kernel, launch, H: int, D: int, **flags):
     """Run `kernel` with the first configuration (from the remembered one on) that fits this GPU.
     launch(heads per program, rows per step) -> (grid, arguments, result); returns that result."""
     key = (kernel.fn.__name__, H, D, tuple(sorted(flags.items())))
+    configs = CONFIGS.get(kernel.fn.__name__, _CONFIGS)
     first = max(16, min(64, triton.next_power_of_2(H)))
-    start = _chosen.get(key, next(i for i, c in enumerate(_CONFIGS) if c[0] <= first))
-    for i in range(start, len(_CONFIGS)):
-        block_h, block_k, warps, stages = _CONFIGS[i]
+    start = _chosen.get(key, next((i for i, c in enumerate(configs) if c[0] <= first), 0))
+    for i in range(start, len(configs)):
+        block_h, block_k, warps, stages = configs[i]
         grid, args, result = launch(block_h, block_k)
         try:
             kernel[grid](*args, D=D, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=warps, num_stages=stages, **flags)
