@@ -1,6 +1,9 @@
 """Sweep of the Triton training attention's launch configurations (heads per program, rows per step, warps,
 stages), one kernel at a time, at the 4K CSA and HCA shapes of bench/kernels.py: fwd+bwd milliseconds, so the
-defaults in ops/triton/sequence_attn.py can be chosen from measurements. Writes JSON with --json."""
+defaults in ops/triton/sequence_attn.py can be chosen from measurements. Writes JSON with --json.
+--pick N runs only the N-th configuration of the sweep, so each can run in its own process (a kernel fault, an
+illegal address say, leaves the CUDA context unusable for every later one):
+    for i in $(seq 0 25); do python bench/train_attn_sweep.py --pick $i; done"""
 from __future__ import annotations
 
 import argparse
@@ -44,12 +47,14 @@ def case(S: int, ratio: int, topk: int | None, H: int = 64, D: int = 512, W: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--json")
+    p.add_argument("--pick", type=int, help="run only this configuration (index into the flattened sweep)")
     a = p.parse_args()
     cases = {"CSA 4K": case(4096, 4, 512), "HCA 4K": case(4096, 128, None)}
     default = dict(tri_seq.CONFIGS)
     out = []
-    for kernel, configs in SWEEP.items():
-        for cfg in configs:
+    flat = [(kernel, cfg) for kernel, configs in SWEEP.items() for cfg in configs]
+    for i, (kernel, cfg) in enumerate(flat):
+        if a.pick is None or a.pick == i:
             tri_seq.CONFIGS.update(default)
             tri_seq.CONFIGS[kernel] = (cfg,)
             tri_seq._chosen.clear()
