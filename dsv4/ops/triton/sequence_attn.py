@@ -198,7 +198,11 @@ def _drows_kernel(q_ptr, rows_ptr, mask_ptr, first_ptr, do_ptr, lse_ptr, delta_p
 # (heads per program, rows per step, warps, pipeline stages), largest first: all heads of a token up to 64 (rows
 # read once per token). A launch that exceeds the GPU's shared memory or registers falls back to the next one.
 _CONFIGS = ((64, 32, 8, 2), (64, 16, 8, 1), (32, 16, 4, 1), (16, 16, 4, 1))
-CONFIGS = {"_fwd_kernel": _CONFIGS, "_dq_kernel": _CONFIGS, "_drows_kernel": _CONFIGS}  # per kernel (sweeps set)
+# the row gradients: chosen by bench/train_attn_sweep.py on the H100 (4K, 64 heads x 512; CSA / HCA fwd+bwd ms):
+# (32, 64, 8, 1) 17.9 / 7.5, (32, 16, 4, 2) 19.3 / 6.5, the shared list's fallback (64, 16, 8, 1) ~30 / ~7;
+# (64, 32, 8, 2) and (64, 16, 8, 2) exceed shared memory there, and (64, 32, 8, 1) faulted (illegal address)
+_DROWS_CONFIGS = ((32, 64, 8, 1), (32, 16, 4, 2), (16, 16, 4, 1))
+CONFIGS = {"_fwd_kernel": _CONFIGS, "_dq_kernel": _CONFIGS, "_drows_kernel": _DROWS_CONFIGS}  # sweeps set these
 _chosen: dict[tuple, int] = {}
 
 
