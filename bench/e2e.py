@@ -102,10 +102,9 @@ def dsv4_train_step(model, n: int, batch: int = 1, checkpointing: bool = False) 
 
 @contextlib.contextmanager
 def env_flag(name: str, on: bool):
-    """Set environment flag `name` to 1 (on) or unset it, for the duration."""
+    """Set environment flag `name` to 1 (on) or 0 (off), for the duration."""
     before = os.environ.pop(name, None)
-    if on:
-        os.environ[name] = "1"
+    os.environ[name] = "1" if on else "0"
     try:
         yield
     finally:

@@ -85,13 +85,15 @@ def test_unknown_key_and_bad_json(tmp_path):
 
 
 def test_train_config_gpu_kernels(monkeypatch):
-    """--gpu-kernels: a bad choice names the field; "triton" turns the Triton training kernels on."""
-    from dsv4.ops.triton import training_kernels_opted_in
+    """--gpu-kernels: a bad choice names the field; "triton" (the default) turns the Triton training kernels on,
+    "compiled" off; without the flag they are on."""
+    from dsv4.ops.triton import training_kernels_enabled
     from dsv4.train.config import TrainConfig, use_gpu_kernels
     with pytest.raises(ConfigError, match="gpu_kernels"):
         TrainConfig(gpu_kernels="cuda")
-    monkeypatch.setenv("DSV4_TRITON_TRAIN", "0")  # (restored after the test, whatever use_gpu_kernels sets)
+    monkeypatch.delenv("DSV4_TRITON_TRAIN", raising=False)  # (restored after the test, whatever is set below)
+    assert training_kernels_enabled()
+    use_gpu_kernels(TrainConfig(gpu_kernels="compiled").gpu_kernels)
+    assert not training_kernels_enabled()
     use_gpu_kernels(TrainConfig().gpu_kernels)
-    assert not training_kernels_opted_in()
-    use_gpu_kernels(TrainConfig(gpu_kernels="triton").gpu_kernels)
-    assert training_kernels_opted_in()
+    assert training_kernels_enabled()

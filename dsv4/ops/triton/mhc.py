@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreted, training_kernels_opted_in
+from . import interpreted, training_kernels_enabled
 from .linear import bf16_parts
 
 
@@ -190,7 +190,7 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
 def supports_mixes(x: torch.Tensor, fn: torch.Tensor, *args) -> bool:
     """Inference; training too (a backward of its own) when the Triton training kernels are opted into."""
     training = torch.is_grad_enabled() and (x.requires_grad or fn.requires_grad)
-    return (x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous() and (not training or training_kernels_opted_in())
+    return (x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous() and (not training or training_kernels_enabled())
             and (x.shape[-1] * x.shape[-2]) % 128 == 0 and fn.shape[0] <= 64 and x.numel() > 0)
 
 

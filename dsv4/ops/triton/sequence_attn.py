@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from . import training_kernels_opted_in
+from . import training_kernels_enabled
 
 
 @triton.jit
@@ -364,5 +364,5 @@ def supports(q: torch.Tensor, kv: torch.Tensor, entries, entry_mask, sink, scale
              return_entry_probs=False) -> bool:
     """CUDA bf16/fp16, power-of-two head dim <= 512, when the Triton training kernels are opted into."""
     D = q.shape[-1]
-    return (training_kernels_opted_in() and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+    return (training_kernels_enabled() and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
             and 16 <= D <= 512 and not D & (D - 1))
