@@ -181,7 +181,9 @@ def test_compiled_training_ops_match_reference(monkeypatch):
     assert_rel_close("loss compiled vs eager", l1, l0, 1e-5)
     assert g1.keys() == g0.keys()
     for n in g0:
-        assert_rel_close(f"grad {n}", g1[n], g0[n], 1e-3)
+        # the heads' mHC weights (hc_head_*, 4 values each) are sums over every token that cancel to ~1e-7: fp32
+        # summation order alone moves them by ~1e-3 of their size (measured 1.04e-3 on the H100, once)
+        assert_rel_close(f"grad {n}", g1[n], g0[n], 3e-3 if "hc_head" in n else 1e-3)
 
 
 @pytest.mark.parametrize("only", [None, "sequence_attn", "hc_mixes"])
