@@ -353,3 +353,15 @@ def test_sequence_attn_walk_bounds_and_lists_in_row_steps():
         for n in range(11):
             seers = torch.nonzero(mask[b, :, n]).flatten()
             assert first[b, n] == (int(seers.min()) if len(seers) else 23)
+
+
+def test_sequence_attn_row_dots_in_token_chunks():
+    """The backward's delta = sum_d dO * O in fp32, computed in token chunks (bounded fp32 temporaries at long
+    sequences): bitwise the unchunked product for any chunk size, a ragged last chunk included."""
+    from dsv4.ops.triton.sequence_attn import _row_dots
+    g = torch.Generator().manual_seed(0)
+    do, o = (torch.randn(2, 37, 3, 16, generator=g).bfloat16() for _ in range(2))
+    want = (do.float() * o.float()).sum(-1)
+    for elements in (1, 2 * 3 * 16 * 5, 1 << 26):  # one token per chunk, 5 tokens (ragged end), all at once
+        got = _row_dots(do, o, elements)
+        assert got.dtype == torch.float32 and torch.equal(got, want), elements

@@ -270,6 +270,17 @@ def _entry_lists(mask: torch.Tensor, rows_per_step: int = 4096) -> tuple[torch.T
     return lists, counts
 
 
+def _row_dots(do: torch.Tensor, o: torch.Tensor, elements: int = 1 << 26) -> torch.Tensor:
+    """sum_d dO * O per token and head [B, S, H] in fp32, in token chunks: the fp32 copies of both operands exist
+    one chunk at a time (whole, at 64K tokens x 64 heads x 512 they would be 8 GB each)."""
+    B, S, H, D = o.shape
+    step = max(1, elements // (B * H * D))
+    delta = torch.empty(B, S, H, dtype=torch.float32, device=o.device)
+    for a in range(0, S, step):
+        delta[:, a:a + step] = (do[:, a:a + step].float() * o[:, a:a + step].float()).sum(-1)
+    return delta
+
+
 class _SequenceAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, entries, entry_mask, sink, scale, window, want_mass, splits, lists):
@@ -319,7 +330,7 @@ class _SequenceAttn(torch.autograd.Function):
         N = entries.shape[1] if has_e else 0
         K = sel.shape[-1] if lists else 0
         do = do.to(q.dtype).contiguous()
-        delta = (do.float() * o.float()).sum(-1).contiguous()                          # [B, S, H]
+        delta = _row_dots(do, o)                                                         # [B, S, H]
         dq = torch.empty_like(q)
         de = torch.zeros(B, N, D, dtype=torch.float32, device=q.device) if lists else None
         e_args = (entries, sel, n_hi) if has_e else (kv, kv, kv)
