@@ -90,12 +90,9 @@ def flex_case(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor) -> dict:
         return {"flex_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
 
 
-def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict, H: int = 64, D: int = 512,
-                    W: int = 128, long: bool = False) -> dict:
-    """Training attention, forward + backward at one sequence: the Triton kernels, the reference as training
-    otherwise runs it (torch.compile'd chunks), eager, and FlexAttention (compiled; all rows with the window and
-    entry mask as a block mask, one shared K=V head, no sink). long: the Triton kernels' list walk alone (the
-    references take tens of seconds per step there; bench/e2e.py times whole 64K steps both ways)."""
+def train_attn_inputs(S: int, ratio: int, topk: int | None, H: int = 64, D: int = 512):
+    """One training sequence: leaves [q, kv, entries, sink] (requiring grad), the entry mask [1, S, S // ratio]
+    (visible entries; CSA: the top-k of random scores among them) and an output gradient."""
     g = torch.Generator(device="cuda").manual_seed(3)
     N = S // ratio
     leaves = [torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g),
@@ -107,9 +104,18 @@ def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict,
     mask = (torch.arange(N, device="cuda") < ((pos + 1) // ratio).unsqueeze(-1)).unsqueeze(0)
     if topk:  # the indexer's selection: top-k of random scores among the visible entries
         sc = torch.rand(1, S, N, device="cuda", generator=g).masked_fill(~mask, -1)
-        sel = torch.zeros_like(mask).scatter_(2, sc.topk(min(topk, N), -1).indices, True)
-        mask = mask & sel
-    do = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        mask = mask & torch.zeros_like(mask).scatter_(2, sc.topk(min(topk, N), -1).indices, True)
+    return leaves, mask, torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+
+def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict, H: int = 64, D: int = 512,
+                    W: int = 128, long: bool = False) -> dict:
+    """Training attention, forward + backward at one sequence: the Triton kernels, the reference as training
+    otherwise runs it (torch.compile'd chunks), eager, and FlexAttention (compiled; all rows with the window and
+    entry mask as a block mask, one shared K=V head, no sink). long: the Triton kernels' list walk alone (the
+    references take tens of seconds per step there; bench/e2e.py times whole 64K steps both ways)."""
+    leaves, mask, do = train_attn_inputs(S, ratio, topk, H, D)
+    N, pos = S // ratio, torch.arange(S, device="cuda")
 
     def fwd_bwd(fn):
         def run():

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
 import triton
 
 from dsv4.ops.triton import sequence_attn as tri_seq
+from kernels import train_attn_inputs  # bench/kernels.py: the same inputs as its training attention cases
 
 SWEEP = {
     "_drows_kernel": [(64, 32, 8, 2), (64, 32, 8, 1), (64, 16, 8, 2), (32, 32, 8, 1), (32, 32, 4, 1), (16, 32, 4, 1),
@@ -23,20 +23,9 @@ SWEEP = {
 }
 
 
-def case(S: int, ratio: int, topk: int | None, H: int = 64, D: int = 512, W: int = 128):
-    g = torch.Generator(device="cuda").manual_seed(3)
-    N = S // ratio
-    leaves = [torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g),
-              torch.randn(1, S, D, device="cuda", dtype=torch.bfloat16, generator=g),
-              torch.randn(1, N, D, device="cuda", dtype=torch.bfloat16, generator=g),
-              torch.randn(H, device="cuda", generator=g)]
-    leaves = [x.requires_grad_(True) for x in leaves]
-    pos = torch.arange(S, device="cuda")
-    mask = (torch.arange(N, device="cuda") < ((pos + 1) // ratio).unsqueeze(-1)).unsqueeze(0)
-    if topk:
-        sc = torch.rand(1, S, N, device="cuda", generator=g).masked_fill(~mask, -1)
-        mask = mask & torch.zeros_like(mask).scatter_(2, sc.topk(min(topk, N), -1).indices, True)
-    do = torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+def case(S: int, ratio: int, topk: int | None, W: int = 128):
+    leaves, mask, do = train_attn_inputs(S, ratio, topk)
+    D = leaves[0].shape[-1]
 
     def run():
         o, _ = tri_seq.sequence_attn(*leaves[:3], mask, leaves[3], D ** -0.5, W, return_entry_probs=True)
