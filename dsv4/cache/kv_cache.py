@@ -74,10 +74,12 @@ class LayerCache:
                                                            + torch.arange(W - 1, device=pos0.device)) % W)
         return self.window_rows.gather(slots)
 
-    def window_ring(self) -> torch.Tensor | None:
-        """The ring itself [B, W, D] when it holds float rows (slot = position % W), else None: after
-        write_window, a decode step's attention reads it in place instead of a gathered copy."""
-        return None if self.window_rows.fmt == "fp8" else self.window_rows.buf
+    def window_ring(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The ring itself [B, W, D] when it holds rows of `dtype` (slot = position % W), else None (FP8 records,
+        or another float dtype): after write_window, a decode step's attention reads it in place instead of a
+        gathered copy."""
+        buf = self.window_rows.buf
+        return buf if self.window_rows.fmt != "fp8" and buf.dtype == dtype else None
 
     def write_window(self, pos0: torch.Tensor, kv: torch.Tensor) -> None:
         """Put the chunk's raw KV [B, S, D] in the ring (only its last W rows can matter)."""

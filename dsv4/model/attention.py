@@ -162,8 +162,8 @@ class Attention(nn.Module):
         """Continue cached sequences: index lists into [earlier window rows | chunk rows | entries], or for one
         token per row into [the window ring | entries]."""
         S, W = x.shape[1], self.window_size
-        ring = cache.window_ring() if S == 1 else None
-        if ring is not None and ring.dtype == q.dtype:  # decode: the token into the ring, then the ring in place
+        ring = cache.window_ring(q.dtype) if S == 1 else None
+        if ring is not None:  # decode: the token into the ring, then the ring in place
             cache.write_window(pos0, kv)
             rows, window_key = ring, ("ring_idx", W)
             idx = shared(pos0, window_key, lambda: ring_indices(pos0, W))                        # [B, 1, W]

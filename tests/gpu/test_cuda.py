@@ -144,7 +144,7 @@ def test_fp8_cache_read_in_place_matches_bf16_cache(models, monkeypatch):
     tiny bf16 model one flipped rounding moves a later top-k choice, so the two paths are not comparable)."""
     from dsv4.cache.kv_cache import LayerCache
     from dsv4.generate.graphs import GraphDecoder
-    monkeypatch.setattr(LayerCache, "window_ring", lambda self: None)
+    monkeypatch.setattr(LayerCache, "window_ring", lambda self, dtype: None)
     gpu = dsv4.Transformer(models[1].config).init_weights(seed=4).eval().to_dtype(torch.bfloat16).cuda()
     gpu.set_quant_sim(True)
     tokens = torch.randint(0, 2048, (2, 190), generator=torch.Generator().manual_seed(6)).cuda()
