@@ -116,6 +116,23 @@ def env_flag(name: str, on: bool):
 BF16_STORED_FP32_PARAMS = ("head.weight", "compressor.wkv.weight", "compressor.wgate.weight")
 
 
+def build_model(cfg: dsv4.ModelConfig | None = None) -> dsv4.Transformer:
+    """The bf16 benchmark model on the GPU with random N(0, 0.02) matrices."""
+    with torch.device("cuda"):
+        model = dsv4.Transformer(cfg or flash4()).to_dtype(torch.bfloat16).eval()
+    with torch.no_grad():
+        for n, p_ in model.named_parameters():
+            if p_.dim() >= 2:
+                p_.normal_(0, 0.02)
+        # fp32 parameters the official checkpoint stores in bf16 (the reference widens them on load): the LM head and
+        # the compressors' wkv / wgate. Their values are bf16 values, which the fp32 projections read as one part.
+        for n, p_ in model.named_parameters():
+            if n.endswith(BF16_STORED_FP32_PARAMS):
+                p_.copy_(p_.bfloat16())
+        model.reset_buffers()
+    return model
+
+
 def peer_model(cfg: dsv4.ModelConfig):
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
     hub = cfg.to_hub_dict()
@@ -223,24 +240,15 @@ def main() -> None:
     p.add_argument("--train", type=int, nargs="*", default=[4096])
     p.add_argument("--train-checkpointed", type=int, nargs="*", default=[65536],
                    help="training steps with activation checkpointing (long sequences)")
+    p.add_argument("--train-kernels", nargs="*", default=["compiled", "triton"], choices=["compiled", "triton"],
+                   help="training paths to time: the compiled references and/or the Triton training kernels")
     p.add_argument("--chunk", type=int, default=8192)
     p.add_argument("--profile", help="write per-kernel profiles to this folder")
     p.add_argument("--profile-context", type=int, default=32768)
     a = p.parse_args()
     cfg = flash4()
     res: list[dict] = []
-    with torch.device("cuda"):
-        model = dsv4.Transformer(cfg).to_dtype(torch.bfloat16).eval()
-    with torch.no_grad():
-        for n, p_ in model.named_parameters():
-            if p_.dim() >= 2:
-                p_.normal_(0, 0.02)
-        # fp32 parameters the official checkpoint stores in bf16 (the reference widens them on load): the LM head and
-        # the compressors' wkv / wgate. Their values are bf16 values, which the fp32 projections read as one part.
-        for n, p_ in model.named_parameters():
-            if n.endswith(BF16_STORED_FP32_PARAMS):
-                p_.copy_(p_.bfloat16())
-        model.reset_buffers()
+    model = build_model(cfg)
     print(f"dsv4 model: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B parameters", flush=True)
     dsv4_prefill(model, 2 * a.chunk, a.chunk)  # warm-up: kernels compile
     for n in a.prefill:
@@ -252,7 +260,7 @@ def main() -> None:
               res, context=ctx)
     for ctx in a.decode_b64:
         guard("dsv4 decode b64", lambda: dsv4_decode(model, ctx, steps=32, batch=64), res, context=ctx)
-    for triton_train in (False, True):  # training: compiled references, then the Triton training kernels
+    for triton_train in [k == "triton" for k in a.train_kernels]:  # compiled references and/or Triton kernels
         tag = " (triton train)" if triton_train else ""
         with env_flag("DSV4_TRITON_TRAIN", triton_train):
             for n in a.train:

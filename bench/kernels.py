@@ -222,28 +222,33 @@ def indexer_case(name: str, B: int, S: int, T: int, ceil: dict, HI: int = 64, DI
     return out
 
 
+PARTS = ("attention", "indexer", "sweep", "train", "topk")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json")
+    p.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS, help="which groups of cases to run")
     a = p.parse_args()
     ceil = ceilings()
     print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, device copy {ceil['copy_gbps']:.0f} GB/s")
-    attn = [attn_case("CSA decode 128K b64", 64, 1, 64, 512, 128 + 512, 128 + 32768 // 16, ceil),
+    run = set(a.parts)
+    attn = [] if "attention" not in run else [attn_case("CSA decode 128K b64", 64, 1, 64, 512, 128 + 512, 128 + 32768 // 16, ceil),
             attn_case("HCA decode 128K b64", 64, 1, 64, 512, 128 + 1024, 128 + 1024, ceil),
             attn_case("CSA decode b1", 1, 1, 64, 512, 640, 4096, ceil),
             attn_case("CSA prefill 4K", 1, 4096, 64, 512, 640, 4096 + 1024, ceil),
             attn_case("HCA prefill 4K", 1, 4096, 64, 512, 128 + 32, 4096 + 32, ceil)]
-    idx = [indexer_case("indexer decode 128K b64", 64, 1, 32768, ceil),
+    idx = [] if "indexer" not in run else [indexer_case("indexer decode 128K b64", 64, 1, 32768, ceil),
            indexer_case("indexer decode 128K b1", 1, 1, 32768, ceil),
            indexer_case("indexer prefill 4K", 1, 4096, 1024, ceil)]
-    sweep = (attn_sweep("CSA decode 32K b64", 64, 1, 128 + 512, 128 + 8192, ceil)
+    sweep = [] if "sweep" not in run else (attn_sweep("CSA decode 32K b64", 64, 1, 128 + 512, 128 + 8192, ceil)
              + attn_sweep("HCA decode 32K b64", 64, 1, 128 + 256, 128 + 256, ceil)
              + attn_sweep("CSA decode 128K b1", 1, 1, 128 + 512, 128 + 32768, ceil)
              + attn_sweep("HCA decode 128K b1", 1, 1, 128 + 1024, 128 + 1024, ceil)
              + attn_sweep("CSA prefill 4K", 1, 4096, 640, 4096 + 1024, ceil))
-    train = [train_attn_case("CSA train 4K", 4096, 4, 512, ceil), train_attn_case("HCA train 4K", 4096, 128, None, ceil),
+    train = [] if "train" not in run else [train_attn_case("CSA train 4K", 4096, 4, 512, ceil), train_attn_case("HCA train 4K", 4096, 128, None, ceil),
              train_attn_case("CSA train 64K (list walk)", 65536, 4, 512, ceil, long=True)]
-    topk = [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
+    topk = [] if "topk" not in run else [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
     print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'ms':>8}{'GB/s':>8}"
           f"{'%copy':>7}")
     for r in sweep:

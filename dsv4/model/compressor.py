@@ -82,13 +82,13 @@ class Compressor(nn.Module):
                 entries = quantize_entries(entries, self.rope_dim, self.rotate)
             group, done = shared(pos0, ("decode_group", m), lambda: (pos0 // m, (pos0 % m == m - 1).unsqueeze(1)))
             return Compressed(entries.unsqueeze(1), group, done)
-        phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
-        score = score + self.ape.float()[phase]
-        if state is None:
+        if state is None:  # rows from position 0: the bias repeats every m tokens (a broadcast, summed in backward)
+            score = score + self.ape.float().repeat(-(-S // m), 1)[:S]
             n, first_group, valid = S // m, torch.zeros_like(pos0), None
             prev = None
         else:
-            kv, score, n, valid, prev = self._with_state(kv, score, pos0, state)
+            phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
+            kv, score, n, valid, prev = self._with_state(kv, score + self.ape.float()[phase], pos0, state)
             first_group = pos0 // m
         if n == 0:
             return Compressed(x.new_zeros(B, 0, d), first_group, valid[:, :0] if valid is not None else None)

@@ -11,7 +11,6 @@ import math
 import torch
 
 from .. import ops
-from ..ops.reference.rope import rotated
 
 
 def rope_frequencies(rope_dim: int, theta: float, factor: float = 1.0, original_seq_len: int = 0,
@@ -38,12 +37,12 @@ def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Ten
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate the trailing 2*cos.shape[-1] channels of x (fp32 math, result in x.dtype).
+    """Rotate the trailing 2*cos.shape[-1] channels of x (fp32 math, result in x.dtype), as a new tensor.
 
     x: [B, S, ..., D]; cos/sin: [B or 1, S, rope_dim // 2], broadcast over the middle (head) dims.
     `inverse` rotates by the negative angle (V4 de-rotates the attention output, since V = K carries RoPE).
     """
-    return torch.cat((x[..., :-2 * cos.shape[-1]], rotated(x, cos, sin, inverse)), dim=-1)
+    return ops.rope(x, cos, sin, inverse)
 
 
 def apply_rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -63,6 +63,7 @@ register("index_scores", "reference", _ref_attn.index_scores)
 register("compress_pool", "reference", _ref_pool.compress_pool)
 register("compress_step", "reference", _ref_pool.compress_step)
 register("rope_", "reference", _ref_rope.rope_)
+register("rope", "reference", _ref_rope.rope)
 register("hc_split_sinkhorn", "reference", _ref_sinkhorn.hc_split_sinkhorn)
 register("moe_experts", "reference", _ref_experts.moe_experts)
 register("hc_collapse", "reference", _ref_mhc.hc_collapse)
@@ -103,8 +104,9 @@ else:
     register("moe_experts", "triton", _tri_experts.moe_experts, _tri_experts.supports)
     register("compress_step", "triton", _tri_compressor.compress_step, _tri_compressor.supports)
     register("rope_", "triton", _tri_rope.rope_, _tri_rope.supports)
+    register("rope", "triton", _tri_rope.rope, _tri_rope.supports_differentiable)
     register("hc_collapse", "triton", _tri_mhc.hc_collapse, _tri_mhc.supports)
-    register("hc_post", "triton", _tri_mhc.hc_post, _tri_mhc.supports)
+    register("hc_post", "triton", _tri_mhc.hc_post, _tri_mhc.supports_post)
     register("hc_mixes", "triton", _tri_mhc.hc_mixes, _tri_mhc.supports_mixes)
     register("rms_norm", "triton", _tri_norm.rms_norm, _tri_norm.supports)
     register("linear_fp32", "triton", _tri_linear.linear_fp32, _tri_linear.supports)
@@ -166,6 +168,12 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool =
           *, backend: str | None = None) -> torch.Tensor:
     """Rotate x's trailing rope channels in place (partial interleaved RoPE); returns x."""
     return _pick("rope_", backend, x, cos, sin)(x, cos, sin, inverse)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
+         *, backend: str | None = None) -> torch.Tensor:
+    """x with its trailing rope channels rotated, as a new tensor; differentiable (training)."""
+    return _pick("rope", backend, x, cos, sin)(x, cos, sin, inverse)
 
 
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,

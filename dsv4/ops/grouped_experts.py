@@ -15,6 +15,38 @@ except ImportError:  # no Triton: the eager elementwise path below
     slot_sum = swiglu_rows = None
 
 
+class _ExpandRows(torch.autograd.Function):
+    """x[order // k]: each token's row once per slot, in expert order. Backward: a token's k slot gradients summed
+    by one gather kernel (autograd's index backward sorts and accumulates all N*k rows)."""
+
+    @staticmethod
+    def forward(ctx, x, order, at, k):
+        ctx.save_for_backward(at)
+        ctx.k = k
+        return x[order // k]
+
+    @staticmethod
+    def backward(ctx, g):
+        at, = ctx.saved_tensors
+        return slot_sum(g.contiguous(), at, ctx.k).to(g.dtype), None, None, None
+
+
+class _SlotSum(torch.autograd.Function):
+    """sum_j y[at[n*k + j]] in fp32 from the expert-sorted rows (the adjoint of _ExpandRows): backward hands each
+    row its token's gradient, one gather."""
+
+    @staticmethod
+    def forward(ctx, y, order, at, k):
+        ctx.save_for_backward(order)
+        ctx.k, ctx.dtype = k, y.dtype
+        return slot_sum(y, at, k)
+
+    @staticmethod
+    def backward(ctx, g):
+        order, = ctx.saved_tensors
+        return g.to(ctx.dtype)[order // ctx.k], None, None, None
+
+
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
                 weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
     """Same contract as ops.reference.experts.moe_experts."""
@@ -26,17 +58,24 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
         0, flat, torch.ones_like(flat, dtype=torch.int32))
     offs = counts.cumsum(0, dtype=torch.int32)                              # end row of each expert's group
     dt = x.dtype
-    xs = x[order // k]                                                      # [N*k, C]
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3, weights))
+    fused = slot_sum is not None and x.is_cuda  # Triton kernels for the row gathers and the slot sum
+    if not fused:  # the plain gathers, autograd through indexing
+        xs = x[order // k]
+    else:
+        at = order.argsort().to(torch.int32)                                # row of (token n, slot j) = at[n*k + j]
+        xs = _ExpandRows.apply(x, order, at, k) if training else x[order // k]   # [N*k, C]
     gate = torch._grouped_mm(xs, w1.to(dt).transpose(1, 2), offs=offs)      # [N*k, F]
     up = torch._grouped_mm(xs, w3.to(dt).transpose(1, 2), offs=offs)
     rw = weights.flatten()[order]
-    if swiglu_rows is not None and not (torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, w1, w2, w3, weights))):  # inference: fused passes, no fp32 copies
+    if fused and not training:  # inference: fused passes, no fp32 copies
         y = torch._grouped_mm(swiglu_rows(gate, up, rw, swiglu_limit), w2.to(dt).transpose(1, 2), offs=offs)
-        return slot_sum(y, order.argsort().to(torch.int32), k)
+        return slot_sum(y, at, k)
     h = (compiled.weighted_swiglu if compiled.training_on_gpu(gate) else weighted_swiglu)(gate, up, rw, swiglu_limit)
-    y = torch._grouped_mm(h, w2.to(dt).transpose(1, 2), offs=offs).float()          # [N*k, C]
-    return y[order.argsort()].view(N, k, -1).sum(1)
+    y = torch._grouped_mm(h, w2.to(dt).transpose(1, 2), offs=offs)         # [N*k, C]
+    if fused:
+        return _SlotSum.apply(y, order, at, k)
+    return y.float()[order.argsort()].view(N, k, -1).sum(1)
 
 
 def supports(x: torch.Tensor, w1: torch.Tensor, *args) -> bool:

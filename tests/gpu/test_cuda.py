@@ -87,13 +87,14 @@ def test_grouped_experts_bf16_match_reference():
     idx = torch.rand(N, E - 3, device="cuda", generator=g).argsort(-1)[:, :k]
     wt = torch.rand(N, k, device="cuda", generator=g)
     assert grouped_experts.supports(x, w1)
+    dy = torch.randn(N, C, device="cuda", generator=g)  # (a uniform gradient would hide rows sent to wrong tokens)
     outs = []
     for fn in (grouped_experts.moe_experts, ref):
-        leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, w3)]
-        y = fn(*leaves, idx, wt, 7.0)
-        y.backward(torch.ones_like(y))
+        leaves = [t.clone().requires_grad_(True) for t in (x, w1, w2, w3, wt)]
+        y = fn(*leaves[:4], idx, leaves[4], 7.0)
+        y.backward(dy)
         outs.append([y.detach()] + [t.grad.float() for t in leaves])
-    for name, a, b in zip(("y", "dx", "dw1", "dw2", "dw3"), *outs):
+    for name, a, b in zip(("y", "dx", "dw1", "dw2", "dw3", "dweights"), *outs):
         assert_rel_close(name, a, b, 2e-2)
 
 
@@ -186,9 +187,12 @@ def test_compiled_training_ops_match_reference(monkeypatch):
         assert_rel_close(f"grad {n}", g1[n], g0[n], 3e-3 if "hc_head" in n else 1e-3)
 
 
-@pytest.mark.parametrize("only", [None, "sequence_attn", "hc_mixes"])
+TRAINING_KERNEL_FAMILIES = {"sequence_attn", "hc_mixes", "hc_post", "rope"}
+
+
+@pytest.mark.parametrize("only", [None, *sorted(TRAINING_KERNEL_FAMILIES)])
 def test_triton_training_kernels_match_compiled(monkeypatch, only):
-    """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes) in a bf16 model, with and without
+    """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes and post mix, RoPE) in a bf16 model, with and without
     block recomputation, with the attention's masked walk and its list walk: the loss and every gradient are as
     close to an fp32 model's as the compiled reference path's bf16 ones are (within bf16 noise). Some gradients
     are sums that cancel to ~1e-6 (the head's mHC weights), where bf16 alone is ~100% off, so each gradient is
@@ -196,7 +200,7 @@ def test_triton_training_kernels_match_compiled(monkeypatch, only):
     from dsv4.model.attention import Attention
     from dsv4.ops import dispatch
     from dsv4.ops.triton import sequence_attn as tri_seq
-    for op in {"sequence_attn", "hc_mixes"} - {only or ""} if only else ():  # one kernel family at a time
+    for op in TRAINING_KERNEL_FAMILIES - {only or ""} if only else ():  # one kernel family at a time
         fn, _ = dispatch._REGISTRY[op]["triton"]
         monkeypatch.setitem(dispatch._REGISTRY[op], "triton", (fn, lambda *a, **k: False))
     from dsv4.train.losses import LossWeights, compute_loss

@@ -355,13 +355,63 @@ def test_sequence_attn_walk_bounds_and_lists_in_row_steps():
             assert first[b, n] == (int(seers.min()) if len(seers) else 23)
 
 
-def test_sequence_attn_row_dots_in_token_chunks():
-    """The backward's delta = sum_d dO * O in fp32, computed in token chunks (bounded fp32 temporaries at long
-    sequences): bitwise the unchunked product for any chunk size, a ragged last chunk included."""
-    from dsv4.ops.triton.sequence_attn import _row_dots
-    g = torch.Generator().manual_seed(0)
-    do, o = (torch.randn(2, 37, 3, 16, generator=g).bfloat16() for _ in range(2))
-    want = (do.float() * o.float()).sum(-1)
-    for elements in (1, 2 * 3 * 16 * 5, 1 << 26):  # one token per chunk, 5 tokens (ragged end), all at once
-        got = _row_dots(do, o, elements)
-        assert got.dtype == torch.float32 and torch.equal(got, want), elements
+TRAIN_OPS_CHECK = r"""
+import torch
+from dsv4.ops.reference import rope as ref_rope
+from dsv4.ops.triton import mhc as tri_mhc, rope as tri_rope
+from dsv4.ops.triton.sequence_attn import _row_dots
+dev, dt = "{dev}", {dt}
+g = torch.Generator().manual_seed(0)
+err = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
+
+
+def grads(fn, leaves, dout):
+    leaves = [x.detach().clone().requires_grad_(True) for x in leaves]
+    out = fn(*leaves)
+    (out.double() * dout).sum().backward()
+    return out, [x.grad for x in leaves]
+
+
+for lead, R, C in (((2, 3), 4, 1300), ((1, 1), 3, 40)):  # mHC post mix: d f, d lanes, d post, d comb
+    leaves = [torch.randn(*lead, C, generator=g).to(dev, dt), torch.randn(*lead, R, C, generator=g).to(dev, dt),
+              torch.randn(*lead, R, generator=g).to(dev), torch.rand(*lead, R, R, generator=g).to(dev)]
+    dout = torch.randn(*lead, R, C, generator=g).to(dev).double()
+    o_t, g_t = grads(tri_mhc.hc_post, leaves, dout)
+    post_mix = lambda f, x, post, comb: post.unsqueeze(-1) * f.unsqueeze(-2) + torch.einsum("...jk,...jc->...kc", comb, x)
+    o_r, g_r = grads(post_mix, [x.double() for x in leaves], dout)
+    assert o_t.dtype == dt and err(o_t, o_r) < {tol}, ("post", err(o_t, o_r))
+    for name, a, r, x in zip(("f", "lanes", "post", "comb"), g_t, g_r, leaves):
+        assert a.dtype == x.dtype and err(a, r) < {tol}, (name, err(a, r))
+for shape, half, inverse in (((2, 5, 3, 64), 8, False), ((1, 4, 32), 16, True)):  # rope as a new tensor
+    x = torch.randn(*shape, generator=g).to(dev, dt)
+    cos, sin = (torch.randn(shape[0], shape[1], half, generator=g).to(dev) for _ in range(2))
+    dout = torch.randn(*shape, generator=g).to(dev).double()
+    o_t, (g_t,) = grads(lambda y: tri_rope.rope(y, cos, sin, inverse), [x], dout)
+    o_r, (g_r,) = grads(lambda y: ref_rope.rope(y, cos.double(), sin.double(), inverse), [x.double()], dout)
+    assert err(o_t, o_r) < {tol} and err(g_t, g_r) < {tol}, (shape, err(o_t, o_r), err(g_t, g_r))
+    assert g_t.dtype == x.dtype
+do, o = (torch.randn(2, 37, 3, 64, generator=g).to(dev, dt) for _ in range(2))  # the attention backward's delta
+want = (do.double() * o.double()).sum(-1)
+got = _row_dots(do, o)
+assert got.dtype == torch.float32 and got.shape == want.shape and err(got, want) < 1e-6, err(got, want)
+print("ok")
+"""
+
+
+def _run_train_ops(dev, dt, tol, env):
+    code = TRAIN_OPS_CHECK.format(dev=dev, dt=dt, tol=tol)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively (test below)")
+def test_training_ops_interpreted_on_cpu():
+    """The mHC post mix and RoPE training kernels (forward and every input's gradient) and the attention backward's
+    delta = sum dO * O against float64 autograd through the references."""
+    _run_train_ops("cpu", "torch.float32", 1e-5, dict(os.environ, TRITON_INTERPRET="1"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_ops_on_gpu_bf16():
+    _run_train_ops("cuda", "torch.bfloat16", 1e-2, dict(os.environ))

@@ -22,3 +22,8 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool =
     """Rotate x's rope channels in place; returns x."""
     x[..., -2 * cos.shape[-1]:] = rotated(x, cos, sin, inverse)
     return x
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """x with its rope channels rotated, as a new tensor (differentiable): training's form of rope_."""
+    return torch.cat((x[..., :-2 * cos.shape[-1]], rotated(x, cos, sin, inverse)), dim=-1)

@@ -1,10 +1,10 @@
-"""mHC lane arithmetic in one pass over the lanes (inference): the collapse sum_i w_i lane_i and
-the post mix post_k f + sum_j comb[j, k] lane_j. The reference materialises fp32 copies of all R lanes several
-times per call (on a prefill chunk, gigabytes per sublayer); here each lane element is read once, mixed in fp32
-registers and written once in the activation dtype. `hc_mixes` computes the mixing logits fn . x / rms(x) from
-the bf16 lanes directly, with exact fp32 products on the tensor cores (fn split into three bf16 parts), and has
-a backward for training: two passes over the lanes instead of the skinny fp32 GEMMs ([tokens, 16384] x
-[16384, 24]) that cuBLAS runs on CUDA cores with little parallelism."""
+"""mHC lane arithmetic in one pass over the lanes: the collapse sum_i w_i lane_i (inference) and the post mix
+post_k f + sum_j comb[j, k] lane_j (inference, and training with a backward of its own). The reference
+materialises fp32 copies of all R lanes several times per call (on a prefill chunk, gigabytes per sublayer); here
+each lane element is read once, mixed in fp32 registers and written once in the activation dtype. `hc_mixes`
+computes the mixing logits fn . x / rms(x) from the bf16 lanes directly, with exact fp32 products on the tensor
+cores (fn split into three bf16 parts), and has a backward for training: two passes over the lanes instead of the
+skinny fp32 GEMMs ([tokens, 16384] x [16384, 24]) that cuBLAS runs on CUDA cores with little parallelism."""
 from __future__ import annotations
 
 
@@ -41,6 +41,38 @@ def _post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, C, R: tl.constexpr, 
         col = tl.load(comb_ptr + t * R * R + r * R + k, mask=r < R, other=0.0)      # comb[:, k]
         y = tl.load(post_ptr + t * R + k) * f + tl.sum(col[:, None] * x, 0)
         tl.store(out_ptr + t * R * C + k * C + cs, y.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _post_bwd_kernel(g_ptr, f_ptr, x_ptr, post_ptr, comb_ptr, df_ptr, dx_ptr, dpost_ptr, dcomb_ptr, C,
+                     R: tl.constexpr, RP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One token of the post mix's backward, g = d lane': df = sum_k post_k g_k, d lane_j = sum_k comb[j, k] g_k,
+    d post_k = g_k . f, d comb[j, k] = lane_j . g_k (fp32 sums over the channels, in blocks)."""
+    t = tl.program_id(0)
+    r = tl.arange(0, RP)
+    rm = r < R
+    dpost = tl.zeros([RP], tl.float32)
+    dcomb = tl.zeros([RP, RP], tl.float32)                                   # [j, k]
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + tl.arange(0, BLOCK_C)
+        cm = cs < C
+        x = tl.load(x_ptr + t * R * C + r[:, None] * C + cs[None, :], mask=rm[:, None] & cm[None, :],
+                    other=0.0).to(tl.float32)                                 # [j, c]
+        f = tl.load(f_ptr + t * C + cs, mask=cm, other=0.0).to(tl.float32)
+        df = tl.zeros([BLOCK_C], tl.float32)
+        dx = tl.zeros([RP, BLOCK_C], tl.float32)
+        for k in tl.static_range(R):
+            g = tl.load(g_ptr + t * R * C + k * C + cs, mask=cm, other=0.0).to(tl.float32)
+            col = tl.load(comb_ptr + t * R * R + r * R + k, mask=rm, other=0.0)      # comb[:, k]
+            df += tl.load(post_ptr + t * R + k) * g
+            dx += col[:, None] * g[None, :]
+            dpost += tl.where(r == k, tl.sum(g * f, 0), 0.0)
+            dcomb += tl.where(r[None, :] == k, tl.sum(x * g[None, :], 1)[:, None], 0.0)
+        tl.store(df_ptr + t * C + cs, df.to(df_ptr.dtype.element_ty), mask=cm)
+        tl.store(dx_ptr + t * R * C + r[:, None] * C + cs[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=rm[:, None] & cm[None, :])
+    tl.store(dpost_ptr + t * R + r, dpost, mask=rm)
+    tl.store(dcomb_ptr + t * R * R + r[:, None] * R + r[None, :], dcomb, mask=rm[:, None] & rm[None, :])
 
 
 @triton.jit
@@ -209,19 +241,53 @@ def hc_collapse(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """Same contract as ops.reference.mhc.hc_post."""
+def _post_forward(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     R, C = residual.shape[-2:]
+    out = torch.empty(residual.shape, dtype=f.dtype, device=f.device)
+    _post_kernel[_grid(f.numel() // C, C, 1024)](f, residual, post, comb, out, C, R=R, RP=triton.next_power_of_2(R),
+                                                 BLOCK_C=1024, num_warps=4)
+    return out
+
+
+class _Post(torch.autograd.Function):
+    """Training: the post mix and its backward, each one pass over the lanes. (Compiled, the reference's 4x4 lane
+    mixing became batched fp32 GEMMs with K = 4 on CUDA cores: ~4 ms per sublayer of a 4K-token V4-Flash step.)"""
+
+    @staticmethod
+    def forward(ctx, f, residual, post, comb):
+        ctx.save_for_backward(f, residual, post, comb)
+        return _post_forward(f, residual, post, comb)
+
+    @staticmethod
+    def backward(ctx, g):
+        f, residual, post, comb = ctx.saved_tensors
+        R, C = residual.shape[-2:]
+        g = g.contiguous()
+        df, dx = torch.empty_like(f), torch.empty_like(residual)
+        dpost, dcomb = torch.empty_like(post), torch.empty_like(comb)
+        _post_bwd_kernel[(f.numel() // C,)](g, f, residual, post, comb, df, dx, dpost, dcomb, C, R=R,
+                                            RP=triton.next_power_of_2(R), BLOCK_C=512, num_warps=4)
+        return df, dx, dpost, dcomb
+
+
+def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """Same contract as ops.reference.mhc.hc_post; differentiable (gradients for all four inputs)."""
     f, residual = f.contiguous(), residual.contiguous()
     post, comb = post.float().contiguous(), comb.float().contiguous()
-    out = torch.empty(residual.shape, dtype=f.dtype, device=f.device)
-    T = f.numel() // C
-    _post_kernel[_grid(T, C, 1024)](f, residual, post, comb, out, C, R=R, RP=triton.next_power_of_2(R),
-                                    BLOCK_C=1024, num_warps=4)
-    return out
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (f, residual, post, comb)):
+        return _Post.apply(f, residual, post, comb)
+    return _post_forward(f, residual, post, comb)
+
+
+def _training(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in tensors)
 
 
 def supports(x: torch.Tensor, *args) -> bool:
     """CUDA tensors without autograd (training keeps the differentiable reference)."""
-    return x.is_cuda and not (torch.is_grad_enabled() and any(
-        isinstance(a, torch.Tensor) and a.requires_grad for a in (x, *args)))
+    return x.is_cuda and not _training(x, *args)
+
+
+def supports_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> bool:
+    """Inference; training too (a backward of its own) unless the Triton training kernels are turned off."""
+    return f.is_cuda and (not _training(f, residual, post, comb) or training_kernels_enabled())
