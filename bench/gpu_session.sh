@@ -20,6 +20,7 @@ for stage in "$@"; do
                  --batch-size 16 --seq-len 512 2>&1 | tail -30 | tee "$OUT/ablations.txt";
                cp /tmp/abl/summary.json "$OUT/ablations.json"; cp /tmp/abl/compare.png "$OUT/ablations.png" ;;
     kernels) timeout ${KERNELS_TIMEOUT:-420} python3 bench/kernels.py --json "$OUT/kernels.json" ${KERNEL_PARTS:+--parts $KERNEL_PARTS} \
+               ${SWEEP_ONLY:+--sweep-only $SWEEP_ONLY} \
                2>&1 | tail -40 | tee "$OUT/kernels.txt" ;;
     profile) timeout ${PROFILE_TIMEOUT:-240} python3 bench/profile_step.py --train ${PROFILE_TRAIN:-4096} --out "$OUT/profile_step.txt" \
                2>&1 | tail -50 ;;

@@ -11,6 +11,7 @@ import argparse
 import collections
 import os
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -49,6 +50,40 @@ def attributed_table(prof, top: int) -> str:
     return "\n".join(lines)
 
 
+def gpu_busy(prof) -> str:
+    """How much of the step's span the GPU spent running kernels: a step that is slower than its kernel time
+    waits on the host (launch overhead, synchronising calls)."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:
+        return "no GPU kernels"
+    busy, (lo, hi) = 0.0, spans[0]
+    start = lo
+    for a, b in spans[1:]:
+        if a > hi:
+            busy, lo, hi = busy + hi - lo, a, b
+        else:
+            hi = max(hi, b)
+    busy += hi - lo
+    return f"GPU busy {busy / 1000:.1f} ms of a {(hi - start) / 1000:.1f} ms span ({100 * busy / (hi - start):.0f}%)"
+
+
+def sync_points(fn) -> str:
+    """The source lines whose calls made the host wait for the GPU during fn (torch's sync debug mode)."""
+    import warnings
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    where = collections.Counter(f"{w.filename.split('/dsv4/')[-1]}:{w.lineno}" for w in caught
+                                if "synchroniz" in str(w.message))
+    return "\n".join(f"{n:4d}  {loc}" for loc, n in where.most_common()) or "none"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", type=int, default=4096, help="tokens of the profiled training step (0: none)")
@@ -61,12 +96,22 @@ def main() -> None:
     if a.train:
         for _ in range(2):  # compile, warm up
             train_step(model, tokens)
-        torch.cuda.synchronize()
+        walls = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            train_step(model, tokens)
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+        report.append(f"== training step wall time (3 runs, no profiler): "
+                      + ", ".join(f"{1000 * w:.1f} ms" for w in walls))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,
                      with_stack=True) as prof:
             train_step(model, tokens)
             torch.cuda.synchronize()
-        report.append(f"== training fwd+bwd, {a.train} tokens\n" + attributed_table(prof, a.top))
+        report.append(f"== training fwd+bwd, {a.train} tokens\n{gpu_busy(prof)}\n" + attributed_table(prof, a.top))
+        report.append("== host synchronisations in one training step (count, line)\n"
+                      + sync_points(lambda: train_step(model, tokens)))
     text = "\n\n".join(report)
     print(text)
     if a.out:
