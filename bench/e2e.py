@@ -39,6 +39,13 @@ def timed(fn):
     return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
 
 
+def timed_median(fn, reps: int = 3) -> tuple[float, float]:
+    """Median seconds of `reps` separate runs of fn, and the peak GB over them (a training step is timed so: one
+    run after the warm-up can be 10% off the steady state, in either model)."""
+    runs = [timed(fn) for _ in range(reps)]
+    return sorted(r[1] for r in runs)[reps // 2], max(r[2] for r in runs)
+
+
 def guard(name: str, fn, results: list, **info):
     """Run one measurement; an out-of-memory or other failure is recorded, not fatal."""
     try:
@@ -94,7 +101,7 @@ def dsv4_train_step(model, n: int, batch: int = 1, checkpointing: bool = False) 
     model.set_activation_checkpointing(checkpointing)
     try:
         train_step(model, tokens)  # warm-up
-        _, secs, peak = timed(lambda: train_step(model, tokens))
+        secs, peak = timed_median(lambda: train_step(model, tokens), reps=1 if checkpointing else 3)
     finally:
         model.set_activation_checkpointing(False)
     return {"tok_per_s": batch * n / secs, "seconds": secs, "peak_gb": peak, "activation_checkpointing": checkpointing}
@@ -178,8 +185,11 @@ def peer_train_step(model, n: int) -> dict:
         torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
     step()
     model.zero_grad(set_to_none=True)
-    _, secs, peak = timed(step)
-    model.zero_grad(set_to_none=True)
+
+    def fresh_step():
+        step()
+        model.zero_grad(set_to_none=True)
+    secs, peak = timed_median(fresh_step)
     model.eval()
     return {"tok_per_s": n / secs, "seconds": secs, "peak_gb": peak}
 

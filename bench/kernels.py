@@ -174,19 +174,19 @@ def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 6
     rows_bytes = B * S * K * D * 2 + 2 * q.numel() * 2
     flops = 4 * B * S * H * K * D
     out = []
-    configs = [(splits, bh, w, 32, 2, False) for splits in ((None, 1, 4) if S == 1 else (1,))
+    configs = [(splits, bh, w, 32, 2) for splits in ((None, 1, 4) if S == 1 else (1,))
                for bh, w in ((16, 4), (32, 8), (64, 8))]
-    if S == 1 and B > 1:  # batched decode: deeper pipelines, longer steps, indices loaded ahead
-        configs += [(splits, bh, w, bk, st, pf) for splits in (1, 2) for bh, w in ((16, 4), (64, 8))
-                    for bk, st in ((32, 3), (32, 4), (64, 2), (64, 3), (16, 4)) for pf in (False, True)]
-        configs += [(splits, bh, w, 128, 1, False) for splits in (1, 2) for bh, w in ((16, 4), (32, 8), (64, 8))]
-    for splits, block_h, warps, block_k, stages, prefetch in configs:
+    if S == 1 and B > 1:  # batched decode: deeper pipelines and longer steps over the gathered rows
+        configs += [(splits, bh, w, bk, st) for splits in (1, 2) for bh, w in ((16, 4), (64, 8))
+                    for bk, st in ((32, 3), (32, 4), (64, 2), (64, 3), (16, 4))]
+        # longer steps still (more gathered bytes in flight per program: the sweep's trend so far), one stage
+        configs += [(splits, bh, w, 128, 1) for splits in (1, 2) for bh, w in ((16, 4), (32, 8), (64, 8))]
+    for splits, block_h, warps, block_k, stages in configs:
         cfg = {"case": name, "splits": splits, "block_h": block_h, "warps": warps, "block_k": block_k,
-               "stages": stages, "prefetch": prefetch}
+               "stages": stages}
         try:
             ms = bench_graph(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits=splits, block_h=block_h,
-                                                          num_warps=warps, block_k=block_k, num_stages=stages,
-                                                          prefetch=prefetch))
+                                                          num_warps=warps, block_k=block_k, num_stages=stages))
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a failure
             out.append({**cfg, "error": str(e)[:100]})
             continue
@@ -249,11 +249,10 @@ def main() -> None:
     train = [] if "train" not in run else [train_attn_case("CSA train 4K", 4096, 4, 512, ceil), train_attn_case("HCA train 4K", 4096, 128, None, ceil),
              train_attn_case("CSA train 64K (list walk)", 65536, 4, 512, ceil, long=True)]
     topk = [] if "topk" not in run else [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
-    print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'pf':>3}{'ms':>8}"
-          f"{'GB/s':>8}{'%copy':>7}")
+    print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'ms':>8}{'GB/s':>8}"
+          f"{'%copy':>7}")
     for r in sweep:
-        head = (f"{r['case']:<22}{str(r['splits']):>7}{r['block_h']:>6}{r['warps']:>6}{r['block_k']:>6}{r['stages']:>4}"
-                f"{'y' if r['prefetch'] else 'n':>3}")
+        head = f"{r['case']:<22}{str(r['splits']):>7}{r['block_h']:>6}{r['warps']:>6}{r['block_k']:>6}{r['stages']:>4}"
         if "error" in r:
             print(f"{head}  {r['error']}")
         else:

@@ -22,8 +22,7 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
                         sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
                         e8_ptr, e16_ptr, se_b, se_n, se16_b, se16_n,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-                        SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
     pid_t = tl.program_id(0)            # token: b * S + s
     pid_h = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -38,18 +37,9 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
     acc = tl.zeros([BLOCK_H, D], tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
-    idx_row = idx_ptr + b * si_b + s * si_s
-    ar = tl.arange(0, BLOCK_K)
-    if PREFETCH:  # the list two steps ahead: a row gather's addresses never wait on the load of its indices
-        nxt = tl.load(idx_row + k_lo + ar, mask=k_lo + ar < k_hi, other=-1)
-        nxt2 = tl.load(idx_row + k_lo + BLOCK_K + ar, mask=k_lo + BLOCK_K + ar < k_hi, other=-1)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if PREFETCH:
-            rows = nxt.to(tl.int64)
-            nxt = nxt2
-            nxt2 = tl.load(idx_row + k0 + 2 * BLOCK_K + ar, mask=k0 + 2 * BLOCK_K + ar < k_hi, other=-1)
-        else:
-            rows = tl.load(idx_row + k0 + ar, mask=k0 + ar < k_hi, other=-1).to(tl.int64)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        rows = tl.load(idx_ptr + b * si_b + s * si_s + ks, mask=ks < k_hi, other=-1).to(tl.int64)
         valid = rows >= 0
         if SECOND:  # rows >= N come from the second source: float rows, or FP8 serving records read as stored
             near = valid & (rows < N)
@@ -119,19 +109,16 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, SPLITS: tl.constexp
              mask=hm[:, None])
 
 
-PREFETCH_INDICES = False  # bench/kernels.py's sweep times both
-
-
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                 entries: torch.Tensor | None = None, rope_dim: int = 0,
                 splits: int | None = None, block_h: int | None = None, num_warps: int | None = None,
-                block_k: int | None = None, num_stages: int = 2, prefetch: bool | None = None) -> torch.Tensor:
+                block_k: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K];
     entries ([B, n, D] floats or [B, n, record] uint8 FP8 serving records) are rows N.., read where they are.
 
     splits: index-list slices per query (default: enough programs to fill the GPU); block_h / num_warps:
     heads per program and warps, block_k / num_stages: index-list rows per step and pipeline depth (defaults
-    tuned on H100 for D = 512); prefetch: load each step's indices two steps ahead (default: PREFETCH_INDICES)."""
+    tuned on H100 for D = 512)."""
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"triton sparse_attn needs a power-of-two head dim >= 16, got {D}")
@@ -188,8 +175,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         q, kv, sink.float().contiguous(), idx, o, m_ptr, l_ptr, scale, S, H, K, kv.shape[1], per,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         o.stride(0), o.stride(1), o.stride(2), *ent, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
-        SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim,
-        PREFETCH=PREFETCH_INDICES if prefetch is None else prefetch, num_warps=num_warps, num_stages=num_stages)
+        SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim, num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return o
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
