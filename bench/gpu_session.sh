@@ -30,7 +30,7 @@ for stage in "$@"; do
          grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Shared Memory Config|Stall|Block Limit" "$OUT/ncu.txt" | head -30 ;;
     e2e) timeout ${E2E_TIMEOUT:-540} python3 bench/e2e.py --json "$OUT/e2e.json" ${E2E_ARGS:-} 2>&1 | tail -150 | tee "$OUT/e2e.txt" ;;
     long) timeout ${LONG_TIMEOUT:-400} python3 bench/e2e.py --json "$OUT/e2e_1m.json" --skip-peer --prefill 1048576 \
-            --decode ${LONG_DECODE:-} --decode-b64 --train ${LONG_TRAIN:-} 2>&1 | tail -20 | tee "$OUT/e2e_1m.txt" ;;
+            --decode ${LONG_DECODE:-} --decode-b64 --decode-fp8 --train ${LONG_TRAIN:-} --train-checkpointed 2>&1 | tail -20 | tee "$OUT/e2e_1m.txt" ;;
     sweep) for i in $(seq ${SWEEP_FROM:-0} ${SWEEP_TO:-25}); do   # training attention configurations, one process each
              timeout ${SWEEP_EACH:-45} python3 bench/train_attn_sweep.py --pick $i 2>&1 | grep "_kernel"; done | tee "$OUT/sweep.txt" ;;
     targets) python3 bench/targets.py --e2e $(ls "$OUT"/e2e*.json) $( [ -f "$OUT/kernels.json" ] && echo --kernels "$OUT/kernels.json") \
