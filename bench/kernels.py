@@ -234,21 +234,25 @@ def main() -> None:
     ceil = ceilings()
     print(f"ceilings: bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, device copy {ceil['copy_gbps']:.0f} GB/s")
     run = set(a.parts)
-    attn = [] if "attention" not in run else [attn_case("CSA decode 128K b64", 64, 1, 64, 512, 128 + 512, 128 + 32768 // 16, ceil),
-            attn_case("HCA decode 128K b64", 64, 1, 64, 512, 128 + 1024, 128 + 1024, ceil),
-            attn_case("CSA decode b1", 1, 1, 64, 512, 640, 4096, ceil),
-            attn_case("CSA prefill 4K", 1, 4096, 64, 512, 640, 4096 + 1024, ceil),
-            attn_case("HCA prefill 4K", 1, 4096, 64, 512, 128 + 32, 4096 + 32, ceil)]
-    idx = [] if "indexer" not in run else [indexer_case("indexer decode 128K b64", 64, 1, 32768, ceil),
-           indexer_case("indexer decode 128K b1", 1, 1, 32768, ceil),
-           indexer_case("indexer prefill 4K", 1, 4096, 1024, ceil)]
-    sweep_cases = [("CSA decode 32K b64", 64, 1, 128 + 512, 128 + 8192), ("HCA decode 32K b64", 64, 1, 128 + 256, 128 + 256),
-                   ("CSA decode 128K b1", 1, 1, 128 + 512, 128 + 32768), ("HCA decode 128K b1", 1, 1, 128 + 1024, 128 + 1024),
+    attn_cases = [("CSA decode 128K b64", 64, 1, 64, 512, 128 + 512, 128 + 32768 // 16),
+                  ("HCA decode 128K b64", 64, 1, 64, 512, 128 + 1024, 128 + 1024),
+                  ("CSA decode b1", 1, 1, 64, 512, 640, 4096),
+                  ("CSA prefill 4K", 1, 4096, 64, 512, 640, 4096 + 1024),
+                  ("HCA prefill 4K", 1, 4096, 64, 512, 128 + 32, 4096 + 32)]
+    indexer_cases = [("indexer decode 128K b64", 64, 1, 32768), ("indexer decode 128K b1", 1, 1, 32768),
+                     ("indexer prefill 4K", 1, 4096, 1024)]
+    sweep_cases = [("CSA decode 32K b64", 64, 1, 128 + 512, 128 + 8192),
+                   ("HCA decode 32K b64", 64, 1, 128 + 256, 128 + 256),
+                   ("CSA decode 128K b1", 1, 1, 128 + 512, 128 + 32768),
+                   ("HCA decode 128K b1", 1, 1, 128 + 1024, 128 + 1024),
                    ("CSA prefill 4K", 1, 4096, 640, 4096 + 1024)]
-    sweep = [] if "sweep" not in run else [r for c in sweep_cases if a.sweep_only in c[0] for r in attn_sweep(*c, ceil)]
-    train = [] if "train" not in run else [train_attn_case("CSA train 4K", 4096, 4, 512, ceil), train_attn_case("HCA train 4K", 4096, 128, None, ceil),
-             train_attn_case("CSA train 64K (list walk)", 65536, 4, 512, ceil, long=True)]
-    topk = [] if "topk" not in run else [topk_case(1, 32768), topk_case(1, 262144), topk_case(64, 8192), topk_case(4096, 2048)]
+    attn = [attn_case(*c, ceil) for c in attn_cases] if "attention" in run else []
+    idx = [indexer_case(*c, ceil) for c in indexer_cases] if "indexer" in run else []
+    sweep = [r for c in sweep_cases if a.sweep_only in c[0] for r in attn_sweep(*c, ceil)] if "sweep" in run else []
+    train = [train_attn_case("CSA train 4K", 4096, 4, 512, ceil),
+             train_attn_case("HCA train 4K", 4096, 128, None, ceil),
+             train_attn_case("CSA train 64K (list walk)", 65536, 4, 512, ceil, long=True)] if "train" in run else []
+    topk = [topk_case(r, t) for r, t in ((1, 32768), (1, 262144), (64, 8192), (4096, 2048))] if "topk" in run else []
     print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'ms':>8}{'GB/s':>8}"
           f"{'%copy':>7}")
     for r in sweep:

@@ -1,9 +1,10 @@
 """Where a step's GPU time goes, kernel by kernel, with the op, input shapes and dsv4 source line that launched it.
 
-    python bench/profile_step.py --train 4096 [--decode 32768] [--top 40] [--out profile.txt]
+    python bench/profile_step.py [--train 4096] [--top 45] [--out profile.txt]
 
 The 4-layer V4-Flash-geometry model of bench/e2e.py. A plain per-kernel table (as `e2e.py --profile` writes) says
-that an fp32 SIMT GEMM costs 8 ms; this one says which line of dsv4 asked for it, with which shapes.
+that an fp32 SIMT GEMM costs 8 ms; this one says which line of dsv4 (or which autograd node) asked for it, with
+which shapes. Also: the step's wall time without the profiler, and the lines that synchronise with the host.
 """
 from __future__ import annotations
 
@@ -11,13 +12,12 @@ import argparse
 import collections
 import os
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from e2e import build_model, train_step  # noqa: E402
+from e2e import build_model, timed, train_step  # noqa: E402
 
 
 def _origin(evt) -> str:
@@ -96,13 +96,7 @@ def main() -> None:
     if a.train:
         for _ in range(2):  # compile, warm up
             train_step(model, tokens)
-        walls = []
-        for _ in range(3):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            train_step(model, tokens)
-            torch.cuda.synchronize()
-            walls.append(time.perf_counter() - t0)
+        walls = [timed(lambda: train_step(model, tokens))[1] for _ in range(3)]
         report.append(f"== training step wall time (3 runs, no profiler): "
                       + ", ".join(f"{1000 * w:.1f} ms" for w in walls))
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True,

@@ -382,8 +382,10 @@ for lead, R, C in (((2, 3), 4, 1300), ((1, 1), 3, 40)):  # mHC post mix: d f, d 
     assert o_t.dtype == dt and err(o_t, o_r) < {tol}, ("post", err(o_t, o_r))
     for name, a, r, x in zip(("f", "lanes", "post", "comb"), g_t, g_r, leaves):
         assert a.dtype == x.dtype and err(a, r) < {tol}, (name, err(a, r))
-for shape, half, inverse in (((2, 5, 3, 64), 8, False), ((1, 4, 32), 16, True)):  # rope as a new tensor
+for shape, half, inverse, strided in (((2, 5, 3, 64), 8, False, True), ((1, 4, 32), 16, True, False)):  # rope
     x = torch.randn(*shape, generator=g).to(dev, dt)
+    if strided:  # a non-contiguous view (batch and sequence swapped in memory)
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
     cos, sin = (torch.randn(shape[0], shape[1], half, generator=g).to(dev) for _ in range(2))
     dout = torch.randn(*shape, generator=g).to(dev).double()
     o_t, (g_t,) = grads(lambda y: tri_rope.rope(y, cos, sin, inverse), [x], dout)

@@ -54,19 +54,19 @@ class _Rope(torch.autograd.Function):
     def forward(ctx, x, cos, sin, inverse):
         ctx.save_for_backward(cos, sin)
         ctx.inverse = inverse
-        return rope_(x.contiguous().clone(), cos, sin, inverse)
+        return rope_(x.clone(memory_format=torch.contiguous_format), cos, sin, inverse)
 
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        return rope_(g.contiguous().clone(), cos, sin, not ctx.inverse), None, None, None
+        return rope_(g.clone(memory_format=torch.contiguous_format), cos, sin, not ctx.inverse), None, None, None
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Same contract as ops.reference.rope.rope (a new tensor; gradients for x)."""
     if torch.is_grad_enabled() and x.requires_grad:
         return _Rope.apply(x, cos, sin, inverse)
-    return rope_(x.contiguous().clone(), cos, sin, inverse)
+    return rope_(x.clone(memory_format=torch.contiguous_format), cos, sin, inverse)
 
 
 def supports_differentiable(x: torch.Tensor, cos: torch.Tensor, *args) -> bool:
