@@ -1,5 +1,7 @@
 """Properties of the forward pass that hold for any weights."""
 import functools
+
+import numpy as np
 import pytest
 import torch
 
@@ -151,3 +153,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+
+
+@pytest.mark.parametrize("batch, seq, half", [(2, 300, 8), (3, 1000, 32), (1, 4096, 32)])
+def test_rope_angles_are_the_rounded_cos_and_sin(batch, seq, half):
+    """RoPE's cos/sin are the fp32 roundings of the float64 functions of the fp32 angles, for tensors the CPU
+    splits across threads (torch 2.13's fp32 CPU cos was off by ~2e-4 on part of such tensors in some processes,
+    which made the plain forward of tests/cache/test_incremental.py differ from the cached one by 6e-2)."""
+    from dsv4.model.rope import rope_angles, rope_frequencies
+    freqs = rope_frequencies(2 * half, 10000.0)
+    pos = torch.arange(seq).expand(batch, seq)
+    cos, sin = rope_angles(pos, freqs)
+    angles = (pos.float().unsqueeze(-1) * freqs).double().numpy()
+    assert cos.dtype == sin.dtype == torch.float32
+    for name, got, want in (("cos", cos, np.cos(angles)), ("sin", sin, np.sin(angles))):
+        err = np.abs(got.double().numpy() - want).max()
+        assert err <= 1.2e-7, f"{name} off by {err:.1e} (more than one fp32 ulp of 1)"

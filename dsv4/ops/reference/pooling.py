@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope import rope_
+from .rope import cos_sin, rope_
 
 
 def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
@@ -55,4 +55,4 @@ def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor,
     e = pooled.to(out_dtype).float()
     e = (norm_weight.float() * (e * torch.rsqrt(e.square().mean(-1, keepdim=True) + eps))).to(out_dtype)
     angle = ((pos0 // m) * m).float().view(-1, 1, 1) * freqs.float()                  # [B, 1, half]
-    return rope_(e.unsqueeze(1), angle.cos(), angle.sin())[:, 0]
+    return rope_(e.unsqueeze(1), *cos_sin(angle))[:, 0]

@@ -4,6 +4,17 @@ from __future__ import annotations
 import torch
 
 
+def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of fp32 angles; on the CPU evaluated in float64 and rounded to fp32. PyTorch's fp32 CPU cos
+    (2.13) is off by up to ~2e-4 on part of a multithreaded tensor in some processes (seen in ~1 of 4 runs on
+    [2, 300, 8] angles; sin and the float64 functions were right), which made a plain forward differ from the same
+    forward through the cache. GPUs keep their fp32 functions (no such error seen; one kernel each per step)."""
+    if angles.device.type != "cpu":
+        return angles.cos(), angles.sin()
+    a = angles.double()
+    return a.cos().float(), a.sin().float()
+
+
 def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """The trailing rope channels of x rotated by the angles (fp32 math), in x.dtype.
 
