@@ -16,14 +16,14 @@ except ImportError:  # no Triton: the eager elementwise path below
 
 
 class _ExpandRows(torch.autograd.Function):
-    """x[order // k]: each token's row once per slot, in expert order. Backward: a token's k slot gradients summed
-    by one gather kernel (autograd's index backward sorts and accumulates all N*k rows)."""
+    """x[tok]: each token's row once per slot, in expert order (tok = order // k). Backward: a token's k slot
+    gradients summed by one gather kernel (autograd's index backward sorts and accumulates all N*k rows)."""
 
     @staticmethod
-    def forward(ctx, x, order, at, k):
+    def forward(ctx, x, tok, at, k):
         ctx.save_for_backward(at)
         ctx.k = k
-        return x[order // k]
+        return x[tok]
 
     @staticmethod
     def backward(ctx, g):
@@ -36,15 +36,15 @@ class _SlotSum(torch.autograd.Function):
     row its token's gradient, one gather."""
 
     @staticmethod
-    def forward(ctx, y, order, at, k):
-        ctx.save_for_backward(order)
-        ctx.k, ctx.dtype = k, y.dtype
+    def forward(ctx, y, tok, at, k):
+        ctx.save_for_backward(tok)
+        ctx.dtype = y.dtype
         return slot_sum(y, at, k)
 
     @staticmethod
     def backward(ctx, g):
-        order, = ctx.saved_tensors
-        return g.to(ctx.dtype)[order // ctx.k], None, None, None
+        tok, = ctx.saved_tensors
+        return g.to(ctx.dtype)[tok], None, None, None
 
 
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
@@ -60,11 +60,9 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     dt = x.dtype
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3, weights))
     fused = slot_sum is not None and x.is_cuda  # Triton kernels for the row gathers and the slot sum
-    if not fused:  # the plain gathers, autograd through indexing
-        xs = x[order // k]
-    else:
-        at = order.argsort().to(torch.int32)                                # row of (token n, slot j) = at[n*k + j]
-        xs = _ExpandRows.apply(x, order, at, k) if training else x[order // k]   # [N*k, C]
+    tok = order // k                                                        # the token of each sorted row
+    at = order.argsort().to(torch.int32) if fused else None                # row of (token n, slot j) = at[n*k + j]
+    xs = _ExpandRows.apply(x, tok, at, k) if fused else x[tok]              # [N*k, C]
     gate = torch._grouped_mm(xs, w1.to(dt).transpose(1, 2), offs=offs)      # [N*k, F]
     up = torch._grouped_mm(xs, w3.to(dt).transpose(1, 2), offs=offs)
     rw = weights.flatten()[order]
@@ -74,7 +72,7 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     h = (compiled.weighted_swiglu if compiled.training_on_gpu(gate) else weighted_swiglu)(gate, up, rw, swiglu_limit)
     y = torch._grouped_mm(h, w2.to(dt).transpose(1, 2), offs=offs)         # [N*k, C]
     if fused:
-        return _SlotSum.apply(y, order, at, k)
+        return _SlotSum.apply(y, tok, at, k)
     return y.float()[order.argsort()].view(N, k, -1).sum(1)
 
 

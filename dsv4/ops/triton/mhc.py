@@ -241,6 +241,10 @@ def hc_collapse(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _training(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in tensors)
+
+
 def _post_forward(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     R, C = residual.shape[-2:]
     out = torch.empty(residual.shape, dtype=f.dtype, device=f.device)
@@ -274,13 +278,9 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     """Same contract as ops.reference.mhc.hc_post; differentiable (gradients for all four inputs)."""
     f, residual = f.contiguous(), residual.contiguous()
     post, comb = post.float().contiguous(), comb.float().contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (f, residual, post, comb)):
+    if _training(f, residual, post, comb):
         return _Post.apply(f, residual, post, comb)
     return _post_forward(f, residual, post, comb)
-
-
-def _training(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in tensors)
 
 
 def supports(x: torch.Tensor, *args) -> bool:

@@ -49,33 +49,37 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool =
     return x
 
 
+def _rotated_copy(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool) -> torch.Tensor:
+    return rope_(x.clone(memory_format=torch.contiguous_format), cos, sin, inverse)
+
+
 class _Rope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin, inverse):
         ctx.save_for_backward(cos, sin)
         ctx.inverse = inverse
-        return rope_(x.clone(memory_format=torch.contiguous_format), cos, sin, inverse)
+        return _rotated_copy(x, cos, sin, inverse)
 
     @staticmethod
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
-        return rope_(g.clone(memory_format=torch.contiguous_format), cos, sin, not ctx.inverse), None, None, None
+        return _rotated_copy(g, cos, sin, not ctx.inverse), None, None, None
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     """Same contract as ops.reference.rope.rope (a new tensor; gradients for x)."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Rope.apply(x, cos, sin, inverse)
-    return rope_(x.clone(memory_format=torch.contiguous_format), cos, sin, inverse)
+    return _Rope.apply(x, cos, sin, inverse)
+
+
+def _angles_fit(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    half = cos.shape[-1]
+    return x.is_cuda and x.dim() >= cos.dim() and half & (half - 1) == 0
 
 
 def supports_differentiable(x: torch.Tensor, cos: torch.Tensor, *args) -> bool:
     """CUDA tensors, unless the Triton training kernels are turned off (DSV4_TRITON_TRAIN=0)."""
-    half = cos.shape[-1]
-    return x.is_cuda and x.dim() >= cos.dim() and half & (half - 1) == 0 and training_kernels_enabled()
+    return _angles_fit(x, cos) and training_kernels_enabled()
 
 
 def supports(x: torch.Tensor, cos: torch.Tensor, *args) -> bool:
-    half = cos.shape[-1]
-    return (x.is_cuda and x.is_contiguous() and x.dim() >= cos.dim() and half & (half - 1) == 0
-            and not (torch.is_grad_enabled() and x.requires_grad))
+    return _angles_fit(x, cos) and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)
