@@ -21,6 +21,7 @@ import torch
 
 import dsv4
 from dsv4.generate.graphs import GraphDecoder
+from dsv4.train.cuda_graph import GraphedLoss
 from dsv4.train.losses import lm_loss
 
 
@@ -96,15 +97,43 @@ def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool =
             "cuda_graph": graphs and not getattr(step, "eager", True)}
 
 
-def dsv4_train_step(model, n: int, batch: int = 1, checkpointing: bool = False) -> dict:
+def dsv4_train_step(model, n: int, batch: int = 1, checkpointing: bool = False, cuda_graph: bool = False) -> dict:
+    """One fwd+bwd at n tokens, the median of 3; cuda_graph: captured once (dsv4.train.cuda_graph.GraphedLoss, as
+    `dsv4 train` runs on a GPU) and replayed, the peak memory including the capture's."""
     tokens = torch.randint(0, model.config.vocab_size, (batch, n + 1), device="cuda")
     model.set_activation_checkpointing(checkpointing)
     try:
-        train_step(model, tokens)  # warm-up
-        secs, peak = timed_median(lambda: train_step(model, tokens), reps=1 if checkpointing else 3)
+        with training(model):
+            if cuda_graph:
+                torch.cuda.reset_peak_memory_stats()
+                graph = GraphedLoss(lambda t: {"loss": lm_loss(model, model.hidden(t[:, :-1]), t[:, 1:])}, tokens,
+                                    list(model.parameters()))
+                capture_peak = torch.cuda.max_memory_allocated() / 2**30
+                secs, peak = timed_median(lambda: graph([tokens]), reps=1 if checkpointing else 3)
+                graph.release()
+                peak = max(peak, capture_peak)
+            else:
+                train_step(model, tokens)  # warm-up
+                secs, peak = timed_median(lambda: train_step(model, tokens), reps=1 if checkpointing else 3)
     finally:
         model.set_activation_checkpointing(False)
-    return {"tok_per_s": batch * n / secs, "seconds": secs, "peak_gb": peak, "activation_checkpointing": checkpointing}
+    return {"tok_per_s": batch * n / secs, "seconds": secs, "peak_gb": peak, "activation_checkpointing": checkpointing,
+            "cuda_graph": cuda_graph}
+
+
+@contextlib.contextmanager
+def training(model):
+    """Train mode with autograd on and fp32 matmuls on TF32 tensor cores, as `dsv4 train` sets (the bf16 model
+    has no autocast: it runs as the peer's does)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model.train()
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 @contextlib.contextmanager
@@ -195,14 +224,9 @@ def peer_train_step(model, n: int) -> dict:
 
 
 def train_step(model, tokens: torch.Tensor) -> None:
-    """One fwd+bwd of the bf16 model (as the peer's), fp32 matmuls on TF32 tensor cores as `dsv4 train` sets."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    with torch.enable_grad():
-        model.train()
+    """One eager fwd+bwd of the LM loss, gradients dropped after."""
+    with training(model):
         lm_loss(model, model.hidden(tokens[:, :-1]), tokens[:, 1:]).backward()
-        model.zero_grad(set_to_none=True)
-        model.eval()
-    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def profile(model, out_dir: str, context: int = 32768) -> None:
@@ -277,6 +301,9 @@ def main() -> None:
         with env_flag("DSV4_TRITON_TRAIN", triton_train):
             for n in a.train:
                 guard("dsv4 train fwd+bwd" + tag, lambda: dsv4_train_step(model, n), res, tokens=n)
+                if triton_train:  # the default path as `dsv4 train` runs it on a GPU: one CUDA graph per step
+                    guard("dsv4 train fwd+bwd (triton train, CUDA graph)",
+                          lambda: dsv4_train_step(model, n, cuda_graph=True), res, tokens=n)
             for n in a.train_checkpointed:
                 guard("dsv4 train fwd+bwd (block recompute)" + tag,
                       lambda: dsv4_train_step(model, n, checkpointing=True), res, tokens=n)

@@ -51,6 +51,8 @@ class TrainConfig:
                                             # tensor cores (exact on bf16 inputs, fp32 accumulate) | "ieee"
     gpu_kernels: str = "triton"             # GPU training ops: "triton" (fused attention / mHC-mixes kernels;
                                             # H100: 1.2x at 4K, 6.9x at 64K) | "compiled" (torch.compile'd references)
+    cuda_graph: str = "on"                  # GPU: "on" captures each stage's fwd+bwd once as a CUDA graph and
+                                            # replays it (no per-kernel launch cost) | "off" (eager)
     # ablations (each swaps one V4 ingredient for its usual baseline)
     attention: str = "v4"                   # "v4" (window/CSA/HCA) | "dense" (full causal attention)
     residual: str = "mhc"                   # "mhc" | "hc" (unconstrained hyper-connections) | "none"
@@ -70,7 +72,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         choices = {"optimizer": ("muon", "adamw"), "schedule": ("cosine", "wsd"), "qat": ("none", "fp4"),
                    "fp32_matmul": ("tf32", "ieee"), "activation_checkpointing": ("none", "block"),
-                   "gpu_kernels": ("compiled", "triton"),
+                   "gpu_kernels": ("compiled", "triton"), "cuda_graph": ("on", "off"),
                    "attention": ("v4", "dense"), "residual": ("mhc", "hc", "none")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

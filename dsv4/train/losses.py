@@ -57,9 +57,10 @@ def lm_loss(model: Transformer, h: torch.Tensor, targets: torch.Tensor, chunk: i
     return total / targets.numel()
 
 
-def compute_loss(model: Transformer, tokens: torch.Tensor, weights: LossWeights, *, lm: bool = True
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """tokens: [B, T + 1 + n_mtp]. Returns the total loss and its parts (floats, for logging).
+def loss_terms(model: Transformer, tokens: torch.Tensor, weights: LossWeights, *, lm: bool = True
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """tokens: [B, T + 1 + n_mtp]. Returns the total loss and its detached parts, as tensors: no host sync, so a
+    CUDA graph can capture it.
 
     lm=False is the indexer warm-up stage: only the indexer KL loss (whose gradient reaches only the indexer)."""
     n_mtp = len(model.mtp)
@@ -68,39 +69,51 @@ def compute_loss(model: Transformer, tokens: torch.Tensor, weights: LossWeights,
     for m in routed_layers(model):
         m.last_routing = None
     h = model.hidden(inputs)
-    parts: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}
     total = tokens.new_zeros((), dtype=torch.float32)
     if lm:
         ce = lm_loss(model, h, tokens[:, 1:T + 1])
-        parts["lm"] = float(ce.detach())
+        parts["lm"] = ce.detach()
         total = total + ce
         if n_mtp and weights.mtp:
             shifted = [tokens[:, k + 1:T + k + 1] for k in range(n_mtp)]
             mtp = [F.cross_entropy(lg.flatten(0, 1), tokens[:, k + 2:T + k + 2].flatten())
                    for k, lg in enumerate(model.mtp_logits(h, shifted))]
             mtp_loss = torch.stack(mtp).mean()
-            parts["mtp"] = float(mtp_loss.detach())
+            parts["mtp"] = mtp_loss.detach()
             total = total + weights.mtp * mtp_loss
         moes = [m for m in routed_layers(model) if m.last_routing is not None]
         if moes and weights.balance:
             bal = torch.stack([balance_loss(m, tokens.shape[0]) for m in moes]).mean()
-            parts["balance"] = float(bal.detach())
+            parts["balance"] = bal.detach()
             total = total + weights.balance * bal
     kls = [a.indexer_kl for a in model.modules() if isinstance(a, Attention) and a.indexer_kl is not None]
     if kls:
         kl = torch.stack(kls).mean()
-        parts["indexer_kl"] = float(kl.detach())
+        parts["indexer_kl"] = kl.detach()
         total = total + weights.indexer_kl * kl
-    parts["loss"] = float(total.detach())
+    parts["loss"] = total.detach()
     return total, parts
+
+
+def compute_loss(model: Transformer, tokens: torch.Tensor, weights: LossWeights, *, lm: bool = True
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """loss_terms with the parts as floats (for logging)."""
+    total, parts = loss_terms(model, tokens, weights, lm=lm)
+    return total, {k: float(v) for k, v in parts.items()}
 
 
 @torch.no_grad()
 def expert_loads(model: Transformer) -> list[torch.Tensor]:
     """Tokens routed to each expert in the last forward pass, per learned-routing MoE layer."""
-    return [torch.bincount(m.last_routing[0].flatten(), minlength=m.gate.weight.shape[0]).float()
-            if m.last_routing is not None else torch.zeros(m.gate.weight.shape[0], device=m.gate.weight.device)
-            for m in routed_layers(model)]
+    loads = []
+    for m in routed_layers(model):
+        load = torch.zeros(m.gate.weight.shape[0], device=m.gate.weight.device)
+        if m.last_routing is not None:  # a scatter, not bincount: bincount syncs with the host to size its output
+            idx = m.last_routing[0].flatten()
+            load.scatter_add_(0, idx, torch.ones_like(idx, dtype=load.dtype))
+        loads.append(load)
+    return loads
 
 
 @torch.no_grad()

@@ -25,7 +25,8 @@ from ..model.mhc import residual_gain
 from .checkpointing import export, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, use_gpu_kernels
 from .data import TokenLoader, cached_tokens, eval_batches, read_documents, split_documents, stdlib_sources
-from .losses import LossWeights, compute_loss, expert_loads, update_expert_bias
+from .cuda_graph import GraphedLoss
+from .losses import LossWeights, expert_loads, loss_terms, update_expert_bias
 from .optim import build_optimizers, lr_at
 from .plots import plot_losses
 from .tokenizer import train_bpe
@@ -99,7 +100,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     cfg.save(out)
     device = _device(cfg)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    graphed = device.type == "cuda" and cfg.cuda_graph == "on"
+    # (no cast cache in graphs: a capture must not keep casts made outside it)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed))
+                if device.type == "cuda" else nullcontext)
     if device.type == "cuda":  # the fp32 islands' operands come from bf16 activations: TF32 keeps them exact
         torch.backends.cuda.matmul.allow_tf32 = cfg.fp32_matmul == "tf32"
     use_gpu_kernels(cfg.gpu_kernels)
@@ -142,6 +146,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         rec = {"step": 0, "tokens": 0, "val_loss": evaluate(model, val, device, autocast)}
         history.append(rec)
         _write_metrics(metrics_path, [rec], append=True)
+    graph, graph_stage = None, None
     has_indexer = any(hasattr(a, "indexer") for a in model.modules() if isinstance(a, Attention))
     last_val = float("nan")
     while step < cfg.steps:
@@ -156,18 +161,23 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 g["lr"] = lr
         log_now = (step + 1) % cfg.log_interval == 0 or step == 0 or step + 1 == cfg.steps
         for b in model.layers:
-            b.record_hc = log_now
-        parts_sum: dict[str, float] = {}
-        loads = None
-        for micro in range(cfg.grad_accum):
-            batch = loader.batch(step * cfg.grad_accum + micro).to(device)
-            with autocast():
-                loss, parts = compute_loss(model, batch, weights, lm=stage != "indexer")
-            (loss / cfg.grad_accum).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v / cfg.grad_accum
-            micro_loads = expert_loads(model)
-            loads = micro_loads if loads is None else [a + b for a, b in zip(loads, micro_loads)]
+            b.record_hc = log_now or graphed  # a graph records what its capture did, so it always records
+        batches = [loader.batch(step * cfg.grad_accum + micro).to(device) for micro in range(cfg.grad_accum)]
+        if graphed:
+            if graph is None or graph_stage != stage:  # the stages run different computations: one graph each
+                if graph is not None:
+                    graph.release()
+                graph = GraphedLoss(lambda b, s=stage: _step_outputs(model, b, weights, s, cfg.grad_accum, autocast),
+                                    batches[0], list(model.parameters()))
+                graph_stage = stage
+            outs = graph(batches)
+        else:
+            outs = []
+            for b in batches:
+                outs.append(_step_outputs(model, b, weights, stage, cfg.grad_accum, autocast))
+                outs[-1]["loss"].backward()
+        parts_sum = {k[5:]: sum(float(o[k]) for o in outs) / cfg.grad_accum for k in outs[0] if k.startswith("part:")}
+        loads = [sum(layer) for layer in zip(*(o["loads"] for o in outs))]
         params = [p for p in model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)) if params else 0.0
         if not math.isfinite(parts_sum["loss"]) or not math.isfinite(grad_norm):
@@ -176,7 +186,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                                    f"stopped. Last good checkpoint: {last_good or 'none (no step saved yet)'}")
         for o in opts:
             o.step()
-            o.zero_grad(set_to_none=True)
+            if not graphed:  # a graph's replays overwrite its gradients where they are
+                o.zero_grad(set_to_none=True)
         imbalance = update_expert_bias(model, loads, cfg.bias_update_speed) if stage != "indexer" else 1.0
         step += 1
         tokens_since += tokens_per_step
@@ -185,7 +196,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             dt = time.perf_counter() - t_last
             rec = {"step": step, "tokens": step * tokens_per_step, "lr": lr, "stage": stage, **parts_sum,
                    "grad_norm": grad_norm, "expert_load_max_over_mean": imbalance,
-                   "mhc_gain": residual_gain([c for b in model.layers for c in b.last_combs]),
+                   "mhc_gain": residual_gain(outs[-1]["combs"]),
                    "tok_per_s": tokens_since / dt}
             if device.type == "cuda":
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
@@ -206,6 +217,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                      "train_config": cfg.to_dict()}
             last_good = save_checkpoint(out, model, tok_dir, state)
     bar.close()
+    if graph is not None:
+        graph.release()
     for b in model.layers:
         b.record_hc = False
     final = os.path.join(out, "final")
@@ -221,6 +234,16 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                        stop_tokens=[tok.eos_id] if tok.eos_id is not None else [])[0]
         result["sample"] = cfg.sample_prompt + tok.decode([t for t in new if t != tok.eos_id])
     return result
+
+
+def _step_outputs(model: Transformer, batch: torch.Tensor, weights: LossWeights, stage: str, grad_accum: int,
+                  autocast) -> dict:
+    """One micro-batch's forward, without host syncs (a CUDA graph may capture it): the loss to differentiate
+    (scaled for accumulation), its parts ("part:<name>"), the expert loads and the recorded mHC comb matrices."""
+    with autocast():
+        total, parts = loss_terms(model, batch, weights, lm=stage != "indexer")
+    return {"loss": total / grad_accum, **{"part:" + k: v for k, v in parts.items()},
+            "loads": expert_loads(model), "combs": [c for b in model.layers for c in b.last_combs]}
 
 
 def _read_metrics(path: str) -> list[dict]:

@@ -84,17 +84,17 @@ def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
 
 def test_nan_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     import dsv4.train.trainer as trainer
-    real = trainer.compute_loss
+    real = trainer.loss_terms
     calls = {"n": 0}
 
     def poisoned(model, batch, weights, lm=True):
         loss, parts = real(model, batch, weights, lm=lm)
         calls["n"] += 1
         if calls["n"] == 5:
-            parts["loss"] = float("nan")
             loss = loss * float("nan")
+            parts["loss"] = loss.detach()
         return loss, parts
-    monkeypatch.setattr(trainer, "compute_loss", poisoned)
+    monkeypatch.setattr(trainer, "loss_terms", poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 4: .*not finite.*step_0000003"):
         train(_cfg(corpus, tmp_path / "nan"))
     assert os.path.isdir(tmp_path / "nan" / "checkpoints" / "step_0000003")
