@@ -97,3 +97,13 @@ def test_train_config_gpu_kernels(monkeypatch):
     assert not training_kernels_enabled()
     use_gpu_kernels(TrainConfig().gpu_kernels)
     assert training_kernels_enabled()
+
+
+def test_train_config_cuda_graph():
+    """--cuda-graph: on or off (the default), and not together with block recompute."""
+    from dsv4.train.config import TrainConfig
+    assert TrainConfig().cuda_graph == "off" and TrainConfig(cuda_graph="on").cuda_graph == "on"
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        TrainConfig(cuda_graph="yes")
+    with pytest.raises(ConfigError, match="not supported with activation_checkpointing"):
+        TrainConfig(cuda_graph="on", activation_checkpointing="block")

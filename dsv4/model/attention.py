@@ -206,10 +206,8 @@ def indexer_kl(scores: torch.Tensor, entry_mass: torch.Tensor, mask: torch.Tenso
     (`entry_mass` [B, S, N]) and normalised (no gradient). Queries that attend to no entry are skipped."""
     target = entry_mass.detach() * mask                                              # [B, S, N]
     mass = target.sum(-1, keepdim=True)
-    live = mass.squeeze(-1) > 0
-    if not bool(live.any()):
-        return scores.sum() * 0.0
+    live = (mass.squeeze(-1) > 0).float()  # a weighted mean, not kl[live]: no host sync (CUDA graphs)
     target = target / mass.clamp(min=1e-30)
     logq = torch.log_softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     kl = (target * (torch.log(target.clamp(min=1e-30)) - logq.masked_fill(~mask, 0.0))).sum(-1)
-    return kl[live].mean()
+    return (kl * live).sum() / live.sum().clamp(min=1.0)

@@ -195,7 +195,13 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
 
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
                 weights: torch.Tensor, swiglu_limit: float, *, backend: str | None = None) -> torch.Tensor:
-    """Routed SwiGLU experts: y[n] = sum_j weights[n,j] * expert_{idx[n,j]}(x[n]) (fp32 [N, C])."""
+    """Routed SwiGLU experts: y[n] = sum_j weights[n,j] * expert_{idx[n,j]}(x[n]) (fp32 [N, C]).
+
+    The experts compute in x's dtype. Under CUDA autocast fp32 activations are cast to the autocast dtype first,
+    as for every other projection: the routed experts then run as bf16 grouped GEMMs, not as the reference's
+    fp32 per-expert loop (which also syncs with the host)."""
+    if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+        x = x.to(torch.get_autocast_dtype("cuda"))
     return _pick("moe_experts", backend, x, w1, w2, w3, idx)(x, w1, w2, w3, idx, weights, swiglu_limit)
 
 

@@ -51,8 +51,9 @@ class TrainConfig:
                                             # tensor cores (exact on bf16 inputs, fp32 accumulate) | "ieee"
     gpu_kernels: str = "triton"             # GPU training ops: "triton" (fused attention / mHC-mixes kernels;
                                             # H100: 1.2x at 4K, 6.9x at 64K) | "compiled" (torch.compile'd references)
-    cuda_graph: str = "on"                  # GPU: "on" captures each stage's fwd+bwd once as a CUDA graph and
-                                            # replays it (no per-kernel launch cost) | "off" (eager)
+    cuda_graph: str = "off"                 # GPU: "on" captures each stage's fwd+bwd once as a CUDA graph and
+                                            # replays it (no per-kernel launch cost; not with block recompute)
+                                            # | "off" (eager)
     # ablations (each swaps one V4 ingredient for its usual baseline)
     attention: str = "v4"                   # "v4" (window/CSA/HCA) | "dense" (full causal attention)
     residual: str = "mhc"                   # "mhc" | "hc" (unconstrained hyper-connections) | "none"
@@ -83,6 +84,9 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be positive")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr}: must be positive")
+        if self.cuda_graph == "on" and self.activation_checkpointing != "none":
+            raise ConfigError("cuda_graph='on' is not supported with activation_checkpointing='block'; "
+                              "choose one")
         if not 0 <= self.dense_warmup_frac + self.indexer_warmup_frac < 1:
             raise ConfigError("dense_warmup_frac + indexer_warmup_frac must lie in [0, 1)")
 

@@ -37,9 +37,15 @@ class GraphedLoss:
                 self._drop_grads()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.outputs = loss_fn(self.batch)
-            self.outputs["loss"].backward()
+        try:
+            with torch.cuda.graph(self.graph):
+                self.outputs = loss_fn(self.batch)
+                self.outputs["loss"].backward()
+        except RuntimeError as e:  # most often an op that reads a device value on the host (.item(), a mask index)
+            self._drop_grads()
+            raise RuntimeError("capturing the training step as a CUDA graph failed; an op in it synchronises with "
+                               "the host or allocates by data. Train without graphs (dsv4 train --cuda-graph off)."
+                               f" Cause: {e}") from e
         self.grads = [p.grad for p in self.params if p.grad is not None]
         self._sums: list[torch.Tensor] | None = None
 
