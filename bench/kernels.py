@@ -222,6 +222,35 @@ def indexer_case(name: str, B: int, S: int, T: int, ceil: dict, HI: int = 64, DI
     return out
 
 
+def indexer_train_case(name: str, S: int, ratio: int, ceil: dict, HI: int = 64, DI: int = 128) -> dict:
+    """The indexer's scores under its KL loss, forward + backward at one sequence: the Triton kernels (products
+    recomputed per tile, all-zero gradient tiles skipped) and the reference as training ran it before (fp32
+    einsums in checkpointed query chunks). The gradient is random on the causally visible entries and 0 elsewhere,
+    as the KL's is."""
+    g = torch.Generator(device="cuda").manual_seed(4)
+    T = S // ratio
+    leaves = [torch.randn(1, S, HI, DI, device="cuda", dtype=torch.bfloat16, generator=g),
+              torch.randn(1, S, HI, device="cuda", generator=g),
+              torch.randn(1, T, DI, device="cuda", dtype=torch.bfloat16, generator=g)]
+    leaves = [x.requires_grad_(True) for x in leaves]
+    visible = torch.arange(T, device="cuda") < ((torch.arange(S, device="cuda") + 1) // ratio).unsqueeze(-1)
+    dout = torch.randn(1, S, T, device="cuda", generator=g) * visible
+
+    def fwd_bwd(fn):
+        return lambda: fn(*leaves).backward(dout)
+    out = {"case": name, "S": S, "T": T}
+    for impl, fn in {"triton": tri_idx.index_scores, "reference": ref.index_scores}.items():
+        try:
+            out[f"{impl}_ms"] = bench(fwd_bwd(fn), reps=5)
+        except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
+            out[f"{impl}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    if "triton_ms" in out:  # the forward's product over all pairs, the backward's four over the visible half
+        flops = 2 * S * T * HI * DI * (1 + 4 * float(visible.float().mean()))
+        out["triton_tflops"] = flops / out["triton_ms"] / 1e9
+        out["frac_matmul"] = out["triton_tflops"] / ceil["bf16_matmul_tflops"]
+    return out
+
+
 PARTS = ("attention", "indexer", "sweep", "train", "topk")
 
 
@@ -251,7 +280,9 @@ def main() -> None:
     sweep = [r for c in sweep_cases if a.sweep_only in c[0] for r in attn_sweep(*c, ceil)] if "sweep" in run else []
     train = [train_attn_case("CSA train 4K", 4096, 4, 512, ceil),
              train_attn_case("HCA train 4K", 4096, 128, None, ceil),
-             train_attn_case("CSA train 64K (list walk)", 65536, 4, 512, ceil, long=True)] if "train" in run else []
+             train_attn_case("CSA train 64K (list walk)", 65536, 4, 512, ceil, long=True),
+             indexer_train_case("indexer scores train 4K", 4096, 4, ceil),
+             indexer_train_case("indexer scores train 16K", 16384, 4, ceil)] if "train" in run else []
     topk = [topk_case(r, t) for r, t in ((1, 32768), (1, 262144), (64, 8192), (4096, 2048))] if "topk" in run else []
     print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'ms':>8}{'GB/s':>8}"
           f"{'%copy':>7}")
@@ -279,7 +310,8 @@ def main() -> None:
           f"{'flex ms':>9}")
     for r in train:
         print(f"{r['case']:<30}{r.get('triton_ms', float('nan')):>10.2f}{r.get('triton_tflops', float('nan')):>9.1f}"
-              f"{r.get('compiled_reference_ms', float('nan')):>13.2f}{r.get('eager_reference_ms', float('nan')):>10.2f}"
+              f"{r.get('compiled_reference_ms', float('nan')):>13.2f}"
+              f"{r.get('eager_reference_ms', r.get('reference_ms', float('nan'))):>10.2f}"
               f"{r.get('flex_ms', float('nan')):>9.2f}"
               + "".join(f"  {k}: {v}" for k, v in r.items() if k.endswith("_error")))
     if a.json:

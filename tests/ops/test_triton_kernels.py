@@ -360,6 +360,8 @@ import torch
 from dsv4.ops.reference import rope as ref_rope
 from dsv4.ops.triton import mhc as tri_mhc, rope as tri_rope
 from dsv4.ops.triton.sequence_attn import _row_dots
+from dsv4.ops.triton import indexer as tri_idx
+from dsv4.ops.reference.attention import index_scores as ref_idx
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
 err = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
@@ -392,6 +394,18 @@ for shape, half, inverse, strided in (((2, 5, 3, 64), 8, False, True), ((1, 4, 3
     o_r, (g_r,) = grads(lambda y: ref_rope.rope(y, cos.double(), sin.double(), inverse), [x.double()], dout)
     assert err(o_t, o_r) < {tol} and err(g_t, g_r) < {tol}, (shape, err(o_t, o_r), err(g_t, g_r))
     assert g_t.dtype == x.dtype
+for B, S, HI, DI, T, splits in ((2, 37, 4, 16, 21, None), (1, 70, 16, 32, 80, 3)):  # indexer scores: dq, dw, dk
+    q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt)
+    w, keys = torch.randn(B, S, HI, generator=g).to(dev), torch.randn(B, T, DI, generator=g).to(dev, dt)
+    dout = torch.randn(B, S, T, generator=g).to(dev).double()
+    dout[:, :, T // 2:] *= (torch.arange(S, device=dev) >= S // 2)[:, None]  # causal-like zeros: skipped tiles
+    o_t, g_t = grads(tri_idx.index_scores, [q, w, keys], dout)
+    o_r, g_r = grads(ref_idx, [q.double(), w.double(), keys.double()], dout)
+    assert err(o_t, o_r) < {tol}, ("scores", err(o_t, o_r))
+    for name, a, r, x in zip(("q", "weights", "keys"), g_t, g_r, (q, w, keys)):
+        assert a.dtype == x.dtype and err(a, r) < {tol}, (name, err(a, r))
+    parts = tri_idx.index_scores_backward(q, w, keys, dout.float(), splits=splits)  # slices of the key gradient
+    assert err(parts[2], g_r[2]) < {tol}, ("keys, split", err(parts[2], g_r[2]))
 do, o = (torch.randn(2, 37, 3, 64, generator=g).to(dev, dt) for _ in range(2))  # the attention backward's delta
 want = (do.double() * o.double()).sum(-1)
 got = _row_dots(do, o)
@@ -408,8 +422,8 @@ def _run_train_ops(dev, dt, tol, env):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively (test below)")
 def test_training_ops_interpreted_on_cpu():
-    """The mHC post mix and RoPE training kernels (forward and every input's gradient) and the attention backward's
-    delta = sum dO * O against float64 autograd through the references."""
+    """The mHC post mix, RoPE and indexer-score training kernels (forward and every input's gradient) and the
+    attention backward's delta = sum dO * O against float64 autograd through the references."""
     _run_train_ops("cpu", "torch.float32", 1e-5, dict(os.environ, TRITON_INTERPRET="1"))
 
 

@@ -3,11 +3,17 @@ for the visible t, -inf elsewhere; the [B, S, Hi, T] per-head dot products never
 runs on the scores (zero-score ties go to the older entry, as in the reference), queries in chunks."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 from .. import invariant_mode
+from ..reference.attention import index_scores as reference_index_scores
+from . import training_kernels_enabled
 
 
 @triton.jit
@@ -118,16 +124,151 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Same contract as ops.reference.attention.index_scores (exact-zero scores become vanishing negative
-    values ordered by age, which changes no top-k choice; the caller masks visibility)."""
+    values ordered by age, which changes no top-k choice; the caller masks visibility). Differentiable: the
+    indexer's KL loss trains q, weights and keys through _IndexScores."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, weights, keys)):
+        return _IndexScores.apply(q, weights.float(), keys if keys.dtype == q.dtype else keys.to(q.dtype))
+    return _all_scores(q, weights, keys)
+
+
+def _all_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     B, S = q.shape[:2]
     full = torch.full((B, S), keys.shape[1], dtype=torch.int32, device=q.device)
     return index_scores_masked(q, weights, keys, full)
 
 
+@triton.jit
+def _any_nonzero(g):
+    return tl.max(tl.max(tl.abs(g), 1), 0) > 0
+
+
+@triton.jit
+def _per_head(g, QB: tl.constexpr, HP: tl.constexpr, BLOCK_T: tl.constexpr):
+    """[QB, BLOCK_T] per-query values -> [QB*HP, BLOCK_T], one row per (query, head) as the query tiles lay out."""
+    return tl.reshape(tl.broadcast_to(g[:, None, :], (QB, HP, BLOCK_T)), (QB * HP, BLOCK_T))
+
+
+@triton.jit
+def _index_scores_dq_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dq_ptr, dw_ptr, S, T, HI,
+                            sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_t,
+                            DI: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr, BLOCK_T: tl.constexpr):
+    """dq and dw of QB queries x all heads (one [QB*HP, DI] tile) against streamed key tiles, p = q . k recomputed:
+    dw[s,h] = sum_t g[s,t] relu(p), dq[s,h] = sum_t g[s,t] w[s,h] [p > 0] k[t]. Key tiles whose g is all zero
+    (entries no query of the block sees) are skipped."""
+    n_qb = tl.cdiv(S, QB)
+    b = tl.program_id(0) // n_qb
+    s0 = (tl.program_id(0) % n_qb) * QB
+    r = tl.arange(0, QB * HP)
+    qi, h = s0 + r // HP, r % HP
+    rmask = (qi < S) & (h < HI)
+    d = tl.arange(0, DI)
+    q = tl.load(q_ptr + b * sq_b + qi[:, None] * sq_s + h[:, None] * sq_h + d[None, :], mask=rmask[:, None], other=0.0)
+    w = tl.load(w_ptr + b * sw_b + qi * sw_s + h, mask=rmask, other=0.0)
+    qs = s0 + tl.arange(0, QB)
+    g_rows = g_ptr + (b * S + qs).to(tl.int64) * T
+    dq = tl.zeros([QB * HP, DI], tl.float32)
+    dw = tl.zeros([QB * HP], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        g = tl.load(g_rows[:, None] + ts[None, :], mask=(qs < S)[:, None] & (ts < T)[None, :], other=0.0)
+        if _any_nonzero(g):
+            g = _per_head(g, QB, HP, BLOCK_T)
+            k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
+            p = tl.dot(q, tl.trans(k)).to(tl.float32)                                   # [QB*HP, BLOCK_T]
+            dw += tl.sum(g * tl.maximum(p, 0.0), 1)
+            dq += tl.dot(tl.where(p > 0, g * w[:, None], 0.0).to(k.dtype), k).to(tl.float32)
+    out = (b * S + qi).to(tl.int64) * HI + h
+    tl.store(dq_ptr + out[:, None] * DI + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(dw_ptr + out, dw, mask=rmask)
+
+
+@triton.jit
+def _index_scores_dk_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, B, S, T, HI, s_per_split,
+                            sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_t,
+                            DI: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr, BLOCK_T: tl.constexpr):
+    """dk of BLOCK_T keys over one slice of the queries: sum_{s,h} g[s,t] w[s,h] [p > 0] q[s,h], the slice's
+    partial sum to dk[slice, b, t] (fp32; the slices are added after). Query blocks with g all zero are skipped."""
+    n_tb = tl.cdiv(T, BLOCK_T)
+    b = tl.program_id(0) // n_tb
+    ts = (tl.program_id(0) % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, DI)
+    k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
+    r = tl.arange(0, QB * HP)
+    dk = tl.zeros([BLOCK_T, DI], tl.float32)
+    s_lo = tl.program_id(1) * s_per_split
+    for s0 in range(s_lo, tl.minimum(S, s_lo + s_per_split), QB):
+        qs = s0 + tl.arange(0, QB)
+        g = tl.load(g_ptr + (b * S + qs[:, None]).to(tl.int64) * T + ts[None, :],
+                    mask=(qs < S)[:, None] & (ts < T)[None, :], other=0.0)
+        if _any_nonzero(g):
+            qi, h = s0 + r // HP, r % HP
+            rmask = (qi < S) & (h < HI)
+            q = tl.load(q_ptr + b * sq_b + qi[:, None] * sq_s + h[:, None] * sq_h + d[None, :], mask=rmask[:, None],
+                        other=0.0)
+            w = tl.load(w_ptr + b * sw_b + qi * sw_s + h, mask=rmask, other=0.0)
+            p = tl.dot(q, tl.trans(k)).to(tl.float32)                                   # [QB*HP, BLOCK_T]
+            ds = tl.where(p > 0, _per_head(g, QB, HP, BLOCK_T) * w[:, None], 0.0)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q).to(tl.float32)
+    row = (tl.program_id(1) * B + b).to(tl.int64) * T + ts
+    tl.store(dk_ptr + row[:, None] * DI + d[None, :], dk, mask=(ts < T)[:, None])
+
+
+def index_scores_backward(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, g: torch.Tensor,
+                          splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq in q's dtype, dweights fp32, dkeys in keys' dtype) of sum(g * index_scores(q, weights, keys)).
+    splits: query slices the key gradient is summed over (default: enough programs to fill the GPU)."""
+    B, S, HI, DI = q.shape
+    T = keys.shape[1]
+    q = q.contiguous()
+    keys = keys if keys.stride(-1) == 1 else keys.contiguous()
+    weights, g = weights.float().contiguous(), g.float().contiguous()
+    HP = max(16, triton.next_power_of_2(HI))
+    qb = max(1, 128 // HP)
+    dq = torch.empty_like(q)
+    dw = torch.empty(B, S, HI, dtype=torch.float32, device=q.device)
+    strides = (q.stride(0), q.stride(1), q.stride(2), weights.stride(0), weights.stride(1), keys.stride(0),
+               keys.stride(1))
+    _index_scores_dq_kernel[(B * triton.cdiv(S, qb),)](q, weights, keys, g, dq, dw, S, T, HI, *strides,
+                                                       DI=DI, HP=HP, QB=qb, BLOCK_T=32, num_warps=8)
+    bt = 64
+    n_tb = triton.cdiv(T, bt)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        splits = max(1, min(triton.cdiv(2 * sms, B * n_tb), triton.cdiv(S, 256)))
+    per = triton.cdiv(triton.cdiv(S, splits), qb) * qb
+    splits = triton.cdiv(S, per)
+    part = torch.empty(splits, B, T, DI, dtype=torch.float32, device=q.device)
+    _index_scores_dk_kernel[(B * n_tb, splits)](q, weights, keys, g, part, B, S, T, HI, per, *strides,
+                                                DI=DI, HP=HP, QB=qb, BLOCK_T=bt, num_warps=8)
+    return dq, dw, part.sum(0).to(keys.dtype)
+
+
+class _IndexScores(torch.autograd.Function):
+    """The fused scores under autograd. The per-head products [S, Hi, T] are recomputed tile by tile in the
+    backward, never stored (the reference saves them per checkpointed chunk in fp32: 1 GB per CSA layer at 4K)."""
+
+    @staticmethod
+    def forward(ctx, q, weights, keys):
+        ctx.save_for_backward(q, weights, keys)
+        return _all_scores(q, weights, keys)
+
+    @staticmethod
+    def backward(ctx, g):
+        try:
+            return index_scores_backward(*ctx.saved_tensors, g)
+        except (CompilationError, OutOfResources) as e:  # a GPU or Triton version these kernels do not fit
+            warnings.warn(f"Triton indexer backward unavailable here ({type(e).__name__}); using the reference",
+                          RuntimeWarning, stacklevel=2)
+            with torch.enable_grad():
+                leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+                return torch.autograd.grad(reference_index_scores(*leaves), leaves, g)
+
+
 def supports_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Forward only: the sparse training stage selects with it; the indexer's KL loss needs the reference."""
-    return supports(q, weights, keys, None, 0) and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in (q, weights, keys)))
+    """Inference and the sparse stage's selection; the indexer's KL loss too (a backward of its own) unless the
+    Triton training kernels are turned off."""
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, weights, keys))
+    return supports(q, weights, keys, None, 0) and (not training or training_kernels_enabled())
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
