@@ -59,6 +59,20 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI,
 
 
 @triton.jit
+def _query_tile(q_ptr, w_ptr, b, s0, S, HI, sq_b, sq_s, sq_h, sw_b, sw_s,
+                DI: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr):
+    """Queries s0 .. s0+QB-1 x all heads as one [QB*HP, DI] tile (row = query * HP + head), their fp32 head
+    weights, and each row's query, head and validity."""
+    r = tl.arange(0, QB * HP)
+    qi, h = s0 + r // HP, r % HP
+    rmask = (qi < S) & (h < HI)
+    d = tl.arange(0, DI)
+    q = tl.load(q_ptr + b * sq_b + qi[:, None] * sq_s + h[:, None] * sq_h + d[None, :], mask=rmask[:, None], other=0.0)
+    w = tl.load(w_ptr + b * sw_b + qi * sw_s + h, mask=rmask, other=0.0).to(tl.float32)
+    return q, w, qi, h, rmask
+
+
+@triton.jit
 def _index_scores_tiled_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t_per_prog,
                                sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_t, so_b, so_s,
                                DI: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr, BLOCK_T: tl.constexpr):
@@ -67,12 +81,8 @@ def _index_scores_tiled_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t
     n_qb = tl.cdiv(S, QB)
     b = tl.program_id(0) // n_qb
     s0 = (tl.program_id(0) % n_qb) * QB
-    r = tl.arange(0, QB * HP)
-    qi, h = s0 + r // HP, r % HP
-    rmask = (qi < S) & (h < HI)
     d = tl.arange(0, DI)
-    q = tl.load(q_ptr + b * sq_b + qi[:, None] * sq_s + h[:, None] * sq_h + d[None, :], mask=rmask[:, None], other=0.0)
-    w = tl.load(w_ptr + b * sw_b + qi * sw_s + h, mask=rmask, other=0.0).to(tl.float32)
+    q, w, qi, h, rmask = _query_tile(q_ptr, w_ptr, b, s0, S, HI, sq_b, sq_s, sq_h, sw_b, sw_s, DI, HP, QB)
     qs = s0 + tl.arange(0, QB)
     n_vis = tl.load(nv_ptr + b * S + qs, mask=qs < S, other=0)
     most = tl.max(n_vis, 0)
@@ -158,12 +168,8 @@ def _index_scores_dq_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dq_ptr, dw_ptr, S, T, HI
     n_qb = tl.cdiv(S, QB)
     b = tl.program_id(0) // n_qb
     s0 = (tl.program_id(0) % n_qb) * QB
-    r = tl.arange(0, QB * HP)
-    qi, h = s0 + r // HP, r % HP
-    rmask = (qi < S) & (h < HI)
     d = tl.arange(0, DI)
-    q = tl.load(q_ptr + b * sq_b + qi[:, None] * sq_s + h[:, None] * sq_h + d[None, :], mask=rmask[:, None], other=0.0)
-    w = tl.load(w_ptr + b * sw_b + qi * sw_s + h, mask=rmask, other=0.0)
+    q, w, qi, h, rmask = _query_tile(q_ptr, w_ptr, b, s0, S, HI, sq_b, sq_s, sq_h, sw_b, sw_s, DI, HP, QB)
     qs = s0 + tl.arange(0, QB)
     g_rows = g_ptr + (b * S + qs).to(tl.int64) * T
     dq = tl.zeros([QB * HP, DI], tl.float32)
@@ -193,7 +199,6 @@ def _index_scores_dk_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, B, S, T, HI, s_p
     ts = (tl.program_id(0) % n_tb) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, DI)
     k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
-    r = tl.arange(0, QB * HP)
     dk = tl.zeros([BLOCK_T, DI], tl.float32)
     s_lo = tl.program_id(1) * s_per_split
     for s0 in range(s_lo, tl.minimum(S, s_lo + s_per_split), QB):
@@ -201,11 +206,7 @@ def _index_scores_dk_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, B, S, T, HI, s_p
         g = tl.load(g_ptr + (b * S + qs[:, None]).to(tl.int64) * T + ts[None, :],
                     mask=(qs < S)[:, None] & (ts < T)[None, :], other=0.0)
         if _any_nonzero(g):
-            qi, h = s0 + r // HP, r % HP
-            rmask = (qi < S) & (h < HI)
-            q = tl.load(q_ptr + b * sq_b + qi[:, None] * sq_s + h[:, None] * sq_h + d[None, :], mask=rmask[:, None],
-                        other=0.0)
-            w = tl.load(w_ptr + b * sw_b + qi * sw_s + h, mask=rmask, other=0.0)
+            q, w, _, _, _ = _query_tile(q_ptr, w_ptr, b, s0, S, HI, sq_b, sq_s, sq_h, sw_b, sw_s, DI, HP, QB)
             p = tl.dot(q, tl.trans(k)).to(tl.float32)                                   # [QB*HP, BLOCK_T]
             ds = tl.where(p > 0, _per_head(g, QB, HP, BLOCK_T) * w[:, None], 0.0)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q).to(tl.float32)
