@@ -167,6 +167,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
             if graph is None or graph_stage != stage:  # the stages run different computations: one graph each
                 if graph is not None:
                     graph.release()
+                log.info("capturing the %s stage's forward + backward as a CUDA graph", stage)
                 graph = GraphedLoss(lambda b, s=stage: _step_outputs(model, b, weights, s, cfg.grad_accum, autocast),
                                     batches[0], list(model.parameters()))
                 graph_stage = stage
