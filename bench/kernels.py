@@ -251,7 +251,26 @@ def indexer_train_case(name: str, S: int, ratio: int, ceil: dict, HI: int = 64, 
     return out
 
 
-PARTS = ("attention", "indexer", "sweep", "train", "topk")
+def compressor_case(name: str, S: int, ratio: int, d: int, overlap: bool, ceil: dict) -> dict:
+    """The compressor's prefill pooling of one S-token chunk from position 0 (fp32 projections in, fp32 entries
+    out, the position bias added by phase): the Triton kernel and the reference (candidate copies + softmax)."""
+    from dsv4.ops.reference import pooling as ref_pool
+    from dsv4.ops.triton import compressor as tri_comp
+    g = torch.Generator(device="cuda").manual_seed(5)
+    W2 = (2 if overlap else 1) * d
+    kv, sc = (torch.randn(1, S, W2, device="cuda", generator=g) for _ in range(2))
+    ape = torch.randn(ratio, W2, device="cuda", generator=g)
+    args = (kv, sc, ratio, overlap, S // ratio, None, ape)
+    out = {"case": name, "S": S, "ratio": ratio, "d": d,
+           "triton_ms": bench(lambda: tri_comp.compress_groups(*args)),
+           "reference_ms": bench(lambda: ref_pool.compress_groups(*args))}
+    moved = 2 * kv.numel() * 4 + S // ratio * d * 4                  # read kv and scores once, write the entries
+    out["triton_gbps"] = moved / out["triton_ms"] / 1e6
+    out["frac_copy_bw"] = out["triton_gbps"] / ceil["copy_gbps"]
+    return out
+
+
+PARTS = ("attention", "indexer", "sweep", "train", "topk", "compressor")
 
 
 def main() -> None:
@@ -284,6 +303,10 @@ def main() -> None:
              indexer_train_case("indexer scores train 4K", 4096, 4, ceil),
              indexer_train_case("indexer scores train 16K", 16384, 4, ceil)] if "train" in run else []
     topk = [topk_case(r, t) for r, t in ((1, 32768), (1, 262144), (64, 8192), (4096, 2048))] if "topk" in run else []
+    comp = [compressor_case(*c, ceil) for c in (("CSA compressor prefill 8K", 8192, 4, 512, True),
+                                                ("indexer compressor prefill 8K", 8192, 4, 128, True),
+                                                ("HCA compressor prefill 8K", 8192, 128, 512, False))] \
+        if "compressor" in run else []
     print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'ms':>8}{'GB/s':>8}"
           f"{'%copy':>7}")
     for r in sweep:
@@ -314,11 +337,15 @@ def main() -> None:
               f"{r.get('eager_reference_ms', r.get('reference_ms', float('nan'))):>10.2f}"
               f"{r.get('flex_ms', float('nan')):>9.2f}"
               + "".join(f"  {k}: {v}" for k, v in r.items() if k.endswith("_error")))
+    print(f"{'compressor case':<32}{'triton ms':>10}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}")
+    for r in comp:
+        print(f"{r['case']:<32}{r['triton_ms']:>10.3f}{r['triton_gbps']:>8.0f}{100 * r['frac_copy_bw']:>6.0f}%"
+              f"{r['reference_ms']:>9.3f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                        "triton": triton.__version__, "ceilings": ceil, "attention": attn, "indexer": idx,
-                       "decode_sweep": sweep, "topk": topk,
+                       "decode_sweep": sweep, "topk": topk, "compressor": comp,
                        "train_attention": train}, f, indent=2)
 
 

@@ -82,27 +82,15 @@ class Compressor(nn.Module):
                 entries = quantize_entries(entries, self.rope_dim, self.rotate)
             group, done = shared(pos0, ("decode_group", m), lambda: (pos0 // m, (pos0 % m == m - 1).unsqueeze(1)))
             return Compressed(entries.unsqueeze(1), group, done)
-        if state is None:  # rows from position 0: the bias repeats every m tokens (a broadcast, summed in backward)
-            score = score + self.ape.float().repeat(-(-S // m), 1)[:S]
-            n, first_group, valid = S // m, torch.zeros_like(pos0), None
-            prev = None
+        if state is None:  # rows from position 0, groups aligned to them; the bias is added by phase in the op
+            n, first_group, valid, prev, ape = S // m, torch.zeros_like(pos0), None, None, self.ape
         else:
             phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
             kv, score, n, valid, prev = self._with_state(kv, score + self.ape.float()[phase], pos0, state)
-            first_group = pos0 // m
+            first_group, ape = pos0 // m, None
         if n == 0:
             return Compressed(x.new_zeros(B, 0, d), first_group, valid[:, :0] if valid is not None else None)
-        groups_kv = kv[:, :n * m].unflatten(1, (n, m))                     # [B, n, m, coff*Dc]
-        groups_sc = score[:, :n * m].unflatten(1, (n, m))
-        if self.overlap:
-            if prev is None:
-                prev = kv.new_zeros(B, m, d), kv.new_full((B, m, d), float("-inf"))
-            # candidates of entry i: group i-1's A-half (rows 0..m-1), then group i's B-half (rows m..2m-1)
-            a_kv = torch.cat((prev[0].unsqueeze(1), groups_kv[:, :-1, :, :d]), dim=1)
-            a_sc = torch.cat((prev[1].unsqueeze(1), groups_sc[:, :-1, :, :d]), dim=1)
-            groups_kv = torch.cat((a_kv, groups_kv[..., d:]), dim=2)
-            groups_sc = torch.cat((a_sc, groups_sc[..., d:]), dim=2)
-        pooled = ops.compress_pool(groups_kv, groups_sc)                   # [B, n, Dc] fp32
+        pooled = ops.compress_groups(kv, score, m, self.overlap, n, prev, ape)  # [B, n, Dc] fp32
         if valid is not None:  # groups a row has not completed pool only padding (NaN): zero them
             pooled = torch.where(valid.unsqueeze(-1), pooled, 0.0)
         entries = self.norm(pooled.to(x.dtype))

@@ -61,6 +61,7 @@ register("sequence_attn", "reference", _ref_seq.sequence_attn)
 register("indexer_topk", "reference", _ref_attn.indexer_topk)
 register("index_scores", "reference", _ref_attn.index_scores)
 register("compress_pool", "reference", _ref_pool.compress_pool)
+register("compress_groups", "reference", _ref_pool.compress_groups)
 register("compress_step", "reference", _ref_pool.compress_step)
 register("rope_", "reference", _ref_rope.rope_)
 register("rope", "reference", _ref_rope.rope)
@@ -103,6 +104,7 @@ else:
     register("hc_split_sinkhorn", "triton", _tri_sinkhorn.hc_split_sinkhorn, _tri_sinkhorn.supports)
     register("moe_experts", "triton", _tri_experts.moe_experts, _tri_experts.supports)
     register("compress_step", "triton", _tri_compressor.compress_step, _tri_compressor.supports)
+    register("compress_groups", "triton", _tri_compressor.compress_groups, _tri_compressor.supports_groups)
     register("rope_", "triton", _tri_rope.rope_, _tri_rope.supports)
     register("rope", "triton", _tri_rope.rope, _tri_rope.supports_differentiable)
     register("hc_collapse", "triton", _tri_mhc.hc_collapse, _tri_mhc.supports)
@@ -152,6 +154,15 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, *, 
 def compress_pool(kv: torch.Tensor, score: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Per-channel softmax-gated pooling over candidates: [B, G, n, D] -> [B, G, D] (fp32)."""
     return _pick("compress_pool", backend, kv, score)(kv, score)
+
+
+def compress_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
+                    prev: tuple[torch.Tensor, torch.Tensor] | None = None, ape: torch.Tensor | None = None,
+                    *, backend: str | None = None) -> torch.Tensor:
+    """The compressor's prefill pooling: n whole groups of `ratio` rows -> [B, n, d] fp32 entries (before their
+    norm and RoPE), the overlapping windows and the position bias included. See reference.pooling."""
+    args = (kv, score, ratio, overlap, n, prev, ape)
+    return _pick("compress_groups", backend, *args)(*args)
 
 
 def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,

@@ -19,8 +19,8 @@ from dsv4.ops.reference.sinkhorn import hc_split_sinkhorn as ref_hc
 from dsv4.ops.triton.experts import moe_experts as tri_moe
 from dsv4.ops.reference.experts import moe_experts as ref_moe
 from dsv4.ops.triton import mhc as tri_mhc
-from dsv4.ops.triton.compressor import compress_step as tri_step
-from dsv4.ops.reference.pooling import compress_step as ref_step
+from dsv4.ops.triton.compressor import compress_step as tri_step, compress_groups as tri_groups
+from dsv4.ops.reference.pooling import compress_step as ref_step, compress_groups as ref_groups
 from dsv4.ops.triton.rope import rope_ as tri_rope
 from dsv4.ops.reference.rope import rope_ as ref_rope
 from dsv4.ops.triton.invariant import matmul_nt, rms_rsqrt
@@ -102,6 +102,18 @@ for B, m, d, overlap in ((3, 4, 48, True), (2, 8, 64, False), (1, 3, 32, True)):
         for x, y in zip(*states):
             assert torch.equal(x.isinf(), y.isinf()) and (x.nan_to_num(0, 0, 0) - y.nan_to_num(0, 0, 0)).abs().max() < 1e-5
         pos = pos + 1
+for B, L, m, d, overlap, with_prev, with_ape in ((2, 19, 4, 24, True, False, True), (1, 13, 4, 16, True, True, False),
+                                                 (2, 40, 8, 20, False, False, True), (1, 256, 128, 8, False, False, True)):
+    W2 = (2 if overlap else 1) * d  # compressor prefill pooling: overlapping halves, state's previous group, bias
+    kv, sc = (torch.randn(B, L, W2, generator=g).to(dev) for _ in range(2))
+    sc[0, :2] = float("-inf")  # padded candidates
+    sc[-1, :m] = float("-inf")  # group 0 without candidates (NaN as the reference) unless a previous group's rows join
+    prev = tuple(torch.randn(B, m, d, generator=g).to(dev) for _ in range(2)) if with_prev else None
+    ape = torch.randn(m, W2, generator=g).to(dev) if with_ape else None
+    a, r = tri_groups(kv, sc, m, overlap, L // m, prev, ape), ref_groups(kv, sc, m, overlap, L // m, prev, ape)
+    assert a.shape == r.shape == (B, L // m, d) and torch.equal(a.isnan(), r.isnan()), (B, L, m, overlap)
+    assert a.isnan().any() != (overlap and with_prev)
+    assert (a.nan_to_num() - r.nan_to_num()).abs().max() <= 1e-5 * r.nan_to_num().abs().max(), (B, L, m, overlap)
 for shape, half, inverse in (((2, 5, 3, 64), 8, False), ((1, 4, 32), 16, True), ((3, 1, 70, 16), 4, True)):
     x = torch.randn(*shape, generator=g).to(dev, dt)
     cos, sin = (torch.randn(shape[0], shape[1], half, generator=g).to(dev) for _ in range(2))

@@ -17,6 +17,31 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return (kv.float() * w).sum(dim=2) / w.sum(dim=2)
 
 
+def compress_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
+                    prev: tuple[torch.Tensor, torch.Tensor] | None = None, ape: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """The entries of n whole groups (prefill): kv, score [B, L >= n*ratio, coff*d] fp32 projections with group i
+    at rows i*ratio .. (i+1)*ratio - 1. ape [ratio, coff*d]: the position bias added to score by phase (None: in
+    score already). Entry i pools its group's rows; with overlap, channels d.. of its own group's rows together
+    with channels ..d of the previous group's, for entry 0 `prev` = (kv, score) [B, ratio, d] (None: no such
+    rows). Returns [B, n, d] fp32 (NaN where every candidate score is -inf)."""
+    m, L = ratio, kv.shape[1]
+    d = kv.shape[-1] // 2 if overlap else kv.shape[-1]
+    if ape is not None:  # the bias repeats every m rows (a broadcast, summed in backward)
+        score = score + ape.float().repeat(-(-L // m), 1)[:L]
+    groups_kv = kv[:, :n * m].unflatten(1, (n, m))                      # [B, n, m, coff*d]
+    groups_sc = score[:, :n * m].unflatten(1, (n, m))
+    if overlap:
+        if prev is None:
+            prev = kv.new_zeros(kv.shape[0], m, d), kv.new_full((kv.shape[0], m, d), float("-inf"))
+        # candidates of entry i: group i-1's A-half (rows 0..m-1), then group i's B-half (rows m..2m-1)
+        a_kv = torch.cat((prev[0].unsqueeze(1), groups_kv[:, :-1, :, :d]), dim=1)
+        a_sc = torch.cat((prev[1].unsqueeze(1), groups_sc[:, :-1, :, :d]), dim=1)
+        groups_kv = torch.cat((a_kv, groups_kv[..., d:]), dim=2)
+        groups_sc = torch.cat((a_sc, groups_sc[..., d:]), dim=2)
+    return compress_pool(groups_kv, groups_sc)
+
+
 def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
                   freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None) -> torch.Tensor:

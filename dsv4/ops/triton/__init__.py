@@ -1,7 +1,13 @@
 """Triton kernels for dsv4.ops (same signatures as ops/reference). Registered with the dispatcher when Triton
 imports; `auto` picks them for CUDA tensors they support. Under TRITON_INTERPRET=1 they also run on the CPU
 (slowly), which is how CI checks their logic."""
+import functools
 import os
+import warnings
+from typing import Callable
+
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 
 def interpreted() -> bool:
@@ -15,3 +21,20 @@ def training_kernels_enabled() -> bool:
     compiled references, unless DSV4_TRITON_TRAIN=0. Measured on the H100 (bench/e2e.py, 4-layer V4-Flash
     geometry): a 4K training step 1.2x faster and 16% less memory, a 64K step 6.9x faster."""
     return os.environ.get("DSV4_TRITON_TRAIN", "1") != "0"
+
+
+def falls_back_to(reference: Callable) -> Callable[[Callable], Callable]:
+    """Run `reference` with the same arguments, with a warning, where the decorated kernel launcher does not
+    compile or fit on this GPU or Triton version (kernels checked on Hopper with Triton 3.6 and under the
+    interpreter may not build elsewhere)."""
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (CompilationError, OutOfResources) as e:
+                warnings.warn(f"Triton {fn.__name__} unavailable here ({type(e).__name__}); using the reference",
+                              RuntimeWarning, stacklevel=2)
+                return reference(*args, **kwargs)
+        return run
+    return wrap

@@ -1,12 +1,17 @@
-"""The compressor's decode step in two kernels (forward only): one token per row into the fp32 state, the
+"""The compressor's pooling (forward only). Decode: two kernels, one token per row into the fp32 state, the
 softmax-gated pooling of its group, the state shift when the group completes; then the entry's RMSNorm and
 RoPE. The reference spells this as ~50 small tensor ops per compressor per step (six compressors per
-CSA+HCA layer pair), which at batch 1 cost more in launches than in work."""
+CSA+HCA layer pair), which at batch 1 cost more in launches than in work. Prefill: one kernel reads each
+group's candidate rows where the projections left them (the overlapping windows' halves, the position bias
+by phase), where the reference first builds the [groups, 2 * ratio, d] candidate tensors with four copies."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from ..reference.pooling import compress_groups as reference_compress_groups
+from . import falls_back_to
 
 
 @triton.jit
@@ -131,3 +136,79 @@ def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor,
 
 def supports(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, *args) -> bool:
     return kv.is_cuda and state_kv.is_contiguous() and state_kv.dtype == torch.float32
+
+
+@triton.jit
+def _group_tile(kv_ptr, sc_ptr, ape_ptr, first, stride, rows, cs, mask, W2, HAS_APE: tl.constexpr):
+    """kv and score [MP, BLOCK_C] of the rows first + rows * stride at channels cs; the bias of each row's phase."""
+    off = first + rows[:, None] * stride + cs[None, :]
+    kv = tl.load(kv_ptr + off, mask=mask, other=0.0)
+    sc = tl.load(sc_ptr + off, mask=mask, other=float("-inf"))
+    if HAS_APE:
+        sc += tl.load(ape_ptr + rows[:, None] * W2 + cs[None, :], mask=mask, other=0.0)
+    return kv, sc
+
+
+@triton.jit
+def _groups_pool_kernel(kv_ptr, sc_ptr, ape_ptr, pkv_ptr, psc_ptr, out_ptr, n, L, d, m, W2,
+                        OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr, HAS_APE: tl.constexpr, MP: tl.constexpr,
+                        BLOCK_C: tl.constexpr):
+    """One entry (b, i) x a block of channels: the per-channel softmax over its candidates of kv."""
+    pid = tl.program_id(0)                      # b * n + i
+    b = pid // n
+    i = pid % n
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = cs < d
+    rows = tl.arange(0, MP)
+    mask = (rows < m)[:, None] & cm[None, :]
+    own = (b * L + i * m).to(tl.int64) * W2     # the group's first row
+    if OVERLAP:  # channels d.. of the group's rows, channels ..d of the previous group's
+        b_kv, b_sc = _group_tile(kv_ptr + d, sc_ptr + d, ape_ptr + d, own, W2, rows, cs, mask, W2, HAS_APE)
+        if i > 0:
+            a_kv, a_sc = _group_tile(kv_ptr, sc_ptr, ape_ptr, own - m * W2, W2, rows, cs, mask, W2, HAS_APE)
+        elif HAS_PREV:  # entry 0: the previous group kept by the state, its bias already added
+            a_kv, a_sc = _group_tile(pkv_ptr, psc_ptr, ape_ptr, (b * m).to(tl.int64) * d, d, rows, cs, mask, W2,
+                                     False)
+        else:
+            a_kv = tl.zeros([MP, BLOCK_C], tl.float32)
+            a_sc = tl.full([MP, BLOCK_C], float("-inf"), tl.float32)
+        mx = tl.maximum(tl.max(a_sc, 0), tl.max(b_sc, 0))
+        mx = tl.where(mx == float("-inf"), 0.0, mx)  # no candidate at all: 0 / 0, NaN as in the reference
+        wa = tl.exp(a_sc - mx[None, :])
+        wb = tl.exp(b_sc - mx[None, :])
+        pooled = (tl.sum(wa * a_kv, 0) + tl.sum(wb * b_kv, 0)) / (tl.sum(wa, 0) + tl.sum(wb, 0))
+    else:
+        c_kv, c_sc = _group_tile(kv_ptr, sc_ptr, ape_ptr, own, W2, rows, cs, mask, W2, HAS_APE)
+        mx = tl.max(c_sc, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        w = tl.exp(c_sc - mx[None, :])
+        pooled = tl.sum(w * c_kv, 0) / tl.sum(w, 0)
+    tl.store(out_ptr + pid.to(tl.int64) * d + cs, pooled, mask=cm)
+
+
+@falls_back_to(reference_compress_groups)
+def compress_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
+                    prev: tuple[torch.Tensor, torch.Tensor] | None = None, ape: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Same contract as ops.reference.pooling.compress_groups."""
+    B, L, W2 = kv.shape
+    d = W2 // 2 if overlap else W2
+    kv, score = kv.float().contiguous(), score.float().contiguous()
+    out = torch.empty(B, n, d, dtype=torch.float32, device=kv.device)
+    if n == 0:
+        return out
+    pkv, psc = (t.float().contiguous() for t in prev) if prev is not None else (kv, kv)
+    ape_f = ape.float().contiguous() if ape is not None else kv
+    mp = triton.next_power_of_2(ratio)
+    block = max(16, min(128, 4096 // mp))                             # [MP, BLOCK_C] tiles stay in registers
+    _groups_pool_kernel[(B * n, triton.cdiv(d, block))](kv, score, ape_f, pkv, psc, out, n, L, d, ratio, W2,
+                                                        OVERLAP=overlap, HAS_PREV=prev is not None,
+                                                        HAS_APE=ape is not None, MP=mp, BLOCK_C=block, num_warps=4)
+    return out
+
+
+def supports_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
+                    prev: tuple[torch.Tensor, torch.Tensor] | None = None, ape: torch.Tensor | None = None) -> bool:
+    """CUDA, without autograd (training keeps the differentiable reference)."""
+    inputs = [kv, score, *(prev or ()), *([ape] if ape is not None else [])]
+    return kv.is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))

@@ -3,17 +3,13 @@ for the visible t, -inf elsewhere; the [B, S, Hi, T] per-head dot products never
 runs on the scores (zero-score ties go to the older entry, as in the reference), queries in chunks."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
 
 from .. import invariant_mode
 from ..reference.attention import index_scores as reference_index_scores
-from . import training_kernels_enabled
+from . import falls_back_to, training_kernels_enabled
 
 
 @triton.jit
@@ -214,6 +210,14 @@ def _index_scores_dk_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, B, S, T, HI, s_p
     tl.store(dk_ptr + row[:, None] * DI + d[None, :], dk, mask=(ts < T)[:, None])
 
 
+def _reference_backward(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, g: torch.Tensor,
+                        splits: int | None = None) -> tuple[torch.Tensor, ...]:
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, weights, keys)]
+        return torch.autograd.grad(reference_index_scores(*leaves), leaves, g)
+
+
+@falls_back_to(_reference_backward)
 def index_scores_backward(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, g: torch.Tensor,
                           splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq in q's dtype, dweights fp32, dkeys in keys' dtype) of sum(g * index_scores(q, weights, keys)).
@@ -255,14 +259,7 @@ class _IndexScores(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        try:
-            return index_scores_backward(*ctx.saved_tensors, g)
-        except (CompilationError, OutOfResources) as e:  # a GPU or Triton version these kernels do not fit
-            warnings.warn(f"Triton indexer backward unavailable here ({type(e).__name__}); using the reference",
-                          RuntimeWarning, stacklevel=2)
-            with torch.enable_grad():
-                leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-                return torch.autograd.grad(reference_index_scores(*leaves), leaves, g)
+        return index_scores_backward(*ctx.saved_tensors, g)
 
 
 def supports_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> bool:
