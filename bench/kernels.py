@@ -217,6 +217,9 @@ def indexer_case(name: str, B: int, S: int, T: int, ceil: dict, HI: int = 64, DI
            "timing": "cuda graph replay" if S == 1 else "eager",
            "scores_gbps": key_bytes / t_scores / 1e6, "frac_copy_bw": key_bytes / t_scores / 1e6 / ceil["copy_gbps"],
            "scores_tflops": 2 * B * S * T * HI * DI / t_scores / 1e9}
+    if S == 1:  # 64-key steps per program (the default picks by how many programs fill the GPU)
+        out["steps_sweep_ms"] = {n: timer(lambda: tri_idx.index_scores_masked(q, w, keys, nv, steps_per_program=n))
+                                 for n in (1, 2, 4, 8, 16)}
     if B * S * T * HI <= (1 << 28):
         out["reference_ms"] = bench(lambda: ref.indexer_topk(q, w, keys, nv, k), reps=5)
     return out
@@ -328,7 +331,8 @@ def main() -> None:
     print(f"{'indexer case':<26}{'scores ms':>10}{'+topk ms':>9}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}")
     for r in idx:
         print(f"{r['case']:<26}{r['scores_ms']:>10.3f}{r['scores_plus_topk_ms']:>9.3f}{r['scores_gbps']:>8.0f}"
-              f"{100 * r['frac_copy_bw']:>6.0f}%{r.get('reference_ms', float('nan')):>9.2f}")
+              f"{100 * r['frac_copy_bw']:>6.0f}%{r.get('reference_ms', float('nan')):>9.2f}"
+              + "".join(f"  {n} steps {ms:.3f}" for n, ms in r.get("steps_sweep_ms", {}).items()))
     print(f"{'training attention (fwd+bwd)':<30}{'triton ms':>10}{'TFLOP/s':>9}{'compiled ref':>13}{'eager ref':>10}"
           f"{'flex ms':>9}")
     for r in train:

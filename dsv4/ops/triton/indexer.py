@@ -22,11 +22,12 @@ def _e2m1(c):
 
 
 @triton.jit
-def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI,
+def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t_per_prog,
                          sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_t, so_b, so_s,
                          DI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, FP4: tl.constexpr):
+    """Few queries (decode): one query's heads against t_per_prog keys in BLOCK_T steps (q and w read once per
+    program, the key loads pipelined across steps)."""
     pid_t = tl.program_id(0)
-    pid_n = tl.program_id(1)
     b = pid_t // S
     s = pid_t % S
     heads = tl.arange(0, BLOCK_H)
@@ -34,24 +35,26 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI,
     d = tl.arange(0, DI)
     q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + d[None, :], mask=hmask[:, None], other=0.0)
     w = tl.load(w_ptr + b * sw_b + s * sw_s + heads, mask=hmask, other=0.0).to(tl.float32)
-    ts = pid_n * BLOCK_T + tl.arange(0, BLOCK_T)
     n_vis = tl.load(nv_ptr + pid_t)
-    if FP4:  # keys as the cache stores them: packed e2m1 (low nibble = even channel), a UE8M0 scale per 32
-        j = tl.arange(0, DI // 2)
-        rec = k_ptr + b * sk_b + ts[:, None] * sk_t
-        packed = tl.load(rec + j[None, :], mask=(ts < T)[:, None], other=0).to(tl.int32)
-        vals = tl.reshape(tl.join(_e2m1(packed & 15), _e2m1(packed >> 4)), (BLOCK_T, DI))
-        sc = tl.load(rec + DI // 2 + d[None, :] // 32, mask=(ts < T)[:, None], other=127).to(tl.float32)
-        k = (vals * tl.exp2(sc - 127.0)).to(q.dtype)
-    else:
-        k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
-    dots = tl.maximum(tl.dot(q, tl.trans(k)).to(tl.float32), 0.0)                  # [BLOCK_H, BLOCK_T]
-    score = tl.sum(dots * w[:, None], 0)
-    # exact zeros (every head's ReLU at 0) would tie: order them by age, older first, as the reference's stable
-    # sort does, so the cheaper unstable top-k picks the same entries
-    score = tl.where(score == 0.0, -(ts + 1).to(tl.float32) * 1e-30, score)
-    score = tl.where(ts < n_vis, score, float("-inf"))
-    tl.store(out_ptr + b * so_b + s * so_s + ts, score, mask=ts < T)
+    t_lo = tl.program_id(1) * t_per_prog
+    for t0 in range(t_lo, tl.minimum(T, t_lo + t_per_prog), BLOCK_T):
+        ts = t0 + tl.arange(0, BLOCK_T)
+        if FP4:  # keys as the cache stores them: packed e2m1 (low nibble = even channel), a UE8M0 scale per 32
+            j = tl.arange(0, DI // 2)
+            rec = k_ptr + b * sk_b + ts[:, None] * sk_t
+            packed = tl.load(rec + j[None, :], mask=(ts < T)[:, None], other=0).to(tl.int32)
+            vals = tl.reshape(tl.join(_e2m1(packed & 15), _e2m1(packed >> 4)), (BLOCK_T, DI))
+            sc = tl.load(rec + DI // 2 + d[None, :] // 32, mask=(ts < T)[:, None], other=127).to(tl.float32)
+            k = (vals * tl.exp2(sc - 127.0)).to(q.dtype)
+        else:
+            k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
+        dots = tl.maximum(tl.dot(q, tl.trans(k)).to(tl.float32), 0.0)                  # [BLOCK_H, BLOCK_T]
+        score = tl.sum(dots * w[:, None], 0)
+        # exact zeros (every head's ReLU at 0) would tie: order them by age, older first, as the reference's
+        # stable sort does, so the cheaper unstable top-k picks the same entries
+        score = tl.where(score == 0.0, -(ts + 1).to(tl.float32) * 1e-30, score)
+        score = tl.where(ts < n_vis, score, float("-inf"))
+        tl.store(out_ptr + b * so_b + s * so_s + ts, score, mask=ts < T)
 
 
 @triton.jit
@@ -97,9 +100,10 @@ def _index_scores_tiled_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t
 
 
 def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
-                        n_visible: torch.Tensor) -> torch.Tensor:
+                        n_visible: torch.Tensor, steps_per_program: int | None = None) -> torch.Tensor:
     """[B, S, T] fp32 scores, -inf for t >= n_visible[b, s]. keys: [B, T, DI] floats, or the cache's FP4 records
-    (uint8 [B, T, DI/2 + DI/32]) read as stored."""
+    (uint8 [B, T, DI/2 + DI/32]) read as stored. steps_per_program: 64-key steps per decode program (default:
+    1 where the launch would not fill the GPU otherwise, up to 8 in batched decode)."""
     B, S, HI, DI = q.shape
     T = keys.shape[1]
     fp4 = keys.dtype == torch.uint8
@@ -121,8 +125,13 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
             DI=DI, HP=HP, QB=qb, BLOCK_T=bt, num_warps=8, num_stages=2)
         return out
     block_t = 64
-    _index_scores_kernel[(B * S, triton.cdiv(T, block_t))](
-        q, weights, keys, nv, out, S, T, HI, q.stride(0), q.stride(1), q.stride(2), weights.stride(0),
+    tiles = triton.cdiv(T, block_t)
+    if steps_per_program is None:  # several steps per program once the launch has 4 programs per SM anyway
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        steps_per_program = max(1, min(8, B * S * tiles // (4 * sms)))
+    per = block_t * steps_per_program
+    _index_scores_kernel[(B * S, triton.cdiv(T, per))](
+        q, weights, keys, nv, out, S, T, HI, per, q.stride(0), q.stride(1), q.stride(2), weights.stride(0),
         weights.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
         DI=DI, BLOCK_H=max(16, triton.next_power_of_2(HI)), BLOCK_T=block_t, FP4=fp4, num_warps=4)
     return out
