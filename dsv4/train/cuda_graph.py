@@ -68,7 +68,8 @@ class GraphedLoss:
             self.graph.replay()
             if len(batches) > 1:  # the replay overwrote the gradients: keep a running sum beside them
                 if i == 0:
-                    self._sums = [g.clone() for g in self.grads] if self._sums is None else self._sums
+                    if self._sums is None:
+                        self._sums = [torch.empty_like(g) for g in self.grads]
                     torch._foreach_copy_(self._sums, self.grads)
                 else:
                     torch._foreach_add_(self._sums, self.grads)
