@@ -190,50 +190,64 @@ def test_compiled_training_ops_match_reference(monkeypatch):
 TRAINING_KERNEL_FAMILIES = {"sequence_attn", "hc_mixes", "hc_post", "rope", "index_scores"}
 
 
-@pytest.mark.parametrize("only", [None, *sorted(TRAINING_KERNEL_FAMILIES)])
-def test_triton_training_kernels_match_compiled(monkeypatch, only):
-    """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes and post mix, RoPE, the indexer's
-    scores under its KL loss) in a bf16 model, with and without
-    block recomputation, with the attention's masked walk and its list walk: the loss and every gradient are as
-    close to an fp32 model's as the compiled reference path's bf16 ones are (within bf16 noise). Some gradients
-    are sums that cancel to ~1e-6 (the head's mHC weights), where bf16 alone is ~100% off, so each gradient is
-    held to the reference path's own error on it rather than to one fixed tolerance."""
+TRAINING_TOKENS = (2, 300)
+
+
+def _training_model(dtype):
     from dsv4.model.attention import Attention
-    from dsv4.ops import dispatch
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).to_dtype(dtype).cuda().train()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.indexer_loss = True
+    return model
+
+
+def _loss_and_grads(mp, model, tokens, flag, recompute=False, dense_pairs=None):
     from dsv4.ops.triton import sequence_attn as tri_seq
+    from dsv4.train.losses import LossWeights, compute_loss
+    mp.setenv("DSV4_TRITON_TRAIN", flag)
+    if dense_pairs is not None:  # every sequence through the list walk
+        mp.setattr(tri_seq, "DENSE_WALK_PAIRS", dense_pairs)
+    model.set_activation_checkpointing(recompute)
+    model.zero_grad(set_to_none=True)
+    loss, _ = compute_loss(model, tokens, LossWeights())
+    loss.backward()
+    model.set_activation_checkpointing(False)
+    return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture(scope="module")
+def reference_training_grads():
+    """The loss and gradients of an fp32 model and of the bf16 model on the compiled reference path, computed once
+    for every kernel-family case below (neither depends on which Triton family is on)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    tokens = torch.randint(0, 2048, TRAINING_TOKENS, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with pytest.MonkeyPatch.context() as mp:
+        fp32 = _loss_and_grads(mp, _training_model(torch.float32), tokens, "0")
+        bf16 = _loss_and_grads(mp, _training_model(torch.bfloat16), tokens, "0")
+    return tokens, fp32, bf16
+
+
+@pytest.mark.parametrize("only", [None, *sorted(TRAINING_KERNEL_FAMILIES)])
+def test_triton_training_kernels_match_compiled(monkeypatch, reference_training_grads, only):
+    """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes and post mix, RoPE, the indexer's
+    scores under its KL loss) in a bf16 model, with and without block recomputation, with the attention's masked
+    walk and its list walk: the loss and every gradient are as close to an fp32 model's as the compiled reference
+    path's bf16 ones are (within bf16 noise). Some gradients are sums that cancel to ~1e-6 (the head's mHC
+    weights), where bf16 alone is ~100% off, so each gradient is held to the reference path's own error on it
+    rather than to one fixed tolerance."""
+    from dsv4.ops import dispatch
     for op in TRAINING_KERNEL_FAMILIES - {only or ""} if only else ():  # one kernel family at a time
         fn, _ = dispatch._REGISTRY[op]["triton"]
         monkeypatch.setitem(dispatch._REGISTRY[op], "triton", (fn, lambda *a, **k: False))
-    from dsv4.train.losses import LossWeights, compute_loss
     torch.backends.cuda.matmul.allow_tf32 = False
-    tokens = torch.randint(0, 2048, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
-
-    def model_in(dtype):
-        model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).to_dtype(dtype).cuda().train()
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.indexer_loss = True
-        return model
-
-    def run(model, flag, recompute=False, dense_pairs=None):
-        monkeypatch.setenv("DSV4_TRITON_TRAIN", flag)
-        if dense_pairs is not None:  # every sequence through the list walk
-            monkeypatch.setattr(tri_seq, "DENSE_WALK_PAIRS", dense_pairs)
-        model.set_activation_checkpointing(recompute)
-        model.zero_grad(set_to_none=True)
-        loss, _ = compute_loss(model, tokens, LossWeights())
-        loss.backward()
-        model.set_activation_checkpointing(False)
-        return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
-
-    l32, g32 = run(model_in(torch.float32), "0")
-    bf16 = model_in(torch.bfloat16)
-    l_ref, g_ref = run(bf16, "0")
+    tokens, (l32, g32), (l_ref, g_ref) = reference_training_grads
+    bf16 = _training_model(torch.bfloat16)
 
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
     for case in (dict(), dict(recompute=True), dict(dense_pairs=0)):
-        l_tri, g_tri = run(bf16, "1", **case)
+        l_tri, g_tri = _loss_and_grads(monkeypatch, bf16, tokens, "1", **case)
         assert abs(l_tri - l32) <= 2 * abs(l_ref - l32) + 1e-3 * abs(l32), (case, l_tri, l_ref, l32)
         assert g_tri.keys() == g_ref.keys() == g32.keys()
         errs = {n: (rel(g_tri[n], g32[n]), rel(g_ref[n], g32[n])) for n in g32}
