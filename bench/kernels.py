@@ -267,6 +267,11 @@ def compressor_case(name: str, S: int, ratio: int, d: int, overlap: bool, ceil: 
     out = {"case": name, "S": S, "ratio": ratio, "d": d,
            "triton_ms": bench(lambda: tri_comp.compress_groups(*args)),
            "reference_ms": bench(lambda: ref_pool.compress_groups(*args))}
+    leaves = [t.clone().requires_grad_(True) for t in (kv, sc, ape)]
+    dout = torch.randn(1, S // ratio, d, device="cuda", generator=g)
+    for impl, mod in (("triton", tri_comp), ("reference", ref_pool)):  # training: forward + backward
+        out[f"{impl}_train_ms"] = bench(lambda: mod.compress_groups(leaves[0], leaves[1], ratio, overlap, S // ratio,
+                                                                    None, leaves[2]).backward(dout), reps=5)
     moved = 2 * kv.numel() * 4 + S // ratio * d * 4                  # read kv and scores once, write the entries
     out["triton_gbps"] = moved / out["triton_ms"] / 1e6
     out["frac_copy_bw"] = out["triton_gbps"] / ceil["copy_gbps"]
@@ -341,10 +346,10 @@ def main() -> None:
               f"{r.get('eager_reference_ms', r.get('reference_ms', float('nan'))):>10.2f}"
               f"{r.get('flex_ms', float('nan')):>9.2f}"
               + "".join(f"  {k}: {v}" for k, v in r.items() if k.endswith("_error")))
-    print(f"{'compressor case':<32}{'triton ms':>10}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}")
+    print(f"{'compressor case':<32}{'triton ms':>10}{'GB/s':>8}{'%copy':>7}{'ref ms':>9}{'train: triton':>14}{'ref':>8}")
     for r in comp:
         print(f"{r['case']:<32}{r['triton_ms']:>10.3f}{r['triton_gbps']:>8.0f}{100 * r['frac_copy_bw']:>6.0f}%"
-              f"{r['reference_ms']:>9.3f}")
+              f"{r['reference_ms']:>9.3f}{r['triton_train_ms']:>14.3f}{r['reference_train_ms']:>8.3f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

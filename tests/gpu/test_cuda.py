@@ -187,7 +187,7 @@ def test_compiled_training_ops_match_reference(monkeypatch):
         assert_rel_close(f"grad {n}", g1[n], g0[n], 3e-3 if "hc_head" in n else 1e-3)
 
 
-TRAINING_KERNEL_FAMILIES = {"sequence_attn", "hc_mixes", "hc_post", "rope", "index_scores"}
+TRAINING_KERNEL_FAMILIES = {"sequence_attn", "hc_mixes", "hc_post", "rope", "index_scores", "compress_groups"}
 
 
 TRAINING_TOKENS = (2, 300)
@@ -231,7 +231,7 @@ def reference_training_grads():
 @pytest.mark.parametrize("only", [None, *sorted(TRAINING_KERNEL_FAMILIES)])
 def test_triton_training_kernels_match_compiled(monkeypatch, reference_training_grads, only):
     """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes and post mix, RoPE, the indexer's
-    scores under its KL loss) in a bf16 model, with and without block recomputation, with the attention's masked
+    scores under its KL loss, the compressors' pooling) in a bf16 model, with and without block recomputation, with the attention's masked
     walk and its list walk: the loss and every gradient are as close to an fp32 model's as the compiled reference
     path's bf16 ones are (within bf16 noise). Some gradients are sums that cancel to ~1e-6 (the head's mHC
     weights), where bf16 alone is ~100% off, so each gradient is held to the reference path's own error on it

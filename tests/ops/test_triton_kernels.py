@@ -381,8 +381,9 @@ import torch
 from dsv4.ops.reference import rope as ref_rope
 from dsv4.ops.triton import mhc as tri_mhc, rope as tri_rope
 from dsv4.ops.triton.sequence_attn import _row_dots
-from dsv4.ops.triton import indexer as tri_idx
+from dsv4.ops.triton import indexer as tri_idx, compressor as tri_comp
 from dsv4.ops.reference.attention import index_scores as ref_idx
+from dsv4.ops.reference import pooling as ref_pool
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
 err = lambda x, y: ((x.double() - y).norm() / y.norm()).item()
@@ -427,6 +428,17 @@ for B, S, HI, DI, T, splits in ((2, 37, 4, 16, 21, None), (1, 70, 16, 32, 80, 3)
         assert a.dtype == x.dtype and err(a, r) < {tol}, (name, err(a, r))
     parts = tri_idx.index_scores_backward(q, w, keys, dout.float(), splits=splits)  # slices of the key gradient
     assert err(parts[2], g_r[2]) < {tol}, ("keys, split", err(parts[2], g_r[2]))
+for B, L, m, d, overlap, with_ape in ((2, 19, 4, 24, True, True), (1, 40, 8, 20, False, True), (1, 12, 4, 16, True, False)):
+    W2 = (2 if overlap else 1) * d  # compressor prefill pooling in training: d kv, d score, d bias
+    leaves = [torch.randn(B, L, W2, generator=g).to(dev) for _ in range(2)]
+    leaves += [torch.randn(m, W2, generator=g).to(dev)] if with_ape else []
+    dout = torch.randn(B, L // m, d, generator=g).to(dev).double()
+    pool = lambda mod: (lambda kv, sc, ape=None: mod.compress_groups(kv, sc, m, overlap, L // m, None, ape))
+    o_t, g_t = grads(pool(tri_comp), leaves, dout)
+    o_r, g_r = grads(pool(ref_pool), [x.double() for x in leaves], dout)
+    assert err(o_t, o_r) < {tol}, ("pool", err(o_t, o_r))
+    for name, a, r in zip(("kv", "score", "ape"), g_t, g_r):
+        assert a.dtype == torch.float32 and err(a, r) < {tol}, (name, overlap, err(a, r))
 do, o = (torch.randn(2, 37, 3, 64, generator=g).to(dev, dt) for _ in range(2))  # the attention backward's delta
 want = (do.double() * o.double()).sum(-1)
 got = _row_dots(do, o)

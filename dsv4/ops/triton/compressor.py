@@ -1,9 +1,10 @@
-"""The compressor's pooling (forward only). Decode: two kernels, one token per row into the fp32 state, the
+"""The compressor's pooling. Decode: two kernels, one token per row into the fp32 state, the
 softmax-gated pooling of its group, the state shift when the group completes; then the entry's RMSNorm and
 RoPE. The reference spells this as ~50 small tensor ops per compressor per step (six compressors per
 CSA+HCA layer pair), which at batch 1 cost more in launches than in work. Prefill: one kernel reads each
 group's candidate rows where the projections left them (the overlapping windows' halves, the position bias
-by phase), where the reference first builds the [groups, 2 * ratio, d] candidate tensors with four copies."""
+by phase), where the reference first builds the [groups, 2 * ratio, d] candidate tensors with four copies; in
+training it keeps each channel's log-denominator, and its backward is one elementwise pass over the rows."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..reference.pooling import compress_groups as reference_compress_groups
-from . import falls_back_to
+from . import falls_back_to, training_kernels_enabled
 
 
 @triton.jit
@@ -150,10 +151,11 @@ def _group_tile(kv_ptr, sc_ptr, ape_ptr, first, stride, rows, cs, mask, W2, HAS_
 
 
 @triton.jit
-def _groups_pool_kernel(kv_ptr, sc_ptr, ape_ptr, pkv_ptr, psc_ptr, out_ptr, n, L, d, m, W2,
-                        OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr, HAS_APE: tl.constexpr, MP: tl.constexpr,
-                        BLOCK_C: tl.constexpr):
-    """One entry (b, i) x a block of channels: the per-channel softmax over its candidates of kv."""
+def _groups_pool_kernel(kv_ptr, sc_ptr, ape_ptr, pkv_ptr, psc_ptr, out_ptr, lse_ptr, n, L, d, m, W2,
+                        OVERLAP: tl.constexpr, HAS_PREV: tl.constexpr, HAS_APE: tl.constexpr, SAVE_LSE: tl.constexpr,
+                        MP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One entry (b, i) x a block of channels: the per-channel softmax over its candidates of kv (and, for the
+    backward, the log of each channel's softmax denominator)."""
     pid = tl.program_id(0)                      # b * n + i
     b = pid // n
     i = pid % n
@@ -176,39 +178,140 @@ def _groups_pool_kernel(kv_ptr, sc_ptr, ape_ptr, pkv_ptr, psc_ptr, out_ptr, n, L
         mx = tl.where(mx == float("-inf"), 0.0, mx)  # no candidate at all: 0 / 0, NaN as in the reference
         wa = tl.exp(a_sc - mx[None, :])
         wb = tl.exp(b_sc - mx[None, :])
-        pooled = (tl.sum(wa * a_kv, 0) + tl.sum(wb * b_kv, 0)) / (tl.sum(wa, 0) + tl.sum(wb, 0))
+        den = tl.sum(wa, 0) + tl.sum(wb, 0)
+        pooled = (tl.sum(wa * a_kv, 0) + tl.sum(wb * b_kv, 0)) / den
     else:
         c_kv, c_sc = _group_tile(kv_ptr, sc_ptr, ape_ptr, own, W2, rows, cs, mask, W2, HAS_APE)
         mx = tl.max(c_sc, 0)
         mx = tl.where(mx == float("-inf"), 0.0, mx)
         w = tl.exp(c_sc - mx[None, :])
-        pooled = tl.sum(w * c_kv, 0) / tl.sum(w, 0)
+        den = tl.sum(w, 0)
+        pooled = tl.sum(w * c_kv, 0) / den
     tl.store(out_ptr + pid.to(tl.int64) * d + cs, pooled, mask=cm)
+    if SAVE_LSE:
+        tl.store(lse_ptr + pid.to(tl.int64) * d + cs, mx + tl.log(den), mask=cm)
+
+
+@triton.jit
+def _half_grads(kv_ptr, sc_ptr, ape_ptr, dkv_ptr, dsc_ptr, c_ptr, lse_ptr, dc_ptr, first, rows, cs, mask, W2, d,
+                b, e, n, HAS_APE: tl.constexpr):
+    """Gradients of one group's rows at channels cs, candidates of entry e of row b (if e < n): with
+    w = exp(score - lse), d kv = w dc and d score = w (kv - c) dc; rows of no entry get zeros."""
+    kv, sc = _group_tile(kv_ptr, sc_ptr, ape_ptr, first, W2, rows, cs, mask, W2, HAS_APE)
+    at = (b * n + e).to(tl.int64) * d + cs
+    em = cs < tl.where(e < n, d, 0)                               # no channel of an entry beyond the last
+    c = tl.load(c_ptr + at, mask=em, other=0.0)
+    lse = tl.load(lse_ptr + at, mask=em, other=0.0)
+    dc = tl.load(dc_ptr + at, mask=em, other=0.0)
+    w = tl.where(mask & em[None, :], tl.exp(sc - lse[None, :]), 0.0)
+    off = first + rows[:, None] * W2 + cs[None, :]
+    tl.store(dkv_ptr + off, w * dc[None, :], mask=mask)
+    tl.store(dsc_ptr + off, w * (kv - c[None, :]) * dc[None, :], mask=mask)
+
+
+@triton.jit
+def _groups_pool_bwd_kernel(kv_ptr, sc_ptr, ape_ptr, c_ptr, lse_ptr, dc_ptr, dkv_ptr, dsc_ptr, n, L, d, m, W2,
+                            OVERLAP: tl.constexpr, HAS_APE: tl.constexpr, MP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The rows of one group j (of all L rows) x a block of channels. Every (row, channel) is a candidate of at most
+    one entry: channels d.. of entry j, channels ..d of entry j + 1 (overlap), or all of entry j."""
+    groups = tl.cdiv(L, m)
+    b = tl.program_id(0) // groups
+    j = tl.program_id(0) % groups
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows = tl.arange(0, MP)
+    mask = ((rows < m) & (j * m + rows < L))[:, None] & (cs < d)[None, :]
+    first = (b * L + j * m).to(tl.int64) * W2
+    if OVERLAP:
+        _half_grads(kv_ptr + d, sc_ptr + d, ape_ptr + d, dkv_ptr + d, dsc_ptr + d, c_ptr, lse_ptr, dc_ptr, first,
+                    rows, cs, mask, W2, d, b, j, n, HAS_APE)
+        _half_grads(kv_ptr, sc_ptr, ape_ptr, dkv_ptr, dsc_ptr, c_ptr, lse_ptr, dc_ptr, first, rows, cs, mask, W2, d,
+                    b, j + 1, n, HAS_APE)
+    else:
+        _half_grads(kv_ptr, sc_ptr, ape_ptr, dkv_ptr, dsc_ptr, c_ptr, lse_ptr, dc_ptr, first, rows, cs, mask, W2, d,
+                    b, j, n, HAS_APE)
+
+
+def _tile_sizes(ratio: int) -> tuple[int, int]:
+    mp = triton.next_power_of_2(ratio)
+    return mp, max(16, min(128, 4096 // mp))                        # [MP, BLOCK_C] tiles stay in registers
+
+
+def _groups_forward(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
+                    prev: tuple[torch.Tensor, torch.Tensor] | None, ape: torch.Tensor | None, save_lse: bool):
+    B, L, W2 = kv.shape
+    d = W2 // 2 if overlap else W2
+    out = torch.empty(B, n, d, dtype=torch.float32, device=kv.device)
+    lse = torch.empty_like(out) if save_lse else out
+    if n == 0:
+        return out, lse
+    pkv, psc = (t.float().contiguous() for t in prev) if prev is not None else (kv, kv)
+    mp, block = _tile_sizes(ratio)
+    _groups_pool_kernel[(B * n, triton.cdiv(d, block))](kv, score, kv if ape is None else ape, pkv, psc, out, lse, n,
+                                                        L, d, ratio, W2, OVERLAP=overlap, HAS_PREV=prev is not None,
+                                                        HAS_APE=ape is not None, SAVE_LSE=save_lse, MP=mp,
+                                                        BLOCK_C=block, num_warps=4)
+    return out, lse
+
+
+def _reference_groups_backward(kv, score, ape, c, lse, dc, ratio, overlap, n):
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (kv, score, *([ape] if ape is not None else []))]
+        out = reference_compress_groups(leaves[0], leaves[1], ratio, overlap, n, None, leaves[2] if ape is not None
+                                        else None)
+        grads = torch.autograd.grad(out, leaves, dc)
+    return grads if ape is not None else (*grads, None)
+
+
+@falls_back_to(_reference_groups_backward)
+def _groups_backward(kv, score, ape, c, lse, dc, ratio, overlap, n):
+    B, L, W2 = kv.shape
+    d = c.shape[-1]
+    dkv, dsc = torch.empty_like(kv), torch.empty_like(score)
+    mp, block = _tile_sizes(ratio)
+    _groups_pool_bwd_kernel[(B * triton.cdiv(L, ratio), triton.cdiv(d, block))](
+        kv, score, kv if ape is None else ape, c, lse, dc.contiguous(), dkv, dsc, n, L, d, ratio, W2,
+        OVERLAP=overlap, HAS_APE=ape is not None, MP=mp, BLOCK_C=block, num_warps=4)
+    dape = None if ape is None else dsc[:, :n * ratio].reshape(B * n, ratio, W2).sum(0)
+    return dkv, dsc, dape
+
+
+class _CompressGroups(torch.autograd.Function):
+    """Training (rows from position 0, no state): the pooling kernel keeps each channel's log-denominator, and the
+    backward is one elementwise pass over the rows (the reference differentiates through its candidate copies)."""
+
+    @staticmethod
+    def forward(ctx, kv, score, ape, ratio, overlap, n):
+        out, lse = _groups_forward(kv, score, ratio, overlap, n, None, ape, save_lse=True)
+        ctx.save_for_backward(kv, score, ape, out, lse)
+        ctx.args = ratio, overlap, n
+        return out
+
+    @staticmethod
+    def backward(ctx, dc):
+        return (*_groups_backward(*ctx.saved_tensors, dc, *ctx.args), None, None, None)
 
 
 @falls_back_to(reference_compress_groups)
 def compress_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
                     prev: tuple[torch.Tensor, torch.Tensor] | None = None, ape: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """Same contract as ops.reference.pooling.compress_groups."""
-    B, L, W2 = kv.shape
-    d = W2 // 2 if overlap else W2
+    """Same contract as ops.reference.pooling.compress_groups; differentiable in kv, score and ape (without prev)."""
     kv, score = kv.float().contiguous(), score.float().contiguous()
-    out = torch.empty(B, n, d, dtype=torch.float32, device=kv.device)
-    if n == 0:
-        return out
-    pkv, psc = (t.float().contiguous() for t in prev) if prev is not None else (kv, kv)
-    ape_f = ape.float().contiguous() if ape is not None else kv
-    mp = triton.next_power_of_2(ratio)
-    block = max(16, min(128, 4096 // mp))                             # [MP, BLOCK_C] tiles stay in registers
-    _groups_pool_kernel[(B * n, triton.cdiv(d, block))](kv, score, ape_f, pkv, psc, out, n, L, d, ratio, W2,
-                                                        OVERLAP=overlap, HAS_PREV=prev is not None,
-                                                        HAS_APE=ape is not None, MP=mp, BLOCK_C=block, num_warps=4)
-    return out
+    ape = None if ape is None else ape.float().contiguous()
+    if _training(kv, score, *(prev or ()), *([ape] if ape is not None else [])):
+        if prev is not None:
+            raise ValueError("compress_groups: no gradient through a state's previous group (training has no state)")
+        return _CompressGroups.apply(kv, score, ape, ratio, overlap, n)
+    return _groups_forward(kv, score, ratio, overlap, n, prev, ape, save_lse=False)[0]
+
+
+def _training(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def supports_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
                     prev: tuple[torch.Tensor, torch.Tensor] | None = None, ape: torch.Tensor | None = None) -> bool:
-    """CUDA, without autograd (training keeps the differentiable reference)."""
+    """CUDA inference; training too (rows from position 0, a backward of its own) unless the Triton training
+    kernels are turned off."""
     inputs = [kv, score, *(prev or ()), *([ape] if ape is not None else [])]
-    return kv.is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))
+    return kv.is_cuda and (not _training(*inputs) or (prev is None and training_kernels_enabled()))
