@@ -464,3 +464,66 @@ def test_training_ops_interpreted_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_ops_on_gpu_bf16():
     _run_train_ops("cuda", "torch.bfloat16", 1e-2, dict(os.environ))
+
+
+MODEL_CHECK = r"""
+import torch
+import dsv4
+from dsv4.model.attention import Attention
+from dsv4.ops import dispatch
+from dsv4.train.losses import LossWeights, compute_loss
+
+tokens = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(0))
+
+
+def with_triton(ops, fn):  # fn() with the Triton implementation of `ops` picked for every call, CPU tensors too
+    before = {{op: dispatch._REGISTRY[op]["triton"] for op in ops}}
+    for op in ops:
+        dispatch._REGISTRY[op]["triton"] = (before[op][0], lambda *a, **k: True)
+    try:
+        return fn()
+    finally:
+        for op in ops:
+            dispatch._REGISTRY[op]["triton"] = before[op]
+
+
+def loss_and_grads():
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).train()
+    for m in model.modules():
+        if isinstance(m, Attention):  # dense attention (no top-k choice to flip), the indexer's KL loss on
+            m.sparse, m.indexer_loss = False, True
+    loss, parts = compute_loss(model, tokens, LossWeights())
+    loss.backward()
+    assert parts["indexer_kl"] > 0
+    return loss.detach(), {{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
+
+
+@torch.no_grad()
+def prefill_logits():  # whole prompts (groups from position 0), then chunks through the cache (the state's groups)
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).eval()
+    cache = model.new_cache(2, 128)
+    chunks = [model(tokens[:, a:b], cache=cache) for a, b in ((0, 23), (23, 50), (50, 70))]
+    return model(tokens), torch.cat(chunks, 1)
+
+
+for ref, got in zip(prefill_logits(), with_triton(["compress_groups"], prefill_logits)):
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+ref_loss, ref_grads = loss_and_grads()
+loss, grads = with_triton(["index_scores", "compress_groups"], loss_and_grads)
+assert grads.keys() == ref_grads.keys()
+assert ((loss - ref_loss).abs() / ref_loss.abs()).item() < 1e-5, (loss, ref_loss)
+for n, g in ref_grads.items():  # (the heads' mHC weights are sums that cancel: fp32 rounding shows ~1e-3 there)
+    err = ((grads[n] - g).norm() / g.norm().clamp(min=1e-30)).item()
+    assert err < (5e-3 if "hc_head" in n else 1e-4), (n, err)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU training-kernel tests run these in the model there")
+def test_training_kernels_inside_the_model_interpreted_on_cpu():
+    """The indexer-score and compressor-pooling kernels as the model calls them (its layouts, strides and dtypes):
+    whole-prompt and chunked prefill give the references' logits, and a whole training loss their loss and
+    gradients."""
+    r = subprocess.run([sys.executable, "-c", MODEL_CHECK.format()], capture_output=True, text=True,
+                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
