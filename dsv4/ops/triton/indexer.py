@@ -58,6 +58,13 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t_per_p
 
 
 @triton.jit
+def _query_block(S, QB: tl.constexpr):
+    """This program's sequence and first query: program_id(0) = b * (query blocks per sequence) + block."""
+    n_qb = tl.cdiv(S, QB)
+    return tl.program_id(0) // n_qb, (tl.program_id(0) % n_qb) * QB
+
+
+@triton.jit
 def _query_tile(q_ptr, w_ptr, b, s0, S, HI, sq_b, sq_s, sq_h, sw_b, sw_s,
                 DI: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr):
     """Queries s0 .. s0+QB-1 x all heads as one [QB*HP, DI] tile (row = query * HP + head), their fp32 head
@@ -77,9 +84,7 @@ def _index_scores_tiled_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t
                                DI: tl.constexpr, HP: tl.constexpr, QB: tl.constexpr, BLOCK_T: tl.constexpr):
     """Many queries (prefill): a program holds QB queries x all heads as one [QB*HP, DI] tile and streams key
     tiles past it, so each key tile feeds QB*HP rows of one tensor-core product and q is read once."""
-    n_qb = tl.cdiv(S, QB)
-    b = tl.program_id(0) // n_qb
-    s0 = (tl.program_id(0) % n_qb) * QB
+    b, s0 = _query_block(S, QB)
     d = tl.arange(0, DI)
     q, w, qi, h, rmask = _query_tile(q_ptr, w_ptr, b, s0, S, HI, sq_b, sq_s, sq_h, sw_b, sw_s, DI, HP, QB)
     qs = s0 + tl.arange(0, QB)
@@ -170,9 +175,7 @@ def _index_scores_dq_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dq_ptr, dw_ptr, S, T, HI
     """dq and dw of QB queries x all heads (one [QB*HP, DI] tile) against streamed key tiles, p = q . k recomputed:
     dw[s,h] = sum_t g[s,t] relu(p), dq[s,h] = sum_t g[s,t] w[s,h] [p > 0] k[t]. Key tiles whose g is all zero
     (entries no query of the block sees) are skipped."""
-    n_qb = tl.cdiv(S, QB)
-    b = tl.program_id(0) // n_qb
-    s0 = (tl.program_id(0) % n_qb) * QB
+    b, s0 = _query_block(S, QB)
     d = tl.arange(0, DI)
     q, w, qi, h, rmask = _query_tile(q_ptr, w_ptr, b, s0, S, HI, sq_b, sq_s, sq_h, sw_b, sw_s, DI, HP, QB)
     qs = s0 + tl.arange(0, QB)
