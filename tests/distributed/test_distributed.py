@@ -30,9 +30,18 @@ def torchrun(case: str, n: int, out) -> list[dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
            "127.0.0.1", "--master_port", str(_free_port()), WORKERS, case, str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    results = [os.path.join(out, f"{case}-rank{i}.pt") for i in range(n)]
+    for _ in range(2):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        # one retry for a gloo teardown abort seen in ~1 of 10 runs (2 cores, pytest) since before these tests
+        # code): every rank wrote its result and passed the final barrier, then a worker thread still joinable
+        # at exit aborted the process. Any other failure fails at once.
+        teardown_abort = ("terminate called without an active exception" in r.stderr
+                          and all(os.path.isfile(f) for f in results))
+        if r.returncode == 0 or not teardown_abort:
+            break
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return [torch.load(os.path.join(out, f"{case}-rank{i}.pt"), weights_only=False) for i in range(n)]
+    return [torch.load(f, weights_only=False) for f in results]
 
 
 @pytest.mark.parametrize("n", [2, 4])
