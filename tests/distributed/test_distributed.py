@@ -33,9 +33,9 @@ def torchrun(case: str, n: int, out) -> list[dict]:
     results = [os.path.join(out, f"{case}-rank{i}.pt") for i in range(n)]
     for _ in range(2):
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        # one retry for a gloo teardown abort seen in ~1 of 10 runs (2 cores, pytest) since before these tests
-        # code): every rank wrote its result and passed the final barrier, then a worker thread still joinable
-        # at exit aborted the process. Any other failure fails at once.
+        # one retry for a gloo teardown abort seen in ~1 of 10 runs (2 cores, under pytest; older code too):
+        # every rank wrote its result and passed the final barrier, then a thread still joinable at exit
+        # aborted a worker. Any other failure fails at once.
         teardown_abort = ("terminate called without an active exception" in r.stderr
                           and all(os.path.isfile(f) for f in results))
         if r.returncode == 0 or not teardown_abort:
