@@ -6,6 +6,7 @@ import os
 import warnings
 from typing import Callable
 
+import torch
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
@@ -21,6 +22,21 @@ def training_kernels_enabled() -> bool:
     compiled references, unless DSV4_TRITON_TRAIN=0. Measured on the H100 (bench/e2e.py, 4-layer V4-Flash
     geometry): a 4K training step 1.2x faster and 16% less memory, a 64K step 6.9x faster."""
     return os.environ.get("DSV4_TRITON_TRAIN", "1") != "0"
+
+
+def autograd_tracks(*inputs) -> bool:
+    """A training call: autograd records and some tensor among `inputs` (None and non-tensors allowed) needs a
+    gradient."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
+
+
+def reference_grads(reference: Callable, tensors: tuple, grad: torch.Tensor) -> tuple:
+    """Gradients of reference(*tensors) for the output gradient `grad` (None for None inputs): how a backward
+    kernel that cannot run here is replaced, by recomputing the reference under autograd."""
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
+        got = iter(torch.autograd.grad(reference(*leaves), [t for t in leaves if t is not None], grad))
+    return tuple(None if t is None else next(got) for t in leaves)
 
 
 def falls_back_to(reference: Callable) -> Callable[[Callable], Callable]:

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..reference.pooling import compress_groups as reference_compress_groups
-from . import falls_back_to, training_kernels_enabled
+from . import autograd_tracks, falls_back_to, reference_grads, training_kernels_enabled
 
 
 @triton.jit
@@ -254,12 +254,8 @@ def _groups_forward(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: 
 
 
 def _reference_groups_backward(kv, score, ape, c, lse, dc, ratio, overlap, n):
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (kv, score, *([ape] if ape is not None else []))]
-        out = reference_compress_groups(leaves[0], leaves[1], ratio, overlap, n, None, leaves[2] if ape is not None
-                                        else None)
-        grads = torch.autograd.grad(out, leaves, dc)
-    return grads if ape is not None else (*grads, None)
+    return reference_grads(lambda k, s, a: reference_compress_groups(k, s, ratio, overlap, n, None, a),
+                           (kv, score, ape), dc)
 
 
 @falls_back_to(_reference_groups_backward)
@@ -298,20 +294,16 @@ def compress_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: 
     """Same contract as ops.reference.pooling.compress_groups; differentiable in kv, score and ape (without prev)."""
     kv, score = kv.float().contiguous(), score.float().contiguous()
     ape = None if ape is None else ape.float().contiguous()
-    if _training(kv, score, *(prev or ()), *([ape] if ape is not None else [])):
+    if autograd_tracks(kv, score, *(prev or ()), ape):
         if prev is not None:
             raise ValueError("compress_groups: no gradient through a state's previous group (training has no state)")
         return _CompressGroups.apply(kv, score, ape, ratio, overlap, n)
     return _groups_forward(kv, score, ratio, overlap, n, prev, ape, save_lse=False)[0]
 
 
-def _training(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 def supports_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
                     prev: tuple[torch.Tensor, torch.Tensor] | None = None, ape: torch.Tensor | None = None) -> bool:
     """CUDA inference; training too (rows from position 0, a backward of its own) unless the Triton training
     kernels are turned off."""
-    inputs = [kv, score, *(prev or ()), *([ape] if ape is not None else [])]
-    return kv.is_cuda and (not _training(*inputs) or (prev is None and training_kernels_enabled()))
+    training = autograd_tracks(kv, score, *(prev or ()), ape)
+    return kv.is_cuda and (not training or (prev is None and training_kernels_enabled()))

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .. import invariant_mode
 from ..reference.attention import index_scores as reference_index_scores
-from . import falls_back_to, training_kernels_enabled
+from . import autograd_tracks, falls_back_to, reference_grads, training_kernels_enabled
 
 
 @triton.jit
@@ -146,7 +146,7 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> 
     """Same contract as ops.reference.attention.index_scores (exact-zero scores become vanishing negative
     values ordered by age, which changes no top-k choice; the caller masks visibility). Differentiable: the
     indexer's KL loss trains q, weights and keys through _IndexScores."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, weights, keys)):
+    if autograd_tracks(q, weights, keys):
         return _IndexScores.apply(q, weights.float(), keys if keys.dtype == q.dtype else keys.to(q.dtype))
     return _all_scores(q, weights, keys)
 
@@ -224,9 +224,7 @@ def _index_scores_dk_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dk_ptr, B, S, T, HI, s_p
 
 def _reference_backward(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, g: torch.Tensor,
                         splits: int | None = None) -> tuple[torch.Tensor, ...]:
-    with torch.enable_grad():
-        leaves = [t.detach().requires_grad_() for t in (q, weights, keys)]
-        return torch.autograd.grad(reference_index_scores(*leaves), leaves, g)
+    return reference_grads(reference_index_scores, (q, weights, keys), g)
 
 
 @falls_back_to(_reference_backward)
@@ -277,8 +275,7 @@ class _IndexScores(torch.autograd.Function):
 def supports_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> bool:
     """Inference and the sparse stage's selection; the indexer's KL loss too (a backward of its own) unless the
     Triton training kernels are turned off."""
-    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, weights, keys))
-    return supports(q, weights, keys, None, 0) and (not training or training_kernels_enabled())
+    return supports(q, weights, keys, None, 0) and (not autograd_tracks(q, weights, keys) or training_kernels_enabled())
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:

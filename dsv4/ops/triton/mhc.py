@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreted, training_kernels_enabled
+from . import autograd_tracks, interpreted, training_kernels_enabled
 from .linear import bf16_parts
 
 
@@ -221,7 +221,7 @@ def hc_mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
 
 def supports_mixes(x: torch.Tensor, fn: torch.Tensor, *args) -> bool:
     """Inference; training too (a backward of its own) when the Triton training kernels are opted into."""
-    training = torch.is_grad_enabled() and (x.requires_grad or fn.requires_grad)
+    training = autograd_tracks(x, fn)
     return (x.is_cuda and x.dtype == torch.bfloat16 and x.is_contiguous() and (not training or training_kernels_enabled())
             and (x.shape[-1] * x.shape[-2]) % 128 == 0 and fn.shape[0] <= 64 and x.numel() > 0)
 
@@ -239,10 +239,6 @@ def hc_collapse(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     T = y.numel() // C
     _collapse_kernel[_grid(T, C, 1024)](x, w, y, C, R=R, RP=triton.next_power_of_2(R), BLOCK_C=1024, num_warps=4)
     return y
-
-
-def _training(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in tensors)
 
 
 def _post_forward(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -278,16 +274,16 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
     """Same contract as ops.reference.mhc.hc_post; differentiable (gradients for all four inputs)."""
     f, residual = f.contiguous(), residual.contiguous()
     post, comb = post.float().contiguous(), comb.float().contiguous()
-    if _training(f, residual, post, comb):
+    if autograd_tracks(f, residual, post, comb):
         return _Post.apply(f, residual, post, comb)
     return _post_forward(f, residual, post, comb)
 
 
 def supports(x: torch.Tensor, *args) -> bool:
     """CUDA tensors without autograd (training keeps the differentiable reference)."""
-    return x.is_cuda and not _training(x, *args)
+    return x.is_cuda and not autograd_tracks(x, *args)
 
 
 def supports_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> bool:
     """Inference; training too (a backward of its own) unless the Triton training kernels are turned off."""
-    return f.is_cuda and (not _training(f, residual, post, comb) or training_kernels_enabled())
+    return f.is_cuda and (not autograd_tracks(f, residual, post, comb) or training_kernels_enabled())
