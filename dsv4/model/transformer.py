@@ -261,6 +261,7 @@ class Transformer(nn.Module):
     def hidden(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
         """Lanes after the last block [B, S, R, C] (the input of hc_head, and of the MTP blocks)."""
         self._check_tokens(tokens)
+        self._forget_last_step()
         pos0 = None if cache is None else cache.begin(tokens.shape)
         h = self.embed(tokens)
         h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
@@ -269,6 +270,14 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.end(tokens.shape[1])
         return h
+
+    def _forget_last_step(self) -> None:
+        """Drop the previous step's training records (routing affinities, indexer KL). They hold that step's
+        autograd graph, whose gradient accumulators the new step would otherwise reuse: bound to the stream the
+        old step ran on, they break a CUDA graph captured on another."""
+        for block in (*self.layers, *self.mtp):
+            block.ffn.last_routing = None
+            block.attn.indexer_kl = None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Lanes [B, S, R, C] -> fp32 logits [B, S, vocab]."""

@@ -38,7 +38,7 @@ class GraphedLoss:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, stream=side):  # the warm-up's stream: its autograd state is bound there
                 self.outputs = loss_fn(self.batch)
                 self.outputs["loss"].backward()
         except RuntimeError as e:  # most often an op that reads a device value on the host (.item(), a mask index)

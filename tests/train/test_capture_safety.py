@@ -72,3 +72,27 @@ def test_training_step_reads_nothing_on_the_host(stage, monkeypatch):
     assert not rec.seen and not listed, (sorted(rec.seen), listed)
     assert out["combs"] and all(p.grad is not None for p in model.layers[1].attn.indexer.parameters()) == (
         stage != "dense")
+
+
+@pytest.mark.parametrize("stage", ["indexer", "sparse"])
+def test_no_autograd_graph_outlives_its_step(stage):
+    """When a forward starts, nothing of the previous step's autograd graph is alive. A kept graph keeps its
+    gradient accumulators, which the next step reuses; on a GPU they are bound to the stream the old step ran
+    on, and a CUDA graph captured on another stream then fails."""
+    import gc
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=0).train()
+    set_stage(model, stage)
+    tokens = torch.randint(0, 2048, (1, 66), generator=torch.Generator().manual_seed(0))
+    alive_at_start = []
+
+    def count_graph_tensors(module, args):
+        if len(alive_at_start) == step:  # the step's first embedding (the MTP blocks embed again later)
+            gc.collect()
+            alive_at_start.append(sum(isinstance(o, torch.Tensor) and o.grad_fn is not None
+                                      for o in gc.get_objects()))
+    model.embed.register_forward_pre_hook(count_graph_tensors)
+    for step in range(2):
+        out = _step_outputs(model, tokens, LossWeights(), stage, 1, lambda: torch.autocast("cpu", enabled=False))
+        out["loss"].backward()
+        del out
+    assert alive_at_start == [0, 0]
