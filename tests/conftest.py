@@ -9,6 +9,7 @@ import pytest
 import torch
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+os.environ.setdefault("DSV4_TRITON_STRICT", "1")  # a Triton kernel that fails to build fails its test, no fallback
 
 
 def assert_rel_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> float:

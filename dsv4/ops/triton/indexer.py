@@ -186,11 +186,11 @@ def _index_scores_dq_kernel(q_ptr, w_ptr, k_ptr, g_ptr, dq_ptr, dw_ptr, S, T, HI
         ts = t0 + tl.arange(0, BLOCK_T)
         g = tl.load(g_rows[:, None] + ts[None, :], mask=(qs < S)[:, None] & (ts < T)[None, :], other=0.0)
         if _any_nonzero(g):
-            g = _per_head(g, QB, HP, BLOCK_T)
+            gh = _per_head(g, QB, HP, BLOCK_T)  # (a new name: a compiled `if` may not change g's shape)
             k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
             p = tl.dot(q, tl.trans(k)).to(tl.float32)                                   # [QB*HP, BLOCK_T]
-            dw += tl.sum(g * tl.maximum(p, 0.0), 1)
-            dq += tl.dot(tl.where(p > 0, g * w[:, None], 0.0).to(k.dtype), k).to(tl.float32)
+            dw += tl.sum(gh * tl.maximum(p, 0.0), 1)
+            dq += tl.dot(tl.where(p > 0, gh * w[:, None], 0.0).to(k.dtype), k).to(tl.float32)
     out = (b * S + qi).to(tl.int64) * HI + h
     tl.store(dq_ptr + out[:, None] * DI + d[None, :], dq.to(dq_ptr.dtype.element_ty), mask=rmask[:, None])
     tl.store(dw_ptr + out, dw, mask=rmask)
