@@ -2,7 +2,7 @@
 `bench/e2e.py --json` and `bench/kernels.py --json` write. With several e2e files each target comes from the
 last file that has what it needs; a ratio to the peer only ever pairs measurements of the same run (file).
 
-    python bench/targets.py --e2e OUT/e2e.json OUT/e2e_1m.json --kernels OUT/kernels.json [--out table.md]
+    python bench/targets.py --e2e OUT/e2e.json OUT/e2e_1m.json --kernels OUT/kernels.json [more.json ...] [--out table.md]
 """
 from __future__ import annotations
 
@@ -113,6 +113,15 @@ def kernel_rows(kernels: dict, target: float = 0.7) -> list[Row]:
     return rows
 
 
+def latest_kernel_rows(paths: list[str]) -> list[Row]:
+    """kernel_rows of several runs; a case measured in several comes from the last file that has it."""
+    latest: dict[str, Row] = {}
+    for path in paths:
+        with open(path) as f:
+            latest.update((r.target, r) for r in kernel_rows(json.load(f)))
+    return list(latest.values())
+
+
 def table(rows: list[Row]) -> str:
     lines = ["| target | measured | status |", "|---|---|---|"]
     lines += [f"| {r.target} | {r.measured} | {r.status} |" for r in rows]
@@ -122,13 +131,12 @@ def table(rows: list[Row]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--e2e", nargs="+", required=True)
-    p.add_argument("--kernels")
+    p.add_argument("--kernels", nargs="*", default=[],
+                   help="kernels.py JSON files; a case in several comes from the last (each against its own run's copy)")
     p.add_argument("--out")
     a = p.parse_args()
     rows = e2e_rows(load_runs(a.e2e))
-    if a.kernels:
-        with open(a.kernels) as f:
-            rows += kernel_rows(json.load(f))
+    rows += latest_kernel_rows(a.kernels)
     text = table(rows)
     print(text)
     if a.out:

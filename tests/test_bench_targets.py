@@ -47,3 +47,16 @@ def test_kernel_bandwidth_rows():
     assert [(r.target.split(":")[0], r.status) for r in rows] == [("CSA decode b64", "met"),
                                                                   ("indexer decode b64", "not met")]
     assert targets.table(rows).count("\n") == len(rows) + 1
+
+
+def test_kernel_rows_of_several_runs_take_each_case_from_the_last_run_that_has_it(tmp_path):
+    def run(name, indexer_frac, attention):
+        path = tmp_path / name
+        path.write_text(json.dumps({"ceilings": {"copy_gbps": 1000.0}, "attention": attention, "indexer": [
+            {"case": "indexer decode b64", "S": 1, "B": 64, "scores_gbps": 1000 * indexer_frac,
+             "frac_copy_bw": indexer_frac}]}))
+        return str(path)
+    csa = [{"case": "CSA decode b64", "S": 1, "B": 64, "triton_gbps": 300.0, "frac_copy_bw": 0.3}]
+    rows = targets.latest_kernel_rows([run("old.json", 0.5, csa), run("new.json", 0.8, [])])
+    assert [(r.target.split(":")[0], r.status) for r in rows] == [("CSA decode b64", "not met"),
+                                                                  ("indexer decode b64", "met")]

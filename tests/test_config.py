@@ -100,9 +100,13 @@ def test_train_config_gpu_kernels(monkeypatch):
 
 
 def test_train_config_cuda_graph():
-    """--cuda-graph: on or off (the default), and not together with block recompute."""
+    """--cuda-graph: auto (the default: graphs on a GPU without block recompute), on (not with block recompute)
+    or off."""
     from dsv4.train.config import TrainConfig
-    assert TrainConfig().cuda_graph == "off" and TrainConfig(cuda_graph="on").cuda_graph == "on"
+    assert TrainConfig().cuda_graph == "auto"
+    assert TrainConfig().graphs_on("cuda") and not TrainConfig().graphs_on("cpu")
+    assert not TrainConfig(activation_checkpointing="block").graphs_on("cuda")
+    assert TrainConfig(cuda_graph="on").graphs_on("cuda") and not TrainConfig(cuda_graph="off").graphs_on("cuda")
     with pytest.raises(ConfigError, match="cuda_graph"):
         TrainConfig(cuda_graph="yes")
     with pytest.raises(ConfigError, match="not supported with activation_checkpointing"):

@@ -100,7 +100,7 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     os.makedirs(out, exist_ok=True)
     cfg.save(out)
     device = _device(cfg)
-    graphed = device.type == "cuda" and cfg.cuda_graph == "on"
+    graphed = cfg.graphs_on(device.type)
     # (no cast cache in graphs: a capture must not keep casts made outside it)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed))
                 if device.type == "cuda" else nullcontext)
@@ -168,9 +168,18 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 if graph is not None:
                     graph.release()
                 log.info("capturing the %s stage's forward + backward as a CUDA graph", stage)
-                graph = GraphedLoss(lambda b, s=stage: _step_outputs(model, b, weights, s, cfg.grad_accum, autocast),
-                                    batches[0], list(model.parameters()))
-                graph_stage = stage
+                try:
+                    graph = GraphedLoss(lambda b, s=stage: _step_outputs(model, b, weights, s, cfg.grad_accum,
+                                                                         autocast), batches[0], list(model.parameters()))
+                    graph_stage = stage
+                except RuntimeError as e:
+                    if cfg.cuda_graph == "on":
+                        raise
+                    log.warning("%s; training on without graphs", e)
+                    graphed, graph = False, None
+                    for b in model.layers:
+                        b.record_hc = log_now
+        if graphed:
             outs = graph(batches)
         else:
             outs = []

@@ -218,14 +218,16 @@ def _loss_and_grads(mp, model, tokens, flag, recompute=False, dense_pairs=None):
 
 @pytest.fixture(scope="module")
 def reference_training_grads():
-    """The loss and gradients of an fp32 model and of the bf16 model on the compiled reference path, computed once
-    for every kernel-family case below (neither depends on which Triton family is on)."""
+    """The loss and gradients of an fp32 model and of the bf16 model on the compiled reference path (with and
+    without block recompute, keyed by it), computed once for every kernel-family case below (none depends on
+    which Triton family is on)."""
     torch.backends.cuda.matmul.allow_tf32 = False
     tokens = torch.randint(0, 2048, TRAINING_TOKENS, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with pytest.MonkeyPatch.context() as mp:
         fp32 = _loss_and_grads(mp, _training_model(torch.float32), tokens, "0")
-        bf16 = _loss_and_grads(mp, _training_model(torch.bfloat16), tokens, "0")
-    return tokens, fp32, bf16
+        bf16 = _training_model(torch.bfloat16)
+        refs = {recompute: _loss_and_grads(mp, bf16, tokens, "0", recompute=recompute) for recompute in (False, True)}
+    return tokens, fp32, refs
 
 
 @pytest.mark.parametrize("only", [None, *sorted(TRAINING_KERNEL_FAMILIES)])
@@ -241,12 +243,16 @@ def test_triton_training_kernels_match_compiled(monkeypatch, reference_training_
         fn, _ = dispatch._REGISTRY[op]["triton"]
         monkeypatch.setitem(dispatch._REGISTRY[op], "triton", (fn, lambda *a, **k: False))
     torch.backends.cuda.matmul.allow_tf32 = False
-    tokens, (l32, g32), (l_ref, g_ref) = reference_training_grads
+    tokens, (l32, g32), refs = reference_training_grads
     bf16 = _training_model(torch.bfloat16)
 
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
     for case in (dict(), dict(recompute=True), dict(dense_pairs=0)):
+        # against the reference path run the same way: recompute changes bf16 rounding, and the cancelling mHC
+        # sums amplify it (layers.0.hc_attn_scale: 0.7% off in the reference without recompute, 6% with the
+        # Triton path's recompute whichever single family was on, on an H200)
+        l_ref, g_ref = refs[case.get("recompute", False)]
         l_tri, g_tri = _loss_and_grads(monkeypatch, bf16, tokens, "1", **case)
         assert abs(l_tri - l32) <= 2 * abs(l_ref - l32) + 1e-3 * abs(l32), (case, l_tri, l_ref, l32)
         assert g_tri.keys() == g_ref.keys() == g32.keys()
