@@ -3,11 +3,31 @@ so the interpreter flag is set before Triton loads), and natively on a GPU when 
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _check(code: str, env: dict) -> None:
+    """Run a check script; under the interpreter, then also compile every kernel launch it made for sm_90
+    (hopper_compile: what the interpreter accepts, the compiler may not)."""
+    interpreted = env.get("TRITON_INTERPRET") == "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        launches = os.path.join(tmp, "launches.jsonl")
+        if interpreted:
+            code = f"import sys; sys.path.insert(0, {HERE!r}); import hopper_compile; " \
+                   f"hopper_compile.record({launches!r})\n" + code
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+        if interpreted:
+            native = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}
+            c = subprocess.run([sys.executable, os.path.join(HERE, "hopper_compile.py"), launches],
+                               capture_output=True, text=True, env=native, timeout=600)
+            assert c.returncode == 0, "kernels that do not compile for sm_90:\n" + c.stdout[-6000:] + c.stderr[-2000:]
 
 CHECK = r'''
 import torch
@@ -255,9 +275,7 @@ print("ok", worst)
 
 
 def _run(dev, dt, attn_shapes, idx_shapes, tol, agree, env):
-    code = CHECK.format(dev=dev, dt=dt, attn_shapes=attn_shapes, idx_shapes=idx_shapes, tol=tol, agree=agree)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+    _check(CHECK.format(dev=dev, dt=dt, attn_shapes=attn_shapes, idx_shapes=idx_shapes, tol=tol, agree=agree), env)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively (test below); Triton 3.6's "
@@ -311,9 +329,7 @@ print("ok")
 
 
 def _run_sequence(dev, dt, shapes, tol, env):
-    code = SEQUENCE_CHECK.format(dev=dev, dt=dt, shapes=shapes, tol=tol)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+    _check(SEQUENCE_CHECK.format(dev=dev, dt=dt, shapes=shapes, tol=tol), env)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively (test below)")
@@ -448,9 +464,7 @@ print("ok")
 
 
 def _run_train_ops(dev, dt, tol, env):
-    code = TRAIN_OPS_CHECK.format(dev=dev, dt=dt, tol=tol)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+    _check(TRAIN_OPS_CHECK.format(dev=dev, dt=dt, tol=tol), env)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernels natively (test below)")
@@ -524,6 +538,4 @@ def test_training_kernels_inside_the_model_interpreted_on_cpu():
     """The indexer-score and compressor-pooling kernels as the model calls them (its layouts, strides and dtypes):
     whole-prompt and chunked prefill give the references' logits, and a whole training loss their loss and
     gradients."""
-    r = subprocess.run([sys.executable, "-c", MODEL_CHECK.format()], capture_output=True, text=True,
-                       env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
-    assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
+    _check(MODEL_CHECK.format(), dict(os.environ, TRITON_INTERPRET="1"))

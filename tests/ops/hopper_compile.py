@@ -1,0 +1,98 @@
+"""Compile, for an H100/H200 (sm_90), every Triton kernel launch an interpreted check made, on a machine without a
+GPU. The interpreter runs kernels as Python and accepts code that the compiler rejects (a compiled `if` may not
+change a value's shape, say); such a kernel passes every CPU check and then fails to build on the GPU.
+
+`record(path)` (in the interpreted process) appends each distinct launch's kernel, argument types and constexpr
+values to `path`; `failures(path)` (in a process without TRITON_INTERPRET) compiles each for sm_90 and returns
+the errors."""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
+POINTEE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int8": "i8", "uint8": "u8",
+           "int16": "i16", "int32": "i32", "int64": "i64", "bool": "i1", "float8_e4m3fn": "fp8e4nv"}
+
+
+def _arg_type(value) -> str | None:
+    """Triton's signature type of a runtime argument (None: not one this check handles)."""
+    import torch
+    if isinstance(value, torch.Tensor):
+        return "*" + POINTEE[str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    return None
+
+
+def describe(fn, args: tuple, kwargs: dict) -> dict:
+    """A launch as JSON: module, kernel name, {param: type or "constexpr"}, constexprs, launch options (or what
+    this check cannot describe, as "unsupported")."""
+    params = inspect.signature(fn).parameters
+    bound = dict(zip(params, args)) | {k: v for k, v in kwargs.items() if k not in LAUNCH_OPTIONS}
+    signature, constexprs = {}, {}
+    for name, p in params.items():
+        value = bound.get(name, p.default)
+        if "constexpr" in str(p.annotation) or value is None:
+            if not (value is None or isinstance(value, (bool, int, float, str))):
+                return {"kernel": fn.__name__, "module": fn.__module__, "unsupported": f"constexpr {name}={value!r}"}
+            signature[name], constexprs[name] = "constexpr", value
+        elif (kind := _arg_type(value)) is None:
+            return {"kernel": fn.__name__, "module": fn.__module__, "unsupported": f"argument {name}: {type(value)}"}
+        else:
+            signature[name] = kind
+    options = {k: kwargs[k] for k in LAUNCH_OPTIONS if k in kwargs}
+    return {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+            "options": options}
+
+
+def record(path: str) -> None:
+    """From now on, every interpreted kernel launch of this process is appended to `path` (once per kind)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    seen: set[str] = set()
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        launch = describe(self.fn, args, kwargs)
+        line = json.dumps(launch, sort_keys=True)
+        if line not in seen:
+            seen.add(line)
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+    InterpretedFunction.run = recording_run
+
+
+def failures(path: str) -> list[str]:
+    """Compile each recorded launch for sm_90; the errors, one line of context each."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    target = GPUTarget("cuda", 90, 32)
+    with open(path) as f:
+        launches = [json.loads(line) for line in dict.fromkeys(f)]
+    errors = []
+    for launch in launches:
+        if "unsupported" in launch:
+            errors.append(f"{launch['module']}.{launch['kernel']}: not checked, {launch['unsupported']}")
+            continue
+        fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+        try:
+            triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"]), target=target,
+                           options=launch["options"])
+        except Exception as e:  # noqa: BLE001 - every kernel's error is reported, not the first only
+            errors.append(f"{launch['module']}.{launch['kernel']} {launch['constexprs']}: "
+                          f"{type(e).__name__}: {str(e).strip()[-600:]}")
+    return errors
+
+
+if __name__ == "__main__":
+    import sys
+    found = failures(sys.argv[1])
+    print("\n\n".join(found) if found else "ok")
+    sys.exit(1 if found else 0)
