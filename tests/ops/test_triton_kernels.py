@@ -1,5 +1,6 @@
 """Triton kernels against the references: under TRITON_INTERPRET=1 on the CPU (tiny shapes, in a subprocess
 so the interpreter flag is set before Triton loads), and natively on a GPU when there is one."""
+import json
 import os
 import subprocess
 import sys
@@ -13,21 +14,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _check(code: str, env: dict) -> None:
-    """Run a check script; under the interpreter, then also compile every kernel launch it made for sm_90
-    (hopper_compile: what the interpreter accepts, the compiler may not)."""
+    """Run a check script; under the interpreter, then also compile every kernel launch it made for sm_90 and
+    sm_80 (native_compile: what the interpreter accepts, the compiler may not). Every launch must build for the
+    H100/H200; for the A100 all but the FP8 serving-cache read, which needs sm_89's e4m3 conversions and is
+    dispatched only from there (sparse_attn.supports)."""
     interpreted = env.get("TRITON_INTERPRET") == "1"
     with tempfile.TemporaryDirectory() as tmp:
         launches = os.path.join(tmp, "launches.jsonl")
         if interpreted:
-            code = f"import sys; sys.path.insert(0, {HERE!r}); import hopper_compile; " \
-                   f"hopper_compile.record({launches!r})\n" + code
+            code = f"import sys; sys.path.insert(0, {HERE!r}); import native_compile; " \
+                   f"native_compile.record({launches!r})\n" + code
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-3000:]
         if interpreted:
             native = {k: v for k, v in env.items() if k != "TRITON_INTERPRET"}
-            c = subprocess.run([sys.executable, os.path.join(HERE, "hopper_compile.py"), launches],
+            c = subprocess.run([sys.executable, os.path.join(HERE, "native_compile.py"), launches],
                                capture_output=True, text=True, env=native, timeout=600)
-            assert c.returncode == 0, "kernels that do not compile for sm_90:\n" + c.stdout[-6000:] + c.stderr[-2000:]
+            assert c.returncode == 0, c.stderr[-3000:]
+            failed = json.loads(c.stdout.splitlines()[-1])
+            assert not failed["sm_90"], "kernels that do not compile for sm_90:\n" + json.dumps(failed["sm_90"], indent=1)
+            a100 = [f for f in failed["sm_80"] if not (f["kernel"].endswith("._sparse_attn_kernel")
+                                                       and f["constexprs"].get("FP8"))]
+            assert not a100, "kernels that do not compile for sm_80:\n" + json.dumps(a100, indent=1)
 
 CHECK = r'''
 import torch
@@ -539,3 +547,17 @@ def test_training_kernels_inside_the_model_interpreted_on_cpu():
     whole-prompt and chunked prefill give the references' logits, and a whole training loss their loss and
     gradients."""
     _check(MODEL_CHECK.format(), dict(os.environ, TRITON_INTERPRET="1"))
+
+
+def test_fp8_cache_read_is_dispatched_only_from_sm_89(monkeypatch):
+    """The sparse attention reads FP8 serving records with e4m3 conversions that sm_80 (A100) lacks: there the
+    reference serves FP8 caches; bf16 entries use the kernel on every GPU."""
+    from types import SimpleNamespace
+
+    from dsv4.ops.triton import sparse_attn
+    q = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(1, 1, 64, 512), device="cuda:0")
+    records, rows = torch.empty(1, 4, 656, dtype=torch.uint8), torch.empty(1, 4, 512, dtype=torch.bfloat16)
+    for capability, fp8_ok in (((8, 0), False), ((8, 6), False), ((8, 9), True), ((9, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert sparse_attn.supports(q, None, None, None, 1.0, entries=records, rope_dim=64) is fp8_ok
+        assert sparse_attn.supports(q, None, None, None, 1.0, entries=rows)

@@ -187,4 +187,6 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
 def supports(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
              entries: torch.Tensor | None = None, rope_dim: int = 0) -> bool:
     D = q.shape[-1]
-    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and D >= 16 and not D & (D - 1) and D <= 512
+    fp8_records = entries is not None and entries.dtype == torch.uint8
+    return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and D >= 16 and not D & (D - 1) and D <= 512 \
+        and (not fp8_records or torch.cuda.get_device_capability(q.device) >= (8, 9))  # e4m3 converts from sm_89

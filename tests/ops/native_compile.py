@@ -1,10 +1,11 @@
-"""Compile, for an H100/H200 (sm_90), every Triton kernel launch an interpreted check made, on a machine without a
-GPU. The interpreter runs kernels as Python and accepts code that the compiler rejects (a compiled `if` may not
-change a value's shape, say); such a kernel passes every CPU check and then fails to build on the GPU.
+"""Compile, for real GPUs (sm_90: H100/H200; sm_80: A100), every Triton kernel launch an interpreted check made,
+on a machine without a GPU. The interpreter runs kernels as Python and accepts code that the compiler rejects
+(a compiled `if` may not change a value's shape, say); such a kernel passes every CPU check and then fails to
+build on the GPU.
 
 `record(path)` (in the interpreted process) appends each distinct launch's kernel, argument types and constexpr
-values to `path`; `failures(path)` (in a process without TRITON_INTERPRET) compiles each for sm_90 and returns
-the errors."""
+values to `path`; `failures(path, capability)` (in a process without TRITON_INTERPRET) compiles each for that
+GPU and returns the errors. `python native_compile.py LAUNCHES` prints them as JSON, per target."""
 from __future__ import annotations
 
 import importlib
@@ -68,31 +69,32 @@ def record(path: str) -> None:
     InterpretedFunction.run = recording_run
 
 
-def failures(path: str) -> list[str]:
-    """Compile each recorded launch for sm_90; the errors, one line of context each."""
+TARGETS = {"sm_90": 90, "sm_80": 80}
+
+
+def failures(path: str, capability: int) -> list[dict]:
+    """Compile each recorded launch for one GPU capability; each failure as {kernel, constexprs, error}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    target = GPUTarget("cuda", 90, 32)
+    target = GPUTarget("cuda", capability, 32)
     with open(path) as f:
         launches = [json.loads(line) for line in dict.fromkeys(f)]
     errors = []
     for launch in launches:
+        where = {"kernel": f"{launch['module']}.{launch['kernel']}", "constexprs": launch.get("constexprs", {})}
         if "unsupported" in launch:
-            errors.append(f"{launch['module']}.{launch['kernel']}: not checked, {launch['unsupported']}")
+            errors.append(where | {"error": f"not checked: {launch['unsupported']}"})
             continue
         fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
         try:
             triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"]), target=target,
                            options=launch["options"])
         except Exception as e:  # noqa: BLE001 - every kernel's error is reported, not the first only
-            errors.append(f"{launch['module']}.{launch['kernel']} {launch['constexprs']}: "
-                          f"{type(e).__name__}: {str(e).strip()[-600:]}")
+            errors.append(where | {"error": f"{type(e).__name__}: {str(e).strip()[-600:]}"})
     return errors
 
 
 if __name__ == "__main__":
     import sys
-    found = failures(sys.argv[1])
-    print("\n\n".join(found) if found else "ok")
-    sys.exit(1 if found else 0)
+    print(json.dumps({name: failures(sys.argv[1], cap) for name, cap in TARGETS.items()}))
