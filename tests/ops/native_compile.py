@@ -4,8 +4,8 @@ on a machine without a GPU. The interpreter runs kernels as Python and accepts c
 build on the GPU.
 
 `record(path)` (in the interpreted process) appends each distinct launch's kernel, argument types and constexpr
-values to `path`; `failures(path, capability)` (in a process without TRITON_INTERPRET) compiles each for that
-GPU and returns the errors. `python native_compile.py LAUNCHES` prints them as JSON, per target."""
+values to `path`; `failures(path)` (in a process without TRITON_INTERPRET) compiles each for every target and
+returns the errors per target. `python native_compile.py LAUNCHES` prints them as JSON."""
 from __future__ import annotations
 
 import importlib
@@ -72,29 +72,35 @@ def record(path: str) -> None:
 TARGETS = {"sm_90": 90, "sm_80": 80}
 
 
-def failures(path: str, capability: int) -> list[dict]:
-    """Compile each recorded launch for one GPU capability; each failure as {kernel, constexprs, error}."""
+def compile_error(launch: dict, capability: int) -> dict | None:
+    """Compile one recorded launch for one GPU capability: None, or the failure as {kernel, constexprs, error}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    target = GPUTarget("cuda", capability, 32)
+    where = {"kernel": f"{launch['module']}.{launch['kernel']}", "constexprs": launch.get("constexprs", {})}
+    if "unsupported" in launch:
+        return where | {"error": f"not checked: {launch['unsupported']}"}
+    fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
+    try:
+        triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"]),
+                       target=GPUTarget("cuda", capability, 32), options=launch["options"])
+    except Exception as e:  # noqa: BLE001 - every kernel's error is reported, not the first only
+        return where | {"error": f"{type(e).__name__}: {str(e).strip()[-600:]}"}
+    return None
+
+
+def failures(path: str, targets: dict[str, int] = TARGETS) -> dict[str, list[dict]]:
+    """Every recorded launch compiled for every target, on all CPU cores: each target's failures."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
     with open(path) as f:
         launches = [json.loads(line) for line in dict.fromkeys(f)]
-    errors = []
-    for launch in launches:
-        where = {"kernel": f"{launch['module']}.{launch['kernel']}", "constexprs": launch.get("constexprs", {})}
-        if "unsupported" in launch:
-            errors.append(where | {"error": f"not checked: {launch['unsupported']}"})
-            continue
-        fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
-        try:
-            triton.compile(ASTSource(fn, launch["signature"], launch["constexprs"]), target=target,
-                           options=launch["options"])
-        except Exception as e:  # noqa: BLE001 - every kernel's error is reported, not the first only
-            errors.append(where | {"error": f"{type(e).__name__}: {str(e).strip()[-600:]}"})
-    return errors
+    jobs = [(name, launch, cap) for name, cap in targets.items() for launch in launches]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        errors = list(pool.map(compile_error, [j[1] for j in jobs], [j[2] for j in jobs]))
+    return {name: [e for (n, _, _), e in zip(jobs, errors) if n == name and e] for name in targets}
 
 
 if __name__ == "__main__":
     import sys
-    print(json.dumps({name: failures(sys.argv[1], cap) for name, cap in TARGETS.items()}))
+    print(json.dumps(failures(sys.argv[1])))
