@@ -2,7 +2,7 @@
 `bench/e2e.py --json` and `bench/kernels.py --json` write. With several e2e files each target comes from the
 last file that has what it needs; a ratio to the peer only ever pairs measurements of the same run (file).
 
-    python bench/targets.py --e2e OUT/e2e.json OUT/e2e_1m.json --kernels OUT/kernels.json [more.json ...] [--out table.md]
+    python bench/targets.py --e2e OUT/e2e.json OUT/e2e_1m.json --kernels OUT/kernels.json [more.json ...] [--out table.md] [--plot targets.png]
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ class Row:
     target: str
     measured: str
     status: str  # "met", "not met", "reported", "missing"
+    score: float | None = None  # measured / target for numeric targets (>= 1: met), for the plot
 
 
 def load_runs(paths: list[str]) -> list[dict[tuple[str, int], dict]]:
@@ -47,7 +48,7 @@ def _prefill_8k(results: dict) -> Row | None:
         return None
     ratio = ours["tok_per_s"] / peer["tok_per_s"]
     return Row("prefill 8K >= 8x the peer", f"{ours['tok_per_s']:,.0f} vs {peer['tok_per_s']:,.0f} tok/s: {ratio:.1f}x",
-               "met" if ratio >= 8 else "not met")
+               "met" if ratio >= 8 else "not met", ratio / 8)
 
 
 def _prefill_1m(results: dict) -> Row | None:
@@ -62,7 +63,8 @@ def _decode_128k(results: dict) -> Row | None:
         return None
     frac = r["tok_per_s"] / ISSUE_DECODE_ROOFLINE_TOK_S
     return Row("decode batch 1 at 128K >= 400 tok/s", f"{r['tok_per_s']:,.0f} tok/s ({100 * frac:.0f}% of "
-               f"~{ISSUE_DECODE_ROOFLINE_TOK_S:,.0f})", "met" if r["tok_per_s"] >= 400 else "not met")
+               f"~{ISSUE_DECODE_ROOFLINE_TOK_S:,.0f})", "met" if r["tok_per_s"] >= 400 else "not met",
+               r["tok_per_s"] / 400)
 
 
 def _decode_b64(results: dict) -> Row | None:
@@ -76,7 +78,7 @@ def _train_4k(results: dict) -> Row | None:
         return None
     ratio = ours[1]["tok_per_s"] / peer["tok_per_s"]
     return Row("training fwd+bwd at 4K >= 3x the peer", f"{ours[1]['tok_per_s']:,.0f} vs {peer['tok_per_s']:,.0f} "
-               f"tok/s: {ratio:.2f}x ({ours[0]})", "met" if ratio >= 3 else "not met")
+               f"tok/s: {ratio:.2f}x ({ours[0]})", "met" if ratio >= 3 else "not met", ratio / 3)
 
 
 def _train_64k(results: dict) -> Row | None:
@@ -109,7 +111,7 @@ def kernel_rows(kernels: dict, target: float = 0.7) -> list[Row]:
         gbps = r.get("triton_gbps", r.get("scores_gbps"))
         rows.append(Row(f"{r['case']}: >= {100 * target:.0f}% of copy bandwidth",
                         f"{gbps:,.0f} GB/s = {100 * frac:.0f}% of {kernels['ceilings']['copy_gbps']:,.0f}",
-                        "met" if frac >= target else "not met"))
+                        "met" if frac >= target else "not met", frac / target))
     return rows
 
 
@@ -128,12 +130,34 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list[Row], path: str) -> None:
+    """Each numeric target's measured / target as a bar (met at >= 1), its measurement beside it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shown = [r for r in rows if r.score is not None]
+    fig, ax = plt.subplots(figsize=(9, 0.55 * len(shown) + 1.2))
+    ax.barh(range(len(shown)), [r.score for r in shown], color=["tab:green" if r.score >= 1 else "tab:red"
+                                                                  for r in shown])
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_yticks(range(len(shown)), [r.target for r in shown], fontsize=8)
+    ax.invert_yaxis()
+    for i, r in enumerate(shown):
+        ax.text(r.score + 0.02, i, r.measured.split(" (")[0], va="center", fontsize=7)
+    ax.set_xlim(0, max(2.0, 1.6 * max(r.score for r in shown)))
+    ax.set_xlabel("measured / target (>= 1: met)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--e2e", nargs="+", required=True)
     p.add_argument("--kernels", nargs="*", default=[],
                    help="kernels.py JSON files; a case in several comes from the last (each against its own run's copy)")
     p.add_argument("--out")
+    p.add_argument("--plot", help="write measured / target as a bar chart (PNG) here")
     a = p.parse_args()
     rows = e2e_rows(load_runs(a.e2e))
     rows += latest_kernel_rows(a.kernels)
@@ -142,6 +166,8 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")
+    if a.plot:
+        plot(rows, a.plot)
 
 
 if __name__ == "__main__":

@@ -60,3 +60,16 @@ def test_kernel_rows_of_several_runs_take_each_case_from_the_last_run_that_has_i
     rows = targets.latest_kernel_rows([run("old.json", 0.5, csa), run("new.json", 0.8, [])])
     assert [(r.target.split(":")[0], r.status) for r in rows] == [("CSA decode b64", "not met"),
                                                                   ("indexer decode b64", "met")]
+
+
+def test_scores_are_measured_over_target_and_plot(tmp_path):
+    run = _write(tmp_path, "a.json", [
+        {"name": "dsv4 prefill", "tokens": 8192, "tok_per_s": 120.0, "seconds": 1, "peak_gb": 1},
+        {"name": "transformers prefill", "tokens": 8192, "tok_per_s": 10.0, "seconds": 1, "peak_gb": 1},
+        {"name": "dsv4 decode b1", "context": 131072, "tok_per_s": 200.0, "ms_per_step": 5, "peak_gb": 1}])
+    rows = {r.target: r for r in targets.e2e_rows(targets.load_runs([run]))}
+    assert abs(rows["prefill 8K >= 8x the peer"].score - 1.5) < 1e-9
+    assert abs(rows["decode batch 1 at 128K >= 400 tok/s"].score - 0.5) < 1e-9
+    assert rows["prefill a 1M-token prompt on one GPU"].score is None      # missing: not in the plot
+    targets.plot(list(rows.values()), str(tmp_path / "t.png"))
+    assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
