@@ -34,7 +34,7 @@ for stage in "$@"; do
     sweep) for i in $(seq ${SWEEP_FROM:-0} ${SWEEP_TO:-25}); do   # training attention configurations, one process each
              timeout ${SWEEP_EACH:-45} python3 bench/train_attn_sweep.py --pick $i 2>&1 | grep "_kernel"; done | tee "$OUT/sweep.txt" ;;
     targets) python3 bench/targets.py --e2e $(ls "$OUT"/e2e*.json) $( [ -f "$OUT/kernels.json" ] && echo --kernels "$OUT/kernels.json") \
-               --out "$OUT/targets.md" ;;
+               --out "$OUT/targets.md" --plot "$OUT/targets.png" ;;
   esac
   echo "=== $stage took $(( $(date +%s) - t0 )) s"
 done
