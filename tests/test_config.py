@@ -111,3 +111,11 @@ def test_train_config_cuda_graph():
         TrainConfig(cuda_graph="yes")
     with pytest.raises(ConfigError, match="not supported with activation_checkpointing"):
         TrainConfig(cuda_graph="on", activation_checkpointing="block")
+
+
+def test_distributed_training_refuses_cuda_graph_on():
+    """Distributed steps run eager: asking for graphs there is an error, not silently ignored."""
+    from dsv4.distributed.train import train_distributed
+    from dsv4.train.config import TrainConfig
+    with pytest.raises(ConfigError, match="distributed training runs eager"):
+        train_distributed(TrainConfig(cuda_graph="on"))

@@ -20,6 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
 from ..model import Transformer
 from ..train.config import TrainConfig, use_gpu_kernels
 from ..train.losses import LossWeights, compute_loss, expert_loads, update_expert_bias
@@ -38,6 +39,9 @@ def _latest(out: str) -> str | None:
 
 
 def train_distributed(cfg: TrainConfig, resume: bool = False) -> dict:
+    if cfg.cuda_graph == "on":  # distributed steps are not captured: auto means eager here
+        raise ConfigError("cuda_graph='on' is for single-GPU `dsv4 train`; distributed training runs eager "
+                          "(use auto or off)")
     mesh = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.batch_size % world:
