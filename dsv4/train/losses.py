@@ -66,9 +66,7 @@ def loss_terms(model: Transformer, tokens: torch.Tensor, weights: LossWeights, *
     n_mtp = len(model.mtp)
     T = tokens.shape[1] - 1 - n_mtp
     inputs = tokens[:, :T]
-    for m in routed_layers(model):
-        m.last_routing = None
-    h = model.hidden(inputs)
+    h = model.hidden(inputs)  # (which drops the previous step's routing records first)
     parts: dict[str, torch.Tensor] = {}
     total = tokens.new_zeros((), dtype=torch.float32)
     if lm:

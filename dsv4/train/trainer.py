@@ -163,22 +163,11 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
         for b in model.layers:
             b.record_hc = log_now or graphed  # a graph records what its capture did, so it always records
         batches = [loader.batch(step * cfg.grad_accum + micro).to(device) for micro in range(cfg.grad_accum)]
-        if graphed:
-            if graph is None or graph_stage != stage:  # the stages run different computations: one graph each
-                if graph is not None:
-                    graph.release()
-                log.info("capturing the %s stage's forward + backward as a CUDA graph", stage)
-                try:
-                    graph = GraphedLoss(lambda b, s=stage: _step_outputs(model, b, weights, s, cfg.grad_accum,
-                                                                         autocast), batches[0], list(model.parameters()))
-                    graph_stage = stage
-                except RuntimeError as e:
-                    if cfg.cuda_graph == "on":
-                        raise
-                    log.warning("%s; training on without graphs", e)
-                    graphed, graph = False, None
-                    for b in model.layers:
-                        b.record_hc = log_now
+        if graphed and graph_stage != stage:  # the stages run different computations: one graph each
+            if graph is not None:
+                graph.release()
+            graph = _capture_stage(model, batches[0], weights, stage, cfg, autocast)
+            graphed, graph_stage = graph is not None, stage
         if graphed:
             outs = graph(batches)
         else:
@@ -244,6 +233,21 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                        stop_tokens=[tok.eos_id] if tok.eos_id is not None else [])[0]
         result["sample"] = cfg.sample_prompt + tok.decode([t for t in new if t != tok.eos_id])
     return result
+
+
+def _capture_stage(model: Transformer, batch: torch.Tensor, weights: LossWeights, stage: str, cfg: TrainConfig,
+                   autocast) -> GraphedLoss | None:
+    """The stage's step captured as a CUDA graph; None (eager from then on, with a warning) if the capture fails
+    and --cuda-graph is auto."""
+    log.info("capturing the %s stage's forward + backward as a CUDA graph", stage)
+    try:
+        return GraphedLoss(lambda b: _step_outputs(model, b, weights, stage, cfg.grad_accum, autocast), batch,
+                           list(model.parameters()))
+    except RuntimeError as e:
+        if cfg.cuda_graph == "on":
+            raise
+        log.warning("%s; training on without graphs", e)
+        return None
 
 
 def _step_outputs(model: Transformer, batch: torch.Tensor, weights: LossWeights, stage: str, grad_accum: int,

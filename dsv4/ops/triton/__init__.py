@@ -24,6 +24,12 @@ def training_kernels_enabled() -> bool:
     return os.environ.get("DSV4_TRITON_TRAIN", "1") != "0"
 
 
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a tensor's CUDA device (1 elsewhere: the interpreter): how launchers size their grids to fill it."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def autograd_tracks(*inputs) -> bool:
     """A training call: autograd records and some tensor among `inputs` (None and non-tensors allowed) needs a
     gradient."""

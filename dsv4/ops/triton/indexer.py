@@ -9,7 +9,7 @@ import triton.language as tl
 
 from .. import invariant_mode
 from ..reference.attention import index_scores as reference_index_scores
-from . import autograd_tracks, falls_back_to, reference_grads, training_kernels_enabled
+from . import autograd_tracks, falls_back_to, multiprocessors, reference_grads, training_kernels_enabled
 
 
 @triton.jit
@@ -132,7 +132,7 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     block_t = 64
     tiles = triton.cdiv(T, block_t)
     if steps_per_program is None:  # several steps per program once the launch has 4 programs per SM anyway
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        sms = multiprocessors(q.device)
         steps_per_program = max(1, min(8, B * S * tiles // (4 * sms)))
     per = block_t * steps_per_program
     _index_scores_kernel[(B * S, triton.cdiv(T, per))](
@@ -248,7 +248,7 @@ def index_scores_backward(q: torch.Tensor, weights: torch.Tensor, keys: torch.Te
     bt = 64
     n_tb = triton.cdiv(T, bt)
     if splits is None:
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        sms = multiprocessors(q.device)
         splits = max(1, min(triton.cdiv(2 * sms, B * n_tb), triton.cdiv(S, 256)))
     per = triton.cdiv(triton.cdiv(S, splits), qb) * qb
     splits = triton.cdiv(S, per)

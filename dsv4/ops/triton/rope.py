@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import training_kernels_enabled
+from . import autograd_tracks, training_kernels_enabled
 
 
 @triton.jit
@@ -82,4 +82,4 @@ def supports_differentiable(x: torch.Tensor, cos: torch.Tensor, *args) -> bool:
 
 
 def supports(x: torch.Tensor, cos: torch.Tensor, *args) -> bool:
-    return _angles_fit(x, cos) and x.is_contiguous() and not (torch.is_grad_enabled() and x.requires_grad)
+    return _angles_fit(x, cos) and x.is_contiguous() and not autograd_tracks(x)

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from . import training_kernels_enabled
+from . import multiprocessors, training_kernels_enabled
 
 
 @triton.jit
@@ -229,7 +229,7 @@ def _splits(programs: int, tokens: int, device: torch.device, splits: int | None
     """Token-range splits of the row-gradient programs: enough programs for two waves on the GPU."""
     if splits is not None:
         return splits
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = multiprocessors(device)
     return max(1, min(-(-2 * sms // max(programs, 1)), tokens // 64, 32))
 
 

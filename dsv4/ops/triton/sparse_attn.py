@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .. import invariant_mode
+from . import multiprocessors
 
 
 @triton.jit
@@ -145,7 +146,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     if splits is None and invariant_mode.enabled():
         splits = 1  # how the lists split must not depend on how many queries share the launch
     if splits is None:  # split the lists only when the programs cannot fill half the GPU (batch-1 decode)
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        sms = multiprocessors(q.device)
         splits = 1 if 2 * T * n_h > sms else max(1, min(triton.cdiv(2 * sms, T * n_h), K // (4 * block_k)))
     per = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, per) if K else 1
