@@ -65,10 +65,11 @@ for B, S, H, D, N, K in {attn_shapes}:
         idx[0, 0] = -1  # a query that sees nothing: output 0
         idx = idx.to(dev)
         ref = ref_attn(q.double(), kv.double(), sink.double(), idx, D ** -0.5)
-        for splits in (None, 1, 3):  # one slice per query, and split-K with the merge (decode)
-            out = tri_attn(q, kv, sink, idx, D ** -0.5, splits=splits)
+        # one slice per query, split-K with the merge (decode); the value columns in two programs' halves
+        for splits, ds in ((None, 1), (1, 1), (3, 1), (1, 2), (3, 2)):
+            out = tri_attn(q, kv, sink, idx, D ** -0.5, splits=splits, dsplit=ds)
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert torch.isfinite(out).all() and err < {tol}, (B, S, H, D, splits, err)
+            assert torch.isfinite(out).all() and err < {tol}, (B, S, H, D, splits, ds, err)
             worst = max(worst, err)
 for B, S, HI, DI, T, k in {idx_shapes}:
     q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
@@ -169,16 +170,16 @@ for B, S, H, D, rd, N1, N2, K in fp8_shapes:
     store.write(torch.arange(N2, device=dev).expand(B, N2), torch.randn(B, N2, D, generator=g).to(dev) * 3)
     sink = torch.randn(H, generator=g).to(dev)
     idx = torch.randint(-1, N1 + N2, (B, S, K), generator=g).to(dev)
-    for splits in (None, 2):
-        a = tri_attn(q, kv, sink, idx, D ** -0.5, store.records(N2), rd, splits=splits)
+    for splits, ds in ((None, 1), (2, 1), (2, 2)):
+        a = tri_attn(q, kv, sink, idx, D ** -0.5, store.records(N2), rd, splits=splits, dsplit=ds)
         r = ref_attn(q.double(), torch.cat((kv, store.read(N2)), 1).double(), sink.double(), idx, D ** -0.5)
         err = ((a.double() - r).norm() / r.norm()).item()
-        assert err < {tol}, ("fp8 entries", D, splits, err)
+        assert err < {tol}, ("fp8 entries", D, splits, ds, err)
         ent = torch.randn(B, N2, D, generator=g).to(dev, dt)  # float entries: the same second source, no copy
-        a = tri_attn(q, kv, sink, idx, D ** -0.5, ent, splits=splits)
+        a = tri_attn(q, kv, sink, idx, D ** -0.5, ent, splits=splits, dsplit=ds)
         r = ref_attn(q.double(), torch.cat((kv, ent), 1).double(), sink.double(), idx, D ** -0.5)
         err = ((a.double() - r).norm() / r.norm()).item()
-        assert err < {tol}, ("float entries", D, splits, err)
+        assert err < {tol}, ("float entries", D, splits, ds, err)
 for B, S, HI, DI, T, k in ((2, 3, 16, 64, 50, 8), (1, 2, 8, 128, 70, 16)):  # FP4 key records read in place
     q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
     keys = RowStore("fp4", B, T, DI, 16, "index", dt, dev)
