@@ -170,8 +170,9 @@ for B, S, H, D, rd, N1, N2, K in fp8_shapes:
     store.write(torch.arange(N2, device=dev).expand(B, N2), torch.randn(B, N2, D, generator=g).to(dev) * 3)
     sink = torch.randn(H, generator=g).to(dev)
     idx = torch.randint(-1, N1 + N2, (B, S, K), generator=g).to(dev)
-    for splits, ds in ((None, 1), (2, 1), (2, 2)):
-        a = tri_attn(q, kv, sink, idx, D ** -0.5, store.records(N2), rd, splits=splits, dsplit=ds)
+    for splits, ds, blocks in ((None, 1, False), (2, 1, False), (2, 2, False), (None, 1, True)):
+        # FP8 records decoded per value, or per 64-value block (one scale load each)
+        a = tri_attn(q, kv, sink, idx, D ** -0.5, store.records(N2), rd, splits=splits, dsplit=ds, fp8_blocks=blocks)
         r = ref_attn(q.double(), torch.cat((kv, store.read(N2)), 1).double(), sink.double(), idx, D ** -0.5)
         err = ((a.double() - r).norm() / r.norm()).item()
         assert err < {tol}, ("fp8 entries", D, splits, ds, err)

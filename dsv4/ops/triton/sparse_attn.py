@@ -19,7 +19,8 @@ from . import multiprocessors
 
 @triton.jit
 def _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, cols, N, skv_b, skv_n, se_b, se_n, se16_b, se16_n,
-            SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
+            SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr,
+            FP8_BLOCKS: tl.constexpr):
     """Columns `cols` of the listed rows [BLOCK_K, len(cols)]; rows >= N come from the second source (float rows,
     or FP8 serving records: e4m3 nope values + bf16 rope values + one UE8M0 scale per 64 nope values)."""
     if SECOND:
@@ -28,7 +29,20 @@ def _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, cols, N, skv_b, skv_n, se_b
         kv = tl.load(kv_ptr + b * skv_b + tl.where(near, rows, 0)[:, None] * skv_n + cols[None, :],
                      mask=near[:, None], other=0.0)
         r2 = tl.where(far, rows - N, 0)[:, None]
-        if FP8:
+        if FP8 and FP8_BLOCKS:  # [rows, 64-value blocks, 64]: one scale load per block, exact bf16 products
+            NB: tl.constexpr = cols.shape[0] // 64
+            blk = cols.reshape(NB, 64)
+            rec = e8_ptr + b * se_b + r2[:, :, None] * se_n
+            q8 = tl.load(rec + blk[None, :, :], mask=far[:, None, None] & (blk[None, :, :] < NOPE), other=0)
+            bi = tl.arange(0, NB) + tl.min(cols, 0) // 64
+            e = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_OFF + bi[None, :], mask=far[:, None] & (bi[None, :] * 64 < NOPE), other=127)
+            sc = tl.exp2(e.to(tl.float32) - 127.0).to(kv.dtype)
+            nope = (q8.to(tl.float8e4nv, bitcast=True).to(kv.dtype) * sc[:, :, None]).reshape(kv.shape[0], cols.shape[0])
+            is_nope = cols[None, :] < NOPE
+            rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (cols[None, :] - NOPE),
+                           mask=far[:, None] & ~is_nope, other=0.0)
+            far_kv = tl.where(is_nope, nope, rope)
+        elif FP8:
             is_nope = cols[None, :] < NOPE
             m8 = far[:, None] & is_nope
             q8 = tl.load(e8_ptr + b * se_b + r2 * se_n + cols[None, :], mask=m8, other=0)
@@ -51,7 +65,7 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
                         e8_ptr, e16_ptr, se_b, se_n, se16_b, se16_n,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
                         DSPLIT: tl.constexpr, SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr,
-                        SCALE_OFF: tl.constexpr, WS: tl.constexpr):
+                        SCALE_OFF: tl.constexpr, FP8_BLOCKS: tl.constexpr):
     pid_t = tl.program_id(0)            # token: b * S + s
     pid_h = tl.program_id(1) // DSPLIT
     pid_d = tl.program_id(1) % DSPLIT   # which 1/DSPLIT of the value columns this program writes
@@ -72,16 +86,16 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
     acc = tl.zeros([BLOCK_H, DW], tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WS):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         rows = tl.load(idx_ptr + b * si_b + s * si_s + ks, mask=ks < k_hi, other=-1).to(tl.int64)
         valid = rows >= 0
         kv = _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, own, N, skv_b, skv_n, se_b, se_n, se16_b, se16_n,
-                     SECOND, FP8, NOPE, SCALE_OFF)                                    # [BLOCK_K, DW]
+                     SECOND, FP8, NOPE, SCALE_OFF, FP8_BLOCKS)                        # [BLOCK_K, DW]
         sc = tl.dot(q, tl.trans(kv))
         if DSPLIT == 2:
             kv2 = _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, other, N, skv_b, skv_n, se_b, se_n, se16_b,
-                          se16_n, SECOND, FP8, NOPE, SCALE_OFF)
+                          se16_n, SECOND, FP8, NOPE, SCALE_OFF, FP8_BLOCKS)
             sc = tl.dot(q2, tl.trans(kv2), sc)
         sc = tl.where(valid[None, :], sc.to(tl.float32) * scale, float("-inf"))       # [BLOCK_H, BLOCK_K]
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -139,20 +153,22 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
                 entries: torch.Tensor | None = None, rope_dim: int = 0,
                 splits: int | None = None, block_h: int | None = None, num_warps: int | None = None,
                 block_k: int | None = None, num_stages: int = 2, dsplit: int = 1,
-                warp_specialize: bool = False) -> torch.Tensor:
+                fp8_blocks: bool = False) -> torch.Tensor:
     """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K];
     entries ([B, n, D] floats or [B, n, record] uint8 FP8 serving records) are rows N.., read where they are.
 
     splits: index-list slices per query (default: enough programs to fill the GPU); block_h / num_warps:
     heads per program and warps, block_k / num_stages: index-list rows per step and pipeline depth (defaults
     tuned on H100 for D = 512); dsplit: programs per (query, head block), each writing 1/dsplit of the value
-    columns (1 or 2: smaller accumulators, each row gathered by both); warp_specialize: Triton's automatic
-    warp specialisation of the row walk (where the installed Triton supports it)."""
+    columns (1 or 2: smaller accumulators, each row gathered by both); fp8_blocks: FP8 records decoded per
+    64-value block (one scale load per block) instead of per value."""
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"triton sparse_attn needs a power-of-two head dim >= 16, got {D}")
     if dsplit not in (1, 2) or D // dsplit < 16:
         raise ValueError(f"triton sparse_attn splits the value columns in 1 or 2 parts of >= 16, got {dsplit} of {D}")
+    if fp8_blocks and (D // dsplit) % 64:
+        raise ValueError(f"FP8 records read in 64-value blocks need a multiple of 64 columns per program, got {D // dsplit}")
     if kv.dtype != q.dtype:
         kv = kv.to(q.dtype)
     q = q.contiguous()
@@ -207,7 +223,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         o.stride(0), o.stride(1), o.stride(2), *ent, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
         DSPLIT=dsplit, SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim,
-        WS=warp_specialize, num_warps=num_warps, num_stages=num_stages)
+        FP8_BLOCKS=fp8_blocks, num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return o
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
