@@ -167,8 +167,8 @@ def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict,
 
 def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 64, D: int = 512,
                window: int = 0, entries: str = "") -> list[dict]:
-    """Configurations of the sparse-attention kernel (split-K slices, heads per program, warps, value-column
-    split, FP8 decode), timed as CUDA graph replays. window > 0: the serving decode's layout, that many window rows
+    """Configurations of the sparse-attention kernel (split-K slices, heads per program, warps, rows per step,
+    pipeline depth), timed as CUDA graph replays. window > 0: the serving decode's layout, that many window rows
     first and the other N - window rows as a second source read in place, `entries` "bf16" or "fp8" records."""
     g = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -187,26 +187,20 @@ def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 6
         rows_bytes = (B * S * K - far) * D * 2 + far * store.records(n)[0, 0].nbytes + 2 * q.numel() * 2
     flops = 4 * B * S * H * K * D
     out = []
-    # (splits, heads per program, warps, rows per step, stages, value-column programs, FP8 records read in
-    # 64-value blocks)
-    configs = [(splits, bh, w, 32, 2, 1, False) for splits in ((None, 1, 4) if S == 1 else (1,))
+    configs = [(splits, bh, w, 32, 2) for splits in ((None, 1, 4) if S == 1 else (1,))
                for bh, w in ((16, 4), (32, 8), (64, 8))]
-    if S == 1 and B > 1 and window:  # the serving layout (FP8 records: decoded per element or per 64-value block)
-        configs = [(splits, bh, w, bk, st, ds, blocks) for blocks in (False, True) if entries == "fp8" or not blocks
-                   for splits, bh, w, bk, st, ds in ((None, None, None, None, 2, 1), (2, 64, 8, 32, 3, 1), (4, 64, 8, 32, 2, 1), (2, 64, 8, 16, 3, 1),
-                                                     (2, 32, 4, 32, 2, 1), (2, 64, 8, 64, 2, 2), (2, 64, 4, 64, 2, 2))]
-    elif S == 1 and B > 1:  # batched decode: the session-6 best (2, 64, 8, 64, 2) and what might beat it
-        configs += [(2, 64, 8, 64, 2, 1, False), (2, 64, 8, 32, 3, 1, False), (4, 64, 8, 64, 2, 1, False)]
-        # the value columns split over two programs (half the accumulator: 4 warps, or two programs per SM)
-        configs += [(splits, 64, w, bk, st, 2, False) for splits in (1, 2) for w in (4, 8)
-                    for bk, st in ((16, 3), (32, 2), (64, 2))]
-    for splits, block_h, warps, block_k, stages, dsplit, blocks in configs:
+    if S == 1 and B > 1 and window:  # the serving layout: the defaults (None) and their neighbours
+        configs = [(None, None, None, None, None), (2, 64, 8, 32, 2), (2, 64, 8, 32, 3), (4, 64, 8, 32, 3),
+                   (2, 64, 8, 16, 3), (2, 64, 8, 16, 4)]
+    elif S == 1 and B > 1:  # batched decode: deeper pipelines and longer steps over the gathered rows
+        configs += [(splits, bh, w, bk, st) for splits in (1, 2) for bh, w in ((16, 4), (64, 8))
+                    for bk, st in ((32, 3), (64, 2), (64, 3))]
+    for splits, block_h, warps, block_k, stages in configs:
         cfg = {"case": name, "splits": splits, "block_h": block_h, "warps": warps, "block_k": block_k,
-               "stages": stages, "dsplit": dsplit, "fp8_blocks": blocks}
+               "stages": stages}
         try:
             ms = bench_graph(lambda: tri_attn.sparse_attn(q, kv, sink, idx, D ** -0.5, splits=splits, block_h=block_h,
                                                           num_warps=warps, block_k=block_k, num_stages=stages,
-                                                          dsplit=dsplit, fp8_blocks=blocks,
                                                           **extra))
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a failure
             out.append({**cfg, "error": str(e)[:100]})
@@ -323,6 +317,8 @@ def main() -> None:
                    ("HCA decode 32K b64", 64, 1, 128 + 256, 128 + 256),
                    ("CSA decode 32K b64 bf16 cache", 64, 1, 128 + 512, 128 + 8192, 128, "bf16"),
                    ("CSA decode 32K b64 fp8 cache", 64, 1, 128 + 512, 128 + 8192, 128, "fp8"),
+                   ("HCA decode 32K b64 bf16 cache", 64, 1, 128 + 256, 128 + 256, 128, "bf16"),
+                   ("HCA decode 32K b64 fp8 cache", 64, 1, 128 + 256, 128 + 256, 128, "fp8"),
                    ("CSA decode 128K b1", 1, 1, 128 + 512, 128 + 32768),
                    ("HCA decode 128K b1", 1, 1, 128 + 1024, 128 + 1024),
                    ("CSA prefill 4K", 1, 4096, 640, 4096 + 1024)]
@@ -340,12 +336,11 @@ def main() -> None:
                                                 ("indexer compressor prefill 8K", 8192, 4, 128, True),
                                                 ("HCA compressor prefill 8K", 8192, 128, 512, False))] \
         if "compressor" in run else []
-    print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}{'dspl':>5}{'fp8':>4}"
+    print(f"{'sweep (graph replay)':<22}{'splits':>7}{'blk_h':>6}{'warps':>6}{'blk_k':>6}{'stg':>4}"
           f"{'ms':>8}{'GB/s':>8}{'%copy':>7}")
     for r in sweep:
         head = (f"{r['case']:<22}{str(r['splits']):>7}{str(r['block_h']):>6}{str(r['warps']):>6}{str(r['block_k']):>6}"
-                f"{r['stages']:>4}"
-                f"{r['dsplit']:>5}{'blk' if r['fp8_blocks'] else '':>4}")
+                f"{str(r['stages']):>4}")
         if "error" in r:
             print(f"{head}  {r['error']}")
         else:

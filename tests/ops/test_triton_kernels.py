@@ -65,11 +65,10 @@ for B, S, H, D, N, K in {attn_shapes}:
         idx[0, 0] = -1  # a query that sees nothing: output 0
         idx = idx.to(dev)
         ref = ref_attn(q.double(), kv.double(), sink.double(), idx, D ** -0.5)
-        # one slice per query, split-K with the merge (decode); the value columns in two programs' halves
-        for splits, ds in ((None, 1), (1, 1), (3, 1), (1, 2), (3, 2)):
-            out = tri_attn(q, kv, sink, idx, D ** -0.5, splits=splits, dsplit=ds)
+        for splits in (None, 1, 3):  # one slice per query, and split-K with the merge (decode)
+            out = tri_attn(q, kv, sink, idx, D ** -0.5, splits=splits)
             err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert torch.isfinite(out).all() and err < {tol}, (B, S, H, D, splits, ds, err)
+            assert torch.isfinite(out).all() and err < {tol}, (B, S, H, D, splits, err)
             worst = max(worst, err)
 for B, S, HI, DI, T, k in {idx_shapes}:
     q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
@@ -170,17 +169,16 @@ for B, S, H, D, rd, N1, N2, K in fp8_shapes:
     store.write(torch.arange(N2, device=dev).expand(B, N2), torch.randn(B, N2, D, generator=g).to(dev) * 3)
     sink = torch.randn(H, generator=g).to(dev)
     idx = torch.randint(-1, N1 + N2, (B, S, K), generator=g).to(dev)
-    for splits, ds, blocks in ((None, 1, False), (2, 1, False), (2, 2, False), (None, 1, True)):
-        # FP8 records decoded per value, or per 64-value block (one scale load each)
-        a = tri_attn(q, kv, sink, idx, D ** -0.5, store.records(N2), rd, splits=splits, dsplit=ds, fp8_blocks=blocks)
+    for splits in (None, 2):
+        a = tri_attn(q, kv, sink, idx, D ** -0.5, store.records(N2), rd, splits=splits)
         r = ref_attn(q.double(), torch.cat((kv, store.read(N2)), 1).double(), sink.double(), idx, D ** -0.5)
         err = ((a.double() - r).norm() / r.norm()).item()
-        assert err < {tol}, ("fp8 entries", D, splits, ds, err)
+        assert err < {tol}, ("fp8 entries", D, splits, err)
         ent = torch.randn(B, N2, D, generator=g).to(dev, dt)  # float entries: the same second source, no copy
-        a = tri_attn(q, kv, sink, idx, D ** -0.5, ent, splits=splits, dsplit=ds)
+        a = tri_attn(q, kv, sink, idx, D ** -0.5, ent, splits=splits)
         r = ref_attn(q.double(), torch.cat((kv, ent), 1).double(), sink.double(), idx, D ** -0.5)
         err = ((a.double() - r).norm() / r.norm()).item()
-        assert err < {tol}, ("float entries", D, splits, ds, err)
+        assert err < {tol}, ("float entries", D, splits, err)
 for B, S, HI, DI, T, k in ((2, 3, 16, 64, 50, 8), (1, 2, 8, 128, 70, 16)):  # FP4 key records read in place
     q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
     keys = RowStore("fp4", B, T, DI, 16, "index", dt, dev)
@@ -563,3 +561,9 @@ def test_fp8_cache_read_is_dispatched_only_from_sm_89(monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
         assert sparse_attn.supports(q, None, None, None, 1.0, entries=records, rope_dim=64) is fp8_ok
         assert sparse_attn.supports(q, None, None, None, 1.0, entries=rows)
+    # records are decoded in 64-value blocks: narrower heads take the reference, and the kernel says why
+    narrow = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(1, 1, 4, 32), device="cuda:0")
+    assert not sparse_attn.supports(narrow, None, None, None, 1.0, entries=records[..., :40], rope_dim=8)
+    with pytest.raises(ValueError, match="64-value blocks"):
+        sparse_attn.sparse_attn(torch.zeros(1, 1, 4, 32), torch.zeros(1, 2, 32), torch.zeros(4),
+                                torch.zeros(1, 1, 2, dtype=torch.long), 1.0, records[..., :40], 8)

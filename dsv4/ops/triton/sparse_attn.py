@@ -18,43 +18,36 @@ from . import multiprocessors
 
 
 @triton.jit
-def _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, cols, N, skv_b, skv_n, se_b, se_n, se16_b, se16_n,
-            SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr,
-            FP8_BLOCKS: tl.constexpr):
-    """Columns `cols` of the listed rows [BLOCK_K, len(cols)]; rows >= N come from the second source (float rows,
-    or FP8 serving records: e4m3 nope values + bf16 rope values + one UE8M0 scale per 64 nope values)."""
+def _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, N, skv_b, skv_n, se_b, se_n, se16_b, se16_n,
+            D: tl.constexpr, SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
+    """The listed rows [BLOCK_K, D]; rows >= N come from the second source: float rows, or FP8 serving records
+    (e4m3 nope values, bf16 rope values, one UE8M0 scale per 64 nope values), decoded per 64-value block: one
+    scale load per block, and bf16 products (a power-of-two scale times an e4m3 value is exact in bf16)."""
+    d = tl.arange(0, D)
     if SECOND:
         near = valid & (rows < N)
         far = valid & (rows >= N)
-        kv = tl.load(kv_ptr + b * skv_b + tl.where(near, rows, 0)[:, None] * skv_n + cols[None, :],
+        kv = tl.load(kv_ptr + b * skv_b + tl.where(near, rows, 0)[:, None] * skv_n + d[None, :],
                      mask=near[:, None], other=0.0)
         r2 = tl.where(far, rows - N, 0)[:, None]
-        if FP8 and FP8_BLOCKS:  # [rows, 64-value blocks, 64]: one scale load per block, exact bf16 products
-            NB: tl.constexpr = cols.shape[0] // 64
-            blk = cols.reshape(NB, 64)
-            rec = e8_ptr + b * se_b + r2[:, :, None] * se_n
-            q8 = tl.load(rec + blk[None, :, :], mask=far[:, None, None] & (blk[None, :, :] < NOPE), other=0)
-            bi = tl.arange(0, NB) + tl.min(cols, 0) // 64
-            e = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_OFF + bi[None, :], mask=far[:, None] & (bi[None, :] * 64 < NOPE), other=127)
+        if FP8:
+            NB: tl.constexpr = D // 64
+            blk = d.reshape(NB, 64)
+            q8 = tl.load(e8_ptr + b * se_b + r2[:, :, None] * se_n + blk[None, :, :],
+                         mask=far[:, None, None] & (blk[None, :, :] < NOPE), other=0)
+            bi = tl.arange(0, NB)
+            e = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_OFF + bi[None, :],
+                        mask=far[:, None] & (bi[None, :] * 64 < NOPE), other=127)
             sc = tl.exp2(e.to(tl.float32) - 127.0).to(kv.dtype)
-            nope = (q8.to(tl.float8e4nv, bitcast=True).to(kv.dtype) * sc[:, :, None]).reshape(kv.shape[0], cols.shape[0])
-            is_nope = cols[None, :] < NOPE
-            rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (cols[None, :] - NOPE),
+            nope = (q8.to(tl.float8e4nv, bitcast=True).to(kv.dtype) * sc[:, :, None]).reshape(kv.shape[0], D)
+            is_nope = d[None, :] < NOPE
+            rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (d[None, :] - NOPE),
                            mask=far[:, None] & ~is_nope, other=0.0)
             far_kv = tl.where(is_nope, nope, rope)
-        elif FP8:
-            is_nope = cols[None, :] < NOPE
-            m8 = far[:, None] & is_nope
-            q8 = tl.load(e8_ptr + b * se_b + r2 * se_n + cols[None, :], mask=m8, other=0)
-            sc = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_OFF + cols[None, :] // 64, mask=m8, other=127)
-            nope = q8.to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.exp2(sc.to(tl.float32) - 127.0)
-            rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (cols[None, :] - NOPE),
-                           mask=far[:, None] & ~is_nope, other=0.0).to(tl.float32)
-            far_kv = tl.where(is_nope, nope, rope)
         else:
-            far_kv = tl.load(e16_ptr + b * se16_b + r2 * se16_n + cols[None, :], mask=far[:, None], other=0.0)
+            far_kv = tl.load(e16_ptr + b * se16_b + r2 * se16_n + d[None, :], mask=far[:, None], other=0.0)
         return tl.where(far[:, None], far_kv.to(kv.dtype), kv)
-    return tl.load(kv_ptr + b * skv_b + tl.where(valid, rows, 0)[:, None] * skv_n + cols[None, :],
+    return tl.load(kv_ptr + b * skv_b + tl.where(valid, rows, 0)[:, None] * skv_n + d[None, :],
                    mask=valid[:, None], other=0.0)
 
 
@@ -64,40 +57,29 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
                         sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
                         e8_ptr, e16_ptr, se_b, se_n, se16_b, se16_n,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-                        DSPLIT: tl.constexpr, SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr,
-                        SCALE_OFF: tl.constexpr, FP8_BLOCKS: tl.constexpr):
+                        SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
     pid_t = tl.program_id(0)            # token: b * S + s
-    pid_h = tl.program_id(1) // DSPLIT
-    pid_d = tl.program_id(1) % DSPLIT   # which 1/DSPLIT of the value columns this program writes
+    pid_h = tl.program_id(1)
     pid_k = tl.program_id(2)
     b = pid_t // S
     s = pid_t % S
     heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
-    DW: tl.constexpr = D // DSPLIT
-    own = pid_d * DW + tl.arange(0, DW)          # the scores need every column; the output only these
-    other = (1 - pid_d) * DW + tl.arange(0, DW)  # (DSPLIT 2: the other half)
-    q_base = q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h
-    q = tl.load(q_base + own[None, :], mask=hmask[:, None], other=0.0)
-    if DSPLIT == 2:
-        q2 = tl.load(q_base + other[None, :], mask=hmask[:, None], other=0.0)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * sq_b + s * sq_s + heads[:, None] * sq_h + d[None, :], mask=hmask[:, None], other=0.0)
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, DW], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
     k_lo = pid_k * k_per_split
     k_hi = tl.minimum(K, k_lo + k_per_split)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         rows = tl.load(idx_ptr + b * si_b + s * si_s + ks, mask=ks < k_hi, other=-1).to(tl.int64)
         valid = rows >= 0
-        kv = _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, own, N, skv_b, skv_n, se_b, se_n, se16_b, se16_n,
-                     SECOND, FP8, NOPE, SCALE_OFF, FP8_BLOCKS)                        # [BLOCK_K, DW]
-        sc = tl.dot(q, tl.trans(kv))
-        if DSPLIT == 2:
-            kv2 = _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, other, N, skv_b, skv_n, se_b, se_n, se16_b,
-                          se16_n, SECOND, FP8, NOPE, SCALE_OFF, FP8_BLOCKS)
-            sc = tl.dot(q2, tl.trans(kv2), sc)
-        sc = tl.where(valid[None, :], sc.to(tl.float32) * scale, float("-inf"))       # [BLOCK_H, BLOCK_K]
+        kv = _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, N, skv_b, skv_n, se_b, se_n, se16_b, se16_n,
+                     D, SECOND, FP8, NOPE, SCALE_OFF)                                  # [BLOCK_K, D]
+        sc = tl.dot(q, tl.trans(kv)).to(tl.float32) * scale                          # [BLOCK_H, BLOCK_K]
+        sc = tl.where(valid[None, :], sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -105,45 +87,39 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
         m = m_new
-    if SPLIT:  # partials: [tokens, splits, DSPLIT, H] max and sum, [tokens, splits, H, D] unnormalised output
+    if SPLIT:  # partial results: [tokens, splits, H] max and sum, [tokens, splits, H, D] unnormalised output
         part = (pid_t * tl.num_programs(2) + pid_k) * H + heads
-        stat = ((pid_t * tl.num_programs(2) + pid_k) * DSPLIT + pid_d) * H + heads
-        tl.store(m_ptr + stat, m, mask=hmask)
-        tl.store(l_ptr + stat, l, mask=hmask)
-        tl.store(o_ptr + part[:, None] * D + own[None, :], acc, mask=hmask[:, None])
+        tl.store(m_ptr + part, m, mask=hmask)
+        tl.store(l_ptr + part, l, mask=hmask)
+        tl.store(o_ptr + part[:, None] * D + d[None, :], acc, mask=hmask[:, None])
     else:
         sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0).to(tl.float32)
         m_fin = tl.maximum(m, sink)
         corr = tl.exp(m - m_fin)
         den = l * corr + tl.exp(sink - m_fin)
         out = acc * (corr / den)[:, None]
-        tl.store(o_ptr + b * so_b + s * so_s + heads[:, None] * so_h + own[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=hmask[:, None])
+        tl.store(o_ptr + b * so_b + s * so_s + heads[:, None] * so_h + d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=hmask[:, None])
 
 
 @triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, SPLITS: tl.constexpr, D: tl.constexpr,
-                  DSPLIT: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Merge a query's slices: each slice's sum and output rescaled to the common max, the sink in the denominator
-    (per 1/DSPLIT of the columns: each was computed with its own running max)."""
+                  BLOCK_H: tl.constexpr):
+    """Merge a query's slices: each slice's sum and output rescaled to the common max, the sink in the denominator."""
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    pid_d = tl.program_id(2)
     hm = heads < H
-    DW: tl.constexpr = D // DSPLIT
-    d = pid_d * DW + tl.arange(0, DW)
+    d = tl.arange(0, D)
     sink = tl.load(sink_ptr + heads, mask=hm, other=0.0)
     m_all = sink
     for s in range(SPLITS):
-        stat = ((t * SPLITS + s) * DSPLIT + pid_d) * H + heads
-        m_all = tl.maximum(m_all, tl.load(m_ptr + stat, mask=hm, other=float("-inf")))
+        m_all = tl.maximum(m_all, tl.load(m_ptr + (t * SPLITS + s) * H + heads, mask=hm, other=float("-inf")))
     den = tl.exp(sink - m_all)
-    acc = tl.zeros([BLOCK_H, DW], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
     for s in range(SPLITS):
-        stat = ((t * SPLITS + s) * DSPLIT + pid_d) * H + heads
-        w = tl.exp(tl.load(m_ptr + stat, mask=hm, other=float("-inf")) - m_all)     # 0 for empty slices
-        den += tl.load(l_ptr + stat, mask=hm, other=0.0) * w
         part = (t * SPLITS + s) * H + heads
+        w = tl.exp(tl.load(m_ptr + part, mask=hm, other=float("-inf")) - m_all)     # 0 for empty slices
+        den += tl.load(l_ptr + part, mask=hm, other=0.0) * w
         acc += tl.load(o_ptr + part[:, None] * D + d[None, :], mask=hm[:, None], other=0.0) * w[:, None]
     tl.store(out_ptr + (t * H + heads[:, None]) * D + d[None, :], (acc / den[:, None]).to(out_ptr.dtype.element_ty),
              mask=hm[:, None])
@@ -152,23 +128,18 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, SPLITS: tl.constexp
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                 entries: torch.Tensor | None = None, rope_dim: int = 0,
                 splits: int | None = None, block_h: int | None = None, num_warps: int | None = None,
-                block_k: int | None = None, num_stages: int = 2, dsplit: int = 1,
-                fp8_blocks: bool = False) -> torch.Tensor:
+                block_k: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K];
     entries ([B, n, D] floats or [B, n, record] uint8 FP8 serving records) are rows N.., read where they are.
 
     splits: index-list slices per query (default: enough programs to fill the GPU); block_h / num_warps:
     heads per program and warps, block_k / num_stages: index-list rows per step and pipeline depth (defaults
-    tuned on H100 for D = 512); dsplit: programs per (query, head block), each writing 1/dsplit of the value
-    columns (1 or 2: smaller accumulators, each row gathered by both); fp8_blocks: FP8 records decoded per
-    64-value block (one scale load per block) instead of per value."""
+    tuned on H100 and H200 for D = 512)."""
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"triton sparse_attn needs a power-of-two head dim >= 16, got {D}")
-    if dsplit not in (1, 2) or D // dsplit < 16:
-        raise ValueError(f"triton sparse_attn splits the value columns in 1 or 2 parts of >= 16, got {dsplit} of {D}")
-    if fp8_blocks and (D // dsplit) % 64:
-        raise ValueError(f"FP8 records read in 64-value blocks need a multiple of 64 columns per program, got {D // dsplit}")
+    if entries is not None and entries.dtype == torch.uint8 and D < 64:
+        raise ValueError(f"triton sparse_attn reads FP8 records in 64-value blocks: head dim {D} < 64")
     if kv.dtype != q.dtype:
         kv = kv.to(q.dtype)
     q = q.contiguous()
@@ -179,7 +150,8 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     T = B * S
     # measured on H100 at D = 512 (bench/kernels.py sweep): batch-1 decode runs fastest as many small programs
     # (16 heads x 4 warps, 32 rows per step, split-K); batched decode (16-256 queries) and prefill with all 64
-    # heads of a query per program (each gathered row read once, 8 warps), batched decode in 64-row steps
+    # heads of a query per program (each gathered row read once, 8 warps), batched decode in 64-row steps (one
+    # source) or 32-row steps three deep (window rows + cached entries: on an H200, 1.5x the default two-deep)
     few = T < 16
     batched = 16 <= T <= 256 and D >= 256
     if invariant_mode.enabled():  # one configuration whatever the number of queries in the launch
@@ -188,17 +160,23 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     num_warps = num_warps or (4 if few or D < 256 else 8)
     # (64-row steps of two sources, a second masked gather for the cached entries, exceed the shared memory)
     block_k = block_k or (64 if (batched and entries is None) or D < 256 else 32)
+    num_stages = num_stages or (3 if batched and entries is not None else 2)
     n_h = triton.cdiv(H, block_h)
     if splits is None and invariant_mode.enabled():
         splits = 1  # how the lists split must not depend on how many queries share the launch
-    if splits is None:  # split the lists only when the programs cannot fill half the GPU (batch-1 decode)
-        sms = multiprocessors(q.device)
-        splits = 1 if 2 * T * n_h > sms else max(1, min(triton.cdiv(2 * sms, T * n_h), K // (4 * block_k)))
+    if splits is None:  # split the lists only when the programs cannot fill half the GPU (decode): batch-1 in
+        sms = multiprocessors(q.device)  # two waves of programs, batched decode in one (more slices measured slower)
+        if 2 * T * n_h > sms:
+            splits = 1
+        elif batched:
+            splits = max(1, min(sms // (T * n_h), K // (2 * block_k)))
+        else:
+            splits = max(1, min(triton.cdiv(2 * sms, T * n_h), K // (4 * block_k)))
     per = triton.cdiv(triton.cdiv(K, splits), block_k) * block_k
     splits = triton.cdiv(K, per) if K else 1
     if splits > 1:
         o_part = torch.empty(T, splits, H, D, dtype=torch.float32, device=q.device)
-        m_part = torch.empty(T, splits, dsplit, H, dtype=torch.float32, device=q.device)
+        m_part = torch.empty(T, splits, H, dtype=torch.float32, device=q.device)
         l_part = torch.empty_like(m_part)
         o, m_ptr, l_ptr = o_part, m_part, l_part
     else:
@@ -218,17 +196,17 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         # FP8 records: the same bytes viewed as bf16 for the rope values (a prefix view: no copy)
         e16 = e8.view(torch.bfloat16) if fp8 else e8
         ent = (e8, e16, e8.stride(0), e8.stride(1), e16.stride(0), e16.stride(1))
-    _sparse_attn_kernel[(T, n_h * dsplit, splits)](
+    _sparse_attn_kernel[(T, n_h, splits)](
         q, kv, sink.float().contiguous(), idx, o, m_ptr, l_ptr, scale, S, H, K, kv.shape[1], per,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         o.stride(0), o.stride(1), o.stride(2), *ent, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
-        DSPLIT=dsplit, SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim,
-        FP8_BLOCKS=fp8_blocks, num_warps=num_warps, num_stages=num_stages)
+        SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim, num_warps=num_warps,
+        num_stages=num_stages)
     if splits == 1:
         return o
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
-    _merge_kernel[(T, triton.cdiv(H, 16), dsplit)](o_part, m_part, l_part, sink.float().contiguous(), out, H,
-                                                   SPLITS=splits, D=D, DSPLIT=dsplit, BLOCK_H=16, num_warps=4)
+    _merge_kernel[(T, triton.cdiv(H, 16))](o_part, m_part, l_part, sink.float().contiguous(), out, H, SPLITS=splits,
+                                           D=D, BLOCK_H=16, num_warps=4)
     return out
 
 
@@ -237,4 +215,4 @@ def supports(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.T
     D = q.shape[-1]
     fp8_records = entries is not None and entries.dtype == torch.uint8
     return q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and D >= 16 and not D & (D - 1) and D <= 512 \
-        and (not fp8_records or torch.cuda.get_device_capability(q.device) >= (8, 9))  # e4m3 converts from sm_89
+        and (not fp8_records or D >= 64 and torch.cuda.get_device_capability(q.device) >= (8, 9))  # e4m3: sm_89+
