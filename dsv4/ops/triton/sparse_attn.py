@@ -27,10 +27,10 @@ def _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, N, skv_b, skv_n, se_b, se_n
     if SECOND:
         near = valid & (rows < N)
         far = valid & (rows >= N)
-        kv = tl.load(kv_ptr + b * skv_b + tl.where(near, rows, 0)[:, None] * skv_n + d[None, :],
-                     mask=near[:, None], other=0.0)
+        near_at = kv_ptr + b * skv_b + tl.where(near, rows, 0)[:, None] * skv_n + d[None, :]
         r2 = tl.where(far, rows - N, 0)[:, None]
-        if FP8:
+        if FP8:  # (one gather of the window rows with the rope values, as below, measured 1.2x slower here)
+            kv = tl.load(near_at, mask=near[:, None], other=0.0)
             NB: tl.constexpr = D // 64
             blk = d.reshape(NB, 64)
             q8 = tl.load(e8_ptr + b * se_b + r2[:, :, None] * se_n + blk[None, :, :],
@@ -43,10 +43,10 @@ def _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, N, skv_b, skv_n, se_b, se_n
             is_nope = d[None, :] < NOPE
             rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (d[None, :] - NOPE),
                            mask=far[:, None] & ~is_nope, other=0.0)
-            far_kv = tl.where(is_nope, nope, rope)
-        else:
-            far_kv = tl.load(e16_ptr + b * se16_b + r2 * se16_n + d[None, :], mask=far[:, None], other=0.0)
-        return tl.where(far[:, None], far_kv.to(kv.dtype), kv)
+            return tl.where(far[:, None], tl.where(is_nope, nope, rope).to(kv.dtype), kv)
+        else:  # float entries: one gather, each row's pointer picked from the window rows or the entries
+            return tl.load(tl.where(near[:, None], near_at, e16_ptr + b * se16_b + r2 * se16_n + d[None, :]),
+                           mask=valid[:, None], other=0.0)
     return tl.load(kv_ptr + b * skv_b + tl.where(valid, rows, 0)[:, None] * skv_n + d[None, :],
                    mask=valid[:, None], other=0.0)
 
