@@ -2,7 +2,9 @@
 
 One program = one query token x a block of heads x a slice of the index list. It walks its slice in chunks of
 BLOCK_K, gathers those K=V rows once for all heads of the block, and keeps an online softmax in fp32; the
-sink joins the denominator at the end. Masked slots (index -1) contribute nothing. Rows are bf16 or fp32.
+sink joins the denominator at the end. Masked slots (index -1) contribute nothing. Rows are bf16 or fp32,
+from one tensor or from two read in place (decode: the window ring and the cache's compressed entries, floats or
+FP8 serving records decoded in the kernel).
 With one slice per query (prefill: many queries fill the GPU) the program normalises and writes the output;
 with several (decode: few queries, long lists) each writes its partial max / sum / accumulator and a
 combine step merges them (split-K, "flash decoding").
@@ -158,7 +160,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         few, batched = False, False
     block_h = block_h or max(16, min(triton.next_power_of_2(H), 16 if few else 64))
     num_warps = num_warps or (4 if few or D < 256 else 8)
-    # (64-row steps of two sources, a second masked gather for the cached entries, exceed the shared memory)
+    # (32-row steps where cached entries are read: 64 exceeded the shared memory with their separate gathers)
     block_k = block_k or (64 if (batched and entries is None) or D < 256 else 32)
     num_stages = num_stages or (3 if batched and entries is not None else 2)
     n_h = triton.cdiv(H, block_h)
