@@ -203,7 +203,8 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 rec["val_loss"] = last_val = evaluate(model, val, device, autocast)
             history.append(rec)
             _write_metrics(metrics_path, [rec], append=True)
-            bar.set_postfix(loss=f"{parts_sum.get('lm', parts_sum['loss']):.3f}",
+            # the stage names the loss: the indexer warm-up's is its KL to the attention, not the LM loss
+            bar.set_postfix(stage=stage, loss=f"{parts_sum.get('lm', parts_sum['loss']):.3f}",
                             val=f"{last_val:.3f}", tok_s=f"{rec['tok_per_s']:.0f}")
             t_last, tokens_since = time.perf_counter(), 0
         elif step % cfg.eval_interval == 0:
