@@ -187,12 +187,13 @@ def attn_sweep(name: str, B: int, S: int, K: int, N: int, ceil: dict, H: int = 6
         rows_bytes = (B * S * K - far) * D * 2 + far * store.records(n)[0, 0].nbytes + 2 * q.numel() * 2
     flops = 4 * B * S * H * K * D
     out = []
-    configs = [(splits, bh, w, 32, 2) for splits in ((None, 1, 4) if S == 1 else (1,))
-               for bh, w in ((16, 4), (32, 8), (64, 8))]
     if S == 1 and B > 1 and window:  # the serving layout: the defaults (None) and their neighbours
         configs = [(None, None, None, None, None), (2, 64, 8, 32, 2), (2, 64, 8, 32, 3), (4, 64, 8, 32, 3),
                    (2, 64, 8, 16, 3), (2, 64, 8, 16, 4)]
-    elif S == 1 and B > 1:  # batched decode: deeper pipelines and longer steps over the gathered rows
+    else:
+        configs = [(splits, bh, w, 32, 2) for splits in ((None, 1, 4) if S == 1 else (1,))
+                   for bh, w in ((16, 4), (32, 8), (64, 8))]
+    if S == 1 and B > 1 and not window:  # batched decode: deeper pipelines and longer steps over the gathered rows
         configs += [(splits, bh, w, bk, st) for splits in (1, 2) for bh, w in ((16, 4), (64, 8))
                     for bk, st in ((32, 3), (64, 2), (64, 3))]
     for splits, block_h, warps, block_k, stages in configs:
