@@ -73,13 +73,38 @@ class ModelConfig:
     eos_token_id: int = 1
 
     def __post_init__(self) -> None:
-        self.compress_ratios = tuple(int(r) for r in self.compress_ratios)
+        self._check_types()
         n_ratio = len(self.compress_ratios)
         if n_ratio == self.n_layers:  # transformers drops the MTP entries: MTP blocks are window-only
             self.compress_ratios = self.compress_ratios + (0,) * self.n_mtp_layers
         self.validate()
 
     # ------------------------------------------------------------------ validation
+    def _check_types(self) -> None:
+        """Types are checked, not coerced: JSON `true` is no integer and 3.7 is no token id or compress ratio
+        (int() would silently truncate them). An integral float (4.0) is taken as the integer it equals; an
+        int is taken for a float field."""
+        def integer(name: str, v: Any) -> int:
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise ConfigError(f"{name}={v!r}: must be an integer, got {type(v).__name__}")
+            return v
+
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "int":
+                setattr(self, f.name, integer(f.name, v))
+            elif f.type == "float":
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise ConfigError(f"{f.name}={v!r}: must be a number, got {type(v).__name__}")
+                setattr(self, f.name, float(v))
+            elif f.type == "str" and not isinstance(v, str):
+                raise ConfigError(f"{f.name}={v!r}: must be a string, got {type(v).__name__}")
+        if not isinstance(self.compress_ratios, (list, tuple)):
+            raise ConfigError(f"compress_ratios={self.compress_ratios!r}: must be a list of integers")
+        self.compress_ratios = tuple(integer(f"compress_ratios[{i}]", r) for i, r in enumerate(self.compress_ratios))
+
     def validate(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
             if not cond:
@@ -153,81 +178,134 @@ class ModelConfig:
         unknown = sorted(k for k in d if k not in names and k not in runtime)
         if unknown:
             raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(names)}")
+        ratios = d.get("compress_ratios")
+        if not isinstance(ratios, (list, tuple)):
+            raise ConfigError(f"compress_ratios={ratios!r}: inference/config.json needs a list, one entry per layer")
+        compressed, csa = any(r != 0 for r in ratios), d.get("csa_ratio", 4) in ratios
+        optional = _NATIVE_OPTIONAL | (set() if compressed else _COMPRESSED_ONLY) | (set() if csa else _CSA_ONLY)
+        missing = sorted(names - optional - set(d))
+        if missing:
+            raise ConfigError(f"inference/config.json lacks required key(s) {missing} (no default: it changes the "
+                              "model)")
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
     def _from_hub(cls, d: dict[str, Any]) -> "ModelConfig":
+        """The hub dialect. Which keys may be missing is decided as for `_NATIVE_OPTIONAL` (see there)."""
         def get(key: str, default: Any = _MISSING) -> Any:
             if key in d and d[key] is not None:
                 return d[key]
             if default is _MISSING:
-                raise ConfigError(f"config.json lacks required key '{key}'")
+                raise ConfigError(f"config.json lacks required key '{key}' (no default: it changes the model)")
             return default
 
+        def default(name: str) -> Any:
+            return _FIELD_DEFAULTS[name]
+
         n_layers = get("num_hidden_layers")
-        n_mtp = get("num_nextn_predict_layers", 1)
+        n_mtp = get("num_nextn_predict_layers", default("n_mtp_layers"))
         if get("num_key_value_heads", 1) != 1:
             raise ConfigError(f"num_key_value_heads={d['num_key_value_heads']}: V4 uses one shared K=V head")
-        head_dim = get("head_dim", 512)
+        head_dim = get("head_dim")
         rope_head_dim = d.get("qk_rope_head_dim")
         if rope_head_dim is None:
-            rope_head_dim = int(round(head_dim * get("partial_rotary_factor", 64 / 512)))
+            if d.get("partial_rotary_factor") is None:
+                raise ConfigError("config.json lacks required key 'qk_rope_head_dim' (or 'partial_rotary_factor')")
+            rope_dims = head_dim * d["partial_rotary_factor"]
+            if not isinstance(rope_dims, (int, float)) or isinstance(rope_dims, bool) or rope_dims != round(rope_dims):
+                raise ConfigError(f"partial_rotary_factor={d['partial_rotary_factor']!r} x head_dim={head_dim} is "
+                                  "not a whole number of rotary dims")
+            rope_head_dim = int(round(rope_dims))
         csa_ratio = 4
-        if "layer_types" in d and d["layer_types"] is not None:
-            rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
-            rates.update(d.get("compress_rates") or {})
-            csa_ratio = int(rates["compressed_sparse_attention"])
-            type_to_ratio = {"sliding_attention": 0, "compressed_sparse_attention": csa_ratio,
-                             "heavily_compressed_attention": int(rates["heavily_compressed_attention"])}
+        if d.get("layer_types") is not None:
+            rates = get("compress_rates")
+            if not isinstance(rates, dict):
+                raise ConfigError(f"compress_rates={rates!r}: must map layer types to ratios")
+            type_to_ratio = {"sliding_attention": 0}
+            for kind in ("compressed_sparse_attention", "heavily_compressed_attention"):
+                if kind in rates:
+                    type_to_ratio[kind] = rates[kind]
+                elif kind in d["layer_types"]:
+                    raise ConfigError(f"compress_rates={rates}: lacks the ratio of '{kind}' layers")
+            csa_ratio = type_to_ratio.get("compressed_sparse_attention", csa_ratio)
             bad = [t for t in d["layer_types"] if t not in type_to_ratio]
             if bad:
                 raise ConfigError(f"layer_types: unknown entries {bad}; expected {sorted(type_to_ratio)}")
-            if csa_ratio == type_to_ratio["heavily_compressed_attention"] and \
+            if csa_ratio == type_to_ratio.get("heavily_compressed_attention") and \
                     "heavily_compressed_attention" in d["layer_types"]:
                 raise ConfigError(f"compress_rates: CSA and HCA share ratio {csa_ratio}; they must differ")
             ratios = [type_to_ratio[t] for t in d["layer_types"]]
         else:
-            ratios = list(get("compress_ratios"))
+            ratios = get("compress_ratios")
+            if not isinstance(ratios, (list, tuple)):
+                raise ConfigError(f"compress_ratios={ratios!r}: must be a list, one entry per layer")
+        compressed, csa = any(r != 0 for r in ratios), csa_ratio in ratios
+
+        def needed_if(cond: bool, key: str, name: str) -> Any:
+            return get(key) if cond else get(key, default(name))
+
         mlp_types = d.get("mlp_layer_types")
-        n_hash = mlp_types.count("hash_moe") if mlp_types else get("num_hash_layers", 3)
+        n_hash = mlp_types.count("hash_moe") if mlp_types else get("num_hash_layers")
         if mlp_types and mlp_types[:n_hash] != ["hash_moe"] * n_hash:
             raise ConfigError(f"mlp_layer_types={mlp_types}: hash_moe layers must come first")
-        # RoPE / YaRN: official `rope_scaling`, or transformers' nested `rope_parameters`
-        rope_theta = get("rope_theta", 10000.0)
-        compress_theta = get("compress_rope_theta", 160000.0)
-        yarn = d.get("rope_scaling") or {}
+        # RoPE / YaRN: official `rope_scaling`, or transformers' nested `rope_parameters`. V4 applies YaRN to the
+        # compressed layers; the released hub configs state it in `rope_scaling` and transformers always writes
+        # `rope_parameters`. A config with compressed layers and neither is refused rather than read as "no YaRN"
+        # (which is what transformers would do, silently changing every compressed layer's rotary frequencies);
+        # `"rope_scaling": null` states "no YaRN" explicitly, and `to_hub_dict` writes it for such models.
         rp = d.get("rope_parameters") or {}
+        if not isinstance(rp, dict):
+            raise ConfigError(f"rope_parameters={rp!r}: must be an object")
+        if compressed and "rope_scaling" not in d and not rp:
+            raise ConfigError("config.json lacks required key 'rope_scaling' (the compressed layers' YaRN; null "
+                              "for none) or 'rope_parameters'")
+        rope_theta = rp.get("main", {}).get("rope_theta") if isinstance(rp.get("main"), dict) else None
+        rope_theta = rope_theta if rope_theta is not None else get("rope_theta")
+        yarn = d.get("rope_scaling") or {}
+        compress_theta = None
         if isinstance(rp.get("compress"), dict):
             yarn = rp["compress"]
-            compress_theta = yarn.get("rope_theta", compress_theta)
-            rope_theta = rp.get("main", {}).get("rope_theta", rope_theta)
+            compress_theta = yarn.get("rope_theta")
         elif rp and not yarn:
             yarn = rp
+        if not isinstance(yarn, dict):
+            raise ConfigError(f"rope_scaling={yarn!r}: must be an object (or null)")
+        if compress_theta is None:
+            compress_theta = needed_if(compressed, "compress_rope_theta", "compress_rope_theta")
         yarn_type = yarn.get("rope_type", yarn.get("type", "default"))
         if yarn_type not in ("yarn", "default"):
             raise ConfigError(f"rope scaling type {yarn_type!r}: only 'yarn' (or none) is supported")
-        if yarn_type == "yarn" and float(yarn.get("attention_factor", 1.0)) != 1.0:
-            raise ConfigError(f"rope attention_factor={yarn['attention_factor']}: V4 applies no YaRN mscale")
         use_yarn = yarn_type == "yarn"
+        if use_yarn:
+            if yarn.get("attention_factor", 1.0) != 1.0:
+                raise ConfigError(f"rope attention_factor={yarn['attention_factor']}: V4 applies no YaRN mscale")
+            lacking = [k for k in ("factor", "original_max_position_embeddings") if yarn.get(k) is None]
+            if lacking:
+                raise ConfigError(f"rope scaling {yarn}: YaRN needs {lacking} (no default: it changes the model)")
         return cls(
-            vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=n_layers, norm_eps=get("rms_norm_eps", 1e-6),
+            vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=n_layers,
+            norm_eps=get("rms_norm_eps", default("norm_eps")),
             n_heads=get("num_attention_heads"), head_dim=head_dim, rope_head_dim=rope_head_dim,
             q_lora_rank=get("q_lora_rank"), o_groups=get("o_groups"), o_lora_rank=get("o_lora_rank"),
-            window_size=get("sliding_window", 128), compress_ratios=tuple(ratios), csa_ratio=csa_ratio,
-            index_n_heads=get("index_n_heads", 64), index_head_dim=get("index_head_dim", 128),
-            index_topk=get("index_topk", 512), rope_theta=float(rope_theta), compress_rope_theta=float(compress_theta),
-            rope_factor=float(yarn.get("factor", 1.0)) if use_yarn else 1.0,
-            original_seq_len=int(yarn.get("original_max_position_embeddings", 0)) if use_yarn else 0,
-            beta_fast=int(yarn.get("beta_fast", 32)), beta_slow=int(yarn.get("beta_slow", 1)),
-            max_seq_len=get("max_position_embeddings", 1048576),
+            window_size=get("sliding_window"), compress_ratios=tuple(ratios), csa_ratio=csa_ratio,
+            index_n_heads=needed_if(csa, "index_n_heads", "index_n_heads"),
+            index_head_dim=needed_if(csa, "index_head_dim", "index_head_dim"),
+            index_topk=needed_if(csa, "index_topk", "index_topk"),
+            rope_theta=rope_theta, compress_rope_theta=compress_theta,
+            rope_factor=yarn["factor"] if use_yarn else 1.0,
+            original_seq_len=yarn["original_max_position_embeddings"] if use_yarn else 0,
+            # YaRN's own defaults (transformers' and the reference's): not a guess about the model
+            beta_fast=yarn.get("beta_fast", default("beta_fast")), beta_slow=yarn.get("beta_slow", default("beta_slow")),
+            max_seq_len=get("max_position_embeddings", default("max_seq_len")),
             n_routed_experts=get("n_routed_experts"), n_shared_experts=get("n_shared_experts", 1),
             n_activated_experts=get("num_experts_per_tok"), moe_inter_dim=get("moe_intermediate_size"),
             n_hash_layers=n_hash, score_func=get("scoring_func", "sqrtsoftplus"),
-            route_scale=float(get("routed_scaling_factor", 1.0)), swiglu_limit=float(get("swiglu_limit", 0.0)),
-            hc_mult=get("hc_mult", 4), hc_sinkhorn_iters=get("hc_sinkhorn_iters", 20), hc_eps=get("hc_eps", 1e-6),
+            route_scale=get("routed_scaling_factor"), swiglu_limit=get("swiglu_limit"),
+            hc_mult=get("hc_mult"), hc_sinkhorn_iters=get("hc_sinkhorn_iters"), hc_eps=get("hc_eps", default("hc_eps")),
             hc_mode=d.get("hc_mode", "mhc"),
             n_mtp_layers=n_mtp, expert_dtype=d.get("expert_dtype"),
-            bos_token_id=_first(get("bos_token_id", 0)), eos_token_id=_first(get("eos_token_id", 1)),
+            bos_token_id=_first("bos_token_id", get("bos_token_id", 0)),
+            eos_token_id=_first("eos_token_id", get("eos_token_id", 1)),
         )
 
     def to_hub_dict(self) -> dict[str, Any]:
@@ -261,6 +339,7 @@ class ModelConfig:
                                "heavily_compressed_attention": hca[0] if hca else 128},
             "mlp_layer_types": ["hash_moe" if self.is_hash_layer(i) else "moe" for i in range(self.n_layers)],
         }
+        d["rope_scaling"] = None  # null: no YaRN (a config with compressed layers must say which)
         if self.original_seq_len > 0:
             d["rope_scaling"] = {"type": "yarn", "factor": self.rope_factor, "beta_fast": self.beta_fast,
                                  "beta_slow": self.beta_slow,
@@ -309,8 +388,31 @@ class ModelConfig:
 _MISSING = object()
 
 
-def _first(x: Any) -> int:
-    return int(x[0] if isinstance(x, (list, tuple)) else x)
+def _first(key: str, x: Any) -> Any:
+    """The first id of a list (transformers allows several EOS ids), unconverted: the type is checked later."""
+    if isinstance(x, (list, tuple)):
+        if not x:
+            raise ConfigError(f"{key}=[]: needs at least one token id")
+        return x[0]
+    return x
+
+
+# Which keys a config file may leave out. A default stands in for a missing key only where the official format
+# itself defines it; everywhere else a missing key is a ConfigError, because the defaults of transformers'
+# DeepseekV4Config and of the reference's ModelArgs are V4-Flash's sizes (index_topk 512, sliding_window 128,
+# routed_scaling_factor 1.5, ...), which silently give another model for any other checkpoint. Defaults stand for:
+#  * keys the official inference/config.json leaves to the reference's defaults: norm_eps, hc_eps, n_mtp_layers
+#    (the loader also matches the MTP blocks with the checkpoint's mtp.* tensors), max_seq_len (no computation
+#    depends on it), bos/eos ids (not part of the model) and csa_ratio (fixed at 4 in the official format);
+#  * keys with one valid V4 value: n_shared_experts, score_func (and num_key_value_heads in the hub dialect);
+#  * YaRN's beta_fast / beta_slow (32 / 1: YaRN's own defaults, used by transformers and the reference alike);
+#  * our own keys: hc_mode (absent: V4's mHC), expert_dtype (informational);
+#  * keys no layer uses: the compressed layers' RoPE / YaRN settings when every layer is window-only, the
+#    indexer's sizes when no layer is CSA.
+_NATIVE_OPTIONAL = {"norm_eps", "hc_eps", "n_mtp_layers", "max_seq_len", "bos_token_id", "eos_token_id", "csa_ratio",
+                    "n_shared_experts", "score_func", "beta_fast", "beta_slow", "hc_mode", "expert_dtype"}
+_COMPRESSED_ONLY = {"compress_rope_theta", "rope_factor", "original_seq_len"}
+_CSA_ONLY = {"index_n_heads", "index_head_dim", "index_topk"}
 
 
 def flash() -> ModelConfig:
@@ -351,3 +453,4 @@ def small() -> ModelConfig:
 
 
 PRESETS = {"flash": flash, "pro": pro, "tiny": tiny, "small": small}
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}

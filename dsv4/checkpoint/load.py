@@ -1,17 +1,26 @@
 """load_model: a checkpoint directory (official or transformers naming, bf16/fp32/FP8/FP4) -> Transformer.
 
-Everything that can be checked from the safetensors headers (missing, unexpected and mis-shaped tensors,
-truncated files) is checked before any weight is read, so a bad checkpoint never half-loads. The model is
-built on the meta device and materialised once on the target device; shards are then streamed one
-tensor at a time (memory-mapped), dequantised exactly and copied into place.
+Two phases, shared by the one-process loader and the sharded one (`dsv4.distributed.load_sharded`):
+
+1. `plan_checkpoint` reads the config and the safetensors headers (and the small hash-routing tables) and checks
+   them against the full model: shard paths, truncated files, missing, unexpected, duplicated, mis-shaped and
+   mis-typed tensors, block scales, expert ids. Every problem is reported once, naming the tensor, its shape
+   and the expected one, before any weight is read, so a bad checkpoint never half-loads.
+2. `load_weights` asks a slicing hook which part of each checkpoint tensor this process keeps (all of it, or a
+   tensor-/expert-parallel rank's rows, columns or experts), checks those parts against the model it fills
+   (built on the meta device, possibly already sharded), materialises that model once on the target device
+   and streams the shards one tensor at a time (memory-mapped), dequantising FP8/FP4 exactly.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -22,8 +31,16 @@ from ..quant import dequant_fp4_blocks, dequant_fp8_blocks
 from .names import Target, official_to_native, to_official
 from .safetensors_io import CheckpointError, ShardReader, TensorInfo, read_header
 
+__all__ = ["load_model", "plan_checkpoint", "load_weights", "CheckpointPlan", "Piece", "Slicing", "list_shards"]
+
 log = logging.getLogger(__name__)
-_ONE_BYTE_INT = ("I8", "U8", "F4")
+_INDEX = "model.safetensors.index.json"
+_FLOAT = ("F64", "F32", "F16", "BF16")
+_INTEGER = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
+_PACKED_FP4 = ("I8", "U8", "F4")               # one byte holds two e2m1 values: meaningless without its scale
+_SCALE = ("F8_E8M0", "U8", "I8", "F32", "BF16", "F16")   # UE8M0 exponent bytes, or plain float scales
+_ID_TABLES = ("tid2eid",)                      # the only tensors that are integer by nature (token -> experts)
+_EXPERT_STACKS = ("experts.w1", "experts.w2", "experts.w3")
 
 
 @dataclass
@@ -33,103 +50,374 @@ class _Item:
     targets: list[Target]
     scale: tuple[str, TensorInfo] | None  # (name in file, info) of its block scale, if quantised
     fmt: str                  # "plain" | "fp8" | "fp4"
+    shape: tuple[int, ...]    # after dequantisation
+    value: torch.Tensor | None = None     # already read while planning (the small hash-routing tables)
 
 
+@dataclass
+class CheckpointPlan:
+    """A checkpoint whose headers matched the full model: what `load_weights` streams."""
+    path: str
+    config: ModelConfig       # as the model must be built (without MTP when the checkpoint has none)
+    files: list[str]
+    items: list[_Item]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one checkpoint tensor and where it lands. `index` slices the leading dimensions of the
+    (dequantised) tensor, `()` meaning all of it; it lands in `param[expert]`, or in the whole parameter."""
+    index: tuple[slice, ...] = ()
+    expert: int | None = None
+
+
+# Per native target: given the piece a one-process load copies, the piece this process keeps (None: nothing).
+Slicing = Callable[[Target, Piece], Optional[Piece]]
+
+
+def keep_all(target: Target, piece: Piece) -> Piece:
+    return piece
+
+
+# ---------------------------------------------------------------------------------------------- files
 def list_shards(path: str) -> list[str]:
+    """The checkpoint's safetensors files: those the index names, else every `*.safetensors` in `path`.
+    Each must lie inside `path` (see `_inside`)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a checkpoint directory")
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, _INDEX)
     if os.path.isfile(index):
         try:
             with open(index) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+                names = set(json.load(f)["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{index}: corrupt index ({e})") from None
-        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        bad = [n for n in names if not isinstance(n, str)]
+        if bad:
+            raise CheckpointError(f"{index}: shard names must be strings, got {bad[:3]}")
+        files = sorted(names)
+        missing = [f for f in files if not os.path.isfile(_inside(path, f, index))]
         if missing:
             raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
         return [os.path.join(path, f) for f in files]
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files")
-    return [os.path.join(path, f) for f in files]
+    return [_inside(path, f, path) for f in files]
 
 
-def _plan(cfg: ModelConfig, headers: dict[str, tuple[str, TensorInfo]], model: Transformer) -> list[_Item]:
-    """Match every checkpoint tensor to native parameters and check shapes; raise listing all problems."""
-    expected = dict(model.named_parameters())
-    expected.update((n, b) for n, b in model.named_buffers() if n.endswith("tid2eid"))
+def _inside(root: str, rel: str, source: str) -> str:
+    """`root/rel`, refusing a shard path that leaves the checkpoint directory: absolute, through `..`, or a
+    symlink resolving outside it. One layout is allowed to point outside: the Hugging Face hub cache, where
+    `<repo>/snapshots/<rev>/<file>` links into `<repo>/blobs/`. (Linking the whole directory also works.)"""
+    if os.path.isabs(rel) or ".." in PurePath(rel).parts:
+        raise CheckpointError(f"{source}: shard path {rel!r} leaves the checkpoint directory; shard paths must "
+                              "be relative paths inside it")
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, rel))
+    if os.path.commonpath([real_root, real]) != real_root:
+        repo, snapshots = os.path.dirname(os.path.dirname(real_root)), os.path.basename(os.path.dirname(real_root))
+        blobs = os.path.join(repo, "blobs")
+        if not (snapshots == "snapshots" and os.path.commonpath([blobs, real]) == blobs):
+            raise CheckpointError(f"{source}: shard {rel!r} resolves to {real}, outside the checkpoint directory "
+                                  f"{real_root}; copy the file in (or link the whole directory)")
+    return os.path.join(root, rel)
+
+
+# ---------------------------------------------------------------------------------------------- phase 1: plan
+def plan_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
+    """Read `config.json` and every shard header and check them against the full model; read and check the
+    hash-routing tables. Raises CheckpointError listing every problem; reads no other weight."""
+    path = os.fspath(path)
+    cfg = ModelConfig.from_pretrained(path)
+    files = list_shards(path)
+    headers: dict[str, tuple[str, TensorInfo]] = {}
     problems: list[str] = []
-    covered: dict[str, set] = defaultdict(set)
+    for f in files:
+        for name, info in read_header(f).items():
+            off = to_official(name)
+            if off in headers:
+                problems.append(f"tensor '{name}' in {f} appears twice (also as '{headers[off][0]}' in "
+                                f"{headers[off][1].file})")
+                continue
+            headers[off] = (name, info)
+    if cfg.n_mtp_layers and not any(k.startswith("mtp.") for k in headers):
+        log.warning("%s has no mtp.* tensors: loading without the MTP module", path)
+        cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
+    with torch.device("meta"):
+        expected = _fillable(Transformer(cfg))
+    items = _match(cfg, headers, expected, problems)
+    _raise(problems, "checkpoint does not match the model")
+    _read_id_tables(items, cfg.n_routed_experts)
+    return CheckpointPlan(path, cfg, files, items)
+
+
+def _fillable(model: Transformer) -> dict[str, torch.Tensor]:
+    """What a checkpoint fills: every parameter, plus the hash-routing buffers."""
+    out = dict(model.named_parameters())
+    out.update((n, b) for n, b in model.named_buffers() if n.endswith(_ID_TABLES))
+    return out
+
+
+class _Coverage:
+    """Which checkpoint tensor fills each parameter (or each expert slot of a stacked one)."""
+
+    def __init__(self) -> None:
+        self.by: dict[str, dict[int | None, str]] = defaultdict(dict)
+
+    def claim(self, name: str, pairs: list[tuple[str, int | None]]) -> str | None:
+        for param, expert in pairs:
+            slots = self.by[param]
+            other = slots.get(expert) or slots.get(None) or (next(iter(slots.values())) if expert is None and slots
+                                                                else None)
+            if other is not None:
+                what = f"'{param}'" + (f" expert {expert}" if expert is not None else "")
+                return f"tensor '{name}' fills {what}, which '{other}' already fills"
+        for param, expert in pairs:
+            self.by[param][expert] = name
+        return None
+
+    def missing(self, expected: dict[str, torch.Tensor]) -> list[str]:
+        out = []
+        for pname, p in expected.items():
+            got = self.by.get(pname, {})
+            if None in got:
+                continue
+            if pname.endswith(_EXPERT_STACKS) and got:
+                miss = sorted(set(range(p.shape[0])) - set(got))
+                if miss:
+                    out.append(f"missing tensor(s) for '{pname}': experts {miss[:8]}{'...' if len(miss) > 8 else ''}"
+                               f" (each {tuple(p.shape[1:])})")
+            else:
+                out.append(f"missing tensor '{pname}' (expected shape {tuple(p.shape)})")
+        return out
+
+
+def _match(cfg: ModelConfig, headers: dict[str, tuple[str, TensorInfo]], expected: dict[str, torch.Tensor],
+           problems: list[str]) -> list[_Item]:
+    """Match every checkpoint tensor to native parameters, checking names, storage and shapes (one message per
+    bad tensor: a tensor that is present but wrong is not also reported missing)."""
+    cover = _Coverage()
     items: list[_Item] = []
     used_scales: set[str] = set()
     for off, (name, info) in headers.items():
         if off.endswith(".scale"):
             continue
-        scale = headers.get(off[: -len(".weight")] + ".scale") if off.endswith(".weight") else None
-        shape, fmt = info.shape, "plain"
+        stem = off[: -len(".weight")] if off.endswith(".weight") else None
+        scale = headers.get(stem + ".scale") if stem is not None else None
         if scale is not None:
-            used_scales.add(off[: -len(".weight")] + ".scale")
-            if info.dtype == "F8_E4M3":
-                fmt = "fp8"
-                want = tuple((d + 127) // 128 for d in shape)
-            elif info.dtype in _ONE_BYTE_INT:
-                fmt, shape = "fp4", (shape[0], shape[1] * 2)
-                want = (shape[0], shape[1] // 32)
-            else:
-                problems.append(f"'{name}' has a block scale but dtype {info.dtype} (expected F8_E4M3 or packed FP4)")
-                continue
-            if scale[1].shape != want:
-                problems.append(f"'{scale[0]}' has shape {scale[1].shape}, expected {want} for weight {shape}")
-                continue
-        elif info.dtype == "F8_E4M3":
-            problems.append(f"'{name}' is FP8 but has no '.scale' tensor")
-            continue
+            used_scales.add(stem + ".scale")
         targets = official_to_native(off, cfg.moe_inter_dim)
-        for t in targets:
-            p = expected.get(t.param)
-            if p is None:
-                problems.append(f"unexpected tensor '{name}' {shape}")
-                continue
-            want = tuple(p.shape[1:]) if t.expert is not None else tuple(p.shape)
-            got = shape if t.rows is None else (shape[0], t.rows.stop - t.rows.start, *shape[2:])
-            if t.expert is not None and t.expert >= p.shape[0]:
-                problems.append(f"unexpected tensor '{name}': expert {t.expert} >= n_routed_experts={p.shape[0]}")
-            elif got != want:
-                problems.append(f"tensor '{name}' has shape {shape}, expected {want}")
-            elif t.expert in covered[t.param] or "all" in covered[t.param]:
-                problems.append(f"tensor '{name}' appears twice (as {t.param})")
-            else:
-                covered[t.param].add("all" if t.expert is None else t.expert)
-        items.append(_Item(name, info, targets, scale, fmt))
+        problem = _unknown(name, info, targets, expected)
+        if problem is None:
+            problem = cover.claim(name, [(t.param, t.expert) for t in targets])
+        if problem is None:
+            fmt, shape, problem = _storage(name, info, scale, targets[0].param, expected[targets[0].param])
+        if problem is None:
+            want = _expected_shape(targets, expected)
+            if shape != want:
+                stored = f" (packed FP4 stored as {info.shape})" if fmt == "fp4" else ""
+                problem = f"tensor '{name}' has shape {shape}{stored}, expected {want}"
+        if problem is not None:
+            problems.append(problem)
+            continue
+        items.append(_Item(name, info, targets, scale, fmt, shape))
     for off, (name, info) in headers.items():
         if off.endswith(".scale") and off not in used_scales:
             problems.append(f"unexpected tensor '{name}' {info.shape} (a scale without its weight)")
-    for pname, p in expected.items():
-        got = covered.get(pname, set())
-        is_stacked = pname.endswith(("experts.w1", "experts.w2", "experts.w3"))
-        if "all" in got or (is_stacked and len(got) == p.shape[0]):
-            continue
-        if is_stacked and got:
-            miss = sorted(set(range(p.shape[0])) - got)
-            problems.append(f"missing tensor(s) for '{pname}': experts {miss[:8]}{'...' if len(miss) > 8 else ''}"
-                            f" (each {tuple(p.shape[1:])})")
-        else:
-            problems.append(f"missing tensor '{pname}' (expected shape {tuple(p.shape)})")
-    if problems:
-        shown = "\n  ".join(problems[:25])
-        more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
-        raise CheckpointError(f"checkpoint does not match the model ({len(problems)} problem(s)):\n  {shown}{more}")
+    problems += cover.missing(expected)
     return items
 
 
-def _decode(item: _Item, reader: ShardReader, scale_reader: ShardReader) -> torch.Tensor:
-    t = reader.get(item.name)
-    if item.fmt == "fp8":
-        return dequant_fp8_blocks(t, scale_reader.get(item.scale[0]))
-    if item.fmt == "fp4":
-        return dequant_fp4_blocks(t, scale_reader.get(item.scale[0]))
-    return t
+def _unknown(name: str, info: TensorInfo, targets: list[Target], expected: dict[str, torch.Tensor]) -> str | None:
+    for t in targets:
+        p = expected.get(t.param)
+        if p is None:
+            return f"unexpected tensor '{name}' {info.shape}"
+        if t.expert is not None and t.expert >= p.shape[0]:
+            return f"unexpected tensor '{name}': expert {t.expert} >= n_routed_experts={p.shape[0]}"
+    return None
+
+
+def _storage(name: str, info: TensorInfo, scale: tuple[str, TensorInfo] | None, pname: str,
+             param: torch.Tensor) -> tuple[str, tuple[int, ...], str | None]:
+    """(format, dequantised shape, problem): how the tensor is stored, refusing storage that would load as
+    different numbers (integers or bools read as weights, FP8/FP4 bytes without their scales)."""
+    dt, shape = info.dtype, info.shape
+    if scale is not None:
+        sname, sinfo = scale
+        if dt == "F8_E4M3" and len(shape) == 2:
+            fmt, want = "fp8", tuple((d + 127) // 128 for d in shape)
+        elif dt in _PACKED_FP4 and len(shape) == 2:
+            fmt, shape = "fp4", (shape[0], shape[1] * 2)
+            if shape[1] % 32:
+                return fmt, shape, f"'{name}' (packed FP4 {info.shape}) has {shape[1]} values per row, not a " \
+                                   "multiple of the 32-value scale block"
+            want = (shape[0], shape[1] // 32)
+        else:
+            return "", shape, (f"'{name}' {shape} has a block scale but dtype {dt} (expected a 2-D F8_E4M3 or "
+                               f"packed FP4 {'/'.join(_PACKED_FP4)} weight)")
+        if sinfo.dtype not in _SCALE:
+            return fmt, shape, (f"'{sname}' has dtype {sinfo.dtype}, expected a UE8M0 or float scale "
+                                f"({'/'.join(_SCALE)})")
+        if sinfo.shape != want:
+            return fmt, shape, f"'{sname}' has shape {sinfo.shape}, expected {want} for weight {shape}"
+        return fmt, shape, None
+    if dt == "F8_E4M3":
+        return "fp8", shape, f"'{name}' is FP8 but has no '.scale' tensor"
+    if not param.is_floating_point():
+        if dt in _INTEGER:
+            return "plain", shape, None
+        return "plain", shape, f"'{name}' {shape} is stored as {dt}, but '{pname}' holds integer ids: expected an " \
+                               f"integer dtype"
+    if dt in _FLOAT:
+        return "plain", shape, None
+    if dt in _PACKED_FP4:
+        return "plain", shape, (f"'{name}' {shape} is stored as {dt} without a '.scale' tensor: one-byte integers "
+                                "are read only as packed FP4 with its block scale")
+    return "plain", shape, (f"'{name}' {shape} is stored as {dt}, but it is a floating-point weight: expected "
+                            f"{'/'.join(_FLOAT)}, or F8_E4M3 / packed FP4 with a '.scale' tensor")
+
+
+def _expected_shape(targets: list[Target], expected: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """The checkpoint shape the targets need: the parameter's (one expert's, for a per-expert tensor); for row
+    pieces (transformers' fused gate_up_proj) exactly the sum of their rows, so extra rows are refused."""
+    t0 = targets[0]
+    p = expected[t0.param]
+    base = tuple(p.shape[1:]) if t0.expert is not None else tuple(p.shape)
+    if t0.rows is None:
+        return base
+    return (base[0], sum(t.rows.stop - t.rows.start for t in targets), *base[2:])
+
+
+def _read_id_tables(items: list[_Item], n_experts: int) -> None:
+    """Read the hash-routing tables (small) and check every id is an expert; they stay in the plan."""
+    problems = []
+    for it in items:
+        if not it.targets[0].param.endswith(_ID_TABLES):
+            continue
+        with ShardReader(it.info.file) as reader:
+            it.value = reader.get(it.name)
+        bad = ((it.value < 0) | (it.value >= n_experts)).flatten().nonzero()
+        if len(bad):
+            at = tuple(int(i) for i in torch.unravel_index(bad[0, 0], it.value.shape))
+            problems.append(f"tensor '{it.name}' {it.shape} holds expert id {int(it.value[at])} at {list(at)} "
+                            f"({len(bad)} bad entries): ids must lie in [0, {n_experts - 1}] "
+                            f"(n_routed_experts={n_experts})")
+    _raise(problems, "checkpoint has invalid hash-routing tables")
+
+
+def _raise(problems: list[str], what: str) -> None:
+    if problems:
+        shown = "\n  ".join(problems[:25])
+        more = f"\n  ... and {len(problems) - 25} more" if len(problems) > 25 else ""
+        raise CheckpointError(f"{what} ({len(problems)} problem(s)):\n  {shown}{more}")
+
+
+# ---------------------------------------------------------------------------------------------- phase 2: load
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """(start, stop) per dimension of `index` over `shape`; None if a slice has a step or leaves the tensor."""
+    if len(index) > len(shape):
+        return None
+    out = []
+    for d, size in enumerate(shape):
+        s = index[d] if d < len(index) else slice(None)
+        start, stop = (0 if s.start is None else s.start), (size if s.stop is None else s.stop)
+        if s.step not in (None, 1) or not 0 <= start <= stop <= size:
+            return None
+        out.append((start, stop))
+    return out
+
+
+def _place(plan: CheckpointPlan, dest: dict[str, torch.Tensor], slicing: Slicing):
+    """The pieces this process keeps, checked against the parameters they land in (before any read)."""
+    work, problems, cover = [], [], _Coverage()
+    for it in plan.items:
+        pieces = []
+        for t in it.targets:
+            piece = slicing(t, Piece((slice(None), t.rows) if t.rows is not None else (), t.expert))
+            if piece is None:
+                continue
+            p, box = dest.get(t.param), _bounds(piece.index, it.shape)
+            where = f"'{t.param}'" + (f" expert {piece.expert}" if piece.expert is not None else "")
+            if p is None or box is None or (piece.expert is not None and not 0 <= piece.expert < p.shape[0]):
+                problems.append(f"tensor '{it.name}' {it.shape}: this process keeps {piece.index} for {where}, "
+                                "which its model does not have")
+                continue
+            got = tuple(b - a for a, b in box)
+            want = tuple(p.shape[1:]) if piece.expert is not None else tuple(p.shape)
+            if got != want:
+                problems.append(f"tensor '{it.name}' {it.shape}: the part this process keeps ({piece.index}) has "
+                                f"shape {got}, but {where} has shape {want}")
+                continue
+            problem = cover.claim(it.name, [(t.param, piece.expert)])
+            if problem:
+                problems.append(problem)
+                continue
+            pieces.append((t, piece, box))
+        if pieces:
+            work.append((it, pieces))
+    problems += cover.missing(dest)
+    _raise(problems, "this process's part of the checkpoint does not match its model")
+    return work
+
+
+def _read(it: _Item, pieces: list, readers: dict[str, ShardReader]) -> list[torch.Tensor]:
+    """The tensor's pieces, reading it once: a plain tensor only over the box its pieces span, a quantised
+    one whole (its scales are blocked), dequantised, then sliced."""
+    if it.value is not None:
+        return [it.value[tuple(slice(a, b) for a, b in box)] for _, _, box in pieces]
+    if it.fmt == "plain":
+        span = [(min(box[d][0] for _, _, box in pieces), max(box[d][1] for _, _, box in pieces))
+                for d in range(len(it.shape))]
+        whole = all(a == 0 and b == size for (a, b), size in zip(span, it.shape))
+        part = readers[it.info.file].get_slice(it.name, () if whole else tuple(slice(a, b) for a, b in span))
+        return [part[tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(box, span))] for _, _, box in pieces]
+    t = readers[it.info.file].get(it.name)
+    scale_file = it.scale[1].file
+    if scale_file not in readers:
+        readers[scale_file] = ShardReader(scale_file)
+    s = readers[scale_file].get(it.scale[0])
+    full = dequant_fp8_blocks(t, s) if it.fmt == "fp8" else dequant_fp4_blocks(t, s)
+    return [full[tuple(slice(a, b) for a, b in box)] for _, _, box in pieces]
+
+
+def load_weights(plan: CheckpointPlan, model: Transformer, device: str | torch.device = "cpu",
+                 slicing: Slicing = keep_all, progress: bool | None = None) -> Transformer:
+    """Fill `model` (built on the meta device from `plan.config`, possibly sharded) with the pieces `slicing`
+    keeps; checks them all against the model first, then materialises it on `device` and streams the shards.
+    Warns, naming them, about tensors whose loaded values are not finite."""
+    work = _place(plan, _fillable(model), slicing)
+    model.to_empty(device=device)
+    model.reset_buffers()
+    params = _fillable(model)
+    by_file: dict[str, list] = defaultdict(list)
+    for it, pieces in work:
+        by_file[it.info.file].append((it, pieces))
+    bar = tqdm(total=len(work), desc="loading", unit="tensor",
+               disable=not progress if progress is not None else len(work) < 2000)
+    finite: list[tuple[str, torch.Tensor]] = []   # one flag per piece, read back once at the end
+    with torch.no_grad():
+        for f in plan.files:
+            readers = {f: ShardReader(f)}
+            for it, pieces in by_file.get(f, []):
+                for (t, piece, _), src in zip(pieces, _read(it, pieces, readers)):
+                    dst = params[t.param].data
+                    dst = dst if piece.expert is None else dst[piece.expert]
+                    dst.copy_(src)
+                    if dst.is_floating_point():
+                        finite.append((it.name, torch.isfinite(dst).all()))
+                bar.update(1)
+            readers.clear()
+    bar.close()
+    if finite:
+        ok = torch.stack([flag for _, flag in finite]).cpu()
+        bad = sorted({finite[i][0] for i in (~ok).nonzero().flatten().tolist()})
+        if bad:
+            warnings.warn(f"{len(bad)} checkpoint tensor(s) load with NaN or inf values (as stored, or out of "
+                          f"range of the model dtype): {bad[:20]}{' ...' if len(bad) > 20 else ''}",
+                          RuntimeWarning, stacklevel=2)
+    return model.eval()
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
@@ -139,46 +427,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     `dtype` is the compute dtype; norms, mHC, sinks, ape and the head stay fp32 as in the reference.
     A checkpoint without `mtp.*` tensors (as transformers writes) loads with n_mtp_layers = 0.
     """
-    path = os.fspath(path)
-    cfg = ModelConfig.from_pretrained(path)
-    files = list_shards(path)
-    headers: dict[str, tuple[str, TensorInfo]] = {}
-    for f in files:
-        for name, info in read_header(f).items():
-            off = to_official(name)
-            if off in headers:
-                raise CheckpointError(f"tensor '{name}' appears twice (also in {headers[off][1].file})")
-            headers[off] = (name, info)
-    if cfg.n_mtp_layers and not any(k.startswith("mtp.") for k in headers):
-        log.warning("%s has no mtp.* tensors: loading without the MTP module", path)
-        cfg = cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[: cfg.n_layers])
+    plan = plan_checkpoint(path)
     with torch.device("meta"):
-        model = Transformer(cfg).to_dtype(dtype)
-    items = _plan(cfg, headers, model)
-    model.to_empty(device=device)
-    model.reset_buffers()
-    params = dict(model.named_parameters())
-    params.update(model.named_buffers())
-    by_file: dict[str, list[_Item]] = defaultdict(list)
-    for it in items:
-        by_file[it.info.file].append(it)
-    total = sum(map(len, by_file.values()))
-    bar = tqdm(total=total, desc="loading", unit="tensor",
-               disable=not progress if progress is not None else total < 2000)
-    with torch.no_grad():
-        for f in files:
-            readers = {f: ShardReader(f)}
-            for it in by_file.get(f, []):
-                if it.scale is not None and it.scale[1].file not in readers:
-                    readers[it.scale[1].file] = ShardReader(it.scale[1].file)
-                value = _decode(it, readers[f], readers[it.scale[1].file] if it.scale else readers[f])
-                for t in it.targets:
-                    dst = params[t.param].data
-                    if t.expert is not None:
-                        dst = dst[t.expert]
-                    src = value if t.rows is None else value[:, t.rows]
-                    dst.copy_(src)
-                bar.update(1)
-            readers.clear()
-    bar.close()
-    return model.eval()
+        model = Transformer(plan.config).to_dtype(dtype)
+    return load_weights(plan, model, device, progress=progress)

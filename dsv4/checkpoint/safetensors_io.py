@@ -77,6 +77,16 @@ class ShardReader:
         except Exception as e:
             raise CheckpointError(f"{self.path}: cannot read tensor '{name}' ({e})") from None
 
+    def get_slice(self, name: str, index: tuple[slice, ...] = ()) -> torch.Tensor:
+        """Only `index` of a tensor (one slice per leading dimension, e.g. `(slice(0, 8), slice(None))`): the
+        rest of it is never read from the file. `()` reads the whole tensor."""
+        if not index:
+            return self.get(name)
+        try:
+            return self._f.get_slice(name)[index]
+        except Exception as e:
+            raise CheckpointError(f"{self.path}: cannot read {index} of tensor '{name}' ({e})") from None
+
     def __enter__(self) -> "ShardReader":
         return self
 

@@ -1,5 +1,7 @@
 """Checkpoint loading: official FP8/FP4 storage dequantised exactly, sharding, and every error path."""
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -99,9 +101,6 @@ def test_sharded_round_trip_and_dtypes(tmp_path):
     (lambda t: t.pop("layers.1.ffn.experts.5.w2.weight"), r"experts \[5\]"),
     (lambda t: t.__setitem__("layers.0.attn.bogus.weight", torch.zeros(3)), "unexpected tensor 'layers.0.attn.bogus.weight'"),
     (lambda t: t.__setitem__("layers.1.ffn.experts.8.w1.weight", torch.zeros(128, 128)), "expert 8 >= n_routed_experts=8"),
-    (lambda t: t.__setitem__("layers.1.attn.wkv.weight", torch.zeros(64, 100)),
-     r"'layers.1.attn.wkv.weight' has shape \(64, 100\), expected \(64, 128\)"),
-    (lambda t: t.__setitem__("layers.1.attn.wkv.weight", torch.zeros(64, 128, dtype=torch.float8_e4m3fn)), "FP8 but has no '.scale'"),
 ])
 def test_mismatch_errors_name_the_tensor(saved, tmp_path, edit, message):
     path, _ = saved
@@ -142,3 +141,140 @@ def test_checkpoint_without_mtp_loads_without_it(saved, tmp_path):
     assert len(loaded.mtp) == 0
     tokens = torch.randint(0, 2048, (1, 33))
     assert torch.equal(loaded(tokens), model(tokens))
+
+
+def _one_problem(excinfo) -> str:
+    """The error message, after checking it reports exactly one problem (no echo as 'missing' etc.)."""
+    msg = str(excinfo.value)
+    assert "(1 problem(s))" in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.__setitem__("embed.weight", (t["embed.weight"] * 100).to(torch.int32)),
+     r"'embed.weight' \(2048, 128\) is stored as I32, but it is a floating-point weight"),
+    (lambda t: t.__setitem__("layers.1.attn.wkv.weight", torch.zeros(64, 128, dtype=torch.uint8)),
+     r"'layers.1.attn.wkv.weight' \(64, 128\) is stored as U8 without a '.scale' tensor"),
+    (lambda t: t.__setitem__("layers.2.attn.wo_b.weight", t["layers.2.attn.wo_b.weight"] > 0),
+     r"'layers.2.attn.wo_b.weight' \(128, 128\) is stored as BOOL"),
+    (lambda t: t.__setitem__("layers.0.ffn.gate.tid2eid", t["layers.0.ffn.gate.tid2eid"].float()),
+     r"'layers.0.ffn.gate.tid2eid' \(2048, 2\) is stored as F32, but 'layers.0.ffn.gate.tid2eid' holds integer ids"),
+    (lambda t: t.__setitem__("layers.1.attn.wkv.weight", torch.zeros(64, 100)),
+     r"'layers.1.attn.wkv.weight' has shape \(64, 100\), expected \(64, 128\)"),
+    (lambda t: t.__setitem__("layers.1.attn.wkv.weight", torch.zeros(64, 128, dtype=torch.float8_e4m3fn)),
+     "FP8 but has no '.scale'"),
+    (lambda t: t.__setitem__("layers.1.attn.wkv.scale", torch.ones(1, 2)),
+     r"'layers.1.attn.wkv.weight' \(64, 128\) has a block scale but dtype F32"),
+], ids=["int32-embedding", "uint8-without-scale", "bool-weight", "float-hash-table", "mis-shaped", "fp8-without-scale",
+        "scale-on-float-weight"])
+def test_mangling_storage_is_refused_once(saved, tmp_path, edit, message):
+    """Weights stored as integers or bools, one-byte weights without their FP4 scale, and integer tables stored as
+    floats would load as other numbers: each is refused with exactly one message naming the tensor and shape."""
+    path, _ = saved
+    bad = _copy(path, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=message) as excinfo:
+        dsv4.load_model(bad, dtype=torch.float32)
+    assert "missing" not in _one_problem(excinfo)
+
+
+def test_hash_table_in_any_integer_dtype_loads(saved, tmp_path):
+    path, model = saved
+    d = _copy(path, tmp_path / "i32", lambda t: t.__setitem__("layers.0.ffn.gate.tid2eid",
+                                                                 t["layers.0.ffn.gate.tid2eid"].to(torch.int32)))
+    loaded = dsv4.load_model(d, dtype=torch.float32)
+    assert torch.equal(loaded.layers[0].ffn.gate.tid2eid, model.layers[0].ffn.gate.tid2eid)
+
+
+@pytest.mark.parametrize("value, at", [(8, (5, 1)), (-1, (2047, 0))])
+def test_hash_table_with_bad_expert_ids_is_refused(saved, tmp_path, value, at):
+    """Out-of-range ids would fail later as a raw index error inside the forward (or index another expert)."""
+    path, _ = saved
+
+    def edit(t):
+        t["layers.0.ffn.gate.tid2eid"] = t["layers.0.ffn.gate.tid2eid"].clone()
+        t["layers.0.ffn.gate.tid2eid"][at] = value
+    bad = _copy(path, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=rf"'layers.0.ffn.gate.tid2eid' \(2048, 2\) holds expert id {value} at "
+                                              rf"\[{at[0]}, {at[1]}\].*ids must lie in \[0, 7\]"):
+        dsv4.load_model(bad, dtype=torch.float32)
+
+
+def _fused_experts(t, layer: int, extra_rows: int = 0):
+    """Layer `layer`'s routed experts in transformers' fused naming (gate_up_proj [E, 2I(+extra), D], down_proj)."""
+    n = len([k for k in t if k.startswith(f"layers.{layer}.ffn.experts.") and k.endswith(".w1.weight")])
+    w = {k: torch.stack([t.pop(f"layers.{layer}.ffn.experts.{e}.{k}.weight") for e in range(n)]) for k in
+         ("w1", "w2", "w3")}
+    gate_up = torch.cat([w["w1"], w["w3"], torch.ones(n, extra_rows, w["w1"].shape[2])], 1)
+    t[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = gate_up
+    t[f"model.layers.{layer}.mlp.experts.down_proj"] = w["w2"]
+
+
+def test_fused_gate_up_loads_and_extra_rows_are_refused(saved, tmp_path):
+    path, model = saved
+    good = _copy(path, tmp_path / "fused", lambda t: _fused_experts(t, 1))
+    loaded = dsv4.load_model(good, dtype=torch.float32)
+    for name in ("w1", "w2", "w3"):
+        assert torch.equal(getattr(loaded.layers[1].ffn.experts, name), getattr(model.layers[1].ffn.experts, name))
+    bad = _copy(path, tmp_path / "extra", lambda t: _fused_experts(t, 1, extra_rows=3))
+    with pytest.raises(CheckpointError, match=r"'model.layers.1.mlp.experts.gate_up_proj' has shape \(8, 259, 128\), "
+                                              r"expected \(8, 256, 128\)") as excinfo:
+        dsv4.load_model(bad, dtype=torch.float32)
+    assert "missing" not in _one_problem(excinfo)
+
+
+def test_non_finite_weights_warn_naming_them(saved, tmp_path):
+    path, model = saved
+
+    def edit(t):
+        t["embed.weight"][3, 4] = float("nan")
+        t["layers.2.attn.wq_a.weight"][0, 0] = float("inf")
+    d = _copy(path, tmp_path / "nan", edit)
+    with pytest.warns(RuntimeWarning, match=r"2 checkpoint tensor\(s\) load with NaN or inf values.*"
+                                            r"'embed.weight', 'layers.2.attn.wq_a.weight'"):
+        loaded = dsv4.load_model(d, dtype=torch.float32)
+    assert torch.isnan(loaded.embed.weight[3, 4])
+    big = _copy(path, tmp_path / "big", lambda t: t["layers.1.attn.wkv.weight"].__setitem__((1, 1), 1e5))
+    with pytest.warns(RuntimeWarning, match=r"\['layers.1.attn.wkv.weight'\]"):   # finite in fp32, inf in fp16
+        dsv4.load_model(big, dtype=torch.float16)
+
+
+def _index(d, shard: str, names):
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+
+
+def test_shard_paths_must_stay_inside_the_checkpoint(saved, tmp_path):
+    path, model = saved
+    names = list(load_file(path / "model.safetensors"))
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(path / "model.safetensors", other / "model.safetensors")
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    shutil.copy(path / "config.json", d / "config.json")
+    for shard in (str(other / "model.safetensors"), "../other/model.safetensors"):
+        _index(d, shard, names)
+        with pytest.raises(CheckpointError, match=f"shard path '{re.escape(shard)}' leaves the checkpoint directory"):
+            dsv4.load_model(d, dtype=torch.float32)
+    (d / "model.safetensors").symlink_to(other / "model.safetensors")
+    _index(d, "model.safetensors", names)
+    for listed_by_index in (True, False):
+        with pytest.raises(CheckpointError, match="resolves to .*other/model.safetensors, outside the checkpoint"):
+            dsv4.load_model(d, dtype=torch.float32)
+        if listed_by_index:
+            (d / "model.safetensors.index.json").unlink()
+
+
+def test_hub_cache_layout_loads(saved, tmp_path):
+    """The Hugging Face hub cache links a snapshot's files into the repository's blobs/: that is allowed, and so
+    is a link to the whole checkpoint directory."""
+    path, model = saved
+    repo = tmp_path / "models--x--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    for f in ("model.safetensors", "config.json"):
+        shutil.copy(path / f, repo / "blobs" / f"{f}.blob")
+        (repo / "snapshots" / "abc" / f).symlink_to(f"../../blobs/{f}.blob")
+    (tmp_path / "link").symlink_to(path)
+    tokens = torch.randint(0, 2048, (1, 9))
+    for d in (repo / "snapshots" / "abc", tmp_path / "link"):
+        assert torch.equal(dsv4.load_model(d, dtype=torch.float32)(tokens), model(tokens))
