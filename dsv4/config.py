@@ -282,7 +282,7 @@ class ModelConfig:
             lacking = [k for k in ("factor", "original_max_position_embeddings") if yarn.get(k) is None]
             if lacking:
                 raise ConfigError(f"rope scaling {yarn}: YaRN needs {lacking} (no default: it changes the model)")
-        return cls(
+        fields = dict(
             vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=n_layers,
             norm_eps=get("rms_norm_eps", default("norm_eps")),
             n_heads=get("num_attention_heads"), head_dim=head_dim, rope_head_dim=rope_head_dim,
@@ -302,11 +302,15 @@ class ModelConfig:
             n_hash_layers=n_hash, score_func=get("scoring_func", "sqrtsoftplus"),
             route_scale=get("routed_scaling_factor"), swiglu_limit=get("swiglu_limit"),
             hc_mult=get("hc_mult"), hc_sinkhorn_iters=get("hc_sinkhorn_iters"), hc_eps=get("hc_eps", default("hc_eps")),
-            hc_mode=d.get("hc_mode", "mhc"),
-            n_mtp_layers=n_mtp, expert_dtype=d.get("expert_dtype"),
+            hc_mode=d.get("hc_mode", "mhc"), n_mtp_layers=n_mtp, expert_dtype=d.get("expert_dtype"),
             bos_token_id=_first("bos_token_id", get("bos_token_id", 0)),
             eos_token_id=_first("eos_token_id", get("eos_token_id", 1)),
         )
+        try:
+            return cls(**fields)
+        except ConfigError as e:  # name this file's key too (the messages start with "<field>=")
+            key = _HUB_KEYS.get(str(e).split("=", 1)[0].split("[", 1)[0])
+            raise (ConfigError(f"{e} (config.json: '{key}')") if key else e) from None
 
     def to_hub_dict(self) -> dict[str, Any]:
         """The official hub `config.json`, plus `layer_types`/`compress_rates` so `transformers` reads any ratios."""
@@ -454,3 +458,12 @@ def small() -> ModelConfig:
 
 PRESETS = {"flash": flash, "pro": pro, "tiny": tiny, "small": small}
 _FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+# field -> its key in the hub config.json, where the names differ
+_HUB_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "norm_eps": "rms_norm_eps",
+             "n_heads": "num_attention_heads", "rope_head_dim": "qk_rope_head_dim", "window_size": "sliding_window",
+             "rope_factor": "rope_scaling.factor", "original_seq_len": "rope_scaling.original_max_position_embeddings",
+             "beta_fast": "rope_scaling.beta_fast", "beta_slow": "rope_scaling.beta_slow",
+             "max_seq_len": "max_position_embeddings", "n_activated_experts": "num_experts_per_tok",
+             "moe_inter_dim": "moe_intermediate_size", "n_hash_layers": "num_hash_layers", "score_func": "scoring_func",
+             "route_scale": "routed_scaling_factor", "n_mtp_layers": "num_nextn_predict_layers",
+             "compress_ratios": "compress_ratios or layer_types + compress_rates"}

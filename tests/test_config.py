@@ -119,3 +119,81 @@ def test_distributed_training_refuses_cuda_graph_on():
     from dsv4.train.config import TrainConfig
     with pytest.raises(ConfigError, match="distributed training runs eager"):
         train_distributed(TrainConfig(cuda_graph="on"))
+
+
+def _flash_hub() -> dict:
+    with open(os.path.join(FIXTURES, "deepseek-v4-flash", "config.json")) as f:
+        return json.load(f)
+
+
+def _load(d: dict, tmp_path) -> ModelConfig:
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    return ModelConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key", ["index_topk", "sliding_window", "rope_scaling", "head_dim", "qk_rope_head_dim",
+                                 "routed_scaling_factor", "swiglu_limit", "hc_sinkhorn_iters", "num_hash_layers",
+                                 "rope_theta", "compress_rope_theta", "index_n_heads"])
+def test_hub_config_missing_a_model_key_is_refused(key, tmp_path):
+    """The defaults of transformers' config class are V4-Flash's sizes: taking them for a missing key would
+    silently build another model."""
+    d = _flash_hub()
+    del d[key]
+    with pytest.raises(ConfigError, match=f"lacks required key '{key}'"):
+        _load(d, tmp_path)
+
+
+@pytest.mark.parametrize("key", ["index_topk", "window_size", "original_seq_len", "route_scale", "compress_ratios"])
+def test_inference_config_missing_a_model_key_is_refused(key, tmp_path):
+    with open(os.path.join(FIXTURES, "deepseek-v4-flash", "inference", "config.json")) as f:
+        d = json.load(f)
+    del d[key]
+    with pytest.raises(ConfigError, match=key):
+        _load(d, tmp_path)
+
+
+def test_keys_the_official_format_defines_may_be_missing(tmp_path):
+    d = _flash_hub()
+    for key in ("rms_norm_eps", "hc_eps", "num_nextn_predict_layers", "max_position_embeddings", "bos_token_id",
+                "eos_token_id", "num_key_value_heads", "n_shared_experts", "scoring_func"):
+        del d[key]
+    for key in ("beta_fast", "beta_slow"):
+        del d["rope_scaling"][key]
+    assert _load(d, tmp_path).to_dict() == ModelConfig.preset("flash").to_dict()
+
+
+def test_rope_scaling_null_means_no_yarn_and_window_only_models_need_none(tmp_path):
+    d = _flash_hub()
+    d["rope_scaling"] = None
+    cfg = _load(d, tmp_path)
+    assert (cfg.original_seq_len, cfg.rope_factor) == (0, 1.0)
+    for key in ("rope_scaling", "compress_rope_theta", "index_topk", "index_n_heads", "index_head_dim"):
+        del d[key]           # used by compressed / CSA layers only
+    d["compress_ratios"] = [0] * 44
+    cfg = _load(d, tmp_path)
+    assert set(cfg.compress_ratios) == {0} and cfg.original_seq_len == 0
+    d = _flash_hub()
+    del d["rope_scaling"]["original_max_position_embeddings"]
+    with pytest.raises(ConfigError, match="YaRN needs \\['original_max_position_embeddings'\\]"):
+        _load(d, tmp_path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("eos_token_id", 3.7, "eos_token_id=3.7: must be an integer"),
+    ("bos_token_id", [True], "bos_token_id=True: must be an integer"),
+    ("num_hash_layers", True, "n_hash_layers=True: must be an integer"),
+    ("index_topk", "512", "index_topk='512': must be an integer"),
+    ("compress_ratios", [0, 0, 3.7] + [4, 128] * 20 + [4, 0], r"compress_ratios\[2\]=3.7: must be an integer"),
+    ("routed_scaling_factor", True, "route_scale=True: must be a number"),
+])
+def test_types_are_checked_not_coerced(key, value, message, tmp_path):
+    d = _flash_hub()
+    d[key] = value
+    with pytest.raises(ConfigError, match=message):
+        _load(d, tmp_path)
+
+
+def test_integral_floats_are_the_integers_they_equal(tmp_path):
+    d = _flash_hub()
+    d["sliding_window"], d["compress_ratios"] = 128.0, [float(r) for r in d["compress_ratios"]]
+    assert _load(d, tmp_path).to_dict() == ModelConfig.preset("flash").to_dict()
