@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import load_model
 from ..generate import Tokenizer, generate_stream
+from ..generate.detokenize import StreamDecoder
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
@@ -53,7 +54,7 @@ def load(args: argparse.Namespace):
 def stream_text(model, tok: Tokenizer, ids: list[int], args: argparse.Namespace, store=None, out=sys.stdout):
     """Generate from `ids`, writing decoded text as it grows. Returns (new ids, seconds, prefill seconds)."""
     new: list[int] = []
-    shown = ""
+    stream = StreamDecoder(tok, skip_special=True)
     t0 = time.perf_counter()
     t_first = None
     stops = [t for t in (tok.eos_id,) if t is not None]
@@ -65,11 +66,11 @@ def stream_text(model, tok: Tokenizer, ids: list[int], args: argparse.Namespace,
         if step[0] is None:
             break
         new.append(step[0])
-        text = tok.decode(new, skip_special=True)
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-            out.write(text[len(shown):])
+        piece = stream.push(step[0])
+        if piece:
+            out.write(piece)
             out.flush()
-            shown = text
+    out.write(stream.flush())
     return new, time.perf_counter() - t0, t_first or 0.0
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from .chat import EOS, encode_chat, parse_completion
+from .detokenize import StreamDecoder
 from .engine import _prefill, decode_loop
 from .sampling import SamplingConfig
 from .tokenizer import Tokenizer
@@ -54,18 +55,16 @@ class ChatSession:
         last = _prefill(self.model, self.cache, new, 4096, progress=len(new) > 4096)
         self.fed = list(ids)
         out: list[int] = []
-        shown = ""
+        stream = StreamDecoder(self.tok)
         stops = {self.tok.eos_id} if self.tok.eos_id is not None else set()
         for step in decode_loop(self.model, self.cache, last, max_new_tokens, self.sampling, self.gen, stops):
             out.append(step[0])
-            visible = self.tok.decode([t for t in out if t not in stops])
-            if on_text is not None and not visible.endswith("\ufffd"):
-                on_text(visible[len(shown):])
-                shown = visible
-        if on_text is not None:  # whatever the stream still held back (an unfinished character)
-            visible = self.tok.decode([t for t in out if t not in stops])
-            if visible != shown:
-                on_text(visible[len(shown):])
+            piece = stream.push(step[0]) if step[0] not in stops else ""
+            if piece and on_text is not None:
+                on_text(piece)
+        rest = stream.flush()  # whatever the stream still held back (an unfinished character)
+        if rest and on_text is not None:
+            on_text(rest)
         self.fed += out[:-1]  # the last token was sampled but not fed
         self.pending = out[-1:] if out[-1:] == [self.tok.eos_id] else out[-1:] + [self.tok.eos_id]
         completion = self.tok.decode(out)
