@@ -13,13 +13,11 @@ Two phases, shared by the one-process loader and the sharded one (`dsv4.distribu
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import PurePath
 from typing import Callable, Optional
 
 import torch
@@ -30,11 +28,11 @@ from ..model import Transformer
 from ..quant import dequant_fp4_blocks, dequant_fp8_blocks
 from .names import Target, official_to_native, to_official
 from .safetensors_io import CheckpointError, ShardReader, TensorInfo, read_header
+from .shards import list_shards
 
-__all__ = ["load_model", "plan_checkpoint", "load_weights", "CheckpointPlan", "Piece", "Slicing", "list_shards"]
+__all__ = ["load_model", "plan_checkpoint", "load_weights", "CheckpointPlan", "Piece", "Slicing", "keep_all"]
 
 log = logging.getLogger(__name__)
-_INDEX = "model.safetensors.index.json"
 _FLOAT = ("F64", "F32", "F16", "BF16")
 _INTEGER = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
 _PACKED_FP4 = ("I8", "U8", "F4")               # one byte holds two e2m1 values: meaningless without its scale
@@ -77,51 +75,6 @@ Slicing = Callable[[Target, Piece], Optional[Piece]]
 
 def keep_all(target: Target, piece: Piece) -> Piece:
     return piece
-
-
-# ---------------------------------------------------------------------------------------------- files
-def list_shards(path: str) -> list[str]:
-    """The checkpoint's safetensors files: those the index names, else every `*.safetensors` in `path`.
-    Each must lie inside `path` (see `_inside`)."""
-    if not os.path.isdir(path):
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    index = os.path.join(path, _INDEX)
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                names = set(json.load(f)["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: corrupt index ({e})") from None
-        bad = [n for n in names if not isinstance(n, str)]
-        if bad:
-            raise CheckpointError(f"{index}: shard names must be strings, got {bad[:3]}")
-        files = sorted(names)
-        missing = [f for f in files if not os.path.isfile(_inside(path, f, index))]
-        if missing:
-            raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
-        return [os.path.join(path, f) for f in files]
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
-        raise CheckpointError(f"{path}: no *.safetensors files")
-    return [_inside(path, f, path) for f in files]
-
-
-def _inside(root: str, rel: str, source: str) -> str:
-    """`root/rel`, refusing a shard path that leaves the checkpoint directory: absolute, through `..`, or a
-    symlink resolving outside it. One layout is allowed to point outside: the Hugging Face hub cache, where
-    `<repo>/snapshots/<rev>/<file>` links into `<repo>/blobs/`. (Linking the whole directory also works.)"""
-    if os.path.isabs(rel) or ".." in PurePath(rel).parts:
-        raise CheckpointError(f"{source}: shard path {rel!r} leaves the checkpoint directory; shard paths must "
-                              "be relative paths inside it")
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, rel))
-    if os.path.commonpath([real_root, real]) != real_root:
-        repo, snapshots = os.path.dirname(os.path.dirname(real_root)), os.path.basename(os.path.dirname(real_root))
-        blobs = os.path.join(repo, "blobs")
-        if not (snapshots == "snapshots" and os.path.commonpath([blobs, real]) == blobs):
-            raise CheckpointError(f"{source}: shard {rel!r} resolves to {real}, outside the checkpoint directory "
-                                  f"{real_root}; copy the file in (or link the whole directory)")
-    return os.path.join(root, rel)
 
 
 # ---------------------------------------------------------------------------------------------- phase 1: plan
@@ -167,9 +120,8 @@ class _Coverage:
 
     def claim(self, name: str, pairs: list[tuple[str, int | None]]) -> str | None:
         for param, expert in pairs:
-            slots = self.by[param]
-            other = slots.get(expert) or slots.get(None) or (next(iter(slots.values())) if expert is None and slots
-                                                                else None)
+            slots = self.by[param]   # a whole-parameter claim (expert None) clashes with any other claim
+            other = next(iter(slots.values()), None) if expert is None else slots.get(expert) or slots.get(None)
             if other is not None:
                 what = f"'{param}'" + (f" expert {expert}" if expert is not None else "")
                 return f"tensor '{name}' fills {what}, which '{other}' already fills"
