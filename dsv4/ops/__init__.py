@@ -16,7 +16,7 @@ except ImportError:  # no Triton on this machine: the references serve every cal
 from .api import (compress_groups, compress_pool, compress_step, cos_sin, grouped_linear, hc_collapse, hc_mixes,
                   hc_post, hc_split_sinkhorn, index_scores, indexer_topk, linear, linear_fp32, moe_experts, moe_route,
                   rms_norm, rope, rope_, sequence_attn, sparse_attn, swiglu_expert)
-from .compiled import compiled_or_eager
+from .compiled.torch_compile import compiled_or_eager
 from .dispatch import available_backends, batch_invariant, training_kernels
 
 __all__ = ["sparse_attn", "sequence_attn", "indexer_topk", "index_scores", "compress_pool", "compress_groups",

@@ -8,7 +8,7 @@ import functools
 
 from ..dispatch import register
 from ..reference import experts, mhc, norm, routing, sequence_attn, sinkhorn
-from .torch_compile import compiled_or_eager, lazily_compiled, training_on_gpu
+from .torch_compile import lazily_compiled, training_on_gpu
 
 weighted_swiglu = lazily_compiled(experts.weighted_swiglu)  # the grouped experts' hidden activation in training
 
@@ -25,5 +25,3 @@ IMPLEMENTATIONS = {
 
 for _op, _fn in IMPLEMENTATIONS.items():
     register(_op, "compiled", _fn, training_on_gpu)
-
-__all__ = ["compiled_or_eager", "training_on_gpu", "weighted_swiglu", "IMPLEMENTATIONS"]
