@@ -136,17 +136,6 @@ def training(model):
         torch.backends.cuda.matmul.allow_tf32 = False
 
 
-@contextlib.contextmanager
-def env_flag(name: str, on: bool):
-    """Set environment flag `name` to 1 (on) or 0 (off), for the duration."""
-    before = os.environ.pop(name, None)
-    os.environ[name] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-        if before is not None:
-            os.environ[name] = before
 
 
 BF16_STORED_FP32_PARAMS = ("head.weight", "compressor.wkv.weight", "compressor.wgate.weight")
@@ -248,7 +237,7 @@ def profile(model, out_dir: str, context: int = 32768) -> None:
                 "train_fwd_bwd_4k": lambda: train_step(model, tokens[:, :4097]),
                 "train_fwd_bwd_4k_triton_train": lambda: train_step(model, tokens[:, :4097])}
         for name, fn in jobs.items():
-            with env_flag("DSV4_TRITON_TRAIN", name.endswith("triton_train")):
+            with dsv4.ops.training_kernels("triton" if name.endswith("triton_train") else "compiled"):
                 fn()
                 torch.cuda.synchronize()
                 with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -310,7 +299,7 @@ def main() -> None:
         guard("dsv4 decode b64", lambda: dsv4_decode(model, ctx, steps=32, batch=64), res, context=ctx)
     for triton_train in [k == "triton" for k in a.train_kernels]:  # compiled references and/or Triton kernels
         tag = " (triton train)" if triton_train else ""
-        with env_flag("DSV4_TRITON_TRAIN", triton_train):
+        with dsv4.ops.training_kernels("triton" if triton_train else "compiled"):
             for n in a.train:
                 guard("dsv4 train fwd+bwd" + tag, lambda: dsv4_train_step(model, n), res, tokens=n)
                 if triton_train:  # the default path as `dsv4 train` runs it on a GPU: one CUDA graph per step

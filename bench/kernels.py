@@ -15,7 +15,8 @@ import triton
 
 from dsv4.cache.layout import RowStore
 from dsv4.ops import compiled
-from dsv4.ops.reference import attention as ref
+from dsv4.ops.reference import indexer as ref_idx
+from dsv4.ops.reference import sparse_attn as ref_attn
 from dsv4.ops.reference import sequence_attn as ref_seq
 from dsv4.ops.triton import indexer as tri_idx
 from dsv4.ops.triton import sequence_attn as tri_seq
@@ -68,7 +69,7 @@ def attn_case(name: str, B: int, S: int, H: int, D: int, K: int, N: int, ceil: d
     out["frac_copy_bw"] = out["triton_gbps"] / ceil["copy_gbps"]
     out["frac_matmul"] = out["triton_tflops"] / ceil["bf16_matmul_tflops"]
     if B * S * K * D <= (1 << 28):
-        out["reference_ms"] = bench(lambda: ref.sparse_attn(q, kv, sink, idx, D ** -0.5), reps=5)
+        out["reference_ms"] = bench(lambda: ref_attn.sparse_attn(q, kv, sink, idx, D ** -0.5), reps=5)
         # what a user would write: gather the rows, then SDPA with the heads folded into the query axis
         def sdpa():
             rows = torch.gather(kv, 1, idx.long().clamp(min=0).flatten(1).unsqueeze(-1).expand(-1, -1, D))
@@ -133,7 +134,7 @@ def train_attn_case(name: str, S: int, ratio: int, topk: int | None, ceil: dict,
     visible = int(mask.sum()) + S * min(W, S)                 # (query, row) pairs attended: the useful work
     flops = 4 * H * D * visible * 3.5                         # QK and PV forward, 2.5x that backward (with recompute)
     out = {"case": name, "S": S, "N": N}
-    impls = {"triton": tri_seq.sequence_attn, "compiled_reference": compiled.OPS["sequence_attn"],
+    impls = {"triton": tri_seq.sequence_attn, "compiled_reference": compiled.IMPLEMENTATIONS["sequence_attn"],
              "eager_reference": ref_seq.sequence_attn}
     if long:
         impls = {"triton": impls["triton"]}
@@ -237,7 +238,7 @@ def indexer_case(name: str, B: int, S: int, T: int, ceil: dict, HI: int = 64, DI
         out["steps_sweep_ms"] = {n: timer(lambda: tri_idx.index_scores_masked(q, w, keys, nv, steps_per_program=n))
                                  for n in (1, 2, 4, 8, 16)}
     if B * S * T * HI <= (1 << 28):
-        out["reference_ms"] = bench(lambda: ref.indexer_topk(q, w, keys, nv, k), reps=5)
+        out["reference_ms"] = bench(lambda: ref_idx.indexer_topk(q, w, keys, nv, k), reps=5)
     return out
 
 
@@ -258,7 +259,7 @@ def indexer_train_case(name: str, S: int, ratio: int, ceil: dict, HI: int = 64, 
     def fwd_bwd(fn):
         return lambda: fn(*leaves).backward(dout)
     out = {"case": name, "S": S, "T": T}
-    for impl, fn in {"triton": tri_idx.index_scores, "reference": ref.index_scores}.items():
+    for impl, fn in {"triton": tri_idx.index_scores, "reference": ref_idx.index_scores}.items():
         try:
             out[f"{impl}_ms"] = bench(fwd_bwd(fn), reps=5)
         except Exception as e:  # noqa: BLE001 - report (e.g. out of memory) and go on
@@ -273,7 +274,7 @@ def indexer_train_case(name: str, S: int, ratio: int, ceil: dict, HI: int = 64, 
 def compressor_case(name: str, S: int, ratio: int, d: int, overlap: bool, ceil: dict) -> dict:
     """The compressor's prefill pooling of one S-token chunk from position 0 (fp32 projections in, fp32 entries
     out, the position bias added by phase): the Triton kernel and the reference (candidate copies + softmax)."""
-    from dsv4.ops.reference import pooling as ref_pool
+    from dsv4.ops.reference import compressor as ref_pool
     from dsv4.ops.triton import compressor as tri_comp
     g = torch.Generator(device="cuda").manual_seed(5)
     W2 = (2 if overlap else 1) * d

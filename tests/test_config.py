@@ -86,17 +86,19 @@ def test_unknown_key_and_bad_json(tmp_path):
 
 def test_train_config_gpu_kernels(monkeypatch):
     """--gpu-kernels: a bad choice names the field; "triton" (the default) turns the Triton training kernels on,
-    "compiled" off; without the flag they are on."""
-    from dsv4.ops.triton import training_kernels_enabled
+    "compiled" off, through the dispatcher's setting (the environment is read, never written); without the flag
+    they are on."""
+    from dsv4.ops import dispatch
     from dsv4.train.config import TrainConfig, use_gpu_kernels
     with pytest.raises(ConfigError, match="gpu_kernels"):
         TrainConfig(gpu_kernels="cuda")
-    monkeypatch.delenv("DSV4_TRITON_TRAIN", raising=False)  # (restored after the test, whatever is set below)
-    assert training_kernels_enabled()
+    monkeypatch.delenv("DSV4_TRITON_TRAIN", raising=False)
+    monkeypatch.setattr(dispatch, "_training_kernels", None)  # (the process's choice restored after the test)
+    assert dispatch.training_kernel_choice() == "triton"
     use_gpu_kernels(TrainConfig(gpu_kernels="compiled").gpu_kernels)
-    assert not training_kernels_enabled()
+    assert dispatch.training_kernel_choice() == "compiled" and "DSV4_TRITON_TRAIN" not in os.environ
     use_gpu_kernels(TrainConfig().gpu_kernels)
-    assert training_kernels_enabled()
+    assert dispatch.training_kernel_choice() == "triton" and "DSV4_TRITON_TRAIN" not in os.environ
 
 
 def test_train_config_cuda_graph():

@@ -11,11 +11,9 @@ scales, so with `set_quant_sim(True)` storing them is lossless; without it they 
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
-from ..ops.compiled import compile_enabled, lazily_compiled
+from ..ops import compiled_or_eager
 from ..quant import decode_fp4_keys, decode_fp8_kv, e2m1_round, float_to_e8m0, pack_fp4
 
 _FLOAT = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,31 +80,14 @@ def decode_records(rec: torch.Tensor, fmt: str, role: str, dim: int, rope_dim: i
     return decode_fp4_keys(rec, dim, dtype)
 
 
-def _compiled_or_eager(fn):
-    """fn torch.compile'd; if compiling it fails (an unsupported PyTorch build, say), a warning and fn from then
-    on: the codecs are an optimisation, never a reason a decode cannot run."""
-    compiled, failed = lazily_compiled(fn), []
-
-    def run(*args):
-        if not failed:
-            try:
-                return compiled(*args)
-            except Exception as e:  # noqa: BLE001 - any compiler failure: say so once, then run eager
-                failed.append(e)
-                warnings.warn(f"torch.compile of {fn.__name__} failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]}); running it eagerly")
-        return fn(*args)
-    run.failed = failed
-    return run
-
-
-_COMPILED = {encode_records: _compiled_or_eager(encode_records), decode_records: _compiled_or_eager(decode_records)}
+# (the codecs are an optimisation, never a reason a decode cannot run: a compiler failure falls back to eager)
+_COMPILED = {encode_records: compiled_or_eager(encode_records), decode_records: compiled_or_eager(decode_records)}
 
 
 def _codec(fn, t: torch.Tensor):
     """fn, or its torch.compile'd form at inference on a GPU: eager, one FP8 record write is ~25 small kernels
     and an FP4 key write ~57, several per layer and decode step; compiled, a few (DSV4_COMPILE=0: eager)."""
-    if t.is_cuda and not torch.is_grad_enabled() and compile_enabled():
+    if t.is_cuda and not torch.is_grad_enabled():
         return _COMPILED[fn]
     return fn
 

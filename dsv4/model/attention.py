@@ -13,12 +13,10 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops import invariant_mode as bi
-from ..ops.reference.attention import with_prefix
 from ..config import ModelConfig
 from .compressor import Compressed, Compressor, CompressorState, quantize_entries
 from .indexer import Indexer
-from .norm import Linear, RMSNorm, rms_unweighted
+from .norm import Linear, RMSNorm
 from .rope import apply_rope_, rope_angles, rope_frequencies
 from .step_memo import shared
 
@@ -57,6 +55,12 @@ def visible_entries(n_visible: torch.Tensor, n_entries: int) -> torch.Tensor:
     """HCA: every entry j < n_visible[b, s] (-1 elsewhere): [B, S, n_entries]."""
     j = torch.arange(n_entries, device=n_visible.device)
     return torch.where(j < n_visible.unsqueeze(-1), j, -1)
+
+
+def with_prefix(entries: torch.Tensor, prefix: torch.Tensor, offset: int) -> torch.Tensor:
+    """An attention index list [prefix | entries + offset where entries >= 0, else -1] along the last dim (int64),
+    the layout ops.indexer_topk returns with a prefix."""
+    return torch.cat((prefix.long(), torch.where(entries >= 0, entries + offset, -1)), dim=-1)
 
 
 class Attention(nn.Module):
@@ -114,8 +118,8 @@ class Attention(nn.Module):
         cos, sin = shared(pos0, ("rope", S, self._rope), lambda: rope_angles(pos, self.freqs))  # [B, S, rd/2]
 
         qr = self.q_norm(self.wq_a(x))                                        # [B, S, q_lora]
-        if bi.active(x) or torch.is_grad_enabled():  # training, batch-invariant mode: norm, then rope
-            q = apply_rope_(rms_unweighted(self.wq_b(qr).view(B, S, H, D), self.eps), cos, sin)
+        if torch.is_grad_enabled():  # training: norm, then rope
+            q = apply_rope_(ops.rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps), cos, sin)
             kv = apply_rope_(self.kv_norm(self.wkv(x)), cos, sin)
         else:  # inference: each norm with its rope in one op
             q = ops.rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps, rope=(cos, sin))   # [B, S, H, D]
@@ -130,10 +134,7 @@ class Attention(nn.Module):
         o = apply_rope_(o, cos, sin, inverse=True)  # V = K carries RoPE: rotate the output back
         o = o.reshape(B, S, self.n_groups, H * D // self.n_groups)
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
-        if bi.active(o):  # per-group GEMMs with the fixed-configuration kernel
-            o = bi.linear(o.permute(2, 0, 1, 3).flatten(1, 2), wo_a).unflatten(1, (B, S)).permute(1, 2, 0, 3)
-        else:
-            o = torch.einsum("bsgi,gri->bsgr", o, wo_a.to(o.dtype))           # [B, S, G, o_lora]
+        o = ops.grouped_linear(o, wo_a)                                       # [B, S, G, o_lora]
         out = self.wo_b(o.flatten(2))
         return out if self.output_reduce is None else self.output_reduce(out)
 

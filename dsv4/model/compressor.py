@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through
-from .norm import Linear, RMSNorm, linear_fp32
+from .norm import Linear, RMSNorm
 from .rope import apply_rope_, rope_angles
 from .step_memo import shared
 
@@ -73,8 +73,8 @@ class Compressor(nn.Module):
         """
         B, S, _ = x.shape
         m, d = self.ratio, self.head_dim
-        kv = linear_fp32(x, self.wkv.weight)  # [B, S, coff*Dc]; compression runs in fp32 (scores are exponentiated)
-        score = linear_fp32(x, self.wgate.weight)
+        kv = ops.linear_fp32(x, self.wkv.weight)  # [B, S, coff*Dc]; compression runs in fp32 (scores are exponentiated)
+        score = ops.linear_fp32(x, self.wgate.weight)
         if state is not None and S == 1:  # decode: position bias, state update, pooling, norm, rope: one op
             entries = ops.compress_step(kv[:, 0], score[:, 0], state.kv[:B], state.score[:B], pos0, m,
                                         self.overlap, self.norm.weight, self.norm.eps, freqs, x.dtype, self.ape)

@@ -14,16 +14,6 @@ import math
 import torch
 
 from .. import ops
-from ..ops import invariant_mode as bi
-from .norm import linear_fp32, rsqrt_mean_square
-
-
-def _mixes(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    """The projected logits fn . x / rms(x) of the lanes [B, S, R, C] (fp32)."""
-    if not bi.active(x):
-        return ops.hc_mixes(x, fn, eps)
-    xf = x.flatten(2).float()
-    return linear_fp32(xf, fn) * rsqrt_mean_square(xf, eps)
 
 
 def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
@@ -33,7 +23,7 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     `constrained=False` is the unconstrained hyper-connection ablation: comb is the raw affine map of the
     logits (no softmax, no Sinkhorn), so nothing keeps the residual mixing from amplifying."""
     R = x.shape[2]
-    mixes = _mixes(x, fn, norm_eps)
+    mixes = ops.hc_mixes(x, fn, norm_eps)                               # [B, S, (2+R)*R] fp32
     if constrained:
         pre, post, comb = ops.hc_split_sinkhorn(mixes, scale, base, R, iters, hc_eps)
     else:
@@ -50,7 +40,7 @@ def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: t
 def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_eps: float,
             hc_eps: float) -> torch.Tensor:
     """Final collapse of the lanes: [B, S, R, C] -> [B, S, C], sigmoid weights, no Sinkhorn."""
-    mixes = _mixes(x, fn, norm_eps)
+    mixes = ops.hc_mixes(x, fn, norm_eps)                               # [B, S, R] fp32
     pre = torch.sigmoid(mixes * scale.float() + base.float()) + hc_eps
     return ops.hc_collapse(x, pre)
 

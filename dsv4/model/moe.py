@@ -13,9 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..ops import invariant_mode as bi
-from ..ops.reference.experts import swiglu
-from .norm import Linear, linear_fp32
+from .norm import Linear
 from ..quant import fp4_fake_quant, straight_through
 
 
@@ -47,7 +45,7 @@ class Gate(nn.Module):
             if token_ids is None:
                 raise ValueError("hash-routed MoE layers need the token ids")
             fixed = self.tid2eid[token_ids.flatten()]
-        return ops.moe_route(linear_fp32(x, self.weight), None if self.hashed else self.bias, fixed, self.topk,
+        return ops.moe_route(ops.linear_fp32(x, self.weight), None if self.hashed else self.bias, fixed, self.topk,
                              self.route_scale)
 
 
@@ -62,8 +60,6 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if bi.active(x) and x.shape[0] > 16:  # (the fused decode kernel is batch-invariant up to 16 tokens)
-            return self.w2(swiglu(self.w1(x), self.w3(x), self.swiglu_limit).to(x.dtype))
         return ops.swiglu_expert(x, self.w1.weight, self.w2.weight, self.w3.weight, self.swiglu_limit)
 
 
@@ -97,6 +93,10 @@ class MoE(nn.Module):
         e = self.experts
         w1, w2, w3 = (fp4_weights(_local(w)) if self.qat else _local(w) for w in (e.w1, e.w2, e.w3))
         local = idx - expert_offset if expert_offset else idx  # (a subtraction of 0 is one more kernel per step)
+        if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
+            # fp32 activations under autocast meet the experts in the autocast dtype, as every other projection
+            # does: bf16 grouped GEMMs rather than the reference's fp32 per-expert loop (which syncs with the host)
+            x = x.to(torch.get_autocast_dtype("cuda"))
         return ops.moe_experts(x, w1, w2, w3, local, weights, self.swiglu_limit)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> torch.Tensor:

@@ -11,7 +11,6 @@ import math
 import torch
 
 from .. import ops
-from ..ops.reference.rope import cos_sin
 
 
 def rope_frequencies(rope_dim: int, theta: float, factor: float = 1.0, original_seq_len: int = 0,
@@ -33,7 +32,7 @@ def rope_frequencies(rope_dim: int, theta: float, factor: float = 1.0, original_
 
 def rope_angles(positions: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of positions x freqs: [..., rope_dim // 2] fp32, for any integer positions tensor."""
-    return cos_sin(positions.to(torch.float32).unsqueeze(-1) * freqs.to(positions.device))
+    return ops.cos_sin(positions.to(torch.float32).unsqueeze(-1) * freqs.to(positions.device))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:

@@ -13,11 +13,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import ops
 from ..config import ModelConfig
 from .attention import Attention
 from .mhc import hc_head, hc_post, hc_pre, init_hc_params
 from .moe import MoE
-from .norm import Linear, RMSNorm, linear_fp32
+from .norm import Linear, RMSNorm
 
 # Parameters the reference keeps in fp32 whatever the model dtype (v4-architecture §7 "Stays BF16 / FP32").
 FP32_PARAM_SUFFIXES = ("norm.weight", "attn_sink", "ape", "compressor.wkv.weight", "compressor.wgate.weight",
@@ -282,7 +283,7 @@ class Transformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Lanes [B, S, R, C] -> fp32 logits [B, S, vocab]."""
         y = self.norm(_collapse(self, h, self.config.norm_eps, self.config.hc_eps))
-        return linear_fp32(y, self.head.weight)
+        return ops.linear_fp32(y, self.head.weight)
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
         """tokens [B, S] int64 -> fp32 logits [B, S, vocab] ([B, 1, vocab] with last_only)."""
@@ -295,7 +296,7 @@ class Transformer(nn.Module):
         out = []
         for block, ids in zip(self.mtp, next_tokens):
             h = self._run_block(block, h, self.embed(ids), ids)
-            out.append(linear_fp32(block.collapse(h), self.head.weight))
+            out.append(ops.linear_fp32(block.collapse(h), self.head.weight))
         return out
 
     # ------------------------------------------------------------------ initialisation

@@ -1,12 +1,25 @@
 """The swappable math of V4: attention over index lists, indexer top-k, compressor pooling, mHC (Sinkhorn,
-lane collapse, post mix), routed experts. Model code calls only these names; `dispatch` picks an
-implementation per call (explicit `backend=` argument, then the DSV4_BACKEND environment variable, then the
-best available). `reference/` holds the plain-PyTorch spec of each op."""
-from .invariant_mode import batch_invariant, set_batch_invariant
-from .dispatch import (available_backends, compress_groups, compress_pool, compress_step, hc_collapse, hc_mixes, hc_post,
-                       hc_split_sinkhorn, index_scores, indexer_topk, linear_fp32, moe_experts, moe_route, rms_norm,
-                       rope, rope_, sequence_attn, sparse_attn, swiglu_expert)
+lane collapse, post mix), routed experts, norms, RoPE and the model's matmuls. Model code calls only these names;
+`dispatch` picks an implementation per call (explicit `backend=` argument, then the DSV4_BACKEND environment
+variable, then the best available for the call and the modes below). `reference/` holds the plain-PyTorch spec of
+each op, the other folders its faster backends.
 
-__all__ = ["sparse_attn", "sequence_attn", "indexer_topk", "index_scores", "compress_pool", "compress_groups", "compress_step", "hc_split_sinkhorn",
-           "hc_collapse", "hc_post", "hc_mixes", "rms_norm", "linear_fp32", "moe_experts", "moe_route", "swiglu_expert", "rope", "rope_", "available_backends",
-           "batch_invariant", "set_batch_invariant"]
+Modes: `batch_invariant()` (a sequence's logits independent of its batch) and `training_kernels("triton" |
+"compiled")` (which kernels training calls run on a GPU)."""
+from . import compiled, gathered, grouped, reference  # each backend registers its implementations on import
+
+try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
+    from . import invariant, triton
+except ImportError:  # no Triton on this machine: the references serve every call
+    pass
+
+from .api import (compress_groups, compress_pool, compress_step, cos_sin, grouped_linear, hc_collapse, hc_mixes,
+                  hc_post, hc_split_sinkhorn, index_scores, indexer_topk, linear, linear_fp32, moe_experts, moe_route,
+                  rms_norm, rope, rope_, sequence_attn, sparse_attn, swiglu_expert)
+from .compiled.torch_compile import compiled_or_eager
+from .dispatch import available_backends, batch_invariant, training_kernels
+
+__all__ = ["sparse_attn", "sequence_attn", "indexer_topk", "index_scores", "compress_pool", "compress_groups",
+           "compress_step", "hc_split_sinkhorn", "hc_collapse", "hc_post", "hc_mixes", "rms_norm", "linear",
+           "grouped_linear", "linear_fp32", "moe_experts", "moe_route", "swiglu_expert", "cos_sin", "rope", "rope_",
+           "compiled_or_eager", "available_backends", "batch_invariant", "training_kernels"]

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .. import ops
 from ..config import ConfigError, ModelConfig
 
 
@@ -132,5 +133,5 @@ class TrainConfig:
 
 def use_gpu_kernels(choice: str) -> None:
     """The training kernels for this process: "triton" (the default) or "compiled" (the torch.compile'd
-    references; they read DSV4_TRITON_TRAIN, which also works on its own)."""
-    os.environ["DSV4_TRITON_TRAIN"] = "1" if choice == "triton" else "0"
+    references); see dsv4.ops.training_kernels, which also serves as a `with` block."""
+    ops.training_kernels(choice)

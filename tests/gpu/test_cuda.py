@@ -77,7 +77,7 @@ def test_cuda_graph_decode_equals_eager(models, dtype):
 def test_grouped_experts_bf16_match_reference():
     """torch._grouped_mm experts (prefill, batched decode, training) against the per-expert loop on the GPU in
     bf16, forward and backward, with experts that receive no token."""
-    from dsv4.ops import grouped_experts
+    from dsv4.ops.grouped import experts as grouped_experts
     from dsv4.ops.reference.experts import moe_experts as ref
     g = torch.Generator(device="cuda").manual_seed(0)
     N, C, F, E, k = 300, 256, 128, 16, 6
@@ -161,7 +161,7 @@ def test_fp8_cache_read_in_place_matches_bf16_cache(models, monkeypatch):
 
 
 def test_compiled_training_ops_match_reference(monkeypatch):
-    """Training on the GPU runs the compiled references (ops.compiled): the loss and every gradient match the
+    """Training on the GPU runs the compiled references (ops/compiled): the loss and every gradient match the
     eager references (DSV4_COMPILE=0) on a tiny model, indexer KL and sparse stage included."""
     from dsv4.model.attention import Attention
     from dsv4.train.losses import LossWeights, compute_loss
@@ -202,16 +202,16 @@ def _training_model(dtype):
     return model
 
 
-def _loss_and_grads(mp, model, tokens, flag, recompute=False, dense_pairs=None):
+def _loss_and_grads(mp, model, tokens, kernels, recompute=False, dense_pairs=None):
     from dsv4.ops.triton import sequence_attn as tri_seq
     from dsv4.train.losses import LossWeights, compute_loss
-    mp.setenv("DSV4_TRITON_TRAIN", flag)
     if dense_pairs is not None:  # every sequence through the list walk
         mp.setattr(tri_seq, "DENSE_WALK_PAIRS", dense_pairs)
     model.set_activation_checkpointing(recompute)
     model.zero_grad(set_to_none=True)
-    loss, _ = compute_loss(model, tokens, LossWeights())
-    loss.backward()
+    with dsv4.ops.training_kernels(kernels):  # (the backward's recomputation included)
+        loss, _ = compute_loss(model, tokens, LossWeights())
+        loss.backward()
     model.set_activation_checkpointing(False)
     return loss.detach().double(), {n: p.grad.double() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -224,15 +224,16 @@ def reference_training_grads():
     torch.backends.cuda.matmul.allow_tf32 = False
     tokens = torch.randint(0, 2048, TRAINING_TOKENS, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with pytest.MonkeyPatch.context() as mp:
-        fp32 = _loss_and_grads(mp, _training_model(torch.float32), tokens, "0")
+        fp32 = _loss_and_grads(mp, _training_model(torch.float32), tokens, "compiled")
         bf16 = _training_model(torch.bfloat16)
-        refs = {recompute: _loss_and_grads(mp, bf16, tokens, "0", recompute=recompute) for recompute in (False, True)}
+        refs = {recompute: _loss_and_grads(mp, bf16, tokens, "compiled", recompute=recompute)
+                for recompute in (False, True)}
     return tokens, fp32, refs
 
 
 @pytest.mark.parametrize("only", [None, *sorted(TRAINING_KERNEL_FAMILIES)])
 def test_triton_training_kernels_match_compiled(monkeypatch, reference_training_grads, only):
-    """The Triton training kernels (DSV4_TRITON_TRAIN=1: attention, mHC mixes and post mix, RoPE, the indexer's
+    """The Triton training kernels (training_kernels("triton"): attention, mHC mixes and post mix, RoPE, the indexer's
     scores under its KL loss, the compressors' pooling) in a bf16 model, with and without block recomputation, with the attention's masked
     walk and its list walk: the loss and every gradient are as close to an fp32 model's as the compiled reference
     path's bf16 ones are (within bf16 noise). Some gradients are sums that cancel to ~1e-6 (the head's mHC
@@ -253,7 +254,7 @@ def test_triton_training_kernels_match_compiled(monkeypatch, reference_training_
         # sums amplify it (layers.0.hc_attn_scale: 0.7% off in the reference without recompute, 6% with the
         # Triton path's recompute whichever single family was on, on an H200)
         l_ref, g_ref = refs[case.get("recompute", False)]
-        l_tri, g_tri = _loss_and_grads(monkeypatch, bf16, tokens, "1", **case)
+        l_tri, g_tri = _loss_and_grads(monkeypatch, bf16, tokens, "triton", **case)
         assert abs(l_tri - l32) <= 2 * abs(l_ref - l32) + 1e-3 * abs(l32), (case, l_tri, l_ref, l32)
         assert g_tri.keys() == g_ref.keys() == g32.keys()
         errs = {n: (rel(g_tri[n], g32[n]), rel(g_ref[n], g32[n])) for n in g32}

@@ -153,7 +153,7 @@ def test_expert_kernels_equal_reference(impl):
     if impl == "grouped" and not hasattr(torch, "_grouped_mm"):
         pytest.skip("this PyTorch has no torch._grouped_mm")
     import importlib
-    fn = importlib.import_module(f"dsv4.ops.{impl}_experts").moe_experts
+    fn = importlib.import_module(f"dsv4.ops.{impl}.experts").moe_experts
     from dsv4.ops.reference.experts import moe_experts as ref
     g = torch.Generator().manual_seed(4)
     N, C, F, E, k = 9, 16, 24, 8, 3

@@ -39,7 +39,8 @@ def _check(code: str, env: dict) -> None:
 
 CHECK = r'''
 import torch
-from dsv4.ops.reference.attention import indexer_topk as ref_top, sparse_attn as ref_attn
+from dsv4.ops.reference.indexer import indexer_topk as ref_top
+from dsv4.ops.reference.sparse_attn import sparse_attn as ref_attn
 from dsv4.ops.triton.indexer import indexer_topk as tri_top
 from dsv4.ops.triton.sparse_attn import sparse_attn as tri_attn
 from dsv4.ops.triton.sinkhorn import hc_split_sinkhorn as tri_hc
@@ -48,10 +49,11 @@ from dsv4.ops.triton.experts import moe_experts as tri_moe
 from dsv4.ops.reference.experts import moe_experts as ref_moe
 from dsv4.ops.triton import mhc as tri_mhc
 from dsv4.ops.triton.compressor import compress_step as tri_step, compress_groups as tri_groups
-from dsv4.ops.reference.pooling import compress_step as ref_step, compress_groups as ref_groups
+from dsv4.ops.reference.compressor import compress_step as ref_step, compress_groups as ref_groups
 from dsv4.ops.triton.rope import rope_ as tri_rope
 from dsv4.ops.reference.rope import rope_ as ref_rope
-from dsv4.ops.triton.invariant import matmul_nt, rms_rsqrt
+from dsv4.ops.invariant.linear import matmul_nt
+from dsv4.ops.invariant.norm import rms_rsqrt
 from dsv4.ops.reference import mhc as ref_mhc
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
@@ -259,7 +261,7 @@ for M, N, K, bf16_w in ((3, 70, 64, True), (130, 24, 128, False), (200, 300, 96,
     a, r = tri_lin(x, w), x.double() @ w.double().T
     assert a.dtype == torch.float32 and ((a.double() - r).abs().max() / r.abs().max()).item() < 1e-5
 from dsv4.ops.triton.indexer import index_scores_masked
-from dsv4.ops.reference.attention import index_scores as ref_scores
+from dsv4.ops.reference.indexer import index_scores as ref_scores
 for B, S, HI, DI, T in ((1, 70, 20, 64, 150), (2, 130, 64, 32, 600)):  # prefill: query blocks x key tiles
     q = torch.randn(B, S, HI, DI, generator=g).to(dev, dt); w = torch.randn(B, S, HI, generator=g).to(dev)
     keys = torch.randn(B, T, DI, generator=g).to(dev, dt)
@@ -406,8 +408,8 @@ from dsv4.ops.reference import rope as ref_rope
 from dsv4.ops.triton import mhc as tri_mhc, rope as tri_rope
 from dsv4.ops.triton.sequence_attn import _row_dots
 from dsv4.ops.triton import indexer as tri_idx, compressor as tri_comp
-from dsv4.ops.reference.attention import index_scores as ref_idx
-from dsv4.ops.reference import pooling as ref_pool
+from dsv4.ops.reference.indexer import index_scores as ref_idx
+from dsv4.ops.reference import compressor as ref_pool
 dev, dt = "{dev}", {dt}
 g = torch.Generator().manual_seed(0)
 err = lambda x, y: ((x.double() - y).norm() / y.norm()).item()

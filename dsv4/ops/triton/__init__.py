@@ -1,64 +1,29 @@
-"""Triton kernels for dsv4.ops (same signatures as ops/reference). Registered with the dispatcher when Triton
-imports; `auto` picks them for CUDA tensors they support. Under TRITON_INTERPRET=1 they also run on the CPU
-(slowly), which is how CI checks their logic."""
-import functools
-import os
-import warnings
-from typing import Callable
+"""Triton kernels for dsv4.ops (same signatures and file names as ops/reference), registered as the "triton"
+backend: `auto` picks them for the CUDA tensors each one's predicate accepts. Under TRITON_INTERPRET=1 they also
+run on the CPU (slowly), which is how CI checks their logic."""
+from ..dispatch import register
+from . import compressor, experts, indexer, linear, mhc, norm, rope, routing, sequence_attn, sinkhorn, sparse_attn
 
-import torch
-from triton.compiler.errors import CompilationError
-from triton.runtime.errors import OutOfResources
+# op -> (implementation, predicate saying whether it takes these arguments)
+IMPLEMENTATIONS = {
+    "sparse_attn": (sparse_attn.sparse_attn, sparse_attn.supports),
+    "sequence_attn": (sequence_attn.sequence_attn, sequence_attn.supports),
+    "indexer_topk": (indexer.indexer_topk, indexer.supports),
+    "index_scores": (indexer.index_scores, indexer.supports_scores),
+    "hc_split_sinkhorn": (sinkhorn.hc_split_sinkhorn, sinkhorn.supports),
+    "moe_experts": (experts.moe_experts, experts.supports),
+    "swiglu_expert": (experts.swiglu_expert, experts.supports_dense),
+    "compress_step": (compressor.compress_step, compressor.supports),
+    "compress_groups": (compressor.compress_groups, compressor.supports_groups),
+    "rope_": (rope.rope_, rope.supports),
+    "rope": (rope.rope, rope.supports_differentiable),
+    "hc_collapse": (mhc.hc_collapse, mhc.supports),
+    "hc_post": (mhc.hc_post, mhc.supports_post),
+    "hc_mixes": (mhc.hc_mixes, mhc.supports_mixes),
+    "rms_norm": (norm.rms_norm, norm.supports),
+    "linear_fp32": (linear.linear_fp32, linear.supports),
+    "moe_route": (routing.moe_route, routing.supports),
+}
 
-
-def interpreted() -> bool:
-    """Running under TRITON_INTERPRET=1 (the CPU interpreter, whose bf16 tl.dot is unreliable: kernels that
-    would use one take the same exact products as IEEE fp32 dots there)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def training_kernels_enabled() -> bool:
-    """The Triton training kernels (whole-sequence attention, mHC mixes; forward and backward) instead of the
-    compiled references, unless DSV4_TRITON_TRAIN=0. Measured on the H100 (bench/e2e.py, 4-layer V4-Flash
-    geometry): a 4K training step 1.2x faster and 16% less memory, a 64K step 6.9x faster."""
-    return os.environ.get("DSV4_TRITON_TRAIN", "1") != "0"
-
-
-@functools.cache
-def multiprocessors(device: torch.device) -> int:
-    """SMs of a tensor's CUDA device (1 elsewhere: the interpreter): how launchers size their grids to fill it."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
-def autograd_tracks(*inputs) -> bool:
-    """A training call: autograd records and some tensor among `inputs` (None and non-tensors allowed) needs a
-    gradient."""
-    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs)
-
-
-def reference_grads(reference: Callable, tensors: tuple, grad: torch.Tensor) -> tuple:
-    """Gradients of reference(*tensors) for the output gradient `grad` (None for None inputs): how a backward
-    kernel that cannot run here is replaced, by recomputing the reference under autograd."""
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
-        got = iter(torch.autograd.grad(reference(*leaves), [t for t in leaves if t is not None], grad))
-    return tuple(None if t is None else next(got) for t in leaves)
-
-
-def falls_back_to(reference: Callable) -> Callable[[Callable], Callable]:
-    """Run `reference` with the same arguments, with a warning, where the decorated kernel launcher does not
-    compile or fit on this GPU or Triton version (kernels checked on Hopper with Triton 3.6 and under the
-    interpreter may not build elsewhere). DSV4_TRITON_STRICT=1 (set by the test suite) raises instead."""
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except (CompilationError, OutOfResources) as e:
-                if os.environ.get("DSV4_TRITON_STRICT") == "1":  # the tests: a kernel that does not build fails
-                    raise
-                warnings.warn(f"Triton {fn.__name__} unavailable here ({type(e).__name__}); using the reference",
-                              RuntimeWarning, stacklevel=2)
-                return reference(*args, **kwargs)
-        return run
-    return wrap
+for _op, (_fn, _supports) in IMPLEMENTATIONS.items():
+    register(_op, "triton", _fn, _supports)

@@ -11,8 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.pooling import compress_groups as reference_compress_groups
-from . import autograd_tracks, falls_back_to, reference_grads, training_kernels_enabled
+from ..reference.compressor import compress_groups as reference_compress_groups
+from .launch import autograd_tracks, falls_back_to, reference_grads, training_kernels_enabled
 
 
 @triton.jit
@@ -117,7 +117,7 @@ def _norm_rope_kernel(pooled_ptr, w_ptr, pos_ptr, freqs_ptr, out_ptr, d, m, eps,
 def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
                   freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None) -> torch.Tensor:
-    """Same contract as ops.reference.pooling.compress_step (the position bias added in the kernel)."""
+    """Same contract as ops.reference.compressor.compress_step (the position bias added in the kernel)."""
     B, W2 = kv.shape
     d = W2 // 2 if overlap else W2
     kv, score = kv.float().contiguous(), score.float().contiguous()
@@ -291,7 +291,7 @@ class _CompressGroups(torch.autograd.Function):
 def compress_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: bool, n: int,
                     prev: tuple[torch.Tensor, torch.Tensor] | None = None, ape: torch.Tensor | None = None
                     ) -> torch.Tensor:
-    """Same contract as ops.reference.pooling.compress_groups; differentiable in kv, score and ape (without prev)."""
+    """Same contract as ops.reference.compressor.compress_groups; differentiable in kv, score and ape (without prev)."""
     kv, score = kv.float().contiguous(), score.float().contiguous()
     ape = None if ape is None else ape.float().contiguous()
     if autograd_tracks(kv, score, *(prev or ()), ape):

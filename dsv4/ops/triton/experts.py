@@ -5,15 +5,14 @@ A decode step routes a handful of tokens to k experts each; the work is reading 
 One program computes a block of output rows of one (token, slot) pair, streaming the rows of the pair's
 expert. The first kernel fuses the gate and up projections with the clamped SwiGLU and the routing weight;
 the second applies the down projection and sums each token's slots. No gather copies the weights, no host
-sync, two launches; each token's arithmetic is independent of the batch (batch-invariant mode uses it always).
+sync, two launches; each token's arithmetic is independent of the batch (batch-invariant mode runs it for any
+number of pairs).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-
-from .. import invariant_mode
 
 MAX_PAIRS = 16  # (token, slot) pairs; beyond, several pairs share experts and grouped GEMMs read less
 
@@ -118,13 +117,17 @@ def swiglu_expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch
 
 def supports_dense(x: torch.Tensor, w1: torch.Tensor) -> bool:
     return (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)
-            and (x.shape[0] <= MAX_PAIRS or invariant_mode.enabled())
+            and x.shape[0] <= MAX_PAIRS
             and not (torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)))
 
 
 def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, *a) -> bool:
+    return supports_any_batch(x, w1, w2, w3, idx) and idx.numel() <= MAX_PAIRS
+
+
+def supports_any_batch(x: torch.Tensor, w1: torch.Tensor, *a) -> bool:
+    """The kernels' inputs for any number of pairs (batch-invariant mode: per pair, the same for any batch)."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and (idx.numel() <= MAX_PAIRS or invariant_mode.enabled())  # per pair: the same for any batch
             and not (torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)))
 
 

@@ -7,9 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import invariant_mode
-from ..reference.attention import index_scores as reference_index_scores
-from . import autograd_tracks, falls_back_to, multiprocessors, reference_grads, training_kernels_enabled
+from ..reference.indexer import index_scores as reference_index_scores
+from .launch import autograd_tracks, falls_back_to, multiprocessors, reference_grads, training_kernels_enabled
 
 
 @triton.jit
@@ -143,7 +142,7 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Same contract as ops.reference.attention.index_scores (exact-zero scores become vanishing negative
+    """Same contract as ops.reference.indexer.index_scores (exact-zero scores become vanishing negative
     values ordered by age, which changes no top-k choice; the caller masks visibility). Differentiable: the
     indexer's KL loss trains q, weights and keys through _IndexScores."""
     if autograd_tracks(q, weights, keys):
@@ -278,14 +277,14 @@ def supports_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) 
     return supports(q, weights, keys, None, 0) and (not autograd_tracks(q, weights, keys) or training_kernels_enabled())
 
 
-def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, sort: bool = False) -> torch.Tensor:
     """Indices of the k largest scores along the last dim (distinct scores: the kernel breaks zero ties).
 
-    Unsorted: the attention sums over the selection in any order, and sorting the k results was a separate
-    radix-sort kernel per CSA layer in the decode profile (~20 us). Batch-invariant mode keeps them sorted by
-    score, an order that cannot depend on which top-k algorithm the batch size picks. (A two-stage top-k over
-    row blocks was measured slower than one torch.topk on the H100 and was dropped.)"""
-    return scores.topk(k, dim=-1, sorted=invariant_mode.enabled()).indices
+    Unsorted by default: the attention sums over the selection in any order, and sorting the k results is a
+    separate radix-sort kernel per CSA layer in the decode profile (~20 us). `sort` (batch-invariant mode) keeps
+    them sorted by score, an order that cannot depend on which top-k algorithm the batch size picks. (A two-stage
+    top-k over row blocks measures slower than one torch.topk on the H100.)"""
+    return scores.topk(k, dim=-1, sorted=sort).indices
 
 
 SCORE_BUFFER_ELEMENTS = 1 << 28  # queries run in chunks whose fp32 scores [B, chunk, T] stay within ~1 GB
@@ -307,9 +306,10 @@ def _finish_lists_kernel(top_ptr, nv_ptr, pre_ptr, out_ptr, n, S, s0, K, P, offs
 
 
 def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_visible: torch.Tensor,
-                 k: int, prefix: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
-    """Same contract as ops.reference.attention.indexer_topk. The visibility mask, the offset and the prefix
-    are applied by one kernel (each was its own kernel per CSA layer and decode step)."""
+                 k: int, prefix: torch.Tensor | None = None, offset: int = 0, sort: bool = False) -> torch.Tensor:
+    """Same contract as ops.reference.indexer.indexer_topk. The visibility mask, the offset and the prefix
+    are applied by one kernel (one launch per CSA layer and decode step instead of three). sort: each list's
+    entries in descending score order (batch-invariant mode; see topk_indices)."""
     B, S = q.shape[:2]
     T = keys.shape[1]
     k = min(k, T)
@@ -321,7 +321,7 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_v
     for s0 in range(0, S, step):
         n = min(S, s0 + step) - s0
         sl = slice(s0, s0 + n)
-        top = topk_indices(index_scores_masked(q[:, sl], weights[:, sl], keys, nv[:, sl]), k).contiguous() if k \
+        top = topk_indices(index_scores_masked(q[:, sl], weights[:, sl], keys, nv[:, sl]), k, sort).contiguous() if k \
             else out
         _finish_lists_kernel[(B * n,)](top, nv, pre, out, n, S, s0, k, P, offset, BLOCK=128, num_warps=4)
     return out

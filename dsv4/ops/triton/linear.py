@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreted
+from .launch import interpreted
 
 
 def bf16_parts(w: torch.Tensor, rows: int | None = None, trim: bool = False) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autograd_tracks, interpreted, training_kernels_enabled
+from .launch import autograd_tracks, interpreted, training_kernels_enabled
 from .linear import bf16_parts
 
 

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import autograd_tracks, training_kernels_enabled
+from .launch import autograd_tracks, training_kernels_enabled
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from . import multiprocessors, training_kernels_enabled
+from .launch import multiprocessors, training_kernels_enabled
 
 
 @triton.jit

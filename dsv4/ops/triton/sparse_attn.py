@@ -15,8 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import invariant_mode
-from . import multiprocessors
+from .launch import multiprocessors
 
 
 @triton.jit
@@ -130,13 +129,14 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, SPLITS: tl.constexp
 def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor, scale: float,
                 entries: torch.Tensor | None = None, rope_dim: int = 0,
                 splits: int | None = None, block_h: int | None = None, num_warps: int | None = None,
-                block_k: int | None = None, num_stages: int | None = None) -> torch.Tensor:
-    """Same contract as ops.reference.attention.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K];
+                block_k: int | None = None, num_stages: int | None = None, invariant: bool = False) -> torch.Tensor:
+    """Same contract as ops.reference.sparse_attn.sparse_attn: q [B,S,H,D], kv [B,N,D], sink [H], idx [B,S,K];
     entries ([B, n, D] floats or [B, n, record] uint8 FP8 serving records) are rows N.., read where they are.
 
     splits: index-list slices per query (default: enough programs to fill the GPU); block_h / num_warps:
     heads per program and warps, block_k / num_stages: index-list rows per step and pipeline depth (defaults
-    tuned on H100 and H200 for D = 512)."""
+    tuned on H100 and H200 for D = 512). invariant: one configuration and unsplit lists whatever the number of
+    queries in the launch, so a query's arithmetic does not depend on its batch (batch-invariant mode)."""
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"triton sparse_attn needs a power-of-two head dim >= 16, got {D}")
@@ -156,7 +156,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     # source) or 32-row steps three deep (window rows + cached entries: on an H200, 1.5x the default two-deep)
     few = T < 16
     batched = 16 <= T <= 256 and D >= 256
-    if invariant_mode.enabled():  # one configuration whatever the number of queries in the launch
+    if invariant:  # one configuration whatever the number of queries in the launch
         few, batched = False, False
     block_h = block_h or max(16, min(triton.next_power_of_2(H), 16 if few else 64))
     num_warps = num_warps or (4 if few or D < 256 else 8)
@@ -164,7 +164,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     block_k = block_k or (64 if (batched and entries is None) or D < 256 else 32)
     num_stages = num_stages or (3 if batched and entries is not None else 2)
     n_h = triton.cdiv(H, block_h)
-    if splits is None and invariant_mode.enabled():
+    if splits is None and invariant:
         splits = 1  # how the lists split must not depend on how many queries share the launch
     if splits is None:  # split the lists only when the programs cannot fill half the GPU (decode): batch-1 in
         sms = multiprocessors(q.device)  # two waves of programs, batched decode in one (more slices measured slower)

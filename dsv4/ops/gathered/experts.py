@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference.experts import swiglu
+from ..reference.experts import swiglu
 
 MAX_PAIRS = 64  # (token, slot) pairs: beyond this a grouped GEMM over experts reads fewer bytes
 
@@ -23,9 +23,6 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     return y.view(N, k, -1).sum(1)
 
 
-def supports(x: torch.Tensor, *args) -> bool:
-    return x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad)
-
-
-def fits(idx: torch.Tensor) -> bool:
-    return idx.numel() <= MAX_PAIRS
+def supports(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor, *args) -> bool:
+    """CUDA inference with at most MAX_PAIRS (token, slot) pairs."""
+    return x.is_cuda and not (torch.is_grad_enabled() and x.requires_grad) and idx.numel() <= MAX_PAIRS

@@ -1,52 +1,12 @@
-"""Sparse attention over index lists, and the lightning indexer's top-k (v4-architecture §3.2, §3.5).
-
-One op serves window-only, CSA and HCA layers: the caller lists, per query, which rows of a shared
-K=V tensor it sees (window rows and compressed rows alike); -1 marks an unused slot.
-"""
+"""The lightning indexer (v4-architecture §3.5): scores of the compressed entries for each query, and their top-k
+as the attention's index list."""
 from __future__ import annotations
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ...quant.formats import decode_fp4_keys, decode_fp8_kv
-
-# Queries are processed in chunks so the gathered [chunk, K, D] keys stay around this many elements.
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def _chunks(n_queries: int, per_query: int):
-    step = max(1, _CHUNK_ELEMENTS // max(per_query, 1))
-    for s in range(0, n_queries, step):
-        yield slice(s, min(s + step, n_queries))
-
-
-def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torch.Tensor,
-                scale: float, entries: torch.Tensor | None = None, rope_dim: int = 0) -> torch.Tensor:
-    """Attention of each query over the K=V rows it indexes, with a per-head sink in the softmax.
-
-    q: [B, S, H, D]; kv: [B, N, D] (one shared head, used as key and value); sink: [H] fp32 logits;
-    idx: [B, S, K] int, rows of kv, -1 = masked. Returns [B, S, H, D] in q.dtype.
-    o = sum_j e^{s_j} v_j / (sum_j e^{s_j} + e^{sink_h}),  s_j = scale * q . k_j   (fp32 math).
-    entries: optional second source of rows N..N+n-1 after kv, [B, n, D] floats or uint8 FP8 serving records
-    [B, n, record] (rope_dim bf16 rope values) dequantised to q.dtype (kernels read both in place: the cached
-    compressed entries need no copy next to the window rows).
-    """
-    B, S, H, D = q.shape
-    if entries is not None:
-        more = decode_fp8_kv(entries, D, rope_dim, q.dtype) if entries.dtype == torch.uint8 else entries
-        kv = torch.cat((kv.to(q.dtype), more.to(q.dtype)), 1)
-    out = []
-    for sl in _chunks(S, idx.shape[-1] * D):
-        ix = idx[:, sl]                                                    # [B, s, K]
-        valid = ix >= 0
-        rows = torch.gather(kv.float(), 1, ix.clamp(min=0).flatten(1).unsqueeze(-1).expand(-1, -1, D))
-        rows = rows.view(B, ix.shape[1], ix.shape[2], D)                   # [B, s, K, D]
-        scores = torch.einsum("bshd,bskd->bshk", q[:, sl].float(), rows) * scale
-        scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
-        sinks = sink.float().view(1, 1, H, 1).expand(B, ix.shape[1], H, 1)
-        probs = torch.softmax(torch.cat((scores, sinks), dim=-1), dim=-1)[..., :-1]
-        out.append(torch.einsum("bshk,bskd->bshd", probs, rows))
-    return torch.cat(out, dim=1).to(q.dtype)
+from ...quant.formats import decode_fp4_keys
+from .sparse_attn import query_chunks
 
 
 def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -57,7 +17,7 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> 
     is checkpointed (recomputed in backward), so a long sequence never holds [S, Hi, T] at once.
     """
     out = []
-    for sl in _chunks(q.shape[1], q.shape[2] * keys.shape[1]):
+    for sl in query_chunks(q.shape[1], q.shape[2] * keys.shape[1]):
         args = (q[:, sl], weights[:, sl], keys)
         if torch.is_grad_enabled() and sl.stop - sl.start < q.shape[1]:
             out.append(checkpoint(_index_scores, *args, use_reentrant=False))
@@ -82,10 +42,10 @@ def indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_v
     [prefix | selected entries + offset (-1 stays -1)] [B, S, P + min(k, T)].
     """
     top = _indexer_topk(q, weights, keys, n_visible, k)
-    return top if prefix is None else with_prefix(top, prefix, offset)
+    return top if prefix is None else _with_prefix(top, prefix, offset)
 
 
-def with_prefix(top: torch.Tensor, prefix: torch.Tensor, offset: int) -> torch.Tensor:
+def _with_prefix(top: torch.Tensor, prefix: torch.Tensor, offset: int) -> torch.Tensor:
     """[prefix | top + offset where top >= 0, else -1] along the last dim (int64)."""
     return torch.cat((prefix.long(), torch.where(top >= 0, top + offset, -1)), dim=-1)
 
@@ -101,7 +61,7 @@ def _indexer_topk(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, n_
         return torch.empty(B, S, 0, dtype=torch.long, device=q.device)
     cols = torch.arange(T, device=q.device)
     out = []
-    for sl in _chunks(S, T * q.shape[2]):
+    for sl in query_chunks(S, T * q.shape[2]):
         scores = index_scores(q[:, sl], weights[:, sl], keys)              # [B, s, T]
         hidden = cols >= n_visible[:, sl].unsqueeze(-1)
         # a stable sort breaks ties (e.g. all-zero ReLU scores) towards the older entry, so the choice

@@ -1,8 +1,8 @@
-"""Matmul and row reduction with one fixed configuration (forward only), for batch-invariant mode.
+"""The model's matrix products with one fixed kernel configuration (forward only), for batch-invariant mode.
 
 Each output element of `matmul_nt` accumulates its K products in the same order (BLOCK_K steps, one tl.dot
-per step, no split-K) whatever M is and wherever its row falls in a tile; `rms_rsqrt` reduces each row in
-fixed BLOCK chunks. fp32 operands use IEEE fp32 products (no TF32), bf16/fp16 operands the tensor cores.
+per step, no split-K) whatever M is and wherever its row falls in a tile. fp32 operands use IEEE fp32
+products (no TF32), bf16/fp16 operands the tensor cores.
 """
 from __future__ import annotations
 
@@ -50,20 +50,18 @@ def matmul_nt(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out if batched else out.view(*a.shape[:-1], N)
 
 
-@triton.jit
-def _rms_kernel(x_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([BLOCK], tl.float32)
-    for d0 in range(0, D, BLOCK):
-        cs = d0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * D + cs, mask=cs < D, other=0.0).to(tl.float32)
-        acc += x * x
-    tl.store(out_ptr + row, 1.0 / tl.sqrt(tl.sum(acc, 0) / D + eps))
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Same contract as ops.reference.linear.linear (w cast to x's dtype)."""
+    return matmul_nt(x, w)
 
 
-def rms_rsqrt(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """rsqrt(mean(x^2, -1) + eps) in fp32, keepdim: [..., 1]."""
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-    _rms_kernel[(x2.shape[0],)](x2, out, x2.shape[1], eps, BLOCK=256, num_warps=2)
-    return out.view(*x.shape[:-1], 1)
+def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Same contract as ops.reference.linear.grouped_linear: one batched launch of per-group GEMMs."""
+    B, S, G, _ = x.shape
+    y = matmul_nt(x.permute(2, 0, 1, 3).flatten(1, 2), w)                  # [G, B*S, R]
+    return y.unflatten(1, (B, S)).permute(1, 2, 0, 3)                       # [B, S, G, R]
+
+
+def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Same contract as ops.reference.linear.linear_fp32."""
+    return matmul_nt(x.float(), w.float())

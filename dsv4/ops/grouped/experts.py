@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from . import compiled
-from .reference.experts import weighted_swiglu
+from .. import compiled
+from ..reference.experts import weighted_swiglu
 
 try:
-    from .triton.experts import slot_sum, swiglu_rows
+    from ..triton.experts import slot_sum, swiglu_rows
 except ImportError:  # no Triton: the eager elementwise path below
     slot_sum = swiglu_rows = None
 
