@@ -5,7 +5,7 @@
   the low nibble holds the even (first) element.
 * FP8 weights carry one scale per 128x128 block; FP4 experts one scale per 1x32 block along K.
 The largest finite magnitudes FP8_MAX / FP4_MAX and the e2m1 rounding live here; the fake quantisation
-(fake_quant.py) and the cache record codecs build on them.
+(fake_quant.py) and the cache records (records.py) build on them.
 """
 from __future__ import annotations
 
@@ -160,19 +160,3 @@ def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, block: int = 128) -> t
     q = (vals * torch.exp2(shift.float())).to(torch.float8_e4m3fn)
     return q, (k + 127).to(torch.uint8)
 
-def decode_fp8_kv(rec: torch.Tensor, dim: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The FP8 KV serving record (uint8 [..., bytes]: `dim - rope_dim` e4m3 values, `rope_dim` bf16 values, one
-    UE8M0 scale per 64 e4m3 values) -> [..., dim] in dtype."""
-    nope = dim - rope_dim
-    n_s = -(-nope // 64)
-    s = e8m0_to_float(rec[..., nope + 2 * rope_dim:nope + 2 * rope_dim + n_s]).repeat_interleave(64, -1)[..., :nope]
-    q = rec[..., :nope].contiguous().view(torch.float8_e4m3fn).float() * s
-    rope = rec[..., nope:nope + 2 * rope_dim].contiguous().view(torch.bfloat16).float()
-    return torch.cat((q, rope), -1).to(dtype)
-
-
-def decode_fp4_keys(rec: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The FP4 indexer-key record (uint8 [..., dim/2 + dim/32]: packed e2m1, low nibble first, then one UE8M0
-    scale per 32 values) -> [..., dim] in dtype."""
-    s = e8m0_to_float(rec[..., dim // 2:]).repeat_interleave(32, -1)
-    return (unpack_fp4(rec[..., :dim // 2]) * s).to(dtype)
