@@ -13,7 +13,7 @@ import time
 import torch
 
 import dsv4
-from dsv4.cache import PrefixStore
+from dsv4.generate import PrefixStore
 from dsv4.generate.engine import _prefill
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..model.compressor import Compressed, CompressorState
-from ..model.step_memo import shared
 from .layout import RowStore
+from .state import Compressed, CompressorState
+from .step_memo import shared
 
 
 class LayerCache:

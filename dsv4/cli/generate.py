@@ -46,7 +46,7 @@ def load(args: argparse.Namespace):
     tok = Tokenizer.from_dir(args.checkpoint)
     store = None
     if args.prefix_store:
-        from ..cache import PrefixStore
+        from ..generate import PrefixStore
         store = PrefixStore(args.prefix_store, model)
     return model, tok, store
 

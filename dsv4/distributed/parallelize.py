@@ -21,7 +21,8 @@ def init_distributed() -> DeviceMesh:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); a 1-D mesh over all ranks."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            raise RuntimeError("not launched by torchrun: run `torchrun --nproc_per_node N -m dsv4.distributed.train`")
+            raise RuntimeError("not launched by torchrun: run "
+                               "`torchrun --nproc_per_node N -m dsv4.cli.train_distributed`")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

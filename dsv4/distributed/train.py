@@ -1,9 +1,5 @@
-"""Distributed training: the same recipe and flags as `dsv4 train`, on FSDP2 + expert parallelism.
-
-    torchrun --nproc_per_node 8 -m dsv4.distributed.train --preset small --steps 2000 --out runs/small8
-    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m dsv4.distributed.train --preset small --out runs/small16
-    torchrun --nproc_per_node 4 -m dsv4.distributed.train --resume runs/small8   # any number of ranks
+"""Distributed training: the same recipe as `dsv4 train`, on FSDP2 + expert parallelism. Launched by
+`torchrun ... -m dsv4.cli.train_distributed`, which takes the flags of `dsv4 train`.
 
 Each rank trains on its rows of the global batch (`--batch-size` is global and must divide by the ranks).
 Checkpoints are torch.distributed.checkpoint directories (`OUT/dcp/step_NNNNNNN`, reshardable); the end of
@@ -11,8 +7,6 @@ the run also writes `OUT/final/` in the official single-directory format.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 import time
@@ -111,25 +105,3 @@ def train_distributed(cfg: TrainConfig, resume: bool = False) -> dict:
     dist.barrier()
     dist.destroy_process_group()
     return {"steps": step}
-
-
-def main() -> None:
-    from ..cli.train import add_arguments
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(p)
-    args = p.parse_args()
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
-    if args.resume:
-        given.setdefault("out", args.resume)
-        with open(os.path.join(args.resume, "train_config.json")) as f:
-            cfg = TrainConfig(**{**json.load(f), **given})
-    else:
-        cfg = TrainConfig(**given)
-    os.makedirs(cfg.out, exist_ok=True)
-    if not dist.is_initialized() and int(os.environ.get("RANK", 0)) == 0:
-        cfg.save(cfg.out)
-    train_distributed(cfg, resume=bool(args.resume))
-
-
-if __name__ == "__main__":
-    main()

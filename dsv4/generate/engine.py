@@ -48,7 +48,7 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     """Yield, per decoding step, one new token per prompt (None once that prompt has stopped).
 
     A prompt stops after emitting a stop token (which is yielded) or max_new_tokens tokens. With a
-    `dsv4.cache.PrefixStore`, stored prefixes of the prompts are reused and new ones saved. On a GPU the
+    `dsv4.generate.PrefixStore`, stored prefixes of the prompts are reused and new ones saved. On a GPU the
     decode steps replay a captured CUDA graph (`cuda_graphs=False`: eager steps; same tokens).
     """
     if not prompts or any(len(p) == 0 for p in prompts):

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..cache.state import Compressed, CompressorState
+from ..cache.step_memo import shared
 from ..config import ModelConfig
-from .compressor import Compressed, Compressor, CompressorState, quantize_entries
+from .compressor import Compressor, quantize_entries
 from .indexer import Indexer
 from .norm import Linear, RMSNorm
 from .rope import apply_rope_, rope_angles, rope_frequencies
-from .step_memo import shared
 
 
 class AttentionCache(Protocol):

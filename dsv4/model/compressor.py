@@ -11,46 +11,15 @@ chunk starts at position 0 and its unfinished tail is dropped (a plain forward o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .. import ops
+from ..cache.state import Compressed, CompressorState
+from ..cache.step_memo import shared
 from ..quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through
 from .norm import Linear, RMSNorm
 from .rope import apply_rope_, rope_angles
-from .step_memo import shared
-
-
-@dataclass
-class CompressorState:
-    """fp32 buffers [B, coff*m, coff*Dc] in the reference layout: with overlap, rows 0..m-1 hold the previous
-    complete group and rows m..2m-1 the unfinished one; without, rows 0..m-1 hold the unfinished group.
-    Scores already include `ape`; empty rows have kv 0 and score -inf (so a fresh state means "position 0")."""
-    kv: torch.Tensor
-    score: torch.Tensor
-
-    @classmethod
-    def empty(cls, batch: int, ratio: int, width: int, overlap: bool, device=None) -> "CompressorState":
-        rows = ratio * (2 if overlap else 1)
-        return cls(torch.zeros(batch, rows, width, device=device),
-                   torch.full((batch, rows, width), float("-inf"), device=device))
-
-    def reset(self) -> None:
-        self.kv.zero_()
-        self.score.fill_(float("-inf"))
-
-    def select(self, rows: slice) -> "CompressorState":
-        return CompressorState(self.kv[rows], self.score[rows])
-
-
-@dataclass
-class Compressed:
-    """Entries a chunk completed: entries[b, g] is group first_group[b] + g, real where valid[b, g]."""
-    entries: torch.Tensor       # [B, n, Dc]
-    first_group: torch.Tensor   # [B] int64
-    valid: torch.Tensor | None  # [B, n] bool; None means all valid
 
 
 class Compressor(nn.Module):

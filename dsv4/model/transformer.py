@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..cache import KVCache
 from ..config import ModelConfig
 from .attention import Attention
 from .mhc import hc_head, hc_post, hc_pre, init_hc_params
@@ -228,10 +229,10 @@ class Transformer(nn.Module):
             p.data = p.data.to(torch.float32 if name.endswith(FP32_PARAM_SUFFIXES) else dtype)
         return self
 
-    def new_cache(self, batch_size: int, max_seq_len: int, kv_dtype: str = "auto", index_dtype: str = "auto"):
+    def new_cache(self, batch_size: int, max_seq_len: int, kv_dtype: str = "auto",
+                  index_dtype: str = "auto") -> KVCache:
         """An empty inference cache on the model's device. kv_dtype: auto (the model dtype), fp32, bf16 or
         fp8 (the official 584-byte serving record); index_dtype: auto, fp32, bf16, fp8 or fp4."""
-        from ..cache import KVCache
         return KVCache(self.config, batch_size, max_seq_len, kv_dtype, index_dtype, self.dtype,
                        self.embed.weight.device)
 

@@ -10,10 +10,7 @@ import functools
 
 import torch
 
-from .formats import e2m1_round
-
-FP8_MAX = 448.0
-FP4_MAX = 6.0
+from .formats import FP4_MAX, FP8_MAX, e2m1_round
 
 
 def _pow2_ceil(x: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,15 @@
 * FP4 e2m1 codes: bit 3 sign, bits 0-2 index into (0, .5, 1, 1.5, 2, 3, 4, 6); two codes per byte,
   the low nibble holds the even (first) element.
 * FP8 weights carry one scale per 128x128 block; FP4 experts one scale per 1x32 block along K.
+The largest finite magnitudes FP8_MAX / FP4_MAX and the e2m1 rounding live here; the fake quantisation
+(fake_quant.py) and the cache records (records.py) build on them.
 """
 from __future__ import annotations
 
 import torch
+
+FP8_MAX = 448.0  # largest finite e4m3 magnitude
+FP4_MAX = 6.0    # largest e2m1 magnitude
 
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
@@ -109,7 +114,6 @@ def _scale_float(scale: torch.Tensor) -> torch.Tensor:
 def quantize_fp4_blocks(w: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """fp [O, I] -> (packed e2m1 int8 [O, I/2], UE8M0 scales uint8 [O, I/block]) with the power-of-two scale
     rule of the model's FP4 fake quantisation, so a QAT-trained weight is stored exactly."""
-    from .fake_quant import FP4_MAX
     O, I = w.shape
     blocks = w.float().view(O, I // block, block)
     s = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126)
@@ -124,8 +128,8 @@ def quantize_fp8_blocks(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor
     po, pi = -O % block, -I % block
     t = torch.nn.functional.pad(w.float(), (0, pi, 0, po)).view((O + po) // block, block, (I + pi) // block, block)
     amax = t.abs().amax(dim=(1, 3), keepdim=True).clamp(min=1e-30)
-    s = torch.exp2(torch.ceil(torch.log2(amax / 448)))
-    q = (t / s).clamp(-448, 448).to(torch.float8_e4m3fn).view(O + po, I + pi)[:O, :I]
+    s = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    q = (t / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(O + po, I + pi)[:O, :I]
     return q, float_to_e8m0(s.view(s.shape[0], s.shape[2]))
 
 
@@ -156,20 +160,3 @@ def fp4_to_fp8(packed: torch.Tensor, scale: torch.Tensor, block: int = 128) -> t
     q = (vals * torch.exp2(shift.float())).to(torch.float8_e4m3fn)
     return q, (k + 127).to(torch.uint8)
 
-
-def decode_fp8_kv(rec: torch.Tensor, dim: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The FP8 KV serving record (uint8 [..., bytes]: `dim - rope_dim` e4m3 values, `rope_dim` bf16 values, one
-    UE8M0 scale per 64 e4m3 values) -> [..., dim] in dtype."""
-    nope = dim - rope_dim
-    n_s = -(-nope // 64)
-    s = e8m0_to_float(rec[..., nope + 2 * rope_dim:nope + 2 * rope_dim + n_s]).repeat_interleave(64, -1)[..., :nope]
-    q = rec[..., :nope].contiguous().view(torch.float8_e4m3fn).float() * s
-    rope = rec[..., nope:nope + 2 * rope_dim].contiguous().view(torch.bfloat16).float()
-    return torch.cat((q, rope), -1).to(dtype)
-
-
-def decode_fp4_keys(rec: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """The FP4 indexer-key record (uint8 [..., dim/2 + dim/32]: packed e2m1, low nibble first, then one UE8M0
-    scale per 32 values) -> [..., dim] in dtype."""
-    s = e8m0_to_float(rec[..., dim // 2:]).repeat_interleave(32, -1)
-    return (unpack_fp4(rec[..., :dim // 2]) * s).to(dtype)

@@ -109,7 +109,7 @@ def test_torchrun_training_entry_point_and_resume_on_fewer_ranks(tmp_path):
 
     def launch(n, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "dsv4.distributed.train", *args]
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "dsv4.cli.train_distributed", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-4000:]
     launch(2, "--data", str(corpus), "--steps", "3", "--batch-size", "4", "--seq-len", "48", "--save-interval", "2",

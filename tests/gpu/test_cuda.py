@@ -277,7 +277,8 @@ def test_triton_training_kernels_match_compiled(monkeypatch, reference_training_
 def test_compiled_record_codecs_match_eager():
     """At inference on a GPU the cache's FP8/FP4 record encode and decode run torch.compile'd (a few kernels
     instead of ~25-57 per write): the same bytes and the same decoded rows as the eager functions."""
-    from dsv4.cache.layout import _COMPILED, decode_records, encode_records, record_bytes
+    from dsv4.cache.layout import _COMPILED
+    from dsv4.quant.records import decode_records, encode_records, record_bytes
     g = torch.Generator("cuda").manual_seed(0)
     with torch.no_grad():
         for fmt, role, dim, rd in (("fp8", "kv", 512, 64), ("fp8", "index", 128, 64), ("fp4", "index", 128, 64)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ...quant.formats import decode_fp4_keys
+from ...quant.records import decode_fp4_keys
 from .sparse_attn import query_chunks
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ...quant.formats import decode_fp8_kv
+from ...quant.records import decode_fp8_kv
 
 # Queries are processed in chunks so the gathered [chunk, K, D] keys stay around this many elements.
 CHUNK_ELEMENTS = 1 << 24

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quant.records import record_layout
 from ..reference.indexer import index_scores as reference_index_scores
 from .launch import autograd_tracks, falls_back_to, multiprocessors, reference_grads, training_kernels_enabled
 
@@ -23,9 +24,11 @@ def _e2m1(c):
 @triton.jit
 def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t_per_prog,
                          sq_b, sq_s, sq_h, sw_b, sw_s, sk_b, sk_t, so_b, so_s,
-                         DI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, FP4: tl.constexpr):
+                         DI: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, FP4: tl.constexpr,
+                         VALUES_AT: tl.constexpr, SCALE_AT: tl.constexpr, SCALE_BLOCK: tl.constexpr):
     """Few queries (decode): one query's heads against t_per_prog keys in BLOCK_T steps (q and w read once per
-    program, the key loads pipelined across steps)."""
+    program, the key loads pipelined across steps). FP4 key records: packed e2m1 at byte VALUES_AT, one UE8M0
+    scale per SCALE_BLOCK values at byte SCALE_AT (dsv4.quant.records' layout)."""
     pid_t = tl.program_id(0)
     b = pid_t // S
     s = pid_t % S
@@ -41,9 +44,10 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t_per_p
         if FP4:  # keys as the cache stores them: packed e2m1 (low nibble = even channel), a UE8M0 scale per 32
             j = tl.arange(0, DI // 2)
             rec = k_ptr + b * sk_b + ts[:, None] * sk_t
-            packed = tl.load(rec + j[None, :], mask=(ts < T)[:, None], other=0).to(tl.int32)
+            packed = tl.load(rec + VALUES_AT + j[None, :], mask=(ts < T)[:, None], other=0).to(tl.int32)
             vals = tl.reshape(tl.join(_e2m1(packed & 15), _e2m1(packed >> 4)), (BLOCK_T, DI))
-            sc = tl.load(rec + DI // 2 + d[None, :] // 32, mask=(ts < T)[:, None], other=127).to(tl.float32)
+            sc = tl.load(rec + SCALE_AT + d[None, :] // SCALE_BLOCK, mask=(ts < T)[:, None], other=127)
+            sc = sc.to(tl.float32)
             k = (vals * tl.exp2(sc - 127.0)).to(q.dtype)
         else:
             k = tl.load(k_ptr + b * sk_b + ts[:, None] * sk_t + d[None, :], mask=(ts < T)[:, None], other=0.0)
@@ -111,6 +115,14 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     B, S, HI, DI = q.shape
     T = keys.shape[1]
     fp4 = keys.dtype == torch.uint8
+    # where an FP4 key record's parts sit (dsv4.quant.records); unused for float keys
+    at = dict(VALUES_AT=0, SCALE_AT=0, SCALE_BLOCK=32)
+    if fp4:
+        lay = record_layout("fp4", "index", DI, 0)
+        if keys.shape[-1] != lay.nbytes:
+            raise ValueError(f"FP4 key records for index head dim {DI} are {lay.nbytes} bytes, "
+                             f"keys have {keys.shape[-1]}")
+        at = dict(VALUES_AT=lay.values[0], SCALE_AT=lay.scales[0], SCALE_BLOCK=lay.scale_block)
     if not fp4 and keys.dtype != q.dtype:
         keys = keys.to(q.dtype)
     q = q.contiguous()
@@ -137,7 +149,7 @@ def index_scores_masked(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tens
     _index_scores_kernel[(B * S, triton.cdiv(T, per))](
         q, weights, keys, nv, out, S, T, HI, per, q.stride(0), q.stride(1), q.stride(2), weights.stride(0),
         weights.stride(1), keys.stride(0), keys.stride(1), out.stride(0), out.stride(1),
-        DI=DI, BLOCK_H=max(16, triton.next_power_of_2(HI)), BLOCK_T=block_t, FP4=fp4, num_warps=4)
+        DI=DI, BLOCK_H=max(16, triton.next_power_of_2(HI)), BLOCK_T=block_t, FP4=fp4, **at, num_warps=4)
     return out
 
 

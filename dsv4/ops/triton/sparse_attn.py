@@ -15,15 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
+from ...quant.records import record_layout
 from .launch import multiprocessors
 
 
 @triton.jit
 def _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, N, skv_b, skv_n, se_b, se_n, se16_b, se16_n,
-            D: tl.constexpr, SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
+            D: tl.constexpr, SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, VALUES_AT: tl.constexpr,
+            ROPE_AT: tl.constexpr, SCALE_AT: tl.constexpr, SCALE_BLOCK: tl.constexpr):
     """The listed rows [BLOCK_K, D]; rows >= N come from the second source: float rows, or FP8 serving records
-    (e4m3 nope values, bf16 rope values, one UE8M0 scale per 64 nope values), decoded per 64-value block: one
-    scale load per block, and bf16 products (a power-of-two scale times an e4m3 value is exact in bf16)."""
+    (NOPE e4m3 values at byte VALUES_AT, the bf16 rope values at bf16 element ROPE_AT, one UE8M0 scale per
+    SCALE_BLOCK e4m3 values at byte SCALE_AT: dsv4.quant.records' layout), decoded per scale block: one scale
+    load per block, and bf16 products (a power-of-two scale times an e4m3 value is exact in bf16)."""
     d = tl.arange(0, D)
     if SECOND:
         near = valid & (rows < N)
@@ -32,17 +35,17 @@ def _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, N, skv_b, skv_n, se_b, se_n
         r2 = tl.where(far, rows - N, 0)[:, None]
         if FP8:  # (one gather of the window rows with the rope values, as below, measured 1.2x slower here)
             kv = tl.load(near_at, mask=near[:, None], other=0.0)
-            NB: tl.constexpr = D // 64
-            blk = d.reshape(NB, 64)
-            q8 = tl.load(e8_ptr + b * se_b + r2[:, :, None] * se_n + blk[None, :, :],
+            NB: tl.constexpr = D // SCALE_BLOCK
+            blk = d.reshape(NB, SCALE_BLOCK)
+            q8 = tl.load(e8_ptr + b * se_b + r2[:, :, None] * se_n + VALUES_AT + blk[None, :, :],
                          mask=far[:, None, None] & (blk[None, :, :] < NOPE), other=0)
             bi = tl.arange(0, NB)
-            e = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_OFF + bi[None, :],
-                        mask=far[:, None] & (bi[None, :] * 64 < NOPE), other=127)
+            e = tl.load(e8_ptr + b * se_b + r2 * se_n + SCALE_AT + bi[None, :],
+                        mask=far[:, None] & (bi[None, :] * SCALE_BLOCK < NOPE), other=127)
             sc = tl.exp2(e.to(tl.float32) - 127.0).to(kv.dtype)
             nope = (q8.to(tl.float8e4nv, bitcast=True).to(kv.dtype) * sc[:, :, None]).reshape(kv.shape[0], D)
             is_nope = d[None, :] < NOPE
-            rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + NOPE // 2 + (d[None, :] - NOPE),
+            rope = tl.load(e16_ptr + b * se16_b + r2 * se16_n + ROPE_AT + (d[None, :] - NOPE),
                            mask=far[:, None] & ~is_nope, other=0.0)
             return tl.where(far[:, None], tl.where(is_nope, nope, rope).to(kv.dtype), kv)
         else:  # float entries: one gather, each row's pointer picked from the window rows or the entries
@@ -58,7 +61,8 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
                         sq_b, sq_s, sq_h, skv_b, skv_n, si_b, si_s, so_b, so_s, so_h,
                         e8_ptr, e16_ptr, se_b, se_n, se16_b, se16_n,
                         D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-                        SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, SCALE_OFF: tl.constexpr):
+                        SECOND: tl.constexpr, FP8: tl.constexpr, NOPE: tl.constexpr, VALUES_AT: tl.constexpr,
+                        ROPE_AT: tl.constexpr, SCALE_AT: tl.constexpr, SCALE_BLOCK: tl.constexpr):
     pid_t = tl.program_id(0)            # token: b * S + s
     pid_h = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -78,7 +82,7 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
         rows = tl.load(idx_ptr + b * si_b + s * si_s + ks, mask=ks < k_hi, other=-1).to(tl.int64)
         valid = rows >= 0
         kv = _gather(kv_ptr, e8_ptr, e16_ptr, b, rows, valid, N, skv_b, skv_n, se_b, se_n, se16_b, se16_n,
-                     D, SECOND, FP8, NOPE, SCALE_OFF)                                  # [BLOCK_K, D]
+                     D, SECOND, FP8, NOPE, VALUES_AT, ROPE_AT, SCALE_AT, SCALE_BLOCK)  # [BLOCK_K, D]
         sc = tl.dot(q, tl.trans(kv)).to(tl.float32) * scale                          # [BLOCK_H, BLOCK_K]
         sc = tl.where(valid[None, :], sc, float("-inf"))
         m_new = tl.maximum(m, tl.max(sc, 1))
@@ -140,8 +144,14 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"triton sparse_attn needs a power-of-two head dim >= 16, got {D}")
-    if entries is not None and entries.dtype == torch.uint8 and D < 64:
-        raise ValueError(f"triton sparse_attn reads FP8 records in 64-value blocks: head dim {D} < 64")
+    # an FP8 record's parts (dsv4.quant.records): the kernel decodes the e4m3 values one scale block at a time
+    lay = record_layout("fp8", "kv", D, rope_dim) if entries is not None and entries.dtype == torch.uint8 else None
+    if lay is not None and D % lay.scale_block:
+        raise ValueError(f"triton sparse_attn reads FP8 records in {lay.scale_block}-value blocks: head dim {D} "
+                         f"is not a multiple of {lay.scale_block}")
+    if lay is not None and entries.shape[-1] != lay.nbytes:
+        raise ValueError(f"FP8 KV records for head dim {D}, rope {rope_dim} are {lay.nbytes} bytes, "
+                         f"entries have {entries.shape[-1]}")
     if kv.dtype != q.dtype:
         kv = kv.to(q.dtype)
     q = q.contiguous()
@@ -187,8 +197,12 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
     if entries is not None and entries.dtype != torch.uint8 and T > 256:
         # many queries: a second masked gather per chunk costs more than one copy of the entries next to the rows
         kv, entries = torch.cat((kv, entries.to(kv.dtype)), 1), None
-    fp8 = entries is not None and entries.dtype == torch.uint8
-    nope = D - rope_dim if fp8 else 0
+    fp8 = lay is not None
+    # where the record's parts sit, in bytes (the rope values in bf16 elements: the kernel reads them through a
+    # bf16 view); unused without FP8 records
+    at = dict(NOPE=0, VALUES_AT=0, ROPE_AT=0, SCALE_AT=0, SCALE_BLOCK=64) if lay is None else \
+        dict(NOPE=lay.quant_dims, VALUES_AT=lay.values[0], ROPE_AT=lay.rope[0] // 2, SCALE_AT=lay.scales[0],
+             SCALE_BLOCK=lay.scale_block)
     if entries is None:
         ent = (kv, kv, 0, 0, 0, 0)
     else:
@@ -202,8 +216,7 @@ def sparse_attn(q: torch.Tensor, kv: torch.Tensor, sink: torch.Tensor, idx: torc
         q, kv, sink.float().contiguous(), idx, o, m_ptr, l_ptr, scale, S, H, K, kv.shape[1], per,
         q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), idx.stride(0), idx.stride(1),
         o.stride(0), o.stride(1), o.stride(2), *ent, D=D, BLOCK_H=block_h, BLOCK_K=block_k, SPLIT=splits > 1,
-        SECOND=entries is not None, FP8=fp8, NOPE=nope, SCALE_OFF=nope + 2 * rope_dim, num_warps=num_warps,
-        num_stages=num_stages)
+        SECOND=entries is not None, FP8=fp8, **at, num_warps=num_warps, num_stages=num_stages)
     if splits == 1:
         return o
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)

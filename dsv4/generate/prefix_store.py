@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..cache import KVCache
 from ..checkpoint.safetensors_io import CheckpointError, read_header
-from .kv_cache import KVCache
 
 log = logging.getLogger(__name__)
 

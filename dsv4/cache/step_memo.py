@@ -2,7 +2,8 @@
 angles, window slots, index lists, compressor group numbers). A cached step's `pos0` tensor is made once per
 step (KVCache.begin), so it carries the memo (as does any tensor memoised from it, e.g. the compressors' group
 numbers): a decode step would otherwise spend ~150 of its ~800 kernels recomputing the same tiny tensors in
-every layer. Consumers must not modify what they get."""
+every layer. Consumers must not modify what they get. It sits in cache/, below model/: the cache makes pos0 and
+reads the memo as the model's layers do."""
 from __future__ import annotations
 
 from typing import Callable, Hashable, TypeVar

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import dsv4
-from dsv4.cache import PrefixStore
-from dsv4.cache.prefix_store import _tokens_hash
+from dsv4.generate import PrefixStore
+from dsv4.generate.prefix_store import _tokens_hash
 from conftest import assert_rel_close
 
 
