@@ -5,6 +5,8 @@ top-6 + 1 shared, expert dim 2048, hidden 4096, vocab 32768), bf16, random weigh
     python bench/e2e.py [--json out.json] [--skip-peer] [--prefill 8192 ...] [--decode 1024 ...]
                         [--decode-b64 32768] [--profile DIR]
 
+The results go to bench/results/<date>_<device>_<commit>_e2e.json unless --json names another file.
+
 dsv4 decodes through a captured CUDA graph (dsv4.generate.graphs.GraphDecoder); the batch-64 rows share one
 prefilled context (copied row to row, which costs the same to read as 64 different ones) and decode different
 tokens, so their experts differ as in real batches.
@@ -23,6 +25,7 @@ import dsv4
 from dsv4.generate.graphs import GraphDecoder
 from dsv4.train.cuda_graph import GraphedLoss
 from dsv4.train.losses import lm_loss
+from provenance import record, result_path  # bench/provenance.py
 
 
 def flash4(vocab: int = 32768) -> dsv4.ModelConfig:
@@ -265,7 +268,7 @@ def run_peer(cfg, a, res: list) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json")
+    p.add_argument("--json", help="results file (default: bench/results/<date>_<device>_<commit>_e2e.json)")
     p.add_argument("--skip-peer", action="store_true")
     p.add_argument("--prefill", type=int, nargs="*", default=[4096, 8192, 16384, 65536])
     p.add_argument("--decode", type=int, nargs="*", default=[1024, 4096, 32768, 131072])
@@ -317,9 +320,10 @@ def main() -> None:
             run_peer(cfg, a, res)
         except Exception as e:  # noqa: BLE001 - a peer that cannot run is a row of the table, not the end of it
             res.append({"name": "transformers", "error": f"{type(e).__name__}: {str(e)[:200]}"})
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": res}, f, indent=2)
+    path = a.json or result_path("e2e")
+    with open(path, "w") as f:
+        json.dump({**record(), "torch": torch.__version__, "results": res}, f, indent=2)
+    print(f"results: {path}")
     print(f"{'measurement':<28}{'size':>8}{'tok/s':>12}{'seconds':>10}{'peak GB':>9}")
     for r in res:
         size = r.get("tokens", r.get("context", ""))

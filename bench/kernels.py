@@ -1,7 +1,10 @@
 """Kernel benchmarks at V4-Flash shapes, side by side with what a PyTorch user would otherwise run, against
 ceilings measured in the same run (a large bf16 matmul, a large device copy).
 
-    python bench/kernels.py [--json out.json]
+    python bench/kernels.py [--parts attention indexer ...] [--json out.json]
+
+The results go to bench/results/<date>_<device>_<commit>_kernels.json (a subset of --parts adds their names,
+e.g. ..._kernels_sweep.json) unless --json names another file.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from dsv4.ops.reference import sequence_attn as ref_seq
 from dsv4.ops.triton import indexer as tri_idx
 from dsv4.ops.triton import sequence_attn as tri_seq
 from dsv4.ops.triton import sparse_attn as tri_attn
+from provenance import record, result_path  # bench/provenance.py
 
 
 def bench(fn, reps: int = 20) -> float:
@@ -300,7 +304,7 @@ PARTS = ("attention", "indexer", "sweep", "train", "topk", "compressor")
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json")
+    p.add_argument("--json", help="results file (default: bench/results/<date>_<device>_<commit>_kernels[_parts].json)")
     p.add_argument("--parts", nargs="*", default=list(PARTS), choices=PARTS, help="which groups of cases to run")
     p.add_argument("--sweep-only", default="", help="sweep only the cases whose name contains this (e.g. b64)")
     a = p.parse_args()
@@ -374,12 +378,12 @@ def main() -> None:
     for r in comp:
         print(f"{r['case']:<32}{r['triton_ms']:>10.3f}{r['triton_gbps']:>8.0f}{100 * r['frac_copy_bw']:>6.0f}%"
               f"{r['reference_ms']:>9.3f}{r['triton_train_ms']:>14.3f}{r['reference_train_ms']:>8.3f}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "ceilings": ceil, "attention": attn, "indexer": idx,
-                       "decode_sweep": sweep, "topk": topk, "compressor": comp,
-                       "train_attention": train}, f, indent=2)
+    path = a.json or result_path("kernels" + ("" if run == set(PARTS) else "_" + "_".join(sorted(run))))
+    with open(path, "w") as f:
+        json.dump({**record(), "torch": torch.__version__, "triton": triton.__version__, "ceilings": ceil,
+                   "attention": attn, "indexer": idx, "decode_sweep": sweep, "topk": topk, "compressor": comp,
+                   "train_attention": train}, f, indent=2)
+    print(f"results: {path}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     python bench/profile_step.py [--train 4096] [--top 45] [--out profile.txt]
 
+The report goes to bench/results/<date>_<device>_<commit>_profile_train<tokens>.txt unless --out names another file.
+
 The 4-layer V4-Flash-geometry model of bench/e2e.py. A plain per-kernel table (as `e2e.py --profile` writes) says
 that an fp32 SIMT GEMM costs 8 ms; this one says which line of dsv4 (or which autograd node) asked for it, with
 which shapes. Also: the step's wall time without the profiler, and the lines that synchronise with the host.
@@ -18,6 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
 from e2e import build_model, timed, train_step  # noqa: E402
+from provenance import result_path  # noqa: E402
 
 
 def _origin(evt) -> str:
@@ -88,7 +91,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--train", type=int, default=4096, help="tokens of the profiled training step (0: none)")
     p.add_argument("--top", type=int, default=45)
-    p.add_argument("--out")
+    p.add_argument("--out", help="report file (default: bench/results/<date>_<device>_<commit>_profile_train<N>.txt)")
     a = p.parse_args()
     model = build_model()
     tokens = torch.randint(0, model.config.vocab_size, (1, a.train + 1), device="cuda")
@@ -108,9 +111,10 @@ def main() -> None:
                       + sync_points(lambda: train_step(model, tokens)))
     text = "\n\n".join(report)
     print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    path = a.out or result_path(f"profile_train{a.train}", "txt")
+    with open(path, "w") as f:
+        f.write(text + "\n")
+    print(f"report: {path}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""The GPU performance targets (issue 5) checked against benchmark JSON: one table, met or not, from the files
-`bench/e2e.py --json` and `bench/kernels.py --json` write. With several e2e files each target comes from the
-last file that has what it needs; a ratio to the peer only ever pairs measurements of the same run (file).
+"""The project's GPU performance targets checked against benchmark JSON: one table, met or not, from the files
+`bench/e2e.py` and `bench/kernels.py` write (bench/results/<date>_<device>_<commit>_e2e.json, ..._kernels.json).
+With several e2e files each target comes from the last file that has what it needs; a ratio to the peer only
+ever pairs measurements of the same run (file). BENCHMARKS.md shows the command behind its table.
 
-    python bench/targets.py --e2e OUT/e2e.json OUT/e2e_1m.json --kernels OUT/kernels.json [more.json ...] [--out table.md] [--plot targets.png]
+    python bench/targets.py --e2e E2E.json [more.json ...] --kernels KERNELS.json [more.json ...]
+                            [--out table.md] [--plot targets.png]
 """
 from __future__ import annotations
 

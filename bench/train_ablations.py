@@ -3,8 +3,10 @@
     python bench/train_ablations.py --out runs/ablations --steps 150 --batch-size 16 --seq-len 512
 
 Settings (each swaps one ingredient of the V4 recipe for its usual baseline): v4 (Muon, mHC, CSA/HCA,
-MTP), adamw, dense attention, plain residual, unconstrained hyper-connections, FP4 QAT, no MTP. Writes
-`summary.json`, `compare.png` and prints a table (validation loss, tokens/s, peak memory, mHC gain).
+MTP), adamw, dense attention, plain residual, unconstrained hyper-connections, FP4 QAT, no MTP. Each run
+lands in OUT/<setting>/; the summary goes to bench/results/<date>_<device>_<commit>_ablations.json (unless
+--json names another file) and OUT/summary.json, the curves to OUT/compare.png, and a table is printed
+(validation loss, tokens/s, peak memory, mHC gain).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import sys
 import time
 
 import torch
+
+from provenance import record, result_path  # bench/provenance.py
 
 SETTINGS = {
     "v4": {},
@@ -64,7 +68,8 @@ def _wait(procs: dict, a, keep: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="runs/ablations")
+    p.add_argument("--out", default="runs/ablations", help="the runs' folder")
+    p.add_argument("--json", help="summary file (default: bench/results/<date>_<device>_<commit>_ablations.json)")
     p.add_argument("--preset", default="small")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=16)
@@ -101,16 +106,19 @@ def main() -> None:
     from dsv4.train.plots import plot_losses
     table = [summarize(os.path.join(a.out, n))[0] for n in runs]
     plot_losses(runs, os.path.join(a.out, "compare.png"))
-    summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
-               "torch": torch.__version__, "settings": SETTINGS, "args": vars(a), "table": table,
+    summary = {**record(), "device": torch.cuda.get_device_name() if torch.cuda.is_available() else
+               platform.processor(), "torch": torch.__version__, "settings": SETTINGS, "args": vars(a), "table": table,
                "note": "tok/s of runs trained concurrently share one GPU" if a.parallel > 1 else ""}
     if "v4" in runs and "adamw" in runs:
         target = table[[t["run"] for t in table].index("adamw")]["val_loss"]
         need = tokens_to_reach(runs["v4"], target)
         summary["muon_tokens_to_adamw_final"] = need
         summary["muon_token_saving"] = None if need is None else 1 - need / runs["adamw"][-1]["tokens"]
-    with open(os.path.join(a.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    result = a.json or result_path("ablations")
+    for path in (result, os.path.join(a.out, "summary.json")):
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
+    print(f"summary: {result}")
     print(f"{'setting':<20}{'val loss':>10}{'train loss':>12}{'tok/s':>10}{'peak GB':>9}{'mHC gain':>10}")
     for t in table:
         print(f"{t['run']:<20}{t['val_loss']:>10.3f}{t['train_loss']:>12.3f}{t['tok_per_s']:>10,.0f}"

@@ -1,6 +1,8 @@
 """bench/targets.py: the issue's targets from benchmark JSON (synthetic runs)."""
 import json
 import os
+import re
+import shlex
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
@@ -73,3 +75,19 @@ def test_scores_are_measured_over_target_and_plot(tmp_path):
     assert rows["prefill a 1M-token prompt on one GPU"].score is None      # missing: not in the plot
     targets.plot(list(rows.values()), str(tmp_path / "t.png"))
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmarks_target_table_is_what_its_command_computes_from_the_raw_results():
+    """BENCHMARKS.md's target table equals bench/targets.py's output for the files its command names."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    with open(os.path.join(root, "BENCHMARKS.md"), encoding="utf-8") as f:
+        text = f.read()
+    command = re.search(r"```bash\n(python bench/targets\.py .*?)```", text, flags=re.S)
+    assert command, "BENCHMARKS.md shows no `python bench/targets.py` command"
+    args = shlex.split(command[1].replace("\\\n", " "))[2:]
+    e2e = args[args.index("--e2e") + 1:args.index("--kernels")]
+    kernels = [a for a in args[args.index("--kernels") + 1:] if a.endswith(".json")]
+    rows = targets.e2e_rows(targets.load_runs([os.path.join(root, p) for p in e2e]))
+    rows += targets.latest_kernel_rows([os.path.join(root, p) for p in kernels])
+    assert all(r.status != "missing" for r in rows)
+    assert targets.table(rows) in text
