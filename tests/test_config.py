@@ -115,7 +115,27 @@ def test_train_config_cuda_graph():
 
 def test_distributed_training_refuses_cuda_graph_on():
     """Distributed steps run eager: asking for graphs there is an error, not silently ignored."""
-    from dsv4.distributed.train import train_distributed
+    from dsv4.distributed import DistributedPlacement
     from dsv4.train.config import TrainConfig
     with pytest.raises(ConfigError, match="distributed training runs eager"):
-        train_distributed(TrainConfig(cuda_graph="on"))
+        DistributedPlacement.start(TrainConfig(cuda_graph="on"))      # refused before joining a process group
+
+
+def test_train_config_resolution_layers(tmp_path):
+    """defaults < the resumed run's train_config.json (and its directory as out) < --config < flags; a config
+    file's unknown key is an error that names it."""
+    from dsv4.train.config import TrainConfig, resolve_config
+    run = tmp_path / "run"
+    TrainConfig(steps=50, seq_len=96, lr=1e-3, out="elsewhere").save(str(run))
+    (tmp_path / "cfg.json").write_text(json.dumps({"seq_len": 128, "batch_size": 4}))
+    assert resolve_config() == TrainConfig()
+    cfg = resolve_config(config_file=str(tmp_path / "cfg.json"), overrides={"batch_size": 2})
+    assert (cfg.seq_len, cfg.batch_size, cfg.steps) == (128, 2, TrainConfig().steps)
+    cfg = resolve_config(resume=str(run), config_file=str(tmp_path / "cfg.json"), overrides={"steps": 60})
+    assert (cfg.out, cfg.steps, cfg.seq_len, cfg.lr, cfg.batch_size) == (str(run), 60, 128, 1e-3, 4)
+    assert resolve_config(resume=str(run), overrides={"out": "b"}).out == "b"
+    (tmp_path / "bad.json").write_text(json.dumps({"seq_length": 1}))
+    with pytest.raises(ConfigError, match=r"unknown training config keys \['seq_length'\]"):
+        resolve_config(config_file=str(tmp_path / "bad.json"))
+    with pytest.raises(FileNotFoundError, match="no train_config.json"):
+        resolve_config(resume=str(tmp_path / "missing"))

@@ -116,18 +116,39 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str) -> "TrainConfig":
         """A JSON file of TrainConfig fields (unknown keys are an error)."""
+        return cls(**cls.read_fields(path))
+
+    @classmethod
+    def read_fields(cls, path: str) -> dict[str, Any]:
+        """The fields a JSON file sets (unknown keys are an error), without defaults for the others."""
         with open(path) as f:
             d = json.load(f)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown training config keys {unknown}")
-        return cls(**d)
+        return d
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "train_config.json"), "w") as f:
             json.dump(self.to_dict(), f, indent=2)
+
+
+def resolve_config(*, resume: str | None = None, config_file: str | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A run's settings, each layer over the one before: defaults < the resumed run's train_config.json (and its
+    directory as `out`) < the `config_file` JSON < `overrides` (command-line flags)."""
+    fields: dict[str, Any] = {}
+    if resume:
+        saved = os.path.join(resume, "train_config.json")
+        if not os.path.isfile(saved):
+            raise FileNotFoundError(f"--resume {resume}: no train_config.json there")
+        fields.update(TrainConfig.read_fields(saved), out=resume)
+    if config_file:
+        fields.update(TrainConfig.read_fields(config_file))
+    fields.update(overrides or {})
+    return TrainConfig(**fields)
 
 
 def use_gpu_kernels(choice: str) -> None:
