@@ -38,6 +38,9 @@ def check_config(cfg: TrainConfig, world: int) -> None:
 
 
 class DistributedPlacement:
+    """The ranks of one process group (one device each: the GPU of LOCAL_RANK, or the CPU with gloo;
+    TrainConfig.device is not used). `start` joins the group, `close` leaves it."""
+
     muon_cls = DistributedMuon
     captures_graphs = False
     autocasts = False             # FSDP's mixed-precision policy computes in bf16 on GPUs (see `place`)
