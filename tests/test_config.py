@@ -85,19 +85,18 @@ def test_unknown_key_and_bad_json(tmp_path):
 
 
 def test_train_config_gpu_kernels(monkeypatch):
-    """--gpu-kernels: a bad choice names the field; "triton" (the default) turns the Triton training kernels on,
-    "compiled" off, through the dispatcher's setting (the environment is read, never written); without the flag
-    they are on."""
+    """--gpu-kernels: a bad choice names the field; a run's choice holds while it trains and the process's comes
+    back after it (the environment is read, never written)."""
+    from dsv4 import ops
     from dsv4.ops import dispatch
-    from dsv4.train.config import TrainConfig, use_gpu_kernels
+    from dsv4.train.config import TrainConfig
     with pytest.raises(ConfigError, match="gpu_kernels"):
         TrainConfig(gpu_kernels="cuda")
     monkeypatch.delenv("DSV4_TRITON_TRAIN", raising=False)
     monkeypatch.setattr(dispatch, "_training_kernels", None)  # (the process's choice restored after the test)
     assert dispatch.training_kernel_choice() == "triton"
-    use_gpu_kernels(TrainConfig(gpu_kernels="compiled").gpu_kernels)
-    assert dispatch.training_kernel_choice() == "compiled" and "DSV4_TRITON_TRAIN" not in os.environ
-    use_gpu_kernels(TrainConfig().gpu_kernels)
+    with ops.training_kernels(TrainConfig(gpu_kernels="compiled").gpu_kernels):
+        assert dispatch.training_kernel_choice() == "compiled" and "DSV4_TRITON_TRAIN" not in os.environ
     assert dispatch.training_kernel_choice() == "triton" and "DSV4_TRITON_TRAIN" not in os.environ
 
 
@@ -117,10 +116,10 @@ def test_train_config_cuda_graph():
 
 def test_distributed_training_refuses_cuda_graph_on():
     """Distributed steps run eager: asking for graphs there is an error, not silently ignored."""
-    from dsv4.distributed.train import train_distributed
+    from dsv4.distributed import DistributedPlacement
     from dsv4.train.config import TrainConfig
     with pytest.raises(ConfigError, match="distributed training runs eager"):
-        train_distributed(TrainConfig(cuda_graph="on"))
+        DistributedPlacement.start(TrainConfig(cuda_graph="on"))      # refused before joining a process group
 
 
 def _flash_hub() -> dict:
@@ -199,3 +198,23 @@ def test_integral_floats_are_the_integers_they_equal(tmp_path):
     d = _flash_hub()
     d["sliding_window"], d["compress_ratios"] = 128.0, [float(r) for r in d["compress_ratios"]]
     assert _load(d, tmp_path).to_dict() == ModelConfig.preset("flash").to_dict()
+
+
+def test_train_config_resolution_layers(tmp_path):
+    """defaults < the resumed run's train_config.json (and its directory as out) < --config < flags; a config
+    file's unknown key is an error that names it."""
+    from dsv4.train.config import TrainConfig, resolve_config
+    run = tmp_path / "run"
+    TrainConfig(steps=50, seq_len=96, lr=1e-3, out="elsewhere").save(str(run))
+    (tmp_path / "cfg.json").write_text(json.dumps({"seq_len": 128, "batch_size": 4}))
+    assert resolve_config() == TrainConfig()
+    cfg = resolve_config(config_file=str(tmp_path / "cfg.json"), overrides={"batch_size": 2})
+    assert (cfg.seq_len, cfg.batch_size, cfg.steps) == (128, 2, TrainConfig().steps)
+    cfg = resolve_config(resume=str(run), config_file=str(tmp_path / "cfg.json"), overrides={"steps": 60})
+    assert (cfg.out, cfg.steps, cfg.seq_len, cfg.lr, cfg.batch_size) == (str(run), 60, 128, 1e-3, 4)
+    assert resolve_config(resume=str(run), overrides={"out": "b"}).out == "b"
+    (tmp_path / "bad.json").write_text(json.dumps({"seq_length": 1}))
+    with pytest.raises(ConfigError, match=r"unknown training config keys \['seq_length'\]"):
+        resolve_config(config_file=str(tmp_path / "bad.json"))
+    with pytest.raises(FileNotFoundError, match="no train_config.json"):
+        resolve_config(resume=str(tmp_path / "missing"))

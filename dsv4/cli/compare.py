@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 
+from ..train.metrics import read_metrics
 from ..train.plots import plot_losses
 
 
@@ -21,8 +22,7 @@ def summarize(run: str) -> tuple[dict, list[dict]]:
     path = os.path.join(run, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{run}: no metrics.jsonl (not a dsv4 training run?)")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_metrics(path)
     if not rows:
         raise ValueError(f"{run}: metrics.jsonl is empty")
     logged = [r for r in rows if "lm" in r]

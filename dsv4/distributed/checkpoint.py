@@ -16,6 +16,8 @@ from ..model import Transformer
 
 
 def save_distributed(path: str, model: Transformer, optimizers: list, extra: dict | None = None) -> None:
+    """A DCP checkpoint of the model, its optimizers and `extra` (nested dicts of plain values, string keys
+    without dots)."""
     msd, osd = get_state_dict(model, optimizers)
     dcp.save({"model": msd, "optim": osd, "extra": extra or {}}, checkpoint_id=path)
 
@@ -33,7 +35,14 @@ def load_distributed(path: str, model: Transformer, optimizers: list) -> dict:
             del entry[key]
         if not entry:
             del osd["state"][fqn]
-    extra = {k.split(".", 1)[1]: None for k in saved if k.startswith("extra.")}  # DCP fills existing keys
+    extra: dict = {}                                   # DCP fills the keys that exist: rebuild them, nested
+    for key in saved:
+        if key.startswith("extra."):
+            *parents, leaf = key.split(".")[1:]
+            node = extra
+            for name in parents:
+                node = node.setdefault(name, {})
+            node[leaf] = None
     state = {"model": msd, "optim": osd, "extra": extra}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"],

@@ -13,6 +13,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from ..model import Transformer
+from ..model.attention import Attention
+from ..model.indexer import Indexer
 from ..model.moe import MoE
 from .expert_parallel import expert_params, shard_experts
 
@@ -21,8 +23,7 @@ def init_distributed() -> DeviceMesh:
     """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs); a 1-D mesh over all ranks."""
     if not dist.is_initialized():
         if "RANK" not in os.environ:
-            raise RuntimeError("not launched by torchrun: run "
-                               "`torchrun --nproc_per_node N -m dsv4.cli.train_distributed`")
+            raise RuntimeError("not launched by torchrun: run `torchrun --nproc_per_node N -m dsv4 train`")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -38,6 +39,12 @@ def parallelize(model: Transformer, mesh: DeviceMesh, *, bf16: bool = False) -> 
     # identically from the all-reduced loads, so they stay plain replicated tensors
     ignored = expert_params(model) | {m.gate.bias for m in moe_layers(model) if not m.gate.hashed}
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for indexer in indexers(model):
+        # The indexer learns from its own KL loss on detached inputs: in the indexer warm-up no gradient flows
+        # through its block's output, where the block's backward hook would gather the parameters again. As
+        # its own unit, the indexer's scores carry that hook.
+        fully_shard(indexer, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+        register_fsdp_forward_method(indexer, "sequence_scores")
     for block in list(model.layers) + list(model.mtp):
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     for block in model.mtp:
@@ -64,6 +71,10 @@ def global_expert_loads(loads: list[torch.Tensor], group=None) -> list[torch.Ten
     flat = torch.cat(loads)
     dist.all_reduce(flat, group=group)
     return list(flat.split([t.numel() for t in loads]))
+
+
+def indexers(model: Transformer) -> list[Indexer]:
+    return [m.indexer for m in model.modules() if isinstance(m, Attention) and hasattr(m, "indexer")]
 
 
 def moe_layers(model: Transformer) -> list[MoE]:

@@ -34,6 +34,11 @@ def save_checkpoint(directory: str, model: Transformer, tokenizer_dir: str, stat
 def export(model: Transformer, path: str, tokenizer_dir: str, dtype: torch.dtype = torch.float32, **kw) -> None:
     """The official layout + the tokenizer files: loadable by dsv4.load_model and transformers."""
     save_model(model, path, dtype=dtype, **kw)
+    copy_tokenizer(tokenizer_dir, path)
+
+
+def copy_tokenizer(tokenizer_dir: str, path: str) -> None:
+    """The tokenizer files of a run into a model directory."""
     for name in ("tokenizer.json", "tokenizer_config.json"):
         src = os.path.join(tokenizer_dir, name)
         if os.path.isfile(src):

@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from .. import ops
 from ..config import ConfigError, ModelConfig
 
 
@@ -51,7 +50,7 @@ class TrainConfig:
     fp32_matmul: str = "tf32"               # GPU fp32 matmuls (attention, compressor, mHC, router, head): "tf32"
                                             # tensor cores (exact on bf16 inputs, fp32 accumulate) | "ieee"
     gpu_kernels: str = "triton"             # GPU training ops: "triton" (fused attention / mHC-mixes kernels;
-                                            # H100: 1.2x at 4K, 6.9x at 64K) | "compiled" (torch.compile'd references)
+                                            # H200: 1.21x at 4K, 8.2x at 64K) | "compiled" (torch.compile'd references)
     cuda_graph: str = "auto"                # GPU: "on" captures each stage's fwd+bwd once as a CUDA graph and
                                             # replays it (no per-kernel launch cost; H200 at 4K: 1.29x; not with
                                             # block recompute) | "off" (eager) | "auto": on where it applies (a
@@ -117,13 +116,18 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str) -> "TrainConfig":
         """A JSON file of TrainConfig fields (unknown keys are an error)."""
+        return cls(**cls.read_fields(path))
+
+    @classmethod
+    def read_fields(cls, path: str) -> dict[str, Any]:
+        """The fields a JSON file sets (unknown keys are an error), without defaults for the others."""
         with open(path) as f:
             d = json.load(f)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"{path}: unknown training config keys {unknown}")
-        return cls(**d)
+        return d
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -131,7 +135,17 @@ class TrainConfig:
             json.dump(self.to_dict(), f, indent=2)
 
 
-def use_gpu_kernels(choice: str) -> None:
-    """The training kernels for this process: "triton" (the default) or "compiled" (the torch.compile'd
-    references); see dsv4.ops.training_kernels, which also serves as a `with` block."""
-    ops.training_kernels(choice)
+def resolve_config(*, resume: str | None = None, config_file: str | None = None,
+                   overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A run's settings, each layer over the one before: defaults < the resumed run's train_config.json (and its
+    directory as `out`) < the `config_file` JSON < `overrides` (command-line flags)."""
+    fields: dict[str, Any] = {}
+    if resume:
+        saved = os.path.join(resume, "train_config.json")
+        if not os.path.isfile(saved):
+            raise FileNotFoundError(f"--resume {resume}: no train_config.json there")
+        fields.update(TrainConfig.read_fields(saved), out=resume)
+    if config_file:
+        fields.update(TrainConfig.read_fields(config_file))
+    fields.update(overrides or {})
+    return TrainConfig(**fields)

@@ -1,7 +1,10 @@
 """Scale-out on CPU with gloo, 2 and 4 processes launched by torchrun (tests/distributed/workers.py):
 expert dispatch is exact, FSDP2 + EP + distributed Muon training equals one process, DCP checkpoints saved
-on 4 ranks resume on 2, sharded inference equals one process."""
+on 4 ranks resume on 2, sharded inference equals one process, and the training loop under torchrun keeps the
+single-process loop's behaviour (stages, NaN stop, validation loss, metrics, --config, resume)."""
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,9 +18,21 @@ sys.path.insert(0, os.path.dirname(__file__))
 import workers  # noqa: E402
 
 from conftest import assert_rel_close  # noqa: E402
+from dsv4.train.config import TrainConfig  # noqa: E402
+from dsv4.train.data import stdlib_sources  # noqa: E402
+from dsv4.train.metrics import read_metrics  # noqa: E402
 from dsv4.train.optim import build_optimizers  # noqa: E402
+from dsv4.train.trainer import train  # noqa: E402
 
 WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    for doc in stdlib_sources(400_000)[:40]:
+        (d / doc.name.replace("/", "_")).write_text(doc.text)
+    return str(d)
 
 
 def _free_port() -> int:
@@ -98,24 +113,81 @@ def test_sharded_inference_equals_one_process(tmp_path, n):
         assert_rel_close("sharded incremental logits", res["incremental"], ref, 1e-5)
 
 
-def test_torchrun_training_entry_point_and_resume_on_fewer_ranks(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    from dsv4.train.data import stdlib_sources
-    for doc in stdlib_sources(200_000)[:20]:
-        (corpus / doc.name.replace("/", "_")).write_text(doc.text)
+def test_torchrun_training_entry_point_config_and_resume_on_fewer_ranks(tmp_path, corpus):
+    """`torchrun -m dsv4 train --config FILE` on 2 ranks (flags override the file), resumed on 1 rank."""
     out = tmp_path / "run"
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps(dict(data=corpus, steps=3, batch_size=4, seq_len=48, save_interval=2, log_interval=1,
+                                      eval_interval=2, eval_batches=1, sample_tokens=4, out=str(tmp_path / "x"))))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
 
     def launch(n, *args):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "dsv4.cli.train_distributed", *args]
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "dsv4", "train", *args]
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-4000:]
-    launch(2, "--data", str(corpus), "--steps", "3", "--batch-size", "4", "--seq-len", "48", "--save-interval", "2",
-           "--log-interval", "1", "--out", str(out))
+    launch(2, "--config", str(config), "--out", str(out))
+    saved = json.loads((out / "train_config.json").read_text())
+    assert (saved["seq_len"], saved["batch_size"], saved["steps"], saved["out"]) == (48, 4, 3, str(out))
     assert sorted(os.listdir(out / "dcp")) == ["step_0000002", "step_0000003"]
+    assert json.loads((out / "result.json").read_text())["sample"].startswith("def fibonacci(n):")
     launch(1, "--resume", str(out), "--steps", "4")
-    rows = [__import__("json").loads(line) for line in open(out / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["world"] for r in rows] == [2, 2, 2, 1]
+    rows = read_metrics(out / "metrics.jsonl")
+    logged = [r for r in rows if "stage" in r]
+    assert [r["step"] for r in logged] == [1, 2, 3, 4] and [r["world"] for r in logged] == [2, 2, 2, 1]
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 2, 3, 4]
+    assert all(r["tokens"] == r["step"] * 4 * 48 for r in rows)        # the config file's batch and sequence
     assert dsv4.load_model(out / "final", dtype=torch.float32).config.n_layers == 4
+    assert (out / "final" / "tokenizer.json").is_file()
+
+
+def _dcp_model_state(path, tmp_path) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP checkpoint, read in this (non-distributed) process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dcp_to_torch_save(path, tmp_path / "ckpt.pt")
+    return torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
+
+
+def test_torchrun_loop_stages_nan_stop_and_validation_match_one_process(tmp_path, corpus):
+    """One 2-rank launch of the training loop: no bias update in the indexer warm-up, the same metrics fields as
+    one process (plus world), validation loss equal to one process's, and a NaN on one rank stopping every rank
+    with the last good checkpoint named. The same launch checks DistributedMuon against Muon."""
+    cfg = dict(data=corpus, out=str(tmp_path / "dist"), steps=8, batch_size=4, seq_len=48, warmup=2,
+               dense_warmup_frac=0.25, indexer_warmup_frac=0.25, save_interval=1, log_interval=1, eval_interval=2,
+               eval_batches=2, sample_tokens=0)
+    (tmp_path / "loop.json").write_text(json.dumps(cfg))
+    ranks = torchrun("loop", 2, tmp_path)
+    for res in ranks:
+        assert res["muon_update_error"] < 1e-5, res
+        assert re.match(r"step 6: loss=nan .*not finite.*dcp/step_0000006$", res["error"]), res["error"]
+    dist_out = tmp_path / "dist"
+    assert sorted(os.listdir(dist_out / "dcp")) == [f"step_{s:07d}" for s in range(1, 7)]
+    # steps 0-1 dense, 2-3 indexer warm-up, 4- sparse; checkpoint k holds the state after step k - 1
+    state = {k: _dcp_model_state(dist_out / "dcp" / f"step_{k:07d}", tmp_path) for k in range(1, 7)}
+    bias = {k: torch.cat([t.flatten() for n, t in sorted(sd.items()) if n.endswith("gate.bias")])
+            for k, sd in state.items()}
+    assert not torch.equal(bias[1], bias[2]) and not torch.equal(bias[4], bias[5])
+    assert torch.equal(bias[2], bias[3]) and torch.equal(bias[3], bias[4])
+    for k in (3, 4):                        # the indexer warm-up: the indexers learn, nothing else moves
+        moved = {n for n, t in state[k].items() if not torch.equal(t, state[k - 1][n])}
+        assert moved and all(".indexer." in n for n in moved), moved
+
+    one = train(TrainConfig(**{**cfg, "out": str(tmp_path / "one"), "tokenizer": str(dist_out / "tokenizer"),
+                               "save_interval": 100}))         # (checkpoints do not change the run)
+    assert one["steps"] == 8
+    dist_rows, one_rows = read_metrics(dist_out / "metrics.jsonl"), read_metrics(tmp_path / "one" / "metrics.jsonl")
+    logged = [r for r in dist_rows if "stage" in r]
+    assert [r["stage"] for r in logged] == ["dense", "dense", "indexer", "indexer", "sparse", "sparse"]
+    assert all(r["world"] == 2 for r in logged)
+    # the same run as one process, to fp32 reduction order (seen: 1e-7 relative for the losses, 3e-6 for the
+    # gradient norm); the expert loads are counts, reduced exactly
+    for a, b in zip(logged, one_rows[1:]):
+        assert a.keys() == b.keys() and a["step"] == b["step"], (a, b)
+        assert a["expert_load_max_over_mean"] == pytest.approx(b["expert_load_max_over_mean"], rel=1e-6), (a, b)
+        for key, tol in (("loss", 1e-5), ("grad_norm", 1e-4), ("mhc_gain", 1e-5)):
+            assert a[key] == pytest.approx(b[key], rel=tol), (key, a, b)
+    dist_val = {r["step"]: r["val_loss"] for r in dist_rows if "val_loss" in r}
+    one_val = {r["step"]: r["val_loss"] for r in one_rows if "val_loss" in r}
+    assert sorted(dist_val) == [0, 2, 4, 6]
+    for step, v in dist_val.items():
+        assert v == pytest.approx(one_val[step], rel=1e-5), (step, v, one_val[step])

@@ -6,6 +6,7 @@ Each writes what the test compares to OUT_DIR/CASE-rank{r}.pt.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -13,11 +14,16 @@ import torch
 import torch.distributed as dist
 
 import dsv4
-from dsv4.distributed import (DistributedMuon, export_official, finish_expert_grads, global_expert_loads,
-                              init_distributed, load_distributed, load_sharded, parallelize, save_distributed,
-                              shard_experts)
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+import dsv4.train.step
+from dsv4.distributed import (DistributedMuon, DistributedPlacement, export_official, finish_expert_grads,
+                              global_expert_loads, init_distributed, load_distributed, load_sharded, parallelize,
+                              save_distributed, shard_experts)
+from dsv4.train.config import TrainConfig
 from dsv4.train.losses import LossWeights, compute_loss, expert_loads, update_expert_bias
-from dsv4.train.optim import build_optimizers
+from dsv4.train.optim import Muon, build_optimizers
+from dsv4.train.trainer import TrainingDiverged, train
 
 
 def tiny_model(seed: int = 0) -> dsv4.Transformer:
@@ -96,6 +102,53 @@ def case_load(out: str, rank: int, world: int, mesh) -> dict:
     extra = load_distributed(os.path.join(out, "dcp"), model, opts)
     losses = train_steps(model, opts, range(2, 4), rank, world, distributed=True)
     return {"step": extra["step"], "resumed": losses}
+
+
+def muon_update_error(mesh, steps: int = 2) -> float:
+    """DistributedMuon on the FSDP + EP tiny model against Muon on the whole model, from the same gradients: the
+    largest relative difference of a parameter's total update."""
+    whole, placed = tiny_model(), parallelize(tiny_model(), mesh)
+    before = {n: p.detach().clone() for n, p in whole.named_parameters()}
+    opts = [build_optimizers(m, 3e-3, muon_cls=cls)[0] for m, cls in ((whole, Muon), (placed, DistributedMuon))]
+    mine = dict(placed.named_parameters())
+    for s in range(steps):
+        for i, (name, p) in enumerate(whole.named_parameters()):
+            g = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * s + i))
+            q = mine[name]
+            p.grad, q.grad = g, distribute_tensor(g, q.device_mesh, q.placements) if isinstance(q, DTensor) else g
+        for o in opts:
+            o.step()
+    err = 0.0
+    for name, p in whole.named_parameters():
+        q = mine[name].full_tensor() if isinstance(mine[name], DTensor) else mine[name]
+        want = p.detach() - before[name]
+        if want.abs().max() > 0:                    # a Muon parameter (AdamW's were not stepped)
+            err = max(err, float((q.detach() - before[name] - want).norm() / want.norm()))
+    return err
+
+
+def case_loop(out: str, rank: int, world: int, mesh) -> dict:
+    """The training loop on these ranks (config OUT/loop.json), with a NaN loss on the last rank at step 6; and
+    DistributedMuon against Muon."""
+    result = {"muon_update_error": muon_update_error(mesh)}
+    with open(os.path.join(out, "loop.json")) as f:
+        cfg = TrainConfig(**json.load(f))
+    real, calls = dsv4.train.step.loss_terms, [0]
+
+    def poisoned(model, batch, weights, lm=True):
+        loss, parts = real(model, batch, weights, lm=lm)
+        calls[0] += 1
+        if rank == world - 1 and calls[0] == 7:     # one rank's loss: the stop must reach every rank
+            loss = loss * float("nan")
+            parts["loss"] = loss.detach()
+        return loss, parts
+    dsv4.train.step.loss_terms = poisoned
+    try:
+        train(cfg, placement=DistributedPlacement(mesh))
+        result["error"] = None
+    except TrainingDiverged as e:
+        result["error"] = str(e)
+    return result
 
 
 def case_sharded_inference(out: str, rank: int, world: int, mesh) -> dict:

@@ -11,7 +11,7 @@ import dsv4
 from conftest import assert_rel_close
 from dsv4.train.cuda_graph import GraphedLoss
 from dsv4.train.losses import LossWeights, loss_terms
-from dsv4.train.trainer import set_stage
+from dsv4.train.stages import set_stage
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dsv4
 from dsv4.ops.reference.experts import swiglu
 from dsv4.train.losses import LossWeights
-from dsv4.train.trainer import _step_outputs, set_stage
+from dsv4.train.stages import set_stage
+from dsv4.train.step import step_outputs
 
 aten = torch.ops.aten
 HOST_READS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten._unique2, aten.unique_dim,
@@ -67,7 +68,7 @@ def test_training_step_reads_nothing_on_the_host(stage, monkeypatch):
     tokens = torch.randint(0, 2048, (2, 66), generator=torch.Generator().manual_seed(0))
     rec = HostReads()
     with rec:
-        out = _step_outputs(model, tokens, LossWeights(), stage, 1, lambda: torch.autocast("cpu", enabled=False))
+        out = step_outputs(model, tokens, LossWeights(), stage, 1, lambda: torch.autocast("cpu", enabled=False))
         out["loss"].backward()
     assert not rec.seen and not listed, (sorted(rec.seen), listed)
     assert out["combs"] and all(p.grad is not None for p in model.layers[1].attn.indexer.parameters()) == (
@@ -92,7 +93,7 @@ def test_no_autograd_graph_outlives_its_step(stage):
                                       for o in gc.get_objects()))
     model.embed.register_forward_pre_hook(count_graph_tensors)
     for step in range(2):
-        out = _step_outputs(model, tokens, LossWeights(), stage, 1, lambda: torch.autocast("cpu", enabled=False))
+        out = step_outputs(model, tokens, LossWeights(), stage, 1, lambda: torch.autocast("cpu", enabled=False))
         out["loss"].backward()
         del out
     assert alive_at_start == [0, 0]

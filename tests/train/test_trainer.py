@@ -12,7 +12,8 @@ import torch
 import dsv4
 from dsv4.cli import main
 from dsv4.train.config import TrainConfig
-from dsv4.train.trainer import TrainingDiverged, set_stage, stage_at, train
+from dsv4.train.stages import set_stage, stage_at
+from dsv4.train.trainer import TrainingDiverged, train
 from dsv4.train.data import stdlib_sources
 
 
@@ -83,8 +84,8 @@ def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
 
 
 def test_nan_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    import dsv4.train.trainer as trainer
-    real = trainer.loss_terms
+    import dsv4.train.step as step
+    real = step.loss_terms
     calls = {"n": 0}
 
     def poisoned(model, batch, weights, lm=True):
@@ -94,7 +95,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch)
             loss = loss * float("nan")
             parts["loss"] = loss.detach()
         return loss, parts
-    monkeypatch.setattr(trainer, "loss_terms", poisoned)
+    monkeypatch.setattr(step, "loss_terms", poisoned)
     with pytest.raises(TrainingDiverged, match=r"step 4: .*not finite.*step_0000003"):
         train(_cfg(corpus, tmp_path / "nan"))
     assert os.path.isdir(tmp_path / "nan" / "checkpoints" / "step_0000003")
@@ -104,6 +105,8 @@ def test_stage_schedule_and_indexer_only_warmup(corpus):
     cfg = TrainConfig(steps=100, dense_warmup_frac=0.1, indexer_warmup_frac=0.05)
     assert [stage_at(cfg, s) for s in (0, 9, 10, 14, 15, 99)] == ["dense", "dense", "indexer", "indexer",
                                                                     "sparse", "sparse"]
+    # a model without an indexer (the dense-attention ablation) has no indexer warm-up
+    assert [stage_at(cfg, s, indexer=False) for s in (9, 10, 14, 15)] == ["dense", "sparse", "sparse", "sparse"]
     from dsv4.train.losses import LossWeights, compute_loss
     model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights()
     set_stage(model, "indexer")

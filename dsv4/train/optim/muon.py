@@ -76,7 +76,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
-                _matrix_shape(p, group["matrix_shape"])   # fail at construction, not at the first step
+                matrix_shape(p, group["matrix_shape"])   # fail at construction, not at the first step
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -98,30 +98,44 @@ class Muon(torch.optim.Optimizer):
         return p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
 
     def _step_group(self, group: dict) -> None:
-        by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor]]] = defaultdict(list)
+        """Momentum -> matrices grouped by shape -> one batched Newton-Schulz per shape -> scaled update with
+        decoupled decay. Which process orthogonalises which matrices is the subclass hook (`orthogonalize_here`,
+        `apply_update`); shapes and parameters are visited in the same order on every process."""
+        by_shape: dict[tuple[int, int], list[tuple[Tensor, Tensor | None]]] = defaultdict(list)
         for p in group["params"]:
             if p.grad is None:
                 continue
             u = self._momentum(p, group)
-            n, m = _matrix_shape(p, group["matrix_shape"])
-            by_shape[(n, m)].append((p, u.reshape(-1, n, m)))
+            shape = matrix_shape(p, group["matrix_shape"])
+            by_shape[shape].append((p, self.orthogonalize_here(p, u, shape)))
         ns_dtype = group["ns_dtype"] or torch.float32
         lr, decay = group["lr"], 1 - group["lr"] * group["weight_decay"]
         for (n, m), items in by_shape.items():
-            batch = torch.cat([u.to(ns_dtype) for _, u in items])
-            ortho = orthogonalize(batch, group["ns_coefficients"], group["eps"])
+            here = [mats for _, mats in items if mats is not None]
+            ortho = iter(orthogonalize(torch.cat([x.to(ns_dtype) for x in here]), group["ns_coefficients"],
+                                       group["eps"]).split([x.shape[0] for x in here]) if here else ())
             scale = group["update_rms"] * math.sqrt(max(n, m))
-            for (p, _), o in zip(items, ortho.split([u.shape[0] for _, u in items])):
-                p.mul_(decay).add_(o.reshape(p.shape).to(p.dtype), alpha=-lr * scale)
+            for p, mats in items:
+                self.apply_update(p, None if mats is None else next(ortho), lr * scale, decay)
+
+    def orthogonalize_here(self, p: Tensor, update: Tensor, shape: tuple[int, int]) -> Tensor | None:
+        """The [k, n, m] matrices of p's momentum update that this process orthogonalises (None: another
+        process does). One process: all of them."""
+        return update.reshape(-1, *shape)
+
+    def apply_update(self, p: Tensor, ortho: Tensor | None, step_size: float, decay: float) -> None:
+        """W <- W * decay - step_size * O, O the orthogonalised matrices from `orthogonalize_here` (None where
+        another process orthogonalised p)."""
+        p.mul_(decay).add_(ortho.reshape(p.shape).to(p.dtype), alpha=-step_size)
 
 
-def _matrix_shape(p: Tensor, matrix_shape: tuple[int, int] | None) -> tuple[int, int]:
+def matrix_shape(p: Tensor, declared: tuple[int, int] | None) -> tuple[int, int]:
     """(n, m) of the independent matrices p holds: its last two dims, or the group's declared blocks."""
-    if matrix_shape is None:
+    if declared is None:
         if p.ndim not in (2, 3):
             raise ValueError(f"Muon takes 2-D or 3-D parameters, got shape {tuple(p.shape)}")
         return tuple(p.shape[-2:])
-    n, m = matrix_shape
+    n, m = declared
     if p.ndim != 2 or p.shape[1] != m or p.shape[0] % n:
-        raise ValueError(f"matrix_shape {matrix_shape} does not tile a parameter of shape {tuple(p.shape)}")
+        raise ValueError(f"matrix_shape {declared} does not tile a parameter of shape {tuple(p.shape)}")
     return n, m
