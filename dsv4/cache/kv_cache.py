@@ -1,4 +1,4 @@
-"""The V4 inference cache: per layer only what the reference keeps (v4-architecture §6).
+"""The V4 inference cache: per layer only what the reference keeps (docs/architecture.md#kv-cache).
 
   * a `window_size`-slot ring of raw KV rows (slot = position % window), every layer;
   * compressed KV entries, one row per completed group (row = group index), CSA and HCA layers;

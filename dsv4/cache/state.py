@@ -1,4 +1,5 @@
-"""What a compressor carries across chunk boundaries, and what it hands the cache (v4-architecture §3.4, §6).
+"""What a compressor carries across chunk boundaries, and what it hands the cache
+(docs/architecture.md#compressor, #kv-cache).
 
 The compressors (dsv4.model.compressor) update a `CompressorState` in place and return `Compressed` entries;
 the cache (dsv4.cache.kv_cache) allocates the states and stores the entries. Both sides import these types

@@ -12,12 +12,12 @@ from ..model import Transformer
 from ..quant.formats import fp4_to_fp8, quantize_fp4_blocks, quantize_fp8_blocks
 from .names import native_to_official
 
-# Stored in fp32 in the official checkpoints whatever the weight dtype (v4-architecture §7).
+# Stored in fp32 in the official checkpoints whatever the weight dtype (docs/architecture.md#fp32-parameters).
 _STORED_FP32 = ("attn_sink", "ape", "gate.bias", "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn",
                 "hc_ffn_base", "hc_ffn_scale", "hc_head_fn", "hc_head_base", "hc_head_scale")
 
 
-# Weights the official checkpoint stores in FP8 e4m3 with 128x128 block scales (v4-architecture §7).
+# Weights the official checkpoint stores in FP8 e4m3 with 128x128 block scales (docs/architecture.md#number-formats).
 _FP8_WEIGHTS = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
                 "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight",
                 "indexer.wq_b.weight", "e_proj.weight", "h_proj.weight")

@@ -1,4 +1,4 @@
-"""V4 attention: one code path for window-only, CSA and HCA layers (v4-architecture §3).
+"""V4 attention: one code path for window-only, CSA and HCA layers (docs/architecture.md#attention).
 
 Shared single K=V head (MQA) with partial interleaved RoPE; each query attends, in one softmax with a
 per-head sink, to the raw KV of the last `window_size` positions plus compressed entries: all visible
@@ -74,8 +74,9 @@ class Attention(nn.Module):
         self.kind = "window" if self.ratio == 0 else ("csa" if self.ratio == cfg.csa_ratio else "hca")
         self.softmax_scale = cfg.head_dim ** -0.5
         self.quant_sim = False  # FP8 round trip of the KV nope dims (raw and compressed), as the reference
-        # training stages (v4-architecture §3.5): CSA attends to the indexer's top-k (`sparse`) or, during the
-        # warm-ups, to every visible entry; `indexer_loss` computes the indexer's KL loss into `indexer_kl`
+        # training stages (docs/architecture.md#indexer-training): CSA attends to the indexer's top-k (`sparse`)
+        # or, during the warm-ups, to every visible entry; `indexer_loss` computes the indexer's KL loss into
+        # `indexer_kl`
         self.sparse, self.indexer_loss = True, False
         self.indexer_kl: torch.Tensor | None = None
         self.recomputed = False  # set by Transformer.set_activation_checkpointing
@@ -202,7 +203,8 @@ def topk_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tens
 
 
 def indexer_kl(scores: torch.Tensor, entry_mass: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(indexer scores)) over the entries a query attends to (v4-architecture §3.5).
+    """KL(target || softmax(indexer scores)) over the entries a query attends to
+    (docs/architecture.md#indexer-training).
 
     target: the main attention's probability on those entries within its joint softmax, summed over heads
     (`entry_mass` [B, S, N]) and normalised (no gradient). Queries that attend to no entry are skipped."""

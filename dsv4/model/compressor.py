@@ -1,4 +1,4 @@
-"""The V4 compressor: m consecutive tokens -> one KV entry by softmax-gated pooling (v4-architecture §3.4).
+"""The V4 compressor: m consecutive tokens -> one KV entry by softmax-gated pooling (docs/architecture.md#compressor).
 
 Per token t: k_t = wkv(x_t), z_t = wgate(x_t) + ape[t mod m] (fp32). Non-overlapping (HCA): entry i pools
 group i. Overlapping (CSA, coff = 2): the 2*Dc channels are [A | B]; entry i pools group i's B-half with

@@ -1,4 +1,4 @@
-"""The lightning indexer of CSA layers (v4-architecture §3.5): picks, per query, the top-k compressed
+"""The lightning indexer of CSA layers (docs/architecture.md#lightning-indexer): picks, per query, the top-k compressed
 entries by  I(s, j) = sum_h w_h(s) * ReLU(q_h(s) . K_j)  over the entries visible to s.
 
 It owns a compressor of its own (Dc = index_head_dim) and reuses the attention's low-rank query latent.

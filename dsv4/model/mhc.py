@@ -1,4 +1,4 @@
-"""Manifold-constrained hyper-connections (mHC, v4-architecture §4).
+"""Manifold-constrained hyper-connections (mHC, docs/architecture.md#mhc).
 
 The residual stream is R = hc_mult lanes [B, S, R, C]. Around each sublayer:
   pre:  y = sum_i pre_i * lane_i                       (collapses the lanes into the sublayer input)

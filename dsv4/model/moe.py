@@ -1,4 +1,4 @@
-"""DeepSeekMoE as V4 computes it (v4-architecture §5): one shared expert plus top-k routed experts.
+"""DeepSeekMoE as V4 computes it (docs/architecture.md#moe): one shared expert plus top-k routed experts.
 
 Affinities s = sqrt(softplus(x W^T)) in fp32. Selection: top-k of s + bias (the aux-loss-free balancing
 bias steers selection only), or a fixed token-id -> experts table in the first `n_hash_layers` layers.

@@ -1,4 +1,4 @@
-"""Partial, interleaved RoPE with the V4 YaRN frequency blend (v4-architecture §3.4, "YaRN").
+"""Partial, interleaved RoPE with the V4 YaRN frequency blend (docs/architecture.md#rope).
 
 Only the trailing `rope_dim` channels of a head rotate; pairs are adjacent channels (2i, 2i+1).
 Compressed layers use `compress_rope_theta` with YaRN; window-only layers plain `rope_theta`.

@@ -1,4 +1,4 @@
-"""Block, MTP block and the whole DeepSeek-V4 Transformer (v4-architecture §2, §9).
+"""Block, MTP block and the whole DeepSeek-V4 Transformer (docs/architecture.md#overview, #mtp).
 
 embedding -> hc_mult identical residual lanes -> blocks (mHC around attention and MoE) -> hc_head collapse
 -> final RMSNorm -> LM head in fp32. Parameter names are the official checkpoint names, except that the
@@ -21,7 +21,7 @@ from .mhc import hc_head, hc_post, hc_pre, init_hc_params
 from .moe import MoE
 from .norm import Linear, RMSNorm
 
-# Parameters the reference keeps in fp32 whatever the model dtype (v4-architecture §7 "Stays BF16 / FP32").
+# Parameters the reference keeps in fp32 whatever the model dtype (docs/architecture.md#fp32-parameters).
 FP32_PARAM_SUFFIXES = ("norm.weight", "attn_sink", "ape", "compressor.wkv.weight", "compressor.wgate.weight",
                        "gate.bias", "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base",
                        "hc_ffn_scale", "hc_head_fn", "hc_head_base", "hc_head_scale", "head.weight")

@@ -1,5 +1,5 @@
-"""Number formats of the V4 checkpoints and of its quantisation-aware numerics (v4-architecture §7), and the byte
-records of the cache's quantised rows."""
+"""Number formats of the V4 checkpoints and of its quantisation-aware numerics, and the byte records of the cache's
+quantised rows (docs/architecture.md#number-formats)."""
 from .formats import (E2M1_VALUES, FP4_MAX, FP8_MAX, dequant_fp4_blocks, dequant_fp8_blocks, e2m1_round, e8m0_to_float,
                       float_to_e8m0, pack_fp4, unpack_fp4)
 from .fake_quant import fp4_fake_quant, fp8_fake_quant, hadamard, straight_through

@@ -1,4 +1,4 @@
-"""The reference's inference-time quantisation simulation (v4-architecture §7 "Fake-quant formulas").
+"""The reference's inference-time quantisation simulation (docs/architecture.md#fake-quantisation).
 
 The official model keeps these round trips at inference because it was trained with them (QAT):
 KV nope dims through FP8 e4m3 in 1x64 blocks, indexer q/keys through a Hadamard rotation and FP4 e2m1

@@ -1,4 +1,4 @@
-"""FP8 e4m3 / FP4 e2m1 / UE8M0 storage formats and exact dequantisation (v4-architecture §7).
+"""FP8 e4m3 / FP4 e2m1 / UE8M0 storage formats and exact dequantisation (docs/architecture.md#number-formats).
 
 * UE8M0 scale byte b encodes 2**(b - 127) (255 is NaN); stored as torch.float8_e8m0fnu or uint8.
 * FP4 e2m1 codes: bit 3 sign, bits 0-2 index into (0, .5, 1, 1.5, 2, 3, 4, 6); two codes per byte,

@@ -1,4 +1,4 @@
-"""The byte records a cache stores per row: their layout, size, encoding and decoding (v4-architecture §6-7).
+"""The byte records a cache stores per row: their layout, size, encoding and decoding (docs/architecture.md#kv-cache).
 
 One record per window token, compressed entry or indexer key; `role` is "kv" (attention rows) or "index"
 (indexer keys). Sizes for V4's D = 512, rope 64, indexer Di = 128:

@@ -1,4 +1,4 @@
-"""Compressor pooling (v4-architecture §3.4): a per-channel softmax over the candidate tokens of a group."""
+"""Compressor pooling (docs/architecture.md#compressor): a per-channel softmax over the candidate tokens of a group."""
 from __future__ import annotations
 
 import torch
@@ -45,7 +45,7 @@ def compress_groups(kv: torch.Tensor, score: torch.Tensor, ratio: int, overlap: 
 def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
                   freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None) -> torch.Tensor:
-    """One decode token per row through a compressor (v4-architecture §3.4), state updated in place.
+    """One decode token per row through a compressor (docs/architecture.md#compressor), state updated in place.
 
     kv, score: [B, coff*d] fp32 projections of the token; ape [m, coff*d]: the position bias added to score at
     the token's phase pos0 % m (None: score includes it already); state_kv/score: [B, coff*m,

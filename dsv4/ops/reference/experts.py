@@ -1,4 +1,4 @@
-"""Routed SwiGLU experts (v4-architecture §5): a loop over experts, each on the tokens routed to it."""
+"""Routed SwiGLU experts (docs/architecture.md#moe): a loop over experts, each on the tokens routed to it."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,5 @@
-"""The lightning indexer (v4-architecture §3.5): scores of the compressed entries for each query, and their top-k
-as the attention's index list."""
+"""The lightning indexer (docs/architecture.md#lightning-indexer): scores of the compressed entries for each
+query, and their top-k as the attention's index list."""
 from __future__ import annotations
 
 import torch

@@ -13,7 +13,7 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Each group's own projection: y[b,s,g] = w[g] @ x[b,s,g]; x [B, S, G, I], w [G, R, I] -> [B, S, G, R] in x's
-    dtype (v4-architecture §3.3: wo_a per head group)."""
+    dtype (docs/architecture.md#output-projection: wo_a per head group)."""
     return torch.einsum("bsgi,gri->bsgr", x, w.to(x.dtype))
 
 

@@ -1,4 +1,4 @@
-"""mHC lane arithmetic (v4-architecture §4): collapsing the lanes into a sublayer input, and the post mix."""
+"""mHC lane arithmetic (docs/architecture.md#mhc): collapsing the lanes into a sublayer input, and the post mix."""
 from __future__ import annotations
 
 import torch

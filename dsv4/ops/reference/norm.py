@@ -1,4 +1,4 @@
-"""RMS normalisation as V4 computes it (v4-architecture §2): the model's RMSNorm layers in fp32 with an fp32
+"""RMS normalisation as V4 computes it (docs/architecture.md#overview): the model's RMSNorm layers in fp32 with an fp32
 weight, and the per-head query norm without weight in the activation dtype (the reference does not upcast)."""
 from __future__ import annotations
 

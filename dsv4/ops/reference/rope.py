@@ -1,4 +1,4 @@
-"""Partial interleaved RoPE (v4-architecture §3.4): the trailing 2*half channels rotate in pairs (2i, 2i+1)."""
+"""Partial interleaved RoPE (docs/architecture.md#rope): the trailing 2*half channels rotate in pairs (2i, 2i+1)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""DeepSeekMoE routing as V4 computes it (v4-architecture §5), from the router logits on."""
+"""DeepSeekMoE routing as V4 computes it (docs/architecture.md#moe), from the router logits on."""
 from __future__ import annotations
 
 import torch

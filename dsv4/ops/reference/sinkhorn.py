@@ -1,4 +1,5 @@
-"""mHC mixing weights with the Sinkhorn-Knopp projection (v4-architecture §4, exactly the reference order)."""
+"""mHC mixing weights with the Sinkhorn-Knopp projection, in exactly the reference's order
+(docs/architecture.md#sinkhorn)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Sparse attention over index lists (v4-architecture §3.2).
+"""Sparse attention over index lists (docs/architecture.md#sparse-attention).
 
 One op serves window-only, CSA and HCA layers: the caller lists, per query, which rows of a shared
 K=V tensor it sees (window rows and compressed rows alike); -1 marks an unused slot.

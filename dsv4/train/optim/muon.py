@@ -1,4 +1,4 @@
-"""Muon as DeepSeek-V4 uses it (V4 §2.4, Alg. 1; docs/training-recipe.md (a)).
+"""Muon as DeepSeek-V4 uses it (V4 §2.4, Alg. 1; docs/training-recipe.md#muon).
 
 Per logically independent matrix W (n x m):
 

@@ -1,4 +1,4 @@
-"""Which parameters Muon trains and which AdamW trains (V4 §2.4, §4.2.2; docs/training-recipe.md (a)).
+"""Which parameters Muon trains and which AdamW trains (V4 §2.4, §4.2.2; docs/training-recipe.md#muon-or-adamw).
 
 The rule, by parameter name of `dsv4.Transformer` (official checkpoint naming):
 
