@@ -10,6 +10,11 @@ import torch
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 os.environ.setdefault("DSV4_TRITON_STRICT", "1")  # a Triton kernel that fails to build fails its test, no fallback
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's interpreter (tests/ops/triton). Triton reads the flag when a
+    # kernel is defined, so it is set here, before any test imports dsv4 (and with it the kernels). Elsewhere it
+    # changes nothing on the CPU: the dispatcher gives the Triton kernels CUDA tensors only.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def assert_rel_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> float:

@@ -3,14 +3,18 @@ on a machine without a GPU. The interpreter runs kernels as Python and accepts c
 (a compiled `if` may not change a value's shape, say); such a kernel passes every CPU check and then fails to
 build on the GPU.
 
-`record(path)` (in the interpreted process) appends each distinct launch's kernel, argument types and constexpr
-values to `path`; `failures(path)` (in a process without TRITON_INTERPRET) compiles each for every target and
-returns the errors per target. `python native_compile.py LAUNCHES` prints them as JSON."""
+`recording(launches)` (in the interpreted process) collects each distinct launch's kernel, argument types and
+constexpr values; `failures(launches, pool)` (in a process without TRITON_INTERPRET) compiles each for every target
+and returns the errors per target. `python native_compile.py` is such a process: it answers lists of launches on
+stdin with their failures on stdout, one JSON line each, until stdin closes."""
 from __future__ import annotations
 
 import importlib
 import inspect
 import json
+from concurrent.futures import Executor
+from contextlib import contextmanager
+from typing import Iterator
 
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 POINTEE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int8": "i8", "uint8": "u8",
@@ -52,21 +56,22 @@ def describe(fn, args: tuple, kwargs: dict) -> dict:
             "options": options}
 
 
-def record(path: str) -> None:
-    """From now on, every interpreted kernel launch of this process is appended to `path` (once per kind)."""
+@contextmanager
+def recording(launches: dict[str, dict]) -> Iterator[None]:
+    """Inside the block, every interpreted kernel launch of this process is added to `launches` (once per kind,
+    keyed by its JSON)."""
     from triton.runtime.interpreter import InterpretedFunction
-    seen: set[str] = set()
     run = InterpretedFunction.run
 
     def recording_run(self, *args, grid, warmup, **kwargs):
         launch = describe(self.fn, args, kwargs)
-        line = json.dumps(launch, sort_keys=True)
-        if line not in seen:
-            seen.add(line)
-            with open(path, "a") as f:
-                f.write(line + "\n")
+        launches.setdefault(json.dumps(launch, sort_keys=True), launch)
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
     InterpretedFunction.run = recording_run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
 
 
 TARGETS = {"sm_90": 90, "sm_80": 80}
@@ -89,18 +94,25 @@ def compile_error(launch: dict, capability: int) -> dict | None:
     return None
 
 
-def failures(path: str, targets: dict[str, int] = TARGETS) -> dict[str, list[dict]]:
-    """Every recorded launch compiled for every target, on all CPU cores: each target's failures."""
-    import os
-    from concurrent.futures import ProcessPoolExecutor
-    with open(path) as f:
-        launches = [json.loads(line) for line in dict.fromkeys(f)]
+def failures(launches: list[dict], pool: Executor, targets: dict[str, int] = TARGETS) -> dict[str, list[dict]]:
+    """Every launch compiled for every target on the pool's processes: each target's failures."""
     jobs = [(name, launch, cap) for name, cap in targets.items() for launch in launches]
-    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        errors = list(pool.map(compile_error, [j[1] for j in jobs], [j[2] for j in jobs]))
+    errors = list(pool.map(compile_error, [j[1] for j in jobs], [j[2] for j in jobs]))
     return {name: [e for (n, _, _), e in zip(jobs, errors) if n == name and e] for name in targets}
 
 
-if __name__ == "__main__":
+def serve() -> None:
+    """Answer requests until stdin closes: each line a JSON list of launches, each answer a line of JSON with the
+    failures per target. One process serves a whole test session (torch and Triton are imported once)."""
+    import os
     import sys
-    print(json.dumps(failures(sys.argv[1])))
+    from concurrent.futures import ProcessPoolExecutor
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever the compiler or a worker prints goes to stderr, never into an answer
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for line in sys.stdin:
+            print(json.dumps(failures(json.loads(line), pool)), file=answers, flush=True)
+
+
+if __name__ == "__main__":
+    serve()

@@ -1,0 +1,66 @@
+"""The indexer-score and compressor-pooling kernels as the model calls them (its layouts, strides and dtypes),
+picked for CPU tensors under the interpreter: whole-prompt and chunked prefill give the references' logits, and a
+training loss the references' loss and gradients. (On a GPU, tests/gpu runs the Triton paths inside the model.)"""
+import pytest
+import torch
+
+import dsv4
+from dsv4.model.attention import Attention
+from dsv4.ops import dispatch
+from dsv4.train.losses import LossWeights, compute_loss
+
+from .device import ON_GPU
+
+pytestmark = pytest.mark.skipif(ON_GPU, reason="tests/gpu runs the Triton kernels inside the model there")
+TOKENS = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(0))
+
+
+def _triton_everywhere(monkeypatch, ops: list[str]) -> None:
+    """The Triton implementation of `ops` picked for every call, CPU tensors too."""
+    for op in ops:
+        fn, _ = dispatch._REGISTRY[op]["triton"]
+        monkeypatch.setitem(dispatch._REGISTRY[op], "triton", (fn, lambda *a, **k: True))
+
+
+@torch.no_grad()
+def _prefill_logits() -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole prompts (groups from position 0), and the same prompts in chunks through the cache (the state's
+    groups)."""
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).eval()
+    cache = model.new_cache(2, 128)
+    chunks = [model(TOKENS[:, a:b], cache=cache) for a, b in ((0, 23), (23, 50), (50, 70))]
+    return model(TOKENS), torch.cat(chunks, 1)
+
+
+def _loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A training loss with dense attention (no top-k choice to flip) and the indexer's KL loss on."""
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).train()
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.sparse, m.indexer_loss = False, True
+    loss, parts = compute_loss(model, TOKENS, LossWeights())
+    loss.backward()
+    assert parts["indexer_kl"] > 0
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_prefill_pooling(monkeypatch):
+    want = _prefill_logits()
+    _triton_everywhere(monkeypatch, ["compress_groups"])
+    for ref, got in zip(want, _prefill_logits()):
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_training_scores_and_pooling(monkeypatch):
+    ref_loss, ref_grads = _loss_and_grads()
+    _triton_everywhere(monkeypatch, ["index_scores", "compress_groups"])
+    loss, grads = _loss_and_grads()
+    assert grads.keys() == ref_grads.keys()
+    assert ((loss - ref_loss).abs() / ref_loss.abs()).item() < 1e-5, (loss, ref_loss)
+    for n, g in ref_grads.items():  # (the heads' mHC weights are sums that cancel: fp32 rounding shows ~1e-3 there)
+        err = ((grads[n] - g).norm() / g.norm().clamp(min=1e-30)).item()
+        assert err < (5e-3 if "hc_head" in n else 1e-4), (n, err)
+
+
+def test_launches_build_for_gpus(native_build):
+    native_build()
