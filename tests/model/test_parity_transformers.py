@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dsv4
+from dsv4.model.attention import Attention
 from conftest import assert_rel_close, hf_config, randomize_hf
 
 pytest.importorskip("transformers")
@@ -87,13 +88,69 @@ def test_transformers_module_naming(hf_checkpoint):
     assert_rel_close(f"logits[{name}]", ours(tokens), _logits(hf, tokens), 1e-4)
 
 
-def test_topk_really_selects(hf_checkpoint):
-    """The configs must exercise a selecting indexer: more visible entries than index_topk."""
-    name, hf, _ = hf_checkpoint
+def _csa_entry_choices(model, monkeypatch) -> list[tuple[str, torch.Tensor]]:
+    """Records, for each call of a CSA layer's attention, the compressed entries each query attends to, as a
+    bool [B, S, N] mask: from the whole-sequence op's entry mask ("sequence") or from the index lists of the cached
+    op (entries are the list values past the window rows, "cached")."""
+    layer, calls = [None], []
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.register_forward_pre_hook(lambda mod, args: layer.__setitem__(0, mod))
+    sequence_attn, sparse_attn = dsv4.ops.sequence_attn, dsv4.ops.sparse_attn
+
+    def on_sequence(q, kv, entries, mask, *args, **kwargs):
+        if layer[0].kind == "csa":
+            calls.append(("sequence", mask.clone()))
+        return sequence_attn(q, kv, entries, mask, *args, **kwargs)
+
+    def on_cached(q, rows, sink, idx, scale, entries=None, *args, **kwargs):
+        if layer[0].kind == "csa":
+            n_rows, n = rows.shape[1], entries.shape[1]
+            chosen = torch.zeros(*idx.shape[:2], n + 1, dtype=torch.bool)
+            chosen.scatter_(-1, torch.where(idx >= n_rows, idx - n_rows, n), True)  # slot n: window rows, -1
+            calls.append(("cached", chosen[..., :n]))
+        return sparse_attn(q, rows, sink, idx, scale, entries, *args, **kwargs)
+    monkeypatch.setattr(dsv4.ops, "sequence_attn", on_sequence)
+    monkeypatch.setattr(dsv4.ops, "sparse_attn", on_cached)
+    return calls
+
+
+def test_topk_really_selects(hf_checkpoint, monkeypatch):
+    """On the 40-token inputs of these tests, CSA queries attend to exactly the indexer's top min(index_topk,
+    visible) entries, fewer than they see once more than index_topk are complete, in a whole-sequence forward and
+    through the cache (a chunk, then decode steps); and a larger index_topk changes the logits. (A model whose
+    indexer stopped selecting, attending to every visible entry, fails here.)"""
+    name, hf, path = hf_checkpoint
     cfg = hf.config
-    if C in cfg.layer_types:
-        assert 40 // cfg.compress_rates[C] > cfg.index_topk
-    assert 40 > cfg.sliding_window  # the window wraps
+    assert C in cfg.layer_types and 40 > cfg.sliding_window  # a selecting indexer, and the window wraps
+    m, k = cfg.compress_rates[C], cfg.index_topk
+    ours = dsv4.load_model(path / "hf", dtype=torch.float32)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    calls = _csa_entry_choices(ours, monkeypatch)
+    with torch.no_grad():
+        logits = ours(tokens)
+        cache = ours.new_cache(2, 64)
+        ours(tokens[:, :32], cache=cache)
+        for p in range(32, 40):
+            ours(tokens[:, p:p + 1], cache=cache)
+    n_csa = cfg.layer_types.count(C)
+    expected = [("sequence", 0)] * n_csa + [("cached", 0)] * n_csa + [("cached", p) for p in range(32, 40)
+                                                                       for _ in range(n_csa)]
+    assert [kind for kind, _ in calls] == [kind for kind, _ in expected]
+    strict = 0
+    for (kind, chosen), (_, start) in zip(calls, expected):
+        pos = start + torch.arange(chosen.shape[1])
+        visible = torch.arange(chosen.shape[2]) < ((pos + 1) // m).view(-1, 1)        # [S, N]
+        assert not (chosen & ~visible).any(), (name, kind, start)
+        want = ((pos + 1) // m).clamp(max=k)
+        assert torch.equal(chosen.sum(-1), want.expand_as(chosen.sum(-1))), (name, kind, start)
+        strict += int((visible.sum(-1) > k).sum())
+    assert strict > 0, "no query saw more entries than index_topk"
+    for mod in ours.modules():
+        if isinstance(mod, Attention) and mod.kind == "csa":
+            mod.indexer.topk = 10 ** 6
+    with torch.no_grad():
+        assert not torch.allclose(ours(tokens), logits, rtol=1e-4, atol=0)
 
 
 def test_save_then_transformers_loads(tmp_path):
