@@ -29,7 +29,8 @@ def test_topk(B, S, HI, DI, T, k):
     assert agreement(a, b) > AGREE
 
 
-@pytest.mark.parametrize("B, S, HI, DI, T, k, P, chunk", [(2, 5, 16, 32, 40, 6, 3, 2), (1, 3, 8, 64, 20, 30, 0, 1 << 28)])
+@pytest.mark.parametrize("B, S, HI, DI, T, k, P, chunk", [(2, 5, 16, 32, 40, 6, 3, 2),
+                                                          (1, 3, 8, 64, 20, 30, 0, 1 << 28)])
 def test_topk_as_the_attention_list(B, S, HI, DI, T, k, P, chunk, monkeypatch):
     """The attention's index list from the indexer, [prefix | entries + offset], in query chunks (as at long
     contexts); more wanted than there are keys (k 30 > T 20) gives min(k, T) slots."""

@@ -1,6 +1,5 @@
 """ops/triton/rope.py (in-place RoPE for inference, the differentiable one for training) against the reference."""
 import pytest
-import torch
 
 from dsv4.ops.reference import rope as ref_rope
 from dsv4.ops.triton import rope as tri_rope

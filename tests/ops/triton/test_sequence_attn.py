@@ -43,8 +43,8 @@ def test_forward_and_gradients(B, S, H, D, N, W):
         assert rel_err(o_a, o_r) < TOL, ("o", splits, lists, rel_err(o_a, o_r))
         assert (m_a is None) == (N == 0) and (N == 0 or rel_err(m_a, m_r) < TOL), "entry probabilities"
         for name, x, y in zip(names, a, r):
-            assert x.grad.dtype == x.dtype and rel_err(x.grad, y.grad) < 2 * TOL, (name, splits, lists,
-                                                                                    rel_err(x.grad, y.grad))
+            err = rel_err(x.grad, y.grad)
+            assert x.grad.dtype == x.dtype and err < 2 * TOL, (name, splits, lists, err)
 
 
 def test_row_dots():
