@@ -3,8 +3,9 @@ from .config import ConfigError, ModelConfig
 from .cache import CacheDamaged
 from .model import Transformer
 from .checkpoint import CheckpointError, load_model, save_model
-from .generate import Tokenizer, generate, generate_stream
+from .generate import NonFiniteWarning, Tokenizer, generate, generate_stream
 
 __all__ = ["ModelConfig", "ConfigError", "Transformer", "load_model", "save_model", "CheckpointError",
-           "generate", "generate_stream", "Tokenizer", "CacheDamaged"]
+           "generate", "generate_stream", "Tokenizer", "CacheDamaged",
+           "NonFiniteWarning"]
 __version__ = "0.1.0"
