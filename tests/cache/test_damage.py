@@ -106,3 +106,17 @@ def test_views_of_views_name_root_rows(model, monkeypatch):
         inner.check_intact()
     cache.select(slice(2, 4)).reset()
     assert cache.damaged_rows == []
+
+
+@torch.no_grad()
+def test_prefix_store_refuses_a_damaged_row(model, monkeypatch, tmp_path):
+    from dsv4.generate import PrefixStore
+    tokens = _tokens(12, b=1)
+    cache = model.new_cache(1, 32)
+    model(tokens[:, :8], cache=cache)
+    with monkeypatch.context() as m:
+        fail_on_call(m, model.layers[2])
+        with pytest.raises(InjectedFailure):
+            model(tokens[:, 8:], cache=cache)
+    with pytest.raises(CacheDamaged):
+        PrefixStore(tmp_path, model).save(cache, tokens[0, :8].tolist())
