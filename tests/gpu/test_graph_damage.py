@@ -71,3 +71,19 @@ def test_failed_capture_restores_bookkeeping(gpu, monkeypatch):
         assert cache.positions.tolist() == cache.lengths()
     assert step.eager and step.graph is None
     assert_rel_close("eager after a failed capture vs eager", torch.stack(got, 1), want, 1e-5)
+
+
+@torch.no_grad()
+def test_nonfinite_logits_in_replayed_steps(gpu):
+    """Logits that turn non-finite in a replayed CUDA-graph step stop the row with a NonFiniteWarning naming the
+    embedding (a generated token's row is NaN), keeping the tokens produced before; the other row goes on."""
+    prompts = [list(range(3, 20)), list(range(40, 45))]
+    first = dsv4.generate(gpu, prompts, 10)
+    bad = first[0][5]
+    assert bad not in prompts[0] + first[0][:5] + prompts[1] + first[1]
+    broken = dsv4.Transformer(gpu.config).eval().cuda()
+    broken.load_state_dict(gpu.state_dict())
+    broken.embed.weight[bad] = float("nan")
+    with pytest.warns(dsv4.NonFiniteWarning, match=r"row\(s\) \[0\] at generated token 6.*module embed"):
+        out = dsv4.generate(broken, prompts, 10)
+    assert out == [first[0][:6], first[1]]
