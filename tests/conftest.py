@@ -62,3 +62,22 @@ def randomize_hf(model, seed: int = 0) -> None:
 @pytest.fixture(scope="session")
 def hf_available():
     return pytest.importorskip("transformers")
+
+
+class InjectedFailure(RuntimeError):
+    """The failure `fail_on_call` injects (a stand-in for e.g. running out of memory midway through a forward)."""
+
+
+def fail_on_call(monkeypatch, module: torch.nn.Module, call: int = 1, when=None) -> None:
+    """Make `module`'s forward raise InjectedFailure on its `call`-th call from now (counting only the calls for
+    which `when()` is true, if given); every other call runs normally. Undone with the monkeypatch."""
+    forward, seen = module.forward, [0]
+
+    def failing(*args, **kwargs):
+        if when is None or when():
+            seen[0] += 1
+            if seen[0] == call:
+                raise InjectedFailure(f"injected failure in {type(module).__name__} (call {call})")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(module, "forward", failing)

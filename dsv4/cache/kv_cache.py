@@ -7,6 +7,11 @@
 Never T x dim raw KV. Rows of a batch keep their own positions, so sequences of different lengths share
 a batch: prefill each row (or equal-length rows together) through `select(...)`, then decode all rows
 one token each at their own positions.
+
+A forward step writes every layer's part of the cache before the rows' positions advance, so a step that fails
+midway (out of memory in layer 3, say) leaves state that no longer matches the positions. The step therefore
+marks its rows damaged when it starts (`begin_step`) and clears the mark when it commits (`end`); any later use
+of a damaged row raises `CacheDamaged` until the row is reset. Other rows stay usable.
 """
 from __future__ import annotations
 
@@ -16,6 +21,10 @@ from ..config import ModelConfig
 from .layout import RowStore
 from .state import Compressed, CompressorState
 from .step_memo import shared
+
+
+class CacheDamaged(RuntimeError):
+    """A cache row was used after a forward step on it failed midway, leaving its state inconsistent."""
 
 
 class LayerCache:
@@ -145,6 +154,7 @@ class KVCache:
                        for i in range(cfg.n_layers)]
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._host = [0] * batch_size  # host mirror of positions: shapes never need a device sync
+        self._damaged = [False] * batch_size  # rows inside a step that has not committed (see the module doc)
 
     @property
     def batch_size(self) -> int:
@@ -166,18 +176,53 @@ class KVCache:
         out.__dict__.update(self.__dict__)
         out.layers = [layer.select(rows) for layer in self.layers]
         out.positions = self.positions[rows]
-        out._host = _HostView(self._host, range(len(self._host))[rows])
+        out._host, out._damaged = _view(self._host, rows), _view(self._damaged, rows)
         return out
+
+    # ------------------------------------------------------------------ step integrity
+    @property
+    def damaged_rows(self) -> list[int]:
+        """Rows (numbered as in this view) whose last forward step failed midway; unusable until reset."""
+        return [i for i, bad in enumerate(self._damaged) if bad]
+
+    def check_intact(self, rows: list[int] | None = None) -> None:
+        """Raise CacheDamaged if any of `rows` (default: every row of this view) is damaged."""
+        bad = [i for i in (range(self.batch_size) if rows is None else rows) if self._damaged[i]]
+        if bad:
+            names = [_root_row(self._damaged, i) for i in bad]
+            raise CacheDamaged(
+                f"cache row(s) {names} are damaged: a forward step on them failed midway, after some layers had "
+                f"written their part of the cache, so their state no longer matches their length. Reset them "
+                f"(cache.select(row).reset()) or start a fresh cache")
+
+    def begin_step(self, n_tokens: int) -> int:
+        """Start appending n_tokens to every row: check the rows are intact and have room, then mark them damaged
+        until `end` commits the step. Returns the largest end position."""
+        self.check_intact()
+        end = self.check_room(n_tokens)
+        for i in range(self.batch_size):
+            self._damaged[i] = True
+        return end
+
+    def host_state(self) -> tuple[list[int], list[bool]]:
+        """The host-side bookkeeping (position mirror, damage marks), for a caller that runs a step that executes
+        nothing on the device (a CUDA graph capture) and must undo what the step did on the host."""
+        return list(self._host), list(self._damaged)
+
+    def restore_host_state(self, state: tuple[list[int], list[bool]]) -> None:
+        for i, (pos, bad) in enumerate(zip(*state)):
+            self._host[i], self._damaged[i] = pos, bad
 
     def broadcast_row(self, src: int) -> "KVCache":
         """Give every row row `src`'s state (its context and position): prefill a prompt once, then decode
         several continuations of it in one batch."""
+        self.check_intact([src])
         for layer in self.layers:
             for t in [s.buf for s in layer.stores()] + [x for st in layer.states() for x in (st.kv, st.score)]:
                 t.copy_(t[src:src + 1].expand_as(t))
         self.positions.fill_(self._host[src])
         for i in range(len(self._host)):
-            self._host[i] = self._host[src]
+            self._host[i], self._damaged[i] = self._host[src], False
         return self
 
     def set_fixed_shapes(self, enabled: bool = True) -> "KVCache":
@@ -193,7 +238,7 @@ class KVCache:
             layer.reset()
         self.positions.zero_()
         for i in range(len(self._host)):
-            self._host[i] = 0
+            self._host[i], self._damaged[i] = 0, False
         return self
 
     # ------------------------------------------------------------------ called by Transformer.hidden
@@ -202,7 +247,7 @@ class KVCache:
         if B != self.batch_size:
             raise ValueError(f"tokens have batch {B}, the cache holds {self.batch_size} rows "
                              "(use cache.select(rows) for a subset)")
-        end = self.check_room(S)
+        end = self.begin_step(S)
         for layer in self.layers:
             layer.end_max = end
         return self.positions.clone()
@@ -215,19 +260,20 @@ class KVCache:
         return end
 
     def end(self, n_tokens: int, device: bool = True) -> None:
-        """Advance every row by n_tokens (device=False: only the host mirror, when a replayed graph advances
-        the device positions itself)."""
+        """Commit a step: advance every row by n_tokens and clear its damage mark (device=False: only the host
+        mirror advances, when a replayed graph advances the device positions itself)."""
         if device:
             self.positions += n_tokens
         for i in range(len(self._host)):
             self._host[i] += n_tokens
+            self._damaged[i] = False
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]
 
 
 class _HostView:
-    """A list-like window onto some entries of the parent cache's host positions."""
+    """A list-like window onto some entries of the root cache's host lists (positions, damage marks)."""
 
     def __init__(self, base: list[int], rows: range):
         self.base, self.rows = base, rows
@@ -243,3 +289,15 @@ class _HostView:
 
     def __iter__(self):
         return (self.base[r] for r in self.rows)
+
+
+def _view(values: list | _HostView, rows: slice) -> _HostView:
+    """A view of some entries of `values`, always over the root list (a view of a view composes the ranges)."""
+    if isinstance(values, _HostView):
+        return _HostView(values.base, values.rows[rows])
+    return _HostView(values, range(len(values))[rows])
+
+
+def _root_row(values: list | _HostView, i: int) -> int:
+    """Entry i of a (view of a) host list, numbered as in the root cache."""
+    return values.rows[i] if isinstance(values, _HostView) else i

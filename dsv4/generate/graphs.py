@@ -42,23 +42,33 @@ class GraphDecoder:
         if self.eager or (self.graph is None and self.calls <= self.warmup):
             return self._step()
         if self.graph is None:
-            # capturing runs no kernel but does advance the host's positions (cache.begin/end run as Python),
-            # so the first replay is exactly this step
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph):
-                    self.logits = self._step()
-            except RuntimeError as e:  # nothing ran; the positions advance only at the end of a step
-                warnings.warn(f"decode step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
-                              "decoding eagerly")
-                self.eager = True
+            self.cache.check_intact()  # (a damaged cache is the caller's error, not a reason to decode eagerly)
+            self._capture()
+            if self.eager:
                 return self._step()
-            self.graph = graph
-        else:
-            self.cache.check_room(1)
-            self.cache.end(1, device=False)  # the graph advances the device positions itself
+        # the graph advances the device positions itself; the host commits only once the replay has run
+        self.cache.begin_step(1)
         self.graph.replay()
+        self.cache.end(1, device=False)
         return self.logits
+
+    def _capture(self) -> None:
+        """Capture one step. Capturing runs no kernel, so the cache is left as it was: the host-side bookkeeping
+        the step's Python ran (positions mirror advanced, rows marked and cleared) is restored, whether the
+        capture succeeds or not; the first replay then runs this step."""
+        before = self.cache.host_state()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.logits = self._step()
+        except RuntimeError as e:
+            warnings.warn(f"decode step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); "
+                          "decoding eagerly")
+            self.eager = True
+            return
+        finally:
+            self.cache.restore_host_state(before)
+        self.graph = graph
 
     def _step(self) -> torch.Tensor:
         return self.model(self.tokens, cache=self.cache)[:, -1]

@@ -84,6 +84,7 @@ class PrefixStore:
         """Store the state of a one-row cache that holds exactly `tokens`."""
         if cache.batch_size != 1 or cache.lengths() != [len(tokens)]:
             raise ValueError(f"save needs a one-row cache at position {len(tokens)}, got lengths {cache.lengths()}")
+        cache.check_intact()  # a row a failed step left half-written must never be stored
         fp = self.fingerprint(cache)
         n = len(tokens)
         tensors: dict[str, torch.Tensor] = {}
