@@ -88,3 +88,50 @@ def test_other_model_never_matches(model, tmp_path):
     dsv4.generate(model, [PREFIX], 1, prefix_store=store)
     other = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=2).eval()
     assert PrefixStore(tmp_path, other).load(other.new_cache(1, 512), PREFIX + [1]) == 0
+
+
+# ---------------------------------------------------------------------------------------------- model changes
+def _fresh():
+    return dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=1).eval()
+
+
+def _bump_unsampled_weight(m):  # an element away from the ends and off any regular stride
+    w = m.layers[0].attn.wkv.weight
+    with torch.no_grad():
+        w.view(-1)[w.numel() // 2 + 1] += 1.0
+
+
+def _bump_through_data(m):  # a write autograd's version counter does not see
+    w = m.layers[1].attn.wkv.weight
+    w.data.view(-1)[w.numel() // 2 + 3] += 1.0
+
+
+def _reroute(m):  # the hash-routing table (a buffer)
+    t = m.layers[0].ffn.gate.tid2eid
+    t.copy_((t + 1) % m.config.n_routed_experts)
+
+
+def _other_weights(m):
+    m.load_state_dict(dsv4.Transformer(m.config).init_weights(seed=2).state_dict())
+
+
+def _quant_sim(m):
+    m.set_quant_sim(True)
+
+
+@pytest.mark.parametrize("change", [_bump_unsampled_weight, _bump_through_data, _reroute, _other_weights, _quant_sim])
+def test_model_change_after_first_use_is_never_served_stale(tmp_path, change):
+    m = _fresh()
+    store = PrefixStore(tmp_path, m, block=64)
+    cont = PREFIX + [5, 6, 7]
+    dsv4.generate(m, [PREFIX], 1, prefix_store=store)      # stores 64, 128, 192, 200 for the model as it was
+    change(m)
+    n, warm = _warm(m, store, cont)
+    warm, cold = warm[:, -1], _cold(m, cont)[:, -1]
+    assert torch.equal(warm, cold), f"warm differs from cold by {(warm - cold).abs().max():.3g} (stale {n}-token prefix)"
+    assert n == 0
+    assert PrefixStore(tmp_path, m).load(m.new_cache(1, 512), cont) == 0   # a new store object agrees
+    dsv4.generate(m, [PREFIX], 1, prefix_store=store)      # the changed model stores its own prefixes ...
+    n, warm = _warm(m, store, cont)
+    assert n == 200                                         # ... and reuses them
+    assert_rel_close("warm after the change", warm[:, -1], _cold(m, cont)[:, -1], 1e-5)
