@@ -61,6 +61,18 @@ class StoreActivity:
     saved: list[int] = dataclasses.field(default_factory=list)
     failed_saves: int = 0
 
+    def report(self, prompt_tokens: int, where: str) -> str:
+        """One line for a user: how much of a prompt of `prompt_tokens` tokens came from the store, what was saved."""
+        reused = sum(self.loaded)
+        line = (f"prefix store {where}: reused {reused} of {prompt_tokens} prompt tokens" if reused else
+                f"prefix store {where}: no stored prefix matched")
+        if self.saved:
+            line += f"; saved {len(self.saved)} prefix{'es' if len(self.saved) > 1 else ''} " \
+                    f"(up to {max(self.saved)} tokens)"
+        if self.failed_saves:
+            line += f"; {self.failed_saves} could not be written (see the warning)"
+        return line
+
 
 def _tokens_hash(fingerprint: str, tokens: Sequence[int]) -> str:
     return hashlib.sha256((fingerprint + ":" + ",".join(map(str, tokens))).encode()).hexdigest()
