@@ -176,16 +176,13 @@ def _unwritable(monkeypatch, how):
 
     def fail(*args, **kwargs):
         raise err
-    if how == "full":
-        monkeypatch.setattr(ps.tempfile, "mkstemp", lambda *a, **k: (_ for _ in ()).throw(err))
-    else:
-        monkeypatch.setattr(ps.os, "replace", fail)
+    monkeypatch.setattr(*((ps.tempfile, "mkstemp") if how == "full" else (ps.os, "replace")), fail)
 
 
 @pytest.mark.parametrize("how", ["full", "read-only"])
 def test_unwritable_store_warns_once_and_generation_goes_on(model, tmp_path, caplog, monkeypatch, how):
     store = PrefixStore(tmp_path, model, block=64)
-    dsv4.generate(model, [PREFIX[:70]], 1, prefix_store=store)    # a stored 64-token prefix
+    dsv4.generate(model, [PREFIX[:70]], 1, prefix_store=store)    # stored: 64 and 70 tokens
     _unwritable(monkeypatch, how)
     with caplog.at_level(logging.WARNING):
         out = dsv4.generate(model, [PREFIX], 5, prefix_store=store)         # tries 128, 192, 200
