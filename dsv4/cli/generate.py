@@ -88,4 +88,6 @@ def run(args: argparse.Namespace) -> int:
     decode = max(secs - first, 1e-9)
     print(f"\n[{len(ids)} prompt tokens, {len(new)} new tokens; prefill {first:.2f} s; "
           f"decode {max(len(new) - 1, 0) / decode:.1f} tok/s]", file=sys.stderr)
+    if store is not None:
+        print(store.activity.report(len(ids), args.prefix_store), file=sys.stderr)
     return 0
