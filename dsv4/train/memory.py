@@ -18,7 +18,7 @@ from ..config import ConfigError, ModelConfig
 from ..model import Transformer
 from .config import TrainConfig
 
-__all__ = ["MemoryEstimate", "count_params", "estimate_memory", "device_memory", "check_memory"]
+__all__ = ["MemoryEstimate", "count_params", "estimate_memory", "device_memory", "check_fits"]
 
 _STATE_BYTES = {"adamw": 16, "muon": 12}  # per parameter: fp32 weight + gradient + the optimizer's moments
 _BLOCK_BYTES = 32        # per token, residual-stream element (dim x hc_mult) and block: what backward keeps
@@ -81,7 +81,7 @@ def device_memory(device: torch.device) -> int | None:
     return total
 
 
-def check_memory(cfg: TrainConfig, device: torch.device, world: int = 1) -> MemoryEstimate:
+def check_fits(cfg: TrainConfig, device: torch.device, world: int = 1) -> MemoryEstimate:
     """Raise ConfigError when the run cannot fit on `device`; returns the estimate."""
     need = estimate_memory(cfg, world)
     have = device_memory(device)

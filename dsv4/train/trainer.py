@@ -28,8 +28,7 @@ from .config import TrainConfig
 from .data import TokenLoader, eval_batches, prepare_data
 from .evaluation import evaluate
 from .losses import LossWeights, update_expert_bias
-from .memory import check_memory as fits_in_memory
-from .memory import count_params
+from .memory import check_fits, count_params
 from .metrics import MetricsLog
 from .optim import build_optimizers, lr_at
 from .placement import Placement, SingleProcess
@@ -62,7 +61,7 @@ def train(cfg: TrainConfig, resume: str | None = None, placement: Placement | No
     placement.check(cfg)
     stale = check_run_dir(cfg.out, resume=resume, overwrite=overwrite)
     if check_memory:
-        fits_in_memory(cfg, placement.device, placement.world)
+        check_fits(cfg, placement.device, placement.world)
     placement.barrier()  # every rank has looked at the directory before the main rank clears it
     if stale and placement.is_main:
         log.info("--overwrite: removing the previous run's %s from %s", ", ".join(stale), cfg.out)

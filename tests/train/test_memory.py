@@ -53,9 +53,9 @@ def test_the_default_run_passes_and_the_estimate_scales(no_data_prep, tmp_path, 
         < base.activations / 2
     monkeypatch.setattr(memory, "device_memory", lambda device: base.total - 1)
     with pytest.raises(ConfigError, match="--preset small needs at least"):
-        memory.check_memory(TrainConfig(preset="small"), torch.device("cpu"))
+        memory.check_fits(TrainConfig(preset="small"), torch.device("cpu"))
     monkeypatch.setattr(memory, "device_memory", lambda device: base.total)
-    assert memory.check_memory(TrainConfig(preset="small"), torch.device("cpu")) == base
+    assert memory.check_fits(TrainConfig(preset="small"), torch.device("cpu")) == base
 
 
 def test_cpu_memory_is_read():
@@ -70,3 +70,12 @@ def test_the_readme_states_the_default_model_size_training_reports():
     assert stated, "the README no longer states the default model's size"
     main_params, mtp = count_params(TrainConfig().model())
     assert (float(stated[1]), float(stated[2])) == (round(main_params / 1e6, 1), round((main_params + mtp) / 1e6, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_is_the_device_total():
+    from dsv4.train.memory import check_fits, device_memory
+    assert device_memory(torch.device("cuda")) == torch.cuda.get_device_properties(0).total_memory
+    with pytest.raises(ConfigError, match="but cuda"):
+        check_fits(TrainConfig(preset="flash"), torch.device("cuda"))
