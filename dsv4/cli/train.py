@@ -3,6 +3,7 @@
     dsv4 train                                   # tiny preset on the Python stdlib sources, a few CPU minutes
     dsv4 train --preset small --data corpus/ --steps 2000 --out runs/small
     dsv4 train --resume runs/small               # continue exactly where the last checkpoint left off
+    dsv4 train --out runs/small --overwrite      # a new run in place of the one there (else refused)
     dsv4 train --optimizer adamw --out runs/adamw  # ablations: --attention dense, --residual none|hc, --qat fp4, --mtp 0
     dsv4 train --config run.json --steps 500     # settings from a JSON file; flags override it
 
@@ -30,7 +31,11 @@ from ..train.config import TrainConfig, resolve_config
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a JSON file of training settings (flags override it)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest intact checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a non-empty --out, removing the previous run's checkpoints and results")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="train even where the estimated memory exceeds the device's")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
@@ -52,13 +57,15 @@ def run(args: argparse.Namespace) -> int:
     main = placement is None or placement.is_main
     logging.basicConfig(level=logging.INFO if main else logging.WARNING, format="%(message)s")
     try:
-        res = train(cfg, resume=args.resume, placement=placement)
+        res = train(cfg, resume=args.resume, placement=placement, overwrite=args.overwrite,
+                    check_memory=not args.skip_memory_check)
     finally:
         if placement is not None:
             placement.close()
     if not main:
         return 0
-    print(f"\nfinished {res['steps']} steps ({res['params'] / 1e6:.2f}M parameters): validation loss "
+    mtp = f", {(res['params'] + res['mtp_params']) / 1e6:.2f}M with MTP" if res["mtp_params"] else ""
+    print(f"\nfinished {res['steps']} steps ({res['params'] / 1e6:.2f}M parameters{mtp}): validation loss "
           f"{res['first_val_loss']:.3f} -> {res['val_loss']:.3f}; checkpoint {res['final_dir']}; "
           f"curves {os.path.join(cfg.out, 'loss.png')}")
     if "sample" in res:

@@ -3,17 +3,34 @@ run first cuts the file back to its checkpoint's step, so the file reads as one 
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 __all__ = ["MetricsLog", "read_metrics"]
 
+log = logging.getLogger(__name__)
+
 
 def read_metrics(path: str) -> list[dict]:
-    """The rows of a metrics.jsonl ([] if there is none)."""
+    """The rows of a metrics.jsonl ([] if there is none). A malformed last line (the run was killed while
+    appending it) is dropped with a warning; a malformed line before it is an error naming the line."""
     if not os.path.isfile(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                log.warning("%s line %d: an unfinished last row (the run stopped while writing it), dropped", path, n)
+                break
+            raise ValueError(f"{path} line {n}: not a metrics row ({e})") from None
+        rows.append(row)
+    return rows
 
 
 class MetricsLog:

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from ..checkpoint import CheckpointError
 from ..model import Transformer
 from .checkpointing import export, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -129,7 +130,11 @@ class SingleProcess:
 
     def load(self, path: str, model: Transformer, optimizers: list) -> dict:
         state = load_checkpoint(path, model)
-        for o, s in zip(optimizers, state["optimizers"]):
+        saved = state.get("optimizers")
+        if not isinstance(saved, list) or len(saved) != len(optimizers):
+            raise CheckpointError(f"{path}: its training state holds no state for this run's "
+                                  f"{len(optimizers)} optimizer(s)")
+        for o, s in zip(optimizers, saved):
             o.load_state_dict(s)
         return state
 

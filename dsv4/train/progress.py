@@ -9,7 +9,7 @@ __all__ = ["Progress"]
 class Progress:
     def __init__(self, total: int, initial: int, *, show: bool = True):
         self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True, disable=not show)
-        self.val = float("nan")
+        self.val: float | None = None  # the latest validation loss; shown once there is one
 
     def step(self, row: dict | None = None) -> None:
         """One step done; `row` (a logged step's metrics) updates the numbers shown."""
@@ -18,10 +18,12 @@ class Progress:
             return
         self.val = row.get("val_loss", self.val)
         # the stage names the loss: the indexer warm-up's is its KL to the attention, not the LM loss
-        self.bar.set_postfix(stage=row["stage"], loss=f"{row.get('lm', row['loss']):.3f}", val=f"{self.val:.3f}",
-                             tok_s=f"{row['tok_per_s']:.0f}")
+        shown = {"stage": row["stage"], "loss": f"{row.get('lm', row['loss']):.3f}"}
+        if self.val is not None:
+            shown["val"] = f"{self.val:.3f}"
+        self.bar.set_postfix(**shown, tok_s=f"{row['tok_per_s']:.0f}")
 
-    def evaluated(self, val_loss: float) -> None:
+    def evaluated(self, val_loss: float | None) -> None:
         self.val = val_loss
 
     def close(self) -> None:

@@ -19,19 +19,23 @@ from contextlib import nullcontext
 import torch
 
 from .. import ops
+from ..checkpoint import CheckpointError
 from ..generate import generate
 from ..model import Transformer
 from ..model.mhc import residual_gain
+from .checkpointing import checkpoint_step
 from .config import TrainConfig
 from .data import TokenLoader, eval_batches, prepare_data
 from .evaluation import evaluate
 from .losses import LossWeights, update_expert_bias
+from .memory import check_fits, count_params
 from .metrics import MetricsLog
 from .optim import build_optimizers, lr_at
 from .placement import Placement, SingleProcess
 from .plots import plot_losses
 from .precision import fp32_matmuls
 from .progress import Progress
+from .run_dir import check_run_dir, clear_run_outputs
 from .stages import has_indexer, set_stage, stage_at
 from .step import capture_step, step_outputs
 
@@ -44,12 +48,24 @@ class TrainingDiverged(RuntimeError):
     """Loss or gradients became NaN/inf; the last good checkpoint is kept."""
 
 
-def train(cfg: TrainConfig, resume: str | None = None, placement: Placement | None = None) -> dict:
-    """Run a training run in `cfg.out`, or continue the one in `resume` from its latest checkpoint; returns the
-    final metrics. `placement`: one process on `cfg.device` by default; dsv4.distributed.DistributedPlacement
-    under torchrun."""
+def train(cfg: TrainConfig, resume: str | None = None, placement: Placement | None = None, *,
+          overwrite: bool = False, check_memory: bool = True) -> dict:
+    """Run a training run in `cfg.out`, or continue the one in `resume` from its latest intact checkpoint;
+    returns the final metrics. `placement`: one process on `cfg.device` by default;
+    dsv4.distributed.DistributedPlacement under torchrun.
+
+    A new run refuses a non-empty `cfg.out` unless `overwrite` (which removes the previous run's outputs
+    first), and a run that cannot fit in the device's memory unless `check_memory` is False: both before
+    anything is written."""
     placement = placement or SingleProcess(cfg.device)
     placement.check(cfg)
+    stale = check_run_dir(cfg.out, resume=resume, overwrite=overwrite)
+    if check_memory:
+        check_fits(cfg, placement.device, placement.world)
+    placement.barrier()  # every rank has looked at the directory before the main rank clears it
+    if stale and placement.is_main:
+        log.info("--overwrite: removing the previous run's %s from %s", ", ".join(stale), cfg.out)
+        clear_run_outputs(cfg.out, stale)
     # the fp32 islands' operands come from bf16 activations: TF32 keeps them exact (for this run only)
     # and the GPU training kernels it asked for (the process's choice comes back afterwards)
     with fp32_matmuls(cfg.fp32_matmul) if placement.device.type == "cuda" else nullcontext(), \
@@ -59,9 +75,12 @@ def train(cfg: TrainConfig, resume: str | None = None, placement: Placement | No
 
 def _train(cfg: TrainConfig, resume: str | None, placement: Placement) -> dict:
     out, device = cfg.out, placement.device
+    ckpt = None
+    if resume:  # found (and verified) before the data and the model are built: nothing to resume fails fast
+        ckpt = placement.latest(resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {resume}: no {placement.checkpoint_dirs} directory there")
     os.makedirs(out, exist_ok=True)
-    if placement.is_main:
-        cfg.save(out)
     graphed = placement.captures_graphs and cfg.graphs_on(device.type)
     # (no cast cache in graphs: a capture must not keep casts made outside it)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed))
@@ -82,25 +101,29 @@ def _train(cfg: TrainConfig, resume: str | None, placement: Placement) -> dict:
     metrics = MetricsLog(os.path.join(out, "metrics.jsonl"), write=placement.is_main)
 
     step = 0
-    if resume:
-        ckpt = placement.latest(resume)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume {resume}: no {placement.checkpoint_dirs} directory there")
+    if ckpt is not None:
         state = placement.load(ckpt, model, opts)
-        loader.load_state_dict(state["loader"])
         step = state["step"]
+        if step != checkpoint_step(ckpt):
+            raise CheckpointError(f"{ckpt}: its training state is at step {step}, not the step its directory "
+                                  "is named for")
+        loader.load_state_dict(state["loader"])
         log.info("resumed from %s at step %d", ckpt, step)
+    if placement.is_main:  # only now: a run that fails to start leaves the directory's config as it was
+        cfg.save(out)
     metrics.start(step)
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params, n_mtp_params = count_params(mcfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     progress = Progress(cfg.steps, step, show=placement.is_main)
+    progress.evaluated(next((r["val_loss"] for r in reversed(metrics.rows) if "val_loss" in r), None))
     t_last, tokens_since = time.perf_counter(), 0
-    last_good = placement.latest(out)
+    last_good = ckpt
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if step == 0:  # the starting point of the validation curve
         metrics.add({"step": 0, "tokens": 0, "val_loss": evaluate(model, val, placement, autocast)})
+        progress.evaluated(metrics.rows[-1]["val_loss"])
     graph, graph_stage = None, None
     indexer = has_indexer(model)
     while step < cfg.steps:
@@ -180,8 +203,8 @@ def _train(cfg: TrainConfig, resume: str | None, placement: Placement) -> dict:
     if placement.is_main:
         plot_losses({os.path.basename(os.path.normpath(out)): metrics.rows}, os.path.join(out, "loss.png"))
     vals = [m["val_loss"] for m in metrics.rows if "val_loss" in m]
-    result = {"steps": step, "params": n_params, "final_dir": final, "world": placement.world,
-              "val_loss": vals[-1] if vals else None, "first_val_loss": vals[0] if vals else None}
+    result = {"steps": step, "params": n_params, "mtp_params": n_mtp_params, "final_dir": final,
+              "world": placement.world, "val_loss": vals[-1] if vals else None, "first_val_loss": vals[0] if vals else None}
     sampler = placement.whole_model(model, final) if cfg.sample_prompt and cfg.sample_tokens else None
     if sampler is not None:
         sampler.eval()

@@ -3,7 +3,9 @@ the resumable loader."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -87,12 +89,46 @@ def test_parquet(tmp_path):
         read_documents(tmp_path / "e.parquet")
 
 
-def test_parquet_without_pyarrow(tmp_path, monkeypatch):
+def test_parquet_without_pyarrow(tmp_path, monkeypatch, capsys):
     (tmp_path / "d.parquet").write_bytes(b"PAR1")
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
-    with pytest.raises(ImportError, match="d.parquet needs pyarrow.*pip install pyarrow"):
+    with pytest.raises(ImportError, match=r"d.parquet needs pyarrow.*pip install 'dsv4\[parquet\]'"):
         read_documents(tmp_path / "d.parquet")
+    from dsv4.cli import main
+    assert main(["train", "--data", str(tmp_path / "d.parquet"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'dsv4[parquet]'" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_non_regular_files_are_skipped_not_read(tmp_path, caplog):
+    """A FIFO in a data folder would block its reader forever, a broken link end the read; a link to a regular
+    file is read."""
+    (tmp_path / "a.txt").write_text("hello")
+    os.mkfifo(tmp_path / "pipe.txt")
+    os.symlink(tmp_path / "a.txt", tmp_path / "link.txt")
+    os.symlink(tmp_path / "gone.txt", tmp_path / "z_broken.txt")
+    result = {}
+
+    def read():
+        try:
+            result["docs"] = read_documents(tmp_path)
+        except Exception as e:
+            result["error"] = e
+    with caplog.at_level(logging.WARNING):
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout=20)
+    if reader.is_alive():  # blocked opening the FIFO: a writer's open releases it, then the test fails
+        os.close(os.open(tmp_path / "pipe.txt", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=20)
+        pytest.fail("read_documents blocked on a FIFO")
+    assert "error" not in result, result
+    assert [(d.name, d.text) for d in result["docs"]] == [("a.txt", "hello"), ("link.txt", "hello")]
+    assert "skipped 2 entries that are not regular files" in caplog.text and "pipe.txt" in caplog.text
+    with pytest.raises(ValueError, match="pipe.txt is neither a regular file nor a folder"):
+        read_documents(tmp_path / "pipe.txt")
 
 
 def test_split():

@@ -147,3 +147,14 @@ def test_ablation_run_and_compare(corpus, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "v4" in out and "adamw" in out and (tmp_path / "c.png").stat().st_size > 5000
     assert main(["compare", str(tmp_path)]) == 2
+
+
+def test_progress_shows_no_validation_loss_before_there_is_one():
+    from dsv4.train.progress import Progress
+    row = {"stage": "dense", "loss": 7.0, "lm": 6.5, "tok_per_s": 100.0}
+    bar = Progress(10, 0, show=False)
+    bar.step(row)
+    assert "nan" not in str(bar.bar.postfix) and "val" not in str(bar.bar.postfix)
+    bar.evaluated(6.25)
+    bar.step(row)
+    assert "val=6.250" in str(bar.bar.postfix)

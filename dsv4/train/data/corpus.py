@@ -50,14 +50,19 @@ def stdlib_sources(max_bytes: int | None = None) -> list[Document]:
     return [docs[i] for i in sorted(chosen)]
 
 
+class MissingExtra(ImportError, RuntimeError):
+    """An optional dependency is not installed (the message names the extra that installs it)."""
+
+
 def read_documents(path: str | os.PathLike) -> list[Document]:
     """The documents in `path`: a UTF-8 text file (one document), a `.jsonl` file (the `text` field of each
-    line), a `.parquet` file (its `text` column) or a folder of those (recursive, sorted; hidden entries and
-    binary files skipped). Empty documents are dropped."""
+    line), a `.parquet` file (its `text` column) or a folder of those (recursive, sorted; hidden entries, binary
+    files and anything but regular files, such as FIFOs and sockets, which could block a read forever, skipped).
+    Empty documents are dropped."""
     path = os.fspath(path)
     if os.path.isdir(path):
         docs, skipped = [], 0
-        for name, file in _walk(path):
+        for name, file in _walk(path, warn_irregular=True):
             if file.endswith((".jsonl", ".parquet")):
                 docs += _read_file(file, name)
             elif (text := _read_text(file)) is None:
@@ -68,6 +73,8 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
             log.warning("%s: skipped %d binary or non-UTF-8 files", path, skipped)
     elif os.path.isfile(path):
         docs = _read_file(path, os.path.basename(path))
+    elif os.path.exists(path):
+        raise ValueError(f"{path} is neither a regular file nor a folder (a FIFO, socket or device?)")
     else:
         raise FileNotFoundError(f"no such file or folder: {path}")
     if not docs:
@@ -75,16 +82,25 @@ def read_documents(path: str | os.PathLike) -> list[Document]:
     return docs
 
 
-def _walk(root: str, exclude: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-    """(relative POSIX name, path) of the files under `root`, sorted by name; hidden entries and folders
-    named in `exclude` are skipped."""
-    found = []
+def _walk(root: str, exclude: frozenset[str] = frozenset(), warn_irregular: bool = False) -> list[tuple[str, str]]:
+    """(relative POSIX name, path) of the regular files under `root` (links to them included), sorted by name;
+    hidden entries, folders named in `exclude` and anything else (FIFOs, sockets, devices, broken links) are
+    skipped, the last with a warning where `warn_irregular`."""
+    found, irregular = [], []
     for folder, dirs, files in os.walk(root):
         dirs[:] = [d for d in dirs if not d.startswith(".") and d not in exclude]
         for f in files:
             if not f.startswith("."):
                 file = os.path.join(folder, f)
-                found.append((os.path.relpath(file, root).replace(os.sep, "/"), file))
+                name = os.path.relpath(file, root).replace(os.sep, "/")
+                if os.path.isfile(file):
+                    found.append((name, file))
+                else:
+                    irregular.append(name)
+    if irregular and warn_irregular:
+        shown = ", ".join(sorted(irregular)[:5]) + (", ..." if len(irregular) > 5 else "")
+        log.warning("%s: skipped %d entries that are not regular files (FIFOs, sockets, devices or broken "
+                    "links): %s", root, len(irregular), shown)
     return sorted(found)
 
 
@@ -133,7 +149,8 @@ def _read_parquet(file: str, name: str) -> list[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError(f"reading {file} needs pyarrow, which is not installed: pip install pyarrow") from None
+        raise MissingExtra(f"reading {file} needs pyarrow, which is not installed: pip install 'dsv4[parquet]'"
+                           ) from None
     columns = pq.read_schema(file).names
     if "text" not in columns:
         raise ValueError(f"{file}: no 'text' column (columns: {', '.join(columns)})")
