@@ -14,10 +14,12 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import DsV4Error
+
 __all__ = ["ModelConfig", "ConfigError", "PRESETS"]
 
 
-class ConfigError(ValueError):
+class ConfigError(DsV4Error, ValueError):
     """A config value is missing, unknown or violates a constraint (the message names the field)."""
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..config import ModelConfig
 from ..model import Transformer
 from ..quant import dequant_fp4_blocks, dequant_fp8_blocks
+from .device import resolve_device
 from .names import Target, official_to_native, to_official
 from .safetensors_io import CheckpointError, ShardReader, TensorInfo, read_header
 from .shards import list_shards
@@ -374,11 +375,13 @@ def load_weights(plan: CheckpointPlan, model: Transformer, device: str | torch.d
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                progress: bool | None = None) -> Transformer:
-    """Load a checkpoint directory (`config.json` + safetensors) into a Transformer on `device`.
+    """Load a checkpoint directory (`config.json` + safetensors) into a Transformer on `device` ('auto': the GPU
+    if there is one).
 
     `dtype` is the compute dtype; norms, mHC, sinks, ape and the head stay fp32 as in the reference.
     A checkpoint without `mtp.*` tensors (as transformers writes) loads with n_mtp_layers = 0.
     """
+    device = resolve_device(device)
     plan = plan_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(plan.config).to_dtype(dtype)

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from ..errors import DsV4Error
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(DsV4Error, RuntimeError):
     """A checkpoint is missing, corrupt, truncated, or does not match the model (the message says which)."""
 
 

@@ -9,7 +9,6 @@ import json
 import os
 
 from ..train.metrics import read_metrics
-from ..train.plots import plot_losses
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,6 +36,8 @@ def summarize(run: str) -> tuple[dict, list[dict]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train.plots import plot_losses
+
     table, curves = [], {}
     for r in args.runs:
         row, rows = summarize(r)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cache.accounting import format_kv_report, kv_report, plot_kv
 from ..config import ModelConfig
 
 
@@ -24,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cache.accounting import format_kv_report, kv_report, plot_kv
+
     if not args.preset and not args.checkpoint:
         raise ValueError("give --preset NAME or --checkpoint DIR")
     if args.context <= 0:

@@ -15,7 +15,7 @@ import torch
 from .chat import EOS, encode_chat, parse_completion
 from .detokenize import StreamDecoder
 from .engine import _prefill, decode_loop
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, check_generation_args
 from .tokenizer import Tokenizer
 
 
@@ -26,6 +26,7 @@ class ChatSession:
         self.model, self.tok, self.thinking = model, tok, thinking
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.sampling = sampling or SamplingConfig()
+        _, seed = check_generation_args(0, seed)
         self.gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
         self.cache = model.new_cache(1, max_seq_len, kv_dtype, index_dtype)
         self.fed: list[int] = []          # exactly the tokens the cache holds
@@ -36,6 +37,7 @@ class ChatSession:
     @torch.no_grad()
     def send(self, text: str, max_new_tokens: int = 512, on_text: Callable[[str], None] | None = None) -> dict:
         """Add a user turn, generate the assistant turn (streamed to on_text) and return it as a message."""
+        max_new_tokens, _ = check_generation_args(max_new_tokens)
         self.messages.append({"role": "user", "content": text})
         if self.thinking or not self.fed:
             ids = self.tok.encode(encode_chat(self.messages, thinking=self.thinking))
