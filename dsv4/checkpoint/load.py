@@ -101,8 +101,8 @@ def plan_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
     with torch.device("meta"):
         expected = _fillable(Transformer(cfg))
     items = _match(cfg, headers, expected, problems)
-    _raise(problems, "checkpoint does not match the model")
-    _read_id_tables(items, cfg.n_routed_experts)
+    _raise(problems, f"{path}: checkpoint does not match the model")
+    _read_id_tables(path, items, cfg.n_routed_experts)
     return CheckpointPlan(path, cfg, files, items)
 
 
@@ -243,7 +243,7 @@ def _expected_shape(targets: list[Target], expected: dict[str, torch.Tensor]) ->
     return (base[0], sum(t.rows.stop - t.rows.start for t in targets), *base[2:])
 
 
-def _read_id_tables(items: list[_Item], n_experts: int) -> None:
+def _read_id_tables(path: str, items: list[_Item], n_experts: int) -> None:
     """Read the hash-routing tables (small) and check every id is an expert; they stay in the plan."""
     problems = []
     for it in items:
@@ -257,7 +257,7 @@ def _read_id_tables(items: list[_Item], n_experts: int) -> None:
             problems.append(f"tensor '{it.name}' {it.shape} holds expert id {int(it.value[at])} at {list(at)} "
                             f"({len(bad)} bad entries): ids must lie in [0, {n_experts - 1}] "
                             f"(n_routed_experts={n_experts})")
-    _raise(problems, "checkpoint has invalid hash-routing tables")
+    _raise(problems, f"{path}: checkpoint has invalid hash-routing tables")
 
 
 def _raise(problems: list[str], what: str) -> None:
