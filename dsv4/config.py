@@ -408,7 +408,7 @@ class ModelConfig:
                     raise ConfigError(f"{p}: {e}") from None
                 except TypeError as e:  # missing required field of the native dialect
                     raise ConfigError(f"{p}: {e}") from None
-        raise ConfigError(f"no config.json found at {path}")
+        raise ConfigError(f"no config.json found at {path}" + _checkpoints_inside(path))
 
     def save(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -422,6 +422,29 @@ class ModelConfig:
             return PRESETS[name]()
         except KeyError:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def _checkpoints_inside(path: str) -> str:
+    """A hint for a directory that holds checkpoints rather than being one, such as a training run
+    (`run/final`, `run/checkpoints/step_*`): ' (did you mean run/final? ...)', or '' if it holds none."""
+    if not os.path.isdir(path):
+        return "" if os.path.exists(path) else " (no such directory)"
+
+    def checkpoints(d: str) -> list[str]:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            return []
+        return [os.path.join(d, n) for n in names if os.path.isfile(os.path.join(d, n, "config.json"))]
+
+    found = checkpoints(path) + checkpoints(os.path.join(path, "checkpoints"))
+    if not found:
+        return ""
+    final = os.path.join(path, "final")
+    best = final if final in found else found[-1]   # a run's final export, else the newest step_* (sorted)
+    others = [f for f in found if f != best]
+    more = f" It also holds {', '.join(others[-5:])}" + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return f" (did you mean {best}?{more if others else ''})"
 
 
 _MISSING = object()
