@@ -259,6 +259,12 @@ class ModelConfig:
                     "heavily_compressed_attention" in d["layer_types"]:
                 raise ConfigError(f"compress_rates: CSA and HCA share ratio {csa_ratio}; they must differ")
             ratios = [type_to_ratio[t] for t in d["layer_types"]]
+            stated = d.get("compress_ratios")   # dsv4 writes both; its list also holds the MTP blocks' ratios
+            if stated is not None:
+                if not isinstance(stated, list) or stated[:len(ratios)] != ratios:
+                    raise ConfigError(f"compress_ratios={stated!r} disagrees with layer_types + compress_rates "
+                                      f"({ratios}); give one or make them agree")
+                ratios = stated
         else:
             ratios = get("compress_ratios")
             if not isinstance(ratios, (list, tuple)):

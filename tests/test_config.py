@@ -290,3 +290,17 @@ def test_train_config_resolution_layers(tmp_path):
         resolve_config(config_file=str(tmp_path / "bad.json"))
     with pytest.raises(FileNotFoundError, match="no train_config.json"):
         resolve_config(resume=str(tmp_path / "missing"))
+
+
+def test_compress_ratios_and_layer_types_must_agree(tmp_path):
+    """dsv4 writes both; an edit of one is not silently overridden by the other, and the MTP blocks' ratios
+    (only in compress_ratios) survive the round trip."""
+    cfg = ModelConfig.preset("tiny").replace(compress_ratios=(0, 4, 16, 4, 16))
+    cfg.save(tmp_path)
+    assert ModelConfig.from_pretrained(tmp_path).compress_ratios == (0, 4, 16, 4, 16)
+    d = cfg.to_hub_dict()
+    d["compress_ratios"][1] = 16
+    with pytest.raises(ConfigError, match=r"compress_ratios=\[0, 16, 16, 4, 16\] disagrees with layer_types"):
+        _load(d, tmp_path)
+    del d["compress_ratios"]
+    assert _load(d, tmp_path).compress_ratios == (0, 4, 16, 4, 0)   # transformers' form: MTP blocks window-only
