@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 
+from ..errors import DsV4Error
 from ..train.metrics import read_metrics
 
 
@@ -23,7 +24,7 @@ def summarize(run: str) -> tuple[dict, list[dict]]:
         raise FileNotFoundError(f"{run}: no metrics.jsonl (not a dsv4 training run?)")
     rows = read_metrics(path)
     if not rows:
-        raise ValueError(f"{run}: metrics.jsonl is empty")
+        raise DsV4Error(f"{run}: metrics.jsonl is empty")
     logged = [r for r in rows if "lm" in r]
     vals = [r for r in rows if "val_loss" in r]
     speed = [r["tok_per_s"] for r in logged[1:]] or [r["tok_per_s"] for r in logged] or [0.0]

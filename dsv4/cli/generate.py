@@ -9,6 +9,8 @@ import argparse
 import sys
 import time
 
+from ..errors import InvalidArgument
+
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="directory with config.json, safetensors, tokenizer.json")
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         text = encode_chat([{"role": "user", "content": args.prompt}], thinking=args.thinking)
     ids = tok.encode(text)
     if not ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise InvalidArgument("the prompt encodes to no tokens")
     print(args.prompt if not args.chat else "", end="", flush=True)
     new, secs, first = stream_text(model, tok, ids, args, store)
     decode = max(secs - first, 1e-9)
