@@ -260,7 +260,8 @@ class ModelConfig:
                 raise ConfigError(f"compress_rates: CSA and HCA share ratio {csa_ratio}; they must differ")
             ratios = [type_to_ratio[t] for t in d["layer_types"]]
             stated = d.get("compress_ratios")   # dsv4 writes both; its list also holds the MTP blocks' ratios
-            if stated is not None:
+            if stated is not None and all(isinstance(r, int) and not isinstance(r, bool) for r in ratios):
+                # (a mistyped rate is reported by the type check, naming it)
                 if not isinstance(stated, list) or stated[:len(ratios)] != ratios:
                     raise ConfigError(f"compress_ratios={stated!r} disagrees with layer_types + compress_rates "
                                       f"({ratios}); give one or make them agree")
