@@ -58,7 +58,7 @@ def read_header(path: str) -> dict[str, TensorInfo]:
     meta.pop("__metadata__", None)
     end, out = 0, {}
     for name, t in meta.items():
-        begin, stop, info = _entry(path, name, t)
+        _, stop, info = _entry(path, name, t)
         end = max(end, stop)
         out[name] = info
     if 8 + n + end != size:
