@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import DsV4Error
+
 __all__ = ["ModelConfig", "ConfigError", "PRESETS"]
 
 
-class ConfigError(ValueError):
+class ConfigError(DsV4Error, ValueError):
     """A config value is missing, unknown or violates a constraint (the message names the field)."""
 
 
@@ -83,12 +86,15 @@ class ModelConfig:
     def _check_types(self) -> None:
         """Types are checked, not coerced: JSON `true` is no integer and 3.7 is no token id or compress ratio
         (int() would silently truncate them). An integral float (4.0) is taken as the integer it equals; an
-        int is taken for a float field."""
+        int is taken for a float field. Integers stay below 2**31 (every size and id indexes int32 tensors; a
+        larger one would fail inside torch) and floats are finite."""
         def integer(name: str, v: Any) -> int:
             if isinstance(v, float) and v.is_integer():
-                return int(v)
+                v = int(v)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise ConfigError(f"{name}={v!r}: must be an integer, got {type(v).__name__}")
+            if abs(v) >= _INT_LIMIT:
+                raise ConfigError(f"{name}={v!r}: must be below 2**31")
             return v
 
         for f in dataclasses.fields(self):
@@ -98,6 +104,8 @@ class ModelConfig:
             elif f.type == "float":
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise ConfigError(f"{f.name}={v!r}: must be a number, got {type(v).__name__}")
+                if not math.isfinite(v):
+                    raise ConfigError(f"{f.name}={v!r}: must be a finite number")
                 setattr(self, f.name, float(v))
             elif f.type == "str" and not isinstance(v, str):
                 raise ConfigError(f"{f.name}={v!r}: must be a string, got {type(v).__name__}")
@@ -130,8 +138,15 @@ class ModelConfig:
         need(self.norm_eps > 0, "norm_eps", "must be > 0")
         need(self.hc_eps > 0, "hc_eps", "must be > 0")
         need(self.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 disables the clamp)")
-        need(self.rope_theta > 0 and self.compress_rope_theta > 0, "rope_theta", "RoPE bases must be > 0")
+        need(self.rope_theta > 1, "rope_theta", "must be > 1 (a RoPE base)")
+        need(self.compress_rope_theta > 1, "compress_rope_theta", "must be > 1 (a RoPE base)")
+        need(self.beta_fast > 0, "beta_fast", "must be > 0 (YaRN's rotation count)")
+        need(self.beta_slow > 0, "beta_slow", "must be > 0 (YaRN's rotation count)")
+        for name in ("bos_token_id", "eos_token_id"):
+            need(0 <= getattr(self, name) < self.vocab_size, name, f"must be a token id in [0, {self.vocab_size})")
         need(self.rope_factor >= 1, "rope_factor", "must be >= 1")
+        need(self.route_scale > 0, "route_scale", "must be > 0 (it scales the routed experts' output)")
+        need(self.max_seq_len > 0, "max_seq_len", "must be > 0")
         need(self.expert_dtype in (None, "fp4", "fp8", "bf16"), "expert_dtype", "must be one of None/'fp4'/'fp8'/'bf16'")
         need(self.hc_mode in ("mhc", "hc", "none"), "hc_mode", "must be 'mhc', 'hc' or 'none'")
         need(self.hc_mode != "none" or self.hc_mult == 1, "hc_mult", "must be 1 with hc_mode='none' (one residual lane)")
@@ -164,6 +179,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         """Build from any of the three dialects (detected from the keys)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"the config must be a JSON object, got {type(d).__name__}")
         if "dim" in d or "n_layers" in d:
             return cls._from_native(d)
         if "hidden_size" in d:
@@ -211,19 +228,26 @@ class ModelConfig:
         if rope_head_dim is None:
             if d.get("partial_rotary_factor") is None:
                 raise ConfigError("config.json lacks required key 'qk_rope_head_dim' (or 'partial_rotary_factor')")
-            rope_dims = head_dim * d["partial_rotary_factor"]
-            if not isinstance(rope_dims, (int, float)) or isinstance(rope_dims, bool) or rope_dims != round(rope_dims):
+            factor = d["partial_rotary_factor"]
+            numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (head_dim, factor))
+            rope_dims = head_dim * factor if numbers else math.nan
+            if not math.isfinite(rope_dims) or rope_dims != round(rope_dims):
                 raise ConfigError(f"partial_rotary_factor={d['partial_rotary_factor']!r} x head_dim={head_dim} is "
                                   "not a whole number of rotary dims")
             rope_head_dim = int(round(rope_dims))
         csa_ratio = 4
         if d.get("layer_types") is not None:
+            if not isinstance(d["layer_types"], list):
+                raise ConfigError(f"layer_types={d['layer_types']!r}: must be a list, one entry per layer")
             rates = get("compress_rates")
             if not isinstance(rates, dict):
                 raise ConfigError(f"compress_rates={rates!r}: must map layer types to ratios")
             type_to_ratio = {"sliding_attention": 0}
             for kind in ("compressed_sparse_attention", "heavily_compressed_attention"):
                 if kind in rates:
+                    if isinstance(rates[kind], (int, float)) and not isinstance(rates[kind], bool) and \
+                            not rates[kind] > 0:
+                        raise ConfigError(f"compress_rates: {kind}={rates[kind]!r}: must be > 0")
                     type_to_ratio[kind] = rates[kind]
                 elif kind in d["layer_types"]:
                     raise ConfigError(f"compress_rates={rates}: lacks the ratio of '{kind}' layers")
@@ -235,6 +259,13 @@ class ModelConfig:
                     "heavily_compressed_attention" in d["layer_types"]:
                 raise ConfigError(f"compress_rates: CSA and HCA share ratio {csa_ratio}; they must differ")
             ratios = [type_to_ratio[t] for t in d["layer_types"]]
+            stated = d.get("compress_ratios")   # dsv4 writes both; its list also holds the MTP blocks' ratios
+            if stated is not None and all(isinstance(r, int) and not isinstance(r, bool) for r in ratios):
+                # (a mistyped rate is reported by the type check, naming it)
+                if not isinstance(stated, list) or stated[:len(ratios)] != ratios:
+                    raise ConfigError(f"compress_ratios={stated!r} disagrees with layer_types + compress_rates "
+                                      f"({ratios}); give one or make them agree")
+                ratios = stated
         else:
             ratios = get("compress_ratios")
             if not isinstance(ratios, (list, tuple)):
@@ -245,15 +276,20 @@ class ModelConfig:
             return get(key) if cond else get(key, default(name))
 
         mlp_types = d.get("mlp_layer_types")
+        if mlp_types is not None and (not isinstance(mlp_types, list) or
+                                      any(t not in ("hash_moe", "moe") for t in mlp_types)):
+            raise ConfigError(f"mlp_layer_types={mlp_types!r}: must be a list of 'hash_moe' / 'moe', one per layer")
         n_hash = mlp_types.count("hash_moe") if mlp_types else get("num_hash_layers")
         if mlp_types and mlp_types[:n_hash] != ["hash_moe"] * n_hash:
             raise ConfigError(f"mlp_layer_types={mlp_types}: hash_moe layers must come first")
+        if mlp_types and len(mlp_types) != n_layers:
+            raise ConfigError(f"mlp_layer_types has {len(mlp_types)} entries, num_hidden_layers={n_layers!r}")
         # RoPE / YaRN: official `rope_scaling`, or transformers' nested `rope_parameters`. V4 applies YaRN to the
         # compressed layers; the released hub configs state it in `rope_scaling` and transformers always writes
         # `rope_parameters`. A config with compressed layers and neither is refused rather than read as "no YaRN"
         # (which is what transformers would do, silently changing every compressed layer's rotary frequencies);
         # `"rope_scaling": null` states "no YaRN" explicitly, and `to_hub_dict` writes it for such models.
-        rp = d.get("rope_parameters") or {}
+        rp = d["rope_parameters"] if d.get("rope_parameters") is not None else {}
         if not isinstance(rp, dict):
             raise ConfigError(f"rope_parameters={rp!r}: must be an object")
         if compressed and "rope_scaling" not in d and not rp:
@@ -261,7 +297,11 @@ class ModelConfig:
                               "for none) or 'rope_parameters'")
         rope_theta = rp.get("main", {}).get("rope_theta") if isinstance(rp.get("main"), dict) else None
         rope_theta = rope_theta if rope_theta is not None else get("rope_theta")
-        yarn = d.get("rope_scaling") or {}
+        yarn = d["rope_scaling"] if d.get("rope_scaling") is not None else {}
+        if not isinstance(yarn, dict):
+            raise ConfigError(f"rope_scaling={yarn!r}: must be an object (or null)")
+        if yarn and "type" not in yarn and "rope_type" not in yarn:  # not read as "no scaling" by default
+            raise ConfigError(f"rope_scaling={yarn!r}: names no 'type' ('yarn'; null for no scaling)")
         compress_theta = None
         if isinstance(rp.get("compress"), dict):
             yarn = rp["compress"]
@@ -282,6 +322,8 @@ class ModelConfig:
             lacking = [k for k in ("factor", "original_max_position_embeddings") if yarn.get(k) is None]
             if lacking:
                 raise ConfigError(f"rope scaling {yarn}: YaRN needs {lacking} (no default: it changes the model)")
+            if yarn["original_max_position_embeddings"] == 0:  # 0 would mean "no YaRN" in ModelConfig
+                raise ConfigError(f"rope scaling {yarn}: YaRN needs original_max_position_embeddings > 0")
         fields = dict(
             vocab_size=get("vocab_size"), dim=get("hidden_size"), n_layers=n_layers,
             norm_eps=get("rms_norm_eps", default("norm_eps")),
@@ -373,7 +415,7 @@ class ModelConfig:
                     raise ConfigError(f"{p}: {e}") from None
                 except TypeError as e:  # missing required field of the native dialect
                     raise ConfigError(f"{p}: {e}") from None
-        raise ConfigError(f"no config.json found at {path}")
+        raise ConfigError(f"no config.json found at {path}" + _checkpoints_inside(path))
 
     def save(self, directory: str | os.PathLike) -> None:
         os.makedirs(directory, exist_ok=True)
@@ -389,7 +431,31 @@ class ModelConfig:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+def _checkpoints_inside(path: str) -> str:
+    """A hint for a directory that holds checkpoints rather than being one, such as a training run
+    (`run/final`, `run/checkpoints/step_*`): ' (did you mean run/final? ...)', or '' if it holds none."""
+    if not os.path.isdir(path):
+        return "" if os.path.exists(path) else " (no such directory)"
+
+    def checkpoints(d: str) -> list[str]:
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            return []
+        return [os.path.join(d, n) for n in names if os.path.isfile(os.path.join(d, n, "config.json"))]
+
+    found = checkpoints(path) + checkpoints(os.path.join(path, "checkpoints"))
+    if not found:
+        return ""
+    final = os.path.join(path, "final")
+    best = final if final in found else found[-1]   # a run's final export, else the newest step_* (sorted)
+    others = [f for f in found if f != best]
+    more = f" It also holds {', '.join(others[-5:])}" + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return f" (did you mean {best}?{more if others else ''})"
+
+
 _MISSING = object()
+_INT_LIMIT = 1 << 31
 
 
 def _first(key: str, x: Any) -> Any:

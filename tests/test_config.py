@@ -194,6 +194,78 @@ def test_types_are_checked_not_coerced(key, value, message, tmp_path):
         _load(d, tmp_path)
 
 
+@pytest.mark.parametrize("path, value, message", [
+    (("eos_token_id",), [], r"eos_token_id=\[\]: needs at least one token id"),
+    (("eos_token_id",), -1, r"eos_token_id=-1: must be a token id in \[0, 129280\)"),
+    (("bos_token_id",), 129280, r"bos_token_id=129280: must be a token id"),
+    (("rope_scaling",), "yarn", "rope_scaling='yarn': must be an object"),
+    (("rope_scaling",), 0, "rope_scaling=0: must be an object"),           # not read as "no YaRN"
+    (("rope_scaling",), [], r"rope_scaling=\[\]: must be an object"),
+    (("rope_scaling", "type"), None, "names no 'type'"),                   # a YaRN object without its type
+    (("rope_scaling", "beta_fast"), "32", "beta_fast='32': must be an integer.*'rope_scaling.beta_fast'"),
+    (("rope_scaling", "beta_fast"), 0, "beta_fast=0: must be > 0"),
+    (("rope_scaling", "beta_slow"), -1, "beta_slow=-1: must be > 0"),
+    (("rope_scaling", "original_max_position_embeddings"), 0, "YaRN needs original_max_position_embeddings > 0"),
+    (("rope_theta",), 1, "rope_theta=1.0: must be > 1"),
+    (("rms_norm_eps",), float("nan"), "norm_eps=nan: must be a finite number"),
+    (("routed_scaling_factor",), float("inf"), "route_scale=inf: must be a finite number"),
+    (("routed_scaling_factor",), 0, "route_scale=0.0: must be > 0"),
+    (("max_position_embeddings",), 0, "max_seq_len=0: must be > 0"),
+    (("vocab_size",), 2 ** 40, r"vocab_size=1099511627776: must be below 2\*\*31"),
+    (("vocab_size",), 1e308, r"must be below 2\*\*31"),
+    (("compress_ratios",), [0, 0, 4.0, 1e30] + [4, 128] * 19 + [4, 0], r"compress_ratios\[3\]=.*below 2\*\*31"),
+    (("mlp_layer_types",), 3, "mlp_layer_types=3: must be a list of 'hash_moe' / 'moe'"),
+    (("mlp_layer_types",), ["hash_moe"] * 3 + ["dense"] * 40, "mlp_layer_types=.*must be a list of 'hash_moe'"),
+    (("mlp_layer_types",), ["hash_moe"] * 3 + ["moe"] * 39, "mlp_layer_types has 42 entries, num_hidden_layers=43"),
+])
+def test_wrong_json_types_and_ranges_are_config_errors(path, value, message, tmp_path):
+    """Each of these was accepted (silently changing the model) or raised a raw exception from deep inside."""
+    d = _flash_hub()
+    d["mlp_layer_types"] = ["hash_moe"] * 3 + ["moe"] * 40
+    at = d
+    for key in path[:-1]:
+        at = at[key]
+    if value is None:
+        del at[path[-1]]
+    else:
+        at[path[-1]] = value
+    with pytest.raises(ConfigError, match=message) as excinfo:
+        _load(d, tmp_path)
+    assert str(tmp_path / "config.json") in str(excinfo.value)
+
+
+def test_layer_types_must_be_a_list(tmp_path):
+    d = ModelConfig.preset("tiny").to_hub_dict()
+    d["layer_types"] = "sliding_attention"
+    with pytest.raises(ConfigError, match="layer_types='sliding_attention': must be a list"):
+        _load(d, tmp_path)
+    d = ModelConfig.preset("tiny").to_hub_dict()
+    d["compress_rates"]["heavily_compressed_attention"] = 0
+    with pytest.raises(ConfigError, match="heavily_compressed_attention=0: must be > 0"):
+        _load(d, tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object, got list"):
+        ModelConfig.from_pretrained(tmp_path)
+
+
+def test_missing_config_hints_at_the_checkpoints_inside(tmp_path):
+    """A training run directory is not a checkpoint: the error points at its final/ export and its steps."""
+    run = tmp_path / "run"
+    for sub in ("final", "checkpoints/step_0000100", "checkpoints/step_0000200"):
+        ModelConfig.preset("tiny").save(run / sub)
+    (run / "checkpoints" / "step_0000300").mkdir()    # an unfinished one (no config.json) is not offered
+    with pytest.raises(ConfigError, match=rf"no config.json found at {run} \(did you mean {run}/final\? It also "
+                                          rf"holds {run}/checkpoints/step_0000100, {run}/checkpoints/step_0000200\)"):
+        ModelConfig.from_pretrained(run)
+    with pytest.raises(ConfigError, match=rf"did you mean {run}/checkpoints/step_0000200\?"):
+        ModelConfig.from_pretrained(run / "checkpoints")
+    with pytest.raises(ConfigError, match=r"\(no such directory\)"):
+        ModelConfig.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=rf"no config.json found at {tmp_path / 'empty'}$"):
+        ModelConfig.from_pretrained(tmp_path / "empty")
+
+
 def test_integral_floats_are_the_integers_they_equal(tmp_path):
     d = _flash_hub()
     d["sliding_window"], d["compress_ratios"] = 128.0, [float(r) for r in d["compress_ratios"]]
@@ -218,3 +290,17 @@ def test_train_config_resolution_layers(tmp_path):
         resolve_config(config_file=str(tmp_path / "bad.json"))
     with pytest.raises(FileNotFoundError, match="no train_config.json"):
         resolve_config(resume=str(tmp_path / "missing"))
+
+
+def test_compress_ratios_and_layer_types_must_agree(tmp_path):
+    """dsv4 writes both; an edit of one is not silently overridden by the other, and the MTP blocks' ratios
+    (only in compress_ratios) survive the round trip."""
+    cfg = ModelConfig.preset("tiny").replace(compress_ratios=(0, 4, 16, 4, 16))
+    cfg.save(tmp_path)
+    assert ModelConfig.from_pretrained(tmp_path).compress_ratios == (0, 4, 16, 4, 16)
+    d = cfg.to_hub_dict()
+    d["compress_ratios"][1] = 16
+    with pytest.raises(ConfigError, match=r"compress_ratios=\[0, 16, 16, 4, 16\] disagrees with layer_types"):
+        _load(d, tmp_path)
+    del d["compress_ratios"]
+    assert _load(d, tmp_path).compress_ratios == (0, 4, 16, 4, 0)   # transformers' form: MTP blocks window-only

@@ -18,7 +18,8 @@ PACKAGE = "dsv4"
 # Lowest first. A module may import from its own layer (packages of one layer must stay acyclic) or any layer
 # below; never from a layer above.
 LAYERS: list[tuple[tuple[str, ...], str]] = [
-    (("config", "quant"), "plain data and number formats (with their byte records): no model or kernel knowledge"),
+    (("errors", "config", "quant"), "the error base, plain data and number formats (with their byte records): no "
+                                    "model or kernel knowledge"),
     (("ops",), "kernels and their references: tensors in, tensors out; they read the quant records"),
     (("cache",), "rows and compressor state kept between steps, stored as quant's records: no model code"),
     (("model",), "single-device math over a cache it is handed; builds one through cache"),

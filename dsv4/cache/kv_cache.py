@@ -18,12 +18,13 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
+from ..errors import DsV4Error
 from .layout import RowStore
 from .state import Compressed, CompressorState
 from .step_memo import shared
 
 
-class CacheDamaged(RuntimeError):
+class CacheDamaged(DsV4Error, RuntimeError):
     """A cache row was used after a forward step on it failed midway, leaving its state inconsistent."""
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from ..config import ModelConfig
 from ..model import Transformer
 from ..quant import dequant_fp4_blocks, dequant_fp8_blocks
+from .device import resolve_device
 from .names import Target, official_to_native, to_official
 from .safetensors_io import CheckpointError, ShardReader, TensorInfo, read_header
 from .shards import list_shards
@@ -100,8 +101,8 @@ def plan_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
     with torch.device("meta"):
         expected = _fillable(Transformer(cfg))
     items = _match(cfg, headers, expected, problems)
-    _raise(problems, "checkpoint does not match the model")
-    _read_id_tables(items, cfg.n_routed_experts)
+    _raise(problems, f"{path}: checkpoint does not match the model")
+    _read_id_tables(path, items, cfg.n_routed_experts)
     return CheckpointPlan(path, cfg, files, items)
 
 
@@ -242,7 +243,7 @@ def _expected_shape(targets: list[Target], expected: dict[str, torch.Tensor]) ->
     return (base[0], sum(t.rows.stop - t.rows.start for t in targets), *base[2:])
 
 
-def _read_id_tables(items: list[_Item], n_experts: int) -> None:
+def _read_id_tables(path: str, items: list[_Item], n_experts: int) -> None:
     """Read the hash-routing tables (small) and check every id is an expert; they stay in the plan."""
     problems = []
     for it in items:
@@ -256,7 +257,7 @@ def _read_id_tables(items: list[_Item], n_experts: int) -> None:
             problems.append(f"tensor '{it.name}' {it.shape} holds expert id {int(it.value[at])} at {list(at)} "
                             f"({len(bad)} bad entries): ids must lie in [0, {n_experts - 1}] "
                             f"(n_routed_experts={n_experts})")
-    _raise(problems, "checkpoint has invalid hash-routing tables")
+    _raise(problems, f"{path}: checkpoint has invalid hash-routing tables")
 
 
 def _raise(problems: list[str], what: str) -> None:
@@ -374,11 +375,13 @@ def load_weights(plan: CheckpointPlan, model: Transformer, device: str | torch.d
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                progress: bool | None = None) -> Transformer:
-    """Load a checkpoint directory (`config.json` + safetensors) into a Transformer on `device`.
+    """Load a checkpoint directory (`config.json` + safetensors) into a Transformer on `device` ('auto': the GPU
+    if there is one).
 
     `dtype` is the compute dtype; norms, mHC, sinks, ape and the head stay fp32 as in the reference.
     A checkpoint without `mtp.*` tensors (as transformers writes) loads with n_mtp_layers = 0.
     """
+    device = resolve_device(device)
     plan = plan_checkpoint(path)
     with torch.device("meta"):
         model = Transformer(plan.config).to_dtype(dtype)

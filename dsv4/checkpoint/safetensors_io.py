@@ -3,6 +3,7 @@ any tensor is touched, so a truncated or corrupt file is reported by name instea
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -10,8 +11,10 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from ..errors import DsV4Error
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(DsV4Error, RuntimeError):
     """A checkpoint is missing, corrupt, truncated, or does not match the model (the message says which)."""
 
 
@@ -19,6 +22,11 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
            "F8_E8M0": getattr(torch, "float8_e8m0fnu", torch.uint8), "F4": getattr(torch, "float4_e2m1fn_x2", torch.uint8)}
+
+
+# bytes per element of the dtypes stored a whole number of bytes per element (sub-byte ones are not checked here)
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+          "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}
 
 
 @dataclass(frozen=True)
@@ -45,20 +53,46 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (a JSON {type(meta).__name__}, not an object)")
     meta.pop("__metadata__", None)
     end, out = 0, {}
     for name, t in meta.items():
-        try:
-            begin, stop = t["data_offsets"]
-            info = TensorInfo(path, t["dtype"], tuple(t["shape"]))
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor '{name}'") from None
+        _, stop, info = _entry(path, name, t)
         end = max(end, stop)
         out[name] = info
     if 8 + n + end != size:
         raise CheckpointError(f"{path}: truncated or corrupt safetensors file: header needs {8 + n + end} bytes, "
                               f"file has {size}")
     return out
+
+
+def _entry(path: str, name: str, t: object) -> tuple[int, int, TensorInfo]:
+    """(begin, end, info) of one header entry, checking every field's type and that the byte range holds
+    exactly the tensor (the header is read before safetensors sees the file)."""
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{path}: corrupt header entry for tensor '{name}': {problem}")
+
+    if not isinstance(t, dict):
+        raise bad(f"a JSON {type(t).__name__}, not an object")
+    dtype, shape, offsets = t.get("dtype"), t.get("shape"), t.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise bad(f"dtype={dtype!r} is not a dtype name")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise bad(f"shape={shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise bad(f"data_offsets={offsets!r} is not [begin, end] with 0 <= begin <= end")
+    begin, stop = offsets
+    width = _BYTES.get(dtype)
+    if width is not None and math.prod(shape) * width != stop - begin:
+        raise bad(f"{dtype} {shape} needs {math.prod(shape) * width} bytes, data_offsets={offsets} hold "
+                  f"{stop - begin}")
+    return begin, stop, TensorInfo(path, dtype, tuple(shape))
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 class ShardReader:

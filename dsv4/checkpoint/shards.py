@@ -19,15 +19,7 @@ def list_shards(path: str) -> list[str]:
         raise CheckpointError(f"{path}: not a checkpoint directory")
     index = os.path.join(path, _INDEX)
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                names = set(json.load(f)["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index}: corrupt index ({e})") from None
-        bad = [n for n in names if not isinstance(n, str)]
-        if bad:
-            raise CheckpointError(f"{index}: shard names must be strings, got {bad[:3]}")
-        files = sorted(names)
+        files = sorted(set(_weight_map(index).values()))
         missing = [f for f in files if not os.path.isfile(_inside(path, f, index))]
         if missing:
             raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
@@ -36,6 +28,28 @@ def list_shards(path: str) -> list[str]:
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files")
     return [_inside(path, f, path) for f in files]
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The index's tensor name -> shard file map, checked to be exactly that."""
+    try:
+        with open(index) as f:
+            doc = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: corrupt index, not valid JSON ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({e})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict):
+        got = f"a JSON {type(doc).__name__}" if not isinstance(doc, dict) else f"weight_map={weight_map!r}"[:80]
+        raise CheckpointError(f"{index}: corrupt index: expected an object whose 'weight_map' maps tensor names to "
+                              f"shard files, got {got}")
+    if not weight_map:
+        raise CheckpointError(f"{index}: corrupt index: 'weight_map' names no tensors")
+    bad = [f for f in weight_map.values() if not isinstance(f, str) or not f]
+    if bad:
+        raise CheckpointError(f"{index}: shard file names must be non-empty strings, got {bad[:3]}")
+    return weight_map
 
 
 def _inside(root: str, rel: str, source: str) -> str:

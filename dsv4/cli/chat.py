@@ -9,8 +9,6 @@ import argparse
 import sys
 import time
 
-from ..generate.sampling import SamplingConfig
-from ..generate.session import ChatSession
 from .generate import add_model_arguments, load
 
 
@@ -22,6 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..generate.sampling import SamplingConfig
+    from ..generate.session import ChatSession
+
     model, tok, _ = load(args)
     session = ChatSession(model, tok, thinking=args.thinking, system=args.system, max_seq_len=args.max_seq_len,
                           sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k),

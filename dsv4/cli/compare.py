@@ -8,8 +8,8 @@ import argparse
 import json
 import os
 
+from ..errors import DsV4Error
 from ..train.metrics import read_metrics
-from ..train.plots import plot_losses
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def summarize(run: str) -> tuple[dict, list[dict]]:
         raise FileNotFoundError(f"{run}: no metrics.jsonl (not a dsv4 training run?)")
     rows = read_metrics(path)
     if not rows:
-        raise ValueError(f"{run}: metrics.jsonl is empty")
+        raise DsV4Error(f"{run}: metrics.jsonl is empty")
     logged = [r for r in rows if "lm" in r]
     vals = [r for r in rows if "val_loss" in r]
     speed = [r["tok_per_s"] for r in logged[1:]] or [r["tok_per_s"] for r in logged] or [0.0]
@@ -37,6 +37,8 @@ def summarize(run: str) -> tuple[dict, list[dict]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..train.plots import plot_losses
+
     table, curves = [], {}
     for r in args.runs:
         row, rows = summarize(r)

@@ -9,16 +9,12 @@ import argparse
 import sys
 import time
 
-import torch
-
-from ..checkpoint import load_model
-from ..generate import Tokenizer, generate_stream
-from ..generate.detokenize import StreamDecoder
+from ..errors import InvalidArgument
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="directory with config.json, safetensors, tokenizer.json")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (the GPU if there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8"])
@@ -40,9 +36,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace):
+    """(model, tokenizer, prefix store or None) as the flags ask; the sampling flags are checked first."""
+    import torch
+
+    from ..checkpoint import load_model, resolve_device
+    from ..generate import SamplingConfig, Tokenizer
+    from ..generate.sampling import check_generation_args
+
+    SamplingConfig(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    check_generation_args(args.max_new_tokens, args.seed)
+    device = resolve_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
-        args.dtype, torch.bfloat16 if str(args.device).startswith("cuda") else torch.float32)
-    model = load_model(args.checkpoint, device=args.device, dtype=dtype).set_quant_sim(args.quant_sim)
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = load_model(args.checkpoint, device=device, dtype=dtype).set_quant_sim(args.quant_sim)
     tok = Tokenizer.from_dir(args.checkpoint)
     store = None
     if args.prefix_store:
@@ -53,6 +59,9 @@ def load(args: argparse.Namespace):
 
 def stream_text(model, tok: Tokenizer, ids: list[int], args: argparse.Namespace, store=None, out=sys.stdout):
     """Generate from `ids`, writing decoded text as it grows. Returns (new ids, seconds, prefill seconds)."""
+    from ..generate import generate_stream
+    from ..generate.detokenize import StreamDecoder
+
     new: list[int] = []
     stream = StreamDecoder(tok, skip_special=True)
     t0 = time.perf_counter()
@@ -82,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         text = encode_chat([{"role": "user", "content": args.prompt}], thinking=args.thinking)
     ids = tok.encode(text)
     if not ids:
-        raise ValueError("the prompt encodes to no tokens")
+        raise InvalidArgument("the prompt encodes to no tokens")
     print(args.prompt if not args.chat else "", end="", flush=True)
     new, secs, first = stream_text(model, tok, ids, args, store)
     decode = max(secs - first, 1e-9)

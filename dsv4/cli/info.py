@@ -9,7 +9,6 @@ import argparse
 import json
 
 from ..config import ModelConfig
-from ..info import format_report, param_report
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..info import format_report, param_report
+
     cfg = ModelConfig.preset(args.preset) if args.preset else ModelConfig.from_pretrained(args.checkpoint)
     rep = param_report(cfg)
     if args.json:

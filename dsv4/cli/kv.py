@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..cache.accounting import format_kv_report, kv_report, plot_kv
 from ..config import ModelConfig
+from ..errors import InvalidArgument
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,10 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..cache.accounting import format_kv_report, kv_report, plot_kv
+
     if not args.preset and not args.checkpoint:
-        raise ValueError("give --preset NAME or --checkpoint DIR")
+        raise InvalidArgument("give --preset NAME or --checkpoint DIR")
     if args.context <= 0:
-        raise ValueError(f"--context must be positive, got {args.context}")
+        raise InvalidArgument(f"--context must be positive, got {args.context}")
     models = {name: ModelConfig.preset(name) for name in args.preset or []}
     if args.checkpoint:
         models[args.checkpoint] = ModelConfig.from_pretrained(args.checkpoint)

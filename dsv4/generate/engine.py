@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .graphs import GraphDecoder
 from .nonfinite import NonFiniteWarning, find_nonfinite
-from .sampling import SamplingConfig, sample
+from .sampling import SamplingConfig, check_generation_args, sample
 
 PREFILL_CHUNK = 4096
 
@@ -56,9 +56,10 @@ def generate_stream(model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
-    if max_new_tokens <= 0:
-        return
+    max_new_tokens, seed = check_generation_args(max_new_tokens, seed)
     cfg = SamplingConfig(temperature=temperature, top_p=top_p, top_k=top_k)
+    if max_new_tokens == 0:
+        return
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     stops = set(int(t) for t in stop_tokens)

@@ -12,10 +12,11 @@ from typing import Callable
 
 import torch
 
+from ..errors import InvalidArgument
 from .chat import EOS, encode_chat, parse_completion
 from .detokenize import StreamDecoder
 from .engine import _prefill, decode_loop
-from .sampling import SamplingConfig
+from .sampling import SamplingConfig, check_generation_args
 from .tokenizer import Tokenizer
 
 
@@ -29,6 +30,7 @@ class ChatSession:
         self.model, self.tok, self.thinking = model, tok, thinking
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.sampling = sampling or SamplingConfig()
+        _, seed = check_generation_args(0, seed)
         self.gen = torch.Generator(device=model.embed.weight.device).manual_seed(seed)
         self.cache = model.new_cache(1, max_seq_len, kv_dtype, index_dtype)
         self.history: list[int] = []      # the conversation's tokens, each turn closed (chat mode's context)
@@ -43,6 +45,7 @@ class ChatSession:
         A send that is rejected (too long) or fails midway (an error, an interrupt) keeps neither the user turn
         nor any part of the reply, and the sampling generator is rewound: later sends answer as a session that never
         saw it. The cache it may have advanced or damaged is reset; the next send refills it from `history`."""
+        max_new_tokens, _ = check_generation_args(max_new_tokens)
         messages = self.messages + [{"role": "user", "content": text}]
         if self.thinking or not self.history:
             ids = self.tok.encode(encode_chat(messages, thinking=self.thinking))
@@ -50,7 +53,7 @@ class ChatSession:
             turn = encode_chat(messages[-1:], thinking=False, context=self.messages)
             ids = self.history + self.tok.encode(turn)
         if len(ids) + max_new_tokens > self.cache.max_seq_len:
-            raise ValueError(f"conversation of {len(ids)} tokens + {max_new_tokens} new exceeds the cache "
+            raise InvalidArgument(f"conversation of {len(ids)} tokens + {max_new_tokens} new exceeds the cache "
                              f"({self.cache.max_seq_len}); start a new session with a larger max_seq_len")
         rng = self.gen.get_state()
         try:

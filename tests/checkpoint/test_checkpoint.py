@@ -278,3 +278,68 @@ def test_hub_cache_layout_loads(saved, tmp_path):
     tokens = torch.randint(0, 2048, (1, 9))
     for d in (repo / "snapshots" / "abc", tmp_path / "link"):
         assert torch.equal(dsv4.load_model(d, dtype=torch.float32)(tokens), model(tokens))
+
+
+def _with_header(src, dst, edit):
+    """A copy of checkpoint `src` whose safetensors header is replaced by `edit(header)`."""
+    shutil.copytree(src, dst)
+    raw = (dst / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    text = json.dumps(edit(json.loads(raw[8:8 + n]))).encode()
+    text += b" " * (-len(text) % 8)
+    (dst / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    return dst
+
+
+def _first_entry(header, **fields):
+    """`header` with fields of its first tensor's entry replaced (a callable is given the old value)."""
+    entry = header[next(k for k in header if k != "__metadata__")]
+    entry.update({k: v(entry[k]) if callable(v) else v for k, v in fields.items()})
+    return header
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: list(h), r"corrupt safetensors header \(a JSON list, not an object\)"),
+    (lambda h: _first_entry(h, data_offsets=lambda offsets: [str(o) for o in offsets]),
+     r"corrupt header entry for tensor '.*': data_offsets=\['0', '\d+'\] is not \[begin, end\]"),
+    (lambda h: _first_entry(h, shape=[2.5, 3]), r"shape=\[2.5, 3\] is not a list of non-negative integers"),
+    (lambda h: _first_entry(h, dtype=None), "dtype=None is not a dtype name"),
+    (lambda h: _first_entry(h, shape=[1]), r"I64 \[1\] needs 8 bytes, data_offsets=\[0, \d+\] hold \d+"),
+], ids=["header-list", "offsets-strings", "float-shape", "null-dtype", "shape-vs-bytes"])
+def test_malformed_safetensors_header_is_a_checkpoint_error(saved, tmp_path, edit, message):
+    path, _ = saved
+    d = _with_header(path, tmp_path / "bad", edit)
+    with pytest.raises(CheckpointError, match=message) as excinfo:
+        dsv4.load_model(d, dtype=torch.float32)
+    assert str(d / "model.safetensors") in str(excinfo.value)
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"weight_map": ["model.safetensors"]}, r"expected an object whose 'weight_map' maps tensor names to shard "
+                                            r"files, got weight_map=\['model.safetensors'\]"),
+    (["model.safetensors"], "got a JSON list"),
+    ({"weight_map": {}}, "'weight_map' names no tensors"),
+    ({"weight_map": {"embed.weight": 3}}, r"shard file names must be non-empty strings, got \[3\]"),
+])
+def test_malformed_index_is_a_checkpoint_error(saved, tmp_path, index, message):
+    path, _ = saved
+    d = tmp_path / "bad"
+    shutil.copytree(path, d)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=message) as excinfo:
+        dsv4.load_model(d, dtype=torch.float32)
+    assert str(d / "model.safetensors.index.json") in str(excinfo.value)
+
+
+def test_unavailable_device_is_named_before_loading(saved):
+    from dsv4.errors import InvalidArgument
+    path, _ = saved
+    with pytest.raises(InvalidArgument, match="device='cuda:99': "):
+        dsv4.load_model(path, device="cuda:99")
+    with pytest.raises(InvalidArgument, match="device='gpu': not a device here"):
+        dsv4.load_model(path, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgument, match=r"device='cuda': CUDA is not available .*; use 'cpu'"):
+            dsv4.load_model(path, device="cuda")
+    assert dsv4.load_model(path, device="auto").embed.weight.device.type == ("cuda" if torch.cuda.is_available()
+                                                                              else "cpu")

@@ -4,6 +4,7 @@ import torch
 
 import dsv4
 from dsv4.cli import main
+from dsv4.errors import DsV4Error, InvalidArgument
 from dsv4.generate import SamplingConfig, sample
 from dsv4.train.tokenizer import train_bpe
 
@@ -61,6 +62,52 @@ def test_sampling_is_seeded_and_respects_top_k(model):
 def test_generate_errors(model):
     with pytest.raises(ValueError, match="empty prompt"):
         dsv4.generate(model, [[1], []], 3)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature=nan: must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature=inf: must be a finite number >= 0"),
+    (dict(temperature=-0.5), "temperature=-0.5: must be a finite number >= 0"),
+    (dict(temperature="1"), "temperature='1': must be a number, got str"),
+    (dict(top_p=float("nan")), r"top_p=nan: must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"top_p=1.5: must be in \(0, 1\]"),
+    (dict(top_p=0), r"top_p=0.0: must be in \(0, 1\]"),
+    (dict(top_k=2.5), "top_k=2.5: must be an integer, got float"),
+    (dict(top_k=5.0), "top_k=5.0: must be an integer, got float"),
+    (dict(top_k=True), "top_k=True: must be an integer, got bool"),
+    (dict(top_k=-1), "top_k=-1: must be >= 0"),
+    (dict(max_new_tokens=2.5), "max_new_tokens=2.5: must be an integer, got float"),
+    (dict(max_new_tokens=-1), "max_new_tokens=-1: must be >= 0"),
+    (dict(seed=1.5), "seed=1.5: must be an integer, got float"),
+    (dict(seed=2 ** 70), "seed=1180591620717411303424: must fit in 64 bits"),
+])
+def test_bad_sampling_arguments_are_named(model, kwargs, message):
+    """Refused up front, naming the parameter and its value (NaN used to fail inside torch.multinomial, a float
+    top_k inside topk, a float count inside range)."""
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(InvalidArgument, match=message):
+        dsv4.generate(model, [[1, 2]], kwargs.pop("max_new_tokens"), temperature=kwargs.pop("temperature", 1.0),
+                      **kwargs)
+    assert issubclass(InvalidArgument, ValueError) and issubclass(InvalidArgument, DsV4Error)
+
+
+def test_tiny_temperature_is_greedy_not_nan(model):
+    """Logits over a tiny temperature overflow to inf; shifted first they give -inf, so sampling is argmax."""
+    logits = torch.randn(3, 50) * 5
+    got = sample(logits, SamplingConfig(temperature=1e-40, top_p=0.9, top_k=4), torch.Generator().manual_seed(0))
+    assert got.tolist() == logits.argmax(-1).tolist()
+    assert dsv4.generate(model, [[1, 2]], 6, temperature=1e-40) == dsv4.generate(model, [[1, 2]], 6)
+
+
+def test_chat_session_checks_its_arguments(model, checkpoint):
+    from dsv4.generate.session import ChatSession
+    tok = dsv4.Tokenizer.from_dir(checkpoint)
+    with pytest.raises(InvalidArgument, match="seed=0.5"):
+        ChatSession(model, tok, seed=0.5)
+    session = ChatSession(model, tok, max_seq_len=256)
+    with pytest.raises(InvalidArgument, match="max_new_tokens=3.0: must be an integer"):
+        session.send("hi", 3.0)
+    assert session.messages == []   # refused before the message was taken
 
 
 def test_tokenizer_round_trip(checkpoint):
