@@ -202,3 +202,21 @@ def test_errors_from_elsewhere_name_their_type_and_bugs_keep_their_traceback(cap
     monkeypatch.setattr(info, "run", fail(TypeError("a bug")))
     with pytest.raises(TypeError, match="a bug"):
         main(["info", "--preset", "tiny"])
+
+
+def test_train_on_missing_cuda_is_one_line(tmp_path):
+    """`dsv4 train --device cuda` on a machine without CUDA is refused with a line naming the device."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = subprocess.run([sys.executable, "-m", "dsv4", "train", "--device", "cuda", "--steps", "1",
+                        "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and "device='cuda'" in r.stderr, r.stderr[-2000:]
+
+
+def test_chat_has_no_prefix_store_flag():
+    """chat keeps its own cache across turns; a --prefix-store it would ignore is not offered."""
+    r = subprocess.run([sys.executable, "-m", "dsv4", "chat", "--checkpoint", "x", "--prefix-store", "d"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unrecognized arguments: --prefix-store" in r.stderr, r.stderr

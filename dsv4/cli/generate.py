@@ -25,7 +25,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prefix-store", metavar="DIR", help="reuse / save prompt prefixes on disk")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the V4 chat format (one user turn)")
     p.add_argument("--thinking", action="store_true", help="with --chat: thinking mode")
+    p.add_argument("--prefix-store", metavar="DIR", help="reuse / save prompt prefixes on disk")
 
 
 def load(args: argparse.Namespace):
@@ -51,7 +51,7 @@ def load(args: argparse.Namespace):
     model = load_model(args.checkpoint, device=device, dtype=dtype).set_quant_sim(args.quant_sim)
     tok = Tokenizer.from_dir(args.checkpoint)
     store = None
-    if args.prefix_store:
+    if getattr(args, "prefix_store", None):
         from ..generate import PrefixStore
         store = PrefixStore(args.prefix_store, model)
     return model, tok, store

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, resolve_device
 from ..model import Transformer
 from .checkpointing import export, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -76,9 +76,7 @@ class Placement(Protocol):
 
 def device_for(choice: str) -> torch.device:
     """TrainConfig.device: 'auto' is the GPU when there is one."""
-    if choice != "auto":
-        return torch.device(choice)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return resolve_device(choice)
 
 
 class SingleProcess:
