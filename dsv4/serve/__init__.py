@@ -1,1 +1,1 @@
-"""Serving: an OpenAI-compatible HTTP server over a continuous-batching engine."""
+"""Serving: an engine that batches many requests' decoding continuously over a fixed pool of cache rows."""
