@@ -11,7 +11,7 @@ import pytest
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from conftest import ServerThread  # noqa: E402
+from http_server import ServerThread  # noqa: E402
 from scripted_engine import ScriptedEngine  # noqa: E402
 
 from dsv4.generate.chat import EOS  # noqa: E402

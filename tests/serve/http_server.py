@@ -1,4 +1,4 @@
-"""A uvicorn server on 127.0.0.1 in a background thread, for the API tests."""
+"""A uvicorn server on 127.0.0.1 in a background thread, for the API tests (imported by them)."""
 from __future__ import annotations
 
 import socket
