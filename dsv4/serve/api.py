@@ -240,11 +240,11 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
     async def _validation(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
+        param, where = (loc[0] if loc else None), ".".join(loc)
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
-            message, param = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None
-        return error(400, error_body(f"{param}: {message}" if param else message, param=param))
+            message, param, where = f"the body is not valid JSON: {first.get('ctx', {}).get('error', message)}", None, ""
+        return error(400, error_body(f"{where}: {message}" if where else message, param=param))
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_: Request, e: QueueFull):
@@ -262,7 +262,11 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok"}
+        try:
+            stats = engine.stats()
+        except Exception as e:   # an engine that cannot answer cannot serve
+            return error(503, error_body(f"the engine does not answer: {e}", type="server_error"))
+        return {"status": "ok", "running": stats.get("running"), "queue_len": stats.get("queue_len")}
 
     @app.get("/metrics")
     async def metrics():
@@ -306,8 +310,9 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
                 extra = {"usage": None} if req.include_usage() else {}
                 try:
                     async for ch in _merged([choice_chunks(c) for c in choices]):
-                        if ch.pop("_error"):
-                            yield _sse(error_body(f"generation failed: {ch}", type="server_error"))
+                        if (failure := ch.pop("_error")):
+                            yield _sse(error_body(f"choice {ch['index']}: generation failed: {failure}",
+                                                  type="server_error"))
                         yield _sse({**head, "choices": [ch], **extra})
                     if req.include_usage():
                         yield _sse({**head, "choices": [], "usage": srv.usage(ids, choices)})
@@ -385,8 +390,9 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
                 extra = {"usage": None} if req.include_usage() else {}
                 try:
                     async for ch in _merged([choice_deltas(c) for c in choices]):
-                        if ch.pop("_error"):
-                            yield _sse(error_body(f"generation failed: {ch}", type="server_error"))
+                        if (failure := ch.pop("_error")):
+                            yield _sse(error_body(f"choice {ch['index']}: generation failed: {failure}",
+                                                  type="server_error"))
                         yield _sse({**head, "choices": [ch], **extra})
                     if req.include_usage():
                         yield _sse({**head, "choices": [], "usage": srv.usage(ids, choices)})
