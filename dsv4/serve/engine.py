@@ -50,7 +50,8 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 class RequestHandle:
     """One request's stream of TokenEvents; the last one has a finish_reason. Iterate it from a thread
-    (`for event in handle`) or from asyncio (`async for event in handle`); the engine's thread fills it."""
+    (`for event in handle`) or from asyncio (`async for event in handle`); the engine's thread fills it.
+    Leaving either loop before the last event cancels the request."""
 
     def __init__(self, request_id: str, prompt_tokens: int, engine: "Engine"):
         self.id, self.prompt_tokens, self.cached_tokens = request_id, prompt_tokens, 0
@@ -82,16 +83,22 @@ class RequestHandle:
                 pass
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        """Blocking iteration. A consumer that stops early (breaks, or the generator is closed) cancels the
+        request, as a client hanging up does."""
         i = 0
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: len(self._events) > i)
-                new = self._events[i:]
-            i += len(new)
-            for event in new:
-                yield event
-                if event.finish_reason is not None:
-                    return
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: len(self._events) > i)
+                    new = self._events[i:]
+                i += len(new)
+                for event in new:
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+        finally:
+            if not self.finished:
+                self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         loop, ready = asyncio.get_running_loop(), asyncio.Event()
@@ -112,9 +119,11 @@ class RequestHandle:
                     yield event
                     if event.finish_reason is not None:
                         return
-        finally:
+        finally:   # closed early (the client went away): the request is cancelled
             with self._cond:
                 self._waiters.remove((loop, ready))
+            if not self.finished:
+                self.cancel()
 
 
 @dataclass(eq=False)

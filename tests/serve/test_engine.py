@@ -230,6 +230,26 @@ def test_background_thread_serves_blocking_and_asyncio_consumers(model):
     assert engine.stats()["requests_finished"] == 2
 
 
+def test_a_consumer_that_stops_listening_cancels_its_request(model):
+    engine = Engine(model, max_batch=2, max_seq_len=96).start()
+    try:
+        async def hang_up_after_two():
+            stream = engine.submit([5, 6, 7], SamplingParams(max_tokens=50, temperature=0)).__aiter__()
+            got = [await stream.__anext__(), await stream.__anext__()]
+            await stream.aclose()
+            return got
+
+        for _ in range(3):
+            assert len(asyncio.run(hang_up_after_two())) == 2
+        h = engine.submit([5, 6, 7], SamplingParams(max_tokens=50, temperature=0))
+        for _ in h:
+            break
+        assert list(h)[-1].finish_reason == "abort"
+    finally:
+        engine.stop()
+    assert engine.stats()["running"] == 0 and engine.stats()["requests_cancelled"] == 4
+
+
 def test_prefix_cache_hooks_reuse_a_shared_prefix(model, tmp_path):
     from dsv4.generate.prefix_store import PrefixStore
     store = PrefixStore(tmp_path, model, block=8)
