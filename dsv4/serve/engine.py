@@ -50,7 +50,8 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 class RequestHandle:
     """One request's stream of TokenEvents; the last one has a finish_reason. Iterate it from a thread
-    (`for event in handle`) or from asyncio (`async for event in handle`); the engine's thread fills it."""
+    (`for event in handle`) or from asyncio (`async for event in handle`); the engine's thread fills it.
+    Leaving either loop before the last event cancels the request."""
 
     def __init__(self, request_id: str, prompt_tokens: int, engine: "Engine"):
         self.id, self.prompt_tokens, self.cached_tokens = request_id, prompt_tokens, 0
@@ -82,16 +83,22 @@ class RequestHandle:
                 pass
 
     def __iter__(self) -> Iterator[TokenEvent]:
+        """Blocking iteration. A consumer that stops early (breaks, or the generator is closed) cancels the
+        request, as a client hanging up does."""
         i = 0
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: len(self._events) > i)
-                new = self._events[i:]
-            i += len(new)
-            for event in new:
-                yield event
-                if event.finish_reason is not None:
-                    return
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: len(self._events) > i)
+                    new = self._events[i:]
+                i += len(new)
+                for event in new:
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+        finally:
+            if not self.finished:
+                self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
         loop, ready = asyncio.get_running_loop(), asyncio.Event()
@@ -112,9 +119,11 @@ class RequestHandle:
                     yield event
                     if event.finish_reason is not None:
                         return
-        finally:
+        finally:   # closed early (the client went away): the request is cancelled
             with self._cond:
                 self._waiters.remove((loop, ready))
+            if not self.finished:
+                self.cancel()
 
 
 @dataclass(eq=False)
@@ -251,7 +260,11 @@ class Engine:
                 self._lock.wait_for(lambda: self._stopping or self._queue or self.pool.busy > 0)
                 if self._stopping:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug outside any one forward: end the running requests, keep serving
+                warnings.warn(f"engine step failed ({type(e).__name__}: {e}); its running requests end with error")
+                self._fail([r for r, req in enumerate(self._rows) if req is not None], e)
 
     def _wake(self) -> None:
         with self._lock:
@@ -347,7 +360,7 @@ class Engine:
         if stop == len(req.prompt):
             self._admitted.remove(req)
             self.pool.phase[row] = Phase.DECODE
-            self._emit(req, logits[0])
+            self._emit([req], logits)
         return True
 
     def _decode(self) -> None:
@@ -381,13 +394,16 @@ class Engine:
                 else:
                     logits = self.model(ids.view(-1, 1), cache=view)[:, -1]
         except Exception as e:
+            if graph:   # a graph whose replay failed is not trusted again: the bucket is captured afresh
+                self._graphs.pop(len(rows), None)
             self._fail(list(rows), e)
             return
-        for i, r in enumerate(rows):
-            req = self._rows[r]
-            if req is not None and self.pool.phase[r] is Phase.DECODE:
-                self.counters["decode_tokens"] += 1
-                self._emit(req, logits[i])
+        live = [i for i, r in enumerate(rows) if self._rows[r] is not None and self.pool.phase[r] is Phase.DECODE]
+        self.counters["decode_tokens"] += len(live)
+        if len(live) == len(rows):
+            self._emit([self._rows[r] for r in rows], logits)
+        elif live:
+            self._emit([self._rows[rows[i]] for i in live], logits[live])
 
     def _graph(self, bucket: int) -> GraphDecoder:
         if bucket not in self._graphs:
@@ -398,37 +414,34 @@ class Engine:
         return ops.batch_invariant(self.batch_invariant)
 
     # ------------------------------------------------------------------ tokens out
-    def _emit(self, req: _Request, logits: torch.Tensor) -> None:
-        """Sample a row's next token from its logits [vocab] and send it; finish the request if it is done."""
+    def _emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        """Choose each request's next token from its row of logits [n, vocab], send it, and finish the requests
+        that are done. Greedy choices and the finiteness checks come to the host in one transfer."""
         logits = logits.float()
-        if not bool(torch.isfinite(logits).all()):
-            self._finish(req, TokenEvent(None, finish_reason="error",
-                                         error="the model produced non-finite logits for this request"),
-                         failed=True)
-            return
-        p = req.params
-        if p.temperature == 0:
-            token = int(logits.argmax())
-        else:
-            token = int(sample(logits.unsqueeze(0), req.sampling, req.generator)[0])
-        event = TokenEvent(token)
-        if p.logprobs is not None:
-            logp = torch.log_softmax(logits, dim=-1)
-            event.logprob = float(logp[token])
-            if p.logprobs > 0:
-                top = logp.topk(min(p.logprobs, logp.shape[0]))
-                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        greedy, finite = torch.stack((logits.argmax(-1), torch.isfinite(logits).all(-1).long())).tolist()
+        for i, req in enumerate(reqs):
+            if not finite[i]:
+                self._finish(req, TokenEvent(None, finish_reason="error",
+                                             error="the model produced non-finite logits for this request"),
+                             failed=True)
+                continue
+            p, row = req.params, logits[i]
+            token = greedy[i] if p.temperature == 0 else int(sample(row.unsqueeze(0), req.sampling, req.generator)[0])
+            event = TokenEvent(token)
+            if p.logprobs is not None:   # of the model's distribution, before temperature / top-k / top-p
+                logp = torch.log_softmax(row, dim=-1)
+                top = logp.topk(min(p.logprobs, logp.shape[0])) if p.logprobs else None
+                event.logprob = float(logp[token])
+                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            req.generated.append(token)
+            if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+                event.finish_reason = "stop"
+            elif len(req.generated) >= p.max_tokens:
+                event.finish_reason = "length"
+            if event.finish_reason is None:
+                req.handle._push(event)
             else:
-                event.top_logprobs = []
-        req.generated.append(token)
-        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
-            event.finish_reason = "stop"
-        elif len(req.generated) >= p.max_tokens:
-            event.finish_reason = "length"
-        if event.finish_reason is None:
-            req.handle._push(event)
-        else:
-            self._finish(req, event)
+                self._finish(req, event)
 
     def _finish(self, req: _Request, event: TokenEvent, failed: bool = False) -> None:
         """Send the last event and free the request's row (the row is reset when it is next handed out)."""
