@@ -283,7 +283,7 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         if req.echo:
             raise APIError(400, "echo: not supported", param="echo")
         prompt = req.single_prompt()
-        ids = srv.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        ids = await asyncio.to_thread(srv.tok.encode, prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, "prompt: encodes to no tokens", param="prompt")
         if any(t < 0 for t in ids):
@@ -348,7 +348,7 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
             text = encode_chat(messages, thinking=thinking, reasoning_effort=req.effort(), drop_thinking=drop)
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
-        ids = srv.tok.encode(text)
+        ids = await asyncio.to_thread(srv.tok.encode, text)   # a long prompt must not stall the other streams
         max_tokens = srv.budget(ids, req.token_limit(), None, "messages")
         kwargs = req.sampling_kwargs(max_tokens, req.top_k_logprobs(), srv.eos_ids)
         choices = srv.submit(ids, kwargs, req.n, req.stop_strings(), skip_special=False)

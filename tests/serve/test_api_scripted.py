@@ -207,3 +207,17 @@ def test_hangups_free_every_request(env):
         assert all(h.cancelled for h in engine.submitted[-12:])
     finally:
         engine.delay = 0.002
+
+
+def test_hangup_before_a_plain_reply_frees_its_request(env):
+    """A non-streamed request whose client gives up is cancelled too, not generated to the end."""
+    engine = env["engine"]
+    env["state"]["reply"] = "Hello world " * 200
+    engine.delay = 0.01
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(env["server"].url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 400}, timeout=0.3)
+        assert settle(engine, timeout=2) == 0
+        assert engine.submitted[-1].cancelled
+    finally:
+        engine.delay = 0.002
