@@ -24,7 +24,7 @@ LAYERS: list[tuple[tuple[str, ...], str]] = [
     (("cache",), "rows and compressor state kept between steps, stored as quant's records: no model code"),
     (("model",), "single-device math over a cache it is handed; builds one through cache"),
     (("checkpoint", "generate", "train", "info"), "things done with a built model: load, run, train, count"),
-    (("distributed",), "placement of a built model and of its training over several devices"),
+    (("distributed", "serve"), "placement of a built model over several devices; serving many requests on one"),
     (("cli", "__main__", ""), "the thin shell and the public API (`dsv4/__init__.py`, named '' here)"),
 ]
 RANK = {part: rank for rank, (parts, _) in enumerate(LAYERS) for part in parts}

@@ -1,0 +1,1 @@
+"""Serving: an engine that batches many requests' decoding continuously over a fixed pool of cache rows."""

@@ -1,0 +1,478 @@
+"""Continuous batching over a fixed pool of cache rows: requests join and leave the running batch at every step.
+
+One cache of `max_batch` rows is made once. A request takes the lowest free row (reset first) and each engine
+step runs, in order:
+
+  1. cancellations (a client hung up): the request ends with "abort" and its row is free again;
+  2. admission: queued requests take free rows; with a prefix cache the longest stored prefix is loaded;
+  3. prefill: pending prompts advance by whole chunks under `step_token_budget` tokens per step (the oldest
+     request first; a step always runs at least one chunk). Chunk boundaries are fixed by the request alone
+     (every `prefill_chunk` tokens from where its prefill starts, plus the prefix cache's save boundaries), the
+     boundaries `dsv4.generate` uses, so a prompt's arithmetic never depends on what else is queued. A prompt
+     whose last chunk runs samples its first token at once;
+  4. decode: every decoding row gets one token. A forward advances every row of its cache view, so a view never
+     covers a row still prefilling; free rows inside a view are fed a dummy token and are reset before they are
+     handed out. With `batch_invariant` on a CPU each decoding row is its own view (CPU matmuls sum a row
+     differently at batch 1 and batch 4, so batching would make a request's tokens depend on its neighbours);
+     on a GPU the rows run batched, in runs split at prefilling rows, under `dsv4.ops.batch_invariant()`, and
+     with `cuda_graphs` a step with no prefilling row below the smallest captured bucket holding every decoding
+     row replays that bucket's CUDA graph;
+  5. each row's logits are sampled with the request's own parameters and seeded generator; the token (with
+     logprobs if asked, from the untempered logits as OpenAI reports them) is sent to the request's stream;
+     a stop token, end of sequence, `max_tokens` or non-finite logits ends it and frees its row.
+
+A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on, with
+finish_reason "error"; those rows (and any the cache marks damaged) are reset and the engine keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Iterator, Sequence
+
+import torch
+
+from .. import ops
+from ..errors import InvalidArgument
+from ..generate.graphs import GraphDecoder
+from ..generate.sampling import SamplingConfig, sample
+from .rows import Phase, RowPool, bucket_for, decode_runs
+from .types import QueueFull, SamplingParams, TokenEvent
+
+__all__ = ["Engine", "RequestHandle"]
+
+GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class RequestHandle:
+    """One request's stream of TokenEvents; the last one has a finish_reason. Iterate it from a thread
+    (`for event in handle`) or from asyncio (`async for event in handle`); the engine's thread fills it.
+    Leaving either loop before the last event cancels the request."""
+
+    def __init__(self, request_id: str, prompt_tokens: int, engine: "Engine"):
+        self.id, self.prompt_tokens, self.cached_tokens = request_id, prompt_tokens, 0
+        self._engine = engine
+        self._events: list[TokenEvent] = []
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        with self._cond:
+            return bool(self._events) and self._events[-1].finish_reason is not None
+
+    def cancel(self) -> None:
+        """Stop the request; its row is freed at the engine's next step (a no-op once it has finished)."""
+        self.cancelled = True
+        self._engine._wake()
+
+    def _push(self, event: TokenEvent) -> None:
+        with self._cond:
+            self._events.append(event)
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, ready in waiters:
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # that event loop has closed: nobody is listening there any more
+                pass
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        """Blocking iteration. A consumer that stops early (breaks, or the generator is closed) cancels the
+        request, as a client hanging up does."""
+        i = 0
+        try:
+            while True:
+                with self._cond:
+                    self._cond.wait_for(lambda: len(self._events) > i)
+                    new = self._events[i:]
+                i += len(new)
+                for event in new:
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        loop, ready = asyncio.get_running_loop(), asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, ready))
+        try:
+            i = 0
+            while True:
+                with self._cond:
+                    new = self._events[i:]
+                    if not new:
+                        ready.clear()   # under the lock: a push after this schedules a set() we will see
+                if not new:
+                    await ready.wait()
+                    continue
+                i += len(new)
+                for event in new:
+                    yield event
+                    if event.finish_reason is not None:
+                        return
+        finally:   # closed early (the client went away): the request is cancelled
+            with self._cond:
+                self._waiters.remove((loop, ready))
+            if not self.finished:
+                self.cancel()
+
+
+@dataclass(eq=False)
+class _Request:
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    row: int | None = None
+    done: int = 0                       # prompt tokens in the cache
+    stops: list[int] = field(default_factory=list)   # prefill chunk ends still to reach
+    saves: set[int] = field(default_factory=set)     # prefix lengths to store on the way
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    sampling: SamplingConfig | None = None
+
+
+class Engine:
+    """Serves many requests on one model: `submit(prompt, params)` returns a RequestHandle whose events stream
+    as the background loop (`start()`) or explicit `step()` calls produce them. See the module doc."""
+
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 64, max_seq_len: int = 4096,
+                 kv_dtype: str = "auto", index_dtype: str = "auto", prefill_chunk: int = 2048,
+                 step_token_budget: int = 4096, max_queue: int = 256, eos_token_ids: Sequence[int] = (),
+                 prefix_cache=None, speculative=None, cuda_graphs: bool = True, batch_invariant: bool = True):
+        for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
+                            ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"Engine {name}={value!r}: must be a positive integer")
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise InvalidArgument(f"Engine max_queue={max_queue!r}: must be an integer >= 0")
+        if speculative is not None:
+            raise InvalidArgument(f"Engine speculative={speculative!r}: speculative decoding is not available in "
+                                  "the serving engine yet; leave it None")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.prefill_chunk, self.step_token_budget, self.max_queue = prefill_chunk, step_token_budget, max_queue
+        eos = list(eos_token_ids)
+        if not eos and getattr(tokenizer, "eos_id", None) is not None:
+            eos = [tokenizer.eos_id]
+        self.eos_token_ids = frozenset(int(t) for t in eos)
+        self.prefix_cache = prefix_cache
+        self.batch_invariant = batch_invariant
+        self.vocab_size = model.config.vocab_size
+        self.device = model.embed.weight.device
+        self.cache = model.new_cache(max_batch, max_seq_len, kv_dtype, index_dtype)
+        self.pool = RowPool(max_batch)
+        self._rows: list[_Request | None] = [None] * max_batch
+        self._queue: list[_Request] = []
+        self._admitted: list[_Request] = []          # prefilling requests, oldest first
+        self._lock = threading.Condition()           # guards the queue and wakes the loop
+        self._step_lock = threading.Lock()           # one step at a time (the loop or a caller's step())
+        self._ids = itertools.count()
+        self._seeds = random.Random()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        use_graphs = cuda_graphs and self.cache.positions.is_cuda
+        self.graph_buckets = sorted({b for b in GRAPH_BUCKETS if b < max_batch} | {max_batch}) if use_graphs else []
+        self._graphs: dict[int, GraphDecoder] = {}
+        self.counters = dict(prefill_tokens=0, decode_tokens=0, prefix_lookup_tokens=0, prefix_hit_tokens=0,
+                             spec_drafted=0, spec_accepted=0, requests_finished=0, requests_failed=0,
+                             requests_cancelled=0, steps=0)
+
+    # ------------------------------------------------------------------ the public surface
+    def submit(self, prompt: Sequence[int], params: SamplingParams) -> RequestHandle:
+        """Queue a request (thread-safe). Raises InvalidArgument for a bad prompt or parameters, QueueFull when
+        `max_queue` requests are already waiting for a row."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidArgument(f"params must be a SamplingParams, got {type(params).__name__}")
+        tokens = self._check_prompt(prompt)
+        if len(tokens) + params.max_tokens > self.max_seq_len:
+            raise InvalidArgument(f"prompt of {len(tokens)} tokens + max_tokens={params.max_tokens} exceeds the "
+                                  f"engine's max_seq_len={self.max_seq_len}")
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        with self._lock:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
+            handle = RequestHandle(f"req-{next(self._ids)}", len(tokens), self)
+            self._queue.append(_Request(handle, tokens, params, seed))
+            self._lock.notify_all()
+        return handle
+
+    def start(self) -> "Engine":
+        """Run steps on a background thread until stop() (idempotent)."""
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stopping = False
+                self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the background loop (after its current step); requests in flight stay where they are."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        self._thread = None
+
+    def stats(self) -> dict:
+        with self._lock:
+            queue_len = len(self._queue)
+        return dict(self.counters, queue_len=queue_len, running=self.pool.busy, max_batch=self.max_batch)
+
+    @property
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._queue) or self.pool.busy > 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One engine step (see the module doc). The background loop calls it; tests may call it directly."""
+        with self._step_lock:
+            self.counters["steps"] += 1
+            self._reap_cancelled()
+            self._admit()
+            self._prefill()
+            self._decode()
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> None:
+        """Step until no request is queued or running (for scripts and tests without the background thread)."""
+        for _ in range(max_steps):
+            if not self.has_work:
+                return
+            self.step()
+        raise RuntimeError(f"engine still busy after {max_steps} steps")
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._stopping or self._queue or self.pool.busy > 0)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a bug outside any one forward: end the running requests, keep serving
+                warnings.warn(f"engine step failed ({type(e).__name__}: {e}); its running requests end with error")
+                self._fail([r for r, req in enumerate(self._rows) if req is not None], e)
+
+    def _wake(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _check_prompt(self, prompt: Sequence[int]) -> list[int]:
+        if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
+            raise InvalidArgument(f"prompt must be a list of token ids, got {type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise InvalidArgument("prompt is empty: give at least one token id")
+        tokens = []
+        for i, t in enumerate(prompt):
+            if isinstance(t, bool) or not hasattr(t, "__index__"):
+                raise InvalidArgument(f"prompt[{i}]={t!r}: token ids must be integers")
+            t = int(t)
+            if not 0 <= t < self.vocab_size:
+                raise InvalidArgument(f"prompt[{i}]={t}: token id out of the vocabulary [0, {self.vocab_size})")
+            tokens.append(t)
+        return tokens
+
+    # ------------------------------------------------------------------ step parts
+    def _reap_cancelled(self) -> None:
+        with self._lock:
+            gone = [q for q in self._queue if q.handle.cancelled]
+            self._queue = [q for q in self._queue if not q.handle.cancelled]
+        for req in gone + [r for r in self._rows if r is not None and r.handle.cancelled]:
+            self._finish(req, TokenEvent(None, finish_reason="abort"))
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue or Phase.FREE not in self.pool.phase:
+                    return
+                req = self._queue.pop(0)
+            row = self.pool.take()
+            req.row = row
+            self._rows[row] = req
+            view = self.cache.select(row).reset()
+            req.sampling = SamplingConfig(temperature=req.params.temperature, top_p=req.params.top_p,
+                                          top_k=req.params.top_k)
+            if req.params.temperature > 0:
+                req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
+            start = 0
+            if self.prefix_cache is not None:
+                try:
+                    start = int(self.prefix_cache.load(view, req.prompt))
+                    if not 0 <= start < len(req.prompt) or view.lengths() != [start]:
+                        raise RuntimeError(f"prefix cache loaded {start} tokens of a {len(req.prompt)}-token "
+                                           f"prompt into a row at position {view.lengths()[0]}")
+                except Exception as e:  # a broken prefix cache costs the hit, never the request
+                    warnings.warn(f"prefix cache load failed ({e}); prefilling the whole prompt")
+                    view.reset()
+                    start = 0
+                self.counters["prefix_lookup_tokens"] += len(req.prompt)
+                self.counters["prefix_hit_tokens"] += start
+                boundaries = getattr(self.prefix_cache, "boundaries", None)
+                req.saves = {b for b in (boundaries(len(req.prompt)) if boundaries else [len(req.prompt)])
+                             if b > start}
+            req.done = req.handle.cached_tokens = start
+            n = len(req.prompt)
+            req.stops = sorted(set(range(start + self.prefill_chunk, n, self.prefill_chunk)) | req.saves | {n})
+            self._admitted.append(req)
+
+    def _prefill(self) -> None:
+        budget, ran = self.step_token_budget, False
+        for req in list(self._admitted):
+            while req.row is not None and req.stops:
+                n = req.stops[0] - req.done
+                if ran and n > budget:
+                    return
+                ok = self._prefill_chunk(req)
+                ran, budget = True, budget - n
+                if not ok:
+                    break
+                if budget <= 0:
+                    return
+
+    def _prefill_chunk(self, req: _Request) -> bool:
+        """Run the request's next prompt chunk; at the prompt's end sample its first token. False when the
+        forward failed (the request has then ended with "error")."""
+        row, view, stop = req.row, self.cache.select(req.row), req.stops[0]
+        ids = torch.tensor([req.prompt[req.done:stop]], dtype=torch.long, device=self.device)
+        try:
+            with self._invariant():
+                logits = self.model(ids, cache=view, last_only=True)[:, -1]
+        except Exception as e:
+            self._fail([row], e)
+            return False
+        self.counters["prefill_tokens"] += stop - req.done
+        req.done = req.stops.pop(0)
+        if stop in req.saves:
+            self._save_prefix(view, req.prompt[:stop])
+        if stop == len(req.prompt):
+            self._admitted.remove(req)
+            self.pool.phase[row] = Phase.DECODE
+            self._emit([req], logits)
+        return True
+
+    def _decode(self) -> None:
+        phase = self.pool.phase
+        decoding = self.pool.rows(Phase.DECODE)
+        if not decoding:
+            return
+        hi = decoding[-1] + 1
+        bucket = bucket_for(hi, self.graph_buckets)
+        if bucket is not None and Phase.PREFILL not in phase[:bucket]:
+            self._decode_view(range(bucket), graph=True)
+        elif self.batch_invariant and not self.cache.positions.is_cuda:
+            for r in decoding:
+                self._decode_view(range(r, r + 1))
+        else:
+            for rows in decode_runs(list(phase)):
+                self._decode_view(rows)
+
+    def _decode_view(self, rows: range, graph: bool = False) -> None:
+        """One token for every decoding row in `rows` (a dummy one for free rows) in one forward."""
+        for r in rows:   # a free row that rode along with earlier steps must not run out of room
+            if self._rows[r] is None and self.cache.lengths()[r] + 1 > self.max_seq_len:
+                self.cache.select(r).reset()
+        tokens = [self._rows[r].generated[-1] if self._rows[r] is not None else 0 for r in rows]
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        view = self.cache.select(slice(rows.start, rows.stop))
+        try:
+            with self._invariant():
+                if graph:
+                    logits = self._graph(len(rows))(ids)
+                else:
+                    logits = self.model(ids.view(-1, 1), cache=view)[:, -1]
+        except Exception as e:
+            if graph:   # a graph whose replay failed is not trusted again: the bucket is captured afresh
+                self._graphs.pop(len(rows), None)
+            self._fail(list(rows), e)
+            return
+        live = [i for i, r in enumerate(rows) if self._rows[r] is not None and self.pool.phase[r] is Phase.DECODE]
+        self.counters["decode_tokens"] += len(live)
+        if len(live) == len(rows):
+            self._emit([self._rows[r] for r in rows], logits)
+        elif live:
+            self._emit([self._rows[rows[i]] for i in live], logits[live])
+
+    def _graph(self, bucket: int) -> GraphDecoder:
+        if bucket not in self._graphs:
+            self._graphs[bucket] = GraphDecoder(self.model, self.cache.select(slice(0, bucket)))
+        return self._graphs[bucket]
+
+    def _invariant(self):
+        return ops.batch_invariant(self.batch_invariant)
+
+    # ------------------------------------------------------------------ tokens out
+    def _emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        """Choose each request's next token from its row of logits [n, vocab], send it, and finish the requests
+        that are done. Greedy choices and the finiteness checks come to the host in one transfer."""
+        logits = logits.float()
+        greedy, finite = torch.stack((logits.argmax(-1), torch.isfinite(logits).all(-1).long())).tolist()
+        for i, req in enumerate(reqs):
+            if not finite[i]:
+                self._finish(req, TokenEvent(None, finish_reason="error",
+                                             error="the model produced non-finite logits for this request"),
+                             failed=True)
+                continue
+            p, row = req.params, logits[i]
+            token = greedy[i] if p.temperature == 0 else int(sample(row.unsqueeze(0), req.sampling, req.generator)[0])
+            event = TokenEvent(token)
+            if p.logprobs is not None:   # of the model's distribution, before temperature / top-k / top-p
+                logp = torch.log_softmax(row, dim=-1)
+                top = logp.topk(min(p.logprobs, logp.shape[0])) if p.logprobs else None
+                event.logprob = float(logp[token])
+                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            req.generated.append(token)
+            if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+                event.finish_reason = "stop"
+            elif len(req.generated) >= p.max_tokens:
+                event.finish_reason = "length"
+            if event.finish_reason is None:
+                req.handle._push(event)
+            else:
+                self._finish(req, event)
+
+    def _finish(self, req: _Request, event: TokenEvent, failed: bool = False) -> None:
+        """Send the last event and free the request's row (the row is reset when it is next handed out)."""
+        if req.row is not None:
+            if not failed and event.finish_reason in ("stop", "length") and req.generated:
+                # the cache holds the prompt and every generated token but the last (which was never fed)
+                self._save_prefix(self.cache.select(req.row), req.prompt + req.generated[:-1], end=True)
+            self._rows[req.row] = None
+            self.pool.free(req.row)
+            if req in self._admitted:
+                self._admitted.remove(req)
+            req.row = None
+        key = {"abort": "requests_cancelled", "error": "requests_failed"}.get(event.finish_reason or "",
+                                                                              "requests_finished")
+        self.counters[key] += 1
+        req.handle._push(event)
+
+    def _fail(self, rows: list[int], error: Exception) -> None:
+        """A forward over `rows` raised: end their requests with "error" and reset the rows (and any row the
+        cache marks damaged), so the other requests go on."""
+        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+        for r in sorted(set(rows) | set(self.cache.damaged_rows)):
+            req = self._rows[r]
+            if req is not None:
+                self._finish(req, TokenEvent(None, finish_reason="error", error=message), failed=True)
+            self.cache.select(r).reset()
+
+    def _save_prefix(self, view, tokens: list[int], end: bool = False) -> None:
+        if self.prefix_cache is None or view.lengths() != [len(tokens)]:
+            return
+        try:
+            self.prefix_cache.save(view, tokens)
+        except Exception as e:  # storing is an optimisation: never fail a request for it
+            warnings.warn(f"prefix cache save of {len(tokens)} tokens failed ({e})")
