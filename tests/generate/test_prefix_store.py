@@ -242,14 +242,17 @@ def test_concurrent_writers_share_a_store(model, tmp_path):
             cache = model.new_cache(1, 64)
             model(torch.tensor([tokens]), cache=cache)
             states[len(tokens)] = (cache, tokens)
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a forked child of a process whose OpenMP pool ran can hang
     barrier = ctx.Barrier(4)
     procs = [ctx.Process(target=_save_repeatedly, args=(store, [states[40], states[41 + k]], barrier, 6))
              for k in range(4)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join(120)
+    for p in procs:
+        if p.exitcode is None:
+            p.kill()
     assert [p.exitcode for p in procs] == [0] * 4
     assert sorted(store._lengths()) == [40, 41, 42, 43, 44]
     for n, (_, tokens) in states.items():
