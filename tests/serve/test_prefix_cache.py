@@ -26,10 +26,11 @@ def _tokens(n, seed):
 
 
 @torch.no_grad()
-def _serve(model, pc, tokens, new_tokens=0, eos=None, kv=("auto", "auto"), history=None):
+def _serve(model, pc, tokens, new_tokens=0, eos=None, kv=("auto", "auto"), history=None, forced=None):
     """What the engine does for one request: load, prefill stopping at the boundaries to save, greedy decode, save
     at the end. Returns (tokens reused, logits after the prompt, generated tokens, the row). `history` (saved
-    tokens -> the ends of the chunks that computed them) lets a test recompute a state in the same chunks."""
+    tokens -> the ends of the chunks that computed them) lets a test recompute a state in the same chunks;
+    `forced`: the tokens to emit instead of the greedy ones (a reply the model is made to give)."""
     history = {} if history is None else history
     row = model.new_cache(1, SEQ, *kv)
     start = n = pc.load(row, tokens)
@@ -43,7 +44,7 @@ def _serve(model, pc, tokens, new_tokens=0, eos=None, kv=("auto", "auto"), histo
         start = stop
     first, out = logits, []
     for _ in range(new_tokens):
-        out.append(int(logits.argmax(-1)))
+        out.append(int(logits.argmax(-1)) if forced is None else forced[len(out)])
         if out[-1] == eos or len(out) == new_tokens:
             break
         splits.append(len(tokens) + len(out) - 1)
@@ -123,36 +124,49 @@ def chat_setup(tmp_path_factory):
     return dsv4.Transformer(cfg).init_weights(seed=4).eval(), tok
 
 
+REPLIES = ["I am fine, thank you.", "Paris is the capital of France.", "Rome is the capital of Italy.",
+           "def f(x):\n    return x * 2", "You are welcome."]
+
+
+@pytest.mark.parametrize("replies", ["model", "text"])
 @pytest.mark.parametrize("thinking", [False, True])
-def test_multi_turn_chat_replay_hits_and_matches_cold(chat_setup, thinking):
+def test_multi_turn_chat_replay_hits_and_matches_cold(chat_setup, thinking, replies):
+    """Five turns, each prompt the official encoding of the conversation so far with the previous replies as the
+    client sends them back: the random model's own replies (arbitrary bytes, which need not re-tokenize to the
+    tokens generated), or well-formed text replies the model is made to give."""
     model, tok = chat_setup
     pc = PrefixCache(model, 1 << 30, 1 << 30, block=64)
     messages = [{"role": "system", "content": "Be brief."}]
     per_turn, history = [], {}
-    for text in USER:
+    for turn, text in enumerate(USER):
         messages.append({"role": "user", "content": text})
         prompt = tok.encode(encode_chat(messages, thinking=thinking))
-        n, warm, out, _ = _serve(model, pc, prompt, new_tokens=10, eos=tok.eos_id, history=history)
-        assert_rel_close(f"turn {len(per_turn) + 1} hit vs one-shot cold", warm, _cold(model, prompt)[0], 1e-5)
+        forced = None
+        if replies == "text":
+            forced = tok.encode(("Let me think.</think>" if thinking else "") + REPLIES[turn]) + [tok.eos_id]
+        n, warm, out, _ = _serve(model, pc, prompt, new_tokens=10 if forced is None else len(forced),
+                                 eos=tok.eos_id, history=history, forced=forced)
+        assert_rel_close(f"turn {turn + 1} hit vs one-shot cold", warm, _cold(model, prompt)[0], 1e-5)
         # bitwise: a cold prefill of the whole prompt in the chunks that built the reused state, then the rest
         split = [*history[tuple(prompt[:n])], n] if n else []
         split += [b for b in pc.boundaries(len(prompt)) if b > n]
         assert torch.equal(warm, _cold(model, prompt, split=split)[0])
-        per_turn.append((n, len(prompt)))
-        # a random model's reply, as a client would send it back (the text it was streamed, split as the
-        # official parser would split it when it is well formed)
-        text = tok.decode([t for t in out if t != tok.eos_id])
-        reply = {"role": "assistant", "content": text}
+        per_turn.append((n, len(prompt), len(prompt) + len(out) - 1))
+        reply_text = tok.decode([t for t in out if t != tok.eos_id])
+        reply = {"role": "assistant", "content": reply_text}
         if thinking:
-            reasoning, _, content = text.partition("</think>")
+            reasoning, _, content = reply_text.partition("</think>")
             reply.update(content=content, reasoning_content=reasoning)
         messages.append(reply)
     s = pc.stats()
-    print(f"\nmulti-turn replay (thinking={thinking}): hit rate {s['hit_rate']:.1%} "
-          f"({s['hit_tokens']}/{s['lookup_tokens']} prompt tokens); per turn (reused, prompt): {per_turn}")
+    print(f"\nmulti-turn replay (thinking={thinking}, {replies} replies): hit rate {s['hit_rate']:.1%} "
+          f"({s['hit_tokens']}/{s['lookup_tokens']} prompt tokens); per turn (reused, prompt, held after reply): "
+          f"{[t[:2] for t in per_turn]}")
     assert s["hit_rate"] > 0
-    if not thinking:  # append-only: every later turn reuses at least the whole previous prompt
-        assert all(n >= prev - 1 for (n, _), (_, prev) in zip(per_turn[1:], per_turn))
+    later = list(zip(per_turn[1:], per_turn))
+    assert all(n >= prompt - 1 for (n, _, _), (_, prompt, _) in later)  # at least the previous prompt but 1
+    if not thinking and replies == "text":  # append-only: the previous turn's whole state, reply included
+        assert all(n == held for (n, _, _), (_, _, held) in later)
 
 
 def test_lru_tiers_demote_drop_and_promote(model):
