@@ -127,6 +127,10 @@ class PrefixStore:
         return sorted(set(range(self.block, n_tokens, self.block)) | {n_tokens})
 
     # ------------------------------------------------------------------ the index of stored lengths
+    def lengths(self) -> list[int]:
+        """The prefix lengths stored (for any token sequence, any model), longest first."""
+        return self._lengths()
+
     def _lengths(self) -> list[int]:
         """The prefix lengths stored (for any token sequence), longest first."""
         path = os.path.join(self.dir, INDEX)

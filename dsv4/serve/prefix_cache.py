@@ -31,9 +31,10 @@ fingerprint, h[b+1] = sha256(h[b], block b's tokens)) names the block node each 
 index maps node -> the lengths stored under it; the query checks, deepest node first, only those lengths, each by
 one dict lookup of sha256(node, the tail's tokens, n).
 
-The model fingerprint (every byte of every weight and buffer, every module setting) is recomputed at every
-`load` by default (`verify_model=True`: one pass over the weights on their device), and its value reused by the
-saves that follow. With `verify_model=False` it is recomputed only when a parameter or buffer was replaced or
+The model fingerprint (every byte of every weight and buffer, every module setting) is recomputed by every
+`load` that would restore something (`verify_model=True`, the default: one pass over the weights on their
+device, so a hit of a few hundred tokens on a large model costs about what it saves; a miss costs nothing), and
+its value reused by the saves that follow. With `verify_model=False` it is recomputed only when a parameter or buffer was replaced or
 changed in place through autograd's version counter (a `.data` write or a kernel writing weights out of band is
 not seen: call `refresh()` after one). Entries of a model that changed are dropped from memory at once.
 
@@ -120,7 +121,7 @@ class PrefixCache:
         self._model_fp: str | None = None
         self._stamp: tuple | None = None
         self.counters = dict(lookups=0, hits=0, lookup_tokens=0, hit_tokens=0, saves=0, store_hits=0,
-                             store_saves=0, device_evictions=0, host_evictions=0)
+                             store_saves=0, device_evictions=0, host_evictions=0, fingerprint_passes=0)
 
     # ------------------------------------------------------------------ the engine's interface
     def boundaries(self, n_tokens: int) -> list[int]:
@@ -133,11 +134,18 @@ class PrefixCache:
         length (0: none, the row untouched)."""
         _check_row(cache_row, "load")
         with self._lock:
-            fp = self._fingerprint(cache_row, recompute=self.verify_model)
             self.counters["lookups"] += 1
             self.counters["lookup_tokens"] += len(tokens)
+            passes = self.counters["fingerprint_passes"]
+            fp = self._fingerprint(cache_row, recompute=False)
             n, entry = self._find(fp, tokens)
-            if self.store is not None:
+            stored = self.store is not None and any(m < len(tokens) for m in self.store.lengths())
+            fresh = self.counters["fingerprint_passes"] > passes
+            if self.verify_model and not fresh and (entry is not None or stored):  # only a restore needs it
+                checked = self._fingerprint(cache_row, recompute=True)
+                if checked != fp:  # the model changed: its entries were dropped
+                    fp, (n, entry) = checked, self._find(checked, tokens)
+            if stored:
                 m = self.store.load_longer(cache_row, tokens, fp, n)
                 if m:
                     self.counters["store_hits"] += 1
@@ -171,7 +179,7 @@ class PrefixCache:
 
     def stats(self) -> dict:
         """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,
-        store_hits, store_saves, device_evictions, host_evictions) and per-tier entries, bytes and budgets."""
+        store_hits, store_saves, device_evictions, host_evictions, fingerprint_passes) and per-tier entries, bytes and budgets."""
         with self._lock:
             c = dict(self.counters)
             c["hit_rate"] = c["hit_tokens"] / c["lookup_tokens"] if c["lookup_tokens"] else 0.0
@@ -199,6 +207,7 @@ class PrefixCache:
                                                                   *self.model.buffers()))
         if recompute or self._model_fp is None or stamp != self._stamp:
             fp = model_fingerprint(self.model)
+            self.counters["fingerprint_passes"] += 1
             if self._model_fp is not None and fp != self._model_fp:
                 self._clear()  # another model: none of the entries can hit again
             self._model_fp, self._stamp = fp, stamp

@@ -231,6 +231,20 @@ def test_a_changed_model_misses(model):
     assert pc.load(m.new_cache(1, SEQ, "fp8", "fp4"), p) == 0  # another cache format: another key
 
 
+def test_only_a_restore_pays_for_the_exact_model_check(model):
+    pc = PrefixCache(model, 1 << 30, 1 << 30, block=256)
+    p = _tokens(30, 40)
+    _serve(model, pc, p)                     # the first use computes the fingerprint once
+    assert pc.stats()["fingerprint_passes"] == 1
+    assert pc.load(model.new_cache(1, SEQ), _tokens(30, 41)) == 0
+    assert pc.stats()["fingerprint_passes"] == 1  # a miss: no pass over the weights
+    assert pc.load(model.new_cache(1, SEQ), p) == 29
+    assert pc.stats()["fingerprint_passes"] == 2  # a hit is checked against the model as it is now
+    lazy = PrefixCache(model, 1 << 30, 1 << 30, block=256, verify_model=False)
+    _serve(model, lazy, p)
+    assert lazy.load(model.new_cache(1, SEQ), p) == 29 and lazy.stats()["fingerprint_passes"] == 1
+
+
 def test_bad_arguments_are_refused(model):
     with pytest.raises(InvalidArgument, match="device_bytes"):
         PrefixCache(model, -1, 0)
@@ -241,3 +255,19 @@ def test_bad_arguments_are_refused(model):
         pc.load(model.new_cache(2, 64), [1, 2, 3])
     with pytest.raises(InvalidArgument, match="holds 0 tokens"):
         pc.save(model.new_cache(1, 64), [1, 2, 3])
+
+
+def test_lookup_checks_only_the_lengths_under_the_query_blocks(model, monkeypatch):
+    from dsv4.serve import prefix_cache
+    pc = PrefixCache(model, 1 << 30, 1 << 30, block=8)
+    shared = _tokens(16, 50)
+    with torch.no_grad():
+        for i in range(40):  # 40 prompts sharing 16 tokens, each saved at 8, 16, 24 and 26 tokens
+            p = shared + _tokens(11, 100 + i)
+            _serve(model, pc, p)
+    keys = []
+    real = prefix_cache._Chain.key
+    monkeypatch.setattr(prefix_cache._Chain, "key", lambda self, n: keys.append(n) or real(self, n))
+    assert pc.load(model.new_cache(1, SEQ), shared + _tokens(11, 999)) == 16
+    # the query's third block is new: only the lengths under its second-block node are tried (one key)
+    assert keys == [16]
