@@ -127,7 +127,9 @@ class PrefixCache:
     def boundaries(self, n_tokens: int) -> list[int]:
         """Where a prefill of n tokens stops to save: every `block` tokens below n - 1, and n - 1 (so that the
         same prompt, or any extension of it, hits; see the module docstring)."""
-        return sorted({b for b in range(self.block, n_tokens - 1, self.block)} | ({n_tokens - 1} - {0}))
+        if n_tokens < 2:
+            return []
+        return sorted(set(range(self.block, n_tokens - 1, self.block)) | {n_tokens - 1})
 
     def load(self, cache_row: KVCache, tokens: Sequence[int]) -> int:
         """Restore the longest cached prefix of `tokens` shorter than `tokens` into a one-row cache; return its

@@ -21,6 +21,10 @@ def model():
     return dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=1).eval()
 
 
+def _ids(model, tokens):
+    return torch.tensor([tokens], device=model.embed.weight.device)
+
+
 def _tokens(n, seed):
     return torch.randint(0, 2048, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -36,7 +40,7 @@ def _serve(model, pc, tokens, new_tokens=0, eos=None, kv=("auto", "auto"), histo
     start = n = pc.load(row, tokens)
     splits = list(history.get(tuple(tokens[:n]), [])) + ([n] if n else [])
     for stop in [b for b in pc.boundaries(len(tokens)) if b > n] + [len(tokens)]:
-        logits = model(torch.tensor([tokens[start:stop]]), cache=row)[:, -1]
+        logits = model(_ids(model, tokens[start:stop]), cache=row)[:, -1]
         if stop < len(tokens):
             pc.save(row, tokens[:stop])
             history[tuple(tokens[:stop])] = list(splits)
@@ -48,7 +52,7 @@ def _serve(model, pc, tokens, new_tokens=0, eos=None, kv=("auto", "auto"), histo
         if out[-1] == eos or len(out) == new_tokens:
             break
         splits.append(len(tokens) + len(out) - 1)
-        logits = model(torch.tensor([[out[-1]]]), cache=row)[:, -1]
+        logits = model(_ids(model, [out[-1]]), cache=row)[:, -1]
     if out:
         pc.save(row, tokens + out[:-1])  # the row holds everything but the last token sampled
         history[tuple(tokens + out[:-1])] = splits
@@ -60,7 +64,7 @@ def _cold(model, tokens, split=(), kv=("auto", "auto")):
     """Last-token logits of a fresh row, the prompt computed in chunks ending at `split` and at the end."""
     row, start = model.new_cache(1, SEQ, *kv), 0
     for stop in [*split, len(tokens)]:
-        logits = model(torch.tensor([tokens[start:stop]]), cache=row)[:, -1]
+        logits = model(_ids(model, tokens[start:stop]), cache=row)[:, -1]
         start = stop
     return logits, row
 
@@ -92,6 +96,7 @@ def test_short_prompts_hit_when_repeated_or_extended(model):
     p = _tokens(20, 2)
     n0, first, _, _ = _serve(model, pc, p)
     assert n0 == 0 and pc.boundaries(20) == [19]
+    assert pc.boundaries(1) == pc.boundaries(0) == [] and pc.boundaries(600) == [256, 512, 599]
     n1, again, _, _ = _serve(model, pc, p)  # the same prompt: all but its last token come from the cache
     assert n1 == 19 and torch.equal(again, first)
     ext = p + _tokens(3, 3)
@@ -271,3 +276,20 @@ def test_lookup_checks_only_the_lengths_under_the_query_blocks(model, monkeypatc
     assert pc.load(model.new_cache(1, SEQ), shared + _tokens(11, 999)) == 16
     # the query's third block is new: only the lengths under its second-block node are tried (one key)
     assert keys == [16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_tiers_pin_host_entries_and_hits_stay_exact():
+    m = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=1).eval().cuda()
+    prompts = [_tokens(300, 60 + i) for i in range(3)]
+    with torch.no_grad():
+        size = sum(t.nbytes for t in row_state(_cold(m, prompts[0][:299])[1], 299).values())
+    pc = PrefixCache(m, size, 4 * size, block=256)  # the device tier holds one 299-token entry
+    for p in prompts:
+        _serve(m, pc, p)
+    host = [e for e in pc._tiers["host"].values()]
+    assert host and all(t.is_pinned() for e in host for t in e.state.values())
+    for p in prompts:  # from the host (copied back in stream order) and from the device
+        n, warm, _, _ = _serve(m, pc, p)
+        assert n == 299 and torch.equal(warm, _cold(m, p, split=[256, 299])[0])
