@@ -34,9 +34,10 @@ one dict lookup of sha256(node, the tail's tokens, n).
 The model fingerprint (every byte of every weight and buffer, every module setting) is recomputed by every
 `load` that would restore something (`verify_model=True`, the default: one pass over the weights on their
 device, so a hit of a few hundred tokens on a large model costs about what it saves; a miss costs nothing), and
-its value reused by the saves that follow. With `verify_model=False` it is recomputed only when a parameter or buffer was replaced or
-changed in place through autograd's version counter (a `.data` write or a kernel writing weights out of band is
-not seen: call `refresh()` after one). Entries of a model that changed are dropped from memory at once.
+its value reused by the saves that follow. With `verify_model=False` it is recomputed only when a parameter or
+buffer was replaced or changed in place through autograd's version counter (a `.data` write or a kernel writing
+weights out of band is not seen: call `refresh()` after one). Entries of a model that changed are dropped from
+memory at once.
 
 Each entry holds its whole state (the compressed entries from position 0 on), so the entries saved at every
 block of one long prompt take memory quadratic in its length: the byte budgets bound it, and LRU order keeps
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from typing import Sequence
@@ -60,6 +62,8 @@ from ..generate.fingerprint import model_fingerprint
 from ..generate.prefix_store import PrefixStore, store_fingerprint
 
 __all__ = ["PrefixCache"]
+
+log = logging.getLogger(__name__)
 
 TIERS = ("device", "host")
 
@@ -154,8 +158,12 @@ class PrefixCache:
                     self._insert(fp, tokens[:m], row_state(cache_row, m), on_disk=True)
                     n, entry = m, None
             if entry is not None:
-                restore_row_state(cache_row, entry.state, n)
-                self._touch(entry)
+                try:
+                    restore_row_state(cache_row, entry.state, n)
+                    self._touch(entry)
+                except (KeyError, RuntimeError) as e:  # a row too short for it (the row is left reset)
+                    log.warning("prefix cache: a %d-token prefix does not fit this row (%s)", n, e)
+                    n = 0
             if n:
                 self.counters["hits"] += 1
                 self.counters["hit_tokens"] += n
@@ -181,7 +189,8 @@ class PrefixCache:
 
     def stats(self) -> dict:
         """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,
-        store_hits, store_saves, device_evictions, host_evictions, fingerprint_passes) and per-tier entries, bytes and budgets."""
+        store_hits, store_saves, device_evictions, host_evictions, fingerprint_passes) and, per tier, `entries`,
+        `bytes` and `budget` ({"device": ..., "host": ...})."""
         with self._lock:
             c = dict(self.counters)
             c["hit_rate"] = c["hit_tokens"] / c["lookup_tokens"] if c["lookup_tokens"] else 0.0
@@ -273,6 +282,9 @@ class PrefixCache:
     def _drop(self, entry: _Entry) -> None:
         """An entry leaves memory: to the store when there is one."""
         self._spill(entry)
+        self._unindex(entry)
+
+    def _unindex(self, entry: _Entry) -> None:
         lengths = self._index[entry.node]
         lengths[entry.n] -= 1
         if not lengths[entry.n]:

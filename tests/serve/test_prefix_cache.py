@@ -262,6 +262,15 @@ def test_bad_arguments_are_refused(model):
         pc.save(model.new_cache(1, 64), [1, 2, 3])
 
 
+def test_a_prefix_too_long_for_the_row_is_a_miss_and_kept(model):
+    pc = PrefixCache(model, 1 << 30, 1 << 30, block=256)
+    p = _tokens(300, 70)
+    _serve(model, pc, p)
+    short = model.new_cache(1, 64)
+    assert pc.load(short, p) == 0 and short.lengths() == [0]
+    assert pc.load(model.new_cache(1, SEQ), p) == 299
+
+
 def test_lookup_checks_only_the_lengths_under_the_query_blocks(model, monkeypatch):
     from dsv4.serve import prefix_cache
     pc = PrefixCache(model, 1 << 30, 1 << 30, block=8)
