@@ -1,0 +1,205 @@
+"""MTP speculative decoding: exact cache rollback, greedy output equal to plain decoding, the sampling rule keeps
+the target distribution, drafts never pass a stop token."""
+import pytest
+import torch
+
+import dsv4
+from dsv4.generate import SamplingConfig
+from dsv4.generate.speculative import SpeculativeDecoder, accept_drafts
+
+TINY = dsv4.ModelConfig.preset("tiny")   # window 32, ratios (0, 4, 16, 4 | MTP 0), one MTP block
+
+
+@pytest.fixture(scope="module")
+def model():
+    return dsv4.Transformer(TINY).init_weights(seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def agreeing():
+    """A model whose MTP block predicts what the main model will: every block's output is scaled down (the main
+    model is close to a bigram model of the current token) and the MTP block passes the embedding of token t+1
+    through (e_proj = I, h_proj = 0) to the main model's collapse, so its draft for t+2 is nearly the main
+    model's prediction at t+1; attention still writes (and reads) every part of the cache."""
+    m = dsv4.Transformer(TINY).init_weights(seed=4).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("wo_b.weight", "w2", "w2.weight")):
+                p.mul_(0.05)
+        blk = m.mtp[0]
+        blk.e_proj.weight.copy_(torch.eye(TINY.dim))
+        blk.h_proj.weight.zero_()
+        for n in ("hc_head_fn", "hc_head_base", "hc_head_scale"):
+            getattr(blk, n).copy_(getattr(m, n))
+    return m
+
+
+def _tensors(cache, scratch=False):
+    """Every tensor of the cache; the stores' scratch row (write-only junk that takes masked-out writes, never
+    read) only with `scratch`."""
+    out = [cache.positions]
+    for layer in cache.layers:
+        out += [s.buf if scratch else s.buf[:, :s.rows] for s in layer.stores()]
+        out += [t for st in layer.states() for t in (st.kv, st.score)]
+    return out
+
+
+def _prefill(model, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(len(lengths), 128)
+    prompts = [torch.randint(0, TINY.vocab_size, (1, n), generator=g) for n in lengths]
+    for r, p in enumerate(prompts):
+        model(p, cache=cache.select(r))
+    return cache
+
+
+# prompt lengths around the window (32) and group boundaries (4, 16): a 5-token step crosses them
+LENGTHS = [27, 30, 31, 33, 46, 47]
+
+
+@torch.no_grad()
+def test_rollback_to_nothing_is_bitwise(model):
+    cache = _prefill(model, LENGTHS)
+    before = [t.clone() for t in _tensors(cache, scratch=True)]
+    ckpt = cache.checkpoint(5)
+    model(torch.randint(0, TINY.vocab_size, (len(LENGTHS), 5)), cache=cache)
+    assert any(not torch.equal(a, b) for a, b in zip(before, _tensors(cache, scratch=True)))
+    cache.rollback(ckpt, 0)
+    assert all(torch.equal(a, b) for a, b in zip(before, _tensors(cache, scratch=True)))
+    assert cache.lengths() == LENGTHS
+
+
+@pytest.mark.parametrize("keep", [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [3, 5, 1, 4, 2, 2]])
+@torch.no_grad()
+def test_rollback_equals_plain_decode(model, keep):
+    """Verify 5 tokens, keep keep[b] of them: every cache tensor and the next logits match decoding only those
+    one by one. Within fp32 rounding, not bitwise: the kept tokens were computed in a 5-token step (other matmul
+    shapes, the chunk attention path) where plain decoding uses 1-token steps."""
+    g = torch.Generator().manual_seed(7)
+    new = torch.randint(0, TINY.vocab_size, (len(LENGTHS), 5), generator=g)
+    spec, plain = _prefill(model, LENGTHS), _prefill(model, LENGTHS)
+    ckpt = spec.checkpoint(5)
+    model(new, cache=spec)
+    spec.rollback(ckpt, keep)
+    for r, k in enumerate(keep):
+        for i in range(k):
+            model(new[r:r + 1, i:i + 1], cache=plain.select(r))
+    assert spec.lengths() == plain.lengths() == [n + k for n, k in zip(LENGTHS, keep)]
+    for a, b in zip(_tensors(spec), _tensors(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    nxt = torch.randint(0, TINY.vocab_size, (len(LENGTHS), 2), generator=g)
+    torch.testing.assert_close(model(nxt, cache=spec), model(nxt, cache=plain), rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_rollback_across_several_steps_and_refusals(model):
+    """A checkpoint may span several steps (the MTP drafts); rollback refuses counts the rows never appended."""
+    spec, plain = _prefill(model, [30, 47]), _prefill(model, [30, 47])
+    ckpt = spec.checkpoint(3)
+    toks = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    for i in range(3):
+        model(toks[:, i:i + 1], cache=spec)
+    with pytest.raises(ValueError, match="keep"):
+        spec.rollback(ckpt, [4, 0])
+    spec.rollback(ckpt, [2, 1])
+    model(toks[:1, :2], cache=plain.select(0))
+    model(toks[1:, :1], cache=plain.select(1))
+    for a, b in zip(_tensors(spec), _tensors(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="window_size"):
+        spec.checkpoint(TINY.window_size + 1)
+
+
+def _speculative(model, prompt, n, cfg, seed=0, stops=(), n_draft=3):
+    cache = model.new_cache(1, len(prompt) + n + 8)
+    dec = SpeculativeDecoder(model, cache, n_draft=n_draft)
+    dec.prefill(0, prompt)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    while True:
+        res = dec.step([0], cfg, gen, stops, [n - len(out)])[0]
+        out += res.tokens
+        assert len(out) <= n
+        if res.finished:
+            return out, dec
+
+
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+@pytest.mark.parametrize("which", ["model", "agreeing"])
+def test_greedy_equals_plain(which, request):
+    """From a 20-token prompt 40 tokens cross the window wrap (32) and groups of 4 and 16."""
+    m = request.getfixturevalue(which)
+    prompt = list(range(100, 120))
+    plain = dsv4.generate(m, [prompt], 40)[0]
+    spec, dec = _speculative(m, prompt, 40, GREEDY)
+    assert spec == plain
+    rate = dec.stats["accepted"] / dec.stats["drafted"]
+    print(f"{which}: acceptance {rate:.2f} over {dec.stats['steps']} steps")
+    if which == "agreeing":
+        assert rate > 0.6 and dec.stats["steps"] < 20
+    assert dec.cache.lengths() == [len(prompt) + 40 - 1]   # the final token is not fed, as in plain decoding
+
+
+def test_drafted_stop_is_never_passed(agreeing):
+    prompt = list(range(300, 310))
+    plain = dsv4.generate(agreeing, [prompt], 30)[0]
+    stop = plain[9]
+    spec, _ = _speculative(agreeing, prompt, 30, GREEDY, stops=(stop,))
+    assert spec == plain[:plain.index(stop) + 1]
+
+
+def test_accept_rule_keeps_the_target_distribution():
+    """Context-free target p_i and draft q_i over 5 tokens: the first emitted token is distributed as p_0, the
+    second (when the first was an accepted draft) as p_1, whatever q. Accepting drafts always, or drawing the
+    correction from p instead of the residual, moves the distribution by more than 0.1 in total variation."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 5, generator=g) * 2
+    draft = torch.randn(2, 5, generator=g) * 2
+    cfg = SamplingConfig(temperature=1.0)
+    p, q = target.softmax(-1), draft.softmax(-1)
+    n = 20000
+    firsts, seconds = torch.zeros(5), torch.zeros(5)
+    for _ in range(n):
+        d = [int(torch.multinomial(q[i], 1, generator=g)) for i in range(2)]
+        a, y = accept_drafts(target, draft, d, cfg, g)
+        out = d[:a] + [y]
+        firsts[out[0]] += 1
+        if a >= 1:
+            seconds[out[1]] += 1
+    tv = lambda emp, ref: 0.5 * float((emp / emp.sum() - ref).abs().sum())  # noqa: E731
+    assert tv(firsts, p[0]) < 0.02, (firsts / n, p[0])
+    assert tv(seconds, p[1]) < 0.03, (seconds / seconds.sum(), p[1])
+    assert 0.5 * float((p[0] - q[0]).abs().sum()) > 0.1   # a rule that returned q would fail
+
+
+def test_sampled_speculative_matches_plain_sampling():
+    """End to end on a 6-token vocabulary: the first three generated tokens of speculative sampling (2 drafts,
+    the MTP block random, so many rejections) against their exact distribution under plain sampling (computed
+    by enumeration), in total variation over the 216 sequences."""
+    cfg_m = TINY.replace(vocab_size=6, n_layers=2, compress_ratios=(4, 0, 0), dim=64, moe_inter_dim=32,
+                         n_hash_layers=0, bos_token_id=0, eos_token_id=1)
+    m = dsv4.Transformer(cfg_m).init_weights(seed=5).eval()
+    with torch.no_grad():
+        m.head.weight.mul_(60)   # peaked, context-dependent distributions (random init is near uniform)
+    prompt = [2, 3, 4, 5, 2]
+    cfg = SamplingConfig(temperature=1.0)
+    exact = {}
+    with torch.no_grad():
+        p1 = m(torch.tensor([prompt]))[0, -1].softmax(-1)
+        for a in range(6):
+            p2 = m(torch.tensor([prompt + [a]]))[0, -1].softmax(-1)
+            for b in range(6):
+                p3 = m(torch.tensor([prompt + [a, b]]))[0, -1].softmax(-1)
+                for c in range(6):
+                    exact[(a, b, c)] = float(p1[a] * p2[b] * p3[c])
+    counts: dict = {}
+    n = 400
+    for seed in range(n):
+        out, _ = _speculative(m, prompt, 3, cfg, seed=seed, n_draft=2)
+        counts[tuple(out)] = counts.get(tuple(out), 0) + 1
+    tv = 0.5 * sum(abs(counts.get(s, 0) / n - p) for s, p in exact.items())
+    top = sorted(exact.values(), reverse=True)
+    assert top[0] < 0.6           # not a degenerate distribution
+    assert tv < 0.12, tv
