@@ -37,9 +37,11 @@ PREFILL_CHUNK = 4096
 
 @dataclass
 class StepResult:
-    """One row's speculative step: the tokens it emitted (in order), the drafts made and how many were accepted,
-    and whether the row finished (a stop token or its budget) with the last of them."""
+    """One row's speculative step: the tokens it emitted (in order), the target logits each was chosen from
+    ([len(tokens), vocab], raw fp32, for logprobs), the drafts made and how many were accepted, and whether the
+    row finished (a stop token or its budget) with the last of them."""
     tokens: list[int]
+    logits: torch.Tensor
     drafted: int
     accepted: int
     finished: bool
@@ -47,7 +49,7 @@ class StepResult:
 
 @dataclass
 class _Row:
-    logits: torch.Tensor | None          # [vocab] main logits for the next token while it is not chosen yet
+    logits: torch.Tensor                 # [vocab] the main logits the next token is (to be) chosen from
     next_token: int | None               # the chosen next token (not yet emitted nor in the caches)
     pending_h: torch.Tensor              # [1, n, R, C] main lanes of the positions not yet paired in the MTP cache
     pending_ids: list[int] = field(default_factory=list)   # the tokens after them, but the last one's (n - 1)
@@ -58,9 +60,11 @@ class SpeculativeDecoder:
 
         dec = SpeculativeDecoder(model, cache)           # the MTP cache is built to match
         first_logits = dec.prefill(row, prompt_ids)       # prompt through both caches
-        result = dec.step([row], cfg, generator, stop_ids, budgets)[0]
+        result = dec.step_row(row, cfg, generator, stop_ids, budget)   # each decode step, per decoding row
 
-    `step` emits 1 + accepted tokens per row; `stats` counts drafted and accepted tokens."""
+    A step emits 1 + accepted tokens; `stats` counts drafted and accepted tokens. Each row may have its own
+    SamplingConfig, generator, stops and budget. The MTP cache only shapes the drafts, never the output: the
+    verify forward and the acceptance rule decide every token."""
 
     def __init__(self, model, cache: KVCache, mtp_cache: KVCache | None = None, n_draft: int = 1):
         cfg = model.config
@@ -111,34 +115,39 @@ class SpeculativeDecoder:
     @torch.no_grad()
     def step(self, rows: Sequence[int], cfg: SamplingConfig, generator: torch.Generator | None = None,
              stop_ids: Sequence[int] = (), budgets: Sequence[int] | None = None) -> list[StepResult]:
-        """One speculative step of each row in `rows`; budgets[i] caps the tokens row i may still emit (>= 1)."""
-        stops = set(int(t) for t in stop_ids)
+        """`step_row` for each row in `rows` with the same settings; budgets[i] caps row i's tokens."""
         budgets = [self.cache.max_seq_len] * len(rows) if budgets is None else budgets
-        return [self._step_row(r, cfg, generator, stops, b) for r, b in zip(rows, budgets)]
+        return [self.step_row(r, cfg, generator, stop_ids, b) for r, b in zip(rows, budgets)]
 
-    def _step_row(self, row: int, cfg: SamplingConfig, gen, stops: set[int], budget: int) -> StepResult:
+    @torch.no_grad()
+    def step_row(self, row: int, cfg: SamplingConfig, gen: torch.Generator | None = None,
+                 stop_ids: Sequence[int] = (), budget: int | None = None) -> StepResult:
+        """One speculative step of `row` (after `prefill`): at most `budget` (>= 1) tokens, ending at the first
+        stop token. A finished row's last token is not fed to the cache (as in plain decoding)."""
         st = self.rows[row]
+        stops = set(int(t) for t in stop_ids)
+        budget = self.cache.max_seq_len if budget is None else budget
         main, mtp = self.cache.select(row), self.mtp_cache.select(row)
         if st.next_token is None:
             st.next_token = int(sample(st.logits.unsqueeze(0), cfg, gen)[0])
-            st.logits = None
-        x = st.next_token
+        x, x_logits = st.next_token, st.logits.unsqueeze(0)
         if x in stops or budget <= 1:
-            return StepResult([x], 0, 0, True)
+            return StepResult([x], x_logits, 0, 0, True)
         room = main.max_seq_len - main.lengths()[0] - 1            # the verify appends k + 1 tokens
         k = max(0, min(self.n_draft, budget - 1, room))
         drafts, draft_logits = self._draft(mtp, st, x, k, cfg, gen, stops)
         ckpt = main.checkpoint(len(drafts) + 1)
         ids = torch.tensor([[x] + drafts], dtype=torch.long, device=self.device)
         h = self.model.hidden(ids, cache=main)
-        a, y = accept_drafts(self.model.logits(h)[0], draft_logits, drafts, cfg, gen)
+        target = self.model.logits(h)[0]                           # [k + 1, vocab]
+        a, y = accept_drafts(target, draft_logits, drafts, cfg, gen)
         finished = (a > 0 and drafts[a - 1] in stops) or 1 + a >= budget
         main.rollback(ckpt, a if finished else a + 1)              # a finished row's last token is not fed
         self.stats["drafted"] += len(drafts)
         self.stats["accepted"] += a
         self.stats["steps"] += 1
-        st.next_token, st.pending_h, st.pending_ids = y, h[:, :a + 1], drafts[:a]
-        return StepResult([x] + drafts[:a], len(drafts), a, finished)
+        st.next_token, st.logits, st.pending_h, st.pending_ids = y, target[a], h[:, :a + 1], drafts[:a]
+        return StepResult([x] + drafts[:a], torch.cat((x_logits, target[:a])), len(drafts), a, finished)
 
     def _draft(self, mtp: KVCache, st: _Row, x: int, k: int, cfg: SamplingConfig, gen,
                stops: set[int]) -> tuple[list[int], torch.Tensor | None]:
