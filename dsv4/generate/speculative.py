@@ -30,6 +30,7 @@ import torch
 
 from .. import ops
 from ..cache import KVCache
+from ..errors import InvalidArgument
 from .sampling import SamplingConfig, probabilities, sample
 
 PREFILL_CHUNK = 4096
@@ -69,15 +70,16 @@ class SpeculativeDecoder:
     def __init__(self, model, cache: KVCache, mtp_cache: KVCache | None = None, n_draft: int = 1):
         cfg = model.config
         if cfg.n_mtp_layers < 1:
-            raise ValueError("speculative decoding needs a model with an MTP block (n_mtp_layers >= 1)")
-        if not 1 <= n_draft < cfg.window_size:
-            raise ValueError(f"n_draft={n_draft}: must be in 1..{cfg.window_size - 1} (the window size - 1)")
+            raise InvalidArgument("speculative decoding needs a model with an MTP block (config n_mtp_layers >= 1)")
+        if isinstance(n_draft, bool) or not isinstance(n_draft, int) or not 1 <= n_draft < cfg.window_size:
+            raise InvalidArgument(f"n_draft={n_draft!r}: must be an integer in 1..{cfg.window_size - 1} "
+                                  "(the verify step must fit in the window ring)")
         self.model, self.cache, self.n_draft = model, cache, n_draft
         self.mtp_cache = mtp_cache if mtp_cache is not None else KVCache(
             cfg, cache.batch_size, cache.max_seq_len, cache.kv_dtype, cache.index_dtype, cache.dtype,
             cache.positions.device, mtp=True)
         if self.mtp_cache.batch_size != cache.batch_size or not self.mtp_cache.mtp:
-            raise ValueError("mtp_cache must be a KVCache(mtp=True) with as many rows as the cache")
+            raise InvalidArgument("mtp_cache must be a KVCache(mtp=True) with as many rows as the cache")
         self.rows: dict[int, _Row] = {}
         self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
 
@@ -91,7 +93,7 @@ class SpeculativeDecoder:
         """Start row `row` on a prompt (both caches reset): returns the main logits [vocab] after its last token.
         The MTP cache takes the prompt's pairs (h_t, token t+1) chunk by chunk."""
         if not tokens:
-            raise ValueError("prefill needs a non-empty prompt")
+            raise InvalidArgument("prefill needs a non-empty prompt")
         main, mtp = self.cache.select(row).reset(), self.mtp_cache.select(row).reset()
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         pending = None
@@ -124,9 +126,13 @@ class SpeculativeDecoder:
                  stop_ids: Sequence[int] = (), budget: int | None = None) -> StepResult:
         """One speculative step of `row` (after `prefill`): at most `budget` (>= 1) tokens, ending at the first
         stop token. A finished row's last token is not fed to the cache (as in plain decoding)."""
+        if row not in self.rows:
+            raise InvalidArgument(f"row {row} has no prompt: call prefill(row, tokens) before step_row")
         st = self.rows[row]
         stops = set(int(t) for t in stop_ids)
         budget = self.cache.max_seq_len if budget is None else budget
+        if budget < 1:
+            raise InvalidArgument(f"budget={budget}: a step emits at least one token")
         main, mtp = self.cache.select(row), self.mtp_cache.select(row)
         if st.next_token is None:
             st.next_token = int(sample(st.logits.unsqueeze(0), cfg, gen)[0])

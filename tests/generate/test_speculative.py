@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import dsv4
+from dsv4.errors import InvalidArgument
 from dsv4.generate import SamplingConfig
 from dsv4.generate.speculative import SpeculativeDecoder, accept_drafts
 
@@ -17,6 +18,10 @@ def model():
 
 @pytest.fixture(scope="module")
 def agreeing():
+    return agreeing_model()
+
+
+def agreeing_model():
     """A model whose MTP block predicts what the main model will: every block's output is scaled down (the main
     model is close to a bigram model of the current token) and the MTP block passes the embedding of token t+1
     through (e_proj = I, h_proj = 0) to the main model's collapse, so its draft for t+2 is nearly the main
@@ -159,6 +164,35 @@ def test_greedy_equals_plain(which, request):
     if which == "agreeing":
         assert rate > 0.6 and dec.stats["steps"] < 20
     assert dec.cache.lengths() == [len(prompt) + 40 - 1]   # the final token is not fed, as in plain decoding
+
+
+def test_interleaved_rows_equal_alone(agreeing):
+    """Rows of one cache stepped in turn, as an engine does, each give their own greedy output; a row restarted
+    by prefill forgets its old state."""
+    prompts = [list(range(100, 120)), list(range(7, 12)), [42] * 33]
+    plain = [dsv4.generate(agreeing, [p], 16)[0] for p in prompts]
+    dec = SpeculativeDecoder(agreeing, agreeing.new_cache(3, 80), n_draft=2)
+    dec.prefill(0, list(range(500, 540)))
+    dec.step_row(0, GREEDY)
+    outs = [[] for _ in prompts]
+    for r, p in enumerate(prompts):
+        dec.prefill(r, p)
+    while any(len(o) < 16 for o in outs):
+        for r, o in enumerate(outs):
+            if len(o) < 16:
+                o += dec.step_row(r, GREEDY, budget=16 - len(o)).tokens
+    assert outs == plain
+
+
+def test_bad_arguments_are_refused(model):
+    with pytest.raises(InvalidArgument, match="n_draft"):
+        SpeculativeDecoder(model, model.new_cache(1, 64), n_draft=TINY.window_size)
+    no_mtp = dsv4.Transformer(TINY.replace(n_mtp_layers=0, compress_ratios=TINY.compress_ratios[:4]))
+    with pytest.raises(InvalidArgument, match="n_mtp_layers"):
+        SpeculativeDecoder(no_mtp, no_mtp.new_cache(1, 64))
+    dec = SpeculativeDecoder(model, model.new_cache(1, 64))
+    with pytest.raises(InvalidArgument, match="prefill"):
+        dec.step_row(0, GREEDY)
 
 
 def test_drafted_stop_is_never_passed(agreeing):
