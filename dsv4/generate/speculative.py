@@ -103,7 +103,7 @@ class SpeculativeDecoder:
             if pending.shape[1] > 1:   # pairs whose next token is known: every pending position but the last
                 n = pending.shape[1] - 1
                 start = a + h.shape[1] - pending.shape[1]
-                self._mtp(mtp, pending[:, :n], ids[0, start + 1:start + 1 + n].tolist())
+                self._mtp(mtp, pending[:, :n], [ids[0, start + 1:start + 1 + n].tolist()])
                 pending = pending[:, n:]
         logits = self.model.logits(pending)[0, -1]
         self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending)
@@ -117,72 +117,110 @@ class SpeculativeDecoder:
     @torch.no_grad()
     def step(self, rows: Sequence[int], cfg: SamplingConfig, generator: torch.Generator | None = None,
              stop_ids: Sequence[int] = (), budgets: Sequence[int] | None = None) -> list[StepResult]:
-        """`step_row` for each row in `rows` with the same settings; budgets[i] caps row i's tokens."""
-        budgets = [self.cache.max_seq_len] * len(rows) if budgets is None else budgets
+        """`step_row` for each row in `rows` (any rows, one at a time) with the same settings."""
+        budgets = [None] * len(rows) if budgets is None else budgets
         return [self.step_row(r, cfg, generator, stop_ids, b) for r, b in zip(rows, budgets)]
 
-    @torch.no_grad()
     def step_row(self, row: int, cfg: SamplingConfig, gen: torch.Generator | None = None,
                  stop_ids: Sequence[int] = (), budget: int | None = None) -> StepResult:
         """One speculative step of `row` (after `prefill`): at most `budget` (>= 1) tokens, ending at the first
         stop token. A finished row's last token is not fed to the cache (as in plain decoding)."""
-        if row not in self.rows:
-            raise InvalidArgument(f"row {row} has no prompt: call prefill(row, tokens) before step_row")
-        st = self.rows[row]
-        stops = set(int(t) for t in stop_ids)
-        budget = self.cache.max_seq_len if budget is None else budget
-        if budget < 1:
-            raise InvalidArgument(f"budget={budget}: a step emits at least one token")
-        main, mtp = self.cache.select(row), self.mtp_cache.select(row)
-        if st.next_token is None:
-            st.next_token = int(sample(st.logits.unsqueeze(0), cfg, gen)[0])
-        x, x_logits = st.next_token, st.logits.unsqueeze(0)
-        if x in stops or budget <= 1:
-            return StepResult([x], x_logits, 0, 0, True)
-        room = main.max_seq_len - main.lengths()[0] - 1            # the verify appends k + 1 tokens
-        k = max(0, min(self.n_draft, budget - 1, room))
-        drafts, draft_logits = self._draft(mtp, st, x, k, cfg, gen, stops)
-        ckpt = main.checkpoint(len(drafts) + 1)
-        ids = torch.tensor([[x] + drafts], dtype=torch.long, device=self.device)
-        h = self.model.hidden(ids, cache=main)
-        target = self.model.logits(h)[0]                           # [k + 1, vocab]
-        a, y = accept_drafts(target, draft_logits, drafts, cfg, gen)
-        finished = (a > 0 and drafts[a - 1] in stops) or 1 + a >= budget
-        main.rollback(ckpt, a if finished else a + 1)              # a finished row's last token is not fed
-        self.stats["drafted"] += len(drafts)
-        self.stats["accepted"] += a
-        self.stats["steps"] += 1
-        st.next_token, st.logits, st.pending_h, st.pending_ids = y, target[a], h[:, :a + 1], drafts[:a]
-        return StepResult([x] + drafts[:a], torch.cat((x_logits, target[:a])), len(drafts), a, finished)
+        return self.step_rows(slice(row, row + 1), [cfg], [gen], [stop_ids], [budget])[0]
 
-    def _draft(self, mtp: KVCache, st: _Row, x: int, k: int, cfg: SamplingConfig, gen,
-               stops: set[int]) -> tuple[list[int], torch.Tensor | None]:
-        """Up to k drafts (fewer after a drafted stop token) and the MTP logits they were drawn from [n, vocab].
-        The MTP cache ends holding the exact pairs up to (h_{P-1}, x_P)."""
+    @torch.no_grad()
+    def step_rows(self, rows: slice, cfgs: Sequence[SamplingConfig], gens: Sequence[torch.Generator | None],
+                  stop_ids: Sequence[Sequence[int]], budgets: Sequence[int | None]) -> list[StepResult]:
+        """One speculative step of every row of the contiguous `rows`, each with its own settings, batched: the
+        MTP catch-up per row (its length is what the row accepted last step), then the further drafts and the
+        verify as [rows, ...] forwards. Every row drafts the same count k (padding after a row's own limit: its
+        budget or a drafted stop). A row with budget 0 is skipped: it rides along in the forwards and is rolled
+        back whole (its caches and state untouched, no token), so idle rows may sit inside the slice; every row
+        needs room for the n_draft + 1 tokens of the verify."""
+        idx = range(self.cache.batch_size)[rows]
+        budgets = [self.cache.max_seq_len if b is None else b for b in budgets]
+        if len(budgets) != len(idx) or any(b < 0 for b in budgets):
+            raise InvalidArgument(f"budgets={budgets}: needs one count >= 0 per row of {rows} (0 skips the row)")
+        for r, b in zip(idx, budgets):
+            if b and r not in self.rows:
+                raise InvalidArgument(f"row {r} has no prompt: call prefill(row, tokens) before stepping it")
+        main, mtp = self.cache.select(rows), self.mtp_cache.select(rows)
+        states = [self.rows[r] if b else _SKIPPED for r, b in zip(idx, budgets)]
+        stops = [set(int(t) for t in s) for s in stop_ids]
+        for st, cfg, gen in zip(states, cfgs, gens):
+            if st.next_token is None:
+                st.next_token = int(sample(st.logits.unsqueeze(0), cfg, gen)[0])
+        xs = [st.next_token for st in states]
+        live = [x not in st_ and b > 1 for x, st_, b in zip(xs, stops, budgets)]   # rows that go on after x
+        k = max(0, min(self.n_draft, self.cache.max_seq_len - max(main.lengths()) - 1))
+        limits = [min(k, b - 1) if ok else 0 for ok, b in zip(live, budgets)]
+        drafts, draft_logits = self._draft(mtp, states, xs, k, limits, cfgs, gens, stops)
+        ckpt = main.checkpoint(k + 1)
+        ids = torch.tensor([[x] + d + [0] * (k - len(d)) for x, d in zip(xs, drafts)], device=self.device)
+        h = self.model.hidden(ids, cache=main)
+        target = self.model.logits(h)                              # [B, k + 1, vocab]
+        results, keep = [], []
+        for i, st in enumerate(states):
+            x_logits = st.logits.unsqueeze(0)
+            if not budgets[i]:
+                results.append(StepResult([], x_logits[:0], 0, 0, False))
+                keep.append(0)
+                continue
+            if not live[i]:
+                results.append(StepResult([xs[i]], x_logits, 0, 0, True))
+                keep.append(0)
+                continue
+            d = drafts[i]
+            a, y = accept_drafts(target[i, :len(d) + 1], draft_logits[i, :len(d)], d, cfgs[i], gens[i])
+            finished = (a > 0 and d[a - 1] in stops[i]) or 1 + a >= budgets[i]
+            keep.append(a if finished else a + 1)                  # a finished row's last token is not fed
+            self.stats["drafted"] += len(d)
+            self.stats["accepted"] += a
+            self.stats["steps"] += 1
+            st.next_token, st.logits, st.pending_h, st.pending_ids = y, target[i, a], h[i:i + 1, :a + 1], d[:a]
+            results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), len(d), a, finished))
+        main.rollback(ckpt, keep)
+        return results
+
+    def _draft(self, mtp: KVCache, states: list[_Row], xs: list[int], k: int, limits: list[int],
+               cfgs: Sequence[SamplingConfig], gens, stops: list[set[int]]) -> tuple[list[list[int]], torch.Tensor]:
+        """Per row up to limits[b] drafts (fewer after a drafted stop token) and the MTP logits [B, k, vocab]
+        they were drawn from. The MTP cache ends holding each drafting row's exact pairs up to (h_{P-1}, x_P)."""
+        B, V = len(states), self.model.config.vocab_size
+        drafts: list[list[int]] = [[] for _ in states]
+        lane_shape = (self.model.config.hc_mult, self.model.config.dim)
+        logits = torch.zeros(B, max(k, 1), V, device=self.device)
         if k == 0:
-            return [], None
-        lanes, logits = self._mtp(mtp, st.pending_h, st.pending_ids + [x])
+            return drafts, logits
+        lanes = torch.zeros(B, 1, *lane_shape, dtype=self.model.dtype, device=self.device)
+        for i, (st, x) in enumerate(zip(states, xs)):              # catch-up: lengths differ per row
+            if limits[i]:
+                out, logits[i, 0] = self._mtp(mtp.select(i), st.pending_h, [st.pending_ids + [x]])
+                lanes[i] = out[0, -1:]
         ckpt = mtp.checkpoint(k - 1) if k > 1 else None
-        drafts, all_logits = [], []
-        while True:
-            drafts.append(int(sample(logits.unsqueeze(0), cfg, gen)[0]))
-            all_logits.append(logits)
-            if len(drafts) == k or drafts[-1] in stops:
+        for j in range(k):
+            for i in range(B):
+                if len(drafts[i]) == j < limits[i] and (j == 0 or drafts[i][-1] not in stops[i]):
+                    drafts[i].append(int(sample(logits[i, j:j + 1], cfgs[i], gens[i])[0]))
+            if j == k - 1:
                 break
-            lanes, logits = self._mtp(mtp, lanes[:, -1:], drafts[-1:])
+            feed = [[d[j] if len(d) > j else 0] for d in drafts]
+            lanes, logits[:, j + 1] = self._mtp(mtp, lanes, feed)
         if ckpt is not None:
             mtp.rollback(ckpt, 0)
-        return drafts, torch.stack(all_logits)
+        return drafts, logits
 
-    def _mtp(self, mtp: KVCache, lanes: torch.Tensor, next_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP block over lanes [1, n, R, C] paired with next_ids (n), appended to its cache: its output
-        lanes and the logits [vocab] at the last position."""
+    def _mtp(self, mtp: KVCache, lanes: torch.Tensor, next_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP block over lanes [B, n, R, C] paired with next_ids [B][n], appended to its cache: its output
+        lanes and the logits [B, vocab] at the last position."""
         block = self.model.mtp[0]
-        ids = torch.tensor([next_ids], dtype=torch.long, device=self.device)
+        ids = torch.tensor(next_ids, dtype=torch.long, device=self.device)
         pos0 = mtp.begin(ids.shape)
         out = block(lanes, self.model.embed(ids), ids, pos0, mtp.layer(0))
         mtp.end(ids.shape[1])
-        return out, ops.linear_fp32(block.collapse(out[:, -1:]), self.model.head.weight)[0, -1]
+        return out, ops.linear_fp32(block.collapse(out[:, -1:]), self.model.head.weight)[:, -1]
+
+
+_SKIPPED = _Row(logits=torch.zeros(1), next_token=0, pending_h=torch.zeros(0))   # a budget-0 row's stand-in
 
 
 def accept_drafts(target_logits: torch.Tensor, draft_logits: torch.Tensor | None, drafts: Sequence[int],

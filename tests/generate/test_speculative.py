@@ -184,6 +184,32 @@ def test_interleaved_rows_equal_alone(agreeing):
     assert outs == plain
 
 
+def test_batched_rows_equal_alone(agreeing):
+    """step_rows over a slice: rows accept different counts each step, have their own budgets and stops, and
+    finish at different steps (then ride along with budget 0, untouched, as does a row never prefilled); each
+    equals its plain greedy output."""
+    prompts = [list(range(100, 120)), list(range(7, 12)), [42] * 33]
+    budgets = [18, 11, 18]
+    plain = [dsv4.generate(agreeing, [p], n)[0] for p, n in zip(prompts, budgets)]
+    stops = [(), (), (plain[2][6],)]
+    want = [plain[0], plain[1], plain[2][:plain[2].index(stops[2][0]) + 1]]
+    dec = SpeculativeDecoder(agreeing, agreeing.new_cache(4, 80), n_draft=3)
+    for r, p in enumerate(prompts):
+        dec.prefill(r, p)
+    outs, done = [[] for _ in prompts], [False] * 3
+    while not all(done):
+        left = [0 if d else n - len(o) for n, o, d in zip(budgets, outs, done)] + [0]
+        res = dec.step_rows(slice(0, 4), [GREEDY] * 4, [None] * 4, stops + [()], left)
+        assert res[3].tokens == []
+        for r, x in enumerate(res[:3]):
+            outs[r] += x.tokens
+            if x.finished:
+                done[r] = True
+    assert outs == want
+    assert dec.cache.lengths() == [len(p) + len(o) - 1 for p, o in zip(prompts, outs)] + [0]
+    assert dec.stats["accepted"] > dec.stats["steps"]
+
+
 def test_bad_arguments_are_refused(model):
     with pytest.raises(InvalidArgument, match="n_draft"):
         SpeculativeDecoder(model, model.new_cache(1, 64), n_draft=TINY.window_size)
