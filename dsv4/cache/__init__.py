@@ -3,4 +3,5 @@ from .kv_cache import CacheCheckpoint, CacheDamaged, KVCache, LayerCache
 from .layout import RowStore, record_bytes
 from .state import Compressed, CompressorState
 
-__all__ = ["KVCache", "CacheCheckpoint", "CacheDamaged", "LayerCache", "RowStore", "record_bytes", "CompressorState", "Compressed"]
+__all__ = ["KVCache", "CacheCheckpoint", "CacheDamaged", "LayerCache", "RowStore", "record_bytes", "CompressorState",
+           "Compressed"]
