@@ -7,10 +7,10 @@ A step of S tokens on a row at position p writes (docs/architecture.md#kv-cache)
   * compressed-entry and indexer-key rows of the groups completed at positions p .. p+S-1, at most
     ceil(S / m) + 1 rows from group p // m, and the scratch row that takes the masked-out writes;
   * the compressor states (unfinished group, and for CSA the previous group), which a completed group shifts.
-The ring slots and store rows are snapshot row by row (a few rows per layer); the compressor states whole (they
-hold at most 2m rows) together with the step's own token rows, which the compressors journal while the checkpoint
-is open: a rollback restores the old state and re-absorbs the first `keep` token rows, which is exactly what a
-step of only those tokens would have left. Entries past the kept length are restored too, so every tensor of the
+The ring slots and store rows are snapshot with one gather per store (a few rows per layer and row); the
+compressor states whole (at most 2m rows) together with the step's own token rows, which the compressors journal
+while the checkpoint is open: a rollback restores the old state and re-absorbs the first `keep` token rows,
+which is exactly what a step of only those tokens would have left. Rows may keep different counts. Entries past the kept length are restored too, so every tensor of the
 cache equals that of a step of `keep` tokens, not only the rows a later read can see.
 """
 from __future__ import annotations
@@ -24,9 +24,10 @@ from .state import CompressorState, absorb
 
 @dataclass
 class LayerCheckpoint:
-    ring_slots: list[list[int]]                   # per row: slots of positions p .. p+S-1
-    ring: torch.Tensor                            # [B, S, record] the slots' old contents
-    store_rows: list[list[int]]                   # per row: entry / key rows the step can write (+ the scratch row)
+    ring_index: torch.Tensor                      # [B, S, record] the ring slots of positions p .. p+S-1
+    ring: torch.Tensor                            # [B, S, record] their old contents
+    groups: torch.Tensor | None                   # [B, n] entry / key rows the step can write (scratch-padded)
+    store_index: list[torch.Tensor]               # per compressed store: [B, n, record] them, expanded
     stores: list[torch.Tensor]                    # per compressed store: [B, n, record] their old contents
     states: list[tuple[torch.Tensor, torch.Tensor]]   # per compressor state: old (kv, score)
 
@@ -34,49 +35,55 @@ class LayerCheckpoint:
 def checkpoint_layer(layer, starts: list[int], n_tokens: int) -> LayerCheckpoint:
     """Snapshot what a step of n_tokens at positions starts[b].. can overwrite in `layer` (a LayerCache)."""
     W, m = layer.window_size, layer.ratio
-    dev = layer.window_rows.buf.device
-    slots = [[(p + i) % W for i in range(n_tokens)] for p in starts]
-    ring = layer.window_rows.buf.gather(1, _index(slots, layer.window_rows.buf, dev))
-    rows, stores = [], []
-    if m:
-        compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
-        n_groups = (n_tokens + m - 1) // m + 1
-        limit = compressed[0].rows
-        rows = [[g for g in range(p // m, p // m + n_groups) if g < limit] + [limit] for p in starts]
-        rows = [r + [r[-1]] * (n_groups + 1 - len(r)) for r in rows]   # pad (with the scratch row) to one width
-        stores = [s.buf.gather(1, _index(rows, s.buf, dev)) for s in compressed]
+    buf = layer.window_rows.buf
+    ring_index = _index([[(p + i) % W for i in range(n_tokens)] for p in starts], buf)
+    groups, store_index, stores = None, [], []
+    compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
+    if compressed:
+        n_groups, limit = (n_tokens + m - 1) // m + 1, compressed[0].rows
+        rows = [[min(g, limit) for g in range(p // m, p // m + n_groups)] + [limit] for p in starts]
+        groups = torch.tensor(rows, device=buf.device)
+        store_index = [_index(rows, s.buf) for s in compressed]
+        stores = [s.buf.gather(1, index) for s, index in zip(compressed, store_index)]
     states = [(st.kv.clone(), st.score.clone()) for st in layer.states()]
     for st in layer.states():
         st.journal = []
-    return LayerCheckpoint(slots, ring, rows, stores, states)
+    return LayerCheckpoint(ring_index, buf.gather(1, ring_index), groups, store_index, stores, states)
 
 
 def rollback_layer(layer, ckpt: LayerCheckpoint, starts: list[int], keep: list[int], n_tokens: int) -> None:
-    """Undo, row by row, what tokens keep[b] .. n_tokens-1 of the checkpointed step wrote to `layer`."""
-    m = layer.ratio
-    compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
+    """Undo what tokens keep[b] .. n_tokens-1 of the checkpointed step wrote to `layer`, all rows at once."""
+    m, buf = layer.ratio, layer.window_rows.buf
+    dev = buf.device
     journals = [st.journal for st in layer.states()]
     for st in layer.states():
         st.journal = None
-    for b, (p, k) in enumerate(zip(starts, keep)):
-        if k == n_tokens:
-            continue
-        ring = layer.window_rows.buf
-        for i in range(k, n_tokens):
-            ring[b, ckpt.ring_slots[b][i]] = ckpt.ring[b, i]
-        if m:
-            for store, old in zip(compressed, ckpt.stores):
-                for j, g in enumerate(ckpt.store_rows[b]):
-                    if g == store.rows or (g + 1) * m - 1 >= p + k:   # the scratch row, or a group not completed
-                        store.buf[b, g] = old[b, j]
-        for st, (kv, score), journal in zip(layer.states(), ckpt.states, journals):
-            st.kv[b] = kv[b]
-            st.score[b] = score[b]
-            if k and journal:
-                tok_kv, tok_score = _joined(journal)
-                pos0 = torch.tensor([p], device=st.kv.device)
-                absorb(CompressorState(st.kv[b:b + 1], st.score[b:b + 1]), tok_kv[b:b + 1, :k],
-                       tok_score[b:b + 1, :k], pos0, m, overlap=st.kv.shape[1] == 2 * m)
+    if all(k == n_tokens for k in keep):
+        return
+    keep_t = torch.tensor(keep, device=dev)
+    end_t = torch.tensor(starts, device=dev) + keep_t                 # first rejected position per row
+    rejected = torch.arange(n_tokens, device=dev) >= keep_t[:, None]  # [B, S]
+    _restore(buf, ckpt.ring_index, ckpt.ring, rejected)
+    compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
+    if compressed:   # rows of groups no kept token completed, and the scratch row
+        stale = (ckpt.groups == compressed[0].rows) | ((ckpt.groups + 1) * m - 1 >= end_t[:, None])
+        for store, index, old in zip(compressed, ckpt.store_index, ckpt.stores):
+            _restore(store.buf, index, old, stale)
+    changed = [b for b, k in enumerate(keep) if k < n_tokens]
+    for st, (kv, score), journal in zip(layer.states(), ckpt.states, journals):
+        rows = torch.tensor(changed, device=dev)
+        st.kv[rows], st.score[rows] = kv[rows], score[rows]
+        tok_kv, tok_score = _joined(journal) if journal else (None, None)
+        for k in sorted({keep[b] for b in changed} - {0}):   # re-absorb the kept tokens, rows grouped by count
+            sel = torch.tensor([b for b in changed if keep[b] == k], device=dev)
+            sub = CompressorState(st.kv[sel], st.score[sel])
+            absorb(sub, tok_kv[sel, :k], tok_score[sel, :k], end_t[sel] - k, m, overlap=st.kv.shape[1] == 2 * m)
+            st.kv[sel], st.score[sel] = sub.kv, sub.score
+
+
+def _restore(buf: torch.Tensor, index: torch.Tensor, old: torch.Tensor, where: torch.Tensor) -> None:
+    """buf rows at index := old where `where` [B, n] (else left as they are)."""
+    buf.scatter_(1, index, torch.where(where[..., None], old, buf.gather(1, index)))
 
 
 def _joined(journal: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,5 +93,5 @@ def _joined(journal: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([kv for kv, _ in journal], 1), torch.cat([sc for _, sc in journal], 1)
 
 
-def _index(rows: list[list[int]], buf: torch.Tensor, device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=device).unsqueeze(-1).expand(-1, -1, buf.shape[2])
+def _index(rows: list[list[int]], buf: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=buf.device).unsqueeze(-1).expand(-1, -1, buf.shape[2])
