@@ -20,6 +20,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import DsV4Error
 from .layout import RowStore
+from .rollback import LayerCheckpoint, checkpoint_layer, rollback_layer
 from .state import Compressed, CompressorState
 from .step_memo import shared
 
@@ -136,23 +137,33 @@ class LayerCache:
         store.write(index, c.entries, c.valid)
 
 
+class CacheCheckpoint:
+    """What `KVCache.checkpoint` saved: the rows' start positions, the step length and each layer's snapshot."""
+
+    def __init__(self, starts: list[int], n_tokens: int, layers: list[LayerCheckpoint]):
+        self.starts, self.n_tokens, self.layers = starts, n_tokens, layers
+
+
 class KVCache:
     """Model-level cache: one LayerCache per main layer plus each row's position.
 
     `model(tokens, cache=cache)` appends tokens [B, S] to every row (row b at `positions[b]`) and returns
     their logits. `select(slice)` gives a view of some rows (shared storage) to prefill them apart.
+    With `mtp=True` the layers are the MTP blocks' (layer ids n_layers ..), for drafting speculative tokens.
     """
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, kv_dtype: str = "auto",
-                 index_dtype: str = "auto", dtype: torch.dtype = torch.float32, device=None):
+                 index_dtype: str = "auto", dtype: torch.dtype = torch.float32, device=None, mtp: bool = False):
         if batch_size <= 0 or max_seq_len <= 0:
             raise ValueError(f"batch_size={batch_size} and max_seq_len={max_seq_len} must be positive")
         auto = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
         self.kv_dtype = auto if kv_dtype == "auto" else kv_dtype
         self.index_dtype = auto if index_dtype == "auto" else index_dtype
         self.config, self.max_seq_len, self.dtype = cfg, max_seq_len, dtype
+        ids = range(cfg.n_layers, cfg.n_layers + cfg.n_mtp_layers) if mtp else range(cfg.n_layers)
+        self.mtp = mtp
         self.layers = [LayerCache(cfg, i, batch_size, max_seq_len, self.kv_dtype, self.index_dtype, dtype, device)
-                       for i in range(cfg.n_layers)]
+                       for i in ids]
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
         self._host = [0] * batch_size  # host mirror of positions: shapes never need a device sync
         self._damaged = [False] * batch_size  # rows inside a step that has not committed (see the module doc)
@@ -224,6 +235,33 @@ class KVCache:
         self.positions.fill_(self._host[src])
         for i in range(len(self._host)):
             self._host[i], self._damaged[i] = self._host[src], False
+        return self
+
+    # ------------------------------------------------------------------ speculative steps
+    def checkpoint(self, n_tokens: int) -> CacheCheckpoint:
+        """Snapshot what the next step(s) of n_tokens in all can overwrite, so `rollback` can keep any prefix of
+        them exactly. Cheap: a few ring slots and entry rows per layer and row, plus the compressor states."""
+        if not 0 < n_tokens <= self.config.window_size:
+            raise ValueError(f"checkpoint n_tokens={n_tokens}: must be in 1..window_size={self.config.window_size}")
+        self.check_intact()
+        self.check_room(n_tokens)
+        starts = list(self._host)
+        return CacheCheckpoint(starts, n_tokens, [checkpoint_layer(layer, starts, n_tokens) for layer in self.layers])
+
+    def rollback(self, ckpt: CacheCheckpoint, keep: list[int] | int) -> "KVCache":
+        """Keep only the first keep[b] tokens each row appended since `ckpt` (one int: every row), in one step or
+        several: afterwards the cache is that of appending just those tokens (every tensor; values equal up to
+        the rounding of steps of other lengths, as the kept tokens were computed in a longer step)."""
+        keep = [keep] * self.batch_size if isinstance(keep, int) else list(keep)
+        moved = [h - p for h, p in zip(self._host, ckpt.starts)]
+        if len(keep) != self.batch_size or any(not 0 <= k <= n <= ckpt.n_tokens for k, n in zip(keep, moved)):
+            raise ValueError(f"rollback keep={keep}: needs one count per row ({self.batch_size} rows), each at most "
+                             f"the tokens the row appended since the checkpoint ({moved}, at most {ckpt.n_tokens})")
+        for layer, lc in zip(self.layers, ckpt.layers):
+            rollback_layer(layer, lc, ckpt.starts, keep, ckpt.n_tokens)
+        for i, (p, k) in enumerate(zip(ckpt.starts, keep)):
+            self._host[i] = p + k
+        self.positions.copy_(torch.tensor([p + k for p, k in zip(ckpt.starts, keep)], device=self.positions.device))
         return self
 
     def set_fixed_shapes(self, enabled: bool = True) -> "KVCache":

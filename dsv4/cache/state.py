@@ -7,7 +7,7 @@ from here, below either of them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,9 @@ class CompressorState:
     Scores already include `ape`; empty rows have kv 0 and score -inf (so a fresh state means "position 0")."""
     kv: torch.Tensor
     score: torch.Tensor
+    # while a cache checkpoint is open: the (kv, score + ape) token rows each step absorbed, oldest first, so a
+    # rollback can re-absorb the accepted ones (KVCache.checkpoint / rollback)
+    journal: list | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, batch: int, ratio: int, width: int, overlap: bool, device=None) -> "CompressorState":
@@ -32,6 +35,58 @@ class CompressorState:
 
     def select(self, rows: slice) -> "CompressorState":
         return CompressorState(self.kv[rows], self.score[rows])
+
+    def record(self, kv: torch.Tensor, score: torch.Tensor) -> None:
+        """Keep a step's token rows [B, S, width] (score with `ape` added) while a checkpoint is open."""
+        if self.journal is not None:
+            self.journal.append((kv, score))
+
+
+def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, ratio: int,
+           overlap: bool):
+    """Append token rows kv, score [B, S, width] (score with `ape` added) to the groups of `state` (row b at
+    positions pos0[b]..): align each row's tokens to its group boundary (prepending the unfinished group kept in
+    `state`), say which groups complete, and update `state` in place (previous group, new unfinished tail).
+
+    Returns (buf_kv, buf_sc [B, L, width] group-aligned, n groups spanned, valid [B, n], prev (overlap: the
+    previous complete group's (kv, score) before this chunk, else None)). The compressor pools the groups; a
+    cache rollback calls it alone to re-absorb accepted tokens."""
+    B, S, width = kv.shape
+    m = ratio
+    d = width // 2 if overlap else width
+    off = m if overlap else 0
+    r0 = pos0 % m                                                      # tokens already pending per row
+    L = S + m - 1
+    j = torch.arange(m - 1, device=kv.device)
+    keep = (j < r0.unsqueeze(1)).unsqueeze(-1)                          # [B, m-1, 1]
+    buf_kv = torch.cat((torch.where(keep, state.kv[:B, off:off + m - 1], 0.0), kv.new_zeros(B, S, width)), 1)
+    buf_sc = torch.cat((torch.where(keep, state.score[:B, off:off + m - 1], float("-inf")),
+                        kv.new_full((B, S, width), float("-inf"))), 1)
+    at = (r0.unsqueeze(1) + torch.arange(S, device=kv.device)).unsqueeze(-1).expand(-1, -1, width)
+    buf_kv = buf_kv.scatter(1, at, kv)                                 # [B, L, width], group-aligned
+    buf_sc = buf_sc.scatter(1, at, score)
+    total = r0 + S
+    n = L // m
+    valid = (torch.arange(n, device=kv.device) + 1) * m <= total.unsqueeze(1)   # [B, n]
+    prev = None
+    if overlap:
+        prev = state.kv[:B, :m, :d].clone(), state.score[:B, :m, :d].clone()
+    # new state: the last complete group (overlap) and the tokens after it
+    done = total // m                                                   # complete groups per row
+    rest = total - done * m
+    rows = torch.arange(m, device=kv.device)
+
+    def take(buf: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        idx = (start.unsqueeze(1) + rows).clamp(0, L - 1).unsqueeze(-1).expand(-1, -1, width)
+        return buf.gather(1, idx)
+    if overlap:
+        has = (done > 0).view(B, 1, 1)
+        state.kv[:B, :m] = torch.where(has, take(buf_kv, (done - 1) * m), state.kv[:B, :m])
+        state.score[:B, :m] = torch.where(has, take(buf_sc, (done - 1) * m), state.score[:B, :m])
+    live = (rows < rest.unsqueeze(1)).unsqueeze(-1)
+    state.kv[:B, off:off + m] = torch.where(live, take(buf_kv, done * m), 0.0)
+    state.score[:B, off:off + m] = torch.where(live, take(buf_sc, done * m), float("-inf"))
+    return buf_kv, buf_sc, n, valid, prev
 
 
 @dataclass

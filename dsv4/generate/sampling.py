@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InvalidArgument
 
-__all__ = ["SamplingConfig", "sample", "check_generation_args"]
+__all__ = ["SamplingConfig", "sample", "probabilities", "check_generation_args"]
 
 
 @dataclass(kw_only=True)
@@ -67,6 +67,12 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
     """logits [B, V] -> token ids [B]."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
+    return torch.multinomial(probabilities(logits, cfg), 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """logits [..., V] -> the distribution `sample` draws from at temperature > 0 (after top-k and top-p): fp32
+    [..., V]. Speculative decoding compares the target's and the draft's under the same settings."""
     logits = logits.float()
     # shifted so the largest is 0 before scaling: a tiny temperature then gives -inf, never inf - inf = NaN
     logits = (logits - logits.amax(-1, keepdim=True)) / cfg.temperature
@@ -80,4 +86,4 @@ def sample(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator
         drop = sorted_p.cumsum(-1) - sorted_p >= cfg.top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs

@@ -1,0 +1,97 @@
+"""Exact rollback of a cached step (speculative decoding's verify): snapshot, before a step of S tokens, only the
+cache rows that step can overwrite, and afterwards put back what the rejected tokens wrote.
+
+A step of S tokens on a row at position p writes (docs/architecture.md#kv-cache):
+  * the window ring's slots (p + i) % W, i < S, which held positions p + i - W (still needed when the tokens
+    after p + keep are rejected);
+  * compressed-entry and indexer-key rows of the groups completed at positions p .. p+S-1, at most
+    ceil(S / m) + 1 rows from group p // m, and the scratch row that takes the masked-out writes;
+  * the compressor states (unfinished group, and for CSA the previous group), which a completed group shifts.
+The ring slots and store rows are snapshot with one gather per store (a few rows per layer and row); the
+compressor states whole (at most 2m rows) together with the step's own token rows, which the compressors journal
+while the checkpoint is open: a rollback restores the old state and re-absorbs the first `keep` token rows,
+which is exactly what a step of only those tokens would have left. Rows may keep different counts. Entries past the kept length are restored too, so every tensor of the
+cache equals that of a step of `keep` tokens, not only the rows a later read can see.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .state import CompressorState, absorb
+
+
+@dataclass
+class LayerCheckpoint:
+    ring_index: torch.Tensor                      # [B, S, record] the ring slots of positions p .. p+S-1
+    ring: torch.Tensor                            # [B, S, record] their old contents
+    groups: torch.Tensor | None                   # [B, n] entry / key rows the step can write (scratch-padded)
+    store_index: list[torch.Tensor]               # per compressed store: [B, n, record] them, expanded
+    stores: list[torch.Tensor]                    # per compressed store: [B, n, record] their old contents
+    states: list[tuple[torch.Tensor, torch.Tensor]]   # per compressor state: old (kv, score)
+
+
+def checkpoint_layer(layer, starts: list[int], n_tokens: int) -> LayerCheckpoint:
+    """Snapshot what a step of n_tokens at positions starts[b].. can overwrite in `layer` (a LayerCache)."""
+    W, m = layer.window_size, layer.ratio
+    buf = layer.window_rows.buf
+    ring_index = _index([[(p + i) % W for i in range(n_tokens)] for p in starts], buf)
+    groups, store_index, stores = None, [], []
+    compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
+    if compressed:
+        n_groups, limit = (n_tokens + m - 1) // m + 1, compressed[0].rows
+        rows = [[min(g, limit) for g in range(p // m, p // m + n_groups)] + [limit] for p in starts]
+        groups = torch.tensor(rows, device=buf.device)
+        store_index = [_index(rows, s.buf) for s in compressed]
+        stores = [s.buf.gather(1, index) for s, index in zip(compressed, store_index)]
+    states = [(st.kv.clone(), st.score.clone()) for st in layer.states()]
+    for st in layer.states():
+        st.journal = []
+    return LayerCheckpoint(ring_index, buf.gather(1, ring_index), groups, store_index, stores, states)
+
+
+def rollback_layer(layer, ckpt: LayerCheckpoint, starts: list[int], keep: list[int], n_tokens: int) -> None:
+    """Undo what tokens keep[b] .. n_tokens-1 of the checkpointed step wrote to `layer`, all rows at once."""
+    m, buf = layer.ratio, layer.window_rows.buf
+    dev = buf.device
+    journals = [st.journal for st in layer.states()]
+    for st in layer.states():
+        st.journal = None
+    if all(k == n_tokens for k in keep):
+        return
+    keep_t = torch.tensor(keep, device=dev)
+    end_t = torch.tensor(starts, device=dev) + keep_t                 # first rejected position per row
+    rejected = torch.arange(n_tokens, device=dev) >= keep_t[:, None]  # [B, S]
+    _restore(buf, ckpt.ring_index, ckpt.ring, rejected)
+    compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
+    if compressed:   # rows of groups no kept token completed, and the scratch row
+        stale = (ckpt.groups == compressed[0].rows) | ((ckpt.groups + 1) * m - 1 >= end_t[:, None])
+        for store, index, old in zip(compressed, ckpt.store_index, ckpt.stores):
+            _restore(store.buf, index, old, stale)
+    changed = [b for b, k in enumerate(keep) if k < n_tokens]
+    for st, (kv, score), journal in zip(layer.states(), ckpt.states, journals):
+        rows = torch.tensor(changed, device=dev)
+        st.kv[rows], st.score[rows] = kv[rows], score[rows]
+        tok_kv, tok_score = _joined(journal) if journal else (None, None)
+        for k in sorted({keep[b] for b in changed} - {0}):   # re-absorb the kept tokens, rows grouped by count
+            sel = torch.tensor([b for b in changed if keep[b] == k], device=dev)
+            sub = CompressorState(st.kv[sel], st.score[sel])
+            absorb(sub, tok_kv[sel, :k], tok_score[sel, :k], end_t[sel] - k, m, overlap=st.kv.shape[1] == 2 * m)
+            st.kv[sel], st.score[sel] = sub.kv, sub.score
+
+
+def _restore(buf: torch.Tensor, index: torch.Tensor, old: torch.Tensor, where: torch.Tensor) -> None:
+    """buf rows at index := old where `where` [B, n] (else left as they are)."""
+    buf.scatter_(1, index, torch.where(where[..., None], old, buf.gather(1, index)))
+
+
+def _joined(journal: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The journal's token rows along the sequence (one entry per forward step since the checkpoint)."""
+    if len(journal) == 1:
+        return journal[0]
+    return torch.cat([kv for kv, _ in journal], 1), torch.cat([sc for _, sc in journal], 1)
+
+
+def _index(rows: list[list[int]], buf: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=buf.device).unsqueeze(-1).expand(-1, -1, buf.shape[2])
