@@ -1,0 +1,71 @@
+"""Serve a checkpoint over an OpenAI-compatible HTTP API (completions, chat with V4 thinking and tools,
+SSE streaming, Prometheus metrics), batching the requests continuously on one device.
+
+    dsv4 serve --checkpoint path/to/model --port 8000
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+        -d '{"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 64}'
+
+Needs the serving packages: pip install 'dsv4[serve]'.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="directory with config.json, safetensors, tokenizer.json")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (the GPU if there is one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=64, help="cache rows: requests decoded together")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="context of each row (prompt + max_tokens)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond it are refused (HTTP 429)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8"])
+    p.add_argument("--index-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8", "fp4"])
+    p.add_argument("--speculative", choices=["mtp"], help="speculative decoding with the model's MTP block")
+    p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
+
+
+def _serving_packages():
+    """(uvicorn, build_app), or a one-line ImportError naming the extra to install."""
+    try:
+        import fastapi  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise ImportError(f"dsv4 serve needs {e.name}; install the serving extra: pip install 'dsv4[serve]'") from None
+    from ..serve.api import build_app
+    return uvicorn, build_app
+
+
+def run(args: argparse.Namespace) -> int:
+    uvicorn, build_app = _serving_packages()
+    from ..errors import InvalidArgument
+    for name in ("port", "max_batch", "max_seq_len", "max_queue"):
+        if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
+            raise InvalidArgument(f"--{name.replace('_', '-')}={getattr(args, name)}: out of range")
+    import torch
+
+    from ..checkpoint import load_model, resolve_device
+    from ..generate import Tokenizer
+    from ..serve.engine import Engine
+
+    device = resolve_device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
+        args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    tok = Tokenizer.from_dir(args.checkpoint)
+    engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_dtype=args.kv_dtype,
+                    index_dtype=args.index_dtype, max_queue=args.max_queue,
+                    eos_token_ids=tuple(t for t in (tok.eos_id,) if t is not None), speculative=args.speculative,
+                    cuda_graphs=device.type == "cuda")
+    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    engine.start()
+    try:
+        uvicorn.run(build_app(engine, tok, name), host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.stop()
+    return 0

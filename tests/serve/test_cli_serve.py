@@ -1,0 +1,96 @@
+"""`dsv4 serve` on the command line: a missing serving package and bad values end in one line."""
+import sys
+
+import pytest
+
+from dsv4.cli import main
+
+
+def test_missing_serving_packages_say_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "fastapi", None)   # import fastapi now raises ImportError
+    assert main(["serve", "--checkpoint", "nowhere"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'dsv4[serve]'" in err and "fastapi" in err
+
+
+@pytest.mark.parametrize("flag", [["--port", "0"], ["--max-batch", "0"], ["--max-seq-len", "-1"]])
+def test_bad_values_are_one_line(flag, capsys):
+    pytest.importorskip("fastapi")
+    assert main(["serve", "--checkpoint", "nowhere", *flag]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag[0] in err
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    import torch
+
+    import dsv4
+    from dsv4.train.tokenizer import train_bpe
+
+    tok = train_bpe(["Hello there, how are you?\n", "Paris is the capital of France.\n"] * 20, 300, tmp_path)
+    cfg = dsv4.ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size)
+    dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=1), tmp_path, dtype=torch.float32)
+    return tmp_path
+
+
+def test_serve_builds_engine_and_app_from_flags(checkpoint, monkeypatch):
+    """The flags reach the engine and the app (uvicorn.run replaced by a request through the app)."""
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    seen = {}
+
+    def fake_run(app, host, port, **_):
+        seen.update(host=host, port=port)
+        engine = app.state.server.engine
+        seen.update(max_batch=engine.max_batch, max_seq_len=engine.max_seq_len)
+        with TestClient(app) as http:
+            seen["models"] = http.get("/v1/models").json()["data"][0]["id"]
+            seen["completion"] = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3}).json()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["serve", "--checkpoint", str(checkpoint), "--device", "cpu", "--port", "8123", "--max-batch", "3",
+                 "--max-seq-len", "96"]) == 0
+    assert (seen["host"], seen["port"], seen["max_batch"], seen["max_seq_len"]) == ("127.0.0.1", 8123, 3, 96)
+    assert seen["models"] == checkpoint.name and seen["completion"]["usage"]["completion_tokens"] >= 1
+
+
+@pytest.mark.slow
+def test_serve_command_answers_then_stops(checkpoint):
+    """`dsv4 serve` in its own process: a checkpoint on disk, /health, one completion, then SIGINT ends it."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    tmp_path = checkpoint
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "dsv4", "serve", "--checkpoint", str(tmp_path), "--device", "cpu",
+                             "--port", str(port), "--max-batch", "2", "--max-seq-len", "128", "--model-name", "t"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+            time.sleep(0.2)
+        r = httpx.post(url + "/v1/completions", json={"model": "t", "prompt": "Hello", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (0, 130, -signal.SIGINT)
