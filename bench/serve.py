@@ -68,6 +68,7 @@ class RequestResult:
     chunk_times: list[float] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    got_usage: bool = False
     error: str | None = None
 
     @property
@@ -86,8 +87,10 @@ class RequestResult:
         return [b - a for a, b in zip(self.chunk_times, self.chunk_times[1:])]
 
 
-def summarize(results: list[RequestResult], wall_s: float) -> dict:
-    """Latency percentiles (ms) and throughput of one level; failed requests count only as errors."""
+def summarize(results: list[RequestResult], wall_s: float, max_tokens: int | None = None) -> dict:
+    """Latency percentiles (ms) and throughput of one level; failed requests count only as errors.
+    `short_outputs` counts requests that ended before `max_tokens` (a server ignoring ignore_eos), `no_usage`
+    those whose stream carried no usage chunk (their tokens are counted as one per chunk)."""
     ok = [r for r in results if r.error is None]
     ttft = [r.ttft for r in ok if r.ttft is not None]
     tpot = [r.tpot for r in ok if r.tpot is not None]
@@ -103,6 +106,8 @@ def summarize(results: list[RequestResult], wall_s: float) -> dict:
             "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
             "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
             "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99)),
+            "short_outputs": sum(1 for r in ok if max_tokens and r.completion_tokens < max_tokens),
+            "no_usage": sum(1 for r in ok if not r.got_usage),
             "output_tokens": out_tokens, "wall_s": round(wall_s, 3),
             "output_tok_per_s": round(out_tokens / wall_s, 2) if wall_s > 0 else None,
             "mean_completion_tokens": round(out_tokens / len(ok), 2) if ok else None}
@@ -128,6 +133,7 @@ async def stream_one(client, model: str, prompt: list[int], max_tokens: int, ign
             if chunk.choices:
                 res.chunk_times.append(now)
             if getattr(chunk, "usage", None):
+                res.got_usage = True
                 res.completion_tokens = chunk.usage.completion_tokens or 0
                 res.prompt_tokens = chunk.usage.prompt_tokens or 0
         if not res.chunk_times:
@@ -164,7 +170,7 @@ async def run_level(client, model: str, *, concurrency: int, prompt_len: int, ma
     await asyncio.gather(*(worker() for _ in range(min(concurrency, n_requests))))
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "prompt_len": prompt_len, "max_tokens": max_tokens,
-            "planned_requests": n_requests, **summarize(results, wall)}
+            "planned_requests": n_requests, **summarize(results, wall, max_tokens)}
 
 
 async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, trials: int, vocab: int,
@@ -246,8 +252,10 @@ class Server:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"[{self.label}] the server exited with {self.proc.returncode} before answering:\n"
-                                   + self.log_tail())
+                tail = self.log_tail()
+                last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
+                raise RuntimeError(f"[{self.label}] the server exited with {self.proc.returncode} before answering "
+                                   f"({last.strip()[:240]})\n" + tail)
             for path in ("/health", "/v1/models"):
                 with contextlib.suppress(httpx.HTTPError):
                     if httpx.get(self.url + path, timeout=2).status_code == 200:
@@ -332,6 +340,10 @@ def make_client(url: str, timeout: float, concurrency: int):
 async def measure_server(server: Server, args, vocab: int, *, loads: bool = True, prefix: bool = True) -> dict:
     """Warm-up, the load levels and the prefix test against one running server."""
     out: dict = {"label": server.label, "url": server.url, "model": server.model, "launch": server.launch}
+    out["capabilities"] = await probe(server.url, server.model, vocab, args.request_timeout)
+    gaps = {k: v for k, v in out["capabilities"].items() if v != "ok"}
+    if gaps:
+        print(f"[{server.label}] could not: " + json.dumps(gaps), flush=True)
     client = make_client(server.url, args.request_timeout, max(args.concurrency))
     try:
         warm = await stream_one(client, server.model, random_prompt(random.Random(0), min(args.prompt_len), vocab),
@@ -368,6 +380,34 @@ async def measure_server(server: Server, args, vocab: int, *, loads: bool = True
         out["metrics_available"] = server.metrics() is not None
     finally:
         await client.close()
+    return out
+
+
+async def probe(url: str, model: str, vocab: int, timeout: float) -> dict[str, str]:
+    """What a server answers on each endpoint this benchmark (and an OpenAI client) uses: 'ok' or what went
+    wrong, so a peer's gaps are reported instead of ending the run."""
+    import httpx
+    out: dict[str, str] = {}
+    ids = random_prompt(random.Random(1), 8, vocab)
+    checks = [("GET /health", "get", "/health", None), ("GET /v1/models", "get", "/v1/models", None),
+              ("GET /metrics", "get", "/metrics", None),
+              ("POST /v1/completions (token ids)", "post", "/v1/completions",
+               {"model": model, "prompt": ids, "max_tokens": 4, "temperature": 0}),
+              ("POST /v1/completions ignore_eos", "post", "/v1/completions",
+               {"model": model, "prompt": ids, "max_tokens": 4, "temperature": 0, "ignore_eos": True}),
+              ("POST /v1/chat/completions", "post", "/v1/chat/completions",
+               {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})]
+    async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
+        for name, method, path, body in checks:
+            try:
+                r = await (http.get(path) if method == "get" else http.post(path, json=body))
+                out[name] = "ok" if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:160]}"
+                if r.status_code == 200 and name.endswith("ignore_eos"):
+                    got = (r.json().get("usage") or {}).get("completion_tokens")
+                    if got is not None and got < 4:
+                        out[name] = f"accepted, but {got} of 4 tokens generated (ignore_eos not honoured?)"
+            except Exception as e:  # noqa: BLE001
+                out[name] = _error_text(e)
     return out
 
 
@@ -443,7 +483,13 @@ def table(result: dict) -> str:
             lines.append(f"{srv['label']}: second turn over a {pt['prefix_len']}-token prefix: hit TTFT "
                          f"{_fmt(pt['hit_ttft_p50_ms'])} ms, miss TTFT {_fmt(pt['miss_ttft_p50_ms'])} ms, "
                          f"miss/hit {_fmt(pt['miss_over_hit'])}x, errors {pt['errors']}")
+        for check, what in srv.get("capabilities", {}).items():
+            if what != "ok":
+                lines.append(f"{srv['label']} could not: {check}: {what}")
         for lvl in srv.get("levels", []):
+            if lvl.get("short_outputs"):
+                lines.append(f"{srv['label']} prompt {lvl['prompt_len']} conc {lvl['concurrency']}: "
+                             f"{lvl['short_outputs']} outputs shorter than max_tokens")
             for msg, n in lvl.get("error_messages", {}).items():
                 lines.append(f"{srv['label']} prompt {lvl['prompt_len']} conc {lvl['concurrency']}: {n} x {msg}")
     if "mtp" in result:
