@@ -6,6 +6,7 @@ by the official `openai` client (AsyncOpenAI, streamed completions with stream_o
                           [--concurrency 1 8 32 64] [--prompt-len 1024 32768] [--max-tokens 256]
                           [--requests-per-level N] [--duration-limit S] [--prefix-len 32768] [--mtp-compare]
     python bench/serve.py --tiny-cpu          # smoke: a random tiny model served on the CPU, small lengths
+    python bench/serve.py --make-checkpoint /tmp/flash4 [--preset flash4|tiny] [--mtp-layers 1]
 
 Measured per (server, prompt length, concurrency): TTFT p50/p99, TPOT p50/p99 (per request: time from the first
 to the last streamed token over the tokens after the first), ITL p50/p99 (gaps between streamed chunks),
@@ -503,16 +504,35 @@ def table(result: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- tiny CPU
 
-def make_tiny_checkpoint(directory: str) -> int:
-    """A random `tiny` model with a small BPE tokenizer saved in `directory`; returns its vocab size."""
+def make_checkpoint(directory: str, preset: str = "tiny", mtp_layers: int | None = None) -> int:
+    """A random-weights model with a small BPE tokenizer saved in `directory`; returns its vocab size.
+
+    preset "tiny": the tiny preset with the tokenizer's vocab (fp32, for the CPU smoke). "flash4": the 4-layer
+    V4-Flash geometry of bench/e2e.py (vocab 32768, bf16, built on the GPU when there is one); its ids beyond the
+    small tokenizer decode to empty text, which the benchmark does not read (it counts tokens from `usage`)."""
     import torch
 
     import dsv4
     from dsv4.train.tokenizer import train_bpe
     tok = train_bpe(["Hello there, how are you?\n", "Paris is the capital of France.\n"] * 20, 300, directory)
-    cfg = dsv4.ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size)
-    dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=1), directory, dtype=torch.float32)
+    if preset == "tiny":
+        cfg, dtype = dsv4.ModelConfig.preset("tiny").replace(vocab_size=tok.vocab_size), torch.float32
+    elif preset == "flash4":
+        from e2e import flash4  # bench/e2e.py: the benchmark model's geometry
+        cfg, dtype = flash4(), torch.bfloat16
+    else:
+        raise ValueError(f"preset={preset!r}: expected 'tiny' or 'flash4'")
+    if mtp_layers is not None:
+        cfg = cfg.replace(n_mtp_layers=mtp_layers)
+    device = "cuda" if preset != "tiny" and torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = dsv4.Transformer(cfg).init_weights(seed=1)
+    dsv4.save_model(model, directory, dtype=dtype)
     return cfg.vocab_size
+
+
+def make_tiny_checkpoint(directory: str) -> int:
+    return make_checkpoint(directory, "tiny")
 
 
 TINY_DEFAULTS = dict(concurrency=[1, 2], prompt_len=[16, 64], max_tokens=8, requests_per_level=4, prefix_len=96,
@@ -547,6 +567,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, help="random prompt ids are drawn from [0, V) (default: config.json of "
                    "the launched checkpoint)")
     p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (a server that rejects it)")
+    p.add_argument("--make-checkpoint", metavar="DIR", help="only save a random-weights model with a tokenizer in DIR "
+                   "(--preset) for --launch, then exit")
+    p.add_argument("--preset", default="flash4", choices=["flash4", "tiny"], help="model of --make-checkpoint")
+    p.add_argument("--mtp-layers", type=int, help="MTP blocks of the --make-checkpoint model (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="result file (default: bench/results/<date>_<device>_<commit>_serve.json)")
     args = p.parse_args(argv)
@@ -555,6 +579,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for k, v in TINY_DEFAULTS.items():
             if k not in given:
                 setattr(args, k, v)
+    if args.make_checkpoint:
+        return args
     if not (args.url or args.launch or args.tiny_cpu):
         p.error("one of --url, --launch or --tiny-cpu is needed")
     if args.mtp_compare and not (args.launch or args.tiny_cpu):
@@ -571,6 +597,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.make_checkpoint:
+        vocab = make_checkpoint(args.make_checkpoint, args.preset, args.mtp_layers)
+        print(f"saved a random {args.preset} model (vocab {vocab}) with a tokenizer in {args.make_checkpoint}")
+        return 0
     tmp = None
     if args.tiny_cpu:
         tmp = tempfile.TemporaryDirectory(prefix="dsv4_serve_tiny_")
