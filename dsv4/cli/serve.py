@@ -25,6 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond it are refused (HTTP 429)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8"])
     p.add_argument("--index-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8", "fp4"])
+    p.add_argument("--prefix-cache-gb", type=float, default=None,
+                   help="memory for cached prompt prefixes on the model's device (default: 4 on a GPU, 0 on a CPU; "
+                        "0 turns the device tier off)")
+    p.add_argument("--prefix-host-gb", type=float, default=2.0,
+                   help="host-RAM tier behind the device tier (0: off)")
+    p.add_argument("--prefix-block", type=int, default=256, help="prefix-cache save interval in tokens")
+    p.add_argument("--prefix-store", metavar="DIR", help="on-disk prefix tier behind the memory tiers")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt from scratch")
     p.add_argument("--speculative", choices=["mtp"], help="speculative decoding with the model's MTP block")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
 
@@ -39,6 +47,22 @@ def _serving_packages():
         raise ImportError(f"dsv4 serve needs {e.name}; install the serving extra: pip install 'dsv4[serve]'") from None
     from ..serve.api import build_app
     return uvicorn, build_app
+
+
+def _prefix_cache(args: argparse.Namespace, model, device):
+    """The cross-request prefix cache the flags ask for. A server's weights do not change under it, so entries
+    are keyed by the fingerprint taken once at start (verify_model=False) instead of one pass over the weights
+    per hit."""
+    from ..errors import InvalidArgument
+    from ..generate.prefix_store import PrefixStore
+    from ..serve.prefix_cache import PrefixCache
+    device_gb = args.prefix_cache_gb if args.prefix_cache_gb is not None else (4.0 if device.type == "cuda" else 0.0)
+    for flag, v in (("--prefix-cache-gb", device_gb), ("--prefix-host-gb", args.prefix_host_gb)):
+        if not v >= 0:
+            raise InvalidArgument(f"{flag}={v}: must be a size in GB >= 0")
+    store = PrefixStore(args.prefix_store, model) if args.prefix_store else None
+    return PrefixCache(model, int(device_gb * 2**30), int(args.prefix_host_gb * 2**30), store=store,
+                       block=args.prefix_block, verify_model=False)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,10 +82,11 @@ def run(args: argparse.Namespace) -> int:
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = load_model(args.checkpoint, device=device, dtype=dtype)
     tok = Tokenizer.from_dir(args.checkpoint)
+    prefix_cache = None if args.no_prefix_cache else _prefix_cache(args, model, device)
     engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_dtype=args.kv_dtype,
                     index_dtype=args.index_dtype, max_queue=args.max_queue,
                     eos_token_ids=tuple(t for t in (tok.eos_id,) if t is not None), speculative=args.speculative,
-                    cuda_graphs=device.type == "cuda")
+                    cuda_graphs=device.type == "cuda", prefix_cache=prefix_cache)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     engine.start()
     try:

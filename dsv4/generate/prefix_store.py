@@ -33,6 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as serialize
 
 from ..cache import KVCache
+from ..cache.row_state import restore_row_state, row_state
 from ..checkpoint.safetensors_io import CheckpointError, read_header
 from .fingerprint import model_fingerprint
 
@@ -74,6 +75,11 @@ class StoreActivity:
         return line
 
 
+def store_fingerprint(model_fp: str, cache: KVCache) -> str:
+    """A stored prefix's model key: the model's fingerprint and the cache's storage formats."""
+    return hashlib.sha256(f"{model_fp}|{cache.kv_dtype}|{cache.index_dtype}|{cache.dtype}".encode()).hexdigest()
+
+
 def _tokens_hash(fingerprint: str, tokens: Sequence[int]) -> str:
     return hashlib.sha256((fingerprint + ":" + ",".join(map(str, tokens))).encode()).hexdigest()
 
@@ -106,8 +112,7 @@ class PrefixStore:
     def fingerprint(self, cache: KVCache) -> str:
         """The key's model part: the model as it is now (all weights, buffers and settings) and the cache's
         storage formats. Recomputed on every call."""
-        return hashlib.sha256(f"{model_fingerprint(self.model)}|{cache.kv_dtype}|{cache.index_dtype}|"
-                              f"{cache.dtype}".encode()).hexdigest()
+        return store_fingerprint(model_fingerprint(self.model), cache)
 
     def _path(self, digest: str) -> str:
         return os.path.join(self.dir, f"{digest}.safetensors")
@@ -122,6 +127,10 @@ class PrefixStore:
         return sorted(set(range(self.block, n_tokens, self.block)) | {n_tokens})
 
     # ------------------------------------------------------------------ the index of stored lengths
+    def lengths(self) -> list[int]:
+        """The prefix lengths stored (for any token sequence, any model), longest first."""
+        return self._lengths()
+
     def _lengths(self) -> list[int]:
         """The prefix lengths stored (for any token sequence), longest first."""
         path = os.path.join(self.dir, INDEX)
@@ -205,22 +214,15 @@ class PrefixStore:
         the directory cannot be written (reported once per store)."""
         if cache.batch_size != 1 or cache.lengths() != [len(tokens)]:
             raise ValueError(f"save needs a one-row cache at position {len(tokens)}, got lengths {cache.lengths()}")
-        cache.check_intact()  # a row a failed step left half-written must never be stored
-        fp = self.fingerprint(cache)
+        return self.save_state(row_state(cache, len(tokens)), tokens, self.fingerprint(cache))
+
+    def save_state(self, state: dict[str, torch.Tensor], tokens: Sequence[int], fingerprint: str) -> str | None:
+        """Store a row state (`dsv4.cache.row_state` after len(tokens) tokens) under `fingerprint` (as
+        `fingerprint(cache)` gives it). Returns the file's path, or None when the directory cannot be written."""
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
         n = len(tokens)
-        tensors: dict[str, torch.Tensor] = {}
-        for i, layer in enumerate(cache.layers):
-            tensors[f"{i}.window"] = layer.window_rows.buf[0]
-            if layer.entry_rows is not None:
-                tensors[f"{i}.entries"] = layer.entry_rows.buf[0, : n // layer.ratio]
-            if layer.key_rows is not None:
-                tensors[f"{i}.keys"] = layer.key_rows.buf[0, : n // layer.ratio]
-            for tag, st in (("cstate", layer.compressor_state), ("istate", layer.indexer_state)):
-                if st is not None:
-                    tensors[f"{i}.{tag}.kv"], tensors[f"{i}.{tag}.score"] = st.kv[0], st.score[0]
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        digest = _tokens_hash(fp, tokens)
-        meta = {"fingerprint": fp, "n_tokens": str(n), "tokens": digest, "sha256": _digest(tensors)}
+        digest = _tokens_hash(fingerprint, tokens)
+        meta = {"fingerprint": fingerprint, "n_tokens": str(n), "tokens": digest, "sha256": _digest(tensors)}
         path = self._path(digest)
         try:
             self._write_atomic(path, serialize(tensors, metadata=meta))
@@ -238,22 +240,22 @@ class PrefixStore:
         to compute) into a fresh one-row cache. Returns its length, 0 if none is usable."""
         if cache.batch_size != 1:
             raise ValueError("load needs a one-row cache (use cache.select(row))")
-        n = self._load(cache, tokens)
+        stored = any(n < len(tokens) for n in self._lengths())  # (no pass over the weights when nothing fits)
+        n = self.load_longer(cache, tokens, self.fingerprint(cache), 0) if stored else 0
         self.activity.loaded.append(n)
         return n
 
-    def _load(self, cache: KVCache, tokens: Sequence[int]) -> int:
-        lengths = [n for n in self._lengths() if n < len(tokens)]
-        if not lengths:
-            return 0
-        fp = self.fingerprint(cache)
-        for n in lengths:
-            digest = _tokens_hash(fp, tokens[:n])
+    def load_longer(self, cache: KVCache, tokens: Sequence[int], fingerprint: str, shorter: int) -> int:
+        """Restore the longest stored prefix of `tokens` longer than `shorter` tokens and shorter than `tokens`,
+        stored under `fingerprint`, into a one-row cache. Returns its length, 0 if none is usable (the cache
+        is then untouched unless a stored prefix failed to fit it, which resets it)."""
+        for n in (n for n in self._lengths() if shorter < n < len(tokens)):
+            digest = _tokens_hash(fingerprint, tokens[:n])
             path = self._path(digest)
             if not os.path.isfile(path):
                 continue
             try:
-                tensors = self._read(path, fp, digest, n)
+                tensors = self._read(path, fingerprint, digest, n)
             except _Damaged as e:
                 log.warning("ignoring stored prefix %s: %s (removed)", path, e)
                 with contextlib.suppress(OSError):
@@ -267,7 +269,6 @@ class PrefixStore:
                 return n
             except (KeyError, RuntimeError) as e:  # e.g. a cache too short for this prefix
                 log.warning("ignoring stored prefix %s: does not fit this cache (%s)", path, e)
-                cache.reset()
         return 0
 
     @staticmethod
@@ -288,15 +289,4 @@ class PrefixStore:
 
     @staticmethod
     def _restore(cache: KVCache, tensors: dict[str, torch.Tensor], n: int) -> None:
-        cache.reset()
-        for i, layer in enumerate(cache.layers):
-            layer.window_rows.buf[0].copy_(tensors[f"{i}.window"])
-            if layer.entry_rows is not None:
-                layer.entry_rows.buf[0, : n // layer.ratio].copy_(tensors[f"{i}.entries"])
-            if layer.key_rows is not None:
-                layer.key_rows.buf[0, : n // layer.ratio].copy_(tensors[f"{i}.keys"])
-            for tag, st in (("cstate", layer.compressor_state), ("istate", layer.indexer_state)):
-                if st is not None:
-                    st.kv[0].copy_(tensors[f"{i}.{tag}.kv"])
-                    st.score[0].copy_(tensors[f"{i}.{tag}.score"])
-        cache.end(n)
+        restore_row_state(cache, tensors, n)

@@ -280,6 +280,7 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         srv.check_model(req.model)
+        req.check_unsupported()
         if req.echo:
             raise APIError(400, "echo: not supported", param="echo")
         prompt = req.single_prompt()
@@ -341,6 +342,7 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         srv.check_model(req.model)
+        req.check_unsupported()
         thinking = req.thinking_mode()
         messages = req.encoder_messages()
         drop = req.chat_template_kwargs.drop_thinking if req.chat_template_kwargs else True

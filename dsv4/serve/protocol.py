@@ -51,6 +51,17 @@ class _Sampling(BaseModel):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
+    presence_penalty: float = 0.0     # accepted so clients that always send 0 work; other values are refused
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+
+    def check_unsupported(self) -> None:
+        """Refuse what the engine does not do rather than silently sample differently than asked."""
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name):
+                raise APIError(400, f"{name}={getattr(self, name)}: not supported (only 0)", param=name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias: not supported", param="logit_bias")
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())

@@ -147,7 +147,7 @@ def test_n_and_seeds_and_logprobs(env):
 @pytest.mark.parametrize("kwargs,param", [
     ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
     ({"n": 0}, "n"), ({"max_tokens": 100_000}, "max_tokens"), ({"logprobs": 99}, "logprobs"),
-    ({"stop": 5}, "stop")])
+    ({"stop": 5}, "stop"), ({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"5": 1}}, "logit_bias")])
 def test_bad_completion_values_are_400(env, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
         env["client"].completions.create(**{"model": "dsv4-test", "prompt": "Hi", **kwargs})
@@ -221,3 +221,11 @@ def test_hangup_before_a_plain_reply_frees_its_request(env):
         assert engine.submitted[-1].cancelled
     finally:
         engine.delay = 0.002
+
+
+def test_two_apps_keep_their_own_metrics(env):
+    a = build_app(env["engine"], env["tok"], "a")
+    b = build_app(env["engine"], env["tok"], "b")   # a shared registry would refuse the second app's counters
+    a.state.server.finished("stop")
+    assert b"dsv4_requests_finished_total{" not in b.state.server.metrics.render()
+    assert b'dsv4_requests_finished_total{finish_reason="stop"} 1.0' in a.state.server.metrics.render()

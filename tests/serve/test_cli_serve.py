@@ -57,6 +57,38 @@ def test_serve_builds_engine_and_app_from_flags(checkpoint, monkeypatch):
     assert seen["models"] == checkpoint.name and seen["completion"]["usage"]["completion_tokens"] >= 1
 
 
+def test_serve_prefix_cache_flags_reuse_a_repeated_prompt(checkpoint, monkeypatch):
+    """With the host tier on, a repeated prompt reuses its cached prefix (usage.prompt_tokens_details) and answers
+    as the cold request did; --no-prefix-cache turns reuse off."""
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    answers = []
+
+    def fake_run(app, host, port, **_):
+        with TestClient(app) as http:
+            for _ in range(2):
+                r = http.post("/v1/completions", json={"prompt": "Paris is the capital of", "max_tokens": 4,
+                                                       "temperature": 0}).json()
+                answers.append((r["choices"][0]["text"], r["usage"]["prompt_tokens_details"]["cached_tokens"]))
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    base = ["serve", "--checkpoint", str(checkpoint), "--device", "cpu", "--max-seq-len", "96"]
+    assert main(base + ["--prefix-host-gb", "0.1", "--prefix-block", "4"]) == 0
+    (cold, cold_cached), (warm, warm_cached) = answers
+    assert cold_cached == 0 and warm_cached > 0 and warm == cold
+    answers.clear()
+    assert main(base + ["--no-prefix-cache"]) == 0
+    assert [c for _, c in answers] == [0, 0] and answers[1][0] == cold
+
+
+def test_serve_refuses_negative_cache_size(checkpoint, capsys):
+    pytest.importorskip("fastapi")
+    assert main(["serve", "--checkpoint", str(checkpoint), "--device", "cpu", "--prefix-host-gb", "-1"]) == 2
+    assert "--prefix-host-gb" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_serve_command_answers_then_stops(checkpoint):
     """`dsv4 serve` in its own process: a checkpoint on disk, /health, one completion, then SIGINT ends it."""

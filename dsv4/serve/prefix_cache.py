@@ -1,0 +1,326 @@
+"""Prefix caching across requests: a row's whole cache state after n tokens (window ring, compressor states,
+compressed entries, indexer keys, position: `dsv4.cache.row_state`) kept in memory, keyed by (model fingerprint,
+cache formats, the n tokens), so a request that starts with a stored prefix computes only the rest.
+
+Tiers, each LRU under a byte budget: the model's device first, then host RAM (pinned when the device is CUDA, so
+copies overlap); evicting from the device tier demotes an entry to the host tier, evicting from the host tier
+drops it or, with a `PrefixStore`, writes it to disk (where other processes and later runs find it too). A hit
+restores the same bytes the saving row held, so the logits that follow are exactly those of a cold prefill
+computed in the same chunks.
+
+The engine's side (all one-row caches: `cache.select(row)`; safe to call from several threads):
+
+    pc = PrefixCache(model, device_bytes, host_bytes, store=None, block=256)
+    n = pc.load(row, prompt)            # restore the longest cached prefix shorter than the prompt (0: miss);
+                                        # the row should be empty: on a hit it is overwritten
+    for stop in pc.boundaries(len(prompt)):   # prefill from n, stopping at each boundary > n to save
+        ...; pc.save(row, prompt[:stop])
+    ...                                 # generation
+    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds
+    pc.stats()                          # counters and tier sizes, for /metrics
+
+`boundaries(n)` is every `block` tokens below n - 1, and n - 1: a load always leaves one token to compute (the
+caller needs the last token's logits), so a prompt sent twice hits at n - 1, as does a prompt extended by
+anything, however short it is. A save at the prompt's end (n) is then redundant; the save at the end of the
+generation is the one that lets the next turn of a chat hit: the V4 chat encoding of turn N+1 starts with
+prompt N + reply N (+ the end-of-sentence token) when thinking is off, so turn N+1 hits everything but its new
+user message.
+
+Lookups never compare tokens with stored entries: a hash chain over the query's blocks (h0 = the key
+fingerprint, h[b+1] = sha256(h[b], block b's tokens)) names the block node each stored length hangs off, and the
+index maps node -> the lengths stored under it; the query checks, deepest node first, only those lengths, each by
+one dict lookup of sha256(node, the tail's tokens, n).
+
+The model fingerprint (every byte of every weight and buffer, every module setting) is recomputed by every
+`load` that would restore something (`verify_model=True`, the default: one pass over the weights on their
+device, so a hit of a few hundred tokens on a large model costs about what it saves; a miss costs nothing), and
+its value reused by the saves that follow. With `verify_model=False` it is recomputed only when a parameter or
+buffer was replaced or changed in place through autograd's version counter (a `.data` write or a kernel writing
+weights out of band is not seen: call `refresh()` after one). Entries of a model that changed are dropped from
+memory at once.
+
+Each entry holds its whole state (the compressed entries from position 0 on), so the entries saved at every
+block of one long prompt take memory quadratic in its length: the byte budgets bound it, and LRU order keeps
+the newest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..cache import KVCache
+from ..cache.row_state import restore_row_state, row_state, state_nbytes
+from ..errors import InvalidArgument
+from ..generate.fingerprint import model_fingerprint
+from ..generate.prefix_store import PrefixStore, store_fingerprint
+
+__all__ = ["PrefixCache"]
+
+log = logging.getLogger(__name__)
+
+TIERS = ("device", "host")
+
+
+@dataclasses.dataclass
+class _Entry:
+    key: bytes
+    node: bytes               # the block node it hangs off: h[n // block]
+    n: int
+    state: dict[str, torch.Tensor]
+    nbytes: int
+    fp: str                   # the key fingerprint and the tokens: what the store names its file by
+    tokens: np.ndarray | None  # (kept only when there is a store)
+    on_disk: bool = False
+    copied: object = None     # a CUDA event: the state's copy to pinned host memory is done when it completes
+
+    def wait(self) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+
+
+class _Chain:
+    """The query's hash chain: node(b) = h[b], key(n) = the key of its first n tokens."""
+
+    def __init__(self, fingerprint: str, tokens: Sequence[int], block: int, upto: int):
+        self.block = block
+        self.data = np.asarray(tokens[:upto], dtype=np.int64).tobytes()
+        h = hashlib.sha256(fingerprint.encode()).digest()
+        self.nodes = [h]
+        step = 8 * block
+        for b in range(upto // block):
+            h = hashlib.sha256(h + self.data[b * step:(b + 1) * step]).digest()
+            self.nodes.append(h)
+
+    def key(self, n: int) -> bytes:
+        b = n // self.block
+        return hashlib.sha256(self.nodes[b] + self.data[8 * b * self.block: 8 * n] + n.to_bytes(8, "little")).digest()
+
+
+class PrefixCache:
+    """Cached row states for one model, in device and host memory tiers (optionally over a PrefixStore)."""
+
+    def __init__(self, model, device_bytes: int, host_bytes: int, store: PrefixStore | None = None,
+                 block: int = 256, *, verify_model: bool = True):
+        for name, v in (("device_bytes", device_bytes), ("host_bytes", host_bytes)):
+            if type(v) is not int or v < 0:
+                raise InvalidArgument(f"PrefixCache: {name} must be a byte count >= 0, got {v!r}")
+        if type(block) is not int or block <= 0:
+            raise InvalidArgument(f"PrefixCache: block must be a positive token count, got {block!r}")
+        self.model, self.store, self.block, self.verify_model = model, store, block, verify_model
+        self.budget = {"device": device_bytes, "host": host_bytes}
+        self.device = next(model.parameters()).device
+        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._tiers: dict[str, OrderedDict[bytes, _Entry]] = {t: OrderedDict() for t in TIERS}
+        self._bytes = {t: 0 for t in TIERS}
+        self._index: dict[bytes, dict[int, int]] = {}   # block node -> {stored length: entries}
+        self._lock = threading.RLock()
+        self._model_fp: str | None = None
+        self._stamp: tuple | None = None
+        self.counters = dict(lookups=0, hits=0, lookup_tokens=0, hit_tokens=0, saves=0, store_hits=0,
+                             store_saves=0, device_evictions=0, host_evictions=0, fingerprint_passes=0)
+
+    # ------------------------------------------------------------------ the engine's interface
+    def boundaries(self, n_tokens: int) -> list[int]:
+        """Where a prefill of n tokens stops to save: every `block` tokens below n - 1, and n - 1 (so that the
+        same prompt, or any extension of it, hits; see the module docstring)."""
+        if n_tokens < 2:
+            return []
+        return sorted(set(range(self.block, n_tokens - 1, self.block)) | {n_tokens - 1})
+
+    def load(self, cache_row: KVCache, tokens: Sequence[int]) -> int:
+        """Restore the longest cached prefix of `tokens` shorter than `tokens` into a one-row cache; return its
+        length (0: none, the row untouched)."""
+        _check_row(cache_row, "load")
+        with self._lock:
+            self.counters["lookups"] += 1
+            self.counters["lookup_tokens"] += len(tokens)
+            passes = self.counters["fingerprint_passes"]
+            fp = self._fingerprint(cache_row, recompute=False)
+            n, entry = self._find(fp, tokens)
+            stored = self.store is not None and any(m < len(tokens) for m in self.store.lengths())
+            fresh = self.counters["fingerprint_passes"] > passes
+            if self.verify_model and not fresh and (entry is not None or stored):  # only a restore needs it
+                checked = self._fingerprint(cache_row, recompute=True)
+                if checked != fp:  # the model changed: its entries were dropped
+                    fp, (n, entry) = checked, self._find(checked, tokens)
+            if stored:
+                m = self.store.load_longer(cache_row, tokens, fp, n)
+                if m:
+                    self.counters["store_hits"] += 1
+                    self._insert(fp, tokens[:m], row_state(cache_row, m), on_disk=True)
+                    n, entry = m, None
+            if entry is not None:
+                try:
+                    restore_row_state(cache_row, entry.state, n)
+                    self._touch(entry)
+                except (KeyError, RuntimeError) as e:  # a row too short for it (the row is left reset)
+                    log.warning("prefix cache: a %d-token prefix does not fit this row (%s)", n, e)
+                    n = 0
+            if n:
+                self.counters["hits"] += 1
+                self.counters["hit_tokens"] += n
+            return n
+
+    def save(self, cache_row: KVCache, tokens: Sequence[int]) -> None:
+        """Keep the state of a one-row cache that holds exactly `tokens` (already kept: refresh its LRU place)."""
+        _check_row(cache_row, "save")
+        if cache_row.lengths() != [len(tokens)]:
+            raise InvalidArgument(f"PrefixCache.save: the row holds {cache_row.lengths()[0]} tokens, "
+                                  f"not the {len(tokens)} given")
+        if not tokens:
+            return
+        with self._lock:
+            fp = self._fingerprint(cache_row, recompute=False)
+            chain = _Chain(fp, tokens, self.block, len(tokens))
+            key = chain.key(len(tokens))
+            for tier in TIERS:
+                if key in self._tiers[tier]:
+                    self._tiers[tier].move_to_end(key)
+                    return
+            self._insert(fp, tokens, row_state(cache_row, len(tokens)), chain)
+
+    def stats(self) -> dict:
+        """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,
+        store_hits, store_saves, device_evictions, host_evictions, fingerprint_passes) and, per tier, `entries`,
+        `bytes` and `budget` ({"device": ..., "host": ...})."""
+        with self._lock:
+            c = dict(self.counters)
+            c["hit_rate"] = c["hit_tokens"] / c["lookup_tokens"] if c["lookup_tokens"] else 0.0
+            c["entries"] = {t: len(self._tiers[t]) for t in TIERS}
+            c["bytes"] = dict(self._bytes)
+            c["budget"] = dict(self.budget)
+            return c
+
+    def refresh(self) -> None:
+        """Recompute the model fingerprint now (after changing weights in a way autograd does not see)."""
+        with self._lock:
+            self._model_fp = None
+
+    def flush(self) -> None:
+        """Write every entry held in memory to the store (e.g. before shutting down); they stay in memory."""
+        with self._lock:
+            if self.store is not None:
+                for tier in TIERS:
+                    for e in self._tiers[tier].values():
+                        self._spill(e)
+
+    # ------------------------------------------------------------------ keys
+    def _fingerprint(self, cache: KVCache, recompute: bool) -> str:
+        stamp = tuple((id(t), t._version, t.data_ptr()) for t in (*self.model.parameters(),
+                                                                  *self.model.buffers()))
+        if recompute or self._model_fp is None or stamp != self._stamp:
+            fp = model_fingerprint(self.model)
+            self.counters["fingerprint_passes"] += 1
+            if self._model_fp is not None and fp != self._model_fp:
+                self._clear()  # another model: none of the entries can hit again
+            self._model_fp, self._stamp = fp, stamp
+        return store_fingerprint(self._model_fp, cache)
+
+    def _find(self, fp: str, tokens: Sequence[int]) -> tuple[int, _Entry | None]:
+        """The longest held prefix shorter than `tokens`: (its length, its entry), (0, None) if none."""
+        if len(tokens) < 2 or not self._index:
+            return 0, None
+        chain = _Chain(fp, tokens, self.block, len(tokens) - 1)
+        for b in range(len(chain.nodes) - 1, -1, -1):
+            for n in sorted(self._index.get(chain.nodes[b], ()), reverse=True):
+                if n < len(tokens):
+                    key = chain.key(n)
+                    for tier in TIERS:
+                        if key in self._tiers[tier]:
+                            return n, self._tiers[tier][key]
+        return 0, None
+
+    # ------------------------------------------------------------------ tiers
+    def _insert(self, fp: str, tokens: Sequence[int], state: dict[str, torch.Tensor],
+                chain: _Chain | None = None, on_disk: bool = False) -> None:
+        chain = chain or _Chain(fp, tokens, self.block, len(tokens))
+        n = len(tokens)
+        kept = np.asarray(tokens, dtype=np.int64) if self.store is not None else None
+        entry = _Entry(chain.key(n), chain.nodes[n // self.block], n, state, state_nbytes(state), fp, kept, on_disk)
+        self.counters["saves"] += 1
+        lengths = self._index.setdefault(entry.node, {})
+        lengths[n] = lengths.get(n, 0) + 1
+        if entry.nbytes <= self.budget["device"]:
+            entry.state = {k: v.clone() for k, v in state.items()}
+            self._add("device", entry)
+        else:
+            self._demote(entry)
+
+    def _add(self, tier: str, entry: _Entry) -> None:
+        self._tiers[tier][entry.key] = entry
+        self._bytes[tier] += entry.nbytes
+        while self._bytes[tier] > self.budget[tier]:
+            _, old = self._tiers[tier].popitem(last=False)
+            self._bytes[tier] -= old.nbytes
+            self.counters[f"{tier}_evictions"] += 1
+            if tier == "device":
+                self._demote(old)
+            else:
+                self._drop(old)
+
+    def _demote(self, entry: _Entry) -> None:
+        """Move an entry into the host tier (or past it, when larger than its budget)."""
+        if entry.nbytes > self.budget["host"]:
+            self._drop(entry)
+            return
+        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self._pin).copy_(v, non_blocking=self._pin)
+                for k, v in entry.state.items()}
+        if self._pin:
+            entry.copied = torch.cuda.Event()
+            entry.copied.record()
+        entry.state = host
+        self._add("host", entry)
+
+    def _drop(self, entry: _Entry) -> None:
+        """An entry leaves memory: to the store when there is one."""
+        self._spill(entry)
+        self._unindex(entry)
+
+    def _unindex(self, entry: _Entry) -> None:
+        lengths = self._index[entry.node]
+        lengths[entry.n] -= 1
+        if not lengths[entry.n]:
+            del lengths[entry.n]
+            if not lengths:
+                del self._index[entry.node]
+
+    def _spill(self, entry: _Entry) -> None:
+        if self.store is None or entry.on_disk:
+            return
+        entry.wait()
+        if self.store.save_state(entry.state, entry.tokens.tolist(), entry.fp) is not None:
+            self.counters["store_saves"] += 1
+            entry.on_disk = True
+
+    def _touch(self, entry: _Entry) -> None:
+        """A hit: most recently used; an entry on the host goes back to the device tier when it fits."""
+        for tier in TIERS:
+            if entry.key in self._tiers[tier]:
+                if tier == "host" and entry.nbytes <= self.budget["device"]:
+                    del self._tiers["host"][entry.key]
+                    self._bytes["host"] -= entry.nbytes
+                    entry.state = {k: v.to(self.device, non_blocking=True) for k, v in entry.state.items()}
+                    self._add("device", entry)
+                else:
+                    self._tiers[tier].move_to_end(entry.key)
+                return
+
+    def _clear(self) -> None:
+        for tier in TIERS:
+            self._tiers[tier].clear()
+            self._bytes[tier] = 0
+        self._index.clear()
+
+
+def _check_row(cache: KVCache, what: str) -> None:
+    if not isinstance(cache, KVCache) or cache.batch_size != 1:
+        raise InvalidArgument(f"PrefixCache.{what} needs a one-row KVCache (cache.select(row)), got "
+                              f"{getattr(cache, 'batch_size', type(cache).__name__)} rows")
