@@ -70,6 +70,7 @@ class RequestResult:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     got_usage: bool = False
+    cached_tokens: int | None = None      # usage.prompt_tokens_details.cached_tokens, where the server reports it
     error: str | None = None
 
     @property
@@ -137,6 +138,8 @@ async def stream_one(client, model: str, prompt: list[int], max_tokens: int, ign
                 res.got_usage = True
                 res.completion_tokens = chunk.usage.completion_tokens or 0
                 res.prompt_tokens = chunk.usage.prompt_tokens or 0
+                details = getattr(chunk.usage, "prompt_tokens_details", None)
+                res.cached_tokens = getattr(details, "cached_tokens", None)
         if not res.chunk_times:
             res.error = "no tokens streamed"
         elif res.completion_tokens == 0:
@@ -178,7 +181,7 @@ async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, t
                       seed: int, max_tokens: int = 2) -> dict:
     """TTFT of a second request sharing a primed prefix (hit) vs one over a fresh prefix of the same length."""
     rng = random.Random(seed)
-    hits, misses, errors = [], [], []
+    hits, misses, errors, hit_cached, miss_cached = [], [], [], [], []
     for _ in range(trials):
         prefix = random_prompt(rng, prefix_len, vocab)
         prime = await stream_one(client, model, prefix + random_prompt(rng, suffix_len, vocab), max_tokens)
@@ -189,13 +192,16 @@ async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, t
                 errors.append(r.error)
         if hit.ttft is not None and not hit.error:
             hits.append(hit.ttft)
+            hit_cached.append(hit.cached_tokens)
         if miss.ttft is not None and not miss.error:
             misses.append(miss.ttft)
+            miss_cached.append(miss.cached_tokens)
     hit50, miss50 = percentile(hits, 50), percentile(misses, 50)
     return {"prefix_len": prefix_len, "suffix_len": suffix_len, "trials": trials,
             "hit_ttft_p50_ms": None if hit50 is None else round(hit50 * 1e3, 3),
             "miss_ttft_p50_ms": None if miss50 is None else round(miss50 * 1e3, 3),
             "miss_over_hit": round(miss50 / hit50, 2) if hit50 and miss50 else None,
+            "hit_cached_tokens": hit_cached, "miss_cached_tokens": miss_cached,
             "errors": len(errors), "error_messages": sorted(set(errors))[:5]}
 
 
@@ -483,7 +489,9 @@ def table(result: dict) -> str:
         if pt:
             lines.append(f"{srv['label']}: second turn over a {pt['prefix_len']}-token prefix: hit TTFT "
                          f"{_fmt(pt['hit_ttft_p50_ms'])} ms, miss TTFT {_fmt(pt['miss_ttft_p50_ms'])} ms, "
-                         f"miss/hit {_fmt(pt['miss_over_hit'])}x, errors {pt['errors']}")
+                         f"miss/hit {_fmt(pt['miss_over_hit'])}x, cached tokens reported hit "
+                         f"{pt.get('hit_cached_tokens')} miss {pt.get('miss_cached_tokens')}, server hit rate during "
+                         f"the test {_fmt(pt.get('server_hit_rate_during_test'))}, errors {pt['errors']}")
         for check, what in srv.get("capabilities", {}).items():
             if what != "ok":
                 lines.append(f"{srv['label']} could not: {check}: {what}")
@@ -607,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         args.vocab_size = args.vocab_size or make_tiny_checkpoint(tmp.name)
         need = max(max(args.prompt_len), args.prefix_len + args.suffix_len) + args.max_tokens + 16
         args.launch = (f"dsv4 serve --checkpoint {shlex.quote(tmp.name)} --device cpu --max-batch "
-                       f"{max(args.concurrency)} --max-seq-len {need} --model-name tiny")
+                       f"{max(args.concurrency)} --max-seq-len {need} --model-name tiny --prefix-block 32")
     vocab = args.vocab_size or vocab_from_launch(args.launch) or vocab_from_launch(args.peer_launch)
     if not vocab:
         print("--vocab-size is needed (no --checkpoint DIR with config.json in the launch command)", file=sys.stderr)

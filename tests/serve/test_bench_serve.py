@@ -136,6 +136,7 @@ def test_one_level_against_the_real_engine(bench, tmp_path):
         assert (lvl["ok"], lvl["errors"], lvl["short_outputs"], lvl["no_usage"]) == (2, 0, 0, 0)
         assert lvl["output_tokens"] == 6 and lvl["ttft_p50_ms"] > 0 and lvl["tpot_p50_ms"] > 0
     assert out["prefix"]["errors"] == 0 and out["prefix"]["miss_over_hit"] is not None
+    assert out["prefix"]["miss_cached_tokens"] == [0]        # usage.prompt_tokens_details read
 
 
 @pytest.mark.slow
