@@ -112,7 +112,8 @@ def summarize(results: list[RequestResult], wall_s: float, max_tokens: int | Non
             "no_usage": sum(1 for r in ok if not r.got_usage),
             "output_tokens": out_tokens, "wall_s": round(wall_s, 3),
             "output_tok_per_s": round(out_tokens / wall_s, 2) if wall_s > 0 else None,
-            "mean_completion_tokens": round(out_tokens / len(ok), 2) if ok else None}
+            "mean_completion_tokens": round(out_tokens / len(ok), 2) if ok else None,
+            "mean_prompt_tokens": round(sum(r.prompt_tokens for r in ok) / len(ok), 1) if ok else None}
 
 
 # ----------------------------------------------------------------------------------------------- requests
@@ -122,7 +123,7 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:200]}"
 
 
-async def stream_one(client, model: str, prompt: list[int], max_tokens: int, ignore_eos: bool = True) -> RequestResult:
+async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: int, ignore_eos: bool = True) -> RequestResult:
     """One streamed greedy completion; any failure becomes the result's error, never an exception."""
     res = RequestResult(start=time.perf_counter())
     extra = {"ignore_eos": True} if ignore_eos else {}
@@ -154,11 +155,35 @@ def random_prompt(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(n)]
 
 
+_WORDS = ("time year people way day man thing woman life child world school state family student group country "
+          "problem hand part place case week company system program question work number night point home water "
+          "room mother area money story fact month lot right study book eye job word business issue side kind head "
+          "house service friend father power hour game line end member law car city name president team minute").split()
+
+
+class PromptSource:
+    """Random prompts of a set length: token ids (exact lengths), or text for a server whose completions take no
+    ids (then the lengths are what the server's tokenizer makes of it: `mean_prompt_tokens` reports them).
+    Text comes from `tokenizer` (a `tokenizers.Tokenizer`) decoding random ids of its own vocabulary, or from
+    random common words (about one token each in a large BPE vocabulary)."""
+
+    def __init__(self, vocab: int, as_text: bool = False, tokenizer=None):
+        self.vocab, self.as_text, self.tokenizer = vocab, as_text, tokenizer
+
+    def make(self, rng: random.Random, n: int) -> list[int] | str:
+        if not self.as_text:
+            return random_prompt(rng, n, self.vocab)
+        if self.tokenizer is not None:
+            return self.tokenizer.decode(random_prompt(rng, n, min(self.vocab, self.tokenizer.get_vocab_size())),
+                                         skip_special_tokens=True)
+        return "".join(" " + rng.choice(_WORDS) for _ in range(n))
+
+
 async def run_level(client, model: str, *, concurrency: int, prompt_len: int, max_tokens: int, n_requests: int,
-                    duration_limit: float, vocab: int, seed: int, ignore_eos: bool = True) -> dict:
+                    duration_limit: float, source: PromptSource, seed: int, ignore_eos: bool = True) -> dict:
     """`n_requests` requests kept `concurrency` in flight; no new request starts after `duration_limit` s."""
     rng = random.Random(seed)
-    prompts = [random_prompt(rng, prompt_len, vocab) for _ in range(n_requests)]
+    prompts = [source.make(rng, prompt_len) for _ in range(n_requests)]
     results: list[RequestResult] = []
     t0 = time.perf_counter()
     deadline = t0 + duration_limit
@@ -177,16 +202,16 @@ async def run_level(client, model: str, *, concurrency: int, prompt_len: int, ma
             "planned_requests": n_requests, **summarize(results, wall, max_tokens)}
 
 
-async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, trials: int, vocab: int,
-                      seed: int, max_tokens: int = 2) -> dict:
+async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, trials: int, source: PromptSource,
+                      seed: int, max_tokens: int = 2, ignore_eos: bool = True) -> dict:
     """TTFT of a second request sharing a primed prefix (hit) vs one over a fresh prefix of the same length."""
     rng = random.Random(seed)
     hits, misses, errors, hit_cached, miss_cached = [], [], [], [], []
     for _ in range(trials):
-        prefix = random_prompt(rng, prefix_len, vocab)
-        prime = await stream_one(client, model, prefix + random_prompt(rng, suffix_len, vocab), max_tokens)
-        hit = await stream_one(client, model, prefix + random_prompt(rng, suffix_len, vocab), max_tokens)
-        miss = await stream_one(client, model, random_prompt(rng, prefix_len + suffix_len, vocab), max_tokens)
+        prefix = source.make(rng, prefix_len)
+        prime = await stream_one(client, model, prefix + source.make(rng, suffix_len), max_tokens, ignore_eos)
+        hit = await stream_one(client, model, prefix + source.make(rng, suffix_len), max_tokens, ignore_eos)
+        miss = await stream_one(client, model, source.make(rng, prefix_len + suffix_len), max_tokens, ignore_eos)
         for r in (prime, hit, miss):
             if r.error:
                 errors.append(r.error)
@@ -319,18 +344,24 @@ class Server:
         self.stop()
 
 
+def checkpoint_of(launch: str | None) -> str | None:
+    """The `--checkpoint DIR` of a launch command, if it has one."""
+    argv = shlex.split(launch) if launch else []
+    for i, a in enumerate(argv):
+        if a == "--checkpoint" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--checkpoint="):
+            return a.split("=", 1)[1]
+    return None
+
+
 def vocab_from_launch(launch: str | None) -> int | None:
     """vocab_size from config.json of the `--checkpoint DIR` in a launch command, if there is one."""
-    if not launch:
-        return None
-    argv = shlex.split(launch)
-    for i, a in enumerate(argv):
-        ckpt = argv[i + 1] if a == "--checkpoint" and i + 1 < len(argv) else (
-            a.split("=", 1)[1] if a.startswith("--checkpoint=") else None)
-        if ckpt:
-            with contextlib.suppress(OSError, ValueError, KeyError):
-                with open(os.path.join(ckpt, "config.json")) as f:
-                    return int(json.load(f)["vocab_size"])
+    ckpt = checkpoint_of(launch)
+    if ckpt:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(os.path.join(ckpt, "config.json")) as f:
+                return int(json.load(f)["vocab_size"])
     return None
 
 
@@ -347,14 +378,21 @@ def make_client(url: str, timeout: float, concurrency: int):
 async def measure_server(server: Server, args, vocab: int, *, loads: bool = True, prefix: bool = True) -> dict:
     """Warm-up, the load levels and the prefix test against one running server."""
     out: dict = {"label": server.label, "url": server.url, "model": server.model, "launch": server.launch}
-    out["capabilities"] = await probe(server.url, server.model, vocab, args.request_timeout)
-    gaps = {k: v for k, v in out["capabilities"].items() if v != "ok"}
+    caps = out["capabilities"] = await probe(server.url, server.model, vocab, args.request_timeout)
+    gaps = {k: v for k, v in caps.items() if v != "ok"}
     if gaps:
         print(f"[{server.label}] could not: " + json.dumps(gaps), flush=True)
+    as_text = caps[PROBE_IDS] != "ok" and caps[PROBE_TEXT] == "ok"
+    source = PromptSource(vocab, as_text=as_text, tokenizer=load_text_tokenizer(args) if as_text else None)
+    ignore_eos = not args.no_ignore_eos and not caps[PROBE_EOS].startswith("HTTP")
+    out.update(prompt_format="text" if as_text else "token ids", ignore_eos_sent=ignore_eos)
+    if as_text or not ignore_eos:
+        print(f"[{server.label}] prompts as {out['prompt_format']}, ignore_eos "
+              f"{'sent' if ignore_eos else 'not sent'}", flush=True)
     client = make_client(server.url, args.request_timeout, max(args.concurrency))
     try:
-        warm = await stream_one(client, server.model, random_prompt(random.Random(0), min(args.prompt_len), vocab),
-                                min(args.max_tokens, 8), not args.no_ignore_eos)
+        warm = await stream_one(client, server.model, source.make(random.Random(0), min(args.prompt_len)),
+                                min(args.max_tokens, 8), ignore_eos)
         out["warmup_error"] = warm.error
         if warm.error:
             print(f"[{server.label}] warm-up failed: {warm.error}", flush=True)
@@ -365,15 +403,16 @@ async def measure_server(server: Server, args, vocab: int, *, loads: bool = True
                     n = args.requests_per_level or max(2 * conc, 4)
                     lvl = await run_level(client, server.model, concurrency=conc, prompt_len=plen,
                                           max_tokens=args.max_tokens, n_requests=n,
-                                          duration_limit=args.duration_limit, vocab=vocab, seed=args.seed + plen + conc,
-                                          ignore_eos=not args.no_ignore_eos)
+                                          duration_limit=args.duration_limit, source=source,
+                                          seed=args.seed + plen + conc, ignore_eos=ignore_eos)
                     print(f"[{server.label}] " + json.dumps(lvl), flush=True)
                     levels.append(lvl)
         out["levels"] = levels
         if prefix and args.prefix_len:
             before = server.metrics()
             pt = await prefix_test(client, server.model, prefix_len=args.prefix_len, suffix_len=args.suffix_len,
-                                   trials=args.prefix_trials, vocab=vocab, seed=args.seed + 7)
+                                   trials=args.prefix_trials, source=source, seed=args.seed + 7,
+                                   ignore_eos=ignore_eos)
             after = server.metrics()
             pt["server_hit_rate_since_start"] = (after or {}).get("dsv4_prefix_cache_hit_rate")
             if before and after and "dsv4_prefix_cache_lookup_tokens_total" in after:
@@ -390,6 +429,21 @@ async def measure_server(server: Server, args, vocab: int, *, loads: bool = True
     return out
 
 
+PROBE_TEXT, PROBE_IDS = "POST /v1/completions (text)", "POST /v1/completions (token ids)"
+PROBE_EOS = "POST /v1/completions ignore_eos"
+
+
+def load_text_tokenizer(args):
+    """The `tokenizers` tokenizer text prompts are made with: --tokenizer, else the launched checkpoint's."""
+    path = args.tokenizer or checkpoint_of(args.launch)
+    if path and os.path.isdir(path):
+        path = os.path.join(path, "tokenizer.json")
+    if not path or not os.path.isfile(path):
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(path)
+
+
 async def probe(url: str, model: str, vocab: int, timeout: float) -> dict[str, str]:
     """What a server answers on each endpoint this benchmark (and an OpenAI client) uses: 'ok' or what went
     wrong, so a peer's gaps are reported instead of ending the run."""
@@ -398,10 +452,12 @@ async def probe(url: str, model: str, vocab: int, timeout: float) -> dict[str, s
     ids = random_prompt(random.Random(1), 8, vocab)
     checks = [("GET /health", "get", "/health", None), ("GET /v1/models", "get", "/v1/models", None),
               ("GET /metrics", "get", "/metrics", None),
-              ("POST /v1/completions (token ids)", "post", "/v1/completions",
+              (PROBE_TEXT, "post", "/v1/completions",
+               {"model": model, "prompt": "Hello there", "max_tokens": 4, "temperature": 0}),
+              (PROBE_IDS, "post", "/v1/completions",
                {"model": model, "prompt": ids, "max_tokens": 4, "temperature": 0}),
-              ("POST /v1/completions ignore_eos", "post", "/v1/completions",
-               {"model": model, "prompt": ids, "max_tokens": 4, "temperature": 0, "ignore_eos": True}),
+              (PROBE_EOS, "post", "/v1/completions",
+               {"model": model, "prompt": "Hello there", "max_tokens": 4, "temperature": 0, "ignore_eos": True}),
               ("POST /v1/chat/completions", "post", "/v1/chat/completions",
                {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4})]
     async with httpx.AsyncClient(base_url=url, timeout=timeout) as http:
@@ -430,11 +486,12 @@ def spec_acceptance(before: dict | None, after: dict | None) -> float | None:
 async def single_stream(server: Server, args, vocab: int) -> dict:
     client = make_client(server.url, args.request_timeout, 1)
     try:
-        await stream_one(client, server.model, random_prompt(random.Random(0), min(args.prompt_len), vocab), 8)
+        source = PromptSource(vocab)
+        await stream_one(client, server.model, source.make(random.Random(0), min(args.prompt_len)), 8)
         before = server.metrics()
         lvl = await run_level(client, server.model, concurrency=1, prompt_len=min(args.prompt_len),
                               max_tokens=args.max_tokens, n_requests=args.requests_per_level or 4,
-                              duration_limit=args.duration_limit, vocab=vocab, seed=args.seed,
+                              duration_limit=args.duration_limit, source=source, seed=args.seed,
                               ignore_eos=not args.no_ignore_eos)
         lvl["acceptance_rate"] = spec_acceptance(before, server.metrics())
         return lvl
@@ -492,6 +549,11 @@ def table(result: dict) -> str:
                          f"miss/hit {_fmt(pt['miss_over_hit'])}x, cached tokens reported hit "
                          f"{pt.get('hit_cached_tokens')} miss {pt.get('miss_cached_tokens')}, server hit rate during "
                          f"the test {_fmt(pt.get('server_hit_rate_during_test'))}, errors {pt['errors']}")
+        if srv.get("prompt_format") == "text":
+            lines.append(f"{srv['label']}: text prompts (its completions take no token ids): prompt lengths are "
+                         "approximate, the JSON has mean_prompt_tokens per level")
+        if srv.get("ignore_eos_sent") is False:
+            lines.append(f"{srv['label']}: ignore_eos not sent: outputs may be shorter than max_tokens")
         for check, what in srv.get("capabilities", {}).items():
             if what != "ok":
                 lines.append(f"{srv['label']} could not: {check}: {what}")
@@ -574,7 +636,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="single stream against --launch with and without --speculative mtp")
     p.add_argument("--vocab-size", type=int, help="random prompt ids are drawn from [0, V) (default: config.json of "
                    "the launched checkpoint)")
-    p.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (a server that rejects it)")
+    p.add_argument("--no-ignore-eos", action="store_true", help="never send ignore_eos (it is left out anyway for a "
+                   "server that rejects it)")
+    p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for text prompts to a server whose completions "
+                   "take no token ids (default: the launched checkpoint's; else random words)")
     p.add_argument("--make-checkpoint", metavar="DIR", help="only save a random-weights model with a tokenizer in DIR "
                    "(--preset) for --launch, then exit")
     p.add_argument("--preset", default="flash4", choices=["flash4", "tiny"], help="model of --make-checkpoint")

@@ -157,3 +157,51 @@ def test_cli_needs_a_server(bench, capsys):
         bench.parse_args(["--url", "http://x", "--mtp-compare"])
     tiny = bench.parse_args(["--tiny-cpu", "--max-tokens", "5"])
     assert tiny.max_tokens == 5 and tiny.prompt_len == bench.TINY_DEFAULTS["prompt_len"]
+
+
+def test_a_peer_taking_only_text_prompts_gets_text_and_no_ignore_eos(bench):
+    """Like `transformers serve`: string prompts only, unknown fields refused (422), usage on the last chunk."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from fastapi import Body, FastAPI, HTTPException
+    from fastapi.responses import StreamingResponse
+    from http_server import ServerThread
+
+    app = FastAPI()
+    app.get("/health")(lambda: {"status": "ok"})
+    app.get("/v1/models")(lambda: {"object": "list", "data": [{"id": "peer-model", "object": "model"}]})
+    seen = []
+
+    @app.post("/v1/completions")
+    async def completions(body: dict = Body(...)):   # noqa: B008 - FastAPI's way to take the raw JSON body
+        if "ignore_eos" in body:
+            raise HTTPException(422, "Unexpected fields in the request: {'ignore_eos'}")
+        if not isinstance(body["prompt"], str):
+            raise HTTPException(400, "prompt must be a string.")
+        seen.append(body["prompt"])
+        n = len(body["prompt"].split())
+        head = {"id": "c", "object": "text_completion", "created": 0, "model": body["model"]}
+        usage = {"prompt_tokens": n, "completion_tokens": 2, "total_tokens": n + 2}
+        if not body.get("stream"):
+            return {**head, "choices": [{"index": 0, "text": "a b", "finish_reason": "length"}], "usage": usage}
+
+        def events():
+            for t in ("a", " b"):
+                yield f"data: {json.dumps({**head, 'choices': [{'index': 0, 'text': t, 'finish_reason': None}]})}\n\n"
+            last = {**head, "choices": [{"index": 0, "text": "", "finish_reason": "length"}], "usage": usage}
+            yield f"data: {json.dumps(last)}\n\ndata: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    thread = ServerThread(app).start()
+    try:
+        server = bench.Server("peer", url=thread.url)
+        server.start()
+        out = asyncio.run(bench.measure_server(server, _args(bench, max_tokens=2), vocab=100))
+    finally:
+        thread.stop()
+    assert server.model == "peer-model"
+    assert out["prompt_format"] == "text" and out["ignore_eos_sent"] is False
+    assert out["capabilities"][bench.PROBE_IDS].startswith("HTTP 400")
+    assert [(lvl["ok"], lvl["errors"], lvl["mean_prompt_tokens"]) for lvl in out["levels"]] == [(2, 0, 8.0)] * 2
+    assert out["prefix"]["errors"] == 0 and len(seen[-1].split()) == 20   # prefix 16 + suffix 4 words
+    assert "text prompts" in bench.table({"servers": [out]})
