@@ -284,8 +284,10 @@ class Server:
         deadline = time.monotonic() + self.startup_timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
-                tail = self.log_tail()
-                last = next((ln for ln in reversed(tail.splitlines()) if ln.strip()), "")
+                tail = self.log_tail(200)
+                lines = [ln for ln in tail.splitlines() if ln.strip()]
+                last = next((ln for ln in reversed(lines) if re.search(r"error|no such|exception", ln, re.I)),
+                            lines[-1] if lines else "")
                 raise RuntimeError(f"[{self.label}] the server exited with {self.proc.returncode} before answering "
                                    f"({last.strip()[:240]})\n" + tail)
             for path in ("/health", "/v1/models"):
@@ -532,7 +534,7 @@ def table(result: dict) -> str:
     rows = []
     for srv in result["servers"]:
         if "error" in srv and "levels" not in srv:
-            rows.append([srv["label"], "-", "-", "-", "-", f"failed: {srv['error'][:60]}", "", "", "", ""])
+            rows.append([srv["label"], "-", "-", "-", "-", f"failed: {srv['error'][:200]}", "", "", "", ""])
             continue
         for lvl in srv.get("levels", []):
             rows.append([srv["label"], lvl["prompt_len"], lvl["concurrency"], lvl["requests"], lvl["errors"],
