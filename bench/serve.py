@@ -143,9 +143,8 @@ async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: in
                 res.cached_tokens = getattr(details, "cached_tokens", None)
         if not res.chunk_times:
             res.error = "no tokens streamed"
-        elif res.completion_tokens == 0:
+        elif not res.got_usage:
             res.completion_tokens = len(res.chunk_times)   # no usage chunk: one token per chunk
-            res.error = None
     except Exception as e:  # noqa: BLE001 - a benchmark records what failed and goes on
         res.error = _error_text(e)
     return res
@@ -203,11 +202,18 @@ async def run_level(client, model: str, *, concurrency: int, prompt_len: int, ma
 
 
 async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, trials: int, source: PromptSource,
-                      seed: int, max_tokens: int = 2, ignore_eos: bool = True) -> dict:
-    """TTFT of a second request sharing a primed prefix (hit) vs one over a fresh prefix of the same length."""
+                      seed: int, max_tokens: int = 2, ignore_eos: bool = True,
+                      duration_limit: float = float("inf")) -> dict:
+    """TTFT of a second request sharing a primed prefix (hit) vs one over a fresh prefix of the same length;
+    no trial starts after `duration_limit` s."""
     rng = random.Random(seed)
     hits, misses, errors, hit_cached, miss_cached = [], [], [], [], []
+    deadline = time.perf_counter() + duration_limit
+    done = 0
     for _ in range(trials):
+        if time.perf_counter() > deadline:
+            break
+        done += 1
         prefix = source.make(rng, prefix_len)
         prime = await stream_one(client, model, prefix + source.make(rng, suffix_len), max_tokens, ignore_eos)
         hit = await stream_one(client, model, prefix + source.make(rng, suffix_len), max_tokens, ignore_eos)
@@ -222,7 +228,7 @@ async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, t
             misses.append(miss.ttft)
             miss_cached.append(miss.cached_tokens)
     hit50, miss50 = percentile(hits, 50), percentile(misses, 50)
-    return {"prefix_len": prefix_len, "suffix_len": suffix_len, "trials": trials,
+    return {"prefix_len": prefix_len, "suffix_len": suffix_len, "trials": done,
             "hit_ttft_p50_ms": None if hit50 is None else round(hit50 * 1e3, 3),
             "miss_ttft_p50_ms": None if miss50 is None else round(miss50 * 1e3, 3),
             "miss_over_hit": round(miss50 / hit50, 2) if hit50 and miss50 else None,
@@ -414,7 +420,7 @@ async def measure_server(server: Server, args, vocab: int, *, loads: bool = True
             before = server.metrics()
             pt = await prefix_test(client, server.model, prefix_len=args.prefix_len, suffix_len=args.suffix_len,
                                    trials=args.prefix_trials, source=source, seed=args.seed + 7,
-                                   ignore_eos=ignore_eos)
+                                   ignore_eos=ignore_eos, duration_limit=args.duration_limit)
             after = server.metrics()
             pt["server_hit_rate_since_start"] = (after or {}).get("dsv4_prefix_cache_hit_rate")
             if before and after and "dsv4_prefix_cache_lookup_tokens_total" in after:
