@@ -123,7 +123,8 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:200]}"
 
 
-async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: int, ignore_eos: bool = True) -> RequestResult:
+async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: int,
+                     ignore_eos: bool = True) -> RequestResult:
     """One streamed greedy completion; any failure becomes the result's error, never an exception."""
     res = RequestResult(start=time.perf_counter())
     extra = {"ignore_eos": True} if ignore_eos else {}
@@ -301,7 +302,8 @@ class Server:
                     if httpx.get(self.url + path, timeout=2).status_code == 200:
                         return self._find_model()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"[{self.label}] no answer from {self.url}/health within {self.startup_timeout:.0f} s"
+                raise RuntimeError(f"[{self.label}] no answer from {self.url}/health within "
+                                   f"{self.startup_timeout:.0f} s"
                                    + ("\n" + self.log_tail() if self.proc else ""))
             time.sleep(0.5)
 
@@ -620,7 +622,8 @@ TINY_DEFAULTS = dict(concurrency=[1, 2], prompt_len=[16, 64], max_tokens=8, requ
 # ----------------------------------------------------------------------------------------------- main
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--url", help="an already running server, e.g. http://127.0.0.1:8000")
     src.add_argument("--launch", help='a server command started here, e.g. "dsv4 serve --checkpoint ckpt"')
