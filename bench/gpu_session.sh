@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, then the requested benchmarks; results under $OUT, each file named
 # <date>_<device>_<commit>_<what> (bench/provenance.py) so that it can go to bench/results/ as it is.
-#   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep targets
+#   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve targets
 # A copy of the tree without git metadata needs the commit given: DSV4_COMMIT=$(git rev-parse --short=7 HEAD).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -35,6 +35,11 @@ for stage in "$@"; do
             --decode ${LONG_DECODE:-} --decode-b64 --decode-fp8 --train ${LONG_TRAIN:-} --train-checkpointed 2>&1 | tail -20 | tee "${P}_e2e_1m.txt" ;;
     sweep) for i in $(seq ${SWEEP_FROM:-0} ${SWEEP_TO:-25}); do   # training attention configurations, one process each
              timeout ${SWEEP_EACH:-45} python3 bench/train_attn_sweep.py --pick $i 2>&1 | grep "_kernel"; done | tee "${P}_train_attn_sweep.txt" ;;
+    serve) [ -f /tmp/flash4/config.json ] || python3 bench/serve.py --make-checkpoint /tmp/flash4 --preset flash4 \
+             ${SERVE_MTP_LAYERS:+--mtp-layers $SERVE_MTP_LAYERS} 2>&1 | tail -3
+           timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py --duration-limit ${SERVE_LEVEL_S:-60} \
+             --launch "dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280" \
+             ${SERVE_PEER:+--peer-launch "$SERVE_PEER"} ${SERVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_serve.txt" ;;
     targets) python3 bench/targets.py --e2e $(ls "${P}"_e2e*.json) $(ls "${P}"_kernels*.json 2>/dev/null | sed '1s/^/--kernels /') \
                --out "${P}_targets.md" --plot "${P}_targets.png" ;;
   esac
