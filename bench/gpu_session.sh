@@ -38,7 +38,7 @@ for stage in "$@"; do
     serve) [ -f /tmp/flash4/config.json ] || python3 bench/serve.py --make-checkpoint /tmp/flash4 --preset flash4 \
              ${SERVE_MTP_LAYERS:+--mtp-layers $SERVE_MTP_LAYERS} 2>&1 | tail -3
            timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py --duration-limit ${SERVE_LEVEL_S:-60} \
-             --launch "dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280" \
+             --launch "python3 -m dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280" \
              ${SERVE_PEER:+--peer-launch "$SERVE_PEER"} ${SERVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_serve.txt" ;;
     targets) python3 bench/targets.py --e2e $(ls "${P}"_e2e*.json) $(ls "${P}"_kernels*.json 2>/dev/null | sed '1s/^/--kernels /') \
                --out "${P}_targets.md" --plot "${P}_targets.png" ;;
