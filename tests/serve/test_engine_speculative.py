@@ -115,3 +115,22 @@ def test_speculative_refuses_unknown_modes(agreeing):
         Engine(agreeing, max_batch=1, max_seq_len=32, speculative="eagle")
     with pytest.raises(InvalidArgument, match="n_draft"):
         Engine(agreeing, max_batch=1, max_seq_len=32, speculative="mtp", n_draft=0)
+
+
+def test_prefix_cache_hit_with_speculation_equals_the_cold_request(agreeing):
+    """A second request sharing a cached prefix starts its MTP cache after the prefix (drafting from fewer pairs);
+    its greedy tokens are still the cold request's, and drafts are still accepted."""
+    from dsv4.serve.prefix_cache import PrefixCache
+
+    shared = prompts([40], seed=5)[0]
+    ps = [shared + [7, 8], shared + [9]]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    pc = PrefixCache(agreeing, 1 << 26, 1 << 26, block=16)
+    engine = Engine(agreeing, max_batch=2, max_seq_len=64, prefill_chunk=16, prefix_cache=pc, speculative="mtp",
+                    n_draft=2)
+    got = [run_staggered(engine, [p], params)[0] for p in ps]
+    assert engine.stats()["prefix_hit_tokens"] >= 32
+    accepted = engine.stats()["spec_accepted"]
+    assert accepted > 0
+    plain = Engine(agreeing, max_batch=1, max_seq_len=64, prefill_chunk=16)
+    assert [toks(e) for e in got] == [toks(run_staggered(plain, [p], params)[0]) for p in ps]
