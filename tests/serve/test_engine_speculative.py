@@ -134,3 +134,15 @@ def test_prefix_cache_hit_with_speculation_equals_the_cold_request(agreeing):
     assert accepted > 0
     plain = Engine(agreeing, max_batch=1, max_seq_len=64, prefill_chunk=16)
     assert [toks(e) for e in got] == [toks(run_staggered(plain, [p], params)[0]) for p in ps]
+
+
+def test_batched_views_with_free_rows_riding_along(agreeing):
+    """The GPU path's batching (one step_rows call per run of rows, free rows inside it with budget 0, rows
+    accepting different counts) on the CPU: more requests than rows, so rows free up and are retaken mid-run."""
+    ps = prompts([5, 23, 2, 37, 9, 14], seed=6)
+    params = SamplingParams(max_tokens=7, temperature=0)
+    spec = Engine(agreeing, max_batch=4, max_seq_len=64, prefill_chunk=8, speculative="mtp", n_draft=2,
+                  batch_invariant=False)
+    plain = Engine(agreeing, max_batch=4, max_seq_len=64, prefill_chunk=8)
+    assert [toks(e) for e in run_staggered(spec, ps, params)] == [toks(e) for e in run_staggered(plain, ps, params)]
+    assert spec.stats()["spec_accepted"] > 0 and spec.stats()["running"] == 0
