@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefix-store", metavar="DIR", help="on-disk prefix tier behind the memory tiers")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every prompt from scratch")
     p.add_argument("--speculative", choices=["mtp"], help="speculative decoding with the model's MTP block")
+    p.add_argument("--num-draft", type=int, default=1,
+                   help="tokens the MTP block drafts per step with --speculative mtp (more: longer verify steps)")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
 
 
@@ -68,7 +70,7 @@ def _prefix_cache(args: argparse.Namespace, model, device):
 def run(args: argparse.Namespace) -> int:
     uvicorn, build_app = _serving_packages()
     from ..errors import InvalidArgument
-    for name in ("port", "max_batch", "max_seq_len", "max_queue"):
+    for name in ("port", "max_batch", "max_seq_len", "max_queue", "num_draft"):
         if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
             raise InvalidArgument(f"--{name.replace('_', '-')}={getattr(args, name)}: out of range")
     import torch
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_dtype=args.kv_dtype,
                     index_dtype=args.index_dtype, max_queue=args.max_queue,
                     eos_token_ids=tuple(t for t in (tok.eos_id,) if t is not None), speculative=args.speculative,
+                    n_draft=args.num_draft,
                     cuda_graphs=device.type == "cuda", prefix_cache=prefix_cache)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     engine.start()

@@ -94,17 +94,36 @@ class SpeculativeDecoder:
         The MTP cache takes the prompt's pairs (h_t, token t+1) chunk by chunk."""
         if not tokens:
             raise InvalidArgument("prefill needs a non-empty prompt")
-        main, mtp = self.cache.select(row).reset(), self.mtp_cache.select(row).reset()
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        pending = None
+        self.cache.select(row).reset()
+        self.begin(row)
         for a in range(0, len(tokens), chunk):
-            h = self.model.hidden(ids[:, a:a + chunk], cache=main)
-            pending = h if pending is None else torch.cat((pending, h), 1)
-            if pending.shape[1] > 1:   # pairs whose next token is known: every pending position but the last
-                n = pending.shape[1] - 1
-                start = a + h.shape[1] - pending.shape[1]
-                self._mtp(mtp, pending[:, :n], [ids[0, start + 1:start + 1 + n].tolist()])
-                pending = pending[:, n:]
+            logits = self.extend(row, tokens[a:a + chunk])
+        return logits
+
+    def begin(self, row: int) -> None:
+        """Start row `row` on a new prompt whose main cache row is already placed (reset, or loaded with a cached
+        prefix): the MTP cache row is reset and the row's state forgotten. With a loaded prefix the MTP cache
+        lacks that prefix's pairs and its positions trail the main cache's; the MTP block is window-only, so this
+        costs acceptance over its first window of tokens, never correctness."""
+        self.mtp_cache.select(row).reset()
+        self.rows.pop(row, None)
+
+    @torch.no_grad()
+    def extend(self, row: int, tokens: Sequence[int]) -> torch.Tensor:
+        """Append prompt tokens to row `row` (after `begin`, or `prefill` of an earlier part): the main cache
+        takes them, the MTP cache the pairs whose next token is now known. Returns the main logits [vocab] after
+        the last one, from which the row's next token is chosen at its first step."""
+        if not tokens:
+            raise InvalidArgument("extend needs at least one token")
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        h = self.model.hidden(ids, cache=self.cache.select(row))
+        st = self.rows.get(row)
+        pending = h if st is None else torch.cat((st.pending_h, h), 1)
+        next_ids = ids[0] if st is not None else ids[0, 1:]          # token t+1 for each pending position but the last
+        n = pending.shape[1] - 1
+        if n:
+            self._mtp(self.mtp_cache.select(row), pending[:, :n], [next_ids.tolist()])
+            pending = pending[:, n:]
         logits = self.model.logits(pending)[0, -1]
         self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending)
         return logits

@@ -21,6 +21,13 @@ step runs, in order:
      logprobs if asked, from the untempered logits as OpenAI reports them) is sent to the request's stream;
      a stop token, end of sequence, `max_tokens` or non-finite logits ends it and frees its row.
 
+With `speculative="mtp"` the model's MTP block drafts `n_draft` tokens per decoding row and one main forward over
+the same decode views verifies them (`dsv4.generate.speculative`): prefill chunks also fill the MTP cache, the
+first token is chosen at the row's first speculative step, each accepted token goes out as its own event, and a
+row's stop tokens and `max_tokens` bound what it emits (its token budget). Free rows in a view ride along with
+budget 0 (rolled back whole). The draft count shrinks near `max_seq_len`, so no extra room is asked at submit.
+Speculative steps run eagerly (no CUDA graphs: the verify width and the per-row catch-up vary step to step).
+
 A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on, with
 finish_reason "error"; those rows (and any the cache marks damaged) are reset and the engine keeps serving.
 """
@@ -40,6 +47,7 @@ from .. import ops
 from ..errors import InvalidArgument
 from ..generate.graphs import GraphDecoder
 from ..generate.sampling import SamplingConfig, sample
+from ..generate.speculative import SpeculativeDecoder
 from .rows import Phase, RowPool, bucket_for, decode_runs
 from .types import QueueFull, SamplingParams, TokenEvent
 
@@ -148,16 +156,16 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 64, max_seq_len: int = 4096,
                  kv_dtype: str = "auto", index_dtype: str = "auto", prefill_chunk: int = 2048,
                  step_token_budget: int = 4096, max_queue: int = 256, eos_token_ids: Sequence[int] = (),
-                 prefix_cache=None, speculative=None, cuda_graphs: bool = True, batch_invariant: bool = True):
+                 prefix_cache=None, speculative: str | None = None, n_draft: int = 1, cuda_graphs: bool = True,
+                 batch_invariant: bool = True):
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
                             ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"Engine {name}={value!r}: must be a positive integer")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InvalidArgument(f"Engine max_queue={max_queue!r}: must be an integer >= 0")
-        if speculative is not None:
-            raise InvalidArgument(f"Engine speculative={speculative!r}: speculative decoding is not available in "
-                                  "the serving engine yet; leave it None")
+        if speculative not in (None, "mtp"):
+            raise InvalidArgument(f"Engine speculative={speculative!r}: must be None or 'mtp'")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.prefill_chunk, self.step_token_budget, self.max_queue = prefill_chunk, step_token_budget, max_queue
@@ -170,6 +178,8 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.device = model.embed.weight.device
         self.cache = model.new_cache(max_batch, max_seq_len, kv_dtype, index_dtype)
+        self.speculative = speculative
+        self.spec = SpeculativeDecoder(model, self.cache, n_draft=n_draft) if speculative == "mtp" else None
         self.pool = RowPool(max_batch)
         self._rows: list[_Request | None] = [None] * max_batch
         self._queue: list[_Request] = []
@@ -180,7 +190,7 @@ class Engine:
         self._seeds = random.Random()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        use_graphs = cuda_graphs and self.cache.positions.is_cuda
+        use_graphs = cuda_graphs and self.cache.positions.is_cuda and self.spec is None
         self.graph_buckets = sorted({b for b in GRAPH_BUCKETS if b < max_batch} | {max_batch}) if use_graphs else []
         self._graphs: dict[int, GraphDecoder] = {}
         self.counters = dict(prefill_tokens=0, decode_tokens=0, prefix_lookup_tokens=0, prefix_hit_tokens=0,
@@ -303,6 +313,8 @@ class Engine:
             req.row = row
             self._rows[row] = req
             view = self.cache.select(row).reset()
+            if self.spec is not None:
+                self.spec.begin(row)
             req.sampling = SamplingConfig(temperature=req.params.temperature, top_p=req.params.top_p,
                                           top_k=req.params.top_k)
             if req.params.temperature > 0:
@@ -349,7 +361,10 @@ class Engine:
         ids = torch.tensor([req.prompt[req.done:stop]], dtype=torch.long, device=self.device)
         try:
             with self._invariant():
-                logits = self.model(ids, cache=view, last_only=True)[:, -1]
+                if self.spec is not None:
+                    logits = self.spec.extend(row, req.prompt[req.done:stop]).unsqueeze(0)
+                else:
+                    logits = self.model(ids, cache=view, last_only=True)[:, -1]
         except Exception as e:
             self._fail([row], e)
             return False
@@ -360,7 +375,8 @@ class Engine:
         if stop == len(req.prompt):
             self._admitted.remove(req)
             self.pool.phase[row] = Phase.DECODE
-            self._emit([req], logits)
+            if self.spec is None:   # speculative rows choose their first token at their first step
+                self._emit([req], logits)
         return True
 
     def _decode(self) -> None:
@@ -369,6 +385,12 @@ class Engine:
         if not decoding:
             return
         hi = decoding[-1] + 1
+        if self.spec is not None:
+            runs = ([range(r, r + 1) for r in decoding] if self.batch_invariant and not self.cache.positions.is_cuda
+                    else decode_runs(list(phase)))
+            for rows in runs:
+                self._spec_view(rows)
+            return
         bucket = bucket_for(hi, self.graph_buckets)
         if bucket is not None and Phase.PREFILL not in phase[:bucket]:
             self._decode_view(range(bucket), graph=True)
@@ -405,6 +427,64 @@ class Engine:
         elif live:
             self._emit([self._rows[rows[i]] for i in live], logits[live])
 
+    def _spec_view(self, rows: range) -> None:
+        """One speculative step of every decoding row in `rows` in one batch (free rows ride along with budget 0):
+        each accepted token is its own event, in order."""
+        lengths = self.cache.lengths()
+        for r in rows:   # a free row keeps its stale length until reset: the verify needs room in every row
+            if self._rows[r] is None and lengths[r]:
+                self.cache.select(r).reset()
+                self.spec.mtp_cache.select(r).reset()
+        reqs = [self._rows[r] if self.pool.phase[r] is Phase.DECODE else None for r in rows]
+        budgets = [req.params.max_tokens - len(req.generated) if req is not None else 0 for req in reqs]
+        stops = [self._stop_ids(req) if req is not None else () for req in reqs]
+        cfgs = [req.sampling if req is not None else SamplingConfig() for req in reqs]
+        gens = [req.generator if req is not None else None for req in reqs]
+        try:
+            with self._invariant():
+                results = self.spec.step_rows(slice(rows.start, rows.stop), cfgs, gens, stops, budgets)
+        except Exception as e:
+            self._fail(list(rows), e)
+            return
+        for req, stop_ids, res in zip(reqs, stops, results):
+            if req is None:
+                continue
+            self.counters["decode_tokens"] += len(res.tokens)
+            self.counters["spec_drafted"] += res.drafted
+            self.counters["spec_accepted"] += res.accepted
+            if not bool(torch.isfinite(res.logits).all()):
+                self._finish(req, TokenEvent(None, finish_reason="error",
+                                             error="the model produced non-finite logits for this request"),
+                             failed=True)
+                continue
+            for j, token in enumerate(res.tokens):
+                event = self._event(req, token, res.logits[j])
+                req.generated.append(token)
+                if token in stop_ids:
+                    event.finish_reason = "stop"
+                elif len(req.generated) >= req.params.max_tokens:
+                    event.finish_reason = "length"
+                if event.finish_reason is None:
+                    req.handle._push(event)
+                else:
+                    self._finish(req, event)
+                    break
+
+    def _stop_ids(self, req: _Request) -> tuple[int, ...]:
+        eos = () if req.params.ignore_eos else tuple(self.eos_token_ids)
+        return tuple(req.params.stop_token_ids) + eos
+
+    def _event(self, req: _Request, token: int, logits: torch.Tensor) -> TokenEvent:
+        """The event for `token` chosen from the row of logits [vocab]; logprobs (if asked) of the model's
+        distribution, before temperature / top-k / top-p."""
+        event, p = TokenEvent(token), req.params
+        if p.logprobs is not None:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            top = logp.topk(min(p.logprobs, logp.shape[0])) if p.logprobs else None
+            event.logprob = float(logp[token])
+            event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return event
+
     def _graph(self, bucket: int) -> GraphDecoder:
         if bucket not in self._graphs:
             self._graphs[bucket] = GraphDecoder(self.model, self.cache.select(slice(0, bucket)))
@@ -427,12 +507,7 @@ class Engine:
                 continue
             p, row = req.params, logits[i]
             token = greedy[i] if p.temperature == 0 else int(sample(row.unsqueeze(0), req.sampling, req.generator)[0])
-            event = TokenEvent(token)
-            if p.logprobs is not None:   # of the model's distribution, before temperature / top-k / top-p
-                logp = torch.log_softmax(row, dim=-1)
-                top = logp.topk(min(p.logprobs, logp.shape[0])) if p.logprobs else None
-                event.logprob = float(logp[token])
-                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            event = self._event(req, token, row)
             req.generated.append(token)
             if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
                 event.finish_reason = "stop"
@@ -450,6 +525,8 @@ class Engine:
                 # the cache holds the prompt and every generated token but the last (which was never fed)
                 self._save_prefix(self.cache.select(req.row), req.prompt + req.generated[:-1], end=True)
             self._rows[req.row] = None
+            if self.spec is not None:
+                self.spec.release(req.row)
             self.pool.free(req.row)
             if req in self._admitted:
                 self._admitted.remove(req)
@@ -468,6 +545,9 @@ class Engine:
             if req is not None:
                 self._finish(req, TokenEvent(None, finish_reason="error", error=message), failed=True)
             self.cache.select(r).reset()
+            if self.spec is not None:
+                self.spec.mtp_cache.select(r).reset()
+                self.spec.release(r)
 
     def _save_prefix(self, view, tokens: list[int], end: bool = False) -> None:
         if self.prefix_cache is None or view.lengths() != [len(tokens)]:

@@ -13,7 +13,8 @@ def test_missing_serving_packages_say_what_to_install(monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and "pip install 'dsv4[serve]'" in err and "fastapi" in err
 
 
-@pytest.mark.parametrize("flag", [["--port", "0"], ["--max-batch", "0"], ["--max-seq-len", "-1"]])
+@pytest.mark.parametrize("flag", [["--port", "0"], ["--max-batch", "0"], ["--max-seq-len", "-1"],
+                                  ["--num-draft", "0"]])
 def test_bad_values_are_one_line(flag, capsys):
     pytest.importorskip("fastapi")
     assert main(["serve", "--checkpoint", "nowhere", *flag]) == 2
@@ -55,6 +56,31 @@ def test_serve_builds_engine_and_app_from_flags(checkpoint, monkeypatch):
                  "--max-seq-len", "96"]) == 0
     assert (seen["host"], seen["port"], seen["max_batch"], seen["max_seq_len"]) == ("127.0.0.1", 8123, 3, 96)
     assert seen["models"] == checkpoint.name and seen["completion"]["usage"]["completion_tokens"] >= 1
+
+
+def test_serve_speculative_flags_reach_the_engine(checkpoint, monkeypatch):
+    """--speculative mtp --num-draft K: the engine drafts K tokens per step with the checkpoint's MTP block, and its
+    greedy completion is the plain server's."""
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    from fastapi.testclient import TestClient
+
+    seen = []
+
+    def fake_run(app, host, port, **_):
+        engine = app.state.server.engine
+        with TestClient(app) as http:
+            r = http.post("/v1/completions", json={"prompt": "Paris is", "max_tokens": 6, "temperature": 0}).json()
+        spec = engine.spec
+        seen.append((engine.speculative, spec.n_draft if spec else None, engine.stats()["spec_drafted"],
+                     r["choices"][0]["text"]))
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    base = ["serve", "--checkpoint", str(checkpoint), "--device", "cpu", "--max-seq-len", "96", "--no-prefix-cache"]
+    assert main(base + ["--speculative", "mtp", "--num-draft", "2"]) == 0
+    assert main(base) == 0
+    (mode, k, drafted, text), plain = seen
+    assert (mode, k, plain[:3]) == ("mtp", 2, (None, None, 0)) and drafted > 0 and text == plain[3]
 
 
 def test_serve_prefix_cache_flags_reuse_a_repeated_prompt(checkpoint, monkeypatch):

@@ -143,7 +143,11 @@ def test_invalid_requests_raise_invalid_argument(model, prompt, params, match):
 
 def test_speculative_option_is_refused_clearly(model):
     with pytest.raises(InvalidArgument, match="speculative"):
-        Engine(model, max_batch=1, max_seq_len=32, speculative="mtp")
+        Engine(model, max_batch=1, max_seq_len=32, speculative="eagle")
+    cfg = model.config
+    no_mtp = Transformer(cfg.replace(n_mtp_layers=0, compress_ratios=cfg.compress_ratios[:cfg.n_layers]))
+    with pytest.raises(InvalidArgument, match="MTP block"):
+        Engine(no_mtp.init_weights(seed=0).eval(), max_batch=1, max_seq_len=32, speculative="mtp")
 
 
 def test_a_failing_forward_ends_only_its_request(model, monkeypatch):
