@@ -721,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp.cleanup()
     path = args.json or result_path("serve_tiny_cpu" if args.tiny_cpu else "serve",
                                     device="cpu" if args.tiny_cpu else None)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))
     print(table(result))
