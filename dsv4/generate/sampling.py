@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InvalidArgument
 
-__all__ = ["SamplingConfig", "sample", "probabilities", "check_generation_args"]
+__all__ = ["SamplingConfig", "sample", "probabilities", "check_generation_args", "as_integer"]
 
 
 @dataclass(kw_only=True)
@@ -30,17 +30,17 @@ class SamplingConfig:
         self.top_p = _number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:   # False for NaN too
             raise InvalidArgument(f"top_p={self.top_p!r}: must be in (0, 1]")
-        self.top_k = _integer("top_k", self.top_k)
+        self.top_k = as_integer("top_k", self.top_k)
         if self.top_k < 0:
             raise InvalidArgument(f"top_k={self.top_k!r}: must be >= 0 (0 = no top-k cut)")
 
 
 def check_generation_args(max_new_tokens: Any, seed: Any = 0) -> tuple[int, int]:
     """(max_new_tokens, seed) as ints, refusing floats, bools, negative counts and seeds outside 64 bits."""
-    max_new_tokens = _integer("max_new_tokens", max_new_tokens)
+    max_new_tokens = as_integer("max_new_tokens", max_new_tokens)
     if max_new_tokens < 0:
         raise InvalidArgument(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    seed = _integer("seed", seed)
+    seed = as_integer("seed", seed)
     if not -(1 << 63) <= seed < (1 << 64):
         raise InvalidArgument(f"seed={seed}: must fit in 64 bits")
     return max_new_tokens, seed
@@ -52,7 +52,7 @@ def _number(name: str, value: Any) -> float:
     return float(value)
 
 
-def _integer(name: str, value: Any) -> int:
+def as_integer(name: str, value: Any) -> int:
     """An int (or anything with `__index__`, as numpy integers have); never a bool or a float (5.0 included:
     a count given as a float is more likely a mistake than a choice)."""
     if isinstance(value, bool):

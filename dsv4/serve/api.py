@@ -131,6 +131,28 @@ def _watch_disconnect(request: Request, choices: list[_Choice]) -> asyncio.Task:
     return asyncio.create_task(watch())
 
 
+def _event_stream(request: Request, choices: list[_Choice], streams: list[AsyncIterator[dict]], head: dict,
+                  usage: Callable[[], dict] | None) -> StreamingResponse:
+    """The SSE response of a streamed request: each choice's chunks as they come (a failed choice also gets an
+    error event), the usage chunk when asked for, then `[DONE]`; a hang-up or the end cancels every choice."""
+    async def events() -> AsyncIterator[str]:
+        watcher = _watch_disconnect(request, choices)
+        extra = {"usage": None} if usage is not None else {}
+        try:
+            async for ch in _merged(streams):
+                if (failure := ch.pop("_error")):
+                    yield _sse(error_body(f"choice {ch['index']}: generation failed: {failure}", type="server_error"))
+                yield _sse({**head, "choices": [ch], **extra})
+            if usage is not None:
+                yield _sse({**head, "choices": [], "usage": usage()})
+            yield _sse("[DONE]")
+        finally:
+            watcher.cancel()
+            for c in choices:
+                c.cancel()
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -306,23 +328,8 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
                        "_error": step.error}
 
         if req.stream:
-            async def events() -> AsyncIterator[str]:
-                watcher = _watch_disconnect(request, choices)
-                extra = {"usage": None} if req.include_usage() else {}
-                try:
-                    async for ch in _merged([choice_chunks(c) for c in choices]):
-                        if (failure := ch.pop("_error")):
-                            yield _sse(error_body(f"choice {ch['index']}: generation failed: {failure}",
-                                                  type="server_error"))
-                        yield _sse({**head, "choices": [ch], **extra})
-                    if req.include_usage():
-                        yield _sse({**head, "choices": [], "usage": srv.usage(ids, choices)})
-                    yield _sse("[DONE]")
-                finally:
-                    watcher.cancel()
-                    for c in choices:
-                        c.cancel()
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return _event_stream(request, choices, [choice_chunks(c) for c in choices], head,
+                                 (lambda: srv.usage(ids, choices)) if req.include_usage() else None)
 
         async def collect(c: _Choice) -> dict:
             text, finish, error_msg, lps = "", None, None, []
@@ -387,23 +394,8 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
                            "finish_reason": reason, "_error": step.error}
 
         if req.stream:
-            async def events() -> AsyncIterator[str]:
-                watcher = _watch_disconnect(request, choices)
-                extra = {"usage": None} if req.include_usage() else {}
-                try:
-                    async for ch in _merged([choice_deltas(c) for c in choices]):
-                        if (failure := ch.pop("_error")):
-                            yield _sse(error_body(f"choice {ch['index']}: generation failed: {failure}",
-                                                  type="server_error"))
-                        yield _sse({**head, "choices": [ch], **extra})
-                    if req.include_usage():
-                        yield _sse({**head, "choices": [], "usage": srv.usage(ids, choices)})
-                    yield _sse("[DONE]")
-                finally:
-                    watcher.cancel()
-                    for c in choices:
-                        c.cancel()
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return _event_stream(request, choices, [choice_deltas(c) for c in choices], head,
+                                 (lambda: srv.usage(ids, choices)) if req.include_usage() else None)
 
         async def collect(c: _Choice) -> dict:
             fields = {"reasoning_content": "", "content": ""}

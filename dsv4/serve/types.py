@@ -3,7 +3,6 @@ stream yields, and the error a full queue raises. Checked where they are built, 
 with a message naming the parameter before it reaches the engine."""
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 from ..errors import DsV4Error, InvalidArgument
@@ -23,7 +22,7 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        from ..generate.sampling import SamplingConfig, check_generation_args   # torch only when used
+        from ..generate.sampling import SamplingConfig, as_integer, check_generation_args  # torch when used
         cfg = SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         max_tokens, _ = check_generation_args(self.max_tokens, 0 if self.seed is None else self.seed)
         if max_tokens < 1:
@@ -33,12 +32,12 @@ class SamplingParams:
         stops = self.stop_token_ids
         if isinstance(stops, (str, bytes)) or not hasattr(stops, "__iter__"):
             raise InvalidArgument(f"stop_token_ids={stops!r}: must be a sequence of token ids")
-        stops = tuple(_index("stop_token_ids", t) for t in stops)
+        stops = tuple(as_integer("stop_token_ids", t) for t in stops)
         if any(t < 0 for t in stops):
             raise InvalidArgument(f"stop_token_ids={stops!r}: token ids must be >= 0")
         logprobs = self.logprobs
         if logprobs is not None:
-            logprobs = _index("logprobs", logprobs)
+            logprobs = as_integer("logprobs", logprobs)
             if logprobs < 0:
                 raise InvalidArgument(f"logprobs={logprobs}: must be >= 0 (or None for no logprobs)")
         object.__setattr__(self, "max_tokens", max_tokens)
@@ -61,11 +60,3 @@ class TokenEvent:
 class QueueFull(DsV4Error):
     """The engine's request queue is at its bound; the caller should retry later (HTTP 429)."""
 
-
-def _index(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise InvalidArgument(f"{name}={value!r}: must be an integer, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise InvalidArgument(f"{name}={value!r}: must be an integer, got {type(value).__name__}") from None
