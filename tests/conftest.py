@@ -81,3 +81,23 @@ def fail_on_call(monkeypatch, module: torch.nn.Module, call: int = 1, when=None)
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(module, "forward", failing)
+
+
+def agreeing_model():
+    """A model whose MTP block predicts what the main model will: every block's output is scaled down (the main
+    model is close to a bigram model of the current token) and the MTP block passes the embedding of token t+1
+    through (e_proj = I, h_proj = 0) to the main model's collapse, so its draft for t+2 is nearly the main
+    model's prediction at t+1; attention still writes (and reads) every part of the cache."""
+    import dsv4  # here, not at the top: this file sets TRITON_INTERPRET before anything imports dsv4
+    cfg = dsv4.ModelConfig.preset("tiny")
+    m = dsv4.Transformer(cfg).init_weights(seed=4).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("wo_b.weight", "w2", "w2.weight")):
+                p.mul_(0.05)
+        blk = m.mtp[0]
+        blk.e_proj.weight.copy_(torch.eye(cfg.dim))
+        blk.h_proj.weight.zero_()
+        for n in ("hc_head_fn", "hc_head_base", "hc_head_scale"):
+            getattr(blk, n).copy_(getattr(m, n))
+    return m

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import dsv4
+from conftest import agreeing_model
 from dsv4.errors import InvalidArgument
 from dsv4.generate.engine import generate
 from dsv4.serve.engine import Engine
@@ -17,19 +18,8 @@ TINY = dsv4.ModelConfig.preset("tiny")
 
 @pytest.fixture(scope="module")
 def agreeing():
-    """A model whose MTP block predicts what the main model will (as in tests/generate/test_speculative.py):
-    blocks scaled down, the MTP block passes the next token's embedding through, so drafts are often accepted."""
-    m = dsv4.Transformer(TINY).init_weights(seed=4).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith(("wo_b.weight", "w2", "w2.weight")):
-                p.mul_(0.05)
-        blk = m.mtp[0]
-        blk.e_proj.weight.copy_(torch.eye(TINY.dim))
-        blk.h_proj.weight.zero_()
-        for n in ("hc_head_fn", "hc_head_base", "hc_head_scale"):
-            getattr(blk, n).copy_(getattr(m, n))
-    return m
+    """A model whose MTP block predicts what the main model will, so drafts are often accepted."""
+    return agreeing_model()
 
 
 def prompts(lengths, seed=1):
