@@ -101,3 +101,12 @@ def agreeing_model():
         for n in ("hc_head_fn", "hc_head_base", "hc_head_scale"):
             getattr(blk, n).copy_(getattr(m, n))
     return m
+
+
+def stdlib_corpus(directory, chars: int, docs: int) -> str:
+    """Write the first `docs` standard-library sources (of `chars` characters in all) as text files into
+    `directory`, the training tests' corpus; returns the folder as a string."""
+    from dsv4.train.data import stdlib_sources
+    for doc in stdlib_sources(chars)[:docs]:
+        (directory / doc.name.replace("/", "_")).write_text(doc.text)
+    return str(directory)

@@ -17,9 +17,8 @@ import dsv4
 sys.path.insert(0, os.path.dirname(__file__))
 import workers  # noqa: E402
 
-from conftest import assert_rel_close  # noqa: E402
+from conftest import assert_rel_close, stdlib_corpus  # noqa: E402
 from dsv4.train.config import TrainConfig  # noqa: E402
-from dsv4.train.data import stdlib_sources  # noqa: E402
 from dsv4.train.metrics import read_metrics  # noqa: E402
 from dsv4.train.optim import build_optimizers  # noqa: E402
 from dsv4.train.trainer import train  # noqa: E402
@@ -29,10 +28,7 @@ WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for doc in stdlib_sources(400_000)[:40]:
-        (d / doc.name.replace("/", "_")).write_text(doc.text)
-    return str(d)
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 400_000, 40)
 
 
 def _free_port() -> int:

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from dsv4.checkpoint import CheckpointError
 from dsv4.cli import main
+from conftest import stdlib_corpus
 from dsv4.config import ConfigError
 from dsv4.train.config import TrainConfig, resolve_config
-from dsv4.train.data import stdlib_sources
 from dsv4.train.metrics import read_metrics
 from dsv4.train.trainer import train
 
@@ -24,10 +24,7 @@ SETTINGS = dict(steps=2, batch_size=2, seq_len=64, eval_interval=1, eval_batches
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for doc in stdlib_sources(200_000)[:20]:
-        (d / doc.name.replace("/", "_")).write_text(doc.text)
-    return str(d)
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 200_000, 20)
 
 
 @pytest.fixture(scope="module")

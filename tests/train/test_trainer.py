@@ -10,19 +10,16 @@ import pytest
 import torch
 
 import dsv4
+from conftest import stdlib_corpus
 from dsv4.cli import main
 from dsv4.train.config import TrainConfig
 from dsv4.train.stages import set_stage, stage_at
 from dsv4.train.trainer import TrainingDiverged, train
-from dsv4.train.data import stdlib_sources
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for doc in stdlib_sources(400_000)[:40]:
-        (d / doc.name.replace("/", "_")).write_text(doc.text)
-    return str(d)
+    return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 400_000, 40)
 
 
 def _cfg(corpus, out, **kw):
