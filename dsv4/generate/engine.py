@@ -28,13 +28,15 @@ def _prefill(model, cache, tokens: list[int], chunk: int, progress: bool, store=
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     start = store.load(cache, tokens) if store is not None else 0
     saves = set(store.boundaries(len(tokens))) if store is not None else set()
+    fingerprint = None
     stops = sorted(set(range(start + chunk, len(tokens), chunk)) | {b for b in saves if b > start} | {len(tokens)})
     bar = tqdm(total=len(tokens) - start, desc="prefill", unit="tok",
                disable=not progress or len(tokens) - start <= chunk)
     for stop in stops:
         logits = model(ids[:, start:stop], cache=cache, last_only=True)
-        if stop in saves:
-            store.save(cache, tokens[:stop])
+        if stop in saves:  # the weights do not change during a prefill: one fingerprint for all its saves
+            fingerprint = fingerprint or store.fingerprint(cache)
+            store.save(cache, tokens[:stop], fingerprint)
         bar.update(stop - start)
         start = stop
     bar.close()

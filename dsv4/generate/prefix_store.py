@@ -209,12 +209,13 @@ class PrefixStore:
             raise
 
     # ------------------------------------------------------------------ save / load one row
-    def save(self, cache: KVCache, tokens: Sequence[int]) -> str | None:
+    def save(self, cache: KVCache, tokens: Sequence[int], fingerprint: str | None = None) -> str | None:
         """Store the state of a one-row cache that holds exactly `tokens`. Returns the file's path, or None when
-        the directory cannot be written (reported once per store)."""
+        the directory cannot be written (reported once per store). `fingerprint`: `self.fingerprint(cache)` taken
+        by a caller that saves several prefixes with the weights unchanged in between (one pass over them)."""
         if cache.batch_size != 1 or cache.lengths() != [len(tokens)]:
             raise ValueError(f"save needs a one-row cache at position {len(tokens)}, got lengths {cache.lengths()}")
-        return self.save_state(row_state(cache, len(tokens)), tokens, self.fingerprint(cache))
+        return self.save_state(row_state(cache, len(tokens)), tokens, fingerprint or self.fingerprint(cache))
 
     def save_state(self, state: dict[str, torch.Tensor], tokens: Sequence[int], fingerprint: str) -> str | None:
         """Store a row state (`dsv4.cache.row_state` after len(tokens) tokens) under `fingerprint` (as
