@@ -403,8 +403,9 @@ class Engine:
 
     def _decode_view(self, rows: range, graph: bool = False) -> None:
         """One token for every decoding row in `rows` (a dummy one for free rows) in one forward."""
+        lengths = self.cache.lengths()
         for r in rows:   # a free row that rode along with earlier steps must not run out of room
-            if self._rows[r] is None and self.cache.lengths()[r] + 1 > self.max_seq_len:
+            if self._rows[r] is None and lengths[r] + 1 > self.max_seq_len:
                 self.cache.select(r).reset()
         tokens = [self._rows[r].generated[-1] if self._rows[r] is not None else 0 for r in rows]
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
