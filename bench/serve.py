@@ -165,12 +165,19 @@ class PromptSource:
     """Random prompts of a set length: token ids (exact lengths), or text for a server whose completions take no
     ids (then the lengths are what the server's tokenizer makes of it: `mean_prompt_tokens` reports them).
     Text comes from `tokenizer` (a `tokenizers.Tokenizer`) decoding random ids of its own vocabulary, or from
-    random common words (about one token each in a large BPE vocabulary)."""
+    random common words (about one token each in a large BPE vocabulary). With `text_ids` (a tokenized text),
+    prompts are windows of that text at random offsets: what a trained model's MTP drafts need to agree with it."""
 
-    def __init__(self, vocab: int, as_text: bool = False, tokenizer=None):
-        self.vocab, self.as_text, self.tokenizer = vocab, as_text, tokenizer
+    def __init__(self, vocab: int, as_text: bool = False, tokenizer=None, text_ids: list[int] | None = None):
+        self.vocab, self.as_text, self.tokenizer, self.text_ids = vocab, as_text, tokenizer, text_ids
 
     def make(self, rng: random.Random, n: int) -> list[int] | str:
+        if self.text_ids is not None:
+            if len(self.text_ids) < n:
+                raise ValueError(f"--prompt-text has {len(self.text_ids)} tokens, fewer than a {n}-token prompt")
+            start = rng.randrange(len(self.text_ids) - n + 1)
+            ids = self.text_ids[start:start + n]
+            return self.tokenizer.decode(ids, skip_special_tokens=False) if self.as_text else ids
         if not self.as_text:
             return random_prompt(rng, n, self.vocab)
         if self.tokenizer is not None:
@@ -393,7 +400,7 @@ async def measure_server(server: Server, args, vocab: int, *, loads: bool = True
     if gaps:
         print(f"[{server.label}] could not: " + json.dumps(gaps), flush=True)
     as_text = caps[PROBE_IDS] != "ok" and caps[PROBE_TEXT] == "ok"
-    source = PromptSource(vocab, as_text=as_text, tokenizer=load_text_tokenizer(args) if as_text else None)
+    source = prompt_source(args, vocab, as_text)
     ignore_eos = not args.no_ignore_eos and not caps[PROBE_EOS].startswith("HTTP")
     out.update(prompt_format="text" if as_text else "token ids", ignore_eos_sent=ignore_eos)
     if as_text or not ignore_eos:
@@ -441,6 +448,18 @@ async def measure_server(server: Server, args, vocab: int, *, loads: bool = True
 
 PROBE_TEXT, PROBE_IDS = "POST /v1/completions (text)", "POST /v1/completions (token ids)"
 PROBE_EOS = "POST /v1/completions ignore_eos"
+
+
+def prompt_source(args, vocab: int, as_text: bool) -> PromptSource:
+    """Random ids (or text), or windows of --prompt-text tokenized with the launched checkpoint's tokenizer."""
+    tokenizer = load_text_tokenizer(args) if as_text or args.prompt_text else None
+    text_ids = None
+    if args.prompt_text:
+        if tokenizer is None:
+            raise ValueError("--prompt-text needs a tokenizer: --tokenizer, or a --checkpoint DIR with tokenizer.json")
+        with open(args.prompt_text, encoding="utf-8", errors="replace") as f:
+            text_ids = tokenizer.encode(f.read(), add_special_tokens=False).ids
+    return PromptSource(vocab, as_text=as_text, tokenizer=tokenizer, text_ids=text_ids)
 
 
 def load_text_tokenizer(args):
@@ -496,7 +515,7 @@ def spec_acceptance(before: dict | None, after: dict | None) -> float | None:
 async def single_stream(server: Server, args, vocab: int) -> dict:
     client = make_client(server.url, args.request_timeout, 1)
     try:
-        source = PromptSource(vocab)
+        source = prompt_source(args, vocab, as_text=False)
         await stream_one(client, server.model, source.make(random.Random(0), min(args.prompt_len)), 8)
         before = server.metrics()
         lvl = await run_level(client, server.model, concurrency=1, prompt_len=min(args.prompt_len),
@@ -649,6 +668,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "the launched checkpoint)")
     p.add_argument("--no-ignore-eos", action="store_true", help="never send ignore_eos (it is left out anyway for a "
                    "server that rejects it)")
+    p.add_argument("--prompt-text", metavar="FILE", help="prompts are windows of this text (tokenized with "
+                   "--tokenizer or the checkpoint's) instead of random ids: in-distribution text for --mtp-compare "
+                   "on a trained model")
     p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for text prompts to a server whose completions "
                    "take no token ids (default: the launched checkpoint's; else random words)")
     p.add_argument("--make-checkpoint", metavar="DIR", help="only save a random-weights model with a tokenizer in DIR "

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train even where the estimated memory exceeds the device's")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float, "int | None": int}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
         p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default: {f.default})")
 
 

@@ -26,6 +26,9 @@ class TrainConfig:
     val_fraction: float = 0.05
     # batch
     steps: int = 160
+    time_limit: float | None = None         # minutes: the run ends early, as at its last step (checkpoint, final/,
+                                            # sample), once this much wall-clock time has passed; the learning-rate
+                                            # schedule stays laid out over `steps`
     batch_size: int = 8
     seq_len: int = 256
     grad_accum: int = 1
@@ -83,6 +86,8 @@ class TrainConfig:
                      "log_interval", "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be positive")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ConfigError(f"time_limit={self.time_limit}: must be positive (minutes)")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr}: must be positive")
         if self.cuda_graph == "on" and self.activation_checkpointing != "none":

@@ -126,7 +126,9 @@ def _train(cfg: TrainConfig, resume: str | None, placement: Placement) -> dict:
         progress.evaluated(metrics.rows[-1]["val_loss"])
     graph, graph_stage = None, None
     indexer = has_indexer(model)
-    while step < cfg.steps:
+    deadline = None if cfg.time_limit is None else time.monotonic() + 60 * cfg.time_limit
+    end = cfg.steps
+    while step < end:
         stage = stage_at(cfg, step, indexer=indexer)
         set_stage(model, stage)
         lr = lr_at(step, cfg.steps, cfg.lr, warmup=min(cfg.warmup, cfg.steps), schedule=cfg.schedule,
@@ -134,7 +136,11 @@ def _train(cfg: TrainConfig, resume: str | None, placement: Placement) -> dict:
         for o in opts:
             for g in o.param_groups:
                 g["lr"] = lr
-        log_now = (step + 1) % cfg.log_interval == 0 or step == 0 or step + 1 == cfg.steps
+        late = deadline is not None and time.monotonic() >= deadline
+        if deadline is not None and _over_ranks(placement, {"late": float(late)}, "max")["late"]:  # ranks agree
+            end = step + 1  # this step is the last: it logs, evaluates and saves as the final step does
+            log.info("time limit of %g min reached: step %d of %d is the last", cfg.time_limit, end, cfg.steps)
+        log_now = (step + 1) % cfg.log_interval == 0 or step == 0 or step + 1 == end
         for b in model.layers:
             b.record_hc = log_now or graphed  # a graph records what its capture did, so it always records
         batches = [placement.rows(loader.batch(step * cfg.grad_accum + micro)).to(device)
@@ -180,7 +186,7 @@ def _train(cfg: TrainConfig, resume: str | None, placement: Placement) -> dict:
                    "tok_per_s": tokens_since / dt, "world": placement.world}
             if device.type == "cuda":
                 row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            if step % cfg.eval_interval == 0 or step == cfg.steps:
+            if step % cfg.eval_interval == 0 or step == end:
                 row["val_loss"] = evaluate(model, val, placement, autocast)
             metrics.add(row)
             t_last, tokens_since = time.perf_counter(), 0
@@ -189,7 +195,7 @@ def _train(cfg: TrainConfig, resume: str | None, placement: Placement) -> dict:
             metrics.add({"step": step, "tokens": step * tokens_per_step, "val_loss": val_loss})
             progress.evaluated(val_loss)
         progress.step(row)
-        if step % cfg.save_interval == 0 or step == cfg.steps:
+        if step % cfg.save_interval == 0 or step == end:
             state = {"step": step, "loader": loader.state_dict(), "train_config": cfg.to_dict()}
             last_good = placement.save(out, model, opts, state, data.tokenizer_dir)
     progress.close()

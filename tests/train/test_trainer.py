@@ -155,3 +155,20 @@ def test_progress_shows_no_validation_loss_before_there_is_one():
     bar.evaluated(6.25)
     bar.step(row)
     assert "val=6.250" in str(bar.bar.postfix)
+
+
+def test_time_limit_ends_the_run_as_its_last_step(corpus, tmp_path):
+    """A spent time limit makes the current step the last: it is logged, evaluated and saved, final/ is written,
+    and the learning rate is the one the full `steps` schedule gives at that step (not annealed early)."""
+    out = tmp_path / "run"
+    full = _cfg(corpus, out, steps=50)
+    res = train(_cfg(corpus, out, steps=50, time_limit=1e-9))
+    rows = _metrics(out)
+    assert res["steps"] == 1 and [r["step"] for r in rows if "lm" in r] == [1]
+    assert "val_loss" in rows[-1] and (out / "final" / "model.safetensors").is_file()
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_0000001"]
+    from dsv4.train.optim import lr_at
+    assert rows[-1]["lr"] == pytest.approx(lr_at(0, full.steps, full.lr, warmup=full.warmup, schedule=full.schedule,
+                                                 min_ratio=full.min_lr_ratio))
+    with pytest.raises(dsv4.config.ConfigError, match="time_limit"):
+        TrainConfig(time_limit=0)
