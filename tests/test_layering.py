@@ -25,6 +25,7 @@ LAYERS: list[tuple[tuple[str, ...], str]] = [
     (("model",), "single-device math over a cache it is handed; builds one through cache"),
     (("checkpoint", "generate", "train", "info"), "things done with a built model: load, run, train, count"),
     (("distributed", "serve"), "placement of a built model over several devices; serving many requests on one"),
+    (("posttrain",), "SFT, RL and distillation of a built model, with rollouts on the serving engine"),
     (("cli", "__main__", ""), "the thin shell and the public API (`dsv4/__init__.py`, named '' here)"),
 ]
 RANK = {part: rank for rank, (parts, _) in enumerate(LAYERS) for part in parts}
