@@ -8,5 +8,5 @@ grep -qx "/.whl/" .git/info/exclude 2>/dev/null || echo "/.whl/" >> .git/info/ex
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
   transformers==5.23.0 fastapi starlette pydantic pydantic-core uvicorn openai annotated-types \
-  typing-inspection annotated-doc jiter distro sniffio prometheus-client
+  typing-inspection annotated-doc jiter distro sniffio prometheus-client opentelemetry-api importlib-metadata zipp httpx2 httpcore2 truststore
 ls .whl
