@@ -23,6 +23,7 @@ __all__ = ["MathLevel", "LEVELS", "MathEnv", "parse_expression", "evaluate"]
 Node = Union[int, tuple]          # an integer literal or (op, left, right)
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
 _MAX_EXPRESSION_CHARS = 256
+_EXHAUSTED_AFTER = 5000          # draws without a new held-out problem before heldout gives up
 _HELDOUT_PER_MILLE = 100          # 10% of all problems are held out
 
 
@@ -186,12 +187,12 @@ class MathEnv:
             raise InvalidArgument(f"heldout n must be a non-negative integer, got {n!r}")
         rng = random.Random(f"dsv4-math-heldout:{self.level.name}:{','.join(self.kinds)}")
         found: dict[str, Problem] = {}
-        for _ in range(2000 + 200 * n):
-            if len(found) == n:
-                break
+        misses = 0                       # draws since the last new held-out problem: the level's set is exhausted
+        while len(found) < n and misses < _EXHAUSTED_AFTER:
             problem = self._generate(rng)
-            if _is_heldout(problem.meta["canonical"]):
-                found.setdefault(problem.id, problem)
+            misses += 1
+            if _is_heldout(problem.meta["canonical"]) and problem.id not in found:
+                found[problem.id], misses = problem, 0
         if len(found) < n:
             raise InvalidArgument(f"math level {self.level.name!r} has only about {len(found)} held-out problems; "
                                   f"asked for {n}")
