@@ -80,7 +80,7 @@ class SandboxResult:
     killed_reason: str | None         # "timeout" | "output_limit" | "cpu_limit" | "signal SIGSEGV" ... | None
     wall_s: float
     pid: int                          # the process group (and session) the sandbox ran in
-    isolation: Isolation = field(repr=False, default=None)  # type: ignore[assignment]
+    isolation: Isolation | None = field(default=None, repr=False)   # how the run was contained
 
     @property
     def ok(self) -> bool:
@@ -100,7 +100,11 @@ if _status_fd >= 0:
     os.close(_status_fd)
 for _name, _soft, _hard in (("RLIMIT_CPU", _cpu, _cpu + 1), ("RLIMIT_AS", _mem, _mem), ("RLIMIT_FSIZE", _fsize, _fsize),
                             ("RLIMIT_CORE", 0, 0), ("RLIMIT_NPROC", _nproc, _nproc)):
-    resource.setrlimit(getattr(resource, _name), (_soft, _hard))
+    _res = getattr(resource, _name)
+    _now = resource.getrlimit(_res)[1]
+    if _now != resource.RLIM_INFINITY:   # an unprivileged process cannot raise its hard limit: stay under it
+        _hard, _soft = min(_hard, _now), min(_soft, _now)
+    resource.setrlimit(_res, (_soft, _hard))
 
 def _make_hook(root):
     realpath, fspath, fsdecode = os.path.realpath, os.fspath, os.fsdecode
@@ -150,7 +154,7 @@ with open("main.py", "rb") as _f:
     _code = compile(_f.read(), "main.py", "exec")
 sys.argv = ["main.py"]
 _globals = {"__name__": "__main__", "__builtins__": __builtins__, "__file__": "main.py"}
-del _f, _make_hook, _no_new_group, _cpu, _mem, _fsize, _nproc, _status_fd, _name, _soft, _hard
+del _f, _make_hook, _no_new_group, _cpu, _mem, _fsize, _nproc, _status_fd, _name, _soft, _hard, _res, _now
 exec(_code, _globals)
 '''
 
@@ -158,12 +162,19 @@ _PROBE = "import resource, os\nos.getcwd()\n"
 
 
 def _works(argv: list[str], uid: int | None, gid: int | None) -> bool:
+    """Whether `argv` (ending in an interpreter) runs a probe the way `run_python` runs code: in a fresh
+    temporary directory, as `uid` when given."""
     ids = {} if uid is None else {"user": uid, "group": gid, "extra_groups": []}
+    workdir = tempfile.mkdtemp(prefix="dsv4-sandbox-probe-")
     try:
-        done = subprocess.run(argv + ["-I", "-S", "-c", _PROBE], cwd="/", env={"PATH": "/usr/bin:/bin"},
+        if uid is not None:
+            os.chown(workdir, uid, gid)
+        done = subprocess.run(argv + ["-I", "-S", "-c", _PROBE], cwd=workdir, env={"PATH": "/usr/bin:/bin"},
                               stdin=subprocess.DEVNULL, capture_output=True, timeout=20, **ids)
     except (OSError, subprocess.SubprocessError):
         return False
+    finally:
+        _remove_tree(workdir)
     return done.returncode == 0
 
 

@@ -23,7 +23,7 @@ from ...errors import InvalidArgument
 from ..sandbox import Limits, run_python
 from .base import Problem, Reward
 
-__all__ = ["Family", "FAMILIES", "CodeEnv", "extract_code"]
+__all__ = ["Family", "FAMILIES", "LEVELS", "CodeEnv", "extract_code"]
 
 _EXHAUSTED_AFTER = 5000          # draws without a new held-out problem before heldout gives up
 _HELDOUT_PER_MILLE = 200          # 20% of each level's problems are held out

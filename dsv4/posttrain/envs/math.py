@@ -18,7 +18,7 @@ from typing import Union
 from ...errors import InvalidArgument
 from .base import Problem, Reward
 
-__all__ = ["MathLevel", "LEVELS", "MathEnv", "parse_expression", "evaluate"]
+__all__ = ["MathLevel", "LEVELS", "MathEnv", "ExpressionError", "parse_expression", "evaluate", "render", "final_answer"]
 
 Node = Union[int, tuple]          # an integer literal or (op, left, right)
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2}
