@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
+import shutil
 import socket
+import tempfile
 import time
 
 import pytest
@@ -145,8 +148,17 @@ def test_no_network(mode):
     assert result.stdout.startswith("refused"), result
 
 
-def test_writes_outside_the_directory_are_refused_and_the_directory_is_removed(tmp_path, mode):
-    outside = tmp_path / "escaped.txt"
+@pytest.fixture
+def open_dir():
+    """A directory anyone may write to (so only the sandbox, not file permissions, keeps the code out)."""
+    path = tempfile.mkdtemp(prefix="dsv4-test-outside-")
+    os.chmod(path, 0o777)
+    yield pathlib.Path(path)
+    shutil.rmtree(path)
+
+
+def test_writes_outside_the_directory_are_refused_and_the_directory_is_removed(open_dir, mode):
+    outside = open_dir / "escaped.txt"
     code = f"""
 import os
 os.makedirs('sub/deeper')
@@ -160,7 +172,6 @@ for attempt in (lambda: open({str(outside)!r}, 'w'), lambda: os.rename('sub', {s
     except PermissionError:
         print('refused')
 """
-    os.chmod(tmp_path, 0o777)
     result = run_python(code, limits=FAST, mode=mode)
     workdir, *attempts = result.stdout.split()
     assert attempts == ["refused", "refused"], result
