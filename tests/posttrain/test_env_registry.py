@@ -1,0 +1,32 @@
+"""The environment registry: names, levels, errors; only this branch's environments are built here."""
+import random
+
+import pytest
+
+from dsv4.errors import InvalidArgument
+from dsv4.posttrain.envs import Environment
+from dsv4.posttrain.envs.registry import ENV_NAMES, make_env
+
+MINE = ("instruct", "agent", "rubric")
+
+
+def test_names():
+    assert set(ENV_NAMES) == {"math", "code", "instruct", "agent", "rubric"}
+
+
+@pytest.mark.parametrize("name", MINE)
+@pytest.mark.parametrize("level", ["easy", "hard"])
+def test_make_env_builds_a_working_environment(name, level):
+    env = make_env(name, level=level)
+    assert isinstance(env, Environment) and env.name == name and env.level == level
+    p = env.sample(random.Random(0))
+    assert p.domain == name and env.reward(p, env.demonstrate(p)).correct
+
+
+def test_bad_name_and_level_are_named():
+    with pytest.raises(InvalidArgument, match="unknown environment 'chess'.*math, code, instruct"):
+        make_env("chess")
+    with pytest.raises(InvalidArgument, match="agent environment: level='extreme'"):
+        make_env("agent", level="extreme")
+    with pytest.raises(TypeError):
+        make_env("instruct", colour="red")
