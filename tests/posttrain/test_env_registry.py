@@ -30,3 +30,13 @@ def test_bad_name_and_level_are_named():
         make_env("agent", level="extreme")
     with pytest.raises(TypeError):
         make_env("instruct", colour="red")
+
+
+def test_a_missing_module_or_class_is_named(monkeypatch):
+    from dsv4.posttrain.envs import registry
+    monkeypatch.setitem(registry._CLASSES, "ghost", ("ghost", "GhostEnv"))
+    with pytest.raises(InvalidArgument, match="'ghost' is not available.*dsv4.posttrain.envs.ghost"):
+        make_env("ghost")
+    monkeypatch.setitem(registry._CLASSES, "ghost", ("split", "GhostEnv"))
+    with pytest.raises(InvalidArgument, match="defines no GhostEnv"):
+        make_env("ghost")

@@ -206,7 +206,7 @@ class AgentEnv:
     def tool_results(self, problem: Problem, tool_calls: list[dict]) -> list[dict]:
         seed = problem.answer["seed"]
         return [{"role": "tool", "tool_call_id": (c.get("id") if isinstance(c, dict) else None) or f"call_{i}",
-                 "content": run_tool(seed, c)} for i, c in enumerate(tool_calls)]
+                 "content": run_tool(seed, c)} for i, c in enumerate(tool_calls or ())]
 
     def reward(self, problem: Problem, turns: list[dict]) -> Reward:
         calls = sum(len(t.get("tool_calls") or ()) for t in turns if t.get("role") == "assistant")

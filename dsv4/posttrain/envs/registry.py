@@ -31,7 +31,13 @@ def make_env(name: str, level: str = "easy", **kw) -> Environment:
     if level not in LEVELS:
         raise InvalidArgument(f"{name} environment: level={level!r} is not one of {LEVELS}")
     module_name, class_name = _CLASSES[name]
-    module = importlib.import_module(f"{__package__}.{module_name}")
+    full = f"{__package__}.{module_name}"
+    try:
+        module = importlib.import_module(full)
+    except ModuleNotFoundError as e:
+        if e.name != full:
+            raise
+        raise InvalidArgument(f"environment {name!r} is not available in this install: no module {full}") from None
     cls = getattr(module, class_name, None)
     if cls is None:
         raise InvalidArgument(f"environment {name!r}: {module.__name__} defines no {class_name}")
