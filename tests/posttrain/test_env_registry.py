@@ -40,3 +40,17 @@ def test_a_missing_module_or_class_is_named(monkeypatch):
     monkeypatch.setitem(registry._CLASSES, "ghost", ("split", "GhostEnv"))
     with pytest.raises(InvalidArgument, match="defines no GhostEnv"):
         make_env("ghost")
+
+
+@pytest.mark.parametrize("name", MINE)
+def test_problems_survive_a_json_round_trip(name):
+    """Problems go to .jsonl files and back: the rebuilt problem demonstrates and scores the same."""
+    import dataclasses
+    import json
+
+    from dsv4.posttrain.envs.base import Problem
+    env = make_env(name, level="medium")
+    for p in [env.sample(random.Random(s)) for s in range(10)] + env.heldout(5):
+        back = Problem(**json.loads(json.dumps(dataclasses.asdict(p))))
+        assert back == p and env.demonstrate(back) == env.demonstrate(p)
+        assert env.reward(back, env.demonstrate(p)).correct

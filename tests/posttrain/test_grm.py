@@ -36,6 +36,8 @@ def test_rubric_env_protocol_and_labels():
     ids = {p.id for p in held}
     rng = random.Random(0)
     assert all(env.sample(rng).id not in ids for _ in range(300))
+    assert env.sample(random.Random(4)) == env.sample(random.Random(4))
+    assert env.judge_examples(6, random.Random(4)) == env.judge_examples(6, random.Random(4))
     for p in held:
         assert env.reward(p, env.demonstrate(p)).correct
     p = held[0]

@@ -11,6 +11,7 @@ calculator, or a two-operator expression; `hard` up to three lookups, or a three
 """
 from __future__ import annotations
 
+import copy
 import json
 import random
 import re
@@ -149,7 +150,7 @@ class AgentEnv:
             question, value, plan = self._arithmetic(rng, steps)
         else:
             question, value, plan = self._lookup(rng, seed, steps)
-        messages = [{"role": "system", "content": SYSTEM_PROMPT, "tools": TOOLS},
+        messages = [{"role": "system", "content": SYSTEM_PROMPT, "tools": copy.deepcopy(TOOLS)},
                     {"role": "user", "content": question}]
         # the key holds the facts a lookup reads, so equal questions over different tables stay distinct
         key = question if plan[0][0][0] == "calculator" else f"{question}|{seed}"

@@ -61,8 +61,7 @@ class RubricEnv:
     def _make(self, rng: random.Random) -> tuple[str, Problem]:
         thing, k, template = rng.choice(self.things), rng.choice(WORD_LIMITS), rng.choice(QUESTIONS)
         question = template.format(t=thing, k=k)
-        rubric = (f"A good answer names the {thing}, mentions one of its real parts, names no part of anything "
-                  f"else, and uses at most {k} words. Otherwise it is bad.")
+        rubric = f"Good if it names the {thing}, one of its parts, no part of another thing, at most {k} words."
         others = sorted({p for t in self.things if t != thing for p in THINGS[t]})
         answer = {"thing": thing, "parts": list(THINGS[thing]), "other_parts": others, "max_words": k}
         return question, Problem(self.name, problem_id(self.name, self.level, question),
