@@ -66,8 +66,9 @@ def test_facts_come_only_from_the_problem_table_and_need_the_tool():
     query = p.answer["plan"][0][0][1]
     result = env.tool_results(p, [call("search", json.dumps({"query": query}), id="c7")])
     assert result == [{"role": "tool", "tool_call_id": "c7", "content": f"{query.lower()}: {p.answer['value']}"}]
-    city = query.split(" of ")[1]
-    assert str(p.answer["value"]) in run_tool(p.answer["seed"], call("search", {"query": f"The {city} {query.split(' of ')[0]}?"}))
+    attribute, city = query.split(" of ")
+    reordered = call("search", {"query": f"The {city} {attribute}?"})
+    assert str(p.answer["value"]) in run_tool(p.answer["seed"], reordered)
     assert run_tool(p.answer["seed"], call("search", {"query": "population of Atlantis"})).startswith("no result")
 
 
@@ -77,7 +78,8 @@ def test_tool_errors_are_tool_results_not_exceptions():
     bad = [call("calc", "{}"), None, {"function": "x"}, call("calculator", "{not json"),
            call("calculator", '["1+1"]'), call("calculator", "{}"), call("calculator", '{"expression": "1", "x": 2}'),
            call("calculator", '{"expression": [1]}'), call("calculator", '{"expression": "1/0"}'),
-           call("calculator", '{"expression": "__import__(\'os\')"}'), call("calculator", json.dumps({"expression": "(" * 300})),
+           call("calculator", '{"expression": "__import__(\'os\')"}'),
+           call("calculator", json.dumps({"expression": "(" * 300})),
            call("search", '{"query": null}')]
     results = env.tool_results(p, bad)
     assert [m["role"] for m in results] == ["tool"] * len(bad)

@@ -80,7 +80,8 @@ def test_each_violation_names_its_constraint():
 def test_partial_reward_on_a_hard_problem():
     env = InstructEnv("hard")
     rng = random.Random(1)
-    p = next(p for p in iter(lambda: env.sample(rng), None) if any(k == "json_keys" for k, _ in p.answer["constraints"]))
+    problems = iter(lambda: env.sample(rng), None)
+    p = next(p for p in problems if any(k == "json_keys" for k, _ in p.answer["constraints"]))
     keys = next(a for k, a in p.answer["constraints"] if k == "json_keys")
     r = env.reward(p, reply(json.dumps({k: "x" for k in keys[:-1]})))
     assert not r.correct and r.score < 1 and f"json_keys:{','.join(keys)}" in r.info["failed"]

@@ -54,3 +54,19 @@ def test_problems_survive_a_json_round_trip(name):
         back = Problem(**json.loads(json.dumps(dataclasses.asdict(p))))
         assert back == p and env.demonstrate(back) == env.demonstrate(p)
         assert env.reward(back, env.demonstrate(p)).correct
+
+
+def test_split_rejects_held_out_prompts_for_any_seed():
+    from dsv4.posttrain.envs.split import draw_heldout, draw_sampled, is_heldout
+    keys = [f"prompt {i}" for i in range(64)]
+    held_keys = {k for k in keys if is_heldout("toy", k)}
+    assert 0 < len(held_keys) < 20
+
+    def make(rng):
+        key = rng.choice(keys)
+        return key, key
+    assert not any(draw_sampled("toy", make, random.Random(s)) in held_keys for s in range(300))
+    held = draw_heldout("toy", "easy", make, len(held_keys))
+    assert set(held) == held_keys and held == draw_heldout("toy", "easy", make, len(held_keys))
+    with pytest.raises(InvalidArgument, match=f"has only {len(held_keys)} held-out"):
+        draw_heldout("toy", "easy", make, len(held_keys) + 1)
