@@ -3,8 +3,8 @@
 Attention is the only part of the model that mixes positions (MoE, mHC and the norms act per token), so a
 packed row needs no other change: each block's attention runs on every document alone, from position 0, and
 everything else runs on the whole batch as it is. Documents are batched by length for that: those whose
-lengths round up to the same power of two run as one attention batch, padded at their end by repeats of their
-last token. Attention is causal, so the padding changes nothing before it (its outputs are dropped).
+lengths round up to the same size (four sizes per octave) run as one attention batch, padded at their end by
+repeats of their last token. Attention is causal, so the padding changes nothing before it (its outputs are dropped).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class PackedDocuments:
         for b, row in enumerate(self.lengths):
             start = b * seq_len
             for n in row:
-                spans.setdefault(1 << (n - 1).bit_length(), []).append((start, n))
+                spans.setdefault(_padded(n), []).append((start, n))
                 start += n
         gathers, source = [], torch.empty(len(self.lengths) * seq_len, dtype=torch.long)
         offset = 0
@@ -64,3 +64,10 @@ class PackedDocuments:
         joined = torch.cat([o.flatten(0, 1) for o in outs]) if len(outs) > 1 else outs[0].flatten(0, 1)
         source = self._source if self._source.device == x.device else self._source.to(x.device)
         return joined[source].unflatten(0, (B, S))
+
+
+def _padded(n: int) -> int:
+    """n rounded up to one of four lengths per octave (2^k, 1.25 * 2^k, 1.5 * 2^k, 1.75 * 2^k): at most a quarter
+    of a batch's attention is padding, and documents of similar lengths share a batch."""
+    step = 1 << max((n - 1).bit_length() - 3, 0)
+    return -(-n // step) * step

@@ -322,11 +322,17 @@ class Transformer(nn.Module):
         """Chain the MTP blocks: depth k pairs the lanes of position t with token t+k+1 (`next_tokens[k]`,
         [B, S], the caller's shifted ids) and returns logits for token t+k+2 at every position. `docs`: as in
         `hidden` (a document's ids past its end are the caller's filler; its predictions there mean nothing)."""
+        return [ops.linear_fp32(block.collapse(hk), self.head.weight)
+                for block, hk in zip(self.mtp, self.mtp_hidden(h, next_tokens, docs))]
+
+    def mtp_hidden(self, h: torch.Tensor, next_tokens: Sequence[torch.Tensor],
+                   docs: PackedDocuments | None = None) -> list[torch.Tensor]:
+        """mtp_logits' lanes of each depth [B, S, R, C], before its block's collapse and the shared head."""
         out = []
         packed = () if docs is None else (None, None, docs)
         for block, ids in zip(self.mtp, next_tokens):
             h = self._run_block(block, h, self.embed(ids), ids, *packed)
-            out.append(ops.linear_fp32(block.collapse(h), self.head.weight))
+            out.append(h)
         return out
 
     # ------------------------------------------------------------------ initialisation
