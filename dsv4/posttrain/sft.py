@@ -2,7 +2,7 @@
 on the same tokens (the MTP head keeps predicting what the policy writes, for speculative decoding).
 
 The pieces are dsv4.train's: Muon + AdamW (`build_optimizers`), the warm-up + cosine schedule (`lr_at`),
-aux-loss-free expert balancing, the progress bar, metrics.jsonl and the loss plot. Attention is sparse (CSA
+aux-loss-free expert balancing, the progress bar and metrics.jsonl. Attention is sparse (CSA
 attends to the indexer's top-k) and the indexer keeps learning from its KL loss, as in the last pre-training
 stage. Output: OUT/metrics.jsonl, OUT/loss.png and OUT/final/ (official format + tokenizer).
 """
@@ -26,7 +26,6 @@ from ..model.attention import Attention
 from ..train.losses import expert_loads, update_expert_bias
 from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizers, lr_at
-from ..train.plots import plot_losses
 from ..train.precision import fp32_matmuls
 from ..train.progress import Progress
 from ..train.stages import set_stage
@@ -172,14 +171,39 @@ def train_sft(model: Transformer, tokenizer: Tokenizer, examples: list[Example],
             progress.step(row)
     progress.close()
     final = save_policy(model, tokenizer, os.path.join(out, "final"), tokenizer_dir=tokenizer_dir)
-    plot_losses({"sft": metrics.rows}, os.path.join(out, "loss.png"), x="step")
+    plot_sft(metrics.rows, os.path.join(out, "loss.png"))
     return {"steps": steps, "first_loss": first, "last_loss": last, "final_dir": final, "trained_tokens": trained}
 
 
-def sft(model_dir: str, data: str, out: str, cfg: SFTConfig | None = None) -> dict:
-    """`dsv4 sft`: load the base checkpoint and the `.jsonl` conversations, fine-tune, save OUT/final/."""
+def plot_sft(rows: list[dict], path: str) -> None:
+    """The trained tokens' cross-entropy (main head and MTP) against the step."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("lm", "next token (assistant tokens)"), ("mtp", "MTP")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax.plot(*zip(*points), lw=1.2, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("SFT loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sft(model_dir: str, data: str, out: str, cfg: SFTConfig | None = None, *, overwrite: bool = False) -> dict:
+    """`dsv4 sft`: load the base checkpoint and the `.jsonl` conversations, fine-tune, save OUT/final/. An `out`
+    holding an earlier run's results is refused unless `overwrite`."""
     cfg = cfg or SFTConfig()
     cfg.check()
+    earlier = [n for n in ("final", "metrics.jsonl") if os.path.exists(os.path.join(out, n))]
+    if earlier and not overwrite:
+        raise InvalidArgument(f"--out {out} already holds a run ({', '.join(earlier)}); choose another directory "
+                              "or pass --overwrite")
     model, tokenizer = load_policy(model_dir, cfg.device)
     examples = load_examples(data, tokenizer, thinking=cfg.thinking)
     log.info("%d conversations, %d tokens (%d trained) from %s", len(examples), sum(len(e.tokens) for e in examples),

@@ -35,9 +35,11 @@ def write_jsonl(path, rows) -> str:
 def tokenizer(directory):
     """A byte-level BPE with V4's special tokens, trained on the sample conversations' rendered text."""
     from dsv4.generate.chat import encode_chat
+    from dsv4.posttrain.chat_data import with_tools
     from dsv4.train.tokenizer import train_bpe
-    texts = [encode_chat(c["messages"], c.get("thinking", False)) for c in CONVERSATIONS] * 10
-    return train_bpe(texts + ["The quick brown fox jumps over the lazy dog. 0123456789 +-*/=()"] * 10, 400,
+    texts = [encode_chat(with_tools(c["messages"], c.get("tools")), c.get("thinking", False))
+             for c in CONVERSATIONS] * 10
+    return train_bpe(texts + ["The quick brown fox jumps over the lazy dog. 0123456789 +-*/=()"] * 10, 1024,
                      directory)
 
 
