@@ -99,3 +99,23 @@ def test_bad_layouts_are_refused(tiny):
         PackedDocuments([[60], [0, 60]], 60)
     with pytest.raises(InvalidArgument, match=r"\[2, 60\]"):
         tiny.hidden(_tokens([[60]]), docs=PackedDocuments([[60], [60]], 60))
+
+
+def test_documents_shorter_than_a_group_with_the_indexer_loss(tiny):
+    """Documents of fewer tokens than a CSA group have no compressed entry; with the indexer's KL loss on (SFT,
+    the sparse stage) they run, and the KL comes from the documents that have entries."""
+    from dsv4.model.attention import Attention
+    layers = [m for m in tiny.modules() if isinstance(m, Attention)]
+    for m in layers:
+        m.indexer_loss = True
+    try:
+        tokens = _tokens([[2, 3, 1]])
+        tiny.logits(tiny.hidden(tokens, docs=PackedDocuments([[2, 3, 1]], 6))).sum().backward()
+        assert all(m.indexer_kl is None for m in layers)
+        tokens = _tokens([[3, 9]])
+        tiny.hidden(tokens, docs=PackedDocuments([[3, 9]], 12))
+        assert any(m.indexer_kl is not None and torch.isfinite(m.indexer_kl) for m in layers)
+    finally:
+        for m in layers:
+            m.indexer_loss = False
+        tiny.zero_grad(set_to_none=True)
