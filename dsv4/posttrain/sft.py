@@ -120,24 +120,40 @@ def _mtp_head(model: Transformer, k: int, h: torch.Tensor) -> torch.Tensor:
 def train_sft(model: Transformer, tokenizer: Tokenizer, examples: list[Example], cfg: SFTConfig, out: str, *,
               tokenizer_dir: str | None = None) -> dict:
     """Fine-tune `model` in place on tokenised conversations; writes metrics.jsonl, loss.png and final/ in `out`.
-    Returns {"steps", "first_loss", "last_loss", "final_dir", "trained_tokens"}."""
+    Returns {"steps", "first_loss", "last_loss", "final_dir", "trained_tokens"}. The attention layers' stage
+    switches are as before when it returns."""
     cfg.check()
-    device = next(model.parameters()).device
-    torch.manual_seed(cfg.seed)
     os.makedirs(out, exist_ok=True)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
     data = SFTBatches(examples, cfg.batch_size, cfg.seq_len, len(model.mtp), pad, pack=cfg.pack, seed=cfg.seed)
     steps = cfg.steps or cfg.epochs * data.batches_per_epoch
-    model.train()
-    set_stage(model, "sparse")
-    opts = build_optimizers(model, cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)
-    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
     metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
     metrics.start(0)
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    stage_before = [(m.sparse, m.indexer_loss) for m in layers]
+    try:
+        set_stage(model, "sparse")
+        trained = _loop(model, data, steps, cfg, metrics)
+    finally:
+        for m, (sparse, indexer_loss) in zip(layers, stage_before):
+            m.sparse, m.indexer_loss = sparse, indexer_loss
+    final = save_policy(model, tokenizer, os.path.join(out, "final"), tokenizer_dir=tokenizer_dir)
+    plot_sft(metrics.rows, os.path.join(out, "loss.png"))
+    lm = [r["lm"] for r in metrics.rows]
+    return {"steps": steps, "first_loss": lm[0], "last_loss": lm[-1], "final_dir": final, "trained_tokens": trained}
+
+
+def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metrics: MetricsLog) -> int:
+    """The optimizer steps; returns the number of trained target tokens."""
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    model.train()
+    opts = build_optimizers(model, cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext)
     progress = Progress(steps, 0, show=cfg.progress)
     progress.bar.set_description("sft")
     batches = iter(data)
-    trained, first, last = 0, None, None
+    trained = 0
     with fp32_matmuls("tf32") if device.type == "cuda" else nullcontext():
         for step in range(steps):
             t0 = time.perf_counter()
@@ -162,17 +178,13 @@ def train_sft(model: Transformer, tokenizer: Tokenizer, examples: list[Example],
             imbalance = update_expert_bias(model, expert_loads(model), cfg.bias_update_speed)
             n = batch.n_targets
             trained += n
-            first = values["lm"] if first is None else first
-            last = values["lm"]
             row = {"step": step + 1, "tokens": trained, "lr": lr, "stage": "sft", **values, "grad_norm": grad_norm,
                    "expert_load_max_over_mean": imbalance, "targets": n,
                    "tok_per_s": batch.tokens.numel() / max(time.perf_counter() - t0, 1e-9)}
             metrics.add(row)
             progress.step(row)
     progress.close()
-    final = save_policy(model, tokenizer, os.path.join(out, "final"), tokenizer_dir=tokenizer_dir)
-    plot_sft(metrics.rows, os.path.join(out, "loss.png"))
-    return {"steps": steps, "first_loss": first, "last_loss": last, "final_dir": final, "trained_tokens": trained}
+    return trained
 
 
 def plot_sft(rows: list[dict], path: str) -> None:

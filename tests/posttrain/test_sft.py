@@ -97,3 +97,13 @@ def test_sft_steps_lower_the_loss_on_every_kind_of_conversation(tmp_path, tok):
     assert res["last_loss"] < res["first_loss"] and (tmp_path / "run" / "loss.png").is_file()
     reloaded = dsv4.load_model(res["final_dir"], dtype=torch.float32)
     torch.testing.assert_close(reloaded.state_dict()["head.weight"], model.state_dict()["head.weight"])
+
+
+def test_training_leaves_the_attention_stage_as_it_found_it(tmp_path, tok):
+    from dsv4.model.attention import Attention
+    model = _model(tok)
+    exs = _examples(tok, [fx.PLAIN])
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    assert not any(m.indexer_loss for m in layers)
+    train_sft(model, tok, exs, SFTConfig(steps=1, optimizer="adamw", device="cpu", progress=False), str(tmp_path))
+    assert not any(m.indexer_loss for m in layers) and all(m.sparse for m in layers)
