@@ -205,3 +205,31 @@ def test_a_peer_taking_only_text_prompts_gets_text_and_no_ignore_eos(bench):
     assert [(lvl["ok"], lvl["errors"], lvl["mean_prompt_tokens"]) for lvl in out["levels"]] == [(2, 0, 8.0)] * 2
     assert out["prefix"]["errors"] == 0 and len(seen[-1].split()) == 20   # prefix 16 + suffix 4 words
     assert "text prompts" in bench.table({"servers": [out]})
+
+
+def test_prompt_text_windows_are_slices_of_the_tokenized_text(bench, tmp_path):
+    """--prompt-text: each prompt is a window of the text's tokens (ids or decoded text), too short a text is named."""
+    pytest.importorskip("tokenizers")
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    (tmp_path / "text.txt").write_text(text)
+    args = bench.parse_args(["--url", "http://127.0.0.1:1", "--prompt-text", str(tmp_path / "text.txt"),
+                             "--tokenizer", str(tmp_path)])
+    ids = tok.encode(text).ids
+    for as_text in (False, True):
+        source = bench.prompt_source(args, len(vocab), as_text)
+        for seed in range(5):
+            p = source.make(random.Random(seed), 20)
+            if as_text:
+                assert len(p) == 20 and p in text
+            else:
+                assert len(p) == 20 and any(ids[i:i + 20] == p for i in range(len(ids) - 19))
+    with pytest.raises(ValueError, match="fewer than"):
+        bench.prompt_source(args, len(vocab), False).make(random.Random(0), len(ids) + 1)
