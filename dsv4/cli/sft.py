@@ -25,7 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=1, help="passes over the data when --steps is not given (default 1)")
     p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     p.add_argument("--batch-size", type=int, default=8, help="rows per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per row; longer conversations are cut (default 512)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per row; longer conversations are cut (default 512)")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
                    help="pack several conversations into a row, each attending only to itself (default: on)")
     p.add_argument("--thinking", action="store_true",

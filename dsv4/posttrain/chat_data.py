@@ -107,10 +107,13 @@ def _text(value: Any, what: str) -> str:
     """A string, or OpenAI content parts of type text (joined)."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                       for p in value):
+    if isinstance(value, list) and all(_is_text_part(p) for p in value):
         return "".join(p["text"] for p in value)
     raise ChatDataError(f"{what} must be a string or a list of text parts, got {json.dumps(value)[:80]}")
+
+
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
 
 
 def _tool_call(c: Any, what: str) -> dict:

@@ -8,6 +8,7 @@ stage. Output: OUT/metrics.jsonl, OUT/loss.png and OUT/final/ (official format +
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -75,6 +76,8 @@ class SFTConfig:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
         if self.warmup < 0:
             raise InvalidArgument(f"warmup must be >= 0, got {self.warmup}")
+        if self.optimizer not in ("muon", "adamw"):
+            raise InvalidArgument(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
 
 
 def _ce(logits_of, h: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +101,9 @@ def sft_loss(model: Transformer, batch: Batch, *, mtp_weight: float = 0.3, index
     total = lm
     if len(model.mtp) and mtp_weight and batch.mtp_inputs:
         mtp = []
-        for k, lg_h in enumerate(model.mtp_hidden(h, batch.mtp_inputs, docs=batch.docs)):
-            s, m = _ce(lambda x, k=k: _mtp_head(model, k, x), lg_h, batch.mtp_targets[k])
-            mtp.append(s / m.clamp(min=1))
+        for k, hk in enumerate(model.mtp_hidden(h, batch.mtp_inputs, docs=batch.docs)):
+            summed, count = _ce(functools.partial(_mtp_head, model, k), hk, batch.mtp_targets[k])
+            mtp.append(summed / count.clamp(min=1))
         mtp_loss = torch.stack(mtp).mean()
         parts["mtp"] = mtp_loss.detach()
         total = total + mtp_weight * mtp_loss
@@ -114,6 +117,7 @@ def sft_loss(model: Transformer, batch: Batch, *, mtp_weight: float = 0.3, index
 
 
 def _mtp_head(model: Transformer, k: int, h: torch.Tensor) -> torch.Tensor:
+    """MTP depth k's logits from its lanes (Transformer.mtp_logits' head)."""
     return ops.linear_fp32(model.mtp[k].collapse(h), model.head.weight)
 
 
