@@ -15,7 +15,7 @@ import json
 import re
 from typing import Any
 
-__all__ = ["encode_chat", "parse_completion", "BOS", "EOS", "USER", "ASSISTANT", "LATEST_REMINDER",
+__all__ = ["encode_chat", "encode_chat_turns", "parse_completion", "BOS", "EOS", "USER", "ASSISTANT", "LATEST_REMINDER",
            "THINK_START", "THINK_END", "DSML", "TASK_TOKENS", "ROLES", "REASONING_EFFORTS"]
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
@@ -203,6 +203,17 @@ def encode_chat(messages: list[dict], thinking: bool = False, *, context: list[d
     not emitted (nor is BOS). If `messages` ends with a user turn the text ends with the assistant
     opener (`<｜Assistant｜><think>` or `<｜Assistant｜></think>`), ready for generation.
     """
+    return "".join(text for _, text in encode_chat_turns(messages, thinking, context=context,
+                                                         drop_thinking=drop_thinking, add_bos=add_bos,
+                                                         reasoning_effort=reasoning_effort))
+
+
+def encode_chat_turns(messages: list[dict], thinking: bool = False, *, context: list[dict] | None = None,
+                      drop_thinking: bool = True, add_bos: bool = True,
+                      reasoning_effort: str | None = None) -> list[tuple[str, str]]:
+    """encode_chat's text cut at the turns it renders: [(role, text)], joined they are encode_chat's text.
+    The role is "bos" for BOS, else the turn's (tool results render inside "user" turns). A rendered turn
+    carries what the template adds after it (an assistant opener after a user turn)."""
     context = context or []
     _check([*context, *messages], thinking, reasoning_effort)
     past, new = _fold_tool_turns(context), _fold_tool_turns(messages)
@@ -212,10 +223,10 @@ def encode_chat(messages: list[dict], thinking: bool = False, *, context: list[d
     if thinking and not keep_reasoning:
         # the reference measures the context after forgetting it on its own; kept for parity
         turns, start = _forget_history(turns), len(_forget_history(past))
-    prefix = BOS if add_bos and not past else ""
+    prefix = [("bos", BOS)] if add_bos and not past else []
     last_user = _last_user(turns)
-    return prefix + "".join(_render(i, turns, last_user, thinking, keep_reasoning, reasoning_effort)
-                            for i in range(start, len(turns)))
+    return prefix + [(turns[i]["role"], _render(i, turns, last_user, thinking, keep_reasoning, reasoning_effort))
+                     for i in range(start, len(turns))]
 
 
 class _Cursor:

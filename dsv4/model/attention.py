@@ -155,7 +155,8 @@ class Attention(nn.Module):
                     scores = self.indexer.sequence_scores(*inputs, cos, sin, self.freqs)
                 if self.sparse:
                     mask = mask & topk_mask(scores.detach(), mask, self.indexer.topk)
-        want = scores is not None and self.indexer_loss
+        # (a sequence shorter than one group has no entry: no attention mass to match, no KL)
+        want = scores is not None and self.indexer_loss and entries.shape[1] > 0
         o, mass = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
                                     return_entry_probs=want, recomputed=self.recomputed)
         self.indexer_kl = indexer_kl(scores, mass, mask) if want else None

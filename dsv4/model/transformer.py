@@ -17,6 +17,7 @@ from .. import ops
 from ..cache import KVCache
 from ..config import ModelConfig
 from .attention import Attention
+from .documents import PackedDocuments
 from .mhc import hc_head, hc_post, hc_pre, init_hc_params
 from .moe import MoE
 from .norm import Linear, RMSNorm
@@ -62,11 +63,12 @@ class Block(nn.Module):
         return x + f.unsqueeze(2) if post is None else hc_post(f, x, post, comb)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None, pos0: torch.Tensor | None = None,
-                cache=None) -> torch.Tensor:
-        """x: [B, S, R, C] lanes, row b at positions pos0[b].. (None: 0) -> [B, S, R, C]."""
+                cache=None, docs: PackedDocuments | None = None) -> torch.Tensor:
+        """x: [B, S, R, C] lanes, row b at positions pos0[b].. (None: 0) -> [B, S, R, C]. `docs`: the rows are
+        packed documents, each attending only to itself (from position 0; no cache)."""
         self.last_combs, self._combs_done = [], False
         y, post, comb = self._hc_pre(x, "attn")
-        x = self._hc_post(self._attention(y, pos0, cache), x, post, comb)
+        x = self._hc_post(self._attention(y, pos0, cache, docs), x, post, comb)
         y, post, comb = self._hc_pre(x, "ffn")
         return self._hc_post(self.ffn(self.ffn_norm(y), token_ids), x, post, comb)
 
@@ -94,8 +96,21 @@ class Block(nn.Module):
             self.last_combs = [comb.detach(), torch.cat(ffn_combs, 1).detach()]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
 
-    def _attention(self, y: torch.Tensor, pos0: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        return self.attn(self.attn_norm(y), pos0, cache)
+    def _attention(self, y: torch.Tensor, pos0: torch.Tensor | None = None, cache=None,
+                   docs: PackedDocuments | None = None) -> torch.Tensor:
+        if docs is None:
+            return self.attn(self.attn_norm(y), pos0, cache)
+        kls: list[tuple[torch.Tensor, int]] = []
+
+        def alone(x: torch.Tensor) -> torch.Tensor:
+            out = self.attn(x)
+            if self.attn.indexer_kl is not None:
+                kls.append((self.attn.indexer_kl, x.shape[0] * x.shape[1]))
+            return out
+        out = docs.per_document(alone, self.attn_norm(y))
+        if kls:  # each batch of documents left its own KL: their mean over queries
+            self.attn.indexer_kl = sum(kl * n for kl, n in kls) / sum(n for _, n in kls)
+        return out
 
     def _ffn_chunk(self, x: torch.Tensor, token_ids: torch.Tensor | None):
         """The FFN half returning its mHC comb and routing as outputs; the MoE's record is left as it was, so a
@@ -138,9 +153,9 @@ class MTPBlock(Block):
         _add_hc_head(self, cfg)
 
     def forward(self, h: torch.Tensor, embedded: torch.Tensor, token_ids: torch.Tensor,
-                pos0: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+                pos0: torch.Tensor | None = None, cache=None, docs: PackedDocuments | None = None) -> torch.Tensor:
         """h: [B, S, R, C] lanes of the previous depth; embedded: [B, S, C] embedding of the ids -> new lanes."""
-        return super().forward(self._combine(h, embedded), token_ids, pos0, cache)
+        return super().forward(self._combine(h, embedded), token_ids, pos0, cache, docs)
 
     def forward_recomputed(self, h: torch.Tensor, embedded: torch.Tensor, token_ids: torch.Tensor, *args,
                            chunk: int = 8192) -> torch.Tensor:
@@ -151,6 +166,13 @@ class MTPBlock(Block):
 
     def collapse(self, h: torch.Tensor) -> torch.Tensor:
         return self.norm(_collapse(self, h, self.norm_eps, self.hc_eps))
+
+
+def _checked_docs(docs: PackedDocuments, tokens: torch.Tensor, cache) -> PackedDocuments:
+    if cache is not None:
+        raise ValueError("packed documents run without a cache (they are for training on whole sequences)")
+    docs.check(tokens)
+    return docs
 
 
 def _add_hc_head(owner: nn.Module, cfg: ModelConfig) -> None:
@@ -260,18 +282,22 @@ class Transformer(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got range "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
-    def hidden(self, tokens: torch.Tensor, cache=None) -> torch.Tensor:
-        """Lanes after the last block [B, S, R, C] (the input of hc_head, and of the MTP blocks)."""
+    def hidden(self, tokens: torch.Tensor, cache=None, docs: PackedDocuments | None = None) -> torch.Tensor:
+        """Lanes after the last block [B, S, R, C] (the input of hc_head, and of the MTP blocks). `docs`: the
+        rows are packed documents (dsv4.model.documents), each computed as if alone; not with a cache."""
         self._check_tokens(tokens)
         self._forget_last_step()
+        packed = () if docs is None else (_checked_docs(docs, tokens, cache),)
         pos0 = None if cache is None else cache.begin(tokens.shape)
-        h = self.embed(tokens)
-        h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
+        h = self._lanes(tokens)
         for i, layer in enumerate(self.layers):
-            h = self._run_block(layer, h, tokens, pos0, None if cache is None else cache.layer(i))
+            h = self._run_block(layer, h, tokens, pos0, None if cache is None else cache.layer(i), *packed)
         if cache is not None:
             cache.end(tokens.shape[1])
         return h
+
+    def _lanes(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens).unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1)
 
     def _forget_last_step(self) -> None:
         """Drop the previous step's training records (routing affinities, indexer KL). They hold that step's
@@ -291,13 +317,22 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, cache)
         return self.logits(h[:, -1:] if last_only else h)
 
-    def mtp_logits(self, h: torch.Tensor, next_tokens: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def mtp_logits(self, h: torch.Tensor, next_tokens: Sequence[torch.Tensor],
+                   docs: PackedDocuments | None = None) -> list[torch.Tensor]:
         """Chain the MTP blocks: depth k pairs the lanes of position t with token t+k+1 (`next_tokens[k]`,
-        [B, S], the caller's shifted ids) and returns logits for token t+k+2 at every position."""
+        [B, S], the caller's shifted ids) and returns logits for token t+k+2 at every position. `docs`: as in
+        `hidden` (a document's ids past its end are the caller's filler; its predictions there mean nothing)."""
+        return [ops.linear_fp32(block.collapse(hk), self.head.weight)
+                for block, hk in zip(self.mtp, self.mtp_hidden(h, next_tokens, docs))]
+
+    def mtp_hidden(self, h: torch.Tensor, next_tokens: Sequence[torch.Tensor],
+                   docs: PackedDocuments | None = None) -> list[torch.Tensor]:
+        """mtp_logits' lanes of each depth [B, S, R, C], before its block's collapse and the shared head."""
         out = []
+        packed = () if docs is None else (None, None, docs)
         for block, ids in zip(self.mtp, next_tokens):
-            h = self._run_block(block, h, self.embed(ids), ids)
-            out.append(ops.linear_fp32(block.collapse(h), self.head.weight))
+            h = self._run_block(block, h, self.embed(ids), ids, *packed)
+            out.append(h)
         return out
 
     # ------------------------------------------------------------------ initialisation
