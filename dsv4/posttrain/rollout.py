@@ -1,6 +1,8 @@
 """Rollouts: G sampled answers per problem, multi-turn where the environment calls tools, each scored.
 
-Samples come from the batched serving engine (`RolloutEngine`, the serve `Engine` with one change, below). A
+Samples come from the batched serving engine (`RolloutEngine`, the serve `Engine` with one change, below; built
+without batch invariance, so on a CPU the rows decode in one batch: a sample may then depend on its neighbours
+in the last bits, which sampling does not need to exclude). A
 trajectory's tokens are the prompt in the official V4 chat encoding, then per turn the sampled completion
 (policy_mask 1, with the sampler's log-probability) and, when the turn calls tools and turns remain, the
 environment's tool results rendered in the same encoding with the next assistant opener (policy_mask 0).
@@ -98,7 +100,7 @@ def sample_turn(model, tokenizer, contexts: Sequence[list[int]], params: Sequenc
     if engine is None:
         engine = RolloutEngine(model, tokenizer, max_batch=min(max_batch, len(contexts)),
                                max_seq_len=max(len(c) for c in contexts) + max(p.max_tokens for p in params),
-                               eos_token_ids=eos)
+                               eos_token_ids=eos, batch_invariant=False)
     return sample_engine(engine, contexts, params)
 
 
