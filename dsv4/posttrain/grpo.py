@@ -123,10 +123,12 @@ def evaluate_greedy(model, tokenizer, envs: Mapping[str, Environment], n: int, m
 
 
 def _replay(model, trajectories: Sequence[Trajectory], T: int, on: bool):
+    """With routing replay on, the recorded routing for a token_logprobs forward of [len, T] tokens (which runs
+    the model over the first T - 1)."""
     if not on:
         return nullcontext()
     from .routing_replay import replaying
-    return replaying(model, [t.routing for t in trajectories], T)
+    return replaying(model, [t.routing for t in trajectories], T - 1)
 
 
 def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: GRPOConfig, ref_model=None, *,
