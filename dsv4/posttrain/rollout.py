@@ -32,6 +32,7 @@ from ..generate.sampling import SamplingConfig, probabilities
 from ..serve.engine import Engine
 from ..serve.types import SamplingParams, TokenEvent
 from .envs.base import Environment, Problem, Reward
+from .samples import Sampled
 from .trajectory import Trajectory
 
 __all__ = ["rollout", "RolloutEngine", "Sampled", "encode_messages"]
@@ -47,16 +48,6 @@ class RolloutEngine(Engine):
             q = probabilities(logits.unsqueeze(0), req.sampling)[0, token]
             event.logprob = float(torch.log(q))
         return event
-
-
-@dataclass
-class Sampled:
-    """One completion of one context: the new tokens, their log-probabilities, why it stopped, and (when
-    recorded) the routing of every position of context + completion."""
-    tokens: list[int]
-    logprobs: list[float]
-    finish: str
-    routing: Any = None
 
 
 def encode_messages(tokenizer, messages: list[dict], thinking: bool, context: list[dict] | None = None) -> list[int]:

@@ -28,6 +28,7 @@ import torch
 from ..generate.sampling import SamplingConfig, probabilities, sample
 from ..model.attention import Attention
 from ..serve.types import SamplingParams
+from .samples import Sampled
 
 __all__ = ["RoutingRecord", "sample_recorded", "replaying", "routed_gates", "csa_indexers"]
 
@@ -114,10 +115,10 @@ class _Recorder:
 
 
 @torch.no_grad()
-def sample_recorded(model, contexts: Sequence[list[int]], params: Sequence[SamplingParams], eos: Sequence[int]):
-    """One completion per context, as the engine samples it, with the routing of every fed position recorded:
-    a list of rollout.Sampled whose `routing` is a RoutingRecord."""
-    from .rollout import Sampled
+def sample_recorded(model, contexts: Sequence[list[int]], params: Sequence[SamplingParams], eos: Sequence[int]
+                    ) -> list[Sampled]:
+    """One completion per context, as the engine samples it, with the routing of every fed position recorded
+    (each Sampled's `routing` is a RoutingRecord)."""
     device = model.embed.weight.device
     B = len(contexts)
     max_len = max(len(c) for c in contexts) + max(p.max_tokens for p in params)
