@@ -9,7 +9,8 @@ One step:
      between the sampler and the trainer, which routing replay closes for the routing part);
   3. `mu` epochs over the batch in `minibatches` shuffled minibatches: loss, backward, gradient clipping, a Muon
      + AdamW step (dsv4.train.optim); with `beta > 0` a frozen reference model gives the k3 KL term;
-  4. one metrics.jsonl row: reward, accuracy, KL, entropy, response length, clip fraction, drift, grad norm;
+  4. one metrics.jsonl row: reward, accuracy, KL, entropy, response length, clip fraction, drift (with routing
+     replay also the drift without it), grad norm;
      every `eval_every` steps greedy held-out accuracy per environment.
 The aux-loss-free expert bias is not updated during RL (the rollout routing it steers is part of the policy).
 """
@@ -134,7 +135,8 @@ def _replay(model, trajectories: Sequence[Trajectory], T: int, on: bool):
 def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: GRPOConfig, ref_model=None, *,
                    seed: int = 0) -> dict[str, float]:
     """Steps 2-3 of the module doc on one scored rollout batch (trajectories of one prompt consecutive, G each);
-    returns the batch's mean loss, grad norm, clip fraction, entropy, drift (and KL with a reference)."""
+    returns the batch's mean loss, grad norm, clip fraction, entropy, drift (and KL with a reference; with routing
+    replay also `drift_unreplayed`, the drift of the same weights routing on their own, for comparison)."""
     device = model.embed.weight.device
     loss_cfg = cfg.loss_config()
     model.train()
@@ -153,6 +155,11 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
         with torch.no_grad(), _replay(model, trajs, T, cfg.routing_replay):
             old_logp, _ = token_logprobs(model, batch.tokens, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
+    unreplayed = None
+    if cfg.routing_replay:   # the drift replay removes: the same forward routing on its own
+        with torch.no_grad():
+            free, _ = token_logprobs(model, batch.tokens, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
+        unreplayed = _policy_mean((free - batch.old_logp).abs(), batch.mask)
     stats_acc: dict[str, list[float]] = {"kl": [], "clip_frac": [], "loss": [], "grad_norm": [], "entropy": []}
     drift = None
     for epoch in range(cfg.mu):
@@ -187,6 +194,8 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
         drift = _policy_mean((old_logp - batch.old_logp).abs(), batch.mask)
     out = {k: sum(v) / len(v) for k, v in stats_acc.items() if v}
     out["drift"] = drift
+    if unreplayed is not None:
+        out["drift_unreplayed"] = unreplayed
     return out
 
 

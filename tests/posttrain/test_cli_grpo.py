@@ -35,7 +35,7 @@ def test_grpo_command_writes_a_run(tmp_path, toy_registry, capsys):
     assert toy_registry == [("toy", "medium")]
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     steps = [r for r in rows if "reward" in r]
-    assert [r["step"] for r in steps] == [1, 2] and all("drift" in r for r in steps)
+    assert [r["step"] for r in steps] == [1, 2] and all("drift" in r and "drift_unreplayed" in r for r in steps)
     assert steps[0]["drift"] < 1e-3          # replayed routing, fp32: the trainer agrees with the sampler
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         assert (out / "final" / name).is_file(), name
