@@ -27,6 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..errors import InvalidArgument
 from ..generate.chat import EOS, encode_chat, parse_completion
 from ..generate.sampling import SamplingConfig, probabilities
 from ..serve.engine import Engine
@@ -35,7 +36,7 @@ from .envs.base import Environment, Problem, Reward
 from .samples import Sampled
 from .trajectory import Trajectory
 
-__all__ = ["rollout", "RolloutEngine", "Sampled", "encode_messages"]
+__all__ = ["rollout", "RolloutEngine", "Sampled", "sample_turn", "sample_engine"]
 
 
 class RolloutEngine(Engine):
@@ -50,9 +51,10 @@ class RolloutEngine(Engine):
         return event
 
 
-def encode_messages(tokenizer, messages: list[dict], thinking: bool, context: list[dict] | None = None) -> list[int]:
+def _encode_messages(tokenizer, messages: list[dict], thinking: bool, context: list[dict] | None = None) -> list[int]:
     """Token ids of `encode_chat(messages, thinking, context=context)` (the official V4 encoding): the prompt
-    (with BOS) when there is no context, else the continuation after it."""
+    (with BOS) when there is no context, else the continuation after it. (posttrain.chat_data's encoders are
+    the shared ones once they are on main.)"""
     text = encode_chat(messages, thinking, context=context or None)
     return tokenizer.encode(text)
 
@@ -137,12 +139,14 @@ def rollout(model, tokenizer, problems: Sequence[Problem], envs_by_domain: Mappi
     """`group_size` trajectories per problem (problem i's are trajectories [i*G, (i+1)*G)), each scored by its
     domain's environment. `engine`: a RolloutEngine to reuse (its max_seq_len must hold the longest
     trajectory); None builds one per turn sized for it."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise InvalidArgument(f"rollout group_size={group_size!r}: must be a positive integer")
     missing = sorted({p.domain for p in problems} - set(envs_by_domain))
     if missing:
-        raise ValueError(f"rollout: no environment for domain(s) {missing}; have {sorted(envs_by_domain)}")
+        raise InvalidArgument(f"rollout: no environment for domain(s) {missing}; have {sorted(envs_by_domain)}")
     states = []
     for p in problems:
-        prompt = encode_messages(tokenizer, p.messages, thinking)
+        prompt = _encode_messages(tokenizer, p.messages, thinking)
         for _ in range(group_size):
             states.append(_State(p, envs_by_domain[p.domain], [dict(m) for m in p.messages], list(prompt),
                                  len(prompt), [0] * len(prompt), [0.0] * len(prompt), []))
@@ -188,7 +192,7 @@ def _advance(s: _State, res: Sampled, tokenizer, thinking: bool) -> bool:
         return False
     results = s.env.tool_results(s.problem, message["tool_calls"])
     s.turns += results
-    tail = encode_messages(tokenizer, results, thinking, context=s.messages)
+    tail = _encode_messages(tokenizer, results, thinking, context=s.messages)
     s.messages += results
     s.tokens += tail
     s.mask += [0] * len(tail)

@@ -35,5 +35,5 @@ def test_cuda_bf16_grpo_steps_with_and_without_replay():
         drifts[replay] = res.rows[0]["drift"]
         assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res.rows)
         if replay:
-            assert res.rows[0]["drift"] <= res.rows[0]["drift_unreplayed"]
+            assert res.rows[0]["drift"] <= res.rows[0]["drift_unreplayed"] + 1e-3
     print(f"cuda bf16 first-step drift: {drifts[False]:.5f} without replay, {drifts[True]:.5f} with")

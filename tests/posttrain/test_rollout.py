@@ -6,7 +6,7 @@ from dsv4.generate.chat import EOS, encode_chat
 from dsv4.generate.sampling import SamplingConfig, probabilities
 from dsv4.posttrain import rollout as rollout_mod
 from dsv4.posttrain.envs.base import Problem
-from dsv4.posttrain.rollout import Sampled, encode_messages, rollout
+from dsv4.posttrain.rollout import Sampled, rollout
 from grpo_toys import AddToolEnv, LetterEnv, toy_model, toy_tokenizer
 
 
@@ -62,7 +62,7 @@ def test_multi_turn_tool_results_are_not_policy_tokens(monkeypatch):
     [t] = rollout(None, tok, [problem], {"agent": AddToolEnv()}, group_size=1, sampling=SamplingConfig(),
                   max_new_tokens=64)
     assert t.reward.score == 1.0 and [m["role"] for m in t.turns] == ["assistant", "tool", "assistant"]
-    prompt = encode_messages(tok, problem.messages, False)
+    prompt = tok.encode(encode_chat(problem.messages, False))
     t1, t2 = tok.encode(turn1), tok.encode("3" + EOS)
     tool = tok.encode(encode_chat([{"role": "tool", "content": "3"}], False,
                                   context=problem.messages + [{"role": "assistant", "content": "",
