@@ -39,7 +39,8 @@ from .logprobs import pad_batch, token_logprobs
 from .rollout import rollout
 from .trajectory import Trajectory
 
-__all__ = ["GRPOConfig", "grpo_train", "evaluate_greedy", "plot_rewards"]
+__all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "evaluate_greedy", "plot_rewards",
+           "save_policy_dir"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

@@ -51,3 +51,23 @@ def test_grpo_raises_reward_on_a_toy_environment(tmp_path):
     assert [r["step"] for r in rows if "reward" in r] == list(range(1, 17))
     assert [r["step"] for r in rows if "eval_acc" in r] == [0, 16]
     assert os.path.isfile(tmp_path / "reward.png") and os.path.isfile(tmp_path / "final" / "config.json")
+
+
+def test_epochs_minibatches_and_reference_kl():
+    """mu = 2 epochs of 2 minibatches against a frozen reference: the ratio's denominator is the policy before the
+    batch (so drift is measured by a separate pass), and the KL to the reference grows from 0 as the policy moves."""
+    import copy
+    model = toy_model(n_layers=2, compress_ratios=(0, 4, 0))
+    ref = copy.deepcopy(model).requires_grad_(False)
+    problem = Problem("toy", "p", [], None)
+    prompt = [0, 5, 6, 7]
+    replies = [[40, 41], [50, 51, 52], [60], [70, 71]]
+    trajs = [_traj(problem, prompt, r, model, float(i % 2)) for i, r in enumerate(replies)]
+    for loss_type in ("grpo", "dr_grpo"):
+        cfg = GRPOConfig(num_generations=2, batch_prompts=2, lr=1e-2, optimizer="adamw", max_new_tokens=3, mu=2,
+                         minibatches=2, beta=0.1, loss_type=loss_type)
+        opts = build_optimizers(model, cfg.lr, optimizer="adamw", weight_decay=0.0)
+        stats = train_on_batch(model, opts, list(model.parameters()), trajs, cfg, ref)
+        assert stats["kl"] > 0 and stats["entropy"] > 0 and stats["grad_norm"] > 0, stats
+        if loss_type == "grpo":
+            assert stats["drift"] < 1e-5      # measured before the first update
