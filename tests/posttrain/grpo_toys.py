@@ -29,12 +29,14 @@ def toy_model(seed: int = 0, **overrides) -> Transformer:
 
 
 class LetterEnv:
-    """Reward = the fraction of the reply's characters that are the letter `target` (single turn)."""
+    """Reward = the fraction of the reply's characters that are the letter `target` (single turn); with
+    `any_=True`, 1 when the reply holds the letter at all (a binary reward: only right answers are reinforced, so
+    GRPO cannot settle on a partly right one)."""
     name = "toy"
     max_turns = 1
 
-    def __init__(self, target: str = "a"):
-        self.target = target
+    def __init__(self, target: str = "a", any_: bool = False):
+        self.target, self.any = target, any_
 
     def sample(self, rng: random.Random) -> Problem:
         n = rng.randrange(1000)
@@ -52,7 +54,10 @@ class LetterEnv:
 
     def reward(self, problem: Problem, turns: list[dict]) -> Reward:
         text = turns[-1].get("content", "") if turns else ""
-        score = sum(c == problem.answer for c in text) / max(len(text), 1)
+        if self.any:
+            score = float(problem.answer in text)
+        else:
+            score = sum(c == problem.answer for c in text) / max(len(text), 1)
         return Reward(score, score >= 0.5, {})
 
 
