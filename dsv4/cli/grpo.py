@@ -37,7 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train on the experts and indexer top-k chosen at rollout time")
     p.add_argument("--max-new-tokens", type=int, default=64, help="per assistant turn")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus cut of the rollouts (1: off; below 1 the rollout log-probabilities are of the cut "
+                        "distribution, which the trainer's do not reproduce: the drift grows)")
     p.add_argument("--thinking", action="store_true", help="thinking-mode prompts (<think> ... </think>)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation interval in steps (0: start/end)")
     p.add_argument("--eval-problems", type=int, default=32, help="held-out problems per environment")

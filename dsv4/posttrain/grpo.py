@@ -85,6 +85,8 @@ class GRPOConfig:
         if self.minibatches > self.batch_prompts * self.num_generations:
             raise InvalidArgument(f"GRPO minibatches={self.minibatches}: more than the "
                                   f"{self.batch_prompts * self.num_generations} trajectories of a step")
+        self.loss_config()   # refuses inconsistent loss settings (epsilon, beta) here, before any work
+        self.sampling()
 
     def loss_config(self) -> GRPOLossConfig:
         return GRPOLossConfig.for_loss_type(self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
@@ -210,7 +212,6 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
     if cfg.routing_replay and getattr(model, "_checkpoint_blocks", False):
         raise InvalidArgument("routing replay does not support activation checkpointing (the MoE runs in chunks)")
     from ..train.progress import Progress
-    cfg.loss_config()   # refuses inconsistent loss settings before any work
     if cfg.beta > 0 and ref_model is None:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizers = build_optimizers(model, cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)

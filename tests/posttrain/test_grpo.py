@@ -71,3 +71,14 @@ def test_epochs_minibatches_and_reference_kl():
         assert stats["kl"] > 0 and stats["entropy"] > 0 and stats["grad_norm"] > 0, stats
         if loss_type == "grpo":
             assert stats["drift"] < 1e-5      # measured before the first update
+
+
+def test_bad_settings_are_refused_up_front():
+    import pytest
+    from dsv4.errors import InvalidArgument
+    for kw, match in [(dict(num_generations=0), "num_generations"), (dict(epsilon=-0.1), "epsilon"),
+                      (dict(beta=-1.0), "beta"), (dict(loss_type="ppo"), "loss_type"),
+                      (dict(top_p=1.5), "top_p"), (dict(minibatches=99, batch_prompts=2, num_generations=2),
+                                                   "minibatches")]:
+        with pytest.raises(InvalidArgument, match=match):
+            GRPOConfig(**kw)
