@@ -1,23 +1,20 @@
 """Rollouts: G sampled answers per problem, multi-turn where the environment calls tools, each scored.
 
-Samples come from the batched serving engine (`RolloutEngine`, the serve `Engine` with one change, below; built
-without batch invariance, so on a CPU the rows decode in one batch: a sample may then depend on its neighbours
-in the last bits, which sampling does not need to exclude). A
-trajectory's tokens are the prompt in the official V4 chat encoding, then per turn the sampled completion
-(policy_mask 1, with the sampler's log-probability) and, when the turn calls tools and turns remain, the
-environment's tool results rendered in the same encoding with the next assistant opener (policy_mask 0).
-
-Log-probabilities: the serve engine reports OpenAI's convention, the log-probability under the model's raw
-(untempered) distribution. An importance ratio needs the distribution the token was actually drawn from, so
-`RolloutEngine` reports log q(token) where q = `dsv4.generate.sampling.probabilities(logits, params)`: after
-temperature, top-k and top-p (`tests/posttrain/test_rollout.py` checks it against that distribution).
+Samples come from the batched serving engine (`rollout_engine.RolloutEngine`: the serve `Engine` reporting the
+log-probability of the distribution each token was drawn from; built without batch invariance, so on a CPU the
+rows decode in one batch: a sample may then depend on its neighbours in the last bits, which sampling does not
+need to exclude). A trajectory's tokens are the prompt in the official V4 chat encoding, then per turn the
+sampled completion (policy_mask 1, with the sampler's log-probability) and, when the turn calls tools and turns
+remain, the environment's tool results rendered in the same encoding with the next assistant opener
+(policy_mask 0).
 
 Completions are parsed with `parse_completion`; one cut off by `max_new_tokens` (no EOS) is parsed as if it
 ended there (its reward is what its text earns, as TRL scores truncated completions) and ends the trajectory.
 A completion that does not parse gets reward 0 with the parse error in `Reward.info` and ends the trajectory.
 
-With `record_routing`, sampling runs on `routing_replay.sample_recorded` instead of the engine (see there why)
-and each trajectory carries the experts and indexer top-k chosen at every position (`Trajectory.routing`).
+With `record_routing`, sampling runs on `routing_replay.sample_recorded` (an engine that records the routing of
+every request) and each trajectory carries the experts and indexer top-k chosen at every position
+(`Trajectory.routing`).
 """
 from __future__ import annotations
 
@@ -25,30 +22,17 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-import torch
-
 from ..errors import InvalidArgument
 from ..generate.chat import EOS, encode_chat, parse_completion
-from ..generate.sampling import SamplingConfig, probabilities
+from ..generate.sampling import SamplingConfig
 from ..serve.engine import Engine
-from ..serve.types import SamplingParams, TokenEvent
+from ..serve.types import SamplingParams
 from .envs.base import Environment, Problem, Reward
+from .rollout_engine import RolloutEngine, sample_engine
 from .samples import Sampled
 from .trajectory import Trajectory
 
 __all__ = ["rollout", "RolloutEngine", "Sampled", "sample_turn", "sample_engine"]
-
-
-class RolloutEngine(Engine):
-    """The serving engine, reporting each sampled token's log-probability under the distribution it was drawn
-    from (after temperature / top-k / top-p); greedy requests keep the raw distribution's."""
-
-    def _event(self, req, token: int, logits: torch.Tensor) -> TokenEvent:
-        event = super()._event(req, token, logits)
-        if req.params.logprobs is not None and req.params.temperature > 0:
-            q = probabilities(logits.unsqueeze(0), req.sampling)[0, token]
-            event.logprob = float(torch.log(q))
-        return event
 
 
 def _encode_messages(tokenizer, messages: list[dict], thinking: bool, context: list[dict] | None = None) -> list[int]:
@@ -63,33 +47,14 @@ def _seed(base: int, index: int, turn: int) -> int:
     return random.Random(f"{base}/{index}/{turn}").getrandbits(62)
 
 
-def sample_engine(engine: Engine, contexts: Sequence[list[int]], params: Sequence[SamplingParams]) -> list[Sampled]:
-    """Submit every context, run the engine until they finish, collect the tokens and log-probabilities."""
-    handles = [engine.submit(ctx, p) for ctx, p in zip(contexts, params)]
-    engine.run_until_idle()
-    out = []
-    for h in handles:
-        toks, lps, finish = [], [], "stop"
-        for ev in h:
-            if ev.token is not None:
-                toks.append(ev.token)
-                lps.append(ev.logprob if ev.logprob is not None else 0.0)
-            if ev.finish_reason is not None:
-                finish = ev.finish_reason
-        if finish == "error":
-            raise RuntimeError(f"rollout request {h.id} failed in the engine: {ev.error}")
-        out.append(Sampled(toks, lps, finish))
-    return out
-
-
 def sample_turn(model, tokenizer, contexts: Sequence[list[int]], params: Sequence[SamplingParams],
                 eos: Sequence[int], *, engine: Engine | None = None, record_routing: bool = False,
                 max_batch: int = 64) -> list[Sampled]:
     """One completion per context: on `engine` (None: a RolloutEngine sized for these contexts), or with
-    routing recorded on routing_replay's sampler."""
+    routing recorded (routing_replay.sample_recorded: a recording engine of its own)."""
     if record_routing:
         from .routing_replay import sample_recorded
-        return sample_recorded(model, contexts, params, eos)
+        return sample_recorded(model, contexts, params, eos, max_batch=max_batch)
     if engine is None:
         engine = RolloutEngine(model, tokenizer, max_batch=min(max_batch, len(contexts)),
                                max_seq_len=max(len(c) for c in contexts) + max(p.max_tokens for p in params),

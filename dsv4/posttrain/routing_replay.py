@@ -9,13 +9,12 @@ entries in every CSA layer, and makes the training forward use them (hash-routed
 and need nothing). The routing weights are still this forward's affinities of the recorded experts, so the gate
 keeps its gradient.
 
-Where the recording happens: a sampler of its own (`sample_recorded`) on the model's incremental decode (one
-cache row per context, each prompt prefilled in one chunk, then batched one-token decode steps), not the serving
-engine. The engine hides which request a forward row serves (its row pool is private state) and on a GPU replays
-decode steps as CUDA graphs, which would skip the Python hooks. The recorder uses only the model hooks (`Gate.record`
-/ `Gate.replay` in dsv4/model/moe.py, `Indexer.record` / `Indexer.replay` read by `Attention._sequence`).
-Sampling matches the engine's: the same seeded generator per request, the same `sample` / `probabilities`, and
-the reported log-probability is that of the tempered, truncated distribution sampled from.
+Where the recording happens: on the serving engine (`RecordingEngine`, a RolloutEngine), through the model hooks
+(`Gate.record` / `Gate.replay` in dsv4/model/moe.py, `Indexer.record` / `Indexer.replay` read by
+`Attention._sequence`). Before each forward the engine names the requests its cache rows serve and their
+positions, so every prefill chunk and decode step lands in its request's table, whatever else shares the batch.
+The recording engine runs eager steps (a replayed CUDA graph would skip the Python hooks) without speculative
+decoding, and copies each layer's choices to the host once per forward.
 """
 from __future__ import annotations
 
@@ -25,12 +24,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..generate.sampling import SamplingConfig, probabilities, sample
 from ..model.attention import Attention
 from ..serve.types import SamplingParams
+from .rollout_engine import RolloutEngine, collect
 from .samples import Sampled
 
-__all__ = ["RoutingRecord", "sample_recorded", "replaying", "routed_gates", "csa_indexers"]
+__all__ = ["RoutingRecord", "RecordingEngine", "sample_recorded", "replaying", "routed_gates", "csa_indexers"]
 
 
 def routed_gates(model) -> dict[int, torch.nn.Module]:
@@ -75,26 +74,42 @@ class RoutingRecord:
 
 
 class _Recorder:
-    """Fills per-row tensors [rows, max_len, k] from the hooks; `at(rows, starts)` says which cache rows (and
-    from which positions) the next forward covers."""
+    """Fills per-request tables [requests, max_len, k] from the hooks. Before each forward the engine says which
+    requests its rows serve and from which position (`at`); the hooks then write that forward's choices there."""
 
-    def __init__(self, model, n_rows: int, max_len: int):
+    def __init__(self, model, n_requests: int, max_len: int):
         self.gates, self.indexers = routed_gates(model), csa_indexers(model)
         cfg = model.config
-        self.experts = {i: torch.full((n_rows, max_len, cfg.n_activated_experts), -1, dtype=torch.int32)
+        self.experts = {i: torch.full((n_requests, max_len, cfg.n_activated_experts), -1, dtype=torch.int32)
                         for i in self.gates}
-        self.topk = {i: torch.full((n_rows, max_len, cfg.index_topk), -1, dtype=torch.int32) for i in self.indexers}
-        self.rows: list[int] = []
-        self.starts: list[int] = []
+        self.topk = {i: torch.full((n_requests, max_len, cfg.index_topk), -1, dtype=torch.int32)
+                     for i in self.indexers}
+        self.known = torch.zeros(n_requests, max_len, dtype=torch.bool)
+        self.slots: dict[str, int] = {}           # request id -> table row
+        self._live: list[int] = []                # rows of the forward's batch that serve a request
+        self._slots = self._starts = torch.zeros(0, dtype=torch.long)
+        self._span = 0
 
-    def at(self, rows: Sequence[int], starts: Sequence[int]) -> None:
-        self.rows, self.starts = list(rows), list(starts)
+    def at(self, requests: Sequence[str | None], starts: Sequence[int], n_tokens: int) -> None:
+        """The next forward runs `n_tokens` per row; row b serves request `requests[b]` (None: a free row) from
+        position `starts[b]`."""
+        self._live = [b for b, r in enumerate(requests) if r is not None and r in self.slots]
+        self._slots = torch.tensor([self.slots[requests[b]] for b in self._live], dtype=torch.long)
+        self._starts = torch.tensor([starts[b] for b in self._live], dtype=torch.long)
+        self._span = n_tokens
+        for slot, start in zip(self._slots.tolist(), self._starts.tolist()):
+            self.known[slot, start:start + n_tokens] = True
 
     def _store(self, table: torch.Tensor, ids: torch.Tensor) -> None:
-        ids = ids.view(len(self.rows), -1, ids.shape[-1]).to("cpu", torch.int32)
-        S, k = ids.shape[1], ids.shape[2]
-        for b, (r, p) in enumerate(zip(self.rows, self.starts)):
-            table[r, p:p + S, :k] = ids[b]
+        if not self._live:
+            return
+        ids = ids.reshape(-1, self._span, ids.shape[-1])[self._live].to("cpu", torch.int32)
+        k = min(ids.shape[-1], table.shape[-1])
+        if self._span == 1:   # a decode step: every row in one indexed write
+            table[self._slots, self._starts, :k] = ids[:, 0, :k]
+            return
+        for b, (slot, start) in enumerate(zip(self._slots.tolist(), self._starts.tolist())):
+            table[slot, start:start + self._span, :k] = ids[b, :, :k]
 
     @contextmanager
     def installed(self) -> Iterator["_Recorder"]:
@@ -108,56 +123,53 @@ class _Recorder:
             for m in (*self.gates.values(), *self.indexers.values()):
                 m.record = None
 
-    def record_of(self, row: int, length: int) -> RoutingRecord:
-        return RoutingRecord({i: t[row, :length].clone() for i, t in self.experts.items()},
-                             {i: t[row, :length].clone() for i, t in self.topk.items()},
-                             torch.ones(length, dtype=torch.bool))
+    def record_of(self, request: str, length: int) -> RoutingRecord:
+        slot = self.slots[request]
+        return RoutingRecord({i: t[slot, :length].clone() for i, t in self.experts.items()},
+                             {i: t[slot, :length].clone() for i, t in self.topk.items()},
+                             self.known[slot, :length].clone())
 
 
-@torch.no_grad()
-def sample_recorded(model, contexts: Sequence[list[int]], params: Sequence[SamplingParams], eos: Sequence[int]
-                    ) -> list[Sampled]:
-    """One completion per context, as the engine samples it, with the routing of every fed position recorded
-    (each Sampled's `routing` is a RoutingRecord)."""
-    device = model.embed.weight.device
-    B = len(contexts)
+class RecordingEngine(RolloutEngine):
+    """A RolloutEngine whose every forward is recorded for the requests it serves: a prefill chunk covers one
+    request from the chunk's start, a decode step one token of each request in its rows. Eager steps only (a
+    replayed CUDA graph would skip the hooks) and no speculative decoding (drafts are not the policy's)."""
+
+    def __init__(self, model, tokenizer=None, *, recorder: _Recorder, **kw):
+        super().__init__(model, tokenizer, cuda_graphs=False, speculative=None, **kw)
+        self.recorder = recorder
+
+    def _prefill_chunk(self, req) -> bool:
+        self.recorder.at([req.handle.id], [req.done], req.stops[0] - req.done)
+        return super()._prefill_chunk(req)
+
+    def _decode_view(self, rows: range, graph: bool = False) -> None:
+        lengths = self.cache.lengths()
+        self.recorder.at([None if self._rows[r] is None else self._rows[r].handle.id for r in rows],
+                         [lengths[r] for r in rows], 1)
+        super()._decode_view(rows, graph=False)
+
+
+def sample_recorded(model, contexts: Sequence[list[int]], params: Sequence[SamplingParams], eos: Sequence[int],
+                    *, max_batch: int = 64, **engine_kw) -> list[Sampled]:
+    """One completion per context on a RecordingEngine (`engine_kw`: more Engine settings, e.g. prefill_chunk),
+    with the routing of every fed position recorded (each Sampled's `routing` is a RoutingRecord of
+    len(context) + len(completion) - 1 positions)."""
     max_len = max(len(c) for c in contexts) + max(p.max_tokens for p in params)
-    cache = model.new_cache(B, max_len)
-    rec = _Recorder(model, B, max_len)
-    cfgs = [SamplingConfig(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k) for p in params]
-    gens = [torch.Generator(device=device).manual_seed(p.seed) if p.temperature > 0 else None for p in params]
-    stops = [set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos)) for p in params]
-    out = [Sampled([], [], "length") for _ in contexts]
-    done = [False] * B
+    rec = _Recorder(model, len(contexts), max_len)
+    engine = RecordingEngine(model, recorder=rec, max_batch=min(max_batch, len(contexts)), max_seq_len=max_len,
+                             eos_token_ids=eos, **{"batch_invariant": False, **engine_kw})
     with rec.installed():
-        rows = []
-        for r, ctx in enumerate(contexts):
-            rec.at([r], [0])
-            ids = torch.tensor([ctx], dtype=torch.long, device=device)
-            rows.append(model(ids, cache=cache.select(r), last_only=True)[:, -1])
-        logits = torch.cat(rows)
-        while True:
-            fed = []
-            for r in range(B):
-                if done[r]:
-                    fed.append(0)
-                    continue
-                row = logits[r:r + 1].float()
-                token = int(sample(row, cfgs[r], gens[r])[0])
-                q = probabilities(row, cfgs[r])[0] if cfgs[r].temperature > 0 else torch.softmax(row, -1)[0]
-                out[r].tokens.append(token)
-                out[r].logprobs.append(float(torch.log(q[token])))
-                if token in stops[r]:
-                    done[r], out[r].finish = True, "stop"
-                elif len(out[r].tokens) >= params[r].max_tokens:
-                    done[r] = True
-                fed.append(token)
-            if all(done):
-                break
-            rec.at(range(B), cache.lengths())
-            logits = model(torch.tensor(fed, device=device).view(B, 1), cache=cache)[:, -1]
-    for r, s in enumerate(out):
-        s.routing = rec.record_of(r, len(contexts[r]) + len(s.tokens) - 1)
+        handles = []
+        for i, (ctx, p) in enumerate(zip(contexts, params)):
+            handles.append(engine.submit(ctx, p))
+            rec.slots[handles[-1].id] = i
+        engine.run_until_idle()
+    out = []
+    for ctx, h in zip(contexts, handles):
+        [s] = collect([h])
+        s.routing = rec.record_of(h.id, len(ctx) + len(s.tokens) - 1)
+        out.append(s)
     return out
 
 

@@ -16,3 +16,4 @@ class Sampled:
     logprobs: list[float]
     finish: str
     routing: Any = None
+    request: str | None = None       # the engine's request id

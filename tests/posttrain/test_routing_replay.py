@@ -131,3 +131,25 @@ def test_replay_reduces_bf16_drift():
     print(f"bf16 drift: mean {diffs[False].mean():.5f} / max {diffs[False].max():.4f} without replay, "
           f"mean {diffs[True].mean():.5f} / max {diffs[True].max():.4f} with")
     assert diffs[True].mean() < diffs[False].mean() and diffs[True].max() < 0.5 * diffs[False].max()
+
+
+def test_engine_records_land_in_their_requests():
+    """Five requests through two engine rows (rows reused, requests joining mid-decode), prompts prefilled in
+    16-token chunks: each request's record matches the routing a whole-sequence fp32 forward of its own tokens
+    chooses (up to rare near-ties); a mix-up of rows and requests would match about a quarter."""
+    model = toy_model()
+    params = [SamplingParams(max_tokens=6 + 2 * i, temperature=1.0, seed=i, logprobs=0) for i in range(5)]
+    contexts = [PROMPT[: len(PROMPT) - 4 * i] for i in range(5)]
+    results = sample_recorded(model, contexts, params, eos=[], max_batch=2, prefill_chunk=16)
+    gates = routed_gates(model)
+    for ctx, s in zip(contexts, results):
+        tokens = torch.tensor([ctx + s.tokens])
+        L = tokens.shape[1] - 1
+        assert s.routing.length == L and bool(s.routing.known.all())
+        with torch.no_grad():
+            model.hidden(tokens[:, :L])
+        for i in gates:
+            free = model.layers[i].ffn.last_routing[0].sort(-1).values
+            rec = s.routing.experts[i].long().sort(-1).values
+            agree = (free == rec).all(-1).float().mean()
+            assert agree > 0.97, (i, float(agree))
