@@ -211,7 +211,7 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
         raise InvalidArgument("GRPO needs at least one environment")
     if cfg.routing_replay and getattr(model, "_checkpoint_blocks", False):
         raise InvalidArgument("routing replay does not support activation checkpointing (the MoE runs in chunks)")
-    from ..train.progress import Progress
+    from tqdm.auto import tqdm
     if cfg.beta > 0 and ref_model is None:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     optimizers = build_optimizers(model, cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)
@@ -224,8 +224,7 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
     result = GRPOResult()
     rng = random.Random(cfg.seed)
     names = list(envs)
-    bar = Progress(cfg.steps, 0, show=progress)
-    bar.bar.set_description("grpo")
+    bar = tqdm(total=cfg.steps, desc="grpo", unit="step", dynamic_ncols=True, disable=not progress)
 
     def record(row: dict) -> None:
         if metrics is not None:
@@ -260,8 +259,8 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
                "lr": cfg.lr, "rollout_s": t_roll, "step_s": time.perf_counter() - t0, **stats}
         result.rows.append(row)
         record(row)
-        bar.bar.update(1)
-        bar.bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", drift=f"{stats['drift']:.4f}")
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", drift=f"{stats['drift']:.4f}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             run_eval(step + 1)
     run_eval(cfg.steps)
