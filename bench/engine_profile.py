@@ -34,7 +34,7 @@ def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool,
     t0 = time.perf_counter()
     hs = [eng.submit(p, params) for p in prompts]
     steps = 0
-    while eng.has_work():
+    while eng.has_work:
         eng.step()
         steps += 1
     torch.cuda.synchronize()

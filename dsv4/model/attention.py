@@ -154,7 +154,10 @@ class Attention(nn.Module):
                 with torch.set_grad_enabled(self.indexer_loss and torch.is_grad_enabled()):
                     scores = self.indexer.sequence_scores(*inputs, cos, sin, self.freqs)
                 if self.sparse:
-                    mask = mask & topk_mask(scores.detach(), mask, self.indexer.topk)
+                    chosen = topk_mask(scores.detach(), mask, self.indexer.topk)
+                    if self.indexer.replay is not None:
+                        chosen = replayed_mask(chosen, *self.indexer.replay)
+                    mask = mask & chosen
         # (a sequence shorter than one group has no entry: no attention mass to match, no KL)
         want = scores is not None and self.indexer_loss and entries.shape[1] > 0
         o, mass = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
@@ -201,6 +204,19 @@ def topk_mask(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Tens
     age = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
     ranked = torch.where(scores == 0, -(age + 1) * 1e-30, scores).masked_fill(~visible, float("-inf"))
     return torch.zeros_like(visible).scatter(-1, ranked.topk(k, dim=-1).indices, True) & visible
+
+
+def replayed_mask(chosen: torch.Tensor, ids: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Routing replay of the indexer: [B, S, N] bool selecting entries `ids` [B, S, k] (-1 pads) for the queries
+    where `known` [B, S], and `chosen` (this forward's own top-k) elsewhere."""
+    if ids.shape[:2] != chosen.shape[:2]:
+        raise ValueError(f"indexer replay gives ids for {tuple(ids.shape[:2])} queries, the forward has "
+                         f"{tuple(chosen.shape[:2])}")
+    N = chosen.shape[-1]
+    slots = torch.where((ids >= 0) & (ids < N), ids, N).long()
+    given = torch.zeros(*chosen.shape[:2], N + 1, dtype=torch.bool, device=chosen.device)
+    given = given.scatter(-1, slots, True)[..., :N]
+    return torch.where(known.unsqueeze(-1), given, chosen)
 
 
 def indexer_kl(scores: torch.Tensor, entry_mass: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ It owns a compressor of its own (Dc = index_head_dim) and reuses the attention's
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -23,6 +25,11 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(dim, n_heads, bias=False)
         self.compressor = Compressor(dim, head_dim, rope_dim, ratio, overlap=True, rotate=True, eps=eps)
         self.fp4 = False  # Hadamard + FP4 round trip of queries and keys (QAT, and the reference's inference)
+        # routing replay (dsv4.posttrain.routing_replay), both off by default: `record` receives each cached
+        # step's selected entry ids [B, S, <=k] (-1 pads); `replay` = (entry ids [B, S, k] with -1 pads, known
+        # [B, S] bool) replaces the top-k of whole-sequence forwards where known (Attention._sequence reads it)
+        self.record: Callable[[torch.Tensor], None] | None = None
+        self.replay: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +53,11 @@ class Indexer(nn.Module):
             cache.add_keys(new)
             keys = cache.keys()
         q, w = self.queries(x, qr, cos, sin)
-        return ops.indexer_topk(q, w, keys, n_visible, self.topk, prefix, offset)
+        out = ops.indexer_topk(q, w, keys, n_visible, self.topk, prefix, offset)
+        if self.record is not None:
+            top = out if prefix is None else out[..., prefix.shape[-1]:]
+            self.record(top if prefix is None or not offset else torch.where(top >= 0, top - offset, -1))
+        return out
 
     def sequence_scores(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         freqs: torch.Tensor) -> torch.Tensor:

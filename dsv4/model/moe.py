@@ -37,6 +37,11 @@ class Gate(nn.Module):
             self.register_buffer("tid2eid", torch.zeros(vocab_size, topk, dtype=torch.long))
         else:
             self.bias = nn.Parameter(torch.zeros(n_experts), requires_grad=False)  # nudged, not trained
+        # routing replay (dsv4.posttrain.routing_replay), both off by default: `record` receives each forward's
+        # expert ids [N, k]; `replay` [N, k] gives the ids to use (-1: choose as usual). The weights still come
+        # from this forward's affinities of the given experts, so the gate keeps its gradient.
+        self.record: Callable[[torch.Tensor], None] | None = None
+        self.replay: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: [N, C] -> (routing weights [N, k] fp32, expert ids [N, k], affinities [N, E])."""
@@ -45,8 +50,17 @@ class Gate(nn.Module):
             if token_ids is None:
                 raise ValueError("hash-routed MoE layers need the token ids")
             fixed = self.tid2eid[token_ids.flatten()]
-        return ops.moe_route(ops.linear_fp32(x, self.weight), None if self.hashed else self.bias, fixed, self.topk,
-                             self.route_scale)
+        logits = ops.linear_fp32(x, self.weight)
+        out = ops.moe_route(logits, None if self.hashed else self.bias, fixed, self.topk, self.route_scale)
+        if self.replay is not None and not self.hashed:
+            if self.replay.shape != out[1].shape:
+                raise ValueError(f"routing replay gives expert ids of shape {tuple(self.replay.shape)} for a "
+                                 f"forward routing {tuple(out[1].shape)}")
+            given = torch.where(self.replay >= 0, self.replay, out[1])
+            out = ops.moe_route(logits, None, given, self.topk, self.route_scale)
+        if self.record is not None:
+            self.record(out[1].detach())
+        return out
 
 
 class Expert(nn.Module):

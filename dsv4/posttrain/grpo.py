@@ -1,0 +1,306 @@
+"""The GRPO loop: sample problems, roll out G answers each, score them, and take `mu` epochs of clipped
+policy-gradient steps over the rollout batch (docs: dsv4/posttrain/grpo_loss.py for the objective).
+
+One step:
+  1. `batch_prompts` problems, drawn round-robin from the environments (seeded), G rollouts each on the serving
+     engine (rollout.py), rewards and group-normalised advantages;
+  2. the training forward's log-probabilities of the sampled tokens before any update: `old_logp` of the ratio,
+     and the train-vs-rollout drift, mean |train logp - rollout logp| over the policy tokens (the numerical gap
+     between the sampler and the trainer, which routing replay closes for the routing part);
+  3. `mu` epochs over the batch in `minibatches` shuffled minibatches: loss, backward, gradient clipping, a Muon
+     + AdamW step (dsv4.train.optim); with `beta > 0` a frozen reference model gives the k3 KL term;
+  4. one metrics.jsonl row: reward, accuracy, KL, entropy, response length, clip fraction, drift (with routing
+     replay also the drift without it), grad norm;
+     every `eval_every` steps greedy held-out accuracy per environment.
+The aux-loss-free expert bias is not updated during RL (the rollout routing it steers is part of the policy).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import torch
+
+from ..errors import InvalidArgument
+from ..generate.sampling import SamplingConfig
+from ..train.metrics import MetricsLog
+from ..train.optim import build_optimizers
+from .envs.base import Environment
+from .grpo_loss import LOSS_TYPES, GRPOLossConfig, group_advantages, grpo_loss
+from .logprobs import pad_batch, token_logprobs
+from .rollout import rollout
+from .trajectory import Trajectory
+
+__all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "evaluate_greedy", "plot_rewards",
+           "save_policy_dir"]
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(kw_only=True)
+class GRPOConfig:
+    steps: int = 100
+    num_generations: int = 8          # G: samples per prompt
+    batch_prompts: int = 8            # prompts per step
+    lr: float = 1e-5
+    optimizer: str = "muon"           # "muon" (Muon + AdamW, as V4 trains) or "adamw"
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    beta: float = 0.0                 # KL-to-reference weight (0: no reference model is kept)
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    loss_type: str = "grpo"           # "grpo" | "dr_grpo"
+    mu: int = 1                       # optimisation epochs per rollout batch
+    minibatches: int = 1              # minibatches per epoch
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    thinking: bool = False
+    routing_replay: bool = False
+    eval_every: int = 0               # 0: only at the start and the end
+    eval_problems: int = 32           # held-out problems per environment
+    seed: int = 0
+    logprob_chunk: int = 512
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "num_generations", "batch_prompts", "mu", "minibatches", "max_new_tokens",
+                     "eval_problems", "logprob_chunk"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidArgument(f"GRPO {name}={v!r}: must be a positive integer")
+        if self.loss_type not in LOSS_TYPES:
+            raise InvalidArgument(f"GRPO loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
+        if not self.lr > 0:
+            raise InvalidArgument(f"GRPO lr={self.lr}: must be > 0")
+        if not self.temperature > 0:
+            raise InvalidArgument(f"GRPO temperature={self.temperature}: must be > 0 (rollouts sample)")
+        if self.minibatches > self.batch_prompts * self.num_generations:
+            raise InvalidArgument(f"GRPO minibatches={self.minibatches}: more than the "
+                                  f"{self.batch_prompts * self.num_generations} trajectories of a step")
+        self.loss_config()   # refuses inconsistent loss settings (epsilon, beta) here, before any work
+        self.sampling()
+
+    def loss_config(self) -> GRPOLossConfig:
+        return GRPOLossConfig.for_loss_type(self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
+                                            beta=self.beta, max_len=self.max_new_tokens)
+
+    def sampling(self) -> SamplingConfig:
+        return SamplingConfig(temperature=self.temperature, top_p=self.top_p)
+
+
+@dataclass
+class GRPOResult:
+    rows: list[dict] = field(default_factory=list)          # one per step
+    evals: list[dict] = field(default_factory=list)         # held-out accuracy rows
+
+
+def _policy_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.float()
+    return float((values * m).sum() / m.sum().clamp(min=1))
+
+
+def evaluate_greedy(model, tokenizer, envs: Mapping[str, Environment], n: int, max_new_tokens: int,
+                    thinking: bool = False) -> dict[str, float]:
+    """Held-out accuracy (fraction fully correct) and mean reward per environment, greedy decoding."""
+    out = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for name, env in envs.items():
+            problems = env.heldout(n)
+            trajs = rollout(model, tokenizer, problems, {p.domain: env for p in problems}, group_size=1,
+                            sampling=SamplingConfig(temperature=0.0), max_new_tokens=max_new_tokens,
+                            thinking=thinking)
+            out[f"eval_acc/{name}"] = sum(t.reward.correct for t in trajs) / len(trajs)
+            out[f"eval_reward/{name}"] = sum(t.reward.score for t in trajs) / len(trajs)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _replay(model, trajectories: Sequence[Trajectory], T: int, on: bool):
+    """With routing replay on, the recorded routing for a token_logprobs forward of [len, T] tokens (which runs
+    the model over the first T - 1)."""
+    if not on:
+        return nullcontext()
+    from .routing_replay import replaying
+    return replaying(model, [t.routing for t in trajectories], T - 1)
+
+
+def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: GRPOConfig, ref_model=None, *,
+                   seed: int = 0) -> dict[str, float]:
+    """Steps 2-3 of the module doc on one scored rollout batch (trajectories of one prompt consecutive, G each);
+    returns the batch's mean loss, grad norm, clip fraction, entropy, drift (and KL with a reference; with routing
+    replay also `drift_unreplayed`, the drift of the same weights routing on their own, for comparison)."""
+    device = model.embed.weight.device
+    loss_cfg = cfg.loss_config()
+    model.train()
+    rewards = torch.tensor([t.reward.score for t in trajs], dtype=torch.float32)
+    adv = group_advantages(rewards, cfg.num_generations, scale=loss_cfg.scale_rewards, eps=loss_cfg.adv_eps).to(device)
+    batch = pad_batch(trajs, device)
+    T = batch.tokens.shape[1]
+    ref_logp = None
+    if ref_model is not None and cfg.beta > 0:
+        with torch.no_grad():
+            ref_logp, _ = token_logprobs(ref_model, batch.tokens, temperature=cfg.temperature,
+                                         chunk=cfg.logprob_chunk)
+    single = cfg.mu == 1 and cfg.minibatches == 1
+    old_logp = None
+    if not single:   # the policy before this batch's updates, as the ratio's denominator
+        with torch.no_grad(), _replay(model, trajs, T, cfg.routing_replay):
+            old_logp, _ = token_logprobs(model, batch.tokens, temperature=cfg.temperature,
+                                         chunk=cfg.logprob_chunk)
+    unreplayed = None
+    if cfg.routing_replay:   # the drift replay removes: the same forward routing on its own
+        with torch.no_grad():
+            free, _ = token_logprobs(model, batch.tokens, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
+        unreplayed = _policy_mean((free - batch.old_logp).abs(), batch.mask)
+    stats_acc: dict[str, list[float]] = {"kl": [], "clip_frac": [], "loss": [], "grad_norm": [], "entropy": []}
+    drift = None
+    for epoch in range(cfg.mu):
+        order = torch.randperm(len(trajs), generator=torch.Generator().manual_seed(seed + epoch))
+        for part in order.chunk(cfg.minibatches):
+            idx = part.sort().values.to(device)
+            sub = [trajs[i] for i in idx.tolist()]
+            with _replay(model, sub, T, cfg.routing_replay):
+                logp, ent = token_logprobs(model, batch.tokens[idx], temperature=cfg.temperature,
+                                           chunk=cfg.logprob_chunk)
+            mask = batch.mask[idx]
+            old = logp.detach() if old_logp is None else old_logp[idx]
+            if drift is None and single:
+                drift = _policy_mean((logp.detach() - batch.old_logp[idx]).abs(), mask)
+            loss, stats = grpo_loss(logp, old, adv[idx], mask, loss_cfg,
+                                    None if ref_logp is None else ref_logp[idx])
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            if not math.isfinite(grad_norm):
+                raise RuntimeError("GRPO: non-finite gradient norm; stopping before the update")
+            for opt in optimizers:
+                opt.step()
+            stats_acc["loss"].append(float(loss.detach()))
+            stats_acc["grad_norm"].append(grad_norm)
+            stats_acc["clip_frac"].append(stats["clip_frac"])
+            stats_acc["entropy"].append(_policy_mean(ent, mask))
+            if "kl" in stats:
+                stats_acc["kl"].append(stats["kl"])
+    if drift is None:
+        drift = _policy_mean((old_logp - batch.old_logp).abs(), batch.mask)
+    out = {k: sum(v) / len(v) for k, v in stats_acc.items() if v}
+    out["drift"] = drift
+    if unreplayed is not None:
+        out["drift_unreplayed"] = unreplayed
+    return out
+
+
+def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfig, out: str | None = None, *,
+               ref_model=None, tokenizer_dir: str | None = None, progress: bool = True) -> GRPOResult:
+    """Train `model` in place with GRPO on `envs` (name -> environment). With `out`, write metrics.jsonl,
+    reward.png and final/ (the official checkpoint format, with the tokenizer files of `tokenizer_dir`).
+    `ref_model`: the frozen reference for beta > 0 (default: a copy of `model` as it starts)."""
+    if not envs:
+        raise InvalidArgument("GRPO needs at least one environment")
+    if cfg.routing_replay and getattr(model, "_checkpoint_blocks", False):
+        raise InvalidArgument("routing replay does not support activation checkpointing (the MoE runs in chunks)")
+    from tqdm.auto import tqdm
+    if cfg.beta > 0 and ref_model is None:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    optimizers = build_optimizers(model, cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    metrics = None
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
+        metrics.start(0)
+    result = GRPOResult()
+    rng = random.Random(cfg.seed)
+    names = list(envs)
+    bar = tqdm(total=cfg.steps, desc="grpo", unit="step", dynamic_ncols=True, disable=not progress)
+
+    def record(row: dict) -> None:
+        if metrics is not None:
+            metrics.add(row)
+
+    def run_eval(step: int) -> None:
+        row = {"step": step, **evaluate_greedy(model, tokenizer, envs, cfg.eval_problems, cfg.max_new_tokens,
+                                               cfg.thinking)}
+        row["eval_acc"] = sum(v for k, v in row.items() if k.startswith("eval_acc/")) / len(envs)
+        result.evals.append(row)
+        record(row)
+
+    run_eval(0)
+    G = cfg.num_generations
+    for step in range(cfg.steps):
+        t0 = time.perf_counter()
+        drawn = [envs[names[i % len(names)]] for i in range(cfg.batch_prompts)]
+        problems = [env.sample(rng) for env in drawn]
+        model.eval()
+        trajs = rollout(model, tokenizer, problems, {p.domain: env for p, env in zip(problems, drawn)},
+                        group_size=G, sampling=cfg.sampling(), max_new_tokens=cfg.max_new_tokens,
+                        thinking=cfg.thinking, record_routing=cfg.routing_replay,
+                        seed=cfg.seed * 1_000_003 + step)
+        t_roll = time.perf_counter() - t0
+        stats = train_on_batch(model, optimizers, params, trajs, cfg, ref_model, seed=cfg.seed * 7919 + step)
+        rewards = torch.tensor([t.reward.score for t in trajs])
+        lengths = [sum(t.policy_mask) for t in trajs]
+        row = {"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(trajs) > 1
+               else 0.0, "accuracy": sum(t.reward.correct for t in trajs) / len(trajs),
+               "response_len": sum(lengths) / len(lengths),
+               "truncated": sum(t.tokens[-1] != tokenizer.eos_id for t in trajs) / len(trajs),
+               "lr": cfg.lr, "rollout_s": t_roll, "step_s": time.perf_counter() - t0, **stats}
+        result.rows.append(row)
+        record(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", drift=f"{stats['drift']:.4f}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            run_eval(step + 1)
+    run_eval(cfg.steps)
+    bar.close()
+    model.eval()
+    if out is not None:
+        plot_rewards(result, os.path.join(out, "reward.png"))
+        save_policy_dir(model, tokenizer_dir, os.path.join(out, "final"))
+        with open(os.path.join(out, "grpo_config.json"), "w") as f:
+            json.dump(asdict(cfg), f, indent=2)
+    return result
+
+
+def save_policy_dir(model, tokenizer_dir: str | None, path: str) -> None:
+    """The official checkpoint format plus the tokenizer files, so `dsv4 generate/chat/serve` read it."""
+    from ..checkpoint import save_model
+    save_model(model, path, dtype=model.dtype)
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = os.path.join(tokenizer_dir, name)
+            if os.path.isfile(src):
+                shutil.copyfile(src, os.path.join(path, name))
+
+
+def plot_rewards(result: GRPOResult, path: str) -> None:
+    """Mean rollout reward per step (and held-out accuracy where evaluated)."""
+    from ..train.plots import plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if result.rows:
+        ax.plot([r["step"] for r in result.rows], [r["reward"] for r in result.rows], lw=1.2, label="rollout reward")
+        ax.plot([r["step"] for r in result.rows], [r["accuracy"] for r in result.rows], lw=0.8, alpha=0.6,
+                label="rollout accuracy")
+    if result.evals:
+        ax.plot([r["step"] for r in result.evals], [r["eval_acc"] for r in result.evals], marker="o", lw=1.6,
+                label="held-out accuracy (greedy)")
+    ax.set_xlabel("GRPO step")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("GRPO")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
