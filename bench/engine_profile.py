@@ -1,13 +1,17 @@
-"""Where a serving engine step's time goes, in one process (no HTTP): the 4-layer V4-Flash-geometry model on the
-GPU, one 1K-token prompt then decode at batch 1 and 64, with and without batch-invariant mode and the prefix cache.
+"""Where a serving engine's time goes, in one process (no HTTP): the 4-layer V4-Flash-geometry model on the GPU,
+`--batch` prompts of `--prompt-len` tokens, then greedy decode; every step timed alone (CUDA-synchronised) and
+classed by what it did (prefill tokens, decode tokens), with and without batch-invariant mode and the prefix
+cache. A warm-up round with the same shapes runs first (kernel compilation, CUDA-graph capture), so the timed
+round is the steady state. `--trace` adds a torch.profiler table of one decode step's kernels.
 
-    python bench/engine_profile.py [--prompt-len 1024] [--max-tokens 64] [--batch 1 64]
+    python bench/engine_profile.py [--prompt-len 1024] [--max-tokens 64] [--batch 1 64] [--json FILE]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -21,49 +25,78 @@ from dsv4.serve.prefix_cache import PrefixCache  # noqa: E402
 from dsv4.serve.types import SamplingParams  # noqa: E402
 
 
-def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool, prefix: bool) -> dict:
-    pc = PrefixCache(model, 4 << 30, 0, block=256) if prefix else None
-    eng = Engine(model, max_batch=max(batch, 1), max_seq_len=prompt_len + max_tokens + 8, prefix_cache=pc,
-                 batch_invariant=invariant)
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(batch)]
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    eng.submit(prompts[0][:64], SamplingParams(max_tokens=4, temperature=0))  # warm-up: kernels, graphs
-    eng.run_until_idle()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
+def timed_round(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict:
     hs = [eng.submit(p, params) for p in prompts]
-    steps = 0
+    prefill_ms, decode_ms, mixed_ms = [], [], []
+    t_all = time.perf_counter()
     while eng.has_work:
+        before = dict(eng.counters)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
         eng.step()
-        steps += 1
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - t0
-    toks = sum(len([e for e in h if e.token is not None]) for h in hs)
-    return dict(batch=batch, invariant=invariant, prefix=prefix, wall_s=round(wall, 3), steps=steps,
-                tokens=toks, tok_per_s=round(toks / wall, 1), ms_per_step=round(1e3 * wall / steps, 2),
-                counters=eng.counters)
+        torch.cuda.synchronize()
+        ms = 1e3 * (time.perf_counter() - t)
+        pre = eng.counters["prefill_tokens"] - before["prefill_tokens"]
+        dec = eng.counters["decode_tokens"] - before["decode_tokens"]
+        (prefill_ms if pre and not dec else decode_ms if dec and not pre else mixed_ms).append(ms)
+    wall = time.perf_counter() - t_all
+    tokens = sum(1 for h in hs for e in h if e.token is not None)
+    med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+    return dict(wall_s=round(wall, 3), tokens=tokens, prefill_steps=len(prefill_ms),
+                prefill_ms_total=round(sum(prefill_ms), 1), decode_steps=len(decode_ms),
+                decode_step_ms_p50=med(decode_ms), mixed_steps=len(mixed_ms), mixed_ms_total=round(sum(mixed_ms), 1),
+                decode_tok_per_s=round(len(prompts) * 1e3 / med(decode_ms), 1) if decode_ms else None)
+
+
+def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool, prefix: bool, trace: bool) -> dict:
+    pc = PrefixCache(model, 4 << 30, 0, block=256) if prefix else None
+    eng = Engine(model, max_batch=batch, max_seq_len=prompt_len + max_tokens + 8, prefix_cache=pc,
+                 batch_invariant=invariant)
+    g = torch.Generator().manual_seed(batch)
+    vocab = model.config.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    warm = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    timed_round(eng, warm, params)   # compiles and captures what the timed round uses
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    out = dict(batch=batch, prompt_len=prompt_len, max_tokens=max_tokens, invariant=invariant, prefix=prefix,
+               graphs=sorted(eng._graphs), **timed_round(eng, prompts, params))
+    if trace:
+        from torch.profiler import ProfilerActivity, profile
+        hs = [eng.submit(p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)) for p in prompts]
+        while eng.pool.rows_prefilling() if hasattr(eng.pool, "rows_prefilling") else eng._admitted:
+            eng.step()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            eng.step()
+            torch.cuda.synchronize()
+        eng.run_until_idle()
+        del hs
+        out["trace"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+    return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--trace", action="store_true")
     p.add_argument("--json")
     a = p.parse_args()
     model = build_model()
-    out = []
+    results = []
     for batch in a.batch:
         for invariant in (False, True):
             for prefix in (False, True):
                 r = run(model, batch=batch, prompt_len=a.prompt_len, max_tokens=a.max_tokens, invariant=invariant,
-                        prefix=prefix)
+                        prefix=prefix, trace=a.trace and not prefix)
+                trace = r.pop("trace", None)
                 print(json.dumps(r), flush=True)
-                out.append(r)
+                if trace:
+                    print(trace, flush=True)
+                results.append(r)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(out, f, indent=1)
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
