@@ -25,16 +25,21 @@ from dsv4.serve.prefix_cache import PrefixCache  # noqa: E402
 from dsv4.serve.types import SamplingParams  # noqa: E402
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed_round(eng: Engine, prompts: list[list[int]], params: SamplingParams) -> dict:
     hs = [eng.submit(p, params) for p in prompts]
     prefill_ms, decode_ms, mixed_ms = [], [], []
     t_all = time.perf_counter()
     while eng.has_work:
         before = dict(eng.counters)
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         eng.step()
-        torch.cuda.synchronize()
+        sync()
         ms = 1e3 * (time.perf_counter() - t)
         pre = eng.counters["prefill_tokens"] - before["prefill_tokens"]
         dec = eng.counters["decode_tokens"] - before["decode_tokens"]
@@ -63,14 +68,15 @@ def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool,
     if trace:
         from torch.profiler import ProfilerActivity, profile
         hs = [eng.submit(p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)) for p in prompts]
-        while eng.pool.rows_prefilling() if hasattr(eng.pool, "rows_prefilling") else eng._admitted:
+        while eng._admitted:   # prefill, then profile one decode step
             eng.step()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=acts) as prof:
             eng.step()
-            torch.cuda.synchronize()
+            sync()
         eng.run_until_idle()
         del hs
-        out["trace"] = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15)
+        out["trace"] = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=15)
     return out
 
 
@@ -80,9 +86,14 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--trace", action="store_true")
+    p.add_argument("--tiny-cpu", action="store_true", help="smoke: the tiny preset on the CPU")
     p.add_argument("--json")
     a = p.parse_args()
-    model = build_model()
+    if a.tiny_cpu:
+        import dsv4
+        model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=0).eval()
+    else:
+        model = build_model()
     results = []
     for batch in a.batch:
         for invariant in (False, True):
