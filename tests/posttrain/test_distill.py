@@ -65,7 +65,7 @@ def frozen(model: dsv4.Transformer) -> dsv4.Transformer:
 
 
 ENVS = {"math": EchoEnv("math"), "code": EchoEnv("code")}
-CFG = dict(batch_prompts=4, max_new_tokens=6, eval_prompts=4, eval_every=100, chunk=16)
+CFG = dict(batch_prompts=4, max_new_tokens=6, eval_prompts=3, eval_every=100, chunk=16)
 
 
 def _mixed_batch(student, tokenizer):
@@ -78,7 +78,8 @@ def test_teacher_equal_to_student_gives_zero_kl_and_no_update(tokenizer):
     student = tiny(tokenizer, 0)
     teachers = {d: frozen(student) for d in ENVS}
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
-    rows = distill(student, teachers, tokenizer, ENVS, DistillConfig(steps=2, mtp_weight=0.0, **CFG), progress=False)
+    rows = distill(student, teachers, tokenizer, ENVS, DistillConfig(steps=2, mtp_weight=0.0, **{**CFG, "eval_prompts": 0}),
+                   progress=False)
     steps = [r for r in rows if "kl" in r]
     assert len(steps) == 2 and all(r["kl"] == 0.0 and r["kl/math"] == 0.0 and r["kl/code"] == 0.0 for r in steps)
     assert all(r["grad_norm"] == 0.0 for r in steps)
@@ -107,10 +108,11 @@ def test_opd_lowers_heldout_kl_to_another_teacher(tokenizer):
     student = tiny(tokenizer, 0)
     teacher = frozen(tiny(tokenizer, 1, std=0.06))
     rows = distill(student, {"math": teacher}, tokenizer, {"math": ENVS["math"]},
-                   DistillConfig(steps=6, lr=3e-3, **CFG), progress=False)
+                   DistillConfig(steps=4, lr=1e-2, **CFG), progress=False)
     evals = [r for r in rows if "heldout_kl/math" in r]
+    assert [r["step"] for r in evals] == [0, 4]
     first, last = evals[0]["heldout_kl/math"], evals[-1]["heldout_kl/math"]
-    assert first > 0.05 and last < 0.7 * first, (first, last)
+    assert first > 0.1 and last < 0.85 * first, (first, last)
     train_kl = [r["kl"] for r in rows if "kl" in r]
     assert train_kl[-1] < train_kl[0]
 
@@ -135,10 +137,10 @@ def test_off_policy_trains_on_each_domains_teacher_samples(tokenizer):
     for p, t in zip(problems, trajs):
         want = rollout(teachers[p.domain], tokenizer, [p], ENVS, max_new_tokens=6, temperature=0.0, seed=0)[0]
         assert t.problem is p and t.tokens == want.tokens
-    rows = distill(student, teachers, tokenizer, ENVS, DistillConfig(steps=2, off_policy=True, **CFG),
-                   progress=False)
+    rows = distill(student, teachers, tokenizer, ENVS, DistillConfig(steps=1, off_policy=True, optimizer="adamw",
+                                                                      **{**CFG, "eval_prompts": 1}), progress=False)
     steps = [r for r in rows if "ce" in r]
-    assert len(steps) == 2 and steps[-1]["mode"] == "offpolicy" and steps[-1]["student_tokens"] > 0
+    assert len(steps) == 1 and steps[-1]["mode"] == "offpolicy" and steps[-1]["student_tokens"] > 0
     assert {"ce/math", "ce/code", "heldout_acc/math", "heldout_kl/code"} <= set().union(*rows)
 
 
