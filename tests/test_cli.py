@@ -53,7 +53,7 @@ def test_help_imports_neither_torch_nor_matplotlib():
             "               if m in sys.modules)\n"
             "print(len(_COMMANDS), heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.splitlines()[-1] == "7 []"
+    assert out.splitlines()[-1] == "8 []"
 
 
 def test_public_names_are_still_exported():
