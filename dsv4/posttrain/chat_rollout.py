@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 import torch
 
 from ..errors import InvalidArgument
-from ..generate.chat import encode_chat, parse_completion
+from ..generate.chat import EOS, encode_chat, parse_completion
 from ..generate.sampling import SamplingConfig, probabilities, sample
 from ..generate.tokenizer import Tokenizer
 from ..model import Transformer
@@ -65,8 +65,11 @@ def sample_completions(model: Transformer, prompts: Sequence[Sequence[int]], max
 
 
 def score(env: Environment, problem: Problem, text: str, thinking: bool = False) -> tuple[list[dict], Reward]:
-    """The parsed assistant turn and its reward. A completion that breaks the chat format (no EOS within the
-    token budget, stray special tokens) scores 0 without reaching the environment."""
+    """The parsed assistant turn and its reward. A completion cut off by the token budget (no EOS) is scored as
+    it stands; one that breaks the chat format (stray special tokens, malformed tool calls) scores 0 without
+    reaching the environment."""
+    if not text.endswith(EOS):
+        text += EOS
     try:
         message = parse_completion(text, thinking)
     except ValueError as e:

@@ -148,3 +148,12 @@ def test_missing_teacher_is_refused(tokenizer):
     student = tiny(tokenizer, 0)
     with pytest.raises(InvalidArgument, match="no teacher for domain"):
         distill(student, {"math": frozen(student)}, tokenizer, ENVS, DistillConfig(**CFG), progress=False)
+
+
+def test_score_reads_a_cut_off_completion_as_it_stands_and_a_malformed_one_as_zero():
+    from dsv4.posttrain.chat_rollout import score
+    env, problem = ENVS["math"], ENVS["math"].heldout(1)[0]
+    assert score(env, problem, problem.answer)[1].correct                       # no EOS: budget ran out
+    assert score(env, problem, problem.answer + "<｜end▁of▁sentence｜>")[1].correct
+    turns, reward = score(env, problem, "a</think>b")
+    assert turns == [] and reward.score == 0.0 and "format_error" in reward.info
