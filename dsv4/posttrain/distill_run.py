@@ -37,13 +37,12 @@ def load_teacher(path: str, device: torch.device) -> Transformer:
     return load_model(path, device=device, dtype=dtype).requires_grad_(False).eval()
 
 
-def _same_tokenizer(student_dir: str, teacher_dir: str, domain: str) -> None:
-    a, b = (os.path.join(d, "tokenizer.json") for d in (student_dir, teacher_dir))
-    if os.path.isfile(b):
-        with open(a, "rb") as fa, open(b, "rb") as fb:
-            if fa.read() != fb.read():
-                raise InvalidArgument(f"teacher {domain!r} ({teacher_dir}) has another tokenizer.json than the "
-                                      f"student ({student_dir}); distillation compares distributions over one vocabulary")
+def _same_tokenizer(student: Tokenizer, teacher_dir: str, domain: str) -> None:
+    """A teacher checkpoint that carries a tokenizer must map ids to the same tokens as the student's."""
+    if os.path.isfile(os.path.join(teacher_dir, "tokenizer.json")):
+        if Tokenizer.from_dir(teacher_dir).tok.get_vocab() != student.tok.get_vocab():
+            raise InvalidArgument(f"teacher {domain!r} ({teacher_dir}) has another vocabulary than the student's "
+                                  "tokenizer; distillation compares distributions over one vocabulary")
 
 
 def save_policy(model: Transformer, tokenizer_dir: str, out: str) -> None:
@@ -70,10 +69,10 @@ def run_distill(student_dir: str, teacher_dirs: Mapping[str, str], env_names: Se
     """Distil the teachers into the student over the named domains (or the given `envs`); returns the summary
     (also OUT/summary.json): the config, the last held-out evaluation (`final`), paths."""
     dev = resolve_device(device)
-    for d, path in teacher_dirs.items():
-        _same_tokenizer(student_dir, path, d)
     envs = dict(envs) if envs is not None else make_envs(env_names)
     student, tokenizer = load_student(student_dir, dev)
+    for d, path in teacher_dirs.items():
+        _same_tokenizer(tokenizer, path, d)
     teachers = {d: load_teacher(path, dev) for d, path in teacher_dirs.items()}
     os.makedirs(out, exist_ok=True)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else nullcontext

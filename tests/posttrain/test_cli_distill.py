@@ -65,3 +65,14 @@ def test_distill_command_rejects_bad_flags(tmp_path, capsys, teachers, env, mess
 
 def test_parse_teachers():
     assert parse_teachers("math=/a, code=/b") == {"math": "/a", "code": "/b"}
+
+
+def test_teacher_with_another_vocabulary_is_refused(checkpoints, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("dsv4.posttrain.distill_run.make_envs", lambda names: {n: ENVS[n] for n in names})
+    other = tmp_path / "other"
+    tok = train_bpe(["something else entirely, with other merges"] * 8, 300, other)
+    dsv4.save_model(tiny(tok, 3), other, dtype=torch.float32)
+    argv = ["distill", "--student", checkpoints["student"], "--teachers", f"math={other}", "--env", "math",
+            "--out", str(tmp_path / "o"), "--steps", "1"]
+    assert main(argv) == 2
+    assert "another vocabulary" in capsys.readouterr().err
