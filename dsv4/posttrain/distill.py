@@ -22,7 +22,7 @@ import math
 import random
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -40,7 +40,11 @@ from .envs.base import Environment, Problem
 from .reverse_kl import DEFAULT_CHUNK, policy_positions, reverse_kl
 from .trajectory import Trajectory
 
-__all__ = ["DistillConfig", "distill", "Batch", "make_batch", "opd_loss", "ce_loss", "mtp_sums", "heldout_eval", "domain_schedule"]
+__all__ = ["DistillConfig", "DistillDiverged", "distill", "Batch", "make_batch", "opd_loss", "ce_loss", "mtp_sums", "heldout_eval", "domain_schedule"]
+
+
+class DistillDiverged(RuntimeError):
+    """The loss or the gradients became NaN/inf."""
 
 
 @dataclass(kw_only=True)
@@ -294,6 +298,10 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
                 loss, parts = opd_loss(student, teachers, batch, cfg.chunk, cfg.mtp_weight)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        if not math.isfinite(float(loss.detach())) or not math.isfinite(grad_norm):
+            bar.close()
+            raise DistillDiverged(f"{mode} step {step + 1}: loss={float(loss.detach())} grad_norm={grad_norm} is "
+                                  "not finite; stopped before the update (lower --lr?)")
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
@@ -328,7 +336,3 @@ def _sample(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
         for i, t in zip(idx, rollout(teachers[d], tokenizer, [problems[i] for i in idx], envs, seed=seed, **kw)):
             out[i] = t
     return out  # type: ignore[return-value]
-
-
-def config_dict(cfg: DistillConfig) -> dict:
-    return asdict(cfg)

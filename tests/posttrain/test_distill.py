@@ -157,3 +157,16 @@ def test_score_reads_a_cut_off_completion_as_it_stands_and_a_malformed_one_as_ze
     assert score(env, problem, problem.answer + "<｜end▁of▁sentence｜>")[1].correct
     turns, reward = score(env, problem, "a</think>b")
     assert turns == [] and reward.score == 0.0 and "format_error" in reward.info
+
+
+def test_a_non_finite_loss_stops_before_the_update(tokenizer):
+    from dsv4.posttrain.distill import DistillDiverged
+    student = tiny(tokenizer, 0)
+    teacher = frozen(student)
+    with torch.no_grad():
+        teacher.head.weight[0, 0] = float("nan")
+    before = student.head.weight.detach().clone()
+    with pytest.raises(DistillDiverged, match="step 1"):
+        distill(student, {"math": teacher}, tokenizer, {"math": ENVS["math"]},
+                DistillConfig(steps=1, optimizer="adamw", **{**CFG, "eval_prompts": 0}), progress=False)
+    assert torch.equal(student.head.weight, before)
