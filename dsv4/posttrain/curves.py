@@ -13,14 +13,15 @@ __all__ = ["plot_metrics"]
 
 def plot_metrics(runs: Mapping[str, Sequence[dict]], panels: Sequence[tuple[str, str]], path: str,
                  x: str = "step") -> list[str]:
-    """Panels (title, key prefix): every key of the rows that equals the prefix or starts with it, against `x`,
+    """Panels (title, key): the key itself, or with a key ending in "/" every key under it ("kl/" -> "kl/math",
+    "kl/code"), against `x`,
     for each run (lines `run key`). Returns the panels' titles that had data (empty panels say "no data")."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     drawn = []
     for ax, (title, prefix) in zip(axes[0], panels):
         n = 0
         for r, (run, rows) in enumerate(runs.items()):
-            keys = sorted({k for row in rows for k in row if k == prefix or k.startswith(prefix)})
+            keys = sorted({k for row in rows for k in row if k == prefix or prefix.endswith("/") and k.startswith(prefix)})
             for j, key in enumerate(keys):
                 pts = [(row[x], row[key]) for row in rows if key in row and x in row]
                 if pts:
