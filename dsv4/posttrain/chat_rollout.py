@@ -34,6 +34,14 @@ def sample_completions(model: Transformer, prompts: Sequence[Sequence[int]], max
     log-probability of each under the distribution it was drawn from (greedy: the model's own)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise InvalidArgument("rollout needs at least one prompt and no empty prompt")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))   # equal lengths prefill together
+    if order != list(range(len(prompts))):
+        outs = sample_completions(model, [prompts[i] for i in order], max_new_tokens, temperature=temperature,
+                                  seed=seed, stop_ids=stop_ids)
+        result: list = [None] * len(prompts)
+        for i, o in zip(order, outs):
+            result[i] = o
+        return result
     cfg = SamplingConfig(temperature=temperature)
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -42,8 +50,7 @@ def sample_completions(model: Transformer, prompts: Sequence[Sequence[int]], max
     try:
         B = len(prompts)
         cache = model.new_cache(B, max(len(p) for p in prompts) + max_new_tokens)
-        last = torch.cat([model(torch.tensor([list(p)], device=device), cache=cache.select(r), last_only=True)[:, -1]
-                          for r, p in enumerate(prompts)])                       # [B, vocab]
+        last = _prefill(model, cache, prompts)
         stops = set(int(t) for t in stop_ids)
         outs: list[tuple[list[int], list[float]]] = [([], []) for _ in range(B)]
         done = [False] * B
@@ -62,6 +69,22 @@ def sample_completions(model: Transformer, prompts: Sequence[Sequence[int]], max
         return outs
     finally:
         model.train(was_training)
+
+
+def _prefill(model: Transformer, cache, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Run each prompt through its row of `cache`; the logits [B, vocab] after each prompt's last token. Rows
+    whose prompts have the same length run as one batch (one forward pass per distinct length)."""
+    device = model.embed.weight.device
+    last = torch.empty(len(prompts), model.config.vocab_size, device=device)
+    r = 0
+    while r < len(prompts):
+        end = r + 1
+        while end < len(prompts) and len(prompts[end]) == len(prompts[r]):
+            end += 1
+        ids = torch.tensor([list(p) for p in prompts[r:end]], device=device)
+        last[r:end] = model(ids, cache=cache.select(slice(r, end)), last_only=True)[:, -1]
+        r = end
+    return last
 
 
 def score(env: Environment, problem: Problem, text: str, thinking: bool = False) -> tuple[list[dict], Reward]:
