@@ -623,9 +623,7 @@ def make_checkpoint(directory: str, preset: str = "tiny", mtp_layers: int | None
         raise ValueError(f"preset={preset!r}: expected 'tiny' or 'flash4'")
     if mtp_layers is not None:
         cfg = cfg.replace(n_mtp_layers=mtp_layers)
-    device = "cuda" if preset != "tiny" and torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = dsv4.Transformer(cfg).init_weights(seed=1)
+    model = dsv4.Transformer(cfg).init_weights(seed=1)  # on the CPU: saving needs no GPU
     dsv4.save_model(model, directory, dtype=dtype)
     return cfg.vocab_size
 

@@ -12,7 +12,10 @@ import torch
 
 from .kv_cache import KVCache
 
-__all__ = ["row_state", "restore_row_state", "state_nbytes"]
+__all__ = ["row_state", "restore_row_state", "restore_row_pieces", "state_nbytes", "GROWING"]
+
+GROWING = (".entries", ".keys")   # the tensors that grow with n (one record per `ratio` tokens); the rest is
+                                  # fixed-size (window ring, compressor states)
 
 
 def _check_one_row(cache: KVCache, what: str) -> None:
@@ -20,9 +23,10 @@ def _check_one_row(cache: KVCache, what: str) -> None:
         raise ValueError(f"{what} needs a one-row cache (use cache.select(row)), got {cache.batch_size} rows")
 
 
-def row_state(cache: KVCache, n: int) -> dict[str, torch.Tensor]:
+def row_state(cache: KVCache, n: int, start: int = 0) -> dict[str, torch.Tensor]:
     """Views (no copy) of the state of a one-row cache that holds exactly n tokens. A row a failed step left
-    half-written raises CacheDamaged: it must never be stored."""
+    half-written raises CacheDamaged: it must never be stored. `start` > 0 takes only the compressed entries and
+    indexer keys past the first `start` tokens' (a piece to put after a stored state of `start` tokens)."""
     _check_one_row(cache, "row_state")
     if cache.lengths() != [n]:
         raise ValueError(f"the row holds {cache.lengths()[0]} tokens, not the {n} to be stored")
@@ -31,9 +35,9 @@ def row_state(cache: KVCache, n: int) -> dict[str, torch.Tensor]:
     for i, layer in enumerate(cache.layers):
         out[f"{i}.window"] = layer.window_rows.buf[0]
         if layer.entry_rows is not None:
-            out[f"{i}.entries"] = layer.entry_rows.buf[0, : n // layer.ratio]
+            out[f"{i}.entries"] = layer.entry_rows.buf[0, start // layer.ratio: n // layer.ratio]
         if layer.key_rows is not None:
-            out[f"{i}.keys"] = layer.key_rows.buf[0, : n // layer.ratio]
+            out[f"{i}.keys"] = layer.key_rows.buf[0, start // layer.ratio: n // layer.ratio]
         for tag, st in (("cstate", layer.compressor_state), ("istate", layer.indexer_state)):
             if st is not None:
                 out[f"{i}.{tag}.kv"], out[f"{i}.{tag}.score"] = st.kv[0], st.score[0]
@@ -44,15 +48,28 @@ def restore_row_state(cache: KVCache, tensors: dict[str, torch.Tensor], n: int) 
     """Make a one-row cache hold the state `row_state` took after n tokens (copies from any device; a pinned
     host source copies asynchronously, in stream order). Raises KeyError or RuntimeError when the tensors do
     not fit this cache (another geometry, or n beyond its length); the row is then reset."""
+    restore_row_pieces(cache, [(0, tensors)], n)
+
+
+def restore_row_pieces(cache: KVCache, pieces: list[tuple[int, dict[str, torch.Tensor]]], n: int) -> None:
+    """`restore_row_state` from pieces [(start, tensors)], each `row_state(cache, end, start)` of a stretch
+    start..end, in order and contiguous from 0 to n: every piece's compressed entries and indexer keys, the last
+    piece's window and compressor states."""
     _check_one_row(cache, "restore_row_state")
     cache.reset()
     try:
         for i, layer in enumerate(cache.layers):
+            tensors = pieces[-1][1]
             layer.window_rows.buf[0].copy_(tensors[f"{i}.window"], non_blocking=True)
-            if layer.entry_rows is not None:
-                layer.entry_rows.buf[0, : n // layer.ratio].copy_(tensors[f"{i}.entries"], non_blocking=True)
-            if layer.key_rows is not None:
-                layer.key_rows.buf[0, : n // layer.ratio].copy_(tensors[f"{i}.keys"], non_blocking=True)
+            for rows, tag in ((layer.entry_rows, "entries"), (layer.key_rows, "keys")):
+                if rows is None:
+                    continue
+                for start, piece in pieces:
+                    part = piece[f"{i}.{tag}"]
+                    lo = start // layer.ratio
+                    rows.buf[0, lo: lo + part.shape[0]].copy_(part, non_blocking=True)
+                if sum(p[f"{i}.{tag}"].shape[0] for _, p in pieces) != n // layer.ratio:
+                    raise KeyError(f"layer {i}: the pieces hold {tag} for another length than {n} tokens")
             for tag, st in (("cstate", layer.compressor_state), ("istate", layer.indexer_state)):
                 if st is not None:
                     st.kv[0].copy_(tensors[f"{i}.{tag}.kv"], non_blocking=True)

@@ -53,7 +53,7 @@ def init_hc_params(fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, hc
     small dynamic part
     (fn ~ N(0, 0.02), scales alpha = 0.01). With identical lanes the block is then exactly x + f(x)."""
     with torch.no_grad():
-        fn.normal_(0.0, 0.02, generator=generator)
+        fn.copy_(torch.empty(fn.shape).normal_(0.0, 0.02, generator=generator))  # CPU draws: any device
         scale.fill_(0.01)
         if base.numel() == hc:  # hc_head: only pre weights
             base.fill_(-math.log(hc - 1) if hc > 1 else 10.0)

@@ -39,9 +39,13 @@ buffer was replaced or changed in place through autograd's version counter (a `.
 weights out of band is not seen: call `refresh()` after one). Entries of a model that changed are dropped from
 memory at once.
 
-Each entry holds its whole state (the compressed entries from position 0 on), so the entries saved at every
-block of one long prompt take memory quadratic in its length: the byte budgets bound it, and LRU order keeps
-the newest.
+An entry saved after a shorter held prefix of the same tokens (its parent) keeps only what grew since: the
+compressed entries and indexer keys past the parent's, plus the fixed-size window ring and compressor states. So
+the entries saved at every block of one long prompt take memory linear in its length (the final state plus one
+window and compressor state per block), and a hit restores the chain's pieces in order. The device tier demotes
+in LRU order (the chain stays whole across tiers); the host tier drops the least recently used entry that
+nothing was saved on top of, and an entry that leaves memory takes its descendants with it (each written whole
+to the store when there is one). A hit refreshes the LRU place of its whole chain.
 """
 from __future__ import annotations
 
@@ -56,7 +60,7 @@ import numpy as np
 import torch
 
 from ..cache import KVCache
-from ..cache.row_state import restore_row_state, row_state, state_nbytes
+from ..cache.row_state import GROWING, restore_row_pieces, row_state, state_nbytes
 from ..errors import InvalidArgument
 from ..generate.fingerprint import model_fingerprint
 from ..generate.prefix_store import PrefixStore, store_fingerprint
@@ -79,11 +83,32 @@ class _Entry:
     tokens: np.ndarray | None  # (kept only when there is a store)
     on_disk: bool = False
     copied: object = None     # a CUDA event: the state's copy to pinned host memory is done when it completes
+    parent: "_Entry | None" = None   # holds the compressed entries of the first `base` tokens
+    base: int = 0
+    children: list = dataclasses.field(default_factory=list)
 
     def wait(self) -> None:
         if self.copied is not None:
             self.copied.synchronize()
             self.copied = None
+
+    def chain(self) -> list["_Entry"]:
+        """Root first, this entry last: the pieces a restore puts together."""
+        out, e = [], self
+        while e is not None:
+            out.append(e)
+            e = e.parent
+        return out[::-1]
+
+    def whole_state(self) -> dict[str, torch.Tensor]:
+        """The state of all n tokens in one dict (what the on-disk store keeps)."""
+        chain = self.chain()
+        if len(chain) == 1:
+            return self.state
+        for e in chain:
+            e.wait()
+        return {k: torch.cat([e.state[k].cpu() for e in chain]) if k.endswith(GROWING) else v
+                for k, v in self.state.items()}
 
 
 class _Chain:
@@ -155,11 +180,11 @@ class PrefixCache:
                 m = self.store.load_longer(cache_row, tokens, fp, n)
                 if m:
                     self.counters["store_hits"] += 1
-                    self._insert(fp, tokens[:m], row_state(cache_row, m), on_disk=True)
+                    self._insert(fp, tokens[:m], cache_row, on_disk=True)
                     n, entry = m, None
             if entry is not None:
                 try:
-                    restore_row_state(cache_row, entry.state, n)
+                    restore_row_pieces(cache_row, [(e.base, e.state) for e in entry.chain()], n)
                     self._touch(entry)
                 except (KeyError, RuntimeError) as e:  # a row too short for it (the row is left reset)
                     log.warning("prefix cache: a %d-token prefix does not fit this row (%s)", n, e)
@@ -183,9 +208,9 @@ class PrefixCache:
             key = chain.key(len(tokens))
             for tier in TIERS:
                 if key in self._tiers[tier]:
-                    self._tiers[tier].move_to_end(key)
+                    self._touch(self._tiers[tier][key])
                     return
-            self._insert(fp, tokens, row_state(cache_row, len(tokens)), chain)
+            self._insert(fp, tokens, cache_row, chain)
 
     def stats(self) -> dict:
         """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,
@@ -239,15 +264,24 @@ class PrefixCache:
         return 0, None
 
     # ------------------------------------------------------------------ tiers
-    def _insert(self, fp: str, tokens: Sequence[int], state: dict[str, torch.Tensor],
-                chain: _Chain | None = None, on_disk: bool = False) -> None:
+    def _insert(self, fp: str, tokens: Sequence[int], cache_row: KVCache, chain: _Chain | None = None,
+                on_disk: bool = False) -> None:
+        """Keep the state of the one-row cache holding `tokens`: past the longest held shorter prefix, if any."""
         chain = chain or _Chain(fp, tokens, self.block, len(tokens))
         n = len(tokens)
+        base, parent = self._find(fp, tokens)
+        if parent is not None:  # most recent first; this can evict, rarely the parent's own chain: look again
+            self._touch(parent)
+            base, parent = self._find(fp, tokens)
+        state = row_state(cache_row, n, start=base)
         kept = np.asarray(tokens, dtype=np.int64) if self.store is not None else None
-        entry = _Entry(chain.key(n), chain.nodes[n // self.block], n, state, state_nbytes(state), fp, kept, on_disk)
+        entry = _Entry(chain.key(n), chain.nodes[n // self.block], n, state, state_nbytes(state), fp, kept, on_disk,
+                       parent=parent, base=base)
         self.counters["saves"] += 1
         lengths = self._index.setdefault(entry.node, {})
         lengths[n] = lengths.get(n, 0) + 1
+        if parent is not None:
+            parent.children.append(entry)
         if entry.nbytes <= self.budget["device"]:
             entry.state = {k: v.clone() for k, v in state.items()}
             self._add("device", entry)
@@ -258,16 +292,25 @@ class PrefixCache:
         self._tiers[tier][entry.key] = entry
         self._bytes[tier] += entry.nbytes
         while self._bytes[tier] > self.budget[tier]:
-            _, old = self._tiers[tier].popitem(last=False)
-            self._bytes[tier] -= old.nbytes
             self.counters[f"{tier}_evictions"] += 1
-            if tier == "device":
+            if tier == "device":  # demoted: its chain stays whole
+                old = next(iter(self._tiers[tier].values()))
+                self._remove(old)
                 self._demote(old)
-            else:
-                self._drop(old)
+            else:  # dropped, descendants too: the least recently used entry nothing was saved on top of
+                held = self._tiers[tier].values()
+                self._drop(next((e for e in held if not e.children), None) or next(iter(held)))
+
+    def _remove(self, entry: _Entry) -> bool:
+        """Take an entry out of whichever tier holds it; False when none does."""
+        for tier in TIERS:
+            if self._tiers[tier].pop(entry.key, None) is not None:
+                self._bytes[tier] -= entry.nbytes
+                return True
+        return False
 
     def _demote(self, entry: _Entry) -> None:
-        """Move an entry into the host tier (or past it, when larger than its budget)."""
+        """Move an entry (held by no tier now) into the host tier (or past it, when larger than its budget)."""
         if entry.nbytes > self.budget["host"]:
             self._drop(entry)
             return
@@ -280,9 +323,16 @@ class PrefixCache:
         self._add("host", entry)
 
     def _drop(self, entry: _Entry) -> None:
-        """An entry leaves memory: to the store when there is one."""
+        """An entry leaves memory (to the store when there is one), and with it every entry saved on top of it:
+        they cannot be restored without it."""
+        for child in list(entry.children):
+            self._drop(child)
         self._spill(entry)
+        self._remove(entry)
         self._unindex(entry)
+        if entry.parent is not None:
+            entry.parent.children.remove(entry)
+            entry.parent = None
 
     def _unindex(self, entry: _Entry) -> None:
         lengths = self._index[entry.node]
@@ -296,12 +346,17 @@ class PrefixCache:
         if self.store is None or entry.on_disk:
             return
         entry.wait()
-        if self.store.save_state(entry.state, entry.tokens.tolist(), entry.fp) is not None:
+        if self.store.save_state(entry.whole_state(), entry.tokens.tolist(), entry.fp) is not None:
             self.counters["store_saves"] += 1
             entry.on_disk = True
 
     def _touch(self, entry: _Entry) -> None:
-        """A hit: most recently used; an entry on the host goes back to the device tier when it fits."""
+        """A hit: the entry, then its ancestors, most recently used; those on the host go back to the device tier
+        when they fit."""
+        for e in entry.chain()[::-1]:
+            self._touch_one(e)
+
+    def _touch_one(self, entry: _Entry) -> None:
         for tier in TIERS:
             if entry.key in self._tiers[tier]:
                 if tier == "host" and entry.nbytes <= self.budget["device"]:

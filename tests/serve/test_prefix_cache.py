@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dsv4
-from dsv4.cache.row_state import row_state
+from dsv4.cache.row_state import GROWING, row_state
 from dsv4.errors import InvalidArgument
 from dsv4.generate import PrefixStore
 from dsv4.generate.chat import encode_chat
@@ -114,6 +114,43 @@ def test_generation_end_save_lets_the_continuation_hit(model):
     n, warm, _, _ = _serve(model, pc, nxt)
     assert n == 35  # prompt + 5 of the 6 generated tokens (the last one was sampled, never fed)
     assert torch.equal(warm, _cold(model, nxt, split=[29, 30, *range(31, 36), len(nxt) - 1])[0])
+
+
+def test_block_saves_keep_only_what_grew_and_restore_exactly(model, tmp_path):
+    """A long prompt saved at every block: each entry after the first holds only the compressed entries past its
+    parent's (memory linear in the length, not quadratic); a hit at any boundary puts the pieces back exactly;
+    an evicted ancestor takes its descendants along (never a restore with a piece missing), and the store gets
+    whole states."""
+    pc = PrefixCache(model, 1 << 30, 1 << 30, block=32)
+    p = _tokens(300, 40)
+    _serve(model, pc, p)
+    whole = sum(t.nbytes for t in row_state(_cold(model, p[:299])[1], 299).values())
+    fixed = sum(t.nbytes for k, t in row_state(_cold(model, p[:31])[1], 31).items() if not k.endswith(GROWING))
+    s = pc.stats()
+    assert s["entries"]["device"] == 10  # 32, 64, ..., 288 and 299
+    full_states = sum(sum(t.nbytes for t in row_state(_cold(model, p[:b])[1], b).values())
+                      for b in [*range(32, 299, 32), 299])   # what whole-state entries would take
+    assert s["bytes"]["device"] == whole + 9 * fixed < full_states
+    stored = [*range(32, 299, 32), 299]
+    for cut in (33, 64, 200, 299, 300):
+        q = p[:cut] + [7]
+        n, warm, _, _ = _serve(model, pc, q)
+        assert n == max(b for b in stored if b <= cut)
+        split = [b for b in stored if b <= n] + [b for b in pc.boundaries(len(q)) if b > n]
+        assert torch.equal(warm, _cold(model, q, split=split)[0])
+    store = PrefixStore(tmp_path, model)
+    small = PrefixCache(model, 0, whole, store=store, block=32)
+    _serve(model, small, p)                      # fits the host tier: all held
+    _serve(model, small, _tokens(300, 41))       # pushes p's oldest entries out: their descendants go too
+    held = {k for tier in small._tiers.values() for k in tier}
+    assert 0 < len(held) < 20 and small.stats()["host_evictions"] > 0
+    assert all(e.key in held for k in held for e in small._tiers["host"][k].chain())  # no chain with a gap
+    n = small.load(model.new_cache(1, SEQ), p)
+    assert n in (0, *store.lengths()) or any(small._tiers["host"][k].n == n for k in held)
+    assert max(store.activity.saved) == 299      # spilled whole, read back exactly
+    fresh = PrefixCache(model, 1 << 30, 1 << 30, store=store, block=32)
+    n, warm, _, _ = _serve(model, fresh, p + [5])
+    assert n == 299 and torch.equal(warm, _cold(model, p + [5], split=[*stored, 300])[0])
 
 
 TEXT = ["Hello there, how are you?\n", "I am fine, thank you. What is the capital of France?\n",
