@@ -1,0 +1,61 @@
+"""The whole post-training pipeline at tiny scale: base, SFT, GRPO specialists, OPD student, off-policy baseline.
+
+    dsv4 posttrain --out runs/posttrain                  # tiny, on the CPU, about ten minutes on two cores
+    dsv4 posttrain --out runs/pt --env math,instruct --grpo-steps 40 --opd-steps 40
+    dsv4 posttrain --out runs/pt --only opd,offpolicy    # rerun the distillation stages on the earlier ones
+
+Each stage writes OUT/<stage>/ (metrics.jsonl, its plot, final/); OUT/summary.md is the held-out accuracy of
+every stage per domain with each stage's time; OUT/accuracy.png, reward.png and distill.png draw them.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import InvalidArgument
+
+_STAGES = ("base", "sft", "grpo", "opd", "offpolicy")
+
+
+# PipelineConfig fields with a flag of their own, --sft-steps etc.; unset ones keep the config's default
+_NUMBERS = ("sft_examples", "sft_steps", "sft_lr", "sft_batch_size", "grpo_steps", "grpo_lr", "grpo_generations",
+            "grpo_batch_prompts", "opd_steps", "opd_lr", "opd_batch_prompts", "max_new_tokens", "eval_problems",
+            "vocab_size", "seed")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--env", default="math,instruct", metavar="NAME,...", help="the domains (default: math,instruct)")
+    p.add_argument("--level", default="easy", help="the environments' difficulty")
+    p.add_argument("--base", metavar="DIR",
+                   help="start from this checkpoint (with tokenizer) instead of a new tiny one")
+    p.add_argument("--thinking", action="store_true", help="thinking mode throughout")
+    p.add_argument("--no-off-policy", action="store_true", help="skip the off-policy distillation baseline")
+    p.add_argument("--only", metavar="STAGE,...", help=f"run only these stages of {', '.join(_STAGES)} "
+                                                         "(grpo: every specialist); the others are read from OUT")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"],
+                   help="every stage's (default adamw: Muon's Newton-Schulz dominates a tiny model's CPU step)")
+    p.add_argument("--no-progress", action="store_true")
+    for name in _NUMBERS:
+        p.add_argument("--" + name.replace("_", "-"), type=float if name.endswith("lr") else int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..posttrain.pipeline import PipelineConfig, run_pipeline, summary_table
+    envs = tuple(s.strip() for s in args.env.split(",") if s.strip())
+    only: tuple[str, ...] = ()
+    if args.only:
+        asked = [s.strip() for s in args.only.split(",") if s.strip()]
+        bad = [s for s in asked if s not in _STAGES]
+        if bad:
+            raise InvalidArgument(f"--only: unknown stage(s) {bad}; choose from {', '.join(_STAGES)}")
+        only = tuple(s for a in asked for s in ([f"grpo-{d}" for d in envs] if a == "grpo" else [a]))
+    numbers = {n: getattr(args, n) for n in _NUMBERS if getattr(args, n) is not None}
+    cfg = PipelineConfig(envs=envs, level=args.level, base=args.base, thinking=args.thinking,
+                         off_policy_baseline=not args.no_off_policy, only=only, device=args.device,
+                         optimizer=args.optimizer, progress=not args.no_progress, **numbers)
+    summary = run_pipeline(args.out, cfg)
+    print("\n" + summary_table(summary))
+    print(f"\ntotal {summary['total_seconds']:.0f} s; summary {args.out}/summary.md; plots {args.out}/accuracy.png, "
+          f"reward.png, distill.png")
+    return 0

@@ -1,0 +1,250 @@
+"""The whole V4 post-training pipeline at tiny scale, end to end:
+
+  1. base: a byte-level BPE trained on the environments' text and the tiny preset initialised (or a given base);
+  2. SFT on the environments' demonstrations (all domains together);
+  3. one GRPO specialist per domain, each from the SFT model;
+  4. the OPD student: the SFT model distilled from the specialists (each prompt scored by its domain's);
+  5. the off-policy baseline: the SFT model fine-tuned on the specialists' samples, same steps and prompts.
+
+Every stage writes its directory under OUT (metrics.jsonl, its plot, final/); OUT/summary.md holds the held-out
+greedy accuracy of every stage on every domain (one evaluator for all) and each stage's wall time, and
+OUT/accuracy.png draws it. The defaults run on two CPU cores in about ten minutes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import InvalidArgument
+from ..generate.chat import encode_chat
+from ..model import Transformer
+from ..train.metrics import read_metrics
+from .chat_rollout import rollout
+from .curves import plot_metrics
+from .distill import DistillConfig
+from .distill_run import load_student, make_envs, run_distill
+from .envs.base import Environment
+from .policy import load_policy, save_policy
+
+__all__ = ["PipelineConfig", "run_pipeline", "evaluate", "demonstrations"]
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    envs: tuple[str, ...] = ("math", "instruct")
+    level: str = "easy"
+    thinking: bool = False
+    base: str | None = None               # a base checkpoint dir (with tokenizer); None: build a tiny one
+    vocab_size: int = 512                 # of the BPE built for a fresh base
+    sft_examples: int = 3000              # demonstrations per domain
+    sft_steps: int = 300
+    sft_lr: float = 3e-3
+    sft_batch_size: int = 32
+    grpo_steps: int = 20
+    grpo_lr: float = 1e-3
+    grpo_generations: int = 8
+    grpo_batch_prompts: int = 4
+    opd_steps: int = 20
+    opd_lr: float = 1e-3
+    opd_batch_prompts: int = 16
+    off_policy_baseline: bool = True
+    optimizer: str = "adamw"              # every stage's; Muon's Newton-Schulz is half a tiny CPU step's time
+    max_new_tokens: int = 24
+    eval_problems: int = 64               # held-out problems per domain for the summary table
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    only: tuple[str, ...] = field(default=())   # run just these stages (others must have run in OUT already)
+
+    def check(self) -> None:
+        if not self.envs:
+            raise InvalidArgument("posttrain needs at least one environment (--env)")
+        for name in ("sft_examples", "sft_steps", "grpo_steps", "opd_steps", "eval_problems", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(f"posttrain {name}={getattr(self, name)}: must be >= 1")
+
+
+def demonstrations(env: Environment, n: int, rng: random.Random) -> list[dict]:
+    """n conversations (OpenAI messages) of fresh problems answered by the environment's solver."""
+    return [{"messages": [*p.messages, *env.demonstrate(p)]} for p in (env.sample(rng) for _ in range(n))]
+
+
+def _write_jsonl(rows: Sequence[dict], path: str) -> None:
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def build_base(out: str, texts: Sequence[str], vocab_size: int, seed: int) -> str:
+    """A byte-level BPE trained on `texts` and the tiny preset (its vocabulary cut to the tokenizer's),
+    randomly initialised; saved with the tokenizer in `out`."""
+    from ..train.tokenizer import train_bpe
+    tok = train_bpe(texts, vocab_size, out)
+    cfg = dataclasses.replace(ModelConfig.preset("tiny"), vocab_size=tok.vocab_size)
+    torch.manual_seed(seed)
+    save_policy(Transformer(cfg).init_weights(seed=seed), tok, out)   # writes its tokenizer_config.json
+    return out
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, envs: Mapping[str, Environment], n: int, max_new_tokens: int, thinking: bool,
+             device: torch.device) -> dict[str, float]:
+    """Greedy held-out accuracy (fraction fully correct) of a checkpoint on each domain's first n problems."""
+    model, tokenizer = load_student(model_dir, device)
+    out = {}
+    for name, env in envs.items():
+        trajs = rollout(model, tokenizer, env.heldout(n), envs, max_new_tokens=max_new_tokens, temperature=0.0,
+                        seed=0, thinking=thinking)
+        out[name] = sum(t.reward.correct for t in trajs) / max(len(trajs), 1)
+    return out
+
+
+def _longest(tokenizer_dir: str, data: str, thinking: bool) -> int:
+    """Tokens in the longest conversation of `data`: SFT rows (one conversation each) are padded to it."""
+    from ..generate.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    with open(data) as f:
+        return max(len(tok.encode(encode_chat(json.loads(line)["messages"], thinking))) for line in f)
+
+
+class _Stages:
+    """Runs the stages in order, timing each; a stage not in `only` (when given) is taken from OUT as it is."""
+
+    def __init__(self, out: str, only: Sequence[str]):
+        self.out, self.only, self.seconds = out, set(only), {}
+
+    def run(self, name: str, fn: Callable[[str], str]) -> str:
+        """fn(stage dir) -> the stage's checkpoint dir."""
+        d = os.path.join(self.out, name)
+        final = os.path.join(d, "final")
+        if self.only and name not in self.only:
+            if not os.path.isdir(final):
+                raise InvalidArgument(f"stage {name!r} is not asked for (--only) and {final} does not exist")
+            return final
+        os.makedirs(d, exist_ok=True)
+        t0 = time.perf_counter()
+        result = fn(d)
+        self.seconds[name] = time.perf_counter() - t0
+        return result
+
+
+def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
+    """Run the pipeline into `out`; returns the summary (also OUT/summary.json and OUT/summary.md)."""
+    from .grpo import GRPOConfig, grpo_train
+    from .sft import SFTConfig, sft
+
+    cfg.check()
+    os.makedirs(out, exist_ok=True)
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    envs = make_envs(cfg.envs, level=cfg.level)
+    rng = random.Random(cfg.seed)
+    stages = _Stages(out, cfg.only)
+    start = time.perf_counter()
+
+    def base_stage(d: str) -> str:
+        if cfg.base is not None:
+            return cfg.base
+        texts = [encode_chat(c["messages"], cfg.thinking) for env in envs.values()
+                 for c in demonstrations(env, 500, random.Random(cfg.seed + 1))]
+        return build_base(os.path.join(d, "final"), texts, cfg.vocab_size, cfg.seed)
+
+    def sft_stage(d: str) -> str:
+        data = os.path.join(d, "data.jsonl")
+        _write_jsonl([c for env in envs.values() for c in demonstrations(env, cfg.sft_examples, rng)], data)
+        res = sft(base, data, d, SFTConfig(steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.sft_batch_size,
+                                           seq_len=_longest(base, data, cfg.thinking), pack=False,
+                                           optimizer=cfg.optimizer, thinking=cfg.thinking, seed=cfg.seed,
+                                           device=str(device),
+                                           progress=cfg.progress), overwrite=True)
+        return res["final_dir"]
+
+    def grpo_stage(domain: str) -> Callable[[str], str]:
+        def fn(d: str) -> str:
+            model, tokenizer = load_policy(sft_dir, device)
+            gcfg = GRPOConfig(steps=cfg.grpo_steps, num_generations=cfg.grpo_generations, lr=cfg.grpo_lr,
+                              batch_prompts=cfg.grpo_batch_prompts, max_new_tokens=cfg.max_new_tokens,
+                              thinking=cfg.thinking, eval_problems=min(cfg.eval_problems, 16), seed=cfg.seed,
+                              optimizer=cfg.optimizer)
+            grpo_train(model, tokenizer, {domain: envs[domain]}, gcfg, d, tokenizer_dir=sft_dir,
+                       progress=cfg.progress)
+            return os.path.join(d, "final")
+        return fn
+
+    def distill_stage(off_policy: bool) -> Callable[[str], str]:
+        def fn(d: str) -> str:
+            dcfg = DistillConfig(steps=cfg.opd_steps, lr=cfg.opd_lr, batch_prompts=cfg.opd_batch_prompts,
+                                 max_new_tokens=cfg.max_new_tokens, off_policy=off_policy, thinking=cfg.thinking,
+                                 eval_every=max(cfg.opd_steps // 4, 1), eval_prompts=min(cfg.eval_problems, 16),
+                                 optimizer=cfg.optimizer, seed=cfg.seed)
+            return run_distill(sft_dir, specialists, list(envs), d, dcfg, device=str(device),
+                               progress=cfg.progress, envs=envs)["final_dir"]
+        return fn
+
+    base = stages.run("base", base_stage)
+    sft_dir = stages.run("sft", sft_stage)
+    specialists = {domain: stages.run(f"grpo-{domain}", grpo_stage(domain)) for domain in envs}
+    checkpoints = {"base": base, "sft": sft_dir, **{f"grpo-{d}": p for d, p in specialists.items()},
+                   "opd": stages.run("opd", distill_stage(False))}
+    if cfg.off_policy_baseline:
+        checkpoints["offpolicy"] = stages.run("offpolicy", distill_stage(True))
+    table = {name: evaluate(path, envs, cfg.eval_problems, cfg.max_new_tokens, cfg.thinking, device)
+             for name, path in checkpoints.items()}
+    summary = {"config": dataclasses.asdict(cfg), "accuracy": table, "seconds": stages.seconds,
+               "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(summary_table(summary) + "\n")
+    _plot(out, list(envs), table, checkpoints)
+    return summary
+
+
+def summary_table(summary: dict) -> str:
+    """Markdown: one row per stage, held-out accuracy per domain and the stage's wall time."""
+    table, seconds = summary["accuracy"], summary["seconds"]
+    domains = list(next(iter(table.values())))
+    lines = ["| stage | " + " | ".join(domains) + " | time (s) |",
+             "|---|" + "---:|" * len(domains) + "---:|"]
+    for stage, acc in table.items():
+        t = seconds.get(stage)
+        lines.append(f"| {stage} | " + " | ".join(f"{acc[d]:.3f}" for d in domains) +
+                     f" | {'' if t is None else f'{t:.0f}'} |")
+    return "\n".join(lines)
+
+
+def _plot(out: str, domains: list[str], table: Mapping[str, Mapping[str, float]],
+          checkpoints: Mapping[str, str]) -> None:
+    """OUT/accuracy.png: held-out accuracy per stage and domain; OUT/curves.png: the specialists' rollout reward
+    and the OPD student's and baseline's held-out accuracy during training."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(1.6 * len(table) + 3, 4))
+    width = 0.8 / len(domains)
+    for j, d in enumerate(domains):
+        ax.bar([i + j * width for i in range(len(table))], [acc[d] for acc in table.values()], width, label=d)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(table))], list(table), rotation=20)
+    ax.set_ylabel("held-out accuracy (greedy)")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "accuracy.png"), dpi=110)
+    plt.close(fig)
+    rows = {name: read_metrics(os.path.join(os.path.dirname(path), "metrics.jsonl"))
+            for name, path in checkpoints.items()}
+    plot_metrics({n: r for n, r in rows.items() if n.startswith("grpo-")},
+                 [("GRPO rollout reward", "reward"), ("GRPO rollout accuracy", "accuracy")],
+                 os.path.join(out, "reward.png"))
+    plot_metrics({n: r for n, r in rows.items() if n in ("opd", "offpolicy")},
+                 [("training reverse KL (OPD)", "kl/"), ("held-out accuracy (greedy)", "heldout_acc/"),
+                  ("held-out reward (greedy)", "heldout_reward/")],
+                 os.path.join(out, "distill.png"))

@@ -1,0 +1,80 @@
+"""The tiny post-training pipeline: its pieces cheaply, and the whole run end to end (slow)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+
+from dsv4.errors import InvalidArgument
+from dsv4.posttrain.pipeline import PipelineConfig, _Stages, build_base, demonstrations, run_pipeline, summary_table
+
+
+class _Env:
+    name, max_turns = "echo", 1
+
+    def sample(self, rng):
+        from dsv4.posttrain.envs.base import Problem
+        c = rng.choice("abc")
+        return Problem("echo", f"s{rng.random()}", [{"role": "user", "content": f"say {c}"}], c)
+
+    def demonstrate(self, problem):
+        return [{"role": "assistant", "content": problem.answer}]
+
+
+def test_demonstrations_are_prompt_plus_solver_turns():
+    convs = demonstrations(_Env(), 3, random.Random(0))
+    assert len(convs) == 3
+    for c in convs:
+        user, assistant = c["messages"]
+        assert user["role"] == "user" and assistant == {"role": "assistant", "content": user["content"][-1]}
+
+
+def test_build_base_saves_a_loadable_policy_with_its_tokenizer(tmp_path):
+    from dsv4.posttrain.policy import load_policy
+    out = build_base(str(tmp_path / "base"), ["<｜User｜>say a<｜Assistant｜></think>a<｜end▁of▁sentence｜>"] * 20,
+                     300, seed=0)
+    model, tok = load_policy(out, "cpu")
+    assert tok.vocab_size <= model.config.vocab_size <= 300 and tok.eos_id is not None
+
+
+def test_stages_run_in_order_and_only_reuses_earlier_results(tmp_path):
+    stages = _Stages(str(tmp_path), only=())
+    assert stages.run("a", lambda d: os.path.join(d, "final")) == str(tmp_path / "a" / "final")
+    assert set(stages.seconds) == {"a"}
+    partial = _Stages(str(tmp_path), only=("b",))
+    with pytest.raises(InvalidArgument, match="stage 'a' is not asked for"):
+        partial.run("a", lambda d: d)                     # a/final was never written
+    os.makedirs(tmp_path / "a" / "final")
+    assert partial.run("a", lambda d: pytest.fail("must not rerun")) == str(tmp_path / "a" / "final")
+
+
+def test_summary_table_has_a_row_per_stage_and_a_column_per_domain():
+    text = summary_table({"accuracy": {"sft": {"math": 0.25, "code": 0.5}, "opd": {"math": 0.75, "code": 1.0}},
+                          "seconds": {"sft": 12.4}})
+    lines = text.splitlines()
+    assert lines[0] == "| stage | math | code | time (s) |"
+    assert lines[2] == "| sft | 0.250 | 0.500 | 12 |" and lines[3] == "| opd | 0.750 | 1.000 |  |"
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(InvalidArgument, match="sft_steps"):
+        PipelineConfig(sft_steps=0).check()
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end(tmp_path):
+    cfg = PipelineConfig(sft_examples=40, sft_steps=3, sft_batch_size=8, grpo_steps=1, grpo_generations=2,
+                         grpo_batch_prompts=2, opd_steps=1, opd_batch_prompts=2, max_new_tokens=4,
+                         eval_problems=2, progress=False)
+    summary = run_pipeline(str(tmp_path), cfg)
+    stages = ["base", "sft", "grpo-math", "grpo-instruct", "opd", "offpolicy"]
+    assert list(summary["accuracy"]) == stages
+    assert all(0 <= a <= 1 for acc in summary["accuracy"].values() for a in acc.values())
+    for name in ("summary.md", "summary.json", "accuracy.png", "reward.png", "distill.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+    for stage in stages[1:]:
+        assert os.path.isfile(tmp_path / stage / "metrics.jsonl"), stage
+        assert os.path.isfile(tmp_path / stage / "final" / "tokenizer.json"), stage
+    assert json.loads((tmp_path / "summary.json").read_text())["checkpoints"]["opd"].endswith("opd/final")
