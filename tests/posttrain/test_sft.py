@@ -43,7 +43,7 @@ def _relative_change(a: dict, b: dict) -> float:
 
 def test_masked_tokens_contribute_nothing(tok):
     """A conversation that goes on after its last assistant turn with a user turn (masked out): changing those
-    tokens leaves the loss unchanged and every gradient unchanged up to rounding (the MoE groups tokens by expert,
+    tokens leaves the loss and every gradient unchanged up to rounding (the MoE groups tokens by expert,
     so the masked tokens' routing reorders sums of exact zeros and real terms); masking them in, or changing
     an assistant token, changes both."""
     model = _model(tok)
@@ -54,7 +54,8 @@ def test_masked_tokens_contribute_nothing(tok):
 
     other = Example(ex.tokens[:tail] + [(t + 7) % tok.vocab_size for t in ex.tokens[tail:]], ex.mask)
     loss2, grads2 = _loss_and_grads(model, [[other]])
-    assert torch.equal(loss, loss2) and grads.keys() == grads2.keys()
+    assert grads.keys() == grads2.keys()   # equal up to rounding: the MoE's expert grouping changes with them
+    torch.testing.assert_close(loss, loss2, rtol=1e-6, atol=0)
     assert _relative_change(grads, grads2) < 1e-6
 
     trained = Example(ex.tokens, ex.mask[:tail] + [1] * (len(ex.tokens) - tail))   # the same tail, masked in
