@@ -67,7 +67,8 @@ def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool,
                graphs=sorted(eng._graphs), **timed_round(eng, prompts, params))
     if trace:
         from torch.profiler import ProfilerActivity, profile
-        hs = [eng.submit(p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)) for p in prompts]
+        for p in prompts:
+            eng.submit(p, SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
         while eng._admitted:   # prefill, then profile one decode step
             eng.step()
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -75,7 +76,6 @@ def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool,
             eng.step()
             sync()
         eng.run_until_idle()
-        del hs
         out["trace"] = prof.key_averages().table(sort_by="self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total", row_limit=15)
     return out
 

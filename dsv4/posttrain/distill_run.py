@@ -6,29 +6,21 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from contextlib import nullcontext
 from typing import Mapping, Sequence
 
 import torch
 
-from ..checkpoint import load_model, resolve_device, save_model
+from ..checkpoint import load_model, resolve_device
 from ..errors import InvalidArgument
 from ..generate.tokenizer import Tokenizer
 from ..model import Transformer
 from .curves import plot_metrics
 from .distill import DistillConfig, distill
 from .envs.base import Environment
+from .policy import load_policy, save_policy
 
-__all__ = ["load_student", "load_teacher", "save_policy", "make_envs", "run_distill", "TOKENIZER_FILES"]
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
-
-
-def load_student(path: str, device: torch.device) -> tuple[Transformer, Tokenizer]:
-    """The checkpoint as a trainable model (fp32 weights) and its tokenizer."""
-    model = load_model(path, device=device, dtype=torch.float32).train()
-    return model, Tokenizer.from_dir(path)
+__all__ = ["load_teacher", "make_envs", "run_distill"]
 
 
 def load_teacher(path: str, device: torch.device) -> Transformer:
@@ -44,14 +36,6 @@ def _same_tokenizer(student: Tokenizer, teacher_dir: str, domain: str) -> None:
             raise InvalidArgument(f"teacher {domain!r} ({teacher_dir}) has another vocabulary than the student's "
                                   "tokenizer; distillation compares distributions over one vocabulary")
 
-
-def save_policy(model: Transformer, tokenizer_dir: str, out: str) -> None:
-    """`out`: config.json + safetensors (fp32: a tiny model's updates vanish in bf16) + the tokenizer files."""
-    save_model(model, out, dtype=torch.float32)
-    for name in TOKENIZER_FILES:
-        src = os.path.join(tokenizer_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out, name))
 
 
 def make_envs(names: Sequence[str], **kw) -> dict[str, Environment]:
@@ -70,7 +54,7 @@ def run_distill(student_dir: str, teacher_dirs: Mapping[str, str], env_names: Se
     (also OUT/summary.json): the config, the last held-out evaluation (`final`), paths."""
     dev = resolve_device(device)
     envs = dict(envs) if envs is not None else make_envs(env_names)
-    student, tokenizer = load_student(student_dir, dev)
+    student, tokenizer = load_policy(student_dir, dev)
     for d, path in teacher_dirs.items():
         _same_tokenizer(tokenizer, path, d)
     teachers = {d: load_teacher(path, dev) for d, path in teacher_dirs.items()}
@@ -79,7 +63,7 @@ def run_distill(student_dir: str, teacher_dirs: Mapping[str, str], env_names: Se
     rows = distill(student, teachers, tokenizer, envs, cfg, metrics_path=os.path.join(out, "metrics.jsonl"),
                    progress=progress, autocast=autocast)
     final_dir = os.path.join(out, "final")
-    save_policy(student, student_dir, final_dir)
+    save_policy(student, tokenizer, final_dir, tokenizer_dir=student_dir)
     plot = os.path.join(out, "distill.png")
     key = "ce" if cfg.off_policy else "kl"
     plot_metrics({"": rows}, [(f"training {key} per domain", f"{key}/"), ("held-out reverse KL", "heldout_kl/"),

@@ -21,7 +21,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -42,7 +41,6 @@ from .trajectory import Trajectory
 __all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "evaluate_greedy", "plot_rewards",
            "save_policy_dir"]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(kw_only=True)
@@ -275,32 +273,20 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
 
 
 def save_policy_dir(model, tokenizer_dir: str | None, path: str) -> None:
-    """The official checkpoint format plus the tokenizer files, so `dsv4 generate/chat/serve` read it."""
-    from ..checkpoint import save_model
-    save_model(model, path, dtype=model.dtype)
-    if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            src = os.path.join(tokenizer_dir, name)
-            if os.path.isfile(src):
-                shutil.copyfile(src, os.path.join(path, name))
+    """The official checkpoint format plus the tokenizer of `tokenizer_dir`, so `dsv4 generate/chat/serve` read
+    it (the model alone when there is none)."""
+    if tokenizer_dir is None:
+        from ..checkpoint import save_model
+        save_model(model, path, dtype=model.dtype)
+        return
+    from ..generate import Tokenizer
+    from .policy import save_policy
+    save_policy(model, Tokenizer.from_dir(tokenizer_dir), path, tokenizer_dir=tokenizer_dir, dtype=model.dtype)
 
 
 def plot_rewards(result: GRPOResult, path: str) -> None:
-    """Mean rollout reward per step (and held-out accuracy where evaluated)."""
-    from ..train.plots import plt
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if result.rows:
-        ax.plot([r["step"] for r in result.rows], [r["reward"] for r in result.rows], lw=1.2, label="rollout reward")
-        ax.plot([r["step"] for r in result.rows], [r["accuracy"] for r in result.rows], lw=0.8, alpha=0.6,
-                label="rollout accuracy")
-    if result.evals:
-        ax.plot([r["step"] for r in result.evals], [r["eval_acc"] for r in result.evals], marker="o", lw=1.6,
-                label="held-out accuracy (greedy)")
-    ax.set_xlabel("GRPO step")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("GRPO")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Mean rollout reward and accuracy per step, and held-out accuracy where evaluated."""
+    from .curves import plot_metrics
+    plot_metrics({"rollout": result.rows, "held-out (greedy)": result.evals},
+                 [("GRPO reward", "reward"), ("GRPO accuracy", "accuracy"), ("GRPO held-out accuracy", "eval_acc")],
+                 path)

@@ -30,7 +30,7 @@ from ..train.metrics import read_metrics
 from .chat_rollout import rollout
 from .curves import plot_metrics
 from .distill import DistillConfig
-from .distill_run import load_student, make_envs, run_distill
+from .distill_run import make_envs, run_distill
 from .envs.base import Environment
 from .policy import load_policy, save_policy
 
@@ -98,7 +98,7 @@ def build_base(out: str, texts: Sequence[str], vocab_size: int, seed: int) -> st
 def evaluate(model_dir: str, envs: Mapping[str, Environment], n: int, max_new_tokens: int, thinking: bool,
              device: torch.device) -> dict[str, float]:
     """Greedy held-out accuracy (fraction fully correct) of a checkpoint on each domain's first n problems."""
-    model, tokenizer = load_student(model_dir, device)
+    model, tokenizer = load_policy(model_dir, device)
     out = {}
     for name, env in envs.items():
         trajs = rollout(model, tokenizer, env.heldout(n), envs, max_new_tokens=max_new_tokens, temperature=0.0,
@@ -224,9 +224,7 @@ def _plot(out: str, domains: list[str], table: Mapping[str, Mapping[str, float]]
           checkpoints: Mapping[str, str]) -> None:
     """OUT/accuracy.png: held-out accuracy per stage and domain; OUT/curves.png: the specialists' rollout reward
     and the OPD student's and baseline's held-out accuracy during training."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from .curves import plt
     fig, ax = plt.subplots(figsize=(1.6 * len(table) + 3, 4))
     width = 0.8 / len(domains)
     for j, d in enumerate(domains):

@@ -23,24 +23,17 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from ..errors import InvalidArgument
-from ..generate.chat import EOS, encode_chat, parse_completion
+from ..generate.chat import EOS, parse_completion
 from ..generate.sampling import SamplingConfig
 from ..serve.engine import Engine
 from ..serve.types import SamplingParams
+from .chat_data import encode_continuation, encode_prompt
 from .envs.base import Environment, Problem, Reward
 from .rollout_engine import RolloutEngine, sample_engine
 from .samples import Sampled
 from .trajectory import Trajectory
 
 __all__ = ["rollout", "RolloutEngine", "Sampled", "sample_turn", "sample_engine"]
-
-
-def _encode_messages(tokenizer, messages: list[dict], thinking: bool, context: list[dict] | None = None) -> list[int]:
-    """Token ids of `encode_chat(messages, thinking, context=context)` (the official V4 encoding): the prompt
-    (with BOS) when there is no context, else the continuation after it. (posttrain.chat_data's encoders are
-    the shared ones once they are on main.)"""
-    text = encode_chat(messages, thinking, context=context or None)
-    return tokenizer.encode(text)
 
 
 def _seed(base: int, index: int, turn: int) -> int:
@@ -111,7 +104,7 @@ def rollout(model, tokenizer, problems: Sequence[Problem], envs_by_domain: Mappi
         raise InvalidArgument(f"rollout: no environment for domain(s) {missing}; have {sorted(envs_by_domain)}")
     states = []
     for p in problems:
-        prompt = _encode_messages(tokenizer, p.messages, thinking)
+        prompt = encode_prompt(tokenizer, p.messages, thinking)
         for _ in range(group_size):
             states.append(_State(p, envs_by_domain[p.domain], [dict(m) for m in p.messages], list(prompt),
                                  len(prompt), [0] * len(prompt), [0.0] * len(prompt), []))
@@ -157,7 +150,7 @@ def _advance(s: _State, res: Sampled, tokenizer, thinking: bool) -> bool:
         return False
     results = s.env.tool_results(s.problem, message["tool_calls"])
     s.turns += results
-    tail = _encode_messages(tokenizer, results, thinking, context=s.messages)
+    tail = encode_continuation(tokenizer, s.messages, results, thinking)
     s.messages += results
     s.tokens += tail
     s.mask += [0] * len(tail)

@@ -193,22 +193,8 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
 
 def plot_sft(rows: list[dict], path: str) -> None:
     """The trained tokens' cross-entropy (main head and MTP) against the step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("lm", "next token (assistant tokens)"), ("mtp", "MTP")):
-        points = [(r["step"], r[key]) for r in rows if key in r]
-        if points:
-            ax.plot(*zip(*points), lw=1.2, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("SFT loss")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from .curves import plot_metrics
+    plot_metrics({"": rows}, [("SFT loss, next token (assistant tokens)", "lm"), ("SFT loss, MTP", "mtp")], path)
 
 
 def sft(model_dir: str, data: str, out: str, cfg: SFTConfig | None = None, *, overwrite: bool = False) -> dict:

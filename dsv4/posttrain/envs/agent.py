@@ -20,7 +20,7 @@ from typing import Any
 
 from .base import Problem, Reward
 from .calculator import CalculatorError, calculate, format_number
-from .split import check_level, draw_heldout, draw_sampled, final_assistant, problem_id
+from .split import HashSplit, check_level, final_assistant, problem_id
 
 __all__ = ["AgentEnv", "TOOLS", "SYSTEM_PROMPT", "fact_table", "run_tool"]
 
@@ -132,7 +132,7 @@ def parse_answer(text: str) -> float | None:
     return float(numbers[-1]) if numbers else None
 
 
-class AgentEnv:
+class AgentEnv(HashSplit):
     """Tool-use questions with an integer answer. `answer` = {"value", "seed", "plan"}: the plan is the list of
     tool-call turns a correct solver makes (each a list of (tool, argument) pairs)."""
     name = "agent"
@@ -140,7 +140,6 @@ class AgentEnv:
     def __init__(self, level: str = "easy"):
         self.level = check_level(self.name, level)
         self.max_turns = MAX_TURNS[level]
-        self._heldout: list[Problem] = []
 
     # ------------------------------------------------------------------ problems
     def _make(self, rng: random.Random) -> tuple[str, Problem]:
@@ -183,14 +182,6 @@ class AgentEnv:
         return question, sum(values), [[["search", k] for k in keys], [["calculator", expr]]]
 
     # ------------------------------------------------------------------ the Environment protocol
-    def sample(self, rng: random.Random) -> Problem:
-        return draw_sampled(self.name, self._make, rng)
-
-    def heldout(self, n: int) -> list[Problem]:
-        if n > len(self._heldout):
-            self._heldout = draw_heldout(self.name, self.level, self._make, n)
-        return self._heldout[:n]
-
     def demonstrate(self, problem: Problem) -> list[dict]:
         """The solving transcript: each planned turn of tool calls, their tool messages, then the number."""
         out, n = [], 0

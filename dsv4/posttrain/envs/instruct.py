@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .base import Problem, Reward
-from .split import check_level, draw_heldout, draw_sampled, final_assistant, problem_id
+from .split import HashSplit, check_level, final_assistant, problem_id
 
 __all__ = ["Constraint", "InstructEnv", "KINDS"]
 
@@ -112,14 +112,13 @@ def _case(text: str, constraints: list[Constraint]) -> str:
     return text.upper() if "uppercase" in kinds else text.lower() if "lowercase" in kinds else text
 
 
-class InstructEnv:
+class InstructEnv(HashSplit):
     """Replies under checkable constraints. `answer` holds the constraints and a reply meeting them all."""
     name = "instruct"
     max_turns = 1
 
     def __init__(self, level: str = "easy"):
         self.level = check_level(self.name, level)
-        self._heldout: list[Problem] = []
 
     # ------------------------------------------------------------------ problems
     def _problem(self, prompt: str, constraints: list[Constraint], reply: str) -> tuple[str, Problem]:
@@ -189,14 +188,6 @@ class InstructEnv:
         return self._problem(prompt, constraints, reply)
 
     # ------------------------------------------------------------------ the Environment protocol
-    def sample(self, rng: random.Random) -> Problem:
-        return draw_sampled(self.name, self._make, rng)
-
-    def heldout(self, n: int) -> list[Problem]:
-        if n > len(self._heldout):
-            self._heldout = draw_heldout(self.name, self.level, self._make, n)
-        return self._heldout[:n]
-
     def demonstrate(self, problem: Problem) -> list[dict]:
         return [{"role": "assistant", "content": problem.answer["reply"]}]
 

@@ -13,7 +13,7 @@ import random
 import re
 
 from .base import Problem, Reward
-from .split import check_level, draw_heldout, draw_sampled, final_assistant, problem_id
+from .split import HashSplit, check_level, final_assistant, problem_id
 
 __all__ = ["RubricEnv", "THINGS", "BAD_KINDS"]
 
@@ -47,7 +47,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-class RubricEnv:
+class RubricEnv(HashSplit):
     """Short descriptions graded by a rubric. `answer` = {"thing", "parts", "other_parts", "max_words"}."""
     name = "rubric"
     max_turns = 1
@@ -55,7 +55,6 @@ class RubricEnv:
     def __init__(self, level: str = "easy"):
         self.level = check_level(self.name, level)
         self.things = sorted(THINGS)[:N_THINGS[level]]
-        self._heldout: list[Problem] = []
 
     # ------------------------------------------------------------------ problems
     def _make(self, rng: random.Random) -> tuple[str, Problem]:
@@ -116,14 +115,6 @@ class RubricEnv:
         return out
 
     # ------------------------------------------------------------------ the Environment protocol
-    def sample(self, rng: random.Random) -> Problem:
-        return draw_sampled(self.name, self._make, rng)
-
-    def heldout(self, n: int) -> list[Problem]:
-        if n > len(self._heldout):
-            self._heldout = draw_heldout(self.name, self.level, self._make, n)
-        return self._heldout[:n]
-
     def demonstrate(self, problem: Problem) -> list[dict]:
         return [{"role": "assistant", "content": self.good_answer(problem, random.Random(problem.id))}]
 

@@ -14,7 +14,7 @@ from ...errors import InvalidArgument
 from .base import Problem
 
 __all__ = ["LEVELS", "HELDOUT_BUCKETS", "check_level", "is_heldout", "problem_id", "draw_sampled",
-           "draw_heldout", "final_assistant"]
+           "draw_heldout", "HashSplit", "final_assistant"]
 
 LEVELS = ("easy", "medium", "hard")
 HELDOUT_BUCKETS = 8          # one prompt in 8 belongs to the held-out set
@@ -72,6 +72,22 @@ def draw_heldout(domain: str, level: str, make: Callable[[random.Random], tuple[
         out.append(problem)
         misses = 0
     return out
+
+
+class HashSplit:
+    """`sample` and `heldout` for an environment with `name`, `level` and `_make(rng) -> (prompt key, Problem)`:
+    the split above, the held-out problems drawn once and kept (a longer request extends them)."""
+    name: str
+    level: str
+    _heldout: list[Problem] = []   # reassigned per instance, never changed in place
+
+    def sample(self, rng: random.Random) -> Problem:
+        return draw_sampled(self.name, self._make, rng)
+
+    def heldout(self, n: int) -> list[Problem]:
+        if n > len(self._heldout):
+            self._heldout = draw_heldout(self.name, self.level, self._make, n)
+        return self._heldout[:n]
 
 
 def final_assistant(turns: list[dict]) -> dict | None:
