@@ -2,9 +2,13 @@
 `--batch` prompts of `--prompt-len` tokens, then greedy decode; every step timed alone (CUDA-synchronised) and
 classed by what it did (prefill tokens, decode tokens), with and without batch-invariant mode and the prefix
 cache. A warm-up round with the same shapes runs first (kernel compilation, CUDA-graph capture), so the timed
-round is the steady state. `--trace` adds a torch.profiler table of one decode step's kernels.
+round is the steady state. Each batch size also times the model alone (the same prompts prefilled into a cache of
+the engine's size, then CUDA-graphed decode steps, as bench/e2e.py does): the engine's decode step over the
+model's is the engine's own cost. `--trace` adds a torch.profiler table of one decode step's kernels,
+`--cprofile` the Python functions that took the host's time over the timed round.
 
-    python bench/engine_profile.py [--prompt-len 1024] [--max-tokens 64] [--batch 1 64] [--json FILE]
+    python bench/engine_profile.py [--prompt-len 1024] [--max-tokens 64] [--batch 1 64] [--trace] [--cprofile]
+                                   [--json FILE]
 """
 from __future__ import annotations
 
@@ -53,7 +57,32 @@ def timed_round(eng: Engine, prompts: list[list[int]], params: SamplingParams) -
                 decode_tok_per_s=round(len(prompts) * 1e3 / med(decode_ms), 1) if decode_ms else None)
 
 
-def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool, prefix: bool, trace: bool) -> dict:
+def model_alone(model, prompts: list[list[int]], max_seq_len: int, steps: int) -> float:
+    """ms per decode step of the bare model: the prompts prefilled into one cache, then graphed decode steps."""
+    from dsv4.generate.graphs import GraphDecoder
+    cache = model.new_cache(len(prompts), max_seq_len)
+    with torch.no_grad():
+        last = torch.cat([model(torch.tensor([p], device=model.embed.weight.device), cache=cache.select(i),
+                                last_only=True)[:, -1].argmax(-1) for i, p in enumerate(prompts)])
+    if cache.positions.is_cuda:
+        dec = GraphDecoder(model, cache)
+    else:
+        def dec(t: torch.Tensor) -> torch.Tensor:
+            return model(t.view(-1, 1), cache=cache)[:, -1]
+    tokens = last
+    with torch.no_grad():
+        for _ in range(3):  # eager warm-up, capture
+            tokens = dec(tokens).argmax(-1)
+        sync()
+        t = time.perf_counter()
+        for _ in range(steps):
+            tokens = dec(tokens).argmax(-1)
+    sync()
+    return 1e3 * (time.perf_counter() - t) / steps
+
+
+def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool, prefix: bool, trace: bool,
+        cprofile: bool = False) -> dict:
     pc = PrefixCache(model, 4 << 30, 0, block=256) if prefix else None
     eng = Engine(model, max_batch=batch, max_seq_len=prompt_len + max_tokens + 8, prefix_cache=pc,
                  batch_invariant=invariant)
@@ -63,8 +92,20 @@ def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool,
     warm = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
     timed_round(eng, warm, params)   # compiles and captures what the timed round uses
     prompts = [torch.randint(0, vocab, (prompt_len,), generator=g).tolist() for _ in range(batch)]
+    prof = None
+    if cprofile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
     out = dict(batch=batch, prompt_len=prompt_len, max_tokens=max_tokens, invariant=invariant, prefix=prefix,
                graphs=sorted(eng._graphs), **timed_round(eng, prompts, params))
+    if prof is not None:
+        import io
+        import pstats
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(20)
+        out["cprofile"] = text.getvalue()
     if trace:
         from torch.profiler import ProfilerActivity, profile
         for p in prompts:
@@ -86,6 +127,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--trace", action="store_true")
+    p.add_argument("--cprofile", action="store_true")
     p.add_argument("--tiny-cpu", action="store_true", help="smoke: the tiny preset on the CPU")
     p.add_argument("--json")
     a = p.parse_args()
@@ -96,14 +138,22 @@ def main() -> None:
         model = build_model()
     results = []
     for batch in a.batch:
+        g = torch.Generator().manual_seed(batch)
+        prompts = [torch.randint(0, model.config.vocab_size, (a.prompt_len,), generator=g).tolist()
+                   for _ in range(batch)]
+        alone = dict(batch=batch, prompt_len=a.prompt_len, model_alone_decode_step_ms=round(
+            model_alone(model, prompts, a.prompt_len + a.max_tokens + 8, a.max_tokens), 3))
+        print(json.dumps(alone), flush=True)
+        results.append(alone)
         for invariant in (False, True):
             for prefix in (False, True):
                 r = run(model, batch=batch, prompt_len=a.prompt_len, max_tokens=a.max_tokens, invariant=invariant,
-                        prefix=prefix, trace=a.trace and not prefix)
-                trace = r.pop("trace", None)
+                        prefix=prefix, trace=a.trace and not prefix, cprofile=a.cprofile and not prefix)
+                trace, host = r.pop("trace", None), r.pop("cprofile", None)
                 print(json.dumps(r), flush=True)
-                if trace:
-                    print(trace, flush=True)
+                for text in (trace, host):
+                    if text:
+                        print(text, flush=True)
                 results.append(r)
     if a.json:
         with open(a.json, "w") as f:
