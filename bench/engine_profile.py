@@ -5,7 +5,10 @@ cache. A warm-up round with the same shapes runs first (kernel compilation, CUDA
 round is the steady state. Each batch size also times the model alone (the same prompts prefilled into a cache of
 the engine's size, then CUDA-graphed decode steps, as bench/e2e.py does): the engine's decode step over the
 model's is the engine's own cost. `--trace` adds a torch.profiler table of one decode step's kernels,
-`--cprofile` the Python functions that took the host's time over the timed round.
+`--cprofile` the Python functions that took the host's time over the timed round. `--serve-loop` runs the
+engine on its background thread, as `dsv4 serve` does, with the requests read by an asyncio loop in the main
+thread: inter-token gaps as that loop sees them and how late its timers fire (the GIL shared with the engine
+thread), for each `--switch-interval` (Python's GIL hand-over interval; the default is 5 ms).
 
     python bench/engine_profile.py [--prompt-len 1024] [--max-tokens 64] [--batch 1 64] [--trace] [--cprofile]
                                    [--json FILE]
@@ -121,6 +124,54 @@ def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool,
     return out
 
 
+def serve_loop(model, *, batch: int, prompt_len: int, max_tokens: int, switch_interval: float) -> dict:
+    """Inter-token gaps and event-loop timer lateness with the engine on its own thread (see the module doc)."""
+    import asyncio
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(switch_interval)
+    eng = Engine(model, max_batch=batch, max_seq_len=prompt_len + max_tokens + 8).start()
+    g = torch.Generator().manual_seed(batch)
+    vocab = model.config.vocab_size
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+
+    async def one(prompt: list[int], gaps: list[float]) -> None:
+        last = None
+        async for _ in eng.submit(prompt, params):
+            now = time.perf_counter()
+            if last is not None:
+                gaps.append(now - last)
+            last = now
+
+    async def round_() -> dict:
+        gaps: list[float] = []
+        lag: list[float] = []
+        stop = False
+
+        async def ticker() -> None:
+            while not stop:
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                lag.append(time.perf_counter() - t - 0.001)
+        tick = asyncio.create_task(ticker())
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), gaps)
+                               for _ in range(batch)))
+        wall = time.perf_counter() - t0
+        stop = True
+        await tick
+        q = lambda xs, f: round(1e3 * sorted(xs)[min(len(xs) - 1, int(f * len(xs)))], 3) if xs else None  # noqa: E731
+        return dict(itl_p50_ms=q(gaps, 0.5), itl_p99_ms=q(gaps, 0.99), loop_lag_p50_ms=q(lag, 0.5),
+                    loop_lag_p99_ms=q(lag, 0.99), tok_per_s=round(batch * max_tokens / wall, 1))
+
+    try:
+        asyncio.run(round_())   # warm-up: compilation, graph capture
+        return dict(batch=batch, prompt_len=prompt_len, switch_interval_ms=1e3 * switch_interval,
+                    **asyncio.run(round_()))
+    finally:
+        eng.stop()
+        sys.setswitchinterval(old)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prompt-len", type=int, default=1024)
@@ -128,6 +179,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     p.add_argument("--trace", action="store_true")
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--serve-loop", action="store_true", help="only the engine thread + asyncio measurement")
+    p.add_argument("--switch-interval", type=float, nargs="+", default=[0.005, 0.0002])
     p.add_argument("--tiny-cpu", action="store_true", help="smoke: the tiny preset on the CPU")
     p.add_argument("--json")
     a = p.parse_args()
@@ -137,6 +190,13 @@ def main() -> None:
     else:
         model = build_model()
     results = []
+    if a.serve_loop:
+        for batch in a.batch:
+            for si in a.switch_interval:
+                r = serve_loop(model, batch=batch, prompt_len=a.prompt_len, max_tokens=a.max_tokens, switch_interval=si)
+                print(json.dumps(r), flush=True)
+                results.append(r)
+        a.batch = []
     for batch in a.batch:
         g = torch.Generator().manual_seed(batch)
         prompts = [torch.randint(0, model.config.vocab_size, (a.prompt_len,), generator=g).tolist()

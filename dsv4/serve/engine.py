@@ -16,7 +16,8 @@ step runs, in order:
      differently at batch 1 and batch 4, so batching would make a request's tokens depend on its neighbours);
      on a GPU the rows run batched, in runs split at prefilling rows, under `dsv4.ops.batch_invariant()`, and
      with `cuda_graphs` a step with no prefilling row below the smallest captured bucket holding every decoding
-     row replays that bucket's CUDA graph;
+     row replays that bucket's CUDA graph. Eager decode steps then read every stored row (masked by position)
+     as the graphs do, so a row's arithmetic is the same whether its step was replayed or ran eagerly;
   5. each row's logits are sampled with the request's own parameters and seeded generator; the token (with
      logprobs if asked, from the untempered logits as OpenAI reports them) is sent to the request's stream;
      a stop token, end of sequence, `max_tokens` or non-finite logits ends it and frees its row.
@@ -410,6 +411,8 @@ class Engine:
         tokens = [self._rows[r].generated[-1] if self._rows[r] is not None else 0 for r in rows]
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         view = self.cache.select(slice(rows.start, rows.stop))
+        if self.graph_buckets:   # (a view's layers are its own: prefill views keep reading only the rows reached)
+            view.set_fixed_shapes(True)
         try:
             with self._invariant():
                 if graph:
@@ -497,18 +500,39 @@ class Engine:
     # ------------------------------------------------------------------ tokens out
     def _emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         """Choose each request's next token from its row of logits [n, vocab], send it, and finish the requests
-        that are done. Greedy choices and the finiteness checks come to the host in one transfer."""
+        that are done. Tokens (greedy, or drawn with each request's own generator), finiteness and the asked-for
+        logprobs are computed on the device and come to the host in one wait."""
         logits = logits.float()
-        greedy, finite = torch.stack((logits.argmax(-1), torch.isfinite(logits).all(-1).long())).tolist()
+        tokens = logits.argmax(-1)
+        sampled = [i for i, req in enumerate(reqs) if req.params.temperature > 0]
+        if sampled:
+            tokens = tokens.clone()
+            for i in sampled:
+                tokens[i] = sample(logits[i:i + 1], reqs[i].sampling, reqs[i].generator)[0]
+        fetch = [tokens, torch.isfinite(logits).all(-1)]
+        want = [i for i, req in enumerate(reqs) if req.params.logprobs is not None]
+        if want:
+            logp = torch.log_softmax(logits[want], dim=-1)
+            k = min(max(reqs[i].params.logprobs for i in want), logp.shape[-1])
+            top = logp.topk(k) if k else None
+            fetch += [logp.gather(-1, tokens[want].unsqueeze(-1)).squeeze(-1)]
+            fetch += [top.indices, top.values] if top is not None else []
+        host = _to_host(fetch)
+        chosen, finite = host[0], host[1]
+        logprob = dict(zip(want, host[2])) if want else {}
+        tops = dict(zip(want, zip(host[3], host[4]))) if want and len(host) > 3 else {}
         for i, req in enumerate(reqs):
             if not finite[i]:
                 self._finish(req, TokenEvent(None, finish_reason="error",
                                              error="the model produced non-finite logits for this request"),
                              failed=True)
                 continue
-            p, row = req.params, logits[i]
-            token = greedy[i] if p.temperature == 0 else int(sample(row.unsqueeze(0), req.sampling, req.generator)[0])
-            event = self._event(req, token, row)
+            p, token = req.params, chosen[i]
+            event = TokenEvent(token)
+            if p.logprobs is not None:
+                event.logprob = logprob[i]
+                ids, values = tops.get(i, ((), ()))
+                event.top_logprobs = list(zip(ids[:p.logprobs], values[:p.logprobs]))
             req.generated.append(token)
             if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
                 event.finish_reason = "stop"
@@ -557,3 +581,15 @@ class Engine:
             self.prefix_cache.save(view, tokens)
         except Exception as e:  # storing is an optimisation: never fail a request for it
             warnings.warn(f"prefix cache save of {len(tokens)} tokens failed ({e})")
+
+
+def _to_host(tensors: list[torch.Tensor]) -> list[list]:
+    """Device tensors as Python lists after one wait. On a GPU the wait is a CUDA event's synchronize, which lets
+    go of the GIL, so the server's event loop streams tokens while the step finishes on the device."""
+    if not tensors[0].is_cuda:
+        return [t.tolist() for t in tensors]
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return [h.tolist() for h in host]
