@@ -26,6 +26,9 @@ over all N earlier tokens), attention over min(2048, N) selected tokens (576-dim
 
 At 1M tokens V3.2's cost is dominated by its indexer scoring every token of the context in each of its 61 layers;
 V4 scores one compressed key per 4 tokens in its CSA layers only, and HCA attends to 1 entry per 128 tokens.
+At 1,048,576 tokens: V4-Pro 304 GFLOP = 26.1% of V3.2's 1166 (published: 27%), V4-Flash 141 GFLOP = 12.1%
+(published: 10%). Flash's total is 65% indexer, so conventions that weigh the indexer's FP4 products differently
+move it most; BENCHMARKS.md#efficiency-claims-flops has the table and the discussion.
 """
 from __future__ import annotations
 
