@@ -4,8 +4,11 @@ One decode token at context N (position N - 1, N >= window) runs through the cac
 `torch.utils.flop_counter.FlopCounterMode`, which counts the matmul-like ops (mm, bmm, einsum's bmm, ...). Its
 per-module counts are grouped into the components of dsv4/info/flops.py, each of which must be within 2% of
 the analytic count (they are equal when both count the same products). Element-wise work is counted by neither.
+At full scale the context-free count is checked against the active parameters `dsv4 info` counts.
 """
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -30,9 +33,8 @@ class AttentionCore(nn.Module):
         return self.fn(*args)
 
 
-def _component(path: str) -> str | None:
-    """The component of a module path's own (exclusive) FLOPs; None for the containers' own work that the caller
-    splits (an Attention's own products)."""
+def _component(path: str) -> str:
+    """The component of a module's own (exclusive) FLOPs (an Attention's own products are split by the caller)."""
     parts = path.split(".")
     if path == "AttentionCore":
         return "attention"
@@ -44,8 +46,6 @@ def _component(path: str) -> str | None:
         return "indexer"
     if "ffn" in parts:
         return "experts"
-    if parts[-1] == "attn":
-        return None
     if len(parts) > 2 and parts[-2] == "attn":
         return "projections"            # wq_a, wq_b, wkv, wo_b
     if len(parts) == 3 and parts[1] == "layers":
@@ -113,3 +113,23 @@ def test_report_ratio_and_growth():
     assert long["flops_per_token"] == pytest.approx(sum(long["components"].values()))
     assert long["ratio_vs_v32"] == pytest.approx(long["flops_per_token"] / long["v32_flops_per_token"])
     assert long["ratio_vs_v32"] < short["ratio_vs_v32"]
+
+
+@pytest.mark.parametrize("preset", ["flash", "pro"])
+def test_context_free_flops_are_twice_the_active_parameters(preset):
+    """Without context (one position, no entries) every counted product is one multiply-add per active weight
+    (plus mHC's lane mix, ~0.02%): twice `dsv4 info`'s active parameters (13B Flash, 49B Pro)."""
+    from dsv4.info import param_report
+    cfg = ModelConfig.preset(preset)
+    flops = v4_flops(cfg, 1)
+    assert (sum(flops.values()) - flops["attention"]) / 2 == pytest.approx(param_report(cfg)["active_params"],
+                                                                           rel=1e-3)
+
+
+def test_cli_json_mirrors_kv(capsys):
+    from dsv4.cli import main
+    assert main(["flops", "--preset", "flash", "--context", "65536", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["context"] == 65536 and set(out["components"]) == set(COMPONENTS)
+    assert out["ratio_vs_v32"] == pytest.approx(out["flops_per_token"] / out["v32_flops_per_token"])
+    assert main(["flops", "--preset", "flash", "--context", "0"]) == 2

@@ -23,6 +23,8 @@ DeepSeek-V3.2 (`dsv4.config.V32`), decoding as its reference does (MLA absorbed 
 DSA's kernels run): projections (q low-rank, kv latent, the absorbed q_nope -> latent and latent -> v products, wo),
 experts (3 dense layers, then router + 8 routed + 1 shared), indexer (q, its one key head, weights, and scores
 over all N earlier tokens), attention over min(2048, N) selected tokens (576-dim scores, 512-dim values), head.
+Without context, the products are one multiply-add per active weight: V4 matches `dsv4 info`'s active
+parameters (13.27B Flash, 48.86B Pro; tested), V3.2 gives 37.5B (published: 37B activated).
 
 At 1M tokens V3.2's cost is dominated by its indexer scoring every token of the context in each of its 61 layers;
 V4 scores one compressed key per 4 tokens in its CSA layers only, and HCA attends to 1 entry per 128 tokens.
