@@ -16,6 +16,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..model import Transformer
+from ..model.transformer import FP32_PARAM_SUFFIXES
 from .config import TrainConfig
 
 __all__ = ["MemoryEstimate", "count_params", "estimate_memory", "device_memory", "check_fits"]
@@ -109,6 +110,7 @@ def _size(n: int) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 DENSE_WALK_PAIRS = 1 << 25  # ops.triton.sequence_attn: above this many query x entry pairs, per-query entry lists
+_MOMENT_BYTES = {None: 0, "adamw": 8, "muon": 4}  # fp32 optimizer moments per parameter
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,11 @@ class StepMemory:
 
 
 def _block_bytes(model: Transformer, param_bytes: int, fp32: tuple[str, ...]) -> tuple[list[int], int]:
-    """Bytes of each main block's parameters and of everything else (embedding, head, MTP), in the stored dtypes
-    (parameters named in `fp32` at 4 bytes, the others at `param_bytes`)."""
+    """Bytes of each block's parameters (main blocks, then MTP blocks) and of everything else (embedding, head,
+    final norms), in the stored dtypes (parameters named in `fp32` at 4 bytes, the others at `param_bytes`)."""
     def size(named) -> int:
         return sum(p.numel() * (4 if n.endswith(fp32) else param_bytes) for n, p in named)
-    blocks = [size(b.named_parameters()) for b in model.layers]
+    blocks = [size(b.named_parameters()) for b in (*model.layers, *model.mtp)]
     return blocks, size(model.named_parameters()) - sum(blocks)
 
 
@@ -175,7 +177,6 @@ def step_memory(mcfg: ModelConfig, seq_len: int, *, cp: int = 1, shards: int | N
         raise ValueError(f"seq_len and cp must be positive, got {seq_len} and {cp}")
     if optimizer not in _MOMENT_BYTES:
         raise ValueError(f"optimizer={optimizer!r}: one of {sorted(map(str, _MOMENT_BYTES))}")
-    from ..model.transformer import FP32_PARAM_SUFFIXES
     shards = shards or cp
     with torch.device("meta"):
         model = Transformer(mcfg)
@@ -187,7 +188,7 @@ def step_memory(mcfg: ModelConfig, seq_len: int, *, cp: int = 1, shards: int | N
                           mcfg.n_routed_experts, mcfg.moe_inter_dim)
     Hi, Di = mcfg.index_n_heads, mcfg.index_head_dim
     s = -(-seq_len // cp)  # local tokens
-    L = mcfg.n_layers
+    L = mcfg.n_layers + mcfg.n_mtp_layers  # MTP blocks (window-only) run after the main ones, like more blocks
 
     kept_block = 2 * R * C * a + 2 * C * a + 4 * R * (1 + R) + 8 * k + 4 * E
     ffn_saved = 3 * C * a + 4 * C + 8 * E + k * C * a + 3 * k * F * a + 3 * F * a
@@ -247,9 +248,6 @@ def step_memory(mcfg: ModelConfig, seq_len: int, *, cp: int = 1, shards: int | N
                                                    **parts}.items()} for name, parts in phases.items()}
     peak = max(phases, key=lambda name: sum(phases[name].values()))
     return StepMemory(seq_len, cp, phases[peak], peak, phases)
-
-
-_MOMENT_BYTES = {None: 0, "adamw": 8, "muon": 4}
 
 
 def longest_context(mcfg: ModelConfig, n_gpus: int, gpu_bytes: float, step: int = 8192, **kw) -> int:

@@ -69,3 +69,10 @@ def test_the_cli_answers(capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] == (out["peak_bytes"] <= out["gpu_bytes"]) and out["longest_context"] >= 65536
     assert main(["info", "--preset", "small", "--train-memory", "--gpus", "0"]) == 2
+
+
+def test_the_list_threshold_is_the_kernels():
+    pytest.importorskip("triton")
+    from dsv4.ops.triton import sequence_attn
+    from dsv4.train import memory
+    assert memory.DENSE_WALK_PAIRS == sequence_attn.DENSE_WALK_PAIRS
