@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import DsV4Error
 
-__all__ = ["ModelConfig", "ConfigError", "PRESETS"]
+__all__ = ["ModelConfig", "ConfigError", "PRESETS", "V32Config", "V32"]
 
 
 class ConfigError(DsV4Error, ValueError):
@@ -429,6 +429,35 @@ class ModelConfig:
             return PRESETS[name]()
         except KeyError:
             raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class V32Config:
+    """DeepSeek-V3.2 (the published DeepSeek-V3.2-Exp config.json), the baseline of V4's efficiency claims: MLA
+    (a 512-dim latent + 64 rope dims per token, read by every head) with DeepSeek Sparse Attention (each query
+    attends to the top-`index_topk` tokens its lightning indexer scores over the whole context), DeepSeekMoE
+    with `n_dense_layers` dense FFN layers first. `dsv4 kv` and `dsv4 flops` compare against it."""
+    n_layers: int = 61
+    dim: int = 7168
+    vocab_size: int = 129280
+    n_heads: int = 128
+    q_lora_rank: int = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 2048
+    n_dense_layers: int = 3           # first_k_dense_replace
+    dense_inter_dim: int = 18432      # intermediate_size of those layers
+    n_routed_experts: int = 256
+    n_activated_experts: int = 8
+    n_shared_experts: int = 1
+    moe_inter_dim: int = 2048
+
+
+V32 = V32Config()
 
 
 def _checkpoints_inside(path: str) -> str:

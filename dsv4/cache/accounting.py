@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..config import ModelConfig
+from ..config import V32, ModelConfig
 from .layout import record_bytes
 
-V32_LAYERS = 61
-V32_RECORD = {"fp8": 656, "bf16": 1152}
-V32_INDEX = {"fp8": 132, "bf16": 256}
+V32_LAYERS = V32.n_layers
+_V32_ROW = V32.kv_lora_rank + V32.qk_rope_head_dim
+# FP8 serving record: e4m3 latent, one fp32 scale per 128 of it, bf16 rope dims; BF16: the whole row
+V32_RECORD = {"fp8": V32.kv_lora_rank + 4 * (V32.kv_lora_rank // 128) + 2 * V32.qk_rope_head_dim, "bf16": 2 * _V32_ROW}
+V32_INDEX = {"fp8": V32.index_head_dim + 4, "bf16": 2 * V32.index_head_dim}  # e4m3 key + one fp32 scale; bf16 key
 GQA_HEADS, GQA_DIM = 8, 128
 
 

@@ -12,10 +12,10 @@ import sys
 import traceback
 
 from ..errors import DsV4Error
-from . import chat, compare, distill, generate, grpo, info, kv, posttrain, serve, sft, train
+from . import chat, compare, distill, flops, generate, grpo, info, kv, posttrain, serve, sft, train
 
-_COMMANDS = {"train": train, "generate": generate, "chat": chat, "info": info, "kv": kv, "compare": compare,
-             "serve": serve, "sft": sft, "grpo": grpo, "distill": distill,
+_COMMANDS = {"train": train, "generate": generate, "chat": chat, "info": info, "kv": kv, "flops": flops,
+             "compare": compare, "serve": serve, "sft": sft, "grpo": grpo, "distill": distill,
              "posttrain": posttrain}
 
 # Reported in one line: dsv4's own errors (a bad value, file or checkpoint), the environment's (a missing file,

@@ -12,8 +12,8 @@ from collections import OrderedDict
 
 import torch
 
-from .config import ModelConfig
-from .model import Transformer
+from ..config import ModelConfig
+from ..model import Transformer
 
 
 def _count(module: torch.nn.Module) -> int:
