@@ -102,7 +102,7 @@ class Fp8BlockWeight:
     def quantize(cls, w: torch.Tensor) -> "Fp8BlockWeight":
         """fp [N, K] -> e4m3 with power-of-two tile scales 2**ceil(log2(amax / 448)), as the official weights."""
         q, s = quantize_fp8_blocks(w)
-        return cls(q.view(torch.uint8), s)
+        return cls(q.view(torch.uint8).contiguous(), s)
 
 
 @dataclass
