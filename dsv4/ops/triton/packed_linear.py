@@ -9,6 +9,10 @@ exponent 0) is corrected by an exact fma. Every weight value is exact in bf16 (e
 one), so the tensor-core products are exact and the sums run in fp32. FP8 tiles are scaled after their partial
 product (one scale per 128 K values and 128 rows); FP4 groups of 32 are scaled in registers before it.
 
+On sm_89+ the FP8 weight kernel uses the hardware's e4m3 conversion instead (`native_fp8`), and `linear_fp8_fp8`
+multiplies e4m3 activations (quantised per 1x128 block in the kernel, as the official inference does) by the
+e4m3 weights on the FP8 tensor cores.
+
 Layouts: x [M, K] (rows contiguous); FP8 data [N, K] bytes, scale [ceil(N/128), ceil(K/128)]; FP4 data [N, K/2]
 bytes (low nibble = even k), scale [N, K/32]. Few rows (decode) split K across programs so that enough of them
 stream the weight; the fp32 partial sums are added afterwards.
@@ -68,7 +72,7 @@ def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.cons
 
 @triton.jit
 def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, rs_w, rs_s,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,8 +86,11 @@ def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, 
         a = tl.load(x_ptr + rm.to(tl.int64)[:, None] * rs_x + rk[None, :], mask=mmask[:, None] & kmask[None, :],
                     other=0.0).to(DT)
         b = tl.load(w_ptr + rn.to(tl.int64)[:, None] * rs_w + rk[None, :], mask=nmask[:, None] & kmask[None, :],
-                    other=0).to(tl.int32)
-        w = e4m3_values(b).to(DT)
+                    other=0)
+        if NATIVE_FP8:  # sm_89+: the hardware's e4m3 conversion (fewer instructions per byte than the bit decode)
+            w = b.to(tl.float8e4nv, bitcast=True).to(DT)
+        else:
+            w = e4m3_values(b.to(tl.int32)).to(DT)
         if IEEE:  # the interpreter: the same exact products as fp32 FMAs (its bf16 dot is unreliable)
             part = tl.dot(a, tl.trans(w), input_precision="ieee")
         else:
@@ -123,6 +130,55 @@ def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, STEPS, STEPS_PER, 
     tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
 
 
+@triton.jit
+def pow2_scale(amax):
+    """(s, 1/s) with s = 2^ceil(log2(amax)) for positive fp32 amax, from the exponent and mantissa bits (exact,
+    where a log2 approximation could miss an exact power of two)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return (e << 23).to(tl.float32, bitcast=True), ((254 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_round(v):
+    """fp32 v (|v| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32: v's binade quantum is
+    2^(exponent - 3) (2^-9 below the normal range), and v / quantum is rounded by the 1.5 * 2^23 trick. Done
+    arithmetically because the interpreter's fp32 -> e4m3 conversion misrounds at binade edges."""
+    e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121) - 3
+    quantum = (e << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - e) << 23).to(tl.float32, bitcast=True)
+    return ((v * inv + 12582912.0) - 12582912.0) * quantum
+
+
+@triton.jit
+def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, rs_w, rs_s,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask, mmask = rn < N, rm < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    kb0 = pid_s * KB_PER
+    for kb in range(kb0, tl.minimum(kb0 + KB_PER, KB)):
+        rk = kb * 128 + tl.arange(0, 128)
+        kmask = rk < K
+        a = tl.load(x_ptr + rm.to(tl.int64)[:, None] * rs_x + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        # 1x128 activation quantisation: power-of-two scale of the row's block amax (at least 1e-4) / 448
+        sa, inv = pow2_scale(tl.maximum(tl.max(tl.abs(a), 1), 1e-4) / 448.0)
+        q = e4m3_round(tl.minimum(tl.maximum(a * inv[:, None], -448.0), 448.0))
+        b = tl.load(w_ptr + rn.to(tl.int64)[:, None] * rs_w + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0)
+        if IEEE:
+            part = tl.dot(q, tl.trans(e4m3_values(b.to(tl.int32))), input_precision="ieee")
+        else:  # e4m3 x e4m3 tensor-core products (exact: q holds e4m3 values), fp32 sums
+            part = tl.dot(q.to(tl.float8e4nv), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
+        sw = ue8m0_values(tl.load(s_ptr + (rn // 128) * rs_s + kb, mask=nmask, other=0).to(tl.int32))
+        acc += part * sa[:, None] * sw[None, :]
+    out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
+
+
 def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, K steps per program, num_warps). Few rows (decode): 16-row tiles and K split until about
     four programs per SM stream the weight; many rows (prefill): 64/128-row tiles, whole K per program."""
@@ -135,7 +191,7 @@ def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, 
     return bm, 128, steps, 8 if bm == 128 else 4
 
 
-def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None) -> torch.Tensor:
+def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None, **flags) -> torch.Tensor:
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -148,18 +204,36 @@ def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm), split)](
         x2, data, scale, part, M, N, K, steps, per, x2.stride(0), data.stride(0), scale.stride(0), BLOCK_M=bm,
-        BLOCK_N=bn, IEEE=interpreted(), num_warps=warps, num_stages=4 if M <= 64 else 3)
+        BLOCK_N=bn, IEEE=interpreted(), num_warps=warps, num_stages=4 if M <= 64 else 3, **flags)
     out = part[0] if split == 1 else part.sum(0)
     return out.to(x.dtype).view(*x.shape[:-1], N)
 
 
 @falls_back_to(ref.linear_fp8_weight)
-def linear_fp8_weight(x: torch.Tensor, w: Fp8BlockWeight, config=None) -> torch.Tensor:
+def linear_fp8_weight(x: torch.Tensor, w: Fp8BlockWeight, config=None, native_fp8: bool | None = None
+                      ) -> torch.Tensor:
     """Same contract as ops.reference.packed.linear_fp8_weight. `config` (BLOCK_M, BLOCK_N, K blocks per
-    program, warps) overrides gemm_config (benchmark sweeps)."""
+    program, warps) overrides gemm_config (benchmark sweeps); `native_fp8` decodes the bytes with the GPU's e4m3
+    conversion instead of bit arithmetic (default: where the GPU has one, sm_89+)."""
     N, K = w.shape
     _check(x, K)
-    return _launch(_fp8_weight_kernel, x, w, N, K, triton.cdiv(K, FP8_BLOCK), config)
+    if native_fp8 is None:
+        native_fp8 = has_e4m3(x.device)
+    return _launch(_fp8_weight_kernel, x, w, N, K, triton.cdiv(K, FP8_BLOCK), config, NATIVE_FP8=native_fp8)
+
+
+@falls_back_to(ref.linear_fp8_fp8)
+def linear_fp8_fp8(x: torch.Tensor, w: Fp8BlockWeight, config=None) -> torch.Tensor:
+    """Same contract as ops.reference.packed.linear_fp8_fp8: x quantised per 1x128 block in the kernel, e4m3 x
+    e4m3 tensor-core products (sm_89+; the interpreter runs the same arithmetic in fp32)."""
+    N, K = w.shape
+    _check(x, K)
+    return _launch(_fp8_fp8_kernel, x, w, N, K, triton.cdiv(K, FP8_BLOCK), config)
+
+
+def has_e4m3(device: torch.device) -> bool:
+    """The GPU converts e4m3 in hardware (sm_89+); False on the CPU (interpreter)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 @falls_back_to(ref.linear_fp4_weight)
@@ -186,6 +260,10 @@ def supports(x: torch.Tensor, w) -> bool:
     """bf16 activations on a GPU, no autograd (the packed weights are inference-only)."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and w.device == x.device and x.numel() > 0
             and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def supports_fp8_fp8(x: torch.Tensor, w) -> bool:
+    return supports(x, w) and has_e4m3(x.device)
 
 
 def supports_fp4(x: torch.Tensor, w) -> bool:

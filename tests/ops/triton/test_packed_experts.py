@@ -1,5 +1,7 @@
 """ops/triton/packed_experts.py (grouped FP4 experts) against ops/reference/packed.py: decode-sized batches, an
 expert with more than one 16-row tile, unused experts, and the SwiGLU clamp."""
+import json
+
 import pytest
 import torch
 
@@ -28,6 +30,19 @@ def test_fp4_experts(N, C, F, E, k, limit):
     want = ref_moe(x.double(), w1, w2, w3, idx, rw.double(), limit)
     assert got.dtype == torch.float32 and got.shape == (N, C)
     assert rel_err(got, want) < TOL * 10
+
+
+def test_gpu_variants_are_recorded(_launches):
+    """The GPU variant (bf16 rows, tensor-core dots) of each interpreted launch, compiled by the next test."""
+    for launch in list(_launches.values()):
+        if launch.get("constexprs", {}).get("IEEE"):
+            variant = json.loads(json.dumps(launch))
+            variant["constexprs"]["IEEE"] = False
+            variant["signature"] = {k: ("*bf16" if k in ("x_ptr", "h_ptr", "y_ptr") else v)
+                                    for k, v in variant["signature"].items()}
+            _launches[json.dumps(variant, sort_keys=True)] = variant
+    for key in [k for k, v in _launches.items() if v.get("constexprs", {}).get("IEEE")]:
+        del _launches[key]  # the interpreter's fp32 variants: the GPU never runs them
 
 
 def test_launches_build_for_gpus(native_build):
