@@ -116,10 +116,20 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                    "rel_l2_vs_reference": err}
             row["packed_frac_copy_bw"] = row["packed_gbps"] / copy_gbps
             row["bf16_frac_copy_bw"] = row["bf16_gbps"] / copy_gbps
+            if fmt == "fp8" and on_gpu and packed_linear.has_e4m3(x.device):
+                # the same kernel with the integer bit decode (what sm_80 runs), and the FP8 x FP8 product
+                t_bits = timed(lambda i: kernel(x, ws[i], native_fp8=False), len(ws), on_gpu)
+                t_ff = timed(lambda i: packed_linear.linear_fp8_fp8(x, ws[i]), len(ws), on_gpu)
+                row.update(bitdecode_ms=t_bits, bitdecode_frac_copy_bw=(packed.nbytes + io) / t_bits / 1e6 / copy_gbps,
+                           fp8xfp8_ms=t_ff, fp8xfp8_frac_copy_bw=(packed.nbytes + io) / t_ff / 1e6 / copy_gbps,
+                           fp8xfp8_rel_l2_vs_reference=rel_l2(packed_linear.linear_fp8_fp8(x, packed),
+                                                              ref.linear_fp8_fp8(x, packed)))
             out.append(row)
             print(f"{row['case']:28s} M={M:3d}  packed {t_q * 1e3:8.1f} us {row['packed_frac_copy_bw']:6.1%} of copy"
                   f"  bf16 {t_b * 1e3:8.1f} us {row['bf16_frac_copy_bw']:6.1%}  x{row['speedup_vs_bf16']:.2f}"
-                  f"  rel-L2 {err:.1e}", flush=True)
+                  f"  rel-L2 {err:.1e}" + (f"  | bit-decode {row['bitdecode_frac_copy_bw']:6.1%}  fp8xfp8 "
+                                           f"{row['fp8xfp8_frac_copy_bw']:6.1%}" if "fp8xfp8_ms" in row else ""),
+                  flush=True)
     return out
 
 

@@ -180,10 +180,11 @@ def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, rs_
 
 
 def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, K steps per program, num_warps). Few rows (decode): 16-row tiles and K split until about
-    four programs per SM stream the weight; many rows (prefill): 64/128-row tiles, whole K per program."""
+    """(BLOCK_M, BLOCK_N, K steps per program, num_warps). Few rows (decode): one row tile of 16-64 rows (each
+    weight byte is decoded once) and K split until about four programs per SM stream the weight; many rows
+    (prefill): 64/128-row tiles, whole K per program."""
     if M <= 64:
-        bm, bn = 16, 64
+        bm, bn = min(64, max(16, triton.next_power_of_2(M))), 64
         tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
         split = max(1, min(steps, (4 * multiprocessors(device)) // max(tiles, 1)))
         return bm, bn, triton.cdiv(steps, split), 4
