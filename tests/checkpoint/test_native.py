@@ -72,3 +72,16 @@ def test_default_and_bad_choice(official):
     assert model.layers[0].attn.wq_a.packed is None
     with pytest.raises(ValueError, match="weights='fp8'"):
         dsv4.load_model(official, weights="fp8")
+
+
+def test_native_decode_with_a_cache_matches_the_full_forward(official):
+    """Prefill then one-token decode steps through the packed layers give the whole-sequence logits."""
+    model = dsv4.load_model(official, dtype=torch.float32, weights="native")
+    tokens = _tokens(model.config.vocab_size)[:1]
+    with torch.no_grad():
+        full = model(tokens)
+        cache = model.new_cache(1, 64)
+        steps = [model(tokens[:, :15], cache=cache)] + [model(tokens[:, i:i + 1], cache=cache)
+                                                         for i in range(15, tokens.shape[1])]
+    inc = torch.cat(steps, 1)
+    assert ((inc - full).norm() / full.norm()).item() < 1e-4
