@@ -3,9 +3,9 @@ FP4 e2m1 (two per byte, 1x32 UE8M0 groups), read as bytes and dequantised in reg
 weight bytes read, so reading 1 (FP8) or 0.5 (FP4) byte per weight instead of bf16's 2 is the whole point.
 
 The bytes are decoded by integer arithmetic, not by a float8 type (sm80 has none in Triton), so the same kernels
-run on any GPU and in the interpreter: the exponent and mantissa bits move into an fp32 whose exponent bias is
-changed (a shift and an add), and the one binade that is subnormal in the narrow format (e4m3 exponent 0, e2m1
-exponent 0) is corrected by an exact fma. Every weight value is exact in bf16 (e4m3 has 3 mantissa bits, e2m1
+run on any GPU and in the interpreter: the sign, exponent and mantissa bits move into an fp16 (a few masks and
+shifts), which holds the value times a power of two exactly, subnormals included; that power of two joins the
+scale. Every weight value is exact in bf16 (e4m3 has 3 mantissa bits, e2m1
 one), so the tensor-core products are exact and the sums run in fp32. FP8 tiles are scaled after their partial
 product (one scale per 128 K values and 128 rows); FP4 groups of 32 are scaled in registers before it.
 
@@ -31,19 +31,25 @@ FP4_STEP = 128  # K values per FP4 loop step: 64 bytes per row, 4 scale groups
 
 
 @triton.jit
-def e4m3_values(b):
-    """e4m3fn bytes (int32 0..255) -> fp32 values (finite codes exactly)."""
-    f = (((b & 0x7F) << 20) + (120 << 23)).to(tl.float32, bitcast=True)   # (1 + m/8) 2^(e-7)
-    mag = tl.where((b & 0x78) == 0, 2.0 * f - 0.015625, f)                # exponent 0: m 2^-9 = 2 (f - 2^-7)
-    return tl.where(b >= 0x80, -mag, mag)
+def e4m3_as_fp16(b):
+    """e4m3fn bytes (int32 0..255) -> fp16 holding 2^-8 times their values, exactly: sign, exponent and mantissa
+    bits move into an fp16's (same mantissa alignment, exponent bias 15 instead of 7), and e4m3's subnormals land
+    on fp16 subnormals, which conversions keep. Five integer operations per byte; callers fold the 2^8 into the
+    scale. (0x7F / 0xFF, NaN in e4m3, do not occur in weights.)"""
+    return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def e2m1_values(c):
-    """e2m1 codes (int32 0..15) -> fp32 values: (0, .5, 1, 1.5, 2, 3, 4, 6) with bit 3 the sign."""
-    f = (((c & 7) << 22) + (126 << 23)).to(tl.float32, bitcast=True)      # (1 + m/2) 2^(e-1)
-    mag = tl.where((c & 6) == 0, 2.0 * f - 1.0, f)                        # exponent 0: m/2 = 2 f - 1
-    return tl.where(c >= 8, -mag, mag)
+def e2m1_as_fp16(c):
+    """e2m1 codes (int32 0..15) -> fp16 holding 2^-14 times their values (0, .5, 1, 1.5, 2, 3, 4, 6; bit 3 the
+    sign), exactly, as e4m3_as_fp16 does (exponent bias 15 instead of 1)."""
+    return (((c & 8) << 12) | ((c & 7) << 9)).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def e4m3_values(b):
+    """e4m3fn bytes (int32) -> fp32 values."""
+    return e4m3_as_fp16(b).to(tl.float32) * 256.0
 
 
 @triton.jit
@@ -64,9 +70,9 @@ def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.cons
     b = tl.load(w_ptr + rn.to(tl.int64)[:, None, None] * rs_w + byte, mask=m3, other=0).to(tl.int32)
     sc = tl.load(s_ptr + rn.to(tl.int64)[:, None] * rs_s + g[None, :], mask=nmask[:, None] & (g[None, :] < GROUPS),
                  other=0).to(tl.int32)
-    s = ue8m0_values(sc)[:, :, None]                                                 # [BLOCK_N, 4, 1]
-    lo = tl.reshape(e2m1_values(b & 0xF) * s, (b.shape[0], 64)).to(DT)
-    hi = tl.reshape(e2m1_values(b >> 4) * s, (b.shape[0], 64)).to(DT)
+    s = ue8m0_values(sc + 14)[:, :, None]       # 2^(scale - 127) * 2^14 (scale bytes stay far below 241)
+    lo = tl.reshape(e2m1_as_fp16(b & 0xF).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
+    hi = tl.reshape(e2m1_as_fp16(b >> 4).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
     return lo, hi
 
 
@@ -87,15 +93,17 @@ def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, 
                     other=0.0).to(DT)
         b = tl.load(w_ptr + rn.to(tl.int64)[:, None] * rs_w + rk[None, :], mask=nmask[:, None] & kmask[None, :],
                     other=0)
-        if NATIVE_FP8:  # sm_89+: the hardware's e4m3 conversion (fewer instructions per byte than the bit decode)
+        if NATIVE_FP8:  # sm_89+: the hardware's e4m3 conversion
             w = b.to(tl.float8e4nv, bitcast=True).to(DT)
-        else:
-            w = e4m3_values(b.to(tl.int32)).to(DT)
+        else:           # 2^-8 times the values: the 2^8 joins the tile scale below
+            w = e4m3_as_fp16(b.to(tl.int32)).to(DT)
         if IEEE:  # the interpreter: the same exact products as fp32 FMAs (its bf16 dot is unreliable)
             part = tl.dot(a, tl.trans(w), input_precision="ieee")
         else:
             part = tl.dot(a, tl.trans(w))
         s = ue8m0_values(tl.load(s_ptr + (rn // 128) * rs_s + kb, mask=nmask, other=0).to(tl.int32))
+        if not NATIVE_FP8:
+            s = s * 256.0
         acc += part * s[None, :]
     out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
     tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])

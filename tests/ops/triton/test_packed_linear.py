@@ -40,6 +40,20 @@ def test_fp4_weight_gemm(M, N, K, config):
     assert rel_err(got, ref.linear_fp4_weight(x.double(), w)) < TOL
 
 
+def test_every_code_decodes():
+    """All 254 finite e4m3 bytes (subnormals included) and all 16 e2m1 codes under the scales: a one-hot x
+    reads single weights back, which must equal the exact dequantisation."""
+    b = torch.arange(256, dtype=torch.uint8)
+    b[(b & 0x7F) == 0x7F] = 0
+    w8 = _to(Fp8BlockWeight(b.view(1, 256), torch.tensor([[120, 131]], dtype=torch.uint8)))
+    w4 = _to(Fp4GroupWeight(b.view(2, 128), torch.tensor([[100, 110, 120, 127, 130, 140, 150, 160]] * 2,
+                                                          dtype=torch.uint8)))
+    for w, kernel in ((w8, tri.linear_fp8_weight), (w4, tri.linear_fp4_weight)):
+        K = w.shape[1]
+        eye = torch.eye(K, device=DEV, dtype=torch.float32)      # fp32 rows: each weight is exact
+        assert torch.equal(kernel(eye, w).T, w.dequantize()), kernel.__name__
+
+
 def test_fp8_weight_hardware_decode():
     """The e4m3-conversion decode of the FP8 bytes (sm_89+; the other tests run the integer decode)."""
     g = gen(2)
