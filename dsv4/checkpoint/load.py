@@ -151,12 +151,13 @@ def _fillable(model: Transformer) -> dict[str, torch.Tensor | _PackedSlot]:
     return out
 
 
-def pack_native(plan: CheckpointPlan, model: Transformer) -> list[str]:
+def pack_native(plan: CheckpointPlan, model: Transformer, fp8_layers: bool = True) -> list[str]:
     """Switch the layers whose checkpoint tensors are FP8 (the Linear layers of names.FP8_WEIGHTS, which the model
     multiplies as layers; fp32 projections such as the compressor's stay dequantised) or FP4 (routed experts) to
     packed buffers, so that `load_weights` keeps those bytes instead of dequantising them; returns the packed
     module names. Build `model` on the meta device: packing there allocates nothing. Experts stored as FP8 (the
-    lossless FP4 -> FP8 conversion) stay dequantised."""
+    lossless FP4 -> FP8 conversion) stay dequantised, and so do the FP8 layers with `fp8_layers=False` (tensor-
+    parallel loading, which slices them across 128-row scale tiles)."""
     modules = dict(model.named_modules())
     packed: list[str] = []
     fp4_stacks: dict[str, set[str]] = defaultdict(set)
@@ -164,7 +165,8 @@ def pack_native(plan: CheckpointPlan, model: Transformer) -> list[str]:
         t = it.targets[0]
         owner, _, leaf = t.param.rpartition(".")
         m = modules.get(owner)
-        if it.fmt == "fp8" and t.param.endswith(FP8_WEIGHTS) and isinstance(m, Linear) and m.packed is None:
+        if (fp8_layers and it.fmt == "fp8" and t.param.endswith(FP8_WEIGHTS) and isinstance(m, Linear)
+                and m.packed is None):
             m.pack_fp8()
             packed.append(owner)
         elif it.fmt == "fp4" and isinstance(m, RoutedExperts):
