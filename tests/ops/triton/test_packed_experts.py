@@ -33,7 +33,8 @@ def test_fp4_experts(N, C, F, E, k, limit):
 
 
 def test_gpu_variants_are_recorded(_launches):
-    """On a GPU the kernels ran natively (nothing recorded). The GPU variant (bf16 rows, tensor-core dots) of each interpreted launch, compiled by the next test."""
+    """The GPU variant (bf16 rows, tensor-core dots) of each interpreted launch, compiled by the next test (on a
+    GPU the kernels ran natively and nothing was recorded)."""
     if not INTERPRETED:
         pytest.skip("the kernels ran natively on this GPU")
     for launch in list(_launches.values()):

@@ -75,9 +75,9 @@ def test_fp8_fp8_gemm(M, N, K):
 
 
 def test_gpu_variants_are_recorded(_launches):
-    """On a GPU the kernels ran natively (nothing recorded). The interpreter runs the IEEE (fp32) variants; add each launch's GPU variant (bf16 activations, tensor-core
+    """The interpreter runs the IEEE (fp32) variants; add each launch's GPU variant (bf16 activations, tensor-core
     dots) so that the next test compiles those instead: one per kernel and set of flags (the shapes do not change
-    which code compiles)."""
+    which code compiles). On a GPU the kernels ran natively and nothing was recorded."""
     if not INTERPRETED:
         pytest.skip("the kernels ran natively on this GPU")
     seen = set()
