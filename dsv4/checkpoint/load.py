@@ -9,7 +9,8 @@ Two phases, shared by the one-process loader and the sharded one (`dsv4.distribu
 2. `load_weights` asks a slicing hook which part of each checkpoint tensor this process keeps (all of it, or a
    tensor-/expert-parallel rank's rows, columns or experts), checks those parts against the model it fills
    (built on the meta device, possibly already sharded), materialises that model once on the target device
-   and streams the shards one tensor at a time (memory-mapped), dequantising FP8/FP4 exactly.
+   and streams the shards one tensor at a time (memory-mapped), dequantising FP8/FP4 exactly, or, for a model
+   whose layers were packed (`weights="native"`), copying the FP8/FP4 bytes and scales as they are.
 """
 from __future__ import annotations
 
@@ -25,13 +26,16 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..model import Transformer
-from ..quant import dequant_fp4_blocks, dequant_fp8_blocks
+from ..model.moe import RoutedExperts
+from ..model.norm import Linear
+from ..quant import dequant_fp4_blocks, dequant_fp8_blocks, float_to_e8m0
 from .device import resolve_device
-from .names import Target, official_to_native, to_official
+from .names import FP8_WEIGHTS, Target, official_to_native, to_official
 from .safetensors_io import CheckpointError, ShardReader, TensorInfo, read_header
 from .shards import list_shards
 
-__all__ = ["load_model", "plan_checkpoint", "load_weights", "CheckpointPlan", "Piece", "Slicing", "keep_all"]
+__all__ = ["load_model", "plan_checkpoint", "load_weights", "pack_native", "CheckpointPlan", "Piece", "Slicing",
+           "keep_all", "WEIGHTS"]
 
 log = logging.getLogger(__name__)
 _FLOAT = ("F64", "F32", "F16", "BF16")
@@ -40,6 +44,7 @@ _PACKED_FP4 = ("I8", "U8", "F4")               # one byte holds two e2m1 values:
 _SCALE = ("F8_E8M0", "U8", "I8", "F32", "BF16", "F16")   # UE8M0 exponent bytes, or plain float scales
 _ID_TABLES = ("tid2eid",)                      # the only tensors that are integer by nature (token -> experts)
 _EXPERT_STACKS = ("experts.w1", "experts.w2", "experts.w3")
+WEIGHTS = ("native", "bf16")                   # load_model's choices: the checkpoint's formats, or dequantised
 
 
 @dataclass
@@ -106,11 +111,73 @@ def plan_checkpoint(path: str | os.PathLike) -> CheckpointPlan:
     return CheckpointPlan(path, cfg, files, items)
 
 
-def _fillable(model: Transformer) -> dict[str, torch.Tensor]:
-    """What a checkpoint fills: every parameter, plus the hash-routing buffers."""
-    out = dict(model.named_parameters())
+@dataclass
+class _PackedSlot:
+    """Where a packed (FP8 / FP4) checkpoint tensor lands in a model loaded with native weights: its bytes and
+    its scale buffers. `shape` is the dequantised shape, which the checks compare as for a parameter."""
+    data: torch.Tensor
+    scale: torch.Tensor
+    shape: tuple[int, ...]
+    fmt: str
+
+    def fill(self, name: str, data: torch.Tensor, scale: torch.Tensor, expert: int | None) -> None:
+        d = self.data if expert is None else self.data[expert]
+        s = self.scale if expert is None else self.scale[expert]
+        d.copy_(data.view(torch.uint8))
+        s.copy_(_ue8m0(name, scale))
+
+
+def _ue8m0(name: str, scale: torch.Tensor) -> torch.Tensor:
+    """A checkpoint scale as UE8M0 bytes: as stored, or from float scales that are powers of two."""
+    if scale.element_size() == 1:
+        return scale.view(torch.uint8)
+    try:
+        return float_to_e8m0(scale)
+    except ValueError:
+        raise CheckpointError(f"'{name}': its scales are not powers of two, which native FP8/FP4 weights need "
+                              "(UE8M0); load with weights='bf16'") from None
+
+
+def _fillable(model: Transformer) -> dict[str, torch.Tensor | _PackedSlot]:
+    """What a checkpoint fills: every parameter, the hash-routing buffers, and the packed layers' buffers."""
+    out: dict[str, torch.Tensor | _PackedSlot] = dict(model.named_parameters())
     out.update((n, b) for n, b in model.named_buffers() if n.endswith(_ID_TABLES))
+    for name, m in model.named_modules():
+        if isinstance(m, Linear) and m.packed is not None:
+            out[f"{name}.weight"] = _PackedSlot(m.qweight, m.qscale, (m.out_features, m.in_features), "fp8")
+        elif isinstance(m, RoutedExperts) and m.packed is not None:
+            for w, wname in zip(m.packed, ("w1", "w2", "w3")):
+                out[f"{name}.{wname}"] = _PackedSlot(w.data, w.scale, tuple(w.shape), "fp4")
     return out
+
+
+def pack_native(plan: CheckpointPlan, model: Transformer, fp8_layers: bool = True) -> list[str]:
+    """Switch the layers whose checkpoint tensors are FP8 (the Linear layers of names.FP8_WEIGHTS, which the model
+    multiplies as layers; fp32 projections such as the compressor's stay dequantised) or FP4 (routed experts) to
+    packed buffers, so that `load_weights` keeps those bytes instead of dequantising them; returns the packed
+    module names. Build `model` on the meta device: packing there allocates nothing. Experts stored as FP8 (the
+    lossless FP4 -> FP8 conversion) stay dequantised, and so do the FP8 layers with `fp8_layers=False` (tensor-
+    parallel loading, which slices them across 128-row scale tiles)."""
+    modules = dict(model.named_modules())
+    packed: list[str] = []
+    fp4_stacks: dict[str, set[str]] = defaultdict(set)
+    for it in plan.items:
+        t = it.targets[0]
+        owner, _, leaf = t.param.rpartition(".")
+        m = modules.get(owner)
+        if (fp8_layers and it.fmt == "fp8" and t.param.endswith(FP8_WEIGHTS) and isinstance(m, Linear)
+                and m.packed is None):
+            m.pack_fp8()
+            packed.append(owner)
+        elif it.fmt == "fp4" and isinstance(m, RoutedExperts):
+            fp4_stacks[owner].add(leaf)
+    for owner, leaves in fp4_stacks.items():
+        m = modules[owner]
+        formats = {it.fmt for it in plan.items if it.targets[0].param.rpartition(".")[0] == owner}
+        if leaves == {"w1", "w2", "w3"} and formats == {"fp4"} and m.packed is None:
+            m.pack_fp4()
+            packed.append(owner)
+    return packed
 
 
 class _Coverage:
@@ -298,6 +365,11 @@ def _place(plan: CheckpointPlan, dest: dict[str, torch.Tensor], slicing: Slicing
                                 "which its model does not have")
                 continue
             got = tuple(b - a for a, b in box)
+            if isinstance(p, _PackedSlot) and got != tuple(it.shape):
+                problems.append(f"tensor '{it.name}' {it.shape}: this process keeps part of it ({piece.index}), "
+                                f"but '{t.param}' holds native {p.fmt.upper()} weights, which load whole tensors "
+                                "only (load with weights='bf16' to shard them)")
+                continue
             want = tuple(p.shape[1:]) if piece.expert is not None else tuple(p.shape)
             if got != want:
                 problems.append(f"tensor '{it.name}' {it.shape}: the part this process keeps ({piece.index}) has "
@@ -335,6 +407,17 @@ def _read(it: _Item, pieces: list, readers: dict[str, ShardReader]) -> list[torc
     return [full[tuple(slice(a, b) for a, b in box)] for _, _, box in pieces]
 
 
+def _read_packed(it: _Item, readers: dict[str, ShardReader]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantised tensor's bytes and scales, as stored."""
+    if it.fmt not in ("fp8", "fp4"):
+        raise CheckpointError(f"tensor '{it.name}' is stored as {it.info.dtype}, but its layer holds native "
+                              "FP8/FP4 weights")
+    scale_file = it.scale[1].file
+    if scale_file not in readers:
+        readers[scale_file] = ShardReader(scale_file)
+    return readers[it.info.file].get(it.name), readers[scale_file].get(it.scale[0])
+
+
 def load_weights(plan: CheckpointPlan, model: Transformer, device: str | torch.device = "cpu",
                  slicing: Slicing = keep_all, progress: bool | None = None) -> Transformer:
     """Fill `model` (built on the meta device from `plan.config`, possibly sharded) with the pieces `slicing`
@@ -354,6 +437,12 @@ def load_weights(plan: CheckpointPlan, model: Transformer, device: str | torch.d
         for f in plan.files:
             readers = {f: ShardReader(f)}
             for it, pieces in by_file.get(f, []):
+                if isinstance(params[pieces[0][0].param], _PackedSlot):  # native weights: the bytes as stored
+                    data, scale = _read_packed(it, readers)
+                    for t, piece, _ in pieces:
+                        params[t.param].fill(it.name, data, scale, piece.expert)
+                    bar.update(1)
+                    continue
                 for (t, piece, _), src in zip(pieces, _read(it, pieces, readers)):
                     dst = params[t.param].data
                     dst = dst if piece.expert is None else dst[piece.expert]
@@ -374,15 +463,25 @@ def load_weights(plan: CheckpointPlan, model: Transformer, device: str | torch.d
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
-               progress: bool | None = None) -> Transformer:
+               progress: bool | None = None, weights: str | None = None) -> Transformer:
     """Load a checkpoint directory (`config.json` + safetensors) into a Transformer on `device` ('auto': the GPU
     if there is one).
 
     `dtype` is the compute dtype; norms, mHC, sinks, ape and the head stay fp32 as in the reference.
     A checkpoint without `mtp.*` tensors (as transformers writes) loads with n_mtp_layers = 0.
+    `weights`: "native" keeps FP8 layers and FP4 routed experts in the checkpoint's bytes (inference only: the
+    layers multiply through dsv4.ops' packed GEMMs and have no weight parameter); "bf16" dequantises them into
+    `dtype` parameters. Default: "native" for a quantised checkpoint on a GPU with dtype bf16, else "bf16".
     """
+    if weights not in (None, *WEIGHTS):
+        raise ValueError(f"weights={weights!r}: choose from {list(WEIGHTS)} (or None for the default)")
     device = resolve_device(device)
     plan = plan_checkpoint(path)
+    if weights is None:
+        quantised = any(it.fmt in ("fp8", "fp4") for it in plan.items)
+        weights = "native" if quantised and device.type == "cuda" and dtype == torch.bfloat16 else "bf16"
     with torch.device("meta"):
         model = Transformer(plan.config).to_dtype(dtype)
+    if weights == "native":
+        pack_native(plan, model)
     return load_weights(plan, model, device, progress=progress)

@@ -13,6 +13,12 @@ import re
 from dataclasses import dataclass
 
 _L = r"((?:layers|mtp)\.\d+)"
+
+# Weights the official checkpoint stores in FP8 e4m3 with 128x128 block scales (docs/architecture.md#number-formats);
+# the routed experts are FP4. Native loading keeps exactly these layers packed.
+FP8_WEIGHTS = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight",
+               "attn.wo_b.weight", "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight",
+               "indexer.wq_b.weight", "e_proj.weight", "h_proj.weight")
 # Applied in order; each (pattern, replacement) is a re.sub over the whole key.
 _TO_OFFICIAL: list[tuple[str, str]] = [
     (r"^model\.", ""),

@@ -10,17 +10,12 @@ from safetensors.torch import save_file
 
 from ..model import Transformer
 from ..quant.formats import fp4_to_fp8, quantize_fp4_blocks, quantize_fp8_blocks
-from .names import native_to_official
+from .names import FP8_WEIGHTS, native_to_official
 
 # Stored in fp32 in the official checkpoints whatever the weight dtype (docs/architecture.md#fp32-parameters).
 _STORED_FP32 = ("attn_sink", "ape", "gate.bias", "hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn",
                 "hc_ffn_base", "hc_ffn_scale", "hc_head_fn", "hc_head_base", "hc_head_scale")
 
-
-# Weights the official checkpoint stores in FP8 e4m3 with 128x128 block scales (docs/architecture.md#number-formats).
-_FP8_WEIGHTS = ("attn.wq_a.weight", "attn.wq_b.weight", "attn.wkv.weight", "attn.wo_a.weight", "attn.wo_b.weight",
-                "shared_experts.w1.weight", "shared_experts.w2.weight", "shared_experts.w3.weight",
-                "indexer.wq_b.weight", "e_proj.weight", "h_proj.weight")
 
 
 def _e8m0(s: torch.Tensor) -> torch.Tensor:
@@ -42,7 +37,7 @@ def _official_tensors(model: Transformer, dtype: torch.dtype, expert_format: str
                 else:
                     yield name, packed
                     yield name[: -len("weight")] + "scale", _e8m0(scale)
-            elif fp8_weights and name.endswith(_FP8_WEIGHTS):
+            elif fp8_weights and name.endswith(FP8_WEIGHTS):
                 q, scale = quantize_fp8_blocks(t)
                 yield name, q
                 yield name[: -len("weight")] + "scale", _e8m0(scale)

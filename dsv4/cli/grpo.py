@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer.eos_id is None:
         raise InvalidArgument(f"--model {args.model}: the tokenizer names no EOS token; assistant turns end with it")
     torch.manual_seed(args.seed)
-    model = load_model(args.model, device=resolve_device(args.device), dtype=torch.float32).train()
+    model = load_model(args.model, device=resolve_device(args.device), dtype=torch.float32, weights="bf16").train()
     res = grpo_train(model, tokenizer, envs, cfg, out=args.out, tokenizer_dir=args.model)
     first, last = res.evals[0], res.evals[-1]
     print(f"held-out accuracy {first['eval_acc']:.3f} -> {last['eval_acc']:.3f}; "

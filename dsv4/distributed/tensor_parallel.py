@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..checkpoint.load import Piece, load_weights, plan_checkpoint
+from ..checkpoint.load import WEIGHTS, Piece, load_weights, pack_native, plan_checkpoint
 from ..checkpoint.names import Target
 from ..config import ModelConfig
 from ..model import Transformer
@@ -75,17 +75,20 @@ class _RankSlicing:
 
 
 def load_sharded(path: str | os.PathLike, mesh: DeviceMesh, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.bfloat16) -> Transformer:
+                 dtype: torch.dtype = torch.bfloat16, weights: str = "bf16") -> Transformer:
     """This rank's part of the model in `path`; run it on the same tokens on every rank of `mesh`.
 
     The checkpoint is checked against the full model exactly as `load_model` checks it, before any weight is
-    read; this rank then reads only the slices `_RankSlicing` keeps."""
-    return load_part(path, mesh.size(), mesh.get_local_rank(), mesh.get_group(), device, dtype)
+    read; this rank then reads only the slices `_RankSlicing` keeps. weights="native" keeps this rank's FP4
+    routed experts in their checkpoint bytes (the tensor-parallel FP8 layers are dequantised)."""
+    return load_part(path, mesh.size(), mesh.get_local_rank(), mesh.get_group(), device, dtype, weights)
 
 
 def load_part(path: str | os.PathLike, world: int, rank: int, group, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.bfloat16) -> Transformer:
+              dtype: torch.dtype = torch.bfloat16, weights: str = "bf16") -> Transformer:
     """`load_sharded` for rank `rank` of `world`, with the collectives over `group` (used only when it runs)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r}: choose from {list(WEIGHTS)}")
     plan = plan_checkpoint(path)
     cfg = plan.config
     offset, per = expert_range(cfg.n_routed_experts, world, rank)
@@ -99,5 +102,7 @@ def load_part(path: str | os.PathLike, world: int, rank: int, group, device: str
                     full = getattr(m.experts, name)
                     setattr(m.experts, name, nn.Parameter(torch.empty(per, *full.shape[1:], dtype=full.dtype)))
                 m.dispatch = partial(_all_reduce, moe=m, group=group, offset=offset, per=per, world=world)
+    if weights == "native":
+        pack_native(plan, model, fp8_layers=False)  # after the expert stacks shrank to this rank's experts
     return load_weights(plan, model, device, slicing=_RankSlicing(cfg, world, rank),
                         progress=None if rank == 0 else False)

@@ -16,6 +16,7 @@ from .. import ops
 from ..cache.state import Compressed, CompressorState
 from ..cache.step_memo import shared
 from ..config import ModelConfig
+from ..quant.packed import FP8_BLOCK
 from .compressor import Compressor, quantize_entries
 from .indexer import Indexer
 from .norm import Linear, RMSNorm
@@ -107,7 +108,20 @@ class Attention(nn.Module):
 
     def reset_buffers(self) -> None:
         """Recompute the RoPE frequencies (after building on the meta device)."""
-        self.freqs = rope_frequencies(*self._rope).to(self.wkv.weight.device)
+        self.freqs = rope_frequencies(*self._rope).to(self.attn_sink.device)
+
+    def _output_groups(self, o: torch.Tensor) -> torch.Tensor:
+        """Each head group through its own rows of wo_a: [B, S, G, H*D/G] -> [B, S, G, o_lora]. An FP8 wo_a whose
+        group rows fall on its 128-row scale tiles (V4's o_lora_rank = 1024) runs one weight-only GEMM per group;
+        one that does not (tiny test configs) is dequantised for the call."""
+        w = self.wo_a.packed
+        if w is None:
+            return ops.grouped_linear(o, self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1))
+        R = self.o_lora_rank
+        if R % FP8_BLOCK:
+            return ops.grouped_linear(o, w.dequantize(o.dtype).view(self.n_groups, R, -1))
+        return torch.stack([ops.linear_fp8_weight(o[:, :, g], w.rows(g * R, (g + 1) * R))
+                            for g in range(self.n_groups)], dim=2)
 
     def forward(self, x: torch.Tensor, pos0: torch.Tensor | None = None,
                 cache: AttentionCache | None = None) -> torch.Tensor:
@@ -135,8 +149,7 @@ class Attention(nn.Module):
             o = self._cached(x, qr, q, kv, pos0, pos, cos, sin, cache)
         o = apply_rope_(o, cos, sin, inverse=True)  # V = K carries RoPE: rotate the output back
         o = o.reshape(B, S, self.n_groups, H * D // self.n_groups)
-        wo_a = self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1)
-        o = ops.grouped_linear(o, wo_a)                                       # [B, S, G, o_lora]
+        o = self._output_groups(o)                                            # [B, S, G, o_lora]
         out = self.wo_b(o.flatten(2))
         return out if self.output_reduce is None else self.output_reduce(out)
 

@@ -15,6 +15,7 @@ from torch import nn
 from .. import ops
 from .norm import Linear
 from ..quant import fp4_fake_quant, straight_through
+from ..quant.packed import FP4_GROUP, Fp4GroupWeight
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
@@ -74,18 +75,40 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w1.packed is not None:  # FP8 weights (native checkpoint): three weight-only GEMMs
+            return self.w2(ops.swiglu(self.w1(x), self.w3(x), self.swiglu_limit))
         return ops.swiglu_expert(x, self.w1.weight, self.w2.weight, self.w3.weight, self.swiglu_limit)
 
 
 class RoutedExperts(nn.Module):
     """All routed experts stacked ([E, F, C] / [E, C, F]) so they can run as one grouped GEMM and be
-    orthogonalised in one batched call; the checkpoint's per-expert tensors map onto slices."""
+    orthogonalised in one batched call; the checkpoint's per-expert tensors map onto slices. After `pack_fp4`
+    (inference on an FP4 checkpoint) they are held as the checkpoint's bytes instead: buffers `w1_q`, `w1_s`, ...
+    (e2m1 packed [E, F, C/2], UE8M0 [E, F, C/32])."""
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, inter_dim, dim))
+
+    def pack_fp4(self) -> None:
+        """Replace the three weight stacks by empty FP4 buffers on their device, for the loader to fill."""
+        for name in ("w1", "w2", "w3"):
+            w = getattr(self, name)
+            E, N, K = w.shape
+            if K % FP4_GROUP:
+                raise ValueError(f"pack_fp4: experts.{name} has K={K}, not a multiple of {FP4_GROUP}")
+            delattr(self, name)
+            self.register_buffer(f"{name}_q", torch.empty(E, N, K // 2, dtype=torch.uint8, device=w.device))
+            self.register_buffer(f"{name}_s", torch.empty(E, N, K // FP4_GROUP, dtype=torch.uint8, device=w.device))
+
+    @property
+    def packed(self) -> tuple[Fp4GroupWeight, Fp4GroupWeight, Fp4GroupWeight] | None:
+        """(w1, w2, w3) as FP4 weights after pack_fp4, else None."""
+        if "w1_q" not in self._buffers:
+            return None
+        return tuple(Fp4GroupWeight(self._buffers[f"{n}_q"], self._buffers[f"{n}_s"]) for n in ("w1", "w2", "w3"))
 
 
 class MoE(nn.Module):
@@ -105,8 +128,11 @@ class MoE(nn.Module):
                expert_offset: int = 0) -> torch.Tensor:
         """The routed experts this module holds, for tokens whose expert ids are local (global id - offset)."""
         e = self.experts
-        w1, w2, w3 = (fp4_weights(_local(w)) if self.qat else _local(w) for w in (e.w1, e.w2, e.w3))
         local = idx - expert_offset if expert_offset else idx  # (a subtraction of 0 is one more kernel per step)
+        packed = e.packed
+        if packed is not None:  # the checkpoint's FP4 bytes, dequantised inside the GEMMs
+            return ops.moe_experts_fp4(x, *packed, local, weights, self.swiglu_limit)
+        w1, w2, w3 = (fp4_weights(_local(w)) if self.qat else _local(w) for w in (e.w1, e.w2, e.w3))
         if x.is_cuda and x.dtype == torch.float32 and torch.is_autocast_enabled("cuda"):
             # fp32 activations under autocast meet the experts in the autocast dtype, as every other projection
             # does: bf16 grouped GEMMs rather than the reference's fp32 per-expert loop (which syncs with the host)

@@ -145,3 +145,32 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, *, backend: str | None = No
     """Each group through its own projection (attention's grouped low-rank output, wo_a per head group):
     x [B, S, G, I], w [G, R, I] -> [B, S, G, R] in x's dtype (under autocast, cast as autocast casts einsum)."""
     return _pick("grouped_linear", backend, x, w)(x, w)
+
+
+def linear_fp8_weight(x: torch.Tensor, w, *, backend: str | None = None) -> torch.Tensor:
+    """x @ w^T with w an Fp8BlockWeight (e4m3 [N, K], 128x128 UE8M0 scales) dequantised on the fly: [..., K] ->
+    [..., N] in x's dtype. See reference/packed.py."""
+    return _pick("linear_fp8_weight", backend, x, w)(x, w)
+
+
+def linear_fp4_weight(x: torch.Tensor, w, *, backend: str | None = None) -> torch.Tensor:
+    """x @ w^T with w an Fp4GroupWeight (e2m1 [N, K] packed two per byte, 1x32 UE8M0 scales): [..., K] -> [..., N]
+    in x's dtype. See reference/packed.py."""
+    return _pick("linear_fp4_weight", backend, x, w)(x, w)
+
+
+def linear_fp8_fp8(x: torch.Tensor, w, *, backend: str | None = None) -> torch.Tensor:
+    """The FP8 x FP8 product: x quantised to e4m3 per 1x128 block (power-of-two scales) times the Fp8BlockWeight
+    w, fp32 accumulation -> [..., N] in x's dtype. See reference/packed.py."""
+    return _pick("linear_fp8_fp8", backend, x, w)(x, w)
+
+
+def moe_experts_fp4(x: torch.Tensor, w1, w2, w3, idx: torch.Tensor, weights: torch.Tensor, swiglu_limit: float,
+                    *, backend: str | None = None) -> torch.Tensor:
+    """moe_experts over stacked Fp4GroupWeight experts (w1, w3 [E, F, C], w2 [E, C, F]) -> fp32 [N, C]."""
+    return _pick("moe_experts_fp4", backend, x, w1, w2, w3, idx)(x, w1, w2, w3, idx, weights, swiglu_limit)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, *, backend: str | None = None) -> torch.Tensor:
+    """silu(min(gate, limit)) * clamp(up, -limit, limit) in fp32 math, gate's dtype (limit 0: no clamp)."""
+    return _pick("swiglu", backend, gate)(gate, up, limit)

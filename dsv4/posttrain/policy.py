@@ -29,7 +29,7 @@ def load_policy(path: str | os.PathLike, device: str | torch.device = "auto",
         tokenizer = Tokenizer.from_dir(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no tokenizer.json; a policy needs its tokenizer next to the weights") from None
-    model = load_model(path, device=resolve_device(device), dtype=dtype).train()
+    model = load_model(path, device=resolve_device(device), dtype=dtype, weights="bf16").train()
     if tokenizer.vocab_size > model.config.vocab_size:
         raise CheckpointError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
                               f"vocab_size {model.config.vocab_size}")

@@ -75,3 +75,26 @@ def test_sharded_load_refuses_what_load_model_refuses(checkpoints, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match=r"gate_up_proj' has shape \(8, 257, 128\), expected \(8, 256, 128\)"):
         load_part(tmp_path, 2, 0, group=None, dtype=torch.float32)
+
+
+def test_native_rank_parts_hold_their_fp4_experts(tmp_path):
+    """weights="native": each rank keeps its own experts' FP4 bytes (the tensor-parallel FP8 layers dequantised),
+    and its routed experts compute what the rank's dequantised part computes."""
+    cfg = dsv4.ModelConfig.preset("tiny")
+    dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=6), tmp_path, dtype=torch.float32, expert_format="fp4",
+                    fp8_weights=True)
+    files = load_file(tmp_path / "model.safetensors")
+    world, per = 2, cfg.n_routed_experts // 2
+    x = torch.randn(5, cfg.dim, generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, per, (5, 2), generator=torch.Generator().manual_seed(1))
+    rw = torch.rand(5, 2, generator=torch.Generator().manual_seed(2))
+    for rank in range(world):
+        native = load_part(tmp_path, world, rank, group=None, dtype=torch.float32, weights="native")
+        plain = load_part(tmp_path, world, rank, group=None, dtype=torch.float32)
+        moe = native.layers[1].ffn
+        w1, w2, w3 = moe.experts.packed
+        assert w1.shape[0] == per and native.layers[1].attn.wq_a.packed is None
+        assert torch.equal(w2.data[1], files[f"layers.1.ffn.experts.{rank * per + 1}.w2.weight"].view(torch.uint8))
+        want = plain.layers[1].ffn.routed(x, idx + rank * per, rw, expert_offset=rank * per)
+        got = moe.routed(x, idx + rank * per, rw, expert_offset=rank * per)
+        assert ((got - want).norm() / want.norm()).item() < 1e-5

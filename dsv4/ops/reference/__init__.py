@@ -1,7 +1,8 @@
 """Plain-PyTorch specification of every op in dsv4.ops: fp32 inside, readable, never optimised. Registered as the
 "reference" backend, which takes every call (the last choice of `auto`)."""
 from ..dispatch import register
-from . import compressor, experts, indexer, linear, mhc, norm, rope, routing, sequence_attn, sinkhorn, sparse_attn
+from . import (compressor, experts, indexer, linear, mhc, norm, packed, rope, routing, sequence_attn, sinkhorn,
+               sparse_attn)
 
 IMPLEMENTATIONS = {
     "sparse_attn": sparse_attn.sparse_attn,
@@ -23,6 +24,11 @@ IMPLEMENTATIONS = {
     "moe_route": routing.moe_route,
     "moe_experts": experts.moe_experts,
     "swiglu_expert": experts.swiglu_expert,
+    "swiglu": packed.swiglu,
+    "linear_fp8_weight": packed.linear_fp8_weight,
+    "linear_fp4_weight": packed.linear_fp4_weight,
+    "linear_fp8_fp8": packed.linear_fp8_fp8,
+    "moe_experts_fp4": packed.moe_experts_fp4,
 }
 # the activation-dtype matmuls of the model's layers run under the caller's autocast, as nn.Linear and einsum do
 UNDER_AUTOCAST = {

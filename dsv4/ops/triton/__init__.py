@@ -2,7 +2,8 @@
 backend: `auto` picks them for the CUDA tensors each one's predicate accepts. Under TRITON_INTERPRET=1 they also
 run on the CPU (slowly), which is how CI checks their logic."""
 from ..dispatch import register
-from . import compressor, experts, indexer, linear, mhc, norm, rope, routing, sequence_attn, sinkhorn, sparse_attn
+from . import (compressor, experts, indexer, linear, mhc, norm, packed_experts, packed_linear, rope, routing,
+               sequence_attn, sinkhorn, sparse_attn)
 
 # op -> (implementation, predicate saying whether it takes these arguments)
 IMPLEMENTATIONS = {
@@ -23,6 +24,10 @@ IMPLEMENTATIONS = {
     "rms_norm": (norm.rms_norm, norm.supports),
     "linear_fp32": (linear.linear_fp32, linear.supports),
     "moe_route": (routing.moe_route, routing.supports),
+    "linear_fp8_weight": (packed_linear.linear_fp8_weight, packed_linear.supports),
+    "linear_fp4_weight": (packed_linear.linear_fp4_weight, packed_linear.supports_fp4),
+    "linear_fp8_fp8": (packed_linear.linear_fp8_fp8, packed_linear.supports_fp8_fp8),
+    "moe_experts_fp4": (packed_experts.moe_experts_fp4, packed_experts.supports),
 }
 
 for _op, (_fn, _supports) in IMPLEMENTATIONS.items():

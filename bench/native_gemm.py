@@ -1,0 +1,202 @@
+"""Native FP8 / FP4 weight GEMMs at decode sizes, side by side with bf16 torch.matmul in one run, against the copy
+bandwidth measured in the same run (issue 19: weight-only kernels >= 75% of copy bandwidth at M <= 16, grouped FP4
+MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantised reference).
+
+    python bench/native_gemm.py [--out results.json] [--ms 1,2,4,8,16,32,64]
+    python bench/native_gemm.py --tiny-cpu --out /tmp/smoke.json     # CPU smoke run (Triton interpreter)
+
+Each GPU case is timed as a CUDA graph that calls the op once on each of several copies of the weights (together
+larger than L2, so every call reads its weights from HBM, as decode does), divided by the copy count.
+Bandwidth = bytes the call must read or write (packed weights + scales, activations, output) / time.
+The results go to bench/results/<date>_<device>_<commit>_native_gemm.json unless --out names another file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if "--tiny-cpu" in sys.argv:  # the Triton interpreter must be chosen before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+
+from dsv4.ops.reference import packed as ref  # noqa: E402
+from dsv4.ops.triton import packed_experts, packed_linear  # noqa: E402
+from dsv4.quant.packed import Fp4GroupWeight, Fp8BlockWeight  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from provenance import record, result_path  # noqa: E402  (bench/provenance.py)
+
+# (name, N, K) at V4-Flash sizes: dim 4096, q_lora 1024, 64 heads x 512, 8 output groups of o_lora 1024, expert
+# inter 2048; FP8 layers as the checkpoint stores them, the routed experts' w1/w3 and w2 also as FP4
+FLASH_FP8 = [("attn.wq_a", 1024, 4096), ("attn.wq_b", 32768, 1024), ("attn.wkv", 512, 4096),
+             ("attn.wo_a (one group)", 1024, 4096), ("attn.wo_b", 4096, 8192), ("shared.w1/w3", 2048, 4096),
+             ("shared.w2", 4096, 2048)]
+FLASH_FP4 = [("expert.w1/w3", 2048, 4096), ("expert.w2", 4096, 2048)]
+FLASH_MOE = dict(E=256, C=4096, F=2048, k=6)
+TINY_FP8 = [("tiny", 96, 256)]
+TINY_FP4 = [("tiny", 64, 256)]
+TINY_MOE = dict(E=4, C=128, F=64, k=2)
+L2_FLUSH_BYTES = 256 << 20   # weight copies per timed graph: together at least this many bytes
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30)).item()
+
+
+def timed(fn, calls: int, on_gpu: bool, reps: int = 20) -> float:
+    """Milliseconds per fn(i), i over range(calls): a CUDA graph of all calls replayed (GPU), or wall time."""
+    if not on_gpu:
+        t = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        return (time.perf_counter() - t) * 1e3 / calls
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(calls):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(calls):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(dev: str, on_gpu: bool) -> float:
+    """GB/s of a large device copy (bytes read + written)."""
+    n = (1 << 30) if on_gpu else (1 << 22)
+    x = torch.empty(n, dtype=torch.uint8, device=dev)
+    y = torch.empty_like(x)
+    ms = timed(lambda i: y.copy_(x), 1, on_gpu)
+    return 2 * n / ms / 1e6
+
+
+def copies(make, nbytes: int, on_gpu: bool) -> list:
+    return [make(i) for i in range(max(1, -(-L2_FLUSH_BYTES // nbytes)) if on_gpu else 1)]
+
+
+def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbps: float) -> list[dict]:
+    out = []
+    g = torch.Generator().manual_seed(0)
+    for name, N, K in shapes:
+        w0 = torch.randn(N, K, generator=g) / K ** 0.5
+        packed = (Fp8BlockWeight if fmt == "fp8" else Fp4GroupWeight).quantize(w0)
+        packed = type(packed)(packed.data.to(dev), packed.scale.to(dev))
+        bf16 = packed.dequantize(torch.bfloat16)
+        ws = copies(lambda i: packed if i == 0 else type(packed)(packed.data.clone(), packed.scale.clone()),
+                    packed.nbytes, on_gpu)
+        bs = copies(lambda i: bf16 if i == 0 else bf16.clone(), bf16.numel() * 2, on_gpu)
+        kernel = packed_linear.linear_fp8_weight if fmt == "fp8" else packed_linear.linear_fp4_weight
+        for M in ms:
+            x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16 if on_gpu else torch.float32)
+            io = x.numel() * x.element_size() + M * N * x.element_size()
+            t_q = timed(lambda i: kernel(x, ws[i]), len(ws), on_gpu)
+            xb = x.to(torch.bfloat16) if on_gpu else x
+            t_b = timed(lambda i: torch.matmul(xb, bs[i].T.to(xb.dtype)), len(bs), on_gpu)
+            err = rel_l2(kernel(x, packed), ref.linear_fp8_weight(x.float(), packed) if fmt == "fp8"
+                         else ref.linear_fp4_weight(x.float(), packed))
+            row = {"case": f"{fmt} {name}", "fmt": fmt, "M": M, "N": N, "K": K,
+                   "packed_ms": t_q, "bf16_matmul_ms": t_b, "speedup_vs_bf16": t_b / t_q,
+                   "packed_gbps": (packed.nbytes + io) / t_q / 1e6, "bf16_gbps": (N * K * 2 + io) / t_b / 1e6,
+                   "rel_l2_vs_reference": err}
+            row["packed_frac_copy_bw"] = row["packed_gbps"] / copy_gbps
+            row["bf16_frac_copy_bw"] = row["bf16_gbps"] / copy_gbps
+            if fmt == "fp8" and on_gpu and packed_linear.has_e4m3(x.device):
+                # the same kernel with the integer bit decode (what sm_80 runs), and the FP8 x FP8 product
+                t_bits = timed(lambda i: kernel(x, ws[i], native_fp8=False), len(ws), on_gpu)
+                t_ff = timed(lambda i: packed_linear.linear_fp8_fp8(x, ws[i]), len(ws), on_gpu)
+                row.update(bitdecode_ms=t_bits, bitdecode_frac_copy_bw=(packed.nbytes + io) / t_bits / 1e6 / copy_gbps,
+                           fp8xfp8_ms=t_ff, fp8xfp8_frac_copy_bw=(packed.nbytes + io) / t_ff / 1e6 / copy_gbps,
+                           fp8xfp8_rel_l2_vs_reference=rel_l2(packed_linear.linear_fp8_fp8(x, packed),
+                                                              ref.linear_fp8_fp8(x, packed)))
+            out.append(row)
+            print(f"{row['case']:28s} M={M:3d}  packed {t_q * 1e3:8.1f} us {row['packed_frac_copy_bw']:6.1%} of copy"
+                  f"  bf16 {t_b * 1e3:8.1f} us {row['bf16_frac_copy_bw']:6.1%}  x{row['speedup_vs_bf16']:.2f}"
+                  f"  rel-L2 {err:.1e}" + (f"  | bit-decode {row['bitdecode_frac_copy_bw']:6.1%}  fp8xfp8 "
+                                           f"{row['fp8xfp8_frac_copy_bw']:6.1%}" if "fp8xfp8_ms" in row else ""),
+                  flush=True)
+    return out
+
+
+def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps: float) -> list[dict]:
+    """The grouped FP4 experts against the bf16 experts (dsv4.ops.moe_experts, as the bf16 model runs them) on
+    the same routings; each timed graph calls them on `ROUTINGS` different random routings, so that the experts one
+    call reads are not still in L2 from the call before."""
+    from dsv4 import ops
+    E, C, F, k = shape["E"], shape["C"], shape["F"], shape["k"]
+    g = torch.Generator().manual_seed(1)
+    w1, w3 = (Fp4GroupWeight.quantize(torch.randn(E, F, C, generator=g) / C ** 0.5) for _ in range(2))
+    w2 = Fp4GroupWeight.quantize(torch.randn(E, C, F, generator=g) / F ** 0.5)
+    w1, w2, w3 = (Fp4GroupWeight(w.data.to(dev), w.scale.to(dev)) for w in (w1, w2, w3))
+    b1, b2, b3 = (torch.stack([w[e].dequantize(torch.bfloat16) for e in range(E)]) for w in (w1, w2, w3))
+    expert_bytes = w1[0].nbytes + w2[0].nbytes + w3[0].nbytes
+    calls = 8 if on_gpu else 1
+    out = []
+    for N in tokens:
+        x = torch.randn(N, C, generator=g).to(dev, torch.bfloat16 if on_gpu else torch.float32)
+        idxs = [torch.rand(N, E, generator=g).argsort(-1)[:, :k].to(dev) for _ in range(calls)]
+        rw = torch.rand(N, k, generator=g).to(dev)
+        active = sum(i.unique().numel() for i in idxs) / calls
+        per_expert = max(torch.bincount(i.flatten().cpu(), minlength=E).max().item() for i in idxs)
+        t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
+        t_b = timed(lambda i: ops.moe_experts(x.to(b1.dtype), b1, b2, b3, idxs[i], rw, 10.0), calls, on_gpu)
+        got = packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0)
+        want = ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0)
+        io = x.numel() * x.element_size() + N * C * 4
+        row = {"case": "fp4 grouped moe", "tokens": N, "E": E, "C": C, "F": F, "k": k,
+               "active_experts": active, "max_tokens_per_expert": per_expert, "ms": t, "bf16_ms": t_b,
+               "speedup_vs_bf16": t_b / t, "gbps": (active * expert_bytes + io) / t / 1e6,
+               "bf16_gbps": (active * 3 * F * C * 2 + io) / t_b / 1e6,
+               "rel_l2_vs_dequantised_reference": rel_l2(got, want)}
+        row["frac_copy_bw"] = row["gbps"] / copy_gbps
+        row["bf16_frac_copy_bw"] = row["bf16_gbps"] / copy_gbps
+        out.append(row)
+        print(f"fp4 moe N={N:5d} active={active:5.1f} max/expert={per_expert:3d}  {t * 1e3:8.1f} us "
+              f"{row['frac_copy_bw']:6.1%} of copy  bf16 {t_b * 1e3:8.1f} us {row['bf16_frac_copy_bw']:6.1%}  "
+              f"x{row['speedup_vs_bf16']:.2f}  rel-L2 {row['rel_l2_vs_dequantised_reference']:.1e}", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", help="JSON path (default: bench/results/<date>_<device>_<commit>_native_gemm.json)")
+    ap.add_argument("--ms", default="1,2,4,8,16,32,64", help="activation rows (decode batch sizes)")
+    ap.add_argument("--moe-tokens", default="1,8,64,512,2048", help="tokens through the grouped FP4 MoE "
+                    "(2048 tokens x 6 of 256 experts: ~48 per expert)")
+    ap.add_argument("--tiny-cpu", action="store_true", help="smoke run: tiny shapes in the Triton interpreter")
+    args = ap.parse_args()
+    on_gpu = torch.cuda.is_available() and not args.tiny_cpu
+    if not on_gpu and not args.tiny_cpu:
+        raise SystemExit("no CUDA GPU: run with --tiny-cpu for the CPU smoke run")
+    dev = "cuda" if on_gpu else "cpu"
+    ms = [1, 3] if args.tiny_cpu else [int(m) for m in args.ms.split(",")]
+    moe_tokens = [1, 5] if args.tiny_cpu else [int(n) for n in args.moe_tokens.split(",")]
+    copy_gbps = copy_bandwidth(dev, on_gpu)
+    print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
+    results = (gemm_cases(FLASH_FP8 if on_gpu else TINY_FP8, "fp8", ms, dev, on_gpu, copy_gbps)
+               + gemm_cases(FLASH_FP4 if on_gpu else TINY_FP4, "fp4", ms, dev, on_gpu, copy_gbps)
+               + moe_cases(FLASH_MOE if on_gpu else TINY_MOE, moe_tokens, dev, on_gpu, copy_gbps))
+    doc = {**record(dev), "copy_gbps": copy_gbps, "tiny_cpu": args.tiny_cpu, "results": results}
+    path = args.out or result_path("native_gemm", device=dev)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

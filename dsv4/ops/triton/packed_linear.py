@@ -1,0 +1,279 @@
+"""Weight-only GEMMs over the checkpoint's own formats: x (bf16) @ w^T with w FP8 e4m3 (128x128 UE8M0 tiles) or
+FP4 e2m1 (two per byte, 1x32 UE8M0 groups), read as bytes and dequantised in registers. Decode is bound by the
+weight bytes read, so reading 1 (FP8) or 0.5 (FP4) byte per weight instead of bf16's 2 is the whole point.
+
+The bytes are decoded by integer arithmetic, not by a float8 type (sm80 has none in Triton), so the same kernels
+run on any GPU and in the interpreter: the sign, exponent and mantissa bits move into an fp16 (a few masks and
+shifts), which holds the value times a power of two exactly, subnormals included; that power of two joins the
+scale. Every weight value is exact in bf16 (e4m3 has 3 mantissa bits, e2m1
+one), so the tensor-core products are exact and the sums run in fp32. FP8 tiles are scaled after their partial
+product (one scale per 128 K values and 128 rows); FP4 groups of 32 are scaled in registers before it.
+
+On sm_89+ the FP8 weight kernel uses the hardware's e4m3 conversion instead (`native_fp8`), and `linear_fp8_fp8`
+multiplies e4m3 activations (quantised per 1x128 block in the kernel, as the official inference does) by the
+e4m3 weights on the FP8 tensor cores.
+
+Layouts: x [M, K] (rows contiguous); FP8 data [N, K] bytes, scale [ceil(N/128), ceil(K/128)]; FP4 data [N, K/2]
+bytes (low nibble = even k), scale [N, K/32]. Few rows (decode) split K across programs so that enough of them
+stream the weight; the fp32 partial sums are added afterwards.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...quant.packed import FP8_BLOCK, Fp4GroupWeight, Fp8BlockWeight
+from ..reference import packed as ref
+from .launch import falls_back_to, interpreted, multiprocessors
+
+FP4_STEP = 128  # K values per FP4 loop step: 64 bytes per row, 4 scale groups
+
+
+@triton.jit
+def e4m3_as_fp16(b):
+    """e4m3fn bytes (int32 0..255) -> fp16 holding 2^-8 times their values, exactly: sign, exponent and mantissa
+    bits move into an fp16's (same mantissa alignment, exponent bias 15 instead of 7), and e4m3's subnormals land
+    on fp16 subnormals, which conversions keep. Five integer operations per byte; callers fold the 2^8 into the
+    scale. (0x7F / 0xFF, NaN in e4m3, do not occur in weights.)"""
+    return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def e2m1_as_fp16(c):
+    """e2m1 codes (int32 0..15) -> fp16 holding 2^-14 times their values (0, .5, 1, 1.5, 2, 3, 4, 6; bit 3 the
+    sign), exactly, as e4m3_as_fp16 does (exponent bias 15 instead of 1)."""
+    return (((c & 8) << 12) | ((c & 7) << 9)).to(tl.uint16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def e4m3_values(b):
+    """e4m3fn bytes (int32) -> fp32 values."""
+    return e4m3_as_fp16(b).to(tl.float32) * 256.0
+
+
+@triton.jit
+def ue8m0_values(s):
+    """UE8M0 bytes (int32) -> 2^(s - 127) in fp32 (from the exponent bits; byte 0 gives 0, never stored)."""
+    return (s << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.constexpr):
+    """One FP4 K step of rows rn: the even-k and odd-k weights [BLOCK_N, 64] (scaled, in DT) of the bytes
+    kh0 .. kh0+63 (k = 2 * byte and 2 * byte + 1). The bytes are read as [BLOCK_N, 4, 16] so that each group of
+    16 bytes (32 values) meets its one scale by broadcasting."""
+    g = kh0 // 16 + tl.arange(0, 4)
+    j = tl.arange(0, 16)
+    byte = (kh0 + tl.arange(0, 4) * 16)[None, :, None] + j[None, None, :]           # [1, 4, 16]
+    m3 = nmask[:, None, None] & (byte < HALF)
+    b = tl.load(w_ptr + rn.to(tl.int64)[:, None, None] * rs_w + byte, mask=m3, other=0).to(tl.int32)
+    sc = tl.load(s_ptr + rn.to(tl.int64)[:, None] * rs_s + g[None, :], mask=nmask[:, None] & (g[None, :] < GROUPS),
+                 other=0).to(tl.int32)
+    s = ue8m0_values(sc + 14)[:, :, None]       # 2^(scale - 127) * 2^14 (scale bytes stay far below 241)
+    lo = tl.reshape(e2m1_as_fp16(b & 0xF).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
+    hi = tl.reshape(e2m1_as_fp16(b >> 4).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
+    return lo, hi
+
+
+@triton.jit
+def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, rs_w, rs_s,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask, mmask = rn < N, rm < M
+    DT = tl.float32 if IEEE else x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    kb0 = pid_s * KB_PER
+    for kb in range(kb0, tl.minimum(kb0 + KB_PER, KB)):
+        rk = kb * 128 + tl.arange(0, 128)
+        kmask = rk < K
+        a = tl.load(x_ptr + rm.to(tl.int64)[:, None] * rs_x + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(DT)
+        b = tl.load(w_ptr + rn.to(tl.int64)[:, None] * rs_w + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0)
+        if NATIVE_FP8:  # sm_89+: the hardware's e4m3 conversion
+            w = b.to(tl.float8e4nv, bitcast=True).to(DT)
+        else:           # 2^-8 times the values: the 2^8 joins the tile scale below
+            w = e4m3_as_fp16(b.to(tl.int32)).to(DT)
+        if IEEE:  # the interpreter: the same exact products as fp32 FMAs (its bf16 dot is unreliable)
+            part = tl.dot(a, tl.trans(w), input_precision="ieee")
+        else:
+            part = tl.dot(a, tl.trans(w))
+        s = ue8m0_values(tl.load(s_ptr + (rn // 128) * rs_s + kb, mask=nmask, other=0).to(tl.int32))
+        if not NATIVE_FP8:
+            s = s * 256.0
+        acc += part * s[None, :]
+    out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, STEPS, STEPS_PER, rs_x, rs_w, rs_s,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask, mmask = rn < N, rm < M
+    DT = tl.float32 if IEEE else x_ptr.dtype.element_ty
+    HALF = K // 2
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    st0 = pid_s * STEPS_PER
+    for st in range(st0, tl.minimum(st0 + STEPS_PER, STEPS)):
+        kh0 = st * 64
+        kk = 2 * (kh0 + tl.arange(0, 64))                                       # the even k of each byte
+        am = mmask[:, None] & (kk[None, :] < K)
+        xrow = x_ptr + rm.to(tl.int64)[:, None] * rs_x + kk[None, :]
+        a_even = tl.load(xrow, mask=am, other=0.0).to(DT)
+        a_odd = tl.load(xrow + 1, mask=am, other=0.0).to(DT)
+        lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, K // 32, rs_w, rs_s, DT)
+        if IEEE:
+            acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
+            acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_even, tl.trans(lo), acc)
+            acc = tl.dot(a_odd, tl.trans(hi), acc)
+    out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def pow2_scale(amax):
+    """(s, 1/s) with s = 2^ceil(log2(amax)) for positive fp32 amax, from the exponent and mantissa bits (exact,
+    where a log2 approximation could miss an exact power of two)."""
+    bits = amax.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return (e << 23).to(tl.float32, bitcast=True), ((254 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_round(v):
+    """fp32 v (|v| <= 448) rounded to the nearest e4m3 value, ties to even, in fp32: v's binade quantum is
+    2^(exponent - 3) (2^-9 below the normal range), and v / quantum is rounded by the 1.5 * 2^23 trick. Done
+    arithmetically because the interpreter's fp32 -> e4m3 conversion misrounds at binade edges."""
+    e = tl.maximum((v.to(tl.int32, bitcast=True) >> 23) & 0xFF, 121) - 3
+    quantum = (e << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - e) << 23).to(tl.float32, bitcast=True)
+    return ((v * inv + 12582912.0) - 12582912.0) * quantum
+
+
+@triton.jit
+def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, rs_w, rs_s,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask, mmask = rn < N, rm < M
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    kb0 = pid_s * KB_PER
+    for kb in range(kb0, tl.minimum(kb0 + KB_PER, KB)):
+        rk = kb * 128 + tl.arange(0, 128)
+        kmask = rk < K
+        a = tl.load(x_ptr + rm.to(tl.int64)[:, None] * rs_x + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        # 1x128 activation quantisation: power-of-two scale of the row's block amax (at least 1e-4) / 448
+        sa, inv = pow2_scale(tl.maximum(tl.max(tl.abs(a), 1), 1e-4) / 448.0)
+        q = e4m3_round(tl.minimum(tl.maximum(a * inv[:, None], -448.0), 448.0))
+        b = tl.load(w_ptr + rn.to(tl.int64)[:, None] * rs_w + rk[None, :], mask=nmask[:, None] & kmask[None, :],
+                    other=0)
+        if IEEE:
+            part = tl.dot(q, tl.trans(e4m3_values(b.to(tl.int32))), input_precision="ieee")
+        else:  # e4m3 x e4m3 tensor-core products (exact: q holds e4m3 values), fp32 sums
+            part = tl.dot(q.to(tl.float8e4nv), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
+        sw = ue8m0_values(tl.load(s_ptr + (rn // 128) * rs_s + kb, mask=nmask, other=0).to(tl.int32))
+        acc += part * sa[:, None] * sw[None, :]
+    out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
+    tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
+
+
+def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, K steps per program, num_warps). Few rows (decode): one row tile of 16-64 rows (each
+    weight byte is decoded once) and K split until about four programs per SM stream the weight; many rows
+    (prefill): 64/128-row tiles, whole K per program."""
+    if M <= 64:
+        bm, bn = min(64, max(16, triton.next_power_of_2(M))), 64
+        tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+        split = max(1, min(steps, (4 * multiprocessors(device)) // max(tiles, 1)))
+        return bm, bn, triton.cdiv(steps, split), 4
+    bm = 64 if M <= 256 else 128
+    return bm, 128, steps, 8 if bm == 128 else 4
+
+
+def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None, **flags) -> torch.Tensor:
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_zeros(*x.shape[:-1], N)
+    bm, bn, per, warps = config or gemm_config(M, N, steps, x.device)
+    split = triton.cdiv(steps, per)
+    data, scale = _rows_contiguous(w.data), _rows_contiguous(w.scale)
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm), split)](
+        x2, data, scale, part, M, N, K, steps, per, x2.stride(0), data.stride(0), scale.stride(0), BLOCK_M=bm,
+        BLOCK_N=bn, IEEE=interpreted(), num_warps=warps, num_stages=4 if M <= 64 else 3, **flags)
+    out = part[0] if split == 1 else part.sum(0)
+    return out.to(x.dtype).view(*x.shape[:-1], N)
+
+
+@falls_back_to(ref.linear_fp8_weight)
+def linear_fp8_weight(x: torch.Tensor, w: Fp8BlockWeight, config=None, native_fp8: bool | None = None
+                      ) -> torch.Tensor:
+    """Same contract as ops.reference.packed.linear_fp8_weight. `config` (BLOCK_M, BLOCK_N, K blocks per
+    program, warps) overrides gemm_config (benchmark sweeps); `native_fp8` decodes the bytes with the GPU's e4m3
+    conversion instead of bit arithmetic (default: where the GPU has one, sm_89+)."""
+    N, K = w.shape
+    _check(x, K)
+    if native_fp8 is None:
+        native_fp8 = has_e4m3(x.device)
+    return _launch(_fp8_weight_kernel, x, w, N, K, triton.cdiv(K, FP8_BLOCK), config, NATIVE_FP8=native_fp8)
+
+
+@falls_back_to(ref.linear_fp8_fp8)
+def linear_fp8_fp8(x: torch.Tensor, w: Fp8BlockWeight, config=None) -> torch.Tensor:
+    """Same contract as ops.reference.packed.linear_fp8_fp8: x quantised per 1x128 block in the kernel, e4m3 x
+    e4m3 tensor-core products (sm_89+; the interpreter runs the same arithmetic in fp32)."""
+    N, K = w.shape
+    _check(x, K)
+    return _launch(_fp8_fp8_kernel, x, w, N, K, triton.cdiv(K, FP8_BLOCK), config)
+
+
+def has_e4m3(device: torch.device) -> bool:
+    """The GPU converts e4m3 in hardware (sm_89+); False on the CPU (interpreter)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@falls_back_to(ref.linear_fp4_weight)
+def linear_fp4_weight(x: torch.Tensor, w: Fp4GroupWeight, config=None) -> torch.Tensor:
+    """Same contract as ops.reference.packed.linear_fp4_weight (w 2-D: one FP4 matrix)."""
+    if len(w.shape) != 2:
+        raise ValueError(f"linear_fp4_weight takes one FP4 matrix [N, K], got {w.shape}")
+    N, K = w.shape
+    _check(x, K)
+    return _launch(_fp4_weight_kernel, x, w, N, K, triton.cdiv(K, FP4_STEP), config)
+
+
+def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """t with unit stride along its last dim (the kernels take a row stride, so a row slice stays a view)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _check(x: torch.Tensor, K: int) -> None:
+    if x.shape[-1] != K:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes K={K}")
+
+
+def supports(x: torch.Tensor, w) -> bool:
+    """bf16 activations on a GPU, no autograd (the packed weights are inference-only)."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and w.device == x.device and x.numel() > 0
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
+def supports_fp8_fp8(x: torch.Tensor, w) -> bool:
+    return supports(x, w) and has_e4m3(x.device)
+
+
+def supports_fp4(x: torch.Tensor, w) -> bool:
+    return supports(x, w) and len(w.shape) == 2

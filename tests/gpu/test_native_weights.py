@@ -1,0 +1,82 @@
+"""Native FP8/FP4 weights on a GPU (skipped without CUDA): the default for a quantised checkpoint, logits close to
+the dequantised model's, the packed Triton kernels serving the calls, CUDA-graph capture of a decode step, and the
+peak memory while loading against the loaded footprint."""
+import pytest
+import torch
+
+import dsv4
+from dsv4 import ops
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    path = tmp_path_factory.mktemp("official")
+    cfg = dsv4.ModelConfig.preset("tiny").replace(o_lora_rank=128)
+    dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=3), path, dtype=torch.bfloat16, expert_format="fp4",
+                    fp8_weights=True)
+    return path
+
+
+def test_native_is_the_default_and_matches_bf16(official):
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    native = dsv4.load_model(official, device="cuda")
+    held = torch.cuda.memory_allocated() - before
+    peak = torch.cuda.max_memory_allocated() - before
+    assert native.layers[0].attn.wq_a.packed is not None
+    assert peak <= 1.1 * held, f"loading peaked at {peak} bytes for a {held}-byte model"
+    plain = dsv4.load_model(official, device="cuda", weights="bf16")
+    tokens = torch.randint(0, native.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    with torch.no_grad():
+        a, b = native(tokens).float(), plain(tokens).float()
+    rel = ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()
+    assert rel < 2e-2, f"worst per-position relative error {rel:.2e}"
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.95
+
+
+def test_packed_ops_pick_triton_on_cuda(official):
+    from dsv4.ops.dispatch import _pick
+    from dsv4.ops.triton import packed_experts, packed_linear
+    model = dsv4.load_model(official, device="cuda")
+    w = model.layers[0].attn.wq_a.packed
+    x = torch.randn(3, w.shape[1], device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert _pick("linear_fp8_weight", None, x, w) is packed_linear.linear_fp8_weight
+        got = ops.linear_fp8_weight(x, w)
+        want = ops.linear_fp8_weight(x, w, backend="reference")
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+    experts = model.layers[1].ffn.experts.packed
+    assert _pick("moe_experts_fp4", None, x[:, :experts[0].shape[2]], *experts, None) is \
+        packed_experts.moe_experts_fp4
+
+
+def test_packed_kernels_capture_in_a_cuda_graph(official):
+    """Decode runs from CUDA graphs: the packed GEMMs and the FP4 experts must not sync with the host."""
+    model = dsv4.load_model(official, device="cuda")
+    w = model.layers[0].attn.wq_a.packed
+    w1, w2, w3 = model.layers[1].ffn.experts.packed
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, w.shape[1], generator=g).to("cuda", torch.bfloat16)
+    idx = torch.randint(0, w1.shape[0], (2, 2), generator=g).cuda()
+    rw = torch.rand(2, 2, generator=g).cuda()
+
+    def step():
+        return ops.linear_fp8_weight(x, w), ops.moe_experts_fp4(x, w1, w2, w3, idx, rw, 7.0)
+
+    with torch.no_grad():
+        eager = step()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    for a, b in zip(out, eager):
+        assert torch.equal(a, b)

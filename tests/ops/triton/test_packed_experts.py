@@ -1,0 +1,52 @@
+"""ops/triton/packed_experts.py (grouped FP4 experts) against ops/reference/packed.py: decode-sized batches, an
+expert with more than one 16-row tile, unused experts, and the SwiGLU clamp."""
+import json
+
+import pytest
+import torch
+
+from dsv4.ops.reference.packed import moe_experts_fp4 as ref_moe
+from dsv4.ops.triton.packed_experts import moe_experts_fp4 as tri_moe
+from dsv4.quant.packed import Fp4GroupWeight
+
+from .device import DEV, DT, INTERPRETED, TOL, gen, randn, rel_err
+
+
+def _experts(E, F, C, g):
+    w1, w3 = (Fp4GroupWeight.quantize(torch.randn(E, F, C, generator=g) / C ** 0.5) for _ in range(2))
+    w2 = Fp4GroupWeight.quantize(torch.randn(E, C, F, generator=g) / F ** 0.5)
+    return [Fp4GroupWeight(w.data.to(DEV), w.scale.to(DEV)) for w in (w1, w2, w3)]
+
+
+@pytest.mark.parametrize("N, C, F, E, k, limit", [(1, 64, 96, 8, 3, 7.0), (19, 128, 64, 3, 2, 0.0)],
+                         ids=["decode", "multi-tile"])
+def test_fp4_experts(N, C, F, E, k, limit):
+    g = gen()
+    w1, w2, w3 = _experts(E, F, C, g)
+    x = randn(N, C, g=g, dtype=DT)
+    idx = torch.rand(N, E, generator=g).argsort(-1)[:, :k].to(DEV)
+    rw = torch.rand(N, k, generator=g).to(DEV)
+    got = tri_moe(x, w1, w2, w3, idx, rw, limit)
+    want = ref_moe(x.double(), w1, w2, w3, idx, rw.double(), limit)
+    assert got.dtype == torch.float32 and got.shape == (N, C)
+    assert rel_err(got, want) < TOL * 10
+
+
+def test_gpu_variants_are_recorded(_launches):
+    """The GPU variant (bf16 rows, tensor-core dots) of each interpreted launch, compiled by the next test (on a
+    GPU the kernels ran natively and nothing was recorded)."""
+    if not INTERPRETED:
+        pytest.skip("the kernels ran natively on this GPU")
+    for launch in list(_launches.values()):
+        if launch.get("constexprs", {}).get("IEEE"):
+            variant = json.loads(json.dumps(launch))
+            variant["constexprs"]["IEEE"] = False
+            variant["signature"] = {k: ("*bf16" if k in ("x_ptr", "h_ptr", "y_ptr") else v)
+                                    for k, v in variant["signature"].items()}
+            _launches[json.dumps(variant, sort_keys=True)] = variant
+    for key in [k for k, v in _launches.items() if v.get("constexprs", {}).get("IEEE")]:
+        del _launches[key]  # the interpreter's fp32 variants: the GPU never runs them
+
+
+def test_launches_build_for_gpus(native_build):
+    native_build()

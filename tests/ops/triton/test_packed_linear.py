@@ -1,0 +1,100 @@
+"""ops/triton/packed_linear.py (weight-only GEMMs over FP8 / FP4 bytes) against ops/reference/packed.py, at odd
+row counts, K tails and split-K."""
+import json
+
+import pytest
+import torch
+
+from dsv4.ops.reference import packed as ref
+from dsv4.ops.triton import packed_linear as tri
+from dsv4.quant.packed import Fp4GroupWeight, Fp8BlockWeight
+
+from .device import DEV, DT, INTERPRETED, TOL, gen, randn, rel_err
+
+
+
+def _to(w):
+    return type(w)(w.data.to(DEV), w.scale.to(DEV))
+
+
+@pytest.mark.parametrize("M, N, K, config", [(5, 130, 200, None), (3, 64, 384, (16, 32, 1, 4)), (70, 40, 128, None)],
+                         ids=["tails", "split-k", "prefill"])
+def test_fp8_weight_gemm(M, N, K, config):
+    g = gen()
+    w = _to(Fp8BlockWeight.quantize(torch.randn(N, K, generator=g)))
+    x = randn(M, K, g=g, dtype=DT)
+    got = tri.linear_fp8_weight(x, w, config)
+    want = ref.linear_fp8_weight(x.double(), w)          # float64 products of the exactly dequantised weight
+    assert got.shape == (M, N) and got.dtype == x.dtype
+    assert rel_err(got, want) < TOL
+
+
+@pytest.mark.parametrize("M, N, K, config", [(7, 33, 96, None), (1, 64, 512, (16, 32, 1, 4))],
+                         ids=["tails", "split-k"])
+def test_fp4_weight_gemm(M, N, K, config):
+    g = gen(1)
+    w = _to(Fp4GroupWeight.quantize(torch.randn(N, K, generator=g)))
+    x = randn(2, M, K, g=g, dtype=DT)                       # leading dims are flattened
+    got = tri.linear_fp4_weight(x, w, config)
+    assert got.shape == (2, M, N)
+    assert rel_err(got, ref.linear_fp4_weight(x.double(), w)) < TOL
+
+
+def test_every_code_decodes():
+    """All 254 finite e4m3 bytes (subnormals included) and all 16 e2m1 codes under the scales: a one-hot x
+    reads single weights back, which must equal the exact dequantisation."""
+    b = torch.arange(256, dtype=torch.uint8)
+    b[(b & 0x7F) == 0x7F] = 0
+    w8 = _to(Fp8BlockWeight(b.view(1, 256), torch.tensor([[120, 131]], dtype=torch.uint8)))
+    w4 = _to(Fp4GroupWeight(b.view(2, 128), torch.tensor([[100, 110, 120, 127, 130, 140, 150, 160]] * 2,
+                                                          dtype=torch.uint8)))
+    for w, kernel in ((w8, tri.linear_fp8_weight), (w4, tri.linear_fp4_weight)):
+        K = w.shape[1]
+        eye = torch.eye(K, device=DEV, dtype=torch.float32)      # fp32 rows: each weight is exact
+        assert torch.equal(kernel(eye, w).T, w.dequantize()), kernel.__name__
+
+
+def test_fp8_weight_hardware_decode():
+    """The e4m3-conversion decode of the FP8 bytes (sm_89+; the other tests run the integer decode)."""
+    g = gen(2)
+    w = _to(Fp8BlockWeight.quantize(torch.randn(40, 256, generator=g)))
+    x = randn(1, 256, g=g, dtype=DT)
+    got = tri.linear_fp8_weight(x, w, native_fp8=True)
+    assert rel_err(got, ref.linear_fp8_weight(x.double(), w)) < TOL
+
+
+@pytest.mark.parametrize("M, N, K", [(5, 130, 300)])
+def test_fp8_fp8_gemm(M, N, K):
+    """In-kernel 1x128 activation quantisation + e4m3 products against the reference recipe; activations spread
+    over decades so the blocks' scales differ."""
+    g = gen(3)
+    w = _to(Fp8BlockWeight.quantize(torch.randn(N, K, generator=g)))
+    x = (torch.randn(M, K, generator=g) * torch.logspace(-3, 2, K)).to(DEV, DT)
+    got = tri.linear_fp8_fp8(x, w)
+    assert rel_err(got, ref.linear_fp8_fp8(x.double(), w)) < TOL
+
+
+def test_gpu_variants_are_recorded(_launches):
+    """The interpreter runs the IEEE (fp32) variants; add each launch's GPU variant (bf16 activations, tensor-core
+    dots) so that the next test compiles those instead: one per kernel and set of flags (the shapes do not change
+    which code compiles). On a GPU the kernels ran natively and nothing was recorded."""
+    if not INTERPRETED:
+        pytest.skip("the kernels ran natively on this GPU")
+    seen = set()
+    for launch in list(_launches.values()):
+        flags = launch.get("constexprs", {})
+        key = (launch["kernel"], json.dumps(flags, sort_keys=True))
+        if "IEEE" not in flags or key in seen:
+            continue
+        seen.add(key)
+        variant = json.loads(json.dumps(launch))
+        variant["constexprs"]["IEEE"] = False
+        variant["signature"] = {k: ("*bf16" if k == "x_ptr" else v) for k, v in variant["signature"].items()}
+        _launches[json.dumps(variant, sort_keys=True)] = variant
+    for key in [k for k, v in _launches.items() if v.get("constexprs", {}).get("IEEE")]:
+        del _launches[key]  # the interpreter's fp32 variants: the GPU never runs them
+    assert any(not v["constexprs"].get("IEEE", True) for v in _launches.values())
+
+
+def test_launches_build_for_gpus(native_build):
+    native_build()
