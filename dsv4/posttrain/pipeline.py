@@ -25,14 +25,15 @@ import torch
 from ..config import ModelConfig
 from ..errors import InvalidArgument
 from ..generate.chat import encode_chat
+from ..generate.sampling import SamplingConfig
 from ..model import Transformer
 from ..train.metrics import read_metrics
-from .chat_rollout import rollout
 from .curves import plot_metrics
 from .distill import DistillConfig
 from .distill_run import make_envs, run_distill
 from .envs.base import Environment
 from .policy import load_policy, save_policy
+from .rollout import SAMPLERS, rollout
 
 __all__ = ["PipelineConfig", "run_pipeline", "evaluate", "demonstrations"]
 
@@ -101,8 +102,8 @@ def evaluate(model_dir: str, envs: Mapping[str, Environment], n: int, max_new_to
     model, tokenizer = load_policy(model_dir, device)
     out = {}
     for name, env in envs.items():
-        trajs = rollout(model, tokenizer, env.heldout(n), envs, max_new_tokens=max_new_tokens, temperature=0.0,
-                        seed=0, thinking=thinking)
+        trajs = rollout(model, tokenizer, env.heldout(n), envs, group_size=1, sampling=SamplingConfig(temperature=0.0),
+                        max_new_tokens=max_new_tokens, thinking=thinking, sampler="direct")
         out[name] = sum(t.reward.correct for t in trajs) / max(len(trajs), 1)
     return out
 
@@ -198,6 +199,8 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     table = {name: evaluate(path, envs, cfg.eval_problems, cfg.max_new_tokens, cfg.thinking, device)
              for name, path in checkpoints.items()}
     summary = {"config": dataclasses.asdict(cfg), "accuracy": table, "seconds": stages.seconds,
+               "grpo_reward": {d: grpo_reward_change(read_metrics(os.path.join(os.path.dirname(p), "metrics.jsonl")))
+                               for d, p in specialists.items()},
                "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -207,8 +210,20 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     return summary
 
 
+def grpo_reward_change(rows: Sequence[dict]) -> dict[str, float]:
+    """A GRPO run's mean rollout reward over its first and its last steps (a window of a fifth of the steps, 1 to
+    5), so one noisy batch does not decide whether reward rose; {} for a run without step rows."""
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    if not rewards:
+        return {}
+    k = max(1, min(5, len(rewards) // 5))
+    return {"start": sum(rewards[:k]) / k, "end": sum(rewards[-k:]) / k, "window": k, "steps": len(rewards)}
+
+
 def summary_table(summary: dict) -> str:
-    """Markdown: one row per stage, held-out accuracy per domain and the stage's wall time."""
+    """Markdown: one row per stage, held-out accuracy per domain and the stage's wall time; then per domain the
+    claim of the pipeline: SFT -> specialist -> OPD student held-out accuracy, the student's fraction of its
+    teacher's, and the specialist's GRPO rollout reward at the start and the end of training."""
     table, seconds = summary["accuracy"], summary["seconds"]
     domains = list(next(iter(table.values())))
     lines = ["| stage | " + " | ".join(domains) + " | time (s) |",
@@ -217,7 +232,23 @@ def summary_table(summary: dict) -> str:
         t = seconds.get(stage)
         lines.append(f"| {stage} | " + " | ".join(f"{acc[d]:.3f}" for d in domains) +
                      f" | {'' if t is None else f'{t:.0f}'} |")
+    rewards = summary.get("grpo_reward", {})
+    if not any(f"grpo-{d}" in table for d in domains):
+        return "\n".join(lines)
+    lines += ["", "| domain | SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end |",
+              "|---|---:|---:|---:|---:|---|"]
+    for d in domains:
+        spec = table.get(f"grpo-{d}", {}).get(d)
+        sft_acc, opd = table.get("sft", {}).get(d), table.get("opd", {}).get(d)
+        ratio = "" if spec is None or opd is None or spec == 0 else f"{opd / spec:.2f}"
+        r = rewards.get(d) or {}
+        change = f"{r['start']:.3f} -> {r['end']:.3f}" if r else ""
+        lines.append(f"| {d} | {_cell(sft_acc)} | {_cell(spec)} | {_cell(opd)} | {ratio} | {change} |")
     return "\n".join(lines)
+
+
+def _cell(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
 
 
 def _plot(out: str, domains: list[str], table: Mapping[str, Mapping[str, float]],
