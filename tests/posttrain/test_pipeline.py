@@ -63,8 +63,11 @@ def test_summary_table_states_the_claim_per_domain():
     """The second table: SFT -> specialist -> OPD per domain, the student's fraction of its teacher, and the
     specialist's GRPO reward at the start and the end."""
     text = summary_table({"accuracy": {"sft": {"math": 0.25}, "grpo-math": {"math": 0.5}, "opd": {"math": 0.4}},
-                          "seconds": {}, "grpo_reward": {"math": {"start": 0.125, "end": 0.5}}})
-    assert text.splitlines()[-1] == "| math | 0.250 | 0.500 | 0.400 | 0.80 | 0.125 -> 0.500 |"
+                          "seconds": {}, "grpo_reward": {"math": {"start": 0.125, "end": 0.5, "window": 3}},
+                          "config": {"eval_problems": 64, "grpo_pool": 128}})
+    lines = text.splitlines()
+    assert "| math | 0.250 | 0.500 | 0.400 | 0.80 | 0.125 -> 0.500 |" in lines
+    assert "the first 64 problems" in text and "last 3 steps, on a fixed pool of 128 training problems" in lines[-1]
 
 
 def test_grpo_reward_change_averages_a_window_at_each_end():
