@@ -1,11 +1,12 @@
 """The whole post-training pipeline at tiny scale: base, SFT, GRPO specialists, OPD student, off-policy baseline.
 
-    dsv4 posttrain --out runs/posttrain                  # tiny, on the CPU, about ten minutes on two cores
+    dsv4 posttrain --out runs/posttrain                  # tiny, on the CPU: about 8 minutes on one thread
     dsv4 posttrain --out runs/pt --env math,instruct --grpo-steps 40 --opd-steps 40
     dsv4 posttrain --out runs/pt --only opd,offpolicy    # rerun the distillation stages on the earlier ones
 
 Each stage writes OUT/<stage>/ (metrics.jsonl, its plot, final/); OUT/summary.md is the held-out accuracy of
-every stage per domain with each stage's time; OUT/accuracy.png, reward.png and distill.png draw them.
+every stage per domain with each stage's time, then per domain SFT -> specialist -> OPD student and the GRPO
+rollout reward at the start and the end; OUT/accuracy.png, reward.png and distill.png draw them.
 """
 from __future__ import annotations
 

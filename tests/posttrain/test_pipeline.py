@@ -83,6 +83,10 @@ def test_grpo_reward_change_averages_a_window_at_each_end():
 def test_bad_config_is_refused():
     with pytest.raises(InvalidArgument, match="sft_steps"):
         PipelineConfig(sft_steps=0).check()
+    with pytest.raises(InvalidArgument, match="grpo_pool"):
+        PipelineConfig(grpo_pool=-1).check()
+    with pytest.raises(InvalidArgument, match="sampler"):
+        PipelineConfig(sampler="vllm").check()
 
 
 @pytest.mark.slow
