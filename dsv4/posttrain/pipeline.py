@@ -68,8 +68,8 @@ class PipelineConfig:
     opd_batch_prompts: int = 16
     off_policy_baseline: bool = True
     optimizer: str = "adamw"              # every stage's; Muon's Newton-Schulz is half a tiny CPU step's time
-    sampler: str = "direct"               # GRPO's rollouts (rollout.py): the direct sampler is ~8x the engine's
-                                          # speed for this model on a CPU (the engine prefills each sample alone)
+    sampler: str = "direct"               # GRPO's rollouts (rollout.py): 256 tiny-model rollouts take 0.8 s on
+                                          # the direct sampler, 7.6 s on the engine (which prefills each alone)
     max_new_tokens: int = 24
     eval_problems: int = 64               # held-out problems per domain for the summary table
     seed: int = 0

@@ -56,3 +56,11 @@ def test_rollout_on_the_direct_sampler_is_laid_out_and_seeded():
     assert [t.tokens for t in rollout(model, tok, problems, {"toy": env}, seed=2, **kw)] != [t.tokens for t in trajs]
     with pytest.raises(InvalidArgument, match="records no routing"):
         rollout(model, tok, problems, {"toy": env}, record_routing=True, **kw)
+
+
+def test_grpo_refuses_routing_replay_on_the_direct_sampler():
+    from dsv4.posttrain.grpo import GRPOConfig
+    with pytest.raises(InvalidArgument, match="routing replay"):
+        GRPOConfig(sampler="direct", routing_replay=True)
+    with pytest.raises(InvalidArgument, match="sampler"):
+        GRPOConfig(sampler="vllm")
