@@ -4,9 +4,10 @@ Samples come from one of two samplers (`sampler`): "engine", the batched serving
 (`rollout_engine.RolloutEngine`: the serve `Engine` reporting the log-probability of the distribution each token
 was drawn from; built without batch invariance, so on a CPU the rows decode in one batch: a sample may then
 depend on its neighbours in the last bits, which sampling does not need to exclude), or "direct"
-(direct_sampler.py: the model and its KV cache in one batch, prefilling contexts of one length together, several
-times faster for a tiny model on a CPU). Both report the same log-probabilities; GRPO, distillation and the
-pipeline's evaluation all sample through `rollout`, so they share its prompt encoding, parsing and scoring. A trajectory's tokens are the prompt in the official V4 chat encoding, then per turn the
+(direct_sampler.py: the model and its KV cache in one batch, prefilling contexts of one length together: 256
+tiny-model rollouts in 0.8 s on a CPU where the engine takes 7.6 s). Both report the same log-probabilities;
+GRPO, distillation and the pipeline's evaluation all sample through `rollout`, so they share its prompt encoding,
+parsing and scoring. A trajectory's tokens are the prompt in the official V4 chat encoding, then per turn the
 sampled completion (policy_mask 1, with the sampler's log-probability) and, when the turn calls tools and turns
 remain, the environment's tool results rendered in the same encoding with the next assistant opener
 (policy_mask 0).
