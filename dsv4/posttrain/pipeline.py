@@ -56,8 +56,9 @@ class PipelineConfig:
     # GRPO: small steps over many rollouts, on a fixed pool of problems. At 4 prompts x 8 a step's gradient is
     # mostly noise, which AdamW turns into steps of size lr on every weight: at lr 1e-3 math fell from 0.11 to
     # 0.06. On fresh problems (each seen about once) 32 x 8 at lr 5e-5 to 2e-4 left the rollout reward flat
-    # (0.25 -> 0.26 over 40 steps); on a pool of 64 (each seen ~20 times) at 1e-4 it rose 0.23 -> 0.32 with
-    # held-out math unchanged (0.26 -> 0.27 on 256 problems); a pool of 128 at 2e-4 rose less and lost held-out.
+    # (0.25 -> 0.26 over 40 steps); on a pool of 64 (each seen ~20 times) at 1e-4 it rose 0.25 -> 0.34 (seed 0)
+    # and 0.24 -> 0.36 (seed 1). What it learns there is the pool's: held-out math (256 problems) stayed at the
+    # SFT model's 0.26 with seed 0 and fell to 0.21 with seed 1; a pool of 128 at 2e-4 rose less and lost more.
     grpo_steps: int = 40
     grpo_lr: float = 1e-4
     grpo_generations: int = 8
