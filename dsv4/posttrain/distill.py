@@ -35,12 +35,14 @@ from ..model import Transformer
 from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizers, lr_at
 from ..train.progress import Progress
-from .chat_rollout import rollout
+from ..generate.sampling import SamplingConfig
+from .rollout import rollout
 from .envs.base import Environment, Problem
 from .reverse_kl import DEFAULT_CHUNK, policy_positions, reverse_kl
 from .trajectory import Trajectory
 
-__all__ = ["DistillConfig", "DistillDiverged", "distill", "Batch", "make_batch", "opd_loss", "ce_loss", "mtp_sums", "heldout_eval", "domain_schedule"]
+__all__ = ["DistillConfig", "DistillDiverged", "distill", "Batch", "make_batch", "opd_loss", "ce_loss", "mtp_sums",
+           "heldout_eval", "domain_schedule", "sample_trajectories"]
 
 
 class DistillDiverged(RuntimeError):
@@ -218,8 +220,7 @@ def heldout_eval(student: Transformer, teachers: Mapping[str, Transformer], toke
         problems = env.heldout(n)
         if not problems:
             continue
-        trajs = rollout(student, tokenizer, problems, envs, max_new_tokens=cfg.max_new_tokens, temperature=0.0,
-                        seed=cfg.seed, thinking=cfg.thinking)
+        trajs = sample_trajectories(student, tokenizer, problems, envs, cfg, temperature=0.0, seed=cfg.seed)
         out[f"heldout_acc/{domain}"] = _mean([float(t.reward.correct) for t in trajs])
         out[f"heldout_reward/{domain}"] = _mean([t.reward.score for t in trajs])
         out[f"heldout_len/{domain}"] = _mean([float(sum(t.policy_mask)) for t in trajs])
@@ -327,12 +328,21 @@ def _sample(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
             problems: list[Problem], envs: Mapping[str, Environment], cfg: DistillConfig, seed: int
             ) -> list[Trajectory]:
     """OPD: the student writes every completion. Off-policy: each domain's teacher writes its problems'."""
-    kw = dict(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, thinking=cfg.thinking)
     if not cfg.off_policy:
-        return rollout(student, tokenizer, problems, envs, seed=seed, **kw)
+        return sample_trajectories(student, tokenizer, problems, envs, cfg, cfg.temperature, seed)
     out: list[Trajectory | None] = [None] * len(problems)
     for d in dict.fromkeys(p.domain for p in problems):
         idx = [i for i, p in enumerate(problems) if p.domain == d]
-        for i, t in zip(idx, rollout(teachers[d], tokenizer, [problems[i] for i in idx], envs, seed=seed, **kw)):
+        picked = [problems[i] for i in idx]
+        for i, t in zip(idx, sample_trajectories(teachers[d], tokenizer, picked, envs, cfg, cfg.temperature, seed)):
             out[i] = t
     return out  # type: ignore[return-value]
+
+
+def sample_trajectories(model: Transformer, tokenizer: Tokenizer, problems: Sequence[Problem],
+                        envs: Mapping[str, Environment], cfg: DistillConfig, temperature: float, seed: int
+                        ) -> list[Trajectory]:
+    """One trajectory per problem from `model`, scored by its domain's environment: GRPO's rollouts (rollout.py)
+    on the direct sampler, one completion each."""
+    return rollout(model, tokenizer, problems, envs, group_size=1, sampling=SamplingConfig(temperature=temperature),
+                   max_new_tokens=cfg.max_new_tokens, thinking=cfg.thinking, seed=seed, sampler="direct")

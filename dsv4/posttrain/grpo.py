@@ -3,7 +3,7 @@ policy-gradient steps over the rollout batch (docs: dsv4/posttrain/grpo_loss.py 
 
 One step:
   1. `batch_prompts` problems, drawn round-robin from the environments (seeded), G rollouts each on the serving
-     engine (rollout.py), rewards and group-normalised advantages;
+     engine (or with sampler="direct" the direct sampler; rollout.py), rewards and group-normalised advantages;
   2. the training forward's log-probabilities of the sampled tokens before any update: `old_logp` of the ratio,
      and the train-vs-rollout drift, mean |train logp - rollout logp| over the policy tokens (the numerical gap
      between the sampler and the trainer, which routing replay closes for the routing part);
@@ -35,7 +35,7 @@ from ..train.optim import build_optimizers
 from .envs.base import Environment
 from .grpo_loss import LOSS_TYPES, GRPOLossConfig, group_advantages, grpo_loss
 from .logprobs import pad_batch, token_logprobs
-from .rollout import rollout
+from .rollout import SAMPLERS, rollout
 from .trajectory import Trajectory
 
 __all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "evaluate_greedy", "plot_rewards",
@@ -63,6 +63,7 @@ class GRPOConfig:
     top_p: float = 1.0
     thinking: bool = False
     routing_replay: bool = False
+    sampler: str = "engine"           # rollout.py's: "engine" (the serving engine) or "direct" (no routing replay)
     eval_every: int = 0               # 0: only at the start and the end
     eval_problems: int = 32           # held-out problems per environment
     seed: int = 0
@@ -80,6 +81,10 @@ class GRPOConfig:
             raise InvalidArgument(f"GRPO lr={self.lr}: must be > 0")
         if not self.temperature > 0:
             raise InvalidArgument(f"GRPO temperature={self.temperature}: must be > 0 (rollouts sample)")
+        if self.sampler not in SAMPLERS:
+            raise InvalidArgument(f"GRPO sampler={self.sampler!r}: must be one of {SAMPLERS}")
+        if self.sampler == "direct" and self.routing_replay:
+            raise InvalidArgument("GRPO routing replay records the routing on the engine: use sampler='engine'")
         if self.minibatches > self.batch_prompts * self.num_generations:
             raise InvalidArgument(f"GRPO minibatches={self.minibatches}: more than the "
                                   f"{self.batch_prompts * self.num_generations} trajectories of a step")
@@ -106,7 +111,7 @@ def _policy_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def evaluate_greedy(model, tokenizer, envs: Mapping[str, Environment], n: int, max_new_tokens: int,
-                    thinking: bool = False) -> dict[str, float]:
+                    thinking: bool = False, sampler: str = "engine") -> dict[str, float]:
     """Held-out accuracy (fraction fully correct) and mean reward per environment, greedy decoding."""
     out = {}
     was_training = model.training
@@ -116,7 +121,7 @@ def evaluate_greedy(model, tokenizer, envs: Mapping[str, Environment], n: int, m
             problems = env.heldout(n)
             trajs = rollout(model, tokenizer, problems, {p.domain: env for p in problems}, group_size=1,
                             sampling=SamplingConfig(temperature=0.0), max_new_tokens=max_new_tokens,
-                            thinking=thinking)
+                            thinking=thinking, sampler=sampler)
             out[f"eval_acc/{name}"] = sum(t.reward.correct for t in trajs) / len(trajs)
             out[f"eval_reward/{name}"] = sum(t.reward.score for t in trajs) / len(trajs)
     finally:
@@ -230,7 +235,7 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
 
     def run_eval(step: int) -> None:
         row = {"step": step, **evaluate_greedy(model, tokenizer, envs, cfg.eval_problems, cfg.max_new_tokens,
-                                               cfg.thinking)}
+                                               cfg.thinking, cfg.sampler)}
         row["eval_acc"] = sum(v for k, v in row.items() if k.startswith("eval_acc/")) / len(envs)
         result.evals.append(row)
         record(row)
@@ -245,7 +250,7 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
         trajs = rollout(model, tokenizer, problems, {p.domain: env for p, env in zip(problems, drawn)},
                         group_size=G, sampling=cfg.sampling(), max_new_tokens=cfg.max_new_tokens,
                         thinking=cfg.thinking, record_routing=cfg.routing_replay,
-                        seed=cfg.seed * 1_000_003 + step)
+                        seed=cfg.seed * 1_000_003 + step, sampler=cfg.sampler)
         t_roll = time.perf_counter() - t0
         stats = train_on_batch(model, optimizers, params, trajs, cfg, ref_model, seed=cfg.seed * 7919 + step)
         rewards = torch.tensor([t.reward.score for t in trajs])

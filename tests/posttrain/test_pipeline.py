@@ -8,7 +8,8 @@ import random
 import pytest
 
 from dsv4.errors import InvalidArgument
-from dsv4.posttrain.pipeline import PipelineConfig, _Stages, build_base, demonstrations, run_pipeline, summary_table
+from dsv4.posttrain.pipeline import (PipelineConfig, _Stages, build_base, demonstrations, grpo_reward_change,
+                                    run_pipeline, summary_table)
 
 
 class _Env:
@@ -58,9 +59,34 @@ def test_summary_table_has_a_row_per_stage_and_a_column_per_domain():
     assert lines[2] == "| sft | 0.250 | 0.500 | 12 |" and lines[3] == "| opd | 0.750 | 1.000 |  |"
 
 
+def test_summary_table_states_the_claim_per_domain():
+    """The second table: SFT -> specialist -> OPD per domain, the student's fraction of its teacher, and the
+    specialist's GRPO reward at the start and the end."""
+    text = summary_table({"accuracy": {"sft": {"math": 0.25}, "grpo-math": {"math": 0.5}, "opd": {"math": 0.4}},
+                          "seconds": {}, "grpo_reward": {"math": {"start": 0.125, "end": 0.5, "window": 3}},
+                          "config": {"eval_problems": 64, "grpo_pool": 128}})
+    lines = text.splitlines()
+    assert "| math | 0.250 | 0.500 | 0.400 | 0.80 | 0.125 -> 0.500 |" in lines
+    assert "the first 64 problems" in text and "last 3 steps, on a fixed pool of 128 training problems" in lines[-1]
+
+
+def test_grpo_reward_change_averages_a_window_at_each_end():
+    rows = [{"step": 0, "eval_acc": 0.1}] + [{"step": i + 1, "reward": float(i)} for i in range(20)]
+    change = grpo_reward_change(rows)
+    k = change["window"]
+    assert k == 4 and change["steps"] == 20                  # a fifth of 20 steps
+    assert change["start"] == sum(range(k)) / k and change["end"] == sum(range(20 - k, 20)) / k
+    assert grpo_reward_change([{"step": 1, "reward": 0.5}]) == {"start": 0.5, "end": 0.5, "window": 1, "steps": 1}
+    assert grpo_reward_change([{"step": 0, "eval_acc": 0.1}]) == {}
+
+
 def test_bad_config_is_refused():
     with pytest.raises(InvalidArgument, match="sft_steps"):
         PipelineConfig(sft_steps=0).check()
+    with pytest.raises(InvalidArgument, match="grpo_pool"):
+        PipelineConfig(grpo_pool=-1).check()
+    with pytest.raises(InvalidArgument, match="sampler"):
+        PipelineConfig(sampler="vllm").check()
 
 
 @pytest.mark.slow
@@ -72,6 +98,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     stages = ["base", "sft", "grpo-math", "grpo-instruct", "opd", "offpolicy"]
     assert list(summary["accuracy"]) == stages
     assert all(0 <= a <= 1 for acc in summary["accuracy"].values() for a in acc.values())
+    assert set(summary["grpo_reward"]) == {"math", "instruct"} and summary["grpo_reward"]["math"]["steps"] == 1
     for name in ("summary.md", "summary.json", "accuracy.png", "reward.png", "distill.png"):
         assert os.path.getsize(tmp_path / name) > 0
     for stage in stages[1:]:

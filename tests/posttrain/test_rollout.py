@@ -81,3 +81,17 @@ def test_unparseable_completion_gets_zero_reward(monkeypatch):
     [t] = rollout(None, tok, env.heldout(1), {"toy": env}, group_size=1, sampling=SamplingConfig(),
                   max_new_tokens=8, thinking=True)
     assert t.reward.score == 0.0 and not t.reward.correct and "unparseable" in t.reward.info["error"]
+
+
+def test_cut_off_completion_is_scored_as_it_stands(monkeypatch):
+    """A completion the token budget ended (no EOS) is parsed as if it ended there and earns what its text earns."""
+    tok = toy_tokenizer()
+    ids = tok.encode("aaaa")
+
+    def fake(model, tokenizer, contexts, params, eos, **kw):
+        return [Sampled(list(ids), [-0.5] * len(ids), "length") for _ in contexts]
+    monkeypatch.setattr(rollout_mod, "sample_turn", fake)
+    env = LetterEnv()
+    [t] = rollout(None, tok, env.heldout(1), {"toy": env}, group_size=1, sampling=SamplingConfig(),
+                  max_new_tokens=len(ids))
+    assert t.turns[-1]["content"] == "aaaa" and t.reward.score == 1.0
