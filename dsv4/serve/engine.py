@@ -8,7 +8,8 @@ step runs, in order:
   3. prefill: pending prompts advance by whole chunks under `step_token_budget` tokens per step (the oldest
      request first; a step always runs at least one chunk). Chunk boundaries are fixed by the request alone
      (every `prefill_chunk` tokens from where its prefill starts, plus the prefix cache's save boundaries), the
-     boundaries `dsv4.generate` uses, so a prompt's arithmetic never depends on what else is queued. A prompt
+     boundaries `dsv4.generate` uses, so a prompt's arithmetic never depends on what else is queued. A chunk
+     runs on its request's row alone, so it uses the fastest kernels even with `batch_invariant` on. A prompt
      whose last chunk runs samples its first token at once;
   4. decode: every decoding row gets one token. A forward advances every row of its cache view, so a view never
      covers a row still prefilling; free rows inside a view are fed a dummy token and are reset before they are
@@ -361,11 +362,12 @@ class Engine:
         row, view, stop = req.row, self.cache.select(req.row), req.stops[0]
         ids = torch.tensor([req.prompt[req.done:stop]], dtype=torch.long, device=self.device)
         try:
-            with self._invariant():
-                if self.spec is not None:
-                    logits = self.spec.extend(row, req.prompt[req.done:stop]).unsqueeze(0)
-                else:
-                    logits = self.model(ids, cache=view, last_only=True)[:, -1]
+            # (a chunk runs on its request's row alone, in shapes the request fixes: batch-invariant kernels
+            # would change nothing but its speed)
+            if self.spec is not None:
+                logits = self.spec.extend(row, req.prompt[req.done:stop]).unsqueeze(0)
+            else:
+                logits = self.model(ids, cache=view, last_only=True)[:, -1]
         except Exception as e:
             self._fail([row], e)
             return False
