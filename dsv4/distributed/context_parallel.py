@@ -33,22 +33,25 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, after: torch.Tensor, group):
-        ctx.group = group
+        ctx.group, ctx.shape, ctx.like = group, t.shape, dict(dtype=t.dtype, device=t.device)
+        ctx.set_materialize_grads(False)
         world = dist.get_world_size(group)
         out = t.new_empty((world * t.shape[0], *t.shape[1:]))     # ranks stacked along dim 0, as gloo wants it
         dist.all_gather_into_tensor(out, t.contiguous(), group=group)
         return out.view(world, *t.shape), t.new_zeros(())
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _):
-        grad = grad.contiguous()
+    def backward(ctx, grad: torch.Tensor | None, _token):
+        world = dist.get_world_size(ctx.group)
+        local = grad is None
+        grad = torch.zeros((world, *ctx.shape), **ctx.like) if local else grad.contiguous()
         if dist.get_backend(ctx.group) == "nccl":
             mine = grad.new_empty(grad.shape[1:])
             dist.reduce_scatter_tensor(mine, grad, group=ctx.group)
         else:  # gloo has no reduce-scatter
             dist.all_reduce(grad, group=ctx.group)
             mine = grad[dist.get_rank(ctx.group)]
-        return mine, grad.new_zeros(()), None
+        return _unless_none(mine, local), grad.new_zeros(()), None
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -57,16 +60,24 @@ class _AllReduceSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor, after: torch.Tensor, group):
-        ctx.group = group
+        ctx.group, ctx.shape, ctx.like = group, t.shape, dict(dtype=t.dtype, device=t.device)
+        ctx.set_materialize_grads(False)
         out = t.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(out, group=group)
         return out, t.new_zeros(())
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _):
-        grad = grad.clone(memory_format=torch.contiguous_format)
+    def backward(ctx, grad: torch.Tensor | None, _token):
+        local = grad is None
+        grad = torch.zeros(ctx.shape, **ctx.like) if local else grad.clone(memory_format=torch.contiguous_format)
         dist.all_reduce(grad, group=ctx.group)
-        return grad, grad.new_zeros(()), None
+        return _unless_none(grad, local), grad.new_zeros(()), None
+
+
+def _unless_none(grad: torch.Tensor, local_none: bool) -> torch.Tensor | None:
+    """A gradient that no rank has (a backward pass reached the collective through the order tokens alone, e.g.
+    the indexer's KL loss, which trains the indexer only) stays None: the model behind it gets no zero gradients."""
+    return None if local_none and not grad.any() else grad
 
 
 class _Ordered:

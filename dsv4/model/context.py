@@ -42,6 +42,9 @@ class SequenceContext(Protocol):
     def positions(self, n_local: int, device: torch.device | str | None = None) -> torch.Tensor:
         """[n_local] int64: the global position of each local row."""
 
+    def shard_positions(self, total: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The global positions this process holds of sequences of `total` positions (its forward's rows)."""
+
     def rows_before(self, x: torch.Tensor, rows: int) -> list[torch.Tensor]:
         """x: [B, n_local, ...] local rows -> per piece, the `rows` rows of the whole sequence just before its
         start ([B, min(rows, start), ...]; fewer at the sequence start). Differentiable."""
