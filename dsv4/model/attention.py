@@ -18,6 +18,7 @@ from ..cache.step_memo import shared
 from ..config import ModelConfig
 from ..quant.packed import FP8_BLOCK
 from .compressor import Compressor, quantize_entries
+from .context import LocalPieces, SequenceContext
 from .indexer import Indexer
 from .norm import Linear, RMSNorm
 from .rope import apply_rope_, rope_angles, rope_frequencies
@@ -83,6 +84,8 @@ class Attention(nn.Module):
         self.recomputed = False  # set by Transformer.set_activation_checkpointing
         # placement hook (dsv4.distributed): sums the output projection over tensor-parallel head shards
         self.output_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        # placement hook (dsv4.distributed.context_parallel): this process holds pieces of the sequences
+        self.sequence_context: SequenceContext | None = None
 
         self.attn_sink = nn.Parameter(torch.zeros(cfg.n_heads))
         self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
@@ -128,20 +131,23 @@ class Attention(nn.Module):
         """x: [B, S, C] (attn_norm output); row b holds positions pos0[b].. (None: 0) -> [B, S, C]."""
         B, S, _ = x.shape
         H, D = self.n_heads, self.head_dim
-        if pos0 is None:
-            pos0 = torch.zeros(B, dtype=torch.long, device=x.device)
-        pos = shared(pos0, ("pos", S), lambda: pos0.unsqueeze(1) + torch.arange(S, device=x.device))  # [B, S]
-        cos, sin = shared(pos0, ("rope", S, self._rope), lambda: rope_angles(pos, self.freqs))  # [B, S, rd/2]
+        if self.sequence_context is not None:  # pieces of longer sequences: their global positions
+            if cache is not None or pos0 is not None:
+                raise ValueError("context parallelism runs whole-sequence forwards: no cache, no start positions")
+            pos = self.sequence_context.positions(S, x.device).expand(B, S)                      # [B, S]
+            cos, sin = rope_angles(pos, self.freqs)
+        else:
+            if pos0 is None:
+                pos0 = torch.zeros(B, dtype=torch.long, device=x.device)
+            pos = shared(pos0, ("pos", S), lambda: pos0.unsqueeze(1) + torch.arange(S, device=x.device))  # [B, S]
+            cos, sin = shared(pos0, ("rope", S, self._rope), lambda: rope_angles(pos, self.freqs))  # [B, S, rd/2]
 
         qr = self.q_norm(self.wq_a(x))                                        # [B, S, q_lora]
         if torch.is_grad_enabled():  # training: norm, then rope
             q = apply_rope_(ops.rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps), cos, sin)
-            kv = apply_rope_(self.kv_norm(self.wkv(x)), cos, sin)
-        else:  # inference: each norm with its rope in one op
+        else:  # inference: the norm with its rope in one op
             q = ops.rms_norm(self.wq_b(qr).view(B, S, H, D), None, self.eps, rope=(cos, sin))   # [B, S, H, D]
-            kv = ops.rms_norm(self.wkv(x), self.kv_norm.weight, self.kv_norm.eps, rope=(cos, sin))  # [B, S, D]
-        if self.quant_sim:
-            kv = quantize_entries(kv, self.rope_dim, rotate=False)
+        kv = self._kv(x, cos, sin)                                            # [B, S, D]
 
         if cache is None:
             o = self._sequence(x, qr, q, kv, pos, cos, sin)
@@ -153,19 +159,42 @@ class Attention(nn.Module):
         out = self.wo_b(o.flatten(2))
         return out if self.output_reduce is None else self.output_reduce(out)
 
+    def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The shared K=V head of rows x [B, S, C] at angles cos, sin -> [B, S, D]."""
+        if torch.is_grad_enabled():  # training: norm, then rope
+            kv = apply_rope_(self.kv_norm(self.wkv(x)), cos, sin)
+        else:  # inference: the norm with its rope in one op
+            kv = ops.rms_norm(self.wkv(x), self.kv_norm.weight, self.kv_norm.eps, rope=(cos, sin))
+        return quantize_entries(kv, self.rope_dim, rotate=False) if self.quant_sim else kv
+
+    def _rows_before(self) -> int:
+        """Input rows before a piece that its attention needs: the window's W-1, the compressor's unfinished
+        group (m-1) and, overlapping, the group before it (2m-1 in all)."""
+        need = self.window_size - 1
+        if self.ratio:
+            need = max(need, 2 * self.ratio - 1 if self.compressor.overlap else self.ratio - 1)
+        return need
+
     def _sequence(self, x, qr, q, kv, pos, cos, sin) -> torch.Tensor:
-        """Whole sequences from position 0: block-local window + masked dense compressed entries."""
+        """Whole sequences from position 0: block-local window + masked dense compressed entries. Under context
+        parallelism x holds pieces of them (dsv4.model.context): the entries come from every piece."""
+        ctx = self.sequence_context
+        pieces = None if ctx is None else LocalPieces.exchange(ctx, x, self._rows_before())
         entries = mask = scores = None
         if self.ratio:
-            zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            entries = self.compressor(x, zeros, self.freqs, self.quant_sim).entries    # [B, N, D]
+            if pieces is None:
+                zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+                entries = self.compressor(x, zeros, self.freqs, self.quant_sim).entries    # [B, N, D]
+            else:
+                entries = pieces.entries(self.compressor, x, self.freqs, self.quant_sim)   # [B, N, D] all pieces'
             j = torch.arange(entries.shape[1], device=x.device)
             mask = j < ((pos + 1) // self.ratio).unsqueeze(-1)                          # [B, S, N] visible
             if self.kind == "csa" and (self.sparse or self.indexer_loss):
                 # the indexer learns only from its KL loss: its inputs are detached
                 inputs = (x.detach(), qr.detach()) if self.indexer_loss else (x, qr)
+                local = () if pieces is None else (pieces.detached() if self.indexer_loss else pieces,)
                 with torch.set_grad_enabled(self.indexer_loss and torch.is_grad_enabled()):
-                    scores = self.indexer.sequence_scores(*inputs, cos, sin, self.freqs)
+                    scores = self.indexer.sequence_scores(*inputs, cos, sin, self.freqs, *local)
                 if self.sparse:
                     chosen = topk_mask(scores.detach(), mask, self.indexer.topk)
                     if self.indexer.replay is not None:
@@ -173,10 +202,33 @@ class Attention(nn.Module):
                     mask = mask & chosen
         # (a sequence shorter than one group has no entry: no attention mass to match, no KL)
         want = scores is not None and self.indexer_loss and entries.shape[1] > 0
-        o, mass = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
-                                    return_entry_probs=want, recomputed=self.recomputed)
-        self.indexer_kl = indexer_kl(scores, mass, mask) if want else None
+        if pieces is None:
+            o, mass = ops.sequence_attn(q, kv, entries, mask, self.attn_sink, self.softmax_scale, self.window_size,
+                                        return_entry_probs=want, recomputed=self.recomputed)
+        else:
+            o, mass = self._pieces_attn(q, kv, entries, mask, want, pieces)
+        self.indexer_kl = indexer_kl(scores, mass, mask, None if ctx is None else ctx.sum) if want else None
         return o
+
+    def _pieces_attn(self, q, kv, entries, mask, want: bool, pieces: LocalPieces):
+        """sequence_attn per piece, the K=V rows before it in front: the window of its first queries reaches
+        into them. Those rows get queries too (zeros), whose outputs are dropped: the window's mask is relative, so
+        the op runs as on a sequence starting P rows before the piece."""
+        B, _, H, D = q.shape
+        outs, masses = [], []
+        for p, before in zip(pieces.pieces, pieces.before):
+            P = before.shape[1]
+            at = (p.start - P + torch.arange(P, device=q.device)).expand(B, P)
+            kv_before = self._kv(before, *rope_angles(at, self.freqs))                  # [B, P, D]
+            sl = slice(p.offset, p.offset + p.length)
+            q_ext = torch.cat((q.new_zeros(B, P, H, D), q[:, sl]), 1)
+            m_ext = None if mask is None else torch.cat((mask.new_zeros(B, P, mask.shape[-1]), mask[:, sl]), 1)
+            o, mass = ops.sequence_attn(q_ext, torch.cat((kv_before, kv[:, sl]), 1), entries, m_ext, self.attn_sink,
+                                        self.softmax_scale, self.window_size, return_entry_probs=want,
+                                        recomputed=self.recomputed)
+            outs.append(o[:, P:])
+            masses.append(mass[:, P:] if want else None)
+        return torch.cat(outs, 1), (torch.cat(masses, 1) if want else None)
 
     def _cached(self, x, qr, q, kv, pos0, pos, cos, sin, cache) -> torch.Tensor:
         """Continue cached sequences: index lists into [earlier window rows | chunk rows | entries], or for one
@@ -232,16 +284,21 @@ def replayed_mask(chosen: torch.Tensor, ids: torch.Tensor, known: torch.Tensor) 
     return torch.where(known.unsqueeze(-1), given, chosen)
 
 
-def indexer_kl(scores: torch.Tensor, entry_mass: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def indexer_kl(scores: torch.Tensor, entry_mass: torch.Tensor, mask: torch.Tensor,
+               total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """KL(target || softmax(indexer scores)) over the entries a query attends to
     (docs/architecture.md#indexer-training).
 
     target: the main attention's probability on those entries within its joint softmax, summed over heads
-    (`entry_mass` [B, S, N]) and normalised (no gradient). Queries that attend to no entry are skipped."""
+    (`entry_mass` [B, S, N]) and normalised (no gradient). Queries that attend to no entry are skipped.
+    total: sums over the holders of the sequences' other queries (context parallelism): the mean is theirs too."""
     target = entry_mass.detach() * mask                                              # [B, S, N]
     mass = target.sum(-1, keepdim=True)
     live = (mass.squeeze(-1) > 0).float()  # a weighted mean, not kl[live]: no host sync (CUDA graphs)
     target = target / mass.clamp(min=1e-30)
     logq = torch.log_softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
     kl = (target * (torch.log(target.clamp(min=1e-30)) - logq.masked_fill(~mask, 0.0))).sum(-1)
-    return (kl * live).sum() / live.sum().clamp(min=1.0)
+    kl_sum, n_live = (kl * live).sum(), live.sum()
+    if total is not None:
+        kl_sum, n_live = total(kl_sum), total(n_live)
+    return kl_sum / n_live.clamp(min=1.0)

@@ -7,7 +7,8 @@ the quantisation simulation on) FP8-rounded (main) or Hadamard+FP4-rounded (inde
 
 `CompressorState` carries what crosses a chunk boundary: the unfinished group's tokens and, for
 overlap, the last complete group. Rows of a batch may sit at different positions. With no state the
-chunk starts at position 0 and its unfinished tail is dropped (a plain forward over whole sequences).
+chunk starts at a group boundary pos0 (0 for a plain forward over whole sequences; a piece's first group under
+context parallelism) and its unfinished tail is dropped.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ class Compressor(nn.Module):
                 state: CompressorState | None = None) -> Compressed:
         """x: [B, S, C] (attn_norm output), row b at positions pos0[b].. -> the groups this chunk completes.
 
-        Without state every row starts at position 0. With state, `state` is updated in place.
+        Without state every row starts at pos0[b], a multiple of the ratio (the overlapping compressor's first
+        group then has no previous group). With state, `state` is updated in place.
         """
         B, S, _ = x.shape
         m, d = self.ratio, self.head_dim
@@ -54,8 +56,8 @@ class Compressor(nn.Module):
                 entries = quantize_entries(entries, self.rope_dim, self.rotate)
             group, done = shared(pos0, ("decode_group", m), lambda: (pos0 // m, (pos0 % m == m - 1).unsqueeze(1)))
             return Compressed(entries.unsqueeze(1), group, done)
-        if state is None:  # rows from position 0, groups aligned to them; the bias is added by phase in the op
-            n, first_group, valid, prev, ape = S // m, torch.zeros_like(pos0), None, None, self.ape
+        if state is None:  # rows from a group boundary, groups aligned to them; the bias is added by phase in the op
+            n, first_group, valid, prev, ape = S // m, pos0 // m, None, None, self.ape
         else:
             phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
             kv, score, n, valid, prev = absorb(state, kv, score + self.ape.float()[phase], pos0, m, self.overlap)

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import ops
 from .compressor import Compressor, quantize_entries
+from .context import LocalPieces
 from .norm import Linear
 from .rope import apply_rope_
 
@@ -60,9 +61,13 @@ class Indexer(nn.Module):
         return out
 
     def sequence_scores(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        freqs: torch.Tensor) -> torch.Tensor:
-        """Scores I[b, s, j] of every query against every compressed entry of whole sequences (position 0..)."""
-        zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        keys = self.compressor(x, zeros, freqs, self.fp4).entries
+                        freqs: torch.Tensor, pieces: LocalPieces | None = None) -> torch.Tensor:
+        """Scores I[b, s, j] of every query against every compressed entry of whole sequences (position 0..);
+        with `pieces` (context parallelism), of this process's queries against the whole sequences' keys."""
+        if pieces is None:
+            zeros = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            keys = self.compressor(x, zeros, freqs, self.fp4).entries
+        else:
+            keys = pieces.entries(self.compressor, x, freqs, self.fp4)
         q, w = self.queries(x, qr, cos, sin)
         return ops.index_scores(q, w, keys)

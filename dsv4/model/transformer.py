@@ -17,6 +17,7 @@ from .. import ops
 from ..cache import KVCache
 from ..config import ModelConfig
 from .attention import Attention
+from .context import SequenceContext
 from .documents import PackedDocuments
 from .mhc import hc_head, hc_post, hc_pre, init_hc_params
 from .moe import MoE
@@ -168,9 +169,11 @@ class MTPBlock(Block):
         return self.norm(_collapse(self, h, self.norm_eps, self.hc_eps))
 
 
-def _checked_docs(docs: PackedDocuments, tokens: torch.Tensor, cache) -> PackedDocuments:
+def _checked_docs(docs: PackedDocuments, tokens: torch.Tensor, cache, context) -> PackedDocuments:
     if cache is not None:
         raise ValueError("packed documents run without a cache (they are for training on whole sequences)")
+    if context is not None:
+        raise ValueError("packed documents run on whole rows, not under context parallelism")
     docs.check(tokens)
     return docs
 
@@ -237,6 +240,19 @@ class Transformer(nn.Module):
                 m.recomputed = enabled
         return self
 
+    def set_sequence_context(self, context: SequenceContext | None) -> "Transformer":
+        """Context parallelism (dsv4.model.context): this process holds pieces of the sequences, and its forward
+        passes take those pieces' tokens (`context.positions` says where they sit). None: whole sequences."""
+        self._sequence_context = context
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.sequence_context = context
+        return self
+
+    @property
+    def sequence_context(self) -> SequenceContext | None:
+        return getattr(self, "_sequence_context", None)
+
     @property
     def recomputes(self) -> bool:
         """Whether this forward pass trades compute for memory (activation checkpointing while training)."""
@@ -287,8 +303,10 @@ class Transformer(nn.Module):
         rows are packed documents (dsv4.model.documents), each computed as if alone; not with a cache."""
         self._check_tokens(tokens)
         self._forget_last_step()
-        packed = () if docs is None else (_checked_docs(docs, tokens, cache),)
+        packed = () if docs is None else (_checked_docs(docs, tokens, cache, self.sequence_context),)
         pos0 = None if cache is None else cache.begin(tokens.shape)
+        if self.sequence_context is not None:
+            self.sequence_context.begin()
         h = self._lanes(tokens)
         for i, layer in enumerate(self.layers):
             h = self._run_block(layer, h, tokens, pos0, None if cache is None else cache.layer(i), *packed)

@@ -22,11 +22,14 @@ def evaluate(model: Transformer, batches: list[torch.Tensor], placement: Placeme
     for i, batch in enumerate(batches):
         rows, real = _rows(batch, placement)                           # [b, T + 1], [b]
         rows = rows.to(placement.device)
+        T = rows.shape[1] - 1
+        ctx = model.sequence_context                                   # context parallelism: this rank's positions
+        at = torch.arange(T, device=rows.device) if ctx is None else ctx.shard_positions(T, rows.device)
         with autocast():
-            logits = model(rows[:, :-1])                               # [b, T, vocab]
-        ce = F.cross_entropy(logits.flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+            logits = model(rows[:, at])                                # [b, T or this rank's part, vocab]
+        ce = F.cross_entropy(logits.flatten(0, 1), rows[:, at + 1].flatten(), reduction="none")
         sums[i, 0] = (ce.view(rows.shape[0], -1).double().sum(1).cpu() * real).sum()
-        sums[i, 1] = real.sum() * (rows.shape[1] - 1)
+        sums[i, 1] = real.sum() * at.numel()
     model.train()
     sums = placement.all_reduce(sums, "sum")
     return float((sums[:, 0] / sums[:, 1]).mean())

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -33,14 +34,19 @@ def routed_layers(model: Transformer) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE) and not m.gate.hashed]
 
 
-def balance_loss(moe: MoE, batch: int) -> torch.Tensor:
+def balance_loss(moe: MoE, batch: int, total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """total: sums over the holders of the sequences' other positions (context parallelism)."""
     idx, scores = moe.last_routing                                       # [B*S, k], [B*S, E]
     E, k = scores.shape[1], idx.shape[1]
     counts = torch.zeros(batch, idx.shape[0] // batch, E, device=idx.device)
     counts.scatter_add_(2, idx.view(batch, -1, k), torch.ones_like(idx, dtype=counts.dtype).view(batch, -1, k))
-    f = counts.sum(1) * E / (k * counts.shape[1])                         # [B, E], 1 when uniform
-    p = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, E).mean(1)  # [B, E]
-    return (f * p).sum(-1).mean()
+    selected = counts.sum(1)                                              # [B, E]
+    affinity = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, E).sum(1)  # [B, E]
+    n = torch.full((), counts.shape[1], dtype=counts.dtype, device=counts.device)
+    if total is not None:
+        selected, affinity, n = total(selected), total(affinity), total(n)
+    f = selected * E / (k * n)                                            # [B, E], 1 when uniform
+    return (f * affinity / n).sum(-1).mean()
 
 
 def lm_loss(model: Transformer, h: torch.Tensor, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -62,27 +68,37 @@ def loss_terms(model: Transformer, tokens: torch.Tensor, weights: LossWeights, *
     """tokens: [B, T + 1 + n_mtp]. Returns the total loss and its detached parts, as tensors: no host sync, so a
     CUDA graph can capture it.
 
-    lm=False is the indexer warm-up stage: only the indexer KL loss (whose gradient reaches only the indexer)."""
+    lm=False is the indexer warm-up stage: only the indexer KL loss (whose gradient reaches only the indexer).
+    Under context parallelism (model.sequence_context) this process runs its positions of the sequences and every
+    term is the whole sequences' (summed over the holders of the other positions): the same on every holder."""
     n_mtp = len(model.mtp)
     T = tokens.shape[1] - 1 - n_mtp
-    inputs = tokens[:, :T]
+    ctx = model.sequence_context
+    at = torch.arange(T, device=tokens.device) if ctx is None else ctx.shard_positions(T, tokens.device)
+
+    def shifted(k: int) -> torch.Tensor:                                   # tokens k after each position run
+        return tokens[:, at + k]
+
+    def mean(local_mean: torch.Tensor) -> torch.Tensor:                    # (every holder has as many positions)
+        return local_mean if ctx is None else ctx.sum(local_mean) / ctx.sum(torch.ones_like(local_mean))
+    inputs = shifted(0)
     h = model.hidden(inputs)  # (which drops the previous step's routing records first)
     parts: dict[str, torch.Tensor] = {}
     total = tokens.new_zeros((), dtype=torch.float32)
     if lm:
-        ce = lm_loss(model, h, tokens[:, 1:T + 1])
+        ce = mean(lm_loss(model, h, shifted(1)))
         parts["lm"] = ce.detach()
         total = total + ce
         if n_mtp and weights.mtp:
-            shifted = [tokens[:, k + 1:T + k + 1] for k in range(n_mtp)]
-            mtp = [F.cross_entropy(lg.flatten(0, 1), tokens[:, k + 2:T + k + 2].flatten())
-                   for k, lg in enumerate(model.mtp_logits(h, shifted))]
+            mtp = [mean(F.cross_entropy(lg.flatten(0, 1), shifted(k + 2).flatten()))
+                   for k, lg in enumerate(model.mtp_logits(h, [shifted(k + 1) for k in range(n_mtp)]))]
             mtp_loss = torch.stack(mtp).mean()
             parts["mtp"] = mtp_loss.detach()
             total = total + weights.mtp * mtp_loss
         moes = [m for m in routed_layers(model) if m.last_routing is not None]
         if moes and weights.balance:
-            bal = torch.stack([balance_loss(m, tokens.shape[0]) for m in moes]).mean()
+            over = None if ctx is None else ctx.sum
+            bal = torch.stack([balance_loss(m, tokens.shape[0], over) for m in moes]).mean()
             parts["balance"] = bal.detach()
             total = total + weights.balance * bal
     kls = [a.indexer_kl for a in model.modules() if isinstance(a, Attention) and a.indexer_kl is not None]

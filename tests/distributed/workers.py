@@ -162,6 +162,71 @@ def case_sharded_inference(out: str, rank: int, world: int, mesh) -> dict:
     return {"logits": full, "incremental": inc}
 
 
+def cp_model(seed: int = 3) -> dsv4.Transformer:
+    """tiny with every kind of attention boundary reachable in a few dozen tokens: window 16, CSA groups of 4
+    (top-4 of the indexer), HCA groups of 8; mHC, hash and learned routing, MTP."""
+    cfg = dsv4.ModelConfig.preset("tiny").replace(window_size=16, compress_ratios=(0, 4, 8, 4, 0), index_topk=4)
+    return dsv4.Transformer(cfg).init_weights(seed=seed, std=0.1)
+
+
+def cp_objective(model, tokens: torch.Tensor, weights: torch.Tensor, shard) -> torch.Tensor:
+    """A scalar of every output of the model: logits and MTP logits weighted by `weights`, plus the indexer KL
+    losses. shard(t, shift): this process's positions of [B, T + shift] (all of them in one process)."""
+    h = model.hidden(shard(tokens[:, :-1], 0))
+    lm = model.logits(h)
+    mtp = model.mtp_logits(h, [shard(tokens[:, 1:], 0)])[0]
+    kl = sum(a.indexer_kl for a in model.modules() if getattr(a, "indexer_kl", None) is not None)
+    return (lm * shard(weights[0], 0)).sum() + (mtp * shard(weights[1], 0)).sum(), lm, kl
+
+
+def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
+    """Logits, indexer KL and gradients of context-parallel forwards against this process's whole-sequence
+    forward, for the cases in OUT/cp.json ([T, balanced, stage] each): the largest relative errors, and per
+    parameter tensor the gradient's error beside its sensitivity to fp32 rounding: how far the one-process gradient
+    moves when the embedding table moves by one rounding step (1e-7 relative, below fp32's 1.2e-7 epsilon)."""
+    from dsv4.distributed.context_parallel import ContextParallel
+    from dsv4.train.stages import set_stage
+    with open(os.path.join(out, "cp.json")) as f:
+        cases = json.load(f)
+    group = dist.new_group()
+    errs = []
+    for T, balanced, stage in cases:
+        g = torch.Generator().manual_seed(T)
+        tokens = torch.randint(0, 2048, (2, T + 1), generator=g)
+        weights = torch.randn(2, 2, T, 2048, generator=g)
+
+        def one_process(rounding: float):
+            model = cp_model()
+            set_stage(model, stage)
+            with torch.no_grad():
+                model.embed.weight.mul_(1 + rounding * torch.randn(model.embed.weight.shape, generator=g))
+            loss, lm, kl = cp_objective(model, tokens, weights, lambda t, s: t)
+            (loss + kl).backward()
+            return model, lm, kl, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        _, _, _, noisy = one_process(1e-7)
+        model, lm_one, kl_one, want = one_process(0.0)
+        model.zero_grad(set_to_none=True)
+
+        ctx = ContextParallel(group, balanced=balanced)
+        model.set_sequence_context(ctx)
+        loss, lm, kl = cp_objective(model, tokens, weights, lambda t, s: ctx.shard(t, T))
+        (loss + kl / world).backward()      # every rank holds the whole KL: the ranks' objectives sum to one's
+        err = {"logits": rel(lm, ctx.shard(lm_one, T)), "kl": rel(torch.as_tensor(kl), torch.as_tensor(kl_one)),
+               "kl_value": float(kl_one)}
+        grads = {}
+        for n, p in model.named_parameters():     # (a rank may leave a parameter without a gradient: none routed)
+            grads[n] = torch.zeros_like(p) if p.grad is None else p.grad
+            dist.all_reduce(grads[n])
+        assert all(not grads[n].any() for n in grads.keys() - want.keys())
+        err["grads"] = {n: (rel(grads[n], want[n]), rel(noisy[n], want[n])) for n in want}
+        errs.append({"T": T, "balanced": balanced, "stage": stage, **err})
+    return {"errors": errs}
+
+
+def rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30))
+
+
 if __name__ == "__main__":
     case, out = sys.argv[1], sys.argv[2]
     mesh = init_distributed()
