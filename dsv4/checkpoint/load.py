@@ -471,15 +471,15 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     A checkpoint without `mtp.*` tensors (as transformers writes) loads with n_mtp_layers = 0.
     `weights`: "native" keeps FP8 layers and FP4 routed experts in the checkpoint's bytes (inference only: the
     layers multiply through dsv4.ops' packed GEMMs and have no weight parameter); "bf16" dequantises them into
-    `dtype` parameters. Default: "native" for a quantised checkpoint on a GPU with dtype bf16, else "bf16".
+    `dtype` parameters. Default: "bf16" (native is opt-in while its GPU kernels are slower than bf16 and its
+    grouped MoE kernel is not yet verified on a GPU; see BENCHMARKS.md).
     """
     if weights not in (None, *WEIGHTS):
         raise ValueError(f"weights={weights!r}: choose from {list(WEIGHTS)} (or None for the default)")
     device = resolve_device(device)
     plan = plan_checkpoint(path)
     if weights is None:
-        quantised = any(it.fmt in ("fp8", "fp4") for it in plan.items)
-        weights = "native" if quantised and device.type == "cuda" and dtype == torch.bfloat16 else "bf16"
+        weights = "bf16"
     with torch.device("meta"):
         model = Transformer(plan.config).to_dtype(dtype)
     if weights == "native":

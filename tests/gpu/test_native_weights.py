@@ -19,11 +19,11 @@ def official(tmp_path_factory):
     return path
 
 
-def test_native_is_the_default_and_matches_bf16(official):
+def test_native_matches_bf16(official):
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    native = dsv4.load_model(official, device="cuda")
+    native = dsv4.load_model(official, device="cuda", weights="native")
     held = torch.cuda.memory_allocated() - before
     peak = torch.cuda.max_memory_allocated() - before
     assert native.layers[0].attn.wq_a.packed is not None
@@ -40,7 +40,7 @@ def test_native_is_the_default_and_matches_bf16(official):
 def test_packed_ops_pick_triton_on_cuda(official):
     from dsv4.ops.dispatch import _pick
     from dsv4.ops.triton import packed_experts, packed_linear
-    model = dsv4.load_model(official, device="cuda")
+    model = dsv4.load_model(official, device="cuda", weights="native")
     w = model.layers[0].attn.wq_a.packed
     x = torch.randn(3, w.shape[1], device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
@@ -55,7 +55,7 @@ def test_packed_ops_pick_triton_on_cuda(official):
 
 def test_packed_kernels_capture_in_a_cuda_graph(official):
     """Decode runs from CUDA graphs: the packed GEMMs and the FP4 experts must not sync with the host."""
-    model = dsv4.load_model(official, device="cuda")
+    model = dsv4.load_model(official, device="cuda", weights="native")
     w = model.layers[0].attn.wq_a.packed
     w1, w2, w3 = model.layers[1].ffn.experts.packed
     g = torch.Generator().manual_seed(0)
