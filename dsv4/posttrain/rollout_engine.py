@@ -24,6 +24,13 @@ class RolloutEngine(Engine):
     """The serving engine, reporting each sampled token's log-probability under the distribution it was drawn
     from (after temperature / top-k / top-p); greedy requests keep the raw distribution's."""
 
+    def _chosen_logprobs(self, reqs, logits: torch.Tensor, logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        out = super()._chosen_logprobs(reqs, logits, logp, tokens)
+        for i, req in enumerate(reqs):
+            if req.params.temperature > 0:
+                out[i] = torch.log(probabilities(logits[i:i + 1], req.sampling)[0, tokens[i]])
+        return out
+
     def _event(self, req, token: int, logits: torch.Tensor) -> TokenEvent:
         event = super()._event(req, token, logits)
         if req.params.logprobs is not None and req.params.temperature > 0:

@@ -517,7 +517,7 @@ class Engine:
             logp = torch.log_softmax(logits[want], dim=-1)
             k = min(max(reqs[i].params.logprobs for i in want), logp.shape[-1])
             top = logp.topk(k) if k else None
-            fetch += [logp.gather(-1, tokens[want].unsqueeze(-1)).squeeze(-1)]
+            fetch += [self._chosen_logprobs([reqs[i] for i in want], logits[want], logp, tokens[want])]
             fetch += [top.indices, top.values] if top is not None else []
         host = _to_host(fetch)
         chosen, finite = host[0], host[1]
@@ -544,6 +544,12 @@ class Engine:
                 req.handle._push(event)
             else:
                 self._finish(req, event)
+
+    def _chosen_logprobs(self, reqs: list[_Request], logits: torch.Tensor, logp: torch.Tensor,
+                         tokens: torch.Tensor) -> torch.Tensor:
+        """The reported log-probability of each chosen token [n], on the device: OpenAI's convention, the model's
+        raw distribution (`logp` = log_softmax(logits)). A subclass may report another distribution's."""
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     def _finish(self, req: _Request, event: TokenEvent, failed: bool = False) -> None:
         """Send the last event and free the request's row (the row is reset when it is next handed out)."""
