@@ -10,16 +10,12 @@ what is counted and what (element-wise work, MTP) is not.
 from __future__ import annotations
 
 import argparse
-import json
 
-from ..config import ModelConfig
-from ..errors import InvalidArgument
+from .model_choice import add_model_arguments, chosen_models, print_reports
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", action="append", help="flash, pro, small or tiny (repeat to plot several)")
-    p.add_argument("--checkpoint", help="a checkpoint directory (only its config.json is read)")
-    p.add_argument("--context", type=int, default=1 << 20, help="positions the decode token attends to (default 1M)")
+    add_model_arguments(p, "positions the decode token attends to (default 1M)")
     p.add_argument("--json", action="store_true", help="print one JSON object (the first model)")
     p.add_argument("--plot", metavar="PNG", help="also draw GFLOPs per token vs context (1K..1M) to this file")
 
@@ -27,20 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..info.flops import flops_report, format_flops_report, plot_flops
 
-    if not args.preset and not args.checkpoint:
-        raise InvalidArgument("give --preset NAME or --checkpoint DIR")
-    if args.context <= 0:
-        raise InvalidArgument(f"--context must be positive, got {args.context}")
-    models = {name: ModelConfig.preset(name) for name in args.preset or []}
-    if args.checkpoint:
-        models[args.checkpoint] = ModelConfig.from_pretrained(args.checkpoint)
-    for i, (name, cfg) in enumerate(models.items()):
-        rep = flops_report(cfg, args.context)
-        if args.json:
-            if i == 0:
-                print(json.dumps(rep))
-        else:
-            print(format_flops_report(name, rep) + "\n")
+    models = chosen_models(args)
+    print_reports(models, args.json, lambda cfg: flops_report(cfg, args.context), format_flops_report)
     if args.plot:
         plot_flops(models, args.plot)
     return 0

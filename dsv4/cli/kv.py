@@ -7,16 +7,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 
-from ..config import ModelConfig
-from ..errors import InvalidArgument
+from .model_choice import add_model_arguments, chosen_models, print_reports
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", action="append", help="flash, pro, small or tiny (repeat to plot several)")
-    p.add_argument("--checkpoint", help="a checkpoint directory (only its config.json is read)")
-    p.add_argument("--context", type=int, default=1 << 20, help="tokens in the sequence (default 1M)")
+    add_model_arguments(p, "tokens in the sequence (default 1M)")
     p.add_argument("--kv-dtype", default="fp8", choices=["fp8", "bf16", "fp32"])
     p.add_argument("--index-dtype", default="fp4", choices=["fp4", "fp8", "bf16", "fp32"])
     p.add_argument("--json", action="store_true", help="print one JSON object (the first model)")
@@ -26,20 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..cache.accounting import format_kv_report, kv_report, plot_kv
 
-    if not args.preset and not args.checkpoint:
-        raise InvalidArgument("give --preset NAME or --checkpoint DIR")
-    if args.context <= 0:
-        raise InvalidArgument(f"--context must be positive, got {args.context}")
-    models = {name: ModelConfig.preset(name) for name in args.preset or []}
-    if args.checkpoint:
-        models[args.checkpoint] = ModelConfig.from_pretrained(args.checkpoint)
-    for i, (name, cfg) in enumerate(models.items()):
-        rep = kv_report(cfg, args.context, args.kv_dtype, args.index_dtype)
-        if args.json:
-            if i == 0:
-                print(json.dumps(rep))
-        else:
-            print(format_kv_report(name, rep) + "\n")
+    models = chosen_models(args)
+    print_reports(models, args.json, lambda cfg: kv_report(cfg, args.context, args.kv_dtype, args.index_dtype),
+                  format_kv_report)
     if args.plot:
         plot_kv(models, args.plot, args.kv_dtype, args.index_dtype)
     return 0

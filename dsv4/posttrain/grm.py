@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..errors import InvalidArgument
 from ..generate.chat import EOS, encode_chat
-from .envs.base import Environment, Problem, Reward
+from .envs.base import Environment, EnvironmentWrapper, Problem, Reward
 from .envs.split import final_assistant
 
 __all__ = ["GenerativeRewardModel", "JudgedEnv", "JUDGE_SYSTEM", "judge_messages", "verdict_text",
@@ -121,25 +121,13 @@ def agreement(grm: GenerativeRewardModel, env, n: int) -> dict:
     return {"rate": agree / n if n else 0.0, "n": n, "unparsed": unparsed, "confusion": confusion}
 
 
-class JudgedEnv:
+class JudgedEnv(EnvironmentWrapper):
     """`env` with the GRM's verdict as its reward (what GRPO trains on for a rubric task). The hidden rule label
     rides along in `info['rule_correct']` for logging only."""
 
     def __init__(self, env: Environment, grm: GenerativeRewardModel):
-        self.env, self.grm = env, grm
-        self.name, self.max_turns = env.name, env.max_turns
-
-    def sample(self, rng: random.Random) -> Problem:
-        return self.env.sample(rng)
-
-    def heldout(self, n: int) -> list[Problem]:
-        return self.env.heldout(n)
-
-    def demonstrate(self, problem: Problem) -> list[dict]:
-        return self.env.demonstrate(problem)
-
-    def tool_results(self, problem: Problem, tool_calls: list[dict]) -> list[dict]:
-        return self.env.tool_results(problem, tool_calls)
+        super().__init__(env)
+        self.grm = grm
 
     def reward_batch(self, items: Sequence[tuple[Problem, list[dict]]]) -> list[Reward]:
         """Rewards of many rollouts with one batched judging pass (a missing final reply scores 0 unjudged)."""

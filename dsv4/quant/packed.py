@@ -56,8 +56,22 @@ def decode_e2m1(code: torch.Tensor) -> torch.Tensor:
     return torch.where(i >= 8, -mag, mag)
 
 
+class _PackedBytes:
+    """What both packed formats share: uint8 `data` and UE8M0 `scale` tensors on one device."""
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() + self.scale.numel()
+
+
 @dataclass
-class Fp8BlockWeight:
+class Fp8BlockWeight(_PackedBytes):
     """An FP8 e4m3 weight [N, K] (x @ w^T) with one UE8M0 scale per 128x128 tile."""
     data: torch.Tensor   # uint8 [N, K]: e4m3 bit patterns
     scale: torch.Tensor  # uint8 [ceil(N/128), ceil(K/128)]: UE8M0 exponents
@@ -74,14 +88,6 @@ class Fp8BlockWeight:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.data.shape)
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() + self.scale.numel()
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """[N, K] values: e4m3(data) * 2**(scale - 127) per tile (exact in fp32 and in bf16)."""
@@ -106,7 +112,7 @@ class Fp8BlockWeight:
 
 
 @dataclass
-class Fp4GroupWeight:
+class Fp4GroupWeight(_PackedBytes):
     """FP4 e2m1 weights [..., N, K] (x @ w^T per leading index) with one UE8M0 scale per 32 values along K."""
     data: torch.Tensor   # uint8 [..., N, K/2]: two codes per byte, the low nibble holds the even k
     scale: torch.Tensor  # uint8 [..., N, K/32]
@@ -127,14 +133,6 @@ class Fp4GroupWeight:
     def shape(self) -> tuple[int, ...]:
         *lead, N, half = self.data.shape
         return (*lead, N, 2 * half)
-
-    @property
-    def device(self) -> torch.device:
-        return self.data.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() + self.scale.numel()
 
     def __getitem__(self, e: int) -> "Fp4GroupWeight":
         """One entry of the leading (expert) dimension."""

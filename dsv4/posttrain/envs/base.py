@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Problem", "Reward", "Environment"]
+__all__ = ["Problem", "Reward", "Environment", "EnvironmentWrapper"]
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,26 @@ class Environment(Protocol):
 
     def reward(self, problem: Problem, turns: list[dict]) -> Reward:
         """Score the model's turns (parsed assistant messages and the tool messages between them)."""
+
+
+class EnvironmentWrapper:
+    """Another environment with some of its methods replaced: everything a subclass does not override is `env`'s."""
+
+    def __init__(self, env: Environment):
+        self.env = env
+        self.name, self.max_turns = env.name, env.max_turns
+
+    def sample(self, rng: random.Random) -> Problem:
+        return self.env.sample(rng)
+
+    def heldout(self, n: int) -> list[Problem]:
+        return self.env.heldout(n)
+
+    def demonstrate(self, problem: Problem) -> list[dict]:
+        return self.env.demonstrate(problem)
+
+    def tool_results(self, problem: Problem, tool_calls: list[dict]) -> list[dict]:
+        return self.env.tool_results(problem, tool_calls)
+
+    def reward(self, problem: Problem, turns: list[dict]) -> Reward:
+        return self.env.reward(problem, turns)

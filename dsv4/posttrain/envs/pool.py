@@ -10,12 +10,12 @@ from __future__ import annotations
 import random
 
 from ...errors import InvalidArgument
-from .base import Environment, Problem, Reward
+from .base import Environment, EnvironmentWrapper, Problem
 
 __all__ = ["ProblemPool"]
 
 
-class ProblemPool:
+class ProblemPool(EnvironmentWrapper):
     """`env` with `sample` restricted to its first `size` distinct problems drawn from `seed`; everything else
     (held-out set, demonstrations, tools, reward) is `env`'s."""
 
@@ -32,20 +32,8 @@ class ProblemPool:
         if len(found) < size:
             raise InvalidArgument(f"{env.name}: found only {len(found)} distinct training problems for a pool of "
                                   f"{size}; ask for fewer")
-        self.env, self.problems = env, list(found.values())
-        self.name, self.max_turns = env.name, env.max_turns
+        super().__init__(env)
+        self.problems = list(found.values())
 
     def sample(self, rng: random.Random) -> Problem:
         return self.problems[rng.randrange(len(self.problems))]
-
-    def heldout(self, n: int) -> list[Problem]:
-        return self.env.heldout(n)
-
-    def demonstrate(self, problem: Problem) -> list[dict]:
-        return self.env.demonstrate(problem)
-
-    def tool_results(self, problem: Problem, tool_calls: list[dict]) -> list[dict]:
-        return self.env.tool_results(problem, tool_calls)
-
-    def reward(self, problem: Problem, turns: list[dict]) -> Reward:
-        return self.env.reward(problem, turns)
