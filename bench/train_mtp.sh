@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One device call: train the `small` preset with `dsv4 train` (its MTP head trains with it), then measure MTP
+# speculative decoding against plain decoding on that checkpoint with bench/serve.py --mtp-compare. The checkpoint
+# is too large to bring back, so both happen in one call; results land under $OUT (metrics, serve JSON).
+#   STEPS=1800 MINUTES=5 bash bench/train_mtp.sh
+# Prompts are windows of a Python file outside the training corpus (the corpus is the standard library's
+# sources; installed packages are excluded from it): in-distribution text the model has not seen.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+P="$OUT/$(python3 bench/provenance.py)"
+RUN=${RUN:-/tmp/runs/small}
+python3 -m dsv4 train --preset ${PRESET:-small} --out "$RUN" --overwrite --steps ${STEPS:-1800} --time-limit ${MINUTES:-5} \
+  --lr ${LR:-1e-3} --batch-size 32 --seq-len 512 --max-corpus-bytes ${CORPUS_BYTES:-20000000} \
+  --eval-interval 200 --save-interval 100000 --log-interval 50 2>&1 | tail -15
+cp "$RUN/metrics.jsonl" "${P}_train_small_metrics.jsonl"; cp "$RUN/loss.png" "${P}_train_small_loss.png" 2>/dev/null
+TEXT=$(python3 -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'nn/modules/module.py'))")
+timeout ${SERVE_TIMEOUT:-240} python3 bench/serve.py --mtp-compare --prompt-text "$TEXT" --tokenizer "$RUN/final" \
+  --launch "python3 -m dsv4 serve --checkpoint $RUN/final --max-batch 8 --max-seq-len 4096 ${SERVE_EXTRA:-}" \
+  --concurrency 1 --prompt-len ${PROMPT_LEN:-512} --max-tokens ${MAX_TOKENS:-256} --prefix-len 0 \
+  --requests-per-level ${REQUESTS:-6} --duration-limit 40 --json "${P}_serve_mtp_small.json" 2>&1 | tail -25
