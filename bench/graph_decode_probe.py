@@ -37,7 +37,8 @@ def run(model, ps, params, cls=Engine, eager_buckets=False, **kw):
     engine = cls(model, max_batch=8, max_seq_len=128, prefill_chunk=16, step_token_budget=32, **kw)
     if eager_buckets:   # the graph engine's bucket steps, run eagerly
         def bucket_step(b):
-            return lambda ids: model(ids.view(-1, 1), cache=engine.cache.select(slice(0, b)).set_fixed_shapes(True))[:, -1]
+            view = engine.cache.select(slice(0, b)).set_fixed_shapes(True)
+            return lambda ids: model(ids.view(-1, 1), cache=view)[:, -1]
         engine._graph = bucket_step
     hs = []
     for i, p in enumerate(ps):

@@ -132,8 +132,9 @@ class _Recorder:
 
 class RecordingEngine(RolloutEngine):
     """A RolloutEngine whose every forward is recorded for the requests it serves: a prefill forward covers its
-    requests' chunks (one length, each from its chunk's start), a decode step one token of each request in its rows. Eager steps only (a
-    replayed CUDA graph would skip the hooks) and no speculative decoding (drafts are not the policy's)."""
+    requests' chunks (one length, each from its chunk's start), a decode step one token of each request in its
+    rows. Eager steps only (a replayed CUDA graph would skip the hooks) and no speculative decoding (drafts are
+    not the policy's)."""
 
     def __init__(self, model, tokenizer=None, *, recorder: _Recorder, **kw):
         super().__init__(model, tokenizer, cuda_graphs=False, speculative=None, **kw)

@@ -168,7 +168,8 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 64, max_seq_len: int = 4096,
                  kv_dtype: str = "auto", index_dtype: str = "auto", prefill_chunk: int = 2048,
-                 step_token_budget: int = 8192, max_prefill_rows: int = 16, max_queue: int = 256, eos_token_ids: Sequence[int] = (),
+                 step_token_budget: int = 8192, max_prefill_rows: int = 16, max_queue: int = 256,
+                 eos_token_ids: Sequence[int] = (),
                  prefix_cache=None, speculative: str | None = None, n_draft: int = 1, cuda_graphs: bool = True,
                  batch_invariant: bool = True):
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
