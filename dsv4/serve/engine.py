@@ -20,9 +20,9 @@ is about to start, and each engine step runs, in order:
      decode or keep it from replaying its graph. Chunk boundaries are fixed by the request alone (every
      `prefill_chunk` tokens from where its prefill starts, plus the prefix cache's save boundaries), the
      boundaries `dsv4.generate` uses. With `batch_invariant` off a round's chunks of equal length run as one
-     forward over their rows (adjacent rows through a view of the cache, others through a copy of the rows
-     written back after), each row at its own position: the GEMMs see 8 prompts of 1K tokens as one 8K-token
-     batch. Batching changes a row's arithmetic only at the rounding level, as batched decode does, so it is
+     forward over their rows, each row at its own position (a forward feeds every row the same number of tokens,
+     so other lengths run as forwards of their own; adjacent rows go through a view of the cache, others through
+     a copy of the rows written back after): the GEMMs see 8 prompts of 1K tokens as one 8K-token batch. Batching changes a row's arithmetic only at the rounding level, as batched decode does, so it is
      left off with `batch_invariant` on: a chunk then runs on its request's row alone, in shapes the request
      fixes, so it uses the fastest kernels and a prompt's logits never depend on what else is queued
      (bitwise); batch-invariant kernels for prefill would cost ~10x. A prompt whose last chunk runs samples its
@@ -36,13 +36,11 @@ the same decode views verifies them (`dsv4.generate.speculative`): prefill chunk
 first token is chosen at the row's first speculative step, each accepted token goes out as its own event, and a
 row's stop tokens and `max_tokens` bound what it emits (its token budget). Free rows in a view ride along with
 budget 0 (rolled back whole). The draft count shrinks near `max_seq_len`, so no extra room is asked at submit.
-Speculative steps run eagerly (no CUDA graphs: the verify width and the per-row catch-up vary step to step).
+Speculative steps run eagerly (no CUDA graphs: the verify width and the per-row catch-up vary step to step), and
+prompts are prefilled one request per forward (`SpeculativeDecoder.extend` fills one row of both caches).
 
-Speculative engines prefill one request per forward (`SpeculativeDecoder.extend` fills one row of both caches).
-
-A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (a batched
-prefill forward: all of its chunks' requests), with
-finish_reason "error"; those rows (and any the cache marks damaged) are reset and the engine keeps serving.
+A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (for a batched
+prefill, every request of the forward) with finish_reason "error"; those rows (and any the cache marks damaged) are reset and the engine keeps serving.
 """
 from __future__ import annotations
 
@@ -361,7 +359,7 @@ class Engine:
     def _prefill(self, budget: int) -> None:
         """Rounds of prompt chunks under `budget` tokens (at least one chunk per step; see the module doc)."""
         ran = False
-        while ran is False or budget > 0:
+        while not ran or budget > 0:
             picked, budget = self._pick_round(budget, first=not ran)
             if not picked:
                 return
