@@ -22,11 +22,11 @@ is about to start, and each engine step runs, in order:
      boundaries `dsv4.generate` uses. With `batch_invariant` off a round's chunks of equal length run as one
      forward over their rows, each row at its own position (a forward feeds every row the same number of tokens,
      so other lengths run as forwards of their own; adjacent rows go through a view of the cache, others through
-     a copy of the rows written back after): the GEMMs see 8 prompts of 1K tokens as one 8K-token batch. Batching changes a row's arithmetic only at the rounding level, as batched decode does, so it is
-     left off with `batch_invariant` on: a chunk then runs on its request's row alone, in shapes the request
-     fixes, so it uses the fastest kernels and a prompt's logits never depend on what else is queued
-     (bitwise); batch-invariant kernels for prefill would cost ~10x. A prompt whose last chunk runs samples its
-     first token at once;
+     a copy of the rows written back after): the GEMMs see 8 prompts of 1K tokens as one 8K-token batch. Batching
+     changes a row's arithmetic only at the rounding level, as batched decode does, so it is left off with
+     `batch_invariant` on: a chunk then runs on its request's row alone, in shapes the request fixes, so it uses
+     the fastest kernels and a prompt's logits never depend on what else is queued (bitwise); batch-invariant
+     kernels for prefill would cost ~10x. A prompt whose last chunk runs samples its first token at once;
   4. each row's logits are sampled with the request's own parameters and seeded generator; the token (with
      logprobs if asked, from the untempered logits as OpenAI reports them) is sent to the request's stream;
      a stop token, end of sequence, `max_tokens` or non-finite logits ends it and frees its row.
@@ -40,7 +40,8 @@ Speculative steps run eagerly (no CUDA graphs: the verify width and the per-row 
 prompts are prefilled one request per forward (`SpeculativeDecoder.extend` fills one row of both caches).
 
 A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (for a batched
-prefill, every request of the forward) with finish_reason "error"; those rows (and any the cache marks damaged) are reset and the engine keeps serving.
+prefill, every request of the forward) with finish_reason "error"; those rows (and any the cache marks damaged) are
+reset and the engine keeps serving.
 """
 from __future__ import annotations
 
