@@ -137,3 +137,37 @@ def test_a_prefix_cache_hit_batched_with_misses(model):
     again = engine.submit(m1, PARAMS)               # the misses' save boundaries were stored on the way
     engine.run_until_idle()
     assert again.cached_tokens == 6 and [e.token for e in again] == [e.token for e in miss1]
+
+
+def test_a_failing_batched_prefill_ends_its_requests_only(model, monkeypatch):
+    """A batched prefill forward that raises midway (on a gathered copy of rows 0 and 2) ends both of its
+    requests with "error"; the request decoding in between keeps its tokens and the rows serve again."""
+    engine = Engine(model, max_batch=3, max_seq_len=96, batch_invariant=False)
+    a, b, c = prompts(model, [6, 6, 6], seed=5)
+    one = SamplingParams(max_tokens=1, temperature=0)
+    first = engine.submit(a, one)
+    keep = engine.submit(b, SamplingParams(max_tokens=6, temperature=0))
+    last = engine.submit(c, one)
+    engine.step()                                   # rows 0..2 prefilled together; rows 0 and 2 are done
+    assert [list(h)[-1].finish_reason for h in (first, last)] == ["length", "length"]
+    gathered = []
+    real_gather = engine.cache.gather_rows
+    monkeypatch.setattr(engine.cache, "gather_rows", lambda rows: gathered.append(list(rows)) or real_gather(rows))
+    layer, real = model.layers[1], model.layers[1].forward
+
+    def flaky(x, *args, **kwargs):
+        if x.shape[:2] == (2, 9):
+            raise RuntimeError("injected fault")
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(layer, "forward", flaky)
+    hit = [engine.submit(p, SamplingParams(max_tokens=3, temperature=0)) for p in prompts(model, [9, 9], seed=6)]
+    engine.step()
+    monkeypatch.setattr(layer, "forward", real)
+    assert gathered == [[0, 2]] and [list(h)[-1].finish_reason for h in hit] == ["error", "error"]
+    assert all("injected fault" in list(h)[-1].error for h in hit)
+    engine.run_until_idle()
+    assert [e.token for e in keep] == generate(model, [b], 6)[0]
+    assert engine.cache.damaged_rows == []
+    again = engine.submit(a, SamplingParams(max_tokens=3, temperature=0))
+    engine.run_until_idle()
+    assert [e.token for e in again] == generate(model, [a], 3)[0]
