@@ -62,7 +62,8 @@ class LayerCache:
     def states(self) -> list[CompressorState]:
         return [s for s in (self.compressor_state, self.indexer_state) if s is not None]
 
-    def select(self, rows: slice) -> "LayerCache":
+    def select(self, rows: slice | torch.Tensor) -> "LayerCache":
+        """Some rows: views sharing storage for a slice, copies for an index tensor (KVCache.gather_rows)."""
         views = {"window_rows": self.window_rows.select(rows),
                  "entry_rows": self.entry_rows.select(rows) if self.entry_rows else None,
                  "key_rows": self.key_rows.select(rows) if self.key_rows else None,
@@ -190,6 +191,33 @@ class KVCache:
         out.positions = self.positions[rows]
         out._host, out._damaged = _view(self._host, rows), _view(self._damaged, rows)
         return out
+
+    def gather_rows(self, rows: list[int]) -> "KVCache":
+        """A copy of some rows (any set, in the order given) as a cache of its own: rows that are not adjacent
+        run one forward on the copy, then `scatter_rows` puts them back. Every stored tensor of the rows is copied
+        both ways, far less than a prefill chunk's compute."""
+        self.check_intact(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+        out = object.__new__(KVCache)
+        out.__dict__.update(self.__dict__)
+        out.layers = [layer.select(index) for layer in self.layers]
+        out.positions = self.positions[index]
+        out._host, out._damaged = [self._host[r] for r in rows], [False] * len(rows)
+        return out
+
+    def scatter_rows(self, rows: list[int], part: "KVCache") -> None:
+        """Write back rows `gather_rows(rows)` copied into `part` (after its forward committed)."""
+        part.check_intact()
+        index = torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+        for mine, theirs in zip(self.layers, part.layers):
+            for a, b in zip(mine.stores(), theirs.stores()):
+                a.buf.index_copy_(0, index, b.buf)
+            for a, b in zip(mine.states(), theirs.states()):
+                a.kv.index_copy_(0, index, b.kv)
+                a.score.index_copy_(0, index, b.score)
+        self.positions.index_copy_(0, index, part.positions)
+        for i, r in enumerate(rows):
+            self._host[r] = part._host[i]
 
     # ------------------------------------------------------------------ step integrity
     @property

@@ -23,6 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="cache rows: requests decoded together")
     p.add_argument("--max-seq-len", type=int, default=4096, help="context of each row (prompt + max_tokens)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond it are refused (HTTP 429)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens of one request per prefill chunk")
+    p.add_argument("--step-token-budget", type=int, default=8192,
+                   help="tokens one engine step feeds: one per decoding request, the rest prompt chunks")
+    p.add_argument("--max-prefill-rows", type=int, default=16,
+                   help="requests whose prompt chunks one prefill forward batches (with --batch-invariant off)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8"])
     p.add_argument("--index-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8", "fp4"])
     p.add_argument("--prefix-cache-gb", type=float, default=None,
@@ -37,8 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-draft", type=int, default=1,
                    help="tokens the MTP block drafts per step with --speculative mtp (more: longer verify steps)")
     p.add_argument("--batch-invariant", choices=["auto", "on", "off"], default="auto",
-                   help="decode each request as if it ran alone (its tokens never depend on its neighbours). auto: "
-                        "on a CPU, off on a GPU, where today's batch-invariant kernels cost ~10x in decode speed")
+                   help="run each request as if it ran alone (its tokens never depend on its neighbours; prompts are "
+                        "then prefilled one per forward). auto: on a CPU, off on a GPU, where today's batch-invariant "
+                        "kernels cost ~10x in decode speed")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
 
 
@@ -73,7 +79,8 @@ def _prefix_cache(args: argparse.Namespace, model, device):
 def run(args: argparse.Namespace) -> int:
     uvicorn, build_app = _serving_packages()
     from ..errors import InvalidArgument
-    for name in ("port", "max_batch", "max_seq_len", "max_queue", "num_draft"):
+    for name in ("port", "max_batch", "max_seq_len", "max_queue", "num_draft", "prefill_chunk", "step_token_budget",
+                 "max_prefill_rows"):
         if getattr(args, name) < 1 or (name == "port" and args.port > 65535):
             raise InvalidArgument(f"--{name.replace('_', '-')}={getattr(args, name)}: out of range")
     import torch
@@ -89,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     tok = Tokenizer.from_dir(args.checkpoint)
     prefix_cache = None if args.no_prefix_cache else _prefix_cache(args, model, device)
     engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_dtype=args.kv_dtype,
-                    index_dtype=args.index_dtype, max_queue=args.max_queue,
+                    index_dtype=args.index_dtype, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                    step_token_budget=args.step_token_budget, max_prefill_rows=args.max_prefill_rows,
                     eos_token_ids=tuple(t for t in (tok.eos_id,) if t is not None), speculative=args.speculative,
                     n_draft=args.num_draft,
                     cuda_graphs=device.type == "cuda", prefix_cache=prefix_cache,

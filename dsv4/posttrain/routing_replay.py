@@ -131,17 +131,18 @@ class _Recorder:
 
 
 class RecordingEngine(RolloutEngine):
-    """A RolloutEngine whose every forward is recorded for the requests it serves: a prefill chunk covers one
-    request from the chunk's start, a decode step one token of each request in its rows. Eager steps only (a
-    replayed CUDA graph would skip the hooks) and no speculative decoding (drafts are not the policy's)."""
+    """A RolloutEngine whose every forward is recorded for the requests it serves: a prefill forward covers its
+    requests' chunks (one length, each from its chunk's start), a decode step one token of each request in its
+    rows. Eager steps only (a replayed CUDA graph would skip the hooks) and no speculative decoding (drafts are
+    not the policy's)."""
 
     def __init__(self, model, tokenizer=None, *, recorder: _Recorder, **kw):
         super().__init__(model, tokenizer, cuda_graphs=False, speculative=None, **kw)
         self.recorder = recorder
 
-    def _prefill_chunk(self, req) -> bool:
-        self.recorder.at([req.handle.id], [req.done], req.stops[0] - req.done)
-        return super()._prefill_chunk(req)
+    def _prefill_rows(self, reqs) -> None:
+        self.recorder.at([req.handle.id for req in reqs], [req.done for req in reqs], reqs[0].stops[0] - reqs[0].done)
+        super()._prefill_rows(reqs)
 
     def _decode_view(self, rows: range, graph: bool = False) -> None:
         lengths = self.cache.lengths()

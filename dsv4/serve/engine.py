@@ -1,17 +1,10 @@
 """Continuous batching over a fixed pool of cache rows: requests join and leave the running batch at every step.
 
-One cache of `max_batch` rows is made once. A request takes the lowest free row (reset first) and each engine
-step runs, in order:
+One cache of `max_batch` rows is made once. A request takes the lowest free row (reset first) when its prefill
+is about to start, and each engine step runs, in order:
 
   1. cancellations (a client hung up): the request ends with "abort" and its row is free again;
-  2. admission: queued requests take free rows; with a prefix cache the longest stored prefix is loaded;
-  3. prefill: pending prompts advance by whole chunks under `step_token_budget` tokens per step (the oldest
-     request first; a step always runs at least one chunk). Chunk boundaries are fixed by the request alone
-     (every `prefill_chunk` tokens from where its prefill starts, plus the prefix cache's save boundaries), the
-     boundaries `dsv4.generate` uses, so a prompt's arithmetic never depends on what else is queued. A chunk
-     runs on its request's row alone, so it uses the fastest kernels even with `batch_invariant` on. A prompt
-     whose last chunk runs samples its first token at once;
-  4. decode: every decoding row gets one token. A forward advances every row of its cache view, so a view never
+  2. decode: every decoding row gets one token. A forward advances every row of its cache view, so a view never
      covers a row still prefilling; free rows inside a view are fed a dummy token and are reset before they are
      handed out. With `batch_invariant` on a CPU each decoding row is its own view (CPU matmuls sum a row
      differently at batch 1 and batch 4, so batching would make a request's tokens depend on its neighbours);
@@ -19,7 +12,22 @@ step runs, in order:
      with `cuda_graphs` a step with no prefilling row below the smallest captured bucket holding every decoding
      row replays that bucket's CUDA graph. Eager decode steps then read every stored row (masked by position)
      as the graphs do, so a row's arithmetic is the same whether its step was replayed or ran eagerly;
-  5. each row's logits are sampled with the request's own parameters and seeded generator; the token (with
+  3. prefill, with what is left of `step_token_budget` after the decode's tokens: rounds of whole chunks, each
+     round one chunk of each of up to `max_prefill_rows` requests, the oldest first, then queued requests
+     admitted (a free row; with a prefix cache the longest stored prefix is loaded) while budget and rows last;
+     a step always runs at least one chunk, and a chunk that does not fit waits, with everything behind it, for
+     the next step. Admission only when a chunk runs keeps rows of waiting requests free, so they never split a
+     decode or keep it from replaying its graph. Chunk boundaries are fixed by the request alone (every
+     `prefill_chunk` tokens from where its prefill starts, plus the prefix cache's save boundaries), the
+     boundaries `dsv4.generate` uses. With `batch_invariant` off a round's chunks of equal length run as one
+     forward over their rows, each row at its own position (a forward feeds every row the same number of tokens,
+     so other lengths run as forwards of their own; adjacent rows go through a view of the cache, others through
+     a copy of the rows written back after): the GEMMs see 8 prompts of 1K tokens as one 8K-token batch. Batching
+     changes a row's arithmetic only at the rounding level, as batched decode does, so it is left off with
+     `batch_invariant` on: a chunk then runs on its request's row alone, in shapes the request fixes, so it uses
+     the fastest kernels and a prompt's logits never depend on what else is queued (bitwise); batch-invariant
+     kernels for prefill would cost ~10x. A prompt whose last chunk runs samples its first token at once;
+  4. each row's logits are sampled with the request's own parameters and seeded generator; the token (with
      logprobs if asked, from the untempered logits as OpenAI reports them) is sent to the request's stream;
      a stop token, end of sequence, `max_tokens` or non-finite logits ends it and frees its row.
 
@@ -28,10 +36,12 @@ the same decode views verifies them (`dsv4.generate.speculative`): prefill chunk
 first token is chosen at the row's first speculative step, each accepted token goes out as its own event, and a
 row's stop tokens and `max_tokens` bound what it emits (its token budget). Free rows in a view ride along with
 budget 0 (rolled back whole). The draft count shrinks near `max_seq_len`, so no extra room is asked at submit.
-Speculative steps run eagerly (no CUDA graphs: the verify width and the per-row catch-up vary step to step).
+Speculative steps run eagerly (no CUDA graphs: the verify width and the per-row catch-up vary step to step), and
+prompts are prefilled one request per forward (`SpeculativeDecoder.extend` fills one row of both caches).
 
-A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on, with
-finish_reason "error"; those rows (and any the cache marks damaged) are reset and the engine keeps serving.
+A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (for a batched
+prefill, every request of the forward) with finish_reason "error"; those rows (and any the cache marks damaged) are
+reset and the engine keeps serving.
 """
 from __future__ import annotations
 
@@ -157,11 +167,13 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 64, max_seq_len: int = 4096,
                  kv_dtype: str = "auto", index_dtype: str = "auto", prefill_chunk: int = 2048,
-                 step_token_budget: int = 4096, max_queue: int = 256, eos_token_ids: Sequence[int] = (),
+                 step_token_budget: int = 8192, max_prefill_rows: int = 16, max_queue: int = 256,
+                 eos_token_ids: Sequence[int] = (),
                  prefix_cache=None, speculative: str | None = None, n_draft: int = 1, cuda_graphs: bool = True,
                  batch_invariant: bool = True):
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
-                            ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget)):
+                            ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget),
+                            ("max_prefill_rows", max_prefill_rows)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"Engine {name}={value!r}: must be a positive integer")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
@@ -171,12 +183,14 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.prefill_chunk, self.step_token_budget, self.max_queue = prefill_chunk, step_token_budget, max_queue
+        self.max_prefill_rows = max_prefill_rows
         eos = list(eos_token_ids)
         if not eos and getattr(tokenizer, "eos_id", None) is not None:
             eos = [tokenizer.eos_id]
         self.eos_token_ids = frozenset(int(t) for t in eos)
         self.prefix_cache = prefix_cache
         self.batch_invariant = batch_invariant
+        self.batched_prefill = not batch_invariant and speculative is None   # (see the module doc)
         self.vocab_size = model.config.vocab_size
         self.device = model.embed.weight.device
         self.cache = model.new_cache(max_batch, max_seq_len, kv_dtype, index_dtype)
@@ -253,9 +267,8 @@ class Engine:
         with self._step_lock:
             self.counters["steps"] += 1
             self._reap_cancelled()
-            self._admit()
-            self._prefill()
-            self._decode()
+            decoded = self._decode()
+            self._prefill(self.step_token_budget - decoded)
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         """Step until no request is queued or running (for scripts and tests without the background thread)."""
@@ -305,95 +318,132 @@ class Engine:
         for req in gone + [r for r in self._rows if r is not None and r.handle.cancelled]:
             self._finish(req, TokenEvent(None, finish_reason="abort"))
 
-    def _admit(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue or Phase.FREE not in self.pool.phase:
-                    return
-                req = self._queue.pop(0)
-            row = self.pool.take()
-            req.row = row
-            self._rows[row] = req
-            view = self.cache.select(row).reset()
-            if self.spec is not None:
-                self.spec.begin(row)
-            req.sampling = SamplingConfig(temperature=req.params.temperature, top_p=req.params.top_p,
-                                          top_k=req.params.top_k)
-            if req.params.temperature > 0:
-                req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
-            start = 0
-            if self.prefix_cache is not None:
-                try:
-                    start = int(self.prefix_cache.load(view, req.prompt))
-                    if not 0 <= start < len(req.prompt) or view.lengths() != [start]:
-                        raise RuntimeError(f"prefix cache loaded {start} tokens of a {len(req.prompt)}-token "
-                                           f"prompt into a row at position {view.lengths()[0]}")
-                except Exception as e:  # a broken prefix cache costs the hit, never the request
-                    warnings.warn(f"prefix cache load failed ({e}); prefilling the whole prompt")
-                    view.reset()
-                    start = 0
-                self.counters["prefix_lookup_tokens"] += len(req.prompt)
-                self.counters["prefix_hit_tokens"] += start
-                boundaries = getattr(self.prefix_cache, "boundaries", None)
-                req.saves = {b for b in (boundaries(len(req.prompt)) if boundaries else [len(req.prompt)])
-                             if b > start}
-            req.done = req.handle.cached_tokens = start
-            n = len(req.prompt)
-            req.stops = sorted(set(range(start + self.prefill_chunk, n, self.prefill_chunk)) | req.saves | {n})
-            self._admitted.append(req)
+    def _admit(self) -> _Request | None:
+        """The oldest queued request on the lowest free row (None when none waits or every row is busy), its
+        chunk stops set and any stored prefix of its prompt loaded."""
+        with self._lock:
+            if not self._queue or Phase.FREE not in self.pool.phase:
+                return None
+            req = self._queue.pop(0)
+        row = self.pool.take()
+        req.row = row
+        self._rows[row] = req
+        view = self.cache.select(row).reset()
+        if self.spec is not None:
+            self.spec.begin(row)
+        req.sampling = SamplingConfig(temperature=req.params.temperature, top_p=req.params.top_p,
+                                      top_k=req.params.top_k)
+        if req.params.temperature > 0:
+            req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
+        start = 0
+        if self.prefix_cache is not None:
+            try:
+                start = int(self.prefix_cache.load(view, req.prompt))
+                if not 0 <= start < len(req.prompt) or view.lengths() != [start]:
+                    raise RuntimeError(f"prefix cache loaded {start} tokens of a {len(req.prompt)}-token "
+                                       f"prompt into a row at position {view.lengths()[0]}")
+            except Exception as e:  # a broken prefix cache costs the hit, never the request
+                warnings.warn(f"prefix cache load failed ({e}); prefilling the whole prompt")
+                view.reset()
+                start = 0
+            self.counters["prefix_lookup_tokens"] += len(req.prompt)
+            self.counters["prefix_hit_tokens"] += start
+            boundaries = getattr(self.prefix_cache, "boundaries", None)
+            req.saves = {b for b in (boundaries(len(req.prompt)) if boundaries else [len(req.prompt)])
+                         if b > start}
+        req.done = req.handle.cached_tokens = start
+        n = len(req.prompt)
+        req.stops = sorted(set(range(start + self.prefill_chunk, n, self.prefill_chunk)) | req.saves | {n})
+        self._admitted.append(req)
+        return req
 
-    def _prefill(self) -> None:
-        budget, ran = self.step_token_budget, False
+    def _prefill(self, budget: int) -> None:
+        """Rounds of prompt chunks under `budget` tokens (at least one chunk per step; see the module doc)."""
+        ran = False
+        while not ran or budget > 0:
+            picked, budget = self._pick_round(budget, first=not ran)
+            if not picked:
+                return
+            ran = True
+            if not self.batched_prefill:
+                for req in picked:
+                    self._prefill_rows([req])
+                continue
+            by_length: dict[int, list[_Request]] = {}
+            for req in picked:   # one forward takes chunks of one length: [B, S] tokens
+                by_length.setdefault(req.stops[0] - req.done, []).append(req)
+            for group in by_length.values():
+                self._prefill_rows(sorted(group, key=lambda r: r.row))
+
+    def _pick_round(self, budget: int, first: bool) -> tuple[list[_Request], int]:
+        """One round: the next chunk of each prefilling request, the oldest first, then of newly admitted ones,
+        while the chunks fit `budget` (the first chunk of a step's first round always does) and
+        `max_prefill_rows` is not reached. Returns the requests and the budget left."""
+        picked: list[_Request] = []
+
+        def take(req: _Request) -> bool:
+            nonlocal budget
+            n = req.stops[0] - req.done
+            if n > budget and not (first and not picked):
+                return False
+            picked.append(req)
+            budget -= n
+            return True
         for req in list(self._admitted):
-            while req.row is not None and req.stops:
-                n = req.stops[0] - req.done
-                if ran and n > budget:
-                    return
-                ok = self._prefill_chunk(req)
-                ran, budget = True, budget - n
-                if not ok:
-                    break
-                if budget <= 0:
-                    return
+            if len(picked) == self.max_prefill_rows or not take(req):
+                return picked, budget   # nobody jumps a chunk that waits for the next step
+        while len(picked) < self.max_prefill_rows and budget > 0:
+            req = self._admit()
+            if req is None or not take(req):
+                break
+        return picked, budget
 
-    def _prefill_chunk(self, req: _Request) -> bool:
-        """Run the request's next prompt chunk; at the prompt's end sample its first token. False when the
-        forward failed (the request has then ended with "error")."""
-        row, view, stop = req.row, self.cache.select(req.row), req.stops[0]
-        ids = torch.tensor([req.prompt[req.done:stop]], dtype=torch.long, device=self.device)
+    def _prefill_rows(self, reqs: list[_Request]) -> None:
+        """Run the next prompt chunk (all of one length) of each request in one forward; a prompt whose last
+        chunk ran samples its first token. A forward that raises ends all of them with "error"."""
+        rows, stop = [req.row for req in reqs], [req.stops[0] for req in reqs]
+        adjacent = rows == list(range(rows[0], rows[0] + len(rows)))
         try:
-            # (a chunk runs on its request's row alone, in shapes the request fixes: batch-invariant kernels
-            # would change nothing but its speed)
-            if self.spec is not None:
-                logits = self.spec.extend(row, req.prompt[req.done:stop]).unsqueeze(0)
+            if self.spec is not None:   # (batched_prefill is off: one request)
+                req = reqs[0]
+                logits = self.spec.extend(req.row, req.prompt[req.done:stop[0]]).unsqueeze(0)
             else:
+                ids = torch.tensor([req.prompt[req.done:e] for req, e in zip(reqs, stop)], dtype=torch.long,
+                                   device=self.device)                                    # [B, S]
+                view = self.cache.select(slice(rows[0], rows[-1] + 1)) if adjacent else self.cache.gather_rows(rows)
                 logits = self.model(ids, cache=view, last_only=True)[:, -1]
+                if not adjacent:
+                    self.cache.scatter_rows(rows, view)
         except Exception as e:
-            self._fail([row], e)
-            return False
-        self.counters["prefill_tokens"] += stop - req.done
-        req.done = req.stops.pop(0)
-        if stop in req.saves:
-            self._save_prefix(view, req.prompt[:stop])
-        if stop == len(req.prompt):
-            self._admitted.remove(req)
-            self.pool.phase[row] = Phase.DECODE
-            if self.spec is None:   # speculative rows choose their first token at their first step
-                self._emit([req], logits)
-        return True
+            self._fail(rows, e)
+            return
+        started: list[int] = []
+        for i, (req, end) in enumerate(zip(reqs, stop)):
+            self.counters["prefill_tokens"] += end - req.done
+            req.done = req.stops.pop(0)
+            if end in req.saves:
+                self._save_prefix(self.cache.select(req.row), req.prompt[:end])
+            if end == len(req.prompt):
+                self._admitted.remove(req)
+                self.pool.phase[req.row] = Phase.DECODE
+                started.append(i)
+        if started and self.spec is None:   # speculative rows choose their first token at their first step
+            self._emit([reqs[i] for i in started], logits if len(started) == len(reqs) else logits[started])
 
-    def _decode(self) -> None:
+    def _decode(self) -> int:
+        """One step of every decoding row; returns the tokens it fed (one per decoding row), which the step's
+        prefill budget leaves to it."""
         phase = self.pool.phase
         decoding = self.pool.rows(Phase.DECODE)
         if not decoding:
-            return
+            return 0
         hi = decoding[-1] + 1
         if self.spec is not None:
             runs = ([range(r, r + 1) for r in decoding] if self.batch_invariant and not self.cache.positions.is_cuda
                     else decode_runs(list(phase)))
             for rows in runs:
                 self._spec_view(rows)
-            return
+            return len(decoding)
         bucket = bucket_for(hi, self.graph_buckets)
         if bucket is not None and Phase.PREFILL not in phase[:bucket]:
             self._decode_view(range(bucket), graph=True)
@@ -403,6 +453,7 @@ class Engine:
         else:
             for rows in decode_runs(list(phase)):
                 self._decode_view(rows)
+        return len(decoding)
 
     def _decode_view(self, rows: range, graph: bool = False) -> None:
         """One token for every decoding row in `rows` (a dummy one for free rows) in one forward."""

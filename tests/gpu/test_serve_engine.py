@@ -55,3 +55,15 @@ def test_seeded_sampling_is_reproducible_on_the_gpu(model):
     params = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7)
     _, together = run(model, ps, params)
     assert together[3] == run(model, [ps[3]], params)[1][0]
+
+
+def test_batched_prefill_gives_each_request_its_tokens(model):
+    """batch_invariant off: prompts prefilled several per forward (and decoded batched) get the tokens they get
+    alone, logprobs equal to fp32 rounding."""
+    ps, params = prompts(12), SamplingParams(max_tokens=10, temperature=0, logprobs=0)
+    engine, together = run(model, ps, params, batch_invariant=False)
+    assert engine.batched_prefill
+    for p, got in zip(ps, together):
+        alone = run(model, [p], params, batch_invariant=False)[1][0]
+        assert [t for t, _ in got] == [t for t, _ in alone]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got, alone)) < 1e-4

@@ -67,7 +67,7 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(model):
     params = SamplingParams(max_tokens=12, temperature=0)
     h_short = engine.submit(short, params)
     engine.step()
-    assert len(h_short._events) == 2            # first token after the prefill, one more from the decode
+    assert len(h_short._events) == 1            # the first token, from the prefill (a step decodes first)
     h_long = engine.submit(long, params)
     steps = 0
     while not h_long._events:
@@ -75,7 +75,7 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(model):
         engine.step()
         steps += 1
         assert len(h_short._events) == before + 1, "the running stream must get a token every step"
-    assert steps == 6                           # 44 tokens, 8 per step
+    assert steps == 6                           # 44 tokens, one chunk of 8 per step (budget 8 - 1 decode token)
     engine.run_until_idle()
     one_chunk = alone(model, long, params, prefill_chunk=64)
     assert tokens(h_long) == [e.token for e in one_chunk] == generate(model, [long], 12, prefill_chunk=8)[0]

@@ -1,0 +1,86 @@
+"""Prefill throughput of the serving engine: N prompts submitted together, prefilled batched (equal-length chunks
+of several requests in one forward, the engine's mode with batch_invariant off) against one request per forward
+(its mode with batch_invariant on). Each request asks for one token, so the time is the prefill's.
+
+    python bench/serve_prefill.py --preset tiny --device cpu --prompts 16 --prompt-len 256
+    python bench/serve_prefill.py --preset flash4 --device cuda --prompts 64 --prompt-len 1024
+
+Prints one line per mode: seconds, prompt tokens/s, prefill forwards; and the speedup.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+import dsv4
+from dsv4.serve.engine import Engine
+from dsv4.serve.types import SamplingParams
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from e2e import flash4  # noqa: E402  (bench/e2e.py: the geometry bench/serve.py serves)
+
+
+def run(model, prompts: list[list[int]], batched: bool, args) -> tuple[float, int]:
+    engine = Engine(model, max_batch=len(prompts), max_seq_len=args.prompt_len + 1, prefill_chunk=args.chunk,
+                    step_token_budget=args.budget, max_prefill_rows=args.max_prefill_rows, cuda_graphs=False,
+                    batch_invariant=False)
+    engine.batched_prefill = batched   # decode never runs (one token each): only the prefill mode differs
+    forwards = [0]
+    real = model.forward
+
+    def counted(*a, **kw):
+        forwards[0] += 1
+        return real(*a, **kw)
+    model.forward = counted
+    try:
+        handles = [engine.submit(p, SamplingParams(max_tokens=1, temperature=0)) for p in prompts]
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.run_until_idle()
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    finally:
+        del model.forward
+    assert all(list(h)[-1].finish_reason == "length" for h in handles)
+    return seconds, forwards[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=["tiny", "flash4"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prompts", type=int, default=16)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--budget", type=int, default=8192)
+    p.add_argument("--max-prefill-rows", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per mode (the best is kept; a warm-up first)")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cfg = dsv4.ModelConfig.preset("tiny") if args.preset == "tiny" else flash4()
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    model = dsv4.Transformer(cfg).init_weights(seed=0).to(device=device, dtype=dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=g).tolist() for _ in range(args.prompts)]
+    tokens = args.prompts * args.prompt_len
+    print(f"{args.preset} on {device}: {args.prompts} prompts x {args.prompt_len} tokens, chunk {args.chunk}, "
+          f"budget {args.budget}, max_prefill_rows {args.max_prefill_rows}, torch {torch.__version__}")
+    best = {}
+    for batched in (False, True):
+        run(model, prompts[:2], batched, args)   # warm-up
+        times = [run(model, prompts, batched, args) for _ in range(args.repeats)]
+        seconds, forwards = min(times)
+        best[batched] = seconds
+        name = "batched" if batched else "one per forward"
+        print(f"  {name:16s} {seconds:8.3f} s  {tokens / seconds:10.0f} prompt tok/s  {forwards} forwards")
+    print(f"  speedup {best[False] / best[True]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
