@@ -38,19 +38,23 @@ def test_native_matches_bf16(official):
 
 
 def test_packed_ops_pick_triton_on_cuda(official):
-    from dsv4.ops.dispatch import _pick
+    """auto dispatch serves bf16 CUDA calls with the Triton kernels (_pick returns the registered callable, which
+    wraps the kernel launcher to turn autocast off, so the comparison is with the registry's entry)."""
+    from dsv4.ops.dispatch import _REGISTRY, _pick
     from dsv4.ops.triton import packed_experts, packed_linear
     model = dsv4.load_model(official, device="cuda", weights="native")
     w = model.layers[0].attn.wq_a.packed
     x = torch.randn(3, w.shape[1], device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
-        assert _pick("linear_fp8_weight", None, x, w) is packed_linear.linear_fp8_weight
+        picked = _pick("linear_fp8_weight", None, x, w)
+        assert picked is _REGISTRY["linear_fp8_weight"]["triton"][0]
+        assert picked.__wrapped__ is packed_linear.linear_fp8_weight
         got = ops.linear_fp8_weight(x, w)
         want = ops.linear_fp8_weight(x, w, backend="reference")
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
     experts = model.layers[1].ffn.experts.packed
-    assert _pick("moe_experts_fp4", None, x[:, :experts[0].shape[2]], *experts, None) is \
-        packed_experts.moe_experts_fp4
+    picked = _pick("moe_experts_fp4", None, x[:, :experts[0].shape[2]], *experts, None)
+    assert picked.__wrapped__ is packed_experts.moe_experts_fp4
 
 
 def test_packed_kernels_capture_in_a_cuda_graph(official):
