@@ -17,7 +17,7 @@ from ...quant.packed import Fp4GroupWeight
 from ..reference import packed as ref
 from .experts import slot_sum
 from .launch import falls_back_to, interpreted
-from .packed_linear import fp4_step
+from .packed_linear import fp4_dot_step
 
 ROWS = 16  # token rows per tile (the tensor-core minimum): decode's few tokens per expert fill one
 
@@ -26,20 +26,9 @@ ROWS = 16  # token rows per tile (the tensor-core minimum): decode's few tokens 
 def _rows_dot(a_ptr, rows, rmask, rs_a, w_ptr, s_ptr, rn, nmask, K, rs_w, rs_s, acc, DT: tl.constexpr,
               IEEE: tl.constexpr):
     """acc + a[rows] @ dequant(w[rn])^T over all of K (a rows at a_ptr + rows * rs_a; FP4 w)."""
-    HALF = K // 2
-    for kh0 in range(0, HALF, 64):
-        kk = 2 * (kh0 + tl.arange(0, 64))
-        am = rmask[:, None] & (kk[None, :] < K)
-        arow = a_ptr + rows.to(tl.int64)[:, None] * rs_a + kk[None, :]
-        a_even = tl.load(arow, mask=am, other=0.0).to(DT)
-        a_odd = tl.load(arow + 1, mask=am, other=0.0).to(DT)
-        lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, K // 32, rs_w, rs_s, DT)
-        if IEEE:
-            acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
-            acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_even, tl.trans(lo), acc)
-            acc = tl.dot(a_odd, tl.trans(hi), acc)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * rs_a
+    for kh0 in range(0, K // 2, 64):
+        acc = fp4_dot_step(acc, a_rows, rmask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
     return acc
 
 

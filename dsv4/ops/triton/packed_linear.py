@@ -103,8 +103,29 @@ def store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT):
 
 
 @triton.jit
-def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT, rs_x, rs_w, rs_s,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr):
+def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """acc + a[:, 2 kh0 : 2 kh0 + 128] @ dequant(w[rn, same k])^T: one FP4 K step (bytes kh0 .. kh0 + 63) of
+    the rows whose pointers are a_rows ([rows, 1], masked by amask), as even-k and odd-k halves (the low and high
+    nibbles). The one K loop body of the FP4 GEMM and of the grouped FP4 experts."""
+    kk = 2 * (kh0 + tl.arange(0, 64))
+    am = amask[:, None] & (kk[None, :] < K)
+    a_even = tl.load(a_rows + kk[None, :], mask=am, other=0.0).to(DT)
+    a_odd = tl.load(a_rows + kk[None, :] + 1, mask=am, other=0.0).to(DT)
+    lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, K // 2, K // 32, rs_w, rs_s, DT)
+    if IEEE:  # the interpreter: the same exact products as fp32 FMAs
+        acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
+        acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a_even, tl.trans(lo), acc)
+        acc = tl.dot(a_odd, tl.trans(hi), acc)
+    return acc
+
+
+@triton.jit
+def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT, rs_x, rs_w,
+                       rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+                       NATIVE_FP8: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,30 +156,18 @@ def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
 
 
 @triton.jit
-def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, STEPS, STEPS_PER, SPLIT, rs_x, rs_w, rs_s,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, STEPS, STEPS_PER, SPLIT, rs_x,
+                       rs_w, rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     nmask, mmask = rn < N, rm < M
     DT = tl.float32 if IEEE else x_ptr.dtype.element_ty
-    HALF = K // 2
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     st0 = pid_s * STEPS_PER
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * rs_x
     for st in range(st0, tl.minimum(st0 + STEPS_PER, STEPS)):
-        kh0 = st * 64
-        kk = 2 * (kh0 + tl.arange(0, 64))                                       # the even k of each byte
-        am = mmask[:, None] & (kk[None, :] < K)
-        xrow = x_ptr + rm.to(tl.int64)[:, None] * rs_x + kk[None, :]
-        a_even = tl.load(xrow, mask=am, other=0.0).to(DT)
-        a_odd = tl.load(xrow + 1, mask=am, other=0.0).to(DT)
-        lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, K // 32, rs_w, rs_s, DT)
-        if IEEE:
-            acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
-            acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_even, tl.trans(lo), acc)
-            acc = tl.dot(a_odd, tl.trans(hi), acc)
+        acc = fp4_dot_step(acc, x_rows, mmask, st * 64, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
     store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT)
 
 
