@@ -108,10 +108,9 @@ def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s
     """acc + a[:, 2 kh0 : 2 kh0 + 128] @ dequant(w[rn, same k])^T: one FP4 K step (bytes kh0 .. kh0 + 63) of
     the rows whose pointers are a_rows ([rows, 1], masked by amask), as even-k and odd-k halves (the low and high
     nibbles). The one K loop body of the FP4 GEMM and of the grouped FP4 experts."""
-    kk = 2 * (kh0 + tl.arange(0, 64))
-    am = amask[:, None] & (kk[None, :] < K)
-    a_even = tl.load(a_rows + kk[None, :], mask=am, other=0.0).to(DT)
-    a_odd = tl.load(a_rows + kk[None, :] + 1, mask=am, other=0.0).to(DT)
+    kk = 2 * kh0 + tl.arange(0, 128)  # one contiguous load of the 128 activations, split into even and odd k
+    a = tl.load(a_rows + kk[None, :], mask=amask[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+    a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], 64, 2)))
     lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, K // 2, K // 32, rs_w, rs_s, DT)
     if IEEE:  # the interpreter: the same exact products as fp32 FMAs
         acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
