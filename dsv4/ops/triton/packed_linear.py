@@ -30,6 +30,7 @@ from ..reference import packed as ref
 from .launch import falls_back_to, interpreted, multiprocessors
 
 FP4_STEP = 128  # K values per FP4 loop step: 64 bytes per row, 4 scale groups
+MAX_SPLIT = 16  # K slices per output tile at most: the tile's last program reads them all back
 
 
 @triton.jit
@@ -79,12 +80,12 @@ def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.cons
 
 
 @triton.jit
-def store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT):
+def store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE: tl.constexpr):
     """The epilogue of a split-K program (K slice program_id(2) of SPLIT): with one slice, acc goes to out (its
     dtype); otherwise acc goes to its fp32 slice of part [SPLIT, M, N], and the program that finishes a tile last
-    (a ticket counter per tile, atomic) adds the SPLIT slices in slice order, stores the sum and resets the
-    counter to 0 for the next launch. One kernel, no host work, and the sum does not depend on which program
-    finishes last (deterministic)."""
+    (a ticket counter per tile, atomic) adds the SPLIT slices (REDUCE per load, in a fixed order), stores the sum
+    and resets the counter to 0 for the next launch. One kernel, no host work, and the sum does not depend on
+    which program finishes last (deterministic)."""
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     at = rm.to(tl.int64)[:, None] * N + rn[None, :]
     if SPLIT == 1:
@@ -95,9 +96,13 @@ def store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT):
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         ticket = tl.atomic_add(cnt_ptr + tile, 1)
         if ticket == SPLIT - 1:
+            # REDUCE slices per load (one wave of loads, not SPLIT dependent ones), in a fixed order
             total = tl.zeros(acc.shape, tl.float32)
-            for sl in range(0, SPLIT):
-                total += tl.load(part_ptr + sl * M * N + at, mask=mask, other=0.0, cache_modifier=".cg")
+            sl = tl.arange(0, REDUCE)
+            for s0 in range(0, SPLIT, REDUCE):
+                ptrs = part_ptr + (s0 + sl).to(tl.int64)[:, None, None] * M * N + at[None, :, :]
+                total += tl.sum(tl.load(ptrs, mask=((s0 + sl) < SPLIT)[:, None, None] & mask[None, :, :], other=0.0,
+                                        cache_modifier=".cg"), 0)
             tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)
 
@@ -123,8 +128,8 @@ def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s
 
 @triton.jit
 def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT, rs_x, rs_w,
-                       rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
-                       NATIVE_FP8: tl.constexpr):
+                       rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr,
+                       IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -151,12 +156,13 @@ def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
         if not NATIVE_FP8:
             s = s * 256.0
         acc += part * s[None, :]
-    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT)
+    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
 @triton.jit
 def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, STEPS, STEPS_PER, SPLIT, rs_x,
-                       rs_w, rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                       rs_w, rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr,
+                       IEEE: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -167,7 +173,7 @@ def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * rs_x
     for st in range(st0, tl.minimum(st0 + STEPS_PER, STEPS)):
         acc = fp4_dot_step(acc, x_rows, mmask, st * 64, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
-    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT)
+    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
 @triton.jit
@@ -192,7 +198,7 @@ def e4m3_round(v):
 
 @triton.jit
 def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT, rs_x, rs_w, rs_s,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr, IEEE: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,7 +221,7 @@ def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB
             part = tl.dot(q.to(tl.float8e4nv), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
         sw = ue8m0_values(tl.load(s_ptr + (rn // 128) * rs_s + kb, mask=nmask, other=0).to(tl.int32))
         acc += part * sa[:, None] * sw[None, :]
-    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT)
+    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
 def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
@@ -225,7 +231,7 @@ def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, 
     if M <= 64:
         bm, bn = min(64, max(16, triton.next_power_of_2(M))), 64
         tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-        split = max(1, min(steps, (4 * multiprocessors(device)) // max(tiles, 1)))
+        split = max(1, min(steps, MAX_SPLIT, (4 * multiprocessors(device)) // max(tiles, 1)))
         return bm, bn, triton.cdiv(steps, split), 4
     bm = 64 if M <= 256 else 128
     return bm, 128, steps, 8 if bm == 128 else 4
@@ -245,7 +251,8 @@ def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None,
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)  # unused when split == 1
     kernel[grid](x2, data, scale, out, part, tile_tickets(x.device, grid[0] * grid[1]), M, N, K, steps, per,
-                 split, x2.stride(0), data.stride(0), scale.stride(0), BLOCK_M=bm, BLOCK_N=bn, IEEE=interpreted(),
+                 split, x2.stride(0), data.stride(0), scale.stride(0), BLOCK_M=bm, BLOCK_N=bn,
+                 REDUCE=max(1, min(8, 4096 // (bm * bn))), IEEE=interpreted(),
                  num_warps=warps, num_stages=4 if M <= 64 else 3, **flags)
     return out.view(*x.shape[:-1], N)
 
