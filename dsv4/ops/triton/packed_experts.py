@@ -2,7 +2,7 @@
 bytes and dequantised in registers (ops/triton/packed_linear.py says how).
 
 The (token, slot) pairs are sorted by expert on the device; one program per (used expert, block of output rows)
-walks that expert's rows in 16-row tiles, so every expert's weights are read once per tile of its tokens, experts
+walks that expert's rows in 16- or 64-row tiles, so every expert's weights are read once per tile of its tokens, experts
 without tokens get no program, and nothing waits on the host (CUDA-graph capturable). Two kernels:
 gate/up (w1 and w3 in one pass, clamped SwiGLU and routing weight fused) and down (w2); the k slot outputs of a
 token are then summed in fp32 in slot order (experts.slot_sum), as the reference sums them.
@@ -19,7 +19,10 @@ from .experts import slot_sum
 from .launch import falls_back_to, interpreted
 from .packed_linear import fp4_dot_step
 
-ROWS = 16  # token rows per tile (the tensor-core minimum): decode's few tokens per expert fill one
+def _rows(pairs: int, experts: int) -> int:
+    """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from
+    16 per expert on, so that an expert's weights are decoded once per 64 of its tokens rather than per 16."""
+    return 64 if pairs >= 16 * experts else 16
 
 
 @triton.jit
@@ -46,8 +49,8 @@ def _expert_rows(active_ptr, offs_ptr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, F, C, limit,
-                    we_stride, se_stride, rs_w, rs_s, BLOCK_N: tl.constexpr, CLAMP: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    we_stride, se_stride, rs_w, rs_s, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                    CLAMP: tl.constexpr, IEEE: tl.constexpr):
     e, start, end = _expert_rows(active_ptr, offs_ptr)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < F
@@ -56,13 +59,13 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
     w3 = w3_ptr + e.to(tl.int64) * we_stride
     s1 = s1_ptr + e.to(tl.int64) * se_stride
     s3 = s3_ptr + e.to(tl.int64) * se_stride
-    for r0 in range(start, end, 16):
-        rows = r0 + tl.arange(0, 16)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
         rmask = rows < end
         tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
-        g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, rs_w, rs_s, tl.zeros([16, BLOCK_N], tl.float32),
+        g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
                       DT, IEEE)
-        u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, rs_w, rs_s, tl.zeros([16, BLOCK_N], tl.float32),
+        u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
                       DT, IEEE)
         # as the reference: projections rounded to the activation dtype, then the SwiGLU in fp32
         g = g.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -77,17 +80,17 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
 
 @triton.jit
 def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, we_stride, se_stride, rs_w, rs_s,
-                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
     e, start, end = _expert_rows(active_ptr, offs_ptr)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < C
     DT = tl.float32 if IEEE else h_ptr.dtype.element_ty
     w2 = w2_ptr + e.to(tl.int64) * we_stride
     s2 = s2_ptr + e.to(tl.int64) * se_stride
-    for r0 in range(start, end, 16):
-        rows = r0 + tl.arange(0, 16)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
         rmask = rows < end
-        y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, rs_w, rs_s, tl.zeros([16, BLOCK_N], tl.float32),
+        y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
                       DT, IEEE)
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + rn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
@@ -141,14 +144,14 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
         return torch.zeros(N, C, dtype=torch.float32, device=x.device)
     d1, s1, d3, s3, d2, s2 = (t.contiguous() for t in (w1.data, w1.scale, w3.data, w3.scale, w2.data, w2.scale))
     bn = _block_n(P)
-    slots = active.numel()
+    slots, rows = active.numel(), _rows(P, E)
     _gate_up_kernel[(slots, triton.cdiv(F, bn))](x, tok, rw, active, offs, d1, s1, d3, s3, h, F, C,
                                                  float(swiglu_limit), d1.stride(0), s1.stride(0), d1.stride(1),
-                                                 s1.stride(1), BLOCK_N=bn, CLAMP=swiglu_limit > 0, IEEE=interpreted(),
-                                                 num_warps=4, num_stages=3)
+                                                 s1.stride(1), BLOCK_N=bn, ROWS=rows, CLAMP=swiglu_limit > 0,
+                                                 IEEE=interpreted(), num_warps=4, num_stages=3)
     _down_kernel[(slots, triton.cdiv(C, bn))](h, active, offs, d2, s2, y, C, F, d2.stride(0), s2.stride(0),
-                                              d2.stride(1), s2.stride(1), BLOCK_N=bn, IEEE=interpreted(), num_warps=4,
-                                              num_stages=3)
+                                              d2.stride(1), s2.stride(1), BLOCK_N=bn, ROWS=rows, IEEE=interpreted(),
+                                              num_warps=4, num_stages=3)
     return slot_sum(y, at, k)
 
 

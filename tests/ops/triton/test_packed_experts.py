@@ -18,8 +18,9 @@ def _experts(E, F, C, g):
     return [Fp4GroupWeight(w.data.to(DEV), w.scale.to(DEV)) for w in (w1, w2, w3)]
 
 
-@pytest.mark.parametrize("N, C, F, E, k, limit", [(1, 64, 96, 8, 3, 7.0), (19, 128, 64, 3, 2, 0.0)],
-                         ids=["decode", "multi-tile"])
+@pytest.mark.parametrize("N, C, F, E, k, limit", [(1, 64, 96, 8, 3, 7.0), (19, 128, 64, 3, 2, 0.0),
+                                                  (70, 64, 64, 2, 2, 7.0)],
+                         ids=["decode", "multi-tile", "64-row-tiles"])
 def test_fp4_experts(N, C, F, E, k, limit):
     g = gen()
     w1, w2, w3 = _experts(E, F, C, g)
