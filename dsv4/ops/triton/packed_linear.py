@@ -226,7 +226,8 @@ def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB
 
 def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, K steps per program, num_warps). Few rows (decode): one row tile of 16-64 rows (each
-    weight byte is decoded once) and K split until about four programs per SM stream the weight; many rows
+    weight byte is decoded once) and K split (at most MAX_SPLIT ways) until about four programs per SM stream the
+    weight (bench/native_gemm.py --configs times the alternatives); many rows
     (prefill): 64/128-row tiles, whole K per program."""
     if M <= 64:
         bm, bn = min(64, max(16, triton.next_power_of_2(M))), 64
