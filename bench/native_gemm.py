@@ -2,7 +2,7 @@
 bandwidth measured in the same run (issue 19: weight-only kernels >= 75% of copy bandwidth at M <= 16, grouped FP4
 MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantised reference).
 
-    python bench/native_gemm.py [--out results.json] [--ms 1,2,4,8,16,32,64]
+    python bench/native_gemm.py [--out results.json] [--ms 1,2,4,8,16,32,64] [--configs] [--only gemm|moe]
     python bench/native_gemm.py --tiny-cpu --out /tmp/smoke.json     # CPU smoke run (Triton interpreter)
 
 Each GPU case is timed as a CUDA graph that calls the op once on each of several copies of the weights (together
@@ -90,7 +90,26 @@ def copies(make, nbytes: int, on_gpu: bool) -> list:
     return [make(i) for i in range(max(1, -(-L2_FLUSH_BYTES // nbytes)) if on_gpu else 1)]
 
 
-def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbps: float) -> list[dict]:
+def candidate_configs(M: int, N: int, K: int, fmt: str, device) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, K steps per program, warps) around packed_linear.gemm_config's choice: output-row
+    tiles of 32/64/128 and K splits giving about 2, 4 or 8 programs per SM (--configs: the lead picks the rule)."""
+    steps = -(-K // (128 if fmt == "fp8" else packed_linear.FP4_STEP))
+    sms = packed_linear.multiprocessors(device)
+    bm = min(64, max(16, 1 << (M - 1).bit_length()))
+    out = []
+    for bn in (32, 64, 128):
+        tiles = -(-N // bn) * -(-M // bm)
+        for per_sm in (2, 4, 8):
+            split = max(1, min(steps, per_sm * sms // tiles))
+            for warps in ((4, 8) if bn == 128 else (4,)):
+                cfg = (bm, bn, -(-steps // split), warps)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbps: float,
+               sweep: bool = False) -> list[dict]:
     out = []
     g = torch.Generator().manual_seed(0)
     for name, N, K in shapes:
@@ -124,6 +143,14 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                            fp8xfp8_ms=t_ff, fp8xfp8_frac_copy_bw=(packed.nbytes + io) / t_ff / 1e6 / copy_gbps,
                            fp8xfp8_rel_l2_vs_reference=rel_l2(packed_linear.linear_fp8_fp8(x, packed),
                                                               ref.linear_fp8_fp8(x, packed)))
+            if sweep:
+                row["configs"] = []
+                for cfg in candidate_configs(M, N, K, fmt, x.device):
+                    t_c = timed(lambda i: kernel(x, ws[i], cfg), len(ws), on_gpu)
+                    frac = (packed.nbytes + io) / t_c / 1e6 / copy_gbps
+                    row["configs"].append({"config": cfg, "ms": t_c, "frac_copy_bw": frac})
+                    print(f"    config {cfg}  {t_c * 1e3:8.1f} us  {frac:6.1%} of copy  x{t_b / t_c:.2f} vs bf16",
+                          flush=True)
             out.append(row)
             print(f"{row['case']:28s} M={M:3d}  packed {t_q * 1e3:8.1f} us {row['packed_frac_copy_bw']:6.1%} of copy"
                   f"  bf16 {t_b * 1e3:8.1f} us {row['bf16_frac_copy_bw']:6.1%}  x{row['speedup_vs_bf16']:.2f}"
@@ -133,7 +160,15 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
     return out
 
 
-def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps: float) -> list[dict]:
+def balanced_routing(N: int, E: int, k: int, g: torch.Generator) -> torch.Tensor:
+    """[N, k] distinct experts per token with every expert given N * k // E or one more tokens: slot j of token
+    n takes expert (n * k + j) mod E, under a random relabelling of the experts."""
+    perm = torch.randperm(E, generator=g)
+    return perm[(torch.arange(N)[:, None] * k + torch.arange(k)[None, :]) % E]
+
+
+def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps: float,
+              per_expert: list[int] = ()) -> list[dict]:
     """The grouped FP4 experts against the bf16 experts (dsv4.ops.moe_experts, as the bf16 model runs them) on
     the same routings; each timed graph calls them on `ROUTINGS` different random routings, so that the experts one
     call reads are not still in L2 from the call before."""
@@ -147,26 +182,30 @@ def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps:
     expert_bytes = w1[0].nbytes + w2[0].nbytes + w3[0].nbytes
     calls = 8 if on_gpu else 1
     out = []
-    for N in tokens:
+    runs = [(N, False) for N in tokens] + [(-(-E * t // k), True) for t in per_expert]
+    for N, balanced in runs:
         x = torch.randn(N, C, generator=g).to(dev, torch.bfloat16 if on_gpu else torch.float32)
-        idxs = [torch.rand(N, E, generator=g).argsort(-1)[:, :k].to(dev) for _ in range(calls)]
+        idxs = [(balanced_routing(N, E, k, g) if balanced else torch.rand(N, E, generator=g).argsort(-1)[:, :k])
+                .to(dev) for _ in range(calls)]
         rw = torch.rand(N, k, generator=g).to(dev)
         active = sum(i.unique().numel() for i in idxs) / calls
-        per_expert = max(torch.bincount(i.flatten().cpu(), minlength=E).max().item() for i in idxs)
+        most = max(torch.bincount(i.flatten().cpu(), minlength=E).max().item() for i in idxs)
+        # the FP4 experts are checked and timed (and synchronised) before the bf16 ones start, so that a fault
+        # in either is reported by the phase that made it
+        got = packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0)
+        err = rel_l2(got, ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0))
         t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
         t_b = timed(lambda i: ops.moe_experts(x.to(b1.dtype), b1, b2, b3, idxs[i], rw, 10.0), calls, on_gpu)
-        got = packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0)
-        want = ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0)
         io = x.numel() * x.element_size() + N * C * 4
-        row = {"case": "fp4 grouped moe", "tokens": N, "E": E, "C": C, "F": F, "k": k,
-               "active_experts": active, "max_tokens_per_expert": per_expert, "ms": t, "bf16_ms": t_b,
+        row = {"case": "fp4 grouped moe", "routing": "balanced" if balanced else "random", "tokens": N, "E": E,
+               "C": C, "F": F, "k": k, "active_experts": active, "max_tokens_per_expert": most, "ms": t, "bf16_ms": t_b,
                "speedup_vs_bf16": t_b / t, "gbps": (active * expert_bytes + io) / t / 1e6,
                "bf16_gbps": (active * 3 * F * C * 2 + io) / t_b / 1e6,
-               "rel_l2_vs_dequantised_reference": rel_l2(got, want)}
+               "rel_l2_vs_dequantised_reference": err}
         row["frac_copy_bw"] = row["gbps"] / copy_gbps
         row["bf16_frac_copy_bw"] = row["bf16_gbps"] / copy_gbps
         out.append(row)
-        print(f"fp4 moe N={N:5d} active={active:5.1f} max/expert={per_expert:3d}  {t * 1e3:8.1f} us "
+        print(f"fp4 moe {row['routing']:8s} N={N:5d} active={active:5.1f} max/expert={most:3d}  {t * 1e3:8.1f} us "
               f"{row['frac_copy_bw']:6.1%} of copy  bf16 {t_b * 1e3:8.1f} us {row['bf16_frac_copy_bw']:6.1%}  "
               f"x{row['speedup_vs_bf16']:.2f}  rel-L2 {row['rel_l2_vs_dequantised_reference']:.1e}", flush=True)
     return out
@@ -176,8 +215,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="JSON path (default: bench/results/<date>_<device>_<commit>_native_gemm.json)")
     ap.add_argument("--ms", default="1,2,4,8,16,32,64", help="activation rows (decode batch sizes)")
-    ap.add_argument("--moe-tokens", default="1,8,64,512,2048", help="tokens through the grouped FP4 MoE "
-                    "(2048 tokens x 6 of 256 experts: ~48 per expert)")
+    ap.add_argument("--moe-tokens", default="1,8,64", help="tokens through the grouped FP4 MoE, randomly routed")
+    ap.add_argument("--moe-per-expert", default="1,2,4,8,16,32,64", help="tokens per expert of the balanced "
+                    "routings (every expert used, E * t / k tokens)")
+    ap.add_argument("--configs", action="store_true", help="also time candidate kernel configs per GEMM case")
+    ap.add_argument("--only", choices=("gemm", "moe"), help="run only the GEMM cases or only the grouped MoE")
     ap.add_argument("--tiny-cpu", action="store_true", help="smoke run: tiny shapes in the Triton interpreter")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available() and not args.tiny_cpu
@@ -188,9 +230,13 @@ def main() -> None:
     moe_tokens = [1, 5] if args.tiny_cpu else [int(n) for n in args.moe_tokens.split(",")]
     copy_gbps = copy_bandwidth(dev, on_gpu)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
-    results = (gemm_cases(FLASH_FP8 if on_gpu else TINY_FP8, "fp8", ms, dev, on_gpu, copy_gbps)
-               + gemm_cases(FLASH_FP4 if on_gpu else TINY_FP4, "fp4", ms, dev, on_gpu, copy_gbps)
-               + moe_cases(FLASH_MOE if on_gpu else TINY_MOE, moe_tokens, dev, on_gpu, copy_gbps))
+    per_expert = [1, 3] if args.tiny_cpu else [int(t) for t in args.moe_per_expert.split(",") if t]
+    results = []
+    if args.only != "moe":
+        results += (gemm_cases(FLASH_FP8 if on_gpu else TINY_FP8, "fp8", ms, dev, on_gpu, copy_gbps, args.configs)
+                    + gemm_cases(FLASH_FP4 if on_gpu else TINY_FP4, "fp4", ms, dev, on_gpu, copy_gbps, args.configs))
+    if args.only != "gemm":
+        results += moe_cases(FLASH_MOE if on_gpu else TINY_MOE, moe_tokens, dev, on_gpu, copy_gbps, per_expert)
     doc = {**record(dev), "copy_gbps": copy_gbps, "tiny_cpu": args.tiny_cpu, "results": results}
     path = args.out or result_path("native_gemm", device=dev)
     with open(path, "w") as f:

@@ -11,6 +11,7 @@ step runs in autograd's backward thread, which must see the mode its forward ran
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
@@ -120,7 +121,8 @@ def _on_cuda(args: tuple) -> bool:
 
 
 def _outside_autocast(fn: Callable) -> Callable:
-    """fn with autocast turned off for the device of its first tensor argument."""
+    """fn with autocast turned off for the device of its first tensor argument (`__wrapped__` is fn)."""
+    @functools.wraps(fn)
     def run(*args, **kwargs):
         dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         if not torch.is_autocast_enabled(dev):

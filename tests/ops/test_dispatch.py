@@ -130,3 +130,21 @@ def test_compiled_or_eager_runs_eagerly_while_compilation_is_off(monkeypatch):
 
     run = dsv4.ops.compiled_or_eager(double)
     assert run(3) == 6 and calls == [3] and run.failed == []
+
+
+def test_packed_weight_ops_pick_the_triton_kernels_for_cuda_bf16():
+    """auto gives bf16 CUDA calls over packed weights the Triton launchers (the registered callable wraps each to
+    turn autocast off; __wrapped__ is the launcher), and CPU calls the references."""
+    pytest.importorskip("triton")
+    from dsv4.ops.triton import packed_experts, packed_linear
+    from dsv4.quant.packed import Fp4GroupWeight, Fp8BlockWeight
+    w8 = Fp8BlockWeight.quantize(torch.randn(128, 128))
+    w4 = Fp4GroupWeight.quantize(torch.randn(4, 64, 128))
+    x = torch.zeros(2, 128, dtype=torch.bfloat16).as_subclass(CudaLooking)
+    with torch.no_grad():
+        assert dispatch._pick("linear_fp8_weight", None, x, w8).__wrapped__ is packed_linear.linear_fp8_weight
+        assert dispatch._pick("linear_fp4_weight", None, x, w4[0]).__wrapped__ is packed_linear.linear_fp4_weight
+        assert dispatch._pick("moe_experts_fp4", None, x, w4, w4, w4, None).__wrapped__ is \
+            packed_experts.moe_experts_fp4
+        assert dispatch._pick("linear_fp8_weight", None, torch.zeros(2, 128, dtype=torch.bfloat16), w8) is \
+            dispatch._REGISTRY["linear_fp8_weight"]["reference"][0]

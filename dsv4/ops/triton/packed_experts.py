@@ -1,9 +1,9 @@
 """Routed SwiGLU experts over FP4 weights (the official checkpoints' e2m1 experts with 1x32 UE8M0 scales), read as
 bytes and dequantised in registers (ops/triton/packed_linear.py says how).
 
-The (token, slot) pairs are sorted by expert on the device; one program per (expert, block of output rows) walks
-that expert's rows in 16-row tiles, so every expert's weights are read once per tile of its tokens, an expert
-without tokens costs one early exit, and nothing waits on the host (CUDA-graph capturable). Two kernels:
+The (token, slot) pairs are sorted by expert on the device; one program per (used expert, block of output rows)
+walks that expert's rows in 16- or 64-row tiles, so every expert's weights are read once per tile of its tokens, experts
+without tokens get no program, and nothing waits on the host (CUDA-graph capturable). Two kernels:
 gate/up (w1 and w3 in one pass, clamped SwiGLU and routing weight fused) and down (w2); the k slot outputs of a
 token are then summed in fp32 in slot order (experts.slot_sum), as the reference sums them.
 """
@@ -17,53 +17,55 @@ from ...quant.packed import Fp4GroupWeight
 from ..reference import packed as ref
 from .experts import slot_sum
 from .launch import falls_back_to, interpreted
-from .packed_linear import fp4_step
+from .packed_linear import fp4_dot_step
 
-ROWS = 16  # token rows per tile (the tensor-core minimum): decode's few tokens per expert fill one
+def _rows(pairs: int, experts: int) -> int:
+    """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from
+    16 per expert on, so that an expert's weights are decoded once per 64 of its tokens rather than per 16."""
+    return 64 if pairs >= 16 * experts else 16
 
 
 @triton.jit
 def _rows_dot(a_ptr, rows, rmask, rs_a, w_ptr, s_ptr, rn, nmask, K, rs_w, rs_s, acc, DT: tl.constexpr,
               IEEE: tl.constexpr):
     """acc + a[rows] @ dequant(w[rn])^T over all of K (a rows at a_ptr + rows * rs_a; FP4 w)."""
-    HALF = K // 2
-    for kh0 in range(0, HALF, 64):
-        kk = 2 * (kh0 + tl.arange(0, 64))
-        am = rmask[:, None] & (kk[None, :] < K)
-        arow = a_ptr + rows.to(tl.int64)[:, None] * rs_a + kk[None, :]
-        a_even = tl.load(arow, mask=am, other=0.0).to(DT)
-        a_odd = tl.load(arow + 1, mask=am, other=0.0).to(DT)
-        lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, K // 32, rs_w, rs_s, DT)
-        if IEEE:
-            acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
-            acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_even, tl.trans(lo), acc)
-            acc = tl.dot(a_odd, tl.trans(hi), acc)
+    a_rows = a_ptr + rows.to(tl.int64)[:, None] * rs_a
+    for kh0 in range(0, K // 2, 64):
+        acc = fp4_dot_step(acc, a_rows, rmask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
     return acc
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, F, C, limit,
-                    we_stride, se_stride, rs_w, rs_s, BLOCK_N: tl.constexpr, CLAMP: tl.constexpr,
-                    IEEE: tl.constexpr):
-    e = tl.program_id(0)
+def _expert_rows(active_ptr, offs_ptr):
+    """(expert, first sorted row, end row) of this program's slot in the list of used experts; a slot past the
+    used ones (-1) gets expert 0 and no rows."""
+    e = tl.load(active_ptr + tl.program_id(0)).to(tl.int64)
+    used = e >= 0
+    e = tl.maximum(e, 0)
+    start = tl.load(offs_ptr + e)
+    end = tl.where(used, tl.load(offs_ptr + e + 1), start)
+    return e, start, end
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, F, C, limit,
+                    we_stride, se_stride, rs_w, rs_s, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                    CLAMP: tl.constexpr, IEEE: tl.constexpr):
+    e, start, end = _expert_rows(active_ptr, offs_ptr)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < F
-    start = tl.load(offs_ptr + e)
-    end = tl.load(offs_ptr + e + 1)
     DT = tl.float32 if IEEE else x_ptr.dtype.element_ty
     w1 = w1_ptr + e.to(tl.int64) * we_stride
     w3 = w3_ptr + e.to(tl.int64) * we_stride
     s1 = s1_ptr + e.to(tl.int64) * se_stride
     s3 = s3_ptr + e.to(tl.int64) * se_stride
-    for r0 in range(start, end, 16):
-        rows = r0 + tl.arange(0, 16)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
         rmask = rows < end
         tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
-        g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, rs_w, rs_s, tl.zeros([16, BLOCK_N], tl.float32),
+        g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
                       DT, IEEE)
-        u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, rs_w, rs_s, tl.zeros([16, BLOCK_N], tl.float32),
+        u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
                       DT, IEEE)
         # as the reference: projections rounded to the activation dtype, then the SwiGLU in fp32
         g = g.to(h_ptr.dtype.element_ty).to(tl.float32)
@@ -77,20 +79,18 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3
 
 
 @triton.jit
-def _down_kernel(h_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, we_stride, se_stride, rs_w, rs_s,
-                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    e = tl.program_id(0)
+def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, we_stride, se_stride, rs_w, rs_s,
+                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
+    e, start, end = _expert_rows(active_ptr, offs_ptr)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < C
-    start = tl.load(offs_ptr + e)
-    end = tl.load(offs_ptr + e + 1)
     DT = tl.float32 if IEEE else h_ptr.dtype.element_ty
     w2 = w2_ptr + e.to(tl.int64) * we_stride
     s2 = s2_ptr + e.to(tl.int64) * se_stride
-    for r0 in range(start, end, 16):
-        rows = r0 + tl.arange(0, 16)
+    for r0 in range(start, end, ROWS):
+        rows = r0 + tl.arange(0, ROWS)
         rmask = rows < end
-        y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, rs_w, rs_s, tl.zeros([16, BLOCK_N], tl.float32),
+        y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
                       DT, IEEE)
         tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + rn[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & nmask[None, :])
@@ -98,7 +98,9 @@ def _down_kernel(h_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, we_stride, se_str
 
 def _sorted_pairs(idx: torch.Tensor, E: int):
     """(token of each expert-sorted pair, its position in the sorted order per pair, expert row offsets [E+1],
-    the sort order), all on the device."""
+    the sort order, the used experts in order padded with -1 to min(E, pairs)), all on the device: the kernels'
+    grids have one slot per possible used expert, a static size (CUDA graphs), and slots past the used experts
+    exit at once, so decode's few experts do not cost a program per expert of the layer."""
     N, k = idx.shape
     flat = idx.reshape(-1).long()
     order = flat.argsort(stable=True)
@@ -108,7 +110,12 @@ def _sorted_pairs(idx: torch.Tensor, E: int):
     offs[1:] = counts.cumsum(0)
     at = torch.empty_like(order)
     at[order] = torch.arange(order.numel(), device=idx.device)
-    return (order // k).to(torch.int32), at, offs, order
+    experts = flat[order]
+    first = torch.ones_like(experts, dtype=torch.bool)
+    first[1:] = experts[1:] != experts[:-1]
+    active = torch.full((min(E, experts.numel()),), -1, dtype=torch.int32, device=idx.device)
+    active.scatter_(0, first.cumsum(0) - 1, experts.to(torch.int32))  # each used expert's slot, once per pair
+    return (order // k).to(torch.int32), at, offs, order, active
 
 
 def _block_n(rows: int) -> int:
@@ -128,7 +135,7 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
         raise ValueError(f"moe_experts_fp4: x {tuple(x.shape)}, w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do "
                          f"not fit [N, C], [E, F, C], [E, F, C], [E, C, F] with N={N} tokens")
     x = x.contiguous()
-    tok, at, offs, order = _sorted_pairs(idx, E)
+    tok, at, offs, order, active = _sorted_pairs(idx, E)
     rw = weights.reshape(-1)[order].float().contiguous()
     P = N * k
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
@@ -137,11 +144,14 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
         return torch.zeros(N, C, dtype=torch.float32, device=x.device)
     d1, s1, d3, s3, d2, s2 = (t.contiguous() for t in (w1.data, w1.scale, w3.data, w3.scale, w2.data, w2.scale))
     bn = _block_n(P)
-    _gate_up_kernel[(E, triton.cdiv(F, bn))](x, tok, rw, offs, d1, s1, d3, s3, h, F, C, float(swiglu_limit),
-                                              d1.stride(0), s1.stride(0), d1.stride(1), s1.stride(1), BLOCK_N=bn,
-                                              CLAMP=swiglu_limit > 0, IEEE=interpreted(), num_warps=4, num_stages=3)
-    _down_kernel[(E, triton.cdiv(C, bn))](h, offs, d2, s2, y, C, F, d2.stride(0), s2.stride(0), d2.stride(1),
-                                           s2.stride(1), BLOCK_N=bn, IEEE=interpreted(), num_warps=4, num_stages=3)
+    slots, rows = active.numel(), _rows(P, E)
+    _gate_up_kernel[(slots, triton.cdiv(F, bn))](x, tok, rw, active, offs, d1, s1, d3, s3, h, F, C,
+                                                 float(swiglu_limit), d1.stride(0), s1.stride(0), d1.stride(1),
+                                                 s1.stride(1), BLOCK_N=bn, ROWS=rows, CLAMP=swiglu_limit > 0,
+                                                 IEEE=interpreted(), num_warps=4, num_stages=3)
+    _down_kernel[(slots, triton.cdiv(C, bn))](h, active, offs, d2, s2, y, C, F, d2.stride(0), s2.stride(0),
+                                              d2.stride(1), s2.stride(1), BLOCK_N=bn, ROWS=rows, IEEE=interpreted(),
+                                              num_warps=4, num_stages=3)
     return slot_sum(y, at, k)
 
 

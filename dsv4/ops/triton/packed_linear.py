@@ -15,7 +15,9 @@ e4m3 weights on the FP8 tensor cores.
 
 Layouts: x [M, K] (rows contiguous); FP8 data [N, K] bytes, scale [ceil(N/128), ceil(K/128)]; FP4 data [N, K/2]
 bytes (low nibble = even k), scale [N, K/32]. Few rows (decode) split K across programs so that enough of them
-stream the weight; the fp32 partial sums are added afterwards.
+stream the weight (several programs per SM); the program that finishes an output tile last adds the tile's fp32
+partial sums in slice order and stores the result (store_split): one kernel per call, deterministic, no atomics
+on the data.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from ..reference import packed as ref
 from .launch import falls_back_to, interpreted, multiprocessors
 
 FP4_STEP = 128  # K values per FP4 loop step: 64 bytes per row, 4 scale groups
+MAX_SPLIT = 16  # K slices per output tile at most: the tile's last program reads them all back
 
 
 @triton.jit
@@ -77,8 +80,56 @@ def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.cons
 
 
 @triton.jit
-def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, rs_w, rs_s,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr):
+def store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE: tl.constexpr):
+    """The epilogue of a split-K program (K slice program_id(2) of SPLIT): with one slice, acc goes to out (its
+    dtype); otherwise acc goes to its fp32 slice of part [SPLIT, M, N], and the program that finishes a tile last
+    (a ticket counter per tile, atomic) adds the SPLIT slices (REDUCE per load, in a fixed order), stores the sum
+    and resets the counter to 0 for the next launch. One kernel, no host work, and the sum does not depend on
+    which program finishes last (deterministic)."""
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    at = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    if SPLIT == 1:
+        tl.store(out_ptr + at, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + tl.program_id(2).to(tl.int64) * M * N + at, acc, mask=mask)
+        tl.debug_barrier()  # every thread's slice is stored before the ticket (acq_rel) is taken
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        ticket = tl.atomic_add(cnt_ptr + tile, 1)
+        if ticket == SPLIT - 1:
+            # REDUCE slices per load (one wave of loads, not SPLIT dependent ones), in a fixed order
+            total = tl.zeros(acc.shape, tl.float32)
+            sl = tl.arange(0, REDUCE)
+            for s0 in range(0, SPLIT, REDUCE):
+                ptrs = part_ptr + (s0 + sl).to(tl.int64)[:, None, None] * M * N + at[None, :, :]
+                total += tl.sum(tl.load(ptrs, mask=((s0 + sl) < SPLIT)[:, None, None] & mask[None, :, :], other=0.0,
+                                        cache_modifier=".cg"), 0)
+            tl.store(out_ptr + at, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
+def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT: tl.constexpr,
+                 IEEE: tl.constexpr):
+    """acc + a[:, 2 kh0 : 2 kh0 + 128] @ dequant(w[rn, same k])^T: one FP4 K step (bytes kh0 .. kh0 + 63) of
+    the rows whose pointers are a_rows ([rows, 1], masked by amask), as even-k and odd-k halves (the low and high
+    nibbles). The one K loop body of the FP4 GEMM and of the grouped FP4 experts."""
+    kk = 2 * kh0 + tl.arange(0, 128)  # one contiguous load of the 128 activations, split into even and odd k
+    a = tl.load(a_rows + kk[None, :], mask=amask[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+    a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], 64, 2)))
+    lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, K // 2, K // 32, rs_w, rs_s, DT)
+    if IEEE:  # the interpreter: the same exact products as fp32 FMAs
+        acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
+        acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a_even, tl.trans(lo), acc)
+        acc = tl.dot(a_odd, tl.trans(hi), acc)
+    return acc
+
+
+@triton.jit
+def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT, rs_x, rs_w,
+                       rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr,
+                       IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -105,37 +156,24 @@ def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, 
         if not NATIVE_FP8:
             s = s * 256.0
         acc += part * s[None, :]
-    out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
+    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
 @triton.jit
-def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, STEPS, STEPS_PER, rs_x, rs_w, rs_s,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, STEPS, STEPS_PER, SPLIT, rs_x,
+                       rs_w, rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr,
+                       IEEE: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     nmask, mmask = rn < N, rm < M
     DT = tl.float32 if IEEE else x_ptr.dtype.element_ty
-    HALF = K // 2
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     st0 = pid_s * STEPS_PER
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * rs_x
     for st in range(st0, tl.minimum(st0 + STEPS_PER, STEPS)):
-        kh0 = st * 64
-        kk = 2 * (kh0 + tl.arange(0, 64))                                       # the even k of each byte
-        am = mmask[:, None] & (kk[None, :] < K)
-        xrow = x_ptr + rm.to(tl.int64)[:, None] * rs_x + kk[None, :]
-        a_even = tl.load(xrow, mask=am, other=0.0).to(DT)
-        a_odd = tl.load(xrow + 1, mask=am, other=0.0).to(DT)
-        lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, K // 32, rs_w, rs_s, DT)
-        if IEEE:
-            acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
-            acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a_even, tl.trans(lo), acc)
-            acc = tl.dot(a_odd, tl.trans(hi), acc)
-    out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
+        acc = fp4_dot_step(acc, x_rows, mmask, st * 64, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
+    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
 @triton.jit
@@ -159,8 +197,8 @@ def e4m3_round(v):
 
 
 @triton.jit
-def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, rs_w, rs_s,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT, rs_x, rs_w, rs_s,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr, IEEE: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -183,18 +221,18 @@ def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, KB, KB_PER, rs_x, rs_
             part = tl.dot(q.to(tl.float8e4nv), tl.trans(b.to(tl.float8e4nv, bitcast=True)))
         sw = ue8m0_values(tl.load(s_ptr + (rn // 128) * rs_s + kb, mask=nmask, other=0).to(tl.int32))
         acc += part * sa[:, None] * sw[None, :]
-    out = out_ptr + pid_s.to(tl.int64) * M * N + rm.to(tl.int64)[:, None] * N + rn[None, :]
-    tl.store(out, acc, mask=mmask[:, None] & nmask[None, :])
+    store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
 def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, K steps per program, num_warps). Few rows (decode): one row tile of 16-64 rows (each
-    weight byte is decoded once) and K split until about four programs per SM stream the weight; many rows
+    weight byte is decoded once) and K split (at most MAX_SPLIT ways) until about four programs per SM stream the
+    weight (bench/native_gemm.py --configs times the alternatives); many rows
     (prefill): 64/128-row tiles, whole K per program."""
     if M <= 64:
         bm, bn = min(64, max(16, triton.next_power_of_2(M))), 64
         tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-        split = max(1, min(steps, (4 * multiprocessors(device)) // max(tiles, 1)))
+        split = max(1, min(steps, MAX_SPLIT, (4 * multiprocessors(device)) // max(tiles, 1)))
         return bm, bn, triton.cdiv(steps, split), 4
     bm = 64 if M <= 256 else 128
     return bm, 128, steps, 8 if bm == 128 else 4
@@ -209,13 +247,30 @@ def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None,
         return x.new_zeros(*x.shape[:-1], N)
     bm, bn, per, warps = config or gemm_config(M, N, steps, x.device)
     split = triton.cdiv(steps, per)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
     data, scale = _rows_contiguous(w.data), _rows_contiguous(w.scale)
-    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
-    kernel[(triton.cdiv(N, bn), triton.cdiv(M, bm), split)](
-        x2, data, scale, part, M, N, K, steps, per, x2.stride(0), data.stride(0), scale.stride(0), BLOCK_M=bm,
-        BLOCK_N=bn, IEEE=interpreted(), num_warps=warps, num_stages=4 if M <= 64 else 3, **flags)
-    out = part[0] if split == 1 else part.sum(0)
-    return out.to(x.dtype).view(*x.shape[:-1], N)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)  # unused when split == 1
+    kernel[grid](x2, data, scale, out, part, tile_tickets(x.device, grid[0] * grid[1]), M, N, K, steps, per,
+                 split, x2.stride(0), data.stride(0), scale.stride(0), BLOCK_M=bm, BLOCK_N=bn,
+                 REDUCE=max(1, min(8, 4096 // (bm * bn))), IEEE=interpreted(),
+                 num_warps=warps, num_stages=4 if M <= 64 else 3, **flags)
+    return out.view(*x.shape[:-1], N)
+
+
+_TICKETS: dict = {}
+
+
+def tile_tickets(device: torch.device, tiles: int) -> torch.Tensor:
+    """int32 zeros, at least `tiles` of them, for store_split's per-tile counters: one buffer per device and
+    stream (launches on one stream run one after another, and each leaves its counters at 0 again), grown by
+    replacing it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buf = _TICKETS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = _TICKETS[key] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return buf
 
 
 @falls_back_to(ref.linear_fp8_weight)

@@ -18,8 +18,9 @@ def _experts(E, F, C, g):
     return [Fp4GroupWeight(w.data.to(DEV), w.scale.to(DEV)) for w in (w1, w2, w3)]
 
 
-@pytest.mark.parametrize("N, C, F, E, k, limit", [(1, 64, 96, 8, 3, 7.0), (19, 128, 64, 3, 2, 0.0)],
-                         ids=["decode", "multi-tile"])
+@pytest.mark.parametrize("N, C, F, E, k, limit", [(1, 64, 96, 8, 3, 7.0), (19, 128, 64, 3, 2, 0.0),
+                                                  (70, 64, 64, 2, 2, 7.0)],
+                         ids=["decode", "multi-tile", "64-row-tiles"])
 def test_fp4_experts(N, C, F, E, k, limit):
     g = gen()
     w1, w2, w3 = _experts(E, F, C, g)
@@ -30,6 +31,29 @@ def test_fp4_experts(N, C, F, E, k, limit):
     want = ref_moe(x.double(), w1, w2, w3, idx, rw.double(), limit)
     assert got.dtype == torch.float32 and got.shape == (N, C)
     assert rel_err(got, want) < TOL * 10
+
+
+def test_fp4_experts_empty_experts_and_partial_tiles():
+    """Most experts unused (no program for them), tokens per expert not a multiple of the 16-row tile (17, 23, 6:
+    partial last tiles), an expert with two tiles, and a routing with more experts than pairs."""
+    g = gen(5)
+    E, C, F = 8, 64, 96
+    w1, w2, w3 = _experts(E, F, C, g)
+    idx = torch.tensor([[0, 5]] * 17 + [[5, 7]] * 6).to(DEV)
+    for rows in (idx, idx[:1]):                   # 46 pairs over 3 experts; 2 pairs: fewer slots than experts
+        x = randn(rows.shape[0], C, g=g, dtype=DT)
+        rw = torch.rand(*rows.shape, generator=g).to(DEV)
+        got = tri_moe(x, w1, w2, w3, rows, rw, 7.0)
+        assert rel_err(got, ref_moe(x.double(), w1, w2, w3, rows, rw.double(), 7.0)) < TOL * 10
+
+
+def test_used_experts_list():
+    """The kernels' expert slots: the used experts in increasing order, then -1 up to min(E, pairs)."""
+    from dsv4.ops.triton.packed_experts import _sorted_pairs
+    idx = torch.tensor([[6, 2], [2, 0], [6, 2]])
+    *_, offs, _, active = _sorted_pairs(idx, 8)
+    assert active.tolist() == [0, 2, 6, -1, -1, -1]
+    assert offs.tolist() == [0, 1, 1, 4, 4, 4, 4, 6, 6]
 
 
 def test_gpu_variants_are_recorded(_launches):

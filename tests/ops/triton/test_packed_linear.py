@@ -40,6 +40,20 @@ def test_fp4_weight_gemm(M, N, K, config):
     assert rel_err(got, ref.linear_fp4_weight(x.double(), w)) < TOL
 
 
+def test_split_k_tickets_reset_between_launches():
+    """The last program of each tile sums the K slices and resets the tile's ticket: a second launch (tickets
+    reused) gives the same bits, and every ticket is back at 0."""
+    g = gen(4)
+    w = _to(Fp8BlockWeight.quantize(torch.randn(200, 512, generator=g)))
+    x = randn(2, 512, g=g, dtype=DT)
+    cfg = (16, 128, 1, 4)  # 2 tiles (the second partial) of 4 K slices, read back 2 per load
+    first = tri.linear_fp8_weight(x, w, cfg)
+    second = tri.linear_fp8_weight(x, w, cfg)
+    assert torch.equal(first, second)
+    assert not tri.tile_tickets(x.device, 2).any()
+    assert rel_err(first, ref.linear_fp8_weight(x.double(), w)) < TOL
+
+
 def test_every_code_decodes():
     """All 254 finite e4m3 bytes (subnormals included) and all 16 e2m1 codes under the scales: a one-hot x
     reads single weights back, which must equal the exact dequantisation."""
