@@ -115,9 +115,32 @@ class ContextParallel:
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.n_chunks = 2 * self.world if balanced else self.world
         self._ordered = _Ordered(self.group)
+        self.begin()
 
     def begin(self) -> None:
         self._ordered.begin()
+        self._kept: dict[int, list[tuple[torch.Tensor, bool]]] = {}     # per repeatable layer: its exchanges' results
+        self._keeping: list[tuple[torch.Tensor, bool]] | None = None
+        self._replaying = None
+
+    def begin_layer(self, key: int, repeatable: bool) -> None:
+        """A repeatable layer keeps its exchanges' results; its second run within one forward pass (the backward
+        pass's recompute) replays them: a recompute starts when a rank's backward pass first needs one of the
+        layer's dropped activations, which need not fall between the same collectives on every rank."""
+        self._keeping = self._replaying = None
+        if repeatable and key in self._kept:
+            self._replaying = iter(self._kept[key])
+        elif repeatable:
+            self._keeping = self._kept[key] = []
+
+    def _exchange(self, fn, t: torch.Tensor) -> torch.Tensor:
+        if self._replaying is not None:
+            value, requires_grad = next(self._replaying)
+            return value.detach().requires_grad_(requires_grad)
+        out = self._ordered(fn, t)
+        if self._keeping is not None:
+            self._keeping.append((out.detach().clone(), out.requires_grad))
+        return out
 
     # ------------------------------------------------------------------ layout
     def chunks_of(self, rank: int) -> list[int]:
@@ -162,7 +185,7 @@ class ContextParallel:
         h = min(rows, c)                              # the rows a chunk can give
         mine = self.pieces(n_local)
         tails = torch.cat([x[:, p.offset + c - h:p.offset + c] for p in mine], 1)       # [B, chunks * h, ...]
-        every = self._ordered(_AllGather, tails)                                           # [world, B, chunks*h, ...]
+        every = self._exchange(_AllGather, tails)                                           # [world, B, chunks*h, ...]
 
         def tail(chunk: int) -> torch.Tensor:
             rank, slot = self.owner(chunk)
@@ -188,7 +211,7 @@ class ContextParallel:
         local = torch.cat(entries, 1)
         if local.shape[1] < widest:
             local = torch.cat((local, local.new_zeros(local.shape[0], widest - local.shape[1], *local.shape[2:])), 1)
-        every = self._ordered(_AllGather, local)                                           # [world, B, widest, D]
+        every = self._exchange(_AllGather, local)                                           # [world, B, widest, D]
         parts = []
         for k in range(self.n_chunks):
             rank, slot = self.owner(k)
@@ -197,4 +220,4 @@ class ContextParallel:
         return torch.cat(parts, 1)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self._ordered(_AllReduceSum, t)
+        return self._exchange(_AllReduceSum, t)

@@ -87,9 +87,6 @@ def check_cp_config(cfg: TrainConfig, world: int, cp: int, balanced: bool) -> No
     if cfg.seq_len % chunks:
         raise ConfigError(f"seq_len={cfg.seq_len} does not split into {chunks} equal chunks (--cp {cp}"
                           f"{', balanced' if balanced else ''})")
-    if cfg.activation_checkpointing == "block":
-        raise ConfigError("activation_checkpointing='block' is not supported with --cp yet (a recomputation would "
-                          "repeat the context exchanges inside the backward pass)")
 
 
 def main(argv: list[str] | None = None) -> int:

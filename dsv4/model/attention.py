@@ -69,6 +69,7 @@ def with_prefix(entries: torch.Tensor, prefix: torch.Tensor, offset: int) -> tor
 class Attention(nn.Module):
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
+        self.layer_id = layer_id
         self.n_heads, self.head_dim, self.rope_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
         self.window_size, self.eps, self.n_groups = cfg.window_size, cfg.norm_eps, cfg.o_groups
         self.o_lora_rank = cfg.o_lora_rank
@@ -179,6 +180,8 @@ class Attention(nn.Module):
         """Whole sequences from position 0: block-local window + masked dense compressed entries. Under context
         parallelism x holds pieces of them (dsv4.model.context): the entries come from every piece."""
         ctx = self.sequence_context
+        if ctx is not None:
+            ctx.begin_layer(self.layer_id, self.recomputed and self.training and torch.is_grad_enabled())
         pieces = None if ctx is None else LocalPieces.exchange(ctx, x, self._rows_before())
         entries = mask = scores = None
         if self.ratio:

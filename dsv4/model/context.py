@@ -36,6 +36,12 @@ class SequenceContext(Protocol):
     def begin(self) -> None:
         """A forward pass over new sequences starts (Transformer.hidden calls it)."""
 
+    def begin_layer(self, key: int, repeatable: bool) -> None:
+        """Attention layer `key`'s exchanges follow (Attention calls it before them). repeatable: the layer may run
+        again in the backward pass (activation checkpointing recomputes it); the repeat must get the same
+        exchanges' results without communicating, as ranks do not reach a recompute at matching points of their
+        backward passes."""
+
     def pieces(self, n_local: int) -> list[Piece]:
         """This process's pieces of sequences whose local rows number `n_local`, in local row order."""
 

@@ -181,7 +181,8 @@ def cp_objective(model, tokens: torch.Tensor, weights: torch.Tensor, shard) -> t
 
 def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
     """Logits, indexer KL and gradients of context-parallel forwards against this process's whole-sequence
-    forward, for the cases in OUT/cp.json ([T, balanced, stage] each): the largest relative errors, and per
+    forward, for the cases in OUT/cp.json ([T, balanced, stage] each, optionally a 4th: the context-parallel model
+    recomputes its blocks in the backward pass, activation checkpointing): the largest relative errors, and per
     parameter tensor the gradient's error beside its sensitivity to fp32 rounding: how far the one-process gradient
     moves when the embedding table moves by one rounding step (1e-7 relative, below fp32's 1.2e-7 epsilon)."""
     from dsv4.distributed.context_parallel import ContextParallel
@@ -190,7 +191,7 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
         cases = json.load(f)
     group = dist.new_group()
     errs = []
-    for T, balanced, stage in cases:
+    for T, balanced, stage, *recompute in cases:
         g = torch.Generator().manual_seed(T)
         tokens = torch.randint(0, 2048, (2, T + 1), generator=g)
         weights = torch.randn(2, 2, T, 2048, generator=g)
@@ -206,6 +207,7 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
         _, _, _, noisy = one_process(1e-7)
         model, lm_one, kl_one, want = one_process(0.0)
         model.zero_grad(set_to_none=True)
+        model.set_activation_checkpointing(bool(recompute and recompute[0]))
 
         ctx = ContextParallel(group, balanced=balanced)
         model.set_sequence_context(ctx)

@@ -1,0 +1,21 @@
+"""Context parallelism beyond the basics, on CPU with gloo and 2 ranks (fp32, tests/distributed/workers.py's
+cp_model: window 16, CSA groups of 4, HCA groups of 8): block recompute (activation checkpointing) gives one
+process's gradients."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_context_parallel import _assert_exact  # noqa: E402
+from test_distributed import torchrun  # noqa: E402
+
+
+def test_cp_with_block_recompute_equals_one_process(tmp_path):
+    """The recompute runs each attention layer again inside the backward pass; its exchanges replay the forward's
+    results (no collective there), and the gradients are one process's without recompute."""
+    cases = [[24, True, "sparse", True],      # balanced, c=6: rows from the other rank's chunks
+             [42, False, "indexer", True]]    # plain, c=21: the indexer KL (its sum over ranks) recomputed too
+    (tmp_path / "cp.json").write_text(json.dumps(cases))
+    for res in torchrun("cp_exact", 2, tmp_path):
+        assert len(res["errors"]) == len(cases)
+        _assert_exact(res)
