@@ -160,6 +160,19 @@ class Attention(nn.Module):
         out = self.wo_b(o.flatten(2))
         return out if self.output_reduce is None else self.output_reduce(out)
 
+    @torch.no_grad()
+    def fill_cache(self, x: torch.Tensor, pos0: torch.Tensor, cache: AttentionCache) -> None:
+        """What a prefill of rows x [B, S, C] (attn_norm outputs at positions pos0..) writes into `cache`, without
+        attending: the window rows, the compressed entries, the indexer keys and the compressors' states (a prefill
+        whose attention ran elsewhere, e.g. split across ranks: dsv4.distributed.context_prefill)."""
+        pos = pos0.unsqueeze(1) + torch.arange(x.shape[1], device=x.device)
+        cos, sin = rope_angles(pos, self.freqs)
+        cache.write_window(pos0, self._kv(x, cos, sin))
+        if self.ratio:
+            cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
+        if self.kind == "csa":
+            cache.add_keys(self.indexer.compressor(x, pos0, self.freqs, self.indexer.fp4, cache.indexer_state))
+
     def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The shared K=V head of rows x [B, S, C] at angles cos, sin -> [B, S, D]."""
         if torch.is_grad_enabled():  # training: norm, then rope

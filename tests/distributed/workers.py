@@ -225,6 +225,28 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
     return {"errors": errs}
 
 
+def case_cp_prefill(out: str, rank: int, world: int, mesh) -> dict:
+    """For each [T, balanced] in OUT/prefill.json: the last prompt logits and 3 decode steps' logits after a
+    context-parallel prefill of T tokens, against one process's prefill and decode (largest relative errors)."""
+    from dsv4.distributed import ContextParallel, context_parallel_prefill
+    with open(os.path.join(out, "prefill.json")) as f:
+        cases = json.load(f)
+    group, errs = dist.new_group(), []
+    model = cp_model().eval()
+    for T, balanced in cases:
+        tokens = torch.randint(0, 2048, (2, T + 3), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            one = model.new_cache(2, 64)
+            want = [model(tokens[:, :T], cache=one)[:, -1:]] + [model(tokens[:, t:t + 1], cache=one)
+                                                                  for t in range(T, T + 3)]
+            cache = model.new_cache(2, 64)
+            got = [context_parallel_prefill(model, tokens[:, :T], cache, ContextParallel(group, balanced=balanced))]
+            assert model.sequence_context is None and cache.lengths() == [T, T]
+            got += [model(tokens[:, t:t + 1], cache=cache) for t in range(T, T + 3)]
+        errs.append([rel(g, w) for g, w in zip(got, want)])
+    return {"errors": errs}
+
+
 def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30))
 
