@@ -1,8 +1,8 @@
 """Two-stage context parallelism for V4's compressed attention: one sequence split across the ranks of a group.
 
-The sequence is cut into chunks as equal as whole positions allow (lengths differ by at most one). Plain: rank r holds chunk r of N. Balanced (the default): 2N chunks, rank
-r holds chunks r and 2N-1-r, so every rank has the same causal attention work (an early chunk with little to
-see paired with a late one that sees much).
+The sequence is cut into chunks as equal as whole positions allow (lengths differ by at most one). Plain: rank r
+holds chunk r of N. Balanced (the default): 2N chunks, rank r holds chunks r and 2N-1-r, so every rank has the
+same causal attention work (an early chunk with little to see paired with a late one that sees much).
 
 Per attention layer (dsv4.model.context is the model's side):
   stage one, the rows before each chunk: every rank contributes the last rows of its chunks' attention inputs

@@ -59,10 +59,11 @@ def corpus(tmp_path_factory):
     return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 400_000, 40)
 
 
-def _train_cp(tmp_path, corpus, n: int, cp: int, contiguous: bool = False) -> list[dict]:
+def _train_cp(tmp_path, corpus, n: int, cp: int, contiguous: bool = False, **flags) -> list[dict]:
     args = dict(data=corpus, out=str(tmp_path / f"cp{n}x{cp}"), steps=4, batch_size=2, seq_len=48, dense_warmup_frac=0.25,
                 indexer_warmup_frac=0.25, log_interval=1, eval_interval=2, eval_batches=1, sample_tokens=0,
                 save_interval=100)
+    args.update(flags)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "dsv4.distributed.train", "--cp", str(cp)]
     cmd += [a for k, v in args.items() for a in ("--" + k.replace("_", "-"), str(v))] + ["--contiguous"] * contiguous
