@@ -41,7 +41,8 @@ def context_parallel_prefill(model: Transformer, tokens: torch.Tensor, cache: KV
         for i, block in enumerate(model.layers)]
     try:
         h = model.hidden(tokens[:, at])
-        last = model.logits(h[:, at.tolist().index(T - 1):][:, :1]) if T - 1 in at.tolist() else None
+        held = at.tolist()
+        last = model.logits(h[:, held.index(T - 1):held.index(T - 1) + 1]) if T - 1 in held else None
     finally:
         for hook in hooks:
             hook.remove()
