@@ -96,4 +96,9 @@ class LocalPieces:
             pos0 = torch.full((B,), first * m, dtype=torch.long, device=x.device)
             got = compressor(rows, pos0, freqs, quant_sim).entries              # groups first .. end // m - 1
             mine.append(got[:, p.start // m - first:])
+        if torch.is_grad_enabled() and not any(e.shape[1] for e in mine):
+            # this process completes none of the compressor's groups, and the compressor returns no entry without
+            # touching its parameters: they get a zero gradient here, so every process has gradients for the same
+            # parameters (a data-parallel reduction such as FSDP2's covers those it has: mismatched sets hang)
+            mine[0] = mine[0] + 0.0 * sum(q.sum() for q in compressor.parameters() if q.requires_grad)
         return self.context.gather_groups(mine, m, x.shape[1])

@@ -31,9 +31,14 @@ def test_cp_unequal_chunks_equal_one_process(tmp_path):
              [23, False, "indexer"],          # chunks 11,12: the boundary inside CSA group 8..11 and HCA group 8..15
              [13, True, "indexer", True]]     # chunks 3,3,3,4 < a CSA group, recomputed: overlap rows from 2 chunks
     (tmp_path / "cp.json").write_text(json.dumps(cases))
-    for res in torchrun("cp_exact", 2, tmp_path):
+    results = torchrun("cp_exact", 2, tmp_path)
+    for res in results:
         assert len(res["errors"]) == len(cases)
         _assert_exact(res)
+    # at 13, rank 0 (positions 0..2, 9..12) completes no HCA group: its compressor still gets a (zero) gradient,
+    # so both ranks' gradient reductions (FSDP2's reduce-scatter) cover the same parameters
+    for case, *per_rank in zip(cases, *(r["errors"] for r in results)):
+        assert all(e["with_grad"] == per_rank[0]["with_grad"] for e in per_rank), case
 
 
 def test_cp_prefill_then_decode_equals_one_process(tmp_path):
@@ -41,7 +46,7 @@ def test_cp_prefill_then_decode_equals_one_process(tmp_path):
     prefill and decode. The decode steps complete a CSA group (36..39) and an HCA group (32..39) whose first rows
     the prefill left in the compressors' states, attend through the window ring and the indexer's top-4."""
     cases = [[37, True],                      # chunks 9,9,9,10 (unequal): rank 0 holds the last position
-             [30, False]]                     # chunks 15,15: rank 1 holds it; decode completes CSA group 28..31, HCA 24..31
+             [30, False]]                     # chunks 15,15: rank 1 holds it; decode completes CSA 28..31, HCA 24..31
     (tmp_path / "prefill.json").write_text(json.dumps(cases))
     for res in torchrun("cp_prefill", 2, tmp_path):
         for case, errs in zip(cases, res["errors"]):
@@ -64,16 +69,21 @@ def test_cp_launcher_refuses_block_recompute_and_takes_unequal_lengths():
 
 @pytest.mark.slow
 def test_cp_training_with_unequal_chunks_equals_one_process(tmp_path, corpus):
-    """`--cp 2 --contiguous` training (FSDP2, expert parallelism) at seq_len 47 (chunks 23 and 24): the one-process
-    metrics.jsonl (the loss means weight each rank by its positions). (Balanced at seq_len 44 or 46 the launcher
-    hits a collective mismatch of FSDP2's reduce-scatters, equal chunks too: docs/distributed.md.)"""
+    """`--cp 2` training (FSDP2, expert parallelism) at seq_len 46 (chunks 11,12,11,12; rank 0 completes no group
+    of the ratio-16 compressor) and `--contiguous` at 47 (ranks holding 23 and 24 positions, the loss means weighted
+    by them): the one-process metrics.jsonl."""
     from dsv4.train.config import TrainConfig
     from dsv4.train.metrics import read_metrics
     from dsv4.train.trainer import train
-    cp_rows = _train_cp(tmp_path, corpus, 2, 2, contiguous=True, seq_len=47)
-    one = train(TrainConfig(data=corpus, out=str(tmp_path / "one"), steps=4, batch_size=2, seq_len=47,
-                            dense_warmup_frac=0.25, indexer_warmup_frac=0.25, log_interval=1, eval_interval=2,
-                            eval_batches=1, sample_tokens=0, save_interval=100,
-                            tokenizer=str(tmp_path / "cp2x2" / "tokenizer")))
-    assert one["steps"] == 4
-    _assert_same_run(cp_rows, read_metrics(tmp_path / "one" / "metrics.jsonl"), 2)
+    for seq_len, contiguous in ((46, False), (47, True)):
+        cp_rows = _train_cp(tmp_path / str(seq_len), corpus, 2, 2, contiguous=contiguous, seq_len=seq_len)
+        one = train(TrainConfig(data=corpus, out=str(tmp_path / str(seq_len) / "one"), steps=4, batch_size=2,
+                                seq_len=seq_len, dense_warmup_frac=0.25, indexer_warmup_frac=0.25, log_interval=1,
+                                eval_interval=2, eval_batches=1, sample_tokens=0, save_interval=100,
+                                tokenizer=str(tmp_path / str(seq_len) / "cp2x2" / "tokenizer")))
+        assert one["steps"] == 4
+        # the indexer warm-up's gradient norm (0.028, the KL's target minus prediction: cancellation) moves most
+        # under fp32 rounding: seen 1.7e-5 relative at 46 with 2 equal chunks, 5.6e-5 with 4 unequal ones, while its
+        # loss matches to 2e-6 and the model-level indexer gradients at 46 to 2.2e-6 (below their rounding noise)
+        _assert_same_run(cp_rows, read_metrics(tmp_path / str(seq_len) / "one" / "metrics.jsonl"), 2,
+                         loose={("indexer", "grad_norm"): 1e-4})

@@ -221,6 +221,8 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
             dist.all_reduce(grads[n])
         assert all(not grads[n].any() for n in grads.keys() - want.keys())
         err["grads"] = {n: (rel(grads[n], want[n]), rel(noisy[n], want[n])) for n in want}
+        # (FSDP2 reduces only the parameters that have a gradient: every rank must have the same ones)
+        err["with_grad"] = sorted(n for n, p in model.named_parameters() if p.grad is not None)
         errs.append({"T": T, "balanced": balanced, "stage": stage, **err})
     return {"errors": errs}
 
