@@ -90,10 +90,8 @@ def check_cp_config(cfg: TrainConfig, world: int, cp: int, balanced: bool) -> No
     if cp > 1 and cfg.activation_checkpointing == "block":
         raise ConfigError(
             "activation_checkpointing='block' is not supported with --cp > 1 yet. The model composes (a recomputed "
-            "layer replays its context exchanges), but under this launcher expert parallelism's all-to-all and "
-            "FSDP2's parameter gathers run again inside the recomputed blocks, at points of the backward pass that "
-            "differ between ranks holding different chunks (a collective mismatch), and in the indexer warm-up "
-            "FSDP2 does not gather a block's parameters for its recompute")
+            "layer replays its context exchanges), but under FSDP2 the indexer warm-up fails: no gradient reaches a "
+            "block's output there, so FSDP2 does not gather the block's parameters for its recompute")
 
 
 def main(argv: list[str] | None = None) -> int:
