@@ -1,8 +1,8 @@
 """Two-stage context parallelism for V4's compressed attention: one sequence split across the ranks of a group.
 
-The sequence is cut into equal chunks. Plain: rank r holds chunk r of N. Balanced (the default): 2N chunks, rank
-r holds chunks r and 2N-1-r, so every rank has the same causal attention work (an early chunk with little to
-see paired with a late one that sees much).
+The sequence is cut into chunks as equal as whole positions allow (lengths differ by at most one). Plain: rank r
+holds chunk r of N. Balanced (the default): 2N chunks, rank r holds chunks r and 2N-1-r, so every rank has the
+same causal attention work (an early chunk with little to see paired with a late one that sees much).
 
 Per attention layer (dsv4.model.context is the model's side):
   stage one, the rows before each chunk: every rank contributes the last rows of its chunks' attention inputs
@@ -114,10 +114,34 @@ class ContextParallel:
         self.balanced = balanced
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.n_chunks = 2 * self.world if balanced else self.world
+        self.total: int | None = None       # the sequences' length, set by shard_positions (None: equal chunks)
         self._ordered = _Ordered(self.group)
+        self.begin()
 
     def begin(self) -> None:
         self._ordered.begin()
+        self._kept: dict[int, list[tuple[torch.Tensor, bool]]] = {}     # per repeatable layer: its exchanges' results
+        self._keeping: list[tuple[torch.Tensor, bool]] | None = None
+        self._replaying = None
+
+    def begin_layer(self, key: int, repeatable: bool) -> None:
+        """A repeatable layer keeps its exchanges' results; its second run within one forward pass (the backward
+        pass's recompute) replays them: a recompute starts when a rank's backward pass first needs one of the
+        layer's dropped activations, which need not fall between the same collectives on every rank."""
+        self._keeping = self._replaying = None
+        if repeatable and key in self._kept:
+            self._replaying = iter(self._kept[key])
+        elif repeatable:
+            self._keeping = self._kept[key] = []
+
+    def _exchange(self, fn, t: torch.Tensor) -> torch.Tensor:
+        if self._replaying is not None:
+            value, requires_grad = next(self._replaying)
+            return value.detach().requires_grad_(requires_grad)
+        out = self._ordered(fn, t)
+        if self._keeping is not None:
+            self._keeping.append((out.detach().clone(), out.requires_grad))
+        return out
 
     # ------------------------------------------------------------------ layout
     def chunks_of(self, rank: int) -> list[int]:
@@ -130,25 +154,49 @@ class ContextParallel:
             return chunk, 0
         return self.n_chunks - 1 - chunk, 1
 
-    def chunk_len(self, n_local: int) -> int:
+    def bounds(self, total: int) -> list[int]:
+        """Chunk k of a sequence of `total` positions is positions bounds[k] .. bounds[k+1]-1: as equal as whole
+        positions allow (lengths differ by at most one)."""
+        if total < self.n_chunks:
+            raise ValueError(f"a sequence of {total} positions is shorter than the {self.n_chunks} chunks of "
+                             f"{self.world} ranks{', balanced' if self.balanced else ''}")
+        return [k * total // self.n_chunks for k in range(self.n_chunks + 1)]
+
+    def local_len(self, total: int, rank: int | None = None) -> int:
+        """How many positions of a sequence of `total` positions `rank` (default: this one) holds."""
+        b = self.bounds(total)
+        return sum(b[k + 1] - b[k] for k in self.chunks_of(self.rank if rank is None else rank))
+
+    def _total(self, n_local: int) -> int:
+        """The length of the sequences whose pieces are `n_local` rows here: the last `shard_positions` call's
+        (which fixes the layout of the forward passes that follow), else equal chunks of n_local * world."""
+        if self.total is not None:
+            if self.local_len(self.total) != n_local:
+                raise ValueError(f"this rank holds {n_local} positions, but it holds {self.local_len(self.total)} "
+                                 f"of sequences of {self.total} (the last shard_positions/shard call's length)")
+            return self.total
         per = len(self.chunks_of(0))
         if n_local % per:
-            raise ValueError(f"{n_local} local positions do not split into the {per} chunks each rank holds")
-        return n_local // per
+            raise ValueError(f"{n_local} local positions do not split into the {per} equal chunks each rank holds "
+                             f"(for unequal chunks call shard_positions(total) or shard(tokens) first)")
+        return n_local * self.world
 
     def pieces(self, n_local: int) -> list[Piece]:
-        c = self.chunk_len(n_local)
-        return [Piece(i * c, k * c, c) for i, k in enumerate(self.chunks_of(self.rank))]
+        b, out, offset = self.bounds(self._total(n_local)), [], 0
+        for k in self.chunks_of(self.rank):
+            out.append(Piece(offset, b[k], b[k + 1] - b[k]))
+            offset += b[k + 1] - b[k]
+        return out
 
     def positions(self, n_local: int, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.cat([torch.arange(p.start, p.start + p.length, device=device) for p in self.pieces(n_local)])
 
     def shard_positions(self, total: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """The global positions this rank holds of a sequence of `total` positions."""
-        if total % self.n_chunks:
-            raise ValueError(f"a sequence of {total} positions does not split into {self.n_chunks} equal chunks "
-                             f"({self.world} ranks{', balanced' if self.balanced else ''})")
-        return self.positions(total // self.world, device)
+        """The global positions this rank holds of a sequence of `total` positions. Fixes the layout of the
+        forward passes that follow: the model's rows are then these positions."""
+        self.bounds(total)                            # (checks the length)
+        self.total = total
+        return self.positions(self.local_len(total), device)
 
     def shard(self, t: torch.Tensor, total: int | None = None, shift: int = 0) -> torch.Tensor:
         """This rank's positions (shifted by `shift`) of the sequences t [B, >= total + shift, ...] (total: t's length)."""
@@ -158,37 +206,44 @@ class ContextParallel:
     # ------------------------------------------------------------------ the exchanges
     def rows_before(self, x: torch.Tensor, rows: int) -> list[torch.Tensor]:
         n_local = x.shape[1]
-        c = self.chunk_len(n_local)
-        h = min(rows, c)                              # the rows a chunk can give
+        b = self.bounds(self._total(n_local))
+        given = [min(rows, b[k + 1] - b[k]) for k in range(self.n_chunks)]   # the last rows each chunk gives,
+        h = max(given)                                # in slots of h rows (a shorter chunk's padded with zeros)
         mine = self.pieces(n_local)
-        tails = torch.cat([x[:, p.offset + c - h:p.offset + c] for p in mine], 1)       # [B, chunks * h, ...]
-        every = self._ordered(_AllGather, tails)                                           # [world, B, chunks*h, ...]
+        tails = []
+        for p in mine:
+            g = min(rows, p.length)
+            tails.append(x[:, p.offset + p.length - g:p.offset + p.length])
+            if g < h:
+                tails.append(x.new_zeros(x.shape[0], h - g, *x.shape[2:]))
+        every = self._exchange(_AllGather, torch.cat(tails, 1))                             # [world, B, chunks*h, ...]
 
         def tail(chunk: int) -> torch.Tensor:
             rank, slot = self.owner(chunk)
-            return every[rank][:, slot * h:(slot + 1) * h]
+            return every[rank][:, slot * h:slot * h + given[chunk]]
         out = []
         for p in mine:
             need = min(rows, p.start)
-            parts, k = [], p.start // c               # chunks k-1, k-2, ... until `need` rows
+            parts, k = [], b.index(p.start)           # chunks k-1, k-2, ... until `need` rows
             while need > sum(t.shape[1] for t in parts):
                 k -= 1
-                parts.insert(0, tail(k)[:, max(0, h - (need - sum(t.shape[1] for t in parts))):])
+                got = sum(t.shape[1] for t in parts)
+                parts.insert(0, tail(k)[:, max(0, given[k] - (need - got)):])
             # (a chunk at the sequence start gets an empty slice of the gathered rows: every rank's graph then runs
             # the same collectives in its backward pass, in the same order)
             out.append(torch.cat(parts, 1) if parts else every[0][:, :0])
         return out
 
     def gather_groups(self, entries: list[torch.Tensor], ratio: int, n_local: int) -> torch.Tensor:
-        c = self.chunk_len(n_local)
+        b = self.bounds(self._total(n_local))
 
         def count(chunk: int) -> int:                 # groups whose last position chunk holds
-            return ((chunk + 1) * c) // ratio - (chunk * c) // ratio
+            return b[chunk + 1] // ratio - b[chunk] // ratio
         widest = max(sum(count(k) for k in self.chunks_of(r)) for r in range(self.world))
         local = torch.cat(entries, 1)
         if local.shape[1] < widest:
             local = torch.cat((local, local.new_zeros(local.shape[0], widest - local.shape[1], *local.shape[2:])), 1)
-        every = self._ordered(_AllGather, local)                                           # [world, B, widest, D]
+        every = self._exchange(_AllGather, local)                                           # [world, B, widest, D]
         parts = []
         for k in range(self.n_chunks):
             rank, slot = self.owner(k)
@@ -197,4 +252,4 @@ class ContextParallel:
         return torch.cat(parts, 1)
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return self._ordered(_AllReduceSum, t)
+        return self._exchange(_AllReduceSum, t)

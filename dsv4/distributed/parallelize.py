@@ -47,6 +47,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh, *, bf16: bool = False) -> 
         register_fsdp_forward_method(indexer, "sequence_scores")
     for block in list(model.layers) + list(model.mtp):
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+        register_fsdp_forward_method(block, "forward_recomputed")   # block recompute calls it, not forward
     for block in model.mtp:
         register_fsdp_forward_method(block, "collapse")
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)

@@ -69,6 +69,7 @@ def with_prefix(entries: torch.Tensor, prefix: torch.Tensor, offset: int) -> tor
 class Attention(nn.Module):
     def __init__(self, layer_id: int, cfg: ModelConfig):
         super().__init__()
+        self.layer_id = layer_id
         self.n_heads, self.head_dim, self.rope_dim = cfg.n_heads, cfg.head_dim, cfg.rope_head_dim
         self.window_size, self.eps, self.n_groups = cfg.window_size, cfg.norm_eps, cfg.o_groups
         self.o_lora_rank = cfg.o_lora_rank
@@ -159,6 +160,19 @@ class Attention(nn.Module):
         out = self.wo_b(o.flatten(2))
         return out if self.output_reduce is None else self.output_reduce(out)
 
+    @torch.no_grad()
+    def fill_cache(self, x: torch.Tensor, pos0: torch.Tensor, cache: AttentionCache) -> None:
+        """What a prefill of rows x [B, S, C] (attn_norm outputs at positions pos0..) writes into `cache`, without
+        attending: the window rows, the compressed entries, the indexer keys and the compressors' states (a prefill
+        whose attention ran elsewhere, e.g. split across ranks: dsv4.distributed.context_prefill)."""
+        pos = pos0.unsqueeze(1) + torch.arange(x.shape[1], device=x.device)
+        cos, sin = rope_angles(pos, self.freqs)
+        cache.write_window(pos0, self._kv(x, cos, sin))
+        if self.ratio:
+            cache.add_entries(self.compressor(x, pos0, self.freqs, self.quant_sim, cache.compressor_state))
+        if self.kind == "csa":
+            cache.add_keys(self.indexer.compressor(x, pos0, self.freqs, self.indexer.fp4, cache.indexer_state))
+
     def _kv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The shared K=V head of rows x [B, S, C] at angles cos, sin -> [B, S, D]."""
         if torch.is_grad_enabled():  # training: norm, then rope
@@ -179,6 +193,8 @@ class Attention(nn.Module):
         """Whole sequences from position 0: block-local window + masked dense compressed entries. Under context
         parallelism x holds pieces of them (dsv4.model.context): the entries come from every piece."""
         ctx = self.sequence_context
+        if ctx is not None:
+            ctx.begin_layer(self.layer_id, self.recomputed and self.training and torch.is_grad_enabled())
         pieces = None if ctx is None else LocalPieces.exchange(ctx, x, self._rows_before())
         entries = mask = scores = None
         if self.ratio:

@@ -36,6 +36,12 @@ class SequenceContext(Protocol):
     def begin(self) -> None:
         """A forward pass over new sequences starts (Transformer.hidden calls it)."""
 
+    def begin_layer(self, key: int, repeatable: bool) -> None:
+        """Attention layer `key`'s exchanges follow (Attention calls it before them). repeatable: the layer may run
+        again in the backward pass (activation checkpointing recomputes it); the repeat must get the same
+        exchanges' results without communicating, as ranks do not reach a recompute at matching points of their
+        backward passes."""
+
     def pieces(self, n_local: int) -> list[Piece]:
         """This process's pieces of sequences whose local rows number `n_local`, in local row order."""
 
@@ -90,4 +96,9 @@ class LocalPieces:
             pos0 = torch.full((B,), first * m, dtype=torch.long, device=x.device)
             got = compressor(rows, pos0, freqs, quant_sim).entries              # groups first .. end // m - 1
             mine.append(got[:, p.start // m - first:])
+        if torch.is_grad_enabled() and not any(e.shape[1] for e in mine):
+            # this process completes none of the compressor's groups, and the compressor returns no entry without
+            # touching its parameters: they get a zero gradient here, so every process has gradients for the same
+            # parameters (a data-parallel reduction such as FSDP2's covers those it has: mismatched sets hang)
+            mine[0] = mine[0] + 0.0 * sum(q.sum() for q in compressor.parameters() if q.requires_grad)
         return self.context.gather_groups(mine, m, x.shape[1])

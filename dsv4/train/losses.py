@@ -79,8 +79,11 @@ def loss_terms(model: Transformer, tokens: torch.Tensor, weights: LossWeights, *
     def shifted(k: int) -> torch.Tensor:                                   # tokens k after each position run
         return tokens[:, at + k]
 
-    def mean(local_mean: torch.Tensor) -> torch.Tensor:                    # (every holder has as many positions)
-        return local_mean if ctx is None else ctx.sum(local_mean) / ctx.sum(torch.ones_like(local_mean))
+    def mean(local_mean: torch.Tensor) -> torch.Tensor:    # weighted by the holders' positions (chunks may differ)
+        if ctx is None:
+            return local_mean
+        n = torch.full_like(local_mean, len(at))
+        return ctx.sum(local_mean * n) / ctx.sum(n)
     inputs = shifted(0)
     h = model.hidden(inputs)  # (which drops the previous step's routing records first)
     parts: dict[str, torch.Tensor] = {}

@@ -59,10 +59,11 @@ def corpus(tmp_path_factory):
     return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 400_000, 40)
 
 
-def _train_cp(tmp_path, corpus, n: int, cp: int, contiguous: bool = False) -> list[dict]:
+def _train_cp(tmp_path, corpus, n: int, cp: int, contiguous: bool = False, **flags) -> list[dict]:
     args = dict(data=corpus, out=str(tmp_path / f"cp{n}x{cp}"), steps=4, batch_size=2, seq_len=48, dense_warmup_frac=0.25,
                 indexer_warmup_frac=0.25, log_interval=1, eval_interval=2, eval_batches=1, sample_tokens=0,
                 save_interval=100)
+    args.update(flags)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "dsv4.distributed.train", "--cp", str(cp)]
     cmd += [a for k, v in args.items() for a in ("--" + k.replace("_", "-"), str(v))] + ["--contiguous"] * contiguous
@@ -72,7 +73,8 @@ def _train_cp(tmp_path, corpus, n: int, cp: int, contiguous: bool = False) -> li
     return read_metrics(os.path.join(args["out"], "metrics.jsonl"))
 
 
-def _assert_same_run(cp_rows: list[dict], one_rows: list[dict], world: int) -> None:
+def _assert_same_run(cp_rows: list[dict], one_rows: list[dict], world: int, loose: dict | None = None) -> None:
+    """loose: {(stage, key): rel} for values known to amplify fp32 rounding (the caller says why)."""
     assert len(cp_rows) == len(one_rows)
     for a, b in zip(cp_rows, one_rows):
         assert a.keys() == b.keys() and a["step"] == b["step"], (a, b)
@@ -81,7 +83,8 @@ def _assert_same_run(cp_rows: list[dict], one_rows: list[dict], world: int) -> N
         # (seen: <= 3.3e-6 relative, the indexer KL of the sparse stage; 2.7e-6 the gradient norm)
         for key in ("loss", "lm", "mtp", "balance", "indexer_kl", "grad_norm", "mhc_gain", "val_loss"):
             if key in b:
-                assert a[key] == pytest.approx(b[key], rel=2e-5), (key, a, b)
+                rel = (loose or {}).get((a.get("stage"), key), 2e-5)
+                assert a[key] == pytest.approx(b[key], rel=rel), (key, a, b)
 
 
 def test_cp_training_equals_one_process(tmp_path, corpus):

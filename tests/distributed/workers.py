@@ -181,7 +181,8 @@ def cp_objective(model, tokens: torch.Tensor, weights: torch.Tensor, shard) -> t
 
 def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
     """Logits, indexer KL and gradients of context-parallel forwards against this process's whole-sequence
-    forward, for the cases in OUT/cp.json ([T, balanced, stage] each): the largest relative errors, and per
+    forward, for the cases in OUT/cp.json ([T, balanced, stage] each, optionally a 4th: the context-parallel model
+    recomputes its blocks in the backward pass, activation checkpointing): the largest relative errors, and per
     parameter tensor the gradient's error beside its sensitivity to fp32 rounding: how far the one-process gradient
     moves when the embedding table moves by one rounding step (1e-7 relative, below fp32's 1.2e-7 epsilon)."""
     from dsv4.distributed.context_parallel import ContextParallel
@@ -190,7 +191,7 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
         cases = json.load(f)
     group = dist.new_group()
     errs = []
-    for T, balanced, stage in cases:
+    for T, balanced, stage, *recompute in cases:
         g = torch.Generator().manual_seed(T)
         tokens = torch.randint(0, 2048, (2, T + 1), generator=g)
         weights = torch.randn(2, 2, T, 2048, generator=g)
@@ -206,6 +207,7 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
         _, _, _, noisy = one_process(1e-7)
         model, lm_one, kl_one, want = one_process(0.0)
         model.zero_grad(set_to_none=True)
+        model.set_activation_checkpointing(bool(recompute and recompute[0]))
 
         ctx = ContextParallel(group, balanced=balanced)
         model.set_sequence_context(ctx)
@@ -219,7 +221,31 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
             dist.all_reduce(grads[n])
         assert all(not grads[n].any() for n in grads.keys() - want.keys())
         err["grads"] = {n: (rel(grads[n], want[n]), rel(noisy[n], want[n])) for n in want}
+        # (FSDP2 reduces only the parameters that have a gradient: every rank must have the same ones)
+        err["with_grad"] = sorted(n for n, p in model.named_parameters() if p.grad is not None)
         errs.append({"T": T, "balanced": balanced, "stage": stage, **err})
+    return {"errors": errs}
+
+
+def case_cp_prefill(out: str, rank: int, world: int, mesh) -> dict:
+    """For each [T, balanced] in OUT/prefill.json: the last prompt logits and 3 decode steps' logits after a
+    context-parallel prefill of T tokens, against one process's prefill and decode (largest relative errors)."""
+    from dsv4.distributed import ContextParallel, context_parallel_prefill
+    with open(os.path.join(out, "prefill.json")) as f:
+        cases = json.load(f)
+    group, errs = dist.new_group(), []
+    model = cp_model().eval()
+    for T, balanced in cases:
+        tokens = torch.randint(0, 2048, (2, T + 3), generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            one = model.new_cache(2, 64)
+            want = [model(tokens[:, :T], cache=one)[:, -1:]] + [model(tokens[:, t:t + 1], cache=one)
+                                                                  for t in range(T, T + 3)]
+            cache = model.new_cache(2, 64)
+            got = [context_parallel_prefill(model, tokens[:, :T], cache, ContextParallel(group, balanced=balanced))]
+            assert model.sequence_context is None and cache.lengths() == [T, T]
+            got += [model(tokens[:, t:t + 1], cache=cache) for t in range(T, T + 3)]
+        errs.append([rel(g, w) for g, w in zip(got, want)])
     return {"errors": errs}
 
 
