@@ -1,0 +1,43 @@
+"""Batch-invariant GEMM (ops/invariant/linear.py) against the default torch GEMM at the V4-Flash bench projection
+shapes, M = 1, 8, 64: median kernel time (CUDA-graph replay, as decode runs) and the weight read as a share of
+the device-copy bandwidth measured in the same run.
+
+    python bench/invariant.py
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dsv4.ops.invariant.linear import matmul_nt
+from kernels import bench, bench_graph  # bench/kernels.py
+
+# (name, N, K) of the bench geometry (hidden 4096)
+SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_b", 4096, 8192),
+          ("shared w1", 2048, 4096), ("shared w2", 4096, 2048), ("head fp32", 129280, 4096)]
+
+
+def copy_gbps() -> float:
+    x = torch.empty(1 << 29, device="cuda", dtype=torch.uint8)
+    y = torch.empty_like(x)
+    return 2 * x.numel() / bench(lambda: y.copy_(x)) / 1e6
+
+
+def main() -> None:
+    bw = copy_gbps()
+    print(f"{torch.cuda.get_device_name()}: copy {bw:.0f} GB/s")
+    print(f"{'shape':>10} {'M':>3} {'invariant ms':>12} {'% copy bw':>9} {'torch ms':>9} {'% copy bw':>9}")
+    for name, N, K in SHAPES:
+        dt = torch.float32 if "fp32" in name else torch.bfloat16
+        w = torch.randn(N, K, device="cuda").to(dt)
+        for M in (1, 8, 64):
+            a = torch.randn(M, K, device="cuda").to(dt)
+            t_inv = bench_graph(lambda: matmul_nt(a, w))
+            t_def = bench_graph(lambda: F.linear(a, w))
+            mb = w.numel() * w.element_size() / 1e6   # MB per ms = GB/s
+            print(f"{name:>10} {M:>3} {t_inv:12.4f} {100 * mb / t_inv / bw:9.1f} {t_def:9.4f} "
+                  f"{100 * mb / t_def / bw:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
