@@ -1,6 +1,7 @@
 """Batch-invariant GEMM (ops/invariant/linear.py) against the default torch GEMM at the V4-Flash bench projection
 shapes, M = 1, 8, 64: median kernel time (CUDA-graph replay, as decode runs) and the weight read as a share of
-the device-copy bandwidth measured in the same run.
+the device-copy bandwidth measured in the same run; then the routed experts (256 x [2048, 4096] bf16, top-6) of
+batch-invariant mode against the default choice, N = 1, 8, 64 tokens.
 
     python bench/invariant.py
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import dsv4
+from dsv4.ops import dispatch
 from dsv4.ops.invariant.linear import matmul_nt
 from kernels import bench, bench_graph  # bench/kernels.py
 
@@ -37,6 +40,22 @@ def main() -> None:
             mb = w.numel() * w.element_size() / 1e6   # MB per ms = GB/s
             print(f"{name:>10} {M:>3} {t_inv:12.4f} {100 * mb / t_inv / bw:9.1f} {t_def:9.4f} "
                   f"{100 * mb / t_def / bw:9.1f}")
+
+    del w, a
+    E, Fh, C, k = 256, 2048, 4096, 6
+    w1, w3 = (torch.randn(E, Fh, C, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(2))
+    w2 = torch.randn(E, C, Fh, device="cuda", dtype=torch.bfloat16) * 0.02
+    print(f"{'experts N':>10} {'invariant ms':>12} {'default ms':>10}")
+    for N in (1, 8, 64):
+        x = torch.randn(N, C, device="cuda", dtype=torch.bfloat16)
+        idx = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(N)])
+        wts = torch.rand(N, k, device="cuda")
+        args = (x, w1, w2, w3, idx, wts, 10.0)
+        with torch.no_grad():
+            with dsv4.ops.batch_invariant():
+                inv = dispatch._pick("moe_experts", None, *args)
+            default = dispatch._pick("moe_experts", None, *args)
+            print(f"{N:>10} {bench_graph(lambda: inv(*args)):12.4f} {bench_graph(lambda: default(*args)):10.4f}")
 
 
 if __name__ == "__main__":
