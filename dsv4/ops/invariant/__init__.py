@@ -6,7 +6,7 @@ size, so the same row can be summed in a different order at batch 1 and at batch
 matmul and row reduction of the model runs through Triton kernels with one fixed configuration per dtype
 (linear.py, norm.py, mhc.py, experts.py), the sparse attention never splits its index lists and keeps one launch
 configuration, the indexer's top-k lists come sorted by score, and the routed experts always run the per-pair
-kernel: each row's arithmetic is the same whatever the batch. Ops without an implementation here are per row
+kernel with one row block: each row's arithmetic is the same whatever the batch. Ops without an implementation here are per row
 already. Slower than the default, meant for reproducible evaluation and debugging.
 """
 from functools import partial
@@ -30,7 +30,7 @@ IMPLEMENTATIONS = {
     "rms_norm": (norm.rms_norm, _always),
     "hc_mixes": (mhc.hc_mixes, _always),
     "swiglu_expert": (experts.swiglu_expert, experts.supports_swiglu_expert),
-    "moe_experts": (triton_experts.moe_experts, triton_experts.supports_any_batch),
+    "moe_experts": (partial(triton_experts.moe_experts, invariant=True), triton_experts.supports_any_batch),
     "sparse_attn": (partial(triton_sparse_attn.sparse_attn, invariant=True), triton_sparse_attn.supports),
     "indexer_topk": (partial(triton_indexer.indexer_topk, sort=True), triton_indexer.supports),
 }

@@ -77,8 +77,9 @@ def _block_f(pairs: int, F: int) -> int:
 
 
 def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, idx: torch.Tensor,
-                weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
-    """Same contract as ops.reference.experts.moe_experts."""
+                weights: torch.Tensor, swiglu_limit: float, invariant: bool = False) -> torch.Tensor:
+    """Same contract as ops.reference.experts.moe_experts. `invariant`: one row block for every batch (the
+    block's shape sets how tl.sum splits a row's reduction across threads, so it must not follow the pair count)."""
     N, k = idx.shape
     E, F, C = w1.shape
     x = x.contiguous()
@@ -87,7 +88,7 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     rw = weights.reshape(-1).float().contiguous()
     P = N * k
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
-    bf = _block_f(P, F)
+    bf = 16 if invariant else _block_f(P, F)
     _gate_up_kernel[(P, triton.cdiv(F, bf))](x, w1, w3, e, rw, h, F, C, k, float(swiglu_limit),
                                               w1.stride(0), w1.stride(1), BLOCK_F=bf, BLOCK_C=256,
                                               CLAMP=swiglu_limit > 0, DENSE=False, num_warps=4)
