@@ -58,28 +58,31 @@ class _Choice:
             self.handle.cancel()
 
     async def steps(self) -> AsyncIterator[_Step]:
+        """One step per batch of engine events that arrived together: under load a stream sends several tokens
+        in one chunk (as OpenAI's and vLLM's streams may), so the server's work per chunk is paid once."""
         try:
-            async for ev in self.handle:
+            async for events in self.handle.batches():
                 step = _Step()
-                if ev.token is not None:
-                    self.completion_tokens += 1
-                    if ev.logprob is not None:
-                        step.logprobs.append((ev.token, ev.logprob, ev.top_logprobs))
-                    if ev.token not in self.stop_ids:
-                        step.text = self.cutter.push(self.decoder.push(ev.token))
-                    if self.cutter.stopped:
-                        self.cancel()
-                        step.finish_reason = "stop"
+                for ev in events:
+                    if ev.token is not None:
+                        self.completion_tokens += 1
+                        if ev.logprob is not None:
+                            step.logprobs.append((ev.token, ev.logprob, ev.top_logprobs))
+                        if ev.token not in self.stop_ids:
+                            step.text += self.cutter.push(self.decoder.push(ev.token))
+                        if self.cutter.stopped:
+                            self.cancel()
+                            step.finish_reason = "stop"
+                            yield step
+                            return
+                    if ev.finish_reason is not None:
+                        step.text += self.cutter.push(self.decoder.flush())
+                        step.text += self.cutter.flush()
+                        step.finish_reason = "stop" if self.cutter.stopped else ev.finish_reason
+                        step.error = ev.error
+                        self.done = True
                         yield step
                         return
-                if ev.finish_reason is not None:
-                    step.text += self.cutter.push(self.decoder.flush())
-                    step.text += self.cutter.flush()
-                    step.finish_reason = "stop" if self.cutter.stopped else ev.finish_reason
-                    step.error = ev.error
-                    self.done = True
-                    yield step
-                    return
                 if step.text or step.logprobs:
                     yield step
         finally:

@@ -68,6 +68,32 @@ __all__ = ["Engine", "RequestHandle"]
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
+_pending_wakes: dict[asyncio.AbstractEventLoop, list[asyncio.Event]] = {}
+_pending_lock = threading.Lock()
+
+
+def _wake_later(loop: asyncio.AbstractEventLoop, ready: asyncio.Event) -> None:
+    """Set `ready` on its event loop. The engine thread pushes one event per running request per step: the
+    first push to a loop schedules one callback that sets every Event queued for it by then, so 64 streams
+    cost one cross-thread wake-up per step rather than 64."""
+    with _pending_lock:
+        queued = _pending_wakes.setdefault(loop, [])
+        queued.append(ready)
+        if len(queued) > 1:
+            return
+
+    def flush() -> None:
+        with _pending_lock:
+            events = _pending_wakes.pop(loop, [])
+        for event in events:
+            event.set()
+    try:
+        loop.call_soon_threadsafe(flush)
+    except RuntimeError:  # that event loop has closed: nobody is listening there any more
+        with _pending_lock:
+            _pending_wakes.pop(loop, None)
+
+
 class RequestHandle:
     """One request's stream of TokenEvents; the last one has a finish_reason. Iterate it from a thread
     (`for event in handle`) or from asyncio (`async for event in handle`); the engine's thread fills it.
@@ -97,10 +123,7 @@ class RequestHandle:
             self._cond.notify_all()
             waiters = list(self._waiters)
         for loop, ready in waiters:
-            try:
-                loop.call_soon_threadsafe(ready.set)
-            except RuntimeError:  # that event loop has closed: nobody is listening there any more
-                pass
+            _wake_later(loop, ready)
 
     def __iter__(self) -> Iterator[TokenEvent]:
         """Blocking iteration. A consumer that stops early (breaks, or the generator is closed) cancels the
@@ -121,6 +144,14 @@ class RequestHandle:
                 self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        async for batch in self.batches():
+            for event in batch:
+                yield event
+
+    async def batches(self) -> AsyncIterator[list[TokenEvent]]:
+        """The events in lists of all that arrived since the last one: a consumer that falls behind the engine
+        (64 streams at thousands of tokens/s) handles several tokens per wake-up instead of one. The last list
+        ends with the event that has a finish_reason. Leaving the loop early cancels the request."""
         loop, ready = asyncio.get_running_loop(), asyncio.Event()
         with self._cond:
             self._waiters.append((loop, ready))
@@ -135,10 +166,10 @@ class RequestHandle:
                     await ready.wait()
                     continue
                 i += len(new)
-                for event in new:
-                    yield event
-                    if event.finish_reason is not None:
-                        return
+                end = next((j for j, e in enumerate(new) if e.finish_reason is not None), None)
+                yield new if end is None else new[:end + 1]
+                if end is not None:
+                    return
         finally:   # closed early (the client went away): the request is cancelled
             with self._cond:
                 self._waiters.remove((loop, ready))

@@ -48,13 +48,27 @@ class ScriptedHandle:
         self._finish()
         yield TokenEvent(None, finish_reason="length")
 
+    async def batches(self):
+        """The events in groups of 1, 3, 2, 1, 3, ... as the engine hands over everything that arrived since the
+        consumer's last wake-up: the API must give the same text whatever the grouping."""
+        sizes, batch = itertools.cycle(self.engine.batch_sizes), []
+        size = next(sizes)
+        async for ev in self:
+            batch.append(ev)
+            if len(batch) == size or ev.finish_reason is not None:
+                yield batch
+                batch, size = [], next(sizes)
+        if batch:
+            yield batch
+
 
 class ScriptedEngine:
     """submit() -> a handle replaying script(prompt); a token every `delay` seconds."""
 
     def __init__(self, script: Callable[[list[int]], list[int]], max_seq_len: int = 256, max_queue: int = 64,
-                 delay: float = 0.002):
+                 delay: float = 0.002, batch_sizes: tuple[int, ...] = (1, 3, 2)):
         self.script, self.max_seq_len, self.max_queue, self.delay = script, max_seq_len, max_queue, delay
+        self.batch_sizes = batch_sizes
         self.lock = threading.Lock()
         self.running = 0
         self.submitted: list[ScriptedHandle] = []
