@@ -3,6 +3,8 @@
     dsv4 grpo --model runs/sft/final --env math --out runs/grpo-math
     dsv4 grpo --model runs/sft/final --env math,code --steps 200 --num-generations 8 --batch-prompts 16 \\
         --lr 1e-6 --beta 0.01 --loss-type dr_grpo --routing-replay --out runs/grpo-mix
+    dsv4 grpo --model runs/pt/sft/final --env math --sampler direct --pool 64 --optimizer adamw --lr 1e-4 \
+        --batch-prompts 32 --max-new-tokens 24 --out runs/grpo-tiny      # the pipeline's specialist, on a CPU
 
 Writes OUT/metrics.jsonl (reward, accuracy, KL, entropy, response length, clip fraction, train-vs-rollout
 drift, grad norm per step; greedy held-out accuracy at the start, every --eval-every steps and at the end),

@@ -7,7 +7,8 @@
   5. the off-policy baseline: the SFT model fine-tuned on the specialists' samples, same steps and prompts.
 
 Every stage writes its directory under OUT (metrics.jsonl, its plot, final/); OUT/summary.md holds the held-out
-greedy accuracy of every stage on every domain (one evaluator for all) and each stage's wall time, then per domain
+greedy accuracy of every stage on every domain (one evaluator for all; up to 400 problems per domain, each with its
+binomial standard error) and each stage's wall time, then per domain
 SFT -> specialist -> OPD student and the specialist's GRPO rollout reward at its start and end; OUT/accuracy.png,
 reward.png and distill.png draw them. The defaults take about 8 minutes on one CPU thread (7:46 measured with
 OMP_NUM_THREADS=1 on an otherwise idle machine: SFT 220 s, the two specialists 91 + 108 s, OPD and the
@@ -57,8 +58,8 @@ class PipelineConfig:
     # mostly noise, which AdamW turns into steps of size lr on every weight: at lr 1e-3 math fell from 0.11 to
     # 0.06. On fresh problems (each seen about once) 32 x 8 at lr 5e-5 to 2e-4 left the rollout reward flat
     # (0.25 -> 0.26 over 40 steps); on a pool of 64 (each seen ~20 times) at 1e-4 it rose 0.25 -> 0.34 (seed 0)
-    # and 0.24 -> 0.36 (seed 1). What it learns there is the pool's: held-out math (256 problems) stayed at the
-    # SFT model's 0.26 with seed 0 and fell to 0.21 with seed 1; a pool of 128 at 2e-4 rose less and lost more.
+    # and 0.33 -> 0.46 (seed 1). What it learns there is the pool's: held-out math (400 problems, SE 0.023) went
+    # 0.265 -> 0.250 with seed 0 and 0.350 -> 0.258 with seed 1; a pool of 128 at 2e-4 rose less and lost more.
     grpo_steps: int = 40
     grpo_lr: float = 1e-4
     grpo_generations: int = 8
