@@ -5,7 +5,7 @@
     dsv4 posttrain --out runs/pt --only opd,offpolicy    # rerun the distillation stages on the earlier ones
 
 Each stage writes OUT/<stage>/ (metrics.jsonl, its plot, final/); OUT/summary.md is the held-out accuracy of
-every stage per domain with each stage's time, then per domain SFT -> specialist -> OPD student and the GRPO
+every stage per domain (± its binomial standard error) with each stage's time, then per domain SFT -> specialist -> OPD student and the GRPO
 rollout reward at the start and the end; OUT/accuracy.png, reward.png and distill.png draw them.
 """
 from __future__ import annotations

@@ -7,7 +7,8 @@
   5. the off-policy baseline: the SFT model fine-tuned on the specialists' samples, same steps and prompts.
 
 Every stage writes its directory under OUT (metrics.jsonl, its plot, final/); OUT/summary.md holds the held-out
-greedy accuracy of every stage on every domain (one evaluator for all) and each stage's wall time, then per domain
+greedy accuracy of every stage on every domain (one evaluator for all; up to 400 problems per domain, each with its
+binomial standard error) and each stage's wall time, then per domain
 SFT -> specialist -> OPD student and the specialist's GRPO rollout reward at its start and end; OUT/accuracy.png,
 reward.png and distill.png draw them. The defaults take about 8 minutes on one CPU thread (7:46 measured with
 OMP_NUM_THREADS=1 on an otherwise idle machine: SFT 220 s, the two specialists 91 + 108 s, OPD and the
@@ -57,8 +58,10 @@ class PipelineConfig:
     # mostly noise, which AdamW turns into steps of size lr on every weight: at lr 1e-3 math fell from 0.11 to
     # 0.06. On fresh problems (each seen about once) 32 x 8 at lr 5e-5 to 2e-4 left the rollout reward flat
     # (0.25 -> 0.26 over 40 steps); on a pool of 64 (each seen ~20 times) at 1e-4 it rose 0.25 -> 0.34 (seed 0)
-    # and 0.24 -> 0.36 (seed 1). What it learns there is the pool's: held-out math (256 problems) stayed at the
-    # SFT model's 0.26 with seed 0 and fell to 0.21 with seed 1; a pool of 128 at 2e-4 rose less and lost more.
+    # and 0.33 -> 0.46 (seed 1). What it learns there is the pool's: held-out math (400 problems, SE 0.023) went
+    # 0.265 -> 0.250 with seed 0 and 0.350 -> 0.258 with seed 1; a pool of 128 at 2e-4 rose less and lost more.
+    # With seed 1 no remedy kept held-out math at SFT's 0.350 while the reward rose: lr 5e-5 0.283, a KL to the
+    # SFT model (beta 0.1) 0.280, Dr. GRPO 0.265; fresh problems (pool 0) kept 0.328 with the reward flat.
     grpo_steps: int = 40
     grpo_lr: float = 1e-4
     grpo_generations: int = 8
@@ -72,7 +75,10 @@ class PipelineConfig:
     sampler: str = "direct"               # GRPO's rollouts (rollout.py): 256 tiny-model rollouts take 0.8 s on
                                           # the direct sampler, 7.6 s on the engine (which prefills each alone)
     max_new_tokens: int = 24
-    eval_problems: int = 64               # held-out problems per domain for the summary table
+    eval_problems: int = 400              # held-out problems per domain for the summary table (fewer where a
+                                          # domain has fewer: easy math ~400, easy instruct 74); at 64 the
+                                          # binomial std of an accuracy near 0.3 is 0.057, the size of the
+                                          # differences between stages; at 400 it is 0.023 (greedy: ~2 s each)
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -112,14 +118,33 @@ def build_base(out: str, texts: Sequence[str], vocab_size: int, seed: int) -> st
     return out
 
 
+def heldout_size(env: Environment, n: int) -> int:
+    """How many held-out problems `env` gives when asked for up to n: n, or all it has when it has fewer
+    (found by bisection: `heldout` refuses a request beyond its set)."""
+    try:
+        return len(env.heldout(n))
+    except InvalidArgument:
+        pass
+    lo, hi = 0, n                     # heldout(lo) succeeds, heldout(hi) refuses
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            env.heldout(mid)
+            lo = mid
+        except InvalidArgument:
+            hi = mid
+    return lo
+
+
 @torch.no_grad()
 def evaluate(model_dir: str, envs: Mapping[str, Environment], n: int, max_new_tokens: int, thinking: bool,
              device: torch.device) -> dict[str, float]:
-    """Greedy held-out accuracy (fraction fully correct) of a checkpoint on each domain's first n problems."""
+    """Greedy held-out accuracy (fraction fully correct) of a checkpoint on each domain's first n problems (all of
+    them where a domain has fewer)."""
     model, tokenizer = load_policy(model_dir, device)
     out = {}
     for name, env in envs.items():
-        trajs = rollout(model, tokenizer, env.heldout(n), envs, group_size=1, sampling=SamplingConfig(temperature=0.0),
+        trajs = rollout(model, tokenizer, env.heldout(heldout_size(env, n)), envs, group_size=1, sampling=SamplingConfig(temperature=0.0),
                         max_new_tokens=max_new_tokens, thinking=thinking, sampler="direct")
         out[name] = sum(t.reward.correct for t in trajs) / max(len(trajs), 1)
     return out
@@ -189,7 +214,8 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
             model, tokenizer = load_policy(sft_dir, device)
             gcfg = GRPOConfig(steps=cfg.grpo_steps, num_generations=cfg.grpo_generations, lr=cfg.grpo_lr,
                               batch_prompts=cfg.grpo_batch_prompts, max_new_tokens=cfg.max_new_tokens,
-                              thinking=cfg.thinking, eval_problems=cfg.eval_problems,
+                              thinking=cfg.thinking,
+                              eval_problems=max(heldout_size(envs[domain], cfg.eval_problems), 1),
                               eval_every=max(cfg.grpo_steps // 4, 1), seed=cfg.seed, optimizer=cfg.optimizer,
                               sampler=cfg.sampler)
             env = envs[domain] if not cfg.grpo_pool else ProblemPool(envs[domain], cfg.grpo_pool, seed=cfg.seed)
@@ -217,6 +243,7 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     table = {name: evaluate(path, envs, cfg.eval_problems, cfg.max_new_tokens, cfg.thinking, device)
              for name, path in checkpoints.items()}
     summary = {"config": dataclasses.asdict(cfg), "accuracy": table, "seconds": stages.seconds,
+               "heldout_n": {d: heldout_size(env, cfg.eval_problems) for d, env in envs.items()},
                "grpo_reward": {d: grpo_reward_change(read_metrics(os.path.join(os.path.dirname(p), "metrics.jsonl")))
                                for d, p in specialists.items()},
                "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
@@ -244,16 +271,17 @@ def summary_table(summary: dict) -> str:
     teacher's, and the specialist's GRPO rollout reward at the start and the end of training."""
     table, seconds = summary["accuracy"], summary["seconds"]
     domains = list(next(iter(table.values())))
+    sizes = summary.get("heldout_n", {})
     lines = ["| stage | " + " | ".join(domains) + " | time (s) |",
              "|---|" + "---:|" * len(domains) + "---:|"]
     for stage, acc in table.items():
         t = seconds.get(stage)
-        lines.append(f"| {stage} | " + " | ".join(f"{acc[d]:.3f}" for d in domains) +
+        lines.append(f"| {stage} | " + " | ".join(_cell(acc[d], sizes.get(d)) for d in domains) +
                      f" | {'' if t is None else f'{t:.0f}'} |")
-    n = summary.get("config", {}).get("eval_problems")
-    if n:
-        lines.append(f"\nheld-out: greedy, the first {n} problems of each domain (a binomial std of up to "
-                     f"{0.5 / n ** 0.5:.3f} on each number)")
+    if sizes:
+        lines.append("\nheld-out: greedy, " + ", ".join(f"{sizes[d]} {d}" for d in domains if d in sizes) +
+                     " problems; ± is the binomial standard error sqrt(p (1 - p) / n), so differences within about "
+                     "twice it are noise")
     rewards = summary.get("grpo_reward", {})
     if not any(f"grpo-{d}" in table for d in domains):
         return "\n".join(lines)
@@ -266,7 +294,8 @@ def summary_table(summary: dict) -> str:
         ratio = "" if spec is None or opd is None or spec == 0 else f"{opd / spec:.2f}"
         r = rewards.get(d) or {}
         change = f"{r['start']:.3f} -> {r['end']:.3f}" if r else ""
-        lines.append(f"| {d} | {_cell(sft_acc)} | {_cell(spec)} | {_cell(opd)} | {ratio} | {change} |")
+        n = sizes.get(d)
+        lines.append(f"| {d} | {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} |")
     if rewards:
         k = max((r.get("window", 0) for r in rewards.values() if r), default=0)
         where = f"a fixed pool of {pool} training problems" if pool else "fresh training problems"
@@ -274,8 +303,11 @@ def summary_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def _cell(x: float | None) -> str:
-    return "" if x is None else f"{x:.3f}"
+def _cell(x: float | None, n: int | None = None) -> str:
+    """An accuracy, with its binomial standard error sqrt(p (1 - p) / n) when the number of problems n is known."""
+    if x is None:
+        return ""
+    return f"{x:.3f}" if not n else f"{x:.3f} ± {(x * (1 - x) / n) ** 0.5:.3f}"
 
 
 def _plot(out: str, domains: list[str], table: Mapping[str, Mapping[str, float]],

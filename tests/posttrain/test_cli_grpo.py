@@ -47,3 +47,26 @@ def test_grpo_command_writes_a_run(tmp_path, toy_registry, capsys):
     assert "at least one environment" in capsys.readouterr().err
     assert main(argv + ["--overwrite", "--num-generations", "0"]) == 2
     assert "num_generations" in capsys.readouterr().err
+
+
+def test_grpo_command_samples_from_a_pool_on_the_direct_sampler(tmp_path, toy_registry, monkeypatch):
+    """--pool wraps each environment in a ProblemPool of that size and --sampler reaches the GRPO config."""
+    import dsv4.posttrain.grpo as grpo
+    seen = {}
+    real = grpo.grpo_train
+
+    def spy(model, tokenizer, envs, cfg, **kw):
+        seen.update(envs=envs, cfg=cfg)
+        return real(model, tokenizer, envs, cfg, **kw)
+    monkeypatch.setattr(grpo, "grpo_train", spy)
+    ckpt = tmp_path / "policy"
+    train_bpe(CORPUS, 300, ckpt)
+    save_model(toy_model(n_layers=2, compress_ratios=(0, 4, 0)), ckpt)
+    argv = ["grpo", "--model", str(ckpt), "--env", "toy", "--out", str(tmp_path / "run"), "--steps", "1",
+            "--num-generations", "2", "--batch-prompts", "1", "--max-new-tokens", "3", "--eval-problems", "1",
+            "--device", "cpu", "--sampler", "direct", "--pool", "3"]
+    assert main(argv) == 0
+    from dsv4.posttrain.envs.pool import ProblemPool
+    env = seen["envs"]["toy"]
+    assert seen["cfg"].sampler == "direct" and isinstance(env, ProblemPool) and len(env.problems) == 3
+    assert main(argv[:-1] + ["-1", "--overwrite"]) == 2

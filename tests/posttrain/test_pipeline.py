@@ -9,7 +9,7 @@ import pytest
 
 from dsv4.errors import InvalidArgument
 from dsv4.posttrain.pipeline import (PipelineConfig, _Stages, build_base, demonstrations, grpo_reward_change,
-                                    run_pipeline, summary_table)
+                                    heldout_size, run_pipeline, summary_table)
 
 
 class _Env:
@@ -64,10 +64,11 @@ def test_summary_table_states_the_claim_per_domain():
     specialist's GRPO reward at the start and the end."""
     text = summary_table({"accuracy": {"sft": {"math": 0.25}, "grpo-math": {"math": 0.5}, "opd": {"math": 0.4}},
                           "seconds": {}, "grpo_reward": {"math": {"start": 0.125, "end": 0.5, "window": 3}},
-                          "config": {"eval_problems": 64, "grpo_pool": 128}})
+                          "config": {"grpo_pool": 128}, "heldout_n": {"math": 64}})
     lines = text.splitlines()
-    assert "| math | 0.250 | 0.500 | 0.400 | 0.80 | 0.125 -> 0.500 |" in lines
-    assert "the first 64 problems" in text and "last 3 steps, on a fixed pool of 128 training problems" in lines[-1]
+    # each accuracy with its binomial standard error on 64 problems: sqrt(0.25 * 0.75 / 64) = 0.054
+    assert "| math | 0.250 ± 0.054 | 0.500 ± 0.062 | 0.400 ± 0.061 | 0.80 | 0.125 -> 0.500 |" in lines
+    assert "64 math problems" in text and "last 3 steps, on a fixed pool of 128 training problems" in lines[-1]
 
 
 def test_grpo_reward_change_averages_a_window_at_each_end():
@@ -105,3 +106,21 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert os.path.isfile(tmp_path / stage / "metrics.jsonl"), stage
         assert os.path.isfile(tmp_path / stage / "final" / "tokenizer.json"), stage
     assert json.loads((tmp_path / "summary.json").read_text())["checkpoints"]["opd"].endswith("opd/final")
+
+
+class _SmallHeldout:
+    """An environment with exactly `size` held-out problems, refusing more as the real ones do."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def heldout(self, n):
+        if n > self.size:
+            raise InvalidArgument(f"only {self.size} held-out problems")
+        return list(range(n))
+
+
+@pytest.mark.parametrize("size, asked, expected", [(74, 400, 74), (400, 400, 400), (500, 400, 400), (0, 8, 0),
+                                                   (1, 8, 1)])
+def test_heldout_size_is_the_request_or_all_a_domain_has(size, asked, expected):
+    assert heldout_size(_SmallHeldout(size), asked) == expected
