@@ -76,24 +76,36 @@ def _evaluate(model, batch):
 
 
 def test_replays_follow_the_optimizer_and_survive_evaluations():
-    """Steps replayed between optimizer steps and evaluations give the loss and gradients of an eager step on the
-    weights as they are now: nothing the graph reads was split or copied from a parameter at capture time (a stale
-    copy freezes that parameter in the graphed forward), or freed by an evaluation (the graph then reads garbage)."""
+    """Steps replayed between optimizer steps and evaluations give the mHC mixing, loss and gradients of an eager
+    step on the weights as they are now: nothing the graph reads was split or copied from a parameter at capture
+    time (a stale copy freezes that parameter in the graphed forward while the optimizer moves it), or freed by an
+    evaluation (the graph then reads whatever took that memory)."""
     model = _model("sparse")
-    fn = _loss(model, "sparse")
-    opts = build_optimizers(model, 1e-2)  # large steps: a frozen copy of any weight shows within a few steps
+    with torch.no_grad():  # mHC gates at 1, not 0.01: the comb matrices then follow hc_*_fn closely
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[-1].startswith("hc_") and n.endswith("_scale"):
+                p.fill_(1.0)
+    for b in model.layers:
+        b.record_hc = True
+    loss = _loss(model, "sparse")
+
+    def fn(batch):
+        return {**loss(batch), "combs": [c for b in model.layers for c in b.last_combs]}
+    opts = build_optimizers(model, 3e-2)  # large steps: a frozen copy of a weight shows within a step
     capture, *batches = _batches(7, seed=5)
     _evaluate(model, capture)  # the trainer evaluates at step 0, before it captures
     graph = GraphedLoss(fn, capture, list(model.parameters()))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for i, b in enumerate(batches):
-        lm = graph([b])[0]["lm"]
+        got = graph([b])[0]
         replayed = {n: p.grad.clone() for n, p in named if p.grad is not None}
         out = fn(b)
         eager = dict(zip([n for n, _ in named], torch.autograd.grad(out["loss"], [p for _, p in named],
                                                                     allow_unused=True)))
-        assert torch.isfinite(lm), f"step {i}: the replayed loss is {lm}"
-        assert_rel_close(f"step {i} loss", lm, out["lm"], 1e-4)
+        assert torch.isfinite(got["lm"]), f"step {i}: the replayed loss is {got['lm']}"
+        assert_rel_close(f"step {i} mHC combs", torch.cat([c.flatten() for c in got["combs"]]),
+                         torch.cat([c.detach().flatten() for c in out["combs"]]), 1e-3)
+        assert_rel_close(f"step {i} loss", got["lm"], out["lm"], 1e-4)
         for n, g in replayed.items():
             assert_rel_close(f"step {i} grad {n}", g, eager[n], 5e-3)
         for o in opts:
