@@ -1,6 +1,7 @@
 """CUDA-graph training (skipped without CUDA): a replayed forward + backward gives the eager step's loss and
-gradients on new batches, sums micro-batches, keeps the eager set of trained parameters per stage, and
-`dsv4 train` follows the same curve with graphs on and off."""
+gradients on new batches, sums micro-batches, keeps the eager set of trained parameters per stage, follows the
+optimizer's updates and survives evaluations between replays, and `dsv4 train` follows the same curve (and the
+same validation losses) with graphs on and off."""
 import json
 import os
 
@@ -11,6 +12,7 @@ import dsv4
 from conftest import assert_rel_close
 from dsv4.train.cuda_graph import GraphedLoss
 from dsv4.train.losses import LossWeights, loss_terms
+from dsv4.train.optim import build_optimizers
 from dsv4.train.stages import set_stage
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -64,6 +66,54 @@ def test_replay_equals_eager_on_new_batches(stage):
         model.zero_grad(set_to_none=True)
 
 
+def _evaluate(model, batch):
+    """What the trainer's evaluation does to the model between steps: an eager no-grad forward in eval mode (which
+    fills or refreshes the inference kernels' caches)."""
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+        model.eval()
+        model(batch[:, :128])
+        model.train()
+
+
+def test_replays_follow_the_optimizer_and_survive_evaluations():
+    """Steps replayed between optimizer steps and evaluations give the mHC mixing, loss and gradients of an eager
+    step on the weights as they are now: nothing the graph reads was split or copied from a parameter at capture
+    time (a stale copy freezes that parameter in the graphed forward while the optimizer moves it), or freed by an
+    evaluation (the graph then reads whatever took that memory)."""
+    model = _model("sparse")
+    with torch.no_grad():  # mHC gates at 1, not 0.01: the comb matrices then follow hc_*_fn closely
+        for n, p in model.named_parameters():
+            if n.rsplit(".", 1)[-1].startswith("hc_") and n.endswith("_scale"):
+                p.fill_(1.0)
+    for b in model.layers:
+        b.record_hc = True
+    loss = _loss(model, "sparse")
+
+    def fn(batch):
+        return {**loss(batch), "combs": [c for b in model.layers for c in b.last_combs]}
+    opts = build_optimizers(model, 3e-2)  # large steps: a frozen copy of a weight shows within a step
+    capture, *batches = _batches(7, seed=5)
+    _evaluate(model, capture)  # the trainer evaluates at step 0, before it captures
+    graph = GraphedLoss(fn, capture, list(model.parameters()))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for i, b in enumerate(batches):
+        got = graph([b])[0]
+        replayed = {n: p.grad.clone() for n, p in named if p.grad is not None}
+        out = fn(b)
+        eager = dict(zip([n for n, _ in named], torch.autograd.grad(out["loss"], [p for _, p in named],
+                                                                    allow_unused=True)))
+        assert torch.isfinite(got["lm"]), f"step {i}: the replayed loss is {got['lm']}"
+        assert_rel_close(f"step {i} mHC combs", torch.cat([c.flatten() for c in got["combs"]]),
+                         torch.cat([c.detach().flatten() for c in out["combs"]]), 1e-3)
+        assert_rel_close(f"step {i} loss", got["lm"], out["lm"], 1e-4)
+        for n, g in replayed.items():
+            assert_rel_close(f"step {i} grad {n}", g, eager[n], 5e-3)
+        for o in opts:
+            o.step()
+        _evaluate(model, b)
+    graph.release()
+
+
 def test_other_shapes_are_refused():
     model = _model("sparse")
     graph = GraphedLoss(_loss(model, "sparse"), _batches(1, 0)[0], list(model.parameters()))
@@ -81,14 +131,19 @@ def test_trainer_curve_is_the_same_with_and_without_graphs(tmp_path):
     for doc in stdlib_sources(400_000)[:40]:
         (corpus / doc.name.replace("/", "_")).write_text(doc.text)
     curves = {}
-    for graphs in ("off", "on"):  # 20 steps: dense (2), indexer warm-up (1), sparse: one capture per stage
-        out = tmp_path / graphs
-        train(TrainConfig(data=str(corpus), out=str(out), steps=20, batch_size=4, seq_len=128, grad_accum=2,
-                          log_interval=1, eval_interval=10, eval_batches=2, save_interval=100, sample_tokens=0,
+    vals = {}
+    for graphs in ("off", "on"):  # 40 steps: dense (4), indexer warm-up (2), sparse: one capture per stage; an
+        out = tmp_path / graphs  # evaluation every 5 steps, in every stage
+        train(TrainConfig(data=str(corpus), out=str(out), steps=40, batch_size=4, seq_len=128, grad_accum=2,
+                          log_interval=1, eval_interval=5, eval_batches=2, save_interval=100, sample_tokens=0,
                           cuda_graph=graphs))
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            curves[graphs] = [r for r in map(json.loads, f) if "grad_norm" in r]
+            rows = [json.loads(line) for line in f]
+        curves[graphs] = [r for r in rows if "grad_norm" in r]
+        vals[graphs] = torch.tensor([r["val_loss"] for r in rows if "val_loss" in r])
     eager, graphed = curves["off"], curves["on"]
+    assert len(vals["on"]) == len(vals["off"]) == 9 and torch.isfinite(vals["on"]).all()
+    assert_rel_close("val_loss", vals["on"], vals["off"], 2e-2)
     assert [r["stage"] for r in graphed] == [r["stage"] for r in eager] and {"dense", "indexer", "sparse"} <= {
         r["stage"] for r in eager}
     # atomically added sums round differently run to run, so the curves drift apart slowly; the expert-load ratio

@@ -14,12 +14,16 @@ import triton.language as tl
 from .launch import interpreted
 
 
-def bf16_parts(w: torch.Tensor, rows: int | None = None, trim: bool = False) -> torch.Tensor:
+def bf16_parts(w: torch.Tensor, rows: int | None = None, trim: bool = False, cache: bool = True) -> torch.Tensor:
     """w (fp32 [N, K]) as bf16 parts [P, rows, K] summing to w exactly (zero rows beyond N). trim: drop trailing
-    parts that are all zero (one host check, once). Kept on the tensor until w changes in place."""
+    parts that are all zero (one host check, once). Kept on the tensor until w changes in place; then rewritten
+    where it lies (same shape), so a CUDA graph that captured a read of it never reads freed memory.
+
+    cache=False: split w now, nothing kept (training, where w changes every step: a captured step must split the
+    weight it reads at each replay, not read the split of its capture)."""
     rows = rows or w.shape[0]
     key = (_version(w), w.data_ptr(), rows, trim)
-    cached = getattr(w, "_dsv4_bf16_parts", None)
+    cached = getattr(w, "_dsv4_bf16_parts", None) if cache else None
     if cached is not None and cached[0] == key:
         return cached[1]
     rest = w.detach().float()
@@ -31,6 +35,10 @@ def bf16_parts(w: torch.Tensor, rows: int | None = None, trim: bool = False) -> 
             break
     out = torch.zeros(len(parts), rows, w.shape[1], dtype=torch.bfloat16, device=w.device)
     out[:, :w.shape[0]] = torch.stack(parts)
+    if not cache:
+        return out
+    if cached is not None and cached[1].shape == out.shape:
+        out = cached[1].copy_(out)
     w._dsv4_bf16_parts = (key, out)
     return out
 

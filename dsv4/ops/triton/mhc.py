@@ -118,12 +118,14 @@ def _mixes_reduce_kernel(part_ptr, ss_ptr, out_ptr, r_ptr, N, K, eps, SPLIT: tl.
     tl.store(r_ptr + row, r)
 
 
-def _mixes_forward(x2: torch.Tensor, fn: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """x2 [N, K] bf16, fn [M, K] fp32 -> (mixes [N, M] fp32, 1/rms per row [N] fp32)."""
+def _mixes_forward(x2: torch.Tensor, fn: torch.Tensor, eps: float,
+                   cached: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x2 [N, K] bf16, fn [M, K] fp32 -> (mixes [N, M] fp32, 1/rms per row [N] fp32). cached: the split of fn into
+    bf16 parts kept on fn (inference); training splits the weight it reads now (see bf16_parts)."""
     N, K = x2.shape
     M = fn.shape[0]
     MP = max(16, triton.next_power_of_2(M))
-    parts = bf16_parts(fn, MP)
+    parts = bf16_parts(fn, MP, cache=cached)
     out = torch.empty(N, M, dtype=torch.float32, device=x2.device)
     r = torch.empty(N, dtype=torch.float32, device=x2.device)
     block_n, block_k = (16, 128) if N <= 64 else (64, 64)
@@ -183,7 +185,7 @@ class _Mixes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, fn, eps):
-        out, r = _mixes_forward(x2, fn, eps)
+        out, r = _mixes_forward(x2, fn, eps, cached=False)  # fn moves every step: its split is part of the step
         ctx.save_for_backward(x2, fn, out, r)
         return out
 

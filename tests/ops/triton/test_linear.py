@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dsv4.ops.invariant.linear import matmul_nt
-from dsv4.ops.triton.linear import linear_fp32
+from dsv4.ops.triton.linear import bf16_parts, linear_fp32
 
 from .device import DT, TOL, gen, randn, rel_err
 
@@ -31,6 +31,20 @@ def test_invariant_matmul(M, N, K):
     assert torch.equal(matmul_nt(a[:1], w), c[:1])
     a3, w3 = randn(3, M, K, g=g, dtype=DT), randn(3, N, K, g=g, dtype=DT)
     assert rel_err(matmul_nt(a3, w3), a3.double() @ w3.double().transpose(1, 2)) < TOL * 10
+
+
+def test_weight_split_is_refreshed_in_place():
+    """After an in-place update of the weight, its cached bf16 split is rewritten where it lies: a CUDA graph that
+    captured a read of the split never reads memory the refresh freed (and so handed to other tensors)."""
+    g = gen()
+    w = randn(24, 128, g=g)
+    before = bf16_parts(w, trim=True)
+    at = before.data_ptr()
+    w.mul_(1.5).add_(randn(24, 128, g=g))
+    after = bf16_parts(w, trim=True)
+    assert after.data_ptr() == at and torch.equal(after.float().sum(0), w)
+    w.copy_(w.bfloat16().float())                      # now one part: a new shape, a new tensor
+    assert bf16_parts(w, trim=True).shape[0] == 1 and torch.equal(bf16_parts(w, trim=True)[0].float(), w)
 
 
 def test_launches_build_for_gpus(native_build):

@@ -62,5 +62,20 @@ def test_mixes(lead, R, C, M):
     assert xa.grad.dtype == torch.bfloat16 and ((xa.grad.double() - xr.grad).abs() <= bound).all()
 
 
+def test_training_mixes_read_the_weight_as_it_is_now():
+    """A training step's mixes use fn's current values even when its in-place version has not moved: a replayed
+    CUDA graph re-runs the kernels, not the host's cache check, so a weight split cached outside the step would
+    leave every replay on the weights of the capture (the optimizer's updates never reaching the forward)."""
+    g = gen()
+    x = randn(2, 3, 4, 64, g=g, dtype=torch.bfloat16).requires_grad_(True)
+    fn = torch.nn.Parameter(randn(24, 4 * 64, g=g))
+    tri_mhc.hc_mixes(x, fn, 1e-6)                     # a first step (the graph's warm-up)
+    fn.data.copy_(randn(24, 4 * 64, g=g))              # an update that a replay does not see as a version change
+    got = tri_mhc.hc_mixes(x, fn, 1e-6)
+    want = ref_mhc.hc_mixes(x.detach().double(), fn.detach().double(), 1e-6)
+    err = ((got.detach().double() - want).abs().max() / want.abs().max()).item()
+    assert err < 1e-5, f"mixes of the weight as it was at the first call? relative error {err:.3g}"
+
+
 def test_launches_build_for_gpus(native_build):
     native_build()
