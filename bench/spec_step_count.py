@@ -1,7 +1,10 @@
 """Count what one speculative decode step costs on the host, on any device (CPU is enough): the aten ops it runs
-(each one a kernel launch on a GPU), the host syncs (tensor -> Python value: .tolist(), .item(), int/float/bool
-of a tensor) and the host -> device tensor builds (torch.tensor from Python data). Compare with a plain decode
-step of the same engine. Launch-bound single-stream decoding is as fast as these counts are small.
+(each one a kernel launch on a GPU, eager), split by phase, the host syncs (tensor -> Python value: .tolist(),
+.item(), int/float/bool of a tensor; a batched `to_host` of several tensors counts once) and the host -> device
+tensor builds (torch.tensor from Python data). Compare with a plain decode step of the same engine. The CPU
+reference MoE's own syncs (ops/reference, never used on a GPU) are left out. Launch-bound single-stream decoding
+is as fast as these counts are small; on a GPU with CUDA graphs the plain step and the verify forward are one
+replay each.
 
     python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40]
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 
 import torch
@@ -16,6 +20,12 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv4
+try:
+    from dsv4.generate import host as host_module
+except ImportError:   # (a tree from before the one-wait speculative step: its syncs are all counted apart)
+    host_module = None
+from dsv4.generate import speculative
+from dsv4.serve import engine as engine_module
 from dsv4.serve.engine import Engine
 from dsv4.serve.types import SamplingParams
 
@@ -32,7 +42,9 @@ class HostCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in SYNCS:
-            self.counts["sync:" + func.__name__] += 1
+            where = _callers()
+            if not any("ops/reference" in f or name in ("to_host", "_to_host") for f, name in where):
+                self.counts["sync:" + func.__name__] += 1
         elif func is torch.tensor:
             self.counts["host_to_device"] += 1
         return func(*args, **(kwargs or {}))
@@ -45,14 +57,63 @@ class OpCounter(TorchDispatchMode):
             "permute", "as_strided", "alias", "detach", "reshape", "unbind", "split", "chunk", "lift_fresh",
             "_reshape_alias", "split_with_sizes", "empty", "empty_like", "empty_strided"}
 
+    PHASES = ("accept_batch", "_draft", "checkpoint", "rollback", "hidden", "step_rows", "_spec_view")
+
     def __init__(self):
         super().__init__()
-        self.ops = 0
+        self.ops = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.__name__.split(".")[0] not in self.FREE:
-            self.ops += 1
+            self.ops[_phase(self.PHASES)] += 1
         return func(*args, **(kwargs or {}))
+
+
+def _callers() -> list[tuple[str, str]]:
+    """(file, function) of every frame on the stack above the caller's."""
+    f, out = sys._getframe(2), []
+    while f is not None:
+        out.append((f.f_code.co_filename, f.f_code.co_name))
+        f = f.f_back
+    return out
+
+
+def _phase(names: tuple[str, ...]) -> str:
+    """The innermost of `names` on the stack (the step phase an op belongs to)."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name in names:
+            return {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
+                    "_draft": "mtp_draft", "accept_batch": "accept"}.get(f.f_code.co_name, f.f_code.co_name)
+        f = f.f_back
+    return "other"
+
+
+def _under(frame, name: str) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _patch(to_host) -> None:
+    for module in (engine_module, speculative):
+        if to_host is not None and hasattr(module, "to_host" if module is speculative else "_to_host"):
+            setattr(module, "to_host" if module is speculative else "_to_host", to_host)
+
+
+def _counting_to_host(counts: Counter):
+    """Wrap the one-wait transfer so each call counts as one sync."""
+    real = host_module.to_host if host_module is not None else engine_module._to_host
+
+    def wrapped(tensors):
+        counts["sync:to_host"] += 1
+        return real(tensors)
+    return wrapped
+
+
+real_engine_to_host = engine_module._to_host
 
 
 def count_steps(engine: Engine, steps: int) -> dict:
@@ -61,10 +122,15 @@ def count_steps(engine: Engine, steps: int) -> dict:
         if not engine.has_work:
             break
         host, ops = HostCounter(), OpCounter()
-        with host, ops:
-            engine.step()
+        _patch(_counting_to_host(host.counts))
+        try:
+            with host, ops:
+                engine.step()
+        finally:
+            _patch(host_module.to_host if host_module is not None else real_engine_to_host)
         totals.update(host.counts)
-        totals["aten_ops"] += ops.ops
+        totals.update({"aten_ops": sum(ops.ops.values())})
+        totals.update({f"aten_ops:{k}": v for k, v in ops.ops.items()})
         n += 1
     syncs = sum(v for k, v in totals.items() if k.startswith("sync:"))
     return {"steps": n, "per_step": {k: round(v / max(n, 1), 1) for k, v in sorted(totals.items())},

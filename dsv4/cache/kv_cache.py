@@ -273,8 +273,9 @@ class KVCache:
             raise ValueError(f"checkpoint n_tokens={n_tokens}: must be in 1..window_size={self.config.window_size}")
         self.check_intact()
         self.check_room(n_tokens)
-        starts = list(self._host)
-        return CacheCheckpoint(starts, n_tokens, [checkpoint_layer(layer, starts, n_tokens) for layer in self.layers])
+        starts, memo = list(self._host), {}
+        return CacheCheckpoint(starts, n_tokens, [checkpoint_layer(layer, starts, n_tokens, memo)
+                                                  for layer in self.layers])
 
     def rollback(self, ckpt: CacheCheckpoint, keep: list[int] | int) -> "KVCache":
         """Keep only the first keep[b] tokens each row appended since `ckpt` (one int: every row), in one step or
@@ -285,8 +286,9 @@ class KVCache:
         if len(keep) != self.batch_size or any(not 0 <= k <= n <= ckpt.n_tokens for k, n in zip(keep, moved)):
             raise ValueError(f"rollback keep={keep}: needs one count per row ({self.batch_size} rows), each at most "
                              f"the tokens the row appended since the checkpoint ({moved}, at most {ckpt.n_tokens})")
+        memo = {}
         for layer, lc in zip(self.layers, ckpt.layers):
-            rollback_layer(layer, lc, ckpt.starts, keep, ckpt.n_tokens)
+            rollback_layer(layer, lc, ckpt.starts, keep, ckpt.n_tokens, memo)
         for i, (p, k) in enumerate(zip(ckpt.starts, keep)):
             self._host[i] = p + k
         self.positions.copy_(torch.tensor([p + k for p, k in zip(ckpt.starts, keep)], device=self.positions.device))

@@ -12,10 +12,15 @@ compressor states whole (at most 2m rows) together with the step's own token row
 while the checkpoint is open: a rollback restores the old state and re-absorbs the first `keep` token rows,
 which is exactly what a step of only those tokens would have left. Rows may keep different counts. Entries past the kept length are restored too, so every tensor of the
 cache equals that of a step of `keep` tokens, not only the rows a later read can see.
+
+The index tensors built from the host's positions and counts are alike in every layer of the same window and
+ratio; a `memo` dict shared by one checkpoint's (or rollback's) layers builds each once, so a step copies a handful
+of small tensors to the device instead of several per layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import torch
 
@@ -32,18 +37,22 @@ class LayerCheckpoint:
     states: list[tuple[torch.Tensor, torch.Tensor]]   # per compressor state: old (kv, score)
 
 
-def checkpoint_layer(layer, starts: list[int], n_tokens: int) -> LayerCheckpoint:
+def checkpoint_layer(layer, starts: list[int], n_tokens: int, memo: dict | None = None) -> LayerCheckpoint:
     """Snapshot what a step of n_tokens at positions starts[b].. can overwrite in `layer` (a LayerCache)."""
     W, m = layer.window_size, layer.ratio
     buf = layer.window_rows.buf
-    ring_index = _index([[(p + i) % W for i in range(n_tokens)] for p in starts], buf)
+    memo = {} if memo is None else memo
+    dev = buf.device
+    ring_index = _expand(_once(memo, ("ring", W), lambda: torch.tensor(
+        [[(p + i) % W for i in range(n_tokens)] for p in starts], dtype=torch.long, device=dev)), buf)
     groups, store_index, stores = None, [], []
     compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
     if compressed:
         n_groups, limit = (n_tokens + m - 1) // m + 1, compressed[0].rows
-        rows = [[min(g, limit) for g in range(p // m, p // m + n_groups)] + [limit] for p in starts]
-        groups = torch.tensor(rows, device=buf.device)
-        store_index = [_index(rows, s.buf) for s in compressed]
+        groups = _once(memo, ("groups", m, limit), lambda: torch.tensor(
+            [[min(g, limit) for g in range(p // m, p // m + n_groups)] + [limit] for p in starts],
+            dtype=torch.long, device=dev))
+        store_index = [_expand(groups, s.buf) for s in compressed]
         stores = [s.buf.gather(1, index) for s, index in zip(compressed, store_index)]
     states = [(st.kv.clone(), st.score.clone()) for st in layer.states()]
     for st in layer.states():
@@ -51,7 +60,8 @@ def checkpoint_layer(layer, starts: list[int], n_tokens: int) -> LayerCheckpoint
     return LayerCheckpoint(ring_index, buf.gather(1, ring_index), groups, store_index, stores, states)
 
 
-def rollback_layer(layer, ckpt: LayerCheckpoint, starts: list[int], keep: list[int], n_tokens: int) -> None:
+def rollback_layer(layer, ckpt: LayerCheckpoint, starts: list[int], keep: list[int], n_tokens: int,
+                   memo: dict | None = None) -> None:
     """Undo what tokens keep[b] .. n_tokens-1 of the checkpointed step wrote to `layer`, all rows at once."""
     m, buf = layer.ratio, layer.window_rows.buf
     dev = buf.device
@@ -60,9 +70,8 @@ def rollback_layer(layer, ckpt: LayerCheckpoint, starts: list[int], keep: list[i
         st.journal = None
     if all(k == n_tokens for k in keep):
         return
-    keep_t = torch.tensor(keep, device=dev)
-    end_t = torch.tensor(starts, device=dev) + keep_t                 # first rejected position per row
-    rejected = torch.arange(n_tokens, device=dev) >= keep_t[:, None]  # [B, S]
+    memo = {} if memo is None else memo
+    end_t, rejected = _once(memo, "keep", lambda: _kept(starts, keep, n_tokens, dev))
     _restore(buf, ckpt.ring_index, ckpt.ring, rejected)
     compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
     if compressed:   # rows of groups no kept token completed, and the scratch row
@@ -70,12 +79,12 @@ def rollback_layer(layer, ckpt: LayerCheckpoint, starts: list[int], keep: list[i
         for store, index, old in zip(compressed, ckpt.store_index, ckpt.stores):
             _restore(store.buf, index, old, stale)
     changed = [b for b, k in enumerate(keep) if k < n_tokens]
+    rows = _once(memo, "changed", lambda: torch.tensor(changed, device=dev))
     for st, (kv, score), journal in zip(layer.states(), ckpt.states, journals):
-        rows = torch.tensor(changed, device=dev)
         st.kv[rows], st.score[rows] = kv[rows], score[rows]
         tok_kv, tok_score = _joined(journal) if journal else (None, None)
         for k in sorted({keep[b] for b in changed} - {0}):   # re-absorb the kept tokens, rows grouped by count
-            sel = torch.tensor([b for b in changed if keep[b] == k], device=dev)
+            sel = _once(memo, ("kept", k), lambda: torch.tensor([b for b in changed if keep[b] == k], device=dev))
             sub = CompressorState(st.kv[sel], st.score[sel])
             absorb(sub, tok_kv[sel, :k], tok_score[sel, :k], end_t[sel] - k, m, overlap=st.kv.shape[1] == 2 * m)
             st.kv[sel], st.score[sel] = sub.kv, sub.score
@@ -93,5 +102,19 @@ def _joined(journal: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([kv for kv, _ in journal], 1), torch.cat([sc for _, sc in journal], 1)
 
 
-def _index(rows: list[list[int]], buf: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=buf.device).unsqueeze(-1).expand(-1, -1, buf.shape[2])
+def _kept(starts: list[int], keep: list[int], n_tokens: int, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first rejected position per row [B] and which step tokens are rejected [B, S]."""
+    keep_t = torch.tensor(keep, device=dev)
+    end_t = torch.tensor(starts, device=dev) + keep_t
+    return end_t, torch.arange(n_tokens, device=dev) >= keep_t[:, None]
+
+
+def _once(memo: dict, key: Hashable, make: Callable[[], object]):
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
+def _expand(rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Row numbers [B, n] as a gather / scatter index into buf [B, rows, record]."""
+    return rows.unsqueeze(-1).expand(-1, -1, buf.shape[2])
