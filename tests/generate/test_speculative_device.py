@@ -89,3 +89,41 @@ def _read(reads: list, name: str) -> None:
     caller = sys._getframe(2).f_code.co_filename
     if "ops/reference" not in caller.replace("\\", "/"):
         reads.append((name, caller))
+
+
+TINY = dsv4.ModelConfig.preset("tiny")   # window 32, ratios (0, 4, 16, 4): a 4-token step crosses group ends
+
+
+@pytest.mark.parametrize("dtypes", [{}, {"kv_dtype": "fp8", "index_dtype": "fp4"}], ids=["fp32", "fp8-fp4"])
+@torch.no_grad()
+def test_rollback_on_device_equals_rollback(dtypes):
+    """The rollback by device data alone (every count's work, no host value) leaves every tensor of the cache,
+    the scratch rows included, bitwise as the host-guided rollback does, for rows keeping 0 .. all tokens."""
+    model = dsv4.Transformer(TINY).init_weights(seed=3).eval()
+    g = torch.Generator().manual_seed(0)
+    lengths, steps = [27, 30, 31, 33, 46, 47], 4
+    prompts = [torch.randint(0, TINY.vocab_size, (1, n), generator=g) for n in lengths]
+    step = torch.randint(0, TINY.vocab_size, (len(lengths), steps), generator=g)
+    keep = [0, 1, 2, 3, 4, 2]
+    caches = []
+    for on_device in (False, True):
+        cache = model.new_cache(len(lengths), 96, **dtypes)
+        for r, p in enumerate(prompts):
+            model(p, cache=cache.select(r))
+        ckpt = cache.checkpoint(steps)
+        model(step, cache=cache)
+        if on_device:
+            cache.rollback_on_device(ckpt, torch.tensor(keep))
+            cache.end_rollback(ckpt, keep)
+        else:
+            cache.rollback(ckpt, keep)
+        caches.append(cache)
+    host, device = caches
+    assert host.lengths() == device.lengths() == [n + k for n, k in zip(lengths, keep)]
+    for a, b in zip(_all_tensors(host), _all_tensors(device)):
+        assert torch.equal(a, b)
+
+
+def _all_tensors(cache):
+    return [cache.positions] + [t for layer in cache.layers for t in [s.buf for s in layer.stores()]
+                                + [x for st in layer.states() for x in (st.kv, st.score)]]
