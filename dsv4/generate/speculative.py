@@ -164,9 +164,11 @@ class SpeculativeDecoder:
 
         Drafts, acceptance and the next tokens stay on the device; the step's results reach the host in one
         transfer (a row's first step also waits for its first token, which decides whether it drafts at all).
-        `verifier(n_tokens)`, when given, runs the verify forward instead of the eager model: a callable
-        tokens [B, n_tokens] -> (hidden, logits) on its own view of these rows (a captured CUDA graph,
-        generate.graphs.GraphDecoder with `hidden=True`), whose cache the checkpoint and rollback then use."""
+        The verify takes the main cache's checkpoint, and the rejected tokens are rolled back by device data
+        (the kept counts computed on the device), so nothing waits for the host before the transfer.
+        `verifier(n_tokens)`, when given, supplies the verify instead of `EagerVerify`: the same interface on its
+        own view of these rows (generate.graphs.GraphDecoder with checkpoint=True: both the verify and the
+        rollback replay captured CUDA graphs)."""
         idx = range(self.cache.batch_size)[rows]
         budgets = [self.cache.max_seq_len if b is None else b for b in budgets]
         if len(budgets) != len(idx) or any(b < 0 for b in budgets):
@@ -187,27 +189,27 @@ class SpeculativeDecoder:
         live = [x not in st_ and b > 1 for x, st_, b in zip(xs, stops, budgets)]   # rows that go on after x
         k = max(0, min(self.n_draft, self.cache.max_seq_len - max(main.lengths()) - 1))
         limits = [min(k, b - 1) if ok else 0 for ok, b in zip(live, budgets)]
-        drafts, n_drafts, draft_logits = self._draft(mtp, states, x_ids, k, limits, cfgs, gens, stop_ids)
-        verify = verifier(k + 1) if verifier is not None else None
-        if verify is not None:
-            main = verify.cache
-        elif self.fixed_shapes:
+        stop_t = _stop_table(stop_ids, self.device)                # [B, n_stops] (-1 pads)
+        drafts, n_drafts, draft_logits = self._draft(mtp, states, x_ids, k, limits, cfgs, gens, stop_t)
+        if verifier is None and self.fixed_shapes:
             main.set_fixed_shapes(True)
-        ckpt = main.checkpoint(k + 1)
+        verify = verifier(k + 1) if verifier is not None else EagerVerify(self.model, main)
+        main = verify.cache
         ids = torch.cat((x_ids[:, None], drafts), 1)                  # [B, k + 1]
-        if verify is not None:
-            h, target = (t.clone() for t in verify(ids))          # (static buffers the next replay overwrites)
-        else:
-            h = self.model.hidden(ids, cache=main)
-            target = self.model.logits(h)                          # [B, k + 1, vocab]
+        h, target = verify(ids)                                       # takes the checkpoint, then [B, k + 1, ...]
+        if verifier is not None:
+            h, target = h.clone(), target.clone()                     # (static buffers the next replay overwrites)
         active = [i for i, st in enumerate(states) if st is not None]
         a_dev, y_dev = accept_batch(target, draft_logits, drafts, n_drafts, cfgs, gens,
                                     [lim if ok else -1 for lim, ok in zip(limits, live)])
+        keep_dev = _kept(a_dev, drafts, stop_t, torch.tensor([budgets, live], device=self.device))
+        verify.rollback(keep_dev)                                     # by data: no wait for the host
         x_logits = torch.stack([states[i].logits for i in active]) if active else target[:0, 0]
         emitted = torch.arange(k + 1, device=target.device) < a_dev[:, None]          # target rows sent out
         finite = (torch.isfinite(target).all(-1) | ~emitted).all(-1)
         finite = finite[active] & torch.isfinite(x_logits).all(-1) if active else finite[:0]
-        a_host, y_host, d_host, n_host, fin_host = to_host([a_dev, y_dev, drafts, n_drafts, finite])
+        a_host, y_host, d_host, n_host, fin_host, keep_host = to_host([a_dev, y_dev, drafts, n_drafts, finite,
+                                                                       keep_dev])
         fin_host = dict(zip(active, fin_host))
         results, keep = [], []
         for i, st in enumerate(states):
@@ -231,11 +233,13 @@ class SpeculativeDecoder:
             st.pending_h, st.pending_ids = h[i:i + 1, :a + 1], drafts[i, :a]
             results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), n, a, finished,
                                       fin_host[i]))
-        main.rollback(ckpt, keep)
+        if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
+            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host expected {keep}")
+        main.end_rollback(verify.ckpt, keep)
         return results
 
     def _draft(self, mtp: KVCache, states: list[_Row | None], x_ids: torch.Tensor, k: int, limits: list[int],
-               cfgs: Sequence[SamplingConfig], gens, stop_ids: Sequence[Sequence[int]]
+               cfgs: Sequence[SamplingConfig], gens, stop_t: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row up to limits[b] drafts (fewer after a drafted stop token), on the device: the drafts [B, k]
         (0 after a row's last), their counts [B] and the MTP logits [B, k, vocab] they were drawn from. The MTP
@@ -253,7 +257,6 @@ class SpeculativeDecoder:
                 out, logits[i, 0] = self._mtp(mtp.select(i), st.pending_h, ids)
                 lanes[i] = out[0, -1:]
         limit_t = torch.tensor(limits, device=self.device)
-        stop_t = _stop_table(stop_ids, self.device)                # [B, n_stops] (-1 pads)
         alive = torch.ones(B, dtype=torch.bool, device=self.device)
         count = torch.zeros(B, dtype=torch.long, device=self.device)
         sampled = [i for i, cfg in enumerate(cfgs) if cfg.temperature > 0]
@@ -357,6 +360,37 @@ def _accept_sampled(target: torch.Tensor, draft_logits: torch.Tensor, drafts: to
     dist = torch.cat((residual, p[limit:limit + 1]))                 # row limit: the bonus, p_limit
     bonus = torch.where(a == n, p.index_select(0, n.view(1)), dist.index_select(0, a.view(1)))
     return a, torch.multinomial(bonus[0], 1, generator=gen)[0]
+
+
+class EagerVerify:
+    """The verify forward run eagerly, with the interface of a captured one (GraphDecoder with checkpoint=True):
+    a call takes the cache checkpoint (`ckpt`) and appends the tokens; `rollback(keep)` keeps keep[b] [B] (device)
+    of them per row by device data; the caller then advances the host positions (KVCache.end_rollback)."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache, self.ckpt = model, cache, None
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ckpt = self.cache.checkpoint(ids.shape[1])
+        h = self.model.hidden(ids, cache=self.cache)
+        return h, self.model.logits(h)
+
+    def rollback(self, keep: torch.Tensor) -> None:
+        self.cache.rollback_on_device(self.ckpt, keep)
+
+
+def _kept(a: torch.Tensor, drafts: torch.Tensor, stop_t: torch.Tensor, budget_live: torch.Tensor) -> torch.Tensor:
+    """The tokens each row's caches keep [B] (device): x and its a accepted drafts, less the last when the row
+    finished with it (a drafted stop token accepted, or its budget reached; it is never fed), 0 for a row that
+    does not go on after x (budget_live: [2, B] budgets and the host's live flags)."""
+    budget, live = budget_live[0], budget_live[1].bool()
+    if drafts.shape[1]:
+        last = drafts.gather(1, (a - 1).clamp(min=0)[:, None])             # the last accepted draft
+        stopped = (a > 0) & (last == stop_t).any(-1)
+    else:
+        stopped = torch.zeros_like(live)
+    finished = stopped | (a + 1 >= budget)
+    return torch.where(live, torch.where(finished, a, a + 1), 0)
 
 
 def _stop_table(stop_ids: Sequence[Sequence[int]], device) -> torch.Tensor:

@@ -38,9 +38,9 @@ row's stop tokens and `max_tokens` bound what it emits (its token budget). Free 
 budget 0 (rolled back whole). The draft count shrinks near `max_seq_len`, so no extra room is asked at submit.
 Drafts, acceptance and the next tokens stay on the device and come to the host in one wait per step. With
 `cuda_graphs` the verify forward (1 + n_draft tokens per row) of a step with no prefilling row below the smallest
-bucket holding every decoding row replays that bucket's captured graph (one per bucket and verify width); the MTP
-drafts and the rollback of rejected tokens run eagerly around it, and eager verify steps read every stored row as
-the graphs do. Prompts are prefilled one request per forward (`SpeculativeDecoder.extend` fills one row of both
+bucket holding every decoding row replays that bucket's captured graph (one per bucket and verify width), and so does the
+rollback of the rejected tokens (by device data); the MTP drafts and the acceptance run eagerly between them, and
+eager verify steps read every stored row as the graphs do. Prompts are prefilled one request per forward (`SpeculativeDecoder.extend` fills one row of both
 caches).
 
 A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (for a batched
@@ -567,7 +567,7 @@ class Engine:
         """The captured speculative verify step of rows 0 .. bucket - 1 over n_tokens per row."""
         if (bucket, n_tokens) not in self._spec_graphs:
             self._spec_graphs[bucket, n_tokens] = GraphDecoder(self.model, self.cache.select(slice(0, bucket)),
-                                                               n_tokens=n_tokens, hidden=True)
+                                                               n_tokens=n_tokens, checkpoint=True)
         return self._spec_graphs[bucket, n_tokens]
 
     def _invariant(self):

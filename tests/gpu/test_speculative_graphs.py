@@ -45,7 +45,7 @@ def test_graph_verify_equals_eager_verify(model, n_draft):
 
         def verifier(n_tokens):
             if n_tokens not in graphs:
-                graphs[n_tokens] = GraphDecoder(model, cache.select(slice(0, 2)), n_tokens=n_tokens, hidden=True)
+                graphs[n_tokens] = GraphDecoder(model, cache.select(slice(0, 2)), n_tokens=n_tokens, checkpoint=True)
             return graphs[n_tokens]
         gens = [None, torch.Generator(device="cuda").manual_seed(7)]
         out = [[], []]
