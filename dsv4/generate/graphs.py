@@ -138,3 +138,47 @@ class GraphDecoder:
         self.ckpt = self.cache.checkpoint(self.n_tokens)
         h = self.model.hidden(self.tokens, cache=self.cache)
         return h, self.model.logits(h)
+
+
+class GraphStep:
+    """`step(*inputs)`: fn(*inputs) -> outputs, a forward that appends n_tokens to every row of `cache`, replayed
+    from a CUDA graph: after `warmup` eager calls the next one captures it, every later call copies the inputs
+    into static buffers (same shapes as `example`) and replays. The outputs are static buffers the next call
+    overwrites. As in GraphDecoder, the host bookkeeping of the cache advances around each replay."""
+
+    def __init__(self, fn, cache, n_tokens: int, example: tuple[torch.Tensor, ...], warmup: int = 2):
+        self.fn, self.cache, self.n_tokens, self.warmup = fn, cache, n_tokens, warmup
+        self.inputs = tuple(torch.empty_like(x) for x in example)
+        self.outputs = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.calls, self.eager = 0, False
+
+    @torch.no_grad()
+    def __call__(self, *inputs: torch.Tensor):
+        for buf, x in zip(self.inputs, inputs):
+            if buf.shape != x.shape:
+                raise ValueError(f"GraphStep input of shape {tuple(x.shape)}, captured for {tuple(buf.shape)}")
+            buf.copy_(x)
+        self.calls += 1
+        if self.eager or (self.graph is None and self.calls <= self.warmup):
+            return self.fn(*self.inputs)
+        if self.graph is None:
+            self.cache.check_intact()
+            before = self.cache.host_state()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self.outputs = self.fn(*self.inputs)
+                self.graph = graph
+            except RuntimeError as e:
+                warnings.warn(f"step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); running it "
+                              "eagerly")
+                self.eager = True
+            finally:
+                self.cache.restore_host_state(before)
+            if self.eager:
+                return self.fn(*self.inputs)
+        self.cache.begin_step(self.n_tokens)
+        self.graph.replay()
+        self.cache.end(self.n_tokens, device=False)
+        return self.outputs

@@ -31,6 +31,7 @@ import torch
 from .. import ops
 from ..cache import KVCache
 from ..errors import InvalidArgument
+from .graphs import GraphStep
 from .host import to_host
 from .sampling import SamplingConfig, probabilities, sample
 
@@ -85,6 +86,8 @@ class SpeculativeDecoder:
             raise InvalidArgument("mtp_cache must be a KVCache(mtp=True) with as many rows as the cache")
         self.rows: dict[int, _Row] = {}
         self.fixed_shapes = False   # eager verify forwards read every stored row, as a captured verify does
+        self.graph_drafts = False   # with a verifier (graphs), the MTP forwards replay CUDA graphs too
+        self._mtp_graphs: dict[tuple, GraphStep] = {}
         self._zero = torch.zeros(1, dtype=torch.long, device=self.device)
         self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
 
@@ -190,7 +193,10 @@ class SpeculativeDecoder:
         k = max(0, min(self.n_draft, self.cache.max_seq_len - max(main.lengths()) - 1))
         limits = [min(k, b - 1) if ok else 0 for ok, b in zip(live, budgets)]
         stop_t = _stop_table(stop_ids, self.device)                # [B, n_stops] (-1 pads)
-        drafts, n_drafts, draft_logits = self._draft(mtp, states, x_ids, k, limits, cfgs, gens, stop_t)
+        if self.fixed_shapes:
+            mtp.set_fixed_shapes(True)
+        drafts, n_drafts, draft_logits = self._draft(mtp, idx.start, states, x_ids, k, limits, cfgs, gens, stop_t,
+                                                     graphs=verifier is not None and self.graph_drafts)
         if verifier is None and self.fixed_shapes:
             main.set_fixed_shapes(True)
         verify = verifier(k + 1) if verifier is not None else EagerVerify(self.model, main)
@@ -238,12 +244,15 @@ class SpeculativeDecoder:
         main.end_rollback(verify.ckpt, keep)
         return results
 
-    def _draft(self, mtp: KVCache, states: list[_Row | None], x_ids: torch.Tensor, k: int, limits: list[int],
-               cfgs: Sequence[SamplingConfig], gens, stop_t: torch.Tensor
+    def _draft(self, mtp: KVCache, first: int, states: list[_Row | None], x_ids: torch.Tensor, k: int,
+               limits: list[int], cfgs: Sequence[SamplingConfig], gens, stop_t: torch.Tensor, graphs: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per row up to limits[b] drafts (fewer after a drafted stop token), on the device: the drafts [B, k]
         (0 after a row's last), their counts [B] and the MTP logits [B, k, vocab] they were drawn from. The MTP
-        cache ends holding each drafting row's exact pairs up to (h_{P-1}, x_P)."""
+        cache ends holding each drafting row's exact pairs up to (h_{P-1}, x_P). `mtp` is the view of rows
+        first .. first + B - 1; with `graphs` its MTP forwards replay CUDA graphs: the further drafts' (one per
+        batch) and, for a single row, the catch-up's (one per catch-up length; with more rows the per-row
+        catch-ups run eagerly rather than keep a graph per row and length)."""
         B, V = len(states), self.model.config.vocab_size
         lane_shape = (self.model.config.hc_mult, self.model.config.dim)
         logits = torch.zeros(B, max(k, 1), V, device=self.device)
@@ -254,7 +263,8 @@ class SpeculativeDecoder:
         for i, st in enumerate(states):                            # catch-up: lengths differ per row
             if limits[i]:
                 ids = torch.cat((st.pending_ids, x_ids[i:i + 1]))[None]
-                out, logits[i, 0] = self._mtp(mtp.select(i), st.pending_h, ids)
+                key = ("catch-up", first + i, ids.shape[1])
+                out, logits[i, 0] = self._mtp_step(key, mtp.select(i), st.pending_h, ids, graphs and B == 1)
                 lanes[i] = out[0, -1:]
         limit_t = torch.tensor(limits, device=self.device)
         alive = torch.ones(B, dtype=torch.bool, device=self.device)
@@ -271,11 +281,22 @@ class SpeculativeDecoder:
             count += alive
             if j == k - 1:
                 break
-            lanes, logits[:, j + 1] = self._mtp(mtp, lanes, drafts[:, j:j + 1])
+            lanes, logits[:, j + 1] = self._mtp_step(("draft", first, B), mtp, lanes, drafts[:, j:j + 1], graphs)
             alive = alive & ~(drafts[:, j:j + 1] == stop_t).any(-1)   # drafting stops after a drafted stop
         if ckpt is not None:
             mtp.rollback(ckpt, 0)
         return drafts, count, logits
+
+    def _mtp_step(self, key: tuple, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor,
+                  graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_mtp`, with `graphs` replayed from the CUDA graph kept under `key` (its own view of the same rows:
+        `key` names them and the shapes). The outputs are then static buffers the next replay overwrites."""
+        if not graphs:
+            return self._mtp(mtp, lanes, ids)
+        if key not in self._mtp_graphs:
+            view = self.mtp_cache.select(slice(key[1], key[1] + mtp.batch_size)).set_fixed_shapes(True)
+            self._mtp_graphs[key] = GraphStep(lambda a, b: self._mtp(view, a, b), view, ids.shape[1], (lanes, ids))
+        return self._mtp_graphs[key](lanes, ids)
 
     def _mtp(self, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP block over lanes [B, n, R, C] paired with the next tokens ids [B, n], appended to its cache:

@@ -216,7 +216,7 @@ class Engine:
         self._graphs: dict[int, GraphDecoder] = {}
         self._spec_graphs: dict[tuple[int, int], GraphDecoder] = {}   # (bucket, verify width) -> graph
         if self.spec is not None and use_graphs:
-            self.spec.fixed_shapes = True
+            self.spec.fixed_shapes = self.spec.graph_drafts = True
         self.counters = dict(prefill_tokens=0, decode_tokens=0, prefix_lookup_tokens=0, prefix_hit_tokens=0,
                              spec_drafted=0, spec_accepted=0, requests_finished=0, requests_failed=0,
                              requests_cancelled=0, steps=0)
