@@ -287,6 +287,10 @@ class SpeculativeDecoder:
             mtp.rollback(ckpt, 0)
         return drafts, count, logits
 
+    def drop_graphs(self) -> None:
+        """Forget the captured MTP forwards (after a failed step: they are captured afresh)."""
+        self._mtp_graphs.clear()
+
     def _mtp_step(self, key: tuple, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor,
                   graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """`_mtp`, with `graphs` replayed from the CUDA graph kept under `key` (its own view of the same rows:

@@ -517,6 +517,7 @@ class Engine:
             if graph:   # a graph whose replay failed is not trusted again: the bucket is captured afresh
                 for key in [key for key in self._spec_graphs if key[0] == len(rows)]:
                     del self._spec_graphs[key]
+                self.spec.drop_graphs()
             self._fail(list(rows), e)
             return
         for req, stop_ids, res in zip(reqs, stops, results):

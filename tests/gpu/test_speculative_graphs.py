@@ -84,6 +84,10 @@ def test_engine_speculative_graphs_equal_eager_and_plain(model):
     assert with_graphs == eager
     _, plain = _run(model, ps, params, cuda_graphs=True)
     assert [[t for t, _ in e] for e in with_graphs] == [[t for t, _ in e] for e in plain]
+    single = SamplingParams(max_tokens=40, temperature=0)   # one stream: bucket 1, the catch-up graphs too
+    one, got = _run(model, ps[:1], single, speculative="mtp", cuda_graphs=True)
+    assert any(key[0] == "catch-up" for key in one.spec._mtp_graphs)
+    assert got == _run(model, ps[:1], single, cuda_graphs=True)[1]
     sampled = SamplingParams(max_tokens=14, temperature=0.8, seed=3)
     assert _run(model, ps, sampled, speculative="mtp", cuda_graphs=True)[1] == \
         _run(model, ps, sampled, speculative="mtp", cuda_graphs=False)[1]
