@@ -1,7 +1,8 @@
 """Count what one speculative decode step costs on the host, on any device (CPU is enough): the aten ops it runs
 (each one a kernel launch on a GPU, eager), split by phase, the host syncs (tensor -> Python value: .tolist(),
 .item(), int/float/bool of a tensor; a batched `to_host` of several tensors counts once) and the host -> device
-tensor builds (torch.tensor from Python data). Compare with a plain decode step of the same engine. The CPU
+tensor builds (torch.tensor(data, device=...): a blocking copy, which on a GPU waits for every queued kernel, so
+counted as a sync; the pinned asynchronous ones apart). Compare with a plain decode step of the same engine. The CPU
 reference MoE's own syncs (ops/reference, never used on a GPU) are left out. Launch-bound single-stream decoding
 is as fast as these counts are small; on a GPU with CUDA graphs the plain step and the verify forward are one
 replay each.
@@ -46,7 +47,10 @@ class HostCounter(TorchFunctionMode):
             if not any("ops/reference" in f or name in ("to_host", "_to_host") for f, name in where):
                 self.counts["sync:" + func.__name__] += 1
         elif func is torch.tensor:
-            self.counts["host_to_device"] += 1
+            if (kwargs or {}).get("device") is not None:   # the model's device: on a GPU a blocking copy
+                self.counts["sync:blocking_host_to_device"] += 1
+            elif any(name in ("to_device", "_on_device") for _, name in _callers()):
+                self.counts["async_host_to_device"] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -57,7 +61,7 @@ class OpCounter(TorchDispatchMode):
             "permute", "as_strided", "alias", "detach", "reshape", "unbind", "split", "chunk", "lift_fresh",
             "_reshape_alias", "split_with_sizes", "empty", "empty_like", "empty_strided"}
 
-    PHASES = ("accept_batch", "_draft", "checkpoint", "rollback", "hidden", "step_rows", "_spec_view")
+    PHASES = ("accept_batch", "_mtp", "_draft", "checkpoint", "rollback", "hidden", "step_rows", "_spec_view")
 
     def __init__(self):
         super().__init__()
@@ -84,7 +88,7 @@ def _phase(names: tuple[str, ...]) -> str:
     while f is not None:
         if f.f_code.co_name in names:
             return {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
-                    "_draft": "mtp_draft", "accept_batch": "accept"}.get(f.f_code.co_name, f.f_code.co_name)
+                    "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept"}.get(f.f_code.co_name, f.f_code.co_name)
         f = f.f_back
     return "other"
 

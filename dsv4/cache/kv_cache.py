@@ -284,7 +284,7 @@ class KVCache:
         the rounding of steps of other lengths, as the kept tokens were computed in a longer step)."""
         keep = [keep] * self.batch_size if isinstance(keep, int) else list(keep)
         self._check_keep(ckpt, keep)
-        keep_t = torch.tensor(keep, device=self.positions.device)
+        keep_t = _on_device(keep, self.positions.device)
         self._rollback(ckpt, keep_t, set(keep))
         return self.end_rollback(ckpt, keep)
 
@@ -358,6 +358,13 @@ class KVCache:
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]
+
+
+def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A list as a long tensor on `device`; on a GPU sent from pinned memory, so the host does not wait for the
+    kernels queued before it (as a blocking copy would)."""
+    host = torch.tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 class _HostView:

@@ -32,7 +32,7 @@ from .. import ops
 from ..cache import KVCache
 from ..errors import InvalidArgument
 from .graphs import GraphStep
-from .host import to_host
+from .host import to_device, to_host
 from .sampling import SamplingConfig, probabilities, sample
 
 PREFILL_CHUNK = 4096
@@ -205,18 +205,16 @@ class SpeculativeDecoder:
         h, target = verify(ids)                                       # takes the checkpoint, then [B, k + 1, ...]
         if verifier is not None:
             h, target = h.clone(), target.clone()                     # (static buffers the next replay overwrites)
-        active = [i for i, st in enumerate(states) if st is not None]
         a_dev, y_dev = accept_batch(target, draft_logits, drafts, n_drafts, cfgs, gens,
                                     [lim if ok else -1 for lim, ok in zip(limits, live)])
-        keep_dev = _kept(a_dev, drafts, stop_t, torch.tensor([budgets, live], device=self.device))
+        keep_dev = _kept(a_dev, drafts, stop_t, to_device([budgets, live], self.device))
         verify.rollback(keep_dev)                                     # by data: no wait for the host
-        x_logits = torch.stack([states[i].logits for i in active]) if active else target[:0, 0]
+        idle = target[0, 0]                                           # (a skipped row's stand-in: ignored)
+        x_logits = torch.stack([st.logits if st is not None else idle for st in states])
         emitted = torch.arange(k + 1, device=target.device) < a_dev[:, None]          # target rows sent out
-        finite = (torch.isfinite(target).all(-1) | ~emitted).all(-1)
-        finite = finite[active] & torch.isfinite(x_logits).all(-1) if active else finite[:0]
+        finite = (torch.isfinite(target).all(-1) | ~emitted).all(-1) & torch.isfinite(x_logits).all(-1)
         a_host, y_host, d_host, n_host, fin_host, keep_host = to_host([a_dev, y_dev, drafts, n_drafts, finite,
                                                                        keep_dev])
-        fin_host = dict(zip(active, fin_host))
         results, keep = [], []
         for i, st in enumerate(states):
             if st is None:
@@ -266,7 +264,7 @@ class SpeculativeDecoder:
                 key = ("catch-up", first + i, ids.shape[1])
                 out, logits[i, 0] = self._mtp_step(key, mtp.select(i), st.pending_h, ids, graphs and B == 1)
                 lanes[i] = out[0, -1:]
-        limit_t = torch.tensor(limits, device=self.device)
+        limit_t = to_device(limits, self.device)
         alive = torch.ones(B, dtype=torch.bool, device=self.device)
         count = torch.zeros(B, dtype=torch.long, device=self.device)
         sampled = [i for i, cfg in enumerate(cfgs) if cfg.temperature > 0]
@@ -421,4 +419,4 @@ def _kept(a: torch.Tensor, drafts: torch.Tensor, stop_t: torch.Tensor, budget_li
 def _stop_table(stop_ids: Sequence[Sequence[int]], device) -> torch.Tensor:
     """Each row's stop tokens as one [B, n] tensor (-1 pads; at least one column)."""
     width = max([len(s) for s in stop_ids] + [1])
-    return torch.tensor([list(s) + [-1] * (width - len(s)) for s in stop_ids], dtype=torch.long, device=device)
+    return to_device([list(s) + [-1] * (width - len(s)) for s in stop_ids], device)
