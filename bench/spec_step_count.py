@@ -8,12 +8,20 @@ is as fast as these counts are small; on a GPU with CUDA graphs the plain step a
 replay each.
 
     python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40]
+    python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16]
+
+With --time-steps (a GPU run) it also times that many engine steps of each (CUDA graphs on, after the counted
+ones): milliseconds per step and per emitted token. A random-init model's drafts are rarely accepted, so the
+per-step time is the number to compare (the speculative step's cost against a plain step's); acceptance comes
+from a trained checkpoint (bench/train_mtp.sh). Counting runs the steps under Python dispatch hooks, so the
+counted steps run eagerly on a GPU too only where the engine itself would.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 
 import torch
@@ -141,24 +149,49 @@ def count_steps(engine: Engine, steps: int) -> dict:
             "syncs_per_step": round(syncs / max(n, 1), 1)}
 
 
+def time_steps(engine: Engine, steps: int) -> dict:
+    """Wall time of `steps` engine steps (the device drained before and after) and the tokens they emitted."""
+    tokens0 = engine.counters["decode_tokens"]
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start, n = time.perf_counter(), 0
+    while n < steps and engine.has_work:
+        engine.step()
+        n += 1
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = engine.counters["decode_tokens"] - tokens0
+    return {"steps": n, "ms_per_step": round(1e3 * seconds / max(n, 1), 3),
+            "ms_per_token": round(1e3 * seconds / max(tokens, 1), 3), "tokens_per_step": round(tokens / max(n, 1), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--n-draft", type=int, default=1)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--prompt", type=int, default=40)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--time-steps", type=int, default=0, help="also time this many steps (GPU)")
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = dsv4.Transformer(dsv4.ModelConfig.preset(args.preset)).init_weights(seed=0).eval()
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = dsv4.Transformer(dsv4.ModelConfig.preset(args.preset)).init_weights(seed=0).to_dtype(dtype)
+    model = model.to(args.device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt,)).tolist()
     out = {}
     for label, kw in (("plain", {}), ("mtp", {"speculative": "mtp", "n_draft": args.n_draft})):
-        engine = Engine(model, max_batch=1, max_seq_len=args.prompt + 4 * args.steps + 16, prefill_chunk=args.prompt,
-                        **kw)
-        engine.submit(prompt, SamplingParams(max_tokens=4 * args.steps, temperature=0))
+        budget = 4 * args.steps + (args.n_draft + 1) * args.time_steps + 8
+        engine = Engine(model, max_batch=1, max_seq_len=args.prompt + budget + 16, prefill_chunk=args.prompt, **kw)
+        engine.submit(prompt, SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True))
         engine.step()                                  # the prefill (and, plain, the first token)
         engine.step()                                  # one decode step not counted (first-step setup)
         out[label] = count_steps(engine, args.steps)
+        if args.time_steps:
+            time_steps(engine, 5)                      # graphs captured (after their warm-up calls)
+            out[label]["timed"] = time_steps(engine, args.time_steps)
     print(json.dumps(out, indent=1))
 
 

@@ -20,6 +20,12 @@ Per row and step, with the main cache holding positions 0 .. P-1 and the next to
 
 Rows are stepped one at a time (B = 1 forwards on views of the shared caches); each row's output equals what it
 would be alone.
+
+A step keeps its per-row values on the device (drafts and their counts, the acceptance `accept_batch`, the next
+tokens, the counts the caches keep) and brings them to the host in one transfer at its end; the rollback runs on
+that device data before it (KVCache.rollback_on_device), and the few host inputs go up without a wait. So nothing
+in a step waits for the device until the transfer, and with CUDA graphs (serve.engine) the MTP forwards, the
+verify with its checkpoint and the rollback each replay a captured graph.
 """
 from __future__ import annotations
 
