@@ -95,8 +95,9 @@ def _phase(names: tuple[str, ...]) -> str:
     f = sys._getframe(2)
     while f is not None:
         if f.f_code.co_name in names:
-            return {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
-                    "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept"}.get(f.f_code.co_name, f.f_code.co_name)
+            names = {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
+                     "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept"}
+            return names.get(f.f_code.co_name, f.f_code.co_name)
         f = f.f_back
     return "other"
 

@@ -244,7 +244,8 @@ class SpeculativeDecoder:
             results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), n, a, finished,
                                       fin_host[i]))
         if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
-            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host expected {keep}")
+            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host "
+                               f"expected {keep}")
         main.end_rollback(verify.ckpt, keep)
         return results
 

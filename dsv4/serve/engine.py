@@ -37,11 +37,12 @@ first token is chosen at the row's first speculative step, each accepted token g
 row's stop tokens and `max_tokens` bound what it emits (its token budget). Free rows in a view ride along with
 budget 0 (rolled back whole). The draft count shrinks near `max_seq_len`, so no extra room is asked at submit.
 Drafts, acceptance and the next tokens stay on the device and come to the host in one wait per step. With
-`cuda_graphs` the verify forward (1 + n_draft tokens per row) of a step with no prefilling row below the smallest
-bucket holding every decoding row replays that bucket's captured graph (one per bucket and verify width), and so does the
-rollback of the rejected tokens (by device data); the MTP drafts and the acceptance run eagerly between them, and
-eager verify steps read every stored row as the graphs do. Prompts are prefilled one request per forward (`SpeculativeDecoder.extend` fills one row of both
-caches).
+`cuda_graphs` a step with no prefilling row below the smallest bucket holding every decoding row replays that
+bucket's captured graphs: the verify forward over 1 + n_draft tokens per row with its cache checkpoint (one graph
+per bucket and verify width), the rollback of the rejected tokens (by device data), the further drafts' MTP
+forwards and, for a single row, its MTP catch-up; the sampling and acceptance run eagerly between them. Eager
+speculative steps read every stored row as the graphs do. Prompts are prefilled one request per forward
+(`SpeculativeDecoder.extend` fills one row of both caches).
 
 A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (for a batched
 prefill, every request of the forward) with finish_reason "error"; those rows (and any the cache marks damaged) are
