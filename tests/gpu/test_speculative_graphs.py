@@ -84,7 +84,9 @@ def test_engine_speculative_graphs_equal_eager_and_plain(model):
     assert any(g.rollback_graph is not None for g in captured), "no rollback was captured"
     assert graphs.stats()["spec_accepted"] > 0
     _, eager = _run(model, ps, params, speculative="mtp", n_draft=2, cuda_graphs=False)
-    assert with_graphs == eager
+    assert [[t for t, _ in e] for e in with_graphs] == [[t for t, _ in e] for e in eager]
+    # (the eager engine reads only the rows reached, the graphs every row: logprobs agree to rounding)
+    assert all(abs(a[1] - b[1]) < 1e-5 for x, y in zip(with_graphs, eager) for a, b in zip(x, y) if a[1] is not None)
     _, plain = _run(model, ps, params, cuda_graphs=True)
     assert [[t for t, _ in e] for e in with_graphs] == [[t for t, _ in e] for e in plain]
     single = SamplingParams(max_tokens=40, temperature=0)   # one stream: bucket 1, the catch-up graphs too
