@@ -662,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefix-trials", type=int, default=3)
     p.add_argument("--mtp-compare", action="store_true",
                    help="single stream against --launch with and without --speculative mtp")
+    p.add_argument("--mtp-only", action="store_true",
+                   help="with --mtp-compare: only its two single-stream runs, not the load levels before them")
     p.add_argument("--vocab-size", type=int, help="random prompt ids are drawn from [0, V) (default: config.json of "
                    "the launched checkpoint)")
     p.add_argument("--no-ignore-eos", action="store_true", help="never send ignore_eos (it is left out anyway for a "
@@ -687,6 +689,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     if not (args.url or args.launch or args.tiny_cpu):
         p.error("one of --url, --launch or --tiny-cpu is needed")
+    if args.mtp_only and not args.mtp_compare:
+        p.error("--mtp-only needs --mtp-compare")
     if args.mtp_compare and not (args.launch or args.tiny_cpu):
         p.error("--mtp-compare starts the server twice: it needs --launch (or --tiny-cpu)")
     if args.prefix_len is None:
@@ -725,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         def run_primary():
             with primary:
                 return asyncio.run(measure_server(primary, args, vocab))
-        result["servers"].append(run_guarded("dsv4", run_primary))
+        if not args.mtp_only:
+            result["servers"].append(run_guarded("dsv4", run_primary))
         if args.peer_url or args.peer_launch:
             peer = Server("peer", url=args.peer_url, launch=args.peer_launch, startup_timeout=args.startup_timeout)
             peer.model = args.peer_model

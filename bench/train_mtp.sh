@@ -14,7 +14,7 @@ python3 -m dsv4 train --preset ${PRESET:-small} --out "$RUN" --overwrite --steps
   --eval-interval 200 --save-interval 100000 --log-interval 50 2>&1 | tail -15
 cp "$RUN/metrics.jsonl" "${P}_train_small_metrics.jsonl"; cp "$RUN/loss.png" "${P}_train_small_loss.png" 2>/dev/null
 TEXT=$(python3 -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'nn/modules/module.py'))")
-timeout ${SERVE_TIMEOUT:-240} python3 bench/serve.py --mtp-compare --prompt-text "$TEXT" --tokenizer "$RUN/final" \
+timeout ${SERVE_TIMEOUT:-240} python3 bench/serve.py --mtp-compare --mtp-only --prompt-text "$TEXT" --tokenizer "$RUN/final" \
   --launch "python3 -m dsv4 serve --checkpoint $RUN/final --max-batch 8 --max-seq-len 4096 ${SERVE_EXTRA:-}" \
   --concurrency 1 --prompt-len ${PROMPT_LEN:-512} --max-tokens ${MAX_TOKENS:-256} --prefix-len 0 \
   --requests-per-level ${REQUESTS:-6} --duration-limit 40 --json "${P}_serve_mtp_small.json" 2>&1 | tail -25

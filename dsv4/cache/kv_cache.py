@@ -139,10 +139,11 @@ class LayerCache:
 
 
 class CacheCheckpoint:
-    """What `KVCache.checkpoint` saved: the rows' start positions, the step length and each layer's snapshot."""
+    """What `KVCache.checkpoint` saved: the rows' start positions (host list and device tensor), the step length
+    and each layer's snapshot."""
 
-    def __init__(self, starts: list[int], n_tokens: int, layers: list[LayerCheckpoint]):
-        self.starts, self.n_tokens, self.layers = starts, n_tokens, layers
+    def __init__(self, starts: list[int], n_tokens: int, layers: list[LayerCheckpoint], starts_t: torch.Tensor):
+        self.starts, self.n_tokens, self.layers, self.starts_t = starts, n_tokens, layers, starts_t
 
 
 class KVCache:
@@ -273,24 +274,44 @@ class KVCache:
             raise ValueError(f"checkpoint n_tokens={n_tokens}: must be in 1..window_size={self.config.window_size}")
         self.check_intact()
         self.check_room(n_tokens)
-        starts = list(self._host)
-        return CacheCheckpoint(starts, n_tokens, [checkpoint_layer(layer, starts, n_tokens) for layer in self.layers])
+        starts, memo = self.positions.clone(), {}
+        return CacheCheckpoint(list(self._host), n_tokens, [checkpoint_layer(layer, starts, n_tokens, memo)
+                                                            for layer in self.layers], starts)
 
     def rollback(self, ckpt: CacheCheckpoint, keep: list[int] | int) -> "KVCache":
         """Keep only the first keep[b] tokens each row appended since `ckpt` (one int: every row), in one step or
         several: afterwards the cache is that of appending just those tokens (every tensor; values equal up to
         the rounding of steps of other lengths, as the kept tokens were computed in a longer step)."""
         keep = [keep] * self.batch_size if isinstance(keep, int) else list(keep)
+        self._check_keep(ckpt, keep)
+        keep_t = _on_device(keep, self.positions.device)
+        self._rollback(ckpt, keep_t, set(keep))
+        return self.end_rollback(ckpt, keep)
+
+    def rollback_on_device(self, ckpt: CacheCheckpoint, keep: torch.Tensor) -> None:
+        """`rollback` by device data alone: keep [B] on the device, the same work whatever its values, no host
+        value read (a CUDA graph can replay it). The host mirror of the positions is left to `end_rollback`,
+        once the caller has the counts on the host."""
+        self._rollback(ckpt, keep, None)
+
+    def end_rollback(self, ckpt: CacheCheckpoint, keep: list[int]) -> "KVCache":
+        """The host side of `rollback_on_device`: the rows' positions become their starts + keep[b]."""
+        self._check_keep(ckpt, keep)
+        for i, (p, k) in enumerate(zip(ckpt.starts, keep)):
+            self._host[i] = p + k
+        return self
+
+    def _check_keep(self, ckpt: CacheCheckpoint, keep: list[int]) -> None:
         moved = [h - p for h, p in zip(self._host, ckpt.starts)]
         if len(keep) != self.batch_size or any(not 0 <= k <= n <= ckpt.n_tokens for k, n in zip(keep, moved)):
             raise ValueError(f"rollback keep={keep}: needs one count per row ({self.batch_size} rows), each at most "
                              f"the tokens the row appended since the checkpoint ({moved}, at most {ckpt.n_tokens})")
+
+    def _rollback(self, ckpt: CacheCheckpoint, keep: torch.Tensor, counts: set[int] | None) -> None:
+        memo: dict = {}
         for layer, lc in zip(self.layers, ckpt.layers):
-            rollback_layer(layer, lc, ckpt.starts, keep, ckpt.n_tokens)
-        for i, (p, k) in enumerate(zip(ckpt.starts, keep)):
-            self._host[i] = p + k
-        self.positions.copy_(torch.tensor([p + k for p, k in zip(ckpt.starts, keep)], device=self.positions.device))
-        return self
+            rollback_layer(layer, lc, ckpt.starts_t, keep, ckpt.n_tokens, memo, counts)
+        self.positions.copy_(ckpt.starts_t + keep)
 
     def set_fixed_shapes(self, enabled: bool = True) -> "KVCache":
         """Make every step read all stored rows (masked by position) instead of the rows reached so far: more
@@ -337,6 +358,13 @@ class KVCache:
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]
+
+
+def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A list as a long tensor on `device`; on a GPU sent from pinned memory, so the host does not wait for the
+    kernels queued before it (as a blocking copy would)."""
+    host = torch.tensor(values, dtype=torch.long)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
 
 
 class _HostView:

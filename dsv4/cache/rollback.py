@@ -12,10 +12,15 @@ compressor states whole (at most 2m rows) together with the step's own token row
 while the checkpoint is open: a rollback restores the old state and re-absorbs the first `keep` token rows,
 which is exactly what a step of only those tokens would have left. Rows may keep different counts. Entries past the kept length are restored too, so every tensor of the
 cache equals that of a step of `keep` tokens, not only the rows a later read can see.
+
+Both run on device data alone (the rows' start positions and kept counts as tensors), with fixed shapes: no host
+value is read, so a CUDA graph can capture them. The index tensors are alike in every layer of the same window and
+ratio; a `memo` dict shared by one checkpoint's (or rollback's) layers builds each once.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Hashable
 
 import torch
 
@@ -32,18 +37,24 @@ class LayerCheckpoint:
     states: list[tuple[torch.Tensor, torch.Tensor]]   # per compressor state: old (kv, score)
 
 
-def checkpoint_layer(layer, starts: list[int], n_tokens: int) -> LayerCheckpoint:
-    """Snapshot what a step of n_tokens at positions starts[b].. can overwrite in `layer` (a LayerCache)."""
+def checkpoint_layer(layer, starts: torch.Tensor, n_tokens: int, memo: dict | None = None) -> LayerCheckpoint:
+    """Snapshot what a step of n_tokens at positions starts[b].. ([B] on the device) can overwrite in `layer`
+    (a LayerCache). Device work only, the same whatever the positions."""
     W, m = layer.window_size, layer.ratio
     buf = layer.window_rows.buf
-    ring_index = _index([[(p + i) % W for i in range(n_tokens)] for p in starts], buf)
+    memo = {} if memo is None else memo
+    steps = _once(memo, "steps", lambda: torch.arange(n_tokens, device=buf.device))
+    ring_index = _expand(_once(memo, ("ring", W), lambda: (starts[:, None] + steps) % W), buf)
     groups, store_index, stores = None, [], []
     compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
     if compressed:
         n_groups, limit = (n_tokens + m - 1) // m + 1, compressed[0].rows
-        rows = [[min(g, limit) for g in range(p // m, p // m + n_groups)] + [limit] for p in starts]
-        groups = torch.tensor(rows, device=buf.device)
-        store_index = [_index(rows, s.buf) for s in compressed]
+
+        def rows() -> torch.Tensor:   # the groups the step can complete, then the scratch row
+            g = (starts[:, None] // m + torch.arange(n_groups, device=buf.device)).clamp(max=limit)
+            return torch.cat((g, g.new_full((g.shape[0], 1), limit)), 1)
+        groups = _once(memo, ("groups", m, limit), rows)
+        store_index = [_expand(groups, s.buf) for s in compressed]
         stores = [s.buf.gather(1, index) for s, index in zip(compressed, store_index)]
     states = [(st.kv.clone(), st.score.clone()) for st in layer.states()]
     for st in layer.states():
@@ -51,34 +62,38 @@ def checkpoint_layer(layer, starts: list[int], n_tokens: int) -> LayerCheckpoint
     return LayerCheckpoint(ring_index, buf.gather(1, ring_index), groups, store_index, stores, states)
 
 
-def rollback_layer(layer, ckpt: LayerCheckpoint, starts: list[int], keep: list[int], n_tokens: int) -> None:
-    """Undo what tokens keep[b] .. n_tokens-1 of the checkpointed step wrote to `layer`, all rows at once."""
+def rollback_layer(layer, ckpt: LayerCheckpoint, starts: torch.Tensor, keep: torch.Tensor, n_tokens: int,
+                   memo: dict | None = None, counts: set[int] | None = None) -> None:
+    """Undo what tokens keep[b] .. n_tokens-1 of the checkpointed step wrote to `layer`, all rows at once (starts,
+    keep: [B] on the device). `counts`, the keep values when the host knows them, skips the work no row needs;
+    without it the work is the same whatever the counts (no host value is read: a CUDA graph can replay it)."""
     m, buf = layer.ratio, layer.window_rows.buf
-    dev = buf.device
     journals = [st.journal for st in layer.states()]
     for st in layer.states():
         st.journal = None
-    if all(k == n_tokens for k in keep):
+    if counts is not None and counts <= {n_tokens}:
         return
-    keep_t = torch.tensor(keep, device=dev)
-    end_t = torch.tensor(starts, device=dev) + keep_t                 # first rejected position per row
-    rejected = torch.arange(n_tokens, device=dev) >= keep_t[:, None]  # [B, S]
+    memo = {} if memo is None else memo
+    end_t, rejected = _once(memo, "keep", lambda: (starts + keep, torch.arange(n_tokens, device=buf.device)
+                                                   >= keep[:, None]))               # [B], [B, S]
     _restore(buf, ckpt.ring_index, ckpt.ring, rejected)
     compressed = [s for s in (layer.entry_rows, layer.key_rows) if s is not None]
     if compressed:   # rows of groups no kept token completed, and the scratch row
         stale = (ckpt.groups == compressed[0].rows) | ((ckpt.groups + 1) * m - 1 >= end_t[:, None])
         for store, index, old in zip(compressed, ckpt.store_index, ckpt.stores):
             _restore(store.buf, index, old, stale)
-    changed = [b for b, k in enumerate(keep) if k < n_tokens]
+    changed = _once(memo, "changed", lambda: (keep < n_tokens)[:, None, None])
+    redo = range(1, n_tokens) if counts is None else sorted(counts - {0, n_tokens})
     for st, (kv, score), journal in zip(layer.states(), ckpt.states, journals):
-        rows = torch.tensor(changed, device=dev)
-        st.kv[rows], st.score[rows] = kv[rows], score[rows]
+        new_kv, new_score = torch.where(changed, kv, st.kv), torch.where(changed, score, st.score)
         tok_kv, tok_score = _joined(journal) if journal else (None, None)
-        for k in sorted({keep[b] for b in changed} - {0}):   # re-absorb the kept tokens, rows grouped by count
-            sel = torch.tensor([b for b in changed if keep[b] == k], device=dev)
-            sub = CompressorState(st.kv[sel], st.score[sel])
-            absorb(sub, tok_kv[sel, :k], tok_score[sel, :k], end_t[sel] - k, m, overlap=st.kv.shape[1] == 2 * m)
-            st.kv[sel], st.score[sel] = sub.kv, sub.score
+        for k in redo:   # re-absorb the first k tokens into the old state; the rows that kept k take it
+            sub = CompressorState(kv.clone(), score.clone())
+            absorb(sub, tok_kv[:, :k], tok_score[:, :k], starts, m, overlap=st.kv.shape[1] == 2 * m)
+            sel = _once(memo, ("kept", k), lambda: (keep == k)[:, None, None])
+            new_kv, new_score = torch.where(sel, sub.kv, new_kv), torch.where(sel, sub.score, new_score)
+        st.kv.copy_(new_kv)
+        st.score.copy_(new_score)
 
 
 def _restore(buf: torch.Tensor, index: torch.Tensor, old: torch.Tensor, where: torch.Tensor) -> None:
@@ -93,5 +108,12 @@ def _joined(journal: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([kv for kv, _ in journal], 1), torch.cat([sc for _, sc in journal], 1)
 
 
-def _index(rows: list[list[int]], buf: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=buf.device).unsqueeze(-1).expand(-1, -1, buf.shape[2])
+def _once(memo: dict, key: Hashable, make: Callable[[], object]):
+    if key not in memo:
+        memo[key] = make()
+    return memo[key]
+
+
+def _expand(rows: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Row numbers [B, n] as a gather / scatter index into buf [B, rows, record]."""
+    return rows.unsqueeze(-1).expand(-1, -1, buf.shape[2])

@@ -20,17 +20,25 @@ Per row and step, with the main cache holding positions 0 .. P-1 and the next to
 
 Rows are stepped one at a time (B = 1 forwards on views of the shared caches); each row's output equals what it
 would be alone.
+
+A step keeps its per-row values on the device (drafts and their counts, the acceptance `accept_batch`, the next
+tokens, the counts the caches keep) and brings them to the host in one transfer at its end; the rollback runs on
+that device data before it (KVCache.rollback_on_device), and the few host inputs go up without a wait. So nothing
+in a step waits for the device until the transfer, and with CUDA graphs (serve.engine) the MTP forwards, the
+verify with its checkpoint and the rollback each replay a captured graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
 from .. import ops
 from ..cache import KVCache
 from ..errors import InvalidArgument
+from .graphs import GraphStep
+from .host import to_device, to_host
 from .sampling import SamplingConfig, probabilities, sample
 
 PREFILL_CHUNK = 4096
@@ -46,6 +54,7 @@ class StepResult:
     drafted: int
     accepted: int
     finished: bool
+    finite: bool = True     # every logit of `logits` is finite (else the model broke down for this row)
 
 
 @dataclass
@@ -53,7 +62,8 @@ class _Row:
     logits: torch.Tensor                 # [vocab] the main logits the next token is (to be) chosen from
     next_token: int | None               # the chosen next token (not yet emitted nor in the caches)
     pending_h: torch.Tensor              # [1, n, R, C] main lanes of the positions not yet paired in the MTP cache
-    pending_ids: list[int] = field(default_factory=list)   # the tokens after them, but the last one's (n - 1)
+    pending_ids: torch.Tensor            # [n - 1] the tokens after them, but the last one's (on the device)
+    next_id: torch.Tensor | None = None  # [1] next_token on the device
 
 
 class SpeculativeDecoder:
@@ -81,6 +91,10 @@ class SpeculativeDecoder:
         if self.mtp_cache.batch_size != cache.batch_size or not self.mtp_cache.mtp:
             raise InvalidArgument("mtp_cache must be a KVCache(mtp=True) with as many rows as the cache")
         self.rows: dict[int, _Row] = {}
+        self.fixed_shapes = False   # eager verify forwards read every stored row, as a captured verify does
+        self.graph_drafts = False   # with a verifier (graphs), the MTP forwards replay CUDA graphs too
+        self._mtp_graphs: dict[tuple, GraphStep] = {}
+        self._zero = torch.zeros(1, dtype=torch.long, device=self.device)
         self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
 
     @property
@@ -122,10 +136,10 @@ class SpeculativeDecoder:
         next_ids = ids[0] if st is not None else ids[0, 1:]          # token t+1 for each pending position but the last
         n = pending.shape[1] - 1
         if n:
-            self._mtp(self.mtp_cache.select(row), pending[:, :n], [next_ids.tolist()])
+            self._mtp(self.mtp_cache.select(row), pending[:, :n], next_ids[None])
             pending = pending[:, n:]
         logits = self.model.logits(pending)[0, -1]
-        self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending)
+        self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending, pending_ids=ids[0, :0])
         return logits
 
     def release(self, row: int) -> None:
@@ -148,13 +162,22 @@ class SpeculativeDecoder:
 
     @torch.no_grad()
     def step_rows(self, rows: slice, cfgs: Sequence[SamplingConfig], gens: Sequence[torch.Generator | None],
-                  stop_ids: Sequence[Sequence[int]], budgets: Sequence[int | None]) -> list[StepResult]:
+                  stop_ids: Sequence[Sequence[int]], budgets: Sequence[int | None],
+                  verifier: Callable[[int], Callable] | None = None) -> list[StepResult]:
         """One speculative step of every row of the contiguous `rows`, each with its own settings, batched: the
         MTP catch-up per row (its length is what the row accepted last step), then the further drafts and the
         verify as [rows, ...] forwards. Every row drafts the same count k (padding after a row's own limit: its
         budget or a drafted stop). A row with budget 0 is skipped: it rides along in the forwards and is rolled
         back whole (its caches and state untouched, no token), so idle rows may sit inside the slice; every row
-        needs room for the n_draft + 1 tokens of the verify."""
+        needs room for the n_draft + 1 tokens of the verify.
+
+        Drafts, acceptance and the next tokens stay on the device; the step's results reach the host in one
+        transfer (a row's first step also waits for its first token, which decides whether it drafts at all).
+        The verify takes the main cache's checkpoint, and the rejected tokens are rolled back by device data
+        (the kept counts computed on the device), so nothing waits for the host before the transfer.
+        `verifier(n_tokens)`, when given, supplies the verify instead of `EagerVerify`: the same interface on its
+        own view of these rows (generate.graphs.GraphDecoder with checkpoint=True: both the verify and the
+        rollback replay captured CUDA graphs)."""
         idx = range(self.cache.batch_size)[rows]
         budgets = [self.cache.max_seq_len if b is None else b for b in budgets]
         if len(budgets) != len(idx) or any(b < 0 for b in budgets):
@@ -163,83 +186,135 @@ class SpeculativeDecoder:
             if b and r not in self.rows:
                 raise InvalidArgument(f"row {r} has no prompt: call prefill(row, tokens) before stepping it")
         main, mtp = self.cache.select(rows), self.mtp_cache.select(rows)
-        states = [self.rows[r] if b else _SKIPPED for r, b in zip(idx, budgets)]
+        states = [self.rows[r] if b else None for r, b in zip(idx, budgets)]
         stops = [set(int(t) for t in s) for s in stop_ids]
-        for st, cfg, gen in zip(states, cfgs, gens):
-            if st.next_token is None:
-                st.next_token = int(sample(st.logits.unsqueeze(0), cfg, gen)[0])
-        xs = [st.next_token for st in states]
+        first = [i for i, st in enumerate(states) if st is not None and st.next_token is None]
+        if first:   # a row's first step: its first token decides whether it drafts (one wait)
+            chosen = torch.cat([sample(states[i].logits.unsqueeze(0), cfgs[i], gens[i]) for i in first])
+            for i, (x, token) in enumerate(zip(chosen.tolist(), chosen)):
+                states[first[i]].next_token, states[first[i]].next_id = x, token.view(1)
+        xs = [st.next_token if st is not None else 0 for st in states]
+        x_ids = torch.cat([st.next_id if st is not None else self._zero for st in states])       # [B]
         live = [x not in st_ and b > 1 for x, st_, b in zip(xs, stops, budgets)]   # rows that go on after x
         k = max(0, min(self.n_draft, self.cache.max_seq_len - max(main.lengths()) - 1))
         limits = [min(k, b - 1) if ok else 0 for ok, b in zip(live, budgets)]
-        drafts, draft_logits = self._draft(mtp, states, xs, k, limits, cfgs, gens, stops)
-        ckpt = main.checkpoint(k + 1)
-        ids = torch.tensor([[x] + d + [0] * (k - len(d)) for x, d in zip(xs, drafts)], device=self.device)
-        h = self.model.hidden(ids, cache=main)
-        target = self.model.logits(h)                              # [B, k + 1, vocab]
+        stop_t = _stop_table(stop_ids, self.device)                # [B, n_stops] (-1 pads)
+        if self.fixed_shapes:
+            mtp.set_fixed_shapes(True)
+        drafts, n_drafts, draft_logits = self._draft(mtp, idx.start, states, x_ids, k, limits, cfgs, gens, stop_t,
+                                                     graphs=verifier is not None and self.graph_drafts)
+        if verifier is None and self.fixed_shapes:
+            main.set_fixed_shapes(True)
+        verify = verifier(k + 1) if verifier is not None else EagerVerify(self.model, main)
+        main = verify.cache
+        ids = torch.cat((x_ids[:, None], drafts), 1)                  # [B, k + 1]
+        h, target = verify(ids)                                       # takes the checkpoint, then [B, k + 1, ...]
+        if verifier is not None:
+            h, target = h.clone(), target.clone()                     # (static buffers the next replay overwrites)
+        a_dev, y_dev = accept_batch(target, draft_logits, drafts, n_drafts, cfgs, gens,
+                                    [lim if ok else -1 for lim, ok in zip(limits, live)])
+        keep_dev = _kept(a_dev, drafts, stop_t, to_device([budgets, live], self.device))
+        verify.rollback(keep_dev)                                     # by data: no wait for the host
+        idle = target[0, 0]                                           # (a skipped row's stand-in: ignored)
+        x_logits = torch.stack([st.logits if st is not None else idle for st in states])
+        emitted = torch.arange(k + 1, device=target.device) < a_dev[:, None]          # target rows sent out
+        finite = (torch.isfinite(target).all(-1) | ~emitted).all(-1) & torch.isfinite(x_logits).all(-1)
+        a_host, y_host, d_host, n_host, fin_host, keep_host = to_host([a_dev, y_dev, drafts, n_drafts, finite,
+                                                                       keep_dev])
         results, keep = [], []
         for i, st in enumerate(states):
+            if st is None:
+                results.append(StepResult([], target[i, :0], 0, 0, False))
+                keep.append(0)
+                continue
             x_logits = st.logits.unsqueeze(0)
-            if not budgets[i]:
-                results.append(StepResult([], x_logits[:0], 0, 0, False))
-                keep.append(0)
-                continue
             if not live[i]:
-                results.append(StepResult([xs[i]], x_logits, 0, 0, True))
+                results.append(StepResult([xs[i]], x_logits, 0, 0, True, fin_host[i]))
                 keep.append(0)
                 continue
-            d = drafts[i]
-            a, y = accept_drafts(target[i, :len(d) + 1], draft_logits[i, :len(d)], d, cfgs[i], gens[i])
+            n, a, y = n_host[i], a_host[i], y_host[i]
+            d = d_host[i][:n]
             finished = (a > 0 and d[a - 1] in stops[i]) or 1 + a >= budgets[i]
             keep.append(a if finished else a + 1)                  # a finished row's last token is not fed
-            self.stats["drafted"] += len(d)
+            self.stats["drafted"] += n
             self.stats["accepted"] += a
             self.stats["steps"] += 1
-            st.next_token, st.logits, st.pending_h, st.pending_ids = y, target[i, a], h[i:i + 1, :a + 1], d[:a]
-            results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), len(d), a, finished))
-        main.rollback(ckpt, keep)
+            st.next_token, st.next_id, st.logits = y, y_dev[i:i + 1], target[i, a]
+            st.pending_h, st.pending_ids = h[i:i + 1, :a + 1], drafts[i, :a]
+            results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), n, a, finished,
+                                      fin_host[i]))
+        if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
+            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host "
+                               f"expected {keep}")
+        main.end_rollback(verify.ckpt, keep)
         return results
 
-    def _draft(self, mtp: KVCache, states: list[_Row], xs: list[int], k: int, limits: list[int],
-               cfgs: Sequence[SamplingConfig], gens, stops: list[set[int]]) -> tuple[list[list[int]], torch.Tensor]:
-        """Per row up to limits[b] drafts (fewer after a drafted stop token) and the MTP logits [B, k, vocab]
-        they were drawn from. The MTP cache ends holding each drafting row's exact pairs up to (h_{P-1}, x_P)."""
+    def _draft(self, mtp: KVCache, first: int, states: list[_Row | None], x_ids: torch.Tensor, k: int,
+               limits: list[int], cfgs: Sequence[SamplingConfig], gens, stop_t: torch.Tensor, graphs: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per row up to limits[b] drafts (fewer after a drafted stop token), on the device: the drafts [B, k]
+        (0 after a row's last), their counts [B] and the MTP logits [B, k, vocab] they were drawn from. The MTP
+        cache ends holding each drafting row's exact pairs up to (h_{P-1}, x_P). `mtp` is the view of rows
+        first .. first + B - 1; with `graphs` its MTP forwards replay CUDA graphs: the further drafts' (one per
+        batch) and, for a single row, the catch-up's (one per catch-up length; with more rows the per-row
+        catch-ups run eagerly rather than keep a graph per row and length)."""
         B, V = len(states), self.model.config.vocab_size
-        drafts: list[list[int]] = [[] for _ in states]
         lane_shape = (self.model.config.hc_mult, self.model.config.dim)
         logits = torch.zeros(B, max(k, 1), V, device=self.device)
+        drafts = torch.zeros(B, k, dtype=torch.long, device=self.device)
         if k == 0:
-            return drafts, logits
+            return drafts, torch.zeros(B, dtype=torch.long, device=self.device), logits
         lanes = torch.zeros(B, 1, *lane_shape, dtype=self.model.dtype, device=self.device)
-        for i, (st, x) in enumerate(zip(states, xs)):              # catch-up: lengths differ per row
+        for i, st in enumerate(states):                            # catch-up: lengths differ per row
             if limits[i]:
-                out, logits[i, 0] = self._mtp(mtp.select(i), st.pending_h, [st.pending_ids + [x]])
+                ids = torch.cat((st.pending_ids, x_ids[i:i + 1]))[None]
+                key = ("catch-up", first + i, ids.shape[1])
+                out, logits[i, 0] = self._mtp_step(key, mtp.select(i), st.pending_h, ids, graphs and B == 1)
                 lanes[i] = out[0, -1:]
+        limit_t = to_device(limits, self.device)
+        alive = torch.ones(B, dtype=torch.bool, device=self.device)
+        count = torch.zeros(B, dtype=torch.long, device=self.device)
+        sampled = [i for i, cfg in enumerate(cfgs) if cfg.temperature > 0]
         ckpt = mtp.checkpoint(k - 1) if k > 1 else None
         for j in range(k):
-            for i in range(B):
-                if len(drafts[i]) == j < limits[i] and (j == 0 or drafts[i][-1] not in stops[i]):
-                    drafts[i].append(int(sample(logits[i, j:j + 1], cfgs[i], gens[i])[0]))
+            alive = alive & (limit_t > j)
+            tok = logits[:, j].argmax(-1)
+            for i in sampled:
+                if limits[i] > j:
+                    tok[i] = sample(logits[i, j:j + 1], cfgs[i], gens[i])[0]
+            drafts[:, j] = torch.where(alive, tok, 0)
+            count += alive
             if j == k - 1:
                 break
-            feed = [[d[j] if len(d) > j else 0] for d in drafts]
-            lanes, logits[:, j + 1] = self._mtp(mtp, lanes, feed)
+            lanes, logits[:, j + 1] = self._mtp_step(("draft", first, B), mtp, lanes, drafts[:, j:j + 1], graphs)
+            alive = alive & ~(drafts[:, j:j + 1] == stop_t).any(-1)   # drafting stops after a drafted stop
         if ckpt is not None:
             mtp.rollback(ckpt, 0)
-        return drafts, logits
+        return drafts, count, logits
 
-    def _mtp(self, mtp: KVCache, lanes: torch.Tensor, next_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The MTP block over lanes [B, n, R, C] paired with next_ids [B][n], appended to its cache: its output
-        lanes and the logits [B, vocab] at the last position."""
+    def drop_graphs(self) -> None:
+        """Forget the captured MTP forwards (after a failed step: they are captured afresh)."""
+        self._mtp_graphs.clear()
+
+    def _mtp_step(self, key: tuple, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor,
+                  graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_mtp`, with `graphs` replayed from the CUDA graph kept under `key` (its own view of the same rows:
+        `key` names them and the shapes). The outputs are then static buffers the next replay overwrites."""
+        if not graphs:
+            return self._mtp(mtp, lanes, ids)
+        if key not in self._mtp_graphs:
+            view = self.mtp_cache.select(slice(key[1], key[1] + mtp.batch_size)).set_fixed_shapes(True)
+            self._mtp_graphs[key] = GraphStep(lambda a, b: self._mtp(view, a, b), view, ids.shape[1], (lanes, ids))
+        return self._mtp_graphs[key](lanes, ids)
+
+    def _mtp(self, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP block over lanes [B, n, R, C] paired with the next tokens ids [B, n], appended to its cache:
+        its output lanes and the logits [B, vocab] at the last position."""
         block = self.model.mtp[0]
-        ids = torch.tensor(next_ids, dtype=torch.long, device=self.device)
         pos0 = mtp.begin(ids.shape)
         out = block(lanes, self.model.embed(ids), ids, pos0, mtp.layer(0))
         mtp.end(ids.shape[1])
         return out, ops.linear_fp32(block.collapse(out[:, -1:]), self.model.head.weight)[:, -1]
-
-
-_SKIPPED = _Row(logits=torch.zeros(1), next_token=0, pending_h=torch.zeros(0))   # a budget-0 row's stand-in
 
 
 def accept_drafts(target_logits: torch.Tensor, draft_logits: torch.Tensor | None, drafts: Sequence[int],
@@ -274,3 +349,81 @@ def accept_drafts(target_logits: torch.Tensor, draft_logits: torch.Tensor | None
 
 def _normalised(probs: torch.Tensor) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
+
+
+def accept_batch(target: torch.Tensor, draft_logits: torch.Tensor, drafts: torch.Tensor, n_drafts: torch.Tensor,
+                 cfgs: Sequence[SamplingConfig], gens: Sequence[torch.Generator | None],
+                 limits: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accept_drafts` for every row at once, without a host sync: (accepted counts [B], next tokens [B]) on the
+    device, for the target logits [B, k+1, vocab], the draft logits [B, k, vocab] and drafts [B, k], of which row b
+    made n_drafts[b] (at most limits[b], its host-side bound). Greedy rows run batched; a sampling row draws
+    limits[b] uniforms and one token from its generator, as `accept_drafts` does for limits[b] drafts (so both
+    give the same tokens whenever no drafted stop token cut the row's drafts short); a row with limits[b] < 0
+    is not decided (it takes no random numbers; its results are the greedy rule's, to be ignored)."""
+    B, S, _ = target.shape
+    k = S - 1
+    pos = torch.arange(k, device=target.device)
+    best = target.argmax(-1)                                          # [B, k + 1]
+    matched = (drafts == best[:, :k]) & (pos < n_drafts[:, None])
+    a = matched.long().cumprod(-1).sum(-1)
+    y = best.gather(1, a[:, None])[:, 0]
+    for b, cfg in enumerate(cfgs):
+        if cfg.temperature > 0 and limits[b] >= 0:
+            a[b], y[b] = _accept_sampled(target[b], draft_logits[b, :k], drafts[b], n_drafts[b], cfg, gens[b],
+                                         limits[b])
+    return a, y
+
+
+def _accept_sampled(target: torch.Tensor, draft_logits: torch.Tensor, drafts: torch.Tensor, n: torch.Tensor,
+                    cfg: SamplingConfig, gen: torch.Generator | None, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sampling row of `accept_batch`: the rejection rule of `accept_drafts` as device ops (no early exit)."""
+    p = _normalised(probabilities(target, cfg))                       # [k + 1, V]
+    if limit == 0:
+        return n * 0, torch.multinomial(p[0], 1, generator=gen)[0]
+    q = _normalised(probabilities(draft_logits[:limit], cfg))         # [limit, V]
+    d = drafts[:limit, None]
+    u = torch.rand(limit, generator=gen, device=p.device)
+    kept = (u * q.gather(1, d)[:, 0] < p[:limit].gather(1, d)[:, 0]) & (torch.arange(limit, device=p.device) < n)
+    a = kept.long().cumprod(0).sum()
+    residual = (p[:limit] - q).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p[:limit])   # p == q: nothing to correct
+    dist = torch.cat((residual, p[limit:limit + 1]))                 # row limit: the bonus, p_limit
+    bonus = torch.where(a == n, p.index_select(0, n.view(1)), dist.index_select(0, a.view(1)))
+    return a, torch.multinomial(bonus[0], 1, generator=gen)[0]
+
+
+class EagerVerify:
+    """The verify forward run eagerly, with the interface of a captured one (GraphDecoder with checkpoint=True):
+    a call takes the cache checkpoint (`ckpt`) and appends the tokens; `rollback(keep)` keeps keep[b] [B] (device)
+    of them per row by device data; the caller then advances the host positions (KVCache.end_rollback)."""
+
+    def __init__(self, model, cache: KVCache):
+        self.model, self.cache, self.ckpt = model, cache, None
+
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.ckpt = self.cache.checkpoint(ids.shape[1])
+        h = self.model.hidden(ids, cache=self.cache)
+        return h, self.model.logits(h)
+
+    def rollback(self, keep: torch.Tensor) -> None:
+        self.cache.rollback_on_device(self.ckpt, keep)
+
+
+def _kept(a: torch.Tensor, drafts: torch.Tensor, stop_t: torch.Tensor, budget_live: torch.Tensor) -> torch.Tensor:
+    """The tokens each row's caches keep [B] (device): x and its a accepted drafts, less the last when the row
+    finished with it (a drafted stop token accepted, or its budget reached; it is never fed), 0 for a row that
+    does not go on after x (budget_live: [2, B] budgets and the host's live flags)."""
+    budget, live = budget_live[0], budget_live[1].bool()
+    if drafts.shape[1]:
+        last = drafts.gather(1, (a - 1).clamp(min=0)[:, None])             # the last accepted draft
+        stopped = (a > 0) & (last == stop_t).any(-1)
+    else:
+        stopped = torch.zeros_like(live)
+    finished = stopped | (a + 1 >= budget)
+    return torch.where(live, torch.where(finished, a, a + 1), 0)
+
+
+def _stop_table(stop_ids: Sequence[Sequence[int]], device) -> torch.Tensor:
+    """Each row's stop tokens as one [B, n] tensor (-1 pads; at least one column)."""
+    width = max([len(s) for s in stop_ids] + [1])
+    return to_device([list(s) + [-1] * (width - len(s)) for s in stop_ids], device)

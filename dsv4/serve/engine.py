@@ -36,8 +36,13 @@ the same decode views verifies them (`dsv4.generate.speculative`): prefill chunk
 first token is chosen at the row's first speculative step, each accepted token goes out as its own event, and a
 row's stop tokens and `max_tokens` bound what it emits (its token budget). Free rows in a view ride along with
 budget 0 (rolled back whole). The draft count shrinks near `max_seq_len`, so no extra room is asked at submit.
-Speculative steps run eagerly (no CUDA graphs: the verify width and the per-row catch-up vary step to step), and
-prompts are prefilled one request per forward (`SpeculativeDecoder.extend` fills one row of both caches).
+Drafts, acceptance and the next tokens stay on the device and come to the host in one wait per step. With
+`cuda_graphs` a step with no prefilling row below the smallest bucket holding every decoding row replays that
+bucket's captured graphs: the verify forward over 1 + n_draft tokens per row with its cache checkpoint (one graph
+per bucket and verify width), the rollback of the rejected tokens (by device data), the further drafts' MTP
+forwards and, for a single row, its MTP catch-up; the sampling and acceptance run eagerly between them. Eager
+speculative steps read every stored row as the graphs do. Prompts are prefilled one request per forward
+(`SpeculativeDecoder.extend` fills one row of both caches).
 
 A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (for a batched
 prefill, every request of the forward) with finish_reason "error"; those rows (and any the cache marks damaged) are
@@ -58,6 +63,7 @@ import torch
 from .. import ops
 from ..errors import InvalidArgument
 from ..generate.graphs import GraphDecoder
+from ..generate.host import to_host as _to_host
 from ..generate.sampling import SamplingConfig, sample
 from ..generate.speculative import SpeculativeDecoder
 from .rows import Phase, RowPool, bucket_for, decode_runs
@@ -237,9 +243,12 @@ class Engine:
         self._seeds = random.Random()
         self._thread: threading.Thread | None = None
         self._stopping = False
-        use_graphs = cuda_graphs and self.cache.positions.is_cuda and self.spec is None
+        use_graphs = cuda_graphs and self.cache.positions.is_cuda
         self.graph_buckets = sorted({b for b in GRAPH_BUCKETS if b < max_batch} | {max_batch}) if use_graphs else []
         self._graphs: dict[int, GraphDecoder] = {}
+        self._spec_graphs: dict[tuple[int, int], GraphDecoder] = {}   # (bucket, verify width) -> graph
+        if self.spec is not None and use_graphs:
+            self.spec.fixed_shapes = self.spec.graph_drafts = True
         self.counters = dict(prefill_tokens=0, decode_tokens=0, prefix_lookup_tokens=0, prefix_hit_tokens=0,
                              spec_drafted=0, spec_accepted=0, requests_finished=0, requests_failed=0,
                              requests_cancelled=0, steps=0)
@@ -469,13 +478,16 @@ class Engine:
         if not decoding:
             return 0
         hi = decoding[-1] + 1
+        bucket = bucket_for(hi, self.graph_buckets)
         if self.spec is not None:
+            if bucket is not None and Phase.PREFILL not in phase[:bucket]:
+                self._spec_view(range(bucket), graph=True)
+                return len(decoding)
             runs = ([range(r, r + 1) for r in decoding] if self.batch_invariant and not self.cache.positions.is_cuda
                     else decode_runs(list(phase)))
             for rows in runs:
                 self._spec_view(rows)
             return len(decoding)
-        bucket = bucket_for(hi, self.graph_buckets)
         if bucket is not None and Phase.PREFILL not in phase[:bucket]:
             self._decode_view(range(bucket), graph=True)
         elif self.batch_invariant and not self.cache.positions.is_cuda:
@@ -515,9 +527,10 @@ class Engine:
         elif live:
             self._emit([self._rows[rows[i]] for i in live], logits[live])
 
-    def _spec_view(self, rows: range) -> None:
+    def _spec_view(self, rows: range, graph: bool = False) -> None:
         """One speculative step of every decoding row in `rows` in one batch (free rows ride along with budget 0):
-        each accepted token is its own event, in order."""
+        each accepted token is its own event, in order. With `graph` (rows 0 .. bucket - 1) the verify forward
+        replays the bucket's CUDA graph."""
         lengths = self.cache.lengths()
         for r in rows:   # a free row keeps its stale length until reset: the verify needs room in every row
             if self._rows[r] is None and lengths[r]:
@@ -528,10 +541,15 @@ class Engine:
         stops = [self._stop_ids(req) if req is not None else () for req in reqs]
         cfgs = [req.sampling if req is not None else SamplingConfig() for req in reqs]
         gens = [req.generator if req is not None else None for req in reqs]
+        verifier = (lambda n_tokens: self._spec_graph(len(rows), n_tokens)) if graph else None
         try:
             with self._invariant():
-                results = self.spec.step_rows(slice(rows.start, rows.stop), cfgs, gens, stops, budgets)
+                results = self.spec.step_rows(slice(rows.start, rows.stop), cfgs, gens, stops, budgets, verifier)
         except Exception as e:
+            if graph:   # a graph whose replay failed is not trusted again: the bucket is captured afresh
+                for key in [key for key in self._spec_graphs if key[0] == len(rows)]:
+                    del self._spec_graphs[key]
+                self.spec.drop_graphs()
             self._fail(list(rows), e)
             return
         for req, stop_ids, res in zip(reqs, stops, results):
@@ -540,7 +558,7 @@ class Engine:
             self.counters["decode_tokens"] += len(res.tokens)
             self.counters["spec_drafted"] += res.drafted
             self.counters["spec_accepted"] += res.accepted
-            if not bool(torch.isfinite(res.logits).all()):
+            if not res.finite:
                 self._finish(req, TokenEvent(None, finish_reason="error",
                                              error="the model produced non-finite logits for this request"),
                              failed=True)
@@ -577,6 +595,13 @@ class Engine:
         if bucket not in self._graphs:
             self._graphs[bucket] = GraphDecoder(self.model, self.cache.select(slice(0, bucket)))
         return self._graphs[bucket]
+
+    def _spec_graph(self, bucket: int, n_tokens: int) -> GraphDecoder:
+        """The captured speculative verify step of rows 0 .. bucket - 1 over n_tokens per row."""
+        if (bucket, n_tokens) not in self._spec_graphs:
+            self._spec_graphs[bucket, n_tokens] = GraphDecoder(self.model, self.cache.select(slice(0, bucket)),
+                                                               n_tokens=n_tokens, checkpoint=True)
+        return self._spec_graphs[bucket, n_tokens]
 
     def _invariant(self):
         return ops.batch_invariant(self.batch_invariant)
@@ -671,15 +696,3 @@ class Engine:
             self.prefix_cache.save(view, tokens)
         except Exception as e:  # storing is an optimisation: never fail a request for it
             warnings.warn(f"prefix cache save of {len(tokens)} tokens failed ({e})")
-
-
-def _to_host(tensors: list[torch.Tensor]) -> list[list]:
-    """Device tensors as Python lists after one wait. On a GPU the wait is a CUDA event's synchronize, which lets
-    go of the GIL, so the server's event loop streams tokens while the step finishes on the device."""
-    if not tensors[0].is_cuda:
-        return [t.tolist() for t in tensors]
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
-    return [h.tolist() for h in host]

@@ -1,0 +1,200 @@
+"""Count what one speculative decode step costs on the host, on any device (CPU is enough): the aten ops it runs
+(each one a kernel launch on a GPU, eager), split by phase, the host syncs (tensor -> Python value: .tolist(),
+.item(), int/float/bool of a tensor; a batched `to_host` of several tensors counts once) and the host -> device
+tensor builds (torch.tensor(data, device=...): a blocking copy, which on a GPU waits for every queued kernel, so
+counted as a sync; the pinned asynchronous ones apart). Compare with a plain decode step of the same engine. The CPU
+reference MoE's own syncs (ops/reference, never used on a GPU) are left out. Launch-bound single-stream decoding
+is as fast as these counts are small; on a GPU with CUDA graphs the plain step and the verify forward are one
+replay each.
+
+    python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40]
+    python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16]
+
+With --time-steps (a GPU run) it also times that many engine steps of each (CUDA graphs on, after the counted
+ones): milliseconds per step and per emitted token. A random-init model's drafts are rarely accepted, so the
+per-step time is the number to compare (the speculative step's cost against a plain step's); acceptance comes
+from a trained checkpoint (bench/train_mtp.sh). Counting runs the steps under Python dispatch hooks, so the
+counted steps run eagerly on a GPU too only where the engine itself would.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dsv4
+try:
+    from dsv4.generate import host as host_module
+except ImportError:   # (a tree from before the one-wait speculative step: its syncs are all counted apart)
+    host_module = None
+from dsv4.generate import speculative
+from dsv4.serve import engine as engine_module
+from dsv4.serve.engine import Engine
+from dsv4.serve.types import SamplingParams
+
+SYNCS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
+         torch.Tensor.__float__, torch.Tensor.__index__}
+
+
+class HostCounter(TorchFunctionMode):
+    """Counts tensor -> host transfers and tensors built from Python data."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in SYNCS:
+            where = _callers()
+            if not any("ops/reference" in f or name in ("to_host", "_to_host") for f, name in where):
+                self.counts["sync:" + func.__name__] += 1
+        elif func is torch.tensor:
+            if (kwargs or {}).get("device") is not None:   # the model's device: on a GPU a blocking copy
+                self.counts["sync:blocking_host_to_device"] += 1
+            elif any(name in ("to_device", "_on_device") for _, name in _callers()):
+                self.counts["async_host_to_device"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts aten ops (views and metadata ops excluded: they launch nothing)."""
+
+    FREE = {"view", "_unsafe_view", "t", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select",
+            "permute", "as_strided", "alias", "detach", "reshape", "unbind", "split", "chunk", "lift_fresh",
+            "_reshape_alias", "split_with_sizes", "empty", "empty_like", "empty_strided"}
+
+    PHASES = ("accept_batch", "_mtp", "_draft", "checkpoint", "rollback", "hidden", "step_rows", "_spec_view")
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] not in self.FREE:
+            self.ops[_phase(self.PHASES)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _callers() -> list[tuple[str, str]]:
+    """(file, function) of every frame on the stack above the caller's."""
+    f, out = sys._getframe(2), []
+    while f is not None:
+        out.append((f.f_code.co_filename, f.f_code.co_name))
+        f = f.f_back
+    return out
+
+
+def _phase(names: tuple[str, ...]) -> str:
+    """The innermost of `names` on the stack (the step phase an op belongs to)."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f.f_code.co_name in names:
+            names = {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
+                     "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept"}
+            return names.get(f.f_code.co_name, f.f_code.co_name)
+        f = f.f_back
+    return "other"
+
+
+def _under(frame, name: str) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == name:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _patch(to_host) -> None:
+    for module in (engine_module, speculative):
+        if to_host is not None and hasattr(module, "to_host" if module is speculative else "_to_host"):
+            setattr(module, "to_host" if module is speculative else "_to_host", to_host)
+
+
+def _counting_to_host(counts: Counter):
+    """Wrap the one-wait transfer so each call counts as one sync."""
+    real = host_module.to_host if host_module is not None else engine_module._to_host
+
+    def wrapped(tensors):
+        counts["sync:to_host"] += 1
+        return real(tensors)
+    return wrapped
+
+
+real_engine_to_host = engine_module._to_host
+
+
+def count_steps(engine: Engine, steps: int) -> dict:
+    totals, n = Counter(), 0
+    for _ in range(steps):
+        if not engine.has_work:
+            break
+        host, ops = HostCounter(), OpCounter()
+        _patch(_counting_to_host(host.counts))
+        try:
+            with host, ops:
+                engine.step()
+        finally:
+            _patch(host_module.to_host if host_module is not None else real_engine_to_host)
+        totals.update(host.counts)
+        totals.update({"aten_ops": sum(ops.ops.values())})
+        totals.update({f"aten_ops:{k}": v for k, v in ops.ops.items()})
+        n += 1
+    syncs = sum(v for k, v in totals.items() if k.startswith("sync:"))
+    return {"steps": n, "per_step": {k: round(v / max(n, 1), 1) for k, v in sorted(totals.items())},
+            "syncs_per_step": round(syncs / max(n, 1), 1)}
+
+
+def time_steps(engine: Engine, steps: int) -> dict:
+    """Wall time of `steps` engine steps (the device drained before and after) and the tokens they emitted."""
+    tokens0 = engine.counters["decode_tokens"]
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start, n = time.perf_counter(), 0
+    while n < steps and engine.has_work:
+        engine.step()
+        n += 1
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = engine.counters["decode_tokens"] - tokens0
+    return {"steps": n, "ms_per_step": round(1e3 * seconds / max(n, 1), 3),
+            "ms_per_token": round(1e3 * seconds / max(tokens, 1), 3), "tokens_per_step": round(tokens / max(n, 1), 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--n-draft", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--prompt", type=int, default=40)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--time-steps", type=int, default=0, help="also time this many steps (GPU)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = dsv4.Transformer(dsv4.ModelConfig.preset(args.preset)).init_weights(seed=0).to_dtype(dtype)
+    model = model.to(args.device).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (args.prompt,)).tolist()
+    out = {}
+    for label, kw in (("plain", {}), ("mtp", {"speculative": "mtp", "n_draft": args.n_draft})):
+        budget = 4 * args.steps + (args.n_draft + 1) * args.time_steps + 8
+        engine = Engine(model, max_batch=1, max_seq_len=args.prompt + budget + 16, prefill_chunk=args.prompt, **kw)
+        engine.submit(prompt, SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True))
+        engine.step()                                  # the prefill (and, plain, the first token)
+        engine.step()                                  # one decode step not counted (first-step setup)
+        out[label] = count_steps(engine, args.steps)
+        if args.time_steps:
+            time_steps(engine, 5)                      # graphs captured (after their warm-up calls)
+            out[label]["timed"] = time_steps(engine, args.time_steps)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Speculative decoding with CUDA graphs (skipped without CUDA): the verify forward replayed from a captured graph
+(GraphDecoder with n_tokens > 1) leaves the cache and gives the tokens of the eager verify, rollback included; the
+engine's graph steps give the eager engine's tokens and logprobs, greedy equal to plain decoding."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import agreeing_model
+from dsv4.generate import SamplingConfig
+from dsv4.generate.graphs import GraphDecoder
+from dsv4.generate.speculative import SpeculativeDecoder
+from dsv4.serve.engine import Engine
+from dsv4.serve.types import SamplingParams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return agreeing_model().cuda()
+
+
+def _tensors(cache):
+    return [cache.positions] + [t for layer in cache.layers for t in [s.buf for s in layer.stores()]
+                                + [x for st in layer.states() for x in (st.kv, st.score)]]
+
+
+@pytest.mark.parametrize("n_draft", [1, 3])
+def test_graph_verify_equals_eager_verify(model, n_draft):
+    """Two decoders on equal caches, one verifying through a captured graph (after its warm-up calls, so most steps
+    replay), one eagerly with fixed shapes: same tokens every step (greedy and seeded sampling rows), and the same
+    cache bytes at the end (the rollback of a replayed step used the journal the capture recorded)."""
+    prompts = [list(range(100, 130)), list(range(200, 241))]
+    cfgs = [SamplingConfig(temperature=0), SamplingConfig(temperature=1.0)]
+    outs, caches = [], []
+    for graphed in (False, True):
+        cache = model.new_cache(2, 160)
+        dec = SpeculativeDecoder(model, cache, n_draft=n_draft)
+        dec.fixed_shapes = True
+        for r, p in enumerate(prompts):
+            dec.prefill(r, p)
+        graphs: dict[int, GraphDecoder] = {}
+
+        def verifier(n_tokens):
+            if n_tokens not in graphs:
+                graphs[n_tokens] = GraphDecoder(model, cache.select(slice(0, 2)), n_tokens=n_tokens, checkpoint=True)
+            return graphs[n_tokens]
+        gens = [None, torch.Generator(device="cuda").manual_seed(7)]
+        out = [[], []]
+        for _ in range(12):
+            res = dec.step_rows(slice(0, 2), cfgs, gens, [(), ()], [40 - len(o) for o in out],
+                                verifier if graphed else None)
+            for o, r in zip(out, res):
+                o += r.tokens
+        if graphed:
+            assert any(g.graph is not None and g.rollback_graph is not None for g in graphs.values()), \
+                "no verify step and rollback were captured (see the capture warnings)"
+        outs.append(out)
+        caches.append(_tensors(cache))
+    assert outs[0] == outs[1]
+    assert all(torch.equal(a, b) for a, b in zip(*caches))
+
+
+def _run(model, ps, params, **kw):
+    engine = Engine(model, max_batch=4, max_seq_len=128, prefill_chunk=16, step_token_budget=32, **kw)
+    hs = []
+    for i, p in enumerate(ps):
+        hs.append(engine.submit(p, params))
+        if i % 2:
+            engine.step()
+    engine.run_until_idle()
+    return engine, [[(e.token, e.logprob) for e in h] for h in hs]
+
+
+def test_engine_speculative_graphs_equal_eager_and_plain(model):
+    g = torch.Generator().manual_seed(1)
+    ps = [torch.randint(0, 2048, (3 + (11 * i) % 40,), generator=g).tolist() for i in range(6)]
+    params = SamplingParams(max_tokens=14, temperature=0, logprobs=0)
+    graphs, with_graphs = _run(model, ps, params, speculative="mtp", n_draft=2, cuda_graphs=True)
+    captured = [g for g in graphs._spec_graphs.values() if g.graph is not None]
+    assert captured, "no speculative verify step was captured (see the capture warning)"
+    assert any(g.rollback_graph is not None for g in captured), "no rollback was captured"
+    assert graphs.stats()["spec_accepted"] > 0
+    _, eager = _run(model, ps, params, speculative="mtp", n_draft=2, cuda_graphs=False)
+    assert [[t for t, _ in e] for e in with_graphs] == [[t for t, _ in e] for e in eager]
+    # (the eager engine reads only the rows reached, the graphs every row: logprobs agree to rounding)
+    assert all(abs(a[1] - b[1]) < 1e-5 for x, y in zip(with_graphs, eager) for a, b in zip(x, y) if a[1] is not None)
+    _, plain = _run(model, ps, params, cuda_graphs=True)
+    assert [[t for t, _ in e] for e in with_graphs] == [[t for t, _ in e] for e in plain]
+    single = SamplingParams(max_tokens=40, temperature=0)   # one stream: bucket 1, the catch-up graphs too
+    one, got = _run(model, ps[:1], single, speculative="mtp", cuda_graphs=True)
+    assert any(key[0] == "catch-up" and g.graph is not None for key, g in one.spec._mtp_graphs.items())
+    assert got == _run(model, ps[:1], single, cuda_graphs=True)[1]
+    sampled = SamplingParams(max_tokens=14, temperature=0.8, seed=3)
+    assert _run(model, ps, sampled, speculative="mtp", cuda_graphs=True)[1] == \
+        _run(model, ps, sampled, speculative="mtp", cuda_graphs=False)[1]
