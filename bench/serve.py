@@ -127,7 +127,12 @@ async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: in
                      ignore_eos: bool = True) -> RequestResult:
     """One streamed greedy completion; any failure becomes the result's error, never an exception."""
     res = RequestResult(start=time.perf_counter())
-    extra = {"ignore_eos": True} if ignore_eos else {}
+    extra: dict = {"ignore_eos": True} if ignore_eos else {}
+    if not isinstance(prompt, str):
+        # token ids travel in extra_body, which the client sends as given: its typed `prompt` argument is walked
+        # element by element against every member of its Union (about a second for 32K ids on a slow host), and
+        # that time, spent before the request leaves, would count as the server's TTFT
+        extra["prompt"], prompt = prompt, ""
     try:
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                                                  stream=True, stream_options={"include_usage": True},
