@@ -11,8 +11,9 @@ by the official `openai` client (AsyncOpenAI, streamed completions with stream_o
 Measured per (server, prompt length, concurrency): TTFT p50/p99, TPOT p50/p99 (per request: time from the first
 to the last streamed token over the tokens after the first), ITL p50/p99 (gaps between streamed chunks),
 aggregate output tokens/s (completion tokens of all requests / wall time of the level), requests, errors.
-Prompts are random token ids from the model's vocabulary sent as `prompt=[ids]` to /v1/completions, so their
-lengths are exact; outputs have exactly `--max-tokens` tokens because `ignore_eos` is sent in extra_body
+Prompts are random token ids from the model's vocabulary sent as `prompt=[ids]` to /v1/completions (through
+extra_body: the client's own handling of a typed id list costs ~1 ms per 30 ids before the request leaves, which
+would count in the TTFT), so their lengths are exact; outputs have exactly `--max-tokens` tokens because `ignore_eos` is sent in extra_body
 (`dsv4 serve` honours it, as vLLM and SGLang do; a server that ignores it may stop early, which the
 completion-token counts then show).
 
