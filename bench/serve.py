@@ -216,10 +216,12 @@ async def run_level(client, model: str, *, concurrency: int, prompt_len: int, ma
 
 
 async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, trials: int, source: PromptSource,
-                      seed: int, max_tokens: int = 2, ignore_eos: bool = True,
+                      seed: int, max_tokens: int = 1, ignore_eos: bool = True,
                       duration_limit: float = float("inf")) -> dict:
     """TTFT of a second request sharing a primed prefix (hit) vs one over a fresh prefix of the same length;
-    no trial starts after `duration_limit` s."""
+    no trial starts after `duration_limit` s. One token each: a server streams no chunk for a token that decodes
+    to no text (a random model's ids past its tokenizer's vocabulary, a piece of a character), so with more the
+    first chunk could come tokens later; the last chunk of a one-token request comes with its first token."""
     rng = random.Random(seed)
     hits, misses, errors, hit_cached, miss_cached = [], [], [], [], []
     deadline = time.perf_counter() + duration_limit
