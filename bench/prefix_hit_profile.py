@@ -4,7 +4,7 @@ prefix-cache load (lookup + restore), the saves on the way, the model forwards a
 bookkeeping). Also times validating the /v1/completions body of a prompt of that many token ids.
 
     python bench/prefix_hit_profile.py [--prefix-len 8192] [--suffix-len 64] [--block 256] [--preset tiny]
-                                       [--device cpu] [--trials 3] [--cprofile]
+                                       [--checkpoint DIR] [--device cpu|cuda] [--trials 3] [--cprofile]
 
 Prints a table (ms) and, with --cprofile, the top functions of the hit by cumulative time.
 """
@@ -65,16 +65,23 @@ def main() -> None:
     p.add_argument("--suffix-len", type=int, default=64)
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--max-tokens", type=int, default=4)
-    p.add_argument("--preset", default="tiny")
+    p.add_argument("--preset", default="tiny", help="a random model of this preset (without --checkpoint)")
+    p.add_argument("--checkpoint", help="a checkpoint directory (e.g. bench/serve.py --make-checkpoint /tmp/flash4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trials", type=int, default=3, help="hits timed (medians reported)")
     p.add_argument("--cprofile", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
     need = args.prefix_len + 2 * args.suffix_len + args.max_tokens + 16
-    cfg = dsv4.ModelConfig.preset(args.preset).replace(max_seq_len=max(need, 4096))
-    with torch.device(device):
-        model = dsv4.Transformer(cfg).init_weights(seed=1).eval()
+    if args.checkpoint:
+        from dsv4.checkpoint import load_model
+        model = load_model(args.checkpoint, device=device,
+                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+        cfg = model.config
+    else:
+        cfg = dsv4.ModelConfig.preset(args.preset).replace(max_seq_len=max(need, 4096))
+        with torch.device(device):
+            model = dsv4.Transformer(cfg).init_weights(seed=1).eval()
     pc = PrefixCache(model, 4 << 30, 2 << 30, block=args.block, verify_model=False)
     engine = Engine(model, max_batch=2, max_seq_len=need, prefill_chunk=2048, cuda_graphs=False,
                     prefix_cache=pc)
@@ -112,7 +119,8 @@ def main() -> None:
         req = CompletionRequest.model_validate_json(body)
         list(req.single_prompt())
     api_ms = (time.perf_counter() - t) * 1e2
-    print(f"prefix {args.prefix_len} + suffix {args.suffix_len} tokens, block {args.block}, {args.preset} on "
+    print(f"prefix {args.prefix_len} + suffix {args.suffix_len} tokens, block {args.block}, "
+          f"{args.checkpoint or args.preset} on "
           f"{device}: cached {handle.cached_tokens}")
     print(f"  prime (miss) TTFT {prime_ms:9.1f} ms")
     print(f"  hit TTFT        {hit_ms:9.1f} ms (median of {len(runs)})")
