@@ -11,8 +11,9 @@ by the official `openai` client (AsyncOpenAI, streamed completions with stream_o
 Measured per (server, prompt length, concurrency): TTFT p50/p99, TPOT p50/p99 (per request: time from the first
 to the last streamed token over the tokens after the first), ITL p50/p99 (gaps between streamed chunks),
 aggregate output tokens/s (completion tokens of all requests / wall time of the level), requests, errors.
-Prompts are random token ids from the model's vocabulary sent as `prompt=[ids]` to /v1/completions, so their
-lengths are exact; outputs have exactly `--max-tokens` tokens because `ignore_eos` is sent in extra_body
+Prompts are random token ids from the model's vocabulary sent as `prompt=[ids]` to /v1/completions (through
+extra_body: the client's own handling of a typed id list costs ~1 ms per 30 ids before the request leaves, which
+would count in the TTFT), so their lengths are exact; outputs have exactly `--max-tokens` tokens because `ignore_eos` is sent in extra_body
 (`dsv4 serve` honours it, as vLLM and SGLang do; a server that ignores it may stop early, which the
 completion-token counts then show).
 
@@ -127,7 +128,12 @@ async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: in
                      ignore_eos: bool = True) -> RequestResult:
     """One streamed greedy completion; any failure becomes the result's error, never an exception."""
     res = RequestResult(start=time.perf_counter())
-    extra = {"ignore_eos": True} if ignore_eos else {}
+    extra: dict = {"ignore_eos": True} if ignore_eos else {}
+    if not isinstance(prompt, str):
+        # token ids travel in extra_body, which the client sends as given: its typed `prompt` argument is walked
+        # element by element against every member of its Union (about a second for 32K ids on a slow host), and
+        # that time, spent before the request leaves, would count as the server's TTFT
+        extra["prompt"], prompt = prompt, ""
     try:
         stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                                                  stream=True, stream_options={"include_usage": True},
@@ -210,10 +216,12 @@ async def run_level(client, model: str, *, concurrency: int, prompt_len: int, ma
 
 
 async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, trials: int, source: PromptSource,
-                      seed: int, max_tokens: int = 2, ignore_eos: bool = True,
+                      seed: int, max_tokens: int = 1, ignore_eos: bool = True,
                       duration_limit: float = float("inf")) -> dict:
     """TTFT of a second request sharing a primed prefix (hit) vs one over a fresh prefix of the same length;
-    no trial starts after `duration_limit` s."""
+    no trial starts after `duration_limit` s. One token each: a server streams no chunk for a token that decodes
+    to no text (a random model's ids past its tokenizer's vocabulary, a piece of a character), so with more the
+    first chunk could come tokens later; the last chunk of a one-token request comes with its first token."""
     rng = random.Random(seed)
     hits, misses, errors, hit_cached, miss_cached = [], [], [], [], []
     deadline = time.perf_counter() + duration_limit

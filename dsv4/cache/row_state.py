@@ -64,10 +64,7 @@ def restore_row_pieces(cache: KVCache, pieces: list[tuple[int, dict[str, torch.T
             for rows, tag in ((layer.entry_rows, "entries"), (layer.key_rows, "keys")):
                 if rows is None:
                     continue
-                for start, piece in pieces:
-                    part = piece[f"{i}.{tag}"]
-                    lo = start // layer.ratio
-                    rows.buf[0, lo: lo + part.shape[0]].copy_(part, non_blocking=True)
+                _copy_pieces(rows.buf[0], [(start // layer.ratio, piece[f"{i}.{tag}"]) for start, piece in pieces])
                 if sum(p[f"{i}.{tag}"].shape[0] for _, p in pieces) != n // layer.ratio:
                     raise KeyError(f"layer {i}: the pieces hold {tag} for another length than {n} tokens")
             for tag, st in (("cstate", layer.compressor_state), ("istate", layer.indexer_state)):
@@ -82,6 +79,24 @@ def restore_row_pieces(cache: KVCache, pieces: list[tuple[int, dict[str, torch.T
         cache.reset()
         raise RuntimeError(str(e)) from None
     cache.end(n)
+
+
+def _copy_pieces(dest: torch.Tensor, parts: list[tuple[int, torch.Tensor]]) -> None:
+    """Write each part at its record offset of `dest`. Parts that follow one another and sit on dest's device
+    (a prefix cache's chain of block saves: a hundred pieces for 32K tokens) go in one `cat` into dest, one kernel
+    rather than one copy each; the bytes written are the same."""
+    lo = hi = parts[0][0] if parts else 0
+    contiguous = True
+    for start, part in parts:
+        contiguous = contiguous and start == hi and part.device == dest.device and part.dtype == dest.dtype
+        hi = start + part.shape[0]
+    if len(parts) > 1 and contiguous:
+        if hi > dest.shape[0]:
+            raise RuntimeError(f"the pieces hold {hi} records; the row has room for {dest.shape[0]}")
+        torch.cat([p for _, p in parts], out=dest[lo:hi])
+        return
+    for start, part in parts:
+        dest[start: start + part.shape[0]].copy_(part, non_blocking=True)
 
 
 def state_nbytes(tensors: dict[str, torch.Tensor]) -> int:

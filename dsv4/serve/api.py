@@ -312,7 +312,7 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         ids = await asyncio.to_thread(srv.tok.encode, prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, "prompt: encodes to no tokens", param="prompt")
-        if any(t < 0 for t in ids):
+        if min(ids) < 0:
             raise APIError(400, "prompt: token ids must be >= 0", param="prompt")
         max_tokens = srv.budget(ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
         kwargs = req.sampling_kwargs(max_tokens, req.logprobs, srv.eos_ids)

@@ -204,7 +204,7 @@ class PrefixCache:
             return
         with self._lock:
             fp = self._fingerprint(cache_row, recompute=False)
-            chain = _Chain(fp, tokens, self.block, len(tokens))
+            chain = _Chain(fp, tokens, self.block, len(tokens))   # (hashed once: _insert and _find reuse it)
             key = chain.key(len(tokens))
             for tier in TIERS:
                 if key in self._tiers[tier]:
@@ -249,11 +249,12 @@ class PrefixCache:
             self._model_fp, self._stamp = fp, stamp
         return store_fingerprint(self._model_fp, cache)
 
-    def _find(self, fp: str, tokens: Sequence[int]) -> tuple[int, _Entry | None]:
-        """The longest held prefix shorter than `tokens`: (its length, its entry), (0, None) if none."""
+    def _find(self, fp: str, tokens: Sequence[int], chain: _Chain | None = None) -> tuple[int, _Entry | None]:
+        """The longest held prefix shorter than `tokens`: (its length, its entry), (0, None) if none. `chain`:
+        the query's chain under `fp` when the caller has it (over len(tokens) - 1 tokens or more)."""
         if len(tokens) < 2 or not self._index:
             return 0, None
-        chain = _Chain(fp, tokens, self.block, len(tokens) - 1)
+        chain = chain or _Chain(fp, tokens, self.block, len(tokens) - 1)
         for b in range(len(chain.nodes) - 1, -1, -1):
             for n in sorted(self._index.get(chain.nodes[b], ()), reverse=True):
                 if n < len(tokens):
@@ -269,10 +270,10 @@ class PrefixCache:
         """Keep the state of the one-row cache holding `tokens`: past the longest held shorter prefix, if any."""
         chain = chain or _Chain(fp, tokens, self.block, len(tokens))
         n = len(tokens)
-        base, parent = self._find(fp, tokens)
+        base, parent = self._find(fp, tokens, chain)
         if parent is not None:  # most recent first; this can evict, rarely the parent's own chain: look again
             self._touch(parent)
-            base, parent = self._find(fp, tokens)
+            base, parent = self._find(fp, tokens, chain)
         state = row_state(cache_row, n, start=base)
         kept = np.asarray(tokens, dtype=np.int64) if self.store is not None else None
         entry = _Entry(chain.key(n), chain.nodes[n // self.block], n, state, state_nbytes(state), fp, kept, on_disk,

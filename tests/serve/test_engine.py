@@ -130,6 +130,7 @@ def test_bounded_queue_raises_queue_full(model):
     ([1, 2048], GREEDY, r"prompt\[1\]=2048"),
     ([-1], GREEDY, r"prompt\[0\]=-1"),
     ([1.5], GREEDY, "integers"),
+    ([3, True], GREEDY, r"prompt\[1\]=True"),
     ("hello", GREEDY, "list of token ids"),
     (list(range(30)), SamplingParams(max_tokens=3), "max_seq_len=32"),
     ([1], {"max_tokens": 3}, "SamplingParams"),
@@ -139,6 +140,16 @@ def test_invalid_requests_raise_invalid_argument(model, prompt, params, match):
     with pytest.raises(InvalidArgument, match=match):
         engine.submit(prompt, params)
     assert engine.stats()["queue_len"] == 0
+
+
+def test_prompt_check_takes_any_integer_sequence_the_same(model):
+    """A list of ints (the fast path) and other integer sequences (checked token by token) give the same ids."""
+    import numpy as np
+    engine = Engine(model, max_batch=1, max_seq_len=32)
+    ids = [0, 5, 2047, 7]
+    for prompt in (ids, tuple(ids), np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids]):
+        out = engine._check_prompt(prompt)
+        assert out == ids and all(type(t) is int for t in out)
 
 
 def test_speculative_option_is_refused_clearly(model):

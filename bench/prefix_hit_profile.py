@@ -1,0 +1,135 @@
+"""Where a prefix-cache hit's time-to-first-token goes, on the serving engine (no HTTP): a request over prefix P
++ suffix A primes the cache, then P + suffix B (a hit) is timed, split into the prompt check at submit, the
+prefix-cache load (lookup + restore), the saves on the way, the model forwards and the rest (sampling, engine
+bookkeeping). Also times validating the /v1/completions body of a prompt of that many token ids.
+
+    python bench/prefix_hit_profile.py [--prefix-len 8192] [--suffix-len 64] [--block 256] [--preset tiny]
+                                       [--checkpoint DIR] [--device cpu|cuda] [--trials 3] [--cprofile]
+
+Prints a table (ms) and, with --cprofile, the top functions of the hit by cumulative time.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import collections
+import json
+import pstats
+import statistics
+import time
+
+import torch
+
+import dsv4
+from dsv4.serve.engine import Engine
+from dsv4.serve.prefix_cache import PrefixCache
+from dsv4.serve.protocol import CompletionRequest
+from dsv4.serve.types import SamplingParams
+
+
+class Timers:
+    """Wall time per name, summed over calls (a CUDA sync before and after each call on a GPU)."""
+
+    def __init__(self, device: torch.device):
+        self.ms: dict[str, float] = collections.defaultdict(float)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def wrap(self, obj, attr: str, name: str) -> None:
+        fn = getattr(obj, attr)
+
+        def timed(*a, **k):
+            self.sync()
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.sync()
+                self.ms[name] += (time.perf_counter() - t) * 1e3
+        setattr(obj, attr, timed)
+
+
+def first_token_ms(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[float, object]:
+    """Submit to first event (the engine stepped in this thread), then run the request out."""
+    t = time.perf_counter()
+    handle = engine.submit(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    while not handle._events:
+        engine.step()
+    ttft = (time.perf_counter() - t) * 1e3
+    engine.run_until_idle()
+    return ttft, handle
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prefix-len", type=int, default=8192)
+    p.add_argument("--suffix-len", type=int, default=64)
+    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=4)
+    p.add_argument("--preset", default="tiny", help="a random model of this preset (without --checkpoint)")
+    p.add_argument("--checkpoint", help="a checkpoint directory (e.g. bench/serve.py --make-checkpoint /tmp/flash4)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--trials", type=int, default=3, help="hits timed (medians reported)")
+    p.add_argument("--cprofile", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    need = args.prefix_len + 2 * args.suffix_len + args.max_tokens + 16
+    if args.checkpoint:
+        from dsv4.checkpoint import load_model
+        model = load_model(args.checkpoint, device=device,
+                           dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).eval()
+        cfg = model.config
+    else:
+        cfg = dsv4.ModelConfig.preset(args.preset).replace(max_seq_len=max(need, 4096))
+        with torch.device(device):
+            model = dsv4.Transformer(cfg).init_weights(seed=1).eval()
+    pc = PrefixCache(model, 4 << 30, 2 << 30, block=args.block, verify_model=False)
+    engine = Engine(model, max_batch=2, max_seq_len=need, prefill_chunk=2048, cuda_graphs=False,
+                    prefix_cache=pc)
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
+    prefix = rand(args.prefix_len)
+    first_token_ms(engine, rand(16), 2)   # warm-up (kernels, allocator)
+    prime_ms, _ = first_token_ms(engine, prefix + rand(args.suffix_len), args.max_tokens)
+
+    timers = Timers(device)
+    timers.wrap(engine, "_check_prompt", "submit: prompt check")
+    timers.wrap(pc, "load", "prefix load (lookup + restore)")
+    timers.wrap(pc, "save", "prefix saves")
+    timers.wrap(engine, "model", "model forwards")
+    timers.wrap(engine, "_emit", "sample + emit (incl. forward wait)")
+    prof = cProfile.Profile() if args.cprofile else None
+    runs = []
+    for _ in range(args.trials):   # hits over the same prefix with other suffixes; the median of each part
+        timers.ms.clear()
+        hit_prompt = prefix + rand(args.suffix_len)
+        if prof:
+            prof.enable()
+        hit_ms, handle = first_token_ms(engine, hit_prompt, 1)
+        if prof:
+            prof.disable()
+        split = dict(timers.ms)
+        split["other (engine bookkeeping)"] = hit_ms - sum(split.values())
+        runs.append((hit_ms, split))
+    hit_ms = statistics.median(r[0] for r in runs)
+    split = {k: statistics.median(r[1][k] for r in runs) for k in runs[0][1]}
+
+    body = json.dumps({"model": "m", "prompt": hit_prompt, "max_tokens": 8, "stream": True})
+    t = time.perf_counter()
+    for _ in range(10):
+        req = CompletionRequest.model_validate_json(body)
+        list(req.single_prompt())
+    api_ms = (time.perf_counter() - t) * 1e2
+    print(f"prefix {args.prefix_len} + suffix {args.suffix_len} tokens, block {args.block}, "
+          f"{args.checkpoint or args.preset} on "
+          f"{device}: cached {handle.cached_tokens}")
+    print(f"  prime (miss) TTFT {prime_ms:9.1f} ms")
+    print(f"  hit TTFT        {hit_ms:9.1f} ms (median of {len(runs)})")
+    for k, v in split.items():
+        print(f"    {k:38s} {v:8.1f} ms")
+    print(f"  API body parse + validate (separate) {api_ms:8.1f} ms")
+    if prof:
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
+
+
+if __name__ == "__main__":
+    main()
