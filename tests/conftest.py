@@ -110,3 +110,17 @@ def stdlib_corpus(directory, chars: int, docs: int) -> str:
     for doc in stdlib_sources(chars)[:docs]:
         (directory / doc.name.replace("/", "_")).write_text(doc.text)
     return str(directory)
+
+
+def engine_outputs(model, prompts, params, max_batch: int = 8, **engine_kw):
+    """(engine, per request [(token, logprob)]): the requests submitted with a step after every second one, so
+    later requests join a batch that is already decoding, then run until idle."""
+    from dsv4.serve.engine import Engine
+    engine = Engine(model, max_batch=max_batch, max_seq_len=128, prefill_chunk=16, step_token_budget=32, **engine_kw)
+    handles = []
+    for i, p in enumerate(prompts):
+        handles.append(engine.submit(p, params))
+        if i % 2:
+            engine.step()
+    engine.run_until_idle()
+    return engine, [[(e.token, e.logprob) for e in h] for h in handles]

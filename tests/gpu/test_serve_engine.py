@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import engine_outputs
 from dsv4 import ModelConfig
 from dsv4.model import Transformer
-from dsv4.serve.engine import Engine
 from dsv4.serve.types import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -19,14 +19,7 @@ def model():
 
 
 def run(model, ps, params, **kw):
-    engine = Engine(model, max_batch=8, max_seq_len=128, prefill_chunk=16, step_token_budget=32, **kw)
-    hs = []
-    for i, p in enumerate(ps):
-        hs.append(engine.submit(p, params))
-        if i % 2:
-            engine.step()
-    engine.run_until_idle()
-    return engine, [[(e.token, e.logprob) for e in h] for h in hs]
+    return engine_outputs(model, ps, params, max_batch=8, **kw)
 
 
 def prompts(n, seed=1):

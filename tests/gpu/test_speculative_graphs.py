@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import agreeing_model
+from conftest import agreeing_model, engine_outputs
 from dsv4.generate import SamplingConfig
 from dsv4.generate.graphs import GraphDecoder
 from dsv4.generate.speculative import SpeculativeDecoder
-from dsv4.serve.engine import Engine
 from dsv4.serve.types import SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -64,14 +63,7 @@ def test_graph_verify_equals_eager_verify(model, n_draft):
 
 
 def _run(model, ps, params, **kw):
-    engine = Engine(model, max_batch=4, max_seq_len=128, prefill_chunk=16, step_token_budget=32, **kw)
-    hs = []
-    for i, p in enumerate(ps):
-        hs.append(engine.submit(p, params))
-        if i % 2:
-            engine.step()
-    engine.run_until_idle()
-    return engine, [[(e.token, e.logprob) for e in h] for h in hs]
+    return engine_outputs(model, ps, params, max_batch=4, **kw)
 
 
 def test_engine_speculative_graphs_equal_eager_and_plain(model):
