@@ -155,9 +155,9 @@ def training(model):
 BF16_STORED_FP32_PARAMS = ("head.weight", "compressor.wkv.weight", "compressor.wgate.weight")
 
 
-def build_model(cfg: dsv4.ModelConfig | None = None, device: str = "cuda") -> dsv4.Transformer:
-    """The bf16 benchmark model on the GPU (or `device`) with random N(0, 0.02) matrices."""
-    with torch.device(device):
+def build_model(cfg: dsv4.ModelConfig | None = None) -> dsv4.Transformer:
+    """The bf16 benchmark model on the GPU with random N(0, 0.02) matrices."""
+    with torch.device("cuda"):
         model = dsv4.Transformer(cfg or flash4()).to_dtype(torch.bfloat16).eval()
     with torch.no_grad():
         for n, p_ in model.named_parameters():

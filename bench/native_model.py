@@ -39,7 +39,7 @@ import dsv4  # noqa: E402
 from dsv4.cache.accounting import layer_bytes as cache_layer_bytes  # noqa: E402
 from dsv4.model.mhc import init_hc_params  # noqa: E402
 from dsv4.model.moe import Gate  # noqa: E402
-from e2e import BF16_STORED_FP32_PARAMS, build_model, dsv4_decode, dsv4_prefill, flash4, guard  # noqa: E402  (bench/e2e.py)
+from e2e import BF16_STORED_FP32_PARAMS, dsv4_decode, dsv4_prefill, flash4, guard  # noqa: E402  (bench/e2e.py)
 from provenance import REPO_ROOT, record, result_path  # noqa: E402  (bench/provenance.py)
 
 FLASH_CONFIG = os.path.join(REPO_ROOT, "tests", "fixtures", "deepseek-v4-flash")
@@ -76,6 +76,23 @@ def tensor_bytes(module: torch.nn.Module) -> int:
             seen.add(key)
             total += t.untyped_storage().nbytes()
     return total
+
+
+@torch.no_grad()
+def build_model(cfg: dsv4.ModelConfig, device: str) -> dsv4.Transformer:
+    """A random bf16 model on `device` as bench/e2e.py's build_model draws it (matrices N(0, 0.02), the fp32
+    parameters the checkpoint stores in bf16 rounded to bf16 values), the rest as init_small sets it. Built on the
+    meta device and cast there, so that a real-dims layer (12 GiB of bf16 experts) never exists in fp32."""
+    with torch.device("meta"):
+        model = dsv4.Transformer(cfg).to_dtype(torch.bfloat16).eval()
+    model.to_empty(device=device)
+    for n, p in model.named_parameters():
+        if p.dim() >= 2:
+            p.normal_(0, 0.02)
+            if n.endswith(BF16_STORED_FP32_PARAMS):
+                p.copy_(p.bfloat16())
+    model.reset_buffers()
+    return init_small(model)
 
 
 @torch.no_grad()
@@ -247,6 +264,32 @@ def layer_parts(model: dsv4.Transformer) -> dict:
     return {"layers": layers, "mtp": mtp, "fixed": fixed, "total": total}
 
 
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
+def disk_parts(path: str, cfg: dsv4.ModelConfig) -> dict:
+    """layer_parts' split of a checkpoint's tensor bytes (from its safetensors headers; official names), so that
+    the bytes on disk extrapolate as the held bytes do."""
+    from dsv4.checkpoint.safetensors_io import read_header
+    sizes: dict[str, int] = {}
+    for f in glob.glob(os.path.join(path, "*.safetensors")):
+        for name, info in read_header(f).items():
+            n = 1
+            for d in info.shape:
+                n *= d
+            sizes[name] = n * _DTYPE_BYTES.get(info.dtype, 1)
+    layers = []
+    for i in range(cfg.n_layers):
+        mine = {k: v for k, v in sizes.items() if k.startswith(f"layers.{i}.")}
+        ffn = sum(v for k, v in mine.items() if k.startswith(f"layers.{i}.ffn."))
+        layers.append({"kind": cfg.layer_kind(i), "hashed": cfg.is_hash_layer(i), "ffn": ffn,
+                       "rest": sum(mine.values()) - ffn})
+    mtp = [sum(v for k, v in sizes.items() if k.startswith(f"mtp.{i}.")) for i in range(cfg.n_mtp_layers)]
+    total = sum(sizes.values())
+    return {"layers": layers, "mtp": mtp, "fixed": total - sum(r["ffn"] + r["rest"] for r in layers) - sum(mtp),
+            "total": total}
+
+
 def extrapolate_weights(full: dsv4.ModelConfig, parts: dict) -> dict:
     """Bytes of each main layer of `full` (attention part by its kind, FFN part by hash routing, as measured on the
     cut), of the MTP blocks and of the rest."""
@@ -316,7 +359,7 @@ def real_section(full: dsv4.ModelConfig, workdir: str, device: torch.device, a) 
     if cuda:
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated(device)
-    bf16 = init_small(build_model(cut, device=str(device)))
+    bf16 = build_model(cut, str(device))
     bf16_parts = layer_parts(bf16)
     bf16_held = torch.cuda.memory_allocated(device) - before if cuda else bf16_parts["total"]
     path = os.path.join(workdir, "real_cut")
@@ -327,18 +370,21 @@ def real_section(full: dsv4.ModelConfig, workdir: str, device: torch.device, a) 
     loaded.update(held_over_disk=loaded["held_bytes"] / disk["disk_bytes"], widened_fp32_bytes=widened_bytes(model),
                   **disk)
     loaded["held_over_disk_unwidened"] = (loaded["held_bytes"] - loaded["widened_fp32_bytes"]) / disk["disk_bytes"]
+    on_disk = disk_parts(path, cut)
     cache = measure_cache(model, (a.context // 2, a.context))
     ws = guard_value(lambda: prefill_workspace(model, a.chunk, a.context))
     workspace = ws if ws is not None else int(a.reserve_gib * GIB)
     del model
     shutil.rmtree(path, ignore_errors=True)
     weights = {"native": extrapolate_weights(full, native_parts), "bf16": extrapolate_weights(full, bf16_parts)}
+    disk_full = extrapolate_weights(full, on_disk)
     gpu_bytes = int(a.gpu_gib * GIB)
     return {"cut": dataclasses.asdict(cut),
             "bf16_built_held_bytes": bf16_held, "native_load": loaded,
             "parts": {"native": native_parts, "bf16": bf16_parts}, "cache": cache,
             "prefill_workspace_bytes": ws, "workspace_used_bytes": workspace, "gpu_bytes": gpu_bytes,
-            "context": a.context, "extrapolated": weights,
+            "context": a.context, "extrapolated": weights, "parts_on_disk": on_disk, "extrapolated_disk": disk_full,
+            "full_native_over_disk": weights["native"]["total"] / disk_full["total"],
             "capacity": capacity(full, weights, workspace, gpu_bytes, a.context)}
 
 
@@ -390,6 +436,9 @@ def print_table(doc: dict) -> None:
             print(f"  cache {fmt}: bytes/token per layer {[round(x, 1) for x in c['bytes_per_token']]}, measured "
                   f"{sum(c['measured_at_max'])} vs accounting {sum(c['accounting_at_max'])} bytes at "
                   f"{real['context']}")
+        print(f"  full model extrapolated: native {real['extrapolated']['native']['total'] / GIB:.1f} GiB held vs "
+              f"{real['extrapolated_disk']['total'] / GIB:.1f} GiB of checkpoint tensors: "
+              f"{real['full_native_over_disk']:.3f}x; bf16 {real['extrapolated']['bf16']['total'] / GIB:.1f} GiB")
         ws = real["prefill_workspace_bytes"]
         print(f"  workspace (one {doc['args']['chunk']}-token prefill chunk): "
               + (f"{ws / GIB:.2f} GiB measured" if ws is not None else "not measured")
@@ -433,7 +482,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.perf_counter()
     try:
         torch.manual_seed(0)
-        src = init_small(build_model(cfg, device=str(device)))
+        src = build_model(cfg, str(device))
         path = os.path.join(workdir, "model")
         disk = write_official(src, path)
         del src

@@ -49,7 +49,7 @@ def test_extrapolated_bytes_equal_the_whole_models(tmp_path, weights):
     cut = native_model.real_cut(full)
     paths = {}
     for name, cfg in (("cut", cut), ("full", full)):
-        model = native_model.init_small(native_model.build_model(cfg, device="cpu"))
+        model = native_model.build_model(cfg, "cpu")
         paths[name] = tmp_path / name
         native_model.write_official(model, str(paths[name]))
     parts = native_model.layer_parts(dsv4.load_model(paths["cut"], weights=weights))
@@ -57,3 +57,8 @@ def test_extrapolated_bytes_equal_the_whole_models(tmp_path, weights):
     est = native_model.extrapolate_weights(full, parts)
     assert est["total"] == native_model.tensor_bytes(whole)
     assert est["main_total"] == native_model.tensor_bytes(whole) - sum(native_model.tensor_bytes(b) for b in whole.mtp)
+    # the checkpoint's bytes extrapolate the same way (the whole checkpoint's tensor bytes from torch's loader)
+    from safetensors.torch import load_file
+    disk = native_model.extrapolate_weights(full, native_model.disk_parts(str(paths["cut"]), cut))
+    tensors = load_file(str(paths["full"] / "model.safetensors"))
+    assert disk["total"] == sum(t.numel() * t.element_size() for t in tensors.values())
