@@ -476,6 +476,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU: run with --tiny-cpu for the CPU smoke run")
         device, cfg, full = torch.device("cuda"), flash4(), dsv4.ModelConfig.from_pretrained(FLASH_CONFIG)
+    out_path = a.json or result_path("native_model", device=str(device))
+
+    def save() -> None:   # after each section: a run stopped by a time limit keeps what it measured
+        with open(out_path, "w") as f:
+            json.dump(doc, f, indent=1, default=str)
     workdir = a.workdir or tempfile.mkdtemp(prefix="native_model_")
     os.makedirs(workdir, exist_ok=True)
     doc: dict = {**record(str(device)), "torch": torch.__version__, "args": vars(a)}
@@ -489,10 +494,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"checkpoint: {disk['disk_bytes'] / GIB:.3f} GiB written in {disk['write_s']:.1f} s", flush=True)
         models, mem = memory_section(path, disk["disk_bytes"], device)
         doc["memory"] = {**disk, **mem}
+        save()
         if not a.skip_speed:
             res: list = []
             speed_section(models, a, res)
             doc["speed"], doc["ratios"] = res, speed_ratios(res)
+            save()
         del models
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -502,11 +509,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not a.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     doc["seconds"] = time.perf_counter() - t_start
-    path = a.json or result_path("native_model", device=str(device))
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1, default=str)
+    save()
     print_table(doc)
-    print(f"results: {path}  ({doc['seconds']:.0f} s)")
+    print(f"results: {out_path}  ({doc['seconds']:.0f} s)")
     return doc
 
 
