@@ -416,7 +416,8 @@ def print_table(doc: dict) -> None:
             if "error" in r:
                 print(f"{r['name']:<24}{size:>8}   {r['error']}")
             else:
-                print(f"{r['name']:<24}{size:>8}{r['tok_per_s']:>12,.1f}{r['peak_gb']:>9.1f}  {r.get('cuda_graph', '')}")
+                print(f"{r['name']:<24}{size:>8}{r['tok_per_s']:>12,.1f}{r['peak_gb']:>9.1f}  "
+                      f"{r.get('cuda_graph', '')}")
         for r in doc.get("ratios", []):
             print(f"  native/bf16 {r['measurement']:<12}{r['size']:>8}: {r['native_over_bf16']:.2f}x")
     real = doc.get("real")
