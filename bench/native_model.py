@@ -495,17 +495,21 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"checkpoint: {disk['disk_bytes'] / GIB:.3f} GiB written in {disk['write_s']:.1f} s", flush=True)
         models, mem = memory_section(path, disk["disk_bytes"], device)
         doc["memory"] = {**disk, **mem}
+        doc["section_seconds"] = {"memory": time.perf_counter() - t_start}
         save()
         if not a.skip_speed:
             res: list = []
             speed_section(models, a, res)
             doc["speed"], doc["ratios"] = res, speed_ratios(res)
+            doc["section_seconds"]["speed"] = time.perf_counter() - t_start - sum(doc["section_seconds"].values())
             save()
         del models
         if device.type == "cuda":
             torch.cuda.empty_cache()
         if not a.skip_real:
+            t_real = time.perf_counter()
             doc["real"] = real_section(full, workdir, device, a)
+            doc["section_seconds"]["real"] = time.perf_counter() - t_real
     finally:
         if not a.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
