@@ -35,12 +35,17 @@ def flash4(vocab: int = 32768) -> dsv4.ModelConfig:
 
 
 def timed(fn):
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    """(fn(), seconds, peak GB allocated on the GPU during it; 0 without CUDA: the CPU smoke runs of the scripts
+    that share these helpers)."""
+    gpu = torch.cuda.is_available()
+    if gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+    if gpu:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30 if gpu else 0.0
 
 
 def timed_median(fn, reps: int = 3) -> tuple[float, float]:
@@ -64,9 +69,13 @@ def guard(name: str, fn, results: list, **info):
     print(json.dumps(rec), flush=True)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def dsv4_prefill(model, n: int, chunk: int) -> dict:
-    tokens = torch.randint(0, model.config.vocab_size, (1, n), device="cuda")
+    tokens = torch.randint(0, model.config.vocab_size, (1, n), device=model_device(model))
     model(tokens[:, :min(n, chunk)], cache=model.new_cache(1, n + 64), last_only=True)  # warm-up at this chunk shape
     cache = model.new_cache(1, n + 64)
 
@@ -79,16 +88,18 @@ def dsv4_prefill(model, n: int, chunk: int) -> dict:
 
 @torch.no_grad()
 def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool = True, kv_dtype: str = "auto",
-                index_dtype: str = "auto") -> dict:
+                index_dtype: str = "auto", chunk: int = 8192) -> dict:
     cache = model.new_cache(batch, ctx + steps + 8, kv_dtype, index_dtype)
-    tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device="cuda")
+    dev = model_device(model)
+    graphs = graphs and dev.type == "cuda"
+    tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
     row = cache.select(0)
-    for s in range(0, ctx, 8192):
-        model(tokens[:, s:s + 8192], cache=row, last_only=True)
+    for s in range(0, ctx, chunk):
+        model(tokens[:, s:s + chunk], cache=row, last_only=True)
     if batch > 1:
         cache.broadcast_row(0)
     step = GraphDecoder(model, cache) if graphs else (lambda t: model(t.view(-1, 1), cache=cache)[:, -1])
-    nxt = torch.randint(0, model.config.vocab_size, (batch,), device="cuda")
+    nxt = torch.randint(0, model.config.vocab_size, (batch,), device=dev)
     for _ in range(3):  # eager warm-up steps, then the capture
         nxt = step(nxt).argmax(-1)
     def run():
@@ -97,7 +108,7 @@ def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool =
             t = step(t).argmax(-1)
     _, secs, peak = timed(run)
     return {"tok_per_s": batch * steps / secs, "ms_per_step": 1000 * secs / steps, "peak_gb": peak,
-            "cuda_graph": graphs and not getattr(step, "eager", True)}
+            "cuda_graph": graphs and not getattr(step, "eager", True), "cache_gb": cache.nbytes / 2**30}
 
 
 def dsv4_train_step(model, n: int, batch: int = 1, checkpointing: bool = False, cuda_graph: bool = False) -> dict:

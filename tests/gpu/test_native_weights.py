@@ -106,3 +106,29 @@ def test_split_k_gemms_are_repeatable_at_flash_sizes(M):
             assert torch.equal(kernel(x, w), first), kind.__name__
         want = reference(x.float(), w)
         assert ((first.float() - want).norm() / want.norm()).item() < 1e-2, kind.__name__
+
+
+def test_native_model_decode_runs_from_a_cuda_graph(official):
+    """The whole native model's decode step (packed FP8 projections, grouped FP4 experts, batch 3 with ragged rows)
+    captures as one CUDA graph, as bench/native_model.py and the engine run it, and its replays give the eager
+    steps' logits (bf16 model: the tolerance of the bf16 graph-vs-eager test in test_cuda.py)."""
+    from dsv4.generate.graphs import GraphDecoder
+    model = dsv4.load_model(official, device="cuda", weights="native")
+    assert model.layers[1].ffn.experts.packed is not None
+    tokens = torch.randint(0, model.config.vocab_size, (3, 60), generator=torch.Generator().manual_seed(4)).cuda()
+    outs = []
+    with torch.no_grad():
+        for graphs in (False, True):
+            cache = model.new_cache(3, 96)
+            for r, n in enumerate((10, 25, 30)):
+                model(tokens[r:r + 1, :n], cache=cache.select(r))
+            if graphs:   # a step that cannot be captured warns and decodes eagerly: step.eager, checked below
+                step = GraphDecoder(model, cache)
+                outs.append(torch.stack([step(tokens[:, 30 + i]).clone() for i in range(24)], 1))
+            else:
+                cache.set_fixed_shapes(True)     # the graph's shapes, eagerly
+                outs.append(torch.stack([model(tokens[:, 30 + i].view(-1, 1), cache=cache)[:, -1]
+                                         for i in range(24)], 1))
+    assert step.graph is not None and not step.eager
+    rel = ((outs[1] - outs[0]).norm() / outs[0].norm()).item()
+    assert rel < 2e-2, f"graph vs eager native decode: relative difference {rel:.2e}"
