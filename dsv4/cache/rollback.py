@@ -9,8 +9,9 @@ A step of S tokens on a row at position p writes (docs/architecture.md#kv-cache)
   * the compressor states (unfinished group, and for CSA the previous group), which a completed group shifts.
 The ring slots and store rows are snapshot with one gather per store (a few rows per layer and row); the
 compressor states whole (at most 2m rows) together with the step's own token rows, which the compressors journal
-while the checkpoint is open: a rollback restores the old state and re-absorbs the first `keep` token rows,
-which is exactly what a step of only those tokens would have left. Rows may keep different counts. Entries past the kept length are restored too, so every tensor of the
+while the checkpoint is open: a rollback restores the old state and re-absorbs the first keep[b] token rows of
+each row in one `absorb` call (its per-row `count`), which is exactly what a step of only those tokens would have
+left; keeping all of them re-makes the step's own state bit for bit (the update only moves values). Rows may keep different counts. Entries past the kept length are restored too, so every tensor of the
 cache equals that of a step of `keep` tokens, not only the rows a later read can see.
 
 Both run on device data alone (the rows' start positions and kept counts as tensors), with fixed shapes: no host
@@ -82,18 +83,13 @@ def rollback_layer(layer, ckpt: LayerCheckpoint, starts: torch.Tensor, keep: tor
         stale = (ckpt.groups == compressed[0].rows) | ((ckpt.groups + 1) * m - 1 >= end_t[:, None])
         for store, index, old in zip(compressed, ckpt.store_index, ckpt.stores):
             _restore(store.buf, index, old, stale)
-    changed = _once(memo, "changed", lambda: (keep < n_tokens)[:, None, None])
-    redo = range(1, n_tokens) if counts is None else sorted(counts - {0, n_tokens})
+    if not any(journals):
+        return
     for st, (kv, score), journal in zip(layer.states(), ckpt.states, journals):
-        new_kv, new_score = torch.where(changed, kv, st.kv), torch.where(changed, score, st.score)
-        tok_kv, tok_score = _joined(journal) if journal else (None, None)
-        for k in redo:   # re-absorb the first k tokens into the old state; the rows that kept k take it
-            sub = CompressorState(kv.clone(), score.clone())
-            absorb(sub, tok_kv[:, :k], tok_score[:, :k], starts, m, overlap=st.kv.shape[1] == 2 * m)
-            sel = _once(memo, ("kept", k), lambda: (keep == k)[:, None, None])
-            new_kv, new_score = torch.where(sel, sub.kv, new_kv), torch.where(sel, sub.score, new_score)
-        st.kv.copy_(new_kv)
-        st.score.copy_(new_score)
+        tok_kv, tok_score = _joined(journal)
+        st.kv.copy_(kv)            # the old state, then the first keep[b] token rows of each row re-absorbed
+        st.score.copy_(score)
+        absorb(st, tok_kv, tok_score, starts, m, overlap=st.kv.shape[1] == 2 * m, count=keep)
 
 
 def _restore(buf: torch.Tensor, index: torch.Tensor, old: torch.Tensor, where: torch.Tensor) -> None:

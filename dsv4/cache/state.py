@@ -43,14 +43,17 @@ class CompressorState:
 
 
 def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, ratio: int,
-           overlap: bool):
+           overlap: bool, count: torch.Tensor | None = None):
     """Append token rows kv, score [B, S, width] (score with `ape` added) to the groups of `state` (row b at
     positions pos0[b]..): align each row's tokens to its group boundary (prepending the unfinished group kept in
     `state`), say which groups complete, and update `state` in place (previous group, new unfinished tail).
 
     Returns (buf_kv, buf_sc [B, L, width] group-aligned, n groups spanned, valid [B, n], prev (overlap: the
     previous complete group's (kv, score) before this chunk, else None)). The compressor pools the groups; a
-    cache rollback calls it alone to re-absorb accepted tokens."""
+    cache rollback calls it alone to re-absorb accepted tokens, with `count` [B] (device): the state takes only
+    the first count[b] token rows of row b (the same work whatever the counts: one call for every kept count).
+    The state update only moves values (gathers and selects), so count[b] = S leaves what a call without
+    `count` leaves, bit for bit."""
     B, S, width = kv.shape
     m = ratio
     d = width // 2 if overlap else width
@@ -65,11 +68,12 @@ def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: 
     at = (r0.unsqueeze(1) + torch.arange(S, device=kv.device)).unsqueeze(-1).expand(-1, -1, width)
     buf_kv = buf_kv.scatter(1, at, kv)                                 # [B, L, width], group-aligned
     buf_sc = buf_sc.scatter(1, at, score)
-    total = r0 + S
+    total = r0 + (S if count is None else count)
     n = L // m
-    valid = (torch.arange(n, device=kv.device) + 1) * m <= total.unsqueeze(1)   # [B, n]
-    prev = None
-    if overlap:
+    valid = prev = None   # (what the pooling needs: not computed for a rollback's re-absorb)
+    if count is None:
+        valid = (torch.arange(n, device=kv.device) + 1) * m <= total.unsqueeze(1)   # [B, n]
+    if overlap and count is None:
         prev = state.kv[:B, :m, :d].clone(), state.score[:B, :m, :d].clone()
     # new state: the last complete group (overlap) and the tokens after it
     done = total // m                                                   # complete groups per row
