@@ -7,8 +7,12 @@ reference MoE's own syncs (ops/reference, never used on a GPU) are left out. Lau
 is as fast as these counts are small; on a GPU with CUDA graphs the plain step and the verify forward are one
 replay each.
 
-    python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40]
-    python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16]
+    python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40] [--breakdown] [--unfused]
+    python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16] [--unfused]
+
+`eager_on_gpu` counts the ops outside the phases a GPU run replays from CUDA graphs (GRAPHED below): the kernels
+launched one by one around the replays. `--breakdown` lists each phase's op names ("eager:" marks the phases
+outside graphs); `--unfused` adds the speculative step without the fused greedy verify (`mtp_unfused`).
 
 With --time-steps (a GPU run) it also times that many engine steps of each (CUDA graphs on, after the counted
 ones): milliseconds per step and per emitted token. A random-init model's drafts are rarely accepted, so the
@@ -69,16 +73,29 @@ class OpCounter(TorchDispatchMode):
             "permute", "as_strided", "alias", "detach", "reshape", "unbind", "split", "chunk", "lift_fresh",
             "_reshape_alias", "split_with_sizes", "empty", "empty_like", "empty_strided"}
 
-    PHASES = ("accept_batch", "_mtp", "_draft", "checkpoint", "rollback", "hidden", "step_rows", "_spec_view")
+    PHASES = ("accept_batch", "_mtp", "_draft", "checkpoint", "rollback", "rollback_on_device", "hidden", "step_rows",
+              "_spec_view", "greedy_verify")
 
     def __init__(self):
         super().__init__()
         self.ops = Counter()
+        self.names = Counter()   # (phase, op name)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] not in self.FREE:
-            self.ops[_phase(self.PHASES)] += 1
+        name = func.__name__.split(".")[0]
+        if name not in self.FREE:
+            phase = _phase(self.PHASES)
+            self.ops[phase] += 1
+            self.names[phase, name] += 1
         return func(*args, **(kwargs or {}))
+
+
+# The phases a GPU run replays from CUDA graphs (engine.step on one stream, rows 0 .. bucket - 1): the plain step's
+# forward (GraphDecoder); the MTP forwards (GraphStep: the catch-up of a single row and the further drafts); the
+# unfused verify (GraphDecoder with checkpoint: checkpoint + forward + head) and its rollback (a second graph); the
+# fused greedy step (`greedy_verify`, one GraphStep: checkpoint, forward, head, acceptance, rollback, packing).
+# Every other op runs eagerly on the GPU, one launch each.
+GRAPHED = {"forward", "mtp_forward", "checkpoint", "verify_forward", "verify_head", "rollback", "fused_other"}
 
 
 def _callers() -> list[tuple[str, str]]:
@@ -94,9 +111,12 @@ def _phase(names: tuple[str, ...]) -> str:
     """The innermost of `names` on the stack (the step phase an op belongs to)."""
     f = sys._getframe(2)
     while f is not None:
+        if getattr(f.f_code, "co_qualname", "") == "EagerVerify.__call__":   # the unfused verify's head
+            return "verify_head"
         if f.f_code.co_name in names:
             names = {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
-                     "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept"}
+                     "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept",
+                     "greedy_verify": "fused_other", "rollback_on_device": "rollback"}
             return names.get(f.f_code.co_name, f.f_code.co_name)
         f = f.f_back
     return "other"
@@ -129,8 +149,11 @@ def _counting_to_host(counts: Counter):
 real_engine_to_host = engine_module._to_host
 
 
-def count_steps(engine: Engine, steps: int) -> dict:
-    totals, n = Counter(), 0
+def count_steps(engine: Engine, steps: int, breakdown: bool = False) -> dict:
+    """Per step: aten ops by phase, host syncs, and `eager_on_gpu`: the ops outside the phases a GPU run replays
+    from CUDA graphs (GRAPHED), i.e. the kernels it launches one by one. With `breakdown`, the op names of each
+    phase (per step)."""
+    totals, names, n = Counter(), Counter(), 0
     for _ in range(steps):
         if not engine.has_work:
             break
@@ -144,10 +167,18 @@ def count_steps(engine: Engine, steps: int) -> dict:
         totals.update(host.counts)
         totals.update({"aten_ops": sum(ops.ops.values())})
         totals.update({f"aten_ops:{k}": v for k, v in ops.ops.items()})
+        totals.update({"eager_on_gpu": sum(v for k, v in ops.ops.items() if k not in GRAPHED)})
+        names.update(ops.names)
         n += 1
     syncs = sum(v for k, v in totals.items() if k.startswith("sync:"))
-    return {"steps": n, "per_step": {k: round(v / max(n, 1), 1) for k, v in sorted(totals.items())},
-            "syncs_per_step": round(syncs / max(n, 1), 1)}
+    out = {"steps": n, "per_step": {k: round(v / max(n, 1), 1) for k, v in sorted(totals.items())},
+           "syncs_per_step": round(syncs / max(n, 1), 1)}
+    if breakdown:
+        phases = sorted({p for p, _ in names})
+        out["breakdown"] = {("" if p in GRAPHED else "eager:") + p: dict(sorted(
+            ((op, round(v / max(n, 1), 1)) for (q, op), v in names.items() if q == p), key=lambda kv: -kv[1]))
+            for p in phases}
+    return out
 
 
 def time_steps(engine: Engine, steps: int) -> dict:
@@ -176,6 +207,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--time-steps", type=int, default=0, help="also time this many steps (GPU)")
+    ap.add_argument("--breakdown", action="store_true", help="the aten op names of each phase, per step")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also count (and time) the speculative step without the fused greedy verify")
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -183,13 +217,18 @@ def main() -> None:
     model = model.to(args.device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt,)).tolist()
     out = {}
-    for label, kw in (("plain", {}), ("mtp", {"speculative": "mtp", "n_draft": args.n_draft})):
+    runs = [("plain", {}, True), ("mtp", {"speculative": "mtp", "n_draft": args.n_draft}, True)]
+    if args.unfused:
+        runs.append(("mtp_unfused", {"speculative": "mtp", "n_draft": args.n_draft}, False))
+    for label, kw, fuse in runs:
         budget = 4 * args.steps + (args.n_draft + 1) * args.time_steps + 8
         engine = Engine(model, max_batch=1, max_seq_len=args.prompt + budget + 16, prefill_chunk=args.prompt, **kw)
+        if engine.spec is not None and hasattr(engine.spec, "fuse_greedy"):
+            engine.spec.fuse_greedy = fuse
         engine.submit(prompt, SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True))
         engine.step()                                  # the prefill (and, plain, the first token)
         engine.step()                                  # one decode step not counted (first-step setup)
-        out[label] = count_steps(engine, args.steps)
+        out[label] = count_steps(engine, args.steps, args.breakdown)
         if args.time_steps:
             time_steps(engine, 5)                      # graphs captured (after their warm-up calls)
             out[label]["timed"] = time_steps(engine, args.time_steps)

@@ -37,6 +37,7 @@ import torch
 from .. import ops
 from ..cache import KVCache
 from ..errors import InvalidArgument
+from .fused_verify import PACKED, greedy_accept, greedy_verify, host_checkpoint, kept_counts
 from .graphs import GraphStep
 from .host import to_device, to_host
 from .sampling import SamplingConfig, probabilities, sample
@@ -94,6 +95,10 @@ class SpeculativeDecoder:
         self.fixed_shapes = False   # eager verify forwards read every stored row, as a captured verify does
         self.graph_drafts = False   # with a verifier (graphs), the MTP forwards replay CUDA graphs too
         self._mtp_graphs: dict[tuple, GraphStep] = {}
+        # all-greedy steps run `greedy_verify` (with a verifier: one captured graph per rows, width and stop count)
+        self.fuse_greedy = True
+        self._fused_graphs: dict[tuple, GraphStep] = {}
+        self._idle_logits = torch.zeros(cfg.vocab_size, device=self.device)   # (a skipped row's stand-in)
         self._zero = torch.zeros(1, dtype=torch.long, device=self.device)
         self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
 
@@ -203,6 +208,9 @@ class SpeculativeDecoder:
             mtp.set_fixed_shapes(True)
         drafts, n_drafts, draft_logits = self._draft(mtp, idx.start, states, x_ids, k, limits, cfgs, gens, stop_t,
                                                      graphs=verifier is not None and self.graph_drafts)
+        if self.fuse_greedy and all(cfgs[i].temperature == 0 for i, st in enumerate(states) if st is not None):
+            return self._fused_step(main, idx.start, states, xs, x_ids, drafts, n_drafts, stop_t, budgets, live,
+                                    stops, graphs=verifier is not None)
         if verifier is None and self.fixed_shapes:
             main.set_fixed_shapes(True)
         verify = verifier(k + 1) if verifier is not None else EagerVerify(self.model, main)
@@ -213,7 +221,7 @@ class SpeculativeDecoder:
             h, target = h.clone(), target.clone()                     # (static buffers the next replay overwrites)
         a_dev, y_dev = accept_batch(target, draft_logits, drafts, n_drafts, cfgs, gens,
                                     [lim if ok else -1 for lim, ok in zip(limits, live)])
-        keep_dev = _kept(a_dev, drafts, stop_t, to_device([budgets, live], self.device))
+        keep_dev = kept_counts(a_dev, drafts, stop_t, to_device([budgets, live], self.device))
         verify.rollback(keep_dev)                                     # by data: no wait for the host
         idle = target[0, 0]                                           # (a skipped row's stand-in: ignored)
         x_logits = torch.stack([st.logits if st is not None else idle for st in states])
@@ -221,6 +229,53 @@ class SpeculativeDecoder:
         finite = (torch.isfinite(target).all(-1) | ~emitted).all(-1) & torch.isfinite(x_logits).all(-1)
         a_host, y_host, d_host, n_host, fin_host, keep_host = to_host([a_dev, y_dev, drafts, n_drafts, finite,
                                                                        keep_dev])
+        results, keep = self._results(states, xs, live, budgets, stops, a_host, y_host, d_host, n_host, fin_host,
+                                      drafts, y_dev, h, target)
+        if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
+            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host "
+                               f"expected {keep}")
+        main.end_rollback(verify.ckpt, keep)
+        return results
+
+    def _fused_step(self, main: KVCache, first: int, states: list[_Row | None], xs: list[int], x_ids: torch.Tensor,
+                    drafts: torch.Tensor, n_drafts: torch.Tensor, stop_t: torch.Tensor, budgets: list[int],
+                    live: list[bool], stops: list[set], graphs: bool) -> list[StepResult]:
+        """The rest of a step whose rows are all greedy: `greedy_verify` (checkpoint, verify, acceptance, rollback;
+        with `graphs` one CUDA graph replay) and one transfer of its packed results."""
+        B, n_tokens = len(states), drafts.shape[1] + 1
+        starts = main.lengths()
+        inputs = (x_ids, drafts, n_drafts, stop_t, to_device([budgets, live], self.device))
+        if graphs:
+            key = ("fused", first, B, n_tokens, stop_t.shape[1])
+            if key not in self._fused_graphs:
+                view = self.cache.select(slice(first, first + B)).set_fixed_shapes(True)
+                self._fused_graphs[key] = GraphStep(lambda *a: greedy_verify(self.model, view, *a), view, n_tokens,
+                                                    inputs)
+            out = self._fused_graphs[key](*inputs)
+            h, target = out.h.clone(), out.target.clone()    # (static buffers the next replay overwrites)
+        else:
+            if self.fixed_shapes:
+                main.set_fixed_shapes(True)
+            out = greedy_verify(self.model, main, *inputs)
+            h, target = out.h, out.target
+        x_logits = torch.stack([st.logits if st is not None else self._idle_logits for st in states])
+        packed, x_finite = to_host([out.packed, torch.isfinite(x_logits).all(-1)])
+        a_host, y_host, n_host, fin_host, keep_host = (list(c) for c in zip(*(row[:PACKED] for row in packed)))
+        fin_host = [bool(f) and x for f, x in zip(fin_host, x_finite)]
+        d_host = [row[PACKED:] for row in packed]
+        results, keep = self._results(states, xs, live, budgets, stops, a_host, y_host, d_host, n_host, fin_host,
+                                      drafts, out.y, h, target)
+        if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
+            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host "
+                               f"expected {keep}")
+        main.end_rollback(host_checkpoint(starts, n_tokens), keep)
+        return results
+
+    def _results(self, states: list[_Row | None], xs: list[int], live: list[bool], budgets: list[int],
+                 stops: list[set], a_host: list, y_host: list, d_host: list, n_host: list, fin_host: list,
+                 drafts: torch.Tensor, y_dev: torch.Tensor, h: torch.Tensor, target: torch.Tensor) -> tuple[list[StepResult], list[int]]:
+        """Each row's StepResult from the step's host results, its state carried to the next step, and the
+        tokens the host expects each row's caches to keep."""
         results, keep = [], []
         for i, st in enumerate(states):
             if st is None:
@@ -243,11 +298,7 @@ class SpeculativeDecoder:
             st.pending_h, st.pending_ids = h[i:i + 1, :a + 1], drafts[i, :a]
             results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), n, a, finished,
                                       fin_host[i]))
-        if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
-            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host "
-                               f"expected {keep}")
-        main.end_rollback(verify.ckpt, keep)
-        return results
+        return results, keep
 
     def _draft(self, mtp: KVCache, first: int, states: list[_Row | None], x_ids: torch.Tensor, k: int,
                limits: list[int], cfgs: Sequence[SamplingConfig], gens, stop_t: torch.Tensor, graphs: bool = False
@@ -293,8 +344,9 @@ class SpeculativeDecoder:
         return drafts, count, logits
 
     def drop_graphs(self) -> None:
-        """Forget the captured MTP forwards (after a failed step: they are captured afresh)."""
+        """Forget the captured MTP forwards and fused steps (after a failed step: they are captured afresh)."""
         self._mtp_graphs.clear()
+        self._fused_graphs.clear()
 
     def _mtp_step(self, key: tuple, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor,
                   graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,13 +412,8 @@ def accept_batch(target: torch.Tensor, draft_logits: torch.Tensor, drafts: torch
     limits[b] uniforms and one token from its generator, as `accept_drafts` does for limits[b] drafts (so both
     give the same tokens whenever no drafted stop token cut the row's drafts short); a row with limits[b] < 0
     is not decided (it takes no random numbers; its results are the greedy rule's, to be ignored)."""
-    B, S, _ = target.shape
-    k = S - 1
-    pos = torch.arange(k, device=target.device)
-    best = target.argmax(-1)                                          # [B, k + 1]
-    matched = (drafts == best[:, :k]) & (pos < n_drafts[:, None])
-    a = matched.long().cumprod(-1).sum(-1)
-    y = best.gather(1, a[:, None])[:, 0]
+    k = target.shape[1] - 1
+    a, y = greedy_accept(target, drafts, n_drafts)
     for b, cfg in enumerate(cfgs):
         if cfg.temperature > 0 and limits[b] >= 0:
             a[b], y[b] = _accept_sampled(target[b], draft_logits[b, :k], drafts[b], n_drafts[b], cfg, gens[b],
@@ -407,20 +454,6 @@ class EagerVerify:
 
     def rollback(self, keep: torch.Tensor) -> None:
         self.cache.rollback_on_device(self.ckpt, keep)
-
-
-def _kept(a: torch.Tensor, drafts: torch.Tensor, stop_t: torch.Tensor, budget_live: torch.Tensor) -> torch.Tensor:
-    """The tokens each row's caches keep [B] (device): x and its a accepted drafts, less the last when the row
-    finished with it (a drafted stop token accepted, or its budget reached; it is never fed), 0 for a row that
-    does not go on after x (budget_live: [2, B] budgets and the host's live flags)."""
-    budget, live = budget_live[0], budget_live[1].bool()
-    if drafts.shape[1]:
-        last = drafts.gather(1, (a - 1).clamp(min=0)[:, None])             # the last accepted draft
-        stopped = (a > 0) & (last == stop_t).any(-1)
-    else:
-        stopped = torch.zeros_like(live)
-    finished = stopped | (a + 1 >= budget)
-    return torch.where(live, torch.where(finished, a, a + 1), 0)
 
 
 def _stop_table(stop_ids: Sequence[Sequence[int]], device) -> torch.Tensor:
