@@ -9,9 +9,10 @@ A step of S tokens on a row at position p writes (docs/architecture.md#kv-cache)
   * the compressor states (unfinished group, and for CSA the previous group), which a completed group shifts.
 The ring slots and store rows are snapshot with one gather per store (a few rows per layer and row); the
 compressor states whole (at most 2m rows) together with the step's own token rows, which the compressors journal
-while the checkpoint is open: a rollback restores the old state and re-absorbs the first keep[b] token rows of
-each row in one `absorb` call (its per-row `count`), which is exactly what a step of only those tokens would have
-left; keeping all of them re-makes the step's own state bit for bit (the update only moves values). Rows may keep different counts. Entries past the kept length are restored too, so every tensor of the
+while the checkpoint is open: a rollback rebuilds the state a step of only the first keep[b] token rows would have
+left, as one gather per tensor from (old state, token rows) (state.absorbed; its index is built once per ratio and
+layout, for every layer); keeping all of them re-makes the step's own state bit for bit (absorb only moves
+values). Rows may keep different counts. Entries past the kept length are restored too, so every tensor of the
 cache equals that of a step of `keep` tokens, not only the rows a later read can see.
 
 Both run on device data alone (the rows' start positions and kept counts as tensors), with fixed shapes: no host
@@ -25,7 +26,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from .state import CompressorState, absorb
+from .state import CompressorState, absorbed, absorbed_index
 
 
 @dataclass
@@ -86,10 +87,13 @@ def rollback_layer(layer, ckpt: LayerCheckpoint, starts: torch.Tensor, keep: tor
     if not any(journals):
         return
     for st, (kv, score), journal in zip(layer.states(), ckpt.states, journals):
-        tok_kv, tok_score = _joined(journal)
-        st.kv.copy_(kv)            # the old state, then the first keep[b] token rows of each row re-absorbed
-        st.score.copy_(score)
-        absorb(st, tok_kv, tok_score, starts, m, overlap=st.kv.shape[1] == 2 * m, count=keep)
+        tok_kv, tok_score = _joined(journal)   # the old state with the first keep[b] token rows re-absorbed
+        overlap, S = st.kv.shape[1] == 2 * m, tok_kv.shape[1]
+        index, live = _once(memo, ("absorbed", m, overlap, S),
+                            lambda: absorbed_index(starts, keep, S, m, overlap))
+        new_kv, new_score = absorbed(CompressorState(kv, score), tok_kv, tok_score, index, live)
+        st.kv.copy_(new_kv)
+        st.score.copy_(new_score)
 
 
 def _restore(buf: torch.Tensor, index: torch.Tensor, old: torch.Tensor, where: torch.Tensor) -> None:

@@ -43,17 +43,14 @@ class CompressorState:
 
 
 def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, ratio: int,
-           overlap: bool, count: torch.Tensor | None = None):
+           overlap: bool):
     """Append token rows kv, score [B, S, width] (score with `ape` added) to the groups of `state` (row b at
     positions pos0[b]..): align each row's tokens to its group boundary (prepending the unfinished group kept in
     `state`), say which groups complete, and update `state` in place (previous group, new unfinished tail).
 
     Returns (buf_kv, buf_sc [B, L, width] group-aligned, n groups spanned, valid [B, n], prev (overlap: the
     previous complete group's (kv, score) before this chunk, else None)). The compressor pools the groups; a
-    cache rollback calls it alone to re-absorb accepted tokens, with `count` [B] (device): the state takes only
-    the first count[b] token rows of row b (the same work whatever the counts: one call for every kept count).
-    The state update only moves values (gathers and selects), so count[b] = S leaves what a call without
-    `count` leaves, bit for bit."""
+    cache rollback rebuilds its state update alone (`absorbed_index`, `absorbed`)."""
     B, S, width = kv.shape
     m = ratio
     d = width // 2 if overlap else width
@@ -68,12 +65,11 @@ def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: 
     at = (r0.unsqueeze(1) + torch.arange(S, device=kv.device)).unsqueeze(-1).expand(-1, -1, width)
     buf_kv = buf_kv.scatter(1, at, kv)                                 # [B, L, width], group-aligned
     buf_sc = buf_sc.scatter(1, at, score)
-    total = r0 + (S if count is None else count)
+    total = r0 + S
     n = L // m
-    valid = prev = None   # (what the pooling needs: not computed for a rollback's re-absorb)
-    if count is None:
-        valid = (torch.arange(n, device=kv.device) + 1) * m <= total.unsqueeze(1)   # [B, n]
-    if overlap and count is None:
+    valid = (torch.arange(n, device=kv.device) + 1) * m <= total.unsqueeze(1)   # [B, n]
+    prev = None
+    if overlap:
         prev = state.kv[:B, :m, :d].clone(), state.score[:B, :m, :d].clone()
     # new state: the last complete group (overlap) and the tokens after it
     done = total // m                                                   # complete groups per row
@@ -91,6 +87,45 @@ def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: 
     state.kv[:B, off:off + m] = torch.where(live, take(buf_kv, done * m), 0.0)
     state.score[:B, off:off + m] = torch.where(live, take(buf_sc, done * m), float("-inf"))
     return buf_kv, buf_sc, n, valid, prev
+
+
+def absorbed_index(pos0: torch.Tensor, count: torch.Tensor, n_tokens: int, ratio: int, overlap: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row of the state that `absorb` leaves after count[b] of n_tokens token rows comes from, as an
+    index into cat((old state rows, token rows), 1) [B, R + n_tokens, width] (R = the state's rows), and which of
+    them hold data ([B, R, 1] bool; the rest are empty: kv 0, score -inf). Row b's tokens sit at positions
+    pos0[b]..; the index is alike for every state of this ratio and layout, so a rollback builds it once.
+
+    The group-aligned sequence `absorb` builds is the old unfinished group's r0 = pos0 % ratio rows, then the
+    tokens: its entry q is old state row off + q for q < r0 (off = ratio with overlap, else 0), else token row
+    q - r0. With total = r0 + count and done = total // ratio complete groups, the new unfinished group is
+    entries done * ratio + t (t < total - done * ratio), and with overlap the previous group is entries
+    (done - 1) * ratio + t if done > 0, else the old one (state rows t)."""
+    m, R = ratio, ratio * (2 if overlap else 1)
+    off = m if overlap else 0
+    r0 = pos0 % m
+    total = r0 + count
+    done = total // m
+    t = torch.arange(m, device=pos0.device)
+
+    def source(q: torch.Tensor) -> torch.Tensor:   # entry q of the aligned sequence -> the cat's row
+        return torch.where(q < r0[:, None], off + q, R + q - r0[:, None]).clamp(0, R + n_tokens - 1)
+    tail = source(done[:, None] * m + t)
+    live = t < (total - done * m)[:, None]
+    if overlap:
+        prev = torch.where((done > 0)[:, None], source((done[:, None] - 1) * m + t), t)
+        tail, live = torch.cat((prev, tail), 1), torch.cat((torch.ones_like(live), live), 1)
+    return tail, live.unsqueeze(-1)
+
+
+def absorbed(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, index: torch.Tensor,
+             live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (kv, score) `absorb` leaves in `state` (as it was before the tokens) after the token rows kv, score
+    [B, S, width] that `absorbed_index` counted: gathers of values, so equal to absorb's bit for bit."""
+    idx = index.unsqueeze(-1).expand(-1, -1, kv.shape[2])
+    new_kv = torch.cat((state.kv[:kv.shape[0]], kv), 1).gather(1, idx)
+    new_score = torch.cat((state.score[:kv.shape[0]], score), 1).gather(1, idx)
+    return torch.where(live, new_kv, 0.0), torch.where(live, new_score, float("-inf"))
 
 
 @dataclass
