@@ -71,9 +71,8 @@ def test_engine_speculative_graphs_equal_eager_and_plain(model):
     ps = [torch.randint(0, 2048, (3 + (11 * i) % 40,), generator=g).tolist() for i in range(6)]
     params = SamplingParams(max_tokens=14, temperature=0, logprobs=0)
     graphs, with_graphs = _run(model, ps, params, speculative="mtp", n_draft=2, cuda_graphs=True)
-    captured = [g for g in graphs._spec_graphs.values() if g.graph is not None]
-    assert captured, "no speculative verify step was captured (see the capture warning)"
-    assert any(g.rollback_graph is not None for g in captured), "no rollback was captured"
+    fused = [g for g in graphs.spec._fused_graphs.values() if g.graph is not None]
+    assert fused, "no fused greedy step (verify, acceptance, rollback) was captured (see the capture warning)"
     assert graphs.stats()["spec_accepted"] > 0
     _, eager = _run(model, ps, params, speculative="mtp", n_draft=2, cuda_graphs=False)
     assert [[t for t, _ in e] for e in with_graphs] == [[t for t, _ in e] for e in eager]
@@ -88,3 +87,37 @@ def test_engine_speculative_graphs_equal_eager_and_plain(model):
     sampled = SamplingParams(max_tokens=14, temperature=0.8, seed=3)
     assert _run(model, ps, sampled, speculative="mtp", cuda_graphs=True)[1] == \
         _run(model, ps, sampled, speculative="mtp", cuda_graphs=False)[1]
+
+
+@pytest.mark.parametrize("n_draft", [1, 3])
+def test_fused_graph_step_equals_unfused_graph_step(model, n_draft):
+    """All-greedy rows: the fused step replayed from one graph (checkpoint, verify, acceptance, rollback) gives the
+    tokens of the unfused graphed step (verify graph, eager acceptance, rollback graph) every step, and the same
+    cache bytes at the end, main and MTP."""
+    prompts = [list(range(100, 130)), list(range(200, 241))]
+    cfgs = [SamplingConfig(temperature=0)] * 2
+    outs, caches = [], []
+    for fuse in (True, False):
+        cache = model.new_cache(2, 160)
+        dec = SpeculativeDecoder(model, cache, n_draft=n_draft)
+        dec.fixed_shapes = dec.graph_drafts = True
+        dec.fuse_greedy = fuse
+        for r, p in enumerate(prompts):
+            dec.prefill(r, p)
+        graphs: dict[int, GraphDecoder] = {}
+
+        def verifier(n_tokens):
+            if n_tokens not in graphs:
+                graphs[n_tokens] = GraphDecoder(model, cache.select(slice(0, 2)), n_tokens=n_tokens, checkpoint=True)
+            return graphs[n_tokens]
+        out = [[], []]
+        for _ in range(12):
+            res = dec.step_rows(slice(0, 2), cfgs, [None, None], [(), ()], [40 - len(o) for o in out], verifier)
+            for o, r in zip(out, res):
+                o += r.tokens
+        if fuse:
+            assert any(g.graph is not None for g in dec._fused_graphs.values()), "the fused step was not captured"
+        outs.append(out)
+        caches.append(_tensors(cache) + _tensors(dec.mtp_cache))
+    assert outs[0] == outs[1]
+    assert all(torch.equal(a, b) for a, b in zip(*caches))
