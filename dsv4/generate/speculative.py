@@ -310,38 +310,48 @@ class SpeculativeDecoder:
         batch) and, for a single row, the catch-up's (one per catch-up length; with more rows the per-row
         catch-ups run eagerly rather than keep a graph per row and length)."""
         B, V = len(states), self.model.config.vocab_size
-        lane_shape = (self.model.config.hc_mult, self.model.config.dim)
-        logits = torch.zeros(B, max(k, 1), V, device=self.device)
-        drafts = torch.zeros(B, k, dtype=torch.long, device=self.device)
         if k == 0:
-            return drafts, torch.zeros(B, dtype=torch.long, device=self.device), logits
-        lanes = torch.zeros(B, 1, *lane_shape, dtype=self.model.dtype, device=self.device)
-        for i, st in enumerate(states):                            # catch-up: lengths differ per row
-            if limits[i]:
-                ids = torch.cat((st.pending_ids, x_ids[i:i + 1]))[None]
-                key = ("catch-up", first + i, ids.shape[1])
-                out, logits[i, 0] = self._mtp_step(key, mtp.select(i), st.pending_h, ids, graphs and B == 1)
-                lanes[i] = out[0, -1:]
-        limit_t = to_device(limits, self.device)
-        alive = torch.ones(B, dtype=torch.bool, device=self.device)
-        count = torch.zeros(B, dtype=torch.long, device=self.device)
+            return (torch.zeros(B, 0, dtype=torch.long, device=self.device),
+                    torch.zeros(B, dtype=torch.long, device=self.device), torch.zeros(B, 1, V, device=self.device))
         sampled = [i for i, cfg in enumerate(cfgs) if cfg.temperature > 0]
+        if B == 1 and limits[0]:   # one drafting row: its catch-up's outputs are the batch's (no copies)
+            ids = torch.cat((states[0].pending_ids, x_ids))[None]
+            out, first_logits = self._mtp_step(("catch-up", first, ids.shape[1]), mtp, states[0].pending_h, ids,
+                                               graphs)
+            lanes = out[:, -1:]
+        else:
+            lane_shape = (self.model.config.hc_mult, self.model.config.dim)
+            lanes = torch.zeros(B, 1, *lane_shape, dtype=self.model.dtype, device=self.device)
+            first_logits = torch.zeros(B, V, device=self.device)
+            for i, st in enumerate(states):                        # catch-up: lengths differ per row
+                if limits[i]:
+                    ids = torch.cat((st.pending_ids, x_ids[i:i + 1]))[None]
+                    key = ("catch-up", first + i, ids.shape[1])
+                    out, first_logits[i] = self._mtp_step(key, mtp.select(i), st.pending_h, ids, graphs and B == 1)
+                    lanes[i] = out[0, -1:]
+        limit_t = to_device(limits, self.device)
+        logits, drafts, alive_at = [first_logits], [], []          # per draft j: [B, V], [B], [B]
+        alive = limit_t > 0
         ckpt = mtp.checkpoint(k - 1) if k > 1 else None
         for j in range(k):
-            alive = alive & (limit_t > j)
-            tok = logits[:, j].argmax(-1)
+            if j:
+                alive = alive & (limit_t > j)
+            tok = logits[j].argmax(-1)
             for i in sampled:
                 if limits[i] > j:
-                    tok[i] = sample(logits[i, j:j + 1], cfgs[i], gens[i])[0]
-            drafts[:, j] = torch.where(alive, tok, 0)
-            count += alive
+                    tok[i] = sample(logits[j][i:i + 1], cfgs[i], gens[i])[0]
+            drafts.append(torch.where(alive, tok, 0))
+            alive_at.append(alive)
             if j == k - 1:
                 break
-            lanes, logits[:, j + 1] = self._mtp_step(("draft", first, B), mtp, lanes, drafts[:, j:j + 1], graphs)
-            alive = alive & ~(drafts[:, j:j + 1] == stop_t).any(-1)   # drafting stops after a drafted stop
+            lanes, step_logits = self._mtp_step(("draft", first, B), mtp, lanes, drafts[j][:, None], graphs)
+            logits.append(step_logits.clone() if graphs and sampled else step_logits)   # (a replay overwrites it)
+            alive = alive & ~(drafts[j][:, None] == stop_t).any(-1)   # drafting stops after a drafted stop
         if ckpt is not None:
             mtp.rollback(ckpt, 0)
-        return drafts, count, logits
+        if k == 1:   # (views, no copies)
+            return drafts[0][:, None], alive_at[0].long(), logits[0][:, None]
+        return torch.stack(drafts, 1), torch.stack(alive_at, 1).sum(1), torch.stack(logits, 1)
 
     def drop_graphs(self) -> None:
         """Forget the captured MTP forwards and fused steps (after a failed step: they are captured afresh)."""
