@@ -113,6 +113,8 @@ def _phase(names: tuple[str, ...]) -> str:
     while f is not None:
         if getattr(f.f_code, "co_qualname", "") == "EagerVerify.__call__":   # the unfused verify's head
             return "verify_head"
+        if f.f_code.co_name in ("checkpoint", "rollback") and _under(f, "_draft"):   # the MTP cache's: eager
+            return "draft_" + f.f_code.co_name
         if f.f_code.co_name in names:
             names = {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
                      "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept",
