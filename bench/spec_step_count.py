@@ -14,8 +14,9 @@ replay each.
 launched one by one around the replays. `--breakdown` lists each phase's op names ("eager:" marks the phases
 outside graphs); `--unfused` adds the speculative step without the fused greedy verify (`mtp_unfused`).
 
-With --time-steps (a GPU run) it also times that many engine steps of each (CUDA graphs on, after the counted
-ones): milliseconds per step and per emitted token. A random-init model's drafts are rarely accepted, so the
+With --time-steps (a GPU run) it also times that many engine steps of each (CUDA graphs on, on engines of their
+own, after 5 warm-up steps): milliseconds per step and per emitted token, the step's cost against a plain step's,
+which graphs were captured, and the speed-up over plain decoding that this step cost gives at --acceptance. A random-init model's drafts are rarely accepted, so the
 per-step time is the number to compare (the speculative step's cost against a plain step's); acceptance comes
 from a trained checkpoint (bench/train_mtp.sh). Counting runs the steps under Python dispatch hooks, so the
 counted steps run eagerly on a GPU too only where the engine itself would.
@@ -209,6 +210,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--time-steps", type=int, default=0, help="also time this many steps (GPU)")
+    ap.add_argument("--acceptance", type=float, default=0.76,
+                    help="per-draft acceptance for the projected speed-up (a trained model's; random weights accept ~0)")
     ap.add_argument("--breakdown", action="store_true", help="the aten op names of each phase, per step")
     ap.add_argument("--unfused", action="store_true",
                     help="also count (and time) the speculative step without the fused greedy verify")
@@ -222,19 +225,43 @@ def main() -> None:
     runs = [("plain", {}, True), ("mtp", {"speculative": "mtp", "n_draft": args.n_draft}, True)]
     if args.unfused:
         runs.append(("mtp_unfused", {"speculative": "mtp", "n_draft": args.n_draft}, False))
-    for label, kw, fuse in runs:
-        budget = 4 * args.steps + (args.n_draft + 1) * args.time_steps + 8
+    def started(kw: dict, fuse: bool, steps: int) -> Engine:
+        budget = (args.n_draft + 1) * (steps + 8) + 8
         engine = Engine(model, max_batch=1, max_seq_len=args.prompt + budget + 16, prefill_chunk=args.prompt, **kw)
         if engine.spec is not None and hasattr(engine.spec, "fuse_greedy"):
             engine.spec.fuse_greedy = fuse
         engine.submit(prompt, SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True))
         engine.step()                                  # the prefill (and, plain, the first token)
         engine.step()                                  # one decode step not counted (first-step setup)
-        out[label] = count_steps(engine, args.steps, args.breakdown)
-        if args.time_steps:
+        return engine
+
+    for label, kw, fuse in runs:
+        out[label] = count_steps(started(kw, fuse, args.steps), args.steps, args.breakdown)
+        if args.time_steps:   # an engine of its own: its graphs are captured outside the counting hooks
+            engine = started(kw, fuse, args.time_steps + 5)
             time_steps(engine, 5)                      # graphs captured (after their warm-up calls)
             out[label]["timed"] = time_steps(engine, args.time_steps)
+            out[label]["timed"]["graphs"] = _graph_report(engine)
+    if args.time_steps and "plain" in out:
+        plain = out["plain"]["timed"]["ms_per_step"]
+        for label in out:
+            timed = out[label]["timed"]
+            timed["step_cost_vs_plain"] = round(timed["ms_per_step"] / plain, 3)
+            if label != "plain":   # tokens per step at this acceptance (each draft kept with that probability)
+                tokens = sum(args.acceptance ** i for i in range(args.n_draft + 1))
+                timed[f"projected_speedup_at_acceptance_{args.acceptance}"] = round(tokens * plain
+                                                                                    / timed["ms_per_step"], 3)
     print(json.dumps(out, indent=1))
+
+
+def _graph_report(engine: Engine) -> dict:
+    """Which steps replayed CUDA graphs (captured, not fallen back to eager), by kind."""
+    kinds = {"decode": list(engine._graphs.values()), "verify": list(engine._spec_graphs.values())}
+    if engine.spec is not None:
+        kinds["mtp"] = list(engine.spec._mtp_graphs.values())
+        kinds["fused"] = list(getattr(engine.spec, "_fused_graphs", {}).values())
+    return {k: {"captured": sum(g.graph is not None and not g.eager for g in v), "eager": sum(g.eager for g in v)}
+            for k, v in kinds.items() if v}
 
 
 if __name__ == "__main__":
