@@ -49,6 +49,8 @@ class Compressor(nn.Module):
         if state is not None and state.journal is not None:  # a cache checkpoint is open: keep the token rows
             phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
             state.record(kv, score + self.ape.float()[phase])
+        if state is not None and state.journal is not None and 1 < S <= STEPWISE_MAX:
+            return self._stepwise(kv, score, pos0, freqs, quant_sim, state, x.dtype)
         if state is not None and S == 1:  # decode: position bias, state update, pooling, norm, rope: one op
             entries = ops.compress_step(kv[:, 0], score[:, 0], state.kv[:B], state.score[:B], pos0, m,
                                         self.overlap, self.norm.weight, self.norm.eps, freqs, x.dtype, self.ape)
@@ -74,6 +76,31 @@ class Compressor(nn.Module):
         if quant_sim:
             entries = quantize_entries(entries, self.rope_dim, self.rotate)
         return Compressed(entries, first_group, valid)
+
+    def _stepwise(self, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, freqs: torch.Tensor,
+                  quant_sim: bool, state: CompressorState, dtype: torch.dtype) -> Compressed:
+        """A short step inside a cache checkpoint (a speculative verify) token by token through the decode's fused
+        op: S ops per compressor instead of the chunk path's state alignment, pooling, norm and rope (dozens of
+        kernels), and the state and entries plain decoding of those tokens would leave."""
+        B, S, _ = kv.shape
+        m = self.ratio
+        out = torch.stack([ops.compress_step(kv[:, t], score[:, t], state.kv[:B], state.score[:B],
+                                             shared(pos0, ("position", t), lambda t=t: pos0 + t), m, self.overlap,
+                                             self.norm.weight, self.norm.eps, freqs, dtype, self.ape)
+                           for t in range(S)], 1)                         # [B, S, d]: token t's group's entry
+        if quant_sim:
+            out = quantize_entries(out, self.rope_dim, self.rotate)
+        n = (m - 1 + S) // m                                                 # groups the step can complete
+
+        def completing() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:   # the token completing each group
+            t = (torch.arange(n, device=pos0.device) + 1) * m - 1 - (pos0 % m)[:, None]          # [B, n]
+            return pos0 // m, t.clamp(max=S - 1), t < S
+        first_group, t, valid = shared(pos0, ("completing", m, S), completing)
+        return Compressed(out.gather(1, t.unsqueeze(-1).expand(-1, -1, out.shape[2])), first_group, valid)
+
+
+STEPWISE_MAX = 8   # steps inside a cache checkpoint up to this many tokens run token by token (Compressor._stepwise)
+
 
 def quantize_entries(x: torch.Tensor, rope_dim: int, rotate: bool) -> torch.Tensor:
     """The reference's QAT round trip of a cached row: Hadamard + FP4 (indexer keys/queries, all dims),

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from conftest import assert_rel_close
+from dsv4 import ops
 from dsv4.cache.state import CompressorState
 from dsv4.model.compressor import Compressor
 
@@ -142,3 +143,46 @@ def test_partial_groups_are_not_emitted():
         for p in range(6, 10):  # groups complete at positions 7 (group 1) and 11
             out = c(_x(2, 1, seed=p), torch.tensor([p, p]), freqs, quant_sim=False, state=state)
             assert out.first_group.tolist() == [p // m] * 2 and out.valid.tolist() == [[p % m == m - 1]] * 2
+
+
+@pytest.mark.parametrize("ratio,overlap", [(4, True), (4, False), (2, True)])
+@pytest.mark.parametrize("S", [2, 3, 5])
+@torch.no_grad()
+def test_short_step_in_a_checkpoint_equals_one_token_steps(ratio, overlap, S, monkeypatch):
+    """A short step while a cache checkpoint is open (a speculative verify: the state journals) runs token by
+    token through the decode op: its state and the entries of the groups it completes are bit for bit those of
+    S one-token decode steps, rows at different phases; the journal keeps the token rows."""
+    c, freqs = _compressor(ratio, overlap), _freqs()
+    g = torch.Generator().manual_seed(S)
+    pos0 = torch.tensor([0, 1, ratio - 1, 2 * ratio + 1])
+    B = pos0.shape[0]
+    prefix = torch.randn(B, 3 * ratio, DIM, generator=g)
+    x = torch.randn(B, S, DIM, generator=g)
+    states = []
+    for _ in range(2):   # each row's state after its own prefix (pos0[b] tokens), decoded one token at a time
+        st = CompressorState.empty(B, ratio, (2 if overlap else 1) * D, overlap)
+        for b in range(B):
+            for t in range(int(pos0[b])):
+                c(prefix[b:b + 1, t:t + 1], torch.tensor([t]), freqs, False, st.select(slice(b, b + 1)))
+        states.append(st)
+    step, steps = states
+    step.journal = []
+    calls, real = [], ops.compress_step
+    monkeypatch.setattr(ops, "compress_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got = c(x, pos0, freqs, False, step)
+    monkeypatch.setattr(ops, "compress_step", real)
+    assert len(calls) == S                                   # token by token, through the decode op
+    assert len(step.journal) == 1 and step.journal[0][0].shape == (B, S, step.kv.shape[2])
+    want = [c(x[:, t:t + 1], pos0 + t, freqs, False, steps) for t in range(S)]
+    assert torch.equal(step.kv, steps.kv) and torch.equal(step.score, steps.score)
+    n_checked = 0
+    for b in range(B):
+        for t in range(S):
+            p = int(pos0[b]) + t
+            if p % ratio == ratio - 1:   # token t completes group p // ratio
+                gi = p // ratio - int(got.first_group[b])
+                assert bool(got.valid[b, gi])
+                assert torch.equal(got.entries[b, gi], want[t].entries[b, 0])
+                n_checked += 1
+        assert int(got.valid[b].sum()) == sum((int(pos0[b]) + t) % ratio == ratio - 1 for t in range(S))
+    assert n_checked > 0
