@@ -165,11 +165,8 @@ class GraphStep:
         if self.graph is None:
             self.cache.check_intact()
             before = self.cache.host_state()
-            graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
-                    self.outputs = self.fn(*self.inputs)
-                self.graph = graph
+                self.graph = self._capture()
             except RuntimeError as e:
                 warnings.warn(f"step could not be captured as a CUDA graph ({str(e).splitlines()[0]}); running it "
                               "eagerly")
@@ -179,6 +176,16 @@ class GraphStep:
             if self.eager:
                 return self.fn(*self.inputs)
         self.cache.begin_step(self.n_tokens)
-        self.graph.replay()
+        self._replay()
         self.cache.end(self.n_tokens, device=False)
         return self.outputs
+
+    def _capture(self):
+        """Capture fn on the static inputs (no kernel runs); `self.outputs` become its static outputs."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.outputs = self.fn(*self.inputs)
+        return graph
+
+    def _replay(self) -> None:
+        self.graph.replay()

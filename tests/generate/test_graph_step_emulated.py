@@ -1,0 +1,87 @@
+"""The speculative step's graph path (the MTP forwards and the fused greedy step as GraphSteps) on a CPU, with CUDA
+graph capture and replay emulated with their semantics: capturing leaves the cache as it was, a replay runs no
+Python bookkeeping (the cache's host side is GraphStep's), reads its static inputs and overwrites its static
+outputs in place. The decoder must then give the eager decoder's tokens and caches, bit for bit: what it keeps
+from a replay (drafts, lanes, logits, next tokens) must survive the next replays."""
+import dataclasses
+
+import torch
+
+from conftest import agreeing_model
+from dsv4.generate import SamplingConfig, speculative
+from dsv4.generate.graphs import GraphStep
+from dsv4.generate.speculative import SpeculativeDecoder
+
+
+def _cache_tensors(cache):
+    return [cache.positions] + [t for layer in cache.layers for t in [s.buf for s in layer.stores()]
+                                + [x for st in layer.states() for x in (st.kv, st.score)]]
+
+
+def _overwrite(static, fresh):
+    """Write fresh outputs into the static ones, as a replay does (tensors, tuples of them, dataclasses)."""
+    if isinstance(static, torch.Tensor):
+        static.copy_(fresh)
+    elif dataclasses.is_dataclass(static):
+        for f in dataclasses.fields(static):
+            _overwrite(getattr(static, f.name), getattr(fresh, f.name))
+    else:
+        for a, b in zip(static, fresh):
+            _overwrite(a, b)
+
+
+class EmulatedGraphStep(GraphStep):
+    """GraphStep whose capture and replay run fn eagerly with a graph's effects: capture leaves every cache tensor
+    and the host bookkeeping as they were; replay recomputes into the captured output tensors, and the Python
+    bookkeeping fn runs (positions mirror, damage marks, journals) is undone as a replay would not run it."""
+    replays = 0
+
+    def _capture(self):
+        saved = [t.clone() for t in _cache_tensors(self.cache)]
+        journals = [st.journal for layer in self.cache.layers for st in layer.states()]
+        self.outputs = self.fn(*self.inputs)
+        for t, s in zip(_cache_tensors(self.cache), saved):
+            t.copy_(s)
+        for st, j in zip([st for layer in self.cache.layers for st in layer.states()], journals):
+            st.journal = j
+        return "emulated"
+
+    def _replay(self) -> None:
+        host = self.cache.host_state()
+        journals = [st.journal for layer in self.cache.layers for st in layer.states()]
+        self.cache.restore_host_state(([p - self.n_tokens for p in host[0]], [False] * len(host[1])))
+        _overwrite(self.outputs, self.fn(*self.inputs))
+        self.cache.restore_host_state(host)
+        for st, j in zip([st for layer in self.cache.layers for st in layer.states()], journals):
+            st.journal = j
+        EmulatedGraphStep.replays += 1
+
+
+@torch.no_grad()
+def test_graph_path_equals_eager_with_emulated_graphs(monkeypatch):
+    monkeypatch.setattr(speculative, "GraphStep", EmulatedGraphStep)
+    model = agreeing_model()
+    prompts = [list(range(10, 37)), list(range(50, 81))]
+    runs = []
+    for graphed in (True, False):
+        for n_rows in (1, 2):   # one row: the catch-up replays too; two: only the further drafts and the verify
+            dec = SpeculativeDecoder(model, model.new_cache(2, 128), n_draft=2)
+            dec.fixed_shapes = dec.graph_drafts = True
+            for r in range(n_rows):
+                dec.prefill(r, prompts[r])
+            budgets, out = [30, 22][:n_rows], []
+            for _ in range(12):
+                res = dec.step_rows(slice(0, n_rows), [SamplingConfig(temperature=0)] * n_rows, [None] * n_rows,
+                                    [()] * n_rows, budgets, verifier=(lambda n: None) if graphed else None)
+                out.append([(r.tokens, r.accepted, r.logits) for r in res])
+                budgets = [0 if r.finished else b - len(r.tokens) for b, r in zip(budgets, res)]
+            if graphed:
+                assert any(g.graph is not None for g in dec._fused_graphs.values())
+            runs.append((out, _cache_tensors(dec.cache) + _cache_tensors(dec.mtp_cache), dec.stats["accepted"]))
+    assert EmulatedGraphStep.replays > 10
+    for (o1, c1, a1), (o2, c2, a2) in zip(runs[:2], runs[2:]):
+        assert a1 == a2 > 0
+        for s1, s2 in zip(o1, o2):
+            for x, y in zip(s1, s2):
+                assert x[:2] == y[:2] and torch.equal(x[2], y[2])
+        assert all(torch.equal(p, q) for p, q in zip(c1, c2))
