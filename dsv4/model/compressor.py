@@ -99,7 +99,8 @@ class Compressor(nn.Module):
         return Compressed(out.gather(1, t.unsqueeze(-1).expand(-1, -1, out.shape[2])), first_group, valid)
 
 
-STEPWISE_MAX = 8   # steps inside a cache checkpoint up to this many tokens run token by token (Compressor._stepwise)
+STEPWISE_MAX = 4   # steps inside a cache checkpoint up to this many tokens run token by token (Compressor._stepwise;
+#                    on a GPU ~4 kernels a token against ~35 for the chunk path: 1 disables it)
 
 
 def quantize_entries(x: torch.Tensor, rope_dim: int, rotate: bool) -> torch.Tensor:
