@@ -6,9 +6,10 @@ nothing, so every token/s short of the engine's ideal (rows / step time) is lost
     python bench/serve_overhead.py [--step-ms 5] [--concurrency 64] [--max-tokens 256] [--requests 128]
                                    [--client-procs 1 4] [--gil-releases 200] [--tokens text|random]
 
-The clock engine's step sleeps `--step-ms` without the GIL (the GPU working, a CUDA sync) and takes and gives
-back the GIL `--gil-releases` times (the torch calls of a step: each waits for the GIL when another thread holds
-it, as the real engine does), then pushes one event per row from its thread. `--tokens random` draws ids from a
+The clock engine's step waits `--step-ms` without the GIL (the GPU working) in `--gil-releases` sleeps, each
+taking the GIL back afterwards (as the real engine's syncs and torch calls do: each waits for the GIL while the
+event loop holds it), then pushes one event per row from its thread. A step counts as late when it ends more
+than half a step after its clock. `--tokens random` draws ids from a
 32768 vocabulary over a ~300-token tokenizer, as the flash4 benchmark checkpoint does (most decode to nothing);
 `text` cycles the ids of an English sentence (every token is text, so every token is streamed).
 
@@ -40,7 +41,7 @@ class ClockEngine:
     """An Engine stand-in with the real RequestHandle: every `step_s` each running row gets one token, a request
     ends with "length" at max_tokens, up to `max_batch` rows run and the rest wait in order."""
 
-    def __init__(self, tokens: list[int], max_batch: int = 64, step_s: float = 0.005, gil_releases: int = 200,
+    def __init__(self, tokens: list[int], max_batch: int = 64, step_s: float = 0.005, gil_releases: int = 4,
                  max_seq_len: int = 8192):
         from dsv4.serve.engine import RequestHandle
         self._handle_cls, self.tokens = RequestHandle, tokens
@@ -82,12 +83,10 @@ class ClockEngine:
         next_t = time.perf_counter()
         while not self._stop.is_set():
             next_t += self.step_s
-            for _ in range(self.gil_releases):   # the step's torch calls: each gives the GIL up and waits for it
-                time.sleep(0)
-            wait = next_t - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)                 # the GPU working (a sync without the GIL)
-            elif self._rows:
+            for i in range(self.gil_releases):   # the GPU working: waits without the GIL, each taking it back
+                wait = (next_t - time.perf_counter()) / (self.gil_releases - i)
+                time.sleep(max(wait, 0.0))
+            if time.perf_counter() > next_t + self.step_s / 2 and self._rows:
                 self.late_steps += 1
                 next_t = time.perf_counter()
             with self._lock:
@@ -111,7 +110,8 @@ class ClockEngine:
             self.thread_cpu = time.thread_time()
 
 
-def _serve(port: int, step_s: float, gil_releases: int, max_batch: int, token_mode: str, ready) -> None:
+def _serve(port: int, step_s: float, gil_releases: int, max_batch: int, token_mode: str, switch_s: float | None,
+           ready) -> None:
     """The server process: tokenizer, clock engine, the real app under uvicorn, plus /_overhead (engine and
     process CPU counters, read before and after a level)."""
     import uvicorn
@@ -125,6 +125,8 @@ def _serve(port: int, step_s: float, gil_releases: int, max_batch: int, token_mo
     else:
         rng = random.Random(0)
         tokens = [rng.randrange(32768) for _ in range(4096)]
+    if switch_s is not None:
+        sys.setswitchinterval(switch_s)
     engine = ClockEngine(tokens, max_batch=max_batch, step_s=step_s, gil_releases=gil_releases).start()
     app = build_app(engine, tok, "clock")
 
@@ -132,6 +134,21 @@ def _serve(port: int, step_s: float, gil_releases: int, max_batch: int, token_mo
     async def overhead():
         t = os.times()
         return {**engine.stats(), "process_cpu_s": t.user + t.system, "time": time.perf_counter()}
+
+    profiler = {}
+
+    @app.get("/_profile/{action}")
+    async def profile(action: str):
+        """start: profile the event loop's thread (cProfile); stop: write its stats to $SERVE_OVERHEAD_PROFILE."""
+        import cProfile
+        if action == "start":
+            profiler["p"] = cProfile.Profile()
+            profiler["p"].enable()
+        elif "p" in profiler:
+            prof = profiler.pop("p")
+            prof.disable()
+            prof.dump_stats(os.environ.get("SERVE_OVERHEAD_PROFILE", "/tmp/serve_overhead.prof"))
+        return {"ok": True}
 
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
     server = uvicorn.Server(config)
@@ -148,6 +165,8 @@ def measure(url: str, args, procs: int) -> dict:
     source = PromptSource(32768)
     common = dict(concurrency=args.concurrency, prompt_len=args.prompt_len, max_tokens=args.max_tokens,
                   n_requests=args.requests, duration_limit=args.duration_limit, source=source, seed=args.seed)
+    if args.profile:
+        _get(url + "/_profile/start")
     before = _get(url + "/_overhead")
     if procs > 1:
         lvl = run_level_procs(url, "clock", procs=procs, **common)
@@ -160,6 +179,8 @@ def measure(url: str, args, procs: int) -> dict:
                 await client.close()
         lvl = asyncio.run(one())
     after = _get(url + "/_overhead")
+    if args.profile:
+        _get(url + "/_profile/stop")
     d = {k: after[k] - before[k] for k in ("steps", "late_steps", "engine_thread_cpu_s", "process_cpu_s", "time")}
     tokens = lvl["output_tokens"] or 1
     chunks = lvl.get("chunks") or None
@@ -173,6 +194,8 @@ def measure(url: str, args, procs: int) -> dict:
             "server_loop_cpu_us_per_token": round(loop_cpu / tokens * 1e6, 2),
             "engine_thread_cpu_us_per_token": round(d["engine_thread_cpu_s"] / tokens * 1e6, 2),
             "client_cpu_us_per_token": round(lvl["client_cpu_s"] / tokens * 1e6, 2),
+            "server_loop_cpu_us_per_chunk": round(loop_cpu / (chunks or 1) * 1e6, 2),
+            "client_cpu_us_per_chunk": round(lvl["client_cpu_s"] / (chunks or 1) * 1e6, 2),
             "server_cpu_util": round(d["process_cpu_s"] / d["time"], 3),
             "client_cpu_util": round(lvl["client_cpu_s"] / lvl["wall_s"], 3), "chunks": chunks, "level": lvl}
 
@@ -180,7 +203,8 @@ def measure(url: str, args, procs: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--step-ms", type=float, default=5.0, help="the clock engine's step time")
-    p.add_argument("--gil-releases", type=int, default=200, help="GIL give-backs per engine step (its torch calls)")
+    p.add_argument("--gil-releases", type=int, default=4, help="the step's wait is this many sleeps, each giving "
+                   "the GIL up and taking it back (as the real engine's syncs and torch calls do)")
     p.add_argument("--tokens", choices=["text", "random"], default="random",
                    help="random: flash4-like ids (mostly no text); text: every token streams text")
     p.add_argument("--concurrency", type=int, default=64)
@@ -190,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-procs", type=int, nargs="+", default=[1, 4])
     p.add_argument("--duration-limit", type=float, default=120.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--switch-interval", type=float, default=0.0005, help="sys.setswitchinterval in the server "
+                   "(default: `dsv4 serve`'s; Python's own is 0.005)")
+    p.add_argument("--profile", action="store_true", help="cProfile the server's event loop during each run (stats "
+                   "to $SERVE_OVERHEAD_PROFILE, default /tmp/serve_overhead.prof)")
     p.add_argument("--json", help="result file (default: bench/results/<date>_<device>_<commit>_serve_overhead.json)")
     args = p.parse_args(argv)
 
@@ -199,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     ready = ctx.Event()
     server = ctx.Process(target=_serve, args=(port, args.step_ms / 1e3, args.gil_releases, args.concurrency,
-                                               args.tokens, ready), daemon=True)
+                                               args.tokens, args.switch_interval, ready), daemon=True)
     server.start()
     url = f"http://127.0.0.1:{port}"
     result = {**record(), "bench": "serve_overhead", "args": vars(args), "cpus": os.cpu_count(), "runs": []}
