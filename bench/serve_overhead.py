@@ -105,8 +105,8 @@ class ClockEngine:
                 if not last:
                     row[2] = n
                     keep.append(row)
+            self.steps += 1 if self._rows else 0
             self._rows = keep
-            self.steps += 1 if keep or self.emitted else 0
             self.thread_cpu = time.thread_time()
 
 

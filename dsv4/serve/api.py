@@ -30,6 +30,9 @@ from .types import QueueFull, SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # the OpenAI default; chat defaults to the rest of the context
 
+# one encoder for every chunk: json.dumps with a non-default argument builds a new JSONEncoder per call
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
 
 @dataclass
 class _Step:
@@ -162,7 +165,7 @@ def _event_stream(request: Request, choices: list[_Choice], streams: list[AsyncI
             async for ch in _merged(streams):
                 if (failure := ch.pop("_error")):
                     yield _sse(error_body(f"choice {ch['index']}: generation failed: {failure}", type="server_error"))
-                yield before + json.dumps(ch, ensure_ascii=False) + after
+                yield before + _to_json(ch) + after
             if usage is not None:
                 yield _sse({**head, "choices": [], "usage": usage()})
             yield _sse("[DONE]")
@@ -174,7 +177,7 @@ def _event_stream(request: Request, choices: list[_Choice], streams: list[AsyncI
 
 
 def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {obj if isinstance(obj, str) else _to_json(obj)}\n\n"
 
 
 class _Server:
