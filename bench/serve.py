@@ -5,6 +5,7 @@ by the official `openai` client (AsyncOpenAI, streamed completions with stream_o
     python bench/serve.py --launch "dsv4 serve --checkpoint ckpt" [--peer-launch "transformers serve ..."]
                           [--concurrency 1 8 32 64] [--prompt-len 1024 32768] [--max-tokens 256]
                           [--requests-per-level N] [--duration-limit S] [--prefix-len 32768] [--mtp-compare]
+                          [--client-procs 4]
     python bench/serve.py --tiny-cpu          # smoke: a random tiny model served on the CPU, small lengths
     python bench/serve.py --make-checkpoint /tmp/flash4 [--preset flash4|tiny] [--mtp-layers 1]
 
@@ -111,7 +112,7 @@ def summarize(results: list[RequestResult], wall_s: float, max_tokens: int | Non
             "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99)),
             "short_outputs": sum(1 for r in ok if max_tokens and r.completion_tokens < max_tokens),
             "no_usage": sum(1 for r in ok if not r.got_usage),
-            "output_tokens": out_tokens, "wall_s": round(wall_s, 3),
+            "output_tokens": out_tokens, "chunks": sum(len(r.chunk_times) for r in ok), "wall_s": round(wall_s, 3),
             "output_tok_per_s": round(out_tokens / wall_s, 2) if wall_s > 0 else None,
             "mean_completion_tokens": round(out_tokens / len(ok), 2) if ok else None,
             "mean_prompt_tokens": round(sum(r.prompt_tokens for r in ok) / len(ok), 1) if ok else None}
@@ -198,7 +199,7 @@ async def run_level(client, model: str, *, concurrency: int, prompt_len: int, ma
     rng = random.Random(seed)
     prompts = [source.make(rng, prompt_len) for _ in range(n_requests)]
     results: list[RequestResult] = []
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     deadline = t0 + duration_limit
     next_index = 0
 
@@ -212,7 +213,85 @@ async def run_level(client, model: str, *, concurrency: int, prompt_len: int, ma
     await asyncio.gather(*(worker() for _ in range(min(concurrency, n_requests))))
     wall = time.perf_counter() - t0
     return {"concurrency": concurrency, "prompt_len": prompt_len, "max_tokens": max_tokens,
-            "planned_requests": n_requests, **summarize(results, wall, max_tokens)}
+            "planned_requests": n_requests, "client_procs": 1,
+            "client_cpu_s": round(time.process_time() - cpu0, 3), **summarize(results, wall, max_tokens)}
+
+
+async def _client_share(url: str, model: str, timeout: float, concurrency: int, prompts: list, max_tokens: int,
+                        ignore_eos: bool, deadline: float) -> list[RequestResult]:
+    """One client process's part of a level: its prompts, `concurrency` in flight, on its own event loop."""
+    client = make_client(url, timeout, concurrency)
+    results: list[RequestResult] = []
+    queue = list(reversed(prompts))
+
+    async def worker() -> None:
+        while queue and time.perf_counter() < deadline:
+            results.append(await stream_one(client, model, queue.pop(), max_tokens, ignore_eos))
+    try:
+        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
+    finally:
+        await client.close()
+    return results
+
+
+def _client_proc(conn, go, url: str, model: str, timeout: float, concurrency: int, prompts: list, max_tokens: int,
+                 ignore_eos: bool, duration_limit: float) -> None:
+    """A spawned client process: imports done, it says ready, waits for `go`, runs its share, sends results
+    (perf_counter is CLOCK_MONOTONIC, one clock for every process of the host) and its CPU seconds."""
+    import openai  # noqa: F401  (imported before the start, so it does not count in the level's time)
+    conn.send("ready")
+    go.wait()
+    cpu0 = time.process_time()
+    results = asyncio.run(_client_share(url, model, timeout, concurrency, prompts, max_tokens, ignore_eos,
+                                        time.perf_counter() + duration_limit))
+    conn.send((results, time.process_time() - cpu0, time.perf_counter()))
+    conn.close()
+
+
+def run_level_procs(url: str, model: str, *, procs: int, concurrency: int, prompt_len: int, max_tokens: int,
+                    n_requests: int, duration_limit: float, source: PromptSource, seed: int, ignore_eos: bool = True,
+                    timeout: float = 600.0) -> dict:
+    """run_level with the load split over `procs` client processes (spawned), each with its own event loop and
+    openai client: one Python process parsing every SSE chunk of 64 streams can be slower than the server.
+    Process i keeps its share of `concurrency` in flight over prompts i, i + procs, ...; the level's wall time
+    runs from the common start to the last request's end."""
+    import multiprocessing as mp
+    rng = random.Random(seed)
+    prompts = [source.make(rng, prompt_len) for _ in range(n_requests)]
+    procs = max(1, min(procs, concurrency, n_requests))
+    ctx = mp.get_context("spawn")
+    go = ctx.Event()
+    workers = []
+    for i in range(procs):
+        share = concurrency // procs + (1 if i < concurrency % procs else 0)
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_client_proc, daemon=True,
+                        args=(child, go, url, model, timeout, share, prompts[i::procs], max_tokens, ignore_eos,
+                              duration_limit))
+        p.start()
+        child.close()
+        workers.append((p, parent))
+    results: list[RequestResult] = []
+    cpu, end = 0.0, 0.0
+    try:
+        for p, conn in workers:
+            if conn.recv() != "ready":
+                raise RuntimeError("a client process did not start")
+        t0 = time.perf_counter()
+        go.set()
+        for p, conn in workers:
+            got, secs, t_end = conn.recv()
+            results += got
+            cpu, end = cpu + secs, max(end, t_end)
+    finally:
+        for p, _ in workers:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    wall = end - t0
+    return {"concurrency": concurrency, "prompt_len": prompt_len, "max_tokens": max_tokens,
+            "planned_requests": n_requests, "client_procs": procs, "client_cpu_s": round(cpu, 3),
+            **summarize(results, wall, max_tokens)}
 
 
 async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, trials: int, source: PromptSource,
@@ -426,10 +505,15 @@ async def measure_server(server: Server, args, vocab: int, *, loads: bool = True
             for plen in args.prompt_len:
                 for conc in args.concurrency:
                     n = args.requests_per_level or max(2 * conc, 4)
-                    lvl = await run_level(client, server.model, concurrency=conc, prompt_len=plen,
-                                          max_tokens=args.max_tokens, n_requests=n,
-                                          duration_limit=args.duration_limit, source=source,
-                                          seed=args.seed + plen + conc, ignore_eos=ignore_eos)
+                    common = dict(concurrency=conc, prompt_len=plen, max_tokens=args.max_tokens, n_requests=n,
+                                  duration_limit=args.duration_limit, source=source, seed=args.seed + plen + conc,
+                                  ignore_eos=ignore_eos)
+                    if args.client_procs > 1 and conc > 1:
+                        lvl = await asyncio.to_thread(run_level_procs, server.url, server.model,
+                                                      procs=args.client_procs, timeout=args.request_timeout,
+                                                      **common)
+                    else:
+                        lvl = await run_level(client, server.model, **common)
                     print(f"[{server.label}] " + json.dumps(lvl), flush=True)
                     levels.append(lvl)
         out["levels"] = levels
@@ -659,6 +743,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt-len", type=int, nargs="+", default=[1024, 32768])
     p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--client-procs", type=int, default=1, help="split each level's load over N client processes, "
+                   "each with its own event loop and openai client (one process parsing 64 streams' chunks can be "
+                   "slower than the server); 1 = the whole load in this process")
     p.add_argument("--requests-per-level", type=int, default=None,
                    help="requests per level (default: 2 x concurrency, at least 4)")
     p.add_argument("--duration-limit", type=float, default=300.0, help="no new request of a level after S seconds")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "then prefilled one per forward). auto: on a CPU, off on a GPU, where today's batch-invariant "
                         "kernels cost ~10x in decode speed")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
+    p.add_argument("--switch-interval", type=float, default=0.0005,
+                   help="seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; "
+                        "Python's default is 0.005). The engine thread gives the GIL up at every device sync and "
+                        "waits up to this long to get it back while the HTTP event loop is busy, so the default "
+                        "5 ms could add most of a decode step per sync")
 
 
 def _serving_packages():
@@ -88,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
                  "max_prefill_rows", "prefix_block"):
         if getattr(args, name) is not None and getattr(args, name) < 1 or (name == "port" and args.port > 65535):
             raise InvalidArgument(f"--{name.replace('_', '-')}={getattr(args, name)}: out of range")
+    if not args.switch_interval > 0:
+        raise InvalidArgument(f"--switch-interval={args.switch_interval}: must be > 0 seconds")
     import torch
 
     from ..checkpoint import load_model, resolve_device
@@ -109,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
                     batch_invariant=args.batch_invariant == "on" or (args.batch_invariant == "auto"
                                                                      and device.type != "cuda"))
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    sys.setswitchinterval(args.switch_interval)
     engine.start()
     try:
         uvicorn.run(build_app(engine, tok, name), host=args.host, port=args.port, log_level="info")

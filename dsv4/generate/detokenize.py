@@ -25,6 +25,9 @@ class StreamDecoder:
         self.ids: list[int] = []
         self._context = 0   # start of the last released piece's tokens (decoded as context only)
         self._released = 0  # end of the released tokens: everything before it has been returned as text
+        # ids at or past it have no token and decode to nothing: they are left out, so a stream of them (a
+        # random model's ids past a small tokenizer) does not grow the window every later step decodes
+        self._limit: int | None = getattr(tok, "id_limit", None)
 
     def _window(self) -> tuple[str, str]:
         """(text of the last released piece's tokens, text of those tokens and every later one)."""
@@ -34,7 +37,12 @@ class StreamDecoder:
 
     def push(self, ids: int | Iterable[int]) -> str:
         """Add one token id (or several); returns the text they complete ('' while a character is unfinished)."""
-        self.ids.extend([ids] if isinstance(ids, int) else ids)
+        new = [ids] if isinstance(ids, int) else list(ids)
+        if self._limit is not None:
+            new = [t for t in new if t < self._limit]
+        if not new:
+            return ""
+        self.ids.extend(new)
         done, text = self._window()
         if len(text) <= len(done) or text.endswith(_REPLACEMENT):
             return ""

@@ -1,6 +1,7 @@
 """The checkpoint's tokenizer (`tokenizer.json`, read with the `tokenizers` library; no network)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -27,6 +28,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @functools.cached_property
+    def id_limit(self) -> int:
+        """One past the largest id that has a token: larger ids (a model's vocabulary padded past its tokenizer's,
+        or a random model's) decode to nothing."""
+        return max(self.tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         ids = self.tok.encode(text, add_special_tokens=False).ids

@@ -30,6 +30,9 @@ from .types import QueueFull, SamplingParams
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # the OpenAI default; chat defaults to the rest of the context
 
+# one encoder for every chunk: json.dumps with a non-default argument builds a new JSONEncoder per call
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
 
 @dataclass
 class _Step:
@@ -60,22 +63,31 @@ class _Choice:
     async def steps(self) -> AsyncIterator[_Step]:
         """One step per batch of engine events that arrived together: under load a stream sends several tokens
         in one chunk (as OpenAI's and vLLM's streams may), so the server's work per chunk is paid once."""
+        # without stop strings no token can end the text early, so a batch's tokens are detokenized in one
+        # push (two tokenizer calls per chunk instead of two per token)
+        whole = not self.cutter.stops
         try:
             async for events in self.handle.batches():
                 step = _Step()
+                pending: list[int] = []
                 for ev in events:
                     if ev.token is not None:
                         self.completion_tokens += 1
                         if ev.logprob is not None:
                             step.logprobs.append((ev.token, ev.logprob, ev.top_logprobs))
                         if ev.token not in self.stop_ids:
-                            step.text += self.cutter.push(self.decoder.push(ev.token))
+                            if whole:
+                                pending.append(ev.token)
+                            else:
+                                step.text += self.cutter.push(self.decoder.push(ev.token))
                         if self.cutter.stopped:
                             self.cancel()
                             step.finish_reason = "stop"
                             yield step
                             return
                     if ev.finish_reason is not None:
+                        if pending:
+                            step.text += self.decoder.push(pending)
                         step.text += self.cutter.push(self.decoder.flush())
                         step.text += self.cutter.flush()
                         step.finish_reason = "stop" if self.cutter.stopped else ev.finish_reason
@@ -83,6 +95,8 @@ class _Choice:
                         self.done = True
                         yield step
                         return
+                if pending:
+                    step.text += self.decoder.push(pending)
                 if step.text or step.logprobs:
                     yield step
         finally:
@@ -138,14 +152,20 @@ def _event_stream(request: Request, choices: list[_Choice], streams: list[AsyncI
                   usage: Callable[[], dict] | None) -> StreamingResponse:
     """The SSE response of a streamed request: each choice's chunks as they come (a failed choice also gets an
     error event), the usage chunk when asked for, then `[DONE]`; a hang-up or the end cancels every choice."""
+    # every chunk is `head` with one choice (and "usage": null when usage comes last): the JSON around the
+    # choice is made once per request, so a chunk costs one json.dumps of its choice
+    framed = json.dumps({**head, "choices": [None], **({"usage": None} if usage is not None else {})},
+                        ensure_ascii=False)
+    before, after = framed.split('"choices": [null]')
+    before, after = "data: " + before + '"choices": [', "]" + after + "\n\n"
+
     async def events() -> AsyncIterator[str]:
         watcher = _watch_disconnect(request, choices)
-        extra = {"usage": None} if usage is not None else {}
         try:
             async for ch in _merged(streams):
                 if (failure := ch.pop("_error")):
                     yield _sse(error_body(f"choice {ch['index']}: generation failed: {failure}", type="server_error"))
-                yield _sse({**head, "choices": [ch], **extra})
+                yield before + _to_json(ch) + after
             if usage is not None:
                 yield _sse({**head, "choices": [], "usage": usage()})
             yield _sse("[DONE]")
@@ -157,7 +177,7 @@ def _event_stream(request: Request, choices: list[_Choice], streams: list[AsyncI
 
 
 def _sse(obj: dict | str) -> str:
-    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
+    return f"data: {obj if isinstance(obj, str) else _to_json(obj)}\n\n"
 
 
 class _Server:

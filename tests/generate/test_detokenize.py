@@ -31,6 +31,20 @@ def _chunks(g: random.Random, n: int) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_ids_past_the_tokenizer_decode_to_nothing_and_are_not_held(tok, seed):
+    """A random model's ids over a vocabulary 100x the tokenizer's: the pieces still concatenate to the whole
+    decode, and the decoder holds only the ids that have tokens (its window does not grow with the others)."""
+    g = random.Random(seed)
+    assert tok.id_limit == tok.vocab_size and tok.decode([tok.id_limit + 5]) == ""
+    ids = [g.randrange(100 * tok.vocab_size) for _ in range(300)]
+    for skip in (False, True):
+        stream = StreamDecoder(tok, skip)
+        pieces = [stream.push(ids[i:i + c]) for i, c in zip(range(0, 300, 3), [3] * 100)] + [stream.flush()]
+        assert "".join(pieces) == tok.decode(ids, skip_special=skip)
+        assert len(stream.ids) == sum(1 for t in ids if t < tok.vocab_size)
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_random_tokens_stream_to_the_whole_decode(tok, seed):
     """Random ids: split and invalid UTF-8 sequences, special tokens, pushed one or several at a time."""
