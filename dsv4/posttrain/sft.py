@@ -63,6 +63,7 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    max_seconds: float = 0.0      # stop after the step that passes this much wall time (0: no cap)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -158,6 +159,7 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
     progress.bar.set_description("sft")
     batches = iter(data)
     trained = 0
+    start = time.perf_counter()
     with fp32_matmuls("tf32") if device.type == "cuda" else nullcontext():
         for step in range(steps):
             t0 = time.perf_counter()
@@ -187,6 +189,9 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
                    "tok_per_s": batch.tokens.numel() / max(time.perf_counter() - t0, 1e-9)}
             metrics.add(row)
             progress.step(row)
+            if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds:
+                log.warning("sft: stopped at step %d of %d, past its %.0f s cap", step + 1, steps, cfg.max_seconds)
+                break
     progress.close()
     return trained
 
