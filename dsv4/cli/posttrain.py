@@ -23,7 +23,8 @@ _STAGES = ("base", "pretrain", "sft", "grpo", "opd", "offpolicy", "grpo-mixed")
 _NUMBERS = ("sft_examples", "sft_steps", "sft_lr", "sft_batch_size", "grpo_steps", "grpo_lr", "grpo_generations",
             "grpo_batch_prompts", "grpo_pool", "opd_steps", "opd_lr", "opd_batch_prompts", "max_new_tokens",
             "eval_problems", "vocab_size", "seed", "tokenizer_examples", "pretrain_steps", "pretrain_examples",
-            "pretrain_lr", "pretrain_batch_size", "pretrain_seq_len", "mixed_grpo_steps", "stage_minutes")
+            "pretrain_lr", "pretrain_batch_size", "pretrain_seq_len", "mixed_grpo_steps", "stage_minutes",
+            "grpo_eval_problems", "grpo_minibatches")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="direct", choices=["direct", "engine"],
                    help="GRPO's rollout sampler (default direct: batched on the model, several times the serving "
                         "engine's speed for the tiny model on a CPU)")
+    p.add_argument("--minutes", metavar="STAGE=MIN,...",
+                   help="time caps of some stages, e.g. pretrain=1.2,sft=0.8,grpo=0.5 (grpo: each specialist; "
+                        "also opd, offpolicy, grpo-mixed; the others --stage-minutes)")
+    p.add_argument("--sft-pack", action="store_true",
+                   help="SFT packs conversations into rows instead of padding each to the longest")
     p.add_argument("--no-progress", action="store_true")
     for name in _NUMBERS:
         p.add_argument("--" + name.replace("_", "-"), type=float if name.endswith(("lr", "minutes")) else int,
@@ -64,8 +70,13 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"--only: unknown stage(s) {bad}; choose from {', '.join(_STAGES)}")
         only = tuple(s for a in asked for s in ([f"grpo-{d}" for d in envs] if a == "grpo" else [a]))
     numbers = {n: getattr(args, n) for n in _NUMBERS if getattr(args, n) is not None}
+    if args.minutes:
+        try:
+            numbers["minutes"] = {k.strip(): float(v) for k, v in (s.split("=") for s in args.minutes.split(","))}
+        except ValueError:
+            raise InvalidArgument(f"--minutes {args.minutes!r}: expected STAGE=MINUTES,...") from None
     cfg = PipelineConfig(envs=envs, level=args.level, base=args.base, model=args.model,
-                         mixed_grpo=args.mixed_grpo, thinking=args.thinking,
+                         mixed_grpo=args.mixed_grpo, sft_pack=args.sft_pack, thinking=args.thinking,
                          off_policy_baseline=not args.no_off_policy, only=only, device=args.device,
                          optimizer=args.optimizer, sampler=args.sampler, progress=not args.no_progress, **numbers)
     summary = run_pipeline(args.out, cfg)

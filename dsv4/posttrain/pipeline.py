@@ -69,6 +69,9 @@ class PipelineConfig:
     sft_steps: int = 600                  # 300 left math at ~0.1 greedy, 600 at ~0.3 (instruct 0.75 -> 0.94)
     sft_lr: float = 3e-3
     sft_batch_size: int = 32
+    sft_pack: bool = False                # pack conversations into rows (of the longest one's length) instead of
+                                          # one per row padded to it: with the agent's ~450-token conversations
+                                          # beside ~20-token math ones, padding is most of an unpacked batch
     # GRPO: small steps over many rollouts, on a fixed pool of problems. At 4 prompts x 8 a step's gradient is
     # mostly noise, which AdamW turns into steps of size lr on every weight: at lr 1e-3 math fell from 0.11 to
     # 0.06. On fresh problems (each seen about once) 32 x 8 at lr 5e-5 to 2e-4 left the rollout reward flat
@@ -81,6 +84,8 @@ class PipelineConfig:
     grpo_lr: float = 1e-4
     grpo_generations: int = 8
     grpo_batch_prompts: int = 32
+    grpo_minibatches: int = 1             # updates per rollout batch (each on a part of it: the agent's ~470-token
+                                          # trajectories x 256 take ~70 GB of fp32 activations for `mini` at once)
     grpo_pool: int = 64                   # each specialist's training problems (envs/pool.py); 0: fresh ones
     opd_steps: int = 20
     opd_lr: float = 1e-4                  # at 3e-4 the student fell below its math teacher (0.22 vs 0.34)
@@ -88,7 +93,12 @@ class PipelineConfig:
     off_policy_baseline: bool = True
     mixed_grpo: bool = False              # the mixed-domain GRPO baseline (stage grpo-mixed)
     mixed_grpo_steps: int = 0             # its steps; 0: grpo_steps x domains (equal student compute)
-    stage_minutes: float = 0.0            # wall-time cap of each training stage (0: none)
+    stage_minutes: float = 0.0            # wall-time cap of each training stage (0: none; the mixed GRPO
+                                          # baseline's is a specialist's times the number of domains)
+    minutes: dict[str, float] = field(default_factory=dict)   # caps of some stages (pretrain, sft, grpo: each
+                                          # specialist, opd, offpolicy, grpo-mixed) instead of stage_minutes
+    grpo_eval_problems: int = 0           # held-out problems per domain of GRPO's in-training evaluations
+                                          # (0: eval_problems)
     optimizer: str = "adamw"              # every stage's; Muon's Newton-Schulz is half a tiny CPU step's time
     sampler: str = "direct"               # GRPO's rollouts (rollout.py): 256 tiny-model rollouts take 0.8 s on
                                           # the direct sampler, 7.6 s on the engine (which prefills each alone)
@@ -109,9 +119,12 @@ class PipelineConfig:
                      "tokenizer_examples", "pretrain_examples", "pretrain_batch_size", "pretrain_seq_len"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"posttrain {name}={getattr(self, name)}: must be >= 1")
-        for name in ("pretrain_steps", "mixed_grpo_steps", "stage_minutes"):
+        for name in ("pretrain_steps", "mixed_grpo_steps", "stage_minutes", "grpo_eval_problems"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(f"posttrain {name}={getattr(self, name)}: must be >= 0")
+        bad = sorted(set(self.minutes) - set(CAPPED))
+        if bad or any(v < 0 for v in self.minutes.values()):
+            raise InvalidArgument(f"posttrain minutes={self.minutes}: stages are {', '.join(CAPPED)}, minutes >= 0")
         if self.base is None:
             model_config(self.model, self.vocab_size)      # refuses an unknown size here, before any work
         elif self.pretrain_steps:
@@ -120,6 +133,19 @@ class PipelineConfig:
             raise InvalidArgument(f"posttrain grpo_pool={self.grpo_pool}: must be >= 0 (0: fresh problems)")
         if self.sampler not in SAMPLERS:
             raise InvalidArgument(f"posttrain sampler={self.sampler!r}: must be one of {SAMPLERS}")
+
+
+CAPPED = ("pretrain", "sft", "grpo", "opd", "offpolicy", "grpo-mixed")   # stages a time cap applies to
+
+
+def stage_cap(cfg: PipelineConfig, stage: str) -> float:
+    """Seconds stage `stage` (one of CAPPED) may train; 0: no cap. The mixed GRPO baseline's default is a
+    specialist's cap times the domains, the specialists' GPU time together."""
+    if stage in cfg.minutes:
+        return 60.0 * cfg.minutes[stage]
+    if stage == "grpo-mixed":
+        return stage_cap(cfg, "grpo") * len(cfg.envs)
+    return 60.0 * cfg.stage_minutes
 
 
 def demonstrations(env: Environment, n: int, rng: random.Random) -> list[dict]:
@@ -263,7 +289,6 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     envs = make_envs(cfg.envs, level=cfg.level)
     rng = random.Random(cfg.seed)
     stages = _Stages(out, cfg.only, device)
-    cap = cfg.stage_minutes * 60.0
     start = time.perf_counter()
 
     def base_stage(d: str) -> str:
@@ -282,7 +307,8 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
         res = pretrain(model, tokenizer, envs, cfg.pretrain_examples,
                        SFTConfig(steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, batch_size=cfg.pretrain_batch_size,
                                  seq_len=cfg.pretrain_seq_len, optimizer=cfg.optimizer, seed=cfg.seed,
-                                 device=str(device), progress=cfg.progress, max_seconds=cap),
+                                 device=str(device), progress=cfg.progress,
+                                 max_seconds=stage_cap(cfg, "pretrain")),
                        d, tokenizer_dir=base, seed=cfg.seed + 3)
         return res["final_dir"]
 
@@ -290,19 +316,22 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
         data = os.path.join(d, "data.jsonl")
         _write_jsonl([c for env in envs.values() for c in demonstrations(env, cfg.sft_examples, rng)], data)
         res = sft(base, data, d, SFTConfig(steps=cfg.sft_steps, lr=cfg.sft_lr, batch_size=cfg.sft_batch_size,
-                                           seq_len=_longest(base, data, cfg.thinking), pack=False,
+                                           seq_len=_longest(base, data, cfg.thinking), pack=cfg.sft_pack,
                                            optimizer=cfg.optimizer, thinking=cfg.thinking, seed=cfg.seed,
-                                           device=str(device), progress=cfg.progress, max_seconds=cap),
+                                           device=str(device), progress=cfg.progress,
+                                           max_seconds=stage_cap(cfg, "sft")),
                   overwrite=True)
         return res["final_dir"]
 
-    def grpo_stage(domains: Sequence[str], steps: int) -> Callable[[str], str]:
+    def grpo_stage(domains: Sequence[str], steps: int, cap: float) -> Callable[[str], str]:
+        n_eval = cfg.grpo_eval_problems or cfg.eval_problems
         def fn(d: str) -> str:
             model, tokenizer = load_policy(sft_dir, device)
             gcfg = GRPOConfig(steps=steps, num_generations=cfg.grpo_generations, lr=cfg.grpo_lr,
+                              minibatches=cfg.grpo_minibatches,
                               batch_prompts=cfg.grpo_batch_prompts, max_new_tokens=cfg.max_new_tokens,
                               thinking=cfg.thinking,
-                              eval_problems=max(min(heldout_size(envs[x], cfg.eval_problems) for x in domains), 1),
+                              eval_problems=max(min(heldout_size(envs[x], n_eval) for x in domains), 1),
                               eval_every=max(steps // 4, 1), seed=cfg.seed, optimizer=cfg.optimizer,
                               sampler=cfg.sampler, max_seconds=cap)
             train_envs = {x: envs[x] if not cfg.grpo_pool else ProblemPool(envs[x], cfg.grpo_pool, seed=cfg.seed)
@@ -316,39 +345,60 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
             dcfg = DistillConfig(steps=cfg.opd_steps, lr=cfg.opd_lr, batch_prompts=cfg.opd_batch_prompts,
                                  max_new_tokens=cfg.max_new_tokens, off_policy=off_policy, thinking=cfg.thinking,
                                  eval_every=max(cfg.opd_steps // 4, 1), eval_prompts=min(cfg.eval_problems, 16),
-                                 optimizer=cfg.optimizer, seed=cfg.seed, max_seconds=cap)
+                                 optimizer=cfg.optimizer, seed=cfg.seed,
+                                 max_seconds=stage_cap(cfg, "offpolicy" if off_policy else "opd"))
             return run_distill(sft_dir, specialists, list(envs), d, dcfg, device=str(device),
                                progress=cfg.progress, envs=envs)["final_dir"]
         return fn
 
+    checkpoints: dict[str, str] = {}
+    table: dict[str, dict[str, float]] = {}
+    specialists: dict[str, str] = {}
+
+    def done(name: str, path: str) -> str:
+        """A finished stage: evaluate its checkpoint (timed as "eval") and rewrite the summary, so a run stopped
+        later still leaves the table of what it finished."""
+        checkpoints[name] = path
+        t0 = stages.seconds.get("eval", 0.0)
+        table[name] = stages.timed("eval", lambda: evaluate(path, envs, cfg.eval_problems, cfg.max_new_tokens,
+                                                            cfg.thinking, device))
+        stages.seconds["eval"] += t0
+        write_summary()
+        return path
+
+    def write_summary() -> dict:
+        summary = {"config": dataclasses.asdict(cfg), "accuracy": table, "seconds": stages.seconds,
+                   "gpu_seconds": stages.gpu_seconds(), "device": _device_name(device),
+                   "heldout_n": {d: heldout_size(env, cfg.eval_problems) for d, env in envs.items()},
+                   "steps": {name: _steps_done(path) for name, path in checkpoints.items() if name != "base"},
+                   "grpo_reward": {d: grpo_reward_change(read_metrics(os.path.join(os.path.dirname(p),
+                                                                                   "metrics.jsonl")))
+                                   for d, p in specialists.items()},
+                   "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
+        if cfg.pretrain_steps:
+            summary["steps"]["pretrain"] = _steps_done(base)
+        summary["targets"] = targets(summary)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=1)
+        with open(os.path.join(out, "summary.md"), "w") as f:
+            f.write(summary_table(summary) + "\n")
+        return summary
+
     base = stages.run("base", base_stage)
     if cfg.pretrain_steps:
         base = stages.run("pretrain", pretrain_stage)
-    sft_dir = stages.run("sft", sft_stage)
-    specialists = {domain: stages.run(f"grpo-{domain}", grpo_stage([domain], cfg.grpo_steps)) for domain in envs}
-    checkpoints = {"base": base, "sft": sft_dir, **{f"grpo-{d}": p for d, p in specialists.items()},
-                   "opd": stages.run("opd", distill_stage(False))}
+    done("base", base)
+    sft_dir = done("sft", stages.run("sft", sft_stage))
+    for domain in envs:
+        specialists[domain] = done(f"grpo-{domain}", stages.run(f"grpo-{domain}", grpo_stage(
+            [domain], cfg.grpo_steps, stage_cap(cfg, "grpo"))))
+    done("opd", stages.run("opd", distill_stage(False)))
     if cfg.off_policy_baseline:
-        checkpoints["offpolicy"] = stages.run("offpolicy", distill_stage(True))
+        done("offpolicy", stages.run("offpolicy", distill_stage(True)))
     if cfg.mixed_grpo:
-        checkpoints["grpo-mixed"] = stages.run("grpo-mixed", grpo_stage(list(envs), mixed_steps(cfg)))
-    table = stages.timed("eval", lambda: {name: evaluate(path, envs, cfg.eval_problems, cfg.max_new_tokens,
-                                                         cfg.thinking, device)
-                                          for name, path in checkpoints.items()})
-    summary = {"config": dataclasses.asdict(cfg), "accuracy": table, "seconds": stages.seconds,
-               "gpu_seconds": stages.gpu_seconds(), "device": _device_name(device),
-               "heldout_n": {d: heldout_size(env, cfg.eval_problems) for d, env in envs.items()},
-               "steps": {name: _steps_done(path) for name, path in checkpoints.items() if name != "base"},
-               "grpo_reward": {d: grpo_reward_change(read_metrics(os.path.join(os.path.dirname(p), "metrics.jsonl")))
-                               for d, p in specialists.items()},
-               "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
-    if cfg.pretrain_steps:
-        summary["steps"]["pretrain"] = _steps_done(base)
-    summary["targets"] = targets(summary)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    with open(os.path.join(out, "summary.md"), "w") as f:
-        f.write(summary_table(summary) + "\n")
+        done("grpo-mixed", stages.run("grpo-mixed", grpo_stage(list(envs), mixed_steps(cfg),
+                                                               stage_cap(cfg, "grpo-mixed"))))
+    summary = write_summary()
     _plot(out, list(envs), table, checkpoints)
     return summary
 
