@@ -162,11 +162,11 @@ def _write_jsonl(rows: Sequence[dict], path: str) -> None:
 # Sizes between the presets for the post-training pipeline on one GPU: small's layer pattern (dense first and last
 # layers, CSA/HCA alternating), fewer and narrower layers. The vocabulary is the pipeline's BPE either way.
 MODELS: dict[str, dict] = {
-    # ~1.9M parameters besides the embedding: a fast CPU test of every stage
+    # ~0.3M parameters (vocabulary 1K): a fast CPU test of every stage
     "micro": dict(dim=64, n_layers=2, n_heads=2, head_dim=32, rope_head_dim=16, q_lora_rank=32, o_groups=1,
                   o_lora_rank=32, compress_ratios=(0, 4, 0), index_n_heads=4, index_head_dim=16, index_topk=8,
                   n_routed_experts=4, n_activated_experts=2, moe_inter_dim=64, n_hash_layers=0),
-    # ~30M total / ~12M active: between tiny (2.8M) and small (235M)
+    # 28M total / 12M active with a 1K vocabulary (+4.8M MTP): between tiny (2.8M) and small (235M)
     "mini": dict(dim=384, n_layers=6, n_heads=6, head_dim=64, rope_head_dim=32, q_lora_rank=192, o_groups=2,
                  o_lora_rank=192, window_size=64, compress_ratios=(0, 0, 4, 64, 4, 64, 0), index_n_heads=8,
                  index_head_dim=32, index_topk=64, original_seq_len=1024, rope_factor=4.0, n_routed_experts=8,
@@ -340,11 +340,11 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
             return os.path.join(d, "final")
         return fn
 
-    def distill_stage(off_policy: bool) -> Callable[[str], str]:
+    def distill_stage(off_policy: bool, steps: int) -> Callable[[str], str]:
         def fn(d: str) -> str:
-            dcfg = DistillConfig(steps=cfg.opd_steps, lr=cfg.opd_lr, batch_prompts=cfg.opd_batch_prompts,
+            dcfg = DistillConfig(steps=steps, lr=cfg.opd_lr, batch_prompts=cfg.opd_batch_prompts,
                                  max_new_tokens=cfg.max_new_tokens, off_policy=off_policy, thinking=cfg.thinking,
-                                 eval_every=max(cfg.opd_steps // 4, 1), eval_prompts=min(cfg.eval_problems, 16),
+                                 eval_every=max(steps // 4, 1), eval_prompts=min(cfg.eval_problems, 16),
                                  optimizer=cfg.optimizer, seed=cfg.seed,
                                  max_seconds=stage_cap(cfg, "offpolicy" if off_policy else "opd"))
             return run_distill(sft_dir, specialists, list(envs), d, dcfg, device=str(device),
@@ -392,21 +392,21 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     for domain in envs:
         specialists[domain] = done(f"grpo-{domain}", stages.run(f"grpo-{domain}", grpo_stage(
             [domain], cfg.grpo_steps, stage_cap(cfg, "grpo"))))
-    done("opd", stages.run("opd", distill_stage(False)))
-    if cfg.off_policy_baseline:
-        done("offpolicy", stages.run("offpolicy", distill_stage(True)))
+    opd = done("opd", stages.run("opd", distill_stage(False, cfg.opd_steps)))
+    if cfg.off_policy_baseline:   # the OPD student's steps (fewer than opd_steps where its time cap stopped it)
+        done("offpolicy", stages.run("offpolicy", distill_stage(True, _steps_done(opd) or cfg.opd_steps)))
     if cfg.mixed_grpo:
-        done("grpo-mixed", stages.run("grpo-mixed", grpo_stage(list(envs), mixed_steps(cfg),
-                                                               stage_cap(cfg, "grpo-mixed"))))
+        steps = mixed_steps(cfg, [_steps_done(p) for p in specialists.values()])
+        done("grpo-mixed", stages.run("grpo-mixed", grpo_stage(list(envs), steps, stage_cap(cfg, "grpo-mixed"))))
     summary = write_summary()
     _plot(out, list(envs), table, checkpoints)
     return summary
 
 
-def mixed_steps(cfg: PipelineConfig) -> int:
-    """The mixed-domain GRPO baseline's steps: as asked, or the specialists' summed (equal student compute: the
-    same rollouts, tokens sampled aside, and the same number of updates)."""
-    return cfg.mixed_grpo_steps or cfg.grpo_steps * len(cfg.envs)
+def mixed_steps(cfg: PipelineConfig, specialist_steps: Sequence[int] = ()) -> int:
+    """The mixed-domain GRPO baseline's steps: as asked, or the steps the specialists took, summed (equal student
+    compute: as many rollouts and updates as all specialists together; grpo_steps each where unknown)."""
+    return cfg.mixed_grpo_steps or sum(specialist_steps) or cfg.grpo_steps * len(cfg.envs)
 
 
 def _device_name(device: torch.device) -> str:
