@@ -195,9 +195,22 @@ def build_base(out: str, texts: Sequence[str], vocab_size: int, seed: int, model
     return out
 
 
+_SIZES: dict[tuple[int, int], tuple[Environment, int]] = {}   # (id(env), n) -> (env, its heldout_size)
+
+
 def heldout_size(env: Environment, n: int) -> int:
     """How many held-out problems `env` gives when asked for up to n: n, or all it has when it has fewer
-    (found by bisection: `heldout` refuses a request beyond its set)."""
+    (found by bisection: `heldout` refuses a request beyond its set; remembered per environment, since a refusal
+    can take seconds: the code environment draws 5,000 problems before it gives up)."""
+    known = _SIZES.get((id(env), n))
+    if known is not None and known[0] is env:
+        return known[1]
+    size = _heldout_size(env, n)
+    _SIZES[(id(env), n)] = (env, size)
+    return size
+
+
+def _heldout_size(env: Environment, n: int) -> int:
     try:
         return len(env.heldout(n))
     except InvalidArgument:
