@@ -21,7 +21,7 @@ rm -rf "$RUN"
 # specialists' steps summed (capped at 4 x 0.45).
 timeout ${LIMIT:-560} python3 -m dsv4 posttrain --out "$RUN" --device ${DEVICE:-cuda} --model ${MODEL:-mini} \
   --env math,code,instruct,agent --vocab-size 1024 --tokenizer-examples 500 \
-  --pretrain-steps 3000 --pretrain-examples 5000 --pretrain-batch-size 64 --pretrain-seq-len 512 --pretrain-lr 2e-3 \
+  --pretrain-steps 3000 --pretrain-examples 12000 --pretrain-batch-size 64 --pretrain-seq-len 512 --pretrain-lr 2e-3 \
   --sft-examples 3000 --sft-steps 1500 --sft-batch-size 32 --sft-pack --sft-lr 1e-3 \
   --grpo-steps 80 --grpo-batch-prompts 32 --grpo-generations 8 --grpo-lr 1e-4 --grpo-pool 64 --grpo-minibatches 4 \
   --grpo-eval-problems 64 --mixed-grpo \

@@ -126,10 +126,17 @@ def test_heldout_size_is_the_request_or_all_a_domain_has(size, asked, expected):
     assert heldout_size(_SmallHeldout(size), asked) == expected
 
 
-def test_four_domain_pipeline_writes_every_stage_domain_cell_and_stage_seconds(tmp_path):
+def test_four_domain_pipeline_writes_every_stage_domain_cell_and_stage_seconds(tmp_path, monkeypatch):
     """The GPU run's path (pre-training, four domains, the mixed GRPO baseline, time caps) on the micro model,
     a step or two per stage: summary.json has an accuracy for every stage x domain, each stage's seconds and
-    steps, and the issue's targets computed from them."""
+    steps, and the issue's targets computed from them. (The plots, a third of this run's CPU time, are left
+    out; test_tiny_pipeline_end_to_end draws them.)"""
+    import dsv4.posttrain.curves as curves
+    import dsv4.posttrain.distill_run as distill_run
+    import dsv4.posttrain.pipeline as pipeline
+    for module in (curves, distill_run, pipeline):
+        monkeypatch.setattr(module, "plot_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "_plot", lambda *a, **k: None)
     domains = ["math", "code", "instruct", "agent"]
     cfg = PipelineConfig(envs=tuple(domains), model="micro", vocab_size=400, tokenizer_examples=40,
                          pretrain_steps=2, pretrain_examples=8, pretrain_batch_size=4, pretrain_seq_len=64,
