@@ -1,4 +1,5 @@
-"""The whole post-training pipeline at tiny scale: base, SFT, GRPO specialists, OPD student, off-policy baseline.
+"""The whole post-training pipeline, small scale: base (optionally pre-trained), SFT, GRPO specialists, the OPD
+student, the off-policy and mixed-domain GRPO baselines.
 
     dsv4 posttrain --out runs/posttrain                  # tiny, on the CPU: about 8 minutes on one thread
     dsv4 posttrain --out runs/pt --env math,instruct --grpo-steps 40 --opd-steps 40
