@@ -1,8 +1,11 @@
-"""The whole post-training pipeline at tiny scale: base, SFT, GRPO specialists, OPD student, off-policy baseline.
+"""The whole post-training pipeline, small scale: base (optionally pre-trained), SFT, GRPO specialists, the OPD
+student, the off-policy and mixed-domain GRPO baselines.
 
     dsv4 posttrain --out runs/posttrain                  # tiny, on the CPU: about 8 minutes on one thread
     dsv4 posttrain --out runs/pt --env math,instruct --grpo-steps 40 --opd-steps 40
     dsv4 posttrain --out runs/pt --only opd,offpolicy    # rerun the distillation stages on the earlier ones
+    dsv4 posttrain --out runs/gpu --device cuda --model mini --env math,code,instruct,agent --pretrain-steps 300 \
+        --mixed-grpo --stage-minutes 2                   # one GPU: bench/posttrain_gpu.sh
 
 Each stage writes OUT/<stage>/ (metrics.jsonl, its plot, final/); OUT/summary.md is the held-out accuracy of
 every stage per domain (± its binomial standard error) with each stage's time, then per domain SFT -> specialist -> OPD student and the GRPO
@@ -14,13 +17,15 @@ import argparse
 
 from ..errors import InvalidArgument
 
-_STAGES = ("base", "sft", "grpo", "opd", "offpolicy")
+_STAGES = ("base", "pretrain", "sft", "grpo", "opd", "offpolicy", "grpo-mixed")
 
 
 # PipelineConfig fields with a flag of their own, --sft-steps etc.; unset ones keep the config's default
 _NUMBERS = ("sft_examples", "sft_steps", "sft_lr", "sft_batch_size", "grpo_steps", "grpo_lr", "grpo_generations",
             "grpo_batch_prompts", "grpo_pool", "opd_steps", "opd_lr", "opd_batch_prompts", "max_new_tokens",
-            "eval_problems", "vocab_size", "seed")
+            "eval_problems", "vocab_size", "seed", "tokenizer_examples", "pretrain_steps", "pretrain_examples",
+            "pretrain_lr", "pretrain_batch_size", "pretrain_seq_len", "mixed_grpo_steps", "stage_minutes",
+            "grpo_eval_problems", "grpo_minibatches")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,7 +33,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--env", default="math,instruct", metavar="NAME,...", help="the domains (default: math,instruct)")
     p.add_argument("--level", default="easy", help="the environments' difficulty")
     p.add_argument("--base", metavar="DIR",
-                   help="start from this checkpoint (with tokenizer) instead of a new tiny one")
+                   help="start from this checkpoint (with tokenizer) instead of a new one")
+    p.add_argument("--model", default="tiny",
+                   help="a new base's size: a preset (tiny, small) or one of the pipeline's (micro, mini)")
+    p.add_argument("--mixed-grpo", action="store_true",
+                   help="also the mixed-domain GRPO baseline (stage grpo-mixed; steps: --mixed-grpo-steps, "
+                        "default the specialists' summed)")
     p.add_argument("--thinking", action="store_true", help="thinking mode throughout")
     p.add_argument("--no-off-policy", action="store_true", help="skip the off-policy distillation baseline")
     p.add_argument("--only", metavar="STAGE,...", help=f"run only these stages of {', '.join(_STAGES)} "
@@ -39,9 +49,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler", default="direct", choices=["direct", "engine"],
                    help="GRPO's rollout sampler (default direct: batched on the model, several times the serving "
                         "engine's speed for the tiny model on a CPU)")
+    p.add_argument("--minutes", metavar="STAGE=MIN,...",
+                   help="time caps of some stages, e.g. pretrain=1.2,sft=0.8,grpo=0.5 (grpo: each specialist; "
+                        "also opd, offpolicy, grpo-mixed; the others --stage-minutes)")
+    p.add_argument("--sft-pack", action="store_true",
+                   help="SFT packs conversations into rows instead of padding each to the longest")
     p.add_argument("--no-progress", action="store_true")
     for name in _NUMBERS:
-        p.add_argument("--" + name.replace("_", "-"), type=float if name.endswith("lr") else int, default=None)
+        p.add_argument("--" + name.replace("_", "-"), type=float if name.endswith(("lr", "minutes")) else int,
+                       default=None)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,7 +71,13 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"--only: unknown stage(s) {bad}; choose from {', '.join(_STAGES)}")
         only = tuple(s for a in asked for s in ([f"grpo-{d}" for d in envs] if a == "grpo" else [a]))
     numbers = {n: getattr(args, n) for n in _NUMBERS if getattr(args, n) is not None}
-    cfg = PipelineConfig(envs=envs, level=args.level, base=args.base, thinking=args.thinking,
+    if args.minutes:
+        try:
+            numbers["minutes"] = {k.strip(): float(v) for k, v in (s.split("=") for s in args.minutes.split(","))}
+        except ValueError:
+            raise InvalidArgument(f"--minutes {args.minutes!r}: expected STAGE=MINUTES,...") from None
+    cfg = PipelineConfig(envs=envs, level=args.level, base=args.base, model=args.model,
+                         mixed_grpo=args.mixed_grpo, sft_pack=args.sft_pack, thinking=args.thinking,
                          off_policy_baseline=not args.no_off_policy, only=only, device=args.device,
                          optimizer=args.optimizer, sampler=args.sampler, progress=not args.no_progress, **numbers)
     summary = run_pipeline(args.out, cfg)

@@ -67,6 +67,7 @@ class DistillConfig:
     chunk: int = DEFAULT_CHUNK       # positions per head/softmax chunk in the reverse KL and the CE
     thinking: bool = False
     seed: int = 0
+    max_seconds: float = 0.0         # stop after the step that passes this much wall time (0: no cap)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_prompts", "max_new_tokens", "eval_every", "chunk"):
@@ -318,8 +319,11 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
                "tok_per_s": n_tok / max(time.perf_counter() - t0, 1e-9), "time_s": time.perf_counter() - start}
         log.add(row)
         bar.step(row)
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+        over = bool(cfg.max_seconds) and time.perf_counter() - start > cfg.max_seconds
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or over:
             evaluate(step + 1)
+        if over:
+            break
     bar.close()
     return log.rows
 

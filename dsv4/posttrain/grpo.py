@@ -68,6 +68,7 @@ class GRPOConfig:
     eval_problems: int = 32           # held-out problems per environment
     seed: int = 0
     logprob_chunk: int = 512
+    max_seconds: float = 0.0          # stop after the step that passes this much wall time (0: no cap)
 
     def __post_init__(self) -> None:
         for name in ("steps", "num_generations", "batch_prompts", "mu", "minibatches", "max_new_tokens",
@@ -242,6 +243,8 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
 
     run_eval(0)
     G = cfg.num_generations
+    start = time.perf_counter()
+    done = cfg.steps
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         drawn = [envs[names[i % len(names)]] for i in range(cfg.batch_prompts)]
@@ -264,9 +267,12 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
         record(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", drift=f"{stats['drift']:.4f}")
+        if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds and step + 1 < cfg.steps:
+            done = step + 1
+            break
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             run_eval(step + 1)
-    run_eval(cfg.steps)
+    run_eval(done)
     bar.close()
     model.eval()
     if out is not None:

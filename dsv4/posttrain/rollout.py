@@ -22,6 +22,7 @@ every request) and each trajectory carries the experts and indexer top-k chosen 
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -144,11 +145,35 @@ def rollout(model, tokenizer, problems: Sequence[Problem], envs_by_domain: Mappi
                 still.append(i)
         active = still
         turn += 1
-    out = []
-    for s in states:
-        reward = s.reward if s.reward is not None else s.env.reward(s.problem, s.turns)
-        out.append(Trajectory(s.problem, s.tokens, s.prompt_len, s.mask, s.logprobs, s.turns, reward, s.routing))
-    return out
+    rewards = _score(states)
+    return [Trajectory(s.problem, s.tokens, s.prompt_len, s.mask, s.logprobs, s.turns, r, s.routing)
+            for s, r in zip(states, rewards)]
+
+
+def _score(states: Sequence[_State]) -> list[Reward]:
+    """Each finished trajectory's reward, in order. An environment that says `parallel_reward` (its reward runs
+    a process and is deterministic: the code environment's sandbox, ~30 ms a call) is called from a pool of
+    threads, which wait on the processes in parallel, and identical final turns of one problem (frequent within
+    a group) are scored once; every other reward is called in order, once per trajectory."""
+    slow = [i for i, s in enumerate(states) if s.reward is None and getattr(s.env, "parallel_reward", False)]
+    later = set(slow)
+    out = [s.reward if s.reward is not None or i in later else s.env.reward(s.problem, s.turns)
+           for i, s in enumerate(states)]
+    if slow:
+        unique: dict[tuple, int] = {}
+        for i in slow:
+            unique.setdefault((id(states[i].problem), repr(states[i].turns)), i)
+        firsts = list(unique.values())
+        if len(firsts) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, len(firsts))) as pool:
+                scored = dict(zip(firsts, pool.map(lambda i: states[i].env.reward(states[i].problem, states[i].turns),
+                                                   firsts)))
+        else:
+            scored = {i: states[i].env.reward(states[i].problem, states[i].turns) for i in firsts}
+        for i in slow:
+            out[i] = scored[unique[(id(states[i].problem), repr(states[i].turns))]]
+    return out  # type: ignore[return-value]
 
 
 def _advance(s: _State, res: Sampled, tokenizer, thinking: bool) -> bool:

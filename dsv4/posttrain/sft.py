@@ -63,6 +63,7 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
+    max_seconds: float = 0.0      # a wall-time cap (0: none): the schedule shrinks to the steps that fit (fit_steps)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -158,6 +159,8 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
     progress.bar.set_description("sft")
     batches = iter(data)
     trained = 0
+    cfg_steps = steps
+    start = timed_from = time.perf_counter()
     with fp32_matmuls("tf32") if device.type == "cuda" else nullcontext():
         for step in range(steps):
             t0 = time.perf_counter()
@@ -187,8 +190,30 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
                    "tok_per_s": batch.tokens.numel() / max(time.perf_counter() - t0, 1e-9)}
             metrics.add(row)
             progress.step(row)
+            if cfg.max_seconds:
+                elapsed = time.perf_counter() - start
+                if step + 1 == _TIMED_FROM + _TIMED_STEPS:
+                    steps = fit_steps(steps, step + 1, elapsed, time.perf_counter() - timed_from, cfg.max_seconds)
+                if step + 1 == _TIMED_FROM:
+                    timed_from = time.perf_counter()
+                if step + 1 >= steps or elapsed > cfg.max_seconds:
+                    if step + 1 < cfg_steps:
+                        log.warning("sft: stopped at step %d of %d for its %.0f s cap", step + 1, cfg_steps,
+                                    cfg.max_seconds)
+                    break
     progress.close()
     return trained
+
+
+_TIMED_FROM, _TIMED_STEPS = 2, 5   # steps timed to fit a capped schedule: after the first two (warm-up, allocation)
+
+
+def fit_steps(steps: int, done: int, elapsed: float, timed: float, max_seconds: float) -> int:
+    """The steps of a schedule capped at `max_seconds`: `steps`, or fewer where the rest would not fit at the rate
+    of the last `_TIMED_STEPS` steps (`timed` seconds), after `done` steps in `elapsed` seconds. The learning-rate
+    schedule then ends (decays fully) within the cap instead of being cut off at a high rate."""
+    per_step = timed / _TIMED_STEPS
+    return max(done, min(steps, done + int((max_seconds - elapsed) / max(per_step, 1e-9))))
 
 
 def plot_sft(rows: list[dict], path: str) -> None:

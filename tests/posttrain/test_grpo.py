@@ -82,3 +82,12 @@ def test_bad_settings_are_refused_up_front():
                                                    "minibatches")]:
         with pytest.raises(InvalidArgument, match=match):
             GRPOConfig(**kw)
+
+
+def test_a_time_cap_stops_grpo_after_the_step_that_passes_it():
+    tok = toy_tokenizer()
+    cfg = GRPOConfig(steps=5, num_generations=2, batch_prompts=2, max_new_tokens=4, eval_problems=2,
+                     sampler="direct", optimizer="adamw", max_seconds=1e-9)
+    res = grpo_train(toy_model(), tok, {"toy": LetterEnv()}, cfg, progress=False)
+    assert [r["step"] for r in res.rows] == [1]
+    assert [e["step"] for e in res.evals] == [0, 1]          # the final evaluation is at the step it stopped

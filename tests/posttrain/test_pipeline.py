@@ -124,3 +124,56 @@ class _SmallHeldout:
                                                    (1, 8, 1)])
 def test_heldout_size_is_the_request_or_all_a_domain_has(size, asked, expected):
     assert heldout_size(_SmallHeldout(size), asked) == expected
+
+
+def test_four_domain_pipeline_writes_every_stage_domain_cell_and_stage_seconds(tmp_path, monkeypatch):
+    """The GPU run's path (pre-training, four domains, the mixed GRPO baseline, time caps) on the micro model,
+    a step or two per stage: summary.json has an accuracy for every stage x domain, each stage's seconds and
+    steps, and the issue's targets computed from them. (The plots, a third of this run's CPU time, are left
+    out; test_tiny_pipeline_end_to_end draws them.)"""
+    import dsv4.posttrain.curves as curves
+    import dsv4.posttrain.distill_run as distill_run
+    import dsv4.posttrain.pipeline as pipeline
+    for module in (curves, distill_run, pipeline):
+        monkeypatch.setattr(module, "plot_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline, "_plot", lambda *a, **k: None)
+    domains = ["math", "code", "instruct", "agent"]
+    cfg = PipelineConfig(envs=tuple(domains), model="micro", vocab_size=400, tokenizer_examples=40,
+                         pretrain_steps=2, pretrain_examples=8, pretrain_batch_size=4, pretrain_seq_len=64,
+                         sft_examples=8, sft_steps=2, sft_batch_size=4, grpo_steps=1, grpo_generations=2,
+                         grpo_batch_prompts=2, grpo_pool=4, opd_steps=1, opd_batch_prompts=4, max_new_tokens=4,
+                         eval_problems=2, mixed_grpo=True, stage_minutes=5.0, progress=False)
+    summary = run_pipeline(str(tmp_path), cfg)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    stages = ["base", "sft", *[f"grpo-{d}" for d in domains], "opd", "offpolicy", "grpo-mixed"]
+    assert list(saved["accuracy"]) == stages
+    for stage in stages:
+        assert list(saved["accuracy"][stage]) == domains, stage
+        assert all(0 <= a <= 1 for a in saved["accuracy"][stage].values())
+    assert set(saved["seconds"]) == {"base", "pretrain", *stages[1:], "eval"}
+    assert all(s > 0 for s in saved["seconds"].values())
+    assert saved["gpu_seconds"] == {} and saved["device"] == "cpu"
+    # each specialist took its one step; the mixed baseline the four domains' summed (equal student compute)
+    assert saved["steps"] == {"pretrain": 2, "sft": 2, **{f"grpo-{d}": 1 for d in domains}, "opd": 1,
+                              "offpolicy": 1, "grpo-mixed": 4}
+    t = saved["targets"]
+    assert set(t["specialist_minus_sft"]) == set(domains)
+    grpo_time = sum(saved["seconds"][f"grpo-{d}"] for d in domains)
+    assert t["opd_over_specialists_grpo_time"] == pytest.approx(saved["seconds"]["opd"] / grpo_time)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| grpo-mixed |" in md and "pretrain" in md and summary["accuracy"] == saved["accuracy"]
+    rows = [json.loads(line) for line in (tmp_path / "grpo-mixed" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_acc" in r]
+    assert all(f"eval_acc/{d}" in evals[-1] for d in domains)   # the mixed run trains and evaluates every domain
+
+
+def test_model_sizes_and_a_bad_one():
+    from dsv4.posttrain.pipeline import model_config
+    assert model_config("micro", 300).vocab_size == 300
+    assert model_config("tiny", 300).dim == 128 and model_config("small", 300).dim == 768
+    mini = model_config("mini", 1000)
+    assert model_config("tiny", 1000).dim < mini.dim < model_config("small", 1000).dim
+    with pytest.raises(InvalidArgument, match="model='huge'"):
+        PipelineConfig(model="huge").check()
+    with pytest.raises(InvalidArgument, match="pretrain"):
+        PipelineConfig(base="/some/dir", pretrain_steps=3).check()

@@ -95,3 +95,36 @@ def test_cut_off_completion_is_scored_as_it_stands(monkeypatch):
     [t] = rollout(None, tok, env.heldout(1), {"toy": env}, group_size=1, sampling=SamplingConfig(),
                   max_new_tokens=len(ids))
     assert t.turns[-1]["content"] == "aaaa" and t.reward.score == 1.0
+
+
+class _CountingEnv(LetterEnv):
+    """LetterEnv whose reward calls are counted and may be made from threads (`parallel_reward`)."""
+    parallel_reward = True
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def reward(self, problem, turns):
+        self.calls.append((problem.id, turns[-1]["content"]))
+        return super().reward(problem, turns)
+
+
+def test_parallel_rewards_score_each_distinct_completion_once_and_in_order(monkeypatch):
+    """An environment with parallel_reward is scored from threads, each distinct final turn of a problem once;
+    every trajectory gets the reward LetterEnv gives its own text."""
+    tok = toy_tokenizer()
+    texts = ["aaaa", "abab", "aaaa", "bbbb", "aaaa", "abab"]      # 2 problems x group of 3
+
+    def fake(model, tokenizer, contexts, params, eos, **kw):
+        return [Sampled(tok.encode(t) + [tok.eos_id], [-0.5] * (len(tok.encode(t)) + 1), "stop") for t in texts]
+    monkeypatch.setattr(rollout_mod, "sample_turn", fake)
+    env = _CountingEnv()
+    problems = env.heldout(2)
+    trajs = rollout(None, tok, problems, {"toy": env}, group_size=3, sampling=SamplingConfig(), max_new_tokens=8)
+    plain = LetterEnv()
+    assert [t.reward.score for t in trajs] == [plain.reward(t.problem, t.turns).score for t in trajs]
+    assert [t.reward.score for t in trajs] == [1.0, 0.5, 1.0, 0.0, 1.0, 0.5]
+    # problem h0: "aaaa" twice, "abab" once; problem h1: "bbbb", "aaaa", "abab": 5 distinct, not 6
+    assert sorted(env.calls) == sorted({("h0", "aaaa"), ("h0", "abab"), ("h1", "bbbb"), ("h1", "aaaa"),
+                                        ("h1", "abab")})

@@ -108,3 +108,11 @@ def test_training_leaves_the_attention_stage_as_it_found_it(tmp_path, tok):
     assert not any(m.indexer_loss for m in layers)
     train_sft(model, tok, exs, SFTConfig(steps=1, optimizer="adamw", device="cpu", progress=False), str(tmp_path))
     assert not any(m.indexer_loss for m in layers) and all(m.sparse for m in layers)
+
+
+def test_fit_steps_shrinks_a_capped_schedule_to_what_fits():
+    from dsv4.posttrain.sft import fit_steps
+    # 7 steps done in 7 s, the last five timed at 1 s each: 53 more fit in a 60 s cap
+    assert fit_steps(1000, 7, elapsed=7.0, timed=5.0, max_seconds=60.0) == 60
+    assert fit_steps(20, 7, elapsed=7.0, timed=5.0, max_seconds=60.0) == 20      # never more than asked
+    assert fit_steps(1000, 7, elapsed=70.0, timed=5.0, max_seconds=60.0) == 7    # never fewer than done

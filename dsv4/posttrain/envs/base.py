@@ -57,6 +57,7 @@ class EnvironmentWrapper:
     def __init__(self, env: Environment):
         self.env = env
         self.name, self.max_turns = env.name, env.max_turns
+        self.parallel_reward = getattr(env, "parallel_reward", False)   # rollout.py's: may score from threads
 
     def sample(self, rng: random.Random) -> Problem:
         return self.env.sample(rng)

@@ -205,6 +205,7 @@ class CodeEnv:
 
     name = "code"
     max_turns = 1
+    parallel_reward = True       # rollout.py scores it from threads: each reward is a deterministic sandbox run
 
     def __init__(self, level: str = "easy", families: tuple[str, ...] | None = None, *,
                  limits: Limits | None = None, per_test_s: float = 0.25):

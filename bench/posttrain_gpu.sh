@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One device call on one GPU: the whole post-training pipeline (`dsv4 posttrain`) on all four domains (math, code,
+# instruct, agent), everything generated locally (no network): a 1K BPE and the `mini` model (28M parameters, 12M
+# active, between tiny and small) pre-trained on task-rich plain text, SFT, one GRPO specialist per domain, the OPD
+# student, the off-policy baseline and the mixed-domain GRPO baseline (the specialists' time and steps summed).
+# Each training stage is capped in wall time (SFT and pre-training fit their schedule to the cap); every stage's
+# checkpoint is evaluated when it finishes and summary.json/summary.md rewritten, so a run stopped by the outer
+# timeout still leaves the table of what it finished. Results under $OUT: <prefix>_posttrain_summary.{md,json},
+# the plots, each stage's metrics.jsonl; the log's tail on stdout.
+#   bash bench/posttrain_gpu.sh                  # ~8 minutes on one H100
+#   SCALE=0.5 bash bench/posttrain_gpu.sh        # every stage's time cap halved (~4.5 minutes)
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+P="$OUT/$(python3 bench/provenance.py)"
+RUN=${RUN:-/tmp/runs/posttrain}
+SCALE=${SCALE:-1}
+cap() { python3 -c "print(round($1 * $SCALE, 3))"; }
+rm -rf "$RUN"
+# Steps are upper bounds; on a GPU the caps (minutes) decide: pre-training 1.0, SFT 0.75, each specialist 0.45,
+# OPD 0.3. The off-policy baseline takes the OPD student's steps (capped at 0.6), the mixed GRPO baseline the
+# specialists' steps summed (capped at 4 x 0.45).
+timeout ${LIMIT:-560} python3 -m dsv4 posttrain --out "$RUN" --device ${DEVICE:-cuda} --model ${MODEL:-mini} \
+  --env math,code,instruct,agent --vocab-size 1024 --tokenizer-examples 500 \
+  --pretrain-steps 3000 --pretrain-examples 12000 --pretrain-batch-size 64 --pretrain-seq-len 512 --pretrain-lr 2e-3 \
+  --sft-examples 3000 --sft-steps 1500 --sft-batch-size 32 --sft-pack --sft-lr 1e-3 \
+  --grpo-steps 80 --grpo-batch-prompts 32 --grpo-generations 8 --grpo-lr 1e-4 --grpo-pool 64 --grpo-minibatches 4 \
+  --grpo-eval-problems 64 --mixed-grpo \
+  --opd-steps 60 --opd-batch-prompts 64 --opd-lr 1e-4 \
+  --max-new-tokens 40 --eval-problems 200 --no-progress \
+  --minutes "pretrain=$(cap 1.0),sft=$(cap 0.75),grpo=$(cap 0.45),opd=$(cap 0.3)" --stage-minutes $(cap 0.6) \
+  ${EXTRA:-} > "$OUT/posttrain.log" 2>&1
+echo "exit $?"
+tail -40 "$OUT/posttrain.log"
+cp "$RUN/summary.md" "${P}_posttrain_summary.md" 2>/dev/null
+cp "$RUN/summary.json" "${P}_posttrain_summary.json" 2>/dev/null
+for f in accuracy reward distill; do cp "$RUN/$f.png" "${P}_posttrain_$f.png" 2>/dev/null; done
+for d in "$RUN"/*/; do
+  s=$(basename "$d")
+  cp "$d/metrics.jsonl" "${P}_posttrain_${s}_metrics.jsonl" 2>/dev/null
+done
+cat "$RUN/summary.md" 2>/dev/null
