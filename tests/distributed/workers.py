@@ -227,19 +227,19 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
     return {"errors": errs}
 
 
-def case_cp_fsdp_recompute(out: str, rank: int, world: int, mesh) -> dict:
-    """The trainer's indexer warm-up step, then its sparse step, with --cp `world` (FSDP2 and expert parallelism
-    over every rank, ContextParallelPlacement) and block recompute, against one process's steps without
-    recompute on the whole batch: per stage the losses, and per parameter tensor the gradient's largest relative
-    error beside its sensitivity to fp32 rounding (as case_cp_exact). No optimizer step between the two."""
+def case_fsdp_recompute(out: str, rank: int, world: int, mesh) -> dict:
+    """The trainer's indexer warm-up step, then its sparse step, with block recompute under FSDP2 and expert
+    parallelism over every rank: "cp", each sequence split across the ranks (ContextParallelPlacement, --cp
+    `world`); "dp", each rank its own rows (DistributedPlacement). Against one process's steps without recompute on
+    the whole batch: per placement and stage the loss (the mean over ranks) and per parameter tensor the gradient's
+    largest relative error beside its sensitivity to fp32 rounding (as case_cp_exact). No optimizer steps."""
     from dsv4.distributed.train import ContextParallelPlacement
     from dsv4.train.stages import set_stage
-    placement = ContextParallelPlacement(mesh, world)
-    stages = [("indexer", 24), ("sparse", 24)]      # balanced, chunks of 6: rows from the other rank's chunks
+    stages = [("indexer", 24), ("sparse", 24)]      # --cp 2 balanced: chunks of 6, rows from the other rank's chunks
     weights = LossWeights()
 
     def batch(T: int, stage: str) -> torch.Tensor:      # [B, T + 1 + n_mtp]
-        return torch.randint(0, 2048, (2, T + 2), generator=torch.Generator().manual_seed(T + len(stage)))
+        return torch.randint(0, 2048, (world, T + 2), generator=torch.Generator().manual_seed(T + len(stage)))
 
     def one_process(rounding: float) -> tuple[list[float], list[dict]]:
         model = cp_model()
@@ -258,20 +258,24 @@ def case_cp_fsdp_recompute(out: str, rank: int, world: int, mesh) -> dict:
     _, noisy = one_process(1e-7)
     want_losses, want = one_process(0.0)
 
-    model = placement.place(cp_model().set_activation_checkpointing(True))
     errs = []
-    for (stage, T), wanted, noise, want_loss in zip(stages, want, noisy, want_losses):
-        set_stage(model, stage)
-        loss, _ = compute_loss(model, placement.rows(batch(T, stage)), weights, lm=stage != "indexer")
-        loss.backward()
-        placement.finish_grads(model)
-        grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
-                 for n, p in model.named_parameters() if p.grad is not None}
-        errs.append({"stage": stage, "loss": rel(loss.detach(), torch.tensor(want_loss)), "values": (float(loss), want_loss),
-                     "missing": sorted(wanted.keys() - grads.keys()), "extra": sorted(grads.keys() - wanted.keys()),
-                     "grads": {n: (rel(grads[n], wanted[n]), rel(noise[n], wanted[n]))
-                               for n in wanted.keys() & grads.keys()}})
-        model.zero_grad(set_to_none=True)
+    for name, placement in (("cp", ContextParallelPlacement(mesh, world)), ("dp", DistributedPlacement(mesh))):
+        model = placement.place(cp_model().set_activation_checkpointing(True))
+        for (stage, T), wanted, noise, want_loss in zip(stages, want, noisy, want_losses):
+            set_stage(model, stage)
+            loss, _ = compute_loss(model, placement.rows(batch(T, stage)), weights, lm=stage != "indexer")
+            loss.backward()
+            placement.finish_grads(model)
+            mean_loss = float(placement.all_reduce(loss.detach().reshape(1), "mean"))
+            grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                     for n, p in model.named_parameters() if p.grad is not None}
+            errs.append({"placement": name, "stage": stage, "values": (mean_loss, want_loss),
+                         "loss": rel(torch.tensor(mean_loss), torch.tensor(want_loss)),
+                         "missing": sorted(wanted.keys() - grads.keys()),
+                         "extra": sorted(grads.keys() - wanted.keys()),
+                         "grads": {n: (rel(grads[n], wanted[n]), rel(noise[n], wanted[n]))
+                                   for n in wanted.keys() & grads.keys()}})
+            model.zero_grad(set_to_none=True)
     return {"errors": errs}
 
 
