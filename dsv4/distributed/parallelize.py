@@ -6,11 +6,14 @@ FSDP2-sharded (`fully_shard` per block, then the root), data parallel over the r
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from ..model import Transformer
 from ..model.attention import Attention
@@ -48,12 +51,41 @@ def parallelize(model: Transformer, mesh: DeviceMesh, *, bf16: bool = False) -> 
     for block in list(model.layers) + list(model.mtp):
         fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=ignored)
         register_fsdp_forward_method(block, "forward_recomputed")   # block recompute calls it, not forward
+        block.recompute_context = _gathered_for_recompute(block, ignored)
     for block in model.mtp:
         register_fsdp_forward_method(block, "collapse")
     fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     for method in ("hidden", "logits", "mtp_logits"):  # the trainer calls these, not forward
         register_fsdp_forward_method(model, method)
     return model
+
+
+def _gathered_for_recompute(block: FSDPModule, ignored: set) -> Callable[[], AbstractContextManager[None]]:
+    """The block's recompute context (Block.recompute_context): its parameters gathered for the recompute.
+
+    A gradient reaching the block's output fires FSDP2's pre-backward hook, which gathers them before any of the
+    block's backward runs (the main stages). In the indexer warm-up no gradient reaches a block's output (the
+    indexer learns from its KL loss on detached inputs), but the KL's backward needs the recomputed attention,
+    which reads the block's parameters: gather them here and shard them again afterwards. Nothing of the block
+    but the indexer (its own FSDP unit, gathered by its own hooks) is differentiated then, so no backward reads
+    the block's parameters after the reshard. The gather is a collective: the recompute starts at the KL's last
+    op, which every rank reaches at the same point of its backward pass."""
+    # a parameter FSDP2 manages: a sharded DTensor while the block is sharded, a plain tensor while gathered
+    # (not one of the indexer's: a unit of its own)
+    nested = {p for m in block.modules() if m is not block and isinstance(m, FSDPModule) for p in m.parameters()}
+    name = next(n for n, p in block.named_parameters() if p not in ignored and p not in nested)
+
+    @contextmanager
+    def gathered() -> Iterator[None]:
+        sharded = isinstance(block.get_parameter(name), DTensor)
+        if sharded:
+            block.unshard()
+        try:
+            yield
+        finally:
+            if sharded:
+                block.reshard()
+    return gathered
 
 
 def finish_expert_grads(model: Transformer, world: int) -> None:

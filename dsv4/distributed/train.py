@@ -87,11 +87,6 @@ def check_cp_config(cfg: TrainConfig, world: int, cp: int, balanced: bool) -> No
     if cfg.seq_len < chunks:
         raise ConfigError(f"seq_len={cfg.seq_len} is shorter than the {chunks} chunks of --cp {cp}"
                           f"{', balanced' if balanced else ''}")
-    if cp > 1 and cfg.activation_checkpointing == "block":
-        raise ConfigError(
-            "activation_checkpointing='block' is not supported with --cp > 1 yet. The model composes (a recomputed "
-            "layer replays its context exchanges), but under FSDP2 the indexer warm-up fails: no gradient reaches a "
-            "block's output there, so FSDP2 does not gather the block's parameters for its recompute")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,8 @@ routed experts are stacked (`ffn.experts.w1` is [E, F, C]; the checkpoint has `f
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -42,6 +43,9 @@ class Block(nn.Module):
         self.record_hc = False  # keep the last comb matrices (for the residual-gain metric)
         self.last_combs: list[torch.Tensor] = []
         self._combs_done = False  # set once a forward has recorded them (a backward recompute must not add more)
+        # entered around each recompute of forward_recomputed's segments in the backward pass (None: nothing);
+        # a placement that shards the block's parameters sets it to have them gathered there
+        self.recompute_context: Callable[[], ContextManager] | None = None
         if self.hc_mode != "none":
             mix, width = (2 + cfg.hc_mult) * cfg.hc_mult, cfg.hc_mult * cfg.dim
             for site in ("attn", "ffn"):
@@ -81,12 +85,13 @@ class Block(nn.Module):
         forward; the MoE's routing and the mHC record cover the whole batch as after forward."""
         spans = [slice(s, s + chunk) for s in range(0, x.shape[1], chunk)]
         self._combs_done = True  # recorded below from the chunks' outputs, not by the (re)computations
-        y, post, comb = _cat_seq([_ckpt(self._hc_pre, x[:, sl], "attn") for sl in spans])
-        f = _ckpt(self._attention, y, *args)
-        x = torch.cat([_ckpt(self._hc_post, f[:, sl], x[:, sl], _seq(post, sl), _seq(comb, sl)) for sl in spans], 1)
+        ckpt = self._ckpt
+        y, post, comb = _cat_seq([ckpt(self._hc_pre, x[:, sl], "attn") for sl in spans])
+        f = ckpt(self._attention, y, *args)
+        x = torch.cat([ckpt(self._hc_post, f[:, sl], x[:, sl], _seq(post, sl), _seq(comb, sl)) for sl in spans], 1)
         outs, ffn_combs, routes = [], [], []
         for sl in spans:
-            out, ffn_comb, *route = _ckpt(self._ffn_chunk, x[:, sl], None if token_ids is None else token_ids[:, sl])
+            out, ffn_comb, *route = ckpt(self._ffn_chunk, x[:, sl], None if token_ids is None else token_ids[:, sl])
             outs.append(out)
             ffn_combs.append(ffn_comb)
             routes.append(route)
@@ -96,6 +101,14 @@ class Block(nn.Module):
         if self.record_hc and comb is not None:
             self.last_combs = [comb.detach(), torch.cat(ffn_combs, 1).detach()]
         return outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+
+    def _ckpt(self, fn, *args):
+        """fn(*args) whose activations are dropped and recomputed in the backward pass, inside
+        `recompute_context`."""
+        if self.recompute_context is None:
+            return checkpoint(fn, *args, use_reentrant=False)
+        recompute = self.recompute_context
+        return checkpoint(fn, *args, use_reentrant=False, context_fn=lambda: (nullcontext(), recompute()))
 
     def _attention(self, y: torch.Tensor, pos0: torch.Tensor | None = None, cache=None,
                    docs: PackedDocuments | None = None) -> torch.Tensor:
@@ -124,10 +137,6 @@ class Block(nn.Module):
         finally:
             self.ffn.last_routing = kept
         return (out, comb, *route)
-
-
-def _ckpt(fn, *args):
-    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def _seq(t: torch.Tensor | None, sl: slice) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
 """Context parallelism beyond the basics, on CPU with gloo and 2 ranks (fp32, tests/distributed/workers.py's
-cp_model: window 16, CSA groups of 4, HCA groups of 8): block recompute (activation checkpointing) and sequence
-lengths that do not split into equal chunks give one process's logits, indexer KL and gradients; a prefill through
-context parallelism leaves a cache that decodes as one process's."""
+cp_model: window 16, CSA groups of 4, HCA groups of 8): block recompute (activation checkpointing, also under FSDP2
+and expert parallelism) and sequence lengths that do not split into equal chunks give one process's logits,
+indexer KL and gradients; a prefill through context parallelism leaves a cache that decodes as one process's."""
 import json
 import os
 import sys
@@ -54,15 +54,31 @@ def test_cp_prefill_then_decode_equals_one_process(tmp_path):
             assert max(errs) <= 1e-5, (case, errs)
 
 
-def test_cp_launcher_refuses_block_recompute_and_takes_unequal_lengths():
-    """The torchrun launcher names what it cannot do yet (recompute with FSDP2 and expert parallelism under --cp)
-    and takes a seq_len that 2*cp does not divide."""
+def test_fsdp_block_recompute_equals_one_process(tmp_path):
+    """Block recompute under FSDP2 and expert parallelism on 2 ranks, with --cp 2 (ContextParallelPlacement) and
+    without (DistributedPlacement, each rank its rows): the trainer's indexer warm-up step, where no gradient
+    reaches a block's output and the recompute itself must gather the block's parameters, then its sparse step,
+    give one process's losses and gradients (without recompute)."""
+    for r in torchrun("fsdp_recompute", 2, tmp_path):
+        assert [(e["placement"], e["stage"]) for e in r["errors"]] == [
+            ("cp", "indexer"), ("cp", "sparse"), ("dp", "indexer"), ("dp", "sparse")]
+        for e in r["errors"]:
+            case = (e["placement"], e["stage"])
+            assert e["loss"] <= 1e-5 and e["values"][1] > 0, (case, e["values"])
+            assert not e["missing"] and not e["extra"], (case, e["missing"], e["extra"])   # the same parameters
+            if e["stage"] == "indexer":                                                   # the indexer alone
+                assert e["grads"] and all(".indexer." in n for n in e["grads"]), (case, sorted(e["grads"]))
+            for name, (err, noise) in e["grads"].items():        # (as _assert_exact: cancelling sums)
+                assert err <= max(1e-5, 10 * noise), (case, name, err, noise)
+
+
+def test_cp_launcher_takes_block_recompute_and_unequal_lengths():
+    """The torchrun launcher takes block recompute under --cp and a seq_len that 2*cp does not divide."""
     from dsv4.config import ConfigError
     from dsv4.distributed.train import check_cp_config
     from dsv4.train.config import TrainConfig
     check_cp_config(TrainConfig(batch_size=2, seq_len=46), 2, 2, True)
-    with pytest.raises(ConfigError, match="activation_checkpointing='block' is not supported with --cp > 1"):
-        check_cp_config(TrainConfig(batch_size=2, seq_len=48, activation_checkpointing="block"), 2, 2, True)
+    check_cp_config(TrainConfig(batch_size=2, seq_len=48, activation_checkpointing="block"), 2, 2, True)
     with pytest.raises(ConfigError, match="shorter than the 4 chunks"):
         check_cp_config(TrainConfig(batch_size=2, seq_len=3), 2, 2, True)
 

@@ -227,6 +227,58 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
     return {"errors": errs}
 
 
+def case_fsdp_recompute(out: str, rank: int, world: int, mesh) -> dict:
+    """The trainer's indexer warm-up step, then its sparse step, with block recompute under FSDP2 and expert
+    parallelism over every rank: "cp", each sequence split across the ranks (ContextParallelPlacement, --cp
+    `world`); "dp", each rank its own rows (DistributedPlacement). Against one process's steps without recompute on
+    the whole batch: per placement and stage the loss (the mean over ranks) and per parameter tensor the gradient's
+    largest relative error beside its sensitivity to fp32 rounding (as case_cp_exact). No optimizer steps."""
+    from dsv4.distributed.train import ContextParallelPlacement
+    from dsv4.train.stages import set_stage
+    stages = [("indexer", 24), ("sparse", 24)]      # --cp 2 balanced: chunks of 6, rows from the other rank's chunks
+    weights = LossWeights()
+
+    def batch(T: int, stage: str) -> torch.Tensor:      # [B, T + 1 + n_mtp]
+        return torch.randint(0, 2048, (world, T + 2), generator=torch.Generator().manual_seed(T + len(stage)))
+
+    def one_process(rounding: float) -> tuple[list[float], list[dict]]:
+        model = cp_model()
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            model.embed.weight.mul_(1 + rounding * torch.randn(model.embed.weight.shape, generator=g))
+        losses, grads = [], []
+        for stage, T in stages:
+            set_stage(model, stage)
+            loss, _ = compute_loss(model, batch(T, stage), weights, lm=stage != "indexer")
+            loss.backward()
+            losses.append(float(loss))
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            model.zero_grad(set_to_none=True)
+        return losses, grads
+    _, noisy = one_process(1e-7)
+    want_losses, want = one_process(0.0)
+
+    errs = []
+    for name, placement in (("cp", ContextParallelPlacement(mesh, world)), ("dp", DistributedPlacement(mesh))):
+        model = placement.place(cp_model().set_activation_checkpointing(True))
+        for (stage, T), wanted, noise, want_loss in zip(stages, want, noisy, want_losses):
+            set_stage(model, stage)
+            loss, _ = compute_loss(model, placement.rows(batch(T, stage)), weights, lm=stage != "indexer")
+            loss.backward()
+            placement.finish_grads(model)
+            mean_loss = float(placement.all_reduce(loss.detach().reshape(1), "mean"))
+            grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
+                     for n, p in model.named_parameters() if p.grad is not None}
+            errs.append({"placement": name, "stage": stage, "values": (mean_loss, want_loss),
+                         "loss": rel(torch.tensor(mean_loss), torch.tensor(want_loss)),
+                         "missing": sorted(wanted.keys() - grads.keys()),
+                         "extra": sorted(grads.keys() - wanted.keys()),
+                         "grads": {n: (rel(grads[n], wanted[n]), rel(noise[n], wanted[n]))
+                                   for n in wanted.keys() & grads.keys()}})
+            model.zero_grad(set_to_none=True)
+    return {"errors": errs}
+
+
 def case_cp_prefill(out: str, rank: int, world: int, mesh) -> dict:
     """For each [T, balanced] in OUT/prefill.json: the last prompt logits and 3 decode steps' logits after a
     context-parallel prefill of T tokens, against one process's prefill and decode (largest relative errors)."""
