@@ -30,8 +30,8 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t_per_p
     program, the key loads pipelined across steps). FP4 key records: packed e2m1 at byte VALUES_AT, one UE8M0
     scale per SCALE_BLOCK values at byte SCALE_AT (dsv4.quant.records' layout)."""
     pid_t = tl.program_id(0)
-    b = pid_t // S
-    s = pid_t % S
+    b = (pid_t // S).to(tl.int64)      # int64 offsets: s * so_s (the [B, S, T] scores) passes 2^31 at 128K tokens
+    s = (pid_t % S).to(tl.int64)
     heads = tl.arange(0, BLOCK_H)
     hmask = heads < HI
     d = tl.arange(0, DI)
@@ -63,8 +63,8 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, nv_ptr, out_ptr, S, T, HI, t_per_p
 @triton.jit
 def _query_block(S, QB: tl.constexpr):
     """This program's sequence and first query: program_id(0) = b * (query blocks per sequence) + block."""
-    n_qb = tl.cdiv(S, QB)
-    return tl.program_id(0) // n_qb, (tl.program_id(0) % n_qb) * QB
+    n_qb = tl.cdiv(S, QB)  # int64: the callers' offsets (query * row stride of [B, S, T] scores) pass 2^31 at 128K
+    return (tl.program_id(0) // n_qb).to(tl.int64), ((tl.program_id(0) % n_qb) * QB).to(tl.int64)
 
 
 @triton.jit
@@ -74,6 +74,8 @@ def _query_tile(q_ptr, w_ptr, b, s0, S, HI, sq_b, sq_s, sq_h, sw_b, sw_s,
     weights, and each row's query, head and validity."""
     r = tl.arange(0, QB * HP)
     qi, h = s0 + r // HP, r % HP
+    b = b.to(tl.int64)  # (callers pass int32 or int64: the offsets below are int64 either way)
+    qi = qi.to(tl.int64)
     rmask = (qi < S) & (h < HI)
     d = tl.arange(0, DI)
     q = tl.load(q_ptr + b * sq_b + qi[:, None] * sq_s + h[:, None] * sq_h + d[None, :], mask=rmask[:, None], other=0.0)

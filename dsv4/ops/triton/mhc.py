@@ -18,7 +18,7 @@ from .linear import bf16_parts
 
 @triton.jit
 def _collapse_kernel(x_ptr, w_ptr, y_ptr, C, R: tl.constexpr, RP: tl.constexpr, BLOCK_C: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # token: t * R * C passes 2^31 at 128K tokens of 4 x 4096 lanes
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     r = tl.arange(0, RP)
     m = (r[:, None] < R) & (cs[None, :] < C)
@@ -30,7 +30,7 @@ def _collapse_kernel(x_ptr, w_ptr, y_ptr, C, R: tl.constexpr, RP: tl.constexpr, 
 @triton.jit
 def _post_kernel(f_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, C, R: tl.constexpr, RP: tl.constexpr,
                  BLOCK_C: tl.constexpr):
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # (int64 offsets, as in _collapse_kernel)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cs < C
     r = tl.arange(0, RP)
@@ -48,7 +48,7 @@ def _post_bwd_kernel(g_ptr, f_ptr, x_ptr, post_ptr, comb_ptr, df_ptr, dx_ptr, dp
                      R: tl.constexpr, RP: tl.constexpr, BLOCK_C: tl.constexpr):
     """One token of the post mix's backward, g = d lane': df = sum_k post_k g_k, d lane_j = sum_k comb[j, k] g_k,
     d post_k = g_k . f, d comb[j, k] = lane_j . g_k (fp32 sums over the channels, in blocks)."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # (int64 offsets, as in _collapse_kernel)
     r = tl.arange(0, RP)
     rm = r < R
     dpost = tl.zeros([RP], tl.float32)

@@ -191,7 +191,9 @@ def _drows_kernel(q_ptr, rows_ptr, mask_ptr, first_ptr, do_ptr, lse_ptr, delta_p
             ds = p * (tl.dot(do, tl.trans(rows)).to(tl.float32) - delta[:, None]) * scale
             acc += tl.dot(tl.trans(do), p.to(rows.dtype)).to(tl.float32) \
                 + tl.dot(tl.trans(q), ds.to(rows.dtype)).to(tl.float32)
-    at = ((tl.program_id(1) * (R * (tl.num_programs(0) // n_blocks))) + b * R + rs)[None, :] * D + d[:, None]
+    # int64: [splits, B, R, D] partial sums can pass 2^31 elements (many splits of long rows, or B > 1)
+    at = ((tl.program_id(1).to(tl.int64) * (R * (tl.num_programs(0) // n_blocks))) + b * R + rs)[None, :] * D \
+        + d[:, None]
     tl.store(out_ptr + at, acc, mask=rm[None, :])
 
 

@@ -66,8 +66,8 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
     pid_t = tl.program_id(0)            # token: b * S + s
     pid_h = tl.program_id(1)
     pid_k = tl.program_id(2)
-    b = pid_t // S
-    s = pid_t % S
+    b = (pid_t // S).to(tl.int64)       # int64 offsets: s * sq_s passes 2^31 at 128K tokens of 64 x 512 heads
+    s = (pid_t % S).to(tl.int64)
     heads = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
     d = tl.arange(0, D)
@@ -93,7 +93,7 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
         acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
         m = m_new
     if SPLIT:  # partial results: [tokens, splits, H] max and sum, [tokens, splits, H, D] unnormalised output
-        part = (pid_t * tl.num_programs(2) + pid_k) * H + heads
+        part = (pid_t.to(tl.int64) * tl.num_programs(2) + pid_k) * H + heads
         tl.store(m_ptr + part, m, mask=hmask)
         tl.store(l_ptr + part, l, mask=hmask)
         tl.store(o_ptr + part[:, None] * D + d[None, :], acc, mask=hmask[:, None])
@@ -111,7 +111,7 @@ def _sparse_attn_kernel(q_ptr, kv_ptr, sink_ptr, idx_ptr, o_ptr, m_ptr, l_ptr, s
 def _merge_kernel(o_ptr, m_ptr, l_ptr, sink_ptr, out_ptr, H, SPLITS: tl.constexpr, D: tl.constexpr,
                   BLOCK_H: tl.constexpr):
     """Merge a query's slices: each slice's sum and output rescaled to the common max, the sink in the denominator."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)  # (int64 offsets: t * SPLITS * H * D)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = heads < H
     d = tl.arange(0, D)
