@@ -37,8 +37,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsv4  # noqa: E402
 from dsv4.cache.accounting import layer_bytes as cache_layer_bytes  # noqa: E402
-from dsv4.model.mhc import init_hc_params  # noqa: E402
-from dsv4.model.moe import Gate  # noqa: E402
 from e2e import BF16_STORED_FP32_PARAMS, dsv4_decode, dsv4_prefill, flash4, guard  # noqa: E402  (bench/e2e.py)
 from provenance import REPO_ROOT, record, result_path  # noqa: E402  (bench/provenance.py)
 
@@ -95,38 +93,12 @@ def build_model(cfg: dsv4.ModelConfig, device: str) -> dsv4.Transformer:
     return init_small(model)
 
 
-@torch.no_grad()
 def init_small(model: dsv4.Transformer, seed: int = 0) -> dsv4.Transformer:
     """The non-matrix parameters as Transformer.init_weights sets them (norms 1, sinks / ape / biases 0, mHC near a
-    plain residual; e2e.build_model draws only the matrices and leaves these as allocated), and random hash
-    tables: a model whose activations and routing behave as a trained one's do, in the shapes that cost time."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        leaf = name.rsplit(".", 1)[-1]
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif leaf in ("attn_sink", "ape", "bias"):
-            p.zero_()
-    hc = [(b, "hc_attn") for b in [*model.layers, *model.mtp]] + [(b, "hc_ffn") for b in [*model.layers, *model.mtp]]
-    for owner, prefix in hc + [(m, "hc_head") for m in [model, *model.mtp]]:
-        if hasattr(owner, f"{prefix}_fn"):
-            init_hc_params(getattr(owner, f"{prefix}_fn"), getattr(owner, f"{prefix}_base"),
-                           getattr(owner, f"{prefix}_scale"), model.config.hc_mult, g,
-                           constrained=model.config.hc_mode == "mhc")
-    random_hash_tables(model, seed)
-    return model
-
-
-def random_hash_tables(model: dsv4.Transformer, seed: int = 0) -> None:
-    """Hash-routing tables with k distinct random experts per token id (a zero table would route every token to
-    expert 0 k times: one expert's GEMM over all tokens, unlike any real table)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, Gate) and m.hashed:
-            V, k = m.tid2eid.shape
-            E = m.weight.shape[0]
-            ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(min(V, 4096))])
-            m.tid2eid.copy_(ids.repeat(-(-V // ids.shape[0]), 1)[:V].to(m.tid2eid.device))
+    plain residual, hash tables with distinct random experts; e2e.build_model draws only the matrices and leaves
+    these as allocated): a model whose activations and routing behave as a trained one's do, in the shapes that
+    cost time."""
+    return model.init_weights(seed=seed, matrices=False)
 
 
 def write_official(model: dsv4.Transformer, path: str) -> dict:

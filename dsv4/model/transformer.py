@@ -364,9 +364,11 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ initialisation
     @torch.no_grad()
-    def init_weights(self, seed: int = 0, std: float = 0.02) -> "Transformer":
+    def init_weights(self, seed: int = 0, std: float = 0.02, matrices: bool = True) -> "Transformer":
         """Random init for training from scratch. Output projections (wo_b, w2) are scaled by
-        1/sqrt(2 * n_layers) as in GPT-2; mHC starts near a plain residual (see mhc.init_hc_params)."""
+        1/sqrt(2 * n_layers) as in GPT-2; mHC starts near a plain residual (see mhc.init_hc_params).
+        matrices=False leaves the weight matrices as they are and sets only the rest (norms, sinks, biases, mHC,
+        hash tables): for a model whose matrices were drawn or loaded elsewhere."""
         g = torch.Generator().manual_seed(seed)
         cfg = self.config
         out_std = std / math.sqrt(2 * cfg.n_layers)
@@ -378,7 +380,7 @@ class Transformer(nn.Module):
                 p.zero_()
             elif "hc_" in leaf:
                 continue  # below, per (fn, base, scale) triple
-            else:
+            elif matrices:
                 s = out_std if name.endswith(("wo_b.weight", "experts.w2", "shared_experts.w2.weight")) else std
                 p.copy_(torch.randn(p.shape, generator=g) * s)
         for owner, prefix in [(b, "hc_attn") for b in list(self.layers) + list(self.mtp)] + \
