@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import torch
 
 from .. import ops
-from ..cache import KVCache
+from ..cache import CacheCheckpoint, KVCache
 from ..errors import InvalidArgument
 from .fused_verify import PACKED, greedy_accept, greedy_verify, host_checkpoint, kept_counts
 from .graphs import GraphStep
@@ -229,13 +229,8 @@ class SpeculativeDecoder:
         finite = (torch.isfinite(target).all(-1) | ~emitted).all(-1) & torch.isfinite(x_logits).all(-1)
         a_host, y_host, d_host, n_host, fin_host, keep_host = to_host([a_dev, y_dev, drafts, n_drafts, finite,
                                                                        keep_dev])
-        results, keep = self._results(states, xs, live, budgets, stops, a_host, y_host, d_host, n_host, fin_host,
-                                      drafts, y_dev, h, target)
-        if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
-            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host "
-                               f"expected {keep}")
-        main.end_rollback(verify.ckpt, keep)
-        return results
+        return self._results(states, xs, live, budgets, stops, a_host, y_host, d_host, n_host, fin_host, drafts,
+                             y_dev, h, target, main, verify.ckpt, keep_host)
 
     def _fused_step(self, main: KVCache, first: int, states: list[_Row | None], xs: list[int], x_ids: torch.Tensor,
                     drafts: torch.Tensor, n_drafts: torch.Tensor, stop_t: torch.Tensor, budgets: list[int],
@@ -263,19 +258,16 @@ class SpeculativeDecoder:
         a_host, y_host, n_host, fin_host, keep_host = (list(c) for c in zip(*(row[:PACKED] for row in packed)))
         fin_host = [bool(f) and x for f, x in zip(fin_host, x_finite)]
         d_host = [row[PACKED:] for row in packed]
-        results, keep = self._results(states, xs, live, budgets, stops, a_host, y_host, d_host, n_host, fin_host,
-                                      drafts, out.y, h, target)
-        if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
-            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host "
-                               f"expected {keep}")
-        main.end_rollback(host_checkpoint(starts, n_tokens), keep)
-        return results
+        return self._results(states, xs, live, budgets, stops, a_host, y_host, d_host, n_host, fin_host, drafts,
+                             out.y, h, target, main, host_checkpoint(starts, n_tokens), keep_host)
 
     def _results(self, states: list[_Row | None], xs: list[int], live: list[bool], budgets: list[int],
                  stops: list[set], a_host: list, y_host: list, d_host: list, n_host: list, fin_host: list,
-                 drafts: torch.Tensor, y_dev: torch.Tensor, h: torch.Tensor, target: torch.Tensor) -> tuple[list[StepResult], list[int]]:
-        """Each row's StepResult from the step's host results, its state carried to the next step, and the
-        tokens the host expects each row's caches to keep."""
+                 drafts: torch.Tensor, y_dev: torch.Tensor, h: torch.Tensor, target: torch.Tensor, main: KVCache,
+                 ckpt: CacheCheckpoint, keep_host: list[int]) -> list[StepResult]:
+        """Each row's StepResult from the step's host results, its state carried to the next step; the host mirror
+        of `main` then ends the rollback at the tokens the device kept (keep_host), which the host's own rule must
+        give too."""
         results, keep = [], []
         for i, st in enumerate(states):
             if st is None:
@@ -298,7 +290,11 @@ class SpeculativeDecoder:
             st.pending_h, st.pending_ids = h[i:i + 1, :a + 1], drafts[i, :a]
             results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), n, a, finished,
                                       fin_host[i]))
-        return results, keep
+        if keep != keep_host:   # (the device's rule and the host's must agree: the cache kept keep_host)
+            raise RuntimeError(f"speculative step: the device kept {keep_host} tokens per row, the host "
+                               f"expected {keep}")
+        main.end_rollback(ckpt, keep)
+        return results
 
     def _draft(self, mtp: KVCache, first: int, states: list[_Row | None], x_ids: torch.Tensor, k: int,
                limits: list[int], cfgs: Sequence[SamplingConfig], gens, stop_t: torch.Tensor, graphs: bool = False

@@ -49,8 +49,8 @@ class Compressor(nn.Module):
         if state is not None and state.journal is not None:  # a cache checkpoint is open: keep the token rows
             phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
             state.record(kv, score + self.ape.float()[phase])
-        if state is not None and state.journal is not None and 1 < S <= STEPWISE_MAX:
-            return self._stepwise(kv, score, pos0, freqs, quant_sim, state, x.dtype)
+            if 1 < S <= STEPWISE_MAX:
+                return self._stepwise(kv, score, pos0, freqs, quant_sim, state, x.dtype)
         if state is not None and S == 1:  # decode: position bias, state update, pooling, norm, rope: one op
             entries = ops.compress_step(kv[:, 0], score[:, 0], state.kv[:B], state.score[:B], pos0, m,
                                         self.overlap, self.norm.weight, self.norm.eps, freqs, x.dtype, self.ape)

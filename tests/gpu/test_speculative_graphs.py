@@ -26,6 +26,18 @@ def _tensors(cache):
                                 + [x for st in layer.states() for x in (st.kv, st.score)]]
 
 
+def _graph_verifier(model, cache):
+    """The verifier SpeculativeDecoder.step_rows takes: one captured verify per token count, over rows 0-1."""
+    graphs: dict[int, GraphDecoder] = {}
+
+    def verifier(n_tokens):
+        if n_tokens not in graphs:
+            graphs[n_tokens] = GraphDecoder(model, cache.select(slice(0, 2)), n_tokens=n_tokens, checkpoint=True)
+        return graphs[n_tokens]
+    verifier.graphs = graphs
+    return verifier
+
+
 @pytest.mark.parametrize("n_draft", [1, 3])
 def test_graph_verify_equals_eager_verify(model, n_draft):
     """Two decoders on equal caches, one verifying through a captured graph (after its warm-up calls, so most steps
@@ -40,12 +52,7 @@ def test_graph_verify_equals_eager_verify(model, n_draft):
         dec.fixed_shapes = True
         for r, p in enumerate(prompts):
             dec.prefill(r, p)
-        graphs: dict[int, GraphDecoder] = {}
-
-        def verifier(n_tokens):
-            if n_tokens not in graphs:
-                graphs[n_tokens] = GraphDecoder(model, cache.select(slice(0, 2)), n_tokens=n_tokens, checkpoint=True)
-            return graphs[n_tokens]
+        verifier = _graph_verifier(model, cache)
         gens = [None, torch.Generator(device="cuda").manual_seed(7)]
         out = [[], []]
         for _ in range(12):
@@ -54,7 +61,7 @@ def test_graph_verify_equals_eager_verify(model, n_draft):
             for o, r in zip(out, res):
                 o += r.tokens
         if graphed:
-            assert any(g.graph is not None and g.rollback_graph is not None for g in graphs.values()), \
+            assert any(g.graph is not None and g.rollback_graph is not None for g in verifier.graphs.values()), \
                 "no verify step and rollback were captured (see the capture warnings)"
         outs.append(out)
         caches.append(_tensors(cache))
@@ -104,12 +111,7 @@ def test_fused_graph_step_equals_unfused_graph_step(model, n_draft):
         dec.fuse_greedy = fuse
         for r, p in enumerate(prompts):
             dec.prefill(r, p)
-        graphs: dict[int, GraphDecoder] = {}
-
-        def verifier(n_tokens):
-            if n_tokens not in graphs:
-                graphs[n_tokens] = GraphDecoder(model, cache.select(slice(0, 2)), n_tokens=n_tokens, checkpoint=True)
-            return graphs[n_tokens]
+        verifier = _graph_verifier(model, cache)
         out = [[], []]
         for _ in range(12):
             res = dec.step_rows(slice(0, 2), cfgs, [None, None], [(), ()], [40 - len(o) for o in out], verifier)
