@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, then the requested benchmarks; results under $OUT, each file named
 # <date>_<device>_<commit>_<what> (bench/provenance.py) so that it can go to bench/results/ as it is.
-#   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve targets native
+#   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve targets native cp
+# cp: bench/cp_gpu.py (context parallelism) on every GPU nvidia-smi lists; its own <prefix>_cp_gpu.json/.txt.
 # A copy of the tree without git metadata needs the commit given: DSV4_COMMIT=$(git rev-parse --short=7 HEAD).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -41,6 +42,8 @@ for stage in "$@"; do
            timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py --duration-limit ${SERVE_LEVEL_S:-60} \
              --launch "python3 -m dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280" \
              ${SERVE_PEER:+--peer-launch "$SERVE_PEER"} ${SERVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_serve.txt" ;;
+    cp) timeout ${CP_TIMEOUT:-280} python3 bench/cp_gpu.py --nproc $(nvidia-smi -L | grep -c '^GPU') ${CP_ARGS:-} \
+          2>&1 | tail -80 | tee "${P}_cp_gpu_log.txt" ;;
     targets) python3 bench/targets.py --e2e $(ls "${P}"_e2e*.json) $(ls "${P}"_kernels*.json 2>/dev/null | sed '1s/^/--kernels /') \
                --out "${P}_targets.md" --plot "${P}_targets.png" ;;
   esac
