@@ -7,23 +7,25 @@
             and of each gradient tensor per step, the latter beside its fp32 rounding noise (the one-process
             gradient's move when the embedding moves by 1e-7, as tests/distributed measure it);
   capacity  bench/e2e.py's benchmark model (bf16, Triton training kernels, block recompute, chunked loss) with each
-            sequence split over the N GPUs. First a check at --check-len tokens against one process on the same
-            GPU (bf16: loss, lanes and gradients, beside the rounding noise of a one-process run whose embedding
-            moved by half a bf16 step). Then training steps (forward + backward + the gradients' all-reduce; no
-            optimizer, as bench/e2e.py times them) at --lengths, the model replicated ("cp"), then at
-            --fsdp-lengths with the `--cp` path's placement ("cp_fsdp": FSDP2 on fp32 weights, bf16 compute,
-            expert parallelism): per length the step's seconds (the second step; the first one compiles and
-            tunes), each rank's peak memory (torch.cuda.max_memory_allocated) and the memory model's prediction
-            (dsv4.train.memory.step_memory, bench/memory_model.py) beside it. The last --fsdp-lengths entry is
-            meant to run out of memory (the model predicts 119 GiB for 192K tokens on 2 GPUs).
+            sequence split over the N GPUs, the model replicated ("cp"). First a check at --check-len tokens against
+            one process on the same GPU (bf16: loss, lanes and gradients, beside the rounding noise of a
+            one-process run whose embedding moved by half a bf16 step). Then training steps (forward + backward +
+            the gradients' all-reduce; no optimizer, as bench/e2e.py times them) at --lengths, increasing until one
+            fails (out of memory: the memory model predicts 118 GiB per GPU for 192K tokens on 2 GPUs): per length
+            the step's seconds (the second step; the first one compiles kernels for the new shapes), each rank's
+            peak memory (torch.cuda.max_memory_allocated) and the memory model's prediction beside it
+            (dsv4.train.memory.step_memory, as bench/memory_model.py uses it);
+  fsdp      the same steps at --fsdp-lengths with the `--cp` path's placement ("cp_fsdp": FSDP2 on fp32 weights,
+            bf16 compute, expert parallelism; the memory model with 4-byte parameters sharded over the ranks).
 
     python bench/cp_gpu.py [--nproc N] [--out DIR]        # N: every GPU; results DIR/<date>_<device>_<commit>_cp_gpu.*
     python bench/cp_gpu.py --device cpu --nproc 2 --exact-seq 64 --check-len 128 --lengths 128 256 --fsdp-lengths 128
 
-Each part is one torchrun of this file under a timeout (the call's --budget): a rank that fails (out of memory,
-a CUDA error) records what it was doing and exits, torchrun stops the others, and the parts' records written so
-far make the result; a part still running at the deadline is killed. Lengths run in increasing order and stop at
-the first failure or when the next one would not finish before the deadline.
+Each part is one torchrun of this file under a deadline (the call's --budget; the capacity part's leaves
+--fsdp-reserve seconds to the fsdp part): a rank that fails (out of memory, a CUDA error) records what it was
+doing and exits, the driver stops its peers (waiting in collectives), and the records written so far make the
+result; a part still running at its deadline is killed. A length that would not finish before the deadline (its
+time guessed from the last one's) is skipped.
 """
 from __future__ import annotations
 
@@ -41,7 +43,8 @@ from datetime import timedelta
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GPU_DEFAULTS = dict(exact_seq=1024, check_len=8192, lengths=[32768, 65536, 131072], fsdp_lengths=[65536, 196608])
+# (the memory model on 2 GPUs, replicated bf16 weights: 30 GiB at 64K, 67 GiB at 128K, 118 GiB at 192K per GPU)
+GPU_DEFAULTS = dict(exact_seq=1024, check_len=8192, lengths=[65536, 131072, 196608], fsdp_lengths=[65536, 131072])
 CPU_DEFAULTS = dict(exact_seq=64, check_len=128, lengths=[128, 256], fsdp_lengths=[128])
 STAGES = ("dense", "indexer", "sparse", "sparse")
 PARTS = ("exact", "capacity", "fsdp")
@@ -117,6 +120,7 @@ def part_exact(a, rank: int, world: int, mesh, device: torch.device, rec: Record
     from dsv4.train.stages import set_stage
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
     cfg = dsv4.ModelConfig.preset("tiny")
     T, stages = a.exact_seq, STAGES[:a.exact_steps]
 
@@ -544,13 +548,14 @@ def table(result: dict) -> str:
     cap, fsdp = result["parts"].get("capacity"), result["parts"].get("fsdp")
     if cap is not None and cap["check"]:
         c = cap["check"]
-        lines.append(f"\ncheck at {c['seq_len']} tokens (benchmark model, bf16), cp vs one process "
+        model = "benchmark model, bf16" if result["backend"] == "nccl" else "tiny model, fp32"
+        lines.append(f"\ncheck at {c['seq_len']} tokens ({model}), cp vs one process "
                      f"[rounding noise]: loss {c['loss_rel']:.1e} [{c['loss_noise_rel']:.1e}], lanes "
                      f"{c['lanes_rel']:.1e} [{c['lanes_noise_rel']:.1e}], gradients {c['grad_rel']:.1e} "
                      f"[{c['grad_noise_rel']:.1e}]")
     if cap is not None or fsdp is not None:
         lines.append(f"\n{'variant':<9}{'tokens':>8}{'per rank':>10}{'step s':>8}{'tok/s':>9}{'peak GiB':>10}"
-                     f"{'model GiB':>11}{'ratio':>7}  status")
+                     f"{'model GiB':>11}{'ratio':>7}{'loss':>9}  status")
     for part in (cap, fsdp):
         if part is None:
             continue
@@ -560,10 +565,10 @@ def table(result: dict) -> str:
                 lines.append(f"{r['variant']:<9}{r['seq_len']:>8}{r['local_tokens']:>10}{r['step_s']:>8.2f}"
                              f"{r['tok_per_s']:>9.0f}{peak if peak is not None else float('nan'):>10.1f}"
                              f"{r['predicted_gib']:>11.1f}{r.get('measured_over_predicted', float('nan')):>7.2f}"
-                             f"  ok{'' if r['warm'] else ' (first step only)'}")
+                             f"{r['loss']:>9.4f}  ok{'' if r['warm'] else ' (first step only)'}")
             else:
                 pred = f"{r['predicted_gib']:.1f}" if r.get("predicted_gib") is not None else ""
-                lines.append(f"{r['variant']:<9}{r['seq_len']:>8}{'':>45}{pred:>11}{'':>7}  {r['status']}"
+                lines.append(f"{r['variant']:<9}{r['seq_len']:>8}{'':>45}{pred:>11}{'':>16}  {r['status']}"
                              f"{': ' + r['error'][:100] if r.get('error') else ''}")
         for f in part["failures"]:
             lines.append(f"rank {f['rank']} failed during {f['during']}: {f['error'][:300]}")
@@ -576,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="results folder (default: $DSV4_RESULTS_DIR or bench/results)")
     p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
-    p.add_argument("--budget", type=float, default=210, help="seconds for the whole call (kills what runs past it)")
-    p.add_argument("--fsdp-reserve", type=float, default=75, help="seconds of the budget kept for the fsdp part")
+    p.add_argument("--budget", type=float, default=225, help="seconds for the whole call (kills what runs past it)")
+    p.add_argument("--fsdp-reserve", type=float, default=60, help="seconds of the budget kept for the fsdp part")
     p.add_argument("--exact-seq", type=int, help="tokens per sequence of the exactness steps")
     p.add_argument("--exact-steps", type=int, default=len(STAGES), choices=range(1, len(STAGES) + 1))
     p.add_argument("--check-len", type=int, help="tokens of the bf16 check against one process")
