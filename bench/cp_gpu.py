@@ -37,6 +37,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 
@@ -61,8 +62,10 @@ class Records:
     def __init__(self, folder: str, part: str, rank: int):
         self.f = open(os.path.join(folder, f"{part}-rank{rank}.jsonl"), "a")
         self.current: dict | None = None   # what the rank is doing (named in a failure record)
+        self.t0 = time.time()
 
     def add(self, rec: dict) -> None:
+        rec = {**rec, "t": round(time.time() - self.t0, 1)}      # seconds since the rank started its part
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
         os.fsync(self.f.fileno())
@@ -87,6 +90,9 @@ def full(t: torch.Tensor) -> torch.Tensor:
 def worker(a: argparse.Namespace) -> None:
     import torch.distributed as dist
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with open(os.path.join(a.parts_dir, f"{a.worker}-rank{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))    # (torchrun starts each rank in a session of its own: the driver kills by pid)
+    threading.Thread(target=_exit_at, args=(a.deadline + 15,), daemon=True).start()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if a.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -108,6 +114,15 @@ def worker(a: argparse.Namespace) -> None:
     rec.add({"kind": "done"})
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _exit_at(when: float) -> None:
+    """End this rank a little after the part's deadline, whatever it is doing or waiting for (the driver kills
+    it at the deadline; this covers a driver that is gone)."""
+    while time.time() < when:
+        time.sleep(1)
+    print("cp_gpu: past the deadline, exiting", flush=True)
+    os._exit(4)
 
 
 def part_exact(a, rank: int, world: int, mesh, device: torch.device, rec: Records) -> None:
@@ -291,7 +306,8 @@ class Capacity:
         loss_cp, h_cp, g_cp = forward_backward()
         at = ctx.shard_positions(T, device)
         names = sorted(g_one)
-        per = {n: (norm_rel(g_cp[n], g_one[n]), norm_rel(g_noise[n], g_one[n])) for n in names if n in g_cp}
+        per = {n: (norm_rel(g_cp[n], g_one[n]), norm_rel(g_noise[n], g_one[n])) for n in names
+               if n in g_cp and g_one[n].any()}
         worst = max(per, key=lambda k: per[k][0])
 
         def global_rel(gs: dict) -> float:
@@ -406,6 +422,39 @@ def read_records(folder: str, part: str, world: int) -> list[list[dict]]:
     return out
 
 
+def stop(proc: subprocess.Popen, folder: str, part: str, nproc: int) -> None:
+    """Kill the part's ranks (by the pids they wrote, each still running this file) and then torchrun."""
+    for r in range(nproc):
+        try:
+            with open(os.path.join(folder, f"{part}-rank{r}.pid")) as f:
+                pid = int(f.read())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if os.path.basename(__file__).encode() not in f.read():
+                    continue
+            os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
+_RUNNING: list = []     # the part now running: (torchrun, folder, part, ranks), for stopping it on SIGTERM
+
+
+def _on_sigterm(signum, frame) -> None:
+    for running in _RUNNING:
+        stop(*running)
+    sys.exit(128 + signum)
+
+
 def launch(a, part: str, folder: str, deadline: float, extra: list[str], env: dict) -> dict:
     """torchrun of this file's `part` on a.nproc ranks, killed at the deadline, a few seconds after one rank
     records a failure (its peers wait in collectives), or 20 s after every rank is done (a hung teardown)."""
@@ -417,6 +466,7 @@ def launch(a, part: str, folder: str, deadline: float, extra: list[str], env: di
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+        _RUNNING[:] = [(proc, folder, part, a.nproc)]
         ended, since = None, None
         while proc.poll() is None:
             time.sleep(0.5)
@@ -429,18 +479,10 @@ def launch(a, part: str, folder: str, deadline: float, extra: list[str], env: di
             if time.time() > deadline + 10 or (since is not None and time.time() - since > grace):
                 ended = "killed at the deadline" if since is None else (
                     "killed after a rank's failure" if failed else "killed in teardown, after every rank was done")
-                for sig in (signal.SIGTERM, signal.SIGKILL):
-                    try:
-                        os.killpg(proc.pid, sig)
-                    except ProcessLookupError:
-                        break
-                    try:
-                        proc.wait(timeout=5)
-                        break
-                    except subprocess.TimeoutExpired:
-                        pass
+                stop(proc, folder, part, a.nproc)
                 break
     proc.wait()
+    _RUNNING.clear()
     with open(log_path) as f:
         tail = f.read()[-3000:]
     print(f"--- {part}: rc {proc.returncode}, {time.time() - t0:.0f} s{', ' + ended if ended else ''}\n{tail}", flush=True)
@@ -458,7 +500,8 @@ def merge_exact(res: dict) -> dict:
                 s = steps.setdefault(r["step"], dict(r))
                 s["logits_rel"] = max(s["logits_rel"], r["logits_rel"])
     steps = [steps[k] for k in sorted(steps)]
-    out = {"steps": steps, "failures": _failures(res), "rc": res["rc"], "ended": res["ended"]}
+    out = {"steps": steps, "failures": _failures(res), "rc": res["rc"], "ended": res["ended"],
+           "seconds": res["seconds"]}
     if steps:
         out.update({"loss_rel_max": max(s["loss_rel"] for s in steps),
                     "logits_rel_max": max(s["logits_rel"] for s in steps),
@@ -479,7 +522,8 @@ def merge_exact(res: dict) -> dict:
 
 def merge_capacity(res: dict, planned: list[tuple[str, int]]) -> dict:
     by_rank = res["records"]
-    check = next((r for rows in by_rank[:1] for r in rows if r.get("kind") == "check"), None)
+    checks = [r for rows in by_rank for r in rows if r.get("kind") == "check"]   # (the lanes: each rank's positions)
+    check = dict(checks[0], lanes_rel=max(c["lanes_rel"] for c in checks)) if checks else None
     runs = []
     for variant, T in planned:
         mine = [[r for r in rows if r.get("variant") == variant and r.get("seq_len") == T] for rows in by_rank]
@@ -514,7 +558,8 @@ def merge_capacity(res: dict, planned: list[tuple[str, int]]) -> dict:
         else:
             row["status"] = "not run"
         runs.append(row)
-    out = {"check": check, "runs": runs, "failures": _failures(res), "rc": res["rc"], "ended": res["ended"]}
+    out = {"check": check, "runs": runs, "failures": _failures(res), "rc": res["rc"], "ended": res["ended"],
+           "seconds": res["seconds"]}
     if res["rc"] != 0 or check is None:
         out["log_tail"] = res["log_tail"]
     return out
@@ -572,6 +617,8 @@ def table(result: dict) -> str:
                              f"{': ' + r['error'][:100] if r.get('error') else ''}")
         for f in part["failures"]:
             lines.append(f"rank {f['rank']} failed during {f['during']}: {f['error'][:300]}")
+    lines.append("\nparts: " + "; ".join(f"{name} {p['seconds']:.0f} s, rc {p['rc']}{', ' + p['ended'] if p['ended'] else ''}"
+                                          for name, p in result["parts"].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -605,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--nproc {a.nproc}: this machine has {torch.cuda.device_count()} GPUs")
     t_start = time.time()
     deadline = t_start + a.budget
+    signal.signal(signal.SIGTERM, _on_sigterm)      # (`timeout` in bench/gpu_session.sh: the ranks go too)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(x for x in (REPO, os.environ.get("PYTHONPATH")) if x),
                NCCL_NVLS_ENABLE=os.environ.get("NCCL_NVLS_ENABLE", "0"),
                TORCH_SYMM_MEM_DISABLE_MULTICAST=os.environ.get("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"))
