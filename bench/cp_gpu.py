@@ -243,7 +243,7 @@ class Capacity:
         import torch.distributed as dist
         for p in model.parameters():
             if p.requires_grad:
-                if p.grad is None:                        # (an expert no token of this rank chose)
+                if p.grad is None:    # (not reached from this rank's loss: an expert no token chose, the indexer)
                     p.grad = torch.zeros_like(p)
                 dist.all_reduce(p.grad)
                 p.grad.div_(self.world)
@@ -288,7 +288,7 @@ class Capacity:
             loss.backward()
             if model.sequence_context is not None:
                 self.reduce_grads(model)
-            return float(loss), h.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
+            return float(loss.detach()), h.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()
                                              if p.grad is not None}
         model.set_sequence_context(None)
         loss_one, h_one, g_one = forward_backward()
@@ -485,7 +485,8 @@ def launch(a, part: str, folder: str, deadline: float, extra: list[str], env: di
     _RUNNING.clear()
     with open(log_path) as f:
         tail = f.read()[-3000:]
-    print(f"--- {part}: rc {proc.returncode}, {time.time() - t0:.0f} s{', ' + ended if ended else ''}\n{tail}", flush=True)
+    print(f"--- {part}: rc {proc.returncode}, {time.time() - t0:.0f} s{', ' + ended if ended else ''}\n{tail}",
+          flush=True)
     return {"rc": proc.returncode, "seconds": time.time() - t0, "ended": ended, "log_tail": tail,
             "records": read_records(folder, part, a.nproc)}
 
@@ -617,8 +618,9 @@ def table(result: dict) -> str:
                              f"{': ' + r['error'][:100] if r.get('error') else ''}")
         for f in part["failures"]:
             lines.append(f"rank {f['rank']} failed during {f['during']}: {f['error'][:300]}")
-    lines.append("\nparts: " + "; ".join(f"{name} {p['seconds']:.0f} s, rc {p['rc']}{', ' + p['ended'] if p['ended'] else ''}"
-                                          for name, p in result["parts"].items()))
+    lines.append("\nparts: " + "; ".join(
+        f"{name} {p['seconds']:.0f} s, rc {p['rc']}{', ' + p['ended'] if p['ended'] else ''}"
+        for name, p in result["parts"].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -635,7 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--check-len", type=int, help="tokens of the bf16 check against one process")
     p.add_argument("--lengths", type=int, nargs="*", help="sequence lengths, the model replicated")
     p.add_argument("--fsdp-lengths", type=int, nargs="*", help="sequence lengths, FSDP2 (the --cp placement)")
-    p.add_argument("--length-cap", type=float, default=60, help="a length whose first step takes longer is not timed again")
+    p.add_argument("--length-cap", type=float, default=60,
+                   help="seconds: a length whose first step takes longer is not timed again")
     p.add_argument("--collective-timeout", type=float, default=180)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--parts-dir", help=argparse.SUPPRESS)
