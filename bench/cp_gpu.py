@@ -135,7 +135,6 @@ def part_exact(a, rank: int, world: int, mesh, device: torch.device, rec: Record
     from dsv4.train.stages import set_stage
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
     cfg = dsv4.ModelConfig.preset("tiny")
     T, stages = a.exact_seq, STAGES[:a.exact_steps]
 
