@@ -54,7 +54,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ from ..cache import KVCache
 from ..cache.row_state import GROWING, restore_row_pieces, row_state, state_nbytes
 from ..errors import InvalidArgument
 from ..generate.fingerprint import model_fingerprint
-from ..generate.prefix_store import PrefixStore, store_fingerprint
+from ..generate.prefix_store import TAIL, PrefixStore, store_fingerprint
 
 __all__ = ["PrefixCache"]
 
@@ -77,7 +77,7 @@ class _Entry:
     key: bytes
     node: bytes               # the block node it hangs off: h[n // block]
     n: int
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]   # the row state's pieces, and the tail as TAIL + name
     nbytes: int
     fp: str                   # the key fingerprint and the tokens: what the store names its file by
     tokens: np.ndarray | None  # (kept only when there is a store)
@@ -86,6 +86,9 @@ class _Entry:
     parent: "_Entry | None" = None   # holds the compressed entries of the first `base` tokens
     base: int = 0
     children: list = dataclasses.field(default_factory=list)
+
+    def has_tail(self, need: Sequence[str]) -> bool:
+        return all(TAIL + k in self.state for k in need)
 
     def wait(self) -> None:
         if self.copied is not None:
@@ -133,13 +136,14 @@ class PrefixCache:
     """Cached row states for one model, in device and host memory tiers (optionally over a PrefixStore)."""
 
     def __init__(self, model, device_bytes: int, host_bytes: int, store: PrefixStore | None = None,
-                 block: int = 256, *, verify_model: bool = True):
+                 block: int = 256, *, verify_model: bool = True, split_before: Iterable[int] = ()):
         for name, v in (("device_bytes", device_bytes), ("host_bytes", host_bytes)):
             if type(v) is not int or v < 0:
                 raise InvalidArgument(f"PrefixCache: {name} must be a byte count >= 0, got {v!r}")
         if type(block) is not int or block <= 0:
             raise InvalidArgument(f"PrefixCache: block must be a positive token count, got {block!r}")
         self.model, self.store, self.block, self.verify_model = model, store, block, verify_model
+        self.split_before = frozenset(int(t) for t in split_before)
         self.budget = {"device": device_bytes, "host": host_bytes}
         self.device = next(model.parameters()).device
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
@@ -153,49 +157,70 @@ class PrefixCache:
                              store_saves=0, device_evictions=0, host_evictions=0, fingerprint_passes=0)
 
     # ------------------------------------------------------------------ the engine's interface
-    def boundaries(self, n_tokens: int) -> list[int]:
-        """Where a prefill of n tokens stops to save: every `block` tokens below n - 1, and n - 1 (so that the
-        same prompt, or any extension of it, hits; see the module docstring)."""
-        if n_tokens < 2:
+    def boundaries(self, n_tokens: int, last_token: int | None = None) -> list[int]:
+        """Where a prefill of n tokens stops to save: every `block` tokens below n, and n (saved with its tail:
+        the same prompt hits whole, any extension of it hits all of it), and n - 1 when the prompt's last token is
+        one of `split_before` (see the module docstring)."""
+        if n_tokens < 1:
             return []
-        return sorted(set(range(self.block, n_tokens - 1, self.block)) | {n_tokens - 1})
+        split = {n_tokens - 1} if n_tokens > 1 and last_token in self.split_before else set()
+        return sorted(set(range(self.block, n_tokens, self.block)) | {n_tokens} | split)
 
     def load(self, cache_row: KVCache, tokens: Sequence[int]) -> int:
         """Restore the longest cached prefix of `tokens` shorter than `tokens` into a one-row cache; return its
         length (0: none, the row untouched)."""
+        return self._load(cache_row, tokens, None)[0]
+
+    def load_full(self, cache_row: KVCache, tokens: Sequence[int],
+                  need: Sequence[str] = ("logits",)) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """`load`, but all of `tokens` may be restored too, from an entry whose tail has every name in `need`:
+        then (len(tokens), a copy of that tail on the model's device), and the caller runs no forward at all;
+        otherwise (length, None) as `load` gives it."""
+        return self._load(cache_row, tokens, tuple(need))
+
+    def _load(self, cache_row: KVCache, tokens: Sequence[int],
+              need: tuple[str, ...] | None) -> tuple[int, dict[str, torch.Tensor] | None]:
         _check_row(cache_row, "load")
+        full = need is not None
         with self._lock:
             self.counters["lookups"] += 1
             self.counters["lookup_tokens"] += len(tokens)
             passes = self.counters["fingerprint_passes"]
             fp = self._fingerprint(cache_row, recompute=False)
-            n, entry = self._find(fp, tokens)
-            stored = self.store is not None and any(m < len(tokens) for m in self.store.lengths())
+            n, entry = self._find(fp, tokens, need=need)
+            stored = self.store is not None and any(m < len(tokens) + full for m in self.store.lengths())
             fresh = self.counters["fingerprint_passes"] > passes
             if self.verify_model and not fresh and (entry is not None or stored):  # only a restore needs it
                 checked = self._fingerprint(cache_row, recompute=True)
                 if checked != fp:  # the model changed: its entries were dropped
-                    fp, (n, entry) = checked, self._find(checked, tokens)
+                    fp, (n, entry) = checked, self._find(checked, tokens, need=need)
+            tail = None
             if stored:
-                m = self.store.load_longer(cache_row, tokens, fp, n)
+                m, tail = self.store.load_best(cache_row, tokens, fp, n, need)
                 if m:
                     self.counters["store_hits"] += 1
-                    self._insert(fp, tokens[:m], cache_row, on_disk=True)
+                    self._insert(fp, tokens[:m], cache_row, on_disk=True, tail=tail)
                     n, entry = m, None
+                    tail = {k: v.to(self.device) for k, v in tail.items()} if tail is not None else None
             if entry is not None:
                 try:
                     restore_row_pieces(cache_row, [(e.base, e.state) for e in entry.chain()], n)
                     self._touch(entry)
+                    if n == len(tokens):   # (a copy: the caller's sampling and decoding own it)
+                        tail = {k[len(TAIL):]: v.to(self.device, copy=True, non_blocking=True)
+                                for k, v in entry.state.items() if k.startswith(TAIL)}
                 except (KeyError, RuntimeError) as e:  # a row too short for it (the row is left reset)
                     log.warning("prefix cache: a %d-token prefix does not fit this row (%s)", n, e)
                     n = 0
             if n:
                 self.counters["hits"] += 1
                 self.counters["hit_tokens"] += n
-            return n
+            return n, tail
 
-    def save(self, cache_row: KVCache, tokens: Sequence[int]) -> None:
-        """Keep the state of a one-row cache that holds exactly `tokens` (already kept: refresh its LRU place)."""
+    def save(self, cache_row: KVCache, tokens: Sequence[int], tail: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep the state of a one-row cache that holds exactly `tokens` (already kept: refresh its LRU place),
+        with `tail`: what the forward that computed the last token gave besides the cache (e.g. {"logits": the
+        next token's logits}), which a `load_full` of exactly these tokens returns instead of a forward."""
         _check_row(cache_row, "save")
         if cache_row.lengths() != [len(tokens)]:
             raise InvalidArgument(f"PrefixCache.save: the row holds {cache_row.lengths()[0]} tokens, "
@@ -207,10 +232,10 @@ class PrefixCache:
             chain = _Chain(fp, tokens, self.block, len(tokens))   # (hashed once: _insert and _find reuse it)
             key = chain.key(len(tokens))
             for tier in TIERS:
-                if key in self._tiers[tier]:
-                    self._touch(self._tiers[tier][key])
+                if key in self._tiers[tier]:   # (kept as it is: a tail computed in other chunks than its state
+                    self._touch(self._tiers[tier][key])   # would not be the state's own)
                     return
-            self._insert(fp, tokens, cache_row, chain)
+            self._insert(fp, tokens, cache_row, chain, tail=tail)
 
     def stats(self) -> dict:
         """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,
@@ -249,25 +274,30 @@ class PrefixCache:
             self._model_fp, self._stamp = fp, stamp
         return store_fingerprint(self._model_fp, cache)
 
-    def _find(self, fp: str, tokens: Sequence[int], chain: _Chain | None = None) -> tuple[int, _Entry | None]:
-        """The longest held prefix shorter than `tokens`: (its length, its entry), (0, None) if none. `chain`:
-        the query's chain under `fp` when the caller has it (over len(tokens) - 1 tokens or more)."""
-        if len(tokens) < 2 or not self._index:
+    def _find(self, fp: str, tokens: Sequence[int], chain: _Chain | None = None,
+              need: tuple[str, ...] | None = None) -> tuple[int, _Entry | None]:
+        """The longest held prefix shorter than `tokens` (with `need`, all of `tokens` too, when that entry's
+        tail has every name in `need`): (its length, its entry), (0, None) if none. `chain`: the query's chain
+        under `fp` when the caller has it (over len(tokens) - 1 tokens or more; len(tokens) with `need`)."""
+        full = need is not None
+        if len(tokens) < 2 - full or not self._index:
             return 0, None
-        chain = chain or _Chain(fp, tokens, self.block, len(tokens) - 1)
+        chain = chain or _Chain(fp, tokens, self.block, len(tokens) - 1 + full)
         for b in range(len(chain.nodes) - 1, -1, -1):
             for n in sorted(self._index.get(chain.nodes[b], ()), reverse=True):
-                if n < len(tokens):
+                if n < len(tokens) + full:
                     key = chain.key(n)
                     for tier in TIERS:
-                        if key in self._tiers[tier]:
-                            return n, self._tiers[tier][key]
+                        entry = self._tiers[tier].get(key)
+                        if entry is not None and (n < len(tokens) or entry.has_tail(need)):
+                            return n, entry
         return 0, None
 
     # ------------------------------------------------------------------ tiers
     def _insert(self, fp: str, tokens: Sequence[int], cache_row: KVCache, chain: _Chain | None = None,
-                on_disk: bool = False) -> None:
-        """Keep the state of the one-row cache holding `tokens`: past the longest held shorter prefix, if any."""
+                on_disk: bool = False, tail: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep the state of the one-row cache holding `tokens` (past the longest held shorter prefix, if any)
+        and its tail."""
         chain = chain or _Chain(fp, tokens, self.block, len(tokens))
         n = len(tokens)
         base, parent = self._find(fp, tokens, chain)
@@ -275,6 +305,7 @@ class PrefixCache:
             self._touch(parent)
             base, parent = self._find(fp, tokens, chain)
         state = row_state(cache_row, n, start=base)
+        state.update({TAIL + k: v.detach().to(self.device) for k, v in (tail or {}).items()})
         kept = np.asarray(tokens, dtype=np.int64) if self.store is not None else None
         entry = _Entry(chain.key(n), chain.nodes[n // self.block], n, state, state_nbytes(state), fp, kept, on_disk,
                        parent=parent, base=base)
