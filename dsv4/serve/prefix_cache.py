@@ -153,6 +153,10 @@ class PrefixCache:
         self._lock = threading.RLock()
         self._model_fp: str | None = None
         self._stamp: tuple | None = None
+        self._modules: list | None = None
+        self._modules_seen = -1
+        self._memo: tuple | None = None   # (fp, tokens, their _Chain): see _chain
+        _watch_module_assignments()
         self.counters = dict(lookups=0, hits=0, lookup_tokens=0, hit_tokens=0, saves=0, store_hits=0,
                              store_saves=0, device_evictions=0, host_evictions=0, fingerprint_passes=0)
 
@@ -229,7 +233,7 @@ class PrefixCache:
             return
         with self._lock:
             fp = self._fingerprint(cache_row, recompute=False)
-            chain = _Chain(fp, tokens, self.block, len(tokens))   # (hashed once: _insert and _find reuse it)
+            chain = self._chain(fp, tokens)   # (hashed once: _insert and _find reuse it)
             key = chain.key(len(tokens))
             for tier in TIERS:
                 if key in self._tiers[tier]:   # (kept as it is: a tail computed in other chunks than its state
@@ -264,8 +268,7 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ keys
     def _fingerprint(self, cache: KVCache, recompute: bool) -> str:
-        stamp = tuple((id(t), t._version, t.data_ptr()) for t in (*self.model.parameters(),
-                                                                  *self.model.buffers()))
+        stamp = self._weights_stamp()
         if recompute or self._model_fp is None or stamp != self._stamp:
             fp = model_fingerprint(self.model)
             self.counters["fingerprint_passes"] += 1
@@ -274,15 +277,38 @@ class PrefixCache:
             self._model_fp, self._stamp = fp, stamp
         return store_fingerprint(self._model_fp, cache)
 
+    def _weights_stamp(self) -> tuple:
+        """Identity, autograd version and storage of every parameter and buffer: what `verify_model=False`
+        compares. Read from the modules' own dicts (a quarter of the cost of `parameters()` and `buffers()`,
+        whose recursive walk took ~4 ms per call on a 1,400-tensor model), over a module list taken again
+        whenever any module was assigned a submodule since (`_module_assignments`)."""
+        if self._modules is None or self._modules_seen != _module_assignments:
+            self._modules_seen = _module_assignments   # (read first: an assignment during the walk is seen next time)
+            self._modules = list(self.model.modules())
+        return tuple((id(t), t._version, t.data_ptr()) for m in self._modules for d in (m._parameters, m._buffers)
+                     for t in d.values() if t is not None)
+
+    def _chain(self, fp: str, tokens: Sequence[int]) -> _Chain:
+        """The hash chain of `tokens`: the last one made, when `tokens` begins the tokens it was made for (the
+        saves of a request hash prefixes of the prompt its load hashed: ~1 ms per 32K tokens saved each), else a
+        new one."""
+        memo = self._memo
+        if memo is not None and memo[0] == fp and len(tokens) <= len(memo[1]) and \
+                (tokens == memo[1] if len(tokens) == len(memo[1]) else list(tokens) == memo[1][:len(tokens)]):
+            return memo[2]
+        chain = _Chain(fp, tokens, self.block, len(tokens))
+        self._memo = (fp, list(tokens), chain)
+        return chain
+
     def _find(self, fp: str, tokens: Sequence[int], chain: _Chain | None = None,
               need: tuple[str, ...] | None = None) -> tuple[int, _Entry | None]:
         """The longest held prefix shorter than `tokens` (with `need`, all of `tokens` too, when that entry's
         tail has every name in `need`): (its length, its entry), (0, None) if none. `chain`: the query's chain
-        under `fp` when the caller has it (over len(tokens) - 1 tokens or more; len(tokens) with `need`)."""
+        under `fp` when the caller has it (over all of `tokens` or more)."""
         full = need is not None
         if len(tokens) < 2 - full or not self._index:
             return 0, None
-        chain = chain or _Chain(fp, tokens, self.block, len(tokens) - 1 + full)
+        chain = chain or self._chain(fp, tokens)
         for b in range(len(chain.nodes) - 1, -1, -1):
             for n in sorted(self._index.get(chain.nodes[b], ()), reverse=True):
                 if n < len(tokens) + full:
@@ -298,7 +324,7 @@ class PrefixCache:
                 on_disk: bool = False, tail: dict[str, torch.Tensor] | None = None) -> None:
         """Keep the state of the one-row cache holding `tokens` (past the longest held shorter prefix, if any)
         and its tail."""
-        chain = chain or _Chain(fp, tokens, self.block, len(tokens))
+        chain = chain or self._chain(fp, tokens)
         n = len(tokens)
         base, parent = self._find(fp, tokens, chain)
         if parent is not None:  # most recent first; this can evict, rarely the parent's own chain: look again
@@ -405,6 +431,24 @@ class PrefixCache:
             self._tiers[tier].clear()
             self._bytes[tier] = 0
         self._index.clear()
+
+
+_module_assignments = 0   # submodules assigned to any module so far (once a PrefixCache exists)
+_watching = False
+
+
+def _count_assignment(module, name, value) -> None:
+    global _module_assignments
+    _module_assignments += 1
+
+
+def _watch_module_assignments() -> None:
+    """Count every submodule assignment in the process (torch's global hook), so that a PrefixCache walks its
+    model's modules again only after one: a module swapped in brings tensors the cached list would not see."""
+    global _watching
+    if not _watching:
+        torch.nn.modules.module.register_module_module_registration_hook(_count_assignment)
+        _watching = True
 
 
 def _check_row(cache: KVCache, what: str) -> None:

@@ -1,6 +1,8 @@
 """Prefix caching across requests: a hit restores the saving row's exact bytes, so the logits equal a cold
 prefill; a prompt stored whole hits whole (its logits stored with it); short prompts and chat turns hit; LRU tiers
 demote, drop and spill to the disk store; another model misses."""
+import copy
+
 import pytest
 import torch
 
@@ -320,6 +322,14 @@ def test_a_changed_model_misses(model):
     pc = PrefixCache(m, 1 << 30, 1 << 30, block=256)
     _serve(m, pc, p)
     assert _held(pc, p, ("fp8", "fp4")) == 0  # another cache format: another key
+    lazy = PrefixCache(m, 1 << 30, 1 << 30, block=256, verify_model=False)
+    _serve(m, lazy, p)
+    norm = copy.deepcopy(m.norm)
+    with torch.no_grad():
+        norm.weight.mul_(2)
+    m.norm, old = norm, m.norm   # a module swapped in: its tensors are seen without a pass over the weights
+    assert _held(lazy, p) == 0 and lazy.stats()["fingerprint_passes"] == 2
+    m.norm = old
 
 
 def test_only_a_restore_pays_for_the_exact_model_check(model):
