@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from ..cache import KVCache
-from ..cache.row_state import GROWING, restore_row_pieces, row_state, state_nbytes
+from ..cache.row_state import GROWING, clone_tensors, restore_row_pieces, row_state, state_nbytes
 from ..errors import InvalidArgument
 from ..generate.fingerprint import model_fingerprint
 from ..generate.prefix_store import TAIL, PrefixStore, store_fingerprint
@@ -341,7 +341,7 @@ class PrefixCache:
         if parent is not None:
             parent.children.append(entry)
         if entry.nbytes <= self.budget["device"]:
-            entry.state = {k: v.clone() for k, v in state.items()}
+            entry.state = clone_tensors(state)
             self._add("device", entry)
         else:
             self._demote(entry)
@@ -372,8 +372,7 @@ class PrefixCache:
         if entry.nbytes > self.budget["host"]:
             self._drop(entry)
             return
-        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self._pin).copy_(v, non_blocking=self._pin)
-                for k, v in entry.state.items()}
+        host = clone_tensors(entry.state, torch.device("cpu"), pin_memory=self._pin, non_blocking=self._pin)
         if self._pin:
             entry.copied = torch.cuda.Event()
             entry.copied.record()
