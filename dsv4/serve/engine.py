@@ -14,7 +14,8 @@ is about to start, and each engine step runs, in order:
      as the graphs do, so a row's arithmetic is the same whether its step was replayed or ran eagerly;
   3. prefill, with what is left of `step_token_budget` after the decode's tokens: rounds of whole chunks, each
      round one chunk of each of up to `max_prefill_rows` requests, the oldest first, then queued requests
-     admitted (a free row; with a prefix cache the longest stored prefix is loaded) while budget and rows last;
+     admitted (a free row; with a prefix cache the longest stored prefix is loaded: a prompt stored whole, with
+     its logits, runs no chunk and samples its first token at once) while budget and rows last;
      a step always runs at least one chunk, and a chunk that does not fit waits, with everything behind it, for
      the next step. Admission only when a chunk runs keeps rows of waiting requests free, so they never split a
      decode or keep it from replaying its graph. Chunk boundaries are fixed by the request alone (every

@@ -10,33 +10,46 @@ computed in the same chunks.
 
 The engine's side (all one-row caches: `cache.select(row)`; safe to call from several threads):
 
-    pc = PrefixCache(model, device_bytes, host_bytes, store=None, block=256)
-    n = pc.load(row, prompt)            # restore the longest cached prefix shorter than the prompt (0: miss);
-                                        # the row should be empty: on a hit it is overwritten
-    for stop in pc.boundaries(len(prompt)):   # prefill from n, stopping at each boundary > n to save
-        ...; pc.save(row, prompt[:stop])
+    pc = PrefixCache(model, device_bytes, host_bytes, store=None, block=256, split_before=())
+    n, tail = pc.load_full(row, prompt)  # restore the longest cached prefix (0: miss); the row should be empty:
+                                         # on a hit it is overwritten. n == len(prompt) (tail: {"logits": ...}):
+                                         # the whole prompt, nothing to compute; else tail is None
+    for stop in pc.boundaries(len(prompt), prompt[-1]):   # prefill from n, stopping at each boundary > n to
+        ...; pc.save(row, prompt[:stop], tail={"logits": that chunk's last logits})   # save
     ...                                 # generation
-    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds
+    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds (no tail)
     pc.stats()                          # counters and tier sizes, for /metrics
 
-`boundaries(n)` is every `block` tokens below n - 1, and n - 1: a load always leaves one token to compute (the
-caller needs the last token's logits), so a prompt sent twice hits at n - 1, as does a prompt extended by
-anything, however short it is. A save at the prompt's end (n) is then redundant; the save at the end of the
-generation is the one that lets the next turn of a chat hit: the V4 chat encoding of turn N+1 starts with
-prompt N + reply N (+ the end-of-sentence token) when thinking is off, so turn N+1 hits everything but its new
-user message.
+An entry's tail is what the forward that computed its last token gave besides the cache: the next token's logits
+(exact bytes), and for the speculative decoder the last position's lanes too (`SpeculativeDecoder.tail`).
+`load_full(row, tokens, need)` restores all of `tokens` only from an entry whose tail has every name in `need`, so
+a prompt sent again costs no forward at all (its first token is sampled from the stored logits), and a prompt
+extended by anything, however short, computes just its new tokens in one forward; `load(row, tokens)` restores only
+prefixes shorter than `tokens` (the caller computes the last token itself). An entry without a tail (the save at the
+end of a generation, whose logits the engine does not keep; a store file written without one) serves only longer
+prompts, and a save of tokens already held keeps the held entry as it is (a tail computed in other chunks would not
+be its state's own), so an exact repeat of such tokens restores the longest shorter entry.
+
+`boundaries(n, last_token)` is every `block` tokens below n, and n; also n - 1 when the prompt's last token is in
+`split_before`. That is for chat templates that rewrite a prompt's last token in the next turn: V4's in thinking
+mode ends a prompt with `<think>` and writes the same turn as `... <｜Assistant｜></think>reply` in the next
+prompt, which then shares all but the last token (`dsv4 serve` passes the `<think>` id). With thinking off, the
+next turn starts with prompt N + reply N (+ the end-of-sentence token), so the save at the end of the generation
+is the one that lets it hit everything but its new user message.
 
 Lookups never compare tokens with stored entries: a hash chain over the query's blocks (h0 = the key
 fingerprint, h[b+1] = sha256(h[b], block b's tokens)) names the block node each stored length hangs off, and the
 index maps node -> the lengths stored under it; the query checks, deepest node first, only those lengths, each by
-one dict lookup of sha256(node, the tail's tokens, n).
+one dict lookup of sha256(node, the tokens past the node, n). A request's saves reuse the chain its lookup
+hashed (they store prefixes of its prompt).
 
 The model fingerprint (every byte of every weight and buffer, every module setting) is recomputed by every
-`load` that would restore something (`verify_model=True`, the default: one pass over the weights on their
+lookup that would restore something (`verify_model=True`, the default: one pass over the weights on their
 device, so a hit of a few hundred tokens on a large model costs about what it saves; a miss costs nothing), and
-its value reused by the saves that follow. With `verify_model=False` it is recomputed only when a parameter or
-buffer was replaced or changed in place through autograd's version counter (a `.data` write or a kernel writing
-weights out of band is not seen: call `refresh()` after one). Entries of a model that changed are dropped from
+its value reused by the saves that follow. With `verify_model=False` it is recomputed only when a parameter,
+buffer or module was replaced or a tensor changed in place through autograd's version counter (a write through
+`.data` or a kernel writing weights out of band is not seen: call `refresh()` after one); that check reads the
+modules' own tensor dicts, over a module list taken again after any submodule assignment in the process. Entries of a model that changed are dropped from
 memory at once.
 
 An entry saved after a shorter held prefix of the same tokens (its parent) keeps only what grew since: the

@@ -389,12 +389,12 @@ def test_cuda_tiers_pin_host_entries_and_hits_stay_exact():
     m = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=1).eval().cuda()
     prompts = [_tokens(300, 60 + i) for i in range(3)]
     with torch.no_grad():
-        size = sum(t.nbytes for t in row_state(_cold(m, prompts[0][:299])[1], 299).values())
-    pc = PrefixCache(m, size, 4 * size, block=256)  # the device tier holds one 299-token entry
+        size = sum(t.nbytes for t in row_state(_cold(m, prompts[0])[1], 300).values()) + 4 * m.config.vocab_size
+    pc = PrefixCache(m, size, 4 * size, block=256)  # the device tier holds one whole 300-token state
     for p in prompts:
         _serve(m, pc, p)
     host = [e for e in pc._tiers["host"].values()]
     assert host and all(t.is_pinned() for e in host for t in e.state.values())
     for p in prompts:  # from the host (copied back in stream order) and from the device
         n, warm, _, _ = _serve(m, pc, p)
-        assert n == 299 and torch.equal(warm, _cold(m, p, split=[256, 299])[0])
+        assert n == 300 and torch.equal(warm, _cold(m, p, split=[256])[0])
