@@ -127,7 +127,11 @@ def copy_tensors(dests: list[torch.Tensor], srcs: list[torch.Tensor], non_blocki
         g[0].append(d)
         g[1].append(s)
     for d, s in groups.values():
-        torch._foreach_copy_(d, s, non_blocking=non_blocking)
+        try:
+            torch._foreach_copy_(d, s, non_blocking=non_blocking)
+        except (RuntimeError, NotImplementedError):  # a dtype without a multi-tensor kernel: one copy each
+            for di, si in zip(d, s):                 # (all of them again: a copy repeated writes the same bytes)
+                di.copy_(si, non_blocking=non_blocking)
 
 
 def clone_tensors(tensors: dict[str, torch.Tensor], device: torch.device | None = None,

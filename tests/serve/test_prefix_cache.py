@@ -385,16 +385,19 @@ def test_lookup_checks_only_the_lengths_under_the_query_blocks(model, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_tiers_pin_host_entries_and_hits_stay_exact():
+@pytest.mark.parametrize("kv", [("auto", "auto"), ("fp8", "fp4")])
+def test_cuda_tiers_pin_host_entries_and_hits_stay_exact(kv):
     m = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=1).eval().cuda()
     prompts = [_tokens(300, 60 + i) for i in range(3)]
     with torch.no_grad():
-        size = sum(t.nbytes for t in row_state(_cold(m, prompts[0])[1], 300).values()) + 4 * m.config.vocab_size
-    pc = PrefixCache(m, size, 4 * size, block=256)  # the device tier holds one whole 300-token state
+        size = sum(t.nbytes for t in row_state(_cold(m, prompts[0], kv=kv)[1], 300).values())
+    size += 4 * m.config.vocab_size
+    pc = PrefixCache(m, size, 8 * size, block=256)  # the device tier holds one whole 300-token state
     for p in prompts:
-        _serve(m, pc, p)
+        _serve(m, pc, p, kv=kv)
     host = [e for e in pc._tiers["host"].values()]
     assert host and all(t.is_pinned() for e in host for t in e.state.values())
     for p in prompts:  # from the host (copied back in stream order) and from the device
-        n, warm, _, _ = _serve(m, pc, p)
-        assert n == 300 and torch.equal(warm, _cold(m, p, split=[256])[0])
+        for q, split in ((p, [256]), (p[:290] + [7], [256])):   # whole, and a prefix of the chain + one token
+            n, warm, _, _ = _serve(m, pc, q, kv=kv)
+            assert n == (300 if q == p else 256) and torch.equal(warm, _cold(m, q, split=split, kv=kv)[0])
