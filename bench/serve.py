@@ -297,12 +297,13 @@ def run_level_procs(url: str, model: str, *, procs: int, concurrency: int, promp
 async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, trials: int, source: PromptSource,
                       seed: int, max_tokens: int = 1, ignore_eos: bool = True,
                       duration_limit: float = float("inf")) -> dict:
-    """TTFT of a second request sharing a primed prefix (hit) vs one over a fresh prefix of the same length;
+    """TTFT of a second request sharing a primed prefix (hit) vs one over a fresh prefix of the same length, and
+    of the hit's prompt sent again (repeat: a server that keeps a prompt's next-token logits runs no forward);
     no trial starts after `duration_limit` s. One token each: a server streams no chunk for a token that decodes
     to no text (a random model's ids past its tokenizer's vocabulary, a piece of a character), so with more the
     first chunk could come tokens later; the last chunk of a one-token request comes with its first token."""
     rng = random.Random(seed)
-    hits, misses, errors, hit_cached, miss_cached = [], [], [], [], []
+    hits, misses, errors, hit_cached, miss_cached, repeats, repeat_cached = [], [], [], [], [], [], []
     deadline = time.perf_counter() + duration_limit
     done = 0
     for _ in range(trials):
@@ -311,9 +312,11 @@ async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, t
         done += 1
         prefix = source.make(rng, prefix_len)
         prime = await stream_one(client, model, prefix + source.make(rng, suffix_len), max_tokens, ignore_eos)
-        hit = await stream_one(client, model, prefix + source.make(rng, suffix_len), max_tokens, ignore_eos)
+        hit_prompt = prefix + source.make(rng, suffix_len)
+        hit = await stream_one(client, model, hit_prompt, max_tokens, ignore_eos)
         miss = await stream_one(client, model, source.make(rng, prefix_len + suffix_len), max_tokens, ignore_eos)
-        for r in (prime, hit, miss):
+        repeat = await stream_one(client, model, hit_prompt, max_tokens, ignore_eos)
+        for r in (prime, hit, miss, repeat):
             if r.error:
                 errors.append(r.error)
         if hit.ttft is not None and not hit.error:
@@ -322,12 +325,18 @@ async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, t
         if miss.ttft is not None and not miss.error:
             misses.append(miss.ttft)
             miss_cached.append(miss.cached_tokens)
-    hit50, miss50 = percentile(hits, 50), percentile(misses, 50)
+        if repeat.ttft is not None and not repeat.error:
+            repeats.append(repeat.ttft)
+            repeat_cached.append(repeat.cached_tokens)
+    hit50, miss50, repeat50 = percentile(hits, 50), percentile(misses, 50), percentile(repeats, 50)
     return {"prefix_len": prefix_len, "suffix_len": suffix_len, "trials": done,
             "hit_ttft_p50_ms": None if hit50 is None else round(hit50 * 1e3, 3),
             "miss_ttft_p50_ms": None if miss50 is None else round(miss50 * 1e3, 3),
             "miss_over_hit": round(miss50 / hit50, 2) if hit50 and miss50 else None,
             "hit_cached_tokens": hit_cached, "miss_cached_tokens": miss_cached,
+            "repeat_ttft_p50_ms": None if repeat50 is None else round(repeat50 * 1e3, 3),
+            "miss_over_repeat": round(miss50 / repeat50, 2) if repeat50 and miss50 else None,
+            "repeat_cached_tokens": repeat_cached,
             "errors": len(errors), "error_messages": sorted(set(errors))[:5]}
 
 
@@ -667,7 +676,8 @@ def table(result: dict) -> str:
         if pt:
             lines.append(f"{srv['label']}: second turn over a {pt['prefix_len']}-token prefix: hit TTFT "
                          f"{_fmt(pt['hit_ttft_p50_ms'])} ms, miss TTFT {_fmt(pt['miss_ttft_p50_ms'])} ms, "
-                         f"miss/hit {_fmt(pt['miss_over_hit'])}x, cached tokens reported hit "
+                         f"miss/hit {_fmt(pt['miss_over_hit'])}x, repeated prompt TTFT "
+                         f"{_fmt(pt.get('repeat_ttft_p50_ms'))} ms, cached tokens reported hit "
                          f"{pt.get('hit_cached_tokens')} miss {pt.get('miss_cached_tokens')}, server hit rate during "
                          f"the test {_fmt(pt.get('server_hit_rate_during_test'))}, errors {pt['errors']}")
         if srv.get("prompt_format") == "text":

@@ -12,7 +12,8 @@ import torch
 
 from .kv_cache import KVCache
 
-__all__ = ["row_state", "restore_row_state", "restore_row_pieces", "state_nbytes", "GROWING"]
+__all__ = ["row_state", "restore_row_state", "restore_row_pieces", "state_nbytes", "copy_tensors", "clone_tensors",
+           "GROWING"]
 
 GROWING = (".entries", ".keys")   # the tensors that grow with n (one record per `ratio` tokens); the rest is
                                   # fixed-size (window ring, compressor states)
@@ -54,23 +55,29 @@ def restore_row_state(cache: KVCache, tensors: dict[str, torch.Tensor], n: int) 
 def restore_row_pieces(cache: KVCache, pieces: list[tuple[int, dict[str, torch.Tensor]]], n: int) -> None:
     """`restore_row_state` from pieces [(start, tensors)], each `row_state(cache, end, start)` of a stretch
     start..end, in order and contiguous from 0 to n: every piece's compressed entries and indexer keys, the last
-    piece's window and compressor states."""
+    piece's window and compressor states. Each stretch of pieces is one `cat`; the other copies (window rings,
+    compressor states) go out together (`copy_tensors`)."""
     _check_one_row(cache, "restore_row_state")
     cache.reset()
+    dests: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
     try:
         for i, layer in enumerate(cache.layers):
             tensors = pieces[-1][1]
-            layer.window_rows.buf[0].copy_(tensors[f"{i}.window"], non_blocking=True)
+            dests.append(layer.window_rows.buf[0])
+            srcs.append(tensors[f"{i}.window"])
             for rows, tag in ((layer.entry_rows, "entries"), (layer.key_rows, "keys")):
                 if rows is None:
                     continue
-                _copy_pieces(rows.buf[0], [(start // layer.ratio, piece[f"{i}.{tag}"]) for start, piece in pieces])
-                if sum(p[f"{i}.{tag}"].shape[0] for _, p in pieces) != n // layer.ratio:
+                parts = [(start // layer.ratio, piece[f"{i}.{tag}"]) for start, piece in pieces]
+                if sum(p.shape[0] for _, p in parts) != n // layer.ratio:
                     raise KeyError(f"layer {i}: the pieces hold {tag} for another length than {n} tokens")
+                _add_pieces(rows.buf[0], parts, dests, srcs)
             for tag, st in (("cstate", layer.compressor_state), ("istate", layer.indexer_state)):
                 if st is not None:
-                    st.kv[0].copy_(tensors[f"{i}.{tag}.kv"], non_blocking=True)
-                    st.score[0].copy_(tensors[f"{i}.{tag}.score"], non_blocking=True)
+                    dests += [st.kv[0], st.score[0]]
+                    srcs += [tensors[f"{i}.{tag}.kv"], tensors[f"{i}.{tag}.score"]]
+        copy_tensors(dests, srcs, non_blocking=True)
         cache.check_room(n)
     except (KeyError, RuntimeError):
         cache.reset()
@@ -81,22 +88,59 @@ def restore_row_pieces(cache: KVCache, pieces: list[tuple[int, dict[str, torch.T
     cache.end(n)
 
 
-def _copy_pieces(dest: torch.Tensor, parts: list[tuple[int, torch.Tensor]]) -> None:
-    """Write each part at its record offset of `dest`. Parts that follow one another and sit on dest's device
-    (a prefix cache's chain of block saves: a hundred pieces for 32K tokens) go in one `cat` into dest, one kernel
-    rather than one copy each; the bytes written are the same."""
+def _add_pieces(dest: torch.Tensor, parts: list[tuple[int, torch.Tensor]], dests: list[torch.Tensor],
+                srcs: list[torch.Tensor]) -> None:
+    """Write each part at its record offset of `dest`: parts that follow one another and sit on dest's device (a
+    prefix cache's chain of block saves: tens of pieces for 32K tokens) in one `cat` into dest now, others queued
+    as copies (dests, srcs). RuntimeError when they run past dest's end."""
     lo = hi = parts[0][0] if parts else 0
     contiguous = True
     for start, part in parts:
         contiguous = contiguous and start == hi and part.device == dest.device and part.dtype == dest.dtype
-        hi = start + part.shape[0]
+        hi = max(hi, start + part.shape[0])
+    if hi > dest.shape[0]:
+        raise RuntimeError(f"the pieces hold {hi} records; the row has room for {dest.shape[0]}")
     if len(parts) > 1 and contiguous:
-        if hi > dest.shape[0]:
-            raise RuntimeError(f"the pieces hold {hi} records; the row has room for {dest.shape[0]}")
         torch.cat([p for _, p in parts], out=dest[lo:hi])
         return
     for start, part in parts:
-        dest[start: start + part.shape[0]].copy_(part, non_blocking=True)
+        if part.shape[0]:
+            dests.append(dest[start: start + part.shape[0]])
+            srcs.append(part)
+
+
+def _copy_pieces(dest: torch.Tensor, parts: list[tuple[int, torch.Tensor]]) -> None:
+    """Write each part at its record offset of `dest` (see `_add_pieces`)."""
+    dests: list[torch.Tensor] = []
+    srcs: list[torch.Tensor] = []
+    _add_pieces(dest, parts, dests, srcs)
+    copy_tensors(dests, srcs)
+
+
+def copy_tensors(dests: list[torch.Tensor], srcs: list[torch.Tensor], non_blocking: bool = False) -> None:
+    """dests[i].copy_(srcs[i]) for every i, as one `torch._foreach_copy_` per (dtypes, devices) group: on a GPU
+    a few multi-tensor kernels where a restore or save of a 43-layer row would launch ~300 copies (the bytes
+    written are the same)."""
+    groups: dict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d, s in zip(dests, srcs, strict=True):
+        g = groups.setdefault((d.dtype, d.device, s.dtype, s.device), ([], []))
+        g[0].append(d)
+        g[1].append(s)
+    for d, s in groups.values():
+        try:
+            torch._foreach_copy_(d, s, non_blocking=non_blocking)
+        except (RuntimeError, NotImplementedError):  # a dtype without a multi-tensor kernel: one copy each
+            for di, si in zip(d, s):                 # (all of them again: a copy repeated writes the same bytes)
+                di.copy_(si, non_blocking=non_blocking)
+
+
+def clone_tensors(tensors: dict[str, torch.Tensor], device: torch.device | None = None,
+                  pin_memory: bool = False, non_blocking: bool = False) -> dict[str, torch.Tensor]:
+    """Copies of named tensors (on `device`, by default each one's own), made by `copy_tensors`."""
+    out = {k: torch.empty(v.shape, dtype=v.dtype, device=device or v.device, pin_memory=pin_memory)
+           for k, v in tensors.items()}
+    copy_tensors(list(out.values()), list(tensors.values()), non_blocking=non_blocking)
+    return out
 
 
 def state_nbytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -71,11 +71,13 @@ def _serving_packages():
     return uvicorn, build_app
 
 
-def _prefix_cache(args: argparse.Namespace, model, device):
+def _prefix_cache(args: argparse.Namespace, model, device, tok):
     """The cross-request prefix cache the flags ask for. A server's weights do not change under it, so entries
     are keyed by the fingerprint taken once at start (verify_model=False) instead of one pass over the weights
-    per hit."""
+    per hit. A prompt ending in `<think>` is also saved without it: the chat template writes `</think>` there in
+    the next turn's prompt."""
     from ..errors import InvalidArgument
+    from ..generate.chat import THINK_START
     from ..generate.prefix_store import PrefixStore
     from ..serve.prefix_cache import PrefixCache
     device_gb = args.prefix_cache_gb if args.prefix_cache_gb is not None else (4.0 if device.type == "cuda" else 0.0)
@@ -84,7 +86,8 @@ def _prefix_cache(args: argparse.Namespace, model, device):
             raise InvalidArgument(f"{flag}={v}: must be a size in GB >= 0")
     store = PrefixStore(args.prefix_store, model) if args.prefix_store else None
     return PrefixCache(model, int(device_gb * 2**30), int(args.prefix_host_gb * 2**30), store=store,
-                       block=args.prefix_block or args.prefill_chunk, verify_model=False)
+                       block=args.prefix_block or args.prefill_chunk, verify_model=False,
+                       split_before=[t for t in (tok.token_id(THINK_START),) if t is not None])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = load_model(args.checkpoint, device=device, dtype=dtype)
     tok = Tokenizer.from_dir(args.checkpoint)
-    prefix_cache = None if args.no_prefix_cache else _prefix_cache(args, model, device)
+    prefix_cache = None if args.no_prefix_cache else _prefix_cache(args, model, device, tok)
     engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_dtype=args.kv_dtype,
                     index_dtype=args.index_dtype, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                     step_token_budget=args.step_token_budget, max_prefill_rows=args.max_prefill_rows,

@@ -3,8 +3,11 @@ same n tokens loads it and computes only the rest.
 
 A stored prefix is one safetensors file holding, per layer, the window ring, the first n // ratio
 compressed entries and indexer keys (raw records: exact whatever the storage format) and the compressor
-states. It is keyed by sha256(model fingerprint, token ids); its metadata carries the fingerprint, the
-token count, the token hash and a sha256 of every tensor's bytes. The model fingerprint covers every byte of
+states, and optionally its tail: what the forward that computed the last token gave besides the cache (tensors
+named `tail.<name>`, e.g. `tail.logits`, the next token's logits), which lets a request of exactly those n tokens
+skip its forward (`load_best(..., need=...)`; a file without them serves only longer requests). It is keyed by
+sha256(model fingerprint, token ids); its metadata carries the fingerprint, the token count, the token hash and a
+sha256 of every tensor's bytes. The model fingerprint covers every byte of
 every parameter and buffer and every module setting (generate/fingerprint.py); it is recomputed at every load and
 save (one pass over the weights), so a model changed in any way between two requests never gets the old one's
 prefixes.
@@ -45,6 +48,7 @@ except ImportError:  # not POSIX: index updates are unlocked (one writer per dir
 log = logging.getLogger(__name__)
 
 INDEX = "lengths.json"
+TAIL = "tail."   # the name prefix of a stored prefix's tail tensors (the rest is the row state)
 _LOCK = ".lengths.lock"
 # what parsing a damaged file can raise (corrupt header JSON, bad offsets or dtypes, missing or misshapen tensors)
 _DAMAGE = (CheckpointError, SafetensorError, ValueError, TypeError, KeyError, IndexError, OverflowError,
@@ -217,10 +221,13 @@ class PrefixStore:
             raise ValueError(f"save needs a one-row cache at position {len(tokens)}, got lengths {cache.lengths()}")
         return self.save_state(row_state(cache, len(tokens)), tokens, fingerprint or self.fingerprint(cache))
 
-    def save_state(self, state: dict[str, torch.Tensor], tokens: Sequence[int], fingerprint: str) -> str | None:
+    def save_state(self, state: dict[str, torch.Tensor], tokens: Sequence[int], fingerprint: str,
+                   tail: dict[str, torch.Tensor] | None = None) -> str | None:
         """Store a row state (`dsv4.cache.row_state` after len(tokens) tokens) under `fingerprint` (as
-        `fingerprint(cache)` gives it). Returns the file's path, or None when the directory cannot be written."""
+        `fingerprint(cache)` gives it), with its `tail` if given (see the module doc). Returns the file's path, or
+        None when the directory cannot be written."""
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        tensors.update({TAIL + k: v.detach().to("cpu").contiguous() for k, v in (tail or {}).items()})
         n = len(tokens)
         digest = _tokens_hash(fingerprint, tokens)
         meta = {"fingerprint": fingerprint, "n_tokens": str(n), "tokens": digest, "sha256": _digest(tensors)}
@@ -250,7 +257,14 @@ class PrefixStore:
         """Restore the longest stored prefix of `tokens` longer than `shorter` tokens and shorter than `tokens`,
         stored under `fingerprint`, into a one-row cache. Returns its length, 0 if none is usable (the cache
         is then untouched unless a stored prefix failed to fit it, which resets it)."""
-        for n in (n for n in self._lengths() if shorter < n < len(tokens)):
+        return self.load_best(cache, tokens, fingerprint, shorter)[0]
+
+    def load_best(self, cache: KVCache, tokens: Sequence[int], fingerprint: str, shorter: int,
+                  need: Sequence[str] | None = None) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """`load_longer`, but with `need` (tail names, e.g. ("logits",)) all of `tokens` may be restored too, from
+        a file whose tail has every name in `need`: returns (length, that tail) then, (length, None) otherwise."""
+        full = need is not None
+        for n in (n for n in self._lengths() if shorter < n < len(tokens) + full):
             digest = _tokens_hash(fingerprint, tokens[:n])
             path = self._path(digest)
             if not os.path.isfile(path):
@@ -265,12 +279,15 @@ class PrefixStore:
             except OSError as e:
                 log.warning("ignoring stored prefix %s: cannot read it (%s)", path, e)
                 continue
+            tail = {k[len(TAIL):]: v for k, v in tensors.items() if k.startswith(TAIL)}
+            if n == len(tokens) and not all(k in tail for k in need):
+                continue  # (a file without the tail serves only longer requests)
             try:
                 self._restore(cache, tensors, n)
-                return n
+                return n, tail if n == len(tokens) else None
             except (KeyError, RuntimeError) as e:  # e.g. a cache too short for this prefix
                 log.warning("ignoring stored prefix %s: does not fit this cache (%s)", path, e)
-        return 0
+        return 0, None
 
     @staticmethod
     def _read(path: str, fp: str, digest: str, n: int) -> dict[str, torch.Tensor]:

@@ -147,6 +147,21 @@ class SpeculativeDecoder:
         self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending, pending_ids=ids[0, :0])
         return logits
 
+    def tail(self, row: int) -> dict[str, torch.Tensor]:
+        """What row `row` holds besides its caches right after an `extend`: the main logits of its next token and
+        its last position's main lanes (the pair the MTP cache still lacks). A prefix cache keeps them with the
+        row's state so that `resume` can start the same prompt without a forward."""
+        st = self.rows[row]
+        return {"logits": st.logits, "hidden": st.pending_h}
+
+    def resume(self, row: int, tail: dict[str, torch.Tensor]) -> None:
+        """Start row `row` (after `begin`, its main cache row loaded with a whole prompt) from the `tail` an
+        `extend` of that prompt left: as if that extend had just run, except that the MTP cache lacks the prompt's
+        pairs (see `begin`)."""
+        h = tail["hidden"]
+        self.rows[row] = _Row(logits=tail["logits"], next_token=None, pending_h=h,
+                              pending_ids=torch.zeros(0, dtype=torch.long, device=h.device))
+
     def release(self, row: int) -> None:
         """Forget a row's state (its cache rows are the caller's to reuse)."""
         self.rows.pop(row, None)

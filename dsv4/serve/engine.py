@@ -14,7 +14,8 @@ is about to start, and each engine step runs, in order:
      as the graphs do, so a row's arithmetic is the same whether its step was replayed or ran eagerly;
   3. prefill, with what is left of `step_token_budget` after the decode's tokens: rounds of whole chunks, each
      round one chunk of each of up to `max_prefill_rows` requests, the oldest first, then queued requests
-     admitted (a free row; with a prefix cache the longest stored prefix is loaded) while budget and rows last;
+     admitted (a free row; with a prefix cache the longest stored prefix is loaded: a prompt stored whole, with
+     its logits, runs no chunk and samples its first token at once) while budget and rows last;
      a step always runs at least one chunk, and a chunk that does not fit waits, with everything behind it, for
      the next step. Admission only when a chunk runs keeps rows of waiting requests free, so they never split a
      decode or keep it from replaying its graph. Chunk boundaries are fixed by the request alone (every
@@ -363,42 +364,72 @@ class Engine:
 
     def _admit(self) -> _Request | None:
         """The oldest queued request on the lowest free row (None when none waits or every row is busy), its
-        chunk stops set and any stored prefix of its prompt loaded."""
-        with self._lock:
-            if not self._queue or Phase.FREE not in self.pool.phase:
-                return None
-            req = self._queue.pop(0)
-        row = self.pool.take()
-        req.row = row
-        self._rows[row] = req
-        view = self.cache.select(row).reset()
-        if self.spec is not None:
-            self.spec.begin(row)
-        req.sampling = SamplingConfig(temperature=req.params.temperature, top_p=req.params.top_p,
-                                      top_k=req.params.top_k)
-        if req.params.temperature > 0:
-            req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
-        start = 0
-        if self.prefix_cache is not None:
-            try:
+        chunk stops set and any stored prefix of its prompt loaded. A request whose whole prompt is stored with
+        its tail (a full hit) needs no prefill: it decodes from the next step (its first token sampled now from
+        the stored logits, or chosen at its first speculative step), and the next queued request is admitted."""
+        while True:
+            with self._lock:
+                if not self._queue or Phase.FREE not in self.pool.phase:
+                    return None
+                req = self._queue.pop(0)
+            row = self.pool.take()
+            req.row = row
+            self._rows[row] = req
+            view = self.cache.select(row).reset()
+            if self.spec is not None:
+                self.spec.begin(row)
+            req.sampling = SamplingConfig(temperature=req.params.temperature, top_p=req.params.top_p,
+                                          top_k=req.params.top_k)
+            if req.params.temperature > 0:
+                req.generator = torch.Generator(device=self.device).manual_seed(req.seed)
+            start, tail = self._load_prefix(req, view)
+            req.done = req.handle.cached_tokens = start
+            if tail is not None:   # a full hit
+                self.pool.phase[row] = Phase.DECODE
+                if self.spec is None:
+                    self._emit([req], tail["logits"].unsqueeze(0))
+                continue
+            n = len(req.prompt)
+            req.stops = sorted(set(range(start + self.prefill_chunk, n, self.prefill_chunk)) | req.saves | {n})
+            self._admitted.append(req)
+            return req
+
+    def _load_prefix(self, req: _Request, view) -> tuple[int, dict | None]:
+        """Load the longest stored prefix of the request's prompt into its (reset) row and set the saves of its
+        prefill: (its length, and for a full hit the tail the prompt's last forward left, with which the row
+        continues). A prefix cache with `load_full` may return the whole prompt; one without, shorter ones."""
+        if self.prefix_cache is None:
+            return 0, None
+        n, start, tail = len(req.prompt), 0, None
+        load_full = getattr(self.prefix_cache, "load_full", None)
+        try:
+            if load_full is not None:
+                start, tail = load_full(view, req.prompt, self._tail_names())
+                start = int(start)
+            else:
                 start = int(self.prefix_cache.load(view, req.prompt))
-                if not 0 <= start < len(req.prompt) or view.lengths() != [start]:
-                    raise RuntimeError(f"prefix cache loaded {start} tokens of a {len(req.prompt)}-token "
-                                       f"prompt into a row at position {view.lengths()[0]}")
-            except Exception as e:  # a broken prefix cache costs the hit, never the request
-                warnings.warn(f"prefix cache load failed ({e}); prefilling the whole prompt")
-                view.reset()
-                start = 0
-            self.counters["prefix_lookup_tokens"] += len(req.prompt)
-            self.counters["prefix_hit_tokens"] += start
-            boundaries = getattr(self.prefix_cache, "boundaries", None)
-            req.saves = {b for b in (boundaries(len(req.prompt)) if boundaries else [len(req.prompt)])
-                         if b > start}
-        req.done = req.handle.cached_tokens = start
-        n = len(req.prompt)
-        req.stops = sorted(set(range(start + self.prefill_chunk, n, self.prefill_chunk)) | req.saves | {n})
-        self._admitted.append(req)
-        return req
+            if not 0 <= start < n + (tail is not None) or view.lengths() != [start]:
+                raise RuntimeError(f"prefix cache loaded {start} tokens of a {n}-token prompt into a row at "
+                                   f"position {view.lengths()[0]}")
+            if tail is not None and self.spec is not None:
+                self.spec.resume(req.row, tail)
+        except Exception as e:  # a broken prefix cache costs the hit, never the request
+            warnings.warn(f"prefix cache load failed ({e}); prefilling the whole prompt")
+            view.reset()
+            if self.spec is not None:
+                self.spec.begin(req.row)
+            start, tail = 0, None
+        self.counters["prefix_lookup_tokens"] += n
+        self.counters["prefix_hit_tokens"] += start
+        boundaries = getattr(self.prefix_cache, "boundaries", None)
+        points = boundaries(n, req.prompt[-1]) if load_full else boundaries(n) if boundaries else [n]
+        req.saves = {b for b in points if b > start}
+        return start, tail
+
+    def _tail_names(self) -> tuple[str, ...]:
+        """What a full hit needs besides the row's state: the next token's logits (and, speculating, the last
+        position's lanes: `SpeculativeDecoder.tail`)."""
+        return ("logits",) if self.spec is None else ("logits", "hidden")
 
     def _prefill(self, budget: int) -> None:
         """Rounds of prompt chunks under `budget` tokens (at least one chunk per step; see the module doc)."""
@@ -464,8 +495,10 @@ class Engine:
         for i, (req, end) in enumerate(zip(reqs, stop)):
             self.counters["prefill_tokens"] += end - req.done
             req.done = req.stops.pop(0)
-            if end in req.saves:
-                self._save_prefix(self.cache.select(req.row), req.prompt[:end])
+            if end in req.saves:   # (with the tail of the chunk's forward: a request of exactly these tokens
+                                   # then needs none)
+                tail = {"logits": logits[i]} if self.spec is None else self.spec.tail(req.row)
+                self._save_prefix(self.cache.select(req.row), req.prompt[:end], tail=tail)
             if end == len(req.prompt):
                 self._admitted.remove(req)
                 self.pool.phase[req.row] = Phase.DECODE
@@ -692,10 +725,15 @@ class Engine:
                 self.spec.mtp_cache.select(r).reset()
                 self.spec.release(r)
 
-    def _save_prefix(self, view, tokens: list[int], end: bool = False) -> None:
+    def _save_prefix(self, view, tokens: list[int], end: bool = False, tail: dict | None = None) -> None:
+        """Store the row's state (holding exactly `tokens`), with the tail of its last forward when given and the
+        prefix cache keeps tails (one with `load_full`)."""
         if self.prefix_cache is None or view.lengths() != [len(tokens)]:
             return
         try:
-            self.prefix_cache.save(view, tokens)
+            if tail is not None and hasattr(self.prefix_cache, "load_full"):
+                self.prefix_cache.save(view, tokens, tail=tail)
+            else:
+                self.prefix_cache.save(view, tokens)
         except Exception as e:  # storing is an optimisation: never fail a request for it
             warnings.warn(f"prefix cache save of {len(tokens)} tokens failed ({e})")

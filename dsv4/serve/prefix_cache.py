@@ -10,33 +10,46 @@ computed in the same chunks.
 
 The engine's side (all one-row caches: `cache.select(row)`; safe to call from several threads):
 
-    pc = PrefixCache(model, device_bytes, host_bytes, store=None, block=256)
-    n = pc.load(row, prompt)            # restore the longest cached prefix shorter than the prompt (0: miss);
-                                        # the row should be empty: on a hit it is overwritten
-    for stop in pc.boundaries(len(prompt)):   # prefill from n, stopping at each boundary > n to save
-        ...; pc.save(row, prompt[:stop])
+    pc = PrefixCache(model, device_bytes, host_bytes, store=None, block=256, split_before=())
+    n, tail = pc.load_full(row, prompt)  # restore the longest cached prefix (0: miss); the row should be empty:
+                                         # on a hit it is overwritten. n == len(prompt) (tail: {"logits": ...}):
+                                         # the whole prompt, nothing to compute; else tail is None
+    for stop in pc.boundaries(len(prompt), prompt[-1]):   # prefill from n, stopping at each boundary > n to
+        ...; pc.save(row, prompt[:stop], tail={"logits": that chunk's last logits})   # save
     ...                                 # generation
-    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds
+    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds (no tail)
     pc.stats()                          # counters and tier sizes, for /metrics
 
-`boundaries(n)` is every `block` tokens below n - 1, and n - 1: a load always leaves one token to compute (the
-caller needs the last token's logits), so a prompt sent twice hits at n - 1, as does a prompt extended by
-anything, however short it is. A save at the prompt's end (n) is then redundant; the save at the end of the
-generation is the one that lets the next turn of a chat hit: the V4 chat encoding of turn N+1 starts with
-prompt N + reply N (+ the end-of-sentence token) when thinking is off, so turn N+1 hits everything but its new
-user message.
+An entry's tail is what the forward that computed its last token gave besides the cache: the next token's logits
+(exact bytes), and for the speculative decoder the last position's lanes too (`SpeculativeDecoder.tail`).
+`load_full(row, tokens, need)` restores all of `tokens` only from an entry whose tail has every name in `need`, so
+a prompt sent again costs no forward at all (its first token is sampled from the stored logits), and a prompt
+extended by anything, however short, computes just its new tokens in one forward; `load(row, tokens)` restores only
+prefixes shorter than `tokens` (the caller computes the last token itself). An entry without a tail (the save at the
+end of a generation, whose logits the engine does not keep; a store file written without one) serves only longer
+prompts, and a save of tokens already held keeps the held entry as it is (a tail computed in other chunks would not
+be its state's own), so an exact repeat of such tokens restores the longest shorter entry.
+
+`boundaries(n, last_token)` is every `block` tokens below n, and n; also n - 1 when the prompt's last token is in
+`split_before`. That is for chat templates that rewrite a prompt's last token in the next turn: V4's in thinking
+mode ends a prompt with `<think>` and writes the same turn as `... <｜Assistant｜></think>reply` in the next
+prompt, which then shares all but the last token (`dsv4 serve` passes the `<think>` id). With thinking off, the
+next turn starts with prompt N + reply N (+ the end-of-sentence token), so the save at the end of the generation
+is the one that lets it hit everything but its new user message.
 
 Lookups never compare tokens with stored entries: a hash chain over the query's blocks (h0 = the key
 fingerprint, h[b+1] = sha256(h[b], block b's tokens)) names the block node each stored length hangs off, and the
 index maps node -> the lengths stored under it; the query checks, deepest node first, only those lengths, each by
-one dict lookup of sha256(node, the tail's tokens, n).
+one dict lookup of sha256(node, the tokens past the node, n). A request's saves reuse the chain its lookup
+hashed (they store prefixes of its prompt).
 
 The model fingerprint (every byte of every weight and buffer, every module setting) is recomputed by every
-`load` that would restore something (`verify_model=True`, the default: one pass over the weights on their
+lookup that would restore something (`verify_model=True`, the default: one pass over the weights on their
 device, so a hit of a few hundred tokens on a large model costs about what it saves; a miss costs nothing), and
-its value reused by the saves that follow. With `verify_model=False` it is recomputed only when a parameter or
-buffer was replaced or changed in place through autograd's version counter (a `.data` write or a kernel writing
-weights out of band is not seen: call `refresh()` after one). Entries of a model that changed are dropped from
+its value reused by the saves that follow. With `verify_model=False` it is recomputed only when a parameter,
+buffer or module was replaced or a tensor changed in place through autograd's version counter (a write through
+`.data` or a kernel writing weights out of band is not seen: call `refresh()` after one); that check reads the
+modules' own tensor dicts, over a module list taken again after any submodule assignment in the process. Entries of a model that changed are dropped from
 memory at once.
 
 An entry saved after a shorter held prefix of the same tokens (its parent) keeps only what grew since: the
@@ -54,16 +67,16 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ..cache import KVCache
-from ..cache.row_state import GROWING, restore_row_pieces, row_state, state_nbytes
+from ..cache.row_state import GROWING, clone_tensors, restore_row_pieces, row_state, state_nbytes
 from ..errors import InvalidArgument
 from ..generate.fingerprint import model_fingerprint
-from ..generate.prefix_store import PrefixStore, store_fingerprint
+from ..generate.prefix_store import TAIL, PrefixStore, store_fingerprint
 
 __all__ = ["PrefixCache"]
 
@@ -77,7 +90,7 @@ class _Entry:
     key: bytes
     node: bytes               # the block node it hangs off: h[n // block]
     n: int
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]   # the row state's pieces, and the tail as TAIL + name
     nbytes: int
     fp: str                   # the key fingerprint and the tokens: what the store names its file by
     tokens: np.ndarray | None  # (kept only when there is a store)
@@ -86,6 +99,9 @@ class _Entry:
     parent: "_Entry | None" = None   # holds the compressed entries of the first `base` tokens
     base: int = 0
     children: list = dataclasses.field(default_factory=list)
+
+    def has_tail(self, need: Sequence[str]) -> bool:
+        return all(TAIL + k in self.state for k in need)
 
     def wait(self) -> None:
         if self.copied is not None:
@@ -133,13 +149,14 @@ class PrefixCache:
     """Cached row states for one model, in device and host memory tiers (optionally over a PrefixStore)."""
 
     def __init__(self, model, device_bytes: int, host_bytes: int, store: PrefixStore | None = None,
-                 block: int = 256, *, verify_model: bool = True):
+                 block: int = 256, *, verify_model: bool = True, split_before: Iterable[int] = ()):
         for name, v in (("device_bytes", device_bytes), ("host_bytes", host_bytes)):
             if type(v) is not int or v < 0:
                 raise InvalidArgument(f"PrefixCache: {name} must be a byte count >= 0, got {v!r}")
         if type(block) is not int or block <= 0:
             raise InvalidArgument(f"PrefixCache: block must be a positive token count, got {block!r}")
         self.model, self.store, self.block, self.verify_model = model, store, block, verify_model
+        self.split_before = frozenset(int(t) for t in split_before)
         self.budget = {"device": device_bytes, "host": host_bytes}
         self.device = next(model.parameters()).device
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
@@ -149,53 +166,78 @@ class PrefixCache:
         self._lock = threading.RLock()
         self._model_fp: str | None = None
         self._stamp: tuple | None = None
+        self._modules: list | None = None
+        self._modules_seen = -1
+        self._memo: tuple | None = None   # (fp, tokens, their _Chain): see _chain
+        _watch_module_assignments()
         self.counters = dict(lookups=0, hits=0, lookup_tokens=0, hit_tokens=0, saves=0, store_hits=0,
                              store_saves=0, device_evictions=0, host_evictions=0, fingerprint_passes=0)
 
     # ------------------------------------------------------------------ the engine's interface
-    def boundaries(self, n_tokens: int) -> list[int]:
-        """Where a prefill of n tokens stops to save: every `block` tokens below n - 1, and n - 1 (so that the
-        same prompt, or any extension of it, hits; see the module docstring)."""
-        if n_tokens < 2:
+    def boundaries(self, n_tokens: int, last_token: int | None = None) -> list[int]:
+        """Where a prefill of n tokens stops to save: every `block` tokens below n, and n (saved with its tail:
+        the same prompt hits whole, any extension of it hits all of it), and n - 1 when the prompt's last token is
+        one of `split_before` (see the module docstring)."""
+        if n_tokens < 1:
             return []
-        return sorted(set(range(self.block, n_tokens - 1, self.block)) | {n_tokens - 1})
+        split = {n_tokens - 1} if n_tokens > 1 and last_token in self.split_before else set()
+        return sorted(set(range(self.block, n_tokens, self.block)) | {n_tokens} | split)
 
     def load(self, cache_row: KVCache, tokens: Sequence[int]) -> int:
         """Restore the longest cached prefix of `tokens` shorter than `tokens` into a one-row cache; return its
         length (0: none, the row untouched)."""
+        return self._load(cache_row, tokens, None)[0]
+
+    def load_full(self, cache_row: KVCache, tokens: Sequence[int],
+                  need: Sequence[str] = ("logits",)) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """`load`, but all of `tokens` may be restored too, from an entry whose tail has every name in `need`:
+        then (len(tokens), a copy of that tail on the model's device), and the caller runs no forward at all;
+        otherwise (length, None) as `load` gives it."""
+        return self._load(cache_row, tokens, tuple(need))
+
+    def _load(self, cache_row: KVCache, tokens: Sequence[int],
+              need: tuple[str, ...] | None) -> tuple[int, dict[str, torch.Tensor] | None]:
         _check_row(cache_row, "load")
+        full = need is not None
         with self._lock:
             self.counters["lookups"] += 1
             self.counters["lookup_tokens"] += len(tokens)
             passes = self.counters["fingerprint_passes"]
             fp = self._fingerprint(cache_row, recompute=False)
-            n, entry = self._find(fp, tokens)
-            stored = self.store is not None and any(m < len(tokens) for m in self.store.lengths())
+            n, entry = self._find(fp, tokens, need=need)
+            stored = self.store is not None and any(m < len(tokens) + full for m in self.store.lengths())
             fresh = self.counters["fingerprint_passes"] > passes
             if self.verify_model and not fresh and (entry is not None or stored):  # only a restore needs it
                 checked = self._fingerprint(cache_row, recompute=True)
                 if checked != fp:  # the model changed: its entries were dropped
-                    fp, (n, entry) = checked, self._find(checked, tokens)
+                    fp, (n, entry) = checked, self._find(checked, tokens, need=need)
+            tail = None
             if stored:
-                m = self.store.load_longer(cache_row, tokens, fp, n)
+                m, tail = self.store.load_best(cache_row, tokens, fp, n, need)
                 if m:
                     self.counters["store_hits"] += 1
-                    self._insert(fp, tokens[:m], cache_row, on_disk=True)
+                    self._insert(fp, tokens[:m], cache_row, on_disk=True, tail=tail)
                     n, entry = m, None
+                    tail = {k: v.to(self.device) for k, v in tail.items()} if tail is not None else None
             if entry is not None:
                 try:
                     restore_row_pieces(cache_row, [(e.base, e.state) for e in entry.chain()], n)
                     self._touch(entry)
+                    if n == len(tokens):   # (a copy: the caller's sampling and decoding own it)
+                        tail = {k[len(TAIL):]: v.to(self.device, copy=True, non_blocking=True)
+                                for k, v in entry.state.items() if k.startswith(TAIL)}
                 except (KeyError, RuntimeError) as e:  # a row too short for it (the row is left reset)
                     log.warning("prefix cache: a %d-token prefix does not fit this row (%s)", n, e)
                     n = 0
             if n:
                 self.counters["hits"] += 1
                 self.counters["hit_tokens"] += n
-            return n
+            return n, tail
 
-    def save(self, cache_row: KVCache, tokens: Sequence[int]) -> None:
-        """Keep the state of a one-row cache that holds exactly `tokens` (already kept: refresh its LRU place)."""
+    def save(self, cache_row: KVCache, tokens: Sequence[int], tail: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep the state of a one-row cache that holds exactly `tokens` (already kept: refresh its LRU place),
+        with `tail`: what the forward that computed the last token gave besides the cache (e.g. {"logits": the
+        next token's logits}), which a `load_full` of exactly these tokens returns instead of a forward."""
         _check_row(cache_row, "save")
         if cache_row.lengths() != [len(tokens)]:
             raise InvalidArgument(f"PrefixCache.save: the row holds {cache_row.lengths()[0]} tokens, "
@@ -204,13 +246,13 @@ class PrefixCache:
             return
         with self._lock:
             fp = self._fingerprint(cache_row, recompute=False)
-            chain = _Chain(fp, tokens, self.block, len(tokens))   # (hashed once: _insert and _find reuse it)
+            chain = self._chain(fp, tokens)   # (hashed once: _insert and _find reuse it)
             key = chain.key(len(tokens))
             for tier in TIERS:
-                if key in self._tiers[tier]:
-                    self._touch(self._tiers[tier][key])
+                if key in self._tiers[tier]:   # (kept as it is: a tail computed in other chunks than its state
+                    self._touch(self._tiers[tier][key])   # would not be the state's own)
                     return
-            self._insert(fp, tokens, cache_row, chain)
+            self._insert(fp, tokens, cache_row, chain, tail=tail)
 
     def stats(self) -> dict:
         """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,
@@ -239,8 +281,7 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ keys
     def _fingerprint(self, cache: KVCache, recompute: bool) -> str:
-        stamp = tuple((id(t), t._version, t.data_ptr()) for t in (*self.model.parameters(),
-                                                                  *self.model.buffers()))
+        stamp = self._weights_stamp()
         if recompute or self._model_fp is None or stamp != self._stamp:
             fp = model_fingerprint(self.model)
             self.counters["fingerprint_passes"] += 1
@@ -249,32 +290,61 @@ class PrefixCache:
             self._model_fp, self._stamp = fp, stamp
         return store_fingerprint(self._model_fp, cache)
 
-    def _find(self, fp: str, tokens: Sequence[int], chain: _Chain | None = None) -> tuple[int, _Entry | None]:
-        """The longest held prefix shorter than `tokens`: (its length, its entry), (0, None) if none. `chain`:
-        the query's chain under `fp` when the caller has it (over len(tokens) - 1 tokens or more)."""
-        if len(tokens) < 2 or not self._index:
+    def _weights_stamp(self) -> tuple:
+        """Identity, autograd version and storage of every parameter and buffer: what `verify_model=False`
+        compares. Read from the modules' own dicts (a quarter of the cost of `parameters()` and `buffers()`,
+        whose recursive walk took ~4 ms per call on a 1,400-tensor model), over a module list taken again
+        whenever any module was assigned a submodule since (`_module_assignments`)."""
+        if self._modules is None or self._modules_seen != _module_assignments:
+            self._modules_seen = _module_assignments   # (read first: an assignment during the walk is seen next time)
+            self._modules = list(self.model.modules())
+        return tuple((id(t), t._version, t.data_ptr()) for m in self._modules for d in (m._parameters, m._buffers)
+                     for t in d.values() if t is not None)
+
+    def _chain(self, fp: str, tokens: Sequence[int]) -> _Chain:
+        """The hash chain of `tokens`: the last one made, when `tokens` begins the tokens it was made for (the
+        saves of a request hash prefixes of the prompt its load hashed: ~1 ms per 32K tokens saved each), else a
+        new one."""
+        memo = self._memo
+        if memo is not None and memo[0] == fp and len(tokens) <= len(memo[1]) and \
+                (tokens == memo[1] if len(tokens) == len(memo[1]) else list(tokens) == memo[1][:len(tokens)]):
+            return memo[2]
+        chain = _Chain(fp, tokens, self.block, len(tokens))
+        self._memo = (fp, list(tokens), chain)
+        return chain
+
+    def _find(self, fp: str, tokens: Sequence[int], chain: _Chain | None = None,
+              need: tuple[str, ...] | None = None) -> tuple[int, _Entry | None]:
+        """The longest held prefix shorter than `tokens` (with `need`, all of `tokens` too, when that entry's
+        tail has every name in `need`): (its length, its entry), (0, None) if none. `chain`: the query's chain
+        under `fp` when the caller has it (over all of `tokens` or more)."""
+        full = need is not None
+        if len(tokens) < 2 - full or not self._index:
             return 0, None
-        chain = chain or _Chain(fp, tokens, self.block, len(tokens) - 1)
+        chain = chain or self._chain(fp, tokens)
         for b in range(len(chain.nodes) - 1, -1, -1):
             for n in sorted(self._index.get(chain.nodes[b], ()), reverse=True):
-                if n < len(tokens):
+                if n < len(tokens) + full:
                     key = chain.key(n)
                     for tier in TIERS:
-                        if key in self._tiers[tier]:
-                            return n, self._tiers[tier][key]
+                        entry = self._tiers[tier].get(key)
+                        if entry is not None and (n < len(tokens) or entry.has_tail(need)):
+                            return n, entry
         return 0, None
 
     # ------------------------------------------------------------------ tiers
     def _insert(self, fp: str, tokens: Sequence[int], cache_row: KVCache, chain: _Chain | None = None,
-                on_disk: bool = False) -> None:
-        """Keep the state of the one-row cache holding `tokens`: past the longest held shorter prefix, if any."""
-        chain = chain or _Chain(fp, tokens, self.block, len(tokens))
+                on_disk: bool = False, tail: dict[str, torch.Tensor] | None = None) -> None:
+        """Keep the state of the one-row cache holding `tokens` (past the longest held shorter prefix, if any)
+        and its tail."""
+        chain = chain or self._chain(fp, tokens)
         n = len(tokens)
         base, parent = self._find(fp, tokens, chain)
         if parent is not None:  # most recent first; this can evict, rarely the parent's own chain: look again
             self._touch(parent)
             base, parent = self._find(fp, tokens, chain)
         state = row_state(cache_row, n, start=base)
+        state.update({TAIL + k: v.detach().to(self.device) for k, v in (tail or {}).items()})
         kept = np.asarray(tokens, dtype=np.int64) if self.store is not None else None
         entry = _Entry(chain.key(n), chain.nodes[n // self.block], n, state, state_nbytes(state), fp, kept, on_disk,
                        parent=parent, base=base)
@@ -284,7 +354,7 @@ class PrefixCache:
         if parent is not None:
             parent.children.append(entry)
         if entry.nbytes <= self.budget["device"]:
-            entry.state = {k: v.clone() for k, v in state.items()}
+            entry.state = clone_tensors(state)
             self._add("device", entry)
         else:
             self._demote(entry)
@@ -315,8 +385,7 @@ class PrefixCache:
         if entry.nbytes > self.budget["host"]:
             self._drop(entry)
             return
-        host = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=self._pin).copy_(v, non_blocking=self._pin)
-                for k, v in entry.state.items()}
+        host = clone_tensors(entry.state, torch.device("cpu"), pin_memory=self._pin, non_blocking=self._pin)
         if self._pin:
             entry.copied = torch.cuda.Event()
             entry.copied.record()
@@ -374,6 +443,24 @@ class PrefixCache:
             self._tiers[tier].clear()
             self._bytes[tier] = 0
         self._index.clear()
+
+
+_module_assignments = 0   # submodules assigned to any module so far (once a PrefixCache exists)
+_watching = False
+
+
+def _count_assignment(module, name, value) -> None:
+    global _module_assignments
+    _module_assignments += 1
+
+
+def _watch_module_assignments() -> None:
+    """Count every submodule assignment in the process (torch's global hook), so that a PrefixCache walks its
+    model's modules again only after one: a module swapped in brings tensors the cached list would not see."""
+    global _watching
+    if not _watching:
+        torch.nn.modules.module.register_module_module_registration_hook(_count_assignment)
+        _watching = True
 
 
 def _check_row(cache: KVCache, what: str) -> None:

@@ -123,3 +123,24 @@ def test_fused_graph_step_equals_unfused_graph_step(model, n_draft):
         caches.append(_tensors(cache) + _tensors(dec.mtp_cache))
     assert outs[0] == outs[1]
     assert all(torch.equal(a, b) for a, b in zip(*caches))
+
+
+def test_engine_speculative_graphs_whole_prompt_prefix_hits(model):
+    """With CUDA graphs, a prompt restored whole from the prefix cache (its logits and last lanes along, no
+    forward) and its one-token extension decode the tokens of the plain engine, and the resumed rows draft."""
+    from dsv4.serve.engine import Engine
+    from dsv4.serve.prefix_cache import PrefixCache
+    g = torch.Generator().manual_seed(2)
+    p = torch.randint(0, 2048, (37,), generator=g).tolist()
+    params = SamplingParams(max_tokens=12, temperature=0)
+    pc = PrefixCache(model, 1 << 28, 0, block=16, verify_model=False)
+    spec = Engine(model, max_batch=4, max_seq_len=128, prefill_chunk=16, prefix_cache=pc, speculative="mtp",
+                  n_draft=2, cuda_graphs=True)
+    got = []
+    for q in (p, p, p, p + [5]):
+        h = spec.submit(q, params)
+        spec.run_until_idle()
+        got.append((h.cached_tokens, [e.token for e in h]))
+    assert [c for c, _ in got] == [0, 37, 37, 37] and spec.stats()["spec_accepted"] > 0
+    plain = {len(q): [t for t, _ in _run(model, [q], params, cuda_graphs=True)[1][0]] for q in (p, p + [5])}
+    assert [t for _, t in got] == [plain[37]] * 3 + [plain[38]]

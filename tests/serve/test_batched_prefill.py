@@ -130,13 +130,17 @@ def test_a_prefix_cache_hit_batched_with_misses(model):
     hit, miss1, miss2 = (engine.submit(p, PARAMS) for p in (system + b, m1, m2))
     engine.run_until_idle()
     assert (hit.cached_tokens, miss1.cached_tokens, miss2.cached_tokens) == (16, 0, 0)
-    # the hit's chunks 16-22 (to its save boundary n-1) and 22-23 batch with the misses' 0-6 and 6-7
-    assert ((3, 6), [16, 0, 0]) in rec.calls and ((3, 1), [22, 6, 6]) in rec.calls, rec.calls
+    # the hit's one chunk 16-23 (no save stop before the prompt's end) batches with the misses' 0-7
+    assert rec.prefill_calls() == [((3, 7), [16, 0, 0])], rec.calls
     for p, h in zip((system + b, m1, m2), (hit, miss1, miss2)):
         assert [e.token for e in h] == generate(model, [p], 4, prefill_chunk=8)[0]
-    again = engine.submit(m1, PARAMS)               # the misses' save boundaries were stored on the way
+    rec.calls.clear()
+    again = engine.submit(m1, PARAMS)               # stored whole with its logits at the prompt's end: no prefill
     engine.run_until_idle()
-    assert again.cached_tokens == 6 and [e.token for e in again] == [e.token for e in miss1]
+    assert again.cached_tokens == 7 and rec.prefill_calls() == [] and len(rec.calls) == 3   # the 3 decode steps
+    first, *rest = list(again)
+    assert (first.token, first.logprob) == (list(miss1)[0].token, list(miss1)[0].logprob)   # the same logits
+    assert [e.token for e in rest] == [e.token for e in list(miss1)[1:]]
 
 
 def test_a_failing_batched_prefill_ends_its_requests_only(model, monkeypatch):

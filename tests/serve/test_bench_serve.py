@@ -104,7 +104,7 @@ def test_a_peer_without_the_endpoints_is_reported_not_fatal(bench):
         thread.stop()
     assert out["capabilities"]["GET /health"] == "ok"
     assert out["capabilities"]["POST /v1/completions (token ids)"].startswith("HTTP 404")
-    assert [lvl["errors"] for lvl in out["levels"]] == [2, 2] and out["prefix"]["errors"] == 3
+    assert [lvl["errors"] for lvl in out["levels"]] == [2, 2] and out["prefix"]["errors"] == 4
     assert "could not: POST /v1/completions" in bench.table({"servers": [out]})
 
 
@@ -137,6 +137,7 @@ def test_one_level_against_the_real_engine(bench, tmp_path):
         assert lvl["output_tokens"] == 6 and lvl["ttft_p50_ms"] > 0 and lvl["tpot_p50_ms"] > 0
     assert out["prefix"]["errors"] == 0 and out["prefix"]["miss_over_hit"] is not None
     assert out["prefix"]["miss_cached_tokens"] == [0]        # usage.prompt_tokens_details read
+    assert out["prefix"]["repeat_ttft_p50_ms"] > 0 and out["prefix"]["repeat_cached_tokens"] == [0]   # (no cache)
 
 
 @pytest.mark.slow

@@ -279,6 +279,32 @@ def test_prefix_cache_hooks_reuse_a_shared_prefix(model, tmp_path):
     assert tokens(second) == generate(model, [system + b], 4, prefill_chunk=8)[0]
 
 
+def test_a_whole_prompt_hit_runs_no_prefill_and_samples_as_the_cold_request(model):
+    """A prompt sent again is restored whole with its logits: no prefill forward, the first token (sampled with
+    the request's seed, logprobs too) and the rest are the cold request's; one more token computes just that."""
+    from dsv4.serve.prefix_cache import PrefixCache
+    p = prompts(model, [21], seed=9)[0]
+    params = SamplingParams(max_tokens=5, temperature=0.8, seed=3, logprobs=2)
+    pc = PrefixCache(model, 1 << 28, 0, block=8, verify_model=False)
+    engine = Engine(model, max_batch=2, max_seq_len=96, prefill_chunk=16, prefix_cache=pc)
+    fed = []
+    real = engine.model
+    engine.model = lambda ids, **kw: fed.append(ids.shape[1]) or real(ids, **kw)
+    runs = []
+    for q in (p, p, p + [5]):
+        fed.clear()
+        h = engine.submit(q, params)
+        engine.run_until_idle()
+        runs.append((h.cached_tokens, list(fed), list(h)))   # (tokens fed per forward: prefill, then decode)
+    cold = alone(model, p, params, prefill_chunk=8)   # (the chunks the block saves made)
+    first = [(e.token, e.logprob, e.top_logprobs) for e in runs[0][2]]
+    assert runs[0][:2] == (0, [8, 8, 5, 1, 1, 1, 1]) and first == [(e.token, e.logprob, e.top_logprobs) for e in cold]
+    assert runs[1][:2] == (21, [1, 1, 1, 1]) and [(e.token, e.logprob, e.top_logprobs) for e in runs[1][2]] == first
+    assert runs[2][:2] == (21, [1, 1, 1, 1, 1])   # the extension: its one new token, then the decode steps
+    assert tokens(runs[2][2]) == tokens(alone(model, p + [5], params, prefill_chunk=8))
+    assert engine.stats()["prefix_hit_tokens"] == 42 and engine.stats()["prefix_lookup_tokens"] == 21 + 21 + 22
+
+
 def test_decode_runs_never_cover_a_prefilling_row():
     F, P, D = Phase.FREE, Phase.PREFILL, Phase.DECODE
     assert decode_runs([D, F, D, P, D, D, F, F]) == [range(0, 3), range(4, 6)]

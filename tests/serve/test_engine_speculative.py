@@ -126,6 +126,36 @@ def test_prefix_cache_hit_with_speculation_equals_the_cold_request(agreeing):
     assert [toks(e) for e in got] == [toks(run_staggered(plain, [p], params)[0]) for p in ps]
 
 
+def test_a_whole_prompt_hit_with_speculation_runs_no_forward(agreeing):
+    """A prompt stored whole (its logits and last lanes along) starts decoding without a forward and picks its
+    first token at its first step; extensions compute only their new tokens. Entries a plain engine saved have no
+    lanes: the speculative engine falls back to the longest shorter prefix. Greedy tokens are the cold ones."""
+    from dsv4.serve.prefix_cache import PrefixCache
+
+    p = prompts([40], seed=7)[0]
+    params = SamplingParams(max_tokens=8, temperature=0)
+    plain = Engine(agreeing, max_batch=1, max_seq_len=64, prefill_chunk=16)
+    want = {len(q): toks(run_staggered(plain, [q], params)[0]) for q in (p, p + [3], p + [3, 4, 5])}
+    pc = PrefixCache(agreeing, 1 << 26, 1 << 26, block=16)
+    engine = Engine(agreeing, max_batch=2, max_seq_len=64, prefill_chunk=16, prefix_cache=pc, speculative="mtp",
+                    n_draft=2)
+    extended, real = [], engine.spec.extend
+    engine.spec.extend = lambda row, tokens: extended.append(len(tokens)) or real(row, tokens)
+    for q, cached, forwards in ((p, 0, [16, 16, 8]), (p, 40, []), (p + [3], 40, [1]), (p + [3, 4, 5], 41, [2])):
+        extended.clear()
+        h = engine.submit(q, params)
+        engine.run_until_idle()
+        assert (h.cached_tokens, extended, toks(list(h))) == (cached, forwards, want[len(q)])
+    assert engine.stats()["prefix_hit_tokens"] == 40 + 40 + 41 and engine.stats()["spec_accepted"] > 0
+    primed = PrefixCache(agreeing, 1 << 26, 1 << 26, block=16)
+    run_staggered(Engine(agreeing, max_batch=1, max_seq_len=64, prefill_chunk=16, prefix_cache=primed), [p], params)
+    engine = Engine(agreeing, max_batch=2, max_seq_len=64, prefill_chunk=16, prefix_cache=primed, speculative="mtp",
+                    n_draft=2)
+    h = engine.submit(p, params)
+    engine.run_until_idle()
+    assert h.cached_tokens == 32 and toks(list(h)) == want[40]
+
+
 def test_batched_views_with_free_rows_riding_along(agreeing):
     """The GPU path's batching (one step_rows call per run of rows, free rows inside it with budget 0, rows
     accepting different counts) on the CPU: more requests than rows, so rows free up and are retaken mid-run."""

@@ -1,6 +1,8 @@
 """Prefix caching across requests: a hit restores the saving row's exact bytes, so the logits equal a cold
-prefill; short prompts and chat turns hit; LRU tiers demote, drop and spill to the disk store; another model
-misses."""
+prefill; a prompt stored whole hits whole (its logits stored with it); short prompts and chat turns hit; LRU tiers
+demote, drop and spill to the disk store; another model misses."""
+import copy
+
 import pytest
 import torch
 
@@ -31,19 +33,22 @@ def _tokens(n, seed):
 
 @torch.no_grad()
 def _serve(model, pc, tokens, new_tokens=0, eos=None, kv=("auto", "auto"), history=None, forced=None):
-    """What the engine does for one request: load, prefill stopping at the boundaries to save, greedy decode, save
-    at the end. Returns (tokens reused, logits after the prompt, generated tokens, the row). `history` (saved
+    """What the engine does for one request: load (the whole prompt when it is stored with its logits),
+    prefill stopping at the boundaries to save (each with the logits of its last token), greedy decode, save at
+    the end. Returns (tokens reused, logits after the prompt, generated tokens, the row). `history` (saved
     tokens -> the ends of the chunks that computed them) lets a test recompute a state in the same chunks;
     `forced`: the tokens to emit instead of the greedy ones (a reply the model is made to give)."""
     history = {} if history is None else history
     row = model.new_cache(1, SEQ, *kv)
-    start = n = pc.load(row, tokens)
-    splits = list(history.get(tuple(tokens[:n]), [])) + ([n] if n else [])
-    for stop in [b for b in pc.boundaries(len(tokens)) if b > n] + [len(tokens)]:
+    n, tail = pc.load_full(row, tokens)
+    assert (tail is not None) == (n == len(tokens))
+    logits, start = tail["logits"][None] if tail else None, n
+    splits = list(history.get(tuple(tokens[:n]), [])) + ([n] if n and n < len(tokens) else [])
+    for stop in [b for b in pc.boundaries(len(tokens), tokens[-1]) if b > n]:
         logits = model(_ids(model, tokens[start:stop]), cache=row)[:, -1]
+        pc.save(row, tokens[:stop], tail={"logits": logits[0]})
+        history.setdefault(tuple(tokens[:stop]), list(splits))
         if stop < len(tokens):
-            pc.save(row, tokens[:stop])
-            history[tuple(tokens[:stop])] = list(splits)
             splits.append(stop)
         start = stop
     first, out = logits, []
@@ -55,15 +60,20 @@ def _serve(model, pc, tokens, new_tokens=0, eos=None, kv=("auto", "auto"), histo
         logits = model(_ids(model, [out[-1]]), cache=row)[:, -1]
     if out:
         pc.save(row, tokens + out[:-1])  # the row holds everything but the last token sampled
-        history[tuple(tokens + out[:-1])] = splits
+        history.setdefault(tuple(tokens + out[:-1]), splits)
     return n, first, out, row
+
+
+def _held(pc, tokens, kv=("auto", "auto")):
+    """How much of `tokens` a lookup restores (all of them when stored whole with their logits)."""
+    return pc.load_full(pc.model.new_cache(1, SEQ, *kv), tokens)[0]
 
 
 @torch.no_grad()
 def _cold(model, tokens, split=(), kv=("auto", "auto")):
     """Last-token logits of a fresh row, the prompt computed in chunks ending at `split` and at the end."""
     row, start = model.new_cache(1, SEQ, *kv), 0
-    for stop in [*split, len(tokens)]:
+    for stop in sorted({*split, len(tokens)} - {0}):
         logits = model(_ids(model, tokens[start:stop]), cache=row)[:, -1]
         start = stop
     return logits, row
@@ -82,9 +92,10 @@ def test_hit_restores_the_same_bytes_and_logits(model, kv):
     assert all(torch.equal(want[k].view(torch.uint8), have[k].view(torch.uint8)) for k in want)
     n, warm, _, _ = _serve(model, pc, b, kv=kv)
     assert n == 192
-    # bitwise equal to a cold prefill computed in the same chunks, and close to a one-shot one
-    stops = [b_ for b_ in pc.boundaries(len(b)) if b_ > 192]
-    assert torch.equal(warm, _cold(model, b, split=[64, 128, 192, *stops], kv=kv)[0])
+    # bitwise equal to a cold prefill computed in the same chunks (one forward after the hit), and close to a
+    # one-shot one
+    assert [b_ for b_ in pc.boundaries(len(b)) if b_ > 192] == [len(b)]
+    assert torch.equal(warm, _cold(model, b, split=[64, 128, 192], kv=kv)[0])
     # (fp8 records: a chunk attends to its own tokens unrounded, to earlier chunks' rounded, so any chunked
     # prefill differs from a one-shot one by the rounding, cached or not)
     tol = 1e-5 if kv == ("auto", "auto") else 5e-2
@@ -95,15 +106,26 @@ def test_short_prompts_hit_when_repeated_or_extended(model):
     pc = PrefixCache(model, 1 << 30, 1 << 30, block=256)
     p = _tokens(20, 2)
     n0, first, _, _ = _serve(model, pc, p)
-    assert n0 == 0 and pc.boundaries(20) == [19]
-    assert pc.boundaries(1) == pc.boundaries(0) == [] and pc.boundaries(600) == [256, 512, 599]
-    n1, again, _, _ = _serve(model, pc, p)  # the same prompt: all but its last token come from the cache
-    assert n1 == 19 and torch.equal(again, first)
-    ext = p + _tokens(3, 3)
-    n2, warm, _, _ = _serve(model, pc, ext)
-    assert n2 == 19 and torch.equal(warm, _cold(model, ext, split=[19, 22])[0])
+    assert n0 == 0 and pc.boundaries(20) == [20]
+    assert pc.boundaries(0) == [] and pc.boundaries(1) == [1] and pc.boundaries(600) == [256, 512, 600]
+    split = PrefixCache(model, 1 << 30, 1 << 30, block=256, split_before=[5])
+    assert split.boundaries(600, 5) == [256, 512, 599, 600] and split.boundaries(600, 6) == [256, 512, 600]
+    row = model.new_cache(1, SEQ)
+    n1, tail = pc.load_full(row, p)  # the same prompt: all of it and its logits come from the cache
+    assert n1 == 20 and row.lengths() == [20] and torch.equal(tail["logits"], first[0])
+    _, again, out, _ = _serve(model, pc, p, new_tokens=3)   # and it decodes on from there as the cold row does
+    row = _cold(model, p)[1]
+    want = [int(first.argmax(-1))]
+    for _ in range(2):
+        want.append(int(model(_ids(model, want[-1:]), cache=row)[:, -1].argmax(-1)))
+    assert torch.equal(again, first) and out == want
+    assert pc.load(model.new_cache(1, SEQ), p) == 0   # `load` always leaves a token to compute
+    for ext in (p + _tokens(1, 3), p + _tokens(3, 4)):   # extended by one token, by a short suffix: one forward
+        n2, warm, _, _ = _serve(model, pc, ext)
+        assert n2 == 20 and torch.equal(warm, _cold(model, ext, split=[20])[0])
     s = pc.stats()
-    assert s["lookups"] == 3 and s["hits"] == 2 and s["hit_tokens"] == 38 and s["lookup_tokens"] == 63
+    assert s["lookups"] == 6 and s["hits"] == 4 and s["hit_tokens"] == 20 * 4  # a whole hit counts every token
+    assert s["lookup_tokens"] == 20 * 4 + 21 + 23
 
 
 def test_generation_end_save_lets_the_continuation_hit(model):
@@ -113,7 +135,11 @@ def test_generation_end_save_lets_the_continuation_hit(model):
     nxt = p + out + _tokens(5, 5)
     n, warm, _, _ = _serve(model, pc, nxt)
     assert n == 35  # prompt + 5 of the 6 generated tokens (the last one was sampled, never fed)
-    assert torch.equal(warm, _cold(model, nxt, split=[29, 30, *range(31, 36), len(nxt) - 1])[0])
+    assert torch.equal(warm, _cold(model, nxt, split=[30, *range(31, 36)])[0])
+    held = p + out[:-1]   # that entry has no logits: exactly its tokens recompute from the prompt's entry
+    for _ in range(2):    # (and keep doing so: a tail computed in other chunks than the state is not stored)
+        n, warm, _, _ = _serve(model, pc, held)
+        assert n == 30 and torch.equal(warm, _cold(model, held, split=[30])[0])
 
 
 def test_block_saves_keep_only_what_grew_and_restore_exactly(model, tmp_path):
@@ -124,33 +150,56 @@ def test_block_saves_keep_only_what_grew_and_restore_exactly(model, tmp_path):
     pc = PrefixCache(model, 1 << 30, 1 << 30, block=32)
     p = _tokens(300, 40)
     _serve(model, pc, p)
-    whole = sum(t.nbytes for t in row_state(_cold(model, p[:299])[1], 299).values())
+    whole = sum(t.nbytes for t in row_state(_cold(model, p)[1], 300).values())
     fixed = sum(t.nbytes for k, t in row_state(_cold(model, p[:31])[1], 31).items() if not k.endswith(GROWING))
+    logits = 4 * model.config.vocab_size   # each entry's tail: the fp32 logits of its last token
     s = pc.stats()
-    assert s["entries"]["device"] == 10  # 32, 64, ..., 288 and 299
-    full_states = sum(sum(t.nbytes for t in row_state(_cold(model, p[:b])[1], b).values())
-                      for b in [*range(32, 299, 32), 299])   # what whole-state entries would take
-    assert s["bytes"]["device"] == whole + 9 * fixed < full_states
-    stored = [*range(32, 299, 32), 299]
+    assert s["entries"]["device"] == 10  # 32, 64, ..., 288 and 300
+    stored = [*range(32, 300, 32), 300]
+    full_states = sum(sum(t.nbytes for t in row_state(_cold(model, p[:b])[1], b).values()) for b in stored)
+    assert s["bytes"]["device"] == whole + 9 * fixed + 10 * logits < full_states   # (vs whole-state entries)
     for cut in (33, 64, 200, 299, 300):
         q = p[:cut] + [7]
         n, warm, _, _ = _serve(model, pc, q)
         assert n == max(b for b in stored if b <= cut)
         split = [b for b in stored if b <= n] + [b for b in pc.boundaries(len(q)) if b > n]
         assert torch.equal(warm, _cold(model, q, split=split)[0])
-    store = PrefixStore(tmp_path, model)
+    for cut in (64, 300):   # a stored prefix asked for exactly: restored whole, with its logits
+        n, warm, _, _ = _serve(model, pc, p[:cut])
+        assert n == cut and torch.equal(warm, _cold(model, p[:cut], split=[b for b in stored if b < cut])[0])
+    store = PrefixStore(tmp_path / "spill", model)
     small = PrefixCache(model, 0, whole, store=store, block=32)
-    _serve(model, small, p)                      # fits the host tier: all held
+    _serve(model, small, p)
     _serve(model, small, _tokens(300, 41))       # pushes p's oldest entries out: their descendants go too
     held = {k for tier in small._tiers.values() for k in tier}
     assert 0 < len(held) < 20 and small.stats()["host_evictions"] > 0
     assert all(e.key in held for k in held for e in small._tiers["host"][k].chain())  # no chain with a gap
     n = small.load(model.new_cache(1, SEQ), p)
     assert n in (0, *store.lengths()) or any(small._tiers["host"][k].n == n for k in held)
-    assert max(store.activity.saved) == 299      # spilled whole, read back exactly
+    assert max(store.activity.saved) == 300      # spilled whole (logits too), read back exactly
     fresh = PrefixCache(model, 1 << 30, 1 << 30, store=store, block=32)
     n, warm, _, _ = _serve(model, fresh, p + [5])
-    assert n == 299 and torch.equal(warm, _cold(model, p + [5], split=[*stored, 300])[0])
+    assert n == 300 and torch.equal(warm, _cold(model, p + [5], split=stored)[0])
+    fresh = PrefixCache(model, 1 << 30, 1 << 30, store=store, block=32)
+    n, warm, _, _ = _serve(model, fresh, p)
+    assert n == 300 and fresh.stats()["store_hits"] == 1 and torch.equal(warm, _cold(model, p, split=stored)[0])
+
+
+def test_store_files_without_logits_serve_only_longer_prompts(model, tmp_path):
+    """Files written without a tail (`PrefixStore.save`, or before tails existed) load as before: a prompt of
+    exactly their tokens falls back to a shorter one and computes the rest."""
+    store = PrefixStore(tmp_path, model)
+    p = _tokens(40, 45)
+    with torch.no_grad():
+        for n in (39, 40):
+            store.save(_cold(model, p[:n])[1], p[:n])
+    pc = PrefixCache(model, 1 << 30, 1 << 30, store=store, block=256)
+    n, warm, _, _ = _serve(model, pc, p)
+    assert n == 39 and torch.equal(warm, _cold(model, p, split=[39])[0])
+    n, warm, _, _ = _serve(model, pc, p)   # the first request's own save at 40 (in memory) has them
+    assert n == 40 and torch.equal(warm, _cold(model, p, split=[39])[0])
+    n, warm, _, _ = _serve(model, PrefixCache(model, 1 << 30, 1 << 30, store=store, block=256), p + [3])
+    assert n == 40 and torch.equal(warm, _cold(model, p + [3], split=[40])[0])   # the old file serves longer ones
 
 
 TEXT = ["Hello there, how are you?\n", "I am fine, thank you. What is the capital of France?\n",
@@ -177,7 +226,8 @@ def test_multi_turn_chat_replay_hits_and_matches_cold(chat_setup, thinking, repl
     client sends them back: the random model's own replies (arbitrary bytes, which need not re-tokenize to the
     tokens generated), or well-formed text replies the model is made to give."""
     model, tok = chat_setup
-    pc = PrefixCache(model, 1 << 30, 1 << 30, block=64)
+    # (a prompt ending in <think> is saved without it too: the next turn's prompt has </think> there)
+    pc = PrefixCache(model, 1 << 30, 1 << 30, block=64, split_before=[tok.token_id("<think>")])
     messages = [{"role": "system", "content": "Be brief."}]
     per_turn, history = [], {}
     for turn, text in enumerate(USER):
@@ -191,7 +241,7 @@ def test_multi_turn_chat_replay_hits_and_matches_cold(chat_setup, thinking, repl
         assert_rel_close(f"turn {turn + 1} hit vs one-shot cold", warm, _cold(model, prompt)[0], 1e-5)
         # bitwise: a cold prefill of the whole prompt in the chunks that built the reused state, then the rest
         split = [*history[tuple(prompt[:n])], n] if n else []
-        split += [b for b in pc.boundaries(len(prompt)) if b > n]
+        split += [b for b in pc.boundaries(len(prompt), prompt[-1]) if b > n]
         assert torch.equal(warm, _cold(model, prompt, split=split)[0])
         per_turn.append((n, len(prompt), len(prompt) + len(out) - 1))
         reply_text = tok.decode([t for t in out if t != tok.eos_id])
@@ -214,42 +264,43 @@ def test_multi_turn_chat_replay_hits_and_matches_cold(chat_setup, thinking, repl
 def test_lru_tiers_demote_drop_and_promote(model):
     prompts = [_tokens(40, 10 + i) for i in range(4)]
     with torch.no_grad():
-        size = sum(t.nbytes for t in row_state(_cold(model, prompts[0][:39])[1], 39).values())
+        size = sum(t.nbytes for t in row_state(_cold(model, prompts[0])[1], 40).values())
+    size += 4 * model.config.vocab_size   # (and its logits)
     pc = PrefixCache(model, size + size // 2, 2 * size + size // 2, block=256)  # one entry / two entries
     for p in prompts:
-        _serve(model, pc, p)  # saves one entry (39 tokens) each
+        _serve(model, pc, p)  # saves one entry (40 tokens) each
     s = pc.stats()
     assert s["entries"] == {"device": 1, "host": 2} and s["bytes"] == {"device": size, "host": 2 * size}
     assert s["device_evictions"] == 3 and s["host_evictions"] == 1
-    assert pc.load(model.new_cache(1, SEQ), prompts[0]) == 0        # the oldest was dropped
+    assert _held(pc, prompts[0]) == 0                               # the oldest was dropped
     n, warm, _, _ = _serve(model, pc, prompts[1])                  # on the host: hits, back on the device
-    assert n == 39 and torch.equal(warm, _cold(model, prompts[1], split=[39])[0])
+    assert n == 40 and torch.equal(warm, _cold(model, prompts[1])[0])
     s = pc.stats()
     assert s["entries"] == {"device": 1, "host": 2} and s["device_evictions"] == 4
-    assert pc.load(model.new_cache(1, SEQ), prompts[3]) == 39       # demoted by the promotion, still held
+    assert _held(pc, prompts[3]) == 40                              # demoted by the promotion, still held
     big = PrefixCache(model, size - 1, size - 1, block=256)          # larger than both budgets: not kept
     _serve(model, big, prompts[0])
-    assert big.stats()["entries"] == {"device": 0, "host": 0} and big.load(model.new_cache(1, SEQ), prompts[0]) == 0
+    assert big.stats()["entries"] == {"device": 0, "host": 0} and _held(big, prompts[0]) == 0
 
 
 def test_evicted_entries_spill_to_the_store_and_load_back(model, tmp_path):
     store = PrefixStore(tmp_path, model)
     p, q = _tokens(70, 20), _tokens(70, 21)
     with torch.no_grad():
-        size = sum(t.nbytes for t in row_state(_cold(model, p[:69])[1], 69).values())
+        size = sum(t.nbytes for t in row_state(_cold(model, p)[1], 70).values()) + 4 * model.config.vocab_size
     pc = PrefixCache(model, size, size, store=store, block=256)
     _serve(model, pc, p)
     _serve(model, pc, q)
     _serve(model, pc, _tokens(70, 22))  # p leaves the host tier: written to the store
-    assert pc.stats()["store_saves"] == 1 and store.activity.saved == [69]
+    assert pc.stats()["store_saves"] == 1 and store.activity.saved == [70]
     fresh = PrefixCache(model, size, size, store=store, block=256)  # empty memory, the same store
     n, warm, _, _ = _serve(model, fresh, p)
-    assert n == 69 and fresh.stats()["store_hits"] == 1
-    assert torch.equal(warm, _cold(model, p, split=[69])[0])
+    assert n == 70 and fresh.stats()["store_hits"] == 1   # whole, with the logits written along
+    assert torch.equal(warm, _cold(model, p)[0])
     assert fresh.stats()["entries"]["device"] == 1  # promoted into memory: the next hit does not read the disk
-    assert fresh.load(model.new_cache(1, SEQ), p) == 69 and fresh.stats()["store_hits"] == 1
+    assert _held(fresh, p) == 70 and fresh.stats()["store_hits"] == 1
     fresh.flush()  # what memory holds goes to the store (p is already there; nothing else is held)
-    assert store.activity.saved == [69]
+    assert store.activity.saved == [70]
 
 
 def test_a_changed_model_misses(model):
@@ -258,19 +309,27 @@ def test_a_changed_model_misses(model):
     for verify in (True, False):
         pc = PrefixCache(m, 1 << 30, 1 << 30, block=256, verify_model=verify)
         _serve(m, pc, p)
-        assert pc.load(m.new_cache(1, SEQ), p) == 49
+        assert _held(pc, p) == 50
         with torch.no_grad():
             m.embed.weight[0, 0] += 1  # in place: autograd's version counter sees it
-        assert pc.load(m.new_cache(1, SEQ), p) == 0 and pc.stats()["entries"]["device"] == 0
+        assert _held(pc, p) == 0 and pc.stats()["entries"]["device"] == 0
         _serve(m, pc, p)
         m.embed.weight.data[0, 0] -= 1  # out of band: only a recomputed fingerprint sees it
         if not verify:
-            assert pc.load(m.new_cache(1, SEQ), p) == 49  # documented: the stamp cannot see a .data write
+            assert _held(pc, p) == 50  # documented: the stamp cannot see a .data write
             pc.refresh()
-        assert pc.load(m.new_cache(1, SEQ), p) == 0
+        assert _held(pc, p) == 0
     pc = PrefixCache(m, 1 << 30, 1 << 30, block=256)
     _serve(m, pc, p)
-    assert pc.load(m.new_cache(1, SEQ, "fp8", "fp4"), p) == 0  # another cache format: another key
+    assert _held(pc, p, ("fp8", "fp4")) == 0  # another cache format: another key
+    lazy = PrefixCache(m, 1 << 30, 1 << 30, block=256, verify_model=False)
+    _serve(m, lazy, p)
+    norm = copy.deepcopy(m.norm)
+    with torch.no_grad():
+        norm.weight.mul_(2)
+    m.norm, old = norm, m.norm   # a module swapped in: its tensors are seen without a pass over the weights
+    assert _held(lazy, p) == 0 and lazy.stats()["fingerprint_passes"] == 2
+    m.norm = old
 
 
 def test_only_a_restore_pays_for_the_exact_model_check(model):
@@ -278,13 +337,13 @@ def test_only_a_restore_pays_for_the_exact_model_check(model):
     p = _tokens(30, 40)
     _serve(model, pc, p)                     # the first use computes the fingerprint once
     assert pc.stats()["fingerprint_passes"] == 1
-    assert pc.load(model.new_cache(1, SEQ), _tokens(30, 41)) == 0
+    assert _held(pc, _tokens(30, 41)) == 0
     assert pc.stats()["fingerprint_passes"] == 1  # a miss: no pass over the weights
-    assert pc.load(model.new_cache(1, SEQ), p) == 29
+    assert _held(pc, p) == 30
     assert pc.stats()["fingerprint_passes"] == 2  # a hit is checked against the model as it is now
     lazy = PrefixCache(model, 1 << 30, 1 << 30, block=256, verify_model=False)
     _serve(model, lazy, p)
-    assert lazy.load(model.new_cache(1, SEQ), p) == 29 and lazy.stats()["fingerprint_passes"] == 1
+    assert _held(lazy, p) == 30 and lazy.stats()["fingerprint_passes"] == 1
 
 
 def test_bad_arguments_are_refused(model):
@@ -305,7 +364,7 @@ def test_a_prefix_too_long_for_the_row_is_a_miss_and_kept(model):
     _serve(model, pc, p)
     short = model.new_cache(1, 64)
     assert pc.load(short, p) == 0 and short.lengths() == [0]
-    assert pc.load(model.new_cache(1, SEQ), p) == 299
+    assert _held(pc, p) == 300 and pc.load(model.new_cache(1, SEQ), p) == 256
 
 
 def test_lookup_checks_only_the_lengths_under_the_query_blocks(model, monkeypatch):
@@ -326,16 +385,19 @@ def test_lookup_checks_only_the_lengths_under_the_query_blocks(model, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_tiers_pin_host_entries_and_hits_stay_exact():
+@pytest.mark.parametrize("kv", [("auto", "auto"), ("fp8", "fp4")])
+def test_cuda_tiers_pin_host_entries_and_hits_stay_exact(kv):
     m = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=1).eval().cuda()
     prompts = [_tokens(300, 60 + i) for i in range(3)]
     with torch.no_grad():
-        size = sum(t.nbytes for t in row_state(_cold(m, prompts[0][:299])[1], 299).values())
-    pc = PrefixCache(m, size, 4 * size, block=256)  # the device tier holds one 299-token entry
+        size = sum(t.nbytes for t in row_state(_cold(m, prompts[0], kv=kv)[1], 300).values())
+    size += 4 * m.config.vocab_size
+    pc = PrefixCache(m, size, 8 * size, block=256)  # the device tier holds one whole 300-token state
     for p in prompts:
-        _serve(m, pc, p)
+        _serve(m, pc, p, kv=kv)
     host = [e for e in pc._tiers["host"].values()]
     assert host and all(t.is_pinned() for e in host for t in e.state.values())
     for p in prompts:  # from the host (copied back in stream order) and from the device
-        n, warm, _, _ = _serve(m, pc, p)
-        assert n == 299 and torch.equal(warm, _cold(m, p, split=[256, 299])[0])
+        for q, split in ((p, [256]), (p[:290] + [7], [256])):   # whole, and a prefix of the chain + one token
+            n, warm, _, _ = _serve(m, pc, q, kv=kv)
+            assert n == (300 if q == p else 256) and torch.equal(warm, _cold(m, q, split=split, kv=kv)[0])
