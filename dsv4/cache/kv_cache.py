@@ -134,8 +134,7 @@ class LayerCache:
         n = c.entries.shape[1]
         if n == 0:
             return
-        index = shared(c.first_group, ("rows", n), lambda: c.first_group.unsqueeze(1)
-                       + torch.arange(n, device=c.entries.device))
+        index = c.rows if c.rows is not None else shared(c.first_group, ("rows", n), c.groups)
         store.write(index, c.entries, c.valid)
 
 

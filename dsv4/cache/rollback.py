@@ -34,7 +34,8 @@ from .state import absorbed_index
 
 @dataclass
 class StackCheckpoint:
-    slots: torch.Tensor                 # [B, S] the ring slots of positions p .. p+S-1
+    positions: torch.Tensor             # [B, S] the step's positions p .. p+S-1
+    slots: torch.Tensor                 # [B, S] their ring slots
     steps: torch.Tensor                 # [S] 0 .. S-1
     rings: list[torch.Tensor]           # per ring stack: those slots' old contents [L, B, S, record]
     states: list[torch.Tensor]          # per state stack: the old states [L, 2, B, R, width]
@@ -49,13 +50,14 @@ def checkpoint(rings: list[Stack], states: list[Stack], layers: list, starts: to
         state_table(tables, s.ratio, s.overlap, n_tokens, starts.device)
     empty_row(tables, starts.device)
     steps = torch.arange(n_tokens, device=starts.device)
-    slots = (starts[:, None] + steps) % window
+    positions = starts[:, None] + steps
+    slots = positions % window
     old_rings = [r.t.gather(2, _ring_index(slots, r.t)) for r in rings]
     old_states = [s.t.clone() for s in states]
     for layer in layers:
         for st in layer.states():
             st.journal = []
-    return StackCheckpoint(slots, steps, old_rings, old_states)
+    return StackCheckpoint(positions, slots, steps, old_rings, old_states)
 
 
 def rollback(rings: list[Stack], states: list[Stack], layers: list, ckpt: StackCheckpoint, starts: torch.Tensor,
@@ -74,17 +76,22 @@ def rollback(rings: list[Stack], states: list[Stack], layers: list, ckpt: StackC
     for r, old in zip(rings, ckpt.rings):
         index = _ring_index(ckpt.slots, r.t)
         r.t.scatter_(2, index, torch.where(rejected, old, r.t.gather(2, index)))
+    phases: dict = {}
     lookups: dict = {}
     for s, old, js in zip(states, ckpt.states, journals):
         if not any(js):
             continue
-        rows = [_joined(j) for j in js]                                           # per member (kv, score) [B, S', w]
+        rows = [_joined(j) for j in js]                                  # per member (kv, score, ape) [B, S', w]
         L, _, B, R, w = s.t.shape
-        S = rows[0][0].shape[1]
-        tok = torch.stack([x for pair in rows for x in pair]).view(L, 2, B, S, w)
-        key = (s.ratio, s.overlap, S)
+        m, S = s.ratio, rows[0][0].shape[1]
+        if (m, S) not in phases:                                          # [B, S'] each token row's phase
+            phases[m, S] = ckpt.positions[:, :S] % m
+        phase = phases[m, S]
+        tok = torch.stack([x for kv, score, _ in rows for x in (kv, score)]).view(L, 2, B, S, w)
+        tok[:, 1].add_(torch.stack([ape.float() for _, _, ape in rows])[:, phase])   # the scores' position bias
+        key = (m, s.overlap, S)
         if key not in lookups:
-            lookups[key] = state_table(tables, s.ratio, s.overlap, S, starts.device)[starts % s.ratio, keep]
+            lookups[key] = state_table(tables, m, s.overlap, S, starts.device)[phase[:, 0], keep]
         empty = empty_row(tables, s.t.device).expand(L, 2, B, 1, w)
         index = lookups[key][None, None, :, :, None].expand(L, 2, B, R, w)
         torch.gather(torch.cat((old, tok, empty), 3), 3, index, out=s.t)
@@ -119,8 +126,9 @@ def _ring_index(slots: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return slots[None, :, :, None].expand(t.shape[0], -1, -1, t.shape[3])
 
 
-def _joined(journal: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """The journal's token rows along the sequence (one entry per forward step since the checkpoint)."""
+def _joined(journal: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The journal's token rows along the sequence (one entry per forward step since the checkpoint), and ape."""
     if len(journal) == 1:
         return journal[0]
-    return torch.cat([kv for kv, _ in journal], 1), torch.cat([sc for _, sc in journal], 1)
+    return (torch.cat([kv for kv, _, _ in journal], 1), torch.cat([sc for _, sc, _ in journal], 1),
+            journal[0][2])

@@ -19,8 +19,9 @@ class CompressorState:
     Scores already include `ape`; empty rows have kv 0 and score -inf (so a fresh state means "position 0")."""
     kv: torch.Tensor
     score: torch.Tensor
-    # while a cache checkpoint is open: the (kv, score + ape) token rows each step absorbed, oldest first, so a
-    # rollback can re-absorb the accepted ones (KVCache.checkpoint / rollback)
+    # while a cache checkpoint is open: the (kv, score, ape) token rows each step absorbed (score without the
+    # position bias `ape` [ratio, width], which the rollback adds by phase for all layers at once), oldest first, so
+    # a rollback can re-absorb the accepted ones (KVCache.checkpoint / rollback)
     journal: list | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -36,10 +37,10 @@ class CompressorState:
     def select(self, rows: slice) -> "CompressorState":
         return CompressorState(self.kv[rows], self.score[rows])
 
-    def record(self, kv: torch.Tensor, score: torch.Tensor) -> None:
-        """Keep a step's token rows [B, S, width] (score with `ape` added) while a checkpoint is open."""
+    def record(self, kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor) -> None:
+        """Keep a step's token rows [B, S, width] (score without the bias `ape`) while a checkpoint is open."""
         if self.journal is not None:
-            self.journal.append((kv, score))
+            self.journal.append((kv, score, ape))
 
 
 def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, ratio: int,
@@ -130,7 +131,15 @@ def absorbed(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, inde
 
 @dataclass
 class Compressed:
-    """Entries a chunk completed: entries[b, g] is group first_group[b] + g, real where valid[b, g]."""
+    """Entries a chunk completed: entries[b, g] is group first_group[b] + g (or rows[b, g] when given), real where
+    valid[b, g]."""
     entries: torch.Tensor       # [B, n, Dc]
     first_group: torch.Tensor   # [B] int64
     valid: torch.Tensor | None  # [B, n] bool; None means all valid
+    rows: torch.Tensor | None = None   # [B, n] int64: each entry's group, when not first_group + g
+
+    def groups(self) -> torch.Tensor:
+        """[B, n]: the group (cache row) of each entry."""
+        if self.rows is not None:
+            return self.rows
+        return self.first_group.unsqueeze(1) + torch.arange(self.entries.shape[1], device=self.entries.device)
