@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .stacks import Stack
-from .state import absorbed_index
+from .state import absorbed, absorbed_table
 
 
 @dataclass
@@ -82,7 +82,7 @@ def rollback(rings: list[Stack], states: list[Stack], layers: list, ckpt: StackC
         if not any(js):
             continue
         rows = [_joined(j) for j in js]                                  # per member (kv, score, ape) [B, S', w]
-        L, _, B, R, w = s.t.shape
+        L, _, B, _, w = s.t.shape
         m, S = s.ratio, rows[0][0].shape[1]
         if (m, S) not in phases:                                          # [B, S'] each token row's phase
             phases[m, S] = ckpt.positions[:, :S] % m
@@ -92,24 +92,15 @@ def rollback(rings: list[Stack], states: list[Stack], layers: list, ckpt: StackC
         key = (m, s.overlap, S)
         if key not in lookups:
             lookups[key] = state_table(tables, m, s.overlap, S, starts.device)[phase[:, 0], keep]
-        empty = empty_row(tables, s.t.device).expand(L, 2, B, 1, w)
-        index = lookups[key][None, None, :, :, None].expand(L, 2, B, R, w)
-        torch.gather(torch.cat((old, tok, empty), 3), 3, index, out=s.t)
+        absorbed(old, tok, lookups[key], empty_row(tables, s.t.device), out=s.t)
 
 
 def state_table(tables: dict, ratio: int, overlap: bool, n_tokens: int, device) -> torch.Tensor:
-    """[ratio, n_tokens + 1, R] long: for a row starting at r0 = position % ratio that keeps c of n_tokens journaled
-    token rows, where each row of the state `absorb` would leave comes from in cat((old state [R rows], token rows
-    [n_tokens], one empty row), 1): `absorbed_index` over every (r0, c), its rows holding no data pointed at the
-    empty row. Built once per (ratio, layout, n_tokens, device) on first use (the checkpoint's; an eager call comes
-    before any capture)."""
+    """`absorbed_table`, memoised in `tables` per (ratio, layout, n_tokens, device): built on first use (the
+    checkpoint's; an eager call comes before any capture)."""
     key = (ratio, overlap, n_tokens, str(device))
     if key not in tables:
-        r0 = torch.arange(ratio, device=device).repeat_interleave(n_tokens + 1)
-        count = torch.arange(n_tokens + 1, device=device).repeat(ratio)
-        index, live = absorbed_index(r0, count, n_tokens, ratio, overlap)
-        R = index.shape[1]
-        tables[key] = torch.where(live[..., 0], index, R + n_tokens).view(ratio, n_tokens + 1, R)
+        tables[key] = absorbed_table(ratio, overlap, n_tokens, device)
     return tables[key]
 
 
