@@ -79,16 +79,15 @@ class Compressor(nn.Module):
     def _stepwise(self, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, freqs: torch.Tensor,
                   quant_sim: bool, state: CompressorState, dtype: torch.dtype) -> Compressed:
         """A short step inside a cache checkpoint (a speculative verify) token by token through the decode's fused
-        op: S ops per compressor instead of the chunk path's state alignment, pooling, norm and rope (dozens of
-        kernels), and the state and entries plain decoding of those tokens would leave. Every token's output goes
+        op (`compress_steps`: on a GPU the decode's kernels, S + 1 launches per compressor) instead of the chunk
+        path's state alignment, pooling, norm and rope (dozens of kernels), and the state and entries plain decoding
+        of those tokens would leave. Every token's output goes
         to the cache, at its group's row, valid where the token completes the group (no gather of the completing
         tokens: the masked write sends the rest to the scratch row)."""
         B, S, _ = kv.shape
         m = self.ratio
-        out = torch.stack([ops.compress_step(kv[:, t], score[:, t], state.kv[:B], state.score[:B],
-                                             pos0 if t == 0 else shared(pos0, ("position", t), lambda t=t: pos0 + t),
-                                             m, self.overlap, self.norm.weight, self.norm.eps, freqs, dtype, self.ape)
-                           for t in range(S)], 1)                         # [B, S, d]: token t's group's entry
+        out = ops.compress_steps(kv, score, state.kv[:B], state.score[:B], pos0, m, self.overlap, self.norm.weight,
+                                 self.norm.eps, freqs, dtype, self.ape)   # [B, S, d]: token t's group's entry
         if quant_sim:
             out = quantize_entries(out, self.rope_dim, self.rotate)
 
@@ -100,7 +99,7 @@ class Compressor(nn.Module):
 
 
 STEPWISE_MAX = 4   # steps inside a cache checkpoint up to this many tokens run token by token (Compressor._stepwise;
-#                    on a GPU ~4 kernels a token against ~35 for the chunk path: 1 disables it)
+#                    on a GPU S + 1 kernels against ~35 for the chunk path: 1 disables it)
 
 
 def quantize_entries(x: torch.Tensor, rope_dim: int, rotate: bool) -> torch.Tensor:

@@ -167,11 +167,11 @@ def test_short_step_in_a_checkpoint_equals_one_token_steps(ratio, overlap, S, mo
         states.append(st)
     step, steps = states
     step.journal = []
-    calls, real = [], ops.compress_step
-    monkeypatch.setattr(ops, "compress_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], ops.compress_steps
+    monkeypatch.setattr(ops, "compress_steps", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
     got = c(x, pos0, freqs, False, step)
-    monkeypatch.setattr(ops, "compress_step", real)
-    assert len(calls) == S                                   # token by token, through the decode op
+    monkeypatch.setattr(ops, "compress_steps", real)
+    assert calls == [S]                                      # token by token, through the decode's multi-token op
     assert len(step.journal) == 1 and step.journal[0][0].shape == (B, S, step.kv.shape[2])
     want = [c(x[:, t:t + 1], pos0 + t, freqs, False, steps) for t in range(S)]
     assert torch.equal(step.kv, steps.kv) and torch.equal(step.score, steps.score)
