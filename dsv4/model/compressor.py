@@ -81,9 +81,9 @@ class Compressor(nn.Module):
         """A short step inside a cache checkpoint (a speculative verify) token by token through the decode's fused
         op (`compress_steps`: on a GPU the decode's kernels, S + 1 launches per compressor) instead of the chunk
         path's state alignment, pooling, norm and rope (dozens of kernels), and the state and entries plain decoding
-        of those tokens would leave. Every token's output goes
-        to the cache, at its group's row, valid where the token completes the group (no gather of the completing
-        tokens: the masked write sends the rest to the scratch row)."""
+        of those tokens would leave. Every token's output goes to the cache, at its group's row, valid where the
+        token completes the group (no gather of the completing tokens: the masked write sends the rest to the
+        scratch row)."""
         B, S, _ = kv.shape
         m = self.ratio
         out = ops.compress_steps(kv, score, state.kv[:B], state.score[:B], pos0, m, self.overlap, self.norm.weight,
