@@ -8,7 +8,12 @@ is as fast as these counts are small; on a GPU with CUDA graphs the plain step a
 replay each.
 
     python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40] [--breakdown] [--unfused]
+                                    [--ops-as-kernels]
     python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16] [--unfused]
+
+`--ops-as-kernels` counts each dsv4.ops call (and each cache record encode / decode) as one op and the aten ops of
+its CPU reference not at all, which approximates a GPU's kernel launches (one Triton kernel per op for most; a few
+for some, and compress_steps S + 1) where the plain count is inflated by the references' dozens of small ops.
 
 `eager_on_gpu` counts the ops outside the phases a GPU run replays from CUDA graphs (GRAPHED below): the kernels
 launched one by one around the replays. `--breakdown` lists each phase's op names ("eager:" marks the phases
@@ -34,6 +39,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv4
+import dsv4.ops.api as ops_api
+from dsv4.cache import layout as cache_layout
 try:
     from dsv4.generate import host as host_module
 except ImportError:   # (a tree from before the one-wait speculative step: its syncs are all counted apart)
@@ -77,18 +84,47 @@ class OpCounter(TorchDispatchMode):
     PHASES = ("accept_batch", "_mtp", "_draft", "checkpoint", "rollback", "rollback_on_device", "hidden", "step_rows",
               "_spec_view", "greedy_verify")
 
-    def __init__(self):
+    def __init__(self, ops_as_kernels: bool = False):
         super().__init__()
         self.ops = Counter()
         self.names = Counter()   # (phase, op name)
+        self.ops_as_kernels = ops_as_kernels
+        self.inside = 0          # > 0 while a dsv4.ops call (counted as one) runs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__.split(".")[0]
-        if name not in self.FREE:
-            phase = _phase(self.PHASES)
-            self.ops[phase] += 1
-            self.names[phase, name] += 1
+        if name not in self.FREE and not self.inside:
+            self.count(name)
         return func(*args, **(kwargs or {}))
+
+    def count(self, name: str) -> None:
+        phase = _phase(self.PHASES)
+        self.ops[phase] += 1
+        self.names[phase, name] += 1
+
+    def __enter__(self):
+        if self.ops_as_kernels:
+            self._saved = ops_api._pick, cache_layout._codec
+            pick, codec = self._saved
+
+            def one(name: str, fn):
+                def call(*a, **k):
+                    if not self.inside:
+                        self.count(name)
+                    self.inside += 1
+                    try:
+                        return fn(*a, **k)
+                    finally:
+                        self.inside -= 1
+                return call
+            ops_api._pick = lambda op, *a, **k: one("ops." + op, pick(op, *a, **k))
+            cache_layout._codec = lambda fn, t: one("codec." + fn.__name__, codec(fn, t))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.ops_as_kernels:
+            ops_api._pick, cache_layout._codec = self._saved
+        return super().__exit__(*exc)
 
 
 # The phases a GPU run replays from CUDA graphs (engine.step on one stream, rows 0 .. bucket - 1): the plain step's
@@ -152,7 +188,7 @@ def _counting_to_host(counts: Counter):
 real_engine_to_host = engine_module._to_host
 
 
-def count_steps(engine: Engine, steps: int, breakdown: bool = False) -> dict:
+def count_steps(engine: Engine, steps: int, breakdown: bool = False, ops_as_kernels: bool = False) -> dict:
     """Per step: aten ops by phase, host syncs, and `eager_on_gpu`: the ops outside the phases a GPU run replays
     from CUDA graphs (GRAPHED), i.e. the kernels it launches one by one. With `breakdown`, the op names of each
     phase (per step)."""
@@ -160,7 +196,7 @@ def count_steps(engine: Engine, steps: int, breakdown: bool = False) -> dict:
     for _ in range(steps):
         if not engine.has_work:
             break
-        host, ops = HostCounter(), OpCounter()
+        host, ops = HostCounter(), OpCounter(ops_as_kernels)
         _patch(_counting_to_host(host.counts))
         try:
             with host, ops:
@@ -213,6 +249,8 @@ def main() -> None:
     ap.add_argument("--acceptance", type=float, default=0.76,
                     help="per-draft acceptance for the projected speed-up (a trained model's; random weights accept ~0)")
     ap.add_argument("--breakdown", action="store_true", help="the aten op names of each phase, per step")
+    ap.add_argument("--ops-as-kernels", action="store_true",
+                    help="count each dsv4.ops call as one op, not its CPU reference's aten ops (~ GPU kernels)")
     ap.add_argument("--unfused", action="store_true",
                     help="also count (and time) the speculative step without the fused greedy verify")
     args = ap.parse_args()
@@ -236,7 +274,7 @@ def main() -> None:
         return engine
 
     for label, kw, fuse in runs:
-        out[label] = count_steps(started(kw, fuse, args.steps), args.steps, args.breakdown)
+        out[label] = count_steps(started(kw, fuse, args.steps), args.steps, args.breakdown, args.ops_as_kernels)
         if args.time_steps:   # an engine of its own: its graphs are captured outside the counting hooks
             engine = started(kw, fuse, args.time_steps + 5)
             time_steps(engine, 5)                      # graphs captured (after their warm-up calls)

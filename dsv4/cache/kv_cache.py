@@ -20,7 +20,8 @@ import torch
 from ..config import ModelConfig
 from ..errors import DsV4Error
 from .layout import RowStore
-from .rollback import LayerCheckpoint, checkpoint_layer, rollback_layer
+from .rollback import StackCheckpoint, checkpoint, empty_row, rollback
+from .stacks import stack_layers
 from .state import Compressed, CompressorState
 from .step_memo import shared
 
@@ -133,17 +134,16 @@ class LayerCache:
         n = c.entries.shape[1]
         if n == 0:
             return
-        index = shared(c.first_group, ("rows", n), lambda: c.first_group.unsqueeze(1)
-                       + torch.arange(n, device=c.entries.device))
+        index = c.rows if c.rows is not None else shared(c.first_group, ("rows", n), c.groups)
         store.write(index, c.entries, c.valid)
 
 
 class CacheCheckpoint:
     """What `KVCache.checkpoint` saved: the rows' start positions (host list and device tensor), the step length
-    and each layer's snapshot."""
+    and the snapshot of the stacked rings and states (None: a host-side record only)."""
 
-    def __init__(self, starts: list[int], n_tokens: int, layers: list[LayerCheckpoint], starts_t: torch.Tensor):
-        self.starts, self.n_tokens, self.layers, self.starts_t = starts, n_tokens, layers, starts_t
+    def __init__(self, starts: list[int], n_tokens: int, parts: StackCheckpoint | None, starts_t: torch.Tensor):
+        self.starts, self.n_tokens, self.parts, self.starts_t = starts, n_tokens, parts, starts_t
 
 
 class KVCache:
@@ -166,7 +166,12 @@ class KVCache:
         self.mtp = mtp
         self.layers = [LayerCache(cfg, i, batch_size, max_seq_len, self.kv_dtype, self.index_dtype, dtype, device)
                        for i in ids]
+        # every layer's window ring and compressor states as views of a few stacked tensors (dsv4.cache.stacks):
+        # a checkpoint / rollback is then a few ops per stack, not per layer
+        self._rings, self._state_stacks = stack_layers(self.layers)
+        self._tables: dict = {}   # the rollback's constants (shared by every view of this cache)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=device)
+        empty_row(self._tables, self.positions.device)
         self._host = [0] * batch_size  # host mirror of positions: shapes never need a device sync
         self._damaged = [False] * batch_size  # rows inside a step that has not committed (see the module doc)
 
@@ -189,6 +194,8 @@ class KVCache:
         out = object.__new__(KVCache)
         out.__dict__.update(self.__dict__)
         out.layers = [layer.select(rows) for layer in self.layers]
+        out._rings = [s.select(rows) for s in self._rings]
+        out._state_stacks = [s.select(rows) for s in self._state_stacks]
         out.positions = self.positions[rows]
         out._host, out._damaged = _view(self._host, rows), _view(self._damaged, rows)
         return out
@@ -202,6 +209,8 @@ class KVCache:
         out = object.__new__(KVCache)
         out.__dict__.update(self.__dict__)
         out.layers = [layer.select(index) for layer in self.layers]
+        out._rings = [s.gathered(index, out.layers) for s in self._rings]
+        out._state_stacks = [s.gathered(index, out.layers) for s in self._state_stacks]
         out.positions = self.positions[index]
         out._host, out._damaged = [self._host[r] for r in rows], [False] * len(rows)
         return out
@@ -269,19 +278,22 @@ class KVCache:
     # ------------------------------------------------------------------ speculative steps
     def checkpoint(self, n_tokens: int) -> CacheCheckpoint:
         """Snapshot what the next step(s) of n_tokens in all can overwrite, so `rollback` can keep any prefix of
-        them exactly. Cheap: a few ring slots and entry rows per layer and row, plus the compressor states."""
+        them exactly. Cheap: the ring slots the step writes and the compressor states, one op per stack."""
         if not 0 < n_tokens <= self.config.window_size:
             raise ValueError(f"checkpoint n_tokens={n_tokens}: must be in 1..window_size={self.config.window_size}")
         self.check_intact()
         self.check_room(n_tokens)
-        starts, memo = self.positions.clone(), {}
-        return CacheCheckpoint(list(self._host), n_tokens, [checkpoint_layer(layer, starts, n_tokens, memo)
-                                                            for layer in self.layers], starts)
+        starts = self.positions.clone()
+        parts = checkpoint(self._rings, self._state_stacks, self.layers, starts, n_tokens, self.config.window_size,
+                           self._tables)
+        return CacheCheckpoint(list(self._host), n_tokens, parts, starts)
 
     def rollback(self, ckpt: CacheCheckpoint, keep: list[int] | int) -> "KVCache":
         """Keep only the first keep[b] tokens each row appended since `ckpt` (one int: every row), in one step or
-        several: afterwards the cache is that of appending just those tokens (every tensor; values equal up to
-        the rounding of steps of other lengths, as the kept tokens were computed in a longer step)."""
+        several: afterwards the cache is that of appending just those tokens (every tensor a later step reads: the
+        ring, the states, the positions and the entry / key rows of complete groups; rows of groups only a rejected
+        token completed stay, unread, as dsv4.cache.rollback says; values equal up to the rounding of steps of
+        other lengths, as the kept tokens were computed in a longer step)."""
         keep = [keep] * self.batch_size if isinstance(keep, int) else list(keep)
         self._check_keep(ckpt, keep)
         keep_t = _on_device(keep, self.positions.device)
@@ -308,10 +320,9 @@ class KVCache:
                              f"the tokens the row appended since the checkpoint ({moved}, at most {ckpt.n_tokens})")
 
     def _rollback(self, ckpt: CacheCheckpoint, keep: torch.Tensor, counts: set[int] | None) -> None:
-        memo: dict = {}
-        for layer, lc in zip(self.layers, ckpt.layers):
-            rollback_layer(layer, lc, ckpt.starts_t, keep, ckpt.n_tokens, memo, counts)
-        self.positions.copy_(ckpt.starts_t + keep)
+        rollback(self._rings, self._state_stacks, self.layers, ckpt.parts, ckpt.starts_t, keep, ckpt.n_tokens,
+                 self._tables, counts)
+        torch.add(ckpt.starts_t, keep, out=self.positions)
 
     def set_fixed_shapes(self, enabled: bool = True) -> "KVCache":
         """Make every step read all stored rows (masked by position) instead of the rows reached so far: more

@@ -19,8 +19,9 @@ class CompressorState:
     Scores already include `ape`; empty rows have kv 0 and score -inf (so a fresh state means "position 0")."""
     kv: torch.Tensor
     score: torch.Tensor
-    # while a cache checkpoint is open: the (kv, score + ape) token rows each step absorbed, oldest first, so a
-    # rollback can re-absorb the accepted ones (KVCache.checkpoint / rollback)
+    # while a cache checkpoint is open: the (kv, score, ape) token rows each step absorbed (score without the
+    # position bias `ape` [ratio, width], which the rollback adds by phase for all layers at once), oldest first, so
+    # a rollback can re-absorb the accepted ones (KVCache.checkpoint / rollback)
     journal: list | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -36,10 +37,10 @@ class CompressorState:
     def select(self, rows: slice) -> "CompressorState":
         return CompressorState(self.kv[rows], self.score[rows])
 
-    def record(self, kv: torch.Tensor, score: torch.Tensor) -> None:
-        """Keep a step's token rows [B, S, width] (score with `ape` added) while a checkpoint is open."""
+    def record(self, kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor) -> None:
+        """Keep a step's token rows [B, S, width] (score without the bias `ape`) while a checkpoint is open."""
         if self.journal is not None:
-            self.journal.append((kv, score))
+            self.journal.append((kv, score, ape))
 
 
 def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, ratio: int,
@@ -50,7 +51,7 @@ def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: 
 
     Returns (buf_kv, buf_sc [B, L, width] group-aligned, n groups spanned, valid [B, n], prev (overlap: the
     previous complete group's (kv, score) before this chunk, else None)). The compressor pools the groups; a
-    cache rollback rebuilds its state update alone (`absorbed_index`, `absorbed`)."""
+    cache rollback rebuilds its state update alone (`absorbed_table`, `absorbed`)."""
     B, S, width = kv.shape
     m = ratio
     d = width // 2 if overlap else width
@@ -118,19 +119,39 @@ def absorbed_index(pos0: torch.Tensor, count: torch.Tensor, n_tokens: int, ratio
     return tail, live.unsqueeze(-1)
 
 
-def absorbed(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, index: torch.Tensor,
-             live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The (kv, score) `absorb` leaves in `state` (as it was before the tokens) after the token rows kv, score
-    [B, S, width] that `absorbed_index` counted: gathers of values, so equal to absorb's bit for bit."""
-    idx = index.unsqueeze(-1).expand(-1, -1, kv.shape[2])
-    new_kv = torch.cat((state.kv[:kv.shape[0]], kv), 1).gather(1, idx)
-    new_score = torch.cat((state.score[:kv.shape[0]], score), 1).gather(1, idx)
-    return torch.where(live, new_kv, 0.0), torch.where(live, new_score, float("-inf"))
+def absorbed_table(ratio: int, overlap: bool, n_tokens: int, device=None) -> torch.Tensor:
+    """`absorbed_index` for every (r0 = position % ratio, count 0..n_tokens) at once, as [ratio, n_tokens + 1, R]
+    long: indices into cat((old state [R rows], token rows [n_tokens], one empty row)), the rows holding no data
+    pointed at the empty row. A rollback looks its rows' indices up with one index op (table[r0, count])."""
+    r0 = torch.arange(ratio, device=device).repeat_interleave(n_tokens + 1)
+    count = torch.arange(n_tokens + 1, device=device).repeat(ratio)
+    index, live = absorbed_index(r0, count, n_tokens, ratio, overlap)
+    R = index.shape[1]
+    return torch.where(live[..., 0], index, R + n_tokens).view(ratio, n_tokens + 1, R)
+
+
+def absorbed(old: torch.Tensor, tokens: torch.Tensor, index: torch.Tensor, empty: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
+    """The states `absorb` leaves, for stacked states: old [L, 2, B, R, width] ((kv, score) of L states before the
+    tokens), tokens [L, 2, B, S, width] (their token rows, score with `ape` added), index [B, R] (absorbed_table
+    looked up at each row's (r0, count)), empty [1, 2, 1, 1, 1] (kv 0, score -inf). One gather of values, so equal
+    to absorb's bit for bit. `out`: write there (the live stack) instead of a new tensor."""
+    L, _, B, R, width = old.shape
+    src = torch.cat((old, tokens, empty.expand(L, 2, B, 1, width)), 3)
+    return torch.gather(src, 3, index[None, None, :, :, None].expand(L, 2, B, R, width), out=out)
 
 
 @dataclass
 class Compressed:
-    """Entries a chunk completed: entries[b, g] is group first_group[b] + g, real where valid[b, g]."""
+    """Entries a chunk completed: entries[b, g] is group first_group[b] + g (or rows[b, g] when given), real where
+    valid[b, g]."""
     entries: torch.Tensor       # [B, n, Dc]
     first_group: torch.Tensor   # [B] int64
     valid: torch.Tensor | None  # [B, n] bool; None means all valid
+    rows: torch.Tensor | None = None   # [B, n] int64: each entry's group, when not first_group + g
+
+    def groups(self) -> torch.Tensor:
+        """[B, n]: the group (cache row) of each entry."""
+        if self.rows is not None:
+            return self.rows
+        return self.first_group.unsqueeze(1) + torch.arange(self.entries.shape[1], device=self.entries.device)

@@ -76,4 +76,4 @@ def greedy_verify(model, cache: KVCache, x_ids: torch.Tensor, drafts: torch.Tens
 
 def host_checkpoint(starts: list[int], n_tokens: int) -> CacheCheckpoint:
     """The host side of a fused step's checkpoint (the rows' positions before it), for KVCache.end_rollback."""
-    return CacheCheckpoint(list(starts), n_tokens, [], None)
+    return CacheCheckpoint(list(starts), n_tokens, None, None)

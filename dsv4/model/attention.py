@@ -54,6 +54,18 @@ def ring_indices(pos0: torch.Tensor, window: int) -> torch.Tensor:
     return torch.where(p >= 0, p % window, -1).unsqueeze(1)
 
 
+def ring_chunk_indices(pos0: torch.Tensor, n_queries: int, window: int) -> torch.Tensor:
+    """[B, S, W]: rows of [the ring before the chunk's write (W slots) | chunk rows] that query i (position
+    pos0 + i) sees, positions p, p-1, .. p-W+1 in window_indices' order (so the attention reads the same rows in
+    the same order): a position before pos0 at its ring slot (p % W; the ring still holds pos0-W .. pos0-1), one
+    from pos0 on at chunk row W + (p - pos0); -1 before 0."""
+    i = torch.arange(n_queries, device=pos0.device).unsqueeze(1)
+    back = torch.arange(window, device=pos0.device)
+    p = pos0.view(-1, 1, 1) + i - back                                               # [B, S, W]
+    rows = torch.where(p < pos0.view(-1, 1, 1), p % window, window + i - back)
+    return torch.where(p >= 0, rows, -1)
+
+
 def visible_entries(n_visible: torch.Tensor, n_entries: int) -> torch.Tensor:
     """HCA: every entry j < n_visible[b, s] (-1 elsewhere): [B, S, n_entries]."""
     j = torch.arange(n_entries, device=n_visible.device)
@@ -255,7 +267,12 @@ class Attention(nn.Module):
             cache.write_window(pos0, kv)
             rows, window_key = ring, ("ring_idx", W)
             idx = shared(pos0, window_key, lambda: ring_indices(pos0, W))                        # [B, 1, W]
-        else:  # a chunk: the ring's earlier rows gathered in front of the chunk's rows
+        elif cache.window_ring(q.dtype) is not None:  # a chunk: the whole ring (before the write) in front of it
+            rows = torch.cat((cache.window_ring(q.dtype), kv), dim=1)
+            window_key = ("ring_chunk_idx", S, W)
+            idx = shared(pos0, window_key, lambda: ring_chunk_indices(pos0, S, W))                # [B, S, W]
+            cache.write_window(pos0, kv)
+        else:  # a chunk on FP8 rows: the ring's earlier rows gathered (decoded) in front of the chunk's rows
             rows = torch.cat((cache.window(pos0), kv), dim=1)
             n_prior = rows.shape[1] - S
             window_key = ("window_idx", S, n_prior, W)

@@ -47,8 +47,7 @@ class Compressor(nn.Module):
         kv = ops.linear_fp32(x, self.wkv.weight)  # [B, S, coff*Dc]; compression runs in fp32 (scores are exponentiated)
         score = ops.linear_fp32(x, self.wgate.weight)
         if state is not None and state.journal is not None:  # a cache checkpoint is open: keep the token rows
-            phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
-            state.record(kv, score + self.ape.float()[phase])
+            state.record(kv, score, self.ape)
             if 1 < S <= STEPWISE_MAX:
                 return self._stepwise(kv, score, pos0, freqs, quant_sim, state, x.dtype)
         if state is not None and S == 1:  # decode: position bias, state update, pooling, norm, rope: one op
@@ -80,27 +79,27 @@ class Compressor(nn.Module):
     def _stepwise(self, kv: torch.Tensor, score: torch.Tensor, pos0: torch.Tensor, freqs: torch.Tensor,
                   quant_sim: bool, state: CompressorState, dtype: torch.dtype) -> Compressed:
         """A short step inside a cache checkpoint (a speculative verify) token by token through the decode's fused
-        op: S ops per compressor instead of the chunk path's state alignment, pooling, norm and rope (dozens of
-        kernels), and the state and entries plain decoding of those tokens would leave."""
+        op (`compress_steps`: on a GPU the decode's kernels, S + 1 launches per compressor) instead of the chunk
+        path's state alignment, pooling, norm and rope (dozens of kernels), and the state and entries plain decoding
+        of those tokens would leave. Every token's output goes to the cache, at its group's row, valid where the
+        token completes the group (no gather of the completing tokens: the masked write sends the rest to the
+        scratch row)."""
         B, S, _ = kv.shape
         m = self.ratio
-        out = torch.stack([ops.compress_step(kv[:, t], score[:, t], state.kv[:B], state.score[:B],
-                                             shared(pos0, ("position", t), lambda t=t: pos0 + t), m, self.overlap,
-                                             self.norm.weight, self.norm.eps, freqs, dtype, self.ape)
-                           for t in range(S)], 1)                         # [B, S, d]: token t's group's entry
+        out = ops.compress_steps(kv, score, state.kv[:B], state.score[:B], pos0, m, self.overlap, self.norm.weight,
+                                 self.norm.eps, freqs, dtype, self.ape)   # [B, S, d]: token t's group's entry
         if quant_sim:
             out = quantize_entries(out, self.rope_dim, self.rotate)
-        n = (m - 1 + S) // m                                                 # groups the step can complete
 
-        def completing() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:   # the token completing each group
-            t = (torch.arange(n, device=pos0.device) + 1) * m - 1 - (pos0 % m)[:, None]          # [B, n]
-            return pos0 // m, t.clamp(max=S - 1), t < S
-        first_group, t, valid = shared(pos0, ("completing", m, S), completing)
-        return Compressed(out.gather(1, t.unsqueeze(-1).expand(-1, -1, out.shape[2])), first_group, valid)
+        def groups() -> tuple[torch.Tensor, torch.Tensor]:   # each token's group, and whether it completes it
+            p = pos0.unsqueeze(1) + torch.arange(S, device=pos0.device)                           # [B, S]
+            return p // m, p % m == m - 1
+        rows, valid = shared(pos0, ("token_groups", m, S), groups)
+        return Compressed(out, rows[:, 0], valid, rows)
 
 
 STEPWISE_MAX = 4   # steps inside a cache checkpoint up to this many tokens run token by token (Compressor._stepwise;
-#                    on a GPU ~4 kernels a token against ~35 for the chunk path: 1 disables it)
+#                    on a GPU S + 1 kernels against ~35 for the chunk path: 1 disables it)
 
 
 def quantize_entries(x: torch.Tensor, rope_dim: int, rotate: bool) -> torch.Tensor:

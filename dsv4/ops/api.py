@@ -66,6 +66,16 @@ def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor,
     return _pick("compress_step", backend, *args)(*args)
 
 
+def compress_steps(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
+                   freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None,
+                   *, backend: str | None = None) -> torch.Tensor:
+    """S decode tokens per row (kv, score [B, S, coff*d]) through a compressor, one after another: compress_step's
+    entries [B, S, d] and state, in fewer launches (a speculative verify). See reference/compressor.py."""
+    args = (kv, score, state_kv, state_score, pos0, ratio, overlap, norm_weight, eps, freqs, out_dtype, ape)
+    return _pick("compress_steps", backend, *args)(*args)
+
+
 def cos_sin(angles: torch.Tensor, *, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of fp32 angles: RoPE's tables (reference/rope.py says why the CPU evaluates them in float64)."""
     return _pick("cos_sin", backend, angles)(angles)

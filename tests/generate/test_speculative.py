@@ -22,15 +22,21 @@ def agreeing():
     return agreeing_model()
 
 
-def _tensors(cache, scratch=False, decoded=False):
-    """Every tensor of the cache (the stores as stored, or `decoded` to floats); the stores' scratch row
-    (write-only junk that takes masked-out writes, never read) only with `scratch`."""
+def _tensors(cache, decoded=False):
+    """Everything of the cache a later step reads (the stores as stored, or `decoded` to floats): the positions,
+    window rings, compressor states, and per row the compressed entries and indexer keys of its complete groups.
+    (Rows past those are never read unmasked: a rollback leaves there what rejected tokens wrote, as a reset
+    leaves an earlier sequence's rows, and the scratch row takes masked-out writes.)"""
     out = [cache.positions]
+    lengths = cache.lengths()
     for layer in cache.layers:
-        if decoded:
-            out += [s.read(s.rows) for s in layer.stores()]
-        else:
-            out += [s.buf if scratch else s.buf[:, :s.rows] for s in layer.stores()]
+        for s in layer.stores():
+            if s is layer.window_rows:
+                out.append(s.read(s.rows) if decoded else s.buf)
+                continue
+            for b, n in enumerate(lengths):
+                rows = s.buf[b:b + 1, :n // layer.ratio]
+                out.append(s._decode(rows) if decoded else rows)
         out += [t for st in layer.states() for t in (st.kv, st.score)]
     return out
 
@@ -48,19 +54,27 @@ def _prefill(model, lengths, seed=0, **dtypes):
 LENGTHS = [27, 30, 31, 33, 46, 47]
 
 
+@pytest.mark.parametrize("fixed", [False, True], ids=["reached-rows", "fixed-shapes"])
 @pytest.mark.parametrize("dtypes", [{}, {"kv_dtype": "fp8", "index_dtype": "fp4"}], ids=["fp32", "fp8-fp4"])
 @torch.no_grad()
-def test_rollback_to_nothing_is_bitwise(model, dtypes):
+def test_rollback_to_nothing_is_bitwise(model, dtypes, fixed):
     """Whatever the stored format (float rows or FP8 / FP4 byte records), rejecting every token of a step puts
-    back every byte, the scratch rows included."""
-    cache = _prefill(model, LENGTHS, **dtypes)
-    before = [t.clone() for t in _tensors(cache, scratch=True)]
+    back every byte a later step reads, and the next step's logits are bitwise those of a cache that never took
+    the step."""
+    cache, untouched = _prefill(model, LENGTHS, **dtypes), _prefill(model, LENGTHS, **dtypes)
+    cache.set_fixed_shapes(fixed)         # (fixed: every stored row read, masked by position, as a CUDA graph does)
+    untouched.set_fixed_shapes(fixed)
+    before = [t.clone() for t in _tensors(cache)]
+    ring, state = cache.layers[0].window_rows.buf.clone(), cache.layers[1].compressor_state.kv.clone()
     ckpt = cache.checkpoint(5)
     model(torch.randint(0, TINY.vocab_size, (len(LENGTHS), 5)), cache=cache)
-    assert any(not torch.equal(a, b) for a, b in zip(before, _tensors(cache, scratch=True)))
+    assert not torch.equal(ring, cache.layers[0].window_rows.buf)             # the step wrote both
+    assert not torch.equal(state, cache.layers[1].compressor_state.kv)
     cache.rollback(ckpt, 0)
-    assert all(torch.equal(a, b) for a, b in zip(before, _tensors(cache, scratch=True)))
+    assert all(torch.equal(a, b) for a, b in zip(before, _tensors(cache)))
     assert cache.lengths() == LENGTHS
+    nxt = torch.randint(0, TINY.vocab_size, (len(LENGTHS), 3))
+    assert torch.equal(model(nxt, cache=cache), model(nxt, cache=untouched))
 
 
 @pytest.mark.parametrize("keep,dtypes", [([0, 1, 2, 3, 4, 5], {}), ([5, 4, 3, 2, 1, 0], {}),

@@ -19,17 +19,29 @@ def model():
 @pytest.mark.parametrize("dtypes", [{}, {"kv_dtype": "fp8", "index_dtype": "fp4"}], ids=["fp32", "fp8-fp4"])
 @torch.no_grad()
 def test_rollback_to_nothing_is_bitwise_on_gpu(model, dtypes):
-    cache = model.new_cache(3, 128, **dtypes)
-    for r, n in enumerate([30, 33, 47]):
-        model(torch.randint(0, 2048, (1, n), device="cuda"), cache=cache.select(r))
-    tensors = lambda: [cache.positions] + [t for layer in cache.layers for t in  # noqa: E731
-                                           [s.buf for s in layer.stores()] + [x for st in layer.states()
-                                                                                for x in (st.kv, st.score)]]
+    """Every byte a later step reads is put back (the entry / key rows of groups only a rejected token completed
+    are never read unmasked: dsv4.cache.rollback), and the next step's logits are bitwise an untouched cache's."""
+    caches = [model.new_cache(3, 128, **dtypes) for _ in range(2)]
+    prompts = [torch.randint(0, 2048, (1, n), device="cuda") for n in (30, 33, 47)]
+    for cache in caches:
+        for r, p in enumerate(prompts):
+            model(p, cache=cache.select(r))
+    cache, untouched = caches
+
+    def tensors():
+        out = [cache.positions]
+        for layer in cache.layers:
+            out += [layer.window_rows.buf] + [x for st in layer.states() for x in (st.kv, st.score)]
+            out += [s.buf[b, :n // layer.ratio] for s in (layer.entry_rows, layer.key_rows) if s is not None
+                    for b, n in enumerate(cache.lengths())]
+        return out
     before = [t.clone() for t in tensors()]
     ckpt = cache.checkpoint(4)
     model(torch.randint(0, 2048, (3, 4), device="cuda"), cache=cache)
     cache.rollback(ckpt, 0)
     assert all(torch.equal(a, b) for a, b in zip(before, tensors()))
+    nxt = torch.randint(0, 2048, (3, 2), device="cuda")
+    assert torch.equal(model(nxt, cache=cache), model(nxt, cache=untouched))
 
 
 def test_greedy_speculative_equals_plain_on_gpu(model):

@@ -167,22 +167,25 @@ def test_short_step_in_a_checkpoint_equals_one_token_steps(ratio, overlap, S, mo
         states.append(st)
     step, steps = states
     step.journal = []
-    calls, real = [], ops.compress_step
-    monkeypatch.setattr(ops, "compress_step", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], ops.compress_steps
+    monkeypatch.setattr(ops, "compress_steps", lambda *a, **k: calls.append(a[0].shape[1]) or real(*a, **k))
     got = c(x, pos0, freqs, False, step)
-    monkeypatch.setattr(ops, "compress_step", real)
-    assert len(calls) == S                                   # token by token, through the decode op
+    monkeypatch.setattr(ops, "compress_steps", real)
+    assert calls == [S]                                      # token by token, through the decode's multi-token op
     assert len(step.journal) == 1 and step.journal[0][0].shape == (B, S, step.kv.shape[2])
     want = [c(x[:, t:t + 1], pos0 + t, freqs, False, steps) for t in range(S)]
     assert torch.equal(step.kv, steps.kv) and torch.equal(step.score, steps.score)
     n_checked = 0
+    groups = got.groups()
     for b in range(B):
+        written = {int(groups[b, i]): got.entries[b, i] for i in range(groups.shape[1]) if got.valid[b, i]}
+        completed = {}
         for t in range(S):
             p = int(pos0[b]) + t
             if p % ratio == ratio - 1:   # token t completes group p // ratio
-                gi = p // ratio - int(got.first_group[b])
-                assert bool(got.valid[b, gi])
-                assert torch.equal(got.entries[b, gi], want[t].entries[b, 0])
-                n_checked += 1
-        assert int(got.valid[b].sum()) == sum((int(pos0[b]) + t) % ratio == ratio - 1 for t in range(S))
+                completed[p // ratio] = want[t].entries[b, 0]
+        assert written.keys() == completed.keys()
+        for group, entry in completed.items():
+            assert torch.equal(written[group], entry)
+            n_checked += 1
     assert n_checked > 0

@@ -12,6 +12,7 @@ IMPLEMENTATIONS = {
     "compress_pool": compressor.compress_pool,
     "compress_groups": compressor.compress_groups,
     "compress_step": compressor.compress_step,
+    "compress_steps": compressor.compress_steps,
     "cos_sin": rope.cos_sin,
     "rope_": rope.rope_,
     "rope": rope.rope,

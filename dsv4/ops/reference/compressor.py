@@ -81,3 +81,13 @@ def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor,
     e = (norm_weight.float() * (e * torch.rsqrt(e.square().mean(-1, keepdim=True) + eps))).to(out_dtype)
     angle = ((pos0 // m) * m).float().view(-1, 1, 1) * freqs.float()                  # [B, 1, half]
     return rope_(e.unsqueeze(1), *cos_sin(angle))[:, 0]
+
+
+def compress_steps(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
+                   freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None) -> torch.Tensor:
+    """S decode tokens per row through a compressor, one after another: `compress_step` for token t = 0 .. S-1
+    (kv, score [B, S, coff*d]) at position pos0 + t, the state updated in place after each. Returns [B, S, d]: each
+    token's compress_step entry (finished where the token completes its group)."""
+    return torch.stack([compress_step(kv[:, t], score[:, t], state_kv, state_score, pos0 + t, ratio, overlap,
+                                      norm_weight, eps, freqs, out_dtype, ape) for t in range(kv.shape[1])], 1)

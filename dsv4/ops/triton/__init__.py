@@ -15,6 +15,7 @@ IMPLEMENTATIONS = {
     "moe_experts": (experts.moe_experts, experts.supports),
     "swiglu_expert": (experts.swiglu_expert, experts.supports_dense),
     "compress_step": (compressor.compress_step, compressor.supports),
+    "compress_steps": (compressor.compress_steps, compressor.supports),
     "compress_groups": (compressor.compress_groups, compressor.supports_groups),
     "rope_": (rope.rope_, rope.supports),
     "rope": (rope.rope, rope.supports_differentiable),

@@ -16,21 +16,23 @@ from .launch import autograd_tracks, falls_back_to, reference_grads, training_ke
 
 
 @triton.jit
-def _new_score(sc_ptr, ape_ptr, b, r0, W2, at, cm, HAS_APE: tl.constexpr):
-    """The token's gate scores at channels `at`, plus the position bias of its phase r0."""
-    s = tl.load(sc_ptr + b * W2 + at, mask=cm, other=0.0)
+def _new_score(sc_ptr, ape_ptr, b, XS, r0, W2, at, cm, HAS_APE: tl.constexpr):
+    """The token's gate scores at channels `at` (row b at b * XS), plus the position bias of its phase r0."""
+    s = tl.load(sc_ptr + b * XS + at, mask=cm, other=0.0)
     if HAS_APE:
         s += tl.load(ape_ptr + r0 * W2 + at, mask=cm, other=0.0)
     return s
 
 
 @triton.jit
-def _state_pool_kernel(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, pos_ptr, pooled_ptr, d, m, R, W2,
+def _state_pool_kernel(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, pos_ptr, pooled_ptr, t, XS, PS, d, m, R, W2,
                        OVERLAP: tl.constexpr, HAS_APE: tl.constexpr, MP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Row b's token (kv, score at b * XS) at position pos[b] + t into the state; its group's pooled entry to
+    pooled_ptr + b * PS."""
     b = tl.program_id(0)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = cs < d
-    r0 = tl.load(pos_ptr + b) % m
+    r0 = (tl.load(pos_ptr + b) + t) % m
     done = r0 == m - 1
     rows = tl.arange(0, MP)
     rm = rows < m
@@ -44,10 +46,10 @@ def _state_pool_kernel(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, pos_ptr, poole
         a_sc = tl.load(ssc_ptr + cur + cs[None, :], mask=mask, other=float("-inf"))
         b_kv = tl.load(skv_ptr + cur + d + cs[None, :], mask=mask, other=0.0)
         b_sc = tl.load(ssc_ptr + cur + d + cs[None, :], mask=mask, other=float("-inf"))
-        a_kv = tl.where(new, tl.load(kv_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], a_kv)
-        a_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, r0, W2, cs, cm, HAS_APE)[None, :], a_sc)
-        b_kv = tl.where(new, tl.load(kv_ptr + b * W2 + d + cs, mask=cm, other=0.0)[None, :], b_kv)
-        b_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, r0, W2, d + cs, cm, HAS_APE)[None, :], b_sc)
+        a_kv = tl.where(new, tl.load(kv_ptr + b * XS + cs, mask=cm, other=0.0)[None, :], a_kv)
+        a_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, XS, r0, W2, cs, cm, HAS_APE)[None, :], a_sc)
+        b_kv = tl.where(new, tl.load(kv_ptr + b * XS + d + cs, mask=cm, other=0.0)[None, :], b_kv)
+        b_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, XS, r0, W2, d + cs, cm, HAS_APE)[None, :], b_sc)
         p_kv = tl.load(skv_ptr + prv + cs[None, :], mask=mask, other=0.0)
         p_sc = tl.load(ssc_ptr + prv + cs[None, :], mask=mask, other=float("-inf"))
         p_sc = tl.where(rm[:, None], p_sc, float("-inf"))
@@ -75,8 +77,8 @@ def _state_pool_kernel(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, pos_ptr, poole
         cur = base + rows[:, None] * W2
         c_kv = tl.load(skv_ptr + cur + cs[None, :], mask=mask, other=0.0)
         c_sc = tl.load(ssc_ptr + cur + cs[None, :], mask=mask, other=float("-inf"))
-        c_kv = tl.where(new, tl.load(kv_ptr + b * W2 + cs, mask=cm, other=0.0)[None, :], c_kv)
-        c_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, r0, W2, cs, cm, HAS_APE)[None, :], c_sc)
+        c_kv = tl.where(new, tl.load(kv_ptr + b * XS + cs, mask=cm, other=0.0)[None, :], c_kv)
+        c_sc = tl.where(new, _new_score(sc_ptr, ape_ptr, b, XS, r0, W2, cs, cm, HAS_APE)[None, :], c_sc)
         c_sc = tl.where(rm[:, None], c_sc, float("-inf"))
         mx = tl.max(c_sc, 0)
         w = tl.exp(c_sc - mx[None, :])
@@ -88,50 +90,64 @@ def _state_pool_kernel(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, pos_ptr, poole
         else:
             tl.store(skv_ptr + cur + cs[None, :], c_kv, mask=mask)
             tl.store(ssc_ptr + cur + cs[None, :], c_sc, mask=mask)
-    tl.store(pooled_ptr + b * d + cs, pooled, mask=cm)
+    tl.store(pooled_ptr + b * PS + cs, pooled, mask=cm)
 
 
 @triton.jit
-def _norm_rope_kernel(pooled_ptr, w_ptr, pos_ptr, freqs_ptr, out_ptr, d, m, eps, half,
+def _norm_rope_kernel(pooled_ptr, w_ptr, pos_ptr, freqs_ptr, out_ptr, S, d, m, eps, half,
                       D: tl.constexpr):
-    b = tl.program_id(0)
+    """Entry pid = b * S + t (token t of row b, at position pos[b] + t): RMSNorm, then RoPE at its group's start."""
+    pid = tl.program_id(0)
+    b = pid // S
     c = tl.arange(0, D)
     cm = c < d
     dt = out_ptr.dtype.element_ty
-    e = tl.load(pooled_ptr + b * d + c, mask=cm, other=0.0).to(dt).to(tl.float32)
+    e = tl.load(pooled_ptr + pid * d + c, mask=cm, other=0.0).to(dt).to(tl.float32)
     rs = 1.0 / tl.sqrt(tl.sum(e * e, 0) / d + eps)
     e = (tl.load(w_ptr + c, mask=cm, other=0.0) * (e * rs)).to(dt).to(tl.float32)
     a, bb = tl.split(tl.reshape(e, (D // 2, 2)))                   # channel pairs (2j, 2j+1)
     j = tl.arange(0, D // 2)
     i = j - (d // 2 - half)                                          # rope pair index (>= 0 on the rope dims)
     rope = (i >= 0) & (2 * j < d)
-    start = ((tl.load(pos_ptr + b) // m) * m).to(tl.float32)
+    start = (((tl.load(pos_ptr + b) + pid % S) // m) * m).to(tl.float32)
     ang = start * tl.load(freqs_ptr + tl.where(rope, i, 0), mask=rope, other=0.0)
     cos, sin = tl.cos(ang), tl.sin(ang)
     a2 = tl.where(rope, a * cos - bb * sin, a)
     b2 = tl.where(rope, a * sin + bb * cos, bb)
     out = tl.reshape(tl.join(a2, b2), (D,))
-    tl.store(out_ptr + b * d + c, out.to(dt), mask=cm)
+    tl.store(out_ptr + pid * d + c, out.to(dt), mask=cm)
 
 
 def compress_step(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
                   freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as ops.reference.compressor.compress_step (the position bias added in the kernel)."""
-    B, W2 = kv.shape
+    return compress_steps(kv.unsqueeze(1), score.unsqueeze(1), state_kv, state_score, pos0, ratio, overlap,
+                          norm_weight, eps, freqs, out_dtype, ape)[:, 0]
+
+
+def compress_steps(kv: torch.Tensor, score: torch.Tensor, state_kv: torch.Tensor, state_score: torch.Tensor,
+                   pos0: torch.Tensor, ratio: int, overlap: bool, norm_weight: torch.Tensor, eps: float,
+                   freqs: torch.Tensor, out_dtype: torch.dtype, ape: torch.Tensor | None = None) -> torch.Tensor:
+    """Same contract as ops.reference.compressor.compress_steps: one state kernel per token (each token's state
+    update must land before the next reads it), then one norm + RoPE kernel for all S tokens' entries; the kernels
+    of compress_step, so the entries and state are bit for bit those of S compress_step calls."""
+    B, S, W2 = kv.shape
     d = W2 // 2 if overlap else W2
     kv, score = kv.float().contiguous(), score.float().contiguous()
     pos = pos0.contiguous()
-    pooled = torch.empty(B, d, dtype=torch.float32, device=kv.device)
+    pooled = torch.empty(B, S, d, dtype=torch.float32, device=kv.device)
     mp = triton.next_power_of_2(ratio)
     block = max(16, min(128, 4096 // mp))                             # [MP, BLOCK_C] tiles stay in registers
     ape_f = ape.float().contiguous() if ape is not None else score
-    _state_pool_kernel[(B, triton.cdiv(d, block))](kv, score, ape_f, state_kv, state_score, pos, pooled, d, ratio,
-                                                   state_kv.shape[1], W2, OVERLAP=overlap, HAS_APE=ape is not None,
-                                                   MP=mp, BLOCK_C=block, num_warps=4)
-    out = torch.empty(B, d, dtype=out_dtype, device=kv.device)
-    _norm_rope_kernel[(B,)](pooled, norm_weight.float().contiguous(), pos, freqs.float().contiguous(), out, d,
-                            ratio, eps, freqs.shape[0], D=triton.next_power_of_2(d), num_warps=4)
+    for t in range(S):
+        _state_pool_kernel[(B, triton.cdiv(d, block))](kv[:, t], score[:, t], ape_f, state_kv, state_score, pos,
+                                                       pooled[:, t], t, S * W2, S * d, d, ratio, state_kv.shape[1],
+                                                       W2, OVERLAP=overlap, HAS_APE=ape is not None, MP=mp,
+                                                       BLOCK_C=block, num_warps=4)
+    out = torch.empty(B, S, d, dtype=out_dtype, device=kv.device)
+    _norm_rope_kernel[(B * S,)](pooled, norm_weight.float().contiguous(), pos, freqs.float().contiguous(), out, S,
+                                d, ratio, eps, freqs.shape[0], D=triton.next_power_of_2(d), num_warps=4)
     return out
 
 

@@ -71,5 +71,33 @@ def test_group_gradients(B, L, m, d, overlap, with_ape):
         assert x_t.grad.dtype == torch.float32 and err < TRAIN_TOL, (name, err)
 
 
+@pytest.mark.parametrize("B, S, m, d, overlap", [(3, 2, 4, 48, True), (2, 3, 8, 64, False), (1, 4, 3, 32, True),
+                                                 (2, 2, 2, 16, False)])
+def test_multi_token_steps(B, S, m, d, overlap):
+    """S tokens per row in one call (a speculative verify), rows at different phases, through group completions:
+    entries and states bit for bit those of S one-token steps of the same kernels, and the reference's within
+    rounding."""
+    g = gen(S)
+    W2, R = (2 if overlap else 1) * d, (2 if overlap else 1) * m
+    states = [[torch.zeros(B, R, W2).to(DEV), torch.full((B, R, W2), float("-inf")).to(DEV)] for _ in range(3)]
+    w, freqs = (torch.rand(d, generator=g) + 0.5).to(DEV), torch.rand(8, generator=g).to(DEV)
+    pos = torch.randint(0, 50, (B,), generator=g).to(DEV)
+    ape = randn(m, W2, g=g)
+    for _ in range(3):
+        kv, sc = randn(B, S, W2, g=g), randn(B, S, W2, g=g)
+        many = tri_comp.compress_steps(kv, sc, *states[0], pos, m, overlap, w, 1e-6, freqs, DT, ape)
+        one = torch.stack([tri_comp.compress_step(kv[:, t], sc[:, t], *states[1], pos + t, m, overlap, w, 1e-6, freqs,
+                                                  DT, ape) for t in range(S)], 1)
+        ref = ref_comp.compress_steps(kv, sc, *states[2], pos, m, overlap, w, 1e-6, freqs, DT, ape)
+        assert many.shape == (B, S, d) and torch.equal(many, one)
+        assert all(torch.equal(x, y) for x, y in zip(*states[:2]))
+        bound = TOL * 10 * ref.float().abs().max() + 1e-2 * (DT != torch.float32)
+        assert (many.float() - ref.float()).abs().max() <= bound
+        for x, y in zip(states[0], states[2]):
+            assert torch.equal(x.isinf(), y.isinf())
+            assert (x.nan_to_num(0, 0, 0) - y.nan_to_num(0, 0, 0)).abs().max() < 1e-5
+        pos = pos + S
+
+
 def test_launches_build_for_gpus(native_build):
     native_build()

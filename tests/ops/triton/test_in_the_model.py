@@ -1,5 +1,6 @@
 """The indexer-score and compressor-pooling kernels as the model calls them (its layouts, strides and dtypes),
-picked for CPU tensors under the interpreter: whole-prompt and chunked prefill give the references' logits, and a
+picked for CPU tensors under the interpreter: whole-prompt and chunked prefill give the references' logits, a
+speculative verify and rollback (the compressors' multi-token decode op) the references' logits and states, and a
 training loss the references' loss and gradients. (On a GPU, tests/gpu runs the Triton paths inside the model.)"""
 import pytest
 import torch
@@ -60,6 +61,31 @@ def test_training_scores_and_pooling(monkeypatch):
     for n, g in ref_grads.items():  # (the heads' mHC weights are sums that cancel: fp32 rounding shows ~1e-3 there)
         err = ((grads[n] - g).norm() / g.norm().clamp(min=1e-30)).item()
         assert err < (5e-3 if "hc_head" in n else 1e-4), (n, err)
+
+
+@torch.no_grad()
+def _verify_and_rollback() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A speculative verify on ragged rows (3 tokens inside a cache checkpoint: the compressors' multi-token decode
+    op), rows keeping 0 .. 3 of them, then the next token's logits and the compressor states."""
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3).eval()
+    cache = model.new_cache(4, 96)
+    for r, n in enumerate((29, 30, 31, 45)):
+        model(TOKENS[r % 2:r % 2 + 1, :n], cache=cache.select(r))
+    ckpt = cache.checkpoint(3)
+    model(TOKENS[:, 50:53].repeat(2, 1), cache=cache)
+    cache.rollback(ckpt, [0, 1, 2, 3])
+    logits = model(TOKENS[:, 60:61].repeat(2, 1), cache=cache)
+    return logits, [t for layer in cache.layers for st in layer.states() for t in (st.kv, st.score)]
+
+
+def test_verify_steps_and_rollback(monkeypatch):
+    want_logits, want_states = _verify_and_rollback()
+    _triton_everywhere(monkeypatch, ["compress_step", "compress_steps"])
+    got_logits, got_states = _verify_and_rollback()
+    assert ((got_logits - want_logits).abs().max() / want_logits.abs().max()).item() < 1e-5
+    for got, want in zip(got_states, want_states):
+        assert torch.equal(got.isinf(), want.isinf())
+        assert (got.nan_to_num(0, 0, 0) - want.nan_to_num(0, 0, 0)).abs().max() < 1e-4
 
 
 def test_launches_build_for_gpus(native_build):
