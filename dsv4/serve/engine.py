@@ -31,6 +31,14 @@ is about to start, and each engine step runs, in order:
      logprobs if asked, from the untempered logits as OpenAI reports them) is sent to the request's stream;
      a stop token, end of sequence, `max_tokens` or non-finite logits ends it and frees its row.
 
+A decode step's inputs are the rows' last sampled tokens, kept on the device (`_next`), so launching a step needs
+nothing from the host. With `overlap` (the default on a GPU) step 4 is deferred: a step launches its decode, then
+hands out the previous step's results (the host's stop checks, events and row frees run while the device computes
+this step), then prefills. A request seen to end at step t has already been fed to step t + 1: that slot's result is
+dropped, and the row, freed after the launch, holds one token more (saved with it to the prefix cache). A request
+gets the same events either way (the one sampled token per step, from its own generator, is the same).
+`trace=path` writes one JSON line per step (`dsv4.serve.steptrace`; `bench/engine_trace.py` summarises it).
+
 With `speculative="mtp"` the model's MTP block drafts `n_draft` tokens per decoding row and one main forward over
 the same decode views verifies them (`dsv4.generate.speculative`): prefill chunks also fill the MTP cache, the
 first token is chosen at the row's first speculative step, each accepted token goes out as its own event, and a
