@@ -22,10 +22,6 @@ class HostCopy:
         self._done = torch.cuda.Event()
         self._done.record()
 
-    def ready(self) -> bool:
-        """Whether wait() would return at once."""
-        return self._done is None or self._done.query()
-
     def wait(self) -> list[list]:
         """The tensors as lists. On a GPU the wait is a CUDA event's synchronize, which lets go of the GIL, so the
         server's event loop streams tokens while the step finishes on the device."""
