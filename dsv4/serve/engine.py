@@ -456,17 +456,21 @@ class Engine:
                 return
             ran = True
             if not self.batched_prefill:
-                groups = [[req] for req in picked]
-            else:
-                by_length: dict[int, list[_Request]] = {}
-                for req in picked:   # one forward takes chunks of one length: [B, S] tokens
-                    by_length.setdefault(req.stops[0] - req.done, []).append(req)
-                groups = [sorted(group, key=lambda r: r.row) for group in by_length.values()]
-            for group in groups:
-                if self.trace is not None:
-                    self.trace.add("prefill_forwards", 1)
-                    self.trace.add("prefill_rows", len(group))
-                self._prefill_rows(group)
+                for req in picked:
+                    self._trace_prefill(1)
+                    self._prefill_rows([req])
+                continue
+            by_length: dict[int, list[_Request]] = {}
+            for req in picked:   # one forward takes chunks of one length: [B, S] tokens
+                by_length.setdefault(req.stops[0] - req.done, []).append(req)
+            for group in by_length.values():
+                self._trace_prefill(len(group))
+                self._prefill_rows(sorted(group, key=lambda r: r.row))
+
+    def _trace_prefill(self, rows: int) -> None:
+        if self.trace is not None:
+            self.trace.add("prefill_forwards", 1)
+            self.trace.add("prefill_rows", rows)
 
     def _pick_round(self, budget: int, first: bool) -> tuple[list[_Request], int]:
         """One round: the next chunk of each prefilling request, the oldest first, then of newly admitted ones,
@@ -683,11 +687,13 @@ class Engine:
             self._next.index_copy_(0, to_device([req.row for req in reqs], self.device), tokens)
         fetch = [tokens, torch.isfinite(logits).all(-1)]
         want = [i for i, req in enumerate(reqs) if req is not None and req.params.logprobs is not None]
-        if want:
-            logp = torch.log_softmax(logits[want], dim=-1)
+        if want:   # (indexed by a tensor sent ahead: a list index would be a blocking copy, a wait on the device)
+            idx = to_device(want, self.device)
+            picked = logits.index_select(0, idx)
+            logp = torch.log_softmax(picked, dim=-1)
             k = min(max(reqs[i].params.logprobs for i in want), logp.shape[-1])
             top = logp.topk(k) if k else None
-            fetch += [self._chosen_logprobs([reqs[i] for i in want], logits[want], logp, tokens[want])]
+            fetch += [self._chosen_logprobs([reqs[i] for i in want], picked, logp, tokens.index_select(0, idx))]
             fetch += [top.indices, top.values] if top is not None else []
         pending = _Pending(reqs, want, fetch)
         if self.overlap:
