@@ -87,6 +87,21 @@ def test_overlapped_steps_give_every_request_the_synchronous_events(model):
     assert over_engine.stats()["running"] == 0 and not over_engine._pending
 
 
+def test_overlap_over_batched_decode_views(model):
+    """batch_invariant off (a GPU's default): rows decode in batched views with free rows riding along, and with
+    overlap a row that just ended rides once more as a live row, so views differ in shape between the two engines:
+    the tokens and finish reasons must agree, the logprobs to fp32 rounding (as batched decode's do)."""
+    ps = prompts(model, [1 + (5 * i) % 17 for i in range(12)])
+    reqs = [(p, SamplingParams(max_tokens=2 + i % 6, temperature=0, logprobs=0)) for i, p in enumerate(ps)]
+    kw = dict(max_batch=6, max_seq_len=96, prefill_chunk=8, step_token_budget=32, batch_invariant=False)
+    _, sync = run_schedule(model, False, reqs, **kw)
+    _, over = run_schedule(model, True, reqs, **kw)
+    for got, want in zip(over, sync):
+        got, want = events(got), events(want)
+        assert [(t, r) for t, _, _, r in got] == [(t, r) for t, _, _, r in want]
+        assert max(abs(a - b) for (_, a, _, _), (_, b, _, _) in zip(got, want)) <= 1e-5
+
+
 def test_overlap_with_cancellation_and_row_reuse(model):
     ps = prompts(model, [6 + i for i in range(9)])
     reqs = [(p, SamplingParams(max_tokens=12, temperature=0)) for p in ps]
