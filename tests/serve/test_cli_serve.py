@@ -59,7 +59,7 @@ def test_serve_builds_engine_and_app_from_flags(checkpoint, monkeypatch):
 
 
 def test_serve_trace_flag_writes_a_step_per_line(checkpoint, monkeypatch, tmp_path):
-    """--trace FILE: the engine's steps of a completion are on disk once the server stops; --no-overlap reaches the
+    """--trace FILE: the engine's steps of a completion are on disk once the server stops; --overlap off reaches the
     engine (the trace's header says so)."""
     pytest.importorskip("fastapi")
     uvicorn = pytest.importorskip("uvicorn")
@@ -77,7 +77,7 @@ def test_serve_trace_flag_writes_a_step_per_line(checkpoint, monkeypatch, tmp_pa
     monkeypatch.setattr(uvicorn, "run", fake_run)
     trace = tmp_path / "steps.jsonl"
     assert main(["serve", "--checkpoint", str(checkpoint), "--device", "cpu", "--max-batch", "2", "--max-seq-len",
-                 "96", "--no-overlap", "--trace", str(trace)]) == 0
+                 "96", "--overlap", "off", "--trace", str(trace)]) == 0
     lines = [json.loads(x) for x in trace.read_text().splitlines()]
     assert lines[0]["header"]["overlap"] is False and len(lines) == 1 + seen["steps"]
     assert sum(x["emitted"] for x in lines[1:]) == seen["usage"]["completion_tokens"]
