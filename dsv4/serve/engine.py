@@ -36,7 +36,8 @@ nothing from the host. With `overlap` (the default on a GPU) step 4 is deferred:
 hands out the previous step's results (the host's stop checks, events and row frees run while the device computes
 this step), then prefills. A request seen to end at step t has already been fed to step t + 1: that slot's result is
 dropped, and the row, freed after the launch, holds one token more (saved with it to the prefix cache). A request
-gets the same events either way (the one sampled token per step, from its own generator, is the same).
+gets the same events either way (the one sampled token per step, from its own generator, is the same; bitwise
+with `batch_invariant`, otherwise up to the rounding-level effects of a batch that holds that one extra row).
 `trace=path` writes one JSON line per step (`dsv4.serve.steptrace`; `bench/engine_trace.py` summarises it).
 
 With `speculative="mtp"` the model's MTP block drafts `n_draft` tokens per decoding row and one main forward over
