@@ -8,10 +8,12 @@ model's is the engine's own cost. `--trace` adds a torch.profiler table of one d
 `--cprofile` the Python functions that took the host's time over the timed round. `--serve-loop` runs the
 engine on its background thread, as `dsv4 serve` does, with the requests read by an asyncio loop in the main
 thread: inter-token gaps as that loop sees them and how late its timers fire (the GIL shared with the engine
-thread), for each `--switch-interval` (Python's GIL hand-over interval; the default is 5 ms).
+thread), for each `--switch-interval` (Python's GIL hand-over interval; the default is 5 ms). `--overlap` times
+the engine's decode steps with overlap off and on (no per-step synchronisation, which would undo the overlap: the
+steps after the last prompt's prefill, timed together), with the step trace's host, wait and hand-out parts.
 
     python bench/engine_profile.py [--prompt-len 1024] [--max-tokens 64] [--batch 1 64] [--trace] [--cprofile]
-                                   [--json FILE]
+                                   [--overlap] [--json FILE]
 """
 from __future__ import annotations
 
@@ -124,6 +126,45 @@ def run(model, *, batch: int, prompt_len: int, max_tokens: int, invariant: bool,
     return out
 
 
+def decode_rate(model, *, batch: int, prompt_len: int, max_tokens: int, overlap: bool) -> dict:
+    """ms per engine decode step at `batch` rows with `overlap` off or on: the steps after every prompt has been
+    prefilled, timed together (one sync at each end), after a warm-up round of the same shapes; plus the step
+    trace's medians of those steps."""
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from engine_trace import load, summarise
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.jsonl")
+        eng = Engine(model, max_batch=batch, max_seq_len=prompt_len + max_tokens + 8, batch_invariant=not cuda,
+                     overlap=overlap, trace=path)
+        g = torch.Generator().manual_seed(batch)
+        vocab = model.config.vocab_size
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+        for _ in range(2):   # the first round compiles and captures
+            hs = [eng.submit(torch.randint(0, vocab, (prompt_len,), generator=g).tolist(), params)
+                  for _ in range(batch)]
+            while eng._queue or eng._admitted:
+                eng.step()
+            sync()
+            first = eng.counters["steps"]
+            t = time.perf_counter()
+            eng.run_until_idle()
+            sync()
+            wall = time.perf_counter() - t
+            steps = eng.counters["steps"] - first
+        tokens = sum(1 for h in hs for e in h if e.token is not None)
+        eng.stop()
+        _, trace = load(path)
+    timed = summarise(trace[first:], batch)   # (the trace's step i is engine step i + 1)
+    dec = timed.get("decode", {})
+    return dict(batch=batch, prompt_len=prompt_len, overlap=overlap, decode_steps=steps,
+                engine_decode_step_ms=round(1e3 * wall / steps, 3), tok_per_s=round(tokens / wall, 1),
+                **{k: dec.get(k) for k in ("host_before_launch_ms_p50", "wait_ms_p50", "deliver_ms_p50",
+                                           "other_host_ms_p50")})
+
+
 def serve_loop(model, *, batch: int, prompt_len: int, max_tokens: int, switch_interval: float) -> dict:
     """Inter-token gaps and event-loop timer lateness with the engine on its own thread (see the module doc)."""
     import asyncio
@@ -180,6 +221,8 @@ def main() -> None:
     p.add_argument("--trace", action="store_true")
     p.add_argument("--cprofile", action="store_true")
     p.add_argument("--serve-loop", action="store_true", help="only the engine thread + asyncio measurement")
+    p.add_argument("--overlap", action="store_true", help="only the decode rate with overlap off and on (and the "
+                   "model alone)")
     p.add_argument("--switch-interval", type=float, nargs="+", default=[0.005, 0.0002])
     p.add_argument("--tiny-cpu", action="store_true", help="smoke: the tiny preset on the CPU")
     p.add_argument("--json")
@@ -196,6 +239,19 @@ def main() -> None:
                 r = serve_loop(model, batch=batch, prompt_len=a.prompt_len, max_tokens=a.max_tokens, switch_interval=si)
                 print(json.dumps(r), flush=True)
                 results.append(r)
+        a.batch = []
+    for batch in a.batch if a.overlap else []:
+        g = torch.Generator().manual_seed(batch)
+        prompts = [torch.randint(0, model.config.vocab_size, (a.prompt_len,), generator=g).tolist()
+                   for _ in range(batch)]
+        rows = [dict(batch=batch, prompt_len=a.prompt_len, model_alone_decode_step_ms=round(
+            model_alone(model, prompts, a.prompt_len + a.max_tokens + 8, a.max_tokens), 3))]
+        rows += [decode_rate(model, batch=batch, prompt_len=a.prompt_len, max_tokens=a.max_tokens, overlap=o)
+                 for o in (False, True)]
+        for r in rows:
+            print(json.dumps(r), flush=True)
+        results += rows
+    if a.overlap:
         a.batch = []
     for batch in a.batch:
         g = torch.Generator().manual_seed(batch)

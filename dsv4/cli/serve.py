@@ -51,6 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run each request as if it ran alone (its tokens never depend on its neighbours; prompts are "
                         "then prefilled one per forward). auto: on a CPU, off on a GPU, where today's batch-invariant "
                         "kernels cost ~10x in decode speed")
+    p.add_argument("--overlap", choices=["auto", "on", "off"], default="auto",
+                   help="launch each decode step from the previous step's tokens on the device before handing those "
+                        "tokens out, so the host's per-step work runs while the device computes (a request that ends "
+                        "costs its row one extra step; tokens are the same). auto: on with a GPU; never with "
+                        "--speculative")
+    p.add_argument("--trace", metavar="FILE",
+                   help="write one JSON line per engine step (its time, host part, waits, rows, prompt tokens, idle "
+                        "time before it); summarise with python bench/engine_trace.py FILE")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; "
@@ -115,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                     index_dtype=args.index_dtype, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                     step_token_budget=args.step_token_budget, max_prefill_rows=args.max_prefill_rows,
                     eos_token_ids=tuple(t for t in (tok.eos_id,) if t is not None), speculative=args.speculative,
-                    n_draft=args.num_draft,
+                    n_draft=args.num_draft, overlap=None if args.overlap == "auto" else args.overlap == "on", trace=args.trace,
                     cuda_graphs=device.type == "cuda", prefix_cache=prefix_cache,
                     batch_invariant=args.batch_invariant == "on" or (args.batch_invariant == "auto"
                                                                      and device.type != "cuda"))

@@ -7,16 +7,32 @@ from __future__ import annotations
 import torch
 
 
+class HostCopy:
+    """Device tensors on their way to the host: the copies are queued behind the work that computes them and
+    `wait()` returns them as Python lists. Queueing the copy of step t and waiting for it after step t + 1 is
+    queued lets the host handle step t's results while the device runs step t + 1."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        self._done = None
+        if not tensors[0].is_cuda:
+            self._host = tensors   # (computed already: a CPU op returns when it has run)
+            return
+        self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                      for t in tensors]
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def wait(self) -> list[list]:
+        """The tensors as lists. On a GPU the wait is a CUDA event's synchronize, which lets go of the GIL, so the
+        server's event loop streams tokens while the step finishes on the device."""
+        if self._done is not None:
+            self._done.synchronize()
+        return [h.tolist() for h in self._host]
+
+
 def to_host(tensors: list[torch.Tensor]) -> list[list]:
-    """Device tensors as Python lists after one wait. On a GPU the wait is a CUDA event's synchronize, which lets
-    go of the GIL, so the server's event loop streams tokens while the step finishes on the device."""
-    if not tensors[0].is_cuda:
-        return [t.tolist() for t in tensors]
-    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
-    done = torch.cuda.Event()
-    done.record()
-    done.synchronize()
-    return [h.tolist() for h in host]
+    """Device tensors as Python lists after one wait (HostCopy, waited for at once)."""
+    return HostCopy(tensors).wait()
 
 
 def to_device(data, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:

@@ -32,6 +32,15 @@ is about to start, and each engine step runs, in order:
      logprobs if asked, from the untempered logits as OpenAI reports them) is sent to the request's stream;
      a stop token, end of sequence, `max_tokens` or non-finite logits ends it and frees its row.
 
+A decode step's inputs are the rows' last sampled tokens, kept on the device (`_next`), so launching a step needs
+nothing from the host. With `overlap` (the default on a GPU) step 4 is deferred: a step launches its decode, then
+hands out the previous step's results (the host's stop checks, events and row frees run while the device computes
+this step), then prefills. A request seen to end at step t has already been fed to step t + 1: that slot's result is
+dropped, and the row, freed after the launch, holds one token more (saved with it to the prefix cache). A request
+gets the same events either way (the one sampled token per step, from its own generator, is the same; bitwise
+with `batch_invariant`, otherwise up to the rounding-level effects of a batch that holds that one extra row).
+`trace=path` writes one JSON line per step (`dsv4.serve.steptrace`; `bench/engine_trace.py` summarises it).
+
 With `speculative="mtp"` the model's MTP block drafts `n_draft` tokens per decoding row and one main forward over
 the same decode views verifies them (`dsv4.generate.speculative`): prefill chunks also fill the MTP cache, the
 first token is chosen at the row's first speculative step, each accepted token goes out as its own event, and a
@@ -55,7 +64,9 @@ import asyncio
 import itertools
 import random
 import threading
+import time
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
@@ -64,10 +75,12 @@ import torch
 from .. import ops
 from ..errors import InvalidArgument
 from ..generate.graphs import GraphDecoder
+from ..generate.host import HostCopy, to_device
 from ..generate.host import to_host as _to_host
 from ..generate.sampling import SamplingConfig, sample
 from ..generate.speculative import SpeculativeDecoder
 from .rows import Phase, RowPool, bucket_for, decode_runs
+from .steptrace import StepTrace
 from .types import QueueFull, SamplingParams, TokenEvent
 
 __all__ = ["Engine", "RequestHandle"]
@@ -199,6 +212,16 @@ class _Request:
     sampling: SamplingConfig | None = None
 
 
+@dataclass(eq=False)
+class _Pending:
+    """A sampled step on its way to the host: rows[i]'s token for reqs[i] (None: a free row riding along), the
+    finiteness flags and the asked-for logprobs (`want`: the indices that asked)."""
+    reqs: list[_Request | None]
+    want: list[int]
+    fetch: list[torch.Tensor]
+    copy: HostCopy | None = None
+
+
 class Engine:
     """Serves many requests on one model: `submit(prompt, params)` returns a RequestHandle whose events stream
     as the background loop (`start()`) or explicit `step()` calls produce them. See the module doc."""
@@ -208,7 +231,7 @@ class Engine:
                  step_token_budget: int = 8192, max_prefill_rows: int = 16, max_queue: int = 256,
                  eos_token_ids: Sequence[int] = (),
                  prefix_cache=None, speculative: str | None = None, n_draft: int = 1, cuda_graphs: bool = True,
-                 batch_invariant: bool = True):
+                 batch_invariant: bool = True, overlap: bool | None = None, trace: str | None = None):
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
                             ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget),
                             ("max_prefill_rows", max_prefill_rows)):
@@ -250,6 +273,15 @@ class Engine:
         self._spec_graphs: dict[tuple[int, int], GraphDecoder] = {}   # (bucket, verify width) -> graph
         if self.spec is not None and use_graphs:
             self.spec.fixed_shapes = self.spec.graph_drafts = True
+        # Decode inputs stay on the device: each row's last sampled token. With `overlap` (default: on a GPU, and
+        # never with `speculative`) a step's results go to the host while the next step runs (see the module doc).
+        self.overlap = (self.device.type == "cuda" if overlap is None else bool(overlap)) and speculative is None
+        self._next = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._pending: deque[_Pending] = deque()
+        self.trace = StepTrace(trace, dict(max_batch=max_batch, overlap=self.overlap, speculative=speculative,
+                                           graph_buckets=self.graph_buckets, step_token_budget=step_token_budget,
+                                           max_prefill_rows=max_prefill_rows, prefill_chunk=prefill_chunk,
+                                           device=str(self.device))) if trace else None
         self.counters = dict(prefill_tokens=0, decode_tokens=0, prefix_lookup_tokens=0, prefix_hit_tokens=0,
                              spec_drafted=0, spec_accepted=0, requests_finished=0, requests_failed=0,
                              requests_cancelled=0, steps=0)
@@ -291,6 +323,8 @@ class Engine:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._thread = None
+        if self.trace is not None:
+            self.trace.flush()
 
     def stats(self) -> dict:
         with self._lock:
@@ -306,10 +340,22 @@ class Engine:
     def step(self) -> None:
         """One engine step (see the module doc). The background loop calls it; tests may call it directly."""
         with self._step_lock:
+            trace = self.trace
+            if trace is not None:
+                trace.begin()
+                before = self.counters["prefill_tokens"]
             self.counters["steps"] += 1
             self._reap_cancelled()
+            earlier = len(self._pending)
             decoded = self._decode()
+            # with overlap: the earlier steps' results, while this step's decode runs on the device
+            self._deliver_pending(keep=len(self._pending) - earlier)
             self._prefill(self.step_token_budget - decoded)
+            if self.pool.busy == 0:   # only rows whose requests have ended rode along: nothing left to hand out
+                self._deliver_pending()
+            if trace is not None:
+                trace.end(prefill_tokens=self.counters["prefill_tokens"] - before, queue=len(self._queue),
+                          running=self.pool.busy, pending=len(self._pending))
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         """Step until no request is queued or running (for scripts and tests without the background thread)."""
@@ -322,6 +368,8 @@ class Engine:
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         while True:
+            if self.trace is not None and not self.has_work:
+                self.trace.flush()   # (an idle engine: its trace is on disk while nothing happens)
             with self._lock:
                 self._lock.wait_for(lambda: self._stopping or self._queue or self.pool.busy > 0)
                 if self._stopping:
@@ -441,13 +489,20 @@ class Engine:
             ran = True
             if not self.batched_prefill:
                 for req in picked:
+                    self._trace_prefill(1)
                     self._prefill_rows([req])
                 continue
             by_length: dict[int, list[_Request]] = {}
             for req in picked:   # one forward takes chunks of one length: [B, S] tokens
                 by_length.setdefault(req.stops[0] - req.done, []).append(req)
             for group in by_length.values():
+                self._trace_prefill(len(group))
                 self._prefill_rows(sorted(group, key=lambda r: r.row))
+
+    def _trace_prefill(self, rows: int) -> None:
+        if self.trace is not None:
+            self.trace.add("prefill_forwards", 1)
+            self.trace.add("prefill_rows", rows)
 
     def _pick_round(self, budget: int, first: bool) -> tuple[list[_Request], int]:
         """One round: the next chunk of each prefilling request, the oldest first, then of newly admitted ones,
@@ -535,16 +590,22 @@ class Engine:
         return len(decoding)
 
     def _decode_view(self, rows: range, graph: bool = False) -> None:
-        """One token for every decoding row in `rows` (a dummy one for free rows) in one forward."""
+        """One token for every decoding row in `rows` (a stale one for free rows) in one forward. The inputs are
+        the rows' last sampled tokens, read on the device (`_next`), so launching needs no result on the host."""
         lengths = self.cache.lengths()
         for r in rows:   # a free row that rode along with earlier steps must not run out of room
             if self._rows[r] is None and lengths[r] + 1 > self.max_seq_len:
                 self.cache.select(r).reset()
-        tokens = [self._rows[r].generated[-1] if self._rows[r] is not None else 0 for r in rows]
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        ids = self._next[rows.start:rows.stop]
         view = self.cache.select(slice(rows.start, rows.stop))
         if self.graph_buckets:   # (a view's layers are its own: prefill views keep reading only the rows reached)
             view.set_fixed_shapes(True)
+        live = [self._rows[r] if self._rows[r] is not None and self.pool.phase[r] is Phase.DECODE else None
+                for r in rows]
+        if self.trace is not None:
+            self.trace.launch()
+            self.trace.add("decode_rows", sum(req is not None for req in live))
+            self.trace.set("graph", len(rows) if graph else None)
         try:
             with self._invariant():
                 if graph:
@@ -556,12 +617,10 @@ class Engine:
                 self._graphs.pop(len(rows), None)
             self._fail(list(rows), e)
             return
-        live = [i for i, r in enumerate(rows) if self._rows[r] is not None and self.pool.phase[r] is Phase.DECODE]
-        self.counters["decode_tokens"] += len(live)
-        if len(live) == len(rows):
-            self._emit([self._rows[r] for r in rows], logits)
-        elif live:
-            self._emit([self._rows[rows[i]] for i in live], logits[live])
+        n_live = sum(req is not None for req in live)
+        self.counters["decode_tokens"] += n_live
+        if n_live:
+            self._emit(live, logits, rows)
 
     def _spec_view(self, rows: range, graph: bool = False) -> None:
         """One speculative step of every decoding row in `rows` in one batch (free rows ride along with budget 0):
@@ -643,34 +702,65 @@ class Engine:
         return ops.batch_invariant(self.batch_invariant)
 
     # ------------------------------------------------------------------ tokens out
-    def _emit(self, reqs: list[_Request], logits: torch.Tensor) -> None:
-        """Choose each request's next token from its row of logits [n, vocab], send it, and finish the requests
-        that are done. Tokens (greedy, or drawn with each request's own generator), finiteness and the asked-for
-        logprobs are computed on the device and come to the host in one wait."""
+    def _emit(self, reqs: list[_Request | None], logits: torch.Tensor, rows: range | None = None) -> None:
+        """Choose each request's next token from its row of logits [n, vocab] (reqs[i] None: a free row of the
+        decode view `rows`, whose token is a dummy), keep the tokens on the device as the rows' next inputs, and
+        send them (`_deliver`): at once, or with `overlap` once the next step has been launched. Tokens (greedy,
+        or drawn with each request's own generator), finiteness and the asked-for logprobs are computed on the
+        device and come to the host in one wait."""
         logits = logits.float()
         tokens = logits.argmax(-1)
-        sampled = [i for i, req in enumerate(reqs) if req.params.temperature > 0]
+        sampled = [i for i, req in enumerate(reqs) if req is not None and req.params.temperature > 0]
         if sampled:
             tokens = tokens.clone()
             for i in sampled:
                 tokens[i] = sample(logits[i:i + 1], reqs[i].sampling, reqs[i].generator)[0]
+        if rows is not None:
+            self._next[rows.start:rows.stop] = tokens
+        else:
+            self._next.index_copy_(0, to_device([req.row for req in reqs], self.device), tokens)
         fetch = [tokens, torch.isfinite(logits).all(-1)]
-        want = [i for i, req in enumerate(reqs) if req.params.logprobs is not None]
-        if want:
-            logp = torch.log_softmax(logits[want], dim=-1)
+        want = [i for i, req in enumerate(reqs) if req is not None and req.params.logprobs is not None]
+        if want:   # (indexed by a tensor sent ahead: a list index would be a blocking copy, a wait on the device)
+            idx = to_device(want, self.device)
+            picked = logits.index_select(0, idx)
+            logp = torch.log_softmax(picked, dim=-1)
             k = min(max(reqs[i].params.logprobs for i in want), logp.shape[-1])
             top = logp.topk(k) if k else None
-            fetch += [self._chosen_logprobs([reqs[i] for i in want], logits[want], logp, tokens[want])]
+            fetch += [self._chosen_logprobs([reqs[i] for i in want], picked, logp, tokens.index_select(0, idx))]
             fetch += [top.indices, top.values] if top is not None else []
-        host = _to_host(fetch)
+        pending = _Pending(reqs, want, fetch)
+        if self.overlap:
+            pending.copy = HostCopy(fetch)
+            self._pending.append(pending)
+        else:
+            self._deliver(pending)
+
+    def _deliver_pending(self, keep: int = 0) -> None:
+        """Send the results of every pending step but the last `keep` ones, oldest first."""
+        while len(self._pending) > keep:
+            self._deliver(self._pending.popleft())
+
+    def _deliver(self, pending: _Pending) -> None:
+        """Send each request its token and finish the requests that are done. A request that ended since the
+        step was sampled (cancelled, failed, or, with overlap, done one step before: its row ran once more) is
+        skipped."""
+        t = time.perf_counter()
+        host = pending.copy.wait() if pending.copy is not None else _to_host(pending.fetch)
+        waited = time.perf_counter()
+        reqs, want = pending.reqs, pending.want
         chosen, finite = host[0], host[1]
         logprob = dict(zip(want, host[2])) if want else {}
         tops = dict(zip(want, zip(host[3], host[4]))) if want and len(host) > 3 else {}
+        emitted = finished = 0
         for i, req in enumerate(reqs):
+            if req is None or req.row is None:
+                continue
             if not finite[i]:
                 self._finish(req, TokenEvent(None, finish_reason="error",
                                              error="the model produced non-finite logits for this request"),
                              failed=True)
+                finished += 1
                 continue
             p, token = req.params, chosen[i]
             event = TokenEvent(token)
@@ -679,6 +769,7 @@ class Engine:
                 ids, values = tops.get(i, ((), ()))
                 event.top_logprobs = list(zip(ids[:p.logprobs], values[:p.logprobs]))
             req.generated.append(token)
+            emitted += 1
             if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
                 event.finish_reason = "stop"
             elif len(req.generated) >= p.max_tokens:
@@ -687,6 +778,12 @@ class Engine:
                 req.handle._push(event)
             else:
                 self._finish(req, event)
+                finished += 1
+        if self.trace is not None:
+            self.trace.add("wait_ms", 1e3 * (waited - t))
+            self.trace.add("deliver_ms", 1e3 * (time.perf_counter() - waited))
+            self.trace.add("emitted", emitted)
+            self.trace.add("finished", finished)
 
     def _chosen_logprobs(self, reqs: list[_Request], logits: torch.Tensor, logp: torch.Tensor,
                          tokens: torch.Tensor) -> torch.Tensor:
@@ -698,8 +795,10 @@ class Engine:
         """Send the last event and free the request's row (the row is reset when it is next handed out)."""
         if req.row is not None:
             if not failed and event.finish_reason in ("stop", "length") and req.generated:
-                # the cache holds the prompt and every generated token but the last (which was never fed)
-                self._save_prefix(self.cache.select(req.row), req.prompt + req.generated[:-1], end=True)
+                # the cache holds the prompt and every generated token but the last (which was never fed), or with
+                # overlap the last too (the step after it was launched before the request was seen to end)
+                view, held = self.cache.select(req.row), req.prompt + req.generated
+                self._save_prefix(view, held if view.lengths() == [len(held)] else held[:-1], end=True)
             self._rows[req.row] = None
             if self.spec is not None:
                 self.spec.release(req.row)

@@ -58,6 +58,32 @@ def test_serve_builds_engine_and_app_from_flags(checkpoint, monkeypatch):
     assert seen["models"] == checkpoint.name and seen["completion"]["usage"]["completion_tokens"] >= 1
 
 
+def test_serve_trace_flag_writes_a_step_per_line(checkpoint, monkeypatch, tmp_path):
+    """--trace FILE: the engine's steps of a completion are on disk once the server stops; --overlap off reaches the
+    engine (the trace's header says so)."""
+    pytest.importorskip("fastapi")
+    uvicorn = pytest.importorskip("uvicorn")
+    import json
+
+    from fastapi.testclient import TestClient
+
+    seen = {}
+
+    def fake_run(app, host, port, **_):
+        with TestClient(app) as http:
+            seen["usage"] = http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 3}).json()["usage"]
+        seen["steps"] = app.state.server.engine.stats()["steps"]
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    trace = tmp_path / "steps.jsonl"
+    assert main(["serve", "--checkpoint", str(checkpoint), "--device", "cpu", "--max-batch", "2", "--max-seq-len",
+                 "96", "--overlap", "off", "--trace", str(trace)]) == 0
+    lines = [json.loads(x) for x in trace.read_text().splitlines()]
+    assert lines[0]["header"]["overlap"] is False and len(lines) == 1 + seen["steps"]
+    assert sum(x["emitted"] for x in lines[1:]) == seen["usage"]["completion_tokens"]
+    assert sum(x["prefill_tokens"] for x in lines[1:]) == seen["usage"]["prompt_tokens"]
+
+
 def test_serve_speculative_flags_reach_the_engine(checkpoint, monkeypatch):
     """--speculative mtp --num-draft K: the engine drafts K tokens per step with the checkpoint's MTP block, and its
     greedy completion is the plain server's."""
