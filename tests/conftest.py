@@ -83,6 +83,18 @@ def fail_on_call(monkeypatch, module: torch.nn.Module, call: int = 1, when=None)
     monkeypatch.setattr(module, "forward", failing)
 
 
+def read_tensors(cache) -> list[torch.Tensor]:
+    """Every cache byte a later step reads: positions, window rings, compressor states, and the entry / index-key
+    rows below each row's length (rows past it may keep what a rejected speculative token wrote: dsv4.cache.rollback
+    leaves them, since every read masks them by position)."""
+    out = [cache.positions]
+    for layer in cache.layers:
+        out += [layer.window_rows.buf] + [x for st in layer.states() for x in (st.kv, st.score)]
+        out += [s.buf[b, :n // layer.ratio] for s in (layer.entry_rows, layer.key_rows) if s is not None
+                for b, n in enumerate(cache.lengths())]
+    return out
+
+
 def agreeing_model():
     """A model whose MTP block predicts what the main model will: every block's output is scaled down (the main
     model is close to a bigram model of the current token) and the MTP block passes the embedding of token t+1

@@ -6,6 +6,7 @@ import torch
 import dsv4
 from dsv4.generate import SamplingConfig
 from dsv4.generate.speculative import SpeculativeDecoder
+from conftest import read_tensors
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -28,18 +29,11 @@ def test_rollback_to_nothing_is_bitwise_on_gpu(model, dtypes):
             model(p, cache=cache.select(r))
     cache, untouched = caches
 
-    def tensors():
-        out = [cache.positions]
-        for layer in cache.layers:
-            out += [layer.window_rows.buf] + [x for st in layer.states() for x in (st.kv, st.score)]
-            out += [s.buf[b, :n // layer.ratio] for s in (layer.entry_rows, layer.key_rows) if s is not None
-                    for b, n in enumerate(cache.lengths())]
-        return out
-    before = [t.clone() for t in tensors()]
+    before = [t.clone() for t in read_tensors(cache)]
     ckpt = cache.checkpoint(4)
     model(torch.randint(0, 2048, (3, 4), device="cuda"), cache=cache)
     cache.rollback(ckpt, 0)
-    assert all(torch.equal(a, b) for a, b in zip(before, tensors()))
+    assert all(torch.equal(a, b) for a, b in zip(before, read_tensors(cache)))
     nxt = torch.randint(0, 2048, (3, 2), device="cuda")
     assert torch.equal(model(nxt, cache=cache), model(nxt, cache=untouched))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import agreeing_model, engine_outputs
+from conftest import agreeing_model, engine_outputs, read_tensors
 from dsv4.generate import SamplingConfig
 from dsv4.generate.graphs import GraphDecoder
 from dsv4.generate.speculative import SpeculativeDecoder
@@ -19,11 +19,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def model():
     torch.backends.cuda.matmul.allow_tf32 = False
     return agreeing_model().cuda()
-
-
-def _tensors(cache):
-    return [cache.positions] + [t for layer in cache.layers for t in [s.buf for s in layer.stores()]
-                                + [x for st in layer.states() for x in (st.kv, st.score)]]
 
 
 def _graph_verifier(model, cache):
@@ -42,7 +37,7 @@ def _graph_verifier(model, cache):
 def test_graph_verify_equals_eager_verify(model, n_draft):
     """Two decoders on equal caches, one verifying through a captured graph (after its warm-up calls, so most steps
     replay), one eagerly with fixed shapes: same tokens every step (greedy and seeded sampling rows), and the same
-    cache bytes at the end (the rollback of a replayed step used the journal the capture recorded)."""
+    cache bytes a later step reads at the end (the rollback of a replayed step used the journal the capture recorded)."""
     prompts = [list(range(100, 130)), list(range(200, 241))]
     cfgs = [SamplingConfig(temperature=0), SamplingConfig(temperature=1.0)]
     outs, caches = [], []
@@ -64,7 +59,7 @@ def test_graph_verify_equals_eager_verify(model, n_draft):
             assert any(g.graph is not None and g.rollback_graph is not None for g in verifier.graphs.values()), \
                 "no verify step and rollback were captured (see the capture warnings)"
         outs.append(out)
-        caches.append(_tensors(cache))
+        caches.append(read_tensors(cache))
     assert outs[0] == outs[1]
     assert all(torch.equal(a, b) for a, b in zip(*caches))
 
