@@ -85,7 +85,9 @@ def main() -> None:
         with torch.device(device):
             model = dsv4.Transformer(cfg).init_weights(seed=1).eval()
     pc = PrefixCache(model, 4 << 30, 2 << 30, block=args.block, verify_model=False)
-    engine = Engine(model, max_batch=2, max_seq_len=need, prefill_chunk=2048, cuda_graphs=False,
+    # decode replays graphs on a GPU as the server's does: with the overlapped loop a first token is handed out
+    # after the next decode step's launch, which without graphs would be a whole eager forward
+    engine = Engine(model, max_batch=2, max_seq_len=need, prefill_chunk=2048, cuda_graphs=device.type == "cuda",
                     prefix_cache=pc)
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
