@@ -161,11 +161,13 @@ def test_speculative_option_is_refused_clearly(model):
         Engine(no_mtp.init_weights(seed=0).eval(), max_batch=1, max_seq_len=32, speculative="mtp")
 
 
-def test_a_failing_forward_ends_only_its_request(model, monkeypatch):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_failing_forward_ends_only_its_request(model, monkeypatch, overlap):
     ps = prompts(model, [5, 11, 8])
-    engine = Engine(model, max_batch=3, max_seq_len=96)
+    engine = Engine(model, max_batch=3, max_seq_len=96, overlap=overlap)
     hs = [engine.submit(p, SamplingParams(max_tokens=6, temperature=0)) for p in ps]
-    engine.step()                               # all three prefilled and decoding
+    for _ in range(2 if overlap else 1):        # all three prefilled and decoding
+        engine.step()
     layer = model.layers[2]
     real, calls = layer.forward, [0]
 
@@ -190,20 +192,22 @@ def test_a_failing_forward_ends_only_its_request(model, monkeypatch):
     assert tokens(again) == generate(model, [ps[1]], 6)[0]
 
 
-def test_non_finite_logits_end_the_request_with_error(model):
-    class NaNOnToken:
-        """The model, except that a prompt chunk holding token 7 gives NaN logits."""
-        def __init__(self, inner):
-            self.inner = inner
+class NaNOnToken:
+    """The model, except that a prompt chunk holding token 7 gives NaN logits."""
+    def __init__(self, inner):
+        self.inner = inner
 
-        def __getattr__(self, name):
-            return getattr(self.inner, name)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
-        def __call__(self, ids, **kw):
-            out = self.inner(ids, **kw)
-            return out.masked_fill((ids == 7).any(-1).view(-1, 1, 1), float("nan"))
+    def __call__(self, ids, **kw):
+        out = self.inner(ids, **kw)
+        return out.masked_fill((ids == 7).any(-1).view(-1, 1, 1), float("nan"))
 
-    engine = Engine(NaNOnToken(model), max_batch=2, max_seq_len=32)
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_non_finite_logits_end_the_request_with_error(model, overlap):
+    engine = Engine(NaNOnToken(model), max_batch=2, max_seq_len=32, overlap=overlap)
     bad, good = engine.submit([1, 7, 3], GREEDY), engine.submit([1, 2, 3], GREEDY)
     engine.run_until_idle()
     assert [(e.token, e.finish_reason) for e in bad] == [(None, "error")]
