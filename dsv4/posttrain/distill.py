@@ -331,7 +331,7 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
             start = time.perf_counter()
         log.add(row)
         bar.step(row)
-        over = bool(cfg.max_seconds) and time.perf_counter() - start > cfg.max_seconds
+        over = bool(cfg.max_seconds) and step > 0 and time.perf_counter() - start > cfg.max_seconds
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or over:
             evaluate(step + 1)
         if over:

@@ -275,7 +275,7 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
         record(row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward']:.3f}", acc=f"{row['accuracy']:.2f}", drift=f"{stats['drift']:.4f}")
-        if cfg.max_seconds and time.perf_counter() - start > cfg.max_seconds and step + 1 < cfg.steps:
+        if cfg.max_seconds and step and time.perf_counter() - start > cfg.max_seconds and step + 1 < cfg.steps:
             done = step + 1
             break
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:

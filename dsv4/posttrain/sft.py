@@ -207,7 +207,7 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
                     steps = fit_steps(steps, step + 1, elapsed, time.perf_counter() - timed_from, cfg.max_seconds)
                 if step + 1 == _TIMED_FROM:
                     timed_from = time.perf_counter()
-                if step + 1 >= steps or elapsed > cfg.max_seconds:
+                if step + 1 >= steps or (step and elapsed > cfg.max_seconds):   # never the warm-up
                     if step + 1 < cfg_steps:
                         log.warning("sft: stopped at step %d of %d for its %.0f s cap", step + 1, cfg_steps,
                                     cfg.max_seconds)
