@@ -10,9 +10,11 @@
   6. the mixed-domain GRPO baseline: one GRPO run from the SFT model on every domain at once, by default with the
      specialists' steps summed (the same student rollouts and updates as all specialists together).
 
-Each training stage can be capped in wall time (`stage_minutes`: it stops after the step that passes the cap);
-summary.json records every stage's wall seconds and, on a GPU, its GPU seconds (one GPU: the same, measured
-between CUDA synchronisations).
+Each training stage can be capped in wall time (`stage_minutes`: it stops after the step that passes the cap),
+counted from the end of its first step: that warm-up (on a GPU mostly compilation) is logged as `warmup_s`, and a
+stage its cap stopped before MIN_STEPS steps is flagged (`too_few_steps`). summary.json records every stage's wall
+seconds (warm-up included) and, on a GPU, its GPU seconds (one GPU: the same, measured between CUDA
+synchronisations).
 
 Every stage writes its directory under OUT (metrics.jsonl, its plot, final/); OUT/summary.md holds the held-out
 greedy accuracy of every stage on every domain (one evaluator for all; up to 400 problems per domain, each with its
@@ -401,7 +403,8 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
                    "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
         if cfg.pretrain_steps:
             summary["steps"]["pretrain"] = _steps_done(base)
-        summary["warmup_s"] = {name: w for name, path in [*checkpoints.items(), ("pretrain", base)]
+        trained = [*([("pretrain", base)] if cfg.pretrain_steps else []), *checkpoints.items()]
+        summary["warmup_s"] = {name: w for name, path in trained
                                if name != "base" and (w := _warmup_s(path)) is not None}
         asked = {"pretrain": cfg.pretrain_steps, "sft": cfg.sft_steps, "opd": cfg.opd_steps,
                  "offpolicy": summary["steps"].get("opd") or cfg.opd_steps,
@@ -514,7 +517,7 @@ def summary_table(summary: dict) -> str:
                                                                    else ""))
     few = summary.get("too_few_steps") or {}
     if few:
-        lines.insert(0, f"**too few steps: raise --minutes** (or shorten the warm-up): "
+        lines.insert(0, f"**too few steps: raise --minutes**: "
                         + ", ".join(f"{k} {v}" for k, v in few.items())
                         + f" training steps, under {MIN_STEPS}; their accuracies say little\n")
     warm = summary.get("warmup_s") or {}
