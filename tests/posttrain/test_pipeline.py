@@ -194,3 +194,23 @@ def test_stages_a_cap_stopped_short_of_20_steps_are_flagged_in_the_summary():
     assert "sft 41.5" in md
     del summary["too_few_steps"]
     assert "too few steps" not in summary_table(summary)
+
+
+@pytest.mark.parametrize("flag, compiled", [([], False), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flag_reaches_the_run_as_the_training_compile_switch(tmp_path, monkeypatch, flag, compiled):
+    """--compile/--no-compile (default off) sets ops.training_compile for the run only."""
+    import dsv4.posttrain.pipeline as pipeline
+    from dsv4.cli import main
+    from dsv4.ops.compiled import torch_compile
+    monkeypatch.delenv("DSV4_COMPILE", raising=False)
+    seen = []
+
+    def fake(out, cfg):
+        seen.append((cfg.compile, torch_compile.training_compiled()))
+        return {"total_seconds": 0.0}
+
+    monkeypatch.setattr(pipeline, "_run_pipeline", fake)
+    monkeypatch.setattr(pipeline, "summary_table", lambda s: "")
+    before = torch_compile.training_compiled()
+    assert main(["posttrain", "--out", str(tmp_path), *flag]) == 0
+    assert seen == [(compiled, compiled)] and torch_compile.training_compiled() == before
