@@ -30,8 +30,9 @@ def test_sft_without_training_compile_compiles_nothing_and_sees_few_lengths(tmp_
     monkeypatch.setattr(sft_mod, "sft_loss", seen)
     before = counters["stats"]["unique_graphs"]
     with dsv4.ops.training_compile(False):
-        res = train_sft(model, tok, exs * 2, SFTConfig(steps=len(exs), lr=1e-3, batch_size=1, seq_len=256,
-                                                       device="cuda", progress=False), str(tmp_path / "run"))
+        cfg = SFTConfig(steps=len(exs), lr=1e-3, batch_size=1, seq_len=256, pack=False, device="cuda",
+                        progress=False)
+        res = train_sft(model, tok, exs * 2, cfg, str(tmp_path / "run"))
     assert res["steps"] == len(exs)
     assert counters["stats"]["unique_graphs"] == before          # no torch.compile graph was built
     assert lengths <= {64, 128, 192} and len(lengths) <= 3        # 17 example lengths, 3 buckets
