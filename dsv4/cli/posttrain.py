@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "also opd, offpolicy, grpo-mixed; the others --stage-minutes)")
     p.add_argument("--sft-pack", action="store_true",
                    help="SFT packs conversations into rows instead of padding each to the longest")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="on a GPU, torch.compile the training ops without a Triton training kernel (default off: "
+                        "for the pipeline's small models and minute-long stages, compiling each new shape costs "
+                        "more than it saves; the Triton kernels run either way)")
     p.add_argument("--no-progress", action="store_true")
     for name in _NUMBERS:
         p.add_argument("--" + name.replace("_", "-"), type=float if name.endswith(("lr", "minutes")) else int,
@@ -79,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = PipelineConfig(envs=envs, level=args.level, base=args.base, model=args.model,
                          mixed_grpo=args.mixed_grpo, sft_pack=args.sft_pack, thinking=args.thinking,
                          off_policy_baseline=not args.no_off_policy, only=only, device=args.device,
-                         optimizer=args.optimizer, sampler=args.sampler, progress=not args.no_progress, **numbers)
+                         optimizer=args.optimizer, sampler=args.sampler, progress=not args.no_progress,
+                         compile=args.compile, **numbers)
     summary = run_pipeline(args.out, cfg)
     print("\n" + summary_table(summary))
     print(f"\ntotal {summary['total_seconds']:.0f} s; summary {args.out}/summary.md; plots {args.out}/accuracy.png, "

@@ -5,7 +5,8 @@ variable, then the best available for the call and the modes below). `reference/
 each op, the other folders its faster backends.
 
 Modes: `batch_invariant()` (a sequence's logits independent of its batch) and `training_kernels("triton" |
-"compiled")` (which kernels training calls run on a GPU)."""
+"compiled")` (which kernels training calls run on a GPU) and `training_compile(on)` (whether the ops without a Triton
+training kernel run torch.compile'd or eager there)."""
 from . import compiled, gathered, grouped, reference  # each backend registers its implementations on import
 
 try:  # GPU kernels: chosen by `auto` for CUDA tensors they support, selectable by name anywhere
@@ -17,11 +18,11 @@ from .api import (compress_groups, compress_pool, compress_step, compress_steps,
                   hc_mixes, hc_post, hc_split_sinkhorn, index_scores, indexer_topk, linear, linear_fp4_weight,
                   linear_fp8_fp8, linear_fp8_weight, linear_fp32, moe_experts, moe_experts_fp4, moe_route, rms_norm,
                   rope, rope_, sequence_attn, sparse_attn, swiglu, swiglu_expert)
-from .compiled.torch_compile import compiled_or_eager
+from .compiled.torch_compile import compiled_or_eager, training_compile
 from .dispatch import available_backends, batch_invariant, training_kernels
 
 __all__ = ["sparse_attn", "sequence_attn", "indexer_topk", "index_scores", "compress_pool", "compress_groups",
            "compress_step", "compress_steps", "hc_split_sinkhorn", "hc_collapse", "hc_post", "hc_mixes", "rms_norm", "linear",
            "grouped_linear", "linear_fp32", "moe_experts", "moe_route", "swiglu_expert", "linear_fp8_weight",
            "linear_fp4_weight", "linear_fp8_fp8", "moe_experts_fp4", "swiglu", "cos_sin", "rope", "rope_",
-           "compiled_or_eager", "available_backends", "batch_invariant", "training_kernels"]
+           "compiled_or_eager", "available_backends", "batch_invariant", "training_kernels", "training_compile"]

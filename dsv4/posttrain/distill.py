@@ -36,6 +36,7 @@ from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizers, lr_at
 from ..train.progress import Progress
 from ..generate.sampling import SamplingConfig
+from .buckets import bucketed, resolve_bucket
 from .rollout import rollout
 from .envs.base import Environment, Problem
 from .reverse_kl import DEFAULT_CHUNK, policy_positions, reverse_kl
@@ -67,14 +68,18 @@ class DistillConfig:
     chunk: int = DEFAULT_CHUNK       # positions per head/softmax chunk in the reverse KL and the CE
     thinking: bool = False
     seed: int = 0
-    max_seconds: float = 0.0         # stop after the step that passes this much wall time (0: no cap)
+    max_seconds: float = 0.0         # stop after the step that passes this much wall time (0: no cap), counted
+                                     # from the end of the first step (the warm-up, logged as warmup_s)
+    length_bucket: int = 0           # training batch lengths rounded up to a multiple of this (buckets.py; 0: 64
+                                     # on a GPU)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_prompts", "max_new_tokens", "eval_every", "chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidArgument(f"distill {name}={getattr(self, name)!r}: must be an integer >= 1")
-        if self.eval_prompts < 0 or self.warmup < 0:
-            raise InvalidArgument(f"distill eval_prompts={self.eval_prompts}, warmup={self.warmup}: must be >= 0")
+        if self.eval_prompts < 0 or self.warmup < 0 or self.length_bucket < 0:
+            raise InvalidArgument(f"distill eval_prompts={self.eval_prompts}, warmup={self.warmup}, "
+                                  f"length_bucket={self.length_bucket}: must be >= 0")
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise InvalidArgument(f"distill lr={self.lr!r}: must be a finite number > 0")
         if self.temperature < 0 or self.mtp_weight < 0:
@@ -110,8 +115,11 @@ class Batch:
                             device=self.tokens.device)
 
 
-def make_batch(trajs: Sequence[Trajectory], n_mtp: int, pad_id: int, device: torch.device) -> Batch:
+def make_batch(trajs: Sequence[Trajectory], n_mtp: int, pad_id: int, device: torch.device, bucket: int = 1
+               ) -> Batch:
+    """The trajectories as a Batch; with a `bucket`, T = L - 1 rounded up to a multiple of it (buckets.py)."""
     L = max(len(t.tokens) for t in trajs)
+    L = bucketed(L - 1, bucket) + 1 if L > 1 else L
     tokens = torch.full((len(trajs), L + n_mtp), pad_id, dtype=torch.long)
     mask = torch.zeros_like(tokens)
     for i, t in enumerate(trajs):
@@ -272,6 +280,7 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
     bar = Progress(cfg.steps, 0, show=progress)
     bar.bar.set_description(mode)
     student_tokens = 0
+    bucket = resolve_bucket(cfg.length_bucket, device)
     start = time.perf_counter()
 
     def evaluate(step: int) -> None:
@@ -291,7 +300,7 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
         problems = [envs[d].sample(rng) for d in batch_domains]
         with autocast():
             trajs = _sample(student, teachers, tokenizer, problems, envs, cfg, seed=cfg.seed * 1_000_003 + step)
-        batch = make_batch(trajs, n_mtp, _pad_id(tokenizer), device)
+        batch = make_batch(trajs, n_mtp, _pad_id(tokenizer), device, bucket)
         student.train()
         with autocast():
             if cfg.off_policy:
@@ -317,9 +326,12 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
                   for d in dict.fromkeys(batch_domains)},
                "grad_norm": grad_norm, "lr": lr, "student_tokens": student_tokens,
                "tok_per_s": n_tok / max(time.perf_counter() - t0, 1e-9), "time_s": time.perf_counter() - start}
+        if step == 0:   # compilation and allocation: outside the cap, logged on its own
+            row["warmup_s"] = time.perf_counter() - t0
+            start = time.perf_counter()
         log.add(row)
         bar.step(row)
-        over = bool(cfg.max_seconds) and time.perf_counter() - start > cfg.max_seconds
+        over = bool(cfg.max_seconds) and step > 0 and time.perf_counter() - start > cfg.max_seconds
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps or over:
             evaluate(step + 1)
         if over:

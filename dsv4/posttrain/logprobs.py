@@ -13,16 +13,19 @@ from typing import Sequence
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .buckets import bucketed
 from .trajectory import Trajectory
 
 __all__ = ["token_logprobs", "pad_batch", "Batch"]
 
 
 class Batch:
-    """Trajectories right-padded into tensors [B, T]: tokens, policy mask, rollout log-probabilities."""
+    """Trajectories right-padded into tensors [B, T]: tokens, policy mask, rollout log-probabilities. With a
+    `bucket`, T - 1 (the tokens a training forward reads) is rounded up to a multiple of it (buckets.py)."""
 
-    def __init__(self, trajectories: Sequence[Trajectory], device=None, pad_id: int = 0):
+    def __init__(self, trajectories: Sequence[Trajectory], device=None, pad_id: int = 0, bucket: int = 1):
         T = max(len(t.tokens) for t in trajectories)
+        T = bucketed(T - 1, bucket) + 1 if T > 1 else T
         B = len(trajectories)
         self.tokens = torch.full((B, T), pad_id, dtype=torch.long)
         self.mask = torch.zeros(B, T, dtype=torch.bool)
@@ -37,8 +40,8 @@ class Batch:
         self.lengths = [len(t.tokens) for t in trajectories]
 
 
-def pad_batch(trajectories: Sequence[Trajectory], device=None, pad_id: int = 0) -> Batch:
-    return Batch(trajectories, device, pad_id)
+def pad_batch(trajectories: Sequence[Trajectory], device=None, pad_id: int = 0, bucket: int = 1) -> Batch:
+    return Batch(trajectories, device, pad_id, bucket)
 
 
 def _chunk_logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float

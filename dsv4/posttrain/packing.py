@@ -17,6 +17,7 @@ import torch
 
 from ..errors import InvalidArgument
 from ..model.documents import PackedDocuments
+from .buckets import bucketed
 from .chat_data import Example
 
 __all__ = ["IGNORE", "Batch", "fit_examples", "pack_rows", "make_batch", "SFTBatches"]
@@ -85,12 +86,13 @@ def pack_rows(examples: list[Example], seq_len: int, pack: bool = True) -> list[
     return rows
 
 
-def make_batch(rows: list[list[Example]], n_mtp: int, pad_id: int) -> Batch:
-    """Tensors for rows of examples, each row padded to the longest row. Built whole-batch (not document by
+def make_batch(rows: list[list[Example]], n_mtp: int, pad_id: int, bucket: int = 1) -> Batch:
+    """Tensors for rows of examples, each row padded to the longest row (rounded up to a multiple of `bucket`:
+    buckets.py). Built whole-batch (not document by
     document: a pre-training batch of 64 x 512 packed tokens holds ~1,500 short documents, and per-document
     tensor writes took ~0.4 s, longer than a GPU step)."""
     lengths = [[len(ex.tokens) for ex in row] for row in rows]
-    S = max(sum(ls) for ls in lengths)
+    S = bucketed(max(sum(ls) for ls in lengths), bucket)
     B = len(rows)
     flat_tok, flat_mask, flat_pos, flat_len = [], [], [], []
     for row, ls in zip(rows, lengths):
@@ -132,15 +134,16 @@ def make_batch(rows: list[list[Example]], n_mtp: int, pad_id: int) -> Batch:
 
 class SFTBatches:
     """Batches of `batch_size` rows over epochs: each epoch shuffles the conversations (by `seed` and the
-    epoch), packs them into rows and deals the rows out in order; a last partial batch is kept."""
+    epoch), packs them into rows and deals the rows out in order; a last partial batch is kept. Each batch's
+    length is rounded up to a multiple of `bucket` (buckets.py)."""
 
     def __init__(self, examples: list[Example], batch_size: int, seq_len: int, n_mtp: int, pad_id: int, *,
-                 pack: bool = True, seed: int = 0):
+                 pack: bool = True, seed: int = 0, bucket: int = 1):
         if batch_size < 1:
             raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
         self.examples = fit_examples(examples, seq_len)
         self.batch_size, self.seq_len, self.n_mtp, self.pad_id = batch_size, seq_len, n_mtp, pad_id
-        self.pack, self.seed = pack, seed
+        self.pack, self.seed, self.bucket = pack, seed, bucket
 
     def epoch(self, epoch: int) -> list[list[list[Example]]]:
         """The epoch's batches (lists of rows)."""
@@ -157,5 +160,5 @@ class SFTBatches:
         epoch = 0
         while True:
             for rows in self.epoch(epoch):
-                yield make_batch(rows, self.n_mtp, self.pad_id)
+                yield make_batch(rows, self.n_mtp, self.pad_id, self.bucket)
             epoch += 1

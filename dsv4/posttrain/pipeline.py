@@ -10,9 +10,11 @@
   6. the mixed-domain GRPO baseline: one GRPO run from the SFT model on every domain at once, by default with the
      specialists' steps summed (the same student rollouts and updates as all specialists together).
 
-Each training stage can be capped in wall time (`stage_minutes`: it stops after the step that passes the cap);
-summary.json records every stage's wall seconds and, on a GPU, its GPU seconds (one GPU: the same, measured
-between CUDA synchronisations).
+Each training stage can be capped in wall time (`stage_minutes`: it stops after the step that passes the cap),
+counted from the end of its first step: that warm-up (on a GPU mostly compilation) is logged as `warmup_s`, and a
+stage its cap stopped before MIN_STEPS steps is flagged (`too_few_steps`). summary.json records every stage's wall
+seconds (warm-up included) and, on a GPU, its GPU seconds (one GPU: the same, measured between CUDA
+synchronisations).
 
 Every stage writes its directory under OUT (metrics.jsonl, its plot, final/); OUT/summary.md holds the held-out
 greedy accuracy of every stage on every domain (one evaluator for all; up to 400 problems per domain, each with its
@@ -34,6 +36,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .. import ops
 from ..config import ModelConfig
 from ..errors import InvalidArgument
 from ..generate.chat import encode_chat
@@ -109,6 +112,11 @@ class PipelineConfig:
                                           # differences between stages; at 400 it is 0.023 (greedy: ~2 s each)
     seed: int = 0
     device: str = "cpu"
+    compile: bool = False                 # on a GPU, torch.compile the training ops that have no Triton training
+                                          # kernel (ops.training_compile); off: they run eager. Off by default: the
+                                          # first H100 run (mini, 0.2-0.5 min caps) spent 43-88 s compiling in the
+                                          # first step of each stage, more than each stage's cap, while a small
+                                          # model's eager step costs kernel launches, milliseconds
     progress: bool = True
     only: tuple[str, ...] = field(default=())   # run just these stages (others must have run in OUT already)
 
@@ -292,11 +300,16 @@ class _Stages:
 
 def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     """Run the pipeline into `out`; returns the summary (also OUT/summary.json and OUT/summary.md)."""
+    cfg.check()
+    with ops.training_compile(cfg.compile):
+        return _run_pipeline(out, cfg)
+
+
+def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     from .grpo import GRPOConfig, grpo_train
     from .pretrain import pretrain
     from .sft import SFTConfig, sft
 
-    cfg.check()
     os.makedirs(out, exist_ok=True)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     envs = make_envs(cfg.envs, level=cfg.level)
@@ -390,6 +403,14 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
                    "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
         if cfg.pretrain_steps:
             summary["steps"]["pretrain"] = _steps_done(base)
+        trained = [*([("pretrain", base)] if cfg.pretrain_steps else []), *checkpoints.items()]
+        summary["warmup_s"] = {name: w for name, path in trained
+                               if name != "base" and (w := _warmup_s(path)) is not None}
+        asked = {"pretrain": cfg.pretrain_steps, "sft": cfg.sft_steps, "opd": cfg.opd_steps,
+                 "offpolicy": summary["steps"].get("opd") or cfg.opd_steps,
+                 "grpo-mixed": mixed_steps(cfg, [summary["steps"].get(f"grpo-{d}", 0) for d in envs]),
+                 **{f"grpo-{d}": cfg.grpo_steps for d in envs}}
+        summary["too_few_steps"] = too_few_steps(summary["steps"], asked)
         summary["targets"] = targets(summary)
         with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=1)
@@ -431,6 +452,21 @@ def _steps_done(final_dir: str) -> int:
     rows = read_metrics(os.path.join(os.path.dirname(final_dir), "metrics.jsonl"))
     return max((int(r["step"]) for r in rows if "step" in r and any(k in r for k in ("loss", "reward", "lm"))),
                default=0)
+
+
+MIN_STEPS = 20   # fewer training steps than this in a stage: its accuracies say little (the summary warns)
+
+
+def _warmup_s(final_dir: str) -> float | None:
+    """Seconds of a stage's first step (compilation, allocation), outside its time cap; None where not logged."""
+    rows = read_metrics(os.path.join(os.path.dirname(final_dir), "metrics.jsonl"))
+    return next((float(r["warmup_s"]) for r in rows if "warmup_s" in r), None)
+
+
+def too_few_steps(steps: Mapping[str, int], asked: Mapping[str, int], minimum: int = MIN_STEPS) -> dict[str, int]:
+    """The stages their time cap stopped before `minimum` steps (name -> steps): fewer than both `minimum` and
+    the steps asked of them (a stage asked for fewer steps is not flagged for taking them)."""
+    return {name: n for name, n in steps.items() if n < min(minimum, asked.get(name, minimum))}
 
 
 def targets(summary: dict) -> dict:
@@ -479,6 +515,15 @@ def summary_table(summary: dict) -> str:
         lines.append(f"| {stage} | " + " | ".join(_cell(acc[d], sizes.get(d)) for d in domains) +
                      f" | {'' if t is None else f'{t:.0f}'} |" + (f" {'' if g is None else f'{g:.0f}'} |" if gpu
                                                                    else ""))
+    few = summary.get("too_few_steps") or {}
+    if few:
+        lines.insert(0, f"**too few steps: raise --minutes**: "
+                        + ", ".join(f"{k} {v}" for k, v in few.items())
+                        + f" training steps, under {MIN_STEPS}; their accuracies say little\n")
+    warm = summary.get("warmup_s") or {}
+    if warm:
+        lines.append("\nwarm-up (first step: compilation, allocation; outside the time caps, inside each stage's "
+                     "time) (s): " + ", ".join(f"{k} {v:.1f}" for k, v in warm.items()))
     others = {k: v for k, v in seconds.items() if k not in table}
     if others:
         lines.append("\nother steps' time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in others.items()) +

@@ -30,6 +30,7 @@ from ..train.optim import build_optimizers, lr_at
 from ..train.precision import fp32_matmuls
 from ..train.progress import Progress
 from ..train.stages import set_stage
+from .buckets import resolve_bucket
 from .chat_data import Example, load_examples
 from .packing import IGNORE, Batch, SFTBatches
 from .policy import load_policy, save_policy
@@ -63,7 +64,9 @@ class SFTConfig:
     seed: int = 0
     device: str = "auto"
     progress: bool = True
-    max_seconds: float = 0.0      # a wall-time cap (0: none): the schedule shrinks to the steps that fit (fit_steps)
+    max_seconds: float = 0.0      # a wall-time cap (0: none) on the steps after the first (the warm-up, whose
+                                  # compilation is logged as warmup_s): the schedule shrinks to the steps that fit
+    length_bucket: int = 0        # batch lengths rounded up to a multiple of this (buckets.py; 0: 64 on a GPU)
 
     def check(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -77,6 +80,8 @@ class SFTConfig:
             raise InvalidArgument(f"lr must be > 0, got {self.lr}")
         if self.warmup < 0:
             raise InvalidArgument(f"warmup must be >= 0, got {self.warmup}")
+        if self.length_bucket < 0:
+            raise InvalidArgument(f"length_bucket must be >= 0, got {self.length_bucket}")
         if self.optimizer not in ("muon", "adamw"):
             raise InvalidArgument(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
 
@@ -130,7 +135,9 @@ def train_sft(model: Transformer, tokenizer: Tokenizer, examples: list[Example],
     cfg.check()
     os.makedirs(out, exist_ok=True)
     pad = tokenizer.eos_id if tokenizer.eos_id is not None else 0
-    data = SFTBatches(examples, cfg.batch_size, cfg.seq_len, len(model.mtp), pad, pack=cfg.pack, seed=cfg.seed)
+    bucket = resolve_bucket(cfg.length_bucket, next(model.parameters()).device)
+    data = SFTBatches(examples, cfg.batch_size, cfg.seq_len, len(model.mtp), pad, pack=cfg.pack, seed=cfg.seed,
+                      bucket=bucket)
     steps = cfg.steps or cfg.epochs * data.batches_per_epoch
     metrics = MetricsLog(os.path.join(out, "metrics.jsonl"))
     metrics.start(0)
@@ -160,7 +167,7 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
     batches = iter(data)
     trained = 0
     cfg_steps = steps
-    start = timed_from = time.perf_counter()
+    start = timed_from = time.perf_counter()   # reset after the warm-up step: the cap counts from there
     with fp32_matmuls("tf32") if device.type == "cuda" else nullcontext():
         for step in range(steps):
             t0 = time.perf_counter()
@@ -185,9 +192,13 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
             imbalance = update_expert_bias(model, expert_loads(model), cfg.bias_update_speed)
             n = batch.n_targets
             trained += n
+            t1 = time.perf_counter()
             row = {"step": step + 1, "tokens": trained, "lr": lr, "stage": "sft", **values, "grad_norm": grad_norm,
                    "expert_load_max_over_mean": imbalance, "targets": n,
-                   "tok_per_s": batch.tokens.numel() / max(time.perf_counter() - t0, 1e-9)}
+                   "tok_per_s": batch.tokens.numel() / max(t1 - t0, 1e-9)}
+            if step == 0:   # compilation and allocation: outside the cap, logged on its own
+                row["warmup_s"] = t1 - t0
+                start = timed_from = t1
             metrics.add(row)
             progress.step(row)
             if cfg.max_seconds:
@@ -196,7 +207,7 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
                     steps = fit_steps(steps, step + 1, elapsed, time.perf_counter() - timed_from, cfg.max_seconds)
                 if step + 1 == _TIMED_FROM:
                     timed_from = time.perf_counter()
-                if step + 1 >= steps or elapsed > cfg.max_seconds:
+                if step + 1 >= steps or (step and elapsed > cfg.max_seconds):   # never the warm-up
                     if step + 1 < cfg_steps:
                         log.warning("sft: stopped at step %d of %d for its %.0f s cap", step + 1, cfg_steps,
                                     cfg.max_seconds)
@@ -206,6 +217,7 @@ def _loop(model: Transformer, data: SFTBatches, steps: int, cfg: SFTConfig, metr
 
 
 _TIMED_FROM, _TIMED_STEPS = 2, 5   # steps timed to fit a capped schedule: after the first two (warm-up, allocation)
+                                   # (the cap's clock starts after the first)
 
 
 def fit_steps(steps: int, done: int, elapsed: float, timed: float, max_seconds: float) -> int:

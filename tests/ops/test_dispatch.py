@@ -148,3 +148,29 @@ def test_packed_weight_ops_pick_the_triton_kernels_for_cuda_bf16():
             packed_experts.moe_experts_fp4
         assert dispatch._pick("linear_fp8_weight", None, torch.zeros(2, 128, dtype=torch.bfloat16), w8) is \
             dispatch._REGISTRY["linear_fp8_weight"]["reference"][0]
+
+
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: what the compiled backend's predicate reads."""
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_training_compile_switch_turns_the_compiled_training_backend_off_and_back(monkeypatch):
+    from dsv4.ops.compiled import torch_compile
+    monkeypatch.delenv("DSV4_COMPILE", raising=False)
+    monkeypatch.setattr(torch_compile, "_compile_training", None)
+    x = torch.Tensor._make_subclass(_OnCuda, torch.ones(2), require_grad=True)
+    assert torch_compile.training_on_gpu(x)
+    with dsv4.ops.training_compile(False):
+        assert not torch_compile.training_on_gpu(x)        # the eager references serve training calls
+        with dsv4.ops.training_compile(True):
+            assert torch_compile.training_on_gpu(x)
+        assert not torch_compile.training_on_gpu(x)
+    assert torch_compile.training_on_gpu(x)
+    with torch.no_grad():
+        assert not torch_compile.training_on_gpu(x)        # inference never takes the compiled training backend
+    monkeypatch.setenv("DSV4_COMPILE", "0")
+    with dsv4.ops.training_compile(True):
+        assert not torch_compile.training_on_gpu(x)        # DSV4_COMPILE=0 wins

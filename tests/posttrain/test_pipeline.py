@@ -9,7 +9,7 @@ import pytest
 
 from dsv4.errors import InvalidArgument
 from dsv4.posttrain.pipeline import (PipelineConfig, _Stages, build_base, demonstrations, grpo_reward_change,
-                                    heldout_size, run_pipeline, summary_table)
+                                    heldout_size, run_pipeline, summary_table, too_few_steps)
 
 
 class _Env:
@@ -156,6 +156,10 @@ def test_four_domain_pipeline_writes_every_stage_domain_cell_and_stage_seconds(t
     # each specialist took its one step; the mixed baseline the four domains' summed (equal student compute)
     assert saved["steps"] == {"pretrain": 2, "sft": 2, **{f"grpo-{d}": 1 for d in domains}, "opd": 1,
                               "offpolicy": 1, "grpo-mixed": 4}
+    # every training stage logged its first step's time (outside its cap); none was asked for 20 steps, so none
+    # is flagged for stopping short of them
+    assert set(saved["warmup_s"]) == {"pretrain", *stages[1:]} and all(w > 0 for w in saved["warmup_s"].values())
+    assert saved["too_few_steps"] == {}
     t = saved["targets"]
     assert set(t["specialist_minus_sft"]) == set(domains)
     grpo_time = sum(saved["seconds"][f"grpo-{d}"] for d in domains)
@@ -177,3 +181,36 @@ def test_model_sizes_and_a_bad_one():
         PipelineConfig(model="huge").check()
     with pytest.raises(InvalidArgument, match="pretrain"):
         PipelineConfig(base="/some/dir", pretrain_steps=3).check()
+
+
+def test_stages_a_cap_stopped_short_of_20_steps_are_flagged_in_the_summary():
+    steps = {"pretrain": 1, "sft": 19, "grpo-math": 20, "opd": 3}
+    asked = {"pretrain": 3000, "sft": 1500, "grpo-math": 80, "opd": 3}
+    assert too_few_steps(steps, asked) == {"pretrain": 1, "sft": 19}     # opd took all 3 it was asked for
+    summary = {"accuracy": {"base": {"math": 0.0}, "sft": {"math": 0.0}}, "seconds": {"sft": 50.0},
+               "too_few_steps": too_few_steps(steps, asked), "warmup_s": {"sft": 41.5}}
+    md = summary_table(summary)
+    assert md.startswith("**too few steps: raise --minutes**") and "pretrain 1, sft 19" in md
+    assert "sft 41.5" in md
+    del summary["too_few_steps"]
+    assert "too few steps" not in summary_table(summary)
+
+
+@pytest.mark.parametrize("flag, compiled", [([], False), (["--compile"], True), (["--no-compile"], False)])
+def test_compile_flag_reaches_the_run_as_the_training_compile_switch(tmp_path, monkeypatch, flag, compiled):
+    """--compile/--no-compile (default off) sets ops.training_compile for the run only."""
+    import dsv4.posttrain.pipeline as pipeline
+    from dsv4.cli import main
+    from dsv4.ops.compiled import torch_compile
+    monkeypatch.delenv("DSV4_COMPILE", raising=False)
+    seen = []
+
+    def fake(out, cfg):
+        seen.append((cfg.compile, torch_compile.training_compiled()))
+        return {"total_seconds": 0.0}
+
+    monkeypatch.setattr(pipeline, "_run_pipeline", fake)
+    monkeypatch.setattr(pipeline, "summary_table", lambda s: "")
+    before = torch_compile.training_compiled()
+    assert main(["posttrain", "--out", str(tmp_path), *flag]) == 0
+    assert seen == [(compiled, compiled)] and torch_compile.training_compiled() == before

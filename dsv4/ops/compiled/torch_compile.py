@@ -51,9 +51,40 @@ def compiled_or_eager(fn: Callable) -> Callable:
     return run
 
 
+_compile_training: bool | None = None   # None: compile_enabled()
+
+
+class training_compile:
+    """Whether training calls on a GPU run the torch.compile'd references ("compiled" backend) where no Triton
+    training kernel takes them (True), or the eager references (False): a process-wide value like
+    dsv4.ops.training_kernels, usable as a call or a `with` block (the value before it comes back on leaving).
+    Why off: a small model's run whose stages last seconds to a minute pays Inductor's compilation (tens of
+    seconds per new shape) before its first step; inference (the cache's record codecs) is not affected.
+
+        with dsv4.ops.training_compile(False):
+            loss.backward()
+    """
+
+    def __init__(self, on: bool):
+        global _compile_training
+        self.before, _compile_training = _compile_training, bool(on)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        global _compile_training
+        _compile_training = self.before
+
+
+def training_compiled() -> bool:
+    """The current training_compile choice; by default compile_enabled() (DSV4_COMPILE)."""
+    return compile_enabled() if _compile_training is None else _compile_training and compile_enabled()
+
+
 def training_on_gpu(*args, **kwargs) -> bool:
-    """CUDA tensors that autograd tracks (a training forward), unless DSV4_COMPILE=0."""
-    if not compile_enabled() or not torch.is_grad_enabled():
+    """CUDA tensors that autograd tracks (a training forward), unless DSV4_COMPILE=0 or training_compile(False)."""
+    if not training_compiled() or not torch.is_grad_enabled():
         return False
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     return bool(tensors) and tensors[0].is_cuda and any(t.requires_grad for t in tensors)
