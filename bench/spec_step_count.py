@@ -55,6 +55,8 @@ from dsv4.serve.types import SamplingParams
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from graph_stub import graph_path, stubbed_graphs  # noqa: E402
 
+REPLAYS = 20   # replay_times' back-to-back replays of each graph
+
 SYNCS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
          torch.Tensor.__float__, torch.Tensor.__index__}
 
@@ -380,7 +382,7 @@ def main() -> None:
         if not args.stub_graphs:
             out[label] = count_steps(started(kw, fuse, args.steps), args.steps, args.breakdown, args.ops_as_kernels)
         if args.time_steps:   # an engine of its own: its graphs are captured outside the counting hooks
-            extra = args.profile_steps + args.cprofile
+            extra = args.profile_steps + args.cprofile + 2 * REPLAYS   # (room for replay_times too)
             with stubbed_graphs() if args.stub_graphs else contextlib.nullcontext():
                 engine = started(kw, fuse, args.time_steps + 5 + extra)
                 time_steps(engine, 5)                      # graphs captured (after their warm-up calls)
@@ -390,6 +392,8 @@ def main() -> None:
                     out[label]["gpu"] = gpu_profile(engine, args.profile_steps)
                 if args.cprofile:
                     out[label]["cprofile"] = host_profile(engine, args.cprofile).splitlines()
+                if args.profile_steps:   # (last: it leaves the engine unusable)
+                    out[label]["gpu_replays"] = replay_times(engine, REPLAYS)
     if args.time_steps and "plain" in out:
         plain = out["plain"]["timed"]["ms_per_step"]
         for label in out:
@@ -400,6 +404,40 @@ def main() -> None:
                 timed[f"projected_speedup_at_acceptance_{args.acceptance}"] = round(tokens * plain
                                                                                     / timed["ms_per_step"], 3)
     print(json.dumps(out, indent=1))
+
+
+def replay_times(engine: Engine, replays: int = 20) -> dict | None:
+    """The device time of each captured graph alone: `replays` back-to-back replays (no Python between them)
+    between two CUDA events, in ms per replay, by graph; plus the graphs' time per step. This is what a step costs the device when the host keeps up. The replays run on stale
+    inputs and leave the engine unusable (its device positions move and its host mirror does not): call it last.
+    Skipped (None) off a GPU, or where a cache has no room for the replays."""
+    if engine.device.type != "cuda":
+        return None
+    graphs = [("decode", f"decode{k}", g, g.cache, g.n_tokens) for k, g in engine._graphs.items()]
+    per_step = {"decode": 1}
+    if engine.spec is not None:
+        graphs += [(k[0], f"mtp{k}", g, g.cache, g.n_tokens) for k, g in engine.spec._mtp_graphs.items()]
+        graphs += [("fused", f"fused{k}", g, g.cache, g.n_tokens) for k, g in engine.spec._fused_graphs.items()]
+        per_step = {"catch-up": 1, "draft": engine.spec.n_draft - 1, "fused": 1}
+    out, kinds = {}, {}
+    for kind, name, g, cache, n_tokens in graphs:
+        graph = g.graph
+        if graph is None or g.eager or max(cache.lengths()) + replays * n_tokens > cache.max_seq_len:
+            continue
+        graph.replay()                                  # (warm)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out[name] = round(start.elapsed_time(end) / replays, 4)
+        kinds[kind] = max(kinds.get(kind, 0.0), out[name])
+    # a step replays each kind once (the further drafts n_draft - 1 times; of several catch-up widths, one: the
+    # slowest counted)
+    step = sum(ms * per_step.get(kind, 1) for kind, ms in kinds.items())
+    return {"ms_per_replay": out, "graphs_ms_per_step": round(step, 4)} if out else None
 
 
 def _graph_report(engine: Engine) -> dict:
