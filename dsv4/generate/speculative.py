@@ -340,7 +340,8 @@ class SpeculativeDecoder:
                 if limits[i]:
                     ids = torch.cat((st.pending_ids, x_ids[i:i + 1]))[None]
                     key = ("catch-up", first + i, ids.shape[1])
-                    out, first_logits[i] = self._mtp_step(key, mtp.select(i), st.pending_h, ids, graphs and B == 1)
+                    row = self._views(range(first + i, first + i + 1))[1] if self.fixed_shapes else mtp.select(i)
+                    out, first_logits[i] = self._mtp_step(key, row, st.pending_h, ids, graphs and B == 1)
                     lanes[i] = out[0, -1:]
         limit_t = to_device(limits, self.device)
         logits, drafts, alive_at = [first_logits], [], []          # per draft j: [B, V], [B], [B]
