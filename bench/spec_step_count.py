@@ -10,6 +10,8 @@ replay each.
     python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40] [--breakdown] [--unfused]
                                     [--ops-as-kernels]
     python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16] [--unfused]
+                                    [--profile-steps 20] [--cprofile N]
+    python bench/spec_step_count.py --time-steps 300 --stub-graphs [--preset small] [--cprofile N]
 
 `--ops-as-kernels` counts each dsv4.ops call (and each cache record encode / decode) as one op and the aten ops of
 its CPU reference not at all, which approximates a GPU's kernel launches (one Triton kernel per op for most; a few
@@ -24,7 +26,16 @@ own, after 5 warm-up steps): milliseconds per step and per emitted token, the st
 which graphs were captured, and the speed-up over plain decoding that this step cost gives at --acceptance. A random-init model's drafts are rarely accepted, so the
 per-step time is the number to compare (the speculative step's cost against a plain step's); acceptance comes
 from a trained checkpoint (bench/train_mtp.sh). Counting runs the steps under Python dispatch hooks, so the
-counted steps run eagerly on a GPU too only where the engine itself would.
+counted steps run eagerly on a GPU too only where the engine itself would. (The aten counts miss the Triton
+kernels, which do not dispatch through aten: `--ops-as-kernels` on a CPU counts them.)
+
+Host or device: each timed step's `host_ms_per_step` is its wall time less its waits for the device results
+(`wait_ms_per_step`; a step that waits most of its time is device-bound), `cpu_ms_per_step` the thread's CPU time
+(a spinning wait counts there). On a GPU, `gpu` profiles `--profile-steps` more steps (torch.profiler: the kernels'
+summed time, the device's busy time, the kernel count and the top kernels per step) and `gpu_replays` times each
+captured graph alone (back-to-back replays). `--stub-graphs` (CPU) takes the CUDA-graph path with no-op replays
+(bench/graph_stub.py): the timed steps are then the host's cost alone; it skips the counts. `--cprofile N` lists
+the host's top functions over N more steps.
 """
 from __future__ import annotations
 
