@@ -400,11 +400,11 @@ def main() -> None:
                 out.setdefault(label, {})["timed"] = time_steps(engine, args.time_steps)
                 out[label]["timed"]["graphs"] = _graph_report(engine)
                 if args.profile_steps:   # (None off a GPU)
-                    out[label]["gpu"] = gpu_profile(engine, args.profile_steps)
+                    out[label]["gpu"] = _guarded(gpu_profile, engine, args.profile_steps)
                 if args.cprofile:
                     out[label]["cprofile"] = host_profile(engine, args.cprofile).splitlines()
                 if args.profile_steps:   # (last: it leaves the engine unusable)
-                    out[label]["gpu_replays"] = replay_times(engine, REPLAYS)
+                    out[label]["gpu_replays"] = _guarded(replay_times, engine, REPLAYS)
     if args.time_steps and "plain" in out:
         plain = out["plain"]["timed"]["ms_per_step"]
         for label in out:
@@ -449,6 +449,14 @@ def replay_times(engine: Engine, replays: int = 20) -> dict | None:
     # slowest counted)
     step = sum(ms * per_step.get(kind, 1) for kind, ms in kinds.items())
     return {"ms_per_replay": out, "graphs_ms_per_step": round(step, 4)} if out else None
+
+
+def _guarded(fn, *args):
+    """fn(*args), or the error it raised as a string: a profiler that fails must not cost the run's timings."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return f"failed: {type(e).__name__}: {e}"
 
 
 def _graph_report(engine: Engine) -> dict:
