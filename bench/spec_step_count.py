@@ -358,7 +358,7 @@ def main() -> None:
     ap.add_argument("--ops-as-kernels", action="store_true",
                     help="count each dsv4.ops call as one op, not its CPU reference's aten ops (~ GPU kernels)")
     ap.add_argument("--profile-steps", type=int, default=20,
-                    help="with --time-steps on a GPU: profile this many more steps (kernel time, busy time, top kernels)")
+                    help="with --time-steps on a GPU: profile this many more steps (kernel and busy time, top kernels)")
     ap.add_argument("--cprofile", type=int, default=0, help="with --time-steps: cProfile this many more steps")
     ap.add_argument("--stub-graphs", action="store_true",
                     help="with --time-steps on a CPU: the CUDA-graph path with no-op replays (bench/graph_stub.py), "
@@ -419,9 +419,10 @@ def main() -> None:
 
 def replay_times(engine: Engine, replays: int = 20) -> dict | None:
     """The device time of each captured graph alone: `replays` back-to-back replays (no Python between them)
-    between two CUDA events, in ms per replay, by graph; plus the graphs' time per step. This is what a step costs the device when the host keeps up. The replays run on stale
-    inputs and leave the engine unusable (its device positions move and its host mirror does not): call it last.
-    Skipped (None) off a GPU, or where a cache has no room for the replays."""
+    between two CUDA events, in ms per replay, by graph; plus the graphs' time per step. This is what a step
+    costs the device when the host keeps up. The replays run on stale inputs and leave the engine unusable (its
+    device positions move and its host mirror does not): call it last. Skipped (None) off a GPU, or where a cache
+    has no room for the replays."""
     if engine.device.type != "cuda":
         return None
     graphs = [("decode", f"decode{k}", g, g.cache, g.n_tokens) for k, g in engine._graphs.items()]
