@@ -32,7 +32,8 @@ kernels, which do not dispatch through aten: `--ops-as-kernels` on a CPU counts 
 Host or device: each timed step's `host_ms_per_step` is its wall time less its waits for the device results
 (`wait_ms_per_step`; a step that waits most of its time is device-bound), `cpu_ms_per_step` the thread's CPU time
 (a spinning wait counts there). On a GPU, `gpu` profiles `--profile-steps` more steps (torch.profiler: the kernels'
-summed time, the device's busy time, the kernel count and the top kernels per step) and `gpu_replays` times each
+summed time, the device's busy time, the kernel count and the top kernels per step; the host's time in CUDA
+runtime calls) and `gpu_replays` times each
 captured graph alone (back-to-back replays). `--stub-graphs` (CPU) takes the CUDA-graph path with no-op replays
 (bench/graph_stub.py): the timed steps are then the host's cost alone; it skips the counts. `--cprofile N` lists
 the host's top functions over N more steps.
@@ -290,7 +291,9 @@ def time_steps(engine: Engine, steps: int) -> dict:
 def gpu_profile(engine: Engine, steps: int, top: int = 12) -> dict:
     """The device's side of `steps` engine steps (torch.profiler, CUPTI: the kernels replayed from CUDA graphs
     are traced one by one): per step the kernels' time summed, the time the device was busy (their intervals'
-    union), how many ran, and the `top` kernels by time. Skipped (None) off a GPU."""
+    union), how many ran, and the `top` kernels by time; and `runtime_api`, the host's time in CUDA runtime calls
+    ([ms, calls] per step: a long cudaGraphLaunch is a host cost, a long synchronize a wait). Skipped (None) off
+    a GPU."""
     if engine.device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -302,9 +305,19 @@ def gpu_profile(engine: Engine, steps: int, top: int = 12) -> dict:
             n += 1
         torch.cuda.synchronize()
     from torch.autograd import DeviceType
-    spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-             if e.device_type == DeviceType.CUDA]
-    return device_summary(spans, n, top)
+    events = prof.events()
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    out = device_summary(spans, n, top)
+    # the host's time in CUDA runtime calls (cudaGraphLaunch, cudaLaunchKernel, cudaEventSynchronize ...) per step
+    runtime: dict[str, list] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith("cuda"):
+            t = runtime.setdefault(e.name, [0.0, 0])
+            t[0] += e.time_range.end - e.time_range.start
+            t[1] += 1
+    out["runtime_api"] = {name: [round(t / 1e3 / max(n, 1), 4), round(c / max(n, 1), 2)]
+                          for name, (t, c) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:8]}
+    return out
 
 
 def device_summary(spans: list[tuple[str, float, float]], steps: int, top: int = 12) -> dict:
