@@ -10,6 +10,8 @@ replay each.
     python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40] [--breakdown] [--unfused]
                                     [--ops-as-kernels]
     python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16] [--unfused]
+                                    [--profile-steps 20] [--cprofile N]
+    python bench/spec_step_count.py --time-steps 300 --stub-graphs [--preset small] [--cprofile N]
 
 `--ops-as-kernels` counts each dsv4.ops call (and each cache record encode / decode) as one op and the aten ops of
 its CPU reference not at all, which approximates a GPU's kernel launches (one Triton kernel per op for most; a few
@@ -24,12 +26,24 @@ own, after 5 warm-up steps): milliseconds per step and per emitted token, the st
 which graphs were captured, and the speed-up over plain decoding that this step cost gives at --acceptance. A random-init model's drafts are rarely accepted, so the
 per-step time is the number to compare (the speculative step's cost against a plain step's); acceptance comes
 from a trained checkpoint (bench/train_mtp.sh). Counting runs the steps under Python dispatch hooks, so the
-counted steps run eagerly on a GPU too only where the engine itself would.
+counted steps run eagerly on a GPU too only where the engine itself would. (The aten counts miss the Triton
+kernels, which do not dispatch through aten: `--ops-as-kernels` on a CPU counts them.)
+
+Host or device: each timed step's `host_ms_per_step` is its wall time less its waits for the device results
+(`wait_ms_per_step`; a step that waits most of its time is device-bound), `cpu_ms_per_step` the thread's CPU time
+(a spinning wait counts there). On a GPU, `gpu` profiles `--profile-steps` more steps (torch.profiler: the kernels'
+summed time, the device's busy time, the kernel count and the top kernels per step; the host's time in CUDA
+runtime calls) and `gpu_replays` times each
+captured graph alone (back-to-back replays). `--stub-graphs` (CPU) takes the CUDA-graph path with no-op replays
+(bench/graph_stub.py): the timed steps are then the host's cost alone; it skips the counts. `--cprofile N` lists
+the host's top functions over N more steps.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -49,6 +63,11 @@ from dsv4.generate import speculative
 from dsv4.serve import engine as engine_module
 from dsv4.serve.engine import Engine
 from dsv4.serve.types import SamplingParams
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from graph_stub import graph_path, stubbed_graphs  # noqa: E402
+
+REPLAYS = 20   # replay_times' back-to-back replays of each graph
 
 SYNCS = {torch.Tensor.tolist, torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__int__,
          torch.Tensor.__float__, torch.Tensor.__index__}
@@ -220,21 +239,121 @@ def count_steps(engine: Engine, steps: int, breakdown: bool = False, ops_as_kern
     return out
 
 
+class WaitClock:
+    """Within: the wall time the engine spends blocked on the device's results (every step's waits go through
+    HostCopy.wait: a CUDA event's synchronize, then the lists), summed in `seconds`."""
+
+    def __init__(self):
+        self.seconds, self.calls = 0.0, 0
+
+    def __enter__(self):
+        self._real = real = host_module.HostCopy.wait
+
+        def wait(copy):
+            t = time.perf_counter()
+            try:
+                return real(copy)
+            finally:
+                self.seconds += time.perf_counter() - t
+                self.calls += 1
+        host_module.HostCopy.wait = wait
+        return self
+
+    def __exit__(self, *exc):
+        host_module.HostCopy.wait = self._real
+
+
 def time_steps(engine: Engine, steps: int) -> dict:
-    """Wall time of `steps` engine steps (the device drained before and after) and the tokens they emitted."""
+    """Wall time of `steps` engine steps (the device drained before and after) and the tokens they emitted; and
+    the host's part: `host_ms_per_step`, the wall time of the steps' Python less their waits for the device
+    (WaitClock; the last step's results are not waited for beyond the steps), `cpu_ms_per_step` the thread's CPU
+    time (on a GPU it counts a spinning wait too)."""
     tokens0 = engine.counters["decode_tokens"]
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    start, n = time.perf_counter(), 0
-    while n < steps and engine.has_work:
-        engine.step()
-        n += 1
+    n, clock = 0, WaitClock()
+    with clock:
+        start, cpu0 = time.perf_counter(), time.thread_time()
+        while n < steps and engine.has_work:
+            engine.step()
+            n += 1
+        launched, cpu = time.perf_counter(), time.thread_time() - cpu0
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     tokens = engine.counters["decode_tokens"] - tokens0
-    return {"steps": n, "ms_per_step": round(1e3 * seconds / max(n, 1), 3),
-            "ms_per_token": round(1e3 * seconds / max(tokens, 1), 3), "tokens_per_step": round(tokens / max(n, 1), 3)}
+    per = lambda s: round(1e3 * s / max(n, 1), 3)  # noqa: E731
+    return {"steps": n, "ms_per_step": per(seconds), "ms_per_token": round(1e3 * seconds / max(tokens, 1), 3),
+            "tokens_per_step": round(tokens / max(n, 1), 3), "host_ms_per_step": per(launched - start - clock.seconds),
+            "wait_ms_per_step": per(clock.seconds), "cpu_ms_per_step": per(cpu)}
+
+
+def gpu_profile(engine: Engine, steps: int, top: int = 12) -> dict:
+    """The device's side of `steps` engine steps (torch.profiler, CUPTI: the kernels replayed from CUDA graphs
+    are traced one by one): per step the kernels' time summed, the time the device was busy (their intervals'
+    union), how many ran, and the `top` kernels by time; and `runtime_api`, the host's time in CUDA runtime calls
+    ([ms, calls] per step: a long cudaGraphLaunch is a host cost, a long synchronize a wait). Skipped (None) off
+    a GPU."""
+    if engine.device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        n = 0
+        while n < steps and engine.has_work:
+            engine.step()
+            n += 1
+        torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+    events = prof.events()
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    out = device_summary(spans, n, top)
+    # the host's time in CUDA runtime calls (cudaGraphLaunch, cudaLaunchKernel, cudaEventSynchronize ...) per step
+    runtime: dict[str, list] = {}
+    for e in events:
+        if e.device_type == DeviceType.CPU and e.name.startswith("cuda"):
+            t = runtime.setdefault(e.name, [0.0, 0])
+            t[0] += e.time_range.end - e.time_range.start
+            t[1] += 1
+    out["runtime_api"] = {name: [round(t / 1e3 / max(n, 1), 4), round(c / max(n, 1), 2)]
+                          for name, (t, c) in sorted(runtime.items(), key=lambda kv: -kv[1][0])[:8]}
+    return out
+
+
+def device_summary(spans: list[tuple[str, float, float]], steps: int, top: int = 12) -> dict:
+    """Per step, from device activity (name, start_us, end_us): the kernels' summed time, the busy time (the
+    union of the intervals: kernels of one stream do not overlap, so the two agree there), the first-to-last
+    span, the count, and the `top` names by summed time ([name, ms per step, count per step])."""
+    n = max(steps, 1)
+    total, busy, end, by_name = 0.0, 0.0, float("-inf"), {}
+    for name, a, b in sorted(spans, key=lambda s: s[1]):
+        total += b - a
+        busy += max(0.0, b - max(a, end))
+        end = max(end, b)
+        t, c = by_name.get(name, (0.0, 0))
+        by_name[name] = (t + b - a, c + 1)
+    span = (max(s[2] for s in spans) - min(s[1] for s in spans)) if spans else 0.0
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"steps": steps, "kernel_ms_per_step": round(total / 1e3 / n, 4),
+            "busy_ms_per_step": round(busy / 1e3 / n, 4), "span_ms_per_step": round(span / 1e3 / n, 4),
+            "kernels_per_step": round(len(spans) / n, 1),
+            "top": [[name[:90], round(t / 1e3 / n, 4), round(c / n, 2)] for name, (t, c) in ranked]}
+
+
+def host_profile(engine: Engine, steps: int, top: int = 25) -> str:
+    """cProfile of `steps` engine steps: the functions with the most own time (the host's cost, by line)."""
+    import cProfile
+    import io
+    import pstats
+    prof, n = cProfile.Profile(), 0
+    prof.enable()
+    while n < steps and engine.has_work:
+        engine.step()
+        n += 1
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def main() -> None:
@@ -251,6 +370,12 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="the aten op names of each phase, per step")
     ap.add_argument("--ops-as-kernels", action="store_true",
                     help="count each dsv4.ops call as one op, not its CPU reference's aten ops (~ GPU kernels)")
+    ap.add_argument("--profile-steps", type=int, default=20,
+                    help="with --time-steps on a GPU: profile this many more steps (kernel and busy time, top kernels)")
+    ap.add_argument("--cprofile", type=int, default=0, help="with --time-steps: cProfile this many more steps")
+    ap.add_argument("--stub-graphs", action="store_true",
+                    help="with --time-steps on a CPU: the CUDA-graph path with no-op replays (bench/graph_stub.py), "
+                         "so the timed steps are the host's cost alone (no op counts)")
     ap.add_argument("--unfused", action="store_true",
                     help="also count (and time) the speculative step without the fused greedy verify")
     args = ap.parse_args()
@@ -265,7 +390,11 @@ def main() -> None:
         runs.append(("mtp_unfused", {"speculative": "mtp", "n_draft": args.n_draft}, False))
     def started(kw: dict, fuse: bool, steps: int) -> Engine:
         budget = (args.n_draft + 1) * (steps + 8) + 8
+        if args.stub_graphs and "speculative" not in kw:
+            kw = dict(kw, overlap=True)                # (as on a GPU)
         engine = Engine(model, max_batch=1, max_seq_len=args.prompt + budget + 16, prefill_chunk=args.prompt, **kw)
+        if args.stub_graphs:
+            graph_path(engine)
         if engine.spec is not None and hasattr(engine.spec, "fuse_greedy"):
             engine.spec.fuse_greedy = fuse
         engine.submit(prompt, SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True))
@@ -274,12 +403,21 @@ def main() -> None:
         return engine
 
     for label, kw, fuse in runs:
-        out[label] = count_steps(started(kw, fuse, args.steps), args.steps, args.breakdown, args.ops_as_kernels)
+        if not args.stub_graphs:
+            out[label] = count_steps(started(kw, fuse, args.steps), args.steps, args.breakdown, args.ops_as_kernels)
         if args.time_steps:   # an engine of its own: its graphs are captured outside the counting hooks
-            engine = started(kw, fuse, args.time_steps + 5)
-            time_steps(engine, 5)                      # graphs captured (after their warm-up calls)
-            out[label]["timed"] = time_steps(engine, args.time_steps)
-            out[label]["timed"]["graphs"] = _graph_report(engine)
+            extra = args.profile_steps + args.cprofile + 2 * REPLAYS   # (room for replay_times too)
+            with stubbed_graphs() if args.stub_graphs else contextlib.nullcontext():
+                engine = started(kw, fuse, args.time_steps + 5 + extra)
+                time_steps(engine, 5)                      # graphs captured (after their warm-up calls)
+                out.setdefault(label, {})["timed"] = time_steps(engine, args.time_steps)
+                out[label]["timed"]["graphs"] = _graph_report(engine)
+                if args.profile_steps:   # (None off a GPU)
+                    out[label]["gpu"] = _guarded(gpu_profile, engine, args.profile_steps)
+                if args.cprofile:
+                    out[label]["cprofile"] = host_profile(engine, args.cprofile).splitlines()
+                if args.profile_steps:   # (last: it leaves the engine unusable)
+                    out[label]["gpu_replays"] = _guarded(replay_times, engine, REPLAYS)
     if args.time_steps and "plain" in out:
         plain = out["plain"]["timed"]["ms_per_step"]
         for label in out:
@@ -290,6 +428,49 @@ def main() -> None:
                 timed[f"projected_speedup_at_acceptance_{args.acceptance}"] = round(tokens * plain
                                                                                     / timed["ms_per_step"], 3)
     print(json.dumps(out, indent=1))
+
+
+def replay_times(engine: Engine, replays: int = 20) -> dict | None:
+    """The device time of each captured graph alone: `replays` back-to-back replays (no Python between them)
+    between two CUDA events, in ms per replay, by graph; plus the graphs' time per step. This is what a step
+    costs the device when the host keeps up. The replays run on stale inputs and leave the engine unusable (its
+    device positions move and its host mirror does not): call it last. Skipped (None) off a GPU, or where a cache
+    has no room for the replays."""
+    if engine.device.type != "cuda":
+        return None
+    graphs = [("decode", f"decode{k}", g, g.cache, g.n_tokens) for k, g in engine._graphs.items()]
+    per_step = {"decode": 1}
+    if engine.spec is not None:
+        graphs += [(k[0], f"mtp{k}", g, g.cache, g.n_tokens) for k, g in engine.spec._mtp_graphs.items()]
+        graphs += [("fused", f"fused{k}", g, g.cache, g.n_tokens) for k, g in engine.spec._fused_graphs.items()]
+        per_step = {"catch-up": 1, "draft": engine.spec.n_draft - 1, "fused": 1}
+    out, kinds = {}, {}
+    for kind, name, g, cache, n_tokens in graphs:
+        graph = g.graph
+        if graph is None or g.eager or max(cache.lengths()) + replays * n_tokens > cache.max_seq_len:
+            continue
+        graph.replay()                                  # (warm)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        out[name] = round(start.elapsed_time(end) / replays, 4)
+        kinds[kind] = max(kinds.get(kind, 0.0), out[name])
+    # a step replays each kind once (the further drafts n_draft - 1 times; of several catch-up widths, one: the
+    # slowest counted)
+    step = sum(ms * per_step.get(kind, 1) for kind, ms in kinds.items())
+    return {"ms_per_replay": out, "graphs_ms_per_step": round(step, 4)} if out else None
+
+
+def _guarded(fn, *args):
+    """fn(*args), or the error it raised as a string: a profiler that fails must not cost the run's timings."""
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001
+        return f"failed: {type(e).__name__}: {e}"
 
 
 def _graph_report(engine: Engine) -> dict:

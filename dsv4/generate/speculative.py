@@ -99,6 +99,8 @@ class SpeculativeDecoder:
         self.fuse_greedy = True
         self._fused_graphs: dict[tuple, GraphStep] = {}
         self._idle_logits = torch.zeros(cfg.vocab_size, device=self.device)   # (a skipped row's stand-in)
+        self._fixed_views: dict[tuple[int, int], tuple[KVCache, KVCache]] = {}
+        self._stop_tables: dict[tuple, torch.Tensor] = {}
         self._zero = torch.zeros(1, dtype=torch.long, device=self.device)
         self.stats = {"drafted": 0, "accepted": 0, "steps": 0}
 
@@ -205,7 +207,7 @@ class SpeculativeDecoder:
         for r, b in zip(idx, budgets):
             if b and r not in self.rows:
                 raise InvalidArgument(f"row {r} has no prompt: call prefill(row, tokens) before stepping it")
-        main, mtp = self.cache.select(rows), self.mtp_cache.select(rows)
+        main, mtp = self._views(idx)
         states = [self.rows[r] if b else None for r, b in zip(idx, budgets)]
         stops = [set(int(t) for t in s) for s in stop_ids]
         first = [i for i, st in enumerate(states) if st is not None and st.next_token is None]
@@ -218,7 +220,7 @@ class SpeculativeDecoder:
         live = [x not in st_ and b > 1 for x, st_, b in zip(xs, stops, budgets)]   # rows that go on after x
         k = max(0, min(self.n_draft, self.cache.max_seq_len - max(main.lengths()) - 1))
         limits = [min(k, b - 1) if ok else 0 for ok, b in zip(live, budgets)]
-        stop_t = _stop_table(stop_ids, self.device)                # [B, n_stops] (-1 pads)
+        stop_t = self._stop_table(stop_ids)                          # [B, n_stops] (-1 pads)
         if self.fixed_shapes:
             mtp.set_fixed_shapes(True)
         drafts, n_drafts, draft_logits = self._draft(mtp, idx.start, states, x_ids, k, limits, cfgs, gens, stop_t,
@@ -338,7 +340,8 @@ class SpeculativeDecoder:
                 if limits[i]:
                     ids = torch.cat((st.pending_ids, x_ids[i:i + 1]))[None]
                     key = ("catch-up", first + i, ids.shape[1])
-                    out, first_logits[i] = self._mtp_step(key, mtp.select(i), st.pending_h, ids, graphs and B == 1)
+                    row = self._views(range(first + i, first + i + 1))[1] if self.fixed_shapes else mtp.select(i)
+                    out, first_logits[i] = self._mtp_step(key, row, st.pending_h, ids, graphs and B == 1)
                     lanes[i] = out[0, -1:]
         limit_t = to_device(limits, self.device)
         logits, drafts, alive_at = [first_logits], [], []          # per draft j: [B, V], [B], [B]
@@ -363,6 +366,29 @@ class SpeculativeDecoder:
         if k == 1:   # (views, no copies)
             return drafts[0][:, None], alive_at[0].long(), logits[0][:, None]
         return torch.stack(drafts, 1), torch.stack(alive_at, 1).sum(1), torch.stack(logits, 1)
+
+    def _views(self, idx: range) -> tuple[KVCache, KVCache]:
+        """The main and MTP cache views of rows idx. With `fixed_shapes` (the engine's graph path) each slice's
+        views are made once and kept: a view is a Python object per layer, store and state, which costs the
+        host more than the rest of a graphed step's bookkeeping. Otherwise fresh views, as a forward's own."""
+        if not self.fixed_shapes:
+            return self.cache.select(slice(idx.start, idx.stop)), self.mtp_cache.select(slice(idx.start, idx.stop))
+        key = (idx.start, idx.stop)
+        if key not in self._fixed_views:
+            self._fixed_views[key] = (self.cache.select(slice(*key)).set_fixed_shapes(True),
+                                      self.mtp_cache.select(slice(*key)).set_fixed_shapes(True))
+        return self._fixed_views[key]
+
+    def _stop_table(self, stop_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """`_stop_table` on this device, kept per distinct stops (read-only: every step of the same requests
+        reuses it rather than send it up again); at most 64 kept."""
+        key = tuple(tuple(int(t) for t in s) for s in stop_ids)
+        table = self._stop_tables.get(key)
+        if table is None:
+            if len(self._stop_tables) >= 64:
+                self._stop_tables.clear()
+            table = self._stop_tables[key] = _stop_table(stop_ids, self.device)
+        return table
 
     def drop_graphs(self) -> None:
         """Forget the captured MTP forwards and fused steps (after a failed step: they are captured afresh)."""

@@ -597,9 +597,9 @@ class Engine:
             if self._rows[r] is None and lengths[r] + 1 > self.max_seq_len:
                 self.cache.select(r).reset()
         ids = self._next[rows.start:rows.stop]
-        view = self.cache.select(slice(rows.start, rows.stop))
-        if self.graph_buckets:   # (a view's layers are its own: prefill views keep reading only the rows reached)
-            view.set_fixed_shapes(True)
+        view = None if graph else self.cache.select(slice(rows.start, rows.stop))   # (a graph has its own view)
+        if view is not None and self.graph_buckets:   # (a view's layers are its own: prefill views keep reading
+            view.set_fixed_shapes(True)                #  only the rows reached)
         live = [self._rows[r] if self._rows[r] is not None and self.pool.phase[r] is Phase.DECODE else None
                 for r in rows]
         if self.trace is not None:
