@@ -128,16 +128,15 @@ class Attention(nn.Module):
 
     def _output_groups(self, o: torch.Tensor) -> torch.Tensor:
         """Each head group through its own rows of wo_a: [B, S, G, H*D/G] -> [B, S, G, o_lora]. An FP8 wo_a whose
-        group rows fall on its 128-row scale tiles (V4's o_lora_rank = 1024) runs one weight-only GEMM per group;
-        one that does not (tiny test configs) is dequantised for the call."""
+        group rows fall on its 128-row scale tiles (V4's o_lora_rank = 1024) runs one grouped weight-only GEMM
+        (one launch for all groups); one that does not (tiny test configs) is dequantised for the call."""
         w = self.wo_a.packed
         if w is None:
             return ops.grouped_linear(o, self.wo_a.weight.view(self.n_groups, self.o_lora_rank, -1))
         R = self.o_lora_rank
         if R % FP8_BLOCK:
             return ops.grouped_linear(o, w.dequantize(o.dtype).view(self.n_groups, R, -1))
-        return torch.stack([ops.linear_fp8_weight(o[:, :, g], w.rows(g * R, (g + 1) * R))
-                            for g in range(self.n_groups)], dim=2)
+        return ops.linear_fp8_grouped(o, w, self.n_groups)
 
     def forward(self, x: torch.Tensor, pos0: torch.Tensor | None = None,
                 cache: AttentionCache | None = None) -> torch.Tensor:

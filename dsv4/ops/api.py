@@ -163,6 +163,12 @@ def linear_fp8_weight(x: torch.Tensor, w, *, backend: str | None = None) -> torc
     return _pick("linear_fp8_weight", backend, x, w)(x, w)
 
 
+def linear_fp8_grouped(x: torch.Tensor, w, groups: int, *, backend: str | None = None) -> torch.Tensor:
+    """Each of `groups` groups through its own rows of an Fp8BlockWeight (attention's wo_a): x [..., G, K], w
+    [G * R, K] -> [..., G, R] in x's dtype. See reference/packed.py."""
+    return _pick("linear_fp8_grouped", backend, x, w, groups)(x, w, groups)
+
+
 def linear_fp4_weight(x: torch.Tensor, w, *, backend: str | None = None) -> torch.Tensor:
     """x @ w^T with w an Fp4GroupWeight (e2m1 [N, K] packed two per byte, 1x32 UE8M0 scales): [..., K] -> [..., N]
     in x's dtype. See reference/packed.py."""

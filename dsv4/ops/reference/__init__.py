@@ -27,6 +27,7 @@ IMPLEMENTATIONS = {
     "swiglu_expert": experts.swiglu_expert,
     "swiglu": packed.swiglu,
     "linear_fp8_weight": packed.linear_fp8_weight,
+    "linear_fp8_grouped": packed.linear_fp8_grouped,
     "linear_fp4_weight": packed.linear_fp4_weight,
     "linear_fp8_fp8": packed.linear_fp8_fp8,
     "moe_experts_fp4": packed.moe_experts_fp4,

@@ -22,6 +22,13 @@ def linear_fp8_weight(x: torch.Tensor, w: Fp8BlockWeight) -> torch.Tensor:
     return F.linear(x.float(), w.dequantize()).to(x.dtype)
 
 
+def linear_fp8_grouped(x: torch.Tensor, w: Fp8BlockWeight, groups: int) -> torch.Tensor:
+    """Each group through its own rows of w: x [..., G, K], w FP8 [G * R, K] -> [..., G, R] in x.dtype (attention's
+    grouped output projection wo_a)."""
+    wd = w.dequantize().view(groups, w.shape[0] // groups, w.shape[1])
+    return torch.einsum("...gk,grk->...gr", x.float(), wd).to(x.dtype)
+
+
 def linear_fp4_weight(x: torch.Tensor, w: Fp4GroupWeight) -> torch.Tensor:
     """x @ dequant(w)^T: x [..., K], w FP4 [N, K] (packed [N, K/2]) with 1x32 scales -> [..., N] in x.dtype."""
     return F.linear(x.float(), w.dequantize()).to(x.dtype)

@@ -6,6 +6,10 @@ walks that expert's rows in 16- or 64-row tiles, so every expert's weights are r
 without tokens get no program, and nothing waits on the host (CUDA-graph capturable). Two kernels:
 gate/up (w1 and w3 in one pass, clamped SwiGLU and routing weight fused) and down (w2); the k slot outputs of a
 token are then summed in fp32 in slot order (experts.slot_sum), as the reference sums them.
+
+From EXPERT_DEQUANT_MIN_PAIRS (token, slot) pairs per expert on average (prefill), the experts are instead
+dequantised into a bf16 scratch stack (packed_dequant.py) and run by the bf16 experts op (ops.moe_experts: grouped
+CUTLASS GEMMs on Hopper), at most EXPERT_SCRATCH_BYTES of experts at a time.
 """
 from __future__ import annotations
 
@@ -14,10 +18,22 @@ import triton
 import triton.language as tl
 
 from ...quant.packed import Fp4GroupWeight
+from ..api import moe_experts as moe_experts_dense
 from ..reference import packed as ref
 from .experts import slot_sum
 from .launch import falls_back_to, interpreted
+from .packed_dequant import dequant_fp4
 from .packed_linear import fp4_dot_step
+
+# Pairs per expert (on average over all E) from which the experts are dequantised to bf16 and run by the dense
+# experts op. Dequantising one expert's three matrices moves 2.5 bytes per weight (FP4 read, bf16 written) and the
+# bf16 GEMMs then read 2: ~47 us per V4-Flash expert (25M weights) at 2.4 TB/s, flat up to the ~250 tokens where
+# a bf16 expert turns compute-bound. The register kernels cost ~15 us per matrix (~45 us per expert) at <= 16
+# tokens and grow with every 16/64-token tile (bench/native_gemm.py: 35 us per matrix at 32 tokens), so the copy
+# wins from ~16-32 tokens per expert; 32 keeps batch-64 decode of a 16-expert model (24 per expert) and every
+# decode of a 256-expert one on the register kernels, and the dequantisation to <= 1/4 of each expert's time.
+EXPERT_DEQUANT_MIN_PAIRS = 32
+EXPERT_SCRATCH_BYTES = 2 << 30  # bf16 experts dequantised at once at most (V4-Flash: 40 of its 256 experts)
 
 def _rows(pairs: int, experts: int) -> int:
     """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from
@@ -135,6 +151,8 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
         raise ValueError(f"moe_experts_fp4: x {tuple(x.shape)}, w1 {w1.shape}, w3 {w3.shape}, w2 {w2.shape} do "
                          f"not fit [N, C], [E, F, C], [E, F, C], [E, C, F] with N={N} tokens")
     x = x.contiguous()
+    if dequantises(idx, E, x.device):
+        return _dequantised(x, w1, w2, w3, idx, weights, swiglu_limit)
     tok, at, offs, order, active = _sorted_pairs(idx, E)
     rw = weights.reshape(-1)[order].float().contiguous()
     P = N * k
@@ -153,6 +171,51 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
                                               d2.stride(1), s2.stride(1), BLOCK_N=bn, ROWS=rows, IEEE=interpreted(),
                                               num_warps=4, num_stages=3)
     return slot_sum(y, at, k)
+
+
+def dequantises(idx: torch.Tensor, E: int, device: torch.device) -> bool:
+    """The call runs on dequantised bf16 experts: EXPERT_DEQUANT_MIN_PAIRS pairs per expert or more (a static-shape
+    decision), and not while a CUDA graph is captured when the experts do not fit one scratch stack (the chunks'
+    bounds are read on the host)."""
+    if idx.numel() < EXPERT_DEQUANT_MIN_PAIRS * E:
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing() and _chunk(E, 1) < E)
+
+
+def _chunk(E: int, expert_bytes: int) -> int:
+    """Experts dequantised together: all of them if they fit EXPERT_SCRATCH_BYTES, else as many as do (>= 1)."""
+    return max(1, min(E, EXPERT_SCRATCH_BYTES // max(expert_bytes, 1)))
+
+
+def _experts(w: Fp4GroupWeight, e0: int, e1: int, dtype: torch.dtype) -> torch.Tensor:
+    return dequant_fp4(Fp4GroupWeight(w.data[e0:e1], w.scale[e0:e1]), dtype)
+
+
+def _dequantised(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3: Fp4GroupWeight, idx: torch.Tensor,
+                 weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
+    """moe_experts_fp4 on bf16 copies of the experts through the dense experts op. Experts that do not fit
+    EXPERT_SCRATCH_BYTES together run in chunks: each chunk's pairs (bounds from one host read) go through the op
+    with one slot each and are added into their tokens' rows (fp32, in chunk order)."""
+    N, k = idx.shape
+    E, F, C = w1.shape
+    chunk = _chunk(E, 3 * F * C * x.element_size())
+    if chunk >= E:
+        return moe_experts_dense(x, *(_experts(w, 0, E, x.dtype) for w in (w1, w2, w3)), idx, weights, swiglu_limit)
+    flat = idx.reshape(-1).long()
+    order = flat.argsort(stable=True)
+    starts = torch.arange(0, E + chunk, chunk, device=idx.device).clamp(max=E)
+    bounds = torch.searchsorted(flat[order], starts).tolist()
+    rw = weights.reshape(-1)
+    y = torch.zeros(N, C, dtype=torch.float32, device=x.device)
+    for i, e0 in enumerate(range(0, E, chunk)):
+        sel = order[bounds[i]:bounds[i + 1]]
+        if sel.numel() == 0:
+            continue
+        e1, tok = min(E, e0 + chunk), sel // k
+        part = moe_experts_dense(x[tok], *(_experts(w, e0, e1, x.dtype) for w in (w1, w2, w3)),
+                                 (flat[sel] - e0)[:, None], rw[sel][:, None], swiglu_limit)
+        y.index_add_(0, tok, part)
+    return y
 
 
 def supports(x: torch.Tensor, w1, w2, w3, idx: torch.Tensor) -> bool:

@@ -17,7 +17,9 @@ Layouts: x [M, K] (rows contiguous); FP8 data [N, K] bytes, scale [ceil(N/128), 
 bytes (low nibble = even k), scale [N, K/32]. Few rows (decode) split K across programs so that enough of them
 stream the weight (several programs per SM); the program that finishes an output tile last adds the tile's fp32
 partial sums in slice order and stores the result (store_split): one kernel per call, deterministic, no atomics
-on the data.
+on the data. From DEQUANT_MIN_ROWS rows on (prefill) the weight is instead dequantised once into a scratch copy
+in x's dtype (packed_dequant.py) and multiplied by torch.matmul: small decode tiles that decode every weight byte
+once per row tile lose to cuBLAS there.
 """
 from __future__ import annotations
 
@@ -28,37 +30,18 @@ import triton.language as tl
 from ...quant.packed import FP8_BLOCK, Fp4GroupWeight, Fp8BlockWeight
 from ..reference import packed as ref
 from .launch import falls_back_to, interpreted, multiprocessors
+from .packed_bits import e2m1_as_fp16, e4m3_as_fp16, e4m3_values, ue8m0_values
+from .packed_dequant import dequant_fp4, dequant_fp8
 
 FP4_STEP = 128  # K values per FP4 loop step: 64 bytes per row, 4 scale groups
 MAX_SPLIT = 16  # K slices per output tile at most: the tile's last program reads them all back
-
-
-@triton.jit
-def e4m3_as_fp16(b):
-    """e4m3fn bytes (int32 0..255) -> fp16 holding 2^-8 times their values, exactly: sign, exponent and mantissa
-    bits move into an fp16's (same mantissa alignment, exponent bias 15 instead of 7), and e4m3's subnormals land
-    on fp16 subnormals, which conversions keep. Five integer operations per byte; callers fold the 2^8 into the
-    scale. (0x7F / 0xFF, NaN in e4m3, do not occur in weights.)"""
-    return (((b & 0x80) << 8) | ((b & 0x7F) << 7)).to(tl.uint16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def e2m1_as_fp16(c):
-    """e2m1 codes (int32 0..15) -> fp16 holding 2^-14 times their values (0, .5, 1, 1.5, 2, 3, 4, 6; bit 3 the
-    sign), exactly, as e4m3_as_fp16 does (exponent bias 15 instead of 1)."""
-    return (((c & 8) << 12) | ((c & 7) << 9)).to(tl.uint16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def e4m3_values(b):
-    """e4m3fn bytes (int32) -> fp32 values."""
-    return e4m3_as_fp16(b).to(tl.float32) * 256.0
-
-
-@triton.jit
-def ue8m0_values(s):
-    """UE8M0 bytes (int32) -> 2^(s - 127) in fp32 (from the exponent bits; byte 0 gives 0, never stored)."""
-    return (s << 23).to(tl.float32, bitcast=True)
+# Rows (tokens) from which a call dequantises the weight to a bf16 scratch copy (packed_dequant: 3 bytes of traffic
+# per FP8 weight) and runs torch.matmul instead of the register-decoding kernel. The copy costs 3NK bytes / BW; the
+# bf16 GEMM 2MNK / F; a register kernel that reaches a fraction r of the bf16 GEMM's rate costs 2MNK / (r F). The
+# copy wins from M = 1.5 (F / BW) / (1/r - 1): with H100 F / BW ~ 700 TFLOP/s / 2.4 TB/s ~ 290 and the measured
+# r ~ 1/3 (whole-model prefill, native at 0.33-0.37x bf16), M ~ 220; at M = 256 the copy is ~1.7x the GEMM's
+# compute time, at 8K-token prefill chunks ~5%. Decode (M <= 64, CUDA graphs) keeps the register kernels.
+DEQUANT_MIN_ROWS = 256
 
 
 @triton.jit
@@ -128,12 +111,15 @@ def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s
 
 @triton.jit
 def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT, rs_x, rs_w,
-                       rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr,
+                       rs_s, GROUP_N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr,
                        IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr):
+    """GROUP_N: output rows per input group (N for one plain GEMM): the rows [g GROUP_N, (g+1) GROUP_N) of w read
+    x's g-th run of K columns (x [M, N / GROUP_N groups, K]); an output tile lies in one group."""
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     nmask, mmask = rn < N, rm < M
+    x_ptr += ((pid_n * BLOCK_N) // GROUP_N) * K
     DT = tl.float32 if IEEE else x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     kb0 = pid_s * KB_PER
@@ -238,14 +224,23 @@ def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, 
     return bm, 128, steps, 8 if bm == 128 else 4
 
 
-def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None, **flags) -> torch.Tensor:
-    x2 = x.reshape(-1, K)
+def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None, groups: int = 0,
+            **flags) -> torch.Tensor:
+    """`groups` > 0 (the FP8 weight kernel only): x [..., groups, K] and w [groups * R, K], group g's rows on x's
+    g-th K columns -> [..., groups * R]."""
+    x2 = x.reshape(-1, K * max(groups, 1))
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
     if M == 0:
         return x.new_zeros(*x.shape[:-1], N)
     bm, bn, per, warps = config or gemm_config(M, N, steps, x.device)
+    if groups:
+        flags["GROUP_N"] = N // groups
+        if (N // groups) % bn:
+            raise ValueError(f"grouped FP8 GEMM: {N // groups} rows per group is not a multiple of BLOCK_N={bn}")
+    elif kernel is _fp8_weight_kernel:
+        flags["GROUP_N"] = N
     split = triton.cdiv(steps, per)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
     data, scale = _rows_contiguous(w.data), _rows_contiguous(w.scale)
@@ -255,7 +250,7 @@ def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None,
                  split, x2.stride(0), data.stride(0), scale.stride(0), BLOCK_M=bm, BLOCK_N=bn,
                  REDUCE=max(1, min(8, 4096 // (bm * bn))), IEEE=interpreted(),
                  num_warps=warps, num_stages=4 if M <= 64 else 3, **flags)
-    return out.view(*x.shape[:-1], N)
+    return out.view(*x.shape[:-2], N) if groups else out.view(*x.shape[:-1], N)
 
 
 _TICKETS: dict = {}
@@ -281,6 +276,8 @@ def linear_fp8_weight(x: torch.Tensor, w: Fp8BlockWeight, config=None, native_fp
     conversion instead of bit arithmetic (default: where the GPU has one, sm_89+)."""
     N, K = w.shape
     _check(x, K)
+    if config is None and dequantises(x, K):
+        return _dense_matmul(x, dequant_fp8(w, x.dtype))
     if native_fp8 is None:
         native_fp8 = has_e4m3(x.device)
     return _launch(_fp8_weight_kernel, x, w, N, K, triton.cdiv(K, FP8_BLOCK), config, NATIVE_FP8=native_fp8)
@@ -295,6 +292,24 @@ def linear_fp8_fp8(x: torch.Tensor, w: Fp8BlockWeight, config=None) -> torch.Ten
     return _launch(_fp8_fp8_kernel, x, w, N, K, triton.cdiv(K, FP8_BLOCK), config)
 
 
+@falls_back_to(ref.linear_fp8_grouped)
+def linear_fp8_grouped(x: torch.Tensor, w: Fp8BlockWeight, groups: int, config=None) -> torch.Tensor:
+    """Same contract as ops.reference.packed.linear_fp8_grouped (x [..., G, K], w [G * R, K] -> [..., G, R]): one
+    launch for all groups (attention's wo_a: 8 head groups), R a multiple of 128; from DEQUANT_MIN_ROWS rows a
+    batched matmul on the dequantised weight."""
+    N, K = w.shape
+    _check(x, K)
+    R = N // groups
+    if x.shape[-2] != groups or R * groups != N or R % FP8_BLOCK:
+        raise ValueError(f"linear_fp8_grouped: x {tuple(x.shape)} and w {w.shape} do not fit [..., {groups}, K] "
+                         f"and [{groups} * R, K] with R a multiple of {FP8_BLOCK}")
+    if config is None and dequantises(x, groups * K):
+        return torch.einsum("...gk,grk->...gr", x, dequant_fp8(w, x.dtype).view(groups, R, K))
+    out = _launch(_fp8_weight_kernel, x, w, N, K, triton.cdiv(K, FP8_BLOCK), config, groups=groups,
+                  NATIVE_FP8=has_e4m3(x.device))
+    return out.view(*x.shape[:-2], groups, R)
+
+
 def has_e4m3(device: torch.device) -> bool:
     """The GPU converts e4m3 in hardware (sm_89+); False on the CPU (interpreter)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -307,7 +322,20 @@ def linear_fp4_weight(x: torch.Tensor, w: Fp4GroupWeight, config=None) -> torch.
         raise ValueError(f"linear_fp4_weight takes one FP4 matrix [N, K], got {w.shape}")
     N, K = w.shape
     _check(x, K)
+    if config is None and dequantises(x, K):
+        return _dense_matmul(x, dequant_fp4(w, x.dtype))
     return _launch(_fp4_weight_kernel, x, w, N, K, triton.cdiv(K, FP4_STEP), config)
+
+
+def dequantises(x: torch.Tensor, K: int) -> bool:
+    """The call runs on a dequantised bf16 copy of the weight (DEQUANT_MIN_ROWS rows or more); a static-shape
+    decision, so a captured CUDA graph always takes the same path."""
+    return x.numel() // max(K, 1) >= DEQUANT_MIN_ROWS
+
+
+def _dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w^T for a scratch weight w [N, K] in x's dtype (fp32 accumulation inside the GEMM)."""
+    return torch.matmul(x, w.t())
 
 
 def _rows_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -328,6 +356,10 @@ def supports(x: torch.Tensor, w) -> bool:
 
 def supports_fp8_fp8(x: torch.Tensor, w) -> bool:
     return supports(x, w) and has_e4m3(x.device)
+
+
+def supports_grouped(x: torch.Tensor, w, groups: int) -> bool:
+    return supports(x, w) and w.shape[0] % (groups * FP8_BLOCK) == 0
 
 
 def supports_fp4(x: torch.Tensor, w) -> bool:

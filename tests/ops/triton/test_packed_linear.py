@@ -40,6 +40,26 @@ def test_fp4_weight_gemm(M, N, K, config):
     assert rel_err(got, ref.linear_fp4_weight(x.double(), w)) < TOL
 
 
+@pytest.mark.parametrize("lead, config", [((3,), None), ((2, 1), (16, 64, 1, 4))], ids=["decode", "split-k"])
+def test_fp8_grouped_gemm(lead, config):
+    """Each of 3 head groups through its own 128 rows of one FP8 weight in one launch (attention's wo_a), against
+    the float64 reference; tiles that straddle no group (BLOCK_N divides the group's rows)."""
+    g = gen(11)
+    G, R, K = 3, 128, 256
+    w = _to(Fp8BlockWeight.quantize(torch.randn(G * R, K, generator=g)))
+    x = randn(*lead, G, K, g=g, dtype=DT)
+    got = tri.linear_fp8_grouped(x, w, G, config)
+    want = ref.linear_fp8_grouped(x.double(), w, G)
+    assert got.shape == (*lead, G, R)
+    assert rel_err(got, want) < TOL
+    per_group = torch.stack([ref.linear_fp8_weight(x[..., i, :].double(), w.rows(i * R, (i + 1) * R))
+                             for i in range(G)], -2)                       # the oracle: one GEMM per group
+    assert rel_err(got, per_group) < TOL
+    xl = randn(tri.DEQUANT_MIN_ROWS, G, K, g=g, dtype=DT)                 # prefill: one batched matmul on the copy
+    assert torch.equal(tri.linear_fp8_grouped(xl, w, G),
+                       torch.einsum("mgk,grk->mgr", xl, w.dequantize(DT).view(G, R, K)))
+
+
 def test_split_k_tickets_reset_between_launches():
     """The last program of each tile sums the K slices and resets the tile's ticket: a second launch (tickets
     reused) gives the same bits, and every ticket is back at 0."""
