@@ -13,8 +13,12 @@
     then extrapolated to the 43 layers: the most layers that serve a 128K context on one H200 natively and in bf16,
     and whether the whole V4-Flash weight set with a 128K cache fits two H200s.
 
+(d) with --profile: the kernels of one CUDA-graph batch-1 decode step of each model (torch.profiler / CUPTI sees the
+    graph's kernels): GPU time and launches per step, most time first, so that the native step's gap to bf16 is
+    named kernel by kernel.
+
     python bench/native_model.py [--json out.json] [--prefill 16384 65536] [--decode 131072] [--decode-b64 32768]
-                                 [--skip-real] [--gpu-gib 139.8]
+                                 [--skip-real] [--gpu-gib 139.8] [--profile [--profile-context 16384]]
     python bench/native_model.py --tiny-cpu --json /tmp/native_model.json    # CPU smoke run (tiny configs)
 
 The results go to bench/results/<date>_<device>_<commit>_native_model.json unless --json names another file;
@@ -37,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsv4  # noqa: E402
 from dsv4.cache.accounting import layer_bytes as cache_layer_bytes  # noqa: E402
+from dsv4.generate.graphs import GraphDecoder  # noqa: E402
 from e2e import BF16_STORED_FP32_PARAMS, dsv4_decode, dsv4_prefill, flash4, guard  # noqa: E402  (bench/e2e.py)
 from provenance import REPO_ROOT, record, result_path  # noqa: E402  (bench/provenance.py)
 
@@ -198,6 +203,69 @@ def speed_ratios(res: list) -> list[dict]:
                             "native_over_bf16": r["tok_per_s"] / by[key]["tok_per_s"],
                             "native_cuda_graph": r.get("cuda_graph")})
     return out
+
+
+# ----------------------------------------------------------------------------------------------- profile
+def kernel_times(prof, steps: int, cuda: bool) -> list[dict]:
+    """Per kernel name: GPU microseconds and launches per step, most time first (the CUDA kernels CUPTI records,
+    those replayed from a CUDA graph included); on the CPU, each op's self time."""
+    from torch.autograd import DeviceType
+    rows: dict[str, list] = {}
+    for e in prof.events():
+        if cuda:
+            if e.device_type != DeviceType.CUDA:
+                continue
+            us = e.time_range.elapsed_us()
+        else:
+            us = e.self_cpu_time_total
+        r = rows.setdefault(e.name, [0.0, 0])
+        r[0] += us
+        r[1] += 1
+    out = [{"kernel": k, "us_per_step": t / steps, "launches_per_step": n / steps} for k, (t, n) in rows.items()]
+    return sorted(out, key=lambda r: -r["us_per_step"])
+
+
+@torch.no_grad()
+def profile_decode(model: dsv4.Transformer, ctx: int, steps: int, chunk: int) -> dict:
+    """One sequence's decode steps at `ctx` context under torch.profiler: replays of the captured step (CUDA graph,
+    as the decode measurements run it; eager on the CPU), kernel times per step (kernel_times)."""
+    from torch.profiler import ProfilerActivity, profile
+    dev = next(model.parameters()).device
+    cuda = dev.type == "cuda"
+    cache = model.new_cache(1, ctx + steps + 8)
+    tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
+    for s in range(0, ctx, chunk):
+        model(tokens[:, s:s + chunk], cache=cache, last_only=True)
+    step = GraphDecoder(model, cache) if cuda else (lambda t: model(t.view(-1, 1), cache=cache)[:, -1])
+    nxt = torch.randint(0, model.config.vocab_size, (1,), device=dev)
+    for _ in range(3):
+        nxt = step(nxt).argmax(-1)
+    sync(dev)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            nxt = step(nxt).argmax(-1)
+        sync(dev)
+    rows = kernel_times(prof, steps, cuda)
+    return {"context": ctx, "steps": steps, "cuda_graph": cuda and not getattr(step, "eager", True),
+            "us_per_step": sum(r["us_per_step"] for r in rows),
+            "launches_per_step": sum(r["launches_per_step"] for r in rows), "kernels": rows}
+
+
+def profile_section(models: dict, a) -> dict:
+    """(d): the per-kernel table of a batch-1 decode step of each model (what the native step spends where)."""
+    return {w: guard_value(lambda: profile_decode(m, a.profile_context, a.profile_steps, a.chunk))
+            for w, m in models.items()}
+
+
+def print_profile(prof: dict, top: int) -> None:
+    for w, p in prof.items():
+        if not p:
+            continue
+        print(f"\n(d) {w}: decode step at {p['context']} context, {p['us_per_step']:.0f} us of kernels in "
+              f"{p['launches_per_step']:.0f} launches per step (cuda graph: {p['cuda_graph']})")
+        print(f"{'us/step':>9}{'launches':>9}  kernel")
+        for r in p["kernels"][:top]:
+            print(f"{r['us_per_step']:>9.1f}{r['launches_per_step']:>9.1f}  {r['kernel'][:110]}")
 
 
 # ----------------------------------------------------------------------------------------------- capacity
@@ -437,13 +505,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--gpu-gib", type=float, default=139.8, help="(c): one GPU's memory (H200: 139.8 GiB = 141 GB)")
     p.add_argument("--reserve-gib", type=float, default=4.0, help="(c): workspace if it cannot be measured")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="(d): per-kernel GPU time of a CUDA-graph batch-1 decode step of each weights kind")
+    p.add_argument("--profile-context", type=int, default=16384, help="(d): the profiled step's context")
+    p.add_argument("--profile-steps", type=int, default=8, help="(d): decode steps profiled (times are per step)")
+    p.add_argument("--profile-top", type=int, default=30, help="(d): kernels printed per weights kind")
     p.add_argument("--skip-real", action="store_true", help="skip (c), the real-dims cut")
     p.add_argument("--workdir", help="where the checkpoints are written (default: a temporary folder)")
     p.add_argument("--tiny-cpu", action="store_true", help="smoke run: tiny configs on the CPU")
     a = p.parse_args(argv)
     if a.tiny_cpu:
         a.prefill, a.decode, a.decode_b64, a.batch = [32], [48], [24], 3
-        a.steps, a.chunk, a.context = 4, 16, 64
+        a.steps, a.chunk, a.context, a.profile_context, a.profile_steps = 4, 16, 64, 32, 2
         device, cfg, full = torch.device("cpu"), tiny_config(), dsv4.ModelConfig.preset("tiny")
     else:
         if not torch.cuda.is_available():
@@ -475,6 +548,9 @@ def main(argv: list[str] | None = None) -> dict:
             doc["speed"], doc["ratios"] = res, speed_ratios(res)
             doc["section_seconds"]["speed"] = time.perf_counter() - t_start - sum(doc["section_seconds"].values())
             save()
+        if a.profile:
+            doc["profile"] = profile_section(models, a)
+            save()
         del models
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -488,6 +564,8 @@ def main(argv: list[str] | None = None) -> dict:
     doc["seconds"] = time.perf_counter() - t_start
     save()
     print_table(doc)
+    if doc.get("profile"):
+        print_profile(doc["profile"], a.profile_top)
     print(f"results: {out_path}  ({doc['seconds']:.0f} s)")
     return doc
 

@@ -17,7 +17,7 @@ import native_model  # noqa: E402  (bench/native_model.py)
 def test_native_model_bench_smoke_run(tmp_path, monkeypatch):
     monkeypatch.setenv("DSV4_COMMIT", "test")
     out = tmp_path / "native_model.json"
-    native_model.main(["--tiny-cpu", "--json", str(out)])
+    native_model.main(["--tiny-cpu", "--json", str(out), "--profile"])
     doc = json.loads(out.read_text())
     assert doc["device"] == "cpu"
     mem = doc["memory"]
@@ -27,6 +27,10 @@ def test_native_model_bench_smoke_run(tmp_path, monkeypatch):
     names = {r["name"] for r in doc["speed"] if "error" not in r}
     assert {"native prefill", "native decode b1", "bf16 prefill", "bf16 decode b1"} <= names
     assert len(doc["ratios"]) == 3
+    for w in ("native", "bf16"):   # (d): per-op times of a decode step, most first
+        prof = doc["profile"][w]
+        times = [r["us_per_step"] for r in prof["kernels"]]
+        assert times and times == sorted(times, reverse=True) and prof["context"] == 32
     real = doc["real"]
     for fmt in ("bf16", "fp8"):   # the real cache's bytes are the accounting's
         assert real["cache"][fmt]["measured_at_max"] == real["cache"][fmt]["accounting_at_max"]
