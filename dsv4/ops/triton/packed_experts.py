@@ -1,7 +1,8 @@
 """Routed SwiGLU experts over FP4 weights (the official checkpoints' e2m1 experts with 1x32 UE8M0 scales), read as
 bytes and dequantised in registers (ops/triton/packed_linear.py says how).
 
-The (token, slot) pairs are sorted by expert on the device; one program per (used expert, block of output rows)
+Up to DIRECT_MAX_PAIRS (token, slot) pairs (decode), each pair gets its own programs and nothing is sorted;
+beyond, the pairs are sorted by expert on the device; one program per (used expert, block of output rows)
 walks that expert's rows in 16- or 64-row tiles, so every expert's weights are read once per tile of its tokens, experts
 without tokens get no program, and nothing waits on the host (CUDA-graph capturable). Two kernels:
 gate/up (w1 and w3 in one pass, clamped SwiGLU and routing weight fused) and down (w2); the k slot outputs of a
@@ -33,6 +34,11 @@ from .packed_linear import fp4_dot_step
 # wins from ~16-32 tokens per expert; 32 keeps batch-64 decode of a 16-expert model (24 per expert) and every
 # decode of a 256-expert one on the register kernels, and the dequantisation to <= 1/4 of each expert's time.
 EXPERT_DEQUANT_MIN_PAIRS = 32
+# (token, slot) pairs up to which each pair gets its own programs, in place (decode: batch 1-2 at k = 6), instead
+# of sorting the pairs by expert on the device: the sort is ~20 small launches (argsort, counts, cumsums, scatters:
+# tens of us per layer even inside a CUDA graph, more than the few us of one V4-Flash FP4 expert's 12.6 MB it
+# saves rereading when two pairs share an expert; 16 pairs over 16 experts share ~6).
+DIRECT_MAX_PAIRS = 16
 EXPERT_SCRATCH_BYTES = 2 << 30  # bf16 experts dequantised at once at most (V4-Flash: 40 of its 256 experts)
 
 def _rows(pairs: int, experts: int) -> int:
@@ -52,22 +58,28 @@ def _rows_dot(a_ptr, rows, rmask, rs_a, w_ptr, s_ptr, rn, nmask, K, rs_w, rs_s, 
 
 
 @triton.jit
-def _expert_rows(active_ptr, offs_ptr):
+def _expert_rows(active_ptr, offs_ptr, DIRECT: tl.constexpr):
     """(expert, first sorted row, end row) of this program's slot in the list of used experts; a slot past the
-    used ones (-1) gets expert 0 and no rows."""
-    e = tl.load(active_ptr + tl.program_id(0)).to(tl.int64)
-    used = e >= 0
-    e = tl.maximum(e, 0)
-    start = tl.load(offs_ptr + e)
-    end = tl.where(used, tl.load(offs_ptr + e + 1), start)
+    used ones (-1) gets expert 0 and no rows. DIRECT: one (token, slot) pair per program, in the caller's order
+    (active holds each pair's expert id; no sort)."""
+    if DIRECT:
+        start = tl.program_id(0)
+        e = tl.load(active_ptr + start).to(tl.int64)
+        end = start + 1
+    else:
+        e = tl.load(active_ptr + tl.program_id(0)).to(tl.int64)
+        used = e >= 0
+        e = tl.maximum(e, 0)
+        start = tl.load(offs_ptr + e)
+        end = tl.where(used, tl.load(offs_ptr + e + 1), start)
     return e, start, end
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, F, C, limit,
-                    we_stride, se_stride, rs_w, rs_s, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                    CLAMP: tl.constexpr, IEEE: tl.constexpr):
-    e, start, end = _expert_rows(active_ptr, offs_ptr)
+                    we_stride, se_stride, rs_w, rs_s, k, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+                    CLAMP: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr):
+    e, start, end = _expert_rows(active_ptr, offs_ptr, DIRECT)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < F
     DT = tl.float32 if IEEE else x_ptr.dtype.element_ty
@@ -78,7 +90,10 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         rmask = rows < end
-        tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
+        if DIRECT:   # pair p = token * k + slot
+            tok = rows // k
+        else:
+            tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
         g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
                       DT, IEEE)
         u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
@@ -96,8 +111,8 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
 
 @triton.jit
 def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, we_stride, se_stride, rs_w, rs_s,
-                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr):
-    e, start, end = _expert_rows(active_ptr, offs_ptr)
+                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr):
+    e, start, end = _expert_rows(active_ptr, offs_ptr, DIRECT)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < C
     DT = tl.float32 if IEEE else h_ptr.dtype.element_ty
@@ -153,23 +168,30 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
     x = x.contiguous()
     if dequantises(idx, E, x.device):
         return _dequantised(x, w1, w2, w3, idx, weights, swiglu_limit)
-    tok, at, offs, order, active = _sorted_pairs(idx, E)
-    rw = weights.reshape(-1)[order].float().contiguous()
     P = N * k
+    direct = P <= DIRECT_MAX_PAIRS
+    if direct:   # one program row per pair, in place: no sort (tok / offs unused)
+        active = idx.reshape(-1).contiguous()
+        rw = weights.reshape(-1).float().contiguous()
+        at = torch.arange(P, device=x.device)
+        tok = offs = active
+    else:
+        tok, at, offs, order, active = _sorted_pairs(idx, E)
+        rw = weights.reshape(-1)[order].float().contiguous()
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
     y = torch.empty(P, C, dtype=x.dtype, device=x.device)
     if P == 0:
         return torch.zeros(N, C, dtype=torch.float32, device=x.device)
     d1, s1, d3, s3, d2, s2 = (t.contiguous() for t in (w1.data, w1.scale, w3.data, w3.scale, w2.data, w2.scale))
     bn = _block_n(P)
-    slots, rows = active.numel(), _rows(P, E)
+    slots, rows = active.numel(), (16 if direct else _rows(P, E))
     _gate_up_kernel[(slots, triton.cdiv(F, bn))](x, tok, rw, active, offs, d1, s1, d3, s3, h, F, C,
                                                  float(swiglu_limit), d1.stride(0), s1.stride(0), d1.stride(1),
-                                                 s1.stride(1), BLOCK_N=bn, ROWS=rows, CLAMP=swiglu_limit > 0,
-                                                 IEEE=interpreted(), num_warps=4, num_stages=3)
+                                                 s1.stride(1), k, BLOCK_N=bn, ROWS=rows, CLAMP=swiglu_limit > 0,
+                                                 IEEE=interpreted(), DIRECT=direct, num_warps=4, num_stages=3)
     _down_kernel[(slots, triton.cdiv(C, bn))](h, active, offs, d2, s2, y, C, F, d2.stride(0), s2.stride(0),
                                               d2.stride(1), s2.stride(1), BLOCK_N=bn, ROWS=rows, IEEE=interpreted(),
-                                              num_warps=4, num_stages=3)
+                                              DIRECT=direct, num_warps=4, num_stages=3)
     return slot_sum(y, at, k)
 
 

@@ -51,6 +51,24 @@ def test_fp4_experts_empty_experts_and_partial_tiles():
         assert rel_err(got, ref_moe(x.double(), w1, w2, w3, rows, rw.double(), 7.0)) < TOL * 10
 
 
+def test_fp4_experts_direct_pairs_match_sorted(monkeypatch):
+    """Decode's pairs (<= DIRECT_MAX_PAIRS) run in place, one pair per program, unsorted: two tokens sharing
+    experts 2 and 5, and int32 ids; the same values as the sorted kernels (which sum a token's slots in the same
+    order) and the float64 reference."""
+    g = gen(6)
+    E, C, F = 8, 64, 96
+    w1, w2, w3 = _experts(E, F, C, g)
+    idx = torch.tensor([[5, 2, 0], [2, 7, 5]], dtype=torch.int32).to(DEV)
+    x = randn(2, C, g=g, dtype=DT)
+    rw = torch.rand(2, 3, generator=g).to(DEV)
+    assert idx.numel() <= tpe.DIRECT_MAX_PAIRS
+    direct = tri_moe(x, w1, w2, w3, idx, rw, 7.0)
+    monkeypatch.setattr(tpe, "DIRECT_MAX_PAIRS", 0)
+    sorted_ = tri_moe(x, w1, w2, w3, idx, rw, 7.0)
+    assert rel_err(direct, sorted_) < 1e-6
+    assert rel_err(direct, ref_moe(x.double(), w1, w2, w3, idx, rw.double(), 7.0)) < TOL * 10
+
+
 def test_used_experts_list():
     """The kernels' expert slots: the used experts in increasing order, then -1 up to min(E, pairs)."""
     from dsv4.ops.triton.packed_experts import _sorted_pairs
