@@ -2,7 +2,8 @@
 bandwidth measured in the same run (issue 19: weight-only kernels >= 75% of copy bandwidth at M <= 16, grouped FP4
 MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantised reference).
 
-    python bench/native_gemm.py [--out results.json] [--ms 1,2,4,8,16,32,64] [--configs] [--only gemm|moe]
+    python bench/native_gemm.py [--out results.json] [--ms 1,2,4,8,16,32,64] [--prefill-ms 2048] [--configs]
+                                [--only gemm|moe] [--moe-tokens 1,8,64] [--moe-per-expert 1,2,4,8,16,32,64]
     python bench/native_gemm.py --tiny-cpu --out /tmp/smoke.json     # CPU smoke run (Triton interpreter)
 
 Each GPU case is timed as a CUDA graph that calls the op once on each of several copies of the weights (together
@@ -33,11 +34,11 @@ from provenance import record, result_path  # noqa: E402  (bench/provenance.py)
 # (name, N, K) at V4-Flash sizes: dim 4096, q_lora 1024, 64 heads x 512, 8 output groups of o_lora 1024, expert
 # inter 2048; FP8 layers as the checkpoint stores them, the routed experts' w1/w3 and w2 also as FP4
 FLASH_FP8 = [("attn.wq_a", 1024, 4096), ("attn.wq_b", 32768, 1024), ("attn.wkv", 512, 4096),
-             ("attn.wo_a (one group)", 1024, 4096), ("attn.wo_b", 4096, 8192), ("shared.w1/w3", 2048, 4096),
-             ("shared.w2", 4096, 2048)]
+             ("attn.wo_a (one group)", 1024, 4096), ("attn.wo_a (8 groups)", 8192, 4096, 8), ("attn.wo_b", 4096, 8192),
+             ("shared.w1/w3", 2048, 4096), ("shared.w2", 4096, 2048)]
 FLASH_FP4 = [("expert.w1/w3", 2048, 4096), ("expert.w2", 4096, 2048)]
 FLASH_MOE = dict(E=256, C=4096, F=2048, k=6)
-TINY_FP8 = [("tiny", 96, 256)]
+TINY_FP8 = [("tiny", 96, 256), ("tiny grouped", 256, 256, 2)]
 TINY_FP4 = [("tiny", 64, 256)]
 TINY_MOE = dict(E=4, C=128, F=64, k=2)
 L2_FLUSH_BYTES = 256 << 20   # weight copies per timed graph: together at least this many bytes
@@ -112,7 +113,8 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                sweep: bool = False) -> list[dict]:
     out = []
     g = torch.Generator().manual_seed(0)
-    for name, N, K in shapes:
+    for name, N, K, *grouped in shapes:
+        G = grouped[0] if grouped else 0   # G head groups: x [M, G, K] through w [N = G * R, K] (linear_fp8_grouped)
         w0 = torch.randn(N, K, generator=g) / K ** 0.5
         packed = (Fp8BlockWeight if fmt == "fp8" else Fp4GroupWeight).quantize(w0)
         packed = type(packed)(packed.data.to(dev), packed.scale.to(dev))
@@ -121,21 +123,28 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                     packed.nbytes, on_gpu)
         bs = copies(lambda i: bf16 if i == 0 else bf16.clone(), bf16.numel() * 2, on_gpu)
         kernel = packed_linear.linear_fp8_weight if fmt == "fp8" else packed_linear.linear_fp4_weight
+        reference = ref.linear_fp8_weight if fmt == "fp8" else ref.linear_fp4_weight
+        dense = lambda x, w: torch.matmul(x, w.T)                                   # noqa: E731
+        if G:   # as attention's wo_a: one launch for the groups; bf16 as ops.grouped_linear (one einsum)
+            kernel = lambda x, w, *cfg, **kw: packed_linear.linear_fp8_grouped(x, w, G, *cfg)  # noqa: E731
+            reference = lambda x, w: ref.linear_fp8_grouped(x, w, G)                 # noqa: E731
+            dense = lambda x, w: torch.einsum("mgk,grk->mgr", x, w.view(G, N // G, K))  # noqa: E731
         for M in ms:
-            x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16 if on_gpu else torch.float32)
+            x = torch.randn(M, *((G,) if G else ()), K, generator=g).to(dev, torch.bfloat16 if on_gpu else
+                                                                            torch.float32)
             io = x.numel() * x.element_size() + M * N * x.element_size()
             t_q = timed(lambda i: kernel(x, ws[i]), len(ws), on_gpu)
             xb = x.to(torch.bfloat16) if on_gpu else x
-            t_b = timed(lambda i: torch.matmul(xb, bs[i].T.to(xb.dtype)), len(bs), on_gpu)
-            err = rel_l2(kernel(x, packed), ref.linear_fp8_weight(x.float(), packed) if fmt == "fp8"
-                         else ref.linear_fp4_weight(x.float(), packed))
+            t_b = timed(lambda i: dense(xb, bs[i].to(xb.dtype)), len(bs), on_gpu)
+            err = rel_l2(kernel(x, packed), reference(x.float(), packed))
             row = {"case": f"{fmt} {name}", "fmt": fmt, "M": M, "N": N, "K": K,
                    "packed_ms": t_q, "bf16_matmul_ms": t_b, "speedup_vs_bf16": t_b / t_q,
                    "packed_gbps": (packed.nbytes + io) / t_q / 1e6, "bf16_gbps": (N * K * 2 + io) / t_b / 1e6,
                    "rel_l2_vs_reference": err}
             row["packed_frac_copy_bw"] = row["packed_gbps"] / copy_gbps
             row["bf16_frac_copy_bw"] = row["bf16_gbps"] / copy_gbps
-            if fmt == "fp8" and on_gpu and packed_linear.has_e4m3(x.device):
+            if fmt == "fp8" and on_gpu and packed_linear.has_e4m3(x.device) and not G \
+                    and not packed_linear.dequantises(x, K):
                 # the same kernel with the integer bit decode (what sm_80 runs), and the FP8 x FP8 product
                 t_bits = timed(lambda i: kernel(x, ws[i], native_fp8=False), len(ws), on_gpu)
                 t_ff = timed(lambda i: packed_linear.linear_fp8_fp8(x, ws[i]), len(ws), on_gpu)
@@ -143,7 +152,7 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                            fp8xfp8_ms=t_ff, fp8xfp8_frac_copy_bw=(packed.nbytes + io) / t_ff / 1e6 / copy_gbps,
                            fp8xfp8_rel_l2_vs_reference=rel_l2(packed_linear.linear_fp8_fp8(x, packed),
                                                               ref.linear_fp8_fp8(x, packed)))
-            if sweep:
+            if sweep and not G and not packed_linear.dequantises(x, K):
                 row["configs"] = []
                 for cfg in candidate_configs(M, N, K, fmt, x.device):
                     t_c = timed(lambda i: kernel(x, ws[i], cfg), len(ws), on_gpu)
@@ -215,6 +224,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="JSON path (default: bench/results/<date>_<device>_<commit>_native_gemm.json)")
     ap.add_argument("--ms", default="1,2,4,8,16,32,64", help="activation rows (decode batch sizes)")
+    ap.add_argument("--prefill-ms", default="2048", help="activation rows of the prefill cases (from "
+                    "packed_linear.DEQUANT_MIN_ROWS: a matmul on the dequantised copy); empty: none")
     ap.add_argument("--moe-tokens", default="1,8,64", help="tokens through the grouped FP4 MoE, randomly routed")
     ap.add_argument("--moe-per-expert", default="1,2,4,8,16,32,64", help="tokens per expert of the balanced "
                     "routings (every expert used, E * t / k tokens)")
@@ -226,7 +237,8 @@ def main() -> None:
     if not on_gpu and not args.tiny_cpu:
         raise SystemExit("no CUDA GPU: run with --tiny-cpu for the CPU smoke run")
     dev = "cuda" if on_gpu else "cpu"
-    ms = [1, 3] if args.tiny_cpu else [int(m) for m in args.ms.split(",")]
+    ms = [1, 3, packed_linear.DEQUANT_MIN_ROWS] if args.tiny_cpu else [
+        int(m) for m in (args.ms + "," + args.prefill_ms).split(",") if m]
     moe_tokens = [1, 5] if args.tiny_cpu else [int(n) for n in args.moe_tokens.split(",")]
     copy_gbps = copy_bandwidth(dev, on_gpu)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)

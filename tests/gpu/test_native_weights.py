@@ -19,7 +19,15 @@ def official(tmp_path_factory):
     return path
 
 
-def test_native_matches_bf16(official):
+@pytest.mark.parametrize("shape", [(2, 40), (1, 320)], ids=["register-kernels", "prefill-dequantised"])
+def test_native_matches_bf16(official, shape):
+    """Logits of the native model within bf16 expectations of the dequantised bf16 model's: few rows run the
+    register-decoding kernels; 320 rows (>= packed_linear.DEQUANT_MIN_ROWS, and >= EXPERT_DEQUANT_MIN_PAIRS pairs
+    per expert) the bf16 GEMMs on dequantised scratch copies."""
+    from dsv4.ops.triton import packed_experts, packed_linear
+    rows = shape[0] * shape[1]
+    prefill = rows >= packed_linear.DEQUANT_MIN_ROWS
+    assert prefill == (rows * 2 >= packed_experts.EXPERT_DEQUANT_MIN_PAIRS * 8)   # tiny: 8 experts, 2 per token
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -29,7 +37,7 @@ def test_native_matches_bf16(official):
     assert native.layers[0].attn.wq_a.packed is not None
     assert peak <= 1.1 * held, f"loading peaked at {peak} bytes for a {held}-byte model"
     plain = dsv4.load_model(official, device="cuda", weights="bf16")
-    tokens = torch.randint(0, native.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+    tokens = torch.randint(0, native.config.vocab_size, shape, generator=torch.Generator().manual_seed(0)).cuda()
     with torch.no_grad():
         a, b = native(tokens).float(), plain(tokens).float()
     rel = ((a - b).norm(dim=-1) / b.norm(dim=-1)).max().item()

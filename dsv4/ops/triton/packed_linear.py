@@ -210,15 +210,23 @@ def _fp8_fp8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB
     store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
-def gemm_config(M: int, N: int, steps: int, device: torch.device) -> tuple[int, int, int, int]:
+def gemm_config(M: int, N: int, steps: int, device: torch.device, narrow: bool = False
+                ) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, K steps per program, num_warps). Few rows (decode): one row tile of 16-64 rows (each
     weight byte is decoded once) and K split (at most MAX_SPLIT ways) until about four programs per SM stream the
     weight (bench/native_gemm.py --configs times the alternatives); many rows
-    (prefill): 64/128-row tiles, whole K per program."""
+    (prefill): 64/128-row tiles, whole K per program.
+
+    `narrow` (the FP8 weight-only kernel at M <= 16): 32-row output tiles and about two programs per SM, the
+    fastest of the --configs sweep on the H100 (bench/results/2026-12-05_h100_629ca84_native_gemm.txt, M = 1-16)
+    for every V4-Flash FP8 shape or within 3% of it: wq_a 10.7 -> 7.2 us, wkv 9.6 -> 6.8, wo_a group 10.6 -> 7.2,
+    wq_b 17.4 -> 17.0, wo_b 21.4 -> 20.2 (M = 1; the 16/64-row output tiles of this rule's other branch were
+    still the better ones at M = 32 and 64)."""
     if M <= 64:
-        bm, bn = min(64, max(16, triton.next_power_of_2(M))), 64
+        bm = min(64, max(16, triton.next_power_of_2(M)))
+        bn, per_sm = (32, 2) if narrow and M <= 16 else (64, 4)
         tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-        split = max(1, min(steps, MAX_SPLIT, (4 * multiprocessors(device)) // max(tiles, 1)))
+        split = max(1, min(steps, MAX_SPLIT, (per_sm * multiprocessors(device)) // max(tiles, 1)))
         return bm, bn, triton.cdiv(steps, split), 4
     bm = 64 if M <= 256 else 128
     return bm, 128, steps, 8 if bm == 128 else 4
@@ -234,7 +242,7 @@ def _launch(kernel, x: torch.Tensor, w, N: int, K: int, steps: int, config=None,
     M = x2.shape[0]
     if M == 0:
         return x.new_zeros(*x.shape[:-1], N)
-    bm, bn, per, warps = config or gemm_config(M, N, steps, x.device)
+    bm, bn, per, warps = config or gemm_config(M, N, steps, x.device, narrow=kernel is _fp8_weight_kernel)
     if groups:
         flags["GROUP_N"] = N // groups
         if (N // groups) % bn:
