@@ -75,8 +75,8 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w1.packed is not None:  # FP8 weights (native checkpoint): three weight-only GEMMs
-            return self.w2(ops.swiglu(self.w1(x), self.w3(x), self.swiglu_limit))
+        if self.w1.packed is not None:  # FP8 weights (native checkpoint): gate+up+SwiGLU in one op, then down
+            return self.w2(ops.swiglu_fp8(x, self.w1.packed, self.w3.packed, self.swiglu_limit))
         return ops.swiglu_expert(x, self.w1.weight, self.w2.weight, self.w3.weight, self.swiglu_limit)
 
 

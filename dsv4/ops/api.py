@@ -169,6 +169,12 @@ def linear_fp8_grouped(x: torch.Tensor, w, groups: int, *, backend: str | None =
     return _pick("linear_fp8_grouped", backend, x, w, groups)(x, w, groups)
 
 
+def swiglu_fp8(x: torch.Tensor, w1, w3, limit: float, *, backend: str | None = None) -> torch.Tensor:
+    """swiglu(x @ w1^T, x @ w3^T) over two Fp8BlockWeights [F, K] (the shared expert's gate and up, each rounded
+    to x's dtype, clamped SwiGLU in fp32): [..., K] -> [..., F] in x's dtype. See reference/packed.py."""
+    return _pick("swiglu_fp8", backend, x, w1, w3, limit)(x, w1, w3, limit)
+
+
 def linear_fp4_weight(x: torch.Tensor, w, *, backend: str | None = None) -> torch.Tensor:
     """x @ w^T with w an Fp4GroupWeight (e2m1 [N, K] packed two per byte, 1x32 UE8M0 scales): [..., K] -> [..., N]
     in x's dtype. See reference/packed.py."""

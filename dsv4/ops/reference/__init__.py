@@ -28,6 +28,7 @@ IMPLEMENTATIONS = {
     "swiglu": packed.swiglu,
     "linear_fp8_weight": packed.linear_fp8_weight,
     "linear_fp8_grouped": packed.linear_fp8_grouped,
+    "swiglu_fp8": packed.swiglu_fp8,
     "linear_fp4_weight": packed.linear_fp4_weight,
     "linear_fp8_fp8": packed.linear_fp8_fp8,
     "moe_experts_fp4": packed.moe_experts_fp4,

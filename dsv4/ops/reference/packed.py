@@ -51,6 +51,12 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
     return _swiglu(gate, up, limit).to(gate.dtype)
 
 
+def swiglu_fp8(x: torch.Tensor, w1: Fp8BlockWeight, w3: Fp8BlockWeight, limit: float) -> torch.Tensor:
+    """The shared expert's hidden activation over FP8 weights: swiglu(x @ w1^T, x @ w3^T) with both projections
+    rounded to x.dtype first (two linear_fp8_weight calls) -> [..., F] in x.dtype."""
+    return swiglu(linear_fp8_weight(x, w1), linear_fp8_weight(x, w3), limit)
+
+
 def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3: Fp4GroupWeight, idx: torch.Tensor,
                     weights: torch.Tensor, swiglu_limit: float) -> torch.Tensor:
     """Routed SwiGLU experts over FP4 weights: the contract of reference/experts.moe_experts (fp32 [N, C]) with

@@ -27,6 +27,7 @@ IMPLEMENTATIONS = {
     "moe_route": (routing.moe_route, routing.supports),
     "linear_fp8_weight": (packed_linear.linear_fp8_weight, packed_linear.supports),
     "linear_fp8_grouped": (packed_linear.linear_fp8_grouped, packed_linear.supports_grouped),
+    "swiglu_fp8": (packed_linear.swiglu_fp8, packed_linear.supports_swiglu),
     "linear_fp4_weight": (packed_linear.linear_fp4_weight, packed_linear.supports_fp4),
     "linear_fp8_fp8": (packed_linear.linear_fp8_fp8, packed_linear.supports_fp8_fp8),
     "moe_experts_fp4": (packed_experts.moe_experts_fp4, packed_experts.supports),

@@ -163,6 +163,87 @@ def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
 
 
 @triton.jit
+def _swiglu_tile(g, u, limit, DT: tl.constexpr, CLAMP: tl.constexpr):
+    """The clamped SwiGLU of fp32 gate / up sums as reference/packed.swiglu computes it after two linears: both
+    rounded to the activation dtype DT first, then fp32 math."""
+    g = g.to(DT).to(tl.float32)
+    u = u.to(DT).to(tl.float32)
+    if CLAMP:
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+    return g / (1.0 + tl.exp(-g)) * u
+
+
+@triton.jit
+def _fp8_swiglu_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT,
+                       rs_x, rs_w1, rs_s1, rs_w3, rs_s3, limit, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       REDUCE: tl.constexpr, IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr, CLAMP: tl.constexpr):
+    """swiglu(x @ w1^T, x @ w3^T) for one output tile: both FP8 weights' rows rn read by the same program (the
+    shared expert's gate and up), split K as _fp8_weight_kernel; the tile's last program sums the slices of both
+    (part [SPLIT, M, 2N]: gate then up) and stores the SwiGLU."""
+    pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    nmask, mmask = rn < N, rm < M
+    DT = tl.float32 if IEEE else x_ptr.dtype.element_ty
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    kb0 = pid_s * KB_PER
+    for kb in range(kb0, tl.minimum(kb0 + KB_PER, KB)):
+        rk = kb * 128 + tl.arange(0, 128)
+        kmask = rk < K
+        a = tl.load(x_ptr + rm.to(tl.int64)[:, None] * rs_x + rk[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(DT)
+        wmask = nmask[:, None] & kmask[None, :]
+        b1 = tl.load(w1_ptr + rn.to(tl.int64)[:, None] * rs_w1 + rk[None, :], mask=wmask, other=0)
+        b3 = tl.load(w3_ptr + rn.to(tl.int64)[:, None] * rs_w3 + rk[None, :], mask=wmask, other=0)
+        if NATIVE_FP8:
+            v1 = b1.to(tl.float8e4nv, bitcast=True).to(DT)
+            v3 = b3.to(tl.float8e4nv, bitcast=True).to(DT)
+        else:
+            v1 = e4m3_as_fp16(b1.to(tl.int32)).to(DT)
+            v3 = e4m3_as_fp16(b3.to(tl.int32)).to(DT)
+        if IEEE:
+            p1 = tl.dot(a, tl.trans(v1), input_precision="ieee")
+            p3 = tl.dot(a, tl.trans(v3), input_precision="ieee")
+        else:
+            p1 = tl.dot(a, tl.trans(v1))
+            p3 = tl.dot(a, tl.trans(v3))
+        sc1 = ue8m0_values(tl.load(s1_ptr + (rn // 128) * rs_s1 + kb, mask=nmask, other=0).to(tl.int32))
+        sc3 = ue8m0_values(tl.load(s3_ptr + (rn // 128) * rs_s3 + kb, mask=nmask, other=0).to(tl.int32))
+        if not NATIVE_FP8:
+            sc1 = sc1 * 256.0
+            sc3 = sc3 * 256.0
+        acc_g += p1 * sc1[None, :]
+        acc_u += p3 * sc3[None, :]
+    mask = mmask[:, None] & nmask[None, :]
+    at = rm.to(tl.int64)[:, None] * N + rn[None, :]
+    if SPLIT == 1:
+        h = _swiglu_tile(acc_g, acc_u, limit, out_ptr.dtype.element_ty, CLAMP)
+        tl.store(out_ptr + at, h.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        pat = rm.to(tl.int64)[:, None] * (2 * N) + rn[None, :]
+        base = part_ptr + pid_s.to(tl.int64) * M * 2 * N
+        tl.store(base + pat, acc_g, mask=mask)
+        tl.store(base + pat + N, acc_u, mask=mask)
+        tl.debug_barrier()  # every thread's slices are stored before the ticket (acq_rel) is taken
+        tile = pid_m * tl.num_programs(0) + pid_n
+        ticket = tl.atomic_add(cnt_ptr + tile, 1)
+        if ticket == SPLIT - 1:
+            g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            sl = tl.arange(0, REDUCE)
+            for s0 in range(0, SPLIT, REDUCE):
+                ptrs = part_ptr + (s0 + sl).to(tl.int64)[:, None, None] * M * 2 * N + pat[None, :, :]
+                m3 = ((s0 + sl) < SPLIT)[:, None, None] & mask[None, :, :]
+                g += tl.sum(tl.load(ptrs, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+                u += tl.sum(tl.load(ptrs + N, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+            h = _swiglu_tile(g, u, limit, out_ptr.dtype.element_ty, CLAMP)
+            tl.store(out_ptr + at, h.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+
+
+@triton.jit
 def pow2_scale(amax):
     """(s, 1/s) with s = 2^ceil(log2(amax)) for positive fp32 amax, from the exponent and mantissa bits (exact,
     where a log2 approximation could miss an exact power of two)."""
@@ -318,6 +399,42 @@ def linear_fp8_grouped(x: torch.Tensor, w: Fp8BlockWeight, groups: int, config=N
     return out.view(*x.shape[:-2], groups, R)
 
 
+@falls_back_to(ref.swiglu_fp8)
+def swiglu_fp8(x: torch.Tensor, w1: Fp8BlockWeight, w3: Fp8BlockWeight, limit: float, config=None,
+               native_fp8: bool | None = None) -> torch.Tensor:
+    """Same contract as ops.reference.packed.swiglu_fp8 (the shared expert's gate, up and SwiGLU): one launch
+    reading both weights (decode); from DEQUANT_MIN_ROWS rows, two matmuls on dequantised copies. `config` and
+    `native_fp8` as linear_fp8_weight's."""
+    N, K = w1.shape
+    _check(x, K)
+    if tuple(w3.shape) != (N, K):
+        raise ValueError(f"swiglu_fp8: w1 {w1.shape} and w3 {w3.shape} differ")
+    if config is None and dequantises(x, K):
+        return ref.swiglu(_dense_matmul(x, dequant_fp8(w1, x.dtype)), _dense_matmul(x, dequant_fp8(w3, x.dtype)),
+                          limit)
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_zeros(*x.shape[:-1], N)
+    steps = triton.cdiv(K, FP8_BLOCK)
+    bm, bn, per, warps = config or gemm_config(M, N, steps, x.device, narrow=True)
+    split = triton.cdiv(steps, per)
+    grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
+    d1, sc1, d3, sc3 = (_rows_contiguous(t) for t in (w1.data, w1.scale, w3.data, w3.scale))
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    part = torch.empty(split, M, 2 * N, dtype=torch.float32, device=x.device)  # unused when split == 1
+    _fp8_swiglu_kernel[grid](x2, d1, sc1, d3, sc3, out, part, tile_tickets(x.device, grid[0] * grid[1]), M, N, K,
+                             steps, per, split, x2.stride(0), d1.stride(0), sc1.stride(0), d3.stride(0),
+                             sc3.stride(0), float(limit), BLOCK_M=bm, BLOCK_N=bn,
+                             REDUCE=max(1, min(8, 2048 // (bm * bn))), IEEE=interpreted(),
+                             NATIVE_FP8=has_e4m3(x.device) if native_fp8 is None else native_fp8,
+                             CLAMP=limit > 0, num_warps=warps,
+                             num_stages=4 if M <= 64 else 3)
+    return out.view(*x.shape[:-1], N)
+
+
 def has_e4m3(device: torch.device) -> bool:
     """The GPU converts e4m3 in hardware (sm_89+); False on the CPU (interpreter)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
@@ -368,6 +485,10 @@ def supports_fp8_fp8(x: torch.Tensor, w) -> bool:
 
 def supports_grouped(x: torch.Tensor, w, groups: int) -> bool:
     return supports(x, w) and w.shape[0] % (groups * FP8_BLOCK) == 0
+
+
+def supports_swiglu(x: torch.Tensor, w1, w3, limit: float) -> bool:
+    return supports(x, w1)
 
 
 def supports_fp4(x: torch.Tensor, w) -> bool:

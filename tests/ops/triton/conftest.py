@@ -80,13 +80,13 @@ def _compiler():
 
 def _exempt(failure: dict, target: str) -> bool:
     """The launches allowed not to build on sm_80, which lacks sm_89's e4m3 conversions and is never given them:
-    the sparse attention's FP8 cache read (sparse_attn.supports), the FP8 weight GEMM's hardware decode
+    the sparse attention's FP8 cache read (sparse_attn.supports), the FP8 weight GEMMs' hardware decode
     (packed_linear.has_e4m3) and the FP8 x FP8 GEMM (packed_linear.supports_fp8_fp8)."""
     if target != "sm_80":
         return False
     kernel, flags = failure["kernel"], failure["constexprs"]
     return (kernel.endswith("._sparse_attn_kernel") and bool(flags.get("FP8"))
-            or kernel.endswith("._fp8_weight_kernel") and bool(flags.get("NATIVE_FP8"))
+            or kernel.endswith(("._fp8_weight_kernel", "._fp8_swiglu_kernel")) and bool(flags.get("NATIVE_FP8"))
             or kernel.endswith("._fp8_fp8_kernel"))
 
 

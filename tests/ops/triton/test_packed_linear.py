@@ -60,6 +60,28 @@ def test_fp8_grouped_gemm(lead, config):
                        torch.einsum("mgk,grk->mgr", xl, w.dequantize(DT).view(G, R, K)))
 
 
+@pytest.mark.parametrize("M, N, K, limit, config", [(3, 100, 300, 7.0, None), (2, 64, 512, 0.0, (16, 32, 1, 4)),
+                                                   (1, 96, 256, 7.0, (16, 32, 2, 4))],
+                         ids=["tails-clamp", "split-k", "split-k-clamp"])
+def test_fp8_swiglu(M, N, K, limit, config):
+    """The shared expert's gate + up + clamped SwiGLU in one launch (both FP8 weights per program, split K with
+    both accumulators reduced by the tile's last program) against the float64 reference (two weight-only GEMMs
+    and the SwiGLU); the clamp is active (|x w| reaches ~16 * 3)."""
+    g = gen(12)
+    w1, w3 = (_to(Fp8BlockWeight.quantize(torch.randn(N, K, generator=g))) for _ in range(2))
+    x = randn(M, K, g=g, dtype=DT)
+    got = tri.swiglu_fp8(x, w1, w3, limit, config)
+    want = ref.swiglu_fp8(x.double(), w1, w3, limit)
+    assert got.shape == (M, N) and got.dtype == x.dtype
+    assert rel_err(got, want) < TOL
+    if limit:
+        assert (ref.linear_fp8_weight(x.double(), w1) > limit).any()
+    again = tri.swiglu_fp8(x, w1, w3, limit, config)
+    assert torch.equal(got, again) and not tri.tile_tickets(x.device, 8).any()
+    hw = tri.swiglu_fp8(x, w1, w3, limit, config, native_fp8=True)     # the e4m3 conversion of sm_89+
+    assert rel_err(hw, want) < TOL
+
+
 def test_split_k_tickets_reset_between_launches():
     """The last program of each tile sums the K slices and resets the tile's ticket: a second launch (tickets
     reused) gives the same bits, and every ticket is back at 0."""
