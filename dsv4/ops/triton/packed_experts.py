@@ -149,6 +149,17 @@ def _sorted_pairs(idx: torch.Tensor, E: int):
     return (order // k).to(torch.int32), at, offs, order, active
 
 
+_IDENTITY: dict = {}
+
+
+def _identity(n: int, device: torch.device) -> torch.Tensor:
+    """arange(n) (int64) from a per-device buffer, so that decode's in-place pairs cost no launch for it."""
+    buf = _IDENTITY.get(str(device))
+    if buf is None or buf.numel() < n:
+        buf = _IDENTITY[str(device)] = torch.arange(max(n, 64), device=device)
+    return buf[:n]
+
+
 def _block_n(rows: int) -> int:
     """Output rows per program: 32 (decode: more programs streaming the few active experts), 64 for larger
     batches."""
@@ -173,7 +184,7 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
     if direct:   # one program row per pair, in place: no sort (tok / offs unused)
         active = idx.reshape(-1).contiguous()
         rw = weights.reshape(-1).float().contiguous()
-        at = torch.arange(P, device=x.device)
+        at = _identity(P, x.device)
         tok = offs = active
     else:
         tok, at, offs, order, active = _sorted_pairs(idx, E)
