@@ -13,12 +13,12 @@
     then extrapolated to the 43 layers: the most layers that serve a 128K context on one H200 natively and in bf16,
     and whether the whole V4-Flash weight set with a 128K cache fits two H200s.
 
-(d) with --profile: the kernels of one CUDA-graph batch-1 decode step of each model (torch.profiler / CUPTI sees the
-    graph's kernels): GPU time and launches per step, most time first, so that the native step's gap to bf16 is
-    named kernel by kernel.
+(d) with --profile: the kernels of one CUDA-graph decode step of each model at batch 1 and 64 (torch.profiler:
+    CUPTI sees the graph's kernels): GPU time and launches per step, most time first, so that the native step's
+    gap to bf16 is named kernel by kernel.
 
     python bench/native_model.py [--json out.json] [--prefill 16384 65536] [--decode 131072] [--decode-b64 32768]
-                                 [--skip-real] [--gpu-gib 139.8] [--profile [--profile-context 16384]]
+                                 [--skip-real] [--gpu-gib 139.8] [--profile [--profile-batch 1 64]]
     python bench/native_model.py --tiny-cpu --json /tmp/native_model.json    # CPU smoke run (tiny configs)
 
 The results go to bench/results/<date>_<device>_<commit>_native_model.json unless --json names another file;
@@ -226,18 +226,21 @@ def kernel_times(prof, steps: int, cuda: bool) -> list[dict]:
 
 
 @torch.no_grad()
-def profile_decode(model: dsv4.Transformer, ctx: int, steps: int, chunk: int) -> dict:
-    """One sequence's decode steps at `ctx` context under torch.profiler: replays of the captured step (CUDA graph,
-    as the decode measurements run it; eager on the CPU), kernel times per step (kernel_times)."""
+def profile_decode(model: dsv4.Transformer, ctx: int, steps: int, chunk: int, batch: int = 1) -> dict:
+    """`batch` sequences' decode steps at `ctx` context under torch.profiler: replays of the captured step (CUDA
+    graph, as the decode measurements run it; eager on the CPU), kernel times per step (kernel_times)."""
     from torch.profiler import ProfilerActivity, profile
     dev = next(model.parameters()).device
     cuda = dev.type == "cuda"
-    cache = model.new_cache(1, ctx + steps + 8)
+    cache = model.new_cache(batch, ctx + steps + 8)
     tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
+    row = cache.select(0)
     for s in range(0, ctx, chunk):
-        model(tokens[:, s:s + chunk], cache=cache, last_only=True)
+        model(tokens[:, s:s + chunk], cache=row, last_only=True)
+    if batch > 1:
+        cache.broadcast_row(0)
     step = GraphDecoder(model, cache) if cuda else (lambda t: model(t.view(-1, 1), cache=cache)[:, -1])
-    nxt = torch.randint(0, model.config.vocab_size, (1,), device=dev)
+    nxt = torch.randint(0, model.config.vocab_size, (batch,), device=dev)
     for _ in range(3):
         nxt = step(nxt).argmax(-1)
     sync(dev)
@@ -246,15 +249,16 @@ def profile_decode(model: dsv4.Transformer, ctx: int, steps: int, chunk: int) ->
             nxt = step(nxt).argmax(-1)
         sync(dev)
     rows = kernel_times(prof, steps, cuda)
-    return {"context": ctx, "steps": steps, "cuda_graph": cuda and not getattr(step, "eager", True),
+    return {"context": ctx, "batch": batch, "steps": steps, "cuda_graph": cuda and not getattr(step, "eager", True),
             "us_per_step": sum(r["us_per_step"] for r in rows),
             "launches_per_step": sum(r["launches_per_step"] for r in rows), "kernels": rows}
 
 
 def profile_section(models: dict, a) -> dict:
-    """(d): the per-kernel table of a batch-1 decode step of each model (what the native step spends where)."""
-    return {w: guard_value(lambda: profile_decode(m, a.profile_context, a.profile_steps, a.chunk))
-            for w, m in models.items()}
+    """(d): the per-kernel table of a decode step of each model at each --profile-batch (what the native step
+    spends where)."""
+    return {f"{w} b{b}": guard_value(lambda: profile_decode(m, a.profile_context, a.profile_steps, a.chunk, b))
+            for b in a.profile_batch for w, m in models.items()}
 
 
 def print_profile(prof: dict, top: int) -> None:
@@ -506,17 +510,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reserve-gib", type=float, default=4.0, help="(c): workspace if it cannot be measured")
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--profile", action="store_true",
-                   help="(d): per-kernel GPU time of a CUDA-graph batch-1 decode step of each weights kind")
+                   help="(d): per-kernel GPU time of a CUDA-graph decode step of each weights kind")
     p.add_argument("--profile-context", type=int, default=16384, help="(d): the profiled step's context")
     p.add_argument("--profile-steps", type=int, default=8, help="(d): decode steps profiled (times are per step)")
-    p.add_argument("--profile-top", type=int, default=30, help="(d): kernels printed per weights kind")
+    p.add_argument("--profile-batch", type=int, nargs="*", default=[1, 64], help="(d): decode batches profiled")
+    p.add_argument("--profile-top", type=int, default=25, help="(d): kernels printed per weights kind")
     p.add_argument("--skip-real", action="store_true", help="skip (c), the real-dims cut")
     p.add_argument("--workdir", help="where the checkpoints are written (default: a temporary folder)")
     p.add_argument("--tiny-cpu", action="store_true", help="smoke run: tiny configs on the CPU")
     a = p.parse_args(argv)
     if a.tiny_cpu:
         a.prefill, a.decode, a.decode_b64, a.batch = [32], [48], [24], 3
-        a.steps, a.chunk, a.context, a.profile_context, a.profile_steps = 4, 16, 64, 32, 2
+        a.steps, a.chunk, a.context, a.profile_context, a.profile_steps, a.profile_batch = 4, 16, 64, 32, 2, [1, 3]
         device, cfg, full = torch.device("cpu"), tiny_config(), dsv4.ModelConfig.preset("tiny")
     else:
         if not torch.cuda.is_available():

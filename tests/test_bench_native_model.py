@@ -27,7 +27,7 @@ def test_native_model_bench_smoke_run(tmp_path, monkeypatch):
     names = {r["name"] for r in doc["speed"] if "error" not in r}
     assert {"native prefill", "native decode b1", "bf16 prefill", "bf16 decode b1"} <= names
     assert len(doc["ratios"]) == 3
-    for w in ("native", "bf16"):   # (d): per-op times of a decode step, most first
+    for w in ("native b1", "bf16 b1", "native b3", "bf16 b3"):   # (d): per-op times of a decode step, most first
         prof = doc["profile"][w]
         times = [r["us_per_step"] for r in prof["kernels"]]
         assert times and times == sorted(times, reverse=True) and prof["context"] == 32

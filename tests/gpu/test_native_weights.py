@@ -116,6 +116,31 @@ def test_split_k_gemms_are_repeatable_at_flash_sizes(M):
         assert ((first.float() - want).norm() / want.norm()).item() < 1e-2, kind.__name__
 
 
+@pytest.mark.parametrize("M", [1, 16, 64])
+def test_fused_fp8_ops_are_repeatable_at_flash_sizes(M):
+    """The one-launch FP8 ops at V4-Flash sizes: the shared expert's gate + up + SwiGLU (split K, both
+    accumulators reduced by the tile's last program) and wo_a's 8 head groups: repeated calls give the same bits
+    and match the dequantised reference."""
+    from dsv4.ops.reference import packed as ref
+    from dsv4.ops.triton import packed_linear
+    from dsv4.quant.packed import Fp8BlockWeight
+    g = torch.Generator().manual_seed(100 + M)
+
+    def fp8(n, k):
+        q = Fp8BlockWeight.quantize(torch.randn(n, k, generator=g) / k ** 0.5)
+        return Fp8BlockWeight(q.data.cuda(), q.scale.cuda())
+
+    w1, w3, wo_a = fp8(2048, 4096), fp8(2048, 4096), fp8(8 * 1024, 4096)
+    x = (torch.randn(M, 4096, generator=g) * 2).to("cuda", torch.bfloat16)
+    o = torch.randn(M, 8, 4096, generator=g).to("cuda", torch.bfloat16)
+    for fn, want in ((lambda: packed_linear.swiglu_fp8(x, w1, w3, 1.0), ref.swiglu_fp8(x.float(), w1, w3, 1.0)),
+                     (lambda: packed_linear.linear_fp8_grouped(o, wo_a, 8), ref.linear_fp8_grouped(o.float(), wo_a, 8))):
+        first = fn()
+        for _ in range(10):
+            assert torch.equal(fn(), first)
+        assert ((first.float() - want).norm() / want.norm()).item() < 1e-2
+
+
 def test_native_model_decode_runs_from_a_cuda_graph(official):
     """The whole native model's decode step (packed FP8 projections, grouped FP4 experts, batch 3 with ragged rows)
     captures as one CUDA graph, as bench/native_model.py and the engine run it, and its replays give the eager
