@@ -88,5 +88,39 @@ def test_verify_steps_and_rollback(monkeypatch):
         assert (got.nan_to_num(0, 0, 0) - want.nan_to_num(0, 0, 0)).abs().max() < 1e-4
 
 
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    """A tiny checkpoint in the official formats (FP8 projections, FP4 experts); wo_a's 2 head groups on 128-row
+    scale tiles, as V4's."""
+    path = tmp_path_factory.mktemp("official")
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny").replace(o_lora_rank=128)).init_weights(seed=3)
+    dsv4.save_model(model, path, dtype=torch.bfloat16, expert_format="fp4", fp8_weights=True)
+    return path
+
+
+@torch.no_grad()
+def _native_logits(path) -> list[torch.Tensor]:
+    """Native weights: a 6-token prefill of 2 rows (12 pairs x 2 slots: the sorted experts), one decode step (2
+    tokens: the experts' in-place pairs), and with the prefill thresholds at 1 a step on the dequantised copies."""
+    from dsv4.ops.triton import packed_experts, packed_linear
+    model = dsv4.load_model(path, dtype=torch.float32, weights="native")   # fp32: equal up to summation order
+    cache = model.new_cache(2, 16)
+    out = [model(TOKENS[:, :6], cache=cache), model(TOKENS[:, 6:7], cache=cache)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(packed_linear, "DEQUANT_MIN_ROWS", 1)
+        mp.setattr(packed_experts, "EXPERT_DEQUANT_MIN_PAIRS", 0)
+        out.append(model(TOKENS[:, 7:8], cache=cache))
+    return out
+
+
+def test_native_weights(monkeypatch, official):
+    """The packed-weight kernels as the native model calls them (grouped wo_a, the shared expert's fused gate/up
+    SwiGLU, the FP4 experts sorted and in place, the dequantised prefill paths) give the references' logits."""
+    want = _native_logits(official)
+    _triton_everywhere(monkeypatch, ["linear_fp8_weight", "linear_fp8_grouped", "swiglu_fp8", "moe_experts_fp4"])
+    for i, (ref, got) in enumerate(zip(want, _native_logits(official))):
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4, i
+
+
 def test_launches_build_for_gpus(native_build):
     native_build()
