@@ -35,10 +35,10 @@ from provenance import record, result_path  # noqa: E402  (bench/provenance.py)
 # inter 2048; FP8 layers as the checkpoint stores them, the routed experts' w1/w3 and w2 also as FP4
 FLASH_FP8 = [("attn.wq_a", 1024, 4096), ("attn.wq_b", 32768, 1024), ("attn.wkv", 512, 4096),
              ("attn.wo_a (one group)", 1024, 4096), ("attn.wo_a (8 groups)", 8192, 4096, 8), ("attn.wo_b", 4096, 8192),
-             ("shared.w1/w3", 2048, 4096), ("shared.w2", 4096, 2048)]
+             ("shared.w1/w3", 2048, 4096), ("shared.w1+w3+swiglu", 4096, 4096, "swiglu"), ("shared.w2", 4096, 2048)]
 FLASH_FP4 = [("expert.w1/w3", 2048, 4096), ("expert.w2", 4096, 2048)]
 FLASH_MOE = dict(E=256, C=4096, F=2048, k=6)
-TINY_FP8 = [("tiny", 96, 256), ("tiny grouped", 256, 256, 2)]
+TINY_FP8 = [("tiny", 96, 256), ("tiny grouped", 256, 256, 2), ("tiny swiglu", 256, 256, "swiglu")]
 TINY_FP4 = [("tiny", 64, 256)]
 TINY_MOE = dict(E=4, C=128, F=64, k=2)
 L2_FLUSH_BYTES = 256 << 20   # weight copies per timed graph: together at least this many bytes
@@ -114,7 +114,10 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
     out = []
     g = torch.Generator().manual_seed(0)
     for name, N, K, *grouped in shapes:
-        G = grouped[0] if grouped else 0   # G head groups: x [M, G, K] through w [N = G * R, K] (linear_fp8_grouped)
+        # G head groups: x [M, G, K] through w [N = G * R, K] (linear_fp8_grouped); "swiglu": w = [w1; w3] of
+        # N / 2 rows each through swiglu_fp8 (bf16: one matmul on the stacked weight, the SwiGLU not counted)
+        G = grouped[0] if grouped and grouped[0] != "swiglu" else 0
+        swiglu = grouped == ["swiglu"]
         w0 = torch.randn(N, K, generator=g) / K ** 0.5
         packed = (Fp8BlockWeight if fmt == "fp8" else Fp4GroupWeight).quantize(w0)
         packed = type(packed)(packed.data.to(dev), packed.scale.to(dev))
@@ -129,10 +132,14 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
             kernel = lambda x, w, *cfg, **kw: packed_linear.linear_fp8_grouped(x, w, G, *cfg)  # noqa: E731
             reference = lambda x, w: ref.linear_fp8_grouped(x, w, G)                 # noqa: E731
             dense = lambda x, w: torch.einsum("mgk,grk->mgr", x, w.view(G, N // G, K))  # noqa: E731
+        if swiglu:
+            halves = lambda w: (w.rows(0, N // 2), w.rows(N // 2, N))                     # noqa: E731
+            kernel = lambda x, w, *cfg, **kw: packed_linear.swiglu_fp8(x, *halves(w), 7.0, *cfg, **kw)  # noqa: E731
+            reference = lambda x, w: ref.swiglu_fp8(x, *halves(w), 7.0)                  # noqa: E731
         for M in ms:
             x = torch.randn(M, *((G,) if G else ()), K, generator=g).to(dev, torch.bfloat16 if on_gpu else
                                                                             torch.float32)
-            io = x.numel() * x.element_size() + M * N * x.element_size()
+            io = x.numel() * x.element_size() + M * (N // 2 if swiglu else N) * x.element_size()
             t_q = timed(lambda i: kernel(x, ws[i]), len(ws), on_gpu)
             xb = x.to(torch.bfloat16) if on_gpu else x
             t_b = timed(lambda i: dense(xb, bs[i].to(xb.dtype)), len(bs), on_gpu)
@@ -143,7 +150,7 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                    "rel_l2_vs_reference": err}
             row["packed_frac_copy_bw"] = row["packed_gbps"] / copy_gbps
             row["bf16_frac_copy_bw"] = row["bf16_gbps"] / copy_gbps
-            if fmt == "fp8" and on_gpu and packed_linear.has_e4m3(x.device) and not G \
+            if fmt == "fp8" and on_gpu and packed_linear.has_e4m3(x.device) and not G and not swiglu \
                     and not packed_linear.dequantises(x, K):
                 # the same kernel with the integer bit decode (what sm_80 runs), and the FP8 x FP8 product
                 t_bits = timed(lambda i: kernel(x, ws[i], native_fp8=False), len(ws), on_gpu)
@@ -152,7 +159,7 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                            fp8xfp8_ms=t_ff, fp8xfp8_frac_copy_bw=(packed.nbytes + io) / t_ff / 1e6 / copy_gbps,
                            fp8xfp8_rel_l2_vs_reference=rel_l2(packed_linear.linear_fp8_fp8(x, packed),
                                                               ref.linear_fp8_fp8(x, packed)))
-            if sweep and not G and not packed_linear.dequantises(x, K):
+            if sweep and not G and not swiglu and not packed_linear.dequantises(x, K):
                 row["configs"] = []
                 for cfg in candidate_configs(M, N, K, fmt, x.device):
                     t_c = timed(lambda i: kernel(x, ws[i], cfg), len(ws), on_gpu)
