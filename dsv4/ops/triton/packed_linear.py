@@ -420,6 +420,8 @@ def swiglu_fp8(x: torch.Tensor, w1: Fp8BlockWeight, w3: Fp8BlockWeight, limit: f
         return x.new_zeros(*x.shape[:-1], N)
     steps = triton.cdiv(K, FP8_BLOCK)
     bm, bn, per, warps = config or gemm_config(M, N, steps, x.device, narrow=True)
+    if config is None:
+        bn = min(bn, 64)   # two fp32 accumulators: 64-row output tiles at most (gemm_config gives 128 from M = 65)
     split = triton.cdiv(steps, per)
     grid = (triton.cdiv(N, bn), triton.cdiv(M, bm), split)
     d1, sc1, d3, sc3 = (_rows_contiguous(t) for t in (w1.data, w1.scale, w3.data, w3.scale))
