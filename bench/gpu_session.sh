@@ -32,7 +32,7 @@ for stage in "$@"; do
            --section LaunchStats --section SchedulerStats python3 bench/ncu_case.py ${NCU_CASE:-csa_b64} > "${P}_ncu_${NCU_CASE:-csa_b64}.txt" 2>&1;
          grep -E "DRAM Throughput|Memory Throughput|Duration|Achieved Occupancy|Registers Per|Shared Memory Config|Stall|Block Limit" "${P}_ncu_${NCU_CASE:-csa_b64}.txt" | head -30 ;;
     e2e) timeout ${E2E_TIMEOUT:-540} python3 bench/e2e.py ${E2E_ARGS:-} 2>&1 | tail -150 | tee "${P}_e2e.txt" ;;
-    native) timeout ${NATIVE_TIMEOUT:-290} python3 bench/native_model.py ${NATIVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_native_model.txt" ;;
+    native) timeout ${NATIVE_TIMEOUT:-290} python3 bench/native_model.py ${NATIVE_ARGS:-} 2>&1 | tail -220 | tee "${P}_native_model.txt" ;;
     long) timeout ${LONG_TIMEOUT:-400} python3 bench/e2e.py --json "${P}_e2e_1m.json" --skip-peer --prefill 1048576 \
             --decode ${LONG_DECODE:-} --decode-b64 --decode-fp8 --train ${LONG_TRAIN:-} --train-checkpointed 2>&1 | tail -20 | tee "${P}_e2e_1m.txt" ;;
     sweep) for i in $(seq ${SWEEP_FROM:-0} ${SWEEP_TO:-25}); do   # training attention configurations, one process each
