@@ -357,6 +357,84 @@ class Engine:
                 trace.end(prefill_tokens=self.counters["prefill_tokens"] - before, queue=len(self._queue),
                           running=self.pool.busy, pending=len(self._pending))
 
+    @torch.no_grad()
+    def warm_up(self, prompts: Sequence[tuple[int, int]] | None = None, buckets: bool = True) -> float:
+        """Run the shapes serving will meet before any request arrives, so that kernel compilation (Triton JIT,
+        torch.compile's static then dynamic compiles of the cache codecs) and CUDA-graph capture do not land on
+        the first requests' steps; returns the seconds it took. The engine must be idle and not yet started.
+
+        Synthetic greedy requests go through the engine's own steps, in groups run one after the other:
+        `prompts`, a list of (requests, prompt length[, max_tokens[, temperature]]) groups (default max_tokens 2,
+        greedy; on a GPU: one prompt of a whole chunk,
+        `max_prefill_rows` shorter ones batched, and one of a chunk and 3 tokens, which runs a chunk at a later
+        position: the static and dynamic compiles of one and many rows; on a CPU, one 2-token prompt), then,
+        with `buckets`, b requests for each CUDA-graph bucket b, decoding together long enough for the bucket's
+        graphs (speculative ones too, for greedy and sampled rows) to be captured. Nothing of it shows afterwards: every row is reset and
+        free, and the counters, the prefix cache (not used meanwhile) and the trace (not written) are as they were.
+        """
+        with self._lock:
+            if self._queue or self.pool.busy or (self._thread is not None and self._thread.is_alive()):
+                raise RuntimeError("Engine.warm_up needs an idle engine that has not been started")
+        t0 = time.perf_counter()
+        groups = list(self._warm_up_prompts() if prompts is None else prompts)
+        if buckets:   # (rows admitted max_prefill_rows per round, then 2 eager calls, a capture and a replay)
+            tokens_per_step = 1 + (self.spec.n_draft if self.spec is not None else 0)
+            for temperature in (0.0, 1.0) if self.spec is not None else (0.0,):   # (greedy steps run fused)
+                groups += [(b, 2, (5 + -(-b // self.max_prefill_rows)) * tokens_per_step, temperature)
+                           for b in self.graph_buckets]
+        saved = (dict(self.counters), self.prefix_cache, self.trace,
+                 dict(self.spec.stats) if self.spec is not None else None)
+        self.prefix_cache, self.trace = None, None
+        try:
+            for group in groups:
+                n_reqs, length = int(group[0]), int(group[1])
+                max_tokens = int(group[2]) if len(group) > 2 else 2
+                temperature = float(group[3]) if len(group) > 3 else 0.0
+                length = max(1, min(length, self.max_seq_len - max_tokens))
+                if n_reqs < 1 or length + max_tokens > self.max_seq_len:
+                    continue
+                with self._lock:
+                    for i in range(min(n_reqs, self.max_batch)):
+                        prompt = [(7 * i + j) % self.vocab_size for j in range(length)]
+                        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
+                        self._queue.append(_Request(RequestHandle(f"warm-up-{i}", length, self), prompt, params, i))
+                self.run_until_idle()
+        finally:
+            self._reset_rows()
+            self.counters.clear()
+            self.counters.update(saved[0])
+            self.prefix_cache, self.trace = saved[1], saved[2]
+            if self.spec is not None:
+                self.spec.stats.clear()
+                self.spec.stats.update(saved[3])
+        return time.perf_counter() - t0
+
+    def _warm_up_prompts(self) -> list[tuple[int, int]]:
+        """The default prompt groups of `warm_up` (see there)."""
+        if self.device.type != "cuda":
+            return [(1, 2)]
+        rows = min(self.max_prefill_rows, self.max_batch)
+        chunk = max(2, min(self.prefill_chunk, self.step_token_budget))
+        short = max(2, min(chunk // 2, self.step_token_budget // rows))
+        if short % 16 == 0:   # (Triton specialises integer arguments divisible by 16: meet both kinds)
+            short -= 1
+        return [(1, chunk), (rows, short), (1, chunk + 3)]
+
+    def _reset_rows(self) -> None:
+        """Every row empty and free, its next input 0: as a new engine's."""
+        self._deliver_pending()
+        for r in range(self.max_batch):
+            if self._rows[r] is not None:
+                self._finish(self._rows[r], TokenEvent(None, finish_reason="abort"))
+        self._queue.clear()
+        self._admitted.clear()
+        self.cache.reset()
+        if self.spec is not None:
+            self.spec.mtp_cache.reset()
+            for r in range(self.max_batch):
+                self.spec.release(r)
+        self._next.zero_()
+
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         """Step until no request is queued or running (for scripts and tests without the background thread)."""
         for _ in range(max_steps):
