@@ -231,12 +231,15 @@ class Engine:
                  step_token_budget: int = 8192, max_prefill_rows: int = 16, max_queue: int = 256,
                  eos_token_ids: Sequence[int] = (),
                  prefix_cache=None, speculative: str | None = None, n_draft: int = 1, cuda_graphs: bool = True,
-                 batch_invariant: bool = True, overlap: bool | None = None, trace: str | None = None):
+                 batch_invariant: bool = True, overlap: bool | None = None, trace: str | None = None,
+                 saves_per_step: int = 2):
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
                             ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget),
                             ("max_prefill_rows", max_prefill_rows)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"Engine {name}={value!r}: must be a positive integer")
+        if isinstance(saves_per_step, bool) or not isinstance(saves_per_step, int) or saves_per_step < 0:
+            raise InvalidArgument(f"Engine saves_per_step={saves_per_step!r}: must be an integer >= 0")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InvalidArgument(f"Engine max_queue={max_queue!r}: must be an integer >= 0")
         if speculative not in (None, "mtp"):
@@ -278,6 +281,10 @@ class Engine:
         self.overlap = (self.device.type == "cuda" if overlap is None else bool(overlap)) and speculative is None
         self._next = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._pending: deque[_Pending] = deque()
+        # end-of-request prefix saves: the row's state copied when the request ends, stored (hashed, indexed)
+        # `saves_per_step` per step once the step's forwards are launched (see `_finish`)
+        self.saves_per_step = saves_per_step
+        self._saves: deque = deque()
         self.trace = StepTrace(trace, dict(max_batch=max_batch, overlap=self.overlap, speculative=speculative,
                                            graph_buckets=self.graph_buckets, step_token_budget=step_token_budget,
                                            max_prefill_rows=max_prefill_rows, prefill_chunk=prefill_chunk,
@@ -323,6 +330,8 @@ class Engine:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._thread = None
+        with self._step_lock:
+            self._drain_saves()
         if self.trace is not None:
             self.trace.flush()
 
@@ -353,6 +362,8 @@ class Engine:
             self._prefill(self.step_token_budget - decoded)
             if self.pool.busy == 0:   # only rows whose requests have ended rode along: nothing left to hand out
                 self._deliver_pending()
+            # (the device runs this step's forwards meanwhile; an idle engine stores the rest at once)
+            self._drain_saves(None if not self.has_work else self.saves_per_step)
             if trace is not None:
                 trace.end(prefill_tokens=self.counters["prefill_tokens"] - before, queue=len(self._queue),
                           running=self.pool.busy, pending=len(self._pending))
@@ -527,6 +538,7 @@ class Engine:
         if self.prefix_cache is None:
             return 0, None
         n, start, tail = len(req.prompt), 0, None
+        self._drain_saves(prompt=req.prompt)   # (a queued save this prompt extends may serve it)
         load_full = getattr(self.prefix_cache, "load_full", None)
         try:
             if load_full is not None:
@@ -876,7 +888,7 @@ class Engine:
                 # the cache holds the prompt and every generated token but the last (which was never fed), or with
                 # overlap the last too (the step after it was launched before the request was seen to end)
                 view, held = self.cache.select(req.row), req.prompt + req.generated
-                self._save_prefix(view, held if view.lengths() == [len(held)] else held[:-1], end=True)
+                self._save_at_end(view, held if view.lengths() == [len(held)] else held[:-1])
             self._rows[req.row] = None
             if self.spec is not None:
                 self.spec.release(req.row)
@@ -902,7 +914,46 @@ class Engine:
                 self.spec.mtp_cache.select(r).reset()
                 self.spec.release(r)
 
-    def _save_prefix(self, view, tokens: list[int], end: bool = False, tail: dict | None = None) -> None:
+    def _save_at_end(self, view, tokens: list[int]) -> None:
+        """The save at a request's end: a copy of its row's state now (queued on the device, before anything can
+        reuse the row), stored by `_drain_saves` later in the step or in a later one, once the step's forwards
+        are launched; at once with a prefix cache that takes no snapshots."""
+        if self.prefix_cache is None or view.lengths() != [len(tokens)]:
+            return
+        if not hasattr(self.prefix_cache, "snapshot"):
+            self._save_prefix(view, tokens)
+            return
+        t = time.perf_counter()
+        try:
+            self._saves.append(self.prefix_cache.snapshot(view, tokens))
+        except Exception as e:  # storing is an optimisation: never fail a request for it
+            warnings.warn(f"prefix cache snapshot of {len(tokens)} tokens failed ({e})")
+        if self.trace is not None:
+            self.trace.add("save_ms", 1e3 * (time.perf_counter() - t))
+
+    def _drain_saves(self, limit: int | None = None, prompt: list[int] | None = None) -> None:
+        """Store up to `limit` (None: all) of the queued end-of-request snapshots, oldest first; with `prompt`,
+        only those of a prefix of it (before its lookup, which they may serve: the next turn of a chat)."""
+        if not self._saves:
+            return
+        t = time.perf_counter()
+        if prompt is not None:
+            hits = [snap for snap in self._saves
+                    if len(snap.tokens) <= len(prompt) and prompt[:len(snap.tokens)] == snap.tokens]
+            for snap in hits:
+                self._saves.remove(snap)
+        else:
+            hits = [self._saves.popleft() for _ in range(len(self._saves) if limit is None
+                                                           else min(limit, len(self._saves)))]
+        for snap in hits:
+            try:
+                self.prefix_cache.save_snapshot(snap)
+            except Exception as e:  # storing is an optimisation: never fail a request for it
+                warnings.warn(f"prefix cache save of {len(snap.tokens)} tokens failed ({e})")
+        if self.trace is not None and hits:
+            self.trace.add("save_ms", 1e3 * (time.perf_counter() - t))
+
+    def _save_prefix(self, view, tokens: list[int], tail: dict | None = None) -> None:
         """Store the row's state (holding exactly `tokens`), with the tail of its last forward when given and the
         prefix cache keeps tails (one with `load_full`)."""
         if self.prefix_cache is None or view.lengths() != [len(tokens)]:
