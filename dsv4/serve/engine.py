@@ -41,6 +41,13 @@ gets the same events either way (the one sampled token per step, from its own ge
 with `batch_invariant`, otherwise up to the rounding-level effects of a batch that holds that one extra row).
 `trace=path` writes one JSON line per step (`dsv4.serve.steptrace`; `bench/engine_trace.py` summarises it).
 
+A request that ends saves its row to the prefix cache (the tokens the row holds, no tail) in two parts: a copy of
+the row's state taken at once (`PrefixCache.snapshot`: queued on the device before anything can reset or advance
+the row), stored (hashed, indexed: `save_snapshot`) `saves_per_step` per step once the step's forwards are launched,
+all of them when the engine idles or stops, and before a lookup every queued one its prompt extends (the next turn
+of a chat hits it). `warm_up()` runs the shapes serving meets (prompt chunks of one and many rows, every CUDA-graph
+bucket) before any request, leaving the engine as it was.
+
 With `speculative="mtp"` the model's MTP block drafts `n_draft` tokens per decoding row and one main forward over
 the same decode views verifies them (`dsv4.generate.speculative`): prefill chunks also fill the MTP cache, the
 first token is chosen at the row's first speculative step, each accepted token goes out as its own event, and a

@@ -17,7 +17,9 @@ The engine's side (all one-row caches: `cache.select(row)`; safe to call from se
     for stop in pc.boundaries(len(prompt), prompt[-1]):   # prefill from n, stopping at each boundary > n to
         ...; pc.save(row, prompt[:stop], tail={"logits": that chunk's last logits})   # save
     ...                                 # generation
-    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds (no tail)
+    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds (no tail), or in two
+    snap = pc.snapshot(row, tokens)           # parts: a copy of the row now (no hashing, no wait for the device),
+    pc.save_snapshot(snap)                    # stored later, once the row may have moved on
     pc.stats()                          # counters and tier sizes, for /metrics
 
 An entry's tail is what the forward that computed its last token gave besides the cache: the next token's logits
