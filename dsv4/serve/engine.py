@@ -383,9 +383,9 @@ class Engine:
 
         Synthetic greedy requests go through the engine's own steps, in groups run one after the other:
         `prompts`, a list of (requests, prompt length[, max_tokens[, temperature]]) groups (default max_tokens 2,
-        greedy; on a GPU: one prompt of a whole chunk,
-        `max_prefill_rows` shorter ones batched, and one of a chunk and 3 tokens, which runs a chunk at a later
-        position: the static and dynamic compiles of one and many rows; on a CPU, one 2-token prompt), then,
+        greedy; on a GPU: one prompt of a whole chunk, `max_prefill_rows` shorter ones batched, one of a chunk
+        and 3 tokens, which runs a chunk at a later position, and half as many rows of longer prompts: the static
+        and dynamic compiles of one and many rows; on a CPU, one 2-token prompt), then,
         with `buckets`, b requests for each CUDA-graph bucket b, decoding together long enough for the bucket's
         graphs (speculative ones too, for greedy and sampled rows) to be captured. Nothing of it shows afterwards: every row is reset and
         free, and the counters, the prefix cache (not used meanwhile) and the trace (not written) are as they were.
@@ -436,7 +436,10 @@ class Engine:
         short = max(2, min(chunk // 2, self.step_token_budget // rows))
         if short % 16 == 0:   # (Triton specialises integer arguments divisible by 16: meet both kinds)
             short -= 1
-        return [(1, chunk), (rows, short), (1, chunk + 3)]
+        groups = [(1, chunk), (rows, short), (1, chunk + 3)]
+        if rows > 2:   # (a load's usual batch: fewer rows of longer chunks, a multiple of 16, e.g. 8 x 1K)
+            groups.append((rows // 2, max(2, min(chunk, self.step_token_budget // (rows // 2)) // 16 * 16)))
+        return groups
 
     def _reset_rows(self) -> None:
         """Every row empty and free, its next input 0: as a new engine's."""
