@@ -387,8 +387,9 @@ class Engine:
         and 3 tokens, which runs a chunk at a later position, and half as many rows of longer prompts: the static
         and dynamic compiles of one and many rows; on a CPU, one 2-token prompt), then,
         with `buckets`, b requests for each CUDA-graph bucket b, decoding together long enough for the bucket's
-        graphs (speculative ones too, for greedy and sampled rows) to be captured. Nothing of it shows afterwards: every row is reset and
-        free, and the counters, the prefix cache (not used meanwhile) and the trace (not written) are as they were.
+        graphs (speculative ones too, for greedy and sampled rows) to be captured. Nothing of it shows afterwards:
+        every row is reset and free, and the counters, the prefix cache (not used meanwhile) and the trace (not
+        written) are as they were.
         """
         with self._lock:
             if self._queue or self.pool.busy or (self._thread is not None and self._thread.is_alive()):

@@ -49,8 +49,8 @@ class StepTrace:
         self._t0 = now
         self.rec = dict(t=round(time.time(), 6), ms=0.0,
                         idle_ms=None if self._last_end is None else round(1e3 * (now - self._last_end), 3),
-                        host_ms=None, wait_ms=0.0, deliver_ms=0.0, save_ms=0.0, decode_rows=0, graph=None, prefill_tokens=0,
-                        prefill_rows=0, prefill_forwards=0, emitted=0, finished=0)
+                        host_ms=None, wait_ms=0.0, deliver_ms=0.0, save_ms=0.0, decode_rows=0, graph=None,
+                        prefill_tokens=0, prefill_rows=0, prefill_forwards=0, emitted=0, finished=0)
 
     def launch(self) -> None:
         """The step's decode is about to be launched (the first call of a step counts)."""
