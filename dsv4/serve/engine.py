@@ -398,9 +398,9 @@ class Engine:
         groups = list(self._warm_up_prompts() if prompts is None else prompts)
         if buckets:   # (rows admitted max_prefill_rows per round, then 2 eager calls, a capture and a replay)
             tokens_per_step = 1 + (self.spec.n_draft if self.spec is not None else 0)
+            per_step = max(1, min(self.max_prefill_rows, self.step_token_budget // 3))   # (admissions per step)
             for temperature in (0.0, 1.0) if self.spec is not None else (0.0,):   # (greedy steps run fused)
-                groups += [(b, 2, (5 + -(-b // self.max_prefill_rows)) * tokens_per_step, temperature)
-                           for b in self.graph_buckets]
+                groups += [(b, 2, (5 + -(-b // per_step)) * tokens_per_step, temperature) for b in self.graph_buckets]
         saved = (dict(self.counters), self.prefix_cache, self.trace,
                  dict(self.spec.stats) if self.spec is not None else None)
         self.prefix_cache, self.trace = None, None
