@@ -949,8 +949,9 @@ class Engine:
             return
         t = time.perf_counter()
         if prompt is not None:
-            hits = [snap for snap in self._saves
-                    if len(snap.tokens) <= len(prompt) and prompt[:len(snap.tokens)] == snap.tokens]
+            hits = [snap for snap in self._saves   # (the ends first: most snapshots are of other prompts)
+                    if len(snap.tokens) <= len(prompt) and snap.tokens[-1] == prompt[len(snap.tokens) - 1]
+                    and snap.tokens[0] == prompt[0] and prompt[:len(snap.tokens)] == snap.tokens]
             for snap in hits:
                 self._saves.remove(snap)
         else:
