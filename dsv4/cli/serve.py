@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     sys.setswitchinterval(args.switch_interval)
     if not args.no_warm_up:
-        print(f"dsv4 serve: warm-up took {engine.warm_up():.1f} s", file=sys.stderr, flush=True)
+        print(f"dsv4 serve: warm-up took {engine.warm_up():.2f} s", file=sys.stderr, flush=True)
     engine.start()
     try:
         uvicorn.run(build_app(engine, tok, name), host=args.host, port=args.port, log_level="info")
