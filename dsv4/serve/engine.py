@@ -376,7 +376,7 @@ class Engine:
                           running=self.pool.busy, pending=len(self._pending))
 
     @torch.no_grad()
-    def warm_up(self, prompts: Sequence[tuple[int, int]] | None = None, buckets: bool = True) -> float:
+    def warm_up(self, prompts: Sequence[tuple] | None = None, buckets: bool = True) -> float:
         """Run the shapes serving will meet before any request arrives, so that kernel compilation (Triton JIT,
         torch.compile's static then dynamic compiles of the cache codecs) and CUDA-graph capture do not land on
         the first requests' steps; returns the seconds it took. The engine must be idle and not yet started.
@@ -395,6 +395,7 @@ class Engine:
             if self._queue or self.pool.busy or (self._thread is not None and self._thread.is_alive()):
                 raise RuntimeError("Engine.warm_up needs an idle engine that has not been started")
         t0 = time.perf_counter()
+        self._drain_saves()   # (the prefix cache is set aside meanwhile)
         groups = list(self._warm_up_prompts() if prompts is None else prompts)
         if buckets:   # (rows admitted max_prefill_rows per round, then 2 eager calls, a capture and a replay)
             tokens_per_step = 1 + (self.spec.n_draft if self.spec is not None else 0)
