@@ -43,7 +43,13 @@ def summarise(steps: list[dict], max_batch: int | None) -> dict:
                prefill_tokens=sum(s["prefill_tokens"] for s in steps),
                prefill_forwards=sum(s.get("prefill_forwards", 0) for s in steps),
                wait_ms_total=round(sum(s["wait_ms"] for s in steps), 1),
-               deliver_ms_total=round(sum(s["deliver_ms"] for s in steps), 1))
+               deliver_ms_total=round(sum(s["deliver_ms"] for s in steps), 1),
+               save_ms_total=round(sum(s.get("save_ms", 0.0) for s in steps), 1))
+    ended = [s for s in steps if s["finished"]]
+    if ended:   # (the hand-out of steps where requests end: their prefix-cache snapshots, their streams' last events)
+        out["finishing_steps"] = dict(steps=len(ended), requests=sum(s["finished"] for s in ended),
+                                      deliver_ms_p50=pct([s["deliver_ms"] for s in ended], 0.5),
+                                      save_ms_p50=pct([s.get("save_ms", 0.0) for s in ended], 0.5))
     out["output_tok_per_s"] = round(out["tokens"] / span_ms * 1e3, 1) if span_ms > 0 else None
     for k in ("decode", "prefill", "mixed", "empty"):
         ks = [s for s in steps if kind(s) == k]
@@ -103,7 +109,11 @@ def report(name: str, s: dict) -> str:
              "  wall time: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in s["ms_share"].items() if v is not None)
              + f"  (idle {s['idle_ms_total']:.0f} ms, p50 gap {s['idle_ms_p50']} ms, p99 {s['idle_ms_p99']} ms)",
              f"  waits for device results {s['wait_ms_total']:.0f} ms, handing out results {s['deliver_ms_total']:.0f}"
-             " ms"]
+             f" ms, prefix-cache saves {s['save_ms_total']:.0f} ms"]
+    if "finishing_steps" in s:
+        f = s["finishing_steps"]
+        lines.append(f"  steps ending requests: {f['steps']} ({f['requests']} requests), hand-out p50 "
+                     f"{f['deliver_ms_p50']} ms, saves p50 {f['save_ms_p50']} ms")
     for k in ("decode", "prefill", "mixed", "empty"):
         if k in s:
             d = s[k]

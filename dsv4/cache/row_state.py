@@ -136,9 +136,20 @@ def copy_tensors(dests: list[torch.Tensor], srcs: list[torch.Tensor], non_blocki
 
 def clone_tensors(tensors: dict[str, torch.Tensor], device: torch.device | None = None,
                   pin_memory: bool = False, non_blocking: bool = False) -> dict[str, torch.Tensor]:
-    """Copies of named tensors (on `device`, by default each one's own), made by `copy_tensors`."""
-    out = {k: torch.empty(v.shape, dtype=v.dtype, device=device or v.device, pin_memory=pin_memory)
-           for k, v in tensors.items()}
+    """Copies of named tensors (on `device`, by default each one's own), made by `copy_tensors`. The copies of
+    one dtype on one device are pieces of one buffer allocated for them all: a row's state is ~30 tensors of 3
+    dtypes, and each allocation the caching allocators cannot serve from memory they hold (a prefix cache keeps
+    what it allocates) is a cudaMalloc or cudaHostAlloc of its own, which costs far more than the copy."""
+    groups: dict[tuple, list[str]] = {}
+    for k, v in tensors.items():
+        groups.setdefault((v.dtype, v.device if device is None else device), []).append(k)
+    out: dict[str, torch.Tensor] = {}
+    for (dtype, dev), names in groups.items():
+        sizes = [tensors[k].numel() for k in names]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=dev, pin_memory=pin_memory)
+        for k, piece in zip(names, flat.split(sizes)):
+            out[k] = piece.view(tensors[k].shape)
+    out = {k: out[k] for k in tensors}
     copy_tensors(list(out.values()), list(tensors.values()), non_blocking=non_blocking)
     return out
 

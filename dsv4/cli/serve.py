@@ -59,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", metavar="FILE",
                    help="write one JSON line per engine step (its time, host part, waits, rows, prompt tokens, idle "
                         "time before it); summarise with python bench/engine_trace.py FILE")
+    p.add_argument("--no-warm-up", action="store_true",
+                   help="start serving at once instead of first running the shapes serving meets (prompt chunks of "
+                        "one and many rows, every CUDA-graph batch bucket) so that kernel compilation and graph "
+                        "capture do not land on the first requests (seconds on a GPU; the time is logged)")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; "
@@ -129,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
                                                                      and device.type != "cuda"))
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
     sys.setswitchinterval(args.switch_interval)
+    if not args.no_warm_up:
+        print(f"dsv4 serve: warm-up took {engine.warm_up():.2f} s", file=sys.stderr, flush=True)
     engine.start()
     try:
         uvicorn.run(build_app(engine, tok, name), host=args.host, port=args.port, log_level="info")

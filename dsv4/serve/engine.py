@@ -41,6 +41,13 @@ gets the same events either way (the one sampled token per step, from its own ge
 with `batch_invariant`, otherwise up to the rounding-level effects of a batch that holds that one extra row).
 `trace=path` writes one JSON line per step (`dsv4.serve.steptrace`; `bench/engine_trace.py` summarises it).
 
+A request that ends saves its row to the prefix cache (the tokens the row holds, no tail) in two parts: a copy of
+the row's state taken at once (`PrefixCache.snapshot`: queued on the device before anything can reset or advance
+the row), stored (hashed, indexed: `save_snapshot`) `saves_per_step` per step once the step's forwards are launched,
+all of them when the engine idles or stops, and before a lookup every queued one its prompt extends (the next turn
+of a chat hits it). `warm_up()` runs the shapes serving meets (prompt chunks of one and many rows, every CUDA-graph
+bucket) before any request, leaving the engine as it was.
+
 With `speculative="mtp"` the model's MTP block drafts `n_draft` tokens per decoding row and one main forward over
 the same decode views verifies them (`dsv4.generate.speculative`): prefill chunks also fill the MTP cache, the
 first token is chosen at the row's first speculative step, each accepted token goes out as its own event, and a
@@ -231,12 +238,15 @@ class Engine:
                  step_token_budget: int = 8192, max_prefill_rows: int = 16, max_queue: int = 256,
                  eos_token_ids: Sequence[int] = (),
                  prefix_cache=None, speculative: str | None = None, n_draft: int = 1, cuda_graphs: bool = True,
-                 batch_invariant: bool = True, overlap: bool | None = None, trace: str | None = None):
+                 batch_invariant: bool = True, overlap: bool | None = None, trace: str | None = None,
+                 saves_per_step: int = 2):
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
                             ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget),
                             ("max_prefill_rows", max_prefill_rows)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgument(f"Engine {name}={value!r}: must be a positive integer")
+        if isinstance(saves_per_step, bool) or not isinstance(saves_per_step, int) or saves_per_step < 0:
+            raise InvalidArgument(f"Engine saves_per_step={saves_per_step!r}: must be an integer >= 0")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InvalidArgument(f"Engine max_queue={max_queue!r}: must be an integer >= 0")
         if speculative not in (None, "mtp"):
@@ -278,6 +288,10 @@ class Engine:
         self.overlap = (self.device.type == "cuda" if overlap is None else bool(overlap)) and speculative is None
         self._next = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._pending: deque[_Pending] = deque()
+        # end-of-request prefix saves: the row's state copied when the request ends, stored (hashed, indexed)
+        # `saves_per_step` per step once the step's forwards are launched (see `_finish`)
+        self.saves_per_step = saves_per_step
+        self._saves: deque = deque()
         self.trace = StepTrace(trace, dict(max_batch=max_batch, overlap=self.overlap, speculative=speculative,
                                            graph_buckets=self.graph_buckets, step_token_budget=step_token_budget,
                                            max_prefill_rows=max_prefill_rows, prefill_chunk=prefill_chunk,
@@ -323,6 +337,8 @@ class Engine:
         if thread is not None and thread is not threading.current_thread():
             thread.join()
         self._thread = None
+        with self._step_lock:
+            self._drain_saves()
         if self.trace is not None:
             self.trace.flush()
 
@@ -353,9 +369,94 @@ class Engine:
             self._prefill(self.step_token_budget - decoded)
             if self.pool.busy == 0:   # only rows whose requests have ended rode along: nothing left to hand out
                 self._deliver_pending()
+            # (the device runs this step's forwards meanwhile; an idle engine stores the rest at once)
+            self._drain_saves(None if not self.has_work else self.saves_per_step)
             if trace is not None:
                 trace.end(prefill_tokens=self.counters["prefill_tokens"] - before, queue=len(self._queue),
                           running=self.pool.busy, pending=len(self._pending))
+
+    @torch.no_grad()
+    def warm_up(self, prompts: Sequence[tuple] | None = None, buckets: bool = True) -> float:
+        """Run the shapes serving will meet before any request arrives, so that kernel compilation (Triton JIT,
+        torch.compile's static then dynamic compiles of the cache codecs) and CUDA-graph capture do not land on
+        the first requests' steps; returns the seconds it took. The engine must be idle and not yet started.
+
+        Synthetic greedy requests go through the engine's own steps, in groups run one after the other:
+        `prompts`, a list of (requests, prompt length[, max_tokens[, temperature]]) groups (default max_tokens 2,
+        greedy; on a GPU: one prompt of a whole chunk, `max_prefill_rows` shorter ones batched, one of a chunk
+        and 3 tokens, which runs a chunk at a later position, and half as many rows of longer prompts: the static
+        and dynamic compiles of one and many rows; on a CPU, one 2-token prompt), then,
+        with `buckets`, b requests for each CUDA-graph bucket b, decoding together long enough for the bucket's
+        graphs (speculative ones too, for greedy and sampled rows) to be captured. Nothing of it shows afterwards:
+        every row is reset and free, and the counters, the prefix cache (not used meanwhile) and the trace (not
+        written) are as they were.
+        """
+        with self._lock:
+            if self._queue or self.pool.busy or (self._thread is not None and self._thread.is_alive()):
+                raise RuntimeError("Engine.warm_up needs an idle engine that has not been started")
+        t0 = time.perf_counter()
+        self._drain_saves()   # (the prefix cache is set aside meanwhile)
+        groups = list(self._warm_up_prompts() if prompts is None else prompts)
+        if buckets:   # (rows admitted max_prefill_rows per round, then 2 eager calls, a capture and a replay)
+            tokens_per_step = 1 + (self.spec.n_draft if self.spec is not None else 0)
+            per_step = max(1, min(self.max_prefill_rows, self.step_token_budget // 3))   # (admissions per step)
+            for temperature in (0.0, 1.0) if self.spec is not None else (0.0,):   # (greedy steps run fused)
+                groups += [(b, 2, (5 + -(-b // per_step)) * tokens_per_step, temperature) for b in self.graph_buckets]
+        saved = (dict(self.counters), self.prefix_cache, self.trace,
+                 dict(self.spec.stats) if self.spec is not None else None)
+        self.prefix_cache, self.trace = None, None
+        try:
+            for group in groups:
+                n_reqs, length = int(group[0]), int(group[1])
+                max_tokens = int(group[2]) if len(group) > 2 else 2
+                temperature = float(group[3]) if len(group) > 3 else 0.0
+                length = max(1, min(length, self.max_seq_len - max_tokens))
+                if n_reqs < 1 or length + max_tokens > self.max_seq_len:
+                    continue
+                with self._lock:
+                    for i in range(min(n_reqs, self.max_batch)):
+                        prompt = [(7 * i + j) % self.vocab_size for j in range(length)]
+                        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
+                        self._queue.append(_Request(RequestHandle(f"warm-up-{i}", length, self), prompt, params, i))
+                self.run_until_idle()
+        finally:
+            self._reset_rows()
+            self.counters.clear()
+            self.counters.update(saved[0])
+            self.prefix_cache, self.trace = saved[1], saved[2]
+            if self.spec is not None:
+                self.spec.stats.clear()
+                self.spec.stats.update(saved[3])
+        return time.perf_counter() - t0
+
+    def _warm_up_prompts(self) -> list[tuple[int, int]]:
+        """The default prompt groups of `warm_up` (see there)."""
+        if self.device.type != "cuda":
+            return [(1, 2)]
+        rows = min(self.max_prefill_rows, self.max_batch)
+        chunk = max(2, min(self.prefill_chunk, self.step_token_budget))
+        short = max(2, min(chunk // 2, self.step_token_budget // rows))
+        if short % 16 == 0:   # (Triton specialises integer arguments divisible by 16: meet both kinds)
+            short -= 1
+        groups = [(1, chunk), (rows, short), (1, chunk + 3)]
+        if rows > 2:   # (a load's usual batch: fewer rows of longer chunks, a multiple of 16, e.g. 8 x 1K)
+            groups.append((rows // 2, max(2, min(chunk, self.step_token_budget // (rows // 2)) // 16 * 16)))
+        return groups
+
+    def _reset_rows(self) -> None:
+        """Every row empty and free, its next input 0: as a new engine's."""
+        self._deliver_pending()
+        for r in range(self.max_batch):
+            if self._rows[r] is not None:
+                self._finish(self._rows[r], TokenEvent(None, finish_reason="abort"))
+        self._queue.clear()
+        self._admitted.clear()
+        self.cache.reset()
+        if self.spec is not None:
+            self.spec.mtp_cache.reset()
+            for r in range(self.max_batch):
+                self.spec.release(r)
+        self._next.zero_()
 
     def run_until_idle(self, max_steps: int = 1_000_000) -> None:
         """Step until no request is queued or running (for scripts and tests without the background thread)."""
@@ -449,6 +550,7 @@ class Engine:
         if self.prefix_cache is None:
             return 0, None
         n, start, tail = len(req.prompt), 0, None
+        self._drain_saves(prompt=req.prompt)   # (a queued save this prompt extends may serve it)
         load_full = getattr(self.prefix_cache, "load_full", None)
         try:
             if load_full is not None:
@@ -798,7 +900,7 @@ class Engine:
                 # the cache holds the prompt and every generated token but the last (which was never fed), or with
                 # overlap the last too (the step after it was launched before the request was seen to end)
                 view, held = self.cache.select(req.row), req.prompt + req.generated
-                self._save_prefix(view, held if view.lengths() == [len(held)] else held[:-1], end=True)
+                self._save_at_end(view, held if view.lengths() == [len(held)] else held[:-1])
             self._rows[req.row] = None
             if self.spec is not None:
                 self.spec.release(req.row)
@@ -824,7 +926,47 @@ class Engine:
                 self.spec.mtp_cache.select(r).reset()
                 self.spec.release(r)
 
-    def _save_prefix(self, view, tokens: list[int], end: bool = False, tail: dict | None = None) -> None:
+    def _save_at_end(self, view, tokens: list[int]) -> None:
+        """The save at a request's end: a copy of its row's state now (queued on the device, before anything can
+        reuse the row), stored by `_drain_saves` later in the step or in a later one, once the step's forwards
+        are launched; at once with a prefix cache that takes no snapshots."""
+        if self.prefix_cache is None or view.lengths() != [len(tokens)]:
+            return
+        if not hasattr(self.prefix_cache, "snapshot"):
+            self._save_prefix(view, tokens)
+            return
+        t = time.perf_counter()
+        try:
+            self._saves.append(self.prefix_cache.snapshot(view, tokens))
+        except Exception as e:  # storing is an optimisation: never fail a request for it
+            warnings.warn(f"prefix cache snapshot of {len(tokens)} tokens failed ({e})")
+        if self.trace is not None:
+            self.trace.add("save_ms", 1e3 * (time.perf_counter() - t))
+
+    def _drain_saves(self, limit: int | None = None, prompt: list[int] | None = None) -> None:
+        """Store up to `limit` (None: all) of the queued end-of-request snapshots, oldest first; with `prompt`,
+        only those of a prefix of it (before its lookup, which they may serve: the next turn of a chat)."""
+        if not self._saves:
+            return
+        t = time.perf_counter()
+        if prompt is not None:
+            hits = [snap for snap in self._saves   # (the ends first: most snapshots are of other prompts)
+                    if len(snap.tokens) <= len(prompt) and snap.tokens[-1] == prompt[len(snap.tokens) - 1]
+                    and snap.tokens[0] == prompt[0] and prompt[:len(snap.tokens)] == snap.tokens]
+            for snap in hits:
+                self._saves.remove(snap)
+        else:
+            hits = [self._saves.popleft() for _ in range(len(self._saves) if limit is None
+                                                           else min(limit, len(self._saves)))]
+        for snap in hits:
+            try:
+                self.prefix_cache.save_snapshot(snap)
+            except Exception as e:  # storing is an optimisation: never fail a request for it
+                warnings.warn(f"prefix cache save of {len(snap.tokens)} tokens failed ({e})")
+        if self.trace is not None and hits:
+            self.trace.add("save_ms", 1e3 * (time.perf_counter() - t))
+
+    def _save_prefix(self, view, tokens: list[int], tail: dict | None = None) -> None:
         """Store the row's state (holding exactly `tokens`), with the tail of its last forward when given and the
         prefix cache keeps tails (one with `load_full`)."""
         if self.prefix_cache is None or view.lengths() != [len(tokens)]:

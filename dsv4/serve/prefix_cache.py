@@ -17,7 +17,9 @@ The engine's side (all one-row caches: `cache.select(row)`; safe to call from se
     for stop in pc.boundaries(len(prompt), prompt[-1]):   # prefill from n, stopping at each boundary > n to
         ...; pc.save(row, prompt[:stop], tail={"logits": that chunk's last logits})   # save
     ...                                 # generation
-    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds (no tail)
+    pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds (no tail), or in two
+    snap = pc.snapshot(row, tokens)           # parts: a copy of the row now (no hashing, no wait for the device),
+    pc.save_snapshot(snap)                    # stored later, once the row may have moved on
     pc.stats()                          # counters and tier sizes, for /metrics
 
 An entry's tail is what the forward that computed its last token gave besides the cache: the next token's logits
@@ -78,7 +80,7 @@ from ..errors import InvalidArgument
 from ..generate.fingerprint import model_fingerprint
 from ..generate.prefix_store import TAIL, PrefixStore, store_fingerprint
 
-__all__ = ["PrefixCache"]
+__all__ = ["PrefixCache", "RowSnapshot"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +126,25 @@ class _Entry:
         for e in chain:
             e.wait()
         return {k: torch.cat([e.state[k].cpu() for e in chain]) if k.endswith(GROWING) else v
+                for k, v in self.state.items()}
+
+
+@dataclasses.dataclass
+class RowSnapshot:
+    """A copy of a one-row cache's state holding `tokens` (`PrefixCache.snapshot`): the row state's tensors, each
+    layer's compression ratio (to cut the compressed entries past a stored parent) and the row's cache, whose
+    storage formats (not its contents, which have moved on) key the entry."""
+    tokens: list[int]
+    state: dict[str, torch.Tensor]
+    ratios: list[int]
+    formats: KVCache
+
+    def piece(self, start: int) -> dict[str, torch.Tensor]:
+        """`row_state(row, n, start)` of the row as it was: the compressed entries and indexer keys past the
+        first `start` tokens', the rest whole (views)."""
+        if not start:
+            return dict(self.state)
+        return {k: v[start // self.ratios[int(k.split(".", 1)[0])]:] if k.endswith(GROWING) else v
                 for k, v in self.state.items()}
 
 
@@ -254,6 +275,32 @@ class PrefixCache:
                     return
             self._insert(fp, tokens, cache_row, chain, tail=tail)
 
+    def snapshot(self, cache_row: KVCache, tokens: Sequence[int]) -> "RowSnapshot":
+        """A copy, taken now, of the state of a one-row cache that holds exactly `tokens`, for `save_snapshot` to
+        store later, once the row has moved on: one allocation and a few grouped copies queued on the device (no
+        wait for it, no hashing, no lookup), so a server can take it the moment a request ends and leave the rest
+        of the save for when the device is busy."""
+        _check_row(cache_row, "snapshot")
+        if cache_row.lengths() != [len(tokens)]:
+            raise InvalidArgument(f"PrefixCache.snapshot: the row holds {cache_row.lengths()[0]} tokens, "
+                                  f"not the {len(tokens)} given")
+        return RowSnapshot(list(tokens), clone_tensors(row_state(cache_row, len(tokens))),
+                           [layer.ratio for layer in cache_row.layers], cache_row)
+
+    def save_snapshot(self, snap: "RowSnapshot") -> None:
+        """`save` of the row a `snapshot` was taken of, as it was then."""
+        if not snap.tokens:
+            return
+        with self._lock:
+            fp = self._fingerprint(snap.formats, recompute=False)
+            chain = self._chain(fp, snap.tokens)
+            key = chain.key(len(snap.tokens))
+            for tier in TIERS:
+                if key in self._tiers[tier]:
+                    self._touch(self._tiers[tier][key])
+                    return
+            self._insert(fp, snap.tokens, None, chain, snapshot=snap)
+
     def stats(self) -> dict:
         """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,
         store_hits, store_saves, device_evictions, host_evictions, fingerprint_passes) and, per tier, `entries`,
@@ -333,17 +380,19 @@ class PrefixCache:
         return 0, None
 
     # ------------------------------------------------------------------ tiers
-    def _insert(self, fp: str, tokens: Sequence[int], cache_row: KVCache, chain: _Chain | None = None,
-                on_disk: bool = False, tail: dict[str, torch.Tensor] | None = None) -> None:
-        """Keep the state of the one-row cache holding `tokens` (past the longest held shorter prefix, if any)
-        and its tail."""
+    def _insert(self, fp: str, tokens: Sequence[int], cache_row: KVCache | None, chain: _Chain | None = None,
+                on_disk: bool = False, tail: dict[str, torch.Tensor] | None = None,
+                snapshot: "RowSnapshot | None" = None) -> None:
+        """Keep the state of the one-row cache holding `tokens` (or of the `snapshot` taken of one; past the
+        longest held shorter prefix, if any) and its tail."""
         chain = chain or self._chain(fp, tokens)
         n = len(tokens)
         base, parent = self._find(fp, tokens, chain)
         if parent is not None:  # most recent first; this can evict, rarely the parent's own chain: look again
             self._touch(parent)
             base, parent = self._find(fp, tokens, chain)
-        state = row_state(cache_row, n, start=base)
+        state = row_state(cache_row, n, start=base) if snapshot is None else snapshot.piece(base)
+        owned = snapshot is not None and base == 0   # (the snapshot's tensors are a copy already: kept as they are)
         state.update({TAIL + k: v.detach().to(self.device) for k, v in (tail or {}).items()})
         kept = np.asarray(tokens, dtype=np.int64) if self.store is not None else None
         entry = _Entry(chain.key(n), chain.nodes[n // self.block], n, state, state_nbytes(state), fp, kept, on_disk,
@@ -354,7 +403,7 @@ class PrefixCache:
         if parent is not None:
             parent.children.append(entry)
         if entry.nbytes <= self.budget["device"]:
-            entry.state = clone_tensors(state)
+            entry.state = state if owned else clone_tensors(state)
             self._add("device", entry)
         else:
             self._demote(entry)

@@ -14,6 +14,8 @@ step:
   wait_ms   the step's waits for device results (token copies to the host); with overlap, the wait for the
             previous step's results while this step's decode runs
   deliver_ms  handing results out (stop checks, events pushed to streams), waits excluded
+  save_ms   prefix-cache saves at requests' ends: the row-state copies taken when they end (within deliver_ms)
+            and the saves stored after the step's launches
   decode_rows  rows the decode fed (live requests; free rows riding along excluded), graph: the decode replayed a
             CUDA graph (its bucket), prefill_tokens / prefill_rows / prefill_forwards: the prompt chunks run
   emitted   tokens handed to request streams; finished: requests that ended; queue: requests waiting for a row
@@ -47,8 +49,8 @@ class StepTrace:
         self._t0 = now
         self.rec = dict(t=round(time.time(), 6), ms=0.0,
                         idle_ms=None if self._last_end is None else round(1e3 * (now - self._last_end), 3),
-                        host_ms=None, wait_ms=0.0, deliver_ms=0.0, decode_rows=0, graph=None, prefill_tokens=0,
-                        prefill_rows=0, prefill_forwards=0, emitted=0, finished=0)
+                        host_ms=None, wait_ms=0.0, deliver_ms=0.0, save_ms=0.0, decode_rows=0, graph=None,
+                        prefill_tokens=0, prefill_rows=0, prefill_forwards=0, emitted=0, finished=0)
 
     def launch(self) -> None:
         """The step's decode is about to be launched (the first call of a step counts)."""
@@ -72,6 +74,7 @@ class StepTrace:
         rec["ms"] = round(1e3 * (now - self._t0), 3)
         rec["wait_ms"] = round(rec["wait_ms"], 3)
         rec["deliver_ms"] = round(rec["deliver_ms"], 3)
+        rec["save_ms"] = round(rec["save_ms"], 3)
         self._last_end = now
         self._lines.append(json.dumps(rec, separators=(",", ":")))
         if len(self._lines) >= self.flush_every:

@@ -86,3 +86,29 @@ def test_overlapped_decode_gives_the_synchronous_tokens(model, batch_invariant):
         assert max(abs(a - b) for (_, a), (_, b) in zip(got, ref)) < 1e-4
     sampled = SamplingParams(max_tokens=9, temperature=0.8, top_k=20, seed=3)
     assert run(model, ps[:6], sampled, overlap=True)[1] == run(model, ps[:6], sampled, overlap=False)[1]
+
+
+@pytest.mark.parametrize("speculative", [None, "mtp"])
+def test_warm_up_captures_every_bucket_and_changes_no_output(model, speculative):
+    """After `warm_up` every decode bucket's graph (speculative: the fused greedy verify and the sampled verify)
+    is captured, and requests get what a cold engine, capturing as it goes, gives them (bitwise: batch-invariant)."""
+    from dsv4.serve.engine import Engine
+    kw = dict(max_batch=8, max_seq_len=128, prefill_chunk=16, step_token_budget=64, batch_invariant=True,
+              speculative=speculative)
+    warm = Engine(model, **kw)
+    assert warm.warm_up() > 0
+    buckets = set(warm.graph_buckets)
+    if speculative is None:
+        assert set(warm._graphs) == buckets and all(g.graph is not None for g in warm._graphs.values())
+    else:
+        assert {key[2] for key in warm.spec._fused_graphs} == buckets
+        assert {b for b, _ in warm._spec_graphs} == buckets
+    assert warm.stats()["steps"] == 0 and warm.cache.lengths() == [0] * 8
+    outs = []
+    for engine in (warm, Engine(model, **kw)):
+        params = [SamplingParams(max_tokens=9, temperature=0, logprobs=0),
+                  SamplingParams(max_tokens=7, temperature=0.9, seed=4, logprobs=0)]
+        hs = [engine.submit(p, params[i % 2]) for i, p in enumerate(prompts(6))]
+        engine.run_until_idle()
+        outs.append([[(e.token, e.logprob) for e in h] for h in hs])
+    assert outs[0] == outs[1]
