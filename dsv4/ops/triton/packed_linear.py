@@ -110,6 +110,26 @@ def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s
 
 
 @triton.jit
+def _fp8_block_dot(a, w_ptr, s_ptr, rn, rk, kb, nmask, kmask, rs_w, rs_s, DT: tl.constexpr, IEEE: tl.constexpr,
+                   NATIVE_FP8: tl.constexpr):
+    """a [BLOCK_M, 128] times the FP8 rows rn, K block kb, of w (one 128-column block: one UE8M0 scale per 128
+    rows), scaled: the fp32 [BLOCK_M, BLOCK_N] contribution of that block."""
+    b = tl.load(w_ptr + rn.to(tl.int64)[:, None] * rs_w + rk[None, :], mask=nmask[:, None] & kmask[None, :], other=0)
+    if NATIVE_FP8:  # sm_89+: the hardware's e4m3 conversion
+        w = b.to(tl.float8e4nv, bitcast=True).to(DT)
+    else:           # 2^-8 times the values: the 2^8 joins the tile scale below
+        w = e4m3_as_fp16(b.to(tl.int32)).to(DT)
+    if IEEE:  # the interpreter: the same exact products as fp32 FMAs (its bf16 dot is unreliable)
+        part = tl.dot(a, tl.trans(w), input_precision="ieee")
+    else:
+        part = tl.dot(a, tl.trans(w))
+    s = ue8m0_values(tl.load(s_ptr + (rn // 128) * rs_s + kb, mask=nmask, other=0).to(tl.int32))
+    if not NATIVE_FP8:
+        s = s * 256.0
+    return part * s[None, :]
+
+
+@triton.jit
 def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, KB, KB_PER, SPLIT, rs_x, rs_w,
                        rs_s, GROUP_N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr,
                        IEEE: tl.constexpr, NATIVE_FP8: tl.constexpr):
@@ -128,20 +148,7 @@ def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
         kmask = rk < K
         a = tl.load(x_ptr + rm.to(tl.int64)[:, None] * rs_x + rk[None, :], mask=mmask[:, None] & kmask[None, :],
                     other=0.0).to(DT)
-        b = tl.load(w_ptr + rn.to(tl.int64)[:, None] * rs_w + rk[None, :], mask=nmask[:, None] & kmask[None, :],
-                    other=0)
-        if NATIVE_FP8:  # sm_89+: the hardware's e4m3 conversion
-            w = b.to(tl.float8e4nv, bitcast=True).to(DT)
-        else:           # 2^-8 times the values: the 2^8 joins the tile scale below
-            w = e4m3_as_fp16(b.to(tl.int32)).to(DT)
-        if IEEE:  # the interpreter: the same exact products as fp32 FMAs (its bf16 dot is unreliable)
-            part = tl.dot(a, tl.trans(w), input_precision="ieee")
-        else:
-            part = tl.dot(a, tl.trans(w))
-        s = ue8m0_values(tl.load(s_ptr + (rn // 128) * rs_s + kb, mask=nmask, other=0).to(tl.int32))
-        if not NATIVE_FP8:
-            s = s * 256.0
-        acc += part * s[None, :]
+        acc += _fp8_block_dot(a, w_ptr, s_ptr, rn, rk, kb, nmask, kmask, rs_w, rs_s, DT, IEEE, NATIVE_FP8)
     store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
@@ -194,28 +201,8 @@ def _fp8_swiglu_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, out_ptr, part_ptr,
         kmask = rk < K
         a = tl.load(x_ptr + rm.to(tl.int64)[:, None] * rs_x + rk[None, :], mask=mmask[:, None] & kmask[None, :],
                     other=0.0).to(DT)
-        wmask = nmask[:, None] & kmask[None, :]
-        b1 = tl.load(w1_ptr + rn.to(tl.int64)[:, None] * rs_w1 + rk[None, :], mask=wmask, other=0)
-        b3 = tl.load(w3_ptr + rn.to(tl.int64)[:, None] * rs_w3 + rk[None, :], mask=wmask, other=0)
-        if NATIVE_FP8:
-            v1 = b1.to(tl.float8e4nv, bitcast=True).to(DT)
-            v3 = b3.to(tl.float8e4nv, bitcast=True).to(DT)
-        else:
-            v1 = e4m3_as_fp16(b1.to(tl.int32)).to(DT)
-            v3 = e4m3_as_fp16(b3.to(tl.int32)).to(DT)
-        if IEEE:
-            p1 = tl.dot(a, tl.trans(v1), input_precision="ieee")
-            p3 = tl.dot(a, tl.trans(v3), input_precision="ieee")
-        else:
-            p1 = tl.dot(a, tl.trans(v1))
-            p3 = tl.dot(a, tl.trans(v3))
-        sc1 = ue8m0_values(tl.load(s1_ptr + (rn // 128) * rs_s1 + kb, mask=nmask, other=0).to(tl.int32))
-        sc3 = ue8m0_values(tl.load(s3_ptr + (rn // 128) * rs_s3 + kb, mask=nmask, other=0).to(tl.int32))
-        if not NATIVE_FP8:
-            sc1 = sc1 * 256.0
-            sc3 = sc3 * 256.0
-        acc_g += p1 * sc1[None, :]
-        acc_u += p3 * sc3[None, :]
+        acc_g += _fp8_block_dot(a, w1_ptr, s1_ptr, rn, rk, kb, nmask, kmask, rs_w1, rs_s1, DT, IEEE, NATIVE_FP8)
+        acc_u += _fp8_block_dot(a, w3_ptr, s3_ptr, rn, rk, kb, nmask, kmask, rs_w3, rs_s3, DT, IEEE, NATIVE_FP8)
     mask = mmask[:, None] & nmask[None, :]
     at = rm.to(tl.int64)[:, None] * N + rn[None, :]
     if SPLIT == 1:
