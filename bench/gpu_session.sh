@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, then the requested benchmarks; results under $OUT, each file named
 # <date>_<device>_<commit>_<what> (bench/provenance.py) so that it can go to bench/results/ as it is.
-#   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve targets native cp
+#   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve spec targets native cp cp
 # cp: bench/cp_gpu.py (context parallelism) on every GPU nvidia-smi lists; its own <prefix>_cp_gpu.json/.txt.
 # A copy of the tree without git metadata needs the commit given: DSV4_COMMIT=$(git rev-parse --short=7 HEAD).
 set -u
@@ -40,8 +40,11 @@ for stage in "$@"; do
     serve) [ -f /tmp/flash4/config.json ] || python3 bench/serve.py --make-checkpoint /tmp/flash4 --preset flash4 \
              ${SERVE_MTP_LAYERS:+--mtp-layers $SERVE_MTP_LAYERS} 2>&1 | tail -3
            timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py --duration-limit ${SERVE_LEVEL_S:-60} \
-             --launch "python3 -m dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280" \
-             ${SERVE_PEER:+--peer-launch "$SERVE_PEER"} ${SERVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_serve.txt" ;;
+             --launch "python3 -m dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280 --trace ${P}_serve_trace.jsonl ${SERVE_FLAGS:-}" \
+             ${SERVE_PEER:+--peer-launch "$SERVE_PEER"} ${SERVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_serve.txt"
+           python3 bench/engine_trace.py "${P}_serve_trace.jsonl" > "${P}_serve_trace_summary.txt" 2>&1; tail -25 "${P}_serve_trace_summary.txt" ;;
+    spec) timeout ${SPEC_TIMEOUT:-150} python3 bench/spec_step_count.py --device cuda --dtype bf16 --preset ${SPEC_PRESET:-small} \
+            --time-steps 200 --acceptance ${SPEC_ACCEPTANCE:-0.76} > "${P}_spec_step_${SPEC_PRESET:-small}.txt" 2>&1; tail -40 "${P}_spec_step_${SPEC_PRESET:-small}.txt" ;;
     cp) timeout ${CP_TIMEOUT:-280} python3 bench/cp_gpu.py --nproc $(nvidia-smi -L | grep -c '^GPU') ${CP_ARGS:-} \
           2>&1 | tail -80 | tee "${P}_cp_gpu_log.txt" ;;
     targets) python3 bench/targets.py --e2e $(ls "${P}"_e2e*.json) $(ls "${P}"_kernels*.json 2>/dev/null | sed '1s/^/--kernels /') \
