@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -34,6 +36,7 @@ def test_exactness_part(tmp_path):
     assert ex["grad_beyond_noise_step0"] == [] and not s["grads_missing"] and not s["grads_extra"]
 
 
+@pytest.mark.slow   # (the bench script's robustness; its exactness part runs by default)
 def test_capacity_part_survives_a_failing_length(tmp_path):
     """The check and the steps; a length shorter than the 4 chunks of 2 balanced ranks fails on both ranks: it
     is reported and the lengths after it do not run."""
@@ -53,6 +56,7 @@ def test_capacity_part_survives_a_failing_length(tmp_path):
     assert cap["rc"] != 0 and "fsdp" not in res["parts"]
 
 
+@pytest.mark.slow   # (the bench script's robustness; its exactness part runs by default)
 def test_fsdp_part(tmp_path):
     """The `--cp` placement (FSDP2 + expert parallelism + context parallelism): its step's loss is one
     process's loss of the same sequence (the tiny model, fp32, computed here)."""
