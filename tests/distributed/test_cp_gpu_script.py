@@ -9,6 +9,10 @@ import sys
 
 import pytest
 
+# Smoke runs of a bench script (~30 s): under -m slow; context parallelism's exactness is tested by default in
+# tests/distributed/test_context_parallel*.py.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -36,7 +40,6 @@ def test_exactness_part(tmp_path):
     assert ex["grad_beyond_noise_step0"] == [] and not s["grads_missing"] and not s["grads_extra"]
 
 
-@pytest.mark.slow   # (the bench script's robustness; its exactness part runs by default)
 def test_capacity_part_survives_a_failing_length(tmp_path):
     """The check and the steps; a length shorter than the 4 chunks of 2 balanced ranks fails on both ranks: it
     is reported and the lengths after it do not run."""
@@ -56,7 +59,6 @@ def test_capacity_part_survives_a_failing_length(tmp_path):
     assert cap["rc"] != 0 and "fsdp" not in res["parts"]
 
 
-@pytest.mark.slow   # (the bench script's robustness; its exactness part runs by default)
 def test_fsdp_part(tmp_path):
     """The `--cp` placement (FSDP2 + expert parallelism + context parallelism): its step's loss is one
     process's loss of the same sequence (the tiny model, fp32, computed here)."""
