@@ -86,12 +86,12 @@ def dsv4_prefill(model, n: int, chunk: int) -> dict:
     return {"seconds": secs, "tok_per_s": n / secs, "peak_gb": peak, "cache_gb": cache.nbytes / 2**30}
 
 
-@torch.no_grad()
-def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool = True, kv_dtype: str = "auto",
-                index_dtype: str = "auto", chunk: int = 8192) -> dict:
+def warm_decoder(model, ctx: int, steps: int, batch: int, graphs: bool, kv_dtype: str = "auto",
+                 index_dtype: str = "auto", chunk: int = 8192):
+    """`batch` rows at `ctx` tokens of context (one row prefilled in chunks, then copied) and a decode step over
+    them (a CUDA graph with `graphs`, else eager) past its warm-up: (cache, step, the next input tokens)."""
     cache = model.new_cache(batch, ctx + steps + 8, kv_dtype, index_dtype)
     dev = model_device(model)
-    graphs = graphs and dev.type == "cuda"
     tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
     row = cache.select(0)
     for s in range(0, ctx, chunk):
@@ -102,6 +102,14 @@ def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool =
     nxt = torch.randint(0, model.config.vocab_size, (batch,), device=dev)
     for _ in range(3):  # eager warm-up steps, then the capture
         nxt = step(nxt).argmax(-1)
+    return cache, step, nxt
+
+
+@torch.no_grad()
+def dsv4_decode(model, ctx: int, steps: int = 64, batch: int = 1, graphs: bool = True, kv_dtype: str = "auto",
+                index_dtype: str = "auto", chunk: int = 8192) -> dict:
+    graphs = graphs and model_device(model).type == "cuda"
+    cache, step, nxt = warm_decoder(model, ctx, steps, batch, graphs, kv_dtype, index_dtype, chunk)
     def run():
         t = nxt
         for _ in range(steps):

@@ -41,8 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsv4  # noqa: E402
 from dsv4.cache.accounting import layer_bytes as cache_layer_bytes  # noqa: E402
-from dsv4.generate.graphs import GraphDecoder  # noqa: E402
-from e2e import BF16_STORED_FP32_PARAMS, dsv4_decode, dsv4_prefill, flash4, guard  # noqa: E402  (bench/e2e.py)
+from e2e import BF16_STORED_FP32_PARAMS, dsv4_decode, dsv4_prefill, flash4, guard, warm_decoder  # noqa: E402  (bench/e2e.py)
 from provenance import REPO_ROOT, record, result_path  # noqa: E402  (bench/provenance.py)
 
 FLASH_CONFIG = os.path.join(REPO_ROOT, "tests", "fixtures", "deepseek-v4-flash")
@@ -232,17 +231,7 @@ def profile_decode(model: dsv4.Transformer, ctx: int, steps: int, chunk: int, ba
     from torch.profiler import ProfilerActivity, profile
     dev = next(model.parameters()).device
     cuda = dev.type == "cuda"
-    cache = model.new_cache(batch, ctx + steps + 8)
-    tokens = torch.randint(0, model.config.vocab_size, (1, ctx), device=dev)
-    row = cache.select(0)
-    for s in range(0, ctx, chunk):
-        model(tokens[:, s:s + chunk], cache=row, last_only=True)
-    if batch > 1:
-        cache.broadcast_row(0)
-    step = GraphDecoder(model, cache) if cuda else (lambda t: model(t.view(-1, 1), cache=cache)[:, -1])
-    nxt = torch.randint(0, model.config.vocab_size, (batch,), device=dev)
-    for _ in range(3):
-        nxt = step(nxt).argmax(-1)
+    _, step, nxt = warm_decoder(model, ctx, steps, batch, cuda, chunk=chunk)
     sync(dev)
     with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
         for _ in range(steps):

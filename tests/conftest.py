@@ -83,6 +83,12 @@ def fail_on_call(monkeypatch, module: torch.nn.Module, call: int = 1, when=None)
     monkeypatch.setattr(module, "forward", failing)
 
 
+def random_prompts(model, lengths, seed: int) -> list[list[int]]:
+    """Token-id prompts of these lengths, drawn from the model's vocabulary by one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+
+
 def read_tensors(cache) -> list[torch.Tensor]:
     """Every cache byte a later step reads: positions, window rings, compressor states, and the entry / index-key
     rows below each row's length (rows past it may keep what a rejected speculative token wrote: dsv4.cache.rollback

@@ -10,7 +10,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from dsv4 import ModelConfig
 from dsv4.generate.engine import generate
@@ -18,6 +17,7 @@ from dsv4.model import Transformer
 from dsv4.serve.engine import Engine
 from dsv4.serve.prefix_cache import PrefixCache
 from dsv4.serve.types import SamplingParams
+from conftest import random_prompts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,8 +28,7 @@ def model():
 
 
 def prompts(model, lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(model, lengths, seed)
 
 
 def events(handle):

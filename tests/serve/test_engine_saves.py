@@ -12,6 +12,7 @@ from dsv4.model import Transformer
 from dsv4.serve.engine import Engine
 from dsv4.serve.prefix_cache import PrefixCache
 from dsv4.serve.types import SamplingParams
+from conftest import random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +21,7 @@ def model():
 
 
 def prompts(model, lengths, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(model, lengths, seed)
 
 
 class Immediate:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from dsv4 import ModelConfig
 from dsv4.model import Transformer
@@ -14,6 +13,7 @@ from dsv4.serve.engine import Engine
 from dsv4.serve.prefix_cache import PrefixCache
 from dsv4.serve.rows import Phase
 from dsv4.serve.types import SamplingParams
+from conftest import random_prompts
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,7 @@ def model():
 
 
 def prompts(model, lengths, seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    return random_prompts(model, lengths, seed)
 
 
 def events(handle):
