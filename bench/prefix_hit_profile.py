@@ -88,7 +88,7 @@ def main() -> None:
     # decode replays graphs on a GPU as the server's does: with the overlapped loop a first token is handed out
     # after the next decode step's launch, which without graphs would be a whole eager forward
     engine = Engine(model, max_batch=2, max_seq_len=need, prefill_chunk=2048, cuda_graphs=device.type == "cuda",
-                    prefix_cache=pc)
+                    prefix_cache=pc, batch_invariant=device.type != "cuda")   # (as `dsv4 serve`)
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
     prefix = rand(args.prefix_len)

@@ -392,7 +392,8 @@ def main() -> None:
         budget = (args.n_draft + 1) * (steps + 8) + 8
         if args.stub_graphs and "speculative" not in kw:
             kw = dict(kw, overlap=True)                # (as on a GPU)
-        engine = Engine(model, max_batch=1, max_seq_len=args.prompt + budget + 16, prefill_chunk=args.prompt, **kw)
+        engine = Engine(model, max_batch=1, max_seq_len=args.prompt + budget + 16, prefill_chunk=args.prompt,
+                        batch_invariant=not args.device.startswith("cuda"), **kw)   # (as `dsv4 serve`: auto)
         if args.stub_graphs:
             graph_path(engine)
         if engine.spec is not None and hasattr(engine.spec, "fuse_greedy"):

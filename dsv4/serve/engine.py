@@ -264,6 +264,10 @@ class Engine:
         self.batched_prefill = not batch_invariant and speculative is None   # (see the module doc)
         self.vocab_size = model.config.vocab_size
         self.device = model.embed.weight.device
+        if batch_invariant and self.device.type == "cuda" and model.embed.weight.dtype == torch.float32:
+            warnings.warn("Engine batch_invariant: the batch-invariant GPU kernels cover bf16 / fp16 models; with this "
+                          "float32 model a request's logprobs can still change with the batch in the last bits "
+                          "(convert it with model.to_dtype(torch.bfloat16))", stacklevel=2)
         self.cache = model.new_cache(max_batch, max_seq_len, kv_dtype, index_dtype)
         self.speculative = speculative
         self.spec = SpeculativeDecoder(model, self.cache, n_draft=n_draft) if speculative == "mtp" else None

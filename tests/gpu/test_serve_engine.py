@@ -18,6 +18,16 @@ def model():
     return Transformer(ModelConfig.preset("tiny")).init_weights(seed=0).cuda().eval()
 
 
+@pytest.fixture(scope="module")
+def bf16_model(model):
+    """The batch-invariant kernels cover bf16 / fp16 models (ops/invariant): the bitwise tests run this one."""
+    return Transformer(ModelConfig.preset("tiny")).init_weights(seed=0).to_dtype(torch.bfloat16).cuda().eval()
+
+
+def pick(model, bf16_model, batch_invariant):
+    return bf16_model if batch_invariant else model
+
+
 def run(model, ps, params, **kw):
     return engine_outputs(model, ps, params, max_batch=8, **kw)
 
@@ -28,10 +38,11 @@ def prompts(n, seed=1):
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True])
-def test_graph_decode_equals_eager_decode(model, batch_invariant):
+def test_graph_decode_equals_eager_decode(model, bf16_model, batch_invariant):
     """A graph replays its bucket's padded batch, eager decode the live rows: with the default kernels the GEMM
     shapes differ, so tokens must agree and logprobs to fp32 rounding; under batch invariance, bitwise."""
     ps, params = prompts(12), SamplingParams(max_tokens=12, temperature=0, logprobs=0)
+    model = pick(model, bf16_model, batch_invariant)
     graphs, with_graphs = run(model, ps, params, cuda_graphs=True, batch_invariant=batch_invariant)
     assert graphs._graphs, "no decode step replayed a CUDA graph"
     _, eager = run(model, ps, params, cuda_graphs=False, batch_invariant=batch_invariant)
@@ -43,7 +54,8 @@ def test_graph_decode_equals_eager_decode(model, batch_invariant):
 
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_batch_invariant_requests_equal_the_request_alone(model, cuda_graphs):
+def test_batch_invariant_requests_equal_the_request_alone(bf16_model, cuda_graphs):
+    model = bf16_model
     ps, params = prompts(12), SamplingParams(max_tokens=10, temperature=0, logprobs=0)
     _, together = run(model, ps, params, cuda_graphs=cuda_graphs, batch_invariant=True)
     for p, got in zip(ps, together):
@@ -70,12 +82,13 @@ def test_batched_prefill_gives_each_request_its_tokens(model):
 
 
 @pytest.mark.parametrize("batch_invariant", [False, True])
-def test_overlapped_decode_gives_the_synchronous_tokens(model, batch_invariant):
+def test_overlapped_decode_gives_the_synchronous_tokens(model, bf16_model, batch_invariant):
     """overlap (the GPU default: step t + 1 launched from the device's tokens before step t is handed out) against
     the synchronous engine, graphs on, requests of several lengths so rows end and are handed out again: under
     batch invariance every event is the same; otherwise the tokens, and the logprobs to fp32 rounding."""
     ps = prompts(16)
     params = SamplingParams(max_tokens=9, temperature=0, logprobs=0)
+    model = pick(model, bf16_model, batch_invariant)
     over_engine, over = run(model, ps, params, overlap=True, batch_invariant=batch_invariant)
     assert over_engine.overlap and over_engine._graphs
     _, sync = run(model, ps, params, overlap=False, batch_invariant=batch_invariant)

@@ -115,7 +115,7 @@ def test_fused_graph_step_equals_unfused_graph_step(model, n_draft):
         if fuse:
             assert any(g.graph is not None for g in dec._fused_graphs.values()), "the fused step was not captured"
         outs.append(out)
-        caches.append(_tensors(cache) + _tensors(dec.mtp_cache))
+        caches.append(read_tensors(cache) + read_tensors(dec.mtp_cache))
     assert outs[0] == outs[1]
     assert all(torch.equal(a, b) for a, b in zip(*caches))
 
