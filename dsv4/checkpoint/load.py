@@ -469,6 +469,13 @@ def load_weights(plan: CheckpointPlan, model: Transformer, device: str | torch.d
     return model.eval()
 
 
+def default_weights(plan: CheckpointPlan, device: torch.device, dtype: torch.dtype) -> str:
+    """load_model's choice when none is given: "native" where the packed layers pay off and run (a checkpoint
+    with FP8 / FP4 tensors, inference on a CUDA device in a 16-bit compute dtype), else "bf16"."""
+    quantised = any(it.fmt in ("fp8", "fp4") for it in plan.items)
+    return "native" if quantised and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else "bf16"
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
                progress: bool | None = None, weights: str | None = None) -> Transformer:
     """Load a checkpoint directory (`config.json` + safetensors) into a Transformer on `device` ('auto': the GPU
@@ -478,15 +485,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     A checkpoint without `mtp.*` tensors (as transformers writes) loads with n_mtp_layers = 0.
     `weights`: "native" keeps FP8 layers and FP4 routed experts in the checkpoint's bytes (inference only: the
     layers multiply through dsv4.ops' packed GEMMs and have no weight parameter); "bf16" dequantises them into
-    `dtype` parameters. Default: "bf16" (native is opt-in while its GPU kernels are slower than bf16 and its
-    grouped MoE kernel is not yet verified on a GPU; see BENCHMARKS.md).
+    `dtype` parameters. Default (None): `default_weights` - native for a quantised checkpoint loaded on a GPU
+    in bf16 / fp16 (about a quarter of the bf16 bytes, prefill ~0.95x and batch-1 decode ~1.1x bf16's speed on an
+    H100: BENCHMARKS.md), bf16 otherwise (CPU, fp32 compute, training, a checkpoint with no FP8 / FP4 tensors).
     """
     if weights not in (None, *WEIGHTS):
         raise ValueError(f"weights={weights!r}: choose from {list(WEIGHTS)} (or None for the default)")
     device = resolve_device(device)
     plan = plan_checkpoint(path)
     if weights is None:
-        weights = "bf16"
+        weights = default_weights(plan, device, dtype)
     with torch.device("meta"):
         model = Transformer(plan.config).to_dtype(dtype)
     if weights == "native":

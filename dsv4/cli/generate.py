@@ -17,6 +17,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (the GPU if there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--weights", default="auto", choices=["auto", "native", "bf16"],
+                   help="how an official FP8 / FP4 checkpoint's weights are held: native (the checkpoint's bytes, "
+                        "dequantised in the GEMMs' registers) or bf16 (dequantised at load); auto: native on a GPU "
+                        "in bf16, bf16 otherwise")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8"])
     p.add_argument("--index-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp8", "fp4"])
     p.add_argument("--quant-sim", action="store_true", help="the reference's FP8-KV/FP4-indexer simulation")
@@ -48,7 +52,8 @@ def load(args: argparse.Namespace):
     device = resolve_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_model(args.checkpoint, device=device, dtype=dtype).set_quant_sim(args.quant_sim)
+    model = load_model(args.checkpoint, device=device, dtype=dtype,
+                       weights=None if args.weights == "auto" else args.weights).set_quant_sim(args.quant_sim)
     tok = Tokenizer.from_dir(args.checkpoint)
     store = None
     if getattr(args, "prefix_store", None):

@@ -19,6 +19,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (the GPU if there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="compute dtype (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--weights", default="auto", choices=["auto", "native", "bf16"],
+                   help="how an official FP8 / FP4 checkpoint's weights are held: native (the checkpoint's bytes, "
+                        "dequantised in the GEMMs' registers) or bf16 (dequantised at load); auto: native on a GPU "
+                        "in bf16, bf16 otherwise")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64, help="cache rows: requests decoded together")
@@ -120,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_model(args.checkpoint, device=device, dtype=dtype)
+    model = load_model(args.checkpoint, device=device, dtype=dtype,
+                       weights=None if args.weights == "auto" else args.weights)
     tok = Tokenizer.from_dir(args.checkpoint)
     prefix_cache = None if args.no_prefix_cache else _prefix_cache(args, model, device, tok)
     engine = Engine(model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len, kv_dtype=args.kv_dtype,

@@ -74,6 +74,18 @@ def test_default_and_bad_choice(official):
         dsv4.load_model(official, weights="fp8")
 
 
+def test_default_is_native_only_for_16_bit_inference_of_a_quantised_checkpoint_on_a_gpu(official, tmp_path):
+    from dsv4.checkpoint.load import default_weights, plan_checkpoint
+    plan, cuda = plan_checkpoint(official), torch.device("cuda")
+    assert default_weights(plan, cuda, torch.bfloat16) == "native"
+    assert default_weights(plan, cuda, torch.float16) == "native"
+    assert default_weights(plan, cuda, torch.float32) == "bf16"
+    assert default_weights(plan, torch.device("cpu"), torch.bfloat16) == "bf16"
+    dsv4.save_model(dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=3), tmp_path,
+                    dtype=torch.bfloat16)                 # no FP8 / FP4 tensor in it
+    assert default_weights(plan_checkpoint(tmp_path), cuda, torch.bfloat16) == "bf16"
+
+
 def test_native_decode_with_a_cache_matches_the_full_forward(official):
     """Prefill then one-token decode steps through the packed layers give the whole-sequence logits."""
     model = dsv4.load_model(official, dtype=torch.float32, weights="native")
