@@ -40,7 +40,8 @@ def _assert_exact(res: dict) -> None:
         assert (e["kl_value"] > 0) == (e["stage"] != "dense"), (case, e["kl_value"])   # the KL loss ran
         # a gradient is a sum over every token; where its terms cancel (mHC's head and scale parameters) fp32
         # rounding alone moves it by up to ~5e-3 relative: the one-process gradient from the batch's rows one
-        # at a time (the same math) differs that much. Each tensor is within 1e-5 or within 10x that noise.
+        # at a time (the same math) differs that much. Each tensor is within 1e-5 or within 10x that noise (the
+        # largest of workers.ROUNDING_SAMPLES rounding perturbations).
         for name, (err, noise) in e["grads"].items():
             assert err <= max(1e-5, 10 * noise), (case, name, err, noise)
 

@@ -25,6 +25,12 @@ from dsv4.train.losses import LossWeights, compute_loss, expert_loads, update_ex
 from dsv4.train.optim import Muon, build_optimizers
 from dsv4.train.trainer import TrainingDiverged, train
 
+# The fp32 rounding sensitivity of a one-process gradient: the largest move over this many embedding perturbations
+# of one rounding step each. A tensor of a few elements whose gradient is a sum with cancelling terms (mHC's
+# hc_*_scale) moves by a random amount: one sample under-estimates it often (seen 20x under the context-parallel
+# error on 2 of 8 cases), the largest of several much less often.
+ROUNDING_SAMPLES = int(os.environ.get("DSV4_ROUNDING_SAMPLES", "4"))
+
 
 def tiny_model(seed: int = 0) -> dsv4.Transformer:
     cfg = dsv4.ModelConfig.preset("tiny")   # 8 routed experts: divisible by 2 and 4 ranks
@@ -196,16 +202,17 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
         tokens = torch.randint(0, 2048, (2, T + 1), generator=g)
         weights = torch.randn(2, 2, T, 2048, generator=g)
 
-        def one_process(rounding: float):
+        def one_process(rounding: float, seed: int = 0):
             model = cp_model()
             set_stage(model, stage)
             with torch.no_grad():
-                model.embed.weight.mul_(1 + rounding * torch.randn(model.embed.weight.shape, generator=g))
+                noise = torch.randn(model.embed.weight.shape, generator=torch.Generator().manual_seed(seed))
+                model.embed.weight.mul_(1 + rounding * noise)
             loss, lm, kl = cp_objective(model, tokens, weights, lambda t, s: t)
             (loss + kl).backward()
             return model, lm, kl, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        _, _, _, noisy = one_process(1e-7)
         model, lm_one, kl_one, want = one_process(0.0)
+        noisy = [one_process(1e-7, seed)[3] for seed in range(ROUNDING_SAMPLES)]
         model.zero_grad(set_to_none=True)
         model.set_activation_checkpointing(bool(recompute and recompute[0]))
 
@@ -220,7 +227,7 @@ def case_cp_exact(out: str, rank: int, world: int, mesh) -> dict:
             grads[n] = torch.zeros_like(p) if p.grad is None else p.grad
             dist.all_reduce(grads[n])
         assert all(not grads[n].any() for n in grads.keys() - want.keys())
-        err["grads"] = {n: (rel(grads[n], want[n]), rel(noisy[n], want[n])) for n in want}
+        err["grads"] = {n: (rel(grads[n], want[n]), max(rel(x[n], want[n]) for x in noisy)) for n in want}
         # (FSDP2 reduces only the parameters that have a gradient: every rank must have the same ones)
         err["with_grad"] = sorted(n for n, p in model.named_parameters() if p.grad is not None)
         errs.append({"T": T, "balanced": balanced, "stage": stage, **err})
@@ -241,10 +248,10 @@ def case_fsdp_recompute(out: str, rank: int, world: int, mesh) -> dict:
     def batch(T: int, stage: str) -> torch.Tensor:      # [B, T + 1 + n_mtp]
         return torch.randint(0, 2048, (world, T + 2), generator=torch.Generator().manual_seed(T + len(stage)))
 
-    def one_process(rounding: float) -> tuple[list[float], list[dict]]:
+    def one_process(rounding: float, seed: int = 0) -> tuple[list[float], list[dict]]:
         model = cp_model()
         with torch.no_grad():
-            g = torch.Generator().manual_seed(1)
+            g = torch.Generator().manual_seed(seed)
             model.embed.weight.mul_(1 + rounding * torch.randn(model.embed.weight.shape, generator=g))
         losses, grads = [], []
         for stage, T in stages:
@@ -255,8 +262,9 @@ def case_fsdp_recompute(out: str, rank: int, world: int, mesh) -> dict:
             grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
             model.zero_grad(set_to_none=True)
         return losses, grads
-    _, noisy = one_process(1e-7)
     want_losses, want = one_process(0.0)
+    samples = [one_process(1e-7, seed)[1] for seed in range(ROUNDING_SAMPLES)]
+    noisy = [{n: max(rel(s[i][n], want[i][n]) for s in samples) for n in want[i]} for i in range(len(stages))]
 
     errs = []
     for name, placement in (("cp", ContextParallelPlacement(mesh, world)), ("dp", DistributedPlacement(mesh))):
@@ -273,7 +281,7 @@ def case_fsdp_recompute(out: str, rank: int, world: int, mesh) -> dict:
                          "loss": rel(torch.tensor(mean_loss), torch.tensor(want_loss)),
                          "missing": sorted(wanted.keys() - grads.keys()),
                          "extra": sorted(grads.keys() - wanted.keys()),
-                         "grads": {n: (rel(grads[n], wanted[n]), rel(noise[n], wanted[n]))
+                         "grads": {n: (rel(grads[n], wanted[n]), noise[n])
                                    for n in wanted.keys() & grads.keys()}})
             model.zero_grad(set_to_none=True)
     return {"errors": errs}
