@@ -28,6 +28,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 from ..model.moe import RoutedExperts
 from ..model.norm import Linear
+from ..quant.packed import FP8_BLOCK
 from ..quant import dequant_fp4_blocks, dequant_fp8_blocks, float_to_e8m0
 from .device import resolve_device
 from .names import FP8_WEIGHTS, Target, official_to_native, to_official
@@ -120,11 +121,25 @@ class _PackedSlot:
     shape: tuple[int, ...]
     fmt: str
 
-    def fill(self, name: str, data: torch.Tensor, scale: torch.Tensor, expert: int | None) -> None:
+    def fill(self, name: str, data: torch.Tensor, scale: torch.Tensor, expert: int | None,
+             part: list[tuple[int, int]] | None = None) -> None:
+        """Copy the checkpoint tensor's bytes and scales, or only the FP8 tile-aligned rows / columns `part`
+        ((start, stop) per dimension: a tensor-parallel rank's part, `_tile_aligned`)."""
         d = self.data if expert is None else self.data[expert]
         s = self.scale if expert is None else self.scale[expert]
-        d.copy_(data.view(torch.uint8))
-        s.copy_(_ue8m0(name, scale))
+        data, scale = data.view(torch.uint8), _ue8m0(name, scale)
+        if part is not None:
+            data = data[tuple(slice(a, b) for a, b in part)]
+            scale = scale[tuple(slice(a // FP8_BLOCK, -(-b // FP8_BLOCK)) for a, b in part)]
+        d.copy_(data)
+        s.copy_(scale)
+
+
+def _tile_aligned(box: list[tuple[int, int]] | None, shape: tuple[int, ...]) -> bool:
+    """A part of an FP8 tensor that native weights can keep: every edge on a 128 x 128 scale tile's edge (or the
+    tensor's end), so its tiles are whole tiles of the checkpoint's scale grid."""
+    return box is not None and all(a % FP8_BLOCK == 0 and (b % FP8_BLOCK == 0 or b == n)
+                                   for (a, b), n in zip(box, shape))
 
 
 def _ue8m0(name: str, scale: torch.Tensor) -> torch.Tensor:
@@ -144,20 +159,21 @@ def _fillable(model: Transformer) -> dict[str, torch.Tensor | _PackedSlot]:
     out.update((n, b) for n, b in model.named_buffers() if n.endswith(_ID_TABLES))
     for name, m in model.named_modules():
         if isinstance(m, Linear) and m.packed is not None:
-            out[f"{name}.weight"] = _PackedSlot(m.qweight, m.qscale, (m.out_features, m.in_features), "fp8")
+            out[f"{name}.weight"] = _PackedSlot(m.qweight, m.qscale, tuple(m.qweight.shape), "fp8")
         elif isinstance(m, RoutedExperts) and m.packed is not None:
             for w, wname in zip(m.packed, ("w1", "w2", "w3")):
                 out[f"{name}.{wname}"] = _PackedSlot(w.data, w.scale, tuple(w.shape), "fp4")
     return out
 
 
-def pack_native(plan: CheckpointPlan, model: Transformer, fp8_layers: bool = True) -> list[str]:
+def pack_native(plan: CheckpointPlan, model: Transformer, slicing: Slicing = keep_all) -> list[str]:
     """Switch the layers whose checkpoint tensors are FP8 (the Linear layers of names.FP8_WEIGHTS, which the model
     multiplies as layers; fp32 projections such as the compressor's stay dequantised) or FP4 (routed experts) to
     packed buffers, so that `load_weights` keeps those bytes instead of dequantising them; returns the packed
-    module names. Build `model` on the meta device: packing there allocates nothing. Experts stored as FP8 (the
-    lossless FP4 -> FP8 conversion) stay dequantised, and so do the FP8 layers with `fp8_layers=False` (tensor-
-    parallel loading, which slices them across 128-row scale tiles)."""
+    module names. Build `model` on the meta device (already sharded, for a rank of a sharded load: `slicing` is
+    the part of each tensor it keeps): packing there allocates nothing. Experts stored as FP8 (the lossless
+    FP4 -> FP8 conversion) stay dequantised, and so do FP8 layers whose kept part cuts through 128 x 128 scale
+    tiles (a tensor-parallel slice of a small model; the official models' slices are tile-aligned)."""
     modules = dict(model.named_modules())
     packed: list[str] = []
     fp4_stacks: dict[str, set[str]] = defaultdict(set)
@@ -165,8 +181,8 @@ def pack_native(plan: CheckpointPlan, model: Transformer, fp8_layers: bool = Tru
         t = it.targets[0]
         owner, _, leaf = t.param.rpartition(".")
         m = modules.get(owner)
-        if (fp8_layers and it.fmt == "fp8" and t.param.endswith(FP8_WEIGHTS) and isinstance(m, Linear)
-                and m.packed is None):
+        if (it.fmt == "fp8" and t.param.endswith(FP8_WEIGHTS) and isinstance(m, Linear) and m.packed is None
+                and _tile_aligned(_kept_box(slicing, t, it.shape), it.shape)):
             m.pack_fp8()
             packed.append(owner)
         elif it.fmt == "fp4" and isinstance(m, RoutedExperts):
@@ -335,6 +351,12 @@ def _raise(problems: list[str], what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- phase 2: load
+def _kept_box(slicing: Slicing, t: Target, shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
+    """The (start, stop) per dimension of the part of a checkpoint tensor that `slicing` keeps for `t`."""
+    piece = slicing(t, Piece((slice(None), t.rows) if t.rows is not None else (), t.expert))
+    return None if piece is None else _bounds(piece.index, shape)
+
+
 def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[tuple[int, int]] | None:
     """(start, stop) per dimension of `index` over `shape`; None if a slice has a step or leaves the tensor."""
     if len(index) > len(shape):
@@ -365,10 +387,11 @@ def _place(plan: CheckpointPlan, dest: dict[str, torch.Tensor], slicing: Slicing
                                 "which its model does not have")
                 continue
             got = tuple(b - a for a, b in box)
-            if isinstance(p, _PackedSlot) and got != tuple(it.shape):
+            if isinstance(p, _PackedSlot) and got != tuple(it.shape) and not (
+                    p.fmt == "fp8" and piece.expert is None and _tile_aligned(box, it.shape)):
                 problems.append(f"tensor '{it.name}' {it.shape}: this process keeps part of it ({piece.index}), "
                                 f"but '{t.param}' holds native {p.fmt.upper()} weights, which load whole tensors "
-                                "only (load with weights='bf16' to shard them)")
+                                "or FP8 parts on 128 x 128 scale-tile edges only (load with weights='bf16')")
                 continue
             want = tuple(p.shape[1:]) if piece.expert is not None else tuple(p.shape)
             if got != want:
@@ -446,8 +469,9 @@ def load_weights(plan: CheckpointPlan, model: Transformer, device: str | torch.d
             for it, pieces in by_file.get(f, []):
                 if isinstance(params[pieces[0][0].param], _PackedSlot):  # native weights: the bytes as stored
                     data, scale = _read_packed(it, readers)
-                    for t, piece, _ in pieces:
-                        params[t.param].fill(it.name, data, scale, piece.expert)
+                    for t, piece, box in pieces:
+                        whole = all(a == 0 and b == n for (a, b), n in zip(box, it.shape))
+                        params[t.param].fill(it.name, data, scale, piece.expert, None if whole else box)
                     bar.update(1)
                     continue
                 for (t, piece, _), src in zip(pieces, _read(it, pieces, readers)):

@@ -2,8 +2,9 @@
 tensor-parallel (wq_b rows, attn_sink, wo_a head groups, wo_b columns + an all-reduce of the output), routed
 experts expert-parallel by contiguous ranges (partial sums all-reduced); the rest replicated. Each rank reads
 only its slices from the safetensors shards (plain tensors through `get_slice`; FP8/FP4 tensors one at a time,
-dequantised, then sliced), through the one checkpoint planner of `dsv4.checkpoint.load`. The indexer is
-replicated here (the reference shards its heads too)."""
+dequantised, then sliced; with native weights, FP8 tensors are sliced as bytes and scale tiles), through the one
+checkpoint planner of `dsv4.checkpoint.load`. The indexer is replicated here (the reference shards its heads
+too)."""
 from __future__ import annotations
 
 import os
@@ -80,7 +81,8 @@ def load_sharded(path: str | os.PathLike, mesh: DeviceMesh, device: str | torch.
 
     The checkpoint is checked against the full model exactly as `load_model` checks it, before any weight is
     read; this rank then reads only the slices `_RankSlicing` keeps. weights="native" keeps this rank's FP4
-    routed experts in their checkpoint bytes (the tensor-parallel FP8 layers are dequantised)."""
+    routed experts and its parts of the FP8 layers in their checkpoint bytes and scales (a layer whose slice cuts
+    through 128 x 128 scale tiles, possible only in small models, is dequantised)."""
     return load_part(path, mesh.size(), mesh.get_local_rank(), mesh.get_group(), device, dtype, weights)
 
 
@@ -102,7 +104,7 @@ def load_part(path: str | os.PathLike, world: int, rank: int, group, device: str
                     full = getattr(m.experts, name)
                     setattr(m.experts, name, nn.Parameter(torch.empty(per, *full.shape[1:], dtype=full.dtype)))
                 m.dispatch = partial(_all_reduce, moe=m, group=group, offset=offset, per=per, world=world)
+    slicing = _RankSlicing(cfg, world, rank)
     if weights == "native":
-        pack_native(plan, model, fp8_layers=False)  # after the expert stacks shrank to this rank's experts
-    return load_weights(plan, model, device, slicing=_RankSlicing(cfg, world, rank),
-                        progress=None if rank == 0 else False)
+        pack_native(plan, model, slicing)   # on this rank's shapes: its heads, groups and experts
+    return load_weights(plan, model, device, slicing=slicing, progress=None if rank == 0 else False)

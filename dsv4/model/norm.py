@@ -33,7 +33,7 @@ class Linear(nn.Linear):
         its device, for the loader to fill (build on the meta device: nothing is allocated until then)."""
         if self.bias is not None:
             raise ValueError("pack_fp8: layers with a bias are not packed (no V4 layer has one)")
-        N, K, dev = self.out_features, self.in_features, self.weight.device
+        (N, K), dev = self.weight.shape, self.weight.device   # (a tensor-parallel rank's shape)
         del self.weight
         self.register_buffer("qweight", torch.empty(N, K, dtype=torch.uint8, device=dev))
         self.register_buffer("qscale", torch.empty(-(-N // FP8_BLOCK), -(-K // FP8_BLOCK), dtype=torch.uint8,

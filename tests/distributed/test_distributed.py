@@ -109,6 +109,23 @@ def test_sharded_inference_equals_one_process(tmp_path, n):
         assert_rel_close("sharded incremental logits", res["incremental"], ref, 1e-5)
 
 
+def test_sharded_native_inference_equals_one_process_native(tmp_path):
+    """2 ranks of an FP8 + FP4 checkpoint with native weights (each rank's FP8 head rows / group columns as bytes
+    and scale tiles, its FP4 experts) give the one-process native model's logits."""
+    cfg = dsv4.ModelConfig.preset("tiny").replace(o_lora_rank=128)   # every rank's slice on 128 x 128 tiles
+    dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=4), tmp_path / "ckpt", dtype=torch.float32,
+                    fp8_weights=True, expert_format="fp4")
+    (tmp_path / "weights.txt").write_text("native")
+    ref_model = dsv4.load_model(tmp_path / "ckpt", dtype=torch.float32, weights="native")
+    assert ref_model.layers[0].attn.wo_b.packed is not None
+    tokens = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = ref_model(tokens)
+    for res in torchrun("sharded_inference", 2, tmp_path):
+        assert_rel_close("sharded native logits", res["logits"], ref, 1e-5)
+        assert_rel_close("sharded native incremental logits", res["incremental"], ref, 1e-5)
+
+
 def test_torchrun_training_entry_point_config_and_resume_on_fewer_ranks(tmp_path, corpus):
     """`torchrun -m dsv4 train --config FILE` on 2 ranks (flags override the file), resumed on 1 rank."""
     out = tmp_path / "run"

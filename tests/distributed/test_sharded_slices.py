@@ -78,8 +78,10 @@ def test_sharded_load_refuses_what_load_model_refuses(checkpoints, tmp_path):
 
 
 def test_native_rank_parts_hold_their_fp4_experts(tmp_path):
-    """weights="native": each rank keeps its own experts' FP4 bytes (the tensor-parallel FP8 layers dequantised),
-    and its routed experts compute what the rank's dequantised part computes."""
+    """weights="native": each rank keeps its own experts' FP4 bytes and its rows / columns of the FP8 layers as
+    bytes and scale tiles where they fall on 128 x 128 tiles (tiny at 2 ranks: wq_b's 128 rows; wo_a's 64 rows
+    and wo_b's 64 columns cut tiles: dequantised), the replicated FP8 layers whole; its routed experts compute
+    what the rank's dequantised part computes."""
     cfg = dsv4.ModelConfig.preset("tiny")
     dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=6), tmp_path, dtype=torch.float32, expert_format="fp4",
                     fp8_weights=True)
@@ -93,7 +95,12 @@ def test_native_rank_parts_hold_their_fp4_experts(tmp_path):
         plain = load_part(tmp_path, world, rank, group=None, dtype=torch.float32)
         moe = native.layers[1].ffn
         w1, w2, w3 = moe.experts.packed
-        assert w1.shape[0] == per and native.layers[1].attn.wq_a.packed is None
+        attn = native.layers[1].attn
+        assert w1.shape[0] == per and attn.wo_a.packed is None and attn.wo_b.packed is None
+        assert torch.equal(attn.wq_a.qweight, files["layers.1.attn.wq_a.weight"].view(torch.uint8))
+        rows = slice(rank * 128, (rank + 1) * 128)    # this rank's 2 heads of 64
+        assert torch.equal(attn.wq_b.qweight, files["layers.1.attn.wq_b.weight"].view(torch.uint8)[rows])
+        assert torch.equal(attn.wq_b.qscale, files["layers.1.attn.wq_b.scale"].view(torch.uint8)[rank:rank + 1])
         assert torch.equal(w2.data[1], files[f"layers.1.ffn.experts.{rank * per + 1}.w2.weight"].view(torch.uint8))
         want = plain.layers[1].ffn.routed(x, idx + rank * per, rw, expert_offset=rank * per)
         got = moe.routed(x, idx + rank * per, rw, expert_offset=rank * per)

@@ -158,7 +158,11 @@ def case_loop(out: str, rank: int, world: int, mesh) -> dict:
 
 
 def case_sharded_inference(out: str, rank: int, world: int, mesh) -> dict:
-    model = load_sharded(os.path.join(out, "ckpt"), mesh, dtype=torch.float32)
+    """Logits of this rank's part of OUT/ckpt (a whole forward and prefill + decode), with the weights named in
+    OUT/weights.txt if it exists (else bf16: dequantised)."""
+    path = os.path.join(out, "weights.txt")
+    weights = open(path).read().strip() if os.path.isfile(path) else "bf16"
+    model = load_sharded(os.path.join(out, "ckpt"), mesh, dtype=torch.float32, weights=weights)
     tokens = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         full = model(tokens)
