@@ -55,7 +55,7 @@ def torchrun(case: str, n: int, out) -> list[dict]:
     return [torch.load(f, weights_only=False) for f in results]
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])   # 4 ranks: -m slow
 def test_expert_dispatch_exact(tmp_path, n):
     for res in torchrun("ep_dispatch", n, tmp_path):
         assert res["all_to_all"] < 1e-6 and res["all_reduce"] < 1e-6, res
@@ -95,7 +95,7 @@ def test_checkpoint_saved_on_4_resumes_on_2(tmp_path):
     assert exported.config.n_routed_experts == 8 and len(exported.layers) == 4
 
 
-@pytest.mark.parametrize("n", [2, 4])
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])   # 4 ranks: -m slow
 def test_sharded_inference_equals_one_process(tmp_path, n):
     cfg = dsv4.ModelConfig.preset("tiny").replace(n_heads=8, o_groups=4)
     dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=4), tmp_path / "ckpt", dtype=torch.float32,

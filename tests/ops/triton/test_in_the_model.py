@@ -93,7 +93,8 @@ def official(tmp_path_factory):
     """A tiny checkpoint in the official formats (FP8 projections, FP4 experts); wo_a's 2 head groups on 128-row
     scale tiles, as V4's."""
     path = tmp_path_factory.mktemp("official")
-    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny").replace(o_lora_rank=128)).init_weights(seed=3)
+    cfg = dsv4.ModelConfig.preset("tiny").replace(o_lora_rank=128, n_layers=2, compress_ratios=(0, 4, 0))
+    model = dsv4.Transformer(cfg).init_weights(seed=3)   # a hash-routed layer, a learned-routing CSA one, MTP
     dsv4.save_model(model, path, dtype=torch.bfloat16, expert_format="fp4", fp8_weights=True)
     return path
 

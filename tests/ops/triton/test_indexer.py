@@ -56,7 +56,7 @@ def test_topk_of_fp4_key_records(B, S, HI, DI, T, k):
     assert agreement(a, r) > AGREE
 
 
-@pytest.mark.parametrize("B, S, HI, DI, T", [(1, 70, 20, 64, 150), (2, 130, 64, 32, 600)])
+@pytest.mark.parametrize("B, S, HI, DI, T", [(1, 70, 20, 64, 150), (2, 67, 64, 32, 600)])  # 600 > 512 keys a program
 def test_masked_scores_prefill(B, S, HI, DI, T):
     """Prefill scores in query blocks x key tiles: -inf past each query's visible count, queries that see nothing."""
     q, w, keys, nv = _queries(B, S, HI, DI, T, gen())
