@@ -50,6 +50,7 @@ from .envs.base import Environment
 from .envs.pool import ProblemPool
 from .policy import load_policy, save_policy
 from .rollout import SAMPLERS, rollout
+from .turn_limits import check_max_new_tokens, turn_limits
 
 __all__ = ["PipelineConfig", "run_pipeline", "evaluate", "demonstrations"]
 
@@ -105,7 +106,9 @@ class PipelineConfig:
     optimizer: str = "adamw"              # every stage's; Muon's Newton-Schulz is half a tiny CPU step's time
     sampler: str = "direct"               # GRPO's rollouts (rollout.py): 256 tiny-model rollouts take 0.8 s on
                                           # the direct sampler, 7.6 s on the engine (which prefills each alone)
-    max_new_tokens: int = 24
+    max_new_tokens: int | dict[str, int] | None = None   # tokens per assistant turn in rollouts and evaluations:
+                                          # None derives each domain's from its demonstrations (turn_limits.py),
+                                          # an int sets every domain's, a dict some domains' (others derived)
     eval_problems: int = 400              # held-out problems per domain for the summary table (fewer where a
                                           # domain has fewer: easy math ~400, easy instruct 74); at 64 the
                                           # binomial std of an accuracy near 0.3 is 0.057, the size of the
@@ -123,7 +126,8 @@ class PipelineConfig:
     def check(self) -> None:
         if not self.envs:
             raise InvalidArgument("posttrain needs at least one environment (--env)")
-        for name in ("sft_examples", "sft_steps", "grpo_steps", "opd_steps", "eval_problems", "max_new_tokens",
+        check_max_new_tokens(self.max_new_tokens, "posttrain", allow_none=True)
+        for name in ("sft_examples", "sft_steps", "grpo_steps", "opd_steps", "eval_problems",
                      "tokenizer_examples", "pretrain_examples", "pretrain_batch_size", "pretrain_seq_len"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"posttrain {name}={getattr(self, name)}: must be >= 1")
@@ -235,8 +239,8 @@ def _heldout_size(env: Environment, n: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model_dir: str, envs: Mapping[str, Environment], n: int, max_new_tokens: int, thinking: bool,
-             device: torch.device) -> dict[str, float]:
+def evaluate(model_dir: str, envs: Mapping[str, Environment], n: int, max_new_tokens: int | Mapping[str, int],
+             thinking: bool, device: torch.device) -> dict[str, float]:
     """Greedy held-out accuracy (fraction fully correct) of a checkpoint on each domain's first n problems (all of
     them where a domain has fewer)."""
     model, tokenizer = load_policy(model_dir, device)
@@ -306,6 +310,7 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
 
 
 def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
+    from ..generate.tokenizer import Tokenizer
     from .grpo import GRPOConfig, grpo_train
     from .pretrain import pretrain
     from .sft import SFTConfig, sft
@@ -355,7 +360,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
             model, tokenizer = load_policy(sft_dir, device)
             gcfg = GRPOConfig(steps=steps, num_generations=cfg.grpo_generations, lr=cfg.grpo_lr,
                               minibatches=cfg.grpo_minibatches,
-                              batch_prompts=cfg.grpo_batch_prompts, max_new_tokens=cfg.max_new_tokens,
+                              batch_prompts=cfg.grpo_batch_prompts, max_new_tokens={x: limits[x] for x in domains},
                               thinking=cfg.thinking,
                               eval_problems=max(min(heldout_size(envs[x], n_eval) for x in domains), 1),
                               eval_every=max(steps // 4, 1), seed=cfg.seed, optimizer=cfg.optimizer,
@@ -369,7 +374,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     def distill_stage(off_policy: bool, steps: int) -> Callable[[str], str]:
         def fn(d: str) -> str:
             dcfg = DistillConfig(steps=steps, lr=cfg.opd_lr, batch_prompts=cfg.opd_batch_prompts,
-                                 max_new_tokens=cfg.max_new_tokens, off_policy=off_policy, thinking=cfg.thinking,
+                                 max_new_tokens=dict(limits), off_policy=off_policy, thinking=cfg.thinking,
                                  eval_every=max(steps // 4, 1), eval_prompts=min(cfg.eval_problems, 16),
                                  optimizer=cfg.optimizer, seed=cfg.seed,
                                  max_seconds=stage_cap(cfg, "offpolicy" if off_policy else "opd"))
@@ -386,7 +391,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
         later still leaves the table of what it finished."""
         checkpoints[name] = path
         t0 = stages.seconds.get("eval", 0.0)
-        table[name] = stages.timed("eval", lambda: evaluate(path, envs, cfg.eval_problems, cfg.max_new_tokens,
+        table[name] = stages.timed("eval", lambda: evaluate(path, envs, cfg.eval_problems, limits,
                                                             cfg.thinking, device))
         stages.seconds["eval"] += t0
         write_summary()
@@ -400,6 +405,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
                    "grpo_reward": {d: grpo_reward_change(read_metrics(os.path.join(os.path.dirname(p),
                                                                                    "metrics.jsonl")))
                                    for d, p in specialists.items()},
+                   "turn_limits": limits,
                    "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
         if cfg.pretrain_steps:
             summary["steps"]["pretrain"] = _steps_done(base)
@@ -421,6 +427,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     base = stages.run("base", base_stage)
     if cfg.pretrain_steps:
         base = stages.run("pretrain", pretrain_stage)
+    limits = turn_limits(envs, Tokenizer.from_dir(base), cfg.max_new_tokens, cfg.thinking)   # ~1 s (agent)
     done("base", base)
     sft_dir = done("sft", stages.run("sft", sft_stage))
     for domain in envs:
