@@ -498,13 +498,20 @@ def targets(summary: dict) -> dict:
 
 
 def grpo_reward_change(rows: Sequence[dict]) -> dict[str, float]:
-    """A GRPO run's mean rollout reward over its first and its last steps (a window of a fifth of the steps, 1 to
-    5), so one noisy batch does not decide whether reward rose; {} for a run without step rows."""
-    rewards = [r["reward"] for r in rows if "reward" in r]
-    if not rewards:
+    """A GRPO run's mean rollout reward and rollout accuracy (fraction fully correct) over its first and its last
+    steps (a window of a fifth of the steps, 1 to 5), so one noisy batch does not decide whether they rose; {}
+    for a run without step rows. Both, since a reward with partial credit (instruct: the fraction of constraints
+    met) can rise while fewer rollouts are fully right."""
+    steps = [r for r in rows if "reward" in r]
+    if not steps:
         return {}
-    k = max(1, min(5, len(rewards) // 5))
-    return {"start": sum(rewards[:k]) / k, "end": sum(rewards[-k:]) / k, "window": k, "steps": len(rewards)}
+    k = max(1, min(5, len(steps) // 5))
+    out = {"start": sum(r["reward"] for r in steps[:k]) / k, "end": sum(r["reward"] for r in steps[-k:]) / k,
+           "window": k, "steps": len(steps)}
+    if all("accuracy" in r for r in steps):
+        out["accuracy_start"] = sum(r["accuracy"] for r in steps[:k]) / k
+        out["accuracy_end"] = sum(r["accuracy"] for r in steps[-k:]) / k
+    return out
 
 
 def summary_table(summary: dict) -> str:
@@ -539,24 +546,32 @@ def summary_table(summary: dict) -> str:
         lines.append("\nheld-out: greedy, " + ", ".join(f"{sizes[d]} {d}" for d in domains if d in sizes) +
                      " problems; ± is the binomial standard error sqrt(p (1 - p) / n), so differences within about "
                      "twice it are noise")
+    limits = summary.get("turn_limits") or {}
+    if limits:
+        lines.append("\ntokens an assistant turn may take (rollouts and evaluations): "
+                     + ", ".join(f"{d} {n}" for d, n in limits.items()))
     rewards = summary.get("grpo_reward", {})
     if not any(f"grpo-{d}" in table for d in domains):
         return "\n".join(lines)
     pool = summary.get("config", {}).get("grpo_pool")
-    lines += ["", "| domain | SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += ["", "| domain | SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end "
+                  "| GRPO accuracy start -> end |",
+              "|---|---:|---:|---:|---:|---|---|"]
     for d in domains:
         spec = table.get(f"grpo-{d}", {}).get(d)
         sft_acc, opd = table.get("sft", {}).get(d), table.get("opd", {}).get(d)
         ratio = "" if spec is None or opd is None or spec == 0 else f"{opd / spec:.2f}"
         r = rewards.get(d) or {}
         change = f"{r['start']:.3f} -> {r['end']:.3f}" if r else ""
+        acc = f"{r['accuracy_start']:.3f} -> {r['accuracy_end']:.3f}" if "accuracy_start" in r else ""
         n = sizes.get(d)
-        lines.append(f"| {d} | {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} |")
+        lines.append(f"| {d} | {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} "
+                     f"| {acc} |")
     if rewards:
         k = max((r.get("window", 0) for r in rewards.values() if r), default=0)
         where = f"a fixed pool of {pool} training problems" if pool else "fresh training problems"
-        lines.append(f"\nGRPO reward: mean rollout reward of the first and the last {k} steps, on {where}")
+        lines.append(f"\nGRPO reward and accuracy: mean rollout reward (partial credit included) and fraction of "
+                     f"rollouts fully correct, over the first and the last {k} steps, on {where}")
     t = summary.get("targets") or {}
     if "opd_over_specialists_grpo_time" in t:
         lines.append(f"\nOPD time / specialists' GRPO time: {t['opd_over_specialists_grpo_time']:.2f}")
