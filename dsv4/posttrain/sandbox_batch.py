@@ -1,15 +1,16 @@
 """Run many untrusted Python scripts in one sandboxed process, each still isolated from the others.
 
-Why: a fresh sandboxed interpreter per script costs ~20 ms of start-up, so a GRPO step's 256 code rewards took
-seconds; here one sandboxed interpreter (a supervisor, our code) starts once and forks a child per script, which
-costs about a millisecond.
+Why: a fresh sandboxed interpreter per script costs tens of milliseconds of start-up (namespaces, interpreter),
+so a GRPO step's 256 code rewards took seconds; here one sandboxed interpreter (a supervisor, our code) starts
+once and forks a child per script, which costs about a millisecond.
 
 The supervisor runs exactly as `sandbox.run_python` runs code (the same interpreter flags, namespaces, `nobody`
 as root, minimal environment, throwaway directory, wall clock and output limits on the whole process, everything
 killed when it ends). Per script, a child of the supervisor:
-- runs in its own subdirectory (the audit hook's root: it cannot write another script's files), with its own
-  stdin file and its own stdout/stderr pipes, read by the supervisor up to `output_bytes` each (one byte more
-  kills it: "output_limit");
+- runs in a subdirectory no other running script has, emptied before the next script gets it (the audit hook's
+  root: it cannot write another script's files, nor see what an earlier one left), its stdin in a pipe (a file
+  where it is larger than a pipe holds) and its own stdout/stderr pipes, read by the supervisor up to
+  `output_bytes` each (one byte more kills it: "output_limit");
 - has its own wall clock (`timeout_s` from its start: "timeout"), CPU (`cpu_s`: "cpu_limit"), address space,
   file size and core limits, set after the fork;
 - may not start processes (os.fork, forkpty, _posixsubprocess: they would count against the process limit the
