@@ -19,8 +19,9 @@ synchronisations).
 Every stage writes its directory under OUT (metrics.jsonl, its plot, final/); OUT/summary.md holds the held-out
 greedy accuracy of every stage on every domain (one evaluator for all; up to 400 problems per domain, each with its
 binomial standard error) and each stage's wall time, then per domain
-SFT -> specialist -> OPD student and the specialist's GRPO rollout reward at its start and end; OUT/accuracy.png,
-reward.png and distill.png draw them. The defaults take about 8 minutes on one CPU thread (7:46 measured with
+SFT -> specialist -> OPD student and the specialist's GRPO rollout reward and rollout accuracy at its start and
+end; OUT/accuracy.png, reward.png and distill.png draw them. Every rollout and evaluation lets a domain's assistant
+turns take the number of tokens derived from its demonstrations (turn_limits.py), unless `max_new_tokens` says. The defaults take about 8 minutes on one CPU thread (7:46 measured with
 OMP_NUM_THREADS=1 on an otherwise idle machine: SFT 220 s, the two specialists 91 + 108 s, OPD and the
 off-policy baseline 18 + 19 s, evaluation the rest).
 """
