@@ -69,3 +69,20 @@ def test_parse_max_new_tokens(text, want):
 def test_parse_max_new_tokens_refuses_bad_forms(text):
     with pytest.raises(InvalidArgument):
         parse_max_new_tokens(text)
+
+
+@pytest.mark.parametrize("flag, want", [(None, None), ("40", 40), ("agent=90,math=12", {"agent": 90, "math": 12})])
+def test_posttrain_cli_passes_the_limits_on(monkeypatch, flag, want):
+    import argparse
+
+    import dsv4.posttrain.pipeline as pipeline
+    from dsv4.cli import posttrain as cli
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda out, cfg: seen.setdefault("cfg", cfg) and
+                        {"total_seconds": 0.0})
+    monkeypatch.setattr(pipeline, "summary_table", lambda summary: "")
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    cli.run(parser.parse_args(["--out", "x", "--env", "math,agent"] + ([] if flag is None else
+                                                                       ["--max-new-tokens", flag])))
+    assert seen["cfg"].max_new_tokens == want
