@@ -12,6 +12,7 @@
 # steps"). The training ops run eager or as Triton kernels (--no-compile, the default): the first H100 run with
 # torch.compile spent 43-88 s compiling in each stage's first step. Sequence lengths are padded to multiples of 64.
 #   bash bench/posttrain_gpu.sh                  # ~8 minutes on one H100 (at most LIMIT=540 s)
+#   MAX_NEW_TOKENS=40 bash bench/posttrain_gpu.sh   # every turn cut at 40 tokens, as before the derived limits
 #   SCALE=0.5 bash bench/posttrain_gpu.sh        # every stage's time cap halved (~5.5 minutes)
 #   EXTRA=--compile bash bench/posttrain_gpu.sh  # the same with the torch.compile'd training ops
 set -u
@@ -23,10 +24,13 @@ cap() { python3 -c "print(round($1 * $SCALE, 3))"; }
 rm -rf "$RUN"
 # Steps are upper bounds; on a GPU the caps (minutes) decide: pre-training 1.0, SFT 0.6, each specialist 0.35,
 # OPD 0.25. The off-policy baseline takes the OPD student's steps (capped at 0.35), the mixed GRPO baseline the
-# specialists' steps summed (capped at 4 x 0.35). Budget at SCALE=1 (assumed, from the first H100 run's stage
-# times and CPU timings of the data): caps ~300 s + warm-ups outside them ~60 s (mostly the first stage's Triton
-# JIT on a cold cache) + 9 held-out evaluations ~75 s (~8 s each) + in-training evaluations ~25 s + data, BPE
-# and checkpoints ~20 s: ~480 s. LIMIT=540 keeps the call under 9.5 minutes if warm-ups run long.
+# specialists' steps summed (capped at 4 x 0.35). Each domain's turns may take its own number of tokens, derived
+# from its demonstrations (turn_limits.py; for the 1K BPE: math 11, code 28, instruct 13, agent 77 per turn);
+# MAX_NEW_TOKENS=N or DOMAIN=N,... overrides (--max-new-tokens). Budget at SCALE=1 (estimated from the H100 run
+# of 2026-12-06, 433 s in all with every turn cut at 40 tokens): caps ~300 s + warm-ups outside them ~45 s + the
+# 9 held-out evaluations ~70 s (38 s at 40 tokens; the agent's evaluation now decodes both of its turns, up to 77
+# tokens each, where it stopped after one of 40; math, code and instruct stop sooner) + data, BPE and checkpoints
+# ~20 s: ~470 s. LIMIT=540 keeps the call under 9.5 minutes if warm-ups or evaluations run long.
 timeout ${LIMIT:-540} python3 -m dsv4 posttrain --out "$RUN" --device ${DEVICE:-cuda} --model ${MODEL:-mini} \
   --env math,code,instruct,agent --vocab-size 1024 --tokenizer-examples 500 \
   --pretrain-steps 3000 --pretrain-examples 12000 --pretrain-batch-size 64 --pretrain-seq-len 512 --pretrain-lr 2e-3 \
@@ -34,7 +38,7 @@ timeout ${LIMIT:-540} python3 -m dsv4 posttrain --out "$RUN" --device ${DEVICE:-
   --grpo-steps 80 --grpo-batch-prompts 32 --grpo-generations 8 --grpo-lr 1e-4 --grpo-pool 64 --grpo-minibatches 4 \
   --grpo-eval-problems 64 --mixed-grpo \
   --opd-steps 60 --opd-batch-prompts 64 --opd-lr 1e-4 \
-  --max-new-tokens 40 --eval-problems 200 --no-progress \
+  --eval-problems 200 --no-progress ${MAX_NEW_TOKENS:+--max-new-tokens $MAX_NEW_TOKENS} \
   --minutes "pretrain=$(cap 1.0),sft=$(cap 0.6),grpo=$(cap 0.35),opd=$(cap 0.25)" --stage-minutes $(cap 0.35) \
   --no-compile \
   ${EXTRA:-} > "$OUT/posttrain.log" 2>&1

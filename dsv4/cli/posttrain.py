@@ -22,8 +22,8 @@ _STAGES = ("base", "pretrain", "sft", "grpo", "opd", "offpolicy", "grpo-mixed")
 
 # PipelineConfig fields with a flag of their own, --sft-steps etc.; unset ones keep the config's default
 _NUMBERS = ("sft_examples", "sft_steps", "sft_lr", "sft_batch_size", "grpo_steps", "grpo_lr", "grpo_generations",
-            "grpo_batch_prompts", "grpo_pool", "opd_steps", "opd_lr", "opd_batch_prompts", "max_new_tokens",
-            "eval_problems", "vocab_size", "seed", "tokenizer_examples", "pretrain_steps", "pretrain_examples",
+            "grpo_batch_prompts", "grpo_pool", "opd_steps", "opd_lr", "opd_batch_prompts", "eval_problems",
+            "vocab_size", "seed", "tokenizer_examples", "pretrain_steps", "pretrain_examples",
             "pretrain_lr", "pretrain_batch_size", "pretrain_seq_len", "mixed_grpo_steps", "stage_minutes",
             "grpo_eval_problems", "grpo_minibatches")
 
@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="on a GPU, torch.compile the training ops without a Triton training kernel (default off: "
                         "for the pipeline's small models and minute-long stages, compiling each new shape costs "
                         "more than it saves; the Triton kernels run either way)")
+    p.add_argument("--max-new-tokens", metavar="N|DOMAIN=N,...",
+                   help="tokens an assistant turn may take in rollouts and evaluations: N for every domain, or "
+                        "DOMAIN=N,... for some (default: each domain's longest demonstrated turn x 1.25 + 4)")
     p.add_argument("--no-progress", action="store_true")
     for name in _NUMBERS:
         p.add_argument("--" + name.replace("_", "-"), type=float if name.endswith(("lr", "minutes")) else int,
@@ -75,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgument(f"--only: unknown stage(s) {bad}; choose from {', '.join(_STAGES)}")
         only = tuple(s for a in asked for s in ([f"grpo-{d}" for d in envs] if a == "grpo" else [a]))
     numbers = {n: getattr(args, n) for n in _NUMBERS if getattr(args, n) is not None}
+    if args.max_new_tokens is not None:
+        from ..posttrain.turn_limits import parse_max_new_tokens
+        numbers["max_new_tokens"] = parse_max_new_tokens(args.max_new_tokens)
     if args.minutes:
         try:
             numbers["minutes"] = {k.strip(): float(v) for k, v in (s.split("=") for s in args.minutes.split(","))}

@@ -22,16 +22,20 @@ __all__ = ["sample_direct"]
 
 
 @torch.no_grad()
-def sample_direct(model, contexts: Sequence[Sequence[int]], sampling: SamplingConfig, max_new_tokens: int, *,
-                  seed: int, stop_ids: Sequence[int]) -> list[Sampled]:
+def sample_direct(model, contexts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                  max_new_tokens: int | Sequence[int], *, seed: int, stop_ids: Sequence[int]) -> list[Sampled]:
     """One completion per context, in the callers' order: the sampled tokens (through the first stop token, or
-    `max_new_tokens` of them) with their log-probabilities; finish "stop" or "length"."""
+    `max_new_tokens` of them: one limit for all, or one per context) with their log-probabilities; finish "stop"
+    or "length"."""
     if not contexts or any(len(c) == 0 for c in contexts):
         raise InvalidArgument("the direct sampler needs at least one context and no empty context")
-    if max_new_tokens < 1:
-        raise InvalidArgument(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    limits = [max_new_tokens] * len(contexts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != len(contexts) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in limits):
+        raise InvalidArgument(f"max_new_tokens={max_new_tokens}: must be an integer >= 1 or one per context")
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))   # equal lengths prefill together
     rows = [contexts[i] for i in order]
+    row_limits = [limits[i] for i in order]
+    max_new_tokens = max(limits)
     device = model.embed.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
@@ -52,7 +56,7 @@ def sample_direct(model, contexts: Sequence[Sequence[int]], sampling: SamplingCo
                 if not done[r]:
                     tokens[r].append(t)
                     logprobs[r].append(l)
-                    done[r] = t in stops
+                    done[r] = t in stops or len(tokens[r]) >= row_limits[r]
             if all(done) or i == max_new_tokens - 1:
                 break
             last = model(nxt.view(B, 1), cache=cache)[:, -1]

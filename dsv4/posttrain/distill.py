@@ -41,6 +41,7 @@ from .rollout import rollout
 from .envs.base import Environment, Problem
 from .reverse_kl import DEFAULT_CHUNK, policy_positions, reverse_kl
 from .trajectory import Trajectory
+from .turn_limits import check_max_new_tokens
 
 __all__ = ["DistillConfig", "DistillDiverged", "distill", "Batch", "make_batch", "opd_loss", "ce_loss", "mtp_sums",
            "heldout_eval", "domain_schedule", "sample_trajectories"]
@@ -56,7 +57,7 @@ class DistillConfig:
     lr: float = 1e-3
     warmup: int = 0
     batch_prompts: int = 8           # problems per step, spread evenly over the domains
-    max_new_tokens: int = 64
+    max_new_tokens: int | dict[str, int] = 64   # per assistant turn: one limit, or one per domain (turn_limits.py)
     temperature: float = 1.0         # the sampler's (student in OPD, teachers off-policy)
     mtp_weight: float = 0.3          # pretraining's LossWeights.mtp
     off_policy: bool = False
@@ -74,7 +75,8 @@ class DistillConfig:
                                      # on a GPU)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_prompts", "max_new_tokens", "eval_every", "chunk"):
+        check_max_new_tokens(self.max_new_tokens, "distill")
+        for name in ("steps", "batch_prompts", "eval_every", "chunk"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise InvalidArgument(f"distill {name}={getattr(self, name)!r}: must be an integer >= 1")
         if self.eval_prompts < 0 or self.warmup < 0 or self.length_bucket < 0:

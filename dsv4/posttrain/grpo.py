@@ -38,6 +38,7 @@ from .grpo_loss import LOSS_TYPES, GRPOLossConfig, group_advantages, grpo_loss
 from .logprobs import pad_batch, token_logprobs
 from .rollout import SAMPLERS, rollout
 from .trajectory import Trajectory
+from .turn_limits import check_max_new_tokens, largest_limit
 
 __all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "evaluate_greedy", "plot_rewards",
            "save_policy_dir"]
@@ -59,7 +60,7 @@ class GRPOConfig:
     loss_type: str = "grpo"           # "grpo" | "dr_grpo"
     mu: int = 1                       # optimisation epochs per rollout batch
     minibatches: int = 1              # minibatches per epoch
-    max_new_tokens: int = 64
+    max_new_tokens: int | dict[str, int] = 64   # per assistant turn: one limit, or one per domain (turn_limits.py)
     temperature: float = 1.0
     top_p: float = 1.0
     thinking: bool = False
@@ -74,7 +75,8 @@ class GRPOConfig:
     length_bucket: int = 0            # batch lengths rounded up to a multiple of this (buckets.py; 0: 64 on a GPU)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "num_generations", "batch_prompts", "mu", "minibatches", "max_new_tokens",
+        check_max_new_tokens(self.max_new_tokens, "GRPO")
+        for name in ("steps", "num_generations", "batch_prompts", "mu", "minibatches",
                      "eval_problems", "logprob_chunk"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -99,7 +101,8 @@ class GRPOConfig:
 
     def loss_config(self) -> GRPOLossConfig:
         return GRPOLossConfig.for_loss_type(self.loss_type, epsilon=self.epsilon, epsilon_high=self.epsilon_high,
-                                            beta=self.beta, max_len=self.max_new_tokens)
+                                            beta=self.beta,
+                                            max_len=largest_limit(self.max_new_tokens))
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_p=self.top_p)
@@ -116,7 +119,8 @@ def _policy_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
     return float((values * m).sum() / m.sum().clamp(min=1))
 
 
-def evaluate_greedy(model, tokenizer, envs: Mapping[str, Environment], n: int, max_new_tokens: int,
+def evaluate_greedy(model, tokenizer, envs: Mapping[str, Environment], n: int,
+                    max_new_tokens: int | Mapping[str, int],
                     thinking: bool = False, sampler: str = "engine") -> dict[str, float]:
     """Held-out accuracy (fraction fully correct) and mean reward per environment, greedy decoding."""
     out = {}

@@ -19,8 +19,9 @@ synchronisations).
 Every stage writes its directory under OUT (metrics.jsonl, its plot, final/); OUT/summary.md holds the held-out
 greedy accuracy of every stage on every domain (one evaluator for all; up to 400 problems per domain, each with its
 binomial standard error) and each stage's wall time, then per domain
-SFT -> specialist -> OPD student and the specialist's GRPO rollout reward at its start and end; OUT/accuracy.png,
-reward.png and distill.png draw them. The defaults take about 8 minutes on one CPU thread (7:46 measured with
+SFT -> specialist -> OPD student and the specialist's GRPO rollout reward and rollout accuracy at its start and
+end; OUT/accuracy.png, reward.png and distill.png draw them. Every rollout and evaluation lets a domain's assistant
+turns take the number of tokens derived from its demonstrations (turn_limits.py), unless `max_new_tokens` says. The defaults take about 8 minutes on one CPU thread (7:46 measured with
 OMP_NUM_THREADS=1 on an otherwise idle machine: SFT 220 s, the two specialists 91 + 108 s, OPD and the
 off-policy baseline 18 + 19 s, evaluation the rest).
 """
@@ -50,6 +51,7 @@ from .envs.base import Environment
 from .envs.pool import ProblemPool
 from .policy import load_policy, save_policy
 from .rollout import SAMPLERS, rollout
+from .turn_limits import check_max_new_tokens, turn_limits
 
 __all__ = ["PipelineConfig", "run_pipeline", "evaluate", "demonstrations"]
 
@@ -83,6 +85,10 @@ class PipelineConfig:
     # 0.265 -> 0.250 with seed 0 and 0.350 -> 0.258 with seed 1; a pool of 128 at 2e-4 rose less and lost more.
     # With seed 1 no remedy kept held-out math at SFT's 0.350 while the reward rose: lr 5e-5 0.283, a KL to the
     # SFT model (beta 0.1) 0.280, Dr. GRPO 0.265; fresh problems (pool 0) kept 0.328 with the reward flat.
+    # Easy instruct from an SFT model at 0.50 held-out (tiny, 250 SFT steps; 74 problems, SE 0.058): 40 steps
+    # left it at 0.50 on the pool, 0.49 on fresh problems, 0.47 on the pool with a 0/1 reward, while the rollout
+    # accuracy rose 0.29 -> 0.39 (pool), 0.29 -> 0.37 (fresh): neither the pool nor the partial credit (reward
+    # and accuracy rose together) lowered it at this scale; the failures are the wrong word ("include").
     grpo_steps: int = 40
     grpo_lr: float = 1e-4
     grpo_generations: int = 8
@@ -105,7 +111,9 @@ class PipelineConfig:
     optimizer: str = "adamw"              # every stage's; Muon's Newton-Schulz is half a tiny CPU step's time
     sampler: str = "direct"               # GRPO's rollouts (rollout.py): 256 tiny-model rollouts take 0.8 s on
                                           # the direct sampler, 7.6 s on the engine (which prefills each alone)
-    max_new_tokens: int = 24
+    max_new_tokens: int | dict[str, int] | None = None   # tokens per assistant turn in rollouts and evaluations:
+                                          # None derives each domain's from its demonstrations (turn_limits.py),
+                                          # an int sets every domain's, a dict some domains' (others derived)
     eval_problems: int = 400              # held-out problems per domain for the summary table (fewer where a
                                           # domain has fewer: easy math ~400, easy instruct 74); at 64 the
                                           # binomial std of an accuracy near 0.3 is 0.057, the size of the
@@ -123,7 +131,8 @@ class PipelineConfig:
     def check(self) -> None:
         if not self.envs:
             raise InvalidArgument("posttrain needs at least one environment (--env)")
-        for name in ("sft_examples", "sft_steps", "grpo_steps", "opd_steps", "eval_problems", "max_new_tokens",
+        check_max_new_tokens(self.max_new_tokens, "posttrain", allow_none=True)
+        for name in ("sft_examples", "sft_steps", "grpo_steps", "opd_steps", "eval_problems",
                      "tokenizer_examples", "pretrain_examples", "pretrain_batch_size", "pretrain_seq_len"):
             if getattr(self, name) < 1:
                 raise InvalidArgument(f"posttrain {name}={getattr(self, name)}: must be >= 1")
@@ -235,8 +244,8 @@ def _heldout_size(env: Environment, n: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model_dir: str, envs: Mapping[str, Environment], n: int, max_new_tokens: int, thinking: bool,
-             device: torch.device) -> dict[str, float]:
+def evaluate(model_dir: str, envs: Mapping[str, Environment], n: int, max_new_tokens: int | Mapping[str, int],
+             thinking: bool, device: torch.device) -> dict[str, float]:
     """Greedy held-out accuracy (fraction fully correct) of a checkpoint on each domain's first n problems (all of
     them where a domain has fewer)."""
     model, tokenizer = load_policy(model_dir, device)
@@ -306,6 +315,7 @@ def run_pipeline(out: str, cfg: PipelineConfig) -> dict:
 
 
 def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
+    from ..generate.tokenizer import Tokenizer
     from .grpo import GRPOConfig, grpo_train
     from .pretrain import pretrain
     from .sft import SFTConfig, sft
@@ -355,7 +365,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
             model, tokenizer = load_policy(sft_dir, device)
             gcfg = GRPOConfig(steps=steps, num_generations=cfg.grpo_generations, lr=cfg.grpo_lr,
                               minibatches=cfg.grpo_minibatches,
-                              batch_prompts=cfg.grpo_batch_prompts, max_new_tokens=cfg.max_new_tokens,
+                              batch_prompts=cfg.grpo_batch_prompts, max_new_tokens={x: limits[x] for x in domains},
                               thinking=cfg.thinking,
                               eval_problems=max(min(heldout_size(envs[x], n_eval) for x in domains), 1),
                               eval_every=max(steps // 4, 1), seed=cfg.seed, optimizer=cfg.optimizer,
@@ -369,7 +379,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     def distill_stage(off_policy: bool, steps: int) -> Callable[[str], str]:
         def fn(d: str) -> str:
             dcfg = DistillConfig(steps=steps, lr=cfg.opd_lr, batch_prompts=cfg.opd_batch_prompts,
-                                 max_new_tokens=cfg.max_new_tokens, off_policy=off_policy, thinking=cfg.thinking,
+                                 max_new_tokens=dict(limits), off_policy=off_policy, thinking=cfg.thinking,
                                  eval_every=max(steps // 4, 1), eval_prompts=min(cfg.eval_problems, 16),
                                  optimizer=cfg.optimizer, seed=cfg.seed,
                                  max_seconds=stage_cap(cfg, "offpolicy" if off_policy else "opd"))
@@ -386,7 +396,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
         later still leaves the table of what it finished."""
         checkpoints[name] = path
         t0 = stages.seconds.get("eval", 0.0)
-        table[name] = stages.timed("eval", lambda: evaluate(path, envs, cfg.eval_problems, cfg.max_new_tokens,
+        table[name] = stages.timed("eval", lambda: evaluate(path, envs, cfg.eval_problems, limits,
                                                             cfg.thinking, device))
         stages.seconds["eval"] += t0
         write_summary()
@@ -400,6 +410,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
                    "grpo_reward": {d: grpo_reward_change(read_metrics(os.path.join(os.path.dirname(p),
                                                                                    "metrics.jsonl")))
                                    for d, p in specialists.items()},
+                   "turn_limits": limits,
                    "total_seconds": time.perf_counter() - start, "checkpoints": checkpoints}
         if cfg.pretrain_steps:
             summary["steps"]["pretrain"] = _steps_done(base)
@@ -421,6 +432,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
     base = stages.run("base", base_stage)
     if cfg.pretrain_steps:
         base = stages.run("pretrain", pretrain_stage)
+    limits = turn_limits(envs, Tokenizer.from_dir(base), cfg.max_new_tokens, cfg.thinking)   # ~1 s (agent)
     done("base", base)
     sft_dir = done("sft", stages.run("sft", sft_stage))
     for domain in envs:
@@ -491,13 +503,20 @@ def targets(summary: dict) -> dict:
 
 
 def grpo_reward_change(rows: Sequence[dict]) -> dict[str, float]:
-    """A GRPO run's mean rollout reward over its first and its last steps (a window of a fifth of the steps, 1 to
-    5), so one noisy batch does not decide whether reward rose; {} for a run without step rows."""
-    rewards = [r["reward"] for r in rows if "reward" in r]
-    if not rewards:
+    """A GRPO run's mean rollout reward and rollout accuracy (fraction fully correct) over its first and its last
+    steps (a window of a fifth of the steps, 1 to 5), so one noisy batch does not decide whether they rose; {}
+    for a run without step rows. Both, since a reward with partial credit (instruct: the fraction of constraints
+    met) can rise while fewer rollouts are fully right."""
+    steps = [r for r in rows if "reward" in r]
+    if not steps:
         return {}
-    k = max(1, min(5, len(rewards) // 5))
-    return {"start": sum(rewards[:k]) / k, "end": sum(rewards[-k:]) / k, "window": k, "steps": len(rewards)}
+    k = max(1, min(5, len(steps) // 5))
+    out = {"start": sum(r["reward"] for r in steps[:k]) / k, "end": sum(r["reward"] for r in steps[-k:]) / k,
+           "window": k, "steps": len(steps)}
+    if all("accuracy" in r for r in steps):
+        out["accuracy_start"] = sum(r["accuracy"] for r in steps[:k]) / k
+        out["accuracy_end"] = sum(r["accuracy"] for r in steps[-k:]) / k
+    return out
 
 
 def summary_table(summary: dict) -> str:
@@ -532,24 +551,32 @@ def summary_table(summary: dict) -> str:
         lines.append("\nheld-out: greedy, " + ", ".join(f"{sizes[d]} {d}" for d in domains if d in sizes) +
                      " problems; ± is the binomial standard error sqrt(p (1 - p) / n), so differences within about "
                      "twice it are noise")
+    limits = summary.get("turn_limits") or {}
+    if limits:
+        lines.append("\ntokens an assistant turn may take (rollouts and evaluations): "
+                     + ", ".join(f"{d} {n}" for d, n in limits.items()))
     rewards = summary.get("grpo_reward", {})
     if not any(f"grpo-{d}" in table for d in domains):
         return "\n".join(lines)
     pool = summary.get("config", {}).get("grpo_pool")
-    lines += ["", "| domain | SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end |",
-              "|---|---:|---:|---:|---:|---|"]
+    lines += ["", "| domain | SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end "
+                  "| GRPO accuracy start -> end |",
+              "|---|---:|---:|---:|---:|---|---|"]
     for d in domains:
         spec = table.get(f"grpo-{d}", {}).get(d)
         sft_acc, opd = table.get("sft", {}).get(d), table.get("opd", {}).get(d)
         ratio = "" if spec is None or opd is None or spec == 0 else f"{opd / spec:.2f}"
         r = rewards.get(d) or {}
         change = f"{r['start']:.3f} -> {r['end']:.3f}" if r else ""
+        acc = f"{r['accuracy_start']:.3f} -> {r['accuracy_end']:.3f}" if "accuracy_start" in r else ""
         n = sizes.get(d)
-        lines.append(f"| {d} | {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} |")
+        lines.append(f"| {d} | {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} "
+                     f"| {acc} |")
     if rewards:
         k = max((r.get("window", 0) for r in rewards.values() if r), default=0)
         where = f"a fixed pool of {pool} training problems" if pool else "fresh training problems"
-        lines.append(f"\nGRPO reward: mean rollout reward of the first and the last {k} steps, on {where}")
+        lines.append(f"\nGRPO reward and accuracy: mean rollout reward (partial credit included) and fraction of "
+                     f"rollouts fully correct, over the first and the last {k} steps, on {where}")
     t = summary.get("targets") or {}
     if "opd_over_specialists_grpo_time" in t:
         lines.append(f"\nOPD time / specialists' GRPO time: {t['opd_over_specialists_grpo_time']:.2f}")

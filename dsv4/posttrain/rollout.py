@@ -22,7 +22,6 @@ every request) and each trajectory carries the experts and indexer top-k chosen 
 """
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -38,6 +37,7 @@ from .envs.base import Environment, Problem, Reward
 from .rollout_engine import RolloutEngine, sample_engine
 from .samples import Sampled
 from .trajectory import Trajectory
+from .turn_limits import limit_for
 
 __all__ = ["rollout", "RolloutEngine", "Sampled", "sample_turn", "sample_engine", "SAMPLERS"]
 
@@ -53,11 +53,12 @@ def sample_turn(model, tokenizer, contexts: Sequence[list[int]], params: Sequenc
                 max_batch: int = 64, sampler: str = "engine", seed: int = 0) -> list[Sampled]:
     """One completion per context: on `engine` (None: a RolloutEngine sized for these contexts), with routing
     recorded (routing_replay.sample_recorded: a recording engine of its own), or with sampler="direct" on the
-    direct sampler (one batch; `seed` seeds it, `params` give its settings, the same for every context)."""
+    direct sampler (one batch; `seed` seeds it, `params` give its settings, the same for every context but
+    max_tokens)."""
     if sampler == "direct":
         p = params[0]
         cfg = SamplingConfig(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)
-        return sample_direct(model, contexts, cfg, p.max_tokens, seed=seed, stop_ids=eos)
+        return sample_direct(model, contexts, cfg, [q.max_tokens for q in params], seed=seed, stop_ids=eos)
     if record_routing:
         from .routing_replay import sample_recorded
         return sample_recorded(model, contexts, params, eos, max_batch=max_batch)
@@ -104,11 +105,13 @@ def _parse(tokenizer, sampled: Sampled, thinking: bool) -> tuple[dict | None, st
 
 
 def rollout(model, tokenizer, problems: Sequence[Problem], envs_by_domain: Mapping[str, Environment], *,
-            group_size: int, sampling: SamplingConfig, max_new_tokens: int, thinking: bool = False,
+            group_size: int, sampling: SamplingConfig, max_new_tokens: int | Mapping[str, int],
+            thinking: bool = False,
             record_routing: bool = False, engine: Engine | None = None, seed: int = 0,
             max_batch: int = 64, sampler: str = "engine") -> list[Trajectory]:
     """`group_size` trajectories per problem (problem i's are trajectories [i*G, (i+1)*G)), each scored by its
-    domain's environment. `engine`: a RolloutEngine to reuse (its max_seq_len must hold the longest
+    domain's environment. `max_new_tokens`: the tokens an assistant turn may take, one limit or one per domain
+    (turn_limits.py). `engine`: a RolloutEngine to reuse (its max_seq_len must hold the longest
     trajectory); None builds one per turn sized for it. `sampler`: "engine" or "direct" (module doc)."""
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise InvalidArgument(f"rollout group_size={group_size!r}: must be a positive integer")
@@ -122,6 +125,7 @@ def rollout(model, tokenizer, problems: Sequence[Problem], envs_by_domain: Mappi
     missing = sorted({p.domain for p in problems} - set(envs_by_domain))
     if missing:
         raise InvalidArgument(f"rollout: no environment for domain(s) {missing}; have {sorted(envs_by_domain)}")
+    limits = {d: limit_for(max_new_tokens, d) for d in dict.fromkeys(p.domain for p in problems)}
     states = []
     for p in problems:
         prompt = encode_prompt(tokenizer, p.messages, thinking)
@@ -132,7 +136,7 @@ def rollout(model, tokenizer, problems: Sequence[Problem], envs_by_domain: Mappi
     turn = 0
     active = list(range(len(states)))
     while active:
-        params = [SamplingParams(max_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+        params = [SamplingParams(max_tokens=limits[states[i].problem.domain], temperature=sampling.temperature, top_p=sampling.top_p,
                                  top_k=sampling.top_k, seed=_seed(seed, i, turn), logprobs=0, stop_token_ids=eos)
                   for i in active]
         contexts = [states[i].tokens for i in active]
@@ -151,28 +155,27 @@ def rollout(model, tokenizer, problems: Sequence[Problem], envs_by_domain: Mappi
 
 
 def _score(states: Sequence[_State]) -> list[Reward]:
-    """Each finished trajectory's reward, in order. An environment that says `parallel_reward` (its reward runs
-    a process and is deterministic: the code environment's sandbox, ~30 ms a call) is called from a pool of
-    threads, which wait on the processes in parallel, and identical final turns of one problem (frequent within
-    a group) are scored once; every other reward is called in order, once per trajectory."""
-    slow = [i for i, s in enumerate(states) if s.reward is None and getattr(s.env, "parallel_reward", False)]
-    later = set(slow)
-    out = [s.reward if s.reward is not None or i in later else s.env.reward(s.problem, s.turns)
-           for i, s in enumerate(states)]
-    if slow:
-        unique: dict[tuple, int] = {}
-        for i in slow:
-            unique.setdefault((id(states[i].problem), repr(states[i].turns)), i)
-        firsts = list(unique.values())
-        if len(firsts) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, len(firsts))) as pool:
-                scored = dict(zip(firsts, pool.map(lambda i: states[i].env.reward(states[i].problem, states[i].turns),
-                                                   firsts)))
+    """Each finished trajectory's reward, in order. An environment with `reward_batch` (the code environment's
+    sandbox, which runs many samples in one process; a GRM's batched judging) scores all its trajectories in one
+    call, each distinct (problem, final turns) once: identical completions are frequent within a group, and
+    such rewards are deterministic. Every other reward is called in order, once per trajectory."""
+    out: list[Reward | None] = [s.reward for s in states]
+    batched: dict[int, list[int]] = {}
+    for i, s in enumerate(states):
+        if out[i] is not None:
+            continue
+        if getattr(s.env, "reward_batch", None) is not None:
+            batched.setdefault(id(s.env), []).append(i)
         else:
-            scored = {i: states[i].env.reward(states[i].problem, states[i].turns) for i in firsts}
-        for i in slow:
-            out[i] = scored[unique[(id(states[i].problem), repr(states[i].turns))]]
+            out[i] = s.env.reward(s.problem, s.turns)
+    for idx in batched.values():
+        key = {i: (id(states[i].problem), repr(states[i].turns)) for i in idx}
+        firsts = list({key[i]: i for i in reversed(idx)}.values())   # the first trajectory of each key ...
+        firsts.sort()                                                  # ... in the order of the trajectories
+        scored = states[idx[0]].env.reward_batch([(states[i].problem, states[i].turns) for i in firsts])
+        by_key = {key[i]: r for i, r in zip(firsts, scored)}
+        for i in idx:
+            out[i] = by_key[key[i]]
     return out  # type: ignore[return-value]
 
 

@@ -16,8 +16,9 @@ What contains the code:
   with it even if it left the process group. The code runs in a child of that namespace's pid 1 (pid 1 ignores
   signals it sends itself, so a crash of the code would otherwise look like a clean exit);
 - in every mode an audit hook (`sys.addaudithook`, installed before the code runs, cannot be removed) refuses
-  sockets, starting other programs (exec, spawn, system, subprocess), importing ctypes, and writing, creating,
-  renaming or deleting files outside the sandbox directory; `os.setsid`/`setpgid`/`setpgrp` are replaced so
+  sockets, starting other programs (exec, spawn, system, subprocess), importing ctypes, the garbage collector's
+  object walks (which reach the hook's own state), and writing, creating, renaming or deleting files outside the
+  sandbox directory; `os.setsid`/`setpgid`/`setpgrp` are replaced so
   a child cannot leave the group. Without namespaces this hook is the network barrier: it stops Python code,
   not native code (which ctypes would have given);
 - run as root, the code runs as `nobody` when an interpreter is found that `nobody` can execute (root is not
@@ -87,27 +88,13 @@ class SandboxResult:
         return self.returncode == 0 and self.killed_reason is None
 
 
-# Runs in the sandboxed interpreter: argv = [cpu_s, memory_bytes, file_bytes, max_processes, status_fd].
-_BOOTSTRAP = r'''
-import os, sys, resource
-_cpu, _mem, _fsize, _nproc, _status_fd = (int(a) for a in sys.argv[1:6])
-if _status_fd >= 0:
-    _pid = os.fork()
-    if _pid:
-        _, _status = os.waitpid(_pid, 0)
-        os.write(_status_fd, str(_status).encode())
-        os._exit(0)
-    os.close(_status_fd)
-for _name, _soft, _hard in (("RLIMIT_CPU", _cpu, _cpu + 1), ("RLIMIT_AS", _mem, _mem), ("RLIMIT_FSIZE", _fsize, _fsize),
-                            ("RLIMIT_CORE", 0, 0), ("RLIMIT_NPROC", _nproc, _nproc)):
-    _res = getattr(resource, _name)
-    _now = resource.getrlimit(_res)[1]
-    if _now != resource.RLIM_INFINITY:   # an unprivileged process cannot raise its hard limit: stay under it
-        _hard, _soft = min(_hard, _now), min(_soft, _now)
-    resource.setrlimit(_res, (_soft, _hard))
-
-def _make_hook(root):
+# The audit hook and the group lock of sandboxed code (module doc); `batch=True` adds what a sample of a batch
+# (sandbox_batch.py) may not do: start processes (they would count against the other samples' process limit) or
+# signal other processes (its siblings, the supervisor).
+_HOOK = r'''
+def _make_hook(root, batch=False):
     realpath, fspath, fsdecode = os.path.realpath, os.fspath, os.fsdecode
+    own_pid = os.getpid()
     prefix = root + "/"
     writes = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
     fs_events = frozenset(("os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.link", "os.symlink", "os.chmod",
@@ -143,11 +130,41 @@ def _make_hook(root):
             raise PermissionError(f"sandbox: {event} is not allowed")
         elif event == "import" and args[0] in ("ctypes", "_ctypes"):
             raise ImportError("sandbox: ctypes is not allowed")
+        elif event in ("gc.get_objects", "gc.get_referrers", "gc.get_referents"):
+            raise PermissionError(f"sandbox: {event} would reach this hook's state")
+        elif batch and event in ("os.fork", "os.forkpty"):
+            raise PermissionError("sandbox: a batch sample may not start processes")
+        elif batch and event == "import" and args[0] == "_posixsubprocess":
+            raise ImportError("sandbox: a batch sample may not start processes")
+        elif batch and event in ("os.kill", "os.killpg", "signal.pthread_kill") and args[0] != own_pid:
+            raise PermissionError("sandbox: a batch sample may signal only itself")
     return hook
 
 def _no_new_group(*args):
     raise PermissionError("sandbox: leaving the process group is not allowed")
 
+'''
+
+# Runs in the sandboxed interpreter: argv = [cpu_s, memory_bytes, file_bytes, max_processes, status_fd].
+_BOOTSTRAP = r'''
+import os, sys, resource
+_cpu, _mem, _fsize, _nproc, _status_fd = (int(a) for a in sys.argv[1:6])
+if _status_fd >= 0:
+    _pid = os.fork()
+    if _pid:
+        _, _status = os.waitpid(_pid, 0)
+        os.write(_status_fd, str(_status).encode())
+        os._exit(0)
+    os.close(_status_fd)
+for _name, _soft, _hard in (("RLIMIT_CPU", _cpu, _cpu + 1), ("RLIMIT_AS", _mem, _mem), ("RLIMIT_FSIZE", _fsize, _fsize),
+                            ("RLIMIT_CORE", 0, 0), ("RLIMIT_NPROC", _nproc, _nproc)):
+    _res = getattr(resource, _name)
+    _now = resource.getrlimit(_res)[1]
+    if _now != resource.RLIM_INFINITY:   # an unprivileged process cannot raise its hard limit: stay under it
+        _hard, _soft = min(_hard, _now), min(_soft, _now)
+    resource.setrlimit(_res, (_soft, _hard))
+
+''' + _HOOK + r'''
 os.setsid = os.setpgid = os.setpgrp = _no_new_group
 sys.addaudithook(_make_hook(os.path.realpath(os.getcwd())))
 with open("main.py", "rb") as _f:

@@ -10,6 +10,7 @@ import dsv4
 from dsv4.errors import InvalidArgument
 from dsv4.posttrain.envs import Environment
 from dsv4.posttrain.envs.code import FAMILIES, LEVELS, CodeEnv, extract_code
+from dsv4.posttrain.sandbox import Limits
 
 
 def _reply(code: str) -> list[dict]:
@@ -125,3 +126,26 @@ def test_bad_arguments():
         CodeEnv("easy", families=("fizzbuzz",))
     with pytest.raises(InvalidArgument, match="held-out"):
         CodeEnv("easy").heldout(10_000)
+
+
+def test_reward_batch_scores_each_reply_alone():
+    """Good replies among a top-level loop, a fork bomb, a flood of output, a crash and a reply without code:
+    each good one scores what it scores alone (1.0), each bad one 0, in one batch."""
+    env = CodeEnv("easy", limits=Limits(timeout_s=1.0, cpu_s=1, output_bytes=10_000))
+    problems = env.heldout(6)
+    bad = ["while True:\n    pass", "import os\nwhile True:\n    os.fork()",
+           "import os\nwhile True:\n    os.write(1, b'x' * 999)", "import os\nos.abort()"]
+    items = []
+    for k, p in enumerate(problems):
+        items.append((p, env.demonstrate(p)))
+        if k < len(bad):
+            items.append((p, _reply(bad[k])))
+    items.append((problems[0], [{"role": "assistant", "content": "no code here"}]))
+    rewards = env.reward_batch(items)
+    is_good = [turns[-1]["content"].startswith("```python\ndef") for _, turns in items]
+    assert sum(is_good) == 6 and all(r.correct and r.score == 1.0 for r, g in zip(rewards, is_good) if g)
+    others = [r for r, g in zip(rewards, is_good) if not g]
+    assert [r.score for r in others] == [0.0] * (len(bad) + 1)
+    killed = [r.info.get("killed") for r in others]
+    assert killed[2] == "output_limit" and killed[3] == "signal SIGABRT" and killed[0] in ("cpu_limit", "timeout")
+    assert "PermissionError" in others[1].info["load_error"]

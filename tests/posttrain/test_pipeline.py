@@ -63,11 +63,13 @@ def test_summary_table_states_the_claim_per_domain():
     """The second table: SFT -> specialist -> OPD per domain, the student's fraction of its teacher, and the
     specialist's GRPO reward at the start and the end."""
     text = summary_table({"accuracy": {"sft": {"math": 0.25}, "grpo-math": {"math": 0.5}, "opd": {"math": 0.4}},
-                          "seconds": {}, "grpo_reward": {"math": {"start": 0.125, "end": 0.5, "window": 3}},
+                          "seconds": {}, "grpo_reward": {"math": {"start": 0.125, "end": 0.5, "window": 3,
+                                                                  "accuracy_start": 0.25, "accuracy_end": 0.125}},
                           "config": {"grpo_pool": 128}, "heldout_n": {"math": 64}})
     lines = text.splitlines()
     # each accuracy with its binomial standard error on 64 problems: sqrt(0.25 * 0.75 / 64) = 0.054
-    assert "| math | 0.250 ± 0.054 | 0.500 ± 0.062 | 0.400 ± 0.061 | 0.80 | 0.125 -> 0.500 |" in lines
+    assert ("| math | 0.250 ± 0.054 | 0.500 ± 0.062 | 0.400 ± 0.061 | 0.80 | 0.125 -> 0.500 | 0.250 -> 0.125 |"
+            in lines)
     assert "64 math problems" in text and "last 3 steps, on a fixed pool of 128 training problems" in lines[-1]
 
 
@@ -79,6 +81,10 @@ def test_grpo_reward_change_averages_a_window_at_each_end():
     assert change["start"] == sum(range(k)) / k and change["end"] == sum(range(20 - k, 20)) / k
     assert grpo_reward_change([{"step": 1, "reward": 0.5}]) == {"start": 0.5, "end": 0.5, "window": 1, "steps": 1}
     assert grpo_reward_change([{"step": 0, "eval_acc": 0.1}]) == {}
+    rows = [{"step": i + 1, "reward": 0.5 + i / 40, "accuracy": 0.5 - i / 40} for i in range(10)]
+    change = grpo_reward_change(rows)                        # partial credit: reward up while accuracy falls
+    assert change["window"] == 2 and change["end"] > change["start"]
+    assert change["accuracy_start"] == (0.5 + 0.475) / 2 and change["accuracy_end"] == (0.3 + 0.275) / 2
 
 
 def test_bad_config_is_refused():

@@ -6,6 +6,7 @@ from dsv4.generate.chat import EOS, encode_chat
 from dsv4.generate.sampling import SamplingConfig, probabilities
 from dsv4.posttrain import rollout as rollout_mod
 from dsv4.posttrain.envs.base import Problem
+from dsv4.posttrain.envs.pool import ProblemPool
 from dsv4.posttrain.rollout import Sampled, rollout
 from grpo_toys import AddToolEnv, LetterEnv, toy_model, toy_tokenizer
 
@@ -98,21 +99,23 @@ def test_cut_off_completion_is_scored_as_it_stands(monkeypatch):
 
 
 class _CountingEnv(LetterEnv):
-    """LetterEnv whose reward calls are counted and may be made from threads (`parallel_reward`)."""
-    parallel_reward = True
+    """LetterEnv with a `reward_batch` whose calls and items are recorded."""
 
     def __init__(self):
         super().__init__()
         self.calls = []
 
+    def reward_batch(self, items):
+        self.calls.append([(problem.id, turns[-1]["content"]) for problem, turns in items])
+        return [super(_CountingEnv, self).reward(problem, turns) for problem, turns in items]
+
     def reward(self, problem, turns):
-        self.calls.append((problem.id, turns[-1]["content"]))
-        return super().reward(problem, turns)
+        raise AssertionError("rollout scores an environment with reward_batch through it")
 
 
-def test_parallel_rewards_score_each_distinct_completion_once_and_in_order(monkeypatch):
-    """An environment with parallel_reward is scored from threads, each distinct final turn of a problem once;
-    every trajectory gets the reward LetterEnv gives its own text."""
+def test_batched_rewards_score_each_distinct_completion_once_and_in_order(monkeypatch):
+    """An environment with reward_batch is scored in one call, each distinct final turn of a problem once, in
+    the order of first appearance; every trajectory gets the reward LetterEnv gives its own text."""
     tok = toy_tokenizer()
     texts = ["aaaa", "abab", "aaaa", "bbbb", "aaaa", "abab"]      # 2 problems x group of 3
 
@@ -126,5 +129,21 @@ def test_parallel_rewards_score_each_distinct_completion_once_and_in_order(monke
     assert [t.reward.score for t in trajs] == [plain.reward(t.problem, t.turns).score for t in trajs]
     assert [t.reward.score for t in trajs] == [1.0, 0.5, 1.0, 0.0, 1.0, 0.5]
     # problem h0: "aaaa" twice, "abab" once; problem h1: "bbbb", "aaaa", "abab": 5 distinct, not 6
-    assert sorted(env.calls) == sorted({("h0", "aaaa"), ("h0", "abab"), ("h1", "bbbb"), ("h1", "aaaa"),
-                                        ("h1", "abab")})
+    assert env.calls == [[("h0", "aaaa"), ("h0", "abab"), ("h1", "bbbb"), ("h1", "aaaa"), ("h1", "abab")]]
+    pooled = ProblemPool(env, 2)                    # a wrapper that keeps `reward` passes reward_batch on
+    env.calls.clear()
+    trajs = rollout(None, tok, problems, {"toy": pooled}, group_size=3, sampling=SamplingConfig(), max_new_tokens=8)
+    assert len(env.calls) == 1 and [t.reward.score for t in trajs] == [1.0, 0.5, 1.0, 0.0, 1.0, 0.5]
+
+
+def test_per_domain_turn_limits_on_both_samplers():
+    """max_new_tokens given per domain: each trajectory's turn stops at its own domain's limit, in one batch."""
+    tok, model, env = toy_tokenizer(), toy_model(), LetterEnv()
+    short, long_ = (Problem(d, f"{d}{i}", [{"role": "user", "content": "say a"}], "a") for d, i in
+                    (("short", 0), ("long", 1)))
+    for sampler in ("direct", "engine"):
+        trajs = rollout(model, tok, [short, long_], {"short": env, "long": env}, group_size=8,
+                        sampling=SamplingConfig(temperature=1.0), max_new_tokens={"short": 2, "long": 9},
+                        seed=3, sampler=sampler)
+        n = {d: [sum(t.policy_mask) for t in trajs if t.problem.domain == d] for d in ("short", "long")}
+        assert max(n["short"]) <= 2 and max(n["long"]) <= 9 and max(n["long"]) > 2, (sampler, n)

@@ -3,7 +3,9 @@
 A `Problem` is a prompt (OpenAI messages, possibly with `tools`) plus what only the reward may see. An
 `Environment` makes fresh problems from a seed, a fixed held-out set disjoint from them, demonstrations for SFT
 (the assistant turns a correct solver writes, tool calls included), tool results for multi-turn problems, and a
-reward on the assistant turns a model produced.
+reward on the assistant turns a model produced. An environment whose reward is cheaper in bulk may also offer
+`reward_batch(items) -> list[Reward]` over (problem, turns) pairs, deterministic per pair: rollouts then score
+all its trajectories in one call.
 """
 from __future__ import annotations
 
@@ -57,7 +59,6 @@ class EnvironmentWrapper:
     def __init__(self, env: Environment):
         self.env = env
         self.name, self.max_turns = env.name, env.max_turns
-        self.parallel_reward = getattr(env, "parallel_reward", False)   # rollout.py's: may score from threads
 
     def sample(self, rng: random.Random) -> Problem:
         return self.env.sample(rng)
@@ -73,3 +74,12 @@ class EnvironmentWrapper:
 
     def reward(self, problem: Problem, turns: list[dict]) -> Reward:
         return self.env.reward(problem, turns)
+
+    def __getattr__(self, name: str):
+        """`reward_batch` (rollout.py scores with it where an environment has one) is `env`'s when `env` has it
+        and this wrapper scores as `env` does (a subclass that replaces `reward` scores one by one)."""
+        if name == "reward_batch" and type(self).reward is EnvironmentWrapper.reward:
+            batch = getattr(self.__dict__.get("env"), "reward_batch", None)
+            if batch is not None:
+                return batch
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

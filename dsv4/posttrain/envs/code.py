@@ -3,8 +3,9 @@
 Problems come from small parameterised families ("x plus 3", "sum of the elements of xs divisible by 4",
 "fizzbuzz with 3/'Fizz' and 5/'Buzz'", ...). Each problem's test inputs are drawn from a seed of its canonical
 form, and the expected outputs come from the family's reference solution, run here (trusted code). The
-model's code runs only in the sandbox: one sandboxed process per reward call runs every test under a harness
-that prints each call's return value as JSON; the comparison with the expected values happens here, so the
+model's code runs only in the sandbox: each reply runs every test under a harness that prints each call's
+return value as JSON, in a process of its own, the replies of one rollout batch under one sandboxed supervisor
+(`reward_batch`, sandbox_batch.py); the comparison with the expected values happens here, so the
 expected outputs never enter the sandbox. A syntax error, a missing function, an exception, a per-test
 timeout or a killed run fails the tests it touches.
 """
@@ -17,10 +18,11 @@ import re
 import secrets
 import string
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ...errors import InvalidArgument
-from ..sandbox import Limits, run_python
+from ..sandbox import Limits, SandboxResult
+from ..sandbox_batch import run_python_batch
 from .base import Problem, Reward
 
 __all__ = ["Family", "FAMILIES", "LEVELS", "CodeEnv", "extract_code"]
@@ -205,7 +207,6 @@ class CodeEnv:
 
     name = "code"
     max_turns = 1
-    parallel_reward = True       # rollout.py scores it from threads: each reward is a deterministic sandbox run
 
     def __init__(self, level: str = "easy", families: tuple[str, ...] | None = None, *,
                  limits: Limits | None = None, per_test_s: float = 0.25):
@@ -273,41 +274,56 @@ class CodeEnv:
         return []
 
     def reward(self, problem: Problem, turns: list[dict]) -> Reward:
-        content = next((t.get("content") or "" for t in reversed(turns) if t.get("role") == "assistant"), "")
-        source = extract_code(content)
-        total = len(problem.answer["inputs"])
-        if source is None:
-            return Reward(0.0, False, {"error": "no ```python block in the final message", "passed": 0,
-                                       "total": total})
-        passed, info = self._run_tests(problem, source)
-        return Reward(passed / total, passed == total, {"passed": passed, "total": total, **info})
+        return self.reward_batch([(problem, turns)])[0]
 
-    def _run_tests(self, problem: Problem, source: str) -> tuple[int, dict]:
-        nonce = secrets.token_hex(8)
-        spec = {"nonce": nonce, "prefix": _RESULT_PREFIX, "entry": problem.answer["entry"],
-                "inputs": problem.answer["inputs"], "per_test_s": self.per_test_s}
-        result = run_python(f"_SOURCE = {source!r}\n" + _HARNESS, stdin=json.dumps(spec), limits=self.limits)
-        values: dict[int, str] = {}
-        errors: dict[int, str] = {}
-        lead = f"{_RESULT_PREFIX} {nonce} "
-        for line in result.stdout.splitlines():
-            if not line.startswith(lead):
+    def reward_batch(self, items: Sequence[tuple[Problem, list[dict]]]) -> list[Reward]:
+        """Rewards of many replies, their tests run in one sandboxed process (sandbox_batch.py), each reply in
+        a process of its own: what one reply does (loop, crash, flood) costs only its own reward."""
+        out: list[Reward | None] = [None] * len(items)
+        runs: list[tuple[int, str, dict]] = []               # (item, nonce, spec) of the replies with code
+        for k, (problem, turns) in enumerate(items):
+            content = next((t.get("content") or "" for t in reversed(turns) if t.get("role") == "assistant"), "")
+            source = extract_code(content)
+            if source is None:
+                out[k] = Reward(0.0, False, {"error": "no ```python block in the final message", "passed": 0,
+                                             "total": len(problem.answer["inputs"])})
                 continue
-            try:
-                report = json.loads(line[len(lead):])
-                i = int(report["i"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            if i in values or i in errors:
-                continue                         # the first report of a test counts
-            if "value" in report:
-                values[i] = _canonical_json(report["value"])
-            else:
-                errors[i] = str(report.get("error"))
-        passed = sum(values.get(i) == want for i, want in enumerate(problem.answer["expected"]))
-        info: dict = {"errors": sorted(set(errors.values()))}
-        if result.killed_reason:
-            info["killed"] = result.killed_reason
-        if -1 in errors:
-            info["load_error"] = errors[-1]
-        return passed, info
+            nonce = secrets.token_hex(8)
+            spec = {"nonce": nonce, "prefix": _RESULT_PREFIX, "entry": problem.answer["entry"],
+                    "inputs": problem.answer["inputs"], "per_test_s": self.per_test_s}
+            runs.append((k, f"_SOURCE = {source!r}\n" + _HARNESS, {"nonce": nonce, "stdin": json.dumps(spec)}))
+        results = run_python_batch([(code, extra["stdin"]) for _, code, extra in runs], limits=self.limits)
+        for (k, _, extra), result in zip(runs, results):
+            problem = items[k][0]
+            total = len(problem.answer["inputs"])
+            passed, info = _score(problem, result, extra["nonce"])
+            out[k] = Reward(passed / total, passed == total, {"passed": passed, "total": total, **info})
+        return out  # type: ignore[return-value]
+
+
+def _score(problem: Problem, result: SandboxResult, nonce: str) -> tuple[int, dict]:
+    """Tests passed by one sandboxed run of the harness, and why the others failed."""
+    values: dict[int, str] = {}
+    errors: dict[int, str] = {}
+    lead = f"{_RESULT_PREFIX} {nonce} "
+    for line in result.stdout.splitlines():
+        if not line.startswith(lead):
+            continue
+        try:
+            report = json.loads(line[len(lead):])
+            i = int(report["i"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if i in values or i in errors:
+            continue                         # the first report of a test counts
+        if "value" in report:
+            values[i] = _canonical_json(report["value"])
+        else:
+            errors[i] = str(report.get("error"))
+    passed = sum(values.get(i) == want for i, want in enumerate(problem.answer["expected"]))
+    info: dict = {"errors": sorted(set(errors.values()))}
+    if result.killed_reason:
+        info["killed"] = result.killed_reason
+    if -1 in errors:
+        info["load_error"] = errors[-1]
+    return passed, info
