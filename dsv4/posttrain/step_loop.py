@@ -90,7 +90,8 @@ def run_steps(model: Transformer, feed: Iterator[StepInput], loss_fn: LossFn, st
             warmup = head.pop("warmup", False)
             targets = head.pop("targets")
             row = {**head, **parts, "targets": targets,
-                   "tok_per_s": n / max(now - last_logged, 1e-9) if warmup else rate}
+                   "tok_per_s": n / max(now - last_logged, 1e-9) if warmup else rate,
+                   "elapsed_s": 0.0 if warmup else now - start}   # since the warm-up, at this row's read
             if warmup:
                 row["warmup_s"] = now - last_logged
             metrics.add(row)
