@@ -4,13 +4,15 @@ Why: packed rows keep their documents apart by running attention on each documen
 (dsv4.model.documents). How many documents fall in each length class changes from batch to batch, so the index
 tensors' shapes do too, and a CUDA graph (which replays fixed shapes) cannot take them. A plan fixes the
 attention batches instead: per slot length L, N slots. A batch's documents go, longest first, to the shortest
-free slot at least as long as their own class; a slot left empty repeats position 0 (its outputs are read by no
+free slot at least as long as their own class (fit_plan sizes the plan so that this never fails for the
+batches it saw); a slot left empty repeats position 0 (its outputs are read by no
 position). A document in a longer slot is padded by repeats of its last position, which causal attention never
 reads back, so its outputs are those of its own class. Empty slots do count, with their positions, in the
 indexer's KL mean (as the padding of every slot does already).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Iterable, Sequence
 
@@ -18,7 +20,7 @@ import torch
 
 from ..model.documents import padded_length
 
-__all__ = ["Plan", "row_documents", "fit_plan", "slot_indices"]
+__all__ = ["Plan", "row_documents", "fit_plan", "grow_plan", "slot_indices"]
 
 Plan = tuple[tuple[int, int], ...]   # (slot length, number of slots) per attention batch, by length
 
@@ -29,15 +31,34 @@ def row_documents(lengths: Sequence[int], seq_len: int) -> list[int]:
     return [*lengths, pad] if pad > 0 else list(lengths)
 
 
-def fit_plan(batches: Iterable[Sequence[Sequence[int]]], seq_len: int) -> Plan:
-    """The plan of a set of batches (each a list of rows' example lengths): per length class the most documents
-    of that class any one batch holds, so each of these batches fits it with every document in its own class."""
-    most: Counter[int] = Counter()
-    for rows in batches:
-        counts = Counter(padded_length(n) for row in rows for n in row_documents(row, seq_len))
-        for length, n in counts.items():
-            most[length] = max(most[length], n)
-    return tuple(sorted(most.items()))
+def fit_plan(batches: Iterable[Sequence[Sequence[int]]], seq_len: int, headroom: float = 0.0) -> Plan:
+    """The smallest plan every one of `batches` (each a list of rows' example lengths) fits: a document fits any
+    slot at least as long as its class, so a batch fits when, for every length L, its documents of class >= L are
+    no more than the slots of length >= L. M(L), the most such documents of any batch, fixes the plan: M(L) - M(L')
+    slots of length L (L' the next class up). A single batch's plan is its own layout (one slot per document).
+    headroom: M(L) raised by that fraction (rounded up), so that batches beyond these (the next epochs') fit too.
+    """
+    return _envelope([_classes(rows, seq_len) for rows in batches], headroom)
+
+
+def grow_plan(plan: Plan, rows: Sequence[Sequence[int]], seq_len: int, headroom: float = 0.0) -> Plan:
+    """A plan that `plan`'s batches and this one all fit: fit_plan's envelope of the two (with headroom)."""
+    return _envelope([Counter(dict(plan)), _classes(rows, seq_len)], headroom)
+
+
+def _classes(rows: Sequence[Sequence[int]], seq_len: int) -> Counter[int]:
+    return Counter(padded_length(n) for row in rows for n in row_documents(row, seq_len))
+
+
+def _envelope(counts: Sequence[Counter[int]], headroom: float) -> Plan:
+    plan, above = [], 0
+    for length in sorted({cls for c in counts for cls in c}, reverse=True):
+        most = max(sum(n for cls, n in c.items() if cls >= length) for c in counts)
+        most += math.ceil(most * headroom)
+        if most > above:
+            plan.append((length, most - above))
+            above = most
+    return tuple(reversed(plan))
 
 
 def slot_indices(rows: Sequence[Sequence[int]], seq_len: int, plan: Plan

@@ -139,8 +139,9 @@ class SFTBatches:
     """Batches of `batch_size` rows over epochs: each epoch shuffles the conversations (by `seed` and the
     epoch), packs them into rows and deals the rows out in order; a last partial batch is kept. Each batch's
     length is rounded up to a multiple of `bucket` (buckets.py). `fixed`: every batch has one shape, `row_len`
-    (seq_len rounded up to the bucket) by `batch_size` rows, a last partial batch filled with empty rows (for
-    a CUDA graph, which replays one shape)."""
+    (seq_len rounded up to the bucket) by `batch_size` rows (for a CUDA graph, which replays one shape); an
+    epoch's last partial batch is dropped (its conversations come again, elsewhere, in the next epoch's order),
+    or, where it is the epoch's only batch, filled with empty rows."""
 
     def __init__(self, examples: list[Example], batch_size: int, seq_len: int, n_mtp: int, pad_id: int, *,
                  pack: bool = True, seed: int = 0, bucket: int = 1, fixed: bool = False):
@@ -156,7 +157,10 @@ class SFTBatches:
         order = list(self.examples)
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         rows = pack_rows(order, self.seq_len, self.pack)
-        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        if self.fixed and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
 
     @property
     def batches_per_epoch(self) -> int:

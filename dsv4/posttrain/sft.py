@@ -28,7 +28,7 @@ from ..train.metrics import MetricsLog
 from ..train.stages import set_stage
 from .buckets import resolve_bucket
 from .chat_data import Example, load_examples
-from .doc_slots import fit_plan
+from .doc_slots import fit_plan, grow_plan
 from .packing import IGNORE, Batch, SFTBatches
 from .policy import load_policy, save_policy
 from .step_inputs import decode, encode
@@ -67,6 +67,8 @@ class SFTConfig:
     static_shapes: bool | None = None   # SFT batches of one shape (rows of seq_len rounded up to the bucket, every
                                   # batch batch_size rows, packed documents in fixed attention slots); None: where
                                   # graphs are on. Pre-training's stream rows always have one shape
+    slot_headroom: float = 0.05   # static packed SFT: attention slots planned for 5% more documents (of each length
+                                  # and longer) than the first epoch's batches hold at most (doc_slots.fit_plan)
     log_every: int = 10           # steps between reads of the logged values from the device (each a wait for
                                   # the GPU); every step still gets its row
 
@@ -157,18 +159,24 @@ def train_sft(model: Transformer, tokenizer: Tokenizer, examples: list[Example],
     steps = cfg.steps or cfg.epochs * data.batches_per_epoch
     autocast = _autocast(device, cfg.graphs_on(device))
     plan = None
-    if static and cfg.pack:   # the first epoch's documents fix the attention slots (doc_slots)
+    if static and cfg.pack:   # the first epoch's documents fix the attention slots (doc_slots), with headroom
         plan = fit_plan(([[len(ex.tokens) for ex in row] for row in rows] + [[]] * (cfg.batch_size - len(rows))
-                         for rows in data.epoch(0)), data.row_len)
+                         for rows in data.epoch(0)), data.row_len, cfg.slot_headroom)
 
     def feed() -> Iterator[StepInput]:
+        nonlocal plan
         for batch in data:
             targets, positions = batch.n_targets, batch.tokens.numel()
-            if static:
-                layout, flat = encode(batch, plan)
-                yield StepInput(flat, layout, targets, positions)
-            else:
+            if not static:
                 yield StepInput(batch, None, targets, positions)
+                continue
+            encoded, grown = encode(batch, plan), False
+            if encoded is None:   # more documents of some length than the slots hold: more slots from now on
+                plan = grow_plan(plan, batch.lengths, data.row_len, cfg.slot_headroom)
+                encoded, grown = encode(batch, plan), True
+                log.info("sft: %d attention slots of %d positions from now on", sum(n for _, n in plan),
+                         sum(length * n for length, n in plan))
+            yield StepInput(encoded[1], encoded[0], targets, positions, regraph=grown)
 
     def loss_fn(x, layout) -> dict:
         batch = x if layout is None else decode(x, layout)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..model.documents import PackedDocuments
-from .doc_slots import Plan, fit_plan, slot_indices
+from .doc_slots import Plan, slot_indices
 from .packing import Batch
 
 __all__ = ["Layout", "encode", "decode"]
@@ -32,10 +32,9 @@ class Layout:
         return n
 
 
-def encode(batch: Batch, plan: Plan | None) -> tuple[Layout, torch.Tensor]:
-    """The batch as (its layout, a flat int64 tensor). Packed documents go in `plan`'s slots; where they do not
-    fit, in the batch's own plan (another layout: the step then runs eager). plan None: the rows must each hold
-    one document."""
+def encode(batch: Batch, plan: Plan | None) -> tuple[Layout, torch.Tensor] | None:
+    """The batch as (its layout, a flat int64 tensor); None where its documents do not fit `plan`'s slots
+    (doc_slots.grow_plan makes one they fit). plan None: the rows must each hold one document."""
     B, S = batch.tokens.shape
     parts = [batch.tokens, batch.targets, *batch.mtp_inputs, *batch.mtp_targets]
     if plan is None:
@@ -44,8 +43,7 @@ def encode(batch: Batch, plan: Plan | None) -> tuple[Layout, torch.Tensor]:
         return Layout(B, S, len(batch.mtp_inputs), None), torch.cat([p.reshape(-1) for p in parts])
     placed = slot_indices(batch.lengths, S, plan)
     if placed is None:
-        plan = fit_plan([batch.lengths], S)
-        placed = slot_indices(batch.lengths, S, plan)
+        return None
     gathers, source = placed
     flat = torch.cat([p.reshape(-1) for p in parts] + [source] + [g.reshape(-1) for g in gathers])
     return Layout(B, S, len(batch.mtp_inputs), plan), flat

@@ -7,7 +7,8 @@ load imbalance) stay on the device and are read together every `log_every` steps
 are written (one row per step, as before) and checked for a non-finite loss or gradient norm. The expert-bias
 update runs on the device (expert_bias_step). Where every step has the same input shape (pre-training's stream
 rows, SFT with `static_shapes`), the forward + backward is captured once as a CUDA graph
-(dsv4.train.cuda_graph) and replayed; an input of another shape runs eager.
+(dsv4.train.cuda_graph) and replayed; an input of another shape runs eager, unless the feed says its layout
+replaces the graph's (`regraph`: SFT's attention slots grew), which is then captured anew.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class StepInput:
     layout: Any                # what `loss_fn` needs besides the data to read it (same layout: same computation)
     targets: int               # trained target tokens
     positions: int             # positions the model runs (for tok_per_s)
+    regraph: bool = False      # this layout replaces the graph's for the steps to come: capture it anew
 
 
 # (input on the device, its layout) -> {"loss": the scalar to differentiate, "part:<name>": detached logged parts
@@ -110,7 +112,9 @@ def run_steps(model: Transformer, feed: Iterator[StepInput], loss_fn: LossFn, st
             inp = next(feed)
             x = inp.data.to(device)
             key = (tuple(x.shape), inp.layout) if isinstance(x, torch.Tensor) else None
-            if graphs and graph is None and key is not None:
+            if graphs and key is not None and key != graph_key and (graph is None or inp.regraph):
+                if graph is not None:
+                    graph.release()
                 graph = _capture(loss_fn, x, inp.layout, params, required=cfg.cuda_graph == "on")
                 graphs, graph_key = graph is not None, key
             kept = None
