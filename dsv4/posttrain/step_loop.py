@@ -17,7 +17,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -28,9 +28,7 @@ from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizers, lr_at
 from ..train.precision import fp32_matmuls
 from ..train.progress import Progress
-
-if TYPE_CHECKING:
-    from .sft import SFTConfig
+from .sft_config import SFTConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ class StepInput:
 LossFn = Callable[[Any, Any], dict]
 
 
-def run_steps(model: Transformer, feed: Iterator[StepInput], loss_fn: LossFn, steps: int, cfg: "SFTConfig",
+def run_steps(model: Transformer, feed: Iterator[StepInput], loss_fn: LossFn, steps: int, cfg: SFTConfig,
               metrics: MetricsLog, *, stage: str, graphs: bool) -> int:
     """`steps` optimizer steps (fewer where cfg.max_seconds stops them) on the feed's inputs; one metrics row per
     step. graphs: capture the first step's forward + backward as a CUDA graph (cfg.cuda_graph "on": a failed
@@ -110,7 +108,7 @@ def run_steps(model: Transformer, feed: Iterator[StepInput], loss_fn: LossFn, st
                 for g in o.param_groups:
                     g["lr"] = lr
             inp = next(feed)
-            x = inp.data.to(device)
+            x = _to(inp.data, device)
             key = (tuple(x.shape), inp.layout) if isinstance(x, torch.Tensor) else None
             if graphs and key is not None and key != graph_key and (graph is None or inp.regraph):
                 if graph is not None:
@@ -181,6 +179,14 @@ def _capture(loss_fn: LossFn, x: torch.Tensor, layout: Any, params: list[torch.n
             raise
         log.warning("%s; training on without graphs", e)
         return None
+
+
+def _to(data: Any, device: torch.device) -> Any:
+    """The input on `device`; a tensor goes to a GPU from pinned memory, asynchronously (a blocking copy waits
+    until the GPU has run everything queued before it)."""
+    if isinstance(data, torch.Tensor) and device.type == "cuda":
+        return data.pin_memory().to(device, non_blocking=True)
+    return data.to(device)
 
 
 def _sync(device: torch.device) -> None:
