@@ -4,6 +4,7 @@ rows. The oracle below is that earlier code: host reads of every logged value, t
 only, the bias update read back per layer."""
 import json
 import math
+from contextlib import nullcontext
 
 import pytest
 import sft_fixtures as fx
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import dsv4
 from dsv4.model.documents import PackedDocuments
 from dsv4.posttrain import sft as sft_mod
+from dsv4.posttrain import step_loop
 from dsv4.posttrain.chat_data import Example
 from dsv4.posttrain.doc_slots import fit_plan, grow_plan, row_documents, slot_indices
 from dsv4.posttrain.packing import IGNORE, Batch, SFTBatches, make_batch
@@ -21,9 +23,10 @@ from dsv4.posttrain.sft import SFTConfig, SFTDiverged, sft_loss, train_sft, trai
 from dsv4.posttrain.step_inputs import decode, encode
 from dsv4.posttrain.step_loop import StepInput
 from dsv4.posttrain.stream import StreamRows
-from dsv4.train.losses import expert_loads, routed_layers
+from dsv4.train.losses import LossWeights, expert_loads, routed_layers
 from dsv4.train.optim import build_optimizers, lr_at
 from dsv4.train.stages import set_stage
+from dsv4.train.step import step_outputs
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +241,58 @@ def test_plans_are_the_smallest_that_fit_and_grow_to_fit_more():
     assert all(slot_indices(r, S, grown) is not None for r in (a, b, more))
     roomy = fit_plan([a, b], S, headroom=0.5)
     assert sum(n for _, n in roomy) >= 1.5 * sum(n for _, n in plan)
+
+
+class _EagerGraph:
+    """GraphedLoss's contract on the CPU: the capture leaves each parameter's .grad bound to a tensor of the graph's
+    own, and every call overwrites those tensors (whatever .grad holds then) and returns detached outputs; release
+    drops the gradients."""
+    captures = 0
+
+    def __init__(self, loss_fn, batch, params):
+        self.loss_fn, self.params, self.shape = loss_fn, [p for p in params if p.requires_grad], batch.shape
+        self.release()
+        loss_fn(batch)["loss"].backward()
+        self.grads = [p.grad for p in self.params]
+        type(self).captures += 1
+
+    def __call__(self, batches):
+        (b,) = batches
+        assert b.shape == self.shape
+        held = [p.grad for p in self.params]
+        self.release()
+        out = self.loss_fn(b)
+        out["loss"].backward()
+        for p, mine, was in zip(self.params, self.grads, held):
+            if mine is not None:
+                mine.copy_(p.grad)
+            p.grad = was
+        return [{k: [t.detach() for t in v] if isinstance(v, list) else v.detach() for k, v in out.items()}]
+
+    def release(self):
+        for p in self.params:
+            p.grad = None
+
+
+def test_graph_bookkeeping_eager_beside_the_graph_and_a_recapture(tmp_path, tok, monkeypatch):
+    """With a stand-in for the CUDA graph: inputs of the graph's shape replay it, another shape runs eager in
+    gradient tensors of its own (the graph's come back after), a `regraph` input captures anew; the parameters
+    are bitwise those of an all-eager run of the same inputs."""
+    monkeypatch.setattr(step_loop, "GraphedLoss", _EagerGraph)
+    g = torch.Generator().manual_seed(2)
+    shapes = [(2, 34), (2, 34), (2, 50), (2, 34), (2, 50), (2, 50)]
+    regraph = [False, False, False, False, True, False]
+    inputs = [torch.randint(2, tok.vocab_size, s, generator=g) for s in shapes]
+    weights = LossWeights(mtp=0.3, indexer_kl=1.0, balance=0.0)
+
+    def run(graphs):
+        model = _model(tok)
+        loss_fn = lambda x, _: step_outputs(model, x, weights, "sparse", 1, nullcontext)  # noqa: E731
+        feed = (StepInput(x, None, x.numel(), x.numel(), regraph=r) for x, r in zip(inputs, regraph))
+        train_steps(model, tok, feed, loss_fn, len(inputs), _cfg(steps=len(inputs)), str(tmp_path / str(graphs)),
+                    stage="pretrain", graphs=graphs)
+        return model
+    _EagerGraph.captures = 0
+    graphed = run(True)
+    assert _EagerGraph.captures == 2
+    _assert_same_params(run(False), graphed)
