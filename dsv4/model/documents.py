@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InvalidArgument
 
-__all__ = ["PackedDocuments"]
+__all__ = ["PackedDocuments", "padded_length"]
 
 
 class PackedDocuments:
@@ -28,11 +28,12 @@ class PackedDocuments:
                                       f"together they must cover the row's {seq_len} positions")
         self.lengths = [[int(n) for n in row] for row in lengths]
         self.seq_len = seq_len
+        self._rows = len(self.lengths)
         spans: dict[int, list[tuple[int, int]]] = {}   # padded length -> (flat start, length) of its documents
         for b, row in enumerate(self.lengths):
             start = b * seq_len
             for n in row:
-                spans.setdefault(_padded(n), []).append((start, n))
+                spans.setdefault(padded_length(n), []).append((start, n))
                 start += n
         # whole groups at a time, not document by document: a packed pre-training batch holds ~1,500 documents
         gathers, source = [], torch.empty(len(self.lengths) * seq_len, dtype=torch.long)
@@ -50,14 +51,27 @@ class PackedDocuments:
     def to(self, device: torch.device | str | None) -> "PackedDocuments":
         """The same layout with its index tensors on `device`."""
         out = object.__new__(PackedDocuments)
-        out.lengths, out.seq_len = self.lengths, self.seq_len
+        out.lengths, out.seq_len, out._rows = self.lengths, self.seq_len, self._rows
         out._gathers = [g.to(device) for g in self._gathers]
         out._source = self._source.to(device)
         return out
 
+    @classmethod
+    def from_indices(cls, gathers: Sequence[torch.Tensor], source: torch.Tensor, rows: int, seq_len: int
+                     ) -> "PackedDocuments":
+        """A layout given by its index tensors, as `__init__` would build them: per attention batch [N, L] flat
+        positions of the rows (each document from its start, padded by repeats of its last position), and per
+        flat position its place in the batches' joined outputs. Why: a CUDA graph replays fixed index tensors,
+        so a captured step takes its layout as tensors whose shapes do not change from batch to batch
+        (dsv4.posttrain.doc_slots). `lengths` is None: the documents are known to the caller only."""
+        out = object.__new__(cls)
+        out.lengths, out.seq_len, out._rows = None, seq_len, rows
+        out._gathers, out._source = list(gathers), source
+        return out
+
     @property
     def shape(self) -> tuple[int, int]:
-        return len(self.lengths), self.seq_len
+        return self._rows, self.seq_len
 
     def check(self, tokens: torch.Tensor) -> None:
         if tuple(tokens.shape) != self.shape:
@@ -76,7 +90,7 @@ class PackedDocuments:
         return joined[source].unflatten(0, (B, S))
 
 
-def _padded(n: int) -> int:
+def padded_length(n: int) -> int:
     """n rounded up to one of four lengths per octave (2^k, 1.25 * 2^k, 1.5 * 2^k, 1.75 * 2^k): at most a quarter
     of a batch's attention is padding, and documents of similar lengths share a batch."""
     step = 1 << max((n - 1).bit_length() - 3, 0)

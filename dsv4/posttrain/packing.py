@@ -86,13 +86,16 @@ def pack_rows(examples: list[Example], seq_len: int, pack: bool = True) -> list[
     return rows
 
 
-def make_batch(rows: list[list[Example]], n_mtp: int, pad_id: int, bucket: int = 1) -> Batch:
+def make_batch(rows: list[list[Example]], n_mtp: int, pad_id: int, bucket: int = 1, length: int | None = None
+               ) -> Batch:
     """Tensors for rows of examples, each row padded to the longest row (rounded up to a multiple of `bucket`:
-    buckets.py). Built whole-batch (not document by
+    buckets.py), or to `length` where given (an empty row is all padding). Built whole-batch (not document by
     document: a pre-training batch of 64 x 512 packed tokens holds ~1,500 short documents, and per-document
     tensor writes took ~0.4 s, longer than a GPU step)."""
     lengths = [[len(ex.tokens) for ex in row] for row in rows]
-    S = bucketed(max(sum(ls) for ls in lengths), bucket)
+    S = length if length is not None else bucketed(max(sum(ls) for ls in lengths), bucket)
+    if S < max(sum(ls) for ls in lengths):
+        raise InvalidArgument(f"rows of up to {max(sum(ls) for ls in lengths)} tokens do not fit length={S}")
     B = len(rows)
     flat_tok, flat_mask, flat_pos, flat_len = [], [], [], []
     for row, ls in zip(rows, lengths):
@@ -135,22 +138,29 @@ def make_batch(rows: list[list[Example]], n_mtp: int, pad_id: int, bucket: int =
 class SFTBatches:
     """Batches of `batch_size` rows over epochs: each epoch shuffles the conversations (by `seed` and the
     epoch), packs them into rows and deals the rows out in order; a last partial batch is kept. Each batch's
-    length is rounded up to a multiple of `bucket` (buckets.py)."""
+    length is rounded up to a multiple of `bucket` (buckets.py). `fixed`: every batch has one shape, `row_len`
+    (seq_len rounded up to the bucket) by `batch_size` rows (for a CUDA graph, which replays one shape); an
+    epoch's last partial batch is dropped (its conversations come again, elsewhere, in the next epoch's order),
+    or, where it is the epoch's only batch, filled with empty rows."""
 
     def __init__(self, examples: list[Example], batch_size: int, seq_len: int, n_mtp: int, pad_id: int, *,
-                 pack: bool = True, seed: int = 0, bucket: int = 1):
+                 pack: bool = True, seed: int = 0, bucket: int = 1, fixed: bool = False):
         if batch_size < 1:
             raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
         self.examples = fit_examples(examples, seq_len)
         self.batch_size, self.seq_len, self.n_mtp, self.pad_id = batch_size, seq_len, n_mtp, pad_id
-        self.pack, self.seed, self.bucket = pack, seed, bucket
+        self.pack, self.seed, self.bucket, self.fixed = pack, seed, bucket, fixed
+        self.row_len = bucketed(seq_len, bucket)
 
     def epoch(self, epoch: int) -> list[list[list[Example]]]:
         """The epoch's batches (lists of rows)."""
         order = list(self.examples)
         random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
         rows = pack_rows(order, self.seq_len, self.pack)
-        return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        batches = [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)]
+        if self.fixed and len(batches) > 1 and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
 
     @property
     def batches_per_epoch(self) -> int:
@@ -160,5 +170,9 @@ class SFTBatches:
         epoch = 0
         while True:
             for rows in self.epoch(epoch):
-                yield make_batch(rows, self.n_mtp, self.pad_id, self.bucket)
+                if self.fixed:
+                    yield make_batch(rows + [[]] * (self.batch_size - len(rows)), self.n_mtp, self.pad_id,
+                                     length=self.row_len)
+                else:
+                    yield make_batch(rows, self.n_mtp, self.pad_id, self.bucket)
             epoch += 1

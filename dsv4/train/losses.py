@@ -134,13 +134,22 @@ def expert_loads(model: Transformer) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def update_expert_bias(model: Transformer, loads: list[torch.Tensor], speed: float) -> float:
-    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones. Returns the
-    mean max/mean load ratio (1 = perfectly balanced), for logging."""
-    ratios = []
+def expert_bias_step(model: Transformer, loads: list[torch.Tensor], speed: float) -> torch.Tensor:
+    """Aux-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones; a layer that routed
+    nothing keeps its bias. No host sync (the step may run ahead of the GPU): returns, as a device scalar, the mean
+    max/mean load ratio over the layers that routed tokens (1 = perfectly balanced; 0 when none did)."""
+    ratios, used = [], []
     for moe, load in zip(routed_layers(model), loads):
-        if load.sum() == 0:
-            continue
-        moe.gate.bias.add_(speed * torch.sign(load.mean() - load).to(moe.gate.bias.device))
-        ratios.append(float(load.max() / load.mean().clamp(min=1e-9)))
-    return sum(ratios) / max(len(ratios), 1)
+        routed = load.sum() > 0
+        nudge = speed * torch.sign(load.mean() - load)
+        moe.gate.bias.add_(torch.where(routed, nudge, torch.zeros_like(nudge)).to(moe.gate.bias.device))
+        ratios.append(torch.where(routed, load.max() / load.mean().clamp(min=1e-9), torch.zeros_like(nudge[0])))
+        used.append(routed)
+    if not ratios:
+        return torch.zeros(())
+    return torch.stack(ratios).sum() / torch.stack(used).sum().clamp(min=1)
+
+
+def update_expert_bias(model: Transformer, loads: list[torch.Tensor], speed: float) -> float:
+    """expert_bias_step with its load ratio read on the host, for logging."""
+    return float(expert_bias_step(model, loads, speed))
