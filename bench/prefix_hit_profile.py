@@ -5,10 +5,12 @@ prompt check at submit, the prefix-cache load (lookup + restore), the saves on t
 the rest (sampling, engine bookkeeping). Also times validating the /v1/completions body of a prompt of that many
 token ids.
 
-    python bench/prefix_hit_profile.py [--prefix-len 8192] [--suffix-len 64] [--block 256] [--preset tiny]
-                                       [--checkpoint DIR] [--device cpu|cuda] [--trials 3] [--cprofile]
+    python bench/prefix_hit_profile.py [--prefix-len 8192] [--suffix-len 64] [--block 2048] [--preset tiny]
+                                       [--checkpoint DIR] [--device cpu|cuda] [--trials 3] [--cprofile] [--stub-model]
 
-Prints a table (ms) and, with --cprofile, the top functions of the hit by cumulative time.
+Prints a table (ms) and, with --cprofile, the top functions of the hit by cumulative time. `--stub-model` swaps
+the model's forward for one that only advances the cache and returns zero logits: what is left is the host's
+path around the forwards (prompt check, lookup, restore, saves, sampling, bookkeeping), fast to time on a CPU.
 """
 from __future__ import annotations
 
@@ -50,6 +52,18 @@ class Timers:
         setattr(obj, attr, timed)
 
 
+class StubForward(dsv4.Transformer):
+    """The model with a forward that computes nothing: it advances the cache's rows (their stored state stays as
+    it was) and returns zero logits, so a timed request measures everything but the model."""
+
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        if cache is not None:
+            cache.begin(tokens.shape)
+            cache.end(tokens.shape[1])
+        n = 1 if last_only else tokens.shape[1]
+        return torch.zeros(tokens.shape[0], n, self.config.vocab_size, device=tokens.device)
+
+
 def first_token_ms(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[float, object]:
     """Submit to first event (the engine stepped in this thread), then run the request out."""
     t = time.perf_counter()
@@ -65,13 +79,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prefix-len", type=int, default=8192)
     p.add_argument("--suffix-len", type=int, default=64)
-    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--block", type=int, default=2048, help="the prefix cache's save interval (dsv4 serve's default: "
+                   "the prefill chunk)")
     p.add_argument("--max-tokens", type=int, default=4)
     p.add_argument("--preset", default="tiny", help="a random model of this preset (without --checkpoint)")
     p.add_argument("--checkpoint", help="a checkpoint directory (e.g. bench/serve.py --make-checkpoint /tmp/flash4)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--trials", type=int, default=3, help="hits timed (medians reported)")
     p.add_argument("--cprofile", action="store_true")
+    p.add_argument("--stub-model", action="store_true", help="forwards that only advance the cache (the host path)")
     args = p.parse_args()
     device = torch.device(args.device)
     need = args.prefix_len + 2 * args.suffix_len + args.max_tokens + 16
@@ -84,6 +100,8 @@ def main() -> None:
         cfg = dsv4.ModelConfig.preset(args.preset).replace(max_seq_len=max(need, 4096))
         with torch.device(device):
             model = dsv4.Transformer(cfg).init_weights(seed=1).eval()
+    if args.stub_model:
+        model.__class__ = StubForward
     pc = PrefixCache(model, 4 << 30, 2 << 30, block=args.block, verify_model=False)
     # decode replays graphs on a GPU as the server's does: with the overlapped loop a first token is handed out
     # after the next decode step's launch, which without graphs would be a whole eager forward
@@ -123,7 +141,7 @@ def main() -> None:
         list(req.single_prompt())
     api_ms = (time.perf_counter() - t) * 1e2
     print(f"prefix {args.prefix_len} + suffix {args.suffix_len} tokens, block {args.block}, "
-          f"{args.checkpoint or args.preset} on {device}")
+          f"{args.checkpoint or args.preset}{' (stub forwards)' if args.stub_model else ''} on {device}")
     print(f"  prime (miss) TTFT {prime_ms:9.1f} ms")
     for kind, rs in runs.items():
         keys = [k for k in rs[0][1] if all(k in r[1] for r in rs)]

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import random
 import threading
 import time
@@ -77,6 +78,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -210,13 +212,19 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     seed: int
+    ids: np.ndarray | None = None       # the prompt as int64 ids (what the prefix cache hashes and the forwards read)
     row: int | None = None
     done: int = 0                       # prompt tokens in the cache
+    stored: int = 0                     # the longest prompt prefix the prefix cache holds (loaded or saved by it)
     stops: list[int] = field(default_factory=list)   # prefill chunk ends still to reach
     saves: set[int] = field(default_factory=set)     # prefix lengths to store on the way
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     sampling: SamplingConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = np.asarray(self.prompt, dtype=np.int64)
 
 
 @dataclass(eq=False)
@@ -310,7 +318,7 @@ class Engine:
         `max_queue` requests are already waiting for a row."""
         if not isinstance(params, SamplingParams):
             raise InvalidArgument(f"params must be a SamplingParams, got {type(params).__name__}")
-        tokens = self._check_prompt(prompt)
+        tokens, ids = self._check_prompt(prompt)
         if len(tokens) + params.max_tokens > self.max_seq_len:
             raise InvalidArgument(f"prompt of {len(tokens)} tokens + max_tokens={params.max_tokens} exceeds the "
                                   f"engine's max_seq_len={self.max_seq_len}")
@@ -319,7 +327,7 @@ class Engine:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             handle = RequestHandle(f"req-{next(self._ids)}", len(tokens), self)
-            self._queue.append(_Request(handle, tokens, params, seed))
+            self._queue.append(_Request(handle, tokens, params, seed, ids))
             self._lock.notify_all()
         return handle
 
@@ -489,14 +497,23 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
-    def _check_prompt(self, prompt: Sequence[int]) -> list[int]:
+    def _check_prompt(self, prompt: Sequence[int]) -> tuple[list[int], np.ndarray]:
+        """The prompt's token ids as a list of ints and as an int64 array (converted once, here: the prefix cache
+        hashes the array and the forwards read it), or InvalidArgument naming the first bad id."""
         if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
             raise InvalidArgument(f"prompt must be a list of token ids, got {type(prompt).__name__}")
         if len(prompt) == 0:
             raise InvalidArgument("prompt is empty: give at least one token id")
-        if type(prompt) is list and set(map(type, prompt)) == {int} and \
-                0 <= min(prompt) and max(prompt) < self.vocab_size:
-            return list(prompt)   # the usual case, in C-speed passes (a 32K-token prompt in ~1 ms)
+        ids = None
+        if type(prompt) is list and operator.countOf(map(type, prompt), int) == len(prompt):
+            try:   # the usual case, in C-speed passes (a 32K-token prompt in ~1.5 ms)
+                ids = np.asarray(prompt, dtype=np.int64)
+            except OverflowError:   # an id beyond int64: the loop below names it
+                ids = None
+        elif isinstance(prompt, np.ndarray) and prompt.ndim == 1 and prompt.dtype.kind in "iu":
+            ids = prompt.astype(np.int64)
+        if ids is not None and 0 <= ids.min() and ids.max() < self.vocab_size:
+            return (list(prompt) if type(prompt) is list else ids.tolist()), ids
         tokens = []   # anything else, token by token, so that an error names the first bad one
         for i, t in enumerate(prompt):
             if isinstance(t, bool) or not hasattr(t, "__index__"):
@@ -505,7 +522,7 @@ class Engine:
             if not 0 <= t < self.vocab_size:
                 raise InvalidArgument(f"prompt[{i}]={t}: token id out of the vocabulary [0, {self.vocab_size})")
             tokens.append(t)
-        return tokens
+        return tokens, np.asarray(tokens, dtype=np.int64)
 
     # ------------------------------------------------------------------ step parts
     def _reap_cancelled(self) -> None:
@@ -558,10 +575,10 @@ class Engine:
         load_full = getattr(self.prefix_cache, "load_full", None)
         try:
             if load_full is not None:
-                start, tail = load_full(view, req.prompt, self._tail_names())
+                start, tail = load_full(view, req.ids, self._tail_names())
                 start = int(start)
             else:
-                start = int(self.prefix_cache.load(view, req.prompt))
+                start = int(self.prefix_cache.load(view, req.ids))
             if not 0 <= start < n + (tail is not None) or view.lengths() != [start]:
                 raise RuntimeError(f"prefix cache loaded {start} tokens of a {n}-token prompt into a row at "
                                    f"position {view.lengths()[0]}")
@@ -575,6 +592,7 @@ class Engine:
             start, tail = 0, None
         self.counters["prefix_lookup_tokens"] += n
         self.counters["prefix_hit_tokens"] += start
+        req.stored = start
         boundaries = getattr(self.prefix_cache, "boundaries", None)
         points = boundaries(n, req.prompt[-1]) if load_full else boundaries(n) if boundaries else [n]
         req.saves = {b for b in points if b > start}
@@ -643,8 +661,8 @@ class Engine:
                 req = reqs[0]
                 logits = self.spec.extend(req.row, req.prompt[req.done:stop[0]]).unsqueeze(0)
             else:
-                ids = torch.tensor([req.prompt[req.done:e] for req, e in zip(reqs, stop)], dtype=torch.long,
-                                   device=self.device)                                    # [B, S]
+                # [B, S] on the host: the model checks them there and sends them on without waiting for the device
+                ids = torch.from_numpy(np.stack([req.ids[req.done:e] for req, e in zip(reqs, stop)]))
                 view = self.cache.select(slice(rows[0], rows[-1] + 1)) if adjacent else self.cache.gather_rows(rows)
                 logits = self.model(ids, cache=view, last_only=True)[:, -1]
                 if not adjacent:
@@ -653,19 +671,25 @@ class Engine:
             self._fail(rows, e)
             return
         started: list[int] = []
+        saves: list[tuple[int, int, _Request, int]] = []
         for i, (req, end) in enumerate(zip(reqs, stop)):
             self.counters["prefill_tokens"] += end - req.done
             req.done = req.stops.pop(0)
-            if end in req.saves:   # (with the tail of the chunk's forward: a request of exactly these tokens
-                                   # then needs none)
-                tail = {"logits": logits[i]} if self.spec is None else self.spec.tail(req.row)
-                self._save_prefix(self.cache.select(req.row), req.prompt[:end], tail=tail)
+            if end in req.saves:
+                saves.append((i, req.row, req, end))
+                req.stored = end
             if end == len(req.prompt):
                 self._admitted.remove(req)
                 self.pool.phase[req.row] = Phase.DECODE
                 started.append(i)
         if started and self.spec is None:   # speculative rows choose their first token at their first step
             self._emit([reqs[i] for i in started], logits if len(started) == len(reqs) else logits[started])
+        # then the saves, with the tail of the chunk's forward (a request of exactly these tokens then needs none):
+        # a first token (without overlap, a whole request of one token) goes out before their copies and hashing.
+        # The rows are as the forward left them: a request that ended above only had its row marked free.
+        for i, row, req, end in saves:
+            tail = {"logits": logits[i]} if self.spec is None else self.spec.tail(row)
+            self._save_prefix(self.cache.select(row), req.ids[:end], tail=tail)
 
     def _decode(self) -> int:
         """One step of every decoding row; returns the tokens it fed (one per decoding row), which the step's
@@ -899,12 +923,15 @@ class Engine:
 
     def _finish(self, req: _Request, event: TokenEvent, failed: bool = False) -> None:
         """Send the last event and free the request's row (the row is reset when it is next handed out)."""
+        save = None
         if req.row is not None:
             if not failed and event.finish_reason in ("stop", "length") and req.generated:
                 # the cache holds the prompt and every generated token but the last (which was never fed), or with
                 # overlap the last too (the step after it was launched before the request was seen to end)
                 view, held = self.cache.select(req.row), req.prompt + req.generated
-                self._save_at_end(view, held if view.lengths() == [len(held)] else held[:-1])
+                held = held if view.lengths() == [len(held)] else held[:-1]
+                if len(held) > req.stored:   # (else it is the prompt, which the prefix cache holds already)
+                    save = view, held
             self._rows[req.row] = None
             if self.spec is not None:
                 self.spec.release(req.row)
@@ -915,7 +942,14 @@ class Engine:
         key = {"abort": "requests_cancelled", "error": "requests_failed"}.get(event.finish_reason or "",
                                                                               "requests_finished")
         self.counters[key] += 1
+        # the row is only marked free (nothing resets it before the next admission): a snapshot taken after the
+        # last event is sent still copies the row as the request left it; a cache without snapshots saves first
+        later = save is not None and hasattr(self.prefix_cache, "snapshot")
+        if save is not None and not later:
+            self._save_at_end(*save)
         req.handle._push(event)
+        if later:
+            self._save_at_end(*save)
 
     def _fail(self, rows: list[int], error: Exception) -> None:
         """A forward over `rows` raised: end their requests with "error" and reset the rows (and any row the

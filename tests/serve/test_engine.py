@@ -148,8 +148,9 @@ def test_prompt_check_takes_any_integer_sequence_the_same(model):
     engine = Engine(model, max_batch=1, max_seq_len=32)
     ids = [0, 5, 2047, 7]
     for prompt in (ids, tuple(ids), np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids]):
-        out = engine._check_prompt(prompt)
+        out, arr = engine._check_prompt(prompt)
         assert out == ids and all(type(t) is int for t in out)
+        assert arr.dtype == np.int64 and arr.tolist() == ids
 
 
 def test_speculative_option_is_refused_clearly(model):
