@@ -32,11 +32,13 @@ from dsv4.serve.types import SamplingParams
 
 
 class Timers:
-    """Wall time per name, summed over calls (a CUDA sync before and after each call on a GPU)."""
+    """Wall time per name, summed over calls (a CUDA sync before and after each call on a GPU), up to the request's
+    first event (`first[0]`, once set): what runs after it is not part of the time to first token."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, first: list[float]):
         self.ms: dict[str, float] = collections.defaultdict(float)
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.first = first
 
     def wrap(self, obj, attr: str, name: str) -> None:
         fn = getattr(obj, attr)
@@ -48,7 +50,8 @@ class Timers:
                 return fn(*a, **k)
             finally:
                 self.sync()
-                self.ms[name] += (time.perf_counter() - t) * 1e3
+                end = min(time.perf_counter(), self.first[0]) if self.first else time.perf_counter()
+                self.ms[name] += max(end - t, 0.0) * 1e3
         setattr(obj, attr, timed)
 
 
@@ -64,13 +67,25 @@ class StubForward(dsv4.Transformer):
         return torch.zeros(tokens.shape[0], n, self.config.vocab_size, device=tokens.device)
 
 
-def first_token_ms(engine: Engine, prompt: list[int], max_tokens: int) -> tuple[float, object]:
-    """Submit to first event (the engine stepped in this thread), then run the request out."""
+def first_token_ms(engine: Engine, prompt: list[int], max_tokens: int,
+                   first: list[float] | None = None) -> tuple[float, object]:
+    """Submit to the moment the first event is pushed to the request's stream (the engine stepped in this thread;
+    the rest of that step, e.g. storing saves, is not in it), then run the request out. `first` receives that
+    moment."""
+    first = [] if first is None else first
+    first.clear()
     t = time.perf_counter()
     handle = engine.submit(prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    push = handle._push
+
+    def timed_push(event) -> None:
+        if not first:
+            first.append(time.perf_counter())
+        push(event)
+    handle._push = timed_push
     while not handle._events:
         engine.step()
-    ttft = (time.perf_counter() - t) * 1e3
+    ttft = (first[0] - t) * 1e3
     engine.run_until_idle()
     return ttft, handle
 
@@ -113,7 +128,8 @@ def main() -> None:
     first_token_ms(engine, rand(16), 2)   # warm-up (kernels, allocator)
     prime_ms, _ = first_token_ms(engine, prefix + rand(args.suffix_len), args.max_tokens)
 
-    timers = Timers(device)
+    first: list[float] = []
+    timers = Timers(device, first)
     timers.wrap(engine, "_check_prompt", "submit: prompt check")
     timers.wrap(pc, "load_full", "prefix load (lookup + restore)")
     timers.wrap(pc, "save", "prefix saves")
@@ -127,7 +143,7 @@ def main() -> None:
             timers.ms.clear()
             if prof:
                 prof.enable()
-            ms, handle = first_token_ms(engine, hit_prompt, 1)
+            ms, handle = first_token_ms(engine, hit_prompt, 1, first)
             if prof:
                 prof.disable()
             split = dict(timers.ms)
