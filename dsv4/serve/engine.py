@@ -88,6 +88,7 @@ from ..generate.host import HostCopy, to_device
 from ..generate.host import to_host as _to_host
 from ..generate.sampling import SamplingConfig, sample
 from ..generate.speculative import SpeculativeDecoder
+from .prefill_graphs import PrefillGraphs
 from .rows import Phase, RowPool, bucket_for, decode_runs
 from .steptrace import StepTrace
 from .types import QueueFull, SamplingParams, TokenEvent
@@ -247,7 +248,7 @@ class Engine:
                  eos_token_ids: Sequence[int] = (),
                  prefix_cache=None, speculative: str | None = None, n_draft: int = 1, cuda_graphs: bool = True,
                  batch_invariant: bool = True, overlap: bool | None = None, trace: str | None = None,
-                 saves_per_step: int = 2):
+                 saves_per_step: int = 2, prefill_graphs: int = 0):
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
                             ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget),
                             ("max_prefill_rows", max_prefill_rows)):
@@ -255,6 +256,8 @@ class Engine:
                 raise InvalidArgument(f"Engine {name}={value!r}: must be a positive integer")
         if isinstance(saves_per_step, bool) or not isinstance(saves_per_step, int) or saves_per_step < 0:
             raise InvalidArgument(f"Engine saves_per_step={saves_per_step!r}: must be an integer >= 0")
+        if isinstance(prefill_graphs, bool) or not isinstance(prefill_graphs, int) or prefill_graphs < 0:
+            raise InvalidArgument(f"Engine prefill_graphs={prefill_graphs!r}: must be a token count >= 0")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InvalidArgument(f"Engine max_queue={max_queue!r}: must be an integer >= 0")
         if speculative not in (None, "mtp"):
@@ -299,6 +302,12 @@ class Engine:
         # never with `speculative`) a step's results go to the host while the next step runs (see the module doc).
         self.overlap = (self.device.type == "cuda" if overlap is None else bool(overlap)) and speculative is None
         self._next = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        # prompt chunks of one row up to this many tokens: padded steps, replayed from CUDA graphs with `cuda_graphs`
+        # on a GPU (dsv4.serve.prefill_graphs); never with `speculative` (its prefill fills the MTP cache too)
+        self.prefill_graphs = (PrefillGraphs(model, self.cache, prefill_graphs, cuda_graphs=cuda_graphs)
+                               if prefill_graphs and speculative is None else None)
+        if self.prefill_graphs is not None and not self.prefill_graphs.max_tokens:
+            self.prefill_graphs = None
         self._pending: deque[_Pending] = deque()
         # end-of-request prefix saves: the row's state copied when the request ends, stored (hashed, indexed)
         # `saves_per_step` per step once the step's forwards are launched (see `_finish`)
@@ -619,7 +628,12 @@ class Engine:
             by_length: dict[int, list[_Request]] = {}
             for req in picked:   # one forward takes chunks of one length: [B, S] tokens
                 by_length.setdefault(req.stops[0] - req.done, []).append(req)
-            for group in by_length.values():
+            for length, group in by_length.items():
+                if self.prefill_graphs is not None and self.prefill_graphs.bucket(length) is not None:
+                    for req in group:   # (one row per padded step)
+                        self._trace_prefill(1)
+                        self._prefill_rows([req])
+                    continue
                 self._trace_prefill(len(group))
                 self._prefill_rows(sorted(group, key=lambda r: r.row))
 
@@ -660,6 +674,9 @@ class Engine:
             if self.spec is not None:   # (batched_prefill is off: one request)
                 req = reqs[0]
                 logits = self.spec.extend(req.row, req.prompt[req.done:stop[0]]).unsqueeze(0)
+            elif len(reqs) == 1 and self.prefill_graphs is not None and \
+                    self.prefill_graphs.takes(rows[0], stop[0] - reqs[0].done):
+                logits = self.prefill_graphs(rows[0], reqs[0].ids[reqs[0].done:stop[0]])   # [1, vocab]
             else:
                 # [B, S] on the host: the model checks them there and sends them on without waiting for the device
                 ids = torch.from_numpy(np.stack([req.ids[req.done:e] for req, e in zip(reqs, stop)]))
