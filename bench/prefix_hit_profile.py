@@ -7,6 +7,7 @@ token ids.
 
     python bench/prefix_hit_profile.py [--prefix-len 8192] [--suffix-len 64] [--block 2048] [--preset tiny]
                                        [--checkpoint DIR] [--device cpu|cuda] [--trials 3] [--cprofile] [--stub-model]
+                                       [--prefill-graphs N]
 
 Prints a table (ms) and, with --cprofile, the top functions of the hit by cumulative time. `--stub-model` swaps
 the model's forward for one that only advances the cache and returns zero logits: what is left is the host's
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--trials", type=int, default=3, help="hits timed (medians reported)")
     p.add_argument("--cprofile", action="store_true")
     p.add_argument("--stub-model", action="store_true", help="forwards that only advance the cache (the host path)")
+    p.add_argument("--prefill-graphs", type=int, default=0, metavar="N",
+                   help="Engine(prefill_graphs=N): chunks up to N tokens as padded graph replays (dsv4 serve's flag)")
     args = p.parse_args()
     device = torch.device(args.device)
     need = args.prefix_len + 2 * args.suffix_len + args.max_tokens + 16
@@ -121,12 +124,16 @@ def main() -> None:
     # decode replays graphs on a GPU as the server's does: with the overlapped loop a first token is handed out
     # after the next decode step's launch, which without graphs would be a whole eager forward
     engine = Engine(model, max_batch=2, max_seq_len=need, prefill_chunk=2048, cuda_graphs=device.type == "cuda",
-                    prefix_cache=pc, batch_invariant=device.type != "cuda")   # (as `dsv4 serve`)
+                    prefix_cache=pc, batch_invariant=device.type != "cuda",   # (as `dsv4 serve`)
+                    prefill_graphs=args.prefill_graphs)
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
     prefix = rand(args.prefix_len)
     first_token_ms(engine, rand(16), 2)   # warm-up (kernels, allocator)
     prime_ms, _ = first_token_ms(engine, prefix + rand(args.suffix_len), args.max_tokens)
+    if engine.prefill_graphs is not None:   # a hit's suffix size on its row: one eager step, then the capture
+        for _ in range(2):
+            first_token_ms(engine, prefix + rand(args.suffix_len), 1)
 
     first: list[float] = []
     timers = Timers(device, first)
@@ -134,6 +141,8 @@ def main() -> None:
     timers.wrap(pc, "load_full", "prefix load (lookup + restore)")
     timers.wrap(pc, "save", "prefix saves")
     timers.wrap(engine, "model", "model forwards")
+    if engine.prefill_graphs is not None:
+        timers.wrap(engine.prefill_graphs, "run", "model forwards")
     timers.wrap(engine, "_emit", "sample + emit (incl. forward wait)")
     prof = cProfile.Profile() if args.cprofile else None
     runs: dict[str, list] = {"hit": [], "whole-prompt hit": []}
@@ -166,6 +175,8 @@ def main() -> None:
         for k in keys:
             print(f"    {k:38s} {statistics.median(r[1][k] for r in rs):8.1f} ms")
     print(f"  API body parse + validate (separate) {api_ms:8.1f} ms")
+    if engine.prefill_graphs is not None:
+        print(f"  padded prefill steps: {engine.prefill_graphs.counters}")
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 

@@ -61,6 +61,11 @@ forwards and, for a single row, its MTP catch-up; the sampling and acceptance ru
 speculative steps read every stored row as the graphs do. Prompts are prefilled one request per forward
 (`SpeculativeDecoder.extend` fills one row of both caches).
 
+With `prefill_graphs=N` a prompt chunk of one request of at most N tokens (a prefix-cache hit's suffix, a short
+prompt, a prompt's last chunk) runs as a padded step replayed from a CUDA graph captured per (row, step size)
+(`dsv4.serve.prefill_graphs`): an eager forward of a few dozen tokens costs its launches, not its GPU work. Such
+chunks run one row per forward, for cold prompts and hits alike, so a hit's logits still equal a cold prefill's.
+
 A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (for a batched
 prefill, every request of the forward) with finish_reason "error"; those rows (and any the cache marks damaged) are
 reset and the engine keeps serving.
@@ -462,6 +467,8 @@ class Engine:
         groups = [(1, chunk), (rows, short), (1, chunk + 3)]
         if rows > 2:   # (a load's usual batch: fewer rows of longer chunks, a multiple of 16, e.g. 8 x 1K)
             groups.append((rows // 2, max(2, min(chunk, self.step_token_budget // (rows // 2)) // 16 * 16)))
+        if self.prefill_graphs is not None:   # (each padded step size's kernels; graphs are captured per row later)
+            groups += [(1, b) for b in self.prefill_graphs.buckets if b <= self.prefill_graphs.max_tokens]
         return groups
 
     def _reset_rows(self) -> None:
@@ -676,7 +683,7 @@ class Engine:
                 logits = self.spec.extend(req.row, req.prompt[req.done:stop[0]]).unsqueeze(0)
             elif len(reqs) == 1 and self.prefill_graphs is not None and \
                     self.prefill_graphs.takes(rows[0], stop[0] - reqs[0].done):
-                logits = self.prefill_graphs(rows[0], reqs[0].ids[reqs[0].done:stop[0]])   # [1, vocab]
+                logits = self.prefill_graphs.run(rows[0], reqs[0].ids[reqs[0].done:stop[0]])   # [1, vocab]
             else:
                 # [B, S] on the host: the model checks them there and sends them on without waiting for the device
                 ids = torch.from_numpy(np.stack([req.ids[req.done:e] for req, e in zip(reqs, stop)]))

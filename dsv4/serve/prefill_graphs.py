@@ -45,7 +45,7 @@ def padded_chunk(model, cache: KVCache, ids: torch.Tensor, keep: torch.Tensor) -
 
 
 class PrefillGraphs:
-    """`graphs(row, ids)`: the chunk `ids` (an int64 array of n <= `max_tokens` ids) appended to row `row` of
+    """`graphs.run(row, ids)`: the chunk `ids` (an int64 array of n <= `max_tokens` ids) appended to row `row` of
     `cache`, as above; returns its last token's logits [1, vocab]. `takes(row, n)` says whether a chunk of n tokens
     at the row's position runs here (a bucket holds it and the row has room for the padding). At most
     `max_graphs` captured steps are kept (least recently used dropped)."""
@@ -68,7 +68,7 @@ class PrefillGraphs:
         b = self.bucket(n)
         return b is not None and self.cache.lengths()[row] + b <= self.cache.max_seq_len
 
-    def __call__(self, row: int, ids: np.ndarray) -> torch.Tensor:
+    def run(self, row: int, ids: np.ndarray) -> torch.Tensor:
         n = len(ids)
         b = self.bucket(n)
         view = self._view(row)

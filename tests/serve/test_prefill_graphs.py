@@ -37,7 +37,7 @@ def test_a_padded_chunk_equals_the_plain_forward_up_to_rounding(model, start, n)
         other = _state(padded.select(0), start)
         want = model(ids[None, start:start + n], cache=plain, last_only=True)[:, -1]
         graphs = PrefillGraphs(model, padded, 32)
-        got = graphs(1, ids[start:start + n].numpy())
+        got = graphs.run(1, ids[start:start + n].numpy())
         assert padded.lengths() == [start, start + n] and graphs.counters["chunks"] == 1
         assert_rel_close("logits", got, want, 1e-5)
         for k, v in _state(padded.select(1), start + n).items():   # the row continues as the plain one
