@@ -467,8 +467,9 @@ class Engine:
         groups = [(1, chunk), (rows, short), (1, chunk + 3)]
         if rows > 2:   # (a load's usual batch: fewer rows of longer chunks, a multiple of 16, e.g. 8 x 1K)
             groups.append((rows // 2, max(2, min(chunk, self.step_token_budget // (rows // 2)) // 16 * 16)))
-        if self.prefill_graphs is not None:   # (each padded step size's kernels; graphs are captured per row later)
-            groups += [(1, b) for b in self.prefill_graphs.buckets if b <= self.prefill_graphs.max_tokens]
+        if self.prefill_graphs is not None:   # each padded step size on row 0: kernels compiled, then its graph
+            top = self.prefill_graphs.bucket(self.prefill_graphs.max_tokens)
+            groups += [(1, b) for b in self.prefill_graphs.buckets if b <= top for _ in range(2)]   # (captured; other rows capture theirs on their second such chunk)
         return groups
 
     def _reset_rows(self) -> None:

@@ -26,10 +26,11 @@ def _state(cache, n):
     return {k: v.clone() for k, v in row_state(cache, n).items()}
 
 
-@pytest.mark.parametrize("start, n", [(0, 5), (37, 13), (64, 32), (101, 1)])
-def test_a_padded_chunk_equals_the_plain_forward_up_to_rounding(model, start, n):
+@pytest.mark.parametrize("start, n, formats", [(0, 5, ()), (37, 13, ()), (64, 32, ()), (101, 1, ()),
+                                               (45, 11, ("fp8", "fp4"))])
+def test_a_padded_chunk_equals_the_plain_forward_up_to_rounding(model, start, n, formats):
     ids = torch.tensor(random_prompts(model, [start + n + 24], 1)[0])
-    plain, padded = model.new_cache(1, 256), model.new_cache(2, 256)
+    plain, padded = model.new_cache(1, 256, *formats), model.new_cache(2, 256, *formats)
     with torch.no_grad():
         if start:
             model(ids[None, :start], cache=plain)
