@@ -125,13 +125,14 @@ def main() -> None:
     # after the next decode step's launch, which without graphs would be a whole eager forward
     engine = Engine(model, max_batch=2, max_seq_len=need, prefill_chunk=2048, cuda_graphs=device.type == "cuda",
                     prefix_cache=pc, batch_invariant=device.type != "cuda",   # (as `dsv4 serve`)
-                    prefill_graphs=args.prefill_graphs)
+                    **({"prefill_graphs": args.prefill_graphs} if args.prefill_graphs else {}))
+    graphs = getattr(engine, "prefill_graphs", None)   # (None: off, or a tree without them)
     g = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(2, cfg.vocab_size, (n,), generator=g).tolist()  # noqa: E731
     prefix = rand(args.prefix_len)
     first_token_ms(engine, rand(16), 2)   # warm-up (kernels, allocator)
     prime_ms, _ = first_token_ms(engine, prefix + rand(args.suffix_len), args.max_tokens)
-    if engine.prefill_graphs is not None:   # a hit's suffix size on its row: one eager step, then the capture
+    if graphs is not None:   # a hit's suffix size on its row: one eager step, then the capture
         for _ in range(2):
             first_token_ms(engine, prefix + rand(args.suffix_len), 1)
 
@@ -141,8 +142,8 @@ def main() -> None:
     timers.wrap(pc, "load_full", "prefix load (lookup + restore)")
     timers.wrap(pc, "save", "prefix saves")
     timers.wrap(engine, "model", "model forwards")
-    if engine.prefill_graphs is not None:
-        timers.wrap(engine.prefill_graphs, "run", "model forwards")
+    if graphs is not None:
+        timers.wrap(graphs, "run", "model forwards")
     timers.wrap(engine, "_emit", "sample + emit (incl. forward wait)")
     prof = cProfile.Profile() if args.cprofile else None
     runs: dict[str, list] = {"hit": [], "whole-prompt hit": []}
@@ -175,8 +176,8 @@ def main() -> None:
         for k in keys:
             print(f"    {k:38s} {statistics.median(r[1][k] for r in rs):8.1f} ms")
     print(f"  API body parse + validate (separate) {api_ms:8.1f} ms")
-    if engine.prefill_graphs is not None:
-        print(f"  padded prefill steps: {engine.prefill_graphs.counters}")
+    if graphs is not None:
+        print(f"  padded prefill steps: {graphs.counters}")
     if prof:
         pstats.Stats(prof).sort_stats("cumulative").print_stats(30)
 
