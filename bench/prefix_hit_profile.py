@@ -141,6 +141,8 @@ def main() -> None:
     timers.wrap(engine, "_check_prompt", "submit: prompt check")
     timers.wrap(pc, "load_full", "prefix load (lookup + restore)")
     timers.wrap(pc, "save", "prefix saves")
+    timers.wrap(pc, "snapshot", "prefix saves")        # (a save's copy, stored later ...)
+    timers.wrap(pc, "save_snapshot", "prefix saves")   # (... here, from the next step on)
     timers.wrap(engine, "model", "model forwards")
     if graphs is not None:
         timers.wrap(graphs, "run", "model forwards")

@@ -318,6 +318,7 @@ class Engine:
         # `saves_per_step` per step once the step's forwards are launched (see `_finish`)
         self.saves_per_step = saves_per_step
         self._saves: deque = deque()
+        self._fresh: set[int] = set()   # ids of the prompt-end snapshots this step queued (stored from the next one)
         self.trace = StepTrace(trace, dict(max_batch=max_batch, overlap=self.overlap, speculative=speculative,
                                            graph_buckets=self.graph_buckets, step_token_budget=step_token_budget,
                                            max_prefill_rows=max_prefill_rows, prefill_chunk=prefill_chunk,
@@ -387,6 +388,7 @@ class Engine:
                 trace.begin()
                 before = self.counters["prefill_tokens"]
             self.counters["steps"] += 1
+            self._fresh.clear()
             self._reap_cancelled()
             earlier = len(self._pending)
             decoded = self._decode()
@@ -396,7 +398,7 @@ class Engine:
             if self.pool.busy == 0:   # only rows whose requests have ended rode along: nothing left to hand out
                 self._deliver_pending()
             # (the device runs this step's forwards meanwhile; an idle engine stores the rest at once)
-            self._drain_saves(None if not self.has_work else self.saves_per_step)
+            self._drain_saves(None if not self.has_work else self.saves_per_step, fresh=False)
             if trace is not None:
                 trace.end(prefill_tokens=self.counters["prefill_tokens"] - before, queue=len(self._queue),
                           running=self.pool.busy, pending=len(self._pending))
@@ -588,7 +590,7 @@ class Engine:
         if self.prefix_cache is None:
             return 0, None
         n, start, tail = len(req.prompt), 0, None
-        self._drain_saves(prompt=req.prompt)   # (a queued save this prompt extends may serve it)
+        self._drain_saves(prompt=req.ids)   # (a queued save this prompt extends may serve it)
         load_full = getattr(self.prefix_cache, "load_full", None)
         try:
             if load_full is not None:
@@ -714,7 +716,7 @@ class Engine:
         # The rows are as the forward left them: a request that ended above only had its row marked free.
         for i, row, req, end in saves:
             tail = {"logits": logits[i]} if self.spec is None else self.spec.tail(row)
-            self._save_prefix(self.cache.select(row), req.ids[:end], tail=tail)
+            self._save_prefix(self.cache.select(row), req.ids[:end], tail=tail, defer=end == len(req.prompt))
 
     def _decode(self) -> int:
         """One step of every decoding row; returns the tokens it fed (one per decoding row), which the step's
@@ -1006,21 +1008,25 @@ class Engine:
         if self.trace is not None:
             self.trace.add("save_ms", 1e3 * (time.perf_counter() - t))
 
-    def _drain_saves(self, limit: int | None = None, prompt: list[int] | None = None) -> None:
-        """Store up to `limit` (None: all) of the queued end-of-request snapshots, oldest first; with `prompt`,
-        only those of a prefix of it (before its lookup, which they may serve: the next turn of a chat)."""
+    def _drain_saves(self, limit: int | None = None, prompt: np.ndarray | None = None, fresh: bool = True) -> None:
+        """Store up to `limit` (None: all) of the queued snapshots, oldest first (with `fresh` False, stopping at
+        one this step queued at a prompt's end: with overlap its first token goes out in the next step, before
+        it); with `prompt` (int64 ids), only those of a prefix of it (before its lookup, which they may serve: the
+        next turn of a chat, a prompt sent again)."""
         if not self._saves:
             return
         t = time.perf_counter()
         if prompt is not None:
             hits = [snap for snap in self._saves   # (the ends first: most snapshots are of other prompts)
                     if len(snap.tokens) <= len(prompt) and snap.tokens[-1] == prompt[len(snap.tokens) - 1]
-                    and snap.tokens[0] == prompt[0] and prompt[:len(snap.tokens)] == snap.tokens]
+                    and snap.tokens[0] == prompt[0] and np.array_equal(prompt[:len(snap.tokens)], snap.tokens)]
             for snap in hits:
                 self._saves.remove(snap)
         else:
-            hits = [self._saves.popleft() for _ in range(len(self._saves) if limit is None
-                                                           else min(limit, len(self._saves)))]
+            hits = []
+            while self._saves and (limit is None or len(hits) < limit) and \
+                    (fresh or limit is None or id(self._saves[0]) not in self._fresh):
+                hits.append(self._saves.popleft())
         for snap in hits:
             try:
                 self.prefix_cache.save_snapshot(snap)
@@ -1029,13 +1035,20 @@ class Engine:
         if self.trace is not None and hits:
             self.trace.add("save_ms", 1e3 * (time.perf_counter() - t))
 
-    def _save_prefix(self, view, tokens: list[int], tail: dict | None = None) -> None:
+    def _save_prefix(self, view, tokens: Sequence[int], tail: dict | None = None, defer: bool = False) -> None:
         """Store the row's state (holding exactly `tokens`), with the tail of its last forward when given and the
-        prefix cache keeps tails (one with `load_full`)."""
+        prefix cache keeps tails (one with `load_full`). With `defer` (the save at a prompt's end) and a prefix
+        cache that takes snapshots, a snapshot now, stored from the next step on (`_drain_saves`), after this
+        step's first tokens have gone out, or before a lookup it may serve."""
         if self.prefix_cache is None or view.lengths() != [len(tokens)]:
             return
+        keeps_tail = tail is not None and hasattr(self.prefix_cache, "load_full")
         try:
-            if tail is not None and hasattr(self.prefix_cache, "load_full"):
+            if defer and hasattr(self.prefix_cache, "snapshot"):
+                snap = self.prefix_cache.snapshot(view, tokens, tail=tail if keeps_tail else None)
+                self._saves.append(snap)
+                self._fresh.add(id(snap))
+            elif keeps_tail:
                 self.prefix_cache.save(view, tokens, tail=tail)
             else:
                 self.prefix_cache.save(view, tokens)

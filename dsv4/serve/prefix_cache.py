@@ -129,15 +129,17 @@ class _Entry:
                 for k, v in self.state.items()}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class RowSnapshot:
-    """A copy of a one-row cache's state holding `tokens` (`PrefixCache.snapshot`): the row state's tensors, each
-    layer's compression ratio (to cut the compressed entries past a stored parent) and the row's cache, whose
-    storage formats (not its contents, which have moved on) key the entry."""
-    tokens: list[int]
+    """A copy of a one-row cache's state holding `tokens` (`PrefixCache.snapshot`): the tokens (int64 ids), the row
+    state's tensors, each layer's compression ratio (to cut the compressed entries past a stored parent), the row's
+    cache, whose storage formats (not its contents, which have moved on) key the entry, and a copy of the tail to
+    store with it (or None)."""
+    tokens: np.ndarray
     state: dict[str, torch.Tensor]
     ratios: list[int]
     formats: KVCache
+    tail: dict[str, torch.Tensor] | None = None
 
     def piece(self, start: int) -> dict[str, torch.Tensor]:
         """`row_state(row, n, start)` of the row as it was: the compressed entries and indexer keys past the
@@ -285,33 +287,35 @@ class PrefixCache:
                     return
             self._insert(fp, tokens, cache_row, chain, tail=tail)
 
-    def snapshot(self, cache_row: KVCache, tokens: Sequence[int]) -> "RowSnapshot":
-        """A copy, taken now, of the state of a one-row cache that holds exactly `tokens`, for `save_snapshot` to
-        store later, once the row has moved on: one allocation and a few grouped copies queued on the device (no
-        wait for it, no hashing, no lookup), so a server can take it the moment a request ends and leave the rest
-        of the save for when the device is busy."""
+    def snapshot(self, cache_row: KVCache, tokens: Sequence[int],
+                 tail: dict[str, torch.Tensor] | None = None) -> "RowSnapshot":
+        """A copy, taken now, of the state of a one-row cache that holds exactly `tokens` (and of `tail`, as `save`
+        takes it), for `save_snapshot` to store later, once the row has moved on: one allocation and a few grouped
+        copies queued on the device (no wait for it, no hashing, no lookup), so a server can take it the moment a
+        request ends, or a prompt's last chunk has run, and leave the rest of the save for later."""
         _check_row(cache_row, "snapshot")
         if cache_row.lengths() != [len(tokens)]:
             raise InvalidArgument(f"PrefixCache.snapshot: the row holds {cache_row.lengths()[0]} tokens, "
                                   f"not the {len(tokens)} given")
-        tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else list(tokens)
-        return RowSnapshot(tokens, clone_tensors(row_state(cache_row, len(tokens))),
-                           [layer.ratio for layer in cache_row.layers], cache_row)
+        ids = _ids(tokens)
+        return RowSnapshot(ids.copy() if ids is tokens else ids, clone_tensors(row_state(cache_row, len(ids))),
+                           [layer.ratio for layer in cache_row.layers], cache_row,
+                           {k: v.detach().clone() for k, v in tail.items()} if tail is not None else None)
 
     def save_snapshot(self, snap: "RowSnapshot") -> None:
-        """`save` of the row a `snapshot` was taken of, as it was then."""
-        if not snap.tokens:
+        """`save` of the row a `snapshot` was taken of, as it was then (with the tail it took)."""
+        if not len(snap.tokens):
             return
         with self._lock:
             fp = self._fingerprint(snap.formats, recompute=False)
             tokens = _ids(snap.tokens)
             chain = self._chain(fp, tokens)
-            key = chain.key(len(snap.tokens))
+            key = chain.key(len(tokens))
             for tier in TIERS:
                 if key in self._tiers[tier]:
                     self._touch(self._tiers[tier][key])
                     return
-            self._insert(fp, tokens, None, chain, snapshot=snap)
+            self._insert(fp, tokens, None, chain, snapshot=snap, tail=snap.tail)
 
     def stats(self) -> dict:
         """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,

@@ -1,7 +1,7 @@
-"""The host's path of a prefix-cache hit: the first event goes out before the saves at the prompt's end, a request
-that ends holding exactly a prompt the cache holds already takes no end-of-request snapshot, and the prompt is
-converted once (int64 ids the prefix cache takes as they are). Events and stored entries stay those of the
-unchanged paths."""
+"""The host's path of a prefix-cache hit: the first event goes out before the save at the prompt's end (a snapshot,
+stored later), a request that ends holding exactly a prompt the cache holds already takes no end-of-request
+snapshot, and the prompt is converted once (int64 ids the prefix cache takes as they are). Events and stored
+entries stay those of the unchanged paths."""
 from __future__ import annotations
 
 import numpy as np
@@ -22,7 +22,7 @@ def model():
 
 
 class Logged(PrefixCache):
-    """A PrefixCache that logs its saves and snapshots (with the token counts) into a shared list."""
+    """A PrefixCache that logs its saves, snapshots and stored snapshots (token counts, with a tail?)."""
 
     def __init__(self, *a, log: list, **k):
         super().__init__(*a, **k)
@@ -32,9 +32,13 @@ class Logged(PrefixCache):
         self.log.append(("save", len(tokens), tail is not None))
         return super().save(cache_row, tokens, tail)
 
-    def snapshot(self, cache_row, tokens):
-        self.log.append(("snapshot", len(tokens)))
-        return super().snapshot(cache_row, tokens)
+    def snapshot(self, cache_row, tokens, tail=None):
+        self.log.append(("snapshot", len(tokens), tail is not None))
+        return super().snapshot(cache_row, tokens, tail)
+
+    def save_snapshot(self, snap):
+        self.log.append(("store", len(snap.tokens), snap.tail is not None))
+        return super().save_snapshot(snap)
 
 
 def engine_with_log(model, overlap=False):
@@ -55,28 +59,37 @@ def submit_logged(engine, prompt, max_tokens, log):
     return handle
 
 
-def test_the_first_event_goes_out_before_the_prompt_end_save(model):
-    engine, pc, log = engine_with_log(model)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_the_first_event_goes_out_before_the_prompt_end_save(model, overlap):
+    engine, pc, log = engine_with_log(model, overlap)
     prompt = random_prompts(model, [21], 3)[0]
-    submit_logged(engine, prompt, 2, log)
+    submit_logged(engine, prompt, 3, log)
     first = log.index(("event", None))
-    assert ("save", 21, True) in log[first:], log         # the prompt's end, with its logits, after the first event
-    assert [e for e in log[:first] if e[0] == "save"] == [("save", 8, True), ("save", 16, True)]  # (blocks before)
+    # the blocks saved at once; the prompt's end (with its logits) copied (before the event with overlap, whose
+    # first token goes out in the next step) and stored after the event
+    assert [e for e in log[:first] if e[0] != "snapshot"] == [("save", 8, True), ("save", 16, True)]
+    assert ("snapshot", 21, True) in log and log.index(("store", 21, True)) > first
+    n, tail = pc.load_full(engine.model.new_cache(1, 64), prompt)
+    with torch.no_grad():   # (the engine's chunks: the saves' 8 and 16, then the rest)
+        row = engine.model.new_cache(1, 64)
+        for a, b in ((0, 8), (8, 16), (16, 21)):
+            want = engine.model(torch.tensor([prompt[a:b]]), cache=row, last_only=True)[0, -1]
+    assert n == 21 and torch.equal(tail["logits"], want)
 
 
 def test_a_request_ending_on_a_prompt_the_cache_holds_takes_no_snapshot(model):
     engine, pc, log = engine_with_log(model)
     prompt = random_prompts(model, [21], 4)[0]
     cold = submit_logged(engine, prompt, 1, log)
-    assert [e for e in log if e[0] == "snapshot"] == []   # the row holds the prompt, saved whole at its end
-    assert log[-1] == ("save", 21, True) and log[-2] == ("event", "length")
+    # the row holds the prompt, saved whole at its end: no other snapshot
+    assert log[2:] == [("event", "length"), ("snapshot", 21, True), ("store", 21, True)]
     log.clear()
     again = submit_logged(engine, prompt, 1, log)        # a whole-prompt hit: no forward, no save, no snapshot
     assert again.cached_tokens == 21 and log == [("event", "length")]
     assert [e.token for e in again._events] == [e.token for e in cold._events]
     log.clear()
     longer = submit_logged(engine, prompt, 3, log)        # the row ends holding generated tokens: a snapshot of them
-    assert ("snapshot", 23) in log and longer.cached_tokens == 21
+    assert ("snapshot", 23, False) in log and longer.cached_tokens == 21
 
 
 @pytest.mark.parametrize("overlap", [False, True])
