@@ -314,8 +314,9 @@ class Engine:
         if self.prefill_graphs is not None and not self.prefill_graphs.max_tokens:
             self.prefill_graphs = None
         self._pending: deque[_Pending] = deque()
-        # end-of-request prefix saves: the row's state copied when the request ends, stored (hashed, indexed)
-        # `saves_per_step` per step once the step's forwards are launched (see `_finish`)
+        # end-of-request and prompt-end prefix saves: the row's state copied when the request ends (or its prompt's
+        # last chunk has run), stored (hashed, indexed) `saves_per_step` per step once the step's forwards are
+        # launched (see `_finish`, `_save_prefix`)
         self.saves_per_step = saves_per_step
         self._saves: deque = deque()
         self._fresh: set[int] = set()   # ids of the prompt-end snapshots this step queued (stored from the next one)
@@ -469,9 +470,9 @@ class Engine:
         groups = [(1, chunk), (rows, short), (1, chunk + 3)]
         if rows > 2:   # (a load's usual batch: fewer rows of longer chunks, a multiple of 16, e.g. 8 x 1K)
             groups.append((rows // 2, max(2, min(chunk, self.step_token_budget // (rows // 2)) // 16 * 16)))
-        if self.prefill_graphs is not None:   # each padded step size on row 0: kernels compiled, then its graph
-            top = self.prefill_graphs.bucket(self.prefill_graphs.max_tokens)
-            groups += [(1, b) for b in self.prefill_graphs.buckets if b <= top for _ in range(2)]   # (captured; other rows capture theirs on their second such chunk)
+        if self.prefill_graphs is not None:   # each padded step size on row 0 twice: kernels compiled, then its
+            top = self.prefill_graphs.bucket(self.prefill_graphs.max_tokens)   # graph captured (other rows capture
+            groups += [(1, b) for b in self.prefill_graphs.buckets if b <= top for _ in range(2)]   # on their 2nd)
         return groups
 
     def _reset_rows(self) -> None:
