@@ -18,9 +18,12 @@ The engine's side (all one-row caches: `cache.select(row)`; safe to call from se
         ...; pc.save(row, prompt[:stop], tail={"logits": that chunk's last logits})   # save
     ...                                 # generation
     pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds (no tail), or in two
-    snap = pc.snapshot(row, tokens)           # parts: a copy of the row now (no hashing, no wait for the device),
+    snap = pc.snapshot(row, tokens[, tail])   # parts: a copy of the row now (no hashing, no wait for the device),
     pc.save_snapshot(snap)                    # stored later, once the row may have moved on
     pc.stats()                          # counters and tier sizes, for /metrics
+
+Token ids may be given as a list or as an array; an int64 array (the serving engine converts each prompt once) is
+read as it is, with no conversion per call.
 
 An entry's tail is what the forward that computed its last token gave besides the cache: the next token's logits
 (exact bytes), and for the speculative decoder the last position's lanes too (`SpeculativeDecoder.tail`).
