@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .step_memo import shared
+
 
 @dataclass
 class CompressorState:
@@ -56,38 +58,56 @@ def absorb(state: CompressorState, kv: torch.Tensor, score: torch.Tensor, pos0: 
     m = ratio
     d = width // 2 if overlap else width
     off = m if overlap else 0
-    r0 = pos0 % m                                                      # tokens already pending per row
     L = S + m - 1
-    j = torch.arange(m - 1, device=kv.device)
-    keep = (j < r0.unsqueeze(1)).unsqueeze(-1)                          # [B, m-1, 1]
-    buf_kv = torch.cat((torch.where(keep, state.kv[:B, off:off + m - 1], 0.0), kv.new_zeros(B, S, width)), 1)
-    buf_sc = torch.cat((torch.where(keep, state.score[:B, off:off + m - 1], float("-inf")),
+    n = L // m
+    ix = shared(pos0, ("absorb", S, m), lambda: _AbsorbIndex.make(pos0, S, m))
+    buf_kv = torch.cat((torch.where(ix.keep, state.kv[:B, off:off + m - 1], 0.0), kv.new_zeros(B, S, width)), 1)
+    buf_sc = torch.cat((torch.where(ix.keep, state.score[:B, off:off + m - 1], float("-inf")),
                         kv.new_full((B, S, width), float("-inf"))), 1)
-    at = (r0.unsqueeze(1) + torch.arange(S, device=kv.device)).unsqueeze(-1).expand(-1, -1, width)
+    at = ix.at.expand(-1, -1, width)
     buf_kv = buf_kv.scatter(1, at, kv)                                 # [B, L, width], group-aligned
     buf_sc = buf_sc.scatter(1, at, score)
-    total = r0 + S
-    n = L // m
-    valid = (torch.arange(n, device=kv.device) + 1) * m <= total.unsqueeze(1)   # [B, n]
     prev = None
     if overlap:
         prev = state.kv[:B, :m, :d].clone(), state.score[:B, :m, :d].clone()
     # new state: the last complete group (overlap) and the tokens after it
-    done = total // m                                                   # complete groups per row
-    rest = total - done * m
-    rows = torch.arange(m, device=kv.device)
-
-    def take(buf: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
-        idx = (start.unsqueeze(1) + rows).clamp(0, L - 1).unsqueeze(-1).expand(-1, -1, width)
-        return buf.gather(1, idx)
     if overlap:
-        has = (done > 0).view(B, 1, 1)
-        state.kv[:B, :m] = torch.where(has, take(buf_kv, (done - 1) * m), state.kv[:B, :m])
-        state.score[:B, :m] = torch.where(has, take(buf_sc, (done - 1) * m), state.score[:B, :m])
-    live = (rows < rest.unsqueeze(1)).unsqueeze(-1)
-    state.kv[:B, off:off + m] = torch.where(live, take(buf_kv, done * m), 0.0)
-    state.score[:B, off:off + m] = torch.where(live, take(buf_sc, done * m), float("-inf"))
-    return buf_kv, buf_sc, n, valid, prev
+        idx = ix.prev.expand(-1, -1, width)
+        state.kv[:B, :m] = torch.where(ix.has, buf_kv.gather(1, idx), state.kv[:B, :m])
+        state.score[:B, :m] = torch.where(ix.has, buf_sc.gather(1, idx), state.score[:B, :m])
+    idx = ix.tail.expand(-1, -1, width)
+    state.kv[:B, off:off + m] = torch.where(ix.live, buf_kv.gather(1, idx), 0.0)
+    state.score[:B, off:off + m] = torch.where(ix.live, buf_sc.gather(1, idx), float("-inf"))
+    return buf_kv, buf_sc, n, ix.valid, prev
+
+
+@dataclass
+class _AbsorbIndex:
+    """absorb's index tensors for rows at positions pos0 taking S tokens at ratio m: alike for every compressor
+    of that ratio in a step (main and indexer, every layer), so they are made once per step (`shared`)."""
+    keep: torch.Tensor    # [B, m-1, 1] the state's pending rows that hold tokens (r0 = pos0 % m of them)
+    at: torch.Tensor      # [B, S, 1] each token's row in the group-aligned buffer
+    valid: torch.Tensor   # [B, n] the groups the chunk completes
+    has: torch.Tensor     # [B, 1, 1] a group completes (the overlap's previous group moves)
+    prev: torch.Tensor    # [B, m, 1] the buffer rows of the last complete group
+    tail: torch.Tensor    # [B, m, 1] the buffer rows of the new unfinished group
+    live: torch.Tensor    # [B, m, 1] which of those hold tokens
+
+    @classmethod
+    def make(cls, pos0: torch.Tensor, S: int, m: int) -> "_AbsorbIndex":
+        device, L = pos0.device, S + m - 1
+        r0 = pos0 % m                                                   # tokens already pending per row
+        keep = (torch.arange(m - 1, device=device) < r0.unsqueeze(1)).unsqueeze(-1)
+        at = (r0.unsqueeze(1) + torch.arange(S, device=device)).unsqueeze(-1)
+        total = r0 + S
+        valid = (torch.arange(L // m, device=device) + 1) * m <= total.unsqueeze(1)
+        done = total // m                                               # complete groups per row
+        rows = torch.arange(m, device=device)
+
+        def rows_from(start: torch.Tensor) -> torch.Tensor:
+            return (start.unsqueeze(1) + rows).clamp(0, L - 1).unsqueeze(-1)
+        return cls(keep, at, valid, (done > 0).view(-1, 1, 1), rows_from((done - 1) * m), rows_from(done * m),
+                   (rows < (total - done * m).unsqueeze(1)).unsqueeze(-1))
 
 
 def absorbed_index(pos0: torch.Tensor, count: torch.Tensor, n_tokens: int, ratio: int, overlap: bool

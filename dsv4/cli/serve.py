@@ -60,6 +60,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "tokens out, so the host's per-step work runs while the device computes (a request that ends "
                         "costs its row one extra step; tokens are the same). auto: on with a GPU; never with "
                         "--speculative")
+    p.add_argument("--prefill-graphs", type=int, default=0, metavar="N",
+                   help="run prompt chunks of one request up to N tokens (at most 128 and the attention window) as "
+                        "padded steps replayed from CUDA graphs captured per cache row and size (16, 32, 64, 128), "
+                        "cold prompts' and prefix-cache hits' alike: a hit's short suffix without an eager forward's "
+                        "launches. 0 (default): off")
     p.add_argument("--trace", metavar="FILE",
                    help="write one JSON line per engine step (its time, host part, waits, rows, prompt tokens, idle "
                         "time before it); summarise with python bench/engine_trace.py FILE")
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                     step_token_budget=args.step_token_budget, max_prefill_rows=args.max_prefill_rows,
                     eos_token_ids=tuple(t for t in (tok.eos_id,) if t is not None), speculative=args.speculative,
                     n_draft=args.num_draft, overlap=None if args.overlap == "auto" else args.overlap == "on", trace=args.trace,
-                    cuda_graphs=device.type == "cuda", prefix_cache=prefix_cache,
+                    cuda_graphs=device.type == "cuda", prefix_cache=prefix_cache, prefill_graphs=args.prefill_graphs,
                     batch_invariant=args.batch_invariant == "on" or (args.batch_invariant == "auto"
                                                                      and device.type != "cuda"))
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))

@@ -62,15 +62,16 @@ class Compressor(nn.Module):
         else:
             phase = shared(pos0, ("phase", S, m), lambda: (pos0.unsqueeze(1) + torch.arange(S, device=x.device)) % m)
             kv, score, n, valid, prev = absorb(state, kv, score + self.ape.float()[phase], pos0, m, self.overlap)
-            first_group, ape = pos0 // m, None
+            first_group, ape = shared(pos0, ("first_group", m), lambda: pos0 // m), None
         if n == 0:
             return Compressed(x.new_zeros(B, 0, d), first_group, valid[:, :0] if valid is not None else None)
         pooled = ops.compress_groups(kv, score, m, self.overlap, n, prev, ape)  # [B, n, Dc] fp32
         if valid is not None:  # groups a row has not completed pool only padding (NaN): zero them
             pooled = torch.where(valid.unsqueeze(-1), pooled, 0.0)
         entries = self.norm(pooled.to(x.dtype))
-        starts = (first_group.unsqueeze(1) + torch.arange(n, device=x.device)) * m
-        cos, sin = rope_angles(starts, freqs)                               # rope at each group's first token
+        # rope at each group's first token (alike for the main and the indexer compressor of a layer in a step)
+        cos, sin = shared(first_group, ("group_rope", m, n, freqs.data_ptr()), lambda: rope_angles(
+            (first_group.unsqueeze(1) + torch.arange(n, device=x.device)) * m, freqs))
         entries = apply_rope_(entries, cos, sin)
         if quant_sim:
             entries = quantize_entries(entries, self.rope_dim, self.rotate)

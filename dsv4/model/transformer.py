@@ -307,10 +307,19 @@ class Transformer(nn.Module):
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}), got range "
                              f"[{int(tokens.min())}, {int(tokens.max())}]")
 
+    def _on_model_device(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Ids given on the host for a model on a GPU, sent there from pinned memory without waiting (a blocking
+        copy would drain the device's queue, as reading device ids back for the range check would)."""
+        device = self.embed.weight.device
+        if tokens.device == device or tokens.device.type != "cpu":
+            return tokens
+        return tokens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tokens.to(device)
+
     def hidden(self, tokens: torch.Tensor, cache=None, docs: PackedDocuments | None = None) -> torch.Tensor:
         """Lanes after the last block [B, S, R, C] (the input of hc_head, and of the MTP blocks). `docs`: the
         rows are packed documents (dsv4.model.documents), each computed as if alone; not with a cache."""
-        self._check_tokens(tokens)
+        self._check_tokens(tokens)   # (ids on the host are checked there: no wait for the device's queue)
+        tokens = self._on_model_device(tokens)
         self._forget_last_step()
         packed = () if docs is None else (_checked_docs(docs, tokens, cache, self.sequence_context),)
         pos0 = None if cache is None else cache.begin(tokens.shape)
@@ -340,7 +349,8 @@ class Transformer(nn.Module):
         return ops.linear_fp32(y, self.head.weight)
 
     def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
-        """tokens [B, S] int64 -> fp32 logits [B, S, vocab] ([B, 1, vocab] with last_only)."""
+        """tokens [B, S] int64 -> fp32 logits [B, S, vocab] ([B, 1, vocab] with last_only). The ids may be on the
+        host for a model on a GPU: they are checked there and sent without a wait."""
         h = self.hidden(tokens, cache)
         return self.logits(h[:, -1:] if last_only else h)
 

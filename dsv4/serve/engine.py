@@ -61,6 +61,11 @@ forwards and, for a single row, its MTP catch-up; the sampling and acceptance ru
 speculative steps read every stored row as the graphs do. Prompts are prefilled one request per forward
 (`SpeculativeDecoder.extend` fills one row of both caches).
 
+With `prefill_graphs=N` a prompt chunk of one request of at most N tokens (a prefix-cache hit's suffix, a short
+prompt, a prompt's last chunk) runs as a padded step replayed from a CUDA graph captured per (row, step size)
+(`dsv4.serve.prefill_graphs`): an eager forward of a few dozen tokens costs its launches, not its GPU work. Such
+chunks run one row per forward, for cold prompts and hits alike, so a hit's logits still equal a cold prefill's.
+
 A forward that raises (out of memory, a kernel fault) fails only the requests whose rows it ran on (for a batched
 prefill, every request of the forward) with finish_reason "error"; those rows (and any the cache marks damaged) are
 reset and the engine keeps serving.
@@ -69,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import random
 import threading
 import time
@@ -77,6 +83,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .. import ops
@@ -86,6 +93,7 @@ from ..generate.host import HostCopy, to_device
 from ..generate.host import to_host as _to_host
 from ..generate.sampling import SamplingConfig, sample
 from ..generate.speculative import SpeculativeDecoder
+from .prefill_graphs import PrefillGraphs
 from .rows import Phase, RowPool, bucket_for, decode_runs
 from .steptrace import StepTrace
 from .types import QueueFull, SamplingParams, TokenEvent
@@ -210,13 +218,19 @@ class _Request:
     prompt: list[int]
     params: SamplingParams
     seed: int
+    ids: np.ndarray | None = None       # the prompt as int64 ids (what the prefix cache hashes and the forwards read)
     row: int | None = None
     done: int = 0                       # prompt tokens in the cache
+    stored: int = 0                     # the longest prompt prefix the prefix cache holds (loaded or saved by it)
     stops: list[int] = field(default_factory=list)   # prefill chunk ends still to reach
     saves: set[int] = field(default_factory=set)     # prefix lengths to store on the way
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     sampling: SamplingConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.ids is None:
+            self.ids = np.asarray(self.prompt, dtype=np.int64)
 
 
 @dataclass(eq=False)
@@ -239,7 +253,7 @@ class Engine:
                  eos_token_ids: Sequence[int] = (),
                  prefix_cache=None, speculative: str | None = None, n_draft: int = 1, cuda_graphs: bool = True,
                  batch_invariant: bool = True, overlap: bool | None = None, trace: str | None = None,
-                 saves_per_step: int = 2):
+                 saves_per_step: int = 2, prefill_graphs: int = 0):
         for name, value in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
                             ("prefill_chunk", prefill_chunk), ("step_token_budget", step_token_budget),
                             ("max_prefill_rows", max_prefill_rows)):
@@ -247,6 +261,8 @@ class Engine:
                 raise InvalidArgument(f"Engine {name}={value!r}: must be a positive integer")
         if isinstance(saves_per_step, bool) or not isinstance(saves_per_step, int) or saves_per_step < 0:
             raise InvalidArgument(f"Engine saves_per_step={saves_per_step!r}: must be an integer >= 0")
+        if isinstance(prefill_graphs, bool) or not isinstance(prefill_graphs, int) or prefill_graphs < 0:
+            raise InvalidArgument(f"Engine prefill_graphs={prefill_graphs!r}: must be a token count >= 0")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InvalidArgument(f"Engine max_queue={max_queue!r}: must be an integer >= 0")
         if speculative not in (None, "mtp"):
@@ -291,11 +307,19 @@ class Engine:
         # never with `speculative`) a step's results go to the host while the next step runs (see the module doc).
         self.overlap = (self.device.type == "cuda" if overlap is None else bool(overlap)) and speculative is None
         self._next = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        # prompt chunks of one row up to this many tokens: padded steps, replayed from CUDA graphs with `cuda_graphs`
+        # on a GPU (dsv4.serve.prefill_graphs); never with `speculative` (its prefill fills the MTP cache too)
+        self.prefill_graphs = (PrefillGraphs(model, self.cache, prefill_graphs, cuda_graphs=cuda_graphs)
+                               if prefill_graphs and speculative is None else None)
+        if self.prefill_graphs is not None and not self.prefill_graphs.max_tokens:
+            self.prefill_graphs = None
         self._pending: deque[_Pending] = deque()
-        # end-of-request prefix saves: the row's state copied when the request ends, stored (hashed, indexed)
-        # `saves_per_step` per step once the step's forwards are launched (see `_finish`)
+        # end-of-request and prompt-end prefix saves: the row's state copied when the request ends (or its prompt's
+        # last chunk has run), stored (hashed, indexed) `saves_per_step` per step once the step's forwards are
+        # launched (see `_finish`, `_save_prefix`)
         self.saves_per_step = saves_per_step
         self._saves: deque = deque()
+        self._fresh: set[int] = set()   # ids of the prompt-end snapshots this step queued (stored from the next one)
         self.trace = StepTrace(trace, dict(max_batch=max_batch, overlap=self.overlap, speculative=speculative,
                                            graph_buckets=self.graph_buckets, step_token_budget=step_token_budget,
                                            max_prefill_rows=max_prefill_rows, prefill_chunk=prefill_chunk,
@@ -310,7 +334,7 @@ class Engine:
         `max_queue` requests are already waiting for a row."""
         if not isinstance(params, SamplingParams):
             raise InvalidArgument(f"params must be a SamplingParams, got {type(params).__name__}")
-        tokens = self._check_prompt(prompt)
+        tokens, ids = self._check_prompt(prompt)
         if len(tokens) + params.max_tokens > self.max_seq_len:
             raise InvalidArgument(f"prompt of {len(tokens)} tokens + max_tokens={params.max_tokens} exceeds the "
                                   f"engine's max_seq_len={self.max_seq_len}")
@@ -319,7 +343,7 @@ class Engine:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
             handle = RequestHandle(f"req-{next(self._ids)}", len(tokens), self)
-            self._queue.append(_Request(handle, tokens, params, seed))
+            self._queue.append(_Request(handle, tokens, params, seed, ids))
             self._lock.notify_all()
         return handle
 
@@ -365,6 +389,7 @@ class Engine:
                 trace.begin()
                 before = self.counters["prefill_tokens"]
             self.counters["steps"] += 1
+            self._fresh.clear()
             self._reap_cancelled()
             earlier = len(self._pending)
             decoded = self._decode()
@@ -374,7 +399,7 @@ class Engine:
             if self.pool.busy == 0:   # only rows whose requests have ended rode along: nothing left to hand out
                 self._deliver_pending()
             # (the device runs this step's forwards meanwhile; an idle engine stores the rest at once)
-            self._drain_saves(None if not self.has_work else self.saves_per_step)
+            self._drain_saves(None if not self.has_work else self.saves_per_step, fresh=False)
             if trace is not None:
                 trace.end(prefill_tokens=self.counters["prefill_tokens"] - before, queue=len(self._queue),
                           running=self.pool.busy, pending=len(self._pending))
@@ -445,6 +470,9 @@ class Engine:
         groups = [(1, chunk), (rows, short), (1, chunk + 3)]
         if rows > 2:   # (a load's usual batch: fewer rows of longer chunks, a multiple of 16, e.g. 8 x 1K)
             groups.append((rows // 2, max(2, min(chunk, self.step_token_budget // (rows // 2)) // 16 * 16)))
+        if self.prefill_graphs is not None:   # each padded step size on row 0 twice: kernels compiled, then its
+            top = self.prefill_graphs.bucket(self.prefill_graphs.max_tokens)   # graph captured (other rows capture
+            groups += [(1, b) for b in self.prefill_graphs.buckets if b <= top for _ in range(2)]   # on their 2nd)
         return groups
 
     def _reset_rows(self) -> None:
@@ -489,14 +517,23 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
-    def _check_prompt(self, prompt: Sequence[int]) -> list[int]:
+    def _check_prompt(self, prompt: Sequence[int]) -> tuple[list[int], np.ndarray]:
+        """The prompt's token ids as a list of ints and as an int64 array (converted once, here: the prefix cache
+        hashes the array and the forwards read it), or InvalidArgument naming the first bad id."""
         if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
             raise InvalidArgument(f"prompt must be a list of token ids, got {type(prompt).__name__}")
         if len(prompt) == 0:
             raise InvalidArgument("prompt is empty: give at least one token id")
-        if type(prompt) is list and set(map(type, prompt)) == {int} and \
-                0 <= min(prompt) and max(prompt) < self.vocab_size:
-            return list(prompt)   # the usual case, in C-speed passes (a 32K-token prompt in ~1 ms)
+        ids = None
+        if type(prompt) is list and operator.countOf(map(type, prompt), int) == len(prompt):
+            try:   # the usual case, in C-speed passes (a 32K-token prompt in ~1.5 ms)
+                ids = np.asarray(prompt, dtype=np.int64)
+            except OverflowError:   # an id beyond int64: the loop below names it
+                ids = None
+        elif isinstance(prompt, np.ndarray) and prompt.ndim == 1 and prompt.dtype.kind in "iu":
+            ids = prompt.astype(np.int64)
+        if ids is not None and 0 <= ids.min() and ids.max() < self.vocab_size:
+            return (list(prompt) if type(prompt) is list else ids.tolist()), ids
         tokens = []   # anything else, token by token, so that an error names the first bad one
         for i, t in enumerate(prompt):
             if isinstance(t, bool) or not hasattr(t, "__index__"):
@@ -505,7 +542,7 @@ class Engine:
             if not 0 <= t < self.vocab_size:
                 raise InvalidArgument(f"prompt[{i}]={t}: token id out of the vocabulary [0, {self.vocab_size})")
             tokens.append(t)
-        return tokens
+        return tokens, np.asarray(tokens, dtype=np.int64)
 
     # ------------------------------------------------------------------ step parts
     def _reap_cancelled(self) -> None:
@@ -554,14 +591,14 @@ class Engine:
         if self.prefix_cache is None:
             return 0, None
         n, start, tail = len(req.prompt), 0, None
-        self._drain_saves(prompt=req.prompt)   # (a queued save this prompt extends may serve it)
+        self._drain_saves(prompt=req.ids)   # (a queued save this prompt extends may serve it)
         load_full = getattr(self.prefix_cache, "load_full", None)
         try:
             if load_full is not None:
-                start, tail = load_full(view, req.prompt, self._tail_names())
+                start, tail = load_full(view, req.ids, self._tail_names())
                 start = int(start)
             else:
-                start = int(self.prefix_cache.load(view, req.prompt))
+                start = int(self.prefix_cache.load(view, req.ids))
             if not 0 <= start < n + (tail is not None) or view.lengths() != [start]:
                 raise RuntimeError(f"prefix cache loaded {start} tokens of a {n}-token prompt into a row at "
                                    f"position {view.lengths()[0]}")
@@ -575,6 +612,7 @@ class Engine:
             start, tail = 0, None
         self.counters["prefix_lookup_tokens"] += n
         self.counters["prefix_hit_tokens"] += start
+        req.stored = start
         boundaries = getattr(self.prefix_cache, "boundaries", None)
         points = boundaries(n, req.prompt[-1]) if load_full else boundaries(n) if boundaries else [n]
         req.saves = {b for b in points if b > start}
@@ -601,7 +639,12 @@ class Engine:
             by_length: dict[int, list[_Request]] = {}
             for req in picked:   # one forward takes chunks of one length: [B, S] tokens
                 by_length.setdefault(req.stops[0] - req.done, []).append(req)
-            for group in by_length.values():
+            for length, group in by_length.items():
+                if self.prefill_graphs is not None and self.prefill_graphs.bucket(length) is not None:
+                    for req in group:   # (one row per padded step)
+                        self._trace_prefill(1)
+                        self._prefill_rows([req])
+                    continue
                 self._trace_prefill(len(group))
                 self._prefill_rows(sorted(group, key=lambda r: r.row))
 
@@ -642,9 +685,12 @@ class Engine:
             if self.spec is not None:   # (batched_prefill is off: one request)
                 req = reqs[0]
                 logits = self.spec.extend(req.row, req.prompt[req.done:stop[0]]).unsqueeze(0)
+            elif len(reqs) == 1 and self.prefill_graphs is not None and \
+                    self.prefill_graphs.takes(rows[0], stop[0] - reqs[0].done):
+                logits = self.prefill_graphs.run(rows[0], reqs[0].ids[reqs[0].done:stop[0]])   # [1, vocab]
             else:
-                ids = torch.tensor([req.prompt[req.done:e] for req, e in zip(reqs, stop)], dtype=torch.long,
-                                   device=self.device)                                    # [B, S]
+                # [B, S] on the host: the model checks them there and sends them on without waiting for the device
+                ids = torch.from_numpy(np.stack([req.ids[req.done:e] for req, e in zip(reqs, stop)]))
                 view = self.cache.select(slice(rows[0], rows[-1] + 1)) if adjacent else self.cache.gather_rows(rows)
                 logits = self.model(ids, cache=view, last_only=True)[:, -1]
                 if not adjacent:
@@ -653,19 +699,25 @@ class Engine:
             self._fail(rows, e)
             return
         started: list[int] = []
+        saves: list[tuple[int, int, _Request, int]] = []
         for i, (req, end) in enumerate(zip(reqs, stop)):
             self.counters["prefill_tokens"] += end - req.done
             req.done = req.stops.pop(0)
-            if end in req.saves:   # (with the tail of the chunk's forward: a request of exactly these tokens
-                                   # then needs none)
-                tail = {"logits": logits[i]} if self.spec is None else self.spec.tail(req.row)
-                self._save_prefix(self.cache.select(req.row), req.prompt[:end], tail=tail)
+            if end in req.saves:
+                saves.append((i, req.row, req, end))
+                req.stored = end
             if end == len(req.prompt):
                 self._admitted.remove(req)
                 self.pool.phase[req.row] = Phase.DECODE
                 started.append(i)
         if started and self.spec is None:   # speculative rows choose their first token at their first step
             self._emit([reqs[i] for i in started], logits if len(started) == len(reqs) else logits[started])
+        # then the saves, with the tail of the chunk's forward (a request of exactly these tokens then needs none):
+        # a first token (without overlap, a whole request of one token) goes out before their copies and hashing.
+        # The rows are as the forward left them: a request that ended above only had its row marked free.
+        for i, row, req, end in saves:
+            tail = {"logits": logits[i]} if self.spec is None else self.spec.tail(row)
+            self._save_prefix(self.cache.select(row), req.ids[:end], tail=tail, defer=end == len(req.prompt))
 
     def _decode(self) -> int:
         """One step of every decoding row; returns the tokens it fed (one per decoding row), which the step's
@@ -899,12 +951,15 @@ class Engine:
 
     def _finish(self, req: _Request, event: TokenEvent, failed: bool = False) -> None:
         """Send the last event and free the request's row (the row is reset when it is next handed out)."""
+        save = None
         if req.row is not None:
             if not failed and event.finish_reason in ("stop", "length") and req.generated:
                 # the cache holds the prompt and every generated token but the last (which was never fed), or with
                 # overlap the last too (the step after it was launched before the request was seen to end)
                 view, held = self.cache.select(req.row), req.prompt + req.generated
-                self._save_at_end(view, held if view.lengths() == [len(held)] else held[:-1])
+                held = held if view.lengths() == [len(held)] else held[:-1]
+                if len(held) > req.stored:   # (else it is the prompt, which the prefix cache holds already)
+                    save = view, held
             self._rows[req.row] = None
             if self.spec is not None:
                 self.spec.release(req.row)
@@ -915,7 +970,14 @@ class Engine:
         key = {"abort": "requests_cancelled", "error": "requests_failed"}.get(event.finish_reason or "",
                                                                               "requests_finished")
         self.counters[key] += 1
+        # the row is only marked free (nothing resets it before the next admission): a snapshot taken after the
+        # last event is sent still copies the row as the request left it; a cache without snapshots saves first
+        later = save is not None and hasattr(self.prefix_cache, "snapshot")
+        if save is not None and not later:
+            self._save_at_end(*save)
         req.handle._push(event)
+        if later:
+            self._save_at_end(*save)
 
     def _fail(self, rows: list[int], error: Exception) -> None:
         """A forward over `rows` raised: end their requests with "error" and reset the rows (and any row the
@@ -947,21 +1009,25 @@ class Engine:
         if self.trace is not None:
             self.trace.add("save_ms", 1e3 * (time.perf_counter() - t))
 
-    def _drain_saves(self, limit: int | None = None, prompt: list[int] | None = None) -> None:
-        """Store up to `limit` (None: all) of the queued end-of-request snapshots, oldest first; with `prompt`,
-        only those of a prefix of it (before its lookup, which they may serve: the next turn of a chat)."""
+    def _drain_saves(self, limit: int | None = None, prompt: np.ndarray | None = None, fresh: bool = True) -> None:
+        """Store up to `limit` (None: all) of the queued snapshots, oldest first (with `fresh` False, stopping at
+        one this step queued at a prompt's end: with overlap its first token goes out in the next step, before
+        it); with `prompt` (int64 ids), only those of a prefix of it (before its lookup, which they may serve: the
+        next turn of a chat, a prompt sent again)."""
         if not self._saves:
             return
         t = time.perf_counter()
         if prompt is not None:
             hits = [snap for snap in self._saves   # (the ends first: most snapshots are of other prompts)
                     if len(snap.tokens) <= len(prompt) and snap.tokens[-1] == prompt[len(snap.tokens) - 1]
-                    and snap.tokens[0] == prompt[0] and prompt[:len(snap.tokens)] == snap.tokens]
+                    and snap.tokens[0] == prompt[0] and np.array_equal(prompt[:len(snap.tokens)], snap.tokens)]
             for snap in hits:
                 self._saves.remove(snap)
         else:
-            hits = [self._saves.popleft() for _ in range(len(self._saves) if limit is None
-                                                           else min(limit, len(self._saves)))]
+            hits = []
+            while self._saves and (limit is None or len(hits) < limit) and \
+                    (fresh or limit is None or id(self._saves[0]) not in self._fresh):
+                hits.append(self._saves.popleft())
         for snap in hits:
             try:
                 self.prefix_cache.save_snapshot(snap)
@@ -970,13 +1036,20 @@ class Engine:
         if self.trace is not None and hits:
             self.trace.add("save_ms", 1e3 * (time.perf_counter() - t))
 
-    def _save_prefix(self, view, tokens: list[int], tail: dict | None = None) -> None:
+    def _save_prefix(self, view, tokens: Sequence[int], tail: dict | None = None, defer: bool = False) -> None:
         """Store the row's state (holding exactly `tokens`), with the tail of its last forward when given and the
-        prefix cache keeps tails (one with `load_full`)."""
+        prefix cache keeps tails (one with `load_full`). With `defer` (the save at a prompt's end) and a prefix
+        cache that takes snapshots, a snapshot now, stored from the next step on (`_drain_saves`), after this
+        step's first tokens have gone out, or before a lookup it may serve."""
         if self.prefix_cache is None or view.lengths() != [len(tokens)]:
             return
+        keeps_tail = tail is not None and hasattr(self.prefix_cache, "load_full")
         try:
-            if tail is not None and hasattr(self.prefix_cache, "load_full"):
+            if defer and hasattr(self.prefix_cache, "snapshot"):
+                snap = self.prefix_cache.snapshot(view, tokens, tail=tail if keeps_tail else None)
+                self._saves.append(snap)
+                self._fresh.add(id(snap))
+            elif keeps_tail:
                 self.prefix_cache.save(view, tokens, tail=tail)
             else:
                 self.prefix_cache.save(view, tokens)

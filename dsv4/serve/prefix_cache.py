@@ -18,9 +18,12 @@ The engine's side (all one-row caches: `cache.select(row)`; safe to call from se
         ...; pc.save(row, prompt[:stop], tail={"logits": that chunk's last logits})   # save
     ...                                 # generation
     pc.save(row, prompt + generated[:-1])     # at the end: exactly the tokens the row holds (no tail), or in two
-    snap = pc.snapshot(row, tokens)           # parts: a copy of the row now (no hashing, no wait for the device),
+    snap = pc.snapshot(row, tokens[, tail])   # parts: a copy of the row now (no hashing, no wait for the device),
     pc.save_snapshot(snap)                    # stored later, once the row may have moved on
     pc.stats()                          # counters and tier sizes, for /metrics
+
+Token ids may be given as a list or as an array; an int64 array (the serving engine converts each prompt once) is
+read as it is, with no conversion per call.
 
 An entry's tail is what the forward that computed its last token gave besides the cache: the next token's logits
 (exact bytes), and for the speculative decoder the last position's lanes too (`SpeculativeDecoder.tail`).
@@ -129,15 +132,17 @@ class _Entry:
                 for k, v in self.state.items()}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class RowSnapshot:
-    """A copy of a one-row cache's state holding `tokens` (`PrefixCache.snapshot`): the row state's tensors, each
-    layer's compression ratio (to cut the compressed entries past a stored parent) and the row's cache, whose
-    storage formats (not its contents, which have moved on) key the entry."""
-    tokens: list[int]
+    """A copy of a one-row cache's state holding `tokens` (`PrefixCache.snapshot`): the tokens (int64 ids), the row
+    state's tensors, each layer's compression ratio (to cut the compressed entries past a stored parent), the row's
+    cache, whose storage formats (not its contents, which have moved on) key the entry, and a copy of the tail to
+    store with it (or None)."""
+    tokens: np.ndarray
     state: dict[str, torch.Tensor]
     ratios: list[int]
     formats: KVCache
+    tail: dict[str, torch.Tensor] | None = None
 
     def piece(self, start: int) -> dict[str, torch.Tensor]:
         """`row_state(row, n, start)` of the row as it was: the compressed entries and indexer keys past the
@@ -148,12 +153,20 @@ class RowSnapshot:
                 for k, v in self.state.items()}
 
 
+def _ids(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Token ids as one int64 array: the form every method works on (an int64 array is taken as it is, so a caller
+    that holds its prompt as one, as the serving engine does, pays no conversion per call)."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype == np.int64 and tokens.ndim == 1:
+        return tokens
+    return np.asarray(tokens, dtype=np.int64).reshape(-1)
+
+
 class _Chain:
     """The query's hash chain: node(b) = h[b], key(n) = the key of its first n tokens."""
 
-    def __init__(self, fingerprint: str, tokens: Sequence[int], block: int, upto: int):
+    def __init__(self, fingerprint: str, ids: np.ndarray, block: int, upto: int):
         self.block = block
-        self.data = np.asarray(tokens[:upto], dtype=np.int64).tobytes()
+        self.data = ids[:upto].tobytes()
         h = hashlib.sha256(fingerprint.encode()).digest()
         self.nodes = [h]
         step = 8 * block
@@ -220,6 +233,7 @@ class PrefixCache:
               need: tuple[str, ...] | None) -> tuple[int, dict[str, torch.Tensor] | None]:
         _check_row(cache_row, "load")
         full = need is not None
+        tokens = _ids(tokens)   # (once: the lookup, the store and the insert below all read this array)
         with self._lock:
             self.counters["lookups"] += 1
             self.counters["lookup_tokens"] += len(tokens)
@@ -234,7 +248,7 @@ class PrefixCache:
                     fp, (n, entry) = checked, self._find(checked, tokens, need=need)
             tail = None
             if stored:
-                m, tail = self.store.load_best(cache_row, tokens, fp, n, need)
+                m, tail = self.store.load_best(cache_row, tokens.tolist(), fp, n, need)
                 if m:
                     self.counters["store_hits"] += 1
                     self._insert(fp, tokens[:m], cache_row, on_disk=True, tail=tail)
@@ -260,10 +274,11 @@ class PrefixCache:
         with `tail`: what the forward that computed the last token gave besides the cache (e.g. {"logits": the
         next token's logits}), which a `load_full` of exactly these tokens returns instead of a forward."""
         _check_row(cache_row, "save")
+        tokens = _ids(tokens)
         if cache_row.lengths() != [len(tokens)]:
             raise InvalidArgument(f"PrefixCache.save: the row holds {cache_row.lengths()[0]} tokens, "
                                   f"not the {len(tokens)} given")
-        if not tokens:
+        if not len(tokens):
             return
         with self._lock:
             fp = self._fingerprint(cache_row, recompute=False)
@@ -275,31 +290,35 @@ class PrefixCache:
                     return
             self._insert(fp, tokens, cache_row, chain, tail=tail)
 
-    def snapshot(self, cache_row: KVCache, tokens: Sequence[int]) -> "RowSnapshot":
-        """A copy, taken now, of the state of a one-row cache that holds exactly `tokens`, for `save_snapshot` to
-        store later, once the row has moved on: one allocation and a few grouped copies queued on the device (no
-        wait for it, no hashing, no lookup), so a server can take it the moment a request ends and leave the rest
-        of the save for when the device is busy."""
+    def snapshot(self, cache_row: KVCache, tokens: Sequence[int],
+                 tail: dict[str, torch.Tensor] | None = None) -> "RowSnapshot":
+        """A copy, taken now, of the state of a one-row cache that holds exactly `tokens` (and of `tail`, as `save`
+        takes it), for `save_snapshot` to store later, once the row has moved on: one allocation and a few grouped
+        copies queued on the device (no wait for it, no hashing, no lookup), so a server can take it the moment a
+        request ends, or a prompt's last chunk has run, and leave the rest of the save for later."""
         _check_row(cache_row, "snapshot")
         if cache_row.lengths() != [len(tokens)]:
             raise InvalidArgument(f"PrefixCache.snapshot: the row holds {cache_row.lengths()[0]} tokens, "
                                   f"not the {len(tokens)} given")
-        return RowSnapshot(list(tokens), clone_tensors(row_state(cache_row, len(tokens))),
-                           [layer.ratio for layer in cache_row.layers], cache_row)
+        ids = _ids(tokens)
+        return RowSnapshot(ids.copy() if ids is tokens else ids, clone_tensors(row_state(cache_row, len(ids))),
+                           [layer.ratio for layer in cache_row.layers], cache_row,
+                           {k: v.detach().clone() for k, v in tail.items()} if tail is not None else None)
 
     def save_snapshot(self, snap: "RowSnapshot") -> None:
-        """`save` of the row a `snapshot` was taken of, as it was then."""
-        if not snap.tokens:
+        """`save` of the row a `snapshot` was taken of, as it was then (with the tail it took)."""
+        if not len(snap.tokens):
             return
         with self._lock:
             fp = self._fingerprint(snap.formats, recompute=False)
-            chain = self._chain(fp, snap.tokens)
-            key = chain.key(len(snap.tokens))
+            tokens = _ids(snap.tokens)
+            chain = self._chain(fp, tokens)
+            key = chain.key(len(tokens))
             for tier in TIERS:
                 if key in self._tiers[tier]:
                     self._touch(self._tiers[tier][key])
                     return
-            self._insert(fp, snap.tokens, None, chain, snapshot=snap)
+            self._insert(fp, tokens, None, chain, snapshot=snap, tail=snap.tail)
 
     def stats(self) -> dict:
         """Counters (lookups, hits, lookup_tokens, hit_tokens, hit_rate = hit_tokens / lookup_tokens, saves,
@@ -348,19 +367,19 @@ class PrefixCache:
         return tuple((id(t), t._version, t.data_ptr()) for m in self._modules for d in (m._parameters, m._buffers)
                      for t in d.values() if t is not None)
 
-    def _chain(self, fp: str, tokens: Sequence[int]) -> _Chain:
-        """The hash chain of `tokens`: the last one made, when `tokens` begins the tokens it was made for (the
+    def _chain(self, fp: str, ids: np.ndarray) -> _Chain:
+        """The hash chain of the int64 ids: the last one made, when `ids` begins the ids it was made for (the
         saves of a request hash prefixes of the prompt its load hashed: ~1 ms per 32K tokens saved each), else a
         new one."""
         memo = self._memo
-        if memo is not None and memo[0] == fp and len(tokens) <= len(memo[1]) and \
-                (tokens == memo[1] if len(tokens) == len(memo[1]) else list(tokens) == memo[1][:len(tokens)]):
+        if memo is not None and memo[0] == fp and len(ids) <= len(memo[1]) and \
+                np.array_equal(ids, memo[1][:len(ids)]):
             return memo[2]
-        chain = _Chain(fp, tokens, self.block, len(tokens))
-        self._memo = (fp, list(tokens), chain)
+        chain = _Chain(fp, ids, self.block, len(ids))
+        self._memo = (fp, ids.copy(), chain)
         return chain
 
-    def _find(self, fp: str, tokens: Sequence[int], chain: _Chain | None = None,
+    def _find(self, fp: str, tokens: np.ndarray, chain: _Chain | None = None,
               need: tuple[str, ...] | None = None) -> tuple[int, _Entry | None]:
         """The longest held prefix shorter than `tokens` (with `need`, all of `tokens` too, when that entry's
         tail has every name in `need`): (its length, its entry), (0, None) if none. `chain`: the query's chain
@@ -380,7 +399,7 @@ class PrefixCache:
         return 0, None
 
     # ------------------------------------------------------------------ tiers
-    def _insert(self, fp: str, tokens: Sequence[int], cache_row: KVCache | None, chain: _Chain | None = None,
+    def _insert(self, fp: str, tokens: np.ndarray, cache_row: KVCache | None, chain: _Chain | None = None,
                 on_disk: bool = False, tail: dict[str, torch.Tensor] | None = None,
                 snapshot: "RowSnapshot | None" = None) -> None:
         """Keep the state of the one-row cache holding `tokens` (or of the `snapshot` taken of one; past the
@@ -394,7 +413,7 @@ class PrefixCache:
         state = row_state(cache_row, n, start=base) if snapshot is None else snapshot.piece(base)
         owned = snapshot is not None and base == 0   # (the snapshot's tensors are a copy already: kept as they are)
         state.update({TAIL + k: v.detach().to(self.device) for k, v in (tail or {}).items()})
-        kept = np.asarray(tokens, dtype=np.int64) if self.store is not None else None
+        kept = tokens.copy() if self.store is not None else None
         entry = _Entry(chain.key(n), chain.nodes[n // self.block], n, state, state_nbytes(state), fp, kept, on_disk,
                        parent=parent, base=base)
         self.counters["saves"] += 1

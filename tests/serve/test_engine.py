@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +132,8 @@ def test_bounded_queue_raises_queue_full(model):
     ([-1], GREEDY, r"prompt\[0\]=-1"),
     ([1.5], GREEDY, "integers"),
     ([3, True], GREEDY, r"prompt\[1\]=True"),
+    ([1, 2**70], GREEDY, r"prompt\[1\]=1180591620717411303424"),
+    (np.array([1.0, 2.0]), GREEDY, "integers"),
     ("hello", GREEDY, "list of token ids"),
     (list(range(30)), SamplingParams(max_tokens=3), "max_seq_len=32"),
     ([1], {"max_tokens": 3}, "SamplingParams"),
@@ -144,12 +147,12 @@ def test_invalid_requests_raise_invalid_argument(model, prompt, params, match):
 
 def test_prompt_check_takes_any_integer_sequence_the_same(model):
     """A list of ints (the fast path) and other integer sequences (checked token by token) give the same ids."""
-    import numpy as np
     engine = Engine(model, max_batch=1, max_seq_len=32)
     ids = [0, 5, 2047, 7]
     for prompt in (ids, tuple(ids), np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids]):
-        out = engine._check_prompt(prompt)
+        out, arr = engine._check_prompt(prompt)
         assert out == ids and all(type(t) is int for t in out)
+        assert arr.dtype == np.int64 and arr.tolist() == ids
 
 
 def test_speculative_option_is_refused_clearly(model):

@@ -60,9 +60,9 @@ def pair(model, overlap, **kw):
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_the_next_turn_hits_a_save_still_queued(model, overlap):
-    """saves_per_step=0 and a long request keeps the engine busy: the first turn's save stays queued until the
-    second turn's lookup, which stores it first, hits all the first turn's row held and continues bitwise as
-    with the save stored at once."""
+    """saves_per_step=0 and a long request keeps the engine busy: the first turn's saves (its prompt's end, its
+    end) stay queued until the second turn's lookup, which stores them first, hits all the first turn's row held
+    and continues bitwise as with the saves stored at once."""
     p1, other, new = prompts(model, [11, 6, 3])
     runs = []
     for engine, pc in pair(model, overlap, max_batch=2, saves_per_step=0):
@@ -76,7 +76,8 @@ def test_the_next_turn_hits_a_save_still_queued(model, overlap):
         engine.run_until_idle()
         runs.append((queued, turn2.cached_tokens, events(turn1), events(turn2), events(busy), entries(pc)))
     (queued, hit, *got), (_, ref_hit, *want) = runs
-    assert queued == 1 and hit == ref_hit == len(p1) + 4 + overlap   # (with overlap the row held the 5th token)
+    # queued: both prompts' ends and the first turn's end; with overlap the row held the 5th token
+    assert queued == 3 and hit == ref_hit == len(p1) + 4 + overlap
     assert got == want
 
 
