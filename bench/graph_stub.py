@@ -21,9 +21,12 @@ from dsv4.generate import graphs, speculative
 from dsv4.serve import engine as engine_module
 
 
+REPLAY_COUNT = {"count": 0}   # replays run (counted, not run), for counting them per step
+
+
 class _NoReplay:
     def replay(self) -> None:
-        pass
+        REPLAY_COUNT["count"] += 1
 
 
 class StubGraphDecoder(graphs.GraphDecoder):
@@ -68,7 +71,7 @@ class StubGraphStep(graphs.GraphStep):
         return _NoReplay()
 
     def _replay(self) -> None:
-        pass
+        REPLAY_COUNT["count"] += 1
 
 
 @contextlib.contextmanager
@@ -92,4 +95,4 @@ def graph_path(engine: engine_module.Engine, buckets: tuple[int, ...] = (1,)) ->
     return engine
 
 
-__all__ = ["StubGraphDecoder", "StubGraphStep", "graph_path", "stubbed_graphs"]
+__all__ = ["REPLAY_COUNT", "StubGraphDecoder", "StubGraphStep", "graph_path", "stubbed_graphs"]
