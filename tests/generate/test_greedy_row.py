@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dsv4
-from conftest import agreeing_model
+from conftest import agreeing_model, read_tensors
 from dsv4.generate import SamplingConfig
 from dsv4.generate.speculative import SpeculativeDecoder
 
@@ -16,19 +16,6 @@ TINY = dsv4.ModelConfig.preset("tiny")   # window 32, ratios (0, 4, 16, 4 | MTP 
 @pytest.fixture(scope="module")
 def agreeing():
     return agreeing_model()
-
-
-def _tensors(cache):
-    """What a later step reads (as tests/generate/test_speculative.py: entry / key rows of complete groups only)."""
-    out, lengths = [cache.positions], cache.lengths()
-    for layer in cache.layers:
-        for s in layer.stores():
-            if s is layer.window_rows:
-                out.append(s.buf)
-            else:
-                out += [s.buf[b:b + 1, :n // layer.ratio] for b, n in enumerate(lengths)]
-        out += [t for st in layer.states() for t in (st.kv, st.score)]
-    return out
 
 
 def _run(model, prompt, n, fuse_row=True, stops=()):
@@ -69,7 +56,7 @@ def test_fused_row_equals_plain_decoding_step_by_step(agreeing):
         while plain.lengths()[0] < len(prompt) + len(fed):
             agreeing(torch.tensor([[fed[plain.lengths()[0] - len(prompt)]]]), cache=plain)
         assert dec.cache.lengths() == plain.lengths()
-        for a, b in zip(_tensors(dec.cache), _tensors(plain)):
+        for a, b in zip(read_tensors(dec.cache), read_tensors(plain)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert out == plain_tokens
     assert {0, 1} <= set(accepted)                              # both outcomes met
@@ -152,7 +139,7 @@ def test_rewind_then_append_equals_appending_alone():
     b.rewind()
     assert torch.equal(model(chunk, cache=a), model(chunk, cache=b))
     assert a.lengths() == b.lengths() == [42]
-    for x, y in zip(_tensors(a), _tensors(b)):
+    for x, y in zip(read_tensors(a), read_tensors(b)):
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="window rings alone"):
         agreeing_model().new_cache(1, 8).rewind()
