@@ -26,6 +26,14 @@ tokens, the counts the caches keep) and brings them to the host in one transfer 
 that device data before it (KVCache.rollback_on_device), and the few host inputs go up without a wait. So nothing
 in a step waits for the device until the transfer, and with CUDA graphs (serve.engine) the MTP forwards, the
 verify with its checkpoint and the rollback each replay a captured graph.
+
+A single greedy row with n_draft 1 (a lone greedy stream: the serving engine's bucket of one) runs its whole step
+as `greedy_row.greedy_draft_verify`: a fixed-width MTP catch-up of the last two positions, the draft, the verify,
+the acceptance and the rollback of both caches, with the row's state (last two main lanes and tokens, the next
+token's logits and their finiteness) carried in device buffers from step to step, so with CUDA graphs a step is
+one replay between one staged input copy and one result transfer. A row enters that form from any state that
+gives it the last two main lanes (`_Row.prev` keeps the one before a single pending lane) and leaves it, copying
+its state back, when a step takes the batched path (more rows, sampling, no room for a draft).
 """
 from __future__ import annotations
 
