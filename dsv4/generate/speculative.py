@@ -161,7 +161,8 @@ class SpeculativeDecoder:
             self._unfuse(st)
         h = self.model.hidden(ids, cache=self.cache.select(row))
         pending = h if st is None else torch.cat((st.pending_h, h), 1)
-        next_ids = ids[0] if st is not None else ids[0, 1:]          # token t+1 for each pending position but the last
+        # token t+1 for each pending position but the last
+        next_ids = torch.cat((st.pending_ids, ids[0])) if st is not None else ids[0, 1:]
         n = pending.shape[1] - 1
         prev = None
         if n:
@@ -179,7 +180,7 @@ class SpeculativeDecoder:
         st = self.rows[row]
         if st.fused is not None:
             self._unfuse(st)
-        return {"logits": st.logits, "hidden": st.pending_h}
+        return {"logits": st.logits, "hidden": st.pending_h[:, -1:]}
 
     def resume(self, row: int, tail: dict[str, torch.Tensor]) -> None:
         """Start row `row` (after `begin`, its main cache row loaded with a whole prompt) from the `tail` an
@@ -510,7 +511,8 @@ class SpeculativeDecoder:
         return table
 
     def drop_graphs(self) -> None:
-        """Forget the captured MTP forwards and fused steps (after a failed step: they are captured afresh)."""
+        """Forget the captured MTP forwards, fused steps and single-row steps (after a failed step: they are captured
+        afresh; a row whose state lived in a forgotten single-row step is copied out of it at its next step)."""
         self._mtp_graphs.clear()
         self._fused_graphs.clear()
         self._row_steps.clear()

@@ -143,3 +143,25 @@ def test_rewind_then_append_equals_appending_alone():
         assert torch.equal(x, y)
     with pytest.raises(ValueError, match="window rings alone"):
         agreeing_model().new_cache(1, 8).rewind()
+
+
+@pytest.mark.parametrize("fuse_row", [True, False])
+@torch.no_grad()
+def test_extend_after_decoding_continues_the_row(agreeing, fuse_row):
+    """More prompt tokens appended to a row that has decoded (a chat's next turn on the same row), whether its
+    state is in the fused form or holds several pending lanes: decoding goes on as plain decoding of the whole
+    sequence, drafts accepted."""
+    prompt, turn = list(range(100, 120)), [7, 8, 9]
+    dec = SpeculativeDecoder(agreeing, agreeing.new_cache(1, 96), n_draft=1)
+    dec.fuse_row = fuse_row
+    dec.prefill(0, prompt)
+    out = []
+    while len(out) < 8 or (not fuse_row and dec.rows[0].pending_h.shape[1] < 2):
+        out += dec.step_row(0, GREEDY).tokens
+    assert (dec.rows[0].fused is not None) == fuse_row
+    dec.extend(0, turn)
+    again = []
+    while len(again) < 10:
+        again += dec.step_row(0, GREEDY, budget=10 - len(again)).tokens
+    assert again == dsv4.generate(agreeing, [prompt + out + turn], 10)[0]
+    assert dec.stats["accepted"] > 0
