@@ -21,9 +21,12 @@ from dsv4.generate import graphs, speculative
 from dsv4.serve import engine as engine_module
 
 
+REPLAY_COUNT = {"count": 0}   # replays run (counted, not run), for counting them per step
+
+
 class _NoReplay:
     def replay(self) -> None:
-        pass
+        REPLAY_COUNT["count"] += 1
 
 
 class StubGraphDecoder(graphs.GraphDecoder):
@@ -56,6 +59,16 @@ class StubGraphDecoder(graphs.GraphDecoder):
         self.graph = _NoReplay()
 
 
+    def rollback(self, keep: torch.Tensor) -> None:
+        """The rollback graph's replay runs nothing either (the input copy and the journals' hand-back do)."""
+        if self.graph is None or self.eager_rollback:
+            return super().rollback(keep)
+        self.keep.copy_(keep)
+        REPLAY_COUNT["count"] += 1
+        for st in self._states():
+            st.journal = None
+
+
 class StubGraphStep(graphs.GraphStep):
     """GraphStep whose capture runs fn once eagerly (the outputs kept) and whose replay runs nothing."""
 
@@ -68,7 +81,7 @@ class StubGraphStep(graphs.GraphStep):
         return _NoReplay()
 
     def _replay(self) -> None:
-        pass
+        REPLAY_COUNT["count"] += 1
 
 
 @contextlib.contextmanager
@@ -92,4 +105,4 @@ def graph_path(engine: engine_module.Engine, buckets: tuple[int, ...] = (1,)) ->
     return engine
 
 
-__all__ = ["StubGraphDecoder", "StubGraphStep", "graph_path", "stubbed_graphs"]
+__all__ = ["REPLAY_COUNT", "StubGraphDecoder", "StubGraphStep", "graph_path", "stubbed_graphs"]

@@ -8,9 +8,9 @@ is as fast as these counts are small; on a GPU with CUDA graphs the plain step a
 replay each.
 
     python bench/spec_step_count.py [--preset tiny] [--n-draft 1] [--steps 6] [--prompt 40] [--breakdown] [--unfused]
-                                    [--ops-as-kernels]
+                                    [--no-row] [--ops-as-kernels] [--graph-path]
     python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16] [--unfused]
-                                    [--profile-steps 20] [--cprofile N]
+                                    [--no-row] [--profile-steps 20] [--cprofile N]
     python bench/spec_step_count.py --time-steps 300 --stub-graphs [--preset small] [--cprofile N]
 
 `--ops-as-kernels` counts each dsv4.ops call (and each cache record encode / decode) as one op and the aten ops of
@@ -19,7 +19,11 @@ for some, and compress_steps S + 1) where the plain count is inflated by the ref
 
 `eager_on_gpu` counts the ops outside the phases a GPU run replays from CUDA graphs (GRAPHED below): the kernels
 launched one by one around the replays. `--breakdown` lists each phase's op names ("eager:" marks the phases
-outside graphs); `--unfused` adds the speculative step without the fused greedy verify (`mtp_unfused`).
+outside graphs); `--unfused` adds the speculative step without the fused greedy verify (`mtp_unfused`), `--no-row`
+the one without a single greedy row's whole-step graph (`mtp_no_row`: the MTP catch-up graph, then the fused verify
+graph). `--graph-path` counts on the CUDA-graph path itself (on a CPU with no-op replays, bench/graph_stub.py, once
+every graph is captured): every op counted then runs around the replays, eager on a GPU, and `replays` counts the
+graph replays per step.
 
 With --time-steps (a GPU run) it also times that many engine steps of each (CUDA graphs on, on engines of their
 own, after 5 warm-up steps): milliseconds per step and per emitted token, the step's cost against a plain step's,
@@ -65,7 +69,7 @@ from dsv4.serve.engine import Engine
 from dsv4.serve.types import SamplingParams
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from graph_stub import graph_path, stubbed_graphs  # noqa: E402
+from graph_stub import REPLAY_COUNT, graph_path, stubbed_graphs  # noqa: E402
 
 REPLAYS = 20   # replay_times' back-to-back replays of each graph
 
@@ -101,7 +105,7 @@ class OpCounter(TorchDispatchMode):
             "_reshape_alias", "split_with_sizes", "empty", "empty_like", "empty_strided"}
 
     PHASES = ("accept_batch", "_mtp", "_draft", "checkpoint", "rollback", "rollback_on_device", "hidden", "step_rows",
-              "_spec_view", "greedy_verify")
+              "_spec_view", "greedy_verify", "greedy_draft_verify")
 
     def __init__(self, ops_as_kernels: bool = False):
         super().__init__()
@@ -149,9 +153,11 @@ class OpCounter(TorchDispatchMode):
 # The phases a GPU run replays from CUDA graphs (engine.step on one stream, rows 0 .. bucket - 1): the plain step's
 # forward (GraphDecoder); the MTP forwards (GraphStep: the catch-up of a single row and the further drafts); the
 # unfused verify (GraphDecoder with checkpoint: checkpoint + forward + head) and its rollback (a second graph); the
-# fused greedy step (`greedy_verify`, one GraphStep: checkpoint, forward, head, acceptance, rollback, packing).
-# Every other op runs eagerly on the GPU, one launch each.
-GRAPHED = {"forward", "mtp_forward", "checkpoint", "verify_forward", "verify_head", "rollback", "fused_other"}
+# fused greedy step (`greedy_verify`, one GraphStep: checkpoint, forward, head, acceptance, rollback, packing); a
+# single greedy row's whole step (`greedy_draft_verify`: its MTP catch-up and draft, then `greedy_verify`, in one
+# GraphStep). Every other op runs eagerly on the GPU, one launch each.
+GRAPHED = {"forward", "mtp_forward", "checkpoint", "verify_forward", "verify_head", "rollback", "fused_other",
+           "fused_row"}
 
 
 def _callers() -> list[tuple[str, str]]:
@@ -174,7 +180,8 @@ def _phase(names: tuple[str, ...]) -> str:
         if f.f_code.co_name in names:
             names = {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
                      "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept",
-                     "greedy_verify": "fused_other", "rollback_on_device": "rollback"}
+                     "greedy_verify": "fused_other", "rollback_on_device": "rollback",
+                     "greedy_draft_verify": "fused_row"}
             return names.get(f.f_code.co_name, f.f_code.co_name)
         f = f.f_back
     return "other"
@@ -207,16 +214,20 @@ def _counting_to_host(counts: Counter):
 real_engine_to_host = engine_module._to_host
 
 
-def count_steps(engine: Engine, steps: int, breakdown: bool = False, ops_as_kernels: bool = False) -> dict:
+def count_steps(engine: Engine, steps: int, breakdown: bool = False, ops_as_kernels: bool = False,
+                graphed: bool = False) -> dict:
     """Per step: aten ops by phase, host syncs, and `eager_on_gpu`: the ops outside the phases a GPU run replays
     from CUDA graphs (GRAPHED), i.e. the kernels it launches one by one. With `breakdown`, the op names of each
-    phase (per step)."""
+    phase (per step). `graphed`: the engine is on the CUDA-graph path with no-op replays (graph_stub, its graphs
+    captured already), so every op counted runs around the replays, all of them eager on a GPU; `replays` counts
+    the graph replays."""
     totals, names, n = Counter(), Counter(), 0
     for _ in range(steps):
         if not engine.has_work:
             break
         host, ops = HostCounter(), OpCounter(ops_as_kernels)
         _patch(_counting_to_host(host.counts))
+        replays = REPLAY_COUNT["count"]
         try:
             with host, ops:
                 engine.step()
@@ -225,7 +236,9 @@ def count_steps(engine: Engine, steps: int, breakdown: bool = False, ops_as_kern
         totals.update(host.counts)
         totals.update({"aten_ops": sum(ops.ops.values())})
         totals.update({f"aten_ops:{k}": v for k, v in ops.ops.items()})
-        totals.update({"eager_on_gpu": sum(v for k, v in ops.ops.items() if k not in GRAPHED)})
+        totals.update({"eager_on_gpu": sum(v for k, v in ops.ops.items() if graphed or k not in GRAPHED)})
+        if graphed:
+            totals.update({"replays": REPLAY_COUNT["count"] - replays})
         names.update(ops.names)
         n += 1
     syncs = sum(v for k, v in totals.items() if k.startswith("sync:"))
@@ -376,6 +389,12 @@ def main() -> None:
     ap.add_argument("--stub-graphs", action="store_true",
                     help="with --time-steps on a CPU: the CUDA-graph path with no-op replays (bench/graph_stub.py), "
                          "so the timed steps are the host's cost alone (no op counts)")
+    ap.add_argument("--graph-path", action="store_true",
+                    help="count on the CUDA-graph path (CPU: bench/graph_stub.py's no-op replays, after the graphs' "
+                         "capture): the ops around the replays, all eager on a GPU, and the replays per step")
+    ap.add_argument("--no-row", action="store_true",
+                    help="also count (and time) the speculative step without the single greedy row's fused step "
+                         "(`mtp_no_row`: the MTP catch-up and the fused verify, two graphs)")
     ap.add_argument("--unfused", action="store_true",
                     help="also count (and time) the speculative step without the fused greedy verify")
     args = ap.parse_args()
@@ -385,31 +404,44 @@ def main() -> None:
     model = model.to(args.device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (args.prompt,)).tolist()
     out = {}
-    runs = [("plain", {}, True), ("mtp", {"speculative": "mtp", "n_draft": args.n_draft}, True)]
+    spec = {"speculative": "mtp", "n_draft": args.n_draft}
+    runs = [("plain", {}, "row"), ("mtp", spec, "row")]   # (fuse: row = every fusion, greedy = no single-row step)
+    if args.no_row:
+        runs.append(("mtp_no_row", spec, "greedy"))
     if args.unfused:
-        runs.append(("mtp_unfused", {"speculative": "mtp", "n_draft": args.n_draft}, False))
-    def started(kw: dict, fuse: bool, steps: int) -> Engine:
+        runs.append(("mtp_unfused", spec, "none"))
+
+    def started(kw: dict, fuse: str, steps: int, stub: bool) -> Engine:
         budget = (args.n_draft + 1) * (steps + 8) + 8
-        if args.stub_graphs and "speculative" not in kw:
+        if stub and "speculative" not in kw:
             kw = dict(kw, overlap=True)                # (as on a GPU)
         engine = Engine(model, max_batch=1, max_seq_len=args.prompt + budget + 16, prefill_chunk=args.prompt,
                         batch_invariant=not args.device.startswith("cuda"), **kw)   # (as `dsv4 serve`: auto)
-        if args.stub_graphs:
+        if stub:
             graph_path(engine)
         if engine.spec is not None and hasattr(engine.spec, "fuse_greedy"):
-            engine.spec.fuse_greedy = fuse
+            engine.spec.fuse_greedy = fuse != "none"
+        if engine.spec is not None and hasattr(engine.spec, "fuse_row"):
+            engine.spec.fuse_row = fuse == "row"
         engine.submit(prompt, SamplingParams(max_tokens=budget, temperature=0, ignore_eos=True))
         engine.step()                                  # the prefill (and, plain, the first token)
         engine.step()                                  # one decode step not counted (first-step setup)
         return engine
 
     for label, kw, fuse in runs:
-        if not args.stub_graphs:
-            out[label] = count_steps(started(kw, fuse, args.steps), args.steps, args.breakdown, args.ops_as_kernels)
+        if args.graph_path:   # (4 more steps first: every graph's 2 eager calls, then its capture)
+            with stubbed_graphs():
+                engine = started(kw, fuse, args.steps + 4, True)
+                for _ in range(4):
+                    engine.step()
+                out[label] = count_steps(engine, args.steps, args.breakdown, args.ops_as_kernels, graphed=True)
+        elif not args.stub_graphs:
+            out[label] = count_steps(started(kw, fuse, args.steps, False), args.steps, args.breakdown,
+                                     args.ops_as_kernels)
         if args.time_steps:   # an engine of its own: its graphs are captured outside the counting hooks
             extra = args.profile_steps + args.cprofile + 2 * REPLAYS   # (room for replay_times too)
             with stubbed_graphs() if args.stub_graphs else contextlib.nullcontext():
-                engine = started(kw, fuse, args.time_steps + 5 + extra)
+                engine = started(kw, fuse, args.time_steps + 5 + extra, args.stub_graphs)
                 time_steps(engine, 5)                      # graphs captured (after their warm-up calls)
                 out.setdefault(label, {})["timed"] = time_steps(engine, args.time_steps)
                 out[label]["timed"]["graphs"] = _graph_report(engine)
@@ -444,11 +476,13 @@ def replay_times(engine: Engine, replays: int = 20) -> dict | None:
     if engine.spec is not None:
         graphs += [(k[0], f"mtp{k}", g, g.cache, g.n_tokens) for k, g in engine.spec._mtp_graphs.items()]
         graphs += [("fused", f"fused{k}", g, g.cache, g.n_tokens) for k, g in engine.spec._fused_graphs.items()]
+        graphs += [("row", f"row{k}", g, g.cache, g.n_tokens) for k, g in _row_graphs(engine)]
         per_step = {"catch-up": 1, "draft": engine.spec.n_draft - 1, "fused": 1}
     out, kinds = {}, {}
     for kind, name, g, cache, n_tokens in graphs:
         graph = g.graph
-        if graph is None or g.eager or max(cache.lengths()) + replays * n_tokens > cache.max_seq_len:
+        caches = getattr(cache, "caches", (cache,))   # (a CacheGroup: the single row's main and MTP caches)
+        if graph is None or g.eager or any(max(c.lengths()) + replays * n_tokens > c.max_seq_len for c in caches):
             continue
         graph.replay()                                  # (warm)
         torch.cuda.synchronize()
@@ -461,8 +495,8 @@ def replay_times(engine: Engine, replays: int = 20) -> dict | None:
         out[name] = round(start.elapsed_time(end) / replays, 4)
         kinds[kind] = max(kinds.get(kind, 0.0), out[name])
     # a step replays each kind once (the further drafts n_draft - 1 times; of several catch-up widths, one: the
-    # slowest counted)
-    step = sum(ms * per_step.get(kind, 1) for kind, ms in kinds.items())
+    # slowest counted); a single greedy row's step replays its one graph alone
+    step = kinds["row"] if "row" in kinds else sum(ms * per_step.get(kind, 1) for kind, ms in kinds.items())
     return {"ms_per_replay": out, "graphs_ms_per_step": round(step, 4)} if out else None
 
 
@@ -474,12 +508,19 @@ def _guarded(fn, *args):
         return f"failed: {type(e).__name__}: {e}"
 
 
+def _row_graphs(engine: Engine) -> list:
+    """(key, GraphStep) of the speculative decoder's single-row steps that are graphs (not eager calls)."""
+    steps = getattr(engine.spec, "_row_steps", {})
+    return [(k, v[1]) for k, v in steps.items() if hasattr(v[1], "graph")]
+
+
 def _graph_report(engine: Engine) -> dict:
     """Which steps replayed CUDA graphs (captured, not fallen back to eager), by kind."""
     kinds = {"decode": list(engine._graphs.values()), "verify": list(engine._spec_graphs.values())}
     if engine.spec is not None:
         kinds["mtp"] = list(engine.spec._mtp_graphs.values())
         kinds["fused"] = list(getattr(engine.spec, "_fused_graphs", {}).values())
+        kinds["row"] = [g for _, g in _row_graphs(engine)]
     return {k: {"captured": sum(g.graph is not None and not g.eager for g in v), "eager": sum(g.eager for g in v)}
             for k, v in kinds.items() if v}
 

@@ -78,3 +78,25 @@ def test_time_steps_host_time_excludes_the_device_waits(monkeypatch):
     assert 0 < out["host_ms_per_step"] < out["ms_per_step"] - 20
     assert abs(out["host_ms_per_step"] + out["wait_ms_per_step"] - out["ms_per_step"]) < 0.5
     assert spec_step_count.gpu_profile(engine, 2) is None   # (the device profile is a GPU's alone)
+
+
+@torch.no_grad()
+def test_graph_path_counts_one_replay_for_a_single_greedy_row():
+    """Counted on the stubbed graph path (every graph captured), a single greedy row's speculative step (n_draft 1)
+    replays one graph with one op around it (its staged inputs' copy) and one transfer; without the single-row step
+    it replays two (MTP catch-up, fused verify) with ~20 eager ops around them."""
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=0).eval()
+    counts = {}
+    for fuse_row in (True, False):
+        with graph_stub.stubbed_graphs():
+            engine = graph_stub.graph_path(Engine(model, max_batch=1, max_seq_len=64, prefill_chunk=12,
+                                                  speculative="mtp", n_draft=1))
+            engine.spec.fuse_row = fuse_row
+            engine.submit(list(range(3, 15)), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+            for _ in range(6):   # the prefill, then each graph's 2 eager calls and its capture
+                engine.step()
+            counts[fuse_row] = spec_step_count.count_steps(engine, 3, graphed=True)["per_step"]
+    assert counts[True]["replays"] == 1 and counts[True]["eager_on_gpu"] == 1
+    assert [k for k in counts[True] if k.startswith("sync:")] == ["sync:to_host"]
+    assert counts[True]["sync:to_host"] == 1
+    assert counts[False]["replays"] == 2 and counts[False]["eager_on_gpu"] > 10

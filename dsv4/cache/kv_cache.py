@@ -313,6 +313,22 @@ class KVCache:
             self._host[i] = p + k
         return self
 
+    def rewind(self) -> "KVCache":
+        """Move every row back one position without restoring what it wrote. Only for a cache of window rings
+        alone (no compressed entries or compressor states): a query at position p reads the positions
+        p - W + 1 .. p, never the slot of p - W, so the next step (which appends at the rewound position p,
+        rewriting its slot) sees the cache of the shorter sequence exactly. (Two positions back it would not:
+        a query at p reads the slot of p + 1 - W, which then holds p + 1.)"""
+        if any(layer.ratio for layer in self.layers):
+            raise ValueError("rewind needs a cache of window rings alone (a compressor's state cannot be rewound)")
+        if not all(self._host):
+            raise ValueError(f"rewind: rows hold {self.lengths()} tokens")
+        self.check_intact()
+        self.positions -= 1
+        for i in range(len(self._host)):
+            self._host[i] -= 1
+        return self
+
     def _check_keep(self, ckpt: CacheCheckpoint, keep: list[int]) -> None:
         moved = [h - p for h, p in zip(self._host, ckpt.starts)]
         if len(keep) != self.batch_size or any(not 0 <= k <= n <= ckpt.n_tokens for k, n in zip(keep, moved)):

@@ -53,14 +53,17 @@ class FusedOut:
     target: torch.Tensor     # [B, k + 1, V] fp32 target logits
     y: torch.Tensor          # [B] next tokens
     packed: torch.Tensor     # [B, PACKED + k] the host results (module doc)
+    a: torch.Tensor          # [B] accepted counts
+    keep: torch.Tensor       # [B] kept counts
+    row_finite: torch.Tensor  # [B, k + 1] whether each target row is finite
 
 
 def greedy_verify(model, cache: KVCache, x_ids: torch.Tensor, drafts: torch.Tensor, n_drafts: torch.Tensor,
-                  stop_t: torch.Tensor, budget_live: torch.Tensor) -> FusedOut:
+                  stop_t: torch.Tensor, budget_live: torch.Tensor, x_finite: torch.Tensor | None = None) -> FusedOut:
     """Verify [x, drafts] on `cache` (rows at their positions), accept greedily and keep only the kept tokens:
     the same tokens and cache as the unfused verify + `accept_batch` (greedy) + rollback. No host value is read,
     so a CUDA graph can capture it (the cache's host bookkeeping of the forward is the caller's, as for any
-    captured step)."""
+    captured step). `x_finite` [B], when given, is and-ed into the packed finite flag (x's own logits)."""
     n_tokens = drafts.shape[1] + 1
     ckpt = cache.checkpoint(n_tokens)
     h = model.hidden(torch.cat((x_ids[:, None], drafts), 1), cache=cache)
@@ -69,9 +72,12 @@ def greedy_verify(model, cache: KVCache, x_ids: torch.Tensor, drafts: torch.Tens
     keep = kept_counts(a, drafts, stop_t, budget_live)
     cache.rollback_on_device(ckpt, keep)
     emitted = torch.arange(n_tokens, device=target.device) < a[:, None]
-    finite = (torch.isfinite(target).all(-1) | ~emitted).all(-1)
+    row_finite = torch.isfinite(target).all(-1)
+    finite = (row_finite | ~emitted).all(-1)
+    if x_finite is not None:
+        finite = finite & x_finite
     packed = torch.cat((torch.stack((a, y, n_drafts, finite.long(), keep), 1), drafts), 1)
-    return FusedOut(h, target, y, packed)
+    return FusedOut(h, target, y, packed, a, keep, row_finite)
 
 
 def host_checkpoint(starts: list[int], n_tokens: int) -> CacheCheckpoint:

@@ -189,3 +189,34 @@ class GraphStep:
 
     def _replay(self) -> None:
         self.graph.replay()
+
+
+class CacheGroup:
+    """Several caches that one captured step appends n_tokens to each (speculative decoding's main and MTP caches
+    in one graph): GraphStep's host bookkeeping (intact checks, position mirrors, damage marks) over all of them."""
+
+    def __init__(self, *caches):
+        self.caches = caches
+
+    @property
+    def layers(self) -> list:
+        return [layer for c in self.caches for layer in c.layers]
+
+    def check_intact(self) -> None:
+        for c in self.caches:
+            c.check_intact()
+
+    def host_state(self) -> list:
+        return [c.host_state() for c in self.caches]
+
+    def restore_host_state(self, state: list) -> None:
+        for c, s in zip(self.caches, state):
+            c.restore_host_state(s)
+
+    def begin_step(self, n_tokens: int) -> None:
+        for c in self.caches:
+            c.begin_step(n_tokens)
+
+    def end(self, n_tokens: int, device: bool = True) -> None:
+        for c in self.caches:
+            c.end(n_tokens, device)

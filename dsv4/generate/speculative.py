@@ -26,6 +26,14 @@ tokens, the counts the caches keep) and brings them to the host in one transfer 
 that device data before it (KVCache.rollback_on_device), and the few host inputs go up without a wait. So nothing
 in a step waits for the device until the transfer, and with CUDA graphs (serve.engine) the MTP forwards, the
 verify with its checkpoint and the rollback each replay a captured graph.
+
+A single greedy row with n_draft 1 (a lone greedy stream: the serving engine's bucket of one) runs its whole step
+as `greedy_row.greedy_draft_verify`: a fixed-width MTP catch-up of the last two positions, the draft, the verify,
+the acceptance and the rollback of both caches, with the row's state (last two main lanes and tokens, the next
+token's logits and their finiteness) carried in device buffers from step to step, so with CUDA graphs a step is
+one replay between one staged input copy and one result transfer. A row enters that form from any state that
+gives it the last two main lanes (`_Row.prev` keeps the one before a single pending lane) and leaves it, copying
+its state back, when a step takes the batched path (more rows, sampling, no room for a draft).
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ from .. import ops
 from ..cache import CacheCheckpoint, KVCache
 from ..errors import InvalidArgument
 from .fused_verify import PACKED, greedy_accept, greedy_verify, host_checkpoint, kept_counts
-from .graphs import GraphStep
+from .graphs import CacheGroup, GraphStep
+from .greedy_row import WIDTH, RowState, greedy_draft_verify
 from .host import to_device, to_host
 from .sampling import SamplingConfig, probabilities, sample
 
@@ -56,6 +65,7 @@ class StepResult:
     accepted: int
     finished: bool
     finite: bool = True     # every logit of `logits` is finite (else the model broke down for this row)
+    # (with CUDA graphs, a single greedy row's `logits` are a static buffer its next step overwrites: read them first)
 
 
 @dataclass
@@ -65,6 +75,10 @@ class _Row:
     pending_h: torch.Tensor              # [1, n, R, C] main lanes of the positions not yet paired in the MTP cache
     pending_ids: torch.Tensor            # [n - 1] the tokens after them, but the last one's (on the device)
     next_id: torch.Tensor | None = None  # [1] next_token on the device
+    # with a single lane pending (h_{P-1}): (h_{P-2} [1, 1, R, C], x_{P-1} [1]) when the MTP cache's last pair is
+    # theirs (what a single greedy row's step needs to start from that form); None when not known
+    prev: tuple[torch.Tensor, torch.Tensor] | None = None
+    fused: RowState | None = None        # the row's state lives there (the fields above but next_token are stale)
 
 
 class SpeculativeDecoder:
@@ -98,6 +112,11 @@ class SpeculativeDecoder:
         # all-greedy steps run `greedy_verify` (with a verifier: one captured graph per rows, width and stop count)
         self.fuse_greedy = True
         self._fused_graphs: dict[tuple, GraphStep] = {}
+        # and a single greedy row with n_draft 1 runs its whole step as `greedy_draft_verify` (with a verifier and
+        # graph_drafts: one captured graph per row and stop count), its state kept on the device between steps
+        self.fuse_row = True
+        self._row_steps: dict[tuple, tuple] = {}   # (row, stops, graphs) -> _row_state
+        self._mtp_windowed = all(not layer.ratio for layer in self.mtp_cache.layers)   # (KVCache.rewind)
         self._idle_logits = torch.zeros(cfg.vocab_size, device=self.device)   # (a skipped row's stand-in)
         self._fixed_views: dict[tuple[int, int], tuple[KVCache, KVCache]] = {}
         self._stop_tables: dict[tuple, torch.Tensor] = {}
@@ -137,16 +156,21 @@ class SpeculativeDecoder:
         if not tokens:
             raise InvalidArgument("extend needs at least one token")
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        h = self.model.hidden(ids, cache=self.cache.select(row))
         st = self.rows.get(row)
+        if st is not None and st.fused is not None:
+            self._unfuse(st)
+        h = self.model.hidden(ids, cache=self.cache.select(row))
         pending = h if st is None else torch.cat((st.pending_h, h), 1)
-        next_ids = ids[0] if st is not None else ids[0, 1:]          # token t+1 for each pending position but the last
+        # token t+1 for each pending position but the last
+        next_ids = torch.cat((st.pending_ids, ids[0])) if st is not None else ids[0, 1:]
         n = pending.shape[1] - 1
+        prev = None
         if n:
             self._mtp(self.mtp_cache.select(row), pending[:, :n], next_ids[None])
+            prev = (pending[:, n - 1:n], next_ids[n - 1:n])
             pending = pending[:, n:]
         logits = self.model.logits(pending)[0, -1]
-        self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending, pending_ids=ids[0, :0])
+        self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending, pending_ids=ids[0, :0], prev=prev)
         return logits
 
     def tail(self, row: int) -> dict[str, torch.Tensor]:
@@ -154,7 +178,9 @@ class SpeculativeDecoder:
         its last position's main lanes (the pair the MTP cache still lacks). A prefix cache keeps them with the
         row's state so that `resume` can start the same prompt without a forward."""
         st = self.rows[row]
-        return {"logits": st.logits, "hidden": st.pending_h}
+        if st.fused is not None:
+            self._unfuse(st)
+        return {"logits": st.logits, "hidden": st.pending_h[:, -1:]}
 
     def resume(self, row: int, tail: dict[str, torch.Tensor]) -> None:
         """Start row `row` (after `begin`, its main cache row loaded with a whole prompt) from the `tail` an
@@ -215,10 +241,16 @@ class SpeculativeDecoder:
             chosen = torch.cat([sample(states[i].logits.unsqueeze(0), cfgs[i], gens[i]) for i in first])
             for i, (x, token) in enumerate(zip(chosen.tolist(), chosen)):
                 states[first[i]].next_token, states[first[i]].next_id = x, token.view(1)
+        k = max(0, min(self.n_draft, self.cache.max_seq_len - max(main.lengths()) - 1))
+        if k == 1 and self._row_path(states, cfgs):
+            graphs = verifier is not None and self.graph_drafts
+            return [self._row_step(idx.start, states[0], budgets[0], stops[0], stop_ids[0], graphs)]
+        for st in states:
+            if st is not None and st.fused is not None:
+                self._unfuse(st)
         xs = [st.next_token if st is not None else 0 for st in states]
         x_ids = torch.cat([st.next_id if st is not None else self._zero for st in states])       # [B]
         live = [x not in st_ and b > 1 for x, st_, b in zip(xs, stops, budgets)]   # rows that go on after x
-        k = max(0, min(self.n_draft, self.cache.max_seq_len - max(main.lengths()) - 1))
         limits = [min(k, b - 1) if ok else 0 for ok, b in zip(live, budgets)]
         stop_t = self._stop_table(stop_ids)                          # [B, n_stops] (-1 pads)
         if self.fixed_shapes:
@@ -247,7 +279,7 @@ class SpeculativeDecoder:
         a_host, y_host, d_host, n_host, fin_host, keep_host = to_host([a_dev, y_dev, drafts, n_drafts, finite,
                                                                        keep_dev])
         return self._results(states, xs, live, budgets, stops, a_host, y_host, d_host, n_host, fin_host, drafts,
-                             y_dev, h, target, main, verify.ckpt, keep_host)
+                             y_dev, h, target, main, verify.ckpt, keep_host, x_ids)
 
     def _fused_step(self, main: KVCache, first: int, states: list[_Row | None], xs: list[int], x_ids: torch.Tensor,
                     drafts: torch.Tensor, n_drafts: torch.Tensor, stop_t: torch.Tensor, budgets: list[int],
@@ -276,15 +308,15 @@ class SpeculativeDecoder:
         fin_host = [bool(f) and x for f, x in zip(fin_host, x_finite)]
         d_host = [row[PACKED:] for row in packed]
         return self._results(states, xs, live, budgets, stops, a_host, y_host, d_host, n_host, fin_host, drafts,
-                             out.y, h, target, main, host_checkpoint(starts, n_tokens), keep_host)
+                             out.y, h, target, main, host_checkpoint(starts, n_tokens), keep_host, x_ids)
 
     def _results(self, states: list[_Row | None], xs: list[int], live: list[bool], budgets: list[int],
                  stops: list[set], a_host: list, y_host: list, d_host: list, n_host: list, fin_host: list,
                  drafts: torch.Tensor, y_dev: torch.Tensor, h: torch.Tensor, target: torch.Tensor, main: KVCache,
-                 ckpt: CacheCheckpoint, keep_host: list[int]) -> list[StepResult]:
+                 ckpt: CacheCheckpoint, keep_host: list[int], x_ids: torch.Tensor) -> list[StepResult]:
         """Each row's StepResult from the step's host results, its state carried to the next step; the host mirror
         of `main` then ends the rollback at the tokens the device kept (keep_host), which the host's own rule must
-        give too."""
+        give too. x_ids [B]: the step's x tokens (a fresh tensor, kept as a row's `prev` token)."""
         results, keep = [], []
         for i, st in enumerate(states):
             if st is None:
@@ -304,6 +336,8 @@ class SpeculativeDecoder:
             self.stats["accepted"] += a
             self.stats["steps"] += 1
             st.next_token, st.next_id, st.logits = y, y_dev[i:i + 1], target[i, a]
+            # with no draft accepted, the MTP cache's last pair is (h_{P-1}, x) of this step's start
+            st.prev = (st.pending_h[:, -1:], x_ids[i:i + 1]) if a == 0 and n else None
             st.pending_h, st.pending_ids = h[i:i + 1, :a + 1], drafts[i, :a]
             results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), n, a, finished,
                                       fin_host[i]))
@@ -312,6 +346,92 @@ class SpeculativeDecoder:
                                f"expected {keep}")
         main.end_rollback(ckpt, keep)
         return results
+
+    # ------------------------------------------------------------------ a single greedy row (greedy_row)
+    def _row_path(self, states: list[_Row | None], cfgs: Sequence[SamplingConfig]) -> bool:
+        """Whether this step runs as `greedy_draft_verify`: one greedy row (n_draft 1) whose state gives the last
+        two main lanes, in the fused form already, or with the MTP cache one pair short of them (a step that
+        accepted its draft), or one pair past them (`prev` known, and the MTP cache rewindable)."""
+        if not (self.fuse_greedy and self.fuse_row and self.n_draft == 1 and len(states) == 1):
+            return False
+        st = states[0]
+        if st is None or cfgs[0].temperature != 0:
+            return False
+        return (st.fused is not None or st.pending_h.shape[1] == WIDTH
+                or (st.prev is not None and self._mtp_windowed))
+
+    def _row_step(self, row: int, st: _Row, budget: int, stops: set, stop_ids: Sequence[int],
+                  graphs: bool) -> StepResult:
+        """One step of the single greedy row `row` by `greedy_draft_verify` (one graph replay with `graphs`): its
+        inputs staged with one copy, its results in one transfer; the host mirrors of both caches end at the kept
+        count, which the host's own rule must give too."""
+        x = st.next_token
+        live = x not in stops and budget > 1
+        state, step, main, mtp = self._row_state(row, max(1, len(stop_ids)), graphs)
+        if st.fused is not state:
+            self._enter(st, state, mtp)
+        starts = (main.lengths(), mtp.lengths())
+        state.stage(budget, live, tuple(int(t) for t in stop_ids))
+        out = step()
+        (packed,) = to_host([out.packed])
+        a, y, n, finite, keep_dev, d1 = packed[0]
+        if live:
+            finished = (a > 0 and d1 in stops) or 1 + a >= budget
+            keep = a if finished else a + 1
+        else:
+            finished, keep = True, 0
+        if keep != keep_dev:
+            raise RuntimeError(f"speculative step: the device kept {keep_dev} tokens of row {row}, the host "
+                               f"expected {keep}")
+        main.end_rollback(host_checkpoint(starts[0], WIDTH), [keep])
+        mtp.end_rollback(host_checkpoint(starts[1], WIDTH), [keep])
+        st.next_token = y
+        if live:
+            self.stats["drafted"] += n
+            self.stats["accepted"] += a
+            self.stats["steps"] += 1
+        return StepResult([x] + [d1] * a, out.logits[0, :1 + a], n, a, finished, bool(finite))
+
+    def _row_state(self, row: int, n_stops: int, graphs: bool) -> tuple[RowState, Callable, KVCache, KVCache]:
+        """The device state, the step (a GraphStep with `graphs`) and the cache views of a single-row step of
+        `row`, kept per row, stop count and kind."""
+        key = (row, n_stops, graphs)
+        if key not in self._row_steps:
+            if graphs:   # (a graph's own views, as the other captured steps')
+                main = self.cache.select(slice(row, row + 1)).set_fixed_shapes(True)
+                mtp = self.mtp_cache.select(slice(row, row + 1)).set_fixed_shapes(True)
+            else:
+                main, mtp = self._views(range(row, row + 1))
+            state = RowState(self.model, n_stops, self.device)
+            step = lambda: greedy_draft_verify(self.model, main, mtp, state)   # noqa: E731
+            if graphs:
+                step = GraphStep(step, CacheGroup(main, mtp), WIDTH, ())
+            self._row_steps[key] = (state, step, main, mtp)
+        return self._row_steps[key]
+
+    def _enter(self, st: _Row, state: RowState, mtp: KVCache) -> None:
+        """Load a row's state into `state` (the fused form: the last two main lanes and tokens, the MTP cache
+        without their pairs). From one lane pending, the MTP cache's last pair (prev) is stepped back over, to be
+        made again by the step."""
+        if st.fused is not None:
+            self._unfuse(st)
+        if st.pending_h.shape[1] == WIDTH:    # the MTP cache lacks both pairs (the last step accepted its draft)
+            lanes, ids = st.pending_h, torch.cat((st.pending_ids, st.next_id))
+        else:
+            prev_h, prev_id = st.prev
+            mtp.rewind()
+            lanes, ids = torch.cat((prev_h, st.pending_h), 1), torch.cat((prev_id, st.next_id))
+        state.load(lanes, ids[None], st.logits)
+        st.fused, st.prev = state, None
+
+    @staticmethod
+    def _unfuse(st: _Row) -> None:
+        """A fused row's state back into its fields (copies: the buffers go on being stepped): two lanes pending,
+        the MTP cache without their pairs."""
+        s = st.fused
+        st.pending_h, st.pending_ids = s.lanes.clone(), s.ids[0, :1].clone()
+        st.next_id, st.logits = s.ids[0, 1:].clone(), s.x_logits[0].clone()
+        st.fused, st.prev = None, None
 
     def _draft(self, mtp: KVCache, first: int, states: list[_Row | None], x_ids: torch.Tensor, k: int,
                limits: list[int], cfgs: Sequence[SamplingConfig], gens, stop_t: torch.Tensor, graphs: bool = False
@@ -391,9 +511,11 @@ class SpeculativeDecoder:
         return table
 
     def drop_graphs(self) -> None:
-        """Forget the captured MTP forwards and fused steps (after a failed step: they are captured afresh)."""
+        """Forget the captured MTP forwards, fused steps and single-row steps (after a failed step: they are captured
+        afresh; a row whose state lived in a forgotten single-row step is copied out of it at its next step)."""
         self._mtp_graphs.clear()
         self._fused_graphs.clear()
+        self._row_steps.clear()
 
     def _mtp_step(self, key: tuple, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor,
                   graphs: bool) -> tuple[torch.Tensor, torch.Tensor]:

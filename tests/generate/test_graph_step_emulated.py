@@ -6,6 +6,7 @@ from a replay (drafts, lanes, logits, next tokens) must survive the next replays
 import dataclasses
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import agreeing_model
 from dsv4.generate import SamplingConfig, speculative
@@ -30,29 +31,62 @@ def _overwrite(static, fresh):
             _overwrite(a, b)
 
 
+class _Undo(TorchDispatchMode):
+    """Within: every storage an op writes to is copied first; `undo()` puts them back (what a capture, which runs
+    no kernel, leaves: the caches and any state buffers the step updates, as they were)."""
+
+    def __init__(self):
+        super().__init__()
+        self.saved = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for i, arg in enumerate(func._schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                t = args[i] if i < len(args) else kwargs.get(arg.name)
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.saved:
+                    st = t.untyped_storage()
+                    self.saved[st.data_ptr()] = (st, st.clone())
+        return func(*args, **kwargs)
+
+    def undo(self) -> None:
+        for st, copy in self.saved.values():
+            st.copy_(copy)
+
+
+def _caches(cache):
+    return getattr(cache, "caches", (cache,))   # (a CacheGroup's caches)
+
+
+def _states(cache):
+    return [st for c in _caches(cache) for layer in c.layers for st in layer.states()]
+
+
 class EmulatedGraphStep(GraphStep):
-    """GraphStep whose capture and replay run fn eagerly with a graph's effects: capture leaves every cache tensor
-    and the host bookkeeping as they were; replay recomputes into the captured output tensors, and the Python
-    bookkeeping fn runs (positions mirror, damage marks, journals) is undone as a replay would not run it."""
+    """GraphStep whose capture and replay run fn eagerly with a graph's effects: capture leaves every tensor it
+    writes and the host bookkeeping as they were; replay recomputes into the captured output tensors, and the
+    Python bookkeeping fn runs (positions mirror, damage marks, journals) is undone as a replay would not run it.
+    `replays` counts the replays."""
     replays = 0
 
     def _capture(self):
-        saved = [t.clone() for t in _cache_tensors(self.cache)]
-        journals = [st.journal for layer in self.cache.layers for st in layer.states()]
-        self.outputs = self.fn(*self.inputs)
-        for t, s in zip(_cache_tensors(self.cache), saved):
-            t.copy_(s)
-        for st, j in zip([st for layer in self.cache.layers for st in layer.states()], journals):
+        journals = [st.journal for st in _states(self.cache)]
+        with _Undo() as undo:
+            self.outputs = self.fn(*self.inputs)
+        undo.undo()
+        for st, j in zip(_states(self.cache), journals):
             st.journal = j
         return "emulated"
 
     def _replay(self) -> None:
-        host = self.cache.host_state()
-        journals = [st.journal for layer in self.cache.layers for st in layer.states()]
-        self.cache.restore_host_state(([p - self.n_tokens for p in host[0]], [False] * len(host[1])))
+        hosts = [c.host_state() for c in _caches(self.cache)]
+        journals = [st.journal for st in _states(self.cache)]
+        for c, host in zip(_caches(self.cache), hosts):
+            c.restore_host_state(([p - self.n_tokens for p in host[0]], [False] * len(host[1])))
         _overwrite(self.outputs, self.fn(*self.inputs))
-        self.cache.restore_host_state(host)
-        for st, j in zip([st for layer in self.cache.layers for st in layer.states()], journals):
+        for c, host in zip(_caches(self.cache), hosts):
+            c.restore_host_state(host)
+        for st, j in zip(_states(self.cache), journals):
             st.journal = j
         EmulatedGraphStep.replays += 1
 
@@ -85,3 +119,35 @@ def test_graph_path_equals_eager_with_emulated_graphs(monkeypatch):
             for x, y in zip(s1, s2):
                 assert x[:2] == y[:2] and torch.equal(x[2], y[2])
         assert all(torch.equal(p, q) for p, q in zip(c1, c2))
+
+
+@torch.no_grad()
+def test_single_greedy_row_replays_one_graph_per_step(monkeypatch):
+    """A single greedy row with n_draft 1 (generate.greedy_row): after the graph's capture each step is one replay
+    of one graph over both caches, with the eager step's tokens, logits and caches bit for bit, and its state
+    buffers carried from replay to replay (drafts accepted and rejected)."""
+    monkeypatch.setattr(speculative, "GraphStep", EmulatedGraphStep)
+    model = agreeing_model()
+    runs = []
+    for graphed in (True, False):
+        dec = SpeculativeDecoder(model, model.new_cache(1, 96), n_draft=1)
+        dec.fixed_shapes = dec.graph_drafts = True
+        dec.prefill(0, list(range(10, 37)))
+        out, replays, left = [], [], 30
+        while left:
+            before = EmulatedGraphStep.replays
+            res = dec.step_rows(slice(0, 1), [SamplingConfig(temperature=0)], [None], [()], [left],
+                                verifier=(lambda n: None) if graphed else None)[0]
+            replays.append(EmulatedGraphStep.replays - before)
+            out.append((res.tokens, res.accepted, res.logits.clone()))
+            left -= len(res.tokens)
+        if graphed:
+            assert not dec._mtp_graphs and not dec._fused_graphs          # no other graph
+            assert [g.graph for _, g, _, _ in dec._row_steps.values()] == ["emulated"]
+            assert replays[3:] == [1] * (len(replays) - 3)                 # (2 eager calls, then the capture)
+        runs.append((out, _cache_tensors(dec.cache) + _cache_tensors(dec.mtp_cache)))
+    (o1, c1), (o2, c2) = runs
+    assert {a for _, a, _ in o1} == {0, 1}
+    for x, y in zip(o1, o2):
+        assert x[:2] == y[:2] and torch.equal(x[2], y[2])
+    assert all(torch.equal(p, q) for p, q in zip(c1, c2))

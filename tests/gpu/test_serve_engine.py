@@ -103,8 +103,9 @@ def test_overlapped_decode_gives_the_synchronous_tokens(model, bf16_model, batch
 
 @pytest.mark.parametrize("speculative", [None, "mtp"])
 def test_warm_up_captures_every_bucket_and_changes_no_output(model, speculative):
-    """After `warm_up` every decode bucket's graph (speculative: the fused greedy verify and the sampled verify)
-    is captured, and requests get what a cold engine, capturing as it goes, gives them (bitwise: batch-invariant)."""
+    """After `warm_up` every decode bucket's graph (speculative: the fused greedy verify, or for bucket 1 the
+    single greedy row's whole step, and the sampled verify) is captured, and requests get what a cold engine,
+    capturing as it goes, gives them (bitwise: batch-invariant)."""
     from dsv4.serve.engine import Engine
     kw = dict(max_batch=8, max_seq_len=128, prefill_chunk=16, step_token_budget=64, batch_invariant=True,
               speculative=speculative)
@@ -114,7 +115,9 @@ def test_warm_up_captures_every_bucket_and_changes_no_output(model, speculative)
     if speculative is None:
         assert set(warm._graphs) == buckets and all(g.graph is not None for g in warm._graphs.values())
     else:
-        assert {key[2] for key in warm.spec._fused_graphs} == buckets
+        rows = [key for key, v in warm.spec._row_steps.items() if key[2] and v[1].graph is not None]
+        assert [key[0] for key in rows] == [0]      # (one stream: row 0, bucket 1)
+        assert {key[2] for key in warm.spec._fused_graphs} | {1} == buckets
         assert {b for b, _ in warm._spec_graphs} == buckets
     assert warm.stats()["steps"] == 0 and warm.cache.lengths() == [0] * 8
     outs = []

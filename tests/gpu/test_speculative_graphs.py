@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import agreeing_model, engine_outputs, read_tensors
-from dsv4.generate import SamplingConfig
+from dsv4.generate import SamplingConfig, generate
 from dsv4.generate.graphs import GraphDecoder
 from dsv4.generate.speculative import SpeculativeDecoder
 from dsv4.serve.types import SamplingParams
@@ -82,10 +82,15 @@ def test_engine_speculative_graphs_equal_eager_and_plain(model):
     assert all(abs(a[1] - b[1]) < 1e-5 for x, y in zip(with_graphs, eager) for a, b in zip(x, y) if a[1] is not None)
     _, plain = _run(model, ps, params, cuda_graphs=True)
     assert [[t for t, _ in e] for e in with_graphs] == [[t for t, _ in e] for e in plain]
-    single = SamplingParams(max_tokens=40, temperature=0)   # one stream: bucket 1, the catch-up graphs too
+    single = SamplingParams(max_tokens=40, temperature=0)   # one greedy stream: bucket 1, one graph per step
     one, got = _run(model, ps[:1], single, speculative="mtp", cuda_graphs=True)
-    assert any(key[0] == "catch-up" and g.graph is not None for key, g in one.spec._mtp_graphs.items())
+    assert [g.graph is not None for _, g, _, _ in one.spec._row_steps.values()] == [True]
+    assert not one.spec._mtp_graphs and not one.spec._fused_graphs
     assert got == _run(model, ps[:1], single, cuda_graphs=True)[1]
+    one_sampled = SamplingParams(max_tokens=20, temperature=0.8, seed=5)   # bucket 1 sampled: the catch-up graphs
+    one, got = _run(model, ps[:1], one_sampled, speculative="mtp", cuda_graphs=True)
+    assert any(key[0] == "catch-up" and g.graph is not None for key, g in one.spec._mtp_graphs.items())
+    assert got == _run(model, ps[:1], one_sampled, speculative="mtp", cuda_graphs=False)[1]
     sampled = SamplingParams(max_tokens=14, temperature=0.8, seed=3)
     assert _run(model, ps, sampled, speculative="mtp", cuda_graphs=True)[1] == \
         _run(model, ps, sampled, speculative="mtp", cuda_graphs=False)[1]
@@ -139,3 +144,33 @@ def test_engine_speculative_graphs_whole_prompt_prefix_hits(model):
     assert [c for c, _ in got] == [0, 37, 37, 37] and spec.stats()["spec_accepted"] > 0
     plain = {len(q): [t for t, _ in _run(model, [q], params, cuda_graphs=True)[1][0]] for q in (p, p + [5])}
     assert [t for _, t in got] == [plain[37]] * 3 + [plain[38]]
+
+
+def test_single_greedy_row_graph_equals_eager_and_two_graph_step(model):
+    """One greedy row, n_draft 1 (generate.greedy_row): the whole step replayed from one captured graph gives the
+    eager fused step's tokens, logits and cache bytes (main and MTP) bit for bit, and the tokens of the two-graph
+    step (MTP catch-up graph, fused verify graph) and of plain decoding; drafts are accepted and rejected."""
+    prompt = list(range(100, 140))
+    runs = []
+    for graphed, fuse_row in ((True, True), (False, True), (True, False)):
+        cache = model.new_cache(1, 160)
+        dec = SpeculativeDecoder(model, cache, n_draft=1)
+        dec.fixed_shapes = dec.graph_drafts = True
+        dec.fuse_row = fuse_row
+        dec.prefill(0, prompt)
+        out, accepted, logits = [], [], []
+        while len(out) < 60:
+            res = dec.step_rows(slice(0, 1), [SamplingConfig(temperature=0)], [None], [()], [60 - len(out)],
+                                (lambda n: None) if graphed else None)[0]   # (greedy: no verifier called)
+            out += res.tokens
+            accepted.append(res.accepted)
+            logits.append(res.logits.clone())
+        if graphed and fuse_row:
+            assert [g.graph is not None for _, g, _, _ in dec._row_steps.values()] == [True], \
+                "the single row's step was not captured (see the capture warning)"
+        runs.append((out, accepted, logits, read_tensors(cache) + read_tensors(dec.mtp_cache)))
+    (o1, a1, l1, c1), (o2, a2, l2, c2), (o3, _, _, _) = runs
+    assert o1 == o2 == o3 == generate(model, [prompt], 60)[0]
+    assert a1 == a2 and {0, 1} <= set(a1)
+    assert all(torch.equal(x, y) for x, y in zip(l1, l2))
+    assert all(torch.equal(x, y) for x, y in zip(c1, c2))

@@ -44,10 +44,11 @@ def toks(events):
 LENGTHS = [5, 23, 2, 37]
 
 
-def test_greedy_speculative_equals_plain_engine_and_generate(agreeing):
+@pytest.mark.parametrize("n_draft", [1, 2])   # (1: a single greedy row's fused step, generate.greedy_row)
+def test_greedy_speculative_equals_plain_engine_and_generate(agreeing, n_draft):
     ps = prompts(LENGTHS)
     params = SamplingParams(max_tokens=9, temperature=0)
-    spec = Engine(agreeing, max_batch=3, max_seq_len=64, prefill_chunk=8, speculative="mtp", n_draft=2)
+    spec = Engine(agreeing, max_batch=3, max_seq_len=64, prefill_chunk=8, speculative="mtp", n_draft=n_draft)
     plain = Engine(agreeing, max_batch=3, max_seq_len=64, prefill_chunk=8)
     got, want = run_staggered(spec, ps, params), run_staggered(plain, ps, params)
     assert [toks(e) for e in got] == [toks(e) for e in want]
@@ -126,7 +127,8 @@ def test_prefix_cache_hit_with_speculation_equals_the_cold_request(agreeing):
     assert [toks(e) for e in got] == [toks(run_staggered(plain, [p], params)[0]) for p in ps]
 
 
-def test_a_whole_prompt_hit_with_speculation_runs_no_forward(agreeing):
+@pytest.mark.parametrize("n_draft", [1, 2])
+def test_a_whole_prompt_hit_with_speculation_runs_no_forward(agreeing, n_draft):
     """A prompt stored whole (its logits and last lanes along) starts decoding without a forward and picks its
     first token at its first step; extensions compute only their new tokens. Entries a plain engine saved have no
     lanes: the speculative engine falls back to the longest shorter prefix. Greedy tokens are the cold ones."""
@@ -138,7 +140,7 @@ def test_a_whole_prompt_hit_with_speculation_runs_no_forward(agreeing):
     want = {len(q): toks(run_staggered(plain, [q], params)[0]) for q in (p, p + [3], p + [3, 4, 5])}
     pc = PrefixCache(agreeing, 1 << 26, 1 << 26, block=16)
     engine = Engine(agreeing, max_batch=2, max_seq_len=64, prefill_chunk=16, prefix_cache=pc, speculative="mtp",
-                    n_draft=2)
+                    n_draft=n_draft)
     extended, real = [], engine.spec.extend
     engine.spec.extend = lambda row, tokens: extended.append(len(tokens)) or real(row, tokens)
     for q, cached, forwards in ((p, 0, [16, 16, 8]), (p, 40, []), (p + [3], 40, [1]), (p + [3, 4, 5], 41, [2])):
@@ -156,12 +158,13 @@ def test_a_whole_prompt_hit_with_speculation_runs_no_forward(agreeing):
     assert h.cached_tokens == 32 and toks(list(h)) == want[40]
 
 
-def test_batched_views_with_free_rows_riding_along(agreeing):
+@pytest.mark.parametrize("n_draft", [1, 2])
+def test_batched_views_with_free_rows_riding_along(agreeing, n_draft):
     """The GPU path's batching (one step_rows call per run of rows, free rows inside it with budget 0, rows
     accepting different counts) on the CPU: more requests than rows, so rows free up and are retaken mid-run."""
     ps = prompts([5, 23, 2, 37, 9, 14], seed=6)
     params = SamplingParams(max_tokens=7, temperature=0)
-    spec = Engine(agreeing, max_batch=4, max_seq_len=64, prefill_chunk=8, speculative="mtp", n_draft=2,
+    spec = Engine(agreeing, max_batch=4, max_seq_len=64, prefill_chunk=8, speculative="mtp", n_draft=n_draft,
                   batch_invariant=False)
     plain = Engine(agreeing, max_batch=4, max_seq_len=64, prefill_chunk=8)
     assert [toks(e) for e in run_staggered(spec, ps, params)] == [toks(e) for e in run_staggered(plain, ps, params)]
