@@ -87,8 +87,7 @@ def test_cpu_limit_kills_a_busy_loop():
     _assert_nothing_left(result)
 
 
-def test_fork_bomb_is_contained_and_killed(mode):
-    code = """
+FORK_BOMB = """
 import os, time
 started = 0
 for _ in range(64):
@@ -102,6 +101,10 @@ for _ in range(64):
     started += 1
 print(started, flush=True)
 """
+
+
+def test_fork_bomb_is_contained_and_killed(mode):
+    code = FORK_BOMB
     limits = Limits(timeout_s=3.0, cpu_s=2, max_processes=8)
     result = run_python(code, limits=limits, mode=mode)
     assert result.returncode == 0, result

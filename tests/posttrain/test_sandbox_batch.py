@@ -12,23 +12,9 @@ from dsv4.errors import InvalidArgument
 from dsv4.posttrain import sandbox_batch
 from dsv4.posttrain.sandbox import Limits, run_python
 from dsv4.posttrain.sandbox_batch import run_python_batch
-from test_sandbox import _assert_nothing_left, mode  # noqa: F401  (the isolation modes fixture)
+from test_sandbox import FORK_BOMB, _assert_nothing_left, mode  # noqa: F401  (the isolation modes fixture)
 
 GOOD = "import sys\nprint(sys.stdin.read().upper())"
-FORK_BOMB = """
-import os, time
-started = 0
-for _ in range(64):
-    try:
-        pid = os.fork()
-    except OSError:
-        break
-    if pid == 0:
-        time.sleep(60)
-        os._exit(0)
-    started += 1
-print(started, flush=True)
-"""
 BAD = {
     "busy loop": "while True:\n    pass",
     "sleeps": "import time\nprint('start', flush=True)\ntime.sleep(60)",
