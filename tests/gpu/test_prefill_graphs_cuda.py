@@ -46,8 +46,10 @@ def test_replayed_padded_chunks_equal_the_eager_padded_chunks(model):
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_hits_equal_cold_requests_through_graphed_chunks(model, overlap):
-    base = ids(600, 1).tolist()
-    reqs = [base + ids(n, 2 + n).tolist() for n in (20, 31, 31, 9)] + [base]
+    # blocks of 64: every prompt below stops at 576 (9 blocks) and its last chunk (19, 23, the repeat whole, 28,
+    # 14 tokens) is a padded step: bucket 32 runs eagerly once, is captured on its second call, then replayed
+    base = ids(590, 1).tolist()
+    reqs = [base + ids(n, 2 + n).tolist() for n in (5, 9, 9, 14)] + [base]
 
     def engine():
         pc = PrefixCache(model, 1 << 28, 0, block=64, verify_model=False)
@@ -62,7 +64,8 @@ def test_hits_equal_cold_requests_through_graphed_chunks(model, overlap):
         cold.run_until_idle()
         assert [(e.token, e.logprob, e.top_logprobs) for e in got._events] == \
             [(e.token, e.logprob, e.top_logprobs) for e in want._events]
-    assert warm.stats()["prefix_hit_tokens"] > 0 and warm.prefill_graphs.counters["replays"] >= 1
+    assert warm.stats()["prefix_hit_tokens"] == 576 + 599 + 576 + 576
+    assert warm.prefill_graphs.counters["chunks"] == 4 and warm.prefill_graphs.counters["replays"] >= 1
 
 
 def test_an_eager_prefill_chunk_with_host_ids_never_waits_for_the_device(model):
