@@ -5,7 +5,13 @@ of several requests in one forward, the engine's mode with batch_invariant off) 
     python bench/serve_prefill.py --preset tiny --device cpu --prompts 16 --prompt-len 256
     python bench/serve_prefill.py --preset flash4 --device cuda --prompts 64 --prompt-len 1024
 
-Prints one line per mode: seconds, prompt tokens/s, prefill forwards; and the speedup.
+Prints one line per mode: seconds, prompt tokens/s, prefill forwards; and the speedup. `--max-seq-len` sizes the
+cache rows as a server would (`dsv4 serve --max-seq-len`; default: the prompt plus one token) and `--prefix-block N`
+puts a prefix cache in front (saves every N tokens and at each prompt's end, as `dsv4 serve` does); several values
+of each are compared in one run, to tell what of a server's prefill time the row capacity and the saves cost:
+
+    python bench/serve_prefill.py --preset flash4 --device cuda --prompts 64 --prompt-len 1024 --modes batched \
+        --max-seq-len 0 33280 --prefix-block 0 2048
 """
 from __future__ import annotations
 
@@ -18,16 +24,19 @@ import torch
 
 import dsv4
 from dsv4.serve.engine import Engine
+from dsv4.serve.prefix_cache import PrefixCache
 from dsv4.serve.types import SamplingParams
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from e2e import flash4  # noqa: E402  (bench/e2e.py: the geometry bench/serve.py serves)
 
 
-def run(model, prompts: list[list[int]], batched: bool, args) -> tuple[float, int]:
-    engine = Engine(model, max_batch=len(prompts), max_seq_len=args.prompt_len + 1, prefill_chunk=args.chunk,
-                    step_token_budget=args.budget, max_prefill_rows=args.max_prefill_rows, cuda_graphs=False,
-                    batch_invariant=False)
+def run(model, prompts: list[list[int]], batched: bool, args, max_seq_len: int = 0, prefix_block: int = 0
+        ) -> tuple[float, int]:
+    pc = PrefixCache(model, 1 << 30, 0, block=prefix_block, verify_model=False) if prefix_block else None
+    engine = Engine(model, max_batch=len(prompts), max_seq_len=max_seq_len or args.prompt_len + 1,
+                    prefill_chunk=args.chunk, step_token_budget=args.budget, max_prefill_rows=args.max_prefill_rows,
+                    cuda_graphs=False, batch_invariant=False, prefix_cache=pc)
     engine.batched_prefill = batched   # decode never runs (one token each): only the prefill mode differs
     forwards = [0]
     real = model.forward
@@ -60,6 +69,11 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--budget", type=int, default=8192)
     p.add_argument("--max-prefill-rows", type=int, default=16)
+    p.add_argument("--max-seq-len", type=int, nargs="+", default=[0],
+                   help="cache row capacities to compare (0, the default: prompt length + 1)")
+    p.add_argument("--prefix-block", type=int, nargs="+", default=[0],
+                   help="prefix cache save intervals to compare (0, the default: no prefix cache)")
+    p.add_argument("--modes", nargs="+", default=["one", "batched"], choices=["one", "batched"])
     p.add_argument("--repeats", type=int, default=2, help="timed runs per mode (the best is kept; a warm-up first)")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -71,15 +85,20 @@ def main() -> None:
     tokens = args.prompts * args.prompt_len
     print(f"{args.preset} on {device}: {args.prompts} prompts x {args.prompt_len} tokens, chunk {args.chunk}, "
           f"budget {args.budget}, max_prefill_rows {args.max_prefill_rows}, torch {torch.__version__}")
-    best = {}
-    for batched in (False, True):
-        run(model, prompts[:2], batched, args)   # warm-up
-        times = [run(model, prompts, batched, args) for _ in range(args.repeats)]
-        seconds, forwards = min(times)
-        best[batched] = seconds
-        name = "batched" if batched else "one per forward"
-        print(f"  {name:16s} {seconds:8.3f} s  {tokens / seconds:10.0f} prompt tok/s  {forwards} forwards")
-    print(f"  speedup {best[False] / best[True]:.2f}x")
+    for max_seq_len in args.max_seq_len:
+        for block in args.prefix_block:
+            print(f" rows of {max_seq_len or args.prompt_len + 1} tokens, prefix cache "
+                  f"{f'saving every {block}' if block else 'off'}:")
+            best = {}
+            for batched in [m == "batched" for m in args.modes]:
+                run(model, prompts[:2], batched, args, max_seq_len, block)   # warm-up
+                times = [run(model, prompts, batched, args, max_seq_len, block) for _ in range(args.repeats)]
+                seconds, forwards = min(times)
+                best[batched] = seconds
+                name = "batched" if batched else "one per forward"
+                print(f"  {name:16s} {seconds:8.3f} s  {tokens / seconds:10.0f} prompt tok/s  {forwards} forwards")
+            if len(best) == 2:
+                print(f"  speedup {best[False] / best[True]:.2f}x")
 
 
 if __name__ == "__main__":
