@@ -10,6 +10,9 @@
   6. the mixed-domain GRPO baseline: one GRPO run from the SFT model on every domain at once, by default with the
      specialists' steps summed (the same student rollouts and updates as all specialists together).
 
+Each domain runs at its own difficulty level (`levels`, else `level`): its environment, held-out set,
+demonstrations and so its turn limit all come from that one environment object (build_envs).
+
 Each training stage can be capped in wall time (`stage_minutes`: it stops after the step that passes the cap),
 counted from the end of its first step: that warm-up (on a GPU mostly compilation) is logged as `warmup_s`, and a
 stage its cap stopped before MIN_STEPS steps is flagged (`too_few_steps`). summary.json records every stage's wall
@@ -582,9 +585,10 @@ def summary_table(summary: dict) -> str:
     if not any(f"grpo-{d}" in table for d in domains):
         return "\n".join(lines)
     pool = summary.get("config", {}).get("grpo_pool")
-    lines += ["", "| domain | level | SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end "
+    lv_head, lv_rule = (" level |", "---|") if levels else ("", "")
+    lines += ["", f"| domain |{lv_head} SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end "
                   "| GRPO accuracy start -> end |",
-              "|---|---|---:|---:|---:|---:|---|---|"]
+              f"|---|{lv_rule}---:|---:|---:|---:|---|---|"]
     for d in domains:
         spec = table.get(f"grpo-{d}", {}).get(d)
         sft_acc, opd = table.get("sft", {}).get(d), table.get("opd", {}).get(d)
@@ -593,7 +597,8 @@ def summary_table(summary: dict) -> str:
         change = f"{r['start']:.3f} -> {r['end']:.3f}" if r else ""
         acc = f"{r['accuracy_start']:.3f} -> {r['accuracy_end']:.3f}" if "accuracy_start" in r else ""
         n = sizes.get(d)
-        lines.append(f"| {d} | {levels.get(d, '')} | {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} "
+        level = f" {levels.get(d, '')} |" if levels else ""
+        lines.append(f"| {d} |{level} {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} "
                      f"| {acc} |")
     if rewards:
         k = max((r.get("window", 0) for r in rewards.values() if r), default=0)
