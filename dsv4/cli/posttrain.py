@@ -3,6 +3,7 @@ student, the off-policy and mixed-domain GRPO baselines.
 
     dsv4 posttrain --out runs/posttrain                  # tiny, on the CPU: about 8 minutes on one thread
     dsv4 posttrain --out runs/pt --env math,instruct --grpo-steps 40 --opd-steps 40
+    dsv4 posttrain --out runs/pt --env math,code:medium,instruct:hard   # a level per domain (math: --level)
     dsv4 posttrain --out runs/pt --only opd,offpolicy    # rerun the distillation stages on the earlier ones
     dsv4 posttrain --out runs/gpu --device cuda --model mini --env math,code,instruct,agent --pretrain-steps 300 \
         --mixed-grpo --stage-minutes 2                   # one GPU: bench/posttrain_gpu.sh
@@ -30,8 +31,11 @@ _NUMBERS = ("sft_examples", "sft_steps", "sft_lr", "sft_batch_size", "grpo_steps
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--env", default="math,instruct", metavar="NAME,...", help="the domains (default: math,instruct)")
-    p.add_argument("--level", default="easy", help="the environments' difficulty")
+    p.add_argument("--env", default="math,instruct", metavar="NAME[:LEVEL],...",
+                   help="the domains, each optionally at its own level: math,code:medium,instruct:hard "
+                        "(default: math,instruct; a name without :LEVEL takes --level)")
+    p.add_argument("--level", default="easy",
+                   help="the difficulty (easy, medium, hard) of every domain --env gives no level")
     p.add_argument("--base", metavar="DIR",
                    help="start from this checkpoint (with tokenizer) instead of a new one")
     p.add_argument("--model", default="tiny",
@@ -69,7 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..posttrain.pipeline import PipelineConfig, run_pipeline, summary_table
-    envs = tuple(s.strip() for s in args.env.split(",") if s.strip())
+    from ..posttrain.envs.registry import parse_env_levels
+    levels = parse_env_levels(args.env, args.level)
+    envs = tuple(levels)
     only: tuple[str, ...] = ()
     if args.only:
         asked = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -86,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             numbers["minutes"] = {k.strip(): float(v) for k, v in (s.split("=") for s in args.minutes.split(","))}
         except ValueError:
             raise InvalidArgument(f"--minutes {args.minutes!r}: expected STAGE=MINUTES,...") from None
-    cfg = PipelineConfig(envs=envs, level=args.level, base=args.base, model=args.model,
+    cfg = PipelineConfig(envs=envs, level=args.level, levels=levels, base=args.base, model=args.model,
                          mixed_grpo=args.mixed_grpo, sft_pack=args.sft_pack, thinking=args.thinking,
                          off_policy_baseline=not args.no_off_policy, only=only, device=args.device,
                          optimizer=args.optimizer, sampler=args.sampler, progress=not args.no_progress,

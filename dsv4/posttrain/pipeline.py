@@ -10,6 +10,9 @@
   6. the mixed-domain GRPO baseline: one GRPO run from the SFT model on every domain at once, by default with the
      specialists' steps summed (the same student rollouts and updates as all specialists together).
 
+Each domain runs at its own difficulty level (`levels`, else `level`): its environment, held-out set,
+demonstrations and so its turn limit all come from that one environment object (build_envs).
+
 Each training stage can be capped in wall time (`stage_minutes`: it stops after the step that passes the cap),
 counted from the end of its first step: that warm-up (on a GPU mostly compilation) is logged as `warmup_s`, and a
 stage its cap stopped before MIN_STEPS steps is flagged (`too_few_steps`). summary.json records every stage's wall
@@ -49,17 +52,20 @@ from .distill import DistillConfig
 from .distill_run import make_envs, run_distill
 from .envs.base import Environment
 from .envs.pool import ProblemPool
+from .envs.split import LEVELS
 from .policy import load_policy, save_policy
 from .rollout import SAMPLERS, rollout
 from .turn_limits import check_max_new_tokens, turn_limits
 
-__all__ = ["PipelineConfig", "run_pipeline", "evaluate", "demonstrations"]
+__all__ = ["PipelineConfig", "build_envs", "run_pipeline", "evaluate", "demonstrations"]
 
 
 @dataclass(kw_only=True)
 class PipelineConfig:
     envs: tuple[str, ...] = ("math", "instruct")
-    level: str = "easy"
+    level: str = "easy"                   # every domain's difficulty, except those `levels` names
+    levels: dict[str, str] = field(default_factory=dict)   # domain -> its own level (`--env code:medium`): the
+                                          # environment, its held-out set, demonstrations and turn limit follow it
     thinking: bool = False
     base: str | None = None               # a base checkpoint dir (with tokenizer); None: build a fresh one
     model: str = "tiny"                   # a fresh base's size: a preset (tiny, small) or one of MODELS
@@ -131,6 +137,15 @@ class PipelineConfig:
     def check(self) -> None:
         if not self.envs:
             raise InvalidArgument("posttrain needs at least one environment (--env)")
+        twice = sorted({d for d in self.envs if self.envs.count(d) > 1})
+        if twice:
+            raise InvalidArgument(f"posttrain envs={self.envs}: {', '.join(twice)} given more than once")
+        stray = sorted(set(self.levels) - set(self.envs))
+        if stray:
+            raise InvalidArgument(f"posttrain levels={self.levels}: {', '.join(stray)} not among envs {self.envs}")
+        for d, lv in {"(every domain)": self.level, **self.levels}.items():
+            if lv not in LEVELS:
+                raise InvalidArgument(f"posttrain level {lv!r} for {d}: not one of {', '.join(LEVELS)}")
         check_max_new_tokens(self.max_new_tokens, "posttrain", allow_none=True)
         for name in ("sft_examples", "sft_steps", "grpo_steps", "opd_steps", "eval_problems",
                      "tokenizer_examples", "pretrain_examples", "pretrain_batch_size", "pretrain_seq_len"):
@@ -150,6 +165,15 @@ class PipelineConfig:
             raise InvalidArgument(f"posttrain grpo_pool={self.grpo_pool}: must be >= 0 (0: fresh problems)")
         if self.sampler not in SAMPLERS:
             raise InvalidArgument(f"posttrain sampler={self.sampler!r}: must be one of {SAMPLERS}")
+
+    def env_levels(self) -> dict[str, str]:
+        """Each domain's level, in the order of `envs`: its own from `levels`, else `level`."""
+        return {d: self.levels.get(d, self.level) for d in self.envs}
+
+
+def build_envs(cfg: PipelineConfig) -> dict[str, Environment]:
+    """Each domain's environment at its own level (cfg.env_levels())."""
+    return {d: make_envs([d], level=lv)[d] for d, lv in cfg.env_levels().items()}
 
 
 CAPPED = ("pretrain", "sft", "grpo", "opd", "offpolicy", "grpo-mixed")   # stages a time cap applies to
@@ -322,7 +346,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
 
     os.makedirs(out, exist_ok=True)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    envs = make_envs(cfg.envs, level=cfg.level)
+    envs = build_envs(cfg)
     rng = random.Random(cfg.seed)
     stages = _Stages(out, cfg.only, device)
     start = time.perf_counter()
@@ -403,7 +427,7 @@ def _run_pipeline(out: str, cfg: PipelineConfig) -> dict:
         return path
 
     def write_summary() -> dict:
-        summary = {"config": dataclasses.asdict(cfg), "accuracy": table, "seconds": stages.seconds,
+        summary = {"config": dataclasses.asdict(cfg), "levels": cfg.env_levels(), "accuracy": table, "seconds": stages.seconds,
                    "gpu_seconds": stages.gpu_seconds(), "device": _device_name(device),
                    "heldout_n": {d: heldout_size(env, cfg.eval_problems) for d, env in envs.items()},
                    "steps": {name: _steps_done(path) for name, path in checkpoints.items() if name != "base"},
@@ -527,7 +551,9 @@ def summary_table(summary: dict) -> str:
     gpu = summary.get("gpu_seconds") or {}
     domains = list(next(iter(table.values())))
     sizes = summary.get("heldout_n", {})
-    lines = ["| stage | " + " | ".join(domains) + " | time (s) |" + (" GPU s |" if gpu else ""),
+    levels = summary.get("levels") or {}
+    heads = [f"{d} ({levels[d]})" if d in levels else d for d in domains]
+    lines = ["| stage | " + " | ".join(heads) + " | time (s) |" + (" GPU s |" if gpu else ""),
              "|---|" + "---:|" * len(domains) + "---:|" + ("---:|" if gpu else "")]
     for stage, acc in table.items():
         t, g = seconds.get(stage), gpu.get(stage)
@@ -559,9 +585,10 @@ def summary_table(summary: dict) -> str:
     if not any(f"grpo-{d}" in table for d in domains):
         return "\n".join(lines)
     pool = summary.get("config", {}).get("grpo_pool")
-    lines += ["", "| domain | SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end "
+    lv_head, lv_rule = (" level |", "---|") if levels else ("", "")
+    lines += ["", f"| domain |{lv_head} SFT | specialist | OPD student | OPD / specialist | GRPO reward start -> end "
                   "| GRPO accuracy start -> end |",
-              "|---|---:|---:|---:|---:|---|---|"]
+              f"|---|{lv_rule}---:|---:|---:|---:|---|---|"]
     for d in domains:
         spec = table.get(f"grpo-{d}", {}).get(d)
         sft_acc, opd = table.get("sft", {}).get(d), table.get("opd", {}).get(d)
@@ -570,7 +597,8 @@ def summary_table(summary: dict) -> str:
         change = f"{r['start']:.3f} -> {r['end']:.3f}" if r else ""
         acc = f"{r['accuracy_start']:.3f} -> {r['accuracy_end']:.3f}" if "accuracy_start" in r else ""
         n = sizes.get(d)
-        lines.append(f"| {d} | {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} "
+        level = f" {levels.get(d, '')} |" if levels else ""
+        lines.append(f"| {d} |{level} {_cell(sft_acc, n)} | {_cell(spec, n)} | {_cell(opd, n)} | {ratio} | {change} "
                      f"| {acc} |")
     if rewards:
         k = max((r.get("window", 0) for r in rewards.values() if r), default=0)

@@ -144,7 +144,7 @@ def test_four_domain_pipeline_writes_every_stage_domain_cell_and_stage_seconds(t
         monkeypatch.setattr(module, "plot_metrics", lambda *a, **k: None)
     monkeypatch.setattr(pipeline, "_plot", lambda *a, **k: None)
     domains = ["math", "code", "instruct", "agent"]
-    cfg = PipelineConfig(envs=tuple(domains), model="micro", vocab_size=400, tokenizer_examples=40,
+    cfg = PipelineConfig(envs=tuple(domains), levels={"instruct": "hard"}, model="micro", vocab_size=400, tokenizer_examples=40,
                          pretrain_steps=2, pretrain_examples=8, pretrain_batch_size=4, pretrain_seq_len=64,
                          sft_examples=8, sft_steps=2, sft_batch_size=4, grpo_steps=1, grpo_generations=2,
                          grpo_batch_prompts=2, grpo_pool=4, opd_steps=1, opd_batch_prompts=4, max_new_tokens=4,
@@ -172,6 +172,8 @@ def test_four_domain_pipeline_writes_every_stage_domain_cell_and_stage_seconds(t
     assert t["opd_over_specialists_grpo_time"] == pytest.approx(saved["seconds"]["opd"] / grpo_time)
     md = (tmp_path / "summary.md").read_text()
     assert "| grpo-mixed |" in md and "pretrain" in md and summary["accuracy"] == saved["accuracy"]
+    assert saved["levels"] == {"math": "easy", "code": "easy", "instruct": "hard", "agent": "easy"}
+    assert "| instruct (hard) |" in md and "| math (easy) |" in md
     rows = [json.loads(line) for line in (tmp_path / "grpo-mixed" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_acc" in r]
     assert all(f"eval_acc/{d}" in evals[-1] for d in domains)   # the mixed run trains and evaluates every domain
