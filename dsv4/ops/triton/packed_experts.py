@@ -256,10 +256,8 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
     bn = _block_n(P)
     slots, rows = active.numel(), (16 if direct else _rows(P, E))
     steps1, steps2 = triton.cdiv(C, FP4_STEP), triton.cdiv(F, FP4_STEP)
-    split1 = direct_split(slots * triton.cdiv(F, bn), steps1, x.device) if direct else 1
-    split2 = direct_split(slots * triton.cdiv(C, bn), steps2, x.device) if direct else 1
+    split1, split2 = direct_splits(P, F, C, x.device) if direct else (1, 1)
     per1, per2 = triton.cdiv(steps1, split1), triton.cdiv(steps2, split2)
-    split1, split2 = triton.cdiv(steps1, per1), triton.cdiv(steps2, per2)   # no empty slices
     # fp32 K-slice partial sums (unused at one slice); one ticket buffer: the launches run one after the other
     part1 = torch.empty(split1, P, 2 * F, dtype=torch.float32, device=x.device)
     part2 = torch.empty(split2, P, C, dtype=torch.float32, device=x.device)
@@ -282,6 +280,17 @@ def direct_split(programs: int, steps: int, device: torch.device) -> int:
     want = DIRECT_SPLIT if DIRECT_SPLIT is not None else (
         EXPERT_SPLIT_PER_SM * multiprocessors(device)) // max(programs, 1)
     return max(1, min(steps, MAX_SPLIT, want))
+
+
+def direct_splits(pairs: int, F: int, C: int, device: torch.device) -> tuple[int, int]:
+    """K slices of the direct gate/up and down kernels for `pairs` (token, slot) pairs, each a whole number of FP4
+    steps (no empty slice)."""
+    bn = _block_n(pairs)
+    out = []
+    for tiles, K in ((triton.cdiv(F, bn), C), (triton.cdiv(C, bn), F)):
+        steps = triton.cdiv(K, FP4_STEP)
+        out.append(triton.cdiv(steps, triton.cdiv(steps, direct_split(pairs * tiles, steps, device))))
+    return out[0], out[1]
 
 
 def _reduce(split: int, most: int) -> int:
