@@ -5,6 +5,12 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
     python bench/native_gemm.py [--out results.json] [--ms 1,2,4,8,16,32,64] [--prefill-ms 2048] [--configs]
                                 [--only gemm|moe] [--moe-tokens 1,8,64] [--moe-per-expert 1,2,4,8,16,32,64]
     python bench/native_gemm.py --tiny-cpu --out /tmp/smoke.json     # CPU smoke run (Triton interpreter)
+    python bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert "" --moe-experts 32 \
+                                --experts-split auto 1 2 4 8                # decode experts: split-K vs none
+
+--experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
+once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
+side by side on the same routings.
 
 Each GPU case is timed as a CUDA graph that calls the op once on each of several copies of the weights (together
 larger than L2, so every call reads its weights from HBM, as decode does), divided by the copy count.
@@ -184,10 +190,11 @@ def balanced_routing(N: int, E: int, k: int, g: torch.Generator) -> torch.Tensor
 
 
 def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps: float,
-              per_expert: list[int] = ()) -> list[dict]:
+              per_expert: list[int] = (), splits: list[str] = ()) -> list[dict]:
     """The grouped FP4 experts against the bf16 experts (dsv4.ops.moe_experts, as the bf16 model runs them) on
     the same routings; each timed graph calls them on `ROUTINGS` different random routings, so that the experts one
-    call reads are not still in L2 from the call before."""
+    call reads are not still in L2 from the call before. `splits`: K-split settings of the direct kernels timed
+    side by side where a call takes that path ("auto" or a forced slice count)."""
     from dsv4 import ops
     E, C, F, k = shape["E"], shape["C"], shape["F"], shape["k"]
     g = torch.Generator().manual_seed(1)
@@ -224,7 +231,30 @@ def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps:
         print(f"fp4 moe {row['routing']:8s} N={N:5d} active={active:5.1f} max/expert={most:3d}  {t * 1e3:8.1f} us "
               f"{row['frac_copy_bw']:6.1%} of copy  bf16 {t_b * 1e3:8.1f} us {row['bf16_frac_copy_bw']:6.1%}  "
               f"x{row['speedup_vs_bf16']:.2f}  rel-L2 {row['rel_l2_vs_dequantised_reference']:.1e}", flush=True)
+        if splits and N * k <= packed_experts.DIRECT_MAX_PAIRS:
+            row["experts_split"] = [split_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
+                                               calls, on_gpu) for s in splits]
     return out
+
+
+def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
+               on_gpu: bool) -> dict:
+    """The grouped FP4 experts on the direct path with the K-split `setting` ("auto": the rule; n: n slices)."""
+    forced = None if setting == "auto" else int(setting)
+    saved, packed_experts.DIRECT_SPLIT = packed_experts.DIRECT_SPLIT, forced
+    try:
+        N, k = idxs[0].shape
+        gate_up, down = packed_experts.direct_splits(N * k, w1.shape[1], w1.shape[2], x.device)
+        err = rel_l2(packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0),
+                     ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0))
+        t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
+    finally:
+        packed_experts.DIRECT_SPLIT = saved
+    frac = nbytes / t / 1e6 / copy_gbps
+    print(f"    experts split {setting:>4s} (gate/up {gate_up:2d}, down {down:2d})  {t * 1e3:8.1f} us  "
+          f"{frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
+    return {"setting": setting, "gate_up_split": gate_up, "down_split": down, "ms": t, "frac_copy_bw": frac,
+            "rel_l2_vs_dequantised_reference": err}
 
 
 def main() -> None:
@@ -236,6 +266,10 @@ def main() -> None:
     ap.add_argument("--moe-tokens", default="1,8,64", help="tokens through the grouped FP4 MoE, randomly routed")
     ap.add_argument("--moe-per-expert", default="1,2,4,8,16,32,64", help="tokens per expert of the balanced "
                     "routings (every expert used, E * t / k tokens)")
+    ap.add_argument("--moe-experts", type=int, help="experts of the grouped MoE (default: V4-Flash's 256; fewer "
+                    "build faster and still outgrow L2 over a timed graph's routings)")
+    ap.add_argument("--experts-split", nargs="+", default=[], metavar="auto|N",
+                    help="K-split settings of the direct (decode) FP4 expert kernels to time side by side")
     ap.add_argument("--configs", action="store_true", help="also time candidate kernel configs per GEMM case")
     ap.add_argument("--only", choices=("gemm", "moe"), help="run only the GEMM cases or only the grouped MoE")
     ap.add_argument("--tiny-cpu", action="store_true", help="smoke run: tiny shapes in the Triton interpreter")
@@ -255,7 +289,10 @@ def main() -> None:
         results += (gemm_cases(FLASH_FP8 if on_gpu else TINY_FP8, "fp8", ms, dev, on_gpu, copy_gbps, args.configs)
                     + gemm_cases(FLASH_FP4 if on_gpu else TINY_FP4, "fp4", ms, dev, on_gpu, copy_gbps, args.configs))
     if args.only != "gemm":
-        results += moe_cases(FLASH_MOE if on_gpu else TINY_MOE, moe_tokens, dev, on_gpu, copy_gbps, per_expert)
+        shape = dict(FLASH_MOE if on_gpu else TINY_MOE)
+        if args.moe_experts:
+            shape["E"] = args.moe_experts
+        results += moe_cases(shape, moe_tokens, dev, on_gpu, copy_gbps, per_expert, args.experts_split)
     doc = {**record(dev), "copy_gbps": copy_gbps, "tiny_cpu": args.tiny_cpu, "results": results}
     path = args.out or result_path("native_gemm", device=dev)
     with open(path, "w") as f:

@@ -1,8 +1,10 @@
 """Routed SwiGLU experts over FP4 weights (the official checkpoints' e2m1 experts with 1x32 UE8M0 scales), read as
 bytes and dequantised in registers (ops/triton/packed_linear.py says how).
 
-Up to DIRECT_MAX_PAIRS (token, slot) pairs (decode), each pair gets its own programs and nothing is sorted;
-beyond, the pairs are sorted by expert on the device; one program per (used expert, block of output rows)
+Up to DIRECT_MAX_PAIRS (token, slot) pairs (decode), each pair gets its own programs and nothing is sorted, and
+K is split across programs (direct_split) as the FP8 decode GEMMs split it: fp32 partial sums per K slice, and the
+program that finishes an output tile last adds the slices in slice order and applies the epilogue (deterministic,
+one launch, no host reads); beyond, the pairs are sorted by expert on the device; one program per (used expert, block of output rows)
 walks that expert's rows in 16- or 64-row tiles, so every expert's weights are read once per tile of its tokens, experts
 without tokens get no program, and nothing waits on the host (CUDA-graph capturable). Two kernels:
 gate/up (w1 and w3 in one pass, clamped SwiGLU and routing weight fused) and down (w2); the k slot outputs of a
@@ -22,9 +24,9 @@ from ...quant.packed import Fp4GroupWeight
 from ..api import moe_experts as moe_experts_dense
 from ..reference import packed as ref
 from .experts import slot_sum
-from .launch import falls_back_to, interpreted
+from .launch import falls_back_to, interpreted, multiprocessors
 from .packed_dequant import dequant_fp4
-from .packed_linear import fp4_dot_step
+from .packed_linear import FP4_STEP, MAX_SPLIT, fp4_dot_step, store_split, swiglu_tile, tile_tickets
 
 # Pairs per expert (on average over all E) from which the experts are dequantised to bf16 and run by the dense
 # experts op. Dequantising one expert's three matrices moves 2.5 bytes per weight (FP4 read, bf16 written) and the
@@ -40,6 +42,13 @@ EXPERT_DEQUANT_MIN_PAIRS = 32
 # saves rereading when two pairs share an expert; 16 pairs over 16 experts share ~6).
 DIRECT_MAX_PAIRS = 16
 EXPERT_SCRATCH_BYTES = 2 << 30  # bf16 experts dequantised at once at most (V4-Flash: 40 of its 256 experts)
+# Programs per SM that the direct (decode) kernels' K split aims for (direct_split); 0 turns the split off. At
+# batch 1 of V4-Flash (6 pairs) gate/up has 6 x 64 output tiles and down 6 x 128, 2.9 and 5.8 per H100 SM, each
+# streaming its rows over all of K in 32 / 16 sequential steps; bench/native_gemm.py --experts-split times the
+# split against none.
+EXPERT_SPLIT_PER_SM = 16
+# K slices of the direct kernels when set (tests and bench/native_gemm.py --experts-split): instead of the rule
+DIRECT_SPLIT: int | None = None
 
 def _rows(pairs: int, experts: int) -> int:
     """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from
@@ -48,13 +57,22 @@ def _rows(pairs: int, experts: int) -> int:
 
 
 @triton.jit
-def _rows_dot(a_ptr, rows, rmask, rs_a, w_ptr, s_ptr, rn, nmask, K, rs_w, rs_s, acc, DT: tl.constexpr,
-              IEEE: tl.constexpr):
-    """acc + a[rows] @ dequant(w[rn])^T over all of K (a rows at a_ptr + rows * rs_a; FP4 w)."""
+def _rows_dot(a_ptr, rows, rmask, rs_a, w_ptr, s_ptr, rn, nmask, K, kh_lo, kh_hi, rs_w, rs_s, acc,
+              DT: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a[rows] @ dequant(w[rn])^T over the K bytes [kh_lo, kh_hi) (K values 2 kh_lo .. 2 kh_hi; a rows at
+    a_ptr + rows * rs_a; FP4 w)."""
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * rs_a
-    for kh0 in range(0, K // 2, 64):
+    for kh0 in range(kh_lo, kh_hi, 64):
         acc = fp4_dot_step(acc, a_rows, rmask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
     return acc
+
+
+@triton.jit
+def _k_slice(K, STEPS_PER):
+    """The K bytes [lo, hi) of this program's slice program_id(2): STEPS_PER FP4 steps of 64 bytes, the last
+    slice cut at K / 2."""
+    lo = tl.program_id(2) * STEPS_PER * 64
+    return lo, tl.minimum(lo + STEPS_PER * 64, K // 2)
 
 
 @triton.jit
@@ -76,9 +94,14 @@ def _expert_rows(active_ptr, offs_ptr, DIRECT: tl.constexpr):
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, F, C, limit,
-                    we_stride, se_stride, rs_w, rs_s, k, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
-                    CLAMP: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr):
+def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, part_ptr,
+                    cnt_ptr, F, C, limit, we_stride, se_stride, rs_w, rs_s, k, STEPS_PER, BLOCK_N: tl.constexpr,
+                    ROWS: tl.constexpr, CLAMP: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
+                    SPLIT: tl.constexpr, REDUCE: tl.constexpr):
+    """h = swiglu(x @ w1^T, x @ w3^T) * routing weight per pair. SPLIT > 1 (DIRECT only: one pair per program,
+    pairs = programs along axis 0): K slice program_id(2) of SPLIT; the gate and up partial sums go to
+    part [SPLIT, pairs, 2F] (gate, then up), and the tile's last program sums both in slice order."""
+    tl.static_assert(SPLIT == 1 or DIRECT, "split-K needs one pair per program (DIRECT)")
     e, start, end = _expert_rows(active_ptr, offs_ptr, DIRECT)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < F
@@ -94,24 +117,52 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
             tok = rows // k
         else:
             tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
-        g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
-                      DT, IEEE)
-        u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
-                      DT, IEEE)
-        # as the reference: projections rounded to the activation dtype, then the SwiGLU in fp32
-        g = g.to(h_ptr.dtype.element_ty).to(tl.float32)
-        u = u.to(h_ptr.dtype.element_ty).to(tl.float32)
-        if CLAMP:
-            g = tl.minimum(g, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
-        h = g / (1.0 + tl.exp(-g)) * u * tl.load(rw_ptr + rows, mask=rmask, other=0.0)[:, None]
-        tl.store(h_ptr + rows.to(tl.int64)[:, None] * F + rn[None, :], h.to(h_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & nmask[None, :])
+        if SPLIT == 1:
+            kh_lo, kh_hi = 0, C // 2
+        else:
+            kh_lo, kh_hi = _k_slice(C, STEPS_PER)
+        g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, kh_lo, kh_hi, rs_w, rs_s,
+                      tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE)
+        u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, kh_lo, kh_hi, rs_w, rs_s,
+                      tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE)
+        mask = rmask[:, None] & nmask[None, :]
+        if SPLIT == 1:
+            # as the reference: projections rounded to the activation dtype, then the SwiGLU in fp32
+            h = swiglu_tile(g, u, limit, h_ptr.dtype.element_ty, CLAMP) * tl.load(rw_ptr + rows, mask=rmask,
+                                                                                   other=0.0)[:, None]
+            tl.store(h_ptr + rows.to(tl.int64)[:, None] * F + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
+        else:
+            P = tl.num_programs(0)
+            pat = rows.to(tl.int64)[:, None] * (2 * F) + rn[None, :]
+            base = part_ptr + tl.program_id(2).to(tl.int64) * P * 2 * F
+            tl.store(base + pat, g, mask=mask)
+            tl.store(base + pat + F, u, mask=mask)
+            tl.debug_barrier()  # every thread's slices are stored before the ticket (acq_rel) is taken
+            tile = tl.program_id(1) * P + tl.program_id(0)
+            ticket = tl.atomic_add(cnt_ptr + tile, 1)
+            if ticket == SPLIT - 1:
+                g = tl.zeros([ROWS, BLOCK_N], tl.float32)
+                u = tl.zeros([ROWS, BLOCK_N], tl.float32)
+                sl = tl.arange(0, REDUCE)
+                for s0 in range(0, SPLIT, REDUCE):   # REDUCE slices per load, in slice order
+                    ptrs = part_ptr + (s0 + sl).to(tl.int64)[:, None, None] * P * 2 * F + pat[None, :, :]
+                    m3 = ((s0 + sl) < SPLIT)[:, None, None] & mask[None, :, :]
+                    g += tl.sum(tl.load(ptrs, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+                    u += tl.sum(tl.load(ptrs + F, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+                h = swiglu_tile(g, u, limit, h_ptr.dtype.element_ty, CLAMP) * tl.load(rw_ptr + rows, mask=rmask,
+                                                                                       other=0.0)[:, None]
+                tl.store(h_ptr + rows.to(tl.int64)[:, None] * F + rn[None, :], h.to(h_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
-def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, we_stride, se_stride, rs_w, rs_s,
-                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr):
+def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, part_ptr, cnt_ptr, C, F, we_stride, se_stride,
+                 rs_w, rs_s, STEPS_PER, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr,
+                 DIRECT: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr):
+    """y = h @ w2^T per pair; SPLIT > 1 (DIRECT only) as _gate_up_kernel's, through store_split (part
+    [SPLIT, pairs, C])."""
+    tl.static_assert(SPLIT == 1 or DIRECT, "split-K needs one pair per program (DIRECT)")
     e, start, end = _expert_rows(active_ptr, offs_ptr, DIRECT)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < C
@@ -121,10 +172,18 @@ def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, we_st
     for r0 in range(start, end, ROWS):
         rows = r0 + tl.arange(0, ROWS)
         rmask = rows < end
-        y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, rs_w, rs_s, tl.zeros([ROWS, BLOCK_N], tl.float32),
-                      DT, IEEE)
-        tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + rn[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & nmask[None, :])
+        if SPLIT == 1:
+            y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, 0, F // 2, rs_w, rs_s,
+                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE)
+            tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + rn[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=rmask[:, None] & nmask[None, :])
+        else:
+            kh_lo, kh_hi = _k_slice(F, STEPS_PER)
+            y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, kh_lo, kh_hi, rs_w, rs_s,
+                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE)
+            P = tl.num_programs(0)
+            # rows past this program's pair point past the last pair, so that store_split masks them
+            store_split(y, part_ptr, cnt_ptr, y_ptr, tl.where(rmask, rows, P), rn, P, C, SPLIT, REDUCE)
 
 
 def _sorted_pairs(idx: torch.Tensor, E: int):
@@ -196,14 +255,47 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
     d1, s1, d3, s3, d2, s2 = (t.contiguous() for t in (w1.data, w1.scale, w3.data, w3.scale, w2.data, w2.scale))
     bn = _block_n(P)
     slots, rows = active.numel(), (16 if direct else _rows(P, E))
-    _gate_up_kernel[(slots, triton.cdiv(F, bn))](x, tok, rw, active, offs, d1, s1, d3, s3, h, F, C,
-                                                 float(swiglu_limit), d1.stride(0), s1.stride(0), d1.stride(1),
-                                                 s1.stride(1), k, BLOCK_N=bn, ROWS=rows, CLAMP=swiglu_limit > 0,
-                                                 IEEE=interpreted(), DIRECT=direct, num_warps=4, num_stages=3)
-    _down_kernel[(slots, triton.cdiv(C, bn))](h, active, offs, d2, s2, y, C, F, d2.stride(0), s2.stride(0),
-                                              d2.stride(1), s2.stride(1), BLOCK_N=bn, ROWS=rows, IEEE=interpreted(),
-                                              DIRECT=direct, num_warps=4, num_stages=3)
+    steps1, steps2 = triton.cdiv(C, FP4_STEP), triton.cdiv(F, FP4_STEP)
+    split1, split2 = direct_splits(P, F, C, x.device) if direct else (1, 1)
+    per1, per2 = triton.cdiv(steps1, split1), triton.cdiv(steps2, split2)
+    # fp32 K-slice partial sums (unused at one slice); one ticket buffer: the launches run one after the other
+    part1 = torch.empty(split1, P, 2 * F, dtype=torch.float32, device=x.device)
+    part2 = torch.empty(split2, P, C, dtype=torch.float32, device=x.device)
+    grid1, grid2 = (slots, triton.cdiv(F, bn), split1), (slots, triton.cdiv(C, bn), split2)
+    tickets = tile_tickets(x.device, max(grid1[0] * grid1[1], grid2[0] * grid2[1]))
+    _gate_up_kernel[grid1](x, tok, rw, active, offs, d1, s1, d3, s3, h, part1, tickets, F, C, float(swiglu_limit),
+                           d1.stride(0), s1.stride(0), d1.stride(1), s1.stride(1), k, per1, BLOCK_N=bn, ROWS=rows,
+                           CLAMP=swiglu_limit > 0, IEEE=interpreted(), DIRECT=direct, SPLIT=split1,
+                           REDUCE=_reduce(split1, 4), num_warps=4, num_stages=3)
+    _down_kernel[grid2](h, active, offs, d2, s2, y, part2, tickets, C, F, d2.stride(0), s2.stride(0), d2.stride(1),
+                        s2.stride(1), per2, BLOCK_N=bn, ROWS=rows, IEEE=interpreted(), DIRECT=direct, SPLIT=split2,
+                        REDUCE=_reduce(split2, 8), num_warps=4, num_stages=3)
     return slot_sum(y, at, k)
+
+
+def direct_split(programs: int, steps: int, device: torch.device) -> int:
+    """K slices of a direct (decode) expert kernel with `programs` output tiles over `steps` FP4 K steps: enough
+    that about EXPERT_SPLIT_PER_SM programs per SM stream the weights, at most MAX_SPLIT and `steps`
+    (DIRECT_SPLIT, when set, instead of the rule). A static-shape decision (CUDA graphs)."""
+    want = DIRECT_SPLIT if DIRECT_SPLIT is not None else (
+        EXPERT_SPLIT_PER_SM * multiprocessors(device)) // max(programs, 1)
+    return max(1, min(steps, MAX_SPLIT, want))
+
+
+def direct_splits(pairs: int, F: int, C: int, device: torch.device) -> tuple[int, int]:
+    """K slices of the direct gate/up and down kernels for `pairs` (token, slot) pairs, each a whole number of FP4
+    steps (no empty slice)."""
+    bn = _block_n(pairs)
+    out = []
+    for tiles, K in ((triton.cdiv(F, bn), C), (triton.cdiv(C, bn), F)):
+        steps = triton.cdiv(K, FP4_STEP)
+        out.append(triton.cdiv(steps, triton.cdiv(steps, direct_split(pairs * tiles, steps, device))))
+    return out[0], out[1]
+
+
+def _reduce(split: int, most: int) -> int:
+    """K slices the last program reads back per load: a power of two, at most `most` and no more than needed."""
+    return min(most, triton.next_power_of_2(split))
 
 
 def dequantises(idx: torch.Tensor, E: int, device: torch.device) -> bool:

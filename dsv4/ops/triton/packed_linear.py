@@ -170,7 +170,7 @@ def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
 
 
 @triton.jit
-def _swiglu_tile(g, u, limit, DT: tl.constexpr, CLAMP: tl.constexpr):
+def swiglu_tile(g, u, limit, DT: tl.constexpr, CLAMP: tl.constexpr):
     """The clamped SwiGLU of fp32 gate / up sums as reference/packed.swiglu computes it after two linears: both
     rounded to the activation dtype DT first, then fp32 math."""
     g = g.to(DT).to(tl.float32)
@@ -206,7 +206,7 @@ def _fp8_swiglu_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, out_ptr, part_ptr,
     mask = mmask[:, None] & nmask[None, :]
     at = rm.to(tl.int64)[:, None] * N + rn[None, :]
     if SPLIT == 1:
-        h = _swiglu_tile(acc_g, acc_u, limit, out_ptr.dtype.element_ty, CLAMP)
+        h = swiglu_tile(acc_g, acc_u, limit, out_ptr.dtype.element_ty, CLAMP)
         tl.store(out_ptr + at, h.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         pat = rm.to(tl.int64)[:, None] * (2 * N) + rn[None, :]
@@ -225,7 +225,7 @@ def _fp8_swiglu_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, out_ptr, part_ptr,
                 m3 = ((s0 + sl) < SPLIT)[:, None, None] & mask[None, :, :]
                 g += tl.sum(tl.load(ptrs, mask=m3, other=0.0, cache_modifier=".cg"), 0)
                 u += tl.sum(tl.load(ptrs + N, mask=m3, other=0.0, cache_modifier=".cg"), 0)
-            h = _swiglu_tile(g, u, limit, out_ptr.dtype.element_ty, CLAMP)
+            h = swiglu_tile(g, u, limit, out_ptr.dtype.element_ty, CLAMP)
             tl.store(out_ptr + at, h.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(cnt_ptr + tile, 0)
 

@@ -69,6 +69,46 @@ def test_fp4_experts_direct_pairs_match_sorted(monkeypatch):
     assert rel_err(direct, ref_moe(x.double(), w1, w2, w3, idx, rw.double(), 7.0)) < TOL * 10
 
 
+@pytest.mark.parametrize("split", [2, 16], ids=["split2", "split-capped"])
+def test_fp4_experts_split_k(split, monkeypatch):
+    """Decode pairs with K split across programs (forced by DIRECT_SPLIT): gate/up's K = C = 288 is 3 FP4 steps,
+    the last one partial, so 2 slices are uneven (2 + 1 steps) and 16 is capped at 3 one-step slices (down's
+    K = F = 160: 2 steps); a shared expert (2) and the SwiGLU clamp. The float64 reference within the unsplit
+    tests' tolerance, the unsplit kernels close, the same result twice (deterministic), the tile counters left
+    at 0."""
+    from dsv4.ops.triton.packed_linear import tile_tickets
+    g = gen(7)
+    E, C, F = 4, 288, 160
+    w1, w2, w3 = _experts(E, F, C, g)
+    idx = torch.tensor([[2, 0], [3, 2]], dtype=torch.int32).to(DEV)
+    x = randn(2, C, g=g, dtype=DT)
+    rw = torch.rand(2, 2, generator=g).to(DEV)
+    assert idx.numel() <= tpe.DIRECT_MAX_PAIRS
+    monkeypatch.setattr(tpe, "DIRECT_SPLIT", split)
+    assert [tpe.direct_split(8, steps, x.device) for steps in (3, 2)] == [min(split, 3), 2]
+    got = tri_moe(x, w1, w2, w3, idx, rw, 0.5)
+    want = ref_moe(x.double(), w1, w2, w3, idx, rw.double(), 0.5)
+    assert rel_err(got, want) < TOL * 10
+    assert torch.equal(tri_moe(x, w1, w2, w3, idx, rw, 0.5), got)
+    assert not tile_tickets(x.device, 1).any()
+    monkeypatch.setattr(tpe, "DIRECT_SPLIT", 1)
+    assert rel_err(got, tri_moe(x, w1, w2, w3, idx, rw, 0.5)) < TOL * 10
+
+
+def test_direct_split_rule(monkeypatch):
+    """The split fills about EXPERT_SPLIT_PER_SM programs per SM, capped by MAX_SPLIT and the K steps; one slice
+    when the tiles already fill the GPU, or with the rule turned off (EXPERT_SPLIT_PER_SM = 0)."""
+    monkeypatch.setattr(tpe, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(tpe, "EXPERT_SPLIT_PER_SM", 16)
+    cpu = torch.device("cpu")
+    assert tpe.direct_split(6 * 64, 32, cpu) == 5          # 2112 // 384
+    assert tpe.direct_split(8, 32, cpu) == tpe.MAX_SPLIT
+    assert tpe.direct_split(8, 3, cpu) == 3
+    assert tpe.direct_split(16 * 128, 16, cpu) == 1
+    monkeypatch.setattr(tpe, "EXPERT_SPLIT_PER_SM", 0)
+    assert tpe.direct_split(8, 32, cpu) == 1
+
+
 def test_used_experts_list():
     """The kernels' expert slots: the used experts in increasing order, then -1 up to min(E, pairs)."""
     from dsv4.ops.triton.packed_experts import _sorted_pairs
