@@ -2,13 +2,13 @@
 environment, held-out set and turn limit in the pipeline."""
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
 from dsv4.errors import InvalidArgument
 from dsv4.posttrain.envs.registry import parse_env_levels
 from dsv4.posttrain.pipeline import PipelineConfig, build_envs, summary_table
+
+from cli_capture import posttrain_config
 
 
 def _level(env) -> str:
@@ -43,31 +43,18 @@ def test_parse_env_levels_names_the_bad_part(spec, default, names):
     assert names in str(e.value)
 
 
-def _cli_config(monkeypatch, argv: list[str]) -> PipelineConfig:
-    import dsv4.posttrain.pipeline as pipeline
-    from dsv4.cli import posttrain as cli
-    seen = {}
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda out, cfg: seen.setdefault("cfg", cfg) and
-                        {"total_seconds": 0.0})
-    monkeypatch.setattr(pipeline, "summary_table", lambda summary: "")
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    cli.run(parser.parse_args(["--out", "x", *argv]))
-    return seen["cfg"]
-
-
 def test_cli_gives_each_domain_its_level_and_the_rest_level(monkeypatch):
-    cfg = _cli_config(monkeypatch, ["--env", "math,code:medium,agent", "--level", "hard"])
+    cfg = posttrain_config(monkeypatch, ["--env", "math,code:medium,agent", "--level", "hard"])
     assert cfg.envs == ("math", "code", "agent")
     assert cfg.env_levels() == {"math": "hard", "code": "medium", "agent": "hard"}
-    plain = _cli_config(monkeypatch, ["--env", "math,instruct", "--level", "medium"])   # --level as before
+    plain = posttrain_config(monkeypatch, ["--env", "math,instruct", "--level", "medium"])   # --level as before
     assert plain.env_levels() == {"math": "medium", "instruct": "medium"}
     with pytest.raises(InvalidArgument, match="unknown level 'hardest'"):
-        _cli_config(monkeypatch, ["--env", "math:hardest"])
+        posttrain_config(monkeypatch, ["--env", "math:hardest"])
 
 
 def test_cli_only_grpo_names_the_domains_without_their_levels(monkeypatch):
-    cfg = _cli_config(monkeypatch, ["--env", "math,agent:medium", "--only", "grpo"])
+    cfg = posttrain_config(monkeypatch, ["--env", "math,agent:medium", "--only", "grpo"])
     assert cfg.only == ("grpo-math", "grpo-agent")
 
 

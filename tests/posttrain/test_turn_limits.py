@@ -11,6 +11,7 @@ from dsv4.posttrain.chat_data import encode_conversation, encode_prompt
 from dsv4.posttrain.envs.base import Problem
 from dsv4.posttrain.turn_limits import (derived_limit, largest_limit, limit_for, longest_turn,
                                         parse_max_new_tokens, turn_limits)
+from cli_capture import posttrain_config
 from grpo_toys import toy_tokenizer
 
 
@@ -73,16 +74,5 @@ def test_parse_max_new_tokens_refuses_bad_forms(text):
 
 @pytest.mark.parametrize("flag, want", [(None, None), ("40", 40), ("agent=90,math=12", {"agent": 90, "math": 12})])
 def test_posttrain_cli_passes_the_limits_on(monkeypatch, flag, want):
-    import argparse
-
-    import dsv4.posttrain.pipeline as pipeline
-    from dsv4.cli import posttrain as cli
-    seen = {}
-    monkeypatch.setattr(pipeline, "run_pipeline", lambda out, cfg: seen.setdefault("cfg", cfg) and
-                        {"total_seconds": 0.0})
-    monkeypatch.setattr(pipeline, "summary_table", lambda summary: "")
-    parser = argparse.ArgumentParser()
-    cli.add_arguments(parser)
-    cli.run(parser.parse_args(["--out", "x", "--env", "math,agent"] + ([] if flag is None else
-                                                                       ["--max-new-tokens", flag])))
-    assert seen["cfg"].max_new_tokens == want
+    cfg = posttrain_config(monkeypatch, ["--env", "math,agent"] + ([] if flag is None else ["--max-new-tokens", flag]))
+    assert cfg.max_new_tokens == want
