@@ -45,8 +45,9 @@ EXPERT_SCRATCH_BYTES = 2 << 30  # bf16 experts dequantised at once at most (V4-F
 # Programs per SM that the direct (decode) kernels' K split aims for (direct_split); 0 turns the split off. At
 # batch 1 of V4-Flash (6 pairs) gate/up has 6 x 64 output tiles and down 6 x 128, 2.9 and 5.8 per H100 SM, each
 # streaming its rows over all of K in 32 / 16 sequential steps; bench/native_gemm.py --experts-split times the
-# split against none.
-EXPERT_SPLIT_PER_SM = 16
+# split against none. Off (0) until that comparison has run on a GPU: with 0 the direct kernels compile exactly as
+# without a split; 16 is the value to time (H100, batch 1: gate/up 5 slices, down 2).
+EXPERT_SPLIT_PER_SM = 0
 # K slices of the direct kernels when set (tests and bench/native_gemm.py --experts-split): instead of the rule
 DIRECT_SPLIT: int | None = None
 
