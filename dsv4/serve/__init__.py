@@ -7,7 +7,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_EXPORTS = {"Engine": "engine", "RequestHandle": "engine", "PrefixCache": "prefix_cache",
+_EXPORTS = {"Engine": "engine", "RequestHandle": "handle", "PrefixCache": "prefix_cache",
             "SamplingParams": "types", "TokenEvent": "types", "QueueFull": "types", "build_app": "api"}
 __all__ = list(_EXPORTS)
 
