@@ -40,8 +40,8 @@ from .rollout import SAMPLERS, rollout
 from .trajectory import Trajectory
 from .turn_limits import check_max_new_tokens, largest_limit
 
-__all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "evaluate_greedy", "plot_rewards",
-           "save_policy_dir"]
+__all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "minibatch_indices", "evaluate_greedy",
+           "plot_rewards", "save_policy_dir"]
 
 
 
@@ -167,35 +167,35 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
     loss_cfg = cfg.loss_config()
     model.train()
     rewards = torch.tensor([t.reward.score for t in trajs], dtype=torch.float32)
-    adv = group_advantages(rewards, cfg.num_generations, scale=loss_cfg.scale_rewards, eps=loss_cfg.adv_eps).to(device)
-    batch = pad_batch(trajs, device, bucket=resolve_bucket(cfg.length_bucket, device))
-    T = batch.tokens.shape[1]
-    # every epoch's shuffled minibatches, chosen on the host and copied to the device at once
-    parts = [part.sort().values for epoch in range(cfg.mu)
-             for part in torch.randperm(len(trajs), generator=torch.Generator().manual_seed(seed + epoch))
-             .chunk(cfg.minibatches)]
-    on_device = _to_device(torch.cat(parts), device).split([len(p) for p in parts])
+    adv = _to_device(group_advantages(rewards, cfg.num_generations, scale=loss_cfg.scale_rewards,
+                                      eps=loss_cfg.adv_eps), device)
+    batch = pad_batch(trajs, bucket=resolve_bucket(cfg.length_bucket, device))
+    tokens = batch.tokens   # on the host: the model checks their range there and sends them without a wait
+    batch.mask, batch.old_logp = _to_device(batch.mask, device), _to_device(batch.old_logp, device)
+    T = tokens.shape[1]
+    parts = minibatch_indices(len(trajs), cfg.mu, cfg.minibatches, seed)
+    on_host = torch.tensor([i for p in parts for i in p]).split([len(p) for p in parts])
+    on_device = _to_device(torch.cat(on_host), device).split([len(p) for p in parts])
     ref_logp = None
     if ref_model is not None and cfg.beta > 0:
         with torch.no_grad():
-            ref_logp, _ = token_logprobs(ref_model, batch.tokens, temperature=cfg.temperature,
+            ref_logp, _ = token_logprobs(ref_model, tokens, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
     single = cfg.mu == 1 and cfg.minibatches == 1
     old_logp = None
     if not single:   # the policy before this batch's updates, as the ratio's denominator
         with torch.no_grad(), _replay(model, trajs, T, cfg.routing_replay):
-            old_logp, _ = token_logprobs(model, batch.tokens, temperature=cfg.temperature,
+            old_logp, _ = token_logprobs(model, tokens, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
     once: dict[str, torch.Tensor] = {}   # values measured once per batch
     if cfg.routing_replay:   # the drift replay removes: the same forward routing on its own
         with torch.no_grad():
-            free, _ = token_logprobs(model, batch.tokens, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
+            free, _ = token_logprobs(model, tokens, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
         once["drift_unreplayed"] = _policy_mean((free - batch.old_logp).abs(), batch.mask)
     acc: dict[str, list[torch.Tensor]] = {"kl": [], "clip_frac": [], "loss": [], "grad_norm": [], "entropy": []}
-    for part, idx in zip(parts, on_device):
-        sub = [trajs[i] for i in part.tolist()]   # `part` is on the host
-        with _replay(model, sub, T, cfg.routing_replay):
-            logp, ent = token_logprobs(model, batch.tokens[idx], temperature=cfg.temperature,
+    for part, host_idx, idx in zip(parts, on_host, on_device):
+        with _replay(model, [trajs[i] for i in part], T, cfg.routing_replay):
+            logp, ent = token_logprobs(model, tokens[host_idx], temperature=cfg.temperature,
                                        chunk=cfg.logprob_chunk)
         mask = batch.mask[idx]
         old = logp.detach() if old_logp is None else old_logp[idx]
@@ -225,6 +225,18 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
     out["drift"] = read["drift"][0]
     if "drift_unreplayed" in read:
         out["drift_unreplayed"] = read["drift_unreplayed"][0]
+    return out
+
+
+def minibatch_indices(n: int, mu: int, minibatches: int, seed: int) -> list[list[int]]:
+    """Each of `mu` epochs' shuffled minibatches of trajectories 0..n-1 (sorted indices), decided on the host
+    before any device work: epoch e's seeded permutation in `minibatches` parts as Tensor.chunk splits it (parts
+    of ceil(n / minibatches), the last smaller)."""
+    size = -(-n // minibatches)
+    out = []
+    for epoch in range(mu):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out += [sorted(order[i:i + size]) for i in range(0, n, size)]
     return out
 
 
