@@ -40,8 +40,8 @@ from .rollout import SAMPLERS, rollout
 from .trajectory import Trajectory
 from .turn_limits import check_max_new_tokens, largest_limit
 
-__all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "evaluate_greedy", "plot_rewards",
-           "save_policy_dir"]
+__all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "minibatch_indices", "evaluate_greedy",
+           "plot_rewards", "save_policy_dir"]
 
 
 
@@ -114,9 +114,10 @@ class GRPOResult:
     evals: list[dict] = field(default_factory=list)         # held-out accuracy rows
 
 
-def _policy_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
+def _policy_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` over the policy tokens, as a 0-dim tensor on their device (read later, with the rest)."""
     m = mask.float()
-    return float((values * m).sum() / m.sum().clamp(min=1))
+    return (values * m).sum() / m.sum().clamp(min=1)
 
 
 def evaluate_greedy(model, tokenizer, envs: Mapping[str, Environment], n: int,
@@ -152,67 +153,108 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
                    seed: int = 0) -> dict[str, float]:
     """Steps 2-3 of the module doc on one scored rollout batch (trajectories of one prompt consecutive, G each);
     returns the batch's mean loss, grad norm, clip fraction, entropy, drift (and KL with a reference; with routing
-    replay also `drift_unreplayed`, the drift of the same weights routing on their own, for comparison)."""
+    replay also `drift_unreplayed`, the drift of the same weights routing on their own, for comparison).
+
+    The minibatch loop reads nothing from the device: at these sizes the host's kernel launches take longer than
+    the GPU's work, and each read would make the host wait for the queue to drain before launching the next
+    minibatch. Every logged value stays a device tensor until one read at the end of the batch. So the gradient
+    norm's non-finite check happens there too: a non-finite gradient raises RuntimeError at the end of the batch,
+    after that minibatch's update (and the later ones) ran, leaving the model's weights non-finite, rather than
+    before the update. The run still stops there: grpo_train calls this before the step's metrics row, any
+    evaluation and the save of final/ (and the pipeline's GRPO stage does not catch it), so no non-finite weights
+    are evaluated or saved."""
     device = model.embed.weight.device
     loss_cfg = cfg.loss_config()
     model.train()
     rewards = torch.tensor([t.reward.score for t in trajs], dtype=torch.float32)
-    adv = group_advantages(rewards, cfg.num_generations, scale=loss_cfg.scale_rewards, eps=loss_cfg.adv_eps).to(device)
-    batch = pad_batch(trajs, device, bucket=resolve_bucket(cfg.length_bucket, device))
-    T = batch.tokens.shape[1]
+    adv = _to_device(group_advantages(rewards, cfg.num_generations, scale=loss_cfg.scale_rewards,
+                                      eps=loss_cfg.adv_eps), device)
+    batch = pad_batch(trajs, bucket=resolve_bucket(cfg.length_bucket, device))
+    tokens = batch.tokens   # on the host: the model checks their range there and sends them without a wait
+    batch.mask, batch.old_logp = _to_device(batch.mask, device), _to_device(batch.old_logp, device)
+    T = tokens.shape[1]
+    parts = minibatch_indices(len(trajs), cfg.mu, cfg.minibatches, seed)
+    on_host = torch.tensor([i for p in parts for i in p]).split([len(p) for p in parts])
+    on_device = _to_device(torch.cat(on_host), device).split([len(p) for p in parts])
     ref_logp = None
     if ref_model is not None and cfg.beta > 0:
         with torch.no_grad():
-            ref_logp, _ = token_logprobs(ref_model, batch.tokens, temperature=cfg.temperature,
+            ref_logp, _ = token_logprobs(ref_model, tokens, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
     single = cfg.mu == 1 and cfg.minibatches == 1
     old_logp = None
     if not single:   # the policy before this batch's updates, as the ratio's denominator
         with torch.no_grad(), _replay(model, trajs, T, cfg.routing_replay):
-            old_logp, _ = token_logprobs(model, batch.tokens, temperature=cfg.temperature,
+            old_logp, _ = token_logprobs(model, tokens, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
-    unreplayed = None
+    once: dict[str, torch.Tensor] = {}   # values measured once per batch
     if cfg.routing_replay:   # the drift replay removes: the same forward routing on its own
         with torch.no_grad():
-            free, _ = token_logprobs(model, batch.tokens, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
-        unreplayed = _policy_mean((free - batch.old_logp).abs(), batch.mask)
-    stats_acc: dict[str, list[float]] = {"kl": [], "clip_frac": [], "loss": [], "grad_norm": [], "entropy": []}
-    drift = None
-    for epoch in range(cfg.mu):
-        order = torch.randperm(len(trajs), generator=torch.Generator().manual_seed(seed + epoch))
-        for part in order.chunk(cfg.minibatches):
-            idx = part.sort().values.to(device)
-            sub = [trajs[i] for i in idx.tolist()]
-            with _replay(model, sub, T, cfg.routing_replay):
-                logp, ent = token_logprobs(model, batch.tokens[idx], temperature=cfg.temperature,
-                                           chunk=cfg.logprob_chunk)
-            mask = batch.mask[idx]
-            old = logp.detach() if old_logp is None else old_logp[idx]
-            if drift is None and single:
-                drift = _policy_mean((logp.detach() - batch.old_logp[idx]).abs(), mask)
-            loss, stats = grpo_loss(logp, old, adv[idx], mask, loss_cfg,
-                                    None if ref_logp is None else ref_logp[idx])
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-            if not math.isfinite(grad_norm):
-                raise RuntimeError("GRPO: non-finite gradient norm; stopping before the update")
-            for opt in optimizers:
-                opt.step()
-            stats_acc["loss"].append(float(loss.detach()))
-            stats_acc["grad_norm"].append(grad_norm)
-            stats_acc["clip_frac"].append(stats["clip_frac"])
-            stats_acc["entropy"].append(_policy_mean(ent, mask))
-            if "kl" in stats:
-                stats_acc["kl"].append(stats["kl"])
-    if drift is None:
-        drift = _policy_mean((old_logp - batch.old_logp).abs(), batch.mask)
-    out = {k: sum(v) / len(v) for k, v in stats_acc.items() if v}
-    out["drift"] = drift
-    if unreplayed is not None:
-        out["drift_unreplayed"] = unreplayed
+            free, _ = token_logprobs(model, tokens, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
+        once["drift_unreplayed"] = _policy_mean((free - batch.old_logp).abs(), batch.mask)
+    acc: dict[str, list[torch.Tensor]] = {"kl": [], "clip_frac": [], "loss": [], "grad_norm": [], "entropy": []}
+    for part, host_idx, idx in zip(parts, on_host, on_device):
+        with _replay(model, [trajs[i] for i in part], T, cfg.routing_replay):
+            logp, ent = token_logprobs(model, tokens[host_idx], temperature=cfg.temperature,
+                                       chunk=cfg.logprob_chunk)
+        mask = batch.mask[idx]
+        old = logp.detach() if old_logp is None else old_logp[idx]
+        if "drift" not in once and single:
+            once["drift"] = _policy_mean((logp.detach() - batch.old_logp[idx]).abs(), mask)
+        loss, stats = grpo_loss(logp, old, adv[idx], mask, loss_cfg, None if ref_logp is None else ref_logp[idx],
+                                tensors=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        acc["grad_norm"].append(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        for opt in optimizers:
+            opt.step()
+        acc["loss"].append(loss.detach())
+        acc["clip_frac"].append(stats["clip_frac"])
+        acc["entropy"].append(_policy_mean(ent, mask))
+        if "kl" in stats:
+            acc["kl"].append(stats["kl"])
+    if "drift" not in once:
+        once["drift"] = _policy_mean((old_logp - batch.old_logp).abs(), batch.mask)
+    read = _read_once({**{k: v for k, v in acc.items() if v}, **{k: [v] for k, v in once.items()}})
+    bad = [i for i, g in enumerate(read["grad_norm"]) if not math.isfinite(g)]
+    if bad:
+        raise RuntimeError(f"GRPO: non-finite gradient norm in minibatch {bad[0] + 1} of {len(parts)}; stopping "
+                           "at the end of the batch")
+    out = {k: sum(read[k]) / len(read[k]) for k in acc if acc[k]}
+    out["drift"] = read["drift"][0]
+    if "drift_unreplayed" in read:
+        out["drift_unreplayed"] = read["drift_unreplayed"][0]
     return out
+
+
+def minibatch_indices(n: int, mu: int, minibatches: int, seed: int) -> list[list[int]]:
+    """Each of `mu` epochs' shuffled minibatches of trajectories 0..n-1 (sorted indices), decided on the host
+    before any device work: epoch e's seeded permutation in `minibatches` parts as Tensor.chunk splits it (parts
+    of ceil(n / minibatches), the last smaller)."""
+    size = -(-n // minibatches)
+    out = []
+    for epoch in range(mu):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out += [sorted(order[i:i + size]) for i in range(0, n, size)]
+    return out
+
+
+def _read_once(values: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
+    """Every 0-dim tensor of `values` as a Python float, in one device-to-host transfer (float64 holds each of
+    float32/bfloat16 exactly, so each float is what float(tensor) gives)."""
+    flat = torch.stack([v.detach().reshape(()).double() for vs in values.values() for v in vs]).tolist()
+    out, i = {}, 0
+    for k, vs in values.items():
+        out[k], i = flat[i:i + len(vs)], i + len(vs)
+    return out
+
+
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`x` on `device`; to a GPU from pinned memory without waiting (a pageable copy waits for the queue)."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfig, out: str | None = None, *,

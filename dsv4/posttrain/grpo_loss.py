@@ -108,11 +108,14 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: str, max_len: in
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
-              cfg: GRPOLossConfig, ref_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The minibatch loss and its parts (detached floats: kl, clip_frac, ratio)."""
+              cfg: GRPOLossConfig, ref_logp: torch.Tensor | None = None, *, tensors: bool = False
+              ) -> tuple[torch.Tensor, dict]:
+    """The minibatch loss and its detached parts (kl, clip_frac, ratio): Python floats, or with `tensors` the
+    0-dim device tensors they are read from (a training loop that reads its logged values once per batch keeps
+    them on the device: each read waits for the GPU)."""
     surrogate, bound = clipped_surrogate(logp, old_logp, adv, cfg.epsilon, cfg.epsilon_high)
     per_token = surrogate
-    stats: dict[str, float] = {}
+    stats: dict[str, torch.Tensor] = {}
     m = mask.bool()
     n = m.sum().clamp(min=1)
     if cfg.beta > 0 or ref_logp is not None:
@@ -121,7 +124,10 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mas
         kl = k3_kl(logp, ref_logp)
         if cfg.beta > 0:
             per_token = per_token + cfg.beta * kl
-        stats["kl"] = float((kl.detach() * m).sum() / n)
-    stats["clip_frac"] = float((bound & m).sum() / n)
-    stats["ratio"] = float((torch.exp(logp - old_logp).detach() * m).sum() / n)
-    return aggregate(per_token, mask, cfg.aggregation, cfg.max_len), stats
+        stats["kl"] = (kl.detach() * m).sum() / n
+    stats["clip_frac"] = (bound & m).sum() / n
+    stats["ratio"] = (torch.exp(logp - old_logp).detach() * m).sum() / n
+    loss = aggregate(per_token, mask, cfg.aggregation, cfg.max_len)
+    if tensors:
+        return loss, stats
+    return loss, {k: float(v) for k, v in stats.items()}

@@ -58,11 +58,15 @@ def _chunk_logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: 
 
 def token_logprobs(model, tokens: torch.Tensor, *, temperature: float = 1.0, chunk: int = 512
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """tokens [B, T] -> (logp [B, T], entropy [B, T]) where logp[:, t] = log p(tokens[t] | tokens[:t]) and
+    """tokens [B, T] (on the model's device, or on the host: then the forward reads nothing back from the device)
+    -> (logp [B, T], entropy [B, T]) on the model's device, where logp[:, t] = log p(tokens[t] | tokens[:t]) and
     entropy[:, t] is that distribution's entropy (in nats); position 0 (no context) is 0 in both. The entropy
     carries no gradient."""
     B, T = tokens.shape
-    h = model.hidden(tokens[:, :-1]) if T > 1 else None
+    h = model.hidden(tokens[:, :-1]) if T > 1 else None   # ids on the host: checked there, sent without a wait
+    device = model.embed.weight.device
+    if tokens.device != device:   # the targets, beside the logits
+        tokens = tokens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tokens.to(device)
     logp = tokens.new_zeros((B, T), dtype=torch.float32)
     ent = torch.zeros(B, T, dtype=torch.float32, device=tokens.device)
     if h is None:
