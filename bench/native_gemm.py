@@ -8,16 +8,16 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
     python bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert "" --moe-experts 32 \
                                 --experts-split auto 1 2 4 8                # decode experts: split-K vs none
     python bench/native_gemm.py --only fp4 --ms 1,4,16,64 --prefill-ms "" --moe-tokens 1,2,8 --moe-per-expert "" \
-                                --moe-experts 32 --fp4-decode old new       # the two FP4 decodes side by side
+                                --moe-experts 32 --fp4-decode old bf16mul after   # FP4 decodes
 
 --experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
 once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
 side by side on the same routings.
 
 --fp4-decode times the FP4 register kernels (the FP4 GEMM rows and the grouped experts' rows, and each
---experts-split setting) once per FP4 decode: old = the weights scaled in registers before the dot, new = scaled
-after it (packed_linear.FP4_SCALE_AFTER_DOT), on the same weights and inputs; the row's own timing is the module's
-default decode.
+--experts-split setting) once per FP4 decode of packed_linear.FP4_DECODES (old: scaled in fp32 before the dot,
+bf16mul: scaled in bf16 before it, after: the fp32 partial product of each scale group scaled after it), on the
+same weights and inputs; the row's own timing is the module's default decode (packed_linear.FP4_DECODE).
 
 Each GPU case is timed as a CUDA graph that calls the op once on each of several copies of the weights (together
 larger than L2, so every call reads its weights from HBM, as decode does), divided by the copy count.
@@ -58,17 +58,14 @@ TINY_MOE = dict(E=4, C=128, F=64, k=2)
 L2_FLUSH_BYTES = 256 << 20   # weight copies per timed graph: together at least this many bytes
 
 
-FP4_DECODES = {"old": False, "new": True}   # --fp4-decode name -> packed_linear.FP4_SCALE_AFTER_DOT
-
-
 @contextlib.contextmanager
 def fp4_decode(name: str):
-    """packed_linear.FP4_SCALE_AFTER_DOT set for the FP4 decode `name` (old / new) inside the block."""
-    saved, packed_linear.FP4_SCALE_AFTER_DOT = packed_linear.FP4_SCALE_AFTER_DOT, FP4_DECODES[name]
+    """packed_linear.FP4_DECODE set to `name` (one of packed_linear.FP4_DECODES) inside the block."""
+    saved, packed_linear.FP4_DECODE = packed_linear.FP4_DECODE, name
     try:
         yield
     finally:
-        packed_linear.FP4_SCALE_AFTER_DOT = saved
+        packed_linear.FP4_DECODE = saved
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -138,7 +135,7 @@ def candidate_configs(M: int, N: int, K: int, fmt: str, device) -> list[tuple[in
 
 def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbps: float,
                sweep: bool = False, decodes: list[str] = ()) -> list[dict]:
-    """`decodes` (FP4): FP4 decodes (FP4_DECODES) timed side by side on each row the register kernel runs."""
+    """`decodes` (FP4): FP4 decodes (packed_linear.FP4_DECODES) timed side by side on each row the register kernel runs."""
     out = []
     g = torch.Generator().manual_seed(0)
     for name, N, K, *grouped in shapes:
@@ -196,7 +193,7 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                     frac = (packed.nbytes + io) / t_d / 1e6 / copy_gbps
                     row["fp4_decode"].append({"decode": name_d, "ms": t_d, "frac_copy_bw": frac,
                                               "rel_l2_vs_reference": err_d})
-                    print(f"    fp4 decode {name_d:3s}  {t_d * 1e3:8.1f} us  {frac:6.1%} of copy  "
+                    print(f"    fp4 decode {name_d:7s}  {t_d * 1e3:8.1f} us  {frac:6.1%} of copy  "
                           f"x{t_b / t_d:.2f} vs bf16  rel-L2 {err_d:.1e}", flush=True)
             if sweep and not G and not swiglu and not packed_linear.dequantises(x, K):
                 row["configs"] = []
@@ -228,7 +225,7 @@ def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps:
     the same routings; each timed graph calls them on `ROUTINGS` different random routings, so that the experts one
     call reads are not still in L2 from the call before. `splits`: K-split settings of the direct kernels timed
     side by side where a call takes that path ("auto" or a forced slice count), under each FP4 decode of `decodes`
-    (FP4_DECODES; also timed on their own wherever the register kernels run)."""
+    (packed_linear.FP4_DECODES; also timed on their own wherever the register kernels run)."""
     from dsv4 import ops
     E, C, F, k = shape["E"], shape["C"], shape["F"], shape["k"]
     g = torch.Generator().manual_seed(1)
@@ -283,7 +280,7 @@ def decode_case(decode: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: 
                      ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0))
         t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
     frac = nbytes / t / 1e6 / copy_gbps
-    print(f"    fp4 decode {decode:3s}  {t * 1e3:8.1f} us  {frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
+    print(f"    fp4 decode {decode:7s}  {t * 1e3:8.1f} us  {frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
     return {"decode": decode, "ms": t, "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
 
 
@@ -323,8 +320,8 @@ def main() -> None:
                     "build faster and still outgrow L2 over a timed graph's routings)")
     ap.add_argument("--experts-split", nargs="+", default=[], metavar="auto|N",
                     help="K-split settings of the direct (decode) FP4 expert kernels to time side by side")
-    ap.add_argument("--fp4-decode", nargs="+", default=[], choices=sorted(FP4_DECODES),
-                    help="FP4 decodes to time side by side (old: scale before the dot, new: after it)")
+    ap.add_argument("--fp4-decode", nargs="+", default=[], choices=packed_linear.FP4_DECODES,
+                    help="FP4 decodes to time side by side (packed_linear.FP4_DECODES)")
     ap.add_argument("--configs", action="store_true", help="also time candidate kernel configs per GEMM case")
     ap.add_argument("--only", choices=("gemm", "moe", "fp4"), help="run only the GEMM cases, only the grouped MoE, "
                     "or only the FP4 ones (the FP4 GEMMs and the grouped MoE)")

@@ -32,13 +32,3 @@ def ue8m0_values(s):
     """UE8M0 bytes (int32) -> 2^(s - 127) in fp32 (from the exponent bits; byte 0 gives 0, never stored)."""
     return (s << 23).to(tl.float32, bitcast=True)
 
-
-@triton.jit
-def e2m1_as_bf16(c):
-    """e2m1 codes (int32 0..15) -> bf16 holding their values, exactly, by integer arithmetic alone (no float
-    conversion): a magnitude m = 2..7 is a normal e2m1 number whose exponent and mantissa bits, moved into bf16's
-    (m << 6), need only the bias difference 126 added (0x3F00); code 1 (0.5, e2m1's one subnormal) is 0x3F00
-    itself and code 0 is zero, both 0x3F00 * m; bit 3 is the sign."""
-    m = c & 7
-    mag = tl.where(m >= 2, (m << 6) + 0x3F00, 0x3F00 * m)
-    return (((c & 8) << 12) | mag).to(tl.uint16).to(tl.bfloat16, bitcast=True)
