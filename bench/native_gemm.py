@@ -8,7 +8,7 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
     python bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert "" --moe-experts 32 \
                                 --experts-split auto 1 2 4 8                # decode experts: split-K vs none
     python bench/native_gemm.py --only fp4 --ms 1,4,16,64 --prefill-ms "" --moe-tokens 1,2,8 --moe-per-expert "" \
-                                --moe-experts 32 --fp4-decode old bf16mul after   # FP4 decodes
+                                --moe-experts 16 --fp4-decode old bf16mul after   # FP4 decodes
 
 --experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
 once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
@@ -193,8 +193,8 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                     frac = (packed.nbytes + io) / t_d / 1e6 / copy_gbps
                     row["fp4_decode"].append({"decode": name_d, "ms": t_d, "frac_copy_bw": frac,
                                               "rel_l2_vs_reference": err_d})
-                    print(f"    fp4 decode {name_d:7s}  {t_d * 1e3:8.1f} us  {frac:6.1%} of copy  "
-                          f"x{t_b / t_d:.2f} vs bf16  rel-L2 {err_d:.1e}", flush=True)
+                    print(f"{'fp4 ' + name:28s} M={M:3d}  decode {name_d:7s}  {t_d * 1e3:8.1f} us  {frac:6.1%} of "
+                          f"copy  x{t_b / t_d:.2f} vs bf16  rel-L2 {err_d:.1e}", flush=True)
             if sweep and not G and not swiglu and not packed_linear.dequantises(x, K):
                 row["configs"] = []
                 for cfg in candidate_configs(M, N, K, fmt, x.device):
