@@ -7,10 +7,17 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
     python bench/native_gemm.py --tiny-cpu --out /tmp/smoke.json     # CPU smoke run (Triton interpreter)
     python bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert "" --moe-experts 32 \
                                 --experts-split auto 1 2 4 8                # decode experts: split-K vs none
+    python bench/native_gemm.py --only fp4 --ms 1,4,16,64 --prefill-ms "" --moe-tokens 1,2,8 --moe-per-expert "" \
+                                --moe-experts 16 --fp4-decode old bf16mul after   # FP4 decodes
 
 --experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
 once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
 side by side on the same routings.
+
+--fp4-decode times the FP4 register kernels (the FP4 GEMM rows and the grouped experts' rows, and each
+--experts-split setting) once per FP4 decode of packed_linear.FP4_DECODES (old: scaled in fp32 before the dot,
+bf16mul: scaled in bf16 before it, after: the fp32 partial product of each scale group scaled after it), on the
+same weights and inputs; the row's own timing is the module's default decode (packed_linear.FP4_DECODE).
 
 Each GPU case is timed as a CUDA graph that calls the op once on each of several copies of the weights (together
 larger than L2, so every call reads its weights from HBM, as decode does), divided by the copy count.
@@ -20,6 +27,7 @@ The results go to bench/results/<date>_<device>_<commit>_native_gemm.json unless
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -48,6 +56,16 @@ TINY_FP8 = [("tiny", 96, 256), ("tiny grouped", 256, 256, 2), ("tiny swiglu", 25
 TINY_FP4 = [("tiny", 64, 256)]
 TINY_MOE = dict(E=4, C=128, F=64, k=2)
 L2_FLUSH_BYTES = 256 << 20   # weight copies per timed graph: together at least this many bytes
+
+
+@contextlib.contextmanager
+def fp4_decode(name: str):
+    """packed_linear.FP4_DECODE set to `name` (one of packed_linear.FP4_DECODES) inside the block."""
+    saved, packed_linear.FP4_DECODE = packed_linear.FP4_DECODE, name
+    try:
+        yield
+    finally:
+        packed_linear.FP4_DECODE = saved
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,7 +134,8 @@ def candidate_configs(M: int, N: int, K: int, fmt: str, device) -> list[tuple[in
 
 
 def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbps: float,
-               sweep: bool = False) -> list[dict]:
+               sweep: bool = False, decodes: list[str] = ()) -> list[dict]:
+    """`decodes` (FP4): FP4 decodes (packed_linear.FP4_DECODES) timed side by side on each row the register kernel runs."""
     out = []
     g = torch.Generator().manual_seed(0)
     for name, N, K, *grouped in shapes:
@@ -165,6 +184,17 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                            fp8xfp8_ms=t_ff, fp8xfp8_frac_copy_bw=(packed.nbytes + io) / t_ff / 1e6 / copy_gbps,
                            fp8xfp8_rel_l2_vs_reference=rel_l2(packed_linear.linear_fp8_fp8(x, packed),
                                                               ref.linear_fp8_fp8(x, packed)))
+            if fmt == "fp4" and decodes and not packed_linear.dequantises(x, K):
+                row["fp4_decode"] = []
+                for name_d in decodes:
+                    with fp4_decode(name_d):
+                        err_d = rel_l2(kernel(x, packed), reference(x.float(), packed))
+                        t_d = timed(lambda i: kernel(x, ws[i]), len(ws), on_gpu)
+                    frac = (packed.nbytes + io) / t_d / 1e6 / copy_gbps
+                    row["fp4_decode"].append({"decode": name_d, "ms": t_d, "frac_copy_bw": frac,
+                                              "rel_l2_vs_reference": err_d})
+                    print(f"{'fp4 ' + name:28s} M={M:3d}  decode {name_d:7s}  {t_d * 1e3:8.1f} us  {frac:6.1%} of "
+                          f"copy  x{t_b / t_d:.2f} vs bf16  rel-L2 {err_d:.1e}", flush=True)
             if sweep and not G and not swiglu and not packed_linear.dequantises(x, K):
                 row["configs"] = []
                 for cfg in candidate_configs(M, N, K, fmt, x.device):
@@ -190,11 +220,12 @@ def balanced_routing(N: int, E: int, k: int, g: torch.Generator) -> torch.Tensor
 
 
 def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps: float,
-              per_expert: list[int] = (), splits: list[str] = ()) -> list[dict]:
+              per_expert: list[int] = (), splits: list[str] = (), decodes: list[str] = ()) -> list[dict]:
     """The grouped FP4 experts against the bf16 experts (dsv4.ops.moe_experts, as the bf16 model runs them) on
     the same routings; each timed graph calls them on `ROUTINGS` different random routings, so that the experts one
     call reads are not still in L2 from the call before. `splits`: K-split settings of the direct kernels timed
-    side by side where a call takes that path ("auto" or a forced slice count)."""
+    side by side where a call takes that path ("auto" or a forced slice count), under each FP4 decode of `decodes`
+    (packed_linear.FP4_DECODES; also timed on their own wherever the register kernels run)."""
     from dsv4 import ops
     E, C, F, k = shape["E"], shape["C"], shape["F"], shape["k"]
     g = torch.Generator().manual_seed(1)
@@ -231,30 +262,49 @@ def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps:
         print(f"fp4 moe {row['routing']:8s} N={N:5d} active={active:5.1f} max/expert={most:3d}  {t * 1e3:8.1f} us "
               f"{row['frac_copy_bw']:6.1%} of copy  bf16 {t_b * 1e3:8.1f} us {row['bf16_frac_copy_bw']:6.1%}  "
               f"x{row['speedup_vs_bf16']:.2f}  rel-L2 {row['rel_l2_vs_dequantised_reference']:.1e}", flush=True)
+        registers = not packed_experts.dequantises(idxs[0], E, x.device)
+        if decodes and registers:
+            row["fp4_decode"] = [decode_case(d, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
+                                             calls, on_gpu) for d in decodes]
         if splits and N * k <= packed_experts.DIRECT_MAX_PAIRS:
             row["experts_split"] = [split_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
-                                               calls, on_gpu) for s in splits]
+                                               calls, on_gpu, d) for d in (decodes or [None]) for s in splits]
     return out
 
 
-def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
-               on_gpu: bool) -> dict:
-    """The grouped FP4 experts on the direct path with the K-split `setting` ("auto": the rule; n: n slices)."""
-    forced = None if setting == "auto" else int(setting)
-    saved, packed_experts.DIRECT_SPLIT = packed_experts.DIRECT_SPLIT, forced
-    try:
-        N, k = idxs[0].shape
-        gate_up, down = packed_experts.direct_splits(N * k, w1.shape[1], w1.shape[2], x.device)
+def decode_case(decode: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
+                on_gpu: bool) -> dict:
+    """The grouped FP4 experts (register kernels, the default K split) under the FP4 decode `decode`."""
+    with fp4_decode(decode):
         err = rel_l2(packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0),
                      ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0))
         t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
+    frac = nbytes / t / 1e6 / copy_gbps
+    print(f"    fp4 decode {decode:7s}  {t * 1e3:8.1f} us  {frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
+    return {"decode": decode, "ms": t, "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
+
+
+def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
+               on_gpu: bool, decode: str | None = None) -> dict:
+    """The grouped FP4 experts on the direct path with the K-split `setting` ("auto": the rule; n: n slices),
+    under the FP4 decode `decode` (None: the module's default)."""
+    forced = None if setting == "auto" else int(setting)
+    saved, packed_experts.DIRECT_SPLIT = packed_experts.DIRECT_SPLIT, forced
+    try:
+        with fp4_decode(decode) if decode else contextlib.nullcontext():
+            N, k = idxs[0].shape
+            gate_up, down = packed_experts.direct_splits(N * k, w1.shape[1], w1.shape[2], x.device)
+            err = rel_l2(packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0),
+                         ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0))
+            t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
     finally:
         packed_experts.DIRECT_SPLIT = saved
     frac = nbytes / t / 1e6 / copy_gbps
-    print(f"    experts split {setting:>4s} (gate/up {gate_up:2d}, down {down:2d})  {t * 1e3:8.1f} us  "
+    label = f" decode {decode}" if decode else ""
+    print(f"    experts split {setting:>4s}{label} (gate/up {gate_up:2d}, down {down:2d})  {t * 1e3:8.1f} us  "
           f"{frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
-    return {"setting": setting, "gate_up_split": gate_up, "down_split": down, "ms": t, "frac_copy_bw": frac,
-            "rel_l2_vs_dequantised_reference": err}
+    return {"setting": setting, "decode": decode, "gate_up_split": gate_up, "down_split": down, "ms": t,
+            "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
 
 
 def main() -> None:
@@ -270,8 +320,11 @@ def main() -> None:
                     "build faster and still outgrow L2 over a timed graph's routings)")
     ap.add_argument("--experts-split", nargs="+", default=[], metavar="auto|N",
                     help="K-split settings of the direct (decode) FP4 expert kernels to time side by side")
+    ap.add_argument("--fp4-decode", nargs="+", default=[], choices=packed_linear.FP4_DECODES,
+                    help="FP4 decodes to time side by side (packed_linear.FP4_DECODES)")
     ap.add_argument("--configs", action="store_true", help="also time candidate kernel configs per GEMM case")
-    ap.add_argument("--only", choices=("gemm", "moe"), help="run only the GEMM cases or only the grouped MoE")
+    ap.add_argument("--only", choices=("gemm", "moe", "fp4"), help="run only the GEMM cases, only the grouped MoE, "
+                    "or only the FP4 ones (the FP4 GEMMs and the grouped MoE)")
     ap.add_argument("--tiny-cpu", action="store_true", help="smoke run: tiny shapes in the Triton interpreter")
     args = ap.parse_args()
     on_gpu = torch.cuda.is_available() and not args.tiny_cpu
@@ -285,15 +338,19 @@ def main() -> None:
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     per_expert = [1, 3] if args.tiny_cpu else [int(t) for t in args.moe_per_expert.split(",") if t]
     results = []
+    if args.only in (None, "gemm"):
+        results += gemm_cases(FLASH_FP8 if on_gpu else TINY_FP8, "fp8", ms, dev, on_gpu, copy_gbps, args.configs)
     if args.only != "moe":
-        results += (gemm_cases(FLASH_FP8 if on_gpu else TINY_FP8, "fp8", ms, dev, on_gpu, copy_gbps, args.configs)
-                    + gemm_cases(FLASH_FP4 if on_gpu else TINY_FP4, "fp4", ms, dev, on_gpu, copy_gbps, args.configs))
+        results += gemm_cases(FLASH_FP4 if on_gpu else TINY_FP4, "fp4", ms, dev, on_gpu, copy_gbps, args.configs,
+                              args.fp4_decode)
     if args.only != "gemm":
         shape = dict(FLASH_MOE if on_gpu else TINY_MOE)
         if args.moe_experts:
             shape["E"] = args.moe_experts
-        results += moe_cases(shape, moe_tokens, dev, on_gpu, copy_gbps, per_expert, args.experts_split)
-    doc = {**record(dev), "copy_gbps": copy_gbps, "tiny_cpu": args.tiny_cpu, "results": results}
+        results += moe_cases(shape, moe_tokens, dev, on_gpu, copy_gbps, per_expert, args.experts_split,
+                             args.fp4_decode)
+    doc = {**record(dev), "copy_gbps": copy_gbps, "tiny_cpu": args.tiny_cpu, "fp4_decodes": args.fp4_decode,
+           "results": results}
     path = args.out or result_path("native_gemm", device=dev)
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)

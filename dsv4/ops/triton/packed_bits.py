@@ -31,3 +31,4 @@ def e4m3_values(b):
 def ue8m0_values(s):
     """UE8M0 bytes (int32) -> 2^(s - 127) in fp32 (from the exponent bits; byte 0 gives 0, never stored)."""
     return (s << 23).to(tl.float32, bitcast=True)
+

@@ -25,6 +25,7 @@ from ..api import moe_experts as moe_experts_dense
 from ..reference import packed as ref
 from .experts import slot_sum
 from .launch import falls_back_to, interpreted, multiprocessors
+from . import packed_linear
 from .packed_dequant import dequant_fp4
 from .packed_linear import FP4_STEP, MAX_SPLIT, fp4_dot_step, store_split, swiglu_tile, tile_tickets
 
@@ -59,12 +60,13 @@ def _rows(pairs: int, experts: int) -> int:
 
 @triton.jit
 def _rows_dot(a_ptr, rows, rmask, rs_a, w_ptr, s_ptr, rn, nmask, K, kh_lo, kh_hi, rs_w, rs_s, acc,
-              DT: tl.constexpr, IEEE: tl.constexpr):
+              DT: tl.constexpr, IEEE: tl.constexpr, DECODE: tl.constexpr):
     """acc + a[rows] @ dequant(w[rn])^T over the K bytes [kh_lo, kh_hi) (K values 2 kh_lo .. 2 kh_hi; a rows at
-    a_ptr + rows * rs_a; FP4 w)."""
+    a_ptr + rows * rs_a; FP4 w; DECODE: fp4_dot_step's)."""
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * rs_a
     for kh0 in range(kh_lo, kh_hi, 64):
-        acc = fp4_dot_step(acc, a_rows, rmask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
+        acc = fp4_dot_step(acc, a_rows, rmask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE,
+                           DECODE)
     return acc
 
 
@@ -98,7 +100,7 @@ def _expert_rows(active_ptr, offs_ptr, DIRECT: tl.constexpr):
 def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, part_ptr,
                     cnt_ptr, F, C, limit, we_stride, se_stride, rs_w, rs_s, k, STEPS_PER, BLOCK_N: tl.constexpr,
                     ROWS: tl.constexpr, CLAMP: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
-                    SPLIT: tl.constexpr, REDUCE: tl.constexpr):
+                    SPLIT: tl.constexpr, REDUCE: tl.constexpr, DECODE: tl.constexpr):
     """h = swiglu(x @ w1^T, x @ w3^T) * routing weight per pair. SPLIT > 1 (DIRECT only: one pair per program,
     pairs = programs along axis 0): K slice program_id(2) of SPLIT; the gate and up partial sums go to
     part [SPLIT, pairs, 2F] (gate, then up), and the tile's last program sums both in slice order."""
@@ -123,9 +125,9 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
         else:
             kh_lo, kh_hi = _k_slice(C, STEPS_PER)
         g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, kh_lo, kh_hi, rs_w, rs_s,
-                      tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE)
+                      tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
         u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, kh_lo, kh_hi, rs_w, rs_s,
-                      tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE)
+                      tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
         mask = rmask[:, None] & nmask[None, :]
         if SPLIT == 1:
             # as the reference: projections rounded to the activation dtype, then the SwiGLU in fp32
@@ -160,7 +162,7 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
 @triton.jit
 def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, part_ptr, cnt_ptr, C, F, we_stride, se_stride,
                  rs_w, rs_s, STEPS_PER, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr,
-                 DIRECT: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr):
+                 DIRECT: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr, DECODE: tl.constexpr):
     """y = h @ w2^T per pair; SPLIT > 1 (DIRECT only) as _gate_up_kernel's, through store_split (part
     [SPLIT, pairs, C])."""
     tl.static_assert(SPLIT == 1 or DIRECT, "split-K needs one pair per program (DIRECT)")
@@ -175,13 +177,13 @@ def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, part_ptr, c
         rmask = rows < end
         if SPLIT == 1:
             y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, 0, F // 2, rs_w, rs_s,
-                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE)
+                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
             tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + rn[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=rmask[:, None] & nmask[None, :])
         else:
             kh_lo, kh_hi = _k_slice(F, STEPS_PER)
             y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, kh_lo, kh_hi, rs_w, rs_s,
-                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE)
+                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
             P = tl.num_programs(0)
             # rows past this program's pair point past the last pair, so that store_split masks them
             store_split(y, part_ptr, cnt_ptr, y_ptr, tl.where(rmask, rows, P), rn, P, C, SPLIT, REDUCE)
@@ -267,10 +269,12 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
     _gate_up_kernel[grid1](x, tok, rw, active, offs, d1, s1, d3, s3, h, part1, tickets, F, C, float(swiglu_limit),
                            d1.stride(0), s1.stride(0), d1.stride(1), s1.stride(1), k, per1, BLOCK_N=bn, ROWS=rows,
                            CLAMP=swiglu_limit > 0, IEEE=interpreted(), DIRECT=direct, SPLIT=split1,
-                           REDUCE=_reduce(split1, 4), num_warps=4, num_stages=3)
+                           REDUCE=_reduce(split1, 4), DECODE=packed_linear.FP4_DECODE, num_warps=4,
+                           num_stages=3)
     _down_kernel[grid2](h, active, offs, d2, s2, y, part2, tickets, C, F, d2.stride(0), s2.stride(0), d2.stride(1),
                         s2.stride(1), per2, BLOCK_N=bn, ROWS=rows, IEEE=interpreted(), DIRECT=direct, SPLIT=split2,
-                        REDUCE=_reduce(split2, 8), num_warps=4, num_stages=3)
+                        REDUCE=_reduce(split2, 8), DECODE=packed_linear.FP4_DECODE, num_warps=4,
+                        num_stages=3)
     return slot_sum(y, at, k)
 
 

@@ -42,13 +42,25 @@ MAX_SPLIT = 16  # K slices per output tile at most: the tile's last program read
 # r ~ 1/3 (whole-model prefill, native at 0.33-0.37x bf16), M ~ 220; at M = 256 the copy is ~1.7x the GEMM's
 # compute time, at 8K-token prefill chunks ~5%. Decode (M <= 64, CUDA graphs) keeps the register kernels.
 DEQUANT_MIN_ROWS = 256
+# The FP4 K step's decode (fp4_dot_step), read at each launch of the FP4 GEMM and the grouped FP4 experts; all three
+# multiply the same exact bf16 values (only the fp32 summation order differs), bench/native_gemm.py --fp4-decode
+# times them side by side:
+#   "old":     fp4_step: nibble -> fp16 bits (2^-14 times the value) -> fp32, times the scale (fp32) -> bf16, one dot
+#              per K half;
+#   "bf16mul": fp4_step with the scale multiplied in bf16 after the conversion (a packed bf16x2 multiply, half the
+#              multiplies of fp32's);
+#   "after":   fp4_group_dot_step: nibble -> fp16 bits -> bf16 unscaled, one dot per 32-value scale group, and the
+#              group's fp32 partial product scaled, as the FP8 kernel scales its tiles'.
+FP4_DECODES = ("old", "bf16mul", "after")
+FP4_DECODE = "old"
 
 
 @triton.jit
-def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.constexpr):
+def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.constexpr, BF16_MUL: tl.constexpr):
     """One FP4 K step of rows rn: the even-k and odd-k weights [BLOCK_N, 64] (scaled, in DT) of the bytes
     kh0 .. kh0+63 (k = 2 * byte and 2 * byte + 1). The bytes are read as [BLOCK_N, 4, 16] so that each group of
-    16 bytes (32 values) meets its one scale by broadcasting."""
+    16 bytes (32 values) meets its one scale by broadcasting. BF16_MUL: the scale multiplies the values after their
+    conversion to DT (both powers of two times at most 2 significant bits: exact) instead of in fp32."""
     g = kh0 // 16 + tl.arange(0, 4)
     j = tl.arange(0, 16)
     byte = (kh0 + tl.arange(0, 4) * 16)[None, :, None] + j[None, None, :]           # [1, 4, 16]
@@ -57,8 +69,13 @@ def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.cons
     sc = tl.load(s_ptr + rn.to(tl.int64)[:, None] * rs_s + g[None, :], mask=nmask[:, None] & (g[None, :] < GROUPS),
                  other=0).to(tl.int32)
     s = ue8m0_values(sc + 14)[:, :, None]       # 2^(scale - 127) * 2^14 (scale bytes stay far below 241)
-    lo = tl.reshape(e2m1_as_fp16(b & 0xF).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
-    hi = tl.reshape(e2m1_as_fp16(b >> 4).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
+    if BF16_MUL:
+        sd = s.to(DT)
+        lo = tl.reshape(e2m1_as_fp16(b & 0xF).to(tl.float32).to(DT) * sd, (b.shape[0], 64))
+        hi = tl.reshape(e2m1_as_fp16(b >> 4).to(tl.float32).to(DT) * sd, (b.shape[0], 64))
+    else:
+        lo = tl.reshape(e2m1_as_fp16(b & 0xF).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
+        hi = tl.reshape(e2m1_as_fp16(b >> 4).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
     return lo, hi
 
 
@@ -92,20 +109,59 @@ def store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE: tl
 
 @triton.jit
 def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, DECODE: tl.constexpr):
     """acc + a[:, 2 kh0 : 2 kh0 + 128] @ dequant(w[rn, same k])^T: one FP4 K step (bytes kh0 .. kh0 + 63) of
     the rows whose pointers are a_rows ([rows, 1], masked by amask), as even-k and odd-k halves (the low and high
-    nibbles). The one K loop body of the FP4 GEMM and of the grouped FP4 experts."""
-    kk = 2 * kh0 + tl.arange(0, 128)  # one contiguous load of the 128 activations, split into even and odd k
-    a = tl.load(a_rows + kk[None, :], mask=amask[:, None] & (kk[None, :] < K), other=0.0).to(DT)
-    a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], 64, 2)))
-    lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, K // 2, K // 32, rs_w, rs_s, DT)
-    if IEEE:  # the interpreter: the same exact products as fp32 FMAs
-        acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
-        acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
+    nibbles). The one K loop body of the FP4 GEMM and of the grouped FP4 experts. DECODE: one of FP4_DECODES (the
+    comment there says how they differ)."""
+    if DECODE == "after":
+        acc = fp4_group_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
     else:
-        acc = tl.dot(a_even, tl.trans(lo), acc)
-        acc = tl.dot(a_odd, tl.trans(hi), acc)
+        kk = 2 * kh0 + tl.arange(0, 128)  # one contiguous load of the 128 activations, split into even and odd k
+        a = tl.load(a_rows + kk[None, :], mask=amask[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], 64, 2)))
+        lo, hi = fp4_step(w_ptr, s_ptr, rn, nmask, kh0, K // 2, K // 32, rs_w, rs_s, DT, DECODE == "bf16mul")
+        if IEEE:  # the interpreter: the same exact products as fp32 FMAs
+            acc = tl.dot(a_even, tl.trans(lo), acc, input_precision="ieee")
+            acc = tl.dot(a_odd, tl.trans(hi), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a_even, tl.trans(lo), acc)
+            acc = tl.dot(a_odd, tl.trans(hi), acc)
+    return acc
+
+
+@triton.jit
+def fp4_group_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT: tl.constexpr,
+                       IEEE: tl.constexpr):
+    """fp4_dot_step's contract with the scale applied after the products, as the FP8 kernel applies its tiles':
+    per 32-value scale group (16 bytes of each row), the bytes [BLOCK_N, 16] decode to 2^-14 times their values
+    (e2m1_as_fp16, then one conversion to DT: no multiply per weight, and a pure function of each loaded byte, no
+    reshape of the weight tile), the group's 32 activations are one contiguous load split into even and odd k, two
+    K=16 dots give the group's fp32 partial product, and that partial is multiplied by the rows' scale
+    2^(s - 127) * 2^14 (a power of two: exact) before joining acc. Per weight one multiply less than fp4_step;
+    per output and group one fp32 multiply-add more."""
+    j = tl.arange(0, 16)
+    half = K // 2
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * rs_w
+    s_rows = s_ptr + rn.to(tl.int64) * rs_s
+    for g in tl.static_range(4):
+        byte = kh0 + g * 16 + j
+        bmask = byte < half
+        b = tl.load(w_rows + byte[None, :], mask=nmask[:, None] & bmask[None, :], other=0).to(tl.int32)
+        lo = e2m1_as_fp16(b & 0xF).to(tl.float32).to(DT)  # 2^-14 times the values (through fp32: not F2F)
+        hi = e2m1_as_fp16(b >> 4).to(tl.float32).to(DT)
+        kk = 2 * (kh0 + g * 16) + tl.arange(0, 32)  # the group's 32 activations, one contiguous load
+        a = tl.load(a_rows + kk[None, :], mask=amask[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        a_even, a_odd = tl.split(tl.reshape(a, (a.shape[0], 16, 2)))
+        if IEEE:  # the interpreter: the same exact products as fp32 FMAs
+            part = tl.dot(a_even, tl.trans(lo), input_precision="ieee")
+            part = tl.dot(a_odd, tl.trans(hi), part, input_precision="ieee")
+        else:
+            part = tl.dot(a_even, tl.trans(lo))
+            part = tl.dot(a_odd, tl.trans(hi), part)
+        grp = kh0 // 16 + g + tl.zeros_like(rn)  # the group, per row (a vector mask)
+        sc = tl.load(s_rows + grp, mask=nmask & (grp < K // 32), other=0).to(tl.int32)
+        acc += part * ue8m0_values(sc + 14)[None, :]   # 2^(scale - 127) * 2^14, as fp4_step's
     return acc
 
 
@@ -155,7 +211,7 @@ def _fp8_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
 @triton.jit
 def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, STEPS, STEPS_PER, SPLIT, rs_x,
                        rs_w, rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE: tl.constexpr,
-                       IEEE: tl.constexpr):
+                       IEEE: tl.constexpr, DECODE: tl.constexpr):
     pid_n, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -165,7 +221,8 @@ def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
     st0 = pid_s * STEPS_PER
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * rs_x
     for st in range(st0, tl.minimum(st0 + STEPS_PER, STEPS)):
-        acc = fp4_dot_step(acc, x_rows, mmask, st * 64, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
+        acc = fp4_dot_step(acc, x_rows, mmask, st * 64, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE,
+                           DECODE)
     store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
@@ -438,7 +495,8 @@ def linear_fp4_weight(x: torch.Tensor, w: Fp4GroupWeight, config=None) -> torch.
     _check(x, K)
     if config is None and dequantises(x, K):
         return _dense_matmul(x, dequant_fp4(w, x.dtype))
-    return _launch(_fp4_weight_kernel, x, w, N, K, triton.cdiv(K, FP4_STEP), config)
+    return _launch(_fp4_weight_kernel, x, w, N, K, triton.cdiv(K, FP4_STEP), config,
+                   DECODE=FP4_DECODE)
 
 
 def dequantises(x: torch.Tensor, K: int) -> bool:

@@ -7,6 +7,7 @@ import torch
 
 from dsv4.ops.reference.packed import moe_experts_fp4 as ref_moe
 from dsv4.ops.triton import packed_experts as tpe
+from dsv4.ops.triton import packed_linear
 from dsv4.ops.triton.packed_experts import moe_experts_fp4 as tri_moe
 from dsv4.quant.packed import Fp4GroupWeight
 
@@ -19,13 +20,16 @@ def _experts(E, F, C, g):
     return [Fp4GroupWeight(w.data.to(DEV), w.scale.to(DEV)) for w in (w1, w2, w3)]
 
 
+@pytest.mark.parametrize("decode", packed_linear.FP4_DECODES)
 @pytest.mark.parametrize("N, C, F, E, k, limit", [(1, 64, 96, 8, 3, 7.0), (19, 128, 64, 3, 2, 0.0),
                                                   (70, 64, 64, 2, 2, 7.0)],
                          ids=["decode", "multi-tile", "64-row-tiles"])
-def test_fp4_experts(N, C, F, E, k, limit, monkeypatch):
+def test_fp4_experts(N, C, F, E, k, limit, decode, monkeypatch):
     """The register kernels (the 64-row-tile case is past the prefill threshold, where test_packed_dequant.py
-    tests the dequantised path)."""
+    tests the dequantised path), with every FP4 decode (packed_linear.FP4_DECODE; F = 96: a partial
+    last K step of the down kernel)."""
     monkeypatch.setattr(tpe, "EXPERT_DEQUANT_MIN_PAIRS", 1 << 30)
+    monkeypatch.setattr(packed_linear, "FP4_DECODE", decode)
     g = gen()
     w1, w2, w3 = _experts(E, F, C, g)
     x = randn(N, C, g=g, dtype=DT)

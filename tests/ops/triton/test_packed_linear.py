@@ -29,9 +29,13 @@ def test_fp8_weight_gemm(M, N, K, config):
     assert rel_err(got, want) < TOL
 
 
+@pytest.mark.parametrize("decode", tri.FP4_DECODES)
 @pytest.mark.parametrize("M, N, K, config", [(7, 33, 96, None), (1, 64, 512, (16, 32, 1, 4))],
                          ids=["tails", "split-k"])
-def test_fp4_weight_gemm(M, N, K, config):
+def test_fp4_weight_gemm(M, N, K, config, decode, monkeypatch):
+    """Every FP4 decode (FP4_DECODE): a partial last K step (K = 96: 48 of 64 bytes, 3 of 4 groups),
+    partial row tiles and split K."""
+    monkeypatch.setattr(tri, "FP4_DECODE", decode)
     g = gen(1)
     w = _to(Fp4GroupWeight.quantize(torch.randn(N, K, generator=g)))
     x = randn(2, M, K, g=g, dtype=DT)                       # leading dims are flattened
@@ -108,6 +112,37 @@ def test_every_code_decodes():
         K = w.shape[1]
         eye = torch.eye(K, device=DEV, dtype=torch.float32)      # fp32 rows: each weight is exact
         assert torch.equal(kernel(eye, w).T, w.dequantize()), kernel.__name__
+
+
+@pytest.mark.parametrize("decode", tri.FP4_DECODES)
+def test_every_fp4_code_under_every_scale(decode, monkeypatch):
+    """The FP4 kernel itself (a config: DEQUANT_MIN_ROWS one-hot rows would otherwise take the dequantised path),
+    every decode: all 256 bytes (each of the 16 e2m1 codes, +-0, the subnormal +-0.5, next to each other code in
+    both nibbles) under 48 scale bytes, 2^-40 .. 2^+7 (V4 checkpoints' FP4 expert scales sit near 2^-8; the
+    quantiser's extremes for the weights' range reach a few binades beyond), read back one at a time by one-hot
+    rows: every weight equals its exact dequantisation, bit for bit."""
+    monkeypatch.setattr(tri, "FP4_DECODE", decode)
+    scale = torch.arange(87, 135, dtype=torch.uint8)                      # 48 bytes: 2^-40 .. 2^7
+    data = torch.arange(256, dtype=torch.uint8).repeat(6).view(48, 32)    # row r: 32 bytes = 64 values, 2 groups
+    w = _to(Fp4GroupWeight(data, torch.stack([scale, scale.flip(0)], 1)))  # each row: two scales far apart
+    eye = torch.eye(64, device=DEV, dtype=torch.float32)                  # fp32 rows: each weight is exact
+    got = tri.linear_fp4_weight(eye, w, (64, 16, 1, 4)).T
+    assert torch.equal(got, w.dequantize())
+    assert got.abs().max() == 6 * 2.0 ** 7 and got[got != 0].abs().min() == 0.5 * 2.0 ** -40
+
+
+def test_fp4_decodes_agree(monkeypatch):
+    """The FP4 decodes only reorder the exact products' fp32 sums: they agree to fp32 rounding on random weights and
+    activations (split K, tails)."""
+    g = gen(13)
+    w = _to(Fp4GroupWeight.quantize(torch.randn(40, 320, generator=g)))
+    x = randn(3, 320, g=g, dtype=DT)
+    got = {}
+    for decode in tri.FP4_DECODES:
+        monkeypatch.setattr(tri, "FP4_DECODE", decode)
+        got[decode] = tri.linear_fp4_weight(x, w, (16, 32, 2, 4))
+    for decode in tri.FP4_DECODES[1:]:
+        assert rel_err(got[decode], got["old"]) < TOL / 10, decode
 
 
 def test_fp8_weight_hardware_decode():

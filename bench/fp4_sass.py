@@ -1,0 +1,90 @@
+"""Static instruction counts of the FP4 GEMM kernel's K loop per FP4 decode, compiled for sm_90 on any machine (no
+GPU needed: Triton's compiler and the cuobjdump it ships). Not a timing: a check of how much work per weight each
+decode (packed_linear.FP4_DECODES) asks of the SMs, to read next to bench/native_gemm.py --fp4-decode.
+
+    python bench/fp4_sass.py [--block-m 16 64] [--block-n 64] [--keep DIR]
+
+Each kernel is compiled as a launch would specialise it (pointers and N, K, row strides divisible by 16: without
+that Triton cannot vectorise the byte loads and the counts mean nothing). The loop is the longest backward branch
+of the SASS; one iteration is one FP4 step (128 K values) of a BLOCK_M x BLOCK_N output tile, i.e.
+BLOCK_N * 128 / (32 * warps) weights per thread.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dsv4.ops.triton import packed_linear
+
+SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*bf16", "part_ptr": "*fp32",
+             "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "STEPS": "i32", "STEPS_PER": "i32",
+             "SPLIT": "i32", "rs_x": "i32", "rs_w": "i32", "rs_s": "i32", "BLOCK_M": "constexpr",
+             "BLOCK_N": "constexpr", "REDUCE": "constexpr", "IEEE": "constexpr", "DECODE": "constexpr"}
+ALIGNED = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "cnt_ptr", "N", "K", "rs_x", "rs_w", "rs_s")
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+
+
+def cubin(decode: str, block_m: int, block_n: int, warps: int = 4, stages: int = 4) -> bytes:
+    """The sm_90 cubin of _fp4_weight_kernel under `decode`."""
+    names = list(SIGNATURE)
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
+    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "REDUCE": 4, "IEEE": False, "DECODE": decode}
+    kernel = triton.compile(ASTSource(packed_linear._fp4_weight_kernel, SIGNATURE, constexprs, attrs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    return kernel.asm["cubin"]
+
+
+def loop_counts(sass: str) -> collections.Counter:
+    """Opcode counts (predicates and modifiers dropped) of the longest loop: the instructions from the target of
+    the longest backward branch to the branch."""
+    body = [(int(a, 16), text) for a, text in INSTRUCTION.findall(sass)]
+    loop = None
+    for at, text in body:
+        branch = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < at:
+            target = int(branch.group(1), 16)
+            if loop is None or at - target > loop[1] - loop[0]:
+                loop = (target, at)
+    if loop is None:
+        return collections.Counter()
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                               for at, text in body if loop[0] <= at <= loop[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--block-m", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--keep", help="directory to keep the cubins and SASS in")
+    args = ap.parse_args()
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    out = args.keep or tempfile.mkdtemp()
+    weights = args.block_n * packed_linear.FP4_STEP // (32 * 4)
+    for block_m in args.block_m:
+        for decode in packed_linear.FP4_DECODES:
+            binary = cubin(decode, block_m, args.block_n)
+            path = os.path.join(out, f"fp4_{decode}_m{block_m}_n{args.block_n}.cubin")
+            with open(path, "wb") as f:
+                f.write(binary)
+            sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+            with open(path.replace(".cubin", ".sass"), "w") as f:
+                f.write(sass)
+            usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+            regs = re.search(r"REG:(\d+)", usage).group(1)
+            counts = loop_counts(sass)
+            total = sum(counts.values())
+            top = "  ".join(f"{op} {n}" for op, n in counts.most_common(8))
+            print(f"BLOCK_M {block_m:3d} {decode:8s} loop {total:5d} instructions ({total / weights:4.1f} per weight "
+                  f"per thread), {regs} registers | {top}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
