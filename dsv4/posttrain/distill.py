@@ -39,7 +39,8 @@ from ..generate.sampling import SamplingConfig
 from .buckets import bucketed, resolve_bucket
 from .rollout import rollout
 from .envs.base import Environment, Problem
-from .reverse_kl import DEFAULT_CHUNK, policy_positions, reverse_kl
+from .host_transfer import read_once, to_device
+from .reverse_kl import DEFAULT_CHUNK, policy_positions, reverse_kl, select_positions
 from .trajectory import Trajectory
 from .turn_limits import check_max_new_tokens
 
@@ -93,11 +94,15 @@ class DistillConfig:
 class Batch:
     """Trajectories right-padded into tensors. tokens [B, L + n_mtp]: the model reads tokens[:, :L - 1]
     (T = L - 1 positions); position t predicts token t + 1 and MTP depth k predicts token t + k + 2. Padding
-    comes after each row's tokens, so (causal model) it changes nothing before them; its mask entries are 0."""
+    comes after each row's tokens, so (causal model) it changes nothing before them; its mask entries are 0.
+
+    tokens and mask stay on the host (make_batch): the losses find the policy positions and count them there,
+    and the model and `device` get what they need sent without a wait, so no selection reads the device."""
     tokens: torch.Tensor
     mask: torch.Tensor               # policy mask, same shape as tokens
     domains: list[str]
     n_mtp: int = 0
+    device: torch.device = torch.device("cpu")   # where the model's lanes are
 
     @property
     def T(self) -> int:
@@ -112,6 +117,10 @@ class Batch:
         """bool [B, T]: positions whose next token is a policy token."""
         return policy_positions(self.mask[:, :self.T + 1])
 
+    def n_positions(self) -> int:
+        """The number of policy positions (counted where `mask` is: on the host, no read of the device)."""
+        return self.positions.nonzero().shape[0]
+
     def rows(self, domain: str) -> torch.Tensor:
         return torch.tensor([i for i, d in enumerate(self.domains) if d == domain], dtype=torch.long,
                             device=self.tokens.device)
@@ -119,7 +128,8 @@ class Batch:
 
 def make_batch(trajs: Sequence[Trajectory], n_mtp: int, pad_id: int, device: torch.device, bucket: int = 1
                ) -> Batch:
-    """The trajectories as a Batch; with a `bucket`, T = L - 1 rounded up to a multiple of it (buckets.py)."""
+    """The trajectories as a Batch (on the host) for a model on `device`; with a `bucket`, T = L - 1 rounded up
+    to a multiple of it (buckets.py)."""
     L = max(len(t.tokens) for t in trajs)
     L = bucketed(L - 1, bucket) + 1 if L > 1 else L
     tokens = torch.full((len(trajs), L + n_mtp), pad_id, dtype=torch.long)
@@ -127,7 +137,7 @@ def make_batch(trajs: Sequence[Trajectory], n_mtp: int, pad_id: int, device: tor
     for i, t in enumerate(trajs):
         tokens[i, :len(t.tokens)] = torch.tensor(t.tokens)
         mask[i, :len(t.tokens)] = torch.tensor(t.policy_mask)
-    return Batch(tokens.to(device), mask.to(device), [t.problem.domain for t in trajs], n_mtp)
+    return Batch(tokens, mask, [t.problem.domain for t in trajs], n_mtp, torch.device(device))
 
 
 def domain_schedule(domains: Sequence[str], n: int, offset: int) -> list[str]:
@@ -140,14 +150,17 @@ def _split(batch: Batch) -> list[tuple[str, Batch]]:
     out = []
     for domain in dict.fromkeys(batch.domains):
         rows = batch.rows(domain)
-        out.append((domain, Batch(batch.tokens[rows], batch.mask[rows], [domain] * len(rows), batch.n_mtp)))
+        out.append((domain, Batch(batch.tokens[rows], batch.mask[rows], [domain] * len(rows), batch.n_mtp,
+                                  batch.device)))
     return out
 
 
 def opd_loss(student: Transformer, teachers: Mapping[str, Transformer], batch: Batch,
-             chunk: int = DEFAULT_CHUNK, mtp_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+             chunk: int = DEFAULT_CHUNK, mtp_weight: float = 0.0, tensors: bool = False
+             ) -> tuple[torch.Tensor, dict[str, float] | dict[str, torch.Tensor]]:
     """Token-mean reverse KL over the batch's policy positions, each domain's rows scored by that domain's
-    teacher (+ mtp_weight x the MTP loss); and the logged parts: "kl", "kl/<domain>" (token means), "mtp".
+    teacher (+ mtp_weight x the MTP loss); and the logged parts: "kl", "kl/<domain>" (token means), "mtp", as
+    floats (read in one transfer), or with `tensors` as 0-dim device tensors (nothing read).
 
     Student and teacher run on the same rows (one domain's), so a teacher equal to the student computes the
     very same numbers and the KL is exactly 0."""
@@ -156,23 +169,24 @@ def opd_loss(student: Transformer, teachers: Mapping[str, Transformer], batch: B
         with torch.no_grad():
             h_t = teacher.hidden(part.inputs)
         return reverse_kl(student, teacher, student_h, h_t, part.positions, chunk)
-    return _per_domain_loss(student, batch, term, "kl", mtp_weight)
+    return _per_domain_loss(student, batch, term, "kl", mtp_weight, tensors)
 
 
-def ce_loss(student: Transformer, batch: Batch, chunk: int = DEFAULT_CHUNK, mtp_weight: float = 0.0
-            ) -> tuple[torch.Tensor, dict[str, float]]:
+def ce_loss(student: Transformer, batch: Batch, chunk: int = DEFAULT_CHUNK, mtp_weight: float = 0.0,
+            tensors: bool = False) -> tuple[torch.Tensor, dict[str, float] | dict[str, torch.Tensor]]:
     """Token-mean cross-entropy of the student on the batch's policy tokens (SFT on them), in checkpointed
-    chunks of positions (+ mtp_weight x the MTP loss); logged parts "ce", "ce/<domain>", "mtp"."""
+    chunks of positions (+ mtp_weight x the MTP loss); logged parts "ce", "ce/<domain>", "mtp" (as opd_loss's)."""
     def term(student_h: torch.Tensor, part: Batch, domain: str) -> torch.Tensor:
         pos = part.positions
-        hs, ts = student_h[pos], part.tokens[:, 1:part.T + 1][pos]
+        hs = select_positions(student_h, pos)
+        ts = to_device(part.tokens[:, 1:part.T + 1][pos], student_h.device)
         recompute = torch.is_grad_enabled() and hs.shape[0] > chunk
         out = []
         for s in range(0, hs.shape[0], chunk):
             args = (student, hs[s:s + chunk], ts[s:s + chunk])
             out.append(checkpoint(_token_ce, *args, use_reentrant=False) if recompute else _token_ce(*args))
         return torch.cat(out) if out else student_h.new_zeros(0, dtype=torch.float32)
-    return _per_domain_loss(student, batch, term, "ce", mtp_weight)
+    return _per_domain_loss(student, batch, term, "ce", mtp_weight, tensors)
 
 
 def _token_ce(student: Transformer, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -180,40 +194,45 @@ def _token_ce(student: Transformer, h: torch.Tensor, targets: torch.Tensor) -> t
 
 
 def _per_domain_loss(student: Transformer, batch: Batch,
-                     term: Callable[[torch.Tensor, Batch, str], torch.Tensor], name: str, mtp_weight: float
-                     ) -> tuple[torch.Tensor, dict[str, float]]:
+                     term: Callable[[torch.Tensor, Batch, str], torch.Tensor], name: str, mtp_weight: float,
+                     tensors: bool) -> tuple[torch.Tensor, dict[str, float] | dict[str, torch.Tensor]]:
     """sum over domains of term(student lanes, domain rows) [tokens], / the batch's policy tokens; plus the MTP
-    term's sums over the same rows, / its targets."""
-    n_tokens = max(int(batch.positions.sum()), 1)
+    term's sums over the same rows, / its targets. The counts come from the host's mask: nothing is read from
+    the device unless the parts are asked for as floats (then once, at the end)."""
+    n_tokens = max(batch.n_positions(), 1)
     main = mtp_sum = None
     mtp_count = 0
-    parts: dict[str, float] = {}
+    parts: dict[str, torch.Tensor] = {}
     for domain, part in _split(batch):
         h = student.hidden(part.inputs)
         per_token = term(h, part, domain)
         main = per_token.sum() if main is None else main + per_token.sum()
-        parts[f"{name}/{domain}"] = float(per_token.detach().mean()) if per_token.numel() else 0.0
+        parts[f"{name}/{domain}"] = per_token.detach().mean() if per_token.numel() else h.new_zeros(())
         if mtp_weight and part.n_mtp:
             s, c = mtp_sums(student, part, h)
             mtp_sum, mtp_count = (s if mtp_sum is None else mtp_sum + s), mtp_count + c
     loss = main / n_tokens
-    parts[name] = float(loss.detach())
+    parts[name] = loss.detach()
     if mtp_sum is not None:
         mtp = mtp_sum / max(mtp_count, 1)
-        parts["mtp"] = float(mtp.detach())
+        parts["mtp"] = mtp.detach()
         loss = loss + mtp_weight * mtp
-    return loss, parts
+    if tensors:
+        return loss, parts
+    return loss, {k: v[0] for k, v in read_once({k: [v] for k, v in parts.items()}).items()}
 
 
 def mtp_sums(student: Transformer, batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy of the MTP depths' predictions of policy tokens, on the trunk's lanes detached (so
-    only the MTP block and the embedding and head it shares learn from it), and the number of such targets."""
+    only the MTP block and the embedding and head it shares learn from it), and the number of such targets
+    (counted on the host's mask, as the targets are selected there)."""
     T, total, count = batch.T, h.new_zeros((), dtype=torch.float32), 0
-    shifted = [batch.tokens[:, k + 1:T + k + 1] for k in range(batch.n_mtp)]
+    shifted = [to_device(batch.tokens[:, k + 1:T + k + 1], h.device) for k in range(batch.n_mtp)]
     for k, logits in enumerate(student.mtp_logits(h.detach(), shifted)):
         sel = batch.mask[:, k + 2:T + k + 2].bool()
-        total = total + F.cross_entropy(logits[sel], batch.tokens[:, k + 2:T + k + 2][sel], reduction="sum")
-        count += int(sel.sum())
+        targets = to_device(batch.tokens[:, k + 2:T + k + 2][sel], h.device)
+        total = total + F.cross_entropy(select_positions(logits, sel), targets, reduction="sum")
+        count += targets.shape[0]
     return total, count
 
 
@@ -268,7 +287,15 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
             progress: bool = True, autocast: Callable[[], object] = nullcontext) -> list[dict]:
     """Train `student` in place by OPD (or, with cfg.off_policy, SFT on teacher samples) over `envs`' domains;
     `teachers[domain]` scores (or writes) that domain's trajectories. Returns the metrics rows (training steps,
-    and evaluation rows with `heldout_*` keys), also appended to `metrics_path` when given."""
+    and evaluation rows with `heldout_*` keys), also appended to `metrics_path` when given.
+
+    The update reads nothing from the device until its step is done: at the post-training sizes the host's
+    kernel launches take longer than the GPU's work, and each read would make the host wait for the queue to
+    drain. Its loss, logged parts and gradient norm are read together after the optimiser step, so a non-finite
+    loss or gradient raises DistillDiverged after that step's update (which leaves the weights non-finite)
+    rather than before it. The run still stops there: the read comes before the step's metrics row and any
+    evaluation, and the callers (distill_run.run_distill, the pipeline's OPD and off-policy stages) save the
+    student only after distill returns, so no non-finite weights are evaluated or saved."""
     _check_models(student, teachers, envs, tokenizer)
     domains = list(envs)
     device = student.embed.weight.device
@@ -291,6 +318,23 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
                 log.add({"step": step, "mode": mode, "student_tokens": student_tokens,
                          **heldout_eval(student, teachers, tokenizer, envs, cfg.eval_prompts, cfg)})
 
+    def update(batch: Batch) -> dict[str, float]:
+        """One optimiser step on `batch`; its loss, logged parts and grad norm, read in one transfer after the
+        step (see distill's doc: a non-finite value is seen after the update it came with)."""
+        student.train()
+        with autocast():
+            if cfg.off_policy:
+                loss, parts = ce_loss(student, batch, cfg.chunk, cfg.mtp_weight, tensors=True)
+            else:
+                loss, parts = opd_loss(student, teachers, batch, cfg.chunk, cfg.mtp_weight, tensors=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        values = {"loss": loss.detach(), **parts, "grad_norm": grad_norm}
+        return {k: v[0] for k, v in read_once({k: [v] for k, v in values.items()}).items()}
+
     evaluate(0)
     for step in range(cfg.steps):
         t0 = time.perf_counter()
@@ -303,30 +347,22 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
         with autocast():
             trajs = _sample(student, teachers, tokenizer, problems, envs, cfg, seed=cfg.seed * 1_000_003 + step)
         batch = make_batch(trajs, n_mtp, _pad_id(tokenizer), device, bucket)
-        student.train()
-        with autocast():
-            if cfg.off_policy:
-                loss, parts = ce_loss(student, batch, cfg.chunk, cfg.mtp_weight)
-            else:
-                loss, parts = opd_loss(student, teachers, batch, cfg.chunk, cfg.mtp_weight)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        if not math.isfinite(float(loss.detach())) or not math.isfinite(grad_norm):
+        read = update(batch)
+        if not (math.isfinite(read["loss"]) and math.isfinite(read["grad_norm"])):
             bar.close()
-            raise DistillDiverged(f"{mode} step {step + 1}: loss={float(loss.detach())} grad_norm={grad_norm} is "
-                                  "not finite; stopped before the update (lower --lr?)")
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        n_tok = int(batch.positions.sum())
+            raise DistillDiverged(f"{mode} step {step + 1}: loss={read['loss']} grad_norm={read['grad_norm']} is "
+                                  "not finite; stopped after the step's update, before it is logged, evaluated "
+                                  "or saved (lower --lr?)")
+        n_tok = batch.n_positions()
         student_tokens += n_tok
-        row = {"step": step + 1, "mode": mode, "stage": mode, "loss": float(loss.detach()), **parts,
+        row = {"step": step + 1, "mode": mode, "stage": mode, "loss": read["loss"],
+               **{k: v for k, v in read.items() if k not in ("loss", "grad_norm")},
                "resp_len": _mean([float(sum(t.policy_mask)) for t in trajs]),
                **{f"resp_len/{d}": _mean([float(sum(t.policy_mask)) for t in trajs if t.problem.domain == d])
                   for d in dict.fromkeys(batch_domains)},
                **{f"reward/{d}": _mean([t.reward.score for t in trajs if t.problem.domain == d])
                   for d in dict.fromkeys(batch_domains)},
-               "grad_norm": grad_norm, "lr": lr, "student_tokens": student_tokens,
+               "grad_norm": read["grad_norm"], "lr": lr, "student_tokens": student_tokens,
                "tok_per_s": n_tok / max(time.perf_counter() - t0, 1e-9), "time_s": time.perf_counter() - start}
         if step == 0:   # compilation and allocation: outside the cap, logged on its own
             row["warmup_s"] = time.perf_counter() - t0

@@ -35,6 +35,7 @@ from ..train.optim import build_optimizers
 from .buckets import resolve_bucket
 from .envs.base import Environment
 from .grpo_loss import LOSS_TYPES, GRPOLossConfig, group_advantages, grpo_loss
+from .host_transfer import read_once as _read_once, to_device as _to_device
 from .logprobs import pad_batch, token_logprobs
 from .rollout import SAMPLERS, rollout
 from .trajectory import Trajectory
@@ -238,23 +239,6 @@ def minibatch_indices(n: int, mu: int, minibatches: int, seed: int) -> list[list
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         out += [sorted(order[i:i + size]) for i in range(0, n, size)]
     return out
-
-
-def _read_once(values: dict[str, list[torch.Tensor]]) -> dict[str, list[float]]:
-    """Every 0-dim tensor of `values` as a Python float, in one device-to-host transfer (float64 holds each of
-    float32/bfloat16 exactly, so each float is what float(tensor) gives)."""
-    flat = torch.stack([v.detach().reshape(()).double() for vs in values.values() for v in vs]).tolist()
-    out, i = {}, 0
-    for k, vs in values.items():
-        out[k], i = flat[i:i + len(vs)], i + len(vs)
-    return out
-
-
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`x` on `device`; to a GPU from pinned memory without waiting (a pageable copy waits for the queue)."""
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
 
 
 def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfig, out: str | None = None, *,

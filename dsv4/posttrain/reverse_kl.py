@@ -22,8 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgument
 from ..model import Transformer
+from .host_transfer import to_device
 
-__all__ = ["token_reverse_kl", "reverse_kl", "policy_positions", "DEFAULT_CHUNK"]
+__all__ = ["token_reverse_kl", "reverse_kl", "policy_positions", "select_positions", "DEFAULT_CHUNK"]
 
 DEFAULT_CHUNK = 1024
 
@@ -93,11 +94,20 @@ def policy_positions(policy_mask: torch.Tensor) -> torch.Tensor:
     return policy_mask[:, 1:].bool()
 
 
+def select_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x[positions] for a bool `positions` [B, S] and x [B, S, ...]: the rows at the True positions, in row-major
+    order. With `positions` on the host and `x` on a GPU, the indices are found on the host and sent without a
+    wait, so the selection's data-dependent size never makes the host read the device (x[mask] would)."""
+    idx = positions.reshape(-1).nonzero().squeeze(1)
+    return x.flatten(0, 1).index_select(0, to_device(idx, x.device))
+
+
 def reverse_kl(student: Transformer, teacher: Transformer, h_student: torch.Tensor, h_teacher: torch.Tensor,
                positions: torch.Tensor, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
     """KL(student || teacher) [N] at the N True `positions` [B, S] of the lanes h_student / h_teacher [B, S, R, C]
     (`model.hidden` outputs of the same tokens), in row-major order. Only those positions' logits are computed,
-    `chunk` at a time. The caller runs the teacher's `hidden` without gradients."""
+    `chunk` at a time. The caller runs the teacher's `hidden` without gradients. `positions` on the host: no
+    read of the device (select_positions)."""
     if student.config.vocab_size != teacher.config.vocab_size:
         raise InvalidArgument(f"reverse KL: the student's vocabulary has {student.config.vocab_size} entries and "
                               f"the teacher's {teacher.config.vocab_size}; distillation needs one vocabulary")
@@ -105,8 +115,8 @@ def reverse_kl(student: Transformer, teacher: Transformer, h_student: torch.Tens
         raise InvalidArgument(f"reverse KL: positions {tuple(positions.shape)} must match the [batch, seq] of the "
                               f"student's {tuple(h_student.shape[:2])} and teacher's {tuple(h_teacher.shape[:2])} "
                               "hidden states")
-    hs = h_student[positions]                   # [N, R, C]
-    ht = h_teacher[positions]
+    hs = select_positions(h_student, positions)   # [N, R, C]
+    ht = select_positions(h_teacher, positions)
 
     def student_head(h: torch.Tensor) -> torch.Tensor:
         return student.logits(h.unsqueeze(0))[0]

@@ -172,6 +172,6 @@ def test_the_minibatch_loop_reads_nothing(monkeypatch, minibatches):
     reference = os.path.join("dsv4", "ops", "reference") + os.sep
     host = {"_check_tokens", "_get_value"}   # the ids' range; torch.optim's step counters (kept on the host)
     rest = [(name, fn) for name, fn, path in calls if reference not in path and fn not in host]
-    assert rest == [("tolist", "minibatch_indices")] * 2 + [("tolist", "_read_once")], rest
+    assert rest == [("tolist", "minibatch_indices")] * 2 + [("tolist", "read_once")], rest
     forwards = 2 + 2 * -(-len(trajs) // -(-len(trajs) // minibatches))   # reference, old policy, each minibatch
     assert [fn for _, fn, _ in calls].count("_check_tokens") == 2 * forwards   # min and max of host ids
