@@ -18,6 +18,7 @@ from dsv4.posttrain.reverse_kl import select_positions, token_reverse_kl
 from dsv4.train.optim import build_optimizers
 
 sys.path.insert(0, os.path.dirname(__file__))
+from read_counter import count_reads  # noqa: E402
 from test_distill import ENVS, frozen, tiny, tokenizer  # noqa: E402,F401  (tokenizer: the module's fixture)
 
 # chunk above the batch's positions: one head chunk, as the oracle computes it
@@ -126,22 +127,6 @@ def test_a_non_finite_gradient_stops_the_run_before_the_step_is_logged(tokenizer
     assert not [r for r in rows if "loss" in r]
 
 
-_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
-
-
-def _count_reads(monkeypatch):
-    """Patches Tensor's value reads to record each one's calling function and file (on a GPU a read of a device
-    tensor waits for the queue); returns the list they append to."""
-    calls = []
-    for name in _READS:
-        orig = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _orig=orig, _name=name, **k):
-            code = sys._getframe(1).f_code
-            calls.append((_name, code.co_name, code.co_filename))
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return calls
 
 
 @pytest.mark.parametrize("off_policy,optimizer", [(False, "adamw"), (True, "adamw"), (False, "muon")])
@@ -153,7 +138,7 @@ def test_the_step_loop_reads_once_per_step(tokenizer, monkeypatch, off_policy, o
     student, teachers = _models(tokenizer)
     cfg = DistillConfig(steps=3, off_policy=off_policy, **{**CFG, "optimizer": optimizer})
     _fixed_trajectories(monkeypatch, student, teachers, tokenizer, cfg)
-    calls = _count_reads(monkeypatch)
+    calls = count_reads(monkeypatch)
     rows = distill(student, teachers, tokenizer, ENVS, cfg, progress=False)
     monkeypatch.undo()
     assert len(rows) == 3

@@ -4,7 +4,6 @@ a non-finite gradient still stops it, and the minibatch loop makes no host reads
 import copy
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from dsv4.posttrain.logprobs import pad_batch, token_logprobs
 from dsv4.posttrain.trajectory import Trajectory
 from dsv4.train.optim import build_optimizers
 from grpo_toys import toy_model
+from read_counter import count_reads
 
 REPLIES = [[40, 41], [50, 51, 52], [60], [70, 71], [80, 81, 82], [90]]
 
@@ -140,22 +140,6 @@ def test_a_non_finite_gradient_still_stops_the_batch():
         train_on_batch(model, _opts(model, cfg), list(model.parameters()), trajs, cfg, ref)
 
 
-_READS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__")
-
-
-def _count_reads(monkeypatch):
-    """Patches Tensor's value reads to record each one's calling function and file (on a GPU a read of a device
-    tensor waits for the queue); returns the list they append to."""
-    calls = []
-    for name in _READS:
-        orig = getattr(torch.Tensor, name)
-
-        def counted(self, *a, _orig=orig, _name=name, **k):
-            code = sys._getframe(1).f_code
-            calls.append((_name, code.co_name, code.co_filename))
-            return _orig(self, *a, **k)
-        monkeypatch.setattr(torch.Tensor, name, counted)
-    return calls
 
 
 @pytest.mark.parametrize("minibatches", [2, 6])
@@ -166,7 +150,7 @@ def test_the_minibatch_loop_reads_nothing(monkeypatch, minibatches):
     reference kernels (dsv4/ops/reference, not the GPU's) read values."""
     model, ref, cfg, trajs = _setup(mu=2, minibatches=minibatches)
     opts, params = _opts(model, cfg), list(model.parameters())
-    calls = _count_reads(monkeypatch)
+    calls = count_reads(monkeypatch)
     train_on_batch(model, opts, params, trajs, cfg, ref)
     monkeypatch.undo()
     reference = os.path.join("dsv4", "ops", "reference") + os.sep
