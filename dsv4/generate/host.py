@@ -35,9 +35,24 @@ def to_host(tensors: list[torch.Tensor]) -> list[list]:
     return HostCopy(tensors).wait()
 
 
+def read_once(values: dict[str, torch.Tensor | list[torch.Tensor]]) -> dict[str, float | list[float]]:
+    """Every 0-dim tensor of `values` (a tensor, or a list of them, per name) as a Python float (a list of them),
+    in one device-to-host transfer: an update loop keeps its logged values on the device and reads them here once.
+    float64 holds each float32 / bfloat16 value exactly, so each float is what float(tensor) gives."""
+    lists = {k: v if isinstance(v, list) else [v] for k, v in values.items()}
+    flat = torch.stack([v.detach().reshape(()).double() for vs in lists.values() for v in vs]).tolist()
+    out, i = {}, 0
+    for k, vs in lists.items():
+        out[k], i = flat[i:i + len(vs)], i + len(vs)
+        if not isinstance(values[k], list):
+            out[k] = out[k][0]
+    return out
+
+
 def to_device(data, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Python data as a tensor on `device`, sent asynchronously from pinned memory on a GPU (no wait)."""
-    host = torch.tensor(data, dtype=dtype)
-    if torch.device(device).type != "cuda":
+    """Python data (as `dtype`) or a host tensor (its own dtype) on `device`, sent asynchronously from pinned
+    memory on a GPU (no wait)."""
+    host = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
+    if torch.device(device).type != "cuda" or host.device.type != "cpu":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

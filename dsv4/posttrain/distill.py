@@ -35,11 +35,11 @@ from ..model import Transformer
 from ..train.metrics import MetricsLog
 from ..train.optim import build_optimizers, lr_at
 from ..train.progress import Progress
+from ..generate.host import read_once, to_device
 from ..generate.sampling import SamplingConfig
 from .buckets import bucketed, resolve_bucket
 from .rollout import rollout
 from .envs.base import Environment, Problem
-from .host_transfer import read_once, to_device
 from .reverse_kl import DEFAULT_CHUNK, policy_positions, reverse_kl, select_positions
 from .trajectory import Trajectory
 from .turn_limits import check_max_new_tokens
@@ -219,7 +219,7 @@ def _per_domain_loss(student: Transformer, batch: Batch,
         loss = loss + mtp_weight * mtp
     if tensors:
         return loss, parts
-    return loss, {k: v[0] for k, v in read_once({k: [v] for k, v in parts.items()}).items()}
+    return loss, read_once(parts)
 
 
 def mtp_sums(student: Transformer, batch: Batch, h: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -332,8 +332,7 @@ def distill(student: Transformer, teachers: Mapping[str, Transformer], tokenizer
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
-        values = {"loss": loss.detach(), **parts, "grad_norm": grad_norm}
-        return {k: v[0] for k, v in read_once({k: [v] for k, v in values.items()}).items()}
+        return read_once({"loss": loss.detach(), **parts, "grad_norm": grad_norm})
 
     evaluate(0)
     for step in range(cfg.steps):

@@ -31,11 +31,11 @@ import torch
 from ..errors import InvalidArgument
 from ..generate.sampling import SamplingConfig
 from ..train.metrics import MetricsLog
+from ..generate.host import read_once, to_device
 from ..train.optim import build_optimizers
 from .buckets import resolve_bucket
 from .envs.base import Environment
 from .grpo_loss import LOSS_TYPES, GRPOLossConfig, group_advantages, grpo_loss
-from .host_transfer import read_once as _read_once, to_device as _to_device
 from .logprobs import pad_batch, token_logprobs
 from .rollout import SAMPLERS, rollout
 from .trajectory import Trajectory
@@ -168,15 +168,15 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
     loss_cfg = cfg.loss_config()
     model.train()
     rewards = torch.tensor([t.reward.score for t in trajs], dtype=torch.float32)
-    adv = _to_device(group_advantages(rewards, cfg.num_generations, scale=loss_cfg.scale_rewards,
+    adv = to_device(group_advantages(rewards, cfg.num_generations, scale=loss_cfg.scale_rewards,
                                       eps=loss_cfg.adv_eps), device)
     batch = pad_batch(trajs, bucket=resolve_bucket(cfg.length_bucket, device))
     tokens = batch.tokens   # on the host: the model checks their range there and sends them without a wait
-    batch.mask, batch.old_logp = _to_device(batch.mask, device), _to_device(batch.old_logp, device)
+    batch.mask, batch.old_logp = to_device(batch.mask, device), to_device(batch.old_logp, device)
     T = tokens.shape[1]
     parts = minibatch_indices(len(trajs), cfg.mu, cfg.minibatches, seed)
     on_host = torch.tensor([i for p in parts for i in p]).split([len(p) for p in parts])
-    on_device = _to_device(torch.cat(on_host), device).split([len(p) for p in parts])
+    on_device = to_device(torch.cat(on_host), device).split([len(p) for p in parts])
     ref_logp = None
     if ref_model is not None and cfg.beta > 0:
         with torch.no_grad():
@@ -217,15 +217,13 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
             acc["kl"].append(stats["kl"])
     if "drift" not in once:
         once["drift"] = _policy_mean((old_logp - batch.old_logp).abs(), batch.mask)
-    read = _read_once({**{k: v for k, v in acc.items() if v}, **{k: [v] for k, v in once.items()}})
+    read = read_once({**{k: v for k, v in acc.items() if v}, **once})
     bad = [i for i, g in enumerate(read["grad_norm"]) if not math.isfinite(g)]
     if bad:
         raise RuntimeError(f"GRPO: non-finite gradient norm in minibatch {bad[0] + 1} of {len(parts)}; stopping "
                            "at the end of the batch")
     out = {k: sum(read[k]) / len(read[k]) for k in acc if acc[k]}
-    out["drift"] = read["drift"][0]
-    if "drift_unreplayed" in read:
-        out["drift_unreplayed"] = read["drift_unreplayed"][0]
+    out.update((k, read[k]) for k in ("drift", "drift_unreplayed") if k in once)
     return out
 
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import InvalidArgument
+from ..generate.host import to_device
 from ..model import Transformer
-from .host_transfer import to_device
 
 __all__ = ["token_reverse_kl", "reverse_kl", "policy_positions", "select_positions", "DEFAULT_CHUNK"]
 
