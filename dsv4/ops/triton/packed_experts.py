@@ -27,7 +27,8 @@ from .experts import slot_sum
 from .launch import falls_back_to, interpreted, multiprocessors
 from . import packed_linear
 from .packed_dequant import dequant_fp4
-from .packed_linear import FP4_STEP, MAX_SPLIT, fp4_dot_step, store_split, swiglu_tile, tile_tickets
+from .packed_linear import (FP4_STEP, MAX_SPLIT, fp4_dot_step, split_pair_sums, store_split, swiglu_tile,
+                            tile_tickets)
 
 # Pairs per expert (on average over all E) from which the experts are dequantised to bf16 and run by the dense
 # experts op. Dequantising one expert's three matrices moves 2.5 bytes per weight (FP4 read, bf16 written) and the
@@ -136,27 +137,13 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
             tl.store(h_ptr + rows.to(tl.int64)[:, None] * F + rn[None, :], h.to(h_ptr.dtype.element_ty), mask=mask)
         else:
             P = tl.num_programs(0)
-            pat = rows.to(tl.int64)[:, None] * (2 * F) + rn[None, :]
-            base = part_ptr + tl.program_id(2).to(tl.int64) * P * 2 * F
-            tl.store(base + pat, g, mask=mask)
-            tl.store(base + pat + F, u, mask=mask)
-            tl.debug_barrier()  # every thread's slices are stored before the ticket (acq_rel) is taken
             tile = tl.program_id(1) * P + tl.program_id(0)
-            ticket = tl.atomic_add(cnt_ptr + tile, 1)
-            if ticket == SPLIT - 1:
-                g = tl.zeros([ROWS, BLOCK_N], tl.float32)
-                u = tl.zeros([ROWS, BLOCK_N], tl.float32)
-                sl = tl.arange(0, REDUCE)
-                for s0 in range(0, SPLIT, REDUCE):   # REDUCE slices per load, in slice order
-                    ptrs = part_ptr + (s0 + sl).to(tl.int64)[:, None, None] * P * 2 * F + pat[None, :, :]
-                    m3 = ((s0 + sl) < SPLIT)[:, None, None] & mask[None, :, :]
-                    g += tl.sum(tl.load(ptrs, mask=m3, other=0.0, cache_modifier=".cg"), 0)
-                    u += tl.sum(tl.load(ptrs + F, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+            last, g, u = split_pair_sums(g, u, part_ptr, cnt_ptr, rows, rn, P, F, mask, tile, SPLIT, REDUCE)
+            if last:
                 h = swiglu_tile(g, u, limit, h_ptr.dtype.element_ty, CLAMP) * tl.load(rw_ptr + rows, mask=rmask,
                                                                                        other=0.0)[:, None]
                 tl.store(h_ptr + rows.to(tl.int64)[:, None] * F + rn[None, :], h.to(h_ptr.dtype.element_ty),
                          mask=mask)
-                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit

@@ -108,6 +108,33 @@ def store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE: tl
 
 
 @triton.jit
+def split_pair_sums(g, u, part_ptr, cnt_ptr, rows, rn, M, N, mask, tile, SPLIT: tl.constexpr,
+                    REDUCE: tl.constexpr):
+    """store_split for a pair of fp32 partial sums of one output tile (a gate and an up projection, whose SwiGLU
+    needs both whole): this K slice's g and u go to part [SPLIT, M, 2N] (g, then u), and the program that takes
+    the tile's last ticket gets (True, the SPLIT slices of each added in slice order) and resets the counter;
+    the others get (False, zeros)."""
+    pat = rows.to(tl.int64)[:, None] * (2 * N) + rn[None, :]
+    base = part_ptr + tl.program_id(2).to(tl.int64) * M * 2 * N
+    tl.store(base + pat, g, mask=mask)
+    tl.store(base + pat + N, u, mask=mask)
+    tl.debug_barrier()  # every thread's slices are stored before the ticket (acq_rel) is taken
+    ticket = tl.atomic_add(cnt_ptr + tile, 1)
+    last = ticket == SPLIT - 1
+    g_sum = tl.zeros(g.shape, tl.float32)
+    u_sum = tl.zeros(u.shape, tl.float32)
+    if last:
+        sl = tl.arange(0, REDUCE)
+        for s0 in range(0, SPLIT, REDUCE):   # REDUCE slices per load, in slice order
+            ptrs = part_ptr + (s0 + sl).to(tl.int64)[:, None, None] * M * 2 * N + pat[None, :, :]
+            m3 = ((s0 + sl) < SPLIT)[:, None, None] & mask[None, :, :]
+            g_sum += tl.sum(tl.load(ptrs, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+            u_sum += tl.sum(tl.load(ptrs + N, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+    return last, g_sum, u_sum
+
+
+@triton.jit
 def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT: tl.constexpr,
                  IEEE: tl.constexpr, DECODE: tl.constexpr):
     """acc + a[:, 2 kh0 : 2 kh0 + 128] @ dequant(w[rn, same k])^T: one FP4 K step (bytes kh0 .. kh0 + 63) of
@@ -266,25 +293,11 @@ def _fp8_swiglu_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, out_ptr, part_ptr,
         h = swiglu_tile(acc_g, acc_u, limit, out_ptr.dtype.element_ty, CLAMP)
         tl.store(out_ptr + at, h.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        pat = rm.to(tl.int64)[:, None] * (2 * N) + rn[None, :]
-        base = part_ptr + pid_s.to(tl.int64) * M * 2 * N
-        tl.store(base + pat, acc_g, mask=mask)
-        tl.store(base + pat + N, acc_u, mask=mask)
-        tl.debug_barrier()  # every thread's slices are stored before the ticket (acq_rel) is taken
         tile = pid_m * tl.num_programs(0) + pid_n
-        ticket = tl.atomic_add(cnt_ptr + tile, 1)
-        if ticket == SPLIT - 1:
-            g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            sl = tl.arange(0, REDUCE)
-            for s0 in range(0, SPLIT, REDUCE):
-                ptrs = part_ptr + (s0 + sl).to(tl.int64)[:, None, None] * M * 2 * N + pat[None, :, :]
-                m3 = ((s0 + sl) < SPLIT)[:, None, None] & mask[None, :, :]
-                g += tl.sum(tl.load(ptrs, mask=m3, other=0.0, cache_modifier=".cg"), 0)
-                u += tl.sum(tl.load(ptrs + N, mask=m3, other=0.0, cache_modifier=".cg"), 0)
+        last, g, u = split_pair_sums(acc_g, acc_u, part_ptr, cnt_ptr, rm, rn, M, N, mask, tile, SPLIT, REDUCE)
+        if last:
             h = swiglu_tile(g, u, limit, out_ptr.dtype.element_ty, CLAMP)
             tl.store(out_ptr + at, h.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
