@@ -94,12 +94,17 @@ def policy_positions(policy_mask: torch.Tensor) -> torch.Tensor:
     return policy_mask[:, 1:].bool()
 
 
-def select_positions(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def select_positions(x: torch.Tensor, positions: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
     """x[positions] for a bool `positions` [B, S] and x [B, S, ...]: the rows at the True positions, in row-major
     order. With `positions` on the host and `x` on a GPU, the indices are found on the host and sent without a
-    wait, so the selection's data-dependent size never makes the host read the device (x[mask] would)."""
-    idx = positions.reshape(-1).nonzero().squeeze(1)
-    return x.flatten(0, 1).index_select(0, to_device(idx, x.device))
+    wait, so the selection's data-dependent size never makes the host read the device (x[mask] would). `index`:
+    position_index(positions, x.device), when the caller selects several tensors at the same positions."""
+    return x.flatten(0, 1).index_select(0, position_index(positions, x.device) if index is None else index)
+
+
+def position_index(positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The flat row-major indices of the True `positions`, on `device` (found where `positions` is)."""
+    return to_device(positions.reshape(-1).nonzero().squeeze(1), device)
 
 
 def reverse_kl(student: Transformer, teacher: Transformer, h_student: torch.Tensor, h_teacher: torch.Tensor,
@@ -115,8 +120,9 @@ def reverse_kl(student: Transformer, teacher: Transformer, h_student: torch.Tens
         raise InvalidArgument(f"reverse KL: positions {tuple(positions.shape)} must match the [batch, seq] of the "
                               f"student's {tuple(h_student.shape[:2])} and teacher's {tuple(h_teacher.shape[:2])} "
                               "hidden states")
-    hs = select_positions(h_student, positions)   # [N, R, C]
-    ht = select_positions(h_teacher, positions)
+    index = position_index(positions, h_student.device)
+    hs = select_positions(h_student, positions, index)   # [N, R, C]
+    ht = select_positions(h_teacher, positions, index if h_teacher.device == h_student.device else None)
 
     def student_head(h: torch.Tensor) -> torch.Tensor:
         return student.logits(h.unsqueeze(0))[0]
