@@ -49,9 +49,10 @@ from ..model import Transformer
 from ..train.metrics import read_metrics
 from .curves import plot_metrics
 from .distill import DistillConfig
-from .distill_run import make_envs, run_distill
+from .distill_run import run_distill
 from .envs.base import Environment
 from .envs.pool import ProblemPool
+from .envs.registry import make_env
 from .envs.split import LEVELS
 from .policy import load_policy, save_policy
 from .rollout import SAMPLERS, rollout
@@ -173,7 +174,7 @@ class PipelineConfig:
 
 def build_envs(cfg: PipelineConfig) -> dict[str, Environment]:
     """Each domain's environment at its own level (cfg.env_levels())."""
-    return {d: make_envs([d], level=lv)[d] for d, lv in cfg.env_levels().items()}
+    return {d: make_env(d, level=lv) for d, lv in cfg.env_levels().items()}
 
 
 CAPPED = ("pretrain", "sft", "grpo", "opd", "offpolicy", "grpo-mixed")   # stages a time cap applies to
