@@ -73,7 +73,7 @@ def test_fp4_experts_direct_pairs_match_sorted(monkeypatch):
     assert rel_err(direct, ref_moe(x.double(), w1, w2, w3, idx, rw.double(), 7.0)) < TOL * 10
 
 
-@pytest.mark.parametrize("split", [2, 16], ids=["split2", "split-capped"])
+@pytest.mark.parametrize("split", [2, pytest.param(16, marks=pytest.mark.slow)], ids=["split2", "split-capped"])
 def test_fp4_experts_split_k(split, monkeypatch):
     """Decode pairs with K split across programs (forced by DIRECT_SPLIT): gate/up's K = C = 288 is 3 FP4 steps,
     the last one partial, so 2 slices are uneven (2 + 1 steps) and 16 is capped at 3 one-step slices (down's
