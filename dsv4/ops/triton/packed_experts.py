@@ -47,8 +47,9 @@ EXPERT_SCRATCH_BYTES = 2 << 30  # bf16 experts dequantised at once at most (V4-F
 # Programs per SM that the direct (decode) kernels' K split aims for (direct_split); 0 turns the split off. At
 # batch 1 of V4-Flash (6 pairs) gate/up has 6 x 64 output tiles and down 6 x 128, 2.9 and 5.8 per H100 SM, each
 # streaming its rows over all of K in 32 / 16 sequential steps; bench/native_gemm.py --experts-split times the
-# split against none. Off (0) until that comparison has run on a GPU: with 0 the direct kernels compile exactly as
-# without a split; 16 is the value to time (H100, batch 1: gate/up 5 slices, down 2).
+# split against none. Off (0): on an H200 every split was slower than none (grouped MoE at 1 token: 126 us unsplit,
+# 130 / 144 / 178 us at 2 / 5 / 8 slices; BENCHMARKS.md, Native FP8 / FP4 weights). With 0 the direct kernels
+# compile exactly as without a split.
 EXPERT_SPLIT_PER_SM = 0
 # K slices of the direct kernels when set (tests and bench/native_gemm.py --experts-split): instead of the rule
 DIRECT_SPLIT: int | None = None
