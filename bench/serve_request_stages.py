@@ -97,11 +97,11 @@ async def one(client, prompt: list[int]) -> float:
 def split(marks: dict[str, float]) -> dict[str, float]:
     """Consecutive stage durations (ms) from the marks."""
     order = ["client: start", "client: request sent", "server: request arrives", "server: body read",
-             "handler: entered", "engine.submit", "engine._check_prompt", "engine._check_prompt end",
+             "handler: entered", "engine.submit", "engine._prompt_ids", "engine._prompt_ids end",
              "engine.submit end", "engine: load_full", "engine: load_full end", "engine: first event",
              "server: first chunk sent", "client: first chunk"]
     names = ["client builds + sends", "server: headers in", "server: body in", "parse + validate (FastAPI)",
-             "handler -> submit", "submit: before check", "engine._check_prompt", "submit: rest",
+             "handler -> submit", "submit: before check", "engine._prompt_ids", "submit: rest",
              "engine loop -> lookup", "prefix load_full", "lookup -> first event", "event -> chunk sent",
              "chunk -> client"]
     t = [marks.get(k) for k in order]
@@ -154,7 +154,7 @@ def main() -> None:
     srv = app.state.server
     timed(srv, "check_model", "handler: entered")
     timed(engine, "submit", "engine.submit")
-    timed(engine, "_check_prompt", "engine._check_prompt")
+    timed(engine, "_prompt_ids", "engine._prompt_ids")
     timed(pc, "load_full", "engine: load_full")
     mark_first_push()
     server = ServerThread(asgi_marks(app))
