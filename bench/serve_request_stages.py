@@ -155,7 +155,8 @@ def main() -> None:
     srv = app.state.server
     timed(srv, "check_model", "handler: entered")
     timed(engine, "submit", "engine.submit")
-    timed(engine, "_prompt_ids", "engine._prompt_ids")
+    timed(engine, "_prompt_ids" if hasattr(engine, "_prompt_ids") else "_check_prompt",   # (older trees: _check_prompt)
+          "engine._prompt_ids")
     timed(pc, "load_full", "engine: load_full")
     mark_first_push()
     server = ServerThread(asgi_marks(app))

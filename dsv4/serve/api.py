@@ -27,7 +27,7 @@ from ..errors import DsV4Error
 from ..generate.chat import encode_chat
 from ..generate.detokenize import StreamDecoder
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenIdsFirst, error_body
 from .textstream import ReplyParser, StopCutter
 from .types import QueueFull, SamplingParams
 
@@ -40,10 +40,11 @@ _to_json = json.JSONEncoder(ensure_ascii=False).encode
 _Body = TypeVar("_Body", bound=BaseModel)
 
 
-async def _read_body(request: Request, cls: type[_Body]) -> _Body:
-    """The JSON body as `cls`, parsed and validated in one pass of pydantic's JSON parser (a 32K-token prompt's
-    ids in ~2 ms; json.loads then validating the objects took ~3x that). A body that fails it goes the way FastAPI
-    takes a declared body (json.loads, then validation of the objects), so errors read exactly as before."""
+async def _read_body(request: Request, cls: type[_Body], fast: type[_Body] | None = None) -> _Body:
+    """The JSON body as `cls` (or as `fast`, a subclass validating the same bodies to the same values faster),
+    parsed and validated in one pass of pydantic's JSON parser (a 32K-token prompt's ids in ~1 ms; json.loads then
+    validating the objects took ~4x that). A body that fails it goes the way FastAPI takes a declared body
+    (json.loads, then validation of the objects as `cls`), so errors read exactly as before."""
     body = await request.body()
     is_json = False
     if request.headers.get("content-type"):
@@ -53,7 +54,7 @@ async def _read_body(request: Request, cls: type[_Body]) -> _Body:
         is_json = kind.get_content_maintype() == "application" and (sub == "json" or sub.endswith("+json"))
     if body and is_json:
         try:
-            return cls.model_validate_json(body)
+            return (fast or cls).model_validate_json(body)
         except ValidationError:
             pass   # (the errors of the path below)
     if not body:
@@ -375,7 +376,7 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
 
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def completions(request: Request):
-        req = await _read_body(request, CompletionRequest)
+        req = await _read_body(request, CompletionRequest, TokenIdsFirst)
         srv.check_model(req.model)
         req.check_unsupported()
         if req.echo:
