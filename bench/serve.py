@@ -710,9 +710,9 @@ def table(result: dict) -> str:
                          f"miss/hit {_fmt(pt['miss_over_hit'])}x, repeated prompt TTFT "
                          f"{_fmt(pt.get('repeat_ttft_p50_ms'))} ms, cached tokens reported hit "
                          f"{pt.get('hit_cached_tokens')} miss {pt.get('miss_cached_tokens')}, server hit rate during "
-                         f"the test {_fmt(pt.get('server_hit_rate_during_test'))}, errors {pt['errors']} (TTFT from the "
-                         f"send; the client built and encoded each request in {_fmt(pt.get('client_prep_p50_ms'))} ms "
-                         "before it)")
+                         f"the test {_fmt(pt.get('server_hit_rate_during_test'))}, errors {pt['errors']} "
+                         f"(TTFT from the send; the client built and encoded each request in "
+                         f"{_fmt(pt.get('client_prep_p50_ms'))} ms before it)")
         if srv.get("prompt_format") == "text":
             lines.append(f"{srv['label']}: text prompts (its completions take no token ids): prompt lengths are "
                          "approximate, the JSON has mean_prompt_tokens per level")
