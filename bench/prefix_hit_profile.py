@@ -138,7 +138,7 @@ def main() -> None:
 
     first: list[float] = []
     timers = Timers(device, first)
-    timers.wrap(engine, "_check_prompt", "submit: prompt check")
+    timers.wrap(engine, "_prompt_ids", "submit: prompt check")
     timers.wrap(pc, "load_full", "prefix load (lookup + restore)")
     timers.wrap(pc, "save", "prefix saves")
     timers.wrap(pc, "snapshot", "prefix saves")        # (a save's copy, stored later ...)

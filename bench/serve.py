@@ -9,7 +9,9 @@ by the official `openai` client (AsyncOpenAI, streamed completions with stream_o
     python bench/serve.py --tiny-cpu          # smoke: a random tiny model served on the CPU, small lengths
     python bench/serve.py --make-checkpoint /tmp/flash4 [--preset flash4|tiny] [--mtp-layers 1]
 
-Measured per (server, prompt length, concurrency): TTFT p50/p99, TPOT p50/p99 (per request: time from the first
+Measured per (server, prompt length, concurrency): TTFT p50/p99 (from the moment the client hands the encoded request
+to its HTTP transport to the first streamed chunk with a choice: the client's own building and JSON encoding of the
+request, ~5 ms for 32K ids on a slow host, is not the server's and is reported apart as client_prep), TPOT p50/p99 (per request: time from the first
 to the last streamed token over the tokens after the first), ITL p50/p99 (gaps between streamed chunks),
 aggregate output tokens/s (completion tokens of all requests / wall time of the level), requests, errors.
 Prompts are random token ids from the model's vocabulary sent as `prompt=[ids]` to /v1/completions (through
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import random
@@ -66,8 +69,10 @@ def percentile(xs: list[float], p: float) -> float | None:
 
 @dataclass
 class RequestResult:
-    """One streamed request: when it started, when each chunk with a choice arrived, what usage said."""
+    """One streamed request: when it started, when it was sent (the encoded request handed to the HTTP transport;
+    None with a client not made by `make_client`), when each chunk with a choice arrived, what usage said."""
     start: float
+    sent: float | None = None
     chunk_times: list[float] = field(default_factory=list)
     completion_tokens: int = 0
     prompt_tokens: int = 0
@@ -77,7 +82,13 @@ class RequestResult:
 
     @property
     def ttft(self) -> float | None:
-        return self.chunk_times[0] - self.start if self.chunk_times else None
+        """Seconds from sending the request (or from the call, when the send went unseen) to its first token."""
+        return self.chunk_times[0] - (self.start if self.sent is None else self.sent) if self.chunk_times else None
+
+    @property
+    def client_prep(self) -> float | None:
+        """Seconds the client took to build and encode the request before sending it."""
+        return None if self.sent is None else self.sent - self.start
 
     @property
     def tpot(self) -> float | None:
@@ -97,6 +108,7 @@ def summarize(results: list[RequestResult], wall_s: float, max_tokens: int | Non
     those whose stream carried no usage chunk (their tokens are counted as one per chunk)."""
     ok = [r for r in results if r.error is None]
     ttft = [r.ttft for r in ok if r.ttft is not None]
+    prep = [r.client_prep for r in ok if r.client_prep is not None]
     tpot = [r.tpot for r in ok if r.tpot is not None]
     itl = [x for r in ok for x in r.itls]
     out_tokens = sum(r.completion_tokens for r in ok)
@@ -108,6 +120,7 @@ def summarize(results: list[RequestResult], wall_s: float, max_tokens: int | Non
     return {"requests": len(results), "ok": len(ok), "errors": len(results) - len(ok),
             "error_messages": dict(sorted(errors.items(), key=lambda kv: -kv[1])[:5]),
             "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+            "client_prep_p50_ms": ms(percentile(prep, 50)),
             "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
             "itl_p50_ms": ms(percentile(itl, 50)), "itl_p99_ms": ms(percentile(itl, 99)),
             "short_outputs": sum(1 for r in ok if max_tokens and r.completion_tokens < max_tokens),
@@ -125,10 +138,22 @@ def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg[:200]}"
 
 
+_SENDING: contextvars.ContextVar[RequestResult | None] = contextvars.ContextVar("sending", default=None)
+
+
+async def _mark_sent(request) -> None:
+    """httpx's request hook: runs in the sending task once the request is built and encoded, just before the
+    transport sends it, so it stamps that task's RequestResult."""
+    res = _SENDING.get()
+    if res is not None and res.sent is None:
+        res.sent = time.perf_counter()
+
+
 async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: int,
                      ignore_eos: bool = True) -> RequestResult:
     """One streamed greedy completion; any failure becomes the result's error, never an exception."""
     res = RequestResult(start=time.perf_counter())
+    sending = _SENDING.set(res)
     extra: dict = {"ignore_eos": True} if ignore_eos else {}
     if not isinstance(prompt, str):
         # token ids travel in extra_body, which the client sends as given: its typed `prompt` argument is walked
@@ -155,6 +180,8 @@ async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: in
             res.completion_tokens = len(res.chunk_times)   # no usage chunk: one token per chunk
     except Exception as e:  # noqa: BLE001 - a benchmark records what failed and goes on
         res.error = _error_text(e)
+    finally:
+        _SENDING.reset(sending)
     return res
 
 
@@ -304,6 +331,7 @@ async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, t
     first chunk could come tokens later; the last chunk of a one-token request comes with its first token."""
     rng = random.Random(seed)
     hits, misses, errors, hit_cached, miss_cached, repeats, repeat_cached = [], [], [], [], [], [], []
+    preps: list[float] = []   # the client's building and encoding of the hit, miss and repeat requests
     deadline = time.perf_counter() + duration_limit
     done = 0
     for _ in range(trials):
@@ -319,6 +347,7 @@ async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, t
         for r in (prime, hit, miss, repeat):
             if r.error:
                 errors.append(r.error)
+        preps += [r.client_prep for r in (hit, miss, repeat) if r.client_prep is not None and not r.error]
         if hit.ttft is not None and not hit.error:
             hits.append(hit.ttft)
             hit_cached.append(hit.cached_tokens)
@@ -337,6 +366,7 @@ async def prefix_test(client, model: str, *, prefix_len: int, suffix_len: int, t
             "repeat_ttft_p50_ms": None if repeat50 is None else round(repeat50 * 1e3, 3),
             "miss_over_repeat": round(miss50 / repeat50, 2) if repeat50 and miss50 else None,
             "repeat_cached_tokens": repeat_cached,
+            "client_prep_p50_ms": None if not preps else round(percentile(preps, 50) * 1e3, 3),
             "errors": len(errors), "error_messages": sorted(set(errors))[:5]}
 
 
@@ -485,7 +515,8 @@ def make_client(url: str, timeout: float, concurrency: int):
     from openai import AsyncOpenAI
     limits = httpx.Limits(max_connections=max(concurrency, 1) + 4, max_keepalive_connections=max(concurrency, 1) + 4)
     return AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", timeout=timeout, max_retries=0,
-                       http_client=httpx.AsyncClient(limits=limits, timeout=timeout))
+                       http_client=httpx.AsyncClient(limits=limits, timeout=timeout,
+                                                     event_hooks={"request": [_mark_sent]}))
 
 
 async def measure_server(server: Server, args, vocab: int, *, loads: bool = True, prefix: bool = True) -> dict:
@@ -679,7 +710,9 @@ def table(result: dict) -> str:
                          f"miss/hit {_fmt(pt['miss_over_hit'])}x, repeated prompt TTFT "
                          f"{_fmt(pt.get('repeat_ttft_p50_ms'))} ms, cached tokens reported hit "
                          f"{pt.get('hit_cached_tokens')} miss {pt.get('miss_cached_tokens')}, server hit rate during "
-                         f"the test {_fmt(pt.get('server_hit_rate_during_test'))}, errors {pt['errors']}")
+                         f"the test {_fmt(pt.get('server_hit_rate_during_test'))}, errors {pt['errors']} "
+                         f"(TTFT from the send; the client built and encoded each request in "
+                         f"{_fmt(pt.get('client_prep_p50_ms'))} ms before it)")
         if srv.get("prompt_format") == "text":
             lines.append(f"{srv['label']}: text prompts (its completions take no token ids): prompt lengths are "
                          "approximate, the JSON has mean_prompt_tokens per level")

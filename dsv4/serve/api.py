@@ -4,27 +4,32 @@
 Each choice is one engine request. Its tokens are detokenized incrementally, cut at the first stop string
 (the request is then cancelled), and for chat split by `ReplyParser` into reasoning, content and tool calls.
 A non-streamed reply is built by the same steps as a streamed one, so the two carry the same text. A client
-that hangs up cancels its requests at once, so its cache rows are freed at the next engine step.
+that hangs up cancels its requests at once, so its cache rows are freed at the next engine step. A body is parsed
+and validated in one pass (`_read_body`), and token-id prompts reach the engine as one int64 array (its `submit`
+takes any integer sequence), so a 32K-token prompt costs the host a few ms, not tens.
 """
 from __future__ import annotations
 
 import asyncio
+import email.message
 import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import DsV4Error
 from ..generate.chat import encode_chat
 from ..generate.detokenize import StreamDecoder
 from .metrics import ServerMetrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, TokenIdsFirst, error_body
 from .textstream import ReplyParser, StopCutter
 from .types import QueueFull, SamplingParams
 
@@ -32,6 +37,55 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # the OpenAI default; chat defaults to the
 
 # one encoder for every chunk: json.dumps with a non-default argument builds a new JSONEncoder per call
 _to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
+_Body = TypeVar("_Body", bound=BaseModel)
+
+
+async def _read_body(request: Request, cls: type[_Body], fast: type[_Body] | None = None) -> _Body:
+    """The JSON body as `cls` (or as `fast`, a subclass validating the same bodies to the same values faster),
+    parsed and validated in one pass of pydantic's JSON parser (a 32K-token prompt's ids in ~1 ms; json.loads then
+    validating the objects took ~4x that). A body that fails it goes the way FastAPI takes a declared body
+    (json.loads, then validation of the objects as `cls`), so errors read exactly as before."""
+    body = await request.body()
+    is_json = False
+    if request.headers.get("content-type"):
+        kind = email.message.Message()
+        kind["content-type"] = request.headers["content-type"]
+        sub = kind.get_content_subtype()
+        is_json = kind.get_content_maintype() == "application" and (sub == "json" or sub.endswith("+json"))
+    if body and is_json:
+        try:
+            return (fast or cls).model_validate_json(body)
+        except ValidationError:
+            pass   # (the errors of the path below)
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    value: Any = body
+    if is_json:
+        try:
+            value = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
+                                           "input": {}, "ctx": {"error": e.msg}}]) from None
+    try:
+        return cls.model_validate(value, from_attributes=True)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+def _body_schema(cls: type[BaseModel]) -> dict:
+    """The OpenAPI entry of a body read by `_read_body` (FastAPI only sees the request)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": cls.model_json_schema()}}}}
+
+
+def _token_ids(prompt: list[int]) -> np.ndarray | list[int]:
+    """Validated token ids as the int64 array the engine keeps (one C pass; the engine takes it with one copy), or
+    the list itself when an id is beyond int64 (the engine names it)."""
+    try:
+        return np.fromiter(prompt, dtype=np.int64, count=len(prompt))
+    except OverflowError:
+        return prompt
 
 
 @dataclass
@@ -197,7 +251,7 @@ class _Server:
             raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
                            param="model", code="model_not_found")
 
-    def budget(self, prompt: list[int], limit: int | None, default: int | None, field_name: str) -> int:
+    def budget(self, prompt: Sequence[int], limit: int | None, default: int | None, field_name: str) -> int:
         """max_tokens for a prompt, checked against the context."""
         n = len(prompt)
         if n >= self.max_seq_len:
@@ -210,7 +264,8 @@ class _Server:
                            param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
-    def submit(self, prompt: list[int], kwargs: dict, n: int, stops: list[str], skip_special: bool) -> list[_Choice]:
+    def submit(self, prompt: Sequence[int], kwargs: dict, n: int, stops: list[str],
+               skip_special: bool) -> list[_Choice]:
         """n engine requests (choice i samples with seed + i); all or none are submitted."""
         choices: list[_Choice] = []
         try:
@@ -231,7 +286,7 @@ class _Server:
             text = self._token_text[token] = self.tok.decode([token])
         return text
 
-    def usage(self, prompt: list[int], choices: list[_Choice]) -> dict:
+    def usage(self, prompt: Sequence[int], choices: list[_Choice]) -> dict:
         done = sum(c.completion_tokens for c in choices)
         cached = int(getattr(choices[0].handle, "cached_tokens", 0) or 0) if choices else 0
         return {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done,
@@ -322,17 +377,18 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": srv.created,
                                             "owned_by": "dsv4", "max_model_len": srv.max_seq_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def completions(request: Request):
+        req = await _read_body(request, CompletionRequest, TokenIdsFirst)
         srv.check_model(req.model)
         req.check_unsupported()
         if req.echo:
             raise APIError(400, "echo: not supported", param="echo")
         prompt = req.single_prompt()
-        ids = await asyncio.to_thread(srv.tok.encode, prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
+        ids = await asyncio.to_thread(srv.tok.encode, prompt) if isinstance(prompt, str) else _token_ids(prompt)
+        if not len(ids):
             raise APIError(400, "prompt: encodes to no tokens", param="prompt")
-        if min(ids) < 0:
+        if (ids.min() if isinstance(ids, np.ndarray) else min(ids)) < 0:
             raise APIError(400, "prompt: token ids must be >= 0", param="prompt")
         max_tokens = srv.budget(ids, req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
         kwargs = req.sampling_kwargs(max_tokens, req.logprobs, srv.eos_ids)
@@ -369,8 +425,9 @@ def build_app(engine: Any, tokenizer: Any, model_name: str) -> FastAPI:
         out = await _collect_all(request, choices, collect)
         return {**head, "choices": out, "usage": srv.usage(ids, choices)}
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest, request: Request):
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        req = await _read_body(request, ChatCompletionRequest)
         srv.check_model(req.model)
         req.check_unsupported()
         thinking = req.thinking_mode()

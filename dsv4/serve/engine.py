@@ -106,10 +106,9 @@ GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 @dataclass(eq=False)
 class _Request:
     handle: RequestHandle
-    prompt: list[int]
+    ids: np.ndarray                     # the prompt as int64 ids (what the prefix cache hashes and the forwards read)
     params: SamplingParams
     seed: int
-    ids: np.ndarray | None = None       # the prompt as int64 ids (what the prefix cache hashes and the forwards read)
     row: int | None = None
     done: int = 0                       # prompt tokens in the cache
     stored: int = 0                     # the longest prompt prefix the prefix cache holds (loaded or saved by it)
@@ -118,10 +117,6 @@ class _Request:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     sampling: SamplingConfig | None = None
-
-    def __post_init__(self) -> None:
-        if self.ids is None:
-            self.ids = np.asarray(self.prompt, dtype=np.int64)
 
 
 @dataclass(eq=False)
@@ -225,16 +220,16 @@ class Engine:
         `max_queue` requests are already waiting for a row."""
         if not isinstance(params, SamplingParams):
             raise InvalidArgument(f"params must be a SamplingParams, got {type(params).__name__}")
-        tokens, ids = self._check_prompt(prompt)
-        if len(tokens) + params.max_tokens > self.max_seq_len:
-            raise InvalidArgument(f"prompt of {len(tokens)} tokens + max_tokens={params.max_tokens} exceeds the "
+        ids = self._prompt_ids(prompt)
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise InvalidArgument(f"prompt of {len(ids)} tokens + max_tokens={params.max_tokens} exceeds the "
                                   f"engine's max_seq_len={self.max_seq_len}")
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         with self._lock:
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry later")
-            handle = RequestHandle(f"req-{next(self._ids)}", len(tokens), self)
-            self._queue.append(_Request(handle, tokens, params, seed, ids))
+            handle = RequestHandle(f"req-{next(self._ids)}", len(ids), self)
+            self._queue.append(_Request(handle, ids, params, seed))
             self._lock.notify_all()
         return handle
 
@@ -335,7 +330,7 @@ class Engine:
                     continue
                 with self._lock:
                     for i in range(min(n_reqs, self.max_batch)):
-                        prompt = [(7 * i + j) % self.vocab_size for j in range(length)]
+                        prompt = (7 * i + np.arange(length, dtype=np.int64)) % self.vocab_size
                         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
                         self._queue.append(_Request(RequestHandle(f"warm-up-{i}", length, self), prompt, params, i))
                 self.run_until_idle()
@@ -408,23 +403,24 @@ class Engine:
         with self._lock:
             self._lock.notify_all()
 
-    def _check_prompt(self, prompt: Sequence[int]) -> tuple[list[int], np.ndarray]:
-        """The prompt's token ids as a list of ints and as an int64 array (converted once, here: the prefix cache
-        hashes the array and the forwards read it), or InvalidArgument naming the first bad id."""
+    def _prompt_ids(self, prompt: Sequence[int]) -> np.ndarray:
+        """The prompt's token ids as a new int64 array (converted once, here: the prefix cache hashes it and the
+        forwards read it), or InvalidArgument naming the first bad id. An integer array (what the HTTP API sends)
+        costs one copy; a list of ints a few C-speed passes (a 32K-token prompt in ~2 ms)."""
         if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__len__"):
             raise InvalidArgument(f"prompt must be a list of token ids, got {type(prompt).__name__}")
         if len(prompt) == 0:
             raise InvalidArgument("prompt is empty: give at least one token id")
         ids = None
         if type(prompt) is list and operator.countOf(map(type, prompt), int) == len(prompt):
-            try:   # the usual case, in C-speed passes (a 32K-token prompt in ~1.5 ms)
-                ids = np.asarray(prompt, dtype=np.int64)
+            try:
+                ids = np.fromiter(prompt, dtype=np.int64, count=len(prompt))
             except OverflowError:   # an id beyond int64: the loop below names it
                 ids = None
         elif isinstance(prompt, np.ndarray) and prompt.ndim == 1 and prompt.dtype.kind in "iu":
-            ids = prompt.astype(np.int64)
+            ids = prompt.astype(np.int64)   # (a copy, as the caller may reuse its array; a wrapped uint64 is < 0)
         if ids is not None and 0 <= ids.min() and ids.max() < self.vocab_size:
-            return (list(prompt) if type(prompt) is list else ids.tolist()), ids
+            return ids
         tokens = []   # anything else, token by token, so that an error names the first bad one
         for i, t in enumerate(prompt):
             if isinstance(t, bool) or not hasattr(t, "__index__"):
@@ -433,7 +429,7 @@ class Engine:
             if not 0 <= t < self.vocab_size:
                 raise InvalidArgument(f"prompt[{i}]={t}: token id out of the vocabulary [0, {self.vocab_size})")
             tokens.append(t)
-        return tokens, np.asarray(tokens, dtype=np.int64)
+        return np.asarray(tokens, dtype=np.int64)
 
     # ------------------------------------------------------------------ step parts
     def _reap_cancelled(self) -> None:
@@ -470,7 +466,7 @@ class Engine:
                 if self.spec is None:
                     self._emit([req], tail["logits"].unsqueeze(0))
                 continue
-            n = len(req.prompt)
+            n = len(req.ids)
             req.stops = sorted(set(range(start + self.prefill_chunk, n, self.prefill_chunk)) | req.saves | {n})
             self._admitted.append(req)
             return req
@@ -481,7 +477,7 @@ class Engine:
         continues). A prefix cache with `load_full` may return the whole prompt; one without, shorter ones."""
         if self.prefix_cache is None:
             return 0, None
-        n, start, tail = len(req.prompt), 0, None
+        n, start, tail = len(req.ids), 0, None
         self._drain_saves(prompt=req.ids)   # (a queued save this prompt extends may serve it)
         load_full = getattr(self.prefix_cache, "load_full", None)
         try:
@@ -505,7 +501,7 @@ class Engine:
         self.counters["prefix_hit_tokens"] += start
         req.stored = start
         boundaries = getattr(self.prefix_cache, "boundaries", None)
-        points = boundaries(n, req.prompt[-1]) if load_full else boundaries(n) if boundaries else [n]
+        points = boundaries(n, int(req.ids[-1])) if load_full else boundaries(n) if boundaries else [n]
         req.saves = {b for b in points if b > start}
         return start, tail
 
@@ -575,7 +571,7 @@ class Engine:
         try:
             if self.spec is not None:   # (batched_prefill is off: one request)
                 req = reqs[0]
-                logits = self.spec.extend(req.row, req.prompt[req.done:stop[0]]).unsqueeze(0)
+                logits = self.spec.extend(req.row, req.ids[req.done:stop[0]].tolist()).unsqueeze(0)
             elif len(reqs) == 1 and self.prefill_graphs is not None and \
                     self.prefill_graphs.takes(rows[0], stop[0] - reqs[0].done):
                 logits = self.prefill_graphs.run(rows[0], reqs[0].ids[reqs[0].done:stop[0]])   # [1, vocab]
@@ -597,7 +593,7 @@ class Engine:
             if end in req.saves:
                 saves.append((i, req.row, req, end))
                 req.stored = end
-            if end == len(req.prompt):
+            if end == len(req.ids):
                 self._admitted.remove(req)
                 self.pool.phase[req.row] = Phase.DECODE
                 started.append(i)
@@ -608,7 +604,7 @@ class Engine:
         # The rows are as the forward left them: a request that ended above only had its row marked free.
         for i, row, req, end in saves:
             tail = {"logits": logits[i]} if self.spec is None else self.spec.tail(row)
-            self._save_prefix(self.cache.select(row), req.ids[:end], tail=tail, defer=end == len(req.prompt))
+            self._save_prefix(self.cache.select(row), req.ids[:end], tail=tail, defer=end == len(req.ids))
 
     def _decode(self) -> int:
         """One step of every decoding row; returns the tokens it fed (one per decoding row), which the step's
@@ -847,7 +843,8 @@ class Engine:
             if not failed and event.finish_reason in ("stop", "length") and req.generated:
                 # the cache holds the prompt and every generated token but the last (which was never fed), or with
                 # overlap the last too (the step after it was launched before the request was seen to end)
-                view, held = self.cache.select(req.row), req.prompt + req.generated
+                view = self.cache.select(req.row)
+                held = np.concatenate((req.ids, np.asarray(req.generated, dtype=np.int64)))
                 held = held if view.lengths() == [len(held)] else held[:-1]
                 if len(held) > req.stored:   # (else it is the prompt, which the prefix cache holds already)
                     save = view, held
@@ -883,7 +880,7 @@ class Engine:
                 self.spec.mtp_cache.select(r).reset()
                 self.spec.release(r)
 
-    def _save_at_end(self, view, tokens: list[int]) -> None:
+    def _save_at_end(self, view, tokens: np.ndarray) -> None:
         """The save at a request's end: a copy of its row's state now (queued on the device, before anything can
         reuse the row), stored by `_drain_saves` later in the step or in a later one, once the step's forwards
         are launched; at once with a prefix cache that takes no snapshots."""

@@ -95,6 +95,14 @@ class CompletionRequest(_Sampling):
         return p
 
 
+class TokenIdsFirst(CompletionRequest):
+    """CompletionRequest with the token-id member of `prompt` tried first. Pydantic's smart union picks the member
+    that matches exactly, so it validates every body to the same values, but a prompt of 32K ids in half the time;
+    its errors list the members in another order, so the API reports a failing body's errors from
+    CompletionRequest."""
+    prompt: Union[list[int], str, list[str], list[list[int]]]
+
+
 class ChatTemplateKwargs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

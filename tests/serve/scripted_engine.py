@@ -74,7 +74,7 @@ class ScriptedEngine:
         self.submitted: list[ScriptedHandle] = []
 
     def submit(self, prompt: list[int], params: SamplingParams) -> ScriptedHandle:
-        if not prompt:
+        if len(prompt) == 0:   # (the API sends token ids as an int64 array)
             raise InvalidArgument("prompt: empty")
         if len(prompt) + params.max_tokens > self.max_seq_len:
             raise InvalidArgument("prompt + max_tokens exceeds max_seq_len")

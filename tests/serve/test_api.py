@@ -161,6 +161,10 @@ def test_bad_input(env):
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model=MODEL, prompt=[10**9], max_tokens=2)   # not a token id of this model
+    for ids, message in (([5, 2**70], "prompt[1]=1180591620717411303424"), ([5, -1], "token ids must be >= 0")):
+        with pytest.raises(openai.BadRequestError) as e:   # (beyond int64: the engine names it)
+            c.completions.create(model=MODEL, prompt="", max_tokens=2, extra_body={"prompt": ids})
+        assert message in e.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=MODEL, messages=USER, extra_body={"top_k": -1})
     r = httpx.post(env["server"].url + "/v1/chat/completions", content=b'{"messages": [',

@@ -49,6 +49,11 @@ def test_summary_of_synthetic_requests(bench):
     assert s["short_outputs"] == 1 and s["no_usage"] == 0   # b stopped at 3 of 5 tokens
     one_token = R(start=0.0, chunk_times=[0.1], completion_tokens=1)
     assert one_token.tpot is None and one_token.ttft == pytest.approx(0.1)
+    # sent 0.04 s after the call (the client's encoding): TTFT counts from the send, the rest is client_prep
+    sent = R(start=0.0, sent=0.04, chunk_times=[0.1], completion_tokens=1)
+    assert sent.ttft == pytest.approx(0.06) and sent.client_prep == pytest.approx(0.04)
+    assert one_token.client_prep is None
+    assert bench.summarize([sent, a], wall_s=1.0)["client_prep_p50_ms"] == pytest.approx(40.0)
 
 
 def test_metrics_text_and_acceptance_delta(bench):
@@ -135,9 +140,11 @@ def test_one_level_against_the_real_engine(bench, tmp_path):
     for lvl in out["levels"]:
         assert (lvl["ok"], lvl["errors"], lvl["short_outputs"], lvl["no_usage"]) == (2, 0, 0, 0)
         assert lvl["output_tokens"] == 6 and lvl["ttft_p50_ms"] > 0 and lvl["tpot_p50_ms"] > 0
+        assert lvl["client_prep_p50_ms"] > 0   # make_client's hook saw every send
     assert out["prefix"]["errors"] == 0 and out["prefix"]["miss_over_hit"] is not None
     assert out["prefix"]["miss_cached_tokens"] == [0]        # usage.prompt_tokens_details read
     assert out["prefix"]["repeat_ttft_p50_ms"] > 0 and out["prefix"]["repeat_cached_tokens"] == [0]   # (no cache)
+    assert out["prefix"]["client_prep_p50_ms"] > 0
 
 
 @pytest.mark.slow

@@ -134,6 +134,7 @@ def test_bounded_queue_raises_queue_full(model):
     ([3, True], GREEDY, r"prompt\[1\]=True"),
     ([1, 2**70], GREEDY, r"prompt\[1\]=1180591620717411303424"),
     (np.array([1.0, 2.0]), GREEDY, "integers"),
+    (np.array([1, 2**64 - 1], dtype=np.uint64), GREEDY, r"prompt\[1\]=18446744073709551615"),
     ("hello", GREEDY, "list of token ids"),
     (list(range(30)), SamplingParams(max_tokens=3), "max_seq_len=32"),
     ([1], {"max_tokens": 3}, "SamplingParams"),
@@ -149,10 +150,12 @@ def test_prompt_check_takes_any_integer_sequence_the_same(model):
     """A list of ints (the fast path) and other integer sequences (checked token by token) give the same ids."""
     engine = Engine(model, max_batch=1, max_seq_len=32)
     ids = [0, 5, 2047, 7]
-    for prompt in (ids, tuple(ids), np.array(ids), torch.tensor(ids), [np.int64(t) for t in ids]):
-        out, arr = engine._check_prompt(prompt)
-        assert out == ids and all(type(t) is int for t in out)
-        assert arr.dtype == np.int64 and arr.tolist() == ids
+    for prompt in (ids, tuple(ids), np.array(ids), np.array(ids, dtype=np.uint16), torch.tensor(ids),
+                   [np.int64(t) for t in ids]):
+        arr = engine._prompt_ids(prompt)
+        assert arr.dtype == np.int64 and arr.shape == (4,) and arr.tolist() == ids
+        if isinstance(prompt, np.ndarray):   # (a copy: the caller may reuse its array)
+            assert not np.shares_memory(arr, prompt)
 
 
 def test_speculative_option_is_refused_clearly(model):
