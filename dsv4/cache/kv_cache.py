@@ -348,9 +348,11 @@ class KVCache:
         return self
 
     def reset(self) -> "KVCache":
-        """Start new sequences in every row of this (view of the) cache."""
-        for layer in self.layers:
-            layer.reset()
+        """Start new sequences in every row of this (view of the) cache: every compressor state empty (kv 0,
+        score -inf), one copy per state stack (every layer's states are views of the stacks), and position 0."""
+        empty = empty_row(self._tables, self.positions.device)
+        for s in self._state_stacks:
+            s.t.copy_(empty.expand_as(s.t))
         self.positions.zero_()
         for i in range(len(self._host)):
             self._host[i], self._damaged[i] = 0, False
