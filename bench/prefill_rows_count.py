@@ -7,7 +7,8 @@ aten ops of its CPU reference not at all, approximating a GPU's kernel launches 
 host syncs (tensor -> Python value) and blocking host -> device tensor builds; and the step's host seconds.
 A cost that grows with R is a per-row cost (a Python loop over rows, a launch per row).
 
-    python bench/prefill_rows_count.py [--tokens 2048] [--rows 1 2 4 8 16] [--prefix-block 0 512] [--cprofile 15]
+    python bench/prefill_rows_count.py [--tokens 2048] [--rows 1 2 4 8 16] [--prefix-block 0 512] [--full-depth]
+                                       [--cprofile 15]
     python bench/prefill_rows_count.py --preset flash4 --device cuda --tokens 8192   # a GPU's launch counts
 
 The default model has bench/e2e.py flash4()'s structure (compress ratios 4, 128, 4, 128; window 128; no hash
@@ -37,9 +38,11 @@ from e2e import flash4  # noqa: E402
 from spec_step_count import HostCounter, OpCounter  # noqa: E402
 
 
-def small_flash4() -> dsv4.ModelConfig:
-    """flash4's layer structure (ratios 4, 128, 4, 128; window 128; top-k 512) at CPU-sized dimensions."""
-    return flash4(vocab=1024).replace(dim=64, n_heads=2, head_dim=64, rope_head_dim=16, q_lora_rank=32,
+def small_flash4(full_depth: bool = False) -> dsv4.ModelConfig:
+    """flash4's layer structure (ratios 4, 128, 4, 128; window 128; top-k 512) at CPU-sized dimensions; with
+    `full_depth`, V4-Flash's 43 layers and their ratios (per-layer costs at the real depth)."""
+    depth = dict(n_layers=43, compress_ratios=(0, 0) + (4, 128) * 20 + (4,)) if full_depth else {}
+    return flash4(vocab=1024).replace(**depth, dim=64, n_heads=2, head_dim=64, rope_head_dim=16, q_lora_rank=32,
                                       o_groups=2, o_lora_rank=32, index_n_heads=4, index_head_dim=32,
                                       n_routed_experts=4, n_activated_experts=2, moe_inter_dim=32,
                                       n_shared_experts=1, expert_dtype=None)
@@ -110,12 +113,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=2048, help="tokens per forward (R rows of tokens / R each)")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--prefix-block", type=int, nargs="+", default=[0])
+    p.add_argument("--full-depth", action="store_true", help="small-flash4 at V4-Flash's 43 layers and ratios")
     p.add_argument("--aten", action="store_true", help="count the references' aten ops, not one per dsv4.ops call")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per row count (the fastest is kept)")
     p.add_argument("--cprofile", type=int, default=0, help="list the top N host functions of each step")
     args = p.parse_args()
     device = torch.device(args.device)
-    cfg = small_flash4() if args.preset == "small-flash4" else flash4()
+    cfg = small_flash4(args.full_depth) if args.preset == "small-flash4" else flash4()
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     torch.manual_seed(0)
     model = dsv4.Transformer(cfg).init_weights(seed=0).to(device=device, dtype=dtype).eval()

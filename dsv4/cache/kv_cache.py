@@ -176,6 +176,20 @@ class KVCache:
         self._damaged = [False] * batch_size  # rows inside a step that has not committed (see the module doc)
 
     @property
+    def layers(self) -> list[LayerCache]:
+        """The per-layer caches. A row view makes its layers' views when first asked: a view that only resets
+        its rows or reads their lengths (the serving engine's, per request) never builds them (a few us each, per
+        layer)."""
+        if self._layers is None:
+            parents, rows = self._layer_rows
+            self._layers, self._layer_rows = [layer.select(rows) for layer in parents], None
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: list[LayerCache]) -> None:
+        self._layers, self._layer_rows = value, None
+
+    @property
     def batch_size(self) -> int:
         return len(self._host)
 
@@ -193,7 +207,7 @@ class KVCache:
             rows = slice(rows, rows + 1)
         out = object.__new__(KVCache)
         out.__dict__.update(self.__dict__)
-        out.layers = [layer.select(rows) for layer in self.layers]
+        out._layers, out._layer_rows = None, (self.layers, rows)   # made on first use (see `layers`)
         out._rings = [s.select(rows) for s in self._rings]
         out._state_stacks = [s.select(rows) for s in self._state_stacks]
         out.positions = self.positions[rows]

@@ -602,7 +602,9 @@ class Engine:
                 self.pool.phase[req.row] = Phase.DECODE
                 started.append(i)
         if started and self.spec is None:   # speculative rows choose their first token at their first step
-            self._emit([reqs[i] for i in started], logits if len(started) == len(reqs) else logits[started])
+            # (some rows: indexed by a tensor sent ahead; a list index would be a blocking copy, a wait on the device)
+            picked = logits if len(started) == len(reqs) else logits.index_select(0, to_device(started, self.device))
+            self._emit([reqs[i] for i in started], picked)
         # then the saves, with the tail of the chunk's forward (a request of exactly these tokens then needs none):
         # a first token (without overlap, a whole request of one token) goes out before their copies and hashing.
         # The rows are as the forward left them: a request that ended above only had its row marked free.
