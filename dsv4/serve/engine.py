@@ -72,6 +72,7 @@ reset and the engine keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import random
@@ -274,7 +275,7 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """One engine step (see the module doc). The background loop calls it; tests may call it directly."""
-        with self._step_lock:
+        with self._step_lock, self._steady_weights():
             trace = self.trace
             if trace is not None:
                 trace.begin()
@@ -748,6 +749,12 @@ class Engine:
             self._spec_graphs[bucket, n_tokens] = GraphDecoder(self.model, self.cache.select(slice(0, bucket)),
                                                                n_tokens=n_tokens, checkpoint=True)
         return self._spec_graphs[bucket, n_tokens]
+
+    def _steady_weights(self):
+        """The prefix cache's `steady_weights` for a step (its weights stamp read once per step, not per request's
+        lookup and save), if it has one."""
+        steady = getattr(self.prefix_cache, "steady_weights", None)
+        return steady() if steady is not None else contextlib.nullcontext()
 
     def _invariant(self):
         return ops.batch_invariant(self.batch_invariant)
