@@ -8,7 +8,7 @@ host syncs (tensor -> Python value) and blocking host -> device tensor builds; a
 A cost that grows with R is a per-row cost (a Python loop over rows, a launch per row).
 
     python bench/prefill_rows_count.py [--tokens 2048] [--rows 1 2 4 8 16] [--prefix-block 0 512] [--full-depth]
-                                       [--cprofile 15]
+                                       [--scattered] [--cprofile 15]
     python bench/prefill_rows_count.py --preset flash4 --device cuda --tokens 8192   # a GPU's launch counts
 
 The default model has bench/e2e.py flash4()'s structure (compress ratios 4, 128, 4, 128; window 128; no hash
@@ -38,6 +38,9 @@ from e2e import flash4  # noqa: E402
 from spec_step_count import HostCounter, OpCounter  # noqa: E402
 
 
+SCATTERED = False   # --scattered
+
+
 def small_flash4(full_depth: bool = False) -> dsv4.ModelConfig:
     """flash4's layer structure (ratios 4, 128, 4, 128; window 128; top-k 512) at CPU-sized dimensions; with
     `full_depth`, V4-Flash's 43 layers and their ratios (per-layer costs at the real depth)."""
@@ -50,7 +53,7 @@ def small_flash4(full_depth: bool = False) -> dsv4.ModelConfig:
 
 def engine_for(model, rows: int, length: int, prefix_block: int) -> Engine:
     pc = PrefixCache(model, 1 << 30, 0, block=prefix_block, verify_model=False) if prefix_block else None
-    return Engine(model, max_batch=rows, max_seq_len=length + 1, prefill_chunk=length,
+    return Engine(model, max_batch=2 * rows if SCATTERED else rows, max_seq_len=length + 1, prefill_chunk=length,
                   step_token_budget=rows * length, max_prefill_rows=rows, cuda_graphs=False, batch_invariant=False,
                   prefix_cache=pc)
 
@@ -58,9 +61,21 @@ def engine_for(model, rows: int, length: int, prefix_block: int) -> Engine:
 def submitted(model, rows: int, length: int, prefix_block: int, seed: int = 0) -> tuple[Engine, list]:
     """An engine with `rows` prompts of `length` random tokens queued (one token each)."""
     engine = engine_for(model, rows, length, prefix_block)
+    if SCATTERED:   # every other row busy: the prompts get rows 1, 3, 5 .. (a gathered copy of the rows)
+        for r in range(2 * rows):
+            engine.pool.take()
+        for r in range(1, 2 * rows, 2):
+            engine.pool.free(r)
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, model.config.vocab_size, (length,), generator=g).tolist() for _ in range(rows)]
     return engine, [engine.submit(p, SamplingParams(max_tokens=1, temperature=0)) for p in prompts]
+
+
+def unblock(engine: Engine) -> None:
+    """Free the rows `--scattered` kept busy."""
+    if SCATTERED:
+        for r in range(0, engine.max_batch, 2):
+            engine.pool.free(r)
 
 
 def timed(model, rows: int, length: int, prefix_block: int, profile: cProfile.Profile | None = None) -> float:
@@ -76,6 +91,7 @@ def timed(model, rows: int, length: int, prefix_block: int, profile: cProfile.Pr
         profile.disable()
     sync()
     seconds = time.perf_counter() - t0
+    unblock(engine)
     engine.run_until_idle()
     assert all(list(h)[-1].finish_reason == "length" for h in handles)
     return 1e3 * seconds
@@ -99,6 +115,7 @@ def count(model, rows: int, length: int, prefix_block: int, ops_as_kernels: bool
             engine.step()
     finally:
         del model.forward
+    unblock(engine)
     engine.run_until_idle()   # (the prefix cache's queued saves)
     assert all(list(h)[-1].finish_reason == "length" for h in handles)
     return {"rows": rows, "length": length, "forwards": forwards[0], "forward_ops": sum(fwd.ops.values()),
@@ -114,10 +131,14 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     p.add_argument("--prefix-block", type=int, nargs="+", default=[0])
     p.add_argument("--full-depth", action="store_true", help="small-flash4 at V4-Flash's 43 layers and ratios")
+    p.add_argument("--scattered", action="store_true",
+                   help="the prompts on every other row (rows 1, 3, ..): one forward over a gathered copy of them")
     p.add_argument("--aten", action="store_true", help="count the references' aten ops, not one per dsv4.ops call")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per row count (the fastest is kept)")
     p.add_argument("--cprofile", type=int, default=0, help="list the top N host functions of each step")
     args = p.parse_args()
+    global SCATTERED
+    SCATTERED = args.scattered
     device = torch.device(args.device)
     cfg = small_flash4(args.full_depth) if args.preset == "small-flash4" else flash4()
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16

@@ -219,7 +219,7 @@ class KVCache:
         run one forward on the copy, then `scatter_rows` puts them back. Every stored tensor of the rows is copied
         both ways, far less than a prefill chunk's compute."""
         self.check_intact(rows)
-        index = torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+        index = _on_device(rows, self.positions.device)   # (sent ahead: a blocking copy would wait for the device)
         out = object.__new__(KVCache)
         out.__dict__.update(self.__dict__)
         out.layers = [layer.select(index) for layer in self.layers]
@@ -232,7 +232,7 @@ class KVCache:
     def scatter_rows(self, rows: list[int], part: "KVCache") -> None:
         """Write back rows `gather_rows(rows)` copied into `part` (after its forward committed)."""
         part.check_intact()
-        index = torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+        index = _on_device(rows, self.positions.device)
         for mine, theirs in zip(self.layers, part.layers):
             for a, b in zip(mine.stores(), theirs.stores()):
                 a.buf.index_copy_(0, index, b.buf)

@@ -34,3 +34,21 @@ def test_a_batched_prefill_step_with_some_prompts_ending_never_waits_for_the_dev
         torch.cuda.set_sync_debug_mode("default")
     engine.run_until_idle()
     assert [len(list(h)) for h in handles] == [2, 2]
+
+
+def test_a_forward_on_a_gathered_copy_of_rows_never_waits_for_the_device():
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(seed=0).to_dtype(torch.bfloat16).cuda().eval()
+    cache = model.new_cache(3, 256)
+    x = torch.randint(2, 2048, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for checked in (False, True):   # (the first time compiles the kernels for these shapes)
+            cache.reset()
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error" if checked else "default")
+            try:
+                part = cache.gather_rows([0, 2])   # rows that are not adjacent: a copy, written back after
+                model(x, cache=part, last_only=True)
+                cache.scatter_rows([0, 2], part)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    assert cache.lengths() == [64, 0, 64]
