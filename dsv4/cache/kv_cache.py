@@ -176,6 +176,20 @@ class KVCache:
         self._damaged = [False] * batch_size  # rows inside a step that has not committed (see the module doc)
 
     @property
+    def layers(self) -> list[LayerCache]:
+        """The per-layer caches. A row view makes its layers' views when first asked: a view that only resets
+        its rows or reads their lengths (the serving engine's, per request) never builds them (a few us each, per
+        layer)."""
+        if self._layers is None:
+            parents, rows = self._layer_rows
+            self._layers, self._layer_rows = [layer.select(rows) for layer in parents], None
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: list[LayerCache]) -> None:
+        self._layers, self._layer_rows = value, None
+
+    @property
     def batch_size(self) -> int:
         return len(self._host)
 
@@ -193,7 +207,7 @@ class KVCache:
             rows = slice(rows, rows + 1)
         out = object.__new__(KVCache)
         out.__dict__.update(self.__dict__)
-        out.layers = [layer.select(rows) for layer in self.layers]
+        out._layers, out._layer_rows = None, (self.layers, rows)   # made on first use (see `layers`)
         out._rings = [s.select(rows) for s in self._rings]
         out._state_stacks = [s.select(rows) for s in self._state_stacks]
         out.positions = self.positions[rows]
@@ -205,7 +219,7 @@ class KVCache:
         run one forward on the copy, then `scatter_rows` puts them back. Every stored tensor of the rows is copied
         both ways, far less than a prefill chunk's compute."""
         self.check_intact(rows)
-        index = torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+        index = _on_device(rows, self.positions.device)   # (sent ahead: a blocking copy would wait for the device)
         out = object.__new__(KVCache)
         out.__dict__.update(self.__dict__)
         out.layers = [layer.select(index) for layer in self.layers]
@@ -218,7 +232,7 @@ class KVCache:
     def scatter_rows(self, rows: list[int], part: "KVCache") -> None:
         """Write back rows `gather_rows(rows)` copied into `part` (after its forward committed)."""
         part.check_intact()
-        index = torch.tensor(rows, dtype=torch.long, device=self.positions.device)
+        index = _on_device(rows, self.positions.device)
         for mine, theirs in zip(self.layers, part.layers):
             for a, b in zip(mine.stores(), theirs.stores()):
                 a.buf.index_copy_(0, index, b.buf)
@@ -348,9 +362,11 @@ class KVCache:
         return self
 
     def reset(self) -> "KVCache":
-        """Start new sequences in every row of this (view of the) cache."""
-        for layer in self.layers:
-            layer.reset()
+        """Start new sequences in every row of this (view of the) cache: every compressor state empty (kv 0,
+        score -inf), one copy per state stack (every layer's states are views of the stacks), and position 0."""
+        empty = empty_row(self._tables, self.positions.device)
+        for s in self._state_stacks:
+            s.t.copy_(empty.expand_as(s.t))
         self.positions.zero_()
         for i in range(len(self._host)):
             self._host[i], self._damaged[i] = 0, False

@@ -72,6 +72,7 @@ reset and the engine keeps serving.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import operator
 import random
@@ -269,7 +270,7 @@ class Engine:
     @torch.no_grad()
     def step(self) -> None:
         """One engine step (see the module doc). The background loop calls it; tests may call it directly."""
-        with self._step_lock:
+        with self._step_lock, self._steady_weights():
             trace = self.trace
             if trace is not None:
                 trace.begin()
@@ -598,7 +599,9 @@ class Engine:
                 self.pool.phase[req.row] = Phase.DECODE
                 started.append(i)
         if started and self.spec is None:   # speculative rows choose their first token at their first step
-            self._emit([reqs[i] for i in started], logits if len(started) == len(reqs) else logits[started])
+            # (some rows: indexed by a tensor sent ahead; a list index would be a blocking copy, a wait on the device)
+            picked = logits if len(started) == len(reqs) else logits.index_select(0, to_device(started, self.device))
+            self._emit([reqs[i] for i in started], picked)
         # then the saves, with the tail of the chunk's forward (a request of exactly these tokens then needs none):
         # a first token (without overlap, a whole request of one token) goes out before their copies and hashing.
         # The rows are as the forward left them: a request that ended above only had its row marked free.
@@ -742,6 +745,12 @@ class Engine:
             self._spec_graphs[bucket, n_tokens] = GraphDecoder(self.model, self.cache.select(slice(0, bucket)),
                                                                n_tokens=n_tokens, checkpoint=True)
         return self._spec_graphs[bucket, n_tokens]
+
+    def _steady_weights(self):
+        """The prefix cache's `steady_weights` for a step (its weights stamp read once per step, not per request's
+        lookup and save), if it has one."""
+        steady = getattr(self.prefix_cache, "steady_weights", None)
+        return steady() if steady is not None else contextlib.nullcontext()
 
     def _invariant(self):
         return ops.batch_invariant(self.batch_invariant)

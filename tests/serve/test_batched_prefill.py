@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsv4 import ModelConfig
 from dsv4.generate.engine import generate
@@ -175,3 +176,51 @@ def test_a_failing_batched_prefill_ends_its_requests_only(model, monkeypatch):
     again = engine.submit(a, SamplingParams(max_tokens=3, temperature=0))
     engine.run_until_idle()
     assert [e.token for e in again] == generate(model, [a], 3)[0]
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the aten ops run outside the model's forwards (each one a kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n, self.paused = 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused and func.__name__.split(".")[0] not in ("view", "slice", "select", "alias", "detach",
+                                                                    "expand", "unsqueeze", "lift_fresh", "empty"):
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_around_forward(model, rows: int) -> tuple[int, int]:
+    """(aten ops of one engine step prefilling `rows` 8-token prompts in one forward, outside that forward;
+    the cache's state stacks)."""
+    engine = Engine(model, max_batch=rows, max_seq_len=9, prefill_chunk=8, step_token_budget=8 * rows,
+                    max_prefill_rows=rows, cuda_graphs=False, batch_invariant=False)
+    for i in range(rows):
+        engine.submit([(5 * i + j) % 2048 for j in range(8)], SamplingParams(max_tokens=1, temperature=0))
+    counter, real = _OpCount(), model.forward
+
+    def paused(*a, **k):
+        counter.paused = True
+        try:
+            return real(*a, **k)
+        finally:
+            counter.paused = False
+    model.forward = paused
+    try:
+        with counter:
+            engine.step()
+    finally:
+        del model.forward
+    assert engine.counters["prefill_tokens"] == 8 * rows and not engine.has_work
+    return counter.n, len(engine.cache._state_stacks)
+
+
+def test_a_prefill_step_costs_a_few_kernels_per_row_besides_its_forward(model):
+    one, stacks = _ops_around_forward(model, 1)
+    eight, _ = _ops_around_forward(model, 8)
+    # per added row: its reset at admission, one copy per state stack and its position (4 here; two ops per
+    # compressor state of every layer, 11, would fail), with one op to spare; the first tokens' sampling and
+    # hand-out are one batch
+    assert eight - one <= 7 * (stacks + 2), (one, eight, stacks)

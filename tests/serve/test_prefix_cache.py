@@ -332,6 +332,27 @@ def test_a_changed_model_misses(model):
     m.norm = old
 
 
+def test_steady_weights_reads_the_stamp_once_and_sees_a_change_at_the_next_block(model, monkeypatch):
+    m = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=1).eval()
+    pc = PrefixCache(m, 1 << 30, 1 << 30, block=256, verify_model=False)
+    p, q = _tokens(50, 31), _tokens(40, 32)
+    walks = []
+    real = pc._weights_stamp
+    monkeypatch.setattr(pc, "_weights_stamp", lambda: walks.append(1) or real())
+    with pc.steady_weights():
+        _serve(m, pc, p)
+        _serve(m, pc, q)
+        assert _held(pc, p) == 50 and _held(pc, q) == 40
+    assert len(walks) == 1   # (without the block: one per load and save, here 6)
+    with torch.no_grad():
+        m.embed.weight[0, 0] += 1   # between blocks: the next block's first lookup sees it
+    with pc.steady_weights():
+        assert _held(pc, p) == 0 and pc.stats()["entries"]["device"] == 0
+    assert len(walks) == 2
+    _held(pc, p)
+    assert len(walks) == 3   # outside a block: every lookup reads the stamp
+
+
 def test_only_a_restore_pays_for_the_exact_model_check(model):
     pc = PrefixCache(model, 1 << 30, 1 << 30, block=256)
     p = _tokens(30, 40)
