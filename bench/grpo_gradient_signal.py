@@ -1,5 +1,9 @@
-"""Gradient signal of one GRPO batch from an SFT checkpoint on math:easy: pairwise cosine between gradients of independent
-reward) and the share of groups with mixed rewards."""
+"""How much of a GRPO step's gradient is signal: from an SFT checkpoint on math:easy, the gradients of 4
+independent rollout batches (32 x 8) at ratio 1, their pairwise cosines, and the same with coin-flip rewards (pure
+noise); also the share of groups with mixed rewards. Cosines near the coin-flip ones mean a step is mostly noise.
+
+  python bench/grpo_gradient_signal.py RUN/sft/final [cpu|cuda]
+"""
 import random, sys, torch
 sys.path.insert(0, __import__("os").path.dirname(__file__))
 from grpo_variants import CoinFlipReward
@@ -10,7 +14,7 @@ from dsv4.posttrain.grpo_loss import group_advantages, grpo_loss
 from dsv4.posttrain.logprobs import pad_batch, token_logprobs
 from dsv4.posttrain.rollout import rollout
 torch.set_num_threads(1)
-model, tok = load_policy(sys.argv[1], "cpu")
+model, tok = load_policy(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "cpu")
 env = MathEnv("easy"); cfg = GRPOConfig(max_new_tokens=12)
 def grad(trajs):
     model.train(); model.zero_grad()
