@@ -101,8 +101,10 @@ class PipelineConfig:
     # 0.08), so each AdamW update is a noise step of about lr on every weight. At lr 3e-4 greedy held-out fell
     # 0.18 -> 0.135 in 12 steps with the rollout reward flat and the entropy falling (the H100 mini run's
     # pattern); coin-flip rewards at the same lr fell as far (0.11), and at 1e-3 both reached 0.073. At 1e-5
-    # and 1e-4 nothing moved in 16 steps. An AdamW step changes a layer's output in proportion to its width, and
-    # mini is 3x tiny's, so mini's 1e-4 sits in the harmful range (bench/grpo_variants.py compares settings).
+    # and 1e-4 nothing moved in 16 (and 40) steps. The same lr moves a wider model's outputs further: one
+    # lr-sized noise step on mini at 1e-4 changes the log-probs as much as on tiny at 1e-3 (bench/grpo_step_size.py),
+    # so mini's 1e-4 is in the harmful range and ~1e-5 matches tiny's harmless 1e-4 (bench/grpo_variants.py
+    # compares settings from one SFT checkpoint, with a coin-flip control).
     grpo_steps: int = 40
     grpo_lr: float = 1e-4
     grpo_generations: int = 8
