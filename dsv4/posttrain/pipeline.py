@@ -96,7 +96,7 @@ class PipelineConfig:
     # left it at 0.50 on the pool, 0.49 on fresh problems, 0.47 on the pool with a 0/1 reward, while the rollout
     # accuracy rose 0.29 -> 0.39 (pool), 0.29 -> 0.37 (fresh): neither the pool nor the partial credit (reward
     # and accuracy rose together) lowered it at this scale; the failures are the wrong word ("include").
-    # Why held-out math falls on fresh problems (bench/results/2026-12-07_cpu_grpo_lr_noise.txt, tiny, 32 x 8, 4
+    # Why held-out math falls on fresh problems (bench/results/2026-12-07_cpu_3f6e27f_grpo_lr_noise.txt, tiny, 32 x 8, 4
     # minibatches): independent batches' gradients are nearly orthogonal (mean cosine 0.04, coin-flip rewards
     # 0.08), so each AdamW update is a noise step of about lr on every weight. At lr 3e-4 greedy held-out fell
     # 0.18 -> 0.135 in 12 steps with the rollout reward flat and the entropy falling (the H100 mini run's
