@@ -96,6 +96,15 @@ class PipelineConfig:
     # left it at 0.50 on the pool, 0.49 on fresh problems, 0.47 on the pool with a 0/1 reward, while the rollout
     # accuracy rose 0.29 -> 0.39 (pool), 0.29 -> 0.37 (fresh): neither the pool nor the partial credit (reward
     # and accuracy rose together) lowered it at this scale; the failures are the wrong word ("include").
+    # Why held-out math falls on fresh problems (bench/results/2026-12-07_cpu_3f6e27f_grpo_lr_noise.txt, tiny, 32 x 8, 4
+    # minibatches): independent batches' gradients are nearly orthogonal (mean cosine 0.04, coin-flip rewards
+    # 0.08), so each AdamW update is a noise step of about lr on every weight. At lr 3e-4 greedy held-out fell
+    # 0.18 -> 0.135 in 12 steps with the rollout reward flat and the entropy falling (the H100 mini run's
+    # pattern); coin-flip rewards at the same lr fell as far (0.11), and at 1e-3 both reached 0.073. At 1e-5
+    # and 1e-4 nothing moved in 16 (and 40) steps. The same lr moves a wider model's outputs further: one
+    # lr-sized noise step on mini at 1e-4 changes the log-probs as much as on tiny at 1e-3 (bench/grpo_step_size.py),
+    # so mini's 1e-4 is in the harmful range and ~1e-5 matches tiny's harmless 1e-4 (bench/grpo_variants.py
+    # compares settings from one SFT checkpoint, with a coin-flip control).
     grpo_steps: int = 40
     grpo_lr: float = 1e-4
     grpo_generations: int = 8

@@ -77,3 +77,19 @@ class AddToolEnv:
         final = turns[-1].get("content", "") if turns and turns[-1]["role"] == "assistant" else ""
         ok = final.strip() == str(problem.answer)
         return Reward(float(ok), ok, {})
+
+
+def grpo_gradients(model, trajectories, group_size: int, bucket: int = 1) -> dict[str, torch.Tensor]:
+    """Each parameter's gradient (on the host) of the GRPO loss of one scored batch at ratio 1, as train_on_batch
+    forms it: group advantages, the batch right-padded to `bucket`, the training forward's token log-probs."""
+    from dsv4.posttrain.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
+    from dsv4.posttrain.logprobs import pad_batch, token_logprobs
+    device = model.embed.weight.device
+    model.train()
+    model.zero_grad(set_to_none=True)
+    adv = group_advantages(torch.tensor([t.reward.score for t in trajectories]), group_size).to(device)
+    batch = pad_batch(trajectories, bucket=bucket)
+    logp, _ = token_logprobs(model, batch.tokens)
+    loss, _ = grpo_loss(logp, logp.detach(), adv, batch.mask.to(device), GRPOLossConfig())
+    loss.backward()
+    return {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}

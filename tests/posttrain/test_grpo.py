@@ -92,3 +92,20 @@ def test_a_time_cap_stops_grpo_after_the_step_that_passes_it():
     # the cap counts from the end of the first step (the warm-up), so the second is the one that passes it
     assert [r["step"] for r in res.rows] == [1, 2]
     assert [e["step"] for e in res.evals] == [0, 2]          # the final evaluation is at the step it stopped
+
+
+def test_grpo_gradient_does_not_depend_on_the_length_bucket():
+    """Padding the batch to a bucket (as GRPO does on a GPU, 64) leaves the loss's gradient unchanged: the pad
+    positions are masked and causal attention keeps them out of the real tokens' log-probabilities."""
+    from dsv4.generate.sampling import SamplingConfig
+    from dsv4.posttrain.rollout import rollout
+    from grpo_toys import grpo_gradients
+    tok, env = toy_tokenizer(), LetterEnv()
+    model = toy_model(n_layers=2, compress_ratios=(0, 4))
+    trajs = rollout(model, tok, env.heldout(2), {"toy": env}, group_size=4, sampling=SamplingConfig(temperature=1.0),
+                    max_new_tokens=8, seed=3, sampler="direct")
+    assert len({t.reward.score for t in trajs}) > 1
+    tight, padded = grpo_gradients(model, trajs, 4), grpo_gradients(model, trajs, 4, bucket=64)
+    assert tight.keys() == padded.keys() and len(tight) > 10
+    for name, g in tight.items():
+        assert torch.allclose(padded[name], g, rtol=1e-4, atol=1e-7), name
