@@ -46,6 +46,8 @@ rm -rf "$RUN"
 # the summary is rewritten after each stage, so a late stop loses only the stage it interrupts.
 # The GRPO stages are capped in time, so the longer turns cost them steps, not wall time: an agent step rolls out
 # 256 trajectories of up to 3 turns, about twice an easy one's decoding, and may stop short of 20 steps (flagged).
+# GRPO's lr is 1e-5: at 1e-4 a mini GRPO step is mostly noise and held-out math fell (H100, 3f6e27f: SFT 0.405 ->
+# 0.220 on fresh problems); CPU evidence in bench/results/2026-12-07_cpu_3f6e27f_grpo_lr_noise.txt.
 # GRPO samples fresh training problems (--grpo-pool 0): on a pool of 64, ~20 steps x 32 prompts saw each problem
 # ~10 times, the rollout reward rose (0.44 -> 0.68) while held-out math fell (SFT 0.565 -> 0.360); a pool large
 # enough not to repeat in 640 draws would be fresh sampling in all but name.
@@ -53,7 +55,7 @@ timeout ${LIMIT:-540} python3 -m dsv4 posttrain --out "$RUN" --device ${DEVICE:-
   --env math:easy,code:medium,instruct:hard,agent:medium --vocab-size 1024 --tokenizer-examples 500 \
   --pretrain-steps 3000 --pretrain-examples 12000 --pretrain-batch-size 64 --pretrain-seq-len 512 --pretrain-lr 2e-3 \
   --sft-examples 3000 --sft-steps 1500 --sft-batch-size 32 --sft-pack --sft-lr 1e-3 \
-  --grpo-steps 80 --grpo-batch-prompts 32 --grpo-generations 8 --grpo-lr 1e-4 --grpo-pool 0 --grpo-minibatches 4 \
+  --grpo-steps 80 --grpo-batch-prompts 32 --grpo-generations 8 --grpo-lr 1e-5 --grpo-pool 0 --grpo-minibatches 4 \
   --grpo-eval-problems 64 --mixed-grpo \
   --opd-steps 60 --opd-batch-prompts 64 --opd-lr 1e-4 \
   --eval-problems 200 --no-progress ${MAX_NEW_TOKENS:+--max-new-tokens $MAX_NEW_TOKENS} \
