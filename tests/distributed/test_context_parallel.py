@@ -46,7 +46,8 @@ def _assert_exact(res: dict) -> None:
             assert err <= max(1e-5, 10 * noise), (case, name, err, noise)
 
 
-@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 4])   # 4 ranks: first, middle and last
+# -m slow: both sizes (the default run compares CP with one process in test_context_parallel_extras.py, at 2 ranks)
+@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_context_parallel_equals_one_process(tmp_path, n):
     (tmp_path / "cp.json").write_text(json.dumps(CASES[n]))
     for res in torchrun("cp_exact", n, tmp_path):

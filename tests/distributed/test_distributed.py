@@ -61,6 +61,7 @@ def test_expert_dispatch_exact(tmp_path, n):
         assert res["all_to_all"] < 1e-6 and res["all_reduce"] < 1e-6, res
 
 
+@pytest.mark.slow   # FSDP2 + EP training equal to one process: by default in test_cp_training_equals_one_process (with CP)
 def test_training_matches_one_process(tmp_path):
     dist_res = torchrun("train", 2, tmp_path)
     model = workers.tiny_model()
