@@ -1,12 +1,14 @@
-"""A single greedy row's fused speculative step (dsv4.generate.greedy_row, n_draft 1): the tokens of plain greedy
-decoding, the main cache of plain decoding after every step (accepted and rejected drafts alike), the MTP cache
-and drafts of the unfused step, stops and budgets kept, and rows moving between the fused and the batched path."""
+"""A single greedy row's fused speculative step (dsv4.generate.greedy_row, n_draft 1 .. 3): the tokens of plain
+greedy decoding, the main cache of plain decoding after every step (every acceptance count), the MTP cache and
+drafts of the unfused step, stops and budgets kept (also inside a step's drafts), and rows moving between the fused
+and the batched path."""
 import pytest
 import torch
 
 import dsv4
 from conftest import agreeing_model, read_tensors
 from dsv4.generate import SamplingConfig
+from dsv4.generate import speculative
 from dsv4.generate.speculative import SpeculativeDecoder
 
 GREEDY = SamplingConfig(temperature=0.0)
@@ -18,10 +20,9 @@ def agreeing():
     return agreeing_model()
 
 
-def _run(model, prompt, n, fuse_row=True, stops=()):
-    """Speculative greedy decoding of one row (n_draft 1) up to n tokens: per step (tokens, accepted), the
-    decoder."""
-    dec = SpeculativeDecoder(model, model.new_cache(1, len(prompt) + n + 8), n_draft=1)
+def _run(model, prompt, n, fuse_row=True, stops=(), n_draft=1):
+    """Speculative greedy decoding of one row up to n tokens: per step (tokens, accepted), the decoder."""
+    dec = SpeculativeDecoder(model, model.new_cache(1, len(prompt) + n + 8), n_draft=n_draft)
     dec.fuse_row = fuse_row
     dec.prefill(0, prompt)
     steps, total = [], 0
@@ -34,37 +35,47 @@ def _run(model, prompt, n, fuse_row=True, stops=()):
             return steps, dec
 
 
+@pytest.mark.parametrize("n_draft", [1, 2, 3])
 @torch.no_grad()
-def test_fused_row_equals_plain_decoding_step_by_step(agreeing):
-    """30 tokens from a 20-token prompt (past the window wrap at 32 and groups of 4 and 16), accepting and
-    rejecting drafts: after every step the main cache equals plain decoding's of the same tokens (fp32 rounding:
-    the verify runs 2-token steps), the tokens are plain decoding's, and the steps accept what the unfused
-    step accepts (the same drafts: the MTP cache holds the same pairs)."""
-    prompt = list(range(100, 120))
-    plain_tokens = dsv4.generate(agreeing, [prompt], 30)[0]
-    dec = SpeculativeDecoder(agreeing, agreeing.new_cache(1, 72), n_draft=1)
-    plain = agreeing.new_cache(1, 72)
+def test_fused_row_equals_plain_decoding_step_by_step(agreeing, n_draft):
+    """40 tokens from a 27-token prompt (past the window wrap at 32 and groups of 4 and 16), with every acceptance
+    count 0 .. n_draft: every step takes the fused path (`greedy_draft_verify` runs), after every step the main
+    cache equals plain decoding's of the same tokens (fp32 rounding: the verify runs n_draft + 1 token steps) and
+    the MTP cache holds the pairs t < P - n_draft - 1, the tokens are plain decoding's, and the steps accept what
+    the unfused step accepts (the same drafts: the MTP cache holds the same pairs)."""
+    n, prompt = 40, list(range(10, 37))
+    plain_tokens = dsv4.generate(agreeing, [prompt], n)[0]
+    dec = SpeculativeDecoder(agreeing, agreeing.new_cache(1, 80), n_draft=n_draft)
+    plain = agreeing.new_cache(1, 80)
     agreeing(torch.tensor([prompt]), cache=plain)
     dec.prefill(0, prompt)
-    out, accepted = [], []
-    while len(out) < 30:
-        res = dec.step_row(0, GREEDY, budget=30 - len(out))
-        assert dec.rows[0].fused is not None or res.finished    # every step took the fused path
-        out += res.tokens
-        accepted.append(res.accepted)
-        fed = out if not res.finished else out[:-1]             # (a finished row's last token is not fed)
-        while plain.lengths()[0] < len(prompt) + len(fed):
-            agreeing(torch.tensor([[fed[plain.lengths()[0] - len(prompt)]]]), cache=plain)
-        assert dec.cache.lengths() == plain.lengths()
-        for a, b in zip(read_tensors(dec.cache), read_tensors(plain)):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    calls = []
+    real = speculative.greedy_draft_verify
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(speculative, "greedy_draft_verify", lambda *a: calls.append(1) or real(*a))
+        out, accepted = [], []
+        while len(out) < n:
+            before = len(calls)
+            res = dec.step_row(0, GREEDY, budget=n - len(out))
+            assert len(calls) == before + 1                         # every step took the fused path
+            out += res.tokens
+            accepted.append(res.accepted)
+            fed = out if not res.finished else out[:-1]             # (a finished row's last token is not fed)
+            while plain.lengths()[0] < len(prompt) + len(fed):
+                agreeing(torch.tensor([[fed[plain.lengths()[0] - len(prompt)]]]), cache=plain)
+            assert dec.cache.lengths() == plain.lengths()
+            if not res.finished:
+                assert dec.mtp_cache.lengths() == [plain.lengths()[0] - n_draft - 1]
+            for a, b in zip(read_tensors(dec.cache), read_tensors(plain)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert out == plain_tokens
-    assert {0, 1} <= set(accepted)                              # both outcomes met
-    unfused, ref = _run(agreeing, prompt, 30, fuse_row=False)
+    assert set(range(n_draft + 1)) <= set(accepted)             # every acceptance count met
+    unfused, ref = _run(agreeing, prompt, n, fuse_row=False, n_draft=n_draft)
     assert [a for _, a in unfused] == accepted
-    # the MTP caches agree on every pair both hold (the fused one holds t < P - 2, the unfused t < P - 1 - a)
-    W, n = TINY.window_size, min(dec.mtp_cache.lengths()[0], ref.mtp_cache.lengths()[0])
-    slots = [p % W for p in range(max(0, n - W + 1), n)]   # (the longer one's next slot holds n)
+    # the MTP caches agree on every pair both hold (the fused one holds t < P - k - 1, the unfused t < P - 1 - a)
+    lengths = (dec.mtp_cache.lengths()[0], ref.mtp_cache.lengths()[0])
+    W, n = TINY.window_size, min(lengths)
+    slots = [p % W for p in range(max(0, max(lengths) - W), n)]   # (the longer one's ring holds n .. too)
     for mine, theirs in zip(dec.mtp_cache.layers, ref.mtp_cache.layers):
         torch.testing.assert_close(mine.window_rows.buf[:, slots], theirs.window_rows.buf[:, slots],
                                    rtol=1e-5, atol=1e-5)
