@@ -29,7 +29,7 @@ def _run(model, prompt, n, fuse_row=True, stops=(), n_draft=1):
     while True:
         res = dec.step_row(0, GREEDY, None, stops, n - total)
         assert res.logits.argmax(-1).tolist() == res.tokens and res.finite
-        steps.append((res.tokens, res.accepted))
+        steps.append((res.tokens, res.accepted, res.drafted))
         total += len(res.tokens)
         if res.finished:
             return steps, dec
@@ -71,7 +71,7 @@ def test_fused_row_equals_plain_decoding_step_by_step(agreeing, n_draft):
     assert out == plain_tokens
     assert set(range(n_draft + 1)) <= set(accepted)             # every acceptance count met
     unfused, ref = _run(agreeing, prompt, n, fuse_row=False, n_draft=n_draft)
-    assert [a for _, a in unfused] == accepted
+    assert [a for _, a, _ in unfused] == accepted
     # the MTP caches agree on every pair both hold (the fused one holds t < P - k - 1, the unfused t < P - 1 - a)
     lengths = (dec.mtp_cache.lengths()[0], ref.mtp_cache.lengths()[0])
     W, n = TINY.window_size, min(lengths)
@@ -82,20 +82,29 @@ def test_fused_row_equals_plain_decoding_step_by_step(agreeing, n_draft):
 
 
 @torch.no_grad()
-def test_fused_row_keeps_stops_and_budgets(agreeing):
-    """A stop token met as an accepted draft, as the step's own first token (no draft: the row stops with it), or
-    a budget ending inside a step: the output ends where plain decoding's does."""
+@pytest.mark.parametrize("n_draft", [1, 2, 3])
+def test_fused_row_keeps_stops_and_budgets(agreeing, n_draft):
+    """A stop token met as an accepted draft (drafting stops after it), as the step's own first token (no draft:
+    the row stops with it), or a budget ending inside a step's drafts: the output ends where plain decoding's
+    does, and every step drafts and accepts what the batched step does (its drafting rule)."""
     prompt = list(range(7, 30))
     plain = dsv4.generate(agreeing, [prompt], 24)[0]
+    cut = 0
     for stop_at in (4, 9, 15):
         stop = plain[stop_at]
         want = plain[:plain.index(stop) + 1]
-        steps, _ = _run(agreeing, prompt, 24, stops=(stop, 99999))
-        assert [t for toks, _ in steps for t in toks] == want
-    for budget in (1, 2, 7, 8):
-        steps, dec = _run(agreeing, prompt, budget)
-        assert [t for toks, _ in steps for t in toks] == plain[:budget]
+        steps, dec = _run(agreeing, prompt, 24, stops=(stop, 99999), n_draft=n_draft)
+        assert [t for toks, _, _ in steps for t in toks] == want
+        assert dec.rows[0].fused is not None
+        assert steps == _run(agreeing, prompt, 24, stops=(stop, 99999), n_draft=n_draft, fuse_row=False)[0]
+        toks, a, drafted = steps[-1]
+        cut += 0 < a == drafted < n_draft                       # the stop accepted as a draft before the k-th
+    assert cut or n_draft == 1
+    for budget in (1, 2, 3, 7, 8):
+        steps, dec = _run(agreeing, prompt, budget, n_draft=n_draft)
+        assert [t for toks, _, _ in steps for t in toks] == plain[:budget]
         assert dec.cache.lengths() == [len(prompt) + budget - 1]
+        assert steps == _run(agreeing, prompt, budget, n_draft=n_draft, fuse_row=False)[0]
 
 
 @pytest.fixture(scope="module")
@@ -103,17 +112,18 @@ def rejecting():
     return dsv4.Transformer(TINY).init_weights(seed=3).eval()   # (random weights: every draft rejected)
 
 
-@pytest.mark.parametrize("which", ["agreeing", "rejecting"])
+@pytest.mark.parametrize("which,n_draft", [("agreeing", 1), ("rejecting", 1), ("agreeing", 3), ("rejecting", 3)])
 @torch.no_grad()
-def test_rows_move_between_the_fused_and_the_batched_path(which, request):
+def test_rows_move_between_the_fused_and_the_batched_path(which, n_draft, request):
     """Two rows stepped together (the batched path) and alone (the fused path) in turn, so each enters the fused
-    form from the states the batched step leaves (its draft accepted: two lanes pending; rejected: one, and the
-    MTP cache rewound) and leaves it again: each row's output is its plain greedy output."""
+    form from the states the batched step leaves (a drafts accepted: a + 1 lanes pending, and the MTP cache
+    rewound over its last n_draft - a pairs) and leaves it again: each row's output is its plain greedy output,
+    and every step of a row alone takes the fused path."""
     model = request.getfixturevalue(which)
     prompts = [list(range(100, 120)), [42] * 33]
     n = 20
     plain = [dsv4.generate(model, [p], n)[0] for p in prompts]
-    dec = SpeculativeDecoder(model, model.new_cache(2, 80), n_draft=1)
+    dec = SpeculativeDecoder(model, model.new_cache(2, 80), n_draft=n_draft)
     for r, p in enumerate(prompts):
         dec.prefill(r, p)
     outs, i, fused = [[], []], 0, 0
@@ -126,12 +136,13 @@ def test_rows_move_between_the_fused_and_the_batched_path(which, request):
             r = i % 2 if left[i % 2] else 1 - i % 2
             res = [None, None]
             res[r] = dec.step_row(r, GREEDY, budget=left[r])
-            fused += dec.rows[r].fused is not None
+            assert dec.rows[r].fused is not None
+            fused += 1
         for o, x in zip(outs, res):
             if x is not None:
                 o += x.tokens
         i += 1
-    assert outs == plain and fused > 5
+    assert outs == plain and fused >= 4
 
 
 @torch.no_grad()
@@ -156,14 +167,15 @@ def test_rewind_then_append_equals_appending_alone():
         agreeing_model().new_cache(1, 8).rewind()
 
 
+@pytest.mark.parametrize("n_draft", [1, 3])
 @pytest.mark.parametrize("fuse_row", [True, False])
 @torch.no_grad()
-def test_extend_after_decoding_continues_the_row(agreeing, fuse_row):
+def test_extend_after_decoding_continues_the_row(agreeing, fuse_row, n_draft):
     """More prompt tokens appended to a row that has decoded (a chat's next turn on the same row), whether its
     state is in the fused form or holds several pending lanes: decoding goes on as plain decoding of the whole
     sequence, drafts accepted."""
     prompt, turn = list(range(100, 120)), [7, 8, 9]
-    dec = SpeculativeDecoder(agreeing, agreeing.new_cache(1, 96), n_draft=1)
+    dec = SpeculativeDecoder(agreeing, agreeing.new_cache(1, 96), n_draft=n_draft)
     dec.fuse_row = fuse_row
     dec.prefill(0, prompt)
     out = []
