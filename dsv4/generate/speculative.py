@@ -71,6 +71,37 @@ class StepResult:
 
 
 @dataclass
+class _Pairs:
+    """Pairs (main lanes, next tokens) the MTP cache holds last, as chunks, oldest first: lanes [1, m, R, C] and
+    tokens [m'] (the same total in both). Kept unjoined: a batched step only relists them, and they are joined
+    (one cat each) only when a row enters the fused form."""
+    lanes: list[torch.Tensor]
+    ids: list[torch.Tensor]
+
+    @property
+    def count(self) -> int:
+        return sum(x.shape[1] for x in self.lanes)
+
+    def then(self, lanes: torch.Tensor, ids: list[torch.Tensor], n: int) -> "_Pairs":
+        """These pairs followed by lanes and the tokens `ids` (chunks), less the leading chunks the last n
+        pairs do not reach."""
+        return _Pairs(_tail(self.lanes + [lanes], n, 1), _tail(self.ids + ids, n, 0))
+
+    def last(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last n pairs: lanes [1, n, R, C], tokens [n]."""
+        return torch.cat(self.lanes, 1)[:, -n:], torch.cat(self.ids)[-n:]
+
+
+def _tail(chunks: list[torch.Tensor], n: int, dim: int) -> list[torch.Tensor]:
+    """The chunks from the last one whose start lies within the last n elements along `dim` (all, when fewer)."""
+    total, i = 0, len(chunks)
+    while i and total < n:
+        i -= 1
+        total += chunks[i].shape[dim]
+    return chunks[i:]
+
+
+@dataclass
 class _Row:
     logits: torch.Tensor                 # [vocab] the main logits the next token is (to be) chosen from
     next_token: int | None               # the chosen next token (not yet emitted nor in the caches)
@@ -80,7 +111,7 @@ class _Row:
     # (lanes [1, j, R, C], tokens [j]) of the MTP cache's last j <= n_draft pairs, just before the pending lanes'
     # positions (what a single greedy row's step needs to start from fewer than n_draft + 1 pending lanes); None
     # when not known
-    prev: tuple[torch.Tensor, torch.Tensor] | None = None
+    prev: _Pairs | None = None
     fused: RowState | None = None        # the row's state lives there (the fields above but next_token are stale)
 
 
@@ -171,7 +202,7 @@ class SpeculativeDecoder:
         if n:
             self._mtp(self.mtp_cache.select(row), pending[:, :n], next_ids[None])
             j = min(n, self.n_draft)
-            prev = (pending[:, n - j:n], next_ids[n - j:n])
+            prev = _Pairs([pending[:, n - j:n]], [next_ids[n - j:n]])
             pending = pending[:, n:]
         logits = self.model.logits(pending)[0, -1]
         self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending, pending_ids=ids[0, :0], prev=prev)
@@ -364,18 +395,15 @@ class SpeculativeDecoder:
         if st.fused is not None:
             return True
         short = self.n_draft + 1 - st.pending_h.shape[1]
-        return short <= 0 or (st.prev is not None and self._mtp_windowed and st.prev[0].shape[1] >= short)
+        return short <= 0 or (st.prev is not None and self._mtp_windowed and st.prev.count >= short)
 
     @staticmethod
-    def _paired(st: _Row, x_id: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The MTP cache's last (at most) j pairs once a batched step's catch-up has paired the row's pending lanes
-        with their next tokens (x_id [1]: the step's x): as `_Row.prev`, None for j <= 0."""
+    def _paired(st: _Row, x_id: torch.Tensor, j: int) -> _Pairs | None:
+        """The MTP cache's last pairs (at least j where known) once a batched step's catch-up has paired the row's
+        pending lanes with their next tokens (x_id [1]: the step's x): as `_Row.prev`, None for j <= 0."""
         if j <= 0:
             return None
-        lanes, ids = st.pending_h, torch.cat((st.pending_ids, x_id))
-        if st.prev is not None:
-            lanes, ids = torch.cat((st.prev[0], lanes), 1), torch.cat((st.prev[1], ids))
-        return lanes[:, -j:], ids[-j:]
+        return (st.prev or _Pairs([], [])).then(st.pending_h, [st.pending_ids, x_id], j)
 
     def _row_step(self, row: int, st: _Row, budget: int, stops: set, stop_ids: Sequence[int],
                   graphs: bool) -> StepResult:
@@ -436,10 +464,10 @@ class SpeculativeDecoder:
         lanes, ids = st.pending_h, torch.cat((st.pending_ids, st.next_id))
         short = state.width - lanes.shape[1]
         if short > 0:
-            prev_h, prev_ids = st.prev
+            prev_h, prev_ids = st.prev.last(short)
             for _ in range(short):
                 mtp.rewind()
-            lanes, ids = torch.cat((prev_h[:, -short:], lanes), 1), torch.cat((prev_ids[-short:], ids))
+            lanes, ids = torch.cat((prev_h, lanes), 1), torch.cat((prev_ids, ids))
         state.load(lanes, ids[None], st.logits)
         st.fused, st.prev = state, None
 

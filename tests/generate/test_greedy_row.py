@@ -188,3 +188,28 @@ def test_extend_after_decoding_continues_the_row(agreeing, fuse_row, n_draft):
         again += dec.step_row(0, GREEDY, budget=10 - len(again)).tokens
     assert again == dsv4.generate(agreeing, [prompt + out + turn], 10)[0]
     assert dec.stats["accepted"] > 0
+
+
+@pytest.mark.parametrize("which", ["agreeing", "rejecting"])
+@torch.no_grad()
+def test_a_resumed_row_enters_the_fused_form_once_it_has_the_lanes(which, request):
+    """A row resumed from a prefix cache's tail (one lane pending, no MTP pair known before it) takes the batched
+    step until its pending lanes and the pairs those steps made give the last n_draft + 1 lanes (with every draft
+    rejected, after n_draft steps), then the fused one; its output is plain greedy decoding's."""
+    model, k, n = request.getfixturevalue(which), 3, 16
+    prompt = list(range(7, 30))
+    dec = SpeculativeDecoder(model, model.new_cache(1, 64), n_draft=k)
+    dec.prefill(0, prompt)
+    tail = dec.tail(0)
+    dec.begin(0)
+    dec.resume(0, tail)
+    out, fused, accepted = [], [], []
+    while len(out) < n:
+        res = dec.step_row(0, GREEDY, budget=n - len(out))
+        out += res.tokens
+        fused.append(dec.rows[0].fused is not None)
+        accepted.append(res.accepted)
+    assert out == dsv4.generate(model, [prompt], n)[0]
+    assert fused[-1] and fused == sorted(fused)                 # batched steps, then fused ones only
+    if which == "rejecting":
+        assert set(accepted) == {0} and fused.index(True) == k
