@@ -108,9 +108,8 @@ class _Row:
     pending_h: torch.Tensor              # [1, n, R, C] main lanes of the positions not yet paired in the MTP cache
     pending_ids: torch.Tensor            # [n - 1] the tokens after them, but the last one's (on the device)
     next_id: torch.Tensor | None = None  # [1] next_token on the device
-    # (lanes [1, j, R, C], tokens [j]) of the MTP cache's last j <= n_draft pairs, just before the pending lanes'
-    # positions (what a single greedy row's step needs to start from fewer than n_draft + 1 pending lanes); None
-    # when not known
+    # the MTP cache's last pairs, just before the pending lanes' positions (what a single greedy row's step needs,
+    # up to n_draft of them, to start from fewer than n_draft + 1 pending lanes); None when not known
     prev: _Pairs | None = None
     fused: RowState | None = None        # the row's state lives there (the fields above but next_token are stale)
 
@@ -201,8 +200,9 @@ class SpeculativeDecoder:
         prev = None
         if n:
             self._mtp(self.mtp_cache.select(row), pending[:, :n], next_ids[None])
-            j = min(n, self.n_draft)
-            prev = _Pairs([pending[:, n - j:n]], [next_ids[n - j:n]])
+            j = min(n, self.n_draft)   # (the pairs just made, after those the row's MTP cache held last)
+            before = st.prev if st is not None and st.prev is not None else _Pairs([], [])
+            prev = before.then(pending[:, n - j:n], [next_ids[n - j:n]], self.n_draft)
             pending = pending[:, n:]
         logits = self.model.logits(pending)[0, -1]
         self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending, pending_ids=ids[0, :0], prev=prev)
