@@ -154,8 +154,8 @@ class OpCounter(TorchDispatchMode):
 # forward (GraphDecoder); the MTP forwards (GraphStep: the catch-up of a single row and the further drafts); the
 # unfused verify (GraphDecoder with checkpoint: checkpoint + forward + head) and its rollback (a second graph); the
 # fused greedy step (`greedy_verify`, one GraphStep: checkpoint, forward, head, acceptance, rollback, packing); a
-# single greedy row's whole step (`greedy_draft_verify`: its MTP catch-up and draft, then `greedy_verify`, in one
-# GraphStep). Every other op runs eagerly on the GPU, one launch each.
+# single greedy row's whole step (`greedy_draft_verify`: its MTP catch-up and n_draft drafts, then `greedy_verify`,
+# in one GraphStep, whatever n_draft). Every other op runs eagerly on the GPU, one launch each.
 GRAPHED = {"forward", "mtp_forward", "checkpoint", "verify_forward", "verify_head", "rollback", "fused_other",
            "fused_row"}
 

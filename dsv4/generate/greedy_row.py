@@ -1,24 +1,31 @@
-"""One greedy row's whole speculative step (n_draft 1) as one function of static buffers, so a GPU replays it as one
-CUDA graph with nothing launched around it but the copy of its few host inputs and the transfer of its results.
+"""One greedy row's whole speculative step (any n_draft k) as one function of static buffers, so a GPU replays it
+as one CUDA graph with nothing launched around it but the copy of its few host inputs and the transfer of its
+results.
 
-The row's decoding state lives in `RowState`'s device buffers, with the main cache at positions 0 .. P-1 and the
-next token x_P chosen (not yet in the cache):
-  * lanes [1, 2, R, C]: the main lanes h_{P-2}, h_{P-1}; ids [1, 2]: the tokens x_{P-1}, x_P;
+The row's decoding state lives in `RowState`'s device buffers (width k + 1), with the main cache at positions
+0 .. P-1 and the next token x_P chosen (not yet in the cache):
+  * lanes [1, k+1, R, C]: the main lanes h_{P-k-1} .. h_{P-1}; ids [1, k+1]: the tokens x_{P-k} .. x_P;
   * x_logits [1, V]: the logits x_P was chosen from, x_finite [1]: whether they are all finite;
-  * the MTP cache holds the pairs (h_t, x_{t+1}) for every t < P-2 (its positions may trail: see
+  * the MTP cache holds the pairs (h_t, x_{t+1}) for every t < P-k-1 (its positions may trail: see
     SpeculativeDecoder.begin).
 `greedy_draft_verify` then, all on device data:
-  1. catch-up and draft: the MTP block over the pairs (h_{P-2}, x_{P-1}), (h_{P-1}, x_P), with the MTP cache
-     checkpointed; the draft d1 is the argmax of its logits at the last pair (0, and no draft, for a row that does
-     not go on after x_P);
-  2. `greedy_verify` on the main cache over [x_P, d1]: checkpoint, forward, acceptance a, kept count keep, rollback;
-  3. the MTP cache keeps `keep` of its two pairs: for a row that goes on (keep = 1 + a) it again holds the pairs
-     t < P' - 2 at the new length P' = P + 1 + a (with a = 0 the pair (h_{P-1}, x_P) is rolled back, to be made
-     again, at the same position, by the next step);
-  4. the state moves on by 1 + a: lanes from [h_{P-2}, h_{P-1}, h_P, h_{P+1}], ids [x_P or d1, y] (y = the argmax
-     of target row a), the next logits target row a, their finiteness carried (each target row is checked once).
+  1. catch-up and drafts: the MTP cache is checkpointed over 2k positions; the MTP block runs over the k + 1 pairs
+     (h_{P-k-1}, x_{P-k}) .. (h_{P-1}, x_P), and d1 is the argmax of its logits at the last pair; each further
+     draft d_{j+1} (j < k) is the argmax after one more MTP forward of the block's own last output lane with d_j.
+     As in the batched step's drafting, a row drafts at most min(k, budget - 1) tokens (none when it does not go
+     on after x_P) and stops after a drafted stop token; the drafts after its last are 0 and not counted;
+  2. `greedy_verify` on the main cache over [x_P, d1 .. dk]: checkpoint, forward, acceptance a, kept count keep,
+     rollback;
+  3. the MTP cache keeps `keep` of its 2k appended pairs, all catch-up pairs (keep <= 1 + a <= k + 1): for a row
+     that goes on (keep = 1 + a) it again holds the pairs t < P' - k - 1 at the new length P' = P + 1 + a; the
+     catch-up pairs past it and the further drafts' approximate pairs are rolled back (the former to be made
+     again, at the same positions, by the next step);
+  4. the state moves on by 1 + a: lanes from [h_{P-k-1} .. h_{P-1}, h_P .. h_{P+k}], ids from
+     [x_{P-k} .. x_P, d1 .. dk] then y (the argmax of target row a), the next logits target row a, their
+     finiteness carried (each target row is checked once).
 Its shapes never depend on a, and it reads no host value. The host stages budget, live flag and stop tokens in one
-pinned tensor (`RowState.stage`: one copy up) and gets the packed results in one transfer.
+pinned tensor (`RowState.stage`: one copy up) and gets the packed results in one transfer. The MTP checkpoint
+spans 2k positions, so the step needs 2k <= the window (`fits`).
 """
 from __future__ import annotations
 
@@ -31,17 +38,23 @@ from ..cache import KVCache
 from ..errors import InvalidArgument
 from .fused_verify import greedy_verify
 
-WIDTH = 2   # pairs of the MTP catch-up and tokens of the verify: n_draft + 1, with n_draft 1
+
+def fits(n_draft: int, window: int) -> bool:
+    """Whether a step of n_draft drafts fits `greedy_draft_verify`: its MTP checkpoint spans 2 * n_draft
+    positions, at most the window ring's."""
+    return 1 <= n_draft and 2 * n_draft <= window
 
 
 class RowState:
-    """The device buffers of one row's state (module doc) and of its staged host inputs: host [1, 2 + n_stops]
-    long, the row's budget, its live flag (it goes on after x_P) and its stop tokens (-1 pads)."""
+    """The device buffers of one row's state (module doc) for n_draft drafts and of its staged host inputs: host
+    [1, 2 + n_stops] long, the row's budget, its live flag (it goes on after x_P) and its stop tokens (-1 pads)."""
 
-    def __init__(self, model, n_stops: int, device: torch.device):
+    def __init__(self, model, n_stops: int, device: torch.device, n_draft: int = 1):
         cfg = model.config
-        self.lanes = torch.zeros(1, WIDTH, cfg.hc_mult, cfg.dim, dtype=model.dtype, device=device)
-        self.ids = torch.zeros(1, WIDTH, dtype=torch.long, device=device)
+        self.n_draft = n_draft
+        width = n_draft + 1
+        self.lanes = torch.zeros(1, width, cfg.hc_mult, cfg.dim, dtype=model.dtype, device=device)
+        self.ids = torch.zeros(1, width, dtype=torch.long, device=device)
         self.x_logits = torch.zeros(1, cfg.vocab_size, device=device)
         self.x_finite = torch.ones(1, dtype=torch.bool, device=device)
         self.host = torch.zeros(1, 2 + n_stops, dtype=torch.long, device=device)
@@ -50,12 +63,17 @@ class RowState:
         self._staged = self._staging.numpy()   # (writes to it run no torch op)
 
     @property
+    def width(self) -> int:
+        """The lanes (and tokens) the state holds: n_draft + 1."""
+        return self.n_draft + 1
+
+    @property
     def n_stops(self) -> int:
         return self.host.shape[1] - 2
 
     def load(self, lanes: torch.Tensor, ids: torch.Tensor, x_logits: torch.Tensor) -> None:
-        """Start from a row's state: lanes [1, 2, R, C] (h_{P-2}, h_{P-1}), ids [1, 2] (x_{P-1}, x_P), the logits
-        [V] x_P was chosen from."""
+        """Start from a row's state: lanes [1, k+1, R, C] (h_{P-k-1} .. h_{P-1}), ids [1, k+1] (x_{P-k} .. x_P),
+        the logits [V] x_P was chosen from."""
         self.lanes.copy_(lanes)
         self.ids.copy_(ids)
         self.x_logits.copy_(x_logits.view(1, -1))
@@ -75,35 +93,55 @@ class RowState:
 
 @dataclass
 class RowOut:
-    packed: torch.Tensor     # [1, PACKED + 1] long: a, y, draft count, finite, keep, d1 (fused_verify's layout)
-    logits: torch.Tensor     # [1, 2, V] the logits of x_P and of d1 (the emitted tokens' first 1 + a rows)
+    packed: torch.Tensor     # [1, PACKED + k] long: a, y, draft count, finite, keep, d1 .. dk (fused_verify's)
+    logits: torch.Tensor     # [1, k+1, V] the logits of x_P and of d1 .. dk (the emitted tokens' first 1 + a rows)
+
+
+def mtp_forward(model, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first MTP block over lanes [B, n, R, C] paired with the next tokens ids [B, n], appended to `mtp`: its
+    output lanes and the logits [B, vocab] at the last position."""
+    block = model.mtp[0]
+    pos0 = mtp.begin(ids.shape)
+    out = block(lanes, model.embed(ids), ids, pos0, mtp.layer(0))
+    mtp.end(ids.shape[1])
+    return out, ops.linear_fp32(block.collapse(out[:, -1:]), model.head.weight)[:, -1]
 
 
 def greedy_draft_verify(model, main: KVCache, mtp: KVCache, state: RowState) -> RowOut:
     """One speculative step of the single row of `main` and `mtp` (module doc): the same tokens and main cache as
     plain greedy decoding. Updates `state` and both caches' device positions; the host mirrors are the caller's
-    (KVCache.end_rollback of starts + 2 by the packed keep)."""
+    (KVCache.end_rollback of the starts + k + 1 (main) and + 2k (MTP) by the packed keep)."""
     if main.batch_size != 1 or mtp.batch_size != 1:
         raise InvalidArgument("greedy_draft_verify steps one row")
+    k = state.n_draft
     lanes, ids = state.lanes, state.ids
     budget_live = state.host[:, :2].T                                 # [2, 1]
     stop_t = state.host[:, 2:]
     live = state.host[:, 1] > 0
-    block = model.mtp[0]
-    mtp_ckpt = mtp.checkpoint(WIDTH)
-    pos0 = mtp.begin(ids.shape)
-    out = block(lanes, model.embed(ids), ids, pos0, mtp.layer(0))
-    mtp.end(WIDTH)
-    draft_logits = ops.linear_fp32(block.collapse(out[:, -1:]), model.head.weight)[:, -1]   # [1, V]
-    drafts = torch.where(live, draft_logits.argmax(-1), 0)[:, None]   # [1, 1]
-    res = greedy_verify(model, main, ids[:, 1], drafts, live.long(), stop_t, budget_live, x_finite=state.x_finite)
+    limit = torch.where(live, (state.host[:, 0] - 1).clamp(max=k), 0)   # [1] the drafts the row may make
+    mtp_ckpt = mtp.checkpoint(2 * k)
+    out, draft_logits = mtp_forward(model, mtp, lanes, ids)
+    alive = limit > 0
+    drafts, counted = [], []
+    for j in range(k):
+        if j:
+            alive = alive & (limit > j)
+        drafts.append(torch.where(alive, draft_logits.argmax(-1), 0))
+        counted.append(alive)
+        if j == k - 1:
+            break
+        out, draft_logits = mtp_forward(model, mtp, out[:, -1:], drafts[j][:, None])
+        alive = alive & ~(drafts[j][:, None] == stop_t).any(-1)       # drafting stops after a drafted stop
+    drafts_t = torch.stack(drafts, 1)                                 # [1, k]
+    n_drafts = torch.stack(counted, 1).long().sum(1)                  # [1]
+    res = greedy_verify(model, main, ids[:, -1], drafts_t, n_drafts, stop_t, budget_live, x_finite=state.x_finite)
     a = res.a
     mtp.rollback_on_device(mtp_ckpt, res.keep)
-    logits = torch.cat((state.x_logits[:, None], res.target[:, :1]), 1)
-    shift = (a + 1)[:, None] + torch.arange(WIDTH, device=a.device)   # [1, 2]: positions P-1+a, P+a of P-2 ..
+    logits = torch.cat((state.x_logits[:, None], res.target[:, :k]), 1)
+    shift = (a + 1)[:, None] + torch.arange(k + 1, device=a.device)   # [1, k+1]: positions P-k+a .. P+a of P-k-1 ..
     R, C = lanes.shape[2:]
     lanes.copy_(torch.cat((lanes, res.h), 1).gather(1, shift[:, :, None, None].expand(-1, -1, R, C)))
-    ids.copy_(torch.stack((torch.cat((ids, drafts), 1).gather(1, shift[:, :1])[:, 0], res.y), 1))
+    ids.copy_(torch.cat((torch.cat((ids, drafts_t), 1).gather(1, shift[:, :k]), res.y[:, None]), 1))
     state.x_logits.copy_(res.target.gather(1, a.view(-1, 1, 1).expand(-1, 1, res.target.shape[2]))[:, 0])
     state.x_finite.copy_(res.row_finite.gather(1, a[:, None])[:, 0])
     return RowOut(res.packed, logits)

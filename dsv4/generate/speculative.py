@@ -27,13 +27,16 @@ that device data before it (KVCache.rollback_on_device), and the few host inputs
 in a step waits for the device until the transfer, and with CUDA graphs (serve.engine) the MTP forwards, the
 verify with its checkpoint and the rollback each replay a captured graph.
 
-A single greedy row with n_draft 1 (a lone greedy stream: the serving engine's bucket of one) runs its whole step
-as `greedy_row.greedy_draft_verify`: a fixed-width MTP catch-up of the last two positions, the draft, the verify,
-the acceptance and the rollback of both caches, with the row's state (last two main lanes and tokens, the next
-token's logits and their finiteness) carried in device buffers from step to step, so with CUDA graphs a step is
-one replay between one staged input copy and one result transfer. A row enters that form from any state that
-gives it the last two main lanes (`_Row.prev` keeps the one before a single pending lane) and leaves it, copying
-its state back, when a step takes the batched path (more rows, sampling, no room for a draft).
+A single greedy row (a lone greedy stream: the serving engine's bucket of one) with n_draft k runs its whole step
+as `greedy_row.greedy_draft_verify`: a fixed-width MTP catch-up of the last k + 1 positions, the k drafts, the
+verify, the acceptance and the rollback of both caches, with the row's state (last k + 1 main lanes and tokens, the
+next token's logits and their finiteness) carried in device buffers from step to step, so with CUDA graphs a step
+is one replay between one staged input copy and one result transfer. A row enters that form from any state that
+gives it the last k + 1 main lanes: its m pending lanes (the MTP cache lacks their pairs) and, when m < k + 1, the
+k + 1 - m lanes before them from `_Row.prev` (the MTP cache's last pairs, which the entry rewinds, on a window-only
+MTP cache, to be made again by the step). A row whose state gives fewer (a prompt resumed from a prefix cache, or a
+rewind the cache cannot do) takes the batched path until it does. It leaves the fused form, copying its state back
+(k + 1 lanes pending), when a step takes the batched path (more rows, sampling, no room for k drafts).
 """
 from __future__ import annotations
 
@@ -42,12 +45,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import ops
 from ..cache import CacheCheckpoint, KVCache
 from ..errors import InvalidArgument
 from .fused_verify import PACKED, greedy_accept, greedy_verify, host_checkpoint, kept_counts
 from .graphs import CacheGroup, GraphStep
-from .greedy_row import WIDTH, RowState, greedy_draft_verify
+from .greedy_row import RowState, fits, greedy_draft_verify, mtp_forward
 from .host import to_device, to_host
 from .sampling import SamplingConfig, probabilities, sample
 
@@ -69,15 +71,46 @@ class StepResult:
 
 
 @dataclass
+class _Pairs:
+    """Pairs (main lanes, next tokens) the MTP cache holds last, as chunks, oldest first: lanes [1, m, R, C] and
+    tokens [m'] (the same total in both). Kept unjoined: a batched step only relists them, and they are joined
+    (one cat each) only when a row enters the fused form."""
+    lanes: list[torch.Tensor]
+    ids: list[torch.Tensor]
+
+    @property
+    def count(self) -> int:
+        return sum(x.shape[1] for x in self.lanes)
+
+    def then(self, lanes: torch.Tensor, ids: list[torch.Tensor], n: int) -> "_Pairs":
+        """These pairs followed by lanes and the tokens `ids` (chunks), less the leading chunks the last n
+        pairs do not reach."""
+        return _Pairs(_tail(self.lanes + [lanes], n, 1), _tail(self.ids + ids, n, 0))
+
+    def last(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last n pairs: lanes [1, n, R, C], tokens [n]."""
+        return torch.cat(self.lanes, 1)[:, -n:], torch.cat(self.ids)[-n:]
+
+
+def _tail(chunks: list[torch.Tensor], n: int, dim: int) -> list[torch.Tensor]:
+    """The chunks from the last one whose start lies within the last n elements along `dim` (all, when fewer)."""
+    total, i = 0, len(chunks)
+    while i and total < n:
+        i -= 1
+        total += chunks[i].shape[dim]
+    return chunks[i:]
+
+
+@dataclass
 class _Row:
     logits: torch.Tensor                 # [vocab] the main logits the next token is (to be) chosen from
     next_token: int | None               # the chosen next token (not yet emitted nor in the caches)
     pending_h: torch.Tensor              # [1, n, R, C] main lanes of the positions not yet paired in the MTP cache
     pending_ids: torch.Tensor            # [n - 1] the tokens after them, but the last one's (on the device)
     next_id: torch.Tensor | None = None  # [1] next_token on the device
-    # with a single lane pending (h_{P-1}): (h_{P-2} [1, 1, R, C], x_{P-1} [1]) when the MTP cache's last pair is
-    # theirs (what a single greedy row's step needs to start from that form); None when not known
-    prev: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the MTP cache's last pairs, just before the pending lanes' positions (what a single greedy row's step needs,
+    # up to n_draft of them, to start from fewer than n_draft + 1 pending lanes); None when not known
+    prev: _Pairs | None = None
     fused: RowState | None = None        # the row's state lives there (the fields above but next_token are stale)
 
 
@@ -112,7 +145,7 @@ class SpeculativeDecoder:
         # all-greedy steps run `greedy_verify` (with a verifier: one captured graph per rows, width and stop count)
         self.fuse_greedy = True
         self._fused_graphs: dict[tuple, GraphStep] = {}
-        # and a single greedy row with n_draft 1 runs its whole step as `greedy_draft_verify` (with a verifier and
+        # and a single greedy row runs its whole step as `greedy_draft_verify` (with a verifier and
         # graph_drafts: one captured graph per row and stop count), its state kept on the device between steps
         self.fuse_row = True
         self._row_steps: dict[tuple, tuple] = {}   # (row, stops, graphs) -> _row_state
@@ -167,7 +200,9 @@ class SpeculativeDecoder:
         prev = None
         if n:
             self._mtp(self.mtp_cache.select(row), pending[:, :n], next_ids[None])
-            prev = (pending[:, n - 1:n], next_ids[n - 1:n])
+            j = min(n, self.n_draft)   # (the pairs just made, after those the row's MTP cache held last)
+            before = st.prev if st is not None and st.prev is not None else _Pairs([], [])
+            prev = before.then(pending[:, n - j:n], [next_ids[n - j:n]], self.n_draft)
             pending = pending[:, n:]
         logits = self.model.logits(pending)[0, -1]
         self.rows[row] = _Row(logits=logits, next_token=None, pending_h=pending, pending_ids=ids[0, :0], prev=prev)
@@ -242,7 +277,7 @@ class SpeculativeDecoder:
             for i, (x, token) in enumerate(zip(chosen.tolist(), chosen)):
                 states[first[i]].next_token, states[first[i]].next_id = x, token.view(1)
         k = max(0, min(self.n_draft, self.cache.max_seq_len - max(main.lengths()) - 1))
-        if k == 1 and self._row_path(states, cfgs):
+        if k == self.n_draft and self._row_path(states, cfgs):
             graphs = verifier is not None and self.graph_drafts
             return [self._row_step(idx.start, states[0], budgets[0], stops[0], stop_ids[0], graphs)]
         for st in states:
@@ -336,8 +371,7 @@ class SpeculativeDecoder:
             self.stats["accepted"] += a
             self.stats["steps"] += 1
             st.next_token, st.next_id, st.logits = y, y_dev[i:i + 1], target[i, a]
-            # with no draft accepted, the MTP cache's last pair is (h_{P-1}, x) of this step's start
-            st.prev = (st.pending_h[:, -1:], x_ids[i:i + 1]) if a == 0 and n else None
+            st.prev = self._paired(st, x_ids[i:i + 1], self.n_draft - a) if n else None
             st.pending_h, st.pending_ids = h[i:i + 1, :a + 1], drafts[i, :a]
             results.append(StepResult([xs[i]] + d[:a], torch.cat((x_logits, target[i, :a])), n, a, finished,
                                       fin_host[i]))
@@ -349,23 +383,34 @@ class SpeculativeDecoder:
 
     # ------------------------------------------------------------------ a single greedy row (greedy_row)
     def _row_path(self, states: list[_Row | None], cfgs: Sequence[SamplingConfig]) -> bool:
-        """Whether this step runs as `greedy_draft_verify`: one greedy row (n_draft 1) whose state gives the last
-        two main lanes, in the fused form already, or with the MTP cache one pair short of them (a step that
-        accepted its draft), or one pair past them (`prev` known, and the MTP cache rewindable)."""
-        if not (self.fuse_greedy and self.fuse_row and self.n_draft == 1 and len(states) == 1):
+        """Whether this step runs as `greedy_draft_verify`: one greedy row whose state gives the last n_draft + 1
+        main lanes, in the fused form already, or from its pending lanes (the MTP cache lacks their pairs) and as
+        many of the MTP cache's last pairs before them as it lacks (`prev`, with the MTP cache rewindable)."""
+        if not (self.fuse_greedy and self.fuse_row and len(states) == 1
+                and fits(self.n_draft, self.model.config.window_size)):
             return False
         st = states[0]
         if st is None or cfgs[0].temperature != 0:
             return False
-        return (st.fused is not None or st.pending_h.shape[1] == WIDTH
-                or (st.prev is not None and self._mtp_windowed))
+        if st.fused is not None:
+            return True
+        short = self.n_draft + 1 - st.pending_h.shape[1]
+        return short <= 0 or (st.prev is not None and self._mtp_windowed and st.prev.count >= short)
+
+    @staticmethod
+    def _paired(st: _Row, x_id: torch.Tensor, j: int) -> _Pairs | None:
+        """The MTP cache's last pairs (at least j where known) once a batched step's catch-up has paired the row's
+        pending lanes with their next tokens (x_id [1]: the step's x): as `_Row.prev`, None for j <= 0."""
+        if j <= 0:
+            return None
+        return (st.prev or _Pairs([], [])).then(st.pending_h, [st.pending_ids, x_id], j)
 
     def _row_step(self, row: int, st: _Row, budget: int, stops: set, stop_ids: Sequence[int],
                   graphs: bool) -> StepResult:
         """One step of the single greedy row `row` by `greedy_draft_verify` (one graph replay with `graphs`): its
         inputs staged with one copy, its results in one transfer; the host mirrors of both caches end at the kept
         count, which the host's own rule must give too."""
-        x = st.next_token
+        x, k = st.next_token, self.n_draft
         live = x not in stops and budget > 1
         state, step, main, mtp = self._row_state(row, max(1, len(stop_ids)), graphs)
         if st.fused is not state:
@@ -374,23 +419,24 @@ class SpeculativeDecoder:
         state.stage(budget, live, tuple(int(t) for t in stop_ids))
         out = step()
         (packed,) = to_host([out.packed])
-        a, y, n, finite, keep_dev, d1 = packed[0]
+        a, y, n, finite, keep_dev = packed[0][:PACKED]
+        d = packed[0][PACKED:PACKED + n]
         if live:
-            finished = (a > 0 and d1 in stops) or 1 + a >= budget
+            finished = (a > 0 and d[a - 1] in stops) or 1 + a >= budget
             keep = a if finished else a + 1
         else:
             finished, keep = True, 0
         if keep != keep_dev:
             raise RuntimeError(f"speculative step: the device kept {keep_dev} tokens of row {row}, the host "
                                f"expected {keep}")
-        main.end_rollback(host_checkpoint(starts[0], WIDTH), [keep])
-        mtp.end_rollback(host_checkpoint(starts[1], WIDTH), [keep])
+        main.end_rollback(host_checkpoint(starts[0], k + 1), [keep])
+        mtp.end_rollback(host_checkpoint(starts[1], 2 * k), [keep])   # (catch-up and further drafts)
         st.next_token = y
         if live:
             self.stats["drafted"] += n
             self.stats["accepted"] += a
             self.stats["steps"] += 1
-        return StepResult([x] + [d1] * a, out.logits[0, :1 + a], n, a, finished, bool(finite))
+        return StepResult([x] + d[:a], out.logits[0, :1 + a], n, a, finished, bool(finite))
 
     def _row_state(self, row: int, n_stops: int, graphs: bool) -> tuple[RowState, Callable, KVCache, KVCache]:
         """The device state, the step (a GraphStep with `graphs`) and the cache views of a single-row step of
@@ -402,35 +448,36 @@ class SpeculativeDecoder:
                 mtp = self.mtp_cache.select(slice(row, row + 1)).set_fixed_shapes(True)
             else:
                 main, mtp = self._views(range(row, row + 1))
-            state = RowState(self.model, n_stops, self.device)
+            state = RowState(self.model, n_stops, self.device, self.n_draft)
             step = lambda: greedy_draft_verify(self.model, main, mtp, state)   # noqa: E731
-            if graphs:
-                step = GraphStep(step, CacheGroup(main, mtp), WIDTH, ())
+            if graphs:   # (GraphStep advances both host mirrors by k + 1; _row_step then ends both rollbacks)
+                step = GraphStep(step, CacheGroup(main, mtp), state.width, ())
             self._row_steps[key] = (state, step, main, mtp)
         return self._row_steps[key]
 
     def _enter(self, st: _Row, state: RowState, mtp: KVCache) -> None:
-        """Load a row's state into `state` (the fused form: the last two main lanes and tokens, the MTP cache
-        without their pairs). From one lane pending, the MTP cache's last pair (prev) is stepped back over, to be
-        made again by the step."""
+        """Load a row's state into `state` (the fused form: the last k + 1 main lanes and tokens, the MTP cache
+        without their pairs). With m < k + 1 lanes pending, the MTP cache's last k + 1 - m pairs (`prev`) are
+        stepped back over, to be made again by the step."""
         if st.fused is not None:
             self._unfuse(st)
-        if st.pending_h.shape[1] == WIDTH:    # the MTP cache lacks both pairs (the last step accepted its draft)
-            lanes, ids = st.pending_h, torch.cat((st.pending_ids, st.next_id))
-        else:
-            prev_h, prev_id = st.prev
-            mtp.rewind()
-            lanes, ids = torch.cat((prev_h, st.pending_h), 1), torch.cat((prev_id, st.next_id))
+        lanes, ids = st.pending_h, torch.cat((st.pending_ids, st.next_id))
+        short = state.width - lanes.shape[1]
+        if short > 0:
+            prev_h, prev_ids = st.prev.last(short)
+            for _ in range(short):
+                mtp.rewind()
+            lanes, ids = torch.cat((prev_h, lanes), 1), torch.cat((prev_ids, ids))
         state.load(lanes, ids[None], st.logits)
         st.fused, st.prev = state, None
 
     @staticmethod
     def _unfuse(st: _Row) -> None:
-        """A fused row's state back into its fields (copies: the buffers go on being stepped): two lanes pending,
-        the MTP cache without their pairs."""
+        """A fused row's state back into its fields (copies: the buffers go on being stepped): k + 1 lanes
+        pending, the MTP cache without their pairs."""
         s = st.fused
-        st.pending_h, st.pending_ids = s.lanes.clone(), s.ids[0, :1].clone()
-        st.next_id, st.logits = s.ids[0, 1:].clone(), s.x_logits[0].clone()
+        st.pending_h, st.pending_ids = s.lanes.clone(), s.ids[0, :-1].clone()
+        st.next_id, st.logits = s.ids[0, -1:].clone(), s.x_logits[0].clone()
         st.fused, st.prev = None, None
 
     def _draft(self, mtp: KVCache, first: int, states: list[_Row | None], x_ids: torch.Tensor, k: int,
@@ -531,11 +578,7 @@ class SpeculativeDecoder:
     def _mtp(self, mtp: KVCache, lanes: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The MTP block over lanes [B, n, R, C] paired with the next tokens ids [B, n], appended to its cache:
         its output lanes and the logits [B, vocab] at the last position."""
-        block = self.model.mtp[0]
-        pos0 = mtp.begin(ids.shape)
-        out = block(lanes, self.model.embed(ids), ids, pos0, mtp.layer(0))
-        mtp.end(ids.shape[1])
-        return out, ops.linear_fp32(block.collapse(out[:, -1:]), self.model.head.weight)[:, -1]
+        return mtp_forward(self.model, mtp, lanes, ids)
 
 
 def accept_drafts(target_logits: torch.Tensor, draft_logits: torch.Tensor | None, drafts: Sequence[int],

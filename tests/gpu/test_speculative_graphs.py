@@ -8,7 +8,7 @@ import torch
 
 from conftest import agreeing_model, engine_outputs, read_tensors
 from dsv4.generate import SamplingConfig, generate
-from dsv4.generate.graphs import GraphDecoder
+from dsv4.generate.graphs import GraphDecoder, GraphStep
 from dsv4.generate.speculative import SpeculativeDecoder
 from dsv4.serve.types import SamplingParams
 
@@ -87,6 +87,12 @@ def test_engine_speculative_graphs_equal_eager_and_plain(model):
     assert [g.graph is not None for _, g, _, _ in one.spec._row_steps.values()] == [True]
     assert not one.spec._mtp_graphs and not one.spec._fused_graphs
     assert got == _run(model, ps[:1], single, cuda_graphs=True)[1]
+    # n_draft 3: the 3-token prompt leaves 2 MTP pairs to rewind over, so the first step is a batched one (its MTP
+    # graphs never captured), and every later step replays the single row's graph
+    three, got3 = _run(model, ps[:1], single, speculative="mtp", n_draft=3, cuda_graphs=True)
+    assert [g.graph is not None for _, g, _, _ in three.spec._row_steps.values()] == [True]
+    assert not any(g.graph is not None for g in [*three.spec._mtp_graphs.values(), *three.spec._fused_graphs.values()])
+    assert got3 == got
     one_sampled = SamplingParams(max_tokens=20, temperature=0.8, seed=5)   # bucket 1 sampled: the catch-up graphs
     one, got = _run(model, ps[:1], one_sampled, speculative="mtp", cuda_graphs=True)
     assert any(key[0] == "catch-up" and g.graph is not None for key, g in one.spec._mtp_graphs.items())
@@ -146,31 +152,40 @@ def test_engine_speculative_graphs_whole_prompt_prefix_hits(model):
     assert [t for _, t in got] == [plain[37]] * 3 + [plain[38]]
 
 
-def test_single_greedy_row_graph_equals_eager_and_two_graph_step(model):
-    """One greedy row, n_draft 1 (generate.greedy_row): the whole step replayed from one captured graph gives the
-    eager fused step's tokens, logits and cache bytes (main and MTP) bit for bit, and the tokens of the two-graph
-    step (MTP catch-up graph, fused verify graph) and of plain decoding; drafts are accepted and rejected."""
+@pytest.mark.parametrize("n_draft", [1, 3])
+def test_single_greedy_row_graph_equals_eager_and_two_graph_step(model, n_draft, monkeypatch):
+    """One greedy row (generate.greedy_row): the whole step replayed from one captured graph (one replay per step
+    once captured, no other graph) gives the eager fused step's tokens, logits and cache bytes (main and MTP) bit
+    for bit, and the tokens of the multi-graph step (MTP catch-up and further-draft graphs, fused verify graph) and
+    of plain decoding; drafts are accepted and rejected."""
+    replays = []
+    real = GraphStep._replay
+    monkeypatch.setattr(GraphStep, "_replay", lambda self: replays.append(self) or real(self))
     prompt = list(range(100, 140))
     runs = []
     for graphed, fuse_row in ((True, True), (False, True), (True, False)):
         cache = model.new_cache(1, 160)
-        dec = SpeculativeDecoder(model, cache, n_draft=1)
+        dec = SpeculativeDecoder(model, cache, n_draft=n_draft)
         dec.fixed_shapes = dec.graph_drafts = True
         dec.fuse_row = fuse_row
         dec.prefill(0, prompt)
-        out, accepted, logits = [], [], []
+        out, accepted, logits, per_step = [], [], [], []
         while len(out) < 60:
+            before = len(replays)
             res = dec.step_rows(slice(0, 1), [SamplingConfig(temperature=0)], [None], [()], [60 - len(out)],
                                 (lambda n: None) if graphed else None)[0]   # (greedy: no verifier called)
+            per_step.append(len(replays) - before)
             out += res.tokens
             accepted.append(res.accepted)
             logits.append(res.logits.clone())
         if graphed and fuse_row:
             assert [g.graph is not None for _, g, _, _ in dec._row_steps.values()] == [True], \
                 "the single row's step was not captured (see the capture warning)"
+            assert not dec._mtp_graphs and not dec._fused_graphs
+            assert per_step[3:] == [1] * (len(per_step) - 3)       # (2 eager calls, the capture, then replays)
         runs.append((out, accepted, logits, read_tensors(cache) + read_tensors(dec.mtp_cache)))
     (o1, a1, l1, c1), (o2, a2, l2, c2), (o3, _, _, _) = runs
     assert o1 == o2 == o3 == generate(model, [prompt], 60)[0]
-    assert a1 == a2 and {0, 1} <= set(a1)
+    assert a1 == a2 and min(a1) == 0 and max(a1) >= min(n_draft, 2)
     assert all(torch.equal(x, y) for x, y in zip(l1, l2))
     assert all(torch.equal(x, y) for x, y in zip(c1, c2))

@@ -44,7 +44,7 @@ def toks(events):
 LENGTHS = [5, 23, 2, 37]
 
 
-@pytest.mark.parametrize("n_draft", [1, 2])   # (1: a single greedy row's fused step, generate.greedy_row)
+@pytest.mark.parametrize("n_draft", [1, 2, 3])   # (a row stepped alone: the fused step, generate.greedy_row)
 def test_greedy_speculative_equals_plain_engine_and_generate(agreeing, n_draft):
     ps = prompts(LENGTHS)
     params = SamplingParams(max_tokens=9, temperature=0)
