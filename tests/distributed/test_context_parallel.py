@@ -11,7 +11,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_distributed import _free_port, torchrun  # noqa: E402
+from launch import free_port as _free_port, torchrun  # noqa: E402
 
 from dsv4.train.config import TrainConfig  # noqa: E402
 from dsv4.train.metrics import read_metrics  # noqa: E402

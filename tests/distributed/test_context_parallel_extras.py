@@ -5,61 +5,78 @@ indexer KL and gradients; a prefill through context parallelism leaves a cache t
 import json
 import os
 import sys
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+import launch  # noqa: E402
 from test_context_parallel import _assert_exact, _assert_same_run, _train_cp, corpus  # noqa: E402,F401
-from test_distributed import torchrun  # noqa: E402
+
+# the worker cases' inputs: [T, balanced, stage, (recompute)] for case_cp_exact, [T, balanced] for case_cp_prefill
+RECOMPUTE_CASES = [[24, True, "sparse", True]]  # balanced, c=6: rows from the other rank's chunks; top-k
+# (the recomputed indexer KL, whose sum over ranks replays too: test_cp_unequal_chunks_equal_one_process)
+UNEQUAL_CASES = [[25, True, "sparse"],          # chunks 6,6,6,7: boundaries 6, 18 inside both groups, 12 inside HCA
+                 [23, False, "indexer"],        # chunks 11,12: the boundary inside CSA group 8..11 and HCA group 8..15
+                 [13, True, "indexer", True]]   # chunks 3,3,3,4 < a CSA group, recomputed: overlap rows from 2 chunks
+PREFILL_CASES = [[37, True],                    # chunks 9,9,9,10 (unequal): rank 0 holds the last position
+                 [30, False]]                   # chunks 15,15: rank 1 holds it; decode completes CSA 28..31, HCA 24..31
 
 
-def test_cp_with_block_recompute_equals_one_process(tmp_path):
+def _writer(name: str, cases: list) -> Callable[[Path], None]:
+    def write(out):
+        (out / name).write_text(json.dumps(cases))
+    return write
+
+
+@pytest.fixture(scope="module")
+def launched(request, tmp_path_factory):
+    """The worker cases of this module's selected tests, in one 2-rank torchrun."""
+    return launch.shared_launch(request, tmp_path_factory, {
+        "test_cp_with_block_recompute_equals_one_process": (2, "cp_exact", _writer("cp.json", RECOMPUTE_CASES)),
+        "test_cp_unequal_chunks_equal_one_process": (2, "cp_exact", _writer("cp.json", UNEQUAL_CASES)),
+        "test_cp_prefill_then_decode_equals_one_process": (2, "cp_prefill", _writer("prefill.json", PREFILL_CASES)),
+        "test_fsdp_block_recompute_equals_one_process": (2, "fsdp_recompute", lambda out: None)})
+
+
+def test_cp_with_block_recompute_equals_one_process(launched, request):
     """The recompute runs each attention layer again inside the backward pass; its exchanges replay the forward's
     results (no collective there), and the gradients are one process's without recompute."""
-    cases = [[24, True, "sparse", True]]      # balanced, c=6: rows from the other rank's chunks; top-k
-    # (the recomputed indexer KL, whose sum over ranks replays too: test_cp_unequal_chunks_equal_one_process)
-    (tmp_path / "cp.json").write_text(json.dumps(cases))
-    for res in torchrun("cp_exact", 2, tmp_path):
-        assert len(res["errors"]) == len(cases)
+    for res in launch.case_results(launched, request)[1]:
+        assert len(res["errors"]) == len(RECOMPUTE_CASES)
         _assert_exact(res)
 
 
-def test_cp_unequal_chunks_equal_one_process(tmp_path):
+def test_cp_unequal_chunks_equal_one_process(launched, request):
     """Lengths that 2 (plain) or 4 (balanced) chunks do not divide: chunk lengths differ by one, so the ranks hold
     different numbers of positions; the boundaries fall inside CSA and HCA groups and the window."""
-    cases = [[25, True, "sparse"],            # chunks 6,6,6,7: boundaries 6, 18 inside both groups, 12 inside HCA
-             [23, False, "indexer"],          # chunks 11,12: the boundary inside CSA group 8..11 and HCA group 8..15
-             [13, True, "indexer", True]]     # chunks 3,3,3,4 < a CSA group, recomputed: overlap rows from 2 chunks
-    (tmp_path / "cp.json").write_text(json.dumps(cases))
-    results = torchrun("cp_exact", 2, tmp_path)
+    results = launch.case_results(launched, request)[1]
     for res in results:
-        assert len(res["errors"]) == len(cases)
+        assert len(res["errors"]) == len(UNEQUAL_CASES)
         _assert_exact(res)
     # at 13, rank 0 (positions 0..2, 9..12) completes no HCA group: its compressor still gets a (zero) gradient,
     # so both ranks' gradient reductions (FSDP2's reduce-scatter) cover the same parameters
-    for case, *per_rank in zip(cases, *(r["errors"] for r in results)):
+    for case, *per_rank in zip(UNEQUAL_CASES, *(r["errors"] for r in results)):
         assert all(e["with_grad"] == per_rank[0]["with_grad"] for e in per_rank), case
 
 
-def test_cp_prefill_then_decode_equals_one_process(tmp_path):
+def test_cp_prefill_then_decode_equals_one_process(launched, request):
     """A prompt prefilled across 2 ranks, then 3 decode steps on each rank's cache: the logits of a one-process
     prefill and decode. The decode steps complete a CSA group (36..39) and an HCA group (32..39) whose first rows
     the prefill left in the compressors' states, attend through the window ring and the indexer's top-4."""
-    cases = [[37, True],                      # chunks 9,9,9,10 (unequal): rank 0 holds the last position
-             [30, False]]                     # chunks 15,15: rank 1 holds it; decode completes CSA 28..31, HCA 24..31
-    (tmp_path / "prefill.json").write_text(json.dumps(cases))
-    for res in torchrun("cp_prefill", 2, tmp_path):
-        for case, errs in zip(cases, res["errors"]):
+    for res in launch.case_results(launched, request)[1]:
+        for case, errs in zip(PREFILL_CASES, res["errors"]):
             # (seen: fp32 rounding of the prompt's rows computed in other shapes)
             assert max(errs) <= 1e-5, (case, errs)
 
 
-def test_fsdp_block_recompute_equals_one_process(tmp_path):
+def test_fsdp_block_recompute_equals_one_process(launched, request):
     """Block recompute under FSDP2 and expert parallelism on 2 ranks, with --cp 2 (ContextParallelPlacement) and
     without (DistributedPlacement, each rank its rows): the trainer's indexer warm-up step, where no gradient
     reaches a block's output and the recompute itself must gather the block's parameters, then its sparse step,
     give one process's losses and gradients (without recompute)."""
-    for r in torchrun("fsdp_recompute", 2, tmp_path):
+    for r in launch.case_results(launched, request)[1]:
         assert [(e["placement"], e["stage"]) for e in r["errors"]] == [
             ("cp", "indexer"), ("cp", "sparse"), ("dp", "indexer"), ("dp", "sparse")]
         for e in r["errors"]:

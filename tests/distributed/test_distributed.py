@@ -5,7 +5,6 @@ single-process loop's behaviour (stages, NaN stop, validation loss, metrics, --c
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -15,6 +14,8 @@ import torch
 import dsv4
 
 sys.path.insert(0, os.path.dirname(__file__))
+import launch  # noqa: E402
+from launch import free_port as _free_port, torchrun  # noqa: E402
 import workers  # noqa: E402
 
 from conftest import assert_rel_close, stdlib_corpus  # noqa: E402
@@ -23,47 +24,64 @@ from dsv4.train.metrics import read_metrics  # noqa: E402
 from dsv4.train.optim import build_optimizers  # noqa: E402
 from dsv4.train.trainer import train  # noqa: E402
 
-WORKERS = os.path.join(os.path.dirname(__file__), "workers.py")
-
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return stdlib_corpus(tmp_path_factory.mktemp("corpus"), 400_000, 40)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _save_inference_checkpoint(out, native: bool) -> None:
+    """OUT/ckpt for case_sharded_inference: bf16 weights in 1 MiB shards, or FP8 + FP4 read as native weights."""
+    if native:
+        cfg = dsv4.ModelConfig.preset("tiny").replace(o_lora_rank=128)   # every rank's slice on 128 x 128 tiles
+        dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=4), out / "ckpt", dtype=torch.float32,
+                        fp8_weights=True, expert_format="fp4")
+        (out / "weights.txt").write_text("native")
+    else:
+        cfg = dsv4.ModelConfig.preset("tiny").replace(n_heads=8, o_groups=4)
+        dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=4), out / "ckpt", dtype=torch.float32,
+                        max_shard_bytes=1 << 20)
 
 
-def torchrun(case: str, n: int, out) -> list[dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
-           "127.0.0.1", "--master_port", str(_free_port()), WORKERS, case, str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.getcwd())
-    results = [os.path.join(out, f"{case}-rank{i}.pt") for i in range(n)]
-    for _ in range(2):
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-        # one retry for a gloo teardown abort seen in ~1 of 10 runs (2 cores, under pytest; older code too):
-        # every rank wrote its result and passed the final barrier, then a thread still joinable at exit
-        # aborted a worker. Any other failure fails at once.
-        teardown_abort = ("terminate called without an active exception" in r.stderr
-                          and all(os.path.isfile(f) for f in results))
-        if r.returncode == 0 or not teardown_abort:
-            break
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return [torch.load(f, weights_only=False) for f in results]
+def _loop_config(corpus: str, out) -> dict:
+    return dict(data=corpus, out=str(out / "dist"), steps=8, batch_size=4, seq_len=48, warmup=2,
+                dense_warmup_frac=0.25, indexer_warmup_frac=0.25, save_interval=1, log_interval=1, eval_interval=2,
+                eval_batches=2, sample_tokens=0)
+
+
+def _shared_cases(request) -> launch.SharedCases:
+    def nothing(out):
+        pass
+
+    def loop(out):
+        (out / "loop.json").write_text(json.dumps(_loop_config(request.getfixturevalue("corpus"), out)))
+    cases = {"test_sharded_native_inference_equals_one_process_native":
+             (2, "sharded_inference", lambda out: _save_inference_checkpoint(out, True)),
+             "test_torchrun_loop_stages_nan_stop_and_validation_match_one_process": (2, "loop", loop),
+             "test_training_matches_one_process": (2, "train", nothing)}
+    for n in (2, 4):
+        cases[f"test_expert_dispatch_exact[{n}]"] = (n, "ep_dispatch", nothing)
+        cases[f"test_checkpoint_resumes_exactly_on_fewer_ranks[{n}-{n // 2}]"] = (n, "save", nothing)
+        cases[f"test_sharded_inference_equals_one_process[{n}]"] = (
+            n, "sharded_inference", lambda out: _save_inference_checkpoint(out, False))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def launched(request, tmp_path_factory):
+    """The worker cases of this module's selected tests, one torchrun per world size."""
+    return launch.shared_launch(request, tmp_path_factory, _shared_cases(request))
 
 
 @pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])   # 4 ranks: -m slow
-def test_expert_dispatch_exact(tmp_path, n):
-    for res in torchrun("ep_dispatch", n, tmp_path):
+def test_expert_dispatch_exact(launched, request, n):
+    for res in launch.case_results(launched, request)[1]:
         assert res["all_to_all"] < 1e-6 and res["all_reduce"] < 1e-6, res
 
 
 @pytest.mark.slow   # FSDP2 + EP training equal to one process: by default in test_cp_training_equals_one_process (with CP)
-def test_training_matches_one_process(tmp_path):
-    dist_res = torchrun("train", 2, tmp_path)
+def test_training_matches_one_process(launched, request):
+    dist_res = launch.case_results(launched, request)[1]
     model = workers.tiny_model()
     losses = workers.train_steps(model, build_optimizers(model, 3e-3), range(3), 0, 1, distributed=False)
     for a, b in zip(dist_res[0]["losses"], losses):
@@ -87,43 +105,38 @@ def test_training_matches_one_process(tmp_path):
 
 
 @pytest.mark.parametrize("saved_on, resumed_on", [(2, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
-def test_checkpoint_resumes_exactly_on_fewer_ranks(tmp_path, saved_on, resumed_on):
-    saved = torchrun("save", saved_on, tmp_path)
-    resumed = torchrun("load", resumed_on, tmp_path)
+def test_checkpoint_resumes_exactly_on_fewer_ranks(launched, request, saved_on, resumed_on):
+    out, saved = launch.case_results(launched, request)
+    resumed = torchrun("load", resumed_on, out)
     assert resumed[0]["step"] == 2
     for a, b in zip(saved[0]["continued"], resumed[0]["resumed"]):
         assert abs(a - b) < 1e-6 * abs(a)
-    exported = dsv4.load_model(tmp_path / "official", dtype=torch.float32)   # the official single directory
+    exported = dsv4.load_model(out / "official", dtype=torch.float32)   # the official single directory
     assert exported.config.n_routed_experts == 8 and len(exported.layers) == 4
 
 
 @pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])   # 4 ranks: -m slow
-def test_sharded_inference_equals_one_process(tmp_path, n):
-    cfg = dsv4.ModelConfig.preset("tiny").replace(n_heads=8, o_groups=4)
-    dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=4), tmp_path / "ckpt", dtype=torch.float32,
-                    max_shard_bytes=1 << 20)
-    ref_model = dsv4.load_model(tmp_path / "ckpt", dtype=torch.float32)
+def test_sharded_inference_equals_one_process(launched, request, n):
+    out, ranks = launch.case_results(launched, request)
+    ref_model = dsv4.load_model(out / "ckpt", dtype=torch.float32)
     tokens = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = ref_model(tokens)
-    for res in torchrun("sharded_inference", n, tmp_path):
+    for res in ranks:
         assert_rel_close("sharded logits", res["logits"], ref, 1e-5)
         assert_rel_close("sharded incremental logits", res["incremental"], ref, 1e-5)
 
 
-def test_sharded_native_inference_equals_one_process_native(tmp_path):
+def test_sharded_native_inference_equals_one_process_native(launched, request):
     """2 ranks of an FP8 + FP4 checkpoint with native weights (each rank's FP8 head rows / group columns as bytes
     and scale tiles, its FP4 experts) give the one-process native model's logits."""
-    cfg = dsv4.ModelConfig.preset("tiny").replace(o_lora_rank=128)   # every rank's slice on 128 x 128 tiles
-    dsv4.save_model(dsv4.Transformer(cfg).init_weights(seed=4), tmp_path / "ckpt", dtype=torch.float32,
-                    fp8_weights=True, expert_format="fp4")
-    (tmp_path / "weights.txt").write_text("native")
-    ref_model = dsv4.load_model(tmp_path / "ckpt", dtype=torch.float32, weights="native")
+    out, ranks = launch.case_results(launched, request)
+    ref_model = dsv4.load_model(out / "ckpt", dtype=torch.float32, weights="native")
     assert ref_model.layers[0].attn.wo_b.packed is not None
     tokens = torch.randint(0, 2048, (2, 70), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = ref_model(tokens)
-    for res in torchrun("sharded_inference", 2, tmp_path):
+    for res in ranks:
         assert_rel_close("sharded native logits", res["logits"], ref, 1e-5)
         assert_rel_close("sharded native incremental logits", res["incremental"], ref, 1e-5)
 
@@ -163,19 +176,16 @@ def _dcp_model_state(path, tmp_path) -> dict[str, torch.Tensor]:
     return torch.load(tmp_path / "ckpt.pt", weights_only=False)["model"]
 
 
-def test_torchrun_loop_stages_nan_stop_and_validation_match_one_process(tmp_path, corpus):
+def test_torchrun_loop_stages_nan_stop_and_validation_match_one_process(launched, request, tmp_path, corpus):
     """One 2-rank launch of the training loop: no bias update in the indexer warm-up, the same metrics fields as
     one process (plus world), validation loss equal to one process's, and a NaN on one rank stopping every rank
     with the last good checkpoint named. The same launch checks DistributedMuon against Muon."""
-    cfg = dict(data=corpus, out=str(tmp_path / "dist"), steps=8, batch_size=4, seq_len=48, warmup=2,
-               dense_warmup_frac=0.25, indexer_warmup_frac=0.25, save_interval=1, log_interval=1, eval_interval=2,
-               eval_batches=2, sample_tokens=0)
-    (tmp_path / "loop.json").write_text(json.dumps(cfg))
-    ranks = torchrun("loop", 2, tmp_path)
+    out, ranks = launch.case_results(launched, request)
+    cfg = _loop_config(corpus, out)
     for res in ranks:
         assert res["muon_update_error"] < 1e-5, res
         assert re.match(r"step 6: loss=nan .*not finite.*dcp/step_0000006$", res["error"]), res["error"]
-    dist_out = tmp_path / "dist"
+    dist_out = out / "dist"
     assert sorted(os.listdir(dist_out / "dcp")) == [f"step_{s:07d}" for s in range(1, 7)]
     # steps 0-1 dense, 2-3 indexer warm-up, 4- sparse; checkpoint k holds the state after step k - 1
     state = {k: _dcp_model_state(dist_out / "dcp" / f"step_{k:07d}", tmp_path) for k in range(1, 7)}

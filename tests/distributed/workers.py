@@ -1,8 +1,9 @@
 """Worker programs for the distributed tests, launched with torchrun (gloo on CPU):
 
     torchrun --nproc_per_node N tests/distributed/workers.py CASE OUT_DIR
+    torchrun --nproc_per_node N tests/distributed/workers.py --batch CASES.json   # [[CASE, OUT_DIR], ...]
 
-Each writes what the test compares to OUT_DIR/CASE-rank{r}.pt.
+Each case writes what the test compares to OUT_DIR/CASE-rank{r}.pt.
 """
 from __future__ import annotations
 
@@ -317,12 +318,27 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).abs().max() / want.double().abs().max().clamp(min=1e-30))
 
 
+def run_case(case: str, out: str, rank: int, world: int, mesh) -> None:
+    """One case from a fresh global seed, with dsv4.train.step.loss_terms restored after it (case_loop patches
+    it), its result saved to OUT/CASE-rank{rank}.pt."""
+    torch.manual_seed(0)
+    loss_terms = dsv4.train.step.loss_terms
+    try:
+        result = globals()[f"case_{case}"](out, rank, world, mesh)
+    finally:
+        dsv4.train.step.loss_terms = loss_terms
+    torch.save(result, os.path.join(out, f"{case}-rank{rank}.pt"))
+
+
 if __name__ == "__main__":
-    case, out = sys.argv[1], sys.argv[2]
+    if sys.argv[1] == "--batch":        # a JSON list of [CASE, OUT_DIR], run in order in this one launch
+        with open(sys.argv[2]) as f:
+            cases = json.load(f)
+    else:
+        cases = [sys.argv[1:3]]
     mesh = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
-    result = globals()[f"case_{case}"](out, rank, world, mesh)
-    torch.save(result, os.path.join(out, f"{case}-rank{rank}.pt"))
+    for case, out in cases:
+        run_case(case, out, rank, world, mesh)
     dist.barrier()
     dist.destroy_process_group()

@@ -233,19 +233,21 @@ def _save_repeatedly(store, caches, barrier, rounds):
 
 
 def test_concurrent_writers_share_a_store(model, tmp_path):
-    """Processes saving the same prefix and their own ones at once: no save fails, no index entry is lost."""
+    """Processes saving the same prefix and their own ones at once: no save fails, no index entry is lost. (Two
+    writers, one per core of a 2-core machine, so their saves overlap; each process's start-up is most of the
+    time.)"""
     store = PrefixStore(tmp_path, model, block=10**6)
     shared = PREFIX[:40]
     states = {}
     with torch.no_grad():
-        for tokens in [shared] + [PREFIX[:41 + k] for k in range(4)]:
+        for tokens in [shared] + [PREFIX[:41 + k] for k in range(2)]:
             cache = model.new_cache(1, 64)
             model(torch.tensor([tokens]), cache=cache)
             states[len(tokens)] = (cache, tokens)
     ctx = multiprocessing.get_context("spawn")  # a forked child of a process whose OpenMP pool ran can hang
-    barrier = ctx.Barrier(4)
-    procs = [ctx.Process(target=_save_repeatedly, args=(store, [states[40], states[41 + k]], barrier, 6))
-             for k in range(4)]
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_save_repeatedly, args=(store, [states[40], states[41 + k]], barrier, 12))
+             for k in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -253,8 +255,8 @@ def test_concurrent_writers_share_a_store(model, tmp_path):
     for p in procs:
         if p.exitcode is None:
             p.kill()
-    assert [p.exitcode for p in procs] == [0] * 4
-    assert sorted(store._lengths()) == [40, 41, 42, 43, 44]
+    assert [p.exitcode for p in procs] == [0] * 2
+    assert sorted(store._lengths()) == [40, 41, 42]
     for n, (_, tokens) in states.items():
         assert store.load(model.new_cache(1, 64), tokens + [9]) == n
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

@@ -60,10 +60,12 @@ def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
     args = ["--data", corpus, "--steps", "8", "--batch-size", "2", "--seq-len", "64", "--eval-interval", "4",
             "--eval-batches", "2", "--save-interval", "3", "--log-interval", "1", "--warmup", "2",
             "--sample-tokens", "0"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # the uninterrupted run and the one to kill run side by side, one thread each (every run in the same setting)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    subprocess.run([sys.executable, "-m", "dsv4", "train", *args, "--out", full], check=True, env=env,
-                   capture_output=True)
+    full_log = open(tmp_path / "full.log", "w")
+    uninterrupted = subprocess.Popen([sys.executable, "-m", "dsv4", "train", *args, "--out", full], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=full_log)
     proc = subprocess.Popen([sys.executable, "-m", "dsv4", "train", *args, "--out", killed], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = os.path.join(killed, "checkpoints", "step_0000003")
@@ -75,6 +77,9 @@ def test_kill_and_resume_matches_uninterrupted(corpus, tmp_path):
     assert os.path.isdir(ckpt)
     subprocess.run([sys.executable, "-m", "dsv4", "train", "--resume", killed], check=True, env=env,
                    capture_output=True)
+    uninterrupted.wait(timeout=300)
+    full_log.close()
+    assert uninterrupted.returncode == 0, (tmp_path / "full.log").read_text()[-3000:]
     a = [(r["step"], r.get("lm"), r.get("val_loss")) for r in _metrics(full)]
     b = [(r["step"], r.get("lm"), r.get("val_loss")) for r in _metrics(killed)]
     assert a == b
