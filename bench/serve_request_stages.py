@@ -9,7 +9,7 @@ The stub's logits pick a token that decodes to text, so the first event is the f
 nothing sends no chunk, and the chunk would wait for the next step). The server runs with `dsv4 serve`'s GIL switch
 interval (`--switch-interval`).
 
-    python bench/serve_request_stages.py [--lengths 1024 8192 32768] [--trials 5] [--block 2048]
+    python bench/serve_request_stages.py [--lengths 1024 8192 32768] [--trials 5] [--block 2048] [--max-tokens 1]
 
 Prints a table of per-stage medians (ms) per prompt length, plus the body's parse and validation timed apart.
 """
@@ -101,15 +101,15 @@ class TextStub(StubForward):
         return logits
 
 
-async def one(client, prompt: list[int]) -> dict[str, float]:
+async def one(client, prompt: list[int], max_tokens: int) -> dict[str, float]:
     """A streamed request as bench/serve.py sends it; the client's marks."""
     from serve import stream_one
-    res = await stream_one(client, "m", prompt, 2)
+    res = await stream_one(client, "m", prompt, max_tokens)
     assert not res.error, res.error
     return {"client: start": res.start, "client: request sent": res.sent, "client: first chunk": res.chunk_times[0]}
 
 
-def client_process(conn, url: str, lengths: list[int], trials: int, seed: int) -> None:
+def client_process(conn, url: str, lengths: list[int], trials: int, seed: int, max_tokens: int) -> None:
     """The load generator, in its own process: per length, `trials` prompts each sent twice (a prime, then the timed
     repeat); before each repeat it asks the server's process to clear its marks, after it sends its own."""
     from serve import make_client
@@ -120,11 +120,11 @@ def client_process(conn, url: str, lengths: list[int], trials: int, seed: int) -
         for n in lengths:
             for _ in range(trials):
                 prompt = [rng.randrange(2, 300) for _ in range(n)]
-                await one(client, prompt)   # prime
+                await one(client, prompt, max_tokens)   # prime
                 await asyncio.sleep(0.05)   # (the engine stores the save)
                 conn.send(("clear", n))
                 conn.recv()
-                conn.send(("marks", n, await one(client, prompt)))
+                conn.send(("marks", n, await one(client, prompt, max_tokens)))
                 conn.recv()
                 await asyncio.sleep(0.02)
     try:
@@ -177,6 +177,8 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--block", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=1,
+                   help="tokens per request (bench/serve.py's prefix test asks for 1)")
     p.add_argument("--switch-interval", type=float, default=0.0005,
                    help="sys.setswitchinterval in the server's process (dsv4 serve's default)")
     args = p.parse_args()
@@ -207,7 +209,7 @@ def main() -> None:
     stages: dict[int, list[dict[str, float]]] = {n: [] for n in args.lengths}
     here, there = multiprocessing.Pipe()
     client = multiprocessing.get_context("spawn").Process(
-        target=client_process, args=(there, server.url, args.lengths, args.trials, 0), daemon=True)
+        target=client_process, args=(there, server.url, args.lengths, args.trials, 0, args.max_tokens), daemon=True)
     try:
         client.start()
         while True:
