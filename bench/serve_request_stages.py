@@ -2,9 +2,14 @@
 tiny model (forwards stubbed: they only advance the cache) behind `dsv4.serve.api` on uvicorn at 127.0.0.1, with a
 prefix cache, and the official `openai` client sending token ids as `bench/serve.py` does. Each prompt is sent once
 to prime the cache, then again (a whole-prompt hit: nothing to compute), and the repeat is split into stages by
-timestamps taken in the client, the ASGI app, the handler and the engine (one process, one clock).
+timestamps taken in the client, the ASGI app, the handler and the engine (one clock: perf_counter is the system's
+monotonic clock on Linux). The client runs in a process of its own, as a load generator does: in the server's
+process its parsing of the response would take the GIL from the engine and the event loop and be counted as theirs.
+The stub's logits pick a token that decodes to text, so the first event is the first chunk's (a token decoding to
+nothing sends no chunk, and the chunk would wait for the next step). The server runs with `dsv4 serve`'s GIL switch
+interval (`--switch-interval`).
 
-    python bench/serve_request_stages.py [--lengths 1024 8192 32768] [--trials 5] [--block 2048]
+    python bench/serve_request_stages.py [--lengths 1024 8192 32768] [--trials 5] [--block 2048] [--max-tokens 1]
 
 Prints a table of per-stage medians (ms) per prompt length, plus the body's parse and validation timed apart.
 """
@@ -13,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
+import random
 import statistics
 import sys
 import time
@@ -84,14 +91,46 @@ def mark_first_push() -> None:
     RequestHandle._push = push
 
 
-async def one(client, prompt: list[int]) -> float:
-    """A streamed request as bench/serve.py sends it; returns the client's TTFT (s)."""
+class TextStub(StubForward):
+    """StubForward whose logits make `text_id` the greedy token (zero logits pick id 0, which decodes to nothing)."""
+    text_id: int = 0
+
+    def forward(self, tokens: torch.Tensor, cache=None, last_only: bool = False) -> torch.Tensor:
+        logits = super().forward(tokens, cache, last_only)
+        logits[..., self.text_id] = 1.0
+        return logits
+
+
+async def one(client, prompt: list[int], max_tokens: int) -> dict[str, float]:
+    """A streamed request as bench/serve.py sends it; the client's marks."""
     from serve import stream_one
-    res = await stream_one(client, "m", prompt, 2)
+    res = await stream_one(client, "m", prompt, max_tokens)
     assert not res.error, res.error
-    mark("client: first chunk")
-    MARKS["client: start"], MARKS["client: request sent"] = res.start, res.sent
-    return res.chunk_times[0] - res.start
+    return {"client: start": res.start, "client: request sent": res.sent, "client: first chunk": res.chunk_times[0]}
+
+
+def client_process(conn, url: str, lengths: list[int], trials: int, seed: int, max_tokens: int) -> None:
+    """The load generator, in its own process: per length, `trials` prompts each sent twice (a prime, then the timed
+    repeat); before each repeat it asks the server's process to clear its marks, after it sends its own."""
+    from serve import make_client
+
+    async def run() -> None:
+        client = make_client(url, 60, 1)   # (it stamps each request's send: RequestResult.sent)
+        rng = random.Random(seed)
+        for n in lengths:
+            for _ in range(trials):
+                prompt = [rng.randrange(2, 300) for _ in range(n)]
+                await one(client, prompt, max_tokens)   # prime
+                await asyncio.sleep(0.05)   # (the engine stores the save)
+                conn.send(("clear", n))
+                conn.recv()
+                conn.send(("marks", n, await one(client, prompt, max_tokens)))
+                conn.recv()
+                await asyncio.sleep(0.02)
+    try:
+        asyncio.run(run())
+    finally:
+        conn.send(("done", 0))
 
 
 def split(marks: dict[str, float]) -> dict[str, float]:
@@ -138,19 +177,24 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 32768])
     p.add_argument("--trials", type=int, default=5)
     p.add_argument("--block", type=int, default=2048)
+    p.add_argument("--max-tokens", type=int, default=1,
+                   help="tokens per request (bench/serve.py's prefix test asks for 1)")
+    p.add_argument("--switch-interval", type=float, default=0.0005,
+                   help="sys.setswitchinterval in the server's process (dsv4 serve's default)")
     args = p.parse_args()
+    sys.setswitchinterval(args.switch_interval)
     from http_server import ServerThread
-    from serve import make_client
     from dsv4.train.tokenizer import train_bpe
     import tempfile
 
     need = max(args.lengths) + 64
     cfg = dsv4.ModelConfig.preset("tiny").replace(max_seq_len=need)
     model = dsv4.Transformer(cfg).init_weights(seed=1).eval()
-    model.__class__ = StubForward
+    tok = train_bpe(["Hello there, how are you?\n"] * 20, 300, tempfile.mkdtemp())
+    model.__class__ = TextStub
+    model.text_id = next(i for i in range(cfg.vocab_size) if tok.decode([i], skip_special=True))
     pc = PrefixCache(model, 4 << 30, 2 << 30, block=args.block, verify_model=False)
     engine = Engine(model, max_batch=2, max_seq_len=need, prefill_chunk=2048, prefix_cache=pc, overlap=False)
-    tok = train_bpe(["Hello there, how are you?\n"] * 20, 300, tempfile.mkdtemp())
     app = api_mod.build_app(engine, tok, "m")
     srv = app.state.server
     timed(srv, "check_model", "handler: entered")
@@ -162,28 +206,33 @@ def main() -> None:
     server = ServerThread(asgi_marks(app))
     server.start()
     engine.start()
-    g = torch.Generator().manual_seed(0)
-    rows = []
-
-    async def run() -> None:
-        client = make_client(server.url, 60, 1)   # (it stamps each request's send: RequestResult.sent)
-        for n in args.lengths:
-            stages = []
-            for _ in range(args.trials):
-                prompt = torch.randint(2, 300, (n,), generator=g).tolist()
-                await one(client, prompt)   # prime
-                await asyncio.sleep(0.05)   # (the engine stores the save)
-                MARKS.clear()
-                await one(client, prompt)
-                stages.append(split(dict(MARKS)))
-                await asyncio.sleep(0.02)
-            keys = [k for k in stages[0] if all(k in s for s in stages)]
-            rows.append((n, {k: statistics.median(s[k] for s in stages) for k in keys}, parse_costs(prompt)))
+    stages: dict[int, list[dict[str, float]]] = {n: [] for n in args.lengths}
+    here, there = multiprocessing.Pipe()
+    client = multiprocessing.get_context("spawn").Process(
+        target=client_process, args=(there, server.url, args.lengths, args.trials, 0, args.max_tokens), daemon=True)
     try:
-        asyncio.run(run())
+        client.start()
+        while True:
+            kind, n, *rest = here.recv()
+            if kind == "done":
+                break
+            if kind == "clear":
+                MARKS.clear()
+            else:
+                stages[n].append(split({**MARKS, **rest[0]}))
+            here.send("ok")
+        client.join(timeout=30)
+        if client.exitcode != 0:
+            raise RuntimeError(f"the client process failed (exit code {client.exitcode})")
     finally:
         engine.stop()
         server.stop()
+    rows = []
+    g = random.Random(1)
+    for n in args.lengths:
+        keys = [k for k in stages[n][0] if all(k in s for s in stages[n])]
+        prompt = [g.randrange(2, 300) for _ in range(n)]
+        rows.append((n, {k: statistics.median(s[k] for s in stages[n]) for k in keys}, parse_costs(prompt)))
     names = list(rows[0][1]) + list(rows[0][2])
     print(f"{'stage (ms, median of %d repeats)' % args.trials:40s}" + "".join(f"{n:>10d}" for n, _, _ in rows))
     for k in names:
