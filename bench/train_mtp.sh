@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: train the `small` preset with `dsv4 train` (its MTP head trains with it), then measure MTP
-# speculative decoding against plain decoding on that checkpoint with bench/serve.py --mtp-compare. The checkpoint
-# is too large to bring back, so both happen in one call; results land under $OUT (metrics, serve JSON).
+# speculative decoding against plain decoding on that checkpoint with bench/serve.py --mtp-compare, and the
+# acceptance per draft position for n_draft 1..4 with bench/mtp_acceptance.py. The checkpoint is too large to bring
+# back, so all happen in one call; results land under $OUT (metrics, serve JSON, acceptance table).
 #   STEPS=1800 MINUTES=5 bash bench/train_mtp.sh
 # Prompts are windows of a Python file outside the training corpus (the corpus is the standard library's
 # sources; installed packages are excluded from it): in-distribution text the model has not seen.
@@ -18,3 +19,6 @@ timeout ${SERVE_TIMEOUT:-240} python3 bench/serve.py --mtp-compare --mtp-only --
   --launch "python3 -m dsv4 serve --checkpoint $RUN/final --max-batch 8 --max-seq-len 4096 ${SERVE_EXTRA:-}" \
   --concurrency 1 --prompt-len ${PROMPT_LEN:-512} --max-tokens ${MAX_TOKENS:-256} --prefix-len 0 \
   --requests-per-level ${REQUESTS:-6} --duration-limit 40 --json "${P}_serve_mtp_small.json" 2>&1 | tail -25
+timeout ${ACC_TIMEOUT:-180} python3 bench/mtp_acceptance.py --checkpoint "$RUN/final" --text "$TEXT" --n-draft 1 2 3 4 \
+  --prompts ${ACC_PROMPTS:-6} --prompt-len ${PROMPT_LEN:-512} --max-new ${ACC_TOKENS:-192} \
+  --out "${P}_mtp_acceptance_small.txt" 2>&1 | tail -20
