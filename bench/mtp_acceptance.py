@@ -125,6 +125,13 @@ def measure(model, prompts: list[list[int]], max_new: int, n_drafts: list[int]) 
     return results, plain
 
 
+def distinct_ngrams(outputs: list[list[int]], n: int = 4) -> float:
+    """Distinct n-grams over all n-grams of the outputs: low when greedy output loops, which makes drafting easy
+    (a weakly trained model's acceptance is inflated by its repetitions)."""
+    grams = [tuple(o[i:i + n]) for o in outputs for i in range(len(o) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 def parse_costs(items: list[str] | None) -> dict[int, float]:
     """['1:1.81', '3:1.75'] -> {1: 1.81, 3: 1.75}; None -> the defaults."""
     if items is None:
@@ -214,13 +221,15 @@ def main(argv: list[str] | None = None) -> int:
             ids = Tokenizer.from_dir(args.checkpoint).encode(f.read())
         source = f"checkpoint {args.checkpoint}"
     prompts = windows(ids, args.prompts, args.prompt_len)
-    results, _ = measure(model, prompts, args.max_new, sorted(set(args.n_draft)))
+    results, plain = measure(model, prompts, args.max_new, sorted(set(args.n_draft)))
     rec = record(str(device))
     header = [f"MTP acceptance per draft position: {source}; text {args.text or '(bytes 0..255)'}",
               f"{len(prompts)} prompts of {args.prompt_len} tokens, {args.max_new} new tokens each, greedy, "
               f"dtype {str(dtype).replace('torch.', '')}",
               f"date {rec['date']}, device {rec['device']}, commit {rec['commit']}",
               "command: python bench/mtp_acceptance.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              f"plain greedy output: {distinct_ngrams(plain):.2f} of its 4-grams distinct (low: it loops, "
+              "and loops are easy to draft)",
               "acc@j: P(draft j accepted | drafts before it accepted); speed-up = tokens/step / cost "
               "(cost: a k-draft step over a plain step, --step-cost)", ""]
     text = report(results, costs, header)

@@ -52,3 +52,8 @@ def test_mismatch_fails_loudly(tmp_path, monkeypatch):
     text = out.read_text()
     assert rc == 1 and "GREEDY OUTPUT MISMATCH" in text and "differs from plain greedy at token 0" in text
     assert "| 2.00 | 0.50x" in text      # random weights: 1 token a step at cost 2.0
+
+
+def test_distinct_ngrams():
+    assert mtp_acceptance.distinct_ngrams([[1, 2, 3, 4, 5, 6]]) == 1.0
+    assert mtp_acceptance.distinct_ngrams([[7] * 10]) == 1 / 7
