@@ -109,9 +109,12 @@ def speculative_greedy(model, prompt: list[int], max_new: int, n_draft: int, cou
     return out
 
 
-def measure(model, prompts: list[list[int]], max_new: int, n_drafts: list[int]) -> tuple[list[Counts], list[list[int]]]:
-    """Per n_draft its Counts (with any mismatch against plain greedy decoding), and the plain outputs."""
-    plain = [dsv4.generate(model, [p], max_new)[0] for p in prompts]
+def measure(model, prompts: list[list[int]], max_new: int, n_drafts: list[int],
+            plain: list[list[int]] | None = None) -> tuple[list[Counts], list[list[int]]]:
+    """Per n_draft its Counts (with any mismatch against plain greedy decoding), and the plain outputs (computed
+    unless given)."""
+    if plain is None:
+        plain = [dsv4.generate(model, [p], max_new)[0] for p in prompts]
     results = []
     for k in n_drafts:
         c = Counts(k)
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             ids = Tokenizer.from_dir(args.checkpoint).encode(f.read())
         source = f"checkpoint {args.checkpoint}"
     prompts = windows(ids, args.prompts, args.prompt_len)
-    results, plain = measure(model, prompts, args.max_new, sorted(set(args.n_draft)))
+    _, plain = measure(model, prompts, args.max_new, [])
     rec = record(str(device))
     header = [f"MTP acceptance per draft position: {source}; text {args.text or '(bytes 0..255)'}",
               f"{len(prompts)} prompts of {args.prompt_len} tokens, {args.max_new} new tokens each, greedy, "
@@ -232,11 +235,14 @@ def main(argv: list[str] | None = None) -> int:
               "and loops are easy to draft)",
               "acc@j: P(draft j accepted | drafts before it accepted); speed-up = tokens/step / cost "
               "(cost: a k-draft step over a plain step, --step-cost)", ""]
-    text = report(results, costs, header)
-    print(text, end="")
     path = args.out or result_path("mtp_acceptance", "txt", str(device))
-    with open(path, "w") as f:
-        f.write(text)
+    results: list[Counts] = []
+    for k in sorted(set(args.n_draft)):   # the file is rewritten after each n_draft (a run cut short keeps those)
+        results += measure(model, prompts, args.max_new, [k], plain)[0]
+        text = report(results, costs, header)
+        with open(path, "w") as f:
+            f.write(text)
+    print(text, end="")
     print(f"wrote {path}")
     if any(c.mismatches for c in results):
         print("FAIL: speculative greedy output differs from plain greedy decoding", file=sys.stderr)
