@@ -327,20 +327,22 @@ class KVCache:
             self._host[i] = p + k
         return self
 
-    def rewind(self) -> "KVCache":
-        """Move every row back one position without restoring what it wrote. Only for a cache of window rings
-        alone (no compressed entries or compressor states): a query at position p reads the positions
-        p - W + 1 .. p, never the slot of p - W, so the next step (which appends at the rewound position p,
-        rewriting its slot) sees the cache of the shorter sequence exactly. (Two positions back it would not:
-        a query at p reads the slot of p + 1 - W, which then holds p + 1.)"""
+    def rewind(self, n: int = 1) -> "KVCache":
+        """Move every row back n positions without restoring what it wrote. Only for a cache of window rings
+        alone (no compressed entries or compressor states). One position back is exact: a query at position p
+        reads the positions p - W + 1 .. p, never the slot of p - W, so the next step (which appends at the rewound
+        position p, rewriting its slot) sees the cache of the shorter sequence exactly. n positions back, the
+        slots of p + 1 .. p + n - 1 still hold the rewound positions instead of p + 1 - W .. p + n - 1 - W, which
+        the queries at p .. p + n - 2 would read: only a next step of at least n tokens whose earlier outputs are
+        not used (a catch-up that keeps its last output) sees the shorter sequence exactly where it is read."""
         if any(layer.ratio for layer in self.layers):
             raise ValueError("rewind needs a cache of window rings alone (a compressor's state cannot be rewound)")
-        if not all(self._host):
-            raise ValueError(f"rewind: rows hold {self.lengths()} tokens")
+        if not all(h >= n for h in self._host):
+            raise ValueError(f"rewind {n}: rows hold {self.lengths()} tokens")
         self.check_intact()
-        self.positions -= 1
+        self.positions -= n
         for i in range(len(self._host)):
-            self._host[i] -= 1
+            self._host[i] -= n
         return self
 
     def _check_keep(self, ckpt: CacheCheckpoint, keep: list[int]) -> None:

@@ -465,8 +465,7 @@ class SpeculativeDecoder:
         short = state.width - lanes.shape[1]
         if short > 0:
             prev_h, prev_ids = st.prev.last(short)
-            for _ in range(short):
-                mtp.rewind()
+            mtp.rewind(short)   # (exact for the step's catch-up: it keeps only its last output, KVCache.rewind)
             lanes, ids = torch.cat((prev_h, lanes), 1), torch.cat((prev_ids, ids))
         state.load(lanes, ids[None], st.logits)
         st.fused, st.prev = state, None
