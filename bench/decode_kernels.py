@@ -1,12 +1,12 @@
 """Where a CUDA-graphed decode step's GPU time goes, kernel by kernel, at each batch size: the 4-layer
-V4-Flash-geometry model of bench/e2e.py, `--rows` rows prefilled with `--context` random tokens each, then graph
-replays of one decode step under torch.profiler.
+V4-Flash-geometry model of bench/e2e.py, `--rows` rows of `--context` random tokens (bench/e2e.py's warm_decoder:
+one row prefilled, then copied), then graph replays of one decode step under torch.profiler.
 
     python bench/decode_kernels.py [--rows 1 64] [--context 1024] [--steps 20] [--top 25]
     python bench/decode_kernels.py --prefill 8192 [--prefill-rows 1 8]   # prefill: R rows of 8192 / R tokens each
 
 For each row count: the step's wall time without the profiler, the GPU's busy time per step, and the kernels
-grouped by name (time per step, share of the busy time, launches per step), each also put in a class (MoE experts,
+grouped by name (time per step, share of the kernel time, launches per step), each also put in a class (MoE experts,
 attention, GEMM, norm/elementwise, ...) so that what grows from 1 row to 64 stands out. Also the bytes of the
 model's parameters and the bandwidth a step would need to read them once in its wall time.
 `--prefill N` profiles instead one eager prefill forward of N tokens split over R rows (R sequences of N / R tokens
@@ -21,12 +21,14 @@ import collections
 import os
 import sys
 import time
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from e2e import build_model  # noqa: E402
+from e2e import build_model, warm_decoder  # noqa: E402
 from provenance import result_path  # noqa: E402
+from spec_step_count import device_summary  # noqa: E402  (kernel, busy and per-name times from profiler spans)
 
 CLASSES = (("expert", "experts"), ("moe", "experts"), ("group", "experts"), ("sparse_attn", "attention"),
            ("attn", "attention"), ("indexer", "indexer"), ("compress", "compressor"), ("gemm", "gemm"),
@@ -40,76 +42,48 @@ def kernel_class(name: str) -> str:
     return next((c for key, c in CLASSES if key in low), "other")
 
 
-def profile_rows(model, rows: int, context: int, steps: int) -> tuple[float, dict, float]:
-    """(wall ms per replayed step, {kernel name: (total us over `steps`, launches)}, busy us per step)."""
-    from dsv4.generate.graphs import GraphDecoder
+def profiled(run: Callable[[], None], steps: int) -> tuple[float, dict]:
+    """`run` (already warm) `steps` times timed, then `steps` times under torch.profiler: (wall ms per step,
+    spec_step_count.device_summary of its kernels with every name)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
-    g = torch.Generator().manual_seed(rows)
-    vocab = model.config.vocab_size
-    cache = model.new_cache(rows, context + 3 * steps + 16)
-    with torch.no_grad():
-        last = torch.cat([model(torch.randint(0, vocab, (1, context), generator=g).cuda(), cache=cache.select(i),
-                                last_only=True)[:, -1].argmax(-1) for i in range(rows)])
-        dec = GraphDecoder(model, cache)
-        tokens = last
-        for _ in range(3):   # eager warm-up, capture
-            tokens = dec(tokens).argmax(-1)
-        torch.cuda.synchronize()
-        t = time.perf_counter()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        run()
+    torch.cuda.synchronize()
+    wall = 1e3 * (time.perf_counter() - t) / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            tokens = dec(tokens).argmax(-1)
+            run()
         torch.cuda.synchronize()
-        wall = 1e3 * (time.perf_counter() - t) / steps
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                tokens = dec(tokens).argmax(-1)
-            torch.cuda.synchronize()
-    return (wall,) + _kernels(prof, steps)
+    spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == DeviceType.CUDA]
+    return wall, device_summary(spans, steps, top=len(spans))
 
 
-def profile_prefill(model, rows: int, tokens: int, steps: int) -> tuple[float, dict, float]:
-    """As profile_rows, for one prefill forward of `tokens` tokens as `rows` rows of tokens // rows."""
-    from torch.profiler import ProfilerActivity, profile
-    g = torch.Generator().manual_seed(rows)
+@torch.no_grad()
+def profile_decode(model, rows: int, context: int, steps: int) -> tuple[float, dict]:
+    """A graphed decode step of `rows` rows at `context` tokens (`profiled`)."""
+    _, step, nxt = warm_decoder(model, context, 2 * steps, rows, graphs=True)
+    state = {"t": nxt}
+
+    def run() -> None:
+        state["t"] = step(state["t"]).argmax(-1)
+    return profiled(run, steps)
+
+
+@torch.no_grad()
+def profile_prefill(model, rows: int, tokens: int, steps: int) -> tuple[float, dict]:
+    """One prefill forward of `tokens` tokens as `rows` rows of tokens // rows into an empty cache (`profiled`)."""
     n = tokens // rows
-    ids = torch.randint(0, model.config.vocab_size, (rows, n), generator=g).cuda()
+    ids = torch.randint(0, model.config.vocab_size, (rows, n), generator=torch.Generator().manual_seed(rows)).cuda()
 
-    def once() -> None:
-        cache = model.new_cache(rows, n + 8)
-        model(ids, cache=cache, last_only=True)
-    with torch.no_grad():
-        for _ in range(2):   # compilation, autotuning
-            once()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            once()
-        torch.cuda.synchronize()
-        wall = 1e3 * (time.perf_counter() - t) / steps
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(steps):
-                once()
-            torch.cuda.synchronize()
-    return (wall,) + _kernels(prof, steps)
-
-
-def _kernels(prof, steps: int) -> tuple[dict, float]:
-    """({kernel name: [total us, launches]}, busy us per step) of a profile over `steps` steps."""
-    kernels: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
-    spans = []
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and "memcpy" not in e.name.lower() \
-                and "memset" not in e.name.lower():
-            kernels[e.name][0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            kernels[e.name][1] += 1
-            spans.append((e.time_range.start, e.time_range.end))
-    spans.sort()
-    busy, end = 0.0, float("-inf")
-    for s, e_ in spans:   # union of kernel intervals
-        if e_ > end:
-            busy += e_ - max(s, end)
-            end = e_
-    return dict(kernels), busy / steps
+    def run() -> None:
+        model(ids, cache=model.new_cache(rows, n + 8), last_only=True)
+    for _ in range(2):   # compilation, autotuning
+        run()
+    return profiled(run, steps)
 
 
 def main() -> None:
@@ -128,26 +102,26 @@ def main() -> None:
     what = f"prefill of {a.prefill} tokens" if a.prefill else f"decode at context {a.context}"
     lines = [f"# {torch.cuda.get_device_name()}, flash4 (bf16, random weights), {what}; parameters "
              f"{param_bytes / 1e9:.2f} GB"]
+    steps = max(2, a.steps // 5) if a.prefill else a.steps
     for rows in a.prefill_rows if a.prefill else a.rows:
         if a.prefill:
-            wall, kernels, busy = profile_prefill(model, rows, a.prefill, max(2, a.steps // 5))
+            wall, dev = profile_prefill(model, rows, a.prefill, steps)
         else:
-            wall, kernels, busy = profile_rows(model, rows, a.context, a.steps)
-        steps = max(2, a.steps // 5) if a.prefill else a.steps
-        total = sum(t for t, _ in kernels.values()) / steps
+            wall, dev = profile_decode(model, rows, a.context, steps)
+        total = dev["kernel_ms_per_step"]
         rate = f", {a.prefill / wall * 1e3:,.0f} tok/s" if a.prefill else ""
-        lines.append(f"\n## rows {rows}: step {wall:.3f} ms (no profiler{rate}), GPU busy {busy / 1e3:.3f} ms/step, "
-                     f"kernel time {total / 1e3:.3f} ms/step, {sum(n for _, n in kernels.values()) // steps} "
-                     f"launches/step; reading every parameter once in the step's time: "
-                     f"{param_bytes / (wall * 1e-3) / 1e12:.2f} TB/s")
+        lines.append(f"\n## rows {rows}: step {wall:.3f} ms (no profiler{rate}), "
+                     f"GPU busy {dev['busy_ms_per_step']:.3f} ms/step, kernel time {total:.3f} ms/step, "
+                     f"{dev['kernels_per_step']:.0f} launches/step; "
+                     f"reading every parameter once in the step's time: {param_bytes / (wall * 1e-3) / 1e12:.2f} TB/s")
         by_class: dict[str, float] = collections.defaultdict(float)
-        for name, (t, _) in kernels.items():
-            by_class[kernel_class(name)] += t / steps
-        lines.append("by class: " + ", ".join(f"{c} {us / 1e3:.3f} ms ({100 * us / total:.0f}%)"
-                                             for c, us in sorted(by_class.items(), key=lambda kv: -kv[1])))
+        for name, ms, _ in dev["top"]:
+            by_class[kernel_class(name)] += ms
+        lines.append("by class: " + ", ".join(f"{c} {ms:.3f} ms ({100 * ms / total:.0f}%)"
+                                             for c, ms in sorted(by_class.items(), key=lambda kv: -kv[1])))
         lines.append(f"{'us/step':>9} {'share':>6} {'n/step':>6}  kernel")
-        for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:a.top]:
-            lines.append(f"{t / steps:9.1f} {100 * t / steps / total:5.1f}% {n / steps:6.1f}  {name[:110]}")
+        for name, ms, n in dev["top"][:a.top]:
+            lines.append(f"{1e3 * ms:9.1f} {100 * ms / total:5.1f}% {n:6.1f}  {name}")
         print("\n".join(lines[-(a.top + 3):]), flush=True)
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")
