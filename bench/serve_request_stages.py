@@ -32,6 +32,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "serve"))
 
 import dsv4  # noqa: E402
+from dsv4.cli.serve import SWITCH_INTERVAL_S  # noqa: E402
 from dsv4.serve import api as api_mod  # noqa: E402
 from dsv4.serve.engine import Engine  # noqa: E402
 from dsv4.serve.handle import RequestHandle  # noqa: E402
@@ -179,7 +180,7 @@ def main() -> None:
     p.add_argument("--block", type=int, default=2048)
     p.add_argument("--max-tokens", type=int, default=1,
                    help="tokens per request (bench/serve.py's prefix test asks for 1)")
-    p.add_argument("--switch-interval", type=float, default=0.0005,
+    p.add_argument("--switch-interval", type=float, default=SWITCH_INTERVAL_S,
                    help="sys.setswitchinterval in the server's process (dsv4 serve's default)")
     args = p.parse_args()
     sys.setswitchinterval(args.switch_interval)

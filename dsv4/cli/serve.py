@@ -13,6 +13,8 @@ import argparse
 import os
 import sys
 
+SWITCH_INTERVAL_S = 0.0005   # the GIL hand-over interval `dsv4 serve` sets (--switch-interval)
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="directory with config.json, safetensors, tokenizer.json")
@@ -73,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "one and many rows, every CUDA-graph batch bucket) so that kernel compilation and graph "
                         "capture do not land on the first requests (seconds on a GPU; the time is logged)")
     p.add_argument("--model-name", help="the model id clients send (default: the checkpoint directory's name)")
-    p.add_argument("--switch-interval", type=float, default=0.0005,
+    p.add_argument("--switch-interval", type=float, default=SWITCH_INTERVAL_S,
                    help="seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; "
                         "Python's default is 0.005). The engine thread gives the GIL up at every device sync and "
                         "waits up to this long to get it back while the HTTP event loop is busy, so the default "
