@@ -440,14 +440,20 @@ class Engine:
         for req in gone + [r for r in self._rows if r is not None and r.handle.cancelled]:
             self._finish(req, TokenEvent(None, finish_reason="abort"))
 
-    def _admit(self) -> _Request | None:
+    def _admit(self, budget: int | None = None) -> _Request | None:
         """The oldest queued request on the lowest free row (None when none waits or every row is busy), its
         chunk stops set and any stored prefix of its prompt loaded. A request whose whole prompt is stored with
         its tail (a full hit) needs no prefill: it decodes from the next step (its first token sampled now from
-        the stored logits, or chosen at its first speculative step), and the next queued request is admitted."""
+        the stored logits, or chosen at its first speculative step), and the next queued request is admitted.
+        With `budget`, a request whose first chunk might not fit it stays queued (None): a first chunk is at
+        most min(prefill_chunk, prompt length) tokens, a stored prefix only shortens it. A row taken for a chunk
+        that waits would hold a prefilling row through the next step's decode, which then cannot replay its
+        CUDA graph."""
         while True:
             with self._lock:
                 if not self._queue or Phase.FREE not in self.pool.phase:
+                    return None
+                if budget is not None and min(self.prefill_chunk, len(self._queue[0].ids)) > budget:
                     return None
                 req = self._queue.pop(0)
             row = self.pool.take()
@@ -559,7 +565,7 @@ class Engine:
             if len(picked) == self.max_prefill_rows or not take(req):
                 return picked, budget   # nobody jumps a chunk that waits for the next step
         while len(picked) < self.max_prefill_rows and budget > 0:
-            req = self._admit()
+            req = self._admit(None if first and not picked else budget)
             if req is None or not take(req):
                 break
         return picked, budget

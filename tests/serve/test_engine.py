@@ -83,6 +83,24 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(model):
     assert tokens(h_short) == generate(model, [short], 12)[0]
 
 
+def test_a_queued_request_takes_a_row_only_in_a_step_that_runs_its_first_chunk(model):
+    """Rows of requests whose chunk waits for a later step would sit in the prefill phase through that step's
+    decode and keep it from replaying its CUDA graph: with prompts of one chunk, no row is ever left prefilling
+    between steps, whatever the budget leaves over."""
+    ps = prompts(model, [8] * 12 + [3, 5])
+    engine = Engine(model, max_batch=6, max_seq_len=96, prefill_chunk=8, step_token_budget=20)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    hs = [engine.submit(p, params) for p in ps]
+    steps = 0
+    while engine.has_work:
+        engine.step()
+        steps += 1
+        assert Phase.PREFILL not in engine.pool.phase, f"a row left prefilling after step {steps}"
+    assert all(len(tokens(h)) == 6 for h in hs)
+    assert [tokens(h) for h in hs[:2] + hs[-2:]] == [generate(model, [p], 6, prefill_chunk=8)[0]
+                                                     for p in ps[:2] + ps[-2:]]
+
+
 def test_sampled_requests_with_a_seed_are_reproducible_under_any_concurrency(model):
     p, *others = prompts(model, [9, 5, 17, 30, 12])
     params = SamplingParams(max_tokens=8, temperature=0.9, top_k=50, top_p=0.95, seed=1234)

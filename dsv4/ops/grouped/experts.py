@@ -8,6 +8,7 @@ import torch
 
 from .. import compiled
 from ..reference.experts import weighted_swiglu
+from ..pair_order import pair_order
 
 try:
     from ..triton.experts import slot_sum, swiglu_rows
@@ -52,16 +53,14 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     """Same contract as ops.reference.experts.moe_experts."""
     N, k = idx.shape
     E = w1.shape[0]
-    flat = idx.flatten()
-    order = flat.argsort(stable=True)                                       # pairs grouped by expert
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    flat = idx.flatten().long()
+    order, row_of, counts = pair_order(flat, E)                             # pairs grouped by expert, and back
     offs = counts.cumsum(0, dtype=torch.int32)                              # end row of each expert's group
     dt = x.dtype
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3, weights))
     fused = slot_sum is not None and x.is_cuda  # Triton kernels for the row gathers and the slot sum
     tok = order // k                                                        # the token of each sorted row
-    at = order.argsort().to(torch.int32) if fused else None                # row of (token n, slot j) = at[n*k + j]
+    at = row_of.to(torch.int32) if fused else None                         # row of (token n, slot j) = at[n*k + j]
     xs = _ExpandRows.apply(x, tok, at, k) if fused else x[tok]              # [N*k, C]
     gate = torch._grouped_mm(xs, w1.to(dt).transpose(1, 2), offs=offs)      # [N*k, F]
     up = torch._grouped_mm(xs, w3.to(dt).transpose(1, 2), offs=offs)
@@ -73,7 +72,7 @@ def moe_experts(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.T
     y = torch._grouped_mm(h, w2.to(dt).transpose(1, 2), offs=offs)         # [N*k, C]
     if fused:
         return _SlotSum.apply(y, tok, at, k)
-    return y.float()[order.argsort()].view(N, k, -1).sum(1)
+    return y.float()[row_of].view(N, k, -1).sum(1)
 
 
 def supports(x: torch.Tensor, w1: torch.Tensor, *args) -> bool:

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ...quant.packed import Fp4GroupWeight
 from ..api import moe_experts as moe_experts_dense
+from ..pair_order import pair_order
 from ..reference import packed as ref
 from .experts import slot_sum
 from .launch import falls_back_to, interpreted, multiprocessors
@@ -184,13 +185,9 @@ def _sorted_pairs(idx: torch.Tensor, E: int):
     exit at once, so decode's few experts do not cost a program per expert of the layer."""
     N, k = idx.shape
     flat = idx.reshape(-1).long()
-    order = flat.argsort(stable=True)
-    counts = torch.zeros(E, dtype=torch.int32, device=idx.device).scatter_add_(
-        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    order, at, counts = pair_order(flat, E)
     offs = torch.zeros(E + 1, dtype=torch.int32, device=idx.device)
     offs[1:] = counts.cumsum(0)
-    at = torch.empty_like(order)
-    at[order] = torch.arange(order.numel(), device=idx.device)
     experts = flat[order]
     first = torch.ones_like(experts, dtype=torch.bool)
     first[1:] = experts[1:] != experts[:-1]
