@@ -96,21 +96,31 @@ def position_logits(model, ids: list[int]) -> torch.Tensor:
 
 @dataclass
 class PositionDiagnosis:
-    """Where two decodings part ways: the gap in the model's dtype (`own`, which decides), in float32 (`fp32`,
-    measured in the same ulps; None when the model is float32 or no copy could be made: `fp32_note` says why) and the
-    largest difference between the two computations' logits over the vocabulary (`deviation`): the size of this
-    position's rounding, measured."""
+    """Where two decodings part ways, the gap between the reference's token and the other's: in the reference's
+    logits recomputed in the model's dtype (`own`), in the other decoding's own logits where it kept them
+    (`other`, with `drift`, their largest difference from `own` over the vocabulary), and in float32 (`fp32`,
+    measured in the same ulps; None when the model is float32 or no copy could be made: `fp32_note` says why),
+    with `deviation`, the largest difference between the model-dtype and float32 logits: this position's rounding,
+    measured."""
     own: TieReport
+    other: TieReport | None = None
+    drift: float | None = None
     fp32: TieReport | None = None
     deviation: float | None = None
     fp32_note: str | None = None
 
     @property
     def tie(self) -> bool:
-        return self.own.tie
+        """A near-tie in the reference's logits, or in the other decoding's: a computation that rounds otherwise
+        can flip which of the two comes first. Neither means both computations put their own token clearly first,
+        so they disagree by more than rounding about the logits themselves."""
+        return self.own.tie or (self.other is not None and self.other.tie)
 
     def lines(self) -> list[str]:
-        out = [self.own.line()]
+        out = ["recomputed " + self.own.line()]
+        if self.other is not None:
+            out.append(f"speculative's own {self.other.line()}; max |difference| from the recomputed logits "
+                       f"{self.drift:.3g}")
         if self.fp32 is not None:
             out.append(self.fp32.line())
             name = str(self.own.dtype).replace("torch.", "")
@@ -138,10 +148,14 @@ class Diagnosis:
                 self.fp32_note = f"no float32 copy ({type(e).__name__}: {e})"
         return self._fp32
 
-    def __call__(self, context: list[int], a: int, b: int) -> PositionDiagnosis:
-        """After `context` (prompt + common prefix), token a (the reference's) against token b."""
+    def __call__(self, context: list[int], a: int, b: int, other: torch.Tensor | None = None) -> PositionDiagnosis:
+        """After `context` (prompt + common prefix), token a (the reference's) against token b; `other`: the logits
+        [vocab] token b was chosen from, where known."""
         own = position_logits(self.model, context)
         d = PositionDiagnosis(classify(own, a, b, self.dtype, self.ulps))
+        if other is not None:
+            d.other = classify(other, a, b, self.dtype, self.ulps, computed=str(self.dtype).replace("torch.", ""))
+            d.drift = float((other.float() - own).abs().max())
         if self.dtype != torch.float32 and self.fp32_model() is not None:
             wide = position_logits(self._fp32, context)
             d.fp32 = classify(wide, a, b, self.dtype, self.ulps, computed="float32")   # (gap in the same ulps)

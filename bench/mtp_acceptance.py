@@ -113,8 +113,10 @@ class Counts:
 
 
 @torch.no_grad()
-def speculative_greedy(model, prompt: list[int], max_new: int, n_draft: int, counts: Counts) -> list[int]:
-    """Greedy speculative decoding of one prompt for max_new tokens, tallying each step into `counts`."""
+def speculative_greedy(model, prompt: list[int], max_new: int, n_draft: int, counts: Counts,
+                       logits: list[torch.Tensor] | None = None) -> list[int]:
+    """Greedy speculative decoding of one prompt for max_new tokens, tallying each step into `counts` (and, given
+    `logits`, appending the logits [vocab] each token was chosen from)."""
     dec = SpeculativeDecoder(model, model.new_cache(1, len(prompt) + max_new + n_draft + 2), n_draft=n_draft)
     dec.prefill(0, prompt)
     out: list[int] = []
@@ -126,6 +128,8 @@ def speculative_greedy(model, prompt: list[int], max_new: int, n_draft: int, cou
                                  f"drafts accepted (n_draft {n_draft})")
         counts.add_step(len(res.tokens), res.drafted, res.accepted)
         out += res.tokens
+        if logits is not None:
+            logits += list(res.logits.clone())
         if res.finished:
             break
     mine = (counts.drafted - drafted, counts.accepted_total - accepted)
@@ -145,21 +149,25 @@ def measure(model, prompts: list[list[int]], max_new: int, n_drafts: list[int],
     for k in n_drafts:
         c = Counts(k)
         for i, (p, ref) in enumerate(zip(prompts, plain)):
-            got = speculative_greedy(model, p, max_new, k, c)
+            chosen_from: list[torch.Tensor] = []
+            got = speculative_greedy(model, p, max_new, k, c, chosen_from if diagnose else None)
             if got != ref:
-                c.mismatches.append(mismatch(i, p, got, ref, diagnose))
+                c.mismatches.append(mismatch(i, p, got, ref, diagnose, chosen_from))
         results.append(c)
     return results, plain
 
 
-def mismatch(i: int, prompt: list[int], got: list[int], ref: list[int], diagnose: Diagnosis | None) -> Mismatch:
+def mismatch(i: int, prompt: list[int], got: list[int], ref: list[int], diagnose: Diagnosis | None,
+             chosen_from: list[torch.Tensor] = ()) -> Mismatch:
     """Prompt i's speculative output `got` against plain greedy's `ref`, diagnosed at the first differing token:
-    plain's logits there recomputed (prompt + the common prefix) and the two tokens' gap classified."""
+    plain's logits there recomputed (prompt + the common prefix), and the speculative decoder's own logits
+    (`chosen_from`, one per token of `got`, where kept), the two tokens' gap classified in each."""
     at = next((t for t, (a, b) in enumerate(zip(got, ref)) if a != b), min(len(got), len(ref)))
     tokens = (got[at] if at < len(got) else None, ref[at] if at < len(ref) else None)
     m = Mismatch(i, at, (len(got), len(ref)), tokens)
     if diagnose is not None and None not in tokens:
-        m.diagnosis = diagnose(list(prompt) + ref[:at], tokens[1], tokens[0])
+        other = chosen_from[at] if at < len(chosen_from) else None
+        m.diagnosis = diagnose(list(prompt) + ref[:at], tokens[1], tokens[0], other)
     return m
 
 
@@ -265,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.tiny_cpu:
         cfg = dsv4.ModelConfig.preset("tiny")
-        model = dsv4.Transformer(cfg).init_weights(seed=args.seed).eval()
+        model = dsv4.Transformer(cfg).init_weights(seed=args.seed).eval().to_dtype(dtype)
         source = f"tiny preset, random weights (seed {args.seed})"
         ids = (open(args.text, "rb").read() if args.text else bytes(range(256)) * 64)
         ids = [b % cfg.vocab_size for b in ids]
