@@ -68,8 +68,8 @@ class TieReport:
 
     def line(self) -> str:
         name = str(self.dtype).replace("torch.", "")
-        return (f"{self.computed or name} logits: logit[{self.a}] {self.logit_a:.6g}, logit[{self.b}] {self.logit_b:.6g}, gap {self.gap:+.4g} "
-                f"= {self.relative:+.2e} of max |logit| {self.scale:.4g} = {self.ulps:+.2f} {name} ulp "
+        return (f"{self.computed or name} logits: logit[{self.a}] {self.logit_a:.6g}, "
+                f"logit[{self.b}] {self.logit_b:.6g}, gap {self.gap:+.4g} = {self.relative:+.2e} of max |logit| {self.scale:.4g} = {self.ulps:+.2f} {name} ulp "
                 f"(tolerance {self.tol:.3g}); argmax here {self.top}")
 
 
