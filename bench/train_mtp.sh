@@ -24,4 +24,4 @@ TEXT=$(python3 -c "import os, torch; print(os.path.join(os.path.dirname(torch.__
   --requests-per-level ${REQUESTS:-6} --duration-limit 40 --json "${P}_serve_mtp_small.json" 2>&1 | tail -25
 timeout ${ACC_TIMEOUT:-180} python3 bench/mtp_acceptance.py --checkpoint "$RUN/final" --text "$TEXT" --n-draft 1 2 3 4 \
   --prompts ${ACC_PROMPTS:-6} --prompt-len ${PROMPT_LEN:-512} --max-new ${ACC_TOKENS:-192} \
-  --out "${P}_mtp_acceptance_small.txt" 2>&1 | tail -20
+  --out "${P}_mtp_acceptance_small.txt" 2>&1 | tail -40
