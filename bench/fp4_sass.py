@@ -2,12 +2,15 @@
 GPU needed: Triton's compiler and the cuobjdump it ships). Not a timing: a check of how much work per weight each
 decode (packed_linear.FP4_DECODES) asks of the SMs, to read next to bench/native_gemm.py --fp4-decode.
 
-    python bench/fp4_sass.py [--block-m 16 64] [--block-n 64] [--keep DIR]
+    python bench/fp4_sass.py [--block-m 16 64] [--block-n 64] [--decodes old words] [--keep DIR]
 
 Each kernel is compiled as a launch would specialise it (pointers and N, K, row strides divisible by 16: without
 that Triton cannot vectorise the byte loads and the counts mean nothing). The loop is the longest backward branch
-of the SASS; one iteration is one FP4 step (128 K values) of a BLOCK_M x BLOCK_N output tile, i.e.
-BLOCK_N * 128 / (32 * warps) weights per thread.
+of the SASS around a tensor-core instruction; one iteration is one FP4 step (128 K values) of a BLOCK_M x BLOCK_N output tile, i.e.
+BLOCK_N * 128 / (32 * warps) weights per thread. Below each row, the loop's memory instructions by kind and width
+(LDG global loads, LDGSTS cp.async global -> shared copies, LDS / LDSM shared loads, STS / STSM shared stores; no
+width suffix = 32 bits) and the bytes per thread each kind moves per iteration: the L1 / shared-memory traffic of
+one K step, which the kernel is bound by at decode sizes.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ SIGNATURE = {"x_ptr": "*bf16", "w_ptr": "*u8", "s_ptr": "*u8", "out_ptr": "*bf16
              "BLOCK_N": "constexpr", "REDUCE": "constexpr", "IEEE": "constexpr", "DECODE": "constexpr"}
 ALIGNED = ("x_ptr", "w_ptr", "s_ptr", "out_ptr", "part_ptr", "cnt_ptr", "N", "K", "rs_x", "rs_w", "rs_s")
 INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+MEMORY = ("LDG", "LDGSTS", "LDS", "LDSM", "STS", "STSM")
+WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
 
 
 def cubin(decode: str, block_m: int, block_n: int, warps: int = 4, stages: int = 4) -> bytes:
@@ -42,34 +47,68 @@ def cubin(decode: str, block_m: int, block_n: int, warps: int = 4, stages: int =
     return kernel.asm["cubin"]
 
 
-def loop_counts(sass: str) -> collections.Counter:
-    """Opcode counts (predicates and modifiers dropped) of the longest loop: the instructions from the target of
-    the longest backward branch to the branch."""
+def loop_body(sass: str) -> list[str]:
+    """The instructions (predicates dropped) of the K loop: from the target of the longest backward branch whose
+    body has a tensor-core instruction (HMMA / HGMMA; not the split-K epilogue's reduction loop) to the branch."""
     body = [(int(a, 16), text) for a, text in INSTRUCTION.findall(sass)]
     loop = None
     for at, text in body:
         branch = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < at:
             target = int(branch.group(1), 16)
-            if loop is None or at - target > loop[1] - loop[0]:
+            mma = any("MMA" in t.split()[0] for a, t in body if target <= a <= at)
+            if mma and (loop is None or at - target > loop[1] - loop[0]):
                 loop = (target, at)
     if loop is None:
-        return collections.Counter()
-    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-                               for at, text in body if loop[0] <= at <= loop[1])
+        return []
+    return [re.sub(r"^@!?U?P\w+\s+", "", text) for at, text in body if loop[0] <= at <= loop[1]]
+
+
+def loop_counts(sass: str) -> collections.Counter:
+    """Opcode counts (modifiers dropped) of the longest loop."""
+    return collections.Counter(text.split()[0].split(".")[0] for text in loop_body(sass))
+
+
+def memory_counts(sass: str) -> tuple[collections.Counter, collections.Counter]:
+    """({(kind, width in bytes): instructions}, {kind: bytes per thread}) of the longest loop's memory
+    instructions (MEMORY), width from the opcode's modifiers (LDSM .x1/.x2/.x4: 4/8/16 bytes; none: 4)."""
+    counts, traffic = collections.Counter(), collections.Counter()
+    for text in loop_body(sass):
+        parts = text.split()[0].split(".")
+        if parts[0] not in MEMORY or text.startswith(("LDS RZ", "LDS.U8 RZ")):   # @!PT LDS RZ: never issued
+            continue
+        if parts[0] in ("LDSM", "STSM"):
+            width = 4 * int(parts[-1]) if parts[-1] in ("1", "2", "4") else 16
+        else:
+            width = next((WIDTH[m] for m in parts[1:] if m in WIDTH), 4)
+        counts[parts[0], width] += 1
+        traffic[parts[0]] += width
+    return counts, traffic
+
+
+def memory_line(sass: str) -> str:
+    """memory_counts as one line: kind x count @ width bytes, then bytes per thread per kind."""
+    counts, traffic = memory_counts(sass)
+    ops = "  ".join(f"{kind}.{width}B x{n}" for (kind, width), n in sorted(counts.items()))
+    moved = "  ".join(f"{kind} {n} B" for kind, n in sorted(traffic.items()))
+    return f"    memory | {ops} | per thread: {moved}"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--block-m", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--block-n", type=int, default=64)
+    ap.add_argument("--decodes", nargs="+", default=list(packed_linear.FP4_DECODES),
+                    choices=packed_linear.FP4_DECODES)
     ap.add_argument("--keep", help="directory to keep the cubins and SASS in")
     args = ap.parse_args()
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     out = args.keep or tempfile.mkdtemp()
+    os.makedirs(out, exist_ok=True)
+    print(f"Triton {triton.__version__}, sm_90", flush=True)
     weights = args.block_n * packed_linear.FP4_STEP // (32 * 4)
     for block_m in args.block_m:
-        for decode in packed_linear.FP4_DECODES:
+        for decode in args.decodes:
             binary = cubin(decode, block_m, args.block_n)
             path = os.path.join(out, f"fp4_{decode}_m{block_m}_n{args.block_n}.cubin")
             with open(path, "wb") as f:
@@ -84,6 +123,7 @@ def main() -> None:
             top = "  ".join(f"{op} {n}" for op, n in counts.most_common(8))
             print(f"BLOCK_M {block_m:3d} {decode:8s} loop {total:5d} instructions ({total / weights:4.1f} per weight "
                   f"per thread), {regs} registers | {top}", flush=True)
+            print(memory_line(sass), flush=True)
 
 
 if __name__ == "__main__":

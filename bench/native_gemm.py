@@ -8,7 +8,7 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
     python bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert "" --moe-experts 32 \
                                 --experts-split auto 1 2 4 8                # decode experts: split-K vs none
     python bench/native_gemm.py --only fp4 --ms 1,4,16,64 --prefill-ms "" --moe-tokens 1,2,8 --moe-per-expert "" \
-                                --moe-experts 16 --fp4-decode old bf16mul after   # FP4 decodes
+                                --moe-experts 16 --fp4-decode old bf16mul after words   # FP4 decodes
 
 --experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
 once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
@@ -16,7 +16,8 @@ side by side on the same routings.
 
 --fp4-decode times the FP4 register kernels (the FP4 GEMM rows and the grouped experts' rows, and each
 --experts-split setting) once per FP4 decode of packed_linear.FP4_DECODES (old: scaled in fp32 before the dot,
-bf16mul: scaled in bf16 before it, after: the fp32 partial product of each scale group scaled after it), on the
+bf16mul: scaled in bf16 before it, after: the fp32 partial product of each scale group scaled after it, words: the
+bytes read as int32 words, one dot in natural k order), on the
 same weights and inputs; the row's own timing is the module's default decode (packed_linear.FP4_DECODE).
 
 Each GPU case is timed as a CUDA graph that calls the op once on each of several copies of the weights (together

@@ -51,8 +51,10 @@ DEQUANT_MIN_ROWS = 256
 #   "bf16mul": fp4_step with the scale multiplied in bf16 after the conversion (a packed bf16x2 multiply, half the
 #              multiplies of fp32's);
 #   "after":   fp4_group_dot_step: nibble -> fp16 bits -> bf16 unscaled, one dot per 32-value scale group, and the
-#              group's fp32 partial product scaled, as the FP8 kernel scales its tiles'.
-FP4_DECODES = ("old", "bf16mul", "after")
+#              group's fp32 partial product scaled, as the FP8 kernel scales its tiles';
+#   "words":   fp4_word_step: the row bytes read as int32 words (8 nibbles each, in natural k order), decoded and
+#              scaled as "old" does, one dot over all 128 K values with the activations as loaded (no even/odd split).
+FP4_DECODES = ("old", "bf16mul", "after", "words")
 FP4_DECODE = "old"
 
 
@@ -78,6 +80,29 @@ def fp4_step(w_ptr, s_ptr, rn, nmask, kh0, HALF, GROUPS, rs_w, rs_s, DT: tl.cons
         lo = tl.reshape(e2m1_as_fp16(b & 0xF).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
         hi = tl.reshape(e2m1_as_fp16(b >> 4).to(tl.float32) * s, (b.shape[0], 64)).to(DT)
     return lo, hi
+
+
+@triton.jit
+def fp4_word_step(w_ptr, s_ptr, rn, nmask, kh0, GROUPS, rs_w, rs_s, DT: tl.constexpr):
+    """The weights of the bytes kh0 .. kh0+63 of rows rn as the dot's K-major operand [128, BLOCK_N] (scaled, in DT,
+    natural k order), read as 16 int32 words per row ([BLOCK_N, 4 scale groups, 4 words]): nibble j of
+    little-endian word w is k = 8 w + j. Row strides and kh0 are multiples of 16 bytes (K is a multiple of 32) and
+    the mask is per scale group, so Triton may copy a group's 4 words as one 16-byte load (a mask on the byte
+    index would be constant over only 8 bytes as far as it can tell). The 8 nibbles of each word are paired by
+    tl.join (not a shift by a broadcast vector), which keeps the decode in the registers of the dot's operand
+    layout instead of a round trip of the decoded values through shared memory."""
+    q = kh0 // 16 + tl.arange(0, 4)
+    word = (kh0 // 4 + tl.arange(0, 4) * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]      # [1, 4, 4]
+    rows = w_ptr.to(tl.pointer_type(tl.int32)) + rn.to(tl.int64)[:, None, None] * (rs_w // 4)
+    wd = tl.load(rows + word, mask=nmask[:, None, None] & (q < GROUPS)[None, :, None], other=0)
+    sc = tl.load(s_ptr + rn.to(tl.int64)[:, None] * rs_s + q[None, :], mask=nmask[:, None] & (q[None, :] < GROUPS),
+                 other=0).to(tl.int32)
+    s = ue8m0_values(sc + 14)[:, :, None, None]      # 2^(scale - 127) * 2^14, as fp4_step's
+    # tl.join appends its pair as the last dim: nibble 4 a + 2 b + c of a word lands at [..., a, b, c]
+    c = tl.join(tl.join(tl.join(wd & 0xF, (wd >> 16) & 0xF), tl.join((wd >> 8) & 0xF, (wd >> 24) & 0xF)),
+                tl.join(tl.join((wd >> 4) & 0xF, (wd >> 20) & 0xF), tl.join((wd >> 12) & 0xF, (wd >> 28) & 0xF)))
+    v = (e2m1_as_fp16(tl.reshape(c, (wd.shape[0], 4, 4, 8))).to(tl.float32) * s).to(DT)
+    return tl.trans(tl.reshape(v, (wd.shape[0], 128)))
 
 
 @triton.jit
@@ -144,6 +169,14 @@ def fp4_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s
     comment there says how they differ)."""
     if DECODE == "after":
         acc = fp4_group_dot_step(acc, a_rows, amask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE)
+    elif DECODE == "words":
+        kk = 2 * kh0 + tl.arange(0, 128)
+        a = tl.load(a_rows + kk[None, :], mask=amask[:, None] & (kk[None, :] < K), other=0.0).to(DT)
+        w = fp4_word_step(w_ptr, s_ptr, rn, nmask, kh0, K // 32, rs_w, rs_s, DT)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
     else:
         kk = 2 * kh0 + tl.arange(0, 128)  # one contiguous load of the 128 activations, split into even and odd k
         a = tl.load(a_rows + kk[None, :], mask=amask[:, None] & (kk[None, :] < K), other=0.0).to(DT)
