@@ -8,7 +8,10 @@ waiting for requests, or for the GIL). Per kind of step: count, total and p50/p9
 decode's launch, the waits for device results and the hand-out of results; the share of decode steps that ran
 fewer rows than the engine's batch; tokens emitted and output tok/s over the segment.
 
-    python bench/engine_trace.py TRACE.jsonl [--gap 1.0] [--min-steps 20] [--json]
+    python bench/engine_trace.py TRACE.jsonl [--gap 1.0] [--min-steps 20] [--slowest 10] [--json]
+
+`--slowest N` also lists the N longest steps with every field of their trace lines (and the step before each), so
+that outliers can be read from the summary alone when the trace itself is too large to keep.
 """
 from __future__ import annotations
 
@@ -100,6 +103,12 @@ def load(path: str) -> tuple[dict, list[dict]]:
     return header, steps
 
 
+def slowest(steps: list[dict], n: int) -> list[dict]:
+    """The n longest steps, longest first: their index in the trace, their line and the line before them."""
+    order = sorted(range(len(steps)), key=lambda i: steps[i]["ms"], reverse=True)[:max(0, n)]
+    return [dict(index=i, step=steps[i], before=steps[i - 1] if i else None) for i in order]
+
+
 def report(name: str, s: dict) -> str:
     if not s.get("steps"):
         return f"{name}: no steps"
@@ -132,20 +141,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gap", type=float, default=1.0, help="idle seconds that start a new segment")
     p.add_argument("--min-steps", type=int, default=20, help="segments with fewer steps are only counted in the total")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--slowest", type=int, default=0, help="list the N longest steps with all their fields")
     a = p.parse_args(argv)
     header, steps = load(a.trace)
     max_batch = header.get("max_batch")
     total = summarise(steps, max_batch)
     segs = [summarise(seg, max_batch) for seg in segments(steps, a.gap)]
     total["segments"] = [s for s in segs if s.get("steps", 0) >= a.min_steps]
+    slow = slowest(steps, a.slowest)
     if a.json:
-        json.dump(dict(total, header=header), sys.stdout)
+        json.dump(dict(total, header=header, slowest=slow), sys.stdout)
         print()
         return
     print(f"engine: {json.dumps(header)}")
     print(report("all steps", total))
     for i, s in enumerate(total["segments"]):
         print(report(f"segment {i}", s))
+    if slow:
+        print(f"the {len(slow)} longest steps (step index, its fields; then the step before it):")
+        for item in slow:
+            print(f"  #{item['index']}: {json.dumps(item['step'])}")
+            if item["before"] is not None:
+                print(f"     before: {json.dumps(item['before'])}")
 
 
 if __name__ == "__main__":

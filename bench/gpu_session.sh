@@ -42,7 +42,7 @@ for stage in "$@"; do
            timeout ${SERVE_TIMEOUT:-560} python3 bench/serve.py --duration-limit ${SERVE_LEVEL_S:-60} \
              --launch "python3 -m dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280 --trace ${P}_serve_trace.jsonl ${SERVE_FLAGS:-}" \
              ${SERVE_PEER:+--peer-launch "$SERVE_PEER"} ${SERVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_serve.txt"
-           python3 bench/engine_trace.py "${P}_serve_trace.jsonl" > "${P}_serve_trace_summary.txt" 2>&1; tail -25 "${P}_serve_trace_summary.txt" ;;
+           python3 bench/engine_trace.py "${P}_serve_trace.jsonl" --slowest 12 > "${P}_serve_trace_summary.txt" 2>&1; tail -25 "${P}_serve_trace_summary.txt" ;;
     spec) timeout ${SPEC_TIMEOUT:-240} python3 bench/spec_step_count.py --device cuda --dtype bf16 --preset ${SPEC_PRESET:-small} \
             --time-steps 200 --acceptance ${SPEC_ACCEPTANCE:-0.76} --no-row > "${P}_spec_step_${SPEC_PRESET:-small}.txt" 2>&1; tail -40 "${P}_spec_step_${SPEC_PRESET:-small}.txt" ;;
     cp) timeout ${CP_TIMEOUT:-280} python3 bench/cp_gpu.py --nproc $(nvidia-smi -L | grep -c '^GPU') ${CP_ARGS:-} \

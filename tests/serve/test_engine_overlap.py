@@ -161,9 +161,12 @@ def test_step_trace_accounts_for_every_step_and_token(model, tmp_path, overlap):
     assert all((s["host_ms"] is None) == (s["decode_rows"] == 0) for s in steps)
     assert steps[-1]["running"] == 0 and steps[-1]["pending"] == 0
     assert any(s["pending"] for s in steps) == overlap     # results handed out a step late only with overlap
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "engine_trace.py"), str(path), "--json"],
-                         capture_output=True, text=True, check=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "engine_trace.py"), str(path), "--json",
+                          "--slowest", "3"], capture_output=True, text=True, check=True, cwd=ROOT)
     summary = json.loads(out.stdout)
+    longest = sorted((s["ms"] for s in steps), reverse=True)[:3]
+    assert [item["step"]["ms"] for item in summary["slowest"]] == longest
+    assert all(item["before"] == (steps[item["index"] - 1] if item["index"] else None) for item in summary["slowest"])
     assert summary["steps"] == len(steps) and summary["tokens"] == 24
     assert summary["decode_steps"] + summary["prefill_steps"] + summary["mixed_steps"] == len(steps)
     span = 1e3 * (steps[-1]["t"] - steps[0]["t"]) + steps[-1]["ms"]
