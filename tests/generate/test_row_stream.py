@@ -61,13 +61,17 @@ def _same_steps(mine, theirs):
 
 
 def _same_caches(mine, theirs, last):
-    """Equal host and device lengths, equal bytes wherever a later step reads, and the same logits from one more
-    plain decode step of `last` on each main cache."""
+    """Equal host and device lengths, equal bytes wherever a later step reads, the same row state, and the same
+    logits from one more plain decode step of `last` on each main cache."""
     for a, b in ((mine.cache, theirs.cache), (mine.mtp_cache, theirs.mtp_cache)):
         assert a.lengths() == b.lengths() == a.positions.tolist()
         for x, y in zip(read_tensors(a), read_tensors(b)):
             assert torch.equal(x, y)
     assert mine.rows[0].next_token == theirs.rows[0].next_token
+    a, b = mine.rows[0].fused, theirs.rows[0].fused        # (what a next turn on the row goes on from)
+    if a is not None or b is not None:
+        for name in ("lanes", "ids", "x_logits", "x_finite"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
     step = torch.tensor([[last]])
     assert torch.equal(mine.model(step, cache=mine.cache), theirs.model(step, cache=theirs.cache))
 
