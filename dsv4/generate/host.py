@@ -14,8 +14,8 @@ class HostCopy:
 
     def __init__(self, tensors: list[torch.Tensor]):
         self._done = None
-        if not tensors[0].is_cuda:   # (computed already: a CPU op returns when it has run; copied, as a GPU's are
-            self._host = [t.clone() for t in tensors]   # at this point in the stream, before later ops reuse them)
+        if not tensors[0].is_cuda:
+            self._host = tensors   # (computed already: a CPU op returns when it has run)
             return
         self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                       for t in tensors]

@@ -526,9 +526,11 @@ class SpeculativeDecoder:
     @staticmethod
     def _launch(step: Callable, graphs: bool) -> tuple[HostCopy, torch.Tensor]:
         """Run (launch) one single-row step: its packed results on their way to the host, and its logits (a copy
-        with `graphs`: the next replay overwrites the static buffer)."""
+        with `graphs`: the next replay overwrites the static buffers; a GPU's HostCopy copies the packed results
+        as it is made, a CPU's keeps the tensor, so a graph path emulated there needs a copy)."""
         out = step()
-        return HostCopy([out.packed]), out.logits.clone() if graphs else out.logits
+        packed = out.packed.clone() if graphs and not out.packed.is_cuda else out.packed
+        return HostCopy([packed]), out.logits.clone() if graphs else out.logits
 
     @staticmethod
     def _settle(main: KVCache, mtp: KVCache, starts: tuple[int, int], keep: int, ahead: int) -> tuple[int, int]:
