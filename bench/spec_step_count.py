@@ -12,6 +12,7 @@ replay each.
     python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16] [--unfused]
                                     [--no-row] [--profile-steps 20] [--cprofile N]
     python bench/spec_step_count.py --time-steps 300 --stub-graphs [--preset small] [--cprofile N]
+    python bench/spec_step_count.py --device cuda --dtype bf16 --preset small --time-steps 200 --n-draft 3 --pipelined
 
 `--ops-as-kernels` counts each dsv4.ops call (and each cache record encode / decode) as one op and the aten ops of
 its CPU reference not at all, which approximates a GPU's kernel launches (one Triton kernel per op for most; a few
@@ -41,6 +42,12 @@ runtime calls) and `gpu_replays` times each
 captured graph alone (back-to-back replays). `--stub-graphs` (CPU) takes the CUDA-graph path with no-op replays
 (bench/graph_stub.py): the timed steps are then the host's cost alone; it skips the counts. `--cprofile N` lists
 the host's top functions over N more steps.
+
+`--pipelined` (with --time-steps) also times a lone greedy row outside the engine, on one SpeculativeDecoder whose
+single-row step replays one CUDA graph: `mtp_row_loop`, the steps one at a time as the engine runs them (stage,
+replay, wait, bookkeeping: the host's work never overlaps the device's), and `mtp_row_stream`, the same steps by
+`greedy_row_stream` (each launched before the previous one's results are read), each with its host and wait ms
+per step and, on a GPU, `--profile-steps` more steps profiled.
 """
 from __future__ import annotations
 
