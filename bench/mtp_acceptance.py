@@ -1,8 +1,9 @@
 """How often MTP drafts are accepted at each draft position, and what that projects for the speed-up.
 
 Greedy speculative decoding (dsv4.generate.speculative.SpeculativeDecoder, one row at a time: a lone greedy
-stream's fused step) with n_draft = 1 .. K from several prompts (evenly spaced windows of a text file), and per
-n_draft:
+stream's fused step, pipelined by `greedy_row_stream` with CUDA graphs on a GPU; `--step-loop`: the eager
+`step_row` loop, the same steps) with n_draft = 1 .. K from several prompts (evenly spaced windows of a text file),
+and per n_draft:
 
   - tokens per step (mean): 1 + the drafts accepted;
   - acceptance at draft position j: P(draft j accepted | drafts 1 .. j-1 accepted), over the steps that made a j-th
@@ -133,15 +134,19 @@ class Counts:
 
 @torch.no_grad()
 def speculative_greedy(model, prompt: list[int], max_new: int, n_draft: int, counts: Counts,
-                       logits: list[torch.Tensor] | None = None) -> list[int]:
+                       logits: list[torch.Tensor] | None = None, pipelined: bool = True) -> list[int]:
     """Greedy speculative decoding of one prompt for max_new tokens, tallying each step into `counts` (and, given
-    `logits`, appending the logits [vocab] each token was chosen from)."""
-    dec = SpeculativeDecoder(model, model.new_cache(1, len(prompt) + max_new + n_draft + 2), n_draft=n_draft)
+    `logits`, appending the logits [vocab] each token was chosen from). `pipelined`: the decoder's
+    greedy_row_stream (each step launched before the last one's results are read; CUDA graphs on a GPU), else
+    the step_row loop (eager); both give the same steps."""
+    room = len(prompt) + max_new + 2 * (n_draft + 1) + 2   # (the stream launches ahead while two steps fit)
+    dec = SpeculativeDecoder(model, model.new_cache(1, room), n_draft=n_draft)
     dec.prefill(0, prompt)
     out: list[int] = []
     drafted, accepted = counts.drafted, counts.accepted_total
+    stream = dec.greedy_row_stream(0, max_new) if pipelined else None
     while len(out) < max_new:
-        res = dec.step_row(0, GREEDY, None, (), max_new - len(out))
+        res = next(stream) if pipelined else dec.step_row(0, GREEDY, None, (), max_new - len(out))
         if len(res.tokens) != 1 + res.accepted or not 0 <= res.accepted <= res.drafted <= n_draft:
             raise AssertionError(f"step emitted {len(res.tokens)} tokens with {res.accepted} of {res.drafted} "
                                  f"drafts accepted (n_draft {n_draft})")
@@ -158,10 +163,10 @@ def speculative_greedy(model, prompt: list[int], max_new: int, n_draft: int, cou
 
 
 def measure(model, prompts: list[list[int]], max_new: int, n_drafts: list[int],
-            plain: list[list[int]] | None = None,
-            diagnose: Diagnosis | None = None) -> tuple[list[Counts], list[list[int]]]:
+            plain: list[list[int]] | None = None, diagnose: Diagnosis | None = None,
+            pipelined: bool = True) -> tuple[list[Counts], list[list[int]]]:
     """Per n_draft its Counts (with any mismatch against plain greedy decoding, diagnosed by `diagnose` where
-    given), and the plain outputs (computed unless given)."""
+    given), and the plain outputs (computed unless given). `pipelined`: as in speculative_greedy."""
     if plain is None:
         plain = [dsv4.generate(model, [p], max_new)[0] for p in prompts]
     results = []
@@ -169,7 +174,7 @@ def measure(model, prompts: list[list[int]], max_new: int, n_drafts: list[int],
         c = Counts(k)
         for i, (p, ref) in enumerate(zip(prompts, plain)):
             chosen_from: list[torch.Tensor] = []
-            got = speculative_greedy(model, p, max_new, k, c, chosen_from if diagnose else None)
+            got = speculative_greedy(model, p, max_new, k, c, chosen_from if diagnose else None, pipelined)
             if got != ref:
                 c.mismatches.append(mismatch(i, p, got, ref, diagnose, chosen_from))
         results.append(c)
@@ -282,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tie-ulps", type=float, default=TIE_ULPS,
                    help="a mismatch is a near-tie when the two tokens' logits are this many ulps (of the model's "
                         "dtype at the largest |logit|) apart or less (default %(default)s)")
+    p.add_argument("--step-loop", action="store_true",
+                   help="decode with the step_row loop (eager) instead of the pipelined greedy_row_stream")
     p.add_argument("--out", help="result file (default: bench/results/<date>_<device>_<commit>_mtp_acceptance.txt)")
     args = p.parse_args(argv)
     costs = parse_costs(args.step_cost)
@@ -323,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
               "and loops are easy to draft)",
               "acc@j: P(draft j accepted | drafts before it accepted); speed-up = tokens/step / cost "
               "(cost: a k-draft step over a plain step, --step-cost)",
+              "speculative decoding: " + ("the step_row loop (eager)" if args.step_loop else
+                                          "greedy_row_stream (pipelined; CUDA graphs on a GPU)"),
               f"batch-invariant mode: {'on' if args.batch_invariant else 'off'}; a mismatch is a near-tie when "
               f"plain's and speculative's tokens are within {args.tie_ulps:g} ulp of the largest |logit| in plain's "
               "logits recomputed there", ""]
@@ -330,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Counts] = []
     for k in sorted(set(args.n_draft)):   # the file is rewritten after each n_draft (a run cut short keeps those)
         with dsv4.ops.batch_invariant(args.batch_invariant):
-            results += measure(model, prompts, args.max_new, [k], plain, diagnose)[0]
+            results += measure(model, prompts, args.max_new, [k], plain, diagnose, not args.step_loop)[0]
         text = report(results, costs, header, strict=args.batch_invariant)
         with open(path, "w") as f:
             f.write(text)

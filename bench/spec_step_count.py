@@ -12,6 +12,7 @@ replay each.
     python bench/spec_step_count.py --device cuda --time-steps 200 [--preset small] [--dtype bf16] [--unfused]
                                     [--no-row] [--profile-steps 20] [--cprofile N]
     python bench/spec_step_count.py --time-steps 300 --stub-graphs [--preset small] [--cprofile N]
+    python bench/spec_step_count.py --device cuda --dtype bf16 --preset small --time-steps 200 --n-draft 3 --pipelined
 
 `--ops-as-kernels` counts each dsv4.ops call (and each cache record encode / decode) as one op and the aten ops of
 its CPU reference not at all, which approximates a GPU's kernel launches (one Triton kernel per op for most; a few
@@ -41,6 +42,12 @@ runtime calls) and `gpu_replays` times each
 captured graph alone (back-to-back replays). `--stub-graphs` (CPU) takes the CUDA-graph path with no-op replays
 (bench/graph_stub.py): the timed steps are then the host's cost alone; it skips the counts. `--cprofile N` lists
 the host's top functions over N more steps.
+
+`--pipelined` (with --time-steps) also times a lone greedy row outside the engine, on one SpeculativeDecoder whose
+single-row step replays one CUDA graph: `mtp_row_loop`, the steps one at a time as the engine runs them (stage,
+replay, wait, bookkeeping: the host's work never overlaps the device's), and `mtp_row_stream`, the same steps by
+`greedy_row_stream` (each launched before the previous one's results are read), each with its host and wait ms
+per step and, on a GPU, `--profile-steps` more steps profiled.
 """
 from __future__ import annotations
 
@@ -309,12 +316,16 @@ def gpu_profile(engine: Engine, steps: int, top: int = 12) -> dict:
     a GPU."""
     if engine.device.type != "cuda":
         return None
+    return profile_calls(lambda: engine.has_work and (engine.step() or True), steps, top)
+
+
+def profile_calls(step, steps: int, top: int = 12) -> dict:
+    """`gpu_profile` of `steps` calls of step() (it returns False when there is nothing left to do)."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         n = 0
-        while n < steps and engine.has_work:
-            engine.step()
+        while n < steps and step():
             n += 1
         torch.cuda.synchronize()
     from torch.autograd import DeviceType
@@ -351,6 +362,82 @@ def device_summary(spans: list[tuple[str, float, float]], steps: int, top: int =
             "busy_ms_per_step": round(busy / 1e3 / n, 4), "span_ms_per_step": round(span / 1e3 / n, 4),
             "kernels_per_step": round(len(spans) / n, 1),
             "top": [[name[:90], round(t / 1e3 / n, 4), round(c / n, 2)] for name, (t, c) in ranked]}
+
+
+def time_row_stream(model, prompt: list[int], n_draft: int, steps: int, profile_steps: int = 0) -> dict:
+    """A lone greedy row's speculative steps outside the engine, on one SpeculativeDecoder with the single-row
+    step's CUDA graph (on a GPU; eager elsewhere): `row_loop` times `steps` of them one at a time (step_rows, as
+    the engine runs them: stage, replay, wait, bookkeeping), `row_stream` `steps` results of greedy_row_stream
+    (each step launched before the previous one's results are read), each as `time_calls` reports them and with
+    `profile_steps` more profiled on a GPU. Both after 5 warm-up steps (the graph's eager calls and capture)."""
+    from dsv4.generate import SamplingConfig
+    from dsv4.generate.graphs import GraphDecoder
+    device = model.embed.weight.device
+    graphs = device.type == "cuda"
+    budget = (n_draft + 1) * (2 * steps + 2 * profile_steps + 16)
+    dec = speculative.SpeculativeDecoder(model, model.new_cache(1, len(prompt) + budget + 16), n_draft=n_draft)
+    dec.fixed_shapes = dec.graph_drafts = graphs
+    verifiers: dict = {}
+
+    def verifier(n_tokens: int):   # (the batched path's, should a step take it: as the engine's)
+        if n_tokens not in verifiers:
+            verifiers[n_tokens] = GraphDecoder(model, dec.cache.select(slice(0, 1)), n_tokens=n_tokens,
+                                               checkpoint=True)
+        return verifiers[n_tokens]
+    dec.prefill(0, prompt)
+    greedy, emitted = SamplingConfig(temperature=0.0), [0]
+
+    def one_step() -> tuple[int, bool]:
+        res = dec.step_rows(slice(0, 1), [greedy], [None], [()], [budget - emitted[0]],
+                            verifier if graphs else None)[0]
+        emitted[0] += len(res.tokens)
+        return len(res.tokens), not res.finished
+    out = {}
+    time_calls(one_step, 5, device)   # (warm-up: the graph's eager calls, its capture)
+    out["row_loop"] = {"timed": time_calls(one_step, steps, device)}
+    if profile_steps and graphs:
+        out["row_loop"]["gpu"] = _guarded(profile_calls, lambda: one_step()[1], profile_steps)
+    stream = dec.greedy_row_stream(0, budget - emitted[0], (), graphs, verifier if graphs else None)
+
+    def stream_step() -> tuple[int, bool]:
+        res = next(stream, None)
+        if res is None:
+            return 0, False
+        emitted[0] += len(res.tokens)
+        return len(res.tokens), not res.finished
+    out["row_stream"] = {"timed": time_calls(stream_step, steps, device)}
+    if profile_steps and graphs:
+        out["row_stream"]["gpu"] = _guarded(profile_calls, lambda: stream_step()[1], profile_steps)
+    stream.close()
+    for label in out:
+        out[label]["timed"]["graphs"] = {"captured": sum(v[1].graph is not None and not v[1].eager
+                                                         for v in dec._row_steps.values() if hasattr(v[1], "graph"))}
+    return out
+
+
+def time_calls(step, steps: int, device: torch.device) -> dict:
+    """`time_steps` of up to `steps` calls of step() -> (tokens emitted, whether to go on). (A pipelined stream
+    has one more step in flight when its last result is read: the drain after the steps counts its device time
+    too, 1 / steps too much.)"""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    n, tokens, clock = 0, 0, WaitClock()
+    with clock:
+        start, cpu0 = time.perf_counter(), time.thread_time()
+        while n < steps:
+            n += 1
+            emitted, more = step()
+            tokens += emitted
+            if not more:
+                break
+        launched, cpu = time.perf_counter(), time.thread_time() - cpu0
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    per = lambda s: round(1e3 * s / max(n, 1), 3)  # noqa: E731
+    return {"steps": n, "ms_per_step": per(seconds), "ms_per_token": round(1e3 * seconds / max(tokens, 1), 3),
+            "tokens_per_step": round(tokens / max(n, 1), 3), "host_ms_per_step": per(launched - start - clock.seconds),
+            "wait_ms_per_step": per(clock.seconds), "cpu_ms_per_step": per(cpu)}
 
 
 def host_profile(engine: Engine, steps: int, top: int = 25) -> str:
@@ -397,6 +484,9 @@ def main() -> None:
                          "(`mtp_no_row`: the MTP catch-up and the fused verify, two graphs)")
     ap.add_argument("--unfused", action="store_true",
                     help="also count (and time) the speculative step without the fused greedy verify")
+    ap.add_argument("--pipelined", action="store_true",
+                    help="with --time-steps: also time a lone greedy row's speculative steps outside the engine, "
+                         "one at a time (`mtp_row_loop`) and pipelined by greedy_row_stream (`mtp_row_stream`)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -451,6 +541,10 @@ def main() -> None:
                     out[label]["cprofile"] = host_profile(engine, args.cprofile).splitlines()
                 if args.profile_steps:   # (last: it leaves the engine unusable)
                     out[label]["gpu_replays"] = _guarded(replay_times, engine, REPLAYS)
+    if args.time_steps and args.pipelined:
+        for name, timed in time_row_stream(model, prompt, args.n_draft, args.time_steps,
+                                           args.profile_steps).items():
+            out[f"mtp_{name}"] = timed
     if args.time_steps and "plain" in out:
         plain = out["plain"]["timed"]["ms_per_step"]
         for label in out:

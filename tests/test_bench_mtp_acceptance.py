@@ -42,6 +42,9 @@ def test_measure_equals_plain_greedy_and_counts_are_consistent():
         assert c.accepted[0] > 0
     assert any(sum(c.accepted) < sum(c.tried) for c in results)   # some drafts rejected too
     assert results[0].tokens_per_step < results[-1].tokens_per_step
+    loop, _ = mtp_acceptance.measure(model, prompts, 24, [1, 2, 3], plain, pipelined=False)   # the step_row loop
+    assert [(c.steps, c.tokens, c.tried, c.accepted) for c in loop] == \
+        [(c.steps, c.tokens, c.tried, c.accepted) for c in results]
 
 
 def test_mismatch_fails_loudly(tmp_path, monkeypatch):

@@ -102,3 +102,15 @@ def test_graph_path_counts_one_replay_for_a_single_greedy_row(n_draft):
     assert [k for k in counts[True] if k.startswith("sync:")] == ["sync:to_host"]
     assert counts[True]["sync:to_host"] == 1
     assert counts[False]["replays"] == 1 + n_draft and counts[False]["eager_on_gpu"] > 10
+
+
+@torch.no_grad()
+def test_time_row_stream_times_the_loop_and_the_stream():
+    """`--pipelined`'s timing of a lone greedy row (CPU: eager steps, no profile): both modes time the steps asked
+    for, each step emitting 1 .. n_draft + 1 tokens, the host's part within the wall time."""
+    model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=0).eval()
+    out = spec_step_count.time_row_stream(model, list(range(3, 23)), 2, 3)
+    assert set(out) == {"row_loop", "row_stream"}
+    for timed in (v["timed"] for v in out.values()):
+        assert timed["steps"] == 3 and 1 <= timed["tokens_per_step"] <= 3
+        assert 0 < timed["host_ms_per_step"] <= timed["ms_per_step"] + 1e-3

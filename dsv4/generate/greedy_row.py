@@ -24,8 +24,11 @@ The row's decoding state lives in `RowState`'s device buffers (width k + 1), wit
      [x_{P-k} .. x_P, d1 .. dk] then y (the argmax of target row a), the next logits target row a, their
      finiteness carried (each target row is checked once).
 Its shapes never depend on a, and it reads no host value. The host stages budget, live flag and stop tokens in one
-pinned tensor (`RowState.stage`: one copy up) and gets the packed results in one transfer. The MTP checkpoint
-spans 2k positions, so the step needs 2k <= the window (`fits`).
+pinned tensor (`RowState.stage`: one copy up) and gets the packed results in one transfer. The step itself then
+writes the next step's budget and live flag there (`_carry`), so further steps can be launched before its results
+are read (SpeculativeDecoder.greedy_row_stream): a step launched after the row finished is dead (flag -1) and
+changes nothing (both caches keep 0 tokens, the state stays). The MTP checkpoint spans 2k positions, so the step
+needs 2k <= the window (`fits`).
 """
 from __future__ import annotations
 
@@ -47,7 +50,9 @@ def fits(n_draft: int, window: int) -> bool:
 
 class RowState:
     """The device buffers of one row's state (module doc) for n_draft drafts and of its staged host inputs: host
-    [1, 2 + n_stops] long, the row's budget, its live flag (it goes on after x_P) and its stop tokens (-1 pads)."""
+    [1, 2 + n_stops] long, the row's budget, its mode (1: live, it goes on after x_P; 0: it emits x_P alone and
+    finishes; -1: dead, finished before this step) and its stop tokens (-1 pads). Each step writes the next step's
+    budget and mode."""
 
     def __init__(self, model, n_stops: int, device: torch.device, n_draft: int = 1):
         cfg = model.config
@@ -115,9 +120,10 @@ def greedy_draft_verify(model, main: KVCache, mtp: KVCache, state: RowState) -> 
         raise InvalidArgument("greedy_draft_verify steps one row")
     k = state.n_draft
     lanes, ids = state.lanes, state.ids
-    budget_live = state.host[:, :2].T                                 # [2, 1]
+    budget_live = state.host[:, :2].clamp(min=0).T                   # [2, 1] (a dead row: not live)
     stop_t = state.host[:, 2:]
     live = state.host[:, 1] > 0
+    dead = state.host[:, 1] < 0
     limit = torch.where(live, (state.host[:, 0] - 1).clamp(max=k), 0)   # [1] the drafts the row may make
     mtp_ckpt = mtp.checkpoint(2 * k)
     out, draft_logits = mtp_forward(model, mtp, lanes, ids)
@@ -140,8 +146,26 @@ def greedy_draft_verify(model, main: KVCache, mtp: KVCache, state: RowState) -> 
     logits = torch.cat((state.x_logits[:, None], res.target[:, :k]), 1)
     shift = (a + 1)[:, None] + torch.arange(k + 1, device=a.device)   # [1, k+1]: positions P-k+a .. P+a of P-k-1 ..
     R, C = lanes.shape[2:]
-    lanes.copy_(torch.cat((lanes, res.h), 1).gather(1, shift[:, :, None, None].expand(-1, -1, R, C)))
-    ids.copy_(torch.cat((torch.cat((ids, drafts_t), 1).gather(1, shift[:, :k]), res.y[:, None]), 1))
-    state.x_logits.copy_(res.target.gather(1, a.view(-1, 1, 1).expand(-1, 1, res.target.shape[2]))[:, 0])
-    state.x_finite.copy_(res.row_finite.gather(1, a[:, None])[:, 0])
+    moved_lanes = torch.cat((lanes, res.h), 1).gather(1, shift[:, :, None, None].expand(-1, -1, R, C))
+    moved_ids = torch.cat((torch.cat((ids, drafts_t), 1).gather(1, shift[:, :k]), res.y[:, None]), 1)
+    x_logits = res.target.gather(1, a.view(-1, 1, 1).expand(-1, 1, res.target.shape[2]))[:, 0]
+    lanes.copy_(torch.where(dead.view(-1, 1, 1, 1), lanes, moved_lanes))   # (a dead row's state stays)
+    ids.copy_(torch.where(dead[:, None], ids, moved_ids))
+    state.x_logits.copy_(torch.where(dead[:, None], state.x_logits, x_logits))
+    state.x_finite.copy_(torch.where(dead, state.x_finite, res.row_finite.gather(1, a[:, None])[:, 0]))
+    _carry(state, live, a, res.keep, res.y, stop_t)
     return RowOut(res.packed, logits)
+
+
+def _carry(state: RowState, live: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, y: torch.Tensor,
+           stop_t: torch.Tensor) -> None:
+    """The next step's budget and mode into `state.host`, from this step's outcome (device data): a live row
+    that did not finish (it keeps x and its a accepted drafts: keep = a + 1) has emitted 1 + a tokens and goes
+    on with y, live while y is no stop token and more than one token is left, else emitting y alone (mode 0);
+    any other row is dead (-1). So steps launched before this one's results are read need nothing staged."""
+    budget = state.host[:, 0]
+    go = live & (keep > a)
+    left = budget - 1 - a
+    on = go & ~(y[:, None] == stop_t).any(-1) & (left > 1)
+    mode = torch.where(on, 1, torch.where(go, 0, -1))
+    state.host[:, :2].copy_(torch.stack((torch.where(live, left, budget), mode), 1))

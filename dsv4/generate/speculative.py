@@ -41,7 +41,7 @@ rewind the cache cannot do) takes the batched path until it does. It leaves the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -50,10 +50,11 @@ from ..errors import InvalidArgument
 from .fused_verify import PACKED, greedy_accept, greedy_verify, host_checkpoint, kept_counts
 from .graphs import CacheGroup, GraphStep
 from .greedy_row import RowState, fits, greedy_draft_verify, mtp_forward
-from .host import to_device, to_host
+from .host import HostCopy, to_device, to_host
 from .sampling import SamplingConfig, probabilities, sample
 
 PREFILL_CHUNK = 4096
+GREEDY = SamplingConfig(temperature=0.0)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class SpeculativeDecoder:
         # and a single greedy row runs its whole step as `greedy_draft_verify` (with a verifier and
         # graph_drafts: one captured graph per row and stop count), its state kept on the device between steps
         self.fuse_row = True
-        self._row_steps: dict[tuple, tuple] = {}   # (row, stops, graphs) -> _row_state
+        self._row_steps: dict[tuple, tuple] = {}   # (row, stops, graphs, fixed) -> _row_state
         self._mtp_windowed = all(not layer.ratio for layer in self.mtp_cache.layers)   # (KVCache.rewind)
         self._idle_logits = torch.zeros(cfg.vocab_size, device=self.device)   # (a skipped row's stand-in)
         self._fixed_views: dict[tuple[int, int], tuple[KVCache, KVCache]] = {}
@@ -419,8 +420,18 @@ class SpeculativeDecoder:
         state.stage(budget, live, tuple(int(t) for t in stop_ids))
         out = step()
         (packed,) = to_host([out.packed])
-        a, y, n, finite, keep_dev = packed[0][:PACKED]
-        d = packed[0][PACKED:PACKED + n]
+        res, keep = self._row_result(row, st, x, budget, live, stops, packed[0], out.logits)
+        main.end_rollback(host_checkpoint(starts[0], k + 1), [keep])
+        mtp.end_rollback(host_checkpoint(starts[1], 2 * k), [keep])   # (catch-up and further drafts)
+        return res
+
+    def _row_result(self, row: int, st: _Row, x: int, budget: int, live: bool, stops: set, packed: list[int],
+                    logits: torch.Tensor) -> tuple[StepResult, int]:
+        """A single-row step's StepResult and kept count from its packed host results (x, budget and live: its
+        inputs; logits [1, k+1, V]: its `RowOut.logits`); the host's rule must give the kept count the device
+        used. The row's next token and the stats move on."""
+        a, y, n, finite, keep_dev = packed[:PACKED]
+        d = packed[PACKED:PACKED + n]
         if live:
             finished = (a > 0 and d[a - 1] in stops) or 1 + a >= budget
             keep = a if finished else a + 1
@@ -429,21 +440,117 @@ class SpeculativeDecoder:
         if keep != keep_dev:
             raise RuntimeError(f"speculative step: the device kept {keep_dev} tokens of row {row}, the host "
                                f"expected {keep}")
-        main.end_rollback(host_checkpoint(starts[0], k + 1), [keep])
-        mtp.end_rollback(host_checkpoint(starts[1], 2 * k), [keep])   # (catch-up and further drafts)
         st.next_token = y
         if live:
             self.stats["drafted"] += n
             self.stats["accepted"] += a
             self.stats["steps"] += 1
-        return StepResult([x] + d[:a], out.logits[0, :1 + a], n, a, finished, bool(finite))
+        return StepResult([x] + d[:a], logits[0, :1 + a], n, a, finished, bool(finite)), keep
 
-    def _row_state(self, row: int, n_stops: int, graphs: bool) -> tuple[RowState, Callable, KVCache, KVCache]:
+    # ------------------------------------------------------------------ a single greedy row, pipelined
+    @torch.no_grad()
+    def greedy_row_stream(self, row: int, max_new: int, stop_ids: Sequence[int] = (), graphs: bool | None = None,
+                          verifier: Callable[[int], Callable] | None = None) -> Iterator[StepResult]:
+        """Greedy speculative decoding of row `row` (after `prefill`): the StepResults of the `step_row` loop
+        (budget max_new - tokens so far, until a step finishes the row), with the same tokens, counts and
+        caches, but each single-row step (`greedy_draft_verify`) launched before the previous one's results are
+        read, so the host's work of a step (launching the next, reading and bookkeeping this one) overlaps the
+        device's. With `graphs` (default: on a GPU) the steps replay the row's CUDA graph.
+
+        The step carries its own budget and live flag on the device (greedy_row._carry); the host mirrors of
+        both caches' lengths stay an upper bound while a step is in flight (each launch counts its k + 1 tokens;
+        the views read fixed shapes, so no read depends on them) and are exact after each result. A step is
+        launched ahead only while the row goes on and both steps fit (max_seq_len); otherwise, and for a row that
+        cannot take the single-row step, the step is `step_rows`' (with `verifier`). A row that finishes with a
+        step in flight leaves that step dead: it changes neither cache nor state. Closing the stream early with
+        a live step in flight still settles that step: the row moves on by its tokens, which are not yielded."""
+        if max_new < 1:
+            raise InvalidArgument(f"max_new={max_new}: must be at least 1")
+        if row not in self.rows:
+            raise InvalidArgument(f"row {row} has no prompt: call prefill(row, tokens) before stepping it")
+        graphs = self.device.type == "cuda" if graphs is None else graphs
+        stops, stop_tuple = set(int(t) for t in stop_ids), tuple(int(t) for t in stop_ids)
+        left = max_new
+        while True:
+            st = self.rows[row]
+            if st.next_token is None:   # the row's first step: its first token (one wait), as step_rows'
+                chosen = sample(st.logits.unsqueeze(0), GREEDY, None)
+                st.next_token, st.next_id = chosen.tolist()[0], chosen[0].view(1)
+            room = self.cache.lengths()[row] + 2 * (self.n_draft + 1) <= self.cache.max_seq_len
+            if room and self._row_path([st], [GREEDY]):
+                steps = self._pipelined(row, st, left, stops, stop_tuple, graphs)
+            else:
+                steps = iter(self.step_rows(slice(row, row + 1), [GREEDY], [None], [stop_ids], [left], verifier))
+            try:
+                for res in steps:
+                    left -= len(res.tokens)
+                    yield res
+                    if res.finished:
+                        return
+            finally:
+                if hasattr(steps, "close"):
+                    steps.close()
+
+    def _pipelined(self, row: int, st: _Row, budget: int, stops: set, stop_ids: tuple[int, ...],
+                   graphs: bool) -> Iterator[StepResult]:
+        """`greedy_row_stream`'s single-row steps, each launched before the previous one's results are read, until
+        the row finishes or two steps no longer fit in the cache."""
+        k, limit = self.n_draft, self.cache.max_seq_len
+        state, step, main, mtp = self._row_state(row, max(1, len(stop_ids)), graphs, fixed=True)
+        if st.fused is not state:
+            self._enter(st, state, mtp)
+        x = st.next_token
+        live = x not in stops and budget > 1
+        state.stage(budget, live, stop_ids)
+        starts = (main.lengths()[0], mtp.lengths()[0])
+        cur, unread = self._launch(step, graphs), False
+        try:
+            while True:
+                after = self._launch(step, graphs) if live and starts[0] + 2 * (k + 1) <= limit else None
+                res, keep = self._row_result(row, st, x, budget, live, stops, cur[0].wait()[0][0], cur[1])
+                ahead = k + 1 if after is not None and not res.finished else 0   # (a dead step keeps nothing)
+                starts = self._settle(main, mtp, starts, keep, ahead)
+                if res.finished or after is None:
+                    yield res
+                    return
+                x, budget, cur = st.next_token, budget - len(res.tokens), after
+                live = x not in stops and budget > 1     # (the device's mode for `after`, greedy_row._carry)
+                unread = True
+                yield res
+                unread = False
+        finally:
+            if unread:   # closed with a live step in flight: settle it (wait, then exact host mirrors)
+                _, keep = self._row_result(row, st, x, budget, live, stops, cur[0].wait()[0][0], cur[1])
+                self._settle(main, mtp, starts, keep, 0)
+
+    @staticmethod
+    def _launch(step: Callable, graphs: bool) -> tuple[HostCopy, torch.Tensor]:
+        """Run (launch) one single-row step: its packed results on their way to the host, and its logits (a copy
+        with `graphs`: the next replay overwrites the static buffers; a GPU's HostCopy copies the packed results
+        as it is made, a CPU's keeps the tensor, so a graph path emulated there needs a copy)."""
+        out = step()
+        packed = out.packed.clone() if graphs and not out.packed.is_cuda else out.packed
+        return HostCopy([packed]), out.logits.clone() if graphs else out.logits
+
+    @staticmethod
+    def _settle(main: KVCache, mtp: KVCache, starts: tuple[int, int], keep: int, ahead: int) -> tuple[int, int]:
+        """After a single-row step that started at `starts` (main, MTP lengths) and kept `keep` tokens: both
+        caches' host mirrors at that length plus `ahead` (a launched step's k + 1 at most; 0: exact). Returns the
+        lengths after the step."""
+        for cache, start in zip((main, mtp), starts):
+            moved = cache.lengths()[0] - start
+            cache.end_rollback(host_checkpoint([start], moved), [keep + ahead])
+        return starts[0] + keep, starts[1] + keep
+
+    def _row_state(self, row: int, n_stops: int, graphs: bool, fixed: bool = False
+                   ) -> tuple[RowState, Callable, KVCache, KVCache]:
         """The device state, the step (a GraphStep with `graphs`) and the cache views of a single-row step of
-        `row`, kept per row, stop count and kind."""
-        key = (row, n_stops, graphs)
+        `row`, kept per row, stop count and kind. The views read fixed shapes with `graphs`, `fixed` or
+        `fixed_shapes`."""
+        fixed = graphs or fixed or self.fixed_shapes
+        key = (row, n_stops, graphs, fixed)
         if key not in self._row_steps:
-            if graphs:   # (a graph's own views, as the other captured steps')
+            if graphs or (fixed and not self.fixed_shapes):   # (a graph's own views, as the other captured steps')
                 main = self.cache.select(slice(row, row + 1)).set_fixed_shapes(True)
                 mtp = self.mtp_cache.select(slice(row, row + 1)).set_fixed_shapes(True)
             else:

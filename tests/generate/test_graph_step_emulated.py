@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import agreeing_model
+from conftest import agreeing_model, read_tensors
 from dsv4.generate import SamplingConfig, speculative
 from dsv4.generate.graphs import GraphStep
 from dsv4.generate.speculative import SpeculativeDecoder
@@ -154,4 +154,37 @@ def test_single_greedy_row_replays_one_graph_per_step(monkeypatch, n_draft):
     assert {0, n_draft} <= {a for _, a, _ in o1}                          # none and all drafts accepted
     for x, y in zip(o1, o2):
         assert x[:2] == y[:2] and torch.equal(x[2], y[2])
+    assert all(torch.equal(p, q) for p, q in zip(c1, c2))
+
+
+@pytest.mark.parametrize("n_draft", [1, 3])
+@torch.no_grad()
+def test_pipelined_row_stream_on_the_graph_path(monkeypatch, n_draft):
+    """greedy_row_stream on the graph path (each replay launched before the previous one's results are read, so
+    those results must be taken from the static outputs before the next replay overwrites them; the capture comes
+    mid-stream; the host mirrors advance by GraphStep's k + 1 per launch): the eager step_row loop's steps,
+    logits and caches (every byte a later step reads) bit for bit."""
+    monkeypatch.setattr(speculative, "GraphStep", EmulatedGraphStep)
+    model = agreeing_model()
+    prompt, n = list(range(10, 37)), 30
+    runs = []
+    for graphed in (True, False):
+        dec = SpeculativeDecoder(model, model.new_cache(1, 96), n_draft=n_draft)
+        dec.fixed_shapes = dec.graph_drafts = True
+        dec.prefill(0, prompt)
+        if graphed:
+            steps = list(dec.greedy_row_stream(0, n, (), graphs=True))
+            assert [g.graph for _, g, _, _ in dec._row_steps.values()] == ["emulated"]
+        else:
+            steps = []
+            while not steps or not steps[-1].finished:
+                steps.append(dec.step_row(0, SamplingConfig(temperature=0), None, (), n - sum(
+                    len(r.tokens) for r in steps)))
+        assert dec.cache.lengths() == dec.cache.positions.tolist()
+        assert dec.mtp_cache.lengths() == dec.mtp_cache.positions.tolist()
+        runs.append(([(r.tokens, r.accepted, r.drafted, r.finished) for r in steps], [r.logits for r in steps],
+                     read_tensors(dec.cache) + read_tensors(dec.mtp_cache)))   # (the dead step's unread rows aside)
+    (s1, l1, c1), (s2, l2, c2) = runs
+    assert s1 == s2 and {0, n_draft} <= {a for _, a, _, _ in s1}
+    assert all(torch.equal(x, y) for x, y in zip(l1, l2))
     assert all(torch.equal(p, q) for p, q in zip(c1, c2))

@@ -189,3 +189,38 @@ def test_single_greedy_row_graph_equals_eager_and_two_graph_step(model, n_draft,
     assert a1 == a2 and min(a1) == 0 and max(a1) >= min(n_draft, 2)
     assert all(torch.equal(x, y) for x, y in zip(l1, l2))
     assert all(torch.equal(x, y) for x, y in zip(c1, c2))
+
+
+@pytest.mark.parametrize("n_draft", [1, 3])
+def test_pipelined_row_stream_equals_the_graphed_step_loop(model, n_draft):
+    """greedy_row_stream with CUDA graphs (each replay launched before the last one's results are read, the
+    graph captured mid-stream) gives the graphed step_rows loop's steps (tokens, counts, logits) and cache bytes,
+    with a stop token and a budget met inside a step's drafts: plain decoding's tokens."""
+    prompt, n = list(range(100, 140)), 60
+    plain = generate(model, [prompt], n)[0]
+    for stops in ((), (plain[37], 99999)):
+        runs = []
+        for stream in (False, True):
+            dec = SpeculativeDecoder(model, model.new_cache(1, 160), n_draft=n_draft)
+            dec.fixed_shapes = dec.graph_drafts = True
+            dec.prefill(0, prompt)
+            if stream:
+                steps = list(dec.greedy_row_stream(0, n, stops, graphs=True))
+            else:
+                steps = []
+                while not steps or not steps[-1].finished:
+                    res = dec.step_rows(slice(0, 1), [SamplingConfig(temperature=0)], [None], [stops],
+                                        [n - sum(len(r.tokens) for r in steps)], lambda k: None)[0]
+                    res.logits = res.logits.clone()   # (a static buffer the next replay overwrites)
+                    steps.append(res)
+            assert [g.graph is not None for _, g, _, _ in dec._row_steps.values()] == [True]
+            dec.cache.check_intact()
+            assert dec.cache.lengths() == dec.cache.positions.tolist()
+            runs.append(([(r.tokens, r.accepted, r.drafted, r.finished) for r in steps], [r.logits for r in steps],
+                         read_tensors(dec.cache) + read_tensors(dec.mtp_cache)))
+        (s1, l1, c1), (s2, l2, c2) = runs
+        assert s1 == s2
+        want = plain if not stops else plain[:plain.index(stops[0]) + 1]
+        assert [t for toks, _, _, _ in s2 for t in toks] == want
+        assert all(torch.equal(x, y) for x, y in zip(l1, l2))
+        assert all(torch.equal(x, y) for x, y in zip(c1, c2))
