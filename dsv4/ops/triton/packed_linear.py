@@ -295,13 +295,28 @@ def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
 
 
 @triton.jit
+def e2m1_pair_as_f32(t):
+    """e2m1_as_fp16 on the two 16-bit halves of int32 t at once (codes in bits 0-3 and 16-19, other bits ignored):
+    the same fp16 bits (2^-14 times the values, exactly) for both, built by one mask-shift-or on the pair, then
+    each half converted to fp32 -> (low code's value, high code's value)."""
+    bits = ((t & 0x00080008) << 12) | ((t & 0x00070007) << 9)
+    lo = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
 def fp4_word_nibbles(wd):
     """int32 words [R, W] (8 e2m1 codes each, little-endian: nibble j of word w is k = 8 w + j) -> fp32 [R, W, 8]
-    holding 2^-14 times the values (e2m1_as_fp16, exactly), in natural k order. The nibbles are paired by tl.join,
+    holding 2^-14 times the values (as e2m1_as_fp16, exactly), in natural k order. Nibbles j and j + 4 sit 16
+    bits apart, so wd >> 4 j decodes both at once (e2m1_pair_as_f32); the values are put in k order by tl.join,
     which adds its pair as an in-register last dim: nibble 4 a + 2 b + c lands at [..., a, b, c]."""
-    c = tl.join(tl.join(tl.join(wd & 0xF, (wd >> 16) & 0xF), tl.join((wd >> 8) & 0xF, (wd >> 24) & 0xF)),
-                tl.join(tl.join((wd >> 4) & 0xF, (wd >> 20) & 0xF), tl.join((wd >> 12) & 0xF, (wd >> 28) & 0xF)))
-    return tl.reshape(e2m1_as_fp16(c).to(tl.float32), (wd.shape[0], wd.shape[1], 8))
+    v0, v4 = e2m1_pair_as_f32(wd)
+    v1, v5 = e2m1_pair_as_f32(wd >> 4)
+    v2, v6 = e2m1_pair_as_f32(wd >> 8)
+    v3, v7 = e2m1_pair_as_f32(wd >> 12)
+    v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(v, (wd.shape[0], wd.shape[1], 8))
 
 
 @triton.jit
