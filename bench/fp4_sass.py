@@ -6,8 +6,8 @@ decode (packed_linear.FP4_DECODES) asks of the SMs, to read next to bench/native
                              [--gemv-m 1 2 4] [--gemv-n 32] [--gemv-words 64]
 
 "gemv" among --decodes compiles the few-row CUDA-core kernel (packed_linear._fp4_gemv_kernel, no tensor cores)
-instead, once per --gemv-m activation-row count (its BLOCK_M), with --gemv-n weight rows and --gemv-words int32
-words per row per K step; its loop is the one around the products (FFMA), one iteration 8 * words K values.
+instead, once per --gemv-m activation-row count (its BLOCK_M), with --gemv-n weight rows (default: as
+packed_linear.gemv_config picks) and --gemv-words int32 words per row per K step; its loop is the one around the products (FFMA), one iteration 8 * words K values.
 
 Each kernel is compiled as a launch would specialise it (pointers and N, K, row strides divisible by 16: without
 that Triton cannot vectorise the byte loads and the counts mean nothing). The loop is the longest backward branch
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--decodes", nargs="+", default=[*packed_linear.FP4_DECODES, "gemv"],
                     choices=[*packed_linear.FP4_DECODES, "gemv"])
     ap.add_argument("--gemv-m", type=int, nargs="+", default=[1, 2, 4], help="BLOCK_M of the gemv kernel")
-    ap.add_argument("--gemv-n", type=int, default=packed_linear.GEMV_BLOCK_N)
+    ap.add_argument("--gemv-n", type=int, help="weight rows per program (default: packed_linear.gemv_config's)")
     ap.add_argument("--gemv-words", type=int, default=packed_linear.GEMV_WORDS)
     ap.add_argument("--keep", help="directory to keep the cubins and SASS in")
     args = ap.parse_args()
@@ -130,7 +130,7 @@ def main() -> None:
     cases += [(bm, "gemv") for bm in args.gemv_m if "gemv" in args.decodes]
     for block_m, decode in cases:
         gemv = decode == "gemv"
-        block_n = args.gemv_n if gemv else args.block_n
+        block_n = (args.gemv_n or packed_linear.GEMV_BLOCK_N[block_m > 1]) if gemv else args.block_n
         binary = cubin(decode, block_m, block_n, words=args.gemv_words)
         path = os.path.join(out, f"fp4_{decode}_m{block_m}_n{block_n}.cubin")
         with open(path, "wb") as f:

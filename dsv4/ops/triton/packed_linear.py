@@ -61,7 +61,7 @@ FP4_DECODE = "old"
 # kernel; bench/native_gemm.py --fp4-gemv times both). At most GEMV_MAX_ROWS.
 FP4_GEMV_MAX_M = 0
 GEMV_MAX_ROWS = 4    # activation rows the GEMV kernel takes (one accumulator each, unrolled)
-GEMV_BLOCK_N = 32    # weight rows per GEMV program
+GEMV_BLOCK_N = (32, 16)  # weight rows per GEMV program: for one activation row, for more (fewer registers)
 GEMV_WORDS = 64      # int32 words of each weight row per GEMV K step (512 K values, 256 bytes)
 
 
@@ -643,11 +643,14 @@ def linear_fp4_weight(x: torch.Tensor, w: Fp4GroupWeight, config=None) -> torch.
 
 def gemv_config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, K steps per program, num_warps) of the FP4 GEMV: all M rows in one program, GEMV_BLOCK_N
-    weight rows, K split (at most MAX_SPLIT ways) until about four programs per SM stream the weight."""
+    weight rows, K split (at most MAX_SPLIT ways) until about four programs per SM stream the weight. Registers
+    (Triton 3.6, sm_90, 64-word steps): 126 at M = 1 with 32 weight rows (4 programs of 128 threads fit an SM),
+    121 / 158 at M = 2 / 4 with 16 (32 rows: 168 / 255)."""
+    bn = GEMV_BLOCK_N[0] if M == 1 else GEMV_BLOCK_N[1]
     steps = triton.cdiv(K, 8 * GEMV_WORDS)
-    tiles = triton.cdiv(N, GEMV_BLOCK_N)
+    tiles = triton.cdiv(N, bn)
     split = max(1, min(steps, MAX_SPLIT, (4 * multiprocessors(device)) // tiles))
-    return triton.next_power_of_2(M), GEMV_BLOCK_N, triton.cdiv(steps, split), 4
+    return triton.next_power_of_2(M), bn, triton.cdiv(steps, split), 4
 
 
 def linear_fp4_gemv(x: torch.Tensor, w: Fp4GroupWeight, config=None) -> torch.Tensor:
