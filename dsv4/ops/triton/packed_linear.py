@@ -320,13 +320,43 @@ def fp4_word_nibbles(wd):
 
 
 @triton.jit
-def fp4_gemv_row(acc, v, s, x_row, kk, lim):
-    """acc [BLOCK_N, W] + one activation row's products with the decoded words v [BLOCK_N, W, 8] (2^-14 times
-    the values): the row's W * 8 activations at kk ([W, 8]; those of scale groups from lim on read as 0)
-    broadcast over the weight rows, each word's 8 fp32 products summed in its thread and scaled by its group's
-    s [BLOCK_N, W] (2^(scale - 127) * 2^14: a power of two, exact)."""
+def fp4_gemv_words(w_rows, s_rows, nmask, w0, glim, WORDS: tl.constexpr):
+    """The words w0 .. w0 + WORDS - 1 (w0 a multiple of 4) of the FP4 rows at w_rows ([BLOCK_N, 1] int32
+    pointers; s_rows their scale rows), masked by nmask and by scale group (< glim) so that each group's 4 words
+    can be one 16-byte load: (values [BLOCK_N, WORDS, 8], 2^-14 times the weights in natural k order
+    (fp4_word_nibbles); each word's scale [BLOCK_N, WORDS], 2^(scale - 127) * 2^14)."""
+    P: tl.constexpr = WORDS // 4
+    w = w0 + tl.arange(0, WORDS)
+    wd = tl.load(w_rows + w[None, :], mask=nmask[:, None] & (w // 4 < glim)[None, :], other=0)
+    g = w0 // 4 + tl.arange(0, P)
+    s = ue8m0_values(tl.load(s_rows + g[None, :], mask=nmask[:, None] & (g < glim)[None, :],
+                             other=0).to(tl.int32) + 14)           # 2^(scale - 127) * 2^14, as fp4_step's
+    # one scale per word, broadcast from the group's (a scale load per word would take the loads' layout instead)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (s.shape[0], P, 4)), (s.shape[0], WORDS))
+    return fp4_word_nibbles(wd), s
+
+
+@triton.jit
+def fp4_gemv_row(acc, v, s, x_row, w0, lim):
+    """acc [BLOCK_N, W] + one activation row's products with the decoded words v [BLOCK_N, W, 8] from word w0 on
+    (2^-14 times the values): the row's 8 W activations from k = 8 w0 on (those of scale groups from lim on read
+    as 0) broadcast over the weight rows, each word's 8 fp32 products summed in its thread and scaled by its
+    group's s [BLOCK_N, W] (2^(scale - 127) * 2^14: a power of two, exact)."""
+    kk = 8 * w0 + (tl.arange(0, v.shape[1]) * 8)[:, None] + tl.arange(0, 8)[None, :]        # [W, 8]
     a = tl.load(x_row + kk, mask=kk // 32 < lim, other=0.0).to(tl.float32)
     return acc + tl.sum(v * a[None, :, :], 2) * s
+
+
+@triton.jit
+def fp4_gemv_dot(x_row, w_rows, s_rows, nmask, w_lo, w_hi, WORDS: tl.constexpr):
+    """fp32 [BLOCK_N]: one activation row (x_row) times the FP4 rows at w_rows ([BLOCK_N, 1] int32 pointers)
+    over the words [w_lo, w_hi) (8 K values each; w_lo a multiple of 4, w_hi of 4 or the row's end), WORDS per
+    step, on the CUDA cores (fp4_gemv_words, fp4_gemv_row)."""
+    acc = tl.zeros([w_rows.shape[0], WORDS], tl.float32)
+    for w0 in range(w_lo, w_hi, WORDS):
+        v, s = fp4_gemv_words(w_rows, s_rows, nmask, w0, w_hi // 4, WORDS)
+        acc = fp4_gemv_row(acc, v, s, x_row, w0, w_hi // 4)
+    return tl.sum(acc, 1)
 
 
 @triton.jit
@@ -335,41 +365,32 @@ def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, S
                      REDUCE: tl.constexpr):
     """out = x @ dequant(w)^T for M <= BLOCK_M <= 4 activation rows on the CUDA cores, no tl.dot. A K step is
     WORDS int32 words of each of BLOCK_N weight rows ([BLOCK_N, WORDS]: 8 WORDS values of k; 16-byte vector
-    loads of 4 words = one 32-value scale group); the words' nibbles decode in registers (fp4_word_nibbles:
+    loads of 4 words = one 32-value scale group); the words' nibbles decode in registers (fp4_gemv_words:
     [BLOCK_N, WORDS, 8] in natural k order) and meet each activation row in turn (fp4_gemv_row, one fp32
-    accumulator [BLOCK_N, groups of the step] per row: the rows are unrolled, not a tensor dim, so that the
-    decoded weights keep the load's register layout). The groups are summed (tl.sum) once, before store_split.
-    program_id(2) takes STEPS_PER steps (split K)."""
+    accumulator [BLOCK_N, WORDS] per row: the rows are unrolled, not a tensor dim, so that the decoded weights
+    keep the load's register layout, which a broadcast over a row dim made Triton convert through shared
+    memory). The words are summed (tl.sum) once, before store_split. program_id(2) takes STEPS_PER steps (split
+    K)."""
     pid_n, pid_s = tl.program_id(0), tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.arange(0, BLOCK_M)
     nmask = rn < N
     groups = K // 32
-    P: tl.constexpr = WORDS // 4       # scale groups (16-byte pieces) per step
-    wi = tl.arange(0, WORDS)
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rn.to(tl.int64)[:, None] * (rs_w // 4)
     s_rows = s_ptr + rn.to(tl.int64)[:, None] * rs_s
-    k_in = (wi * 8)[:, None] + tl.arange(0, 8)[None, :]                                        # [WORDS, 8]
     acc0 = tl.zeros([BLOCK_N, WORDS], tl.float32)
     acc1 = tl.zeros([BLOCK_N, WORDS], tl.float32)
     acc2 = tl.zeros([BLOCK_N, WORDS], tl.float32)
     acc3 = tl.zeros([BLOCK_N, WORDS], tl.float32)
     st0 = pid_s * STEPS_PER
     for st in range(st0, tl.minimum(st0 + STEPS_PER, STEPS)):
-        w = st * WORDS + wi
-        wd = tl.load(w_rows + w[None, :], mask=nmask[:, None] & (w // 4 < groups)[None, :], other=0)
-        g = st * P + tl.arange(0, P)
-        s = ue8m0_values(tl.load(s_rows + g[None, :], mask=nmask[:, None] & (g < groups)[None, :],
-                                 other=0).to(tl.int32) + 14)           # 2^(scale - 127) * 2^14, as fp4_step's
-        s = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, P, 4)), (BLOCK_N, WORDS))
-        v = fp4_word_nibbles(wd)                                                               # [BN, W, 8]
-        kk = st * WORDS * 8 + k_in
-        acc0 = fp4_gemv_row(acc0, v, s, x_ptr, kk, groups)
+        v, s = fp4_gemv_words(w_rows, s_rows, nmask, st * WORDS, groups, WORDS)
+        acc0 = fp4_gemv_row(acc0, v, s, x_ptr, st * WORDS, groups)
         if BLOCK_M > 1:    # rows from M on read no activations (their groups limit is 0)
-            acc1 = fp4_gemv_row(acc1, v, s, x_ptr + rs_x, kk, tl.where(M > 1, groups, 0))
+            acc1 = fp4_gemv_row(acc1, v, s, x_ptr + rs_x, st * WORDS, tl.where(M > 1, groups, 0))
         if BLOCK_M > 2:
-            acc2 = fp4_gemv_row(acc2, v, s, x_ptr + 2 * rs_x, kk, tl.where(M > 2, groups, 0))
-            acc3 = fp4_gemv_row(acc3, v, s, x_ptr + 3 * rs_x, kk, tl.where(M > 3, groups, 0))
+            acc2 = fp4_gemv_row(acc2, v, s, x_ptr + 2 * rs_x, st * WORDS, tl.where(M > 2, groups, 0))
+            acc3 = fp4_gemv_row(acc3, v, s, x_ptr + 3 * rs_x, st * WORDS, tl.where(M > 3, groups, 0))
     out = tl.where(rm[:, None] == 0, tl.sum(acc0, 1)[None, :], 0.0)
     if BLOCK_M > 1:
         out = tl.where(rm[:, None] == 1, tl.sum(acc1, 1)[None, :], out)
