@@ -11,6 +11,8 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
                                 --moe-experts 16 --fp4-decode old bf16mul after words   # FP4 decodes
     python bench/native_gemm.py --only fp4 --ms 1,2,4 --prefill-ms "" --moe-tokens "" --moe-per-expert "" \
                                 --fp4-decode old --fp4-gemv 32 64 128 [--configs]       # FP4 GEMV vs tl.dot
+    python bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert "" --experts-split 1 2 4 \
+                                --experts-gemv                          # decode experts: GEMV vs tl.dot
 
 --experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
 once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
@@ -21,6 +23,9 @@ side by side on the same routings.
 bf16mul: scaled in bf16 before it, after: the fp32 partial product of each scale group scaled after it, words: the
 bytes read as int32 words, one dot in natural k order), on the
 same weights and inputs; the row's own timing is the module's default decode (packed_linear.FP4_DECODE).
+
+--experts-gemv times the grouped experts' direct (decode) kernels also on the CUDA-core GEMV (packed_experts.FP4_GEMV,
+one pair's row per program instead of a 16-row tl.dot tile), per --experts-split setting (auto without one).
 
 --fp4-gemv WORDS... times the FP4 GEMM rows of at most packed_linear.GEMV_MAX_ROWS activation rows also on the
 CUDA-core GEMV (packed_linear.linear_fp4_gemv, whatever FP4_GEMV_MAX_M says), once per K step of WORDS int32
@@ -274,12 +279,14 @@ def balanced_routing(N: int, E: int, k: int, g: torch.Generator) -> torch.Tensor
 
 
 def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps: float,
-              per_expert: list[int] = (), splits: list[str] = (), decodes: list[str] = ()) -> list[dict]:
+              per_expert: list[int] = (), splits: list[str] = (), decodes: list[str] = (),
+              gemv: bool = False) -> list[dict]:
     """The grouped FP4 experts against the bf16 experts (dsv4.ops.moe_experts, as the bf16 model runs them) on
     the same routings; each timed graph calls them on `ROUTINGS` different random routings, so that the experts one
     call reads are not still in L2 from the call before. `splits`: K-split settings of the direct kernels timed
     side by side where a call takes that path ("auto" or a forced slice count), under each FP4 decode of `decodes`
-    (packed_linear.FP4_DECODES; also timed on their own wherever the register kernels run)."""
+    (packed_linear.FP4_DECODES; also timed on their own wherever the register kernels run); `gemv`: the same
+    settings ("auto" without `splits`) also with the direct kernels on the CUDA-core GEMV (packed_experts.FP4_GEMV)."""
     from dsv4 import ops
     E, C, F, k = shape["E"], shape["C"], shape["F"], shape["k"]
     g = torch.Generator().manual_seed(1)
@@ -323,6 +330,9 @@ def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps:
         if splits and N * k <= packed_experts.DIRECT_MAX_PAIRS:
             row["experts_split"] = [split_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
                                                calls, on_gpu, d) for d in (decodes or [None]) for s in splits]
+        if gemv and N * k <= packed_experts.DIRECT_MAX_PAIRS:
+            row["experts_gemv"] = [split_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
+                                              calls, on_gpu, gemv=True) for s in (splits or ["auto"])]
     return out
 
 
@@ -339,11 +349,13 @@ def decode_case(decode: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: 
 
 
 def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
-               on_gpu: bool, decode: str | None = None) -> dict:
+               on_gpu: bool, decode: str | None = None, gemv: bool = False) -> dict:
     """The grouped FP4 experts on the direct path with the K-split `setting` ("auto": the rule; n: n slices),
-    under the FP4 decode `decode` (None: the module's default)."""
+    under the FP4 decode `decode` (None: the module's default), or with `gemv` on the CUDA-core GEMV
+    (packed_experts.FP4_GEMV)."""
     forced = None if setting == "auto" else int(setting)
     saved, packed_experts.DIRECT_SPLIT = packed_experts.DIRECT_SPLIT, forced
+    saved_gemv, packed_experts.FP4_GEMV = packed_experts.FP4_GEMV, gemv
     try:
         with fp4_decode(decode) if decode else contextlib.nullcontext():
             N, k = idxs[0].shape
@@ -353,12 +365,13 @@ def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: 
             t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
     finally:
         packed_experts.DIRECT_SPLIT = saved
+        packed_experts.FP4_GEMV = saved_gemv
     frac = nbytes / t / 1e6 / copy_gbps
-    label = f" decode {decode}" if decode else ""
+    label = " gemv" if gemv else f" decode {decode}" if decode else ""
     print(f"    experts split {setting:>4s}{label} (gate/up {gate_up:2d}, down {down:2d})  {t * 1e3:8.1f} us  "
           f"{frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
-    return {"setting": setting, "decode": decode, "gate_up_split": gate_up, "down_split": down, "ms": t,
-            "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
+    return {"setting": setting, "decode": decode, "gemv": gemv, "gate_up_split": gate_up, "down_split": down,
+            "ms": t, "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
 
 
 def main() -> None:
@@ -378,6 +391,8 @@ def main() -> None:
                     help="FP4 decodes to time side by side (packed_linear.FP4_DECODES)")
     ap.add_argument("--fp4-gemv", nargs="+", type=int, default=[], metavar="WORDS",
                     help="also time the FP4 GEMV (M <= packed_linear.GEMV_MAX_ROWS) per K step of WORDS int32 words")
+    ap.add_argument("--experts-gemv", action="store_true", help="also time the grouped FP4 experts' direct (decode) "
+                    "kernels on the CUDA-core GEMV (packed_experts.FP4_GEMV), per --experts-split setting")
     ap.add_argument("--configs", action="store_true", help="also time candidate kernel configs per GEMM case")
     ap.add_argument("--only", choices=("gemm", "moe", "fp4"), help="run only the GEMM cases, only the grouped MoE, "
                     "or only the FP4 ones (the FP4 GEMMs and the grouped MoE)")
@@ -406,7 +421,7 @@ def main() -> None:
         if args.moe_experts:
             shape["E"] = args.moe_experts
         results += moe_cases(shape, moe_tokens, dev, on_gpu, copy_gbps, per_expert, args.experts_split,
-                             args.fp4_decode)
+                             args.fp4_decode, args.experts_gemv)
     doc = {**record(dev), "copy_gbps": copy_gbps, "tiny_cpu": args.tiny_cpu, "fp4_decodes": args.fp4_decode,
            "fp4_gemv_words": args.fp4_gemv,
            "results": results}
