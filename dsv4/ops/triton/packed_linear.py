@@ -656,7 +656,7 @@ def linear_fp4_weight(x: torch.Tensor, w: Fp4GroupWeight, config=None) -> torch.
     _check(x, K)
     if config is None and dequantises(x, K):
         return _dense_matmul(x, dequant_fp4(w, x.dtype))
-    if x.numel() // max(K, 1) <= min(FP4_GEMV_MAX_M, GEMV_MAX_ROWS):
+    if 0 < x.numel() // max(K, 1) <= min(FP4_GEMV_MAX_M, GEMV_MAX_ROWS):
         return linear_fp4_gemv(x, w, config)
     return _launch(_fp4_weight_kernel, x, w, N, K, triton.cdiv(K, FP4_STEP), config,
                    DECODE=FP4_DECODE)
