@@ -92,16 +92,18 @@ def gemv_words(words: int):
 
 def gemv_candidates(M: int, N: int, K: int, device) -> list[tuple[int, int, int, int]]:
     """FP4 GEMV configs (BLOCK_M, BLOCK_N, K steps per program, warps) around packed_linear.gemv_config's:
-    16/32/64 weight rows per program and K splits giving about 2, 4 or 8 programs per SM."""
+    16/32/64 weight rows per program (64 also with 8 warps) and K splits giving about 2, 4 or 8 programs per
+    SM."""
     steps = -(-K // (8 * packed_linear.GEMV_WORDS))
     sms = packed_linear.multiprocessors(device)
     out = []
     for bn in (16, 32, 64):
         for per_sm in (2, 4, 8):
             split = max(1, min(steps, packed_linear.MAX_SPLIT, per_sm * sms // -(-N // bn)))
-            cfg = (1 << (M - 1).bit_length(), bn, -(-steps // split), 4)
-            if cfg not in out:
-                out.append(cfg)
+            for warps in ((4, 8) if bn == 64 else (4,)):
+                cfg = (1 << (M - 1).bit_length(), bn, -(-steps // split), warps)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 
