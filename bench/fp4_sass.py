@@ -3,6 +3,11 @@ GPU needed: Triton's compiler and the cuobjdump it ships). Not a timing: a check
 decode (packed_linear.FP4_DECODES) asks of the SMs, to read next to bench/native_gemm.py --fp4-decode.
 
     python bench/fp4_sass.py [--block-m 16 64] [--block-n 64] [--decodes old words] [--keep DIR]
+                             [--gemv-m 1 2 4] [--gemv-n 32] [--gemv-words 64]
+
+"gemv" among --decodes compiles the few-row CUDA-core kernel (packed_linear._fp4_gemv_kernel, no tensor cores)
+instead, once per --gemv-m activation-row count (its BLOCK_M), with --gemv-n weight rows (default: as
+packed_linear.gemv_config picks) and --gemv-words int32 words per row per K step; its loop is the one around the products (FFMA), one iteration 8 * words K values.
 
 Each kernel is compiled as a launch would specialise it (pointers and N, K, row strides divisible by 16: without
 that Triton cannot vectorise the byte loads and the counts mean nothing). The loop is the longest backward branch
@@ -37,26 +42,38 @@ MEMORY = ("LDG", "LDGSTS", "LDS", "LDSM", "STS", "STSM")
 WIDTH = {"U8": 1, "S8": 1, "U16": 2, "S16": 2, "64": 8, "128": 16}
 
 
-def cubin(decode: str, block_m: int, block_n: int, warps: int = 4, stages: int = 4) -> bytes:
-    """The sm_90 cubin of _fp4_weight_kernel under `decode`."""
-    names = list(SIGNATURE)
+GEMV_SIGNATURE = {**{k: v for k, v in SIGNATURE.items() if k not in ("REDUCE", "IEEE", "DECODE")},
+                  "WORDS": "constexpr", "REDUCE": "constexpr"}
+
+
+def cubin(decode: str, block_m: int, block_n: int, warps: int = 4, stages: int = 4, words: int = 64) -> bytes:
+    """The sm_90 cubin of _fp4_weight_kernel under `decode`, or of _fp4_gemv_kernel (decode "gemv", `words`
+    int32 words per row per step, one stage as packed_linear launches it)."""
+    gemv = decode == "gemv"
+    signature = GEMV_SIGNATURE if gemv else SIGNATURE
+    names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in ALIGNED}
-    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "REDUCE": 4, "IEEE": False, "DECODE": decode}
-    kernel = triton.compile(ASTSource(packed_linear._fp4_weight_kernel, SIGNATURE, constexprs, attrs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    return kernel.asm["cubin"]
+    if gemv:
+        kernel, constexprs, stages = packed_linear._fp4_gemv_kernel, {"WORDS": words}, 1
+    else:
+        kernel, constexprs = packed_linear._fp4_weight_kernel, {"IEEE": False, "DECODE": decode}
+    constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n, REDUCE=4)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
+    return compiled.asm["cubin"]
 
 
 def loop_body(sass: str) -> list[str]:
     """The instructions (predicates dropped) of the K loop: from the target of the longest backward branch whose
-    body has a tensor-core instruction (HMMA / HGMMA; not the split-K epilogue's reduction loop) to the branch."""
+    body has a tensor-core instruction (HMMA / HGMMA) or, in the CUDA-core GEMV, an fp32 multiply-add (FFMA; not
+    the split-K epilogue's reduction loop, which only adds) to the branch."""
     body = [(int(a, 16), text) for a, text in INSTRUCTION.findall(sass)]
     loop = None
     for at, text in body:
         branch = re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < at:
             target = int(branch.group(1), 16)
-            mma = any("MMA" in t.split()[0] for a, t in body if target <= a <= at)
+            mma = any("MMA" in t.split()[0] or t.startswith("FFMA") for a, t in body if target <= a <= at)
             if mma and (loop is None or at - target > loop[1] - loop[0]):
                 loop = (target, at)
     if loop is None:
@@ -98,32 +115,39 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--block-m", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--block-n", type=int, default=64)
-    ap.add_argument("--decodes", nargs="+", default=list(packed_linear.FP4_DECODES),
-                    choices=packed_linear.FP4_DECODES)
+    ap.add_argument("--decodes", nargs="+", default=[*packed_linear.FP4_DECODES, "gemv"],
+                    choices=[*packed_linear.FP4_DECODES, "gemv"])
+    ap.add_argument("--gemv-m", type=int, nargs="+", default=[1, 2, 4], help="BLOCK_M of the gemv kernel")
+    ap.add_argument("--gemv-n", type=int, help="weight rows per program (default: packed_linear.gemv_config's)")
+    ap.add_argument("--gemv-words", type=int, default=packed_linear.GEMV_WORDS)
     ap.add_argument("--keep", help="directory to keep the cubins and SASS in")
     args = ap.parse_args()
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     out = args.keep or tempfile.mkdtemp()
     os.makedirs(out, exist_ok=True)
     print(f"Triton {triton.__version__}, sm_90", flush=True)
-    weights = args.block_n * packed_linear.FP4_STEP // (32 * 4)
-    for block_m in args.block_m:
-        for decode in args.decodes:
-            binary = cubin(decode, block_m, args.block_n)
-            path = os.path.join(out, f"fp4_{decode}_m{block_m}_n{args.block_n}.cubin")
-            with open(path, "wb") as f:
-                f.write(binary)
-            sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
-            with open(path.replace(".cubin", ".sass"), "w") as f:
-                f.write(sass)
-            usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-            regs = re.search(r"REG:(\d+)", usage).group(1)
-            counts = loop_counts(sass)
-            total = sum(counts.values())
-            top = "  ".join(f"{op} {n}" for op, n in counts.most_common(8))
-            print(f"BLOCK_M {block_m:3d} {decode:8s} loop {total:5d} instructions ({total / weights:4.1f} per weight "
-                  f"per thread), {regs} registers | {top}", flush=True)
-            print(memory_line(sass), flush=True)
+    cases = [(bm, d) for bm in args.block_m for d in args.decodes if d != "gemv"]
+    cases += [(bm, "gemv") for bm in args.gemv_m if "gemv" in args.decodes]
+    for block_m, decode in cases:
+        gemv = decode == "gemv"
+        block_n = (args.gemv_n or packed_linear.GEMV_BLOCK_N[block_m > 1]) if gemv else args.block_n
+        binary = cubin(decode, block_m, block_n, words=args.gemv_words)
+        path = os.path.join(out, f"fp4_{decode}_m{block_m}_n{block_n}.cubin")
+        with open(path, "wb") as f:
+            f.write(binary)
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+        with open(path.replace(".cubin", ".sass"), "w") as f:
+            f.write(sass)
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+        regs = re.search(r"REG:(\d+)", usage).group(1)
+        counts = loop_counts(sass)
+        total = sum(counts.values())
+        step = 8 * args.gemv_words if gemv else packed_linear.FP4_STEP
+        weights = block_n * step // (32 * 4)
+        top = "  ".join(f"{op} {n}" for op, n in counts.most_common(8))
+        print(f"BLOCK_M {block_m:3d} {decode:8s} loop {total:5d} instructions ({total / weights:4.1f} per weight "
+              f"per thread, {step} K values), {regs} registers | {top}", flush=True)
+        print(memory_line(sass), flush=True)
 
 
 if __name__ == "__main__":

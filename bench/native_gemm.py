@@ -9,6 +9,10 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
                                 --experts-split auto 1 2 4 8                # decode experts: split-K vs none
     python bench/native_gemm.py --only fp4 --ms 1,4,16,64 --prefill-ms "" --moe-tokens 1,2,8 --moe-per-expert "" \
                                 --moe-experts 16 --fp4-decode old bf16mul after words   # FP4 decodes
+    python bench/native_gemm.py --only fp4 --ms 1,2,4 --prefill-ms "" --moe-tokens "" --moe-per-expert "" \
+                                --fp4-decode old --fp4-gemv 32 64 128 [--configs]       # FP4 GEMV vs tl.dot
+    python bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert "" --experts-split 1 2 4 \
+                                --experts-gemv                          # decode experts: GEMV vs tl.dot
 
 --experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
 once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
@@ -19,6 +23,13 @@ side by side on the same routings.
 bf16mul: scaled in bf16 before it, after: the fp32 partial product of each scale group scaled after it, words: the
 bytes read as int32 words, one dot in natural k order), on the
 same weights and inputs; the row's own timing is the module's default decode (packed_linear.FP4_DECODE).
+
+--experts-gemv times the grouped experts' direct (decode) kernels also on the CUDA-core GEMV (packed_experts.FP4_GEMV,
+one pair's row per program instead of a 16-row tl.dot tile), per --experts-split setting (auto without one).
+
+--fp4-gemv WORDS... times the FP4 GEMM rows of at most packed_linear.GEMV_MAX_ROWS activation rows also on the
+CUDA-core GEMV (packed_linear.linear_fp4_gemv, whatever FP4_GEMV_MAX_M says), once per K step of WORDS int32
+words per weight row (packed_linear.GEMV_WORDS); with --configs, also over BLOCK_N and K-split candidates.
 
 Each GPU case is timed as a CUDA graph that calls the op once on each of several copies of the weights (together
 larger than L2, so every call reads its weights from HBM, as decode does), divided by the copy count.
@@ -67,6 +78,51 @@ def fp4_decode(name: str):
         yield
     finally:
         packed_linear.FP4_DECODE = saved
+
+
+@contextlib.contextmanager
+def gemv_words(words: int):
+    """packed_linear.GEMV_WORDS (the FP4 GEMV's K step, in int32 words per weight row) set inside the block."""
+    saved, packed_linear.GEMV_WORDS = packed_linear.GEMV_WORDS, words
+    try:
+        yield
+    finally:
+        packed_linear.GEMV_WORDS = saved
+
+
+def gemv_candidates(M: int, N: int, K: int, device) -> list[tuple[int, int, int, int]]:
+    """FP4 GEMV configs (BLOCK_M, BLOCK_N, K steps per program, warps) around packed_linear.gemv_config's:
+    16/32/64 weight rows per program (64 also with 8 warps) and K splits giving about 2, 4 or 8 programs per
+    SM."""
+    steps = -(-K // (8 * packed_linear.GEMV_WORDS))
+    sms = packed_linear.multiprocessors(device)
+    out = []
+    for bn in (16, 32, 64):
+        for per_sm in (2, 4, 8):
+            split = max(1, min(steps, packed_linear.MAX_SPLIT, per_sm * sms // -(-N // bn)))
+            for warps in ((4, 8) if bn == 64 else (4,)):
+                cfg = (1 << (M - 1).bit_length(), bn, -(-steps // split), warps)
+                if cfg not in out:
+                    out.append(cfg)
+    return out
+
+
+def gemv_rows(x, packed, ws, reference, words_list: list[int], sweep: bool, io: int, copy_gbps: float,
+              t_b: float, label: str, on_gpu: bool) -> list[dict]:
+    """The FP4 GEMV (packed_linear.linear_fp4_gemv) on one GEMM case, per K step in words_list (and per
+    gemv_candidates config with `sweep`)."""
+    rows = []
+    M, K = x.shape
+    for words in words_list:
+        with gemv_words(words):
+            for cfg in [None] + (gemv_candidates(M, packed.shape[0], K, x.device) if sweep else []):
+                err = rel_l2(packed_linear.linear_fp4_gemv(x, packed, cfg), reference(x.float(), packed))
+                t = timed(lambda i: packed_linear.linear_fp4_gemv(x, ws[i], cfg), len(ws), on_gpu)
+                frac = (packed.nbytes + io) / t / 1e6 / copy_gbps
+                rows.append({"words": words, "config": cfg, "ms": t, "frac_copy_bw": frac, "rel_l2_vs_reference": err})
+                print(f"{label:28s} M={M:3d}  gemv words {words:3d} {str(cfg or 'default'):16s} {t * 1e3:8.1f} us  "
+                      f"{frac:6.1%} of copy  x{t_b / t:.2f} vs bf16  rel-L2 {err:.1e}", flush=True)
+    return rows
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -135,8 +191,9 @@ def candidate_configs(M: int, N: int, K: int, fmt: str, device) -> list[tuple[in
 
 
 def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbps: float,
-               sweep: bool = False, decodes: list[str] = ()) -> list[dict]:
-    """`decodes` (FP4): FP4 decodes (packed_linear.FP4_DECODES) timed side by side on each row the register kernel runs."""
+               sweep: bool = False, decodes: list[str] = (), gemv: list[int] = ()) -> list[dict]:
+    """`decodes` (FP4): FP4 decodes (packed_linear.FP4_DECODES) timed side by side on each row the register kernel runs;
+    `gemv` (FP4): K steps (int32 words per weight row) of the FP4 GEMV timed on the rows it takes."""
     out = []
     g = torch.Generator().manual_seed(0)
     for name, N, K, *grouped in shapes:
@@ -196,6 +253,9 @@ def gemm_cases(shapes, fmt: str, ms: list[int], dev: str, on_gpu: bool, copy_gbp
                                               "rel_l2_vs_reference": err_d})
                     print(f"{'fp4 ' + name:28s} M={M:3d}  decode {name_d:7s}  {t_d * 1e3:8.1f} us  {frac:6.1%} of "
                           f"copy  x{t_b / t_d:.2f} vs bf16  rel-L2 {err_d:.1e}", flush=True)
+            if fmt == "fp4" and gemv and M <= packed_linear.GEMV_MAX_ROWS:
+                row["fp4_gemv"] = gemv_rows(x, packed, ws, reference, gemv, sweep, io, copy_gbps, t_b,
+                                            f"fp4 {name}", on_gpu)
             if sweep and not G and not swiglu and not packed_linear.dequantises(x, K):
                 row["configs"] = []
                 for cfg in candidate_configs(M, N, K, fmt, x.device):
@@ -221,12 +281,14 @@ def balanced_routing(N: int, E: int, k: int, g: torch.Generator) -> torch.Tensor
 
 
 def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps: float,
-              per_expert: list[int] = (), splits: list[str] = (), decodes: list[str] = ()) -> list[dict]:
+              per_expert: list[int] = (), splits: list[str] = (), decodes: list[str] = (),
+              gemv: bool = False) -> list[dict]:
     """The grouped FP4 experts against the bf16 experts (dsv4.ops.moe_experts, as the bf16 model runs them) on
     the same routings; each timed graph calls them on `ROUTINGS` different random routings, so that the experts one
     call reads are not still in L2 from the call before. `splits`: K-split settings of the direct kernels timed
     side by side where a call takes that path ("auto" or a forced slice count), under each FP4 decode of `decodes`
-    (packed_linear.FP4_DECODES; also timed on their own wherever the register kernels run)."""
+    (packed_linear.FP4_DECODES; also timed on their own wherever the register kernels run); `gemv`: the same
+    settings ("auto" without `splits`) also with the direct kernels on the CUDA-core GEMV (packed_experts.FP4_GEMV)."""
     from dsv4 import ops
     E, C, F, k = shape["E"], shape["C"], shape["F"], shape["k"]
     g = torch.Generator().manual_seed(1)
@@ -270,6 +332,9 @@ def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps:
         if splits and N * k <= packed_experts.DIRECT_MAX_PAIRS:
             row["experts_split"] = [split_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
                                                calls, on_gpu, d) for d in (decodes or [None]) for s in splits]
+        if gemv and N * k <= packed_experts.DIRECT_MAX_PAIRS:
+            row["experts_gemv"] = [split_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
+                                              calls, on_gpu, gemv=True) for s in (splits or ["auto"])]
     return out
 
 
@@ -286,11 +351,13 @@ def decode_case(decode: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: 
 
 
 def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
-               on_gpu: bool, decode: str | None = None) -> dict:
+               on_gpu: bool, decode: str | None = None, gemv: bool = False) -> dict:
     """The grouped FP4 experts on the direct path with the K-split `setting` ("auto": the rule; n: n slices),
-    under the FP4 decode `decode` (None: the module's default)."""
+    under the FP4 decode `decode` (None: the module's default), or with `gemv` on the CUDA-core GEMV
+    (packed_experts.FP4_GEMV)."""
     forced = None if setting == "auto" else int(setting)
     saved, packed_experts.DIRECT_SPLIT = packed_experts.DIRECT_SPLIT, forced
+    saved_gemv, packed_experts.FP4_GEMV = packed_experts.FP4_GEMV, gemv
     try:
         with fp4_decode(decode) if decode else contextlib.nullcontext():
             N, k = idxs[0].shape
@@ -300,12 +367,13 @@ def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: 
             t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
     finally:
         packed_experts.DIRECT_SPLIT = saved
+        packed_experts.FP4_GEMV = saved_gemv
     frac = nbytes / t / 1e6 / copy_gbps
-    label = f" decode {decode}" if decode else ""
+    label = " gemv" if gemv else f" decode {decode}" if decode else ""
     print(f"    experts split {setting:>4s}{label} (gate/up {gate_up:2d}, down {down:2d})  {t * 1e3:8.1f} us  "
           f"{frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
-    return {"setting": setting, "decode": decode, "gate_up_split": gate_up, "down_split": down, "ms": t,
-            "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
+    return {"setting": setting, "decode": decode, "gemv": gemv, "gate_up_split": gate_up, "down_split": down,
+            "ms": t, "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
 
 
 def main() -> None:
@@ -323,6 +391,10 @@ def main() -> None:
                     help="K-split settings of the direct (decode) FP4 expert kernels to time side by side")
     ap.add_argument("--fp4-decode", nargs="+", default=[], choices=packed_linear.FP4_DECODES,
                     help="FP4 decodes to time side by side (packed_linear.FP4_DECODES)")
+    ap.add_argument("--fp4-gemv", nargs="+", type=int, default=[], metavar="WORDS",
+                    help="also time the FP4 GEMV (M <= packed_linear.GEMV_MAX_ROWS) per K step of WORDS int32 words")
+    ap.add_argument("--experts-gemv", action="store_true", help="also time the grouped FP4 experts' direct (decode) "
+                    "kernels on the CUDA-core GEMV (packed_experts.FP4_GEMV), per --experts-split setting")
     ap.add_argument("--configs", action="store_true", help="also time candidate kernel configs per GEMM case")
     ap.add_argument("--only", choices=("gemm", "moe", "fp4"), help="run only the GEMM cases, only the grouped MoE, "
                     "or only the FP4 ones (the FP4 GEMMs and the grouped MoE)")
@@ -345,14 +417,15 @@ def main() -> None:
         results += gemm_cases(FLASH_FP8 if on_gpu else TINY_FP8, "fp8", ms, dev, on_gpu, copy_gbps, args.configs)
     if args.only != "moe":
         results += gemm_cases(FLASH_FP4 if on_gpu else TINY_FP4, "fp4", ms, dev, on_gpu, copy_gbps, args.configs,
-                              args.fp4_decode)
+                              args.fp4_decode, args.fp4_gemv)
     if args.only != "gemm":
         shape = dict(FLASH_MOE if on_gpu else TINY_MOE)
         if args.moe_experts:
             shape["E"] = args.moe_experts
         results += moe_cases(shape, moe_tokens, dev, on_gpu, copy_gbps, per_expert, args.experts_split,
-                             args.fp4_decode)
+                             args.fp4_decode, args.experts_gemv)
     doc = {**record(dev), "copy_gbps": copy_gbps, "tiny_cpu": args.tiny_cpu, "fp4_decodes": args.fp4_decode,
+           "fp4_gemv_words": args.fp4_gemv,
            "results": results}
     path = args.out or result_path("native_gemm", device=dev)
     with open(path, "w") as f:

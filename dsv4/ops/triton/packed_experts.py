@@ -28,8 +28,8 @@ from .experts import slot_sum
 from .launch import falls_back_to, interpreted, multiprocessors
 from . import packed_linear
 from .packed_dequant import dequant_fp4
-from .packed_linear import (FP4_STEP, MAX_SPLIT, fp4_dot_step, split_pair_sums, store_split, swiglu_tile,
-                            tile_tickets)
+from .packed_linear import (FP4_STEP, MAX_SPLIT, fp4_dot_step, fp4_gemv_dot, split_pair_sums, store_split,
+                            swiglu_tile, tile_tickets)
 
 # Pairs per expert (on average over all E) from which the experts are dequantised to bf16 and run by the dense
 # experts op. Dequantising one expert's three matrices moves 2.5 bytes per weight (FP4 read, bf16 written) and the
@@ -54,6 +54,10 @@ EXPERT_SCRATCH_BYTES = 2 << 30  # bf16 experts dequantised at once at most (V4-F
 EXPERT_SPLIT_PER_SM = 0
 # K slices of the direct kernels when set (tests and bench/native_gemm.py --experts-split): instead of the rule
 DIRECT_SPLIT: int | None = None
+# The direct (decode) kernels multiply their one pair's row on the CUDA cores (packed_linear.fp4_gemv_dot, K steps
+# of packed_linear.GEMV_WORDS words) instead of a 16-row tl.dot tile of which one row is used. Off until timed on
+# a GPU (bench/native_gemm.py --experts-gemv); off, the kernels compile exactly as without it.
+FP4_GEMV = False
 
 def _rows(pairs: int, experts: int) -> int:
     """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from
@@ -71,6 +75,16 @@ def _rows_dot(a_ptr, rows, rmask, rs_a, w_ptr, s_ptr, rn, nmask, K, kh_lo, kh_hi
         acc = fp4_dot_step(acc, a_rows, rmask, kh0, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE,
                            DECODE)
     return acc
+
+
+@triton.jit
+def _row_gemv(a_row, w_ptr, s_ptr, rn, nmask, kh_lo, kh_hi, rs_w, rs_s, ROWS: tl.constexpr,
+              WORDS: tl.constexpr):
+    """[ROWS, BLOCK_N] fp32 with row 0 = one activation row (a_row) times dequant(w[rn])^T over the K bytes
+    [kh_lo, kh_hi) (packed_linear.fp4_gemv_dot), the other rows 0: the direct kernels' tile of one pair."""
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rn.to(tl.int64)[:, None] * (rs_w // 4)
+    y = fp4_gemv_dot(a_row, w_rows, s_ptr + rn.to(tl.int64)[:, None] * rs_s, nmask, kh_lo // 4, kh_hi // 4, WORDS)
+    return tl.where(tl.arange(0, ROWS)[:, None] == 0, y[None, :], 0.0)
 
 
 @triton.jit
@@ -103,11 +117,14 @@ def _expert_rows(active_ptr, offs_ptr, DIRECT: tl.constexpr):
 def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, part_ptr,
                     cnt_ptr, F, C, limit, we_stride, se_stride, rs_w, rs_s, k, STEPS_PER, BLOCK_N: tl.constexpr,
                     ROWS: tl.constexpr, CLAMP: tl.constexpr, IEEE: tl.constexpr, DIRECT: tl.constexpr,
-                    SPLIT: tl.constexpr, REDUCE: tl.constexpr, DECODE: tl.constexpr):
+                    SPLIT: tl.constexpr, REDUCE: tl.constexpr, DECODE: tl.constexpr, GEMV: tl.constexpr = False,
+                    WORDS: tl.constexpr = 64):
     """h = swiglu(x @ w1^T, x @ w3^T) * routing weight per pair. SPLIT > 1 (DIRECT only: one pair per program,
     pairs = programs along axis 0): K slice program_id(2) of SPLIT; the gate and up partial sums go to
-    part [SPLIT, pairs, 2F] (gate, then up), and the tile's last program sums both in slice order."""
+    part [SPLIT, pairs, 2F] (gate, then up), and the tile's last program sums both in slice order. GEMV (DIRECT
+    only): the pair's row through _row_gemv (WORDS per K step) instead of fp4_dot_step's tiles."""
     tl.static_assert(SPLIT == 1 or DIRECT, "split-K needs one pair per program (DIRECT)")
+    tl.static_assert(DIRECT or not GEMV, "the GEMV takes one pair per program (DIRECT)")
     e, start, end = _expert_rows(active_ptr, offs_ptr, DIRECT)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < F
@@ -127,10 +144,15 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
             kh_lo, kh_hi = 0, C // 2
         else:
             kh_lo, kh_hi = _k_slice(C, STEPS_PER)
-        g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, kh_lo, kh_hi, rs_w, rs_s,
-                      tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
-        u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, kh_lo, kh_hi, rs_w, rs_s,
-                      tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
+        if GEMV:   # row 0 is the program's pair
+            x_row = x_ptr + (start // k).to(tl.int64) * C
+            g = _row_gemv(x_row, w1, s1, rn, nmask, kh_lo, kh_hi, rs_w, rs_s, ROWS, WORDS)
+            u = _row_gemv(x_row, w3, s3, rn, nmask, kh_lo, kh_hi, rs_w, rs_s, ROWS, WORDS)
+        else:
+            g = _rows_dot(x_ptr, tok, rmask, C, w1, s1, rn, nmask, C, kh_lo, kh_hi, rs_w, rs_s,
+                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
+            u = _rows_dot(x_ptr, tok, rmask, C, w3, s3, rn, nmask, C, kh_lo, kh_hi, rs_w, rs_s,
+                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
         mask = rmask[:, None] & nmask[None, :]
         if SPLIT == 1:
             # as the reference: projections rounded to the activation dtype, then the SwiGLU in fp32
@@ -151,10 +173,12 @@ def _gate_up_kernel(x_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr
 @triton.jit
 def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, part_ptr, cnt_ptr, C, F, we_stride, se_stride,
                  rs_w, rs_s, STEPS_PER, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, IEEE: tl.constexpr,
-                 DIRECT: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr, DECODE: tl.constexpr):
-    """y = h @ w2^T per pair; SPLIT > 1 (DIRECT only) as _gate_up_kernel's, through store_split (part
+                 DIRECT: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr, DECODE: tl.constexpr,
+                 GEMV: tl.constexpr = False, WORDS: tl.constexpr = 64):
+    """y = h @ w2^T per pair; SPLIT > 1 (DIRECT only) and GEMV as _gate_up_kernel's, through store_split (part
     [SPLIT, pairs, C])."""
     tl.static_assert(SPLIT == 1 or DIRECT, "split-K needs one pair per program (DIRECT)")
+    tl.static_assert(DIRECT or not GEMV, "the GEMV takes one pair per program (DIRECT)")
     e, start, end = _expert_rows(active_ptr, offs_ptr, DIRECT)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = rn < C
@@ -165,14 +189,21 @@ def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, part_ptr, c
         rows = r0 + tl.arange(0, ROWS)
         rmask = rows < end
         if SPLIT == 1:
-            y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, 0, F // 2, rs_w, rs_s,
-                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
+            if GEMV:   # row 0 is the program's pair
+                y = _row_gemv(h_ptr + start.to(tl.int64) * F, w2, s2, rn, nmask, 0, F // 2, rs_w, rs_s, ROWS, WORDS)
+            else:
+                y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, 0, F // 2, rs_w, rs_s,
+                              tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
             tl.store(y_ptr + rows.to(tl.int64)[:, None] * C + rn[None, :], y.to(y_ptr.dtype.element_ty),
                      mask=rmask[:, None] & nmask[None, :])
         else:
             kh_lo, kh_hi = _k_slice(F, STEPS_PER)
-            y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, kh_lo, kh_hi, rs_w, rs_s,
-                          tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
+            if GEMV:
+                y = _row_gemv(h_ptr + start.to(tl.int64) * F, w2, s2, rn, nmask, kh_lo, kh_hi, rs_w, rs_s, ROWS,
+                              WORDS)
+            else:
+                y = _rows_dot(h_ptr, rows, rmask, F, w2, s2, rn, nmask, F, kh_lo, kh_hi, rs_w, rs_s,
+                              tl.zeros([ROWS, BLOCK_N], tl.float32), DT, IEEE, DECODE)
             P = tl.num_programs(0)
             # rows past this program's pair point past the last pair, so that store_split masks them
             store_split(y, part_ptr, cnt_ptr, y_ptr, tl.where(rmask, rows, P), rn, P, C, SPLIT, REDUCE)
@@ -251,15 +282,18 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
     part2 = torch.empty(split2, P, C, dtype=torch.float32, device=x.device)
     grid1, grid2 = (slots, triton.cdiv(F, bn), split1), (slots, triton.cdiv(C, bn), split2)
     tickets = tile_tickets(x.device, max(grid1[0] * grid1[1], grid2[0] * grid2[1]))
+    # the GEMV's loads stay in registers: one stage (no cp.async copies into shared memory)
+    gemv = dict(GEMV=True, WORDS=packed_linear.GEMV_WORDS) if direct and FP4_GEMV else {}
+    stages = 1 if gemv else 3
     _gate_up_kernel[grid1](x, tok, rw, active, offs, d1, s1, d3, s3, h, part1, tickets, F, C, float(swiglu_limit),
                            d1.stride(0), s1.stride(0), d1.stride(1), s1.stride(1), k, per1, BLOCK_N=bn, ROWS=rows,
                            CLAMP=swiglu_limit > 0, IEEE=interpreted(), DIRECT=direct, SPLIT=split1,
                            REDUCE=_reduce(split1, 4), DECODE=packed_linear.FP4_DECODE, num_warps=4,
-                           num_stages=3)
+                           num_stages=stages, **gemv)
     _down_kernel[grid2](h, active, offs, d2, s2, y, part2, tickets, C, F, d2.stride(0), s2.stride(0), d2.stride(1),
                         s2.stride(1), per2, BLOCK_N=bn, ROWS=rows, IEEE=interpreted(), DIRECT=direct, SPLIT=split2,
                         REDUCE=_reduce(split2, 8), DECODE=packed_linear.FP4_DECODE, num_warps=4,
-                        num_stages=3)
+                        num_stages=stages, **gemv)
     return slot_sum(y, at, k)
 
 

@@ -56,6 +56,13 @@ DEQUANT_MIN_ROWS = 256
 #              scaled as "old" does, one dot over all 128 K values with the activations as loaded (no even/odd split).
 FP4_DECODES = ("old", "bf16mul", "after", "words")
 FP4_DECODE = "old"
+# Activation rows up to which linear_fp4_weight runs the CUDA-core GEMV (_fp4_gemv_kernel: no tensor cores, no
+# shared memory for the weights) instead of the tl.dot kernel; 0: never (not yet timed on a GPU against the dot
+# kernel; bench/native_gemm.py --fp4-gemv times both). At most GEMV_MAX_ROWS.
+FP4_GEMV_MAX_M = 0
+GEMV_MAX_ROWS = 4    # activation rows the GEMV kernel takes (one accumulator each, unrolled)
+GEMV_BLOCK_N = (32, 16)  # weight rows per GEMV program: for one activation row, for more (fewer registers)
+GEMV_WORDS = 64      # int32 words of each weight row per GEMV K step (512 K values, 256 bytes)
 
 
 @triton.jit
@@ -285,6 +292,112 @@ def _fp4_weight_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K,
         acc = fp4_dot_step(acc, x_rows, mmask, st * 64, K, w_ptr, s_ptr, rn, nmask, rs_w, rs_s, DT, IEEE,
                            DECODE)
     store_split(acc, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
+
+
+@triton.jit
+def e2m1_pair_as_f32(t):
+    """e2m1_as_fp16 on the two 16-bit halves of int32 t at once (codes in bits 0-3 and 16-19, other bits ignored):
+    the same fp16 bits (2^-14 times the values, exactly) for both, built by one mask-shift-or on the pair, then
+    each half converted to fp32 -> (low code's value, high code's value)."""
+    bits = ((t & 0x00080008) << 12) | ((t & 0x00070007) << 9)
+    lo = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (bits >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def fp4_word_nibbles(wd):
+    """int32 words [R, W] (8 e2m1 codes each, little-endian: nibble j of word w is k = 8 w + j) -> fp32 [R, W, 8]
+    holding 2^-14 times the values (as e2m1_as_fp16, exactly), in natural k order. Nibbles j and j + 4 sit 16
+    bits apart, so wd >> 4 j decodes both at once (e2m1_pair_as_f32); the values are put in k order by tl.join,
+    which adds its pair as an in-register last dim: nibble 4 a + 2 b + c lands at [..., a, b, c]."""
+    v0, v4 = e2m1_pair_as_f32(wd)
+    v1, v5 = e2m1_pair_as_f32(wd >> 4)
+    v2, v6 = e2m1_pair_as_f32(wd >> 8)
+    v3, v7 = e2m1_pair_as_f32(wd >> 12)
+    v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(v, (wd.shape[0], wd.shape[1], 8))
+
+
+@triton.jit
+def fp4_gemv_words(w_rows, s_rows, nmask, w0, glim, WORDS: tl.constexpr):
+    """The words w0 .. w0 + WORDS - 1 (w0 a multiple of 4) of the FP4 rows at w_rows ([BLOCK_N, 1] int32
+    pointers; s_rows their scale rows), masked by nmask and by scale group (< glim) so that each group's 4 words
+    can be one 16-byte load: (values [BLOCK_N, WORDS, 8], 2^-14 times the weights in natural k order
+    (fp4_word_nibbles); each word's scale [BLOCK_N, WORDS], 2^(scale - 127) * 2^14)."""
+    P: tl.constexpr = WORDS // 4
+    w = w0 + tl.arange(0, WORDS)
+    wd = tl.load(w_rows + w[None, :], mask=nmask[:, None] & (w // 4 < glim)[None, :], other=0)
+    g = w0 // 4 + tl.arange(0, P)
+    s = ue8m0_values(tl.load(s_rows + g[None, :], mask=nmask[:, None] & (g < glim)[None, :],
+                             other=0).to(tl.int32) + 14)           # 2^(scale - 127) * 2^14, as fp4_step's
+    # one scale per word, broadcast from the group's (a scale load per word would take the loads' layout instead)
+    s = tl.reshape(tl.broadcast_to(s[:, :, None], (s.shape[0], P, 4)), (s.shape[0], WORDS))
+    return fp4_word_nibbles(wd), s
+
+
+@triton.jit
+def fp4_gemv_row(acc, v, s, x_row, w0, lim):
+    """acc [BLOCK_N, W] + one activation row's products with the decoded words v [BLOCK_N, W, 8] from word w0 on
+    (2^-14 times the values): the row's 8 W activations from k = 8 w0 on (those of scale groups from lim on read
+    as 0) broadcast over the weight rows, each word's 8 fp32 products summed in its thread and scaled by its
+    group's s [BLOCK_N, W] (2^(scale - 127) * 2^14: a power of two, exact)."""
+    kk = 8 * w0 + (tl.arange(0, v.shape[1]) * 8)[:, None] + tl.arange(0, 8)[None, :]        # [W, 8]
+    a = tl.load(x_row + kk, mask=kk // 32 < lim, other=0.0).to(tl.float32)
+    return acc + tl.sum(v * a[None, :, :], 2) * s
+
+
+@triton.jit
+def fp4_gemv_dot(x_row, w_rows, s_rows, nmask, w_lo, w_hi, WORDS: tl.constexpr):
+    """fp32 [BLOCK_N]: one activation row (x_row) times the FP4 rows at w_rows ([BLOCK_N, 1] int32 pointers)
+    over the words [w_lo, w_hi) (8 K values each; w_lo a multiple of 4, w_hi of 4 or the row's end), WORDS per
+    step, on the CUDA cores (fp4_gemv_words, fp4_gemv_row)."""
+    acc = tl.zeros([w_rows.shape[0], WORDS], tl.float32)
+    for w0 in range(w_lo, w_hi, WORDS):
+        v, s = fp4_gemv_words(w_rows, s_rows, nmask, w0, w_hi // 4, WORDS)
+        acc = fp4_gemv_row(acc, v, s, x_row, w0, w_hi // 4)
+    return tl.sum(acc, 1)
+
+
+@triton.jit
+def _fp4_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, part_ptr, cnt_ptr, M, N, K, STEPS, STEPS_PER, SPLIT, rs_x, rs_w,
+                     rs_s, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WORDS: tl.constexpr,
+                     REDUCE: tl.constexpr):
+    """out = x @ dequant(w)^T for M <= BLOCK_M <= 4 activation rows on the CUDA cores, no tl.dot. A K step is
+    WORDS int32 words of each of BLOCK_N weight rows ([BLOCK_N, WORDS]: 8 WORDS values of k; 16-byte vector
+    loads of 4 words = one 32-value scale group); the words' nibbles decode in registers (fp4_gemv_words:
+    [BLOCK_N, WORDS, 8] in natural k order) and meet each activation row in turn (fp4_gemv_row, one fp32
+    accumulator [BLOCK_N, WORDS] per row: the rows are unrolled, not a tensor dim, so that the decoded weights
+    keep the load's register layout, which a broadcast over a row dim made Triton convert through shared
+    memory). The words are summed (tl.sum) once, before store_split. program_id(2) takes STEPS_PER steps (split
+    K)."""
+    pid_n, pid_s = tl.program_id(0), tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.arange(0, BLOCK_M)
+    nmask = rn < N
+    groups = K // 32
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + rn.to(tl.int64)[:, None] * (rs_w // 4)
+    s_rows = s_ptr + rn.to(tl.int64)[:, None] * rs_s
+    acc0 = tl.zeros([BLOCK_N, WORDS], tl.float32)
+    acc1 = tl.zeros([BLOCK_N, WORDS], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, WORDS], tl.float32)
+    acc3 = tl.zeros([BLOCK_N, WORDS], tl.float32)
+    st0 = pid_s * STEPS_PER
+    for st in range(st0, tl.minimum(st0 + STEPS_PER, STEPS)):
+        v, s = fp4_gemv_words(w_rows, s_rows, nmask, st * WORDS, groups, WORDS)
+        acc0 = fp4_gemv_row(acc0, v, s, x_ptr, st * WORDS, groups)
+        if BLOCK_M > 1:    # rows from M on read no activations (their groups limit is 0)
+            acc1 = fp4_gemv_row(acc1, v, s, x_ptr + rs_x, st * WORDS, tl.where(M > 1, groups, 0))
+        if BLOCK_M > 2:
+            acc2 = fp4_gemv_row(acc2, v, s, x_ptr + 2 * rs_x, st * WORDS, tl.where(M > 2, groups, 0))
+            acc3 = fp4_gemv_row(acc3, v, s, x_ptr + 3 * rs_x, st * WORDS, tl.where(M > 3, groups, 0))
+    out = tl.where(rm[:, None] == 0, tl.sum(acc0, 1)[None, :], 0.0)
+    if BLOCK_M > 1:
+        out = tl.where(rm[:, None] == 1, tl.sum(acc1, 1)[None, :], out)
+    if BLOCK_M > 2:
+        out = tl.where(rm[:, None] == 2, tl.sum(acc2, 1)[None, :], out)
+        out = tl.where(rm[:, None] == 3, tl.sum(acc3, 1)[None, :], out)
+    store_split(out, part_ptr, cnt_ptr, out_ptr, rm, rn, M, N, SPLIT, REDUCE)
 
 
 @triton.jit
@@ -535,15 +648,58 @@ def has_e4m3(device: torch.device) -> bool:
 
 @falls_back_to(ref.linear_fp4_weight)
 def linear_fp4_weight(x: torch.Tensor, w: Fp4GroupWeight, config=None) -> torch.Tensor:
-    """Same contract as ops.reference.packed.linear_fp4_weight (w 2-D: one FP4 matrix)."""
+    """Same contract as ops.reference.packed.linear_fp4_weight (w 2-D: one FP4 matrix). Up to FP4_GEMV_MAX_M rows
+    run the CUDA-core GEMV (linear_fp4_gemv; `config` is then its own)."""
     if len(w.shape) != 2:
         raise ValueError(f"linear_fp4_weight takes one FP4 matrix [N, K], got {w.shape}")
     N, K = w.shape
     _check(x, K)
     if config is None and dequantises(x, K):
         return _dense_matmul(x, dequant_fp4(w, x.dtype))
+    if 0 < x.numel() // max(K, 1) <= min(FP4_GEMV_MAX_M, GEMV_MAX_ROWS):
+        return linear_fp4_gemv(x, w, config)
     return _launch(_fp4_weight_kernel, x, w, N, K, triton.cdiv(K, FP4_STEP), config,
                    DECODE=FP4_DECODE)
+
+
+def gemv_config(M: int, N: int, K: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, K steps per program, num_warps) of the FP4 GEMV: all M rows in one program, GEMV_BLOCK_N
+    weight rows, K split (at most MAX_SPLIT ways) until about four programs per SM stream the weight. Registers
+    (Triton 3.6, sm_90, 64-word steps): 126 at M = 1 with 32 weight rows (4 programs of 128 threads fit an SM),
+    121 / 158 at M = 2 / 4 with 16 (32 rows: 168 / 255)."""
+    bn = GEMV_BLOCK_N[0] if M == 1 else GEMV_BLOCK_N[1]
+    steps = triton.cdiv(K, 8 * GEMV_WORDS)
+    tiles = triton.cdiv(N, bn)
+    split = max(1, min(steps, MAX_SPLIT, (4 * multiprocessors(device)) // tiles))
+    return triton.next_power_of_2(M), bn, triton.cdiv(steps, split), 4
+
+
+def linear_fp4_gemv(x: torch.Tensor, w: Fp4GroupWeight, config=None) -> torch.Tensor:
+    """linear_fp4_weight's contract for x of at most GEMV_MAX_ROWS rows (after flattening the leading dims) on
+    _fp4_gemv_kernel; `config` overrides gemv_config (its K steps are GEMV_WORDS words each)."""
+    N, K = w.shape
+    _check(x, K)
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M > GEMV_MAX_ROWS:
+        raise ValueError(f"the FP4 GEMV takes at most {GEMV_MAX_ROWS} rows, got {M}")
+    if M == 0:
+        return x.new_zeros(*x.shape[:-1], N)
+    bm, bn, per, warps = config or gemv_config(M, N, K, x.device)
+    if bm < M or bm > GEMV_MAX_ROWS:
+        raise ValueError(f"FP4 GEMV: BLOCK_M {bm} must hold the {M} rows and be at most {GEMV_MAX_ROWS}")
+    steps = triton.cdiv(K, 8 * GEMV_WORDS)
+    split = triton.cdiv(steps, per)
+    grid = (triton.cdiv(N, bn), 1, split)
+    data, scale = _rows_contiguous(w.data), _rows_contiguous(w.scale)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x.device)  # unused when split == 1
+    _fp4_gemv_kernel[grid](x2, data, scale, out, part, tile_tickets(x.device, grid[0]), M, N, K, steps, per, split,
+                           x2.stride(0), data.stride(0), scale.stride(0), BLOCK_M=bm, BLOCK_N=bn, WORDS=GEMV_WORDS,
+                           REDUCE=max(1, min(8, 4096 // (bm * bn))), num_warps=warps, num_stages=1)
+    return out.view(*x.shape[:-1], N)
 
 
 def dequantises(x: torch.Tensor, K: int) -> bool:

@@ -99,6 +99,29 @@ def test_fp4_experts_split_k(split, monkeypatch):
     assert rel_err(got, tri_moe(x, w1, w2, w3, idx, rw, 0.5)) < TOL * 10
 
 
+@pytest.mark.parametrize("split, words", [(1, 64), (2, 16)], ids=["one-step", "split2"])
+def test_fp4_experts_gemv(split, words, monkeypatch):
+    """The direct kernels with FP4_GEMV (each pair's one row on the CUDA cores): one K step per slice (64 words:
+    gate/up's K = 160 is 5 of its 16 scale groups, down's K = 96 3), and split K with 16-word steps (gate/up in
+    2 uneven slices of 64 and 16 bytes per row, the second one group; down in one, its 3 groups of 4 in one
+    step); a shared expert and the clamp. The float64 reference within the other decode tests' tolerance, the
+    same result twice, the tile counters at 0."""
+    from dsv4.ops.triton.packed_linear import tile_tickets
+    monkeypatch.setattr(tpe, "FP4_GEMV", True)
+    monkeypatch.setattr(tpe, "DIRECT_SPLIT", split)
+    monkeypatch.setattr(packed_linear, "GEMV_WORDS", words)
+    g = gen(8)
+    E, C, F = 4, 160, 96
+    w1, w2, w3 = _experts(E, F, C, g)
+    idx = torch.tensor([[2, 0], [3, 2]], dtype=torch.int32).to(DEV)
+    x = randn(2, C, g=g, dtype=DT)
+    rw = torch.rand(2, 2, generator=g).to(DEV)
+    got = tri_moe(x, w1, w2, w3, idx, rw, 0.5)
+    assert rel_err(got, ref_moe(x.double(), w1, w2, w3, idx, rw.double(), 0.5)) < TOL * 10
+    assert torch.equal(tri_moe(x, w1, w2, w3, idx, rw, 0.5), got)
+    assert not tile_tickets(x.device, 1).any()
+
+
 def test_direct_split_rule(monkeypatch):
     """The split fills about EXPERT_SPLIT_PER_SM programs per SM, capped by MAX_SPLIT and the K steps; one slice
     when the tiles already fill the GPU, or with the rule turned off (EXPERT_SPLIT_PER_SM = 0)."""

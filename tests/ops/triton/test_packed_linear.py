@@ -145,6 +145,50 @@ def test_fp4_decodes_agree(monkeypatch):
         assert rel_err(got[decode], got["old"]) < TOL / 10, decode
 
 
+@pytest.mark.parametrize("M, N, K, words, config", [
+    (1, 33, 96, 64, None),                 # one K step, 3 of its 16 scale groups; 2 row tiles, the second partial
+    (2, 40, 160, 8, (2, 16, 1, 4)),        # 3 K steps of 64 values (the last half empty), one per program: split K
+    (3, 20, 224, 8, None),                 # 4 K steps in one program's loop, BLOCK_M 4 with a masked row
+    (4, 64, 256, 8, (4, 32, 2, 4)),        # split K, 2 steps per program
+    (1, 48, 320, 8, (4, 16, 3, 4)),        # BLOCK_M 4 for 1 row, split K with a short last slice (5 steps: 3 + 2)
+], ids=["tails", "split-k", "loop", "split-loop", "rows-masked"])
+def test_fp4_gemv(M, N, K, words, config, monkeypatch):
+    """The CUDA-core FP4 GEMV through linear_fp4_weight once FP4_GEMV_MAX_M takes the rows (the tl.dot kernel must
+    not run): K tails inside a step and across steps, N tails, split K on and off, padded activation rows."""
+    monkeypatch.setattr(tri, "FP4_GEMV_MAX_M", tri.GEMV_MAX_ROWS)
+    monkeypatch.setattr(tri, "GEMV_WORDS", words)
+    monkeypatch.setattr(tri, "_launch", None)                   # the tl.dot kernels' launcher: a call would fail
+    g = gen(14)
+    w = _to(Fp4GroupWeight.quantize(torch.randn(N, K, generator=g)))
+    x = randn(M, K, g=g, dtype=DT)
+    got = tri.linear_fp4_weight(x, w, config)
+    assert got.shape == (M, N) and got.dtype == x.dtype
+    assert rel_err(got, ref.linear_fp4_weight(x.double(), w)) < TOL
+    again = tri.linear_fp4_weight(x, w, config)
+    assert torch.equal(got, again) and not tri.tile_tickets(x.device, 8).any()
+
+
+def test_fp4_gemv_off_by_default(monkeypatch):
+    """FP4_GEMV_MAX_M = 0 (its default): one activation row still takes the tl.dot kernel."""
+    monkeypatch.setattr(tri, "linear_fp4_gemv", None)
+    w = _to(Fp4GroupWeight.quantize(torch.randn(16, 64, generator=gen(15))))
+    x = randn(1, 64, g=gen(15), dtype=DT)
+    assert rel_err(tri.linear_fp4_weight(x, w), ref.linear_fp4_weight(x.double(), w)) < TOL
+
+
+def test_every_fp4_code_under_every_scale_gemv():
+    """test_every_fp4_code_under_every_scale for the FP4 GEMV: all 256 bytes under 48 scales 2^-40 .. 2^7, read
+    back four one-hot rows per call (its most), 16 calls for the 64 values of each row: bit for bit the exact
+    dequantisation."""
+    scale = torch.arange(87, 135, dtype=torch.uint8)
+    data = torch.arange(256, dtype=torch.uint8).repeat(6).view(48, 32)
+    w = _to(Fp4GroupWeight(data, torch.stack([scale, scale.flip(0)], 1)))
+    eye = torch.eye(64, device=DEV, dtype=torch.float32)
+    got = torch.cat([tri.linear_fp4_gemv(eye[i:i + 4], w) for i in range(0, 64, 4)]).T
+    assert torch.equal(got, w.dequantize())
+    assert got.abs().max() == 6 * 2.0 ** 7 and got[got != 0].abs().min() == 0.5 * 2.0 ** -40
+
+
 def test_fp8_weight_hardware_decode():
     """The e4m3-conversion decode of the FP8 bytes (sm_89+; the other tests run the integer decode)."""
     g = gen(2)
