@@ -155,13 +155,16 @@ def test_stream_near_the_end_of_the_cache(agreeing, plain):
 @torch.no_grad()
 def test_closing_the_stream_settles_the_step_in_flight(agreeing, plain):
     """A stream closed after two steps has launched a third: the row ends after that third step (host mirrors
-    exact, caches as the loop's after three steps), and decoding on from there gives plain decoding's tokens."""
-    dec = _decoder(agreeing, 3)
-    stream = dec.greedy_row_stream(0, 40)
+    exact, caches as the loop's after three steps; the step's result handed over in `settled`), and decoding on
+    from there gives plain decoding's tokens."""
+    dec, settled = _decoder(agreeing, 3), []
+    stream = dec.greedy_row_stream(0, 40, settled=settled)
     got = [t for _, r in zip(range(2), stream) for t in r.tokens]
+    assert settled == []
     stream.close()
     theirs, ref = _loop(agreeing, 40, 3, steps=3)
     assert got == [t for r in theirs[:2] for t in r.tokens]
+    _same_steps(settled, theirs[2:])
     assert dec.cache.lengths() == ref.cache.lengths() == dec.cache.positions.tolist()
     assert dec.mtp_cache.lengths() == ref.mtp_cache.lengths() == dec.mtp_cache.positions.tolist()
     done = len(got) + len(theirs[2].tokens)
