@@ -40,6 +40,7 @@ rewind the cache cannot do) takes the batched path until it does. It leaves the 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -523,7 +524,9 @@ class SpeculativeDecoder:
                 yield res
                 unread = False
         finally:
-            if unread:   # closed with a live step in flight: settle it (wait, then exact host mirrors)
+            # closed with a live step in flight: settle it (wait, then exact host mirrors); not when an open stream
+            # is finalized at interpreter exit (the tensors it would touch may be torn down; PyTorch aborts)
+            if unread and not sys.is_finalizing():
                 res, keep = self._row_result(row, st, x, budget, live, stops, cur[0].wait()[0][0], cur[1])
                 self._settle(main, mtp, starts, keep, 0)
                 if settled is not None:

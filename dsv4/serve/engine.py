@@ -60,10 +60,12 @@ per bucket and verify width), the rollback of the rejected tokens (by device dat
 forwards and, for a single row, its MTP catch-up; the sampling and acceptance run eagerly between them. Eager
 speculative steps read every stored row as the graphs do. Prompts are prefilled one request per forward
 (`SpeculativeDecoder.extend` fills one row of both caches). A lone greedy row with nothing else pending (no queued
-request, no prefilling row) decodes through a `SpeculativeDecoder.greedy_row_stream` held across steps, each of
-its steps launched before the previous one's results are read (so sending a step's tokens overlaps the device's
-next step); the stream is closed, its step in flight settled and that step's tokens sent, as soon as anything else
-is pending, the request ends or the engine stops, and the batched steps go on from the same caches.
+request, no prefilling row; with `cuda_graphs`, on row 0) decodes through a `SpeculativeDecoder.greedy_row_stream`
+held across steps, each of its steps launched before the previous one's results are read (so sending a step's
+tokens overlaps the device's next step); the stream is closed, its step in flight settled and that step's tokens
+sent, as soon as anything else is pending, the request ends or the engine stops, and the batched steps go on from
+the same caches. Its steps read fixed shapes, as graphs do: without graphs its logprobs can differ from the batched
+steps' in the last bits (greedy tokens only on a near tie).
 
 With `prefill_graphs=N` a prompt chunk of one request of at most N tokens (a prefix-cache hit's suffix, a short
 prompt, a prompt's last chunk) runs as a padded step replayed from a CUDA graph captured per (row, step size)
@@ -754,9 +756,11 @@ class Engine:
     # ------------------------------------------------------------------ a lone greedy row's held stream
     def _streamable(self) -> _Request | None:
         """The request that may decode through a held `greedy_row_stream`: the one decoding row when it is greedy
-        and nothing else is pending (no queued request, no prefilling row); None otherwise."""
+        and nothing else is pending (no queued request, no prefilling row); None otherwise. With CUDA graphs, row 0
+        only: its single-row step is the graph `warm_up` captures and bucket 1 replays (another row would capture
+        one of its own while serving)."""
         decoding = self.pool.rows(Phase.DECODE)
-        if len(decoding) != 1 or self.pool.busy != 1:
+        if len(decoding) != 1 or self.pool.busy != 1 or (self.graph_buckets and decoding[0] != 0):
             return None
         with self._lock:
             if self._queue:
@@ -768,15 +772,14 @@ class Engine:
         """One step of the lone greedy row: the next StepResult of its held stream (opened at its first such step,
         budget and stops as `_spec_view` gives them), each step launched before the previous one is read, so the
         host's sending of a step's tokens overlaps the device's next step. A stream that raises fails the row."""
-        row = req.row
         if self._stream is not None and self._stream.req is not req:
             self._end_stream()
         if self._stream is None:
-            graphs = bool(self.graph_buckets)   # (the row's own captured step; row 0's verify graph for the rest)
-            verifier = (lambda n_tokens: self._spec_graph(1, n_tokens)) if graphs and row == 0 else None
+            graphs = bool(self.graph_buckets)   # (then row 0: its captured step, bucket 1's verify for the rest)
+            verifier = (lambda n_tokens: self._spec_graph(1, n_tokens)) if graphs else None
             settled: list[StepResult] = []
-            steps = self.spec.greedy_row_stream(row, req.params.max_tokens - len(req.generated), self._stop_ids(req),
-                                                graphs, verifier, settled)
+            steps = self.spec.greedy_row_stream(req.row, req.params.max_tokens - len(req.generated),
+                                                self._stop_ids(req), graphs, verifier, settled)
             self._stream = _Stream(req, steps, graphs, settled)
         try:
             with self._invariant():
