@@ -44,10 +44,10 @@ captured graph alone (back-to-back replays). `--stub-graphs` (CPU) takes the CUD
 the host's top functions over N more steps.
 
 `--pipelined` (with --time-steps) also times a lone greedy row outside the engine, on one SpeculativeDecoder whose
-single-row step replays one CUDA graph: `mtp_row_loop`, the steps one at a time as the engine runs them (stage,
-replay, wait, bookkeeping: the host's work never overlaps the device's), and `mtp_row_stream`, the same steps by
-`greedy_row_stream` (each launched before the previous one's results are read), each with its host and wait ms
-per step and, on a GPU, `--profile-steps` more steps profiled.
+single-row step replays one CUDA graph: `mtp_row_loop`, the steps one at a time as the engine's batched path runs
+them (stage, replay, wait, bookkeeping: the host's work never overlaps the device's), and `mtp_row_stream`, the same
+steps by `greedy_row_stream` (each launched before the previous one's results are read: the engine's path for a
+lone greedy row), each with its host and wait ms per step and, on a GPU, `--profile-steps` more steps profiled.
 """
 from __future__ import annotations
 
@@ -185,7 +185,8 @@ def _phase(names: tuple[str, ...]) -> str:
         if f.f_code.co_name in ("checkpoint", "rollback") and _under(f, "_draft"):   # the MTP cache's: eager
             return "draft_" + f.f_code.co_name
         if f.f_code.co_name in names:
-            names = {"hidden": "verify_forward" if _under(f, "step_rows") else "forward",
+            verifying = _under(f, "step_rows") or _under(f, "greedy_row_stream")   # (the engine's lone greedy row)
+            names = {"hidden": "verify_forward" if verifying else "forward",
                      "_draft": "draft_other", "_mtp": "mtp_forward", "accept_batch": "accept",
                      "greedy_verify": "fused_other", "rollback_on_device": "rollback",
                      "greedy_draft_verify": "fused_row"}
@@ -367,9 +368,10 @@ def device_summary(spans: list[tuple[str, float, float]], steps: int, top: int =
 def time_row_stream(model, prompt: list[int], n_draft: int, steps: int, profile_steps: int = 0) -> dict:
     """A lone greedy row's speculative steps outside the engine, on one SpeculativeDecoder with the single-row
     step's CUDA graph (on a GPU; eager elsewhere): `row_loop` times `steps` of them one at a time (step_rows, as
-    the engine runs them: stage, replay, wait, bookkeeping), `row_stream` `steps` results of greedy_row_stream
-    (each step launched before the previous one's results are read), each as `time_calls` reports them and with
-    `profile_steps` more profiled on a GPU. Both after 5 warm-up steps (the graph's eager calls and capture)."""
+    the engine's batched path runs them: stage, replay, wait, bookkeeping), `row_stream` `steps` results of
+    greedy_row_stream (each step launched before the previous one's results are read, as the engine runs a lone
+    greedy row), each as `time_calls` reports them and with `profile_steps` more profiled on a GPU. Both after 5
+    warm-up steps (the graph's eager calls and capture)."""
     from dsv4.generate import SamplingConfig
     from dsv4.generate.graphs import GraphDecoder
     device = model.embed.weight.device

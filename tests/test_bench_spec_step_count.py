@@ -85,23 +85,33 @@ def test_time_steps_host_time_excludes_the_device_waits(monkeypatch):
 @torch.no_grad()
 def test_graph_path_counts_one_replay_for_a_single_greedy_row(n_draft):
     """Counted on the stubbed graph path (every graph captured), a single greedy row's speculative step (any
-    n_draft) replays one graph with one op around it (its staged inputs' copy) and one transfer; without the
-    single-row step it replays 1 + n_draft (MTP catch-up, further drafts, fused verify) with eager ops around them."""
+    n_draft) replays one graph with one op around it (its staged inputs' copy) and one transfer; the engine's held
+    stream (a lone greedy row) replays it with the copies of its results the next replay would overwrite around it
+    (the logits; on this CPU the packed results too, which a GPU copies to the host as they are made) and one wait,
+    its inputs carried on the device; without the single-row step a step replays 1 + n_draft graphs (MTP catch-up,
+    further drafts, fused verify) with eager ops around them."""
     model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=0).eval()
     counts = {}
-    for fuse_row in (True, False):
+    for mode in ("row", "stream", "no_row"):
         with graph_stub.stubbed_graphs():
             engine = graph_stub.graph_path(Engine(model, max_batch=1, max_seq_len=64, prefill_chunk=12,
                                                   speculative="mtp", n_draft=n_draft))
-            engine.spec.fuse_row = fuse_row
+            engine.spec.fuse_row = mode != "no_row"
+            if mode == "row":   # (the step-by-step path)
+                engine._streamable = lambda: None
             engine.submit(list(range(3, 15)), SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
             for _ in range(6):   # the prefill, then each graph's 2 eager calls and its capture
                 engine.step()
-            counts[fuse_row] = spec_step_count.count_steps(engine, 3, graphed=True)["per_step"]
-    assert counts[True]["replays"] == 1 and counts[True]["eager_on_gpu"] == 1
-    assert [k for k in counts[True] if k.startswith("sync:")] == ["sync:to_host"]
-    assert counts[True]["sync:to_host"] == 1
-    assert counts[False]["replays"] == 1 + n_draft and counts[False]["eager_on_gpu"] > 10
+            assert (engine._stream is not None) == (mode != "row")
+            counts[mode] = spec_step_count.count_steps(engine, 3, breakdown=True, graphed=True)
+    row, stream, no_row = (counts[m]["per_step"] for m in ("row", "stream", "no_row"))
+    assert row["replays"] == 1 and row["eager_on_gpu"] == 1
+    assert [k for k in row if k.startswith("sync:")] == ["sync:to_host"]
+    assert row["sync:to_host"] == 1
+    assert stream["replays"] == 1 and stream["eager_on_gpu"] == 2
+    assert {op for ops in counts["stream"]["breakdown"].values() for op in ops} == {"clone"}
+    assert counts["stream"]["syncs_per_step"] == 1
+    assert no_row["replays"] == 1 + n_draft and no_row["eager_on_gpu"] > 10
 
 
 @torch.no_grad()

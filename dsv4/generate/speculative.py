@@ -40,6 +40,7 @@ rewind the cache cannot do) takes the batched path until it does. It leaves the 
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -450,7 +451,8 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ a single greedy row, pipelined
     @torch.no_grad()
     def greedy_row_stream(self, row: int, max_new: int, stop_ids: Sequence[int] = (), graphs: bool | None = None,
-                          verifier: Callable[[int], Callable] | None = None) -> Iterator[StepResult]:
+                          verifier: Callable[[int], Callable] | None = None,
+                          settled: list[StepResult] | None = None) -> Iterator[StepResult]:
         """Greedy speculative decoding of row `row` (after `prefill`): the StepResults of the `step_row` loop
         (budget max_new - tokens so far, until a step finishes the row), with the same tokens, counts and
         caches, but each single-row step (`greedy_draft_verify`) launched before the previous one's results are
@@ -463,7 +465,9 @@ class SpeculativeDecoder:
         launched ahead only while the row goes on and both steps fit (max_seq_len); otherwise, and for a row that
         cannot take the single-row step, the step is `step_rows`' (with `verifier`). A row that finishes with a
         step in flight leaves that step dead: it changes neither cache nor state. Closing the stream early with
-        a live step in flight still settles that step: the row moves on by its tokens, which are not yielded."""
+        a live step in flight still settles that step: the row moves on by its tokens, which are not yielded; with
+        `settled` (a list) that step's StepResult is appended to it, for a caller that sends the row's tokens on
+        (the serving engine)."""
         if max_new < 1:
             raise InvalidArgument(f"max_new={max_new}: must be at least 1")
         if row not in self.rows:
@@ -478,7 +482,7 @@ class SpeculativeDecoder:
                 st.next_token, st.next_id = chosen.tolist()[0], chosen[0].view(1)
             room = self.cache.lengths()[row] + 2 * (self.n_draft + 1) <= self.cache.max_seq_len
             if room and self._row_path([st], [GREEDY]):
-                steps = self._pipelined(row, st, left, stops, stop_tuple, graphs)
+                steps = self._pipelined(row, st, left, stops, stop_tuple, graphs, settled)
             else:
                 steps = iter(self.step_rows(slice(row, row + 1), [GREEDY], [None], [stop_ids], [left], verifier))
             try:
@@ -492,9 +496,10 @@ class SpeculativeDecoder:
                     steps.close()
 
     def _pipelined(self, row: int, st: _Row, budget: int, stops: set, stop_ids: tuple[int, ...],
-                   graphs: bool) -> Iterator[StepResult]:
+                   graphs: bool, settled: list[StepResult] | None = None) -> Iterator[StepResult]:
         """`greedy_row_stream`'s single-row steps, each launched before the previous one's results are read, until
-        the row finishes or two steps no longer fit in the cache."""
+        the row finishes or two steps no longer fit in the cache. Closed with a live step in flight, it settles
+        that step (its result appended to `settled` when given)."""
         k, limit = self.n_draft, self.cache.max_seq_len
         state, step, main, mtp = self._row_state(row, max(1, len(stop_ids)), graphs, fixed=True)
         if st.fused is not state:
@@ -519,9 +524,13 @@ class SpeculativeDecoder:
                 yield res
                 unread = False
         finally:
-            if unread:   # closed with a live step in flight: settle it (wait, then exact host mirrors)
-                _, keep = self._row_result(row, st, x, budget, live, stops, cur[0].wait()[0][0], cur[1])
+            # closed with a live step in flight: settle it (wait, then exact host mirrors); not when an open stream
+            # is finalized at interpreter exit (the tensors it would touch may be torn down; PyTorch aborts)
+            if unread and not sys.is_finalizing():
+                res, keep = self._row_result(row, st, x, budget, live, stops, cur[0].wait()[0][0], cur[1])
                 self._settle(main, mtp, starts, keep, 0)
+                if settled is not None:
+                    settled.append(res)
 
     @staticmethod
     def _launch(step: Callable, graphs: bool) -> tuple[HostCopy, torch.Tensor]:

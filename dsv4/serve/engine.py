@@ -59,7 +59,13 @@ bucket's captured graphs: the verify forward over 1 + n_draft tokens per row wit
 per bucket and verify width), the rollback of the rejected tokens (by device data), the further drafts' MTP
 forwards and, for a single row, its MTP catch-up; the sampling and acceptance run eagerly between them. Eager
 speculative steps read every stored row as the graphs do. Prompts are prefilled one request per forward
-(`SpeculativeDecoder.extend` fills one row of both caches).
+(`SpeculativeDecoder.extend` fills one row of both caches). A lone greedy row with nothing else pending (no queued
+request, no prefilling row; with `cuda_graphs`, on row 0) decodes through a `SpeculativeDecoder.greedy_row_stream`
+held across steps, each of its steps launched before the previous one's results are read (so sending a step's
+tokens overlaps the device's next step); the stream is closed, its step in flight settled and that step's tokens
+sent, as soon as anything else is pending, the request ends or the engine stops, and the batched steps go on from
+the same caches. Its steps read fixed shapes, as graphs do: without graphs its logprobs can differ from the batched
+steps' in the last bits (greedy tokens only on a near tie).
 
 With `prefill_graphs=N` a prompt chunk of one request of at most N tokens (a prefix-cache hit's suffix, a short
 prompt, a prompt's last chunk) runs as a padded step replayed from a CUDA graph captured per (row, step size)
@@ -81,7 +87,7 @@ import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -92,7 +98,7 @@ from ..generate.graphs import GraphDecoder
 from ..generate.host import HostCopy, to_device
 from ..generate.host import to_host as _to_host
 from ..generate.sampling import SamplingConfig, sample
-from ..generate.speculative import SpeculativeDecoder
+from ..generate.speculative import SpeculativeDecoder, StepResult
 from .prefill_graphs import PrefillGraphs
 from .handle import RequestHandle
 from .rows import Phase, RowPool, bucket_for, decode_runs
@@ -128,6 +134,16 @@ class _Pending:
     want: list[int]
     fetch: list[torch.Tensor]
     copy: HostCopy | None = None
+
+
+@dataclass(eq=False)
+class _Stream:
+    """A lone greedy speculative row decoding as `SpeculativeDecoder.greedy_row_stream` across engine steps: its
+    request, the generator, and where a close puts the StepResult of the step it settles (`settled`)."""
+    req: _Request
+    steps: Iterator[StepResult]
+    graphs: bool
+    settled: list[StepResult]
 
 
 class Engine:
@@ -201,6 +217,7 @@ class Engine:
         if self.prefill_graphs is not None and not self.prefill_graphs.max_tokens:
             self.prefill_graphs = None
         self._pending: deque[_Pending] = deque()
+        self._stream: _Stream | None = None   # a lone greedy speculative row's held stream (see `_stream_step`)
         # end-of-request and prompt-end prefix saves: the row's state copied when the request ends (or its prompt's
         # last chunk has run), stored (hashed, indexed) `saves_per_step` per step once the step's forwards are
         # launched (see `_finish`, `_save_prefix`)
@@ -253,6 +270,7 @@ class Engine:
             thread.join()
         self._thread = None
         with self._step_lock:
+            self._end_stream()   # (no step left in flight: its tokens go out now)
             self._drain_saves()
         if self.trace is not None:
             self.trace.flush()
@@ -618,6 +636,12 @@ class Engine:
     def _decode(self) -> int:
         """One step of every decoding row; returns the tokens it fed (one per decoding row), which the step's
         prefill budget leaves to it."""
+        if self.spec is not None:
+            streamed = self._streamable()
+            if streamed is not None:
+                self._stream_step(streamed)
+                return 1
+            self._end_stream()
         phase = self.pool.phase
         decoding = self.pool.rows(Phase.DECODE)
         if not decoding:
@@ -702,28 +726,108 @@ class Engine:
             self._fail(list(rows), e)
             return
         for req, stop_ids, res in zip(reqs, stops, results):
-            if req is None:
-                continue
-            self.counters["decode_tokens"] += len(res.tokens)
-            self.counters["spec_drafted"] += res.drafted
-            self.counters["spec_accepted"] += res.accepted
-            if not res.finite:
-                self._finish(req, TokenEvent(None, finish_reason="error",
-                                             error="the model produced non-finite logits for this request"),
-                             failed=True)
-                continue
-            for j, token in enumerate(res.tokens):
-                event = self._event(req, token, res.logits[j])
-                req.generated.append(token)
-                if token in stop_ids:
-                    event.finish_reason = "stop"
-                elif len(req.generated) >= req.params.max_tokens:
-                    event.finish_reason = "length"
-                if event.finish_reason is None:
-                    req.handle._push(event)
-                else:
-                    self._finish(req, event)
-                    break
+            if req is not None:
+                self._send_step(req, stop_ids, res)
+
+    def _send_step(self, req: _Request, stop_ids: tuple[int, ...], res: StepResult) -> None:
+        """Send a request the tokens of its speculative step, each its own event, ending it at a stop token, its
+        `max_tokens` or non-finite logits; the counters take the step's tokens, drafts and accepted drafts."""
+        self.counters["decode_tokens"] += len(res.tokens)
+        self.counters["spec_drafted"] += res.drafted
+        self.counters["spec_accepted"] += res.accepted
+        if not res.finite:
+            self._finish(req, TokenEvent(None, finish_reason="error",
+                                         error="the model produced non-finite logits for this request"),
+                         failed=True)
+            return
+        for j, token in enumerate(res.tokens):
+            event = self._event(req, token, res.logits[j])
+            req.generated.append(token)
+            if token in stop_ids:
+                event.finish_reason = "stop"
+            elif len(req.generated) >= req.params.max_tokens:
+                event.finish_reason = "length"
+            if event.finish_reason is None:
+                req.handle._push(event)
+            else:
+                self._finish(req, event)
+                return
+
+    # ------------------------------------------------------------------ a lone greedy row's held stream
+    def _streamable(self) -> _Request | None:
+        """The request that may decode through a held `greedy_row_stream`: the one decoding row when it is greedy
+        and nothing else is pending (no queued request, no prefilling row); None otherwise. With CUDA graphs, row 0
+        only: its single-row step is the graph `warm_up` captures and bucket 1 replays (another row would capture
+        one of its own while serving)."""
+        decoding = self.pool.rows(Phase.DECODE)
+        if len(decoding) != 1 or self.pool.busy != 1 or (self.graph_buckets and decoding[0] != 0):
+            return None
+        with self._lock:
+            if self._queue:
+                return None
+        req = self._rows[decoding[0]]
+        return req if req is not None and req.params.temperature == 0 else None
+
+    def _stream_step(self, req: _Request) -> None:
+        """One step of the lone greedy row: the next StepResult of its held stream (opened at its first such step,
+        budget and stops as `_spec_view` gives them), each step launched before the previous one is read, so the
+        host's sending of a step's tokens overlaps the device's next step. A stream that raises fails the row."""
+        if self._stream is not None and self._stream.req is not req:
+            self._end_stream()
+        if self._stream is None:
+            graphs = bool(self.graph_buckets)   # (then row 0: its captured step, bucket 1's verify for the rest)
+            verifier = (lambda n_tokens: self._spec_graph(1, n_tokens)) if graphs else None
+            settled: list[StepResult] = []
+            steps = self.spec.greedy_row_stream(req.row, req.params.max_tokens - len(req.generated),
+                                                self._stop_ids(req), graphs, verifier, settled)
+            self._stream = _Stream(req, steps, graphs, settled)
+        try:
+            with self._invariant():
+                res = next(self._stream.steps)
+        except Exception as e:   # (StopIteration too: a stream ends only with a step that ends the request)
+            self._stream_failed(e)
+            return
+        self._send_step(req, self._stop_ids(req), res)
+
+    def _end_stream(self) -> None:
+        """Close the held stream (if any) and send its request the tokens of the step in flight, which the close
+        settles: the row's caches and state are then exactly the step loop's, for the batched path to go on."""
+        stream = self._stream
+        if stream is None:
+            return
+        try:
+            with self._invariant():
+                stream.steps.close()
+        except Exception as e:
+            self._stream_failed(e)
+            return
+        self._stream = None
+        if stream.settled and stream.req.row is not None:
+            self._send_step(stream.req, self._stop_ids(stream.req), stream.settled.pop())
+
+    def _drop_stream(self, req: _Request) -> None:
+        """Close the held stream of a request that ends (its settled step, if any, is not sent)."""
+        stream = self._stream
+        if stream is None or stream.req is not req:
+            return
+        self._stream = None
+        try:
+            with self._invariant():
+                stream.steps.close()
+        except Exception as e:   # (the row is reset before it is handed out again)
+            warnings.warn(f"closing the speculative stream of an ending request failed ({type(e).__name__}: {e})")
+
+    def _stream_failed(self, error: Exception) -> None:
+        """The held stream raised: its request ends with "error" and its row is reset, as a failed forward's; with
+        graphs the single-row steps and the bucket-1 verify are captured afresh."""
+        stream, self._stream = self._stream, None
+        if stream.graphs:
+            for key in [key for key in self._spec_graphs if key[0] == 1]:
+                del self._spec_graphs[key]
+            self.spec.drop_graphs()
+        row = stream.req.row
+        if row is not None:
+            self._fail([row], error)
 
     def _stop_ids(self, req: _Request) -> tuple[int, ...]:
         eos = () if req.params.ignore_eos else tuple(self.eos_token_ids)
@@ -854,6 +958,7 @@ class Engine:
     def _finish(self, req: _Request, event: TokenEvent, failed: bool = False) -> None:
         """Send the last event and free the request's row (the row is reset when it is next handed out)."""
         save = None
+        self._drop_stream(req)
         if req.row is not None:
             if not failed and event.finish_reason in ("stop", "length") and req.generated:
                 # the cache holds the prompt and every generated token but the last (which was never fed), or with

@@ -2,6 +2,10 @@
 before the previous one's results are read gives the steps of the `step_row` loop (tokens, counts, logits), plain
 greedy decoding's tokens, and the same caches afterwards, with stops and budgets met inside a step's drafts, as a
 step's own first token, or with the step ahead already launched (it must change nothing)."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -155,13 +159,16 @@ def test_stream_near_the_end_of_the_cache(agreeing, plain):
 @torch.no_grad()
 def test_closing_the_stream_settles_the_step_in_flight(agreeing, plain):
     """A stream closed after two steps has launched a third: the row ends after that third step (host mirrors
-    exact, caches as the loop's after three steps), and decoding on from there gives plain decoding's tokens."""
-    dec = _decoder(agreeing, 3)
-    stream = dec.greedy_row_stream(0, 40)
+    exact, caches as the loop's after three steps; the step's result handed over in `settled`), and decoding on
+    from there gives plain decoding's tokens."""
+    dec, settled = _decoder(agreeing, 3), []
+    stream = dec.greedy_row_stream(0, 40, settled=settled)
     got = [t for _, r in zip(range(2), stream) for t in r.tokens]
+    assert settled == []
     stream.close()
     theirs, ref = _loop(agreeing, 40, 3, steps=3)
     assert got == [t for r in theirs[:2] for t in r.tokens]
+    _same_steps(settled, theirs[2:])
     assert dec.cache.lengths() == ref.cache.lengths() == dec.cache.positions.tolist()
     assert dec.mtp_cache.lengths() == ref.mtp_cache.lengths() == dec.mtp_cache.positions.tolist()
     done = len(got) + len(theirs[2].tokens)
@@ -187,3 +194,21 @@ def test_stream_refuses_bad_arguments(agreeing):
         next(dec.greedy_row_stream(0, 0))
     with pytest.raises(dsv4.errors.InvalidArgument):
         next(dec.greedy_row_stream(1, 4))
+
+
+def test_a_stream_left_open_at_interpreter_exit(tmp_path):
+    """A process that exits with a stream still open (a step in flight: a server's engine mid-request) exits
+    cleanly: the stream's finalization at exit does not settle the step."""
+    script = tmp_path / "left_open.py"
+    script.write_text(
+        "import dsv4\n"
+        "from dsv4.generate.speculative import SpeculativeDecoder\n"
+        "model = dsv4.Transformer(dsv4.ModelConfig.preset('tiny')).init_weights(seed=0).eval()\n"
+        "dec = SpeculativeDecoder(model, model.new_cache(1, 64), n_draft=2)\n"
+        "dec.prefill(0, list(range(10, 20)))\n"
+        "stream = dec.greedy_row_stream(0, 30)\n"
+        "next(stream)\n"
+        "print('open')\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout == "open\n", done.stderr[-2000:]
