@@ -5,6 +5,7 @@
 # back, so all happen in one call; results land under $OUT (metrics, serve JSON, acceptance table).
 #   STEPS=1800 MINUTES=5 bash bench/train_mtp.sh
 #   STEPS=550 MINUTES=3 SERVE=0 bash bench/train_mtp.sh     # acceptance per draft position only, no server
+#   N_DRAFTS="1 3" ...                                       # the draft counts the acceptance run tries
 # (a device call has 10 minutes: training, the server comparison, up to SERVE_TIMEOUT, and the acceptance run,
 # up to ACC_TIMEOUT, must fit in them)
 # Prompts are windows of a Python file outside the training corpus (the corpus is the standard library's
@@ -22,6 +23,6 @@ TEXT=$(python3 -c "import os, torch; print(os.path.join(os.path.dirname(torch.__
   --launch "python3 -m dsv4 serve --checkpoint $RUN/final --max-batch 8 --max-seq-len 4096 ${SERVE_EXTRA:-}" \
   --concurrency 1 --prompt-len ${PROMPT_LEN:-512} --max-tokens ${MAX_TOKENS:-256} --prefix-len 0 \
   --requests-per-level ${REQUESTS:-6} --duration-limit 40 --json "${P}_serve_mtp_small.json" 2>&1 | tail -25
-timeout ${ACC_TIMEOUT:-180} python3 bench/mtp_acceptance.py --checkpoint "$RUN/final" --text "$TEXT" --n-draft 1 2 3 4 \
+timeout ${ACC_TIMEOUT:-180} python3 bench/mtp_acceptance.py --checkpoint "$RUN/final" --text "$TEXT" --n-draft ${N_DRAFTS:-1 2 3 4} \
   --prompts ${ACC_PROMPTS:-6} --prompt-len ${PROMPT_LEN:-512} --max-new ${ACC_TOKENS:-192} \
   --out "${P}_mtp_acceptance_small.txt" 2>&1 | tail -40
