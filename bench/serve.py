@@ -79,6 +79,7 @@ class RequestResult:
     got_usage: bool = False
     cached_tokens: int | None = None      # usage.prompt_tokens_details.cached_tokens, where the server reports it
     error: str | None = None
+    text: str = ""                        # the streamed completion text (what --mtp-compare checks plain vs MTP on)
 
     @property
     def ttft(self) -> float | None:
@@ -168,6 +169,7 @@ async def stream_one(client, model: str, prompt: list[int] | str, max_tokens: in
             now = time.perf_counter()
             if chunk.choices:
                 res.chunk_times.append(now)
+                res.text += chunk.choices[0].text or ""
             if getattr(chunk, "usage", None):
                 res.got_usage = True
                 res.completion_tokens = chunk.usage.completion_tokens or 0
@@ -221,8 +223,10 @@ class PromptSource:
 
 
 async def run_level(client, model: str, *, concurrency: int, prompt_len: int, max_tokens: int, n_requests: int,
-                    duration_limit: float, source: PromptSource, seed: int, ignore_eos: bool = True) -> dict:
-    """`n_requests` requests kept `concurrency` in flight; no new request starts after `duration_limit` s."""
+                    duration_limit: float, source: PromptSource, seed: int, ignore_eos: bool = True,
+                    keep_texts: bool = False) -> dict:
+    """`n_requests` requests kept `concurrency` in flight; no new request starts after `duration_limit` s. With
+    `keep_texts`, the result has each request's completion text (in finishing order)."""
     rng = random.Random(seed)
     prompts = [source.make(rng, prompt_len) for _ in range(n_requests)]
     results: list[RequestResult] = []
@@ -239,9 +243,12 @@ async def run_level(client, model: str, *, concurrency: int, prompt_len: int, ma
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, n_requests))))
     wall = time.perf_counter() - t0
-    return {"concurrency": concurrency, "prompt_len": prompt_len, "max_tokens": max_tokens,
-            "planned_requests": n_requests, "client_procs": 1,
-            "client_cpu_s": round(time.process_time() - cpu0, 3), **summarize(results, wall, max_tokens)}
+    out = {"concurrency": concurrency, "prompt_len": prompt_len, "max_tokens": max_tokens,
+           "planned_requests": n_requests, "client_procs": 1,
+           "client_cpu_s": round(time.process_time() - cpu0, 3), **summarize(results, wall, max_tokens)}
+    if keep_texts:   # (in request order: `prompts` are taken in order, and one worker keeps it at concurrency 1)
+        out["texts"] = [r.text for r in results]
+    return out
 
 
 async def _client_share(url: str, model: str, timeout: float, concurrency: int, prompts: list, max_tokens: int,
@@ -653,7 +660,7 @@ async def single_stream(server: Server, args, vocab: int) -> dict:
         lvl = await run_level(client, server.model, concurrency=1, prompt_len=min(args.prompt_len),
                               max_tokens=args.max_tokens, n_requests=args.requests_per_level or 4,
                               duration_limit=args.duration_limit, source=source, seed=args.seed,
-                              ignore_eos=not args.no_ignore_eos)
+                              ignore_eos=not args.no_ignore_eos, keep_texts=True)
         lvl["acceptance_rate"] = spec_acceptance(before, server.metrics())
         return lvl
     finally:
@@ -679,7 +686,19 @@ def mtp_compare(args, vocab: int) -> dict:
         print(f"[{label}] single stream " + json.dumps(out[label]), flush=True)
     p, m = out["plain"].get("output_tok_per_s"), out["mtp"].get("output_tok_per_s")
     out["speedup"] = round(m / p, 3) if p and m else None
+    out["outputs"] = compare_texts(out["plain"].pop("texts", None), out["mtp"].pop("texts", None))
     return out
+
+
+def compare_texts(plain: list[str] | None, spec: list[str] | None) -> dict | None:
+    """Greedy MTP output against plain greedy output, request by request: how many are equal, and for each one that
+    is not, the character where it first differs (a bf16 near-tie flips there; see bench/mtp_acceptance.py)."""
+    if plain is None or spec is None:
+        return None
+    differ = {i: next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+              for i, (x, y) in enumerate(zip(plain, spec)) if x != y}
+    return {"requests": min(len(plain), len(spec)), "equal": min(len(plain), len(spec)) - len(differ),
+            "first_difference_char": differ}
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -732,6 +751,9 @@ def table(result: dict) -> str:
         lines.append(f"single stream: plain {_fmt(m['plain'].get('output_tok_per_s'))} tok/s, MTP "
                      f"{_fmt(m['mtp'].get('output_tok_per_s'))} tok/s (speedup {_fmt(m['speedup'])}x, acceptance "
                      f"{_fmt(m['mtp'].get('acceptance_rate'))})"
+                     + (f"; outputs equal to plain: {m['outputs']['equal']}/{m['outputs']['requests']}"
+                        + (f" (first difference at character {m['outputs']['first_difference_char']})"
+                           if m['outputs']['first_difference_char'] else "") if m.get('outputs') else "")
                      + (f"; MTP failed: {m['mtp']['error']}" if m['mtp'].get('error') else ""))
     return "\n".join(lines)
 

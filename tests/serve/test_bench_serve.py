@@ -241,3 +241,11 @@ def test_prompt_text_windows_are_slices_of_the_tokenized_text(bench, tmp_path):
                 assert len(p) == 20 and any(ids[i:i + 20] == p for i in range(len(ids) - 19))
     with pytest.raises(ValueError, match="fewer than"):
         bench.prompt_source(args, len(vocab), False).make(random.Random(0), len(ids) + 1)
+
+
+def test_mtp_outputs_compared_request_by_request(bench):
+    same = bench.compare_texts(["abc", "xyz"], ["abc", "xyz"])
+    assert same == {"requests": 2, "equal": 2, "first_difference_char": {}}
+    diff = bench.compare_texts(["abcdef", "xyz", "ab"], ["abcXef", "xyz", "abc"])
+    assert diff["equal"] == 1 and diff["first_difference_char"] == {0: 3, 2: 2}
+    assert bench.compare_texts(None, ["a"]) is None
