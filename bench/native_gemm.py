@@ -408,7 +408,7 @@ def main() -> None:
     # random one with several tokens on an expert), since each interpreted call takes a second
     ms = [1, packed_linear.DEQUANT_MIN_ROWS] if args.tiny_cpu else [
         int(m) for m in (args.ms + "," + args.prefill_ms).split(",") if m]
-    moe_tokens = [5] if args.tiny_cpu else [int(n) for n in args.moe_tokens.split(",")]
+    moe_tokens = [5] if args.tiny_cpu else [int(n) for n in args.moe_tokens.split(",") if n]
     copy_gbps = copy_bandwidth(dev, on_gpu)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     per_expert = [1] if args.tiny_cpu else [int(t) for t in args.moe_per_expert.split(",") if t]
