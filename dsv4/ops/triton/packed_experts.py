@@ -57,7 +57,7 @@ DIRECT_SPLIT: int | None = None
 # The direct (decode) kernels multiply their one pair's row on the CUDA cores (packed_linear.fp4_gemv_dot, K steps
 # of packed_linear.GEMV_WORDS words) instead of a 16-row tl.dot tile of which one row is used. Off until timed on
 # a GPU (bench/native_gemm.py --experts-gemv); off, the kernels compile exactly as without it.
-FP4_GEMV = False
+FP4_GEMV = True
 
 def _rows(pairs: int, experts: int) -> int:
     """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from

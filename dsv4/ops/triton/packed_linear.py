@@ -55,11 +55,11 @@ DEQUANT_MIN_ROWS = 256
 #   "words":   fp4_word_step: the row bytes read as int32 words (8 nibbles each, in natural k order), decoded and
 #              scaled as "old" does, one dot over all 128 K values with the activations as loaded (no even/odd split).
 FP4_DECODES = ("old", "bf16mul", "after", "words")
-FP4_DECODE = "old"
+FP4_DECODE = "words"
 # Activation rows up to which linear_fp4_weight runs the CUDA-core GEMV (_fp4_gemv_kernel: no tensor cores, no
 # shared memory for the weights) instead of the tl.dot kernel; 0: never (not yet timed on a GPU against the dot
 # kernel; bench/native_gemm.py --fp4-gemv times both). At most GEMV_MAX_ROWS.
-FP4_GEMV_MAX_M = 0
+FP4_GEMV_MAX_M = 4
 GEMV_MAX_ROWS = 4    # activation rows the GEMV kernel takes (one accumulator each, unrolled)
 GEMV_BLOCK_N = (32, 16)  # weight rows per GEMV program: for one activation row, for more (fewer registers)
 GEMV_WORDS = 64      # int32 words of each weight row per GEMV K step (512 K values, 256 bytes)
