@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(batched on the model, several times faster for a tiny model on a CPU)")
     p.add_argument("--pool", type=int, default=0, metavar="N",
                    help="train on a fixed pool of N problems per environment (0: fresh problems every step)")
+    p.add_argument("--no-autocast", dest="autocast", action="store_false",
+                   help="run the training forwards in fp32 on a GPU (default: under bf16 autocast, as the rollouts "
+                        "compute; the loss is fp32 either way; no effect on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                      minibatches=args.minibatches, max_new_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_p=args.top_p, thinking=args.thinking,
                      routing_replay=args.routing_replay, eval_every=args.eval_every,
-                     eval_problems=args.eval_problems, seed=args.seed, sampler=args.sampler)
+                     eval_problems=args.eval_problems, seed=args.seed, sampler=args.sampler,
+                     autocast=args.autocast)
     if args.pool < 0:
         raise InvalidArgument(f"--pool {args.pool}: must be >= 0 (0: fresh problems)")
     envs = make_envs(args.env, args.level)

@@ -6,7 +6,9 @@ One step:
      engine (or with sampler="direct" the direct sampler; rollout.py), rewards and group-normalised advantages;
   2. the training forward's log-probabilities of the sampled tokens before any update: `old_logp` of the ratio,
      and the train-vs-rollout drift, mean |train logp - rollout logp| over the policy tokens (the numerical gap
-     between the sampler and the trainer, which routing replay closes for the routing part);
+     between the sampler and the trainer, which routing replay closes for the routing part); on a GPU the
+     training forwards (policy and reference) run under bf16 autocast, as SFT's and OPD's do and as the engine
+     samples (`autocast`), while the log-softmax and the loss stay in fp32;
   3. `mu` epochs over the batch in `minibatches` shuffled minibatches: loss, backward, gradient clipping, a Muon
      + AdamW step (dsv4.train.optim); with `beta > 0` a frozen reference model gives the k3 KL term;
   4. one metrics.jsonl row: reward, accuracy, KL, entropy, response length, clip fraction, drift (with routing
@@ -24,7 +26,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, ContextManager, Mapping, Sequence
 
 import torch
 
@@ -38,11 +40,12 @@ from .envs.base import Environment
 from .grpo_loss import LOSS_TYPES, GRPOLossConfig, group_advantages, grpo_loss
 from .logprobs import pad_batch, token_logprobs
 from .rollout import SAMPLERS, rollout
+from .sft import _autocast
 from .trajectory import Trajectory
 from .turn_limits import check_max_new_tokens, largest_limit
 
 __all__ = ["GRPOConfig", "GRPOResult", "grpo_train", "train_on_batch", "minibatch_indices", "evaluate_greedy",
-           "plot_rewards", "save_policy_dir"]
+           "plot_rewards", "save_policy_dir", "training_autocast"]
 
 
 
@@ -74,6 +77,8 @@ class GRPOConfig:
     max_seconds: float = 0.0          # stop after the step that passes this much wall time (0: no cap), counted
                                       # from the end of the first step (the warm-up, logged as warmup_s)
     length_bucket: int = 0            # batch lengths rounded up to a multiple of this (buckets.py; 0: 64 on a GPU)
+    autocast: bool = True             # the training forwards under bf16 autocast on a GPU (False: fp32 there);
+                                      # no effect on the CPU
 
     def __post_init__(self) -> None:
         check_max_new_tokens(self.max_new_tokens, "GRPO")
@@ -141,6 +146,13 @@ def evaluate_greedy(model, tokenizer, envs: Mapping[str, Environment], n: int,
     return out
 
 
+def training_autocast(cfg: GRPOConfig, device: torch.device) -> Callable[[], ContextManager]:
+    """The context of GRPO's training forwards: with cfg.autocast, SFT's bf16 autocast on a GPU (with the cast
+    cache: GRPO captures no CUDA graphs), which reaches the experts' grouped bf16 kernels rather than the fp32
+    reference loop (a host read per MoE layer) and computes as the engine samples; nothing on the CPU."""
+    return _autocast(device, graphed=False) if cfg.autocast else nullcontext
+
+
 def _replay(model, trajectories: Sequence[Trajectory], T: int, on: bool):
     """With routing replay on, the recorded routing for a token_logprobs forward of [len, T] tokens (which runs
     the model over the first T - 1)."""
@@ -151,7 +163,7 @@ def _replay(model, trajectories: Sequence[Trajectory], T: int, on: bool):
 
 
 def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: GRPOConfig, ref_model=None, *,
-                   seed: int = 0) -> dict[str, float]:
+                   seed: int = 0, autocast: Callable[[], ContextManager] | None = None) -> dict[str, float]:
     """Steps 2-3 of the module doc on one scored rollout batch (trajectories of one prompt consecutive, G each);
     returns the batch's mean loss, grad norm, clip fraction, entropy, drift (and KL with a reference; with routing
     replay also `drift_unreplayed`, the drift of the same weights routing on their own, for comparison).
@@ -163,8 +175,12 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
     after that minibatch's update (and the later ones) ran, leaving the model's weights non-finite, rather than
     before the update. The run still stops there: grpo_train calls this before the step's metrics row, any
     evaluation and the save of final/ (and the pipeline's GRPO stage does not catch it), so no non-finite weights
-    are evaluated or saved."""
+    are evaluated or saved.
+
+    Every forward runs under `autocast()` (default: training_autocast's); the log-probabilities it returns are
+    fp32 (token_logprobs), and the loss, ratios and KL are computed from them outside it."""
     device = model.embed.weight.device
+    autocast = autocast or training_autocast(cfg, device)
     loss_cfg = cfg.loss_config()
     model.train()
     rewards = torch.tensor([t.reward.score for t in trajs], dtype=torch.float32)
@@ -179,23 +195,23 @@ def train_on_batch(model, optimizers, params, trajs: Sequence[Trajectory], cfg: 
     on_device = to_device(torch.cat(on_host), device).split([len(p) for p in parts])
     ref_logp = None
     if ref_model is not None and cfg.beta > 0:
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             ref_logp, _ = token_logprobs(ref_model, tokens, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
     single = cfg.mu == 1 and cfg.minibatches == 1
     old_logp = None
     if not single:   # the policy before this batch's updates, as the ratio's denominator
-        with torch.no_grad(), _replay(model, trajs, T, cfg.routing_replay):
+        with torch.no_grad(), _replay(model, trajs, T, cfg.routing_replay), autocast():
             old_logp, _ = token_logprobs(model, tokens, temperature=cfg.temperature,
                                          chunk=cfg.logprob_chunk)
     once: dict[str, torch.Tensor] = {}   # values measured once per batch
     if cfg.routing_replay:   # the drift replay removes: the same forward routing on its own
-        with torch.no_grad():
+        with torch.no_grad(), autocast():
             free, _ = token_logprobs(model, tokens, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
         once["drift_unreplayed"] = _policy_mean((free - batch.old_logp).abs(), batch.mask)
     acc: dict[str, list[torch.Tensor]] = {"kl": [], "clip_frac": [], "loss": [], "grad_norm": [], "entropy": []}
     for part, host_idx, idx in zip(parts, on_host, on_device):
-        with _replay(model, [trajs[i] for i in part], T, cfg.routing_replay):
+        with _replay(model, [trajs[i] for i in part], T, cfg.routing_replay), autocast():
             logp, ent = token_logprobs(model, tokens[host_idx], temperature=cfg.temperature,
                                        chunk=cfg.logprob_chunk)
         mask = batch.mask[idx]
@@ -240,10 +256,12 @@ def minibatch_indices(n: int, mu: int, minibatches: int, seed: int) -> list[list
 
 
 def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfig, out: str | None = None, *,
-               ref_model=None, tokenizer_dir: str | None = None, progress: bool = True) -> GRPOResult:
+               ref_model=None, tokenizer_dir: str | None = None, progress: bool = True,
+               autocast: Callable[[], ContextManager] | None = None) -> GRPOResult:
     """Train `model` in place with GRPO on `envs` (name -> environment). With `out`, write metrics.jsonl,
     reward.png and final/ (the official checkpoint format, with the tokenizer files of `tokenizer_dir`).
-    `ref_model`: the frozen reference for beta > 0 (default: a copy of `model` as it starts)."""
+    `ref_model`: the frozen reference for beta > 0 (default: a copy of `model` as it starts); `autocast`: the
+    context of the training forwards (default: training_autocast's)."""
     if not envs:
         raise InvalidArgument("GRPO needs at least one environment")
     if cfg.routing_replay and getattr(model, "_checkpoint_blocks", False):
@@ -288,7 +306,8 @@ def grpo_train(model, tokenizer, envs: Mapping[str, Environment], cfg: GRPOConfi
                         thinking=cfg.thinking, record_routing=cfg.routing_replay,
                         seed=cfg.seed * 1_000_003 + step, sampler=cfg.sampler)
         t_roll = time.perf_counter() - t0
-        stats = train_on_batch(model, optimizers, params, trajs, cfg, ref_model, seed=cfg.seed * 7919 + step)
+        stats = train_on_batch(model, optimizers, params, trajs, cfg, ref_model, seed=cfg.seed * 7919 + step,
+                               autocast=autocast)
         rewards = torch.tensor([t.reward.score for t in trajs])
         lengths = [sum(t.policy_mask) for t in trajs]
         row = {"step": step + 1, "reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(trajs) > 1

@@ -46,8 +46,10 @@ def pad_batch(trajectories: Sequence[Trajectory], device=None, pad_id: int = 0, 
 
 def _chunk_logprobs(model, h: torch.Tensor, targets: torch.Tensor, temperature: float
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lanes [B, S, R, C] predicting targets [B, S] -> (log p(target) [B, S], entropy [B, S]), fp32."""
-    logits = model.logits(h)
+    """Lanes [B, S, R, C] predicting targets [B, S] -> (log p(target) [B, S], entropy [B, S]), fp32 (also when
+    the forward runs under autocast: the log-softmax of low-precision logits would lose the small probabilities
+    the ratio and the KL compare)."""
+    logits = model.logits(h).float()
     if temperature != 1.0:
         logits = logits / temperature
     logp = torch.log_softmax(logits, dim=-1)

@@ -1,10 +1,12 @@
-"""GRPO's minibatch loop on a GPU adds no waits for the device: with a model whose forward does not wait, the
-update waits the same number of times for 2 and for 8 minibatches (CUDA's sync debug mode counts the waits).
+"""GRPO's update on a GPU waits for the device a fixed number of times per batch: the same for 2 and for 8
+minibatches (CUDA's sync debug mode counts the waits).
 
-The model's forward is made sync-free here by swapping the routed-experts op for a dense stand-in (every expert on
-every token, weighted by the routing weights, zero where not routed: the same sum). The op GRPO's fp32 update
-reaches on a GPU is the reference loop over experts, which reads the per-expert counts (bincount) to the host once
-per MoE layer and forward; the grouped bf16 kernels that SFT and OPD reach under autocast do not."""
+Two checks. The loop itself: with autocast off (the fp32 update) the routed-experts op is swapped for a dense
+stand-in (every expert on every token, weighted by the routing weights, zero where not routed: the same sum),
+because the op fp32 activations reach on a GPU is the reference loop over experts, which reads the per-expert
+counts (bincount) to the host once per MoE layer and forward. The real path: under the default bf16 autocast the
+experts run on the grouped bf16 kernels, as SFT's and OPD's do, which do not read the counts, so the real model
+needs no stand-in."""
 from __future__ import annotations
 
 import warnings
@@ -34,7 +36,7 @@ def _dense_experts(x, w1, w2, w3, idx, weights, swiglu_limit):
     return torch.einsum("nef,ecf->nc", h.to(x.dtype), w2.to(x.dtype)).float()
 
 
-def _syncs(minibatches: int) -> int:
+def _syncs(minibatches: int, autocast: bool = True) -> int:
     model = dsv4.Transformer(dsv4.ModelConfig.preset("tiny")).init_weights(seed=0).cuda().train()
     g = torch.Generator().manual_seed(0)
     problem, trajs = Problem("toy", "p", [], None), []
@@ -42,7 +44,8 @@ def _syncs(minibatches: int) -> int:
         tokens = torch.randint(3, 2000, (20 + i,), generator=g).tolist()
         trajs.append(Trajectory(problem, tokens, 8, [0] * 8 + [1] * (len(tokens) - 8), [0.0] * len(tokens),
                                 reward=Reward(float(i % 2), i % 2 == 1)))
-    cfg = GRPOConfig(num_generations=4, batch_prompts=2, lr=1e-4, max_new_tokens=32, mu=1, minibatches=minibatches)
+    cfg = GRPOConfig(num_generations=4, batch_prompts=2, lr=1e-4, max_new_tokens=32, mu=1, minibatches=minibatches,
+                     autocast=autocast)
     opts = build_optimizers(model, cfg.lr, optimizer=cfg.optimizer, weight_decay=cfg.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     train_on_batch(model, opts, params, trajs, cfg)   # compilation, allocation
@@ -70,7 +73,15 @@ def test_the_dense_stand_in_equals_the_reference_experts():
 
 def test_the_minibatch_loop_does_not_wait_for_the_gpu(monkeypatch):
     monkeypatch.setitem(dispatch._REGISTRY, "moe_experts", {"reference": (_dense_experts, lambda *a, **k: True)})
-    _syncs(2)   # process-wide first-use work (lazy CUDA/library initialisation) may wait once; not the loop's
+    _syncs(2, autocast=False)   # process-wide first-use work (lazy CUDA/library initialisation) may wait once
+    two, eight = _syncs(2, autocast=False), _syncs(8, autocast=False)
+    assert two == eight, (two, eight)
+    assert two >= 1   # the one read of the batch's values (the counter works)
+
+
+def test_the_autocast_update_with_the_real_experts_does_not_wait_per_minibatch():
+    """GRPO's default update on a GPU (bf16 autocast forwards) with the model's own experts op."""
+    _syncs(2)   # process-wide first-use work (lazy CUDA/library initialisation, kernel compilation) may wait
     two, eight = _syncs(2), _syncs(8)
     assert two == eight, (two, eight)
     assert two >= 1   # the one read of the batch's values (the counter works)
