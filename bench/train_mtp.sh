@@ -6,6 +6,8 @@
 #   STEPS=1800 MINUTES=5 bash bench/train_mtp.sh
 #   STEPS=550 MINUTES=3 SERVE=0 bash bench/train_mtp.sh     # acceptance per draft position only, no server
 #   N_DRAFTS="1 3" ...                                       # the draft counts the acceptance run tries
+# STEPS must be what MINUTES reaches (~0.17-0.25 s a step on an H100/H200): the attention stages take fractions of
+# STEPS, and a run the time limit stops in a warm-up stage never trains the sparse attention its inference runs.
 # (a device call has 10 minutes: training, the server comparison, up to SERVE_TIMEOUT, and the acceptance run,
 # up to ACC_TIMEOUT, must fit in them)
 # Prompts are windows of a Python file outside the training corpus (the corpus is the standard library's

@@ -41,6 +41,20 @@ from .step import capture_step, step_outputs
 
 log = logging.getLogger(__name__)
 
+
+def schedule_cut_short(cfg: TrainConfig, end: int, indexer: bool) -> str | None:
+    """What a run that ends after `end` of `cfg.steps` steps (a time limit) leaves untrained, or None: the attention
+    schedule is laid out by step (`stages.stage_at`), so a run cut before the sparse stage saves a model whose sparse
+    attention (top-k by the indexer) never trained, though inference runs it."""
+    last = stage_at(cfg, end - 1, indexer=indexer)
+    if last == "sparse":
+        return None
+    first_sparse = next((i for i in range(end, cfg.steps) if stage_at(cfg, i, indexer=indexer) == "sparse"),
+                        cfg.steps)
+    return (f"the run ends at step {end} of {cfg.steps}, in the {last!r} stage: the sparse stage (top-k attention, "
+            f"which inference runs) would start at step {first_sparse} and never trained; pass --steps a number the "
+            f"time limit reaches (the stages take fractions of --steps)")
+
 __all__ = ["train", "TrainingDiverged"]
 
 
@@ -140,6 +154,9 @@ def _train(cfg: TrainConfig, resume: str | None, placement: Placement) -> dict:
         if deadline is not None and _over_ranks(placement, {"late": float(late)}, "max")["late"]:  # ranks agree
             end = step + 1  # this step is the last: it logs, evaluates and saves as the final step does
             log.info("time limit of %g min reached: step %d of %d is the last", cfg.time_limit, end, cfg.steps)
+            unfinished = schedule_cut_short(cfg, end, indexer)
+            if unfinished:
+                log.warning(unfinished)
         log_now = (step + 1) % cfg.log_interval == 0 or step == 0 or step + 1 == end
         for b in model.layers:
             b.record_hc = log_now or graphed  # a graph records what its capture did, so it always records

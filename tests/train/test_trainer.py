@@ -14,7 +14,7 @@ from conftest import stdlib_corpus
 from dsv4.cli import main
 from dsv4.train.config import TrainConfig
 from dsv4.train.stages import set_stage, stage_at
-from dsv4.train.trainer import TrainingDiverged, train
+from dsv4.train.trainer import TrainingDiverged, schedule_cut_short, train
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,15 @@ def test_nan_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch)
     with pytest.raises(TrainingDiverged, match=r"step 4: .*not finite.*step_0000003"):
         train(_cfg(corpus, tmp_path / "nan"))
     assert os.path.isdir(tmp_path / "nan" / "checkpoints" / "step_0000003")
+
+
+def test_a_run_cut_before_the_sparse_stage_is_named():
+    cfg = TrainConfig(steps=100, dense_warmup_frac=0.1, indexer_warmup_frac=0.05)
+    # steps 0..14 are warm-up (dense, then indexer), 15.. sparse: a run ending after step 14 never trained sparse
+    assert "step 15" in schedule_cut_short(cfg, 12, indexer=True) and "'indexer'" in schedule_cut_short(cfg, 12, True)
+    assert "'dense'" in schedule_cut_short(cfg, 5, indexer=True)
+    assert schedule_cut_short(cfg, 16, indexer=True) is None and schedule_cut_short(cfg, 100, indexer=True) is None
+    assert "step 10" in schedule_cut_short(cfg, 5, indexer=False) and schedule_cut_short(cfg, 11, False) is None
 
 
 def test_stage_schedule_and_indexer_only_warmup(corpus):
