@@ -44,8 +44,9 @@ MAX_SPLIT = 16  # K slices per output tile at most: the tile's last program read
 DEQUANT_MIN_ROWS = 256
 # The FP4 K step's decode (fp4_dot_step), read at each launch of the FP4 GEMM and the grouped FP4 experts; all three
 # multiply the same exact bf16 values (only the fp32 summation order differs), bench/native_gemm.py --fp4-decode
-# times them side by side (on an H200 within 2% of each other in the grouped MoE; `after` ~10% faster for one
-# matrix at M <= 16 and ~12% slower at M = 64, so "old" stays the default):
+# times them side by side (on an H200 `old`, `bf16mul` and `after` within 2% of each other in the grouped MoE; on an
+# H100 `words` 8-20% faster than `old` for one matrix at M = 2..16 and 21% in the grouped MoE at 24 tokens per
+# expert, so it is the default; BENCHMARKS.md, Native FP8 / FP4 weights):
 #   "old":     fp4_step: nibble -> fp16 bits (2^-14 times the value) -> fp32, times the scale (fp32) -> bf16, one dot
 #              per K half;
 #   "bf16mul": fp4_step with the scale multiplied in bf16 after the conversion (a packed bf16x2 multiply, half the
@@ -57,8 +58,9 @@ DEQUANT_MIN_ROWS = 256
 FP4_DECODES = ("old", "bf16mul", "after", "words")
 FP4_DECODE = "words"
 # Activation rows up to which linear_fp4_weight runs the CUDA-core GEMV (_fp4_gemv_kernel: no tensor cores, no
-# shared memory for the weights) instead of the tl.dot kernel; 0: never (not yet timed on a GPU against the dot
-# kernel; bench/native_gemm.py --fp4-gemv times both). At most GEMV_MAX_ROWS.
+# shared memory for the weights) instead of the tl.dot kernel; 0: never. On an H100 (bench/native_gemm.py --fp4-gemv)
+# it took a 4096 x 2048 FP4 matrix in 7.0 / 7.6 / 11.0 us at 1 / 2 / 4 rows against 15.5 / 15.4 / 15.4 us for the
+# dot kernel (bf16 torch.matmul: ~11 us). At most GEMV_MAX_ROWS.
 FP4_GEMV_MAX_M = 4
 GEMV_MAX_ROWS = 4    # activation rows the GEMV kernel takes (one accumulator each, unrolled)
 GEMV_BLOCK_N = (32, 16)  # weight rows per GEMV program: for one activation row, for more (fewer registers)
