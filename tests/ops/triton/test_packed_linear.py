@@ -33,9 +33,10 @@ def test_fp8_weight_gemm(M, N, K, config):
 @pytest.mark.parametrize("M, N, K, config", [(7, 33, 96, None), (1, 64, 512, (16, 32, 1, 4))],
                          ids=["tails", "split-k"])
 def test_fp4_weight_gemm(M, N, K, config, decode, monkeypatch):
-    """Every FP4 decode (FP4_DECODE): a partial last K step (K = 96: 48 of 64 bytes, 3 of 4 groups),
-    partial row tiles and split K."""
+    """Every FP4 decode (FP4_DECODE) of the tl.dot kernel (the GEMV off, which would take these few rows): a partial
+    last K step (K = 96: 48 of 64 bytes, 3 of 4 groups), partial row tiles and split K."""
     monkeypatch.setattr(tri, "FP4_DECODE", decode)
+    monkeypatch.setattr(tri, "FP4_GEMV_MAX_M", 0)
     g = gen(1)
     w = _to(Fp4GroupWeight.quantize(torch.randn(N, K, generator=g)))
     x = randn(2, M, K, g=g, dtype=DT)                       # leading dims are flattened
@@ -138,6 +139,7 @@ def test_fp4_decodes_agree(monkeypatch):
     w = _to(Fp4GroupWeight.quantize(torch.randn(40, 320, generator=g)))
     x = randn(3, 320, g=g, dtype=DT)
     got = {}
+    monkeypatch.setattr(tri, "FP4_GEMV_MAX_M", 0)   # (3 rows: the GEMV would take them; the decodes are the dot's)
     for decode in tri.FP4_DECODES:
         monkeypatch.setattr(tri, "FP4_DECODE", decode)
         got[decode] = tri.linear_fp4_weight(x, w, (16, 32, 2, 4))
@@ -168,12 +170,21 @@ def test_fp4_gemv(M, N, K, words, config, monkeypatch):
     assert torch.equal(got, again) and not tri.tile_tickets(x.device, 8).any()
 
 
-def test_fp4_gemv_off_by_default(monkeypatch):
-    """FP4_GEMV_MAX_M = 0 (its default): one activation row still takes the tl.dot kernel."""
-    monkeypatch.setattr(tri, "linear_fp4_gemv", None)
+def test_fp4_gemv_dispatch_by_rows(monkeypatch):
+    """By default up to FP4_GEMV_MAX_M rows take the GEMV and more take the tl.dot kernel; FP4_GEMV_MAX_M = 0 sends
+    even one row to the tl.dot kernel (each case with the other kernel's launcher removed, so it cannot run)."""
     w = _to(Fp4GroupWeight.quantize(torch.randn(16, 64, generator=gen(15))))
-    x = randn(1, 64, g=gen(15), dtype=DT)
-    assert rel_err(tri.linear_fp4_weight(x, w), ref.linear_fp4_weight(x.double(), w)) < TOL
+    x = randn(tri.FP4_GEMV_MAX_M + 1, 64, g=gen(15), dtype=DT)
+    want = ref.linear_fp4_weight(x.double(), w)
+    with monkeypatch.context() as m:
+        m.setattr(tri, "_launch", None)
+        assert tri.FP4_GEMV_MAX_M >= 1
+        assert rel_err(tri.linear_fp4_weight(x[:tri.FP4_GEMV_MAX_M], w), want[:tri.FP4_GEMV_MAX_M]) < TOL
+    with monkeypatch.context() as m:
+        m.setattr(tri, "linear_fp4_gemv", None)
+        assert rel_err(tri.linear_fp4_weight(x, w), want) < TOL
+        m.setattr(tri, "FP4_GEMV_MAX_M", 0)
+        assert rel_err(tri.linear_fp4_weight(x[:1], w), want[:1]) < TOL
 
 
 def test_every_fp4_code_under_every_scale_gemv():
