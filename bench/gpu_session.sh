@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, then the requested benchmarks; results under $OUT, each file named
 # <date>_<device>_<commit>_<what> (bench/provenance.py) so that it can go to bench/results/ as it is.
-#   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve spec targets native cp cp
+#   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve serve64 spec pipelined mtp fp4 \
+#     decode targets native cp
+# serve64: the c=64 level alone with its step trace kept (gzipped); mtp: bench/train_mtp.sh (train `small`, served
+# MTP vs plain, acceptance per draft position; MTP_STEPS must be what MTP_MINUTES reaches); fp4: the FP4 GEMMs and
+# grouped experts per kernel choice; decode: bench/decode_kernels.py at 1 and 64 rows.
 # cp: bench/cp_gpu.py (context parallelism) on every GPU nvidia-smi lists; its own <prefix>_cp_gpu.json/.txt.
 # A copy of the tree without git metadata needs the commit given: DSV4_COMMIT=$(git rev-parse --short=7 HEAD).
 set -u
@@ -43,6 +47,23 @@ for stage in "$@"; do
              --launch "python3 -m dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280 --trace ${P}_serve_trace.jsonl ${SERVE_FLAGS:-}" \
              ${SERVE_PEER:+--peer-launch "$SERVE_PEER"} ${SERVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_serve.txt"
            python3 bench/engine_trace.py "${P}_serve_trace.jsonl" --slowest 12 > "${P}_serve_trace_summary.txt" 2>&1; tail -25 "${P}_serve_trace_summary.txt" ;;
+    serve64) [ -f /tmp/flash4/config.json ] || python3 bench/serve.py --make-checkpoint /tmp/flash4 --preset flash4 2>&1 | tail -2
+           timeout ${SERVE_TIMEOUT:-300} python3 bench/serve.py --duration-limit ${SERVE_LEVEL_S:-12} \
+             --launch "python3 -m dsv4 serve --checkpoint /tmp/flash4 --max-batch 64 --max-seq-len 33280 --trace ${P}_serve_c64_trace.jsonl --step-token-budget 8256 --prefill-graphs 128 ${SERVE_FLAGS:-}" \
+             --concurrency 64 --prompt-len 1024 --max-tokens 256 --prefix-len 0 --client-procs 8 --json ${P}_serve_c64.json 2>&1 | tail -8 | tee ${P}_serve_c64.txt
+           python3 bench/engine_trace.py ${P}_serve_c64_trace.jsonl --slowest 16 > ${P}_serve_c64_trace_summary.txt 2>&1
+           head -24 ${P}_serve_c64_trace_summary.txt; gzip -f ${P}_serve_c64_trace.jsonl ;;
+    mtp) OUT=$OUT STEPS=${MTP_STEPS:-1300} MINUTES=${MTP_MINUTES:-4} SERVE_EXTRA="--num-draft ${MTP_DRAFTS:-3}" REQUESTS=4 \
+           N_DRAFTS="${MTP_ACC_DRAFTS:-1 3}" ACC_PROMPTS=4 ACC_TOKENS=160 SERVE_TIMEOUT=140 ACC_TIMEOUT=${MTP_ACC_TIMEOUT:-120} \
+           bash bench/train_mtp.sh 2>&1 | tail -40 ;;
+    pipelined) timeout ${SPEC_TIMEOUT:-240} python3 bench/spec_step_count.py --device cuda --dtype bf16 --preset ${SPEC_PRESET:-small} \
+            --time-steps 200 --acceptance ${SPEC_ACCEPTANCE:-0.76} --n-draft ${SPEC_DRAFTS:-3} --pipelined > "${P}_spec_step_pipelined.txt" 2>&1
+         tail -30 "${P}_spec_step_pipelined.txt" ;;
+    fp4) timeout ${FP4_TIMEOUT:-150} python3 bench/native_gemm.py --only fp4 --ms 1,2,4,16 --prefill-ms "" --moe-tokens "" --moe-per-expert "" \
+           --fp4-decode old words --fp4-gemv 64 --out ${P}_native_gemm_fp4.json 2>&1 | tail -30 | tee ${P}_native_gemm_fp4.txt
+         timeout ${FP4_TIMEOUT:-150} python3 bench/native_gemm.py --only moe --moe-tokens 1,2,8 --moe-per-expert 24 --moe-experts 32 \
+           --fp4-decode old words --experts-gemv ${FP4_MOE_ARGS:-} --out ${P}_native_gemm_moe.json 2>&1 | tail -30 | tee ${P}_native_gemm_moe.txt ;;
+    decode) timeout ${DECODE_TIMEOUT:-120} python3 bench/decode_kernels.py --rows 1 64 --context 1024 --out ${P}_decode_kernels.txt 2>&1 | tail -30 ;;
     spec) timeout ${SPEC_TIMEOUT:-240} python3 bench/spec_step_count.py --device cuda --dtype bf16 --preset ${SPEC_PRESET:-small} \
             --time-steps 200 --acceptance ${SPEC_ACCEPTANCE:-0.76} --no-row > "${P}_spec_step_${SPEC_PRESET:-small}.txt" 2>&1; tail -40 "${P}_spec_step_${SPEC_PRESET:-small}.txt" ;;
     cp) timeout ${CP_TIMEOUT:-280} python3 bench/cp_gpu.py --nproc $(nvidia-smi -L | grep -c '^GPU') ${CP_ARGS:-} \

@@ -72,12 +72,15 @@ L2_FLUSH_BYTES = 256 << 20   # weight copies per timed graph: together at least 
 
 @contextlib.contextmanager
 def fp4_decode(name: str):
-    """packed_linear.FP4_DECODE set to `name` (one of packed_linear.FP4_DECODES) inside the block."""
-    saved, packed_linear.FP4_DECODE = packed_linear.FP4_DECODE, name
+    """packed_linear.FP4_DECODE set to `name` (one of packed_linear.FP4_DECODES) inside the block, with the CUDA-core
+    GEMVs off (FP4_GEMV_MAX_M = 0, packed_experts.FP4_GEMV = False: they take few rows by default and have no
+    decode to choose), so that the tl.dot kernels' decode is what runs."""
+    saved = packed_linear.FP4_DECODE, packed_linear.FP4_GEMV_MAX_M, packed_experts.FP4_GEMV
+    packed_linear.FP4_DECODE, packed_linear.FP4_GEMV_MAX_M, packed_experts.FP4_GEMV = name, 0, False
     try:
         yield
     finally:
-        packed_linear.FP4_DECODE = saved
+        packed_linear.FP4_DECODE, packed_linear.FP4_GEMV_MAX_M, packed_experts.FP4_GEMV = saved
 
 
 @contextlib.contextmanager
