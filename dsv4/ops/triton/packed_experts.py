@@ -72,8 +72,13 @@ FP4_GEMV = True
 # the `words` kernels, but nothing is timed yet, so off (bench/native_gemm.py --experts-swap times both). Off, the
 # kernels and launches are exactly those without it.
 EXPERT_SWAP = False
-# Weight rows per program of the swapped kernels (the dot's M: a multiple of the 64 rows of one wgmma over 4 warps)
+# Weight rows per program of the swapped kernels (the dot's M: a multiple of the 64 rows of one wgmma over 4 warps).
+# 128 spills gate/up's registers at 64-pair tiles (Triton 3.6, sm_90).
 SWAP_BLOCK_W = 64
+# Pipeline stages of the swapped kernels: 2 keeps gate/up (two accumulators, two decoded tiles) at 130 / 170 / 225
+# registers for 16 / 32 / 64-pair tiles against 162 / 226 / 234 at 3, with 1-3% more instructions per K step
+# (bench/fp4_sass.py counts, not timed); down takes 93 / 123 / 155 at 2.
+SWAP_STAGES = 2
 
 def _rows(pairs: int, experts: int) -> int:
     """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from
@@ -366,10 +371,10 @@ def _swapped(x: torch.Tensor, tok: torch.Tensor, rw: torch.Tensor, active: torch
     _swap_gate_up_kernel[(slots, triton.cdiv(F, bw))](
         xs, tok, rw, active, offs, d1, s1, d3, s3, h, F, C, xs.stride(0), h.stride(0), float(swiglu_limit),
         d1.stride(0), s1.stride(0), d1.stride(1), s1.stride(1), BLOCK_W=bw, TOK=tk, CLAMP=swiglu_limit > 0,
-        IEEE=interpreted(), num_warps=4, num_stages=3)
+        IEEE=interpreted(), num_warps=4, num_stages=SWAP_STAGES)
     _swap_down_kernel[(slots, triton.cdiv(C, bw))](
         h, active, offs, d2, s2, y, C, F, h.stride(0), d2.stride(0), s2.stride(0), d2.stride(1), s2.stride(1),
-        BLOCK_W=bw, TOK=tk, IEEE=interpreted(), num_warps=4, num_stages=3)
+        BLOCK_W=bw, TOK=tk, IEEE=interpreted(), num_warps=4, num_stages=SWAP_STAGES)
     return y
 
 
