@@ -177,7 +177,8 @@ def expert_cases(tokens: list[int], experts_n: list[int], swap_w: list[int], dec
         for name in ("gate_up", "down"):
             for decode in decodes:
                 for bn in experts_n:
-                    flags = dict(BLOCK_N=bn, ROWS=tok, IEEE=False, DIRECT=False, SPLIT=1, REDUCE=1, DECODE=decode)
+                    flags = dict(BLOCK_N=bn, ROWS=tok, IEEE=False, DIRECT=False, SPLIT=1, REDUCE=1, DECODE=decode,
+                                 GEMV=False, WORDS=packed_linear.GEMV_WORDS)
                     if name == "gate_up":
                         flags["CLAMP"] = True
                     yield (f"{name:7s} {decode:5s} T {tok:2d} W {bn:3d}", getattr(packed_experts, f"_{name}_kernel"),

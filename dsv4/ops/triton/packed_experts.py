@@ -68,9 +68,11 @@ DIRECT_SPLIT: int | None = None
 # 2 (~60% of copy; bf16 grouped: 118.5 / 244.7 us). Off, the kernels compile exactly as without it.
 FP4_GEMV = True
 # The sorted-pairs kernels with the operands swapped (weights the dot's left, register operand; the pairs the right
-# one): static sm_90 counts (bench/fp4_sass.py --experts) drop the decoded weights' shared-memory round trip of
-# the `words` kernels, but nothing is timed yet, so off (bench/native_gemm.py --experts-swap times both). Off, the
-# kernels and launches are exactly those without it.
+# one). Static sm_90 counts (bench/fp4_sass.py --experts, Triton 3.6): no shared-memory traffic for the weights beyond
+# their raw bytes, and 8.2-9.4 K-loop instructions per weight against the `words` kernels' 10.7-19.1 (12.8 at the
+# 64-pair tiles that 16-32 pairs per expert run today), with more registers (gate/up 170 against 118 at 32 pairs).
+# Not timed yet, so off (bench/native_gemm.py --experts-swap times both). Off, the kernels and launches are exactly
+# those without it.
 EXPERT_SWAP = False
 # Weight rows per program of the swapped kernels (the dot's M: a multiple of the 64 rows of one wgmma over 4 warps).
 # 128 spills gate/up's registers at 64-pair tiles (Triton 3.6, sm_90).
