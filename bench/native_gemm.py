@@ -13,6 +13,8 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
                                 --fp4-decode old --fp4-gemv 32 64 128 [--configs]       # FP4 GEMV vs tl.dot
     python bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert "" --experts-split 1 2 4 \
                                 --experts-gemv                          # decode experts: GEMV vs tl.dot
+    python bench/native_gemm.py --only moe --moe-tokens "" --moe-per-expert 8,16,24,32,48,64 --moe-experts 32 \
+                                --experts-swap [64:2 64:3 64:1]         # sorted pairs: swapped operands vs not
 
 --experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
 once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
@@ -26,6 +28,12 @@ same weights and inputs; the row's own timing is the module's default decode (pa
 
 --experts-gemv times the grouped experts' direct (decode) kernels also on the CUDA-core GEMV (packed_experts.FP4_GEMV,
 one pair's row per program instead of a 16-row tl.dot tile), per --experts-split setting (auto without one).
+
+--experts-swap [W:STAGES ...] times the grouped experts' sorted-pairs (batched decode) register kernels, never
+dequantised (packed_experts.EXPERT_DEQUANT_MIN_PAIRS lifted), as they are and with the operands swapped
+(packed_experts.EXPERT_SWAP), once per setting of packed_experts.SWAP_BLOCK_W weight rows and SWAP_STAGES pipeline
+stages (default 64:2 64:3 64:1), on the same routings; the tiny CPU smoke run adds a routing of 8 pairs per expert
+for it.
 
 --fp4-gemv WORDS... times the FP4 GEMM rows of at most packed_linear.GEMV_MAX_ROWS activation rows also on the
 CUDA-core GEMV (packed_linear.linear_fp4_gemv, whatever FP4_GEMV_MAX_M says), once per K step of WORDS int32
@@ -285,13 +293,14 @@ def balanced_routing(N: int, E: int, k: int, g: torch.Generator) -> torch.Tensor
 
 def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps: float,
               per_expert: list[int] = (), splits: list[str] = (), decodes: list[str] = (),
-              gemv: bool = False) -> list[dict]:
+              gemv: bool = False, swaps: list[str] | None = None) -> list[dict]:
     """The grouped FP4 experts against the bf16 experts (dsv4.ops.moe_experts, as the bf16 model runs them) on
     the same routings; each timed graph calls them on `ROUTINGS` different random routings, so that the experts one
     call reads are not still in L2 from the call before. `splits`: K-split settings of the direct kernels timed
     side by side where a call takes that path ("auto" or a forced slice count), under each FP4 decode of `decodes`
     (packed_linear.FP4_DECODES; also timed on their own wherever the register kernels run); `gemv`: the same
-    settings ("auto" without `splits`) also with the direct kernels on the CUDA-core GEMV (packed_experts.FP4_GEMV)."""
+    settings ("auto" without `splits`) also with the direct kernels on the CUDA-core GEMV (packed_experts.FP4_GEMV);
+    `swaps` (None: not timed): the sorted pairs' register kernels as they are and swapped per "W:STAGES" (swap_case)."""
     from dsv4 import ops
     E, C, F, k = shape["E"], shape["C"], shape["F"], shape["k"]
     g = torch.Generator().manual_seed(1)
@@ -335,6 +344,9 @@ def moe_cases(shape: dict, tokens: list[int], dev: str, on_gpu: bool, copy_gbps:
         if splits and N * k <= packed_experts.DIRECT_MAX_PAIRS:
             row["experts_split"] = [split_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
                                                calls, on_gpu, d) for d in (decodes or [None]) for s in splits]
+        if swaps is not None and N * k > packed_experts.DIRECT_MAX_PAIRS:
+            row["experts_swap"] = [swap_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
+                                             calls, on_gpu) for s in [None, *swaps]]
         if gemv and N * k <= packed_experts.DIRECT_MAX_PAIRS:
             row["experts_gemv"] = [split_case(s, x, w1, w2, w3, idxs, rw, active * expert_bytes + io, copy_gbps,
                                               calls, on_gpu, gemv=True) for s in (splits or ["auto"])]
@@ -351,6 +363,42 @@ def decode_case(decode: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: 
     frac = nbytes / t / 1e6 / copy_gbps
     print(f"    fp4 decode {decode:7s}  {t * 1e3:8.1f} us  {frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
     return {"decode": decode, "ms": t, "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
+
+
+@contextlib.contextmanager
+def module_values(module, **values):
+    """The module's attributes set to `values` inside the block."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def swap_case(setting: str | None, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
+              on_gpu: bool) -> dict:
+    """The grouped FP4 experts' sorted pairs on the register kernels (not dequantised, whatever the pairs per
+    expert): as they are (setting None) or swapped (packed_experts.EXPERT_SWAP) with setting "W:STAGES"
+    (packed_experts.SWAP_BLOCK_W, SWAP_STAGES)."""
+    values = dict(EXPERT_DEQUANT_MIN_PAIRS=1 << 30, EXPERT_SWAP=setting is not None)
+    if setting is not None:
+        w, stages = (int(v) for v in setting.split(":"))
+        values.update(SWAP_BLOCK_W=w, SWAP_STAGES=stages)
+    with module_values(packed_experts, **values):
+        err = rel_l2(packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0),
+                     ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0))
+        t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
+    frac = nbytes / t / 1e6 / copy_gbps
+    N, k = idxs[0].shape
+    label = f"swap {setting}" if setting else "not swapped"
+    tokens = packed_experts.swap_tokens(N * k, w1.shape[0]) if setting else None
+    print(f"    experts {label:12s} (pair tile {tokens or '-'})  {t * 1e3:8.1f} us  {frac:6.1%} of copy  "
+          f"rel-L2 {err:.1e}", flush=True)
+    return {"setting": setting, "swap": setting is not None, "pair_tile": tokens, "ms": t, "frac_copy_bw": frac,
+            "rel_l2_vs_dequantised_reference": err}
 
 
 def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
@@ -398,6 +446,9 @@ def main() -> None:
                     help="also time the FP4 GEMV (M <= packed_linear.GEMV_MAX_ROWS) per K step of WORDS int32 words")
     ap.add_argument("--experts-gemv", action="store_true", help="also time the grouped FP4 experts' direct (decode) "
                     "kernels on the CUDA-core GEMV (packed_experts.FP4_GEMV), per --experts-split setting")
+    ap.add_argument("--experts-swap", nargs="*", metavar="W:STAGES", help="also time the grouped FP4 experts' "
+                    "sorted-pairs register kernels as they are and with swapped operands (packed_experts.EXPERT_SWAP) "
+                    "per SWAP_BLOCK_W:SWAP_STAGES setting (default 64:2 64:3 64:1)")
     ap.add_argument("--configs", action="store_true", help="also time candidate kernel configs per GEMM case")
     ap.add_argument("--only", choices=("gemm", "moe", "fp4"), help="run only the GEMM cases, only the grouped MoE, "
                     "or only the FP4 ones (the FP4 GEMMs and the grouped MoE)")
@@ -414,7 +465,10 @@ def main() -> None:
     moe_tokens = [5] if args.tiny_cpu else [int(n) for n in args.moe_tokens.split(",") if n]
     copy_gbps = copy_bandwidth(dev, on_gpu)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
-    per_expert = [1] if args.tiny_cpu else [int(t) for t in args.moe_per_expert.split(",") if t]
+    if args.experts_swap == []:
+        args.experts_swap = ["64:2", "64:3", "64:1"]
+    per_expert = ([1] + ([8] if args.experts_swap else [])) if args.tiny_cpu else [
+        int(t) for t in args.moe_per_expert.split(",") if t]
     results = []
     if args.only in (None, "gemm"):
         results += gemm_cases(FLASH_FP8 if on_gpu else TINY_FP8, "fp8", ms, dev, on_gpu, copy_gbps, args.configs)
@@ -426,9 +480,9 @@ def main() -> None:
         if args.moe_experts:
             shape["E"] = args.moe_experts
         results += moe_cases(shape, moe_tokens, dev, on_gpu, copy_gbps, per_expert, args.experts_split,
-                             args.fp4_decode, args.experts_gemv)
+                             args.fp4_decode, args.experts_gemv, args.experts_swap)
     doc = {**record(dev), "copy_gbps": copy_gbps, "tiny_cpu": args.tiny_cpu, "fp4_decodes": args.fp4_decode,
-           "fp4_gemv_words": args.fp4_gemv,
+           "fp4_gemv_words": args.fp4_gemv, "experts_swap": args.experts_swap,
            "results": results}
     path = args.out or result_path("native_gemm", device=dev)
     with open(path, "w") as f:

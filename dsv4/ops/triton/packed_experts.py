@@ -10,6 +10,13 @@ without tokens get no program, and nothing waits on the host (CUDA-graph captura
 gate/up (w1 and w3 in one pass, clamped SwiGLU and routing weight fused) and down (w2); the k slot outputs of a
 token are then summed in fp32 in slot order (experts.slot_sum), as the reference sums them.
 
+With EXPERT_SWAP the sorted pairs run on the swapped-operand kernels instead (_swap_gate_up_kernel,
+_swap_down_kernel): each program computes out^T = W[rows] @ X^T for 64 (SWAP_BLOCK_W) weight rows and a tile of
+16-64 of its expert's pairs, the decoded weights the tl.dot's left operand, which Hopper's wgmma reads from
+registers, and the pairs' activations the right one, the only operand in shared memory (fp4_swap_tile says how
+the weight tile reaches the wgmma register layout without a shared-memory round trip; the activations are read
+in the matching K order, swap_order).
+
 From EXPERT_DEQUANT_MIN_PAIRS (token, slot) pairs per expert on average (prefill), the experts are instead
 dequantised into a bf16 scratch stack (packed_dequant.py) and run by the bf16 experts op (ops.moe_experts: grouped
 CUTLASS GEMMs on Hopper), at most EXPERT_SCRATCH_BYTES of experts at a time.
@@ -27,6 +34,7 @@ from ..reference import packed as ref
 from .experts import slot_sum
 from .launch import falls_back_to, interpreted, multiprocessors
 from . import packed_linear
+from .packed_bits import e2m1_as_fp16, ue8m0_values
 from .packed_dequant import dequant_fp4
 from .packed_linear import (FP4_STEP, MAX_SPLIT, fp4_dot_step, fp4_gemv_dot, split_pair_sums, store_split,
                             swiglu_tile, tile_tickets)
@@ -59,6 +67,20 @@ DIRECT_SPLIT: int | None = None
 # (bench/native_gemm.py --experts-gemv, 32 experts): 55.6 us against 124.0 us at 1 token, 95.9 against 218.4 us at
 # 2 (~60% of copy; bf16 grouped: 118.5 / 244.7 us). Off, the kernels compile exactly as without it.
 FP4_GEMV = True
+# The sorted-pairs kernels with the operands swapped (weights the dot's left, register operand; the pairs the right
+# one). Static sm_90 counts (bench/fp4_sass.py --experts, Triton 3.6): no shared-memory traffic for the weights beyond
+# their raw bytes, and 8.2-9.4 K-loop instructions per weight against the `words` kernels' 10.7-19.1 (12.8 at the
+# 64-pair tiles that 16-32 pairs per expert run today), with more registers (gate/up 170 against 118 at 32 pairs).
+# Not timed yet, so off (bench/native_gemm.py --experts-swap times both). Off, the kernels and launches are exactly
+# those without it.
+EXPERT_SWAP = False
+# Weight rows per program of the swapped kernels (the dot's M: a multiple of the 64 rows of one wgmma over 4 warps).
+# 128 spills gate/up's registers at 64-pair tiles (Triton 3.6, sm_90).
+SWAP_BLOCK_W = 64
+# Pipeline stages of the swapped kernels: 2 keeps gate/up (two accumulators, two decoded tiles) at 130 / 170 / 225
+# registers for 16 / 32 / 64-pair tiles against 162 / 226 / 234 at 3, with 1-3% more instructions per K step
+# (bench/fp4_sass.py counts, not timed); down takes 93 / 123 / 155 at 2.
+SWAP_STAGES = 2
 
 def _rows(pairs: int, experts: int) -> int:
     """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from
@@ -210,6 +232,154 @@ def _down_kernel(h_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, part_ptr, c
             store_split(y, part_ptr, cnt_ptr, y_ptr, tl.where(rmask, rows, P), rn, P, C, SPLIT, REDUCE)
 
 
+@triton.jit
+def fp4_swap_tile(w_ptr, s_ptr, n0, N, kh0, GROUPS, rs_w, rs_s, BLOCK_W: tl.constexpr, DT: tl.constexpr):
+    """The FP4 weights of rows n0 .. n0 + BLOCK_W - 1 (masked at N), bytes kh0 .. kh0 + 63, decoded and scaled as
+    fp4_word_step's (in DT), as the left operand [BLOCK_W, 128] of a tl.dot in swap order: dot column
+    j = 8 m + 2 t + p holds k = 2 kh0 + 32 t + 2 m + p (t: the scale group, m: the byte in it, p: the nibble).
+
+    Why that order: the wgmma register operand of 4 warps (sm_90) gives the thread of lane l in warp w the rows
+    16 w + l // 4 (+ 8, + 64 per repeat) and the columns 2 (l % 4) + {0, 1} + 8 i, which in swap order are all of
+    one scale group's 16 bytes of each of its rows. So each thread loads its own 16 bytes (4 int32 words) and one
+    scale per row and decodes them where the dot wants them. The tile is loaded as [4 t, 8 rlo, 4 rw, BLOCK_W // 64
+    rhi, 2 rmid, 4 words] (row rlo + 8 rmid + 16 rw + 64 rhi) because Triton's coalesced layout for that shape gives
+    the lanes to (t, rlo), the warps to rw and the registers to (rhi, rmid, words): the same threads as the
+    operand's, so the permute and reshape into [BLOCK_W, 128] move no data between threads (the scale offsets are
+    marked non-contiguous so that their load takes that layout too, not one vectorised along t)."""
+    tl.static_assert(BLOCK_W % 64 == 0, "the swapped tile is whole 64-row wgmma tiles")
+    RH: tl.constexpr = BLOCK_W // 64
+    t = tl.arange(0, 4)[:, None, None, None, None, None]
+    rlo = tl.arange(0, 8)[None, :, None, None, None, None]
+    rw = tl.arange(0, 4)[None, None, :, None, None, None]
+    rhi = tl.arange(0, RH)[None, None, None, :, None, None]
+    rmid = tl.arange(0, 2)[None, None, None, None, :, None]
+    word = tl.arange(0, 4)[None, None, None, None, None, :]
+    row = n0 + rlo + 8 * rmid + 16 * rw + 64 * rhi                         # [1, 8, 4, RH, 2, 1]
+    q = kh0 // 16 + t                                                       # [4, 1, ...]: the scale group
+    m = (row < N) & (q < GROUPS)
+    wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + row.to(tl.int64) * (rs_w // 4) + q * 4 + word, mask=m,
+                 other=0)                                                   # [4, 8, 4, RH, 2, 4]
+    s_at = tl.max_contiguous(row.to(tl.int64) * rs_s + q, [1, 1, 1, 1, 1, 1])
+    s = ue8m0_values(tl.load(s_ptr + s_at, mask=m, other=0).to(tl.int32) + 14)   # as fp4_step's
+    # nibble 4 a + 2 b + c of a word lands at [..., a, b, c] (tl.join appends its pair as the last dim)
+    c = tl.join(tl.join(tl.join(wd & 0xF, (wd >> 16) & 0xF), tl.join((wd >> 8) & 0xF, (wd >> 24) & 0xF)),
+                tl.join(tl.join((wd >> 4) & 0xF, (wd >> 20) & 0xF), tl.join((wd >> 12) & 0xF, (wd >> 28) & 0xF)))
+    c = tl.reshape(c, (4, 8, 4, RH, 2, 4, 8))     # nibble n of word w: byte m = 4 w + n // 2, p = n % 2
+    v = (e2m1_as_fp16(c).to(tl.float32) * s[:, :, :, :, :, :, None]).to(DT)
+    v = tl.permute(tl.reshape(v, (4, 8, 4, RH, 2, 16, 2)), (3, 2, 4, 1, 5, 0, 6))   # [rhi, rw, rmid, rlo, m, t, p]
+    return tl.reshape(v, (BLOCK_W, 128))
+
+
+@triton.jit
+def _swap_col(f):
+    """Where column f of a row sits in swap order (swap_order): f = 128 b + 32 t + 2 m + p at 128 b + 8 m + 2 t + p."""
+    return (f // 128) * 128 + 8 * ((f % 32) // 2) + 2 * ((f % 128) // 32) + f % 2
+
+
+@triton.jit
+def _swap_dot(w, xt, acc, IEEE: tl.constexpr):
+    if IEEE:  # the interpreter: the same exact products as fp32 FMAs
+        return tl.dot(w, xt, acc, input_precision="ieee")
+    return tl.dot(w, xt, acc)
+
+
+@triton.jit
+def _swap_gate_up_kernel(xs_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, F, C,
+                         rs_x, rs_h, limit, we_stride, se_stride, rs_w, rs_s, BLOCK_W: tl.constexpr,
+                         TOK: tl.constexpr, CLAMP: tl.constexpr, IEEE: tl.constexpr):
+    """_gate_up_kernel's h for the sorted pairs, transposed: program (slot, j) takes rows j BLOCK_W .. of w1 and w3
+    and its expert's pairs TOK at a time, g^T and u^T [BLOCK_W, TOK] = dequant(w)[rows] @ x[pairs' tokens]^T over
+    one K loop (each activation tile read once for both), then the SwiGLU and routing weight as _gate_up_kernel's.
+    xs: the activations in swap order (swap_order: rows of rs_x >= C values, zero past C); h is stored in swap
+    order too (row stride rs_h), the order _swap_down_kernel reads it in."""
+    e, start, end = _expert_rows(active_ptr, offs_ptr, False)
+    n0 = tl.program_id(1) * BLOCK_W
+    rn = n0 + tl.arange(0, BLOCK_W)
+    DT = tl.float32 if IEEE else xs_ptr.dtype.element_ty
+    w1 = w1_ptr + e * we_stride
+    w3 = w3_ptr + e * we_stride
+    s1 = s1_ptr + e * se_stride
+    s3 = s3_ptr + e * se_stride
+    kk = tl.arange(0, 128)
+    for r0 in range(start, end, TOK):
+        rows = r0 + tl.arange(0, TOK)
+        rmask = rows < end
+        tok = tl.load(tok_ptr + rows, mask=rmask, other=0)
+        x_cols = xs_ptr + tok.to(tl.int64)[None, :] * rs_x                   # [1, TOK]
+        g = tl.zeros([BLOCK_W, TOK], tl.float32)
+        u = tl.zeros([BLOCK_W, TOK], tl.float32)
+        for kh0 in range(0, C // 2, 64):
+            xt = tl.load(x_cols + (2 * kh0 + kk)[:, None], mask=rmask[None, :], other=0.0).to(DT)   # [128, TOK]
+            g = _swap_dot(fp4_swap_tile(w1, s1, n0, F, kh0, C // 32, rs_w, rs_s, BLOCK_W, DT), xt, g, IEEE)
+            u = _swap_dot(fp4_swap_tile(w3, s3, n0, F, kh0, C // 32, rs_w, rs_s, BLOCK_W, DT), xt, u, IEEE)
+        h = swiglu_tile(g, u, limit, h_ptr.dtype.element_ty, CLAMP) * tl.load(rw_ptr + rows, mask=rmask,
+                                                                               other=0.0)[None, :]
+        tl.store(h_ptr + rows.to(tl.int64)[None, :] * rs_h + _swap_col(rn)[:, None], h.to(h_ptr.dtype.element_ty),
+                 mask=(rn < F)[:, None] & rmask[None, :])
+
+
+@triton.jit
+def _swap_down_kernel(hs_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, rs_h, we_stride, se_stride, rs_w,
+                      rs_s, BLOCK_W: tl.constexpr, TOK: tl.constexpr, IEEE: tl.constexpr):
+    """_down_kernel's y for the sorted pairs, transposed as _swap_gate_up_kernel's: y^T [BLOCK_W, TOK] =
+    dequant(w2)[rows] @ h[pairs]^T, h in swap order (zero past F), y [pairs, C] in natural order."""
+    e, start, end = _expert_rows(active_ptr, offs_ptr, False)
+    n0 = tl.program_id(1) * BLOCK_W
+    rn = n0 + tl.arange(0, BLOCK_W)
+    DT = tl.float32 if IEEE else hs_ptr.dtype.element_ty
+    w2 = w2_ptr + e * we_stride
+    s2 = s2_ptr + e * se_stride
+    kk = tl.arange(0, 128)
+    for r0 in range(start, end, TOK):
+        rows = r0 + tl.arange(0, TOK)
+        rmask = rows < end
+        h_cols = hs_ptr + rows.to(tl.int64)[None, :] * rs_h
+        acc = tl.zeros([BLOCK_W, TOK], tl.float32)
+        for kh0 in range(0, F // 2, 64):
+            ht = tl.load(h_cols + (2 * kh0 + kk)[:, None], mask=rmask[None, :], other=0.0).to(DT)
+            acc = _swap_dot(fp4_swap_tile(w2, s2, n0, C, kh0, F // 32, rs_w, rs_s, BLOCK_W, DT), ht, acc, IEEE)
+        tl.store(y_ptr + rows.to(tl.int64)[None, :] * C + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rn < C)[:, None] & rmask[None, :])
+
+
+def swap_order(x: torch.Tensor) -> torch.Tensor:
+    """x [R, K] with each 128-column block in swap order (fp4_swap_tile: position 8 m + 2 t + p holds column
+    32 t + 2 m + p), zero-padded to a whole number of blocks: the swapped kernels' activation layout."""
+    R, K = x.shape
+    KP = triton.cdiv(K, 128) * 128
+    if KP != K:
+        x = torch.nn.functional.pad(x, (0, KP - K))
+    return x.reshape(R, KP // 128, 4, 16, 2).transpose(2, 3).reshape(R, KP)
+
+
+def swap_tokens(pairs: int, experts: int) -> int:
+    """Pairs per tile of the swapped kernels (the dot's N): 16, 32 or 64, the smallest that holds the average
+    expert's pairs (an expert with more takes several tiles, each rereading its weights)."""
+    per = triton.cdiv(pairs, experts)
+    return 16 if per <= 16 else 32 if per <= 32 else 64
+
+
+def _swapped(x: torch.Tensor, tok: torch.Tensor, rw: torch.Tensor, active: torch.Tensor, offs: torch.Tensor,
+             w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3: Fp4GroupWeight, swiglu_limit: float) -> torch.Tensor:
+    """y [pairs, C] of the sorted pairs on the swapped kernels (x [N, C]; tok, rw, active, offs: _sorted_pairs')."""
+    P, (E, F, C) = tok.numel(), w1.shape
+    d1, s1, d3, s3, d2, s2 = (t.contiguous() for t in (w1.data, w1.scale, w3.data, w3.scale, w2.data, w2.scale))
+    xs = swap_order(x)
+    FP = triton.cdiv(F, 128) * 128
+    # h past F (in swap order: scattered over the last block) is read by down's last K step: zero, not garbage
+    h = (torch.empty if FP == F else torch.zeros)(P, FP, dtype=x.dtype, device=x.device)
+    y = torch.empty(P, C, dtype=x.dtype, device=x.device)
+    bw, tk, slots = SWAP_BLOCK_W, swap_tokens(P, E), active.numel()
+    _swap_gate_up_kernel[(slots, triton.cdiv(F, bw))](
+        xs, tok, rw, active, offs, d1, s1, d3, s3, h, F, C, xs.stride(0), h.stride(0), float(swiglu_limit),
+        d1.stride(0), s1.stride(0), d1.stride(1), s1.stride(1), BLOCK_W=bw, TOK=tk, CLAMP=swiglu_limit > 0,
+        IEEE=interpreted(), num_warps=4, num_stages=SWAP_STAGES)
+    _swap_down_kernel[(slots, triton.cdiv(C, bw))](
+        h, active, offs, d2, s2, y, C, F, h.stride(0), d2.stride(0), s2.stride(0), d2.stride(1), s2.stride(1),
+        BLOCK_W=bw, TOK=tk, IEEE=interpreted(), num_warps=4, num_stages=SWAP_STAGES)
+    return y
+
+
 def _sorted_pairs(idx: torch.Tensor, E: int):
     """(token of each expert-sorted pair, its position in the sorted order per pair, expert row offsets [E+1],
     the sort order, the used experts in order padded with -1 to min(E, pairs)), all on the device: the kernels'
@@ -268,6 +438,8 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
     else:
         tok, at, offs, order, active = _sorted_pairs(idx, E)
         rw = weights.reshape(-1)[order].float().contiguous()
+        if EXPERT_SWAP:
+            return slot_sum(_swapped(x, tok, rw, active, offs, w1, w2, w3, swiglu_limit), at, k)
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
     y = torch.empty(P, C, dtype=x.dtype, device=x.device)
     if P == 0:

@@ -163,3 +163,50 @@ def test_gpu_variants_are_recorded(_launches):
 
 def test_launches_build_for_gpus(native_build):
     native_build()
+
+
+def _uneven_routing(counts: list[int], k: int, E: int, g: torch.Generator) -> torch.Tensor:
+    """[N, k] distinct experts per token such that expert e gets counts[e] of the N * k pairs (sum(counts) = N * k):
+    the pairs listed expert by expert fill the tokens slot-major (pair i -> token i % N, slot i // N), which keeps
+    a token's k experts distinct while each count is at most N; then each token's slots are shuffled."""
+    N = sum(counts) // k
+    assert N * k == sum(counts) and max(counts) <= N
+    experts = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+    idx = experts.view(k, N).t()
+    return torch.stack([row[torch.randperm(k, generator=g)] for row in idx])
+
+
+@pytest.mark.parametrize("C, F, counts, limit", [
+    (160, 96, [17, 0, 5, 33, 1, 0, 9, 23], 7.0),   # K tails both ways (5 and 3 scale groups), 2-3 token tiles
+    (256, 192, [40, 40, 0, 12], 0.0),              # whole K steps, 64-row weight tiles + a 64-row tail of F = 192
+], ids=["tails", "whole-steps"])
+def test_fp4_experts_swapped(C, F, counts, limit, monkeypatch):
+    """The swapped-operand sorted-pairs kernels (EXPERT_SWAP): weights the dot's left operand in swap order,
+    activations pre-permuted, h stored and read in swap order. Uneven pairs per expert (token tiles of 16 or 32
+    with partial last tiles and experts spanning several tiles), experts without pairs, C and F not multiples of
+    128 (the zero-padded activations and h) or of the 64-row weight tile, with and without the clamp: the float64
+    reference within the other decode tests' tolerance."""
+    monkeypatch.setattr(tpe, "EXPERT_DEQUANT_MIN_PAIRS", 1 << 30)
+    monkeypatch.setattr(tpe, "EXPERT_SWAP", True)
+    g = gen(9)
+    E, k = len(counts), 2
+    w1, w2, w3 = _experts(E, F, C, g)
+    idx = _uneven_routing(counts, k, E, g).to(DEV)
+    assert torch.bincount(idx.flatten().cpu(), minlength=E).tolist() == counts
+    assert idx.numel() > tpe.DIRECT_MAX_PAIRS
+    x = randn(idx.shape[0], C, g=g, dtype=DT)
+    rw = torch.rand(*idx.shape, generator=g).to(DEV)
+    got = tri_moe(x, w1, w2, w3, idx, rw, limit)
+    assert rel_err(got, ref_moe(x.double(), w1, w2, w3, idx, rw.double(), limit)) < TOL * 10
+
+
+def test_swap_order():
+    """swap_order (the swapped kernels' activation layout): position 128 b + 8 m + 2 t + p holds column
+    128 b + 32 t + 2 m + p, and a width that is not a multiple of 128 is padded with zeros, which keep their own
+    places (the columns past K)."""
+    x = torch.arange(1, 257, dtype=torch.float32)[None, :]       # column c holds c + 1
+    j = torch.arange(256)
+    m, t, p = (j % 128) // 8, (j % 8) // 2, j % 2
+    want = (j // 128) * 128 + 32 * t + 2 * m + p + 1
+    assert torch.equal(tpe.swap_order(x)[0], want.float())
+    assert torch.equal(tpe.swap_order(x[:, :160])[0], torch.where(want <= 160, want, 0).float())
