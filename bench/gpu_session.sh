@@ -61,8 +61,8 @@ for stage in "$@"; do
          tail -30 "${P}_spec_step_pipelined.txt" ;;
     fp4) timeout ${FP4_TIMEOUT:-150} python3 bench/native_gemm.py --only fp4 --ms 1,2,4,16 --prefill-ms "" --moe-tokens "" --moe-per-expert "" \
            --fp4-decode old words --fp4-gemv 64 --out ${P}_native_gemm_fp4.json 2>&1 | tail -30 | tee ${P}_native_gemm_fp4.txt
-         timeout ${FP4_TIMEOUT:-150} python3 bench/native_gemm.py --only moe --moe-tokens 1,2,8 --moe-per-expert 24 --moe-experts 32 \
-           --fp4-decode old words --experts-gemv ${FP4_MOE_ARGS:-} --out ${P}_native_gemm_moe.json 2>&1 | tail -30 | tee ${P}_native_gemm_moe.txt ;;
+         timeout ${FP4_TIMEOUT:-150} python3 bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert 8,24,64 --moe-experts 32 \
+           --fp4-decode old words --experts-gemv ${FP4_MOE_ARGS:---experts-swap} --out ${P}_native_gemm_moe.json 2>&1 | tail -30 | tee ${P}_native_gemm_moe.txt ;;
     decode) timeout ${DECODE_TIMEOUT:-120} python3 bench/decode_kernels.py --rows 1 64 --context 1024 --out ${P}_decode_kernels.txt 2>&1 | tail -30 ;;
     spec) timeout ${SPEC_TIMEOUT:-240} python3 bench/spec_step_count.py --device cuda --dtype bf16 --preset ${SPEC_PRESET:-small} \
             --time-steps 200 --acceptance ${SPEC_ACCEPTANCE:-0.76} --no-row > "${P}_spec_step_${SPEC_PRESET:-small}.txt" 2>&1; tail -40 "${P}_spec_step_${SPEC_PRESET:-small}.txt" ;;
