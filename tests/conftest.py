@@ -15,6 +15,12 @@ if not torch.cuda.is_available():
     # kernel is defined, so it is set here, before any test imports dsv4 (and with it the kernels). Elsewhere it
     # changes nothing on the CPU: the dispatcher gives the Triton kernels CUDA tensors only.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+    # One intra-op thread per xdist worker (and per process a test starts): the workers already fill the cores, and
+    # the tests' tiny tensors gain nothing from a second thread, which mostly spins (tests/generate and tests/serve in
+    # one process on 2 cores: 7% faster with one thread, half the CPU time). An OMP_NUM_THREADS the caller set is kept.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 def assert_rel_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> float:
