@@ -24,7 +24,7 @@ P="$OUT/$(python3 bench/provenance.py)"   # <date>_<device>_<commit>: the prefix
 for stage in "$@"; do
   echo "=== $stage"; t0=$(date +%s)
   case $stage in
-    tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -v -rf --timeout ${TEST_TIMEOUT:-240} --durations 12 ${TESTS:-tests/gpu tests/ops} 2>&1 | tee "${P}_gpu_tests.txt" | tail -60 ;;
+    tests) timeout ${TESTS_TIMEOUT:-300} python3 -m pytest -n 0 -v -rf --timeout ${TEST_TIMEOUT:-240} --durations 12 ${TESTS:-tests/gpu tests/ops} 2>&1 | tee "${P}_gpu_tests.txt" | tail -60 ;;
     ablations) rm -rf /tmp/abl; timeout ${ABL_TIMEOUT:-480} python3 bench/train_ablations.py --out /tmp/abl --steps ${ABL_STEPS:-120} --parallel ${ABL_PAR:-1} \
                  --batch-size 16 --seq-len 512 2>&1 | tail -30 | tee "${P}_ablations.txt"; cp /tmp/abl/compare.png "${P}_ablations.png" ;;
     kernels) timeout ${KERNELS_TIMEOUT:-420} python3 bench/kernels.py ${KERNEL_PARTS:+--parts $KERNEL_PARTS} \
