@@ -243,14 +243,7 @@ def main() -> None:
         gemv = decode == "gemv"
         block_n = (args.gemv_n or packed_linear.GEMV_BLOCK_N[block_m > 1]) if gemv else args.block_n
         binary = cubin(decode, block_m, block_n, words=args.gemv_words)
-        path = os.path.join(out, f"fp4_{decode}_m{block_m}_n{block_n}.cubin")
-        with open(path, "wb") as f:
-            f.write(binary)
-        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
-        with open(path.replace(".cubin", ".sass"), "w") as f:
-            f.write(sass)
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-        regs = re.search(r"REG:(\d+)", usage).group(1)
+        sass, regs = disassemble(binary, os.path.join(out, f"fp4_{decode}_m{block_m}_n{block_n}.cubin"), cuobjdump)
         counts = loop_counts(sass)
         total = sum(counts.values())
         step = 8 * args.gemv_words if gemv else packed_linear.FP4_STEP
