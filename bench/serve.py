@@ -7,7 +7,7 @@ by the official `openai` client (AsyncOpenAI, streamed completions with stream_o
                           [--requests-per-level N] [--duration-limit S] [--prefix-len 32768] [--mtp-compare]
                           [--client-procs 4]
     python bench/serve.py --tiny-cpu          # smoke: a random tiny model served on the CPU, small lengths
-    python bench/serve.py --make-checkpoint /tmp/flash4 [--preset flash4|tiny] [--mtp-layers 1]
+    python bench/serve.py --make-checkpoint /tmp/flash4 [--preset flash4|tiny] [--mtp-layers 1] [--official]
 
 Measured per (server, prompt length, concurrency): TTFT p50/p99 (from the moment the client hands the encoded request
 to its HTTP transport to the first streamed chunk with a choice: the client's own building and JSON encoding of the
@@ -760,12 +760,15 @@ def table(result: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- tiny CPU
 
-def make_checkpoint(directory: str, preset: str = "tiny", mtp_layers: int | None = None) -> int:
+def make_checkpoint(directory: str, preset: str = "tiny", mtp_layers: int | None = None,
+                    official: bool = False) -> int:
     """A random-weights model with a small BPE tokenizer saved in `directory`; returns its vocab size.
 
     preset "tiny": the tiny preset with the tokenizer's vocab (fp32, for the CPU smoke). "flash4": the 4-layer
     V4-Flash geometry of bench/e2e.py (vocab 32768, bf16, built on the GPU when there is one); its ids beyond the
-    small tokenizer decode to empty text, which the benchmark does not read (it counts tokens from `usage`)."""
+    small tokenizer decode to empty text, which the benchmark does not read (it counts tokens from `usage`).
+    official: saved as the official checkpoints store it (FP4 routed experts, FP8 projections), which `dsv4 serve`
+    holds natively on a GPU (--weights auto)."""
     import torch
 
     import dsv4
@@ -781,7 +784,8 @@ def make_checkpoint(directory: str, preset: str = "tiny", mtp_layers: int | None
     if mtp_layers is not None:
         cfg = cfg.replace(n_mtp_layers=mtp_layers)
     model = dsv4.Transformer(cfg).init_weights(seed=1)  # on the CPU: saving needs no GPU
-    dsv4.save_model(model, directory, dtype=dtype)
+    formats = dict(expert_format="fp4", fp8_weights=True) if official else {}
+    dsv4.save_model(model, directory, dtype=dtype, **formats)
     return cfg.vocab_size
 
 
@@ -837,6 +841,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(--preset) for --launch, then exit")
     p.add_argument("--preset", default="flash4", choices=["flash4", "tiny"], help="model of --make-checkpoint")
     p.add_argument("--mtp-layers", type=int, help="MTP blocks of the --make-checkpoint model (default: the preset's)")
+    p.add_argument("--official", action="store_true",
+                   help="save the --make-checkpoint model in the official formats (FP4 experts, FP8 projections)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="result file (default: bench/results/<date>_<device>_<commit>_serve.json)")
     args = p.parse_args(argv)
@@ -866,7 +872,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.make_checkpoint:
-        vocab = make_checkpoint(args.make_checkpoint, args.preset, args.mtp_layers)
+        vocab = make_checkpoint(args.make_checkpoint, args.preset, args.mtp_layers, args.official)
         print(f"saved a random {args.preset} model (vocab {vocab}) with a tokenizer in {args.make_checkpoint}")
         return 0
     tmp = None

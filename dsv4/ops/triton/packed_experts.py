@@ -23,6 +23,8 @@ CUTLASS GEMMs on Hopper), at most EXPERT_SCRATCH_BYTES of experts at a time.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -71,9 +73,9 @@ FP4_GEMV = True
 # one). Static sm_90 counts (bench/fp4_sass.py --experts, Triton 3.6): no shared-memory traffic for the weights beyond
 # their raw bytes, and 8.2-9.4 K-loop instructions per weight against the `words` kernels' 10.7-19.1 (12.8 at the
 # 64-pair tiles that 16-32 pairs per expert run today), with more registers (gate/up 170 against 118 at 32 pairs).
-# Not timed yet, so off (bench/native_gemm.py --experts-swap times both). Off, the kernels and launches are exactly
-# those without it.
-EXPERT_SWAP = False
+# Not timed yet, so off unless DSV4_EXPERT_SWAP=1 (a served model's switch; bench/native_gemm.py --experts-swap
+# times both in one process). Off, the kernels and launches are exactly those without it.
+EXPERT_SWAP = os.environ.get("DSV4_EXPERT_SWAP", "0") == "1"
 # Weight rows per program of the swapped kernels (the dot's M: a multiple of the 64 rows of one wgmma over 4 warps).
 # 128 spills gate/up's registers at 64-pair tiles (Triton 3.6, sm_90).
 SWAP_BLOCK_W = 64
