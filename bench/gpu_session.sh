@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve serve64 spec pipelined mtp fp4 \
 #     decode targets native cp
 # serve64: the c=64 level alone with its step trace kept (gzipped); serve64n: the same, the model in the official
-# formats served natively (DSV4_EXPERT_SWAP=1: on the swapped expert kernels); mtp: bench/train_mtp.sh (train `small`, served
+# formats served natively (DSV4_EXPERT_SWAP=1: on the swapped expert kernels); SERVE_TAG: a suffix for their files; mtp: bench/train_mtp.sh (train `small`, served
 # MTP vs plain, acceptance per draft position; MTP_STEPS must be what MTP_MINUTES reaches); fp4: the FP4 GEMMs and
 # grouped experts per kernel choice; decode: bench/decode_kernels.py at 1 and 64 rows.
 # cp: bench/cp_gpu.py (context parallelism) on every GPU nvidia-smi lists; its own <prefix>_cp_gpu.json/.txt.
@@ -49,7 +49,7 @@ for stage in "$@"; do
              ${SERVE_PEER:+--peer-launch "$SERVE_PEER"} ${SERVE_ARGS:-} 2>&1 | tail -60 | tee "${P}_serve.txt"
            python3 bench/engine_trace.py "${P}_serve_trace.jsonl" --slowest 12 > "${P}_serve_trace_summary.txt" 2>&1; tail -25 "${P}_serve_trace_summary.txt" ;;
     serve64|serve64n) # serve64n: the same model saved in the official formats, served natively (FP4 experts, FP8)
-           if [ $stage = serve64n ]; then C=/tmp/flash4n; T=c64_native; F=--official; else C=/tmp/flash4; T=c64; F=; fi
+           if [ $stage = serve64n ]; then C=/tmp/flash4n; T=c64_native${SERVE_TAG:-}; F=--official; else C=/tmp/flash4; T=c64${SERVE_TAG:-}; F=; fi
            [ -f $C/config.json ] || python3 bench/serve.py --make-checkpoint $C --preset flash4 $F 2>&1 | tail -2
            timeout ${SERVE_TIMEOUT:-300} python3 bench/serve.py --duration-limit ${SERVE_LEVEL_S:-12} \
              --launch "python3 -m dsv4 serve --checkpoint $C --max-batch 64 --max-seq-len 33280 --trace ${P}_serve_${T}_trace.jsonl --step-token-budget 8256 --prefill-graphs 128 ${SERVE_FLAGS:-}" \
