@@ -13,9 +13,11 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export DSV4_RESULTS_DIR="$OUT"   # the bench scripts' default result folder
-if [ -d .whl ]; then
+if [ -f /tmp/site/.dsv4_wheels ]; then   # installed by an earlier stage of this machine: reinstalling under a
+  export PYTHONPATH=/tmp/site:$PWD        # process that imports from /tmp/site would pull files from under it
+elif [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || export PYTHONPATH=$PWD
+    && touch /tmp/site/.dsv4_wheels && export PYTHONPATH=/tmp/site:$PWD || export PYTHONPATH=$PWD
 else
   export PYTHONPATH=$PWD
 fi
