@@ -71,11 +71,11 @@ DIRECT_SPLIT: int | None = None
 FP4_GEMV = True
 # The sorted-pairs kernels with the operands swapped (weights the dot's left, register operand; the pairs the right
 # one). Static sm_90 counts (bench/fp4_sass.py --experts, Triton 3.6): no shared-memory traffic for the weights beyond
-# their raw bytes, and 8.2-9.4 K-loop instructions per weight against the `words` kernels' 10.7-19.1 (12.8 at the
-# 64-pair tiles that 16-32 pairs per expert run today), with more registers (gate/up 170 against 118 at 32 pairs).
-# Not timed yet, so off unless DSV4_EXPERT_SWAP=1 (a served model's switch; bench/native_gemm.py --experts-swap
-# times both in one process). Off, the kernels and launches are exactly those without it.
-EXPERT_SWAP = os.environ.get("DSV4_EXPERT_SWAP", "0") == "1"
+# their raw bytes, and 8.2-9.4 K-loop instructions per weight against the `words` kernels' 10.7-19.1, with more
+# registers (gate/up 170 against 118 at 32 pairs). Served (bench/gpu_session.sh serve64n, H100, the bench/e2e.py
+# geometry in the official formats at 64 rows, 24 pairs per expert): decode step p50 3.63 ms swapped against 3.95 ms.
+# On unless DSV4_EXPERT_SWAP=0 (bench/native_gemm.py --experts-swap times both in one process).
+EXPERT_SWAP = os.environ.get("DSV4_EXPERT_SWAP", "1") == "1"
 # Weight rows per program of the swapped kernels (the dot's M: a multiple of the 64 rows of one wgmma over 4 warps).
 # 128 spills gate/up's registers at 64-pair tiles (Triton 3.6, sm_90).
 SWAP_BLOCK_W = 64

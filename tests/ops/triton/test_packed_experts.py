@@ -27,8 +27,9 @@ def _experts(E, F, C, g):
 def test_fp4_experts(N, C, F, E, k, limit, decode, monkeypatch):
     """The register kernels (the 64-row-tile case is past the prefill threshold, where test_packed_dequant.py
     tests the dequantised path), with every FP4 decode (packed_linear.FP4_DECODE; F = 96: a partial
-    last K step of the down kernel)."""
+    last K step of the down kernel); the sorted pairs on the unswapped kernels, which the decodes are of."""
     monkeypatch.setattr(tpe, "EXPERT_DEQUANT_MIN_PAIRS", 1 << 30)
+    monkeypatch.setattr(tpe, "EXPERT_SWAP", False)
     monkeypatch.setattr(packed_linear, "FP4_DECODE", decode)
     g = gen()
     w1, w2, w3 = _experts(E, F, C, g)
@@ -41,9 +42,12 @@ def test_fp4_experts(N, C, F, E, k, limit, decode, monkeypatch):
     assert rel_err(got, want) < TOL * 10
 
 
-def test_fp4_experts_empty_experts_and_partial_tiles():
+@pytest.mark.parametrize("swap", [False, True], ids=["unswapped", "swapped"])
+def test_fp4_experts_empty_experts_and_partial_tiles(swap, monkeypatch):
     """Most experts unused (no program for them), tokens per expert not a multiple of the 16-row tile (17, 23, 6:
-    partial last tiles), an expert with two tiles, and a routing with more experts than pairs."""
+    partial last tiles), an expert with two tiles, and a routing with more experts than pairs; on both sorted-pairs
+    kernels."""
+    monkeypatch.setattr(tpe, "EXPERT_SWAP", swap)
     g = gen(5)
     E, C, F = 8, 64, 96
     w1, w2, w3 = _experts(E, F, C, g)
@@ -55,7 +59,8 @@ def test_fp4_experts_empty_experts_and_partial_tiles():
         assert rel_err(got, ref_moe(x.double(), w1, w2, w3, rows, rw.double(), 7.0)) < TOL * 10
 
 
-def test_fp4_experts_direct_pairs_match_sorted(monkeypatch):
+@pytest.mark.parametrize("swap", [False, True], ids=["unswapped", "swapped"])
+def test_fp4_experts_direct_pairs_match_sorted(swap, monkeypatch):
     """Decode's pairs (<= DIRECT_MAX_PAIRS) run in place, one pair per program, unsorted: two tokens sharing
     experts 2 and 5, and int32 ids; the same values as the sorted kernels (which sum a token's slots in the same
     order) and the float64 reference."""
@@ -66,6 +71,7 @@ def test_fp4_experts_direct_pairs_match_sorted(monkeypatch):
     x = randn(2, C, g=g, dtype=DT)
     rw = torch.rand(2, 3, generator=g).to(DEV)
     assert idx.numel() <= tpe.DIRECT_MAX_PAIRS
+    monkeypatch.setattr(tpe, "EXPERT_SWAP", swap)
     direct = tri_moe(x, w1, w2, w3, idx, rw, 7.0)
     monkeypatch.setattr(tpe, "DIRECT_MAX_PAIRS", 0)
     sorted_ = tri_moe(x, w1, w2, w3, idx, rw, 7.0)
