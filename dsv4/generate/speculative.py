@@ -672,6 +672,11 @@ class SpeculativeDecoder:
             table = self._stop_tables[key] = _stop_table(stop_ids, self.device)
         return table
 
+    def graph_count(self) -> int:
+        """CUDA graphs this decoder holds: MTP forwards, fused greedy steps and single-row steps (the verify
+        graphs of batched sampled steps are the caller's, `step_rows`' verifier)."""
+        return len(self._mtp_graphs) + len(self._fused_graphs) + sum(bool(key[2]) for key in self._row_steps)
+
     def drop_graphs(self) -> None:
         """Forget the captured MTP forwards, fused steps and single-row steps (after a failed step: they are captured
         afresh; a row whose state lived in a forgotten single-row step is copied out of it at its next step)."""

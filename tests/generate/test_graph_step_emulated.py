@@ -148,6 +148,7 @@ def test_single_greedy_row_replays_one_graph_per_step(monkeypatch, n_draft):
         if graphed:
             assert not dec._mtp_graphs and not dec._fused_graphs          # no other graph
             assert [g.graph for _, g, _, _ in dec._row_steps.values()] == ["emulated"]
+            assert dec.graph_count() == 1
             assert replays[3:] == [1] * (len(replays) - 3)                 # (2 eager calls, then the capture)
         runs.append((out, _cache_tensors(dec.cache) + _cache_tensors(dec.mtp_cache)))
     (o1, c1), (o2, c2) = runs
