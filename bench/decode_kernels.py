@@ -4,6 +4,7 @@ one row prefilled, then copied), then graph replays of one decode step under tor
 
     python bench/decode_kernels.py [--rows 1 64] [--context 1024] [--steps 20] [--top 25]
     python bench/decode_kernels.py --prefill 8192 [--prefill-rows 1 8]   # prefill: R rows of 8192 / R tokens each
+    python bench/decode_kernels.py --native [--rows 1 64]   # the same model in the official formats, held natively
 
 For each row count: the step's wall time without the profiler, the GPU's busy time per step, and the kernels
 grouped by name (time per step, share of the kernel time, launches per step), each also put in a class (MoE experts,
@@ -12,6 +13,8 @@ model's parameters and the bandwidth a step would need to read them once in its 
 `--prefill N` profiles instead one eager prefill forward of N tokens split over R rows (R sequences of N / R tokens
 into an empty cache of R rows), the serving engine's batched prefill at the model level, so that a prefill of
 8 x 1K can be set against one of 1 x 8K kernel by kernel.
+`--native` profiles the same random model written in the official formats (FP4 routed experts, FP8 projections;
+bench/native_model.py's write_official) and loaded with its weights held natively, as `dsv4 serve` holds them.
 Writes bench/results/<date>_<device>_<commit>_decode_kernels.txt (or _prefill_kernels.txt; or --out).
 """
 from __future__ import annotations
@@ -86,6 +89,20 @@ def profile_prefill(model, rows: int, tokens: int, steps: int) -> tuple[float, d
     return profiled(run, steps)
 
 
+def native(model):
+    """`model` written in the official formats to a temporary folder and loaded back with native weights."""
+    import tempfile
+
+    import dsv4
+    from native_model import write_official   # bench/native_model.py
+    with tempfile.TemporaryDirectory() as path:
+        write_official(model, path)
+        device = next(model.parameters()).device
+        del model
+        torch.cuda.empty_cache()
+        return dsv4.load_model(path, device=device, weights="native").eval()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 64])
@@ -94,14 +111,22 @@ def main() -> None:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--prefill", type=int, default=0, help="profile a prefill of this many tokens instead")
     p.add_argument("--prefill-rows", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--native", action="store_true",
+                   help="the model in the official formats (FP4 experts, FP8 projections), held natively")
     p.add_argument("--out")
     a = p.parse_args()
     model = build_model()
-    param_bytes = sum(t.numel() * t.element_size() for t in model.parameters())
-    out = a.out or result_path("prefill_kernels" if a.prefill else "decode_kernels", "txt")
+    if a.native:
+        model = native(model)
+    param_bytes = sum(t.numel() * t.element_size() for t in model.parameters()) + sum(
+        t.numel() * t.element_size() for t in model.buffers())
+    kind = "native" if a.native else ""
+    out = a.out or result_path(("prefill_kernels" if a.prefill else "decode_kernels") + (f"_{kind}" if kind else ""),
+                               "txt")
     what = f"prefill of {a.prefill} tokens" if a.prefill else f"decode at context {a.context}"
-    lines = [f"# {torch.cuda.get_device_name()}, flash4 (bf16, random weights), {what}; parameters "
-             f"{param_bytes / 1e9:.2f} GB"]
+    weights = "official formats held natively" if a.native else "bf16"
+    lines = [f"# {torch.cuda.get_device_name()}, flash4 ({weights}, random weights), {what}; parameters and "
+             f"buffers {param_bytes / 1e9:.2f} GB"]
     steps = max(2, a.steps // 5) if a.prefill else a.steps
     for rows in a.prefill_rows if a.prefill else a.rows:
         if a.prefill:
