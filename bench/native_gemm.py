@@ -383,7 +383,7 @@ def swap_case(setting: str | None, x, w1, w2, w3, idxs, rw, nbytes: float, copy_
     """The grouped FP4 experts' sorted pairs on the register kernels (not dequantised, whatever the pairs per
     expert): as they are (setting None) or swapped (packed_experts.EXPERT_SWAP) with setting "W:STAGES"
     (packed_experts.SWAP_BLOCK_W, SWAP_STAGES)."""
-    values = dict(EXPERT_DEQUANT_MIN_PAIRS=1 << 30, EXPERT_SWAP=setting is not None)
+    values = dict(EXPERT_DEQUANT_MIN_PAIRS=1 << 30, EXPERT_SWAP=setting is not None, SWAP_MIN_PAIRS=0)
     if setting is not None:
         w, stages = (int(v) for v in setting.split(":"))
         values.update(SWAP_BLOCK_W=w, SWAP_STAGES=stages)

@@ -10,8 +10,8 @@ without tokens get no program, and nothing waits on the host (CUDA-graph captura
 gate/up (w1 and w3 in one pass, clamped SwiGLU and routing weight fused) and down (w2); the k slot outputs of a
 token are then summed in fp32 in slot order (experts.slot_sum), as the reference sums them.
 
-With EXPERT_SWAP the sorted pairs run on the swapped-operand kernels instead (_swap_gate_up_kernel,
-_swap_down_kernel): each program computes out^T = W[rows] @ X^T for 64 (SWAP_BLOCK_W) weight rows and a tile of
+With EXPERT_SWAP, from SWAP_MIN_PAIRS pairs per expert, the sorted pairs run on the swapped-operand kernels
+instead (_swap_gate_up_kernel, _swap_down_kernel): each program computes out^T = W[rows] @ X^T for 64 (SWAP_BLOCK_W) weight rows and a tile of
 16-64 of its expert's pairs, the decoded weights the tl.dot's left operand, which Hopper's wgmma reads from
 registers, and the pairs' activations the right one, the only operand in shared memory (fp4_swap_tile says how
 the weight tile reaches the wgmma register layout without a shared-memory round trip; the activations are read
@@ -44,11 +44,11 @@ from .packed_linear import (FP4_STEP, MAX_SPLIT, fp4_dot_step, fp4_gemv_dot, spl
 # Pairs per expert (on average over all E) from which the experts are dequantised to bf16 and run by the dense
 # experts op. Dequantising one expert's three matrices moves 2.5 bytes per weight (FP4 read, bf16 written) and the
 # bf16 GEMMs then read 2: ~47 us per V4-Flash expert (25M weights) at 2.4 TB/s, flat up to the ~250 tokens where
-# a bf16 expert turns compute-bound. The register kernels cost ~15 us per matrix (~45 us per expert) at <= 16
-# tokens and grow with every 16/64-token tile (bench/native_gemm.py: 35 us per matrix at 32 tokens), so the copy
-# wins from ~16-32 tokens per expert; 32 keeps batch-64 decode of a 16-expert model (24 per expert) and every
-# decode of a 256-expert one on the register kernels, and the dequantisation to <= 1/4 of each expert's time.
-EXPERT_DEQUANT_MIN_PAIRS = 32
+# a bf16 expert turns compute-bound. The swapped register kernels (EXPERT_SWAP) cost per tile of 64 of an expert's
+# pairs: on an H100 (bench/native_gemm.py --experts-swap, 16 V4-Flash experts, k = 6) a layer took 327 us at 24
+# pairs per expert and 566 us at 65 (two tiles), where the dequantised path took 1,225 us; at ~4 tiles the two
+# meet. 128 keeps every decode batch and the small prefill chunks on the register kernels.
+EXPERT_DEQUANT_MIN_PAIRS = 128
 # (token, slot) pairs up to which each pair gets its own programs, in place (decode: batch 1-2 at k = 6), instead
 # of sorting the pairs by expert on the device: the sort is ~20 small launches (argsort, counts, cumsums, scatters:
 # tens of us per layer even inside a CUDA graph, more than the few us of one V4-Flash FP4 expert's 12.6 MB it
@@ -76,6 +76,10 @@ FP4_GEMV = True
 # geometry in the official formats at 64 rows, 24 pairs per expert): decode step p50 3.63 ms swapped against 3.95 ms.
 # On unless DSV4_EXPERT_SWAP=0 (bench/native_gemm.py --experts-swap times both in one process).
 EXPERT_SWAP = os.environ.get("DSV4_EXPERT_SWAP", "1") == "1"
+# Pairs per expert (on average) from which the swapped kernels run: below, their 16-pair tiles were ~8% slower
+# than the unswapped kernels' (H100, 16 experts: 305 against 281 us at 2 per expert, 309 against 287 at 8); from
+# 16 on, where both take larger tiles, faster (327 against 452 us at 24, 566 against 591 at 65).
+SWAP_MIN_PAIRS = 16
 # Weight rows per program of the swapped kernels (the dot's M: a multiple of the 64 rows of one wgmma over 4 warps).
 # 128 spills gate/up's registers at 64-pair tiles (Triton 3.6, sm_90).
 SWAP_BLOCK_W = 64
@@ -440,7 +444,7 @@ def moe_experts_fp4(x: torch.Tensor, w1: Fp4GroupWeight, w2: Fp4GroupWeight, w3:
     else:
         tok, at, offs, order, active = _sorted_pairs(idx, E)
         rw = weights.reshape(-1)[order].float().contiguous()
-        if EXPERT_SWAP:
+        if EXPERT_SWAP and P >= SWAP_MIN_PAIRS * E:
             return slot_sum(_swapped(x, tok, rw, active, offs, w1, w2, w3, swiglu_limit), at, k)
     h = torch.empty(P, F, dtype=x.dtype, device=x.device)
     y = torch.empty(P, C, dtype=x.dtype, device=x.device)

@@ -48,6 +48,7 @@ def test_fp4_experts_empty_experts_and_partial_tiles(swap, monkeypatch):
     partial last tiles), an expert with two tiles, and a routing with more experts than pairs; on both sorted-pairs
     kernels."""
     monkeypatch.setattr(tpe, "EXPERT_SWAP", swap)
+    monkeypatch.setattr(tpe, "SWAP_MIN_PAIRS", 0)
     g = gen(5)
     E, C, F = 8, 64, 96
     w1, w2, w3 = _experts(E, F, C, g)
@@ -72,6 +73,7 @@ def test_fp4_experts_direct_pairs_match_sorted(swap, monkeypatch):
     rw = torch.rand(2, 3, generator=g).to(DEV)
     assert idx.numel() <= tpe.DIRECT_MAX_PAIRS
     monkeypatch.setattr(tpe, "EXPERT_SWAP", swap)
+    monkeypatch.setattr(tpe, "SWAP_MIN_PAIRS", 0)
     direct = tri_moe(x, w1, w2, w3, idx, rw, 7.0)
     monkeypatch.setattr(tpe, "DIRECT_MAX_PAIRS", 0)
     sorted_ = tri_moe(x, w1, w2, w3, idx, rw, 7.0)
@@ -194,6 +196,7 @@ def test_fp4_experts_swapped(C, F, counts, limit, monkeypatch):
     reference within the other decode tests' tolerance."""
     monkeypatch.setattr(tpe, "EXPERT_DEQUANT_MIN_PAIRS", 1 << 30)
     monkeypatch.setattr(tpe, "EXPERT_SWAP", True)
+    monkeypatch.setattr(tpe, "SWAP_MIN_PAIRS", 0)
     g = gen(9)
     E, k = len(counts), 2
     w1, w2, w3 = _experts(E, F, C, g)
