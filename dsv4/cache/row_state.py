@@ -62,15 +62,17 @@ class RowStateCopy:
             raise ValueError(f"the row holds {cache.lengths()[0]} tokens, not the {n} to be stored")
         cache.check_intact()
         self.n = n
-        layers = cache.layers
+        layers, rows = cache.layer_rows()   # (the row in its parent's layers: a row view makes no layer views here)
+        row = rows[0]
         self.ratios = [layer.ratio for layer in layers]
         # (members [(layer, attribute)], the row's copy [L_s, ...]) per stack
-        self._stacks = [(s.members, s.t.select(s.bdim, 0).detach().clone()) for s in (*cache._rings, *cache._state_stacks)]
+        self._stacks = [(s.members, s.t.select(s.bdim, 0).detach().clone())
+                        for s in (*cache._rings, *cache._state_stacks)]
         groups: dict[tuple, tuple[list[str], list[torch.Tensor]]] = {}
         for i, layer in enumerate(layers):
-            for rows, tag in ((layer.entry_rows, "entries"), (layer.key_rows, "keys")):
-                if rows is not None:
-                    part = rows.buf[0, : n // layer.ratio]
+            for store, tag in ((layer.entry_rows, "entries"), (layer.key_rows, "keys")):
+                if store is not None:
+                    part = store.buf[row, : n // layer.ratio]
                     names, parts = groups.setdefault((part.dtype, part.shape[1:]), ([], []))
                     names.append(f"{i}.{tag}")
                     parts.append(part)
