@@ -182,6 +182,8 @@ def measure_step(model, rows: int, length: int, max_tokens: int, repeats: int, c
         try:
             if counter is not None:
                 counter.__enter__()
+            if engine.device.type == "cuda":   # (the step's wait for earlier results: none left, host time alone)
+                torch.cuda.synchronize()
             parts.restart()
             t0 = time.perf_counter()
             engine.step()
@@ -283,7 +285,7 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    model = dsv4.Transformer(tiny_flash4()).init_weights(seed=0).to(device=device, dtype=dtype).eval()
+    model = dsv4.Transformer(tiny_flash4()).init_weights(seed=0).to(device).to_dtype(dtype).eval()
     lines = [f"# bench/mixed_step_host.py {' '.join(sys.argv[1:])}: {json.dumps(record(args.device))}, torch "
              f"{torch.__version__}, {torch.get_num_threads()} thread(s)"]
 
