@@ -5,8 +5,10 @@ The trace is cut into segments at idle gaps longer than `--gap` seconds (a load 
 warm-up), and each segment's wall time (first step's start to last step's end) is split into: steps that only
 decoded, steps that ran prompt chunks (with or without decode rows), and idle time between steps (the engine
 waiting for requests, or for the GIL). Per kind of step: count, total and p50/p90/p99 ms; the host part before the
-decode's launch, the waits for device results and the hand-out of results; the share of decode steps that ran
-fewer rows than the engine's batch; tokens emitted and output tok/s over the segment.
+decode's launch, the waits for device results and the hand-out of results; the engine thread's CPU time outside
+those waits (`cpu_ms`) and the rest (`off_cpu_ms` = ms - wait - cpu: the thread runnable but not running, e.g.
+while the HTTP server's thread holds the GIL); the share of decode steps that ran fewer rows than the engine's
+batch; tokens emitted and output tok/s over the segment.
 
     python bench/engine_trace.py TRACE.jsonl [--gap 1.0] [--min-steps 20] [--slowest 10] [--json]
 
@@ -64,6 +66,10 @@ def summarise(steps: list[dict], max_batch: int | None) -> dict:
                       wait_ms_p50=pct([s["wait_ms"] for s in ks], 0.5),
                       deliver_ms_p50=pct([s["deliver_ms"] for s in ks], 0.5),
                       other_host_ms_p50=pct([s["ms"] - s["wait_ms"] - s["deliver_ms"] for s in ks], 0.5))
+        timed = [s for s in ks if s.get("cpu_ms") is not None]   # (traces from before cpu_ms have none)
+        if timed:   # the engine thread on the CPU outside its waits, and neither running nor waiting for the device
+            out[k].update(cpu_ms_p50=pct([s["cpu_ms"] for s in timed], 0.5),
+                          off_cpu_ms_p50=pct([s["ms"] - s["wait_ms"] - s["cpu_ms"] for s in timed], 0.5))
         launched = [s["host_ms"] for s in ks if s["host_ms"] is not None]
         if launched:
             out[k].update(host_before_launch_ms_p50=pct(launched, 0.5), host_before_launch_ms_p99=pct(launched, 0.99))
@@ -126,7 +132,8 @@ def report(name: str, s: dict) -> str:
     for k in ("decode", "prefill", "mixed", "empty"):
         if k in s:
             d = s[k]
-            extra = "".join(f", {key} {d[key]}" for key in ("host_before_launch_ms_p50", "host_before_launch_ms_p99",
+            extra = "".join(f", {key} {d[key]}" for key in ("cpu_ms_p50", "off_cpu_ms_p50",
+                                                           "host_before_launch_ms_p50", "host_before_launch_ms_p99",
                                                            "decode_rows_p50", "graph_share",
                                                            "under_full_batch_share") if key in d)
             lines.append(f"  {k:7s} {s[k + '_steps']:6d} steps, {d['ms_total']:9.1f} ms: p50 {d['ms_p50']} p90 "

@@ -185,6 +185,14 @@ class KVCache:
             self._layers, self._layer_rows = [layer.select(rows) for layer in parents], None
         return self._layers
 
+    def layer_rows(self) -> tuple[list[LayerCache], range]:
+        """(layer caches, the rows of their batch this cache is): the parent's layers and this view's rows while
+        the view's own layer views are not made (reading a row's records then makes none), else its own and all."""
+        if self._layers is None:
+            parents, rows = self._layer_rows
+            return parents, range(parents[0].window_rows.buf.shape[0])[rows] if parents else range(0)
+        return self._layers, range(len(self._host))
+
     @layers.setter
     def layers(self, value: list[LayerCache]) -> None:
         self._layers, self._layer_rows = value, None

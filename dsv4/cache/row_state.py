@@ -12,8 +12,8 @@ import torch
 
 from .kv_cache import KVCache
 
-__all__ = ["row_state", "restore_row_state", "restore_row_pieces", "state_nbytes", "copy_tensors", "clone_tensors",
-           "GROWING"]
+__all__ = ["row_state", "RowStateCopy", "restore_row_state", "restore_row_pieces", "state_nbytes", "copy_tensors",
+           "clone_tensors", "GROWING"]
 
 GROWING = (".entries", ".keys")   # the tensors that grow with n (one record per `ratio` tokens); the rest is
                                   # fixed-size (window ring, compressor states)
@@ -43,6 +43,61 @@ def row_state(cache: KVCache, n: int, start: int = 0) -> dict[str, torch.Tensor]
             if st is not None:
                 out[f"{i}.{tag}.kv"], out[f"{i}.{tag}.score"] = st.kv[0], st.score[0]
     return {k: v.detach() for k, v in out.items()}
+
+
+_STATE_TAGS = {"compressor_state": "cstate", "indexer_state": "istate"}
+
+
+class RowStateCopy:
+    """A copy of `row_state(cache, n)` of a one-row cache, taken in few ops: the row of each stacked tensor (every
+    layer's window ring of one shape, every compressor state of one layout: dsv4.cache.stacks) in one copy, and the
+    compressed entries and indexer keys of all layers in one `cat` per record width and dtype. `tensors()` gives
+    row_state's names and order, views of these copies, made when first asked for: a serving engine copies a row the
+    moment its request ends (per-tensor Python there costs ~60 tensor calls a row on a 4-layer model) and reads the
+    names later, when it stores the copy. The copies are this object's own: nothing else shares their memory."""
+
+    def __init__(self, cache: KVCache, n: int):
+        _check_one_row(cache, "row_state")
+        if cache.lengths() != [n]:
+            raise ValueError(f"the row holds {cache.lengths()[0]} tokens, not the {n} to be stored")
+        cache.check_intact()
+        self.n = n
+        layers, rows = cache.layer_rows()   # (the row in its parent's layers: a row view makes no layer views here)
+        row = rows[0]
+        self.ratios = [layer.ratio for layer in layers]
+        # (members [(layer, attribute)], the row's copy [L_s, ...]) per stack
+        self._stacks = [(s.members, s.t.select(s.bdim, 0).detach().clone())
+                        for s in (*cache._rings, *cache._state_stacks)]
+        groups: dict[tuple, tuple[list[str], list[torch.Tensor]]] = {}
+        for i, layer in enumerate(layers):
+            for store, tag in ((layer.entry_rows, "entries"), (layer.key_rows, "keys")):
+                if store is not None:
+                    part = store.buf[row, : n // layer.ratio]
+                    names, parts = groups.setdefault((part.dtype, part.shape[1:]), ([], []))
+                    names.append(f"{i}.{tag}")
+                    parts.append(part)
+        # (names, their record counts, the records of all of them in one tensor) per width and dtype
+        self._growing = [(names, [p.shape[0] for p in parts], torch.cat(parts).detach())
+                         for names, parts in groups.values()]
+        self._tensors: dict[str, torch.Tensor] | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The copy as row_state names it (views of this object's tensors; made once)."""
+        if self._tensors is None:
+            named: dict[str, torch.Tensor] = {}
+            for members, t in self._stacks:
+                for j, (li, attr) in enumerate(members):
+                    if attr in _STATE_TAGS:
+                        tag = _STATE_TAGS[attr]
+                        named[f"{li}.{tag}.kv"], named[f"{li}.{tag}.score"] = t[j, 0], t[j, 1]
+                    else:
+                        named[f"{li}.window"] = t[j]
+            for names, sizes, flat in self._growing:
+                named.update(zip(names, flat.split(sizes)))
+            order = [f"{i}.{k}" for i in range(len(self.ratios))
+                     for k in ("window", "entries", "keys", "cstate.kv", "cstate.score", "istate.kv", "istate.score")]
+            self._tensors = {k: named[k] for k in order if k in named}
+        return self._tensors
 
 
 def restore_row_state(cache: KVCache, tensors: dict[str, torch.Tensor], n: int) -> None:

@@ -1,10 +1,10 @@
 """All layers' window rings, and all compressor states of one shape, kept in one tensor each, so that a
 speculative step's checkpoint and rollback (dsv4.cache.rollback) are one op per kind of tensor, not one per layer.
 
-Each layer's RowStore.buf (window ring) and CompressorState.kv / .score alias a slice of a stack: rings
-[L, B, W, record], states [L, 2, B, R, width] (kv, score). A layer's tensor is contiguous and used as before;
-writes through either name land in the same memory. Entry and indexer-key stores are not stacked (their sizes
-differ by ratio and a rollback leaves them alone).
+Each layer's RowStore.buf (window ring) and CompressorState.kv / .score (and .pair, the two as one tensor) alias a
+slice of a stack: rings [L, B, W, record], states [L, 2, B, R, width] (kv, score). A layer's tensor is contiguous
+and used as before; writes through either name land in the same memory. Entry and indexer-key stores are not
+stacked (their sizes differ by ratio and a rollback leaves them alone).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class Stack:
                 layer.window_rows.buf = _alias(self.t, (i,))
             else:
                 st = getattr(layer, attr)
-                st.kv, st.score = _alias(self.t, (i, 0)), _alias(self.t, (i, 1))
+                st.kv, st.score, st.pair = _alias(self.t, (i, 0)), _alias(self.t, (i, 1)), _alias(self.t, (i,))
 
     def states(self, layers: list) -> list:
         """The members' CompressorState objects (state stacks), in stack order."""

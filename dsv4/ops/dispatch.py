@@ -124,6 +124,8 @@ def _outside_autocast(fn: Callable) -> Callable:
     """fn with autocast turned off for the device of its first tensor argument (`__wrapped__` is fn)."""
     @functools.wraps(fn)
     def run(*args, **kwargs):
+        if not torch._C._is_any_autocast_enabled():   # (inference: one check, not a walk over the arguments)
+            return fn(*args, **kwargs)
         dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         if not torch.is_autocast_enabled(dev):
             return fn(*args, **kwargs)

@@ -909,9 +909,11 @@ class Engine:
         """Send each request its token and finish the requests that are done. A request that ended since the
         step was sampled (cancelled, failed, or, with overlap, done one step before: its row ran once more) is
         skipped."""
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.thread_time() if self.trace is not None else 0.0
         host = pending.copy.wait() if pending.copy is not None else _to_host(pending.fetch)
         waited = time.perf_counter()
+        if self.trace is not None:
+            self.trace.waited(waited - t, time.thread_time() - cpu)
         reqs, want = pending.reqs, pending.want
         chosen, finite = host[0], host[1]
         logprob = dict(zip(want, host[2])) if want else {}
@@ -944,7 +946,6 @@ class Engine:
                 self._finish(req, event)
                 finished += 1
         if self.trace is not None:
-            self.trace.add("wait_ms", 1e3 * (waited - t))
             self.trace.add("deliver_ms", 1e3 * (time.perf_counter() - waited))
             self.trace.add("emitted", emitted)
             self.trace.add("finished", finished)

@@ -79,7 +79,7 @@ import numpy as np
 import torch
 
 from ..cache import KVCache
-from ..cache.row_state import GROWING, clone_tensors, restore_row_pieces, row_state, state_nbytes
+from ..cache.row_state import GROWING, RowStateCopy, clone_tensors, restore_row_pieces, row_state, state_nbytes
 from ..errors import InvalidArgument
 from ..generate.fingerprint import model_fingerprint
 from ..generate.prefix_store import TAIL, PrefixStore, store_fingerprint
@@ -135,15 +135,24 @@ class _Entry:
 
 @dataclasses.dataclass(eq=False)
 class RowSnapshot:
-    """A copy of a one-row cache's state holding `tokens` (`PrefixCache.snapshot`): the tokens (int64 ids), the row
-    state's tensors, each layer's compression ratio (to cut the compressed entries past a stored parent), the row's
-    cache, whose storage formats (not its contents, which have moved on) key the entry, and a copy of the tail to
-    store with it (or None)."""
+    """A copy of a one-row cache's state holding `tokens` (`PrefixCache.snapshot`): the tokens (int64 ids), the copy
+    of the row's state (`RowStateCopy`: its tensors named when first read, by `state`), the row's cache, whose
+    storage formats (not its contents, which have moved on) key the entry, and a copy of the tail to store with it
+    (or None)."""
     tokens: np.ndarray
-    state: dict[str, torch.Tensor]
-    ratios: list[int]
+    copy: RowStateCopy
     formats: KVCache
     tail: dict[str, torch.Tensor] | None = None
+
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The row state's tensors by name (views of the copy)."""
+        return self.copy.tensors()
+
+    @property
+    def ratios(self) -> list[int]:
+        """Each layer's compression ratio (to cut the compressed entries past a stored parent)."""
+        return self.copy.ratios
 
     def piece(self, start: int) -> dict[str, torch.Tensor]:
         """`row_state(row, n, start)` of the row as it was: the compressed entries and indexer keys past the
@@ -296,16 +305,16 @@ class PrefixCache:
     def snapshot(self, cache_row: KVCache, tokens: Sequence[int],
                  tail: dict[str, torch.Tensor] | None = None) -> "RowSnapshot":
         """A copy, taken now, of the state of a one-row cache that holds exactly `tokens` (and of `tail`, as `save`
-        takes it), for `save_snapshot` to store later, once the row has moved on: one allocation and a few grouped
-        copies queued on the device (no wait for it, no hashing, no lookup), so a server can take it the moment a
-        request ends, or a prompt's last chunk has run, and leave the rest of the save for later."""
+        takes it), for `save_snapshot` to store later, once the row has moved on: a few copies queued on the device
+        (`RowStateCopy`: one per stacked tensor and per kind of compressed record; no wait for the device, no
+        hashing, no lookup, no per-tensor views), so a server can take it the moment a request ends, or a prompt's
+        last chunk has run, and leave the rest of the save for later."""
         _check_row(cache_row, "snapshot")
         if cache_row.lengths() != [len(tokens)]:
             raise InvalidArgument(f"PrefixCache.snapshot: the row holds {cache_row.lengths()[0]} tokens, "
                                   f"not the {len(tokens)} given")
         ids = _ids(tokens)
-        return RowSnapshot(ids.copy() if ids is tokens else ids, clone_tensors(row_state(cache_row, len(ids))),
-                           [layer.ratio for layer in cache_row.layers], cache_row,
+        return RowSnapshot(ids.copy() if ids is tokens else ids, RowStateCopy(cache_row, len(ids)), cache_row,
                            {k: v.detach().clone() for k, v in tail.items()} if tail is not None else None)
 
     def save_snapshot(self, snap: "RowSnapshot") -> None:

@@ -16,6 +16,9 @@ step:
   deliver_ms  handing results out (stop checks, events pushed to streams), waits excluded
   save_ms   prefix-cache saves at requests' ends: the row-state copies taken when they end (within deliver_ms)
             and the saves stored after the step's launches
+  cpu_ms    the engine thread's CPU time in the step outside its waits for device results: ms - wait_ms - cpu_ms is
+            time the thread was runnable but not running (another thread held the GIL: the HTTP server's event
+            loop; or the OS ran something else), which host-side savings in the engine cannot recover
   decode_rows  rows the decode fed (live requests; free rows riding along excluded), graph: the decode replayed a
             CUDA graph (its bucket), prefill_tokens / prefill_rows / prefill_forwards: the prompt chunks run
   emitted   tokens handed to request streams; finished: requests that ended; queue: requests waiting for a row
@@ -42,11 +45,11 @@ class StepTrace:
         self.flush_every = flush_every
         self._last_end: float | None = None
         self.rec: dict | None = None
-        self._t0 = 0.0
+        self._t0 = self._c0 = self._wait_cpu = 0.0
 
     def begin(self) -> None:
         now = time.perf_counter()
-        self._t0 = now
+        self._t0, self._c0, self._wait_cpu = now, time.thread_time(), 0.0
         self.rec = dict(t=round(time.time(), 6), ms=0.0,
                         idle_ms=None if self._last_end is None else round(1e3 * (now - self._last_end), 3),
                         host_ms=None, wait_ms=0.0, deliver_ms=0.0, save_ms=0.0, decode_rows=0, graph=None,
@@ -56,6 +59,13 @@ class StepTrace:
         """The step's decode is about to be launched (the first call of a step counts)."""
         if self.rec is not None and self.rec["host_ms"] is None:
             self.rec["host_ms"] = round(1e3 * (time.perf_counter() - self._t0), 3)
+
+    def waited(self, wall_s: float, cpu_s: float) -> None:
+        """A wait for device results: `wall_s` seconds, of which the thread spent `cpu_s` on the CPU (a CUDA event's
+        synchronize may spin), kept out of cpu_ms."""
+        if self.rec is not None:
+            self.rec["wait_ms"] += 1e3 * wall_s
+            self._wait_cpu += cpu_s
 
     def add(self, key: str, value) -> None:
         if self.rec is not None:
@@ -72,6 +82,7 @@ class StepTrace:
             return
         rec.update(fields)
         rec["ms"] = round(1e3 * (now - self._t0), 3)
+        rec["cpu_ms"] = round(1e3 * (time.thread_time() - self._c0 - self._wait_cpu), 3)
         rec["wait_ms"] = round(rec["wait_ms"], 3)
         rec["deliver_ms"] = round(rec["deliver_ms"], 3)
         rec["save_ms"] = round(rec["save_ms"], 3)

@@ -158,6 +158,8 @@ def test_step_trace_accounts_for_every_step_and_token(model, tmp_path, overlap):
     assert sum(s["prefill_tokens"] for s in steps) == sum(map(len, ps))
     assert sum(s["decode_rows"] for s in steps) == engine.stats()["decode_tokens"]
     assert all(s["ms"] >= s["wait_ms"] + s["deliver_ms"] - 1e-3 for s in steps)
+    # the thread's CPU time outside its waits: within the step's wall time less the waits (clock granularity aside)
+    assert all(0 <= s["cpu_ms"] <= s["ms"] - s["wait_ms"] + 0.5 for s in steps) and any(s["cpu_ms"] for s in steps)
     assert all((s["host_ms"] is None) == (s["decode_rows"] == 0) for s in steps)
     assert steps[-1]["running"] == 0 and steps[-1]["pending"] == 0
     assert any(s["pending"] for s in steps) == overlap     # results handed out a step late only with overlap
@@ -169,5 +171,7 @@ def test_step_trace_accounts_for_every_step_and_token(model, tmp_path, overlap):
     assert all(item["before"] == (steps[item["index"] - 1] if item["index"] else None) for item in summary["slowest"])
     assert summary["steps"] == len(steps) and summary["tokens"] == 24
     assert summary["decode_steps"] + summary["prefill_steps"] + summary["mixed_steps"] == len(steps)
+    assert all("cpu_ms_p50" in summary[k] and "off_cpu_ms_p50" in summary[k]
+               for k in ("decode", "prefill", "mixed") if summary[k + "_steps"])
     span = 1e3 * (steps[-1]["t"] - steps[0]["t"]) + steps[-1]["ms"]
     assert abs(summary["step_ms_total"] + summary["idle_ms_total"] - span) < 0.05 * span + 1
