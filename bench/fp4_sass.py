@@ -5,7 +5,7 @@ decode (packed_linear.FP4_DECODES) asks of the SMs, to read next to bench/native
     python bench/fp4_sass.py [--block-m 16 64] [--block-n 64] [--decodes old words] [--keep DIR]
                              [--gemv-m 1 2 4] [--gemv-n 32] [--gemv-words 64]
     python bench/fp4_sass.py --experts [--tokens 16 32 64] [--experts-n 32 64] [--swap-w 64 128]
-                             [--decodes old words]
+                             [--swap-split 1 2 4] [--swap-maxnreg 0 168] [--decodes old words]
 
 "gemv" among --decodes compiles the few-row CUDA-core kernel (packed_linear._fp4_gemv_kernel, no tensor cores)
 instead, once per --gemv-m activation-row count (its BLOCK_M), with --gemv-n weight rows (default: as
@@ -14,11 +14,14 @@ packed_linear.gemv_config picks) and --gemv-words int32 words per row per K step
 --experts compiles the grouped FP4 experts' sorted-pairs kernels instead (packed_experts: gate/up with its SwiGLU,
 and down), per --tokens tile of an expert's pairs: the current ones (_gate_up_kernel, _down_kernel: ROWS pairs x
 BLOCK_N weight rows, per --experts-n and FP4 decode of --decodes) and the swapped ones (_swap_gate_up_kernel,
-_swap_down_kernel: BLOCK_W weight rows x TOK pairs, per --swap-w). Their loop is the innermost one around the
-tensor-core instructions (the K loop inside the loop over token tiles); per weight = per weight decoded per thread
-in one K step (gate/up decodes w1 and w3), and the shared-memory bytes per weight show whether the decoded weights
-go through shared memory (the raw FP4 bytes, copied in by cp.async and read back once by their own thread, are
-0.5 B per weight).
+_swap_down_kernel: BLOCK_W weight rows x TOK pairs, per --swap-w, per --swap-split K split (SPLIT; every split > 1
+compiles to the same code, the slice count being the grid's) and per --swap-maxnreg register cap (Triton's maxnreg,
+0 = none)). Their loop is the innermost one around the tensor-core instructions (the K loop inside the loop over
+token tiles); per weight = per weight decoded per thread in one K step (gate/up decodes w1 and w3), and the
+shared-memory bytes per weight show whether the decoded weights go through shared memory (the raw FP4 bytes, copied
+in by cp.async and read back once by their own thread, are 0.5 B per weight). Each row also gives the kernel's stack
+frame (spilled registers; cuobjdump's STACK) and the programs of 4 warps an sm_90 SM holds at its registers and
+shared memory (`resident`): the occupancy the registers buy.
 
 Each kernel is compiled as a launch would specialise it (pointers and N, K, row strides divisible by 16: without
 that Triton cannot vectorise the byte loads and the counts mean nothing). The loop is the longest backward branch
@@ -70,24 +73,42 @@ EXPERT_SIGNATURES = {
     "_swap_gate_up_kernel": dict(xs_ptr="*bf16", tok_ptr="*i32", rw_ptr="*fp32", active_ptr="*i32",
                                  offs_ptr="*i32", w1_ptr="*u8", s1_ptr="*u8", w3_ptr="*u8", s3_ptr="*u8",
                                  h_ptr="*bf16", F="i32", C="i32", rs_x="i32", rs_h="i32", limit="fp32",
-                                 we_stride="i32", se_stride="i32", rs_w="i32", rs_s="i32"),
+                                 we_stride="i32", se_stride="i32", rs_w="i32", rs_s="i32", part_ptr="*fp32",
+                                 cnt_ptr="*i32", P="i32", STEPS_PER="i32"),
     "_swap_down_kernel": dict(hs_ptr="*bf16", active_ptr="*i32", offs_ptr="*i32", w2_ptr="*u8", s2_ptr="*u8",
                               y_ptr="*bf16", C="i32", F="i32", rs_h="i32", we_stride="i32", se_stride="i32",
-                              rs_w="i32", rs_s="i32"),
+                              rs_w="i32", rs_s="i32", part_ptr="*fp32", cnt_ptr="*i32", P="i32", STEPS_PER="i32"),
 }
 EXPERTS_ALIGNED = (*_EXPERT_INTS, "STEPS_PER", "rs_x", "rs_h")
 
 
-def compile_cubin(kernel, signature: dict, constexprs: dict, aligned, warps: int = 4, stages: int = 3) -> bytes:
-    """The sm_90 cubin of `kernel` with the runtime arguments of `signature` (constexprs added as such), the
-    pointers and the integers named in `aligned` marked multiples of 16 (as a launch specialises them)."""
+def compile_kernel(kernel, signature: dict, constexprs: dict, aligned, warps: int = 4, stages: int = 3,
+                   maxnreg: int | None = None):
+    """The sm_90 compiled kernel of `kernel` with the runtime arguments of `signature` (constexprs added as such),
+    the pointers and the integers named in `aligned` marked multiples of 16 (as a launch specialises them);
+    `maxnreg`: Triton's register cap (None: the compiler's choice)."""
     signature = {**signature, **{name: "constexpr" for name in constexprs}}
     names = list(signature)
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names
              if signature[n].startswith("*") or n in aligned}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages})
-    return compiled.asm["cubin"]
+    options = {"num_warps": warps, "num_stages": stages, **({"maxnreg": maxnreg} if maxnreg else {})}
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options=options)
+
+
+def compile_cubin(kernel, signature: dict, constexprs: dict, aligned, warps: int = 4, stages: int = 3) -> bytes:
+    """The sm_90 cubin of compile_kernel's kernel."""
+    return compile_kernel(kernel, signature, constexprs, aligned, warps, stages).asm["cubin"]
+
+
+def resident(registers: int, shared: int, warps: int = 4) -> int:
+    """Programs of `warps` warps an sm_90 SM holds at `registers` per thread (allocated per warp in units of 256 of
+    its 65536) and `shared` bytes of shared memory each (228 KB per SM, 1 KB of it reserved per program), at most
+    32 programs and 64 warps."""
+    per_warp = 256 * -(-32 * registers // 256)
+    by_registers = 65536 // per_warp // warps
+    by_shared = 233472 // (shared + 1024)
+    return min(by_registers, by_shared, 32, 64 // warps)
 
 
 def cubin(decode: str, block_m: int, block_n: int, warps: int = 4, stages: int = 4, words: int = 64) -> bytes:
@@ -168,11 +189,19 @@ def disassemble(binary: bytes, path: str, cuobjdump: str) -> tuple[str, str]:
     return sass, re.search(r"REG:(\d+)", usage).group(1)
 
 
-def expert_cases(tokens: list[int], experts_n: list[int], swap_w: list[int], decodes: list[str]):
-    """(label, kernel, constexprs, weight rows per K step, matrices decoded per K step, pipeline stages as launched)
-    of the grouped experts' sorted-pairs kernels: the current ones per FP4 decode and BLOCK_N, the swapped ones per
-    BLOCK_W, per token tile. The current gate/up runs one K loop per matrix (w1, then w3, each reading the
-    activations); the swapped one decodes both in one."""
+def stack_bytes(path: str, cuobjdump: str) -> int:
+    """The per-thread stack frame of a cubin (where spilled registers go; 0 without spills)."""
+    usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def expert_cases(tokens: list[int], experts_n: list[int], swap_w: list[int], decodes: list[str],
+                 swap_splits: list[int] = (1,), swap_maxnreg: list[int | None] = (None,)):
+    """(label, kernel, constexprs, weight rows per K step, matrices decoded per K step, pipeline stages as launched,
+    register cap) of the grouped experts' sorted-pairs kernels: the current ones per FP4 decode and BLOCK_N, the
+    swapped ones per BLOCK_W, K split (SPLIT; REDUCE as packed_experts._swapped picks it) and register cap, per
+    token tile. The current gate/up runs one K loop per matrix (w1, then w3, each reading the activations); the
+    swapped one decodes both in one."""
     for tok in tokens:
         for name in ("gate_up", "down"):
             for decode in decodes:
@@ -182,32 +211,40 @@ def expert_cases(tokens: list[int], experts_n: list[int], swap_w: list[int], dec
                     if name == "gate_up":
                         flags["CLAMP"] = True
                     yield (f"{name:7s} {decode:5s} T {tok:2d} W {bn:3d}", getattr(packed_experts, f"_{name}_kernel"),
-                           flags, bn, 1, 3)
+                           flags, bn, 1, 3, None)
+            mats = 2 if name == "gate_up" else 1
             for bw in swap_w:
-                flags = dict(BLOCK_W=bw, TOK=tok, IEEE=False, **({"CLAMP": True} if name == "gate_up" else {}))
-                yield (f"{name:7s} swap  T {tok:2d} W {bw:3d}", getattr(packed_experts, f"_swap_{name}_kernel"),
-                       flags, bw, 2 if name == "gate_up" else 1, packed_experts.SWAP_STAGES)
+                for split in swap_splits:
+                    for cap in swap_maxnreg:
+                        flags = dict(BLOCK_W=bw, TOK=tok, IEEE=False, **({"CLAMP": True} if name == "gate_up" else {}))
+                        flags.update(SPLIT=split, SUB=packed_experts.SWAP_SUM_ROWS)
+                        label = f"{name:7s} swap  T {tok:2d} W {bw:3d} S {split:2d}" + (f" R {cap}" if cap else "")
+                        yield (label, getattr(packed_experts, f"_swap_{name}_kernel"), flags, bw, mats,
+                               packed_experts.SWAP_STAGES, cap)
 
 
 def experts_main(args, cuobjdump: str, out: str) -> None:
     """--experts: one line per expert kernel and tile, then its K loop's memory instructions."""
-    print("kernel  decode tokens x weight rows | K-loop instructions, per weight per thread, registers | shared-memory"
-          " bytes per weight: read (LDS+LDSM), written (STS+STSM)", flush=True)
-    for label, kernel, flags, rows, mats, stages in expert_cases(args.tokens, args.experts_n, args.swap_w,
-                                                                 args.decodes):
+    print("kernel  decode tokens x weight rows [S split] [R register cap] | K-loop instructions, per weight per "
+          "thread, registers (stack bytes: spills), programs per SM (resident) | shared-memory bytes per weight: read (LDS+LDSM), "
+          "written (STS+STSM)", flush=True)
+    for label, kernel, flags, rows, mats, stages, cap in expert_cases(
+            args.tokens, args.experts_n, args.swap_w, args.decodes, args.swap_split, args.swap_maxnreg):
         signature = EXPERT_SIGNATURES[kernel.fn.__name__]
         path = os.path.join(out, "_".join(label.split()) + ".cubin")
-        sass, regs = disassemble(compile_cubin(kernel, signature, flags, EXPERTS_ALIGNED, stages=stages), path,
-                                 cuobjdump)
+        compiled = compile_kernel(kernel, signature, flags, EXPERTS_ALIGNED, stages=stages, maxnreg=cap)
+        sass, regs = disassemble(compiled.asm["cubin"], path, cuobjdump)
         counts = loop_counts(sass, innermost=True)
         total = sum(counts.values())
         weights = mats * rows * packed_linear.FP4_STEP // (32 * 4)        # per thread per K step
         _, traffic = memory_counts(sass, innermost=True)
         read = (traffic["LDS"] + traffic["LDSM"]) / weights
         written = (traffic["STS"] + traffic["STSM"]) / weights
-        print(f"{label} {stages} stages | {total:5d} instr, {total / weights:5.2f} / weight, {regs:>3s} regs | smem "
-              f"read {read:5.2f} "
-              f"B / weight, written {written:5.2f} B / weight", flush=True)
+        spill = stack_bytes(path, cuobjdump)
+        ctas = resident(int(regs), compiled.metadata.shared)
+        print(f"{label} {stages} stages | {total:5d} instr, {total / weights:5.2f} / weight, {regs:>3s} regs "
+              f"({spill} B stack), {ctas} / SM | smem read {read:5.2f} B / weight, written {written:5.2f} B / weight",
+              flush=True)
         print(memory_line(sass, innermost=True), flush=True)
 
 
@@ -227,12 +264,17 @@ def main() -> None:
                     help="--experts: BLOCK_N (weight rows) of the current kernels")
     ap.add_argument("--swap-w", type=int, nargs="+", default=[64, 128],
                     help="--experts: BLOCK_W (weight rows) of the swapped kernels")
+    ap.add_argument("--swap-split", type=int, nargs="+", default=[1, 2, 4],
+                    help="--experts: K slices (SPLIT) of the swapped kernels")
+    ap.add_argument("--swap-maxnreg", type=int, nargs="+", default=[0],
+                    help="--experts: register caps (Triton's maxnreg) of the swapped kernels; 0: none")
     args = ap.parse_args()
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     out = args.keep or tempfile.mkdtemp()
     os.makedirs(out, exist_ok=True)
     print(f"Triton {triton.__version__}, sm_90", flush=True)
     if args.experts:
+        args.swap_maxnreg = [cap or None for cap in args.swap_maxnreg]
         if "--decodes" not in os.sys.argv:
             args.decodes = ["old", "words"]
         experts_main(args, cuobjdump, out)

@@ -2,11 +2,12 @@
 # One device call: environment, GPU tests, then the requested benchmarks; results under $OUT, each file named
 # <date>_<device>_<commit>_<what> (bench/provenance.py) so that it can go to bench/results/ as it is.
 #   bash bench/gpu_session.sh tests ablations e2e kernels profile ncu sweep serve serve64 spec pipelined mtp fp4 \
-#     decode targets native cp
+#     swapsplit decode targets native cp
 # serve64: the c=64 level alone with its step trace kept (gzipped); serve64n: the same, the model in the official
 # formats served natively (DSV4_EXPERT_SWAP=1: on the swapped expert kernels); SERVE_TAG: a suffix for their files; mtp: bench/train_mtp.sh (train `small`, served
 # MTP vs plain, acceptance per draft position; MTP_STEPS must be what MTP_MINUTES reaches); fp4: the FP4 GEMMs and
-# grouped experts per kernel choice; decode: bench/decode_kernels.py at 1 and 64 rows.
+# grouped experts per kernel choice; swapsplit: the swapped expert kernels per K split and gate/up register cap
+# (SWAPSPLIT_SETTINGS, bench/native_gemm.py --experts-swap); decode: bench/decode_kernels.py at 1 and 64 rows.
 # cp: bench/cp_gpu.py (context parallelism) on every GPU nvidia-smi lists; its own <prefix>_cp_gpu.json/.txt.
 # A copy of the tree without git metadata needs the commit given: DSV4_COMMIT=$(git rev-parse --short=7 HEAD).
 set -u
@@ -68,6 +69,9 @@ for stage in "$@"; do
            --fp4-decode old words --fp4-gemv 64 --out ${P}_native_gemm_fp4.json 2>&1 | tail -30 | tee ${P}_native_gemm_fp4.txt
          timeout ${FP4_TIMEOUT:-150} python3 bench/native_gemm.py --only moe --moe-tokens 1,2 --moe-per-expert 8,24,64 --moe-experts 32 \
            --fp4-decode old words --experts-gemv ${FP4_MOE_ARGS:---experts-swap} --out ${P}_native_gemm_moe.json 2>&1 | tail -30 | tee ${P}_native_gemm_moe.txt ;;
+    swapsplit) timeout ${SWAPSPLIT_TIMEOUT:-300} python3 bench/native_gemm.py --only moe --moe-tokens "" --moe-per-expert 8,24,64 \
+           --moe-experts 16 --experts-swap ${SWAPSPLIT_SETTINGS:-64:2:1 64:2:2 64:2:4 64:2:auto 64:2:1:168} \
+           --out ${P}_native_gemm_swapsplit.json 2>&1 | tail -30 | tee ${P}_native_gemm_swapsplit.txt ;;
     decode) timeout ${DECODE_TIMEOUT:-120} python3 bench/decode_kernels.py --rows 1 64 --context 1024 --out ${P}_decode_kernels.txt 2>&1 | tail -30 ;;
     spec) timeout ${SPEC_TIMEOUT:-240} python3 bench/spec_step_count.py --device cuda --dtype bf16 --preset ${SPEC_PRESET:-small} \
             --time-steps 200 --acceptance ${SPEC_ACCEPTANCE:-0.76} --no-row > "${P}_spec_step_${SPEC_PRESET:-small}.txt" 2>&1; tail -40 "${P}_spec_step_${SPEC_PRESET:-small}.txt" ;;

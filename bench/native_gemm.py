@@ -15,6 +15,8 @@ MoE >= 60% at <= 64 tokens per expert with rel-L2 <= 0.3% against the dequantise
                                 --experts-gemv                          # decode experts: GEMV vs tl.dot
     python bench/native_gemm.py --only moe --moe-tokens "" --moe-per-expert 8,16,24,32,48,64 --moe-experts 32 \
                                 --experts-swap [64:2 64:3 64:1]         # sorted pairs: swapped operands vs not
+    python bench/native_gemm.py --only moe --moe-tokens "" --moe-per-expert 8,24,64 --moe-experts 16 \
+                                --experts-swap 64:2:1 64:2:2 64:2:4 64:2:auto 64:2:1:168   # swapped: K split
 
 --experts-split times the grouped FP4 experts' direct (decode, <= packed_experts.DIRECT_MAX_PAIRS pairs) kernels
 once per K-split setting (auto: packed_experts.direct_split's rule; a number forces that many slices, 1 = none),
@@ -29,11 +31,12 @@ same weights and inputs; the row's own timing is the module's default decode (pa
 --experts-gemv times the grouped experts' direct (decode) kernels also on the CUDA-core GEMV (packed_experts.FP4_GEMV,
 one pair's row per program instead of a 16-row tl.dot tile), per --experts-split setting (auto without one).
 
---experts-swap [W:STAGES ...] times the grouped experts' sorted-pairs (batched decode) register kernels, never
-dequantised (packed_experts.EXPERT_DEQUANT_MIN_PAIRS lifted), as they are and with the operands swapped
-(packed_experts.EXPERT_SWAP), once per setting of packed_experts.SWAP_BLOCK_W weight rows and SWAP_STAGES pipeline
-stages (default 64:2 64:3 64:1), on the same routings; the tiny CPU smoke run adds a routing of 8 pairs per expert
-for it.
+--experts-swap [W:STAGES[:SPLIT[:MAXNREG]] ...] times the grouped experts' sorted-pairs (batched decode) register
+kernels, never dequantised (packed_experts.EXPERT_DEQUANT_MIN_PAIRS lifted), as they are and with the operands
+swapped (packed_experts.EXPERT_SWAP), once per setting of packed_experts.SWAP_BLOCK_W weight rows, SWAP_STAGES
+pipeline stages, optionally SWAP_SPLIT K slices (a number, or auto: swap_splits' rule; left out: the module's
+default) and SWAP_GATE_UP_MAXNREG, gate/up's register cap (default settings 64:2 64:3 64:1), on the same routings;
+the tiny CPU smoke run adds a routing of 8 pairs per expert for it.
 
 --fp4-gemv WORDS... times the FP4 GEMM rows of at most packed_linear.GEMV_MAX_ROWS activation rows also on the
 CUDA-core GEMV (packed_linear.linear_fp4_gemv, whatever FP4_GEMV_MAX_M says), once per K step of WORDS int32
@@ -378,27 +381,48 @@ def module_values(module, **values):
             setattr(module, name, value)
 
 
+def swap_setting(setting: str) -> dict:
+    """The packed_experts values of an --experts-swap setting "W:STAGES[:SPLIT[:MAXNREG]]": SWAP_BLOCK_W,
+    SWAP_STAGES, SWAP_SPLIT (a slice count, or "auto" for swap_splits' rule; left out: the module's default) and
+    SWAP_GATE_UP_MAXNREG (left out: none)."""
+    fields = setting.split(":")
+    try:
+        if not 2 <= len(fields) <= 4:
+            raise ValueError
+        values = dict(SWAP_BLOCK_W=int(fields[0]), SWAP_STAGES=int(fields[1]), SWAP_GATE_UP_MAXNREG=None)
+        if len(fields) > 2:
+            values["SWAP_SPLIT"] = None if fields[2] == "auto" else int(fields[2])
+        if len(fields) > 3:
+            values["SWAP_GATE_UP_MAXNREG"] = int(fields[3])
+    except ValueError:
+        raise SystemExit(f"--experts-swap {setting!r}: expected W:STAGES[:SPLIT[:MAXNREG]], SPLIT a number or auto")
+    return values
+
+
 def swap_case(setting: str | None, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
               on_gpu: bool) -> dict:
     """The grouped FP4 experts' sorted pairs on the register kernels (not dequantised, whatever the pairs per
-    expert): as they are (setting None) or swapped (packed_experts.EXPERT_SWAP) with setting "W:STAGES"
-    (packed_experts.SWAP_BLOCK_W, SWAP_STAGES)."""
+    expert): as they are (setting None) or swapped (packed_experts.EXPERT_SWAP) with setting
+    "W:STAGES[:SPLIT[:MAXNREG]]" (swap_setting)."""
     values = dict(EXPERT_DEQUANT_MIN_PAIRS=1 << 30, EXPERT_SWAP=setting is not None, SWAP_MIN_PAIRS=0)
     if setting is not None:
-        w, stages = (int(v) for v in setting.split(":"))
-        values.update(SWAP_BLOCK_W=w, SWAP_STAGES=stages)
+        values.update(swap_setting(setting))
+    N, k = idxs[0].shape
+    E, F, C = w1.shape
     with module_values(packed_experts, **values):
+        splits = packed_experts.swap_splits(N * k, E, F, C, x.device) if setting else None
         err = rel_l2(packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0),
                      ref.moe_experts_fp4(x, w1, w2, w3, idxs[0], rw, 10.0))
         t = timed(lambda i: packed_experts.moe_experts_fp4(x, w1, w2, w3, idxs[i], rw, 10.0), calls, on_gpu)
     frac = nbytes / t / 1e6 / copy_gbps
-    N, k = idxs[0].shape
     label = f"swap {setting}" if setting else "not swapped"
-    tokens = packed_experts.swap_tokens(N * k, w1.shape[0]) if setting else None
-    print(f"    experts {label:12s} (pair tile {tokens or '-'})  {t * 1e3:8.1f} us  {frac:6.1%} of copy  "
-          f"rel-L2 {err:.1e}", flush=True)
-    return {"setting": setting, "swap": setting is not None, "pair_tile": tokens, "ms": t, "frac_copy_bw": frac,
-            "rel_l2_vs_dequantised_reference": err}
+    tokens = packed_experts.swap_tokens(N * k, E) if setting else None
+    split_label = f"split {splits[0]}/{splits[1]}" if splits else "-"
+    print(f"    experts {label:16s} (pair tile {tokens or '-'}, {split_label:>9s})  {t * 1e3:8.1f} us  "
+          f"{frac:6.1%} of copy  rel-L2 {err:.1e}", flush=True)
+    return {"setting": setting, "swap": setting is not None, "pair_tile": tokens,
+            "gate_up_split": splits[0] if splits else None, "down_split": splits[1] if splits else None,
+            "ms": t, "frac_copy_bw": frac, "rel_l2_vs_dequantised_reference": err}
 
 
 def split_case(setting: str, x, w1, w2, w3, idxs, rw, nbytes: float, copy_gbps: float, calls: int,
@@ -446,9 +470,10 @@ def main() -> None:
                     help="also time the FP4 GEMV (M <= packed_linear.GEMV_MAX_ROWS) per K step of WORDS int32 words")
     ap.add_argument("--experts-gemv", action="store_true", help="also time the grouped FP4 experts' direct (decode) "
                     "kernels on the CUDA-core GEMV (packed_experts.FP4_GEMV), per --experts-split setting")
-    ap.add_argument("--experts-swap", nargs="*", metavar="W:STAGES", help="also time the grouped FP4 experts' "
-                    "sorted-pairs register kernels as they are and with swapped operands (packed_experts.EXPERT_SWAP) "
-                    "per SWAP_BLOCK_W:SWAP_STAGES setting (default 64:2 64:3 64:1)")
+    ap.add_argument("--experts-swap", nargs="*", metavar="W:STAGES[:SPLIT[:MAXNREG]]", help="also time the grouped "
+                    "FP4 experts' sorted-pairs register kernels as they are and with swapped operands "
+                    "(packed_experts.EXPERT_SWAP) per SWAP_BLOCK_W:SWAP_STAGES[:SWAP_SPLIT (n or auto)"
+                    "[:SWAP_GATE_UP_MAXNREG]] setting (default 64:2 64:3 64:1)")
     ap.add_argument("--configs", action="store_true", help="also time candidate kernel configs per GEMM case")
     ap.add_argument("--only", choices=("gemm", "moe", "fp4"), help="run only the GEMM cases, only the grouped MoE, "
                     "or only the FP4 ones (the FP4 GEMMs and the grouped MoE)")
@@ -467,6 +492,8 @@ def main() -> None:
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     if args.experts_swap == []:
         args.experts_swap = ["64:2", "64:3", "64:1"]
+    for setting in args.experts_swap or []:
+        swap_setting(setting)   # a malformed setting fails here, not after the other cases ran
     per_expert = ([1] + ([8] if args.experts_swap else [])) if args.tiny_cpu else [
         int(t) for t in args.moe_per_expert.split(",") if t]
     results = []

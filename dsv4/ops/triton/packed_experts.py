@@ -15,7 +15,9 @@ instead (_swap_gate_up_kernel, _swap_down_kernel): each program computes out^T =
 16-64 of its expert's pairs, the decoded weights the tl.dot's left operand, which Hopper's wgmma reads from
 registers, and the pairs' activations the right one, the only operand in shared memory (fp4_swap_tile says how
 the weight tile reaches the wgmma register layout without a shared-memory round trip; the activations are read
-in the matching K order, swap_order).
+in the matching K order, swap_order). They can split K as the direct kernels do (SWAP_SPLIT, swap_splits): each
+(used expert, weight-row block) program becomes SPLIT programs over K slices, and the last one of each tile sums
+the slices' fp32 partials in slice order before the epilogue (for gate/up: before the SwiGLU).
 
 From EXPERT_DEQUANT_MIN_PAIRS (token, slot) pairs per expert on average (prefill), the experts are instead
 dequantised into a bf16 scratch stack (packed_dequant.py) and run by the bf16 experts op (ops.moe_experts: grouped
@@ -87,6 +89,34 @@ SWAP_BLOCK_W = 64
 # registers for 16 / 32 / 64-pair tiles against 162 / 226 / 234 at 3, with 1-3% more instructions per K step
 # (bench/fp4_sass.py counts, not timed); down takes 93 / 123 / 155 at 2.
 SWAP_STAGES = 2
+# K slices of the swapped kernels (swap_splits): 1 = none (the kernels compile exactly as without a split), n forces
+# n (at most MAX_SPLIT and the K steps), None = swap_wave_split's rule per kernel. Each slice's fp32 partial sums go
+# to a scratch buffer and the tile's last program adds them in slice order before the epilogue (gate/up: the SwiGLU
+# of the summed projections), as the direct kernels' split does. The partials cost 8 bytes per (pair, output) per
+# slice, written and read back (mostly from L2: a tile's slices are launched side by side): 12.6 MB per slice for
+# each kernel at 16 experts x 24 pairs, against 142 MB of gate/up weights and 71 MB of down. Fewer registers, too:
+# 155 against 170 for gate/up at 32-pair tiles, 3 programs per SM instead of 2 (SWAP_CTAS_PER_SM). Not timed yet
+# (bench/native_gemm.py --experts-swap 64:2:2 names a split); 1 until it is.
+SWAP_SPLIT: int | None = 1
+# Weight rows the last program of a split tile reads back, sums and stores at a time (the kernels' SUB).
+SWAP_SUM_ROWS = 16
+# Programs of 4 warps resident per SM that swap_wave_split assumes, per kernel and pair tile (swap_tokens), without
+# and with a K split: sm_90 allocates registers per warp in units of 256 of an SM's 65536, so a kernel of R registers
+# fits floor(65536 / (256 ceil(32 R / 256)) / 4) programs (shared memory allows more). Triton 3.6 (bench/fp4_sass.py
+# --experts): gate/up 130 / 170 / 225 registers at 16 / 32 / 64 pairs unsplit, 126 / 155 / 255 split; down 93 / 123 /
+# 155 unsplit, 89 / 96 / 131 split, the same K loop (so at 16-32 pairs the unsplit epilogue, SwiGLU and stores in
+# the dot's accumulator layout, rather than the loop sets the count).
+SWAP_CTAS_PER_SM = {"gate_up": {16: (3, 4), 32: (2, 3), 64: (2, 2)}, "down": {16: (5, 5), 32: (4, 5), 64: (3, 3)}}
+# Share of its waves that a swapped kernel's grid must fill before swap_wave_split stops adding slices (the last
+# wave's idle SMs are the tail). A model, not a measurement: programs of one kernel are assumed equally long.
+SWAP_WAVE_FILL = 0.8
+# Registers per thread the swapped gate/up kernel is compiled for at most (Triton's maxnreg; None: the compiler's
+# choice). At 32-pair tiles it takes 170 unsplit (Triton 3.6), 2 above the 168 at which 3 of its programs fit an SM
+# instead of 2; capped at 168 it compiles without spills (bench/fp4_sass.py --swap-maxnreg 168); at 64-pair tiles
+# the cap spills 24 bytes (225 -> 168: 3 programs instead of 2), at 16 it lets ptxas use more (130 -> 163: 3 either
+# way), and down would rise too (123 -> 148 at 32 pairs: 3 programs instead of 4), so only gate/up takes it.
+# bench/native_gemm.py --experts-swap 64:2:1:168 times it.
+SWAP_GATE_UP_MAXNREG: int | None = None
 
 def _rows(pairs: int, experts: int) -> int:
     """Token rows per tile: 16 (the tensor-core minimum) while experts get few tokens on average (decode), 64 from
@@ -139,6 +169,18 @@ def _expert_rows(active_ptr, offs_ptr, DIRECT: tl.constexpr):
         e = tl.maximum(e, 0)
         start = tl.load(offs_ptr + e)
         end = tl.where(used, tl.load(offs_ptr + e + 1), start)
+    return e, start, end
+
+
+@triton.jit
+def _slot_rows(active_ptr, offs_ptr, slot):
+    """_expert_rows' sorted-pairs answer for the list slot `slot` (the swapped kernels take it from another grid
+    axis when split)."""
+    e = tl.load(active_ptr + slot).to(tl.int64)
+    used = e >= 0
+    e = tl.maximum(e, 0)
+    start = tl.load(offs_ptr + e)
+    end = tl.where(used, tl.load(offs_ptr + e + 1), start)
     return e, start, end
 
 
@@ -290,16 +332,81 @@ def _swap_dot(w, xt, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _swap_program(active_ptr, offs_ptr, SPLIT: tl.constexpr):
+    """(expert, first sorted row, end row, weight-row block, K slice, K slices) of a swapped program: grid (expert
+    slots, blocks) unsplit; (slices, slots, blocks) split, the slices along the axis that is launched first, so that
+    a tile's slices run side by side and its partial sums are read back soon after they are written (from L2)."""
+    if SPLIT == 1:
+        e, start, end = _slot_rows(active_ptr, offs_ptr, tl.program_id(0))
+        return e, start, end, tl.program_id(1), 0, 1
+    e, start, end = _slot_rows(active_ptr, offs_ptr, tl.program_id(1))
+    return e, start, end, tl.program_id(2), tl.program_id(0), tl.num_programs(0)
+
+
+@triton.jit
+def _swap_k_range(K, STEPS_PER, sl, SPLIT: tl.constexpr):
+    """The K bytes [lo, hi) a swapped program walks: all of them, or with SPLIT > 1 those of its slice sl
+    (STEPS_PER FP4 steps of 64 bytes, the last slice cut at K / 2)."""
+    if SPLIT == 1:
+        return 0, K // 2
+    lo = sl * STEPS_PER * 64
+    return lo, tl.minimum(lo + STEPS_PER * 64, K // 2)
+
+
+@triton.jit
+def _split_part(acc, part_ptr, at, mask, SLICE, sl):
+    """A program's fp32 K-slice sum acc into slice sl of part (SLICE values per slice, at: int32 offsets within a
+    slice)."""
+    tl.store(part_ptr + sl.to(tl.int64) * SLICE + at, acc, mask=mask)
+
+
+@triton.jit
+def _split_last(cnt_ptr, tile, slices):
+    """Whether this program takes output tile `tile`'s last ticket of its `slices` K slices (all slices are then
+    stored); every thread's slice is stored before the ticket (acq_rel) is taken."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr + tile, 1) == slices - 1
+
+
+@triton.jit
+def _split_total(part_ptr, at, mask, SLICE, slices):
+    """The `slices` K slices of part at `at` added in slice order: the same sum whichever program reads them
+    (deterministic). A loop with a run-time trip count, so the compiler does not unroll it and hoist every
+    slice's loads at once (that took gate/up at 32-pair tiles from 170 to 205-246 registers, Triton 3.6)."""
+    total = tl.zeros(at.shape, tl.float32)
+    for s in range(0, slices):
+        total += tl.load(part_ptr + SLICE.to(tl.int64) * s + at, mask=mask, other=0.0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
+def _swap_h_store(g, u, rows, rmask, rn, rw_ptr, h_ptr, F, rs_h, limit, CLAMP: tl.constexpr):
+    """h^T = swiglu(g^T, u^T) * routing weight for rows rn x pairs `rows`, stored in swap order (_swap_col)."""
+    h = swiglu_tile(g, u, limit, h_ptr.dtype.element_ty, CLAMP) * tl.load(rw_ptr + rows, mask=rmask,
+                                                                           other=0.0)[None, :]
+    tl.store(h_ptr + rows.to(tl.int64)[None, :] * rs_h + _swap_col(rn)[:, None], h.to(h_ptr.dtype.element_ty),
+             mask=(rn < F)[:, None] & rmask[None, :])
+
+
+@triton.jit
 def _swap_gate_up_kernel(xs_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, h_ptr, F, C,
-                         rs_x, rs_h, limit, we_stride, se_stride, rs_w, rs_s, BLOCK_W: tl.constexpr,
-                         TOK: tl.constexpr, CLAMP: tl.constexpr, IEEE: tl.constexpr):
+                         rs_x, rs_h, limit, we_stride, se_stride, rs_w, rs_s, part_ptr, cnt_ptr, P, STEPS_PER,
+                         BLOCK_W: tl.constexpr, TOK: tl.constexpr, CLAMP: tl.constexpr, IEEE: tl.constexpr,
+                         SPLIT: tl.constexpr = 1, SUB: tl.constexpr = 16):
     """_gate_up_kernel's h for the sorted pairs, transposed: program (slot, j) takes rows j BLOCK_W .. of w1 and w3
     and its expert's pairs TOK at a time, g^T and u^T [BLOCK_W, TOK] = dequant(w)[rows] @ x[pairs' tokens]^T over
     one K loop (each activation tile read once for both), then the SwiGLU and routing weight as _gate_up_kernel's.
     xs: the activations in swap order (swap_order: rows of rs_x >= C values, zero past C); h is stored in swap
-    order too (row stride rs_h), the order _swap_down_kernel reads it in."""
-    e, start, end = _expert_rows(active_ptr, offs_ptr, False)
-    n0 = tl.program_id(1) * BLOCK_W
+    order too (row stride rs_h), the order _swap_down_kernel reads it in.
+
+    SPLIT > 1: program (s, slot, j) walks K slice s (STEPS_PER FP4 steps) of each of its token tiles; g and u go to
+    part [SPLIT, P pairs, 2F] (gate, then up; fp32), and the program that takes the tile's last ticket (one counter
+    per weight-row block j and tile's first pair r0: j P + r0, in cnt) adds the slices in slice order, applies the
+    SwiGLU to the sums and stores h, SUB weight rows at a time (a few registers per slice, where the whole
+    [BLOCK_W, TOK] tile read back at once raised the kernel's registers), then resets the counter. SPLIT = 1 leaves
+    part, cnt, P and STEPS_PER unused."""
+    e, start, end, blk, sl, slices = _swap_program(active_ptr, offs_ptr, SPLIT)
+    n0 = blk * BLOCK_W
     rn = n0 + tl.arange(0, BLOCK_W)
     DT = tl.float32 if IEEE else xs_ptr.dtype.element_ty
     w1 = w1_ptr + e * we_stride
@@ -307,6 +414,7 @@ def _swap_gate_up_kernel(xs_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, 
     s1 = s1_ptr + e * se_stride
     s3 = s3_ptr + e * se_stride
     kk = tl.arange(0, 128)
+    kh_lo, kh_hi = _swap_k_range(C, STEPS_PER, sl, SPLIT)
     for r0 in range(start, end, TOK):
         rows = r0 + tl.arange(0, TOK)
         rmask = rows < end
@@ -314,38 +422,67 @@ def _swap_gate_up_kernel(xs_ptr, tok_ptr, rw_ptr, active_ptr, offs_ptr, w1_ptr, 
         x_cols = xs_ptr + tok.to(tl.int64)[None, :] * rs_x                   # [1, TOK]
         g = tl.zeros([BLOCK_W, TOK], tl.float32)
         u = tl.zeros([BLOCK_W, TOK], tl.float32)
-        for kh0 in range(0, C // 2, 64):
+        for kh0 in range(kh_lo, kh_hi, 64):
             xt = tl.load(x_cols + (2 * kh0 + kk)[:, None], mask=rmask[None, :], other=0.0).to(DT)   # [128, TOK]
             g = _swap_dot(fp4_swap_tile(w1, s1, n0, F, kh0, C // 32, rs_w, rs_s, BLOCK_W, DT), xt, g, IEEE)
             u = _swap_dot(fp4_swap_tile(w3, s3, n0, F, kh0, C // 32, rs_w, rs_s, BLOCK_W, DT), xt, u, IEEE)
-        h = swiglu_tile(g, u, limit, h_ptr.dtype.element_ty, CLAMP) * tl.load(rw_ptr + rows, mask=rmask,
-                                                                               other=0.0)[None, :]
-        tl.store(h_ptr + rows.to(tl.int64)[None, :] * rs_h + _swap_col(rn)[:, None], h.to(h_ptr.dtype.element_ty),
-                 mask=(rn < F)[:, None] & rmask[None, :])
+        if SPLIT == 1:
+            _swap_h_store(g, u, rows, rmask, rn, rw_ptr, h_ptr, F, rs_h, limit, CLAMP)
+        else:
+            at = rows[None, :] * (2 * F) + rn[:, None]     # within a slice: P 2F < 2^31 (swap_splits)
+            mask = (rn < F)[:, None] & rmask[None, :]
+            _split_part(g, part_ptr, at, mask, P * 2 * F, sl)
+            _split_part(u, part_ptr, at + F, mask, P * 2 * F, sl)
+            tile = blk * P + r0
+            if _split_last(cnt_ptr, tile, slices):
+                for j0 in range(0, tl.minimum(BLOCK_W, F - n0), SUB):
+                    rj = n0 + j0 + tl.arange(0, SUB)
+                    at_j = rows[None, :] * (2 * F) + rj[:, None]
+                    m = (rj < F)[:, None] & rmask[None, :]
+                    _swap_h_store(_split_total(part_ptr, at_j, m, P * 2 * F, slices),
+                                  _split_total(part_ptr, at_j + F, m, P * 2 * F, slices), rows, rmask, rj, rw_ptr,
+                                  h_ptr, F, rs_h, limit, CLAMP)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 @triton.jit
 def _swap_down_kernel(hs_ptr, active_ptr, offs_ptr, w2_ptr, s2_ptr, y_ptr, C, F, rs_h, we_stride, se_stride, rs_w,
-                      rs_s, BLOCK_W: tl.constexpr, TOK: tl.constexpr, IEEE: tl.constexpr):
+                      rs_s, part_ptr, cnt_ptr, P, STEPS_PER, BLOCK_W: tl.constexpr, TOK: tl.constexpr,
+                      IEEE: tl.constexpr, SPLIT: tl.constexpr = 1, SUB: tl.constexpr = 16):
     """_down_kernel's y for the sorted pairs, transposed as _swap_gate_up_kernel's: y^T [BLOCK_W, TOK] =
-    dequant(w2)[rows] @ h[pairs]^T, h in swap order (zero past F), y [pairs, C] in natural order."""
-    e, start, end = _expert_rows(active_ptr, offs_ptr, False)
-    n0 = tl.program_id(1) * BLOCK_W
+    dequant(w2)[rows] @ h[pairs]^T, h in swap order (zero past F), y [pairs, C] in natural order. SPLIT > 1 as
+    _swap_gate_up_kernel's (part [SPLIT, P, C]; the last program stores the sum)."""
+    e, start, end, blk, sl, slices = _swap_program(active_ptr, offs_ptr, SPLIT)
+    n0 = blk * BLOCK_W
     rn = n0 + tl.arange(0, BLOCK_W)
     DT = tl.float32 if IEEE else hs_ptr.dtype.element_ty
     w2 = w2_ptr + e * we_stride
     s2 = s2_ptr + e * se_stride
     kk = tl.arange(0, 128)
+    kh_lo, kh_hi = _swap_k_range(F, STEPS_PER, sl, SPLIT)
     for r0 in range(start, end, TOK):
         rows = r0 + tl.arange(0, TOK)
         rmask = rows < end
         h_cols = hs_ptr + rows.to(tl.int64)[None, :] * rs_h
         acc = tl.zeros([BLOCK_W, TOK], tl.float32)
-        for kh0 in range(0, F // 2, 64):
+        for kh0 in range(kh_lo, kh_hi, 64):
             ht = tl.load(h_cols + (2 * kh0 + kk)[:, None], mask=rmask[None, :], other=0.0).to(DT)
             acc = _swap_dot(fp4_swap_tile(w2, s2, n0, C, kh0, F // 32, rs_w, rs_s, BLOCK_W, DT), ht, acc, IEEE)
-        tl.store(y_ptr + rows.to(tl.int64)[None, :] * C + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-                 mask=(rn < C)[:, None] & rmask[None, :])
+        if SPLIT == 1:
+            tl.store(y_ptr + rows.to(tl.int64)[None, :] * C + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+                     mask=(rn < C)[:, None] & rmask[None, :])
+        else:
+            _split_part(acc, part_ptr, rows[None, :] * C + rn[:, None], (rn < C)[:, None] & rmask[None, :], P * C,
+                        sl)
+            tile = blk * P + r0
+            if _split_last(cnt_ptr, tile, slices):
+                for j0 in range(0, tl.minimum(BLOCK_W, C - n0), SUB):
+                    rj = n0 + j0 + tl.arange(0, SUB)
+                    m = (rj < C)[:, None] & rmask[None, :]
+                    y = _split_total(part_ptr, rows[None, :] * C + rj[:, None], m, P * C, slices)
+                    tl.store(y_ptr + rows.to(tl.int64)[None, :] * C + rj[:, None], y.to(y_ptr.dtype.element_ty),
+                             mask=m)
+                tl.atomic_xchg(cnt_ptr + tile, 0)
 
 
 def swap_order(x: torch.Tensor) -> torch.Tensor:
@@ -376,14 +513,63 @@ def _swapped(x: torch.Tensor, tok: torch.Tensor, rw: torch.Tensor, active: torch
     h = (torch.empty if FP == F else torch.zeros)(P, FP, dtype=x.dtype, device=x.device)
     y = torch.empty(P, C, dtype=x.dtype, device=x.device)
     bw, tk, slots = SWAP_BLOCK_W, swap_tokens(P, E), active.numel()
-    _swap_gate_up_kernel[(slots, triton.cdiv(F, bw))](
+    split1, split2 = swap_splits(P, E, F, C, x.device)
+    per1, per2 = triton.cdiv(triton.cdiv(C, FP4_STEP), split1), triton.cdiv(triton.cdiv(F, FP4_STEP), split2)
+    # fp32 K-slice partial sums (none at one slice); one ticket buffer: the launches run one after the other
+    part1 = torch.empty(split1 * P * 2 * F if split1 > 1 else 0, dtype=torch.float32, device=x.device)
+    part2 = torch.empty(split2 * P * C if split2 > 1 else 0, dtype=torch.float32, device=x.device)
+    grid1, grid2 = (slots, triton.cdiv(F, bw)), (slots, triton.cdiv(C, bw))
+    # one ticket per (weight-row block, token tile) where a kernel splits; unsplit, the kernels never touch it
+    tickets = tile_tickets(x.device, P * max(grid1[1], grid2[1])) if max(split1, split2) > 1 else offs
+    regs = {} if SWAP_GATE_UP_MAXNREG is None else {"maxnreg": SWAP_GATE_UP_MAXNREG}
+    _swap_gate_up_kernel[(split1, *grid1) if split1 > 1 else grid1](
         xs, tok, rw, active, offs, d1, s1, d3, s3, h, F, C, xs.stride(0), h.stride(0), float(swiglu_limit),
-        d1.stride(0), s1.stride(0), d1.stride(1), s1.stride(1), BLOCK_W=bw, TOK=tk, CLAMP=swiglu_limit > 0,
-        IEEE=interpreted(), num_warps=4, num_stages=SWAP_STAGES)
-    _swap_down_kernel[(slots, triton.cdiv(C, bw))](
+        d1.stride(0), s1.stride(0), d1.stride(1), s1.stride(1), part1, tickets, P, per1, BLOCK_W=bw, TOK=tk,
+        CLAMP=swiglu_limit > 0, IEEE=interpreted(), SPLIT=split1, SUB=SWAP_SUM_ROWS, num_warps=4,
+        num_stages=SWAP_STAGES, **regs)
+    _swap_down_kernel[(split2, *grid2) if split2 > 1 else grid2](
         h, active, offs, d2, s2, y, C, F, h.stride(0), d2.stride(0), s2.stride(0), d2.stride(1), s2.stride(1),
-        BLOCK_W=bw, TOK=tk, IEEE=interpreted(), num_warps=4, num_stages=SWAP_STAGES)
+        part2, tickets, P, per2, BLOCK_W=bw, TOK=tk, IEEE=interpreted(), SPLIT=split2, SUB=SWAP_SUM_ROWS,
+        num_warps=4, num_stages=SWAP_STAGES)
     return y
+
+
+def swap_splits(pairs: int, E: int, F: int, C: int, device: torch.device) -> tuple[int, int]:
+    """K slices of the swapped gate/up (K = C) and down (K = F) kernels for `pairs` sorted pairs over E experts:
+    SWAP_SPLIT when set, else swap_wave_split's for each kernel's grid (every expert slot assumed used: from
+    SWAP_MIN_PAIRS pairs per expert on, nearly all are), at most MAX_SPLIT and the K steps, and each slice a
+    whole number of FP4 steps (no empty slice); none where a slice of partial sums would not fit int32 offsets. A
+    static-shape decision (CUDA graphs)."""
+    tok, slots = swap_tokens(pairs, E), min(E, pairs)
+    out = []
+    for name, rows, K in (("gate_up", F, C), ("down", C, F)):
+        steps = triton.cdiv(K, FP4_STEP)
+        if SWAP_SPLIT is not None:
+            split = SWAP_SPLIT
+        else:
+            sms = multiprocessors(device)
+            split = swap_wave_split(slots * triton.cdiv(rows, SWAP_BLOCK_W),
+                                    tuple(sms * n for n in SWAP_CTAS_PER_SM[name][tok]), min(MAX_SPLIT, steps))
+        if pairs * max(2 * F, C) >= 2 ** 31:
+            split = 1
+        split = max(1, min(steps, MAX_SPLIT, split))
+        out.append(triton.cdiv(steps, triton.cdiv(steps, split)))
+    return out[0], out[1]
+
+
+def swap_wave_split(programs: int, resident: tuple[int, int], most: int) -> int:
+    """The fewest K slices (up to `most`) at which `programs` output tiles, each cut into that many slices, fill at
+    least SWAP_WAVE_FILL of the waves they take (the last wave's idle share is the tail), `resident` programs per
+    wave (the GPU's, unsplit and split); where none does, the slice count that fills most."""
+    best, fill_best = 1, 0.0
+    for split in range(1, max(1, most) + 1):
+        n, wave = programs * split, resident[split > 1]
+        fill = n / (triton.cdiv(n, wave) * wave)
+        if fill >= SWAP_WAVE_FILL:
+            return split
+        if fill > fill_best:
+            best, fill_best = split, fill
+    return best
 
 
 def _sorted_pairs(idx: torch.Tensor, E: int):

@@ -184,29 +184,61 @@ def _uneven_routing(counts: list[int], k: int, E: int, g: torch.Generator) -> to
     return torch.stack([row[torch.randperm(k, generator=g)] for row in idx])
 
 
+@pytest.mark.parametrize("split", [1, 2, 3], ids=["unsplit", "split2", "split3"])
 @pytest.mark.parametrize("C, F, counts, limit", [
     (160, 96, [17, 0, 5, 33, 1, 0, 9, 23], 7.0),   # K tails both ways (5 and 3 scale groups), 2-3 token tiles
     (256, 192, [40, 40, 0, 12], 0.0),              # whole K steps, 64-row weight tiles + a 64-row tail of F = 192
-], ids=["tails", "whole-steps"])
-def test_fp4_experts_swapped(C, F, counts, limit, monkeypatch):
+    (544, 288, [21, 0, 7, 33, 0, 11], 7.0),        # 5 and 3 K steps, the last of each a 32-value tail
+], ids=["tails", "whole-steps", "split-tails"])
+def test_fp4_experts_swapped(C, F, counts, limit, split, monkeypatch):
     """The swapped-operand sorted-pairs kernels (EXPERT_SWAP): weights the dot's left operand in swap order,
     activations pre-permuted, h stored and read in swap order. Uneven pairs per expert (token tiles of 16 or 32
     with partial last tiles and experts spanning several tiles), experts without pairs, C and F not multiples of
     128 (the zero-padded activations and h) or of the 64-row weight tile, with and without the clamp: the float64
-    reference within the other decode tests' tolerance."""
+    reference within the other decode tests' tolerance. With K split (SWAP_SPLIT; split3 on 5 and 3 K steps:
+    uneven slices of 2 + 2 + 1 steps for gate/up, 1 + 1 + 1 for down, where the 2-step kernels take 2 slices):
+    the same result twice (deterministic), the tile counters left at 0, and the unsplit kernels' result within
+    the reference tolerance."""
+    from dsv4.ops.triton.packed_linear import tile_tickets
     monkeypatch.setattr(tpe, "EXPERT_DEQUANT_MIN_PAIRS", 1 << 30)
     monkeypatch.setattr(tpe, "EXPERT_SWAP", True)
     monkeypatch.setattr(tpe, "SWAP_MIN_PAIRS", 0)
+    monkeypatch.setattr(tpe, "SWAP_SPLIT", split)
     g = gen(9)
     E, k = len(counts), 2
     w1, w2, w3 = _experts(E, F, C, g)
     idx = _uneven_routing(counts, k, E, g).to(DEV)
     assert torch.bincount(idx.flatten().cpu(), minlength=E).tolist() == counts
     assert idx.numel() > tpe.DIRECT_MAX_PAIRS
+    steps = (-(-C // 128), -(-F // 128))
+    assert tpe.swap_splits(idx.numel(), E, F, C, idx.device) == tuple(-(-n // -(-n // split)) for n in steps)
     x = randn(idx.shape[0], C, g=g, dtype=DT)
     rw = torch.rand(*idx.shape, generator=g).to(DEV)
     got = tri_moe(x, w1, w2, w3, idx, rw, limit)
     assert rel_err(got, ref_moe(x.double(), w1, w2, w3, idx, rw.double(), limit)) < TOL * 10
+    if split > 1:
+        assert torch.equal(tri_moe(x, w1, w2, w3, idx, rw, limit), got)
+        assert not tile_tickets(x.device, 1).any()
+        monkeypatch.setattr(tpe, "SWAP_SPLIT", 1)
+        assert rel_err(got, tri_moe(x, w1, w2, w3, idx, rw, limit)) < TOL * 10
+
+
+def test_swap_split_rule(monkeypatch):
+    """swap_splits' rule (SWAP_SPLIT None) on a 132-SM GPU: the fewest K slices at which the grid fills
+    SWAP_WAVE_FILL of its waves. 16 experts at 24 pairs each (32-pair tiles: gate/up 16 x 32 programs, down
+    16 x 64, 2 / 4 resident per SM unsplit) fill 97% unsplit; 4 experts fill 48%, and take 3 slices for gate/up
+    (384 programs at 3 per SM: 97%) and 5 for down (1280 at 5 per SM: 97%; 16 K steps in 4 slices of 4). A
+    forced count is capped by the K steps."""
+    monkeypatch.setattr(tpe, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(tpe, "SWAP_SPLIT", None)
+    cpu = torch.device("cpu")
+    assert tpe.swap_splits(16 * 24, 16, 2048, 4096, cpu) == (1, 1)
+    assert tpe.swap_splits(4 * 24, 4, 2048, 4096, cpu) == (3, 4)
+    assert tpe.swap_wave_split(128, (264, 396), 32) == 3
+    assert tpe.swap_wave_split(256, (528, 660), 16) == 5
+    monkeypatch.setattr(tpe, "SWAP_SPLIT", 8)
+    assert tpe.swap_splits(16 * 24, 16, 2048, 4096, cpu) == (8, 8)
+    assert tpe.swap_splits(16 * 24, 16, 2048, 256, cpu) == (2, 8)
 
 
 def test_swap_order():
