@@ -102,6 +102,13 @@ class LayerCache:
                        lambda: (pos0.unsqueeze(1) + torch.arange(S - keep, S, device=kv.device)) % W)
         self.window_rows.write(slots, kv[:, S - keep:])
 
+    def plan_write(self, pos0: torch.Tensor, slots: torch.Tensor) -> None:
+        """Give a step's start positions pos0 [B] the ring slots [B, S] (positions % W, S <= W) that `write_window`
+        of its S tokens would make (in its step memo): made ahead for several forwards of one step at once."""
+        if slots.shape[1] > self.window_size:
+            raise ValueError(f"plan_write: {slots.shape[1]} tokens, more than the window ring's {self.window_size}")
+        shared(pos0, ("write_slots", slots.shape[1], self.window_size), lambda: slots)
+
     def add_entries(self, c: Compressed) -> None:
         self._add(self.entry_rows, c)
 
@@ -383,7 +390,9 @@ class KVCache:
         return self
 
     # ------------------------------------------------------------------ called by Transformer.hidden
-    def begin(self, shape: torch.Size) -> torch.Tensor:
+    def begin(self, shape: torch.Size, pos0: torch.Tensor | None = None) -> torch.Tensor:
+        """Start a step of tokens [B, S]: its start positions [B] (a copy of the rows' positions, or `pos0`, the
+        caller's own for the step: e.g. `Attention.plan_cached`'s)."""
         B, S = shape
         if B != self.batch_size:
             raise ValueError(f"tokens have batch {B}, the cache holds {self.batch_size} rows "
@@ -391,7 +400,7 @@ class KVCache:
         end = self.begin_step(S)
         for layer in self.layers:
             layer.end_max = end
-        return self.positions.clone()
+        return self.positions.clone() if pos0 is None else pos0
 
     def check_room(self, n_tokens: int) -> int:
         """Raise unless every row can take n_tokens more; return the largest end position."""
