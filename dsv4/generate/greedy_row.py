@@ -43,6 +43,7 @@ import torch
 from .. import ops
 from ..cache import KVCache
 from ..errors import InvalidArgument
+from ..model.attention import plan_window
 
 
 def fits(n_draft: int, window: int) -> bool:
@@ -53,9 +54,9 @@ def fits(n_draft: int, window: int) -> bool:
 
 class RowState:
     """The device buffers of one row's state (module doc) for n_draft drafts and of its staged host inputs: host
-    [1, 2 + n_stops] long, the row's budget while it is live (it goes on after x_P: at least 2; 0 when it is not:
-    it emits x_P alone and finishes), whether the step emits x_P at all (1; 0: dead, the row finished before this
-    step) and its stop tokens (-1 pads). Each step writes the next step's budget and flag."""
+    [1, 2 + n_stops] long, the row's budget while it is live (it goes on after x_P: at least 2; at most 1 when it
+    is not: it emits x_P alone and finishes), whether the step emits x_P at all (1; 0: dead, the row finished
+    before this step) and its stop tokens (-1 pads). Each step writes the next step's budget and flag."""
 
     def __init__(self, model, n_stops: int, device: torch.device, n_draft: int = 1):
         cfg = model.config
@@ -147,16 +148,20 @@ def greedy_draft_verify(model, main: KVCache, mtp: KVCache, state: RowState) -> 
         made.append(draft_logits.argmax(-1))
     made_t = torch.stack(made, 1)                                     # [1, k+1]: x_P, the drafts as made
     # the drafts counted: up to a drafted stop token and min(k, budget - 1), none when the row is not live;
-    # `cap`: the accepted count at which the row stops (an accepted stop, or its budget; < 1 when it is not live)
-    no_stop = (made_t[:, 1:, None] != stop_t[:, None]).all(-1)       # [1, k]
-    cap = torch.minimum(left, no_stop.cumprod(-1).sum(-1) + 1)
+    # `cap`: the accepted count at which the row stops (an accepted stop, or its budget; < 1 when it is not live).
+    # A live row's x_P is no stop token: the leading tokens of x_P, d1 .. that are none count x_P and the drafts
+    # up to the first drafted stop.
+    no_stop = (made_t[:, :, None] != stop_t[:, None]).all(-1)        # [1, k+1]
+    cap = torch.minimum(left, no_stop.cumprod(-1).sum(-1))
     n_drafts = cap.clamp(0, k)
     counted = state.steps <= n_drafts[:, None]                        # [1, k+1]: x_P and the counted drafts
     verify_ids = made_t * counted                                     # (the drafts after the count: 0)
     drafts = verify_ids[:, 1:]
     # 2. verify, acceptance, kept count, rollback of both caches
     ckpt = main.checkpoint(k + 1)
-    h = model.hidden(verify_ids, cache=main)
+    (start,) = plan_window(main.layer(0), ckpt.parts.positions, ckpt.parts.slots, [(0, k + 1)], model.dtype,
+                           state.plan_memo)
+    h = model.hidden(verify_ids, cache=main, pos0=start)
     target = model.logits(h)                                          # [1, k+1, V]
     best = target.argmax(-1)                                          # [1, k+1]
     a = ((drafts == best[:, :k]) & counted[:, 1:]).cumprod(-1).sum(-1)
@@ -188,6 +193,6 @@ def _carry(state: RowState, on: torch.Tensor, left: torch.Tensor, y: torch.Tenso
     """The next step's budget and flag into `state.host`, from this step's outcome (device data): a row that goes
     on (`on`: live, and not finished with this step's 1 + a tokens; `left` its budget after them) emits y next,
     live with budget `left` while y is no stop token (and more than one token is left: else `left` is 1, not
-    live either), else not live (budget 0); any other row is dead (flag 0). So steps launched before this one's
-    results are read need nothing staged."""
+    live either), else not live (budget 0); any other row is dead (flag 0, budget 0). So steps launched before
+    this one's results are read need nothing staged."""
     torch.stack((left * (on & (y[:, None] != stop_t).all(-1)), on), 1, out=state.host[:, :2])

@@ -32,6 +32,7 @@ class AttentionCache(Protocol):
     def window(self, pos0: torch.Tensor) -> torch.Tensor: ...      # raw KV of the W-1 positions before pos0
     def write_window(self, pos0: torch.Tensor, kv: torch.Tensor) -> None: ...
     def plan_write(self, pos0: torch.Tensor, slots: torch.Tensor) -> None: ...   # write_window's slots, made ahead
+    window_size: int
     def window_ring(self, dtype: torch.dtype) -> torch.Tensor | None: ...       # the ring, when read in place
     def add_entries(self, c: Compressed) -> None: ...
     def entries(self) -> torch.Tensor: ...                          # all entries visible by the chunk's end
@@ -68,8 +69,38 @@ def ring_chunk_indices(pos0: torch.Tensor, n_queries: int, window: int) -> torch
     return torch.where(p >= 0, rows, -1)
 
 
+def plan_window(cache: AttentionCache, positions: torch.Tensor, slots: torch.Tensor,
+                spans: Sequence[tuple[int, int]], dtype: torch.dtype, memo: dict | None = None) -> list[torch.Tensor]:
+    """The start positions [B] of cached forwards within one step (a speculative step's verify; the MTP block's
+    catch-up and further drafts), forward i taking the S_i tokens at columns spans[i] = (offset_i, S_i) of the
+    step's consecutive positions [B, n] (`slots`: those positions % W, as KVCache.checkpoint makes both). What
+    every layer of each forward derives from its positions alike (the positions, ring write slots and, for rings
+    of `dtype` read in place, the window index lists) is in its memo already, made once for all of them: the same
+    values in a few ops (`memo`, a dict kept across steps, holds the index lists' offsets). `cache`: a layer's
+    cache (every layer's ring has its window and format)."""
+    W = cache.window_size
+    idx = None
+    if cache.window_ring(dtype) is not None:   # every forward's index list at once (ring_indices' and chunk's)
+        rel, floor, alt = constant(memo, ("window_plan", tuple(spans), W, str(positions.device)),
+                                   lambda: _window_plan(spans, W, positions.device))
+        p = positions[:, :1, None] + rel                                                      # [B, rows, W]
+        idx = torch.where(p >= floor, p % W, alt)
+    starts, row = [], 0
+    for off, S in spans:
+        pos0 = positions[:, off]
+        cols = slice(off, off + S)
+        shared(pos0, ("pos", S), lambda: positions[:, cols])
+        cache.plan_write(pos0, slots[:, cols])
+        if idx is not None:
+            rows = slice(row, row + S)
+            shared(pos0, ("ring_idx", W) if S == 1 else ("ring_chunk_idx", S, W), lambda: idx[:, rows])
+            row += S
+        starts.append(pos0)
+    return starts
+
+
 def _window_plan(spans: Sequence[tuple[int, int]], window: int, device) -> tuple[torch.Tensor, ...]:
-    """`plan_cached`'s index offsets: (rel, floor, alt) [rows, W] long, the rows of every span's index list (one
+    """`plan_window`'s index offsets: (rel, floor, alt) [rows, W] long, the rows of every span's index list (one
     for a token: `ring_indices`' order; S for a chunk: `ring_chunk_indices`'), such that with p = the step's first
     position + rel each entry is p % W where p >= floor (a ring slot; floor 0, p the entry's position), else alt
     (-1 before position 0; a chunk row W + i - back, whose floor no position reaches)."""
@@ -195,35 +226,13 @@ class Attention(nn.Module):
     def plan_cached(self, cache: AttentionCache, positions: torch.Tensor, slots: torch.Tensor,
                     spans: Sequence[tuple[int, int]], dtype: torch.dtype, memo: dict | None = None
                     ) -> list[torch.Tensor]:
-        """The start positions [B] of several cached forwards of this window-only layer within one step (the MTP
-        block's catch-up and further drafts of a speculative step), forward i taking the S_i tokens at columns
-        spans[i] = (offset_i, S_i) of the step's consecutive positions [B, n] (`slots`: those positions % W, as
-        KVCache.checkpoint makes both). What each forward derives from its positions (the positions, RoPE angles,
-        ring write slots and, for a ring of `dtype` read in place, the window index lists) is in its memo already,
-        made once for all of them: the same values in a few ops (`memo`, a dict kept across steps, holds the index
-        lists' offsets)."""
-        if self.ratio:
-            raise ValueError("plan_cached plans window-only layers (a compressor's positions are its own)")
-        W = self.window_size
+        """`plan_window`, and each forward's RoPE angles for this layer's kind (for a block of one layer, or
+        layers of one kind: the MTP block's catch-up and further drafts of a speculative step)."""
+        starts = plan_window(cache, positions, slots, spans, dtype, memo)
         cos, sin = rope_angles(positions, self.freqs)                                        # [B, n, rd/2]
-        idx = None
-        if cache.window_ring(dtype) is not None:   # every forward's index list at once (ring_indices' and
-            rel, floor, alt = constant(memo, ("window_plan", tuple(spans), W, str(positions.device)),   # chunk's)
-                                       lambda: _window_plan(spans, W, positions.device))
-            p = positions[:, :1, None] + rel                                                  # [B, rows, W]
-            idx = torch.where(p >= floor, p % W, alt)
-        starts, row = [], 0
-        for off, S in spans:
-            pos0 = positions[:, off]
+        for (off, S), pos0 in zip(spans, starts):
             cols = slice(off, off + S)
-            shared(pos0, ("pos", S), lambda: positions[:, cols])
             shared(pos0, ("rope", S, self._rope), lambda: (cos[:, cols], sin[:, cols]))
-            cache.plan_write(pos0, slots[:, cols])
-            if idx is not None:
-                rows = slice(row, row + S)
-                shared(pos0, ("ring_idx", W) if S == 1 else ("ring_chunk_idx", S, W), lambda: idx[:, rows])
-                row += S
-            starts.append(pos0)
         return starts
 
     @torch.no_grad()
