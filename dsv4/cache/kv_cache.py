@@ -305,14 +305,16 @@ class KVCache:
         return self
 
     # ------------------------------------------------------------------ speculative steps
-    def checkpoint(self, n_tokens: int) -> CacheCheckpoint:
+    def checkpoint(self, n_tokens: int, planned: bool = False) -> CacheCheckpoint:
         """Snapshot what the next step(s) of n_tokens in all can overwrite, so `rollback` can keep any prefix of
-        them exactly. Cheap: the ring slots the step writes and the compressor states, one op per stack."""
+        them exactly. Cheap: the ring slots the step writes and the compressor states, one op per stack.
+        `planned`: the steps start at positions made from the checkpoint's (`plan_window`: their forwards leave
+        the device positions to the rollback), so the positions are read in place rather than copied."""
         if not 0 < n_tokens <= self.config.window_size:
             raise ValueError(f"checkpoint n_tokens={n_tokens}: must be in 1..window_size={self.config.window_size}")
         self.check_intact()
         self.check_room(n_tokens)
-        starts = self.positions.clone()
+        starts = self.positions if planned else self.positions.clone()
         parts = checkpoint(self._rings, self._state_stacks, self.layers, starts, n_tokens, self.config.window_size,
                            self._tables)
         return CacheCheckpoint(list(self._host), n_tokens, parts, starts)

@@ -137,7 +137,7 @@ def greedy_draft_verify(model, main: KVCache, mtp: KVCache, state: RowState) -> 
     moves, stop_t = host[:, 1], host[:, 2:]                           # (moves: 0 for a dead step)
     left = host[:, 0] - 1                                             # [1] the budget after x_P (< 1: not live)
     # 1. catch-up and drafts (fed the drafts as made)
-    mtp_ckpt = mtp.checkpoint(2 * k)
+    mtp_ckpt = mtp.checkpoint(2 * k, planned=True)
     spans = [(0, k + 1)] + [(k + j, 1) for j in range(1, k)]         # (the catch-up, then one token each)
     starts = model.mtp[0].attn.plan_cached(mtp.layer(0), mtp_ckpt.parts.positions, mtp_ckpt.parts.slots, spans,
                                            model.dtype, state.plan_memo)
@@ -148,23 +148,22 @@ def greedy_draft_verify(model, main: KVCache, mtp: KVCache, state: RowState) -> 
         made.append(draft_logits.argmax(-1))
     made_t = torch.stack(made, 1)                                     # [1, k+1]: x_P, the drafts as made
     # the drafts counted: up to a drafted stop token and min(k, budget - 1), none when the row is not live;
-    # `cap`: the accepted count at which the row stops (an accepted stop, or its budget; < 1 when it is not live).
-    # A live row's x_P is no stop token: the leading tokens of x_P, d1 .. that are none count x_P and the drafts
-    # up to the first drafted stop.
+    # `cap`: the accepted count at which the row stops (an accepted stop, or its budget; < 1 when it is not live),
+    # the least of `left` and the first stop's index among x_P, d1 .. dk (a live row's x_P is none)
     no_stop = (made_t[:, :, None] != stop_t[:, None]).all(-1)        # [1, k+1]
-    cap = torch.minimum(left, no_stop.cumprod(-1).sum(-1))
+    cap = torch.where(no_stop, left[:, None], state.steps).amin(-1)
     n_drafts = cap.clamp(0, k)
     counted = state.steps <= n_drafts[:, None]                        # [1, k+1]: x_P and the counted drafts
     verify_ids = made_t * counted                                     # (the drafts after the count: 0)
     drafts = verify_ids[:, 1:]
     # 2. verify, acceptance, kept count, rollback of both caches
-    ckpt = main.checkpoint(k + 1)
+    ckpt = main.checkpoint(k + 1, planned=True)
     (start,) = plan_window(main.layer(0), ckpt.parts.positions, ckpt.parts.slots, [(0, k + 1)], model.dtype,
                            state.plan_memo)
     h = model.hidden(verify_ids, cache=main, pos0=start)
     target = model.logits(h)                                          # [1, k+1, V]
     best = target.argmax(-1)                                          # [1, k+1]
-    a = ((drafts == best[:, :k]) & counted[:, 1:]).cumprod(-1).sum(-1)
+    a = torch.where(drafts == best[:, :k], n_drafts[:, None], state.steps[:k]).amin(-1)   # (the first miss, or n)
     on = a < cap                                                      # it goes on after x_P and a drafts
     keep = a + on
     main.rollback_on_device(ckpt, keep)
