@@ -17,8 +17,9 @@ The row's decoding state lives in `RowState`'s device buffers (width k + 1), wit
      forwards are fed the drafts as made: one after the last counted feeds only drafts not counted either and MTP
      pairs the rollback drops. Their positions, RoPE angles and window indices are made once for all of them:
      `Attention.plan_cached`.);
-  2. the verify on the main cache over [x_P, d1 .. dk] (the fused greedy verify of `fused_verify`, with the kept
-     count folded into one bound made before it): checkpoint, forward, acceptance a, kept count keep, rollback;
+  2. the verify on the main cache over [x_P, d1 .. dk], as `fused_verify.greedy_verify` runs it (its start planned
+     from the checkpoint, the kept count from one bound made with the drafts' count): checkpoint, forward,
+     acceptance a, kept count keep, rollback;
   3. the MTP cache keeps `keep` of its 2k appended pairs, all catch-up pairs (keep <= 1 + a <= k + 1): for a row
      that goes on (keep = 1 + a) it again holds the pairs t < P' - k - 1 at the new length P' = P + 1 + a; the
      catch-up pairs past it and the further drafts' approximate pairs are rolled back (the former to be made
@@ -27,12 +28,12 @@ The row's decoding state lives in `RowState`'s device buffers (width k + 1), wit
      [x_{P-k} .. x_P, t_0 .. t_k] (t_j the argmax of target row j: d_{j+1} for j < a, then y = t_a), the next
      logits from [x_logits, target rows]: one gather each, by the same shift (0 for a dead row: its state stays).
      The packed finite flag covers x_P's logits and the emitted target rows (each row is checked when emitted).
-Its shapes never depend on a, and it reads no host value. The host stages budget, live flag and stop tokens in one
-pinned tensor (`RowState.stage`: one copy up) and gets the packed results in one transfer. The step itself then
-writes the next step's budget and live flag there (`_carry`), so further steps can be launched before its results
-are read (SpeculativeDecoder.greedy_row_stream): a step launched after the row finished is dead (flag -1) and
-changes nothing (both caches keep 0 tokens, the state stays). The MTP checkpoint spans 2k positions, so the step
-needs 2k <= the window (`fits`).
+Its shapes never depend on a, and it reads no host value. The host stages budget (0 when the row is not live),
+a moves flag and stop tokens in one pinned tensor (`RowState.stage`: one copy up) and gets the packed results in one
+transfer. The step itself then writes the next step's budget and flag there (`_carry`), so further steps can be
+launched before its results are read (SpeculativeDecoder.greedy_row_stream): a step launched after the row finished
+is dead (flag 0) and changes nothing (both caches keep 0 tokens, the state stays). The MTP checkpoint spans 2k
+positions, so the step needs 2k <= the window (`fits`).
 """
 from __future__ import annotations
 
