@@ -102,6 +102,13 @@ class LayerCache:
                        lambda: (pos0.unsqueeze(1) + torch.arange(S - keep, S, device=kv.device)) % W)
         self.window_rows.write(slots, kv[:, S - keep:])
 
+    def plan_write(self, pos0: torch.Tensor, slots: torch.Tensor) -> None:
+        """Give a step's start positions pos0 [B] the ring slots [B, S] (positions % W, S <= W) that `write_window`
+        of its S tokens would make (in its step memo): made ahead for several forwards of one step at once."""
+        if slots.shape[1] > self.window_size:
+            raise ValueError(f"plan_write: {slots.shape[1]} tokens, more than the window ring's {self.window_size}")
+        shared(pos0, ("write_slots", slots.shape[1], self.window_size), lambda: slots)
+
     def add_entries(self, c: Compressed) -> None:
         self._add(self.entry_rows, c)
 
@@ -298,14 +305,16 @@ class KVCache:
         return self
 
     # ------------------------------------------------------------------ speculative steps
-    def checkpoint(self, n_tokens: int) -> CacheCheckpoint:
+    def checkpoint(self, n_tokens: int, planned: bool = False) -> CacheCheckpoint:
         """Snapshot what the next step(s) of n_tokens in all can overwrite, so `rollback` can keep any prefix of
-        them exactly. Cheap: the ring slots the step writes and the compressor states, one op per stack."""
+        them exactly. Cheap: the ring slots the step writes and the compressor states, one op per stack.
+        `planned`: the steps start at positions made from the checkpoint's (`plan_window`: their forwards leave
+        the device positions to the rollback), so the positions are read in place rather than copied."""
         if not 0 < n_tokens <= self.config.window_size:
             raise ValueError(f"checkpoint n_tokens={n_tokens}: must be in 1..window_size={self.config.window_size}")
         self.check_intact()
         self.check_room(n_tokens)
-        starts = self.positions.clone()
+        starts = self.positions if planned else self.positions.clone()
         parts = checkpoint(self._rings, self._state_stacks, self.layers, starts, n_tokens, self.config.window_size,
                            self._tables)
         return CacheCheckpoint(list(self._host), n_tokens, parts, starts)
@@ -383,7 +392,9 @@ class KVCache:
         return self
 
     # ------------------------------------------------------------------ called by Transformer.hidden
-    def begin(self, shape: torch.Size) -> torch.Tensor:
+    def begin(self, shape: torch.Size, pos0: torch.Tensor | None = None) -> torch.Tensor:
+        """Start a step of tokens [B, S]: its start positions [B] (a copy of the rows' positions, or `pos0`, the
+        caller's own for the step: e.g. `Attention.plan_cached`'s)."""
         B, S = shape
         if B != self.batch_size:
             raise ValueError(f"tokens have batch {B}, the cache holds {self.batch_size} rows "
@@ -391,7 +402,7 @@ class KVCache:
         end = self.begin_step(S)
         for layer in self.layers:
             layer.end_max = end
-        return self.positions.clone()
+        return self.positions.clone() if pos0 is None else pos0
 
     def check_room(self, n_tokens: int) -> int:
         """Raise unless every row can take n_tokens more; return the largest end position."""

@@ -30,6 +30,7 @@ import torch
 
 from .stacks import Stack
 from .state import absorbed, absorbed_table
+from .step_memo import constant
 
 
 @dataclass
@@ -45,11 +46,12 @@ def checkpoint(rings: list[Stack], states: list[Stack], layers: list, starts: to
                window: int, tables: dict) -> StackCheckpoint:
     """Snapshot what a step of n_tokens at positions starts[b].. ([B] on the device) can overwrite that a later
     step reads, and open the compressors' journals. Device work only, the same whatever the positions (the
-    rollback's tables, built here on first use, are the exception: host-built constants, before any capture)."""
+    rollback's tables and the step numbers, built here on first use, are the exception: constants, made before any
+    capture)."""
     for s in states:
         state_table(tables, s.ratio, s.overlap, n_tokens, starts.device)
     empty_row(tables, starts.device)
-    steps = torch.arange(n_tokens, device=starts.device)
+    steps = step_numbers(tables, n_tokens, starts.device)
     positions = starts[:, None] + steps
     slots = positions % window
     old_rings = [r.t.gather(2, _ring_index(slots, r.t)) for r in rings]
@@ -102,6 +104,11 @@ def state_table(tables: dict, ratio: int, overlap: bool, n_tokens: int, device) 
     if key not in tables:
         tables[key] = absorbed_table(ratio, overlap, n_tokens, device)
     return tables[key]
+
+
+def step_numbers(tables: dict, n_tokens: int, device) -> torch.Tensor:
+    """[n_tokens] long 0 .. n_tokens-1 (read-only; memoised in `tables`)."""
+    return constant(tables, ("steps", n_tokens, str(device)), lambda: torch.arange(n_tokens, device=device))
 
 
 def empty_row(tables: dict, device) -> torch.Tensor:

@@ -519,7 +519,7 @@ class SpeculativeDecoder:
                     yield res
                     return
                 x, budget, cur = st.next_token, budget - len(res.tokens), after
-                live = x not in stops and budget > 1     # (the device's mode for `after`, greedy_row._carry)
+                live = x not in stops and budget > 1     # (as the budget `after` got on the device: _carry)
                 unread = True
                 yield res
                 unread = False

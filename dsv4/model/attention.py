@@ -7,14 +7,14 @@ projection (wo_a per head group, then wo_b).
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 from torch import nn
 
 from .. import ops
 from ..cache.state import Compressed, CompressorState
-from ..cache.step_memo import shared
+from ..cache.step_memo import constant, shared
 from ..config import ModelConfig
 from ..quant.packed import FP8_BLOCK
 from .compressor import Compressor, quantize_entries
@@ -31,6 +31,9 @@ class AttentionCache(Protocol):
 
     def window(self, pos0: torch.Tensor) -> torch.Tensor: ...      # raw KV of the W-1 positions before pos0
     def write_window(self, pos0: torch.Tensor, kv: torch.Tensor) -> None: ...
+    def plan_write(self, pos0: torch.Tensor, slots: torch.Tensor) -> None: ...   # write_window's slots, made ahead
+    window_size: int
+    def window_ring(self, dtype: torch.dtype) -> torch.Tensor | None: ...       # the ring, when read in place
     def add_entries(self, c: Compressed) -> None: ...
     def entries(self) -> torch.Tensor: ...                          # all entries visible by the chunk's end
     def entry_records(self) -> torch.Tensor | None: ...             # the same as stored FP8 records, if they are
@@ -49,9 +52,10 @@ def window_indices(pos0: torch.Tensor, n_queries: int, n_prior: int, window: int
 
 
 def ring_indices(pos0: torch.Tensor, window: int) -> torch.Tensor:
-    """[B, 1, W]: the ring slots (position % W) of positions pos0-W+1 .. pos0, oldest first; -1 before 0."""
-    p = pos0.unsqueeze(1) - (window - 1) + torch.arange(window, device=pos0.device)
-    return torch.where(p >= 0, p % window, -1).unsqueeze(1)
+    """[B, 1, W]: the ring slots (position % W) of positions pos0-W+1 .. pos0, oldest first; -1 before 0. (pos0 of
+    any shape [...]: [..., 1, W].)"""
+    p = pos0.unsqueeze(-1) + torch.arange(1 - window, 1, device=pos0.device)
+    return torch.where(p >= 0, p % window, -1).unsqueeze(-2)
 
 
 def ring_chunk_indices(pos0: torch.Tensor, n_queries: int, window: int) -> torch.Tensor:
@@ -59,11 +63,59 @@ def ring_chunk_indices(pos0: torch.Tensor, n_queries: int, window: int) -> torch
     pos0 + i) sees, positions p, p-1, .. p-W+1 in window_indices' order (so the attention reads the same rows in
     the same order): a position before pos0 at its ring slot (p % W; the ring still holds pos0-W .. pos0-1), one
     from pos0 on at chunk row W + (p - pos0); -1 before 0."""
-    i = torch.arange(n_queries, device=pos0.device).unsqueeze(1)
-    back = torch.arange(window, device=pos0.device)
-    p = pos0.view(-1, 1, 1) + i - back                                               # [B, S, W]
-    rows = torch.where(p < pos0.view(-1, 1, 1), p % window, window + i - back)
+    d = torch.arange(n_queries, device=pos0.device).unsqueeze(1) - torch.arange(window, device=pos0.device)
+    p = pos0.view(-1, 1, 1) + d                                                      # [B, S, W]: i - back = d
+    rows = torch.where(d < 0, p % window, window + d)                                # (before pos0: d < 0)
     return torch.where(p >= 0, rows, -1)
+
+
+def plan_window(cache: AttentionCache, positions: torch.Tensor, slots: torch.Tensor,
+                spans: Sequence[tuple[int, int]], dtype: torch.dtype, memo: dict | None = None) -> list[torch.Tensor]:
+    """The start positions [B] of cached forwards within one step (a speculative step's verify; the MTP block's
+    catch-up and further drafts), forward i taking the S_i tokens at columns spans[i] = (offset_i, S_i) of the
+    step's consecutive positions [B, n] (`slots`: those positions % W, as KVCache.checkpoint makes both). What
+    every layer of each forward derives from its positions alike (the positions, ring write slots and, for rings
+    of `dtype` read in place, the window index lists) is in its memo already, made once for all of them: the same
+    values in a few ops (`memo`, a dict kept across steps, holds the index lists' offsets). `cache`: a layer's
+    cache (every layer's ring has its window and format)."""
+    W = cache.window_size
+    idx = None
+    if cache.window_ring(dtype) is not None:   # every forward's index list at once (ring_indices' and chunk's)
+        rel, floor, alt = constant(memo, ("window_plan", tuple(spans), W, str(positions.device)),
+                                   lambda: _window_plan(spans, W, positions.device))
+        p = positions[:, :1, None] + rel                                                      # [B, rows, W]
+        idx = torch.where(p >= floor, p % W, alt)
+    starts, row = [], 0
+    for off, S in spans:
+        pos0 = positions[:, off]
+        cols = slice(off, off + S)
+        shared(pos0, ("pos", S), lambda: positions[:, cols])
+        cache.plan_write(pos0, slots[:, cols])
+        if idx is not None:
+            rows = slice(row, row + S)
+            shared(pos0, ("ring_idx", W) if S == 1 else ("ring_chunk_idx", S, W), lambda: idx[:, rows])
+            row += S
+        starts.append(pos0)
+    return starts
+
+
+def _window_plan(spans: Sequence[tuple[int, int]], window: int, device) -> tuple[torch.Tensor, ...]:
+    """`plan_window`'s index offsets: (rel, floor, alt) [rows, W] long, the rows of every span's index list (one
+    for a token: `ring_indices`' order; S for a chunk: `ring_chunk_indices`'), such that with p = the step's first
+    position + rel each entry is p % W where p >= floor (a ring slot; floor 0, p the entry's position), else alt
+    (-1 before position 0; a chunk row W + i - back, whose floor no position reaches)."""
+    rels, floors, alts = [], [], []
+    for off, S in spans:
+        if S == 1:   # positions off-W+1 .. off, oldest first
+            rel = torch.arange(off + 1 - window, off + 1, device=device)[None]
+            chunk = torch.zeros_like(rel, dtype=torch.bool)
+        else:        # query i sees positions off+i, off+i-1, .., off+i-W+1; those from off on are chunk rows
+            rel = off + torch.arange(S, device=device)[:, None] - torch.arange(window, device=device)
+            chunk = rel >= off
+        floors.append(torch.where(chunk, torch.iinfo(torch.long).max, 0))
+        alts.append(torch.where(chunk, window + rel - off, -1))
+        rels.append(rel)
+    return torch.cat(rels), torch.cat(floors), torch.cat(alts)
 
 
 def visible_entries(n_visible: torch.Tensor, n_entries: int) -> torch.Tensor:
@@ -170,6 +222,18 @@ class Attention(nn.Module):
         o = self._output_groups(o)                                            # [B, S, G, o_lora]
         out = self.wo_b(o.flatten(2))
         return out if self.output_reduce is None else self.output_reduce(out)
+
+    def plan_cached(self, cache: AttentionCache, positions: torch.Tensor, slots: torch.Tensor,
+                    spans: Sequence[tuple[int, int]], dtype: torch.dtype, memo: dict | None = None
+                    ) -> list[torch.Tensor]:
+        """`plan_window`, and each forward's RoPE angles for this layer's kind (for a block of one layer, or
+        layers of one kind: the MTP block's catch-up and further drafts of a speculative step)."""
+        starts = plan_window(cache, positions, slots, spans, dtype, memo)
+        cos, sin = rope_angles(positions, self.freqs)                                        # [B, n, rd/2]
+        for (off, S), pos0 in zip(spans, starts):
+            cols = slice(off, off + S)
+            shared(pos0, ("rope", S, self._rope), lambda: (cos[:, cols], sin[:, cols]))
+        return starts
 
     @torch.no_grad()
     def fill_cache(self, x: torch.Tensor, pos0: torch.Tensor, cache: AttentionCache) -> None:

@@ -93,7 +93,7 @@ class Compressor(nn.Module):
             out = quantize_entries(out, self.rope_dim, self.rotate)
 
         def groups() -> tuple[torch.Tensor, torch.Tensor]:   # each token's group, and whether it completes it
-            p = pos0.unsqueeze(1) + torch.arange(S, device=pos0.device)                           # [B, S]
+            p = shared(pos0, ("pos", S), lambda: pos0.unsqueeze(1) + torch.arange(S, device=pos0.device))   # [B, S]
             return p // m, p % m == m - 1
         rows, valid = shared(pos0, ("token_groups", m, S), groups)
         return Compressed(out, rows[:, 0], valid, rows)

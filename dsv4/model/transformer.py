@@ -315,21 +315,25 @@ class Transformer(nn.Module):
             return tokens
         return tokens.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tokens.to(device)
 
-    def hidden(self, tokens: torch.Tensor, cache=None, docs: PackedDocuments | None = None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, cache=None, docs: PackedDocuments | None = None,
+               pos0: torch.Tensor | None = None) -> torch.Tensor:
         """Lanes after the last block [B, S, R, C] (the input of hc_head, and of the MTP blocks). `docs`: the
-        rows are packed documents (dsv4.model.documents), each computed as if alone; not with a cache."""
+        rows are packed documents (dsv4.model.documents), each computed as if alone; not with a cache. `pos0`
+        [B]: with a cache, the step's start positions as the caller made them (`plan_window`: a step inside a
+        cache checkpoint); the cache's device positions then stay (its rollback sets them)."""
         self._check_tokens(tokens)   # (ids on the host are checked there: no wait for the device's queue)
         tokens = self._on_model_device(tokens)
         self._forget_last_step()
         packed = () if docs is None else (_checked_docs(docs, tokens, cache, self.sequence_context),)
-        pos0 = None if cache is None else cache.begin(tokens.shape)
+        planned = pos0 is not None
+        pos0 = None if cache is None else cache.begin(tokens.shape, pos0)
         if self.sequence_context is not None:
             self.sequence_context.begin()
         h = self._lanes(tokens)
         for i, layer in enumerate(self.layers):
             h = self._run_block(layer, h, tokens, pos0, None if cache is None else cache.layer(i), *packed)
         if cache is not None:
-            cache.end(tokens.shape[1])
+            cache.end(tokens.shape[1], device=not planned)
         return h
 
     def _lanes(self, tokens: torch.Tensor) -> torch.Tensor:
