@@ -97,10 +97,7 @@ def native(model):
     from native_model import write_official   # bench/native_model.py
     with tempfile.TemporaryDirectory() as path:
         write_official(model, path)
-        device = next(model.parameters()).device
-        del model
-        torch.cuda.empty_cache()
-        return dsv4.load_model(path, device=device, weights="native").eval()
+        return dsv4.load_model(path, device=next(model.parameters()).device, weights="native").eval()
 
 
 def main() -> None:
